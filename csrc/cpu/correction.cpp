@@ -1,0 +1,354 @@
+// CPU kernels of residual_correction, gaussian_log_prob and sample_correction (the
+// PPO-side ops), forward and backward. Semantics: docs/ops.md.
+//
+// Work is split into fixed blocks of spatial positions (independent of the thread
+// count) and per-block partial sums are added in block order, so every result is
+// bitwise reproducible whatever at::get_num_threads() says.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace xlard {
+namespace {
+
+constexpr int64_t kBlock = 4096;
+constexpr double kHalfLog2Pi = 0.91893853320467274178;  // 0.5 * log(2 * pi)
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+bool is_float_type(at::ScalarType st) {
+  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
+}
+
+at::ScalarType acc_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+// z0/delta-like tensors: [B, C, *spatial].
+void check_latent(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 2, "xlard.", op, ": ", name, " must have shape [B, C, *spatial], got ", t.sizes());
+  TORCH_CHECK(is_float_type(t.scalar_type()), "xlard.", op, ": ", name,
+              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
+void check_same(const char* op, const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "xlard.", op, ": ", name, " must have the shape of ", ref_name, " ",
+              ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "xlard.", op, ": ", name, " must have the dtype of ", ref_name,
+              " (", ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "xlard.", op, ": ", name, " must be on the device of ", ref_name, " (",
+              ref.device(), "), got ", t.device());
+}
+
+std::vector<int64_t> lam_shape(const at::Tensor& z) {
+  std::vector<int64_t> shape{z.size(0)};
+  for (int64_t d = 2; d < z.dim(); ++d) shape.push_back(z.size(d));
+  return shape;
+}
+
+// The per-batch alpha as an accumulation-typed contiguous tensor, or an undefined tensor.
+at::Tensor alpha_tensor(const char* op, const std::optional<at::Tensor>& alpha, int64_t batch, at::ScalarType acc) {
+  if (!alpha.has_value() || !alpha->defined()) return at::Tensor();
+  TORCH_CHECK(is_float_type(alpha->scalar_type()), "xlard.", op, ": alpha must be floating, got ",
+              alpha->scalar_type());
+  TORCH_CHECK(alpha->dim() == 1 && alpha->size(0) == batch, "xlard.", op, ": alpha must have shape [B] = [", batch,
+              "], got ", alpha->sizes());
+  return alpha->to(acc).contiguous();
+}
+
+// Runs fn(b, s_begin, s_end) over fixed blocks of the spatial positions of every batch item.
+template <typename Fn>
+void for_blocks(int64_t batch, int64_t spatial, Fn fn) {
+  const int64_t blocks = (spatial + kBlock - 1) / kBlock;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / blocks, blk = t % blocks;
+      fn(b, blk, blk * kBlock, std::min(spatial, (blk + 1) * kBlock));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_correction_cpu(const at::Tensor& z0_in, const at::Tensor& delta_in,
+                                                           const std::optional<at::Tensor>& alpha_in,
+                                                           double alpha_scalar) {
+  check_latent("residual_correction", "z0", z0_in);
+  check_same("residual_correction", "delta", delta_in, "z0", z0_in);
+  const auto acc = acc_dtype(z0_in.scalar_type());
+  const at::Tensor z0 = z0_in.contiguous(), delta = delta_in.contiguous();
+  const int64_t batch = z0.size(0), channels = z0.size(1);
+  const at::Tensor alpha = alpha_tensor("residual_correction", alpha_in, batch, acc);
+  at::Tensor zc = at::empty(z0.sizes(), z0.options());
+  at::Tensor lam = at::empty(lam_shape(z0), z0.options().dtype(acc));
+  if (z0.numel() == 0) {  // C == 0 still gives a (zero) map per spatial position
+    lam.zero_();
+    return {zc, lam};
+  }
+  const int64_t spatial = z0.numel() / (batch * channels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "xlard_residual_correction", [&] {
+    using A = acc_type<scalar_t>;
+    const scalar_t* zp = z0.const_data_ptr<scalar_t>();
+    const scalar_t* dp = delta.const_data_ptr<scalar_t>();
+    const A* ap = alpha.defined() ? alpha.const_data_ptr<A>() : nullptr;
+    scalar_t* op = zc.data_ptr<scalar_t>();
+    A* lp = lam.data_ptr<A>();
+    for_blocks(batch, spatial, [&](int64_t b, int64_t, int64_t s0, int64_t s1) {
+      const A a = ap ? ap[b] : static_cast<A>(alpha_scalar);
+      A* lrow = lp + b * spatial;
+      for (int64_t s = s0; s < s1; ++s) lrow[s] = A(0);
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t off = (b * channels + c) * spatial;
+        for (int64_t s = s0; s < s1; ++s) {
+          const A d = static_cast<A>(dp[off + s]);
+          op[off + s] = static_cast<scalar_t>(static_cast<A>(zp[off + s]) + a * d);
+          lrow[s] += std::abs(d);
+        }
+      }
+    });
+  });
+  return {zc, lam};
+}
+
+at::Tensor residual_correction_backward_cpu(const at::Tensor& grad_zc_in, const at::Tensor& grad_lam_in,
+                                            const at::Tensor& delta_in, const std::optional<at::Tensor>& alpha_in,
+                                            double alpha_scalar) {
+  check_latent("_residual_correction_backward", "delta", delta_in);
+  TORCH_CHECK(grad_zc_in.sizes() == delta_in.sizes(), "xlard._residual_correction_backward: grad_zc must have shape ",
+              delta_in.sizes(), ", got ", grad_zc_in.sizes());
+  const auto acc = acc_dtype(delta_in.scalar_type());
+  TORCH_CHECK(grad_lam_in.sizes().vec() == lam_shape(delta_in),
+              "xlard._residual_correction_backward: grad_lam must have shape [B, *spatial], got ", grad_lam_in.sizes());
+  const at::Tensor delta = delta_in.contiguous();
+  const at::Tensor gz = grad_zc_in.to(delta.scalar_type()).contiguous();
+  const at::Tensor gl = grad_lam_in.to(acc).contiguous();
+  const int64_t batch = delta.size(0), channels = delta.size(1);
+  const at::Tensor alpha = alpha_tensor("_residual_correction_backward", alpha_in, batch, acc);
+  at::Tensor out = at::empty(delta.sizes(), delta.options());
+  if (out.numel() == 0) return out;
+  const int64_t spatial = delta.numel() / (batch * channels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, delta.scalar_type(), "xlard_residual_correction_bwd", [&] {
+    using A = acc_type<scalar_t>;
+    const scalar_t* dp = delta.const_data_ptr<scalar_t>();
+    const scalar_t* gzp = gz.const_data_ptr<scalar_t>();
+    const A* glp = gl.const_data_ptr<A>();
+    const A* ap = alpha.defined() ? alpha.const_data_ptr<A>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for_blocks(batch, spatial, [&](int64_t b, int64_t, int64_t s0, int64_t s1) {
+      const A a = ap ? ap[b] : static_cast<A>(alpha_scalar);
+      const A* glrow = glp + b * spatial;
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t off = (b * channels + c) * spatial;
+        for (int64_t s = s0; s < s1; ++s) {
+          const A d = static_cast<A>(dp[off + s]);
+          const A sign = static_cast<A>((d > A(0)) - (d < A(0)));
+          op[off + s] = static_cast<scalar_t>(a * static_cast<A>(gzp[off + s]) + glrow[s] * sign);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// log_std at op level: shape x.shape[1:] (shared over the batch) or x.shape.
+bool check_log_std(const char* op, const at::Tensor& log_std, const at::Tensor& x) {
+  TORCH_CHECK(is_float_type(log_std.scalar_type()), "xlard.", op, ": log_std must be floating, got ",
+              log_std.scalar_type());
+  TORCH_CHECK(log_std.device() == x.device(), "xlard.", op, ": log_std must be on ", x.device(), ", got ",
+              log_std.device());
+  if (log_std.sizes() == x.sizes()) return false;
+  TORCH_CHECK(log_std.sizes() == x.sizes().slice(1), "xlard.", op, ": log_std must have shape x.shape[1:] = ",
+              x.sizes().slice(1), " or x.shape = ", x.sizes(), " (xlard.ops broadcasts it), got ", log_std.sizes());
+  return true;
+}
+
+// Deterministic per-row sums of f(b, k) over k in [0, n): fixed blocks, block order.
+template <typename A, typename F>
+void row_sums(int64_t batch, int64_t n, A* out, F f) {
+  const int64_t blocks = std::max<int64_t>(1, (n + kBlock - 1) / kBlock);
+  std::vector<A> partial(static_cast<size_t>(batch * blocks), A(0));
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / blocks, blk = t % blocks;
+      const int64_t k1 = std::min(n, (blk + 1) * kBlock);
+      A acc = A(0);
+      for (int64_t k = blk * kBlock; k < k1; ++k) acc += f(b, k);
+      partial[t] = acc;
+    }
+  });
+  for (int64_t b = 0; b < batch; ++b) {
+    A acc = A(0);
+    for (int64_t blk = 0; blk < blocks; ++blk) acc += partial[b * blocks + blk];
+    out[b] = acc;
+  }
+}
+
+at::Tensor gaussian_log_prob_cpu(const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& log_std_in) {
+  TORCH_CHECK(x_in.dim() >= 1, "xlard.gaussian_log_prob: x must have a batch dimension, got a 0-d tensor");
+  TORCH_CHECK(is_float_type(x_in.scalar_type()), "xlard.gaussian_log_prob: x must be floating, got ",
+              x_in.scalar_type());
+  check_same("gaussian_log_prob", "mean", mean_in, "x", x_in);
+  const bool shared = check_log_std("gaussian_log_prob", log_std_in, x_in);
+  const auto acc = acc_dtype(x_in.scalar_type());
+  const int64_t batch = x_in.size(0);
+  const int64_t n = batch == 0 ? 0 : x_in.numel() / batch;
+  at::Tensor out = at::empty({batch}, x_in.options().dtype(acc));
+  if (batch == 0) return out;
+  const at::Tensor x = x_in.contiguous(), mean = mean_in.contiguous();
+  const at::Tensor ls = log_std_in.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xlard_gaussian_log_prob", [&] {
+    using A = acc_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* mp = mean.const_data_ptr<scalar_t>();
+    const A* lp = ls.const_data_ptr<A>();
+    const int64_t ls_stride = shared ? 0 : n;
+    row_sums<A>(batch, n, out.data_ptr<A>(), [&](int64_t b, int64_t k) {
+      const A l = lp[b * ls_stride + k];
+      const A z = (static_cast<A>(xp[b * n + k]) - static_cast<A>(mp[b * n + k])) * std::exp(-l);
+      return A(-0.5) * z * z - l - static_cast<A>(kHalfLog2Pi);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cpu(const at::Tensor& grad_in,
+                                                                              const at::Tensor& x_in,
+                                                                              const at::Tensor& mean_in,
+                                                                              const at::Tensor& log_std_in) {
+  check_same("_gaussian_log_prob_backward", "mean", mean_in, "x", x_in);
+  const bool shared = check_log_std("_gaussian_log_prob_backward", log_std_in, x_in);
+  const auto acc = acc_dtype(x_in.scalar_type());
+  const int64_t batch = x_in.size(0);
+  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == batch,
+              "xlard._gaussian_log_prob_backward: grad must have shape [B] = [", batch, "], got ", grad_in.sizes());
+  const at::Tensor x = x_in.contiguous(), mean = mean_in.contiguous();
+  const at::Tensor ls = log_std_in.to(acc).contiguous();
+  const at::Tensor g = grad_in.to(acc).contiguous();
+  at::Tensor gx = at::empty(x.sizes(), x.options());
+  at::Tensor gm = at::empty(x.sizes(), x.options());
+  at::Tensor gls = at::empty(ls.sizes(), ls.options());
+  const int64_t n = batch == 0 ? 0 : x.numel() / batch;
+  if (n == 0 || batch == 0) {
+    gls.zero_();
+    return {gx, gm, gls.to(log_std_in.scalar_type())};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xlard_gaussian_log_prob_bwd", [&] {
+    using A = acc_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* mp = mean.const_data_ptr<scalar_t>();
+    const A* lp = ls.const_data_ptr<A>();
+    const A* gp = g.const_data_ptr<A>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    scalar_t* gmp = gm.data_ptr<scalar_t>();
+    A* glp = gls.data_ptr<A>();
+    // Parallel over positions k; the batch is reduced inside in order, so shared
+    // log_std gradients are deterministic.
+    at::parallel_for(0, n, kBlock, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        A shared_acc = A(0);
+        for (int64_t b = 0; b < batch; ++b) {
+          const A l = lp[(shared ? 0 : b * n) + k];
+          const A inv_var = std::exp(A(-2) * l);
+          const A diff = static_cast<A>(xp[b * n + k]) - static_cast<A>(mp[b * n + k]);
+          const A dx = -gp[b] * diff * inv_var;
+          gxp[b * n + k] = static_cast<scalar_t>(dx);
+          gmp[b * n + k] = static_cast<scalar_t>(-dx);
+          const A dl = gp[b] * (diff * diff * inv_var - A(1));
+          if (shared) {
+            shared_acc += dl;
+          } else {
+            glp[b * n + k] = dl;
+          }
+        }
+        if (shared) glp[k] = shared_acc;
+      }
+    });
+  });
+  return {gx, gm, gls.to(log_std_in.scalar_type())};
+}
+
+// One channel row of sample_correction over positions [s0, s1); returns its log-density
+// part sum(-0.5 noise^2 - log_std). Outside the dispatch macro so the pragma applies.
+template <typename T, typename A>
+A sample_row(const T* z0, const T* mean, const T* noise, const A* log_std, A alpha, T* zc, T* delta, A* lam,
+             int64_t s0, int64_t s1) {
+  A acc = A(0);
+#pragma omp simd reduction(+ : acc)
+  for (int64_t s = s0; s < s1; ++s) {
+    const A e = static_cast<A>(noise[s]);
+    const A l = log_std[s];
+    const T d = static_cast<T>(static_cast<A>(mean[s]) + std::exp(l) * e);
+    delta[s] = d;
+    zc[s] = static_cast<T>(static_cast<A>(z0[s]) + alpha * static_cast<A>(d));
+    lam[s] += std::abs(static_cast<A>(d));
+    acc += A(-0.5) * e * e - l;
+  }
+  return acc;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu(
+    const at::Tensor& z0_in, const at::Tensor& mean_in, const at::Tensor& log_std_in, const at::Tensor& noise_in,
+    const std::optional<at::Tensor>& alpha_in, double alpha_scalar) {
+  check_latent("sample_correction", "z0", z0_in);
+  check_same("sample_correction", "mean", mean_in, "z0", z0_in);
+  check_same("sample_correction", "noise", noise_in, "z0", z0_in);
+  const bool shared = check_log_std("sample_correction", log_std_in, z0_in);
+  const auto acc = acc_dtype(z0_in.scalar_type());
+  const at::Tensor z0 = z0_in.contiguous(), mean = mean_in.contiguous(), noise = noise_in.contiguous();
+  const at::Tensor ls = log_std_in.to(acc).contiguous();
+  const int64_t batch = z0.size(0), channels = z0.size(1);
+  const at::Tensor alpha = alpha_tensor("sample_correction", alpha_in, batch, acc);
+  at::Tensor zc = at::empty(z0.sizes(), z0.options());
+  at::Tensor delta = at::empty(z0.sizes(), z0.options());
+  at::Tensor log_prob = at::zeros({batch}, z0.options().dtype(acc));
+  at::Tensor lam = at::zeros(lam_shape(z0), z0.options().dtype(acc));
+  if (z0.numel() == 0) return {zc, delta, log_prob, lam};
+  const int64_t spatial = z0.numel() / (batch * channels);
+  const int64_t n = channels * spatial;
+  const int64_t blocks = (spatial + kBlock - 1) / kBlock;
+  std::vector<double> partial(static_cast<size_t>(batch * blocks), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "xlard_sample_correction", [&] {
+    using A = acc_type<scalar_t>;
+    const scalar_t* zp = z0.const_data_ptr<scalar_t>();
+    const scalar_t* mp = mean.const_data_ptr<scalar_t>();
+    const scalar_t* np_ = noise.const_data_ptr<scalar_t>();
+    const A* lp = ls.const_data_ptr<A>();
+    const A* ap = alpha.defined() ? alpha.const_data_ptr<A>() : nullptr;
+    scalar_t* zcp = zc.data_ptr<scalar_t>();
+    scalar_t* dp = delta.data_ptr<scalar_t>();
+    A* lamp = lam.data_ptr<A>();
+    for_blocks(batch, spatial, [&](int64_t b, int64_t blk, int64_t s0, int64_t s1) {
+      const A a = ap ? ap[b] : static_cast<A>(alpha_scalar);
+      const A* lsb = lp + (shared ? 0 : b * n);
+      A* lrow = lamp + b * spatial;
+      A acc_lp = A(0);
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t off = (b * channels + c) * spatial;
+        acc_lp += sample_row<scalar_t, A>(zp + off, mp + off, np_ + off, lsb + c * spatial, a, zcp + off, dp + off,
+                                          lrow, s0, s1);
+      }
+      partial[b * blocks + blk] = static_cast<double>(acc_lp);
+    });
+    A* lpp = log_prob.data_ptr<A>();
+    for (int64_t b = 0; b < batch; ++b) {
+      A total = A(0);
+      for (int64_t blk = 0; blk < blocks; ++blk) total += static_cast<A>(partial[b * blocks + blk]);
+      lpp[b] = total - static_cast<A>(kHalfLog2Pi) * static_cast<A>(n);
+    }
+  });
+  return {zc, delta, log_prob, lam};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xlard, CPU, m) {
+  m.impl("residual_correction", &residual_correction_cpu);
+  m.impl("_residual_correction_backward", &residual_correction_backward_cpu);
+  m.impl("gaussian_log_prob", &gaussian_log_prob_cpu);
+  m.impl("_gaussian_log_prob_backward", &gaussian_log_prob_backward_cpu);
+  m.impl("sample_correction", &sample_correction_cpu);
+}
+
+}  // namespace xlard

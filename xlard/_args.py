@@ -1,0 +1,110 @@
+"""Argument checks and normalisation shared by :mod:`xlard.ops` and :mod:`xlard.reference`.
+
+Every message names the argument, what was expected and what came.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MASK_DTYPES = (torch.bool, torch.uint8)
+MODES = ("absolute", "relative", "otsu")
+_INT32_MAX = 2**31 - 1
+
+
+def check_tensor(op: str, name: str, value, dtypes=None, min_dim: int | None = None, dim=None) -> None:
+    """Raise TypeError/ValueError unless ``value`` is a tensor of an allowed dtype and rank."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"xlard.{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"xlard.{op}: {name} must have dtype {allowed}; got {str(value.dtype).replace('torch.', '')}")
+    if min_dim is not None and value.dim() < min_dim:
+        raise ValueError(f"xlard.{op}: {name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
+    if dim is not None and value.dim() not in (dim if isinstance(dim, tuple) else (dim,)):
+        raise ValueError(f"xlard.{op}: {name} must have {dim} dimensions, got shape {tuple(value.shape)}")
+
+
+def check_same_device(op: str, **tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"xlard.{op}: all tensors must be on one device, got {listing}")
+
+
+def check_components_args(op, maps, threshold, mode, min_area, connectivity, max_components=None) -> None:
+    """Validate the arguments of the connected-component ops."""
+    check_tensor(op, "maps", maps, FLOAT_DTYPES + MASK_DTYPES, min_dim=2)
+    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not math.isfinite(threshold):
+        raise ValueError(f"xlard.{op}: threshold must be a finite real number, got {threshold!r}")
+    if mode not in MODES:
+        raise ValueError(f"xlard.{op}: mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(min_area, numbers.Integral) or isinstance(min_area, bool) or min_area < 1:
+        raise ValueError(f"xlard.{op}: min_area must be an integer >= 1, got {min_area!r}")
+    if connectivity not in (4, 8) or isinstance(connectivity, bool):
+        raise ValueError(f"xlard.{op}: connectivity must be 4 or 8, got {connectivity!r}")
+    if max_components is not None and (
+        not isinstance(max_components, numbers.Integral) or isinstance(max_components, bool) or max_components < 1
+    ):
+        raise ValueError(f"xlard.{op}: max_components must be an integer >= 1, got {max_components!r}")
+    h, w = maps.shape[-2:]
+    if h * w > _INT32_MAX:
+        raise ValueError(f"xlard.{op}: one map may hold at most 2**31 - 1 pixels (int32 labels), got {h} x {w}")
+
+
+def alpha_view(alpha, z0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
+    """``alpha`` (float or [B] tensor) shaped to broadcast against ``z0`` [B, C, ...]."""
+    if isinstance(alpha, torch.Tensor):
+        return alpha.to(dtype).reshape(-1, *([1] * (z0.dim() - 1)))
+    return float(alpha)
+
+
+def split_alpha(op: str, alpha, z0: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """(alpha tensor or None, alpha scalar) as the op schemas take them."""
+    if isinstance(alpha, torch.Tensor):
+        check_tensor(op, "alpha", alpha, FLOAT_DTYPES)
+        if alpha.dim() == 0:
+            alpha = alpha.reshape(1).expand(z0.shape[0])
+        if alpha.dim() != 1 or alpha.shape[0] != z0.shape[0]:
+            raise ValueError(f"xlard.{op}: alpha must be a float or a [B] tensor with B = {z0.shape[0]}, "
+                             f"got shape {tuple(alpha.shape)}")
+        if alpha.device != z0.device:
+            raise ValueError(f"xlard.{op}: alpha must be on {z0.device}, got {alpha.device}")
+        return alpha, 1.0
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(f"xlard.{op}: alpha must be a finite float or a [B] tensor, got {alpha!r}")
+    return None, float(alpha)
+
+
+def broadcast_log_std(log_std, x: torch.Tensor, op: str = "gaussian_log_prob") -> torch.Tensor:
+    """``log_std`` expanded (a view, no copy) to ``x.shape[1:]``, or to ``x.shape`` when it has a batch dim.
+
+    Accepted: a float, a scalar tensor, ``[C]`` (per channel, dim 1 of x), or any
+    shape that broadcasts to ``x.shape`` ([C, 1, 1], [C, H, W], [B, C, H, W], ...).
+    """
+    if not isinstance(log_std, torch.Tensor):
+        if not isinstance(log_std, numbers.Real) or isinstance(log_std, bool):
+            raise TypeError(f"xlard.{op}: log_std must be a float or a tensor, got {type(log_std).__name__}")
+        log_std = torch.tensor(float(log_std), device=x.device)
+    check_tensor(op, "log_std", log_std, FLOAT_DTYPES)
+    if log_std.device != x.device:
+        raise ValueError(f"xlard.{op}: log_std must be on {x.device}, got {log_std.device}")
+    rest = x.shape[1:]
+    if log_std.dim() == 1 and x.dim() > 2 and log_std.shape[0] == x.shape[1] and log_std.shape[0] != 1:
+        log_std = log_std.reshape(-1, *([1] * (x.dim() - 2)))
+    try:
+        if log_std.dim() > x.dim():
+            raise RuntimeError
+        if log_std.dim() == x.dim():
+            if log_std.shape[0] != 1:
+                return log_std.expand(x.shape)
+            log_std = log_std[0]
+        return log_std.expand(rest)
+    except RuntimeError:
+        raise ValueError(
+            f"xlard.{op}: log_std of shape {tuple(log_std.shape)} does not broadcast to x of shape {tuple(x.shape)} "
+            "(expected a scalar, [C], or a shape broadcastable to x)"
+        ) from None

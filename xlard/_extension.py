@@ -1,0 +1,58 @@
+"""Loads the compiled extension ``xlard._C`` and reports what it contains.
+
+Importing this module never fails: a missing or broken ``_C`` is recorded and
+reported by :func:`require_ops`, the one place that turns it into an error.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+_BUILD_HINT = "pip install --no-build-isolation -e ."
+
+_load_error: BaseException | None = None
+try:
+    importlib.import_module("xlard._C")
+except (ImportError, OSError) as exc:  # no compiled extension, or an ABI mismatch
+    _load_error = exc
+
+
+def has_ops() -> bool:
+    """Whether ``xlard._C`` loaded and registered the ``xlard::`` ops."""
+    return _load_error is None and hasattr(torch.ops.xlard, "count_components")
+
+
+def load_error() -> BaseException | None:
+    """The exception raised while loading ``xlard._C``, if any."""
+    return _load_error
+
+
+def require_ops() -> None:
+    """Raise a RuntimeError naming the fix when the compiled ops are missing."""
+    if not has_ops():
+        raise RuntimeError(
+            "xlard's compiled extension xlard._C is not available "
+            f"({_load_error!r}); build it with `{_BUILD_HINT}` from the project root"
+        )
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``xlard::<op>`` has a kernel registered for ``dispatch_key`` ("CPU", "CUDA")."""
+    if not has_ops():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"xlard::{op}", dispatch_key)
+
+
+def build_info() -> dict:
+    """What was compiled into ``_C``: torch version, CUDA support, compile flags."""
+    info = {"loaded": has_ops(), "error": None if _load_error is None else repr(_load_error)}
+    if has_ops():
+        info["cuda_kernels"] = has_kernel("count_components", "CUDA")
+    try:
+        from xlard import _build_config  # written by setup.py at build time
+
+        info.update(_build_config.BUILD)
+    except ImportError:
+        pass
+    return info

@@ -1,0 +1,446 @@
+"""The public xlard ops: connected components, centroids, position and color scores,
+and the fused PPO-side latent ops.
+
+Each wrapper validates its arguments (errors name the argument, what was
+expected and what came), normalises shapes and calls the ``xlard::`` op through
+the dispatcher, so ``torch.compile``, ``opcheck`` and CUDA graphs all work. The
+exact semantics are in ``docs/ops.md``; ``xlard.reference`` holds the slow
+references. This module also registers the fake kernels and autograd formulas.
+
+Example:
+    >>> import torch, xlard.ops
+    >>> maps = torch.rand(2, 77, 32, 32)
+    >>> counts = xlard.ops.count_components(maps, threshold=0.5, min_area=4)
+    >>> counts.shape
+    torch.Size([2, 77])
+"""
+from __future__ import annotations
+
+import torch
+
+from xlard import _args, _backends, _extension
+from xlard._backends import provider  # noqa: F401  (public: xlard.ops.provider)
+
+__all__ = [
+    "LEFT_OF", "RIGHT_OF", "ABOVE", "BELOW", "provider",
+    "label_components", "count_components", "component_stats", "attention_centroids",
+    "position_scores", "color_scores", "residual_correction", "gaussian_log_prob", "sample_correction",
+]
+
+# Relation codes of position_scores: "token a is <code> of token b" (y grows downward).
+LEFT_OF, RIGHT_OF, ABOVE, BELOW = 0, 1, 2, 3
+
+
+def _op(name: str, device: torch.device):
+    if torch.compiler.is_compiling():
+        # Provider choice is a Python-side runtime decision; compiled graphs use the
+        # dispatcher's kernel for the device (C++ on CPU and, where built, CUDA).
+        return getattr(torch.ops.xlard, name)
+    _extension.require_ops()
+    return _backends.resolve(name, device)
+
+
+# ----------------------------------------------------------------------------------
+# Connected components
+
+
+def label_components(maps, threshold=0.5, mode="relative", min_area=1, connectivity=8):
+    """Label the connected components of thresholded maps.
+
+    Args:
+        maps (Tensor[..., H, W]): float16/bfloat16/float32/float64 scores, or
+            bool/uint8 masks (masks ignore ``threshold`` and ``mode``). Any
+            device with a provider; any strides (a strided view is copied once).
+        threshold (float): the cut; see ``mode``.
+        mode (str): ``"absolute"`` (value > threshold), ``"relative"`` (value >
+            threshold * max of that map; a map whose max is <= 0 has no
+            foreground) or ``"otsu"`` (per-map Otsu, 256 bins between min and max).
+            Non-finite values are background and ignored for max/min.
+        min_area (int): components with fewer pixels are dropped (label 0).
+        connectivity (int): 4 or 8.
+
+    Returns:
+        (labels int32 [..., H, W], counts int32 [...]): labels 1..n numbered in
+        raster order of each component's first pixel (deterministic, identical
+        on every provider); 0 is background.
+
+    Raises:
+        TypeError, ValueError: for a bad argument, naming it.
+
+    Example:
+        >>> labels, counts = xlard.ops.label_components(torch.rand(4, 16, 16), 0.7)
+    """
+    _args.check_components_args("label_components", maps, threshold, mode, min_area, connectivity)
+    return _op("label_components", maps.device)(maps, float(threshold), mode, int(min_area), int(connectivity))
+
+
+def count_components(maps, threshold=0.5, mode="relative", min_area=1, connectivity=8):
+    """Count connected components per map without materialising labels.
+
+    Args: as :func:`label_components`.
+
+    Returns:
+        counts (Tensor[...], int32): equal to ``label_components(...)[1]``.
+
+    Example:
+        >>> xlard.ops.count_components(torch.rand(2, 77, 64, 64), min_area=4).shape
+        torch.Size([2, 77])
+    """
+    _args.check_components_args("count_components", maps, threshold, mode, min_area, connectivity)
+    return _op("count_components", maps.device)(maps, float(threshold), mode, int(min_area), int(connectivity))
+
+
+def component_stats(maps, threshold=0.5, mode="relative", min_area=1, connectivity=8, max_components=16):
+    """Counts, areas and centroids of the largest connected components per map.
+
+    Args: as :func:`label_components`, plus
+        max_components (int): K, the number of component slots returned.
+
+    Returns:
+        (counts int32 [...], areas int32 [..., K], centroids float32 [..., K, 2]):
+        the K largest components by area (ties: smaller label first); centroid =
+        mean pixel centre (x, y) in [0, 1], x right, y down, pixel (i, j) at
+        ((j + 0.5) / W, (i + 0.5) / H). Unused slots: area 0, centroid NaN.
+
+    Example:
+        >>> counts, areas, centroids = xlard.ops.component_stats(maps, max_components=8)
+    """
+    _args.check_components_args("component_stats", maps, threshold, mode, min_area, connectivity, max_components)
+    return _op("component_stats", maps.device)(
+        maps, float(threshold), mode, int(min_area), int(connectivity), int(max_components)
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Centroids and position scores
+
+
+def attention_centroids(maps):
+    """Attention-weighted centroid of each map.
+
+    Args:
+        maps (Tensor[..., H, W]): float16/bfloat16/float32/float64. Weights are
+            ``max(value, 0)``; non-finite values weigh 0.
+
+    Returns:
+        Tensor[..., 2]: (x, y) in [0, 1] (x right, y down, pixel centres at
+        ``(j + 0.5) / W``); float32 (float64 for float64 maps). An all-zero map
+        gives (0.5, 0.5). Differentiable in ``maps``.
+
+    Example:
+        >>> xlard.ops.attention_centroids(torch.rand(8, 77, 64, 64)).shape
+        torch.Size([8, 77, 2])
+    """
+    _args.check_tensor("attention_centroids", "maps", maps, _args.FLOAT_DTYPES, min_dim=2)
+    return _op("attention_centroids", maps.device)(maps)
+
+
+def position_scores(centroids, relations, tau=10.0):
+    """Soft scores of spatial relations between token centroids.
+
+    Args:
+        centroids (Tensor[B, T, 2]): (x, y) per token, y downward.
+        relations (Tensor[B, R, 3] or [R, 3], int64): rows ``(a, b, code)``
+            meaning "token a is <code> of token b", code in LEFT_OF=0,
+            RIGHT_OF=1, ABOVE=2, BELOW=3.
+        tau (float): sharpness.
+
+    Returns:
+        Tensor[B, R]: ``sigmoid(tau * (p_a - p_b) . v_code)``, float32 (float64
+        for float64 centroids). Differentiable in ``centroids``.
+
+    Raises:
+        ValueError: an out-of-range token index or code (checked on the host
+            for CPU tensors; on CUDA the check reads the relations once).
+
+    Example:
+        >>> rel = torch.tensor([[0, 1, xlard.ops.LEFT_OF]])
+        >>> xlard.ops.position_scores(torch.tensor([[[0.2, 0.5], [0.8, 0.5]]]), rel)
+        tensor([[0.9975]])
+    """
+    op = "position_scores"
+    _args.check_tensor(op, "centroids", centroids, _args.FLOAT_DTYPES, dim=3)
+    if centroids.shape[-1] != 2:
+        raise ValueError(f"xlard.{op}: centroids must have shape [B, T, 2], got {tuple(centroids.shape)}")
+    _args.check_tensor(op, "relations", relations, (torch.int64,), dim=(2, 3))
+    if relations.shape[-1] != 3 or (relations.dim() == 3 and relations.shape[0] != centroids.shape[0]):
+        raise ValueError(f"xlard.{op}: relations must have shape [R, 3] or [B, R, 3] with B = {centroids.shape[0]}, "
+                         f"got {tuple(relations.shape)}")
+    _args.check_same_device(op, centroids=centroids, relations=relations)
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not float("-inf") < tau < float("inf"):
+        raise ValueError(f"xlard.{op}: tau must be a finite float, got {tau!r}")
+    if not torch.compiler.is_compiling() and relations.numel():
+        tokens = centroids.shape[1]
+        idx, code = relations[..., :2], relations[..., 2]
+        if bool((idx < 0).any() | (idx >= tokens).any()):
+            raise ValueError(f"xlard.{op}: relations name token indices outside [0, {tokens}): "
+                             f"min {int(idx.min())}, max {int(idx.max())}")
+        if bool((code < 0).any() | (code > 3).any()):
+            raise ValueError(f"xlard.{op}: relation codes must be LEFT_OF=0, RIGHT_OF=1, ABOVE=2 or BELOW=3, "
+                             f"got values in [{int(code.min())}, {int(code.max())}]")
+    return _op(op, centroids.device)(centroids, relations, float(tau))
+
+
+# ----------------------------------------------------------------------------------
+# Color scores
+
+
+def color_scores(patch_features, color_embeddings, patch_mask=None):
+    """Best-matching patch per color word: max cosine similarity and its argmax.
+
+    Args:
+        patch_features (Tensor[B, N, D]): image patch features.
+        color_embeddings (Tensor[C, D] or [B, C, D]): color-word text embeddings.
+        patch_mask (Tensor[B, C, N], bool, optional): which patches each color
+            may use (binds a color to an object's region).
+
+    Returns:
+        (scores float32 [B, C], index int64 [B, C]): a color with no allowed
+        patch scores 0 with index -1; zero-norm vectors have similarity 0; ties
+        go to the smallest patch index. Not differentiable.
+
+    Example:
+        >>> s, i = xlard.ops.color_scores(torch.randn(2, 196, 512), torch.randn(10, 512))
+    """
+    op = "color_scores"
+    _args.check_tensor(op, "patch_features", patch_features, _args.FLOAT_DTYPES, dim=3)
+    _args.check_tensor(op, "color_embeddings", color_embeddings, _args.FLOAT_DTYPES, dim=(2, 3))
+    b, n, d = patch_features.shape
+    if color_embeddings.shape[-1] != d or (color_embeddings.dim() == 3 and color_embeddings.shape[0] != b):
+        raise ValueError(f"xlard.{op}: color_embeddings must have shape [C, {d}] or [{b}, C, {d}], "
+                         f"got {tuple(color_embeddings.shape)}")
+    c = color_embeddings.shape[-2]
+    if patch_mask is not None:
+        _args.check_tensor(op, "patch_mask", patch_mask, (torch.bool,), dim=3)
+        if tuple(patch_mask.shape) != (b, c, n):
+            raise ValueError(f"xlard.{op}: patch_mask must have shape [B, C, N] = [{b}, {c}, {n}], "
+                             f"got {tuple(patch_mask.shape)}")
+    _args.check_same_device(op, patch_features=patch_features, color_embeddings=color_embeddings,
+                            patch_mask=patch_mask)
+    return _op(op, patch_features.device)(patch_features, color_embeddings, patch_mask)
+
+
+# ----------------------------------------------------------------------------------
+# PPO-side latent ops
+
+
+def _check_latents(op: str, min_dim: int = 2, **tensors) -> torch.Tensor:
+    first_name, first = next(iter(tensors.items()))
+    _args.check_tensor(op, first_name, first, _args.FLOAT_DTYPES, min_dim=min_dim)
+    for name, t in tensors.items():
+        _args.check_tensor(op, name, t, _args.FLOAT_DTYPES)
+        if t.shape != first.shape:
+            raise ValueError(f"xlard.{op}: {name} must have the shape of {first_name} {tuple(first.shape)}, "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"xlard.{op}: {name} must have the dtype of {first_name} ({first.dtype}), got {t.dtype}")
+    _args.check_same_device(op, **tensors)
+    return first
+
+
+def residual_correction(z0, delta, alpha=1.0):
+    """Apply the residual correction and compute its Latent Activation Map.
+
+    Args:
+        z0 (Tensor[B, C, *spatial]): the generator's latent.
+        delta (Tensor[B, C, *spatial]): the corrector's output, same dtype.
+        alpha (float or Tensor[B]): step size, per batch item if a tensor.
+
+    Returns:
+        (zc [B, C, *spatial] in z0's dtype, lam [B, *spatial] float32 (float64
+        for float64 input)): ``zc = z0 + alpha * delta``, ``lam = sum_c |delta|``.
+        Differentiable in ``z0``, ``delta`` and a tensor ``alpha``.
+
+    Example:
+        >>> zc, lam = xlard.ops.residual_correction(z0, delta, 0.5)
+    """
+    op = "residual_correction"
+    _check_latents(op, z0=z0, delta=delta)
+    alpha_t, alpha_s = _args.split_alpha(op, alpha, z0)
+    return _op(op, z0.device)(z0, delta, alpha_t, alpha_s)
+
+
+def gaussian_log_prob(x, mean, log_std):
+    """Diagonal Gaussian log-density, summed over all non-batch dimensions.
+
+    Args:
+        x (Tensor[B, ...]): the sample.
+        mean (Tensor[B, ...]): same shape and dtype as ``x``.
+        log_std (float or Tensor): scalar, ``[C]`` (per channel, dim 1 of x),
+            or any shape broadcastable to ``x`` (``[C, 1, 1]``, full, ...).
+
+    Returns:
+        Tensor[B]: float32 (float64 for float64 inputs), always accumulated in
+        float32 or better. Differentiable in ``x``, ``mean`` and ``log_std``.
+
+    Example:
+        >>> lp = xlard.ops.gaussian_log_prob(x, mu, torch.zeros(16))
+    """
+    op = "gaussian_log_prob"
+    _check_latents(op, min_dim=1, x=x, mean=mean)
+    log_std = _args.broadcast_log_std(log_std, x, op)
+    return _op(op, x.device)(x, mean, log_std)
+
+
+def sample_correction(z0, mean, log_std, noise, alpha=1.0):
+    """The fused PPO rollout step: sample a correction and apply it.
+
+    ``delta = mean + exp(log_std) * noise``, then ``zc = z0 + alpha * delta``,
+    ``log_prob`` = log-density of ``delta`` under N(mean, exp(log_std)^2) and
+    ``lam = sum_c |delta|``, in one pass over memory.
+
+    Args:
+        z0, mean, noise (Tensor[B, C, *spatial]): same shape and dtype.
+        log_std: as in :func:`gaussian_log_prob`.
+        alpha (float or Tensor[B]): step size.
+
+    Returns:
+        (zc, delta, log_prob float32 [B], lam float32 [B, *spatial]).
+
+    Raises:
+        RuntimeError: if called with inputs that require grad under grad mode
+            (a rollout step is not differentiable; wrap it in torch.no_grad()).
+
+    Example:
+        >>> with torch.no_grad():
+        ...     zc, delta, logp, lam = xlard.ops.sample_correction(z0, mu, log_std, torch.randn_like(z0), 0.5)
+    """
+    op = "sample_correction"
+    _check_latents(op, z0=z0, mean=mean, noise=noise)
+    log_std = _args.broadcast_log_std(log_std, z0, op)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (z0, mean, noise, log_std)):
+        raise RuntimeError(f"xlard.{op}: a rollout step is not differentiable; call it under torch.no_grad() "
+                           "(use residual_correction and gaussian_log_prob for gradients)")
+    alpha_t, alpha_s = _args.split_alpha(op, alpha, z0)
+    return _op(op, z0.device)(z0, mean, log_std, noise, alpha_t, alpha_s)
+
+
+# ----------------------------------------------------------------------------------
+# Fake kernels and autograd, registered for every namespace that defines the ops
+# (xlard:: from _C, xlard_triton:: from xlard._triton_ops).
+
+
+def _batch(maps):
+    return maps.shape[:-2]
+
+
+def register_python_side(ns: str) -> None:
+    """Register fake kernels and autograd formulas for the ops of namespace ``ns``."""
+    lib = getattr(torch.ops, ns)
+
+    def fake(name):
+        return torch.library.register_fake(f"{ns}::{name}")
+
+    @fake("label_components")
+    def _(maps, threshold, mode, min_area, connectivity):
+        return maps.new_empty(maps.shape, dtype=torch.int32), maps.new_empty(_batch(maps), dtype=torch.int32)
+
+    @fake("count_components")
+    def _(maps, threshold, mode, min_area, connectivity):
+        return maps.new_empty(_batch(maps), dtype=torch.int32)
+
+    @fake("component_stats")
+    def _(maps, threshold, mode, min_area, connectivity, max_components):
+        b = _batch(maps)
+        return (maps.new_empty(b, dtype=torch.int32), maps.new_empty((*b, max_components), dtype=torch.int32),
+                maps.new_empty((*b, max_components, 2), dtype=torch.float32))
+
+    def acc(dtype):
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    @fake("attention_centroids")
+    def _(maps):
+        return maps.new_empty((*_batch(maps), 2), dtype=acc(maps.dtype))
+
+    @fake("_attention_centroids_backward")
+    def _(grad, maps, centroids):
+        return torch.empty_like(maps)
+
+    @fake("position_scores")
+    def _(centroids, relations, tau):
+        return centroids.new_empty((centroids.shape[0], relations.shape[-2]), dtype=acc(centroids.dtype))
+
+    @fake("_position_scores_backward")
+    def _(grad, centroids, relations, tau):
+        return torch.empty_like(centroids)
+
+    @fake("color_scores")
+    def _(patch_features, color_embeddings, patch_mask):
+        b, c = patch_features.shape[0], color_embeddings.shape[-2]
+        dt = torch.float64 if torch.float64 in (patch_features.dtype, color_embeddings.dtype) else torch.float32
+        return patch_features.new_empty((b, c), dtype=dt), patch_features.new_empty((b, c), dtype=torch.int64)
+
+    def lam_like(z):
+        return z.new_empty((z.shape[0], *z.shape[2:]), dtype=acc(z.dtype))
+
+    @fake("residual_correction")
+    def _(z0, delta, alpha, alpha_scalar):
+        return torch.empty_like(z0), lam_like(z0)
+
+    @fake("_residual_correction_backward")
+    def _(grad_zc, grad_lam, delta, alpha, alpha_scalar):
+        return torch.empty_like(delta)
+
+    @fake("gaussian_log_prob")
+    def _(x, mean, log_std):
+        return x.new_empty((x.shape[0],), dtype=acc(x.dtype))
+
+    @fake("_gaussian_log_prob_backward")
+    def _(grad, x, mean, log_std):
+        return torch.empty_like(x), torch.empty_like(x), torch.empty_like(log_std)
+
+    @fake("sample_correction")
+    def _(z0, mean, log_std, noise, alpha, alpha_scalar):
+        return (torch.empty_like(z0), torch.empty_like(z0), z0.new_empty((z0.shape[0],), dtype=acc(z0.dtype)),
+                lam_like(z0))
+
+    # Autograd: each backward calls another op of the same namespace.
+    def centroids_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+
+    def centroids_backward(ctx, grad):
+        maps, out = ctx.saved_tensors
+        return lib._attention_centroids_backward(grad, maps, out)
+
+    torch.library.register_autograd(f"{ns}::attention_centroids", centroids_backward, setup_context=centroids_setup)
+
+    def position_setup(ctx, inputs, output):
+        centroids, relations, tau = inputs
+        ctx.save_for_backward(centroids, relations)
+        ctx.tau = tau
+
+    def position_backward(ctx, grad):
+        centroids, relations = ctx.saved_tensors
+        return lib._position_scores_backward(grad, centroids, relations, ctx.tau), None, None
+
+    torch.library.register_autograd(f"{ns}::position_scores", position_backward, setup_context=position_setup)
+
+    def residual_setup(ctx, inputs, output):
+        z0, delta, alpha, alpha_scalar = inputs
+        ctx.save_for_backward(delta, alpha)
+        ctx.alpha_scalar = alpha_scalar
+        ctx.z0_dtype = z0.dtype
+
+    def residual_backward(ctx, grad_zc, grad_lam):
+        delta, alpha = ctx.saved_tensors
+        grad_delta = lib._residual_correction_backward(grad_zc, grad_lam, delta, alpha, ctx.alpha_scalar)
+        grad_alpha = None
+        if alpha is not None and ctx.needs_input_grad[2]:
+            a = acc(delta.dtype)
+            grad_alpha = (grad_zc.to(a) * delta.to(a)).flatten(1).sum(1).to(alpha.dtype)
+        return grad_zc, grad_delta, grad_alpha, None
+
+    torch.library.register_autograd(f"{ns}::residual_correction", residual_backward, setup_context=residual_setup)
+
+    def gaussian_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def gaussian_backward(ctx, grad):
+        x, mean, log_std = ctx.saved_tensors
+        return lib._gaussian_log_prob_backward(grad, x, mean, log_std)
+
+    torch.library.register_autograd(f"{ns}::gaussian_log_prob", gaussian_backward, setup_context=gaussian_setup)
+
+
+if _extension.has_ops():
+    register_python_side("xlard")
