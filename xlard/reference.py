@@ -114,7 +114,7 @@ def label_components(maps, threshold=0.5, mode="relative", min_area=1, connectiv
     """Reference of :func:`xlard.ops.label_components`."""
     _check_cc_args(maps, mode, min_area, connectivity)
     batch, (h, w) = maps.shape[:-2], maps.shape[-2:]
-    fg = foreground(maps, threshold, mode).reshape(-1, h, w)
+    fg = foreground(maps, threshold, mode).reshape(math.prod(batch), h, w)
     labels, counts, *_ = _components(fg, min_area, connectivity)
     return labels.to(torch.int32).view(maps.shape), counts.to(torch.int32).view(batch)
 
@@ -128,11 +128,11 @@ def component_stats(maps, threshold=0.5, mode="relative", min_area=1, connectivi
     """Reference of :func:`xlard.ops.component_stats`."""
     _check_cc_args(maps, mode, min_area, connectivity)
     batch, (h, w) = maps.shape[:-2], maps.shape[-2:]
-    fg = foreground(maps, threshold, mode).reshape(-1, h, w)
+    fg = foreground(maps, threshold, mode).reshape(math.prod(batch), h, w)
     labels, counts, *_ = _components(fg, min_area, connectivity)
     m, k = labels.shape[0], max_components
     nlab = h * w + 1
-    flat = labels.reshape(m, -1)
+    flat = labels.reshape(m, h * w)
     ii, jj = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
     area = torch.zeros(m, nlab, dtype=torch.int64).scatter_add_(1, flat, torch.ones_like(flat))
     sx = torch.zeros(m, nlab, dtype=torch.float64).scatter_add_(1, flat, (jj + 0.5).reshape(1, -1).expand(m, -1))
@@ -222,7 +222,7 @@ def gaussian_log_prob(x, mean, log_std):
     ls = _args.broadcast_log_std(log_std, x).to(acc)
     z = (x.to(acc) - mean.to(acc)) * torch.exp(-ls)
     dens = -0.5 * z * z - ls - 0.5 * math.log(2 * math.pi)
-    return dens.reshape(x.shape[0], -1).sum(1)
+    return dens.flatten(1).sum(1) if dens.dim() > 1 else dens
 
 
 def sample_correction(z0, mean, log_std, noise, alpha=1.0):
@@ -232,5 +232,5 @@ def sample_correction(z0, mean, log_std, noise, alpha=1.0):
     delta = (mean.to(acc) + torch.exp(ls) * noise.to(acc)).to(z0.dtype)
     zc, lam = residual_correction(z0, delta, alpha)
     e = noise.to(acc)
-    log_prob = (-0.5 * e * e - ls - 0.5 * math.log(2 * math.pi)).reshape(z0.shape[0], -1).sum(1)
+    log_prob = (-0.5 * e * e - ls - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
     return zc, delta, log_prob, lam

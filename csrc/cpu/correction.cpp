@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/exp.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -72,6 +73,18 @@ void for_blocks(int64_t batch, int64_t spatial, Fn fn) {
   });
 }
 
+// One channel row of residual_correction over positions [s0, s1).
+template <typename T, typename A>
+void correct_row(const T* __restrict__ z0, const T* __restrict__ delta, A alpha, T* __restrict__ zc,
+                 A* __restrict__ lam, int64_t s0, int64_t s1) {
+#pragma omp simd
+  for (int64_t s = s0; s < s1; ++s) {
+    const A d = static_cast<A>(delta[s]);
+    zc[s] = static_cast<T>(static_cast<A>(z0[s]) + alpha * d);
+    lam[s] += std::abs(d);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> residual_correction_cpu(const at::Tensor& z0_in, const at::Tensor& delta_in,
                                                            const std::optional<at::Tensor>& alpha_in,
                                                            double alpha_scalar) {
@@ -101,11 +114,7 @@ std::tuple<at::Tensor, at::Tensor> residual_correction_cpu(const at::Tensor& z0_
       for (int64_t s = s0; s < s1; ++s) lrow[s] = A(0);
       for (int64_t c = 0; c < channels; ++c) {
         const int64_t off = (b * channels + c) * spatial;
-        for (int64_t s = s0; s < s1; ++s) {
-          const A d = static_cast<A>(dp[off + s]);
-          op[off + s] = static_cast<scalar_t>(static_cast<A>(zp[off + s]) + a * d);
-          lrow[s] += std::abs(d);
-        }
+        correct_row<scalar_t, A>(zp + off, dp + off, a, op + off, lrow, s0, s1);
       }
     });
   });
@@ -198,15 +207,17 @@ at::Tensor gaussian_log_prob_cpu(const at::Tensor& x_in, const at::Tensor& mean_
   if (batch == 0) return out;
   const at::Tensor x = x_in.contiguous(), mean = mean_in.contiguous();
   const at::Tensor ls = log_std_in.to(acc).contiguous();
+  const at::Tensor inv_std = at::exp(-ls);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xlard_gaussian_log_prob", [&] {
     using A = acc_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* mp = mean.const_data_ptr<scalar_t>();
     const A* lp = ls.const_data_ptr<A>();
+    const A* ip = inv_std.const_data_ptr<A>();
     const int64_t ls_stride = shared ? 0 : n;
     row_sums<A>(batch, n, out.data_ptr<A>(), [&](int64_t b, int64_t k) {
       const A l = lp[b * ls_stride + k];
-      const A z = (static_cast<A>(xp[b * n + k]) - static_cast<A>(mp[b * n + k])) * std::exp(-l);
+      const A z = (static_cast<A>(xp[b * n + k]) - static_cast<A>(mp[b * n + k])) * ip[b * ls_stride + k];
       return A(-0.5) * z * z - l - static_cast<A>(kHalfLog2Pi);
     });
   });
@@ -270,20 +281,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cpu(co
 }
 
 // One channel row of sample_correction over positions [s0, s1); returns its log-density
-// part sum(-0.5 noise^2 - log_std). Outside the dispatch macro so the pragma applies.
+// part sum(-0.5 noise^2) (the log_std sum is added per row). Outside the dispatch macro so the pragma applies.
 template <typename T, typename A>
-A sample_row(const T* z0, const T* mean, const T* noise, const A* log_std, A alpha, T* zc, T* delta, A* lam,
+A sample_row(const T* __restrict__ z0, const T* __restrict__ mean, const T* __restrict__ noise,
+             const A* __restrict__ stdv, A alpha, T* __restrict__ zc, T* __restrict__ delta, A* __restrict__ lam,
              int64_t s0, int64_t s1) {
   A acc = A(0);
 #pragma omp simd reduction(+ : acc)
   for (int64_t s = s0; s < s1; ++s) {
     const A e = static_cast<A>(noise[s]);
-    const A l = log_std[s];
-    const T d = static_cast<T>(static_cast<A>(mean[s]) + std::exp(l) * e);
+    const T d = static_cast<T>(static_cast<A>(mean[s]) + stdv[s] * e);
     delta[s] = d;
     zc[s] = static_cast<T>(static_cast<A>(z0[s]) + alpha * static_cast<A>(d));
     lam[s] += std::abs(static_cast<A>(d));
-    acc += A(-0.5) * e * e - l;
+    acc += A(-0.5) * e * e;
   }
   return acc;
 }
@@ -298,6 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
   const auto acc = acc_dtype(z0_in.scalar_type());
   const at::Tensor z0 = z0_in.contiguous(), mean = mean_in.contiguous(), noise = noise_in.contiguous();
   const at::Tensor ls = log_std_in.to(acc).contiguous();
+  // exp once per log_std element (shared log_std: once per call, not per batch item).
+  const at::Tensor stdv = at::exp(ls);
   const int64_t batch = z0.size(0), channels = z0.size(1);
   const at::Tensor alpha = alpha_tensor("sample_correction", alpha_in, batch, acc);
   at::Tensor zc = at::empty(z0.sizes(), z0.options());
@@ -315,27 +328,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
     const scalar_t* mp = mean.const_data_ptr<scalar_t>();
     const scalar_t* np_ = noise.const_data_ptr<scalar_t>();
     const A* lp = ls.const_data_ptr<A>();
+    const A* sdp = stdv.const_data_ptr<A>();
     const A* ap = alpha.defined() ? alpha.const_data_ptr<A>() : nullptr;
     scalar_t* zcp = zc.data_ptr<scalar_t>();
     scalar_t* dp = delta.data_ptr<scalar_t>();
     A* lamp = lam.data_ptr<A>();
     for_blocks(batch, spatial, [&](int64_t b, int64_t blk, int64_t s0, int64_t s1) {
       const A a = ap ? ap[b] : static_cast<A>(alpha_scalar);
-      const A* lsb = lp + (shared ? 0 : b * n);
+      const A* sdb = sdp + (shared ? 0 : b * n);
       A* lrow = lamp + b * spatial;
       A acc_lp = A(0);
       for (int64_t c = 0; c < channels; ++c) {
         const int64_t off = (b * channels + c) * spatial;
-        acc_lp += sample_row<scalar_t, A>(zp + off, mp + off, np_ + off, lsb + c * spatial, a, zcp + off, dp + off,
+        acc_lp += sample_row<scalar_t, A>(zp + off, mp + off, np_ + off, sdb + c * spatial, a, zcp + off, dp + off,
                                           lrow, s0, s1);
       }
       partial[b * blocks + blk] = static_cast<double>(acc_lp);
     });
+    std::vector<A> ls_sum(static_cast<size_t>(shared ? 1 : batch));
+    row_sums<A>(shared ? 1 : batch, n, ls_sum.data(), [&](int64_t b, int64_t k) { return lp[b * n + k]; });
     A* lpp = log_prob.data_ptr<A>();
     for (int64_t b = 0; b < batch; ++b) {
       A total = A(0);
       for (int64_t blk = 0; blk < blocks; ++blk) total += static_cast<A>(partial[b * blocks + blk]);
-      lpp[b] = total - static_cast<A>(kHalfLog2Pi) * static_cast<A>(n);
+      lpp[b] = total - ls_sum[shared ? 0 : b] - static_cast<A>(kHalfLog2Pi) * static_cast<A>(n);
     }
   });
   return {zc, delta, log_prob, lam};

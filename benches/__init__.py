@@ -1,0 +1,1 @@
+"""pytest-benchmark suites of xlard.ops; `python -m benches.report` prints the ratio table."""

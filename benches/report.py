@@ -1,0 +1,125 @@
+"""The ops throughput report: runs the CPU benchmarks with pytest-benchmark and prints
+xlard vs each peer, with ratios measured in the same run and the speed targets of
+the foundation issue marked met or missed.
+
+    python -m benches.report [--quick] [--json OUT.json] [--markdown OUT.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# (group, peer, minimum speed-up of xlard over the peer); peer "torch_add" is a
+# ceiling: xlard must be within 2x of it (speed-up >= 0.5).
+TARGETS = [
+    ("count_components float32 8x77x64x64", "opencv_loop", 10.0),
+    ("count_components float32 8x77x64x64", "scipy_loop", 10.0),
+    ("count_components float32 2x77x16x16", "opencv_loop", 10.0),
+    ("count_components float32 8x77x32x32", "opencv_loop", 10.0),
+    ("residual_correction float32 16x16x128x128", "reference", 1.5),
+    ("residual_correction float32 16x16x128x128", "torch_add", 0.5),
+    ("sample_correction float32 16x16x128x128", "reference", 1.5),
+    ("sample_correction float32 16x16x128x128", "torch_add", 0.5),
+    ("attention_centroids float32 8x77x64x64", "reference", 2.0),
+    ("color_scores float32 8x1024x768 x 10x768", "reference", 1.0),
+]
+GPIXELS_TARGET = ("count_components float32 8x77x64x64", 1.0)
+
+
+def run_benchmarks(json_path: str, quick: bool) -> None:
+    cmd = [sys.executable, "-m", "pytest", os.path.join(HERE), "-q", "-p", "no:cacheprovider",
+           f"--benchmark-json={json_path}", "--benchmark-columns=min,median,rounds",
+           "--benchmark-sort=name", "--benchmark-warmup=on"]
+    cmd += ["--benchmark-min-rounds=3", "--benchmark-max-time=0.2"] if quick else ["--benchmark-min-rounds=10"]
+    print("running:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def summarise(data: dict) -> tuple[list[dict], list[str]]:
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        groups[bench["group"]][bench["extra_info"]["provider"]] = bench
+    rows = []
+    for group in sorted(groups):
+        runs = groups[group]
+        mine = runs.get("xlard")
+        if mine is None:
+            continue
+        t_x = mine["stats"]["median"]
+        for provider, bench in sorted(runs.items()):
+            t = bench["stats"]["median"]
+            row = {"group": group, "provider": provider, "median_ms": t * 1e3, "speedup_of_xlard": t / t_x}
+            info = bench["extra_info"]
+            if "pixels" in info:
+                row["gpixels_per_s"] = info["pixels"] / t / 1e9
+            if "bytes" in info:
+                row["gb_per_s"] = info["bytes"] / t / 1e9
+            rows.append(row)
+    verdicts = []
+    by_key = {(r["group"], r["provider"]): r for r in rows}
+    for group, peer, need in TARGETS:
+        row = by_key.get((group, peer))
+        if row is None:
+            verdicts.append(f"n/a   {group}: no {peer} run")
+            continue
+        ok = row["speedup_of_xlard"] >= need
+        verdicts.append(f"{'met ' if ok else 'MISS'}  {group}: xlard {row['speedup_of_xlard']:.2f}x vs {peer} (target >= {need}x)")
+    group, need = GPIXELS_TARGET
+    row = by_key.get((group, "xlard"))
+    if row is not None:
+        ok = row["gpixels_per_s"] >= need
+        verdicts.append(f"{'met ' if ok else 'MISS'}  {group}: {row['gpixels_per_s']:.2f} G pixels/s (target >= {need})")
+    return rows, verdicts
+
+
+def to_markdown(rows: list[dict], verdicts: list[str], machine: dict) -> str:
+    out = [f"Machine: {machine.get('processor')} x{machine.get('cpu_count')} cores, torch {machine.get('torch')} "
+           f"({machine.get('torch_threads')} threads), python {machine.get('python_version')}", "",
+           "| benchmark | provider | median ms | xlard speed-up vs this | G px/s | GB/s |",
+           "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        gp = f"{r['gpixels_per_s']:.3f}" if "gpixels_per_s" in r else ""
+        gb = f"{r['gb_per_s']:.1f}" if "gb_per_s" in r else ""
+        out.append(f"| {r['group']} | {r['provider']} | {r['median_ms']:.3f} | {r['speedup_of_xlard']:.2f}x | {gp} | {gb} |")
+    out += ["", "Targets:", ""] + [f"- {v}" for v in verdicts]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--json", help="write the summary rows and verdicts as JSON here")
+    parser.add_argument("--markdown", help="write the markdown table here")
+    parser.add_argument("--from-json", help="summarise an existing pytest-benchmark JSON instead of running")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as fh:
+            data = json.load(fh)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "bench.json")
+            run_benchmarks(path, args.quick)
+            with open(path) as fh:
+                data = json.load(fh)
+    rows, verdicts = summarise(data)
+    md = to_markdown(rows, verdicts, data.get("machine_info", {}))
+    print("\n" + md)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(md + "\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"rows": rows, "verdicts": verdicts, "machine": data.get("machine_info", {})}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

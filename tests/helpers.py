@@ -1,0 +1,91 @@
+"""Shared test helpers: the one per-dtype tolerance table and map generators."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# Tolerances by dtype of the compared result (habit 7: one table). Low-precision
+# results are computed in float32 and rounded once, so one ulp-scale step of the
+# dtype (torch's own error there) is what is allowed.
+TOLERANCES = {
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+}
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def assert_close(actual, expected, dtype=None, msg="", **override):
+    """torch.testing.assert_close with the table's tolerance for ``dtype`` (default: expected's)."""
+    tol = dict(TOLERANCES[dtype or expected.dtype])
+    tol.update(override)
+    torch.testing.assert_close(actual, expected, equal_nan=True, msg=msg or None, **tol)
+
+
+# ---------------------------------------------------------------- adversarial maps
+
+
+def spiral(n: int) -> np.ndarray:
+    """A one-pixel-wide square spiral on an n x n grid: one long 4-connected path, rings a pixel apart."""
+    grid = np.zeros((n, n), dtype=bool)
+    i = j = 0
+    grid[0, 0] = True
+    lengths = [n - 1, n - 1, n - 1]
+    k = n - 3
+    while k > 0:
+        lengths += [k, k]
+        k -= 2
+    moves = [(0, 1), (1, 0), (0, -1), (-1, 0)]
+    for step, length in enumerate(lengths):
+        di, dj = moves[step % 4]
+        for _ in range(length):
+            i, j = i + di, j + dj
+            grid[i, j] = True
+    return grid
+
+
+def checkerboard(h: int, w: int) -> np.ndarray:
+    """Pixel checkerboard: 8-connected it is one component, 4-connected every pixel is its own."""
+    return (np.add.outer(np.arange(h), np.arange(w)) % 2) == 0
+
+
+def diagonals(n: int, step: int = 3) -> np.ndarray:
+    """One-pixel anti/diagonal lines, where 4 and 8 connectivity differ."""
+    i, j = np.indices((n, n))
+    return ((i - j) % step == 0) | ((i + j) % (step + 2) == 0)
+
+
+def blobs(batch: int, h: int, w: int, k: int = 4, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Smooth attention-like maps: sums of k random Gaussian bumps per map, [batch, h, w]."""
+    g = torch.Generator().manual_seed(seed)
+    cy = torch.rand(batch, k, 1, 1, generator=g) * h
+    cx = torch.rand(batch, k, 1, 1, generator=g) * w
+    sig = (0.04 + 0.08 * torch.rand(batch, k, 1, 1, generator=g)) * min(h, w)
+    amp = 0.3 + torch.rand(batch, k, 1, 1, generator=g)
+    ii = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1)
+    jj = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w)
+    maps = (amp * torch.exp(-((ii - cy) ** 2 + (jj - cx) ** 2) / (2 * sig**2))).sum(1)
+    return maps.to(dtype)
+
+
+def partitions_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images describe the same components (up to renumbering)."""
+    if a.shape != b.shape or ((a == 0) != (b == 0)).any():
+        return False
+    fa, fb = a[a > 0], b[b > 0]
+    pairs = set(zip(fa.tolist(), fb.tolist()))
+    return len(pairs) == len(set(fa.tolist())) == len(set(fb.tolist()))
+
+
+def nan_inf_sprinkle(x: torch.Tensor, seed: int = 0, frac: float = 0.05) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    r = torch.rand(x.shape, generator=g)
+    y = x.clone()
+    y[r < frac / 3] = math.nan
+    y[(r >= frac / 3) & (r < 2 * frac / 3)] = math.inf
+    y[(r >= 2 * frac / 3) & (r < frac)] = -math.inf
+    return y

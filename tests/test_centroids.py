@@ -1,0 +1,149 @@
+"""attention_centroids and position_scores: reference parity, gradients, sign
+conventions, bad input, opcheck, compile."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+
+import xlard.ops as ops
+import xlard.reference as ref
+from helpers import FLOAT_DTYPES, TOLERANCES, assert_close, blobs, nan_inf_sprinkle
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (3, 1, 13), (2, 4, 16, 16), (2, 0, 8, 8), (0, 4, 4)])
+def test_attention_centroids_match_reference(dtype, shape):
+    maps = (torch.rand(shape) - 0.2).to(dtype)
+    got = ops.attention_centroids(maps)
+    want = ref.attention_centroids(maps)
+    assert got.shape == (*shape[:-2], 2)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(got, want, dtype=torch.float32 if dtype != torch.float64 else dtype)
+
+
+def test_attention_centroids_semantics_and_scipy():
+    m = torch.zeros(4, 10, 20)
+    m[0, 2, 5] = 3.0  # one pixel: its centre
+    m[2] = -1.0  # all negative: weights 0 -> (0.5, 0.5)
+    m[3, 0, 0] = math.nan
+    m[3, 9, 19] = math.inf
+    m[3, 5, 10] = 1.0
+    out = ops.attention_centroids(m)
+    torch.testing.assert_close(out[0], torch.tensor([5.5 / 20, 2.5 / 10]))
+    torch.testing.assert_close(out[1], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(out[2], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(out[3], torch.tensor([10.5 / 20, 5.5 / 10]))
+    maps = blobs(5, 24, 31, seed=4)
+    got = ops.attention_centroids(maps)
+    for k in range(5):
+        cy, cx = ndi.center_of_mass(maps[k].numpy())  # an independent oracle (pixel indices)
+        assert got[k, 0].item() == pytest.approx((cx + 0.5) / 31, abs=1e-5)
+        assert got[k, 1].item() == pytest.approx((cy + 0.5) / 24, abs=1e-5)
+
+
+def test_attention_centroids_non_finite_and_strided():
+    maps = nan_inf_sprinkle(torch.rand(3, 12, 12), frac=0.2)
+    assert_close(ops.attention_centroids(maps), ref.attention_centroids(maps))
+    strided = torch.rand(3, 20, 30).transpose(1, 2)[:, ::2]
+    assert_close(ops.attention_centroids(strided), ref.attention_centroids(strided))
+    expanded = torch.rand(1, 9, 9).expand(4, 9, 9)
+    assert_close(ops.attention_centroids(expanded), ref.attention_centroids(expanded))
+
+
+def test_attention_centroids_gradients():
+    maps = (torch.rand(2, 3, 6, 7, dtype=torch.float64) - 0.3).requires_grad_()
+    torch.autograd.gradcheck(ops.attention_centroids, (maps,))
+    got = torch.autograd.grad(ops.attention_centroids(maps).sum() * 1.0, maps)[0]
+    want = torch.autograd.grad(ref.attention_centroids(maps).sum() * 1.0, maps)[0]
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+    m32 = torch.rand(2, 5, 5, requires_grad=True)
+    w = torch.randn(2, 2)
+    g32 = torch.autograd.grad((ops.attention_centroids(m32) * w).sum(), m32)[0]
+    r32 = torch.autograd.grad((ref.attention_centroids(m32) * w).sum(), m32)[0]
+    assert_close(g32, r32, dtype=torch.float32)
+
+
+def _rel(rows):
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def test_position_sign_conventions_pinned():
+    # token 0 at the left/top, token 1 at the right/bottom (y grows downward)
+    cen = torch.tensor([[[0.2, 0.2], [0.8, 0.8]]])
+    rows = _rel([[0, 1, ops.LEFT_OF], [0, 1, ops.RIGHT_OF], [0, 1, ops.ABOVE], [0, 1, ops.BELOW], [1, 0, ops.BELOW]])
+    s = ops.position_scores(cen, rows, tau=10.0)[0]
+    assert s[0] > 0.99 and s[1] < 0.01  # 0 is left of 1, not right of it
+    assert s[2] > 0.99 and s[3] < 0.01  # 0 is above 1 (smaller y), not below
+    assert s[4] > 0.99
+    assert s[0].item() == pytest.approx(1 / (1 + math.exp(-10 * 0.6)), rel=1e-6)
+    assert (ops.LEFT_OF, ops.RIGHT_OF, ops.ABOVE, ops.BELOW) == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_position_scores_match_reference(dtype):
+    g = torch.Generator().manual_seed(1)
+    cen = torch.rand(3, 5, 2, generator=g).to(dtype)
+    shared = torch.stack([torch.randint(0, 5, (7,), generator=g), torch.randint(0, 5, (7,), generator=g),
+                          torch.randint(0, 4, (7,), generator=g)], 1)
+    per_batch = torch.stack([shared.roll(k, 0) for k in range(3)])
+    for rel in (shared, per_batch, shared[:0]):
+        got = ops.position_scores(cen, rel, tau=7.5)
+        assert got.shape == (3, rel.shape[-2])
+        assert_close(got, ref.position_scores(cen, rel, tau=7.5), dtype=torch.float32 if dtype != torch.float64 else dtype)
+
+
+def test_position_scores_gradients():
+    cen = torch.rand(2, 4, 2, dtype=torch.float64, requires_grad=True)
+    rel = _rel([[0, 1, 0], [2, 3, 2], [1, 1, 3], [3, 0, 1]])
+    torch.autograd.gradcheck(lambda c: ops.position_scores(c, rel, 3.0), (cen,))
+    w = torch.randn(2, 4, dtype=torch.float64)
+    got = torch.autograd.grad((ops.position_scores(cen, rel, 3.0) * w).sum(), cen)[0]
+    want = torch.autograd.grad((ref.position_scores(cen, rel, 3.0) * w).sum(), cen)[0]
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize(
+    "cen, rel, words",
+    [
+        (torch.rand(2, 3, 2), _rel([[0, 3, 0]]), "token indices"),
+        (torch.rand(2, 3, 2), _rel([[-1, 0, 0]]), "token indices"),
+        (torch.rand(2, 3, 2), _rel([[0, 1, 4]]), "codes"),
+        (torch.rand(2, 3, 3), _rel([[0, 1, 0]]), "centroids"),
+        (torch.rand(3, 2), _rel([[0, 1, 0]]), "centroids"),
+        (torch.rand(2, 3, 2), _rel([[0, 1]]), "relations"),
+        (torch.rand(2, 3, 2), torch.zeros(3, 1, 3, dtype=torch.int64), "relations"),
+        (torch.rand(2, 3, 2), torch.zeros(1, 3, dtype=torch.int32), "relations"),
+    ],
+)
+def test_position_scores_bad_input(cen, rel, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        ops.position_scores(cen, rel)
+
+
+def test_attention_centroids_bad_input():
+    with pytest.raises(TypeError, match="maps"):
+        ops.attention_centroids(torch.ones(4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="maps"):
+        ops.attention_centroids(torch.ones(4))
+    with pytest.raises(RuntimeError, match="out of range|T = 3"):
+        torch.ops.xlard.position_scores(torch.rand(1, 3, 2), _rel([[0, 5, 0]]), 1.0)
+
+
+def test_opcheck_and_compile():
+    maps = torch.rand(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.xlard.attention_centroids.default, (maps,))
+    cen = torch.rand(2, 4, 2, dtype=torch.float64, requires_grad=True)
+    rel = _rel([[0, 1, 0], [2, 3, 3]])
+    torch.library.opcheck(torch.ops.xlard.position_scores.default, (cen, rel, 2.0))
+
+    def fn(m, r):
+        return ops.position_scores(ops.attention_centroids(m).flatten(1, 1).view(2, 3, 2), r)
+
+    m = torch.rand(2, 3, 8, 8)
+    r = _rel([[0, 1, 0], [1, 2, 2]])
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(m, r), fn(m, r))

@@ -1,0 +1,93 @@
+"""color_scores: reference parity, semantics (mask, zero norms, ties), bad input, opcheck, compile."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import xlard.ops as ops
+import xlard.reference as ref
+from helpers import FLOAT_DTYPES, assert_close
+
+
+def check_against_reference(f, e, mask=None):
+    scores, index = ops.color_scores(f, e, mask)
+    want_scores, want_index = ref.color_scores(f, e, mask)
+    acc = torch.float64 if torch.float64 in (f.dtype, e.dtype) else torch.float32
+    assert scores.dtype == acc and index.dtype == torch.int64
+    assert_close(scores, want_scores, dtype=acc)
+    assert torch.equal(index, want_index)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("b, n, d, c", [(1, 1, 1, 1), (2, 37, 16, 5), (3, 64, 7, 10), (2, 0, 8, 3), (0, 5, 8, 3)])
+def test_matches_reference(dtype, b, n, d, c):
+    g = torch.Generator().manual_seed(b * 100 + n)
+    f = torch.randn(b, n, d, generator=g).to(dtype)
+    for e in (torch.randn(c, d, generator=g).to(dtype), torch.randn(b, c, d, generator=g).to(dtype)):
+        check_against_reference(f, e)
+        check_against_reference(f, e, torch.rand(b, c, n, generator=g) > 0.4)
+
+
+def test_semantics_against_numpy():
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((2, 50, 12))
+    e = rng.standard_normal((4, 12))
+    mask = rng.random((2, 4, 50)) > 0.5
+    mask[1, 2] = False  # no allowed patch -> score 0, index -1
+    scores, index = ops.color_scores(torch.from_numpy(f), torch.from_numpy(e), torch.from_numpy(mask))
+    cos = np.einsum("bnd,cd->bcn", f, e) / (np.linalg.norm(f, axis=-1)[:, None, :] * np.linalg.norm(e, axis=-1)[None, :, None])
+    cos = np.where(mask, cos, -np.inf)
+    for b in range(2):
+        for c in range(4):
+            if not mask[b, c].any():
+                assert scores[b, c] == 0 and index[b, c] == -1
+            else:
+                assert index[b, c] == int(np.argmax(cos[b, c]))
+                assert scores[b, c].item() == pytest.approx(cos[b, c].max(), abs=1e-12)
+
+
+def test_zero_norms_and_ties():
+    f = torch.zeros(1, 4, 3)
+    f[0, 1] = torch.tensor([1.0, 0.0, 0.0])
+    f[0, 3] = torch.tensor([2.0, 0.0, 0.0])  # same direction: a tie, the first patch wins
+    e = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    scores, index = ops.color_scores(f, e)
+    assert scores[0, 0].item() == pytest.approx(1.0) and index[0, 0] == 1
+    assert scores[0, 1].item() == 0.0 and index[0, 1] == 0  # zero-norm color: every similarity is 0
+    negative = -torch.ones(1, 3, 2)
+    s, i = ops.color_scores(negative, torch.ones(1, 2))
+    assert s.item() == pytest.approx(-1.0) and i.item() == 0  # max can be negative
+
+
+def test_non_contiguous():
+    f = torch.randn(2, 16, 30)[:, :, ::2]  # strided features, D = 15
+    assert not f.is_contiguous()
+    check_against_reference(f, torch.randn(15, 6).t())  # transposed colors [6, 15]
+    check_against_reference(f, torch.randn(1, 15).expand(4, 15))  # stride-0 colors
+
+
+@pytest.mark.parametrize(
+    "args, exc, words",
+    [
+        ((torch.randn(2, 3), torch.randn(4, 3)), ValueError, "patch_features"),
+        ((torch.randn(2, 3, 4), torch.randn(4, 5)), ValueError, "color_embeddings"),
+        ((torch.randn(2, 3, 4), torch.randn(3, 4, 4)), ValueError, "color_embeddings"),
+        ((torch.randn(2, 3, 4), torch.randn(5, 4), torch.ones(2, 5, 2, dtype=torch.bool)), ValueError, "patch_mask"),
+        ((torch.randn(2, 3, 4), torch.randn(5, 4), torch.ones(2, 5, 3)), TypeError, "patch_mask"),
+        ((torch.randint(0, 2, (2, 3, 4)), torch.randn(5, 4)), TypeError, "patch_features"),
+    ],
+)
+def test_bad_input(args, exc, words):
+    with pytest.raises(exc, match=words):
+        ops.color_scores(*args)
+
+
+def test_opcheck_and_compile():
+    f, e = torch.randn(2, 9, 4), torch.randn(3, 4)
+    mask = torch.rand(2, 3, 9) > 0.3
+    torch.library.opcheck(torch.ops.xlard.color_scores.default, (f, e, mask))
+    torch.library.opcheck(torch.ops.xlard.color_scores.default, (f, e, None))
+    compiled = torch.compile(ops.color_scores, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(f, e, mask), ops.color_scores(f, e, mask)):
+        torch.testing.assert_close(a, b)

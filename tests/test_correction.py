@@ -1,0 +1,197 @@
+"""residual_correction, gaussian_log_prob, sample_correction: reference parity over
+shapes x dtypes, gradients by name, gradcheck, bad input, opcheck, compile."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import xlard.ops as ops
+import xlard.reference as ref
+from helpers import FLOAT_DTYPES, TOLERANCES, assert_close
+
+SHAPES = [(1, 1), (2, 3, 5), (2, 4, 6, 7), (3, 2, 3, 4, 5), (0, 4, 3, 3), (2, 0, 3, 3)]
+
+
+def acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_residual_correction_matches_reference(dtype, shape):
+    z0, delta = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    for alpha in (0.37, torch.rand(shape[0]).to(dtype)):
+        zc, lam = ops.residual_correction(z0, delta, alpha)
+        want_zc, want_lam = ref.residual_correction(z0, delta, alpha)
+        assert zc.dtype == dtype and lam.dtype == acc(dtype)
+        assert lam.shape == (shape[0], *shape[2:])
+        assert_close(zc, want_zc)
+        assert_close(lam, want_lam)
+
+
+def test_residual_correction_identity_at_zero_delta():
+    z0 = torch.randn(2, 4, 8, 8)
+    zc, lam = ops.residual_correction(z0, torch.zeros_like(z0), 0.5)
+    assert torch.equal(zc, z0) and torch.equal(lam, torch.zeros(2, 8, 8))
+
+
+def test_residual_correction_strided():
+    z0 = torch.randn(2, 8, 6, 5).permute(0, 1, 3, 2)
+    delta = torch.randn(2, 1, 5, 6).expand(2, 8, 5, 6)
+    for a, b in zip(ops.residual_correction(z0, delta, 1.5), ref.residual_correction(z0, delta, 1.5)):
+        assert_close(a, b)
+
+
+def test_residual_correction_gradients():
+    z0 = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    alpha = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda z, d, a: ops.residual_correction(z, d, a), (z0, delta, alpha))
+    torch.autograd.gradcheck(lambda z, d: ops.residual_correction(z, d, 0.7), (z0, delta))
+    gz, gl = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    outs = ops.residual_correction(z0, delta, alpha)
+    got = dict(zip(("z0", "delta", "alpha"), torch.autograd.grad(outs, (z0, delta, alpha), (gz, gl))))
+    outs = ref.residual_correction(z0, delta, alpha)
+    want = dict(zip(("z0", "delta", "alpha"), torch.autograd.grad(outs, (z0, delta, alpha), (gz, gl))))
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], **TOLERANCES[torch.float64], msg=name)
+
+
+LOG_STD_FORMS = {
+    "float": lambda shape: -0.3,
+    "scalar": lambda shape: torch.tensor(0.2),
+    "per_channel": lambda shape: torch.randn(shape[1]) * 0.3,
+    "channel_11": lambda shape: torch.randn(shape[1], *([1] * (len(shape) - 2))) * 0.3,
+    "non_batch": lambda shape: torch.randn(shape[1:]) * 0.3,
+    "full": lambda shape: torch.randn(shape) * 0.3,
+}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("form", sorted(LOG_STD_FORMS))
+@pytest.mark.parametrize("shape", [(2, 3, 5), (2, 4, 6, 7), (3, 2, 1, 1)])
+def test_gaussian_log_prob_matches_reference(dtype, form, shape):
+    x, mean = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    log_std = LOG_STD_FORMS[form](shape)
+    got = ops.gaussian_log_prob(x, mean, log_std)
+    want = ref.gaussian_log_prob(x, mean, log_std)
+    assert got.shape == (shape[0],) and got.dtype == acc(dtype)
+    assert_close(got, want, dtype=acc(dtype), rtol=1e-5 if dtype != torch.float64 else 1e-10)
+
+
+def test_gaussian_log_prob_against_torch_distributions():
+    x, mean, log_std = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(3, dtype=torch.float64) * 0.2
+    normal = torch.distributions.Normal(mean, log_std.exp().view(3, 1, 1).expand_as(mean))
+    torch.testing.assert_close(ops.gaussian_log_prob(x, mean, log_std), normal.log_prob(x).flatten(1).sum(1))
+    half = ops.gaussian_log_prob(x.half(), mean.half(), log_std.float())
+    assert half.dtype == torch.float32  # fp16 inputs still accumulate in float32
+
+
+@pytest.mark.parametrize("form", ["scalar", "per_channel", "non_batch", "full"])
+def test_gaussian_log_prob_gradients(form):
+    shape = (2, 3, 4, 4)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    mean = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    log_std = (LOG_STD_FORMS[form](shape)).double().requires_grad_()
+    torch.autograd.gradcheck(ops.gaussian_log_prob, (x, mean, log_std))
+    g = torch.randn(2, dtype=torch.float64)
+    got = torch.autograd.grad(ops.gaussian_log_prob(x, mean, log_std), (x, mean, log_std), g)
+    want = torch.autograd.grad(ref.gaussian_log_prob(x, mean, log_std), (x, mean, log_std), g)
+    for name, a, b in zip(("x", "mean", "log_std"), got, want):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float64], msg=name)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (2, 4, 6, 7), (3, 2, 9), (0, 2, 3, 3)])
+def test_sample_correction_matches_reference(dtype, shape):
+    z0, mean, noise = (torch.randn(shape).to(dtype) for _ in range(3))
+    log_std = torch.randn(shape[1]) * 0.2
+    for alpha in (0.5, torch.rand(shape[0])):
+        got = ops.sample_correction(z0, mean, log_std, noise, alpha)
+        want = ref.sample_correction(z0, mean, log_std, noise, alpha)
+        for name, a, b in zip(("zc", "delta", "log_prob", "lam"), got, want):
+            assert a.dtype == b.dtype, name
+            assert_close(a, b, msg=name, rtol=1e-5 if b.dtype == torch.float32 else TOLERANCES[b.dtype]["rtol"])
+
+
+def test_sample_correction_is_consistent_with_the_separate_ops():
+    z0, mean, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    log_std = torch.randn(4, 1, 1) * 0.3
+    zc, delta, log_prob, lam = ops.sample_correction(z0, mean, log_std, noise, 0.25)
+    zc2, lam2 = ops.residual_correction(z0, delta, 0.25)
+    assert torch.equal(zc, zc2) and torch.equal(lam, lam2)
+    assert_close(log_prob, ops.gaussian_log_prob(delta, mean, log_std), rtol=1e-4, atol=1e-3)
+
+
+def test_sample_correction_refuses_grad():
+    z0 = torch.randn(2, 3, 4, 4)
+    mean = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        ops.sample_correction(z0, mean, 0.0, torch.randn_like(z0))
+    with torch.no_grad():
+        ops.sample_correction(z0, mean, 0.0, torch.randn_like(z0))
+
+
+@pytest.mark.parametrize(
+    "fn, args, exc, words",
+    [
+        (ops.residual_correction, (torch.randn(2, 3, 4), torch.randn(2, 3, 5)), ValueError, "delta"),
+        (ops.residual_correction, (torch.randn(2, 3, 4), torch.randn(2, 3, 4).double()), TypeError, "delta"),
+        (ops.residual_correction, (torch.randn(4), torch.randn(4)), ValueError, "z0"),
+        (ops.residual_correction, (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.rand(3)), ValueError, "alpha"),
+        (ops.residual_correction, (torch.randn(2, 3, 4), torch.randn(2, 3, 4), math.inf), ValueError, "alpha"),
+        (ops.residual_correction, (torch.randint(0, 3, (2, 3)), torch.randint(0, 3, (2, 3))), TypeError, "z0"),
+        (ops.gaussian_log_prob, (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(5)), ValueError, "log_std"),
+        (ops.gaussian_log_prob, (torch.randn(2, 3, 4), torch.randn(2, 3, 4), "x"), TypeError, "log_std"),
+        (ops.gaussian_log_prob, (torch.randn(2, 3, 4), torch.randn(2, 4, 3), 0.0), ValueError, "mean"),
+        (ops.sample_correction, (torch.randn(2, 3, 4), torch.randn(2, 3, 4), 0.0, torch.randn(2, 3)), ValueError, "noise"),
+    ],
+)
+def test_bad_input(fn, args, exc, words):
+    with pytest.raises(exc, match=words):
+        fn(*args)
+
+
+def test_opcheck():
+    z0 = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    alpha = torch.rand(2, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.xlard.residual_correction.default, (z0, delta, alpha, 1.0))
+    torch.library.opcheck(torch.ops.xlard.residual_correction.default, (z0, delta, None, 0.3))
+    ls = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.xlard.gaussian_log_prob.default, (z0, delta, ls))
+    noise = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.xlard.sample_correction.default,
+                          (z0.detach(), delta.detach(), ls.detach(), noise, None, 0.5))
+
+
+def test_torch_compile_fullgraph():
+    z0, mean, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    log_std = torch.zeros(4)
+
+    def step(z0, mean, noise, log_std):
+        zc, delta, log_prob, lam = ops.sample_correction(z0, mean, log_std, noise, 0.5)
+        zc2, lam2 = ops.residual_correction(z0, mean, 0.5)
+        return zc, log_prob, lam, zc2, lam2, ops.gaussian_log_prob(delta, mean, log_std)
+
+    with torch.no_grad():
+        eager = step(z0, mean, noise, log_std)
+        compiled = torch.compile(step, fullgraph=True)(z0, mean, noise, log_std)  # inductor
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_backward_under_compile():
+    z0 = torch.randn(2, 3, 4, 4, requires_grad=True)
+    delta = torch.randn(2, 3, 4, 4, requires_grad=True)
+
+    def loss(z0, delta):
+        zc, lam = ops.residual_correction(z0, delta, 0.5)
+        return (zc ** 2).sum() + lam.sum() + ops.gaussian_log_prob(zc, z0, torch.zeros(3)).sum()
+
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(z0, delta), (z0, delta))
+    want = torch.autograd.grad(loss(z0, delta), (z0, delta))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

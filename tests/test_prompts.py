@@ -1,0 +1,669 @@
+"""Tests of xlard.prompts (prompt specs, parsing, token alignment) and xlard.geneval (JSONL I/O).
+
+The prompt bank (tests/data/prompt_bank.jsonl) holds each prompt's expected
+entities and relations, written by hand, and for GenEval-template prompts the
+GenEval metadata record. Tokenizers are built here, offline, with the
+`tokenizers` library: a CLIP-style BPE, a T5-style Unigram (SentencePiece
+model) and a Llama/Qwen-style byte-level BPE.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from xlard import geneval
+from xlard.prompts import (
+    ABOVE,
+    ASPECTS,
+    BELOW,
+    COCO_CLASSES,
+    COLORS,
+    GENEVAL_COLORS,
+    GENEVAL_OBJECT_NAMES,
+    INVERSE_RELATION,
+    LEFT_OF,
+    RELATION_CODES,
+    RELATIONS,
+    RIGHT_OF,
+    SHAPE_NOUNS,
+    Entity,
+    PromptSpec,
+    Relation,
+    TokenAlignment,
+    align,
+    from_geneval,
+    infer_geneval_tag,
+    normalize_relation,
+    parse,
+    pluralize,
+    singularize,
+)
+
+BANK_PATH = Path(__file__).parent / "data" / "prompt_bank.jsonl"
+BANK = [json.loads(line) for line in BANK_PATH.read_text(encoding="utf-8").splitlines() if line.strip()]
+RECORDS = [entry["record"] for entry in BANK if "record" in entry]
+
+
+def _summary(spec: PromptSpec) -> dict:
+    return {
+        "entities": [{"noun": e.noun, "count": e.count, "color": e.color} for e in spec.entities],
+        "relations": [[r.subject, r.relation, r.object] for r in spec.relations],
+    }
+
+
+# ---------------------------------------------------------------------------
+# Constants and inflection
+# ---------------------------------------------------------------------------
+
+
+def test_relation_codes_match_the_ops_convention():
+    assert (LEFT_OF, RIGHT_OF, ABOVE, BELOW) == (0, 1, 2, 3)
+    assert RELATIONS == ("left_of", "right_of", "above", "below")
+    assert all(RELATION_CODES[name] == code for code, name in enumerate(RELATIONS))
+    assert all(INVERSE_RELATION[INVERSE_RELATION[r]] == r for r in RELATIONS)
+    assert ASPECTS == ("count", "color", "position")
+    # y grows downward: "a above b" is row (a, b, ABOVE), i.e. a has the smaller y.
+    assert parse("a cat above a dog").relation_rows() == ((0, 1, ABOVE),)
+    assert parse("a cat below a dog").relation_rows() == ((0, 1, BELOW),)
+
+
+def test_vocabulary_lists():
+    assert len(COCO_CLASSES) == 80 and len(set(COCO_CLASSES)) == 80
+    assert len(GENEVAL_OBJECT_NAMES) == 80
+    renamed = {a: b for a, b in zip(COCO_CLASSES, GENEVAL_OBJECT_NAMES) if a != b}
+    assert renamed == {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
+    assert GENEVAL_COLORS == ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+    assert set(GENEVAL_COLORS) <= set(COLORS) and {"gray", "cyan", "magenta"} <= set(COLORS)
+    assert {"circle", "square", "triangle", "star"} <= set(SHAPE_NOUNS)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("left of", "left_of"), ("right of", "right_of"), ("Left_Of", "left_of"), ("above", "above"),
+    ("BELOW", "below"), ("right-of", "right_of"),
+])
+def test_normalize_relation(name, expected):
+    assert normalize_relation(name) == expected
+
+
+def test_normalize_relation_rejects_unknown():
+    with pytest.raises(ValueError, match="unknown relation 'next to'"):
+        normalize_relation("next to")
+
+
+@pytest.mark.parametrize("singular, plural", [
+    ("dog", "dogs"), ("person", "people"), ("mouse", "mice"), ("goose", "geese"), ("sheep", "sheep"),
+    ("knife", "knives"), ("bus", "buses"), ("wine glass", "wine glasses"), ("bench", "benches"),
+    ("toothbrush", "toothbrushes"), ("strawberry", "strawberries"), ("skis", "skis"),
+    ("scissors", "scissors"), ("teddy bear", "teddy bears"), ("computer mouse", "computer mice"),
+    ("box", "boxes"), ("wolf", "wolves"), ("child", "children"), ("tv", "tvs"), ("hair drier", "hair driers"),
+    ("potato", "potatoes"), ("leaf", "leaves"), ("day", "days"),
+])
+def test_pluralize_and_singularize(singular, plural):
+    assert pluralize(singular) == plural
+    assert singularize(plural) == singular
+    assert singularize(singular) == singular
+
+
+def test_singularize_unknown_words_by_rule():
+    assert singularize("penguins") == "penguin"
+    assert singularize("zebras") == "zebra"
+    assert singularize("puppies") == "puppy"
+    assert singularize("dresses") == "dress"
+    assert singularize("houses") == "house"
+
+
+# ---------------------------------------------------------------------------
+# The prompt bank
+# ---------------------------------------------------------------------------
+
+
+def test_bank_size_and_coverage():
+    assert len(BANK) >= 150
+    tags = {r["tag"] for r in RECORDS}
+    assert tags == set(geneval.GENEVAL_TAGS)
+    prompts = [e["prompt"] for e in BANK]
+    templates = {
+        "single_object": r"^a photo of an? [a-z ]+$",
+        "two_object": r"^a photo of an? [a-z ]+ and an? [a-z ]+$",
+        "counting": r"^a photo of (two|three|four|five|six|seven|eight|nine|ten|eleven|twelve) [a-z ]+$",
+        "colors": r"^a photo of an? (%s) [a-z ]+$" % "|".join(GENEVAL_COLORS),
+        "position": r"^a photo of an? [a-z ]+ (left of|right of|above|below) an? [a-z ]+$",
+        "color_attr": r"^a photo of an? (%s) [a-z ]+ and an? (%s) [a-z ]+$" % (("|".join(GENEVAL_COLORS),) * 2),
+    }
+    for tag, pattern in templates.items():
+        matching = [r["prompt"] for r in RECORDS if r["tag"] == tag]
+        assert len(matching) >= 15, tag
+        assert all(re.match(pattern, p) for p in matching), tag
+    assert {rel for r in RECORDS for item in r["include"] if "position" in item
+            for rel in [item["position"][0]]} == {"left of", "right of", "above", "below"}
+    assert {c for r in RECORDS for item in r["include"] for c in [item.get("color")] if c} == set(GENEVAL_COLORS)
+    assert len(set(prompts)) == len(prompts)
+
+
+@pytest.mark.parametrize("entry", BANK, ids=[e["prompt"] for e in BANK])
+def test_parse_bank(entry):
+    spec = parse(entry["prompt"])
+    assert _summary(spec) == {"entities": entry["entities"], "relations": entry["relations"]}
+    assert spec.tag is None
+    # Spans point at the words as written; the noun is their singular.
+    starts = []
+    for entity in spec.entities:
+        surface = entry["prompt"][entity.word_span[0]:entity.word_span[1]].lower()
+        assert singularize(" ".join(surface.split())) == entity.noun or entity.noun == "person"
+        if entity.color is not None:
+            color_words = entry["prompt"][entity.color_span[0]:entity.color_span[1]].lower()
+            assert color_words.replace("grey", "gray") == entity.color
+            assert entity.color_span[1] <= entity.word_span[0]
+        starts.append(entity.word_span[0])
+    assert starts == sorted(starts)
+    for relation in spec.relations:
+        phrase = entry["prompt"][relation.span[0]:relation.span[1]]
+        assert phrase and relation.code == RELATION_CODES[relation.relation]
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=[r["prompt"] for r in RECORDS])
+def test_from_geneval_bank(record):
+    spec = from_geneval(record)
+    assert spec.tag == record["tag"]
+    assert [e.noun for e in spec.entities] == [i["class"] for i in record["include"]]
+    assert [e.count for e in spec.entities] == [i["count"] for i in record["include"]]
+    assert [e.color for e in spec.entities] == [i.get("color") for i in record["include"]]
+    expected_relations = [
+        (i, normalize_relation(item["position"][0]), item["position"][1])
+        for i, item in enumerate(record["include"]) if "position" in item
+    ]
+    assert [(r.subject, r.relation, r.object) for r in spec.relations] == expected_relations
+    # Same object as parse returns, once put in text order.
+    parsed = parse(record["prompt"])
+    assert dataclasses.replace(spec.in_text_order(), tag=None) == parsed
+    # And back to GenEval.
+    assert spec.to_geneval() == record
+    assert infer_geneval_tag(spec) == record["tag"]
+
+
+def test_geneval_position_semantics():
+    record = {
+        "tag": "position", "prompt": "a photo of a dog right of a teddy bear",
+        "include": [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}],
+    }
+    spec = from_geneval(record)
+    assert spec.nouns == ("teddy bear", "dog")
+    # include[1] (dog) is right of include[0] (teddy bear).
+    assert spec.relations == (Relation(1, "right_of", 0, span=spec.relations[0].span),)
+    assert spec.relation_rows() == ((1, 0, RIGHT_OF),)
+    assert spec.prompt[slice(*spec.relations[0].span)] == "right of"
+    assert spec.prompt[slice(*spec.entities[0].word_span)] == "teddy bear"
+    assert parse(record["prompt"]).relation_rows() == ((0, 1, RIGHT_OF),)
+
+
+def test_from_geneval_without_prompt_words():
+    record = {"tag": "two_object", "prompt": "an abstract picture",
+              "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}]}
+    spec = from_geneval(record)
+    assert spec.nouns == ("cat", "dog") and all(e.word_span is None for e in spec.entities)
+    with pytest.raises(ValueError, match=r"not found in prompt"):
+        from_geneval(record, tokenizer=object())
+
+
+def test_from_geneval_text_search_fallback():
+    # A class the parser reads differently is still located in the text.
+    record = {"tag": "colors", "prompt": "a photo of a green thing-a-ma-jig on display",
+              "include": [{"class": "thing-a-ma-jig", "count": 1, "color": "green"}]}
+    spec = from_geneval(record)
+    entity = spec.entities[0]
+    assert spec.prompt[slice(*entity.word_span)] == "thing-a-ma-jig"
+    assert spec.prompt[slice(*entity.color_span)] == "green"
+
+
+# ---------------------------------------------------------------------------
+# Parser details
+# ---------------------------------------------------------------------------
+
+
+def test_aspects():
+    assert parse("a photo of a dog").aspects == ("count",)
+    assert parse("dogs and cats").aspects == ()
+    assert parse("a red dog").aspect_mask() == (True, True, False)
+    spec = parse("three red circles left of a blue square")
+    assert spec.aspects == ASPECTS and spec.has_position and spec.has_color and spec.has_count
+    assert parse("some red apples").aspects == ("color",)
+
+
+def test_multiword_nouns_are_one_entity():
+    for noun in [c for c in GENEVAL_OBJECT_NAMES if " " in c] + ["teddy bear", "hair drier"]:
+        spec = parse(f"a photo of two {pluralize(noun)}")
+        assert spec.nouns == (noun,) and spec.counts == (2,)
+
+
+def test_every_geneval_class_parses_singular_and_plural():
+    for noun in GENEVAL_OBJECT_NAMES + SHAPE_NOUNS:
+        assert parse(f"a photo of a {noun}").nouns == (noun,)
+        assert parse(f"a photo of seven {pluralize(noun)}").entities[0] == Entity(
+            noun=noun, count=7, word_span=(17, 17 + len(pluralize(noun)))
+        )
+
+
+def test_coreference_with_the():
+    spec = parse("a dog left of a cat and the dog below a bird")
+    assert spec.nouns == ("dog", "cat", "bird")
+    assert spec.relation_rows() == ((0, 1, LEFT_OF), (0, 2, BELOW))
+
+
+def test_extra_nouns_and_strict():
+    spec = parse("two flux capacitors above a time machine", extra_nouns=["flux capacitor", "time machine"])
+    assert spec.nouns == ("flux capacitor", "time machine") and spec.counts == (2, 1)
+    assert parse("a photo of a submarine").nouns == ("submarine",)
+    with pytest.raises(ValueError, match="unknown object noun 'submarine'"):
+        parse("a photo of a submarine", strict=True)
+    assert parse("three red circles", strict=True).nouns == ("circle",)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "prompt is empty"),
+    ("   ", "prompt is empty"),
+    ("a photo of", "no object noun"),
+    ("a photo of a red", "'red' .* is not followed by an object noun"),
+    ("left of a cat", "has no object noun before it"),
+    ("a cat left of", "has no object noun after it"),
+    ("a red blue car", r"several colors \['red', 'blue'\]"),
+    ("a cat left of the cat", "relates 'cat' to itself"),
+])
+def test_parse_bad_input(prompt, message):
+    with pytest.raises(ValueError, match=message):
+        parse(prompt)
+
+
+def test_parse_rejects_non_strings():
+    with pytest.raises(ValueError, match="prompt must be a string, got int"):
+        parse(3)
+
+
+def test_dataclass_validation():
+    with pytest.raises(ValueError, match="Entity.noun"):
+        Entity(noun="")
+    with pytest.raises(ValueError, match="Entity.count"):
+        Entity(noun="dog", count=-1)
+    with pytest.raises(ValueError, match="Entity.count"):
+        Entity(noun="dog", count=True)
+    with pytest.raises(ValueError, match="Entity.word_span"):
+        Entity(noun="dog", word_span=(3, 3))
+    with pytest.raises(ValueError, match="Entity.token_indices"):
+        Entity(noun="dog", token_indices=(1, -2))
+    with pytest.raises(ValueError, match="Relation.relation"):
+        Relation(0, "left of", 1)
+    with pytest.raises(ValueError, match="itself"):
+        Relation(1, "above", 1)
+    dog = Entity(noun="dog", count=1)
+    with pytest.raises(ValueError, match="refers to entity 1 but the spec has 1 entities"):
+        PromptSpec("a dog", (dog,), (Relation(0, "above", 1),))
+    with pytest.raises(ValueError, match="outside the prompt"):
+        PromptSpec("a dog", (Entity(noun="dog", word_span=(2, 9)),))
+    with pytest.raises(ValueError, match="PromptSpec.tag"):
+        PromptSpec("a dog", (dog,), tag="dogs")
+    with pytest.raises(ValueError, match="covers 2 entities"):
+        PromptSpec("a dog", (dog,), alignments=(TokenAlignment("t", 5, ((1,), (2,)), ((), ())),))
+    with pytest.raises(ValueError, match="disagree with the primary alignment"):
+        PromptSpec("a dog", (dog,), alignments=(TokenAlignment("t", 5, ((2,),), ((),)),))
+    # Lists are accepted and stored as tuples, so specs stay hashable.
+    spec = PromptSpec("a dog", [Entity(noun="dog", token_indices=[2])])
+    assert spec.entities[0].token_indices == (2,) and hash(spec)
+
+
+def test_to_geneval_and_infer_tag():
+    assert parse("a photo of four dogs").to_geneval() == {
+        "tag": "counting", "include": [{"class": "dog", "count": 4}],
+        "exclude": [{"class": "dog", "count": 5}], "prompt": "a photo of four dogs",
+    }
+    assert infer_geneval_tag(parse("a photo of a red dog and a cat")) == "color_attr"
+    assert infer_geneval_tag(parse("a photo of a cat")) == "single_object"
+    with pytest.raises(ValueError, match="no GenEval tag fits"):
+        infer_geneval_tag(parse("a cat, a dog and a bird"))
+    with pytest.raises(ValueError, match="subject of two relations"):
+        parse("a dog left of a cat and the dog above a bird").to_geneval(tag="position")
+
+
+# ---------------------------------------------------------------------------
+# GenEval JSONL
+# ---------------------------------------------------------------------------
+
+
+def test_jsonl_round_trip(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    assert geneval.write_jsonl(path, RECORDS) == path
+    assert geneval.read_jsonl(path) == RECORDS
+    assert [p.name for p in tmp_path.iterdir()] == ["prompts.jsonl"]
+
+
+def test_write_jsonl_is_atomic(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    geneval.write_jsonl(path, RECORDS[:3])
+    before = path.read_bytes()
+    bad = [RECORDS[0], {"tag": "counting", "prompt": "x", "include": [{"class": "dog"}]}]
+    with pytest.raises(ValueError, match=r"record 1: include\[0\] is missing the key 'count'"):
+        geneval.write_jsonl(path, bad)
+    with pytest.raises(ValueError, match="record 0: not JSON-serializable"):
+        geneval.write_jsonl(path, [dict(RECORDS[0], extra=object())])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        geneval.write_jsonl(tmp_path / "missing" / "p.jsonl", RECORDS[:1])
+
+
+def test_read_jsonl_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps(RECORDS[0])
+    path.write_text(good + "\n\n" + '{"tag": "counting", "prompt": \n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: invalid JSON")):
+        geneval.read_jsonl(path)
+    path.write_text(good + "\n" + json.dumps({"tag": "colors", "include": []}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: GenEval record is missing the key 'prompt'")):
+        geneval.read_jsonl(path)
+    assert len(geneval.read_jsonl(path, validate=False)) == 2
+    with pytest.raises(FileNotFoundError):
+        geneval.read_jsonl(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tag": "count"}, "'tag' must be one of"),
+    ({"prompt": ""}, "'prompt' must be a non-empty string"),
+    ({"include": []}, "'include' must be a non-empty list"),
+    ({"include": [{"class": "", "count": 1}]}, r"include\[0\]\['class'\]"),
+    ({"include": [{"class": "dog", "count": 1.5}]}, r"include\[0\]\['count'\] must be an integer"),
+    ({"include": [{"class": "dog", "count": 1, "color": 3}]}, r"include\[0\]\['color'\]"),
+    ({"include": [{"class": "dog", "count": 1, "position": ["left of", 0]}]}, "relates the object to itself"),
+    ({"include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["next to", 0]}]},
+     r"include\[1\]\['position'\]\[0\] must be one of"),
+    ({"include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["above", 2]}]},
+     r"include\[1\]\['position'\]\[1\] must be an index"),
+    ({"include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": "above"}]},
+     r"must be \[relation, group_index\]"),
+    ({"exclude": {"class": "dog"}}, "'exclude' must be a list"),
+    ({"exclude": [{"class": "dog", "count": 2, "position": ["above", 0]}]}, "may not have a 'position'"),
+])
+def test_validate_record_errors(change, message):
+    record = dict({"tag": "single_object", "prompt": "a photo of a dog",
+                   "include": [{"class": "dog", "count": 1}]}, **change)
+    with pytest.raises(ValueError, match=message):
+        geneval.validate_record(record)
+    with pytest.raises(ValueError, match=message):
+        from_geneval(record)
+
+
+def test_validate_record_not_a_dict():
+    with pytest.raises(ValueError, match="must be a JSON object, got list"):
+        geneval.validate_record([1, 2])
+
+
+# ---------------------------------------------------------------------------
+# Token alignment on tiny offline tokenizers
+# ---------------------------------------------------------------------------
+
+tokenizers = pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+
+_CORPUS = [e["prompt"] for e in BANK] + [
+    "a photo of a café with a naïve cat", "ein Foto von zwei Hunden", "numbers 0 1 2 3 4 5 6 7 8 9",
+]
+_CLIP_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+
+
+def _clip_bpe():
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    # A vocabulary this small keeps most words multi-token.
+    trainer = trainers.BpeTrainer(
+        vocab_size=330, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[(t, tok.token_to_id(t)) for t in ("<|startoftext|>", "<|endoftext|>")],
+    )
+    return tok
+
+
+def _t5_unigram():
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    return tok
+
+
+def _byte_level_bpe():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    tok.decoder = decoders.ByteLevel()
+    # Llama-3 style: BOS only, offsets keep the leading space (trim_offsets=False).
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(
+            single="<|begin_of_text|> $A",
+            special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))],
+        ),
+    ])
+    return tok
+
+
+@pytest.fixture(scope="module")
+def raw_tokenizers():
+    return {"clip": _clip_bpe(), "t5": _t5_unigram(), "bytelevel": _byte_level_bpe()}
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizers(raw_tokenizers, tmp_path_factory):
+    from transformers import PreTrainedTokenizerFast
+
+    clip = PreTrainedTokenizerFast(
+        tokenizer_object=raw_tokenizers["clip"], bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", model_max_length=77,
+    )
+    t5 = PreTrainedTokenizerFast(
+        tokenizer_object=raw_tokenizers["t5"], eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        model_max_length=512,
+    )
+    qwen = PreTrainedTokenizerFast(
+        tokenizer_object=raw_tokenizers["bytelevel"], bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>", model_max_length=131072,
+    )
+    found = {"clip": clip, "t5": t5, "bytelevel": qwen}
+    # The model-specific classes too, built from the same vocabularies.
+    folder = tmp_path_factory.mktemp("clip_vocab")
+    raw_tokenizers["clip"].model.save(str(folder))
+    clip_class = getattr(transformers, "CLIPTokenizerFast", None) or transformers.CLIPTokenizer
+    try:
+        found["clip_class"] = clip_class(
+            str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
+        )
+    except (TypeError, ValueError, OSError):
+        pass
+    try:
+        vocab = json.loads(raw_tokenizers["t5"].to_str())["model"]["vocab"]
+        t5_class = transformers.T5Tokenizer(vocab=[tuple(v) for v in vocab], extra_ids=0)
+        if t5_class.is_fast:
+            found["t5_class"] = t5_class
+    except (TypeError, ValueError, OSError):
+        pass
+    return found
+
+
+def _decode(tokenizer, prompt: str, positions) -> str:
+    """Decode the tokens at ``positions`` of the prompt's encoding."""
+    if isinstance(tokenizer, tokenizers.Tokenizer):
+        ids = tokenizer.encode(prompt).ids
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    return tokenizer.decode([ids[j] for j in positions])
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"</w>|\s|▁", "", text).lower()
+
+
+ALIGN_PROMPTS = [e["prompt"] for e in BANK]
+
+
+def _check_alignment(tokenizer, spec: PromptSpec, encoder: str):
+    alignment = spec.alignment(encoder)
+    seen: set[int] = set()
+    for entity, nouns, colors in zip(spec.entities, alignment.noun_tokens, alignment.color_tokens):
+        assert nouns and list(nouns) == sorted(set(nouns))
+        surface = spec.prompt[entity.word_span[0]:entity.word_span[1]]
+        assert _squash(_decode(tokenizer, spec.prompt, nouns)) == _squash(surface), (spec.prompt, entity)
+        if entity.color is None:
+            assert colors == ()
+        else:
+            color_surface = spec.prompt[entity.color_span[0]:entity.color_span[1]]
+            assert _squash(_decode(tokenizer, spec.prompt, colors)) == _squash(color_surface)
+            assert max(colors) < min(nouns)
+        # Distinct entities (repeated words included) never share tokens.
+        assert seen.isdisjoint(nouns)
+        seen.update(nouns)
+    return alignment
+
+
+@pytest.mark.parametrize("which", ["clip", "t5", "bytelevel"])
+def test_alignment_raw_tokenizers(raw_tokenizers, which):
+    tok = raw_tokenizers[which]
+    for prompt in ALIGN_PROMPTS:
+        spec = parse(prompt, tok)
+        alignment = _check_alignment(tok, spec, "tokenizer")
+        encoding = tok.encode(prompt)
+        assert alignment.num_tokens == len(encoding.ids)
+        specials = {j for j, s in enumerate(encoding.special_tokens_mask) if s}
+        assert specials and all(specials.isdisjoint(e.token_indices) for e in spec.entities)
+        assert spec.entities[0].token_indices == alignment.noun_tokens[0]
+
+
+@pytest.mark.parametrize("which", ["clip", "t5", "bytelevel", "clip_class", "t5_class"])
+def test_alignment_hf_tokenizers(hf_tokenizers, which):
+    if which not in hf_tokenizers:
+        pytest.skip(f"this transformers version cannot build {which} from an in-memory vocabulary")
+    tok = hf_tokenizers[which]
+    for prompt in ALIGN_PROMPTS:
+        spec = parse(prompt, tok)
+        _check_alignment(tok, spec, "tokenizer")
+        ids = tok(prompt)["input_ids"]
+        special = set(tok.all_special_ids)
+        for entity in spec.entities:
+            assert not special.intersection(ids[j] for j in entity.token_indices)
+
+
+def test_multi_token_and_repeated_words(hf_tokenizers):
+    clip = hf_tokenizers["clip"]
+    spec = parse("a photo of a dog and a dog", clip)
+    first, second = spec.entities
+    assert min(second.token_indices) > max(first.token_indices)
+    assert first.token_indices[0] > 0  # BOS is skipped
+    spec = parse("a red dog left of a red cat", clip)
+    assert spec.entities[1].color_token_indices[0] > spec.entities[0].token_indices[-1]
+    spec = parse("a photo of two teddy bears", clip)
+    assert len(spec.entities[0].token_indices) >= 2
+    assert _squash(_decode(clip, spec.prompt, spec.entities[0].token_indices)) == "teddybears"
+
+
+def test_from_geneval_alignment(hf_tokenizers):
+    clip = hf_tokenizers["clip"]
+    for record in RECORDS:
+        spec = from_geneval(record, clip)
+        _check_alignment(clip, spec, "tokenizer")
+        parsed = parse(record["prompt"], clip)
+        assert dataclasses.replace(spec.in_text_order(), tag=None) == parsed
+
+
+def test_dual_encoders(hf_tokenizers):
+    clip, t5 = hf_tokenizers["clip"], hf_tokenizers["t5"]
+    prompt = "a photo of a purple hair drier left of two red teddy bears"
+    spec = parse(prompt, {"clip_l": clip, "t5": t5}, max_length={"t5": 256})
+    assert spec.encoders == ("clip_l", "t5")
+    assert spec.token_indices_for() == spec.token_indices_for("clip_l") == tuple(e.token_indices for e in spec.entities)
+    _check_alignment(clip, spec, "clip_l")
+    _check_alignment(t5, spec, "t5")
+    merged = spec.sequence_token_indices({"clip_l": 0, "t5": 77})
+    for i in range(2):
+        expected = set(spec.token_indices_for("clip_l")[i]) | {77 + j for j in spec.token_indices_for("t5")[i]}
+        assert merged[i] == tuple(sorted(expected))
+    colors = spec.sequence_token_indices({"t5": 77}, colors=True)
+    assert colors == tuple(tuple(77 + j for j in c) for c in spec.color_token_indices_for("t5"))
+    # A sequence is named like a diffusers pipeline's tokenizers.
+    sd3 = parse(prompt, [clip, clip, t5])
+    assert sd3.encoders == ("tokenizer", "tokenizer_2", "tokenizer_3")
+    assert sd3.token_indices_for("tokenizer") == sd3.token_indices_for("tokenizer_2")
+    # align() on an existing spec gives the same result.
+    assert align(parse(prompt), [clip, clip, t5]) == sd3
+    with pytest.raises(ValueError, match=r"no alignment for encoder 'vae'"):
+        sd3.token_indices_for("vae")
+    with pytest.raises(ValueError, match="has no token alignment"):
+        parse(prompt).token_indices_for()
+    with pytest.raises(ValueError, match=r"unknown tokenizer\(s\) \['t5_xxl'\]"):
+        parse(prompt, {"clip": clip}, max_length={"t5_xxl": 10})
+
+
+def test_truncation(hf_tokenizers):
+    clip = hf_tokenizers["clip"]
+    prompt = "a photo of a dog and " + "very " * 80 + "and a cat"
+    with pytest.raises(ValueError, match=r"object noun 'cat' falls beyond tokenizer 'tokenizer''s length limit 77"):
+        parse(prompt, clip)
+    spec = parse(prompt, clip, max_length=400)
+    assert spec.alignments[0].num_tokens == len(clip(prompt)["input_ids"])
+    full = parse("a photo of a dog and a cat", clip)
+    limit = max(full.entities[0].token_indices) + 2  # the dog's tokens, then EOS
+    short = parse("a photo of a dog", clip, max_length=limit)
+    assert short.entities[0].token_indices == full.entities[0].token_indices
+    assert short.alignments[0].num_tokens == limit
+    with pytest.raises(ValueError, match="object noun 'cat' falls beyond"):
+        parse("a photo of a dog and a cat", clip, max_length=limit)
+    with pytest.raises(ValueError, match="object noun 'dog' falls beyond"):
+        parse("a photo of a dog and a cat", clip, max_length=limit - 1)
+    with pytest.raises(ValueError, match="max_length for 'tokenizer' must be an integer >= 1"):
+        parse("a dog", clip, max_length=0)
+
+
+def test_unsupported_tokenizers(hf_tokenizers):
+    class SlowTokenizer:
+        is_fast = False
+
+        def __call__(self, text, **kwargs):
+            raise NotImplementedError
+
+    with pytest.raises(ValueError, match=r"slow tokenizer without character offsets.*use_fast=True"):
+        parse("a dog", SlowTokenizer())
+    with pytest.raises(ValueError, match="of type str is not supported"):
+        parse("a dog", "openai/clip-vit-large-patch14")
+    with pytest.raises(ValueError, match="empty collection of tokenizers"):
+        parse("a dog", [])
+    with pytest.raises(ValueError, match="tokenizer 'tokenizer_2' is None"):
+        parse("a dog", [hf_tokenizers["clip"], None])
+    with pytest.raises(ValueError, match="has no word_span"):
+        align(PromptSpec("a dog", (Entity("dog"),)), hf_tokenizers["clip"])
+

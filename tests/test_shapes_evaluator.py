@@ -1,0 +1,316 @@
+"""Tests for the exact shapes evaluator: 100% on ground truth, planted errors caught every time,
+input forms and bad inputs, reports."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from xlard.shapes import evaluator as E
+from xlard.shapes import prompts as P
+from xlard.shapes import rules as R
+from xlard.shapes import world as W
+
+SPLITS = P.make_splits(seed=0)
+CONFIG = E.EvaluatorConfig()
+
+
+def _records(tags, n, seed=0, split="heldout"):
+    return P.sample_records(SPLITS[split], n, seed=seed, tags=tags)
+
+
+def _group_slice(record, item):
+    """Object indices of include item ``item`` in a scene from :func:`render_record` (group by group)."""
+    start = sum(it["count"] for it in record["include"][:item])
+    return range(start, start + record["include"][item]["count"])
+
+
+def _judge(scene, record):
+    return E.evaluate_record(scene.render(), record, CONFIG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth scores 100%
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_perfect_score_on_ground_truth_renders(split):
+    records = _records(None, 360, seed=11, split=split)
+    images = [P.render_record(r, seed=i, distractors=i % 3).render() for i, r in enumerate(records)]
+    results = E.evaluate(images, records, CONFIG)
+    wrong = [(r.prompt, r.reason, r.found) for r in results if not r.correct]
+    assert not wrong
+    summary = E.summarize(results)
+    assert summary["overall"] == 1.0 and summary["total"] == 360 and not summary["missing_tags"]
+    assert all(v["total"] == 60 for v in summary["tasks"].values())
+
+
+def test_detections_recover_the_ground_truth_exactly():
+    for seed in range(60):
+        scene = W.random_scene(seed)
+        found = E.detect_objects(scene.render(), CONFIG)
+        want = sorted((o.shape, o.color, o.bbox, o.area) for o in scene.objects)
+        assert sorted((d.shape, d.color, d.bbox, d.area) for d in found) == want
+        assert all(d.shape_iou == 1.0 for d in found)
+
+
+def test_perfect_score_at_another_resolution():
+    world = W.WorldConfig(image_size=96)
+    config = E.EvaluatorConfig(world=world)
+    splits = P.make_splits(P.PromptConfig(world=world), seed=1)
+    records = P.sample_records(splits["heldout"], 60, seed=0)
+    results = E.evaluate([P.render_record(r, i, world).render() for i, r in enumerate(records)], records, config)
+    assert all(r.correct for r in results)
+
+
+def test_robust_to_mild_noise_and_specks():
+    rng = np.random.default_rng(0)
+    records = _records(None, 60, seed=3)
+    for i, rec in enumerate(records):
+        scene = P.render_record(rec, seed=i)
+        img = scene.render().astype(np.int16)
+        img += rng.integers(-12, 13, size=img.shape, dtype=np.int16)  # stays nearest its prototype
+        near_object = ndimage.binary_dilation(scene.label_map() > 0, iterations=2)
+        for _ in range(8):  # 2x2 specks of random colors, away from objects, below min_area
+            y, x = rng.integers(0, 62, size=2)
+            if not near_object[y:y + 2, x:x + 2].any():
+                img[y:y + 2, x:x + 2] = W.PALETTE[R.GENEVAL_COLORS[int(rng.integers(10))]]
+        res = E.evaluate_record(np.clip(img, 0, 255).astype(np.uint8), rec, CONFIG)
+        assert res.correct, (rec["prompt"], res.reason)
+
+
+def test_unclassifiable_blobs_are_not_counted():
+    img = np.full((64, 64, 3), W.BACKGROUND, dtype=np.uint8)
+    img[10:12, 5:40] = W.PALETTE["red"]  # a thin bar: no shape fits
+    img[30:50, 30:50] = W.PALETTE["blue"]
+    found = E.detect_objects(img, CONFIG)
+    assert [(d.shape, d.color) for d in found] == [(None, "red"), ("square", "blue")]
+    rec = P.make_record("single_object", [{"class": "square", "count": 1}])
+    res = E.evaluate_record(img, rec, CONFIG)
+    assert res.correct and "1 red blob" in res.found
+
+
+def test_label_is_eight_connected():
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[0, 0] = mask[1, 1] = mask[3, 3] = True
+    labels, count = E._label(mask)
+    assert count == 2 and labels.dtype == np.int32 and labels[0, 0] == labels[1, 1] != labels[3, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted errors are caught, every time, with the right reason
+
+
+def test_one_object_too_many_fails_counting():
+    for i, rec in enumerate(_records(["counting"], 40, seed=5, split="train")):
+        item = rec["include"][0]
+        scene = P.render_record(rec, seed=i)
+        color = scene.objects[0].color
+        res = _judge(W.add_object(scene, item["class"], color, seed=i), rec)
+        n = item["count"]
+        assert not res.correct and f"expected {item['class']}<{n + 1}, found {n + 1}" in res.reason, res.reason
+
+
+@pytest.mark.parametrize("tag", R.TAGS)
+def test_one_object_too_few_fails(tag):
+    for i, rec in enumerate(_records([tag], 25, seed=6, split="train")):
+        item_index = i % len(rec["include"])
+        item = rec["include"][item_index]
+        scene = P.render_record(rec, seed=i)
+        res = _judge(W.remove_object(scene, _group_slice(rec, item_index)[0]), rec)
+        n = item["count"]
+        assert not res.correct and f"expected {item['class']}>={n}, found {n - 1}" in res.reason, res.reason
+
+
+@pytest.mark.parametrize("tag", R.TAGS)
+def test_a_wrong_shape_fails(tag):
+    for i, rec in enumerate(_records([tag], 25, seed=7, split="train")):
+        item_index = i % len(rec["include"])
+        item = rec["include"][item_index]
+        used = {it["class"] for it in rec["include"]}
+        other = [s for s in W.SHAPES if s not in used][i % (len(W.SHAPES) - len(used))]
+        scene = P.render_record(rec, seed=i)
+        res = _judge(W.replace_object(scene, _group_slice(rec, item_index)[-1], shape=other), rec)
+        n = item["count"]
+        assert not res.correct and f"expected {item['class']}>={n}, found {n - 1}" in res.reason, res.reason
+        assert f"1 {scene.objects[_group_slice(rec, item_index)[-1]].color} {other}" in res.found
+
+
+def test_swapped_colors_fail_color_attr():
+    for i, rec in enumerate(_records(["color_attr"], 60, seed=8, split="train")):
+        scene = P.render_record(rec, seed=i)
+        a, b = scene.objects
+        swapped = W.replace_object(W.replace_object(scene, 0, color=b.color), 1, color=a.color)
+        res = _judge(swapped, rec)
+        first = rec["include"][0]
+        assert not res.correct
+        assert f"expected {first['color']} {first['class']}>=1, found 0 {first['color']}; and 1 {b.color}" \
+            in res.reason, res.reason
+
+
+def test_a_wrong_color_fails_colors():
+    for i, rec in enumerate(_records(["colors"], 40, seed=9, split="train")):
+        item = rec["include"][0]
+        wrong = [c for c in R.GENEVAL_COLORS if c != item["color"]][i % 9]
+        res = _judge(W.replace_object(P.render_record(rec, seed=i), 0, color=wrong), rec)
+        assert not res.correct
+        assert f"expected {item['color']} {item['class']}>=1, found 0 {item['color']}; and 1 {wrong}" in res.reason
+
+
+def test_mirrored_positions_fail():
+    for i, rec in enumerate(_records(["position"], 60, seed=10, split="train")):
+        subject, target = rec["include"][1], rec["include"][0]
+        rel = subject["position"][0]
+        axis = "x" if rel in ("left of", "right of") else "y"
+        scene = P.render_record(rec, seed=i, distractors=i % 2)
+        res = _judge(W.mirror_scene(scene, axis), rec)
+        assert not res.correct
+        # Rendered relations are clean (no perpendicular relation), so the mirror is exactly the opposite.
+        want = (f"expected {subject['class']} {rel} {target['class']}, "
+                f"found {subject['class']} {R.OPPOSITE_RELATION[rel]} {target['class']} (at ")
+        assert want in res.reason, res.reason
+        assert _judge(scene, rec).correct
+
+
+def test_position_without_a_matched_target_says_so():
+    rec = P.make_record("position", [{"class": "circle", "count": 1},
+                                     {"class": "square", "count": 1, "position": ["left of", 0]}])
+    scene = W.compose_scene([W.ObjectGroup("square", 1, "red")], seed=0)
+    res = _judge(scene, rec)
+    assert not res.correct
+    assert "expected circle>=1, found 0" in res.reason and "no target for square to be left of" in res.reason
+
+
+def test_extra_objects_of_other_classes_are_fine_and_color_is_charitable():
+    # GenEval only excludes what the record excludes; with a color asked, an object of that color counts.
+    rec = P.make_record("colors", [{"class": "circle", "count": 1, "color": "red"}])
+    scene = W.compose_scene([W.ObjectGroup("circle", 1, "blue"), W.ObjectGroup("circle", 1, "red"),
+                             W.ObjectGroup("square", 2)], seed=1)
+    assert _judge(scene, rec).correct
+
+
+# ---------------------------------------------------------------------------------------------
+# Image inputs
+
+
+def test_all_input_forms_agree(tmp_path):
+    records = _records(None, 6, seed=12)
+    images = [P.render_record(r, seed=i).render() for i, r in enumerate(records)]
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(str(tmp_path / f"{i:04d}.png"))
+        assert cv2.imwrite(paths[-1], img[:, :, ::-1])
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    by_array = E.evaluate(images, records)
+    by_path = E.evaluate(paths, records)
+    by_batch = E.evaluate(batch, records)
+    by_single = [E.evaluate_record(batch[i], r) for i, r in enumerate(records)]
+    mixed = E.evaluate([paths[0], images[1], batch[2], batch[3:]], records)
+    for group in (by_path, by_batch, by_single, mixed):
+        assert [(r.correct, r.found) for r in group] == [(r.correct, r.found) for r in by_array]
+    assert all(r.correct for r in by_array)
+    assert by_path[0].filename == paths[0] and by_array[0].filename is None
+    rgba = np.concatenate([images[0], np.full((64, 64, 1), 255, np.uint8)], axis=2)
+    cv2.imwrite(str(tmp_path / "rgba.png"), rgba[:, :, [2, 1, 0, 3]])
+    assert E.evaluate_record(str(tmp_path / "rgba.png"), records[0]).found == by_array[0].found
+
+
+def test_one_record_for_many_images():
+    rec = _records(["counting"], 1)[0]
+    imgs = [P.render_record(rec, seed=s).render() for s in range(3)]
+    assert [r.correct for r in E.evaluate(imgs, rec)] == [True] * 3
+
+
+@pytest.mark.parametrize("image,error,message", [
+    (np.zeros((64, 64), np.uint8), ValueError, r"expected an HxWx3 RGB array, got shape \(64, 64\)"),
+    (np.zeros((3, 64, 64), np.uint8), ValueError, "channels-first"),
+    (np.zeros((64, 64, 4), np.uint8), ValueError, "expected an HxWx3 RGB array"),
+    (np.zeros((64, 64, 3), np.float32), ValueError, "expected dtype uint8 for numpy images, got float32"),
+    (torch.zeros(4, 64, 64), ValueError, r"expected a tensor \[3, H, W\] or \[B, 3, H, W\]"),
+    (torch.zeros(2, 64, 64, 3), ValueError, r"expected a tensor \[3, H, W\] or \[B, 3, H, W\]"),
+    (torch.zeros(3, 64, 64, dtype=torch.uint8), ValueError, "expected a floating tensor"),
+    (torch.full((3, 8, 8), 2.0), ValueError, r"values must lie in \[0, 1\]"),
+    (torch.full((3, 8, 8), -1.0), ValueError, r"\(x \+ 1\) / 2"),
+    (torch.full((3, 8, 8), float("nan")), ValueError, "NaN"),
+    ("/nonexistent/image.png", FileNotFoundError, "image file not found"),
+    (3.5, TypeError, "expected a path, a uint8 HxWx3 numpy array"),
+])
+def test_bad_images_give_clear_errors(image, error, message):
+    rec = _records(["single_object"], 1)[0]
+    with pytest.raises(error, match=message):
+        E.evaluate_record(image, rec)
+
+
+def test_unreadable_file_gives_clear_error(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="not a readable image file"):
+        E.load_images(str(path))
+    gray = tmp_path / "gray.png"
+    cv2.imwrite(str(gray), np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="3- or 4-channel color image"):
+        E.load_images(str(gray))
+
+
+def test_malformed_records_and_mismatches_give_clear_errors():
+    img = W.random_scene(0).render()
+    with pytest.raises(ValueError, match="'dog' is not a class of this world"):
+        E.evaluate_record(img, {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "x"})
+    with pytest.raises(ValueError, match="missing required key 'include'"):
+        E.evaluate_record(img, {"tag": "single_object", "prompt": "x"})
+    with pytest.raises(ValueError, match=r"record 1: include\[0\].count must be a positive integer"):
+        E.evaluate([img, img], [_records(["colors"], 1)[0],
+                                {"tag": "x", "include": [{"class": "circle", "count": -1}], "prompt": "x"}])
+    with pytest.raises(ValueError, match="got 2 images but 3 records"):
+        E.evaluate([img, img], _records(None, 3))
+    with pytest.raises(ValueError, match="exactly one image"):
+        E.evaluate_record(torch.zeros(2, 3, 8, 8), _records(["colors"], 1)[0])
+    with pytest.raises(ValueError, match="color_cutoff"):
+        E.EvaluatorConfig(color_cutoff=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def _fake(tag, correct):
+    return E.RecordResult(correct, "ok" if correct else "no", tag, "p", "nothing", (), {})
+
+
+def test_overall_is_the_mean_of_task_means(capsys):
+    results = [_fake("counting", True)] * 9 + [_fake("counting", False)] + [_fake("position", False)] * 2 \
+        + [_fake("position", True)] * 2
+    summary = E.summarize(results, print_table=True)
+    assert summary["tasks"]["counting"] == {"correct": 9, "total": 10, "score": 0.9}
+    assert summary["overall"] == pytest.approx((0.9 + 0.5) / 2)  # not 11 / 14
+    assert summary["missing_tags"] == ["single_object", "two_object", "colors", "color_attr"]
+    out = capsys.readouterr().out
+    assert "counting" in out and "0.7000" in out and "missing tags" in out
+    assert list(E.summarize([_fake(t, True) for t in reversed(R.TAGS)])["tasks"]) == list(R.TAGS)
+
+
+def test_results_jsonl_and_geneval_folder(tmp_path):
+    records = _records(None, 6, seed=13)
+    for i, rec in enumerate(records):
+        sub = tmp_path / "run" / f"{i:05d}"
+        (sub / "samples").mkdir(parents=True)
+        P.write_jsonl(sub / "metadata.jsonl", [rec])
+        for k in range(2):
+            scene = P.render_record(rec, seed=10 * i + k)
+            if k == 1:
+                scene = W.remove_object(scene, 0)
+            cv2.imwrite(str(sub / "samples" / f"{k:04d}.png"), scene.render()[:, :, ::-1])
+    results = E.evaluate_folder(tmp_path / "run")
+    assert [r.correct for r in results] == [True, False] * 6
+    out = E.write_results_jsonl(tmp_path / "results.jsonl", results)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12 and rows[1]["correct"] is False and "expected" in rows[1]["reason"]
+    assert rows[0]["metadata"] == records[0] and rows[0]["filename"].endswith("00000/samples/0000.png")
+    assert set(rows[0]) == {"filename", "tag", "prompt", "correct", "reason", "found", "metadata", "details"}
+    assert rows[0]["details"][0].keys() == {"shape", "color", "bbox", "area", "centre", "shape_iou"}
+    with pytest.raises(FileNotFoundError, match="GenEval layout"):
+        E.evaluate_folder(tmp_path)

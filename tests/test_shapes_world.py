@@ -1,0 +1,393 @@
+"""Tests for the shapes world: rasterization, layout, determinism, GenEval rules, prompts, splits, JSONL."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xlard.shapes import prompts as P
+from xlard.shapes import rules as R
+from xlard.shapes import world as W
+
+# ---------------------------------------------------------------------------------------------
+# Rasterization
+
+
+@pytest.mark.parametrize("shape", W.SHAPES)
+@pytest.mark.parametrize("size", list(range(5, 41)))
+def test_shape_touches_every_side_of_its_frame(shape, size):
+    mask = W.shape_mask(shape, size)
+    ys, xs = np.nonzero(mask)
+    assert (ys.min(), xs.min(), ys.max(), xs.max()) == (0, 0, size - 1, size - 1)
+
+
+@pytest.mark.parametrize("shape,fill", [("square", 1.0), ("circle", np.pi / 4), ("triangle", 0.5),
+                                        ("diamond", 0.5)])
+def test_shape_fill_ratio_at_large_size(shape, fill):
+    assert W.shape_mask(shape, 200).mean() == pytest.approx(fill, abs=0.02)
+
+
+def test_triangle_points_up_and_shapes_are_mirror_symmetric():
+    tri = W.shape_mask("triangle", 15)
+    assert tri[0].sum() < tri[-1].sum()
+    for shape in W.SHAPES:
+        m = W.shape_mask(shape, 13)
+        assert np.array_equal(m, m[:, ::-1])
+
+
+def test_shape_mask_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        W.shape_mask("hexagon", 10)
+    with pytest.raises(ValueError, match="at least 1x1"):
+        W.shape_mask("circle", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes
+
+
+def _assert_layout_ok(scene: W.Scene, config: W.WorldConfig) -> None:
+    boxes = [o.bbox for o in scene.objects]
+    for (ax0, ay0, ax1, ay1) in boxes:
+        assert ax0 >= config.border and ay0 >= config.border
+        assert ax1 <= scene.image_size - config.border and ay1 <= scene.image_size - config.border
+        assert config.min_px <= ax1 - ax0 <= config.max_px
+    for a, b in itertools.combinations(boxes, 2):
+        assert W._boxes_clear(a, b, config.gap), (a, b)
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_objects_never_overlap_and_keep_their_gap(n):
+    config = W.WorldConfig()
+    for seed in range(25):
+        scene = W.random_scene(seed, config, n_objects=n)
+        assert len(scene.objects) == n
+        _assert_layout_ok(scene, config)
+        labels = scene.label_map()
+        for i, obj in enumerate(scene.objects):
+            assert int((labels == i + 1).sum()) == obj.area  # no pixel drawn over by another object
+
+
+def test_ground_truth_matches_the_pixels():
+    scene = W.random_scene(7, n_objects=6)
+    img = scene.render()
+    assert img.dtype == np.uint8 and img.shape == (64, 64, 3)
+    labels = scene.label_map()
+    assert np.all(img[labels == 0] == W.BACKGROUND)
+    for i, obj in enumerate(scene.objects):
+        ys, xs = np.nonzero(labels == i + 1)
+        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == obj.bbox
+        assert np.all(img[ys, xs] == W.PALETTE[obj.color])
+        assert obj.centre == ((obj.bbox[0] + obj.bbox[2]) / 2, (obj.bbox[1] + obj.bbox[3]) / 2)
+
+
+def test_scenes_are_deterministic_per_seed():
+    for seed in range(10):
+        a, b = W.random_scene(seed), W.random_scene(seed)
+        assert a == b
+        assert np.array_equal(a.render(), b.render())
+    assert len({W.random_scene(s) for s in range(10)}) == 10
+
+
+def test_resolution_is_configurable():
+    config = W.WorldConfig(image_size=128)
+    scene = W.compose_scene([W.ObjectGroup("circle", 5, "red")], seed=1, config=config)
+    assert scene.render().shape == (128, 128, 3)
+    _assert_layout_ok(scene, config)
+    assert config.min_px == 18
+
+
+def test_compose_scene_honours_groups_and_relations():
+    groups = [W.ObjectGroup("square", 1, "blue"), W.ObjectGroup("circle", 3, "red"),
+              W.ObjectGroup("triangle", 2)]
+    rels = [W.Relation(1, "left of", 0), W.Relation(2, "below", 0)]
+    config = W.WorldConfig()
+    for seed in range(20):
+        scene = W.compose_scene(groups, rels, seed, config)
+        assert scene.count("square", "blue") == 1 and scene.count("circle", "red") == 3
+        assert scene.count("triangle") == 2
+        sq = scene.objects[0]
+        for circle in scene.objects[1:4]:
+            assert R.relative_position(circle.bbox, sq.bbox) == {"left of"}
+            assert R.relation_strength(circle.bbox, sq.bbox, "left of") >= config.position_margin
+        for tri in scene.objects[4:]:
+            assert R.relative_position(tri.bbox, sq.bbox) == {"below"}
+
+
+def test_compose_scene_errors_are_clear():
+    with pytest.raises(ValueError, match="not in this world's shapes"):
+        W.compose_scene([W.ObjectGroup("star")])
+    with pytest.raises(ValueError, match="not in this world's colors"):
+        W.compose_scene([W.ObjectGroup("circle", 1, "teal")])
+    with pytest.raises(ValueError, match="count must be a positive int"):
+        W.compose_scene([W.ObjectGroup("circle", 0)])
+    with pytest.raises(ValueError, match="bad relation"):
+        W.compose_scene([W.ObjectGroup("circle")], [W.Relation(0, "left of", 0)])
+    with pytest.raises(RuntimeError, match="could not lay out 40 objects"):
+        W.compose_scene([W.ObjectGroup("circle", 40)], config=W.WorldConfig(max_attempts=5))
+
+
+def test_scene_validation():
+    with pytest.raises(ValueError, match="overlaps"):
+        W.Scene(32, (W.SceneObject("square", "red", (0, 0, 10, 10)), W.SceneObject("circle", "red", (5, 5, 15, 15))))
+    with pytest.raises(ValueError, match="leaves the 32x32 image"):
+        W.Scene(32, (W.SceneObject("square", "red", (25, 0, 35, 10)),))
+    with pytest.raises(ValueError, match="unknown color"):
+        W.SceneObject("square", "teal", (0, 0, 5, 5))
+    with pytest.raises(ValueError, match="bbox must be"):
+        W.SceneObject("square", "red", (5, 0, 5, 5))
+
+
+def test_world_config_validation():
+    with pytest.raises(ValueError, match="image_size"):
+        W.WorldConfig(image_size=16)
+    with pytest.raises(ValueError, match="shapes"):
+        W.WorldConfig(shapes=("circle", "hexagon"))
+    with pytest.raises(ValueError, match="colors"):
+        W.WorldConfig(colors=("red",))
+    with pytest.raises(ValueError, match="recognizable"):
+        W.WorldConfig(min_size=0.05)
+    with pytest.raises(ValueError, match="position_margin"):
+        W.WorldConfig(position_margin=0.5)
+
+
+def test_palette_is_well_separated():
+    protos = list(W.PALETTE.values()) + [W.BACKGROUND]
+    dists = [np.linalg.norm(np.subtract(a, b)) for a, b in itertools.combinations(protos, 2)]
+    assert min(dists) > 90
+
+
+def test_scene_round_trips_through_json():
+    scene = W.random_scene(3)
+    back = W.Scene.from_dict(json.loads(json.dumps(scene.to_dict())))
+    assert back == scene
+    assert scene.to_dict()["objects"][0]["area"] == scene.objects[0].area
+
+
+def test_perturbation_helpers():
+    scene = W.compose_scene([W.ObjectGroup("circle", 8, "red")], seed=2)
+    more = W.add_object(scene, "circle", "red", seed=0)
+    assert more.count("circle", "red") == 9
+    _assert_layout_ok(more, W.WorldConfig())
+    assert W.remove_object(scene, 0).count() == 7
+    swapped = W.replace_object(scene, 1, shape="square", color="blue")
+    assert swapped.objects[1].bbox == scene.objects[1].bbox and swapped.count("square", "blue") == 1
+    mirrored = W.mirror_scene(scene, "x")
+    for a, b in zip(scene.objects, mirrored.objects):
+        assert a.centre[0] + b.centre[0] == scene.image_size and a.centre[1] == b.centre[1]
+    with pytest.raises(IndexError):
+        W.remove_object(scene, 8)
+    with pytest.raises(ValueError, match="axis"):
+        W.mirror_scene(scene, "z")
+
+
+# ---------------------------------------------------------------------------------------------
+# GenEval's position rule (sign conventions pinned: x right, y down)
+
+
+def test_relative_position_rule_examples():
+    # Same-size 10 px boxes side by side: shrink = 0.1 * (10 + 10) = 2 px per axis.
+    assert R.relative_position((20, 0, 30, 10), (0, 0, 10, 10)) == {"right of"}
+    assert R.relative_position((0, 0, 10, 10), (20, 0, 30, 10)) == {"left of"}
+    assert R.relative_position((0, 20, 10, 30), (0, 0, 10, 10)) == {"below"}
+    assert R.relative_position((0, 0, 10, 10), (0, 20, 10, 30)) == {"above"}
+    # Offset 5 px: (5 - 2) / 5 = 0.6 > 0.5 holds; offset 4 px: (4 - 2) / 4 = 0.5 does not.
+    assert R.relative_position((5, 0, 15, 10), (0, 0, 10, 10)) == {"right of"}
+    assert R.relative_position((4, 0, 14, 10), (0, 0, 10, 10)) == set()
+    # Offset within the shrink: no relation at all.
+    assert R.relative_position((1, 1, 11, 11), (0, 0, 10, 10)) == set()
+    # A diagonal holds both; the normalization uses the raw offset's length.
+    assert R.relative_position((20, 20, 30, 30), (0, 0, 10, 10)) == {"right of", "below"}
+    d = R.normalized_offset((20, 20, 30, 30), (0, 0, 10, 10))
+    assert d == pytest.approx((18 / np.hypot(20, 20), 18 / np.hypot(20, 20)))
+    # A steep diagonal is only "below": dx = (6 - 2) / hypot(6, 30) < 0.5.
+    assert R.relative_position((6, 30, 16, 40), (0, 0, 10, 10)) == {"below"}
+
+
+_box = st.tuples(st.integers(0, 60), st.integers(0, 60), st.integers(1, 20), st.integers(1, 20)).map(
+    lambda t: (t[0], t[1], t[0] + t[2], t[1] + t[3]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_box, _box)
+def test_relative_position_is_antisymmetric(a, b):
+    ab, ba = R.relative_position(a, b), R.relative_position(b, a)
+    assert {R.OPPOSITE_RELATION[r] for r in ab} == ba
+    assert not ({"left of", "right of"} <= ab or {"above", "below"} <= ab)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_prompt_phrasing_follows_geneval():
+    one = lambda c, **kw: {"class": c, "count": 1, **kw}  # noqa: E731
+    assert P.describe([one("circle")]) == "a photo of a circle"
+    assert P.describe([one("circle"), one("square")]) == "a photo of a circle and a square"
+    assert P.describe([{"class": "circle", "count": 3}]) == "a photo of three circles"
+    assert P.describe([one("square", color="orange")]) == "a photo of an orange square"
+    assert P.describe([one("circle"), one("square", position=["right of", 0])]) == \
+        "a photo of a square right of a circle"
+    assert P.describe([one("circle", color="purple"), one("square", color="orange")]) == \
+        "a photo of a purple circle and an orange square"
+    assert P.describe([one("square", color="blue"),
+                       {"class": "circle", "count": 3, "color": "red", "position": ["left of", 0]}]) == \
+        "a photo of three red circles left of a blue square"
+
+
+def test_enumerated_records_are_valid_geneval_records():
+    config = P.PromptConfig()
+    for tag in R.TAGS:
+        recs = P.enumerate_records(tag, config)
+        assert recs and len({r["prompt"] for r in recs}) == len(recs)
+        for r in recs:
+            assert list(r) == ["tag", "include", "exclude", "prompt"] and r["tag"] == tag
+            R.validate_record(r, classes=config.world.shapes, colors=config.world.colors)
+    counting = P.enumerate_records("counting", config)
+    assert {r["include"][0]["count"] for r in counting} == set(range(2, 9))
+    for r in counting:  # exactly n: an exclude clause at n + 1
+        assert r["exclude"] == [{"class": r["include"][0]["class"], "count": r["include"][0]["count"] + 1}]
+    for r in P.enumerate_records("position", config):
+        assert "position" not in r["include"][0] and r["include"][1]["position"][1] == 0
+    colored = P.enumerate_records("counting", P.PromptConfig(counting_colors=True))
+    assert "a photo of three red circles" in {r["prompt"] for r in colored}
+    with pytest.raises(ValueError, match="unknown tag"):
+        P.enumerate_records("spatial")
+
+
+def test_splits_share_no_prompt_and_no_meaning():
+    splits = P.make_splits(seed=0)
+    train, held = splits["train"], splits["heldout"]
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert not {P.meaning_key(r) for r in train} & {P.meaning_key(r) for r in held}
+    for tag in R.TAGS:
+        assert any(r["tag"] == tag for r in train) and any(r["tag"] == tag for r in held)
+    n_all = sum(len(P.enumerate_records(t)) for t in R.TAGS)
+    assert len(train) + len(held) == n_all
+    assert 0.1 < len(held) / n_all < 0.3
+
+
+def test_splits_are_deterministic_per_seed():
+    assert P.make_splits(seed=4) == P.make_splits(seed=4)
+    assert P.make_splits(seed=4)["heldout"] != P.make_splits(seed=5)["heldout"]
+
+
+def test_meaning_key_groups_equivalent_prompts():
+    one = lambda c, **kw: {"class": c, "count": 1, **kw}  # noqa: E731
+    a = P.make_record("position", [one("circle"), one("square", position=["right of", 0])])
+    b = P.make_record("position", [one("square"), one("circle", position=["left of", 0])])
+    c = P.make_record("position", [one("square"), one("circle", position=["right of", 0])])
+    assert P.meaning_key(a) == P.meaning_key(b) != P.meaning_key(c)
+    d = P.make_record("color_attr", [one("circle", color="red"), one("square", color="blue")])
+    e = P.make_record("color_attr", [one("square", color="blue"), one("circle", color="red")])
+    assert P.meaning_key(d) == P.meaning_key(e)
+
+
+def test_sample_records_balances_tags_and_is_seeded():
+    pool = P.make_splits(seed=0)["train"]
+    a = P.sample_records(pool, 60, seed=1)
+    assert a == P.sample_records(pool, 60, seed=1) != P.sample_records(pool, 60, seed=2)
+    assert [r["tag"] for r in a[:6]] == list(R.TAGS)
+    counts = {t: sum(r["tag"] == t for r in a) for t in R.TAGS}
+    assert set(counts.values()) == {10}
+    singles = [r["prompt"] for r in a if r["tag"] == "single_object"]
+    n_single = len({r["prompt"] for r in pool if r["tag"] == "single_object"})
+    assert len(set(singles[:n_single])) == n_single  # a full cycle before any repeat
+    with pytest.raises(ValueError, match="no records for tags"):
+        P.sample_records(pool, 3, tags=["spatial"])
+
+
+def test_render_record_satisfies_the_record():
+    splits = P.make_splits(seed=0)
+    for i, rec in enumerate(P.sample_records(splits["train"], 120, seed=0)):
+        scene = P.render_record(rec, seed=i, distractors=i % 2)
+        offset = 0
+        for item in rec["include"]:
+            group = scene.objects[offset:offset + item["count"]]
+            assert all(o.shape == item["class"] for o in group)
+            if "color" in item:
+                assert all(o.color == item["color"] for o in group)
+            offset += item["count"]
+        for ex in rec["exclude"]:
+            assert scene.count(ex["class"]) < ex["count"]
+        mentioned = {it["class"] for it in rec["include"]}
+        assert all(o.shape not in mentioned for o in scene.objects[offset:])
+        assert P.render_record(rec, seed=i, distractors=i % 2) == scene
+
+
+def test_render_record_rejects_unsatisfiable_and_malformed_records():
+    bad = {"tag": "counting", "include": [{"class": "circle", "count": 3}],
+           "exclude": [{"class": "circle", "count": 3}], "prompt": "x"}
+    with pytest.raises(ValueError, match="cannot be satisfied"):
+        P.render_record(bad)
+    with pytest.raises(ValueError, match="not a class of this world"):
+        P.render_record({"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a dog"})
+
+
+_GOOD = {"tag": "position", "include": [{"class": "circle", "count": 1},
+                                         {"class": "square", "count": 1, "position": ["right of", 0]}],
+         "exclude": [], "prompt": "a photo of a square right of a circle"}
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda r: r.pop("include"), "missing required key 'include'"),
+    (lambda r: r.pop("prompt"), "missing required key 'prompt'"),
+    (lambda r: r.update(tag=3), "'tag' must be a non-empty string"),
+    (lambda r: r.update(include=[]), "'include' must be a non-empty list"),
+    (lambda r: r.update(exclude={}), "'exclude' must be a list"),
+    (lambda r: r["include"][0].update(count=0), r"include\[0\].count must be a positive integer"),
+    (lambda r: r["include"][0].update(count=True), r"include\[0\].count must be a positive integer"),
+    (lambda r: r["include"][0].update(count="2"), r"include\[0\].count must be a positive integer"),
+    (lambda r: r["include"][0].pop("class"), r"include\[0\].class must be a non-empty string"),
+    (lambda r: r["include"][0].update(size=3), r"include\[0\] has unknown keys \['size'\]"),
+    (lambda r: r["include"][1].update(position=["behind", 0]), "relation 'behind'"),
+    (lambda r: r["include"][1].update(position=["left of", 1]), "must index an earlier include item"),
+    (lambda r: r["include"][1].update(position="left of"), r"position must be \[relation, group_index\]"),
+    (lambda r: r["include"][0].update(color=7), r"include\[0\].color must be a string"),
+])
+def test_validate_record_errors(mutate, message):
+    rec = json.loads(json.dumps(_GOOD))
+    mutate(rec)
+    with pytest.raises(ValueError, match=message):
+        R.validate_record(rec, index=4)
+
+
+def test_validate_record_against_the_world():
+    R.validate_record(_GOOD, classes=W.SHAPES, colors=W.PALETTE)
+    rec = json.loads(json.dumps(_GOOD))
+    rec["include"][0]["color"] = "teal"
+    with pytest.raises(ValueError, match="'teal' is not a color of this world"):
+        R.validate_record(rec, classes=W.SHAPES, colors=W.PALETTE)
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        R.validate_record([1, 2])
+
+
+def test_jsonl_round_trip_and_atomic_write(tmp_path):
+    records = P.make_splits(seed=0)["heldout"]
+    path = P.write_jsonl(tmp_path / "sub" / "heldout.jsonl", records)
+    assert P.read_records(path, W.WorldConfig()) == records
+    assert sorted(os.listdir(path.parent)) == ["heldout.jsonl"]  # no temp file left behind
+
+    def failing_rows():
+        yield records[0]
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        P.write_jsonl(path, failing_rows())
+    assert P.read_jsonl(path) == records  # the old file is untouched
+    assert sorted(os.listdir(path.parent)) == ["heldout.jsonl"]
+
+
+def test_read_jsonl_errors_name_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(_GOOD) + "\n\n{not json}\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: not valid JSON"):
+        P.read_jsonl(path)
+    path.write_text(json.dumps(_GOOD) + "\n" + json.dumps({"tag": "x", "include": [], "prompt": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"record 1: 'include' must be a non-empty list"):
+        P.read_records(path)

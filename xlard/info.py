@@ -1,0 +1,60 @@
+"""``python -m xlard.info``: versions, what xlard._C was compiled with, and which
+provider serves each op on each device (and why the others cannot)."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+
+def collect() -> dict:
+    """Everything ``python -m xlard.info`` prints, as a dict."""
+    import torch
+
+    import xlard
+    from xlard import _backends, _extension
+
+    triton_version = None
+    if _backends.triton_status() is None:
+        from importlib.metadata import version
+
+        triton_version = version("triton")
+    return {
+        "xlard": xlard.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "triton": triton_version,
+        "triton_interpret": _backends.triton_interpreted(),
+        "extension": _extension.build_info(),
+        "providers": _backends.table(),
+    }
+
+
+def format_report(info: dict) -> str:
+    lines = [
+        f"xlard {info['xlard']}  python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})",
+        f"platform: {info['platform']}",
+        f"CUDA device available: {info['cuda_available']}   triton: {info['triton'] or 'not installed'}"
+        f"{'  (TRITON_INTERPRET=1)' if info['triton_interpret'] else ''}",
+        f"xlard._C: {json.dumps(info['extension'])}",
+        "",
+        f"{'op':22s} {'device':6s} {'default':8s} providers",
+    ]
+    for row in info["providers"]:
+        status = "; ".join(f"{p}: {'ok' if why is None else why}" for p, why in row["status"].items())
+        lines.append(f"{row['op']:22s} {row['device']:6s} {row['default']:8s} {status}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    info = collect()
+    print(json.dumps(info, indent=2) if "--json" in argv else format_report(info))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,539 @@
+"""The exact GenEval-style evaluator for the shapes world.
+
+Objects are found by pixel analysis alone: every pixel goes to its nearest
+color prototype (background included; pixels farther than ``color_cutoff``
+from every prototype are ignored), each color's pixels are split into
+8-connected components (:func:`_label`), components under ``min_area`` are
+dropped as specks, and each remaining component is classified by comparing its
+pixels with every shape of the world drawn in the component's own box (best
+IoU wins; below ``min_shape_iou``, or with a box longer than ``max_aspect``
+times its width, the blob has no class and is never counted).
+On the world's own renders this recovers every object's class, color and box
+exactly.
+
+Records are then scored by GenEval's rules (method.md section 9):
+
+- ``include`` items, in order: at least ``count`` objects of the class; if a
+  color is asked, ``count`` of the chosen objects have that color; if a
+  position ``[relation, j]`` is asked, every chosen object stands in that
+  relation to every chosen object of include item ``j`` (which must itself
+  have matched), under the centre-offset rule of
+  :func:`xlard.shapes.rules.relative_position`.
+- ``exclude`` items: fewer than ``count`` objects of the class (this is how
+  counting is "exactly n").
+- Score = mean over the six tags of each tag's accuracy.
+
+Which objects are "chosen" when there are more than ``count``: GenEval takes
+the detector's most confident ones. Here, objects of the class whose color is
+the one asked come first, then larger before smaller, then top-to-bottom and
+left-to-right. Asking for color is therefore "there are ``count`` objects of
+this class and color" (no detector confidence to break ties arbitrarily).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, TextIO
+
+import numpy as np
+from scipy import ndimage
+
+from .prompts import read_jsonl, write_jsonl
+from .rules import GENEVAL_COLORS, POSITION_THRESHOLD, RELATIONS, TAGS, relative_position, validate_record
+from .world import BACKGROUND, PALETTE, WorldConfig, shape_mask
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected component labels of a boolean mask: ``(int32 [H, W] labels, count)``; 0 = background.
+
+    The one place the evaluator labels components, so that it can move to
+    ``xlard.ops.label_components`` without touching anything else.
+    """
+    labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    return labels.astype(np.int32, copy=False), int(count)
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    """How the evaluator reads images.
+
+    Attributes:
+        world: the world whose shapes and colors records may name.
+        color_cutoff: largest RGB (Euclidean, 0..255 scale) distance from a pixel
+            to its nearest prototype for the pixel to count; the world's
+            prototypes are >= 97 apart.
+        min_area: smallest component kept, as a fraction of the image area
+            (0.004 is 16 px at 64x64; the world's smallest object covers ~60 px).
+        min_shape_iou: a component whose best shape IoU is lower has no class.
+        max_aspect: a component whose box is more elongated than this (long side
+            over short side) has no class: the world's shapes are all drawn in
+            square frames, and a shape template stretched to a bar would
+            otherwise match it.
+        position_threshold: GenEval's box-size shrink fraction.
+    """
+
+    world: WorldConfig = WorldConfig()
+    color_cutoff: float = 60.0
+    min_area: float = 0.004
+    min_shape_iou: float = 0.6
+    max_aspect: float = 2.0
+    position_threshold: float = POSITION_THRESHOLD
+
+    def __post_init__(self) -> None:
+        if not self.color_cutoff > 0:
+            raise ValueError(f"color_cutoff must be > 0, got {self.color_cutoff}")
+        if not 0.0 <= self.min_area < 1.0:
+            raise ValueError(f"min_area must be in [0, 1), got {self.min_area}")
+        if not 0.0 < self.min_shape_iou <= 1.0:
+            raise ValueError(f"min_shape_iou must be in (0, 1], got {self.min_shape_iou}")
+        if not self.max_aspect >= 1.0:
+            raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One object found in an image.
+
+    Attributes:
+        shape: the best-matching shape, or ``None`` for an unclassifiable blob.
+        color: the color prototype its pixels were assigned to.
+        bbox: tight ``(x0, y0, x1, y1)``, exclusive ends.
+        area: pixel count.
+        shape_iou: IoU with the best shape drawn in ``bbox``.
+    """
+
+    shape: str | None
+    color: str
+    bbox: tuple[int, int, int, int]
+    area: int
+    shape_iou: float
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return ((self.bbox[0] + self.bbox[2]) / 2.0, (self.bbox[1] + self.bbox[3]) / 2.0)
+
+    def to_dict(self) -> dict:
+        return {"shape": self.shape, "color": self.color, "bbox": list(self.bbox), "area": self.area,
+                "centre": list(self.centre), "shape_iou": round(self.shape_iou, 4)}
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """The verdict on one image for one record.
+
+    Attributes:
+        correct: whether every clause of the record holds.
+        reason: ``"ok"`` or the failed clauses, GenEval-style, joined by "; ".
+        tag: the record's tag.
+        prompt: the record's prompt.
+        found: a readable summary of what was detected.
+        detections: every detection, classified or not.
+        record: the record itself.
+        filename: the image path, when the image came from a file.
+    """
+
+    correct: bool
+    reason: str
+    tag: str
+    prompt: str
+    found: str
+    detections: tuple[Detection, ...]
+    record: Mapping = field(repr=False)
+    filename: str | None = None
+
+    def to_dict(self) -> dict:
+        """The JSONL row: GenEval's result fields plus what was found."""
+        return {"filename": self.filename, "tag": self.tag, "prompt": self.prompt, "correct": self.correct,
+                "reason": self.reason, "found": self.found, "metadata": dict(self.record),
+                "details": [d.to_dict() for d in self.detections]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Images in
+
+
+def _from_numpy(image: np.ndarray, what: str) -> np.ndarray:
+    if image.ndim != 3 or image.shape[2] != 3:
+        hint = " (channels-first? transpose to HxWx3)" if image.ndim == 3 and image.shape[0] == 3 else ""
+        raise ValueError(f"{what}: expected an HxWx3 RGB array, got shape {tuple(image.shape)}{hint}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{what}: expected dtype uint8 for numpy images, got {image.dtype} "
+                         "(floats in [0, 1]: pass (x * 255).round().astype(np.uint8), or a torch tensor)")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"{what}: empty image of shape {tuple(image.shape)}")
+    return np.ascontiguousarray(image)
+
+
+def _from_file(path: str | os.PathLike) -> np.ndarray:
+    import cv2  # imported on use: only file inputs need it
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    raw = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise ValueError(f"{path}: not a readable image file")
+    if raw.dtype != np.uint8:
+        raise ValueError(f"{path}: expected an 8-bit image, got {raw.dtype}")
+    if raw.ndim != 3 or raw.shape[2] not in (3, 4):
+        raise ValueError(f"{path}: expected a 3- or 4-channel color image, got shape {raw.shape}")
+    return np.ascontiguousarray(raw[:, :, 2::-1])  # BGR(A) -> RGB
+
+
+def _from_torch(tensor: Any, what: str) -> list[np.ndarray]:
+    import torch
+
+    if tensor.dim() == 3:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 4 or tensor.shape[1] != 3:
+        raise ValueError(f"{what}: expected a tensor [3, H, W] or [B, 3, H, W], got {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{what}: expected a floating tensor with values in [0, 1], got {tensor.dtype}")
+    if tensor.numel() == 0:
+        return []
+    t = tensor.detach().to("cpu", torch.float32)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what}: tensor contains NaN or infinity")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -1e-3 or hi > 1.0 + 1e-3:
+        raise ValueError(f"{what}: values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}] "
+                         "(decoder outputs in [-1, 1]: pass (x + 1) / 2)")
+    arr = (t.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [np.ascontiguousarray(a) for a in arr]
+
+
+def load_images(images: Any) -> tuple[list[np.ndarray], list[str | None]]:
+    """Turn any accepted image input into RGB uint8 arrays.
+
+    Args:
+        images: a PNG path (``str``/``PathLike``), a numpy ``uint8 [H, W, 3]``
+            array, a torch tensor ``[3, H, W]`` or ``[B, 3, H, W]`` with values in
+            [0, 1], or a list/tuple of these (flattened in order).
+
+    Returns:
+        ``(arrays, filenames)``: ``uint8 [H, W, 3]`` arrays and, per array, its
+        path or ``None``.
+
+    Raises:
+        ValueError / TypeError / FileNotFoundError: with the offending input named.
+    """
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    arrays: list[np.ndarray] = []
+    names: list[str | None] = []
+    for i, item in enumerate(items):
+        what = f"image {i}"
+        if isinstance(item, (str, os.PathLike)):
+            arrays.append(_from_file(item))
+            names.append(os.fspath(item))
+        elif isinstance(item, np.ndarray):
+            arrays.append(_from_numpy(item, what))
+            names.append(None)
+        elif "torch" in sys.modules and isinstance(item, sys.modules["torch"].Tensor):
+            batch = _from_torch(item, what)
+            arrays.extend(batch)
+            names.extend([None] * len(batch))
+        else:
+            raise TypeError(f"{what}: expected a path, a uint8 HxWx3 numpy array or a [B,]3xHxW torch "
+                            f"tensor, got {type(item).__name__}")
+    return arrays, names
+
+
+# ---------------------------------------------------------------------------------------------
+# Objects out
+
+
+def _prototypes() -> tuple[list[str | None], np.ndarray]:
+    names: list[str | None] = [None] + list(GENEVAL_COLORS)
+    rgb = np.array([BACKGROUND] + [PALETTE[c] for c in GENEVAL_COLORS], dtype=np.int32)
+    return names, rgb
+
+
+def segment_colors(image: np.ndarray, config: EvaluatorConfig | None = None) -> np.ndarray:
+    """Per-pixel color index: ``int8 [H, W]``, -1 for background or too far from any
+    prototype, else the index into :data:`xlard.shapes.rules.GENEVAL_COLORS`.
+
+    All ten GenEval colors are prototypes whatever ``config.world.colors`` holds,
+    so a pixel of a color the world does not use is still not mistaken for one it does.
+    """
+    config = config or EvaluatorConfig()
+    image = _from_numpy(image, "image")
+    _, rgb = _prototypes()
+    diff = image.astype(np.int32)[:, :, None, :] - rgb[None, None, :, :]
+    dist2 = np.einsum("hwkc,hwkc->hwk", diff, diff)
+    nearest = dist2.argmin(axis=2)
+    best = np.take_along_axis(dist2, nearest[:, :, None], axis=2)[:, :, 0]
+    out = (nearest - 1).astype(np.int8)
+    out[(nearest == 0) | (best > config.color_cutoff ** 2)] = -1
+    return out
+
+
+def detect_objects(image: np.ndarray, config: EvaluatorConfig | None = None) -> list[Detection]:
+    """Find the objects in one image by color segmentation, components and shape matching.
+
+    Args:
+        image: ``uint8 [H, W, 3]`` RGB.
+        config: evaluator configuration.
+
+    Returns:
+        Detections sorted by color (GenEval order), then top-to-bottom and
+        left-to-right; unclassifiable blobs have ``shape=None``.
+
+    Example:
+        >>> from xlard.shapes.world import Scene, SceneObject
+        >>> img = Scene(64, (SceneObject("circle", "red", (5, 5, 17, 17)),)).render()
+        >>> [(d.shape, d.color, d.bbox) for d in detect_objects(img)]
+        [('circle', 'red', (5, 5, 17, 17))]
+    """
+    config = config or EvaluatorConfig()
+    color_index = segment_colors(image, config)
+    h, w = color_index.shape
+    min_px = config.min_area * h * w
+    found: list[Detection] = []
+    for k, color in enumerate(GENEVAL_COLORS):
+        mask = color_index == k
+        if not mask.any():
+            continue
+        labels, count = _label(mask)
+        if count == 0:
+            continue
+        areas = np.bincount(labels.ravel(), minlength=count + 1)
+        for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
+            if sl is None or areas[idx] < min_px or areas[idx] == 0:
+                continue
+            comp = labels[sl] == idx
+            bh, bw = comp.shape
+            best_shape, best_iou = None, 0.0
+            for shape in config.world.shapes:
+                tmpl = shape_mask(shape, bw, bh)
+                iou = float((tmpl & comp).sum()) / float((tmpl | comp).sum())
+                if iou > best_iou:
+                    best_shape, best_iou = shape, iou
+            if best_iou < config.min_shape_iou or max(bw, bh) > config.max_aspect * min(bw, bh):
+                best_shape = None
+            box = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+            found.append(Detection(best_shape, color, box, int(areas[idx]), best_iou))
+    found.sort(key=lambda d: (GENEVAL_COLORS.index(d.color), d.bbox[1], d.bbox[0]))
+    return found
+
+
+def _summary(detections: Sequence[Detection]) -> str:
+    if not detections:
+        return "nothing"
+    counts = Counter((d.color, d.shape or "blob") for d in detections)
+    return ", ".join(f"{n} {c} {s}" for (c, s), n in sorted(counts.items(), key=lambda kv: (kv[0][1], kv[0][0])))
+
+
+def score_record(detections: Sequence[Detection], record: Mapping,
+                 position_threshold: float = POSITION_THRESHOLD) -> tuple[bool, list[str]]:
+    """Apply GenEval's rules to detections; returns ``(correct, failed clauses)``.
+
+    See the module docstring for the rules and how objects are chosen.
+    """
+    by_class: dict[str, list[Detection]] = {}
+    for d in sorted(detections, key=lambda d: (-d.area, d.bbox[1], d.bbox[0])):
+        if d.shape is not None:
+            by_class.setdefault(d.shape, []).append(d)
+    reasons: list[str] = []
+    chosen_groups: list[list[Detection] | None] = []
+    include = record["include"]
+    for req in include:
+        cls, count, color = req["class"], req["count"], req.get("color")
+        candidates = by_class.get(cls, [])
+        if color is not None:
+            candidates = [d for d in candidates if d.color == color] + [d for d in candidates if d.color != color]
+        chosen = candidates[:count]
+        ok = True
+        if len(chosen) < count:
+            ok = False
+            reasons.append(f"expected {cls}>={count}, found {len(candidates)}")
+        else:
+            if color is not None:
+                n_color = sum(d.color == color for d in chosen)
+                if n_color < count:
+                    ok = False
+                    others = Counter(d.color for d in chosen)
+                    reasons.append(f"expected {color} {cls}>={count}, found {n_color} {color}; and "
+                                   + ", ".join(f"{others[c]} {c}" for c in GENEVAL_COLORS if others[c]))
+            if "position" in req and ok:
+                rel, target = req["position"]
+                target_cls = include[target]["class"]
+                if chosen_groups[target] is None:
+                    ok = False
+                    reasons.append(f"no target for {cls} to be {rel}: {target_cls} (include[{target}]) "
+                                   "did not match")
+                else:
+                    for obj in chosen:
+                        for tgt in chosen_groups[target]:
+                            rels = relative_position(obj.bbox, tgt.bbox, position_threshold)
+                            if rel not in rels:
+                                ok = False
+                                seen = " and ".join(r for r in RELATIONS if r in rels) or "no clear relation to"
+                                reasons.append(f"expected {cls} {rel} {target_cls}, found {cls} {seen} "
+                                               f"{target_cls} (at {obj.centre} vs {tgt.centre})")
+                                break
+                        if not ok:
+                            break
+        chosen_groups.append(chosen if ok else None)
+    for req in record.get("exclude", []):
+        cls, count, color = req["class"], req["count"], req.get("color")
+        have = [d for d in by_class.get(cls, []) if color is None or d.color == color]
+        if len(have) >= count:
+            name = f"{color} {cls}" if color else cls
+            reasons.append(f"expected {name}<{count}, found {len(have)}")
+    return not reasons, reasons
+
+
+def evaluate_record(image: Any, record: Mapping, config: EvaluatorConfig | None = None,
+                    filename: str | None = None) -> RecordResult:
+    """Judge one image against one GenEval record.
+
+    Args:
+        image: one image in any form :func:`load_images` accepts.
+        record: a GenEval record naming this world's classes and colors.
+        config: evaluator configuration.
+        filename: recorded in the result (defaults to the path, for file inputs).
+
+    Returns:
+        A :class:`RecordResult`.
+
+    Raises:
+        ValueError: bad image or malformed record.
+    """
+    config = config or EvaluatorConfig()
+    arrays, names = load_images(image)
+    if len(arrays) != 1:
+        raise ValueError(f"evaluate_record takes exactly one image, got {len(arrays)}")
+    validate_record(record, classes=config.world.shapes, colors=config.world.colors)
+    detections = detect_objects(arrays[0], config)
+    correct, reasons = score_record(detections, record, config.position_threshold)
+    return RecordResult(correct=correct, reason="ok" if correct else "; ".join(reasons), tag=record["tag"],
+                        prompt=record["prompt"], found=_summary(detections), detections=tuple(detections),
+                        record=record, filename=filename or names[0])
+
+
+def evaluate(images: Any, records: Mapping | Sequence[Mapping],
+             config: EvaluatorConfig | None = None) -> list[RecordResult]:
+    """Judge images against records, pairwise.
+
+    Args:
+        images: anything :func:`load_images` accepts (a batch tensor counts as
+            its B images).
+        records: one record per image, or a single record for all images.
+        config: evaluator configuration.
+
+    Returns:
+        One :class:`RecordResult` per image.
+
+    Raises:
+        ValueError: the numbers of images and records differ, or an input is bad.
+
+    Example:
+        >>> from xlard.shapes.prompts import enumerate_records, render_record
+        >>> rec = enumerate_records("counting")[1]
+        >>> evaluate(render_record(rec, seed=0).render(), rec)[0].correct
+        True
+    """
+    config = config or EvaluatorConfig()
+    arrays, names = load_images(images)
+    if isinstance(records, Mapping):
+        records = [records] * len(arrays)
+    records = list(records)
+    if len(records) != len(arrays):
+        raise ValueError(f"got {len(arrays)} images but {len(records)} records; pass one record per image "
+                         "or a single record")
+    for i, r in enumerate(records):
+        validate_record(r, classes=config.world.shapes, colors=config.world.colors, index=i)
+    return [evaluate_record(a, r, config, filename=n) for a, r, n in zip(arrays, records, names)]
+
+
+def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = None) -> list[RecordResult]:
+    """Judge a folder in GenEval's output layout.
+
+    Layout: ``<folder>/<index>/metadata.jsonl`` (the record, one line) and
+    ``<folder>/<index>/samples/*.png``; ``<index>`` folders are read in sorted order.
+
+    Raises:
+        FileNotFoundError: no such folder, or no prompt folders in it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    results: list[RecordResult] = []
+    subdirs = sorted(p for p in folder.iterdir() if (p / "metadata.jsonl").is_file())
+    if not subdirs:
+        raise FileNotFoundError(f"{folder}: no <index>/metadata.jsonl folders (GenEval layout)")
+    for sub in subdirs:
+        rows = read_jsonl(sub / "metadata.jsonl")
+        if len(rows) != 1:
+            raise ValueError(f"{sub / 'metadata.jsonl'}: expected one record, got {len(rows)}")
+        pngs = sorted((sub / "samples").glob("*.png"))
+        results.extend(evaluate([str(p) for p in pngs], rows[0], config) if pngs else [])
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def summarize(results: Iterable[RecordResult], *, print_table: bool = False,
+              file: TextIO | None = None) -> dict:
+    """Per-tag accuracy and GenEval's overall score (mean of the task means).
+
+    Args:
+        results: per-image results.
+        print_table: also print :func:`format_table` of the summary.
+        file: where to print (default stdout).
+
+    Returns:
+        ``{"tasks": {tag: {"correct", "total", "score"}}, "overall", "correct",
+        "total", "missing_tags"}``; ``overall`` averages the tags present (NaN
+        when none), and ``missing_tags`` lists the GenEval tags absent.
+    """
+    tasks: dict[str, dict] = {}
+    for r in results:
+        t = tasks.setdefault(r.tag, {"correct": 0, "total": 0})
+        t["total"] += 1
+        t["correct"] += int(r.correct)
+    order = [t for t in TAGS if t in tasks] + sorted(t for t in tasks if t not in TAGS)
+    tasks = {t: {**tasks[t], "score": tasks[t]["correct"] / tasks[t]["total"]} for t in order}
+    scores = [v["score"] for v in tasks.values()]
+    summary = {
+        "tasks": tasks,
+        "overall": float(np.mean(scores)) if scores else float("nan"),
+        "correct": sum(v["correct"] for v in tasks.values()),
+        "total": sum(v["total"] for v in tasks.values()),
+        "missing_tags": [t for t in TAGS if t not in tasks],
+    }
+    if print_table:
+        print(format_table(summary), file=file or sys.stdout)
+    return summary
+
+
+def format_table(summary: Mapping) -> str:
+    """A readable table of :func:`summarize`'s output."""
+    lines = [f"{'task':<16}{'correct':>9}{'total':>8}{'score':>9}", "-" * 42]
+    for tag, v in summary["tasks"].items():
+        lines.append(f"{tag:<16}{v['correct']:>9}{v['total']:>8}{v['score']:>9.4f}")
+    lines.append("-" * 42)
+    lines.append(f"{'overall':<16}{summary['correct']:>9}{summary['total']:>8}{summary['overall']:>9.4f}")
+    lines.append("overall = mean of the task scores")
+    if summary.get("missing_tags"):
+        lines.append(f"(missing tags, not averaged: {', '.join(summary['missing_tags'])})")
+    return "\n".join(lines)
+
+
+def write_results_jsonl(path: str | os.PathLike, results: Iterable[RecordResult]) -> Path:
+    """Write one JSON line per image (:meth:`RecordResult.to_dict`), atomically."""
+    return write_jsonl(path, (r.to_dict() for r in results))
+
+
+__all__ = [
+    "EvaluatorConfig", "Detection", "RecordResult", "load_images", "segment_colors", "detect_objects",
+    "score_record", "evaluate_record", "evaluate", "evaluate_folder", "summarize", "format_table",
+    "write_results_jsonl",
+]

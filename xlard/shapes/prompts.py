@@ -1,0 +1,335 @@
+"""GenEval-format prompt sets for the shapes world, their splits, and ground-truth renders.
+
+A record is a GenEval metadata line::
+
+    {"tag": "position",
+     "include": [{"class": "circle", "count": 1},
+                 {"class": "square", "count": 1, "position": ["right of", 0]}],
+     "exclude": [],
+     "prompt": "a photo of a square right of a circle"}
+
+Phrasing follows GenEval: "a photo of a bench", "a photo of a bench and a
+car", "a photo of three dogs" (counting: exactly n, via an exclude clause at
+n + 1), "a photo of a red car", "a photo of a dog right of a teddy bear" (the
+item with ``position: [relation, j]`` is the subject, include item ``j`` the
+target), "a photo of a purple suitcase and an orange pizza" (color_attr).
+
+Splits: every distinct prompt of a tag is enumerated, prompts that say the same
+thing ("a circle and a square" / "a square and a circle", "A left of B" / "B
+right of A") are grouped, and whole groups go to ``train`` or ``heldout``; the
+two splits never share a prompt string, nor a meaning.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .rules import OPPOSITE_RELATION, RELATIONS, TAGS, validate_record
+from .world import (ObjectGroup, Relation, Scene, WorldConfig, as_rng, compose_scene)
+
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
+                9: "nine", 10: "ten"}
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """What the prompt generator may ask for.
+
+    Attributes:
+        world: the world whose shapes and colors the prompts name.
+        count_range: inclusive range of n in counting prompts (the world draws 1..8).
+        counting_colors: also emit colored counting prompts ("three red circles");
+            GenEval's own counting prompts have no color, so this is off by default.
+        heldout_fraction: share of each tag's prompt groups kept for the held-out split.
+    """
+
+    world: WorldConfig = WorldConfig()
+    count_range: tuple[int, int] = (2, 8)
+    counting_colors: bool = False
+    heldout_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        lo, hi = self.count_range
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= 8):
+            raise ValueError(f"count_range must satisfy 1 <= lo <= hi <= 8, got {self.count_range}")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def noun_phrase(cls: str, count: int = 1, color: str | None = None) -> str:
+    """"a red circle", "an orange square", "three blue triangles"."""
+    words = ([color] if color else []) + [cls if count == 1 else _plural(cls)]
+    if count == 1:
+        return f"{_article(words[0])} {' '.join(words)}"
+    return f"{NUMBER_WORDS[count]} {' '.join(words)}"
+
+
+def describe(include: Sequence[Mapping]) -> str:
+    """The GenEval-style prompt for a list of include items.
+
+    Items with ``position: [rel, j]`` read "<item> <rel> <item j>"; other items
+    are joined with "and", in order.
+
+    Example:
+        >>> describe([{"class": "square", "count": 1, "color": "blue"},
+        ...           {"class": "circle", "count": 3, "color": "red", "position": ["left of", 0]}])
+        'a photo of three red circles left of a blue square'
+    """
+    phrases = [noun_phrase(it["class"], it["count"], it.get("color")) for it in include]
+    used = set()
+    clauses = []
+    for i, it in enumerate(include):
+        if "position" in it:
+            rel, j = it["position"]
+            clauses.append((j, f"{phrases[i]} {rel} {phrases[j]}"))
+            used.update((i, j))
+    for i in range(len(include)):
+        if i not in used:
+            clauses.append((i, phrases[i]))
+    clauses.sort(key=lambda c: c[0])
+    return "a photo of " + " and ".join(c[1] for c in clauses)
+
+
+def make_record(tag: str, include: Sequence[Mapping], exclude: Sequence[Mapping] = ()) -> dict:
+    """A record with GenEval's key order and a generated prompt."""
+    include = [dict(it) for it in include]
+    return {"tag": tag, "include": include, "exclude": [dict(e) for e in exclude], "prompt": describe(include)}
+
+
+def enumerate_records(tag: str, config: PromptConfig | None = None) -> list[dict]:
+    """Every distinct record of one tag that the world can pose.
+
+    Args:
+        tag: one of :data:`xlard.shapes.rules.TAGS`.
+        config: prompt configuration.
+
+    Returns:
+        Records, in a fixed order.
+
+    Raises:
+        ValueError: unknown tag.
+    """
+    config = config or PromptConfig()
+    shapes, colors = config.world.shapes, config.world.colors
+    pairs = [(a, b) for a in shapes for b in shapes if a != b]
+    one = lambda cls, **kw: {"class": cls, "count": 1, **kw}  # noqa: E731
+    if tag == "single_object":
+        return [make_record(tag, [one(s)]) for s in shapes]
+    if tag == "two_object":
+        return [make_record(tag, [one(a), one(b)]) for a, b in pairs]
+    if tag == "counting":
+        lo, hi = config.count_range
+        out = []
+        for s in shapes:
+            for n in range(lo, hi + 1):
+                for c in ((None,) + tuple(colors) if config.counting_colors else (None,)):
+                    item = {"class": s, "count": n, **({"color": c} if c else {})}
+                    out.append(make_record(tag, [item], [{"class": s, "count": n + 1}]))
+        return out
+    if tag == "colors":
+        return [make_record(tag, [one(s, color=c)]) for s in shapes for c in colors]
+    if tag == "position":
+        return [make_record(tag, [one(b), one(a, position=[rel, 0])])
+                for a, b in pairs for rel in RELATIONS]
+    if tag == "color_attr":
+        return [make_record(tag, [one(a, color=ca), one(b, color=cb)])
+                for a, b in pairs for ca in colors for cb in colors if ca != cb]
+    raise ValueError(f"unknown tag {tag!r}; expected one of {TAGS}")
+
+
+def meaning_key(record: Mapping) -> str:
+    """A key equal for records that ask for the same thing in different words."""
+    tag = record["tag"]
+    inc = record["include"]
+    if tag == "position" and len(inc) == 2 and "position" in inc[1]:
+        rel, _ = inc[1]["position"]
+        subj = (inc[1]["class"], inc[1].get("color"))
+        targ = (inc[0]["class"], inc[0].get("color"))
+        if rel in ("right of", "below"):
+            subj, targ, rel = targ, subj, OPPOSITE_RELATION[rel]
+        return json.dumps([tag, subj, rel, targ])
+    if tag in ("two_object", "color_attr"):
+        items = sorted((it["class"], it.get("color") or "", it["count"]) for it in inc)
+        return json.dumps([tag, items])
+    return json.dumps([tag, record["prompt"]])
+
+
+def make_splits(config: PromptConfig | None = None, seed: int = 0,
+                tags: Sequence[str] = TAGS) -> dict[str, list[dict]]:
+    """Split every tag's prompts into ``train`` and ``heldout``, sharing no prompt.
+
+    Per tag, meaning groups (see :func:`meaning_key`) are shuffled with ``seed``
+    and ``round(heldout_fraction * groups)`` of them (at least one, and never
+    all) go to ``heldout``.
+
+    Returns:
+        ``{"train": [...], "heldout": [...]}``, records grouped by tag in
+        :data:`TAGS` order.
+
+    Example:
+        >>> s = make_splits(seed=0)
+        >>> not {r["prompt"] for r in s["train"]} & {r["prompt"] for r in s["heldout"]}
+        True
+    """
+    config = config or PromptConfig()
+    rng = np.random.default_rng(seed)
+    train: list[dict] = []
+    held: list[dict] = []
+    for tag in tags:
+        records = enumerate_records(tag, config)
+        groups: dict[str, list[dict]] = {}
+        for r in records:
+            groups.setdefault(meaning_key(r), []).append(r)
+        keys = sorted(groups)
+        rng.shuffle(keys)
+        if len(keys) < 2:
+            n_held = 0
+        else:
+            n_held = min(len(keys) - 1, max(1, int(round(config.heldout_fraction * len(keys)))))
+        held_keys = set(keys[:n_held])
+        for key in sorted(groups):
+            (held if key in held_keys else train).extend(groups[key])
+    return {"train": train, "heldout": held}
+
+
+def sample_records(records: Sequence[Mapping], n: int, seed: int | np.random.Generator | None = 0,
+                   tags: Sequence[str] | None = None) -> list[dict]:
+    """``n`` records balanced over tags, each tag cycled through a fresh shuffle.
+
+    Within a tag a record repeats only after every record of that tag was
+    drawn, so small pools (single_object) repeat and large ones (color_attr) do not.
+
+    Args:
+        records: the pool (e.g. a split).
+        n: how many to draw.
+        seed: int seed or numpy Generator.
+        tags: tags to draw from (default: those present, in :data:`TAGS` order).
+
+    Returns:
+        ``n`` records (copies), tags interleaved round-robin.
+    """
+    rng = as_rng(seed)
+    by_tag: dict[str, list[Mapping]] = {}
+    for r in records:
+        by_tag.setdefault(r["tag"], []).append(r)
+    tags = [t for t in TAGS if t in by_tag] if tags is None else list(tags)
+    missing = [t for t in tags if t not in by_tag]
+    if missing or not tags:
+        raise ValueError(f"no records for tags {missing or tags}")
+    queues: dict[str, list[Mapping]] = {t: [] for t in tags}
+    out = []
+    for i in range(n):
+        t = tags[i % len(tags)]
+        if not queues[t]:
+            perm = rng.permutation(len(by_tag[t]))
+            queues[t] = [by_tag[t][j] for j in perm]
+        out.append(json.loads(json.dumps(queues[t].pop())))
+    return out
+
+
+def render_record(record: Mapping, seed: int | np.random.Generator | None = 0,
+                  world: WorldConfig | None = None, distractors: int = 0) -> Scene:
+    """A ground-truth scene that satisfies ``record`` under GenEval's rules.
+
+    Each include item becomes a group of ``count`` objects of its class (its
+    color, or a random color per object when none is asked); positions become
+    placement constraints at the world's ``position_margin``. Distractors are
+    extra objects of classes the record does not mention.
+
+    Args:
+        record: a GenEval record.
+        seed: int seed or numpy Generator.
+        world: the world (default :class:`WorldConfig()`).
+        distractors: extra objects of unmentioned classes (skipped when every
+            class is mentioned).
+
+    Returns:
+        A :class:`Scene`.
+
+    Raises:
+        ValueError: malformed record, or one no scene can satisfy (an include
+            count that meets its own exclude clause).
+    """
+    world = world or WorldConfig()
+    validate_record(record, classes=world.shapes, colors=world.colors)
+    rng = as_rng(seed)
+    include = record["include"]
+    for e in record.get("exclude", []):
+        have = sum(it["count"] for it in include if it["class"] == e["class"]
+                   and ("color" not in e or it.get("color") == e["color"]))
+        if have >= e["count"]:
+            raise ValueError(f"record {record['prompt']!r} cannot be satisfied: it includes {have} "
+                             f"{e['class']} but excludes {e['count']} or more")
+    groups = [ObjectGroup(it["class"], it["count"], it.get("color")) for it in include]
+    relations = [Relation(i, it["position"][0], it["position"][1])
+                 for i, it in enumerate(include) if "position" in it]
+    mentioned = {it["class"] for it in include} | {e["class"] for e in record.get("exclude", [])}
+    free = [s for s in world.shapes if s not in mentioned]
+    if distractors and free:
+        for _ in range(distractors):
+            groups.append(ObjectGroup(free[int(rng.integers(len(free)))], 1))
+    return compose_scene(groups, relations, rng, world)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
+    """Write rows as JSON lines atomically (temp file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """Read JSON lines (blank lines skipped); errors name the file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return out
+
+
+def read_records(path: str | os.PathLike, world: WorldConfig | None = None) -> list[dict]:
+    """Read and validate a GenEval JSONL prompt file (against ``world``'s vocabulary when given)."""
+    rows = read_jsonl(path)
+    for i, r in enumerate(rows):
+        try:
+            validate_record(r, classes=world.shapes if world else None,
+                            colors=world.colors if world else None, index=i)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return rows
+
+
+__all__ = [
+    "PromptConfig", "NUMBER_WORDS", "noun_phrase", "describe", "make_record", "enumerate_records",
+    "meaning_key", "make_splits", "sample_records", "render_record", "write_jsonl", "read_jsonl",
+    "read_records",
+]

@@ -1,0 +1,516 @@
+"""The shapes world: seeded scenes of flat, upright shapes on a plain background.
+
+Everything here is plain numpy. A :class:`Scene` is pure ground truth (image
+size plus a tuple of :class:`SceneObject`: shape, color, box); its pixels come
+from :meth:`Scene.render`, which is a deterministic function of the scene, so a
+scene can be stored as JSON and re-rendered bit-exactly. Shapes are drawn
+without anti-aliasing in square frames, and every shape touches all four sides
+of its frame, so an object's ground-truth box is exactly the tight box of its
+pixels (the evaluator relies on this to be exact).
+
+Layout: objects never overlap; boxes keep ``gap`` empty pixels between them
+(so 8-connected components never merge) and ``border`` pixels from the image
+edge. Relations ("A left of B") are placed with GenEval's own rule
+(:func:`xlard.shapes.rules.relative_position`) at a safety margin, and with
+no perpendicular relation holding (a "left of" scene is never also "above").
+
+Box convention: ``(x0, y0, x1, y1)``, pixel edges, ``x1``/``y1`` exclusive; x
+right, y down (see :mod:`xlard.shapes.rules`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .rules import GENEVAL_COLORS, RELATIONS, relation_strength, relative_position
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+"""Shape classes. Triangles point up; diamonds are squares standing on a corner."""
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "orange": (250, 130, 15),
+    "yellow": (240, 230, 50),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 225),
+    "purple": (140, 55, 195),
+    "pink": (250, 150, 205),
+    "brown": (125, 70, 25),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
+}
+"""RGB prototypes of GenEval's ten colors. Every pair, and every color against
+the background, is at least 97 apart in RGB (Euclidean), so nearest-prototype
+segmentation has a wide berth."""
+
+BACKGROUND = (128, 128, 128)
+"""Mid gray: far from both black and white, so all ten GenEval colors fit."""
+
+assert tuple(PALETTE) == GENEVAL_COLORS
+
+Rng = np.random.Generator
+
+
+def as_rng(seed: int | Rng | None) -> Rng:
+    """A numpy Generator from a seed (int), an existing Generator, or None (seed 0)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None:
+        seed = 0
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int or a numpy Generator, got {seed!r}")
+    return np.random.default_rng(int(seed))
+
+
+def shape_mask(shape: str, width: int, height: int | None = None) -> np.ndarray:
+    """Rasterize one shape filling a ``width`` x ``height`` frame (no anti-aliasing).
+
+    Pixels are sampled at their centres in normalized frame coordinates; every
+    shape touches all four sides of the frame, so the tight box of the mask is
+    the whole frame. Non-square frames stretch the shape (the evaluator uses
+    this to compare a found blob with each shape in the blob's own box).
+
+    Args:
+        shape: one of :data:`SHAPES`.
+        width: frame width in pixels (>= 1).
+        height: frame height in pixels (default: ``width``).
+
+    Returns:
+        ``bool`` array ``[height, width]``.
+
+    Raises:
+        ValueError: unknown shape or non-positive size.
+
+    Example:
+        >>> bool(shape_mask("square", 3).all())
+        True
+    """
+    height = width if height is None else height
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    if int(width) < 1 or int(height) < 1:
+        raise ValueError(f"shape frame must be at least 1x1, got {width}x{height}")
+    u = (np.arange(width) + 0.5) / width - 0.5  # in (-0.5, 0.5), x right
+    v = (np.arange(height) + 0.5) / height - 0.5  # y down
+    uu, vv = np.meshgrid(u, v)
+    eps = 1e-9  # the extreme pixel centres sit exactly on the outline
+    if shape == "square":
+        return np.ones((height, width), dtype=bool)
+    if shape == "circle":
+        return uu * uu + vv * vv <= 0.25 + eps
+    if shape == "triangle":
+        # Apex at the top centre, base along the bottom; a row is filled up to
+        # the outline's width at the row's lower edge so that the apex row is
+        # never empty.
+        row_bottom = vv + 0.5 + 0.5 / height
+        return np.abs(uu) <= 0.5 * row_bottom + eps
+    # diamond
+    return np.abs(uu) + np.abs(vv) <= 0.5 + eps
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One object's exact ground truth.
+
+    Attributes:
+        shape: one of :data:`SHAPES`.
+        color: one of :data:`PALETTE`.
+        bbox: ``(x0, y0, x1, y1)``, pixel edges, exclusive ends; also the tight
+            box of the object's pixels.
+    """
+
+    shape: str
+    color: str
+    bbox: tuple[int, int, int, int]
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
+        if self.color not in PALETTE:
+            raise ValueError(f"unknown color {self.color!r}; expected one of {tuple(PALETTE)}")
+        box = tuple(int(v) for v in self.bbox)
+        if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(f"bbox must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {self.bbox!r}")
+        object.__setattr__(self, "bbox", box)
+
+    @property
+    def width(self) -> int:
+        return self.bbox[2] - self.bbox[0]
+
+    @property
+    def height(self) -> int:
+        return self.bbox[3] - self.bbox[1]
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """Box centre ``(x, y)`` in pixels (what GenEval's position rule compares)."""
+        return ((self.bbox[0] + self.bbox[2]) / 2.0, (self.bbox[1] + self.bbox[3]) / 2.0)
+
+    def mask(self) -> np.ndarray:
+        """``bool [height, width]`` mask of the object inside its box."""
+        return shape_mask(self.shape, self.width, self.height)
+
+    @property
+    def area(self) -> int:
+        """Number of pixels the object covers."""
+        return int(self.mask().sum())
+
+    def to_dict(self) -> dict:
+        return {"shape": self.shape, "color": self.color, "bbox": list(self.bbox),
+                "centre": list(self.centre), "area": self.area}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "SceneObject":
+        return cls(shape=d["shape"], color=d["color"], bbox=tuple(d["bbox"]))
+
+
+def _boxes_clear(a: Sequence[int], b: Sequence[int], gap: int) -> bool:
+    """True when boxes a and b are at least ``gap`` empty pixels apart on some axis."""
+    return (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A scene: image size, background and objects, all exact.
+
+    Attributes:
+        image_size: the image is ``image_size x image_size`` pixels.
+        objects: the objects, in drawing order (they never overlap).
+        background: background RGB.
+    """
+
+    image_size: int
+    objects: tuple[SceneObject, ...] = ()
+    background: tuple[int, int, int] = BACKGROUND
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objects", tuple(self.objects))
+        object.__setattr__(self, "background", tuple(int(c) for c in self.background))
+        size = self.image_size
+        for i, obj in enumerate(self.objects):
+            if not isinstance(obj, SceneObject):
+                raise TypeError(f"objects[{i}] must be a SceneObject, got {type(obj).__name__}")
+            x0, y0, x1, y1 = obj.bbox
+            if x0 < 0 or y0 < 0 or x1 > size or y1 > size:
+                raise ValueError(f"objects[{i}] box {obj.bbox} leaves the {size}x{size} image")
+        for i in range(len(self.objects)):
+            for j in range(i):
+                if not _boxes_clear(self.objects[i].bbox, self.objects[j].bbox, 0):
+                    raise ValueError(f"objects[{i}] {self.objects[i].bbox} overlaps objects[{j}] "
+                                     f"{self.objects[j].bbox}")
+
+    def render(self) -> np.ndarray:
+        """The image: ``uint8 [image_size, image_size, 3]`` RGB.
+
+        Example:
+            >>> Scene(8, (SceneObject("square", "red", (0, 0, 2, 2)),)).render()[0, 0].tolist()
+            [215, 35, 35]
+        """
+        img = np.empty((self.image_size, self.image_size, 3), dtype=np.uint8)
+        img[:] = self.background
+        for obj in self.objects:
+            x0, y0, x1, y1 = obj.bbox
+            img[y0:y1, x0:x1][obj.mask()] = PALETTE[obj.color]
+        return img
+
+    def label_map(self) -> np.ndarray:
+        """``int32 [H, W]``: 0 for background, ``i + 1`` where object ``i`` is drawn."""
+        out = np.zeros((self.image_size, self.image_size), dtype=np.int32)
+        for i, obj in enumerate(self.objects):
+            x0, y0, x1, y1 = obj.bbox
+            out[y0:y1, x0:x1][obj.mask()] = i + 1
+        return out
+
+    def count(self, shape: str | None = None, color: str | None = None) -> int:
+        """How many objects match the given shape and/or color."""
+        return sum((shape is None or o.shape == shape) and (color is None or o.color == color)
+                   for o in self.objects)
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "background": list(self.background),
+                "objects": [o.to_dict() for o in self.objects]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Scene":
+        return cls(image_size=int(d["image_size"]),
+                   objects=tuple(SceneObject.from_dict(o) for o in d["objects"]),
+                   background=tuple(d.get("background", BACKGROUND)))
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """What the world may draw and how objects are laid out.
+
+    Attributes:
+        image_size: square image side in pixels (>= 32).
+        shapes: shape classes in use (a subset of :data:`SHAPES`).
+        colors: color names in use (a subset of :data:`PALETTE`).
+        min_size: smallest object side as a fraction of ``image_size``.
+        max_size: largest object side as a fraction of ``image_size``.
+        fill: objects' total frame area (with gaps) aimed at, as a fraction of
+            the image; caps the object size when there are many objects.
+        gap: empty pixels kept between any two object boxes (>= 1 keeps
+            8-connected components apart).
+        border: empty pixels kept between objects and the image edge.
+        position_margin: normalized offset (GenEval's ``d``) at least this large
+            along a relation's axis in placed relations; must exceed 0.5, the
+            rule's own cutoff, so that rendered relations are unambiguous.
+        max_attempts: layout restarts before giving up.
+    """
+
+    image_size: int = 64
+    shapes: tuple[str, ...] = SHAPES
+    colors: tuple[str, ...] = GENEVAL_COLORS
+    min_size: float = 0.14
+    max_size: float = 0.25
+    fill: float = 0.35
+    gap: int = 2
+    border: int = 1
+    position_margin: float = 0.7
+    max_attempts: int = 400
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shapes", tuple(self.shapes))
+        object.__setattr__(self, "colors", tuple(self.colors))
+        if not isinstance(self.image_size, int) or self.image_size < 32:
+            raise ValueError(f"image_size must be an int >= 32, got {self.image_size!r}")
+        bad = [s for s in self.shapes if s not in SHAPES]
+        if bad or len(set(self.shapes)) < 2:
+            raise ValueError(f"shapes must be >= 2 distinct names from {SHAPES}, got {self.shapes!r}")
+        bad = [c for c in self.colors if c not in PALETTE]
+        if bad or len(set(self.colors)) < 2:
+            raise ValueError(f"colors must be >= 2 distinct names from {tuple(PALETTE)}, got {self.colors!r}")
+        if not 0.0 < self.min_size <= self.max_size <= 0.5:
+            raise ValueError(f"need 0 < min_size <= max_size <= 0.5, got {self.min_size}, {self.max_size}")
+        if self.min_px < 5:
+            raise ValueError(f"min_size {self.min_size} gives objects of {self.min_px} px at "
+                             f"{self.image_size} px; shapes need >= 5 px to stay recognizable")
+        if self.gap < 1 or self.border < 0:
+            raise ValueError(f"need gap >= 1 and border >= 0, got gap={self.gap}, border={self.border}")
+        if not 0.5 < self.position_margin < 1.0:
+            raise ValueError(f"position_margin must be in (0.5, 1), got {self.position_margin}")
+        if not 0.0 < self.fill <= 1.0:
+            raise ValueError(f"fill must be in (0, 1], got {self.fill}")
+
+    @property
+    def min_px(self) -> int:
+        return int(round(self.min_size * self.image_size))
+
+    @property
+    def max_px(self) -> int:
+        return max(self.min_px, int(round(self.max_size * self.image_size)))
+
+    def size_cap(self, n_objects: int) -> int:
+        """Largest object side when ``n_objects`` share the image."""
+        per = math.sqrt(self.fill * self.image_size ** 2 / max(n_objects, 1)) - self.gap
+        return int(min(self.max_px, max(self.min_px, math.floor(per))))
+
+
+@dataclass(frozen=True)
+class ObjectGroup:
+    """``count`` objects of one shape; ``color=None`` draws each object's color at random."""
+
+    shape: str
+    count: int = 1
+    color: str | None = None
+
+
+@dataclass(frozen=True)
+class Relation:
+    """Every object of group ``subject`` is ``relation`` of every object of group ``target``."""
+
+    subject: int
+    relation: str
+    target: int
+
+
+def _relation_clear(subject_box, target_box, relation: str, margin: float) -> bool:
+    """The relation holds at ``margin`` and neither perpendicular relation holds at all."""
+    if relation_strength(subject_box, target_box, relation) < margin:
+        return False
+    across = ("above", "below") if relation in ("left of", "right of") else ("left of", "right of")
+    return not relative_position(subject_box, target_box) & set(across)
+
+
+def _relations_ok(box, group: int, placed: list[tuple[int, tuple]], relations: Sequence[Relation],
+                  margin: float) -> bool:
+    for rel in relations:
+        for other_group, other_box in placed:
+            if rel.subject == group and rel.target == other_group:
+                if not _relation_clear(box, other_box, rel.relation, margin):
+                    return False
+            elif rel.target == group and rel.subject == other_group:
+                if not _relation_clear(other_box, box, rel.relation, margin):
+                    return False
+    return True
+
+
+def _try_place(size: int, group: int, placed: list[tuple[int, tuple]], relations: Sequence[Relation],
+               config: WorldConfig, rng: Rng, tries: int) -> tuple[int, int, int, int] | None:
+    lo = config.border
+    hi = config.image_size - config.border - size
+    if hi < lo:
+        return None
+    for _ in range(tries):
+        x0 = int(rng.integers(lo, hi + 1))
+        y0 = int(rng.integers(lo, hi + 1))
+        box = (x0, y0, x0 + size, y0 + size)
+        if all(_boxes_clear(box, b, config.gap) for _, b in placed) and \
+                _relations_ok(box, group, placed, relations, config.position_margin):
+            return box
+    return None
+
+
+def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] = (),
+                  seed: int | Rng | None = 0, config: WorldConfig | None = None) -> Scene:
+    """Lay out the given groups of objects at random, respecting the relations.
+
+    Args:
+        groups: what to draw; a group's ``color=None`` picks a random color from
+            ``config.colors`` per object.
+        relations: constraints between groups (indices into ``groups``), judged
+            with GenEval's rule at ``config.position_margin``; no perpendicular
+            relation may hold between the same objects.
+        seed: int seed or numpy Generator; the same seed gives the same scene.
+        config: the world (default :class:`WorldConfig()`).
+
+    Returns:
+        A :class:`Scene`; its objects are listed group by group.
+
+    Raises:
+        ValueError: a group names an unknown shape/color or a bad relation.
+        RuntimeError: no layout found (too many or too large objects).
+
+    Example:
+        >>> s = compose_scene([ObjectGroup("square", 1, "blue"), ObjectGroup("circle", 3, "red")],
+        ...                   [Relation(1, "left of", 0)], seed=3)
+        >>> s.count("circle", "red")
+        3
+    """
+    config = config or WorldConfig()
+    rng = as_rng(seed)
+    for i, g in enumerate(groups):
+        if g.shape not in config.shapes:
+            raise ValueError(f"group {i}: shape {g.shape!r} is not in this world's shapes {config.shapes}")
+        if g.color is not None and g.color not in config.colors:
+            raise ValueError(f"group {i}: color {g.color!r} is not in this world's colors {config.colors}")
+        if isinstance(g.count, bool) or not isinstance(g.count, int) or g.count < 1:
+            raise ValueError(f"group {i}: count must be a positive int, got {g.count!r}")
+    for r in relations:
+        if r.relation not in RELATIONS or not (0 <= r.subject < len(groups)) or \
+                not (0 <= r.target < len(groups)) or r.subject == r.target:
+            raise ValueError(f"bad relation {r}; groups 0..{len(groups) - 1}, relations {RELATIONS}")
+    order = [gi for gi, g in enumerate(groups) for _ in range(g.count)]
+    n = len(order)
+    colors = [groups[gi].color or config.colors[int(rng.integers(len(config.colors)))] for gi in order]
+    cap = config.size_cap(n)
+    for attempt in range(config.max_attempts):
+        # Shrink the objects as restarts pile up: dense scenes still converge.
+        cap_now = max(config.min_px, cap - attempt // 40)
+        sizes = rng.integers(config.min_px, cap_now + 1, size=n)
+        placed: list[tuple[int, tuple]] = []
+        for gi, size in zip(order, sizes):
+            box = _try_place(int(size), gi, placed, relations, config, rng, tries=60)
+            if box is None:
+                break
+            placed.append((gi, box))
+        else:
+            objects = tuple(SceneObject(groups[gi].shape, c, box) for (gi, box), c in zip(placed, colors))
+            return Scene(config.image_size, objects)
+    raise RuntimeError(f"could not lay out {n} objects ({[dataclasses.astuple(g) for g in groups]}) with "
+                       f"relations {list(relations)} in a {config.image_size}px image after "
+                       f"{config.max_attempts} attempts; use fewer or smaller objects")
+
+
+def random_scene(seed: int | Rng | None = 0, config: WorldConfig | None = None,
+                 n_objects: int | None = None) -> Scene:
+    """A scene of 1 to 8 objects with random shapes and colors.
+
+    Args:
+        seed: int seed or numpy Generator.
+        config: the world.
+        n_objects: how many objects (default: uniform in 1..8).
+
+    Returns:
+        A :class:`Scene`.
+    """
+    config = config or WorldConfig()
+    rng = as_rng(seed)
+    n = int(rng.integers(1, 9)) if n_objects is None else int(n_objects)
+    if n < 1:
+        raise ValueError(f"n_objects must be >= 1, got {n}")
+    groups = [ObjectGroup(config.shapes[int(rng.integers(len(config.shapes)))], 1) for _ in range(n)]
+    return compose_scene(groups, (), rng, config)
+
+
+def add_object(scene: Scene, shape: str, color: str, seed: int | Rng | None = 0,
+               config: WorldConfig | None = None) -> Scene:
+    """The scene plus one more object, placed in free space (keeps ``gap``/``border``).
+
+    Tries random sizes and places first, then scans every position at the
+    smallest size, so it fails only when the image is genuinely full.
+
+    Raises:
+        RuntimeError: no free place for even the smallest object.
+    """
+    config = config or WorldConfig(image_size=scene.image_size)
+    rng = as_rng(seed)
+    placed = [(-1, o.bbox) for o in scene.objects]
+    cap = config.size_cap(len(scene.objects) + 1)
+    for size in range(cap, config.min_px - 1, -1):
+        box = _try_place(size, -2, placed, (), config, rng, tries=200)
+        if box is not None:
+            return Scene(scene.image_size, scene.objects + (SceneObject(shape, color, box),), scene.background)
+    size = config.min_px
+    lo, hi = config.border, config.image_size - config.border - size
+    for y0 in range(lo, hi + 1):
+        for x0 in range(lo, hi + 1):
+            box = (x0, y0, x0 + size, y0 + size)
+            if all(_boxes_clear(box, b, config.gap) for _, b in placed):
+                return Scene(scene.image_size, scene.objects + (SceneObject(shape, color, box),),
+                             scene.background)
+    raise RuntimeError(f"no room for another {size}px object in this {scene.image_size}px scene "
+                       f"of {len(scene.objects)} objects")
+
+
+def remove_object(scene: Scene, index: int) -> Scene:
+    """The scene without object ``index``."""
+    if not 0 <= index < len(scene.objects):
+        raise IndexError(f"object index {index} out of range for {len(scene.objects)} objects")
+    return dataclasses.replace(scene, objects=scene.objects[:index] + scene.objects[index + 1:])
+
+
+def replace_object(scene: Scene, index: int, *, shape: str | None = None, color: str | None = None) -> Scene:
+    """The scene with object ``index`` redrawn as another shape and/or color (same box)."""
+    if not 0 <= index < len(scene.objects):
+        raise IndexError(f"object index {index} out of range for {len(scene.objects)} objects")
+    old = scene.objects[index]
+    new = SceneObject(shape or old.shape, color or old.color, old.bbox)
+    return dataclasses.replace(scene, objects=scene.objects[:index] + (new,) + scene.objects[index + 1:])
+
+
+def mirror_scene(scene: Scene, axis: str) -> Scene:
+    """Mirror object *positions*: ``axis="x"`` flips left/right, ``"y"`` flips up/down.
+
+    Shapes stay upright (a triangle still points up); only boxes move.
+    """
+    if axis not in ("x", "y"):
+        raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
+    s = scene.image_size
+    objs = []
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.bbox
+        box = (s - x1, y0, s - x0, y1) if axis == "x" else (x0, s - y1, x1, s - y0)
+        objs.append(SceneObject(o.shape, o.color, box))
+    return dataclasses.replace(scene, objects=tuple(objs))
+
+
+__all__ = [
+    "SHAPES", "PALETTE", "BACKGROUND", "SceneObject", "Scene", "WorldConfig", "ObjectGroup", "Relation",
+    "shape_mask", "compose_scene", "random_scene", "add_object", "remove_object", "replace_object",
+    "mirror_scene", "as_rng",
+]
