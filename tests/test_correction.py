@@ -107,8 +107,11 @@ def test_gaussian_log_prob_gradients(form):
 @pytest.mark.parametrize("shape", [(1, 1), (2, 4, 6, 7), (3, 2, 9), (0, 2, 3, 3)])
 def test_sample_correction_matches_reference(dtype, shape):
     z0, mean, noise = (torch.randn(shape).to(dtype) for _ in range(3))
-    log_std = torch.randn(shape[1]) * 0.2
-    for alpha in (0.5, torch.rand(shape[0])):
+    forms = [torch.randn(shape[1]) * 0.2,  # per channel: the row-constant fast path
+             torch.randn(shape[0], shape[1], *([1] * (len(shape) - 2))) * 0.2,  # per (item, channel)
+             torch.randn(shape[1:]) * 0.2,  # per element, shared over the batch
+             torch.randn(shape) * 0.2]  # per element
+    for log_std, alpha in [(ls, a) for ls in forms for a in (0.5, torch.rand(shape[0]))]:
         got = ops.sample_correction(z0, mean, log_std, noise, alpha)
         want = ref.sample_correction(z0, mean, log_std, noise, alpha)
         for name, a, b in zip(("zc", "delta", "log_prob", "lam"), got, want):

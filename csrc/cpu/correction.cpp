@@ -299,6 +299,34 @@ A sample_row(const T* __restrict__ z0, const T* __restrict__ mean, const T* __re
   return acc;
 }
 
+// sample_row with one standard deviation for the whole row (per-channel log_std).
+template <typename T, typename A>
+A sample_row_const(const T* __restrict__ z0, const T* __restrict__ mean, const T* __restrict__ noise, A stdv,
+                   A alpha, T* __restrict__ zc, T* __restrict__ delta, A* __restrict__ lam, int64_t s0, int64_t s1) {
+  A acc = A(0);
+#pragma omp simd reduction(+ : acc)
+  for (int64_t s = s0; s < s1; ++s) {
+    const A e = static_cast<A>(noise[s]);
+    const T d = static_cast<T>(static_cast<A>(mean[s]) + stdv * e);
+    delta[s] = d;
+    zc[s] = static_cast<T>(static_cast<A>(z0[s]) + alpha * static_cast<A>(d));
+    lam[s] += std::abs(static_cast<A>(d));
+    acc += A(-0.5) * e * e;
+  }
+  return acc;
+}
+
+// The per-row values of a log_std view that is constant over the spatial dims (an
+// expanded [C, 1, ...] or [B, C, 1, ...]), as [C] or [B, C]; undefined otherwise.
+at::Tensor row_constant_values(const at::Tensor& log_std, int64_t lead) {
+  for (int64_t d = lead; d < log_std.dim(); ++d) {
+    if (log_std.size(d) != 1 && log_std.stride(d) != 0) return at::Tensor();
+  }
+  at::Tensor rows = log_std;
+  for (int64_t d = log_std.dim() - 1; d >= lead; --d) rows = rows.select(d, 0);
+  return rows.contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu(
     const at::Tensor& z0_in, const at::Tensor& mean_in, const at::Tensor& log_std_in, const at::Tensor& noise_in,
     const std::optional<at::Tensor>& alpha_in, double alpha_scalar) {
@@ -308,9 +336,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
   const bool shared = check_log_std("sample_correction", log_std_in, z0_in);
   const auto acc = acc_dtype(z0_in.scalar_type());
   const at::Tensor z0 = z0_in.contiguous(), mean = mean_in.contiguous(), noise = noise_in.contiguous();
-  const at::Tensor ls = log_std_in.to(acc).contiguous();
-  // exp once per log_std element (shared log_std: once per call, not per batch item).
-  const at::Tensor stdv = at::exp(ls);
+  // Per-channel log_std (the common policy) stays a [C] (or [B, C]) vector: no
+  // materialised [C, H, W] copy, one exp per channel.
+  const at::Tensor row_ls = z0.numel() == 0 ? at::Tensor() : row_constant_values(log_std_in, shared ? 1 : 2);
+  const bool per_row = row_ls.defined();
+  const at::Tensor ls = (per_row ? row_ls : log_std_in).to(acc).contiguous();
+  const at::Tensor stdv = at::exp(ls);  // once per log_std element, not per batch item
   const int64_t batch = z0.size(0), channels = z0.size(1);
   const at::Tensor alpha = alpha_tensor("sample_correction", alpha_in, batch, acc);
   at::Tensor zc = at::empty(z0.sizes(), z0.options());
@@ -335,9 +366,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
     A* lamp = lam.data_ptr<A>();
     for_blocks(batch, spatial, [&](int64_t b, int64_t blk, int64_t s0, int64_t s1) {
       const A a = ap ? ap[b] : static_cast<A>(alpha_scalar);
-      const A* sdb = sdp + (shared ? 0 : b * n);
       A* lrow = lamp + b * spatial;
       A acc_lp = A(0);
+      if (per_row) {
+        const A* sdb = sdp + (shared ? 0 : b * channels);
+        for (int64_t c = 0; c < channels; ++c) {
+          const int64_t off = (b * channels + c) * spatial;
+          acc_lp += sample_row_const<scalar_t, A>(zp + off, mp + off, np_ + off, sdb[c], a, zcp + off, dp + off,
+                                                  lrow, s0, s1);
+        }
+        partial[b * blocks + blk] = static_cast<double>(acc_lp);
+        return;
+      }
+      const A* sdb = sdp + (shared ? 0 : b * n);
       for (int64_t c = 0; c < channels; ++c) {
         const int64_t off = (b * channels + c) * spatial;
         acc_lp += sample_row<scalar_t, A>(zp + off, mp + off, np_ + off, sdb + c * spatial, a, zcp + off, dp + off,
@@ -346,7 +387,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
       partial[b * blocks + blk] = static_cast<double>(acc_lp);
     });
     std::vector<A> ls_sum(static_cast<size_t>(shared ? 1 : batch));
-    row_sums<A>(shared ? 1 : batch, n, ls_sum.data(), [&](int64_t b, int64_t k) { return lp[b * n + k]; });
+    if (per_row) {  // each channel's log_std counts once per spatial position
+      for (int64_t b = 0; b < (shared ? 1 : batch); ++b) {
+        A total = A(0);
+        for (int64_t c = 0; c < channels; ++c) total += lp[b * channels + c];
+        ls_sum[b] = total * static_cast<A>(spatial);
+      }
+    } else {
+      row_sums<A>(shared ? 1 : batch, n, ls_sum.data(), [&](int64_t b, int64_t k) { return lp[b * n + k]; });
+    }
     A* lpp = log_prob.data_ptr<A>();
     for (int64_t b = 0; b < batch; ++b) {
       A total = A(0);

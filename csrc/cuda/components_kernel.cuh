@@ -96,7 +96,7 @@ __device__ __forceinline__ void unite(int* parent, int a, int b) {
 // Otsu split of sc.hist over 256 threads (blockDim.x >= 256): inclusive scans of the
 // counts and the bin-weighted counts, the csrc/core/components.h score per split, and
 // the first split with the largest score. -1 when no split has two non-empty classes.
-__device__ int otsu_split_block(BlockScratch& sc) {
+__device__ inline int otsu_split_block(BlockScratch& sc) {
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   const long long h = t < kBins ? sc.hist[t] : 0;
   long long w0 = h, s0 = h * t;

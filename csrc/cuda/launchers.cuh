@@ -131,8 +131,9 @@ void launch_gaussian_log_prob_backward(Kind kind, const void* grad, const void* 
 
 // sample_correction: z0, mean, noise [B, C, S] of `kind`; log_std [C*S] (shared) or
 // [B, C*S] in acc type; alpha [B] in acc type or null. Writes zc, delta (kind),
-// lam [B, S] (acc) and log-prob partials [B, row_chunks(C*S)] (acc): chunked over S,
-// so each block covers rows of kRowChunk / C spatial positions... see the .cu.
+// lam [B, S] (acc) and log-prob partials [B, sample_correction_chunks(C, S)] (acc):
+// each block covers a fixed tile of spatial positions over all C channels, so lam
+// needs no cross-block reduction; launch_finish_row_sums (m = C*S) adds the partials.
 int64_t sample_correction_chunks(int64_t channels, int64_t spatial);
 void launch_sample_correction(Kind kind, const void* z0, const void* mean, const void* log_std, const void* noise,
                               bool shared, const void* alpha, double alpha_scalar, int64_t batch, int64_t channels,
