@@ -94,11 +94,13 @@ def test_unclassifiable_blobs_are_not_counted():
     assert res.correct and "1 red blob" in res.found
 
 
-def test_label_is_eight_connected():
-    mask = np.zeros((4, 4), dtype=bool)
-    mask[0, 0] = mask[1, 1] = mask[3, 3] = True
-    labels, count = E._label(mask)
-    assert count == 2 and labels.dtype == np.int32 and labels[0, 0] == labels[1, 1] != labels[3, 3]
+def test_label_colors_is_eight_connected_per_color():
+    color_index = np.full((4, 4), -1, dtype=np.int8)
+    color_index[0, 0] = color_index[1, 1] = color_index[3, 3] = 0  # diagonal touch joins; (3, 3) apart
+    color_index[0, 3] = 2
+    labels, counts = E._label_colors(color_index, 3)
+    assert counts.tolist() == [2, 0, 1] and labels.dtype == np.int32
+    assert labels[0, 0, 0] == labels[0, 1, 1] == 1 and labels[0, 3, 3] == 2 and labels[2, 0, 3] == 1
 
 
 # ---------------------------------------------------------------------------------------------

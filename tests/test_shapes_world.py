@@ -386,7 +386,7 @@ def test_jsonl_round_trip_and_atomic_write(tmp_path):
 def test_read_jsonl_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(_GOOD) + "\n\n{not json}\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:3: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: invalid JSON"):
         P.read_jsonl(path)
     path.write_text(json.dumps(_GOOD) + "\n" + json.dumps({"tag": "x", "include": [], "prompt": ""}) + "\n")
     with pytest.raises(ValueError, match=r"record 1: 'include' must be a non-empty list"):

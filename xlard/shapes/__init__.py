@@ -7,7 +7,7 @@
 - :mod:`xlard.shapes.evaluator`: the exact evaluator (pixel analysis + GenEval's rules).
 - :mod:`xlard.shapes.rules`: the shared GenEval vocabulary and position rule.
 
-Pure numpy/scipy; importing it does not import torch.
+Numpy/scipy, plus xlard.ops for connected components (imported on first use).
 """
 from .evaluator import (Detection, EvaluatorConfig, RecordResult, detect_objects, evaluate, evaluate_folder,
                         evaluate_record, format_table, load_images, summarize, write_results_jsonl)

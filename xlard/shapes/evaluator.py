@@ -3,7 +3,7 @@
 Objects are found by pixel analysis alone: every pixel goes to its nearest
 color prototype (background included; pixels farther than ``color_cutoff``
 from every prototype are ignored), each color's pixels are split into
-8-connected components (:func:`_label`), components under ``min_area`` are
+8-connected components (:func:`xlard.ops.label_components`, one call for all colors), components under ``min_area`` are
 dropped as specks, and each remaining component is classified by comparing its
 pixels with every shape of the world drawn in the component's own box (best
 IoU wins; below ``min_shape_iou``, or with a box longer than ``max_aspect``
@@ -45,17 +45,19 @@ from .prompts import read_jsonl, write_jsonl
 from .rules import GENEVAL_COLORS, POSITION_THRESHOLD, RELATIONS, TAGS, relative_position, validate_record
 from .world import BACKGROUND, PALETTE, WorldConfig, shape_mask
 
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+def _label_colors(color_index: np.ndarray, num_colors: int) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected components of every color's pixels in one batched call.
 
-
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected component labels of a boolean mask: ``(int32 [H, W] labels, count)``; 0 = background.
-
-    The one place the evaluator labels components, so that it can move to
-    ``xlard.ops.label_components`` without touching anything else.
+    Returns ``(labels int32 [num_colors, H, W], counts int32 [num_colors])``
+    from :func:`xlard.ops.label_components` (raster-order labels, 0 = background).
     """
-    labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-    return labels.astype(np.int32, copy=False), int(count)
+    import torch
+
+    from xlard import ops
+
+    masks = np.stack([color_index == k for k in range(num_colors)])
+    labels, counts = ops.label_components(torch.from_numpy(masks), connectivity=8)
+    return labels.numpy(), counts.numpy()
 
 
 @dataclass(frozen=True)
@@ -294,11 +296,9 @@ def detect_objects(image: np.ndarray, config: EvaluatorConfig | None = None) -> 
     h, w = color_index.shape
     min_px = config.min_area * h * w
     found: list[Detection] = []
+    all_labels, all_counts = _label_colors(color_index, len(GENEVAL_COLORS))
     for k, color in enumerate(GENEVAL_COLORS):
-        mask = color_index == k
-        if not mask.any():
-            continue
-        labels, count = _label(mask)
+        labels, count = all_labels[k], int(all_counts[k])
         if count == 0:
             continue
         areas = np.bincount(labels.ravel(), minlength=count + 1)

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .. import geneval
 from .rules import OPPOSITE_RELATION, RELATIONS, TAGS, validate_record
 from .world import (ObjectGroup, Relation, Scene, WorldConfig, as_rng, compose_scene)
 
@@ -286,34 +286,15 @@ def render_record(record: Mapping, seed: int | np.random.Generator | None = 0,
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
-    """Write rows as JSON lines atomically (temp file in the same folder, then ``os.replace``)."""
+    """Write rows as JSON lines atomically (creating the folder); see :func:`xlard.geneval.write_jsonl`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return geneval.write_jsonl(path, rows, validate=False)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Any]:
-    """Read JSON lines (blank lines skipped); errors name the file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    return out
+    """Read JSON lines (blank lines skipped); errors name the file and line. See :func:`xlard.geneval.read_jsonl`."""
+    return geneval.read_jsonl(path, validate=False)
 
 
 def read_records(path: str | os.PathLike, world: WorldConfig | None = None) -> list[dict]:
