@@ -1,0 +1,434 @@
+"""Tests of xlard.models: the residual corrector (policy + value), the latent reward projector, save/load.
+
+Everything runs the tiny presets on the CPU; the paper presets are built only on
+the meta device, to count their parameters.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import xlard.ops
+from helpers import assert_close
+from xlard.models import (
+    ASPECTS, CorrectorConfig, LatentRewardProjector, ProjectorConfig, ProjectorOutput, ResidualCorrector,
+    aspect_weights, count_parameters, patchify, unpatchify,
+)
+
+C, TEXT, POOLED = 4, 32, 24
+
+
+def corrector_config(**kw):
+    return CorrectorConfig.tiny(latent_channels=C, text_dim=TEXT, pooled_dim=POOLED, **kw)
+
+
+def projector_config(**kw):
+    return ProjectorConfig.tiny(latent_channels=C, text_dim=TEXT, pooled_dim=POOLED, **kw)
+
+
+def make_corrector(seed=0, nonzero_head=False, **kw):
+    torch.manual_seed(seed)
+    model = ResidualCorrector(corrector_config(**kw))
+    if nonzero_head:
+        with torch.no_grad():
+            model.head.weight.normal_(0, 0.1)
+            model.head.bias.normal_(0, 0.1)
+    return model
+
+
+def inputs(b=2, h=6, w=10, t=5, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(b, C, h, w, generator=g).to(dtype)
+    text = torch.randn(b, t, TEXT, generator=g)
+    pooled = torch.randn(b, POOLED, generator=g)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[0, t - 2:] = False
+    return z0, text, pooled, mask
+
+
+# ---------------------------------------------------------------- corrector: identity at init, shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_zero_init_is_exact_identity(dtype):
+    model = make_corrector()
+    z0, text, pooled, mask = inputs(dtype=dtype)
+    delta = model(z0, text, pooled, mask)
+    assert delta.dtype == dtype and torch.count_nonzero(delta) == 0
+    zc, lam = model.correct(z0, text, pooled, mask)
+    assert zc.dtype == dtype and torch.equal(zc, z0)
+    assert torch.count_nonzero(lam) == 0 and lam.shape == (2, 6, 10)
+    zc, _ = model.correct(z0, text, pooled, mask, alpha=torch.tensor([0.3, 2.0], dtype=dtype))
+    assert torch.equal(zc, z0)
+
+
+@pytest.mark.parametrize("h,w,patch", [(1, 1, 1), (7, 5, 1), (6, 10, 2), (9, 15, 3), (8, 12, 4)])
+def test_shapes_for_odd_sizes_and_patch_factors(h, w, patch):
+    z0, text, pooled, mask = inputs(b=3, h=h, w=w)
+    model = make_corrector(patch=patch, nonzero_head=True)
+    delta = model(z0, text, pooled, mask)
+    assert delta.shape == z0.shape and torch.isfinite(delta).all()
+    zc, delta_s, log_prob, lam = model.sample(z0, text, pooled, mask)
+    assert zc.shape == delta_s.shape == z0.shape and log_prob.shape == (3,) and lam.shape == (3, h, w)
+    assert model.value(z0, text, pooled, mask).shape == (3,)
+    projector = LatentRewardProjector(projector_config(patch=patch))
+    out = projector(z0, text, pooled, mask)
+    assert out.scores.shape == out.log_var.shape == out.weights.shape == (3, 3)
+    assert ((out.scores > 0) & (out.scores < 1)).all()
+    tokens = patchify(z0, patch)
+    assert tokens.shape == (3, (h // patch) * (w // patch), C * patch * patch)
+    assert torch.equal(unpatchify(tokens, C, h, w, patch), z0)
+
+
+def test_patch_must_divide_the_latent():
+    model = make_corrector(patch=2)
+    z0, text, pooled, mask = inputs(h=7, w=10)
+    with pytest.raises(ValueError, match=r"z0 height and width must be divisible by patch=2, got 7 x 10"):
+        model(z0, text, pooled, mask)
+    projector = LatentRewardProjector(projector_config(patch=3))
+    with pytest.raises(ValueError, match=r"zc height and width must be divisible by patch=3"):
+        projector(z0, text, pooled, mask)
+
+
+def test_patchify_is_spatially_local():
+    # Token (i, j) must hold exactly the p x p block at rows i*p.., cols j*p.. of every channel.
+    z = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    tokens = patchify(z, 2)
+    block = z[1, :, 2:4, 4:6].reshape(-1)
+    assert torch.equal(tokens[1, 1 * 3 + 2], block)
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+def test_parameter_counts_of_presets():
+    corrector = count_parameters(CorrectorConfig.paper(latent_channels=16, text_dim=4096, pooled_dim=4096))
+    projector = count_parameters(ProjectorConfig.paper(latent_channels=16, text_dim=4096, pooled_dim=4096))
+    assert abs(corrector - 15e6) <= 1.5e6, corrector
+    assert corrector + projector < 50e6, (corrector, projector)
+    paper = CorrectorConfig.paper()
+    assert (paper.depth, paper.heads, paper.width, paper.ffn_mult) == (6, 8, 384, 4.0)
+    assert 2 <= ProjectorConfig.paper().depth <= 4
+    assert count_parameters(corrector_config()) < 100_000
+    assert count_parameters(projector_config()) < 100_000
+    # The count does not depend on the latent's size (only on C and the patch factor).
+    assert make_corrector().num_parameters() == count_parameters(corrector_config())
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def test_gradient_reaches_every_trainable_parameter():
+    model = make_corrector(nonzero_head=True)
+    z0, text, pooled, mask = inputs()
+    _, delta, old_log_prob, _ = model.sample(z0, text, pooled, mask, generator=torch.Generator().manual_seed(3))
+    dist, value = model.policy_and_value(z0, text, pooled, mask)
+    ratio = torch.exp(dist.log_prob(delta) - old_log_prob)
+    # The PPO sanity check: before any update the ratio is 1.
+    assert_close(ratio.detach(), torch.ones(2), atol=1e-4, rtol=0)
+    loss = -(ratio * torch.tensor([1.0, -0.5])).mean() + (value - 1.0).square().mean() - 1e-3 * dist.entropy().mean()
+    loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+            or torch.count_nonzero(p.grad) == 0]
+    assert not dead, dead
+
+
+def test_value_head_gradient_reaches_trunk_only_when_shared():
+    z0, text, pooled, mask = inputs()
+    for shared in (False, True):
+        model = make_corrector(value_shares_trunk=shared)
+        model.value(z0, text, pooled, mask).sum().backward()
+        trunk_grad = model.trunk.blocks[0].ffn[0].weight.grad
+        assert (trunk_grad is not None and torch.count_nonzero(trunk_grad) > 0) == shared
+        assert torch.count_nonzero(model.value_head[1].weight.grad) > 0
+
+
+def test_projector_gradient_reaches_every_parameter_and_the_latent():
+    torch.manual_seed(0)
+    projector = LatentRewardProjector(projector_config())
+    z0, text, pooled, mask = inputs()
+    z0.requires_grad_(True)
+    aspect_mask = torch.tensor([[True, False, True], [True, True, True]])
+    out = projector(z0, text, pooled, mask, aspect_mask)
+    projector.loss(out, torch.rand(2, 3), aspect_mask).loss.backward()
+    dead = [n for n, p in projector.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
+    assert not dead, dead
+    assert torch.count_nonzero(z0.grad) > 0
+
+
+# ---------------------------------------------------------------- policy
+
+
+def test_sample_and_log_prob_agree():
+    model = make_corrector(nonzero_head=True, log_std_init=-1.0)
+    with torch.no_grad():
+        model.log_std.copy_(torch.tensor([-1.0, -0.5, 0.0, -2.0]))
+    model.eval()
+    z0, text, pooled, mask = inputs()
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(5))
+    zc, delta, log_prob, lam = model.sample(z0, text, pooled, mask, noise=noise, alpha=0.5)
+    assert not any(t.requires_grad for t in (zc, delta, log_prob, lam))
+    assert delta.dtype == log_prob.dtype == lam.dtype == torch.float32
+    dist = model.distribution(z0, text, pooled, mask)
+    std = model.log_std.detach().exp().reshape(1, C, 1, 1)
+    assert_close(delta, dist.mean.detach() + std * noise)
+    assert_close(zc, z0 + 0.5 * delta)
+    assert_close(lam, delta.abs().sum(1))
+    log_std = model.log_std.detach()
+    assert_close(log_prob, xlard.ops.gaussian_log_prob(delta, dist.mean.detach(), log_std), rtol=1e-5, atol=1e-3)
+    assert_close(log_prob, model.log_prob(delta, dist.mean).detach(), rtol=1e-5, atol=1e-3)
+    assert_close(log_prob, dist.log_prob(delta).detach(), rtol=1e-5, atol=1e-3)
+    by_hand = torch.distributions.Normal(dist.mean.detach().double(), std.double()).log_prob(delta.double())
+    assert_close(log_prob.double(), by_hand.flatten(1).sum(1), rtol=1e-5, atol=1e-3)
+    entropy = torch.distributions.Normal(dist.mean.detach().double(), std.double().expand_as(delta)).entropy()
+    assert_close(dist.entropy().detach().double(), entropy.flatten(1).sum(1), rtol=1e-6, atol=1e-4)
+
+
+def test_bfloat16_latent_keeps_its_dtype_and_float32_log_probs():
+    model = make_corrector(nonzero_head=True)
+    z0, text, pooled, mask = inputs(dtype=torch.bfloat16)
+    zc, delta, log_prob, lam = model.sample(z0, text, pooled, mask, generator=torch.Generator().manual_seed(0))
+    assert zc.dtype == torch.bfloat16 and delta.dtype == log_prob.dtype == torch.float32
+    assert model.distribution(z0, text, pooled, mask).mean.dtype == torch.float32
+
+
+def test_determinism_with_a_seed():
+    a, b = make_corrector(seed=7, nonzero_head=True), make_corrector(seed=7, nonzero_head=True)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    z0, text, pooled, mask = inputs()
+    first = a.sample(z0, text, pooled, mask, generator=torch.Generator().manual_seed(11))
+    second = b.sample(z0, text, pooled, mask, generator=torch.Generator().manual_seed(11))
+    other = a.sample(z0, text, pooled, mask, generator=torch.Generator().manual_seed(12))
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+    assert not torch.equal(first[1], other[1])
+    assert not torch.equal(make_corrector(seed=8).trunk.patch_embed.weight, a.trunk.patch_embed.weight)
+
+
+# ---------------------------------------------------------------- the text padding mask
+
+
+def test_padded_text_tokens_do_not_change_any_output():
+    model = make_corrector(nonzero_head=True)
+    projector = LatentRewardProjector(projector_config())
+    z0, text, pooled, mask = inputs(t=6)
+    garbage = text.clone()
+    garbage[~mask] = torch.randn(int((~mask).sum()), TEXT) * 100
+    garbage[0, -1, 0] = float("nan")
+    assert torch.equal(model(z0, text, pooled, mask), model(z0, garbage, pooled, mask))
+    assert torch.equal(model.value(z0, text, pooled, mask), model.value(z0, garbage, pooled, mask))
+    assert torch.equal(projector(z0, text, pooled, mask).scores, projector(z0, garbage, pooled, mask).scores)
+    # Same as giving the first prompt only its real tokens.
+    kept = int(mask[0].sum())
+    short = model(z0[:1], text[:1, :kept], pooled[:1])
+    assert_close(model(z0, garbage, pooled, mask)[:1], short)
+    # 0/1 integer masks (Hugging Face attention_mask) mean the same.
+    assert torch.equal(model(z0, text, pooled, mask.long()), model(z0, text, pooled, mask))
+    # The mask matters, and a prompt with no real token stays finite.
+    assert not torch.equal(model(z0, garbage.nan_to_num(), pooled), model(z0, garbage.nan_to_num(), pooled, mask))
+    none = torch.zeros_like(mask)
+    assert torch.isfinite(model(z0, text, pooled, none)).all()
+    assert torch.isfinite(projector(z0, text, pooled, none).scores).all()
+
+
+# ---------------------------------------------------------------- projector and confidence head
+
+
+def test_aspect_weights_are_a_softmax_over_present_aspects():
+    log_var = torch.tensor([[0.0, 1.0, -1.0], [0.3, 0.2, 0.1], [2.0, 0.0, 0.0]])
+    present = torch.tensor([[True, True, True], [True, False, True], [False, False, False]])
+    w = aspect_weights(log_var, present)
+    assert_close(w[0], torch.softmax(-log_var[0], 0))
+    assert_close(w[1], torch.tensor([math.exp(-0.3), 0.0, math.exp(-0.1)]) / (math.exp(-0.3) + math.exp(-0.1)))
+    assert torch.equal(w[2], torch.zeros(3))
+    assert_close(aspect_weights(torch.zeros(2, 3), present[:2]), torch.tensor([[1 / 3] * 3, [0.5, 0.0, 0.5]]))
+
+
+def test_projector_loss_is_uncertainty_weighted_and_ignores_absent_aspects():
+    projector = LatentRewardProjector(projector_config())
+    scores = torch.tensor([[0.2, 0.5, 0.9], [0.4, 0.6, 0.1]], requires_grad=True)
+    log_var = torch.tensor([[0.0, 1.0, -1.0], [0.5, 0.5, 0.5]], requires_grad=True)
+    present = torch.tensor([[True, False, True], [True, True, False]])
+    target = torch.tensor([[0.0, float("nan"), 1.0], [1.0, 0.5, float("nan")]])
+    pred = ProjectorOutput(scores, log_var, aspect_weights(log_var, present))
+    result = projector.loss(pred, target, present)
+    entries = [(0.2, 0.0, 0.0), (0.9, 1.0, -1.0), (0.4, 1.0, 0.5), (0.6, 0.5, 0.5)]
+    expected = sum(0.5 * math.exp(-s) * (p - t) ** 2 + 0.5 * s for p, t, s in entries) / 4
+    assert_close(result.loss.detach(), torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    assert_close(result.mse, torch.tensor([(0.04 + 0.36) / 2, 0.01, 0.01]), atol=1e-6, rtol=1e-6)
+    assert torch.equal(result.weights, aspect_weights(log_var, present).detach())
+    result.loss.backward()
+    assert torch.isfinite(scores.grad).all() and torch.isfinite(log_var.grad).all()
+    assert scores.grad[0, 1] == 0 and scores.grad[1, 2] == 0 and log_var.grad[0, 1] == 0
+    # At the optimum the log-variance equals the log of the squared error: zero gradient there.
+    s = torch.tensor([[math.log(0.25)] * 3], requires_grad=True)
+    one = ProjectorOutput(torch.tensor([[0.5] * 3]), s, aspect_weights(s))
+    projector.loss(one, torch.tensor([[0.0] * 3]), torch.ones(1, 3, dtype=torch.bool)).loss.backward()
+    assert_close(s.grad, torch.zeros(1, 3), atol=1e-6, rtol=0)
+    # Nothing present: a zero loss, not NaN.
+    empty = projector.loss(pred, target, torch.zeros(2, 3, dtype=torch.bool))
+    assert empty.loss.item() == 0.0
+
+
+def test_confidence_matches_forward_and_starts_uniform():
+    torch.manual_seed(0)
+    projector = LatentRewardProjector(projector_config())
+    z0, text, pooled, mask = inputs()
+    aspect_mask = torch.tensor([[True, True, False], [True, True, True]])
+    out = projector(z0, text, pooled, mask, aspect_mask)
+    assert torch.equal(projector.confidence(pooled, aspect_mask), out.weights)
+    assert_close(out.weights.sum(-1), torch.ones(2))
+    assert (out.weights[0, 2] == 0) and (out.weights - torch.tensor([[0.5, 0.5, 0], [1 / 3] * 3])).abs().max() < 0.1
+    assert len(ASPECTS) == 3 and ASPECTS[0] == "count"
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = make_corrector(nonzero_head=True, patch=2)
+    with torch.no_grad():
+        model.log_std.add_(0.123)
+    projector = LatentRewardProjector(projector_config())
+    z0, text, pooled, mask = inputs()
+    for m, folder in ((model, tmp_path / "corrector"), (projector, tmp_path / "nested" / "projector")):
+        assert m.save_pretrained(folder) == folder
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+        loaded = type(m).from_pretrained(folder)
+        assert loaded.config == m.config and not loaded.training
+        assert loaded.state_dict().keys() == m.state_dict().keys()
+        for (name, a), b in zip(m.state_dict().items(), loaded.state_dict().values()):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert all(p.requires_grad for p in loaded.parameters())
+    m2 = ResidualCorrector.from_pretrained(tmp_path / "corrector")
+    model.eval()
+    assert torch.equal(model(z0, text, pooled, mask), m2(z0, text, pooled, mask))
+    # Saving over an existing folder replaces both files and leaves no temporary folder behind.
+    make_corrector(seed=3).save_pretrained(tmp_path / "corrector")
+    assert not torch.equal(ResidualCorrector.from_pretrained(tmp_path / "corrector").trunk.patch_embed.weight,
+                           model.trunk.patch_embed.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrector", "nested"]
+    assert ResidualCorrector.from_pretrained(tmp_path / "corrector", dtype=torch.float64).head.weight.dtype \
+        == torch.float64
+
+
+def test_load_errors_are_clear(tmp_path):
+    folder = tmp_path / "c"
+    make_corrector().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        ResidualCorrector.from_pretrained(tmp_path / "absent")
+    with pytest.raises(ValueError, match="describes a 'ResidualCorrector', not a LatentRewardProjector"):
+        LatentRewardProjector.from_pretrained(folder)
+
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        ResidualCorrector.from_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        ResidualCorrector.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing .*model.safetensors"):
+        ResidualCorrector.from_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(weights)
+
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        ResidualCorrector.from_pretrained(folder)
+    for change, pattern in (({"width": 64}, "do not match the config"),
+                            ({"heads": 3}, "width .* must be divisible by heads"),
+                            ({"colour": 1}, "unknown fields")):
+        (folder / "config.json").write_text(json.dumps({**config, "config": {**config["config"], **change}}))
+        with pytest.raises(ValueError, match=pattern):
+            ResidualCorrector.from_pretrained(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="missing .*config.json"):
+        ResidualCorrector.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_name_the_argument():
+    model = make_corrector()
+    projector = LatentRewardProjector(projector_config())
+    z0, text, pooled, mask = inputs()
+    cases = [
+        ((z0[0], text, pooled, mask), ValueError, "z0 must have 4 dimensions"),
+        ((z0[:, :3], text, pooled, mask), ValueError, r"z0 must have shape \[B, C, H, W\] with C = latent_channels"),
+        ((z0.int(), text, pooled, mask), TypeError, "z0 must have dtype"),
+        ((z0, text[..., :8], pooled, mask), ValueError, "text_tokens must have shape"),
+        ((z0, text, pooled[:1], mask), ValueError, "pooled must have shape"),
+        ((z0, text, pooled, mask[:, :3]), ValueError, "text_mask must have shape"),
+        ((z0, text, pooled, mask.float()), TypeError, "text_mask must have dtype"),
+        (("z0", text, pooled, mask), TypeError, "z0 must be a torch.Tensor"),
+    ]
+    for args, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            model(*args)
+    with pytest.raises(ValueError, match="noise must have the shape of z0"):
+        model.sample(z0, text, pooled, mask, noise=torch.randn(1, C, 6, 10))
+    with pytest.raises(ValueError, match="alpha must be"):
+        model.correct(z0, text, pooled, mask, alpha=float("nan"))
+    with pytest.raises(ValueError, match="zc must have shape"):
+        projector(z0[:, :2], text, pooled, mask)
+    with pytest.raises(ValueError, match=r"aspect_mask must have shape \[B, 3\]"):
+        projector(z0, text, pooled, mask, torch.ones(2, 2, dtype=torch.bool))
+    out = projector(z0, text, pooled, mask)
+    with pytest.raises(ValueError, match="target must have shape"):
+        projector.loss(out, torch.rand(2, 2), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="aspect_mask must have dtype bool"):
+        projector.loss(out, torch.rand(2, 3), torch.ones(2, 3))
+    with pytest.raises(TypeError, match="pred must be the ProjectorOutput"):
+        projector.loss(out.scores, torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("field,value,pattern", [
+    ("heads", 3, "width .* must be divisible by heads"),
+    ("width", 30, "width must be a multiple of 4"),
+    ("depth", 0, "depth must be an integer >= 1"),
+    ("patch", 1.5, "patch must be an integer"),
+    ("dropout", 1.0, "dropout must be a finite number in"),
+    ("ffn_mult", 0, "ffn_mult must be"),
+    ("alpha", float("inf"), "alpha must be"),
+    ("value_shares_trunk", 1, "value_shares_trunk must be a bool"),
+])
+def test_config_validation_names_the_field(field, value, pattern):
+    with pytest.raises(ValueError, match=f"CorrectorConfig: {pattern}"):
+        corrector_config(**{field: value})
+
+
+def test_config_dict_round_trip_and_presets():
+    cfg = corrector_config(patch=2)
+    assert CorrectorConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.replace(depth=3).depth == 3
+    with pytest.raises(ValueError, match="unknown fields"):
+        CorrectorConfig.from_dict({**cfg.to_dict(), "depht": 3})
+    with pytest.raises(ValueError, match="latent_channels"):
+        CorrectorConfig.from_dict({"text_dim": 8, "pooled_dim": 8})
+    with pytest.raises(ValueError, match="log_var_min"):
+        projector_config(log_var_min=5.0, log_var_max=1.0)
+    assert CorrectorConfig.preset("tiny").width == 32 and ProjectorConfig.preset("paper").patch == 2
+    with pytest.raises(ValueError, match="'paper' or 'tiny'"):
+        CorrectorConfig.preset("huge")
+    with pytest.raises(TypeError, match="config must be a CorrectorConfig"):
+        ResidualCorrector(projector_config())
+
+
+def test_corrector_and_projector_compile_without_graph_breaks():
+    # backend="eager" checks that the whole forward traces as one graph (ops, masks, checks)
+    # without paying for Inductor code generation on the CPU.
+    model = make_corrector(nonzero_head=True, patch=2).eval()
+    projector = LatentRewardProjector(projector_config()).eval()
+    z0, text, pooled, mask = inputs(h=8, w=8)
+    compiled = torch.compile(lambda: model.correct(z0, text, pooled, mask), fullgraph=True, backend="eager")
+    for got, want in zip(compiled(), model.correct(z0, text, pooled, mask)):
+        assert_close(got, want)
+    compiled = torch.compile(lambda: projector(z0, text, pooled, mask).scores, fullgraph=True, backend="eager")
+    assert_close(compiled(), projector(z0, text, pooled, mask).scores)

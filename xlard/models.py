@@ -1,0 +1,993 @@
+"""The trainable models of xLARD: the residual corrector (the policy) and the latent reward projector.
+
+- :class:`ResidualCorrector` (spec section 3): a pre-norm transformer over latent
+  tokens with self-attention, cross-attention to the prompt tokens, a FiLM from
+  the pooled prompt embedding and 2D sine-cosine positions. Its zero-initialised
+  output head makes ``zc == z0`` exactly at initialisation. It is also the PPO
+  policy (a diagonal Gaussian around its output with a learnable per-channel
+  log std) and carries the value head (the baseline ``b``).
+- :class:`LatentRewardProjector` (R_phi, spec section 5): a small transformer
+  that predicts the three image-level sub-rewards (count, color, position) from
+  a latent, plus the confidence head that turns a prompt into the weights of the
+  joint reward, trained by uncertainty weighting (see :meth:`LatentRewardProjector.loss`).
+- Both save to and load from a folder holding ``model.safetensors`` and
+  ``config.json`` (:meth:`save_pretrained` / :meth:`from_pretrained`).
+
+The latent-side arithmetic (applying the correction, the LAM, the Gaussian
+log-density, the fused rollout step) goes through :mod:`xlard.ops`.
+
+Example:
+    >>> cfg = CorrectorConfig.tiny(latent_channels=4, text_dim=32, pooled_dim=32)
+    >>> corrector = ResidualCorrector(cfg)
+    >>> zc, lam = corrector.correct(z0, text_tokens, pooled)   # zc == z0 at init
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import xlard
+from xlard import _args
+from xlard import ops as xops
+
+__all__ = [
+    "ASPECTS", "CorrectorConfig", "ProjectorConfig", "ResidualCorrector", "LatentRewardProjector",
+    "GaussianPolicy", "ProjectorOutput", "ProjectorLoss", "aspect_weights", "patchify", "unpatchify",
+    "sincos_position_encoding", "count_parameters",
+]
+
+# The order of the projector's outputs, the confidence weights and every [B, 3] aspect mask.
+ASPECTS = ("count", "color", "position")
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+_FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------
+# Configuration
+
+
+def _check_int(owner: str, name: str, value, minimum: int = 1) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_real(owner: str, name: str, value, low: float = -math.inf, high: float = math.inf,
+                high_open: bool = False, low_open: bool = False) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{owner}: {name} must be a finite number in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+def _check_bool(owner: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: {name} must be a bool, got {value!r}")
+
+
+class _ConfigBase:
+    """Shared by the two configs: dict round trip that rejects unknown or missing fields."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}.from_dict: expected a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown} (known: {sorted(names)})")
+        try:
+            return cls(**data)
+        except TypeError as e:  # a missing required field
+            raise ValueError(f"{cls.__name__}.from_dict: {e}") from None
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _check_transformer_fields(owner: str, cfg) -> None:
+    for name in ("latent_channels", "text_dim", "pooled_dim", "width", "depth", "heads", "patch", "cond_dim"):
+        _check_int(owner, name, getattr(cfg, name))
+    _check_real(owner, "ffn_mult", cfg.ffn_mult, 0.0, low_open=True)
+    _check_real(owner, "dropout", cfg.dropout, 0.0, 1.0, high_open=True)
+    if cfg.width % cfg.heads:
+        raise ValueError(f"{owner}: width ({cfg.width}) must be divisible by heads ({cfg.heads})")
+    if cfg.width % 4:
+        raise ValueError(f"{owner}: width must be a multiple of 4 (2D sine-cosine positions), got {cfg.width}")
+    if round(cfg.width * cfg.ffn_mult) < 1:
+        raise ValueError(f"{owner}: width * ffn_mult must be at least 1, got {cfg.width} * {cfg.ffn_mult}")
+
+
+@dataclass(frozen=True)
+class CorrectorConfig(_ConfigBase):
+    """Architecture and policy defaults of :class:`ResidualCorrector`. Validated on construction.
+
+    Args:
+        latent_channels (int): C of the latent ``z0 [B, C, H, W]``.
+        text_dim (int): width of the prompt token embeddings ``[B, T, text_dim]``.
+        pooled_dim (int): width of the pooled prompt embedding ``[B, pooled_dim]``.
+        width (int): transformer width; a multiple of ``heads`` and of 4.
+        depth (int): number of transformer blocks.
+        heads (int): attention heads.
+        ffn_mult (float): feed-forward hidden width = ``round(width * ffn_mult)``.
+        patch (int): patchify factor; ``H`` and ``W`` must be divisible by it.
+        dropout (float): attention and residual dropout in [0, 1).
+        cond_dim (int): width of ``W e_p``, the projected pooled prompt embedding
+            that drives the FiLM and feeds the value head. A narrow bottleneck
+            keeps a 4096-wide pooled embedding cheap.
+        alpha (float): default step size of ``zc = z0 + alpha * Delta``.
+        log_std_init (float): initial value of the per-channel policy log std.
+        value_hidden (int): hidden width of the value head.
+        value_shares_trunk (bool): False (default): the value head reads the
+            trunk's features through a stop-gradient, so fitting the baseline does
+            not move the policy; True: the value loss also trains the trunk.
+
+    Example:
+        >>> CorrectorConfig.paper().width
+        384
+    """
+
+    latent_channels: int
+    text_dim: int
+    pooled_dim: int
+    width: int = 384
+    depth: int = 6
+    heads: int = 8
+    ffn_mult: float = 4.0
+    patch: int = 1
+    dropout: float = 0.0
+    cond_dim: int = 64
+    alpha: float = 1.0
+    log_std_init: float = -2.0
+    value_hidden: int = 128
+    value_shares_trunk: bool = False
+
+    def __post_init__(self):
+        owner = "CorrectorConfig"
+        _check_transformer_fields(owner, self)
+        _check_int(owner, "value_hidden", self.value_hidden)
+        _check_real(owner, "alpha", self.alpha)
+        _check_real(owner, "log_std_init", self.log_std_init, -20.0, 5.0)
+        _check_bool(owner, "value_shares_trunk", self.value_shares_trunk)
+
+    @classmethod
+    def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
+        """The paper's scale: 6 blocks, 8 heads, width 384, FFN x4 (about 15M parameters
+        for a 16-channel latent and 4096-wide prompt embeddings); latent positions are tokens (patch 1)."""
+        return cls(latent_channels=latent_channels, text_dim=text_dim, pooled_dim=pooled_dim, **overrides)
+
+    @classmethod
+    def tiny(cls, latent_channels: int = 4, text_dim: int = 32, pooled_dim: int = 32, **overrides):
+        """A CPU-friendly corrector for tiny backbones and tests (width 32, 2 blocks, 2 heads)."""
+        base = dict(width=32, depth=2, heads=2, ffn_mult=2.0, cond_dim=16, value_hidden=16)
+        base.update(overrides)
+        return cls(latent_channels=latent_channels, text_dim=text_dim, pooled_dim=pooled_dim, **base)
+
+    @classmethod
+    def preset(cls, name: str, **kwargs):
+        """``"paper"`` or ``"tiny"``, with keyword overrides."""
+        if name not in ("paper", "tiny"):
+            raise ValueError(f"CorrectorConfig.preset: name must be 'paper' or 'tiny', got {name!r}")
+        return getattr(cls, name)(**kwargs)
+
+
+@dataclass(frozen=True)
+class ProjectorConfig(_ConfigBase):
+    """Architecture of :class:`LatentRewardProjector` (R_phi). Validated on construction.
+
+    Args:
+        latent_channels, text_dim, pooled_dim, width, depth, heads, ffn_mult,
+        patch, dropout, cond_dim: as in :class:`CorrectorConfig` (the spec's
+            default projector has 2-4 blocks).
+        confidence_hidden (int): hidden width of the confidence head.
+        log_var_min, log_var_max (float): clamp of the predicted per-aspect
+            log-variances; keeps ``exp(-log_var)`` finite when an aspect is fit
+            perfectly.
+
+    Example:
+        >>> ProjectorConfig.paper().depth
+        4
+    """
+
+    latent_channels: int
+    text_dim: int
+    pooled_dim: int
+    width: int = 384
+    depth: int = 4
+    heads: int = 8
+    ffn_mult: float = 4.0
+    patch: int = 2
+    dropout: float = 0.0
+    cond_dim: int = 64
+    confidence_hidden: int = 64
+    log_var_min: float = -10.0
+    log_var_max: float = 10.0
+
+    def __post_init__(self):
+        owner = "ProjectorConfig"
+        _check_transformer_fields(owner, self)
+        _check_int(owner, "confidence_hidden", self.confidence_hidden)
+        _check_real(owner, "log_var_min", self.log_var_min)
+        _check_real(owner, "log_var_max", self.log_var_max)
+        if not self.log_var_min < self.log_var_max:
+            raise ValueError(f"ProjectorConfig: log_var_min ({self.log_var_min}) must be below "
+                             f"log_var_max ({self.log_var_max})")
+
+    @classmethod
+    def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
+        """The default projector at paper scale: 4 blocks, width 384, 8 heads, patch 2."""
+        return cls(latent_channels=latent_channels, text_dim=text_dim, pooled_dim=pooled_dim, **overrides)
+
+    @classmethod
+    def tiny(cls, latent_channels: int = 4, text_dim: int = 32, pooled_dim: int = 32, **overrides):
+        """A CPU-friendly projector (width 32, 2 blocks, 2 heads, patch 1)."""
+        base = dict(width=32, depth=2, heads=2, ffn_mult=2.0, patch=1, cond_dim=16, confidence_hidden=16)
+        base.update(overrides)
+        return cls(latent_channels=latent_channels, text_dim=text_dim, pooled_dim=pooled_dim, **base)
+
+    @classmethod
+    def preset(cls, name: str, **kwargs):
+        """``"paper"`` or ``"tiny"``, with keyword overrides."""
+        if name not in ("paper", "tiny"):
+            raise ValueError(f"ProjectorConfig.preset: name must be 'paper' or 'tiny', got {name!r}")
+        return getattr(cls, name)(**kwargs)
+
+
+# ----------------------------------------------------------------------------------
+# Token layout
+
+
+def patchify(z: torch.Tensor, patch: int) -> torch.Tensor:
+    """Latent ``[B, C, H, W]`` -> tokens ``[B, (H/p)(W/p), C p p]`` in raster order of the patches.
+
+    Raises:
+        ValueError: if H or W is not divisible by ``patch``.
+    """
+    b, c, h, w = z.shape
+    if h % patch or w % patch:
+        raise ValueError(f"xlard.models.patchify: latent height and width must be divisible by patch={patch}, "
+                         f"got {h} x {w} (pad the latent or choose a patch factor that divides both)")
+    gh, gw = h // patch, w // patch
+    return z.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * patch * patch)
+
+
+def unpatchify(tokens: torch.Tensor, channels: int, height: int, width: int, patch: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``[B, N, C p p]`` -> ``[B, C, H, W]``."""
+    b = tokens.shape[0]
+    gh, gw = height // patch, width // patch
+    return tokens.reshape(b, gh, gw, channels, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(
+        b, channels, height, width)
+
+
+def sincos_position_encoding(grid_h: int, grid_w: int, width: int, *, device=None,
+                             dtype=torch.float32) -> torch.Tensor:
+    """2D sine-cosine positions ``[grid_h * grid_w, width]`` for a raster-ordered token grid.
+
+    The first half of the channels encodes the row, the second half the column,
+    each as ``[sin(pos * omega_k), cos(pos * omega_k)]`` with
+    ``omega_k = 10000 ** (-k / (width / 4))``. Computed in float64, then cast.
+    """
+    if width % 4:
+        raise ValueError(f"xlard.models.sincos_position_encoding: width must be a multiple of 4, got {width}")
+    quarter = width // 4
+    omega = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter))
+    rows = torch.arange(grid_h, dtype=torch.float64, device=device).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, dtype=torch.float64, device=device).repeat(grid_h)
+    parts = []
+    for pos in (rows, cols):
+        angle = pos[:, None] * omega[None, :]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).to(dtype)
+
+
+# ----------------------------------------------------------------------------------
+# Building blocks
+
+
+class _Attention(nn.Module):
+    """Multi-head attention through ``F.scaled_dot_product_attention``.
+
+    Self-attention when ``context`` is None; otherwise queries come from ``x``
+    and keys/values from ``context``. ``mask`` is bool ``[B, T]``, True = attend.
+    """
+
+    def __init__(self, width: int, heads: int, dropout: float, cross: bool):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.cross = cross
+        if cross:
+            self.q = nn.Linear(width, width)
+            self.kv = nn.Linear(width, 2 * width)
+        else:
+            self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, d = t.shape
+        return t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, x, context=None, mask=None):
+        b, n, d = x.shape
+        if self.cross:
+            q = self.q(x)
+            k, v = self.kv(context).chunk(2, dim=-1)
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v), attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class _Block(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to the prompt, feed-forward."""
+
+    def __init__(self, width: int, heads: int, ffn_mult: float, dropout: float):
+        super().__init__()
+        hidden = round(width * ffn_mult)
+        self.norm_self = nn.LayerNorm(width)
+        self.self_attn = _Attention(width, heads, dropout, cross=False)
+        self.norm_cross = nn.LayerNorm(width)
+        self.cross_attn = _Attention(width, heads, dropout, cross=True)
+        self.norm_ffn = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                                 nn.Linear(hidden, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h, context, mask, has_text):
+        h = h + self.drop(self.self_attn(self.norm_self(h)))
+        # A prompt with no valid token contributes nothing (its row attends to a
+        # placeholder mask and the result is zeroed) instead of a NaN softmax.
+        h = h + self.drop(self.cross_attn(self.norm_cross(h), context, mask)) * has_text
+        return h + self.drop(self.ffn(self.norm_ffn(h)))
+
+
+class _LatentTransformer(nn.Module):
+    """The trunk shared by the corrector and the projector.
+
+    Patch embedding + 2D sine-cosine positions, FiLM from the pooled prompt
+    (``Z' = (1 + gamma(W e_p)) * Z + beta(W e_p)``, the spec's
+    ``gamma * Z + beta`` with gamma written as a residual around 1 so that a
+    near-zero init starts near identity), then pre-norm blocks and a final norm.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch = cfg.patch
+        self.width = cfg.width
+        self.patch_embed = nn.Linear(cfg.latent_channels * cfg.patch * cfg.patch, cfg.width)
+        self.cond = nn.Sequential(nn.Linear(cfg.pooled_dim, cfg.cond_dim), nn.SiLU())
+        self.film = nn.Linear(cfg.cond_dim, 2 * cfg.width)
+        self.text_norm = nn.LayerNorm(cfg.text_dim)
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.width)
+        self.blocks = nn.ModuleList(_Block(cfg.width, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.apply(_init_linear)
+        nn.init.normal_(self.film.weight, std=0.02)
+
+    def forward(self, z, text_tokens, pooled, text_mask):
+        """Returns (tokens [B, N, width] after the final norm, cond [B, cond_dim])."""
+        h, w = z.shape[-2:]
+        tokens = self.patch_embed(patchify(z, self.patch))
+        tokens = tokens + sincos_position_encoding(h // self.patch, w // self.patch, self.width,
+                                                   device=z.device, dtype=tokens.dtype)
+        cond = self.cond(pooled)
+        gamma, beta = self.film(cond).chunk(2, dim=-1)
+        tokens = (1 + gamma[:, None, :]) * tokens + beta[:, None, :]
+        if text_mask is None:
+            mask, has_text = None, 1.0
+        else:
+            # Zero padded tokens before projecting: padding (even NaN/inf) then has no effect at all.
+            text_tokens = text_tokens.masked_fill(~text_mask[..., None], 0.0)
+            any_valid = text_mask.any(dim=1)
+            mask = text_mask | ~any_valid[:, None]
+            has_text = any_valid[:, None, None].to(tokens.dtype)
+        context = self.text_proj(self.text_norm(text_tokens))
+        for block in self.blocks:
+            tokens = block(tokens, context, mask, has_text)
+        return self.norm(tokens), cond
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------------
+# Input checks and save/load
+
+
+def _check_prompt(owner, batch, text_tokens, pooled, text_mask, text_dim, pooled_dim, device):
+    _args.check_tensor(owner, "text_tokens", text_tokens, _args.FLOAT_DTYPES, dim=3)
+    if text_tokens.shape[0] != batch or text_tokens.shape[2] != text_dim or text_tokens.shape[1] < 1:
+        raise ValueError(f"xlard.{owner}: text_tokens must have shape [B, T, text_dim] = [{batch}, T >= 1, "
+                         f"{text_dim}], got {tuple(text_tokens.shape)}")
+    _args.check_tensor(owner, "pooled", pooled, _args.FLOAT_DTYPES, dim=2)
+    if tuple(pooled.shape) != (batch, pooled_dim):
+        raise ValueError(f"xlard.{owner}: pooled must have shape [B, pooled_dim] = [{batch}, {pooled_dim}], "
+                         f"got {tuple(pooled.shape)}")
+    if text_mask is not None:
+        _args.check_tensor(owner, "text_mask", text_mask,
+                           (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64), dim=2)
+        if tuple(text_mask.shape) != tuple(text_tokens.shape[:2]):
+            raise ValueError(f"xlard.{owner}: text_mask must have shape [B, T] = {list(text_tokens.shape[:2])} "
+                             f"(True or 1 = a real token), got {tuple(text_mask.shape)}")
+        text_mask = text_mask if text_mask.dtype == torch.bool else text_mask != 0
+    _args.check_same_device(owner, text_tokens=text_tokens, pooled=pooled, text_mask=text_mask)
+    if text_tokens.device != device:
+        raise ValueError(f"xlard.{owner}: inputs are on {text_tokens.device} but the model is on {device}")
+    return text_mask
+
+
+def _check_latent(owner, name, z, channels, patch, device):
+    _args.check_tensor(owner, name, z, _args.FLOAT_DTYPES, dim=4)
+    b, c, h, w = z.shape
+    if c != channels or b < 1 or h < 1 or w < 1:
+        raise ValueError(f"xlard.{owner}: {name} must have shape [B, C, H, W] with C = latent_channels = "
+                         f"{channels} and B, H, W >= 1, got {tuple(z.shape)}")
+    if h % patch or w % patch:
+        raise ValueError(f"xlard.{owner}: {name} height and width must be divisible by patch={patch}, got "
+                         f"{h} x {w} (pad the latent or choose a patch factor that divides both)")
+    if z.device != device:
+        raise ValueError(f"xlard.{owner}: {name} is on {z.device} but the model is on {device}")
+
+
+class _Pretrained:
+    """save_pretrained / from_pretrained for a module built from one config dataclass."""
+
+    config_class: ClassVar[type]
+    config: Any
+
+    def save_pretrained(self, directory) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory``.
+
+        Both files are written to a temporary folder beside ``directory`` first.
+        A new ``directory`` appears with one atomic rename (both files or none);
+        an existing one gets each file replaced atomically (a reader never sees
+        a half-written file).
+
+        Args:
+            directory (str or PathLike): the target folder; parents are created.
+
+        Returns:
+            Path: ``directory``.
+
+        Example:
+            >>> corrector.save_pretrained("runs/corrector")
+        """
+        save_file = _safetensors().save_file
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"{type(self).__name__}.save_pretrained: {directory} exists and is not a folder")
+        state = {}
+        for name, tensor in self.state_dict().items():  # type: ignore[attr-defined]
+            if tensor.is_meta:
+                raise ValueError(f"{type(self).__name__}.save_pretrained: {name} is on the meta device (no data)")
+            state[name] = tensor.detach().cpu().contiguous()
+        dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values()})
+        meta = {"model": type(self).__name__, "format_version": _FORMAT_VERSION, "xlard_version": xlard.__version__,
+                "dtypes": dtypes, "config": self.config.to_dict()}
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model": type(self).__name__})
+            with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.replace(tmp, directory)  # succeeds when directory does not exist (or is an empty folder)
+            except OSError:
+                os.replace(tmp / WEIGHTS_NAME, directory / WEIGHTS_NAME)
+                os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, *, device=None, dtype=None):
+        """Rebuild a model saved by :meth:`save_pretrained`, bit for bit.
+
+        The module is built on the meta device and the stored tensors are
+        assigned to it (no random initialisation, no second copy), then moved to
+        ``device``/``dtype`` when given. Returned in eval mode.
+
+        Args:
+            directory (str or PathLike): folder with ``model.safetensors`` and ``config.json``.
+            device (torch.device or str, optional): where to put the model (default CPU).
+            dtype (torch.dtype, optional): cast floating tensors (default: as saved).
+
+        Raises:
+            FileNotFoundError: the folder or one of its two files is missing.
+            ValueError: an unreadable file, a config of another model or with bad
+                fields, or weights that do not match the config.
+
+        Example:
+            >>> corrector = ResidualCorrector.from_pretrained("runs/corrector", device="cuda")
+        """
+        load_file = _safetensors().load_file
+        owner = f"{cls.__name__}.from_pretrained"
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{owner}: no folder at {directory}")
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{owner}: missing {path} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+        try:
+            meta = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{owner}: {config_path} is not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise ValueError(f"{owner}: {config_path} has no 'config' entry; not written by save_pretrained")
+        if meta.get("model") != cls.__name__:
+            raise ValueError(f"{owner}: {config_path} describes a {meta.get('model')!r}, not a {cls.__name__}")
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"{owner}: {config_path} has format_version {meta.get('format_version')!r}; "
+                             f"this xlard reads version {_FORMAT_VERSION}")
+        try:
+            config = cls.config_class.from_dict(meta["config"])
+        except ValueError as e:
+            raise ValueError(f"{owner}: bad config in {config_path}: {e}") from None
+        try:
+            state = load_file(str(weights_path), device="cpu")
+        except Exception as e:  # safetensors raises its own error type for a corrupt header or truncated data
+            raise ValueError(f"{owner}: {weights_path} is not a readable safetensors file ({e})") from None
+        with torch.device("meta"):
+            model = cls(config)  # type: ignore[call-arg]
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(f"{k}: stored {tuple(state[k].shape)}, config wants {expected[k]}"
+                       for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+        if missing or unexpected or wrong:
+            raise ValueError(f"{owner}: the weights in {weights_path} do not match the config in {config_path}: "
+                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+                             f"wrong shapes {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
+        model.load_state_dict(state, strict=True, assign=True)
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        return model.eval()
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        """Number of (trainable) parameters."""
+        return sum(p.numel() for p in self.parameters()  # type: ignore[attr-defined]
+                   if p.requires_grad or not trainable_only)
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError("xlard.models save/load needs safetensors: pip install safetensors "
+                          "(or pip install 'xlard[method]')") from None
+    return safetensors.torch
+
+
+def count_parameters(config) -> int:
+    """Trainable parameters of the model a config describes, built on the meta device (no memory, no init cost).
+
+    Example:
+        >>> count_parameters(CorrectorConfig.paper())
+    """
+    model_cls = {CorrectorConfig: ResidualCorrector, ProjectorConfig: LatentRewardProjector}.get(type(config))
+    if model_cls is None:
+        raise TypeError(f"xlard.models.count_parameters: config must be a CorrectorConfig or ProjectorConfig, "
+                        f"got {type(config).__name__}")
+    with torch.device("meta"):
+        return model_cls(config).num_parameters()
+
+
+# ----------------------------------------------------------------------------------
+# The corrector (policy + value)
+
+
+@dataclass(frozen=True)
+class GaussianPolicy:
+    """The policy at one state: ``N(mean, exp(log_std)^2)`` per latent element.
+
+    Attributes:
+        mean (Tensor[B, C, H, W], float32; float64 for float64 latents): Delta_theta(z0, e_p).
+        log_std (Tensor[C]): the learnable per-channel log std (state-independent).
+    """
+
+    mean: torch.Tensor
+    log_std: torch.Tensor
+
+    def log_prob(self, delta: torch.Tensor) -> torch.Tensor:
+        """``log N(delta; mean, std^2)`` summed over C*H*W, ``[B]`` float32, via :func:`xlard.ops.gaussian_log_prob`."""
+        return xops.gaussian_log_prob(delta.to(self.mean.dtype), self.mean, self.log_std.to(self.mean.dtype))
+
+    def entropy(self) -> torch.Tensor:
+        """Differential entropy summed over C*H*W, ``[B]`` (state-independent, so equal across the batch)."""
+        per_channel = self.log_std.to(self.mean.dtype) + 0.5 * math.log(2 * math.pi * math.e)
+        spatial = self.mean[0, 0].numel()
+        return (per_channel.sum() * spatial).expand(self.mean.shape[0])
+
+
+class ResidualCorrector(_Pretrained, nn.Module):
+    """The URC: ``Delta_theta(z0, e_p)``, the PPO policy around it and the value baseline.
+
+    Args:
+        config (CorrectorConfig): architecture and policy defaults.
+
+    Inputs shared by the methods:
+        z0 (Tensor[B, C, H, W]): the generator's latent, any float dtype; H and W
+            divisible by ``config.patch``. Cast to the model's dtype inside.
+        text_tokens (Tensor[B, T, text_dim]): prompt token embeddings.
+        pooled (Tensor[B, pooled_dim]): pooled prompt embedding (drives the FiLM).
+        text_mask (Tensor[B, T], bool or 0/1 ints, optional): True/1 marks real
+            tokens; padded tokens have no effect on any output. A prompt with no
+            real token gets no cross-attention update.
+
+    Example:
+        >>> corrector = ResidualCorrector(CorrectorConfig.tiny())
+        >>> with torch.no_grad():
+        ...     zc, delta, log_prob, lam = corrector.sample(z0, text_tokens, pooled, generator=g)
+    """
+
+    config_class = CorrectorConfig
+
+    def __init__(self, config: CorrectorConfig):
+        super().__init__()
+        if not isinstance(config, CorrectorConfig):
+            raise TypeError(f"ResidualCorrector: config must be a CorrectorConfig, got {type(config).__name__}")
+        self.config = config
+        c, p = config.latent_channels, config.patch
+        self.trunk = _LatentTransformer(config)
+        self.head = nn.Linear(config.width, c * p * p)
+        # Zero weight and bias: Delta is exactly 0 (hence zc == z0) until the first update.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.log_std = nn.Parameter(torch.full((c,), float(config.log_std_init)))
+        self.value_head = nn.Sequential(
+            nn.LayerNorm(config.width + config.cond_dim),
+            nn.Linear(config.width + config.cond_dim, config.value_hidden), nn.SiLU(),
+            nn.Linear(config.value_hidden, 1))
+        self.value_head.apply(_init_linear)
+
+    @property
+    def _param(self) -> torch.Tensor:
+        return self.head.weight
+
+    def _features(self, z0, text_tokens, pooled, text_mask):
+        cfg, ref = self.config, self._param
+        _check_latent("ResidualCorrector", "z0", z0, cfg.latent_channels, cfg.patch, ref.device)
+        text_mask = _check_prompt("ResidualCorrector", z0.shape[0], text_tokens, pooled, text_mask,
+                                  cfg.text_dim, cfg.pooled_dim, ref.device)
+        dt = ref.dtype
+        return self.trunk(z0.to(dt), text_tokens.to(dt), pooled.to(dt), text_mask)
+
+    def _delta(self, tokens, z0) -> torch.Tensor:
+        cfg = self.config
+        return unpatchify(self.head(tokens), cfg.latent_channels, z0.shape[-2], z0.shape[-1], cfg.patch)
+
+    def _value(self, tokens, cond) -> torch.Tensor:
+        features = torch.cat([tokens.mean(dim=1), cond], dim=-1)
+        if not self.config.value_shares_trunk:
+            features = features.detach()
+        return self.value_head(features).squeeze(-1).float()
+
+    def forward(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:
+        """The correction ``Delta_theta(z0, e_p)`` (the policy mean).
+
+        Returns:
+            Tensor[B, C, H, W] in z0's dtype (exactly zero at initialisation).
+
+        Raises:
+            TypeError, ValueError: a bad input, naming it.
+        """
+        tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
+        return self._delta(tokens, z0).to(z0.dtype)
+
+    def correct(self, z0, text_tokens, pooled, text_mask=None, alpha=None):
+        """Inference: apply the mean correction, ``zc = z0 + alpha * Delta``, via :func:`xlard.ops.residual_correction`.
+
+        Args:
+            alpha (float or Tensor[B], optional): step size; default ``config.alpha``.
+
+        Returns:
+            (zc [B, C, H, W] in z0's dtype, lam [B, H, W] float32): the corrected
+            latent and the Latent Activation Map ``sum_c |Delta|``.
+        """
+        delta = self(z0, text_tokens, pooled, text_mask)
+        return xops.residual_correction(z0, delta, self.config.alpha if alpha is None else alpha)
+
+    def distribution(self, z0, text_tokens, pooled, text_mask=None) -> GaussianPolicy:
+        """The policy ``N(Delta_theta(z0, e_p), exp(log_std)^2)`` with a float32 mean (float64 for float64 z0)."""
+        tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
+        dt = torch.float64 if z0.dtype == torch.float64 else torch.float32
+        return GaussianPolicy(self._delta(tokens, z0).to(dt), self.log_std)
+
+    def policy_and_value(self, z0, text_tokens, pooled, text_mask=None) -> tuple[GaussianPolicy, torch.Tensor]:
+        """One trunk pass for the PPO update: ``(distribution, value [B] float32)``."""
+        tokens, cond = self._features(z0, text_tokens, pooled, text_mask)
+        dt = torch.float64 if z0.dtype == torch.float64 else torch.float32
+        return GaussianPolicy(self._delta(tokens, z0).to(dt), self.log_std), self._value(tokens, cond)
+
+    def value(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:
+        """The baseline ``b(z0, e_p)``: trunk tokens mean-pooled, with ``W e_p``, through an MLP. ``[B]`` float32."""
+        tokens, cond = self._features(z0, text_tokens, pooled, text_mask)
+        return self._value(tokens, cond)
+
+    def log_prob(self, delta, mean) -> torch.Tensor:
+        """``log N(delta; mean, exp(log_std)^2)`` summed over C*H*W, computed in float32.
+
+        Args:
+            delta (Tensor[B, C, H, W]): an action (e.g. from :meth:`sample`).
+            mean (Tensor[B, C, H, W]): the policy mean (e.g. ``distribution(...).mean``).
+
+        Returns:
+            Tensor[B], float32 (float64 when both inputs are float64); differentiable
+            in ``mean`` and ``log_std``.
+        """
+        _args.check_tensor("ResidualCorrector.log_prob", "delta", delta, _args.FLOAT_DTYPES, dim=4)
+        _args.check_tensor("ResidualCorrector.log_prob", "mean", mean, _args.FLOAT_DTYPES, dim=4)
+        dt = torch.float64 if delta.dtype == mean.dtype == torch.float64 else torch.float32
+        return xops.gaussian_log_prob(delta.to(dt), mean.to(dt), self.log_std.to(dt))
+
+    @torch.no_grad()
+    def sample(self, z0, text_tokens, pooled, text_mask=None, *, alpha=None, generator=None, noise=None):
+        """The PPO rollout step: sample ``delta ~ N(mean, std^2)`` and apply it, via :func:`xlard.ops.sample_correction`.
+
+        Runs under ``torch.no_grad()``; call ``eval()`` first for a rollout without dropout.
+
+        Args:
+            alpha (float or Tensor[B], optional): step size; default ``config.alpha``.
+            generator (torch.Generator, optional): source of the noise (on z0's device).
+            noise (Tensor[B, C, H, W], optional): standard normal noise to use instead.
+
+        Returns:
+            (zc [B, C, H, W] in z0's dtype, delta float32 [B, C, H, W], log_prob
+            float32 [B], lam float32 [B, H, W]); float64 throughout for float64 z0.
+        """
+        dist = self.distribution(z0, text_tokens, pooled, text_mask)
+        dt = dist.mean.dtype
+        if noise is None:
+            noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=dt)
+        else:
+            _args.check_tensor("ResidualCorrector.sample", "noise", noise, _args.FLOAT_DTYPES)
+            if noise.shape != z0.shape:
+                raise ValueError(f"xlard.ResidualCorrector.sample: noise must have the shape of z0 "
+                                 f"{tuple(z0.shape)}, got {tuple(noise.shape)}")
+            noise = noise.to(dt)
+        if isinstance(alpha, torch.Tensor):
+            alpha = alpha.to(dt)
+        zc, delta, log_prob, lam = xops.sample_correction(
+            z0.to(dt), dist.mean, self.log_std.detach().to(dt), noise, self.config.alpha if alpha is None else alpha)
+        return zc.to(z0.dtype), delta, log_prob, lam
+
+
+# ----------------------------------------------------------------------------------
+# The latent reward projector and its confidence head
+
+
+class ProjectorOutput(NamedTuple):
+    """What :class:`LatentRewardProjector` predicts for a batch.
+
+    Attributes:
+        scores (Tensor[B, 3]): predicted sub-rewards in (0, 1), order :data:`ASPECTS`.
+        log_var (Tensor[B, 3]): the confidence head's per-aspect log-variance ``s``.
+        weights (Tensor[B, 3]): lambda, ``softmax(-s)`` over the present aspects
+            (zeros where absent; all-zero rows for prompts with no aspect).
+    """
+
+    scores: torch.Tensor
+    log_var: torch.Tensor
+    weights: torch.Tensor
+
+
+class ProjectorLoss(NamedTuple):
+    """The result of :meth:`LatentRewardProjector.loss`.
+
+    Attributes:
+        loss (Tensor[]): the uncertainty-weighted regression loss to minimise.
+        mse (Tensor[3]): plain per-aspect MSE over the present entries (detached;
+            0 for an aspect absent from the whole batch), for logging.
+        weights (Tensor[B, 3]): lambda, detached: the weights of the joint reward.
+        log_var (Tensor[B, 3]): the log-variances used (detached).
+    """
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    weights: torch.Tensor
+    log_var: torch.Tensor
+
+
+def _check_aspect_mask(owner, aspect_mask, batch, device):
+    _args.check_tensor(owner, "aspect_mask", aspect_mask, (torch.bool,), dim=2)
+    if tuple(aspect_mask.shape) != (batch, len(ASPECTS)):
+        raise ValueError(f"xlard.{owner}: aspect_mask must have shape [B, 3] = [{batch}, 3] (order {ASPECTS}), "
+                         f"got {tuple(aspect_mask.shape)}")
+    if aspect_mask.device != device:
+        raise ValueError(f"xlard.{owner}: aspect_mask is on {aspect_mask.device}, expected {device}")
+
+
+def aspect_weights(log_var: torch.Tensor, aspect_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Lambda from log-variances: ``softmax(-log_var)`` over the present aspects.
+
+    Pass ``log_var = zeros`` for the "without confidence head" ablation (uniform
+    weights over the present aspects).
+
+    Args:
+        log_var (Tensor[B, 3]): per-aspect log-variances.
+        aspect_mask (Tensor[B, 3], bool, optional): which aspects the prompt has
+            (default: all).
+
+    Returns:
+        Tensor[B, 3] in log_var's dtype: rows sum to 1 over present aspects, 0
+        elsewhere; a row with no present aspect is all zero (not NaN).
+    """
+    if aspect_mask is None:
+        return torch.softmax(-log_var, dim=-1)
+    any_present = aspect_mask.any(dim=-1, keepdim=True)
+    logits = (-log_var).masked_fill(~aspect_mask, float("-inf")).masked_fill(~any_present, 0.0)
+    return torch.softmax(logits, dim=-1) * aspect_mask
+
+
+class LatentRewardProjector(_Pretrained, nn.Module):
+    """R_phi: predicts the count, color and position sub-rewards from a latent and the prompt.
+
+    A small pre-norm transformer over latent tokens (the corrector's trunk
+    design: self-attention, cross-attention to the prompt, FiLM, 2D sine-cosine
+    positions), read out by three learned aspect queries that attend over the
+    final tokens, each mapped to one sigmoid score.
+
+    The confidence head maps the pooled prompt embedding to three per-aspect
+    log-variances ``s(e_p)``. It is trained by uncertainty weighting of the
+    projector's regression loss (Kendall, Gal & Cipolla 2018, with the
+    input-dependent variance of Kendall & Gal 2017): see :meth:`loss`. The
+    head's output bias is the global per-aspect log-variance of the
+    multi-task form; its weights let the uncertainty depend on the prompt. The
+    joint-reward weights are the normalised precisions of the present aspects,
+    ``lambda = softmax(-s)`` (:func:`aspect_weights`). Reward maximisation never
+    trains the head, so it cannot collapse onto the easiest aspect; an aspect
+    the projector predicts well for such prompts gets more weight.
+
+    Args:
+        config (ProjectorConfig): architecture.
+
+    Example:
+        >>> projector = LatentRewardProjector(ProjectorConfig.tiny())
+        >>> out = projector(zc, text_tokens, pooled, aspect_mask=mask)
+        >>> r_task = (out.weights.detach() * true_rewards).sum(-1)
+        >>> projector.loss(out, true_rewards, mask).loss.backward()
+    """
+
+    config_class = ProjectorConfig
+
+    def __init__(self, config: ProjectorConfig):
+        super().__init__()
+        if not isinstance(config, ProjectorConfig):
+            raise TypeError(f"LatentRewardProjector: config must be a ProjectorConfig, got {type(config).__name__}")
+        self.config = config
+        n, w = len(ASPECTS), config.width
+        self.trunk = _LatentTransformer(config)
+        self.aspect_queries = nn.Parameter(torch.randn(n, w) * 0.02)
+        self.readout_attn = _Attention(w, config.heads, config.dropout, cross=True)
+        self.readout_norm = nn.LayerNorm(w)
+        self.readout_weight = nn.Parameter(torch.randn(n, w) * w ** -0.5)
+        self.readout_bias = nn.Parameter(torch.zeros(n))
+        self.confidence_head = nn.Sequential(
+            nn.LayerNorm(config.pooled_dim),
+            nn.Linear(config.pooled_dim, config.confidence_hidden), nn.SiLU(),
+            nn.Linear(config.confidence_hidden, n))
+        self.readout_attn.apply(_init_linear)
+        self.confidence_head.apply(_init_linear)
+        # Start from uniform lambda (s ~ 0) while keeping the head's gradients alive.
+        nn.init.normal_(self.confidence_head[-1].weight, std=0.02)
+
+    @property
+    def _param(self) -> torch.Tensor:
+        return self.readout_bias
+
+    def _log_var(self, pooled) -> torch.Tensor:
+        cfg = self.config
+        return self.confidence_head(pooled).clamp(cfg.log_var_min, cfg.log_var_max)
+
+    def forward(self, zc, text_tokens, pooled, text_mask=None, aspect_mask=None) -> ProjectorOutput:
+        """Predict the sub-rewards of ``zc`` and the prompt's aspect weights.
+
+        Args:
+            zc (Tensor[B, C, H, W]): a (corrected) latent; differentiable (the
+                "without RL" ablation back-propagates through it).
+            text_tokens, pooled, text_mask: as in :class:`ResidualCorrector`.
+            aspect_mask (Tensor[B, 3], bool, optional): aspects present in each
+                prompt (default: all).
+
+        Returns:
+            ProjectorOutput: ``scores``, ``log_var`` and ``weights``, each ``[B, 3]``.
+        """
+        cfg, ref = self.config, self._param
+        owner = "LatentRewardProjector"
+        _check_latent(owner, "zc", zc, cfg.latent_channels, cfg.patch, ref.device)
+        text_mask = _check_prompt(owner, zc.shape[0], text_tokens, pooled, text_mask, cfg.text_dim, cfg.pooled_dim,
+                                  ref.device)
+        if aspect_mask is not None:
+            _check_aspect_mask(owner, aspect_mask, zc.shape[0], ref.device)
+        dt = ref.dtype
+        pooled = pooled.to(dt)
+        tokens, _ = self.trunk(zc.to(dt), text_tokens.to(dt), pooled, text_mask)
+        queries = self.aspect_queries.expand(zc.shape[0], -1, -1)
+        read = self.readout_norm(queries + self.readout_attn(queries, tokens))
+        scores = torch.sigmoid((read * self.readout_weight).sum(-1) + self.readout_bias)
+        log_var = self._log_var(pooled)
+        return ProjectorOutput(scores, log_var, aspect_weights(log_var, aspect_mask))
+
+    def confidence(self, pooled, aspect_mask=None) -> torch.Tensor:
+        """The joint-reward weights lambda ``[B, 3]`` from the prompt alone (no latent needed).
+
+        Args:
+            pooled (Tensor[B, pooled_dim]): pooled prompt embedding.
+            aspect_mask (Tensor[B, 3], bool, optional): aspects present (default: all).
+        """
+        owner = "LatentRewardProjector.confidence"
+        ref = self._param
+        _args.check_tensor(owner, "pooled", pooled, _args.FLOAT_DTYPES, dim=2)
+        if pooled.shape[1] != self.config.pooled_dim:
+            raise ValueError(f"xlard.{owner}: pooled must have shape [B, {self.config.pooled_dim}], "
+                             f"got {tuple(pooled.shape)}")
+        if aspect_mask is not None:
+            _check_aspect_mask(owner, aspect_mask, pooled.shape[0], ref.device)
+        return aspect_weights(self._log_var(pooled.to(ref.dtype)), aspect_mask)
+
+    def loss(self, pred: ProjectorOutput, target, aspect_mask) -> ProjectorLoss:
+        """Uncertainty-weighted regression loss of the projector and its confidence head.
+
+        Per present (prompt b, aspect k), with ``s = pred.log_var``:
+        ``0.5 * exp(-s_bk) * (score_bk - target_bk)^2 + 0.5 * s_bk``, averaged over
+        the present entries (absent entries, whose target may be NaN, are ignored).
+        For a fixed error the optimum is ``s = log(squared error)``: the head
+        learns each aspect's expected squared error given the prompt, and the
+        projector's gradient on an aspect is scaled by its precision ``exp(-s)``.
+
+        Args:
+            pred (ProjectorOutput): from :meth:`forward`.
+            target (Tensor[B, 3]): image-level sub-rewards in [0, 1] (order :data:`ASPECTS`).
+            aspect_mask (Tensor[B, 3], bool): which aspects each prompt has.
+
+        Returns:
+            ProjectorLoss: ``loss`` (scalar, 0 if nothing is present), per-aspect
+            ``mse``, and the resulting ``weights`` (lambda) and ``log_var``.
+        """
+        owner = "LatentRewardProjector.loss"
+        if not isinstance(pred, ProjectorOutput):
+            raise TypeError(f"xlard.{owner}: pred must be the ProjectorOutput of forward(), got {type(pred).__name__}")
+        scores, log_var = pred.scores, pred.log_var
+        _args.check_tensor(owner, "target", target, _args.FLOAT_DTYPES, dim=2)
+        if target.shape != scores.shape:
+            raise ValueError(f"xlard.{owner}: target must have shape {tuple(scores.shape)} (order {ASPECTS}), "
+                             f"got {tuple(target.shape)}")
+        _check_aspect_mask(owner, aspect_mask, scores.shape[0], scores.device)
+        target = torch.where(aspect_mask, target.to(scores.dtype), scores.detach())
+        sq = (scores - target).square()
+        per_entry = 0.5 * torch.exp(-log_var) * sq + 0.5 * log_var
+        present = aspect_mask.to(scores.dtype)
+        total = (per_entry * present).sum() / present.sum().clamp_min(1.0)
+        counts = present.sum(0)
+        mse = ((sq * present).sum(0) / counts.clamp_min(1.0)).detach()
+        return ProjectorLoss(total, mse, aspect_weights(log_var, aspect_mask).detach(), log_var.detach())
