@@ -1,0 +1,727 @@
+"""xlard.rewards and xlard.color_features: the CMD's count, color, position and joint rewards.
+
+Attention maps are synthetic Gaussian blobs at known places; images are flat
+color squares on gray; the CLIP encoder is a tiny random CLIPModel with an
+offline word-level tokenizer. Sign conventions (x right, y down) are pinned here.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import xlard.ops as ops
+from xlard.color_features import (
+    COLOR_PROTOTYPES,
+    ClipColorEncoder,
+    PatchFeatures,
+    PixelColorEncoder,
+    as_image_batch,
+    color_prototype_lab,
+    patch_positions,
+    srgb_to_lab,
+)
+from xlard.prompts import GENEVAL_COLORS, Entity, PromptSpec, Relation, parse
+from xlard.rewards import (
+    STATUS_EMPTY,
+    STATUS_MISSING,
+    STATUS_NONFINITE,
+    STATUS_OK,
+    ColorExplanation,
+    CountExplanation,
+    ExplainableRewards,
+    RelationExplanation,
+    RewardConfig,
+    batch_specs,
+    bound_patch_mask,
+    count_scores,
+    gather_entity_maps,
+    joint_reward,
+)
+
+H = W = 32
+GRAY = 0.5
+
+
+# ---------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------
+
+
+def blobs(points, h=H, w=W, sigma=1.8, amp=1.0):
+    """A map with one Gaussian bump per (x, y) in [0, 1] (x right, y down)."""
+    ii = torch.arange(h, dtype=torch.float32).view(h, 1) + 0.5
+    jj = torch.arange(w, dtype=torch.float32).view(1, w) + 0.5
+    m = torch.zeros(h, w)
+    for x, y in points:
+        m += amp * torch.exp(-((jj - x * w) ** 2 + (ii - y * h) ** 2) / (2 * sigma**2))
+    return m
+
+
+def grid_points(k):
+    """k well-separated points."""
+    spots = [(0.15, 0.15), (0.5, 0.15), (0.85, 0.15), (0.15, 0.5), (0.5, 0.5), (0.85, 0.5), (0.15, 0.85),
+             (0.5, 0.85), (0.85, 0.85)]
+    return spots[:k]
+
+
+def spec(prompt, entities, relations=()):
+    """A spec whose entity j has noun token index j + 1 (token 0 plays BOS)."""
+    ents = tuple(Entity(noun, count, color, token_indices=(j + 1,)) for j, (noun, count, color) in enumerate(entities))
+    rels = tuple(Relation(a, name, b) for a, name, b in relations)
+    return PromptSpec(prompt, ents, rels)
+
+
+def token_maps_for(entity_maps_list, t=8, h=H, w=W):
+    """[B, T, H, W] token maps with entity j's map at token j + 1, low noise elsewhere."""
+    out = torch.full((len(entity_maps_list), t, h, w), 1e-3)
+    for i, maps in enumerate(entity_maps_list):
+        for j, m in enumerate(maps):
+            out[i, j + 1] = m
+    return out
+
+
+def square_image(color_rgb, box=(8, 8, 24, 24), size=32, background=GRAY):
+    """[1, 3, size, size] float image: a flat square (x0, y0, x1, y1) on a flat background."""
+    img = torch.full((1, 3, size, size), background)
+    x0, y0, x1, y1 = box
+    img[0, :, y0:y1, x0:x1] = torch.tensor(color_rgb, dtype=torch.float32).view(3, 1, 1) / 255.0
+    return img
+
+
+# ---------------------------------------------------------------------------
+# Config and formulas
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(threshold_mode="median"), dict(connectivity=6), dict(min_area=0), dict(min_area_fraction=2.0),
+    dict(tau=float("nan")), dict(aspects=("count", "shape")), dict(missing_entity="ignore"),
+    dict(max_components=0), dict(bind_min_coverage=1.5),
+])
+def test_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError, match="RewardConfig"):
+        RewardConfig(**kwargs)
+
+
+def test_min_area_defaults_to_one_percent():
+    cfg = RewardConfig()
+    assert cfg.min_area_for(32, 32) == 11  # ceil(10.24)
+    assert cfg.min_area_for(10, 10) == 1
+    assert cfg.min_area_for(64, 64) == 41
+    assert RewardConfig(min_area=5).min_area_for(64, 64) == 5
+
+
+def test_count_scores_formula_and_zero_target():
+    found = torch.tensor([3, 2, 0, 0, 4, 0, 2])
+    target = torch.tensor([3, 3, 1, 0, 2, 5, 0])
+    got = count_scores(found, target)
+    want = torch.tensor([1.0, math.exp(-1 / 3), math.exp(-1), 1.0, math.exp(-1), math.exp(-1), math.exp(-2)])
+    torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------
+# Count
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 9])
+def test_k_blobs_count_k(k):
+    s = spec(f"{k} dogs", [("dog", k, None)])
+    result = ExplainableRewards()([s], entity_maps=blobs(grid_points(k))[None, None])
+    assert result.count_found.tolist() == [[k]]
+    assert result.scores[0, 0].item() == pytest.approx(1.0)
+    assert result.present.tolist() == [[True, False, False]]
+    assert result.joint.item() == pytest.approx(1.0)
+    centroids = result.explanations[0].counts[0].centroids
+    assert sorted((round(x, 2), round(y, 2)) for x, y in centroids) == sorted(grid_points(k))
+
+
+def test_count_mismatch_reward_and_all_threshold_modes():
+    maps = blobs(grid_points(2))[None, None]
+    for cfg in (RewardConfig(), RewardConfig(threshold_mode="otsu"), RewardConfig(threshold_mode="absolute",
+                                                                                    threshold=0.3)):
+        result = ExplainableRewards(cfg)([spec("three dogs", [("dog", 3, None)])], entity_maps=maps)
+        assert result.count_found.item() == 2
+        assert result.scores[0, 0].item() == pytest.approx(math.exp(-1 / 3), rel=1e-6)
+
+
+def test_min_area_drops_specks_and_connectivity():
+    m = blobs([(0.3, 0.5)])
+    m[2, 28] = 1.0  # a one-pixel speck at full height
+    m[3, 29] = 1.0  # diagonal neighbour: one 8-connected 2-pixel component
+    s = spec("a dog", [("dog", 1, None)])
+    assert ExplainableRewards()([s], entity_maps=m[None, None]).count_found.item() == 1
+    assert ExplainableRewards(RewardConfig(min_area=1))([s], entity_maps=m[None, None]).count_found.item() == 2
+    four = RewardConfig(min_area=1, connectivity=4)
+    assert ExplainableRewards(four)([s], entity_maps=m[None, None]).count_found.item() == 3
+
+
+def test_target_count_zero():
+    s = spec("no dogs and a cat", [("dog", 0, None), ("cat", 1, None)])
+    cat = blobs([(0.5, 0.5)])
+    cmd = ExplainableRewards()
+    # Nothing where the dog's map is (all zero): dog reward 1, cat reward 1.
+    result = cmd([s], entity_maps=torch.stack([torch.zeros(H, W), cat])[None])
+    assert result.scores[0, 0].item() == pytest.approx(1.0)
+    assert result.explanations[0].counts[0].text() == "asked for 0 dogs, found 0 (empty attention map)"
+    # Two dogs found although none was asked for: exp(-2) for the dog, mean with the cat's 1.
+    result = cmd([s], entity_maps=torch.stack([blobs(grid_points(2)), cat])[None])
+    assert result.scores[0, 0].item() == pytest.approx((math.exp(-2) + 1) / 2, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Position
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("relation, dog_at, cat_at", [
+    ("left_of", (0.2, 0.5), (0.8, 0.5)),
+    ("right_of", (0.8, 0.5), (0.2, 0.5)),
+    ("above", (0.5, 0.2), (0.5, 0.8)),   # y grows downward: above = smaller y
+    ("below", (0.5, 0.8), (0.5, 0.2)),
+])
+def test_position_sign_conventions(relation, dog_at, cat_at):
+    maps = torch.stack([blobs([dog_at]), blobs([cat_at])])[None]
+    cmd = ExplainableRewards()
+    good = cmd([spec("x", [("dog", None, None), ("cat", None, None)], [(0, relation, 1)])], entity_maps=maps)
+    assert good.present.tolist() == [[False, False, True]]
+    assert good.scores[0, 2].item() > 0.99
+    torch.testing.assert_close(good.entity_centroids[0], torch.tensor([dog_at, cat_at]), atol=1e-3, rtol=0)
+    inverse = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}[relation]
+    bad = cmd([spec("x", [("dog", None, None), ("cat", None, None)], [(0, inverse, 1)])], entity_maps=maps)
+    assert bad.scores[0, 2].item() < 0.01
+
+
+def test_position_matches_parser_reading_and_tau():
+    s = parse("a dog to the left of a cat")
+    assert s.relation_rows() == ((0, 1, ops.LEFT_OF),)
+    maps = torch.stack([blobs([(0.45, 0.5)]), blobs([(0.55, 0.5)])])[None]
+    soft = ExplainableRewards()([s], entity_maps=maps).scores[0, 2].item()
+    sharp = ExplainableRewards(RewardConfig(tau=50.0))([s], entity_maps=maps).scores[0, 2].item()
+    assert soft == pytest.approx(1 / (1 + math.exp(-10 * 0.1)), abs=2e-3)
+    assert 0.5 < soft < sharp
+
+
+def test_position_is_differentiable_in_maps():
+    s = spec("x", [("dog", None, None), ("cat", None, None)], [(0, "left_of", 1)])
+    tm = token_maps_for([[blobs([(0.45, 0.5)]), blobs([(0.55, 0.5)])]]).requires_grad_(True)
+    result = ExplainableRewards()([s], tm)
+    result.joint.sum().backward()
+    assert tm.grad is not None and tm.grad[0, 1:3].abs().sum() > 0
+    assert tm.grad[0, 3:].abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------
+# Entity maps from token maps
+# ---------------------------------------------------------------------------
+
+
+def test_gather_entity_maps_averages_noun_tokens():
+    s = PromptSpec("two teddy bears", (Entity("teddy bear", 2, token_indices=(2, 3)),))
+    tm = torch.rand(1, 6, 4, 5)
+    maps, available = gather_entity_maps(tm, batch_specs([s]))
+    torch.testing.assert_close(maps[0, 0], (tm[0, 2] + tm[0, 3]) / 2)
+    assert available.tolist() == [[True]]
+
+
+def test_batch_specs_encoders_and_segments():
+    from xlard.prompts import TokenAlignment
+
+    ent = Entity("dog", 1, token_indices=(2,))
+    s = PromptSpec("a dog", (ent,), alignments=(TokenAlignment("tokenizer", 4, ((2,),), ((),)),
+                                                  TokenAlignment("tokenizer_3", 3, ((0, 1),), ((),))))
+    assert batch_specs([s]).token_index[0, 0, 0].item() == 2
+    assert batch_specs([s], encoder="tokenizer_3").token_index[0, 0].tolist() == [0, 1]
+    seg = batch_specs([s], segment_offsets={"tokenizer": 0, "tokenizer_3": 77})
+    assert seg.token_index[0, 0].tolist() == [2, 77, 78]
+
+
+def test_parse_with_tokenizer_end_to_end(word_tokenizer):
+    s = parse("three dogs left of a red cat", word_tokenizer)
+    dog, cat = (e.token_indices for e in s.entities)
+    t = len(word_tokenizer(s.prompt)["input_ids"])
+    tm = torch.full((1, t, H, W), 1e-3)
+    tm[0, dog[0]] = blobs([(0.2, 0.2), (0.2, 0.5), (0.2, 0.8)])
+    tm[0, cat[0]] = blobs([(0.75, 0.5)])
+    img = square_image(COLOR_PROTOTYPES["red"], box=(20, 12, 28, 20))
+    cmd = ExplainableRewards(RewardConfig(bind_color=True), color_encoder=PixelColorEncoder(grid=(8, 8)))
+    result = cmd([s], tm, images=img)
+    assert result.present.tolist() == [[True, True, True]]
+    torch.testing.assert_close(result.scores[0, ::2], torch.ones(2), atol=1e-2, rtol=0)
+    assert result.scores[0, 1].item() > 0.9
+    assert result.explanations[0].counts[0].text().startswith("asked for 3 dogs, found 3 (at ")
+
+
+# ---------------------------------------------------------------------------
+# Pixel color encoder
+# ---------------------------------------------------------------------------
+
+
+def test_srgb_to_lab_known_values():
+    rgb = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [1.0, 1.0, 1.0], [0, 0, 0]], dtype=torch.float64)
+    want = torch.tensor([[53.2408, 80.0925, 67.2032], [32.2970, 79.1875, -107.8602], [100, 0, 0], [0, 0, 0]],
+                        dtype=torch.float64)
+    torch.testing.assert_close(srgb_to_lab(rgb), want, atol=2e-3, rtol=0)
+    # Channel dim anywhere.
+    torch.testing.assert_close(srgb_to_lab(rgb.T, dim=0), want.T, atol=2e-3, rtol=0)
+
+
+def test_color_prototypes_and_modifiers():
+    light, plain, dark = (color_prototype_lab(c) for c in ("light blue", "blue", "dark blue"))
+    assert light[0] > plain[0] > dark[0]
+    torch.testing.assert_close(color_prototype_lab("grey"), color_prototype_lab("gray"))
+    with pytest.raises(ValueError, match="unknown color"):
+        color_prototype_lab("chartreuse")
+    enc = PixelColorEncoder()
+    emb = enc.embed_colors(["light blue", "navy blue", "red"])
+    assert emb.shape == (3, len(enc.basis))
+    torch.testing.assert_close(emb.sum(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("name", GENEVAL_COLORS)
+def test_pixel_encoder_square_scores_its_color_highest(name):
+    from xlard.shapes.world import PALETTE  # the shapes world's renderings of the ten colors
+
+    enc = PixelColorEncoder(grid=(8, 8))
+    pf = enc.encode_images(square_image(PALETTE[name], box=(8, 8, 24, 24)))
+    assert pf.grid == (8, 8) and pf.features.shape == (1, 64, len(enc.basis))
+    emb = enc.embed_colors(list(GENEVAL_COLORS))
+    f = pf.features[0] / pf.features[0].norm(dim=-1, keepdim=True)
+    sim = f @ (emb / emb.norm(dim=-1, keepdim=True)).T  # [N, 10]
+    rows, cols = torch.div(torch.arange(64), 8, rounding_mode="floor"), torch.arange(64) % 8
+    inside = (rows >= 2) & (rows < 6) & (cols >= 2) & (cols < 6)
+    assert (sim[inside].argmax(-1) == GENEVAL_COLORS.index(name)).all()
+    scores, index = ops.color_scores(pf.features, enc.embed_colors([name]))
+    assert inside[index[0, 0]] and scores[0, 0] > 0.8
+
+
+def test_red_square_on_gray_scores_red_at_the_square():
+    enc = PixelColorEncoder(grid=(4, 4))
+    pf = enc.encode_images(square_image((220, 30, 30), box=(16, 16, 32, 32)))  # bottom-right quadrant
+    emb = enc.embed_colors(["red", "gray", "blue"])
+    scores, index = ops.color_scores(pf.features, emb)
+    assert scores[0, 0] > 0.9 and scores[0, 2] < 0.1
+    x, y = pf.positions()[index[0, 0]].tolist()
+    assert x > 0.5 and y > 0.5
+    assert enc.nearest_colors(pf.features)[0][0] == "gray"
+    assert enc.nearest_colors(pf.features)[0][15] == "red"
+
+
+def test_image_inputs_agree():
+    img = square_image((40, 80, 225))
+    uint8 = (img * 255).round().to(torch.uint8)
+    hwc = uint8[0].permute(1, 2, 0).numpy()
+    from PIL import Image
+
+    enc = PixelColorEncoder(grid=(4, 4))
+    want = enc.encode_images(uint8).features
+    for other in (hwc, hwc[None], [Image.fromarray(hwc)], Image.fromarray(hwc), uint8.float() / 255):
+        torch.testing.assert_close(enc.encode_images(other).features, want)
+    with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
+        as_image_batch(img * 2 - 1)
+    with pytest.raises(ValueError, match="channels"):
+        as_image_batch(torch.rand(1, 5, 4, 4))
+
+
+def test_patch_positions_row_major():
+    pos = patch_positions((2, 3))
+    torch.testing.assert_close(pos, torch.tensor([[1 / 6, 0.25], [0.5, 0.25], [5 / 6, 0.25],
+                                                  [1 / 6, 0.75], [0.5, 0.75], [5 / 6, 0.75]]))
+    with pytest.raises(ValueError, match="grid"):
+        PatchFeatures(torch.zeros(1, 5, 3), (2, 3))
+
+
+# ---------------------------------------------------------------------------
+# Color reward and binding
+# ---------------------------------------------------------------------------
+
+
+def two_squares_image():
+    """Red square on the left half, blue square on the right half (32 x 32)."""
+    img = square_image(COLOR_PROTOTYPES["red"], box=(4, 12, 12, 20))
+    img[0, :, 12:20, 20:28] = torch.tensor(COLOR_PROTOTYPES["blue"], dtype=torch.float32).view(3, 1, 1) / 255
+    return img
+
+
+def test_color_binding_to_objects():
+    maps = torch.stack([blobs([(0.25, 0.5)], sigma=2.5), blobs([(0.75, 0.5)], sigma=2.5)])[None]
+    right = spec("a red dog and a blue cat", [("dog", 1, "red"), ("cat", 1, "blue")])
+    swapped = spec("a blue dog and a red cat", [("dog", 1, "blue"), ("cat", 1, "red")])
+    enc = PixelColorEncoder(grid=(8, 8))
+    free = ExplainableRewards(color_encoder=enc)
+    bound = ExplainableRewards(RewardConfig(bind_color=True), color_encoder=enc)
+    img = two_squares_image()
+    for cmd in (free, bound):
+        assert cmd([right], entity_maps=maps, images=img).scores[0, 1].item() > 0.9
+    # Unbound, both colors exist somewhere; bound, each must sit on its own object.
+    assert free([swapped], entity_maps=maps, images=img).scores[0, 1].item() > 0.9
+    assert bound([swapped], entity_maps=maps, images=img).scores[0, 1].item() < 0.2
+    result = bound([right], entity_maps=maps, images=img)
+    red = result.explanations[0].colors[0]
+    assert red.bound and red.position[0] < 0.5
+    assert red.text().startswith("red dog: red scores ") and red.text().endswith("inside the dog")
+
+
+def test_bound_patch_mask_keeps_best_patch_of_small_objects():
+    m = torch.zeros(1, 2, 16, 16)
+    m[0, 0, 5, 5] = 1.0  # one pixel: covers 1/16 of a 4x4-pixel patch
+    mask = bound_patch_mask(m, (4, 4), RewardConfig(min_area=1))
+    assert mask[0, 0].sum() == 1 and mask[0, 0, 5].item()
+    assert not mask[0, 1].any()
+
+
+def test_color_from_precomputed_features_and_embeddings():
+    s = spec("a red dog", [("dog", None, "red")])
+    feats = torch.zeros(1, 4, 2)
+    feats[0, 2] = torch.tensor([1.0, 0.0])
+    feats[0, 3] = torch.tensor([0.0, 1.0])
+    cmd = ExplainableRewards()
+    result = cmd([s], patch_features=feats, patch_grid=(2, 2), color_embeddings={"red": torch.tensor([1.0, 0.0])})
+    assert result.present.tolist() == [[False, True, False]]
+    assert result.scores[0, 1].item() == pytest.approx(1.0)
+    assert result.explanations[0].colors[0].text() == "red dog: red scores 1.00 at patch 2 (0.25, 0.75)"
+    with pytest.raises(ValueError, match="lacks"):
+        cmd([s], patch_features=feats, patch_grid=(2, 2), color_embeddings={"blue": torch.tensor([1.0, 0.0])})
+
+
+# ---------------------------------------------------------------------------
+# CLIP encoder (tiny random)
+# ---------------------------------------------------------------------------
+
+_WORDS = ("a photo of an the object and dog dogs cat cats left right above below to three two one red "
+          "blue green yellow orange purple pink brown black white gray light dark navy").split()
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *_WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(word_tokenizer):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(word_tokenizer), hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=16,
+    )
+    return transformers.CLIPModel(config).eval()
+
+
+def test_clip_encoder_shapes_cache_and_reward(tiny_clip, word_tokenizer):
+    enc = ClipColorEncoder(tiny_clip, word_tokenizer)
+    images = torch.rand(2, 3, 40, 56)
+    pf = enc.encode_images(images)
+    assert pf.grid == (4, 4) and pf.features.shape == (2, 16, 16) and pf.features.dtype == torch.float32
+    emb = enc.embed_colors(["red", "Blue", "red"])
+    assert emb.shape == (3, 16)
+    torch.testing.assert_close(emb[0], emb[2])
+    assert set(enc._cache) == {"red", "blue"}
+    # The patch features are the same projection as CLIP's pooled image embedding, applied per token.
+    with torch.no_grad():
+        pixel = enc._pixel_values(images)
+        out = tiny_clip.vision_model(pixel_values=pixel)
+        pooled = tiny_clip.visual_projection(out.pooler_output)
+        cls = tiny_clip.visual_projection(tiny_clip.vision_model.post_layernorm(out.last_hidden_state[:, 0]))
+    torch.testing.assert_close(pooled, cls)
+    specs = [spec("a red dog", [("dog", 1, "red")]), spec("a blue cat", [("cat", 1, "blue")])]
+    maps = torch.stack([blobs([(0.5, 0.5)]), blobs([(0.3, 0.3)])])[:, None]
+    result = ExplainableRewards(RewardConfig(bind_color=True), color_encoder=enc)(specs, entity_maps=maps,
+                                                                                   images=images)
+    assert result.present[:, 1].all() and torch.isfinite(result.scores[:, 1]).all()
+    assert (result.scores[:, 1].abs() <= 1).all()
+
+
+def test_clip_encoder_dense_values(tiny_clip, word_tokenizer):
+    enc = ClipColorEncoder(tiny_clip, word_tokenizer, dense="values")
+    images = torch.rand(2, 3, 32, 32)
+    pf = enc.encode_images(images)
+    with torch.no_grad():
+        hidden = tiny_clip.vision_model(pixel_values=enc._pixel_values(images), output_hidden_states=True)
+        last = tiny_clip.vision_model.encoder.layers[-1]
+        v = last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(hidden.hidden_states[-2][:, 1:])))
+        want = tiny_clip.visual_projection(tiny_clip.vision_model.post_layernorm(v))
+    torch.testing.assert_close(pf.features, want)
+    with pytest.raises(ValueError, match="dense"):
+        ClipColorEncoder(tiny_clip, word_tokenizer, dense="attention")
+
+
+def test_clip_encoder_from_pretrained_roundtrip(tiny_clip, word_tokenizer, tmp_path):
+    tiny_clip.save_pretrained(tmp_path)
+    word_tokenizer.save_pretrained(tmp_path)
+    loaded = ClipColorEncoder.from_pretrained(str(tmp_path))
+    enc = ClipColorEncoder(tiny_clip, word_tokenizer)
+    images = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(loaded.encode_images(images).features, enc.encode_images(images).features)
+    torch.testing.assert_close(loaded.embed_colors(["green"]), enc.embed_colors(["green"]))
+    # A checkpoint's image processor config supplies the normalization.
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(tmp_path)
+    normalized = ClipColorEncoder.from_pretrained(str(tmp_path))
+    assert normalized.image_mean == (0.5, 0.5, 0.5) and normalized.image_std == (0.25, 0.25, 0.25)
+
+
+# ---------------------------------------------------------------------------
+# Explanations
+# ---------------------------------------------------------------------------
+
+
+def test_explanation_sentences():
+    count = CountExplanation(0, "dog", 3, 2, math.exp(-1 / 3), ((0.21, 0.40), (0.70, 0.38)), (0.04, 0.03))
+    assert count.text() == "asked for 3 dogs, found 2 (at (0.21, 0.40), (0.70, 0.38))"
+    assert str(count) == count.text()
+    assert CountExplanation(0, "mouse", 1, 0, math.exp(-1), status="nonfinite").text() == \
+        "asked for 1 mouse, found 0 (attention map has no finite value)"
+    assert CountExplanation(1, "cat", 2, None, None, status="missing").text() == \
+        "cat: no attention map for its tokens, count not scored"
+    rel = RelationExplanation(0, 0, 1, "dog", "cat", "left_of", 0.99, (0.25, 0.5), (0.75, 0.5))
+    assert rel.text() == "dog left of cat: dog at (0.25, 0.50), cat at (0.75, 0.50), score 0.99"
+    same = RelationExplanation(0, 0, 1, "dog", "dog", "above", 0.0, None, (0.5, 0.5), "empty", "ok")
+    assert same.text() == "dog #0 above dog #1: dog #0 not found, score 0.00"
+    color = ColorExplanation(1, "car", "red", 0.0, None, None, bound=True, status="empty")
+    assert color.text() == "red car: no car region found to look for red in, score 0.00"
+
+
+def test_prompt_explanation_text_and_json():
+    s = spec("three dogs left of a cat", [("dog", 3, None), ("cat", 1, None)], [(0, "left_of", 1)])
+    maps = torch.stack([blobs([(0.21, 0.40), (0.15, 0.8)]), blobs([(0.7, 0.38)])])[None]
+    result = ExplainableRewards()([s], entity_maps=maps)
+    text = result.explanations[0].text().splitlines()
+    assert text[0] == '"three dogs left of a cat"'
+    assert text[1].startswith("  count 0.86: asked for 3 dogs, found 2 (at (0.")
+    assert "asked for 1 cat, found 1 (at (0.70, 0.38))" in text[1]
+    assert text[2] == "  color: absent"
+    assert text[3] == "  position 0.99: dog left of cat: dog at (0.18, 0.60), cat at (0.70, 0.38), score 0.99"
+    assert text[4] == f"  joint {result.joint.item():.2f} (weights count 0.50, position 0.50)"
+    data = result.explanations[0].as_dict()
+    json.dumps(data)
+    assert data["counts"][0]["text"].startswith("asked for 3 dogs, found 2")
+    assert data["scores"]["color"] is None
+    assert result.text() == result.explanations[0].text()
+
+
+# ---------------------------------------------------------------------------
+# Joint reward and the confidence head
+# ---------------------------------------------------------------------------
+
+
+def test_joint_reward_uniform_and_weighted():
+    scores = torch.tensor([[0.2, 0.6, float("nan")], [float("nan")] * 3, [0.5, 0.1, 0.9]])
+    present = ~scores.isnan()
+    joint, lam = joint_reward(scores, present)
+    torch.testing.assert_close(joint[[0, 2]], torch.tensor([0.4, 0.5]))
+    assert joint[1].isnan() and lam[1].eq(0).all()
+    weights = torch.tensor([[1.0, 3.0, 5.0], [1.0, 1.0, 1.0], [0.0, 0.0, 2.0]])
+    joint, lam = joint_reward(scores, present, weights)
+    torch.testing.assert_close(joint[[0, 2]], torch.tensor([0.25 * 0.2 + 0.75 * 0.6, 0.9]))
+    torch.testing.assert_close(lam[0], torch.tensor([0.25, 0.75, 0.0]))
+    raw, _ = joint_reward(scores, present, weights, normalize=False)
+    assert raw[0].item() == pytest.approx(0.2 + 1.8)
+    for bad in (-weights, weights[:, :2], torch.full_like(weights, float("inf"))):
+        with pytest.raises(ValueError, match="weights"):
+            joint_reward(scores, present, bad)
+    with pytest.raises(ValueError, match="sum to 0"):
+        joint_reward(scores, present, torch.tensor([[0.0, 0.0, 1.0]] * 3))
+
+
+def test_confidence_head_and_weight_override():
+    s = spec("a dog left of a cat", [("dog", 1, None), ("cat", 1, None)], [(0, "left_of", 1)])
+    maps = torch.stack([blobs([(0.2, 0.5)]), blobs(grid_points(2))])[None]  # 2 cats: count 0.684
+    calls = []
+
+    def head(specs):
+        calls.append(len(specs))
+        return torch.tensor([[3.0, 5.0, 1.0]])
+
+    result = ExplainableRewards(confidence_head=head)([s], entity_maps=maps)
+    assert calls == [1]
+    torch.testing.assert_close(result.weights, torch.tensor([[0.75, 0.0, 0.25]]))
+    count, position = result.scores[0, 0], result.scores[0, 2]
+    torch.testing.assert_close(result.joint[0], 0.75 * count + 0.25 * position)
+    override = ExplainableRewards(confidence_head=head)([s], entity_maps=maps, weights=torch.tensor([[0.0, 1, 1]]))
+    torch.testing.assert_close(override.joint[0], position)
+
+
+# ---------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------
+
+
+def _close_dicts(a, b):
+    """Recursive equality with float tolerance (pytest.approx does not nest into lists of dicts)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        return all(_close_dicts(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        return all(_close_dicts(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6, nan_ok=True)
+        return True
+    assert a == b
+    return True
+
+
+def test_batch_equals_per_item():
+    specs = [
+        spec("three red dogs left of a cat", [("dog", 3, "red"), ("cat", 1, None)], [(0, "left_of", 1)]),
+        spec("a blue cup", [("cup", 1, "blue")]),
+        spec("dogs", [("dog", None, None)]),
+        spec("a cat above a dog below a bird and a red car",
+             [("cat", 1, None), ("dog", 2, None), ("bird", 1, None), ("car", 0, "red")],
+             [(0, "above", 1), (1, "below", 2), (2, "right_of", 3)]),
+        spec("no dogs", [("dog", 0, None)]),
+    ]
+    g = torch.Generator().manual_seed(3)
+    entity_maps = []
+    for s in specs:
+        maps = []
+        for _ in s.entities:
+            k = int(torch.randint(0, 4, (1,), generator=g))
+            pts = [tuple(float(v) for v in torch.rand(2, generator=g) * 0.8 + 0.1) for _ in range(k)]
+            maps.append(blobs(pts))
+        entity_maps.append(maps)
+    tm = token_maps_for(entity_maps)
+    images = torch.rand(len(specs), 3, 32, 32, generator=g)
+    for cfg in (RewardConfig(), RewardConfig(bind_color=True, threshold_mode="otsu")):
+        cmd = ExplainableRewards(cfg, color_encoder=PixelColorEncoder(grid=(8, 8)))
+        whole = cmd(specs, tm, images=images)
+        for i, s in enumerate(specs):
+            one = cmd([s], tm[i:i + 1], images=images[i:i + 1])
+            torch.testing.assert_close(whole.scores[i:i + 1], one.scores, equal_nan=True)
+            assert torch.equal(whole.present[i:i + 1], one.present)
+            torch.testing.assert_close(whole.joint[i:i + 1], one.joint, equal_nan=True)
+            e = len(s.entities)
+            assert torch.equal(whole.count_found[i, :e], one.count_found[0, :e])
+            # color_scores may differ by an ulp between batch sizes: compare the sentences and numbers.
+            assert whole.explanations[i].text() == one.explanations[0].text()
+            assert _close_dicts(whole.explanations[i].as_dict(), one.explanations[0].as_dict())
+    assert whole.present.tolist()[2] == [False, False, False] and whole.joint[2].isnan()
+
+
+# ---------------------------------------------------------------------------
+# Edge cases
+# ---------------------------------------------------------------------------
+
+
+def test_absent_aspects_are_nan_not_zero():
+    s = spec("two dogs", [("dog", 2, None)])
+    result = ExplainableRewards(color_encoder=PixelColorEncoder())([s], entity_maps=blobs(grid_points(2))[None, None])
+    assert result.present.tolist() == [[True, False, False]]
+    assert result.scores[0, 1:].isnan().all()
+    assert result.weights.tolist() == [[1.0, 0.0, 0.0]]
+    assert result.explanations[0].scores == {"count": pytest.approx(1.0), "color": None, "position": None}
+    assert result.explanations[0].colors == () and result.explanations[0].relations == ()
+
+
+def test_disabled_aspect_is_absent():
+    s = spec("a red dog left of a cat", [("dog", 1, "red"), ("cat", 1, None)], [(0, "left_of", 1)])
+    maps = torch.stack([blobs([(0.2, 0.5)]), blobs([(0.8, 0.5)])])[None]
+    result = ExplainableRewards(RewardConfig(aspects=("count", "position")))([s], entity_maps=maps)
+    assert result.present.tolist() == [[True, False, True]]
+    assert result.explanations[0].colors == ()
+
+
+@pytest.mark.parametrize("fill, status", [(0.0, STATUS_EMPTY), (float("nan"), STATUS_NONFINITE),
+                                          (-1.0, STATUS_EMPTY)])
+def test_empty_and_nan_maps_mean_not_found(fill, status):
+    s = spec("a dog left of a red cat", [("dog", 1, None), ("cat", 1, "red")], [(0, "left_of", 1)])
+    maps = torch.stack([blobs([(0.2, 0.5)]), torch.full((H, W), fill)])[None]
+    cmd = ExplainableRewards(RewardConfig(bind_color=True), color_encoder=PixelColorEncoder(grid=(8, 8)))
+    result = cmd([s], entity_maps=maps, images=square_image(COLOR_PROTOTYPES["red"]))
+    assert result.entity_status.tolist() == [[STATUS_OK, status]]
+    assert result.count_found.tolist() == [[1, 0]]
+    assert result.scores[0, 0].item() == pytest.approx((1 + math.exp(-1)) / 2)
+    assert result.scores[0, 1].item() == 0.0  # no cat region to find red in
+    assert result.scores[0, 2].item() == 0.0  # relation with an object not found
+    assert result.present.all() and torch.isfinite(result.joint).all()
+    expl = result.explanations[0]
+    assert "not found, score 0.00" in expl.relations[0].text()
+    assert expl.colors[0].patch is None
+
+
+def test_partial_nan_pixels_are_ignored():
+    s = spec("two dogs", [("dog", 2, None)])
+    m = blobs(grid_points(2))
+    m[0, :] = float("nan")
+    m[-1, -1] = float("inf")
+    result = ExplainableRewards()([s], entity_maps=m[None, None])
+    assert result.count_found.item() == 2 and result.entity_status.item() == STATUS_OK
+    assert torch.isfinite(result.entity_centroids).all()
+
+
+def test_entity_not_found_in_tokens():
+    unaligned = PromptSpec("a dog left of a cat", (Entity("dog", 1, token_indices=(1,)), Entity("cat", 1)),
+                           (Relation(0, "left_of", 1),))
+    tm = token_maps_for([[blobs([(0.2, 0.5)])]])
+    with pytest.raises(ValueError, match="'cat'.*no token indices"):
+        ExplainableRewards()([unaligned], tm)
+    beyond = spec("a dog", [("dog", 1, None)])
+    with pytest.raises(ValueError, match="beyond the maps' 1 tokens"):
+        ExplainableRewards()([beyond], tm[:, :1])
+    result = ExplainableRewards(RewardConfig(missing_entity="skip"))([unaligned], tm)
+    assert result.entity_status.tolist() == [[STATUS_OK, STATUS_MISSING]]
+    assert result.present.tolist() == [[True, False, False]]  # the only relation involves the cat
+    assert result.scores[0, 0].item() == pytest.approx(1.0)  # the cat's count is left out, not zero
+    expl = result.explanations[0]
+    assert expl.counts[1].text() == "cat: no attention map for its tokens, count not scored"
+    assert expl.relations[0].text() == "dog left of cat: no attention map for cat, not scored"
+    assert result.relation_scores[0, 0].isnan()
+
+
+def test_entity_available_mask_for_given_maps():
+    s = spec("a dog and a cat", [("dog", 1, None), ("cat", 1, None)])
+    maps = torch.stack([blobs([(0.2, 0.5)]), blobs([(0.8, 0.5)])])[None]
+    available = torch.tensor([[True, False]])
+    with pytest.raises(ValueError, match="no map"):
+        ExplainableRewards()([s], entity_maps=maps, entity_available=available)
+    result = ExplainableRewards(RewardConfig(missing_entity="skip"))([s], entity_maps=maps,
+                                                                     entity_available=available)
+    assert result.entity_status.tolist() == [[STATUS_OK, STATUS_MISSING]]
+
+
+def test_missing_inputs_raise_clear_errors():
+    s = spec("a red dog", [("dog", 1, "red")])
+    maps = blobs([(0.5, 0.5)])[None, None]
+    with pytest.raises(ValueError, match="need attention maps"):
+        ExplainableRewards()([s], images=square_image((200, 0, 0)))
+    with pytest.raises(ValueError, match="pass images= .* or patch_features="):
+        ExplainableRewards()([s], entity_maps=maps)
+    with pytest.raises(ValueError, match="needs a color_encoder"):
+        ExplainableRewards()([s], entity_maps=maps, images=square_image((200, 0, 0)))
+    with pytest.raises(ValueError, match="empty batch"):
+        ExplainableRewards()([], entity_maps=maps)
+    with pytest.raises(ValueError, match=r"entity_maps must be"):
+        ExplainableRewards()([s, s], entity_maps=maps)
+    # Color only, unbound: no maps needed.
+    only_color = spec("red dogs", [("dog", None, "red")])
+    result = ExplainableRewards(color_encoder=PixelColorEncoder())([only_color], images=square_image((200, 0, 0)))
+    assert result.present.tolist() == [[False, True, False]]
+
+
+def test_float16_maps_and_numpy_agreement():
+    s = spec("two dogs left of a cat", [("dog", 2, None), ("cat", 1, None)], [(0, "left_of", 1)])
+    maps = torch.stack([blobs([(0.2, 0.2), (0.2, 0.8)]), blobs([(0.8, 0.5)])])[None]
+    a = ExplainableRewards()([s], entity_maps=maps)
+    b = ExplainableRewards()([s], entity_maps=maps.half())
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-3, rtol=0, equal_nan=True)
+    c = np.asarray(a.entity_centroids[0])
+    assert c[0, 0] < 0.5 < c[1, 0]

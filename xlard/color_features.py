@@ -1,0 +1,587 @@
+"""Color feature encoders for the color reward: patch features and color embeddings.
+
+The color reward (:mod:`xlard.rewards`) compares every image patch with every
+color word of the prompt by cosine similarity (``xlard.ops.color_scores``).
+An encoder supplies both sides in one shared space:
+
+- ``encode_images(images) -> PatchFeatures``: ``features [B, N, D]`` for the
+  ``N = gh * gw`` patches of a ``(gh, gw)`` grid, row-major (patch ``n`` sits
+  at row ``n // gw``, column ``n % gw``), plus the grid;
+- ``embed_colors(names) -> Tensor[C, D]``: one embedding per color name.
+
+Two encoders are provided:
+
+- :class:`PixelColorEncoder`, weight-free: each patch's mean color in CIELAB
+  against named-color prototypes. A patch's feature is the soft assignment
+  ``softmax(-deltaE / temperature)`` over a basis of prototypes; a color's
+  embedding is the feature its own prototype would get, so a patch of exactly
+  that color has similarity 1. Works on any decoded image.
+- :class:`ClipColorEncoder`, a ``transformers`` CLIP model: the vision
+  tower's patch tokens projected into the joint image-text space, and the text
+  embeddings of a color prompt ("a photo of a red object"). Random tiny
+  configs in tests, real weights through :meth:`ClipColorEncoder.from_pretrained`.
+
+Images are accepted as a float tensor ``[B, 3, H, W]`` in [0, 1] (diffusers'
+``output_type="pt"``), a uint8 tensor, a numpy array ``[B, H, W, 3]``
+(``output_type="np"``) or a list of PIL images (``output_type="pil"``);
+see :func:`as_image_batch`.
+
+Example:
+    >>> enc = PixelColorEncoder(grid=(8, 8))
+    >>> img = torch.full((1, 3, 64, 64), 0.5); img[:, 0, 16:48, 16:48] = 0.85; img[:, 1:, 16:48, 16:48] = 0.1
+    >>> pf = enc.encode_images(img)
+    >>> scores, index = xlard.ops.color_scores(pf.features, enc.embed_colors(["red", "blue"]))
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "COLOR_PROTOTYPES",
+    "COLOR_MODIFIERS",
+    "PatchFeatures",
+    "ColorFeatureEncoder",
+    "PixelColorEncoder",
+    "ClipColorEncoder",
+    "as_image_batch",
+    "srgb_to_linear",
+    "linear_rgb_to_lab",
+    "srgb_to_lab",
+    "color_prototype_lab",
+    "patch_positions",
+]
+
+# ---------------------------------------------------------------------------
+# Named colors
+# ---------------------------------------------------------------------------
+
+#: sRGB (0-255) prototypes of named colors: GenEval's ten first, then the other
+#: single-word colors of :data:`xlard.prompts.COLORS` and the parser's compound
+#: colors. Chosen as typical renderings of each name (moderately saturated, as
+#: objects in photographs are), not as the extreme CSS values.
+COLOR_PROTOTYPES: Mapping[str, tuple[int, int, int]] = {
+    "red": (210, 35, 35),
+    "orange": (245, 135, 20),
+    "yellow": (240, 220, 40),
+    "green": (45, 160, 60),
+    "blue": (35, 75, 215),
+    "purple": (130, 50, 180),
+    "pink": (245, 155, 200),
+    "brown": (120, 70, 30),
+    "black": (15, 15, 15),
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "cyan": (30, 200, 220),
+    "magenta": (220, 40, 200),
+    "teal": (0, 128, 128),
+    "navy": (20, 30, 110),
+    "beige": (225, 210, 175),
+    "maroon": (120, 20, 35),
+    "violet": (160, 100, 220),
+    "turquoise": (64, 224, 208),
+    "gold": (230, 185, 40),
+    "silver": (192, 192, 192),
+    "lime": (160, 230, 50),
+    "indigo": (75, 20, 130),
+    "crimson": (190, 20, 60),
+    "khaki": (195, 176, 120),
+    "lavender": (200, 180, 230),
+    "tan": (210, 180, 140),
+    "navy blue": (20, 30, 110),
+    "sky blue": (135, 200, 235),
+    "royal blue": (65, 105, 225),
+    "sea green": (46, 139, 87),
+    "hot pink": (255, 105, 180),
+}
+
+_COLOR_ALIASES: Mapping[str, str] = {"grey": "gray", "golden": "gold"}
+
+#: Modifiers the prompt parser attaches to colors ("light blue"), as changes
+#: in CIELAB: (lightness offset, chroma factor); lightness is clamped to [3, 97].
+COLOR_MODIFIERS: Mapping[str, tuple[float, float]] = {
+    "light": (+20.0, 0.75),
+    "pale": (+15.0, 0.45),
+    "bright": (+8.0, 1.25),
+    "dark": (-20.0, 0.8),
+    "deep": (-10.0, 1.1),
+}
+
+#: The default basis of :class:`PixelColorEncoder`: every single-name prototype
+#: (compound names duplicate or sit between them).
+_DEFAULT_BASIS: tuple[str, ...] = tuple(n for n in COLOR_PROTOTYPES if " " not in n)
+
+# ---------------------------------------------------------------------------
+# sRGB -> CIELAB (D65)
+# ---------------------------------------------------------------------------
+
+# Linear sRGB -> CIE XYZ (D65), IEC 61966-2-1.
+_RGB_TO_XYZ = (
+    (0.4124564, 0.3575761, 0.1804375),
+    (0.2126729, 0.7151522, 0.0721750),
+    (0.0193339, 0.1191920, 0.9503041),
+)
+_WHITE_D65 = (0.95047, 1.0, 1.08883)
+_DELTA = 6.0 / 29.0
+
+
+def srgb_to_linear(rgb: torch.Tensor) -> torch.Tensor:
+    """Undo the sRGB transfer curve.
+
+    Args:
+        rgb (Tensor[..., 3, ...]): gamma-encoded sRGB in [0, 1], any float dtype.
+
+    Returns:
+        Tensor, same shape: linear-light RGB in [0, 1].
+    """
+    rgb = rgb.clamp(0.0, 1.0)
+    return torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+
+
+def linear_rgb_to_lab(rgb: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Convert linear-light sRGB to CIELAB (D65 white point).
+
+    Args:
+        rgb (Tensor): linear RGB in [0, 1] with the 3 channels on ``dim``.
+        dim (int): the channel dimension.
+
+    Returns:
+        Tensor, same shape: (L in [0, 100], a, b) on ``dim``.
+    """
+    rgb = rgb.movedim(dim, -1)
+    matrix = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
+    white = torch.tensor(_WHITE_D65, dtype=rgb.dtype, device=rgb.device)
+    xyz = (rgb @ matrix.T) / white
+    # The cube root is replaced by a line near 0 (CIE 1976) so L is finite and smooth at black.
+    f = torch.where(xyz > _DELTA**3, xyz.clamp(min=_DELTA**3) ** (1.0 / 3.0), xyz / (3 * _DELTA**2) + 4.0 / 29.0)
+    lab = torch.stack(
+        (116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])), dim=-1
+    )
+    return lab.movedim(-1, dim)
+
+
+def srgb_to_lab(rgb: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Convert gamma-encoded sRGB in [0, 1] to CIELAB (D65).
+
+    Args:
+        rgb (Tensor): sRGB in [0, 1] with the 3 channels on ``dim``.
+        dim (int): the channel dimension.
+
+    Returns:
+        Tensor, same shape: (L, a, b) on ``dim``.
+
+    Example:
+        >>> srgb_to_lab(torch.tensor([1.0, 0.0, 0.0]))   # about (53.24, 80.09, 67.20)
+    """
+    return linear_rgb_to_lab(srgb_to_linear(rgb), dim=dim)
+
+
+def _canonical_color(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a color name must be a non-empty string, got {name!r}")
+    words = re.sub(r"[\s_\-]+", " ", name.strip().lower()).split()
+    return " ".join(_COLOR_ALIASES.get(w, w) for w in words)
+
+
+def color_prototype_lab(name: str, prototypes: Mapping[str, tuple[int, int, int]] | None = None) -> torch.Tensor:
+    """The CIELAB prototype (float64 [3]) of a color name.
+
+    Accepts the names of :data:`COLOR_PROTOTYPES` (and "grey", "golden"), and
+    a modifier of :data:`COLOR_MODIFIERS` before any of them ("light blue",
+    "dark red"), which shifts lightness and scales chroma in CIELAB.
+
+    Args:
+        name: the color, as the prompt parser writes it.
+        prototypes: name -> sRGB 0-255 table (default :data:`COLOR_PROTOTYPES`).
+
+    Raises:
+        ValueError: an unknown color, listing the known ones.
+    """
+    table = COLOR_PROTOTYPES if prototypes is None else prototypes
+    key = _canonical_color(name)
+    modifier = None
+    if key not in table:
+        head, _, rest = key.partition(" ")
+        if head in COLOR_MODIFIERS and rest in table:
+            modifier, key = head, rest
+        else:
+            raise ValueError(
+                f"unknown color {name!r}; known colors: {sorted(table)} "
+                f"(optionally after one of {sorted(COLOR_MODIFIERS)})"
+            )
+    rgb = torch.tensor(table[key], dtype=torch.float64) / 255.0
+    lab = srgb_to_lab(rgb)
+    if modifier is not None:
+        shift, chroma = COLOR_MODIFIERS[modifier]
+        lab = torch.stack((lab[0] + shift, lab[1] * chroma, lab[2] * chroma))
+        lab[0] = lab[0].clamp(3.0, 97.0)
+    return lab
+
+
+# ---------------------------------------------------------------------------
+# Images and patches
+# ---------------------------------------------------------------------------
+
+
+def as_image_batch(images: Any) -> torch.Tensor:
+    """Bring a batch of images to a float32 tensor ``[B, 3, H, W]`` in [0, 1].
+
+    Args:
+        images: a tensor ``[B, C, H, W]`` or ``[C, H, W]`` (float in [0, 1] or
+            uint8 0-255; C = 1, 3 or 4, alpha dropped); a numpy array
+            ``[B, H, W, C]`` or ``[H, W, C]`` (float in [0, 1] or uint8); a PIL
+            image or a list of same-size PIL images.
+
+    Returns:
+        Tensor[B, 3, H, W], float32, on the input tensor's device (CPU otherwise).
+
+    Raises:
+        ValueError: a wrong rank or channel count, float values outside [0, 1]
+            (a VAE's [-1, 1] output must be mapped with ``(x + 1) / 2`` first),
+            or PIL images of different sizes.
+    """
+    if isinstance(images, torch.Tensor):
+        x = images
+        channel_dim = -3
+    else:
+        import numpy as np
+
+        if isinstance(images, (list, tuple)) or hasattr(images, "convert"):
+            items = list(images) if isinstance(images, (list, tuple)) else [images]
+            if not items:
+                raise ValueError("as_image_batch: got an empty list of images")
+            arrays = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in items]
+            if len({a.shape for a in arrays}) != 1:
+                raise ValueError(f"as_image_batch: images must share one size, got {sorted({a.shape for a in arrays})}")
+            images = np.stack(arrays)
+        if not isinstance(images, np.ndarray):
+            raise ValueError(f"as_image_batch: unsupported image type {type(images).__name__}")
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        channel_dim = -1
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"as_image_batch: images must be [B, C, H, W] (tensor) or [B, H, W, C] (numpy), "
+                         f"got shape {tuple(x.shape)}")
+    if channel_dim == -1:
+        x = x.permute(0, 3, 1, 2)
+    channels = x.shape[1]
+    if channels not in (1, 3, 4):
+        raise ValueError(f"as_image_batch: expected 1, 3 or 4 channels, got {channels} (shape {tuple(x.shape)})")
+    if channels == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif channels == 4:
+        x = x[:, :3]
+    if x.dtype == torch.uint8:
+        return x.float() / 255.0
+    if not x.is_floating_point():
+        raise ValueError(f"as_image_batch: images must be float in [0, 1] or uint8, got {x.dtype}")
+    x = x.float()
+    if x.numel():
+        lo, hi = float(x.amin()), float(x.amax())
+        if lo < -1e-3 or hi > 1.0 + 1e-3:
+            raise ValueError(f"as_image_batch: float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+                             "map a VAE's [-1, 1] output with (x + 1) / 2")
+    return x.clamp(0.0, 1.0)
+
+
+def patch_positions(grid: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Centres ``(x, y)`` in [0, 1] of a row-major ``(gh, gw)`` patch grid: float32 ``[gh * gw, 2]``."""
+    gh, gw = grid
+    rows = (torch.arange(gh, device=device, dtype=torch.float32) + 0.5) / gh
+    cols = (torch.arange(gw, device=device, dtype=torch.float32) + 0.5) / gw
+    return torch.stack((cols.repeat(gh), rows.repeat_interleave(gw)), dim=-1)
+
+
+@dataclass(frozen=True)
+class PatchFeatures:
+    """Per-patch image features on a row-major grid.
+
+    Attributes:
+        features (Tensor[B, N, D]): one feature vector per patch, N = gh * gw.
+        grid: (gh, gw); patch ``n`` is at row ``n // gw``, column ``n % gw``.
+    """
+
+    features: torch.Tensor
+    grid: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.features, torch.Tensor) or self.features.dim() != 3:
+            raise ValueError(f"PatchFeatures.features must be a [B, N, D] tensor, got "
+                             f"{getattr(self.features, 'shape', type(self.features).__name__)}")
+        gh, gw = (int(v) for v in self.grid)
+        if gh < 1 or gw < 1 or gh * gw != self.features.shape[1]:
+            raise ValueError(f"PatchFeatures.grid {self.grid} does not match N = {self.features.shape[1]} patches")
+        object.__setattr__(self, "grid", (gh, gw))
+
+    def positions(self) -> torch.Tensor:
+        """Patch centres ``(x, y)`` in [0, 1], float32 ``[N, 2]`` (x right, y down)."""
+        return patch_positions(self.grid, self.features.device)
+
+
+@runtime_checkable
+class ColorFeatureEncoder(Protocol):
+    """What the color reward needs from an encoder (see the module docstring)."""
+
+    def encode_images(self, images: Any) -> PatchFeatures: ...
+
+    def embed_colors(self, names: Sequence[str]) -> torch.Tensor: ...
+
+
+# ---------------------------------------------------------------------------
+# Weight-free pixel colors
+# ---------------------------------------------------------------------------
+
+
+class PixelColorEncoder:
+    """Weight-free color features: patch mean color in CIELAB vs named prototypes.
+
+    Each patch's mean color (averaged in linear light, then converted to
+    CIELAB) is compared with a basis of K named prototypes by CIE76 color
+    difference ``deltaE`` (Euclidean in CIELAB); its feature is
+    ``softmax(-deltaE / temperature)`` over the basis. A color name's
+    embedding is the feature of its own prototype, so the cosine similarity is
+    1 for a patch of exactly that color and falls as the patch's soft
+    assignment drifts to other prototypes. Names outside the basis (modified
+    colors such as "light blue", compound ones) are embedded the same way.
+
+    Args:
+        basis: the prototype names spanning the feature space (default: every
+            single-word name of :data:`COLOR_PROTOTYPES`, gray, black and white
+            included so backgrounds get their own direction).
+        grid: (gh, gw) patch grid; each patch averages its pixels
+            (``adaptive_avg_pool2d``, so any image size works).
+        temperature: deltaE scale of the softmax. Distinct named colors are
+            30-100 deltaE apart, so the default 10 gives near one-hot features
+            while keeping near-misses (red vs crimson) partly similar.
+        prototypes: name -> sRGB 0-255 table (default :data:`COLOR_PROTOTYPES`).
+
+    Example:
+        >>> enc = PixelColorEncoder(grid=(16, 16))
+        >>> feats = enc.encode_images(images)          # PatchFeatures, features [B, 256, K]
+        >>> emb = enc.embed_colors(["red", "light blue"])   # [2, K]
+    """
+
+    def __init__(
+        self,
+        basis: Sequence[str] | None = None,
+        *,
+        grid: tuple[int, int] = (16, 16),
+        temperature: float = 10.0,
+        prototypes: Mapping[str, tuple[int, int, int]] | None = None,
+    ) -> None:
+        self.prototypes = dict(COLOR_PROTOTYPES if prototypes is None else prototypes)
+        names = tuple(_canonical_color(n) for n in (basis if basis is not None else _DEFAULT_BASIS))
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"PixelColorEncoder: basis needs at least 2 distinct colors, got {names}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"PixelColorEncoder: temperature must be a finite float > 0, got {temperature!r}")
+        try:
+            gh, gw = (int(v) for v in grid)
+        except (TypeError, ValueError):
+            raise ValueError(f"PixelColorEncoder: grid must be (gh, gw), got {grid!r}") from None
+        if gh < 1 or gw < 1:
+            raise ValueError(f"PixelColorEncoder: grid must be positive, got {grid!r}")
+        self.basis = names
+        self.grid = (gh, gw)
+        self.temperature = float(temperature)
+        self.basis_lab = torch.stack([color_prototype_lab(n, self.prototypes) for n in names]).float()
+
+    def __repr__(self) -> str:
+        return f"PixelColorEncoder(basis={len(self.basis)} colors, grid={self.grid}, temperature={self.temperature})"
+
+    def _assign(self, lab: torch.Tensor) -> torch.Tensor:
+        basis = self.basis_lab.to(device=lab.device, dtype=lab.dtype)
+        # Explicit differences rather than cdist, whose matmul path rounds differently with the batch size.
+        delta_e = (lab.unsqueeze(-2) - basis).square().sum(-1).sqrt()
+        return torch.softmax(-delta_e / self.temperature, dim=-1)
+
+    def patch_lab(self, images: Any) -> torch.Tensor:
+        """Mean CIELAB color of each patch: float32 ``[B, N, 3]`` (row-major grid)."""
+        x = as_image_batch(images)
+        linear = F.adaptive_avg_pool2d(srgb_to_linear(x), self.grid)
+        return linear_rgb_to_lab(linear, dim=1).flatten(2).transpose(1, 2)
+
+    def encode_images(self, images: Any) -> PatchFeatures:
+        """Patch features ``[B, N, K]`` (soft prototype assignments) of a batch of images.
+
+        Args:
+            images: see :func:`as_image_batch`.
+
+        Returns:
+            :class:`PatchFeatures` with ``grid = self.grid``.
+        """
+        return PatchFeatures(self._assign(self.patch_lab(images)), self.grid)
+
+    def embed_colors(self, names: Sequence[str]) -> torch.Tensor:
+        """Embeddings ``[C, K]`` of color names: the features of their prototypes.
+
+        Raises:
+            ValueError: an unknown color name.
+        """
+        if isinstance(names, str):
+            raise ValueError("embed_colors takes a sequence of names, not one string")
+        if not len(names):
+            return self.basis_lab.new_zeros((0, len(self.basis)))
+        lab = torch.stack([color_prototype_lab(n, self.prototypes) for n in names]).float()
+        return self._assign(lab)
+
+    def nearest_colors(self, features: torch.Tensor) -> list:
+        """The basis name with the largest weight for each feature vector (nested lists, like ``tolist``)."""
+        index = features.argmax(-1)
+        return _map_nested(index.tolist(), self.basis)
+
+
+def _map_nested(values: Any, names: Sequence[str]) -> Any:
+    if isinstance(values, list):
+        return [_map_nested(v, names) for v in values]
+    return names[values]
+
+
+# ---------------------------------------------------------------------------
+# CLIP
+# ---------------------------------------------------------------------------
+
+# OpenAI CLIP's image normalization (used when the checkpoint has no image processor config).
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipColorEncoder:
+    """Dense CLIP color features: projected patch tokens vs color-prompt text embeddings.
+
+    Patch features are the vision tower's last-layer patch tokens (the class
+    token dropped) passed through the same ``post_layernorm`` and
+    ``visual_projection`` as the pooled image embedding, which puts them in
+    the joint image-text space; color embeddings are the projected text
+    embeddings of ``template.format(color)``. Images are resized (bilinear,
+    antialiased) to the vision config's ``image_size`` square without
+    cropping, so patches cover the whole image; the grid is
+    ``image_size // patch_size`` on both sides.
+
+    ``dense="values"`` takes the patch features from the last layer's value
+    path instead (its input normalized, ``v_proj`` then ``out_proj``, no
+    attention mixing, residual or MLP), the MaskCLIP reading, which keeps each
+    patch's own content and usually localizes better than the last-layer
+    tokens, whose global attention spreads the image's content over all patches.
+
+    Args:
+        model: a ``transformers.CLIPModel`` (any size; eval mode is set).
+        tokenizer: its tokenizer (called as ``tokenizer(texts, padding=True,
+            return_tensors="pt")``).
+        template: text for a color, with ``{}`` for the color name.
+        image_mean, image_std: per-channel normalization (default OpenAI
+            CLIP's, or the checkpoint's image processor's via from_pretrained).
+        dense: "tokens" (default) or "values" (see above).
+
+    Example:
+        >>> enc = ClipColorEncoder.from_pretrained("openai/clip-vit-base-patch16")   # doctest: +SKIP
+        >>> pf = enc.encode_images(images)            # features [B, 196, 512], grid (14, 14)
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        template: str = "a photo of a {} object",
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        dense: str = "tokens",
+    ) -> None:
+        if dense not in ("tokens", "values"):
+            raise ValueError(f"ClipColorEncoder: dense must be 'tokens' or 'values', got {dense!r}")
+        for attr in ("vision_model", "text_model", "visual_projection", "text_projection"):
+            if not hasattr(model, attr):
+                raise ValueError(f"ClipColorEncoder needs a transformers CLIPModel; {type(model).__name__} "
+                                 f"has no {attr!r}")
+        if "{}" not in template:
+            raise ValueError(f"ClipColorEncoder: template must contain '{{}}' for the color, got {template!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.template = template
+        self.dense = dense
+        self.image_mean = tuple(float(v) for v in (image_mean or _CLIP_MEAN))
+        self.image_std = tuple(float(v) for v in (image_std or _CLIP_STD))
+        vision = model.config.vision_config
+        self.image_size = int(vision.image_size)
+        self.grid = (self.image_size // int(vision.patch_size),) * 2
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, model_id_or_path: str, *, template: str = "a photo of a {} object",
+                        dense: str = "tokens", device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None, **kwargs: Any) -> ClipColorEncoder:
+        """Load a CLIP checkpoint (hub id or local folder) with its tokenizer.
+
+        The image processor config, when the checkpoint has one, supplies the
+        normalization; ``kwargs`` go to ``CLIPModel.from_pretrained``.
+        """
+        from transformers import AutoTokenizer, CLIPModel
+
+        model = CLIPModel.from_pretrained(model_id_or_path, **({"dtype": dtype} if dtype else {}), **kwargs)
+        if device is not None:
+            model = model.to(device)
+        tokenizer = AutoTokenizer.from_pretrained(model_id_or_path)
+        mean = std = None
+        try:
+            from transformers import AutoImageProcessor
+
+            processor = AutoImageProcessor.from_pretrained(model_id_or_path)
+            mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        except (OSError, ValueError, ImportError):
+            pass  # no preprocessor_config.json: OpenAI CLIP's normalization is the documented default
+        return cls(model, tokenizer, template=template, image_mean=mean, image_std=std, dense=dense)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _pixel_values(self, images: Any) -> torch.Tensor:
+        x = as_image_batch(images).to(self.device)
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        mean = torch.tensor(self.image_mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images: Any) -> PatchFeatures:
+        """Projected patch tokens ``[B, N, projection_dim]`` (float32) of a batch of images."""
+        vision = self.model.vision_model
+        out = vision(pixel_values=self._pixel_values(images), output_hidden_states=self.dense == "values")
+        if self.dense == "values":
+            last = vision.encoder.layers[-1]
+            tokens = last.layer_norm1(out.hidden_states[-2][:, 1:])
+            tokens = last.self_attn.out_proj(last.self_attn.v_proj(tokens))
+        else:
+            tokens = out.last_hidden_state[:, 1:]
+        patches = self.model.visual_projection(vision.post_layernorm(tokens))
+        return PatchFeatures(patches.float(), self.grid)
+
+    @torch.no_grad()
+    def embed_colors(self, names: Sequence[str]) -> torch.Tensor:
+        """Projected text embeddings ``[C, projection_dim]`` (float32) of the color prompts; cached per name."""
+        if isinstance(names, str):
+            raise ValueError("embed_colors takes a sequence of names, not one string")
+        keys = [_canonical_color(n) for n in names]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._cache]
+        if todo:
+            tokens = self.tokenizer([self.template.format(k) for k in todo], padding=True, return_tensors="pt")
+            tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+            pooled = self.model.text_model(**tokens).pooler_output
+            embedded = self.model.text_projection(pooled).float()
+            self._cache.update(zip(todo, embedded))
+        if not keys:
+            return torch.zeros(0, self.model.config.projection_dim, device=self.device)
+        return torch.stack([self._cache[k] for k in keys])
