@@ -14,7 +14,8 @@
 //      by a block scan over the roots, then labels / counts / top-K stats.
 // The per-pixel arrays (parent, bitmask) live in shared memory when they fit, else in a
 // global scratch buffer (same code through generic pointers). No host synchronization;
-// results are deterministic (they do not depend on thread scheduling).
+// results are deterministic (they do not depend on thread scheduling): the final roots
+// are the sets' smallest indices whatever order the unions ran in.
 #pragma once
 
 #include "launchers.cuh"
@@ -60,15 +61,19 @@ __device__ __forceinline__ int run_start(const uint32_t* row, int col) {
   return (w << 5) + (31 - __clz(zeros)) + 1;
 }
 
-// Root of x. Path splitting with plain stores is safe while other threads link roots:
-// a stored value is an ancestor of x (same set) and smaller than x, and only roots are
-// ever linked, so no link is lost that its linker does not redo (see unite).
+// While unions run, every access to `parent` is an atomic operation (a relaxed RMW for
+// loads): race-free under the CUDA memory model and clean under compute-sanitizer's
+// racecheck, at the price of shared-memory atomics in the (short) union phase.
+__device__ __forceinline__ int load_parent(int* parent, int x) { return atomicOr(&parent[x], 0); }
+
+// Root of x, with path splitting. Lowering parent[x] to its grandparent with atomicMin
+// is safe while other threads link roots: the grandparent is in x's tree and smaller
+// than x, values only decrease, and only roots are linked.
 __device__ __forceinline__ int find_root(int* parent, int x) {
-  volatile int* vp = parent;
-  int px = vp[x];
+  int px = load_parent(parent, x);
   while (px != x) {
-    const int gx = vp[px];
-    if (gx != px) vp[x] = gx;
+    const int gx = load_parent(parent, px);
+    if (gx != px) atomicMin(&parent[x], gx);
     x = px;
     px = gx;
   }
@@ -196,6 +201,7 @@ __device__ Threshold<acc_t<T>> make_threshold(const T* src, int n, const Compone
   th.split = -1;
   if (p.mode == ThresholdMode::kAbsolute) return th;
   long long kmax = LLONG_MIN, kmin = LLONG_MAX;
+#pragma unroll 4
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const A v = to_acc(src[i]);
     if (is_finite_bits(v)) {
@@ -229,6 +235,7 @@ __device__ Threshold<acc_t<T>> make_threshold(const T* src, int n, const Compone
   th.span = __dsub_rn(hi, lo);
   for (int i = threadIdx.x; i < kBins; i += blockDim.x) sc.hist[i] = 0;
   __syncthreads();
+#pragma unroll 4
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const A v = to_acc(src[i]);
     if (is_finite_bits(v)) atomicAdd(&sc.hist[otsu_bin(v, th.lo, th.span)], 1);
@@ -245,6 +252,30 @@ __device__ __forceinline__ bool is_foreground(T raw, const Threshold<acc_t<T>>& 
   if (!is_finite_bits(v)) return false;
   if (th.mode == ThresholdMode::kOtsu) return otsu_bin(v, th.lo, th.span) > th.split;
   return exact_gt(v, th.cut);
+}
+
+constexpr int kWordsPerPass = 4;
+
+// bits[w] for every 32-pixel word of the map: bit k of word w (row r, word j of the
+// row) is foreground(pixel (r, 32 j + k)); columns past the width are 0.
+template <typename T, typename Fg>
+__device__ __forceinline__ void write_foreground_bits(const T* src, int H, int W, int wpr, uint32_t* bits, Fg fg) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int words = H * wpr;
+  for (int first = warp * kWordsPerPass; first < words; first += warps * kWordsPerPass) {
+    bool f[kWordsPerPass];
+#pragma unroll
+    for (int u = 0; u < kWordsPerPass; ++u) {
+      const int w = first + u;
+      const int row = w / wpr, col = (w - row * wpr) * 32 + lane;
+      f[u] = w < words && col < W && fg(src[row * W + col]);
+    }
+#pragma unroll
+    for (int u = 0; u < kWordsPerPass; ++u) {
+      const unsigned b = __ballot_sync(kFullMask, f[u]);
+      if (lane == 0 && first + u < words) bits[first + u] = b;
+    }
+  }
 }
 
 template <typename T>
@@ -272,21 +303,16 @@ __global__ void __launch_bounds__(1024) components_kernel(ComponentsParams p) {
   }
   const T* src = static_cast<const T*>(p.maps) + map * n;
 
-  // 1. Foreground bitmask, one warp per 32-pixel word (ballot).
+  // 1. Foreground bitmask, one warp per 32-pixel word (ballot); each warp takes
+  // kWordsPerPass consecutive words per pass so that several loads are in flight.
   if constexpr (std::is_same<T, uint8_t>::value) {
-    for (int w = warp; w < words; w += warps) {
-      const int row = w / wpr, col = (w - row * wpr) * 32 + lane;
-      const bool f = col < W && src[row * W + col] != 0;
-      const unsigned b = __ballot_sync(kFullMask, f);
-      if (lane == 0) bits[w] = b;
-    }
+    write_foreground_bits(src, H, W, wpr, bits, [](uint8_t v) { return v != 0; });
   } else {
     const Threshold<acc_t<T>> th = make_threshold(src, n, p, sc);
-    for (int w = warp; w < words; w += warps) {
-      const int row = w / wpr, col = (w - row * wpr) * 32 + lane;
-      const bool f = !th.none && col < W && is_foreground(src[row * W + col], th);
-      const unsigned b = __ballot_sync(kFullMask, f);
-      if (lane == 0) bits[w] = b;
+    if (th.none) {
+      for (int w = tid; w < words; w += bs) bits[w] = 0u;
+    } else {
+      write_foreground_bits(src, H, W, wpr, bits, [&](T v) { return is_foreground(v, th); });
     }
   }
   __syncthreads();
@@ -323,13 +349,16 @@ __global__ void __launch_bounds__(1024) components_kernel(ComponentsParams p) {
   __syncthreads();
 
   // 4. Flatten: every foreground pixel points straight at its root (its first pixel).
-  for (int i = tid; i < n; i += bs) {
-    if (parent[i] >= 0) parent[i] = find_root(parent, i);
+  // A plain count needs only the roots (parent[i] == i already), so it skips this.
+  const bool need_area = p.min_area > 1 || K > 0;
+  if (need_area || p.labels != nullptr) {
+    for (int i = tid; i < n; i += bs) {
+      if (load_parent(parent, i) >= 0) atomicMin(&parent[i], find_root(parent, i));
+    }
+    __syncthreads();
   }
-  __syncthreads();
 
   // 5. Areas, kept in the root's slot as -1 - area (background stays -1).
-  const bool need_area = p.min_area > 1 || K > 0;
   if (need_area) {
     for (int i = tid; i < n; i += bs) {
       if (parent[i] == i) parent[i] = -2;
@@ -337,7 +366,9 @@ __global__ void __launch_bounds__(1024) components_kernel(ComponentsParams p) {
     __syncthreads();
     for (int base = 0; base < n; base += bs) {
       const int i = base + tid;
-      const int r = i < n ? parent[i] : -1;  // >= 0 only for non-root foreground pixels
+      // >= 0 only for non-root foreground pixels; a root's own slot is being decremented
+      // by other threads right now, hence the atomic load.
+      const int r = i < n ? load_parent(parent, i) : -1;
       const unsigned peers = __match_any_sync(kFullMask, r);
       if (r >= 0 && lane == __ffs(peers) - 1) atomicSub(&parent[r], __popc(peers));
     }

@@ -129,14 +129,18 @@ void launch_gaussian_log_prob_backward(Kind kind, const void* grad, const void* 
                                        const void* log_std, bool shared, int64_t batch, int64_t m, void* grad_x,
                                        void* grad_mean, void* grad_log_std, cudaStream_t stream);
 
-// sample_correction: z0, mean, noise [B, C, S] of `kind`; log_std [C*S] (shared) or
-// [B, C*S] in acc type; alpha [B] in acc type or null. Writes zc, delta (kind),
+// sample_correction: z0, mean, noise [B, C, S] of `kind`; alpha [B] in acc type or
+// null. log_std in acc type, element (b, c, s) at log_std[b * ls_batch_stride +
+// c * ls_channel_stride + s * ls_spatial_stride]: per element ([C, S] shared, or
+// [B, C, S]) or per channel ([C] shared, or [B, C], with ls_spatial_stride 0, so an
+// expanded per-channel log_std is never materialised). Writes zc, delta (kind),
 // lam [B, S] (acc) and log-prob partials [B, sample_correction_chunks(C, S)] (acc):
 // each block covers a fixed tile of spatial positions over all C channels, so lam
 // needs no cross-block reduction; launch_finish_row_sums (m = C*S) adds the partials.
 int64_t sample_correction_chunks(int64_t channels, int64_t spatial);
 void launch_sample_correction(Kind kind, const void* z0, const void* mean, const void* log_std, const void* noise,
-                              bool shared, const void* alpha, double alpha_scalar, int64_t batch, int64_t channels,
+                              int64_t ls_batch_stride, int64_t ls_channel_stride, int64_t ls_spatial_stride,
+                              const void* alpha, double alpha_scalar, int64_t batch, int64_t channels,
                               int64_t spatial, void* zc, void* delta, void* lam, void* partials,
                               cudaStream_t stream);
 
