@@ -1,0 +1,36 @@
+"""The xlard command line: prompts -> render -> eval round trip, info, clear errors."""
+from __future__ import annotations
+
+import json
+
+from xlard import cli
+
+
+def test_prompts_render_eval_round_trip(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    assert cli.main(["prompts", str(prompts), "--split", "heldout", "-n", "24", "--seed", "3"]) == 0
+    records = [json.loads(line) for line in prompts.read_text().splitlines()]
+    assert len(records) == 24 and len({r["tag"] for r in records}) == 6
+    out = tmp_path / "renders"
+    assert cli.main(["render", str(out), "--prompts", str(prompts), "--quiet"]) == 0
+    assert len(list(out.glob("*/samples/0000.png"))) == 24
+    summary = tmp_path / "summary.json"
+    results = tmp_path / "results.jsonl"
+    assert cli.main(["eval", "--folder", str(out), "--json", str(summary), "--results", str(results),
+                     "--quiet"]) == 0
+    table = json.loads(summary.read_text())
+    assert table["overall"] == 1.0  # ground-truth renders are judged correct
+    assert len(results.read_text().splitlines()) == 24
+    assert "overall" in capsys.readouterr().out
+
+
+def test_eval_errors_are_clear(tmp_path, capsys):
+    assert cli.main(["eval", "--folder", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_info_json(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["extension"]["loaded"] is True
+    assert {row["op"] for row in info["providers"]} >= {"count_components", "sample_correction"}

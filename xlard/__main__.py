@@ -1,0 +1,4 @@
+"""``python -m xlard``: the command line (see :mod:`xlard.cli`)."""
+from xlard.cli import main
+
+raise SystemExit(main())

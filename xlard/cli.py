@@ -1,0 +1,152 @@
+"""The ``xlard`` command line.
+
+    xlard info                                   versions, build, providers
+    xlard prompts --split heldout -n 500 OUT     a shapes-world prompt set (GenEval JSONL)
+    xlard render --prompts FILE OUT              ground-truth renders in GenEval's folder layout
+    xlard eval --prompts FILE --images DIR       the exact evaluator's table on images
+    xlard eval --folder DIR                      ... on a GenEval output folder
+
+Every command works offline on a CPU and shows progress on long work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _progress(iterable, total: int, desc: str, quiet: bool):
+    if quiet:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional: progress then goes to stderr as counts
+        def plain():
+            for i, item in enumerate(iterable, 1):
+                if i == total or i % max(1, total // 10) == 0:
+                    print(f"{desc}: {i}/{total}", file=sys.stderr)
+                yield item
+
+        return plain()
+    return tqdm(iterable, total=total, desc=desc, unit="img")
+
+
+def _cmd_info(args) -> int:
+    from xlard import info
+
+    return info.main(["--json"] if args.json else [])
+
+
+def _cmd_prompts(args) -> int:
+    from xlard.shapes import prompts as P
+
+    splits = P.make_splits(P.PromptConfig(), seed=args.seed)
+    pool = splits[args.split]
+    records = P.sample_records(pool, args.n, seed=args.seed) if args.n else list(pool)
+    P.write_jsonl(args.out, records)
+    print(f"wrote {len(records)} {args.split} records to {args.out}")
+    return 0
+
+
+def _write_geneval_folder(out: Path, index: int, record: dict, images) -> None:
+    """One prompt folder of GenEval's layout: <out>/<index>/metadata.jsonl + samples/*.png."""
+    import cv2
+
+    from xlard.shapes import prompts as P
+
+    folder = out / f"{index:05d}"
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    P.write_jsonl(folder / "metadata.jsonl", [record])
+    for k, image in enumerate(images):
+        path = folder / "samples" / f"{k:04d}.png"
+        tmp = path.with_suffix(".tmp.png")
+        if not cv2.imwrite(str(tmp), image[:, :, ::-1]):  # RGB -> BGR
+            raise OSError(f"could not write {tmp}")
+        os.replace(tmp, path)
+
+
+def _cmd_render(args) -> int:
+    from xlard.shapes import prompts as P
+
+    records = P.read_records(args.prompts)
+    out = Path(args.out)
+    for i, record in enumerate(_progress(records, len(records), "render", args.quiet)):
+        images = [P.render_record(record, seed=args.seed + 1000 * i + k).render() for k in range(args.per_prompt)]
+        _write_geneval_folder(out, i, record, images)
+    print(f"wrote {len(records)} prompt folders to {out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from xlard.shapes import evaluator as E
+    from xlard.shapes import prompts as P
+
+    if args.folder:
+        results = E.evaluate_folder(args.folder)
+    else:
+        if not (args.prompts and args.images):
+            raise SystemExit("xlard eval: give --folder DIR, or both --prompts FILE and --images DIR")
+        records = P.read_records(args.prompts)
+        images = sorted(Path(args.images).glob("*.png"))
+        if len(images) != len(records):
+            raise SystemExit(f"xlard eval: {args.images} holds {len(images)} PNG files for {len(records)} records "
+                             "(one image per record, in sorted file-name order)")
+        results = []
+        for path, record in _progress(list(zip(images, records)), len(records), "eval", args.quiet):
+            results.append(E.evaluate_record(str(path), record))
+    summary = E.summarize(results, print_table=True)
+    if args.results:
+        E.write_results_jsonl(args.results, results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xlard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="versions, build and providers")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("prompts", help="write a shapes-world prompt set (GenEval JSONL)")
+    p.add_argument("out")
+    p.add_argument("--split", choices=("train", "heldout"), default="heldout")
+    p.add_argument("-n", type=int, default=0, help="sample this many records balanced over tags (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_prompts)
+
+    p = sub.add_parser("render", help="ground-truth renders of a prompt set, in GenEval's folder layout")
+    p.add_argument("out")
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--per-prompt", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("eval", help="score images with the exact shapes-world evaluator")
+    p.add_argument("--folder", help="a GenEval output folder (<index>/metadata.jsonl + samples/*.png)")
+    p.add_argument("--prompts", help="GenEval JSONL records (with --images)")
+    p.add_argument("--images", help="a folder of PNGs, one per record in sorted order (with --prompts)")
+    p.add_argument("--results", help="write per-image results (JSONL) here")
+    p.add_argument("--json", help="write the summary table (JSON) here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"xlard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
