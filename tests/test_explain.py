@@ -1,0 +1,412 @@
+"""Tests of xlard.explain: LAM, normalization, overlay alignment, colormap, PNG, faithfulness, HTML report."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xlard import explain
+from xlard.explain import (
+    ReportItem,
+    apply_colormap,
+    colormap_table,
+    faithfulness,
+    latent_activation_map,
+    normalize_lam,
+    overlay,
+    read_png,
+    render_html_report,
+    report_items,
+    save_png,
+    top_lam_mask,
+    upsample_lam,
+    write_html_report,
+)
+
+PIL = pytest.importorskip("PIL")
+
+
+def _image(h=64, w=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(3, h, w, generator=g) * 0.8 + 0.1
+
+
+def _hot(h, w, i, j, value=1.0):
+    lam = torch.zeros(h, w)
+    lam[i, j] = value
+    return lam
+
+
+def _lit(values: torch.Tensor, dim: int) -> list[int]:
+    """Image rows (dim=1) or cols (dim=0) whose marginal is above half the marginal's peak."""
+    marginal = values.sum(dim)
+    return torch.nonzero(marginal > 0.5 * marginal.max()).flatten().tolist()
+
+
+# ----------------------------------------------------------------------- LAM
+
+
+def test_lam_is_sum_abs_delta_batched_and_unbatched():
+    delta = torch.randn(2, 4, 5, 7)
+    lam = latent_activation_map(delta)
+    assert lam.shape == (2, 5, 7) and lam.dtype == torch.float32
+    torch.testing.assert_close(lam, delta.abs().sum(1))
+    torch.testing.assert_close(latent_activation_map(delta[1]), delta[1].abs().sum(0))
+    assert latent_activation_map(delta.double()).dtype == torch.float64
+
+
+def test_lam_matches_the_corrector_and_renders():
+    from xlard.models import CorrectorConfig, ResidualCorrector
+
+    torch.manual_seed(0)
+    model = ResidualCorrector(CorrectorConfig.tiny(latent_channels=4, text_dim=16, pooled_dim=8))
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.1)                  # leave the zero init: a non-trivial delta
+        z0, text, pooled = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 16), torch.randn(2, 8)
+        delta = model(z0, text, pooled)
+        _, lam = model.correct(z0, text, pooled)
+    assert torch.equal(latent_activation_map(delta), lam)
+    out = overlay(torch.stack([_image(), _image(seed=1)]), lam)
+    assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()
+
+
+def test_lam_bad_inputs():
+    with pytest.raises(TypeError, match="delta must be a torch.Tensor"):
+        latent_activation_map([[1.0]])
+    with pytest.raises(ValueError, match="3 or 4 dimensions"):
+        latent_activation_map(torch.zeros(4, 4))
+    with pytest.raises(TypeError, match="floating-point"):
+        latent_activation_map(torch.zeros(1, 2, 3, 3, dtype=torch.int64))
+
+
+# --------------------------------------------------------------- normalization
+
+
+def test_normalize_zero_uniform_and_scale():
+    assert torch.equal(normalize_lam(torch.zeros(3, 4)), torch.zeros(3, 4))
+    assert torch.equal(normalize_lam(torch.full((3, 4), 2.5)), torch.ones(3, 4))
+    lam = torch.tensor([[0.0, 1.0], [2.0, 4.0]])
+    torch.testing.assert_close(normalize_lam(lam), lam / 4)
+    # per image: the second image's scale does not leak into the first
+    both = normalize_lam(torch.stack([lam, lam * 100, torch.zeros(2, 2)]))
+    torch.testing.assert_close(both[0], lam / 4)
+    torch.testing.assert_close(both[1], lam / 4)
+    assert torch.equal(both[2], torch.zeros(2, 2))
+
+
+def test_normalize_nonfinite_cells():
+    lam = torch.tensor([[float("nan"), 1.0], [float("inf"), 2.0]])
+    out = normalize_lam(lam)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.5], [0.0, 1.0]]))
+    assert torch.equal(normalize_lam(torch.full((2, 3), float("nan"))), torch.zeros(2, 3))
+    assert torch.equal(normalize_lam(torch.zeros(1, 0, 3)), torch.zeros(1, 0, 3))
+
+
+def test_normalize_quantile_clips_outlier():
+    lam = torch.ones(10, 10)
+    lam[0, 0] = 1000.0
+    assert normalize_lam(lam)[5, 5] < 0.01
+    out = normalize_lam(lam, quantile=0.9)
+    assert out[5, 5] == 1.0 and out[0, 0] == 1.0 and out.max() <= 1.0
+    lam[1, 1] = float("nan")
+    assert normalize_lam(lam, quantile=0.9)[1, 1] == 0.0
+
+
+def test_normalize_bad_inputs():
+    with pytest.raises(ValueError, match="non-negative"):
+        normalize_lam(torch.tensor([[-1.0, 1.0]]))
+    with pytest.raises(ValueError, match="quantile"):
+        normalize_lam(torch.ones(2, 2), quantile=0.0)
+    with pytest.raises(ValueError, match="2 or 3 dimensions"):
+        normalize_lam(torch.ones(2))
+    with pytest.raises(TypeError, match="floating-point"):
+        normalize_lam(torch.ones(2, 2, dtype=torch.int32))
+
+
+# ----------------------------------------------------------- overlay alignment
+
+
+def test_single_hot_cell_lights_its_image_block():
+    # latent 8x8 -> image 64x64: cell (2, 5) covers rows 16-23, cols 40-47.
+    up = upsample_lam(_hot(8, 8, 2, 5), (64, 64))
+    assert up.shape == (64, 64)
+    assert _lit(up, dim=1) == list(range(16, 24))
+    assert _lit(up, dim=0) == list(range(40, 48))
+    # the brightest pixels are the block's centre, the mass is centred on it
+    peak = torch.nonzero(up == up.max()).tolist()
+    assert sorted(map(tuple, peak)) == [(19, 43), (19, 44), (20, 43), (20, 44)]
+    rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    assert math.isclose((up * rows).sum().item() / up.sum().item(), 19.5, abs_tol=1e-4)
+    assert math.isclose((up * cols).sum().item() / up.sum().item(), 43.5, abs_tol=1e-4)
+    # the check is sharp: corner-aligned resampling lands on the wrong pixels
+    shifted = F.interpolate(_hot(8, 8, 2, 5)[None, None], size=(64, 64), mode="bilinear", align_corners=True)[0, 0]
+    assert _lit(shifted, dim=1) != list(range(16, 24))
+
+
+def test_hot_cell_non_square_and_at_the_border():
+    up = upsample_lam(_hot(4, 6, 3, 0), (32, 48))           # 8x8 pixel cells
+    assert _lit(up, dim=1) == list(range(24, 32))
+    assert _lit(up, dim=0) == list(range(0, 8))
+
+
+def test_overlay_changes_only_the_hot_region():
+    image = _image()
+    out = overlay(image, _hot(8, 8, 2, 5, value=3.0), alpha=0.8)
+    assert out.shape == image.shape and out.dtype == torch.float32
+    changed = (out - image).abs().amax(0) > 0
+    rows = torch.nonzero(changed.any(1)).flatten()
+    cols = torch.nonzero(changed.any(0)).flatten()
+    # bilinear support of one cell: its block plus half a cell each side
+    assert rows.min() >= 12 and rows.max() <= 27 and cols.min() >= 36 and cols.max() <= 51
+    assert changed[16:24, 40:48].all()
+    torch.testing.assert_close(out[:, :12], image[:, :12], rtol=0, atol=0)
+    # at the block's centre pixel: bilinear weight 0.9375^2, its color, blended at opacity alpha * weight
+    weight = 0.9375**2
+    color = apply_colormap(torch.tensor([[weight]]))[:, 0, 0]
+    expected = image[:, 19, 43] * (1 - 0.8 * weight) + color * 0.8 * weight
+    torch.testing.assert_close(out[:, 19, 43], expected, atol=1e-5, rtol=0)
+
+
+def test_overlay_identity_cases_and_batch():
+    image = _image()
+    torch.testing.assert_close(overlay(image, torch.rand(8, 8), alpha=0.0), image)
+    torch.testing.assert_close(overlay(image, torch.zeros(8, 8)), image)
+    batch = torch.stack([image, _image(seed=1)])
+    lams = torch.stack([_hot(8, 8, 0, 0), _hot(8, 8, 7, 7)])
+    out = overlay(batch, lams)
+    torch.testing.assert_close(out[1], overlay(batch[1], lams[1]))
+    u8 = (image * 255).round().to(torch.uint8)
+    torch.testing.assert_close(overlay(u8, lams[0]), overlay(u8.float() / 255, lams[0]))
+
+
+def test_overlay_bad_inputs():
+    image = _image()
+    with pytest.raises(ValueError, match="both be batched"):
+        overlay(image, torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError, match="batch 2 != lam batch 3"):
+        overlay(torch.stack([image, image]), torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        overlay(image * 2 - 1, torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(image, torch.zeros(8, 8), alpha=1.5)
+    with pytest.raises(ValueError, match="channels"):
+        overlay(torch.zeros(2, 8, 8), torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="non-finite"):
+        overlay(torch.full((3, 8, 8), float("nan")), torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="normalize=False"):
+        overlay(image, torch.full((8, 8), 2.0), normalize=False)
+    with pytest.raises(ValueError, match="unknown colormap"):
+        overlay(image, torch.zeros(8, 8), colormap="jet")
+
+
+# ------------------------------------------------------------------- colormap
+
+
+def _luminance(rgb: torch.Tensor) -> torch.Tensor:
+    linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    return linear @ torch.tensor([0.2126, 0.7152, 0.0722])
+
+
+@pytest.mark.parametrize("name", sorted(explain.COLORMAPS))
+def test_colormap_luminance_is_monotonic(name):
+    table = colormap_table(name)
+    assert table.shape == (256, 3) and table.min() >= 0 and table.max() <= 1
+    lum = _luminance(table)
+    assert (lum[1:] > lum[:-1]).all()
+    # and apply_colormap follows the table
+    values = torch.linspace(0, 1, 256).reshape(16, 16)
+    colored = apply_colormap(values, name)
+    assert colored.shape == (3, 16, 16)
+    torch.testing.assert_close(colored.reshape(3, -1).T, table, atol=1e-5, rtol=0)
+
+
+def test_colormap_custom_and_bad():
+    gray = apply_colormap(torch.tensor([[0.0, 0.25, 1.0]]), torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
+    torch.testing.assert_close(gray[:, 0], torch.tensor([[0.0, 0.25, 1.0]] * 3), atol=1e-6, rtol=0)
+    assert apply_colormap(torch.tensor([[float("nan"), 5.0]]))[:, 0, 1].tolist() == colormap_table()[-1].tolist()
+    with pytest.raises(ValueError, match=r"\[N >= 2, 3\]"):
+        colormap_table(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="sRGB"):
+        colormap_table(torch.full((2, 3), 2.0))
+    with pytest.raises(TypeError, match="name or a Tensor"):
+        colormap_table(3)
+
+
+# ------------------------------------------------------------------------ PNG
+
+
+def test_png_round_trip_float_and_uint8(tmp_path):
+    image = _image(17, 23)
+    path = tmp_path / "sub" / "x.png"
+    save_png(path, image)
+    back = read_png(path)
+    assert back.shape == (3, 17, 23) and back.dtype == torch.uint8
+    assert torch.equal(back, (image * 255).round().to(torch.uint8))
+    from PIL import Image
+    with Image.open(path) as im:
+        assert im.size == (23, 17) and im.mode == "RGB"
+    save_png(path, back)                                   # overwrite, uint8 exact
+    assert torch.equal(read_png(path), back)
+    assert sorted(os.listdir(tmp_path / "sub")) == ["x.png"]   # no temporary left behind
+
+
+def test_png_gray_and_bad(tmp_path):
+    save_png(tmp_path / "g.png", torch.full((1, 4, 5), 0.5))
+    assert torch.equal(read_png(tmp_path / "g.png"), torch.full((3, 4, 5), 128, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        save_png(tmp_path / "b.png", torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="empty"):
+        save_png(tmp_path / "e.png", torch.zeros(3, 0, 4))
+    assert not (tmp_path / "b.png").exists()
+
+
+# ---------------------------------------------------------------- faithfulness
+
+
+def _toy(b=3, c=4, h=10, w=10):
+    """A linear toy reward that counts delta only inside a 10-cell region R."""
+    g = torch.Generator().manual_seed(0)
+    region = torch.zeros(h, w, dtype=torch.bool)
+    region[2, 1:6] = True
+    region[7, 4:9] = True
+    z0 = torch.randn(b, c, h, w, generator=g)
+    delta = 0.01 * torch.randn(b, c, h, w, generator=g)
+    delta[:, 0][:, region] += 1.0
+    weight = region.float()
+
+    def reward(z):
+        return (z[:, 0] * weight).sum((1, 2))
+
+    return reward, z0, delta, region
+
+
+def test_faithfulness_toy_loses_the_gain_where_lam_is_high():
+    reward, z0, delta, region = _toy()
+    res = faithfulness(reward, z0, delta, fraction=0.1, generator=torch.Generator().manual_seed(1))
+    assert res.mask.shape == (3, 10, 10) and (res.mask == region).all()
+    torch.testing.assert_close(res.gain, reward(z0 + delta) - reward(z0))
+    torch.testing.assert_close(res.gain_lost, torch.ones(3))          # all of the gain lived in R
+    torch.testing.assert_close(res.reward_masked, res.reward_before)
+    assert (res.gain_lost_random < 0.6).all()                         # random cells: about 10%
+    expected_drop = (res.reward_after - res.reward_masked) / res.reward_after.abs()
+    torch.testing.assert_close(res.relative_drop, expected_drop)
+    assert "of it lost" in res.summary() and "random cells" in res.summary()
+
+
+def test_faithfulness_edges_and_alpha():
+    reward, z0, delta, _ = _toy(b=2)
+    none = faithfulness(reward, z0, delta, fraction=0.0, random_control=False)
+    assert not none.mask.any() and none.reward_random is None
+    torch.testing.assert_close(none.gain_lost, torch.zeros(2))
+    half = faithfulness(reward, z0, delta, alpha=0.5, random_control=False)
+    torch.testing.assert_close(half.gain, 0.5 * (reward(z0 + delta) - reward(z0)))
+    flat = faithfulness(reward, z0, torch.zeros_like(delta), random_control=False)
+    assert torch.isnan(flat.gain_lost).all()                          # no gain: ratio undefined
+
+
+def test_faithfulness_bad_inputs():
+    reward, z0, delta, _ = _toy(b=2)
+    with pytest.raises(ValueError, match="Tensor\\[B\\] with B = 2"):
+        faithfulness(lambda z: z.sum((1, 2, 3))[:1], z0, delta)
+    with pytest.raises(TypeError, match="must return a Tensor"):
+        faithfulness(lambda z: 1.0, z0, delta)
+    with pytest.raises(TypeError, match="callable"):
+        faithfulness(None, z0, delta)
+    with pytest.raises(ValueError, match="shape"):
+        faithfulness(reward, z0, delta[:, :2])
+    with pytest.raises(ValueError, match="fraction"):
+        faithfulness(reward, z0, delta, fraction=1.5)
+    bad = delta.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        faithfulness(reward, z0, bad)
+
+
+def test_top_lam_mask_counts_and_ties():
+    lam = torch.zeros(2, 3, 3)
+    mask = top_lam_mask(lam, 0.3)                         # ceil(2.7) = 3 cells, ties by index
+    assert mask.sum((1, 2)).tolist() == [3, 3]
+    assert mask[0].flatten().tolist() == [True, True, True] + [False] * 6
+    assert top_lam_mask(lam, 1.0).all()
+
+
+# ---------------------------------------------------------------- HTML report
+
+
+class _ObjWithText:
+    def __init__(self, s):
+        self.s = s
+
+    def text(self):
+        return self.s
+
+
+def _items():
+    lam = torch.zeros(8, 8)
+    lam[2:4, 5:7] = 1.0
+    return [
+        ReportItem("two <script>alert('x')</script> dogs & a cat", before=_image(), after=_image(seed=2), lam=lam,
+                   scores={"count": 0.72, "color": float("nan"), "position": None},
+                   scores_before={"count": 0.5},
+                   explanations={"count": [_ObjWithText("asked for 2 dogs, found 3 <b>")]},
+                   joint=0.72, joint_before=0.5, label="seed 1"),
+        {"prompt": "a red ball", "after": _image(seed=3), "scores": {"color": 0.9},
+         "explanations": [SimpleNamespace(sentence="red ball: red scores 0.90"), "plain sentence"]},
+    ]
+
+
+def test_html_is_self_contained_and_escaped(tmp_path):
+    path = tmp_path / "r" / "report.html"
+    write_html_report(path, _items(), title="T <i>&</i>")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    assert "<script" not in text.lower()
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; dogs &amp; a cat" in text
+    assert "T &lt;i&gt;&amp;&lt;/i&gt;" in text
+    assert "found 3 &lt;b&gt;" in text
+    srcs = re.findall(r'src="([^"]*)"', text)
+    assert len(srcs) == 4 + 1 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r"(src|href)\s*=\s*[\"']?\s*(https?:|//)", text)
+    assert "url(" not in text and "@import" not in text and "<link" not in text
+    for sentence in ("red ball: red scores 0.90", "plain sentence", "not asked by the prompt", "seed 1"):
+        assert sentence in text
+    assert sorted(os.listdir(tmp_path / "r")) == ["report.html"]
+
+
+def test_html_from_reward_result_like_object(tmp_path):
+    result = SimpleNamespace(
+        scores=torch.tensor([[1.0, float("nan"), 0.25]]),
+        present=torch.tensor([[True, False, True]]),
+        joint=torch.tensor([0.6]),
+        weights=torch.tensor([[0.5, 0.0, 0.5]]),
+        explanations=[SimpleNamespace(counts=(_ObjWithText("asked for 1 cat, found 1"),), colors=(),
+                                      relations=("cat left of dog: score 0.25",))],
+    )
+    items = report_items(["a cat left of a dog"], result, after=torch.stack([_image()]),
+                         lam=torch.rand(1, 8, 8), rewards_before=result)
+    assert items[0].scores["count"] == 1.0 and math.isnan(items[0].scores["color"])
+    text = render_html_report(items)
+    assert "asked for 1 cat, found 1" in text and "cat left of dog: score 0.25" in text
+    assert "absent" in text and "0.600" in text
+    with pytest.raises(ValueError, match="one per prompt"):
+        report_items(["a", "b"], after=torch.stack([_image()]))
+
+
+def test_html_bad_items(tmp_path):
+    with pytest.raises(TypeError, match="sequence of ReportItem"):
+        write_html_report(tmp_path / "x.html", "not items")
+    with pytest.raises(TypeError, match="item 0"):
+        write_html_report(tmp_path / "x.html", [{"prompt": "p", "bogus": 1}])
+    with pytest.raises(TypeError, match="ReportItem"):
+        write_html_report(tmp_path / "x.html", [42])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        write_html_report(tmp_path / "x.html", [ReportItem("p", after=_image() * 3)])
+    assert not (tmp_path / "x.html").exists()
+    write_html_report(tmp_path / "empty.html", [])
+    assert "No items." in (tmp_path / "empty.html").read_text()
