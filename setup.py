@@ -40,14 +40,14 @@ def _want_cuda() -> bool:
 def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
     if sys.platform != "win32":
         cxx.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension(
             "xlard._C", sources, include_dirs=include_dirs, 
             extra_compile_args={"cxx": cxx + ["-DXLARD_WITH_CUDA"], "nvcc": nvcc},

@@ -255,7 +255,7 @@ def position_scores_fwd(centroids: torch.Tensor, relations: torch.Tensor, tau: f
     out = torch.empty(batch, num_rel, dtype=acc, device=centroids.device)
     if out.numel() == 0:
         return out
-    tau_t = torch.tensor([tau], dtype=acc, device=centroids.device)
+    tau_t = torch.full((1,), tau, dtype=acc, device=centroids.device)
     block_r = min(max(triton.next_power_of_2(num_rel), 16), 1024)
     grid = (batch, triton.cdiv(num_rel, block_r))
     _position_scores_fwd_kernel[grid](
@@ -277,7 +277,7 @@ def position_scores_bwd(grad: torch.Tensor, centroids: torch.Tensor, relations: 
     if out.numel() == 0 or num_rel == 0:
         return out
     grad = grad.reshape(batch, num_rel).contiguous()
-    tau_t = torch.tensor([tau], dtype=acc, device=centroids.device)
+    tau_t = torch.full((1,), tau, dtype=acc, device=centroids.device)
     block_t = min(max(triton.next_power_of_2(num_tokens), 16), 128)
     block_r = 64
     grid = (batch, triton.cdiv(num_tokens, block_t))

@@ -246,7 +246,7 @@ def _launch(maps: torch.Tensor, threshold: float, mode: str, min_area: int, conn
         mode_id = MODES[mode]
         acc = torch.float64 if maps.dtype == torch.float64 else torch.float32
     # The threshold travels as a tensor: a Python float kernel argument would be rounded to float32 even for float64 maps.
-    threshold_t = torch.tensor([threshold], dtype=acc, device=device)
+    threshold_t = torch.full((1,), threshold, dtype=acc, device=device)
     parent = torch.empty(num_maps, num_pixels, dtype=torch.int32, device=device)
     scratch = torch.empty(num_maps, num_pixels, dtype=torch.int32, device=device)
     block = min(max(triton.next_power_of_2(num_pixels), 16), 2048)

@@ -219,7 +219,7 @@ def gaussian_log_prob_fwd(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Te
     block = _block(features, 2048)
     parts = triton.cdiv(features, block)
     partial = torch.empty(batch, parts, dtype=acc, device=x.device)
-    const = torch.tensor([_HALF_LOG_2PI], dtype=acc, device=x.device)
+    const = torch.full((1,), _HALF_LOG_2PI, dtype=acc, device=x.device)
     _gaussian_log_prob_fwd_kernel[(batch, parts)](
         x2, m2, ls2, const, partial, features, parts, x2.stride(0), m2.stride(0), sl_b,
         ACC=acc_tl, BLOCK=block,
@@ -363,7 +363,7 @@ def sample_correction_fwd(z0: torch.Tensor, mean: torch.Tensor, log_std: torch.T
     block = _block(size)
     parts = triton.cdiv(size, block)
     partial = torch.empty(batch, parts, dtype=acc, device=z0.device)
-    const = torch.tensor([_HALF_LOG_2PI], dtype=acc, device=z0.device)
+    const = torch.full((1,), _HALF_LOG_2PI, dtype=acc, device=z0.device)
     _sample_correction_fwd_kernel[(batch, parts)](
         z3, m3, l3, n3, alpha_v, const, zc, delta, partial, lam, channels, size, parts,
         *z3.stride(), *m3.stride(), *l_strides, *n3.stride(),

@@ -31,10 +31,10 @@ def foreground(maps: torch.Tensor, threshold: float = 0.5, mode: str = "relative
     flat = v.flatten(-2)
     fin = finite.flatten(-2)
     if mode == "absolute":
-        return (v > torch.tensor(threshold, dtype=acc)) & finite
+        return (v > torch.tensor(threshold, dtype=acc, device=v.device)) & finite
     if mode == "relative":
         mx = torch.where(fin, flat, torch.full_like(flat, -math.inf)).amax(-1) if flat.shape[-1] else flat.new_full(flat.shape[:-1], -math.inf)
-        cut = torch.tensor(threshold, dtype=acc) * mx
+        cut = torch.tensor(threshold, dtype=acc, device=v.device) * mx
         fg = (v > cut[..., None, None]) & finite
         return fg & (mx > 0)[..., None, None]
     if mode == "otsu":
@@ -46,9 +46,9 @@ def foreground(maps: torch.Tensor, threshold: float = 0.5, mode: str = "relative
         scaled = ((flat.double() - lo[..., None]) / span[..., None]) * 256.0
         bins = torch.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0).floor().clamp(0, 255).long()
         bins = torch.where(fin, bins, torch.zeros_like(bins))
-        hist = torch.zeros(*flat.shape[:-1], 256, dtype=torch.int64)
+        hist = torch.zeros(*flat.shape[:-1], 256, dtype=torch.int64, device=v.device)
         hist.scatter_add_(-1, bins, fin.long())
-        levels = torch.arange(256, dtype=torch.int64)
+        levels = torch.arange(256, dtype=torch.int64, device=v.device)
         w0 = hist.cumsum(-1)
         s0 = (hist * levels).cumsum(-1)
         n = w0[..., -1:]
@@ -84,7 +84,7 @@ def _components(fg: torch.Tensor, min_area: int, connectivity: int):
     m, h, w = fg.shape
     n = h * w
     big = n  # larger than every raster index: background and padding
-    index = torch.arange(n, dtype=torch.int64).view(1, h, w).expand(m, h, w)
+    index = torch.arange(n, dtype=torch.int64, device=fg.device).view(1, h, w).expand(m, h, w)
     lab = torch.where(fg, index, torch.full_like(index, big))
     # Min-label propagation plus pointer jumping, to the fixpoint: each foreground pixel
     # ends with the raster index of its component's first pixel.
@@ -97,9 +97,9 @@ def _components(fg: torch.Tensor, min_area: int, connectivity: int):
             break
         lab = new
     root = torch.where(fg, lab, torch.zeros_like(lab)).reshape(m, n)
-    area = torch.zeros(m, n, dtype=torch.int64)
+    area = torch.zeros(m, n, dtype=torch.int64, device=fg.device)
     area.scatter_add_(1, root, fg.reshape(m, n).long())
-    is_root = (lab.reshape(m, n) == torch.arange(n)) & fg.reshape(m, n)
+    is_root = (lab.reshape(m, n) == torch.arange(n, device=fg.device)) & fg.reshape(m, n)
     kept_root = is_root & (area >= min_area)
     number = kept_root.long().cumsum(1) * kept_root
     labels = torch.where(fg.reshape(m, n), torch.gather(number, 1, root), torch.zeros_like(root))
@@ -131,22 +131,23 @@ def component_stats(maps, threshold=0.5, mode="relative", min_area=1, connectivi
     fg = foreground(maps, threshold, mode).reshape(math.prod(batch), h, w)
     labels, counts, *_ = _components(fg, min_area, connectivity)
     m, k = labels.shape[0], max_components
+    dev = labels.device
     nlab = h * w + 1
     flat = labels.reshape(m, h * w)
-    ii, jj = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    area = torch.zeros(m, nlab, dtype=torch.int64).scatter_add_(1, flat, torch.ones_like(flat))
-    sx = torch.zeros(m, nlab, dtype=torch.float64).scatter_add_(1, flat, (jj + 0.5).reshape(1, -1).expand(m, -1))
-    sy = torch.zeros(m, nlab, dtype=torch.float64).scatter_add_(1, flat, (ii + 0.5).reshape(1, -1).expand(m, -1))
+    ii, jj = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=dev), torch.arange(w, dtype=torch.float64, device=dev), indexing="ij")
+    area = torch.zeros(m, nlab, dtype=torch.int64, device=dev).scatter_add_(1, flat, torch.ones_like(flat))
+    sx = torch.zeros(m, nlab, dtype=torch.float64, device=dev).scatter_add_(1, flat, (jj + 0.5).reshape(1, -1).expand(m, -1))
+    sy = torch.zeros(m, nlab, dtype=torch.float64, device=dev).scatter_add_(1, flat, (ii + 0.5).reshape(1, -1).expand(m, -1))
     area[:, 0] = 0  # background
     # Stable descending sort over labels in increasing order: ties keep the smaller label first.
     order = torch.sort(area, dim=1, descending=True, stable=True).indices[:, :k]
     if order.shape[1] < k:
-        order = torch.cat([order, torch.zeros(m, k - order.shape[1], dtype=torch.int64)], 1)
+        order = torch.cat([order, torch.zeros(m, k - order.shape[1], dtype=torch.int64, device=dev)], 1)
     top_area = torch.gather(area, 1, order)
     cx = torch.gather(sx, 1, order) / top_area.double() / w
     cy = torch.gather(sy, 1, order) / top_area.double() / h
     used = top_area > 0
-    nan = torch.tensor(math.nan, dtype=torch.float64)
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=dev)
     cen = torch.stack([torch.where(used, cx, nan), torch.where(used, cy, nan)], -1).float()
     return (
         counts.to(torch.int32).view(batch),
@@ -161,13 +162,13 @@ def attention_centroids(maps):
     v = maps.to(acc)
     wgt = torch.where(torch.isfinite(v) & (v > 0), v, torch.zeros_like(v))
     h, w = maps.shape[-2:]
-    xs = (torch.arange(w, dtype=acc) + 0.5)
-    ys = (torch.arange(h, dtype=acc) + 0.5)
+    xs = torch.arange(w, dtype=acc, device=maps.device) + 0.5
+    ys = torch.arange(h, dtype=acc, device=maps.device) + 0.5
     total = wgt.sum((-2, -1))
     cx = (wgt * xs).sum((-2, -1)) / total / w
     cy = (wgt * ys[:, None]).sum((-2, -1)) / total / h
     empty = total <= 0
-    half = torch.tensor(0.5, dtype=acc)
+    half = torch.tensor(0.5, dtype=acc, device=maps.device)
     return torch.stack([torch.where(empty, half, cx), torch.where(empty, half, cy)], -1)
 
 
@@ -184,7 +185,7 @@ def position_scores(centroids, relations, tau=10.0):
         raise ValueError("relations: code must be 0..3")
     pa = torch.gather(c, 1, a_idx[..., None].expand(-1, -1, 2))
     pb = torch.gather(c, 1, b_idx[..., None].expand(-1, -1, 2))
-    v = torch.tensor(_DIRECTIONS, dtype=acc)[code]
+    v = torch.tensor(_DIRECTIONS, dtype=acc, device=c.device)[code]
     return torch.sigmoid(tau * ((pa - pb) * v).sum(-1))
 
 
@@ -202,7 +203,7 @@ def color_scores(patch_features, color_embeddings, patch_mask=None):
     sim = torch.where(allowed & ~torch.isnan(sim), sim, torch.full_like(sim, -math.inf))
     b, c = sim.shape[:2]
     if sim.shape[-1] == 0:
-        return torch.zeros(b, c, dtype=acc), torch.full((b, c), -1, dtype=torch.int64)
+        return torch.zeros(b, c, dtype=acc, device=f.device), torch.full((b, c), -1, dtype=torch.int64, device=f.device)
     best, index = sim.max(-1)
     none = torch.isneginf(best)
     return torch.where(none, torch.zeros_like(best), best), torch.where(none, torch.full_like(index, -1), index)

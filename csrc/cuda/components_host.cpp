@@ -1,0 +1,179 @@
+// CUDA provider of label_components, count_components and component_stats: argument
+// checks, output allocation and the choice between the shared-memory path (a map's
+// per-pixel arrays fit on chip) and the global-memory path (scratch buffers from the
+// caching allocator, so both paths are CUDA-graph capturable). One kernel launch for
+// the whole batch, no host synchronization. Semantics: docs/ops.md.
+//
+// XLARD_CUDA_COMPONENTS_PATH=global forces the global-memory path (a test hook: it lets
+// the tests run the big-map code on small adversarial maps).
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+
+#include "host_common.h"
+
+namespace xlard {
+namespace {
+
+using cuda_host::check_cuda;
+
+// Largest map the kernel accepts: pixel indices, areas and slot encodings stay in int32.
+constexpr int64_t kMaxPixels = int64_t(1) << 30;
+
+struct Checked {
+  at::Tensor maps;  // contiguous
+  cuda::ComponentsParams params;
+  cuda::Kind kind;
+  std::vector<int64_t> batch_shape;
+};
+
+Checked check_inputs(const char* op, const at::Tensor& maps_in, double threshold, c10::string_view mode,
+                     int64_t min_area, int64_t connectivity) {
+  check_cuda(op, "maps", maps_in);
+  TORCH_CHECK(maps_in.dim() >= 2, "xlard.", op, ": maps must have shape [..., H, W], got ", maps_in.sizes());
+  const auto st = maps_in.scalar_type();
+  const bool is_mask = st == at::kBool || st == at::kByte;
+  TORCH_CHECK(is_mask || cuda_host::is_float_type(st), "xlard.", op,
+              ": maps must be float16, bfloat16, float32, float64, bool or uint8, got ", st);
+  cuda::ThresholdMode m = cuda::ThresholdMode::kAbsolute;
+  if (!is_mask) {  // masks ignore the mode, as on the CPU
+    if (mode == "absolute") {
+      m = cuda::ThresholdMode::kAbsolute;
+    } else if (mode == "relative") {
+      m = cuda::ThresholdMode::kRelative;
+    } else if (mode == "otsu") {
+      m = cuda::ThresholdMode::kOtsu;
+    } else {
+      TORCH_CHECK(false, "xlard.", op, ": mode must be 'absolute', 'relative' or 'otsu', got '", std::string(mode),
+                  "'");
+    }
+  }
+  TORCH_CHECK(std::isfinite(threshold), "xlard.", op, ": threshold must be finite, got ", threshold);
+  TORCH_CHECK(min_area >= 1, "xlard.", op, ": min_area must be >= 1, got ", min_area);
+  TORCH_CHECK(connectivity == 4 || connectivity == 8, "xlard.", op, ": connectivity must be 4 or 8, got ",
+              connectivity);
+  const int64_t h = maps_in.size(-2), w = maps_in.size(-1);
+  TORCH_CHECK(h * w <= kMaxPixels, "xlard.", op, ": the CUDA kernel takes maps of at most 2^30 pixels, got H * W = ",
+              h * w, " (the CPU provider takes up to 2^31 - 1)");
+  Checked c;
+  // The kernel reads each map as one contiguous block; a strided or expanded view is copied once here.
+  c.maps = maps_in.contiguous();
+  c.kind = cuda_host::kind_of(st);
+  c.batch_shape.assign(maps_in.sizes().begin(), maps_in.sizes().end() - 2);
+  auto& p = c.params;
+  p.num_maps = h * w == 0 ? 0 : maps_in.numel() / (h * w);
+  TORCH_CHECK(p.num_maps <= std::numeric_limits<int32_t>::max(), "xlard.", op,
+              ": at most 2^31 - 1 maps per call on CUDA, got ", p.num_maps);
+  p.maps = c.maps.const_data_ptr();
+  p.height = static_cast<int>(h);
+  p.width = static_cast<int>(w);
+  p.mode = m;
+  p.threshold_f = static_cast<float>(threshold);  // acc(threshold), rounded like the CPU's static_cast
+  p.threshold_d = threshold;
+  // A component never exceeds H * W pixels: a larger min_area drops everything.
+  p.min_area = static_cast<int>(std::min<int64_t>(min_area, h * w + 1));
+  p.connectivity = static_cast<int>(connectivity);
+  return c;
+}
+
+bool force_global_path() {
+  const char* v = std::getenv("XLARD_CUDA_COMPONENTS_PATH");
+  return v != nullptr && std::strcmp(v, "global") == 0;
+}
+
+// Picks the path, allocates the global scratch if needed, launches, checks the launch.
+void run(const char* op, Checked& c) {
+  auto& p = c.params;
+  const int64_t limit = cuda_host::shared_memory_per_block_optin();
+  size_t bytes = cuda::components_shared_bytes(p.height, p.width, p.max_components, false);
+  at::Tensor scratch_parent, scratch_bits;
+  if (force_global_path() || static_cast<int64_t>(bytes) > limit) {
+    bytes = cuda::components_shared_bytes(p.height, p.width, p.max_components, true);
+    TORCH_CHECK(static_cast<int64_t>(bytes) <= limit, "xlard.", op, ": max_components = ", p.max_components,
+                " needs ", bytes, " bytes of shared memory per block, more than this GPU's ", limit,
+                "; ask for fewer components");
+    const auto opts = c.maps.options().dtype(at::kInt);
+    const int64_t pixels = static_cast<int64_t>(p.height) * p.width;
+    const int64_t words = static_cast<int64_t>(p.height) * cuda::components_words_per_row(p.width);
+    scratch_parent = at::empty({p.num_maps, pixels}, opts);
+    scratch_bits = at::empty({p.num_maps, words}, opts);
+    p.scratch_parent = scratch_parent.data_ptr<int32_t>();
+    p.scratch_bits = reinterpret_cast<uint32_t*>(scratch_bits.data_ptr<int32_t>());
+  }
+  C10_CUDA_CHECK(cuda::launch_components(c.kind, p, bytes, cuda_host::current_stream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> label_components_cuda(const at::Tensor& maps_in, double threshold,
+                                                         c10::string_view mode, int64_t min_area,
+                                                         int64_t connectivity) {
+  const c10::cuda::CUDAGuard guard(maps_in.device());
+  Checked c = check_inputs("label_components", maps_in, threshold, mode, min_area, connectivity);
+  at::Tensor labels = at::empty(c.maps.sizes(), c.maps.options().dtype(at::kInt));
+  if (labels.numel() == 0) return {labels, at::zeros(c.batch_shape, c.maps.options().dtype(at::kInt))};
+  // The kernel writes every label and every count: no fill launch before it.
+  at::Tensor counts = at::empty(c.batch_shape, c.maps.options().dtype(at::kInt));
+  c.params.labels = labels.data_ptr<int32_t>();
+  c.params.counts = counts.data_ptr<int32_t>();
+  run("label_components", c);
+  return {labels, counts};
+}
+
+at::Tensor count_components_cuda(const at::Tensor& maps_in, double threshold, c10::string_view mode,
+                                 int64_t min_area, int64_t connectivity) {
+  const c10::cuda::CUDAGuard guard(maps_in.device());
+  Checked c = check_inputs("count_components", maps_in, threshold, mode, min_area, connectivity);
+  if (c.params.num_maps == 0) return at::zeros(c.batch_shape, c.maps.options().dtype(at::kInt));
+  at::Tensor counts = at::empty(c.batch_shape, c.maps.options().dtype(at::kInt));  // all written by the kernel
+  c.params.counts = counts.data_ptr<int32_t>();
+  run("count_components", c);
+  return counts;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> component_stats_cuda(const at::Tensor& maps_in, double threshold,
+                                                                    c10::string_view mode, int64_t min_area,
+                                                                    int64_t connectivity, int64_t max_components) {
+  const c10::cuda::CUDAGuard guard(maps_in.device());
+  Checked c = check_inputs("component_stats", maps_in, threshold, mode, min_area, connectivity);
+  TORCH_CHECK(max_components >= 1, "xlard.component_stats: max_components must be >= 1, got ", max_components);
+  TORCH_CHECK(max_components <= (int64_t(1) << 20),
+              "xlard.component_stats: the CUDA kernel takes max_components <= 2^20, got ", max_components);
+  std::vector<int64_t> shape = c.batch_shape;
+  std::vector<int64_t> area_shape = shape;
+  area_shape.push_back(max_components);
+  std::vector<int64_t> centroid_shape = area_shape;
+  centroid_shape.push_back(2);
+  const auto int_opts = c.maps.options().dtype(at::kInt);
+  const auto float_opts = c.maps.options().dtype(at::kFloat);
+  if (c.params.num_maps == 0) {  // no map, or empty maps: no component anywhere
+    return {at::zeros(shape, int_opts), at::zeros(area_shape, int_opts),
+            at::full(centroid_shape, std::numeric_limits<float>::quiet_NaN(), float_opts)};
+  }
+  // The kernel writes every count, area and centroid slot (unused ones as 0 / NaN).
+  at::Tensor counts = at::empty(shape, int_opts);
+  at::Tensor areas = at::empty(area_shape, int_opts);
+  at::Tensor centroids = at::empty(centroid_shape, float_opts);
+  c.params.counts = counts.data_ptr<int32_t>();
+  c.params.max_components = static_cast<int>(max_components);
+  c.params.areas = areas.data_ptr<int32_t>();
+  c.params.centroids = centroids.data_ptr<float>();
+  run("component_stats", c);
+  return {counts, areas, centroids};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xlard, CUDA, m) {
+  m.impl("label_components", &label_components_cuda);
+  m.impl("count_components", &count_components_cuda);
+  m.impl("component_stats", &component_stats_cuda);
+}
+
+}  // namespace xlard

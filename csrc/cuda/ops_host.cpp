@@ -1,0 +1,443 @@
+// CUDA provider of attention_centroids, position_scores, color_scores,
+// residual_correction, gaussian_log_prob and sample_correction (forward and backward):
+// the same argument checks and output dtypes as the CPU kernels in csrc/cpu, then one
+// launcher call per kernel on the current stream, each followed by
+// C10_CUDA_KERNEL_LAUNCH_CHECK(). Inputs are made contiguous (a copy only for strided
+// views); small side inputs (alpha, log_std, grads, color tables) are converted to the
+// accumulation dtype first, as the CPU kernels do. Semantics: docs/ops.md.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "host_common.h"
+
+namespace xlard {
+namespace {
+
+using cuda_host::acc_dtype;
+using cuda_host::check_cuda;
+using cuda_host::check_same_device;
+using cuda_host::current_stream;
+using cuda_host::is_float_type;
+using cuda_host::kind_of;
+
+constexpr double kHalfLog2Pi = 0.91893853320467274178;  // 0.5 * log(2 * pi)
+
+// ---- attention_centroids -----------------------------------------------------------
+
+void check_maps(const char* op, const at::Tensor& maps) {
+  check_cuda(op, "maps", maps);
+  TORCH_CHECK(maps.dim() >= 2, "xlard.", op, ": maps must have shape [..., H, W], got ", maps.sizes());
+  TORCH_CHECK(is_float_type(maps.scalar_type()), "xlard.", op,
+              ": maps must be float16, bfloat16, float32 or float64, got ", maps.scalar_type());
+}
+
+std::vector<int64_t> centroid_shape(const at::Tensor& maps) {
+  std::vector<int64_t> shape(maps.sizes().begin(), maps.sizes().end() - 2);
+  shape.push_back(2);
+  return shape;
+}
+
+at::Tensor attention_centroids_cuda(const at::Tensor& maps_in) {
+  check_maps("attention_centroids", maps_in);
+  const c10::cuda::CUDAGuard guard(maps_in.device());
+  const at::Tensor maps = maps_in.contiguous();
+  at::Tensor out = at::empty(centroid_shape(maps), maps.options().dtype(acc_dtype(maps.scalar_type())));
+  const int64_t num_maps = out.numel() / 2, h = maps.size(-2), w = maps.size(-1);
+  if (num_maps == 0) return out;
+  if (h * w == 0) return out.fill_(0.5);  // no weight anywhere
+  TORCH_CHECK(num_maps <= std::numeric_limits<int32_t>::max(), "xlard.attention_centroids: too many maps");
+  cuda::launch_attention_centroids(kind_of(maps.scalar_type()), maps.const_data_ptr(), num_maps, h, w,
+                                   out.data_ptr(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor attention_centroids_backward_cuda(const at::Tensor& grad_in, const at::Tensor& maps_in,
+                                             const at::Tensor& centroids_in) {
+  const char* op = "_attention_centroids_backward";
+  check_maps(op, maps_in);
+  check_same_device(op, "grad", grad_in, "maps", maps_in);
+  check_same_device(op, "centroids", centroids_in, "maps", maps_in);
+  const c10::cuda::CUDAGuard guard(maps_in.device());
+  const auto acc = acc_dtype(maps_in.scalar_type());
+  TORCH_CHECK(grad_in.sizes() == centroids_in.sizes() && grad_in.sizes().vec() == centroid_shape(maps_in),
+              "xlard._attention_centroids_backward: grad and centroids must have shape maps.shape[:-2] + [2], got ",
+              grad_in.sizes(), " and ", centroids_in.sizes());
+  const at::Tensor maps = maps_in.contiguous();
+  const at::Tensor grad = grad_in.to(acc).contiguous();
+  const at::Tensor cen = centroids_in.to(acc).contiguous();
+  at::Tensor out = at::empty(maps.sizes(), maps.options());
+  if (out.numel() == 0) return out;
+  const int64_t h = maps.size(-2), w = maps.size(-1), num_maps = maps.numel() / (h * w);
+  TORCH_CHECK(num_maps <= std::numeric_limits<int32_t>::max(), "xlard._attention_centroids_backward: too many maps");
+  cuda::launch_attention_centroids_backward(kind_of(maps.scalar_type()), grad.const_data_ptr(),
+                                            maps.const_data_ptr(), cen.const_data_ptr(), num_maps, h, w,
+                                            out.data_ptr(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// ---- position_scores ---------------------------------------------------------------
+
+struct RelationLayout {
+  int64_t batch, tokens, rows, rel_batch_stride;
+};
+
+RelationLayout check_relations(const char* op, const at::Tensor& centroids, const at::Tensor& relations) {
+  check_cuda(op, "centroids", centroids);
+  TORCH_CHECK(centroids.dim() == 3 && centroids.size(2) == 2, "xlard.", op,
+              ": centroids must have shape [B, T, 2], got ", centroids.sizes());
+  TORCH_CHECK(is_float_type(centroids.scalar_type()), "xlard.", op, ": centroids must be a floating dtype, got ",
+              centroids.scalar_type());
+  TORCH_CHECK(relations.scalar_type() == at::kLong, "xlard.", op, ": relations must be int64, got ",
+              relations.scalar_type());
+  TORCH_CHECK((relations.dim() == 2 || relations.dim() == 3) && relations.size(-1) == 3, "xlard.", op,
+              ": relations must have shape [R, 3] or [B, R, 3], got ", relations.sizes());
+  const int64_t b = centroids.size(0);
+  if (relations.dim() == 3) {
+    TORCH_CHECK(relations.size(0) == b, "xlard.", op, ": relations batch size ", relations.size(0),
+                " does not match centroids batch size ", b);
+  }
+  check_same_device(op, "relations", relations, "centroids", centroids);
+  const int64_t r = relations.size(-2);
+  return RelationLayout{b, centroids.size(1), r, relations.dim() == 3 ? r * 3 : 0};
+}
+
+// Index and code ranges are checked on the device (a device-side assertion, like
+// torch's own indexing kernels): checking them here would need a host synchronization.
+at::Tensor position_scores_cuda(const at::Tensor& centroids_in, const at::Tensor& relations_in, double tau) {
+  const RelationLayout L = check_relations("position_scores", centroids_in, relations_in);
+  TORCH_CHECK(std::isfinite(tau), "xlard.position_scores: tau must be finite, got ", tau);
+  const c10::cuda::CUDAGuard guard(centroids_in.device());
+  const auto acc = acc_dtype(centroids_in.scalar_type());
+  const at::Tensor cen = centroids_in.to(acc).contiguous();
+  const at::Tensor rel = relations_in.contiguous();
+  at::Tensor out = at::empty({L.batch, L.rows}, cen.options());
+  if (out.numel() == 0) return out;
+  cuda::launch_position_scores(acc == at::kDouble, cen.const_data_ptr(), rel.const_data_ptr<int64_t>(),
+                               L.rel_batch_stride, L.batch, L.tokens, L.rows, tau, out.data_ptr(),
+                               current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor position_scores_backward_cuda(const at::Tensor& grad_in, const at::Tensor& centroids_in,
+                                         const at::Tensor& relations_in, double tau) {
+  const RelationLayout L = check_relations("_position_scores_backward", centroids_in, relations_in);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == L.batch && grad_in.size(1) == L.rows,
+              "xlard._position_scores_backward: grad must have shape [B, R] = [", L.batch, ", ", L.rows, "], got ",
+              grad_in.sizes());
+  check_same_device("_position_scores_backward", "grad", grad_in, "centroids", centroids_in);
+  const c10::cuda::CUDAGuard guard(centroids_in.device());
+  const auto acc = acc_dtype(centroids_in.scalar_type());
+  const at::Tensor cen = centroids_in.to(acc).contiguous();
+  const at::Tensor grad = grad_in.to(acc).contiguous();
+  const at::Tensor rel = relations_in.contiguous();
+  at::Tensor out = at::zeros({L.batch, L.tokens, 2}, cen.options());
+  if (out.numel() == 0 || L.rows == 0) return out.to(centroids_in.scalar_type());
+  cuda::launch_position_scores_backward(acc == at::kDouble, grad.const_data_ptr(), cen.const_data_ptr(),
+                                        rel.const_data_ptr<int64_t>(), L.rel_batch_stride, L.batch, L.tokens,
+                                        L.rows, tau, out.data_ptr(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out.to(centroids_in.scalar_type());
+}
+
+// ---- color_scores ------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> color_scores_cuda(const at::Tensor& features_in, const at::Tensor& colors_in,
+                                                     const std::optional<at::Tensor>& mask_in) {
+  const char* op = "color_scores";
+  check_cuda(op, "patch_features", features_in);
+  TORCH_CHECK(features_in.dim() == 3, "xlard.color_scores: patch_features must have shape [B, N, D], got ",
+              features_in.sizes());
+  TORCH_CHECK(colors_in.dim() == 2 || colors_in.dim() == 3,
+              "xlard.color_scores: color_embeddings must have shape [C, D] or [B, C, D], got ", colors_in.sizes());
+  TORCH_CHECK(is_float_type(features_in.scalar_type()) && is_float_type(colors_in.scalar_type()),
+              "xlard.color_scores: patch_features and color_embeddings must be floating, got ",
+              features_in.scalar_type(), " and ", colors_in.scalar_type());
+  check_same_device(op, "color_embeddings", colors_in, "patch_features", features_in);
+  const int64_t b = features_in.size(0), n = features_in.size(1), d = features_in.size(2);
+  TORCH_CHECK(colors_in.size(-1) == d, "xlard.color_scores: color_embeddings feature size ", colors_in.size(-1),
+              " does not match patch_features feature size ", d);
+  if (colors_in.dim() == 3) {
+    TORCH_CHECK(colors_in.size(0) == b, "xlard.color_scores: color_embeddings batch size ", colors_in.size(0),
+                " does not match patch_features batch size ", b);
+  }
+  const int64_t c = colors_in.size(-2);
+  const bool has_mask = mask_in.has_value() && mask_in->defined();
+  if (has_mask) {
+    TORCH_CHECK(mask_in->scalar_type() == at::kBool, "xlard.color_scores: patch_mask must be bool, got ",
+                mask_in->scalar_type());
+    TORCH_CHECK(mask_in->dim() == 3 && mask_in->size(0) == b && mask_in->size(1) == c && mask_in->size(2) == n,
+                "xlard.color_scores: patch_mask must have shape [B, C, N] = [", b, ", ", c, ", ", n, "], got ",
+                mask_in->sizes());
+    check_same_device(op, "patch_mask", *mask_in, "patch_features", features_in);
+  }
+  const c10::cuda::CUDAGuard guard(features_in.device());
+  const bool dbl = features_in.scalar_type() == at::kDouble || colors_in.scalar_type() == at::kDouble;
+  const auto acc = dbl ? at::kDouble : at::kFloat;
+  at::Tensor scores = at::zeros({b, c}, features_in.options().dtype(acc));
+  at::Tensor index = at::full({b, c}, -1, features_in.options().dtype(at::kLong));
+  if (b == 0 || c == 0 || n == 0) return {scores, index};
+  TORCH_CHECK(b * c <= std::numeric_limits<int32_t>::max(), "xlard.color_scores: B * C too large for one launch");
+  const at::Tensor f = features_in.to(acc).contiguous();
+  const at::Tensor e = colors_in.to(acc).contiguous();
+  const at::Tensor mask = has_mask ? mask_in->contiguous() : at::Tensor();
+  cuda::launch_color_scores(dbl, f.const_data_ptr(), e.const_data_ptr(), colors_in.dim() == 3 ? c * d : 0,
+                            has_mask ? mask.const_data_ptr<bool>() : nullptr, b, n, c, d, scores.data_ptr(),
+                            index.data_ptr<int64_t>(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {scores, index};
+}
+
+// ---- residual_correction -----------------------------------------------------------
+
+void check_latent(const char* op, const char* name, const at::Tensor& t) {
+  check_cuda(op, name, t);
+  TORCH_CHECK(t.dim() >= 2, "xlard.", op, ": ", name, " must have shape [B, C, *spatial], got ", t.sizes());
+  TORCH_CHECK(is_float_type(t.scalar_type()), "xlard.", op, ": ", name,
+              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
+void check_same(const char* op, const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "xlard.", op, ": ", name, " must have the shape of ", ref_name, " ",
+              ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "xlard.", op, ": ", name, " must have the dtype of ", ref_name,
+              " (", ref.scalar_type(), "), got ", t.scalar_type());
+  check_same_device(op, name, t, ref_name, ref);
+}
+
+std::vector<int64_t> lam_shape(const at::Tensor& z) {
+  std::vector<int64_t> shape{z.size(0)};
+  for (int64_t d = 2; d < z.dim(); ++d) shape.push_back(z.size(d));
+  return shape;
+}
+
+at::Tensor alpha_tensor(const char* op, const std::optional<at::Tensor>& alpha, const at::Tensor& ref,
+                        at::ScalarType acc) {
+  if (!alpha.has_value() || !alpha->defined()) return at::Tensor();
+  TORCH_CHECK(is_float_type(alpha->scalar_type()), "xlard.", op, ": alpha must be floating, got ",
+              alpha->scalar_type());
+  TORCH_CHECK(alpha->dim() == 1 && alpha->size(0) == ref.size(0), "xlard.", op, ": alpha must have shape [B] = [",
+              ref.size(0), "], got ", alpha->sizes());
+  check_same_device(op, "alpha", *alpha, "the latents", ref);
+  return alpha->to(acc).contiguous();
+}
+
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor> residual_correction_cuda(const at::Tensor& z0_in, const at::Tensor& delta_in,
+                                                            const std::optional<at::Tensor>& alpha_in,
+                                                            double alpha_scalar) {
+  const char* op = "residual_correction";
+  check_latent(op, "z0", z0_in);
+  check_same(op, "delta", delta_in, "z0", z0_in);
+  const c10::cuda::CUDAGuard guard(z0_in.device());
+  const auto acc = acc_dtype(z0_in.scalar_type());
+  const at::Tensor z0 = z0_in.contiguous(), delta = delta_in.contiguous();
+  const at::Tensor alpha = alpha_tensor(op, alpha_in, z0, acc);
+  at::Tensor zc = at::empty(z0.sizes(), z0.options());
+  at::Tensor lam = at::empty(lam_shape(z0), z0.options().dtype(acc));
+  if (z0.numel() == 0) {  // C == 0 still gives a (zero) lam per spatial position
+    lam.zero_();
+    return {zc, lam};
+  }
+  const int64_t batch = z0.size(0), channels = z0.size(1), spatial = z0.numel() / (batch * channels);
+  cuda::launch_residual_correction(kind_of(z0.scalar_type()), z0.const_data_ptr(), delta.const_data_ptr(),
+                                   ptr_or_null(alpha), alpha_scalar, batch, channels, spatial, zc.data_ptr(),
+                                   lam.data_ptr(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {zc, lam};
+}
+
+at::Tensor residual_correction_backward_cuda(const at::Tensor& grad_zc_in, const at::Tensor& grad_lam_in,
+                                             const at::Tensor& delta_in, const std::optional<at::Tensor>& alpha_in,
+                                             double alpha_scalar) {
+  const char* op = "_residual_correction_backward";
+  check_latent(op, "delta", delta_in);
+  TORCH_CHECK(grad_zc_in.sizes() == delta_in.sizes(), "xlard._residual_correction_backward: grad_zc must have shape ",
+              delta_in.sizes(), ", got ", grad_zc_in.sizes());
+  TORCH_CHECK(grad_lam_in.sizes().vec() == lam_shape(delta_in),
+              "xlard._residual_correction_backward: grad_lam must have shape [B, *spatial], got ", grad_lam_in.sizes());
+  check_same_device(op, "grad_zc", grad_zc_in, "delta", delta_in);
+  check_same_device(op, "grad_lam", grad_lam_in, "delta", delta_in);
+  const c10::cuda::CUDAGuard guard(delta_in.device());
+  const auto acc = acc_dtype(delta_in.scalar_type());
+  const at::Tensor delta = delta_in.contiguous();
+  const at::Tensor gz = grad_zc_in.to(delta.scalar_type()).contiguous();
+  const at::Tensor gl = grad_lam_in.to(acc).contiguous();
+  const at::Tensor alpha = alpha_tensor(op, alpha_in, delta, acc);
+  at::Tensor out = at::empty(delta.sizes(), delta.options());
+  if (out.numel() == 0) return out;
+  const int64_t batch = delta.size(0), channels = delta.size(1), spatial = delta.numel() / (batch * channels);
+  cuda::launch_residual_correction_backward(kind_of(delta.scalar_type()), gz.const_data_ptr(), gl.const_data_ptr(),
+                                            delta.const_data_ptr(), ptr_or_null(alpha), alpha_scalar, batch,
+                                            channels, spatial, out.data_ptr(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// ---- gaussian_log_prob -------------------------------------------------------------
+
+// log_std at op level: shape x.shape[1:] (shared over the batch) or x.shape.
+bool check_log_std(const char* op, const at::Tensor& log_std, const at::Tensor& x) {
+  TORCH_CHECK(is_float_type(log_std.scalar_type()), "xlard.", op, ": log_std must be floating, got ",
+              log_std.scalar_type());
+  check_same_device(op, "log_std", log_std, "x", x);
+  if (log_std.sizes() == x.sizes()) return false;
+  TORCH_CHECK(log_std.sizes() == x.sizes().slice(1), "xlard.", op, ": log_std must have shape x.shape[1:] = ",
+              x.sizes().slice(1), " or x.shape = ", x.sizes(), " (xlard.ops broadcasts it), got ", log_std.sizes());
+  return true;
+}
+
+at::Tensor gaussian_log_prob_cuda(const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& log_std_in) {
+  const char* op = "gaussian_log_prob";
+  check_cuda(op, "x", x_in);
+  TORCH_CHECK(x_in.dim() >= 1, "xlard.gaussian_log_prob: x must have a batch dimension, got a 0-d tensor");
+  TORCH_CHECK(is_float_type(x_in.scalar_type()), "xlard.gaussian_log_prob: x must be floating, got ",
+              x_in.scalar_type());
+  check_same(op, "mean", mean_in, "x", x_in);
+  const bool shared = check_log_std(op, log_std_in, x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto acc = acc_dtype(x_in.scalar_type());
+  const int64_t batch = x_in.size(0);
+  const int64_t m = batch == 0 ? 0 : x_in.numel() / batch;
+  at::Tensor out = at::empty({batch}, x_in.options().dtype(acc));
+  if (batch == 0) return out;
+  if (m == 0) return out.zero_();
+  const at::Tensor x = x_in.contiguous(), mean = mean_in.contiguous();
+  const at::Tensor ls = log_std_in.to(acc).contiguous();
+  const int64_t chunks = cuda::row_chunks(m);
+  TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max() && chunks <= 65535,
+              "xlard.gaussian_log_prob: too large for one CUDA launch: B = ", batch, ", x.numel() / B = ", m);
+  at::Tensor partials = at::empty({batch, chunks}, out.options());
+  const cudaStream_t stream = current_stream();
+  cuda::launch_gaussian_log_prob_partials(kind_of(x.scalar_type()), x.const_data_ptr(), mean.const_data_ptr(),
+                                          ls.const_data_ptr(), shared, batch, m, partials.data_ptr(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch_finish_row_sums(acc == at::kDouble, partials.const_data_ptr(), batch, chunks, -kHalfLog2Pi, m,
+                               out.data_ptr(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cuda(const at::Tensor& grad_in,
+                                                                               const at::Tensor& x_in,
+                                                                               const at::Tensor& mean_in,
+                                                                               const at::Tensor& log_std_in) {
+  const char* op = "_gaussian_log_prob_backward";
+  check_cuda(op, "x", x_in);
+  TORCH_CHECK(x_in.dim() >= 1, "xlard._gaussian_log_prob_backward: x must have a batch dimension");
+  TORCH_CHECK(is_float_type(x_in.scalar_type()), "xlard._gaussian_log_prob_backward: x must be floating, got ",
+              x_in.scalar_type());
+  check_same(op, "mean", mean_in, "x", x_in);
+  const bool shared = check_log_std(op, log_std_in, x_in);
+  const int64_t batch = x_in.size(0);
+  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == batch,
+              "xlard._gaussian_log_prob_backward: grad must have shape [B] = [", batch, "], got ", grad_in.sizes());
+  check_same_device(op, "grad", grad_in, "x", x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto acc = acc_dtype(x_in.scalar_type());
+  const at::Tensor x = x_in.contiguous(), mean = mean_in.contiguous();
+  const at::Tensor ls = log_std_in.to(acc).contiguous();
+  const at::Tensor g = grad_in.to(acc).contiguous();
+  at::Tensor gx = at::empty(x.sizes(), x.options());
+  at::Tensor gm = at::empty(x.sizes(), x.options());
+  at::Tensor gls = at::empty(ls.sizes(), ls.options());
+  const int64_t m = batch == 0 ? 0 : x.numel() / batch;
+  if (m == 0 || batch == 0) {
+    gls.zero_();
+    return {gx, gm, gls.to(log_std_in.scalar_type())};
+  }
+  cuda::launch_gaussian_log_prob_backward(kind_of(x.scalar_type()), g.const_data_ptr(), x.const_data_ptr(),
+                                          mean.const_data_ptr(), ls.const_data_ptr(), shared, batch, m,
+                                          gx.data_ptr(), gm.data_ptr(), gls.data_ptr(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {gx, gm, gls.to(log_std_in.scalar_type())};
+}
+
+// ---- sample_correction -------------------------------------------------------------
+
+// The values of a log_std that is constant over its dims from `from` on (size 1 or
+// stride 0 there), as a [C] or [B, C] tensor; undefined otherwise. Same rule as the
+// CPU kernel, so both read the same values.
+at::Tensor row_constant_values(const at::Tensor& log_std, int64_t from) {
+  for (int64_t d = from; d < log_std.dim(); ++d) {
+    if (log_std.size(d) != 1 && log_std.stride(d) != 0) return at::Tensor();
+  }
+  at::Tensor rows = log_std;
+  for (int64_t d = log_std.dim() - 1; d >= from; --d) rows = rows.select(d, 0);
+  return rows;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cuda(
+    const at::Tensor& z0_in, const at::Tensor& mean_in, const at::Tensor& log_std_in, const at::Tensor& noise_in,
+    const std::optional<at::Tensor>& alpha_in, double alpha_scalar) {
+  const char* op = "sample_correction";
+  check_latent(op, "z0", z0_in);
+  check_same(op, "mean", mean_in, "z0", z0_in);
+  check_same(op, "noise", noise_in, "z0", z0_in);
+  const bool shared = check_log_std(op, log_std_in, z0_in);
+  const c10::cuda::CUDAGuard guard(z0_in.device());
+  const auto acc = acc_dtype(z0_in.scalar_type());
+  const at::Tensor z0 = z0_in.contiguous(), mean = mean_in.contiguous(), noise = noise_in.contiguous();
+  const at::Tensor alpha = alpha_tensor(op, alpha_in, z0, acc);
+  const int64_t batch = z0.size(0), channels = z0.size(1);
+  // A per-channel log_std (an expanded [C, 1, ...] or [B, C, 1, ...] view, the common
+  // policy) is read as its [C] / [B, C] values, never materialised; as on the CPU.
+  const int64_t spatial_dims_from = shared ? 1 : 2;
+  at::Tensor rows = z0.numel() == 0 ? at::Tensor() : row_constant_values(log_std_in, spatial_dims_from);
+  const bool per_row = rows.defined();
+  const at::Tensor ls = (per_row ? rows : log_std_in).to(acc).contiguous();
+  at::Tensor zc = at::empty(z0.sizes(), z0.options());
+  at::Tensor delta = at::empty(z0.sizes(), z0.options());
+  at::Tensor log_prob = at::empty({batch}, z0.options().dtype(acc));
+  at::Tensor lam = at::empty(lam_shape(z0), z0.options().dtype(acc));
+  if (z0.numel() == 0) {  // sums over nothing
+    log_prob.zero_();
+    lam.zero_();
+    return {zc, delta, log_prob, lam};
+  }
+  const int64_t spatial = z0.numel() / (batch * channels);
+  const int64_t chunks = cuda::sample_correction_chunks(channels, spatial);
+  TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max() && chunks <= 65535,
+              "xlard.sample_correction: too large for one CUDA launch: B = ", batch, ", spatial size ", spatial);
+  at::Tensor partials = at::empty({batch, chunks}, log_prob.options());
+  const cudaStream_t stream = current_stream();
+  const int64_t ls_batch_stride = shared ? 0 : (per_row ? channels : channels * spatial);
+  const int64_t ls_channel_stride = per_row ? 1 : spatial;
+  const int64_t ls_spatial_stride = per_row ? 0 : 1;
+  cuda::launch_sample_correction(kind_of(z0.scalar_type()), z0.const_data_ptr(), mean.const_data_ptr(),
+                                 ls.const_data_ptr(), noise.const_data_ptr(), ls_batch_stride, ls_channel_stride,
+                                 ls_spatial_stride, ptr_or_null(alpha), alpha_scalar, batch, channels, spatial,
+                                 zc.data_ptr(), delta.data_ptr(), lam.data_ptr(), partials.data_ptr(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch_finish_row_sums(acc == at::kDouble, partials.const_data_ptr(), batch, chunks, -kHalfLog2Pi,
+                               channels * spatial, log_prob.data_ptr(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {zc, delta, log_prob, lam};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xlard, CUDA, m) {
+  m.impl("attention_centroids", &attention_centroids_cuda);
+  m.impl("_attention_centroids_backward", &attention_centroids_backward_cuda);
+  m.impl("position_scores", &position_scores_cuda);
+  m.impl("_position_scores_backward", &position_scores_backward_cuda);
+  m.impl("color_scores", &color_scores_cuda);
+  m.impl("residual_correction", &residual_correction_cuda);
+  m.impl("_residual_correction_backward", &residual_correction_backward_cuda);
+  m.impl("gaussian_log_prob", &gaussian_log_prob_cuda);
+  m.impl("_gaussian_log_prob_backward", &gaussian_log_prob_backward_cuda);
+  m.impl("sample_correction", &sample_correction_cuda);
+}
+
+}  // namespace xlard
