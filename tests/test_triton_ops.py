@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import math
 import os
+import sys
 
 # Must precede the first import of a kernel module: @triton.jit picks the interpreter at decoration time.
 os.environ["TRITON_INTERPRET"] = "1"
@@ -21,9 +22,22 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest
 import torch
 
+
+
+def _triton_library_compiled() -> bool:
+    """Whether triton.language was imported before TRITON_INTERPRET=1 (then it cannot interpret)."""
+    if "triton.language" not in sys.modules:
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(sys.modules["triton.language"].zeros, JITFunction)
+
+
 pytestmark = [
     pytest.mark.triton,
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+    pytest.mark.skipif(_triton_library_compiled(), reason="triton.language was imported in compiled mode before "
+                       "this module set TRITON_INTERPRET=1; run this file in its own pytest process"),
     # The interpreter evaluates x - x (the finiteness test) on inf with numpy, which warns.
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
 ]
