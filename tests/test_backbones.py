@@ -1,0 +1,383 @@
+"""Tests of xlard.backbones on a tiny random Stable Diffusion pipeline built offline.
+
+The pipeline (tests/tiny_pipelines.py) is saved with ``save_pretrained`` and
+loaded back through ``DiffusersBackbone.from_pretrained``, as a user loads a
+real model. Checked: z0 is the pipeline's latent at ``correction_step``; with
+a zero-initialized corrector the images equal the plain pipeline's for the
+same seed (bit for bit, also for stochastic and multistep schedulers, which
+need the generator and scheduler snapshots); z0 -> corrector -> decode ->
+explainable rewards end to end; determinism; argument errors.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+import tiny_pipelines  # noqa: E402
+
+from xlard.backbones import (Backbone, BackboneState, DiffusersBackbone, correction_index,  # noqa: E402
+                             make_generators)
+from xlard.models import ResidualCorrector  # noqa: E402
+from xlard.prompts import parse  # noqa: E402
+
+PROMPTS = ["a photo of two red cats", "a blue dog left of a green car"]
+STEPS = 2
+GUIDANCE = 5.0
+
+
+@pytest.fixture(scope="module")
+def sd_path(tmp_path_factory):
+    return tiny_pipelines.tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="module")
+def backbone(sd_path):
+    return DiffusersBackbone.from_pretrained(sd_path, correction_step=1.0, num_inference_steps=STEPS,
+                                             guidance_scale=GUIDANCE)
+
+
+def _with(backbone, **changes):
+    """Another backbone over the same loaded pipeline (cheap)."""
+    settings = dict(correction_step=backbone.correction_step, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+    settings.update(changes)
+    return DiffusersBackbone(backbone.pipeline, **settings)
+
+
+def _pipeline_images(pipe, backbone, prompts, seed, **extra):
+    kwargs = dict(backbone.pipeline_call_kwargs(), **extra)
+    return pipe(prompts, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def _nonzero_corrector(backbone, seed=0):
+    torch.manual_seed(seed)
+    corrector = ResidualCorrector(backbone.corrector_config("tiny")).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(corrector.head.weight, std=0.5)
+    return corrector
+
+
+# ---------------------------------------------------------------------------
+# Loading and the state
+# ---------------------------------------------------------------------------
+
+
+def test_from_pretrained_sizes(backbone):
+    assert isinstance(backbone, Backbone)
+    assert type(backbone.pipeline).__name__ == "StableDiffusionPipeline"
+    assert (backbone.latent_channels, backbone.text_dim, backbone.pooled_dim) == (4, tiny_pipelines.TEXT_DIM,
+                                                                                  tiny_pipelines.TEXT_DIM)
+    assert (backbone.height, backbone.width) == (32, 32)
+    assert backbone.do_classifier_free_guidance
+    config = backbone.corrector_config("tiny")
+    assert (config.latent_channels, config.text_dim, config.pooled_dim) == (4, 32, 32)
+    assert "StableDiffusionPipeline" in repr(backbone)
+    # Family defaults when not given.
+    default = DiffusersBackbone(backbone.pipeline)
+    assert (default.num_inference_steps, default.guidance_scale, default.correction_step) == (50, 7.5, 1.0)
+
+
+@pytest.mark.parametrize("correction_step, k", [(1.0, 2), (0.5, 1), (0.01, 1)])
+def test_encode_state_is_the_pipeline_latent_at_the_correction_step(backbone, correction_step, k):
+    bb = _with(backbone, correction_step=correction_step, capture=False)
+    state = bb.encode(PROMPTS[:1], seed=3)
+    assert isinstance(state, BackboneState)
+    assert (state.step_index, state.num_steps, state.remaining_steps) == (k, STEPS, STEPS - k)
+    assert state.z0.shape == (1, 4, 16, 16)
+    seen = {}
+
+    def keep(pipe, i, t, kwargs):
+        if i == k - 1:
+            seen["latents"] = kwargs["latents"].clone()
+        return kwargs
+
+    _pipeline_images(bb.pipeline, bb, PROMPTS[:1], 3, callback_on_step_end=keep, output_type="latent")
+    torch.testing.assert_close(state.z0, seen["latents"], rtol=0, atol=0)
+
+
+def test_prompt_embedding_and_specs(backbone):
+    state = backbone.encode(PROMPTS, seed=0)
+    emb = state.prompt_embedding
+    assert emb.tokens.shape == (2, 77, 32) and emb.pooled.shape == (2, 32) and emb.mask.shape == (2, 77)
+    assert emb.mask.dtype == torch.bool
+    tok = backbone.pipeline.tokenizer
+    for i, prompt in enumerate(PROMPTS):
+        ids = tok(prompt)["input_ids"]
+        assert int(emb.mask[i].sum()) == len(ids)
+        assert emb.token_ids[i, : len(ids)].tolist() == ids
+        # Pooled = CLIP's pooled output: the final hidden state at the end-of-text token.
+        out = backbone.pipeline.text_encoder(emb.token_ids[i : i + 1])
+        torch.testing.assert_close(emb.pooled[i], out.pooler_output[0])
+        torch.testing.assert_close(emb.tokens[i], out.last_hidden_state[0])
+    assert state.segment_offsets == {"tokenizer": 0}
+    spec = state.specs[1]
+    assert spec.nouns == ("dog", "car") and spec.relation_rows() == ((0, 1, 0),)
+    for entity in spec.entities:
+        words = tok.decode([int(emb.token_ids[1, j]) for j in entity.token_indices]).replace(" ", "")
+        assert words == entity.noun
+    assert set(emb.as_corrector_inputs()) == {"text_tokens", "pooled", "text_mask"}
+
+
+def test_prompt_specs_are_accepted_and_aligned(backbone):
+    spec = parse("a photo of three yellow birds")
+    assert not spec.alignments
+    state = backbone.encode([spec], seed=0)
+    assert state.specs[0].encoders == ("tokenizer",) and state.specs[0].entities[0].token_indices
+    assert state.prompts == ("a photo of three yellow birds",)
+
+
+# ---------------------------------------------------------------------------
+# Correction: parity with the plain pipeline, end to end with rewards
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("correction_step", [1.0, 0.5])
+def test_zero_corrector_equals_pipeline_then_corrected_end_to_end(backbone, correction_step):
+    from xlard.color_features import PixelColorEncoder
+    from xlard.rewards import ExplainableRewards
+
+    bb = _with(backbone, correction_step=correction_step, color_encoder=PixelColorEncoder())
+    reference = _pipeline_images(bb.pipeline, bb, PROMPTS, 7)
+
+    corrector = ResidualCorrector(bb.corrector_config("tiny")).eval()
+    plain = bb.generate(PROMPTS, seed=7, corrector=corrector)
+    assert torch.equal(plain.zc, plain.state.z0)
+    assert torch.count_nonzero(plain.lam) == 0
+    torch.testing.assert_close(plain.images, reference, rtol=0, atol=0)
+
+    decoded = plain.decoded
+    assert decoded.images.dtype == torch.float32 and decoded.images.shape == (2, 3, 32, 32)
+    assert decoded.latents.shape == (2, 4, 16, 16)
+    maps = decoded.token_maps
+    assert maps.shape[:2] == (2, 77) and maps.shape[-2:] == (16, 16)
+    assert torch.isfinite(maps).all() and (maps >= 0).all()
+    # Each image query's attention over the 77 tokens sums to one, averaged over layers and steps.
+    torch.testing.assert_close(maps.sum(1), torch.ones(2, 16, 16), rtol=1e-4, atol=1e-4)
+    assert decoded.patch_features.features.shape[0] == 2
+
+    corrected = bb.generate(PROMPTS, seed=7, corrector=_nonzero_corrector(bb), alpha=0.5)
+    assert not torch.equal(corrected.zc, corrected.state.z0)
+    assert corrected.lam.shape == (2, 16, 16) and (corrected.lam > 0).any()
+    assert not torch.equal(corrected.images, reference)
+    assert corrected.images.min() >= 0 and corrected.images.max() <= 1
+
+    result = ExplainableRewards(color_encoder=PixelColorEncoder())(**corrected.decoded.reward_inputs())
+    assert result.scores.shape == (2, 3)
+    assert result.present.tolist() == [[True, True, False], [True, True, True]]
+    present = result.scores[result.present]
+    assert torch.isfinite(present).all() and (present >= 0).all() and (present <= 1).all()
+    text = result.text()
+    for noun in ("cats", "dog", "car"):
+        assert noun in text
+    assert "left of" in result.explanations[1].text()
+
+
+@pytest.mark.parametrize("scheduler", ["euler_ancestral", "dpm"])
+def test_resume_restores_stochastic_and_multistep_schedulers(backbone, scheduler):
+    # Euler ancestral draws noise in every step (generator state) and rescales the initial noise
+    # after set_timesteps; DPM-Solver keeps past outputs.
+    from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+    cls = {"euler_ancestral": EulerAncestralDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}[scheduler]
+    components = dict(backbone.pipeline.components, scheduler=cls.from_config(backbone.pipeline.scheduler.config))
+    pipe = type(backbone.pipeline)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    bb = DiffusersBackbone(pipe, correction_step=0.5, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                           capture=False)
+    out = bb.generate(PROMPTS[:1], seed=11)
+    reference = _pipeline_images(pipe, bb, PROMPTS[:1], 11)
+    torch.testing.assert_close(out.images, reference, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# Determinism and capture settings
+# ---------------------------------------------------------------------------
+
+
+def test_determinism_and_per_prompt_seeds(backbone):
+    bb = _with(backbone, correction_step=0.5, capture=False)
+    first, second = bb.encode(PROMPTS, seed=5), bb.encode(PROMPTS, seed=5)
+    assert torch.equal(first.z0, second.z0)
+    a, b = bb.decode(first), bb.decode(first)  # decoding does not consume the state
+    assert torch.equal(a.images, b.images) and a.token_maps is None
+    assert torch.equal(a.images, bb.decode(second).images)
+    assert not torch.equal(bb.encode(PROMPTS, seed=6).z0, first.z0)
+    # One seed per prompt: a prompt's latent does not depend on the rest of the batch (up to the
+    # last bits: the arithmetic of a batch of 2 and of 1 may differ).
+    batch = bb.encode(PROMPTS, seed=[21, 22])
+    alone = bb.encode(PROMPTS[1], seed=[22])
+    torch.testing.assert_close(batch.z0[1:], alone.z0, rtol=1e-4, atol=1e-4)
+    # A caller's generator is used as given.
+    assert torch.equal(bb.encode(PROMPTS, seed=torch.Generator().manual_seed(5)).z0, first.z0)
+
+
+def test_capture_encode_and_readout(backbone):
+    bb = _with(backbone, correction_step=1.0, capture_encode=True)
+    state = bb.encode(PROMPTS[:1], seed=0)
+    assert state.encode_maps.shape == (1, 77, 16, 16)
+    decoded = bb.decode(state)  # no step left: one readout pass gives the maps
+    assert decoded.token_maps.shape == (1, 77, 16, 16)
+    assert not torch.equal(decoded.token_maps, state.encode_maps)
+
+
+def test_pluggable_capture_factory(backbone):
+    calls = []
+
+    class Recorder:
+        def __init__(self, denoiser, *, num_steps, cfg):
+            calls.append((type(denoiser).__name__, num_steps, cfg))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def maps(self):
+            return torch.zeros(1, 3, 4, 4)
+
+    bb = _with(backbone, correction_step=0.5, capture=Recorder)
+    decoded = bb.decode(bb.encode(PROMPTS[:1], seed=0))
+    assert calls == [("UNet2DConditionModel", 1, True)]
+    assert decoded.token_maps.shape == (1, 3, 4, 4)
+
+
+def test_correction_index():
+    assert [correction_index(s, 4) for s in (1e-6, 0.25, 0.3, 0.5, 0.99, 1.0)] == [1, 1, 2, 2, 4, 4]
+    assert correction_index(0.3, 10) == 3
+    with pytest.raises(ValueError, match="correction_step"):
+        correction_index(0.0, 4)
+    with pytest.raises(ValueError, match="num_steps"):
+        correction_index(0.5, 0)
+
+
+# ---------------------------------------------------------------------------
+# Bad arguments
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(correction_step=0.0), "correction_step"),
+    (dict(correction_step=1.5), "correction_step"),
+    (dict(correction_step=math.nan), "correction_step"),
+    (dict(correction_step="0.5"), "correction_step"),
+    (dict(correction_step=True), "correction_step"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(num_inference_steps=2.5), "num_inference_steps"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(guidance_scale=math.inf), "guidance_scale"),
+    (dict(height=31), "height"),
+    (dict(width=0), "width"),
+    (dict(negative_prompt=3), "negative_prompt"),
+    (dict(max_sequence_length=64), "max_sequence_length"),
+    (dict(capture="yes"), "capture"),
+    (dict(capture_encode=1), "capture_encode"),
+    (dict(capture=False, capture_encode=True), "capture_encode"),
+    (dict(color_encoder=object()), "color_encoder"),
+])
+def test_bad_constructor_arguments(backbone, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiffusersBackbone(backbone.pipeline, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(correction_step=2.0), "correction_step"),
+    (dict(torch_dtype="fp16"), "torch_dtype"),
+    (dict(device="not-a-device"), "device"),
+    (dict(num_inference_steps=-3), "num_inference_steps"),
+])
+def test_bad_from_pretrained_arguments_fail_before_loading(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiffusersBackbone.from_pretrained(tmp_path / "does-not-exist", **kwargs)
+    with pytest.raises(ValueError, match="model_id_or_path"):
+        DiffusersBackbone.from_pretrained("")
+
+
+def test_unsupported_pipeline_and_second_order_scheduler(backbone):
+    with pytest.raises(ValueError, match="not supported.*StableDiffusionPipeline"):
+        DiffusersBackbone(object())
+    from diffusers import HeunDiscreteScheduler
+
+    pipe = backbone.pipeline
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = HeunDiscreteScheduler.from_config(original.config)
+        with pytest.raises(ValueError, match="order 2"):
+            DiffusersBackbone(pipe, correction_step=0.5)
+        DiffusersBackbone(pipe, correction_step=1.0)  # no split inside a step: fine
+    finally:
+        pipe.scheduler = original
+
+
+def test_bad_encode_decode_generate_arguments(backbone):
+    bb = _with(backbone, capture=False, num_inference_steps=1)
+    for prompts, match in (([], "empty"), ([""], "empty"), ([3], "prompts\\[0\\]"), (None, "prompts")):
+        with pytest.raises(ValueError, match=match):
+            bb.encode(prompts, seed=0)
+    for seed in (-1, [1], "x", 1.5, [1, -2]):
+        with pytest.raises(ValueError, match="seed"):
+            bb.encode(PROMPTS, seed=seed)
+    with pytest.raises(ValueError, match="prompt 'a red'.*PromptSpec"):
+        bb.encode(["a red"], seed=0)  # a color without an object noun cannot be parsed
+    state = bb.encode(PROMPTS, seed=0)
+    with pytest.raises(ValueError, match="state"):
+        bb.decode("state")
+    with pytest.raises(ValueError, match="shape of state.z0"):
+        bb.decode(state, state.z0[:1])
+    with pytest.raises(ValueError, match="float tensor"):
+        bb.decode(state, state.z0.long())
+    with pytest.raises(ValueError, match="correct"):
+        bb.generate(PROMPTS, seed=0, corrector=object())
+    with pytest.raises(ValueError, match="alpha"):
+        bb.generate(PROMPTS, seed=0, alpha=0.5)
+    with pytest.raises(ValueError, match="seed"):
+        make_generators([1, 2, 3], 2)
+
+
+# ---------------------------------------------------------------------------
+# The other families: SD3 (joint attention), FLUX (packed latents), PixArt (T5 + mask)
+# ---------------------------------------------------------------------------
+
+_FAMILIES = {
+    # name: (builder, backbone settings, pipeline class, text length T of the maps, map grid)
+    "sd3": (tiny_pipelines.tiny_sd3_pipeline, dict(max_sequence_length=32), "StableDiffusion3Pipeline", 77 + 32, 16),
+    "flux": (tiny_pipelines.tiny_flux_pipeline, dict(max_sequence_length=32, height=32, width=32), "FluxPipeline",
+             32, 8),
+    "pixart": (tiny_pipelines.tiny_pixart_pipeline, {}, "PixArtAlphaPipeline", 120, 8),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILIES))
+def test_other_families_end_to_end(tmp_path, family):
+    from xlard.color_features import PixelColorEncoder
+    from xlard.rewards import ExplainableRewards
+
+    build, settings, cls, text_len, grid = _FAMILIES[family]
+    bb = DiffusersBackbone.from_pretrained(build(tmp_path / family), correction_step=0.5, num_inference_steps=2,
+                                           **settings)
+    assert type(bb.pipeline).__name__ == cls
+    prompt = [PROMPTS[1]]
+    reference = _pipeline_images(bb.pipeline, bb, prompt, 4)
+    corrector = ResidualCorrector(bb.corrector_config("tiny")).eval()
+    out = bb.generate(prompt, seed=4, corrector=corrector)
+    assert out.state.z0.shape == (1, 4, 16, 16)  # FLUX's packed tokens come back spatial
+    assert out.state.step_index == 1
+    emb = out.state.prompt_embedding
+    assert emb.tokens.shape == (1, text_len, bb.text_dim) and emb.pooled.shape == (1, bb.pooled_dim)
+    torch.testing.assert_close(out.images, reference, rtol=0, atol=0)
+    maps = out.decoded.token_maps
+    assert maps.shape == (1, text_len, grid, grid) and torch.isfinite(maps).all()
+    # The entities' tokens index the denoiser's text sequence through the segment offsets.
+    indices = out.state.specs[0].sequence_token_indices(out.state.segment_offsets)
+    assert all(0 < i < text_len for group in indices for i in group)
+
+    corrected = bb.decode(out.state, out.state.z0 + 0.5 * torch.randn_like(out.state.z0))
+    assert not torch.equal(corrected.images, reference)
+    result = ExplainableRewards(color_encoder=PixelColorEncoder())(**corrected.reward_inputs())
+    assert result.present.tolist() == [[True, True, True]]
+    assert "left of" in result.explanations[0].text()

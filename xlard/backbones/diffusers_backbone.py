@@ -1,0 +1,1015 @@
+"""A :class:`~xlard.backbones.base.Backbone` over a diffusers text-to-image pipeline.
+
+:class:`DiffusersBackbone` loads a pipeline exactly as
+``diffusers.DiffusionPipeline.from_pretrained`` does (a hub id or a local
+folder; real weights for a user, tiny saved pipelines in tests) and splits its
+sampling loop at ``correction_step`` (method.md section 2, [xlard default]):
+
+- :meth:`~DiffusersBackbone.encode` encodes the prompt, draws the initial
+  noise and runs the first ``k = ceil(correction_step * n)`` of the ``n``
+  denoising steps; the latent after them is z0. The scheduler and the random
+  generators are snapshotted there.
+- :meth:`~DiffusersBackbone.decode` restores those snapshots, runs the
+  remaining ``n - k`` steps from the given latent (zc) and VAE-decodes.
+  ``correction_step=1.0`` means z0 is the final clean latent and decode is
+  the VAE alone.
+
+The loop calls the pipeline's own pieces (``encode_prompt``,
+``prepare_latents``, its module's ``retrieve_timesteps``, the scheduler, the
+denoiser, the VAE and the image processor) in the order the pipeline's
+``__call__`` does, so that with an unchanged latent (a zero-initialized
+corrector) the images equal ``pipe(prompts, generator=...)`` for the same seed.
+
+Families (``pipeline.__class__`` or a parent class):
+
+- Stable Diffusion 1.x/2.x (``StableDiffusionPipeline``): UNet
+  cross-attention, CLIP text (77 tokens), classifier-free guidance.
+- Stable Diffusion 3 (``StableDiffusion3Pipeline``): joint attention, text
+  sequence [CLIP-L|CLIP-G (77) ; T5 (``max_sequence_length``)].
+- FLUX (``FluxPipeline``): packed latents (unpacked to [B, C, h, w] for the
+  corrector), distilled guidance, T5 text sequence, CLIP pooled vector.
+- PixArt-alpha/sigma (``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``): T5
+  cross-attention with a padding mask; the pooled vector is the masked mean of
+  the T5 tokens (PixArt has no pooled embedding).
+
+Attention capture during decoding is pluggable (``capture=``): by default an
+:class:`xlard.attention.AttentionCapture` recording every text token of the
+denoiser's sequence, averaged over the steps decode runs (a ``CaptureConfig``
+step window counts those steps only). When no step remains
+(``correction_step=1.0``), one extra denoiser pass on the final latent at the
+schedule's last timestep gives the maps (a "readout" pass, [xlard default]);
+it changes no latent.
+
+Not supported (clear errors): second-order schedulers (Heun, KDPM2) with
+``correction_step < 1`` (a split would fall inside a step), FLUX "true CFG",
+SD3 skip-layer guidance, IP-adapters, PixArt resolution binning (images are
+generated at the requested size).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from xlard.backbones.base import (Backbone, BackboneState, Decoded, PromptEmbedding, Seed, _as_prompt_list,
+                                  check_correction_step, correction_index, generator_states, make_generators,
+                                  restore_generators)
+from xlard.prompts import PromptSpec, align, parse
+
+__all__ = ["DiffusersBackbone", "SUPPORTED_PIPELINES"]
+
+
+def _require_diffusers():
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - the method extra is installed in the dev env
+        raise ImportError("xlard.backbones.DiffusersBackbone needs diffusers and transformers: "
+                          "pip install 'xlard[method]'") from exc
+
+
+def _module_function(pipe, name: str):
+    """A helper function (``retrieve_timesteps``, ``calculate_shift``) of the pipeline's own module."""
+    for cls in type(pipe).__mro__:
+        module = inspect.getmodule(cls)
+        if module is not None and hasattr(module, name):
+            return getattr(module, name)
+    raise RuntimeError(f"{type(pipe).__name__}: cannot find diffusers' {name} next to the pipeline class")
+
+
+# ---------------------------------------------------------------------------
+# Families: what differs between pipelines
+# ---------------------------------------------------------------------------
+
+
+class _Family:
+    """One pipeline family: text encoding, latent layout, one denoiser call, VAE decoding.
+
+    A new family subclasses this, names its pipeline classes and implements,
+    mirroring its pipeline's ``__call__``:
+
+    - ``encode_text(prompts, negative_prompt, guidance_scale, do_cfg) -> (cond, PromptEmbedding)``:
+      ``cond`` holds the denoiser's conditioning tensors (CFG-batched when
+      ``do_cfg``), the embedding the conditional half only.
+    - ``prepare_latents(batch, height, width, dtype, generator) -> (latents, extra)``
+      in the denoiser's layout; ``extra`` holds per-run tensors (FLUX image ids).
+    - ``predict(scheduler, latents, t, cond, extra, guidance_scale, do_cfg)``:
+      one guided model prediction (what ``scheduler.step`` takes).
+    - ``vae_decode(latents, generator, cond) -> images [B, 3, H, W] in [0, 1]``.
+    - ``text_dim``, ``pooled_dim``, ``tokenizers()``, ``max_lengths()``,
+      ``segment_offsets()``; and ``to_spatial``/``from_spatial`` when the
+      denoiser's latent is not ``[B, C, h, w]``.
+    """
+
+    name = ""
+    pipeline_classes: tuple[str, ...] = ()
+    default_steps = 50
+    default_guidance = 7.5
+    #: Whether the pipeline sets the timesteps before drawing the initial noise.
+    timesteps_first = True
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    # -- sizes -----------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor
+
+    def default_size(self) -> tuple[int, int]:
+        size = int(self.pipe.default_sample_size) * self.vae_scale_factor
+        return size, size
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.denoiser.config.in_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    # -- text ------------------------------------------------------------------
+    def tokenizers(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def max_lengths(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def segment_offsets(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def do_cfg(self, guidance_scale: float) -> bool:
+        return guidance_scale > 1.0
+
+    def _tokenize(self, name: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizers()[name]
+        enc = tok(prompts, padding="max_length", max_length=self.max_lengths()[name], truncation=True,
+                  return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device).bool()
+
+    # -- sampling --------------------------------------------------------------
+    def set_timesteps(self, scheduler, num_steps: int, latents: torch.Tensor) -> torch.Tensor:
+        retrieve = _module_function(self.pipe, "retrieve_timesteps")
+        timesteps, _ = retrieve(scheduler, num_steps, self.device)
+        return timesteps
+
+    def step_kwargs(self, generator) -> dict[str, Any]:
+        prepare = getattr(self.pipe, "prepare_extra_step_kwargs", None)
+        return prepare(generator, 0.0) if prepare is not None else {}
+
+    def scheduler_step(self, scheduler, noise_pred, t, latents, step_kwargs, num_steps):
+        return scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+    def guide(self, noise_pred: torch.Tensor, guidance_scale: float, do_cfg: bool) -> torch.Tensor:
+        if not do_cfg:
+            return noise_pred
+        uncond, cond = noise_pred.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def to_spatial(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return latents
+
+    def from_spatial(self, z: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return z
+
+    def postprocess(self, image: torch.Tensor, do_denormalize=None) -> torch.Tensor:
+        return self.pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=do_denormalize)
+
+
+class _StableDiffusion(_Family):
+    name = "stable-diffusion"
+    pipeline_classes = ("StableDiffusionPipeline",)
+    default_steps = 50
+    default_guidance = 7.5
+
+    @property
+    def denoiser(self):
+        return self.pipe.unet
+
+    def default_size(self):
+        size = int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
+        return size, size
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.pipe.text_encoder.config.hidden_size)
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.text_dim
+
+    def tokenizers(self):
+        return {"tokenizer": self.pipe.tokenizer}
+
+    def max_lengths(self):
+        return {"tokenizer": int(self.pipe.tokenizer.model_max_length)}
+
+    def segment_offsets(self):
+        return {"tokenizer": 0}
+
+    def do_cfg(self, guidance_scale):
+        # Guidance-distilled UNets (LCM) take the scale as an embedding instead.
+        return guidance_scale > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
+
+    def encode_text(self, prompts, negative_prompt, guidance_scale, do_cfg):
+        pipe, b = self.pipe, len(prompts)
+        cond, uncond = pipe.encode_prompt(prompts, self.device, 1, do_cfg,
+                                          None if negative_prompt is None else [negative_prompt] * b)
+        ids, mask = self._tokenize("tokenizer", prompts)
+        # CLIP's pooled output is the final hidden state at the end-of-text token, the last real one.
+        last = mask.long().sum(1).clamp(min=1) - 1
+        pooled = cond[torch.arange(b, device=cond.device), last]
+        timestep_cond = None
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            scale = torch.tensor(guidance_scale - 1).repeat(b)
+            timestep_cond = pipe.get_guidance_scale_embedding(
+                scale, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(device=self.device, dtype=cond.dtype)
+        context = torch.cat([uncond, cond]) if do_cfg else cond
+        return ({"encoder_hidden_states": context, "timestep_cond": timestep_cond},
+                PromptEmbedding(cond, pooled, mask, ids))
+
+    def prepare_latents(self, batch, height, width, dtype, generator):
+        latents = self.pipe.prepare_latents(batch, self.latent_channels, height, width, dtype, self.device,
+                                            generator, None)
+        return latents, {}
+
+    def predict(self, scheduler, latents, t, cond, extra, guidance_scale, do_cfg):
+        model_input = torch.cat([latents] * 2) if do_cfg else latents
+        if hasattr(scheduler, "scale_model_input"):
+            model_input = scheduler.scale_model_input(model_input, t)
+        out = self.pipe.unet(model_input, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                             timestep_cond=cond["timestep_cond"], return_dict=False)[0]
+        return self.guide(out, guidance_scale, do_cfg)
+
+    def vae_decode(self, latents, generator, cond):
+        pipe = self.pipe
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                generator=generator)[0]
+        do_denormalize = None
+        if getattr(pipe, "safety_checker", None) is not None:
+            # As the pipeline does: flagged images are not denormalized (they come back black).
+            image, flagged = pipe.run_safety_checker(image, self.device, cond["encoder_hidden_states"].dtype)
+            if flagged is not None:
+                do_denormalize = [not f for f in flagged]
+        return self.postprocess(image, [True] * image.shape[0] if do_denormalize is None else do_denormalize)
+
+
+class _StableDiffusion3(_Family):
+    name = "stable-diffusion-3"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    default_steps = 28
+    default_guidance = 7.0
+    timesteps_first = False
+    default_max_sequence_length = 256
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.max_sequence_length = self.default_max_sequence_length
+
+    @property
+    def size_multiple(self):
+        return self.vae_scale_factor * int(self.pipe.transformer.config.patch_size)
+
+    @property
+    def text_dim(self):
+        return int(self.pipe.transformer.config.joint_attention_dim)
+
+    @property
+    def pooled_dim(self):
+        return int(self.pipe.transformer.config.pooled_projection_dim)
+
+    def _clip_length(self) -> int:
+        return int(self.pipe.tokenizer_max_length)
+
+    def tokenizers(self):
+        names = {"tokenizer": self.pipe.tokenizer, "tokenizer_2": self.pipe.tokenizer_2}
+        # SD3 may run without T5 (text_encoder_3=None): that segment is then zeros, aligned to nothing.
+        pipe = self.pipe
+        if getattr(pipe, "tokenizer_3", None) is not None and getattr(pipe, "text_encoder_3", None) is not None:
+            names["tokenizer_3"] = self.pipe.tokenizer_3
+        return names
+
+    def max_lengths(self):
+        lengths = {"tokenizer": self._clip_length(), "tokenizer_2": self._clip_length()}
+        if "tokenizer_3" in self.tokenizers():
+            lengths["tokenizer_3"] = self.max_sequence_length
+        return lengths
+
+    def segment_offsets(self):
+        # [CLIP-L | CLIP-G] share the first 77 positions (joined along the width), T5 follows.
+        offsets = {"tokenizer": 0, "tokenizer_2": 0}
+        if "tokenizer_3" in self.tokenizers():
+            offsets["tokenizer_3"] = self._clip_length()
+        return offsets
+
+    def encode_text(self, prompts, negative_prompt, guidance_scale, do_cfg):
+        b = len(prompts)
+        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None,
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * b,
+            do_classifier_free_guidance=do_cfg, device=self.device, num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length)
+        _, clip_mask = self._tokenize("tokenizer", prompts)
+        if "tokenizer_3" in self.tokenizers():
+            _, t5_mask = self._tokenize("tokenizer_3", prompts)
+        else:  # no T5: the pipeline feeds zeros there
+            t5_mask = torch.zeros(b, cond.shape[1] - clip_mask.shape[1], dtype=torch.bool, device=self.device)
+        mask = torch.cat([clip_mask, t5_mask], dim=1)
+        context = torch.cat([uncond, cond]) if do_cfg else cond
+        pooled_context = torch.cat([uncond_pooled, pooled]) if do_cfg else pooled
+        return ({"encoder_hidden_states": context, "pooled_projections": pooled_context},
+                PromptEmbedding(cond, pooled, mask, None))
+
+    def prepare_latents(self, batch, height, width, dtype, generator):
+        latents = self.pipe.prepare_latents(batch, self.latent_channels, height, width, dtype, self.device,
+                                            generator, None)
+        return latents, {}
+
+    def set_timesteps(self, scheduler, num_steps, latents):
+        kwargs = {}
+        config = scheduler.config
+        if config.get("use_dynamic_shifting", None):
+            patch = self.pipe.transformer.config.patch_size
+            seq_len = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
+            shift = _module_function(self.pipe, "calculate_shift")
+            kwargs["mu"] = shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+        retrieve = _module_function(self.pipe, "retrieve_timesteps")
+        timesteps, _ = retrieve(scheduler, num_steps, self.device, sigmas=None, **kwargs)
+        return timesteps
+
+    def step_kwargs(self, generator):
+        return {}
+
+    def predict(self, scheduler, latents, t, cond, extra, guidance_scale, do_cfg):
+        model_input = torch.cat([latents] * 2) if do_cfg else latents
+        out = self.pipe.transformer(hidden_states=model_input, timestep=t.expand(model_input.shape[0]),
+                                    encoder_hidden_states=cond["encoder_hidden_states"],
+                                    pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+        return self.guide(out, guidance_scale, do_cfg)
+
+    def vae_decode(self, latents, generator, cond):
+        vae = self.pipe.vae
+        image = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+        return self.postprocess(image)
+
+
+class _Flux(_Family):
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    default_steps = 28
+    default_guidance = 3.5
+    timesteps_first = False
+    default_max_sequence_length = 512
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.max_sequence_length = self.default_max_sequence_length
+
+    @property
+    def size_multiple(self):
+        return self.vae_scale_factor * 2  # latents are packed in 2 x 2 patches
+
+    @property
+    def latent_channels(self):
+        return int(self.pipe.transformer.config.in_channels) // 4
+
+    @property
+    def text_dim(self):
+        return int(self.pipe.transformer.config.joint_attention_dim)
+
+    @property
+    def pooled_dim(self):
+        return int(self.pipe.transformer.config.pooled_projection_dim)
+
+    def tokenizers(self):
+        # T5 first: the denoiser's text sequence (what the maps index) is T5's.
+        return {"tokenizer_2": self.pipe.tokenizer_2, "tokenizer": self.pipe.tokenizer}
+
+    def max_lengths(self):
+        return {"tokenizer_2": self.max_sequence_length, "tokenizer": int(self.pipe.tokenizer_max_length)}
+
+    def segment_offsets(self):
+        return {"tokenizer_2": 0}
+
+    def do_cfg(self, guidance_scale):
+        return False  # guidance is distilled into the transformer (an embedding), one call per step
+
+    def encode_text(self, prompts, negative_prompt, guidance_scale, do_cfg):
+        cond, pooled, text_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                         num_images_per_prompt=1,
+                                                         max_sequence_length=self.max_sequence_length)
+        ids, mask = self._tokenize("tokenizer_2", prompts)
+        guidance = None
+        if self.pipe.transformer.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32).expand(len(prompts))
+        return ({"encoder_hidden_states": cond, "pooled_projections": pooled, "txt_ids": text_ids,
+                 "guidance": guidance}, PromptEmbedding(cond, pooled, mask, ids))
+
+    def prepare_latents(self, batch, height, width, dtype, generator):
+        latents, image_ids = self.pipe.prepare_latents(batch, self.latent_channels, height, width, dtype,
+                                                       self.device, generator, None)
+        return latents, {"img_ids": image_ids}
+
+    def set_timesteps(self, scheduler, num_steps, latents):
+        import numpy as np
+
+        config = scheduler.config
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        if getattr(config, "use_flow_sigmas", False):
+            sigmas = None
+        shift = _module_function(self.pipe, "calculate_shift")
+        mu = shift(latents.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                   config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        retrieve = _module_function(self.pipe, "retrieve_timesteps")
+        timesteps, _ = retrieve(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return timesteps
+
+    def step_kwargs(self, generator):
+        return {}
+
+    def predict(self, scheduler, latents, t, cond, extra, guidance_scale, do_cfg):
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        return self.pipe.transformer(hidden_states=latents, timestep=timestep / 1000, guidance=cond["guidance"],
+                                     pooled_projections=cond["pooled_projections"],
+                                     encoder_hidden_states=cond["encoder_hidden_states"], txt_ids=cond["txt_ids"],
+                                     img_ids=extra["img_ids"], return_dict=False)[0]
+
+    def to_spatial(self, latents, height, width):
+        return self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor)
+
+    def from_spatial(self, z, height, width):
+        b, c, h, w = z.shape
+        return self.pipe._pack_latents(z, b, c, h, w)
+
+    def vae_decode(self, latents, generator, cond):
+        vae = self.pipe.vae
+        image = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+        return self.postprocess(image)
+
+
+class _PixArt(_Family):
+    name = "pixart"
+    pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+    default_steps = 20
+    default_guidance = 4.5
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        sigma = any(c.__name__ == "PixArtSigmaPipeline" for c in type(pipe).__mro__)
+        self.max_sequence_length = 300 if sigma else 120
+
+    def default_size(self):
+        size = int(self.pipe.transformer.config.sample_size) * self.vae_scale_factor
+        return size, size
+
+    @property
+    def text_dim(self):
+        return int(self.pipe.transformer.config.caption_channels)
+
+    @property
+    def pooled_dim(self):
+        return self.text_dim
+
+    def tokenizers(self):
+        return {"tokenizer": self.pipe.tokenizer}
+
+    def max_lengths(self):
+        return {"tokenizer": self.max_sequence_length}
+
+    def segment_offsets(self):
+        return {"tokenizer": 0}
+
+    def encode_text(self, prompts, negative_prompt, guidance_scale, do_cfg):
+        cond, mask, uncond, uncond_mask = self.pipe.encode_prompt(
+            prompts, do_cfg, negative_prompt="" if negative_prompt is None else negative_prompt,
+            num_images_per_prompt=1, device=self.device, clean_caption=False,
+            max_sequence_length=self.max_sequence_length)
+        ids, _ = self._tokenize("tokenizer", prompts)
+        real = mask.bool()
+        # PixArt has no pooled embedding: the mean of the real T5 tokens stands in for it.
+        weights = real.to(cond.dtype).unsqueeze(-1)
+        pooled = (cond * weights).sum(1) / weights.sum(1).clamp(min=1)
+        context = torch.cat([uncond, cond]) if do_cfg else cond
+        context_mask = torch.cat([uncond_mask, mask]) if do_cfg else mask
+        b = len(prompts) * (2 if do_cfg else 1)
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.pipe.transformer.config.sample_size == 128:
+            added = "per-size"  # filled in prepare_latents, which knows the size
+        return ({"encoder_hidden_states": context, "encoder_attention_mask": context_mask, "added": added,
+                 "batch": b}, PromptEmbedding(cond, pooled, real, ids))
+
+    def prepare_latents(self, batch, height, width, dtype, generator):
+        latents = self.pipe.prepare_latents(batch, self.latent_channels, height, width, dtype, self.device,
+                                            generator, None)
+        return latents, {"height": height, "width": width}
+
+    def set_timesteps(self, scheduler, num_steps, latents):
+        timesteps = super().set_timesteps(scheduler, num_steps, latents)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        return timesteps
+
+    def _added_cond(self, cond, extra, dtype):
+        if cond["added"] != "per-size":
+            return cond["added"]
+        b, h, w = cond["batch"], extra["height"], extra["width"]
+        resolution = torch.tensor([h, w]).repeat(b, 1).to(dtype=dtype, device=self.device)
+        aspect = torch.tensor([float(h / w)]).repeat(b, 1).to(dtype=dtype, device=self.device)
+        return {"resolution": resolution, "aspect_ratio": aspect}
+
+    def predict(self, scheduler, latents, t, cond, extra, guidance_scale, do_cfg):
+        model_input = torch.cat([latents] * 2) if do_cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        timestep = t if torch.is_tensor(t) else torch.tensor([t], device=self.device)
+        timestep = (timestep[None] if timestep.ndim == 0 else timestep).to(self.device).expand(model_input.shape[0])
+        context = cond["encoder_hidden_states"]
+        out = self.pipe.transformer(model_input, encoder_hidden_states=context,
+                                    encoder_attention_mask=cond["encoder_attention_mask"], timestep=timestep,
+                                    added_cond_kwargs=self._added_cond(cond, extra, context.dtype),
+                                    return_dict=False)[0]
+        out = self.guide(out, guidance_scale, do_cfg)
+        if self.pipe.transformer.config.out_channels // 2 == self.latent_channels:
+            out = out.chunk(2, dim=1)[0]  # learned sigma: keep the noise prediction
+        return out
+
+    def scheduler_step(self, scheduler, noise_pred, t, latents, step_kwargs, num_steps):
+        # The pipeline takes the predicted clean sample when it runs a single step.
+        return scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[1 if num_steps == 1 else 0]
+
+    def vae_decode(self, latents, generator, cond):
+        vae = self.pipe.vae
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return self.postprocess(image)
+
+
+_FAMILIES: tuple[type[_Family], ...] = (_StableDiffusion, _StableDiffusion3, _Flux, _PixArt)
+
+#: Pipeline class names DiffusersBackbone supports (or subclasses of them).
+SUPPORTED_PIPELINES: tuple[str, ...] = tuple(n for f in _FAMILIES for n in f.pipeline_classes)
+
+
+def _family_for(pipe) -> _Family:
+    # The nearest class in the MRO decides, so a subclass of a supported pipeline is served as its parent.
+    for cls in type(pipe).__mro__:
+        for family in _FAMILIES:
+            if cls.__name__ in family.pipeline_classes:
+                return family(pipe)
+    raise ValueError(
+        f"pipeline: {type(pipe).__name__} is not supported by DiffusersBackbone; supported pipelines: "
+        f"{', '.join(SUPPORTED_PIPELINES)}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_guidance(value: Any) -> float | None:
+    if value is None:
+        return None
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
+            or value < 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_negative_prompt(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"negative_prompt must be a string or None, got {type(value).__name__}")
+    return value
+
+
+def _default_capture_factory(config):
+    from xlard.attention import AttentionCapture
+
+    def factory(denoiser, *, num_steps: int, cfg: bool):
+        return AttentionCapture(denoiser, config, num_steps=num_steps, cfg=cfg)
+
+    return factory
+
+
+def _capture_factory(capture: Any):
+    """``capture=``: None/True (default CaptureConfig), False (off), a CaptureConfig, or a factory callable."""
+    from xlard.attention import CaptureConfig
+
+    if capture is False:
+        return None
+    if capture is None or capture is True:
+        return _default_capture_factory(CaptureConfig())
+    if isinstance(capture, CaptureConfig):
+        return _default_capture_factory(capture)
+    if callable(capture):
+        return capture
+    raise ValueError(
+        "capture must be None (record every text token), False (no maps), an xlard.attention.CaptureConfig, "
+        f"or a factory (denoiser, *, num_steps, cfg) -> context manager with .maps(); got {type(capture).__name__}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# The backbone
+# ---------------------------------------------------------------------------
+
+
+class DiffusersBackbone(Backbone):
+    """A diffusers text-to-image pipeline as an xLARD backbone (see the module docstring).
+
+    Args:
+        pipeline: a loaded diffusers pipeline of a supported family
+            (:data:`SUPPORTED_PIPELINES`); see :meth:`from_pretrained`.
+        correction_step (float): fraction of the denoising in (0, 1] run
+            before the correction; 1.0 = the final clean latent.
+        num_inference_steps (int, optional): denoising steps; default the
+            family's (SD 50, SD3 28, FLUX 28, PixArt 20).
+        guidance_scale (float, optional): classifier-free guidance scale
+            (FLUX: the distilled guidance value); default the family's
+            (SD 7.5, SD3 7.0, FLUX 3.5, PixArt 4.5). <= 1 turns CFG off.
+        height, width (int, optional): image size in pixels, multiples of the
+            family's latent stride; default the pipeline's native size.
+        negative_prompt (str, optional): for classifier-free guidance.
+        max_sequence_length (int, optional): T5 length (SD3, FLUX, PixArt).
+        capture: attention capture during decode: None -> every text token
+            (:class:`xlard.attention.CaptureConfig` defaults), a
+            ``CaptureConfig``, a factory ``(denoiser, *, num_steps, cfg) ->``
+            context manager with ``.maps() -> Tensor[B, T, h, w]``, or False.
+        capture_encode (bool): also record maps during encode's steps
+            (``BackboneState.encode_maps``, the "before" maps).
+        color_encoder: an :class:`xlard.color_features.ColorFeatureEncoder`
+            applied to decoded images (``Decoded.patch_features``), or None.
+
+    Raises:
+        ValueError: an argument out of its domain, naming it; an unsupported
+            pipeline; a second-order scheduler with ``correction_step < 1``.
+
+    Example:
+        >>> backbone = DiffusersBackbone.from_pretrained("stabilityai/stable-diffusion-2-1-base",  # doctest: +SKIP
+        ...     correction_step=0.5, torch_dtype=torch.float16, device="cuda")
+        >>> state = backbone.encode(["a photo of two red apples"], seed=0)          # doctest: +SKIP
+        >>> zc, lam = corrector.correct(state.z0, **state.prompt_embedding.as_corrector_inputs())  # doctest: +SKIP
+        >>> decoded = backbone.decode(state, zc)                                    # doctest: +SKIP
+    """
+
+    def __init__(self, pipeline, *, correction_step: float = 1.0, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+                 negative_prompt: str | None = None, max_sequence_length: int | None = None,
+                 capture: Any = None, capture_encode: bool = False, color_encoder: Any = None):
+        _require_diffusers()
+        self.correction_step = check_correction_step(correction_step)
+        steps = _check_positive_int("num_inference_steps", num_inference_steps)
+        guidance = _check_guidance(guidance_scale)
+        height = _check_positive_int("height", height)
+        width = _check_positive_int("width", width)
+        self.negative_prompt = _check_negative_prompt(negative_prompt)
+        max_sequence_length = _check_positive_int("max_sequence_length", max_sequence_length)
+        if not isinstance(capture_encode, bool):
+            raise ValueError(f"capture_encode must be a bool, got {capture_encode!r}")
+        if color_encoder is not None:
+            from xlard.color_features import ColorFeatureEncoder
+
+            if not isinstance(color_encoder, ColorFeatureEncoder):
+                raise ValueError("color_encoder must have encode_images(images) and embed_colors(names), got "
+                                 f"{type(color_encoder).__name__}")
+        self.family = _family_for(pipeline)
+        self.pipeline = pipeline
+        if max_sequence_length is not None:
+            if not hasattr(self.family, "max_sequence_length"):
+                raise ValueError(f"max_sequence_length applies to T5-based pipelines (SD3, FLUX, PixArt), not "
+                                 f"{type(pipeline).__name__}")
+            self.family.max_sequence_length = max_sequence_length
+        self.num_inference_steps = steps or self.family.default_steps
+        self.guidance_scale = self.family.default_guidance if guidance is None else guidance
+        default_h, default_w = self.family.default_size()
+        self.height, self.width = height or default_h, width or default_w
+        multiple = self.family.size_multiple
+        for name, value in (("height", self.height), ("width", self.width)):
+            if value % multiple:
+                raise ValueError(f"{name} must be a multiple of {multiple} for {type(pipeline).__name__} "
+                                 f"(latent stride), got {value}")
+        order = getattr(pipeline.scheduler, "order", 1)
+        if order != 1 and self.correction_step < 1.0:
+            raise ValueError(
+                f"correction_step={self.correction_step} < 1 needs a first-order scheduler (the split would fall "
+                f"inside a step); {type(pipeline.scheduler).__name__} has order {order}. Use e.g. "
+                "EulerDiscreteScheduler/DDIMScheduler/DPMSolverMultistepScheduler, or correction_step=1.0"
+            )
+        self._capture_factory = _capture_factory(capture)
+        self.capture_encode = capture_encode
+        if capture_encode and self._capture_factory is None:
+            raise ValueError("capture_encode=True needs attention capture (capture is False)")
+        self.color_encoder = color_encoder
+
+    @classmethod
+    def from_pretrained(cls, model_id_or_path: str | os.PathLike, *, correction_step: float = 1.0,
+                        num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                        torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
+                        max_sequence_length: int | None = None, capture: Any = None, capture_encode: bool = False,
+                        color_encoder: Any = None, **pipeline_kwargs) -> DiffusersBackbone:
+        """Load a pipeline with ``DiffusionPipeline.from_pretrained`` and wrap it.
+
+        Args:
+            model_id_or_path: a hub model id or a local folder written by
+                ``save_pretrained``.
+            torch_dtype: the pipeline's dtype (e.g. ``torch.float16``).
+            device: where to move the pipeline (``pipe.to(device)``).
+            **pipeline_kwargs: passed to ``DiffusionPipeline.from_pretrained``
+                (``variant``, ``revision``, ``scheduler``, ...).
+            Others: see :class:`DiffusersBackbone`.
+
+        Returns:
+            A :class:`DiffusersBackbone`.
+
+        Raises:
+            ValueError: a bad argument (named), checked before any loading;
+                an unsupported pipeline.
+        """
+        _require_diffusers()
+        if not isinstance(model_id_or_path, (str, os.PathLike)) or not str(model_id_or_path).strip():
+            raise ValueError(f"model_id_or_path must be a hub model id or a local folder, got {model_id_or_path!r}")
+        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+            raise ValueError(f"torch_dtype must be a torch.dtype (e.g. torch.float16) or None, got {torch_dtype!r}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device must be a torch device or its name, got {device!r}") from None
+        # Fail on bad settings before a possibly long load.
+        check_correction_step(correction_step)
+        _check_positive_int("num_inference_steps", num_inference_steps)
+        _check_guidance(guidance_scale)
+        _check_positive_int("height", height)
+        _check_positive_int("width", width)
+        _check_negative_prompt(negative_prompt)
+        _check_positive_int("max_sequence_length", max_sequence_length)
+        _capture_factory(capture)
+        from diffusers import DiffusionPipeline
+
+        if torch_dtype is not None:
+            pipeline_kwargs["torch_dtype"] = torch_dtype
+        pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)
+        if device is not None:
+            pipe = pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, correction_step=correction_step, num_inference_steps=num_inference_steps,
+                   guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt,
+                   max_sequence_length=max_sequence_length, capture=capture, capture_encode=capture_encode,
+                   color_encoder=color_encoder)
+
+    def __repr__(self) -> str:
+        return (f"DiffusersBackbone({type(self.pipeline).__name__}, correction_step={self.correction_step}, "
+                f"num_inference_steps={self.num_inference_steps}, guidance_scale={self.guidance_scale}, "
+                f"size={self.height}x{self.width}, device={self.device}, dtype={self.dtype})")
+
+    # -- sizes -------------------------------------------------------------------
+
+    @property
+    def latent_channels(self) -> int:
+        return self.family.latent_channels
+
+    @property
+    def text_dim(self) -> int:
+        return self.family.text_dim
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.family.pooled_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.family.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.family.dtype
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.family.do_cfg(self.guidance_scale)
+
+    # -- prompts -------------------------------------------------------------------
+
+    def parse(self, prompt: str | PromptSpec) -> PromptSpec:
+        """A prompt's :class:`PromptSpec` aligned to this backbone's tokenizer(s).
+
+        Raises:
+            ValueError: the prompt cannot be parsed (pass a PromptSpec built
+                with ``xlard.prompts`` instead) or aligned.
+        """
+        tokenizers, lengths = self.family.tokenizers(), self.family.max_lengths()
+        if isinstance(prompt, PromptSpec):
+            if tuple(prompt.encoders) == tuple(tokenizers):
+                return prompt
+            return align(prompt, tokenizers, max_length=lengths)
+        try:
+            return parse(prompt, tokenizers, max_length=lengths)
+        except ValueError as exc:
+            raise ValueError(f"prompt {prompt!r}: {exc} (pass an xlard.prompts.PromptSpec to give the "
+                             "entities explicitly)") from exc
+
+    # -- the split loop ----------------------------------------------------------
+
+    def _denoise(self, scheduler, latents, timesteps, cond, extra, step_kwargs, do_cfg, num_steps):
+        for t in timesteps:
+            noise_pred = self.family.predict(scheduler, latents, t, cond, extra, self.guidance_scale, do_cfg)
+            latents = self.family.scheduler_step(scheduler, noise_pred, t, latents, step_kwargs, num_steps)
+        return latents
+
+    def _prepare(self, scheduler, batch: int, dtype: torch.dtype, generator):
+        """Initial noise and timesteps, in the pipeline's own order, on a private copy of the scheduler.
+
+        The order matters: SD and PixArt set the timesteps first and scale the
+        noise by the scheduler's ``init_noise_sigma``, which set_timesteps
+        changes (Euler); SD3 and FLUX need the latents to compute the shift.
+        ``prepare_latents`` reads ``pipeline.scheduler``, so the copy stands in
+        for it meanwhile.
+        """
+        family, pipe = self.family, self.pipeline
+        original = pipe.scheduler
+        pipe.scheduler = scheduler
+        try:
+            if family.timesteps_first:
+                timesteps = family.set_timesteps(scheduler, self.num_inference_steps, None)
+                latents, extra = family.prepare_latents(batch, self.height, self.width, dtype, generator)
+            else:
+                latents, extra = family.prepare_latents(batch, self.height, self.width, dtype, generator)
+                timesteps = family.set_timesteps(scheduler, self.num_inference_steps, latents)
+        finally:
+            pipe.scheduler = original
+        return latents, extra, timesteps
+
+    def _capturing(self, num_steps: int, do_cfg: bool):
+        return self._capture_factory(self.family.denoiser, num_steps=num_steps, cfg=do_cfg)
+
+    @torch.no_grad()
+    def encode(self, prompts: str | PromptSpec | Sequence[str | PromptSpec], seed: Seed = 0) -> BackboneState:
+        """Encode the prompts and run the first ``ceil(correction_step * n)`` denoising steps.
+
+        Args:
+            prompts: prompt text(s) or :class:`PromptSpec` (s) (aligned here).
+            seed: an int, one int per prompt, or torch.Generator(s); see
+                :func:`xlard.backbones.base.make_generators`.
+
+        Returns:
+            A :class:`BackboneState` with ``z0 [B, C, h, w]`` in the pipeline's dtype.
+
+        Raises:
+            ValueError: empty or bad prompts, a prompt that cannot be parsed or
+                aligned, a bad seed.
+        """
+        items = _as_prompt_list(prompts)
+        specs = tuple(self.parse(p) for p in items)
+        texts = [s.prompt for s in specs]
+        b, family = len(texts), self.family
+        generator = make_generators(seed, b)
+        do_cfg = self.do_classifier_free_guidance
+        cond, embedding = family.encode_text(texts, self.negative_prompt, self.guidance_scale, do_cfg)
+        scheduler = copy.deepcopy(self.pipeline.scheduler)
+        latents, extra, timesteps = self._prepare(scheduler, b, embedding.tokens.dtype, generator)
+        num_steps = len(timesteps)
+        k = correction_index(self.correction_step, num_steps)
+        step_kwargs = family.step_kwargs(generator)
+        encode_maps = None
+        if self.capture_encode:
+            with self._capturing(k, do_cfg) as capture:
+                latents = self._denoise(scheduler, latents, timesteps[:k], cond, extra, step_kwargs, do_cfg, num_steps)
+            encode_maps = capture.maps()
+        else:
+            latents = self._denoise(scheduler, latents, timesteps[:k], cond, extra, step_kwargs, do_cfg, num_steps)
+        z0 = family.to_spatial(latents, self.height, self.width)
+        gens = generator if isinstance(generator, list) else [generator]
+        resume = {
+            "scheduler": copy.deepcopy(scheduler),
+            "timesteps": timesteps,
+            "cond": cond,
+            "extra": extra,
+            "do_cfg": do_cfg,
+            "generator_states": generator_states(generator),
+            "generator_devices": [str(g.device) for g in gens],
+            "generator_is_list": isinstance(generator, list),
+        }
+        return BackboneState(
+            z0=z0, prompt_embedding=embedding, specs=specs, prompts=tuple(texts),
+            segment_offsets=dict(family.segment_offsets()), correction_step=self.correction_step, step_index=k,
+            num_steps=num_steps, guidance_scale=self.guidance_scale, height=self.height, width=self.width,
+            resume=resume, encode_maps=encode_maps,
+        )
+
+    def _check_state(self, state: Any, z: Any) -> torch.Tensor:
+        if not isinstance(state, BackboneState):
+            raise ValueError(f"state must be a BackboneState from encode(), got {type(state).__name__}")
+        if "scheduler" not in state.resume:
+            raise ValueError("state was not made by DiffusersBackbone.encode (its resume data is missing)")
+        if (state.height, state.width) != (self.height, self.width):
+            raise ValueError(f"state was encoded at {state.height}x{state.width}, this backbone decodes "
+                             f"{self.height}x{self.width}")
+        if z is None:
+            return state.z0
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            raise ValueError(f"z must be a float tensor shaped like state.z0 {tuple(state.z0.shape)}, got "
+                             f"{getattr(z, 'shape', type(z).__name__)}")
+        if z.shape != state.z0.shape:
+            raise ValueError(f"z must have the shape of state.z0 {tuple(state.z0.shape)}, got {tuple(z.shape)}")
+        if z.device != state.z0.device:
+            raise ValueError(f"z is on {z.device} but state.z0 is on {state.z0.device}")
+        return z.detach().to(state.z0.dtype)
+
+    @torch.no_grad()
+    def decode(self, state: BackboneState, z: torch.Tensor | None = None) -> Decoded:
+        """Continue sampling from ``z`` for the remaining steps, then VAE-decode.
+
+        Args:
+            state: from :meth:`encode` (not modified: decoding it again gives
+                the same result).
+            z (Tensor[B, C, h, w], optional): the latent to continue from,
+                shaped like ``state.z0`` (e.g. the corrected zc); default z0.
+
+        Returns:
+            A :class:`Decoded` (images float32 in [0, 1]).
+
+        Raises:
+            ValueError: a foreign state, or ``z`` of the wrong shape/device.
+        """
+        z = self._check_state(state, z)
+        family, r = self.family, state.resume
+        generator = restore_generators(r["generator_states"], r["generator_devices"], r["generator_is_list"])
+        scheduler = copy.deepcopy(r["scheduler"])
+        step_kwargs = family.step_kwargs(generator)
+        latents = family.from_spatial(z, self.height, self.width)
+        timesteps, k, do_cfg = r["timesteps"], state.step_index, r["do_cfg"]
+        remaining = timesteps[k:]
+        maps = None
+        if self._capture_factory is None:
+            latents = self._denoise(scheduler, latents, remaining, r["cond"], r["extra"], step_kwargs, do_cfg,
+                                    state.num_steps)
+        elif len(remaining):
+            with self._capturing(len(remaining), do_cfg) as capture:
+                latents = self._denoise(scheduler, latents, remaining, r["cond"], r["extra"], step_kwargs, do_cfg,
+                                        state.num_steps)
+            maps = capture.maps()
+        else:
+            maps = self._readout(latents, state)
+        final = family.to_spatial(latents, self.height, self.width)
+        images = family.vae_decode(final, generator, r["cond"]).float()
+        features = self.color_encoder.encode_images(images) if self.color_encoder is not None else None
+        return Decoded(images=images, latents=final, token_maps=maps, patch_features=features, specs=state.specs,
+                       segment_offsets=dict(state.segment_offsets))
+
+    def _readout(self, latents: torch.Tensor, state: BackboneState) -> torch.Tensor:
+        """One denoiser pass on the final latent at the schedule's last timestep, only to record attention."""
+        r = state.resume
+        scheduler = copy.deepcopy(self.pipeline.scheduler)
+        timesteps = self.family.set_timesteps(scheduler, self.num_inference_steps, latents)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(len(timesteps) - 1)
+        with self._capturing(1, r["do_cfg"]) as capture:
+            self.family.predict(scheduler, latents, timesteps[-1], r["cond"], r["extra"], self.guidance_scale,
+                                r["do_cfg"])
+        return capture.maps()
+
+    def pipeline_call_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that make ``pipeline(prompts, generator=..., **kwargs)`` sample what this backbone does.
+
+        Useful to check parity (``correction_step`` aside, the images are equal
+        without a correction).
+        """
+        kwargs: dict[str, Any] = {"num_inference_steps": self.num_inference_steps,
+                                  "guidance_scale": self.guidance_scale, "height": self.height,
+                                  "width": self.width, "output_type": "pt"}
+        if self.negative_prompt is not None and not isinstance(self.family, _Flux):
+            kwargs["negative_prompt"] = self.negative_prompt
+        if isinstance(self.family, _PixArt):
+            kwargs.update(use_resolution_binning=False, clean_caption=False,
+                          max_sequence_length=self.family.max_sequence_length)
+        if isinstance(self.family, (_StableDiffusion3, _Flux)):
+            kwargs["max_sequence_length"] = self.family.max_sequence_length
+        return kwargs
+
