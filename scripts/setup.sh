@@ -14,4 +14,4 @@ python -m pip install -q "torch==${XLARD_TORCH_VERSION:-2.13.0}"
 python -m pip install -q -r requirements-dev.txt
 # --no-build-isolation: build against the torch above instead of downloading another one.
 MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation --no-deps -e .
-python -m xlard.info | head -4
+python -m xlard.info
