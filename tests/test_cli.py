@@ -34,3 +34,27 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["extension"]["loaded"] is True
     assert {row["op"] for row in info["providers"]} >= {"count_components", "sample_correction"}
+
+
+def test_generate_and_eval_with_a_diffusers_backbone(tmp_path, capsys):
+    from tiny_pipelines import tiny_sd_pipeline
+
+    folder = tiny_sd_pipeline(tmp_path / "pipe")
+    out = tmp_path / "images"
+    assert cli.main(["generate", "a red circle", "two blue squares", "--backbone", str(folder), "--steps", "2",
+                     "--out", str(out), "--seed", "5", "--quiet"]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == ["0000_seed5.png", "0001_seed6.png"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"tag": "single_object", "prompt": "a photo of a circle",
+                                   "include": [{"class": "circle", "count": 1}]}) + "\n")
+    assert cli.main(["eval", "--backbone", str(folder), "--prompts", str(prompts), "--steps", "2",
+                     "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+    assert (tmp_path / "eval" / "00000" / "samples" / "0000.png").is_file()
+    assert "overall" in capsys.readouterr().out  # a random tiny model draws nothing: the table still prints
+
+
+def test_shapes_backbone_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "SHAPES_BACKBONE", tmp_path / "absent")
+    assert cli.main(["generate", "a red circle", "--backbone", "shapes", "--out", str(tmp_path / "o")]) == 2
+    assert "shapes backbone is not installed" in capsys.readouterr().err

@@ -5,6 +5,12 @@
     xlard render --prompts FILE OUT              ground-truth renders in GenEval's folder layout
     xlard eval --prompts FILE --images DIR       the exact evaluator's table on images
     xlard eval --folder DIR                      ... on a GenEval output folder
+    xlard generate --backbone shapes "three red circles left of a blue square"
+    xlard eval --backbone shapes --prompts FILE  generate one image per record, then the table
+
+``--backbone`` takes ``shapes`` (the embedded shapes-world model shipped in
+``xlard/data/shapes_backbone``), a local diffusers pipeline folder, or a hub
+model id (real weights are loaded the same way as the tiny ones).
 
 Every command works offline on a CPU and shows progress on long work.
 """
@@ -31,6 +37,67 @@ def _progress(iterable, total: int, desc: str, quiet: bool):
 
         return plain()
     return tqdm(iterable, total=total, desc=desc, unit="img")
+
+
+SHAPES_BACKBONE = Path(__file__).resolve().parent / "data" / "shapes_backbone"
+
+
+def resolve_backbone(name: str) -> str:
+    """``shapes`` -> the shipped shapes-world pipeline folder; anything else is passed through."""
+    if name == "shapes":
+        if not (SHAPES_BACKBONE / "model_index.json").is_file():
+            raise FileNotFoundError(f"the shapes backbone is not installed at {SHAPES_BACKBONE}; train it with "
+                                    "`python scripts/train_shapes_backbone.py` or reinstall xlard")
+        return str(SHAPES_BACKBONE)
+    return name
+
+
+def _load_backbone(args):
+    from xlard.backbones import DiffusersBackbone
+
+    kwargs = {"capture": False}
+    if args.steps:
+        kwargs["num_inference_steps"] = args.steps
+    if args.guidance is not None:
+        kwargs["guidance_scale"] = args.guidance
+    return DiffusersBackbone.from_pretrained(resolve_backbone(args.backbone), device=args.device, **kwargs)
+
+
+def _to_uint8(images):
+    """[B, 3, H, W] float in [0, 1] -> list of uint8 HxWx3 arrays."""
+    import torch
+
+    return [(img.clamp(0, 1) * 255).round().to("cpu", dtype=torch.uint8).permute(1, 2, 0).numpy() for img in images]
+
+
+def _generate_batches(backbone, prompts: list[str], seeds: list[int], batch: int, quiet: bool):
+    """Yield (start, uint8 images) for consecutive batches, with progress."""
+    starts = list(range(0, len(prompts), batch))
+    for start in _progress(starts, len(starts), "generate", quiet):
+        out = backbone.generate(prompts[start:start + batch], seed=seeds[start:start + batch])
+        yield start, _to_uint8(out.images)
+
+
+def _cmd_generate(args) -> int:
+    import cv2
+
+    backbone = _load_backbone(args)
+    prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
+    seeds = [args.seed + i for i in range(len(prompts))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for start, images in _generate_batches(backbone, prompts, seeds, args.batch, args.quiet):
+        for k, image in enumerate(images):
+            i = start + k
+            path = out / f"{i:04d}_seed{seeds[i]}.png"
+            tmp = path.with_suffix(".tmp.png")
+            if not cv2.imwrite(str(tmp), image[:, :, ::-1]):
+                raise OSError(f"could not write {tmp}")
+            os.replace(tmp, path)
+            written.append(path)
+    print(f"wrote {len(written)} images to {out}")
+    return 0
 
 
 def _cmd_info(args) -> int:
@@ -85,6 +152,19 @@ def _cmd_eval(args) -> int:
 
     if args.folder:
         results = E.evaluate_folder(args.folder)
+    elif args.backbone:
+        if not args.prompts:
+            raise SystemExit("xlard eval: --backbone needs --prompts FILE")
+        records = P.read_records(args.prompts)
+        out = Path(args.out or "xlard-eval")
+        backbone = _load_backbone(args)
+        prompts = [r["prompt"] for r in records]
+        seeds = [args.seed + i for i in range(len(records))]
+        for start, images in _generate_batches(backbone, prompts, seeds, args.batch, args.quiet):
+            for k, image in enumerate(images):
+                _write_geneval_folder(out, start + k, records[start + k], [image])
+        results = E.evaluate_folder(out)
+        print(f"images and per-prompt metadata in {out}")
     else:
         if not (args.prompts and args.images):
             raise SystemExit("xlard eval: give --folder DIR, or both --prompts FILE and --images DIR")
@@ -128,13 +208,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_render)
 
+    def backbone_options(p, required: bool):
+        p.add_argument("--backbone", required=required,
+                       help="'shapes', a diffusers pipeline folder, or a hub model id")
+        p.add_argument("--steps", type=int, default=0, help="denoising steps (0: the pipeline's default)")
+        p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+        p.add_argument("--batch", type=int, default=8, help="prompts per forward pass")
+        p.add_argument("--device", default=None, help="e.g. cuda; default: CPU")
+        p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+
+    p = sub.add_parser("generate", help="generate images with a backbone (no corrector)")
+    p.add_argument("prompt", nargs="+")
+    p.add_argument("--out", default="xlard-images")
+    p.add_argument("--per-prompt", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+    backbone_options(p, required=True)
+    p.set_defaults(func=_cmd_generate)
+
     p = sub.add_parser("eval", help="score images with the exact shapes-world evaluator")
     p.add_argument("--folder", help="a GenEval output folder (<index>/metadata.jsonl + samples/*.png)")
     p.add_argument("--prompts", help="GenEval JSONL records (with --images)")
     p.add_argument("--images", help="a folder of PNGs, one per record in sorted order (with --prompts)")
     p.add_argument("--results", help="write per-image results (JSONL) here")
     p.add_argument("--json", help="write the summary table (JSON) here")
+    p.add_argument("--out", help="with --backbone: where generated images go (GenEval layout; default xlard-eval)")
     p.add_argument("--quiet", action="store_true")
+    backbone_options(p, required=False)
     p.set_defaults(func=_cmd_eval)
     return parser
 
