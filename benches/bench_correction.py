@@ -17,7 +17,7 @@ def _data():
     return z0, delta, noise, torch.randn(SHAPE[1], generator=g) * 0.1
 
 
-@pytest.mark.parametrize("provider", ["xlard", "reference", "torch_add"])
+@pytest.mark.parametrize("provider", ["xlard", "reference", "torch_add", "torch_add_alloc"])
 def test_residual_correction(benchmark, provider):
     z0, delta, _, _ = _data()
     out = torch.empty_like(z0)
@@ -25,18 +25,19 @@ def test_residual_correction(benchmark, provider):
         "xlard": lambda: ops.residual_correction(z0, delta, 0.5),
         "reference": lambda: ref.residual_correction(z0, delta, 0.5),
         "torch_add": lambda: torch.add(z0, delta, out=out),
+        "torch_add_alloc": lambda: torch.add(z0, delta),  # the same pass, allocating its output
     }
-    if provider != "torch_add":
+    if not provider.startswith("torch_add"):
         got, want = fns[provider](), ref.residual_correction(z0, delta, 0.5)
         torch.testing.assert_close(got[0], want[0]) and torch.testing.assert_close(got[1], want[1])
     lam_bytes = SHAPE[0] * SHAPE[2] * SHAPE[3] * 4
     benchmark.group = "residual_correction float32 16x16x128x128"
     benchmark.extra_info.update(provider=provider, op="residual_correction",
-                                bytes=3 * z0.numel() * 4 + (lam_bytes if provider != "torch_add" else 0))
+                                bytes=3 * z0.numel() * 4 + (0 if provider.startswith("torch_add") else lam_bytes))
     benchmark(fns[provider])
 
 
-@pytest.mark.parametrize("provider", ["xlard", "reference", "torch_add"])
+@pytest.mark.parametrize("provider", ["xlard", "reference", "torch_add", "torch_add_alloc"])
 def test_sample_correction(benchmark, provider):
     z0, mean, noise, log_std = _data()
     out = torch.empty_like(z0)
@@ -44,6 +45,7 @@ def test_sample_correction(benchmark, provider):
         "xlard": lambda: ops.sample_correction(z0, mean, log_std, noise, 0.5),
         "reference": lambda: ref.sample_correction(z0, mean, log_std, noise, 0.5),
         "torch_add": lambda: torch.add(z0, mean, out=out),
+        "torch_add_alloc": lambda: torch.add(z0, mean),
     }
     if provider == "xlard":
         for a, b in zip(fns["xlard"](), fns["reference"]()):
