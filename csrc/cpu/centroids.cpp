@@ -10,24 +10,19 @@
 
 #include <cmath>
 
+#include "checks.h"
+
 namespace xlard {
 namespace {
 
+using checks::centroid_shape;
+using checks::check_relations;
+using checks::RelationLayout;
+
+inline void check_maps(const char* op, const at::Tensor& maps) { checks::check_float_maps(op, maps); }
+
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-void check_maps(const char* op, const at::Tensor& maps) {
-  TORCH_CHECK(maps.dim() >= 2, "xlard.", op, ": maps must have shape [..., H, W], got ", maps.sizes());
-  const auto st = maps.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, "xlard.", op,
-              ": maps must be float16, bfloat16, float32 or float64, got ", st);
-}
-
-std::vector<int64_t> centroid_shape(const at::Tensor& maps) {
-  std::vector<int64_t> shape(maps.sizes().begin(), maps.sizes().end() - 2);
-  shape.push_back(2);
-  return shape;
-}
 
 // Weighted sums of one map: S = sum w, X = sum w * (j + 0.5), Y = sum w * (i + 0.5).
 template <typename T, typename A>
@@ -130,32 +125,6 @@ at::Tensor attention_centroids_backward_cpu(const at::Tensor& grad_in, const at:
 // Direction of each relation code: LEFT_OF, RIGHT_OF, ABOVE, BELOW (y grows downward).
 constexpr int kDirX[4] = {-1, 1, 0, 0};
 constexpr int kDirY[4] = {0, 0, -1, 1};
-
-struct RelationLayout {
-  int64_t batch, tokens, relations, rel_batch_stride;
-};
-
-RelationLayout check_relations(const char* op, const at::Tensor& centroids, const at::Tensor& relations) {
-  TORCH_CHECK(centroids.dim() == 3 && centroids.size(2) == 2, "xlard.", op,
-              ": centroids must have shape [B, T, 2], got ", centroids.sizes());
-  const auto st = centroids.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, "xlard.", op,
-              ": centroids must be a floating dtype, got ", st);
-  TORCH_CHECK(relations.scalar_type() == at::kLong, "xlard.", op, ": relations must be int64, got ",
-              relations.scalar_type());
-  TORCH_CHECK((relations.dim() == 2 || relations.dim() == 3) && relations.size(-1) == 3, "xlard.", op,
-              ": relations must have shape [R, 3] or [B, R, 3], got ", relations.sizes());
-  const int64_t b = centroids.size(0);
-  if (relations.dim() == 3) {
-    TORCH_CHECK(relations.size(0) == b, "xlard.", op, ": relations batch size ", relations.size(0),
-                " does not match centroids batch size ", b);
-  }
-  TORCH_CHECK(relations.device() == centroids.device(), "xlard.", op,
-              ": relations and centroids must be on one device, got ", relations.device(), " and ",
-              centroids.device());
-  const int64_t r = relations.size(-2);
-  return RelationLayout{b, centroids.size(1), r, relations.dim() == 3 ? r * 3 : 0};
-}
 
 void check_relation_values(const char* op, const int64_t* rel, const RelationLayout& L) {
   const int64_t rows = (L.rel_batch_stride == 0 ? 1 : L.batch) * L.relations;

@@ -13,40 +13,17 @@
 
 #include <limits>
 
+#include "checks.h"
+
 namespace xlard {
 namespace {
 
-bool is_float_type(at::ScalarType st) {
-  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
-}
-
 std::tuple<at::Tensor, at::Tensor> color_scores_cpu(const at::Tensor& features_in, const at::Tensor& colors_in,
                                                     const std::optional<at::Tensor>& mask_in) {
-  TORCH_CHECK(features_in.dim() == 3, "xlard.color_scores: patch_features must have shape [B, N, D], got ",
-              features_in.sizes());
-  TORCH_CHECK(colors_in.dim() == 2 || colors_in.dim() == 3,
-              "xlard.color_scores: color_embeddings must have shape [C, D] or [B, C, D], got ", colors_in.sizes());
-  TORCH_CHECK(is_float_type(features_in.scalar_type()) && is_float_type(colors_in.scalar_type()),
-              "xlard.color_scores: patch_features and color_embeddings must be floating, got ",
-              features_in.scalar_type(), " and ", colors_in.scalar_type());
-  const int64_t b = features_in.size(0), n = features_in.size(1), d = features_in.size(2);
-  TORCH_CHECK(colors_in.size(-1) == d, "xlard.color_scores: color_embeddings feature size ", colors_in.size(-1),
-              " does not match patch_features feature size ", d);
-  if (colors_in.dim() == 3) {
-    TORCH_CHECK(colors_in.size(0) == b, "xlard.color_scores: color_embeddings batch size ", colors_in.size(0),
-                " does not match patch_features batch size ", b);
-  }
-  const int64_t c = colors_in.size(-2);
-  const bool has_mask = mask_in.has_value() && mask_in->defined();
-  if (has_mask) {
-    TORCH_CHECK(mask_in->scalar_type() == at::kBool, "xlard.color_scores: patch_mask must be bool, got ",
-                mask_in->scalar_type());
-    TORCH_CHECK(mask_in->dim() == 3 && mask_in->size(0) == b && mask_in->size(1) == c && mask_in->size(2) == n,
-                "xlard.color_scores: patch_mask must have shape [B, C, N] = [", b, ", ", c, ", ", n, "], got ",
-                mask_in->sizes());
-  }
-  const bool dbl = features_in.scalar_type() == at::kDouble || colors_in.scalar_type() == at::kDouble;
-  const auto acc = dbl ? at::kDouble : at::kFloat;
+  const checks::ColorLayout L = checks::check_color_inputs(features_in, colors_in, mask_in);
+  const int64_t b = L.batch, n = L.patches, d = L.dim, c = L.colors;
+  const bool has_mask = L.has_mask;
+  const auto acc = L.acc;
   at::Tensor scores = at::zeros({b, c}, features_in.options().dtype(acc));
   at::Tensor index = at::full({b, c}, -1, features_in.options().dtype(at::kLong));
   if (b == 0 || c == 0 || n == 0) return {scores, index};

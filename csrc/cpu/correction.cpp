@@ -14,52 +14,25 @@
 
 #include <cmath>
 
+#include "checks.h"
+
 namespace xlard {
 namespace {
+
+using checks::acc_dtype;
+using checks::alpha_tensor;
+using checks::check_latent;
+using checks::check_log_std;
+using checks::check_same;
+using checks::is_float_type;
+using checks::lam_shape;
+using checks::row_constant_values;
 
 constexpr int64_t kBlock = 4096;
 constexpr double kHalfLog2Pi = 0.91893853320467274178;  // 0.5 * log(2 * pi)
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-bool is_float_type(at::ScalarType st) {
-  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
-}
-
-at::ScalarType acc_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
-
-// z0/delta-like tensors: [B, C, *spatial].
-void check_latent(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() >= 2, "xlard.", op, ": ", name, " must have shape [B, C, *spatial], got ", t.sizes());
-  TORCH_CHECK(is_float_type(t.scalar_type()), "xlard.", op, ": ", name,
-              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
-}
-
-void check_same(const char* op, const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), "xlard.", op, ": ", name, " must have the shape of ", ref_name, " ",
-              ref.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "xlard.", op, ": ", name, " must have the dtype of ", ref_name,
-              " (", ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), "xlard.", op, ": ", name, " must be on the device of ", ref_name, " (",
-              ref.device(), "), got ", t.device());
-}
-
-std::vector<int64_t> lam_shape(const at::Tensor& z) {
-  std::vector<int64_t> shape{z.size(0)};
-  for (int64_t d = 2; d < z.dim(); ++d) shape.push_back(z.size(d));
-  return shape;
-}
-
-// The per-batch alpha as an accumulation-typed contiguous tensor, or an undefined tensor.
-at::Tensor alpha_tensor(const char* op, const std::optional<at::Tensor>& alpha, int64_t batch, at::ScalarType acc) {
-  if (!alpha.has_value() || !alpha->defined()) return at::Tensor();
-  TORCH_CHECK(is_float_type(alpha->scalar_type()), "xlard.", op, ": alpha must be floating, got ",
-              alpha->scalar_type());
-  TORCH_CHECK(alpha->dim() == 1 && alpha->size(0) == batch, "xlard.", op, ": alpha must have shape [B] = [", batch,
-              "], got ", alpha->sizes());
-  return alpha->to(acc).contiguous();
-}
 
 // Runs fn(b, s_begin, s_end) over fixed blocks of the spatial positions of every batch item.
 template <typename Fn>
@@ -93,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> residual_correction_cpu(const at::Tensor& z0_
   const auto acc = acc_dtype(z0_in.scalar_type());
   const at::Tensor z0 = z0_in.contiguous(), delta = delta_in.contiguous();
   const int64_t batch = z0.size(0), channels = z0.size(1);
-  const at::Tensor alpha = alpha_tensor("residual_correction", alpha_in, batch, acc);
+  const at::Tensor alpha = alpha_tensor("residual_correction", alpha_in, z0, acc);
   at::Tensor zc = at::empty(z0.sizes(), z0.options());
   at::Tensor lam = at::empty(lam_shape(z0), z0.options().dtype(acc));
   if (z0.numel() == 0) {  // C == 0 still gives a (zero) map per spatial position
@@ -134,7 +107,7 @@ at::Tensor residual_correction_backward_cpu(const at::Tensor& grad_zc_in, const 
   const at::Tensor gz = grad_zc_in.to(delta.scalar_type()).contiguous();
   const at::Tensor gl = grad_lam_in.to(acc).contiguous();
   const int64_t batch = delta.size(0), channels = delta.size(1);
-  const at::Tensor alpha = alpha_tensor("_residual_correction_backward", alpha_in, batch, acc);
+  const at::Tensor alpha = alpha_tensor("_residual_correction_backward", alpha_in, delta, acc);
   at::Tensor out = at::empty(delta.sizes(), delta.options());
   if (out.numel() == 0) return out;
   const int64_t spatial = delta.numel() / (batch * channels);
@@ -159,18 +132,6 @@ at::Tensor residual_correction_backward_cpu(const at::Tensor& grad_zc_in, const 
     });
   });
   return out;
-}
-
-// log_std at op level: shape x.shape[1:] (shared over the batch) or x.shape.
-bool check_log_std(const char* op, const at::Tensor& log_std, const at::Tensor& x) {
-  TORCH_CHECK(is_float_type(log_std.scalar_type()), "xlard.", op, ": log_std must be floating, got ",
-              log_std.scalar_type());
-  TORCH_CHECK(log_std.device() == x.device(), "xlard.", op, ": log_std must be on ", x.device(), ", got ",
-              log_std.device());
-  if (log_std.sizes() == x.sizes()) return false;
-  TORCH_CHECK(log_std.sizes() == x.sizes().slice(1), "xlard.", op, ": log_std must have shape x.shape[1:] = ",
-              x.sizes().slice(1), " or x.shape = ", x.sizes(), " (xlard.ops broadcasts it), got ", log_std.sizes());
-  return true;
 }
 
 // Deterministic per-row sums of f(b, k) over k in [0, n): fixed blocks, block order.
@@ -316,17 +277,6 @@ A sample_row_const(const T* __restrict__ z0, const T* __restrict__ mean, const T
   return acc;
 }
 
-// The per-row values of a log_std view that is constant over the spatial dims (an
-// expanded [C, 1, ...] or [B, C, 1, ...]), as [C] or [B, C]; undefined otherwise.
-at::Tensor row_constant_values(const at::Tensor& log_std, int64_t lead) {
-  for (int64_t d = lead; d < log_std.dim(); ++d) {
-    if (log_std.size(d) != 1 && log_std.stride(d) != 0) return at::Tensor();
-  }
-  at::Tensor rows = log_std;
-  for (int64_t d = log_std.dim() - 1; d >= lead; --d) rows = rows.select(d, 0);
-  return rows.contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu(
     const at::Tensor& z0_in, const at::Tensor& mean_in, const at::Tensor& log_std_in, const at::Tensor& noise_in,
     const std::optional<at::Tensor>& alpha_in, double alpha_scalar) {
@@ -343,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
   const at::Tensor ls = (per_row ? row_ls : log_std_in).to(acc).contiguous();
   const at::Tensor stdv = at::exp(ls);  // once per log_std element, not per batch item
   const int64_t batch = z0.size(0), channels = z0.size(1);
-  const at::Tensor alpha = alpha_tensor("sample_correction", alpha_in, batch, acc);
+  const at::Tensor alpha = alpha_tensor("sample_correction", alpha_in, z0, acc);
   at::Tensor zc = at::empty(z0.sizes(), z0.options());
   at::Tensor delta = at::empty(z0.sizes(), z0.options());
   at::Tensor log_prob = at::zeros({batch}, z0.options().dtype(acc));

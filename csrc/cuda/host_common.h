@@ -14,16 +14,15 @@
 #include <atomic>
 #include <cstdint>
 
+#include "checks.h"
 #include "launchers.cuh"
 
 namespace xlard {
 namespace cuda_host {
 
-inline bool is_float_type(at::ScalarType st) {
-  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
-}
-
-inline at::ScalarType acc_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+using checks::acc_dtype;
+using checks::check_same_device;
+using checks::is_float_type;
 
 inline cuda::Kind kind_of(at::ScalarType st) {
   switch (st) {
@@ -39,12 +38,6 @@ inline cuda::Kind kind_of(at::ScalarType st) {
 
 inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), "xlard.", op, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
-}
-
-inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
-                              const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), "xlard.", op, ": ", name, " must be on the device of ", ref_name, " (",
-              ref.device(), "), got ", t.device());
 }
 
 // The current stream of the current device (what at::cuda::getCurrentCUDAStream() returns).

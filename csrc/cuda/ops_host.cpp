@@ -26,6 +26,12 @@ using cuda_host::check_same_device;
 using cuda_host::current_stream;
 using cuda_host::is_float_type;
 using cuda_host::kind_of;
+using checks::centroid_shape;
+using checks::check_relations;
+using checks::check_same;
+using checks::lam_shape;
+using checks::RelationLayout;
+using checks::row_constant_values;
 
 constexpr double kHalfLog2Pi = 0.91893853320467274178;  // 0.5 * log(2 * pi)
 
@@ -33,15 +39,7 @@ constexpr double kHalfLog2Pi = 0.91893853320467274178;  // 0.5 * log(2 * pi)
 
 void check_maps(const char* op, const at::Tensor& maps) {
   check_cuda(op, "maps", maps);
-  TORCH_CHECK(maps.dim() >= 2, "xlard.", op, ": maps must have shape [..., H, W], got ", maps.sizes());
-  TORCH_CHECK(is_float_type(maps.scalar_type()), "xlard.", op,
-              ": maps must be float16, bfloat16, float32 or float64, got ", maps.scalar_type());
-}
-
-std::vector<int64_t> centroid_shape(const at::Tensor& maps) {
-  std::vector<int64_t> shape(maps.sizes().begin(), maps.sizes().end() - 2);
-  shape.push_back(2);
-  return shape;
+  checks::check_float_maps(op, maps);
 }
 
 at::Tensor attention_centroids_cuda(const at::Tensor& maps_in) {
@@ -86,43 +84,24 @@ at::Tensor attention_centroids_backward_cuda(const at::Tensor& grad_in, const at
 
 // ---- position_scores ---------------------------------------------------------------
 
-struct RelationLayout {
-  int64_t batch, tokens, rows, rel_batch_stride;
-};
-
-RelationLayout check_relations(const char* op, const at::Tensor& centroids, const at::Tensor& relations) {
+RelationLayout check_cuda_relations(const char* op, const at::Tensor& centroids, const at::Tensor& relations) {
   check_cuda(op, "centroids", centroids);
-  TORCH_CHECK(centroids.dim() == 3 && centroids.size(2) == 2, "xlard.", op,
-              ": centroids must have shape [B, T, 2], got ", centroids.sizes());
-  TORCH_CHECK(is_float_type(centroids.scalar_type()), "xlard.", op, ": centroids must be a floating dtype, got ",
-              centroids.scalar_type());
-  TORCH_CHECK(relations.scalar_type() == at::kLong, "xlard.", op, ": relations must be int64, got ",
-              relations.scalar_type());
-  TORCH_CHECK((relations.dim() == 2 || relations.dim() == 3) && relations.size(-1) == 3, "xlard.", op,
-              ": relations must have shape [R, 3] or [B, R, 3], got ", relations.sizes());
-  const int64_t b = centroids.size(0);
-  if (relations.dim() == 3) {
-    TORCH_CHECK(relations.size(0) == b, "xlard.", op, ": relations batch size ", relations.size(0),
-                " does not match centroids batch size ", b);
-  }
-  check_same_device(op, "relations", relations, "centroids", centroids);
-  const int64_t r = relations.size(-2);
-  return RelationLayout{b, centroids.size(1), r, relations.dim() == 3 ? r * 3 : 0};
+  return check_relations(op, centroids, relations);
 }
 
 // Index and code ranges are checked on the device (a device-side assertion, like
 // torch's own indexing kernels): checking them here would need a host synchronization.
 at::Tensor position_scores_cuda(const at::Tensor& centroids_in, const at::Tensor& relations_in, double tau) {
-  const RelationLayout L = check_relations("position_scores", centroids_in, relations_in);
+  const RelationLayout L = check_cuda_relations("position_scores", centroids_in, relations_in);
   TORCH_CHECK(std::isfinite(tau), "xlard.position_scores: tau must be finite, got ", tau);
   const c10::cuda::CUDAGuard guard(centroids_in.device());
   const auto acc = acc_dtype(centroids_in.scalar_type());
   const at::Tensor cen = centroids_in.to(acc).contiguous();
   const at::Tensor rel = relations_in.contiguous();
-  at::Tensor out = at::empty({L.batch, L.rows}, cen.options());
+  at::Tensor out = at::empty({L.batch, L.relations}, cen.options());
   if (out.numel() == 0) return out;
   cuda::launch_position_scores(acc == at::kDouble, cen.const_data_ptr(), rel.const_data_ptr<int64_t>(),
-                               L.rel_batch_stride, L.batch, L.tokens, L.rows, tau, out.data_ptr(),
+                               L.rel_batch_stride, L.batch, L.tokens, L.relations, tau, out.data_ptr(),
                                current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -130,9 +109,9 @@ at::Tensor position_scores_cuda(const at::Tensor& centroids_in, const at::Tensor
 
 at::Tensor position_scores_backward_cuda(const at::Tensor& grad_in, const at::Tensor& centroids_in,
                                          const at::Tensor& relations_in, double tau) {
-  const RelationLayout L = check_relations("_position_scores_backward", centroids_in, relations_in);
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == L.batch && grad_in.size(1) == L.rows,
-              "xlard._position_scores_backward: grad must have shape [B, R] = [", L.batch, ", ", L.rows, "], got ",
+  const RelationLayout L = check_cuda_relations("_position_scores_backward", centroids_in, relations_in);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == L.batch && grad_in.size(1) == L.relations,
+              "xlard._position_scores_backward: grad must have shape [B, R] = [", L.batch, ", ", L.relations, "], got ",
               grad_in.sizes());
   check_same_device("_position_scores_backward", "grad", grad_in, "centroids", centroids_in);
   const c10::cuda::CUDAGuard guard(centroids_in.device());
@@ -141,10 +120,10 @@ at::Tensor position_scores_backward_cuda(const at::Tensor& grad_in, const at::Te
   const at::Tensor grad = grad_in.to(acc).contiguous();
   const at::Tensor rel = relations_in.contiguous();
   at::Tensor out = at::zeros({L.batch, L.tokens, 2}, cen.options());
-  if (out.numel() == 0 || L.rows == 0) return out.to(centroids_in.scalar_type());
+  if (out.numel() == 0 || L.relations == 0) return out.to(centroids_in.scalar_type());
   cuda::launch_position_scores_backward(acc == at::kDouble, grad.const_data_ptr(), cen.const_data_ptr(),
                                         rel.const_data_ptr<int64_t>(), L.rel_batch_stride, L.batch, L.tokens,
-                                        L.rows, tau, out.data_ptr(), current_stream());
+                                        L.relations, tau, out.data_ptr(), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out.to(centroids_in.scalar_type());
 }
@@ -155,34 +134,12 @@ std::tuple<at::Tensor, at::Tensor> color_scores_cuda(const at::Tensor& features_
                                                      const std::optional<at::Tensor>& mask_in) {
   const char* op = "color_scores";
   check_cuda(op, "patch_features", features_in);
-  TORCH_CHECK(features_in.dim() == 3, "xlard.color_scores: patch_features must have shape [B, N, D], got ",
-              features_in.sizes());
-  TORCH_CHECK(colors_in.dim() == 2 || colors_in.dim() == 3,
-              "xlard.color_scores: color_embeddings must have shape [C, D] or [B, C, D], got ", colors_in.sizes());
-  TORCH_CHECK(is_float_type(features_in.scalar_type()) && is_float_type(colors_in.scalar_type()),
-              "xlard.color_scores: patch_features and color_embeddings must be floating, got ",
-              features_in.scalar_type(), " and ", colors_in.scalar_type());
-  check_same_device(op, "color_embeddings", colors_in, "patch_features", features_in);
-  const int64_t b = features_in.size(0), n = features_in.size(1), d = features_in.size(2);
-  TORCH_CHECK(colors_in.size(-1) == d, "xlard.color_scores: color_embeddings feature size ", colors_in.size(-1),
-              " does not match patch_features feature size ", d);
-  if (colors_in.dim() == 3) {
-    TORCH_CHECK(colors_in.size(0) == b, "xlard.color_scores: color_embeddings batch size ", colors_in.size(0),
-                " does not match patch_features batch size ", b);
-  }
-  const int64_t c = colors_in.size(-2);
-  const bool has_mask = mask_in.has_value() && mask_in->defined();
-  if (has_mask) {
-    TORCH_CHECK(mask_in->scalar_type() == at::kBool, "xlard.color_scores: patch_mask must be bool, got ",
-                mask_in->scalar_type());
-    TORCH_CHECK(mask_in->dim() == 3 && mask_in->size(0) == b && mask_in->size(1) == c && mask_in->size(2) == n,
-                "xlard.color_scores: patch_mask must have shape [B, C, N] = [", b, ", ", c, ", ", n, "], got ",
-                mask_in->sizes());
-    check_same_device(op, "patch_mask", *mask_in, "patch_features", features_in);
-  }
+  const checks::ColorLayout L = checks::check_color_inputs(features_in, colors_in, mask_in);
+  const int64_t b = L.batch, n = L.patches, d = L.dim, c = L.colors;
+  const bool has_mask = L.has_mask;
   const c10::cuda::CUDAGuard guard(features_in.device());
-  const bool dbl = features_in.scalar_type() == at::kDouble || colors_in.scalar_type() == at::kDouble;
-  const auto acc = dbl ? at::kDouble : at::kFloat;
+  const auto acc = L.acc;
+  const bool dbl = acc == at::kDouble;
   at::Tensor scores = at::zeros({b, c}, features_in.options().dtype(acc));
   at::Tensor index = at::full({b, c}, -1, features_in.options().dtype(at::kLong));
   if (b == 0 || c == 0 || n == 0) return {scores, index};
@@ -201,35 +158,10 @@ std::tuple<at::Tensor, at::Tensor> color_scores_cuda(const at::Tensor& features_
 
 void check_latent(const char* op, const char* name, const at::Tensor& t) {
   check_cuda(op, name, t);
-  TORCH_CHECK(t.dim() >= 2, "xlard.", op, ": ", name, " must have shape [B, C, *spatial], got ", t.sizes());
-  TORCH_CHECK(is_float_type(t.scalar_type()), "xlard.", op, ": ", name,
-              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  checks::check_latent(op, name, t);
 }
 
-void check_same(const char* op, const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), "xlard.", op, ": ", name, " must have the shape of ", ref_name, " ",
-              ref.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "xlard.", op, ": ", name, " must have the dtype of ", ref_name,
-              " (", ref.scalar_type(), "), got ", t.scalar_type());
-  check_same_device(op, name, t, ref_name, ref);
-}
-
-std::vector<int64_t> lam_shape(const at::Tensor& z) {
-  std::vector<int64_t> shape{z.size(0)};
-  for (int64_t d = 2; d < z.dim(); ++d) shape.push_back(z.size(d));
-  return shape;
-}
-
-at::Tensor alpha_tensor(const char* op, const std::optional<at::Tensor>& alpha, const at::Tensor& ref,
-                        at::ScalarType acc) {
-  if (!alpha.has_value() || !alpha->defined()) return at::Tensor();
-  TORCH_CHECK(is_float_type(alpha->scalar_type()), "xlard.", op, ": alpha must be floating, got ",
-              alpha->scalar_type());
-  TORCH_CHECK(alpha->dim() == 1 && alpha->size(0) == ref.size(0), "xlard.", op, ": alpha must have shape [B] = [",
-              ref.size(0), "], got ", alpha->sizes());
-  check_same_device(op, "alpha", *alpha, "the latents", ref);
-  return alpha->to(acc).contiguous();
-}
+using checks::alpha_tensor;
 
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
@@ -286,16 +218,7 @@ at::Tensor residual_correction_backward_cuda(const at::Tensor& grad_zc_in, const
 
 // ---- gaussian_log_prob -------------------------------------------------------------
 
-// log_std at op level: shape x.shape[1:] (shared over the batch) or x.shape.
-bool check_log_std(const char* op, const at::Tensor& log_std, const at::Tensor& x) {
-  TORCH_CHECK(is_float_type(log_std.scalar_type()), "xlard.", op, ": log_std must be floating, got ",
-              log_std.scalar_type());
-  check_same_device(op, "log_std", log_std, "x", x);
-  if (log_std.sizes() == x.sizes()) return false;
-  TORCH_CHECK(log_std.sizes() == x.sizes().slice(1), "xlard.", op, ": log_std must have shape x.shape[1:] = ",
-              x.sizes().slice(1), " or x.shape = ", x.sizes(), " (xlard.ops broadcasts it), got ", log_std.sizes());
-  return true;
-}
+using checks::check_log_std;
 
 at::Tensor gaussian_log_prob_cuda(const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& log_std_in) {
   const char* op = "gaussian_log_prob";
@@ -364,18 +287,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cuda(c
 }
 
 // ---- sample_correction -------------------------------------------------------------
-
-// The values of a log_std that is constant over its dims from `from` on (size 1 or
-// stride 0 there), as a [C] or [B, C] tensor; undefined otherwise. Same rule as the
-// CPU kernel, so both read the same values.
-at::Tensor row_constant_values(const at::Tensor& log_std, int64_t from) {
-  for (int64_t d = from; d < log_std.dim(); ++d) {
-    if (log_std.size(d) != 1 && log_std.stride(d) != 0) return at::Tensor();
-  }
-  at::Tensor rows = log_std;
-  for (int64_t d = log_std.dim() - 1; d >= from; --d) rows = rows.select(d, 0);
-  return rows;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cuda(
     const at::Tensor& z0_in, const at::Tensor& mean_in, const at::Tensor& log_std_in, const at::Tensor& noise_in,
