@@ -77,6 +77,8 @@ def _write_build_config(with_cuda: bool) -> None:
 setup(
     packages=find_packages(include=["xlard", "xlard.*"]) + ["xlard._kernels"],
     package_dir={"xlard._kernels": "kernels"},
+    # The embedded shapes-world backbone (a diffusers pipeline folder) ships as package data.
+    package_data={"xlard": ["data/shapes_backbone/*.json", "data/shapes_backbone/*/*"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
