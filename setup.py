@@ -78,7 +78,7 @@ setup(
     packages=find_packages(include=["xlard", "xlard.*"]) + ["xlard._kernels"],
     package_dir={"xlard._kernels": "kernels"},
     # The embedded shapes-world backbone (a diffusers pipeline folder) ships as package data.
-    package_data={"xlard": ["data/shapes_backbone/*.json", "data/shapes_backbone/*/*"]},
+    package_data={"xlard": ["data/shapes_backbone/*.json", "data/shapes_backbone/*.md", "data/shapes_backbone/*/*"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

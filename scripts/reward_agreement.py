@@ -47,7 +47,13 @@ def run(backbone_name: str, n: int, seed: int, batch: int, steps: int, quiet: bo
 
     records = P.sample_records(P.make_splits(P.PromptConfig(), seed=0)["heldout"], n, seed=seed)
     kwargs = {"num_inference_steps": steps} if steps else {}
-    backbone = DiffusersBackbone.from_pretrained(resolve_backbone(backbone_name), **kwargs)
+    if backbone_name == "shapes":  # the sampler settings the shipped model was evaluated with
+        from xlard.shapes import backbone as shapes_backbone
+
+        kwargs.setdefault("num_inference_steps", shapes_backbone.DEFAULT_STEPS)
+        kwargs["guidance_scale"] = shapes_backbone.DEFAULT_GUIDANCE
+    backbone = DiffusersBackbone.from_pretrained(resolve_backbone(backbone_name), torch_dtype=torch.float32,
+                                                 **kwargs)
     cmd = ExplainableRewards(color_encoder=PixelColorEncoder())
     rows = []
     t0 = time.time()

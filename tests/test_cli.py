@@ -55,6 +55,6 @@ def test_generate_and_eval_with_a_diffusers_backbone(tmp_path, capsys):
 
 
 def test_shapes_backbone_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "SHAPES_BACKBONE", tmp_path / "absent")
+    monkeypatch.setenv("XLARD_SHAPES_BACKBONE", str(tmp_path / "absent"))
     assert cli.main(["generate", "a red circle", "--backbone", "shapes", "--out", str(tmp_path / "o")]) == 2
     assert "shapes backbone is not installed" in capsys.readouterr().err

@@ -39,27 +39,37 @@ def _progress(iterable, total: int, desc: str, quiet: bool):
     return tqdm(iterable, total=total, desc=desc, unit="img")
 
 
-SHAPES_BACKBONE = Path(__file__).resolve().parent / "data" / "shapes_backbone"
-
-
 def resolve_backbone(name: str) -> str:
-    """``shapes`` -> the shipped shapes-world pipeline folder; anything else is passed through."""
+    """``shapes`` -> the shapes-world pipeline folder (package data or $XLARD_SHAPES_BACKBONE); else as given."""
     if name == "shapes":
-        if not (SHAPES_BACKBONE / "model_index.json").is_file():
-            raise FileNotFoundError(f"the shapes backbone is not installed at {SHAPES_BACKBONE}; train it with "
+        from xlard.shapes import backbone as shapes_backbone
+
+        folder = shapes_backbone.backbone_path()
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"the shapes backbone is not installed at {folder}; train it with "
                                     "`python scripts/train_shapes_backbone.py` or reinstall xlard")
-        return str(SHAPES_BACKBONE)
+        return str(folder)
     return name
 
 
 def _load_backbone(args):
+    import torch
+
     from xlard.backbones import DiffusersBackbone
 
-    kwargs = {"capture": False}
-    if args.steps:
-        kwargs["num_inference_steps"] = args.steps
-    if args.guidance is not None:
-        kwargs["guidance_scale"] = args.guidance
+    # Weights may ship in float16 (the shapes backbone does, to stay small); CPUs run float32.
+    on_cpu = args.device in (None, "cpu")
+    kwargs = {"capture": False, "torch_dtype": torch.float32 if on_cpu else None}
+    steps, guidance = args.steps, args.guidance
+    if args.backbone == "shapes":  # the sampler settings the shipped model was evaluated with
+        from xlard.shapes import backbone as shapes_backbone
+
+        steps = steps or shapes_backbone.DEFAULT_STEPS
+        guidance = shapes_backbone.DEFAULT_GUIDANCE if guidance is None else guidance
+    if steps:
+        kwargs["num_inference_steps"] = steps
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
     return DiffusersBackbone.from_pretrained(resolve_backbone(args.backbone), device=args.device, **kwargs)
 
 

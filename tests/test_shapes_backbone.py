@@ -1,0 +1,119 @@
+"""The shapes backbone: the shipped pipeline loads offline and generates deterministically,
+and the training script runs (and resumes) end to end on tiny settings."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xlard.shapes import backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+# The package data, or $XLARD_SHAPES_BACKBONE when set (to test another trained folder).
+SHIPPED = backbone.is_available()
+needs_weights = pytest.mark.skipif(
+    not SHIPPED, reason=f"shapes backbone weights absent at {backbone.backbone_path()}; "
+                        f"train them with: {backbone.TRAIN_COMMAND}")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return backbone.load_pipeline("cpu")
+
+
+@needs_weights
+def test_shipped_pipeline_is_a_small_stable_diffusion_pipeline(pipe):
+    from diffusers import StableDiffusionPipeline
+
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    size = sum(p.stat().st_size for p in backbone.backbone_path().rglob("*") if p.is_file())
+    assert size <= 20 * 1024 * 1024, f"shipped backbone is {size / 1e6:.1f} MB, over the 20 MB budget"
+
+
+@needs_weights
+def test_tokenizer_keeps_world_words_whole_and_aligns(pipe):
+    from xlard.prompts import parse
+
+    tok = pipe.tokenizer
+    for word in ("circle", "triangles", "purple", "diamonds", "eight", "left", "below", "photo"):
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    spec = parse("a photo of three red circles left of a blue square", tok)
+    # BOS a photo of three red circles ... : "circles" is token 6, "square" token 11.
+    assert [e.token_indices for e in spec.entities] == [(6,), (11,)]
+    assert [e.color_token_indices for e in spec.entities] == [(5,), (10,)]
+
+
+@needs_weights
+def test_generate_shapes_and_determinism(pipe):
+    prompts = ["a photo of three red circles", "a photo of a blue square left of a green triangle"]
+    a = backbone.generate(prompts, seed=7, steps=2, guidance=4.0, pipeline=pipe)
+    assert a.shape == (2, 64, 64, 3) and a.dtype == np.uint8
+    b = backbone.generate(prompts, seed=7, steps=2, guidance=4.0, pipeline=pipe)
+    np.testing.assert_array_equal(a, b)
+    # Image i is seeded seed + i, whatever the batching.
+    c = backbone.generate(prompts[1:], seed=8, steps=2, guidance=4.0, pipeline=pipe)
+    np.testing.assert_allclose(c[0].astype(int), a[1].astype(int), atol=2)
+    d = backbone.generate(prompts[:1], seed=9, steps=2, guidance=4.0, pipeline=pipe)
+    assert np.abs(d[0].astype(int) - a[0].astype(int)).mean() > 1.0
+
+
+def test_generate_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="at least one prompt"):
+        backbone.generate([], pipeline=object())
+    with pytest.raises(ValueError, match="seed"):
+        backbone.generate(["a photo of a circle"], seed=-1, pipeline=object())
+    with pytest.raises(ValueError, match="steps"):
+        backbone.generate(["a photo of a circle"], steps=0, pipeline=object())
+
+
+def test_missing_weights_name_the_training_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_shapes_backbone.py"):
+        backbone.load_pipeline(path=tmp_path)
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_shapes_backbone",
+                                                  ROOT / "scripts" / "train_shapes_backbone.py")
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class is built.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--vae-channels", "8", "8", "8", "--unet-channels", "8", "16", "16", "--text-dim", "16",
+        "--text-layers", "1", "--batch-size", "2", "--vae-batch-size", "2", "--vae-crop", "16",
+        "--vae-max-steps", "2", "--sample-minutes", "0", "--log-every", "1", "--threads", "2", "--no-bf16"]
+
+
+def test_training_script_smoke_and_resume(tmp_path, capsys):
+    train = _train_module()
+    work, out = tmp_path / "work", tmp_path / "out"
+    common = TINY + ["--work-dir", str(work), "--out", str(out)]
+    assert train.main(common + ["--max-steps", "2"]) == 0
+    assert (work / "checkpoint.pt").is_file()
+    assert train.main(common + ["--max-steps", "4", "--resume"]) == 0
+    assert "[resume] phase=unet vae_step=2 step=2" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "event" not in r]
+    assert [r["step"] for r in rows if r.get("phase") == "unet"] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if r.get("phase") == "vae"] == [1, 2]
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["unet_steps"] == 4 and info["vae_steps"] == 2
+    images = backbone.generate(["a photo of a red circle"], seed=0, steps=2,
+                               pipeline=backbone.load_pipeline(path=out))
+    assert images.shape == (1, 64, 64, 3)
+
+
+def test_training_config_is_validated():
+    train = _train_module()
+    with pytest.raises(ValueError, match="vae_minutes"):
+        train.parse_args(["--minutes", "5", "--vae-minutes", "6"])
+    with pytest.raises(ValueError, match="unet_channels"):
+        train.parse_args(["--unet-channels", "8", "16"])
