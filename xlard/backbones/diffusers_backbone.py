@@ -113,9 +113,12 @@ class _Family:
     default_guidance = 7.5
     #: Whether the pipeline sets the timesteps before drawing the initial noise.
     timesteps_first = True
+    #: Text sequence length for families with a T5-style encoder (None: the tokenizer's own).
+    default_max_sequence_length: int | None = None
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self.max_sequence_length = self.default_max_sequence_length
 
     # -- sizes -----------------------------------------------------------------
     @property
@@ -280,10 +283,6 @@ class _StableDiffusion3(_Family):
     timesteps_first = False
     default_max_sequence_length = 256
 
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        self.max_sequence_length = self.default_max_sequence_length
-
     @property
     def size_multiple(self):
         return self.vae_scale_factor * int(self.pipe.transformer.config.patch_size)
@@ -379,10 +378,6 @@ class _Flux(_Family):
     default_guidance = 3.5
     timesteps_first = False
     default_max_sequence_length = 512
-
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        self.max_sequence_length = self.default_max_sequence_length
 
     @property
     def size_multiple(self):
@@ -701,7 +696,7 @@ class DiffusersBackbone(Backbone):
         self.family = _family_for(pipeline)
         self.pipeline = pipeline
         if max_sequence_length is not None:
-            if not hasattr(self.family, "max_sequence_length"):
+            if self.family.max_sequence_length is None:
                 raise ValueError(f"max_sequence_length applies to T5-based pipelines (SD3, FLUX, PixArt), not "
                                  f"{type(pipeline).__name__}")
             self.family.max_sequence_length = max_sequence_length
