@@ -128,6 +128,50 @@ def test_sample_correction_is_consistent_with_the_separate_ops():
     assert_close(log_prob, ops.gaussian_log_prob(delta, mean, log_std), rtol=1e-4, atol=1e-3)
 
 
+# Spatial sizes around the kernels' blocking (blocks of 4096..65536 positions, split
+# further when the batch is small): ragged last blocks, several blocks per item, one
+# block larger than the LAM row, one item alone.
+BLOCK_SHAPES = [(1, 3, 100, 100), (2, 2, 280, 250), (9, 2, 4097), (1, 5, 65537)]
+
+
+def _with_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", BLOCK_SHAPES)
+def test_correction_ops_over_many_blocks_match_reference_and_ignore_thread_count(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    z0, mean, noise = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    alpha = torch.rand(shape[0], generator=g, dtype=torch.float64)
+    forms = [torch.randn(shape[1], generator=g, dtype=torch.float64) * 0.2,
+             torch.randn(shape, generator=g, dtype=torch.float64) * 0.2]
+    for dtype in (torch.float32, torch.float64):
+        x, m, e, a = z0.to(dtype), mean.to(dtype), noise.to(dtype), alpha.to(dtype)
+        one = _with_threads(1, lambda: ops.residual_correction(x, m, a))
+        two = _with_threads(2, lambda: ops.residual_correction(x, m, a))
+        for u, v in zip(one, two):
+            assert torch.equal(u, v)
+        want = ref.residual_correction(z0, mean, alpha)
+        assert_close(one[0], want[0].to(dtype), msg="zc")
+        assert_close(one[1], want[1].to(acc(dtype)), msg="lam")
+        for log_std in forms:
+            ls = log_std.to(dtype)
+            one = _with_threads(1, lambda: ops.sample_correction(x, m, ls, e, a))
+            two = _with_threads(2, lambda: ops.sample_correction(x, m, ls, e, a))
+            for name, u, v in zip(("zc", "delta", "log_prob", "lam"), one, two):
+                assert torch.equal(u, v), f"{name} depends on the thread count"
+            want = ref.sample_correction(z0, mean, log_std, noise, alpha)  # float64 truth
+            for name, u, v in zip(("zc", "delta", "log_prob", "lam"), one, want):
+                assert_close(u, v.to(u.dtype), msg=f"{name} {dtype}", rtol=1e-5 if dtype == torch.float32 else 1e-10)
+            lp1 = _with_threads(1, lambda: ops.gaussian_log_prob(one[1], m, ls))
+            assert torch.equal(lp1, _with_threads(2, lambda: ops.gaussian_log_prob(one[1], m, ls)))
+
+
 def test_sample_correction_refuses_grad():
     z0 = torch.randn(2, 3, 4, 4)
     mean = torch.randn(2, 3, 4, 4, requires_grad=True)

@@ -1,9 +1,15 @@
 // CPU kernels of residual_correction, gaussian_log_prob and sample_correction (the
 // PPO-side ops), forward and backward. Semantics: docs/ops.md.
 //
-// Work is split into fixed blocks of spatial positions (independent of the thread
-// count) and per-block partial sums are added in block order, so every result is
-// bitwise reproducible whatever at::get_num_threads() says.
+// Work is split into blocks of spatial positions whose size depends on the shape only
+// (never on the thread count) and per-block partial sums are added in block order, so
+// every result is bitwise reproducible whatever at::get_num_threads() says.
+//
+// Memory layout matters more than arithmetic here: these ops are a few flops per
+// element over tensors far larger than the caches. A block walks each channel's
+// stretch of positions in turn (long contiguous runs, like one flat pass over the
+// tensor) while the block's LAM row (at most kBlockMax floats) stays in L2 across
+// channels; the first channel writes the LAM instead of adding to zeros.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,33 +34,49 @@ using checks::is_float_type;
 using checks::lam_shape;
 using checks::row_constant_values;
 
-constexpr int64_t kBlock = 4096;
+constexpr int64_t kBlock = 4096;      // row_sums block (reductions over a flat row)
+constexpr int64_t kBlockMin = 4096;   // smallest block of spatial positions
+constexpr int64_t kBlockMax = 65536;  // largest: its float32 LAM row is 256 KiB, L2-resident
+constexpr int64_t kMinTasks = 8;      // split blocks (down to kBlockMin) until there are this many
 constexpr double kHalfLog2Pi = 0.91893853320467274178;  // 0.5 * log(2 * pi)
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Runs fn(b, s_begin, s_end) over fixed blocks of the spatial positions of every batch item.
+// Positions per block: a function of the shape only, so results never depend on the
+// thread count. Whole spatial rows (up to kBlockMax) when the batch gives enough tasks.
+inline int64_t block_size(int64_t batch, int64_t spatial) {
+  int64_t blk = std::min(spatial, kBlockMax);
+  while ((blk + 1) / 2 >= kBlockMin && batch * ((spatial + blk - 1) / blk) < kMinTasks) blk = (blk + 1) / 2;
+  return std::max<int64_t>(blk, 1);
+}
+
+// Runs fn(b, blk, s_begin, s_end) over the blocks of spatial positions of every batch item.
 template <typename Fn>
-void for_blocks(int64_t batch, int64_t spatial, Fn fn) {
-  const int64_t blocks = (spatial + kBlock - 1) / kBlock;
+void for_blocks(int64_t batch, int64_t spatial, int64_t block, Fn fn) {
+  const int64_t blocks = (spatial + block - 1) / block;
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / blocks, blk = t % blocks;
-      fn(b, blk, blk * kBlock, std::min(spatial, (blk + 1) * kBlock));
+      fn(b, blk, blk * block, std::min(spatial, (blk + 1) * block));
     }
   });
 }
 
-// One channel row of residual_correction over positions [s0, s1).
-template <typename T, typename A>
+// One channel row of residual_correction over positions [s0, s1); the first channel
+// writes the LAM, the others add to it.
+template <bool First, typename T, typename A>
 void correct_row(const T* __restrict__ z0, const T* __restrict__ delta, A alpha, T* __restrict__ zc,
                  A* __restrict__ lam, int64_t s0, int64_t s1) {
 #pragma omp simd
   for (int64_t s = s0; s < s1; ++s) {
     const A d = static_cast<A>(delta[s]);
     zc[s] = static_cast<T>(static_cast<A>(z0[s]) + alpha * d);
-    lam[s] += std::abs(d);
+    if constexpr (First) {
+      lam[s] = std::abs(d);
+    } else {
+      lam[s] += std::abs(d);
+    }
   }
 }
 
@@ -81,13 +103,14 @@ std::tuple<at::Tensor, at::Tensor> residual_correction_cpu(const at::Tensor& z0_
     const A* ap = alpha.defined() ? alpha.const_data_ptr<A>() : nullptr;
     scalar_t* op = zc.data_ptr<scalar_t>();
     A* lp = lam.data_ptr<A>();
-    for_blocks(batch, spatial, [&](int64_t b, int64_t, int64_t s0, int64_t s1) {
+    for_blocks(batch, spatial, block_size(batch, spatial), [&](int64_t b, int64_t, int64_t s0, int64_t s1) {
       const A a = ap ? ap[b] : static_cast<A>(alpha_scalar);
       A* lrow = lp + b * spatial;
-      for (int64_t s = s0; s < s1; ++s) lrow[s] = A(0);
-      for (int64_t c = 0; c < channels; ++c) {
-        const int64_t off = (b * channels + c) * spatial;
-        correct_row<scalar_t, A>(zp + off, dp + off, a, op + off, lrow, s0, s1);
+      const int64_t off0 = b * channels * spatial;
+      correct_row<true, scalar_t, A>(zp + off0, dp + off0, a, op + off0, lrow, s0, s1);
+      for (int64_t c = 1; c < channels; ++c) {
+        const int64_t off = off0 + c * spatial;
+        correct_row<false, scalar_t, A>(zp + off, dp + off, a, op + off, lrow, s0, s1);
       }
     });
   });
@@ -118,7 +141,7 @@ at::Tensor residual_correction_backward_cpu(const at::Tensor& grad_zc_in, const 
     const A* glp = gl.const_data_ptr<A>();
     const A* ap = alpha.defined() ? alpha.const_data_ptr<A>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    for_blocks(batch, spatial, [&](int64_t b, int64_t, int64_t s0, int64_t s1) {
+    for_blocks(batch, spatial, block_size(batch, spatial), [&](int64_t b, int64_t, int64_t s0, int64_t s1) {
       const A a = ap ? ap[b] : static_cast<A>(alpha_scalar);
       const A* glrow = glp + b * spatial;
       for (int64_t c = 0; c < channels; ++c) {
@@ -242,37 +265,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cpu(co
 }
 
 // One channel row of sample_correction over positions [s0, s1); returns its log-density
-// part sum(-0.5 noise^2) (the log_std sum is added per row). Outside the dispatch macro so the pragma applies.
-template <typename T, typename A>
+// part sum(-0.5 noise^2) (the log_std sum is added per row). ConstStd: one standard
+// deviation for the whole row (per-channel log_std), read from stdv[0]. The first
+// channel writes the LAM, the others add to it. Outside the dispatch macro so the pragma applies.
+template <bool First, bool ConstStd, typename T, typename A>
 A sample_row(const T* __restrict__ z0, const T* __restrict__ mean, const T* __restrict__ noise,
              const A* __restrict__ stdv, A alpha, T* __restrict__ zc, T* __restrict__ delta, A* __restrict__ lam,
              int64_t s0, int64_t s1) {
   A acc = A(0);
+  const A sd0 = stdv[0];
 #pragma omp simd reduction(+ : acc)
   for (int64_t s = s0; s < s1; ++s) {
     const A e = static_cast<A>(noise[s]);
-    const T d = static_cast<T>(static_cast<A>(mean[s]) + stdv[s] * e);
+    const A sd = ConstStd ? sd0 : stdv[s];
+    const T d = static_cast<T>(static_cast<A>(mean[s]) + sd * e);
     delta[s] = d;
     zc[s] = static_cast<T>(static_cast<A>(z0[s]) + alpha * static_cast<A>(d));
-    lam[s] += std::abs(static_cast<A>(d));
+    if constexpr (First) {
+      lam[s] = std::abs(static_cast<A>(d));
+    } else {
+      lam[s] += std::abs(static_cast<A>(d));
+    }
     acc += A(-0.5) * e * e;
   }
   return acc;
 }
 
-// sample_row with one standard deviation for the whole row (per-channel log_std).
-template <typename T, typename A>
-A sample_row_const(const T* __restrict__ z0, const T* __restrict__ mean, const T* __restrict__ noise, A stdv,
-                   A alpha, T* __restrict__ zc, T* __restrict__ delta, A* __restrict__ lam, int64_t s0, int64_t s1) {
-  A acc = A(0);
-#pragma omp simd reduction(+ : acc)
-  for (int64_t s = s0; s < s1; ++s) {
-    const A e = static_cast<A>(noise[s]);
-    const T d = static_cast<T>(static_cast<A>(mean[s]) + stdv * e);
-    delta[s] = d;
-    zc[s] = static_cast<T>(static_cast<A>(z0[s]) + alpha * static_cast<A>(d));
-    lam[s] += std::abs(static_cast<A>(d));
-    acc += A(-0.5) * e * e;
+// All channels of one block of sample_correction; returns the block's sum(-0.5 noise^2)
+// (rows summed in double: a block holds up to channels * kBlockMax terms).
+template <bool ConstStd, typename T, typename A>
+double sample_block(const T* z0, const T* mean, const T* noise, const A* stdv, int64_t std_stride, A alpha, T* zc,
+               T* delta, A* lam, int64_t channels, int64_t spatial, int64_t s0, int64_t s1) {
+  // stdv + c * std_stride: channel c's value (ConstStd, stride 1) or its row of positions (stride spatial).
+  double acc = sample_row<true, ConstStd, T, A>(z0, mean, noise, stdv, alpha, zc, delta, lam, s0, s1);
+  for (int64_t c = 1; c < channels; ++c) {
+    const int64_t off = c * spatial;
+    acc += sample_row<false, ConstStd, T, A>(z0 + off, mean + off, noise + off, stdv + c * std_stride, alpha,
+                                             zc + off, delta + off, lam, s0, s1);
   }
   return acc;
 }
@@ -297,11 +326,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
   at::Tensor zc = at::empty(z0.sizes(), z0.options());
   at::Tensor delta = at::empty(z0.sizes(), z0.options());
   at::Tensor log_prob = at::zeros({batch}, z0.options().dtype(acc));
-  at::Tensor lam = at::zeros(lam_shape(z0), z0.options().dtype(acc));
-  if (z0.numel() == 0) return {zc, delta, log_prob, lam};
+  at::Tensor lam = at::empty(lam_shape(z0), z0.options().dtype(acc));
+  if (z0.numel() == 0) {  // C == 0 still gives a (zero) map per spatial position
+    lam.zero_();
+    return {zc, delta, log_prob, lam};
+  }
   const int64_t spatial = z0.numel() / (batch * channels);
   const int64_t n = channels * spatial;
-  const int64_t blocks = (spatial + kBlock - 1) / kBlock;
+  const int64_t block = block_size(batch, spatial);
+  const int64_t blocks = (spatial + block - 1) / block;
   std::vector<double> partial(static_cast<size_t>(batch * blocks), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "xlard_sample_correction", [&] {
     using A = acc_type<scalar_t>;
@@ -314,27 +347,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
     scalar_t* zcp = zc.data_ptr<scalar_t>();
     scalar_t* dp = delta.data_ptr<scalar_t>();
     A* lamp = lam.data_ptr<A>();
-    for_blocks(batch, spatial, [&](int64_t b, int64_t blk, int64_t s0, int64_t s1) {
+    for_blocks(batch, spatial, block, [&](int64_t b, int64_t blk, int64_t s0, int64_t s1) {
       const A a = ap ? ap[b] : static_cast<A>(alpha_scalar);
-      A* lrow = lamp + b * spatial;
-      A acc_lp = A(0);
-      if (per_row) {
-        const A* sdb = sdp + (shared ? 0 : b * channels);
-        for (int64_t c = 0; c < channels; ++c) {
-          const int64_t off = (b * channels + c) * spatial;
-          acc_lp += sample_row_const<scalar_t, A>(zp + off, mp + off, np_ + off, sdb[c], a, zcp + off, dp + off,
-                                                  lrow, s0, s1);
-        }
-        partial[b * blocks + blk] = static_cast<double>(acc_lp);
-        return;
-      }
-      const A* sdb = sdp + (shared ? 0 : b * n);
-      for (int64_t c = 0; c < channels; ++c) {
-        const int64_t off = (b * channels + c) * spatial;
-        acc_lp += sample_row<scalar_t, A>(zp + off, mp + off, np_ + off, sdb + c * spatial, a, zcp + off, dp + off,
-                                          lrow, s0, s1);
-      }
-      partial[b * blocks + blk] = static_cast<double>(acc_lp);
+      const int64_t off = b * n;
+      partial[b * blocks + blk] =
+          per_row ? sample_block<true, scalar_t, A>(zp + off, mp + off, np_ + off, sdp + (shared ? 0 : b * channels), 1,
+                                                    a, zcp + off, dp + off, lamp + b * spatial, channels, spatial, s0, s1)
+                  : sample_block<false, scalar_t, A>(zp + off, mp + off, np_ + off, sdp + (shared ? 0 : off), spatial,
+                                                     a, zcp + off, dp + off, lamp + b * spatial, channels, spatial, s0,
+                                                     s1);
     });
     std::vector<A> ls_sum(static_cast<size_t>(shared ? 1 : batch));
     if (per_row) {  // each channel's log_std counts once per spatial position
@@ -348,9 +369,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
     }
     A* lpp = log_prob.data_ptr<A>();
     for (int64_t b = 0; b < batch; ++b) {
-      A total = A(0);
-      for (int64_t blk = 0; blk < blocks; ++blk) total += static_cast<A>(partial[b * blocks + blk]);
-      lpp[b] = total - ls_sum[shared ? 0 : b] - static_cast<A>(kHalfLog2Pi) * static_cast<A>(n);
+      double total = 0.0;
+      for (int64_t blk = 0; blk < blocks; ++blk) total += partial[b * blocks + blk];
+      lpp[b] = static_cast<A>(total) - ls_sum[shared ? 0 : b] - static_cast<A>(kHalfLog2Pi) * static_cast<A>(n);
     }
   });
   return {zc, delta, log_prob, lam};
