@@ -25,7 +25,7 @@ DEFAULT_PATH = Path(__file__).resolve().parents[1] / "data" / "shapes_backbone"
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 5.0
 
-TRAIN_COMMAND = ("python scripts/train_shapes_backbone.py --minutes 80 "
+TRAIN_COMMAND = ("python scripts/train_shapes_backbone.py --minutes 83 --vae-minutes 25 "
                  "--out xlard/data/shapes_backbone")
 
 
