@@ -130,8 +130,11 @@ def test_sample_correction_is_consistent_with_the_separate_ops():
 
 # Spatial sizes around the kernels' blocking (blocks of 4096..65536 positions, split
 # further when the batch is small): ragged last blocks, several blocks per item, one
-# block larger than the LAM row, one item alone.
-BLOCK_SHAPES = [(1, 3, 100, 100), (2, 2, 280, 250), (9, 2, 4097), (1, 5, 65537)]
+# block larger than the LAM row, one item alone. The last two are float32 tensors of
+# >= 8 MiB, written with streaming stores: channel rows 16-byte aligned, and rows of
+# odd length (every other row misaligned, so those take the plain loop).
+BLOCK_SHAPES = [(1, 3, 100, 100), (2, 2, 280, 250), (9, 2, 4097), (1, 5, 65537), (2, 4, 512, 512),
+                (1, 3, 701, 1001)]
 
 
 def _with_threads(n, fn):

@@ -19,6 +19,15 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define XLARD_STREAM_STORES 1
+#else
+#define XLARD_STREAM_STORES 0
+#endif
 
 #include "checks.h"
 
@@ -38,6 +47,9 @@ constexpr int64_t kBlock = 4096;      // row_sums block (reductions over a flat 
 constexpr int64_t kBlockMin = 4096;   // smallest block of spatial positions
 constexpr int64_t kBlockMax = 65536;  // largest: its float32 LAM row is 256 KiB, L2-resident
 constexpr int64_t kMinTasks = 8;      // split blocks (down to kBlockMin) until there are this many
+// Streaming stores only for outputs of at least this many bytes each: a smaller result is
+// likely still in cache when the next op reads it, and streaming would push it to memory.
+constexpr int64_t kStreamMinBytes = int64_t(8) << 20;
 constexpr double kHalfLog2Pi = 0.91893853320467274178;  // 0.5 * log(2 * pi)
 
 template <typename T>
@@ -65,9 +77,37 @@ void for_blocks(int64_t batch, int64_t spatial, int64_t block, Fn fn) {
 
 // One channel row of residual_correction over positions [s0, s1); the first channel
 // writes the LAM, the others add to it.
+#if XLARD_STREAM_STORES
+// Large float32 outputs (kStreamMinBytes) are written with streaming (non-temporal) stores:
+// they are larger than the caches and not read again by the kernel, so skipping the
+// read-for-ownership of every written line saves memory traffic. Returns the first position
+// not done (the caller finishes the tail), s0 when the pointers are not 16-byte aligned.
+inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+template <bool First>
+int64_t correct_row_stream(const float* __restrict__ z0, const float* __restrict__ delta, float alpha,
+                           float* __restrict__ zc, float* __restrict__ lam, int64_t s0, int64_t s1) {
+  if (!aligned16(zc + s0)) return s0;
+  const __m128 va = _mm_set1_ps(alpha), sign = _mm_set1_ps(-0.0f);
+  int64_t s = s0;
+  for (; s + 4 <= s1; s += 4) {
+    const __m128 d = _mm_loadu_ps(delta + s);
+    _mm_stream_ps(zc + s, _mm_add_ps(_mm_loadu_ps(z0 + s), _mm_mul_ps(va, d)));
+    const __m128 ad = _mm_andnot_ps(sign, d);
+    _mm_storeu_ps(lam + s, First ? ad : _mm_add_ps(_mm_loadu_ps(lam + s), ad));
+  }
+  return s;
+}
+#endif
+
 template <bool First, typename T, typename A>
 void correct_row(const T* __restrict__ z0, const T* __restrict__ delta, A alpha, T* __restrict__ zc,
-                 A* __restrict__ lam, int64_t s0, int64_t s1) {
+                 A* __restrict__ lam, int64_t s0, int64_t s1, bool stream) {
+#if XLARD_STREAM_STORES
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) s0 = correct_row_stream<First>(z0, delta, alpha, zc, lam, s0, s1);
+  }
+#endif
 #pragma omp simd
   for (int64_t s = s0; s < s1; ++s) {
     const A d = static_cast<A>(delta[s]);
@@ -96,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor> residual_correction_cpu(const at::Tensor& z0_
     return {zc, lam};
   }
   const int64_t spatial = z0.numel() / (batch * channels);
+  const bool stream = z0.nbytes() >= kStreamMinBytes;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "xlard_residual_correction", [&] {
     using A = acc_type<scalar_t>;
     const scalar_t* zp = z0.const_data_ptr<scalar_t>();
@@ -107,11 +148,14 @@ std::tuple<at::Tensor, at::Tensor> residual_correction_cpu(const at::Tensor& z0_
       const A a = ap ? ap[b] : static_cast<A>(alpha_scalar);
       A* lrow = lp + b * spatial;
       const int64_t off0 = b * channels * spatial;
-      correct_row<true, scalar_t, A>(zp + off0, dp + off0, a, op + off0, lrow, s0, s1);
+      correct_row<true, scalar_t, A>(zp + off0, dp + off0, a, op + off0, lrow, s0, s1, stream);
       for (int64_t c = 1; c < channels; ++c) {
         const int64_t off = off0 + c * spatial;
-        correct_row<false, scalar_t, A>(zp + off, dp + off, a, op + off, lrow, s0, s1);
+        correct_row<false, scalar_t, A>(zp + off, dp + off, a, op + off, lrow, s0, s1, stream);
       }
+#if XLARD_STREAM_STORES
+      _mm_sfence();  // order the streaming stores before the task ends
+#endif
     });
   });
   return {zc, lam};
@@ -268,12 +312,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cpu(co
 // part sum(-0.5 noise^2) (the log_std sum is added per row). ConstStd: one standard
 // deviation for the whole row (per-channel log_std), read from stdv[0]. The first
 // channel writes the LAM, the others add to it. Outside the dispatch macro so the pragma applies.
+#if XLARD_STREAM_STORES
+// sample_row's float32 body with streaming stores for zc and delta (see correct_row_stream);
+// adds its part of sum(-0.5 noise^2) to acc and returns the first position not done.
+template <bool First, bool ConstStd>
+int64_t sample_row_stream(const float* __restrict__ z0, const float* __restrict__ mean,
+                          const float* __restrict__ noise, const float* __restrict__ stdv, float alpha,
+                          float* __restrict__ zc, float* __restrict__ delta, float* __restrict__ lam, int64_t s0,
+                          int64_t s1, float& acc) {
+  if (!aligned16(zc + s0) || !aligned16(delta + s0)) return s0;
+  const __m128 va = _mm_set1_ps(alpha), sign = _mm_set1_ps(-0.0f), half = _mm_set1_ps(-0.5f);
+  const __m128 sd0 = _mm_set1_ps(stdv[0]);
+  __m128 vacc = _mm_setzero_ps();
+  int64_t s = s0;
+  for (; s + 4 <= s1; s += 4) {
+    const __m128 e = _mm_loadu_ps(noise + s);
+    const __m128 sd = ConstStd ? sd0 : _mm_loadu_ps(stdv + s);
+    const __m128 d = _mm_add_ps(_mm_loadu_ps(mean + s), _mm_mul_ps(sd, e));
+    _mm_stream_ps(delta + s, d);
+    _mm_stream_ps(zc + s, _mm_add_ps(_mm_loadu_ps(z0 + s), _mm_mul_ps(va, d)));
+    const __m128 ad = _mm_andnot_ps(sign, d);
+    _mm_storeu_ps(lam + s, First ? ad : _mm_add_ps(_mm_loadu_ps(lam + s), ad));
+    vacc = _mm_add_ps(vacc, _mm_mul_ps(half, _mm_mul_ps(e, e)));
+  }
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, vacc);
+  acc += (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  return s;
+}
+#endif
+
 template <bool First, bool ConstStd, typename T, typename A>
 A sample_row(const T* __restrict__ z0, const T* __restrict__ mean, const T* __restrict__ noise,
              const A* __restrict__ stdv, A alpha, T* __restrict__ zc, T* __restrict__ delta, A* __restrict__ lam,
-             int64_t s0, int64_t s1) {
+             int64_t s0, int64_t s1, bool stream) {
   A acc = A(0);
   const A sd0 = stdv[0];
+#if XLARD_STREAM_STORES
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) s0 = sample_row_stream<First, ConstStd>(z0, mean, noise, stdv, alpha, zc, delta, lam, s0, s1, acc);
+  }
+#endif
 #pragma omp simd reduction(+ : acc)
   for (int64_t s = s0; s < s1; ++s) {
     const A e = static_cast<A>(noise[s]);
@@ -295,14 +374,17 @@ A sample_row(const T* __restrict__ z0, const T* __restrict__ mean, const T* __re
 // (rows summed in double: a block holds up to channels * kBlockMax terms).
 template <bool ConstStd, typename T, typename A>
 double sample_block(const T* z0, const T* mean, const T* noise, const A* stdv, int64_t std_stride, A alpha, T* zc,
-               T* delta, A* lam, int64_t channels, int64_t spatial, int64_t s0, int64_t s1) {
+               T* delta, A* lam, int64_t channels, int64_t spatial, int64_t s0, int64_t s1, bool stream) {
   // stdv + c * std_stride: channel c's value (ConstStd, stride 1) or its row of positions (stride spatial).
-  double acc = sample_row<true, ConstStd, T, A>(z0, mean, noise, stdv, alpha, zc, delta, lam, s0, s1);
+  double acc = sample_row<true, ConstStd, T, A>(z0, mean, noise, stdv, alpha, zc, delta, lam, s0, s1, stream);
   for (int64_t c = 1; c < channels; ++c) {
     const int64_t off = c * spatial;
     acc += sample_row<false, ConstStd, T, A>(z0 + off, mean + off, noise + off, stdv + c * std_stride, alpha,
-                                             zc + off, delta + off, lam, s0, s1);
+                                             zc + off, delta + off, lam, s0, s1, stream);
   }
+#if XLARD_STREAM_STORES
+  _mm_sfence();  // order the streaming stores before the task ends
+#endif
   return acc;
 }
 
@@ -335,6 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
   const int64_t n = channels * spatial;
   const int64_t block = block_size(batch, spatial);
   const int64_t blocks = (spatial + block - 1) / block;
+  const bool stream = z0.nbytes() >= kStreamMinBytes;
   std::vector<double> partial(static_cast<size_t>(batch * blocks), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "xlard_sample_correction", [&] {
     using A = acc_type<scalar_t>;
@@ -352,10 +435,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
       const int64_t off = b * n;
       partial[b * blocks + blk] =
           per_row ? sample_block<true, scalar_t, A>(zp + off, mp + off, np_ + off, sdp + (shared ? 0 : b * channels), 1,
-                                                    a, zcp + off, dp + off, lamp + b * spatial, channels, spatial, s0, s1)
+                                                    a, zcp + off, dp + off, lamp + b * spatial, channels, spatial, s0, s1,
+                                                    stream)
                   : sample_block<false, scalar_t, A>(zp + off, mp + off, np_ + off, sdp + (shared ? 0 : off), spatial,
                                                      a, zcp + off, dp + off, lamp + b * spatial, channels, spatial, s0,
-                                                     s1);
+                                                     s1, stream);
     });
     std::vector<A> ls_sum(static_cast<size_t>(shared ? 1 : batch));
     if (per_row) {  // each channel's log_std counts once per spatial position
