@@ -4,6 +4,7 @@
 // CUDA glue adds its own "must be a CUDA tensor" check on top.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -126,6 +127,28 @@ inline std::vector<int64_t> lam_shape(const at::Tensor& z) {
   std::vector<int64_t> shape{z.size(0)};
   for (int64_t d = 2; d < z.dim(); ++d) shape.push_back(z.size(d));
   return shape;
+}
+
+// An out= tensor of an op: the expected shape, dtype and device, contiguous, and sharing
+// no memory with any input (the kernels read inputs after writing outputs).
+inline void check_out(const char* op, const char* name, const at::Tensor& out, at::IntArrayRef shape,
+                      at::ScalarType dtype, const at::Tensor& ref,
+                      std::initializer_list<std::pair<const char*, const at::Tensor*>> others) {
+  TORCH_CHECK(out.sizes() == shape, "xlard.", op, ": out tensor ", name, " must have shape ", shape, ", got ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == dtype, "xlard.", op, ": out tensor ", name, " must have dtype ", dtype, ", got ",
+              out.scalar_type());
+  TORCH_CHECK(out.device() == ref.device(), "xlard.", op, ": out tensor ", name, " must be on ", ref.device(),
+              ", got ", out.device());
+  TORCH_CHECK(out.is_contiguous(), "xlard.", op, ": out tensor ", name, " must be contiguous, got strides ",
+              out.strides());
+  for (const auto& [other_name, other] : others) {
+    // TooHard (a strided or expanded input such as a broadcast log_std) is decided by the
+    // storage ranges the Python wrapper checks; here only certain overlaps are refused.
+    const auto status = at::get_overlap_status(out, *other);
+    TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, "xlard.", op,
+                ": out tensor ", name, " shares memory with ", other_name, "; pass separate buffers");
+  }
 }
 
 // The per-batch alpha as an accumulation-typed contiguous tensor, or an undefined tensor.

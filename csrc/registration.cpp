@@ -32,6 +32,10 @@ TORCH_LIBRARY(xlard, m) {
   m.def("_gaussian_log_prob_backward(Tensor grad, Tensor x, Tensor mean, Tensor log_std) -> (Tensor grad_x, Tensor grad_mean, Tensor grad_log_std)");
   // Fused PPO rollout step: delta = mean + exp(log_std) * noise, then zc, log_prob(delta), lam.
   m.def("sample_correction(Tensor z0, Tensor mean, Tensor log_std, Tensor noise, Tensor? alpha, float alpha_scalar) -> (Tensor zc, Tensor delta, Tensor log_prob, Tensor lam)");
+  // out= forms of the two latent-sized ops (CPU): write into caller-owned buffers, so a
+  // rollout loop does not allocate (and page-fault in) tens of MiB per call.
+  m.def("residual_correction.out(Tensor z0, Tensor delta, Tensor? alpha, float alpha_scalar, *, Tensor(a!) zc, Tensor(b!) lam) -> (Tensor(a!), Tensor(b!))");
+  m.def("sample_correction.out(Tensor z0, Tensor mean, Tensor log_std, Tensor noise, Tensor? alpha, float alpha_scalar, *, Tensor(a!) zc, Tensor(b!) delta, Tensor(c!) log_prob, Tensor(d!) lam) -> (Tensor(a!), Tensor(b!), Tensor(c!), Tensor(d!))");
 }
 
 // xlard._C is imported only for the registrations above and in the kernel files.

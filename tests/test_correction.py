@@ -245,3 +245,85 @@ def test_backward_under_compile():
     want = torch.autograd.grad(loss(z0, delta), (z0, delta))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- out= buffers
+
+
+def _out_buffers(z0, n_latent, fill=float("nan")):
+    acc_t = acc(z0.dtype)
+    lam = torch.full((z0.shape[0], *z0.shape[2:]), fill, dtype=acc_t)
+    latents = [torch.full_like(z0, fill) for _ in range(n_latent)]
+    if n_latent == 1:
+        return (latents[0], lam)
+    return (latents[0], latents[1], torch.full((z0.shape[0],), fill, dtype=acc_t), lam)
+
+
+@pytest.mark.parametrize("dtype, shape", [
+    *((d, s) for d in FLOAT_DTYPES for s in [(2, 4, 6, 7), (3, 2, 9), (0, 2, 3, 3), (2, 0, 3, 3)]),
+    (torch.float32, (2, 4, 512, 512)),  # 8 MiB: the streaming-store path
+])
+def test_out_buffers_get_exactly_the_functional_results(dtype, shape):
+    z0, mean, noise = (torch.randn(shape).to(dtype) for _ in range(3))
+    alpha = torch.rand(shape[0]).to(dtype)
+    out = _out_buffers(z0, 1)  # NaN-filled: every element must be written
+    got = ops.residual_correction(z0, mean, alpha, out=out)
+    assert all(g is o for g, o in zip(got, out))
+    for g, w in zip(got, ops.residual_correction(z0, mean, alpha)):
+        assert torch.equal(g, w)
+    for log_std in (torch.randn(shape[1]) * 0.2, torch.randn(shape[1:]) * 0.2):
+        out = _out_buffers(z0, 2)
+        with torch.no_grad():
+            got = ops.sample_correction(z0, mean, log_std, noise, 0.5, out=out)
+            want = ops.sample_correction(z0, mean, log_std, noise, 0.5)
+        assert all(g is o for g, o in zip(got, out))
+        for name, g, w in zip(("zc", "delta", "log_prob", "lam"), got, want):
+            assert torch.equal(g, w), name
+
+
+def test_out_buffers_are_reused_across_calls():
+    z0, mean, noise = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    out = _out_buffers(z0, 2)
+    with torch.no_grad():
+        ops.sample_correction(z0, mean, 0.1, noise, 0.5, out=out)
+        got = ops.sample_correction(z0 * 2, mean, 0.1, noise, 0.25, out=out)
+        want = ops.sample_correction(z0 * 2, mean, 0.1, noise, 0.25)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (lambda z: (torch.empty(2, 3, 4, 4), torch.empty(2, 4, 5)), "out tensor zc must be torch.float32 of shape"),
+    (lambda z: (torch.empty_like(z), torch.empty(2, 4, 5, dtype=torch.float64)), "out tensor lam must be torch.float32"),
+    (lambda z: (torch.empty(2, 3, 5, 4).transpose(-1, -2), torch.empty(2, 4, 5)), "zc must be contiguous"),
+    (lambda z: (z, torch.empty(2, 4, 5)), "zc shares memory"),
+    (lambda z: (torch.empty_like(z), torch.empty_like(z)[:, 0]), "must be contiguous"),
+    (lambda z: (torch.empty_like(z),), "out must be a tuple of 2 tensors"),
+    (lambda z: torch.empty_like(z), "out must be a tuple of 2 tensors"),
+])
+def test_out_buffers_bad_input(bad, words):
+    z0, delta = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    with pytest.raises((ValueError, TypeError), match=words):
+        ops.residual_correction(z0, delta, 0.5, out=bad(z0))
+
+
+def test_out_buffers_refuse_overlap_between_outputs_and_with_inputs():
+    z0, mean, noise = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    buf = torch.empty(2, 2, 3, 4, 5)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="delta shares memory"):  # delta and the next slot alias
+            ops.sample_correction(z0, mean, 0.1, noise, 0.5,
+                                  out=(buf[0], buf[1], torch.empty(2), buf[1].view(-1)[:40].view(2, 4, 5)))
+        with pytest.raises(ValueError, match="zc shares memory"):
+            ops.sample_correction(z0, mean, 0.1, noise, 0.5, out=(noise, buf[1], torch.empty(2), torch.empty(2, 4, 5)))
+    # The C++ op checks too, for callers of torch.ops.xlard directly.
+    with pytest.raises(RuntimeError, match="out tensor zc shares memory with delta"):
+        torch.ops.xlard.residual_correction.out(z0, mean, None, 0.5, zc=mean, lam=torch.empty(2, 4, 5))
+    with pytest.raises(RuntimeError, match="out tensor lam must have shape"):
+        torch.ops.xlard.residual_correction.out(z0, mean, None, 0.5, zc=torch.empty_like(z0), lam=torch.empty(2, 4))
+
+
+def test_out_buffers_refuse_autograd():
+    z0 = torch.randn(2, 3, 4, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="out= is not differentiable"):
+        ops.residual_correction(z0, torch.randn(2, 3, 4, 5), 0.5, out=_out_buffers(z0.detach(), 1))

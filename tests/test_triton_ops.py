@@ -779,3 +779,25 @@ def test_registered_autograd_gradcheck(kernels):
     delta = torch.randn(2, 2, 3, dtype=torch.float64, generator=g).requires_grad_()
     z0 = torch.randn(2, 2, 3, dtype=torch.float64, generator=g)
     assert torch.autograd.gradcheck(lambda d: ns.residual_correction(z0, d, None, 0.7), (delta,))
+
+
+def test_out_buffers_through_the_triton_provider():
+    """out= on a provider without an .out kernel: computed by that provider, copied into the buffers."""
+    import xlard.ops as ops
+
+    z0, mean, noise = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    out = (torch.full_like(z0, float("nan")), torch.full((2, 4, 5), float("nan")))
+    with ops.provider("triton"):
+        got = ops.residual_correction(z0, mean, 0.5, out=out)
+        want = ops.residual_correction(z0, mean, 0.5)
+    assert got[0] is out[0] and got[1] is out[1]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    out = (torch.empty_like(z0), torch.empty_like(z0), torch.empty(2), torch.empty(2, 4, 5))
+    with torch.no_grad(), ops.provider("triton"):
+        got = ops.sample_correction(z0, mean, torch.zeros(3), noise, 0.5, out=out)
+        want = ops.sample_correction(z0, mean, torch.zeros(3), noise, 0.5)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    with ops.provider("triton"), pytest.raises(ValueError, match="out tensor zc must be"):
+        ops.residual_correction(z0, mean, 0.5, out=(torch.empty(1), out[3]))

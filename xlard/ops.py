@@ -238,7 +238,7 @@ def _check_latents(op: str, min_dim: int = 2, **tensors) -> torch.Tensor:
     return first
 
 
-def residual_correction(z0, delta, alpha=1.0):
+def residual_correction(z0, delta, alpha=1.0, *, out=None):
     """Apply the residual correction and compute its Latent Activation Map.
 
     Args:
@@ -250,6 +250,11 @@ def residual_correction(z0, delta, alpha=1.0):
         (zc [B, C, *spatial] in z0's dtype, lam [B, *spatial] float32 (float64
         for float64 input)): ``zc = z0 + alpha * delta``, ``lam = sum_c |delta|``.
         Differentiable in ``z0``, ``delta`` and a tensor ``alpha``.
+        out ((zc, lam), optional): caller-owned contiguous buffers of exactly
+            those shapes and dtypes, on z0's device, sharing no memory with the
+            inputs; they are written and returned. For loops that would
+            otherwise allocate two latent-sized tensors per call. Not
+            differentiable (refused when an input requires grad under grad mode).
 
     Example:
         >>> zc, lam = xlard.ops.residual_correction(z0, delta, 0.5)
@@ -257,6 +262,8 @@ def residual_correction(z0, delta, alpha=1.0):
     op = "residual_correction"
     _check_latents(op, z0=z0, delta=delta)
     alpha_t, alpha_s = _args.split_alpha(op, alpha, z0)
+    if out is not None:
+        return _run_out(op, out, _latent_outputs(z0, "zc", "lam"), (z0, delta, alpha_t), (z0, delta, alpha_t, alpha_s))
     return _op(op, z0.device)(z0, delta, alpha_t, alpha_s)
 
 
@@ -282,7 +289,7 @@ def gaussian_log_prob(x, mean, log_std):
     return _op(op, x.device)(x, mean, log_std)
 
 
-def sample_correction(z0, mean, log_std, noise, alpha=1.0):
+def sample_correction(z0, mean, log_std, noise, alpha=1.0, *, out=None):
     """The fused PPO rollout step: sample a correction and apply it.
 
     ``delta = mean + exp(log_std) * noise``, then ``zc = z0 + alpha * delta``,
@@ -293,6 +300,8 @@ def sample_correction(z0, mean, log_std, noise, alpha=1.0):
         z0, mean, noise (Tensor[B, C, *spatial]): same shape and dtype.
         log_std: as in :func:`gaussian_log_prob`.
         alpha (float or Tensor[B]): step size.
+        out ((zc, delta, log_prob, lam), optional): caller-owned buffers, as in
+            :func:`residual_correction`; written and returned.
 
     Returns:
         (zc, delta, log_prob float32 [B], lam float32 [B, *spatial]).
@@ -312,7 +321,70 @@ def sample_correction(z0, mean, log_std, noise, alpha=1.0):
         raise RuntimeError(f"xlard.{op}: a rollout step is not differentiable; call it under torch.no_grad() "
                            "(use residual_correction and gaussian_log_prob for gradients)")
     alpha_t, alpha_s = _args.split_alpha(op, alpha, z0)
+    if out is not None:
+        return _run_out(op, out, _latent_outputs(z0, "zc", "delta", "log_prob", "lam"),
+                        (z0, mean, noise, log_std, alpha_t), (z0, mean, log_std, noise, alpha_t, alpha_s))
     return _op(op, z0.device)(z0, mean, log_std, noise, alpha_t, alpha_s)
+
+
+def _latent_outputs(z0: torch.Tensor, *names: str) -> tuple[tuple[str, tuple, torch.dtype], ...]:
+    """(name, shape, dtype) of the named outputs of the latent ops for latents ``z0``."""
+    acc_t = torch.float64 if z0.dtype == torch.float64 else torch.float32
+    shapes = {"zc": (tuple(z0.shape), z0.dtype), "delta": (tuple(z0.shape), z0.dtype),
+              "log_prob": ((z0.shape[0],), acc_t), "lam": ((z0.shape[0], *z0.shape[2:]), acc_t)}
+    return tuple((name, *shapes[name]) for name in names)
+
+
+def _run_out(op: str, out, specs: tuple, inputs: tuple, args: tuple):
+    """Run ``op`` into the caller's buffers ``out`` (``specs``: name, shape, dtype each); returns them as a tuple.
+
+    The C++ CPU kernel writes the buffers directly (``xlard::<op>.out``); other
+    providers compute the result and copy it in. Buffers are checked here, with the
+    same rules on every provider.
+    """
+    names = tuple(spec[0] for spec in specs)
+    if not isinstance(out, (tuple, list)) or len(out) != len(names) or not all(
+            isinstance(t, torch.Tensor) for t in out):
+        got = type(out).__name__ if not isinstance(out, (tuple, list)) else f"{len(out)} items"
+        raise TypeError(f"xlard.{op}: out must be a tuple of {len(names)} tensors ({', '.join(names)}), got {got}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *out)):
+        raise RuntimeError(f"xlard.{op}: out= is not differentiable; call it under torch.no_grad() "
+                           "or drop out= to get autograd")
+    z0 = inputs[0]
+    for (name, shape, dtype), buf in zip(specs, out):
+        if buf.shape != shape or buf.dtype != dtype or buf.device != z0.device:
+            raise ValueError(f"xlard.{op}: out tensor {name} must be {dtype} of shape {list(shape)} on "
+                             f"{z0.device}, got {buf.dtype} of shape {list(buf.shape)} on {buf.device}")
+        if not buf.is_contiguous():
+            raise ValueError(f"xlard.{op}: out tensor {name} must be contiguous, got strides {buf.stride()}")
+    tensors = [t for t in inputs if t is not None]
+    for i, (name, buf) in enumerate(zip(names, out)):
+        for other in (*tensors, *out[i + 1:]):
+            if _shares_memory(buf, other):
+                raise ValueError(f"xlard.{op}: out tensor {name} shares memory with another input or output; "
+                                 "pass separate buffers")
+    kernel = _op(op, z0.device)
+    if z0.device.type == "cpu" and not torch.compiler.is_compiling() and _backends.requested_provider("cpu") == "cpu":
+        return tuple(getattr(torch.ops.xlard, op).out(*args, **dict(zip(names, out))))
+    for buf, res in zip(out, kernel(*args)):
+        buf.copy_(res)
+    return tuple(out)
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' storage byte ranges intersect (conservative for strided views)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        lo = t.data_ptr()
+        hi = lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0) * t.element_size() + t.element_size()
+        return lo, hi
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 # ----------------------------------------------------------------------------------
