@@ -122,6 +122,14 @@ inline void check_same(const char* op, const char* name, const at::Tensor& t, co
   check_same_device(op, name, t, ref_name, ref);
 }
 
+// sample_correction's latent inputs: z0 [B, C, *spatial], mean and noise like it.
+inline void check_sample_inputs(const char* op, const at::Tensor& z0, const at::Tensor& mean,
+                                const at::Tensor& noise) {
+  check_latent(op, "z0", z0);
+  check_same(op, "mean", mean, "z0", z0);
+  check_same(op, "noise", noise, "z0", z0);
+}
+
 // The Latent Activation Map's shape [B, *spatial] for latents [B, C, *spatial].
 inline std::vector<int64_t> lam_shape(const at::Tensor& z) {
   std::vector<int64_t> shape{z.size(0)};

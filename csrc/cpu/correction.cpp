@@ -39,6 +39,7 @@ using checks::alpha_tensor;
 using checks::check_latent;
 using checks::check_log_std;
 using checks::check_out;
+using checks::check_sample_inputs;
 using checks::check_same;
 using checks::is_float_type;
 using checks::lam_shape;
@@ -497,14 +498,11 @@ void sample_correction_into(const at::Tensor& z0_in, const at::Tensor& mean_in, 
   });
 }
 
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu(
     const at::Tensor& z0, const at::Tensor& mean, const at::Tensor& log_std, const at::Tensor& noise,
     const std::optional<at::Tensor>& alpha, double alpha_scalar) {
   const char* op = "sample_correction";
-  check_latent(op, "z0", z0);
-  check_same(op, "mean", mean, "z0", z0);
-  check_same(op, "noise", noise, "z0", z0);
+  check_sample_inputs(op, z0, mean, noise);
   const auto acc = acc_dtype(z0.scalar_type());
   at::Tensor zc = at::empty(z0.sizes(), z0.options());
   at::Tensor delta = at::empty(z0.sizes(), z0.options());
@@ -519,9 +517,7 @@ std::tuple<at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&> sample_correction
     const std::optional<at::Tensor>& alpha, double alpha_scalar, at::Tensor& zc, at::Tensor& delta,
     at::Tensor& log_prob, at::Tensor& lam) {
   const char* op = "sample_correction";
-  check_latent(op, "z0", z0);
-  check_same(op, "mean", mean, "z0", z0);
-  check_same(op, "noise", noise, "z0", z0);
+  check_sample_inputs(op, z0, mean, noise);
   const auto acc = acc_dtype(z0.scalar_type());
   const std::pair<const char*, const at::Tensor*> zin{"z0", &z0}, mnin{"mean", &mean}, nin{"noise", &noise},
       lin{"log_std", &log_std};

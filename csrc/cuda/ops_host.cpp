@@ -29,6 +29,7 @@ using cuda_host::kind_of;
 using checks::centroid_shape;
 using checks::check_relations;
 using checks::check_same;
+using checks::check_sample_inputs;
 using checks::lam_shape;
 using checks::RelationLayout;
 using checks::row_constant_values;
@@ -292,9 +293,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cud
     const at::Tensor& z0_in, const at::Tensor& mean_in, const at::Tensor& log_std_in, const at::Tensor& noise_in,
     const std::optional<at::Tensor>& alpha_in, double alpha_scalar) {
   const char* op = "sample_correction";
-  check_latent(op, "z0", z0_in);
-  check_same(op, "mean", mean_in, "z0", z0_in);
-  check_same(op, "noise", noise_in, "z0", z0_in);
+  check_cuda(op, "z0", z0_in);
+  check_sample_inputs(op, z0_in, mean_in, noise_in);
   const bool shared = check_log_std(op, log_std_in, z0_in);
   const c10::cuda::CUDAGuard guard(z0_in.device());
   const auto acc = acc_dtype(z0_in.scalar_type());
