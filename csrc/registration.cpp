@@ -36,6 +36,8 @@ TORCH_LIBRARY(xlard, m) {
   // rollout loop does not allocate (and page-fault in) tens of MiB per call.
   m.def("residual_correction.out(Tensor z0, Tensor delta, Tensor? alpha, float alpha_scalar, *, Tensor(a!) zc, Tensor(b!) lam) -> (Tensor(a!), Tensor(b!))");
   m.def("sample_correction.out(Tensor z0, Tensor mean, Tensor log_std, Tensor noise, Tensor? alpha, float alpha_scalar, *, Tensor(a!) zc, Tensor(b!) delta, Tensor(c!) log_prob, Tensor(d!) lam) -> (Tensor(a!), Tensor(b!), Tensor(c!), Tensor(d!))");
+  // The x86 vector level the CPU correction kernels run at now: "baseline", "avx2" or "avx512".
+  m.def("_cpu_isa() -> str");
 }
 
 // xlard._C is imported only for the registrations above and in the kernel files.

@@ -33,6 +33,7 @@ def test_info_json(capsys):
     assert cli.main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["extension"]["loaded"] is True
+    assert info["extension"]["cpu_isa"] in ("baseline", "avx2", "avx512")
     assert {row["op"] for row in info["providers"]} >= {"count_components", "sample_correction"}
 
 

@@ -3,6 +3,8 @@ shapes x dtypes, gradients by name, gradcheck, bad input, opcheck, compile."""
 from __future__ import annotations
 
 import math
+import os
+import platform
 
 import pytest
 import torch
@@ -131,8 +133,8 @@ def test_sample_correction_is_consistent_with_the_separate_ops():
 # Spatial sizes around the kernels' blocking (blocks of 4096..65536 positions, split
 # further when the batch is small): ragged last blocks, several blocks per item, one
 # block larger than the LAM row, one item alone. The last two are float32 tensors of
-# >= 8 MiB, written with streaming stores: channel rows 16-byte aligned, and rows of
-# odd length (every other row misaligned, so those take the plain loop).
+# >= 8 MiB, written with streaming stores: channel rows 64-byte aligned, and rows of
+# odd length (most rows start misaligned: a scalar head up to the boundary, then vectors).
 BLOCK_SHAPES = [(1, 3, 100, 100), (2, 2, 280, 250), (9, 2, 4097), (1, 5, 65537), (2, 4, 512, 512),
                 (1, 3, 701, 1001)]
 
@@ -173,6 +175,95 @@ def test_correction_ops_over_many_blocks_match_reference_and_ignore_thread_count
                 assert_close(u, v.to(u.dtype), msg=f"{name} {dtype}", rtol=1e-5 if dtype == torch.float32 else 1e-10)
             lp1 = _with_threads(1, lambda: ops.gaussian_log_prob(one[1], m, ls))
             assert torch.equal(lp1, _with_threads(2, lambda: ops.gaussian_log_prob(one[1], m, ls)))
+
+
+def _levels():
+    """The vector levels of the CPU kernels this machine can run (baseline always)."""
+    best = torch.ops.xlard._cpu_isa()
+    order = ["baseline", "avx2", "avx512"]
+    return order[: order.index(best) + 1]
+
+
+def _at_level(monkeypatch, isa, fn):
+    monkeypatch.setenv("XLARD_CPU_ISA", isa)
+    try:
+        assert torch.ops.xlard._cpu_isa() == isa
+        return fn()
+    finally:
+        monkeypatch.delenv("XLARD_CPU_ISA")
+
+
+# Small (cached, plain stores), streamed with aligned rows, streamed with ragged rows.
+LEVEL_SHAPES = [(2, 3, 5, 7), (2, 4, 512, 512), (1, 3, 701, 1001)]
+
+
+@pytest.mark.parametrize("shape", LEVEL_SHAPES)
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_every_vector_level_gives_the_baseline_latents(monkeypatch, shape, isa):
+    if isa not in _levels():
+        pytest.skip(f"this CPU has no {isa}")
+    g = torch.Generator().manual_seed(len(shape))
+    z0, mean, noise = (torch.randn(shape, generator=g) for _ in range(3))
+    alpha = torch.rand(shape[0], generator=g)
+    for log_std in (torch.randn(shape[1], generator=g) * 0.2, torch.randn(shape[1:], generator=g) * 0.2):
+        base = _at_level(monkeypatch, "baseline", lambda: ops.sample_correction(z0, mean, log_std, noise, alpha))
+        got = _at_level(monkeypatch, isa, lambda: ops.sample_correction(z0, mean, log_std, noise, alpha))
+        for name, u, v in zip(("zc", "delta", "lam"), (got[0], got[1], got[3]), (base[0], base[1], base[3])):
+            assert torch.equal(u, v), f"{name} differs between {isa} and baseline"
+        # Only the float sum of -0.5 noise^2 depends on the vector width.
+        assert_close(got[2], base[2], rtol=1e-6, atol=1e-3)
+    base = _at_level(monkeypatch, "baseline", lambda: ops.residual_correction(z0, mean, alpha))
+    got = _at_level(monkeypatch, isa, lambda: ops.residual_correction(z0, mean, alpha))
+    assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1])
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("shifts", [(0, 0), (3, 3), (1, 6)])
+def test_out_buffers_at_any_alignment_at_every_level(monkeypatch, isa, shifts):
+    # out= rows that start off a 64-byte boundary (same offset: head, then streamed
+    # vectors; different offsets: no streaming stores) all give the same results.
+    if isa not in _levels():
+        pytest.skip(f"this CPU has no {isa}")
+    shape = (2, 4, 512, 512)  # 8 MiB: the streamed path
+    g = torch.Generator().manual_seed(5)
+    z0, mean, noise = (torch.randn(shape, generator=g) for _ in range(3))
+    log_std = torch.randn(shape[1], generator=g) * 0.2
+    n = z0.numel()
+    zc_store, delta_store = torch.empty(n + 16), torch.empty(n + 16)
+    zc = zc_store[shifts[0]:shifts[0] + n].view(shape)
+    delta = delta_store[shifts[1]:shifts[1] + n].view(shape)
+    log_prob, lam = torch.empty(shape[0]), torch.empty(shape[0], *shape[2:])
+    want = _at_level(monkeypatch, "baseline", lambda: ops.sample_correction(z0, mean, log_std, noise, 0.3))
+    _at_level(monkeypatch, isa, lambda: ops.sample_correction(z0, mean, log_std, noise, 0.3,
+                                                               out=(zc, delta, log_prob, lam)))
+    for name, u, v in zip(("zc", "delta", "lam"), (zc, delta, lam), (want[0], want[1], want[3])):
+        assert torch.equal(u, v), name
+    assert_close(log_prob, want[2], rtol=1e-6, atol=1e-3)  # the vector width changes the sum's rounding
+    same_level = _at_level(monkeypatch, isa, lambda: ops.sample_correction(z0, mean, log_std, noise, 0.3))
+    assert torch.equal(log_prob, same_level[2])  # but never where the buffers are
+    zc2, lam2 = torch.empty_like(zc), torch.empty_like(lam)
+    _at_level(monkeypatch, isa, lambda: ops.residual_correction(z0, delta, 0.3, out=(zc2, lam2)))
+    assert torch.equal(zc2, zc) and torch.equal(lam2, lam)
+
+
+def test_cpu_isa_is_the_best_the_cpu_has_and_can_be_capped(monkeypatch):
+    monkeypatch.delenv("XLARD_CPU_ISA", raising=False)
+    best = torch.ops.xlard._cpu_isa()
+    if os.path.exists("/proc/cpuinfo") and platform.machine() in ("x86_64", "AMD64"):
+        with open("/proc/cpuinfo") as fh:
+            flags = next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set())
+        want = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "baseline"
+        assert best == want
+    order = ["baseline", "avx2", "avx512"]
+    for cap in order:  # a cap, never more than the CPU has
+        monkeypatch.setenv("XLARD_CPU_ISA", cap)
+        assert torch.ops.xlard._cpu_isa() == order[min(order.index(cap), order.index(best))]
+    monkeypatch.setenv("XLARD_CPU_ISA", "sse9")
+    z0 = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="XLARD_CPU_ISA must be one of baseline, avx2, avx512.*got 'sse9'"):
+        ops.sample_correction(z0, z0, 0.0, z0, 0.5)
+    with pytest.raises(ValueError, match="XLARD_CPU_ISA"):
+        ops.residual_correction(z0, z0, 0.5)
 
 
 def test_sample_correction_refuses_grad():

@@ -49,6 +49,10 @@ def build_info() -> dict:
     info = {"loaded": has_ops(), "error": None if _load_error is None else repr(_load_error)}
     if has_ops():
         info["cuda_kernels"] = has_kernel("count_components", "CUDA")
+        try:  # the vector level of the CPU correction kernels (XLARD_CPU_ISA caps it)
+            info["cpu_isa"] = torch.ops.xlard._cpu_isa()
+        except (AttributeError, RuntimeError, ValueError) as err:
+            info["cpu_isa"] = f"unavailable: {err}"
     try:
         from xlard import _build_config  # written by setup.py at build time
 

@@ -357,12 +357,12 @@ def _run_out(op: str, out, specs: tuple, inputs: tuple, args: tuple):
                              f"{z0.device}, got {buf.dtype} of shape {list(buf.shape)} on {buf.device}")
         if not buf.is_contiguous():
             raise ValueError(f"xlard.{op}: out tensor {name} must be contiguous, got strides {buf.stride()}")
-    tensors = [t for t in inputs if t is not None]
-    for i, (name, buf) in enumerate(zip(names, out)):
-        for other in (*tensors, *out[i + 1:]):
-            if _shares_memory(buf, other):
-                raise ValueError(f"xlard.{op}: out tensor {name} shares memory with another input or output; "
-                                 "pass separate buffers")
+    ins = [span for span in map(_byte_span, (t for t in inputs if t is not None)) if span is not None]
+    outs = [_byte_span(buf) for buf in out]
+    for i, (name, span) in enumerate(zip(names, outs)):
+        if span is not None and any(_overlap(span, other) for other in (*ins, *outs[i + 1:]) if other is not None):
+            raise ValueError(f"xlard.{op}: out tensor {name} shares memory with another input or output; "
+                             "pass separate buffers")
     kernel = _op(op, z0.device)
     if z0.device.type == "cpu" and not torch.compiler.is_compiling() and _backends.requested_provider("cpu") == "cpu":
         return tuple(getattr(torch.ops.xlard, op).out(*args, **dict(zip(names, out))))
@@ -371,20 +371,21 @@ def _run_out(op: str, out, specs: tuple, inputs: tuple, args: tuple):
     return tuple(out)
 
 
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors' storage byte ranges intersect (conservative for strided views)."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
+def _byte_span(t: torch.Tensor):
+    """(device, first byte, end byte) of the memory a tensor can touch (conservative for
+    strided views); None when it is empty. Live allocations never overlap, so two tensors
+    share memory exactly when their spans on one device intersect."""
+    n = t.numel()
+    if n == 0:
+        return None
+    lo, size = t.data_ptr(), t.element_size()
+    if t.is_contiguous():
+        return t.device, lo, lo + n * size
+    return t.device, lo, lo + sum((k - 1) * st for k, st in zip(t.shape, t.stride())) * size + size
 
-    def span(t):
-        lo = t.data_ptr()
-        hi = lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0) * t.element_size() + t.element_size()
-        return lo, hi
 
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
+def _overlap(a, b) -> bool:
+    return a[1] < b[2] and b[1] < a[2] and a[0] == b[0]
 
 
 # ----------------------------------------------------------------------------------

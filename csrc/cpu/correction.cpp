@@ -20,16 +20,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#define XLARD_STREAM_STORES 1
-#else
-#define XLARD_STREAM_STORES 0
-#endif
-
 #include "checks.h"
+#include "cpu/simd.h"
 
 namespace xlard {
 namespace {
@@ -77,50 +72,12 @@ void for_blocks(int64_t batch, int64_t spatial, int64_t block, Fn fn) {
   });
 }
 
-// One channel row of residual_correction over positions [s0, s1); the first channel
-// writes the LAM, the others add to it.
-#if XLARD_STREAM_STORES
-// Large float32 outputs (kStreamMinBytes) are written with streaming (non-temporal) stores:
-// they are larger than the caches and not read again by the kernel, so skipping the
-// read-for-ownership of every written line saves memory traffic.
-//
-// sample_correction's rows are done in chunks of kChunk positions, in phases that each
-// touch at most three streams. Large tensors are page-aligned allocations, so z0, delta, zc (and mean, noise)
-// usually sit at the same offset modulo 4 KiB; walking all of them at the same index at
-// once makes them compete for the same L1 sets, which measured up to 5x slower for
-// sample_correction's five streams than the same loop over buffers shifted by 256 bytes.
-constexpr int64_t kChunk = 1024;  // floats: 4 KiB per stream and phase, L1-resident
-
-inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
-
-// Returns the first position not done (the caller finishes the tail); s0 when the output
-// pointers are not 16-byte aligned.
-template <bool First>
-int64_t correct_row_stream(const float* __restrict__ z0, const float* __restrict__ delta, float alpha,
-                           float* __restrict__ zc, float* __restrict__ lam, int64_t s0, int64_t s1) {
-  // One pass: with three streams and the LAM, residual_correction measured about as fast
-  // in one pass over aliased buffers as in chunked phases (and faster over shifted ones).
-  if (!aligned16(zc + s0)) return s0;
-  const __m128 va = _mm_set1_ps(alpha), sign = _mm_set1_ps(-0.0f);
-  int64_t s = s0;
-  for (; s + 4 <= s1; s += 4) {
-    const __m128 d = _mm_loadu_ps(delta + s);
-    _mm_stream_ps(zc + s, _mm_add_ps(_mm_loadu_ps(z0 + s), _mm_mul_ps(va, d)));
-    const __m128 ad = _mm_andnot_ps(sign, d);
-    _mm_storeu_ps(lam + s, First ? ad : _mm_add_ps(_mm_loadu_ps(lam + s), ad));
-  }
-  return s;
-}
-#endif
-
+// One channel row of residual_correction over positions [s0, s1), scalar; the first
+// channel writes the LAM, the others add to it. float32 rows go through the vector
+// kernels of simd.h (correct_row_f32), which use this for their ragged ends.
 template <bool First, typename T, typename A>
 void correct_row(const T* __restrict__ z0, const T* __restrict__ delta, A alpha, T* __restrict__ zc,
-                 A* __restrict__ lam, int64_t s0, int64_t s1, bool stream) {
-#if XLARD_STREAM_STORES
-  if constexpr (std::is_same_v<T, float>) {
-    if (stream) s0 = correct_row_stream<First>(z0, delta, alpha, zc, lam, s0, s1);
-  }
-#endif
+                 A* __restrict__ lam, int64_t s0, int64_t s1) {
 #pragma omp simd
   for (int64_t s = s0; s < s1; ++s) {
     const A d = static_cast<A>(delta[s]);
@@ -129,6 +86,59 @@ void correct_row(const T* __restrict__ z0, const T* __restrict__ delta, A alpha,
       lam[s] = std::abs(d);
     } else {
       lam[s] += std::abs(d);
+    }
+  }
+}
+
+// The vector kernels at the level in use (XLARD_CPU_ISA can cap it; a bad value is an error).
+const simd::RowKernels& active_rows(const char* op) {
+  std::string error;
+  const simd::Isa isa = simd::active_isa(&error);
+  TORCH_CHECK_VALUE(error.empty(), "xlard.", op, ": ", error);
+  return simd::row_kernels(isa);
+}
+
+// Positions [s0, s1) of a row whose position 0 has flat index `row0` in the tensor, split
+// for the vector kernels: a scalar head up to the next flat index that is a multiple of
+// 16 (a 64-byte boundary in a 64-byte aligned buffer, where streaming stores may start),
+// `n` vector positions, a scalar tail. The split depends on the shape only, never on
+// where the buffers are, so sums come out bitwise the same for any out= buffer.
+struct Span {
+  int64_t head, n;
+};
+
+inline Span vector_span(const simd::RowKernels& k, int64_t row0, int64_t s0, int64_t s1) {
+  const int64_t head = std::min(s1, s0 + (16 - (row0 + s0) % 16) % 16);
+  return {head, (s1 - head) / k.width * k.width};
+}
+
+// Streaming stores need 64-byte aligned vectors: only when every streamed buffer starts on
+// a 64-byte boundary (torch's own allocations always do; a sliced out= buffer may not).
+inline bool aligned64(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 63u) == 0; }
+
+template <bool First>
+void correct_row_f32(const simd::RowKernels& k, const float* z0, const float* delta, float alpha, float* zc,
+                     float* lam, int64_t row0, int64_t s0, int64_t s1, bool stream) {
+  const Span sp = vector_span(k, row0, s0, s1);
+  correct_row<First, float, float>(z0, delta, alpha, zc, lam, s0, sp.head);
+  if (sp.n > 0) {
+    k.correct(z0 + sp.head, delta + sp.head, alpha, zc + sp.head, lam + sp.head, sp.n, First, stream);
+  }
+  correct_row<First, float, float>(z0, delta, alpha, zc, lam, sp.head + sp.n, s1);
+}
+
+// All channels of one block of residual_correction.
+template <typename T, typename A>
+void correct_block(const simd::RowKernels& k, const T* z0, const T* delta, A alpha, T* zc, A* lam, int64_t row0,
+                   int64_t channels, int64_t spatial, int64_t s0, int64_t s1, bool stream) {
+  // row0: flat index of the block's first channel row.
+  for (int64_t c = 0; c < channels; ++c) {
+    const int64_t off = c * spatial;
+    if constexpr (std::is_same_v<T, float>) {
+      (c == 0 ? correct_row_f32<true> : correct_row_f32<false>)(k, z0 + off, delta + off, alpha, zc + off, lam,
+                                                                row0 + off, s0, s1, stream);
+    } else {
+      (c == 0 ? correct_row<true, T, A> : correct_row<false, T, A>)(z0 + off, delta + off, alpha, zc + off, lam, s0, s1);
     }
   }
 }
@@ -146,7 +156,9 @@ void residual_correction_into(const at::Tensor& z0_in, const at::Tensor& delta_i
     return;
   }
   const int64_t spatial = z0.numel() / (batch * channels);
-  const bool stream = z0.nbytes() >= kStreamMinBytes;
+  const bool stream = z0.nbytes() >= kStreamMinBytes && z0.scalar_type() == at::kFloat &&
+                      aligned64(zc.const_data_ptr());
+  const simd::RowKernels* rows = &active_rows("residual_correction");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "xlard_residual_correction", [&] {
     using A = acc_type<scalar_t>;
     const scalar_t* zp = z0.const_data_ptr<scalar_t>();
@@ -157,15 +169,8 @@ void residual_correction_into(const at::Tensor& z0_in, const at::Tensor& delta_i
     for_blocks(batch, spatial, block_size(batch, spatial), [&](int64_t b, int64_t, int64_t s0, int64_t s1) {
       const A a = ap ? ap[b] : static_cast<A>(alpha_scalar);
       A* lrow = lp + b * spatial;
-      const int64_t off0 = b * channels * spatial;
-      correct_row<true, scalar_t, A>(zp + off0, dp + off0, a, op + off0, lrow, s0, s1, stream);
-      for (int64_t c = 1; c < channels; ++c) {
-        const int64_t off = off0 + c * spatial;
-        correct_row<false, scalar_t, A>(zp + off, dp + off, a, op + off, lrow, s0, s1, stream);
-      }
-#if XLARD_STREAM_STORES
-      _mm_sfence();  // order the streaming stores before the task ends
-#endif
+      const int64_t off = b * channels * spatial;
+      correct_block<scalar_t, A>(*rows, zp + off, dp + off, a, op + off, lrow, off, channels, spatial, s0, s1, stream);
     });
   });
 }
@@ -340,62 +345,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cpu(co
   return {gx, gm, gls.to(log_std_in.scalar_type())};
 }
 
-// One channel row of sample_correction over positions [s0, s1); returns its log-density
-// part sum(-0.5 noise^2) (the log_std sum is added per row). ConstStd: one standard
-// deviation for the whole row (per-channel log_std), read from stdv[0]. The first
-// channel writes the LAM, the others add to it. Outside the dispatch macro so the pragma applies.
-#if XLARD_STREAM_STORES
-// sample_row's float32 body with streaming stores for zc and delta, in chunked phases
-// (see correct_row_stream); adds its part of sum(-0.5 noise^2) to acc and returns the
-// first position not done.
-template <bool First, bool ConstStd>
-int64_t sample_row_stream(const float* __restrict__ z0, const float* __restrict__ mean,
-                          const float* __restrict__ noise, const float* __restrict__ stdv, float alpha,
-                          float* __restrict__ zc, float* __restrict__ delta, float* __restrict__ lam, int64_t s0,
-                          int64_t s1, float& acc) {
-  if (!aligned16(zc + s0) || !aligned16(delta + s0)) return s0;
-  const __m128 va = _mm_set1_ps(alpha), sign = _mm_set1_ps(-0.0f), half = _mm_set1_ps(-0.5f);
-  const __m128 sd0 = _mm_set1_ps(stdv[0]);
-  alignas(64) float d_chunk[kChunk];
-  __m128 vacc = _mm_setzero_ps();
-  const int64_t end = s0 + (s1 - s0) / 4 * 4;
-  for (int64_t c0 = s0; c0 < end; c0 += kChunk) {
-    const int64_t len = std::min(end, c0 + kChunk) - c0;
-    for (int64_t i = 0; i < len; i += 4) {  // phase 1: mean, noise -> delta (in L1), log-density
-      const __m128 e = _mm_loadu_ps(noise + c0 + i);
-      const __m128 sd = ConstStd ? sd0 : _mm_loadu_ps(stdv + c0 + i);
-      _mm_store_ps(d_chunk + i, _mm_add_ps(_mm_loadu_ps(mean + c0 + i), _mm_mul_ps(sd, e)));
-      vacc = _mm_add_ps(vacc, _mm_mul_ps(half, _mm_mul_ps(e, e)));
-    }
-    for (int64_t i = 0; i < len; i += 4) {  // phase 2: delta out, LAM
-      const __m128 d = _mm_load_ps(d_chunk + i);
-      _mm_stream_ps(delta + c0 + i, d);
-      const __m128 ad = _mm_andnot_ps(sign, d);
-      _mm_storeu_ps(lam + c0 + i, First ? ad : _mm_add_ps(_mm_loadu_ps(lam + c0 + i), ad));
-    }
-    for (int64_t i = 0; i < len; i += 4) {  // phase 3: z0 -> zc
-      const __m128 d = _mm_load_ps(d_chunk + i);
-      _mm_stream_ps(zc + c0 + i, _mm_add_ps(_mm_loadu_ps(z0 + c0 + i), _mm_mul_ps(va, d)));
-    }
-  }
-  alignas(16) float lanes[4];
-  _mm_store_ps(lanes, vacc);
-  acc += (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-  return end;
-}
-#endif
-
+// One channel row of sample_correction over positions [s0, s1), scalar; returns its
+// log-density part sum(-0.5 noise^2) (the log_std sum is added per row). ConstStd: one
+// standard deviation for the whole row (per-channel log_std), read from stdv[0]. The
+// first channel writes the LAM, the others add to it. float32 rows go through the
+// vector kernels of simd.h (sample_row_f32), which use this for their ragged ends.
 template <bool First, bool ConstStd, typename T, typename A>
 A sample_row(const T* __restrict__ z0, const T* __restrict__ mean, const T* __restrict__ noise,
              const A* __restrict__ stdv, A alpha, T* __restrict__ zc, T* __restrict__ delta, A* __restrict__ lam,
-             int64_t s0, int64_t s1, bool stream) {
+             int64_t s0, int64_t s1) {
   A acc = A(0);
   const A sd0 = stdv[0];
-#if XLARD_STREAM_STORES
-  if constexpr (std::is_same_v<T, float>) {
-    if (stream) s0 = sample_row_stream<First, ConstStd>(z0, mean, noise, stdv, alpha, zc, delta, lam, s0, s1, acc);
-  }
-#endif
 #pragma omp simd reduction(+ : acc)
   for (int64_t s = s0; s < s1; ++s) {
     const A e = static_cast<A>(noise[s]);
@@ -413,21 +373,41 @@ A sample_row(const T* __restrict__ z0, const T* __restrict__ mean, const T* __re
   return acc;
 }
 
+template <bool First, bool ConstStd>
+float sample_row_f32(const simd::RowKernels& k, const float* z0, const float* mean, const float* noise,
+                     const float* stdv, float alpha, float* zc, float* delta, float* lam, int64_t row0, int64_t s0,
+                     int64_t s1, bool stream) {
+  const Span sp = vector_span(k, row0, s0, s1);
+  float acc = sample_row<First, ConstStd, float, float>(z0, mean, noise, stdv, alpha, zc, delta, lam, s0, sp.head);
+  if (sp.n > 0) {
+    const int64_t h = sp.head;
+    acc += k.sample(z0 + h, mean + h, noise + h, ConstStd ? stdv : stdv + h, ConstStd, alpha, zc + h, delta + h,
+                    lam + h, sp.n, First, stream);
+  }
+  return acc + sample_row<First, ConstStd, float, float>(z0, mean, noise, stdv, alpha, zc, delta, lam, sp.head + sp.n,
+                                                         s1);
+}
+
 // All channels of one block of sample_correction; returns the block's sum(-0.5 noise^2)
 // (rows summed in double: a block holds up to channels * kBlockMax terms).
 template <bool ConstStd, typename T, typename A>
-double sample_block(const T* z0, const T* mean, const T* noise, const A* stdv, int64_t std_stride, A alpha, T* zc,
-               T* delta, A* lam, int64_t channels, int64_t spatial, int64_t s0, int64_t s1, bool stream) {
+double sample_block(const simd::RowKernels& k, const T* z0, const T* mean, const T* noise, const A* stdv,
+                    int64_t std_stride, A alpha, T* zc, T* delta, A* lam, int64_t row0, int64_t channels,
+                    int64_t spatial, int64_t s0, int64_t s1, bool stream) {
   // stdv + c * std_stride: channel c's value (ConstStd, stride 1) or its row of positions (stride spatial).
-  double acc = sample_row<true, ConstStd, T, A>(z0, mean, noise, stdv, alpha, zc, delta, lam, s0, s1, stream);
-  for (int64_t c = 1; c < channels; ++c) {
+  // row0: flat index of the block's first channel row.
+  double acc = 0.0;
+  for (int64_t c = 0; c < channels; ++c) {
     const int64_t off = c * spatial;
-    acc += sample_row<false, ConstStd, T, A>(z0 + off, mean + off, noise + off, stdv + c * std_stride, alpha,
-                                             zc + off, delta + off, lam, s0, s1, stream);
+    const A* sd = stdv + c * std_stride;
+    if constexpr (std::is_same_v<T, float>) {
+      acc += (c == 0 ? sample_row_f32<true, ConstStd> : sample_row_f32<false, ConstStd>)(
+          k, z0 + off, mean + off, noise + off, sd, alpha, zc + off, delta + off, lam, row0 + off, s0, s1, stream);
+    } else {
+      acc += (c == 0 ? sample_row<true, ConstStd, T, A> : sample_row<false, ConstStd, T, A>)(
+          z0 + off, mean + off, noise + off, sd, alpha, zc + off, delta + off, lam, s0, s1);
+    }
   }
-#if XLARD_STREAM_STORES
-  _mm_sfence();  // order the streaming stores before the task ends
-#endif
   return acc;
 }
 
@@ -455,7 +435,9 @@ void sample_correction_into(const at::Tensor& z0_in, const at::Tensor& mean_in, 
   const int64_t n = channels * spatial;
   const int64_t block = block_size(batch, spatial);
   const int64_t blocks = (spatial + block - 1) / block;
-  const bool stream = z0.nbytes() >= kStreamMinBytes;
+  const bool stream = z0.nbytes() >= kStreamMinBytes && z0.scalar_type() == at::kFloat && aligned64(zc.const_data_ptr()) &&
+                      aligned64(delta.const_data_ptr());
+  const simd::RowKernels* rows = &active_rows("sample_correction");
   std::vector<double> partial(static_cast<size_t>(batch * blocks), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "xlard_sample_correction", [&] {
     using A = acc_type<scalar_t>;
@@ -471,13 +453,13 @@ void sample_correction_into(const at::Tensor& z0_in, const at::Tensor& mean_in, 
     for_blocks(batch, spatial, block, [&](int64_t b, int64_t blk, int64_t s0, int64_t s1) {
       const A a = ap ? ap[b] : static_cast<A>(alpha_scalar);
       const int64_t off = b * n;
+      A* lrow = lamp + b * spatial;
       partial[b * blocks + blk] =
-          per_row ? sample_block<true, scalar_t, A>(zp + off, mp + off, np_ + off, sdp + (shared ? 0 : b * channels), 1,
-                                                    a, zcp + off, dp + off, lamp + b * spatial, channels, spatial, s0, s1,
-                                                    stream)
-                  : sample_block<false, scalar_t, A>(zp + off, mp + off, np_ + off, sdp + (shared ? 0 : off), spatial,
-                                                     a, zcp + off, dp + off, lamp + b * spatial, channels, spatial, s0,
-                                                     s1, stream);
+          per_row ? sample_block<true, scalar_t, A>(*rows, zp + off, mp + off, np_ + off, sdp + (shared ? 0 : b * channels),
+                                                    1, a, zcp + off, dp + off, lrow, off, channels, spatial, s0, s1, stream)
+                  : sample_block<false, scalar_t, A>(*rows, zp + off, mp + off, np_ + off, sdp + (shared ? 0 : off),
+                                                     spatial, a, zcp + off, dp + off, lrow, off, channels, spatial, s0, s1,
+                                                     stream);
     });
     std::vector<A> ls_sum(static_cast<size_t>(shared ? 1 : batch));
     if (per_row) {  // each channel's log_std counts once per spatial position
@@ -531,7 +513,17 @@ std::tuple<at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&> sample_correction
   return {zc, delta, log_prob, lam};
 }
 
+std::string cpu_isa() {
+  std::string error;
+  const simd::Isa isa = simd::active_isa(&error);
+  TORCH_CHECK_VALUE(error.empty(), "xlard._cpu_isa: ", error);
+  return simd::isa_name(isa);
+}
+
 }  // namespace
+
+// No tensor arguments, so no backend key: one kernel for every device.
+TORCH_LIBRARY_IMPL(xlard, CompositeExplicitAutograd, m) { m.impl("_cpu_isa", &cpu_isa); }
 
 TORCH_LIBRARY_IMPL(xlard, CPU, m) {
   m.impl("residual_correction", &residual_correction_cpu);
