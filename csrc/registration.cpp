@@ -38,6 +38,8 @@ TORCH_LIBRARY(xlard, m) {
   m.def("sample_correction.out(Tensor z0, Tensor mean, Tensor log_std, Tensor noise, Tensor? alpha, float alpha_scalar, *, Tensor(a!) zc, Tensor(b!) delta, Tensor(c!) log_prob, Tensor(d!) lam) -> (Tensor(a!), Tensor(b!), Tensor(c!), Tensor(d!))");
   // The x86 vector level the CPU correction kernels run at now: "baseline", "avx2" or "avx512".
   m.def("_cpu_isa() -> str");
+  // Bytes held by the CPU cache of freed large output buffers (csrc/cpu/buffer_cache.h), after freeing them all if release.
+  m.def("_cpu_buffer_cache(bool release) -> int");
 }
 
 // xlard._C is imported only for the registrations above and in the kernel files.

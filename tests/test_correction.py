@@ -418,3 +418,66 @@ def test_out_buffers_refuse_autograd():
     z0 = torch.randn(2, 3, 4, 5, requires_grad=True)
     with pytest.raises(RuntimeError, match="out= is not differentiable"):
         ops.residual_correction(z0, torch.randn(2, 3, 4, 5), 0.5, out=_out_buffers(z0.detach(), 1))
+
+
+def _latents(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=g) for _ in range(3)) + (torch.randn(shape[1], generator=g) * 0.2,)
+
+
+def test_large_outputs_reuse_freed_buffers_and_are_fully_rewritten(monkeypatch):
+    monkeypatch.delenv("XLARD_CPU_BUFFER_CACHE_MB", raising=False)
+    ops.empty_cpu_buffer_cache()
+    shape = (2, 4, 256, 256)  # zc and delta 2 MiB each (cached); lam 512 KiB and log_prob stay with torch
+    z0, mean, noise, log_std = _latents(shape)
+    first = ops.sample_correction(z0, mean, log_std, noise, 0.5)
+    big = {first[0].data_ptr(), first[1].data_ptr()}
+    first[0].fill_(float("nan")), first[1].fill_(float("nan"))  # stale contents must never show
+    del first
+    assert ops.cpu_buffer_cache_bytes() == 2 * z0.nbytes
+    z1, m1, e1, ls1 = _latents(shape, seed=1)
+    again = ops.sample_correction(z1, m1, ls1, e1, 0.25)
+    assert {again[0].data_ptr(), again[1].data_ptr()} == big
+    assert ops.cpu_buffer_cache_bytes() == 0
+    for u, v in zip(again, ref.sample_correction(z1, m1, ls1, e1, 0.25)):
+        assert_close(u, v)
+    del again
+    zc, lam = ops.residual_correction(z0, mean, 0.5)  # takes one of them back
+    assert zc.data_ptr() in big and ops.cpu_buffer_cache_bytes() == z0.nbytes
+    assert ops.empty_cpu_buffer_cache() == z0.nbytes and ops.cpu_buffer_cache_bytes() == 0
+
+
+def test_cached_outputs_behave_like_any_tensor(monkeypatch):
+    monkeypatch.delenv("XLARD_CPU_BUFFER_CACHE_MB", raising=False)
+    ops.empty_cpu_buffer_cache()
+    z0, mean, noise, log_std = _latents((2, 4, 256, 256))
+    zc, delta, _, _ = ops.sample_correction(z0, mean, log_std, noise, 0.5)
+    keep = zc.clone()
+    zc.resize_(3, 4, 256, 256)  # a bigger storage; the old buffer goes back to the cache
+    assert torch.equal(zc[:2], keep)
+    delta.share_memory_()
+    assert delta.is_shared()
+    import threading  # freed on another thread: the cache is shared and locked
+
+    worker = threading.Thread(target=lambda box: box.clear(), args=([zc],))
+    del zc
+    worker.start(), worker.join()
+    assert ops.cpu_buffer_cache_bytes() >= z0.nbytes
+    ops.empty_cpu_buffer_cache()
+
+
+def test_buffer_cache_limit_from_the_environment(monkeypatch):
+    ops.empty_cpu_buffer_cache()
+    z0, mean, noise, log_std = _latents((2, 4, 256, 256))  # 2 MiB outputs
+    monkeypatch.setenv("XLARD_CPU_BUFFER_CACHE_MB", "3")  # room for one of the two
+    outs = ops.sample_correction(z0, mean, log_std, noise, 0.5)
+    del outs
+    assert ops.cpu_buffer_cache_bytes() == z0.nbytes
+    monkeypatch.setenv("XLARD_CPU_BUFFER_CACHE_MB", "0")  # off: what was held is freed at the next call
+    outs = ops.sample_correction(z0, mean, log_std, noise, 0.5)
+    del outs
+    assert ops.cpu_buffer_cache_bytes() == 0
+    for bad in ("lots", "-1", "2.5"):
+        monkeypatch.setenv("XLARD_CPU_BUFFER_CACHE_MB", bad)
+        with pytest.raises(ValueError, match=f"XLARD_CPU_BUFFER_CACHE_MB must be a whole number of MiB.*'{bad}'"):
+            ops.sample_correction(z0, mean, log_std, noise, 0.5)

@@ -25,6 +25,7 @@ __all__ = [
     "LEFT_OF", "RIGHT_OF", "ABOVE", "BELOW", "provider",
     "label_components", "count_components", "component_stats", "attention_centroids",
     "position_scores", "color_scores", "residual_correction", "gaussian_log_prob", "sample_correction",
+    "cpu_buffer_cache_bytes", "empty_cpu_buffer_cache",
 ]
 
 # Relation codes of position_scores: "token a is <code> of token b" (y grows downward).
@@ -325,6 +326,30 @@ def sample_correction(z0, mean, log_std, noise, alpha=1.0, *, out=None):
         return _run_out(op, out, _latent_outputs(z0, "zc", "delta", "log_prob", "lam"),
                         (z0, mean, noise, log_std, alpha_t), (z0, mean, log_std, noise, alpha_t, alpha_s))
     return _op(op, z0.device)(z0, mean, log_std, noise, alpha_t, alpha_s)
+
+
+def cpu_buffer_cache_bytes() -> int:
+    """Bytes of freed CPU output buffers xlard holds for reuse.
+
+    ``residual_correction`` and ``sample_correction`` on the CPU take their large
+    outputs (>= 1 MiB each) from a small cache, and those buffers return to it when
+    the tensors are freed, so a loop that drops each step's outputs does not allocate
+    and page-fault tens of MiB per call. The cache holds at most
+    ``XLARD_CPU_BUFFER_CACHE_MB`` MiB (default 256; 0 turns it off).
+
+    Example:
+        >>> xlard.ops.cpu_buffer_cache_bytes()
+        34603008
+    """
+    _extension.require_ops()
+    return int(torch.ops.xlard._cpu_buffer_cache(False))
+
+
+def empty_cpu_buffer_cache() -> int:
+    """Frees every cached CPU output buffer (see :func:`cpu_buffer_cache_bytes`);
+    returns how many bytes that released. Tensors still in use are not touched."""
+    _extension.require_ops()
+    return int(torch.ops.xlard._cpu_buffer_cache(True))
 
 
 def _latent_outputs(z0: torch.Tensor, *names: str) -> tuple[tuple[str, tuple, torch.dtype], ...]:

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "cpu/buffer_cache.h"
 #include "cpu/simd.h"
 
 namespace xlard {
@@ -180,8 +181,9 @@ std::tuple<at::Tensor, at::Tensor> residual_correction_cpu(const at::Tensor& z0,
                                                            double alpha_scalar) {
   check_latent("residual_correction", "z0", z0);
   check_same("residual_correction", "delta", delta, "z0", z0);
-  at::Tensor zc = at::empty(z0.sizes(), z0.options());
-  at::Tensor lam = at::empty(lam_shape(z0), z0.options().dtype(acc_dtype(z0.scalar_type())));
+  const char* op = "residual_correction";
+  at::Tensor zc = buffer_cache::empty(z0.sizes(), z0.scalar_type(), op);
+  at::Tensor lam = buffer_cache::empty(lam_shape(z0), acc_dtype(z0.scalar_type()), op);
   residual_correction_into(z0, delta, alpha, alpha_scalar, zc, lam);
   return {zc, lam};
 }
@@ -212,7 +214,7 @@ at::Tensor residual_correction_backward_cpu(const at::Tensor& grad_zc_in, const 
   const at::Tensor gl = grad_lam_in.to(acc).contiguous();
   const int64_t batch = delta.size(0), channels = delta.size(1);
   const at::Tensor alpha = alpha_tensor("_residual_correction_backward", alpha_in, delta, acc);
-  at::Tensor out = at::empty(delta.sizes(), delta.options());
+  at::Tensor out = buffer_cache::empty(delta.sizes(), delta.scalar_type(), "_residual_correction_backward");
   if (out.numel() == 0) return out;
   const int64_t spatial = delta.numel() / (batch * channels);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, delta.scalar_type(), "xlard_residual_correction_bwd", [&] {
@@ -486,10 +488,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
   const char* op = "sample_correction";
   check_sample_inputs(op, z0, mean, noise);
   const auto acc = acc_dtype(z0.scalar_type());
-  at::Tensor zc = at::empty(z0.sizes(), z0.options());
-  at::Tensor delta = at::empty(z0.sizes(), z0.options());
+  at::Tensor zc = buffer_cache::empty(z0.sizes(), z0.scalar_type(), op);
+  at::Tensor delta = buffer_cache::empty(z0.sizes(), z0.scalar_type(), op);
   at::Tensor log_prob = at::empty({z0.size(0)}, z0.options().dtype(acc));
-  at::Tensor lam = at::empty(lam_shape(z0), z0.options().dtype(acc));
+  at::Tensor lam = buffer_cache::empty(lam_shape(z0), acc, op);
   sample_correction_into(z0, mean, log_std, noise, alpha, alpha_scalar, zc, delta, log_prob, lam);
   return {zc, delta, log_prob, lam};
 }
