@@ -1,6 +1,18 @@
 """residual_correction and sample_correction vs the eager reference and one
-torch.add(z0, delta, out=...) pass (the bandwidth peer). Bytes = tensors read + written."""
+torch.add(z0, delta, out=...) pass (the bandwidth peer). Bytes = tensors read + written.
+
+The paired tests interleave xlard and torch.add in every round and record the median
+per-round time ratio (extra_info "paired"), robust to the memory bandwidth of a shared
+machine drifting between tests. They run twice: "warm", repeated calls over the same
+buffers (as a loop does; torch.add's 48 MiB then partly stays in a 32 MiB L3, xlard's
+80 MiB cannot), and "flushed", each call after reading a 256 MiB buffer so both start
+from memory (the convention of triton.testing.do_bench for memory-bound kernels). The
+report judges the target on both; the warm one is the harder, and the one a busy machine
+(less bandwidth for the op that needs more of it) can push over."""
 from __future__ import annotations
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -59,3 +71,57 @@ def test_sample_correction(benchmark, provider):
     moved = 3 * z0.numel() * 4 if provider.startswith("torch_add") else 5 * z0.numel() * 4 + lam_bytes
     benchmark.extra_info.update(provider=provider, op="sample_correction", bytes=moved)
     benchmark(fns[provider])
+
+
+FLUSH_BYTES = 256 << 20  # well over any L3 a CPU benchmark runs on
+PAIRED_MAX = 2.0  # the foundation issue's target: within 2x of one torch.add pass
+
+
+def _timed(fn, flush, calls):
+    """Median seconds of `calls` calls (each after `flush()` when given)."""
+    times = []
+    for _ in range(calls):
+        if flush is not None:
+            flush()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@pytest.mark.parametrize("cache", ["warm", "flushed"])
+@pytest.mark.parametrize("op", ["residual_correction", "sample_correction"])
+def test_correction_vs_torch_add_paired(benchmark, op, cache):
+    z0, other, noise, log_std = _data()
+    out = torch.empty_like(z0)
+    if op == "residual_correction":
+        bufs = (torch.empty_like(z0), torch.empty(SHAPE[0], *SHAPE[2:]))
+        mine = {"out": lambda: ops.residual_correction(z0, other, 0.5, out=bufs),
+                "alloc": lambda: ops.residual_correction(z0, other, 0.5)}
+    else:
+        bufs = (torch.empty_like(z0), torch.empty_like(z0), torch.empty(SHAPE[0]), torch.empty(SHAPE[0], *SHAPE[2:]))
+        mine = {"out": lambda: ops.sample_correction(z0, other, log_std, noise, 0.5, out=bufs),
+                "alloc": lambda: ops.sample_correction(z0, other, log_std, noise, 0.5)}
+    peer = {"out": lambda: torch.add(z0, other, out=out), "alloc": lambda: torch.add(z0, other)}
+    scratch = torch.ones(FLUSH_BYTES // 4) if cache == "flushed" else None
+    flush = (lambda: scratch.sum()) if scratch is not None else None  # reads: the cache is left clean
+    rounds = 2 if benchmark.disabled else (25 if flush else 15)
+    calls = 1 if flush else 5
+
+    def paired():
+        ratios = {"out": [], "alloc": []}
+        for form in ratios:  # warm-up
+            mine[form](), peer[form]()
+        for _ in range(rounds):
+            for form in ratios:
+                t_peer = _timed(peer[form], flush, calls)
+                t_mine = _timed(mine[form], flush, calls)
+                ratios[form].append(t_mine / t_peer)
+        return {form: statistics.median(r) for form, r in ratios.items()}
+
+    benchmark.group = f"{op} paired vs torch.add, {cache}"
+    ratios = benchmark.pedantic(paired, rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        provider="paired", op=op, cache=cache, rounds=rounds, paired_max=PAIRED_MAX,
+        paired={"xlard out= / torch.add(out=)": ratios["out"], "xlard / torch.add (allocating)": ratios["alloc"]})
+

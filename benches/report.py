@@ -17,21 +17,18 @@ from collections import defaultdict
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# (group, peer, minimum speed-up of xlard over the peer[, xlard's provider row]); peer
-# "torch_add" is a ceiling: xlard must be within 2x of it (speed-up >= 0.5). torch.add
-# writes into a preallocated out= buffer, so it is compared with xlard's out= form
-# ("xlard_out"); the allocating call is compared with the allocating torch.add.
+# (group, peer, minimum speed-up of xlard over the peer[, xlard's provider row]). The
+# "within 2x of one torch.add pass" targets are judged on the paired tests of
+# bench_correction.py (median per-round ratio, warm and cache-flushed; extra_info
+# "paired"), not on separately timed rows, which the machine's drifting memory
+# bandwidth can skew by 2x between tests.
 TARGETS = [
     ("count_components float32 8x77x64x64", "opencv_loop", 10.0),
     ("count_components float32 8x77x64x64", "scipy_loop", 10.0),
     ("count_components float32 2x77x16x16", "opencv_loop", 10.0),
     ("count_components float32 8x77x32x32", "opencv_loop", 10.0),
     ("residual_correction float32 16x16x128x128", "reference", 1.5),
-    ("residual_correction float32 16x16x128x128", "torch_add", 0.5, "xlard_out"),
-    ("residual_correction float32 16x16x128x128", "torch_add_alloc", 0.5),
     ("sample_correction float32 16x16x128x128", "reference", 1.5),
-    ("sample_correction float32 16x16x128x128", "torch_add", 0.5, "xlard_out"),
-    ("sample_correction float32 16x16x128x128", "torch_add_alloc", 0.5),
     ("attention_centroids float32 8x77x64x64", "reference", 2.0),
     ("color_scores float32 8x1024x768 x 10x768", "reference", 1.0),
 ]
@@ -81,6 +78,12 @@ def summarise(data: dict) -> tuple[list[dict], list[str]]:
         speedup = row["median_ms"] / own["median_ms"]
         verdicts.append(f"{'met ' if speedup >= need else 'MISS'}  {group}: {mine} {speedup:.2f}x vs {peer} "
                         f"(target >= {need}x)")
+    for bench in data["benchmarks"]:  # within 2x of torch.add: median of per-round paired ratios
+        info = bench["extra_info"]
+        for label, ratio in info.get("paired", {}).items():
+            ok = ratio <= info["paired_max"]
+            verdicts.append(f"{'met ' if ok else 'MISS'}  {bench['group']}: {label} = {ratio:.2f} "
+                            f"(target <= {info['paired_max']})")
     for bench in data["benchmarks"]:  # capture overhead: median of per-round paired ratios
         ratio = bench["extra_info"].get("overhead_ratio")
         if ratio is not None:
