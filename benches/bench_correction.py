@@ -9,8 +9,8 @@ buffers (as a loop does; torch.add's 48 MiB then partly stays in a 32 MiB L3, xl
 from memory (the convention of triton.testing.do_bench for memory-bound kernels). The
 report judges the target ("within 2x of one torch.add pass") on the flushed runs, where
 both ops move their bytes through memory, and prints the warm ratios beside them: in a
-warm loop torch.add's time depends on how much of it the L3 holds (0.5-1.0 ms measured
-on the 2-core dev VM, 1.5 ms flushed), which no op that must write 32 MiB can follow."""
+warm loop torch.add's time depends on how much of it the L3 holds (0.46-1.35 ms measured
+on the 2-core dev VM, 1.1-1.7 ms flushed), which no op that must write 32 MiB can follow."""
 from __future__ import annotations
 
 import statistics
