@@ -8,22 +8,11 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "core/components.h"
 
 using xlard::core::Labeler;
 using xlard::core::Mode;
-
-static int failures = 0;
-
-#define CHECK(cond, ...)                                       \
-  do {                                                         \
-    if (!(cond)) {                                             \
-      ++failures;                                              \
-      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                                \
-      std::printf("\n");                                       \
-    }                                                          \
-  } while (0)
 
 // Flood-fill labelling in raster order of first pixels, then min-area renumbering.
 static std::vector<int32_t> flood_labels(const std::vector<uint8_t>& fg, int h, int w, int conn, int min_area,

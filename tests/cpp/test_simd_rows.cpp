@@ -10,22 +10,11 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "cpu/simd.h"
 
 using xlard::simd::Isa;
 using xlard::simd::RowKernels;
-
-static int failures = 0;
-
-#define CHECK(cond, ...)                                          \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      ++failures;                                                 \
-      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                                   \
-      std::printf("\n");                                          \
-    }                                                             \
-  } while (0)
 
 // An exactly sized, 64-byte aligned float buffer (so the sanitizer sees any overrun).
 struct Buffer {
