@@ -40,7 +40,6 @@ import io
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xlard import ops
+from xlard import _io, ops
 
 __all__ = [
     "ASPECT_NAMES",
@@ -451,21 +450,7 @@ def png_bytes(image) -> bytes:
 
 
 def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    target = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(target))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(target), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _io.atomic_write_bytes(path, data, owner="xlard.explain", make_parents=True)
 
 
 def save_png(path: str | os.PathLike, image) -> None:

@@ -28,8 +28,6 @@ import json
 import math
 import numbers
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -39,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import xlard
-from xlard import _args
+from xlard import _args, _io
 from xlard import ops as xops
 
 __all__ = [
@@ -477,7 +475,7 @@ class _Pretrained:
         Example:
             >>> corrector.save_pretrained("runs/corrector")
         """
-        save_file = _safetensors().save_file
+        _safetensors()  # a clear ImportError before any work
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"{type(self).__name__}.save_pretrained: {directory} exists and is not a folder")
@@ -489,22 +487,11 @@ class _Pretrained:
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values()})
         meta = {"model": type(self).__name__, "format_version": _FORMAT_VERSION, "xlard_version": xlard.__version__,
                 "dtypes": dtypes, "config": self.config.to_dict()}
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model": type(self).__name__})
-            with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.replace(tmp, directory)  # succeeds when directory does not exist (or is an empty folder)
-            except OSError:
-                os.replace(tmp / WEIGHTS_NAME, directory / WEIGHTS_NAME)
-                os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        owner = f"{type(self).__name__}.save_pretrained"
+        with _io.atomic_folder(directory, owner=owner, existing="merge") as tmp:
+            _io.atomic_save_safetensors(tmp / WEIGHTS_NAME, state,
+                                        metadata={"format": "pt", "model": type(self).__name__}, owner=owner)
+            _io.atomic_write_json(tmp / CONFIG_NAME, meta, owner=owner, sort_keys=True)
         return directory
 
     @classmethod

@@ -221,7 +221,12 @@ def sample_records(records: Sequence[Mapping], n: int, seed: int | np.random.Gen
 
     Returns:
         ``n`` records (copies), tags interleaved round-robin.
+
+    Raises:
+        ValueError: ``n`` is negative or not an integer; a tag has no records.
     """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"sample_records: n must be a non-negative integer, got {n!r}")
     rng = as_rng(seed)
     by_tag: dict[str, list[Mapping]] = {}
     for r in records:
