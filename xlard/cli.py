@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -225,6 +226,16 @@ def _check_backbone(name: str) -> str:
     return name
 
 
+def _quiet_hub_logging() -> None:
+    """diffusers/transformers log multi-line notices while loading; the CLI reports errors itself, in one line."""
+    for name in ("diffusers", "transformers", "huggingface_hub"):
+        try:
+            module = __import__(f"{name}.utils", fromlist=["logging"])
+            module.logging.set_verbosity_error()
+        except (ImportError, AttributeError):
+            pass
+
+
 def _load_backbone(args):
     import torch
 
@@ -245,11 +256,17 @@ def _load_backbone(args):
         kwargs["num_inference_steps"] = steps
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
+    _quiet_hub_logging()
     try:
-        return DiffusersBackbone.from_pretrained(target, device=args.device, **kwargs)
+        with warnings.catch_warnings():  # diffusers' deprecation notices are not the user's business
+            warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+            return DiffusersBackbone.from_pretrained(target, device=args.device, **kwargs)
     except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing model as either
         if Path(target).is_dir():
             raise UsageError(f"--backbone: {args.backbone} could not be loaded: {_one_line(exc)}") from None
+        if type(exc).__name__ == "HFValidationError":
+            raise UsageError(f"--backbone: {args.backbone!r} is neither a local folder nor a valid hub id "
+                             "(org/name); give a pipeline folder, 'shapes' or a hub id") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         fix = ("it is not in the local cache and HF_HUB_OFFLINE is set: download it first "
                f"(`huggingface-cli download {args.backbone}` with network access)" if offline else
@@ -272,50 +289,58 @@ def _owned(out: Path, pattern: re.Pattern, folders: bool) -> list[Path]:
     return sorted(p for p in out.iterdir() if pattern.match(p.name) and (p.is_dir() if folders else p.is_file()))
 
 
-def _claim_output_folder(args, out: Path, flag: str, settings: dict, owned: list[Path]) -> bool:
-    """Decide, before any work, what happens to an output folder; write its manifest.
+def _check_output_folder(args, out: Path, flag: str, settings: dict, owned: list[Path]) -> bool:
+    """Decide, before any work, whether an output folder may be used; changes nothing.
 
-    A folder holding results of an earlier run (``owned`` items or a manifest) is
-    refused unless ``--overwrite`` (the owned items and the manifest are deleted;
-    nothing else in the folder is touched) or ``--resume`` (the earlier run's
-    settings must equal ``settings``; its complete outputs are kept).
+    A folder holding outputs of an earlier run (``owned``) is refused unless
+    ``--overwrite`` or ``--resume``; resuming needs the earlier run's manifest
+    with the same command and ``settings``.
 
     Returns:
-        True when resuming an earlier run (complete outputs are to be reused).
+        True when resuming an earlier run (its complete outputs are reused).
     """
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag}: {out} exists and is not a folder; give a folder path")
-    manifest = out / MANIFEST_NAME
-    held = len(owned) + manifest.is_file()
-    resuming = False
-    if held and not (args.overwrite or args.resume):
+    if not owned:
+        return False
+    if not (args.overwrite or args.resume):
         raise UsageError(f"{flag}: {out} already holds results of an earlier run ({len(owned)} outputs); add "
                          "--overwrite to replace them, --resume to continue that run, or choose another folder")
-    if held and args.overwrite:
+    if args.overwrite:
+        return False
+    manifest = out / MANIFEST_NAME
+    try:
+        earlier = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UsageError(f"--resume: {out} holds results but no readable {MANIFEST_NAME}, so the run that made "
+                         "them is unknown; use --overwrite or another folder") from None
+    before = earlier.get("settings", {}) if isinstance(earlier, dict) else {}
+    before = before if isinstance(before, dict) else {}
+    if not isinstance(earlier, dict) or earlier.get("command") != args.command or before != settings:
+        diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        command = earlier.get("command") if isinstance(earlier, dict) else None
+        raise UsageError(f"--resume: {out} was written by `xlard {command}` with other settings "
+                         f"(differ: {', '.join(diff) or 'command'}); rerun with the same settings, or use "
+                         "--overwrite or another folder")
+    return True
+
+
+def _start_output_folder(args, out: Path, flag: str, settings: dict, owned: list[Path]) -> None:
+    """After every check passed: clear for ``--overwrite``, drop dead temporaries, write the manifest.
+
+    ``--overwrite`` deletes only ``owned`` (this command's outputs) and the
+    manifest; nothing else in the folder is touched.
+    """
+    if owned and args.overwrite:
         for path in owned:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        manifest.unlink(missing_ok=True)
         print(f"overwrite: removed {len(owned)} outputs of the earlier run from {out}", file=sys.stderr)
-    if held and args.resume:
-        try:
-            earlier = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise UsageError(f"--resume: {out} holds results but no readable {MANIFEST_NAME}, so the run that made "
-                             "them is unknown; use --overwrite or another folder") from None
-        before = earlier.get("settings", {}) if isinstance(earlier, dict) else {}
-        if not isinstance(earlier, dict) or earlier.get("command") != args.command or before != settings:
-            diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-            raise UsageError(f"--resume: {out} was written by `xlard {earlier.get('command')}` with other settings "
-                             f"(differ: {', '.join(diff) or 'command'}); rerun with the same settings, or use "
-                             "--overwrite or another folder")
-        resuming = True
-    if out.is_dir():  # leftovers of a run killed mid-write (SIGKILL): never complete, never ours to keep
+    if out.is_dir():  # leftovers of a run killed mid-write (SIGKILL): never complete
         for tmp in out.glob(".tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     _io.make_folder(out, flag)
-    _io.atomic_write_json(manifest, {"command": args.command, "settings": settings, "complete": False},
+    _io.atomic_write_json(out / MANIFEST_NAME, {"command": args.command, "settings": settings, "complete": False},
                           owner=flag)
-    return resuming
 
 
 def _finish_output_folder(out: Path, flag: str) -> None:
@@ -399,12 +424,14 @@ def _cmd_generate(args) -> int:
                 "backbone": args.backbone, "steps": args.steps, "guidance": args.guidance}
     _check_device(args.device)
     _check_backbone(args.backbone)
-    resuming = _claim_output_folder(args, out, "--out", settings, _owned(out, _IMAGE_NAME, folders=False))
+    owned = _owned(out, _IMAGE_NAME, folders=False)
+    resuming = _check_output_folder(args, out, "--out", settings, owned)
     todo = [i for i in range(len(prompts)) if not (resuming and (out / names[i]).is_file())]
+    backbone = _load_backbone(args) if todo else None  # before anything is deleted: it may fail
+    _start_output_folder(args, out, "--out", settings, owned)
     if resuming:
         print(f"resuming: reusing {len(prompts) - len(todo)} of {len(prompts)} images in {out}", file=sys.stderr)
     if todo:
-        backbone = _load_backbone(args)
         batches = _generate_batches(backbone, [prompts[i] for i in todo], [seeds[i] for i in todo], args.batch,
                                     args.quiet)
         for start, images in batches:
@@ -454,7 +481,9 @@ def _cmd_render(args) -> int:
     out = Path(args.out)
     settings = {"records": _records_digest(records), "count": len(records), "per_prompt": args.per_prompt,
                 "seed": args.seed}
-    resuming = _claim_output_folder(args, out, "OUT", settings, _owned(out, _UNIT_NAME, folders=True))
+    owned = _owned(out, _UNIT_NAME, folders=True)
+    resuming = _check_output_folder(args, out, "OUT", settings, owned)
+    _start_output_folder(args, out, "OUT", settings, owned)
     todo = [i for i in range(len(records)) if not (resuming and (out / f"{i:05d}").is_dir())]
     if resuming:
         print(f"resuming: reusing {len(records) - len(todo)} of {len(records)} prompt folders in {out}",
@@ -507,13 +536,15 @@ def _cmd_eval(args) -> int:
             raise UsageError(f"--seed: image seeds run up to {args.seed + len(records) - 1}, above {MAX_SEED}")
         _check_device(args.device)
         _check_backbone(args.backbone)
-        resuming = _claim_output_folder(args, out, "--out", settings, _owned(out, _UNIT_NAME, folders=True))
+        owned = _owned(out, _UNIT_NAME, folders=True)
+        resuming = _check_output_folder(args, out, "--out", settings, owned)
         todo = [i for i in range(len(records)) if not (resuming and (out / f"{i:05d}").is_dir())]
+        backbone = _load_backbone(args) if todo else None  # before anything is deleted: it may fail
+        _start_output_folder(args, out, "--out", settings, owned)
         if resuming:
             print(f"resuming: reusing {len(records) - len(todo)} of {len(records)} prompt folders in {out}",
                   file=sys.stderr)
         if todo:
-            backbone = _load_backbone(args)
             prompts = [records[i]["prompt"] for i in todo]
             seeds = [args.seed + i for i in todo]
             for start, images in _generate_batches(backbone, prompts, seeds, args.batch, args.quiet):
