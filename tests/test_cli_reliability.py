@@ -423,3 +423,30 @@ def test_outputs_follow_the_umask(tmp_path, capsys, monkeypatch):
         assert stat.S_IMODE(os.stat(f).st_mode) == 0o644, f
     for d in (out, out / "00000", out / "00000" / "samples", tmp_path / "m"):
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o755, d
+
+
+def test_ctrl_c_during_overwrite_leaves_no_run_to_mistake_for_whole(tmp_path, capsys, prompt_file, monkeypatch):
+    out = tmp_path / "r"
+    assert run(["render", out, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    real = cli.shutil.rmtree
+    calls = {"n": 0}
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cli.shutil, "rmtree", interrupted_rmtree)
+    code, _, err = run(["render", out, "--prompts", prompt_file, "--quiet", "--overwrite", "--seed", 5], capsys)
+    assert code == 130 and len(units(out)) == 9
+    monkeypatch.setattr(cli.shutil, "rmtree", real)
+    code, _, err = run(["eval", "--folder", out], capsys)
+    assert code == 2
+    one_line_error(err, "unfinished")
+    for seed in ("0", "5"):  # neither the old run nor the new one may adopt the 9 leftovers
+        code, _, err = run(["render", out, "--prompts", prompt_file, "--quiet", "--resume", "--seed", seed], capsys)
+        assert code == 2
+        one_line_error(err, "--resume", "other settings")
+    assert run(["render", out, "--prompts", prompt_file, "--quiet", "--overwrite", "--seed", 5], capsys)[0] == 0
+    assert run(["eval", "--folder", out, "--quiet"], capsys)[0] == 0

@@ -332,6 +332,10 @@ def _start_output_folder(args, out: Path, flag: str, settings: dict, owned: list
     manifest; nothing else in the folder is touched.
     """
     if owned and args.overwrite:
+        # Marked first, so that an interruption mid-delete leaves a folder that neither
+        # `eval --folder` (unfinished) nor `--resume` (other settings) takes for a run.
+        _io.atomic_write_json(out / MANIFEST_NAME, {"command": args.command, "settings": {"overwriting": True},
+                                                    "complete": False}, owner=flag)
         for path in owned:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         print(f"overwrite: removed {len(owned)} outputs of the earlier run from {out}", file=sys.stderr)
