@@ -450,3 +450,28 @@ def test_ctrl_c_during_overwrite_leaves_no_run_to_mistake_for_whole(tmp_path, ca
         one_line_error(err, "--resume", "other settings")
     assert run(["render", out, "--prompts", prompt_file, "--quiet", "--overwrite", "--seed", 5], capsys)[0] == 0
     assert run(["eval", "--folder", out, "--quiet"], capsys)[0] == 0
+
+
+def test_an_output_never_replaces_an_input(tmp_path, capsys, prompt_file):
+    before = prompt_file.read_bytes()
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for flag in ("--results", "--json"):
+        code, _, err = run(["eval", "--prompts", prompt_file, "--images", images, flag, prompt_file], capsys)
+        assert code == 2
+        one_line_error(err, flag, "also given as --prompts")
+    code, _, err = run(["eval", "--folder", tmp_path, "--results", tmp_path / "x", "--json", tmp_path / "x"], capsys)
+    assert code == 2
+    one_line_error(err, "--json", "also given as --results")
+    assert prompt_file.read_bytes() == before
+
+
+def test_a_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(P, "write_jsonl", full)
+    code, _, err = run(["prompts", tmp_path / "p.jsonl", "-n", 3], capsys)
+    assert code == 1
+    one_line_error(err, "No space left on device")
+    assert not (tmp_path / "p.jsonl").exists()

@@ -139,6 +139,19 @@ def _output_file(path: str | None, flag: str) -> None:
         raise UsageError(f"{flag}: cannot write {path}: folder {target.parent} does not exist; create it first")
 
 
+def _distinct_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
+    """No output may replace an input or another output of the same command."""
+    seen: dict[str, str] = {}
+    for flag, value in list(inputs.items()) + list(outputs.items()):
+        if value is None:
+            continue
+        key = os.path.realpath(value)
+        if key in seen:
+            raise UsageError(f"{flag}: {value} is also given as {seen[key]}; writing it would destroy that file "
+                             "(give another path)")
+        seen[key] = flag
+
+
 def _read_records(path: str, flag: str = "--prompts") -> list[dict]:
     """A GenEval prompt file: exists, valid, known tags, 1..MAX_RECORDS records."""
     from xlard.shapes import prompts as P
@@ -520,6 +533,7 @@ def _cmd_eval(args) -> int:
 
     for value, flag in ((args.results, "--results"), (args.json, "--json")):
         _output_file(value, flag)
+    _distinct_outputs({"--results": args.results, "--json": args.json}, {"--prompts": args.prompts})
     if args.folder:
         if args.backbone or args.prompts or args.images:
             raise UsageError("--folder: give --folder alone, or --prompts with --images or --backbone")
