@@ -140,6 +140,14 @@ def test_atomic_folder_refuse_merge_replace(tmp_path):
             raise RuntimeError("boom")
     assert sorted(p.name for p in target.iterdir()) == ["c"]
     assert leftovers(tmp_path) == []
+    # merge onto a folder where one destination is a FIFO: refused before any file is replaced
+    os.mkfifo(target / "z")
+    with pytest.raises(ValueError, match="FIFO"):
+        with _io.atomic_folder(target, existing="merge") as tmp:
+            (tmp / "c").write_text("new")
+            (tmp / "z").write_text("new")
+    assert (target / "c").read_text() == "3" and stat.S_ISFIFO(os.lstat(target / "z").st_mode)
+    os.unlink(target / "z")
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError):
         with _io.atomic_folder(tmp_path / "file"):

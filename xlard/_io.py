@@ -328,8 +328,10 @@ def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
             if existing == "refuse":
                 raise FileExistsError(f"{owner}: {path} already holds files") from None
             if existing == "merge":
-                for child in sorted(tmp.iterdir()):
+                children = sorted(tmp.iterdir())
+                for child in children:  # every destination checked before the first is replaced
                     check_output_path(target / child.name, owner)
+                for child in children:
                     os.replace(child, target / child.name)
                 _fsync_folder(target)
             else:
