@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from xlard.vocab import GENEVAL_COLORS, GENEVAL_RELATIONS, GENEVAL_TAGS
+
 __all__ = [
     "GENEVAL_TAGS",
     "GENEVAL_COLORS",
@@ -33,26 +35,6 @@ __all__ = [
     "read_jsonl",
     "write_jsonl",
 ]
-
-#: The six GenEval task tags, in the order GenEval reports them.
-GENEVAL_TAGS: tuple[str, ...] = (
-    "single_object",
-    "two_object",
-    "counting",
-    "colors",
-    "position",
-    "color_attr",
-)
-
-#: The ten colors GenEval's color and color-attribution tasks use.
-GENEVAL_COLORS: tuple[str, ...] = (
-    "red", "orange", "yellow", "green", "blue",
-    "purple", "pink", "brown", "black", "white",
-)
-
-#: Relation strings as GenEval writes them in ``position`` clauses.
-GENEVAL_RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-
 
 def _is_int(value: Any) -> bool:
     # bool is a subclass of int; a JSON `true` is never a valid count or index.
