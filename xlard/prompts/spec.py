@@ -390,7 +390,13 @@ class PromptSpec:
 
         Entities become ``include`` items (count None is written as 1); a
         relation becomes its subject's ``position`` clause; the counting tag
-        gets GenEval's "exactly n" ``exclude`` clause (count + 1).
+        gets GenEval's "exactly n" ``exclude`` clause (count + 1). GenEval
+        judges include items in order, so a relation's object must come
+        before its subject: items keep the entities' order except that an
+        object is moved ahead of its subject when needed ("a dog right of a
+        teddy bear" gives ``[teddy bear, dog (right of 0)]``, as GenEval's
+        own metadata writes it). A record read by :func:`from_geneval` comes
+        back unchanged.
 
         Args:
             tag: the record's tag; default: :attr:`tag`, else
@@ -401,23 +407,46 @@ class PromptSpec:
 
         Raises:
             ValueError: an entity is the subject of two relations (GenEval
-                allows one ``position`` per item) or no tag fits.
+                allows one ``position`` per item), the relations form a cycle,
+                an entity has count 0 (GenEval counts are >= 1), or no tag fits.
         """
         tag = tag if tag is not None else (self.tag if self.tag is not None else infer_geneval_tag(self))
+        target: dict[int, Relation] = {}
+        for relation in self.relations:
+            if relation.subject in target:
+                raise ValueError(
+                    f"entity {relation.subject} ({self.entities[relation.subject].noun!r}) is the subject of "
+                    "two relations; GenEval records allow one position per include item"
+                )
+            target[relation.subject] = relation
+        for i, entity in enumerate(self.entities):
+            if entity.count == 0:
+                raise ValueError(
+                    f"entity {i} ({entity.noun!r}) has count 0; GenEval records have counts >= 1"
+                )
+        # Stable topological order: each entity after the object of its relation.
+        order: list[int] = []
+        placed: set[int] = set()
+        while len(order) < len(self.entities):
+            ready = [i for i in range(len(self.entities))
+                     if i not in placed and (i not in target or target[i].object in placed)]
+            if not ready:
+                raise ValueError(
+                    f"the relations of prompt {self.prompt!r} form a cycle; a GenEval record cannot hold them"
+                )
+            order.append(ready[0])
+            placed.add(ready[0])
+        new_index = {old: new for new, old in enumerate(order)}
         include: list[dict[str, Any]] = []
-        for entity in self.entities:
+        for i in order:
+            entity = self.entities[i]
             item: dict[str, Any] = {"class": entity.noun, "count": 1 if entity.count is None else entity.count}
             if entity.color is not None:
                 item["color"] = entity.color
+            if i in target:
+                relation = target[i]
+                item["position"] = [GENEVAL_RELATION_NAMES[relation.relation], new_index[relation.object]]
             include.append(item)
-        for relation in self.relations:
-            item = include[relation.subject]
-            if "position" in item:
-                raise ValueError(
-                    f"entity {relation.subject} ({item['class']!r}) is the subject of two relations; "
-                    "GenEval records allow one position per include item"
-                )
-            item["position"] = [GENEVAL_RELATION_NAMES[relation.relation], relation.object]
         record: dict[str, Any] = {"tag": tag, "include": include}
         if tag == "counting":
             record["exclude"] = [{"class": it["class"], "count": it["count"] + 1} for it in include]
