@@ -11,7 +11,8 @@ from xlard.geneval import validate_record
 from xlard.prompts.alignment import align
 from xlard.prompts.inflection import _singularize_word, noun_forms, pluralize
 from xlard.prompts.spec import Entity, PromptSpec, Relation
-from xlard.prompts.vocabulary import KNOWN_NOUNS
+from xlard.prompts.numbers import NUMBER_PATTERN, read_count
+from xlard.prompts.vocabulary import ARRANGEMENT_NOUNS, COLLECTIVE_NOUNS, KNOWN_NOUNS, SCENE_NOUNS
 from xlard.vocab import COLOR_ALIASES, COLOR_MODIFIER_WORDS, COLORS, COMPOUND_COLORS, normalize_relation
 
 __all__ = ["parse", "from_geneval"]
@@ -20,18 +21,13 @@ __all__ = ["parse", "from_geneval"]
 # The parser's lexicon
 # ---------------------------------------------------------------------------
 
-_NUMBER_WORDS: Mapping[str, int] = {
-    "zero": 0, "no": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5,
-    "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11,
-    "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16,
-    "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20,
-}
 _DEFINITE = frozenset({"the", "this", "that", "these", "those"})
 _VAGUE = ("some", "several", "many", "multiple", "few", "various", "numerous", "a few", "a lot of", "lots of")
 
 _TEMPLATE_WORDS = frozenset({
     "photo", "photograph", "picture", "image", "painting", "drawing", "rendering",
     "render", "illustration", "sketch", "pic", "snapshot", "shot", "closeup", "close-up",
+    "scene", "view", "portrait", "depiction", "artwork", "watercolor", "photorealistic",
 })
 
 # Words that are never an entity's noun (a piece made only of these is no entity).
@@ -42,7 +38,42 @@ _STOPWORDS = frozenset({
     "standing", "lying", "flying", "walking", "running", "playing", "placed",
     "positioned", "located", "shown", "visible", "single", "lone", "exactly", "total",
     "in", "all", "has", "have", "having", "small", "big", "large", "tiny", "huge",
+    "up", "down", "out", "away", "off", "while", "where", "as", "that", "than", "into",
+    "onto", "from", "through", "across", "over", "toward", "towards", "within",
 })
+
+# Prepositions that can open a scene phrase ("on snow", "at night", "against a
+# white wall"); relation words are among them, so "a kite above the beach" is
+# a kite in a setting, not a relation without an object.
+_SETTING_PREPOSITIONS: frozenset[tuple[str, ...]] = frozenset(
+    [(w,) for w in (
+        "on", "in", "at", "under", "against", "across", "over", "through", "amid", "amidst",
+        "among", "inside", "within", "along", "beneath", "underneath", "below", "above",
+        "during", "into", "onto", "upon", "near", "by", "beside", "behind", "around",
+        "throughout", "atop", "from", "toward", "towards", "beyond", "outside",
+    )] + [
+        ("in", "front", "of"), ("on", "top", "of"), ("in", "the", "middle", "of"),
+        ("in", "the", "center", "of"), ("in", "the", "centre", "of"), ("at", "the", "edge", "of"),
+        ("on", "the", "edge", "of"), ("in", "the", "distance", "of"), ("next", "to"),
+        ("surrounded", "by"), ("covered", "in"), ("covered", "with"), ("out", "of"),
+    ]
+)
+# Words that open an arrangement phrase ("in a line", "forming a circle").
+_ARRANGEMENT_PREPOSITIONS: frozenset[tuple[str, ...]] = frozenset(
+    [("in",), ("into",), ("forming",), ("form",), ("forms",), ("formed",), ("making",)]
+)
+_SETTING_DETERMINERS = frozenset({"a", "an", "the", "this", "that", "its", "their", "his", "her", "one"})
+# Phrases that say how objects stand relative to each other; no object is named.
+_ARRANGEMENT_IDIOMS: tuple[tuple[str, ...], ...] = (
+    ("side", "by", "side"), ("one", "after", "another"), ("one", "after", "the", "other"),
+    ("one", "behind", "the", "other"), ("one", "by", "one"), ("back", "to", "back"),
+    ("face", "to", "face"), ("next", "to", "each", "other"), ("next", "to", "one", "another"),
+    ("in", "single", "file"), ("in", "a", "single", "file"), ("each", "other"), ("one", "another"),
+    ("in", "formation"), ("in", "pairs"), ("in", "rows"), ("in", "lines"), ("in", "columns"),
+    ("in", "unison"), ("in", "a", "huddle"),
+)
+_SETTING_PREP_TABLE = dict.fromkeys(_SETTING_PREPOSITIONS, True)
+_ARRANGEMENT_PREP_TABLE = dict.fromkeys(_ARRANGEMENT_PREPOSITIONS, True)
 
 
 @dataclass(frozen=True)
@@ -111,12 +142,17 @@ def _quantifier_table() -> dict[tuple[str, ...], tuple[str, int | None]]:
         ("pair", "of"): ("number", 2), ("couple", "of"): ("number", 2),
         ("a", "dozen"): ("number", 12), ("dozen",): ("number", 12),
     }
-    for word, value in _NUMBER_WORDS.items():
-        table[(word,)] = ("number", value)
+    # Other numbers are read by numbers.read_count; "no" is a count here only.
+    table[("no",)] = ("number", 0)
     for word in _DEFINITE:
         table[(word,)] = ("definite", None)
     for phrase in _VAGUE:
         table[tuple(phrase.split())] = ("vague", None)
+    # "a flock of birds", "rows of houses": how many is not said.
+    for noun in COLLECTIVE_NOUNS:
+        plural = pluralize(noun)
+        for head in ((noun,), ("a", noun), ("an", noun), ("one", noun), ("the", noun), (plural,)):
+            table[head + ("of",)] = ("vague", None)
     return table
 
 
@@ -140,7 +176,7 @@ _MAX_PHRASE = max(len(k) for k in _PHRASES)
 _MAX_QUANTIFIER = max(len(k) for k in _QUANTIFIERS)
 _MAX_COLOR = max(len(k) for k in _COLOR_PHRASES)
 
-_WORD_RE = re.compile(r"\d+|[^\W\d_]+(?:['\-][^\W\d_]+)*|[^\w\s]")
+_WORD_RE = re.compile(NUMBER_PATTERN + r"|[^\W\d_]+(?:['\-][^\W\d_]+)*|[^\w\s]")
 
 
 @dataclass(frozen=True)
@@ -162,6 +198,85 @@ def _match(
         if key in table:
             return length, table[key]
     return None
+
+
+_MAX_SETTING_PREPOSITION = max(len(p) for p in _SETTING_PREPOSITIONS | _ARRANGEMENT_PREPOSITIONS)
+_MAX_SETTING_MODIFIERS = 3
+_NUMBER_WORD_RE = re.compile(r"\d+|zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve")
+
+
+def _is_boundary(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> bool:
+    """Whether a scene/arrangement noun at ``pos - 1`` ends its phrase.
+
+    The next word must end the noun phrase (punctuation, a joiner, a relation,
+    a participle, a quantifier...); an unknown plain word may be a noun the
+    scene word modifies ("a snow globe"), so the phrase is not a setting.
+    """
+    if pos >= len(words):
+        return True
+    text = words[pos].text
+    if not text[0].isalpha() or text in _STOPWORDS or text in ("of", "with", "and", "or", "but"):
+        return True
+    if _match(words, pos, _PHRASES, _MAX_PHRASE) or _match(words, pos, _QUANTIFIERS, _MAX_QUANTIFIER):
+        return True
+    if _match(words, pos, _SETTING_PREP_TABLE, _MAX_SETTING_PREPOSITION):
+        return True
+    if (text,) in lexicon.nouns:
+        return False
+    return len(text) > 4 and text.endswith(("ing", "ed"))
+
+
+def _setting_length(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> int:
+    """Length of a scene or arrangement phrase starting at ``pos`` (0: none).
+
+    Scene phrases: a preposition, an optional determiner, up to three
+    modifiers (colors included: "under a clear blue sky") and a scene noun
+    (:data:`~xlard.prompts.vocabulary.SCENE_NOUNS`): "on snow", "in a large
+    field", "at night". Arrangement phrases: "in"/"into"/"forming", an
+    optional determiner, modifiers (numbers included, colors not: "in a blue
+    square" names an object) and an arrangement noun: "in a line", "in two
+    rows", "forming a circle"; plus fixed idioms ("side by side"). A word
+    the lexicon knows as an object noun never counts as a modifier, so
+    "on a wooden table" stays an object.
+    """
+    for idiom in _ARRANGEMENT_IDIOMS:
+        if tuple(w.text for w in words[pos:pos + len(idiom)]) == idiom and _is_boundary(
+                words, pos + len(idiom), lexicon):
+            return len(idiom)
+    for prepositions, nouns, arrangement in (
+        (_ARRANGEMENT_PREP_TABLE, ARRANGEMENT_NOUNS, True),
+        (_SETTING_PREP_TABLE, SCENE_NOUNS, False),
+    ):
+        hit = _match(words, pos, prepositions, _MAX_SETTING_PREPOSITION)
+        if not hit:
+            continue
+        j = pos + hit[0]
+        if j < len(words) and words[j].text in _SETTING_DETERMINERS:
+            j += 1
+        for _ in range(_MAX_SETTING_MODIFIERS + 1):
+            if j >= len(words):
+                break
+            text = words[j].text
+            # An object noun the lexicon knows ("on a blue square") is never scenery.
+            if text in nouns and (arrangement or (text,) not in lexicon.nouns):
+                end = j + 1
+                # "a city street", "the night sky": a scene noun may modify another.
+                while not arrangement and end < len(words) and words[end].text in nouns:
+                    end += 1
+                if _is_boundary(words, end, lexicon):
+                    return end - pos
+                break
+            if not (text[0].isalpha() or (arrangement and text.isdigit())):
+                break
+            if (text in _STOPWORDS or _match(words, j, lexicon.nouns, lexicon.max_noun_len)
+                    or _match(words, j, _PHRASES, _MAX_PHRASE)):
+                break
+            if arrangement and (text,) in _COLOR_PHRASES:
+                break
+            if not arrangement and (_NUMBER_WORD_RE.fullmatch(text) or (text,) in _QUANTIFIERS):
+                break
+            j += 1
+    return 0
 
 
 def _template_end(words: Sequence[_Word], lexicon: _Lexicon) -> int:
@@ -205,6 +320,10 @@ def _span(words: Sequence[_Word]) -> tuple[int, int]:
     return (words[0].start, words[-1].end)
 
 
+def _looks_like_verb_or_adverb(word: str) -> bool:
+    return len(word) > 4 and word.endswith(("ing", "ed", "ly"))
+
+
 def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) -> _ParsedNP | None:
     words = piece.words
     # Color phrases anywhere in the piece (a color word may also be a noun: "orange").
@@ -229,16 +348,21 @@ def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) ->
     covered_by_color = {k for s, e, _ in color_hits for k in range(s, e)}
 
     def fallback(lo: int) -> tuple[int, int, str] | None:
-        for k in range(len(words) - 1, lo - 1, -1):
-            w = words[k].text
-            if k in covered_by_color or w in _STOPWORDS or not w[0].isalpha():
-                continue
-            if strict:
-                raise ValueError(
-                    f"unknown object noun {words[k].text!r} in prompt {prompt!r}; "
-                    "pass extra_nouns=[...] or strict=False"
-                )
-            return (k, k + 1, _singularize_word(w))
+        # Participles and adverbs ("penguins huddled", "cats sleeping quietly")
+        # are no head noun unless the piece has nothing else after a quantifier.
+        for allow_verbs in (False, piece.quantifier is not None):
+            for k in range(len(words) - 1, lo - 1, -1):
+                w = words[k].text
+                if k in covered_by_color or w in _STOPWORDS or not w[0].isalpha():
+                    continue
+                if not allow_verbs and _looks_like_verb_or_adverb(w):
+                    continue
+                if strict:
+                    raise ValueError(
+                        f"unknown object noun {words[k].text!r} in prompt {prompt!r}; "
+                        "pass extra_nouns=[...] or strict=False"
+                    )
+                return (k, k + 1, _singularize_word(w))
         return None
 
     head: tuple[int, int, str] | None = None
@@ -355,6 +479,12 @@ def parse(
         piece = _Piece()
 
     while pos < len(words):
+        setting = _setting_length(words, pos, lexicon)
+        if setting:
+            close()
+            items.append(("sep",))
+            pos += setting
+            continue
         hit = _match(words, pos, _PHRASES, _MAX_PHRASE)
         if hit:
             length, (kind, relation) = hit
@@ -367,8 +497,14 @@ def parse(
             continue
         word = words[pos]
         quantifier: tuple[int, tuple[str, int | None]] | None = None
-        if word.text.isdigit():
-            quantifier = (1, ("number", int(word.text)))
+        counted = read_count(words, pos, prompt)
+        if counted is not None:
+            length, kind, value = counted
+            if kind == "measure":
+                # "a 3 meter tall giraffe": a modifier, neither a count nor a noun.
+                pos += length
+                continue
+            quantifier = (length, (kind, value))
         else:
             quantifier = _match(words, pos, _QUANTIFIERS, _MAX_QUANTIFIER)
         if quantifier:
