@@ -43,6 +43,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from xlard.vocab import COLOR_ALIASES
+
 __all__ = [
     "COLOR_PROTOTYPES",
     "COLOR_MODIFIERS",
@@ -101,7 +103,7 @@ COLOR_PROTOTYPES: Mapping[str, tuple[int, int, int]] = {
     "hot pink": (255, 105, 180),
 }
 
-_COLOR_ALIASES: Mapping[str, str] = {"grey": "gray", "golden": "gold"}
+_COLOR_ALIASES: Mapping[str, str] = COLOR_ALIASES
 
 #: Modifiers the prompt parser attaches to colors ("light blue"), as changes
 #: in CIELAB: (lightness offset, chroma factor); lightness is clamped to [3, 97].

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from xlard import ops
+from xlard.vocab import ASPECTS
 
 __all__ = [
     "ASPECT_NAMES",
@@ -71,9 +72,8 @@ __all__ = [
     "write_html_report",
 ]
 
-#: The reward aspects, in :data:`xlard.prompts.ASPECTS` order (kept literal so
-#: this module does not import the reward stack).
-ASPECT_NAMES = ("count", "color", "position")
+#: The reward aspects, in :data:`xlard.vocab.ASPECTS` order.
+ASPECT_NAMES = ASPECTS
 
 # "ember": our own perceptual ramp, sRGB anchors evenly spaced on [0, 1]. The
 # relative luminance of the anchors rises monotonically (CIE L* about 0, 8, 20,
