@@ -7,17 +7,13 @@ from typing import Any
 
 import torch
 
+from xlard._optional import require
 from xlard.explain._files import _atomic_write
 from xlard.explain._validate import _as_image, _err
 
 
 def _pillow(fn: str):
-    try:
-        from PIL import Image
-    except ImportError as exc:  # degrade loudly: name what is missing and the fix
-        raise ImportError(_err(fn, "writing and reading PNGs needs Pillow; install it with "
-                                   "`pip install pillow`")) from exc
-    return Image
+    return require("PIL.Image", f"xlard.explain.{fn}")
 
 
 def _to_uint8_hwc(fn: str, image) -> Any:
