@@ -43,6 +43,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from xlard._optional import require
 from xlard.vocab import COLOR_ALIASES
 
 __all__ = [
@@ -525,7 +526,8 @@ class ClipColorEncoder:
         The image processor config, when the checkpoint has one, supplies the
         normalization; ``kwargs`` go to ``CLIPModel.from_pretrained``.
         """
-        from transformers import AutoTokenizer, CLIPModel
+        transformers = require("transformers", "xlard.color_features.ClipColorEncoder.from_pretrained")
+        AutoTokenizer, CLIPModel = transformers.AutoTokenizer, transformers.CLIPModel
 
         model = CLIPModel.from_pretrained(model_id_or_path, **({"dtype": dtype} if dtype else {}), **kwargs)
         if device is not None:
