@@ -371,7 +371,7 @@ def _finish_output_folder(out: Path, flag: str) -> None:
 # Images
 
 
-def _progress(iterable, total: int, desc: str, quiet: bool):
+def _progress(iterable, total: int, desc: str, quiet: bool, unit: str = "img"):
     if quiet:
         return iterable
     try:
@@ -380,11 +380,11 @@ def _progress(iterable, total: int, desc: str, quiet: bool):
         def plain():
             for i, item in enumerate(iterable, 1):
                 if i == total or i % max(1, total // 10) == 0:
-                    print(f"{desc}: {i}/{total}", file=sys.stderr)
+                    print(f"{desc}: {i}/{total} {unit}", file=sys.stderr)
                 yield item
 
         return plain()
-    return tqdm(iterable, total=total, desc=desc, unit="img")
+    return tqdm(iterable, total=total, desc=desc, unit=unit)
 
 
 def _to_uint8(images):
@@ -395,18 +395,18 @@ def _to_uint8(images):
 
 
 def _write_png(path: Path, image) -> None:
-    """One RGB uint8 HxWx3 image, written atomically."""
-    import cv2
+    """Write a uint8 HxWx3 array as a PNG, atomically (Pillow, through xlard.explain and xlard._io)."""
+    import torch
 
-    with _io.atomic_path(path, owner="xlard") as tmp:
-        if not cv2.imwrite(str(tmp), image[:, :, ::-1]):  # RGB -> BGR
-            raise OSError(f"could not write {path}")
+    from xlard.explain import save_png
+
+    save_png(path, torch.from_numpy(image).permute(2, 0, 1))
 
 
 def _generate_batches(backbone, prompts: list[str], seeds: list[int], batch: int, quiet: bool):
     """Yield (start, uint8 images) for consecutive batches, with progress."""
     starts = list(range(0, len(prompts), batch))
-    for start in _progress(starts, len(starts), "generate", quiet):
+    for start in _progress(starts, len(starts), "generate", quiet, unit="batch"):
         out = backbone.generate(prompts[start:start + batch], seed=seeds[start:start + batch])
         yield start, _to_uint8(out.images)
 
@@ -505,7 +505,7 @@ def _cmd_render(args) -> int:
     if resuming:
         print(f"resuming: reusing {len(records) - len(todo)} of {len(records)} prompt folders in {out}",
               file=sys.stderr)
-    for i in _progress(todo, len(todo), "render", args.quiet):
+    for i in _progress(todo, len(todo), "render", args.quiet, unit="prompt"):
         images = [P.render_record(records[i], seed=args.seed + 1000 * i + k).render()
                   for k in range(args.per_prompt)]
         _write_geneval_folder(out, i, records[i], images)
@@ -667,7 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Errors a user can fix (exit 2); any other OSError is the system's (a full disk: exit 1).
-_USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+# ImportError: a missing optional dependency, whose message names the extra to install.
+_USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
+                ImportError)
 
 
 def main(argv: list[str] | None = None) -> int:
