@@ -683,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if os.environ.get("XLARD_TRACEBACK") == "1":
             raise
-        hint = " (rerun with --resume to continue)" if hasattr(args, "resume") else ""
+        writes_folder = args is not None and (args.command == "render" or getattr(args, "backbone", None))
+        hint = " (rerun with --resume to continue)" if writes_folder else ""
         print(f"{prog}: interrupted; every file written is complete{hint}", file=sys.stderr)
         return 130
     except (_USER_ERRORS + (OSError,)) as exc:
