@@ -12,9 +12,7 @@ color, position -> position), plus the mean reward of correct and incorrect ones
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 
@@ -116,10 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.backbone, args.n, args.seed, args.batch, args.steps, args.quiet)
     print(to_markdown(report))
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(report, fh, indent=1)
-        os.replace(tmp, args.out)
+        from xlard import _io
+
+        _io.atomic_write_json(args.out, report, owner="reward_agreement --out", indent=1)
     return 0
 
 

@@ -34,9 +34,7 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -52,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from xlard import _io  # noqa: E402
 from xlard.shapes import (PromptConfig, evaluate, make_splits, render_record, sample_records,  # noqa: E402
                           summarize)
 from xlard.shapes.prompts import NUMBER_WORDS, _plural  # noqa: E402
@@ -280,15 +279,8 @@ class Log:
 
 
 def atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _io.atomic_path(path, owner="train_shapes_backbone", make_parents=True) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -593,20 +585,13 @@ class Trainer:
                              copy.deepcopy(self.ema_unet))
         if self.cfg.fp16_weights:
             pipe.to(torch.float16)
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
-        pipe.save_pretrained(tmp, safe_serialization=True)
         info = {"config": dataclasses.asdict(self.cfg), "vae_steps": self.vae_step, "unet_steps": self.step,
                 "train_minutes": round(self.now() / 60, 2), "vae_minutes": round(self.vae_seconds / 60, 2),
                 "vae_check": self.vae_check, "split_seed": SPLIT_SEED, "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "weights_dtype": "float16" if self.cfg.fp16_weights else "float32"}
-        (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            import shutil
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with _io.atomic_folder(out, owner="train_shapes_backbone export", existing="replace") as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            _io.atomic_write_json(tmp / "training_info.json", info)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         print(f"[export] {out} ({size / 1e6:.1f} MB)", flush=True)
         self.log.write(event="export", path=str(out), bytes=size, elapsed=round(self.now(), 1))

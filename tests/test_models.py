@@ -352,6 +352,89 @@ def test_load_errors_are_clear(tmp_path):
         ResidualCorrector.from_pretrained(folder)
 
 
+def _no_large_allocation(monkeypatch):
+    """Fail the test if the model is built off the meta device or the weights are read."""
+    import safetensors.torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were read before the config was checked")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    real_init = ResidualCorrector.__init__
+
+    def meta_only(self, *args, **kwargs):
+        assert torch.empty(0).device.type == "meta", "the model was built for real before the checks"
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResidualCorrector, "__init__", meta_only)
+
+
+@pytest.mark.parametrize("hostile, pattern", [
+    # deep nesting: the JSON parser's recursion limit, reported as a ValueError
+    (lambda c: '{"config": ' + "[" * 200_000 + "]" * 200_000 + "}", "nested too deeply"),
+    # absurd sizes: bounded per field before anything is built
+    (lambda c: json.dumps({**c, "config": {**c["config"], "depth": 10**9}}), r"depth must be an integer in 1\.\.256"),
+    (lambda c: json.dumps({**c, "config": {**c["config"], "width": 2**62}}), r"width must be an integer in"),
+    (lambda c: json.dumps({**c, "config": {**c["config"], "text_dim": 10**400}}), r"text_dim must be an integer in"),
+    (lambda c: json.dumps({**c, "config": {**c["config"], "heads": {"a": [1]}}}), "heads must be an integer"),
+    (lambda c: json.dumps({**c, "config": {**c["config"], "width": 64.0}}), "width must be an integer"),
+    # format_version of the wrong type: "1", 1.0 and true all equal 1 to a careless check
+    (lambda c: json.dumps({**c, "format_version": "1"}), r"format_version '1' \(str\).*the integer 1"),
+    (lambda c: json.dumps({**c, "format_version": 1.0}), r"format_version 1.0 \(float\)"),
+    (lambda c: json.dumps({**c, "format_version": True}), r"format_version True \(bool\)"),
+    (lambda c: json.dumps({**c, "format_version": [1]}), r"format_version \[1\] \(list\)"),
+    (lambda c: json.dumps({**c, "dtypes": "float32"}), "'dtypes' must be a list"),
+    (lambda c: json.dumps({**c, "model": ["ResidualCorrector"] * 1000}), r"describes a \['ResidualCorrector'.*\.\.\."),
+    (lambda c: json.dumps(c) + " " * (2 << 20), "bytes; a config written by save_pretrained"),
+])
+def test_hostile_configs_fail_with_one_value_error_before_allocating(tmp_path, monkeypatch, hostile, pattern):
+    folder = tmp_path / "c"
+    make_corrector().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(hostile(config))
+    _no_large_allocation(monkeypatch)
+    with pytest.raises(ValueError, match=pattern) as info:
+        ResidualCorrector.from_pretrained(folder)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 600
+
+
+def test_a_weight_in_another_dtype_is_refused_before_loading(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "c"
+    make_corrector().save_pretrained(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    name = sorted(state)[3]
+    save_file({**state, name: state[name].to(torch.float16)}, str(folder / "model.safetensors"))
+    _no_large_allocation(monkeypatch)
+    with pytest.raises(ValueError, match=f"mix dtypes \\(float16, float32; e.g. {name}: torch.float16"):
+        ResidualCorrector.from_pretrained(folder)
+    # every weight in float64 while config.json says float32: the files do not belong together
+    save_file({k: v.to(torch.float64) for k, v in state.items()}, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"says the weights are \['float32'\].*holds \['float64'\]"):
+        ResidualCorrector.from_pretrained(folder)
+    # a floating weight stored as integers
+    save_file({**state, name: state[name].to(torch.int64)}, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"mix dtypes.*{name}: torch.int64"):
+        ResidualCorrector.from_pretrained(folder)
+    # a model saved in bfloat16 (config and weights agree) still loads, in bfloat16
+    monkeypatch.undo()
+    model = make_corrector().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    loaded = ResidualCorrector.from_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
+def test_from_pretrained_checks_dtype_and_device_arguments(tmp_path):
+    make_corrector().save_pretrained(tmp_path / "c")
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        ResidualCorrector.from_pretrained(tmp_path / "c", dtype="float16")
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        ResidualCorrector.from_pretrained(tmp_path / "c", dtype=torch.int8)
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        ResidualCorrector.from_pretrained(tmp_path / "c", device="gpu")
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
@@ -392,7 +475,10 @@ def test_bad_inputs_name_the_argument():
 @pytest.mark.parametrize("field,value,pattern", [
     ("heads", 3, "width .* must be divisible by heads"),
     ("width", 30, "width must be a multiple of 4"),
-    ("depth", 0, "depth must be an integer >= 1"),
+    ("depth", 0, r"depth must be an integer in 1\.\.256, got 0"),
+    ("depth", 10**9, r"depth must be an integer in 1\.\.256, got 1000000000"),
+    ("width", 2**40, r"width must be an integer in 1\.\.16384"),
+    ("ffn_mult", 1e12, "ffn_mult must be a finite number in"),
     ("patch", 1.5, "patch must be an integer"),
     ("dropout", 1.0, "dropout must be a finite number in"),
     ("ffn_mult", 0, "ffn_mult must be"),

@@ -195,6 +195,91 @@ def test_extra_objects_of_other_classes_are_fine_and_color_is_charitable():
     assert _judge(scene, rec).correct
 
 
+def _scene(*objects):
+    """A scene from explicit (shape, color, box) triples; boxes are (x0, y0, x1, y1) in a 64 px image."""
+    return W.Scene(64, tuple(W.SceneObject(shape, color, box) for shape, color, box in objects))
+
+
+BIG_LEFT, BIG_RIGHT = (2, 20, 24, 42), (40, 20, 62, 42)
+SMALL_LEFT, SMALL_RIGHT = (4, 50, 14, 60), (50, 2, 60, 12)
+
+
+def test_color_attribution_picks_the_asked_color_not_the_largest_object():
+    # The red circle is the smallest object of its class in every scene here: a "largest first"
+    # choice would pick the big blue circle and fail the records that ask for red.
+    rec = P.make_record("colors", [{"class": "circle", "count": 1, "color": "red"}])
+    scene = _scene(("circle", "blue", BIG_LEFT), ("circle", "red", SMALL_RIGHT))
+    assert scene.objects[0].area > 3 * scene.objects[1].area
+    assert _judge(scene, rec).correct
+    # two red circles asked, both smaller than two other-colored circles
+    rec2 = P.make_record("counting", [{"class": "circle", "count": 2, "color": "red"}])
+    scene2 = _scene(("circle", "blue", BIG_LEFT), ("circle", "green", BIG_RIGHT),
+                    ("circle", "red", SMALL_LEFT), ("circle", "red", SMALL_RIGHT))
+    assert _judge(scene2, rec2).correct
+    res = _judge(W.replace_object(scene2, 3, color="yellow"), rec2)  # only one red left
+    assert not res.correct and "expected red circle>=2, found 1 red; and 1 red, 1 blue" in res.reason, res.reason
+
+
+def test_color_attribution_decides_which_object_a_position_is_judged_on():
+    # "a red circle left of a square": the red circle is small and left of the square, a larger
+    # blue circle stands right of it. Judging the largest circle would say "right of".
+    rec = P.make_record("position", [{"class": "square", "count": 1},
+                                     {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]}])
+    square = ("square", "green", (26, 26, 38, 38))
+    good = _scene(square, ("circle", "red", (2, 27, 12, 37)), ("circle", "blue", (42, 20, 62, 40)))
+    assert _judge(good, rec).correct
+    # Mirrored: the small red circle is now right of the square, the big blue one left of it.
+    bad = W.mirror_scene(good, "x")
+    res = _judge(bad, rec)
+    assert not res.correct and "expected circle left of square, found circle right of square" in res.reason, \
+        res.reason
+    # color_attr with two colored items, each the smaller of its class
+    rec2 = P.make_record("color_attr", [{"class": "circle", "count": 1, "color": "red"},
+                                        {"class": "square", "count": 1, "color": "blue"}])
+    scene = _scene(("circle", "green", BIG_LEFT), ("circle", "red", SMALL_LEFT),
+                   ("square", "yellow", BIG_RIGHT), ("square", "blue", SMALL_RIGHT))
+    assert _judge(scene, rec2).correct
+    res = _judge(W.replace_object(scene, 3, color="yellow"), rec2)
+    assert not res.correct and "expected blue square>=1, found 0 blue; and 1 yellow" in res.reason, res.reason
+
+
+def test_excludes_with_a_color_count_only_that_color():
+    # "a circle, but no red circle": other colors do not trip the exclude, one red circle does.
+    rec = {"tag": "colors", "include": [{"class": "circle", "count": 1}],
+           "exclude": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a photo of a circle, not red"}
+    assert _judge(_scene(("circle", "blue", BIG_LEFT)), rec).correct
+    assert _judge(_scene(("circle", "blue", BIG_LEFT), ("square", "red", BIG_RIGHT)), rec).correct  # other class
+    res = _judge(_scene(("circle", "blue", BIG_LEFT), ("circle", "red", SMALL_RIGHT)), rec)
+    assert not res.correct and res.reason == "expected red circle<1, found 1", res.reason
+    # "fewer than two red circles": three blue circles and one red pass (a color-blind count says 4)
+    rec2 = {"tag": "counting", "include": [{"class": "circle", "count": 1}],
+            "exclude": [{"class": "circle", "count": 2, "color": "red"}], "prompt": "at most one red circle"}
+    four = _scene(("circle", "blue", BIG_LEFT), ("circle", "blue", BIG_RIGHT), ("circle", "blue", SMALL_LEFT),
+                  ("circle", "red", SMALL_RIGHT))
+    assert _judge(four, rec2).correct
+    res = _judge(W.replace_object(four, 2, color="red"), rec2)
+    assert not res.correct and res.reason == "expected red circle<2, found 2", res.reason
+    # an uncolored exclude still counts every color
+    rec3 = {**rec2, "exclude": [{"class": "circle", "count": 2}]}
+    assert not _judge(four, rec3).correct
+
+
+def test_ground_truth_renders_respect_colored_excludes():
+    # render_record used to draw an excluded color for an uncolored item of the same class.
+    rec = {"tag": "position", "include": [{"class": "circle", "count": 3},
+                                          {"class": "square", "count": 1, "position": ["left of", 0]}],
+           "exclude": [{"class": "circle", "count": 1, "color": "red"},
+                       {"class": "circle", "count": 1, "color": "blue"}], "prompt": "three circles, none red or blue"}
+    for seed in range(30):
+        scene = P.render_record(rec, seed=seed)
+        assert scene.count("circle", "red") == scene.count("circle", "blue") == 0
+        assert scene.count("circle") == 3
+        assert _judge(scene, rec).correct, seed
+    every = {**rec, "exclude": [{"class": "circle", "count": 1, "color": c} for c in W.WorldConfig().colors]}
+    with pytest.raises(ValueError, match="every color of circle is excluded"):
+        P.render_record(every)
+
+
 # ---------------------------------------------------------------------------------------------
 # Image inputs
 

@@ -128,8 +128,21 @@ def test_compose_scene_errors_are_clear():
         W.compose_scene([W.ObjectGroup("circle", 0)])
     with pytest.raises(ValueError, match="bad relation"):
         W.compose_scene([W.ObjectGroup("circle")], [W.Relation(0, "left of", 0)])
-    with pytest.raises(RuntimeError, match="could not lay out 40 objects"):
-        W.compose_scene([W.ObjectGroup("circle", 40)], config=W.WorldConfig(max_attempts=5))
+    with pytest.raises(RuntimeError, match="could not lay out 25 objects"):
+        W.compose_scene([W.ObjectGroup("circle", 25)], config=W.WorldConfig(max_attempts=2))
+
+
+def test_more_objects_than_an_image_holds_fail_at_once():
+    # 10**9 objects used to build a billion-entry list before searching: now refused before any work.
+    config = W.WorldConfig()
+    assert config.capacity() == 25  # 64 px, 9 px objects 2 px apart inside a 1 px border: 5 x 5
+    for n in (26, 40, 10**9):
+        with pytest.raises(ValueError, match=f"{n} objects asked.*holds at most 25"):
+            W.compose_scene([W.ObjectGroup("circle", n)], config=config)
+    with pytest.raises(ValueError, match="holds at most 25"):  # the total over groups counts
+        W.compose_scene([W.ObjectGroup("circle", 13), W.ObjectGroup("square", 13)], config=config)
+    big = W.WorldConfig(image_size=128)
+    assert big.capacity() == ((128 - 2 + 2) // (big.min_px + 2)) ** 2
 
 
 def test_scene_validation():

@@ -12,15 +12,358 @@
 ``xlard/data/shapes_backbone``), a local diffusers pipeline folder, or a hub
 model id (real weights are loaded the same way as the tiny ones).
 
+An output folder that already holds results of an earlier run is refused
+unless ``--overwrite`` (clears what the command wrote there before) or
+``--resume`` (continues that run, reusing what is complete). Exit codes: 0 done,
+2 a usage error (one line on stderr naming the argument), 1 a system error
+(e.g. a full disk), 130 interrupted (Ctrl-C; every file left is complete).
+See docs/cli.md.
+
 Every command works offline on a CPU and shows progress on long work.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
+import re
+import shutil
 import sys
+import warnings
 from pathlib import Path
+from typing import Callable, Sequence
+
+from xlard import _io
+
+# Bounds checked before any work starts, so a typo cannot run until memory runs out.
+MAX_RECORDS = 100_000
+"""Most records a prompt set may hold (``prompts -n`` and every ``--prompts`` file)."""
+MAX_PER_PROMPT = 1000
+"""Most images per prompt; also keeps ``render``'s seeds (seed + 1000 * record + image) distinct."""
+MAX_IMAGES = 1_000_000
+"""Most images one command may produce."""
+MAX_BATCH = 4096
+MAX_STEPS = 10_000
+MAX_SEED = 2**31 - 1
+
+MANIFEST_NAME = "xlard-run.json"
+"""Written into every output folder: which command and settings made it, and whether it finished."""
+_UNIT_NAME = re.compile(r"^\d{5,}$")  # GenEval prompt folders: 00000, 00001, ...
+_IMAGE_NAME = re.compile(r"^\d{4,}_seed\d+\.png$")  # generate's files: 0000_seed0.png, ...
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: one line on stderr, exit code 2.
+
+    The message names the argument and says how to fix it.
+
+    Args:
+        message: the line to print (after ``<prog>: error: ``).
+        prog: the (sub)command the error belongs to, when known.
+    """
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors turned into one-line :class:`UsageError` (exit 2, no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)", prog=self.prog)
+
+
+def _int_in(lo: int, hi: int, note: str = "") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}{note}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by the commands (all run before any work)
+
+
+def _input_file(path: str, flag: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{flag}: no such file {path}; check the path")
+    if not p.is_file():
+        raise UsageError(f"{flag}: {path} is not a file; give the path of a file")
+    return p
+
+
+def _input_folder(path: str, flag: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{flag}: no such folder {path}; check the path")
+    if not p.is_dir():
+        raise UsageError(f"{flag}: {path} is not a folder; give the path of a folder")
+    return p
+
+
+def _output_file(path: str | None, flag: str) -> None:
+    """A file the command will write: a regular file or a new path, in an existing folder."""
+    if path is None:
+        return
+    try:
+        target = _io.check_output_path(path, flag)
+    except (IsADirectoryError, ValueError) as exc:
+        raise UsageError(_one_line(exc)) from None
+    if not target.parent.is_dir():
+        raise UsageError(f"{flag}: cannot write {path}: folder {target.parent} does not exist; create it first")
+
+
+def _distinct_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
+    """No output may replace an input or another output of the same command."""
+    seen: dict[str, str] = {}
+    for flag, value in list(inputs.items()) + list(outputs.items()):
+        if value is None:
+            continue
+        key = os.path.realpath(value)
+        if key in seen:
+            raise UsageError(f"{flag}: {value} is also given as {seen[key]}; writing it would destroy that file "
+                             "(give another path)")
+        seen[key] = flag
+
+
+def _read_records(path: str, flag: str = "--prompts") -> list[dict]:
+    """A GenEval prompt file: exists, valid (known tags included), 1..MAX_RECORDS records."""
+    from xlard.shapes import prompts as P
+
+    _input_file(path, flag)
+    try:
+        records = P.read_records(path)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {_one_line(exc)}") from None
+    if not records:
+        raise UsageError(f"{flag}: {path} holds no records; write some with `xlard prompts`")
+    if len(records) > MAX_RECORDS:
+        raise UsageError(f"{flag}: {path} holds {len(records)} records; at most {MAX_RECORDS} per run "
+                         "(split the file)")
+    return records
+
+
+def _check_image_count(count: int, what: str) -> None:
+    if count > MAX_IMAGES:
+        raise UsageError(f"{what} make {count} images; at most {MAX_IMAGES} per run (use fewer records or "
+                         "a smaller --per-prompt)")
+
+
+def _check_device(device: str | None) -> None:
+    """``--device``: a device this machine has; checked before anything loads."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"--device: {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise UsageError(f"--device: {device} asked, but {why}; drop --device to run on the CPU "
+                             "(or install a CUDA build of torch)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device: {device} asked, but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        return
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device: {device} asked, but MPS is not available here; drop --device")
+        return
+    raise UsageError(f"--device: {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+
+
+def resolve_backbone(name: str) -> str:
+    """``shapes`` -> the shapes-world pipeline folder (package data or $XLARD_SHAPES_BACKBONE); else as given."""
+    if name == "shapes":
+        from xlard.shapes import backbone as shapes_backbone
+
+        folder = shapes_backbone.backbone_path()
+        if not (folder / "model_index.json").is_file():
+            raise UsageError(f"--backbone shapes: the shapes backbone is not installed at {folder}; train it with "
+                             "`python scripts/train_shapes_backbone.py` or reinstall xlard")
+        return str(folder)
+    return name
+
+
+def _check_backbone(name: str) -> str:
+    """``--backbone``: 'shapes', a pipeline folder (with model_index.json) or a hub id; returns what to load."""
+    resolved = resolve_backbone(name)
+    path = Path(resolved).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"--backbone: {name} is a file; give a diffusers pipeline folder, 'shapes' or a hub id")
+        if not (path / "model_index.json").is_file():
+            raise UsageError(f"--backbone: {name} has no model_index.json, so it is not a diffusers pipeline "
+                             "folder; give the folder written by pipeline.save_pretrained(...), 'shapes' or a hub id")
+        return str(path)
+    looks_like_path = name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 \
+        or os.sep != "/" and os.sep in name
+    if looks_like_path:
+        raise UsageError(f"--backbone: no folder at {name}; check the path (or give 'shapes' or a hub id)")
+    return name
+
+
+def _quiet_hub_logging() -> None:
+    """diffusers/transformers log multi-line notices while loading; the CLI reports errors itself, in one line."""
+    for name in ("diffusers", "transformers", "huggingface_hub"):
+        try:
+            module = __import__(f"{name}.utils", fromlist=["logging"])
+            module.logging.set_verbosity_error()
+        except (ImportError, AttributeError):
+            pass
+
+
+def _load_backbone(args):
+    import torch
+
+    from xlard.backbones import DiffusersBackbone
+
+    _check_device(args.device)
+    target = _check_backbone(args.backbone)
+    # Weights may ship in float16 (the shapes backbone does, to stay small); CPUs run float32.
+    on_cpu = args.device in (None, "cpu")
+    kwargs = {"capture": False, "torch_dtype": torch.float32 if on_cpu else None}
+    steps, guidance = args.steps, args.guidance
+    if args.backbone == "shapes":  # the sampler settings the shipped model was evaluated with
+        from xlard.shapes import backbone as shapes_backbone
+
+        steps = steps or shapes_backbone.DEFAULT_STEPS
+        guidance = shapes_backbone.DEFAULT_GUIDANCE if guidance is None else guidance
+    if steps:
+        kwargs["num_inference_steps"] = steps
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    _quiet_hub_logging()
+    try:
+        with warnings.catch_warnings():  # diffusers' deprecation notices are not the user's business
+            warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+            return DiffusersBackbone.from_pretrained(target, device=args.device, **kwargs)
+    except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing model as either
+        if Path(target).is_dir():
+            raise UsageError(f"--backbone: {args.backbone} could not be loaded: {_one_line(exc)}") from None
+        if type(exc).__name__ == "HFValidationError":
+            raise UsageError(f"--backbone: {args.backbone!r} is neither a local folder nor a valid hub id "
+                             "(org/name); give a pipeline folder, 'shapes' or a hub id") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        fix = ("it is not in the local cache and HF_HUB_OFFLINE is set: download it first "
+               f"(`huggingface-cli download {args.backbone}` with network access)" if offline else
+               "check the id, your network and `huggingface-cli login` for gated models")
+        raise UsageError(f"--backbone: {args.backbone!r} is not a local folder and not a loadable hub model; "
+                         f"{fix}; or give a pipeline folder or 'shapes' ({_one_line(exc)[:300]})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders: refuse, overwrite or resume
+
+
+def _records_digest(records: Sequence[dict]) -> str:
+    return hashlib.sha256(json.dumps(list(records), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _owned(out: Path, pattern: re.Pattern, folders: bool) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if pattern.match(p.name) and (p.is_dir() if folders else p.is_file()))
+
+
+def _check_output_folder(args, out: Path, flag: str, settings: dict, owned: list[Path]) -> bool:
+    """Decide, before any work, whether an output folder may be used; changes nothing.
+
+    A folder holding outputs of an earlier run (``owned``) is refused unless
+    ``--overwrite`` or ``--resume``; resuming needs the earlier run's manifest
+    with the same command and ``settings``.
+
+    Returns:
+        True when resuming an earlier run (its complete outputs are reused).
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag}: {out} exists and is not a folder; give a folder path")
+    if not owned:
+        return False
+    if not (args.overwrite or args.resume):
+        raise UsageError(f"{flag}: {out} already holds results of an earlier run ({len(owned)} outputs); add "
+                         "--overwrite to replace them, --resume to continue that run, or choose another folder")
+    if args.overwrite:
+        return False
+    manifest = out / MANIFEST_NAME
+    try:
+        earlier = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UsageError(f"--resume: {out} holds results but no readable {MANIFEST_NAME}, so the run that made "
+                         "them is unknown; use --overwrite or another folder") from None
+    before = earlier.get("settings", {}) if isinstance(earlier, dict) else {}
+    before = before if isinstance(before, dict) else {}
+    if not isinstance(earlier, dict) or earlier.get("command") != args.command or before != settings:
+        diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        command = earlier.get("command") if isinstance(earlier, dict) else None
+        raise UsageError(f"--resume: {out} was written by `xlard {command}` with other settings "
+                         f"(differ: {', '.join(diff) or 'command'}); rerun with the same settings, or use "
+                         "--overwrite or another folder")
+    return True
+
+
+def _start_output_folder(args, out: Path, flag: str, settings: dict, owned: list[Path]) -> None:
+    """After every check passed: clear for ``--overwrite``, drop dead temporaries, write the manifest.
+
+    ``--overwrite`` deletes only ``owned`` (this command's outputs) and the
+    manifest; nothing else in the folder is touched.
+    """
+    if owned and args.overwrite:
+        # Marked first, so that an interruption mid-delete leaves a folder that neither
+        # `eval --folder` (unfinished) nor `--resume` (other settings) takes for a run.
+        _io.atomic_write_json(out / MANIFEST_NAME, {"command": args.command, "settings": {"overwriting": True},
+                                                    "complete": False}, owner=flag)
+        for path in owned:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        print(f"overwrite: removed {len(owned)} outputs of the earlier run from {out}", file=sys.stderr)
+    if out.is_dir():  # leftovers of a run killed mid-write (SIGKILL): never complete
+        for tmp in out.glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    _io.make_folder(out, flag)
+    _io.atomic_write_json(out / MANIFEST_NAME, {"command": args.command, "settings": settings, "complete": False},
+                          owner=flag)
+
+
+def _finish_output_folder(out: Path, flag: str) -> None:
+    manifest = out / MANIFEST_NAME
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    data["complete"] = True
+    _io.atomic_write_json(manifest, data, owner=flag)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
 
 
 def _progress(iterable, total: int, desc: str, quiet: bool, unit: str = "img"):
@@ -39,45 +382,20 @@ def _progress(iterable, total: int, desc: str, quiet: bool, unit: str = "img"):
     return tqdm(iterable, total=total, desc=desc, unit=unit)
 
 
-def resolve_backbone(name: str) -> str:
-    """``shapes`` -> the shapes-world pipeline folder (package data or $XLARD_SHAPES_BACKBONE); else as given."""
-    if name == "shapes":
-        from xlard.shapes import backbone as shapes_backbone
-
-        folder = shapes_backbone.backbone_path()
-        if not (folder / "model_index.json").is_file():
-            raise FileNotFoundError(f"the shapes backbone is not installed at {folder}; train it with "
-                                    "`python scripts/train_shapes_backbone.py` or reinstall xlard")
-        return str(folder)
-    return name
-
-
-def _load_backbone(args):
-    import torch
-
-    from xlard.backbones import DiffusersBackbone
-
-    # Weights may ship in float16 (the shapes backbone does, to stay small); CPUs run float32.
-    on_cpu = args.device in (None, "cpu")
-    kwargs = {"capture": False, "torch_dtype": torch.float32 if on_cpu else None}
-    steps, guidance = args.steps, args.guidance
-    if args.backbone == "shapes":  # the sampler settings the shipped model was evaluated with
-        from xlard.shapes import backbone as shapes_backbone
-
-        steps = steps or shapes_backbone.DEFAULT_STEPS
-        guidance = shapes_backbone.DEFAULT_GUIDANCE if guidance is None else guidance
-    if steps:
-        kwargs["num_inference_steps"] = steps
-    if guidance is not None:
-        kwargs["guidance_scale"] = guidance
-    return DiffusersBackbone.from_pretrained(resolve_backbone(args.backbone), device=args.device, **kwargs)
-
-
 def _to_uint8(images):
     """[B, 3, H, W] float in [0, 1] -> list of uint8 HxWx3 arrays."""
     import torch
 
     return [(img.clamp(0, 1) * 255).round().to("cpu", dtype=torch.uint8).permute(1, 2, 0).numpy() for img in images]
+
+
+def _write_png(path: Path, image) -> None:
+    """Write a uint8 HxWx3 array as a PNG, atomically (Pillow, through xlard.explain and xlard._io)."""
+    import torch
+
+    from xlard.explain import save_png
+
+    save_png(path, torch.from_numpy(image).permute(2, 0, 1))
 
 
 def _generate_batches(backbone, prompts: list[str], seeds: list[int], batch: int, quiet: bool):
@@ -88,29 +406,51 @@ def _generate_batches(backbone, prompts: list[str], seeds: list[int], batch: int
         yield start, _to_uint8(out.images)
 
 
-def _write_png(path: Path, image) -> None:
-    """Write a uint8 HxWx3 array as a PNG, atomically (Pillow, through xlard.explain)."""
-    import torch
+def _write_geneval_folder(out: Path, index: int, record: dict, images) -> None:
+    """One prompt folder of GenEval's layout, <out>/<index>/metadata.jsonl + samples/*.png, in one rename.
 
-    from xlard.explain import save_png
+    A reader (and ``--resume``) finds the whole folder or none of it.
+    """
+    from xlard.shapes import prompts as P
 
-    save_png(path, torch.from_numpy(image).permute(2, 0, 1))
+    with _io.atomic_folder(out / f"{index:05d}", owner="xlard") as tmp:
+        (tmp / "samples").mkdir()
+        P.write_jsonl(tmp / "metadata.jsonl", [record])
+        for k, image in enumerate(images):
+            _write_png(tmp / "samples" / f"{k:04d}.png", image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
 
 
 def _cmd_generate(args) -> int:
-    backbone = _load_backbone(args)
     prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
+    _check_image_count(len(prompts), "these prompts and --per-prompt")
     seeds = [args.seed + i for i in range(len(prompts))]
+    if seeds and seeds[-1] > MAX_SEED:
+        raise UsageError(f"--seed: image seeds run up to {seeds[-1]}, above {MAX_SEED}; use a smaller --seed")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for start, images in _generate_batches(backbone, prompts, seeds, args.batch, args.quiet):
-        for k, image in enumerate(images):
-            i = start + k
-            path = out / f"{i:04d}_seed{seeds[i]}.png"
-            _write_png(path, image)
-            written.append(path)
-    print(f"wrote {len(written)} images to {out}")
+    names = [f"{i:04d}_seed{seeds[i]}.png" for i in range(len(prompts))]
+    settings = {"prompts": list(args.prompt), "per_prompt": args.per_prompt, "seed": args.seed,
+                "backbone": args.backbone, "steps": args.steps, "guidance": args.guidance}
+    _check_device(args.device)
+    _check_backbone(args.backbone)
+    owned = _owned(out, _IMAGE_NAME, folders=False)
+    resuming = _check_output_folder(args, out, "--out", settings, owned)
+    todo = [i for i in range(len(prompts)) if not (resuming and (out / names[i]).is_file())]
+    backbone = _load_backbone(args) if todo else None  # before anything is deleted: it may fail
+    _start_output_folder(args, out, "--out", settings, owned)
+    if resuming:
+        print(f"resuming: reusing {len(prompts) - len(todo)} of {len(prompts)} images in {out}", file=sys.stderr)
+    if todo:
+        batches = _generate_batches(backbone, [prompts[i] for i in todo], [seeds[i] for i in todo], args.batch,
+                                    args.quiet)
+        for start, images in batches:
+            for k, image in enumerate(images):
+                _write_png(out / names[todo[start + k]], image)
+    _finish_output_folder(out, "--out")
+    print(f"wrote {len(todo)} images to {out}" + (f" ({len(prompts) - len(todo)} reused)" if resuming else ""))
     return 0
 
 
@@ -123,6 +463,7 @@ def _cmd_info(args) -> int:
 def _cmd_prompts(args) -> int:
     from xlard.shapes import prompts as P
 
+    _output_file(args.out, "OUT")
     splits = P.make_splits(P.PromptConfig(), seed=args.seed)
     pool = splits[args.split]
     records = P.sample_records(pool, args.n, seed=args.seed) if args.n else list(pool)
@@ -131,71 +472,140 @@ def _cmd_prompts(args) -> int:
     return 0
 
 
-def _write_geneval_folder(out: Path, index: int, record: dict, images) -> None:
-    """One prompt folder of GenEval's layout: <out>/<index>/metadata.jsonl + samples/*.png."""
-    from xlard.shapes import prompts as P
+def _check_renderable(records: Sequence[dict], flag: str) -> None:
+    """Every record's objects fit one shapes-world image (else rendering could not end)."""
+    from xlard.shapes.world import WorldConfig
 
-    folder = out / f"{index:05d}"
-    (folder / "samples").mkdir(parents=True, exist_ok=True)
-    P.write_jsonl(folder / "metadata.jsonl", [record])
-    for k, image in enumerate(images):
-        _write_png(folder / "samples" / f"{k:04d}.png", image)
+    capacity = WorldConfig().capacity()
+    for i, r in enumerate(records):
+        n = sum(item["count"] for item in r["include"])
+        if n > capacity:
+            raise UsageError(f"{flag}: record {i} asks for {n} objects; a shapes-world image holds at most "
+                             f"{capacity} (fix the record's counts)")
 
 
 def _cmd_render(args) -> int:
     from xlard.shapes import prompts as P
 
-    records = P.read_records(args.prompts)
+    records = _read_records(args.prompts)
+    _check_renderable(records, "--prompts")
+    _check_image_count(len(records) * args.per_prompt, "--prompts and --per-prompt")
     out = Path(args.out)
-    for i, record in enumerate(_progress(records, len(records), "render", args.quiet, unit="prompt")):
-        images = [P.render_record(record, seed=args.seed + 1000 * i + k).render() for k in range(args.per_prompt)]
-        _write_geneval_folder(out, i, record, images)
-    print(f"wrote {len(records)} prompt folders to {out}")
+    settings = {"records": _records_digest(records), "count": len(records), "per_prompt": args.per_prompt,
+                "seed": args.seed}
+    owned = _owned(out, _UNIT_NAME, folders=True)
+    resuming = _check_output_folder(args, out, "OUT", settings, owned)
+    _start_output_folder(args, out, "OUT", settings, owned)
+    todo = [i for i in range(len(records)) if not (resuming and (out / f"{i:05d}").is_dir())]
+    if resuming:
+        print(f"resuming: reusing {len(records) - len(todo)} of {len(records)} prompt folders in {out}",
+              file=sys.stderr)
+    for i in _progress(todo, len(todo), "render", args.quiet, unit="prompt"):
+        images = [P.render_record(records[i], seed=args.seed + 1000 * i + k).render()
+                  for k in range(args.per_prompt)]
+        _write_geneval_folder(out, i, records[i], images)
+    _finish_output_folder(out, "OUT")
+    print(f"wrote {len(todo)} prompt folders to {out}" + (f" ({len(records) - len(todo)} reused)" if resuming else ""))
     return 0
+
+
+def _check_finished_folder(folder: Path) -> None:
+    """``eval --folder``: refuse a folder whose run stopped half-way (its score would cover a subset)."""
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file():
+        return  # a GenEval folder from elsewhere
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UsageError(f"--folder: {manifest} is unreadable; remove it if {folder} is complete") from None
+    if isinstance(data, dict) and data.get("complete") is False:
+        raise UsageError(f"--folder: {folder} holds an unfinished `xlard {data.get('command')}` run; finish it by "
+                         "rerunning that command with --resume")
 
 
 def _cmd_eval(args) -> int:
     from xlard.shapes import evaluator as E
-    from xlard.shapes import prompts as P
 
+    for value, flag in ((args.results, "--results"), (args.json, "--json")):
+        _output_file(value, flag)
+    _distinct_outputs({"--results": args.results, "--json": args.json}, {"--prompts": args.prompts})
     if args.folder:
-        results = E.evaluate_folder(args.folder)
+        if args.backbone or args.prompts or args.images:
+            raise UsageError("--folder: give --folder alone, or --prompts with --images or --backbone")
+        folder = _input_folder(args.folder, "--folder")
+        _check_finished_folder(folder)
+        try:
+            results = E.evaluate_folder(folder)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"--folder: {_one_line(exc)}") from None
     elif args.backbone:
         if not args.prompts:
-            raise SystemExit("xlard eval: --backbone needs --prompts FILE")
-        records = P.read_records(args.prompts)
+            raise UsageError("--backbone: needs --prompts FILE (the records to generate for)")
+        records = _read_records(args.prompts)
         out = Path(args.out or "xlard-eval")
-        backbone = _load_backbone(args)
-        prompts = [r["prompt"] for r in records]
-        seeds = [args.seed + i for i in range(len(records))]
-        for start, images in _generate_batches(backbone, prompts, seeds, args.batch, args.quiet):
-            for k, image in enumerate(images):
-                _write_geneval_folder(out, start + k, records[start + k], [image])
-        results = E.evaluate_folder(out)
+        settings = {"records": _records_digest(records), "count": len(records), "seed": args.seed,
+                    "backbone": args.backbone, "steps": args.steps, "guidance": args.guidance}
+        if args.seed + len(records) - 1 > MAX_SEED:
+            raise UsageError(f"--seed: image seeds run up to {args.seed + len(records) - 1}, above {MAX_SEED}")
+        _check_device(args.device)
+        _check_backbone(args.backbone)
+        owned = _owned(out, _UNIT_NAME, folders=True)
+        resuming = _check_output_folder(args, out, "--out", settings, owned)
+        todo = [i for i in range(len(records)) if not (resuming and (out / f"{i:05d}").is_dir())]
+        backbone = _load_backbone(args) if todo else None  # before anything is deleted: it may fail
+        _start_output_folder(args, out, "--out", settings, owned)
+        if resuming:
+            print(f"resuming: reusing {len(records) - len(todo)} of {len(records)} prompt folders in {out}",
+                  file=sys.stderr)
+        if todo:
+            prompts = [records[i]["prompt"] for i in todo]
+            seeds = [args.seed + i for i in todo]
+            for start, images in _generate_batches(backbone, prompts, seeds, args.batch, args.quiet):
+                for k, image in enumerate(images):
+                    i = todo[start + k]
+                    _write_geneval_folder(out, i, records[i], [image])
+        _finish_output_folder(out, "--out")
+        # Only this run's prompt folders are scored, whatever else the folder holds.
+        results = []
+        for i, record in enumerate(records):
+            pngs = sorted((out / f"{i:05d}" / "samples").glob("*.png"))
+            results.extend(E.evaluate([str(p) for p in pngs], record))
         print(f"images and per-prompt metadata in {out}")
     else:
         if not (args.prompts and args.images):
-            raise SystemExit("xlard eval: give --folder DIR, or both --prompts FILE and --images DIR")
-        records = P.read_records(args.prompts)
-        images = sorted(Path(args.images).glob("*.png"))
+            raise UsageError("give --folder DIR, or both --prompts FILE and --images DIR, or --prompts with --backbone")
+        records = _read_records(args.prompts)
+        images = sorted(_input_folder(args.images, "--images").glob("*.png"))
         if len(images) != len(records):
-            raise SystemExit(f"xlard eval: {args.images} holds {len(images)} PNG files for {len(records)} records "
+            raise UsageError(f"--images: {args.images} holds {len(images)} PNG files for {len(records)} records "
                              "(one image per record, in sorted file-name order)")
         results = []
         for path, record in _progress(list(zip(images, records)), len(records), "eval", args.quiet):
             results.append(E.evaluate_record(str(path), record))
+    if not results:
+        raise UsageError("nothing to score: no samples (<index>/samples/*.png) were found")
     summary = E.summarize(results, print_table=True)
     if args.results:
         E.write_results_jsonl(args.results, results)
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        _io.atomic_write_json(args.json, summary, owner="--json")
     return 0
 
 
+def _output_folder_options(p) -> None:
+    """--overwrite / --resume for a command that writes an output folder."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true",
+                   help="the output folder holds an earlier run: delete what that run wrote, then start afresh")
+    g.add_argument("--resume", action="store_true",
+                   help="the output folder holds an earlier run with the same settings: keep its complete "
+                        "outputs and make the rest")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xlard", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="xlard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    seed_type = _int_in(0, MAX_SEED)
 
     p = sub.add_parser("info", help="versions, build and providers")
     p.add_argument("--json", action="store_true")
@@ -204,33 +614,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prompts", help="write a shapes-world prompt set (GenEval JSONL)")
     p.add_argument("out")
     p.add_argument("--split", choices=("train", "heldout"), default="heldout")
-    p.add_argument("-n", type=int, default=0, help="sample this many records balanced over tags (0: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", type=_int_in(0, MAX_RECORDS, " (0: the whole split)"), default=0,
+                   help=f"sample this many records balanced over tags (0: all; at most {MAX_RECORDS})")
+    p.add_argument("--seed", type=seed_type, default=0)
     p.set_defaults(func=_cmd_prompts)
 
     p = sub.add_parser("render", help="ground-truth renders of a prompt set, in GenEval's folder layout")
     p.add_argument("out")
     p.add_argument("--prompts", required=True)
-    p.add_argument("--per-prompt", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-prompt", type=_int_in(1, MAX_PER_PROMPT), default=1)
+    p.add_argument("--seed", type=seed_type, default=0)
     p.add_argument("--quiet", action="store_true")
+    _output_folder_options(p)
     p.set_defaults(func=_cmd_render)
 
     def backbone_options(p, required: bool):
         p.add_argument("--backbone", required=required,
                        help="'shapes', a diffusers pipeline folder, or a hub model id")
-        p.add_argument("--steps", type=int, default=0, help="denoising steps (0: the pipeline's default)")
-        p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-        p.add_argument("--batch", type=int, default=8, help="prompts per forward pass")
+        p.add_argument("--steps", type=_int_in(0, MAX_STEPS), default=0,
+                       help="denoising steps (0: the pipeline's default)")
+        p.add_argument("--guidance", type=_finite_float, default=None, help="classifier-free guidance scale")
+        p.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=8, help="prompts per forward pass")
         p.add_argument("--device", default=None, help="e.g. cuda; default: CPU")
-        p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+        p.add_argument("--seed", type=seed_type, default=0, help="image i uses seed + i")
 
     p = sub.add_parser("generate", help="generate images with a backbone (no corrector)")
     p.add_argument("prompt", nargs="+")
     p.add_argument("--out", default="xlard-images")
-    p.add_argument("--per-prompt", type=int, default=1)
+    p.add_argument("--per-prompt", type=_int_in(1, MAX_PER_PROMPT), default=1)
     p.add_argument("--quiet", action="store_true")
     backbone_options(p, required=True)
+    _output_folder_options(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("eval", help="score images with the exact shapes-world evaluator")
@@ -242,17 +656,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="with --backbone: where generated images go (GenEval layout; default xlard-eval)")
     p.add_argument("--quiet", action="store_true")
     backbone_options(p, required=False)
+    _output_folder_options(p)
     p.set_defaults(func=_cmd_eval)
     return parser
 
 
+# Errors a user can fix (exit 2); any other OSError is the system's (a full disk: exit 1).
+# ImportError: a missing optional dependency, whose message names the extra to install.
+_USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
+                ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit code.
+
+    Every error a user can fix prints one line on stderr and returns 2; Ctrl-C
+    prints one line and returns 130. ``XLARD_TRACEBACK=1`` re-raises instead
+    (for debugging xlard itself).
+    """
+    prog, args = "xlard", None
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        prog = f"xlard {args.command}"
         return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"xlard {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if os.environ.get("XLARD_TRACEBACK") == "1":
+            raise
+        writes_folder = args is not None and (args.command == "render" or getattr(args, "backbone", None))
+        hint = " (rerun with --resume to continue)" if writes_folder else ""
+        print(f"{prog}: interrupted; every file written is complete{hint}", file=sys.stderr)
+        return 130
+    except (_USER_ERRORS + (OSError,)) as exc:
+        if os.environ.get("XLARD_TRACEBACK") == "1":
+            raise
+        prog = getattr(exc, "prog", None) or prog
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, _USER_ERRORS) else 1
 
 
 if __name__ == "__main__":

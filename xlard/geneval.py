@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from xlard import _io
 from xlard.vocab import GENEVAL_COLORS, GENEVAL_RELATIONS, GENEVAL_TAGS
 
 __all__ = [
@@ -242,6 +242,8 @@ def write_jsonl(
     Raises:
         ValueError: ``"record <i>: ..."`` for an invalid or non-serializable record.
         FileNotFoundError: the destination folder does not exist.
+        IsADirectoryError, ValueError: ``path`` is a folder, a FIFO or a device
+            (only a regular file or a new path is replaced; see :mod:`xlard._io`).
 
     Example:
         >>> write_jsonl("prompts.jsonl", [{"tag": "single_object",  # doctest: +SKIP
@@ -259,20 +261,5 @@ def write_jsonl(
             lines.append(json.dumps(dict(record), ensure_ascii=False))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"record {i}: not JSON-serializable ({exc})") from None
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for line in lines:
-                handle.write(line)
-                handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    _io.atomic_write_text(path, "".join(line + "\n" for line in lines), owner="xlard.geneval.write_jsonl")
     return path

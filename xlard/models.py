@@ -28,8 +28,6 @@ import json
 import math
 import numbers
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -39,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import xlard
-from xlard import _args
+from xlard import _args, _io
 from xlard import ops as xops
 from xlard.vocab import ASPECTS  # order of the projector's outputs, confidence weights, [B, 3] aspect masks
 
@@ -58,9 +56,20 @@ _FORMAT_VERSION = 1
 # Configuration
 
 
-def _check_int(owner: str, name: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+def _check_int(owner: str, name: str, value, minimum: int = 1, maximum: int | None = None) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum \
+            or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{owner}: {name} must be an integer {bounds}, got {shown}")
+
+
+# Upper bounds on the architecture fields, far above any real model (the paper's corrector is
+# width 384, depth 6): a config read from disk cannot make the constructor build a billion blocks.
+_FIELD_LIMITS = {"latent_channels": 4096, "text_dim": 1 << 16, "pooled_dim": 1 << 16, "width": 1 << 14,
+                 "depth": 256, "heads": 1024, "patch": 64, "cond_dim": 1 << 16, "value_hidden": 1 << 16,
+                 "confidence_hidden": 1 << 16}
+_MAX_FFN_MULT = 64.0
 
 
 def _check_real(owner: str, name: str, value, low: float = -math.inf, high: float = math.inf,
@@ -104,8 +113,8 @@ class _ConfigBase:
 
 def _check_transformer_fields(owner: str, cfg) -> None:
     for name in ("latent_channels", "text_dim", "pooled_dim", "width", "depth", "heads", "patch", "cond_dim"):
-        _check_int(owner, name, getattr(cfg, name))
-    _check_real(owner, "ffn_mult", cfg.ffn_mult, 0.0, low_open=True)
+        _check_int(owner, name, getattr(cfg, name), maximum=_FIELD_LIMITS[name])
+    _check_real(owner, "ffn_mult", cfg.ffn_mult, 0.0, _MAX_FFN_MULT, low_open=True)
     _check_real(owner, "dropout", cfg.dropout, 0.0, 1.0, high_open=True)
     if cfg.width % cfg.heads:
         raise ValueError(f"{owner}: width ({cfg.width}) must be divisible by heads ({cfg.heads})")
@@ -162,7 +171,7 @@ class CorrectorConfig(_ConfigBase):
     def __post_init__(self):
         owner = "CorrectorConfig"
         _check_transformer_fields(owner, self)
-        _check_int(owner, "value_hidden", self.value_hidden)
+        _check_int(owner, "value_hidden", self.value_hidden, maximum=_FIELD_LIMITS["value_hidden"])
         _check_real(owner, "alpha", self.alpha)
         _check_real(owner, "log_std_init", self.log_std_init, -20.0, 5.0)
         _check_bool(owner, "value_shares_trunk", self.value_shares_trunk)
@@ -223,7 +232,7 @@ class ProjectorConfig(_ConfigBase):
     def __post_init__(self):
         owner = "ProjectorConfig"
         _check_transformer_fields(owner, self)
-        _check_int(owner, "confidence_hidden", self.confidence_hidden)
+        _check_int(owner, "confidence_hidden", self.confidence_hidden, maximum=_FIELD_LIMITS["confidence_hidden"])
         _check_real(owner, "log_var_min", self.log_var_min)
         _check_real(owner, "log_var_max", self.log_var_max)
         if not self.log_var_min < self.log_var_max:
@@ -475,7 +484,7 @@ class _Pretrained:
         Example:
             >>> corrector.save_pretrained("runs/corrector")
         """
-        save_file = _safetensors().save_file
+        _safetensors()  # a clear ImportError before any work
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"{type(self).__name__}.save_pretrained: {directory} exists and is not a folder")
@@ -487,22 +496,11 @@ class _Pretrained:
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values()})
         meta = {"model": type(self).__name__, "format_version": _FORMAT_VERSION, "xlard_version": xlard.__version__,
                 "dtypes": dtypes, "config": self.config.to_dict()}
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model": type(self).__name__})
-            with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.replace(tmp, directory)  # succeeds when directory does not exist (or is an empty folder)
-            except OSError:
-                os.replace(tmp / WEIGHTS_NAME, directory / WEIGHTS_NAME)
-                os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        owner = f"{type(self).__name__}.save_pretrained"
+        with _io.atomic_folder(directory, owner=owner, existing="merge") as tmp:
+            _io.atomic_save_safetensors(tmp / WEIGHTS_NAME, state,
+                                        metadata={"format": "pt", "model": type(self).__name__}, owner=owner)
+            _io.atomic_write_json(tmp / CONFIG_NAME, meta, owner=owner, sort_keys=True)
         return directory
 
     @classmethod
@@ -526,7 +524,7 @@ class _Pretrained:
         Example:
             >>> corrector = ResidualCorrector.from_pretrained("runs/corrector", device="cuda")
         """
-        load_file = _safetensors().load_file
+        st = _safetensors()
         owner = f"{cls.__name__}.from_pretrained"
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -535,37 +533,65 @@ class _Pretrained:
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{owner}: missing {path} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-        try:
-            meta = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{owner}: {config_path} is not valid JSON ({e})") from None
-        if not isinstance(meta, dict) or "config" not in meta:
-            raise ValueError(f"{owner}: {config_path} has no 'config' entry; not written by save_pretrained")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"{owner}: dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"{owner}: device must be a torch device or its name, got {device!r}") from None
+        # Everything below is checked against the two files' small parts (the JSON and the
+        # safetensors header) before the model is built for real or a weight is read.
+        meta = _read_config_file(owner, config_path)
         if meta.get("model") != cls.__name__:
-            raise ValueError(f"{owner}: {config_path} describes a {meta.get('model')!r}, not a {cls.__name__}")
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{owner}: {config_path} has format_version {meta.get('format_version')!r}; "
-                             f"this xlard reads version {_FORMAT_VERSION}")
+            raise ValueError(f"{owner}: {config_path} describes a {_short(meta.get('model'))}, not a {cls.__name__}")
+        version = meta.get("format_version")
+        if type(version) is not int or version != _FORMAT_VERSION:
+            raise ValueError(f"{owner}: {config_path} has format_version {_short(version)} "
+                             f"({type(version).__name__}); this xlard reads the integer {_FORMAT_VERSION}")
         try:
             config = cls.config_class.from_dict(meta["config"])
         except ValueError as e:
             raise ValueError(f"{owner}: bad config in {config_path}: {e}") from None
-        try:
-            state = load_file(str(weights_path), device="cpu")
-        except Exception as e:  # safetensors raises its own error type for a corrupt header or truncated data
-            raise ValueError(f"{owner}: {weights_path} is not a readable safetensors file ({e})") from None
+        stored = _read_safetensors_header(owner, st, weights_path)
+        saved_dtypes = meta.get("dtypes")
+        if saved_dtypes is not None and (not isinstance(saved_dtypes, list)
+                                         or not all(isinstance(d, str) for d in saved_dtypes)):
+            raise ValueError(f"{owner}: {config_path} 'dtypes' must be a list of dtype names, got {_short(saved_dtypes)}")
         with torch.device("meta"):
             model = cls(config)  # type: ignore[call-arg]
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(f"{k}: stored {tuple(state[k].shape)}, config wants {expected[k]}"
-                       for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+        missing = sorted(set(expected) - set(stored))
+        unexpected = sorted(set(stored) - set(expected))
+        wrong = sorted(f"{k}: stored {stored[k][0]}, config wants {expected[k]}"
+                       for k in set(expected) & set(stored) if stored[k][0] != expected[k])
         if missing or unexpected or wrong:
             raise ValueError(f"{owner}: the weights in {weights_path} do not match the config in {config_path}: "
                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
                              f"wrong shapes {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
+        meta_state = model.state_dict()
+        float_counts: dict[torch.dtype, int] = {}
+        for k, (_, dt) in stored.items():
+            if meta_state[k].is_floating_point() and dt.is_floating_point:
+                float_counts[dt] = float_counts.get(dt, 0) + 1
+        main = max(float_counts, key=float_counts.get) if float_counts else None
+        odd = sorted(k for k, (_, dt) in stored.items()
+                     if (dt != main if meta_state[k].is_floating_point() else dt != meta_state[k].dtype))
+        float_dtypes = sorted(str(dt).replace("torch.", "") for dt in float_counts)
+        if odd:
+            all_dtypes = sorted({str(dt).replace("torch.", "") for _, dt in stored.values()})
+            raise ValueError(f"{owner}: the weights in {weights_path} mix dtypes ({', '.join(all_dtypes)}; e.g. "
+                             f"{', '.join(f'{k}: {stored[k][1]}' for k in odd[:3])}); save_pretrained writes one "
+                             "floating dtype for the whole model")
+        if saved_dtypes is not None and sorted(saved_dtypes) != sorted({str(dt).replace("torch.", "")
+                                                                      for _, dt in stored.values()}):
+            raise ValueError(f"{owner}: {config_path} says the weights are {saved_dtypes}, but {weights_path} "
+                             f"holds {float_dtypes}; the two files do not belong together")
+        try:
+            state = st.load_file(str(weights_path), device="cpu")
+        except Exception as e:  # safetensors raises its own error type for a corrupt header or truncated data
+            raise ValueError(f"{owner}: {weights_path} is not a readable safetensors file ({e})") from None
         model.load_state_dict(state, strict=True, assign=True)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
@@ -575,6 +601,59 @@ class _Pretrained:
         """Number of (trainable) parameters."""
         return sum(p.numel() for p in self.parameters()  # type: ignore[attr-defined]
                    if p.requires_grad or not trainable_only)
+
+
+_MAX_CONFIG_BYTES = 1 << 20  # save_pretrained writes a few hundred bytes
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_config_file(owner: str, config_path: Path) -> dict:
+    """``config.json`` as a dict with a ``config`` entry; hostile files give one ValueError."""
+    size = config_path.stat().st_size
+    if size > _MAX_CONFIG_BYTES:
+        raise ValueError(f"{owner}: {config_path} is {size} bytes; a config written by save_pretrained is under "
+                         f"{_MAX_CONFIG_BYTES} bytes")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{owner}: {config_path} is not valid JSON ({e})") from None
+    except RecursionError:  # deeply nested arrays/objects exhaust the parser's stack
+        raise ValueError(f"{owner}: {config_path} is nested too deeply to be a config written by "
+                         "save_pretrained") from None
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError(f"{owner}: {config_path} has no 'config' entry; not written by save_pretrained")
+    return meta
+
+
+def _read_safetensors_header(owner: str, st, weights_path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{name: (shape, dtype)}`` from the file's header alone (no tensor data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            out = {}
+            for key in f.keys():
+                sl = f.get_slice(key)
+                name = sl.get_dtype()
+                if name not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"{owner}: {weights_path}: tensor {key!r} has dtype {name}, which xlard "
+                                     "models never store")
+                out[key] = (tuple(int(d) for d in sl.get_shape()), _SAFETENSORS_DTYPES[name])
+            return out
+    except ValueError as e:
+        if str(e).startswith(owner):
+            raise
+        raise ValueError(f"{owner}: {weights_path} is not a readable safetensors file ({e})") from None
+    except Exception as e:  # safetensors' own error type for a corrupt header
+        raise ValueError(f"{owner}: {weights_path} is not a readable safetensors file ({e})") from None
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8}
 
 
 def _safetensors():

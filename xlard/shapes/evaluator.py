@@ -486,6 +486,8 @@ def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = 
 
     Raises:
         FileNotFoundError: no such folder, or no prompt folders in it.
+        ValueError: a prompt folder has no samples (scoring the others would
+            report a score over a subset of the prompts as if it were all).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -494,12 +496,16 @@ def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = 
     subdirs = sorted(p for p in folder.iterdir() if (p / "metadata.jsonl").is_file())
     if not subdirs:
         raise FileNotFoundError(f"{folder}: no <index>/metadata.jsonl folders (GenEval layout)")
+    empty = [sub.name for sub in subdirs if not any((sub / "samples").glob("*.png"))]
+    if empty:
+        raise ValueError(f"{folder}: {len(empty)} of {len(subdirs)} prompt folders have no samples/*.png "
+                         f"(first: {empty[0]}); generate their images or remove those folders")
     for sub in subdirs:
         rows = read_jsonl(sub / "metadata.jsonl")
         if len(rows) != 1:
             raise ValueError(f"{sub / 'metadata.jsonl'}: expected one record, got {len(rows)}")
         pngs = sorted((sub / "samples").glob("*.png"))
-        results.extend(evaluate([str(p) for p in pngs], rows[0], config) if pngs else [])
+        results.extend(evaluate([str(p) for p in pngs], rows[0], config))
     return results
 
 
@@ -520,13 +526,19 @@ def summarize(results: Iterable[RecordResult], *, print_table: bool = False,
         ``{"tasks": {tag: {"correct", "total", "score"}}, "overall", "correct",
         "total", "missing_tags"}``; ``overall`` averages the tags present (NaN
         when none), and ``missing_tags`` lists the GenEval tags absent.
+
+    Raises:
+        ValueError: a result's tag is not one of GenEval's six.
     """
     tasks: dict[str, dict] = {}
     for r in results:
+        if r.tag not in TAGS:
+            raise ValueError(f"summarize: result for {r.prompt!r} has tag {r.tag!r}, not a GenEval task; "
+                             f"expected one of {TAGS}")
         t = tasks.setdefault(r.tag, {"correct": 0, "total": 0})
         t["total"] += 1
         t["correct"] += int(r.correct)
-    order = [t for t in TAGS if t in tasks] + sorted(t for t in tasks if t not in TAGS)
+    order = [t for t in TAGS if t in tasks]
     tasks = {t: {**tasks[t], "score": tasks[t]["correct"] / tasks[t]["total"]} for t in order}
     scores = [v["score"] for v in tasks.values()]
     summary = {

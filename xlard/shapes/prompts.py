@@ -221,7 +221,12 @@ def sample_records(records: Sequence[Mapping], n: int, seed: int | np.random.Gen
 
     Returns:
         ``n`` records (copies), tags interleaved round-robin.
+
+    Raises:
+        ValueError: ``n`` is negative or not an integer; a tag has no records.
     """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"sample_records: n must be a non-negative integer, got {n!r}")
     rng = as_rng(seed)
     by_tag: dict[str, list[Mapping]] = {}
     for r in records:
@@ -274,9 +279,29 @@ def render_record(record: Mapping, seed: int | np.random.Generator | None = 0,
         if have >= e["count"]:
             raise ValueError(f"record {record['prompt']!r} cannot be satisfied: it includes {have} "
                              f"{e['class']} but excludes {e['count']} or more")
-    groups = [ObjectGroup(it["class"], it["count"], it.get("color")) for it in include]
-    relations = [Relation(i, it["position"][0], it["position"][1])
-                 for i, it in enumerate(include) if "position" in it]
+    # An include item without a color must not draw a color that an exclude clause forbids for
+    # its class ("a circle" + "no red circle"): such items become one group per object, each of
+    # an allowed color, and relations are repeated for every piece (they hold object by object).
+    banned: dict[str, set[str]] = {}
+    for e in record.get("exclude", []):
+        if "color" in e:
+            banned.setdefault(e["class"], set()).add(e["color"])
+    groups: list[ObjectGroup] = []
+    pieces: list[list[int]] = []
+    for it in include:
+        if it.get("color") is None and it["class"] in banned:
+            allowed = [c for c in world.colors if c not in banned[it["class"]]]
+            if not allowed:
+                raise ValueError(f"record {record['prompt']!r} cannot be satisfied: every color of "
+                                 f"{it['class']} is excluded")
+            pieces.append(list(range(len(groups), len(groups) + it["count"])))
+            groups.extend(ObjectGroup(it["class"], 1, allowed[int(rng.integers(len(allowed)))])
+                          for _ in range(it["count"]))
+        else:
+            pieces.append([len(groups)])
+            groups.append(ObjectGroup(it["class"], it["count"], it.get("color")))
+    relations = [Relation(s, it["position"][0], t) for i, it in enumerate(include) if "position" in it
+                 for s in pieces[i] for t in pieces[it["position"][1]]]
     mentioned = {it["class"] for it in include} | {e["class"] for e in record.get("exclude", [])}
     free = [s for s in world.shapes if s not in mentioned]
     if distractors and free:

@@ -304,6 +304,15 @@ class WorldConfig:
     def max_px(self) -> int:
         return max(self.min_px, int(round(self.max_size * self.image_size)))
 
+    def capacity(self) -> int:
+        """Most objects one image can hold: smallest objects, ``gap`` apart, on a grid inside the border.
+
+        A layout of more objects cannot exist, so :func:`compose_scene` refuses
+        it at once instead of searching (or building a list of a billion objects).
+        """
+        per_axis = (self.image_size - 2 * self.border + self.gap) // (self.min_px + self.gap)
+        return max(per_axis, 0) ** 2
+
     def size_cap(self, n_objects: int) -> int:
         """Largest object side when ``n_objects`` share the image."""
         per = math.sqrt(self.fill * self.image_size ** 2 / max(n_objects, 1)) - self.gap
@@ -382,7 +391,8 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
         A :class:`Scene`; its objects are listed group by group.
 
     Raises:
-        ValueError: a group names an unknown shape/color or a bad relation.
+        ValueError: a group names an unknown shape/color or a bad relation, or
+            more objects are asked than the image can hold (:meth:`WorldConfig.capacity`).
         RuntimeError: no layout found (too many or too large objects).
 
     Example:
@@ -404,8 +414,11 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
         if r.relation not in RELATIONS or not (0 <= r.subject < len(groups)) or \
                 not (0 <= r.target < len(groups)) or r.subject == r.target:
             raise ValueError(f"bad relation {r}; groups 0..{len(groups) - 1}, relations {RELATIONS}")
+    n = sum(g.count for g in groups)
+    if n > config.capacity():
+        raise ValueError(f"{n} objects asked ({[dataclasses.astuple(g) for g in groups]}); a "
+                         f"{config.image_size}px image of this world holds at most {config.capacity()}")
     order = [gi for gi, g in enumerate(groups) for _ in range(g.count)]
-    n = len(order)
     colors = [groups[gi].color or config.colors[int(rng.integers(len(config.colors)))] for gi in order]
     cap = config.size_cap(n)
     for attempt in range(config.max_attempts):

@@ -1,0 +1,477 @@
+"""The CLI never hangs, never mixes old and new results, never clobbers what it should not.
+
+Each test is one class of careless or adversarial use: every user error is one
+line on stderr naming the argument, exit 2, no traceback; Ctrl-C is one line and
+exit 130 with only complete outputs left; output folders holding an earlier
+run are refused unless --overwrite or --resume; only regular files are replaced;
+files follow the umask.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from xlard import cli
+from xlard.shapes import evaluator as E
+from xlard.shapes import prompts as P
+
+ROOT = Path(__file__).resolve().parents[1]
+COUNTING = {"tag": "counting", "include": [{"class": "circle", "count": 3}],
+            "exclude": [{"class": "circle", "count": 4}], "prompt": "a photo of three circles"}
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str, *must_contain: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert ": error: " in lines[0]
+    for text in must_contain:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+def write_records(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def prompt_file(tmp_path, capsys) -> Path:
+    path = tmp_path / "p.jsonl"
+    assert run(["prompts", path, "-n", 12, "--seed", 1], capsys)[0] == 0
+    return path
+
+
+def units(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def temporaries(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".tmp-*"))
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds and bad numbers: one line, exit 2, before any work
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["prompts", "{tmp}/p.jsonl", "-n", "-5"], "argument -n"),
+    (["prompts", "{tmp}/p.jsonl", "-n", "1000000000"], "argument -n"),
+    (["prompts", "{tmp}/p.jsonl", "-n", "many"], "argument -n"),
+    (["prompts", "{tmp}/p.jsonl", "--seed", "-1"], "argument --seed"),
+    (["render", "{tmp}/r", "--prompts", "{tmp}/p.jsonl", "--per-prompt", "0"], "argument --per-prompt"),
+    (["render", "{tmp}/r", "--prompts", "{tmp}/p.jsonl", "--overwrite", "--resume"], "argument --resume"),
+    (["eval", "--backbone", "shapes", "--prompts", "{tmp}/p.jsonl", "--batch", "0"], "argument --batch"),
+    (["generate", "a circle", "--backbone", "shapes", "--steps", "-1"], "argument --steps"),
+    (["generate", "a circle", "--backbone", "shapes", "--guidance", "nan"], "argument --guidance"),
+    (["generate", "a circle", "--backbone", "shapes", "--per-prompt", "1000000"], "argument --per-prompt"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_numbers_and_flags_are_one_line_exit_2(tmp_path, capsys, argv, flag):
+    code, _, err = run([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert code == 2
+    one_line_error(err, flag)
+    assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "r").exists()
+
+
+def test_sample_records_refuses_a_negative_count():
+    pool = P.make_splits()["heldout"]
+    with pytest.raises(ValueError, match="n must be a non-negative integer, got -5"):
+        P.sample_records(pool, -5)
+    assert P.sample_records(pool, 0) == []
+
+
+def test_a_record_asking_for_a_billion_objects_fails_before_work(tmp_path, capsys):
+    prompts = write_records(tmp_path / "p.jsonl", [COUNTING, {**COUNTING, "include": [{"class": "circle",
+                                                                                       "count": 10**9}],
+                                                            "exclude": []}])
+    start = time.perf_counter()
+    code, _, err = run(["render", tmp_path / "r", "--prompts", prompts, "--quiet"], capsys)
+    assert code == 2 and time.perf_counter() - start < 30
+    one_line_error(err, "--prompts", "record 1 asks for 1000000000 objects", "at most 25")
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="holds at most 25"):
+        P.render_record({**COUNTING, "include": [{"class": "circle", "count": 10**9}], "exclude": []})
+
+
+# --------------------------------------------------------------------------------------------
+# Records: unknown tags and empty folders are errors, not a seventh task or a NaN
+
+
+def test_an_unknown_tag_is_refused_everywhere(tmp_path, capsys, prompt_file):
+    bad = write_records(tmp_path / "bad.jsonl", [{**COUNTING, "tag": "vibes"}])
+    code, _, err = run(["render", tmp_path / "r", "--prompts", bad, "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "--prompts", "'tag' must be one of", "got 'vibes'")
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")
+    code, _, err = run(["eval", "--prompts", bad, "--images", images], capsys)
+    assert code == 2
+    one_line_error(err, "--prompts", "'vibes'")
+    # a GenEval folder whose metadata carries the tag (written by some other tool)
+    out = tmp_path / "r"
+    assert run(["render", out, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    (out / "00003" / "metadata.jsonl").write_text(json.dumps({**COUNTING, "tag": "vibes"}) + "\n")
+    (out / cli.MANIFEST_NAME).unlink()
+    code, _, err = run(["eval", "--folder", out], capsys)
+    assert code == 2
+    one_line_error(err, "--folder", "'tag' must be one of", "'vibes'")
+    # the library says so too, instead of averaging a seventh task into "overall"
+    image = P.render_record(COUNTING, seed=0).render()
+    with pytest.raises(ValueError, match="'tag' must be one of"):
+        E.evaluate_record(image, {**COUNTING, "tag": "vibes"})
+    good = E.evaluate_record(image, COUNTING)
+    with pytest.raises(ValueError, match="not a GenEval task"):
+        E.summarize([good, E.RecordResult(**{**good.__dict__, "tag": "vibes"})])
+
+
+def test_an_eval_folder_without_samples_is_an_error(tmp_path, capsys, prompt_file):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(["eval", "--folder", empty], capsys)
+    assert code == 2
+    one_line_error(err, "--folder", "no <index>/metadata.jsonl")
+    out = tmp_path / "r"
+    assert run(["render", out, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    for png in (out / "00005" / "samples").glob("*.png"):
+        png.unlink()
+    code, out_text, err = run(["eval", "--folder", out], capsys)
+    assert code == 2 and "nan" not in out_text
+    one_line_error(err, "--folder", "1 of 12 prompt folders have no samples", "00005")
+
+
+# --------------------------------------------------------------------------------------------
+# Every user error: one line naming the argument and the fix, exit 2, no traceback
+
+
+def test_user_errors_name_the_argument_and_the_fix(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "not-a-pipeline").mkdir()
+    cases = [
+        (["render", tmp_path / "r", "--prompts", tmp_path / "missing.jsonl"], ("--prompts", "no such file")),
+        (["eval", "--folder", tmp_path / "missing"], ("--folder", "no such folder")),
+        (["eval", "--prompts", tmp_path / "missing.jsonl", "--images", tmp_path], ("--prompts", "no such file")),
+        (["prompts", tmp_path / "no" / "p.jsonl"], ("OUT", "does not exist", "create it first")),
+        (["generate", "a circle", "--backbone", tmp_path / "not-a-pipeline", "--out", tmp_path / "g"],
+         ("--backbone", "no model_index.json", "save_pretrained")),
+        (["generate", "a circle", "--backbone", "./no/such/pipeline", "--out", tmp_path / "g"],
+         ("--backbone", "no folder at", "check the path")),
+        (["generate", "a circle", "--backbone", "someorg/not-cached-model", "--out", tmp_path / "g"],
+         ("--backbone", "HF_HUB_OFFLINE", "download it first")),
+        (["generate", "a circle", "--backbone", "not a hub id!", "--out", tmp_path / "g"],
+         ("--backbone", "nor a valid hub id")),
+        (["generate", "a circle", "--backbone", "shapes", "--device", "cuda", "--out", tmp_path / "g"],
+         ("--device", "drop --device")),
+        (["generate", "a circle", "--backbone", "shapes", "--device", "gpu", "--out", tmp_path / "g"],
+         ("--device", "use cpu, cuda")),
+        (["eval", "--backbone", "shapes"], ("--backbone", "needs --prompts")),
+    ]
+    for argv, texts in cases:
+        code, _, err = run(argv, capsys)
+        assert code == 2, (argv, err)
+        one_line_error(err, *texts)
+    assert not (tmp_path / "g").exists()  # nothing is created when a check fails
+
+
+def test_a_user_error_in_a_subprocess_has_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "xlard", "prompts", str(tmp_path / "p.jsonl"), "-n", "-5"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    one_line_error(proc.stderr, "argument -n")
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders: refuse, --overwrite, --resume
+
+
+def test_render_into_a_folder_with_results(tmp_path, capsys, prompt_file):
+    out = tmp_path / "r"
+    assert run(["render", out, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    (out / "notes.txt").write_text("mine")  # not the command's: survives everything below
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+    code, _, err = run(["render", out, "--prompts", prompt_file, "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "OUT", "already holds results", "--overwrite", "--resume")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+
+    # --resume with the same settings reuses everything and says so
+    code, stdout, err = run(["render", out, "--prompts", prompt_file, "--quiet", "--resume"], capsys)
+    assert code == 0 and "reusing 12 of 12" in err and "0 prompt folders" in stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+
+    # --resume with other settings would mix two runs: refused, naming what differs
+    code, _, err = run(["render", out, "--prompts", prompt_file, "--quiet", "--resume", "--seed", "9"], capsys)
+    assert code == 2
+    one_line_error(err, "--resume", "differ: seed")
+
+    # --overwrite with a smaller prompt set: only the new run's folders remain, and eval scores 4
+    small = write_records(tmp_path / "small.jsonl", P.read_records(prompt_file)[:4])
+    code, _, err = run(["render", out, "--prompts", small, "--quiet", "--overwrite"], capsys)
+    assert code == 0 and "removed 12 outputs" in err
+    assert units(out) == ["00000", "00001", "00002", "00003"]
+    assert (out / "notes.txt").read_text() == "mine"
+    summary = tmp_path / "s.json"
+    assert run(["eval", "--folder", out, "--json", summary, "--quiet"], capsys)[0] == 0
+    assert json.loads(summary.read_text())["total"] == 4
+
+
+def test_resume_without_a_manifest_is_refused(tmp_path, capsys, prompt_file):
+    out = tmp_path / "r"
+    assert run(["render", out, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    (out / cli.MANIFEST_NAME).unlink()
+    code, _, err = run(["render", out, "--prompts", prompt_file, "--quiet", "--resume"], capsys)
+    assert code == 2
+    one_line_error(err, "--resume", "use --overwrite")
+
+
+def test_eval_with_a_backbone_never_scores_stale_prompt_folders(tmp_path, capsys, prompt_file):
+    from tiny_pipelines import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(tmp_path / "pipe")
+    out = tmp_path / "eval"
+    assert run(["render", out, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0  # 12 earlier folders
+    three = write_records(tmp_path / "three.jsonl", P.read_records(prompt_file)[:3])
+    argv = ["eval", "--backbone", pipe, "--prompts", three, "--steps", 2, "--out", out, "--quiet"]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    one_line_error(err, "--out", "already holds results")
+
+    results = tmp_path / "results.jsonl"
+    code, _, err = run(argv + ["--overwrite", "--results", results], capsys)
+    assert code == 0, err
+    assert units(out) == ["00000", "00001", "00002"]
+    assert len(results.read_text().splitlines()) == 3
+
+    # --resume regenerates only what is missing: the same image (same seed), up to the arithmetic of
+    # another batch size (3 prompts per pass before, 1 now)
+    import shutil
+
+    import numpy as np
+
+    first, _ = E.load_images(str(out / "00001" / "samples" / "0000.png"))
+    kept = (out / "00000" / "samples" / "0000.png").stat().st_mtime_ns
+    shutil.rmtree(out / "00001")
+    code, _, err = run(argv + ["--resume", "--results", results], capsys)
+    assert code == 0 and "reusing 2 of 3" in err
+    again, _ = E.load_images(str(out / "00001" / "samples" / "0000.png"))
+    diff = np.abs(first[0].astype(int) - again[0].astype(int))
+    print("resume vs full run, max |diff| in 8-bit levels:", diff.max(), "mean:", diff.mean())
+    assert diff.max() <= 8 and diff.mean() < 1.0
+    assert (out / "00000" / "samples" / "0000.png").stat().st_mtime_ns == kept
+    assert len(results.read_text().splitlines()) == 3
+
+
+def test_generate_refuses_overwrites_and_resumes(tmp_path, capsys):
+    from tiny_pipelines import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(tmp_path / "pipe")
+    out = tmp_path / "g"
+    argv = ["generate", "a red circle", "two blue squares", "--backbone", pipe, "--steps", 2, "--out", out,
+            "--quiet"]
+    assert run(argv, capsys)[0] == 0
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["0000_seed0.png", "0001_seed1.png"]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    one_line_error(err, "--out", "already holds results")
+    (out / "0001_seed1.png").unlink()
+    code, stdout, err = run(argv + ["--resume"], capsys)
+    assert code == 0 and "reusing 1 of 2" in err and "wrote 1 images" in stdout
+    code, _, err = run(argv[:2] + argv[3:] + ["--resume"], capsys)  # other prompts: refused
+    assert code == 2
+    one_line_error(err, "--resume", "differ: prompts")
+    code, _, err = run(argv[:2] + argv[3:] + ["--overwrite"], capsys)
+    assert code == 0 and sorted(p.name for p in out.glob("*.png")) == ["0000_seed0.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# Only regular files or new paths are written
+
+
+def test_outputs_that_are_not_regular_files_are_refused(tmp_path, capsys, prompt_file):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, _, err = run(["prompts", fifo, "-n", 3], capsys)
+    assert code == 2
+    one_line_error(err, "OUT", "FIFO", "not a regular file")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    out = tmp_path / "r"
+    assert run(["render", out, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    for flag in ("--json", "--results"):
+        code, _, err = run(["eval", "--folder", out, flag, fifo, "--quiet"], capsys)
+        assert code == 2
+        one_line_error(err, flag, "FIFO")
+        code, _, err = run(["eval", "--folder", out, flag, out, "--quiet"], capsys)
+        assert code == 2
+        one_line_error(err, flag, "is a folder")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    node = tmp_path / "full"  # a private device node (like /dev/full): the system's is never at risk
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 7))
+    except PermissionError:
+        return
+    code, _, err = run(["prompts", node, "-n", 3], capsys)
+    assert code == 2
+    one_line_error(err, "character device")
+    assert stat.S_ISCHR(os.lstat(node).st_mode)
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C: one line, exit 130, only complete outputs; --resume finishes the run
+
+
+def test_ctrl_c_leaves_only_complete_prompt_folders(tmp_path, capsys, prompt_file, monkeypatch):
+    out = tmp_path / "r"
+    real = cli._write_png
+    calls = {"n": 0}
+
+    def interrupted_write(path, image):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the third prompt folder, second image: mid-folder
+            raise KeyboardInterrupt
+        real(path, image)
+
+    monkeypatch.setattr(cli, "_write_png", interrupted_write)
+    code, _, err = run(["render", out, "--prompts", prompt_file, "--per-prompt", 2, "--quiet"], capsys)
+    assert code == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0]
+    assert units(out) == ["00000", "00001"] and temporaries(out) == []
+    for unit in units(out):
+        assert len(list((out / unit / "samples").glob("*.png"))) == 2
+        assert (out / unit / "metadata.jsonl").is_file()
+    code, _, err = run(["eval", "--folder", out], capsys)  # a half run is not scored as if whole
+    assert code == 2
+    one_line_error(err, "--folder", "unfinished", "--resume")
+    monkeypatch.setattr(cli, "_write_png", real)
+    code, _, err = run(["render", out, "--prompts", prompt_file, "--per-prompt", 2, "--quiet", "--resume"], capsys)
+    assert code == 0 and "reusing 2 of 12" in err
+    assert len(units(out)) == 12
+    assert json.loads((out / cli.MANIFEST_NAME).read_text())["complete"] is True
+    assert run(["eval", "--folder", out, "--quiet"], capsys)[0] == 0
+
+
+def test_sigint_to_a_real_process(tmp_path, prompt_file):
+    out = tmp_path / "r"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "xlard", "render", str(out), "--prompts", str(prompt_file),
+                             "--per-prompt", "400", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not (out / "00000").is_dir():
+            time.sleep(0.05)
+        if proc.poll() is not None:
+            pytest.fail(f"render ended before it could be interrupted: {proc.communicate()}")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err
+    assert temporaries(out) == []
+    assert 1 <= len(units(out)) < 12
+    for unit in units(out):
+        assert len(list((out / unit / "samples").glob("*.png"))) == 400
+
+
+# --------------------------------------------------------------------------------------------
+# Permissions follow the umask
+
+
+def test_outputs_follow_the_umask(tmp_path, capsys, monkeypatch):
+    old = os.umask(0o022)
+    try:
+        prompts = tmp_path / "p.jsonl"
+        assert run(["prompts", prompts, "-n", 6], capsys)[0] == 0
+        out = tmp_path / "r"
+        assert run(["render", out, "--prompts", prompts, "--quiet"], capsys)[0] == 0
+        summary, results = tmp_path / "s.json", tmp_path / "res.jsonl"
+        assert run(["eval", "--folder", out, "--json", summary, "--results", results, "--quiet"], capsys)[0] == 0
+        from xlard.models import CorrectorConfig, ResidualCorrector
+
+        model = ResidualCorrector(CorrectorConfig.tiny(latent_channels=4, text_dim=8, pooled_dim=8))
+        model.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    files = [prompts, summary, results, out / cli.MANIFEST_NAME, out / "00000" / "metadata.jsonl",
+             out / "00000" / "samples" / "0000.png", tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json"]
+    for f in files:
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o644, f
+    for d in (out, out / "00000", out / "00000" / "samples", tmp_path / "m"):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o755, d
+
+
+def test_ctrl_c_during_overwrite_leaves_no_run_to_mistake_for_whole(tmp_path, capsys, prompt_file, monkeypatch):
+    out = tmp_path / "r"
+    assert run(["render", out, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    real = cli.shutil.rmtree
+    calls = {"n": 0}
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cli.shutil, "rmtree", interrupted_rmtree)
+    code, _, err = run(["render", out, "--prompts", prompt_file, "--quiet", "--overwrite", "--seed", 5], capsys)
+    assert code == 130 and len(units(out)) == 9
+    monkeypatch.setattr(cli.shutil, "rmtree", real)
+    code, _, err = run(["eval", "--folder", out], capsys)
+    assert code == 2
+    one_line_error(err, "unfinished")
+    for seed in ("0", "5"):  # neither the old run nor the new one may adopt the 9 leftovers
+        code, _, err = run(["render", out, "--prompts", prompt_file, "--quiet", "--resume", "--seed", seed], capsys)
+        assert code == 2
+        one_line_error(err, "--resume", "other settings")
+    assert run(["render", out, "--prompts", prompt_file, "--quiet", "--overwrite", "--seed", 5], capsys)[0] == 0
+    assert run(["eval", "--folder", out, "--quiet"], capsys)[0] == 0
+
+
+def test_an_output_never_replaces_an_input(tmp_path, capsys, prompt_file):
+    before = prompt_file.read_bytes()
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for flag in ("--results", "--json"):
+        code, _, err = run(["eval", "--prompts", prompt_file, "--images", images, flag, prompt_file], capsys)
+        assert code == 2
+        one_line_error(err, flag, "also given as --prompts")
+    code, _, err = run(["eval", "--folder", tmp_path, "--results", tmp_path / "x", "--json", tmp_path / "x"], capsys)
+    assert code == 2
+    one_line_error(err, "--json", "also given as --results")
+    assert prompt_file.read_bytes() == before
+
+
+def test_a_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(P, "write_jsonl", full)
+    code, _, err = run(["prompts", tmp_path / "p.jsonl", "-n", 3], capsys)
+    assert code == 1
+    one_line_error(err, "No space left on device")
+    assert not (tmp_path / "p.jsonl").exists()

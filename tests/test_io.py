@@ -1,0 +1,174 @@
+"""xlard._io: atomic writes, regular-file-or-new-path only, the user's umask; the only writer in the code."""
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from xlard import _io
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".tmp-"))
+
+
+@pytest.mark.parametrize("mask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                           (0o002, 0o664, 0o775)])
+def test_new_files_and_folders_follow_the_umask(tmp_path, mask, file_mode, folder_mode):
+    with umask(mask):
+        _io.atomic_write_text(tmp_path / "a.txt", "hi")
+        _io.atomic_write_json(tmp_path / "deep" / "b.json", {"x": 1}, make_parents=True)
+        _io.atomic_save_safetensors(tmp_path / "w.safetensors", {"t": torch.zeros(2)})
+        with _io.atomic_folder(tmp_path / "model") as tmp:
+            _io.atomic_write_bytes(tmp / "c.bin", b"\0")
+    for f in ("a.txt", "deep/b.json", "w.safetensors", "model/c.bin"):
+        assert mode(tmp_path / f) == file_mode, f
+    assert mode(tmp_path / "deep") == folder_mode
+    assert mode(tmp_path / "model") == folder_mode
+
+
+def test_an_existing_file_keeps_its_mode_and_gets_the_new_content(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    os.chmod(path, 0o640)
+    _io.atomic_write_text(path, "new")
+    assert path.read_text() == "new" and mode(path) == 0o640
+    assert leftovers(tmp_path) == []
+
+
+def test_a_symlink_is_followed_and_kept(tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    _io.atomic_write_json(link, [1, 2])
+    assert link.is_symlink() and real.read_text() == "[\n  1,\n  2\n]\n"
+
+
+def test_a_fifo_is_refused_and_left_alone(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="FIFO.*not a regular file"):
+        _io.atomic_write_text(fifo, "x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert leftovers(tmp_path) == []
+    # ...also through a symlink that points at it
+    (tmp_path / "to-pipe").symlink_to(fifo)
+    with pytest.raises(ValueError, match="FIFO"):
+        _io.atomic_write_bytes(tmp_path / "to-pipe", b"x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_device_is_refused_and_left_alone(tmp_path):
+    # A private copy of /dev/null's node: if the refusal ever broke, the test would replace
+    # this node in tmp_path, never the system's device.
+    node = tmp_path / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("creating a device node needs root")
+    with pytest.raises(ValueError, match="character device"):
+        _io.atomic_write_text(node, "x")
+    assert stat.S_ISCHR(os.lstat(node).st_mode)
+
+
+def test_a_folder_is_refused(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        _io.atomic_write_text(tmp_path, "x")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _io.atomic_write_text(tmp_path / "missing" / "a.txt", "x")
+
+
+def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with _io.atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert path.read_text() == "old" and leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match="not JSON-serializable"):
+        _io.atomic_write_json(path, {"x": object()})
+    assert path.read_text() == "old" and leftovers(tmp_path) == []
+
+
+def test_the_temporary_file_keeps_the_suffix(tmp_path):
+    with _io.atomic_path(tmp_path / "img.png") as tmp:
+        assert tmp.suffix == ".png" and tmp.parent == tmp_path and tmp.exists()
+        tmp.write_bytes(b"png")
+    assert (tmp_path / "img.png").read_bytes() == b"png"
+
+
+def test_atomic_folder_refuse_merge_replace(tmp_path):
+    target = tmp_path / "m"
+    with _io.atomic_folder(target) as tmp:
+        (tmp / "a").write_text("1")
+        (tmp / "b").write_text("1")
+    with pytest.raises(FileExistsError, match="already holds files"):
+        with _io.atomic_folder(target) as tmp:
+            (tmp / "a").write_text("2")
+    assert (target / "a").read_text() == "1"
+    with _io.atomic_folder(target, existing="merge") as tmp:
+        (tmp / "a").write_text("2")
+    assert (target / "a").read_text() == "2" and (target / "b").read_text() == "1"
+    with _io.atomic_folder(target, existing="replace") as tmp:
+        (tmp / "c").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["c"]
+    with pytest.raises(RuntimeError):
+        with _io.atomic_folder(target, existing="replace") as tmp:
+            (tmp / "d").write_text("4")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in target.iterdir()) == ["c"]
+    assert leftovers(tmp_path) == []
+    # merge onto a folder where one destination is a FIFO: refused before any file is replaced
+    os.mkfifo(target / "z")
+    with pytest.raises(ValueError, match="FIFO"):
+        with _io.atomic_folder(target, existing="merge") as tmp:
+            (tmp / "c").write_text("new")
+            (tmp / "z").write_text("new")
+    assert (target / "c").read_text() == "3" and stat.S_ISFIFO(os.lstat(target / "z").st_mode)
+    os.unlink(target / "z")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        with _io.atomic_folder(tmp_path / "file"):
+            pass
+
+
+def _writes_outside_io(path: Path) -> list[str]:
+    """Calls that replace or create files by hand: tempfile.mkstemp/mkdtemp, os.replace/rename."""
+    banned = {("tempfile", "mkstemp"), ("tempfile", "mkdtemp"), ("tempfile", "NamedTemporaryFile"),
+              ("os", "replace"), ("os", "rename")}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and isinstance(node.func.value, ast.Name) and (node.func.value.id, node.func.attr) in banned:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.func.value.id}.{node.func.attr}")
+    return found
+
+
+def test_every_file_write_goes_through_xlard_io():
+    files = [p for p in sorted((ROOT / "xlard").rglob("*.py")) + sorted((ROOT / "scripts").rglob("*.py"))
+             if p.name != "_io.py"]
+    assert files
+    offenders = [hit for p in files for hit in _writes_outside_io(p)]
+    assert offenders == [], "write files with xlard._io (atomic_path / atomic_write_*), not by hand"

@@ -1,0 +1,348 @@
+"""Atomic file output: the one place xlard writes files from.
+
+Every file xlard writes (JSONL, JSON, PNG, HTML, safetensors, checkpoints) goes
+through :func:`atomic_path`: the data goes to a temporary file in the
+destination folder, is flushed to disk, and then replaces the destination with
+one ``os.replace``. A reader sees the old file or the complete new one, never a
+partial write; an interrupted write (Ctrl-C, an exception, a full disk) leaves
+the old file untouched and no temporary file behind.
+
+Three rules hold for every write:
+
+- **Only regular files are replaced.** The destination must be a regular file
+  or a path that does not exist yet. A folder, a FIFO, a socket or a device
+  (``/dev/full``, ``/dev/null``) is refused: an atomic rename would replace the
+  device node itself with a regular file (as root it can). A symbolic link is
+  followed: its target is written, and the link stays.
+- **Permissions follow the user's umask.** New files are created with mode
+  ``0o666`` and folders with ``0o777``, minus the umask (``tempfile.mkstemp``
+  and ``mkdtemp`` would make them ``0o600``/``0o700``). A file that already
+  exists keeps its permission bits.
+- **Durable.** The file is fsynced before the rename and its folder after it.
+
+Folders written as a whole (a saved model, one GenEval prompt folder) use
+:func:`atomic_folder`: the files go to a temporary folder beside the target,
+which is then renamed into place.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "check_output_path",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_save_safetensors",
+    "atomic_folder",
+    "make_folder",
+    "current_umask",
+]
+
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _kind(mode: int) -> str:
+    return _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def check_output_path(path: str | os.PathLike[str], owner: str = "xlard") -> Path:
+    """Check that ``path`` may be (re)written: a regular file or a new path.
+
+    Symbolic links are resolved, so the returned path is where the bytes go.
+
+    Args:
+        path: the destination file.
+        owner: who is writing, for error messages (e.g. ``"xlard.geneval.write_jsonl"``).
+
+    Returns:
+        Path: the resolved destination.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder.
+        ValueError: ``path`` exists and is a FIFO, socket or device.
+
+    Example:
+        >>> check_output_path("results.jsonl")  # doctest: +SKIP
+        PosixPath('/home/me/results.jsonl')
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise TypeError(f"{owner}: path must be a non-empty str or PathLike, got {path!r}")
+    target = Path(os.path.realpath(os.fspath(path)))
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return target
+    if stat.S_ISREG(st.st_mode):
+        return target
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{owner}: {path} is a folder; give the path of a file to write")
+    raise ValueError(f"{owner}: {path} is {_kind(st.st_mode)}, not a regular file; refusing to replace it "
+                     "(give the path of a regular file or of a new one)")
+
+
+def make_folder(path: str | os.PathLike[str], owner: str = "xlard") -> Path:
+    """Create ``path`` and its parents (umask permissions); an existing folder is fine.
+
+    Raises:
+        NotADirectoryError: ``path`` or a parent exists and is not a folder.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{owner}: {path} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"{owner}: cannot create folder {path}: a parent is not a folder") from None
+    return folder
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the rename itself durable; some filesystems refuse O_RDONLY on folders: best effort.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, hence the /proc path first)
+    os.umask(mask)
+    return mask
+
+
+def _new_temp_file(folder: Path, name: str) -> Path:
+    # The temporary name keeps the destination's suffix: writers such as cv2.imwrite pick the
+    # format from it. Mode 0o666 goes through the umask (mkstemp would force 0o600).
+    for _ in range(100):
+        tmp = folder / f".tmp-{secrets.token_hex(4)}-{name}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"could not create a temporary file in {folder}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, owner: str = "xlard",
+                make_parents: bool = False) -> Iterator[Path]:
+    """A temporary path to write to; on a clean exit it atomically replaces ``path``.
+
+    The temporary file exists (empty) when the block starts, lies in the
+    destination's folder and ends with the destination's name (same suffix).
+    On an exception (KeyboardInterrupt included) it is removed and ``path`` is
+    left as it was.
+
+    Args:
+        path: the destination file (see :func:`check_output_path`).
+        owner: who is writing, for error messages.
+        make_parents: create missing parent folders (else a missing folder is an error).
+
+    Yields:
+        Path: where to write.
+
+    Raises:
+        FileNotFoundError: the folder does not exist and ``make_parents`` is False.
+        IsADirectoryError, ValueError: see :func:`check_output_path`.
+
+    Example:
+        >>> with atomic_path("weights.pt") as tmp:  # doctest: +SKIP
+        ...     torch.save(state, tmp)
+    """
+    target = check_output_path(path, owner)
+    folder = target.parent
+    if make_parents:
+        make_folder(folder, owner)
+    elif not folder.is_dir():
+        raise FileNotFoundError(f"{owner}: cannot write {path}: folder {folder} does not exist")
+    old_mode = None
+    with contextlib.suppress(FileNotFoundError):
+        old_mode = stat.S_IMODE(os.stat(target).st_mode)
+    tmp = _new_temp_file(folder, target.name)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        # Some writers (safetensors) replace the file we created with one of mode 0o600: set it again.
+        os.chmod(tmp, old_mode if old_mode is not None else 0o666 & ~current_umask())
+        # Re-checked just before the rename: the destination may have changed while we wrote.
+        check_output_path(target, owner)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, owner: str = "xlard",
+                       make_parents: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (see the module docstring); returns the resolved path.
+
+    Example:
+        >>> atomic_write_bytes("image.png", png)  # doctest: +SKIP
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{owner}: data must be bytes, got {type(data).__name__}")
+    with atomic_path(path, owner=owner, make_parents=make_parents) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return check_output_path(path, owner)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, owner: str = "xlard",
+                      make_parents: bool = False) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the resolved path.
+
+    Example:
+        >>> atomic_write_text("report.html", html)  # doctest: +SKIP
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"{owner}: text must be a str, got {type(text).__name__}")
+    return atomic_write_bytes(path, text.encode("utf-8"), owner=owner, make_parents=make_parents)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, owner: str = "xlard",
+                      make_parents: bool = False, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    """Write ``obj`` as JSON (plus a final newline) to ``path`` atomically; returns the resolved path.
+
+    Raises:
+        ValueError: ``obj`` is not JSON-serializable (nothing is written).
+
+    Example:
+        >>> atomic_write_json("summary.json", {"overall": 0.5})  # doctest: +SKIP
+    """
+    try:
+        text = json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=True) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{owner}: not JSON-serializable ({exc})") from None
+    return atomic_write_text(path, text, owner=owner, make_parents=make_parents)
+
+
+def atomic_save_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Any],
+                            metadata: Mapping[str, str] | None = None, *, owner: str = "xlard",
+                            make_parents: bool = False) -> Path:
+    """``safetensors.torch.save_file`` to ``path``, atomically; returns the resolved path."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path, owner=owner, make_parents=make_parents) as tmp:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata is not None else None)
+    return check_output_path(path, owner)
+
+
+def _new_temp_folder(parent: Path, name: str) -> Path:
+    for _ in range(100):
+        tmp = parent / f".tmp-{secrets.token_hex(4)}-{name}"
+        try:
+            os.mkdir(tmp, 0o777)  # through the umask (mkdtemp would force 0o700)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary folder in {parent}")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
+                  existing: str = "refuse") -> Iterator[Path]:
+    """A temporary folder to fill; on a clean exit it becomes ``path`` in one rename.
+
+    When ``path`` does not exist (or is an empty folder) it appears with all its
+    files at once. When it is a folder with files, ``existing`` decides:
+    ``"refuse"`` raises ``FileExistsError``; ``"merge"`` replaces each top-level
+    file of it atomically with the new one (files the new folder does not hold
+    are kept; top-level entries must be files); ``"replace"`` moves the old
+    folder aside, renames the new one into place and then deletes the old one
+    (a reader may briefly find no folder, never a mixed one). On an exception
+    the temporary folder is removed and ``path`` is untouched.
+
+    Args:
+        path: the destination folder; its parents are created.
+        owner: who is writing, for error messages.
+        existing: ``"refuse"``, ``"merge"`` or ``"replace"`` (see above).
+
+    Yields:
+        Path: the temporary folder to write into.
+
+    Raises:
+        NotADirectoryError: ``path`` exists and is not a folder.
+        FileExistsError: ``path`` holds files and ``existing`` is ``"refuse"``.
+
+    Example:
+        >>> with atomic_folder("runs/corrector", existing="merge") as tmp:  # doctest: +SKIP
+        ...     atomic_save_safetensors(tmp / "model.safetensors", state)
+    """
+    if existing not in ("refuse", "merge", "replace"):
+        raise ValueError(f"{owner}: existing must be 'refuse', 'merge' or 'replace', got {existing!r}")
+    target = Path(os.path.realpath(os.fspath(path)))
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{owner}: {path} exists and is not a folder")
+    make_folder(target.parent, owner)
+    tmp = _new_temp_folder(target.parent, target.name)
+    try:
+        yield tmp
+        for child in tmp.iterdir():
+            if child.is_file():
+                _fsync_file(child)
+        try:
+            os.rename(tmp, target)  # a missing or empty target: the whole folder appears at once
+        except OSError:
+            if not target.is_dir():
+                raise
+            if existing == "refuse":
+                raise FileExistsError(f"{owner}: {path} already holds files") from None
+            if existing == "merge":
+                children = sorted(tmp.iterdir())
+                for child in children:  # every destination checked before the first is replaced
+                    check_output_path(target / child.name, owner)
+                for child in children:
+                    os.replace(child, target / child.name)
+                _fsync_folder(target)
+            else:
+                old = _new_temp_folder(target.parent, target.name + ".old")
+                os.replace(target, old)  # onto the fresh empty folder: a rename, nothing copied
+                try:
+                    os.rename(tmp, target)
+                except BaseException:
+                    os.replace(old, target)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_folder(target.parent)
