@@ -42,6 +42,8 @@ _STOPWORDS = frozenset({
     "onto", "from", "through", "across", "over", "toward", "towards", "within", "to",
     "top", "bottom", "edge", "middle", "center", "centre", "front", "corner",
 })
+# Size words, stopwords in noun phrases, may still modify a scene ("on a small stage").
+_SIZE_WORDS = frozenset({"small", "big", "large", "tiny", "huge", "lone", "single"})
 # Words that end a noun phrase that has content (the next one has no quantifier).
 _PIECE_BREAKS = frozenset({"of", "in"})
 
@@ -266,17 +268,18 @@ def _setting_length(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> int:
                 break
             text = words[j].text
             # An object noun the lexicon knows ("on a blue square") is never scenery.
-            if text in nouns and (arrangement or (text,) not in lexicon.nouns):
+            if (text in nouns or _singularize_word(text) in nouns) and (arrangement or (text,) not in lexicon.nouns):
                 end = j + 1
                 # "a city street", "the night sky": a scene noun may modify another.
-                while not arrangement and end < len(words) and words[end].text in nouns:
+                while not arrangement and end < len(words) and (
+                        words[end].text in nouns or _singularize_word(words[end].text) in nouns):
                     end += 1
                 if _is_boundary(words, end, lexicon):
                     return end - pos
                 break
             if not (text[0].isalpha() or (arrangement and text.isdigit())):
                 break
-            if (text in _STOPWORDS or _match(words, j, lexicon.nouns, lexicon.max_noun_len)
+            if ((text in _STOPWORDS and text not in _SIZE_WORDS) or _match(words, j, lexicon.nouns, lexicon.max_noun_len)
                     or _match(words, j, _PHRASES, _MAX_PHRASE)):
                 break
             if arrangement and (text,) in _COLOR_PHRASES:
@@ -415,11 +418,14 @@ def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) ->
             if later is not None:
                 head = later
         elif (len(rest) == 1 and rest[0] == head[1] and words[rest[0]].text[0].isalpha()
+              and " ".join(w.text for w in words[head[0]:head[1]]) == head[2]
               and rest[0] not in covered_by_color and not _looks_like_verb_or_adverb(words[rest[0]].text)
               and not (piece.quantifier == ("number", 1) and _looks_plural(words[rest[0]].text))):
-            # "a glass aquarium", "football players": a known noun modifying the
-            # unknown last word of the phrase; that word is the head. After "a",
-            # a plural-looking word is a verb ("a cat watches").
+            # "a glass aquarium", "football players": a known noun (singular, as
+            # modifiers are) before the unknown last word of the phrase; that
+            # word is the head. After "a", a plural-looking word is a verb ("a
+            # cat watches"); after a plural noun, a word is no head ("children
+            # building").
             head = fallback(head[1]) or head
     else:
         head = fallback(0)

@@ -87,7 +87,8 @@ SCENE_NOUNS: frozenset[str] = frozenset({
     "valley", "hill", "hills", "hillside", "mountain", "mountains", "mountainside",
     "cliff", "canyon", "cave", "island", "prairie", "savanna", "savannah", "swamp",
     "tundra", "glacier", "landscape", "countryside", "wilderness", "horizon", "clearing",
-    "trail", "hilltop", "puddle", "puddles", "windowsill",
+    "trail", "hilltop", "puddle", "puddles", "windowsill", "farmyard", "barnyard", "vineyard",
+    "cellar", "wheat", "cornfield", "pasture", "bay", "lagoon", "reef", "seabed", "underwater",
     # places
     "street", "streets", "road", "roads", "sidewalk", "alley", "highway", "path",
     "city", "town", "village", "downtown", "plaza", "market", "marketplace",
