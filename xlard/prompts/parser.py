@@ -233,7 +233,7 @@ def _is_boundary(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> bool:
         return True
     if (text,) in lexicon.nouns:
         return False
-    return len(text) > 4 and text.endswith(("ing", "ed"))
+    return _looks_like_participle(text)
 
 
 def _setting_length(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> int:
@@ -339,7 +339,7 @@ _ING_ED_NOUNS = frozenset({
     "railing", "awning", "sapling", "saplings", "duckling", "ducklings", "seedling", "seedlings",
     "lightning", "bedding", "frosting", "clearing", "landing", "dwelling", "sled", "shed", "bed",
     "beds", "seed", "seeds", "reed", "reeds", "steed", "weed", "weeds", "flowerbed", "seabed",
-    "riverbed", "bobsled", "hundred", "seed", "deed", "sing", "thing", "things", "sibling", "siblings",
+    "riverbed", "bobsled", "hundred", "deed", "thing", "things", "sibling", "siblings",
 })
 
 
@@ -387,7 +387,7 @@ def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) ->
                 and ((before,) in lexicon.nouns or _looks_plural(before) or k - 1 in {e - 1 for _, e, _ in noun_hits})):
             hi = k
             break
-    noun_hits = [h for h in noun_hits if h[1] <= hi] or ([] if hi < len(words) else noun_hits)
+    noun_hits = [h for h in noun_hits if h[1] <= hi]
 
     def fallback(lo: int) -> tuple[int, int, str] | None:
         # Participles and adverbs ("penguins huddled", "cats sleeping quietly")
