@@ -18,6 +18,7 @@ import pytest
 from xlard import geneval
 from xlard.prompts import (
     ABOVE,
+    MAX_COUNT,
     ASPECTS,
     BELOW,
     COCO_CLASSES,
@@ -217,6 +218,136 @@ def test_from_geneval_text_search_fallback():
     entity = spec.entities[0]
     assert spec.prompt[slice(*entity.word_span)] == "thing-a-ma-jig"
     assert spec.prompt[slice(*entity.color_span)] == "green"
+
+
+# ---------------------------------------------------------------------------
+# Long DPG-Bench-style prompts: settings and arrangements are no objects
+# ---------------------------------------------------------------------------
+
+DPG = [e for e in BANK if e.get("kind") == "dpg"]
+_ARRANGEMENT_WORDS = {"line", "row", "circle", "side", "pyramid", "file", "stack", "group", "pair", "herd", "flock"}
+
+
+def test_dpg_bank_size_and_coverage():
+    assert len(DPG) >= 60
+    for entry in DPG:
+        words = re.findall(r"[a-z']+", entry["prompt"].lower())
+        assert len(words) >= 8, entry["prompt"]
+        # Each word listed as "not an entity" really is in the prompt (singular or plural).
+        for word in entry["not_entities"]:
+            assert word in words or pluralize(word) in words, (entry["prompt"], word)
+    with_arrangement = [e for e in DPG if _ARRANGEMENT_WORDS & set(e["not_entities"]) or "back to back" in e["prompt"]]
+    with_setting = [e for e in DPG if set(e["not_entities"]) - _ARRANGEMENT_WORDS]
+    several = [e for e in DPG if len(e["entities"]) >= 2]
+    colored = [e for e in DPG if any(x["color"] for x in e["entities"])]
+    assert len(with_arrangement) >= 20 and len(with_setting) >= 50 and len(several) >= 35 and len(colored) >= 30
+
+
+@pytest.mark.parametrize("entry", DPG, ids=[e["prompt"] for e in DPG])
+def test_dpg_settings_and_arrangements_are_not_entities(entry):
+    nouns = parse(entry["prompt"]).nouns
+    for word in entry["not_entities"]:
+        assert singularize(word) not in nouns, (word, nouns)
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("six penguins walking in a line on snow", [("penguin", 6, None)]),
+    ("three dogs sitting in a row in a field at night", [("dog", 3, None)]),
+    ("five stones arranged in a circle", [("stone", 5, None)]),
+    ("two cats forming a line one after another", [("cat", 2, None)]),
+    ("a kite above the beach", [("kite", 1, None)]),
+    ("an apple against a white background", [("apple", 1, None)]),
+    ("a flock of birds over the ocean", [("bird", None, None)]),
+    ("rows of houses under a blue sky", [("house", None, None)]),
+    # The same words as objects: a color, a known object noun, or no preposition.
+    ("a red circle in a blue square", [("circle", 1, "red"), ("square", 1, "blue")]),
+    ("a red line above a blue circle", [("line", 1, "red"), ("circle", 1, "blue")]),
+    ("a cat on a wooden table", [("cat", 1, None), ("table", 1, None)]),
+    ("a snow globe on a shelf", [("globe", 1, None), ("shelf", 1, None)]),
+    ("a bird atop a traffic light", [("bird", 1, None), ("traffic light", 1, None)]),
+    ("a dog under a tree", [("dog", 1, None), ("tree", 1, None)]),
+])
+def test_setting_and_arrangement_phrases(prompt, expected):
+    spec = parse(prompt)
+    assert [(e.noun, e.count, e.color) for e in spec.entities] == expected
+
+
+def test_a_relation_into_a_setting_is_no_relation():
+    assert parse("a kite above the beach").relations == ()
+    assert parse("a dog under a tree").relation_rows() == ((0, 1, BELOW),)
+    assert parse("a cat on the grass left of a dog").relation_rows() == ((0, 1, LEFT_OF),)
+
+
+# ---------------------------------------------------------------------------
+# Counts: what the parser reads as a number, and what it refuses
+# ---------------------------------------------------------------------------
+
+_TEENS = ["thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+
+
+@pytest.mark.parametrize("word, value", list(zip(_TEENS, range(13, 21))))
+def test_number_words_13_to_20(word, value):
+    assert parse(f"a photo of {word} dogs").counts == (value,)
+    assert parse(f"{word} red apples").entities[0].count == value
+
+
+@pytest.mark.parametrize("prompt, count", [
+    ("a dozen eggs", 12), ("dozen eggs", 12), ("two dozen eggs", 24), ("half a dozen eggs", 6),
+    ("twenty-one cats", 21), ("twenty one cats", 21), ("ninety-nine balloons", 99), ("a hundred birds", 100),
+    ("13 dogs", 13), (f"{MAX_COUNT} dogs", MAX_COUNT), ("zero cats", 0), ("no dogs", 0), ("0 apples", 0),
+    ("eleven apples", 11), ("twelve apples", 12),
+])
+def test_whole_numbers(prompt, count):
+    assert parse(prompt).counts == (count,)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    # negative
+    ("-3 dogs", "'-3' .* is negative"), ("-1 cat", "'-1' .* is negative"),
+    ("a photo of -12 apples", "'-12' .* is negative"), ("three dogs and -2 cats", "'-2' .* is negative"),
+    ("-0 dogs", "'-0' .* is negative"),
+    # not whole: decimals and fractions
+    ("1.5 cats", "'1.5' .* not a whole number"), ("2.0 dogs", "'2.0' .* not a whole number"),
+    ("0.5 apples", "'0.5' .* not a whole number"), ("3.75 birds", "'3.75' .* not a whole number"),
+    ("1/2 pizza", "'1/2' .* not a whole number"), ("half a cake", "'half a' .* fraction"),
+    ("one and a half apples", "'one and a half' .* fraction"),
+    ("two and a half oranges", "'two and a half' .* fraction"),
+    # exponents, digit grouping, suffixes
+    ("1e3 cats", "'1e3' .* not a whole number"), ("2E2 dogs", "'2e2' .* not a whole number"),
+    ("3,000 ants", "'3,000' .* not a whole number"), ("1,000,000 stars", "'1,000,000' .* not a whole number"),
+    ("10k birds", "'10k' .* not a whole number"), ("5x cats", "'5x' .* not a whole number"),
+    # too large
+    ("a million cats", "'a million' .* is 1000000, more than MAX_COUNT"),
+    ("a thousand birds", "'a thousand' .* is 1000, more than MAX_COUNT"),
+    (f"{MAX_COUNT + 1} dogs", f"is {MAX_COUNT + 1}, more than MAX_COUNT"),
+    ("1000 dogs", "is 1000, more than MAX_COUNT"), ("three hundred cats", "'three hundred' .* is 300"),
+    ("a hundred thousand stars", "'a hundred thousand' .* is 100000"),
+    ("one billion ants", "'one billion' .* is 1000000000"),
+])
+def test_numbers_the_parser_cannot_represent_are_errors(prompt, message):
+    with pytest.raises(ValueError, match=message):
+        parse(prompt)
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    # vague amounts: count unknown
+    ("dozens of birds", [("bird", None)]), ("hundreds of lanterns", [("lantern", None)]),
+    ("thousands of stars", [("star", None)]), ("millions of fish", [("fish", None)]),
+    # numbers that are no count: ordinals, decades, compound adjectives, measurements
+    ("the 2nd dog", [("dog", None)]), ("a 1990s car", [("car", 1)]), ("a 5-year-old boy", [("boy", 1)]),
+    ("a 3 meter tall giraffe", [("giraffe", 1)]), ("a five story building", [("building", 1)]),
+    ("a 2.5 liter bottle", [("bottle", 1)]), ("a bottle at -3 degrees", [("bottle", 1)]),
+    ("two 10 inch pizzas", [("pizza", 2)]),
+])
+def test_vague_amounts_and_numbers_that_are_no_counts(prompt, expected):
+    assert [(e.noun, e.count) for e in parse(prompt).entities] == expected
+
+
+def test_count_zero_is_parsed_but_is_no_geneval_count():
+    spec = parse("a photo of zero cats")
+    assert spec.counts == (0,)
+    with pytest.raises(ValueError, match="count 0; GenEval records have counts >= 1"):
+        spec.to_geneval()
 
 
 # ---------------------------------------------------------------------------
@@ -691,7 +822,7 @@ def test_truncation(hf_tokenizers):
     with pytest.raises(ValueError, match="object noun 'cat' falls beyond"):
         parse("a photo of a dog and a cat", clip, max_length=limit)
     with pytest.raises(ValueError, match="object noun 'dog' falls beyond"):
-        parse("a photo of a dog and a cat", clip, max_length=limit - 1)
+        parse("a photo of a dog and a cat", clip, max_length=min(full.entities[0].token_indices) + 1)
     with pytest.raises(ValueError, match="max_length for 'tokenizer' must be an integer >= 1"):
         parse("a dog", clip, max_length=0)
 

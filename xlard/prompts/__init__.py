@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from xlard.prompts.alignment import align
 from xlard.prompts.inflection import pluralize, singularize
+from xlard.prompts.numbers import MAX_COUNT
 from xlard.prompts.parser import from_geneval, parse
 from xlard.prompts.spec import Entity, PromptSpec, Relation, TokenAlignment, infer_geneval_tag
 from xlard.prompts.vocabulary import COCO_CLASSES, GENEVAL_OBJECT_NAMES, KNOWN_NOUNS, SHAPE_NOUNS
@@ -90,4 +91,5 @@ __all__ = [
     "normalize_relation",
     "pluralize",
     "singularize",
+    "MAX_COUNT",
 ]

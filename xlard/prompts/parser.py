@@ -39,8 +39,13 @@ _STOPWORDS = frozenset({
     "positioned", "located", "shown", "visible", "single", "lone", "exactly", "total",
     "in", "all", "has", "have", "having", "small", "big", "large", "tiny", "huge",
     "up", "down", "out", "away", "off", "while", "where", "as", "that", "than", "into",
-    "onto", "from", "through", "across", "over", "toward", "towards", "within",
+    "onto", "from", "through", "across", "over", "toward", "towards", "within", "to",
+    "top", "bottom", "edge", "middle", "center", "centre", "front", "corner",
 })
+# Size words, stopwords in noun phrases, may still modify a scene ("on a small stage").
+_SIZE_WORDS = frozenset({"small", "big", "large", "tiny", "huge", "lone", "single"})
+# Words that end a noun phrase that has content (the next one has no quantifier).
+_PIECE_BREAKS = frozenset({"of", "in"})
 
 # Prepositions that can open a scene phrase ("on snow", "at night", "against a
 # white wall"); relation words are among them, so "a kite above the beach" is
@@ -50,12 +55,13 @@ _SETTING_PREPOSITIONS: frozenset[tuple[str, ...]] = frozenset(
         "on", "in", "at", "under", "against", "across", "over", "through", "amid", "amidst",
         "among", "inside", "within", "along", "beneath", "underneath", "below", "above",
         "during", "into", "onto", "upon", "near", "by", "beside", "behind", "around",
-        "throughout", "atop", "from", "toward", "towards", "beyond", "outside",
+        "throughout", "atop", "from", "toward", "towards", "beyond", "outside", "to",
+        "facing", "overlooking",
     )] + [
         ("in", "front", "of"), ("on", "top", "of"), ("in", "the", "middle", "of"),
         ("in", "the", "center", "of"), ("in", "the", "centre", "of"), ("at", "the", "edge", "of"),
         ("on", "the", "edge", "of"), ("in", "the", "distance", "of"), ("next", "to"),
-        ("surrounded", "by"), ("covered", "in"), ("covered", "with"), ("out", "of"),
+        ("surrounded", "by"), ("covered", "in"), ("covered", "with"), ("out", "of"), ("full", "of"),
     ]
 )
 # Words that open an arrangement phrase ("in a line", "forming a circle").
@@ -130,6 +136,7 @@ def _phrase_table() -> dict[tuple[str, ...], tuple[str, str | None]]:
         ("along", "with"), ("together", "with"), ("on", "top"), ("on", "the", "top"),
         ("at", "the", "top"), ("at", "the", "bottom"), ("on", "the", "bottom"),
         ("in", "the", "middle"), ("in", "the", "center"), ("in", "the", "centre"),
+        ("full", "of"), ("filled", "with"), ("made", "of"),
     ):
         table[phrase] = ("sep", None)
     return table
@@ -219,11 +226,14 @@ def _is_boundary(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> bool:
         return True
     if _match(words, pos, _PHRASES, _MAX_PHRASE) or _match(words, pos, _QUANTIFIERS, _MAX_QUANTIFIER):
         return True
+    if _NUMBER_WORD_RE.fullmatch(text) or any(
+            tuple(w.text for w in words[pos:pos + len(idiom)]) == idiom for idiom in _ARRANGEMENT_IDIOMS):
+        return True
     if _match(words, pos, _SETTING_PREP_TABLE, _MAX_SETTING_PREPOSITION):
         return True
     if (text,) in lexicon.nouns:
         return False
-    return len(text) > 4 and text.endswith(("ing", "ed"))
+    return _looks_like_participle(text)
 
 
 def _setting_length(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> int:
@@ -258,17 +268,18 @@ def _setting_length(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> int:
                 break
             text = words[j].text
             # An object noun the lexicon knows ("on a blue square") is never scenery.
-            if text in nouns and (arrangement or (text,) not in lexicon.nouns):
+            if (text in nouns or _singularize_word(text) in nouns) and (arrangement or (text,) not in lexicon.nouns):
                 end = j + 1
                 # "a city street", "the night sky": a scene noun may modify another.
-                while not arrangement and end < len(words) and words[end].text in nouns:
+                while not arrangement and end < len(words) and (
+                        words[end].text in nouns or _singularize_word(words[end].text) in nouns):
                     end += 1
                 if _is_boundary(words, end, lexicon):
                     return end - pos
                 break
             if not (text[0].isalpha() or (arrangement and text.isdigit())):
                 break
-            if (text in _STOPWORDS or _match(words, j, lexicon.nouns, lexicon.max_noun_len)
+            if ((text in _STOPWORDS and text not in _SIZE_WORDS) or _match(words, j, lexicon.nouns, lexicon.max_noun_len)
                     or _match(words, j, _PHRASES, _MAX_PHRASE)):
                 break
             if arrangement and (text,) in _COLOR_PHRASES:
@@ -320,8 +331,28 @@ def _span(words: Sequence[_Word]) -> tuple[int, int]:
     return (words[0].start, words[-1].end)
 
 
+# Nouns that end like participles.
+_ING_ED_NOUNS = frozenset({
+    "building", "buildings", "painting", "paintings", "ceiling", "ring", "rings", "king", "wing", "wings",
+    "string", "strings", "swing", "swings", "spring", "evening", "morning", "clothing", "wedding",
+    "pudding", "stocking", "stockings", "earring", "earrings", "icing", "dumpling", "dumplings",
+    "railing", "awning", "sapling", "saplings", "duckling", "ducklings", "seedling", "seedlings",
+    "lightning", "bedding", "frosting", "clearing", "landing", "dwelling", "sled", "shed", "bed",
+    "beds", "seed", "seeds", "reed", "reeds", "steed", "weed", "weeds", "flowerbed", "seabed",
+    "riverbed", "bobsled", "hundred", "deed", "thing", "things", "sibling", "siblings",
+})
+
+
+def _looks_like_participle(word: str) -> bool:
+    return len(word) > 3 and word.endswith(("ing", "ed")) and word not in _ING_ED_NOUNS
+
+
 def _looks_like_verb_or_adverb(word: str) -> bool:
-    return len(word) > 4 and word.endswith(("ing", "ed", "ly"))
+    return _looks_like_participle(word) or (len(word) > 4 and word.endswith("ly"))
+
+
+def _looks_plural(word: str) -> bool:
+    return len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is"))
 
 
 def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) -> _ParsedNP | None:
@@ -346,12 +377,23 @@ def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) ->
         else:
             j += 1
     covered_by_color = {k for s, e, _ in color_hits for k in range(s, e)}
+    # The head noun comes before a verb that follows a noun ("pandas eating
+    # bamboo", "two cats eating fish"): words from the verb on are not searched.
+    hi = len(words)
+    for k in range(1, len(words)):
+        before = words[k - 1].text
+        if (_looks_like_participle(words[k].text) and not _match(words, k, lexicon.nouns, lexicon.max_noun_len)
+                and k - 1 not in covered_by_color
+                and ((before,) in lexicon.nouns or _looks_plural(before) or k - 1 in {e - 1 for _, e, _ in noun_hits})):
+            hi = k
+            break
+    noun_hits = [h for h in noun_hits if h[1] <= hi]
 
     def fallback(lo: int) -> tuple[int, int, str] | None:
         # Participles and adverbs ("penguins huddled", "cats sleeping quietly")
         # are no head noun unless the piece has nothing else after a quantifier.
         for allow_verbs in (False, piece.quantifier is not None):
-            for k in range(len(words) - 1, lo - 1, -1):
+            for k in range(hi - 1, lo - 1, -1):
                 w = words[k].text
                 if k in covered_by_color or w in _STOPWORDS or not w[0].isalpha():
                     continue
@@ -369,11 +411,22 @@ def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) ->
     if noun_hits:
         head = noun_hits[-1]
         is_color_word = any(s == head[0] and e == head[1] for s, e, _ in color_hits)
+        rest = [k for k in range(head[1], hi) if words[k].text not in _STOPWORDS]
         if is_color_word:
             # "an orange submarine": the color-noun is a color when a head follows.
             later = fallback(head[1])
             if later is not None:
                 head = later
+        elif (len(rest) == 1 and rest[0] == head[1] and words[rest[0]].text[0].isalpha()
+              and " ".join(w.text for w in words[head[0]:head[1]]) == head[2]
+              and rest[0] not in covered_by_color and not _looks_like_verb_or_adverb(words[rest[0]].text)
+              and not (piece.quantifier == ("number", 1) and _looks_plural(words[rest[0]].text))):
+            # "a glass aquarium", "football players": a known noun (singular, as
+            # modifiers are) before the unknown last word of the phrase; that
+            # word is the head. After "a", a plural-looking word is a verb ("a
+            # cat watches"); after a plural noun, a word is no head ("children
+            # building").
+            head = fallback(head[1]) or head
     else:
         head = fallback(0)
     if head is None:
@@ -425,21 +478,44 @@ def parse(
     strict: bool = False,
     max_length: int | Mapping[str, int] | None = None,
 ) -> PromptSpec:
-    """Parse a GenEval-style prompt into a :class:`PromptSpec`.
+    """Parse a GenEval- or DPG-Bench-style prompt into a :class:`PromptSpec`.
 
     Grammar, in short: an optional "a photo of" prefix; noun phrases
-    ``[quantifier] [modifiers] [color] noun`` joined by "and", ",", "with" or a
-    relation phrase. Quantifiers: "a"/"an", "one".."twenty", digits,
-    "a pair of", "a couple of", "a dozen"; "the"/"some"/"several" or a bare
-    plural leave the count None. Nouns: :data:`KNOWN_NOUNS` (multi-word ones
-    such as "teddy bear" are one entity) plus ``extra_nouns``; otherwise the
-    phrase's last content word. Plurals are singularized. Colors: :data:`COLORS`
+    ``[quantifier] [modifiers] [color] noun`` joined by "and", ",", "with",
+    "of", "in" or a relation phrase. Nouns: :data:`KNOWN_NOUNS` (multi-word
+    ones such as "teddy bear" are one entity) plus ``extra_nouns``; otherwise
+    the phrase's last content word before a trailing verb ("pandas eating
+    bamboo" -> panda). Plurals are singularized. Colors: :data:`COLORS`
     ("grey" -> "gray"), optionally "light"/"dark"/... + color. Relations
     ("subject REL object", between adjacent noun phrases): "left of", "to the
     left of", "on the left (side) of"; the same for right; "above", "over",
     "on top of", "atop"; "below", "under", "beneath", "underneath". "the X"
     after an earlier X refers to that entity. Absolute placements ("on the
     left"), "next to", "near", "behind", "in front of" are not relations.
+
+    Not objects: scene, background, weather and time phrases after a
+    preposition ("on snow", "in a large field", "at night", "against a white
+    background", "under a blue sky"; nouns in
+    :data:`~xlard.prompts.vocabulary.SCENE_NOUNS`), arrangement phrases ("in a
+    line", "in two rows", "forming a circle", "side by side", "one after
+    another"), and collective nouns, which make the amount vague ("a flock of
+    birds", "rows of houses": count None). A relation whose other side is a
+    setting ("a kite above the beach") is no relation. A word the lexicon
+    knows as an object, or a colored one, stays an object ("on a wooden
+    table", "in a blue square").
+
+    Counts (see :mod:`xlard.prompts.numbers`): a whole number from 0 to
+    :data:`MAX_COUNT` in digits or words: "a"/"an"/"one" (1), "two" ..
+    "ninety-nine" ("twenty-one", "twenty one"), "a hundred", "a dozen", "two
+    dozen", "half a dozen", "a pair of", "a couple of"; "zero"/"no"/"0" give
+    0 (which GenEval records cannot hold). "the"/"some"/"several"/"dozens
+    of", a collective noun or a bare plural leave the count None. Ordinals
+    ("2nd"), decades ("1990s"), compound adjectives ("5-year-old") and
+    measurements ("a 3 meter tall giraffe", "a five story building") are not
+    counts. A number the parser cannot represent is an error, never another
+    number: negative ("-3 dogs"), not whole ("1.5 cats", "1/2", "half a
+    cake", "one and a half apples"), exponents, digit grouping or suffixes
+    ("1e3", "3,000", "10k"), or above :data:`MAX_COUNT` ("a million cats").
 
     Args:
         prompt: the prompt text.
@@ -455,9 +531,12 @@ def parse(
     Raises:
         ValueError: empty prompt; no object noun; a color without a noun;
             two colors on one object; a relation without a subject or an
-            object; an unknown noun under ``strict``; alignment errors.
+            object; an unknown noun under ``strict``; a count it cannot
+            represent (above); alignment errors.
 
     Example:
+        >>> parse("six penguins walking in a line on snow").entities[0].count
+        6
         >>> spec = parse("a photo of a dog right of a teddy bear")
         >>> spec.nouns, spec.relation_rows()
         (('dog', 'teddy bear'), ((0, 1, 1),))
@@ -513,6 +592,11 @@ def parse(
                 close()
             piece.quantifier = quantifier[1]
             pos += quantifier[0]
+            continue
+        if word.text in _PIECE_BREAKS and piece.has_content():
+            # "a bowl of strawberries", "two chefs in white hats": a new noun phrase.
+            close()
+            pos += 1
             continue
         piece.words.append(word)
         pos += 1

@@ -176,6 +176,7 @@ class PromptSpec:
         alignments: one :class:`TokenAlignment` per text encoder, primary first.
 
     Example:
+        >>> from xlard.prompts import parse
         >>> spec = parse("a photo of three red circles left of a blue square")
         >>> [(e.noun, e.count, e.color) for e in spec.entities]
         [('circle', 3, 'red'), ('square', 1, 'blue')]

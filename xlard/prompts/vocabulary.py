@@ -86,7 +86,9 @@ SCENE_NOUNS: frozenset[str] = frozenset({
     "forest", "woods", "jungle", "garden", "park", "orchard", "farm", "farmland",
     "valley", "hill", "hills", "hillside", "mountain", "mountains", "mountainside",
     "cliff", "canyon", "cave", "island", "prairie", "savanna", "savannah", "swamp",
-    "tundra", "glacier", "landscape", "countryside", "wilderness", "horizon",
+    "tundra", "glacier", "landscape", "countryside", "wilderness", "horizon", "clearing",
+    "trail", "hilltop", "puddle", "puddles", "windowsill", "farmyard", "barnyard", "vineyard",
+    "cellar", "wheat", "cornfield", "pasture", "bay", "lagoon", "reef", "seabed", "underwater",
     # places
     "street", "streets", "road", "roads", "sidewalk", "alley", "highway", "path",
     "city", "town", "village", "downtown", "plaza", "market", "marketplace",
@@ -95,12 +97,12 @@ SCENE_NOUNS: frozenset[str] = frozenset({
     "harbor", "harbour", "port", "dock", "pier", "courtyard", "backyard", "yard",
     "playground", "stadium", "arena", "museum", "gallery", "church", "temple",
     "warehouse", "factory", "attic", "basement", "corridor", "hall", "interior",
-    "lobby", "rooftop", "balcony", "porch", "patio", "garage", "stage",
+    "lobby", "rooftop", "balcony", "porch", "patio", "garage", "stage", "lot", "canvas",
     # sky, weather, light
     "sky", "skies", "clouds", "fog", "mist", "haze", "rain", "rainstorm", "storm",
     "snowfall", "snowstorm", "blizzard", "wind", "sunlight", "sunshine", "moonlight",
     "starlight", "shade", "shadow", "shadows", "darkness", "light", "twilight",
-    "space", "outer space", "atmosphere",
+    "space", "atmosphere", "moon", "sun", "moonlit",
     # times
     "night", "nighttime", "day", "daytime", "daylight", "morning", "afternoon",
     "evening", "noon", "midnight", "dawn", "dusk", "sunset", "sunrise", "winter",
