@@ -41,6 +41,7 @@ from torch import nn
 import xlard
 from xlard import _args
 from xlard import ops as xops
+from xlard._optional import require
 
 __all__ = [
     "ASPECTS", "CorrectorConfig", "ProjectorConfig", "ResidualCorrector", "LatentRewardProjector",
@@ -580,12 +581,7 @@ class _Pretrained:
 
 
 def _safetensors():
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise ImportError("xlard.models save/load needs safetensors: pip install safetensors "
-                          "(or pip install 'xlard[method]')") from None
-    return safetensors.torch
+    return require("safetensors.torch", "xlard.models save_pretrained/from_pretrained")
 
 
 def count_parameters(config) -> int:
