@@ -223,7 +223,7 @@ def test_method_install_runs_every_cli_command(tmp_path):
         commands = [
             ["info", "--json"],
             ["prompts", "p.jsonl", "-n", "6", "--seed", "1"],
-            ["render", "truth", "--prompts", "p.jsonl", "--quiet"],
+            ["render", "truth", "--prompts", "p.jsonl"],
             ["eval", "--folder", "truth", "--json", "truth.json", "--quiet"],
             ["generate", "a photo of a red circle", "a photo of two blue squares", "--out", "gen", "--batch", "1",
              *tiny],
@@ -252,6 +252,7 @@ def test_method_install_runs_every_cli_command(tmp_path):
     generate_err = proc.stderr
     assert "2/2" in generate_err and "batch" in generate_err, generate_err[-2000:]
     assert "img/s" not in generate_err and "s/img" not in generate_err
+    assert "6/6" in generate_err and ("prompt/s" in generate_err or "s/prompt" in generate_err)  # render: folders
 
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
