@@ -187,8 +187,11 @@ def test_base_install_imports_everything_and_runs_every_op(tmp_path):
         from xlard.explain import save_png
         from xlard.shapes import backbone
         from xlard.backbones import DiffusersBackbone
+        from xlard.models import CorrectorConfig, ResidualCorrector
+        corrector = ResidualCorrector(CorrectorConfig.preset("tiny", latent_channels=4, text_dim=8, pooled_dim=8))
         checks = [lambda: save_png("x.png", torch.zeros(3, 4, 4)), backbone.load_pipeline,
-                  lambda: DiffusersBackbone.from_pretrained(backbone.backbone_path())]
+                  lambda: DiffusersBackbone.from_pretrained(backbone.backbone_path()),
+                  lambda: corrector.save_pretrained("corrector")]
         for check in checks:
             try:
                 check()
@@ -201,7 +204,7 @@ def test_base_install_imports_everything_and_runs_every_op(tmp_path):
     """
     proc = _run_sandboxed((), body, tmp_path)
     missing = [line for line in proc.stdout.splitlines() if line.startswith("MISSING")]
-    assert len(missing) == 3, proc.stdout
+    assert len(missing) == 4, proc.stdout
     for line in missing:
         assert line.endswith("pip install 'xlard[method]'"), line
     assert "CLI-RENDER-EXIT 2" in proc.stdout
@@ -220,7 +223,7 @@ def test_method_install_runs_every_cli_command(tmp_path):
         commands = [
             ["info", "--json"],
             ["prompts", "p.jsonl", "-n", "6", "--seed", "1"],
-            ["render", "truth", "--prompts", "p.jsonl", "--quiet"],
+            ["render", "truth", "--prompts", "p.jsonl"],
             ["eval", "--folder", "truth", "--json", "truth.json", "--quiet"],
             ["generate", "a photo of a red circle", "a photo of two blue squares", "--out", "gen", "--batch", "1",
              *tiny],
@@ -249,6 +252,7 @@ def test_method_install_runs_every_cli_command(tmp_path):
     generate_err = proc.stderr
     assert "2/2" in generate_err and "batch" in generate_err, generate_err[-2000:]
     assert "img/s" not in generate_err and "s/img" not in generate_err
+    assert "6/6" in generate_err and ("prompt/s" in generate_err or "s/prompt" in generate_err)  # render: folders
 
 
 def _imports(path: Path) -> list[tuple[str, bool]]:

@@ -39,6 +39,7 @@ from torch import nn
 import xlard
 from xlard import _args, _io
 from xlard import ops as xops
+from xlard._optional import require
 from xlard.vocab import ASPECTS  # order of the projector's outputs, confidence weights, [B, 3] aspect masks
 
 __all__ = [
@@ -657,12 +658,7 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
 
 
 def _safetensors():
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise ImportError("xlard.models save/load needs safetensors: pip install safetensors "
-                          "(or pip install 'xlard[method]')") from None
-    return safetensors.torch
+    return require("safetensors.torch", "xlard.models save_pretrained/from_pretrained")
 
 
 def count_parameters(config) -> int:

@@ -7,7 +7,8 @@
 - :mod:`xlard.shapes.evaluator`: the exact evaluator (pixel analysis + GenEval's rules).
 - :mod:`xlard.shapes.rules`: the shared GenEval vocabulary and position rule.
 
-Numpy/scipy, plus xlard.ops for connected components (imported on first use).
+Numpy, plus xlard.ops for connected components (imported on first use); reading
+image files and the backbone need the ``method`` extra (Pillow, diffusers).
 """
 from .evaluator import (Detection, EvaluatorConfig, RecordResult, detect_objects, evaluate, evaluate_folder,
                         evaluate_record, format_table, load_images, summarize, write_results_jsonl)
