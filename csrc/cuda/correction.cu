@@ -286,8 +286,12 @@ void launch_finish_row_sums(bool is_double, const void* partials, int64_t batch,
 
 int64_t gaussian_backward_chunks(int64_t batch, int64_t m) {
   if (batch <= 0 || m <= 0) return 1;
-  // Aim for ~64K threads; each chunk covers ceil(batch / chunks) rows.
+  // Aim for ~64K threads, but at most ~sqrt(batch) chunks: a thread walks its chunk's
+  // rows and the finish walks the chunks, both serially, so balance the two.
   int64_t chunks = (kGaussianBackwardThreads + m - 1) / m;
+  int64_t root = 1;
+  while (root * root < batch) ++root;
+  if (chunks > root) chunks = root;
   if (chunks > batch) chunks = batch;
   if (chunks < 1) chunks = 1;
   const int64_t rows = (batch + chunks - 1) / chunks;
