@@ -10,7 +10,8 @@ eager reference otherwise; the groups name the shape the issue named.
   full passes;
 - count_components on 64 maps of 1024x1024 (the global-memory path in waves): peak
   device memory of the call is recorded (``extra_info.peak_mib``);
-- count_components Otsu on near-constant maps (the warp-aggregated histogram);
+- count_components Otsu on near-constant maps (the warp-aggregated histogram) and on
+  ordinary maps (what the aggregation costs when the bins differ);
 - sample_correction in float16 and bfloat16 (the idle half of each block);
 - color_scores at CLIP-like sizes, many colors and few (features read once per group
   of 4 colors, patch norms once, patch splits across blocks);
@@ -71,17 +72,22 @@ def test_issue14_count_components_global_waves(benchmark, provider):
             bytes_written=64 * 4, pixels=maps_cpu.numel(), peak_mib=round(peak_mib, 1))
 
 
+@pytest.mark.parametrize("kind", ("near-constant", "blobs"))
 @pytest.mark.parametrize("provider", ("cuda", "triton"))
-def test_issue14_otsu_near_constant(benchmark, provider):
+def test_issue14_otsu_near_constant(benchmark, provider, kind):
+    """The contended case the aggregation is for, and ordinary maps (its cost when bins differ)."""
     shape = (16, 77, 128, 128)
-    maps_cpu = torch.full(shape, 0.25, dtype=torch.float16)
-    maps_cpu[..., ::16, ::16] = 1.0  # 1 pixel in 256 off the constant: one Otsu bin takes the rest
+    if kind == "near-constant":
+        maps_cpu = torch.full(shape, 0.25, dtype=torch.float16)
+        maps_cpu[..., ::16, ::16] = 1.0  # 1 pixel in 256 off the constant: one Otsu bin takes the rest
+    else:
+        maps_cpu = blobs(16 * 77, 128, 128, k=5, seed=0).view(shape).to(torch.float16)
     call = _call(provider, "count_components")
     args = (0.0, "otsu", 1, 8)
     sets = [(maps_cpu.cuda(), *args) for _ in range(rotation(maps_cpu.numel() * 2))]
     fn = cycling(call, sets)
     check(fn(), torch.ops.xlard.count_components(maps_cpu, *args), provider)
-    measure(benchmark, fn, group="issue14 count_components otsu float16 16x77x128x128 near-constant",
+    measure(benchmark, fn, group=f"issue14 count_components otsu float16 16x77x128x128 {kind}",
             provider=provider, op="count_components", dtype=torch.float16, shape=shape,
             bytes_read=maps_cpu.numel() * 2, bytes_written=16 * 77 * 4, pixels=maps_cpu.numel())
 
