@@ -2,13 +2,20 @@
 # Compile-only check of the CUDA build of xlard._C: no GPU needed, so CUDA code that
 # does not compile never lands. Builds the WHOLE extension (CPU kernels + csrc/cuda)
 # with XLARD_WITH_CUDA=1 for architectures 8.0 and 9.0 into a temporary directory, so
-# a developer's editable install is left alone.
+# a developer's editable install is left alone. Then, still without a GPU:
+#   - the PTX check (.ci/ptx_check.py): every csrc/cuda/*.cu compiled to PTX with the
+#     nvcc flags the build really used (read from its build.ninja) holds no .ftz
+#     (flush-to-zero) instruction, so subnormal map values and weights are kept (issue 14);
+#   - the host tests of the GPU-free CUDA logic (tests/cpp/test_cuda_logic.cpp: the
+#     once-per-device shared-memory setting, waves, index sums, top-K radix select),
+#     built with the host C++ compiler under ASan/UBSan when available.
 #
 # Usage: .ci/cuda_compile_check.sh [VENV]   (default VENV: <repo>/.venv-cuda)
 # Environment: XLARD_CUDA_TORCH  torch requirement to install (default torch==2.14.1,
 #                                a CUDA 13.0 build)
 #              CUDA_HOME         toolkit root (default: /usr/local/cuda, else from nvcc)
 #              MAX_JOBS          parallel compile jobs (default 2)
+#              CXX               host C++ compiler for the logic tests (default c++)
 # Exits non-zero on any error; prints the time of each step.
 set -euo pipefail
 
@@ -89,4 +96,27 @@ if command -v cuobjdump >/dev/null 2>&1; then
   done
   step "device code present for sm_80 and sm_90"
 fi
-step "OK: $(basename "$SO") built in $(( B1 - B0 ))s (total $(( $(date +%s) - T0 ))s)"
+step "built $(basename "$SO") in $(( B1 - B0 ))s"
+
+# 4. PTX check with the build's own nvcc flags.
+NINJA="$BUILD/temp/build.ninja"
+if [ ! -f "$NINJA" ]; then
+  echo "cuda_compile_check: no $NINJA (the PTX check reads the build's nvcc flags from it)" >&2
+  exit 1
+fi
+P0=$(date +%s)
+# One virtual architecture: flush-to-zero comes from the flags, which are the same for
+# every architecture of the build.
+"$PY" "$ROOT/.ci/ptx_check.py" --ninja "$NINJA" --arch 90
+step "PTX check passed in $(( $(date +%s) - P0 ))s"
+
+# 5. Host tests of csrc/cuda/logic.h.
+CXX_BIN="${CXX:-c++}"
+L0=$(date +%s)
+SAN_FLAGS=(-fsanitize=address,undefined -fno-sanitize-recover=undefined)
+if ! echo 'int main(){}' | "$CXX_BIN" -x c++ - "${SAN_FLAGS[@]}" -o "$BUILD/san-probe" >/dev/null 2>&1; then SAN_FLAGS=(); fi
+"$CXX_BIN" -std=c++20 -O1 -g -Wall -Wextra -Werror -pthread "${SAN_FLAGS[@]}" -I"$ROOT/csrc" -I"$ROOT/tests/cpp" \
+  "$ROOT/tests/cpp/test_cuda_logic.cpp" -o "$BUILD/test_cuda_logic"
+"$BUILD/test_cuda_logic"
+step "CUDA logic host tests passed in $(( $(date +%s) - L0 ))s${SAN_FLAGS[*]:+ (ASan/UBSan)}"
+step "OK (total $(( $(date +%s) - T0 ))s)"

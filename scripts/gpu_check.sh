@@ -2,7 +2,11 @@
 # The GPU check (issue 3), for a bare machine with an NVIDIA GPU and no internet:
 #   1. build xlard._C from source with the CUDA kernels (in place, for this GPU's arch);
 #   2. run the CUDA suite (tests/test_cuda_ops.py), the GPU benchmarks (benches/gpu)
-#      against their peers, then the compiled-Triton suite (tests/test_triton_gpu.py),
+#      against their peers, the issue-14 benchmarks (benches/gpu/bench_issue14.py: one
+#      shape per change of the CUDA review: top-K on a checkerboard, the global path in
+#      waves with its peak memory, Otsu on near-constant maps, half/bfloat16
+#      sample_correction, color_scores, the position_scores and gaussian_log_prob
+#      backwards), then the compiled-Triton suite (tests/test_triton_gpu.py),
 #      each in its own pytest process (the order puts what the issue's closing note
 #      needs first, in case the time budget runs out);
 #   3. run compute-sanitizer memcheck and racecheck over the connected-components
@@ -218,9 +222,13 @@ BENCH_ARGS=(-q -p no:cacheprovider -rfEs --benchmark-columns=median,rounds --ben
 
 if wanted tests; then run_suite cuda 110 tests/test_cuda_ops.py; fi
 if wanted bench; then
+  # The issue-14 shapes first: no GPU has measured those changes yet.
+  STEP_NOTE="issue 14: one shape per CUDA change (benches/gpu/bench_issue14.py)"
+  run_step bench-issue14 120 "$PY" -m pytest benches/gpu/bench_issue14.py "${BENCH_ARGS[@]}" \
+    --benchmark-json="$OUT/bench/issue14.json"
   STEP_NOTE="providers cuda/triton, eager reference, CuPy, copy"
-  run_step bench-main 130 "$PY" -m pytest benches/gpu "${BENCH_ARGS[@]}" -k "not compiled_reference and not graph" \
-    --benchmark-json="$OUT/bench/main.json"
+  run_step bench-main 130 "$PY" -m pytest benches/gpu "${BENCH_ARGS[@]}" \
+    -k "not compiled_reference and not graph and not issue14" --benchmark-json="$OUT/bench/main.json"
   # Graph capture in its own process: a capture that fails can leave the context unusable.
   STEP_NOTE="count_components under CUDA-graph replay"
   run_step bench-graph 50 "$PY" -m pytest benches/gpu "${BENCH_ARGS[@]}" -k "graph" \
@@ -262,7 +270,7 @@ for op in count_components residual_correction sample_correction attention_centr
   wanted compiled || break
   STEP_NOTE="torch.compile of xlard.reference.$op"
   run_step "bench-compiled-$op" 45 "$PY" -m pytest benches/gpu "${BENCH_ARGS[@]}" \
-    -k "compiled_reference and test_${op} and not graph" --benchmark-json="$OUT/bench/compiled-$op.json"
+    -k "compiled_reference and test_${op} and not graph and not issue14" --benchmark-json="$OUT/bench/compiled-$op.json"
 done
 
 # ---------------------------------------------------------------- 5. report

@@ -43,6 +43,8 @@ def inputs(quick: bool):
         ("empty batch 0x8x8", torch.rand(0, 8, 8), False),
         ("global 1x1024x1024", blobs(1, 1024, 1024, k=12, seed=5), False),
         ("forced global 2x40x48", blobs(2, 40, 48, seed=6), True),
+        # More components than max_components = 4: the top-K radix select runs its passes.
+        ("checker 16x40", torch.from_numpy(checkerboard(16, 40)).float()[None], False),
     ]
     if not quick:
         cases += [
@@ -81,10 +83,12 @@ def run(providers: list[str], quick: bool) -> int:
         for name, maps_cpu, force_global in inputs(quick):
             if provider != "cuda" and (force_global or maps_cpu.shape[-2:].numel() > 2**16):
                 continue  # the CUDA path switch does not apply to Triton; a big map is minutes under the tool
-            if force_global:
+            if force_global:  # one map per wave (a 0 MiB scratch budget): several launches per call
                 os.environ["XLARD_CUDA_COMPONENTS_PATH"] = "global"
+                os.environ["XLARD_CUDA_COMPONENTS_SCRATCH_MB"] = "0"
             else:
                 os.environ.pop("XLARD_CUDA_COMPONENTS_PATH", None)
+                os.environ.pop("XLARD_CUDA_COMPONENTS_SCRATCH_MB", None)
             for dtype in p_dtypes:
                 maps = (maps_cpu > 0.5) if dtype == torch.bool else maps_cpu.to(dtype)
                 gpu = maps.cuda()
@@ -106,6 +110,7 @@ def run(providers: list[str], quick: bool) -> int:
                         if not ok:
                             mismatches.append(f"{provider} {name} {dtype} {mode} c{connectivity}")
         os.environ.pop("XLARD_CUDA_COMPONENTS_PATH", None)
+        os.environ.pop("XLARD_CUDA_COMPONENTS_SCRATCH_MB", None)
     print(f"sanitizer_driver: providers {usable}, {calls} op calls in {time.time() - start:.1f}s, "
           f"{len(mismatches)} mismatches with the CPU op")
     for line in mismatches:

@@ -170,7 +170,7 @@ def test_components_threshold_edge_cases(dtype, mode):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
 @pytest.mark.parametrize("mode", MODES)
 def test_components_subnormal_values(dtype, mode):
-    """Decisions on subnormals must survive --use_fast_math (flush-to-zero) on the GPU."""
+    """Decisions on subnormals match the CPU: the build keeps them (no fast math, no .ftz; setup.py)."""
     tiny = 1e-40 if dtype != torch.float64 else 1e-310
     values = [[tiny, 0.0, 2 * tiny, 0.0], [0.0, 3 * tiny, 0.0, tiny], [-tiny, 0.0, 4 * tiny, 0.0]]
     maps = torch.tensor(values, dtype=torch.float64 if dtype == torch.float64 else torch.float32).to(dtype)
@@ -553,3 +553,180 @@ def test_bad_input_messages():
         ops.residual_correction(torch.rand(2, 3, 4).cuda(), torch.rand(2, 3, 5).cuda(), None, 1.0)
     with pytest.raises(RuntimeError, match="log_std must have shape"):
         ops.gaussian_log_prob(torch.rand(2, 3).cuda(), torch.rand(2, 3).cuda(), torch.rand(4).cuda())
+
+
+# ---------------------------------------------------------------- issue 14 (review before the first GPU run)
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16, torch.float64), ids=str)
+def test_attention_centroids_subnormal_weights(dtype):
+    """A map whose positive values are all subnormal still has weight (not (0.5, 0.5))."""
+    tiny = {torch.float64: 1e-310, torch.float32: 1e-40, torch.bfloat16: 1e-40, torch.float16: 1e-7}[dtype]
+    maps = torch.zeros(2, 6, 8, dtype=torch.float64)
+    maps[0, 1, 6] = tiny
+    maps[1, 4, 1] = 2 * tiny
+    maps[1, 5, 2] = tiny
+    maps = maps.to(dtype)
+    assert (maps != 0).sum() == 3  # really subnormal, not flushed on the host
+    got = torch.ops.xlard.attention_centroids(maps.cuda()).cpu()
+    want = torch.ops.xlard.attention_centroids(maps)
+    assert_close(got, want, **ACC_TOL[acc_dtype(dtype)])
+    assert_close(got[0], torch.tensor([6.5 / 8, 1.5 / 6], dtype=got.dtype), **ACC_TOL[acc_dtype(dtype)])
+
+
+def test_attention_centroids_huge_weights():
+    """Weights are divided by the map's max before summing: 3e38 maps give finite, right centroids."""
+    maps = torch.zeros(3, 5, 7)
+    maps[0] = 3e38
+    maps[1, 2, 3] = 3e38
+    maps[1, 4, 6] = 3e38
+    maps[2, 0, 0] = 3.4e38
+    maps[2, 4, 6] = 1.7e38
+    got = torch.ops.xlard.attention_centroids(maps.cuda()).cpu()
+    want = torch.tensor([[0.5, 0.5], [(3.5 + 6.5) / 2 / 7, (2.5 + 4.5) / 2 / 5],
+                         [(0.5 * 2 + 6.5) / 3 / 7, (0.5 * 2 + 4.5) / 3 / 5]])
+    assert torch.isfinite(got).all(), got
+    assert_close(got, want, **ACC_TOL[torch.float32])
+    gg = torch.ops.xlard._attention_centroids_backward(torch.ones(3, 2).cuda(), maps.cuda(), got.cuda()).cpu()
+    assert torch.isfinite(gg).all()
+
+
+def test_color_scores_huge_features():
+    """Rows are divided by their own max-abs first: features of magnitude 1e30 (float32) score cos = 1."""
+    g = torch.Generator().manual_seed(14)
+    colors = torch.randn(3, 64, generator=g)
+    features = torch.randn(2, 40, 64, generator=g)
+    features[0, 17] = colors[1] * 1e30
+    features[1, 5] = colors[2] * 3e37
+    features[1, 9] = colors[0] * 1e-41  # subnormal-scaled copy: still the same direction
+    scores, index = torch.ops.xlard.color_scores(features.cuda(), colors.cuda(), None)
+    scores, index = scores.cpu(), index.cpu()
+    assert torch.isfinite(scores).all()
+    assert index[0, 1] == 17 and index[1, 2] == 5 and index[1, 0] == 9, index
+    assert_close(scores[0, 1], torch.tensor(1.0), atol=1e-5, rtol=0)
+    assert_close(scores[1, 2], torch.tensor(1.0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("colors_count", (1, 4, 5, 9))
+def test_color_scores_groups_and_splits(colors_count):
+    """Colors in groups of 4 (partial last group) and patches split across blocks (first max wins)."""
+    g = torch.Generator().manual_seed(colors_count)
+    features = torch.randn(2, 1500, 48, generator=g)
+    features[:, 1000:] = features[:, :500]  # exact ties across splits: the smaller index must win
+    colors = torch.randn(2, colors_count, 48, generator=g)
+    mask = torch.rand(2, colors_count, 1500, generator=g) > 0.3
+    mask[..., 1000:] = mask[..., :500]
+    _check_color(features, colors, None)
+    _check_color(features, colors, mask)
+    _, index = torch.ops.xlard.color_scores(features.cuda(), colors.cuda(), None)
+    assert (index.cpu() < 1000).all()
+
+
+@pytest.mark.parametrize("k", (1, 16, 1000))
+def test_component_stats_topk_many_components(k):
+    """Radix-select top-K on maps with more components than slots (checkerboards, random blobs)."""
+    for mask in (checkerboard(256, 256), checkerboard(31, 77)):
+        check_components(as_dtype(mask, torch.bool), connectivity=4, max_components=k)
+    maps = blobs(3, 97, 131, k=40, seed=k)
+    for mode in MODES:
+        check_components(maps, {"absolute": 0.45, "relative": 0.5, "otsu": 0.0}[mode], mode, connectivity=4,
+                         max_components=k)
+
+
+def test_component_stats_wide_map_index_sums():
+    """W > 2^27: the per-warp column sums of a component would overflow 32 bits; they are widened."""
+    w = (1 << 27) + (1 << 16)
+    maps = torch.zeros(1, 1, w, dtype=torch.bool)
+    maps[0, 0, w - 4096:] = True  # one component of 4096 pixels at the far end
+    maps[0, 0, 10:20] = True
+    counts, areas, centroids = torch.ops.xlard.component_stats(maps.cuda(), 0.5, "absolute", 1, 4, 2)
+    assert counts.item() == 2 and areas.cpu().tolist() == [[4096, 10]]
+    cols = torch.arange(w - 4096, w, dtype=torch.float64)
+    want_x = ((cols + 0.5).sum() / 4096 / w).float()
+    assert centroids[0, 0, 0].cpu() == want_x and centroids[0, 0, 1].cpu() == 0.5
+    assert centroids[0, 1, 0].cpu() == torch.tensor((15.0 / w)).float()
+
+
+def test_components_global_path_in_waves(monkeypatch):
+    """A scratch budget of 0 MiB: one map per wave (one launch each), same results."""
+    monkeypatch.setenv("XLARD_CUDA_COMPONENTS_PATH", "global")
+    monkeypatch.setenv("XLARD_CUDA_COMPONENTS_SCRATCH_MB", "0")
+    maps = blobs(5, 40, 36, seed=4).reshape(5, 40, 36)
+    for mode in MODES:
+        check_components(maps, {"absolute": 0.45, "relative": 0.5, "otsu": 0.0}[mode], mode, connectivity=8)
+    kernels = _kernel_launches(lambda: torch.ops.xlard.count_components(maps.cuda(), 0.5, "otsu", 1, 8))
+    if kernels:
+        assert len(kernels) == 5 and all("components_kernel" in k for k in kernels), kernels
+    monkeypatch.setenv("XLARD_CUDA_COMPONENTS_SCRATCH_MB", "lots")
+    with pytest.raises(RuntimeError, match="XLARD_CUDA_COMPONENTS_SCRATCH_MB"):
+        torch.ops.xlard.count_components(maps.cuda(), 0.5, "otsu", 1, 8)
+
+
+def test_components_concurrent_map_sizes():
+    """Two host threads launching with different shared-memory sizes (both over 48 KiB) never fail."""
+    import threading
+
+    small = blobs(4, 120, 120, seed=1).cuda()  # ~60 KB of shared memory per block
+    large = blobs(4, 200, 220, seed=2).cuda()  # ~180 KB
+    want = {id(m): torch.ops.xlard.count_components(m.cpu(), 0.5, "relative", 1, 8) for m in (small, large)}
+    errors = []
+
+    def worker(maps):
+        try:
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                for _ in range(200):
+                    out = torch.ops.xlard.count_components(maps, 0.5, "relative", 1, 8)
+                stream.synchronize()
+                assert torch.equal(out.cpu(), want[id(maps)])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(m,)) for m in (small, large, small, large)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_otsu_near_constant_maps():
+    """The warp-aggregated histogram: near-constant maps (one bin takes almost every pixel)."""
+    maps = torch.full((3, 64, 64), 0.25)
+    maps[0, 10:13, 20:30] = 0.75
+    maps[1, ::7, ::5] = 1.0
+    maps[2, 0, 0] = -1.0
+    for dtype in FLOAT_DTYPES:
+        check_components(maps.to(dtype), 0.0, "otsu", connectivity=8)
+
+
+def test_gaussian_log_prob_backward_small_inner_size():
+    """A shared log_std over a large batch and a tiny inner size: the batch is chunked."""
+    g = torch.Generator().manual_seed(6)
+    ops = torch.ops.xlard
+    for b, m in ((20000, 3), (300, 1), (70, 200)):
+        x, mean = torch.randn(b, m, generator=g), torch.randn(b, m, generator=g)
+        log_std = 0.3 * torch.randn(m, generator=g)
+        grad = torch.randn(b, generator=g)
+        want = ops._gaussian_log_prob_backward(grad, x, mean, log_std)
+        got = ops._gaussian_log_prob_backward(grad.cuda(), x.cuda(), mean.cuda(), log_std.cuda())
+        for name, a, w in zip(("grad_x", "grad_mean", "grad_log_std"), got, want):
+            tol = dict(ACC_TOL[torch.float32])
+            if name == "grad_log_std":  # a sum over the batch: error grows with its terms
+                tol = dict(atol=1e-5 * b ** 0.5 * float(w.abs().max()), rtol=1e-4)
+            assert_close(a.cpu(), w, msg=name, **tol)
+        again = ops._gaussian_log_prob_backward(grad.cuda(), x.cuda(), mean.cuda(), log_std.cuda())
+        assert torch.equal(again[2], got[2])  # deterministic
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_position_scores_backward_many_rows(dtype):
+    """R >= 32: a warp per (b, token) over the rows; same gradients, deterministic."""
+    g = torch.Generator().manual_seed(9)
+    centroids = torch.rand(2, 5, 2, generator=g).to(dtype)
+    relations = _relations(2, 5, 300, True, seed=10)
+    grad = torch.randn(2, 300, generator=g, dtype=dtype)
+    want = torch.ops.xlard._position_scores_backward(grad, centroids, relations, 4.0)
+    got = torch.ops.xlard._position_scores_backward(grad.cuda(), centroids.cuda(), relations.cuda(), 4.0)
+    assert_close(got.cpu(), want, **ACC_TOL[dtype])
+    again = torch.ops.xlard._position_scores_backward(grad.cuda(), centroids.cuda(), relations.cuda(), 4.0)
+    assert torch.equal(again, got)

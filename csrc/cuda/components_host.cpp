@@ -6,11 +6,17 @@
 //
 // XLARD_CUDA_COMPONENTS_PATH=global forces the global-memory path (a test hook: it lets
 // the tests run the big-map code on small adversarial maps).
+//
+// The global-memory path needs ~4.1 bytes of scratch per pixel of each map; the batch
+// is processed in waves of maps (one launch per wave, the scratch allocated once and
+// reused in stream order), so the scratch stays under XLARD_CUDA_COMPONENTS_SCRATCH_MB
+// (default 256; at least one map's worth). Maps that fit in shared memory need none.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +24,7 @@
 #include <string>
 
 #include "host_common.h"
+#include "logic.h"
 
 namespace xlard {
 namespace {
@@ -25,7 +32,7 @@ namespace {
 using cuda_host::check_cuda;
 
 // Largest map the kernel accepts: pixel indices, areas and slot encodings stay in int32.
-constexpr int64_t kMaxPixels = int64_t(1) << 30;
+constexpr int64_t kMaxPixels = cuda_logic::kComponentsMaxPixels;
 
 struct Checked {
   at::Tensor maps;  // contiguous
@@ -88,27 +95,54 @@ bool force_global_path() {
   return v != nullptr && std::strcmp(v, "global") == 0;
 }
 
-// Picks the path, allocates the global scratch if needed, launches, checks the launch.
+// Scratch budget of the global-memory path, in bytes.
+int64_t scratch_budget_bytes(const char* op) {
+  const char* v = std::getenv("XLARD_CUDA_COMPONENTS_SCRATCH_MB");
+  if (v == nullptr || *v == '\0') return cuda_logic::kComponentsScratchBudgetBytes;
+  char* end = nullptr;
+  const long long mb = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && mb >= 0 && mb <= (int64_t(1) << 40), "xlard.", op,
+              ": XLARD_CUDA_COMPONENTS_SCRATCH_MB must be a whole number of MiB >= 0, got '", v, "'");
+  return static_cast<int64_t>(mb) << 20;
+}
+
+// Picks the path, allocates the global scratch if needed, launches (one launch, or one
+// per wave on the global path), checks each launch.
 void run(const char* op, Checked& c) {
   auto& p = c.params;
   const int64_t limit = cuda_host::shared_memory_per_block_optin();
   size_t bytes = cuda::components_shared_bytes(p.height, p.width, p.max_components, false);
-  at::Tensor scratch_parent, scratch_bits;
-  if (force_global_path() || static_cast<int64_t>(bytes) > limit) {
-    bytes = cuda::components_shared_bytes(p.height, p.width, p.max_components, true);
-    TORCH_CHECK(static_cast<int64_t>(bytes) <= limit, "xlard.", op, ": max_components = ", p.max_components,
-                " needs ", bytes, " bytes of shared memory per block, more than this GPU's ", limit,
-                "; ask for fewer components");
-    const auto opts = c.maps.options().dtype(at::kInt);
-    const int64_t pixels = static_cast<int64_t>(p.height) * p.width;
-    const int64_t words = static_cast<int64_t>(p.height) * cuda::components_words_per_row(p.width);
-    scratch_parent = at::empty({p.num_maps, pixels}, opts);
-    scratch_bits = at::empty({p.num_maps, words}, opts);
-    p.scratch_parent = scratch_parent.data_ptr<int32_t>();
-    p.scratch_bits = reinterpret_cast<uint32_t*>(scratch_bits.data_ptr<int32_t>());
+  const cudaStream_t stream = cuda_host::current_stream();
+  if (!force_global_path() && static_cast<int64_t>(bytes) <= limit) {
+    C10_CUDA_CHECK(cuda::launch_components(c.kind, p, bytes, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
   }
-  C10_CUDA_CHECK(cuda::launch_components(c.kind, p, bytes, cuda_host::current_stream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bytes = cuda::components_shared_bytes(p.height, p.width, p.max_components, true);
+  TORCH_CHECK(static_cast<int64_t>(bytes) <= limit, "xlard.", op, ": max_components = ", p.max_components, " needs ",
+              bytes, " bytes of shared memory per block, more than this GPU's ", limit,
+              "; ask for fewer components");
+  const auto opts = c.maps.options().dtype(at::kInt);
+  const int64_t pixels = static_cast<int64_t>(p.height) * p.width;
+  const int64_t words = static_cast<int64_t>(p.height) * cuda::components_words_per_row(p.width);
+  const int64_t wave =
+      cuda_logic::components_wave_maps(p.num_maps, (pixels + words) * int64_t(sizeof(int32_t)), scratch_budget_bytes(op));
+  at::Tensor scratch_parent = at::empty({wave, pixels}, opts);
+  at::Tensor scratch_bits = at::empty({wave, words}, opts);
+  const int64_t elem = c.maps.element_size(), K = p.max_components;
+  for (int64_t first = 0; first < p.num_maps; first += wave) {
+    cuda::ComponentsParams q = p;  // the same call, restricted to maps [first, first + q.num_maps)
+    q.num_maps = std::min(wave, p.num_maps - first);
+    q.maps = static_cast<const char*>(p.maps) + first * pixels * elem;
+    q.labels = p.labels != nullptr ? p.labels + first * pixels : nullptr;
+    q.counts = p.counts + first;
+    q.areas = p.areas != nullptr ? p.areas + first * K : nullptr;
+    q.centroids = p.centroids != nullptr ? p.centroids + first * K * 2 : nullptr;
+    q.scratch_parent = scratch_parent.data_ptr<int32_t>();
+    q.scratch_bits = reinterpret_cast<uint32_t*>(scratch_bits.data_ptr<int32_t>());
+    C10_CUDA_CHECK(cuda::launch_components(c.kind, q, bytes, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> label_components_cuda(const at::Tensor& maps_in, double threshold,

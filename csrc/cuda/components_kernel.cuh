@@ -20,6 +20,7 @@
 
 #include "launchers.cuh"
 #include "device_utils.cuh"
+#include "logic.h"
 
 #include <climits>
 #include <type_traits>
@@ -235,10 +236,17 @@ __device__ Threshold<acc_t<T>> make_threshold(const T* src, int n, const Compone
   th.span = __dsub_rn(hi, lo);
   for (int i = threadIdx.x; i < kBins; i += blockDim.x) sc.hist[i] = 0;
   __syncthreads();
-#pragma unroll 4
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const A v = to_acc(src[i]);
-    if (is_finite_bits(v)) atomicAdd(&sc.hist[otsu_bin(v, th.lo, th.span)], 1);
+  // Warp-aggregated: lanes with the same bin add once (a near-constant map would
+  // otherwise funnel every thread's atomic into one shared-memory bin).
+  for (int base = 0; base < n; base += blockDim.x) {
+    const int i = base + static_cast<int>(threadIdx.x);
+    int bin = -1;
+    if (i < n) {
+      const A v = to_acc(src[i]);
+      if (is_finite_bits(v)) bin = otsu_bin(v, th.lo, th.span);
+    }
+    const unsigned peers = __match_any_sync(kFullMask, bin);
+    if (bin >= 0 && static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&sc.hist[bin], __popc(peers));
   }
   __syncthreads();
   th.split = otsu_split_block(sc);
@@ -420,39 +428,78 @@ __global__ void __launch_bounds__(1024) components_kernel(ComponentsParams p) {
     return;
   }
 
-  int local = 0;
+  int local = 0, local_max_area = 0;
   for (int i = tid; i < n; i += bs) {
     bool root;
-    local += is_kept_root(i, root) ? 1 : 0;
+    if (is_kept_root(i, root)) {
+      ++local;
+      if (need_area && -1 - parent[i] > local_max_area) local_max_area = -1 - parent[i];
+    }
   }
   const int count = block_sum(local, sc.ints);
   if (tid == 0) p.counts[map] = count;
   if (K == 0) return;
 
-  // 6b. Top-K by (area desc, first pixel asc): K rounds of a block max over the keys
-  // area << 32 | ~index, each round below the previous key (keys are unique).
-  unsigned long long prev = ~0ull;
-  int selected = 0;
-  for (int k = 0; k < K; ++k) {
-    unsigned long long best = 0;
-    for (int i = tid; i < n; i += bs) {
-      const int s = parent[i];
-      if (s <= -2 && (-1 - s) >= p.min_area) {
-        const unsigned long long key =
-            (static_cast<unsigned long long>(-1 - s) << 32) | static_cast<unsigned long long>(~static_cast<unsigned>(i));
-        if (key < prev && key > best) best = key;
+  // 6b. Top-K by (area desc, first pixel asc). Keys (area, index) -> unique integers
+  // (cuda_logic::topk_key); a radix select, 8 bits per pass over the kept roots, finds
+  // the threshold above which exactly min(K, count) keys lie (no pass at all when
+  // count <= K); those keys are gathered into K slots and each one's output slot is
+  // the number of larger gathered keys. Cost: a few passes over the pixels plus
+  // selected^2 / blockDim comparisons, instead of K passes.
+  namespace lg = cuda_logic;
+  const int max_area = block_max(local_max_area, 0, sc.ints);
+  const int index_bits = lg::bit_length(static_cast<unsigned long long>(n - 1));
+  const int key_bits = lg::bit_length(static_cast<unsigned long long>(max_area)) + index_bits;
+  lg::RadixSelect rs;
+  rs.init(K, count, key_bits);
+  while (!rs.done) {  // block-uniform: every thread applies step() to the same histogram
+    for (int i = tid; i < kBins; i += bs) sc.hist[i] = 0;
+    __syncthreads();
+    for (int base = 0; base < n; base += bs) {
+      const int i = base + tid;
+      int d = -1;
+      if (i < n) {
+        const int s = parent[i];
+        if (s <= -2 && (-1 - s) >= p.min_area) {
+          const unsigned long long key = lg::topk_key(-1 - s, i, n, index_bits);
+          if (rs.matches(key)) d = rs.digit(key);
+        }
+      }
+      const unsigned peers = __match_any_sync(kFullMask, d);
+      if (d >= 0 && lane == __ffs(peers) - 1) atomicAdd(&sc.hist[d], __popc(peers));
+    }
+    __syncthreads();
+    rs.step(sc.hist);
+    __syncthreads();  // every thread has read sc.hist before the next pass clears it
+  }
+  const int selected = count < K ? count : K;
+  // Gather the selected keys into sum_x (free until the sums below), in any order.
+  unsigned long long* keys = sum_x;
+  int* gathered = &sc.ints[0];
+  __syncthreads();  // block_max above may still be reading sc.ints
+  if (tid == 0) *gathered = 0;
+  __syncthreads();
+  for (int i = tid; i < n; i += bs) {
+    const int s = parent[i];
+    if (s <= -2 && (-1 - s) >= p.min_area) {
+      const unsigned long long key = lg::topk_key(-1 - s, i, n, index_bits);
+      if (key >= rs.threshold) {
+        const int slot = atomicAdd(gathered, 1);
+        if (slot < K) keys[slot] = key;  // exactly `selected` keys pass; the guard is belt and braces
       }
     }
-    best = block_max(best, 0ull, sc.ull);
-    if (best == 0ull) break;
-    if (tid == 0) {
-      sel_root[k] = static_cast<int>(~static_cast<unsigned>(best & 0xffffffffull));
-      sel_area[k] = static_cast<int>(best >> 32);
-      sum_x[k] = 0ull;
-      sum_y[k] = 0ull;
-    }
-    prev = best;
-    selected = k + 1;
+  }
+  __syncthreads();
+  for (int j = tid; j < selected; j += bs) {
+    const unsigned long long key = keys[j];
+    const int slot = lg::topk_slot(keys, selected, key);
+    sel_root[slot] = lg::topk_key_index(key, n, index_bits);
+    sel_area[slot] = lg::topk_key_area(key, index_bits);
+  }
+  __syncthreads();
+  for (int k = tid; k < selected; k += bs) {
+    sum_x[k] = 0ull;
+    sum_y[k] = 0ull;
   }
   __syncthreads();
   for (int k = tid; k < selected; k += bs) parent[sel_root[k]] = INT_MIN + k;
@@ -472,11 +519,17 @@ __global__ void __launch_bounds__(1024) components_kernel(ComponentsParams p) {
     const unsigned c = static_cast<unsigned>(i - r * W);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     if (k >= 0) {
-      const unsigned sx = __reduce_add_sync(peers, c);
-      const unsigned sy = __reduce_add_sync(peers, static_cast<unsigned>(r));
+      // 32 indices below 2^30 overflow a 32-bit sum: add their low and high halves
+      // separately (each fits, see cuda_logic::kIndexSplitBits) and recombine in 64 bits.
+      constexpr unsigned lo_mask = (1u << cuda_logic::kIndexSplitBits) - 1u;
+      const unsigned ry = static_cast<unsigned>(r);
+      const unsigned sx_lo = __reduce_add_sync(peers, c & lo_mask);
+      const unsigned sx_hi = __reduce_add_sync(peers, c >> cuda_logic::kIndexSplitBits);
+      const unsigned sy_lo = __reduce_add_sync(peers, ry & lo_mask);
+      const unsigned sy_hi = __reduce_add_sync(peers, ry >> cuda_logic::kIndexSplitBits);
       if (lane == __ffs(peers) - 1) {
-        atomicAdd(&sum_x[k], static_cast<unsigned long long>(sx));
-        atomicAdd(&sum_y[k], static_cast<unsigned long long>(sy));
+        atomicAdd(&sum_x[k], cuda_logic::recombine_index_sum(sx_lo, sx_hi));
+        atomicAdd(&sum_y[k], cuda_logic::recombine_index_sum(sy_lo, sy_hi));
       }
     }
 #else
@@ -506,12 +559,33 @@ __global__ void __launch_bounds__(1024) components_kernel(ComponentsParams p) {
   }
 }
 
+// Raises the kernel's dynamic shared-memory limit to the device's opt-in maximum, once
+// per device (cuda_logic::PerDeviceOnce): setting it to each call's size before each
+// launch let two host threads interleave set(large) / set(small) / launch(large) and
+// fail with "invalid argument". The host never asks for more than the opt-in maximum.
+// Not a stream operation: allowed during CUDA-graph capture.
+template <typename T>
+cudaError_t allow_optin_shared_memory() {
+  static cuda_logic::PerDeviceOnce<> once;
+  int device = -1;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  return static_cast<cudaError_t>(once.run(device, static_cast<int>(cudaErrorInvalidDevice), [device]() -> int {
+    int optin = 0;
+    cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (e != cudaSuccess) return static_cast<int>(e);
+    cudaFuncAttributes attr{};
+    e = cudaFuncGetAttributes(&attr, components_kernel<T>);
+    if (e != cudaSuccess) return static_cast<int>(e);
+    return static_cast<int>(cudaFuncSetAttribute(components_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 optin - static_cast<int>(attr.sharedSizeBytes)));
+  }));
+}
+
 template <typename T>
 cudaError_t launch_components_typed(const ComponentsParams& p, size_t shared_bytes, cudaStream_t stream) {
   if (shared_bytes > 48 * 1024) {
-    // Not a stream operation: allowed during CUDA-graph capture.
-    const cudaError_t err = cudaFuncSetAttribute(components_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(shared_bytes));
+    const cudaError_t err = allow_optin_shared_memory<T>();
     if (err != cudaSuccess) return err;
   }
   const int threads = components_block_threads(static_cast<int64_t>(p.height) * p.width);

@@ -15,6 +15,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kSampleTile = 1024;  // spatial positions per block in sample_correction
+constexpr int64_t kGaussianBackwardThreads = 1 << 16;
 
 // ---- residual_correction -------------------------------------------------------
 
@@ -125,16 +126,28 @@ __global__ void finish_row_sums_kernel(const A* __restrict__ partials, int64_t b
   out[b] = total + offset;
 }
 
+// One thread per (batch chunk, k): the rows b of its chunk in order. grad_x / grad_mean
+// (and a per-row grad_log_std) are elementwise; a shared log_std's gradient is summed
+// over the chunk's rows in batch order into partials[k, chunk] (or straight into
+// grad_log_std when there is one chunk), then launch_finish_row_sums adds the chunks in
+// order: deterministic. Chunking the batch keeps the GPU busy when the inner size m is
+// small and the batch large (one thread per k looping over the whole batch did not).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     gaussian_log_prob_backward_kernel(const acc_t<T>* __restrict__ grad, const T* __restrict__ x,
                                       const T* __restrict__ mean, const acc_t<T>* __restrict__ log_std, bool shared,
-                                      int64_t batch, int64_t m, T* __restrict__ grad_x, T* __restrict__ grad_mean,
-                                      acc_t<T>* __restrict__ grad_log_std) {
+                                      int64_t batch, int64_t m, int64_t chunk_rows, int64_t chunks,
+                                      T* __restrict__ grad_x, T* __restrict__ grad_mean,
+                                      acc_t<T>* __restrict__ grad_log_std, acc_t<T>* __restrict__ partials) {
   using A = acc_t<T>;
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < m; k += int64_t(gridDim.x) * blockDim.x) {
+  const int64_t total = chunks * m;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t chunk = idx / m, k = idx - chunk * m;  // consecutive threads: consecutive k (coalesced)
+    const int64_t b_begin = chunk * chunk_rows;
+    const int64_t b_end = b_begin + chunk_rows < batch ? b_begin + chunk_rows : batch;
     A shared_sum = A(0);
-    for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t off = b * m + k;
       const A g = grad[b];
       const A l = log_std[shared ? k : off];
@@ -145,12 +158,18 @@ __global__ void __launch_bounds__(kThreads)
       grad_mean[off] = from_acc<T>(-gx);
       const A gl = g * (diff * diff * inv_var - A(1));
       if (shared) {
-        shared_sum += gl;  // batch order: deterministic
+        shared_sum += gl;  // batch order within the chunk: deterministic
       } else {
         grad_log_std[off] = gl;
       }
     }
-    if (shared) grad_log_std[k] = shared_sum;
+    if (shared) {
+      if (chunks == 1) {
+        grad_log_std[k] = shared_sum;
+      } else {
+        partials[k * chunks + chunk] = shared_sum;
+      }
+    }
   }
 }
 
@@ -265,17 +284,36 @@ void launch_finish_row_sums(bool is_double, const void* partials, int64_t batch,
   }
 }
 
+int64_t gaussian_backward_chunks(int64_t batch, int64_t m) {
+  if (batch <= 0 || m <= 0) return 1;
+  // Aim for ~64K threads, but at most ~sqrt(batch) chunks: a thread walks its chunk's
+  // rows and the finish walks the chunks, both serially, so balance the two.
+  int64_t chunks = (kGaussianBackwardThreads + m - 1) / m;
+  int64_t root = 1;
+  while (root * root < batch) ++root;
+  if (chunks > root) chunks = root;
+  if (chunks > batch) chunks = batch;
+  if (chunks < 1) chunks = 1;
+  const int64_t rows = (batch + chunks - 1) / chunks;
+  return (batch + rows - 1) / rows;
+}
+
 void launch_gaussian_log_prob_backward(Kind kind, const void* grad, const void* x, const void* mean,
                                        const void* log_std, bool shared, int64_t batch, int64_t m, void* grad_x,
-                                       void* grad_mean, void* grad_log_std, cudaStream_t stream) {
+                                       void* grad_mean, void* grad_log_std, void* partials, cudaStream_t stream) {
+  const int64_t chunks = gaussian_backward_chunks(batch, m);
+  const int64_t chunk_rows = (batch + chunks - 1) / chunks;
   dispatch_floating(kind, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    gaussian_log_prob_backward_kernel<T><<<grid_size(m, kThreads), kThreads, 0, stream>>>(
+    gaussian_log_prob_backward_kernel<T><<<grid_size(chunks * m, kThreads), kThreads, 0, stream>>>(
         static_cast<const A*>(grad), static_cast<const T*>(x), static_cast<const T*>(mean),
-        static_cast<const A*>(log_std), shared, batch, m, static_cast<T*>(grad_x), static_cast<T*>(grad_mean),
-        static_cast<A*>(grad_log_std));
+        static_cast<const A*>(log_std), shared, batch, m, chunk_rows, chunks, static_cast<T*>(grad_x),
+        static_cast<T*>(grad_mean), static_cast<A*>(grad_log_std), static_cast<A*>(partials));
   });
+  if (shared && chunks > 1) {
+    launch_finish_row_sums(kind == Kind::kDouble, partials, m, chunks, 0.0, 0, grad_log_std, stream);
+  }
 }
 
 int64_t sample_correction_chunks(int64_t /*channels*/, int64_t spatial) {
@@ -295,7 +333,11 @@ void launch_sample_correction(Kind kind, const void* z0, const void* mean, const
     // so only the T tensors constrain the width.
     with_vector_width<T>(spatial, {z0, mean, noise, zc, delta}, [&](auto vec) {
       constexpr int V = decltype(vec)::value;
-      sample_correction_kernel<T, V><<<grid, kThreads, 0, stream>>>(
+      // A tile is kSampleTile positions: with 8-wide vectors (half, bfloat16) 128 threads
+      // cover it in one pass; 256 would leave half of each block idle.
+      constexpr int threads = kSampleTile / V < kThreads ? kSampleTile / V : kThreads;
+      static_assert(threads % 32 == 0 && threads >= 32, "block_sum needs whole warps");
+      sample_correction_kernel<T, V><<<grid, threads, 0, stream>>>(
           static_cast<const T*>(z0), static_cast<const T*>(mean), static_cast<const A*>(log_std),
           static_cast<const T*>(noise), ls_batch_stride, ls_channel_stride, ls_spatial_stride,
           static_cast<const A*>(alpha), static_cast<A>(alpha_scalar), channels,

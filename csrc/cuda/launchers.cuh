@@ -1,8 +1,9 @@
 // The torch-free launcher API of xlard's CUDA kernels: raw device pointers, sizes and a
 // stream. The kernels live in csrc/cuda/*.cu (compiled by nvcc without torch headers);
 // the torch-facing glue (checks, allocation, dispatch registration) lives in
-// csrc/cuda/*_host.cpp. Every launcher enqueues exactly one kernel on `stream`, so the
-// host checks each launch with C10_CUDA_KERNEL_LAUNCH_CHECK() right after the call.
+// csrc/cuda/*_host.cpp. Every launcher enqueues its kernels (one, or a short fixed
+// sequence) on `stream` and returns; the host checks the launches with
+// C10_CUDA_KERNEL_LAUNCH_CHECK() right after the call.
 // Semantics of every op: docs/ops.md.
 #pragma once
 
@@ -84,7 +85,8 @@ void launch_attention_centroids_backward(Kind kind, const void* grad, const void
 void launch_position_scores(bool is_double, const void* centroids, const int64_t* relations,
                             int64_t relations_batch_stride, int64_t batch, int64_t tokens, int64_t rows, double tau,
                             void* out, cudaStream_t stream);
-// grad [B, R] and out [B, T, 2] in acc type; one thread per (b, token), deterministic.
+// grad [B, R] and out [B, T, 2] in acc type; one thread per (b, token), or one warp per
+// (b, token) with lanes over the rows when R >= 32; deterministic either way.
 void launch_position_scores_backward(bool is_double, const void* grad, const void* centroids,
                                      const int64_t* relations, int64_t relations_batch_stride, int64_t batch,
                                      int64_t tokens, int64_t rows, double tau, void* out, cudaStream_t stream);
@@ -92,10 +94,21 @@ void launch_position_scores_backward(bool is_double, const void* grad, const voi
 // ---------------------------------------------------------------------------------
 // color_scores: features [B, N, D] and colors [B or 1, C, D] in acc type (colors_batch
 // stride 0 when shared), mask bool [B, C, N] or null; scores [B, C] acc, index int64.
+// Four launches: per-row scales/norms of colors and features, per-split partial maxima,
+// the in-order combination of the splits.
 // ---------------------------------------------------------------------------------
+struct ColorScoresWorkspace {  // allocated by the host, all in acc type except part_index
+  void* color_scaled = nullptr;   // [color_rows, D], color_rows = (B or 1) * C
+  void* color_stats = nullptr;    // [color_rows, 2]: max-abs, norm of the scaled row
+  void* feature_stats = nullptr;  // [B * N, 2]
+  void* part_score = nullptr;     // [B * C, splits]
+  int64_t* part_index = nullptr;  // [B * C, splits]
+  int64_t splits = 1;             // color_scores_splits(B, N, C)
+};
+int64_t color_scores_splits(int64_t batch, int64_t patches, int64_t colors_count);
 void launch_color_scores(bool is_double, const void* features, const void* colors, int64_t colors_batch_stride,
                          const bool* mask, int64_t batch, int64_t patches, int64_t colors_count, int64_t dim,
-                         void* scores, int64_t* index, cudaStream_t stream);
+                         void* scores, int64_t* index, const ColorScoresWorkspace& workspace, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------
 // residual_correction: z0, delta [B, C, S] of `kind`; alpha [B] in acc type or null.
@@ -124,10 +137,14 @@ void launch_gaussian_log_prob_partials(Kind kind, const void* x, const void* mea
 void launch_finish_row_sums(bool is_double, const void* partials, int64_t batch, int64_t chunks,
                             double offset_per_element, int64_t m, void* out, cudaStream_t stream);
 // grad [B] and log_std in acc type; grad_x, grad_mean [B, M] of `kind`; grad_log_std in
-// acc type, [M] (summed over the batch in batch order) or [B, M].
+// acc type, [M] or [B, M]. A shared log_std's gradient is summed over the batch in
+// gaussian_backward_chunks(B, M) chunks of consecutive rows (each in batch order), then
+// the chunks in order: partials [M, chunks] in acc type, needed (non-null) only when
+// shared and chunks > 1 (two launches then).
+int64_t gaussian_backward_chunks(int64_t batch, int64_t m);
 void launch_gaussian_log_prob_backward(Kind kind, const void* grad, const void* x, const void* mean,
                                        const void* log_std, bool shared, int64_t batch, int64_t m, void* grad_x,
-                                       void* grad_mean, void* grad_log_std, cudaStream_t stream);
+                                       void* grad_mean, void* grad_log_std, void* partials, cudaStream_t stream);
 
 // sample_correction: z0, mean, noise [B, C, S] of `kind`; alpha [B] in acc type or
 // null. log_std in acc type, element (b, c, s) at log_std[b * ls_batch_stride +

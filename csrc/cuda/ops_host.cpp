@@ -148,9 +148,25 @@ std::tuple<at::Tensor, at::Tensor> color_scores_cuda(const at::Tensor& features_
   const at::Tensor f = features_in.to(acc).contiguous();
   const at::Tensor e = colors_in.to(acc).contiguous();
   const at::Tensor mask = has_mask ? mask_in->contiguous() : at::Tensor();
+  // Workspace (see launchers.cuh): the scaled colors, per-row max-abs and norms, and the
+  // per-split partial maxima; small next to the features.
+  const int64_t color_rows = (colors_in.dim() == 3 ? b : 1) * c;
+  const auto acc_opts = f.options();
+  at::Tensor color_scaled = at::empty({color_rows, d}, acc_opts);
+  at::Tensor color_stats = at::empty({color_rows, 2}, acc_opts);
+  at::Tensor feature_stats = at::empty({b * n, 2}, acc_opts);
+  cuda::ColorScoresWorkspace ws;
+  ws.splits = cuda::color_scores_splits(b, n, c);
+  at::Tensor part_score = at::empty({b * c, ws.splits}, acc_opts);
+  at::Tensor part_index = at::empty({b * c, ws.splits}, index.options());
+  ws.color_scaled = color_scaled.data_ptr();
+  ws.color_stats = color_stats.data_ptr();
+  ws.feature_stats = feature_stats.data_ptr();
+  ws.part_score = part_score.data_ptr();
+  ws.part_index = part_index.data_ptr<int64_t>();
   cuda::launch_color_scores(dbl, f.const_data_ptr(), e.const_data_ptr(), colors_in.dim() == 3 ? c * d : 0,
                             has_mask ? mask.const_data_ptr<bool>() : nullptr, b, n, c, d, scores.data_ptr(),
-                            index.data_ptr<int64_t>(), current_stream());
+                            index.data_ptr<int64_t>(), ws, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {scores, index};
 }
@@ -280,9 +296,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cuda(c
     gls.zero_();
     return {gx, gm, gls.to(log_std_in.scalar_type())};
   }
+  const int64_t chunks = cuda::gaussian_backward_chunks(batch, m);
+  TORCH_CHECK(chunks * m <= (int64_t(1) << 40), "xlard._gaussian_log_prob_backward: too large: B = ", batch,
+              ", x.numel() / B = ", m);
+  // Partial sums over chunks of the batch (deterministic order), only for a shared log_std.
+  at::Tensor partials = shared && chunks > 1 ? at::empty({m, chunks}, gls.options()) : at::Tensor();
   cuda::launch_gaussian_log_prob_backward(kind_of(x.scalar_type()), g.const_data_ptr(), x.const_data_ptr(),
                                           mean.const_data_ptr(), ls.const_data_ptr(), shared, batch, m,
-                                          gx.data_ptr(), gm.data_ptr(), gls.data_ptr(), current_stream());
+                                          gx.data_ptr(), gm.data_ptr(), gls.data_ptr(),
+                                          partials.defined() ? partials.data_ptr() : nullptr, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {gx, gm, gls.to(log_std_in.scalar_type())};
 }
