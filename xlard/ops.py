@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from xlard import _args, _backends, _extension
+from xlard import _args, _backends, _extension, _registration, _triton_ops
 from xlard._backends import provider  # noqa: F401  (public: xlard.ops.provider)
 
 __all__ = [
@@ -34,11 +34,13 @@ LEFT_OF, RIGHT_OF, ABOVE, BELOW = 0, 1, 2, 3
 
 def _op(name: str, device: torch.device):
     if torch.compiler.is_compiling():
-        # Provider choice is a Python-side runtime decision; compiled graphs use the
-        # dispatcher's kernel for the device (C++ on CPU and, where built, CUDA).
-        return getattr(torch.ops.xlard, name)
+        # The same choice as eager mode, made at trace time (and guarded on the provider).
+        return _backends.compiled_op(name, device)
     _extension.require_ops()
-    return _backends.resolve(name, device)
+    packet = _backends.resolve(name, device)
+    if torch._C._are_functorch_transforms_active():
+        return _registration.functorch_entry(packet)
+    return packet
 
 
 # ----------------------------------------------------------------------------------
@@ -318,10 +320,10 @@ def sample_correction(z0, mean, log_std, noise, alpha=1.0, *, out=None):
     op = "sample_correction"
     _check_latents(op, z0=z0, mean=mean, noise=noise)
     log_std = _args.broadcast_log_std(log_std, z0, op)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (z0, mean, noise, log_std)):
+    alpha_t, alpha_s = _args.split_alpha(op, alpha, z0)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z0, mean, noise, log_std, alpha_t)):
         raise RuntimeError(f"xlard.{op}: a rollout step is not differentiable; call it under torch.no_grad() "
                            "(use residual_correction and gaussian_log_prob for gradients)")
-    alpha_t, alpha_s = _args.split_alpha(op, alpha, z0)
     if out is not None:
         return _run_out(op, out, _latent_outputs(z0, "zc", "delta", "log_prob", "lam"),
                         (z0, mean, noise, log_std, alpha_t), (z0, mean, log_std, noise, alpha_t, alpha_s))
@@ -414,131 +416,9 @@ def _overlap(a, b) -> bool:
 
 
 # ----------------------------------------------------------------------------------
-# Fake kernels and autograd, registered for every namespace that defines the ops
-# (xlard:: from _C, xlard_triton:: from xlard._triton_ops).
-
-
-def _batch(maps):
-    return maps.shape[:-2]
-
-
-def register_python_side(ns: str) -> None:
-    """Register fake kernels and autograd formulas for the ops of namespace ``ns``."""
-    lib = getattr(torch.ops, ns)
-
-    def fake(name):
-        return torch.library.register_fake(f"{ns}::{name}")
-
-    @fake("label_components")
-    def _(maps, threshold, mode, min_area, connectivity):
-        return maps.new_empty(maps.shape, dtype=torch.int32), maps.new_empty(_batch(maps), dtype=torch.int32)
-
-    @fake("count_components")
-    def _(maps, threshold, mode, min_area, connectivity):
-        return maps.new_empty(_batch(maps), dtype=torch.int32)
-
-    @fake("component_stats")
-    def _(maps, threshold, mode, min_area, connectivity, max_components):
-        b = _batch(maps)
-        return (maps.new_empty(b, dtype=torch.int32), maps.new_empty((*b, max_components), dtype=torch.int32),
-                maps.new_empty((*b, max_components, 2), dtype=torch.float32))
-
-    def acc(dtype):
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
-    @fake("attention_centroids")
-    def _(maps):
-        return maps.new_empty((*_batch(maps), 2), dtype=acc(maps.dtype))
-
-    @fake("_attention_centroids_backward")
-    def _(grad, maps, centroids):
-        return torch.empty_like(maps)
-
-    @fake("position_scores")
-    def _(centroids, relations, tau):
-        return centroids.new_empty((centroids.shape[0], relations.shape[-2]), dtype=acc(centroids.dtype))
-
-    @fake("_position_scores_backward")
-    def _(grad, centroids, relations, tau):
-        return torch.empty_like(centroids)
-
-    @fake("color_scores")
-    def _(patch_features, color_embeddings, patch_mask):
-        b, c = patch_features.shape[0], color_embeddings.shape[-2]
-        dt = torch.float64 if torch.float64 in (patch_features.dtype, color_embeddings.dtype) else torch.float32
-        return patch_features.new_empty((b, c), dtype=dt), patch_features.new_empty((b, c), dtype=torch.int64)
-
-    def lam_like(z):
-        return z.new_empty((z.shape[0], *z.shape[2:]), dtype=acc(z.dtype))
-
-    @fake("residual_correction")
-    def _(z0, delta, alpha, alpha_scalar):
-        return torch.empty_like(z0), lam_like(z0)
-
-    @fake("_residual_correction_backward")
-    def _(grad_zc, grad_lam, delta, alpha, alpha_scalar):
-        return torch.empty_like(delta)
-
-    @fake("gaussian_log_prob")
-    def _(x, mean, log_std):
-        return x.new_empty((x.shape[0],), dtype=acc(x.dtype))
-
-    @fake("_gaussian_log_prob_backward")
-    def _(grad, x, mean, log_std):
-        return torch.empty_like(x), torch.empty_like(x), torch.empty_like(log_std)
-
-    @fake("sample_correction")
-    def _(z0, mean, log_std, noise, alpha, alpha_scalar):
-        return (torch.empty_like(z0), torch.empty_like(z0), z0.new_empty((z0.shape[0],), dtype=acc(z0.dtype)),
-                lam_like(z0))
-
-    # Autograd: each backward calls another op of the same namespace.
-    def centroids_setup(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], output)
-
-    def centroids_backward(ctx, grad):
-        maps, out = ctx.saved_tensors
-        return lib._attention_centroids_backward(grad, maps, out)
-
-    torch.library.register_autograd(f"{ns}::attention_centroids", centroids_backward, setup_context=centroids_setup)
-
-    def position_setup(ctx, inputs, output):
-        centroids, relations, tau = inputs
-        ctx.save_for_backward(centroids, relations)
-        ctx.tau = tau
-
-    def position_backward(ctx, grad):
-        centroids, relations = ctx.saved_tensors
-        return lib._position_scores_backward(grad, centroids, relations, ctx.tau), None, None
-
-    torch.library.register_autograd(f"{ns}::position_scores", position_backward, setup_context=position_setup)
-
-    def residual_setup(ctx, inputs, output):
-        z0, delta, alpha, alpha_scalar = inputs
-        ctx.save_for_backward(delta, alpha)
-        ctx.alpha_scalar = alpha_scalar
-        ctx.z0_dtype = z0.dtype
-
-    def residual_backward(ctx, grad_zc, grad_lam):
-        delta, alpha = ctx.saved_tensors
-        grad_delta = lib._residual_correction_backward(grad_zc, grad_lam, delta, alpha, ctx.alpha_scalar)
-        grad_alpha = None
-        if alpha is not None and ctx.needs_input_grad[2]:
-            a = acc(delta.dtype)
-            grad_alpha = (grad_zc.to(a) * delta.to(a)).flatten(1).sum(1).to(alpha.dtype)
-        return grad_zc, grad_delta, grad_alpha, None
-
-    torch.library.register_autograd(f"{ns}::residual_correction", residual_backward, setup_context=residual_setup)
-
-    def gaussian_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def gaussian_backward(ctx, grad):
-        x, mean, log_std = ctx.saved_tensors
-        return lib._gaussian_log_prob_backward(grad, x, mean, log_std)
-
-    torch.library.register_autograd(f"{ns}::gaussian_log_prob", gaussian_backward, setup_context=gaussian_setup)
-
+# Fake kernels and autograd live in xlard._registration (shared with xlard_triton::).
+# Where _C has no CUDA kernels, the Triton launchers become the xlard:: CUDA kernels.
 
 if _extension.has_ops():
-    register_python_side("xlard")
+    _registration.register_python_side("xlard")
+    _triton_ops.register_as_xlard_cuda_kernels()
