@@ -145,8 +145,8 @@ def _check_alpha(op, alpha, ref):
 def _check_log_std(op, log_std, x):
     _check(log_std.dtype in _FLOATS, lambda: f"xlard.{op}: log_std must be floating, got {_name(log_std.dtype)}")
     _check(log_std.shape == x.shape[1:] or log_std.shape == x.shape,
-           lambda: f"xlard.{op}: log_std must have shape {_sizes(x.shape[1:])} or {_sizes(x.shape)}, got "
-                   f"{_sizes(log_std.shape)}")
+           lambda: f"xlard.{op}: log_std must have shape x.shape[1:] = {_sizes(x.shape[1:])} or x.shape = "
+                   f"{_sizes(x.shape)} (xlard.ops broadcasts it), got {_sizes(log_std.shape)}")
 
 
 def _lam_shape(z):
@@ -378,13 +378,18 @@ def register_python_side(ns: str) -> None:
         check_residual("residual_correction", z0, delta, alpha)
         return z0.new_empty(z0.shape), lam_like(z0)
 
-    @fake("residual_correction.out")
+    def out_fake(name):
+        # The out= overloads exist in xlard:: only (xlard_triton:: serves the functional ops).
+        if hasattr(getattr(ops, name.split(".")[0]), "out"):
+            return fake(name)
+        return lambda fn: fn
+
+    @out_fake("residual_correction.out")
     def _(z0, delta, alpha, alpha_scalar, *, zc, lam):
         op = "residual_correction"
         check_residual(op, z0, delta, alpha)
         _check_out(op, "zc", zc, z0.shape, z0.dtype, z0)
         _check_out(op, "lam", lam, _lam_shape(z0), _acc(z0.dtype), z0)
-        return zc, lam
 
     @fake("_residual_correction_backward")
     def _(grad_zc, grad_lam, delta, alpha, alpha_scalar):
@@ -428,7 +433,7 @@ def register_python_side(ns: str) -> None:
         return (z0.new_empty(z0.shape), z0.new_empty(z0.shape), z0.new_empty((z0.shape[0],), dtype=_acc(z0.dtype)),
                 lam_like(z0))
 
-    @fake("sample_correction.out")
+    @out_fake("sample_correction.out")
     def _(z0, mean, log_std, noise, alpha, alpha_scalar, *, zc, delta, log_prob, lam):
         op = "sample_correction"
         check_sample(op, z0, mean, log_std, noise, alpha)
@@ -436,7 +441,6 @@ def register_python_side(ns: str) -> None:
         _check_out(op, "delta", delta, z0.shape, z0.dtype, z0)
         _check_out(op, "log_prob", log_prob, (z0.shape[0],), _acc(z0.dtype), z0)
         _check_out(op, "lam", lam, _lam_shape(z0), _acc(z0.dtype), z0)
-        return zc, delta, log_prob, lam
 
     _register_autograd(ns, ops, lib)
 

@@ -171,10 +171,8 @@ def _out_from_functional(op: str, names: tuple[str, ...]):
 
     def run(*args, **out):
         results = getattr(torch.ops.xlard, op).default(*args)
-        buffers = tuple(out[n] for n in names)
-        for buf, res in zip(buffers, results):
-            buf.copy_(res)
-        return buffers
+        for name, res in zip(names, results):
+            out[name].copy_(res)
 
     return run
 

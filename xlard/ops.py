@@ -384,15 +384,20 @@ def _run_out(op: str, out, specs: tuple, inputs: tuple, args: tuple):
                              f"{z0.device}, got {buf.dtype} of shape {list(buf.shape)} on {buf.device}")
         if not buf.is_contiguous():
             raise ValueError(f"xlard.{op}: out tensor {name} must be contiguous, got strides {buf.stride()}")
-    ins = [span for span in map(_byte_span, (t for t in inputs if t is not None)) if span is not None]
-    outs = [_byte_span(buf) for buf in out]
-    for i, (name, span) in enumerate(zip(names, outs)):
-        if span is not None and any(_overlap(span, other) for other in (*ins, *outs[i + 1:]) if other is not None):
-            raise ValueError(f"xlard.{op}: out tensor {name} shares memory with another input or output; "
-                             "pass separate buffers")
+    if not torch.compiler.is_compiling():
+        # Buffer addresses exist only in eager mode. Under torch.compile the out= call is
+        # functionalized (results computed, then copied in), so an input sharing memory
+        # with a buffer is read before it is written there.
+        ins = [span for span in map(_byte_span, (t for t in inputs if t is not None)) if span is not None]
+        outs = [_byte_span(buf) for buf in out]
+        for i, (name, span) in enumerate(zip(names, outs)):
+            if span is not None and any(_overlap(span, other) for other in (*ins, *outs[i + 1:]) if other is not None):
+                raise ValueError(f"xlard.{op}: out tensor {name} shares memory with another input or output; "
+                                 "pass separate buffers")
     kernel = _op(op, z0.device)
-    if z0.device.type == "cpu" and not torch.compiler.is_compiling() and _backends.requested_provider("cpu") == "cpu":
-        return tuple(getattr(torch.ops.xlard, op).out(*args, **dict(zip(names, out))))
+    if z0.device.type == "cpu" and _backends.requested_provider("cpu") == "cpu":
+        getattr(torch.ops.xlard, op).out(*args, **dict(zip(names, out)))
+        return tuple(out)
     for buf, res in zip(out, kernel(*args)):
         buf.copy_(res)
     return tuple(out)

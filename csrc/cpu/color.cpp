@@ -1,6 +1,6 @@
-// CPU kernel of color_scores: one batched GEMM of raw dot products, then a fused
-// pass that divides by the norms, applies the patch mask and keeps the running max
-// and its first argmax. Semantics: docs/ops.md.
+// CPU kernel of color_scores: each vector divided by its own max-abs, one batched GEMM
+// of dot products, then a fused pass that divides by the norms, applies the patch mask
+// and keeps the running max and its first argmax. Semantics: docs/ops.md.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -18,6 +18,16 @@
 namespace xlard {
 namespace {
 
+// v / max|v| along the last dim (rows of zeros, NaN or inf unchanged by the scale). The
+// cosine does not depend on a vector's scale, and scaled entries lie in [-1, 1], so the
+// squares and dot products stay finite for any finite input (features of 1e30 in float32
+// would overflow). Divides, never multiplies by a reciprocal: the reciprocal of a
+// subnormal max overflows.
+at::Tensor scale_rows(const at::Tensor& t) {
+  at::Tensor top = t.abs().amax({-1}, /*keepdim=*/true);
+  return t.div(top.masked_fill(top.le(0), 1));
+}
+
 std::tuple<at::Tensor, at::Tensor> color_scores_cpu(const at::Tensor& features_in, const at::Tensor& colors_in,
                                                     const std::optional<at::Tensor>& mask_in) {
   const checks::ColorLayout L = checks::check_color_inputs(features_in, colors_in, mask_in);
@@ -27,8 +37,8 @@ std::tuple<at::Tensor, at::Tensor> color_scores_cpu(const at::Tensor& features_i
   at::Tensor scores = at::zeros({b, c}, features_in.options().dtype(acc));
   at::Tensor index = at::full({b, c}, -1, features_in.options().dtype(at::kLong));
   if (b == 0 || c == 0 || n == 0) return {scores, index};
-  const at::Tensor f = features_in.to(acc).contiguous();
-  at::Tensor e = colors_in.to(acc);
+  const at::Tensor f = scale_rows(features_in.to(acc)).contiguous();
+  at::Tensor e = scale_rows(colors_in.to(acc));
   if (e.dim() == 2) e = e.unsqueeze(0).expand({b, c, d});
   e = e.contiguous();
   // dots[b, c, n] = <e_bc, f_bn>; norms separately so the big feature tensor is read once.
