@@ -128,7 +128,10 @@ def attention_centroids(maps):
     Returns:
         Tensor[..., 2]: (x, y) in [0, 1] (x right, y down, pixel centres at
         ``(j + 0.5) / W``); float32 (float64 for float64 maps). An all-zero map
-        gives (0.5, 0.5). Differentiable in ``maps``.
+        gives (0.5, 0.5). Weights are divided by the map's largest weight
+        before summing, so maps up to the float maximum give finite centroids.
+        Differentiable in ``maps`` (to any order; ``torch.func.grad``/``jacrev``
+        work, forward mode does not).
 
     Example:
         >>> xlard.ops.attention_centroids(torch.rand(8, 77, 64, 64)).shape
@@ -200,7 +203,9 @@ def color_scores(patch_features, color_embeddings, patch_mask=None):
     Returns:
         (scores float32 [B, C], index int64 [B, C]): a color with no allowed
         patch scores 0 with index -1; zero-norm vectors have similarity 0; ties
-        go to the smallest patch index. Not differentiable.
+        go to the smallest patch index. Not differentiable: the outputs never
+        require grad. Each vector is divided by its own max-abs first, so any
+        finite input (1e30 in float32 included) scores its true cosine.
 
     Example:
         >>> s, i = xlard.ops.color_scores(torch.randn(2, 196, 512), torch.randn(10, 512))
@@ -310,8 +315,9 @@ def sample_correction(z0, mean, log_std, noise, alpha=1.0, *, out=None):
         (zc, delta, log_prob float32 [B], lam float32 [B, *spatial]).
 
     Raises:
-        RuntimeError: if called with inputs that require grad under grad mode
-            (a rollout step is not differentiable; wrap it in torch.no_grad()).
+        RuntimeError: if called with inputs that require grad (a tensor ``alpha``
+            included) under grad mode (a rollout step is not differentiable; wrap
+            it in torch.no_grad()).
 
     Example:
         >>> with torch.no_grad():
