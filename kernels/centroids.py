@@ -102,8 +102,9 @@ def _attention_centroids_bwd_kernel(
         v = tl.load(map_ptr + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w, mask=inside, other=0).to(ACC)
         active = ((v - v) == 0) & (v > 0)
         g = gx * ((j.to(ACC) + 0.5) / W - cx) + gy * ((i.to(ACC) + 0.5) / H - cy)
-        # d / (scale * sum_w) in two divisions, so the product cannot overflow.
-        g = tl.where(active & has_mass, g / scale / safe_sum, 0.0)
+        # d / (scale * sum_w) in two divisions, so the product cannot overflow. An active
+        # pixel implies mass (the largest weight divided by the scale is 1).
+        g = tl.where(active, g / scale / safe_sum, 0.0)
         tl.store(out + p, g.to(out_ptr.dtype.element_ty), mask=inside)
 
 

@@ -912,6 +912,15 @@ def test_overflow_edges_in_the_triton_kernels(top):
     got = top("attention_centroids", maps)
     want = torch.tensor([[(0.5 / 4 * 2 + 3.5 / 4) / 3, (0.5 / 3 * 2 + 2.5 / 3) / 3], [0.5, 0.5]])
     assert torch.allclose(got, want, atol=1e-6), got
+    # The gradient of the huge maps is that of the same maps scaled to max 1, divided by the max
+    # (tiny but not lost: the old 1 / sum overflowed to inf and gave 0).
+    top_w = maps.double().amax((-2, -1), keepdim=True)
+    grad = torch.tensor([[1.0, -2.0], [0.5, 1.0]])
+    small = top("_attention_centroids_backward", grad, (maps.double() / top_w).float(), got)
+    huge = top("_attention_centroids_backward", grad, maps, got)
+    want_huge = small.double() / top_w
+    assert torch.isfinite(huge).all() and huge.abs().max() > 0
+    assert torch.allclose(huge.double(), want_huge, rtol=1e-3, atol=1e-44), (huge, want_huge)
     f = torch.tensor([[[1.0, 0.0, 0.0], [0.6, 0.8, 0.0]]]) * 1e30
     e = torch.tensor([[0.6, 0.8, 0.0], [1.0, 0.0, 0.0]]) * 1e30
     scores, index = top("color_scores", f, e, None)
