@@ -114,3 +114,17 @@ def test_outputs_do_not_claim_a_gradient():
     assert not scores.requires_grad and not index.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         scores.sum().backward()
+
+
+def test_torch_func_grad_is_refused_not_zero():
+    f, e = torch.randn(2, 5, 8), torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="not differentiable.*patch_features"):
+        torch.func.grad(lambda x: ops.color_scores(x, e)[0].sum())(f)
+    with pytest.raises(RuntimeError, match="not differentiable.*color_embeddings"):
+        torch.func.grad(lambda x: ops.color_scores(f, x)[0].sum() + x.sum())(e)
+    # Detached inside the transform, or vmapped: fine.
+    got = torch.func.grad(lambda x: ops.color_scores(x.detach(), e)[0].sum() + x.sum())(f)
+    assert torch.equal(got, torch.ones_like(f))
+    scores, index = torch.func.vmap(lambda x: ops.color_scores(x[None], e))(f)
+    want = ops.color_scores(f, e)
+    assert torch.allclose(scores[:, 0], want[0]) and torch.equal(index[:, 0], want[1])

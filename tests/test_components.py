@@ -334,3 +334,11 @@ def test_outputs_do_not_claim_a_gradient():
     maps = torch.rand(2, 6, 6, requires_grad=True)
     for out in (*ops.component_stats(maps), *ops.label_components(maps), ops.count_components(maps)):
         assert not out.requires_grad
+
+
+def test_torch_func_grad_is_refused_not_zero():
+    maps = torch.rand(2, 6, 6)
+    for fn in (lambda m: ops.component_stats(m)[2].nan_to_num().sum(), lambda m: ops.count_components(m).sum() + m.sum(),
+               lambda m: ops.label_components(m)[0].sum() + m.sum()):
+        with pytest.raises(RuntimeError, match="not differentiable.*maps"):
+            torch.func.grad(fn)(maps)

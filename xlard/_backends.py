@@ -56,7 +56,8 @@ _forced = _Forced()
 
 @contextlib.contextmanager
 def provider(name: str) -> Iterator[None]:
-    """Run the ops in this block with one provider.
+    """Run the ops in this block with one provider (per thread; compiled graphs
+    are guarded on it, so leaving the block retraces them).
 
     Args:
         name: ``"cuda"``, ``"triton"`` or ``"cpu"``. ``"triton"`` also applies

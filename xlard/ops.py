@@ -43,6 +43,20 @@ def _op(name: str, device: torch.device):
     return packet
 
 
+def _refuse_grad_transform(op: str, **tensors) -> None:
+    """Raise when a torch.func transform (grad, jacrev, vjp) differentiates an input of a
+    non-differentiable op: its outputs would silently get a zero gradient there."""
+    if not torch._C._are_functorch_transforms_active():
+        return
+    functorch = torch._C._functorch
+    for name, t in tensors.items():
+        while isinstance(t, torch.Tensor) and functorch.is_functorch_wrapped_tensor(t):
+            if functorch.is_gradtrackingtensor(t) and t.requires_grad:
+                raise RuntimeError(f"xlard.{op}: not differentiable, but a torch.func transform differentiates "
+                                   f"{name}; call it on {name}.detach() or outside the transform")
+            t = functorch.get_unwrapped(t)
+
+
 # ----------------------------------------------------------------------------------
 # Connected components
 
@@ -74,6 +88,7 @@ def label_components(maps, threshold=0.5, mode="relative", min_area=1, connectiv
         >>> labels, counts = xlard.ops.label_components(torch.rand(4, 16, 16), 0.7)
     """
     _args.check_components_args("label_components", maps, threshold, mode, min_area, connectivity)
+    _refuse_grad_transform("label_components", maps=maps)
     return _op("label_components", maps.device)(maps, float(threshold), mode, int(min_area), int(connectivity))
 
 
@@ -90,6 +105,7 @@ def count_components(maps, threshold=0.5, mode="relative", min_area=1, connectiv
         torch.Size([2, 77])
     """
     _args.check_components_args("count_components", maps, threshold, mode, min_area, connectivity)
+    _refuse_grad_transform("count_components", maps=maps)
     return _op("count_components", maps.device)(maps, float(threshold), mode, int(min_area), int(connectivity))
 
 
@@ -109,6 +125,7 @@ def component_stats(maps, threshold=0.5, mode="relative", min_area=1, connectivi
         >>> counts, areas, centroids = xlard.ops.component_stats(maps, max_components=8)
     """
     _args.check_components_args("component_stats", maps, threshold, mode, min_area, connectivity, max_components)
+    _refuse_grad_transform("component_stats", maps=maps)
     return _op("component_stats", maps.device)(
         maps, float(threshold), mode, int(min_area), int(connectivity), int(max_components)
     )
@@ -225,6 +242,7 @@ def color_scores(patch_features, color_embeddings, patch_mask=None):
                              f"got {tuple(patch_mask.shape)}")
     _args.check_same_device(op, patch_features=patch_features, color_embeddings=color_embeddings,
                             patch_mask=patch_mask)
+    _refuse_grad_transform(op, patch_features=patch_features, color_embeddings=color_embeddings)
     return _op(op, patch_features.device)(patch_features, color_embeddings, patch_mask)
 
 
