@@ -33,9 +33,11 @@ TORCH_LIBRARY(xlard, m) {
   // Fused PPO rollout step: delta = mean + exp(log_std) * noise, then zc, log_prob(delta), lam.
   m.def("sample_correction(Tensor z0, Tensor mean, Tensor log_std, Tensor noise, Tensor? alpha, float alpha_scalar) -> (Tensor zc, Tensor delta, Tensor log_prob, Tensor lam)");
   // out= forms of the two latent-sized ops (CPU): write into caller-owned buffers, so a
-  // rollout loop does not allocate (and page-fault in) tens of MiB per call.
-  m.def("residual_correction.out(Tensor z0, Tensor delta, Tensor? alpha, float alpha_scalar, *, Tensor(a!) zc, Tensor(b!) lam) -> (Tensor(a!), Tensor(b!))");
-  m.def("sample_correction.out(Tensor z0, Tensor mean, Tensor log_std, Tensor noise, Tensor? alpha, float alpha_scalar, *, Tensor(a!) zc, Tensor(b!) delta, Tensor(c!) log_prob, Tensor(d!) lam) -> (Tensor(a!), Tensor(b!), Tensor(c!), Tensor(d!))");
+  // rollout loop does not allocate (and page-fault in) tens of MiB per call. They return
+  // nothing: torch.compile functionalizes custom ops that mutate arguments only when no
+  // output aliases an input.
+  m.def("residual_correction.out(Tensor z0, Tensor delta, Tensor? alpha, float alpha_scalar, *, Tensor(a!) zc, Tensor(b!) lam) -> ()");
+  m.def("sample_correction.out(Tensor z0, Tensor mean, Tensor log_std, Tensor noise, Tensor? alpha, float alpha_scalar, *, Tensor(a!) zc, Tensor(b!) delta, Tensor(c!) log_prob, Tensor(d!) lam) -> ()");
   // The x86 vector level the CPU correction kernels run at now: "baseline", "avx2" or "avx512".
   m.def("_cpu_isa() -> str");
   // Bytes held by the CPU cache of freed large output buffers (csrc/cpu/buffer_cache.h), after freeing them all if release.

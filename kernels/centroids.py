@@ -21,8 +21,27 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 @triton.jit
-def _weight_sums(map_ptr, H, W, stride_h, stride_w, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """(sum w, sum w * x_centre, sum w * y_centre) of one map."""
+def _weight_scale(map_ptr, H, W, stride_h, stride_w, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """The largest weight of one map, or 1 when it has none: every weight is divided by it
+    before summing, so maps near the float range sum to finite totals."""
+    lanes = tl.arange(0, BLOCK)
+    num_pixels = H * W
+    top = tl.zeros([BLOCK], ACC)
+    for start in range(0, num_pixels, BLOCK):
+        p = start + lanes
+        inside = p < num_pixels
+        i = p // W
+        j = p - i * W
+        v = tl.load(map_ptr + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w, mask=inside, other=0).to(ACC)
+        top = tl.maximum(top, tl.where(((v - v) == 0) & (v > 0), v, 0.0))
+    best = tl.max(top, 0)
+    return tl.where(best > 0, best, 1.0)
+
+
+@triton.jit
+def _weight_sums(map_ptr, H, W, stride_h, stride_w, scale, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """(sum w, sum w * x_centre, sum w * y_centre) of one map, weights divided by ``scale``
+    (divided, not multiplied by the reciprocal, which a subnormal scale does not have)."""
     lanes = tl.arange(0, BLOCK)
     num_pixels = H * W
     sum_w = tl.zeros([BLOCK], ACC)
@@ -34,7 +53,7 @@ def _weight_sums(map_ptr, H, W, stride_h, stride_w, ACC: tl.constexpr, BLOCK: tl
         i = p // W
         j = p - i * W
         v = tl.load(map_ptr + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w, mask=inside, other=0).to(ACC)
-        w = tl.where(((v - v) == 0) & (v > 0), v, 0.0)
+        w = tl.where(((v - v) == 0) & (v > 0), v / scale, 0.0)
         sum_w += w
         sum_x += w * ((j.to(ACC) + 0.5) / W)
         sum_y += w * ((i.to(ACC) + 0.5) / H)
@@ -47,7 +66,9 @@ def _attention_centroids_fwd_kernel(
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    sum_w, sum_x, sum_y = _weight_sums(maps_ptr + pid * stride_m, H, W, stride_h, stride_w, ACC, BLOCK)
+    map_ptr = maps_ptr + pid * stride_m
+    scale = _weight_scale(map_ptr, H, W, stride_h, stride_w, ACC, BLOCK)
+    sum_w, sum_x, sum_y = _weight_sums(map_ptr, H, W, stride_h, stride_w, scale, ACC, BLOCK)
     has_mass = sum_w > 0
     x = tl.where(has_mass, sum_x / tl.where(has_mass, sum_w, 1.0), 0.5)
     y = tl.where(has_mass, sum_y / tl.where(has_mass, sum_w, 1.0), 0.5)
@@ -62,9 +83,10 @@ def _attention_centroids_bwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     map_ptr = maps_ptr + pid * stride_m
-    sum_w, _sx, _sy = _weight_sums(map_ptr, H, W, stride_h, stride_w, ACC, BLOCK)
+    scale = _weight_scale(map_ptr, H, W, stride_h, stride_w, ACC, BLOCK)
+    sum_w, _sx, _sy = _weight_sums(map_ptr, H, W, stride_h, stride_w, scale, ACC, BLOCK)
     has_mass = sum_w > 0
-    inv = tl.where(has_mass, 1.0 / tl.where(has_mass, sum_w, 1.0), 0.0)
+    safe_sum = tl.where(has_mass, sum_w, 1.0)
     gx = tl.load(grad_ptr + pid * 2).to(ACC)
     gy = tl.load(grad_ptr + pid * 2 + 1).to(ACC)
     cx = tl.load(centroids_ptr + pid * 2).to(ACC)
@@ -80,7 +102,9 @@ def _attention_centroids_bwd_kernel(
         v = tl.load(map_ptr + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w, mask=inside, other=0).to(ACC)
         active = ((v - v) == 0) & (v > 0)
         g = gx * ((j.to(ACC) + 0.5) / W - cx) + gy * ((i.to(ACC) + 0.5) / H - cy)
-        g = tl.where(active, g * inv, 0.0)
+        # d / (scale * sum_w) in two divisions, so the product cannot overflow. An active
+        # pixel implies mass (the largest weight divided by the scale is 1).
+        g = tl.where(active, g / scale / safe_sum, 0.0)
         tl.store(out + p, g.to(out_ptr.dtype.element_ty), mask=inside)
 
 

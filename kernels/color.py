@@ -2,7 +2,9 @@
 
 One program per (batch item, color); patches in tiles of ``BLOCK_N``, the
 feature dimension in chunks of ``BLOCK_D``, float32 accumulation (float64 when
-either input is float64). The running max is replaced only by a strictly larger tile
+either input is float64). Each vector is divided by its own max-abs before the
+dot products and norms (one extra pass over D), so any finite input gives finite
+sums: the cosine does not depend on a vector's scale. The running max is replaced only by a strictly larger tile
 max, and a tile reports its smallest index reaching its max, so the index is
 the smallest ``n`` reaching the overall max (docs/ops.md). Deterministic.
 """
@@ -23,9 +25,15 @@ def _color_scores_fwd_kernel(
     c = tl.program_id(1).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     emb = emb_ptr + b * stride_eb + c * stride_ec
-    emb_sq = tl.zeros([BLOCK_D], ACC)
+    emb_top = tl.zeros([BLOCK_D], ACC)
     for d0 in range(0, D, BLOCK_D):
         e = tl.load(emb + (d0 + dims) * stride_ed, mask=d0 + dims < D, other=0).to(ACC)
+        emb_top = tl.maximum(emb_top, tl.abs(e))
+    emb_scale = tl.max(emb_top, 0)
+    emb_scale = tl.where(emb_scale > 0, emb_scale, 1.0)
+    emb_sq = tl.zeros([BLOCK_D], ACC)
+    for d0 in range(0, D, BLOCK_D):
+        e = tl.load(emb + (d0 + dims) * stride_ed, mask=d0 + dims < D, other=0).to(ACC) / emb_scale
         emb_sq += e * e
     emb_norm = tl.sqrt(tl.sum(emb_sq, 0))
     best = tl.full((), float("-inf"), ACC)
@@ -36,13 +44,21 @@ def _color_scores_fwd_kernel(
         if HAS_MASK:
             allowed = allowed & (tl.load(mask_ptr + b * stride_mb + c * stride_mc + n * stride_mn,
                                          mask=allowed, other=0) != 0)
+        feat_top = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + dims
+            f = tl.load(feat_ptr + b * stride_fb + n[:, None] * stride_fn + d[None, :] * stride_fd,
+                        mask=allowed[:, None] & (d < D)[None, :], other=0).to(ACC)
+            feat_top = tl.maximum(feat_top, tl.abs(f))
+        feat_scale = tl.max(feat_top, 1)
+        feat_scale = tl.where(feat_scale > 0, feat_scale, 1.0)
         dot = tl.zeros([BLOCK_N, BLOCK_D], ACC)
         feat_sq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + dims
-            e = tl.load(emb + d * stride_ed, mask=d < D, other=0).to(ACC)
+            e = tl.load(emb + d * stride_ed, mask=d < D, other=0).to(ACC) / emb_scale
             f = tl.load(feat_ptr + b * stride_fb + n[:, None] * stride_fn + d[None, :] * stride_fd,
-                        mask=allowed[:, None] & (d < D)[None, :], other=0).to(ACC)
+                        mask=allowed[:, None] & (d < D)[None, :], other=0).to(ACC) / feat_scale[:, None]
             dot += f * e[None, :]
             feat_sq += f * f
         norms = tl.sqrt(tl.sum(feat_sq, 1)) * emb_norm

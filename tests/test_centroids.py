@@ -147,3 +147,85 @@ def test_opcheck_and_compile():
     r = _rel([[0, 1, 0], [1, 2, 2]])
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(m, r), fn(m, r))
+
+
+# ----------------------------------------------------------------------------------
+# Higher-order and functional derivatives, overflow edges, fake-kernel checks
+
+
+def test_second_derivatives_match_the_reference():
+    g = torch.Generator().manual_seed(5)
+    maps = (torch.rand(2, 4, 5, dtype=torch.float64, generator=g) - 0.2).requires_grad_()
+    assert torch.autograd.gradgradcheck(ops.attention_centroids, (maps,))
+    cen = torch.rand(2, 4, 2, dtype=torch.float64, generator=g).requires_grad_()
+    rel = torch.tensor([[0, 1, ops.LEFT_OF], [2, 3, ops.BELOW], [1, 2, ops.ABOVE]])
+    assert torch.autograd.gradgradcheck(lambda c: ops.position_scores(c, rel, 3.0), (cen,))
+    # The Hessian-vector product equals the reference's (not zero, as an opaque backward gives).
+    for fn, rfn, x in ((ops.attention_centroids, ref.attention_centroids, maps),
+                       (lambda c: ops.position_scores(c, rel, 3.0), lambda c: ref.position_scores(c, rel, 3.0), cen)):
+        v = torch.rand_like(x)
+        hv = []
+        for f in (fn, rfn):
+            (gx,) = torch.autograd.grad(f(x).pow(2).sum(), x, create_graph=True)
+            hv.append(torch.autograd.grad((gx * v).sum(), x)[0])
+        assert hv[1].abs().max() > 0
+        assert_close(hv[0], hv[1], dtype=torch.float64)
+
+
+def test_torch_func_grad_and_jacrev_match_the_reference():
+    g = torch.Generator().manual_seed(6)
+    maps = torch.rand(2, 3, 4, dtype=torch.float64, generator=g)
+    got = torch.func.jacrev(ops.attention_centroids)(maps)
+    assert_close(got, torch.func.jacrev(ref.attention_centroids)(maps), dtype=torch.float64)
+    got = torch.func.grad(lambda m: ops.attention_centroids(m)[..., 0].sum())(maps)
+    assert_close(got, torch.func.grad(lambda m: ref.attention_centroids(m)[..., 0].sum())(maps), dtype=torch.float64)
+    cen = torch.rand(1, 3, 2, dtype=torch.float64, generator=g)
+    rel = torch.tensor([[0, 1, ops.RIGHT_OF], [1, 2, ops.ABOVE]])
+    two = torch.func.jacrev(torch.func.jacrev(lambda c: ops.position_scores(c, rel)))(cen)
+    assert_close(two, torch.func.jacrev(torch.func.jacrev(lambda c: ref.position_scores(c, rel)))(cen),
+                 dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jacfwd(ops.attention_centroids)(maps)
+    with pytest.raises(RuntimeError, match="through xlard.ops.attention_centroids"):
+        torch.func.grad(lambda m: torch.ops.xlard.attention_centroids(m).sum())(maps)
+
+
+@pytest.mark.parametrize("top", [3e38, 1e-40, 1e-45])
+def test_centroids_of_maps_near_the_float_range_are_finite_and_right(top):
+    # Two pixels, weights top and top / 2 (subnormal tops included): the sums overflow
+    # (or the reciprocal of the max would) unless weights are scaled by division first.
+    maps = torch.zeros(2, 3, 4)
+    maps[0, 0, 0], maps[0, 2, 3] = top, top / 2
+    maps[1] = top
+    got = ops.attention_centroids(maps)
+    small = maps.double() / maps.double().amax((-2, -1), keepdim=True)
+    want = ref.attention_centroids(small)
+    assert torch.isfinite(got).all()
+    assert_close(got, want.float(), dtype=torch.float32)
+    assert_close(ref.attention_centroids(maps), want.float(), dtype=torch.float32)
+    maps.requires_grad_()
+    (grad,) = torch.autograd.grad(ops.attention_centroids(maps).sum(), maps)
+    wide = maps.detach().double().requires_grad_()            # float64 holds these sums exactly enough
+    (want_grad,) = torch.autograd.grad(ref.attention_centroids(wide).sum(), wide)
+    assert not torch.isnan(grad).any()
+    if top >= 1e-38:  # for subnormal maps the true gradient exceeds the float32 range
+        assert grad.abs().max() > 0
+        assert torch.allclose(grad.double(), want_grad, rtol=1e-3, atol=1e-44), (grad, want_grad)
+
+
+def test_fake_kernels_check_like_the_cpu_kernels():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    bad = [
+        (torch.ops.xlard.attention_centroids, (torch.rand(4),)),
+        (torch.ops.xlard.attention_centroids, (torch.ones(3, 3, dtype=torch.int32),)),
+        (torch.ops.xlard.position_scores, (torch.rand(2, 3, 3), torch.zeros(1, 3, dtype=torch.int64), 1.0)),
+        (torch.ops.xlard.position_scores, (torch.rand(2, 3, 2), torch.zeros(1, 3, dtype=torch.int32), 1.0)),
+        (torch.ops.xlard._attention_centroids_backward, (torch.rand(3, 2), torch.rand(2, 4, 4), torch.rand(2, 2))),
+    ]
+    for op, args in bad:
+        with pytest.raises(RuntimeError) as eager:
+            op(*args)
+        with FakeTensorMode() as mode, pytest.raises(RuntimeError) as traced:
+            op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        assert str(traced.value).splitlines()[0] == str(eager.value).splitlines()[0]

@@ -91,3 +91,40 @@ def test_opcheck_and_compile():
     compiled = torch.compile(ops.color_scores, fullgraph=True, backend="aot_eager")
     for a, b in zip(compiled(f, e, mask), ops.color_scores(f, e, mask)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("scale", [1e30, 3e38, 1e-30, 1e-42])
+def test_scores_of_vectors_near_the_float_range_are_right(scale):
+    # Norms and dot products of 1e30-sized float32 vectors overflow (and of 1e-30 ones
+    # underflow) unless each vector is divided by its own max-abs first.
+    f = torch.tensor([[[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [-1.0, 0.0, 0.0]]]) * scale
+    e = torch.tensor([[0.6, 0.8, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]) * scale
+    want_scores = torch.tensor([[1.0, 1.0, 0.0]])
+    want_index = torch.tensor([[1, 0, 0]])
+    for fn in (ops.color_scores, ref.color_scores):
+        scores, index = fn(f, e)
+        assert torch.allclose(scores, want_scores, atol=1e-6), (fn, scores)
+        assert torch.equal(index, want_index), (fn, index)
+
+
+def test_outputs_do_not_claim_a_gradient():
+    f = torch.randn(2, 5, 8, requires_grad=True)
+    e = torch.randn(3, 8, requires_grad=True)
+    scores, index = ops.color_scores(f, e)
+    assert not scores.requires_grad and not index.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        scores.sum().backward()
+
+
+def test_torch_func_grad_is_refused_not_zero():
+    f, e = torch.randn(2, 5, 8), torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="not differentiable.*patch_features"):
+        torch.func.grad(lambda x: ops.color_scores(x, e)[0].sum())(f)
+    with pytest.raises(RuntimeError, match="not differentiable.*color_embeddings"):
+        torch.func.grad(lambda x: ops.color_scores(f, x)[0].sum() + x.sum())(e)
+    # Detached inside the transform, or vmapped: fine.
+    got = torch.func.grad(lambda x: ops.color_scores(x.detach(), e)[0].sum() + x.sum())(f)
+    assert torch.equal(got, torch.ones_like(f))
+    scores, index = torch.func.vmap(lambda x: ops.color_scores(x[None], e))(f)
+    want = ops.color_scores(f, e)
+    assert torch.allclose(scores[:, 0], want[0]) and torch.equal(index[:, 0], want[1])

@@ -308,3 +308,37 @@ def test_torch_compile_fullgraph():
     assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
     for a, b in zip(got[2], eager[2]):
         torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_opcheck_with_nan_padded_slots():
+    # Two components and four slots: slots 2 and 3 hold area 0 and NaN centroids.
+    maps = torch.zeros(2, 6, 6)
+    maps[0, 1:3, 1:3] = 1
+    maps[0, 4, 4] = 1
+    counts, areas, cents = ops.component_stats(maps, 0.5, "absolute", max_components=4)
+    assert areas[0, 2:].eq(0).all() and cents[0, 2:].isnan().all() and cents[1].isnan().all()
+    op, args = torch.ops.xlard.component_stats.default, (maps, 0.5, "absolute", 1, 8, 4)
+    # opcheck's AOT tests compare outputs with assert_close(equal_nan=False), which no output
+    # holding NaN can pass; the same AOT check runs below with NaN compared equal.
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    from functools import partial
+
+    from torch.testing._internal.optests import aot_autograd_check
+
+    for dynamic in (False, True):
+        aot_autograd_check(op, args, {}, dynamic=dynamic, check_gradients="auto",
+                           assert_equals_fn=partial(torch.testing.assert_close, equal_nan=True))
+
+
+def test_outputs_do_not_claim_a_gradient():
+    maps = torch.rand(2, 6, 6, requires_grad=True)
+    for out in (*ops.component_stats(maps), *ops.label_components(maps), ops.count_components(maps)):
+        assert not out.requires_grad
+
+
+def test_torch_func_grad_is_refused_not_zero():
+    maps = torch.rand(2, 6, 6)
+    for fn in (lambda m: ops.component_stats(m)[2].nan_to_num().sum(), lambda m: ops.count_components(m).sum() + m.sum(),
+               lambda m: ops.label_components(m)[0].sum() + m.sum()):
+        with pytest.raises(RuntimeError, match="not differentiable.*maps"):
+            torch.func.grad(fn)(maps)

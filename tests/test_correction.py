@@ -481,3 +481,96 @@ def test_buffer_cache_limit_from_the_environment(monkeypatch):
         monkeypatch.setenv("XLARD_CPU_BUFFER_CACHE_MB", bad)
         with pytest.raises(ValueError, match=f"XLARD_CPU_BUFFER_CACHE_MB must be a whole number of MiB.*'{bad}'"):
             ops.sample_correction(z0, mean, log_std, noise, 0.5)
+
+
+# ----------------------------------------------------------------------------------
+# Gradients that must be right or refused, higher order, torch.func, out= under compile
+
+
+def test_sample_correction_refuses_a_tensor_alpha_that_requires_grad():
+    z0 = torch.randn(2, 3, 4)
+    alpha = torch.ones(2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        ops.sample_correction(z0, z0, 0.0, z0, alpha)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.ops.xlard.sample_correction(z0, z0, torch.zeros(3, 4), z0, alpha, 1.0)
+    with torch.no_grad():
+        assert ops.sample_correction(z0, z0, 0.0, z0, alpha)[0].shape == z0.shape
+
+
+def test_second_derivatives():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, generator=g).requires_grad_()
+    mean = torch.randn(2, 3, 4, dtype=torch.float64, generator=g).requires_grad_()
+    for log_std in (torch.randn(3, dtype=torch.float64, generator=g), torch.randn(2, 3, 4, dtype=torch.float64)):
+        assert torch.autograd.gradgradcheck(ops.gaussian_log_prob, (x, mean, (0.3 * log_std).requires_grad_()))
+    alpha = torch.rand(2, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda z, d, a: ops.residual_correction(z, d, a), (x, mean, alpha))
+    assert torch.autograd.gradgradcheck(lambda z, d: ops.residual_correction(z, d, 0.4), (x, mean))
+
+
+def test_torch_func_grad_and_jacrev_match_the_reference():
+    g = torch.Generator().manual_seed(9)
+    x, mean = torch.randn(2, 3, 4, dtype=torch.float64, generator=g), torch.randn(2, 3, 4, dtype=torch.float64)
+    log_std = 0.2 * torch.randn(3, dtype=torch.float64, generator=g)
+    for argnums in (0, 1, 2):
+        got = torch.func.jacrev(ops.gaussian_log_prob, argnums=argnums)(x, mean, log_std)
+        want = torch.func.jacrev(ref.gaussian_log_prob, argnums=argnums)(x, mean, log_std)
+        assert_close(got, want, dtype=torch.float64)
+    alpha = torch.rand(2, dtype=torch.float64, generator=g)
+    got = torch.func.grad(lambda d, a: ops.residual_correction(x, d, a)[0].pow(2).sum(), argnums=(0, 1))(mean, alpha)
+    want = torch.func.grad(lambda d, a: ref.residual_correction(x, d, a)[0].pow(2).sum(), argnums=(0, 1))(mean, alpha)
+    for a, b in zip(got, want):
+        assert_close(a, b, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda v: ops.gaussian_log_prob(v, mean, log_std), (x,), (torch.ones_like(x),))
+
+
+def test_out_forms_compile_with_fullgraph():
+    z0, mean, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    log_std = torch.zeros(4)
+
+    def step(z0, mean, noise, log_std, zc, delta, log_prob, lam, zc2, lam2):
+        ops.sample_correction(z0, mean, log_std, noise, 0.5, out=(zc, delta, log_prob, lam))
+        ops.residual_correction(z0, mean, 0.5, out=(zc2, lam2))
+        return zc.sum() + lam2.sum()
+
+    def buffers():
+        return (torch.empty_like(z0), torch.empty_like(z0), torch.empty(2), torch.empty(2, 8, 8),
+                torch.empty_like(z0), torch.empty(2, 8, 8))
+
+    want, got = buffers(), buffers()
+    with torch.no_grad():
+        step(z0, mean, noise, log_std, *want)
+        torch.compile(step, fullgraph=True, backend="aot_eager")(z0, mean, noise, log_std, *got)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_opcheck_out_overloads():
+    z0, delta = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    torch.library.opcheck(torch.ops.xlard.residual_correction.out, (z0, delta, torch.rand(2), 1.0),
+                          {"zc": torch.empty_like(z0), "lam": torch.empty(2, 4, 5)})
+    ls = torch.zeros(3, 4, 5)
+    torch.library.opcheck(torch.ops.xlard.sample_correction.out, (z0, delta, ls, torch.randn_like(z0), None, 0.5),
+                          {"zc": torch.empty_like(z0), "delta": torch.empty_like(z0), "log_prob": torch.empty(2),
+                           "lam": torch.empty(2, 4, 5)})
+
+
+def test_fake_kernels_check_like_the_cpu_kernels():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    z = torch.randn(2, 3, 4)
+    bad = [
+        (torch.ops.xlard.residual_correction, (z, torch.randn(2, 3, 5), None, 1.0)),
+        (torch.ops.xlard.residual_correction, (z, z.double(), None, 1.0)),
+        (torch.ops.xlard.residual_correction, (z, z, torch.ones(3), 1.0)),
+        (torch.ops.xlard.gaussian_log_prob, (z, z, torch.zeros(5))),
+        (torch.ops.xlard.sample_correction, (z, z, torch.zeros(3, 4), torch.randn(2, 3), None, 1.0)),
+    ]
+    for op, args in bad:
+        with pytest.raises(RuntimeError) as eager:
+            op(*args)
+        with FakeTensorMode() as mode, pytest.raises(RuntimeError) as traced:
+            op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        assert str(traced.value).splitlines()[0] == str(eager.value).splitlines()[0], op

@@ -357,3 +357,30 @@ def test_sample_correction_cuda_graph():
         for what, a, b in zip(("zc", "delta", "log_prob", "lam"), outs, want):
             tol = TOLERANCES[b.dtype] if what in ("zc", "delta") else ACC_TOL[b.dtype]
             assert_close(a.cpu(), b, msg=what, **tol)
+
+
+# ---------------------------------------------------------------- compiled graphs on CUDA
+
+def test_compiled_step_on_cuda_reaches_a_kernel_and_matches_eager(triton_ns):
+    """issue 13: without CUDA kernels in _C the Triton launchers are the xlard:: CUDA kernels,
+    so a compiled function (inductor) on CUDA tensors runs, and the raw op runs too."""
+    import xlard.ops as ops
+
+    maps = blobs(2 * 3, 16, 16, seed=5).reshape(2, 3, 16, 16).cuda()
+    z0, delta = torch.randn(2, 4, 8, 8, device="cuda"), torch.randn(2, 4, 8, 8, device="cuda")
+
+    def step(maps, z0, delta):
+        zc, lam = ops.residual_correction(z0, delta, 0.5)
+        return ops.count_components(maps, 0.5), ops.attention_centroids(maps), zc, lam
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(maps, z0, delta)
+    want = step(maps, z0, delta)
+    assert torch.equal(got[0], want[0])
+    for a, b in zip(got[1:], want[1:]):
+        assert_close(a, b, **ACC_TOL[torch.float32])
+    assert torch.equal(torch.ops.xlard.count_components(maps, 0.5, "relative", 1, 8), want[0])
+    if not has_cuda_provider():
+        with ops.provider("cuda"), pytest.raises(Exception, match="built without CUDA kernels"):
+            torch._dynamo.reset()
+            torch.compile(step, fullgraph=True)(maps, z0, delta)

@@ -6,15 +6,24 @@ ops by ``xlard._triton_ops``). On CUDA tensors the default is ``cuda`` when it
 was compiled in, else ``triton``; ``XLARD_CUDA_PROVIDER=cuda|triton`` or the
 context manager :func:`provider` choose explicitly. On CPU tensors ``triton``
 runs only under ``TRITON_INTERPRET=1`` (how CI tests the Triton kernels).
-Nothing here imports Triton or touches CUDA at import time.
+Where ``_C`` has no CUDA kernels, the Triton launchers are also registered as
+the ``xlard::<op>`` CUDA kernels (:mod:`xlard._triton_ops`), so a direct
+``torch.ops.xlard`` call, a compiled graph and a CUDA graph reach the same kernel.
+
+Under ``torch.compile`` the choice is made at trace time by the same rules
+(:func:`compiled_op`); the provider set by :func:`provider` is read from a
+thread-local that dynamo guards on, so a graph traced under one provider is
+retraced under another, never silently reused. A provider that cannot run is
+the same error as in eager mode. ``XLARD_CUDA_PROVIDER`` is read when a graph
+is traced. Nothing here imports Triton or touches CUDA at import time.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib.util
 import os
+import threading
 from typing import Iterator
 
 import torch
@@ -35,12 +44,20 @@ OPS = (
 PROVIDERS = ("cpu", "cuda", "triton")
 _ENV = "XLARD_CUDA_PROVIDER"
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("xlard_provider", default=None)
+
+
+class _Forced(threading.local):
+    # A thread-local rather than a ContextVar: dynamo can read (and guard on) it.
+    name: str | None = None
+
+
+_forced = _Forced()
 
 
 @contextlib.contextmanager
 def provider(name: str) -> Iterator[None]:
-    """Run the ops in this block with one provider.
+    """Run the ops in this block with one provider (per thread; compiled graphs
+    are guarded on it, so leaving the block retraces them).
 
     Args:
         name: ``"cuda"``, ``"triton"`` or ``"cpu"``. ``"triton"`` also applies
@@ -55,11 +72,12 @@ def provider(name: str) -> Iterator[None]:
     """
     if name not in PROVIDERS:
         raise ValueError(f"provider: expected one of {PROVIDERS}, got {name!r}")
-    token = _forced.set(name)
+    previous = _forced.name
+    _forced.name = name
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.name = previous
 
 
 def triton_interpreted() -> bool:
@@ -84,11 +102,13 @@ def _triton_ops_namespace():
 
 def requested_provider(device_type: str) -> str:
     """The provider asked for on ``device_type``, before availability is checked."""
-    forced = _forced.get()
+    return _requested(device_type, _forced.name, os.environ.get(_ENV) if device_type == "cuda" else None)
+
+
+def _requested(device_type: str, forced: str | None, env: str | None) -> str:
     if forced is not None:
         return forced
     if device_type == "cuda":
-        env = os.environ.get(_ENV)
         if env:
             if env not in ("cuda", "triton"):
                 raise ValueError(f"{_ENV}: expected 'cuda' or 'triton', got {env!r}")
@@ -119,15 +139,41 @@ def why_not(name: str, device_type: str, op: str = "count_components") -> str | 
     return None
 
 
+def _choose(op: str, device_type: str, forced: str | None, env: str | None) -> tuple[str, str | None]:
+    """(namespace, None) of the ops that serve ``op`` on ``device_type``, or ("", why none can)."""
+    name = _requested(device_type, forced, env)
+    reason = why_not(name, device_type, op)
+    if reason is not None:
+        return "", f"xlard.ops.{op}: provider {name!r} cannot run on {device_type}: {reason}"
+    if name == "triton":
+        _triton_ops_namespace()
+        return "xlard_triton", None
+    return "xlard", None
+
+
 def resolve(op: str, device: torch.device):
     """The ``torch.ops`` overload packet that runs ``op`` on ``device``, or a RuntimeError saying why none can."""
-    name = requested_provider(device.type)
-    reason = why_not(name, device.type, op)
-    if reason is not None:
-        raise RuntimeError(f"xlard.ops.{op}: provider {name!r} cannot run on {device.type}: {reason}")
-    if name == "triton":
-        return getattr(_triton_ops_namespace(), op)
-    return getattr(torch.ops.xlard, op)
+    namespace, error = _choose(op, device.type, _forced.name, os.environ.get(_ENV) if device.type == "cuda" else None)
+    if error is not None:
+        raise RuntimeError(error)
+    return getattr(getattr(torch.ops, namespace), op)
+
+
+@torch.compiler.assume_constant_result
+def _choose_at_trace_time(op: str, device_type: str, forced: str | None, env: str | None) -> str:
+    # Evaluated once per trace (dynamo does not trace into it); the caller passes the
+    # thread-local provider so the graph is guarded on it. "!" + message on failure.
+    namespace, error = _choose(op, device_type, forced, env)
+    return namespace if error is None else "!" + error
+
+
+def compiled_op(op: str, device: torch.device):
+    """:func:`resolve` for code that ``torch.compile`` traces: same choice, same errors."""
+    env = os.environ.get(_ENV) if device.type == "cuda" else None
+    namespace = _choose_at_trace_time(op, device.type, _forced.name, env)
+    if namespace.startswith("!"):
+        raise RuntimeError(namespace[1:])
+    return getattr(getattr(torch.ops, namespace), op)
 
 
 def table() -> list[dict]:

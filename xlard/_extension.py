@@ -18,6 +18,23 @@ except (ImportError, OSError) as exc:  # no compiled extension, or an ABI mismat
     _load_error = exc
 
 
+def _compiled_kernels() -> dict[str, frozenset[str]]:
+    """The ``xlard::`` kernels ``_C`` registered per dispatch key, read once at load time.
+
+    Read before any Python registration: where ``_C`` has no CUDA kernel, the Triton
+    launchers are registered as the ``xlard::<op>`` CUDA kernels later on, and those
+    must not count as compiled ones.
+    """
+    found = {}
+    for key in ("CPU", "CUDA"):
+        names = torch._C._dispatch_get_registrations_for_dispatch_key(key) if _load_error is None else []
+        found[key] = frozenset(n[len("xlard::"):] for n in names if n.startswith("xlard::"))
+    return found
+
+
+_COMPILED = _compiled_kernels()
+
+
 def has_ops() -> bool:
     """Whether ``xlard._C`` loaded and registered the ``xlard::`` ops."""
     return _load_error is None and hasattr(torch.ops.xlard, "count_components")
@@ -38,10 +55,12 @@ def require_ops() -> None:
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether ``xlard::<op>`` has a kernel registered for ``dispatch_key`` ("CPU", "CUDA")."""
-    if not has_ops():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"xlard::{op}", dispatch_key)
+    """Whether ``xlard._C`` compiled a kernel of ``xlard::<op>`` for ``dispatch_key`` ("CPU", "CUDA").
+
+    Kernels registered from Python (the Triton launchers serving ``xlard::`` on CUDA
+    when ``_C`` has none) do not count. A plain set lookup, so ``torch.compile`` traces it.
+    """
+    return has_ops() and op in _COMPILED.get(dispatch_key, ())
 
 
 def build_info() -> dict:

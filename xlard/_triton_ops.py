@@ -4,8 +4,11 @@ Each ``xlard_triton::<op>`` has exactly the schema of ``xlard::<op>`` (read
 from the compiled op at registration time, so schemas are declared only in
 ``csrc/registration.cpp``). The Triton launchers serve the CUDA key, and the
 CPU key for ``TRITON_INTERPRET=1`` (how CI runs the kernels without a GPU).
-Fake kernels and autograd for this namespace are those of ``xlard/ops.py``
-(``register_python_side``), attached here once the namespace exists.
+Fake kernels and autograd for this namespace are those of ``xlard::``
+(:func:`xlard._registration.register_python_side`), attached here once the
+namespace exists. Where ``_C`` has no CUDA kernel for an op, the same
+launchers are also registered as the ``xlard::<op>`` CUDA kernel
+(:func:`register_as_xlard_cuda_kernels`), loading Triton on first call.
 Importing this module imports neither Triton nor the kernels; call
 :func:`ensure_registered` first.
 """
@@ -20,7 +23,7 @@ import threading
 
 import torch
 
-from xlard import _extension
+from xlard import _extension, _registration
 
 NAMESPACE = "xlard_triton"
 
@@ -136,12 +139,67 @@ def ensure_registered() -> None:
             library.impl(op, served, "CUDA")
             library.impl(op, served, "CPU")
         # Fake kernels and autograd come from the same function that serves xlard:: (one description of both).
-        from xlard import ops
-
-        ops.register_python_side(NAMESPACE)
+        _registration.register_python_side(NAMESPACE)
         _library = library
 
 
 def is_registered() -> bool:
     """Whether :func:`ensure_registered` has run in this process."""
     return _library is not None
+
+
+_cuda_library: torch.library.Library | None = None
+
+
+def _lazy_launcher(op: str):
+    """The launcher of ``op``, imported (with Triton) on its first call."""
+    module, name = KERNELS[op]
+    served = None
+
+    def run(*args):
+        nonlocal served
+        if served is None:
+            served = _serve(op, getattr(kernel_module(module), name))
+        return served(*args)
+
+    run.__name__ = f"triton_{op}"
+    return run
+
+
+def _out_from_functional(op: str, names: tuple[str, ...]):
+    """An ``xlard::<op>.out`` kernel that runs the functional op and copies into the buffers."""
+
+    def run(*args, **out):
+        results = getattr(torch.ops.xlard, op).default(*args)
+        for name, res in zip(names, results):
+            out[name].copy_(res)
+
+    return run
+
+
+def register_as_xlard_cuda_kernels() -> list[str]:
+    """Registers the Triton launchers as the ``xlard::<op>`` CUDA kernels ``_C`` lacks (idempotent).
+
+    Then every way of calling an op on CUDA tensors (``xlard.ops``, ``torch.ops.xlard``,
+    a compiled graph, a CUDA graph) reaches a kernel. Triton is imported on the first
+    call, not here. Returns the ops registered (none when ``_C`` has CUDA kernels).
+    """
+    global _cuda_library
+    if _cuda_library is not None or not _extension.has_ops():
+        return []
+    with _lock:
+        if _cuda_library is not None:
+            return []
+        library = torch.library.Library("xlard", "IMPL")
+        done = []
+        for op in KERNELS:
+            if not _extension.has_kernel(op, "CUDA"):
+                library.impl(op, _lazy_launcher(op), "CUDA")
+                done.append(op)
+        outs = {"residual_correction": ("zc", "lam"), "sample_correction": ("zc", "delta", "log_prob", "lam")}
+        for op, names in outs.items():
+            if not _extension.has_kernel(f"{op}.out", "CUDA"):
+                library.impl(f"{op}.out", _out_from_functional(op, names), "CUDA")
+                done.append(f"{op}.out")
+        _cuda_library = library
+        return done

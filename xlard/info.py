@@ -43,9 +43,20 @@ def format_report(info: dict) -> str:
         "",
         f"{'op':22s} {'device':6s} {'default':8s} providers",
     ]
+    # Each reason a provider cannot serve is printed once, below the table, and cited by
+    # number in it (the same reason usually applies to every op).
+    reasons: dict[str, int] = {}
     for row in info["providers"]:
-        status = "; ".join(f"{p}: {'ok' if why is None else why}" for p, why in row["status"].items())
-        lines.append(f"{row['op']:22s} {row['device']:6s} {row['default']:8s} {status}")
+        cells = []
+        for p, why in row["status"].items():
+            if why is None:
+                cells.append(f"{p}: ok")
+            else:
+                cells.append(f"{p}: no [{reasons.setdefault(why, len(reasons) + 1)}]")
+        lines.append(f"{row['op']:22s} {row['device']:6s} {row['default']:8s} {'; '.join(cells)}")
+    if reasons:
+        lines.append("")
+        lines.extend(f"[{n}] {why}" for why, n in reasons.items())
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from xlard import _args, _backends, _extension
+from xlard import _args, _backends, _extension, _registration, _triton_ops
 from xlard._backends import provider  # noqa: F401  (public: xlard.ops.provider)
 
 __all__ = [
@@ -34,11 +34,27 @@ from xlard.vocab import ABOVE, BELOW, LEFT_OF, RIGHT_OF  # noqa: E402  (public: 
 
 def _op(name: str, device: torch.device):
     if torch.compiler.is_compiling():
-        # Provider choice is a Python-side runtime decision; compiled graphs use the
-        # dispatcher's kernel for the device (C++ on CPU and, where built, CUDA).
-        return getattr(torch.ops.xlard, name)
+        # The same choice as eager mode, made at trace time (and guarded on the provider).
+        return _backends.compiled_op(name, device)
     _extension.require_ops()
-    return _backends.resolve(name, device)
+    packet = _backends.resolve(name, device)
+    if torch._C._are_functorch_transforms_active():
+        return _registration.functorch_entry(packet)
+    return packet
+
+
+def _refuse_grad_transform(op: str, **tensors) -> None:
+    """Raise when a torch.func transform (grad, jacrev, vjp) differentiates an input of a
+    non-differentiable op: its outputs would silently get a zero gradient there."""
+    if not torch._C._are_functorch_transforms_active():
+        return
+    functorch = torch._C._functorch
+    for name, t in tensors.items():
+        while isinstance(t, torch.Tensor) and functorch.is_functorch_wrapped_tensor(t):
+            if functorch.is_gradtrackingtensor(t) and t.requires_grad:
+                raise RuntimeError(f"xlard.{op}: not differentiable, but a torch.func transform differentiates "
+                                   f"{name}; call it on {name}.detach() or outside the transform")
+            t = functorch.get_unwrapped(t)
 
 
 # ----------------------------------------------------------------------------------
@@ -72,6 +88,7 @@ def label_components(maps, threshold=0.5, mode="relative", min_area=1, connectiv
         >>> labels, counts = xlard.ops.label_components(torch.rand(4, 16, 16), 0.7)
     """
     _args.check_components_args("label_components", maps, threshold, mode, min_area, connectivity)
+    _refuse_grad_transform("label_components", maps=maps)
     return _op("label_components", maps.device)(maps, float(threshold), mode, int(min_area), int(connectivity))
 
 
@@ -88,6 +105,7 @@ def count_components(maps, threshold=0.5, mode="relative", min_area=1, connectiv
         torch.Size([2, 77])
     """
     _args.check_components_args("count_components", maps, threshold, mode, min_area, connectivity)
+    _refuse_grad_transform("count_components", maps=maps)
     return _op("count_components", maps.device)(maps, float(threshold), mode, int(min_area), int(connectivity))
 
 
@@ -107,6 +125,7 @@ def component_stats(maps, threshold=0.5, mode="relative", min_area=1, connectivi
         >>> counts, areas, centroids = xlard.ops.component_stats(maps, max_components=8)
     """
     _args.check_components_args("component_stats", maps, threshold, mode, min_area, connectivity, max_components)
+    _refuse_grad_transform("component_stats", maps=maps)
     return _op("component_stats", maps.device)(
         maps, float(threshold), mode, int(min_area), int(connectivity), int(max_components)
     )
@@ -126,7 +145,10 @@ def attention_centroids(maps):
     Returns:
         Tensor[..., 2]: (x, y) in [0, 1] (x right, y down, pixel centres at
         ``(j + 0.5) / W``); float32 (float64 for float64 maps). An all-zero map
-        gives (0.5, 0.5). Differentiable in ``maps``.
+        gives (0.5, 0.5). Weights are divided by the map's largest weight
+        before summing, so maps up to the float maximum give finite centroids.
+        Differentiable in ``maps`` (to any order; ``torch.func.grad``/``jacrev``
+        work, forward mode does not).
 
     Example:
         >>> xlard.ops.attention_centroids(torch.rand(8, 77, 64, 64)).shape
@@ -198,7 +220,9 @@ def color_scores(patch_features, color_embeddings, patch_mask=None):
     Returns:
         (scores float32 [B, C], index int64 [B, C]): a color with no allowed
         patch scores 0 with index -1; zero-norm vectors have similarity 0; ties
-        go to the smallest patch index. Not differentiable.
+        go to the smallest patch index. Not differentiable: the outputs never
+        require grad. Each vector is divided by its own max-abs first, so any
+        finite input (1e30 in float32 included) scores its true cosine.
 
     Example:
         >>> s, i = xlard.ops.color_scores(torch.randn(2, 196, 512), torch.randn(10, 512))
@@ -218,6 +242,7 @@ def color_scores(patch_features, color_embeddings, patch_mask=None):
                              f"got {tuple(patch_mask.shape)}")
     _args.check_same_device(op, patch_features=patch_features, color_embeddings=color_embeddings,
                             patch_mask=patch_mask)
+    _refuse_grad_transform(op, patch_features=patch_features, color_embeddings=color_embeddings)
     return _op(op, patch_features.device)(patch_features, color_embeddings, patch_mask)
 
 
@@ -308,8 +333,9 @@ def sample_correction(z0, mean, log_std, noise, alpha=1.0, *, out=None):
         (zc, delta, log_prob float32 [B], lam float32 [B, *spatial]).
 
     Raises:
-        RuntimeError: if called with inputs that require grad under grad mode
-            (a rollout step is not differentiable; wrap it in torch.no_grad()).
+        RuntimeError: if called with inputs that require grad (a tensor ``alpha``
+            included) under grad mode (a rollout step is not differentiable; wrap
+            it in torch.no_grad()).
 
     Example:
         >>> with torch.no_grad():
@@ -318,10 +344,10 @@ def sample_correction(z0, mean, log_std, noise, alpha=1.0, *, out=None):
     op = "sample_correction"
     _check_latents(op, z0=z0, mean=mean, noise=noise)
     log_std = _args.broadcast_log_std(log_std, z0, op)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (z0, mean, noise, log_std)):
+    alpha_t, alpha_s = _args.split_alpha(op, alpha, z0)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z0, mean, noise, log_std, alpha_t)):
         raise RuntimeError(f"xlard.{op}: a rollout step is not differentiable; call it under torch.no_grad() "
                            "(use residual_correction and gaussian_log_prob for gradients)")
-    alpha_t, alpha_s = _args.split_alpha(op, alpha, z0)
     if out is not None:
         return _run_out(op, out, _latent_outputs(z0, "zc", "delta", "log_prob", "lam"),
                         (z0, mean, noise, log_std, alpha_t), (z0, mean, log_std, noise, alpha_t, alpha_s))
@@ -382,15 +408,20 @@ def _run_out(op: str, out, specs: tuple, inputs: tuple, args: tuple):
                              f"{z0.device}, got {buf.dtype} of shape {list(buf.shape)} on {buf.device}")
         if not buf.is_contiguous():
             raise ValueError(f"xlard.{op}: out tensor {name} must be contiguous, got strides {buf.stride()}")
-    ins = [span for span in map(_byte_span, (t for t in inputs if t is not None)) if span is not None]
-    outs = [_byte_span(buf) for buf in out]
-    for i, (name, span) in enumerate(zip(names, outs)):
-        if span is not None and any(_overlap(span, other) for other in (*ins, *outs[i + 1:]) if other is not None):
-            raise ValueError(f"xlard.{op}: out tensor {name} shares memory with another input or output; "
-                             "pass separate buffers")
+    if not torch.compiler.is_compiling():
+        # Buffer addresses exist only in eager mode. Under torch.compile the out= call is
+        # functionalized (results computed, then copied in), so an input sharing memory
+        # with a buffer is read before it is written there.
+        ins = [span for span in map(_byte_span, (t for t in inputs if t is not None)) if span is not None]
+        outs = [_byte_span(buf) for buf in out]
+        for i, (name, span) in enumerate(zip(names, outs)):
+            if span is not None and any(_overlap(span, other) for other in (*ins, *outs[i + 1:]) if other is not None):
+                raise ValueError(f"xlard.{op}: out tensor {name} shares memory with another input or output; "
+                                 "pass separate buffers")
     kernel = _op(op, z0.device)
-    if z0.device.type == "cpu" and not torch.compiler.is_compiling() and _backends.requested_provider("cpu") == "cpu":
-        return tuple(getattr(torch.ops.xlard, op).out(*args, **dict(zip(names, out))))
+    if z0.device.type == "cpu" and _backends.requested_provider("cpu") == "cpu":
+        getattr(torch.ops.xlard, op).out(*args, **dict(zip(names, out)))
+        return tuple(out)
     for buf, res in zip(out, kernel(*args)):
         buf.copy_(res)
     return tuple(out)
@@ -414,131 +445,9 @@ def _overlap(a, b) -> bool:
 
 
 # ----------------------------------------------------------------------------------
-# Fake kernels and autograd, registered for every namespace that defines the ops
-# (xlard:: from _C, xlard_triton:: from xlard._triton_ops).
-
-
-def _batch(maps):
-    return maps.shape[:-2]
-
-
-def register_python_side(ns: str) -> None:
-    """Register fake kernels and autograd formulas for the ops of namespace ``ns``."""
-    lib = getattr(torch.ops, ns)
-
-    def fake(name):
-        return torch.library.register_fake(f"{ns}::{name}")
-
-    @fake("label_components")
-    def _(maps, threshold, mode, min_area, connectivity):
-        return maps.new_empty(maps.shape, dtype=torch.int32), maps.new_empty(_batch(maps), dtype=torch.int32)
-
-    @fake("count_components")
-    def _(maps, threshold, mode, min_area, connectivity):
-        return maps.new_empty(_batch(maps), dtype=torch.int32)
-
-    @fake("component_stats")
-    def _(maps, threshold, mode, min_area, connectivity, max_components):
-        b = _batch(maps)
-        return (maps.new_empty(b, dtype=torch.int32), maps.new_empty((*b, max_components), dtype=torch.int32),
-                maps.new_empty((*b, max_components, 2), dtype=torch.float32))
-
-    def acc(dtype):
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
-    @fake("attention_centroids")
-    def _(maps):
-        return maps.new_empty((*_batch(maps), 2), dtype=acc(maps.dtype))
-
-    @fake("_attention_centroids_backward")
-    def _(grad, maps, centroids):
-        return torch.empty_like(maps)
-
-    @fake("position_scores")
-    def _(centroids, relations, tau):
-        return centroids.new_empty((centroids.shape[0], relations.shape[-2]), dtype=acc(centroids.dtype))
-
-    @fake("_position_scores_backward")
-    def _(grad, centroids, relations, tau):
-        return torch.empty_like(centroids)
-
-    @fake("color_scores")
-    def _(patch_features, color_embeddings, patch_mask):
-        b, c = patch_features.shape[0], color_embeddings.shape[-2]
-        dt = torch.float64 if torch.float64 in (patch_features.dtype, color_embeddings.dtype) else torch.float32
-        return patch_features.new_empty((b, c), dtype=dt), patch_features.new_empty((b, c), dtype=torch.int64)
-
-    def lam_like(z):
-        return z.new_empty((z.shape[0], *z.shape[2:]), dtype=acc(z.dtype))
-
-    @fake("residual_correction")
-    def _(z0, delta, alpha, alpha_scalar):
-        return torch.empty_like(z0), lam_like(z0)
-
-    @fake("_residual_correction_backward")
-    def _(grad_zc, grad_lam, delta, alpha, alpha_scalar):
-        return torch.empty_like(delta)
-
-    @fake("gaussian_log_prob")
-    def _(x, mean, log_std):
-        return x.new_empty((x.shape[0],), dtype=acc(x.dtype))
-
-    @fake("_gaussian_log_prob_backward")
-    def _(grad, x, mean, log_std):
-        return torch.empty_like(x), torch.empty_like(x), torch.empty_like(log_std)
-
-    @fake("sample_correction")
-    def _(z0, mean, log_std, noise, alpha, alpha_scalar):
-        return (torch.empty_like(z0), torch.empty_like(z0), z0.new_empty((z0.shape[0],), dtype=acc(z0.dtype)),
-                lam_like(z0))
-
-    # Autograd: each backward calls another op of the same namespace.
-    def centroids_setup(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], output)
-
-    def centroids_backward(ctx, grad):
-        maps, out = ctx.saved_tensors
-        return lib._attention_centroids_backward(grad, maps, out)
-
-    torch.library.register_autograd(f"{ns}::attention_centroids", centroids_backward, setup_context=centroids_setup)
-
-    def position_setup(ctx, inputs, output):
-        centroids, relations, tau = inputs
-        ctx.save_for_backward(centroids, relations)
-        ctx.tau = tau
-
-    def position_backward(ctx, grad):
-        centroids, relations = ctx.saved_tensors
-        return lib._position_scores_backward(grad, centroids, relations, ctx.tau), None, None
-
-    torch.library.register_autograd(f"{ns}::position_scores", position_backward, setup_context=position_setup)
-
-    def residual_setup(ctx, inputs, output):
-        z0, delta, alpha, alpha_scalar = inputs
-        ctx.save_for_backward(delta, alpha)
-        ctx.alpha_scalar = alpha_scalar
-        ctx.z0_dtype = z0.dtype
-
-    def residual_backward(ctx, grad_zc, grad_lam):
-        delta, alpha = ctx.saved_tensors
-        grad_delta = lib._residual_correction_backward(grad_zc, grad_lam, delta, alpha, ctx.alpha_scalar)
-        grad_alpha = None
-        if alpha is not None and ctx.needs_input_grad[2]:
-            a = acc(delta.dtype)
-            grad_alpha = (grad_zc.to(a) * delta.to(a)).flatten(1).sum(1).to(alpha.dtype)
-        return grad_zc, grad_delta, grad_alpha, None
-
-    torch.library.register_autograd(f"{ns}::residual_correction", residual_backward, setup_context=residual_setup)
-
-    def gaussian_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def gaussian_backward(ctx, grad):
-        x, mean, log_std = ctx.saved_tensors
-        return lib._gaussian_log_prob_backward(grad, x, mean, log_std)
-
-    torch.library.register_autograd(f"{ns}::gaussian_log_prob", gaussian_backward, setup_context=gaussian_setup)
-
+# Fake kernels and autograd live in xlard._registration (shared with xlard_triton::).
+# Where _C has no CUDA kernels, the Triton launchers become the xlard:: CUDA kernels.
 
 if _extension.has_ops():
-    register_python_side("xlard")
+    _registration.register_python_side("xlard")
+    _triton_ops.register_as_xlard_cuda_kernels()

@@ -156,11 +156,21 @@ def component_stats(maps, threshold=0.5, mode="relative", min_area=1, connectivi
     )
 
 
+def _scale_of(top: torch.Tensor) -> torch.Tensor:
+    """A positive max-abs as it is, anything else (0, NaN) as 1: the divisor of :func:`_scaled`."""
+    return torch.where(top > 0, top, torch.ones_like(top))
+
+
 def attention_centroids(maps):
     """Reference of :func:`xlard.ops.attention_centroids`."""
     acc = _acc_dtype(maps.dtype)
     v = maps.to(acc)
     wgt = torch.where(torch.isfinite(v) & (v > 0), v, torch.zeros_like(v))
+    # Weights divided by the map's largest weight before summing, so maps near the float
+    # range give finite sums; the centroid does not depend on that scale. Divided, not
+    # multiplied by a reciprocal (a subnormal max has none).
+    if wgt.numel():
+        wgt = wgt / _scale_of(wgt.amax((-2, -1), keepdim=True))
     h, w = maps.shape[-2:]
     xs = torch.arange(w, dtype=acc, device=maps.device) + 0.5
     ys = torch.arange(h, dtype=acc, device=maps.device) + 0.5
@@ -192,8 +202,14 @@ def position_scores(centroids, relations, tau=10.0):
 def color_scores(patch_features, color_embeddings, patch_mask=None):
     """Reference of :func:`xlard.ops.color_scores`."""
     acc = torch.float64 if torch.float64 in (patch_features.dtype, color_embeddings.dtype) else torch.float32
+    # Each vector divided by its own max-abs: the cosine is scale-free, and entries in
+    # [-1, 1] keep squares and dot products finite for any finite input.
     f = patch_features.to(acc)
     e = color_embeddings.to(acc)
+    if f.numel():
+        f = f / _scale_of(f.abs().amax(-1, keepdim=True))
+    if e.numel():
+        e = e / _scale_of(e.abs().amax(-1, keepdim=True))
     if e.dim() == 2:
         e = e.unsqueeze(0).expand(f.shape[0], -1, -1)
     dots = e @ f.transpose(1, 2)  # [B, C, N]

@@ -24,9 +24,25 @@ inline void check_maps(const char* op, const at::Tensor& maps) { checks::check_f
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Weighted sums of one map: S = sum w, X = sum w * (j + 0.5), Y = sum w * (i + 0.5).
+// The largest weight max(v, 0) of one map (NaN and +-inf weigh 0), or 1 when there is none:
+// the scale every weight is divided by before summing, so a map of values near the
+// float range sums to a finite total (the centroid does not depend on the scale).
 template <typename T, typename A>
-inline void map_moments(const T* map, int64_t h, int64_t w, A& s, A& x, A& y) {
+inline A map_scale(const T* map, int64_t n) {
+  const A inf = std::numeric_limits<A>::infinity();
+  A top = A(0);
+  for (int64_t k = 0; k < n; ++k) {
+    const A v = static_cast<A>(map[k]);
+    if (v > top && v < inf) top = v;
+  }
+  return top > A(0) ? top : A(1);
+}
+
+// Weighted sums of one map, weights divided by `scale` (divided, not multiplied by the
+// reciprocal: a subnormal scale has no finite reciprocal): S = sum w, X = sum w * (j + 0.5),
+// Y = sum w * (i + 0.5).
+template <typename T, typename A>
+inline void map_moments(const T* map, int64_t h, int64_t w, A scale, A& s, A& x, A& y) {
   s = A(0);
   x = A(0);
   y = A(0);
@@ -38,7 +54,7 @@ inline void map_moments(const T* map, int64_t h, int64_t w, A& s, A& x, A& y) {
     for (int64_t j = 0; j < w; ++j) {
       A v = static_cast<A>(row[j]);
       // max(v, 0) with NaN and +-inf mapped to 0.
-      A wt = (v > A(0) && v < inf) ? v : A(0);
+      A wt = (v > A(0) && v < inf) ? v / scale : A(0);
       rs += wt;
       rx += wt * (static_cast<A>(j) + A(0.5));
     }
@@ -64,7 +80,8 @@ at::Tensor attention_centroids_cpu(const at::Tensor& maps_in) {
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         A s, x, y;
-        map_moments(base + m * h * w, h, w, s, x, y);
+        const scalar_t* map = base + m * h * w;
+        map_moments(map, h, w, map_scale<scalar_t, A>(map, h * w), s, x, y);
         if (s > A(0)) {
           o[2 * m] = x / s / static_cast<A>(w);
           o[2 * m + 1] = y / s / static_cast<A>(h);
@@ -105,15 +122,16 @@ at::Tensor attention_centroids_backward_cpu(const at::Tensor& grad_in, const at:
         const scalar_t* map = base + m * h * w;
         scalar_t* om = o + m * h * w;
         A s, x, y;
-        map_moments(map, h, w, s, x, y);
+        const A scale = map_scale<scalar_t, A>(map, h * w);
+        map_moments(map, h, w, scale, s, x, y);
         const A gx = g[2 * m], gy = g[2 * m + 1], cx = c[2 * m], cy = c[2 * m + 1];
-        const A inv_s = s > A(0) ? A(1) / s : A(0);
         for (int64_t i = 0; i < h; ++i) {
           const A row_term = gy * ((static_cast<A>(i) + A(0.5)) / static_cast<A>(h) - cy);
           for (int64_t j = 0; j < w; ++j) {
             A v = static_cast<A>(map[i * w + j]);
             A d = gx * ((static_cast<A>(j) + A(0.5)) / static_cast<A>(w) - cx) + row_term;
-            om[i * w + j] = static_cast<scalar_t>((v > A(0) && v < inf) ? d * inv_s : A(0));
+            // d / (scale * s), divided in two steps so the product cannot overflow.
+            om[i * w + j] = static_cast<scalar_t>((v > A(0) && v < inf && s > A(0)) ? d / scale / s : A(0));
           }
         }
       }

@@ -1,6 +1,6 @@
-// CPU kernel of color_scores: one batched GEMM of raw dot products, then a fused
-// pass that divides by the norms, applies the patch mask and keeps the running max
-// and its first argmax. Semantics: docs/ops.md.
+// CPU kernel of color_scores: each vector divided by its own max-abs, one batched GEMM
+// of dot products, then a fused pass that divides by the norms, applies the patch mask
+// and keeps the running max and its first argmax. Semantics: docs/ops.md.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -11,12 +11,54 @@
 #include <ATen/ops/linalg_vector_norm.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "checks.h"
 
 namespace xlard {
 namespace {
+
+// A contiguous `acc`-typed copy of t [..., D] with every row divided by its own max-abs
+// (rows of zeros kept; NaN is skipped by the max, and an inf max turns the row into
+// NaN and 0, which score as before). The cosine does not depend on a vector's scale,
+// and scaled entries lie in [-1, 1], so the squares and dot products stay finite for
+// any finite input (features of 1e30 in float32 would overflow). One read for the max,
+// one read and write for the quotient. Divides, never multiplies by a reciprocal: the
+// reciprocal of a subnormal max overflows.
+template <typename T, typename A>
+void scale_rows_into(const T* in, A* out, int64_t rows, int64_t d) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* x = in + r * d;
+      A* o = out + r * d;
+      A top = A(0);
+      for (int64_t j = 0; j < d; ++j) {
+        const A v = std::abs(static_cast<A>(x[j]));
+        if (v > top) top = v;
+      }
+      const A scale = top > A(0) ? top : A(1);
+      for (int64_t j = 0; j < d; ++j) o[j] = static_cast<A>(x[j]) / scale;
+    }
+  });
+}
+
+at::Tensor scaled_rows(const at::Tensor& t_in, at::ScalarType acc) {
+  const at::Tensor t = t_in.contiguous();
+  at::Tensor out = at::empty(t.sizes(), t.options().dtype(acc));
+  const int64_t d = t.size(-1);
+  const int64_t rows = d == 0 ? 0 : t.numel() / d;
+  if (rows == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "xlard_color_scale", [&] {
+    if (acc == at::kDouble) {
+      scale_rows_into<scalar_t, double>(t.const_data_ptr<scalar_t>(), out.data_ptr<double>(), rows, d);
+    } else {
+      scale_rows_into<scalar_t, float>(t.const_data_ptr<scalar_t>(), out.data_ptr<float>(), rows, d);
+    }
+  });
+  return out;
+}
 
 std::tuple<at::Tensor, at::Tensor> color_scores_cpu(const at::Tensor& features_in, const at::Tensor& colors_in,
                                                     const std::optional<at::Tensor>& mask_in) {
@@ -27,8 +69,8 @@ std::tuple<at::Tensor, at::Tensor> color_scores_cpu(const at::Tensor& features_i
   at::Tensor scores = at::zeros({b, c}, features_in.options().dtype(acc));
   at::Tensor index = at::full({b, c}, -1, features_in.options().dtype(at::kLong));
   if (b == 0 || c == 0 || n == 0) return {scores, index};
-  const at::Tensor f = features_in.to(acc).contiguous();
-  at::Tensor e = colors_in.to(acc);
+  const at::Tensor f = scaled_rows(features_in, acc);
+  at::Tensor e = scaled_rows(colors_in, acc);
   if (e.dim() == 2) e = e.unsqueeze(0).expand({b, c, d});
   e = e.contiguous();
   // dots[b, c, n] = <e_bc, f_bn>; norms separately so the big feature tensor is read once.

@@ -188,16 +188,14 @@ std::tuple<at::Tensor, at::Tensor> residual_correction_cpu(const at::Tensor& z0,
   return {zc, lam};
 }
 
-std::tuple<at::Tensor&, at::Tensor&> residual_correction_out_cpu(const at::Tensor& z0, const at::Tensor& delta,
-                                                                 const std::optional<at::Tensor>& alpha,
-                                                                 double alpha_scalar, at::Tensor& zc, at::Tensor& lam) {
+void residual_correction_out_cpu(const at::Tensor& z0, const at::Tensor& delta, const std::optional<at::Tensor>& alpha,
+                                 double alpha_scalar, at::Tensor& zc, at::Tensor& lam) {
   const char* op = "residual_correction";
   check_latent(op, "z0", z0);
   check_same(op, "delta", delta, "z0", z0);
   check_out(op, "zc", zc, z0.sizes(), z0.scalar_type(), z0, {{"z0", &z0}, {"delta", &delta}, {"lam", &lam}});
   check_out(op, "lam", lam, lam_shape(z0), acc_dtype(z0.scalar_type()), z0, {{"z0", &z0}, {"delta", &delta}});
   residual_correction_into(z0, delta, alpha, alpha_scalar, zc, lam);
-  return {zc, lam};
 }
 
 at::Tensor residual_correction_backward_cpu(const at::Tensor& grad_zc_in, const at::Tensor& grad_lam_in,
@@ -496,7 +494,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_correction_cpu
   return {zc, delta, log_prob, lam};
 }
 
-std::tuple<at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&> sample_correction_out_cpu(
+void sample_correction_out_cpu(
     const at::Tensor& z0, const at::Tensor& mean, const at::Tensor& log_std, const at::Tensor& noise,
     const std::optional<at::Tensor>& alpha, double alpha_scalar, at::Tensor& zc, at::Tensor& delta,
     at::Tensor& log_prob, at::Tensor& lam) {
@@ -512,7 +510,6 @@ std::tuple<at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&> sample_correction
   check_out(op, "log_prob", log_prob, {z0.size(0)}, acc, z0, {zin, mnin, nin, lin, {"lam", &lam}});
   check_out(op, "lam", lam, lam_shape(z0), acc, z0, {zin, mnin, nin, lin});
   sample_correction_into(z0, mean, log_std, noise, alpha, alpha_scalar, zc, delta, log_prob, lam);
-  return {zc, delta, log_prob, lam};
 }
 
 std::string cpu_isa() {
