@@ -176,21 +176,35 @@ class ShapesSource(RewardSource):
     threshold (probabilities, not relative attention), a small minimum area
     (cores of small objects) and colors bound to the entity's region.
 
+    Objects of the world are flat and one-colored. A found object (a
+    connected component of a noun's map above 0.5) whose pixels the color
+    head splits between colors (its most frequent color covering less than
+    ``purity`` of its pixels: two-tone blobs, two objects fused into one) is
+    not counted as an object of the world: its pixels are zeroed in the map.
+
     Args:
         model: a :class:`xlard.shapes.understanding.ShapesUnderstanding`
             (default: the shipped weights, loaded once).
         path: a weights folder instead of the shipped one.
         device: where to run (default: the model's device, or the CPU).
+        purity: the share of a found object's pixels its main color must
+            cover for it to count (0 disables the check).
 
     Raises:
         FileNotFoundError: no weights (the message names the training command).
+        ValueError: a bad ``model`` or ``purity``.
     """
 
     name = "shapes"
     needs_attention = False
 
-    def __init__(self, model: Any = None, *, path: str | os.PathLike | None = None, device: Any = None) -> None:
+    def __init__(self, model: Any = None, *, path: str | os.PathLike | None = None, device: Any = None,
+                 purity: float = 0.6) -> None:
         from xlard.shapes import understanding
+
+        if isinstance(purity, bool) or not isinstance(purity, (int, float)) or not 0.0 <= purity <= 1.0:
+            raise ValueError(f"ShapesSource: purity must be a number in [0, 1], got {purity!r}")
+        self.purity = float(purity)
 
         if model is None:
             model = understanding.load_model(path, device or "cpu")
@@ -205,8 +219,8 @@ class ShapesSource(RewardSource):
                                   for k, c in enumerate(cfg.colors)}
 
     def reward_config(self, **overrides: Any) -> RewardConfig:
-        """Absolute 0.5 threshold, components of at least 4 pixels (of 64x64), colors bound to the entity."""
-        settings = dict(threshold=0.5, threshold_mode="absolute", min_area=4, bind_color=True, bind_min_coverage=0.5)
+        """Absolute 0.5 threshold, components of at least 8 pixels (of 64x64), colors bound to the entity."""
+        settings = dict(threshold=0.5, threshold_mode="absolute", min_area=8, bind_color=True, bind_min_coverage=0.5)
         settings.update(overrides)
         return RewardConfig(**settings)
 
@@ -216,6 +230,35 @@ class ShapesSource(RewardSource):
             if form in self._noun_index:
                 return self._noun_index[form]
         return None
+
+    def drop_mixed_objects(self, maps: torch.Tensor, color_probs: torch.Tensor) -> torch.Tensor:
+        """Zero the found objects whose pixels are not mostly one color (see the class docstring).
+
+        Args:
+            maps (Tensor[B, E, H, W]): entity maps (probabilities).
+            color_probs (Tensor[B, 1 + C, H, W]): the color head's distributions.
+
+        Returns:
+            The maps with every component (8-connected, > 0.5) whose main
+            color covers less than ``purity`` of its colored pixels zeroed.
+        """
+        from xlard import ops
+
+        b, e, h, w = maps.shape
+        labels, _ = ops.label_components(maps.float(), threshold=0.5, mode="absolute", min_area=1, connectivity=8)
+        labels = labels.long()
+        n_labels = int(labels.max()) + 1
+        n_colors = color_probs.shape[1] - 1
+        color = color_probs[:, 1:].argmax(1)  # [B, H, W]
+        colored = (color_probs[:, 0] < 0.5)[:, None].expand(b, e, h, w)
+        slot = torch.arange(b * e, device=maps.device).view(b, e, 1, 1) * n_labels + labels
+        key = (slot * n_colors + color[:, None]).masked_select(colored & (labels > 0))
+        hist = torch.zeros(b * e * n_labels * n_colors, device=maps.device).scatter_add_(
+            0, key, torch.ones_like(key, dtype=torch.float32)).view(b * e * n_labels, n_colors)
+        total = hist.sum(-1)
+        pure = (hist.max(-1).values >= self.purity * total) | (total == 0)
+        keep = pure[slot.flatten()].view(b, e, h, w) | (labels == 0)
+        return torch.where(keep, maps, maps.new_zeros(()))
 
     def __call__(self, decoded: Any) -> dict[str, Any]:
         images, specs = _decoded_parts(decoded, "shapes source")
@@ -236,6 +279,8 @@ class ShapesSource(RewardSource):
         index, available = index.to(out.shape_probs.device), available.to(out.shape_probs.device)
         maps = out.shape_probs.gather(1, index[:, :, None, None].expand(b, e_max, h, w))
         maps = torch.where(available[:, :, None, None], maps, maps.new_zeros(()))
+        if self.purity > 0:
+            maps = self.drop_mixed_objects(maps, out.color_probs)
         features = out.color_probs.flatten(2).transpose(1, 2)  # [B, H*W, 1 + C], row-major pixels
         colors = _batch_colors(specs)
         return {"specs": specs, "entity_maps": maps, "entity_available": available,
@@ -367,7 +412,7 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         backbone: the backbone the source serves (optional): the attention
             source takes its ``color_encoder``; the others their device.
         **options: per source. attention: ``color_encoder``. shapes:
-            ``path`` (a weights folder), ``model``, ``device``. clip:
+            ``path`` (a weights folder), ``model``, ``device``, ``purity``. clip:
             ``model`` (hub id, local folder, or a loaded ``CLIPModel`` with
             ``tokenizer=``), ``device``, ``dtype``, ``noun_template``,
             ``color_template``, ``background``.
@@ -382,7 +427,7 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         >>> get_source("attention").name
         'attention'
     """
-    allowed = {"attention": {"color_encoder"}, "shapes": {"path", "model", "device"},
+    allowed = {"attention": {"color_encoder"}, "shapes": {"path", "model", "device", "purity"},
                "clip": {"model", "tokenizer", "device", "dtype", "noun_template", "color_template", "background"}}
     if name not in allowed:
         raise ValueError(f"get_source: unknown source {name!r}; expected one of {SOURCES}")
@@ -393,7 +438,8 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
     if name == "attention":
         return AttentionSource(options.get("color_encoder"), backbone=backbone)
     if name == "shapes":
-        return ShapesSource(options.get("model"), path=options.get("path"), device=device)
+        return ShapesSource(options.get("model"), path=options.get("path"), device=device,
+                            **({"purity": options["purity"]} if "purity" in options else {}))
     model = options.pop("model", None)
     if model is None:
         raise ValueError("get_source('clip'): pass model= (a CLIP checkpoint id such as "
