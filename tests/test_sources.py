@@ -375,3 +375,25 @@ def test_clip_source_from_a_local_folder(tiny_clip, word_tokenizer, tmp_path):
     torch.testing.assert_close(source(decoded)["entity_maps"], direct(decoded)["entity_maps"])
     with pytest.raises(ValueError, match="noun_template"):
         ClipSource(tiny_clip, word_tokenizer, noun_template="a photo")
+
+
+def test_shapes_source_drops_two_tone_and_unclear_objects():
+    source = ShapesSource(OracleUnderstanding([SCENE]), purity=0.6, confidence=0.7)
+    maps = torch.zeros(1, 1, 16, 16)
+    maps[0, 0, 1:5, 1:5] = 1.0      # one color: kept
+    maps[0, 0, 1:5, 9:13] = 1.0     # half red, half blue: dropped
+    maps[0, 0, 9:13, 1:5] = 0.65    # above the 0.5 cut but unclear (mean 0.65 < 0.7): dropped
+    maps[0, 0, 9:13, 9:13] = 0.9    # clear: kept
+    color = torch.zeros(1, 11, 16, 16)
+    color[0, 0] = 1.0
+    color[0, 0, :8], color[0, 1, :8] = 0.0, 1.0
+    color[0, 1, 1:5, 11:13], color[0, 5, 1:5, 11:13] = 0.0, 1.0
+    out = source.drop_mixed_objects(maps, color)
+    assert out[0, 0, 1:5, 1:5].eq(1).all() and out[0, 0, 9:13, 9:13].eq(0.9).all()
+    assert out[0, 0, 1:5, 9:13].eq(0).all() and out[0, 0, 9:13, 1:5].eq(0).all()
+    lenient = ShapesSource(OracleUnderstanding([SCENE]), purity=0.4, confidence=0.6).drop_mixed_objects(maps, color)
+    torch.testing.assert_close(lenient, maps)
+    with pytest.raises(ValueError, match="purity must be a number in"):
+        ShapesSource(OracleUnderstanding([SCENE]), purity=2)
+    with pytest.raises(ValueError, match="confidence must be a number in"):
+        get_source("shapes", model=OracleUnderstanding([SCENE]), confidence=-1)

@@ -181,6 +181,8 @@ class ShapesSource(RewardSource):
     head splits between colors (its most frequent color covering less than
     ``purity`` of its pixels: two-tone blobs, two objects fused into one) is
     not counted as an object of the world: its pixels are zeroed in the map.
+    Nor is one whose mean probability is below ``confidence`` (a blob that is
+    not clearly that shape). Both cut-offs were set on training-split samples.
 
     Args:
         model: a :class:`xlard.shapes.understanding.ShapesUnderstanding`
@@ -189,6 +191,8 @@ class ShapesSource(RewardSource):
         device: where to run (default: the model's device, or the CPU).
         purity: the share of a found object's pixels its main color must
             cover for it to count (0 disables the check).
+        confidence: the mean shape probability a found object needs to count
+            (0 disables the check).
 
     Raises:
         FileNotFoundError: no weights (the message names the training command).
@@ -199,12 +203,14 @@ class ShapesSource(RewardSource):
     needs_attention = False
 
     def __init__(self, model: Any = None, *, path: str | os.PathLike | None = None, device: Any = None,
-                 purity: float = 0.6) -> None:
+                 purity: float = 0.6, confidence: float = 0.7) -> None:
         from xlard.shapes import understanding
 
-        if isinstance(purity, bool) or not isinstance(purity, (int, float)) or not 0.0 <= purity <= 1.0:
-            raise ValueError(f"ShapesSource: purity must be a number in [0, 1], got {purity!r}")
+        for label, value in (("purity", purity), ("confidence", confidence)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"ShapesSource: {label} must be a number in [0, 1], got {value!r}")
         self.purity = float(purity)
+        self.confidence = float(confidence)
 
         if model is None:
             model = understanding.load_model(path, device or "cpu")
@@ -257,6 +263,12 @@ class ShapesSource(RewardSource):
             0, key, torch.ones_like(key, dtype=torch.float32)).view(b * e * n_labels, n_colors)
         total = hist.sum(-1)
         pure = (hist.max(-1).values >= self.purity * total) | (total == 0)
+        if self.confidence > 0:  # components whose mean probability is low: not clearly this shape
+            flat = slot.expand(b, e, h, w).flatten()
+            mass = torch.zeros(b * e * n_labels, device=maps.device).scatter_add_(0, flat, maps.float().flatten())
+            size = torch.zeros(b * e * n_labels, device=maps.device).scatter_add_(
+                0, flat, torch.ones_like(maps, dtype=torch.float32).flatten())
+            pure = pure & (mass >= self.confidence * size.clamp(min=1))
         keep = pure[slot.flatten()].view(b, e, h, w) | (labels == 0)
         return torch.where(keep, maps, maps.new_zeros(()))
 
@@ -279,7 +291,7 @@ class ShapesSource(RewardSource):
         index, available = index.to(out.shape_probs.device), available.to(out.shape_probs.device)
         maps = out.shape_probs.gather(1, index[:, :, None, None].expand(b, e_max, h, w))
         maps = torch.where(available[:, :, None, None], maps, maps.new_zeros(()))
-        if self.purity > 0:
+        if self.purity > 0 or self.confidence > 0:
             maps = self.drop_mixed_objects(maps, out.color_probs)
         features = out.color_probs.flatten(2).transpose(1, 2)  # [B, H*W, 1 + C], row-major pixels
         colors = _batch_colors(specs)
@@ -427,7 +439,7 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         >>> get_source("attention").name
         'attention'
     """
-    allowed = {"attention": {"color_encoder"}, "shapes": {"path", "model", "device", "purity"},
+    allowed = {"attention": {"color_encoder"}, "shapes": {"path", "model", "device", "purity", "confidence"},
                "clip": {"model", "tokenizer", "device", "dtype", "noun_template", "color_template", "background"}}
     if name not in allowed:
         raise ValueError(f"get_source: unknown source {name!r}; expected one of {SOURCES}")
@@ -439,7 +451,7 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         return AttentionSource(options.get("color_encoder"), backbone=backbone)
     if name == "shapes":
         return ShapesSource(options.get("model"), path=options.get("path"), device=device,
-                            **({"purity": options["purity"]} if "purity" in options else {}))
+                            **{k: options[k] for k in ("purity", "confidence") if k in options})
     model = options.pop("model", None)
     if model is None:
         raise ValueError("get_source('clip'): pass model= (a CLIP checkpoint id such as "
