@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from xlard.shapes import backbone as shapes_backbone
 from xlard.shapes.prompts import PromptConfig, make_splits, render_record
 from xlard.shapes.understanding import ShapesUnderstanding, UnderstandingConfig, scene_targets
-from xlard.shapes.world import WorldConfig, random_scene
+from xlard.shapes.world import PALETTE, WorldConfig, random_scene
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class TrainConfig:
     vae_noise: float = 0.6
     record_share: float = 0.5
     crop: int = 32
+    corrupt: float = 0.15
     channels: tuple[int, ...] = (8, 24, 32, 48)
     core_radius: int = 1
     checkpoint_minutes: float = 3.0
@@ -75,7 +76,7 @@ class TrainConfig:
             raise ValueError(f"--max-steps and --batch-size must be >= 1, got {self.max_steps}, {self.batch_size}")
         if not 0 < self.minutes:
             raise ValueError(f"--minutes must be > 0, got {self.minutes}")
-        for name in ("vae_share", "record_share"):
+        for name in ("vae_share", "record_share", "corrupt"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         if self.crop != 0 and not 16 <= self.crop <= 64:
@@ -101,12 +102,52 @@ def sample_scene(rng: np.random.Generator, records: list[dict], record_share: fl
     return random_scene(rng, world)
 
 
-def render_batch(rng, records, n, record_share, model_config):
+def corrupt_scene(image: np.ndarray, shape: np.ndarray, color: np.ndarray, scene, rng, share: float,
+                  model_config) -> None:
+    """In place: things generated images show that are *not* objects of the world, labelled as none.
+
+    - two-tone objects: an object (chance ``share`` each) gets a second color on one side of a
+      random line through its centre; its pixels keep their colors' labels but no shape label
+      (the world's objects are one-colored);
+    - specks: 0-2 blobs of 1-3 pixels in free space, colored, with no shape label (the
+      world's objects are at least 5 pixels).
+    """
+    colors = model_config.colors
+    palette = {name: np.array(PALETTE[name], dtype=np.uint8) for name in colors}
+    for obj in scene.objects:
+        if rng.random() >= share:
+            continue
+        x0, y0, x1, y1 = obj.bbox
+        mask = obj.mask()
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        angle = rng.uniform(0, np.pi)
+        side = ((xx - (x0 + x1) / 2) * np.cos(angle) + (yy - (y0 + y1) / 2) * np.sin(angle)) > 0
+        other = colors[int(rng.integers(len(colors)))]
+        if other == obj.color:
+            other = colors[(colors.index(other) + 1) % len(colors)]
+        region = mask & side
+        image[y0:y1, x0:x1][region] = palette[other]
+        color[y0:y1, x0:x1][region] = 1 + colors.index(other)
+        shape[y0:y1, x0:x1][mask] = 0
+    size = image.shape[0]
+    for _ in range(int(rng.integers(0, 3))):
+        r = int(rng.integers(1, 4))
+        y, x = (int(v) for v in rng.integers(1, size - r - 1, size=2))
+        if (color[y - 1:y + r + 1, x - 1:x + r + 1] == 0).all():
+            name = colors[int(rng.integers(len(colors)))]
+            image[y:y + r, x:x + r] = palette[name]
+            color[y:y + r, x:x + r] = 1 + colors.index(name)
+
+
+def render_batch(rng, records, n, record_share, model_config, corrupt: float = 0.0):
     images, shapes, colors = [], [], []
     for _ in range(n):
         scene = sample_scene(rng, records, record_share)
         s, c = scene_targets(scene, model_config)
-        images.append(scene.render())
+        image = scene.render()
+        if corrupt > 0:
+            corrupt_scene(image, s, c, scene, rng, corrupt, model_config)
+        images.append(image)
         shapes.append(s)
         colors.append(c)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
@@ -126,7 +167,7 @@ def build_vae_pool(cfg: TrainConfig, rng, records, model_config):
     xs, ss, cs = [], [], []
     for start in range(0, cfg.vae_pool, 64):
         n = min(64, cfg.vae_pool - start)
-        x, s, c = render_batch(rng, records, n, cfg.record_share, model_config)
+        x, s, c = render_batch(rng, records, n, cfg.record_share, model_config, cfg.corrupt)
         z = vae.encode(x * 2 - 1).latent_dist.mode()
         # Noise scaled per image to a random share of the latents' own spread: from clean
         # round trips to visibly smeared ones.
@@ -236,7 +277,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     model.train()
     while step < cfg.max_steps and (time.time() - t0) < cfg.minutes * 60:
         n_pool = int(round(cfg.batch_size * cfg.vae_share)) if pool is not None else 0
-        x, s, c = render_batch(rng, records, cfg.batch_size - n_pool, cfg.record_share, model_config)
+        x, s, c = render_batch(rng, records, cfg.batch_size - n_pool, cfg.record_share, model_config, cfg.corrupt)
         if n_pool:
             idx = torch.randint(len(pool[0]), (n_pool,), generator=gen)
             x, s, c = torch.cat((x, pool[0][idx])), torch.cat((s, pool[1][idx])), torch.cat((c, pool[2][idx]))
