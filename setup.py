@@ -99,7 +99,10 @@ setup(
     packages=find_packages(include=["xlard", "xlard.*"]) + ["xlard._kernels"],
     package_dir={"xlard._kernels": "kernels"},
     # The embedded shapes-world backbone (a diffusers pipeline folder) ships as package data.
-    package_data={"xlard": ["data/shapes_backbone/*.json", "data/shapes_backbone/*.md", "data/shapes_backbone/*/*"]},
+    # So does the shapes world's understanding model (the default reward source there).
+    package_data={"xlard": ["data/shapes_backbone/*.json", "data/shapes_backbone/*.md", "data/shapes_backbone/*/*",
+                            "data/shapes_understanding/*.json", "data/shapes_understanding/*.safetensors",
+                            "data/shapes_understanding/*.md"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

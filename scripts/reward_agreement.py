@@ -1,23 +1,46 @@
 """How well the CMD rewards agree with the exact evaluator on a backbone's own samples.
 
-The rewards are computed from the backbone's own signals (its cross-attention maps
-for count and position, the weight-free pixel color encoder on the decoded image
-for color), never from the evaluator. For each aspect the script reports the AUROC
-of the aspect's reward for "the evaluator judged this record correct", over the
-records whose tag exercises that aspect (counting -> count, colors/color_attr ->
-color, position -> position), plus the mean reward of correct and incorrect ones.
+The rewards read their spatial evidence from a *reward source*
+(:mod:`xlard.sources`, ``--source``): the backbone's own cross-attention
+(``attention``), the shapes world's trained understanding model (``shapes``) or
+a dense CLIP model (``clip``); never from the evaluator. The evaluator only
+labels each sample correct or not. For each aspect the script reports, over
+the records whose tag exercises it (counting -> count, colors/color_attr ->
+color, position -> position):
 
-    python scripts/reward_agreement.py --backbone shapes -n 300 --out agreement.json
+- the pooled AUROC of the aspect's reward for "the evaluator judged this
+  sample correct";
+- the within-prompt AUROC: only pairs of samples of the *same prompt* (one
+  judged correct, one wrong) are compared, which is the signal RL learns from
+  (the prompt alone can already separate records pooled over prompts);
+- bootstrap 95% intervals of both (prompts resampled with replacement, so the
+  interval reflects the prompt-level dependence of the samples);
+- the mean reward of correct and incorrect samples.
+
+Generating samples is the slow part; ``--cache DIR`` stores them once (images,
+records, attention maps; written in atomic chunks, so an interrupted run
+resumes) and every later run with the same ``--cache`` reuses them:
+
+    python scripts/reward_agreement.py --cache build/agreement_heldout --split heldout \\
+        --per-tag 81 --seeds-per-prompt 4 --source shapes --out agreement.json
+
+Without ``--cache`` the samples are generated in memory (``-n`` records drawn
+balanced over all six tags, as before).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import random
 import sys
 import time
+from pathlib import Path
 
 ASPECT_TAGS = {"count": ("counting",), "color": ("colors", "color_attr"), "position": ("position",)}
 ASPECT_INDEX = {"count": 0, "color": 1, "position": 2}
+AGREEMENT_TAGS = ("counting", "colors", "position", "color_attr")
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float:
@@ -33,33 +56,376 @@ def auroc(scores: list[float], labels: list[bool]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def run(backbone_name: str, n: int, seed: int, batch: int, steps: int, quiet: bool) -> dict:
+def _pair_wins(scores: list[float], labels: list[bool]) -> tuple[float, int]:
+    """(wins, pairs) over every (correct, wrong) pair of one group; ties count half."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins, len(pos) * len(neg)
+
+
+def within_group_auroc(scores: list[float], labels: list[bool], groups: list[str]) -> float:
+    """AUROC over the (correct, wrong) pairs that share a group (a prompt); NaN when no such pair exists.
+
+    Equals the pooled AUROC when there is one group. Every pair weighs the
+    same, so a prompt with many mixed samples weighs more than one with few.
+    """
+    by_group: dict[str, tuple[list[float], list[bool]]] = {}
+    for s, y, g in zip(scores, labels, groups):
+        by_group.setdefault(g, ([], []))
+        by_group[g][0].append(s)
+        by_group[g][1].append(y)
+    wins = pairs = 0.0
+    for s, y in by_group.values():
+        w, p = _pair_wins(s, y)
+        wins, pairs = wins + w, pairs + p
+    return wins / pairs if pairs else math.nan
+
+
+def bootstrap_ci(scores: list[float], labels: list[bool], groups: list[str], statistic, *,
+                 resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(scores, labels, groups)``, resampling whole groups.
+
+    Groups (prompts) are drawn with replacement; a group drawn twice enters
+    twice under distinct names, so within-group pairs never cross copies.
+    Resamples where the statistic is NaN (one class missing) are dropped.
+
+    Returns:
+        (low, high); NaN, NaN when no resample gave a number.
+    """
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    names = sorted(by_group)
+    rng = random.Random(seed)
+    values = []
+    for _ in range(resamples):
+        s, y, g = [], [], []
+        for copy in range(len(names)):
+            name = names[rng.randrange(len(names))]
+            for i in by_group[name]:
+                s.append(scores[i])
+                y.append(labels[i])
+                g.append(f"{name}#{copy}")
+        v = statistic(s, y, g)
+        if not math.isnan(v):
+            values.append(v)
+    if not values:
+        return math.nan, math.nan
+    values.sort()
+    alpha = (1.0 - level) / 2.0
+    lo = values[min(len(values) - 1, max(0, int(math.floor(alpha * len(values)))))]
+    hi = values[min(len(values) - 1, max(0, int(math.ceil((1.0 - alpha) * len(values))) - 1))]
+    return lo, hi
+
+
+def _pooled(scores, labels, groups):
+    return auroc(scores, labels)
+
+
+# ---------------------------------------------------------------------------
+# Samples: which records, generated once and cached
+# ---------------------------------------------------------------------------
+
+
+def plan_records(split: str, per_tag: int, seeds_per_prompt: int, seed: int = 0,
+                 tags: tuple[str, ...] = AGREEMENT_TAGS) -> list[dict]:
+    """Records for an agreement run: ``per_tag`` samples per tag, several image seeds per prompt.
+
+    Per tag, ``ceil(per_tag / seeds_per_prompt)`` distinct prompts of the
+    split are drawn (all of them when the split has fewer, which then get
+    more seeds each) and the tag's samples cycle over them. Each record gets
+    ``image_seed`` (``seed`` + its index), so a record list fully determines
+    its samples.
+
+    Raises:
+        ValueError: an unknown split or tag, or a non-positive count.
+    """
+    from xlard.shapes import prompts as P
+
+    if split not in ("train", "heldout"):
+        raise ValueError(f"--split must be 'train' or 'heldout', got {split!r}")
+    if per_tag < 1 or seeds_per_prompt < 1:
+        raise ValueError(f"--per-tag and --seeds-per-prompt must be >= 1, got {per_tag}, {seeds_per_prompt}")
+    pool = P.make_splits(P.PromptConfig(), seed=0)[split]
+    rng = random.Random(seed)
+    out = []
+    for tag in tags:
+        prompts = [r for r in pool if r["tag"] == tag]
+        if not prompts:
+            raise ValueError(f"no {tag!r} records in the {split} split")
+        rng.shuffle(prompts)
+        used = prompts[:max(1, min(len(prompts), math.ceil(per_tag / seeds_per_prompt)))]
+        for i in range(per_tag):
+            out.append(json.loads(json.dumps(used[i % len(used)])))
+    for i, r in enumerate(out):
+        r["image_seed"] = seed + i
+    return out
+
+
+def load_backbone(backbone_name: str, steps: int = 0, capture: bool = True):
+    """The backbone with the sampler settings its evaluation used (shapes: 20 steps, guidance 5)."""
     import torch
 
     from xlard.backbones import DiffusersBackbone
     from xlard.cli import resolve_backbone
-    from xlard.color_features import PixelColorEncoder
-    from xlard.rewards import ExplainableRewards
-    from xlard.shapes import evaluator as E
-    from xlard.shapes import prompts as P
 
-    records = P.sample_records(P.make_splits(P.PromptConfig(), seed=0)["heldout"], n, seed=seed)
     kwargs = {"num_inference_steps": steps} if steps else {}
     if backbone_name == "shapes":  # the sampler settings the shipped model was evaluated with
         from xlard.shapes import backbone as shapes_backbone
 
         kwargs.setdefault("num_inference_steps", shapes_backbone.DEFAULT_STEPS)
         kwargs["guidance_scale"] = shapes_backbone.DEFAULT_GUIDANCE
-    backbone = DiffusersBackbone.from_pretrained(resolve_backbone(backbone_name), torch_dtype=torch.float32,
-                                                 **kwargs)
-    cmd = ExplainableRewards(color_encoder=PixelColorEncoder())
+    return DiffusersBackbone.from_pretrained(resolve_backbone(backbone_name), torch_dtype=torch.float32,
+                                             capture=None if capture else False, **kwargs)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    import torch
+
+    from xlard import _io
+
+    with _io.atomic_path(path, owner="reward_agreement --cache") as tmp:
+        torch.save(obj, tmp)
+
+
+def generate_cache(folder: str | os.PathLike, backbone_name: str, records: list[dict], *, batch: int = 16,
+                   steps: int = 0, quiet: bool = False) -> Path:
+    """Generate one sample per record into ``folder`` (resumable), unless it holds them already.
+
+    Writes ``records.jsonl`` and ``meta.json`` first, then one
+    ``chunk_<start>.pt`` per batch (images float32 [b, 3, H, W] in [0, 1],
+    the backbone's token maps) atomically; a rerun skips finished chunks.
+
+    Raises:
+        ValueError: the folder holds a cache of other records or another backbone.
+    """
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"backbone": backbone_name, "steps": steps, "batch": batch, "n": len(records)}
+    rec_path, meta_path = folder / "records.jsonl", folder / "meta.json"
+    if rec_path.exists():
+        old = [json.loads(line) for line in rec_path.read_text().splitlines() if line.strip()]
+        old_meta = json.loads(meta_path.read_text())
+        if old != records or old_meta != meta:
+            raise ValueError(f"--cache {folder} holds other samples ({old_meta}); use another folder")
+    else:
+        from xlard import _io
+
+        _io.atomic_write_json(meta_path, meta, owner="reward_agreement --cache")
+        _io.atomic_write_text(rec_path, "".join(json.dumps(r) + "\n" for r in records),
+                              owner="reward_agreement --cache")
+    todo = [s for s in range(0, len(records), batch) if not (folder / f"chunk_{s:05d}.pt").exists()]
+    if not todo:
+        return folder
+    backbone = load_backbone(backbone_name, steps)
+    t0 = time.time()
+    for done, start in enumerate(todo, 1):
+        chunk = records[start:start + batch]
+        out = backbone.generate([r["prompt"] for r in chunk], seed=[r["image_seed"] for r in chunk])
+        _save_atomic({"images": out.images.float().cpu(), "token_maps": out.decoded.token_maps.float().cpu(),
+                      "segment_offsets": dict(out.decoded.segment_offsets)}, folder / f"chunk_{start:05d}.pt")
+        if not quiet:
+            print(f"cache {folder.name}: {min(start + batch, len(records))}/{len(records)} samples, "
+                  f"{time.time() - t0:.0f}s ({done}/{len(todo)} chunks this run)", file=sys.stderr, flush=True)
+    return folder
+
+
+def load_cache(folder: str | os.PathLike):
+    """(records, images float32 [N, 3, H, W], token_maps [N, T, h, w], meta) of a finished cache.
+
+    Raises:
+        FileNotFoundError: the cache is missing or incomplete (rerun to finish it).
+    """
+    import torch
+
+    folder = Path(folder)
+    rec_path = folder / "records.jsonl"
+    if not rec_path.exists():
+        raise FileNotFoundError(f"no cache at {folder} (records.jsonl missing)")
+    records = [json.loads(line) for line in rec_path.read_text().splitlines() if line.strip()]
+    meta = json.loads((folder / "meta.json").read_text())
+    images, maps, offsets = [], [], None
+    for start in range(0, len(records), meta["batch"]):
+        path = folder / f"chunk_{start:05d}.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"cache {folder} is incomplete ({path.name} missing); rerun with the same "
+                                    "options to finish it")
+        chunk = torch.load(path)
+        images.append(chunk["images"])
+        maps.append(chunk["token_maps"])
+        offsets = chunk["segment_offsets"]
+    meta["segment_offsets"] = offsets
+    return records, torch.cat(images), torch.cat(maps), meta
+
+
+# ---------------------------------------------------------------------------
+# Scoring with a source
+# ---------------------------------------------------------------------------
+
+
+def evaluator_labels(folder: str | os.PathLike, records: list[dict], images) -> list[bool]:
+    """The exact evaluator's verdict per cached sample (stored beside the cache once computed)."""
+    from xlard.shapes import evaluator as E
+
+    path = Path(folder) / "labels.json"
+    if path.exists():
+        labels = json.loads(path.read_text())
+        if len(labels) == len(records):
+            return labels
+    labels = [bool(r.correct) for r in E.evaluate(images, records)]
+    from xlard import _io
+
+    _io.atomic_write_json(path, labels, owner="reward_agreement --cache")
+    return labels
+
+
+def make_source(name: str, backbone, source_options: dict | None = None):
+    from xlard.sources import get_source
+
+    return get_source(name, backbone, **(source_options or {}))
+
+
+def score_samples(records: list[dict], images, token_maps, segment_offsets, specs, source, rewards=None,
+                  batch: int = 64) -> list[list[float | None]]:
+    """Per-sample ``[count, color, position]`` rewards (None where absent) of cached samples under a source."""
+    import torch
+
+    from xlard.backbones.base import Decoded
+    from xlard.sources import score
+
+    out = []
+    for start in range(0, len(records), batch):
+        sl = slice(start, start + batch)
+        maps = token_maps[sl] if token_maps is not None else None
+        decoded = Decoded(images=images[sl], latents=torch.zeros(0), token_maps=maps, patch_features=None,
+                          specs=tuple(specs[sl]), segment_offsets=segment_offsets or {})
+        result = score(decoded, source, rewards, explain=False)
+        for row in result.scores.tolist():
+            out.append([None if math.isnan(v) else v for v in row])
+    return out
+
+
+def summarize(rows: list[dict], *, resamples: int = 1000, seed: int = 0) -> dict:
+    """Per aspect: pooled and within-prompt AUROC with bootstrap 95% intervals, mean rewards."""
+    summary = {}
+    for aspect, tags in ASPECT_TAGS.items():
+        sel = [r for r in rows if r["tag"] in tags and r["scores"][ASPECT_INDEX[aspect]] is not None]
+        scores = [r["scores"][ASPECT_INDEX[aspect]] for r in sel]
+        labels = [r["correct"] for r in sel]
+        groups = [r["prompt"] for r in sel]
+        correct = [s for s, y in zip(scores, labels) if y]
+        wrong = [s for s, y in zip(scores, labels) if not y]
+        mixed = sum(1 for g in set(groups) if len({y for y, h in zip(labels, groups) if h == g}) == 2)
+        pairs = sum(_pair_wins([s for s, h in zip(scores, groups) if h == g],
+                               [y for y, h in zip(labels, groups) if h == g])[1] for g in set(groups))
+        summary[aspect] = {
+            "tags": list(tags), "records": len(sel), "prompts": len(set(groups)), "mixed_prompts": mixed,
+            "within_pairs": pairs, "evaluator_correct": sum(labels),
+            "auroc": auroc(scores, labels),
+            "auroc_ci": bootstrap_ci(scores, labels, groups, _pooled, resamples=resamples, seed=seed),
+            "within_auroc": within_group_auroc(scores, labels, groups),
+            "within_auroc_ci": bootstrap_ci(scores, labels, groups, within_group_auroc, resamples=resamples,
+                                            seed=seed),
+            "mean_reward_correct": sum(correct) / len(correct) if correct else None,
+            "mean_reward_wrong": sum(wrong) / len(wrong) if wrong else None,
+        }
+    return summary
+
+
+def render_checks(source, rewards=None, split: str = "heldout", seeds: int = 5) -> dict:
+    """What a source finds on the world's ground-truth renders of a split's prompts (no generation).
+
+    - count: over every entity of every counting prompt (``seeds`` renders
+      each), the share whose count found equals the count asked for;
+    - position: over every position prompt (``seeds`` renders each), the share
+      where the position reward of the render beats that of its mirror image
+      (positions flipped along the relation's axis, so the relation reverses).
+    """
+    import numpy as np
+    import torch
+
+    from xlard.backbones.base import Decoded
+    from xlard.prompts import parse
+    from xlard.shapes import prompts as P
+    from xlard.shapes.world import mirror_scene
+    from xlard.sources import score
+
+    pool = P.make_splits(P.PromptConfig(), seed=0)[split]
+
+    def run(scenes, prompts):
+        images = torch.from_numpy(np.stack([s.render() for s in scenes])).permute(0, 3, 1, 2).float() / 255
+        decoded = Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
+                          specs=tuple(parse(p) for p in prompts), segment_offsets={})
+        return score(decoded, source, rewards, explain=False)
+
+    counting = [r for r in pool if r["tag"] == "counting"]
+    scenes = [P.render_record(r, seed=s) for r in counting for s in range(seeds)]
+    result = run(scenes, [r["prompt"] for r in counting for _ in range(seeds)])
+    asked = result.count_target >= 0
+    count_ok = ((result.count_found.long() == result.count_target) & asked).sum().item()
+    positions = [r for r in pool if r["tag"] == "position"]
+    true_scenes, mirrored = [], []
+    for r in positions:
+        relation = next(it["position"][0] for it in r["include"] if "position" in it)
+        for s in range(seeds):
+            scene = P.render_record(r, seed=s)
+            true_scenes.append(scene)
+            mirrored.append(mirror_scene(scene, "x" if relation in ("left of", "right of") else "y"))
+    prompts = [r["prompt"] for r in positions for _ in range(seeds)]
+    true_pos, mirror_pos = run(true_scenes, prompts).position, run(mirrored, prompts).position
+    return {"split": split, "seeds": seeds,
+            "count_entities": int(asked.sum()), "count_exact": int(count_ok),
+            "count_exact_share": count_ok / max(1, int(asked.sum())),
+            "position_pairs": len(prompts), "position_true_beats_mirror": int((true_pos > mirror_pos).sum()),
+            "position_true_beats_mirror_share": float((true_pos > mirror_pos).float().mean())}
+
+
+def run_cached(folder: str | os.PathLike, source_name: str, *, source_options: dict | None = None,
+               rewards=None, resamples: int = 1000, seed: int = 0, checks: int = 0, split: str = "heldout") -> dict:
+    """Agreement of a source on a finished cache (see :func:`generate_cache`).
+
+    ``checks`` > 0 adds :func:`render_checks` on ``split``'s prompts (image-only sources).
+    """
+    records, images, token_maps, meta = load_cache(folder)
+    backbone = load_backbone(meta["backbone"], meta["steps"], capture=source_name == "attention")
+    specs = [backbone.parse(r["prompt"]) for r in records]
+    source = make_source(source_name, backbone, source_options)
+    t0 = time.time()
+    scores = score_samples(records, images, token_maps, meta["segment_offsets"], specs, source, rewards)
+    seconds = time.time() - t0
+    labels = evaluator_labels(folder, records, images)
+    rows = [{"tag": r["tag"], "prompt": r["prompt"], "image_seed": r["image_seed"], "correct": y, "scores": s}
+            for r, y, s in zip(records, labels, scores)]
+    report = {"backbone": meta["backbone"], "source": source_name, "cache": str(folder), "n": len(rows),
+              "prompts": len({r["prompt"] for r in rows}), "seed": seed, "reward_seconds": seconds,
+              "summary": summarize(rows, resamples=resamples, seed=seed), "rows": rows}
+    if checks and not source.needs_attention:
+        report["render_checks"] = render_checks(source, rewards, split, checks)
+    return report
+
+
+def run(backbone_name: str, n: int, seed: int, batch: int, steps: int, quiet: bool, source_name: str = "attention",
+        source_options: dict | None = None, resamples: int = 1000) -> dict:
+    """Generate ``n`` held-out records in memory (balanced over the six tags) and measure agreement."""
+    import torch
+
+    from xlard.shapes import evaluator as E
+    from xlard.shapes import prompts as P
+    from xlard.sources import score
+
+    records = P.sample_records(P.make_splits(P.PromptConfig(), seed=0)["heldout"], n, seed=seed)
+    backbone = load_backbone(backbone_name, steps, capture=source_name == "attention")
+    source = make_source(source_name, backbone, source_options)
     rows = []
     t0 = time.time()
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
         out = backbone.generate([r["prompt"] for r in chunk], seed=[seed + start + k for k in range(len(chunk))])
         with torch.no_grad():
-            rewards = cmd(**out.decoded.reward_inputs())
+            rewards = score(out.decoded, source, explain=False)
         judged = E.evaluate(out.images, chunk)
         for k, (record, result) in enumerate(zip(chunk, judged)):
             rows.append({"tag": record["tag"], "prompt": record["prompt"], "correct": bool(result.correct),
@@ -68,50 +434,81 @@ def run(backbone_name: str, n: int, seed: int, batch: int, steps: int, quiet: bo
         if not quiet:
             print(f"{min(start + batch, len(records))}/{len(records)} records, {time.time() - t0:.0f}s",
                   file=sys.stderr)
-    summary = {}
-    for aspect, tags in ASPECT_TAGS.items():
-        sel = [r for r in rows if r["tag"] in tags and r["scores"][ASPECT_INDEX[aspect]] is not None]
-        scores = [r["scores"][ASPECT_INDEX[aspect]] for r in sel]
-        labels = [r["correct"] for r in sel]
-        correct = [s for s, y in zip(scores, labels) if y]
-        wrong = [s for s, y in zip(scores, labels) if not y]
-        summary[aspect] = {
-            "tags": list(tags), "records": len(sel), "evaluator_correct": sum(labels), "auroc": auroc(scores, labels),
-            "mean_reward_correct": sum(correct) / len(correct) if correct else None,
-            "mean_reward_wrong": sum(wrong) / len(wrong) if wrong else None,
-        }
+    summary = summarize(rows, resamples=resamples, seed=seed)
     joint = [r for r in rows if r["joint"] is not None]
     summary["joint"] = {"records": len(joint), "auroc": auroc([r["joint"] for r in joint],
                                                               [r["correct"] for r in joint])}
-    return {"backbone": backbone_name, "n": len(rows), "seed": seed, "seconds": time.time() - t0,
-            "summary": summary, "rows": rows}
+    return {"backbone": backbone_name, "source": source_name, "n": len(rows), "seed": seed,
+            "seconds": time.time() - t0, "summary": summary, "rows": rows}
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"CMD reward vs exact evaluator on {report['n']} held-out samples of backbone {report['backbone']!r}",
-             "", "| aspect | tags | records | evaluator-correct | AUROC | mean reward (correct) | mean reward (wrong) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
     fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
+    ci = lambda pair: f"[{fmt(pair[0])}, {fmt(pair[1])}]"  # noqa: E731
+    lines = [f"CMD reward (source {report.get('source', 'attention')!r}) vs exact evaluator on {report['n']} samples "
+             f"of backbone {report['backbone']!r}", "",
+             "| aspect | tags | samples | prompts (mixed) | evaluator-correct | within-prompt AUROC [95% CI] "
+             "| pooled AUROC [95% CI] | mean reward (correct) | mean reward (wrong) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for aspect in ("count", "color", "position"):
         s = report["summary"][aspect]
-        lines.append(f"| {aspect} | {', '.join(s['tags'])} | {s['records']} | {s['evaluator_correct']} | "
-                     f"{fmt(s['auroc'])} | {fmt(s['mean_reward_correct'])} | {fmt(s['mean_reward_wrong'])} |")
-    j = report["summary"]["joint"]
-    lines.append(f"| joint | all | {j['records']} | | {fmt(j['auroc'])} | | |")
+        lines.append(f"| {aspect} | {', '.join(s['tags'])} | {s['records']} | {s['prompts']} ({s['mixed_prompts']}) | "
+                     f"{s['evaluator_correct']} | {fmt(s['within_auroc'])} {ci(s['within_auroc_ci'])} | "
+                     f"{fmt(s['auroc'])} {ci(s['auroc_ci'])} | {fmt(s['mean_reward_correct'])} | "
+                     f"{fmt(s['mean_reward_wrong'])} |")
+    if "joint" in report["summary"]:
+        j = report["summary"]["joint"]
+        lines.append(f"| joint | all | {j['records']} | | | | {fmt(j['auroc'])} | | |")
+    checks = report.get("render_checks")
+    if checks:
+        lines += ["", f"Ground-truth renders ({checks['split']} prompts, {checks['seeds']} renders each): count found "
+                      f"= count asked for {checks['count_exact']}/{checks['count_entities']} entities "
+                      f"({checks['count_exact_share']:.1%}); position reward ranks the true relation over its mirror "
+                      f"{checks['position_true_beats_mirror']}/{checks['position_pairs']} "
+                      f"({checks['position_true_beats_mirror_share']:.1%})."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="shapes")
-    parser.add_argument("-n", type=int, default=300, help="held-out records (balanced over tags)")
+    parser.add_argument("--source", default=None, choices=("attention", "shapes", "clip"),
+                        help="reward source (default: the backbone's default, xlard.sources.default_source_for)")
+    parser.add_argument("--clip-model", help="CLIP checkpoint id or folder for --source clip")
+    parser.add_argument("--cache", help="generate the samples into this folder once, then reuse them")
+    parser.add_argument("--split", default="heldout", choices=("train", "heldout"), help="prompt split (--cache)")
+    parser.add_argument("--per-tag", type=int, default=81, help="samples per agreement tag (--cache)")
+    parser.add_argument("--seeds-per-prompt", type=int, default=4, help="image seeds per prompt (--cache)")
+    parser.add_argument("-n", type=int, default=300, help="records without --cache (balanced over the six tags)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=0)
-    parser.add_argument("--out", help="write the report (JSON, with per-record rows) here")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--render-checks", type=int, default=5,
+                        help="renders per prompt for the ground-truth checks (0: skip; image-only sources)")
+    parser.add_argument("--out", help="write the report (JSON, with per-sample rows) here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    report = run(args.backbone, args.n, args.seed, args.batch, args.steps, args.quiet)
+    if args.per_tag < 1 or args.seeds_per_prompt < 1 or args.n < 1 or args.batch < 1 or args.resamples < 1:
+        parser.error("-n, --per-tag, --seeds-per-prompt, --batch and --resamples must be >= 1")
+    from xlard.sources import default_source_for
+
+    source = args.source or default_source_for(args.backbone)
+    options = {}
+    if source == "clip":
+        if not args.clip_model:
+            parser.error("--source clip needs --clip-model (e.g. openai/clip-vit-base-patch16)")
+        options["model"] = args.clip_model
+    elif args.clip_model:
+        parser.error("--clip-model goes with --source clip")
+    if args.cache:
+        records = plan_records(args.split, args.per_tag, args.seeds_per_prompt, seed=args.seed)
+        generate_cache(args.cache, args.backbone, records, batch=args.batch, steps=args.steps, quiet=args.quiet)
+        report = run_cached(args.cache, source, source_options=options, resamples=args.resamples, seed=args.seed,
+                            checks=args.render_checks, split=args.split)
+    else:
+        report = run(args.backbone, args.n, args.seed, args.batch, args.steps, args.quiet, source, options,
+                     args.resamples)
     print(to_markdown(report))
     if args.out:
         from xlard import _io

@@ -1,9 +1,13 @@
-"""scripts/reward_agreement.py: the AUROC and a run on a tiny random pipeline."""
+"""scripts/reward_agreement.py: AUROC values (pooled, within prompt), bootstrap intervals, the
+record plan, the sample cache, and runs on a tiny random pipeline."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 
@@ -14,14 +18,117 @@ def test_auroc_rank_formula():
     assert RA.auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
     assert RA.auroc([0.1, 0.2, 0.9], [True, True, False]) == 0.0
     assert RA.auroc([0.5, 0.5], [True, False]) == 0.5
+    assert RA.auroc([0.9, 0.3, 0.5, 0.1], [True, True, False, False]) == 0.75  # 3 of 4 pairs ordered
     assert math.isnan(RA.auroc([0.3], [True]))
+
+
+def test_within_prompt_auroc_compares_only_pairs_of_one_prompt():
+    # Prompt a: correct samples score 0.2, wrong 0.1 (perfect within a); prompt b: 0.9 vs 0.8 (perfect).
+    # Pooled, b's wrong samples (0.8) beat a's correct ones (0.2): pooled AUROC < 1, within = 1.
+    scores = [0.2, 0.1, 0.9, 0.8]
+    labels = [True, False, True, False]
+    groups = ["a", "a", "b", "b"]
+    assert RA.within_group_auroc(scores, labels, groups) == 1.0
+    assert RA.auroc(scores, labels) == 0.75
+    # Inverted within each prompt: 0; a constant scorer: 0.5; a prompt without both classes adds no pair.
+    assert RA.within_group_auroc([0.1, 0.2, 0.8, 0.9], labels, groups) == 0.0
+    assert RA.within_group_auroc([0.5] * 4, labels, groups) == 0.5
+    assert RA.within_group_auroc([0.2, 0.1, 0.7], [True, False, True], ["a", "a", "c"]) == 1.0
+    assert math.isnan(RA.within_group_auroc([0.2, 0.1], [True, True], ["a", "b"]))
+
+
+def test_bootstrap_interval_brackets_the_estimate():
+    import random
+
+    rng = random.Random(1)
+    scores, labels, groups = [], [], []
+    for g in range(12):
+        for _ in range(6):
+            y = rng.random() < 0.5
+            scores.append((0.6 if y else 0.4) + rng.gauss(0, 0.2))
+            labels.append(y)
+            groups.append(f"p{g}")
+    point = RA.within_group_auroc(scores, labels, groups)
+    lo, hi = RA.bootstrap_ci(scores, labels, groups, RA.within_group_auroc, resamples=300, seed=0)
+    assert lo <= point <= hi and 0.0 <= lo < hi <= 1.0
+    assert (lo, hi) == RA.bootstrap_ci(scores, labels, groups, RA.within_group_auroc, resamples=300, seed=0)
+    # A perfect scorer has a degenerate interval at 1; an inverted one at 0.
+    perfect = [1.0 if y else 0.0 for y in labels]
+    assert RA.bootstrap_ci(perfect, labels, groups, RA._pooled, resamples=50) == (1.0, 1.0)
+    assert RA.bootstrap_ci([1 - s for s in perfect], labels, groups, RA.within_group_auroc, resamples=50) == (0.0, 0.0)
+    assert all(math.isnan(v) for v in RA.bootstrap_ci([0.1], [True], ["a"], RA._pooled, resamples=5))
+
+
+def test_summarize_values():
+    rows = [{"tag": "counting", "prompt": p, "correct": y, "scores": [s, None, None]}
+            for p, y, s in [("a", True, 1.0), ("a", False, 0.5), ("b", True, 0.4), ("b", False, 0.2)]]
+    rows.append({"tag": "position", "prompt": "c", "correct": True, "scores": [None, None, 0.9]})
+    s = RA.summarize(rows, resamples=50)
+    assert s["count"]["records"] == 4 and s["count"]["within_auroc"] == 1.0 and s["count"]["auroc"] == 0.75
+    assert s["count"]["mixed_prompts"] == 2 and s["count"]["within_pairs"] == 2
+    assert s["count"]["mean_reward_correct"] == pytest.approx(0.7)
+    assert math.isnan(s["position"]["auroc"]) and s["color"]["records"] == 0
+
+
+def test_plan_records_gives_several_seeds_per_prompt():
+    records = RA.plan_records("heldout", 12, 4, seed=5)
+    assert len(records) == 48 and [r["image_seed"] for r in records] == list(range(5, 53))
+    for tag in RA.AGREEMENT_TAGS:
+        prompts = [r["prompt"] for r in records if r["tag"] == tag]
+        assert len(prompts) == 12 and len(set(prompts)) == 3  # ceil(12 / 4) prompts, 4 seeds each
+    from xlard.shapes.prompts import PromptConfig, make_splits
+
+    train = {r["prompt"] for r in make_splits(PromptConfig(), seed=0)["train"]}
+    assert not {r["prompt"] for r in records} & train
+    with pytest.raises(ValueError, match="split"):
+        RA.plan_records("test", 4, 2)
+    with pytest.raises(ValueError, match="per-tag"):
+        RA.plan_records("heldout", 0, 2)
+
+
+def test_cli_rejects_bad_options():
+    with pytest.raises(SystemExit):
+        RA.main(["--source", "vision"])
+    with pytest.raises(SystemExit):
+        RA.main(["--source", "clip"])  # needs --clip-model
+    with pytest.raises(SystemExit):
+        RA.main(["--per-tag", "0", "--cache", "x"])
 
 
 def test_run_on_a_tiny_pipeline(tmp_path):
     from tiny_pipelines import tiny_sd_pipeline
 
-    report = RA.run(str(tiny_sd_pipeline(tmp_path / "pipe")), 12, 0, 6, 2, True)
-    assert report["n"] == 12 and len(report["rows"]) == 12
+    report = RA.run(str(tiny_sd_pipeline(tmp_path / "pipe")), 12, 0, 6, 2, True, resamples=20)
+    assert report["n"] == 12 and len(report["rows"]) == 12 and report["source"] == "attention"
     assert {"count", "color", "position", "joint"} <= set(report["summary"])
+    for aspect in ("count", "color", "position"):
+        s = report["summary"][aspect]
+        assert s["records"] == sum(r["tag"] in RA.ASPECT_TAGS[aspect] for r in report["rows"])
     table = RA.to_markdown(report)
-    assert "| count | counting |" in table
+    assert "| count | counting |" in table and "within-prompt AUROC" in table
+
+
+def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
+    from tiny_pipelines import tiny_sd_pipeline
+
+    pipe = str(tiny_sd_pipeline(tmp_path / "pipe"))
+    records = RA.plan_records("heldout", 2, 2, seed=0)
+    folder = RA.generate_cache(tmp_path / "cache", pipe, records, batch=3, steps=2, quiet=True)
+    got, images, maps, meta = RA.load_cache(folder)
+    assert got == records and images.shape[:2] == (8, 3) and maps.shape[0] == 8
+    assert sorted(p.name for p in folder.glob("chunk_*.pt")) == ["chunk_00000.pt", "chunk_00003.pt",
+                                                                 "chunk_00006.pt"]
+    # A finished cache is not regenerated; another record list is refused.
+    monkeypatch.setattr(RA, "load_backbone", lambda *a, **k: pytest.fail("regenerated a finished cache"))
+    RA.generate_cache(folder, pipe, records, batch=3, steps=2, quiet=True)
+    with pytest.raises(ValueError, match="other samples"):
+        RA.generate_cache(folder, pipe, records[:4], batch=3, steps=2, quiet=True)
+    # A missing chunk is reported (and a rerun would redo just that one).
+    (folder / "chunk_00003.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        RA.load_cache(folder)
+    monkeypatch.undo()
+    RA.generate_cache(folder, pipe, records, batch=3, steps=2, quiet=True)
+    report = RA.run_cached(folder, "attention", resamples=10)
+    assert report["n"] == 8 and report["source"] == "attention"
+    assert json.loads((folder / "labels.json").read_text()) == [r["correct"] for r in report["rows"]]

@@ -726,6 +726,8 @@ class PromptExplanation:
         scores: aspect -> reward, None when the aspect is absent.
         weights: aspect -> effective lambda of the joint reward.
         joint: the joint reward, None when no aspect is present.
+        source: the name of the reward source whose evidence was judged
+            (:mod:`xlard.sources`), None when the maps were given directly.
     """
 
     prompt: str
@@ -735,10 +737,11 @@ class PromptExplanation:
     scores: dict[str, float | None] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     joint: float | None = None
+    source: str | None = None
 
     def text(self) -> str:
-        """A few readable lines: the prompt, one line per aspect, the joint reward."""
-        lines = [f'"{self.prompt}"']
+        """A few readable lines: the prompt (and the source that judged), one line per aspect, the joint reward."""
+        lines = [f'"{self.prompt}"' + (f" (judged by the {self.source} source)" if self.source else "")]
         parts = {"count": self.counts, "color": self.colors, "position": self.relations}
         for aspect in ASPECTS:
             score = self.scores.get(aspect)
@@ -788,6 +791,8 @@ class RewardResult:
         color_patch (int64 [B, E]): best patch per colored entity; -1 elsewhere.
         relation_scores (float32 [B, R]): per relation; NaN for padding / not scored.
         explanations: one :class:`PromptExplanation` per item, or None.
+        source: the name of the reward source that supplied the maps and
+            features (:mod:`xlard.sources`), None when given directly.
     """
 
     scores: torch.Tensor
@@ -802,6 +807,7 @@ class RewardResult:
     color_patch: torch.Tensor
     relation_scores: torch.Tensor
     explanations: tuple[PromptExplanation, ...] | None = None
+    source: str | None = None
 
     @property
     def count(self) -> torch.Tensor:
@@ -880,6 +886,7 @@ class ExplainableRewards:
         segment_offsets: Mapping[str, int] | None = None,
         weights: torch.Tensor | None = None,
         explain: bool = True,
+        source: str | None = None,
     ) -> RewardResult:
         """Score a batch of generations against their prompts.
 
@@ -905,6 +912,9 @@ class ExplainableRewards:
                 (see :func:`batch_specs`).
             weights (Tensor[B, 3], optional): lambdas overriding the confidence head.
             explain: build the per-prompt explanations (one host transfer).
+            source: name of the reward source the inputs came from, recorded
+                in the result and its explanations (:func:`xlard.sources.score`
+                sets it).
 
         Returns:
             A :class:`RewardResult`.
@@ -982,10 +992,12 @@ class ExplainableRewards:
             color_scores=color_scores,
             color_patch=color_patch,
             relation_scores=torch.where(relation_ok, relation_scores, torch.full_like(relation_scores, float("nan"))),
+            source=source,
         )
         if explain:
             shown = (cfg.aspects if need_color else tuple(a for a in cfg.aspects if a != "color"))
-            result.explanations = _explain(batch, result, count_details, relation_ok, grid, cfg, (h, w), shown)
+            result.explanations = _explain(batch, result, count_details, relation_ok, grid, cfg, (h, w), shown,
+                                           source)
         return result
 
     # -- inputs -----------------------------------------------------------------
@@ -1064,7 +1076,8 @@ class ExplainableRewards:
         return table.to(device=features.device, dtype=features.dtype)
 
 
-def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok, grid, cfg, map_size, shown):
+def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok, grid, cfg, map_size, shown,
+             source=None):
     """Build per-prompt explanations (of the aspects in ``shown``) with one host transfer."""
     t = {k: v.detach().cpu().tolist() for k, v in dict(
         scores=result.scores, weights=result.weights, joint=result.joint, status=result.entity_status,
@@ -1115,6 +1128,6 @@ def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok,
         joint = t["joint"][i]
         explanations.append(PromptExplanation(
             spec.prompt, tuple(counts), tuple(colors), tuple(relations), scores, weights,
-            None if joint != joint else joint))
+            None if joint != joint else joint, source))
     return tuple(explanations)
 

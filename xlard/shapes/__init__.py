@@ -9,9 +9,16 @@
 
 Numpy, plus xlard.ops for connected components (imported on first use); reading
 image files and the backbone need the ``method`` extra (Pillow, diffusers).
+
+The evaluator's names are re-exported lazily (PEP 562): importing the world,
+the prompts or the understanding model does not load the evaluator, so the
+reward side can be checked not to touch it.
 """
-from .evaluator import (Detection, EvaluatorConfig, RecordResult, detect_objects, evaluate, evaluate_folder,
-                        evaluate_record, format_table, load_images, summarize, write_results_jsonl)
+import importlib
+
+_EVALUATOR_NAMES = ("Detection", "EvaluatorConfig", "RecordResult", "detect_objects", "evaluate", "evaluate_folder",
+                    "evaluate_record", "format_table", "load_images", "summarize", "write_results_jsonl")
+
 from .prompts import (PromptConfig, enumerate_records, make_splits, read_jsonl, read_records, render_record,
                       sample_records, write_jsonl)
 from .rules import GENEVAL_COLORS, RELATIONS, TAGS, relative_position, validate_record
@@ -27,3 +34,9 @@ __all__ = [
     "BACKGROUND", "PALETTE", "SHAPES", "ObjectGroup", "Relation", "Scene", "SceneObject", "WorldConfig",
     "compose_scene", "random_scene",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EVALUATOR_NAMES:
+        return getattr(importlib.import_module(".evaluator", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

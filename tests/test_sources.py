@@ -1,0 +1,399 @@
+"""xlard.sources: the reward-source interface, each source on tiny inputs, and the shapes
+understanding model (loading, prediction on renders, never importing the exact evaluator)."""
+from __future__ import annotations
+
+import ast
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xlard.backbones.base import Decoded
+from xlard.color_features import PatchFeatures, PixelColorEncoder
+from xlard.prompts import parse
+from xlard.rewards import ExplainableRewards, RewardConfig
+from xlard.shapes import understanding as U
+from xlard.shapes.prompts import PromptConfig, make_splits, render_record
+from xlard.shapes.world import Scene, SceneObject, mirror_scene
+from xlard.sources import (SOURCES, AttentionSource, ClipSource, RewardSource, ShapesSource, default_source_for,
+                           get_source, score)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = U.is_available()
+needs_weights = pytest.mark.skipif(not SHIPPED, reason=f"no understanding weights at {U.model_path()}; "
+                                                       f"train them with: {U.TRAIN_COMMAND}")
+
+
+def decoded_of(scenes, prompts, token_maps=None):
+    images = torch.from_numpy(np.stack([s.render() for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    return Decoded(images=images, latents=torch.zeros(0), token_maps=token_maps, patch_features=None,
+                   specs=tuple(parse(p) for p in prompts), segment_offsets={})
+
+
+class OracleUnderstanding(U.ShapesUnderstanding):
+    """Predicts the renderer's ground truth exactly (one-hot), to test the source's plumbing alone."""
+
+    def __init__(self, scenes):
+        super().__init__(U.UnderstandingConfig(channels=(4, 4, 4, 4)))
+        self.scenes = scenes
+
+    def predict(self, images):
+        targets = [U.scene_targets(s, self.config) for s in self.scenes]
+        shape = torch.nn.functional.one_hot(torch.from_numpy(np.stack([t[0] for t in targets])), 5)
+        color = torch.nn.functional.one_hot(torch.from_numpy(np.stack([t[1] for t in targets])), 11)
+        return U.UnderstandingOutput(shape.permute(0, 3, 1, 2)[:, 1:].float(), color.permute(0, 3, 1, 2).float())
+
+
+SCENE = Scene(64, (SceneObject("circle", "red", (4, 4, 16, 16)), SceneObject("circle", "red", (30, 6, 40, 16)),
+                   SceneObject("square", "blue", (40, 40, 54, 54)), SceneObject("circle", "green", (8, 44, 18, 54))))
+
+
+# ---------------------------------------------------------------------------
+# Interface
+# ---------------------------------------------------------------------------
+
+
+def test_get_source_names_and_errors():
+    assert SOURCES == ("attention", "shapes", "clip")
+    assert isinstance(get_source("attention"), AttentionSource)
+    with pytest.raises(ValueError, match="unknown source 'vision'"):
+        get_source("vision")
+    with pytest.raises(ValueError, match=r"unknown options \['threshold'\]"):
+        get_source("attention", threshold=0.5)
+    with pytest.raises(ValueError, match="pass model="):
+        get_source("clip")
+    with pytest.raises(ValueError, match="tokenizer"):
+        get_source("clip", model=torch.nn.Linear(1, 1))
+
+
+def test_default_source_for():
+    assert default_source_for("shapes") == "shapes"
+    assert default_source_for("some/hub-model") == "attention"
+    assert default_source_for(object()) == "attention"
+
+    class FakeBackbone:
+        class pipeline:
+            name_or_path = str(U.DEFAULT_PATH.parent / "shapes_backbone")
+
+    assert default_source_for(FakeBackbone()) == "shapes"
+    FakeBackbone.pipeline.name_or_path = "/elsewhere/model"
+    assert default_source_for(FakeBackbone()) == "attention"
+
+
+def test_sources_say_whether_the_backbone_must_capture_attention():
+    assert get_source("attention").needs_attention and get_source("attention").backbone_options() == {}
+    shapes = ShapesSource(OracleUnderstanding([SCENE]))
+    assert not shapes.needs_attention and shapes.backbone_options() == {"capture": False}
+
+
+def test_score_names_the_source_and_rejects_non_sources():
+    source = ShapesSource(OracleUnderstanding([SCENE]))
+    result = score(decoded_of([SCENE], ["a photo of two circles"]), source)
+    assert result.source == "shapes" and result.explanations[0].source == "shapes"
+    assert result.explanations[0].text().splitlines()[0] == '"a photo of two circles" (judged by the shapes source)'
+    assert result.explanations[0].as_dict()["source"] == "shapes"
+    with pytest.raises(ValueError, match="RewardSource"):
+        score(decoded_of([SCENE], ["a photo of two circles"]), "shapes")
+    with pytest.raises(ValueError, match="ExplainableRewards"):
+        score(decoded_of([SCENE], ["a photo of two circles"]), source, rewards=object())
+    with pytest.raises(TypeError):
+        RewardSource()
+
+
+def test_decoded_is_checked():
+    source = ShapesSource(OracleUnderstanding([SCENE]))
+    bad = Decoded(images=torch.rand(2, 3, 64, 64), latents=torch.zeros(0), token_maps=None, patch_features=None,
+                  specs=(parse("a photo of a circle"),), segment_offsets={})
+    with pytest.raises(ValueError, match="one PromptSpec per image"):
+        source(bad)
+    with pytest.raises(ValueError, match=r"images must be a float tensor \[B, 3, H, W\]"):
+        source(Decoded(images=torch.rand(1, 64, 64), latents=torch.zeros(0), token_maps=None, patch_features=None,
+                       specs=(parse("a photo of a circle"),), segment_offsets={}))
+
+
+# ---------------------------------------------------------------------------
+# Attention source
+# ---------------------------------------------------------------------------
+
+
+def test_attention_source_matches_the_rewards_on_token_maps():
+    specs = (parse("a photo of two circles"),)
+    from xlard.prompts import PromptSpec, TokenAlignment
+
+    spec = PromptSpec(specs[0].prompt, tuple(e.__class__(**{**e.__dict__, "token_indices": (1,)})
+                                             for e in specs[0].entities),
+                      alignments=(TokenAlignment("tokenizer", 4, ((1,),), ((),)),))
+    maps = torch.zeros(1, 4, 16, 16)
+    maps[0, 1, 2:5, 2:5] = 1.0
+    maps[0, 1, 10:13, 10:13] = 1.0
+    images = torch.rand(1, 3, 64, 64)
+    decoded = Decoded(images=images, latents=torch.zeros(0), token_maps=maps, patch_features=None, specs=(spec,),
+                      segment_offsets={"tokenizer": 0})
+    result = score(decoded, get_source("attention"), ExplainableRewards())
+    want = ExplainableRewards(color_encoder=PixelColorEncoder())(**decoded.reward_inputs())
+    torch.testing.assert_close(result.scores, want.scores, equal_nan=True)
+    assert result.count_found[0, 0].item() == 2 and result.source == "attention"
+    no_maps = Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None, specs=(spec,),
+                      segment_offsets={})
+    with pytest.raises(ValueError, match="capture=False"):
+        get_source("attention")(no_maps)
+
+
+def test_attention_source_colors_come_from_one_encoder():
+    images = torch.full((1, 3, 64, 64), 0.5)
+    images[:, 0, 8:40, 8:40], images[:, 1:, 8:40, 8:40] = 0.84, 0.14
+    spec = parse("a photo of a red circle")
+    decoded = Decoded(images=images, latents=torch.zeros(0), token_maps=torch.zeros(1, 8, 8, 8),
+                      patch_features=PatchFeatures(torch.zeros(1, 4, 3), (2, 2)), specs=(spec,), segment_offsets={})
+    inputs = AttentionSource()(decoded)
+    # Foreign decoded.patch_features are ignored: features and embeddings both come from the source's encoder.
+    assert inputs["patch_features"].features.shape[-1] == inputs["color_embeddings"]["red"].shape[-1]
+    enc = PixelColorEncoder()
+    torch.testing.assert_close(inputs["color_embeddings"]["red"], enc.embed_colors(["red"])[0])
+
+
+# ---------------------------------------------------------------------------
+# Shapes source
+# ---------------------------------------------------------------------------
+
+
+def test_shapes_source_inputs_layout():
+    source = ShapesSource(OracleUnderstanding([SCENE, SCENE]))
+    inputs = source(decoded_of([SCENE, SCENE], ["a photo of a red circle and a blue square",
+                                                "a photo of a dog and a circle"]))
+    assert inputs["entity_maps"].shape == (2, 2, 64, 64)
+    assert inputs["entity_available"].tolist() == [[True, True], [False, True]]  # "dog" is not a shape
+    assert inputs["entity_maps"][1, 0].abs().sum() == 0
+    pf = inputs["patch_features"]
+    assert pf.grid == (64, 64) and pf.features.shape == (2, 64 * 64, 11)
+    torch.testing.assert_close(inputs["color_embeddings"]["blue"], torch.eye(11)[1 + 4])
+    with pytest.raises(ValueError, match=r"colors \['gray'\] are not in the shapes world"):
+        source(decoded_of([SCENE, SCENE], ["a photo of a gray circle", "a photo of a circle"]))
+    with pytest.raises(ValueError, match="ShapesUnderstanding"):
+        ShapesSource(torch.nn.Linear(1, 1))
+
+
+def test_shapes_source_with_a_perfect_model_scores_the_truth():
+    """With ground-truth maps the source's rewards are exact: counts, bound colors, relations."""
+    prompts = ["a photo of three circles", "a photo of two circles", "a photo of a green circle",
+               "a photo of a blue circle", "a photo of a square right of a circle", "a photo of a square left of a circle"]
+    source = ShapesSource(OracleUnderstanding([SCENE] * len(prompts)))
+    result = score(decoded_of([SCENE] * len(prompts), prompts), source)
+    count, color, position = result.scores.T.tolist()
+    assert count[0] == 1.0 and count[1] == pytest.approx(math.exp(-1 / 2))
+    assert color[2] == 1.0 and color[3] == 0.0  # green is a circle's color, blue only the square's
+    assert position[4] > 0.9 and position[5] < 0.1
+
+
+def test_scene_targets_cores_and_colors():
+    s, c = U.scene_targets(SCENE)
+    assert s.shape == c.shape == (64, 64)
+    assert (c == 1 + U.UnderstandingConfig().colors.index("red")).sum() == sum(
+        o.area for o in SCENE.objects if o.color == "red")
+    # Cores: inside the objects, one pixel in from their edges, apart from each other.
+    assert set(np.unique(s)) == {0, 1, 2}
+    assert s[4, 10] == 0 and s[10, 10] == 1 and s[47, 47] == 2
+    assert (s > 0).sum() < (c > 0).sum()
+
+
+def test_model_forward_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = U.ShapesUnderstanding(U.UnderstandingConfig(channels=(4, 8, 8, 8))).eval()
+    folder = model.save_pretrained(tmp_path / "m", extra={"training": {"steps": 1}})
+    loaded = U.ShapesUnderstanding.from_pretrained(folder)
+    images = torch.rand(2, 3, 48, 48)  # resized to 64
+    a, b = model.predict(images), loaded.predict(images)
+    assert a.shape_probs.shape == (2, 4, 64, 64) and a.color_probs.shape == (2, 11, 64, 64)
+    torch.testing.assert_close(a.shape_probs, b.shape_probs, atol=2e-2, rtol=0)  # weights stored in float16
+    assert torch.allclose(a.color_probs.sum(1), torch.ones(2, 64, 64))
+    with pytest.raises(FileNotFoundError, match="train_shapes_understanding"):
+        U.ShapesUnderstanding.from_pretrained(tmp_path / "absent")
+    with pytest.raises(ValueError, match="images must be a float tensor"):
+        model.predict(torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="channels"):
+        U.UnderstandingConfig(channels=(4, 4))
+
+
+@needs_weights
+def test_shipped_model_is_small_and_counts_ground_truth_renders():
+    size = sum(p.stat().st_size for p in U.model_path().iterdir() if p.is_file())
+    assert size <= 5 * 1024 * 1024, f"understanding weights are {size / 1e6:.2f} MB, over the 5 MB budget"
+    source = get_source("shapes")
+    records = [r for r in make_splits(PromptConfig(), seed=0)["heldout"] if r["tag"] == "counting"]
+    records = [r for r in records if r["include"][0]["count"] <= 4]
+    scenes = [render_record(r, seed=s) for r in records for s in range(3)]
+    result = score(decoded_of(scenes, [r["prompt"] for r in records for _ in range(3)]), source)
+    found, target = result.count_found[:, 0].tolist(), result.count_target[:, 0].tolist()
+    assert found == target
+    # Position on a render and its mirror: the true relation wins.
+    record = next(r for r in make_splits(PromptConfig(), seed=0)["heldout"] if r["tag"] == "position")
+    scene = render_record(record, seed=0)
+    axis = "x" if any(it.get("position", [""])[0] in ("left of", "right of") for it in record["include"]) else "y"
+    both = score(decoded_of([scene, mirror_scene(scene, axis)], [record["prompt"]] * 2), source)
+    assert both.position[0] > both.position[1]
+
+
+# ---------------------------------------------------------------------------
+# The training reward never sees the exact evaluator
+# ---------------------------------------------------------------------------
+
+REWARD_SIDE = [ROOT / "xlard" / "sources.py", ROOT / "xlard" / "shapes" / "understanding.py",
+               ROOT / "scripts" / "train_shapes_understanding.py", ROOT / "xlard" / "rewards.py"]
+
+
+@pytest.mark.parametrize("path", REWARD_SIDE, ids=lambda p: p.name)
+def test_reward_side_has_no_evaluator_import_statically(path):
+    from xlard.shapes import _EVALUATOR_NAMES
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            assert not any("evaluator" in a.name for a in node.names), ast.dump(node)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            assert "evaluator" not in module, ast.dump(node)
+            assert not any(a.name == "evaluator" or a.name in _EVALUATOR_NAMES for a in node.names), ast.dump(node)
+
+
+def test_reward_side_never_loads_the_evaluator_at_runtime():
+    code = """
+import sys, runpy, torch
+sys.path.insert(0, 'scripts')
+import train_shapes_understanding as T
+import numpy as np
+from xlard.sources import ShapesSource, score
+from xlard.shapes import understanding as U
+from xlard.backbones.base import Decoded
+from xlard.prompts import parse
+from xlard.shapes.world import random_scene
+rng = np.random.default_rng(0)
+x, s, c = T.render_batch(rng, T.make_splits(T.PromptConfig(), seed=0)['train'], 2, 0.5, U.UnderstandingConfig())
+model = U.ShapesUnderstanding(U.UnderstandingConfig(channels=(4, 4, 4, 4)))
+d = Decoded(images=x, latents=torch.zeros(0), token_maps=None, patch_features=None,
+            specs=(parse('a photo of two circles'), parse('a photo of a red square')), segment_offsets={})
+score(d, ShapesSource(model))
+assert 'xlard.shapes.evaluator' not in sys.modules, 'the evaluator was imported'
+print('ok')
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------
+# CLIP source
+# ---------------------------------------------------------------------------
+
+_WORDS = "a photo of the background object circle circles square dog cat red blue green two left right".split()
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", ".", *_WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(word_tokenizer):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(word_tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16)
+    return transformers.CLIPModel(config).eval()
+
+
+def _hand_text(model, tokenizer, text):
+    with torch.no_grad():
+        ids = tokenizer([text], return_tensors="pt")
+        return model.text_projection(model.text_model(input_ids=ids["input_ids"],
+                                                      attention_mask=ids["attention_mask"]).pooler_output)[0]
+
+
+def test_clip_source_maps_are_noun_softmax_over_dense_patches(tiny_clip, word_tokenizer):
+    source = get_source("clip", model=tiny_clip, tokenizer=word_tokenizer)
+    assert isinstance(source, ClipSource) and not source.needs_attention
+    images = torch.rand(2, 3, 32, 32)
+    decoded = Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
+                      specs=(parse("a photo of two circles left of a dog"), parse("a photo of a red cat")),
+                      segment_offsets={})
+    inputs = source(decoded)
+    maps = inputs["entity_maps"]
+    assert maps.shape == (2, 2, 4, 4) and inputs["entity_available"].tolist() == [[True, True], [True, False]]
+    # By hand: MaskCLIP patch features, cosine with each text, softmax over background + the prompt's nouns.
+    with torch.no_grad():
+        pixel = source.encoder._pixel_values(images)
+        hidden = tiny_clip.vision_model(pixel_values=pixel, output_hidden_states=True).hidden_states[-2][:, 1:]
+        last = tiny_clip.vision_model.encoder.layers[-1]
+        v = last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(hidden)))
+        feats = tiny_clip.visual_projection(tiny_clip.vision_model.post_layernorm(v))
+    texts = [_hand_text(tiny_clip, word_tokenizer, t) for t in
+             ("a photo of the background.", "a photo of a circle.", "a photo of a dog.")]
+    cos = torch.stack([torch.nn.functional.cosine_similarity(feats[0], t[None], dim=-1) for t in texts], -1)
+    probs = (tiny_clip.logit_scale.exp() * cos).softmax(-1)
+    torch.testing.assert_close(maps[0, 0].flatten(), probs[:, 1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(maps[0, 1].flatten(), probs[:, 2], atol=1e-5, rtol=1e-4)
+
+
+def test_clip_source_color_reward_is_the_hand_computed_cosine(tiny_clip, word_tokenizer):
+    source = get_source("clip", model=tiny_clip, tokenizer=word_tokenizer)
+    images = torch.rand(2, 3, 32, 32)
+    decoded = Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
+                      specs=(parse("a photo of a red cat"), parse("a photo of a blue dog")), segment_offsets={})
+    result = score(decoded, source, ExplainableRewards(RewardConfig(aspects=("color",))))
+    feats = source.encoder.encode_images(images).features
+    for i, color in enumerate(("red", "blue")):
+        e = _hand_text(tiny_clip, word_tokenizer, f"a photo of a {color} object")
+        cos = (feats[i] @ e) / (feats[i].norm(dim=-1) * e.norm())
+        assert result.color[i].item() == pytest.approx(cos.max().item(), abs=1e-5)
+        assert result.color_patch[i, 0].item() == int(cos.argmax())
+
+
+def test_clip_source_from_a_local_folder(tiny_clip, word_tokenizer, tmp_path):
+    tiny_clip.save_pretrained(tmp_path)
+    word_tokenizer.save_pretrained(tmp_path)
+    source = get_source("clip", model=str(tmp_path))
+    direct = ClipSource(tiny_clip, word_tokenizer)
+    decoded = Decoded(images=torch.rand(1, 3, 32, 32), latents=torch.zeros(0), token_maps=None, patch_features=None,
+                      specs=(parse("a photo of a red cat"),), segment_offsets={})
+    torch.testing.assert_close(source(decoded)["entity_maps"], direct(decoded)["entity_maps"])
+    with pytest.raises(ValueError, match="noun_template"):
+        ClipSource(tiny_clip, word_tokenizer, noun_template="a photo")
+
+
+def test_shapes_source_drops_two_tone_and_unclear_objects():
+    source = ShapesSource(OracleUnderstanding([SCENE]), purity=0.6, confidence=0.7)
+    maps = torch.zeros(1, 1, 16, 16)
+    maps[0, 0, 1:5, 1:5] = 1.0      # one color: kept
+    maps[0, 0, 1:5, 9:13] = 1.0     # half red, half blue: dropped
+    maps[0, 0, 9:13, 1:5] = 0.65    # above the 0.5 cut but unclear (mean 0.65 < 0.7): dropped
+    maps[0, 0, 9:13, 9:13] = 0.9    # clear: kept
+    color = torch.zeros(1, 11, 16, 16)
+    color[0, 0] = 1.0
+    color[0, 0, :8], color[0, 1, :8] = 0.0, 1.0
+    color[0, 1, 1:5, 11:13], color[0, 5, 1:5, 11:13] = 0.0, 1.0
+    out = source.drop_mixed_objects(maps, color)
+    assert out[0, 0, 1:5, 1:5].eq(1).all() and out[0, 0, 9:13, 9:13].eq(0.9).all()
+    assert out[0, 0, 1:5, 9:13].eq(0).all() and out[0, 0, 9:13, 1:5].eq(0).all()
+    lenient = ShapesSource(OracleUnderstanding([SCENE]), purity=0.4, confidence=0.6).drop_mixed_objects(maps, color)
+    torch.testing.assert_close(lenient, maps)
+    with pytest.raises(ValueError, match="purity must be a number in"):
+        ShapesSource(OracleUnderstanding([SCENE]), purity=2)
+    with pytest.raises(ValueError, match="confidence must be a number in"):
+        get_source("shapes", model=OracleUnderstanding([SCENE]), confidence=-1)

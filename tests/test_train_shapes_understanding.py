@@ -1,0 +1,74 @@
+"""scripts/train_shapes_understanding.py: options, data from the renderer's ground truth, a tiny
+run that exports loadable weights, and resuming from its checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+
+import train_shapes_understanding as T  # noqa: E402
+
+from xlard.shapes import understanding as U  # noqa: E402
+
+
+def test_options_are_validated():
+    cfg = T.parse_args(["--max-steps", "5", "--channels", "4", "4", "4", "4"])
+    assert cfg.max_steps == 5 and cfg.channels == (4, 4, 4, 4)
+    for bad in (["--max-steps", "0"], ["--crop", "8"], ["--vae-share", "1.5"], ["--corrupt", "-0.1"]):
+        with pytest.raises(SystemExit):
+            T.parse_args(bad)
+
+
+def test_batches_come_from_ground_truth_and_corruptions_are_unlabelled():
+    rng = np.random.default_rng(0)
+    records = T.make_splits(T.PromptConfig(), seed=0)["train"]
+    config = U.UnderstandingConfig()
+    x, s, c = T.render_batch(rng, records, 6, 0.5, config)
+    assert x.shape == (6, 3, 64, 64) and s.shape == c.shape == (6, 64, 64)
+    assert ((s > 0) <= (c > 0)).all()  # every shape core is colored
+    # Two-tone objects lose their shape label; their pixels keep their colors.
+    from xlard.shapes.world import Scene, SceneObject
+
+    scene = Scene(64, (SceneObject("square", "red", (10, 10, 30, 30)),))
+    image = scene.render()
+    shape, color = U.scene_targets(scene, config)
+    T.corrupt_scene(image, shape, color, scene, np.random.default_rng(1), 1.0, config)
+    assert (shape == 0).all()
+    assert len(set(np.unique(color[10:30, 10:30]).tolist())) == 2
+
+
+def test_augment_keeps_targets_aligned_and_images_in_range():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 16, 16)
+    s = torch.arange(16).repeat(4, 16, 1)
+    c = s.clone()
+    xa, sa, ca = T.augment(x, s, c, gen)
+    assert xa.min() >= 0 and xa.max() <= 1
+    assert torch.equal(sa, ca)
+    flipped = sa[:, 0, 0] == 15
+    assert flipped.any() and (~flipped).any()
+    xc, sc, cc = T.random_crop(xa, sa, ca, 8, gen)
+    assert xc.shape == (4, 3, 8, 8) and sc.shape == (4, 8, 8)
+
+
+def test_tiny_run_exports_weights_and_resumes(tmp_path, capsys):
+    args = ["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--max-steps", "3",
+            "--batch-size", "2", "--vae-pool", "0", "--channels", "4", "4", "4", "4", "--log-every", "1"]
+    assert T.main(args) == 0
+    model = U.ShapesUnderstanding.from_pretrained(tmp_path / "out")
+    assert model.config.channels == (4, 4, 4, 4)
+    info = json.loads((tmp_path / "out" / "config.json").read_text())["training"]
+    assert info["steps"] == 3 and info["config"]["seed"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    capsys.readouterr()
+    assert T.main(args) == 0  # the finished checkpoint is picked up, not retrained
+    assert "resumed at step 3" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="another config"):
+        T.train(T.parse_args(args[:-2] + ["--log-every", "2"]))

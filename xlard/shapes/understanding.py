@@ -1,0 +1,295 @@
+"""The shapes world's dense understanding model: the CMD's eyes on ``--backbone shapes``.
+
+A small fully convolutional U-Net reads a decoded image (64x64 by default)
+and, at every pixel, predicts two distributions over the world's vocabulary:
+
+- **shape** over ``("none",) + shapes``: a pixel is labelled with an object's
+  shape only in the object's *core* (its mask eroded by ``core_radius``
+  pixels), so that objects two pixels apart stay apart once the map is
+  thresholded and the cores' centroids are the objects' centroids;
+- **color** over ``("background",) + colors``: every pixel of an object gets
+  the object's color.
+
+:class:`xlard.sources.ShapesSource` turns them into the reward's inputs: the
+map of a noun is its shape probability (counted by ``xlard.ops`` components,
+centroids weighted by it) and each pixel's color distribution is a patch
+feature whose cosine with a color's one-hot embedding is the color score.
+
+It is trained from scratch on rendered scenes and the renderer's ground truth
+(masks, shapes, colors) by ``scripts/train_shapes_understanding.py``; never
+on the exact evaluator's code or outputs (this module does not import
+:mod:`xlard.shapes.evaluator`, and a test checks it). Weights ship as package
+data (``xlard/data/shapes_understanding/``: ``config.json`` and
+``model.safetensors``) and load offline.
+
+Example:
+    >>> model = load_model()                                   # doctest: +SKIP
+    >>> out = model.predict(images)                            # images [B, 3, H, W] in [0, 1]
+    >>> out.shape_probs.shape, out.color_probs.shape           # [B, 4, 64, 64], [B, 11, 64, 64]
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .world import PALETTE, SHAPES, Scene
+
+__all__ = ["UnderstandingConfig", "UnderstandingOutput", "ShapesUnderstanding", "scene_targets", "DEFAULT_PATH",
+           "TRAIN_COMMAND", "model_path", "is_available", "load_model"]
+
+#: Where the shipped weights live (package data).
+DEFAULT_PATH = Path(__file__).resolve().parents[1] / "data" / "shapes_understanding"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TRAIN_COMMAND = "python scripts/train_shapes_understanding.py --out xlard/data/shapes_understanding"
+
+
+@dataclass(frozen=True)
+class UnderstandingConfig:
+    """Architecture and vocabulary of a :class:`ShapesUnderstanding`.
+
+    Attributes:
+        shapes: the nouns the shape head knows (class 0 is "none").
+        colors: the color words the color head knows (class 0 is background).
+        channels: widths of the four levels (full-resolution stem, 1/2, 1/4, 1/8).
+        image_size: images are resized to this square before the forward pass;
+            the maps come out at this size.
+        core_radius: the shape targets are the object masks eroded this many
+            pixels (8-neighbourhood), so that near objects stay apart.
+    """
+
+    shapes: tuple[str, ...] = SHAPES
+    colors: tuple[str, ...] = tuple(PALETTE)
+    channels: tuple[int, ...] = (8, 24, 32, 48)
+    image_size: int = 64
+    core_radius: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shapes", tuple(self.shapes))
+        object.__setattr__(self, "colors", tuple(self.colors))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if len(self.shapes) < 1 or len(set(self.shapes)) != len(self.shapes):
+            raise ValueError(f"UnderstandingConfig.shapes must be distinct names, got {self.shapes!r}")
+        if len(self.colors) < 1 or len(set(self.colors)) != len(self.colors):
+            raise ValueError(f"UnderstandingConfig.colors must be distinct names, got {self.colors!r}")
+        if len(self.channels) != 4 or min(self.channels) < 1:
+            raise ValueError(f"UnderstandingConfig.channels must be 4 positive widths, got {self.channels!r}")
+        if not isinstance(self.image_size, int) or self.image_size < 32 or self.image_size % 8:
+            raise ValueError(f"UnderstandingConfig.image_size must be a multiple of 8 >= 32, got {self.image_size!r}")
+        if not isinstance(self.core_radius, int) or self.core_radius < 0:
+            raise ValueError(f"UnderstandingConfig.core_radius must be an int >= 0, got {self.core_radius!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnderstandingConfig:
+        known = {k: d[k] for k in ("shapes", "colors", "channels", "image_size", "core_radius") if k in d}
+        return cls(**known)
+
+
+@dataclass
+class UnderstandingOutput:
+    """Per-pixel predictions of a batch.
+
+    Attributes:
+        shape_probs (float32 [B, S, H, W]): probability that a pixel is the core
+            of an object of ``config.shapes[s]`` (the "none" class dropped).
+        color_probs (float32 [B, 1 + C, H, W]): color distribution per pixel,
+            background first, then ``config.colors``.
+    """
+
+    shape_probs: torch.Tensor
+    color_probs: torch.Tensor
+
+
+def _conv(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ShapesUnderstanding(nn.Module):
+    """A small U-Net: most work at 1/2 to 1/8 resolution, both heads at full resolution.
+
+    A 3x3 stem keeps full-resolution detail (edges, colors) for a 1x1 fusion
+    with the upsampled decoder, so the expensive convolutions never run on the
+    full grid (the model has to train in minutes on two CPU cores).
+
+    Args:
+        config: an :class:`UnderstandingConfig`.
+
+    Example:
+        >>> model = ShapesUnderstanding(UnderstandingConfig(channels=(4, 4, 4, 4)))
+        >>> shape_logits, color_logits = model(torch.rand(2, 3, 64, 64))
+        >>> tuple(shape_logits.shape), tuple(color_logits.shape)
+        ((2, 5, 64, 64), (2, 11, 64, 64))
+    """
+
+    def __init__(self, config: UnderstandingConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or UnderstandingConfig()
+        c0, c1, c2, c3 = self.config.channels
+        self.stem = _conv(3, c0)
+        self.enc1 = nn.Sequential(_conv(c0, c1, stride=2), _conv(c1, c1))
+        self.enc2 = nn.Sequential(_conv(c1, c2, stride=2), _conv(c2, c2))
+        self.enc3 = nn.Sequential(_conv(c2, c3, stride=2), _conv(c3, c3))
+        self.dec2 = _conv(c3 + c2, c2)
+        self.dec1 = _conv(c2 + c1, c1)
+        self.fuse = _conv(c1 + c0, 2 * c0, kernel=1)
+        self.shape_head = nn.Conv2d(2 * c0, 1 + len(self.config.shapes), 1)
+        self.color_head = nn.Conv2d(2 * c0, 1 + len(self.config.colors), 1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(shape [B, 1 + S, H, W], color [B, 1 + C, H, W])`` of images in [0, 1] at ``image_size``."""
+        e0 = self.stem(images * 2.0 - 1.0)
+        e1 = self.enc1(e0)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        up = lambda t, ref: F.interpolate(t, size=ref.shape[-2:], mode="nearest")  # noqa: E731
+        d2 = self.dec2(torch.cat((up(e3, e2), e2), 1))
+        d1 = self.dec1(torch.cat((up(d2, e1), e1), 1))
+        d0 = F.interpolate(d1, size=e0.shape[-2:], mode="bilinear", align_corners=False)
+        d0 = self.fuse(torch.cat((d0, e0), 1))
+        return self.shape_head(d0), self.color_head(d0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> UnderstandingOutput:
+        """Per-pixel shape-core and color probabilities of a batch.
+
+        Args:
+            images (Tensor[B, 3, H, W]): float in [0, 1], any size (resized,
+                bilinear and antialiased, to ``config.image_size``).
+
+        Returns:
+            An :class:`UnderstandingOutput` at ``config.image_size``.
+
+        Raises:
+            ValueError: images not a float ``[B, 3, H, W]`` tensor.
+        """
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 \
+                or not images.is_floating_point():
+            raise ValueError(f"ShapesUnderstanding.predict: images must be a float tensor [B, 3, H, W] in [0, 1], "
+                             f"got {getattr(images, 'shape', type(images).__name__)}")
+        x = images.to(device=self.device, dtype=next(self.parameters()).dtype)
+        size = self.config.image_size
+        if tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        was_training = self.training
+        self.eval()
+        shape_logits, color_logits = self(x.clamp(0.0, 1.0))
+        self.train(was_training)
+        return UnderstandingOutput(shape_logits.float().softmax(1)[:, 1:], color_logits.float().softmax(1))
+
+    def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
+                        extra: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (``dtype``, default float16 to stay small)."""
+        from xlard import _io
+
+        owner = "ShapesUnderstanding.save_pretrained"
+        folder = _io.make_folder(folder, owner)
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        _io.atomic_save_safetensors(folder / WEIGHTS_NAME, state, owner=owner)
+        config = {"model": self.config.to_dict(), **(extra or {})}
+        _io.atomic_write_json(folder / CONFIG_NAME, config, owner=owner, indent=1)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike | None = None, device: Any = "cpu") -> ShapesUnderstanding:
+        """Load a folder written by :meth:`save_pretrained` (default: the package data), in float32, eval mode.
+
+        Raises:
+            FileNotFoundError: the folder lacks the files (the message names the training command).
+        """
+        from safetensors.torch import load_file
+
+        folder = model_path(folder)
+        if not is_available(folder):
+            raise FileNotFoundError(f"no shapes understanding model at {folder} ({CONFIG_NAME} and {WEIGHTS_NAME} "
+                                    f"expected); train it with: {TRAIN_COMMAND}")
+        config = UnderstandingConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text())["model"])
+        model = cls(config)
+        state = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_NAME)).items()}
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+
+def model_path(path: str | os.PathLike | None = None) -> Path:
+    """The weights folder: ``path``, else ``$XLARD_SHAPES_UNDERSTANDING``, else the package data."""
+    if path is None:
+        path = os.environ.get("XLARD_SHAPES_UNDERSTANDING") or DEFAULT_PATH
+    return Path(path)
+
+
+def is_available(path: str | os.PathLike | None = None) -> bool:
+    """True when the folder holds ``config.json`` and ``model.safetensors``."""
+    folder = model_path(path)
+    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+
+
+_LOADED: dict[tuple[str, str], ShapesUnderstanding] = {}
+
+
+def load_model(path: str | os.PathLike | None = None, device: Any = "cpu") -> ShapesUnderstanding:
+    """:meth:`ShapesUnderstanding.from_pretrained`, cached per (folder, device) (the weights are read once)."""
+    key = (str(model_path(path).resolve()), str(torch.device(device)))
+    if key not in _LOADED:
+        _LOADED[key] = ShapesUnderstanding.from_pretrained(path, device)
+    return _LOADED[key]
+
+
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary erosion by ``radius`` pixels in the 8-neighbourhood (outside the image counts as empty)."""
+    out = mask.copy()
+    for _ in range(radius):
+        padded = np.pad(out, 1)
+        h, w = out.shape
+        nxt = np.ones_like(out)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                nxt &= padded[dy:dy + h, dx:dx + w]
+        out = nxt
+    return out
+
+
+def scene_targets(scene: Scene, config: UnderstandingConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The training targets of a rendered scene, from the renderer's ground truth alone.
+
+    Args:
+        scene: a :class:`xlard.shapes.world.Scene`.
+        config: the vocabulary and ``core_radius`` (default :class:`UnderstandingConfig()`).
+
+    Returns:
+        ``(shape int64 [H, W], color int64 [H, W])``: shape class (0 none,
+        ``1 + shapes.index(shape)`` on each object's core), color class (0
+        background, ``1 + colors.index(color)`` on each object's pixels).
+
+    Example:
+        >>> from xlard.shapes.world import SceneObject
+        >>> s, c = scene_targets(Scene(16, (SceneObject("square", "red", (2, 2, 8, 8)),)))
+        >>> int(s[5, 5]), int(s[2, 2]), int(c[2, 2])
+        (2, 0, 1)
+    """
+    config = config or UnderstandingConfig()
+    size = scene.image_size
+    shape = np.zeros((size, size), dtype=np.int64)
+    color = np.zeros((size, size), dtype=np.int64)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.bbox
+        mask = obj.mask()
+        if obj.color in config.colors:
+            color[y0:y1, x0:x1][mask] = 1 + config.colors.index(obj.color)
+        if obj.shape in config.shapes:
+            shape[y0:y1, x0:x1][_erode(mask, config.core_radius)] = 1 + config.shapes.index(obj.shape)
+    return shape, color

@@ -1,0 +1,500 @@
+"""Reward sources: where the CMD's spatial evidence comes from.
+
+The rewards (:class:`xlard.rewards.ExplainableRewards`) count components,
+take centroids and score colors on maps; a *source* turns a backbone's
+:class:`~xlard.backbones.base.Decoded` output (images in [0, 1], prompt
+specs, optionally the denoiser's attention) into those maps, in one batched
+forward pass:
+
+- ``"attention"``: the backbone's own text-to-image cross-attention (token
+  maps, averaged per noun) and the backbone's color encoder (or the
+  weight-free :class:`~xlard.color_features.PixelColorEncoder` on the
+  images). What xlard did before sources existed.
+- ``"shapes"``: the shapes world's trained dense understanding model
+  (:mod:`xlard.shapes.understanding`) on the decoded images: per-pixel
+  shape-core probabilities as entity maps (64x64), per-pixel color
+  distributions as patch features with one-hot color embeddings. The default
+  on the shapes backbone.
+- ``"clip"``: a dense CLIP from ``transformers`` (any CLIP checkpoint id or
+  local folder, e.g. ``openai/clip-vit-base-patch16``): the vision tower's
+  last-layer value path projected into the joint space for every patch (the
+  MaskCLIP reading), compared with the text embeddings of each noun (softmax
+  over the prompt's nouns and a background prompt) and each color word.
+
+The interface (stable; the trainer codes against it):
+
+- ``RewardSource``: ``name: str``; ``needs_attention: bool`` (False: build
+  the backbone with ``capture=False``, see :meth:`RewardSource.backbone_options`);
+  ``__call__(decoded) -> dict`` of keyword arguments for
+  ``ExplainableRewards.__call__`` (``specs`` plus ``token_maps`` or
+  ``entity_maps``/``entity_available``, and ``patch_features``/
+  ``color_embeddings`` for the color reward); ``reward_config() ->
+  RewardConfig`` the thresholds this source's maps are meant to be read with.
+- ``get_source(name, backbone=None, **options) -> RewardSource``.
+- ``default_source_for(backbone) -> str``: ``"shapes"`` for the shapes
+  backbone (or the name ``"shapes"``), else ``"attention"``.
+- ``score(decoded, source, rewards=None, explain=True) -> RewardResult``:
+  the source's forward pass, then the rewards (``rewards=None``: an
+  ``ExplainableRewards(source.reward_config())``); the result and every
+  explanation name the source (``result.source``).
+
+Example:
+    >>> from xlard.sources import get_source, default_source_for, score
+    >>> source = get_source(default_source_for(backbone), backbone)        # doctest: +SKIP
+    >>> rewards = ExplainableRewards(source.reward_config())               # doctest: +SKIP
+    >>> result = score(backbone.generate(prompts, seed=0).decoded, source, rewards)   # doctest: +SKIP
+    >>> print(result.explanations[0].text())    # '"a photo of ..." (judged by the shapes source)' ...
+"""
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from xlard.color_features import ClipColorEncoder, ColorFeatureEncoder, PatchFeatures, PixelColorEncoder
+from xlard.prompts import PromptSpec, singularize
+from xlard.rewards import ExplainableRewards, RewardConfig, RewardResult
+
+__all__ = ["RewardSource", "AttentionSource", "ShapesSource", "ClipSource", "SOURCES", "get_source",
+           "default_source_for", "score"]
+
+#: The names :func:`get_source` knows.
+SOURCES = ("attention", "shapes", "clip")
+
+
+def _decoded_parts(decoded: Any, who: str) -> tuple[torch.Tensor, tuple[PromptSpec, ...]]:
+    images = getattr(decoded, "images", None)
+    specs = getattr(decoded, "specs", None)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{who}: decoded.images must be a float tensor [B, 3, H, W] in [0, 1] (a "
+                         f"xlard.backbones.Decoded), got {getattr(images, 'shape', type(images).__name__)}")
+    if specs is None or len(specs) != images.shape[0] or not all(isinstance(s, PromptSpec) for s in specs):
+        raise ValueError(f"{who}: decoded.specs must hold one PromptSpec per image ({images.shape[0]}), got "
+                         f"{type(specs).__name__} of {len(specs) if specs is not None else 0}")
+    return images.float(), tuple(specs)
+
+
+def _batch_colors(specs: Sequence[PromptSpec]) -> list[str]:
+    return sorted({e.color for s in specs for e in s.entities if e.color is not None})
+
+
+class RewardSource(abc.ABC):
+    """Decoded images (and prompt specs) -> the inputs of the rewards.
+
+    Attributes:
+        name: the source's name (recorded in rewards and explanations).
+        needs_attention: whether it reads ``decoded.token_maps`` (False: the
+            backbone may skip attention capture).
+    """
+
+    name: str = "source"
+    needs_attention: bool = False
+
+    @abc.abstractmethod
+    def __call__(self, decoded: Any) -> dict[str, Any]:
+        """Keyword arguments for :meth:`xlard.rewards.ExplainableRewards.__call__`.
+
+        Args:
+            decoded: a :class:`xlard.backbones.base.Decoded` (``images``,
+                ``specs``; ``token_maps`` and ``segment_offsets`` for the
+                attention source).
+
+        Returns:
+            A dict with ``specs`` and the maps/features of this source.
+        """
+
+    def reward_config(self, **overrides: Any) -> RewardConfig:
+        """The :class:`RewardConfig` this source's maps are meant to be read with (overrides applied)."""
+        return RewardConfig(**overrides)
+
+    def backbone_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``DiffusersBackbone.from_pretrained`` that suit this source.
+
+        ``{"capture": False}`` when the source never reads attention (decoding
+        then skips the attention hooks), else ``{}``.
+        """
+        return {} if self.needs_attention else {"capture": False}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class AttentionSource(RewardSource):
+    """The backbone's cross-attention maps and color encoder (xlard's original reward inputs).
+
+    Args:
+        color_encoder: encodes ``decoded.images`` for the color reward when the
+            backbone attached no ``patch_features``; default the backbone's own
+            ``color_encoder``, else a :class:`PixelColorEncoder`.
+        backbone: optional; its ``color_encoder`` is used when set.
+    """
+
+    name = "attention"
+    needs_attention = True
+
+    def __init__(self, color_encoder: ColorFeatureEncoder | None = None, backbone: Any = None) -> None:
+        backbone_encoder = getattr(backbone, "color_encoder", None)
+        if color_encoder is None:
+            color_encoder = backbone_encoder
+        # decoded.patch_features come from the backbone's encoder: reuse them only when
+        # the color embeddings come from that same encoder.
+        self._reuse_features = color_encoder is not None and color_encoder is backbone_encoder
+        if color_encoder is not None and not isinstance(color_encoder, ColorFeatureEncoder):
+            raise ValueError(f"AttentionSource: color_encoder must have encode_images and embed_colors, got "
+                             f"{type(color_encoder).__name__}")
+        self.color_encoder = color_encoder if color_encoder is not None else PixelColorEncoder()
+
+    def __call__(self, decoded: Any) -> dict[str, Any]:
+        images, specs = _decoded_parts(decoded, "attention source")
+        maps = getattr(decoded, "token_maps", None)
+        if maps is None:
+            raise ValueError("attention source: decoded.token_maps is None (the backbone was built with "
+                             "capture=False); build it with attention capture, or use the 'shapes'/'clip' source")
+        inputs: dict[str, Any] = {"specs": specs, "token_maps": maps,
+                                  "segment_offsets": dict(getattr(decoded, "segment_offsets", None) or {})}
+        features = getattr(decoded, "patch_features", None) if self._reuse_features else None
+        inputs["patch_features"] = features if features is not None else self.color_encoder.encode_images(images)
+        colors = _batch_colors(specs)
+        if colors:
+            inputs["color_embeddings"] = dict(zip(colors, self.color_encoder.embed_colors(colors)))
+        return inputs
+
+
+class ShapesSource(RewardSource):
+    """The shapes world's dense understanding model as the rewards' eyes.
+
+    Entity maps are the per-pixel probabilities that a pixel is the core of
+    an object of the entity's noun ([B, E, 64, 64]); patch features are the
+    per-pixel color distributions (background first) on the same grid, and a
+    color's embedding is its one-hot vector, so a pixel's color score is
+    ``p(color) / ||p||``. Read with :meth:`reward_config`: an absolute 0.5
+    threshold (probabilities, not relative attention), a small minimum area
+    (cores of small objects) and colors bound to the entity's region.
+
+    Objects of the world are flat and one-colored. A found object (a
+    connected component of a noun's map above 0.5) whose pixels the color
+    head splits between colors (its most frequent color covering less than
+    ``purity`` of its pixels: two-tone blobs, two objects fused into one) is
+    not counted as an object of the world: its pixels are zeroed in the map.
+    Nor is one whose mean probability is below ``confidence`` (a blob that is
+    not clearly that shape). Both cut-offs were set on training-split samples.
+
+    Args:
+        model: a :class:`xlard.shapes.understanding.ShapesUnderstanding`
+            (default: the shipped weights, loaded once).
+        path: a weights folder instead of the shipped one.
+        device: where to run (default: the model's device, or the CPU).
+        purity: the share of a found object's pixels its main color must
+            cover for it to count (0 disables the check).
+        confidence: the mean shape probability a found object needs to count
+            (0 disables the check).
+
+    Raises:
+        FileNotFoundError: no weights (the message names the training command).
+        ValueError: a bad ``model`` or ``purity``.
+    """
+
+    name = "shapes"
+    needs_attention = False
+
+    def __init__(self, model: Any = None, *, path: str | os.PathLike | None = None, device: Any = None,
+                 purity: float = 0.6, confidence: float = 0.7) -> None:
+        from xlard.shapes import understanding
+
+        for label, value in (("purity", purity), ("confidence", confidence)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"ShapesSource: {label} must be a number in [0, 1], got {value!r}")
+        self.purity = float(purity)
+        self.confidence = float(confidence)
+
+        if model is None:
+            model = understanding.load_model(path, device or "cpu")
+        elif not isinstance(model, understanding.ShapesUnderstanding):
+            raise ValueError(f"ShapesSource: model must be a ShapesUnderstanding, got {type(model).__name__}")
+        elif device is not None:
+            model = model.to(device)
+        self.model = model
+        cfg = model.config
+        self._noun_index = {noun: k for k, noun in enumerate(cfg.shapes)}
+        self._color_embeddings = {c: F.one_hot(torch.tensor(k + 1), 1 + len(cfg.colors)).float()
+                                  for k, c in enumerate(cfg.colors)}
+
+    def reward_config(self, **overrides: Any) -> RewardConfig:
+        """Absolute 0.5 threshold, components of at least 8 pixels (of 64x64), colors bound to the entity."""
+        settings = dict(threshold=0.5, threshold_mode="absolute", min_area=8, bind_color=True, bind_min_coverage=0.5)
+        settings.update(overrides)
+        return RewardConfig(**settings)
+
+    def noun_index(self, noun: str) -> int | None:
+        """Index of ``noun`` (singular or plural) in the model's shapes, None when unknown."""
+        for form in (noun, singularize(noun)):
+            if form in self._noun_index:
+                return self._noun_index[form]
+        return None
+
+    def drop_mixed_objects(self, maps: torch.Tensor, color_probs: torch.Tensor) -> torch.Tensor:
+        """Zero the found objects whose pixels are not mostly one color (see the class docstring).
+
+        Args:
+            maps (Tensor[B, E, H, W]): entity maps (probabilities).
+            color_probs (Tensor[B, 1 + C, H, W]): the color head's distributions.
+
+        Returns:
+            The maps with every component (8-connected, > 0.5) whose main
+            color covers less than ``purity`` of its colored pixels zeroed.
+        """
+        from xlard import ops
+
+        b, e, h, w = maps.shape
+        labels, _ = ops.label_components(maps.float(), threshold=0.5, mode="absolute", min_area=1, connectivity=8)
+        labels = labels.long()
+        n_labels = int(labels.max()) + 1
+        n_colors = color_probs.shape[1] - 1
+        color = color_probs[:, 1:].argmax(1)  # [B, H, W]
+        colored = (color_probs[:, 0] < 0.5)[:, None].expand(b, e, h, w)
+        slot = torch.arange(b * e, device=maps.device).view(b, e, 1, 1) * n_labels + labels
+        key = (slot * n_colors + color[:, None]).masked_select(colored & (labels > 0))
+        hist = torch.zeros(b * e * n_labels * n_colors, device=maps.device).scatter_add_(
+            0, key, torch.ones_like(key, dtype=torch.float32)).view(b * e * n_labels, n_colors)
+        total = hist.sum(-1)
+        pure = (hist.max(-1).values >= self.purity * total) | (total == 0)
+        if self.confidence > 0:  # components whose mean probability is low: not clearly this shape
+            flat = slot.expand(b, e, h, w).flatten()
+            mass = torch.zeros(b * e * n_labels, device=maps.device).scatter_add_(0, flat, maps.float().flatten())
+            size = torch.zeros(b * e * n_labels, device=maps.device).scatter_add_(
+                0, flat, torch.ones_like(maps, dtype=torch.float32).flatten())
+            pure = pure & (mass >= self.confidence * size.clamp(min=1))
+        keep = pure[slot.flatten()].view(b, e, h, w) | (labels == 0)
+        return torch.where(keep, maps, maps.new_zeros(()))
+
+    def __call__(self, decoded: Any) -> dict[str, Any]:
+        images, specs = _decoded_parts(decoded, "shapes source")
+        unknown = [c for c in _batch_colors(specs) if c not in self._color_embeddings]
+        if unknown:
+            raise ValueError(f"shapes source: colors {unknown} are not in the shapes world's colors "
+                             f"{tuple(self._color_embeddings)}")
+        out = self.model.predict(images)
+        b, _, h, w = out.shape_probs.shape
+        e_max = max([len(s.entities) for s in specs] + [1])
+        index = torch.zeros(b, e_max, dtype=torch.int64)
+        available = torch.zeros(b, e_max, dtype=torch.bool)
+        for i, spec in enumerate(specs):
+            for j, entity in enumerate(spec.entities):
+                k = self.noun_index(entity.noun)
+                if k is not None:
+                    index[i, j], available[i, j] = k, True
+        index, available = index.to(out.shape_probs.device), available.to(out.shape_probs.device)
+        maps = out.shape_probs.gather(1, index[:, :, None, None].expand(b, e_max, h, w))
+        maps = torch.where(available[:, :, None, None], maps, maps.new_zeros(()))
+        if self.purity > 0 or self.confidence > 0:
+            maps = self.drop_mixed_objects(maps, out.color_probs)
+        features = out.color_probs.flatten(2).transpose(1, 2)  # [B, H*W, 1 + C], row-major pixels
+        colors = _batch_colors(specs)
+        return {"specs": specs, "entity_maps": maps, "entity_available": available,
+                "patch_features": PatchFeatures(features, (h, w)),
+                "color_embeddings": {c: self._color_embeddings[c].to(features.device) for c in colors}}
+
+
+class ClipSource(RewardSource):
+    """Dense CLIP maps (MaskCLIP reading) for real backbones.
+
+    Patch features: each patch token's last-layer value path (``v_proj`` then
+    ``out_proj`` on the normalized input, no attention mixing), through
+    ``post_layernorm`` and ``visual_projection`` into the joint space
+    (:class:`xlard.color_features.ClipColorEncoder` with ``dense="values"``).
+    An entity's map is, per patch, the softmax over the batch prompt's nouns
+    and a background prompt of ``logit_scale * cos(patch, text)``; colors
+    are scored by the rewards as cosines between patch features and the
+    color prompts' text embeddings.
+
+    Args:
+        model: a ``transformers.CLIPModel``.
+        tokenizer: its tokenizer.
+        noun_template: text for a noun, with ``{}``.
+        color_template: text for a color, with ``{}``.
+        background: the text of the background class.
+        image_mean, image_std: normalization (default OpenAI CLIP's).
+
+    Example:
+        >>> source = ClipSource.from_pretrained("openai/clip-vit-base-patch16")   # doctest: +SKIP
+    """
+
+    name = "clip"
+    needs_attention = False
+
+    def __init__(self, model: Any, tokenizer: Any, *, noun_template: str = "a photo of a {}.",
+                 color_template: str = "a photo of a {} object", background: str = "a photo of the background.",
+                 image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None) -> None:
+        if "{}" not in noun_template:
+            raise ValueError(f"ClipSource: noun_template must contain '{{}}', got {noun_template!r}")
+        self.encoder = ClipColorEncoder(model, tokenizer, template=color_template, image_mean=image_mean,
+                                        image_std=image_std, dense="values")
+        self.model, self.tokenizer = self.encoder.model, tokenizer
+        self.noun_template, self.background = noun_template, background
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, device: Any = None, dtype: torch.dtype | None = None,
+                        **kwargs: Any) -> ClipSource:
+        """Load a CLIP checkpoint (hub id or local folder) and its tokenizer; ``kwargs`` go to :class:`ClipSource`."""
+        encoder = ClipColorEncoder.from_pretrained(str(model), dense="values", device=device, dtype=dtype)
+        return cls(encoder.model, encoder.tokenizer, image_mean=encoder.image_mean, image_std=encoder.image_std,
+                   **kwargs)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Projected text embeddings ``[K, D]`` (float32), cached per text."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if todo:
+            device = self.encoder.device
+            tokens = self.tokenizer(todo, padding=True, return_tensors="pt")
+            tokens = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+            pooled = self.model.text_model(**tokens).pooler_output
+            self._text_cache.update(zip(todo, self.model.text_projection(pooled).float()))
+        return torch.stack([self._text_cache[t] for t in texts])
+
+    def __call__(self, decoded: Any) -> dict[str, Any]:
+        images, specs = _decoded_parts(decoded, "clip source")
+        patches = self.encoder.encode_images(images)
+        features = patches.features  # [B, N, D]
+        gh, gw = patches.grid
+        b = features.shape[0]
+        nouns = sorted({e.noun for s in specs for e in s.entities})
+        e_max = max([len(s.entities) for s in specs] + [1])
+        maps = features.new_zeros(b, e_max, gh, gw)
+        available = torch.zeros(b, e_max, dtype=torch.bool, device=features.device)
+        if nouns:
+            texts = [self.background] + [self.noun_template.format(n) for n in nouns]
+            text = F.normalize(self.embed_texts(texts).to(features.device), dim=-1)
+            scale = self.model.logit_scale.exp().float()
+            logits = scale * F.normalize(features, dim=-1) @ text.T  # [B, N, 1 + nouns]
+            column = {n: 1 + k for k, n in enumerate(nouns)}
+            for i, spec in enumerate(specs):
+                if not spec.entities:
+                    continue
+                cols = [0] + sorted({column[e.noun] for e in spec.entities})
+                probs = logits[i][:, cols].softmax(-1)  # this prompt's nouns vs background
+                for j, entity in enumerate(spec.entities):
+                    maps[i, j] = probs[:, cols.index(column[entity.noun])].view(gh, gw)
+                    available[i, j] = True
+        colors = _batch_colors(specs)
+        inputs: dict[str, Any] = {"specs": specs, "entity_maps": maps, "entity_available": available,
+                                  "patch_features": patches}
+        if colors:
+            inputs["color_embeddings"] = dict(zip(colors, self.encoder.embed_colors(colors)))
+        return inputs
+
+
+def _is_shapes_backbone(backbone: Any) -> bool:
+    if isinstance(backbone, str):
+        return backbone == "shapes"
+    pipeline = getattr(backbone, "pipeline", None)
+    where = getattr(pipeline, "name_or_path", None) or getattr(getattr(pipeline, "config", None),
+                                                                "_name_or_path", None)
+    if not where:
+        return False
+    from xlard.shapes import backbone as shapes_backbone
+
+    try:
+        return Path(where).resolve() == shapes_backbone.backbone_path().resolve()
+    except OSError:
+        return False
+
+
+def default_source_for(backbone: Any) -> str:
+    """``"shapes"`` for the shapes-world backbone (a loaded one, or the name ``"shapes"``), else ``"attention"``.
+
+    Example:
+        >>> default_source_for("shapes"), default_source_for("runwayml/stable-diffusion-v1-5")
+        ('shapes', 'attention')
+    """
+    return "shapes" if _is_shapes_backbone(backbone) else "attention"
+
+
+def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
+    """Build a reward source by name.
+
+    Args:
+        name: ``"attention"``, ``"shapes"`` or ``"clip"`` (see the module docstring).
+        backbone: the backbone the source serves (optional): the attention
+            source takes its ``color_encoder``; the others their device.
+        **options: per source. attention: ``color_encoder``. shapes:
+            ``path`` (a weights folder), ``model``, ``device``, ``purity``. clip:
+            ``model`` (hub id, local folder, or a loaded ``CLIPModel`` with
+            ``tokenizer=``), ``device``, ``dtype``, ``noun_template``,
+            ``color_template``, ``background``.
+
+    Returns:
+        A :class:`RewardSource`.
+
+    Raises:
+        ValueError: an unknown name or option, or a missing required option.
+
+    Example:
+        >>> get_source("attention").name
+        'attention'
+    """
+    allowed = {"attention": {"color_encoder"}, "shapes": {"path", "model", "device", "purity", "confidence"},
+               "clip": {"model", "tokenizer", "device", "dtype", "noun_template", "color_template", "background"}}
+    if name not in allowed:
+        raise ValueError(f"get_source: unknown source {name!r}; expected one of {SOURCES}")
+    unknown = sorted(set(options) - allowed[name])
+    if unknown:
+        raise ValueError(f"get_source({name!r}): unknown options {unknown}; it takes {sorted(allowed[name])}")
+    device = options.pop("device", None) or getattr(backbone, "device", None)
+    if name == "attention":
+        return AttentionSource(options.get("color_encoder"), backbone=backbone)
+    if name == "shapes":
+        return ShapesSource(options.get("model"), path=options.get("path"), device=device,
+                            **{k: options[k] for k in ("purity", "confidence") if k in options})
+    model = options.pop("model", None)
+    if model is None:
+        raise ValueError("get_source('clip'): pass model= (a CLIP checkpoint id such as "
+                         "'openai/clip-vit-base-patch16', a local folder, or a CLIPModel with tokenizer=)")
+    tokenizer = options.pop("tokenizer", None)
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is not None:
+            raise ValueError("get_source('clip'): tokenizer= goes with a loaded CLIPModel, not a checkpoint id")
+        return ClipSource.from_pretrained(model, device=device, dtype=options.pop("dtype", None), **options)
+    if tokenizer is None:
+        raise ValueError("get_source('clip'): a loaded CLIPModel needs tokenizer=")
+    options.pop("dtype", None)
+    if device is not None:
+        model = model.to(device)
+    return ClipSource(model, tokenizer, **options)
+
+
+def score(decoded: Any, source: RewardSource, rewards: ExplainableRewards | None = None,
+          explain: bool = True) -> RewardResult:
+    """Judge a decoded batch with a source and the rewards; the result names the source.
+
+    Args:
+        decoded: a :class:`xlard.backbones.base.Decoded`.
+        source: a :class:`RewardSource` (see :func:`get_source`).
+        rewards: the :class:`ExplainableRewards` to apply; default one built
+            with ``source.reward_config()``.
+        explain: build the per-prompt explanations.
+
+    Returns:
+        A :class:`xlard.rewards.RewardResult` with ``source`` set (and each
+        explanation's ``source``).
+
+    Raises:
+        ValueError: a non-source, or what the source or the rewards raise.
+    """
+    if not isinstance(source, RewardSource):
+        raise ValueError(f"score: source must be a RewardSource (xlard.sources.get_source), got "
+                         f"{type(source).__name__}")
+    if rewards is None:
+        rewards = ExplainableRewards(source.reward_config())
+    elif not isinstance(rewards, ExplainableRewards):
+        raise ValueError(f"score: rewards must be an ExplainableRewards, got {type(rewards).__name__}")
+    with torch.no_grad():
+        inputs = source(decoded)
+        return rewards(**inputs, explain=explain, source=source.name)
+
