@@ -102,7 +102,9 @@ _SANDBOX = textwrap.dedent("""
             self.finder = finder
 
         def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] not in _visible:
+            top = name.partition(".")[0]
+            # sysconfig's per-platform data module is stdlib but not in sys.stdlib_module_names.
+            if top not in _visible and not top.startswith("_sysconfigdata"):
                 return None
             find = getattr(self.finder, "find_spec", None)
             return None if find is None else find(name, path, target)
