@@ -12,6 +12,7 @@ number of processes (:func:`xlard.train.ppo.minibatch_layout`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -70,7 +71,8 @@ class ProjectorBuffer:
 
 
 def fit_projector(model, projector, optimizer, buffer: ProjectorBuffer, epochs: int, minibatches: int,
-                  generator: torch.Generator, device, max_grad_norm: float = 1.0) -> dict:
+                  generator: torch.Generator, device, max_grad_norm: float = 1.0,
+                  all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, world_size: int = 1) -> dict:
     """Fit R_phi and its confidence head on the buffer.
 
     Args:
@@ -84,6 +86,12 @@ def fit_projector(model, projector, optimizer, buffer: ProjectorBuffer, epochs: 
             (seeded identically on every process).
         device: where the model lives.
         max_grad_norm: gradient clipping (0 = off).
+        all_sum: sums a tensor over the processes (None: one process).
+        world_size: number of processes. The projector's loss is a mean over a
+            minibatch's present (row, aspect) entries; with several processes
+            each local loss is rescaled by ``local entries * world / global
+            entries`` so that DDP's gradient average equals the gradient of the
+            global mean, whatever the split.
 
     Returns:
         ``{"loss", "mse_count", "mse_color", "mse_position", "updates"}`` averaged over the fit
@@ -99,9 +107,15 @@ def fit_projector(model, projector, optimizer, buffer: ProjectorBuffer, epochs: 
             for rows in minibatch_layout(slot.global_index, minibatches, keys):
                 pred = model(slot.z[rows].to(device), slot.text_tokens[rows].to(device), slot.pooled[rows].to(device),
                              slot.text_mask[rows].to(device), slot.present[rows].to(device))
-                result = projector.loss(pred, slot.target[rows].to(device), slot.present[rows].to(device))
+                present = slot.present[rows].to(device)
+                result = projector.loss(pred, slot.target[rows].to(device), present)
+                loss = result.loss
+                if all_sum is not None and world_size > 1:
+                    local = present.sum().to("cpu", torch.float64).reshape(1)
+                    factor = local.clamp_min(1.0) * world_size / all_sum(local).cpu().clamp_min(1.0)
+                    loss = loss * factor.to(loss.device, loss.dtype).squeeze()
                 optimizer.zero_grad(set_to_none=True)
-                result.loss.backward()
+                loss.backward()
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(projector.parameters(), max_grad_norm)
                 optimizer.step()

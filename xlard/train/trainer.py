@@ -304,7 +304,8 @@ class Trainer:
     def _fit(self, epochs: int, *purpose) -> dict:
         gen = derived_generator(self.cfg.seed, "projector-fit", *purpose)
         return fit_projector(self.projector_model, self.projector, self.projector_opt, self.buffer, epochs,
-                             self.cfg.projector.minibatches, gen, self.device, self.cfg.optim.max_grad_norm)
+                             self.cfg.projector.minibatches, gen, self.device, self.cfg.optim.max_grad_norm,
+                             all_sum=self._all_sum if self.distributed else None, world_size=self.world)
 
     def warm_start(self) -> dict:
         """Fill R_phi's buffer with perturbed latents around z0 and fit it (before the first PPO step)."""
@@ -598,8 +599,28 @@ class Trainer:
     def _rank_state(self) -> dict:
         return {"buffer": self.buffer.state_dict(), "refs": dict(self.refs), "rng": ckpt.rng_state()}
 
-    def save(self, timer: _Timer | None = None) -> Path | None:
-        """Write a checkpoint of everything (rank 0 writes; every rank contributes its buffer and RNGs)."""
+    def replica_difference(self) -> float:
+        """Largest difference between this process's corrector and projector weights and rank 0's (0 = identical)."""
+        if not self.distributed:
+            return 0.0
+        flat = torch.cat([p.detach().double().flatten() for m in (self.corrector, self.projector)
+                          for p in m.state_dict().values()]).to(self.device)
+        reference = flat.clone()
+        dist.broadcast(reference, src=0)
+        diff = (flat - reference).abs().max().reshape(1)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        return float(diff)
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of everything (rank 0 writes; every rank contributes its buffer and RNGs).
+
+        Raises:
+            RuntimeError: the processes' models have drifted apart (DDP replicas must stay identical).
+        """
+        drift = self.replica_difference()
+        if drift != 0.0:
+            raise RuntimeError(f"step {self.step}: the replicas' weights differ by up to {drift:.3g}; "
+                               "distributed training lost synchronisation")
         local = self._rank_state()
         if self.distributed:
             gathered = [None] * self.world if self.is_main else None
@@ -679,7 +700,8 @@ class Trainer:
                     bar.update(1)
         if bar is not None:
             bar.close()
-        summary = {"steps": self.step, "out": str(self.out)}
+        summary = {"steps": self.step, "out": str(self.out), "world_size": self.world,
+                   "replica_max_difference": self.replica_difference()}
         if self.is_main:
             summary.update(self.export())
             if cfg.log.curve and self.log.rows:
