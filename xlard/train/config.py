@@ -85,6 +85,9 @@ class BackboneSettings:
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda:LOCAL_RANK when CUDA is
             available, else cpu).
         dtype: the pipeline's dtype, ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        options: more keyword arguments of
+            :meth:`xlard.backbones.DiffusersBackbone.from_pretrained`
+            (``height``, ``width``, ``max_sequence_length``, ``negative_prompt``, ...).
     """
 
     name: str = "shapes"
@@ -93,9 +96,16 @@ class BackboneSettings:
     guidance_scale: float | None = None
     device: str = "auto"
     dtype: str = "float32"
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         o = "backbone"
+        _mapping(o, "options", self.options)
+        bad = sorted({"correction_step", "num_inference_steps", "guidance_scale", "device", "torch_dtype", "capture"}
+                     & set(self.options))
+        if bad:
+            raise ValueError(f"train config: backbone.options must not set {bad} (they are backbone fields, or fixed "
+                             "by the trainer)")
         _str(o, "name", self.name)
         _real(o, "correction_step", self.correction_step, 0.0, 1.0, low_open=True)
         _int(o, "num_inference_steps", self.num_inference_steps, 1, optional=True)

@@ -59,7 +59,8 @@ def load_backbone(settings, device: torch.device):
     from xlard.backbones import DiffusersBackbone
 
     dtype = getattr(torch, settings.dtype)
-    kwargs: dict[str, Any] = {"correction_step": settings.correction_step, "torch_dtype": dtype, "device": device}
+    kwargs: dict[str, Any] = {"correction_step": settings.correction_step, "torch_dtype": dtype, "device": device,
+                              **settings.options}
     steps, guidance = settings.num_inference_steps, settings.guidance_scale
     path = settings.name
     if settings.name == "shapes":
