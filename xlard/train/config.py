@@ -304,7 +304,9 @@ class ProjectorSettings:
         warmup_epochs: fit passes over the buffer after the warm start.
         refresh_every: decode and score the policy's samples every N steps
             (R_phi scores the others without decoding); 1 = every step.
-        refresh_epochs: fit passes over the buffer after each refresh.
+        refresh_epochs: fit passes after each refresh, over the new batch and
+            ``refresh_replay`` random older batches of the buffer.
+        refresh_replay: older buffer batches replayed per refresh.
         minibatches: minibatches per rollout batch in a fit pass.
         buffer_batches: rollout batches kept (FIFO) for fitting.
     """
@@ -316,6 +318,7 @@ class ProjectorSettings:
     warmup_epochs: int = 10
     refresh_every: int = 1
     refresh_epochs: int = 2
+    refresh_replay: int = 1
     minibatches: int = 2
     buffer_batches: int = 16
 
@@ -328,6 +331,7 @@ class ProjectorSettings:
         _int(o, "warmup_epochs", self.warmup_epochs, 0)
         _int(o, "refresh_every", self.refresh_every, 1)
         _int(o, "refresh_epochs", self.refresh_epochs, 0)
+        _int(o, "refresh_replay", self.refresh_replay, 0)
         _int(o, "minibatches", self.minibatches, 1)
         _int(o, "buffer_batches", self.buffer_batches, 1)
 

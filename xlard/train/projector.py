@@ -70,7 +70,8 @@ class ProjectorBuffer:
         self.slots = [Slot(**s) for s in state["slots"]]
 
 
-def fit_projector(model, projector, optimizer, buffer: ProjectorBuffer, epochs: int, minibatches: int,
+def fit_projector(model, projector, optimizer, buffer: ProjectorBuffer, epochs: int, slots: list[int] | None,
+                  minibatches: int,
                   generator: torch.Generator, device, max_grad_norm: float = 1.0,
                   all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, world_size: int = 1) -> dict:
     """Fit R_phi and its confidence head on the buffer.
@@ -80,7 +81,8 @@ def fit_projector(model, projector, optimizer, buffer: ProjectorBuffer, epochs: 
         projector: the :class:`xlard.models.LatentRewardProjector` (for ``loss``).
         optimizer: its optimiser.
         buffer: the data.
-        epochs: passes over the buffer.
+        epochs: passes over the chosen slots.
+        slots: buffer positions to fit on (None: all).
         minibatches: minibatches per slot.
         generator: CPU generator for the slot order and the minibatch layouts
             (seeded identically on every process).
@@ -100,8 +102,9 @@ def fit_projector(model, projector, optimizer, buffer: ProjectorBuffer, epochs: 
     total, mse, updates = 0.0, torch.zeros(3, dtype=torch.float64), 0
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(buffer), generator=generator).tolist()
-        for si in order:
+        chosen = list(range(len(buffer))) if slots is None else list(slots)
+        order = torch.randperm(len(chosen), generator=generator).tolist()
+        for si in (chosen[i] for i in order):
             slot = buffer.slots[si]
             keys = torch.rand(slot.global_size, generator=generator)
             for rows in minibatch_layout(slot.global_index, minibatches, keys):

@@ -1,8 +1,10 @@
 """Rollouts: encode a batch of items, sample G corrections per z0, and the policy module PPO differentiates.
 
 - :func:`encode_items` runs the frozen backbone up to the correction point for
-  a batch, each item repeated ``group_size`` times (same prompt, same seed, so
-  the same z0), so that one decode call serves the whole rollout batch.
+  a batch of items, once per item; :func:`prompt_inputs` repeats each item's
+  z0 and e_p ``group_size`` times (item-major rows), and
+  :func:`decode_groups` decodes the G samples of every item with G decode calls
+  on the same state, so encoding never repeats work.
 - :func:`sample_rollouts` draws the corrections with
   :func:`xlard.ops.sample_correction`, computing the policy's forward passes in
   the minibatches of the first PPO epoch so that the update's first minibatch
@@ -20,8 +22,8 @@ from torch import nn
 
 from xlard import ops as xops
 
-__all__ = ["derived_generator", "encode_items", "PromptInputs", "prompt_inputs", "Rollouts", "sample_rollouts",
-           "PolicyStep"]
+__all__ = ["derived_generator", "encode_items", "decode_groups", "GroupResult", "PromptInputs", "prompt_inputs",
+           "Rollouts", "sample_rollouts", "PolicyStep"]
 
 
 def derived_generator(seed: int, *parts) -> torch.Generator:
@@ -35,14 +37,54 @@ def derived_generator(seed: int, *parts) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def encode_items(backbone, items: Sequence, group_size: int):
-    """Encode ``items`` (each repeated ``group_size`` times, adjacent) with their own seeds."""
-    specs, seeds = [], []
-    for item in items:
-        spec = item.spec()
-        specs += [spec] * group_size
-        seeds += [int(item.seed)] * group_size
-    return backbone.encode(specs, seed=seeds)
+def encode_items(backbone, items: Sequence):
+    """Encode ``items`` with their own seeds (one generator per item, so a z0 does not depend on the batch)."""
+    return backbone.encode([item.spec() for item in items], seed=[int(item.seed) for item in items])
+
+
+class GroupResult(NamedTuple):
+    """The reward fields the trainer uses, for item-major rollout rows (``scores`` NaN where absent)."""
+
+    scores: torch.Tensor
+    present: torch.Tensor
+    joint: torch.Tensor
+
+
+def decode_groups(backbone, reward_fn, state, z: torch.Tensor, group_size: int, timer=None):
+    """Decode and score ``z`` (rows item-major: item i's sample g at ``i * G + g``) with G decode calls.
+
+    Args:
+        backbone: the backbone that encoded ``state`` (one row per item).
+        reward_fn: ``Decoded -> RewardResult``.
+        state: the items' :class:`BackboneState`.
+        z (Tensor[items * G, C, H, W]): latents to decode.
+        group_size: G.
+        timer: optional ``timer(phase)`` context factory ("decode", "reward").
+
+    Returns:
+        (list of the G :class:`Decoded`, :class:`GroupResult` in row order).
+    """
+    from contextlib import nullcontext
+
+    span = timer if timer is not None else (lambda phase: nullcontext())
+    n = state.z0.shape[0]
+    if z.shape[0] != n * group_size:
+        raise ValueError(f"decode_groups: z has {z.shape[0]} rows, expected items x G = {n} x {group_size}")
+    decoded, parts = [], []
+    for g in range(group_size):
+        rows = torch.arange(n, device=z.device) * group_size + g
+        with span("decode"):
+            d = backbone.decode(state, z[rows].to(state.z0.device, state.z0.dtype))
+        with span("reward"):
+            r = reward_fn(d)
+        decoded.append(d)
+        parts.append(r)
+    order = torch.argsort(torch.cat([torch.arange(n) * group_size + g for g in range(group_size)]))
+
+    def gather(name):
+        return torch.cat([getattr(r, name).detach().cpu() for r in parts])[order]
+
+    return decoded, GroupResult(gather("scores").float(), gather("present"), gather("joint").float())
 
 
 class PromptInputs(NamedTuple):
@@ -55,12 +97,13 @@ class PromptInputs(NamedTuple):
     aspect_mask: torch.Tensor
 
 
-def prompt_inputs(state, device) -> PromptInputs:
-    """Float32 corrector inputs from a :class:`xlard.backbones.BackboneState`."""
+def prompt_inputs(state, device, group_size: int = 1) -> PromptInputs:
+    """Float32 corrector inputs from a :class:`xlard.backbones.BackboneState`, each row repeated ``group_size`` times."""
     emb = state.prompt_embedding
     mask = torch.tensor([spec.aspect_mask() for spec in state.specs], dtype=torch.bool, device=device)
-    return PromptInputs(state.z0.to(device, torch.float32), emb.tokens.to(device, torch.float32),
-                        emb.pooled.to(device, torch.float32), emb.mask.to(device), mask)
+    parts = (state.z0.to(device, torch.float32), emb.tokens.to(device, torch.float32),
+             emb.pooled.to(device, torch.float32), emb.mask.to(device), mask)
+    return PromptInputs(*(t.repeat_interleave(group_size, dim=0) if group_size > 1 else t for t in parts))
 
 
 class Rollouts(NamedTuple):

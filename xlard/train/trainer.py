@@ -46,12 +46,12 @@ from xlard.train.data import MONITOR_SEED_BASE, EncodeCache, Item, PromptData, l
 from xlard.train.metrics import MetricsLog, draw_curves
 from xlard.train.projector import ProjectorBuffer, Slot, fit_projector
 from xlard.train.rewarding import build_reward_fn
-from xlard.train.rollout import PolicyStep, derived_generator, encode_items, prompt_inputs, sample_rollouts
+from xlard.train.rollout import (PolicyStep, decode_groups, derived_generator, encode_items, prompt_inputs,
+                                 sample_rollouts)
 
 __all__ = ["train", "Trainer", "load_backbone"]
 
-_PHASES = ("encode", "sample", "score", "decode", "reward", "update", "projector", "monitor", "evaluate",
-           "checkpoint")
+_PHASES = ("encode", "sample", "score", "decode", "reward", "update", "projector", "monitor", "evaluate")
 
 
 def load_backbone(settings, device: torch.device):
@@ -279,16 +279,13 @@ class Trainer:
         with timer("encode"):
             state = self.cache.get(bid)
             if state is None:
-                state = encode_items(self.backbone, items, self.cfg.ppo.group_size)
+                state = encode_items(self.backbone, items)
                 self.cache.put(bid, state)
         return items, state
 
-    def _decode_and_score(self, state, z: torch.Tensor, timer: _Timer):
-        with timer("decode"):
-            decoded = self.backbone.decode(state, z.to(state.z0.device, state.z0.dtype))
-        with timer("reward"):
-            result = self.reward_fn(decoded)
-        return decoded, result
+    def _decode_and_score(self, state, z: torch.Tensor, timer: _Timer, group_size: int | None = None):
+        g = self.cfg.ppo.group_size if group_size is None else group_size
+        return decode_groups(self.backbone, self.reward_fn, state, z, g, timer)
 
     def _weights(self, pooled, aspect_mask):
         if self.cfg.confidence == "uniform":
@@ -302,9 +299,10 @@ class Trainer:
         return Slot(z.detach().float().cpu(), inputs.text_tokens.cpu(), inputs.pooled.cpu(), inputs.text_mask.cpu(),
                     target, present, self._local_rows(), self.arith["rollouts_per_step"])
 
-    def _fit(self, epochs: int, *purpose) -> dict:
+    def _fit(self, epochs: int, *purpose, slots=None) -> dict:
         gen = derived_generator(self.cfg.seed, "projector-fit", *purpose)
         return fit_projector(self.projector_model, self.projector, self.projector_opt, self.buffer, epochs,
+                             slots,
                              self.cfg.projector.minibatches, gen, self.device, self.cfg.optim.max_grad_norm,
                              all_sum=self._all_sum if self.distributed else None, world_size=self.world)
 
@@ -321,7 +319,7 @@ class Trainer:
             batches = tqdm(batches, desc="R_phi warm start", unit="batch", file=sys.stderr)
         for wb in batches:
             items, state = self._encode(wb, timer)
-            inputs = prompt_inputs(state, self.device)
+            inputs = prompt_inputs(state, self.device, self.cfg.ppo.group_size)
             gen = derived_generator(self.cfg.seed, "warm", wb)
             eps = torch.randn((self.arith["rollouts_per_step"],) + tuple(inputs.z0.shape[1:]), generator=gen)
             eps = eps[self._local_rows()].to(self.device)
@@ -413,6 +411,16 @@ class Trainer:
                 self.policy_opt.step()
                 for name, v in st._asdict().items():
                     stats_acc[name] = stats_acc.get(name, 0.0) + float(v)
+                # The same step measured under the other reduction (the data behind the documented choice).
+                other = "sum" if c.logprob_reduction == "mean" else "mean"
+                with torch.no_grad():
+                    alt = (ppo.reduce_log_prob(logp.detach(), numel, other)
+                           - ppo.reduce_log_prob(rollouts.log_prob[rows], numel, other)).double()
+                for name, v in (("log_ratio_abs_max", alt.abs().max()),
+                                ("approx_kl", (alt.exp() - 1 - alt).mean()),
+                                ("clip_fraction", ((alt.exp() - 1).abs() > c.clip).double().mean())):
+                    key = f"if_{other}/{name}"
+                    stats_acc[key] = stats_acc.get(key, 0.0) + float(v)
                 stats_acc["policy_loss"] = stats_acc.get("policy_loss", 0.0) + float(pg.detach())
                 stats_acc["value_loss"] = stats_acc.get("value_loss", 0.0) + float(vl.detach())
                 stats_acc["grad_norm"] = stats_acc.get("grad_norm", 0.0) + grad_norm
@@ -468,7 +476,7 @@ class Trainer:
         timer = _Timer()
         t0 = time.perf_counter()
         items, state = self._encode(step, timer)
-        inputs = prompt_inputs(state, self.device)
+        inputs = prompt_inputs(state, self.device, cfg.ppo.group_size)
         n_global = self.arith["rollouts_per_step"]
         with timer("sample"):
             noise = torch.randn((n_global,) + tuple(inputs.z0.shape[1:]),
@@ -508,7 +516,12 @@ class Trainer:
             if cfg.reward_model == "projector":
                 with timer("projector"):
                     self.buffer.add(self._slot(inputs, rollouts.zc, result))
-                    fit = self._fit(cfg.projector.refresh_epochs, step)
+                    # The newest slot plus a few random older ones: the fit's cost stays bounded
+                    # while the buffer keeps R_phi from forgetting earlier policies.
+                    gen = derived_generator(cfg.seed, "replay", step)
+                    older = torch.randperm(len(self.buffer) - 1, generator=gen)[:cfg.projector.refresh_replay]
+                    fit = self._fit(cfg.projector.refresh_epochs, step,
+                                    slots=older.tolist() + [len(self.buffer) - 1])
                 row.update({f"projector/{k}": v for k, v in fit.items()})
         self.step += 1
         # Global means of what the batch saw.
@@ -562,7 +575,7 @@ class Trainer:
     def _monitor(self, timer: _Timer, evaluate: bool, correlate: bool) -> dict:
         with timer("monitor"):
             if self.monitor_state is None:
-                self.monitor_state = encode_items(self.backbone, self.monitor_items, 1)
+                self.monitor_state = encode_items(self.backbone, self.monitor_items)
             state = self.monitor_state
             inputs = prompt_inputs(state, self.device)
             corrector = self.eval_corrector()
@@ -571,7 +584,8 @@ class Trainer:
                 zc, _ = corrector.correct(inputs.z0, inputs.text_tokens, inputs.pooled, inputs.text_mask)
                 self.projector.eval()
                 pred = self.projector(zc, inputs.text_tokens, inputs.pooled, inputs.text_mask, inputs.aspect_mask)
-        decoded, result = self._decode_and_score(state, zc, timer)
+        decoded, result = self._decode_and_score(state, zc, timer, group_size=1)
+        decoded = decoded[0]
         row = {}
         with timer("monitor"):
             present = result.present.cpu()
@@ -683,17 +697,21 @@ class Trainer:
         if self.is_main and cfg.log.progress:
             from tqdm import tqdm
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", file=sys.stderr)
+        last_checkpoint_seconds = 0.0
         while self.step < cfg.steps:
             row = self.train_step()
-            ckpt_timer = _Timer()
-            if self.step % cfg.log.checkpoint_every == 0 or self.step == cfg.steps:
-                with ckpt_timer("checkpoint"):
-                    self.save()
-                    if self.is_main and cfg.log.curve:
-                        draw_curves(self.log.rows + [row], self.out / "curve.png")
-                row["time/checkpoint"] = ckpt_timer.seconds["checkpoint"]
+            row["time/last_checkpoint"] = last_checkpoint_seconds
             if self.is_main:
+                # The row goes to disk before the checkpoint of its step: a run killed in between
+                # resumes from the previous checkpoint and rewrites the row, so none is ever lost.
                 self.log.write(row)
+            if self.step % cfg.log.checkpoint_every == 0 or self.step == cfg.steps:
+                t = time.perf_counter()
+                self.save()
+                if self.is_main and cfg.log.curve:
+                    draw_curves(self.log.rows, self.out / "curve.png")
+                last_checkpoint_seconds = time.perf_counter() - t
+            if self.is_main:
                 if bar is not None:
                     key = "reward/joint_image" if "reward/joint_image" in row else "reward/joint_policy"
                     bar.set_postfix({"reward": f"{row.get(key, float('nan')):.3f}",
