@@ -392,6 +392,11 @@ class TrainConfig:
             z0 until one exists).
         anchor_beta: the anchor's weight.
         anchor_ref_min_reward: the joint reward a reference must reach.
+        trainer_threads: CPU threads for the trainer's own tensor work (sample,
+            score, update, R_phi fit); the backbone keeps torch's setting. 0 =
+            leave torch's setting. Default 1: the small models gain nothing from
+            more, and on a shared CPU OpenMP's spin-waits made a tiny corrector's
+            forward+backward 10-20x slower with 2 threads (docs/training.md).
     """
 
     steps: int = 100
@@ -403,6 +408,7 @@ class TrainConfig:
     anchor: str = "z0"
     anchor_beta: float = 0.1
     anchor_ref_min_reward: float = 0.9
+    trainer_threads: int = 1
     backbone: BackboneSettings = field(default_factory=BackboneSettings)
     data: DataSettings = field(default_factory=DataSettings)
     reward: RewardSettings = field(default_factory=RewardSettings)
@@ -423,6 +429,7 @@ class TrainConfig:
         _choice(o, "anchor", self.anchor, ("none", "z0", "ref"))
         _real(o, "anchor_beta", self.anchor_beta, 0.0)
         _real(o, "anchor_ref_min_reward", self.anchor_ref_min_reward, 0.0, 1.0)
+        _int(o, "trainer_threads", self.trainer_threads, 0)
         if self.rl == "pathwise" and self.reward_model == "image":
             raise ValueError("train config: rl='pathwise' needs reward_model='projector' (the pathwise gradient "
                              "flows through R_phi; image rewards are not differentiable)")

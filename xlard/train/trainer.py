@@ -80,19 +80,32 @@ def load_backbone(settings, device: torch.device):
     return DiffusersBackbone.from_pretrained(path, **kwargs)
 
 
+#: Phases that run the trainer's own (small) models; the others run the backbone and the reward source.
+_TRAINER_PHASES = ("sample", "score", "update", "projector")
+
+
 class _Timer:
-    def __init__(self):
+    """Accumulates seconds per phase; runs the trainer's phases with ``trainer_threads`` CPU threads."""
+
+    def __init__(self, trainer_threads: int = 0):
         self.seconds = dict.fromkeys(_PHASES, 0.0)
+        self.trainer_threads = trainer_threads
 
     def __call__(self, phase: str):
         timer = self
 
         class _Span:
             def __enter__(self):
+                self.threads = None
+                if timer.trainer_threads and phase in _TRAINER_PHASES:
+                    self.threads = torch.get_num_threads()
+                    torch.set_num_threads(timer.trainer_threads)
                 self.t = time.perf_counter()
 
             def __exit__(self, *exc):
                 timer.seconds[phase] += time.perf_counter() - self.t
+                if self.threads is not None:
+                    torch.set_num_threads(self.threads)
 
         return _Span()
 
@@ -309,7 +322,7 @@ class Trainer:
     def warm_start(self) -> dict:
         """Fill R_phi's buffer with perturbed latents around z0 and fit it (before the first PPO step)."""
         p = self.cfg.projector
-        timer = _Timer()
+        timer = _Timer(self.cfg.trainer_threads)
         if self.cfg.reward_model == "image" and self.cfg.rl == "ppo":
             self.warm = True
             return {}
@@ -327,7 +340,8 @@ class Trainer:
             z = inputs.z0 + p.warmup_sigma * scale * eps
             _, result = self._decode_and_score(state, z, timer)
             self.buffer.add(self._slot(inputs, z, result))
-        fit = self._fit(p.warmup_epochs, "warm")
+        with timer("projector"):
+            fit = self._fit(p.warmup_epochs, "warm")
         self.warm = True
         self._say(f"R_phi warm start: {p.warmup_batches} batches, fit loss {fit['loss']:.4f}, "
                   f"mse count/color/position {fit['mse_count']:.4f}/{fit['mse_color']:.4f}/{fit['mse_position']:.4f}"
@@ -473,7 +487,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One PPO (or pathwise) step; returns its metrics row."""
         cfg, step = self.cfg, self.step
-        timer = _Timer()
+        timer = _Timer(self.cfg.trainer_threads)
         t0 = time.perf_counter()
         items, state = self._encode(step, timer)
         inputs = prompt_inputs(state, self.device, cfg.ppo.group_size)
