@@ -155,6 +155,7 @@ def test_ablations_run(tmp_path, shapes, changes):
         assert "pathwise/objective" in rows[0] and "ppo/approx_kl" not in rows[0]
     if changes.get("reward_model") == "image":
         assert "projector/loss" not in rows[0] and rows[0]["decodes"] == 4
+        assert "monitor/corr_joint" not in rows[0] and "monitor/reward_joint" in rows[0]
     if changes.get("anchor") == "ref":
         state = load_checkpoint(latest_checkpoint(out))
         assert state["rank_state"][0]["refs"], "a reference latent was recorded"

@@ -605,16 +605,20 @@ class Trainer:
             present = result.present.cpu()
             scores = result.scores.cpu()
             p = pred.scores.cpu()
+            # With reward_model=image R_phi is never trained: there is nothing to monitor for hacking.
+            uses_projector = self.cfg.reward_model == "projector"
             for i, aspect in enumerate(("count", "color", "position")):
                 m = present[:, i]
-                row[f"monitor/corr_{aspect}"] = ppo.pearson(p[m, i], scores[m, i])
+                if uses_projector and correlate:
+                    row[f"monitor/corr_{aspect}"] = ppo.pearson(p[m, i], scores[m, i])
                 row[f"monitor/reward_{aspect}"] = float(scores[m, i].mean()) if m.any() else float("nan")
             w = self._weights(inputs.pooled, result.present.to(self.device)).cpu()
             img = ppo.weighted_reward(scores.float(), w)
             proj = ppo.weighted_reward(p.float(), w)
-            row["monitor/corr_joint"] = ppo.pearson(proj, img) if correlate else float("nan")
+            if uses_projector and correlate:
+                row["monitor/corr_joint"] = ppo.pearson(proj, img)
+                row["monitor/projected_joint"] = float(proj.mean())
             row["monitor/reward_joint"] = float(img.mean())
-            row["monitor/projected_joint"] = float(proj.mean())
         if evaluate:
             with timer("evaluate"):
                 from xlard.shapes import evaluator as E
