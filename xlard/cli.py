@@ -7,6 +7,7 @@
     xlard eval --folder DIR                      ... on a GenEval output folder
     xlard generate --backbone shapes "three red circles left of a blue square"
     xlard eval --backbone shapes --prompts FILE  generate one image per record, then the table
+    xlard train configs/shapes.yaml --out DIR    train a corrector (--resume continues a run)
 
 ``--backbone`` takes ``shapes`` (the embedded shapes-world model shipped in
 ``xlard/data/shapes_backbone``), a local diffusers pipeline folder, or a hub
@@ -658,6 +659,15 @@ def build_parser() -> argparse.ArgumentParser:
     backbone_options(p, required=False)
     _output_folder_options(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("train", help="train a corrector (PPO; see docs/training.md); torchrun for several processes")
+    p.add_argument("config", help="a YAML or JSON training config, e.g. configs/shapes.yaml")
+    p.add_argument("--out", default=None, help="the run folder (overrides the config's out)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set steps=50 --set ppo.epochs=2")
+    p.set_defaults(func=lambda a: __import__("xlard.train", fromlist=["main"]).main(
+        a.config, resume=a.resume, out=a.out, overrides=a.set))
     return parser
 
 

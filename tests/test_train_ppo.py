@@ -1,0 +1,135 @@
+"""xlard.train.ppo: the pure PPO arithmetic against values computed by hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xlard.train import ppo
+
+
+def test_reduce_log_prob_sum_and_mean():
+    lp = torch.tensor([-1024.0, -512.0])
+    assert torch.equal(ppo.reduce_log_prob(lp, 1024, "sum"), lp)
+    assert torch.allclose(ppo.reduce_log_prob(lp, 1024, "mean"), torch.tensor([-1.0, -0.5]))
+    with pytest.raises(ValueError, match="reduction"):
+        ppo.reduce_log_prob(lp, 4, "max")
+    with pytest.raises(ValueError, match="numel"):
+        ppo.reduce_log_prob(lp, 0, "mean")
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 3.0, 0.0, 4.0, 2.0, 2.0])
+    assert torch.equal(ppo.group_advantages(r, 2), torch.tensor([-1.0, 1.0, -2.0, 2.0, 0.0, 0.0]))
+    # Groups of three: means 4/3 and 8/3.
+    expect = torch.tensor([1 - 4 / 3, 3 - 4 / 3, 0 - 4 / 3, 4 - 8 / 3, 2 - 8 / 3, 2 - 8 / 3])
+    assert torch.allclose(ppo.group_advantages(r, 3), expect)
+    with pytest.raises(ValueError, match="multiple"):
+        ppo.group_advantages(r, 4)
+
+
+def test_whiten_from_global_sums_matches_split():
+    v = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    # mean 3, population var (4 + 1 + 0 + 9) / 4 = 3.5
+    out = ppo.whiten(v, v.sum(), v.square().sum(), 4.0, eps=0.0)
+    assert torch.allclose(out, (v - 3.0) / math.sqrt(3.5))
+    # A process holding half the batch, with the global sums, gets its half of the same answer.
+    half = ppo.whiten(v[2:], v.sum(), v.square().sum(), 4.0, eps=0.0)
+    assert torch.allclose(half, out[2:])
+
+
+def test_clipped_surrogate_by_hand():
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.9]))
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    new.requires_grad_(True)
+    loss, ratio, st = ppo.clipped_surrogate(new, old, adv, clip=0.2)
+    # Row by row: max(-A r, -A clip(r)):
+    # A=+1, r=1.5: max(-1.5, -1.2) = -1.2 (clipped, no gradient)
+    # A=+1, r=0.5: max(-0.5, -0.8) = -0.5 (unclipped: pessimistic side)
+    # A=-1, r=1.1: max(1.1, 1.1) = 1.1
+    # A=-1, r=0.9: max(0.9, 0.9) = 0.9
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.1 + 0.9) / 4)
+    loss.backward()
+    # d/d new of -A r / 4 = -A r / 4 where unclipped, 0 where the clipped branch wins.
+    assert torch.allclose(new.grad, torch.tensor([0.0, -0.5 / 4, 1.1 / 4, 0.9 / 4]))
+    assert st.clip_fraction.item() == pytest.approx(0.5)  # 1.5 and 0.5 are outside [0.8, 1.2]
+    lr = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.9]))
+    assert st.approx_kl.item() == pytest.approx(((torch.exp(lr) - 1) - lr).mean().item(), rel=1e-6)
+    assert st.ratio_max.item() == pytest.approx(1.5) and st.ratio_min.item() == pytest.approx(0.5)
+    assert st.log_ratio_abs_max.item() == pytest.approx(math.log(2.0))
+    assert torch.allclose(ratio, torch.tensor([1.5, 0.5, 1.1, 0.9]))
+
+
+def test_clipped_surrogate_at_ratio_one_is_minus_mean_advantage():
+    lp = torch.tensor([-3.0, -2.0, -5.0])
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    loss, ratio, st = ppo.clipped_surrogate(lp.clone(), lp, adv, 0.2)
+    assert loss.item() == pytest.approx(-adv.mean().item())
+    assert torch.equal(ratio, torch.ones(3)) and st.approx_kl.item() == 0.0 and st.clip_fraction.item() == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        ppo.clipped_surrogate(lp, lp[:2], adv, 0.2)
+
+
+def test_value_loss_anchor_weighted_reward():
+    assert ppo.value_loss(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0])).item() == pytest.approx(0.5 * 2.5)
+    zc = torch.ones(2, 1, 2, 2)
+    z0 = torch.zeros(2, 1, 2, 2)
+    z0[0, 0, 0, 0] = 1.0  # 7 of 8 entries differ by 1
+    assert ppo.anchor_penalty(zc, z0, 0.5).item() == pytest.approx(0.5 * 7 / 8)
+    scores = torch.tensor([[0.5, float("nan"), 1.0], [0.2, 0.4, float("nan")]])
+    weights = torch.tensor([[0.25, 0.0, 0.75], [0.5, 0.5, 0.0]])
+    assert torch.allclose(ppo.weighted_reward(scores, weights), torch.tensor([0.125 + 0.75, 0.3]))
+
+
+def test_running_stats_merge_equals_one_pass():
+    data = torch.tensor([1.0, 2.0, 4.0, 7.0, 11.0])
+    rs = ppo.RunningStats()
+    rs.update(2, float(data[:2].sum()), float(data[:2].square().sum()))
+    rs.update(3, float(data[2:].sum()), float(data[2:].square().sum()))
+    assert rs.mean == pytest.approx(5.0)
+    assert rs.std == pytest.approx(float(data.std(unbiased=False)))
+    copy = ppo.RunningStats()
+    copy.load_state_dict(rs.state_dict())
+    assert copy.state_dict() == rs.state_dict()
+
+
+def test_lr_factor_warmup_and_cosine():
+    assert ppo.lr_factor(0, 10, 2, "cosine", 0.0) == pytest.approx(0.5)
+    assert ppo.lr_factor(1, 10, 2, "cosine", 0.0) == pytest.approx(1.0)
+    assert ppo.lr_factor(2, 10, 2, "cosine", 0.0) == pytest.approx(1.0)
+    assert ppo.lr_factor(6, 10, 2, "cosine", 0.0) == pytest.approx(0.5)  # half way through the cosine
+    assert ppo.lr_factor(10, 10, 2, "cosine", 0.1) == pytest.approx(0.1)
+    assert ppo.lr_factor(7, 10, 0, "constant", 0.1) == 1.0
+
+
+def test_minibatch_layout_is_world_size_independent():
+    n, k = 12, 3
+    keys = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    whole = ppo.minibatch_layout(torch.arange(n), k, keys)
+    assert sorted(torch.cat(whole).tolist()) == list(range(n))
+    assert all(len(m) == n // k for m in whole)
+    # Each block of k consecutive rows gives one row to each minibatch.
+    for m in whole:
+        assert sorted((m // k).tolist()) == list(range(n // k))
+    # Two processes holding rows 0-5 and 6-11: the union of their minibatch k is the single-process minibatch k.
+    first = ppo.minibatch_layout(torch.arange(6), k, keys)
+    second = ppo.minibatch_layout(torch.arange(6, 12), k, keys)
+    for j in range(k):
+        assert sorted(first[j].tolist() + (second[j] + 6).tolist()) == sorted(whole[j].tolist())
+    # The fixed first-epoch layout: row i -> minibatch i mod k.
+    fixed = ppo.minibatch_layout(torch.arange(n), k, None)
+    assert fixed[1].tolist() == [1, 4, 7, 10]
+    with pytest.raises(ValueError, match="do not split"):
+        ppo.minibatch_layout(torch.arange(5), 2, None)
+
+
+def test_pearson():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert ppo.pearson(x, 2 * x + 1) == pytest.approx(1.0)
+    assert ppo.pearson(x, -x) == pytest.approx(-1.0)
+    assert math.isnan(ppo.pearson(x[:2], x[:2]))
+    assert math.isnan(ppo.pearson(x, torch.ones(4)))
+    assert ppo.pearson(torch.tensor([1.0, float("nan"), 2.0, 3.0]), torch.tensor([2.0, 5.0, 4.0, 6.0])) == \
+        pytest.approx(1.0)

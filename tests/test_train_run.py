@@ -1,0 +1,252 @@
+"""xlard.train end to end: shapes backbone, ablations, tiny diffusers families, SIGKILL + resume, torchrun.
+
+Every run here is tiny (2 denoising steps, 4-8 rollouts per step, 1-4 steps) so
+the file stays CI-sized; what is checked is behaviour, not learning.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from xlard.shapes import backbone as shapes_backbone  # noqa: E402
+from xlard.train import config_from_dict  # noqa: E402
+from xlard.train.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from xlard.train.metrics import TIMING_PREFIX, MetricsLog  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+needs_shapes = pytest.mark.skipif(not shapes_backbone.is_available(), reason="shapes backbone weights not installed")
+
+TINY = {
+    "steps": 2, "seed": 3,
+    "backbone": {"name": "shapes", "correction_step": 0.5, "num_inference_steps": 2, "device": "cpu"},
+    "data": {"prompts": "shapes:train", "seeds_per_prompt": 2, "monitor_size": 4, "max_prompts": 60},
+    "model": {"corrector_overrides": {"patch": 2, "width": 16, "depth": 1}, "projector_overrides": {"patch": 2,
+                                                                                                     "width": 16,
+                                                                                                     "depth": 1}},
+    "ppo": {"prompts_per_step": 2, "group_size": 2, "epochs": 2, "minibatches": 2},
+    "optim": {"lr": 1e-3},
+    "projector": {"warmup_batches": 1, "warmup_epochs": 2, "refresh_epochs": 1, "minibatches": 2},
+    "log": {"monitor_every": 1, "evaluate_every": 2, "checkpoint_every": 1, "progress": False, "tensorboard": "off"},
+}
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for k, v in changes.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def tiny_config(out: Path, **changes):
+    return config_from_dict(_merge(TINY, changes), overrides={"out": str(out)})
+
+
+@pytest.fixture(scope="module")
+def shapes(request):
+    if not shapes_backbone.is_available():
+        pytest.skip("shapes backbone weights not installed")
+    from xlard.train.trainer import load_backbone
+
+    return load_backbone(tiny_config(Path("unused")).backbone, torch.device("cpu"))
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["HF_HUB_OFFLINE"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _corrector_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "corrector" / "model.safetensors"))
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING_PREFIX)}
+            for row in MetricsLog.read(folder / "metrics.jsonl")]
+
+
+@needs_shapes
+def test_shapes_run_writes_everything(tmp_path, shapes):
+    from xlard.models import ResidualCorrector
+    from xlard.train import train
+
+    out = tmp_path / "run"
+    summary = train(tiny_config(out), backbone=shapes)
+    rows = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    first = rows[0]
+    for key in ("reward/joint_policy", "reward/joint_image", "ppo/approx_kl", "ppo/clip_fraction",
+                "ppo/log_ratio_abs_max", "projector/loss", "monitor/corr_joint", "lam/mean", "time/encode",
+                "time/sample", "time/decode", "time/reward", "time/update", "time/overhead_fraction"):
+        assert key in first, key
+    assert rows[1]["monitor/evaluator"] is not None and 0.0 <= rows[1]["monitor/evaluator"] <= 1.0
+    assert first["decodes"] == 4
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["ppo"]["group_size"] == 2
+    corrector = ResidualCorrector.from_pretrained(summary["corrector"])
+    assert corrector.config.patch == 2
+    state = load_checkpoint(latest_checkpoint(out))
+    assert state["step"] == 2
+    for key in ("corrector", "projector", "policy_opt", "projector_opt", "scheduler", "reward_stats",
+                "data_position", "rank_state"):
+        assert key in state, key
+    assert {"buffer", "refs", "rng"} <= set(state["rank_state"][0])
+    assert len(state["rank_state"][0]["buffer"]["slots"]) == 3  # warm start + 2 refreshes
+    # A second run into the same folder must not clobber it.
+    with pytest.raises(ValueError, match="--resume"):
+        train(tiny_config(out), backbone=shapes)
+    # Resuming a finished run is a no-op that keeps the metrics.
+    train(tiny_config(out), resume=True, backbone=shapes)
+    assert len(MetricsLog.read(out / "metrics.jsonl")) == 2
+    # Resuming with a different config is refused.
+    with pytest.raises(ValueError, match="differs"):
+        train(tiny_config(out, ppo={"clip": 0.3}), resume=True, backbone=shapes)
+
+
+@needs_shapes
+def test_first_minibatch_ratio_check_catches_a_changed_policy(tmp_path, shapes, monkeypatch):
+    from xlard.train import trainer as T
+
+    real = T.sample_rollouts
+
+    def stale(*args, **kwargs):
+        r = real(*args, **kwargs)
+        return r._replace(log_prob=r.log_prob + 1e-4)
+
+    monkeypatch.setattr(T, "sample_rollouts", stale)
+    with pytest.raises(RuntimeError, match="not exactly 1"):
+        T.train(tiny_config(tmp_path / "run", steps=1), backbone=shapes)
+
+
+@needs_shapes
+@pytest.mark.parametrize("changes", [
+    {"rl": "pathwise"},
+    {"reward_model": "image", "projector": {"warmup_batches": 0}},
+    {"confidence": "uniform", "anchor": "ref", "anchor_ref_min_reward": 0.0, "optim": {"ema": 0.9},
+     "ppo": {"advantage": "value", "logprob_reduction": "sum", "reward_norm": True, "epochs": 1}},
+    {"anchor": "none", "projector": {"refresh_every": 2}},
+], ids=["pathwise", "image-reward", "uniform-ref-value-ema", "no-anchor-sparse-refresh"])
+def test_ablations_run(tmp_path, shapes, changes):
+    from xlard.train import train
+
+    out = tmp_path / "run"
+    train(tiny_config(out, **changes), backbone=shapes)
+    rows = MetricsLog.read(out / "metrics.jsonl")
+    assert len(rows) == 2
+    if changes.get("rl") == "pathwise":
+        assert "pathwise/objective" in rows[0] and "ppo/approx_kl" not in rows[0]
+    if changes.get("reward_model") == "image":
+        assert "projector/loss" not in rows[0] and rows[0]["decodes"] == 4
+        assert "monitor/corr_joint" not in rows[0] and "monitor/reward_joint" in rows[0]
+    if changes.get("anchor") == "ref":
+        state = load_checkpoint(latest_checkpoint(out))
+        assert state["rank_state"][0]["refs"], "a reference latent was recorded"
+        assert state["ema"] is not None
+    if changes.get("projector", {}).get("refresh_every") == 2:
+        assert [r["decodes"] for r in rows] == [4, 0]
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux", "pixart"])
+def test_tiny_diffusers_families(tmp_path, family):
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_pipelines as TP
+
+    from xlard.train import train
+
+    build, options = {
+        "sd": (TP.tiny_sd_pipeline, {}),
+        "sd3": (TP.tiny_sd3_pipeline, {"max_sequence_length": 32}),
+        "flux": (TP.tiny_flux_pipeline, {"max_sequence_length": 32, "height": 32, "width": 32}),
+        "pixart": (TP.tiny_pixart_pipeline, {}),
+    }[family]
+    folder = build(tmp_path / family)
+    prompts = tmp_path / "prompts.jsonl"
+    records = [
+        {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}],
+         "prompt": "a photo of two cats"},
+        {"tag": "position", "include": [{"class": "car", "count": 1},
+                                        {"class": "dog", "count": 1, "position": ["left of", 0]}],
+         "exclude": [], "prompt": "a photo of a dog left of a car"},
+        {"tag": "colors", "include": [{"class": "ball", "count": 1, "color": "red"}], "exclude": [],
+         "prompt": "a photo of a red ball"},
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = tiny_config(tmp_path / "run", steps=1,
+                      backbone={"name": str(folder), "guidance_scale": 2.0, "options": options},
+                      data={"prompts": str(prompts), "max_prompts": None, "monitor_size": 2},
+                      log={"evaluate_every": 1})
+    summary = train(cfg)
+    rows = MetricsLog.read(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 1 and rows[0]["ppo/ratio_mean"] is not None
+    assert "monitor/evaluator" not in rows[0]  # not the shapes world: no exact evaluator
+    assert Path(summary["corrector"], "model.safetensors").is_file()
+
+
+def _config_file(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(_merge(TINY, changes)))
+    return path
+
+
+@needs_shapes
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    cfg = _config_file(tmp_path, steps=4)
+    cmd = [sys.executable, "-m", "xlard", "train", str(cfg)]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(cmd + ["--out", str(full)], env=_env(), check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cmd + ["--out", str(cut)], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not (cut / "ckpt-00000002.pt").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "summary.json").exists(), "killed mid-run"
+    subprocess.run(cmd + ["--out", str(cut), "--resume"], env=_env(), check=True, capture_output=True, timeout=600)
+    a, b = _corrector_tensors(full), _corrector_tensors(cut)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _metrics(full) == _metrics(cut)
+    assert [r["step"] for r in _metrics(cut)] == [1, 2, 3, 4]
+
+
+@needs_shapes
+def test_torchrun_two_processes_match_one(tmp_path):
+    cfg = _config_file(tmp_path, steps=2, log={"monitor_every": 0, "evaluate_every": 0})
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "xlard", "train", str(cfg), "--out", str(one)], env=_env(), check=True,
+                   capture_output=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "xlard", "train", str(cfg), "--out", str(two)], env=_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["replica_max_difference"] == 0.0
+    a, b = _corrector_tensors(one), _corrector_tensors(two)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    ma, mb = _metrics(one), _metrics(two)
+    for ra, rb in zip(ma, mb):
+        for key in ("reward/joint_policy", "reward/joint_image"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), key

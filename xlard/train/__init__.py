@@ -1,0 +1,45 @@
+"""Training the xLARD corrector: ``xlard train CONFIG`` (method.md sections 5-6).
+
+- :mod:`xlard.train.config`: typed, validated run configuration (YAML/JSON).
+- :mod:`xlard.train.ppo`: the pure PPO arithmetic (advantages, surrogate, anchor, schedule).
+- :mod:`xlard.train.rollout`: encoding items and sampling corrections.
+- :mod:`xlard.train.projector`: R_phi's buffer and fit loop.
+- :mod:`xlard.train.rewarding`: the reward function from the configured source.
+- :mod:`xlard.train.data`, :mod:`xlard.train.checkpoint`, :mod:`xlard.train.metrics`.
+- :mod:`xlard.train.trainer`: the loop, the only module here that writes to disk.
+
+Dependencies point one way: this package imports the method layer; nothing
+in the method layer imports it. Importing it does not import diffusers.
+"""
+from xlard.train.config import TrainConfig, config_from_dict, describe, load_config
+
+__all__ = ["TrainConfig", "load_config", "config_from_dict", "describe", "train", "main"]
+
+
+def train(cfg, resume: bool = False, backbone=None) -> dict:
+    """Run or resume a training run (see :func:`xlard.train.trainer.train`)."""
+    from xlard.train.trainer import train as _train
+
+    return _train(cfg, resume=resume, backbone=backbone)
+
+
+def main(config: str, resume: bool = False, out: str | None = None, overrides: list[str] | None = None) -> int:
+    """The ``xlard train`` command: load CONFIG, apply ``--out`` and ``--set key=value`` overrides, run.
+
+    Values of ``--set`` are parsed as YAML scalars (``--set ppo.epochs=2``).
+    """
+    import yaml
+
+    changes = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        changes[key.strip()] = yaml.safe_load(value)
+    if out is not None:
+        changes["out"] = out
+    cfg = load_config(config, overrides=changes)
+    summary = train(cfg, resume=resume)
+    if summary.get("corrector"):
+        print(f"trained corrector: {summary['corrector']}")
+    return 0

@@ -1,0 +1,99 @@
+"""Atomic checkpoints: one file per saved step, written whole or not at all.
+
+A checkpoint is a ``torch.save`` dict written to a temporary file in the run
+folder, flushed and fsync'ed, then renamed over ``ckpt-<step>.pt`` (rename is
+atomic on POSIX), and the folder fsync'ed. A crash at any moment leaves either
+the previous checkpoints or the new one, never a torn file. The trainer decides
+what goes in (everything a run depends on, RNG states included).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["save_atomic", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "rng_state",
+           "set_rng_state"]
+
+_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + rename + fsync of the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def checkpoint_path(folder: str | os.PathLike, step: int) -> Path:
+    return Path(folder) / f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in ``folder``, or None."""
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save_atomic`.
+
+    Raises:
+        ValueError: the file is not a trainer checkpoint.
+    """
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != "xlard.train/1":
+        raise ValueError(f"{path} is not an xlard trainer checkpoint")
+    return state
+
+
+def rng_state() -> dict:
+    """Every global RNG the process uses: Python, NumPy, torch CPU and CUDA."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,578 @@
+"""The trainer's configuration: typed dataclasses, loaded from YAML or JSON.
+
+Every section is a frozen dataclass validated on construction. :func:`load_config`
+reads a file, rejects unknown keys at every level (naming the section and the
+known keys), checks every value's type and domain, and returns a
+:class:`TrainConfig`. :func:`describe` renders the resolved config with the batch
+arithmetic, printed at the start of a run and saved beside it as ``config.json``.
+
+Example:
+    >>> cfg = load_config("configs/shapes.yaml", overrides={"steps": 5})
+    >>> print(describe(cfg, world_size=1))
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "BackboneSettings", "DataSettings", "RewardSettings", "ModelSettings", "PPOSettings", "OptimSettings",
+    "ProjectorSettings", "LogSettings", "TrainConfig", "load_config", "config_from_dict", "describe",
+    "batch_arithmetic",
+]
+
+
+def _fail(owner: str, name: str, expected: str, value: Any) -> None:
+    raise ValueError(f"train config: {owner}.{name} must be {expected}, got {value!r}")
+
+
+def _int(owner, name, value, minimum=None, optional=False):
+    if optional and value is None:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        _fail(owner, name, f"an integer >= {minimum}" if minimum is not None else "an integer", value)
+
+
+def _real(owner, name, value, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        _fail(owner, name, f"a finite number in {lo}{low}, {high}{hi}", value)
+
+
+def _choice(owner, name, value, choices):
+    if value not in choices:
+        _fail(owner, name, "one of " + ", ".join(repr(c) for c in choices), value)
+
+
+def _str(owner, name, value, optional=False):
+    if optional and value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        _fail(owner, name, "a non-empty string", value)
+
+
+def _bool(owner, name, value):
+    if not isinstance(value, bool):
+        _fail(owner, name, "true or false", value)
+
+
+def _mapping(owner, name, value):
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        _fail(owner, name, "a mapping with string keys", value)
+
+
+@dataclass(frozen=True)
+class BackboneSettings:
+    """Which frozen generator, and where it is split.
+
+    Attributes:
+        name: ``"shapes"`` (the embedded shapes-world model), a local diffusers
+            pipeline folder, or a hub model id.
+        correction_step: fraction of the denoising run before the correction (0, 1].
+        num_inference_steps: denoising steps; None = the backbone's default
+            (20 for shapes).
+        guidance_scale: classifier-free guidance; None = the backbone's default.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda:LOCAL_RANK when CUDA is
+            available, else cpu).
+        dtype: the pipeline's dtype, ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        options: more keyword arguments of
+            :meth:`xlard.backbones.DiffusersBackbone.from_pretrained`
+            (``height``, ``width``, ``max_sequence_length``, ``negative_prompt``, ...).
+    """
+
+    name: str = "shapes"
+    correction_step: float = 0.6
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        o = "backbone"
+        _mapping(o, "options", self.options)
+        bad = sorted({"correction_step", "num_inference_steps", "guidance_scale", "device", "torch_dtype", "capture"}
+                     & set(self.options))
+        if bad:
+            raise ValueError(f"train config: backbone.options must not set {bad} (they are backbone fields, or fixed "
+                             "by the trainer)")
+        _str(o, "name", self.name)
+        _real(o, "correction_step", self.correction_step, 0.0, 1.0, low_open=True)
+        _int(o, "num_inference_steps", self.num_inference_steps, 1, optional=True)
+        if self.guidance_scale is not None:
+            _real(o, "guidance_scale", self.guidance_scale, 0.0)
+        _str(o, "device", self.device)
+        _choice(o, "dtype", self.dtype, ("float32", "float16", "bfloat16"))
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The training prompts and the fixed monitoring batch.
+
+    Attributes:
+        prompts: a GenEval JSONL file, or ``"shapes:train"`` (the shapes world's
+            training split). Never the held-out split: the trainer refuses
+            ``"shapes:heldout"``.
+        seeds_per_prompt: distinct initial-noise seeds per prompt; one (prompt,
+            seed) pair is one data item, encoded once and cached.
+        max_prompts: keep only the first N prompts (None: all).
+        monitor_prompts: GenEval JSONL for the reward-hacking monitor; None =
+            the training prompts with seeds the training never uses.
+        monitor_size: items in the fixed monitor batch.
+        encode_cache: encoded batches kept in memory (LRU); 0 = all.
+    """
+
+    prompts: str = "shapes:train"
+    seeds_per_prompt: int = 4
+    max_prompts: int | None = None
+    monitor_prompts: str | None = None
+    monitor_size: int = 24
+    encode_cache: int = 0
+
+    def __post_init__(self):
+        o = "data"
+        _str(o, "prompts", self.prompts)
+        if self.prompts.strip().lower() == "shapes:heldout":
+            raise ValueError("train config: data.prompts must not be the held-out split (train on 'shapes:train'; "
+                             "the held-out split is for evaluation only)")
+        _int(o, "seeds_per_prompt", self.seeds_per_prompt, 1)
+        _int(o, "max_prompts", self.max_prompts, 1, optional=True)
+        _str(o, "monitor_prompts", self.monitor_prompts, optional=True)
+        _int(o, "monitor_size", self.monitor_size, 0)
+        _int(o, "encode_cache", self.encode_cache, 0)
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """Where the CMD rewards' evidence comes from.
+
+    Attributes:
+        source: ``"auto"`` (the backbone's default), ``"attention"`` (the
+            backbone's own cross-attention + the pixel color encoder), or any
+            name :func:`xlard.sources.get_source` knows when that module exists.
+        options: keyword options for the source.
+        bind_color: look for an entity's color only inside its component mask.
+    """
+
+    source: str = "auto"
+    options: dict = field(default_factory=dict)
+    bind_color: bool = False
+
+    def __post_init__(self):
+        _str("reward", "source", self.source)
+        _mapping("reward", "options", self.options)
+        _bool("reward", "bind_color", self.bind_color)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Sizes of the corrector and the projector.
+
+    Attributes:
+        corrector, projector: a preset, ``"tiny"`` or ``"paper"``.
+        corrector_overrides, projector_overrides: fields of
+            :class:`xlard.models.CorrectorConfig` / :class:`ProjectorConfig` to change.
+    """
+
+    corrector: str = "tiny"
+    corrector_overrides: dict = field(default_factory=dict)
+    projector: str = "tiny"
+    projector_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _choice("model", "corrector", self.corrector, ("tiny", "paper"))
+        _choice("model", "projector", self.projector, ("tiny", "paper"))
+        _mapping("model", "corrector_overrides", self.corrector_overrides)
+        _mapping("model", "projector_overrides", self.projector_overrides)
+        for name in ("corrector_overrides", "projector_overrides"):
+            bad = sorted({"latent_channels", "text_dim", "pooled_dim"} & set(getattr(self, name)))
+            if bad:
+                raise ValueError(f"train config: model.{name} must not set {bad}: they come from the backbone")
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """The rollout and PPO update.
+
+    Attributes:
+        prompts_per_step: (prompt, seed) items per step, global (the same for
+            any number of processes; must divide by the world size).
+        group_size: corrections sampled per z0 (G).
+        epochs: passes over the rollout batch per update.
+        minibatches: minibatches per epoch (each holds rollouts/minibatches).
+        clip: the surrogate's clip range epsilon.
+        logprob_reduction: ``"sum"`` (the exact log-density ratio of the C*H*W
+            Gaussian) or ``"mean"`` (the log ratio divided by C*H*W); see
+            docs/training.md for the measurement behind the default.
+        advantage: ``"group"`` (reward minus its (prompt, seed) group's mean;
+            the value head is still trained and logged) or ``"value"``
+            (reward minus the value head's baseline).
+        whiten: whiten advantages over the global batch.
+        value_coef: weight of the value head's MSE.
+        reward_norm: normalise rewards by running statistics before the value
+            head and advantages (state kept in the checkpoint).
+        log_std_lr_scale: multiplier of the learning rate for the policy log std.
+    """
+
+    prompts_per_step: int = 8
+    group_size: int = 4
+    epochs: int = 4
+    minibatches: int = 2
+    clip: float = 0.2
+    logprob_reduction: str = "mean"
+    advantage: str = "group"
+    whiten: bool = True
+    value_coef: float = 0.5
+    reward_norm: bool = False
+    log_std_lr_scale: float = 1.0
+
+    def __post_init__(self):
+        o = "ppo"
+        _int(o, "prompts_per_step", self.prompts_per_step, 1)
+        _int(o, "group_size", self.group_size, 1)
+        _int(o, "epochs", self.epochs, 1)
+        _int(o, "minibatches", self.minibatches, 1)
+        _real(o, "clip", self.clip, 0.0, low_open=True)
+        _choice(o, "logprob_reduction", self.logprob_reduction, ("sum", "mean"))
+        _choice(o, "advantage", self.advantage, ("group", "value"))
+        _bool(o, "whiten", self.whiten)
+        _real(o, "value_coef", self.value_coef, 0.0)
+        _bool(o, "reward_norm", self.reward_norm)
+        _real(o, "log_std_lr_scale", self.log_std_lr_scale, 0.0)
+        if self.advantage == "group" and self.group_size < 2:
+            raise ValueError("train config: ppo.advantage 'group' needs ppo.group_size >= 2 "
+                             f"(a group of one has no baseline), got group_size={self.group_size}")
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """The corrector's optimiser: AdamW, warmup then cosine (or constant), gradient clipping, EMA.
+
+    Attributes:
+        lr, weight_decay, betas: AdamW.
+        warmup_steps: linear warmup of the learning rate.
+        schedule: ``"cosine"`` (to ``min_lr_ratio * lr`` at the last step) or ``"constant"``.
+        min_lr_ratio: the cosine's floor.
+        max_grad_norm: gradient clipping (0 = off).
+        ema: decay of the corrector's EMA (0 = off); evaluation uses the EMA when on.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    ema: float = 0.0
+
+    def __post_init__(self):
+        o = "optim"
+        _real(o, "lr", self.lr, 0.0, low_open=True)
+        _real(o, "weight_decay", self.weight_decay, 0.0)
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
+            _fail(o, "betas", "two numbers in [0, 1)", self.betas)
+        for b in self.betas:
+            _real(o, "betas", b, 0.0, 1.0, high_open=True)
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        _int(o, "warmup_steps", self.warmup_steps, 0)
+        _choice(o, "schedule", self.schedule, ("cosine", "constant"))
+        _real(o, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _real(o, "max_grad_norm", self.max_grad_norm, 0.0)
+        _real(o, "ema", self.ema, 0.0, 1.0, high_open=True)
+
+
+@dataclass(frozen=True)
+class ProjectorSettings:
+    """R_phi's warm start and refresh.
+
+    Attributes:
+        lr, weight_decay: its AdamW.
+        warmup_batches: batches of randomly perturbed latents around z0 decoded
+            and scored before the first PPO step.
+        warmup_sigma: the perturbation, ``z0 + sigma * std(z0) * eps``.
+        warmup_epochs: fit passes over the buffer after the warm start.
+        refresh_every: decode and score the policy's samples every N steps
+            (R_phi scores the others without decoding); 1 = every step.
+        refresh_epochs: fit passes after each refresh, over the new batch and
+            ``refresh_replay`` random older batches of the buffer.
+        refresh_replay: older buffer batches replayed per refresh.
+        minibatches: minibatches per rollout batch in a fit pass.
+        buffer_batches: rollout batches kept (FIFO) for fitting.
+    """
+
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_batches: int = 4
+    warmup_sigma: float = 0.4
+    warmup_epochs: int = 10
+    refresh_every: int = 1
+    refresh_epochs: int = 2
+    refresh_replay: int = 1
+    minibatches: int = 2
+    buffer_batches: int = 16
+
+    def __post_init__(self):
+        o = "projector"
+        _real(o, "lr", self.lr, 0.0, low_open=True)
+        _real(o, "weight_decay", self.weight_decay, 0.0)
+        _int(o, "warmup_batches", self.warmup_batches, 0)
+        _real(o, "warmup_sigma", self.warmup_sigma, 0.0)
+        _int(o, "warmup_epochs", self.warmup_epochs, 0)
+        _int(o, "refresh_every", self.refresh_every, 1)
+        _int(o, "refresh_epochs", self.refresh_epochs, 0)
+        _int(o, "refresh_replay", self.refresh_replay, 0)
+        _int(o, "minibatches", self.minibatches, 1)
+        _int(o, "buffer_batches", self.buffer_batches, 1)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """What is written and when.
+
+    Attributes:
+        monitor_every: decode the monitor batch with the mean policy and log
+            R_phi's correlation with the image rewards every N steps (0 = never).
+        evaluate_every: on the shapes world, log the exact evaluator's verdict
+            on the monitor images every N steps (0 = never). Logged only, never a reward.
+        checkpoint_every: write a checkpoint every N steps (and at the end).
+        keep_checkpoints: how many step checkpoints to keep.
+        progress: show a progress bar (rank 0).
+        tensorboard: ``"auto"`` (when installed), ``"on"`` (fail when not) or ``"off"``.
+        curve: write ``curve.png`` at checkpoints and at the end.
+    """
+
+    monitor_every: int = 10
+    evaluate_every: int = 20
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    progress: bool = True
+    tensorboard: str = "auto"
+    curve: bool = True
+
+    def __post_init__(self):
+        o = "log"
+        for name in ("monitor_every", "evaluate_every"):
+            _int(o, name, getattr(self, name), 0)
+        _int(o, "checkpoint_every", self.checkpoint_every, 1)
+        _int(o, "keep_checkpoints", self.keep_checkpoints, 1)
+        _bool(o, "progress", self.progress)
+        _choice(o, "tensorboard", self.tensorboard, ("auto", "on", "off"))
+        _bool(o, "curve", self.curve)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+        steps: PPO steps (one rollout batch + one update each).
+        seed: the run's seed; every random draw derives from it and the step.
+        out: the run folder (the CLI's ``--out`` overrides it).
+        rl: ``"ppo"`` or ``"pathwise"`` (the "without RL" ablation: gradient
+            ascent on R_phi through the corrector, no policy gradient).
+        reward_model: ``"projector"`` (the policy is scored by R_phi) or
+            ``"image"`` (PPO straight on the decoded image rewards, every
+            rollout decoded; the reference without R_phi).
+        confidence: ``"head"`` (lambda from the confidence head) or
+            ``"uniform"`` (uniform over the prompt's aspects; ablation).
+        anchor: ``"none"``, ``"z0"`` (``beta * mean (zc - z0)^2``) or ``"ref"``
+            (pull toward the best verified latent seen for the item: a decoded
+            sample whose image joint reward reached ``anchor_ref_min_reward``;
+            z0 until one exists).
+        anchor_beta: the anchor's weight.
+        anchor_ref_min_reward: the joint reward a reference must reach.
+        trainer_threads: CPU threads for the trainer's own tensor work (sample,
+            score, update, R_phi fit); the backbone keeps torch's setting. 0 =
+            leave torch's setting. Default 1: the small models gain nothing from
+            more, and on a shared CPU OpenMP's spin-waits made a tiny corrector's
+            forward+backward 10-20x slower with 2 threads (docs/training.md).
+    """
+
+    steps: int = 100
+    seed: int = 0
+    out: str = "runs/xlard"
+    rl: str = "ppo"
+    reward_model: str = "projector"
+    confidence: str = "head"
+    anchor: str = "z0"
+    anchor_beta: float = 0.1
+    anchor_ref_min_reward: float = 0.9
+    trainer_threads: int = 1
+    backbone: BackboneSettings = field(default_factory=BackboneSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    reward: RewardSettings = field(default_factory=RewardSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    projector: ProjectorSettings = field(default_factory=ProjectorSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def __post_init__(self):
+        o = "train"
+        _int(o, "steps", self.steps, 1)
+        _int(o, "seed", self.seed, 0)
+        _str(o, "out", self.out)
+        _choice(o, "rl", self.rl, ("ppo", "pathwise"))
+        _choice(o, "reward_model", self.reward_model, ("projector", "image"))
+        _choice(o, "confidence", self.confidence, ("head", "uniform"))
+        _choice(o, "anchor", self.anchor, ("none", "z0", "ref"))
+        _real(o, "anchor_beta", self.anchor_beta, 0.0)
+        _real(o, "anchor_ref_min_reward", self.anchor_ref_min_reward, 0.0, 1.0)
+        _int(o, "trainer_threads", self.trainer_threads, 0)
+        if self.rl == "pathwise" and self.reward_model == "image":
+            raise ValueError("train config: rl='pathwise' needs reward_model='projector' (the pathwise gradient "
+                             "flows through R_phi; image rewards are not differentiable)")
+        if self.reward_model == "image" and self.projector.refresh_every != 1:
+            raise ValueError("train config: reward_model='image' decodes every rollout, so projector.refresh_every "
+                             f"must be 1, got {self.projector.refresh_every}")
+        if self.rl == "ppo":
+            n = self.ppo.prompts_per_step * self.ppo.group_size
+            if n % self.ppo.minibatches:
+                raise ValueError(f"train config: ppo.minibatches ({self.ppo.minibatches}) must divide the rollouts "
+                                 f"per step (prompts_per_step * group_size = {n})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, Mapping):
+        raise ValueError(f"train config: {where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"train config: unknown key(s) {unknown} in {where} (known: {names})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, name)
+        elif hint is float and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            kwargs[name] = float(value)  # YAML writes 1 for 1.0
+        elif hint == (float | None) and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            kwargs[name] = float(value)
+        elif hint is tuple and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"train config: override {key!r}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from a (nested) mapping.
+
+    Args:
+        data: the parsed file: top-level fields and sections.
+        overrides: dotted keys to set after loading (``{"ppo.epochs": 2}``).
+
+    Returns:
+        A validated :class:`TrainConfig`.
+
+    Raises:
+        ValueError: an unknown key (with the known ones), a bad type or value.
+    """
+    data = json.loads(json.dumps(dict(data)))  # a deep, plain copy
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return _build(TrainConfig, data, "the top level")
+
+
+def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Load a YAML (``.yaml``/``.yml``) or JSON file into a validated :class:`TrainConfig`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file does not parse, or the config is invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"train config: no such file {path}")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"train config: {path} is YAML but PyYAML is not installed "
+                             "(pip install pyyaml, or write the config as JSON)") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"train config: {path} is not valid YAML: {e}") from None
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"train config: {path} is not valid JSON: {e}") from None
+    else:
+        raise ValueError(f"train config: {path} must end in .yaml, .yml or .json")
+    if data is None:
+        data = {}
+    return config_from_dict(data, overrides)
+
+
+def batch_arithmetic(cfg: TrainConfig, world_size: int) -> dict[str, int]:
+    """The per-step sizes a run uses with ``world_size`` processes.
+
+    Raises:
+        ValueError: the global batch does not split evenly over the processes.
+    """
+    p, g, k = cfg.ppo.prompts_per_step, cfg.ppo.group_size, cfg.ppo.minibatches
+    if p % world_size:
+        raise ValueError(f"train config: ppo.prompts_per_step ({p}) must be divisible by the world size "
+                         f"({world_size}) so the global batch does not depend on it")
+    n = p * g
+    per_rank = n // world_size
+    if cfg.rl == "ppo" and per_rank % k:
+        raise ValueError(f"train config: ppo.minibatches ({k}) must divide the rollouts per process "
+                         f"({per_rank} = {p} x {g} / {world_size})")
+    if per_rank % cfg.projector.minibatches:
+        raise ValueError(f"train config: projector.minibatches ({cfg.projector.minibatches}) must divide the "
+                         f"rollouts per process ({per_rank})")
+    decodes = n if (cfg.reward_model == "image" or cfg.projector.refresh_every == 1) else n / cfg.projector.refresh_every
+    return {
+        "world_size": world_size, "items_per_step": p, "items_per_rank": p // world_size, "group_size": g,
+        "rollouts_per_step": n, "rollouts_per_rank": per_rank,
+        "minibatch": n // k if cfg.rl == "ppo" else n, "minibatch_per_rank": per_rank // k if cfg.rl == "ppo" else per_rank,
+        "updates_per_step": cfg.ppo.epochs * k if cfg.rl == "ppo" else 1,
+        "decodes_per_step": decodes,
+    }
+
+
+def describe(cfg: TrainConfig, world_size: int = 1) -> str:
+    """The resolved config as indented JSON, followed by the batch arithmetic."""
+    a = batch_arithmetic(cfg, world_size)
+    lines = [json.dumps(cfg.to_dict(), indent=2, default=list), "batch arithmetic:",
+             f"  {a['items_per_step']} (prompt, seed) items x {a['group_size']} samples = "
+             f"{a['rollouts_per_step']} rollouts per step; {world_size} process(es) x {a['rollouts_per_rank']}",
+             f"  {a['updates_per_step']} optimiser steps per PPO step (minibatch {a['minibatch']} = "
+             f"{a['minibatch_per_rank']} per process)",
+             f"  decodes per step: {a['decodes_per_step']:g} "
+             + ("(reward_model=image: every rollout)" if cfg.reward_model == "image" else
+                f"(R_phi scores the policy; its refresh decodes the batch every {cfg.projector.refresh_every} step(s))"),
+             f"  warm start: {cfg.projector.warmup_batches} batches x {a['rollouts_per_step']} perturbed latents decoded"]
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Training data: (prompt, seed) items in fixed batches, their order, and the encode cache.
+
+An *item* is one GenEval record with one initial-noise seed. The items are
+shuffled once (with the run's seed) and cut into fixed batches of
+``prompts_per_step`` items; every epoch visits the batches in a fresh order.
+Because a batch's contents never change, the backbone encodes it once (z0 and
+e_p, with each item repeated ``group_size`` times so one decode call serves the
+whole rollout) and the state is cached. The position in the data is a function
+of the step alone, so resuming is exact.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from xlard.prompts import PromptSpec, from_geneval
+
+__all__ = ["Item", "PromptData", "load_records", "EncodeCache", "MONITOR_SEED_BASE"]
+
+#: Seeds of the monitor batch start here; training seeds are 0 .. seeds_per_prompt - 1.
+MONITOR_SEED_BASE = 1_000_003
+
+
+@dataclass(frozen=True)
+class Item:
+    """One (record, seed) pair; ``index`` is its position in the record list."""
+
+    record: dict
+    seed: int
+    index: int
+
+    def spec(self) -> PromptSpec:
+        return from_geneval(self.record)
+
+
+def load_records(source: str) -> tuple[list[dict], bool]:
+    """The records of ``data.prompts``: ``"shapes:train"`` or a GenEval JSONL path.
+
+    Returns:
+        (records, is_shapes): ``is_shapes`` when they are shapes-world records
+        (then the exact evaluator can judge them, as a logged metric).
+
+    Raises:
+        ValueError: the held-out split, an empty file, an unknown ``shapes:`` split.
+        FileNotFoundError: no such file.
+    """
+    text = source.strip()
+    if text.lower().startswith("shapes:"):
+        split = text.split(":", 1)[1]
+        if split != "train":
+            raise ValueError(f"data.prompts: {source!r}: train only on 'shapes:train'")
+        from xlard.shapes import prompts as P
+
+        return P.make_splits(P.PromptConfig(), seed=0)["train"], True
+    from xlard import geneval
+
+    records = geneval.read_jsonl(text)
+    if not records:
+        raise ValueError(f"data.prompts: {source} holds no records")
+    from xlard.shapes.world import WorldConfig
+
+    world = WorldConfig()
+    classes, colors = set(world.shapes), set(world.colors)
+    is_shapes = all(it["class"] in classes and it.get("color") in colors | {None}
+                    for r in records for it in r["include"])
+    return records, is_shapes
+
+
+class PromptData:
+    """Fixed batches of items and the order an epoch visits them.
+
+    Args:
+        records: GenEval records.
+        seeds_per_prompt: seeds per record (seeds 0 .. n-1).
+        items_per_step: items per batch (the global batch).
+        seed: the run's seed.
+
+    Raises:
+        ValueError: fewer items than one batch.
+    """
+
+    def __init__(self, records: Sequence[dict], seeds_per_prompt: int, items_per_step: int, seed: int):
+        self.records = list(records)
+        n = len(self.records) * seeds_per_prompt
+        if n < items_per_step:
+            raise ValueError(f"data: {len(self.records)} prompts x {seeds_per_prompt} seeds = {n} items, fewer than "
+                             f"ppo.prompts_per_step={items_per_step}")
+        rng = np.random.default_rng([seed, 7])
+        order = rng.permutation(n)
+        self.num_batches = n // items_per_step
+        self.items_per_step = items_per_step
+        self.seed = seed
+        # Items left over after the last full batch are not used (at most items_per_step - 1).
+        self._batches = [order[b * items_per_step:(b + 1) * items_per_step] for b in range(self.num_batches)]
+        self._seeds = seeds_per_prompt
+
+    def _item(self, flat: int) -> Item:
+        r, s = divmod(int(flat), self._seeds)
+        return Item(self.records[r], s, r)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, index within the epoch) of ``step``."""
+        return divmod(step, self.num_batches)
+
+    def batch(self, step: int) -> tuple[int, list[Item]]:
+        """(batch id, its items) for ``step``."""
+        epoch, pos = self.position(step)
+        order = np.random.default_rng([self.seed, 11, epoch]).permutation(self.num_batches)
+        bid = int(order[pos])
+        return bid, [self._item(f) for f in self._batches[bid]]
+
+
+class EncodeCache:
+    """LRU cache of encoded batches (``capacity`` 0 = unbounded)."""
+
+    def __init__(self, capacity: int = 0):
+        self.capacity = capacity
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key):
+        if key in self._data:
+            self._data.move_to_end(key)
+            self.hits += 1
+            return self._data[key]
+        self.misses += 1
+        return None
+
+    def put(self, key, value) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        if self.capacity and len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)

@@ -1,0 +1,157 @@
+"""Run logging: JSONL metrics, optional TensorBoard, and a training-curve PNG drawn with Pillow.
+
+Used only by the trainer (rank 0). The JSONL file has one object per step;
+on resume, rows after the checkpoint's step are dropped so that a resumed run's
+file equals an uninterrupted one's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["MetricsLog", "draw_curves", "TIMING_PREFIX"]
+
+#: Keys under this prefix are wall-clock timings (they differ between identical runs).
+TIMING_PREFIX = "time/"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Appends one JSON object per step to ``metrics.jsonl``; mirrors scalars to TensorBoard when asked.
+
+    Args:
+        folder: the run folder.
+        tensorboard: ``"auto"`` (when installed), ``"on"`` (fail when not), ``"off"``.
+        resume_step: keep only rows with ``step <= resume_step`` (None: start a new file).
+
+    Raises:
+        ValueError: ``tensorboard="on"`` without TensorBoard installed.
+    """
+
+    def __init__(self, folder: str | os.PathLike, tensorboard: str = "auto", resume_step: int | None = None):
+        self.path = Path(folder) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if resume_step is not None and self.path.exists():
+            rows = [r for r in self.read(self.path) if r.get("step", -1) <= resume_step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.path)
+        self.rows = rows
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard != "off":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(folder) / "tensorboard"))
+            except ImportError:
+                if tensorboard == "on":
+                    raise ValueError("log.tensorboard='on' but TensorBoard is not installed "
+                                     "(pip install tensorboard, or set log.tensorboard: auto)") from None
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> list[dict]:
+        """The rows of a metrics file (a torn last line from a crash is skipped)."""
+        rows = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return rows
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        self.rows.append(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+_PANELS = (
+    ("reward (policy batch)", ("reward/joint_image", "reward/joint_policy")),
+    ("image reward per aspect", ("reward/count", "reward/color", "reward/position")),
+    ("R_phi vs image reward (monitor)", ("monitor/corr_joint", "monitor/reward_joint", "monitor/evaluator")),
+    ("PPO: approx-KL x100, clip fraction", ("ppo/approx_kl_x100", "ppo/clip_fraction")),
+)
+_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
+
+
+def draw_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, width: int = 900) -> Path:
+    """Draw the run's main curves into a PNG (four stacked panels), with Pillow only.
+
+    Args:
+        rows: metrics rows (each with ``step``).
+        path: the PNG to write (atomically).
+
+    Returns:
+        The path written.
+    """
+    from PIL import Image, ImageDraw
+
+    panel_h, margin = 170, 50
+    img = Image.new("RGB", (width, len(_PANELS) * (panel_h + 30) + 20), "white")
+    draw = ImageDraw.Draw(img)
+    steps = [r["step"] for r in rows]
+    lo_x, hi_x = (min(steps), max(steps)) if steps else (0, 1)
+    hi_x = hi_x if hi_x > lo_x else lo_x + 1
+    for p, (title, keys) in enumerate(_PANELS):
+        top = 20 + p * (panel_h + 30)
+        series = []
+        for key in keys:
+            pts = []
+            for r in rows:
+                v = r.get(key[:-5] if key.endswith("_x100") else key)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    pts.append((r["step"], v * (100 if key.endswith("_x100") else 1)))
+            series.append((key, pts))
+        values = [v for _, pts in series for _, v in pts]
+        lo_y, hi_y = (min(values), max(values)) if values else (0.0, 1.0)
+        if hi_y - lo_y < 1e-9:
+            lo_y, hi_y = lo_y - 0.5, hi_y + 0.5
+        box = (margin, top + 15, width - 20, top + panel_h)
+        draw.rectangle(box, outline=(0, 0, 0))
+        draw.text((margin, top), title, fill=(0, 0, 0))
+        draw.text((5, box[1]), f"{hi_y:.3g}", fill=(0, 0, 0))
+        draw.text((5, box[3] - 10), f"{lo_y:.3g}", fill=(0, 0, 0))
+
+        def xy(s, v):
+            x = box[0] + (s - lo_x) / (hi_x - lo_x) * (box[2] - box[0])
+            y = box[3] - (v - lo_y) / (hi_y - lo_y) * (box[3] - box[1])
+            return x, y
+
+        legend_x = margin + 220
+        for i, (key, pts) in enumerate(series):
+            color = _COLORS[i % len(_COLORS)]
+            if len(pts) > 1:
+                draw.line([xy(s, v) for s, v in pts], fill=color, width=2)
+            elif pts:
+                x, y = xy(*pts[0])
+                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
+            draw.text((legend_x, top), key, fill=color)
+            legend_x += 8 * len(key) + 20
+    draw.text((margin, img.height - 15), f"step {lo_x} .. {hi_x}", fill=(0, 0, 0))
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,174 @@
+"""Rollouts: encode a batch of items, sample G corrections per z0, and the policy module PPO differentiates.
+
+- :func:`encode_items` runs the frozen backbone up to the correction point for
+  a batch of items, once per item; :func:`prompt_inputs` repeats each item's
+  z0 and e_p ``group_size`` times (item-major rows), and
+  :func:`decode_groups` decodes the G samples of every item with G decode calls
+  on the same state, so encoding never repeats work.
+- :func:`sample_rollouts` draws the corrections with
+  :func:`xlard.ops.sample_correction`, computing the policy's forward passes in
+  the minibatches of the first PPO epoch so that the update's first minibatch
+  reproduces the rollout's log-probabilities bit for bit.
+- :class:`PolicyStep` is the module DistributedDataParallel wraps: one trunk
+  pass giving the policy mean, the value and (for an action) its log-density.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from xlard import ops as xops
+
+__all__ = ["derived_generator", "encode_items", "decode_groups", "GroupResult", "PromptInputs", "prompt_inputs",
+           "Rollouts", "sample_rollouts", "PolicyStep"]
+
+
+def derived_generator(seed: int, *parts) -> torch.Generator:
+    """A CPU generator seeded from the run's seed and a path (step, purpose, ...).
+
+    Every random draw of the trainer comes from one of these, so a draw depends
+    on (seed, step, purpose) only: not on the process count, nor on what ran
+    before a resume.
+    """
+    digest = hashlib.sha256(repr((int(seed),) + tuple(parts)).encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def encode_items(backbone, items: Sequence):
+    """Encode ``items`` with their own seeds (one generator per item, so a z0 does not depend on the batch)."""
+    return backbone.encode([item.spec() for item in items], seed=[int(item.seed) for item in items])
+
+
+class GroupResult(NamedTuple):
+    """The reward fields the trainer uses, for item-major rollout rows (``scores`` NaN where absent)."""
+
+    scores: torch.Tensor
+    present: torch.Tensor
+    joint: torch.Tensor
+
+
+def decode_groups(backbone, reward_fn, state, z: torch.Tensor, group_size: int, timer=None):
+    """Decode and score ``z`` (rows item-major: item i's sample g at ``i * G + g``) with G decode calls.
+
+    Args:
+        backbone: the backbone that encoded ``state`` (one row per item).
+        reward_fn: ``Decoded -> RewardResult``.
+        state: the items' :class:`BackboneState`.
+        z (Tensor[items * G, C, H, W]): latents to decode.
+        group_size: G.
+        timer: optional ``timer(phase)`` context factory ("decode", "reward").
+
+    Returns:
+        (list of the G :class:`Decoded`, :class:`GroupResult` in row order).
+    """
+    from contextlib import nullcontext
+
+    span = timer if timer is not None else (lambda phase: nullcontext())
+    n = state.z0.shape[0]
+    if z.shape[0] != n * group_size:
+        raise ValueError(f"decode_groups: z has {z.shape[0]} rows, expected items x G = {n} x {group_size}")
+    decoded, parts = [], []
+    for g in range(group_size):
+        rows = torch.arange(n, device=z.device) * group_size + g
+        with span("decode"):
+            d = backbone.decode(state, z[rows].to(state.z0.device, state.z0.dtype))
+        with span("reward"):
+            r = reward_fn(d)
+        decoded.append(d)
+        parts.append(r)
+    order = torch.argsort(torch.cat([torch.arange(n) * group_size + g for g in range(group_size)]))
+
+    def gather(name):
+        return torch.cat([getattr(r, name).detach().cpu() for r in parts])[order]
+
+    return decoded, GroupResult(gather("scores").float(), gather("present"), gather("joint").float())
+
+
+class PromptInputs(NamedTuple):
+    """The corrector's inputs of a state, float32 on the trainer's device, and the prompts' aspect mask."""
+
+    z0: torch.Tensor
+    text_tokens: torch.Tensor
+    pooled: torch.Tensor
+    text_mask: torch.Tensor
+    aspect_mask: torch.Tensor
+
+
+def prompt_inputs(state, device, group_size: int = 1) -> PromptInputs:
+    """Float32 corrector inputs from a :class:`xlard.backbones.BackboneState`, each row repeated ``group_size`` times."""
+    emb = state.prompt_embedding
+    mask = torch.tensor([spec.aspect_mask() for spec in state.specs], dtype=torch.bool, device=device)
+    parts = (state.z0.to(device, torch.float32), emb.tokens.to(device, torch.float32),
+             emb.pooled.to(device, torch.float32), emb.mask.to(device), mask)
+    return PromptInputs(*(t.repeat_interleave(group_size, dim=0) if group_size > 1 else t for t in parts))
+
+
+class Rollouts(NamedTuple):
+    """One process's rollout batch (rows in item-major, sample-minor order).
+
+    Attributes:
+        zc, delta (Tensor[n, C, H, W] float32): corrected latents and actions.
+        log_prob (Tensor[n] float32): the action's log-density summed over C*H*W,
+            computed by :meth:`ResidualCorrector.log_prob` (the update's function).
+        value (Tensor[n] float32): the value head's baseline.
+        lam (Tensor[n, H, W] float32): the Latent Activation Maps ``sum_c |delta|``.
+    """
+
+    zc: torch.Tensor
+    delta: torch.Tensor
+    log_prob: torch.Tensor
+    value: torch.Tensor
+    lam: torch.Tensor
+
+
+class PolicyStep(nn.Module):
+    """``forward(z0, text_tokens, pooled, text_mask, delta=None) -> (mean, value, log_prob_sum or None)``."""
+
+    def __init__(self, corrector):
+        super().__init__()
+        self.corrector = corrector
+
+    def forward(self, z0, text_tokens, pooled, text_mask, delta=None):
+        dist, value = self.corrector.policy_and_value(z0, text_tokens, pooled, text_mask)
+        log_prob = None if delta is None else self.corrector.log_prob(delta, dist.mean)
+        return dist.mean, value, log_prob
+
+
+@torch.no_grad()
+def sample_rollouts(policy: PolicyStep, inputs: PromptInputs, noise: torch.Tensor,
+                    layout: Sequence[torch.Tensor]) -> Rollouts:
+    """Sample one correction per row: ``delta ~ N(mean, std^2)``, ``zc = z0 + alpha * delta``.
+
+    Args:
+        policy: the (unwrapped) :class:`PolicyStep`.
+        inputs: this process's rows.
+        noise (Tensor[n, C, H, W]): standard normal draws, one per row.
+        layout: the first epoch's minibatches (local row indices); the forward
+            passes run over exactly these row sets.
+
+    Returns:
+        :class:`Rollouts`.
+    """
+    corrector = policy.corrector
+    was_training = corrector.training
+    corrector.eval()
+    n = inputs.z0.shape[0]
+    zc = torch.empty_like(inputs.z0)
+    delta = torch.empty_like(inputs.z0)
+    log_prob = torch.empty(n, dtype=torch.float32, device=inputs.z0.device)
+    value = torch.empty_like(log_prob)
+    lam = torch.empty((n,) + tuple(inputs.z0.shape[2:]), dtype=torch.float32, device=inputs.z0.device)
+    log_std = corrector.log_std.detach().float()
+    alpha = corrector.config.alpha
+    for rows in layout:
+        mean, v, _ = policy(inputs.z0[rows], inputs.text_tokens[rows], inputs.pooled[rows], inputs.text_mask[rows])
+        z, d, _, l = xops.sample_correction(inputs.z0[rows], mean, log_std, noise[rows].to(mean.device), alpha)
+        zc[rows], delta[rows], value[rows], lam[rows] = z, d, v, l
+        # The update recomputes log-probs with gaussian_log_prob; the fused op's own sum
+        # differs in the last bits, so the rollout stores the update's function's value.
+        log_prob[rows] = corrector.log_prob(d, mean)
+    corrector.train(was_training)
+    return Rollouts(zc, delta, log_prob, value, lam)

@@ -1,0 +1,766 @@
+"""The training loop of xLARD (method.md sections 5-6); the only module of xlard.train that writes to disk.
+
+One PPO step:
+
+1. **encode**: the step's batch of (prompt, seed) items, each repeated G
+   times, through the frozen backbone up to ``correction_step`` (cached: a
+   batch is encoded once per run).
+2. **sample**: G corrections per z0 from the Gaussian policy
+   (:func:`xlard.ops.sample_correction`), with the value baseline.
+3. **score**: R_phi predicts the three sub-rewards of every sample without
+   decoding; lambda comes from the confidence head (or uniform).
+4. **decode + reward** (every ``projector.refresh_every`` steps, or every step
+   with ``reward_model: image``): the samples are decoded and scored by the
+   configured reward source; they refresh R_phi's buffer.
+5. **update**: advantages (group or value baseline, whitened over the global
+   batch), ``epochs x minibatches`` clipped-surrogate steps with the value loss
+   and the latent anchor; the first minibatch's ratio must be exactly 1.
+6. **projector**: after a refresh, R_phi and its confidence head are fit on the
+   buffer (uncertainty-weighted regression).
+
+Distributed runs use torchrun: every process holds ``1/world`` of the items,
+random draws derive from (seed, step) only, advantage statistics are
+all-reduced and minibatches are laid out identically for any world size, so
+the global batch and the result do not depend on the number of processes.
+Rank 0 logs and checkpoints.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from xlard.models import LatentRewardProjector, ResidualCorrector, aspect_weights
+from xlard.train import checkpoint as ckpt
+from xlard.train import ppo
+from xlard.train.config import TrainConfig, batch_arithmetic, describe
+from xlard.train.data import MONITOR_SEED_BASE, EncodeCache, Item, PromptData, load_records
+from xlard.train.metrics import MetricsLog, draw_curves
+from xlard.train.projector import ProjectorBuffer, Slot, fit_projector
+from xlard.train.rewarding import build_reward_fn
+from xlard.train.rollout import (PolicyStep, decode_groups, derived_generator, encode_items, prompt_inputs,
+                                 sample_rollouts)
+
+__all__ = ["train", "Trainer", "load_backbone"]
+
+_PHASES = ("encode", "sample", "score", "decode", "reward", "update", "projector", "monitor", "evaluate")
+
+
+def load_backbone(settings, device: torch.device):
+    """The run's :class:`xlard.backbones.DiffusersBackbone` (attention capture on, as the attention source needs)."""
+    from xlard.backbones import DiffusersBackbone
+
+    dtype = getattr(torch, settings.dtype)
+    kwargs: dict[str, Any] = {"correction_step": settings.correction_step, "torch_dtype": dtype, "device": device,
+                              **settings.options}
+    steps, guidance = settings.num_inference_steps, settings.guidance_scale
+    path = settings.name
+    if settings.name == "shapes":
+        from xlard.shapes import backbone as shapes_backbone
+
+        path = str(shapes_backbone.backbone_path())
+        if not shapes_backbone.is_available(path):
+            raise FileNotFoundError(f"backbone.name 'shapes': no shapes backbone at {path}")
+        steps = steps or shapes_backbone.DEFAULT_STEPS
+        guidance = shapes_backbone.DEFAULT_GUIDANCE if guidance is None else guidance
+    if steps:
+        kwargs["num_inference_steps"] = steps
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    import logging
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    return DiffusersBackbone.from_pretrained(path, **kwargs)
+
+
+#: Phases that run the trainer's own (small) models; the others run the backbone and the reward source.
+_TRAINER_PHASES = ("sample", "score", "update", "projector")
+
+
+class _Timer:
+    """Accumulates seconds per phase; runs the trainer's phases with ``trainer_threads`` CPU threads."""
+
+    def __init__(self, trainer_threads: int = 0):
+        self.seconds = dict.fromkeys(_PHASES, 0.0)
+        self.trainer_threads = trainer_threads
+
+    def __call__(self, phase: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.threads = None
+                if timer.trainer_threads and phase in _TRAINER_PHASES:
+                    self.threads = torch.get_num_threads()
+                    torch.set_num_threads(timer.trainer_threads)
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[phase] += time.perf_counter() - self.t
+                if self.threads is not None:
+                    torch.set_num_threads(self.threads)
+
+        return _Span()
+
+
+class _EMA:
+    """Exponential moving average of the corrector's parameters (evaluation uses it when on)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_into(self, model: torch.nn.Module) -> torch.nn.Module:
+        clone = copy.deepcopy(model)
+        clone.load_state_dict(self.shadow)
+        return clone
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"train config: backbone.device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train config: backbone.device is cuda but CUDA is not available")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+class Trainer:
+    """Owns a run: models, optimisers, data, buffer, logging and checkpoints.
+
+    Args:
+        cfg: the validated config (``cfg.out`` is the run folder).
+        resume: continue from the newest checkpoint in the run folder.
+        backbone: an already-built backbone to use (tests); default: built from ``cfg.backbone``.
+
+    Raises:
+        ValueError: a config that cannot be honoured, a run folder that holds a
+            different run, or one with checkpoints when ``resume`` is False.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, backbone=None):
+        self.cfg = cfg
+        self.rank, self.world, local_rank = _dist_info()
+        self.distributed = self.world > 1
+        self.device = _resolve_device(cfg.backbone.device, local_rank)
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+        self.arith = batch_arithmetic(cfg, self.world)
+        self.out = Path(cfg.out)
+        self._check_folder(resume)
+
+        torch.manual_seed(cfg.seed)
+        self.backbone = backbone if backbone is not None else load_backbone(cfg.backbone, self.device)
+        self.reward_fn = build_reward_fn(cfg.reward, self.backbone)
+        records, self.is_shapes = load_records(cfg.data.prompts)
+        if cfg.data.max_prompts:
+            records = records[:cfg.data.max_prompts]
+        self.data = PromptData(records, cfg.data.seeds_per_prompt, cfg.ppo.prompts_per_step, cfg.seed)
+        self.cache = EncodeCache(cfg.data.encode_cache)
+        self.monitor_items = self._monitor_items(records)
+
+        # Models: sized from the backbone; the corrector is the policy and holds the value head.
+        bb = self.backbone
+        ccfg = bb.corrector_config(cfg.model.corrector, **cfg.model.corrector_overrides)
+        from xlard.models import ProjectorConfig
+        pcfg = ProjectorConfig.preset(cfg.model.projector, latent_channels=bb.latent_channels,
+                                      text_dim=bb.text_dim, pooled_dim=bb.pooled_dim, **cfg.model.projector_overrides)
+        self.corrector = ResidualCorrector(ccfg).to(self.device)
+        self.projector = LatentRewardProjector(pcfg).to(self.device)
+        self.policy = PolicyStep(self.corrector)
+        self.policy_model, self.projector_model = self.policy, self.projector
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.policy_model = DDP(self.policy, device_ids=ids, find_unused_parameters=cfg.rl == "pathwise")
+            self.projector_model = DDP(self.projector, device_ids=ids)
+        o = cfg.optim
+        trunk = [p for n, p in self.corrector.named_parameters() if n != "log_std"]
+        self.policy_opt = torch.optim.AdamW(
+            [{"params": trunk, "lr": o.lr},
+             {"params": [self.corrector.log_std], "lr": o.lr * cfg.ppo.log_std_lr_scale, "weight_decay": 0.0}],
+            lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.policy_opt, lambda s: ppo.lr_factor(s, cfg.steps, o.warmup_steps, o.schedule, o.min_lr_ratio))
+        self.projector_opt = torch.optim.AdamW(self.projector.parameters(), lr=cfg.projector.lr,
+                                               weight_decay=cfg.projector.weight_decay)
+        self.ema = _EMA(self.corrector, o.ema) if o.ema > 0 else None
+        self.reward_stats = ppo.RunningStats()
+        self.buffer = ProjectorBuffer(cfg.projector.buffer_batches)
+        self.refs: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
+        self.step = 0
+        self.warm = False
+        self.monitor_state = None
+
+        self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        self.log = None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(cfg.to_dict(), indent=2, default=list)
+            (self.out / "config.json").write_text(text + "\n")
+            self.log = MetricsLog(self.out, cfg.log.tensorboard,
+                                  resume_step=self.step if self.resume_from is not None else None)
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _check_folder(self, resume: bool) -> None:
+        saved = self.out / "config.json"
+        have = ckpt.list_checkpoints(self.out)
+        if have and not resume:
+            raise ValueError(f"{self.out} already holds checkpoints of a run; pass --resume to continue it or "
+                             "choose another --out")
+        if resume and saved.exists():
+            old = json.loads(saved.read_text())
+            new = json.loads(json.dumps(self.cfg.to_dict(), default=list))
+            old.pop("out", None), new.pop("out", None)
+            if old != new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise ValueError(f"--resume: the config differs from the run's saved config in {diff}; "
+                                 f"resume with {saved} or start a new run")
+
+    def _monitor_items(self, train_records) -> list[Item]:
+        n = self.cfg.data.monitor_size
+        if n == 0:
+            return []
+        if self.cfg.data.monitor_prompts:
+            from xlard import geneval
+            records = geneval.read_jsonl(self.cfg.data.monitor_prompts)
+        else:
+            records = train_records
+        gen = derived_generator(self.cfg.seed, "monitor")
+        pick = torch.randperm(len(records), generator=gen)[:n].tolist()
+        # Seeds the training never draws: the monitor sees new noise even for training prompts.
+        return [Item(records[i], MONITOR_SEED_BASE + k, i) for k, i in enumerate(pick)]
+
+    def _say(self, text: str) -> None:
+        if self.is_main:
+            print(text, file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ distributed helpers
+
+    def _all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.detach().to(torch.float64).clone()
+        if self.distributed:
+            t = values.to(self.device)
+            dist.all_reduce(t)
+            values = t.cpu()
+        return values
+
+    def _local_rows(self):
+        n = self.arith["rollouts_per_rank"]
+        return torch.arange(n, dtype=torch.int64) + self.rank * n
+
+    def _shard(self, items: list[Item]) -> list[Item]:
+        k = self.arith["items_per_rank"]
+        return items[self.rank * k:(self.rank + 1) * k]
+
+    # ------------------------------------------------------------------ phases
+
+    def _encode(self, step: int, timer: _Timer):
+        bid, items = self.data.batch(step)
+        items = self._shard(items)
+        with timer("encode"):
+            state = self.cache.get(bid)
+            if state is None:
+                state = encode_items(self.backbone, items)
+                self.cache.put(bid, state)
+        return items, state
+
+    def _decode_and_score(self, state, z: torch.Tensor, timer: _Timer, group_size: int | None = None):
+        g = self.cfg.ppo.group_size if group_size is None else group_size
+        return decode_groups(self.backbone, self.reward_fn, state, z, g, timer)
+
+    def _weights(self, pooled, aspect_mask):
+        if self.cfg.confidence == "uniform":
+            return aspect_weights(torch.zeros(aspect_mask.shape, device=aspect_mask.device), aspect_mask)
+        with torch.no_grad():
+            return self.projector.confidence(pooled, aspect_mask)
+
+    def _slot(self, inputs, z, result) -> Slot:
+        present = result.present.to("cpu")
+        target = torch.nan_to_num(result.scores.to("cpu").float(), nan=0.0)
+        return Slot(z.detach().float().cpu(), inputs.text_tokens.cpu(), inputs.pooled.cpu(), inputs.text_mask.cpu(),
+                    target, present, self._local_rows(), self.arith["rollouts_per_step"])
+
+    def _fit(self, epochs: int, *purpose, slots=None) -> dict:
+        gen = derived_generator(self.cfg.seed, "projector-fit", *purpose)
+        return fit_projector(self.projector_model, self.projector, self.projector_opt, self.buffer, epochs,
+                             slots,
+                             self.cfg.projector.minibatches, gen, self.device, self.cfg.optim.max_grad_norm,
+                             all_sum=self._all_sum if self.distributed else None, world_size=self.world)
+
+    def warm_start(self) -> dict:
+        """Fill R_phi's buffer with perturbed latents around z0 and fit it (before the first PPO step)."""
+        p = self.cfg.projector
+        timer = _Timer(self.cfg.trainer_threads)
+        if self.cfg.reward_model == "image" and self.cfg.rl == "ppo":
+            self.warm = True
+            return {}
+        batches = range(p.warmup_batches)
+        if self.is_main and self.cfg.log.progress:
+            from tqdm import tqdm
+            batches = tqdm(batches, desc="R_phi warm start", unit="batch", file=sys.stderr)
+        for wb in batches:
+            items, state = self._encode(wb, timer)
+            inputs = prompt_inputs(state, self.device, self.cfg.ppo.group_size)
+            gen = derived_generator(self.cfg.seed, "warm", wb)
+            eps = torch.randn((self.arith["rollouts_per_step"],) + tuple(inputs.z0.shape[1:]), generator=gen)
+            eps = eps[self._local_rows()].to(self.device)
+            scale = inputs.z0.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+            z = inputs.z0 + p.warmup_sigma * scale * eps
+            _, result = self._decode_and_score(state, z, timer)
+            self.buffer.add(self._slot(inputs, z, result))
+        with timer("projector"):
+            fit = self._fit(p.warmup_epochs, "warm")
+        self.warm = True
+        self._say(f"R_phi warm start: {p.warmup_batches} batches, fit loss {fit['loss']:.4f}, "
+                  f"mse count/color/position {fit['mse_count']:.4f}/{fit['mse_color']:.4f}/{fit['mse_position']:.4f}"
+                  f" ({sum(timer.seconds.values()):.1f}s)")
+        return fit
+
+    def _advantages(self, rewards: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(advantages, value targets) from rewards, with global statistics."""
+        c = self.cfg.ppo
+        n_global = self.arith["rollouts_per_step"]
+        sums = self._all_sum(torch.stack([rewards.sum(), rewards.square().sum()]).cpu())
+        if c.reward_norm:
+            self.reward_stats.update(float(n_global), float(sums[0]), float(sums[1]))
+            targets = (rewards - self.reward_stats.mean) / max(self.reward_stats.std, 1e-6)
+        else:
+            targets = rewards
+        if c.advantage == "group":
+            adv = ppo.group_advantages(targets, c.group_size)
+        else:
+            adv = targets - values
+        if c.whiten:
+            s = self._all_sum(torch.stack([adv.sum(), adv.square().sum()]).cpu()).to(adv.device, adv.dtype)
+            adv = ppo.whiten(adv, s[0], s[1], float(n_global))
+        return adv, targets
+
+    def _anchor(self, items, inputs) -> torch.Tensor | None:
+        if self.cfg.anchor == "none":
+            return None
+        if self.cfg.anchor == "z0":
+            return inputs.z0
+        anchor = inputs.z0.clone()
+        g = self.cfg.ppo.group_size
+        for i, item in enumerate(items):
+            ref = self.refs.get((item.index, item.seed))
+            if ref is not None:
+                anchor[i * g:(i + 1) * g] = ref[0].to(anchor.device)
+        return anchor
+
+    def _update_refs(self, items, zc, result) -> None:
+        joint = result.joint.detach().cpu()
+        g = self.cfg.ppo.group_size
+        for i, item in enumerate(items):
+            block = joint[i * g:(i + 1) * g]
+            finite = torch.nan_to_num(block, nan=-1.0)
+            j = int(torch.argmax(finite))
+            value = float(finite[j])
+            key = (item.index, item.seed)
+            if value >= self.cfg.anchor_ref_min_reward and value > self.refs.get(key, (None, -1.0))[1]:
+                self.refs[key] = (zc[i * g + j].detach().float().cpu().clone(), value)
+
+    def _ppo_update(self, step, inputs, rollouts, adv, targets, anchor) -> dict:
+        c = self.cfg.ppo
+        numel = int(inputs.z0[0].numel())
+        alpha = self.corrector.config.alpha
+        global_rows = self._local_rows()
+        stats_acc: dict[str, float] = {}
+        count = 0
+        self.corrector.train()
+        for epoch in range(c.epochs):
+            keys = None if epoch == 0 else torch.rand(self.arith["rollouts_per_step"],
+                                                      generator=derived_generator(self.cfg.seed, "mb", step, epoch))
+            for k, rows in enumerate(ppo.minibatch_layout(global_rows, c.minibatches, keys)):
+                rows = rows.to(self.device)
+                mean, value, logp = self.policy_model(inputs.z0[rows], inputs.text_tokens[rows], inputs.pooled[rows],
+                                                      inputs.text_mask[rows], rollouts.delta[rows])
+                if epoch == 0 and k == 0 and not torch.equal(logp.detach(), rollouts.log_prob[rows]):
+                    diff = float((logp.detach() - rollouts.log_prob[rows]).abs().max())
+                    raise RuntimeError(f"PPO step {step}: the ratio of the first minibatch is not exactly 1 (log-prob "
+                                       f"differs by up to {diff:.3g} from the rollout): the policy's forward pass is "
+                                       "not reproducible (dropout on? parameters changed before the update?)")
+                new = ppo.reduce_log_prob(logp, numel, c.logprob_reduction)
+                old = ppo.reduce_log_prob(rollouts.log_prob[rows], numel, c.logprob_reduction)
+                pg, _, st = ppo.clipped_surrogate(new, old, adv[rows], c.clip)
+                vl = ppo.value_loss(value, targets[rows])
+                loss = pg + c.value_coef * vl
+                if anchor is not None:
+                    loss = loss + ppo.anchor_penalty(inputs.z0[rows] + alpha * mean, anchor[rows], self.cfg.anchor_beta)
+                self.policy_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = self._clip()
+                self.policy_opt.step()
+                for name, v in st._asdict().items():
+                    stats_acc[name] = stats_acc.get(name, 0.0) + float(v)
+                # The same step measured under the other reduction (the data behind the documented choice).
+                other = "sum" if c.logprob_reduction == "mean" else "mean"
+                with torch.no_grad():
+                    alt = (ppo.reduce_log_prob(logp.detach(), numel, other)
+                           - ppo.reduce_log_prob(rollouts.log_prob[rows], numel, other)).double()
+                for name, v in (("log_ratio_abs_max", alt.abs().max()),
+                                ("approx_kl", (alt.exp() - 1 - alt).mean()),
+                                ("clip_fraction", ((alt.exp() - 1).abs() > c.clip).double().mean())):
+                    key = f"if_{other}/{name}"
+                    stats_acc[key] = stats_acc.get(key, 0.0) + float(v)
+                stats_acc["policy_loss"] = stats_acc.get("policy_loss", 0.0) + float(pg.detach())
+                stats_acc["value_loss"] = stats_acc.get("value_loss", 0.0) + float(vl.detach())
+                stats_acc["grad_norm"] = stats_acc.get("grad_norm", 0.0) + grad_norm
+                count += 1
+        return {f"ppo/{k}": v / count for k, v in stats_acc.items()}
+
+    def _pathwise_update(self, step, inputs, targets_unused, anchor, weights) -> dict:
+        c = self.cfg.ppo
+        alpha = self.corrector.config.alpha
+        global_rows = self._local_rows()
+        self.corrector.train()
+        self.projector.eval()
+        for p in self.projector.parameters():
+            p.requires_grad_(False)
+        acc = {"pathwise/objective": 0.0, "pathwise/grad_norm": 0.0}
+        count = 0
+        try:
+            for epoch in range(c.epochs):
+                keys = None if epoch == 0 else torch.rand(self.arith["rollouts_per_step"],
+                                                          generator=derived_generator(self.cfg.seed, "mb", step, epoch))
+                for rows in ppo.minibatch_layout(global_rows, c.minibatches, keys):
+                    rows = rows.to(self.device)
+                    mean, value, _ = self.policy_model(inputs.z0[rows], inputs.text_tokens[rows], inputs.pooled[rows],
+                                                       inputs.text_mask[rows])
+                    zc = inputs.z0[rows] + alpha * mean
+                    out = self.projector(zc, inputs.text_tokens[rows], inputs.pooled[rows], inputs.text_mask[rows],
+                                         inputs.aspect_mask[rows])
+                    objective = ppo.weighted_reward(out.scores, weights[rows]).mean()
+                    loss = -objective + c.value_coef * ppo.value_loss(value, ppo.weighted_reward(
+                        out.scores.detach(), weights[rows]))
+                    if anchor is not None:
+                        loss = loss + ppo.anchor_penalty(zc, anchor[rows], self.cfg.anchor_beta)
+                    self.policy_opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    acc["pathwise/grad_norm"] += self._clip()
+                    self.policy_opt.step()
+                    acc["pathwise/objective"] += float(objective.detach())
+                    count += 1
+        finally:
+            for p in self.projector.parameters():
+                p.requires_grad_(True)
+        return {k: v / count for k, v in acc.items()}
+
+    def _clip(self) -> float:
+        params = [p for p in self.corrector.parameters() if p.grad is not None]
+        if self.cfg.optim.max_grad_norm:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+
+    def train_step(self) -> dict:
+        """One PPO (or pathwise) step; returns its metrics row."""
+        cfg, step = self.cfg, self.step
+        timer = _Timer(self.cfg.trainer_threads)
+        t0 = time.perf_counter()
+        items, state = self._encode(step, timer)
+        inputs = prompt_inputs(state, self.device, cfg.ppo.group_size)
+        n_global = self.arith["rollouts_per_step"]
+        with timer("sample"):
+            noise = torch.randn((n_global,) + tuple(inputs.z0.shape[1:]),
+                                generator=derived_generator(cfg.seed, "noise", step))[self._local_rows()]
+            layout = ppo.minibatch_layout(self._local_rows(), cfg.ppo.minibatches if cfg.rl == "ppo" else 1, None)
+            rollouts = sample_rollouts(self.policy, inputs, noise.to(self.device), layout)
+        row: dict[str, Any] = {"step": step + 1}
+        decode_now = cfg.reward_model == "image" or step % cfg.projector.refresh_every == 0
+        result = None
+        if decode_now:
+            _, result = self._decode_and_score(state, rollouts.zc, timer)
+        with timer("score"):
+            if cfg.reward_model == "image":
+                weights = self._weights(inputs.pooled, result.present.to(self.device))
+                rewards = ppo.weighted_reward(result.scores.to(self.device).float(), weights)
+            else:
+                weights = self._weights(inputs.pooled, inputs.aspect_mask)
+                with torch.no_grad():
+                    self.projector.eval()
+                    pred = self.projector(rollouts.zc, inputs.text_tokens, inputs.pooled, inputs.text_mask,
+                                          inputs.aspect_mask)
+                rewards = ppo.weighted_reward(pred.scores, weights)
+            anchor = self._anchor(items, inputs)
+            if cfg.rl == "ppo":
+                adv, targets = self._advantages(rewards, rollouts.value)
+        with timer("update"):
+            if cfg.rl == "ppo":
+                row.update(self._ppo_update(step, inputs, rollouts, adv, targets, anchor))
+            else:
+                row.update(self._pathwise_update(step, inputs, rewards, anchor, weights))
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.corrector)
+        if decode_now:
+            if cfg.anchor == "ref":
+                self._update_refs(items, rollouts.zc, result)
+            if cfg.reward_model == "projector":
+                with timer("projector"):
+                    self.buffer.add(self._slot(inputs, rollouts.zc, result))
+                    # The newest slot plus a few random older ones: the fit's cost stays bounded
+                    # while the buffer keeps R_phi from forgetting earlier policies.
+                    gen = derived_generator(cfg.seed, "replay", step)
+                    older = torch.randperm(len(self.buffer) - 1, generator=gen)[:cfg.projector.refresh_replay]
+                    fit = self._fit(cfg.projector.refresh_epochs, step,
+                                    slots=older.tolist() + [len(self.buffer) - 1])
+                row.update({f"projector/{k}": v for k, v in fit.items()})
+        self.step += 1
+        # Global means of what the batch saw.
+        present = result.present.float().cpu() if result is not None else torch.zeros(rewards.shape[0], 3)
+        scores = torch.nan_to_num(result.scores.float().cpu(), nan=0.0) if result is not None else torch.zeros_like(present)
+        lam = rollouts.lam
+        top = lam.flatten(1).sort(dim=1, descending=True).values
+        k20 = max(1, int(round(0.2 * top.shape[1])))
+        sums = self._all_sum(torch.cat([
+            torch.stack([rewards.sum().cpu().double(), torch.tensor(float(rewards.shape[0]), dtype=torch.float64)]),
+            (scores * present).sum(0).double(), present.sum(0).double(),
+            torch.stack([lam.mean(dim=(1, 2)).sum().cpu().double(),
+                         (top[:, :k20].sum(1) / top.sum(1).clamp_min(1e-12)).sum().cpu().double(),
+                         rollouts.delta.square().mean(dim=(1, 2, 3)).sqrt().sum().cpu().double()])]))
+        n = sums[1]
+        row["reward/joint_" + ("image" if cfg.reward_model == "image" else "policy")] = float(sums[0] / n)
+        if result is not None:
+            for i, aspect in enumerate(("count", "color", "position")):
+                row[f"reward/{aspect}"] = float(sums[2 + i] / sums[5 + i]) if sums[5 + i] > 0 else float("nan")
+            if cfg.reward_model == "projector":
+                img_w = self._weights(inputs.pooled, result.present.to(self.device))
+                img = ppo.weighted_reward(result.scores.to(self.device).float(), img_w)
+                s = self._all_sum(torch.stack([img.sum().cpu().double()]))
+                row["reward/joint_image"] = float(s[0] / n)
+        row["lam/mean"] = float(sums[8] / n)
+        row["lam/top20_share"] = float(sums[9] / n)
+        row["policy/delta_rms"] = float(sums[10] / n)
+        row["policy/std"] = float(self.corrector.log_std.detach().exp().mean())
+        row["lr"] = float(self.scheduler.get_last_lr()[0])
+        row["decodes"] = n_global if decode_now else 0
+        mon_every, eval_every = cfg.log.monitor_every, cfg.log.evaluate_every
+        if self.is_main and self.monitor_items and (
+                (mon_every and self.step % mon_every == 0) or (eval_every and self.step % eval_every == 0)):
+            row.update(self._monitor(timer, evaluate=bool(eval_every and self.step % eval_every == 0 and self.is_shapes),
+                                     correlate=bool(mon_every and self.step % mon_every == 0)))
+        total = time.perf_counter() - t0
+        for phase, secs in timer.seconds.items():
+            row[f"time/{phase}"] = secs
+        row["time/step"] = total
+        core = timer.seconds["encode"] + timer.seconds["decode"] + timer.seconds["reward"]
+        row["time/overhead_fraction"] = (total - core) / total if total > 0 else float("nan")
+        row["time/rollouts_per_s"] = n_global / total if total > 0 else float("nan")
+        return row
+
+    # ------------------------------------------------------------------ monitoring
+
+    def eval_corrector(self) -> ResidualCorrector:
+        """The corrector evaluation uses: the EMA when on, else the trained weights."""
+        return self.ema.copy_into(self.corrector) if self.ema is not None else self.corrector
+
+    def _monitor(self, timer: _Timer, evaluate: bool, correlate: bool) -> dict:
+        with timer("monitor"):
+            if self.monitor_state is None:
+                self.monitor_state = encode_items(self.backbone, self.monitor_items)
+            state = self.monitor_state
+            inputs = prompt_inputs(state, self.device)
+            corrector = self.eval_corrector()
+            corrector.eval()
+            with torch.no_grad():
+                zc, _ = corrector.correct(inputs.z0, inputs.text_tokens, inputs.pooled, inputs.text_mask)
+                self.projector.eval()
+                pred = self.projector(zc, inputs.text_tokens, inputs.pooled, inputs.text_mask, inputs.aspect_mask)
+        decoded, result = self._decode_and_score(state, zc, timer, group_size=1)
+        decoded = decoded[0]
+        row = {}
+        with timer("monitor"):
+            present = result.present.cpu()
+            scores = result.scores.cpu()
+            p = pred.scores.cpu()
+            # With reward_model=image R_phi is never trained: there is nothing to monitor for hacking.
+            uses_projector = self.cfg.reward_model == "projector"
+            for i, aspect in enumerate(("count", "color", "position")):
+                m = present[:, i]
+                if uses_projector and correlate:
+                    row[f"monitor/corr_{aspect}"] = ppo.pearson(p[m, i], scores[m, i])
+                row[f"monitor/reward_{aspect}"] = float(scores[m, i].mean()) if m.any() else float("nan")
+            w = self._weights(inputs.pooled, result.present.to(self.device)).cpu()
+            img = ppo.weighted_reward(scores.float(), w)
+            proj = ppo.weighted_reward(p.float(), w)
+            if uses_projector and correlate:
+                row["monitor/corr_joint"] = ppo.pearson(proj, img)
+                row["monitor/projected_joint"] = float(proj.mean())
+            row["monitor/reward_joint"] = float(img.mean())
+        if evaluate:
+            with timer("evaluate"):
+                from xlard.shapes import evaluator as E
+
+                verdicts = E.evaluate(decoded.images.cpu(), [it.record for it in self.monitor_items])
+                row["monitor/evaluator"] = sum(v.correct for v in verdicts) / len(verdicts)
+        return row
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _rank_state(self) -> dict:
+        return {"buffer": self.buffer.state_dict(), "refs": dict(self.refs), "rng": ckpt.rng_state()}
+
+    def replica_difference(self) -> float:
+        """Largest difference between this process's corrector and projector weights and rank 0's (0 = identical)."""
+        if not self.distributed:
+            return 0.0
+        flat = torch.cat([p.detach().double().flatten() for m in (self.corrector, self.projector)
+                          for p in m.state_dict().values()]).to(self.device)
+        reference = flat.clone()
+        dist.broadcast(reference, src=0)
+        diff = (flat - reference).abs().max().reshape(1)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        return float(diff)
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of everything (rank 0 writes; every rank contributes its buffer and RNGs).
+
+        Raises:
+            RuntimeError: the processes' models have drifted apart (DDP replicas must stay identical).
+        """
+        drift = self.replica_difference()
+        if drift != 0.0:
+            raise RuntimeError(f"step {self.step}: the replicas' weights differ by up to {drift:.3g}; "
+                               "distributed training lost synchronisation")
+        local = self._rank_state()
+        if self.distributed:
+            gathered = [None] * self.world if self.is_main else None
+            dist.gather_object(local, gathered, dst=0)
+        else:
+            gathered = [local]
+        if not self.is_main:
+            return None
+        state = {
+            "format": "xlard.train/1", "step": self.step, "warm": self.warm, "world_size": self.world,
+            "config": self.cfg.to_dict(), "corrector": self.corrector.state_dict(),
+            "projector": self.projector.state_dict(), "policy_opt": self.policy_opt.state_dict(),
+            "projector_opt": self.projector_opt.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "ema": None if self.ema is None else self.ema.shadow, "reward_stats": self.reward_stats.state_dict(),
+            "data_position": self.data.position(self.step), "rank_state": gathered,
+        }
+        path = ckpt.save_atomic(state, ckpt.checkpoint_path(self.out, self.step))
+        for _, old in ckpt.list_checkpoints(self.out)[:-self.cfg.log.keep_checkpoints]:
+            old.unlink()
+        return path
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, map_location="cpu")
+        if state["world_size"] != self.world:
+            raise ValueError(f"--resume: {path} was written by {state['world_size']} process(es); resume with the "
+                             f"same number (got {self.world}) so every process gets its buffer back")
+        self.corrector.load_state_dict(state["corrector"])
+        self.projector.load_state_dict(state["projector"])
+        self.policy_opt.load_state_dict(state["policy_opt"])
+        self.projector_opt.load_state_dict(state["projector_opt"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.shadow = {k: v.to(self.device) for k, v in state["ema"].items()}
+        self.reward_stats.load_state_dict(state["reward_stats"])
+        mine = state["rank_state"][self.rank]
+        self.buffer.load_state_dict(mine["buffer"])
+        self.refs = dict(mine["refs"])
+        ckpt.set_rng_state(mine["rng"])
+        self.step, self.warm = state["step"], state["warm"]
+
+    def export(self) -> dict:
+        """Write the trained corrector (EMA when on) and R_phi with ``save_pretrained``; returns their paths."""
+        corrector_dir = self.eval_corrector().save_pretrained(self.out / "corrector")
+        projector_dir = self.projector.save_pretrained(self.out / "projector")
+        return {"corrector": str(corrector_dir), "projector": str(projector_dir)}
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        """Warm start (unless resumed past it), then train to ``cfg.steps``; returns a summary."""
+        cfg = self.cfg
+        self._say(describe(cfg, self.world))
+        self._say(f"run folder: {self.out}" + (f" (resuming from {self.resume_from.name}, step {self.step})"
+                                               if self.resume_from is not None else ""))
+        if not self.warm:
+            self.warm_start()
+            self.save()
+        bar = None
+        if self.is_main and cfg.log.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", file=sys.stderr)
+        last_checkpoint_seconds = 0.0
+        while self.step < cfg.steps:
+            row = self.train_step()
+            row["time/last_checkpoint"] = last_checkpoint_seconds
+            if self.is_main:
+                # The row goes to disk before the checkpoint of its step: a run killed in between
+                # resumes from the previous checkpoint and rewrites the row, so none is ever lost.
+                self.log.write(row)
+            if self.step % cfg.log.checkpoint_every == 0 or self.step == cfg.steps:
+                t = time.perf_counter()
+                self.save()
+                if self.is_main and cfg.log.curve:
+                    draw_curves(self.log.rows, self.out / "curve.png")
+                last_checkpoint_seconds = time.perf_counter() - t
+            if self.is_main:
+                if bar is not None:
+                    key = "reward/joint_image" if "reward/joint_image" in row else "reward/joint_policy"
+                    bar.set_postfix({"reward": f"{row.get(key, float('nan')):.3f}",
+                                     "kl": f"{row.get('ppo/approx_kl', float('nan')):.2e}"})
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        summary = {"steps": self.step, "out": str(self.out), "world_size": self.world,
+                   "replica_max_difference": self.replica_difference()}
+        if self.is_main:
+            summary.update(self.export())
+            if cfg.log.curve and self.log.rows:
+                draw_curves(self.log.rows, self.out / "curve.png")
+                summary["curve"] = str(self.out / "curve.png")
+            self.log.close()
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.distributed:
+            dist.barrier()
+        return summary
+
+
+def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> dict:
+    """Run (or resume) a training run; see :class:`Trainer`.
+
+    Example:
+        >>> from xlard.train import load_config, train
+        >>> summary = train(load_config("configs/shapes.yaml", overrides={"steps": 20, "out": "runs/try"}))
+    """
+    trainer = Trainer(cfg, resume=resume, backbone=backbone)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.distributed and dist.is_initialized():
+            dist.destroy_process_group()
