@@ -81,12 +81,27 @@ def test_default_config_roundtrip():
 
 def test_reward_factory_refuses_what_it_cannot_honour():
     from xlard.train.config import RewardSettings
-    from xlard.train.rewarding import build_reward_fn, have_sources
+    from xlard.train.rewarding import build_reward_fn, resolve_source_name, source_backbone_options
 
     with pytest.raises(ValueError, match="never a training reward"):
         build_reward_fn(RewardSettings(source="evaluator"), backbone=None)
-    if have_sources() is None:
-        with pytest.raises(ValueError, match="needs xlard.sources"):
-            build_reward_fn(RewardSettings(source="clip"), backbone=None)
-        with pytest.raises(ValueError, match="takes no options"):
-            build_reward_fn(RewardSettings(source="attention", options={"x": 1}), backbone=None)
+    with pytest.raises(ValueError, match="unknown source"):
+        build_reward_fn(RewardSettings(source="ears"), backbone=None)
+    with pytest.raises(ValueError, match="unknown options"):
+        build_reward_fn(RewardSettings(source="attention", options={"x": 1}), backbone=None)
+    with pytest.raises(ValueError, match="pass model="):
+        build_reward_fn(RewardSettings(source="clip"), backbone=None)
+    with pytest.raises(ValueError, match="unknown source"):
+        source_backbone_options(RewardSettings(source="ears"), "shapes")
+
+
+def test_reward_source_auto_and_backbone_options():
+    from xlard.train.config import RewardSettings
+    from xlard.train.rewarding import resolve_source_name, source_backbone_options
+
+    assert resolve_source_name(RewardSettings(), "shapes") == "shapes"
+    assert resolve_source_name(RewardSettings(), "some/hub-model") == "attention"
+    assert source_backbone_options(RewardSettings(), "shapes") == {"capture": False}
+    assert source_backbone_options(RewardSettings(source="attention"), "shapes") == {}
+    with pytest.raises(ValueError, match="true or false"):
+        RewardSettings(bind_color="yes")

@@ -1,8 +1,8 @@
 """Atomic checkpoints: one file per saved step, written whole or not at all.
 
-A checkpoint is a ``torch.save`` dict written to a temporary file in the run
-folder, flushed and fsync'ed, then renamed over ``ckpt-<step>.pt`` (rename is
-atomic on POSIX), and the folder fsync'ed. A crash at any moment leaves either
+A checkpoint is a ``torch.save`` dict written through :mod:`xlard._io` (a
+temporary file in the run folder, fsync'ed, renamed over ``ckpt-<step>.pt``,
+the folder fsync'ed). A crash at any moment leaves either
 the previous checkpoints or the new one, never a torn file. The trainer decides
 what goes in (everything a run depends on, RNG states included).
 """
@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from xlard import _io
 
 __all__ = ["save_atomic", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "rng_state",
            "set_rng_state"]
@@ -25,26 +26,10 @@ _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + rename + fsync of the folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    """``torch.save(obj)`` to ``path`` atomically (:func:`xlard._io.atomic_path`: temp file, fsync, rename)."""
+    with _io.atomic_path(path, owner="xlard train checkpoint", make_parents=True) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def checkpoint_path(folder: str | os.PathLike, step: int) -> Path:

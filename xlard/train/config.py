@@ -161,17 +161,19 @@ class RewardSettings:
             backbone's own cross-attention + the pixel color encoder), or any
             name :func:`xlard.sources.get_source` knows when that module exists.
         options: keyword options for the source.
-        bind_color: look for an entity's color only inside its component mask.
+        bind_color: look for an entity's color only inside its component
+            mask; None: the source's own setting (its ``reward_config``).
     """
 
     source: str = "auto"
     options: dict = field(default_factory=dict)
-    bind_color: bool = False
+    bind_color: bool | None = None
 
     def __post_init__(self):
         _str("reward", "source", self.source)
         _mapping("reward", "options", self.options)
-        _bool("reward", "bind_color", self.bind_color)
+        if self.bind_color is not None:
+            _bool("reward", "bind_color", self.bind_color)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from xlard import _io
+
 __all__ = ["MetricsLog", "draw_curves", "TIMING_PREFIX"]
 
 #: Keys under this prefix are wall-clock timings (they differ between identical runs).
@@ -42,11 +44,7 @@ class MetricsLog:
         rows = []
         if resume_step is not None and self.path.exists():
             rows = [r for r in self.read(self.path) if r.get("step", -1) <= resume_step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with tmp.open("w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        _io.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows), owner="xlard train metrics")
         self.rows = rows
         self._file = self.path.open("a")
         self._tb = None
@@ -151,7 +149,6 @@ def draw_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, widt
             legend_x += 8 * len(key) + 20
     draw.text((margin, img.height - 15), f"step {lo_x} .. {hi_x}", fill=(0, 0, 0))
     path = Path(path)
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with _io.atomic_path(path, owner="xlard train curve") as tmp:
+        img.save(tmp, format="PNG")
     return path

@@ -1,37 +1,54 @@
 """The one place the trainer gets its reward function from.
 
 :func:`build_reward_fn` turns ``cfg.reward`` and the backbone into a callable
-``Decoded -> RewardResult`` (the CMD rewards with their ``present`` mask).
-When :mod:`xlard.sources` exists (the reward-source interface), every source
-name goes through ``get_source`` / ``score``; without it the trainer supports
-the ``"attention"`` source: the backbone's own cross-attention for count and
-position and the weight-free pixel color encoder for color. The exact
-evaluator is never a reward source.
+``Decoded -> RewardResult`` (the CMD rewards with their ``present`` mask) through
+the reward-source interface (:mod:`xlard.sources`): ``"auto"`` takes the
+backbone's default source (the understanding model on the shapes backbone, the
+backbone's cross-attention elsewhere). The rewards are read with the source's
+own :meth:`~xlard.sources.RewardSource.reward_config`. The exact evaluator is
+never a reward source.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Callable
+from typing import Any, Callable
 
+from xlard import sources
 from xlard.backbones.base import Decoded
-from xlard.rewards import ExplainableRewards, RewardConfig, RewardResult
+from xlard.rewards import ExplainableRewards, RewardResult
 
-__all__ = ["build_reward_fn", "have_sources"]
+__all__ = ["build_reward_fn", "resolve_source_name", "source_backbone_options"]
 
 _FORBIDDEN = ("evaluator", "exact", "geneval")
 
 
-def have_sources():
-    """The :mod:`xlard.sources` module, or None when this install does not have it."""
-    try:
-        return importlib.import_module("xlard.sources")
-    except ModuleNotFoundError as e:
-        if e.name not in ("xlard.sources",):
-            raise
-        return None
+def resolve_source_name(settings, backbone: Any) -> str:
+    """The source name a run uses: ``settings.source``, with ``"auto"`` resolved for ``backbone``.
+
+    Args:
+        settings (RewardSettings): the run's reward settings.
+        backbone: a loaded backbone or its name (``"shapes"``, a folder, a hub id).
+
+    Raises:
+        ValueError: the name asks for the exact evaluator.
+    """
+    name = settings.source.strip().lower()
+    if any(word in name for word in _FORBIDDEN):
+        raise ValueError(f"reward.source {settings.source!r}: the exact evaluator is never a training reward "
+                         "(it is logged as a metric only)")
+    return sources.default_source_for(backbone) if name == "auto" else name
 
 
-def build_reward_fn(settings, backbone) -> Callable[[Decoded], RewardResult]:
+def source_backbone_options(settings, backbone_name: str) -> dict[str, Any]:
+    """``DiffusersBackbone.from_pretrained`` options the run's source wants (capture off when it reads images only)."""
+    name = resolve_source_name(settings, backbone_name)
+    classes = {"attention": sources.AttentionSource, "shapes": sources.ShapesSource, "clip": sources.ClipSource}
+    if name not in classes:
+        raise ValueError(f"reward.source {settings.source!r}: unknown source; expected 'auto' or one of "
+                         f"{sources.SOURCES}")
+    return {} if classes[name].needs_attention else {"capture": False}
+
+
+def build_reward_fn(settings, backbone) -> Callable[..., RewardResult]:
     """The reward function of a run.
 
     Args:
@@ -39,44 +56,19 @@ def build_reward_fn(settings, backbone) -> Callable[[Decoded], RewardResult]:
         backbone: the run's backbone (sources may need its tokenizer or device).
 
     Returns:
-        ``fn(decoded, explain=False) -> RewardResult``.
+        ``fn(decoded, explain=False) -> RewardResult``, with ``fn.source_name``.
 
     Raises:
-        ValueError: a source name that cannot be honoured here (unknown, the
-            exact evaluator, or options without a source module that takes them).
+        ValueError: a source name that cannot be honoured (unknown, the exact
+            evaluator, options the source does not take).
     """
-    name = settings.source.strip().lower()
-    if any(word in name for word in _FORBIDDEN):
-        raise ValueError(f"reward.source {settings.source!r}: the exact evaluator is never a training reward "
-                         "(it is logged as a metric only)")
-    rewards = ExplainableRewards(RewardConfig(bind_color=settings.bind_color))
-    sources = have_sources()
-    if sources is not None:
-        if name == "auto":
-            default = getattr(sources, "default_source_name", None)
-            name = default(backbone) if callable(default) else "attention"
-        source = sources.get_source(name, backbone=backbone, **dict(settings.options))
+    name = resolve_source_name(settings, backbone)
+    source = sources.get_source(name, backbone=backbone, **dict(settings.options))
+    overrides = {} if settings.bind_color is None else {"bind_color": settings.bind_color}
+    rewards = ExplainableRewards(source.reward_config(**overrides))
 
-        def via_source(decoded: Decoded, explain: bool = False) -> RewardResult:
-            return sources.score(decoded, source, rewards, explain=explain)
+    def via_source(decoded: Decoded, explain: bool = False) -> RewardResult:
+        return sources.score(decoded, source, rewards, explain=explain)
 
-        via_source.source_name = name  # type: ignore[attr-defined]
-        return via_source
-    if name not in ("auto", "attention"):
-        raise ValueError(f"reward.source {settings.source!r} needs xlard.sources, which this install does not have; "
-                         "available here: 'auto' or 'attention'")
-    if settings.options:
-        raise ValueError(f"reward.options {dict(settings.options)} cannot be honoured: the 'attention' source "
-                         "takes no options without xlard.sources")
-    if getattr(backbone, "_capture_factory", True) is None:
-        raise ValueError("reward.source 'attention' needs the backbone's attention capture (it is off)")
-    from xlard.color_features import PixelColorEncoder
-
-    if getattr(backbone, "color_encoder", None) is None:
-        rewards = ExplainableRewards(RewardConfig(bind_color=settings.bind_color), color_encoder=PixelColorEncoder())
-
-    def via_attention(decoded: Decoded, explain: bool = False) -> RewardResult:
-        return rewards(**decoded.reward_inputs(), explain=explain)
-
-    via_attention.source_name = "attention"  # type: ignore[attr-defined]
-    return via_attention
+    via_source.source_name = name  # type: ignore[attr-defined]
+    return via_source

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from xlard import _io
 from xlard.models import LatentRewardProjector, ResidualCorrector, aspect_weights
 from xlard.train import checkpoint as ckpt
 from xlard.train import ppo
@@ -45,7 +46,7 @@ from xlard.train.config import TrainConfig, batch_arithmetic, describe
 from xlard.train.data import MONITOR_SEED_BASE, EncodeCache, Item, PromptData, load_records
 from xlard.train.metrics import MetricsLog, draw_curves
 from xlard.train.projector import ProjectorBuffer, Slot, fit_projector
-from xlard.train.rewarding import build_reward_fn
+from xlard.train.rewarding import build_reward_fn, source_backbone_options
 from xlard.train.rollout import (PolicyStep, decode_groups, derived_generator, encode_items, prompt_inputs,
                                  sample_rollouts)
 
@@ -54,13 +55,19 @@ __all__ = ["train", "Trainer", "load_backbone"]
 _PHASES = ("encode", "sample", "score", "decode", "reward", "update", "projector", "monitor", "evaluate")
 
 
-def load_backbone(settings, device: torch.device):
-    """The run's :class:`xlard.backbones.DiffusersBackbone` (attention capture on, as the attention source needs)."""
+def load_backbone(settings, device: torch.device, reward=None):
+    """The run's :class:`xlard.backbones.DiffusersBackbone`.
+
+    Attention capture stays on unless ``reward`` (RewardSettings) names a
+    source that reads the decoded images only.
+    """
     from xlard.backbones import DiffusersBackbone
 
     dtype = getattr(torch, settings.dtype)
     kwargs: dict[str, Any] = {"correction_step": settings.correction_step, "torch_dtype": dtype, "device": device,
                               **settings.options}
+    if reward is not None:
+        kwargs.update(source_backbone_options(reward, settings.name))
     steps, guidance = settings.num_inference_steps, settings.guidance_scale
     path = settings.name
     if settings.name == "shapes":
@@ -177,7 +184,7 @@ class Trainer:
         self._check_folder(resume)
 
         torch.manual_seed(cfg.seed)
-        self.backbone = backbone if backbone is not None else load_backbone(cfg.backbone, self.device)
+        self.backbone = backbone if backbone is not None else load_backbone(cfg.backbone, self.device, cfg.reward)
         self.reward_fn = build_reward_fn(cfg.reward, self.backbone)
         records, self.is_shapes = load_records(cfg.data.prompts)
         if cfg.data.max_prompts:
@@ -227,7 +234,7 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             text = json.dumps(cfg.to_dict(), indent=2, default=list)
-            (self.out / "config.json").write_text(text + "\n")
+            _io.atomic_write_text(self.out / "config.json", text + "\n", owner="xlard train")
             self.log = MetricsLog(self.out, cfg.log.tensorboard,
                                   resume_step=self.step if self.resume_from is not None else None)
 
@@ -745,7 +752,7 @@ class Trainer:
                 draw_curves(self.log.rows, self.out / "curve.png")
                 summary["curve"] = str(self.out / "curve.png")
             self.log.close()
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            _io.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n", owner="xlard train")
         if self.distributed:
             dist.barrier()
         return summary
