@@ -7,6 +7,8 @@
     xlard eval --folder DIR                      ... on a GenEval output folder
     xlard generate --backbone shapes "three red circles left of a blue square"
     xlard eval --backbone shapes --prompts FILE  generate one image per record, then the table
+    xlard eval --prompts FILE --corrector DIR --seeds 0,1   base vs corrected, paired, with intervals
+    xlard generate --backbone shapes --correct "..."        with the shipped corrector (+ base, LAM)
 
 ``--backbone`` takes ``shapes`` (the embedded shapes-world model shipped in
 ``xlard/data/shapes_backbone``), a local diffusers pipeline folder, or a hub
@@ -91,6 +93,11 @@ def _generate_batches(backbone, prompts: list[str], seeds: list[int], batch: int
 def _cmd_generate(args) -> int:
     import cv2
 
+    if args.corrector or args.correct:
+        from xlard import evaluation
+
+        return evaluation.run_generate_cli(args)
+
     backbone = _load_backbone(args)
     prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
     seeds = [args.seed + i for i in range(len(prompts))]
@@ -160,6 +167,11 @@ def _cmd_eval(args) -> int:
     from xlard.shapes import evaluator as E
     from xlard.shapes import prompts as P
 
+    if args.corrector or args.correct:
+        from xlard import evaluation
+
+        return evaluation.run_eval_cli(args)
+
     if args.folder:
         results = E.evaluate_folder(args.folder)
     elif args.backbone:
@@ -226,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch", type=int, default=8, help="prompts per forward pass")
         p.add_argument("--device", default=None, help="e.g. cuda; default: CPU")
         p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+        p.add_argument("--corrector", help="a corrector folder (see docs/evaluation.md): base vs corrected")
+        p.add_argument("--correct", action="store_true", help="use the corrector shipped for --backbone")
 
     p = sub.add_parser("generate", help="generate images with a backbone (no corrector)")
     p.add_argument("prompt", nargs="+")
@@ -244,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="with --backbone: where generated images go (GenEval layout; default xlard-eval)")
     p.add_argument("--quiet", action="store_true")
     backbone_options(p, required=False)
+    p.add_argument("--seeds", help="with a corrector: evaluation seeds, e.g. 0,1 (record i, seed s: generator "
+                                   "seed s*1000000+i); default --seed")
+    p.add_argument("--mask-fraction", type=float, default=0.2, help="LAM faithfulness: share of cells masked")
+    p.add_argument("--no-faithfulness", action="store_true", help="skip the LAM faithfulness check")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
+    p.add_argument("--save-images", action="store_true", help="with a corrector: keep base/corrected images")
+    p.add_argument("--markdown", help="with a corrector: also write the markdown table here")
     p.set_defaults(func=_cmd_eval)
     return parser
 
