@@ -978,7 +978,9 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
     run_path, pairs_path = out / "run.json", out / "pairs.jsonl"
     if run_path.is_file():
         previous = json.loads(run_path.read_text(encoding="utf-8"))
-        differ = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        # The corrector's path is informational: the same weights (digest) under another path may resume.
+        differ = sorted(k for k in set(previous) | set(settings)
+                        if k != "corrector" and previous.get(k) != settings.get(k))
         if differ:
             raise ValueError(f"{out} holds another evaluation (different {', '.join(differ)}); pick another --out "
                              "or remove the folder")
