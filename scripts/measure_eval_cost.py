@@ -3,7 +3,8 @@
 For each ``correction_step``: held-out records x seeds in batches; times ``encode`` (text
 encoder + the first k denoising steps), ``decode`` (the remaining steps + the VAE), the
 corrector's forward, and the exact evaluator, per image. Prints and writes (JSON) the
-per-image costs and their extrapolation to ``--target-records`` x ``--target-seeds``:
+per-image costs (wall seconds, and CPU seconds of this process summed over its threads:
+on a shared machine the wall time measures the load as much as the work) and their extrapolation to ``--target-records`` x ``--target-seeds``:
 base only (encode + decode + evaluate), paired (one more decode and evaluation) and
 paired with the LAM faithfulness check (two more).
 
@@ -52,21 +53,24 @@ def main(argv=None) -> int:
                                                            pooled_dim=backbone.pooled_dim)).eval()
         torch.nn.init.normal_(corrector.head.weight, std=0.02)
         spent = {"encode": 0.0, "decode": 0.0, "correct": 0.0, "evaluate": 0.0}
+        cpu = dict(spent)
         correct = 0
         start_all = time.perf_counter()
         for b in range(0, len(items), args.batch):
             chunk = items[b:b + args.batch]
             recs = [records[i] for i, _ in chunk]
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             state = backbone.encode([r["prompt"] for r in recs], seed=[ev.image_seed(s, i) for i, s in chunk])
-            t1 = time.perf_counter()
+            c1, t1 = time.process_time(), time.perf_counter()
             with torch.no_grad():
                 zc, _ = corrector.correct(state.z0, **state.prompt_embedding.as_corrector_inputs())
-            t2 = time.perf_counter()
+            c2, t2 = time.process_time(), time.perf_counter()
             images = backbone.decode(state).images
-            t3 = time.perf_counter()
+            c3, t3 = time.process_time(), time.perf_counter()
             verdicts = E.evaluate(images, recs)
-            t4 = time.perf_counter()
+            c4, t4 = time.process_time(), time.perf_counter()
+            for key, a, b in (("encode", c0, c1), ("correct", c1, c2), ("decode", c2, c3), ("evaluate", c3, c4)):
+                cpu[key] += b - a
             spent["encode"] += t1 - t0
             spent["correct"] += t2 - t1
             spent["decode"] += t3 - t2
@@ -75,15 +79,21 @@ def main(argv=None) -> int:
             print(f"correction_step {step}: {b + len(chunk)}/{len(items)} images, "
                   f"{time.perf_counter() - start_all:.0f} s", file=sys.stderr, flush=True)
         n = len(items)
-        per = {k: v / n for k, v in spent.items()}
-        base = per["encode"] + per["decode"] + per["evaluate"]
-        paired = base + per["correct"] + per["decode"] + per["evaluate"]
-        faithful = paired + 2 * (per["decode"] + per["evaluate"])
         target = args.target_records * args.target_seeds
+
+        def minutes(per):
+            base = per["encode"] + per["decode"] + per["evaluate"]
+            paired = base + per["correct"] + per["decode"] + per["evaluate"]
+            faithful = paired + 2 * (per["decode"] + per["evaluate"])
+            return {"base": base * target / 60, "paired": paired * target / 60,
+                    "paired_with_faithfulness": faithful * target / 60}
+
+        per_wall = {k: v / n for k, v in spent.items()}
+        per_cpu = {k: v / n for k, v in cpu.items()}
         row = {"correction_step": step, "images": n, "base_accuracy": correct / n,
-               "seconds_per_image": per, "wall_seconds": time.perf_counter() - start_all,
-               "extrapolated_minutes": {"base": base * target / 60, "paired": paired * target / 60,
-                                        "paired_with_faithfulness": faithful * target / 60},
+               "wall_seconds_per_image": per_wall, "cpu_seconds_per_image": per_cpu,
+               "wall_seconds": time.perf_counter() - start_all, "load_average": os.getloadavg(),
+               "extrapolated_wall_minutes": minutes(per_wall), "extrapolated_cpu_minutes": minutes(per_cpu),
                "target_images": target}
         results["settings"].append(row)
         print(json.dumps(row), flush=True)

@@ -850,7 +850,8 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         what = f"{frac:.0%}" if isinstance(frac, float) else "a share"
         lines += ["", f"LAM faithfulness: Delta zeroed on the top {what} of LAM cells vs {what} random cells "
                       "(overall, points)", "",
-                  "| mask | score | lost vs corrected | interval | share of the gain lost |", "|---|---:|---:|---|---:|"]
+                  "| mask | score | lost vs corrected | interval | share of the gain lost |",
+                  "|---|---:|---:|---|---:|"]
         g = faith["gain"]
         lines.append(f"| none (corrected) | {_pts(g['corrected'])} | | | |")
         for name, key, share in (("top LAM", "lost_top", "share_lost_top"),
