@@ -284,7 +284,7 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
     assert len(rows) == 12 and {(r["index"], r["seed"]) for r in rows} == {(i, s) for i in range(6) for s in (0, 1)}
     assert json.loads((out / "eval.json").read_text())["table"] == json.loads(json.dumps(table))
     md = (out / "eval.md").read_text()
-    assert "| **overall** | 6 | 12 |" in md and "LAM faithfulness" in md
+    assert "| **overall** | 6 | 12 |" in md and "LAM faithfulness" in md and "excludes 0" in md
     # Same seeds, same records: the base images are what the backbone makes without a corrector.
     from xlard.explain import read_png
 

@@ -782,8 +782,9 @@ def faithfulness_table(rows: Sequence[PairRow], *, num_resamples: int = 2000, co
     rnd = paired_table(tags, corr, [float(r.random_correct) for r in rows], keys, **kw)["overall"]
 
     def loss(p: PairedDifference) -> dict[str, Any]:
-        return {"corrected": p.base, "masked": p.corrected, "diff": -p.diff, "ci_low": -p.ci_high,
-                "ci_high": -p.ci_low, "records": p.records, "images": p.images, "confidence": p.confidence}
+        # 0.0 - x, not -x: a zero loss prints as +0.0, not -0.0.
+        return {"corrected": p.base, "masked": p.corrected, "diff": 0.0 - p.diff, "ci_low": 0.0 - p.ci_high,
+                "ci_high": 0.0 - p.ci_low, "records": p.records, "images": p.images, "confidence": p.confidence}
 
     def share(x: float) -> float:
         return x / gain.diff if gain.diff != 0 else float("nan")
@@ -834,12 +835,13 @@ def _signed(x: float) -> str:
 def format_markdown(report: Mapping[str, Any]) -> str:
     """The report as markdown: the paired table in points, then the faithfulness check."""
     conf = report["bootstrap"]["confidence"]
-    lines = [f"| tag | records | images | base | corrected | gain (points) | {conf:.0%} interval |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [f"| tag | records | images | base | corrected | gain (points) | {conf:.0%} interval | excludes 0 |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     for tag, r in report["table"].items():
         name = f"**{tag}**" if tag == "overall" else tag
+        excludes = "yes" if r["ci_low"] > 0 or r["ci_high"] < 0 else "no"
         lines.append(f"| {name} | {r['records']} | {r['images']} | {_pts(r['base'])} | {_pts(r['corrected'])} | "
-                     f"{_signed(r['diff'])} | [{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] |")
+                     f"{_signed(r['diff'])} | [{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | {excludes} |")
     lines.append("")
     lines.append("overall = mean of the tag scores (GenEval); intervals: paired percentile bootstrap over records "
                  f"({report['bootstrap']['num_resamples']} resamples, seed {report['bootstrap']['seed']}).")
