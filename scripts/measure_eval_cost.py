@@ -69,8 +69,8 @@ def main(argv=None) -> int:
             c3, t3 = time.process_time(), time.perf_counter()
             verdicts = E.evaluate(images, recs)
             c4, t4 = time.process_time(), time.perf_counter()
-            for key, a, b in (("encode", c0, c1), ("correct", c1, c2), ("decode", c2, c3), ("evaluate", c3, c4)):
-                cpu[key] += b - a
+            for key, begin, end in (("encode", c0, c1), ("correct", c1, c2), ("decode", c2, c3), ("evaluate", c3, c4)):
+                cpu[key] += end - begin
             spent["encode"] += t1 - t0
             spent["correct"] += t2 - t1
             spent["decode"] += t3 - t2
