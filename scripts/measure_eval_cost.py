@@ -5,8 +5,9 @@ encoder + the first k denoising steps), ``decode`` (the remaining steps + the VA
 corrector's forward, and the exact evaluator, per image. Prints and writes (JSON) the
 per-image costs (wall seconds, and CPU seconds of this process summed over its threads:
 on a shared machine the wall time measures the load as much as the work) and their
-extrapolation to ``--target-records`` x ``--target-seeds``: base only (encode + decode + evaluate), paired (one more decode and evaluation) and
-paired with the LAM faithfulness check (two more).
+extrapolation to ``--target-records`` x ``--target-seeds``: base only (encode + decode +
+evaluate), paired (one more decode and evaluation) and paired with the LAM faithfulness
+check (two more).
 
     nice -n 10 python scripts/measure_eval_cost.py --records 48 --seeds 0,1 --steps 1.0,0.6,0.3 --out cost.json
 """
