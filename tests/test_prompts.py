@@ -326,6 +326,23 @@ def test_to_geneval_and_infer_tag():
         parse("a dog left of a cat and the dog above a bird").to_geneval(tag="position")
 
 
+def test_to_geneval_puts_each_relation_object_before_its_subject():
+    # GenEval judges include items in order: the target group must come first.
+    record = parse("a photo of a dog right of a teddy bear").to_geneval()
+    assert record["include"] == [{"class": "teddy bear", "count": 1},
+                                 {"class": "dog", "count": 1, "position": ["right of", 0]}]
+    chain = parse("a cat left of a dog and a bird above the dog").to_geneval(tag="position")
+    assert chain["include"] == [{"class": "dog", "count": 1},
+                                {"class": "cat", "count": 1, "position": ["left of", 0]},
+                                {"class": "bird", "count": 1, "position": ["above", 0]}]
+    cycle = PromptSpec("a cat and a dog", (Entity("cat"), Entity("dog")),
+                       (Relation(0, "left_of", 1), Relation(1, "left_of", 0)))
+    with pytest.raises(ValueError, match="form a cycle"):
+        cycle.to_geneval(tag="position")
+    with pytest.raises(ValueError, match=r"entity 0 \('dog'\) has count 0; GenEval records have counts >= 1"):
+        PromptSpec("zero dogs", (Entity("dog", count=0),)).to_geneval(tag="counting")
+
+
 # ---------------------------------------------------------------------------
 # GenEval JSONL
 # ---------------------------------------------------------------------------
@@ -374,11 +391,24 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path):
     ({"include": [{"class": "", "count": 1}]}, r"include\[0\]\['class'\]"),
     ({"include": [{"class": "dog", "count": 1.5}]}, r"include\[0\]\['count'\] must be an integer"),
     ({"include": [{"class": "dog", "count": 1, "color": 3}]}, r"include\[0\]\['color'\]"),
-    ({"include": [{"class": "dog", "count": 1, "position": ["left of", 0]}]}, "relates the object to itself"),
+    ({"include": [{"class": "dog", "count": 1, "position": ["left of", 0]}]},
+     r"include\[0\]\['position'\]\[1\] must index an earlier include item \(none"),
+    ({"include": [{"class": "dog", "count": 0}]}, r"include\[0\]\['count'\] must be an integer >= 1, got 0"),
+    ({"include": [{"class": "dog", "count": -3}]}, r"include\[0\]\['count'\] must be an integer >= 1, got -3"),
+    ({"include": [{"class": "dog", "count": True}]}, r"include\[0\]\['count'\] must be an integer >= 1"),
+    ({"exclude": [{"class": "dog", "count": -1}]}, r"exclude\[0\]\['count'\] must be an integer >= 1, got -1"),
+    ({"include": [{"class": "dog"}]}, r"include\[0\] is missing the key 'count'"),
+    ({"include": [{"class": "dog", "count": 1, "color": None}]}, r"include\[0\]\['color'\] must be a non-empty"),
+    ({"include": [{"class": "dog", "count": 1, "colour": "red"}]}, r"include\[0\] has unknown keys \['colour'\]"),
+    ({"include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["left_of", 0]}]},
+     r"include\[1\]\['position'\]\[0\] must be one of \['left of'"),
+    ({"include": [{"class": "dog", "count": 1, "position": ["left of", 1]}, {"class": "cat", "count": 1}]},
+     r"include\[0\]\['position'\]\[1\] must index an earlier include item"),
+    ({"tag": None}, "'tag' must be one of"),
     ({"include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["next to", 0]}]},
      r"include\[1\]\['position'\]\[0\] must be one of"),
     ({"include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["above", 2]}]},
-     r"include\[1\]\['position'\]\[1\] must be an index"),
+     r"include\[1\]\['position'\]\[1\] must index an earlier include item \(0..0\), got 2"),
     ({"include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": "above"}]},
      r"must be \[relation, group_index\]"),
     ({"exclude": {"class": "dog"}}, "'exclude' must be a list"),
@@ -396,6 +426,23 @@ def test_validate_record_errors(change, message):
 def test_validate_record_not_a_dict():
     with pytest.raises(ValueError, match="must be a JSON object, got list"):
         geneval.validate_record([1, 2])
+
+
+def test_validate_record_options_and_what_it_keeps():
+    record = {"tag": "counting", "prompt": "a photo of three dogs", "id": 7,
+              "include": [{"class": "dog", "count": 3}], "exclude": [{"class": "dog", "count": 4}]}
+    # Extra top-level keys are kept; the record itself comes back.
+    assert geneval.validate_record(record) is record
+    geneval.validate_record(record, max_count=4)
+    with pytest.raises(ValueError, match=r"^record 12: exclude\[0\]\['count'\] 4 exceeds the limit of 3"):
+        geneval.validate_record(record, max_count=3, index=12)
+    with pytest.raises(ValueError, match="max_count must be None or an integer >= 1"):
+        geneval.validate_record(record, max_count=0)
+    with pytest.raises(ValueError, match="'dog' is not a class of this world"):
+        geneval.validate_record(record, classes=("cat",))
+    colored = dict(record, include=[{"class": "dog", "count": 3, "color": "teal"}])
+    with pytest.raises(ValueError, match="'teal' is not a color of this world"):
+        geneval.validate_record(colored, colors=geneval.GENEVAL_COLORS)
 
 
 # ---------------------------------------------------------------------------

@@ -335,26 +335,36 @@ _GOOD = {"tag": "position", "include": [{"class": "circle", "count": 1},
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (lambda r: r.pop("include"), "missing required key 'include'"),
-    (lambda r: r.pop("prompt"), "missing required key 'prompt'"),
-    (lambda r: r.update(tag=3), "'tag' must be a non-empty string"),
+    (lambda r: r.pop("include"), "missing the key 'include'"),
+    (lambda r: r.pop("prompt"), "missing the key 'prompt'"),
+    (lambda r: r.update(tag=3), "'tag' must be one of"),
+    (lambda r: r.update(tag="count"), "'tag' must be one of"),
     (lambda r: r.update(include=[]), "'include' must be a non-empty list"),
     (lambda r: r.update(exclude={}), "'exclude' must be a list"),
-    (lambda r: r["include"][0].update(count=0), r"include\[0\].count must be a positive integer"),
-    (lambda r: r["include"][0].update(count=True), r"include\[0\].count must be a positive integer"),
-    (lambda r: r["include"][0].update(count="2"), r"include\[0\].count must be a positive integer"),
-    (lambda r: r["include"][0].pop("class"), r"include\[0\].class must be a non-empty string"),
+    (lambda r: r["include"][0].update(count=0), r"include\[0\]\['count'\] must be an integer >= 1, got 0"),
+    (lambda r: r["include"][0].update(count=-2), r"include\[0\]\['count'\] must be an integer >= 1, got -2"),
+    (lambda r: r["include"][0].update(count=True), r"include\[0\]\['count'\] must be an integer >= 1"),
+    (lambda r: r["include"][0].update(count="2"), r"include\[0\]\['count'\] must be an integer >= 1"),
+    (lambda r: r["include"][0].pop("class"), r"include\[0\] is missing the key 'class'"),
     (lambda r: r["include"][0].update(size=3), r"include\[0\] has unknown keys \['size'\]"),
-    (lambda r: r["include"][1].update(position=["behind", 0]), "relation 'behind'"),
+    (lambda r: r["include"][1].update(position=["behind", 0]), "got 'behind'"),
     (lambda r: r["include"][1].update(position=["left of", 1]), "must index an earlier include item"),
-    (lambda r: r["include"][1].update(position="left of"), r"position must be \[relation, group_index\]"),
-    (lambda r: r["include"][0].update(color=7), r"include\[0\].color must be a string"),
+    (lambda r: r["include"][1].update(position="left of"), r"\['position'\] must be \[relation, group_index\]"),
+    (lambda r: r["include"][0].update(color=7), r"include\[0\]\['color'\] must be a non-empty string"),
 ])
 def test_validate_record_errors(mutate, message):
     rec = json.loads(json.dumps(_GOOD))
     mutate(rec)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="^record 4: .*" + message):
         R.validate_record(rec, index=4)
+
+
+def test_shapes_rules_reexport_the_one_validator_and_vocabulary():
+    from xlard import geneval, vocab
+    assert R.validate_record is geneval.validate_record
+    assert R.TAGS == vocab.GENEVAL_TAGS and R.GENEVAL_COLORS == vocab.GENEVAL_COLORS
+    assert R.RELATIONS == ("left of", "right of", "above", "below")
+    assert all(R.OPPOSITE_RELATION[R.OPPOSITE_RELATION[r]] == r for r in R.RELATIONS)
 
 
 def test_validate_record_against_the_world():
@@ -363,7 +373,11 @@ def test_validate_record_against_the_world():
     rec["include"][0]["color"] = "teal"
     with pytest.raises(ValueError, match="'teal' is not a color of this world"):
         R.validate_record(rec, classes=W.SHAPES, colors=W.PALETTE)
-    with pytest.raises(ValueError, match="expected a JSON object"):
+    rec["include"][0]["color"] = "red"
+    rec["include"][0]["class"] = "hexagon"
+    with pytest.raises(ValueError, match="'hexagon' is not a class of this world"):
+        R.validate_record(rec, classes=W.SHAPES, colors=W.PALETTE)
+    with pytest.raises(ValueError, match="must be a JSON object"):
         R.validate_record([1, 2])
 
 
@@ -389,5 +403,5 @@ def test_read_jsonl_errors_name_the_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:3: invalid JSON"):
         P.read_jsonl(path)
     path.write_text(json.dumps(_GOOD) + "\n" + json.dumps({"tag": "x", "include": [], "prompt": ""}) + "\n")
-    with pytest.raises(ValueError, match=r"record 1: 'include' must be a non-empty list"):
+    with pytest.raises(ValueError, match=r"record 1: 'tag' must be one of"):
         P.read_records(path)

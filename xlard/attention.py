@@ -59,6 +59,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from xlard._optional import require
+
 __all__ = [
     "CaptureConfig",
     "AttentionCapture",
@@ -87,12 +89,7 @@ _EXPECTED_PROCESSOR = {
 
 
 def _require_diffusers():
-    try:
-        import diffusers  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - the method extra is installed in the dev env
-        raise ImportError(
-            "xlard.attention needs diffusers (and transformers): pip install 'xlard[method]'"
-        ) from exc
+    require("diffusers", "xlard.attention")
 
 
 # ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 
-def _progress(iterable, total: int, desc: str, quiet: bool):
+def _progress(iterable, total: int, desc: str, quiet: bool, unit: str = "img"):
     if quiet:
         return iterable
     try:
@@ -34,11 +34,11 @@ def _progress(iterable, total: int, desc: str, quiet: bool):
         def plain():
             for i, item in enumerate(iterable, 1):
                 if i == total or i % max(1, total // 10) == 0:
-                    print(f"{desc}: {i}/{total}", file=sys.stderr)
+                    print(f"{desc}: {i}/{total} {unit}", file=sys.stderr)
                 yield item
 
         return plain()
-    return tqdm(iterable, total=total, desc=desc, unit="img")
+    return tqdm(iterable, total=total, desc=desc, unit=unit)
 
 
 def resolve_backbone(name: str) -> str:
@@ -85,14 +85,21 @@ def _to_uint8(images):
 def _generate_batches(backbone, prompts: list[str], seeds: list[int], batch: int, quiet: bool):
     """Yield (start, uint8 images) for consecutive batches, with progress."""
     starts = list(range(0, len(prompts), batch))
-    for start in _progress(starts, len(starts), "generate", quiet):
+    for start in _progress(starts, len(starts), "generate", quiet, unit="batch"):
         out = backbone.generate(prompts[start:start + batch], seed=seeds[start:start + batch])
         yield start, _to_uint8(out.images)
 
 
-def _cmd_generate(args) -> int:
-    import cv2
+def _write_png(path: Path, image) -> None:
+    """Write a uint8 HxWx3 array as a PNG, atomically (Pillow, through xlard.explain)."""
+    import torch
 
+    from xlard.explain import save_png
+
+    save_png(path, torch.from_numpy(image).permute(2, 0, 1))
+
+
+def _cmd_generate(args) -> int:
     if args.corrector or args.correct:
         from xlard import evaluation
 
@@ -108,10 +115,7 @@ def _cmd_generate(args) -> int:
         for k, image in enumerate(images):
             i = start + k
             path = out / f"{i:04d}_seed{seeds[i]}.png"
-            tmp = path.with_suffix(".tmp.png")
-            if not cv2.imwrite(str(tmp), image[:, :, ::-1]):
-                raise OSError(f"could not write {tmp}")
-            os.replace(tmp, path)
+            _write_png(path, image)
             written.append(path)
     print(f"wrote {len(written)} images to {out}")
     return 0
@@ -136,19 +140,13 @@ def _cmd_prompts(args) -> int:
 
 def _write_geneval_folder(out: Path, index: int, record: dict, images) -> None:
     """One prompt folder of GenEval's layout: <out>/<index>/metadata.jsonl + samples/*.png."""
-    import cv2
-
     from xlard.shapes import prompts as P
 
     folder = out / f"{index:05d}"
     (folder / "samples").mkdir(parents=True, exist_ok=True)
     P.write_jsonl(folder / "metadata.jsonl", [record])
     for k, image in enumerate(images):
-        path = folder / "samples" / f"{k:04d}.png"
-        tmp = path.with_suffix(".tmp.png")
-        if not cv2.imwrite(str(tmp), image[:, :, ::-1]):  # RGB -> BGR
-            raise OSError(f"could not write {tmp}")
-        os.replace(tmp, path)
+        _write_png(folder / "samples" / f"{k:04d}.png", image)
 
 
 def _cmd_render(args) -> int:
@@ -156,7 +154,7 @@ def _cmd_render(args) -> int:
 
     records = P.read_records(args.prompts)
     out = Path(args.out)
-    for i, record in enumerate(_progress(records, len(records), "render", args.quiet)):
+    for i, record in enumerate(_progress(records, len(records), "render", args.quiet, unit="prompt")):
         images = [P.render_record(record, seed=args.seed + 1000 * i + k).render() for k in range(args.per_prompt)]
         _write_geneval_folder(out, i, record, images)
     print(f"wrote {len(records)} prompt folders to {out}")
@@ -241,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--corrector", help="a corrector folder (see docs/evaluation.md): base vs corrected")
         p.add_argument("--correct", action="store_true", help="use the corrector shipped for --backbone")
 
-    p = sub.add_parser("generate", help="generate images with a backbone (no corrector)")
+    p = sub.add_parser("generate", help="generate images with a backbone (with a corrector: corrected, base, LAM)")
     p.add_argument("prompt", nargs="+")
     p.add_argument("--out", default="xlard-images")
     p.add_argument("--per-prompt", type=int, default=1)
@@ -273,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"xlard {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -43,6 +43,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from xlard._optional import require
+from xlard.vocab import COLOR_ALIASES
+
 __all__ = [
     "COLOR_PROTOTYPES",
     "COLOR_MODIFIERS",
@@ -101,7 +104,7 @@ COLOR_PROTOTYPES: Mapping[str, tuple[int, int, int]] = {
     "hot pink": (255, 105, 180),
 }
 
-_COLOR_ALIASES: Mapping[str, str] = {"grey": "gray", "golden": "gold"}
+_COLOR_ALIASES: Mapping[str, str] = COLOR_ALIASES
 
 #: Modifiers the prompt parser attaches to colors ("light blue"), as changes
 #: in CIELAB: (lightness offset, chroma factor); lightness is clamped to [3, 97].
@@ -523,7 +526,8 @@ class ClipColorEncoder:
         The image processor config, when the checkpoint has one, supplies the
         normalization; ``kwargs`` go to ``CLIPModel.from_pretrained``.
         """
-        from transformers import AutoTokenizer, CLIPModel
+        transformers = require("transformers", "xlard.color_features.ClipColorEncoder.from_pretrained")
+        AutoTokenizer, CLIPModel = transformers.AutoTokenizer, transformers.CLIPModel
 
         model = CLIPModel.from_pretrained(model_id_or_path, **({"dtype": dtype} if dtype else {}), **kwargs)
         if device is not None:

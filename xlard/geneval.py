@@ -10,7 +10,10 @@ GenEval (Ghosh et al., 2023) describes each prompt as one JSON object per line::
 ``include`` items carry a ``class``, a ``count`` (exactly that many for the
 counting tag, whose ``exclude`` clause holds ``count + 1``), an optional
 ``color`` and an optional ``position`` ``[relation, group_index]`` meaning *this*
-item is ``relation`` of ``include[group_index]``. Extra keys are kept untouched.
+item is ``relation`` of the earlier item ``include[group_index]``. Extra
+top-level keys are kept untouched; :func:`validate_record` holds the rules,
+the only validator in xlard (the shapes world calls it with its own classes
+and colors). Tags, colors and relation spellings come from :mod:`xlard.vocab`.
 
 This module only handles records (plain dicts). :func:`xlard.prompts.from_geneval`
 turns a record into a :class:`xlard.prompts.PromptSpec`, and
@@ -25,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from xlard.vocab import GENEVAL_COLORS, GENEVAL_RELATIONS, GENEVAL_TAGS
+
 __all__ = [
     "GENEVAL_TAGS",
     "GENEVAL_COLORS",
@@ -34,117 +39,142 @@ __all__ = [
     "write_jsonl",
 ]
 
-#: The six GenEval task tags, in the order GenEval reports them.
-GENEVAL_TAGS: tuple[str, ...] = (
-    "single_object",
-    "two_object",
-    "counting",
-    "colors",
-    "position",
-    "color_attr",
-)
-
-#: The ten colors GenEval's color and color-attribution tasks use.
-GENEVAL_COLORS: tuple[str, ...] = (
-    "red", "orange", "yellow", "green", "blue",
-    "purple", "pink", "brown", "black", "white",
-)
-
-#: Relation strings as GenEval writes them in ``position`` clauses.
-GENEVAL_RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-
-
 def _is_int(value: Any) -> bool:
     # bool is a subclass of int; a JSON `true` is never a valid count or index.
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_object_item(item: Any, where: str, n_include: int | None, own_index: int | None) -> None:
+_ITEM_KEYS = frozenset({"class", "count", "color", "position"})
+
+
+def _check_object_item(
+    item: Any,
+    where: str,
+    field: str,
+    include_index: int | None,
+    class_set: frozenset[str] | None,
+    color_set: frozenset[str] | None,
+    max_count: int | None,
+) -> None:
     if not isinstance(item, Mapping):
-        raise ValueError(f"{where} must be an object, got {type(item).__name__}")
-    if "class" not in item:
-        raise ValueError(f"{where} is missing the key 'class'")
+        raise ValueError(f"{where}{field} must be an object, got {type(item).__name__}")
+    if include_index is None and "position" in item:
+        raise ValueError(f"{where}{field} may not have a 'position' (only include items do)")
+    extra = set(item) - _ITEM_KEYS
+    if extra:
+        # A misspelled key ("colour") would otherwise be ignored and the record judged without it.
+        raise ValueError(f"{where}{field} has unknown keys {sorted(map(str, extra))}; allowed {sorted(_ITEM_KEYS)}")
+    for key in ("class", "count"):
+        if key not in item:
+            raise ValueError(f"{where}{field} is missing the key {key!r}")
     cls = item["class"]
     if not isinstance(cls, str) or not cls.strip():
-        raise ValueError(f"{where}['class'] must be a non-empty string, got {cls!r}")
-    if "count" not in item:
-        raise ValueError(f"{where} is missing the key 'count'")
+        raise ValueError(f"{where}{field}['class'] must be a non-empty string, got {cls!r}")
+    if class_set is not None and cls not in class_set:
+        raise ValueError(f"{where}{field}['class'] {cls!r} is not a class of this world "
+                         f"(known: {', '.join(sorted(class_set))})")
     count = item["count"]
-    if not _is_int(count) or count < 0:
-        raise ValueError(f"{where}['count'] must be an integer >= 0, got {count!r}")
-    if "color" in item and item["color"] is not None:
+    if not _is_int(count) or count < 1:
+        raise ValueError(f"{where}{field}['count'] must be an integer >= 1, got {count!r}")
+    if max_count is not None and count > max_count:
+        raise ValueError(f"{where}{field}['count'] {count} exceeds the limit of {max_count} objects")
+    if "color" in item:
         color = item["color"]
         if not isinstance(color, str) or not color.strip():
-            raise ValueError(f"{where}['color'] must be a non-empty string, got {color!r}")
-    if n_include is None or "position" not in item or item["position"] is None:
+            raise ValueError(f"{where}{field}['color'] must be a non-empty string, got {color!r}")
+        if color_set is not None and color not in color_set:
+            raise ValueError(f"{where}{field}['color'] {color!r} is not a color of this world "
+                             f"(known: {', '.join(sorted(color_set))})")
+    if "position" not in item:
         return
     position = item["position"]
     if not isinstance(position, (list, tuple)) or len(position) != 2:
-        raise ValueError(
-            f"{where}['position'] must be [relation, group_index], got {position!r}"
-        )
+        raise ValueError(f"{where}{field}['position'] must be [relation, group_index], got {position!r}")
     relation, target = position
-    if not isinstance(relation, str) or relation.strip().lower().replace("_", " ") not in GENEVAL_RELATIONS:
+    if relation not in GENEVAL_RELATIONS:
         raise ValueError(
-            f"{where}['position'][0] must be one of {list(GENEVAL_RELATIONS)}, got {relation!r}"
+            f"{where}{field}['position'][0] must be one of {list(GENEVAL_RELATIONS)}, got {relation!r}"
         )
-    if not _is_int(target) or not 0 <= target < n_include:
+    if not _is_int(target) or not 0 <= target < include_index:
+        allowed = f"0..{include_index - 1}" if include_index else "none: include[0] has no earlier item"
         raise ValueError(
-            f"{where}['position'][1] must be an index into 'include' (0..{n_include - 1}), "
-            f"got {target!r}"
+            f"{where}{field}['position'][1] must index an earlier include item ({allowed}), got {target!r}"
         )
-    if target == own_index:
-        raise ValueError(f"{where}['position'] relates the object to itself (index {target})")
 
 
-def validate_record(record: Any) -> None:
+def validate_record(
+    record: Any,
+    *,
+    classes: Iterable[str] | None = None,
+    colors: Iterable[str] | None = None,
+    max_count: int | None = None,
+    index: int | None = None,
+) -> Mapping[str, Any]:
     """Check that ``record`` is a well-formed GenEval metadata record.
 
-    Required: ``tag`` (one of :data:`GENEVAL_TAGS`), ``prompt`` (non-empty
-    string), ``include`` (non-empty list of object items). Optional:
-    ``exclude`` (list of object items, ``position`` not allowed there). Object
-    items need ``class`` (non-empty string) and ``count`` (integer >= 0); they
-    may have ``color`` (string) and, in ``include``, ``position``
-    ``[relation, group_index]`` with relation in :data:`GENEVAL_RELATIONS`
-    and group_index a valid index other than the item's own. Other keys are
-    allowed and ignored.
+    The one set of rules for every record xlard reads or writes (the shapes
+    world passes its own ``classes`` and ``colors``):
+
+    - Required keys: ``tag`` (one of :data:`GENEVAL_TAGS`), ``prompt``
+      (non-empty string), ``include`` (non-empty list of object items).
+      Optional: ``exclude`` (list of object items). Other top-level keys are
+      allowed and kept untouched.
+    - Object items have ``class`` (non-empty string) and ``count`` (integer
+      >= 1: "exactly/at least count", and for ``exclude`` "fail at count or
+      more"; GenEval has no count 0), optionally ``color`` (non-empty
+      string); include items may have ``position`` ``[relation, group_index]``
+      with relation one of :data:`GENEVAL_RELATIONS` as GenEval spells it and
+      group_index an *earlier* include item (GenEval's evaluator judges
+      groups in order, so the target must already be matched). No other
+      item keys: a misspelled one would be silently ignored.
 
     Args:
         record: the parsed JSON object of one line.
+        classes: when given, the only class names allowed (the shapes world's).
+        colors: when given, the only color names allowed (the world's palette).
+        max_count: when given, the largest ``count`` allowed.
+        index: the record's position in its file; errors then start with
+            ``"record <index>: "``.
 
     Returns:
-        None.
+        The same record (for chaining).
 
     Raises:
-        ValueError: naming the first key that is missing or malformed.
+        ValueError: naming the record, the first key that is missing or
+            malformed, what was expected and what came.
 
     Example:
         >>> validate_record({"tag": "single_object", "prompt": "a photo of a cat",
-        ...                  "include": [{"class": "cat", "count": 1}]})
+        ...                  "include": [{"class": "cat", "count": 1}]})["tag"]
+        'single_object'
     """
+    where = "" if index is None else f"record {index}: "
     if not isinstance(record, Mapping):
-        raise ValueError(f"a GenEval record must be a JSON object, got {type(record).__name__}")
+        raise ValueError(f"{where}a GenEval record must be a JSON object, got {type(record).__name__}")
     for key in ("tag", "include", "prompt"):
         if key not in record:
-            raise ValueError(f"GenEval record is missing the key {key!r}")
+            raise ValueError(f"{where}GenEval record is missing the key {key!r} (has {sorted(map(str, record))})")
     tag = record["tag"]
-    if tag not in GENEVAL_TAGS:
-        raise ValueError(f"'tag' must be one of {list(GENEVAL_TAGS)}, got {tag!r}")
+    if not isinstance(tag, str) or tag not in GENEVAL_TAGS:
+        raise ValueError(f"{where}'tag' must be one of {list(GENEVAL_TAGS)}, got {tag!r}")
     prompt = record["prompt"]
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"'prompt' must be a non-empty string, got {prompt!r}")
+        raise ValueError(f"{where}'prompt' must be a non-empty string, got {prompt!r}")
+    if max_count is not None and (not _is_int(max_count) or max_count < 1):
+        raise ValueError(f"max_count must be None or an integer >= 1, got {max_count!r}")
+    class_set = None if classes is None else frozenset(classes)
+    color_set = None if colors is None else frozenset(colors)
     include = record["include"]
-    if not isinstance(include, list) or not include:
-        raise ValueError(f"'include' must be a non-empty list, got {include!r}")
+    if not isinstance(include, (list, tuple)) or not include:
+        raise ValueError(f"{where}'include' must be a non-empty list, got {include!r}")
     for i, item in enumerate(include):
-        _check_object_item(item, f"include[{i}]", len(include), i)
+        _check_object_item(item, where, f"include[{i}]", i, class_set, color_set, max_count)
     exclude = record.get("exclude", [])
-    if not isinstance(exclude, list):
-        raise ValueError(f"'exclude' must be a list, got {exclude!r}")
+    if not isinstance(exclude, (list, tuple)):
+        raise ValueError(f"{where}'exclude' must be a list, got {exclude!r}")
     for i, item in enumerate(exclude):
-        _check_object_item(item, f"exclude[{i}]", None, None)
-        if isinstance(item, Mapping) and item.get("position") is not None:
-            raise ValueError(f"exclude[{i}] may not have a 'position'")
+        _check_object_item(item, where, f"exclude[{i}]", None, class_set, color_set, max_count)
+    return record
 
 
 def read_jsonl(path: str | os.PathLike[str], *, validate: bool = True) -> list[dict[str, Any]]:

@@ -41,15 +41,13 @@ from torch import nn
 import xlard
 from xlard import _args
 from xlard import ops as xops
+from xlard.vocab import ASPECTS  # order of the projector's outputs, confidence weights, [B, 3] aspect masks
 
 __all__ = [
     "ASPECTS", "CorrectorConfig", "ProjectorConfig", "ResidualCorrector", "LatentRewardProjector",
     "GaussianPolicy", "ProjectorOutput", "ProjectorLoss", "aspect_weights", "patchify", "unpatchify",
     "sincos_position_encoding", "count_parameters",
 ]
-
-# The order of the projector's outputs, the confidence weights and every [B, 3] aspect mask.
-ASPECTS = ("count", "color", "position")
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 # Relation codes of position_scores: "token a is <code> of token b" (y grows downward).
-LEFT_OF, RIGHT_OF, ABOVE, BELOW = 0, 1, 2, 3
+from xlard.vocab import ABOVE, BELOW, LEFT_OF, RIGHT_OF  # noqa: E402  (public: xlard.ops.LEFT_OF ...)
 
 
 def _op(name: str, device: torch.device):

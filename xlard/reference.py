@@ -12,8 +12,8 @@ import math
 import torch
 
 from xlard import _args
+from xlard.vocab import ABOVE, BELOW, LEFT_OF, RIGHT_OF  # noqa: F401  (xlard.reference.LEFT_OF ...)
 
-LEFT_OF, RIGHT_OF, ABOVE, BELOW = 0, 1, 2, 3
 _DIRECTIONS = ((-1.0, 0.0), (1.0, 0.0), (0.0, -1.0), (0.0, 1.0))
 
 

@@ -62,7 +62,8 @@ import torch.nn.functional as F
 
 from xlard import ops
 from xlard.color_features import ColorFeatureEncoder, PatchFeatures, patch_positions
-from xlard.prompts import ASPECTS, RELATIONS, PromptSpec, pluralize
+from xlard.prompts import PromptSpec, pluralize
+from xlard.vocab import ASPECTS, GENEVAL_RELATION_NAMES
 
 __all__ = [
     "ASPECTS",
@@ -95,7 +96,7 @@ COUNT, COLOR, POSITION = 0, 1, 2
 STATUS_OK, STATUS_EMPTY, STATUS_NONFINITE, STATUS_MISSING = 0, 1, 2, 3
 _STATUS_NAMES = ("ok", "empty", "nonfinite", "missing")
 
-_RELATION_WORDS = {name: name.replace("_", " ") for name in RELATIONS}
+_RELATION_WORDS = GENEVAL_RELATION_NAMES
 
 
 # ---------------------------------------------------------------------------

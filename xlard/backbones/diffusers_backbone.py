@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 
+from xlard._optional import require
 from xlard.backbones.base import (Backbone, BackboneState, Decoded, PromptEmbedding, Seed, _as_prompt_list,
                                   check_correction_step, correction_index, generator_states, make_generators,
                                   restore_generators)
@@ -66,12 +67,8 @@ __all__ = ["DiffusersBackbone", "SUPPORTED_PIPELINES"]
 
 
 def _require_diffusers():
-    try:
-        import diffusers  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - the method extra is installed in the dev env
-        raise ImportError("xlard.backbones.DiffusersBackbone needs diffusers and transformers: "
-                          "pip install 'xlard[method]'") from exc
+    require("diffusers", "xlard.backbones.DiffusersBackbone")
+    require("transformers", "xlard.backbones.DiffusersBackbone")
 
 
 def _module_function(pipe, name: str):

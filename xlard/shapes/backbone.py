@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from xlard._optional import require
+
 #: Where the shipped weights live (package data).
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "data" / "shapes_backbone"
 
@@ -65,7 +67,8 @@ def load_pipeline(device: Any = "cpu", path: str | os.PathLike | None = None, dt
         (64, 64)
     """
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline = require("diffusers", "xlard.shapes.backbone.load_pipeline").StableDiffusionPipeline
 
     folder = backbone_path(path)
     if not is_available(folder):
@@ -122,7 +125,7 @@ def generate(prompts: str | Sequence[str], seed: int = 0, steps: int = DEFAULT_S
     device = pipe.device
     starts = range(0, len(prompts), batch_size)
     if progress:
-        from tqdm import tqdm
+        tqdm = require("tqdm", "xlard.shapes.backbone.generate(progress=True)").tqdm
         starts = tqdm(starts, desc="generate", unit="batch")
     out = []
     for start in starts:

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, TextIO
 
 import numpy as np
-from scipy import ndimage
+
+from xlard._optional import require
 
 from .prompts import read_jsonl, write_jsonl
 from .rules import GENEVAL_COLORS, POSITION_THRESHOLD, RELATIONS, TAGS, relative_position, validate_record
@@ -172,19 +173,24 @@ def _from_numpy(image: np.ndarray, what: str) -> np.ndarray:
 
 
 def _from_file(path: str | os.PathLike) -> np.ndarray:
-    import cv2  # imported on use: only file inputs need it
-
+    image_module = require("PIL.Image", "xlard.shapes.evaluator (reading image files)")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    raw = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise ValueError(f"{path}: not a readable image file")
+    try:
+        with image_module.open(path) as im:
+            if im.mode == "P":  # palette PNGs: expand to the colors they show
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            mode = im.mode
+            raw = np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's "cannot identify" is an OSError
+        raise ValueError(f"{path}: not a readable image file ({exc})") from exc
     if raw.dtype != np.uint8:
-        raise ValueError(f"{path}: expected an 8-bit image, got {raw.dtype}")
-    if raw.ndim != 3 or raw.shape[2] not in (3, 4):
-        raise ValueError(f"{path}: expected a 3- or 4-channel color image, got shape {raw.shape}")
-    return np.ascontiguousarray(raw[:, :, 2::-1])  # BGR(A) -> RGB
+        raise ValueError(f"{path}: expected an 8-bit image, got {raw.dtype} (mode {mode})")
+    if mode not in ("RGB", "RGBA"):
+        raise ValueError(f"{path}: expected a 3- or 4-channel color image (RGB or RGBA), got mode {mode} "
+                         f"with shape {raw.shape}")
+    return np.ascontiguousarray(raw[:, :, :3])
 
 
 def _from_torch(tensor: Any, what: str) -> list[np.ndarray]:
@@ -302,7 +308,7 @@ def detect_objects(image: np.ndarray, config: EvaluatorConfig | None = None) -> 
         if count == 0:
             continue
         areas = np.bincount(labels.ravel(), minlength=count + 1)
-        for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
+        for idx, sl in enumerate(_component_slices(labels, count), start=1):
             if sl is None or areas[idx] < min_px or areas[idx] == 0:
                 continue
             comp = labels[sl] == idx
@@ -319,6 +325,27 @@ def detect_objects(image: np.ndarray, config: EvaluatorConfig | None = None) -> 
             found.append(Detection(best_shape, color, box, int(areas[idx]), best_iou))
     found.sort(key=lambda d: (GENEVAL_COLORS.index(d.color), d.bbox[1], d.bbox[0]))
     return found
+
+
+def _component_slices(labels: np.ndarray, count: int) -> list[tuple[slice, slice] | None]:
+    """Bounding box of each label ``1..count`` of a ``[H, W]`` label map as ``(rows, cols)`` slices.
+
+    None for a label without pixels. Labels are visited in order, so the
+    result lines up with ``range(1, count + 1)``.
+    """
+    ys, xs = np.nonzero(labels)
+    ids = labels[ys, xs]
+    big = max(labels.shape) + 1
+    y0 = np.full(count + 1, big, np.int64)
+    x0 = np.full(count + 1, big, np.int64)
+    y1 = np.full(count + 1, -1, np.int64)
+    x1 = np.full(count + 1, -1, np.int64)
+    np.minimum.at(y0, ids, ys)
+    np.minimum.at(x0, ids, xs)
+    np.maximum.at(y1, ids, ys)
+    np.maximum.at(x1, ids, xs)
+    return [None if y1[k] < 0 else (slice(int(y0[k]), int(y1[k]) + 1), slice(int(x0[k]), int(x1[k]) + 1))
+            for k in range(1, count + 1)]
 
 
 def _summary(detections: Sequence[Detection]) -> str:

@@ -1,7 +1,9 @@
 """GenEval's vocabulary and rules, shared by the shapes world, its prompts and its evaluator.
 
-Holds the six task tags, the ten colors, the four relations, the record
-validator, and the centre-offset position rule (method.md section 9). The world
+Re-exports the six task tags, the ten colors and the four relations (GenEval
+spellings) from :mod:`xlard.vocab` and the record validator from
+:mod:`xlard.geneval` (the world calls it with its own classes and colors), and
+holds the centre-offset position rule (method.md section 9). The world
 uses the same rule to place objects, so a rendered "A right of B" is right of B
 by the very function the evaluator judges with.
 
@@ -13,16 +15,24 @@ and its size is ``(x1 - x0, y1 - y0)``, as for a detector's continuous boxes.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Sequence
 
-TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-"""GenEval's six tasks, in the order GenEval reports them."""
+from xlard.geneval import validate_record
+from xlard.vocab import GENEVAL_COLORS, GENEVAL_INVERSE_RELATION, GENEVAL_RELATIONS, GENEVAL_TAGS
 
-GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+__all__ = [
+    "TAGS", "GENEVAL_COLORS", "RELATIONS", "OPPOSITE_RELATION", "POSITION_THRESHOLD", "RELATION_CUTOFF",
+    "RELATION_AXIS", "normalized_offset", "relative_position", "relation_strength", "validate_record",
+]
 
-RELATIONS = ("left of", "right of", "above", "below")
+#: GenEval's six tasks, in the order GenEval reports them (:data:`xlard.vocab.GENEVAL_TAGS`).
+TAGS = GENEVAL_TAGS
 
-OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+#: The four relations as GenEval spells them (:data:`xlard.vocab.GENEVAL_RELATIONS`).
+RELATIONS = GENEVAL_RELATIONS
+
+#: "A R B" <=> "B OPPOSITE_RELATION[R] A".
+OPPOSITE_RELATION = GENEVAL_INVERSE_RELATION
 
 POSITION_THRESHOLD = 0.1
 """Fraction of the summed box sizes (per axis) removed from the centre offset."""
@@ -129,89 +139,3 @@ def relation_strength(box_a: Sequence[float], box_b: Sequence[float], relation: 
         return 0.0
     axis, sign = RELATION_AXIS[relation]
     return sign * d[axis]
-
-
-def _where(index: int | None) -> str:
-    return "record" if index is None else f"record {index}"
-
-
-def validate_record(record: Any, *, classes: Iterable[str] | None = None,
-                    colors: Iterable[str] | None = None, index: int | None = None) -> dict:
-    """Check that ``record`` is a well-formed GenEval record; raise a clear error if not.
-
-    A record is ``{"tag", "include": [...], "exclude": [...]?, "prompt"}``;
-    include items are ``{"class", "count", "color"?, "position"?: [relation,
-    group_index]}`` where ``group_index`` names an *earlier* include item (the
-    target); exclude items are ``{"class", "count", "color"?}`` and fail the
-    record when ``count`` or more such objects are found.
-
-    Args:
-        record: the parsed JSON object.
-        classes: when given, the only class names allowed (the world's shapes).
-        colors: when given, the only color names allowed (the world's palette).
-        index: the record's position in its file, used in error messages.
-
-    Returns:
-        The same record (for chaining).
-
-    Raises:
-        ValueError: naming the record, the field and what was wrong.
-    """
-    where = _where(index)
-    if not isinstance(record, Mapping):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    for key in ("tag", "include", "prompt"):
-        if key not in record:
-            raise ValueError(f"{where}: missing required key {key!r} (has {sorted(record)})")
-    if not isinstance(record["tag"], str) or not record["tag"]:
-        raise ValueError(f"{where}: 'tag' must be a non-empty string, got {record['tag']!r}")
-    if not isinstance(record["prompt"], str):
-        raise ValueError(f"{where}: 'prompt' must be a string, got {type(record['prompt']).__name__}")
-    class_set = set(classes) if classes is not None else None
-    color_set = set(colors) if colors is not None else None
-
-    def check_item(item: Any, field: str, allow_position: bool, position_limit: int) -> None:
-        if not isinstance(item, Mapping):
-            raise ValueError(f"{where}: {field} must be an object, got {type(item).__name__}")
-        known = {"class", "count", "color"} | ({"position"} if allow_position else set())
-        extra = set(item) - known
-        if extra:
-            raise ValueError(f"{where}: {field} has unknown keys {sorted(extra)}; allowed {sorted(known)}")
-        cls = item.get("class")
-        if not isinstance(cls, str) or not cls:
-            raise ValueError(f"{where}: {field}.class must be a non-empty string, got {cls!r}")
-        if class_set is not None and cls not in class_set:
-            raise ValueError(f"{where}: {field}.class {cls!r} is not a class of this world "
-                             f"(known: {', '.join(sorted(class_set))})")
-        count = item.get("count")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"{where}: {field}.count must be a positive integer, got {count!r}")
-        if "color" in item:
-            color = item["color"]
-            if not isinstance(color, str):
-                raise ValueError(f"{where}: {field}.color must be a string, got {color!r}")
-            if color_set is not None and color not in color_set:
-                raise ValueError(f"{where}: {field}.color {color!r} is not a color of this world "
-                                 f"(known: {', '.join(sorted(color_set))})")
-        if "position" in item:
-            pos = item["position"]
-            if (not isinstance(pos, (list, tuple)) or len(pos) != 2):
-                raise ValueError(f"{where}: {field}.position must be [relation, group_index], got {pos!r}")
-            rel, target = pos
-            if rel not in RELATIONS:
-                raise ValueError(f"{where}: {field}.position relation {rel!r} is not one of {RELATIONS}")
-            if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < position_limit:
-                raise ValueError(f"{where}: {field}.position target {target!r} must index an earlier "
-                                 f"include item (0..{position_limit - 1})")
-
-    include = record["include"]
-    if not isinstance(include, (list, tuple)) or not include:
-        raise ValueError(f"{where}: 'include' must be a non-empty list, got {include!r}")
-    for i, item in enumerate(include):
-        check_item(item, f"include[{i}]", True, i)
-    exclude = record.get("exclude", [])
-    if not isinstance(exclude, (list, tuple)):
-        raise ValueError(f"{where}: 'exclude' must be a list, got {exclude!r}")
-    for i, item in enumerate(exclude):
-        check_item(item, f"exclude[{i}]", False, 0)
-    return record  # type: ignore[return-value]

@@ -1,0 +1,262 @@
+"""The self-contained HTML report: one card per prompt, images inline as base64 PNGs, inline CSS, no script."""
+from __future__ import annotations
+
+import base64
+import html
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from xlard.explain._files import _atomic_write
+from xlard.explain._validate import _as_image, _check_tensor, _err
+from xlard.explain.colormaps import apply_colormap, colormap_table, overlay
+from xlard.explain.lam import normalize_lam, upsample_lam
+from xlard.explain.png import png_bytes
+from xlard.explain.report import ASPECT_NAMES, ReportItem, _score, _sentence
+
+
+_CSS = """
+:root { --ink:#1d2230; --muted:#667085; --line:#e4e7ec; --card:#ffffff; --bg:#f4f5f8;
+        --accent:#b8421d; --good:#1f8a5b; --bad:#c4372b; }
+* { box-sizing: border-box; }
+body { margin:0; background:var(--bg); color:var(--ink);
+       font:15px/1.45 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "DejaVu Sans", sans-serif; }
+main { max-width:1180px; margin:0 auto; padding:28px 24px 48px; }
+header.top h1 { font-size:24px; margin:0 0 4px; letter-spacing:-0.01em; }
+header.top p { margin:0; color:var(--muted); }
+.summary { display:flex; flex-wrap:wrap; gap:10px; margin:18px 0 6px; }
+.stat { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:10px 14px; min-width:130px; }
+.stat .k { font-size:12px; text-transform:uppercase; letter-spacing:.06em; color:var(--muted); }
+.stat .v { font-size:20px; font-weight:600; font-variant-numeric:tabular-nums; }
+.legend { display:flex; align-items:center; gap:10px; color:var(--muted); font-size:13px; margin:10px 0 20px; }
+.legend .bar { width:220px; height:12px; border-radius:6px; border:1px solid var(--line); }
+article.item { background:var(--card); border:1px solid var(--line); border-radius:14px;
+               padding:18px 20px 20px; margin:0 0 22px; box-shadow:0 1px 2px rgba(16,24,40,.04); }
+.item-head { display:flex; align-items:flex-start; gap:14px; margin-bottom:14px; }
+.item-head .num { flex:none; font-weight:600; color:var(--muted); font-variant-numeric:tabular-nums; padding-top:2px; }
+.item-head .prompt { flex:1; font-size:18px; font-weight:600; overflow-wrap:anywhere; }
+.item-head .tag { display:inline-block; margin-left:8px; font-size:12px; font-weight:500; color:var(--muted);
+                  background:var(--bg); border-radius:6px; padding:1px 7px; vertical-align:middle; }
+.joint { flex:none; text-align:right; }
+.joint .k { font-size:12px; text-transform:uppercase; letter-spacing:.06em; color:var(--muted); }
+.joint .v { font-size:24px; font-weight:700; font-variant-numeric:tabular-nums; }
+.delta { font-size:13px; font-weight:600; font-variant-numeric:tabular-nums; margin-left:6px; }
+.delta.up { color:var(--good); } .delta.down { color:var(--bad); } .delta.flat { color:var(--muted); }
+.figs { display:grid; grid-template-columns:repeat(4, minmax(0, 1fr)); gap:14px; margin-bottom:16px; }
+@media (max-width: 760px) { .figs { grid-template-columns:repeat(2, minmax(0, 1fr)); } }
+figure { margin:0; }
+figure img { display:block; width:100%; height:auto; aspect-ratio:auto; border-radius:8px;
+             border:1px solid var(--line); background:#fafafa; }
+figure img.small { image-rendering:pixelated; }
+figcaption { font-size:13px; color:var(--muted); margin-top:6px; }
+figcaption b { color:var(--ink); font-weight:600; }
+table.aspects { width:100%; border-collapse:collapse; }
+table.aspects th { text-align:left; font-size:12px; text-transform:uppercase; letter-spacing:.06em;
+                   color:var(--muted); font-weight:600; padding:6px 10px; border-bottom:1px solid var(--line); }
+table.aspects td { padding:9px 10px; border-bottom:1px solid var(--line); vertical-align:top; }
+table.aspects tr:last-child td { border-bottom:none; }
+td.aspect { width:100px; font-weight:600; text-transform:capitalize; }
+td.score { width:210px; font-variant-numeric:tabular-nums; white-space:nowrap; }
+.meter { display:inline-block; width:90px; height:8px; background:#eef0f4; border-radius:4px;
+         overflow:hidden; vertical-align:middle; margin-right:8px; }
+.meter span { display:block; height:100%; background:var(--accent); border-radius:4px; }
+td.why ul { margin:0; padding-left:18px; } td.why li { margin:1px 0; }
+tr.absent td { color:var(--muted); } tr.absent td.aspect { font-weight:500; }
+.weight { color:var(--muted); font-size:12px; margin-left:4px; }
+.notes { margin:12px 0 0; padding-left:18px; color:var(--ink); }
+.none { color:var(--muted); font-style:italic; }
+footer { color:var(--muted); font-size:12px; margin-top:26px; }
+"""
+
+
+def _fmt(value: float | None) -> str:
+    return "&ndash;" if value is None else f"{value:.3f}"
+
+
+def _delta_html(after: float | None, before: float | None) -> str:
+    if after is None or before is None:
+        return ""
+    d = after - before
+    cls = "up" if d > 5e-4 else "down" if d < -5e-4 else "flat"
+    return f'<span class="delta {cls}" title="change from before correction">{d:+.3f}</span>'
+
+
+def _img_tag(image, alt: str) -> tuple[str, tuple[int, int]]:
+    data = base64.b64encode(png_bytes(image)).decode("ascii")
+    x = _as_image("write_html_report", alt, image, batched_ok=False)
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    small = ' class="small"' if max(h, w) <= 256 else ""
+    return (f'<img{small} alt="{html.escape(alt)}" width="{w}" height="{h}" '
+            f'src="data:image/png;base64,{data}">'), (h, w)
+
+
+def _figure(image, caption: str, alt: str, show_size: bool = True) -> str:
+    tag, (h, w) = _img_tag(image, alt)
+    size = f" <span>{w}&times;{h}</span>" if show_size else ""
+    return f"<figure>{tag}<figcaption>{caption}{size}</figcaption></figure>"
+
+
+def _explanation_parts(explanations) -> tuple[dict[str, list[str]], list[str]]:
+    if isinstance(explanations, Mapping):
+        by_aspect = {str(k): [_sentence(s) for s in (v if isinstance(v, (list, tuple)) else [v])]
+                     for k, v in explanations.items()}
+        return by_aspect, []
+    if isinstance(explanations, (str, bytes)):
+        return {}, [_sentence(explanations)]
+    return {}, [_sentence(s) for s in explanations]
+
+
+def _item_html(index: int, item: ReportItem, colormap) -> str:
+    if not isinstance(item, ReportItem):
+        raise TypeError(_err("write_html_report", f"items must be ReportItem (or dicts of its fields), "
+                                                  f"got {type(item).__name__} at index {index}"))
+    esc = html.escape
+    parts = ['<article class="item">']
+    joint, joint_before = _score(item.joint), _score(item.joint_before)
+    tag = f'<span class="tag">{esc(item.label)}</span>' if item.label else ""
+    joint_html = ""
+    if item.joint is not None or item.scores:
+        joint_html = (f'<div class="joint"><div class="k">joint reward</div>'
+                      f'<div class="v">{_fmt(joint)}{_delta_html(joint, joint_before)}</div></div>')
+    parts.append(f'<div class="item-head"><div class="num">#{index + 1}</div>'
+                 f'<div class="prompt">&ldquo;{esc(item.prompt)}&rdquo;{tag}</div>{joint_html}</div>')
+
+    figs = []
+    if item.before is not None:
+        figs.append(_figure(item.before, "<b>Before</b> correction", "before correction"))
+    if item.after is not None:
+        figs.append(_figure(item.after, "<b>After</b> correction", "after correction"))
+    if item.lam is not None:
+        lam = item.lam
+        _check_tensor("write_html_report", "lam", lam, (2,))
+        base = item.after if item.after is not None else item.before
+        finite = lam.detach().float()[torch.isfinite(lam.detach())]
+        peak = finite.max().item() if finite.numel() else 0.0
+        if base is not None:
+            img = _as_image("write_html_report", "image", base, batched_ok=False)
+            size = (img.shape[-2], img.shape[-1])
+        else:
+            scale = max(1, 256 // max(lam.shape))
+            size = (lam.shape[0] * scale, lam.shape[1] * scale)
+        heat = apply_colormap(upsample_lam(normalize_lam(lam), size), colormap)
+        peak_text = f"max {peak:.3g}" if peak > 0 else "all zero: no correction"
+        figs.append(_figure(heat, f"<b>LAM</b> {lam.shape[0]}&times;{lam.shape[1]} latent, {peak_text}",
+                            "latent activation map", show_size=False))
+        if base is not None:
+            figs.append(_figure(overlay(base, lam, colormap), "<b>LAM over "
+                                + ("after" if item.after is not None else "before") + "</b>", "LAM overlay"))
+    if figs:
+        parts.append('<div class="figs">' + "".join(figs) + "</div>")
+
+    by_aspect, notes = _explanation_parts(item.explanations)
+    aspects = list(ASPECT_NAMES) + [a for a in list(item.scores) + list(by_aspect) if a not in ASPECT_NAMES]
+    aspects = list(dict.fromkeys(aspects))
+    if item.scores or by_aspect:
+        rows = []
+        for aspect in aspects:
+            if aspect not in item.scores and aspect not in by_aspect:
+                continue
+            score = _score(item.scores.get(aspect))
+            before = _score(item.scores_before.get(aspect)) if item.scores_before else None
+            sentences = by_aspect.get(aspect, [])
+            weight = _score(item.weights.get(aspect)) if item.weights else None
+            weight_html = f'<span class="weight">&lambda; {weight:.2f}</span>' if weight else ""
+            if score is None:
+                why = ("<ul>" + "".join(f"<li>{esc(s)}</li>" for s in sentences) + "</ul>") if sentences else \
+                    '<span class="none">not asked by the prompt</span>'
+                rows.append(f'<tr class="absent"><td class="aspect">{esc(aspect)}</td>'
+                            f'<td class="score">absent</td><td class="why">{why}</td></tr>')
+                continue
+            width = max(0.0, min(1.0, score)) * 100
+            why = ("<ul>" + "".join(f"<li>{esc(s)}</li>" for s in sentences) + "</ul>") if sentences else \
+                '<span class="none">no explanation given</span>'
+            rows.append(f'<tr><td class="aspect">{esc(aspect)}</td><td class="score">'
+                        f'<span class="meter"><span style="width:{width:.1f}%"></span></span>{score:.3f}'
+                        f'{_delta_html(score, before)}{weight_html}</td><td class="why">{why}</td></tr>')
+        parts.append('<table class="aspects"><thead><tr><th>Aspect</th><th>Score</th><th>Why</th></tr></thead>'
+                     "<tbody>" + "".join(rows) + "</tbody></table>")
+    if notes:
+        parts.append('<ul class="notes">' + "".join(f"<li>{esc(s)}</li>" for s in notes) + "</ul>")
+    parts.append("</article>")
+    return "".join(parts)
+
+
+def _legend(colormap) -> str:
+    table = colormap_table(colormap, 9)
+    stops = ", ".join(f"rgb({int(round(r * 255))},{int(round(g * 255))},{int(round(b * 255))}) {i * 12.5:.1f}%"
+                      for i, (r, g, b) in enumerate(table.tolist()))
+    return (f'<div class="legend"><span>LAM = &Sigma;<sub>c</sub>|&Delta;| per latent cell, per image:</span>'
+            f'<span>none</span><span class="bar" style="background:linear-gradient(90deg, {stops})"></span>'
+            f"<span>most</span></div>")
+
+
+def _summary(items: Sequence[ReportItem]) -> str:
+    stats = [("prompts", str(len(items)))]
+    for key in ("joint",) + ASPECT_NAMES:
+        values = [_score(it.joint) if key == "joint" else _score(it.scores.get(key)) for it in items]
+        values = [v for v in values if v is not None]
+        if values:
+            stats.append((f"mean {key}", f"{sum(values) / len(values):.3f}"))
+    return '<div class="summary">' + "".join(
+        f'<div class="stat"><div class="k">{html.escape(k)}</div><div class="v">{v}</div></div>'
+        for k, v in stats) + "</div>"
+
+
+def render_html_report(items: Sequence[ReportItem | Mapping[str, Any]], title: str = "xLARD report",
+                       colormap: str | torch.Tensor = "ember") -> str:
+    """The HTML text of a report (see :func:`write_html_report`)."""
+    fn = "render_html_report"
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(_err(fn, f"items must be a sequence of ReportItem, got {type(items).__name__}"))
+    normal = []
+    for i, it in enumerate(items):
+        if isinstance(it, Mapping):
+            try:
+                it = ReportItem(**it)
+            except TypeError as exc:
+                raise TypeError(_err(fn, f"item {i}: {exc}")) from exc
+        normal.append(it)
+    esc_title = html.escape(str(title))
+    body = "".join(_item_html(i, it, colormap) for i, it in enumerate(normal))
+    if not normal:
+        body = '<p class="none">No items.</p>'
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{esc_title}</title><style>{_CSS}</style></head><body><main>"
+            f'<header class="top"><h1>{esc_title}</h1><p>Each prompt: the image before and after the '
+            "latent correction, where the corrector acted (the Latent Activation Map), and each reward "
+            "aspect with its score and explanation.</p></header>"
+            f"{_summary(normal)}{_legend(colormap)}{body}"
+            "<footer>Generated by xlard.explain. Scores in [0, 1]; an absent aspect is one the prompt "
+            "does not ask for. LAM panels are normalized per image; the caption gives the raw maximum."
+            "</footer></main></body></html>\n")
+
+
+def write_html_report(path: str | os.PathLike, items: Sequence[ReportItem | Mapping[str, Any]],
+                      title: str = "xLARD report", colormap: str | torch.Tensor = "ember") -> None:
+    """Write a self-contained HTML report for a batch, atomically.
+
+    One card per item: the prompt, the before / after images, the LAM alone
+    and over the corrected image, each aspect's score (with the change from
+    before, if given) and its explanation sentences, the joint reward. Images
+    are inline base64 PNG data URIs and the CSS is inline: the file has no
+    external reference and no script, so it can be mailed or archived as is.
+    All text is HTML-escaped.
+
+    Args:
+        path: the ``.html`` file to write; its folder is created if needed.
+        items: :class:`ReportItem` s, or dicts of their fields (see :func:`report_items`).
+        title (str): the page title.
+        colormap: for the LAM panels.
+
+    Raises:
+        ImportError: Pillow is not installed.
+        TypeError, ValueError: malformed items (the message names the item).
+
+    Example:
+        >>> write_html_report("report.html", [ReportItem("two red apples", before=x0, after=xc,
+        ...     lam=lam, scores={"count": 0.9, "color": 0.8}, explanations={"count": ["asked for 2 apples, found 2"]})])
+    """
+    _atomic_write(path, render_html_report(items, title, colormap).encode("utf-8"))

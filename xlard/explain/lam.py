@@ -1,0 +1,160 @@
+"""The Latent Activation Map: ``sum_c |Delta|``, its per-image normalization, upsampling and top cells.
+
+Upsampling is bilinear with ``align_corners=False``: latent cell ``(i, j)`` of
+an ``h x w`` grid is centred on the image block ``rows [i H/h, (i+1) H/h)``,
+``cols [j W/w, (j+1) W/w)``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from xlard import ops
+from xlard.explain._validate import _check_tensor, _err
+
+
+def latent_activation_map(delta: torch.Tensor) -> torch.Tensor:
+    """The Latent Activation Map ``LAM = sum_c |Delta|``: where the corrector acted.
+
+    Computed by :func:`xlard.ops.residual_correction` (any device it serves),
+    so it is bit-for-bit the LAM the corrector's rollout reports.
+
+    Args:
+        delta (Tensor[B, C, h, w] or Tensor[C, h, w]): the corrector's output,
+            a floating dtype.
+
+    Returns:
+        Tensor[B, h, w] (or [h, w] for unbatched input): float32 (float64 for
+        float64 input), non-negative; NaN where ``delta`` has a NaN.
+        Differentiable in ``delta``.
+
+    Raises:
+        TypeError: ``delta`` is not a floating-point tensor.
+        ValueError: ``delta`` has neither 3 nor 4 dimensions.
+
+    Example:
+        >>> lam = latent_activation_map(corrector(z0, tokens, pooled))   # [B, h, w]
+    """
+    fn = "latent_activation_map"
+    _check_tensor(fn, "delta", delta, (3, 4))
+    unbatched = delta.dim() == 3
+    d = delta.unsqueeze(0) if unbatched else delta
+    # z0 = 0 and alpha = 0: only the op's LAM output is wanted, and it depends on delta alone.
+    _, lam = ops.residual_correction(torch.zeros_like(d), d, 0.0)
+    return lam[0] if unbatched else lam
+
+
+def normalize_lam(lam: torch.Tensor, quantile: float = 1.0) -> torch.Tensor:
+    """Scale each image's LAM to [0, 1] by its own maximum (or a high quantile).
+
+    A LAM is a magnitude, so 0 stays 0 ("the corrector did nothing here") and
+    the scale is the per-image maximum: a uniform map becomes all ones, not
+    all zeros. Non-finite cells (NaN, inf) are ignored when finding the scale
+    and come out as 0. An all-zero (or all non-finite) image comes out all 0.
+
+    Args:
+        lam (Tensor[h, w] or Tensor[B, h, w]): non-negative, floating dtype.
+        quantile (float): in (0, 1]; the scale is this quantile of the image's
+            finite cells, values above it clip to 1. Below 1 it keeps one
+            outlier cell from washing out the rest of the map.
+
+    Returns:
+        Tensor of ``lam``'s shape, float32, values in [0, 1]. Not differentiable
+        (a display transform).
+
+    Raises:
+        TypeError: ``lam`` is not a floating-point tensor.
+        ValueError: wrong rank, ``quantile`` outside (0, 1], or a finite
+            negative cell (a signed map is not a LAM; pass ``x.abs()``).
+
+    Example:
+        >>> shown = normalize_lam(lam, quantile=0.99)
+    """
+    fn = "normalize_lam"
+    _check_tensor(fn, "lam", lam, (2, 3))
+    if not isinstance(quantile, numbers.Real) or not 0.0 < float(quantile) <= 1.0:
+        raise ValueError(_err(fn, f"quantile must be in (0, 1], got {quantile!r}"))
+    x = lam.detach().float()
+    finite = torch.isfinite(x)
+    if bool((x[finite] < 0).any()):
+        raise ValueError(_err(fn, f"lam must be non-negative (sum_c |delta|), got min {x[finite].min().item():.4g}; "
+                                  "pass a magnitude such as x.abs()"))
+    x = torch.where(finite, x, torch.zeros_like(x))
+    if x.numel() == 0:
+        return x
+    flat = x.reshape(-1, x.shape[-2] * x.shape[-1])
+    if float(quantile) == 1.0:
+        scale = flat.amax(dim=1, keepdim=True)
+    else:
+        # Non-finite cells are background: push them below every finite cell with NaN-aware quantiles.
+        ranked = torch.where(finite.reshape(flat.shape), flat, torch.full_like(flat, float("nan")))
+        scale = torch.nanquantile(ranked, float(quantile), dim=1, keepdim=True).nan_to_num(0.0)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    out = torch.where(scale > 0, (flat / safe).clamp(0.0, 1.0), torch.zeros_like(flat))
+    return out.reshape(x.shape)
+
+
+def upsample_lam(lam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resample a LAM from the latent grid to the image grid.
+
+    Bilinear with ``align_corners=False``: latent cell ``(i, j)`` is centred on
+    the image block it covers (rows ``[i H/h, (i+1) H/h)``), which is how a VAE
+    latent cell relates to its pixels. ``align_corners=True`` would shift
+    every cell towards the image's centre.
+
+    Args:
+        lam (Tensor[h, w] or Tensor[B, h, w]): floating dtype.
+        size ((int, int)): the image's (H, W).
+
+    Returns:
+        Tensor[H, W] or Tensor[B, H, W], float32.
+
+    Raises:
+        TypeError, ValueError: wrong types, rank, or a non-positive size.
+
+    Example:
+        >>> upsample_lam(lam, (512, 512))
+    """
+    fn = "upsample_lam"
+    _check_tensor(fn, "lam", lam, (2, 3))
+    if (not isinstance(size, Sequence) or len(size) != 2
+            or not all(isinstance(s, numbers.Integral) and s > 0 for s in size)):
+        raise ValueError(_err(fn, f"size must be two positive ints (H, W), got {size!r}"))
+    if lam.shape[-1] == 0 or lam.shape[-2] == 0:
+        raise ValueError(_err(fn, f"lam has an empty spatial grid {tuple(lam.shape)}"))
+    x = lam.detach().float()
+    x4 = x.reshape(-1, 1, x.shape[-2], x.shape[-1])
+    out = F.interpolate(x4, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
+    return out.reshape(*x.shape[:-2], int(size[0]), int(size[1]))
+
+
+def top_lam_mask(lam: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The top ``fraction`` of each image's LAM cells.
+
+    Args:
+        lam (Tensor[B, h, w]): finite LAM values.
+        fraction (float): in [0, 1]; ``ceil(fraction * h * w)`` cells per image
+            are selected (0 selects none).
+
+    Returns:
+        Tensor[B, h, w] bool. Ties are broken by the row-major cell index
+        (lowest first), so the mask is deterministic.
+
+    Example:
+        >>> mask = top_lam_mask(lam, 0.1)
+    """
+    fn = "top_lam_mask"
+    _check_tensor(fn, "lam", lam, (3,))
+    if not isinstance(fraction, numbers.Real) or not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(_err(fn, f"fraction must be in [0, 1], got {fraction!r}"))
+    b, h, w = lam.shape
+    k = min(h * w, math.ceil(float(fraction) * h * w - 1e-9))
+    flat = lam.detach().reshape(b, h * w)
+    order = torch.argsort(flat, dim=1, descending=True, stable=True)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask.scatter_(1, order[:, :k], True)
+    return mask.reshape(b, h, w)

@@ -1,0 +1,78 @@
+"""PNG encoding, writing and reading through Pillow (which comes with the ``method`` extra)."""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import torch
+
+from xlard._optional import require
+from xlard.explain._files import _atomic_write
+from xlard.explain._validate import _as_image, _err
+
+
+def _pillow(fn: str):
+    return require("PIL.Image", f"xlard.explain.{fn}")
+
+
+def _to_uint8_hwc(fn: str, image) -> Any:
+    x = _as_image(fn, "image", image, batched_ok=False)
+    return (x * 255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+def png_bytes(image) -> bytes:
+    """Encode an image as PNG bytes.
+
+    Args:
+        image (Tensor[3, H, W] or Tensor[1, H, W]): float in [0, 1] (rounded to
+            8 bits) or uint8; a numpy HWC array is accepted too.
+
+    Returns:
+        bytes: an 8-bit RGB PNG.
+
+    Raises:
+        ImportError: Pillow is not installed.
+        TypeError, ValueError: not an image in [0, 1] / uint8.
+
+    Example:
+        >>> data = png_bytes(overlay(image, lam))
+    """
+    image_cls = _pillow("png_bytes")
+    arr = _to_uint8_hwc("png_bytes", image)
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(_err("png_bytes", f"image is empty, shape {arr.shape[:2]}"))
+    buf = io.BytesIO()
+    image_cls.fromarray(arr, mode="RGB").save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def save_png(path: str | os.PathLike, image) -> None:
+    """Write an image to a PNG file, atomically (temporary file, then rename).
+
+    Args:
+        path: the file to write; its folder is created if needed.
+        image (Tensor[3, H, W]): float in [0, 1] or uint8 (see :func:`png_bytes`).
+
+    Raises:
+        ImportError: Pillow is not installed.
+        TypeError, ValueError: not an image.
+
+    Example:
+        >>> save_png("out/lam_0.png", overlay(images[0], lam[0]))
+    """
+    _atomic_write(path, png_bytes(image))
+
+
+def read_png(path: str | os.PathLike) -> torch.Tensor:
+    """Read a PNG (or any Pillow-readable image) as Tensor[3, H, W] uint8.
+
+    Example:
+        >>> read_png("out/lam_0.png").shape
+    """
+    image_cls = _pillow("read_png")
+    import numpy as np
+
+    with image_cls.open(os.fspath(path)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

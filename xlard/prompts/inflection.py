@@ -1,0 +1,138 @@
+"""English inflection of object nouns: plural <-> singular.
+
+Known nouns (:data:`xlard.prompts.vocabulary.KNOWN_NOUNS` and their plurals)
+map exactly through a table; other words follow English rules (an irregular
+table, -ies, -es, -s).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+
+from xlard.prompts.vocabulary import KNOWN_NOUNS
+
+__all__ = ["pluralize", "singularize", "noun_forms"]
+
+
+_UNINFLECTED: frozenset[str] = frozenset({
+    "sheep", "deer", "fish", "moose", "bison", "salmon", "trout", "shrimp",
+    "aircraft", "series", "species", "skis", "scissors", "broccoli", "people",
+})
+
+_IRREGULAR_PLURALS: Mapping[str, str] = {
+    "person": "people", "man": "men", "woman": "women", "child": "children",
+    "mouse": "mice", "goose": "geese", "foot": "feet", "tooth": "teeth",
+    "ox": "oxen", "louse": "lice", "die": "dice",
+    "knife": "knives", "wife": "wives", "life": "lives", "leaf": "leaves",
+    "wolf": "wolves", "calf": "calves", "half": "halves", "shelf": "shelves",
+    "loaf": "loaves", "thief": "thieves", "scarf": "scarves", "elf": "elves",
+    "cactus": "cacti", "fungus": "fungi", "potato": "potatoes",
+    "tomato": "tomatoes", "hero": "heroes", "mango": "mangoes", "echo": "echoes",
+    "quiz": "quizzes",
+}
+_IRREGULAR_SINGULARS: Mapping[str, str] = {p: s for s, p in _IRREGULAR_PLURALS.items()}
+_VOWELS = frozenset("aeiou")
+
+
+def _pluralize_word(word: str) -> str:
+    if word in _UNINFLECTED:
+        return word
+    if word in _IRREGULAR_PLURALS:
+        return _IRREGULAR_PLURALS[word]
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return word + "es"
+    if len(word) > 1 and word.endswith("y") and word[-2] not in _VOWELS:
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def _singularize_word(word: str) -> str:
+    if word in _UNINFLECTED:
+        return word
+    if word in _IRREGULAR_SINGULARS:
+        return _IRREGULAR_SINGULARS[word]
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if word.endswith(("sses", "xes", "zzes", "ches", "shes")):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def pluralize(noun: str) -> str:
+    """English plural of a (possibly multi-word) noun; the last word inflects.
+
+    Args:
+        noun: a singular noun, e.g. "teddy bear", "knife", "bus".
+
+    Returns:
+        Its plural: "teddy bears", "knives", "buses"; uninflected nouns
+        ("sheep", "skis", "scissors") come back unchanged.
+
+    Example:
+        >>> pluralize("computer mouse")
+        'computer mice'
+    """
+    words = noun.strip().lower().split()
+    if not words:
+        raise ValueError("cannot pluralize an empty noun")
+    return " ".join(words[:-1] + [_pluralize_word(words[-1])])
+
+
+def singularize(noun: str) -> str:
+    """Singular of a (possibly multi-word) noun; known nouns are exact.
+
+    Known nouns (:data:`KNOWN_NOUNS` and their plurals) map exactly; other
+    words follow English rules (irregular table, -ies, -es, -s).
+
+    Args:
+        noun: a noun, singular or plural.
+
+    Returns:
+        The singular, lower-cased.
+
+    Example:
+        >>> singularize("wine glasses"), singularize("people"), singularize("penguins")
+        ('wine glass', 'person', 'penguin')
+    """
+    words = tuple(noun.strip().lower().split())
+    if not words:
+        raise ValueError("cannot singularize an empty noun")
+    known = _known_forms().get(words)
+    if known is not None:
+        return known
+    return " ".join(words[:-1] + (_singularize_word(words[-1]),))
+
+
+def noun_forms(nouns: Iterable[str]) -> dict[tuple[str, ...], str]:
+    """Table of word tuples -> canonical singular for ``nouns`` and their plurals.
+
+    Args:
+        nouns: singular nouns, possibly multi-word ("teddy bear").
+
+    Returns:
+        ``{("teddy", "bear"): "teddy bear", ("teddy", "bears"): "teddy bear", ...}``;
+        ("people",) maps to "person".
+
+    Raises:
+        ValueError: a noun is empty.
+    """
+    table: dict[tuple[str, ...], str] = {}
+    for noun in nouns:
+        if not isinstance(noun, str):
+            raise ValueError(f"nouns must be strings, got {noun!r} ({type(noun).__name__})")
+        words = tuple(noun.strip().lower().split())
+        if not words:
+            raise ValueError(f"extra noun {noun!r} is empty")
+        canonical = " ".join(words)
+        table.setdefault(words, canonical)
+        table.setdefault(tuple(pluralize(canonical).split()), canonical)
+    # "people" is listed as a noun for generic prompts but means "person".
+    table[("people",)] = "person"
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def _known_forms() -> Mapping[tuple[str, ...], str]:
+    return noun_forms(KNOWN_NOUNS)

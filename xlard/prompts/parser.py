@@ -1,0 +1,704 @@
+"""The rule-based prompt parser (:func:`parse`) and GenEval records -> specs (:func:`from_geneval`)."""
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from xlard.geneval import validate_record
+from xlard.prompts.alignment import align
+from xlard.prompts.inflection import _singularize_word, noun_forms, pluralize
+from xlard.prompts.spec import Entity, PromptSpec, Relation
+from xlard.prompts.numbers import NUMBER_PATTERN, read_count
+from xlard.prompts.vocabulary import ARRANGEMENT_NOUNS, COLLECTIVE_NOUNS, KNOWN_NOUNS, SCENE_NOUNS
+from xlard.vocab import COLOR_ALIASES, COLOR_MODIFIER_WORDS, COLORS, COMPOUND_COLORS, normalize_relation
+
+__all__ = ["parse", "from_geneval"]
+
+# ---------------------------------------------------------------------------
+# The parser's lexicon
+# ---------------------------------------------------------------------------
+
+_DEFINITE = frozenset({"the", "this", "that", "these", "those"})
+_VAGUE = ("some", "several", "many", "multiple", "few", "various", "numerous", "a few", "a lot of", "lots of")
+
+_TEMPLATE_WORDS = frozenset({
+    "photo", "photograph", "picture", "image", "painting", "drawing", "rendering",
+    "render", "illustration", "sketch", "pic", "snapshot", "shot", "closeup", "close-up",
+    "scene", "view", "portrait", "depiction", "artwork", "watercolor", "photorealistic",
+})
+
+# Words that are never an entity's noun (a piece made only of these is no entity).
+_STOPWORDS = frozenset({
+    "there", "here", "is", "are", "was", "were", "be", "being", "been", "it", "its",
+    "they", "them", "their", "which", "who", "whose", "very", "also", "just", "only",
+    "both", "each", "other", "another", "of", "side", "together", "sitting",
+    "standing", "lying", "flying", "walking", "running", "playing", "placed",
+    "positioned", "located", "shown", "visible", "single", "lone", "exactly", "total",
+    "in", "all", "has", "have", "having", "small", "big", "large", "tiny", "huge",
+    "up", "down", "out", "away", "off", "while", "where", "as", "that", "than", "into",
+    "onto", "from", "through", "across", "over", "toward", "towards", "within",
+})
+
+# Prepositions that can open a scene phrase ("on snow", "at night", "against a
+# white wall"); relation words are among them, so "a kite above the beach" is
+# a kite in a setting, not a relation without an object.
+_SETTING_PREPOSITIONS: frozenset[tuple[str, ...]] = frozenset(
+    [(w,) for w in (
+        "on", "in", "at", "under", "against", "across", "over", "through", "amid", "amidst",
+        "among", "inside", "within", "along", "beneath", "underneath", "below", "above",
+        "during", "into", "onto", "upon", "near", "by", "beside", "behind", "around",
+        "throughout", "atop", "from", "toward", "towards", "beyond", "outside",
+    )] + [
+        ("in", "front", "of"), ("on", "top", "of"), ("in", "the", "middle", "of"),
+        ("in", "the", "center", "of"), ("in", "the", "centre", "of"), ("at", "the", "edge", "of"),
+        ("on", "the", "edge", "of"), ("in", "the", "distance", "of"), ("next", "to"),
+        ("surrounded", "by"), ("covered", "in"), ("covered", "with"), ("out", "of"),
+    ]
+)
+# Words that open an arrangement phrase ("in a line", "forming a circle").
+_ARRANGEMENT_PREPOSITIONS: frozenset[tuple[str, ...]] = frozenset(
+    [("in",), ("into",), ("forming",), ("form",), ("forms",), ("formed",), ("making",)]
+)
+_SETTING_DETERMINERS = frozenset({"a", "an", "the", "this", "that", "its", "their", "his", "her", "one"})
+# Phrases that say how objects stand relative to each other; no object is named.
+_ARRANGEMENT_IDIOMS: tuple[tuple[str, ...], ...] = (
+    ("side", "by", "side"), ("one", "after", "another"), ("one", "after", "the", "other"),
+    ("one", "behind", "the", "other"), ("one", "by", "one"), ("back", "to", "back"),
+    ("face", "to", "face"), ("next", "to", "each", "other"), ("next", "to", "one", "another"),
+    ("in", "single", "file"), ("in", "a", "single", "file"), ("each", "other"), ("one", "another"),
+    ("in", "formation"), ("in", "pairs"), ("in", "rows"), ("in", "lines"), ("in", "columns"),
+    ("in", "unison"), ("in", "a", "huddle"),
+)
+_SETTING_PREP_TABLE = dict.fromkeys(_SETTING_PREPOSITIONS, True)
+_ARRANGEMENT_PREP_TABLE = dict.fromkeys(_ARRANGEMENT_PREPOSITIONS, True)
+
+
+@dataclass(frozen=True)
+class _Lexicon:
+    nouns: Mapping[tuple[str, ...], str]
+    max_noun_len: int
+
+
+def _build_lexicon(nouns: Iterable[str]) -> _Lexicon:
+    table = noun_forms(nouns)
+    return _Lexicon(table, max(len(k) for k in table))
+
+
+_DEFAULT_LEXICON: _Lexicon | None = None
+
+
+@functools.lru_cache(maxsize=64)
+def _lexicon_with(extra_nouns: tuple[str, ...]) -> _Lexicon:
+    # from_geneval passes each record's classes; the cache makes repeats free.
+    return _build_lexicon(KNOWN_NOUNS + extra_nouns)
+
+
+def _default_lexicon() -> _Lexicon:
+    global _DEFAULT_LEXICON
+    if _DEFAULT_LEXICON is None:
+        _DEFAULT_LEXICON = _build_lexicon(KNOWN_NOUNS)
+    return _DEFAULT_LEXICON
+
+
+def _phrase_table() -> dict[tuple[str, ...], tuple[str, str | None]]:
+    table: dict[tuple[str, ...], tuple[str, str | None]] = {}
+    for side in ("left", "right"):
+        relation = f"{side}_of"
+        for phrase in (
+            (side, "of"), ("to", "the", side, "of"), ("on", "the", side, "of"),
+            ("at", "the", side, "of"), ("to", side, "of"), ("on", side, "of"),
+            (side, "side", "of"), ("to", "the", side, "side", "of"),
+            ("on", "the", side, "side", "of"), ("on", "the", side, "hand", "side", "of"),
+            ("to", "the", side, "hand", "side", "of"),
+        ):
+            table[phrase] = ("rel", relation)
+        # Absolute placements ("a dog on the left") are not relations.
+        for phrase in (("on", "the", side), ("to", "the", side), ("on", "the", side, "side"), ("at", "the", side)):
+            table[phrase] = ("sep", None)
+    for phrase in (("above",), ("over",), ("atop",), ("on", "top", "of"), ("on", "the", "top", "of")):
+        table[phrase] = ("rel", "above")
+    for phrase in (("below",), ("under",), ("beneath",), ("underneath",)):
+        table[phrase] = ("rel", "below")
+    for phrase in (
+        ("and",), ("with",), ("plus",), ("&",), (",",), (";",), (".",), ("!",), ("?",),
+        (":",), ("next", "to"), ("beside",), ("besides",), ("near",), ("behind",),
+        ("in", "front", "of"), ("on",), ("at",), ("by",), ("against",), ("inside",),
+        ("outside",), ("between",), ("among",), ("around",), ("as", "well", "as"),
+        ("along", "with"), ("together", "with"), ("on", "top"), ("on", "the", "top"),
+        ("at", "the", "top"), ("at", "the", "bottom"), ("on", "the", "bottom"),
+        ("in", "the", "middle"), ("in", "the", "center"), ("in", "the", "centre"),
+    ):
+        table[phrase] = ("sep", None)
+    return table
+
+
+def _quantifier_table() -> dict[tuple[str, ...], tuple[str, int | None]]:
+    table: dict[tuple[str, ...], tuple[str, int | None]] = {
+        ("a",): ("number", 1), ("an",): ("number", 1),
+        ("a", "pair", "of"): ("number", 2), ("a", "couple", "of"): ("number", 2),
+        ("pair", "of"): ("number", 2), ("couple", "of"): ("number", 2),
+        ("a", "dozen"): ("number", 12), ("dozen",): ("number", 12),
+    }
+    # Other numbers are read by numbers.read_count; "no" is a count here only.
+    table[("no",)] = ("number", 0)
+    for word in _DEFINITE:
+        table[(word,)] = ("definite", None)
+    for phrase in _VAGUE:
+        table[tuple(phrase.split())] = ("vague", None)
+    # "a flock of birds", "rows of houses": how many is not said.
+    for noun in COLLECTIVE_NOUNS:
+        plural = pluralize(noun)
+        for head in ((noun,), ("a", noun), ("an", noun), ("one", noun), ("the", noun), (plural,)):
+            table[head + ("of",)] = ("vague", None)
+    return table
+
+
+def _color_table() -> dict[tuple[str, ...], str]:
+    table: dict[tuple[str, ...], str] = {}
+    singles = {c: c for c in COLORS}
+    singles.update(COLOR_ALIASES)
+    for word, canonical in singles.items():
+        table[(word,)] = canonical
+        for modifier in COLOR_MODIFIER_WORDS:
+            table[(modifier, word)] = f"{modifier} {canonical}"
+    for compound in COMPOUND_COLORS:
+        table[tuple(compound.split())] = compound
+    return table
+
+
+_PHRASES = _phrase_table()
+_QUANTIFIERS = _quantifier_table()
+_COLOR_PHRASES = _color_table()
+_MAX_PHRASE = max(len(k) for k in _PHRASES)
+_MAX_QUANTIFIER = max(len(k) for k in _QUANTIFIERS)
+_MAX_COLOR = max(len(k) for k in _COLOR_PHRASES)
+
+_WORD_RE = re.compile(NUMBER_PATTERN + r"|[^\W\d_]+(?:['\-][^\W\d_]+)*|[^\w\s]")
+
+
+@dataclass(frozen=True)
+class _Word:
+    text: str  # lower-cased
+    start: int
+    end: int
+
+
+def _scan(prompt: str) -> list[_Word]:
+    return [_Word(m.group().lower(), m.start(), m.end()) for m in _WORD_RE.finditer(prompt)]
+
+
+def _match(
+    words: Sequence[_Word], pos: int, table: Mapping[tuple[str, ...], Any], longest: int
+) -> tuple[int, Any] | None:
+    for length in range(min(longest, len(words) - pos), 0, -1):
+        key = tuple(w.text for w in words[pos:pos + length])
+        if key in table:
+            return length, table[key]
+    return None
+
+
+_MAX_SETTING_PREPOSITION = max(len(p) for p in _SETTING_PREPOSITIONS | _ARRANGEMENT_PREPOSITIONS)
+_MAX_SETTING_MODIFIERS = 3
+_NUMBER_WORD_RE = re.compile(r"\d+|zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve")
+
+
+def _is_boundary(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> bool:
+    """Whether a scene/arrangement noun at ``pos - 1`` ends its phrase.
+
+    The next word must end the noun phrase (punctuation, a joiner, a relation,
+    a participle, a quantifier...); an unknown plain word may be a noun the
+    scene word modifies ("a snow globe"), so the phrase is not a setting.
+    """
+    if pos >= len(words):
+        return True
+    text = words[pos].text
+    if not text[0].isalpha() or text in _STOPWORDS or text in ("of", "with", "and", "or", "but"):
+        return True
+    if _match(words, pos, _PHRASES, _MAX_PHRASE) or _match(words, pos, _QUANTIFIERS, _MAX_QUANTIFIER):
+        return True
+    if _match(words, pos, _SETTING_PREP_TABLE, _MAX_SETTING_PREPOSITION):
+        return True
+    if (text,) in lexicon.nouns:
+        return False
+    return len(text) > 4 and text.endswith(("ing", "ed"))
+
+
+def _setting_length(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> int:
+    """Length of a scene or arrangement phrase starting at ``pos`` (0: none).
+
+    Scene phrases: a preposition, an optional determiner, up to three
+    modifiers (colors included: "under a clear blue sky") and a scene noun
+    (:data:`~xlard.prompts.vocabulary.SCENE_NOUNS`): "on snow", "in a large
+    field", "at night". Arrangement phrases: "in"/"into"/"forming", an
+    optional determiner, modifiers (numbers included, colors not: "in a blue
+    square" names an object) and an arrangement noun: "in a line", "in two
+    rows", "forming a circle"; plus fixed idioms ("side by side"). A word
+    the lexicon knows as an object noun never counts as a modifier, so
+    "on a wooden table" stays an object.
+    """
+    for idiom in _ARRANGEMENT_IDIOMS:
+        if tuple(w.text for w in words[pos:pos + len(idiom)]) == idiom and _is_boundary(
+                words, pos + len(idiom), lexicon):
+            return len(idiom)
+    for prepositions, nouns, arrangement in (
+        (_ARRANGEMENT_PREP_TABLE, ARRANGEMENT_NOUNS, True),
+        (_SETTING_PREP_TABLE, SCENE_NOUNS, False),
+    ):
+        hit = _match(words, pos, prepositions, _MAX_SETTING_PREPOSITION)
+        if not hit:
+            continue
+        j = pos + hit[0]
+        if j < len(words) and words[j].text in _SETTING_DETERMINERS:
+            j += 1
+        for _ in range(_MAX_SETTING_MODIFIERS + 1):
+            if j >= len(words):
+                break
+            text = words[j].text
+            # An object noun the lexicon knows ("on a blue square") is never scenery.
+            if text in nouns and (arrangement or (text,) not in lexicon.nouns):
+                end = j + 1
+                # "a city street", "the night sky": a scene noun may modify another.
+                while not arrangement and end < len(words) and words[end].text in nouns:
+                    end += 1
+                if _is_boundary(words, end, lexicon):
+                    return end - pos
+                break
+            if not (text[0].isalpha() or (arrangement and text.isdigit())):
+                break
+            if (text in _STOPWORDS or _match(words, j, lexicon.nouns, lexicon.max_noun_len)
+                    or _match(words, j, _PHRASES, _MAX_PHRASE)):
+                break
+            if arrangement and (text,) in _COLOR_PHRASES:
+                break
+            if not arrangement and (_NUMBER_WORD_RE.fullmatch(text) or (text,) in _QUANTIFIERS):
+                break
+            j += 1
+    return 0
+
+
+def _template_end(words: Sequence[_Word], lexicon: _Lexicon) -> int:
+    """Index just past a leading "a photo of" (or similar), else 0."""
+    for i in range(min(len(words) - 1, 6)):
+        if words[i].text in _TEMPLATE_WORDS and words[i + 1].text == "of":
+            before = words[:i]
+            # Only determiners and plain adjectives ("a realistic photo of") may precede.
+            if all(
+                w.text in ("a", "an", "the") or (
+                    (w.text,) not in lexicon.nouns and (w.text,) not in _COLOR_PHRASES
+                    and (w.text,) not in _QUANTIFIERS and (w.text,) not in _PHRASES
+                )
+                for w in before
+            ):
+                return i + 2
+            return 0
+    return 0
+
+
+@dataclass
+class _Piece:
+    quantifier: tuple[str, int | None] | None = None
+    words: list[_Word] = field(default_factory=list)
+
+    def has_content(self) -> bool:
+        return any(w.text not in _STOPWORDS for w in self.words)
+
+
+@dataclass(frozen=True)
+class _ParsedNP:
+    noun: str
+    count: int | None
+    color: str | None
+    noun_span: tuple[int, int]
+    color_span: tuple[int, int] | None
+    definite: bool
+
+
+def _span(words: Sequence[_Word]) -> tuple[int, int]:
+    return (words[0].start, words[-1].end)
+
+
+def _looks_like_verb_or_adverb(word: str) -> bool:
+    return len(word) > 4 and word.endswith(("ing", "ed", "ly"))
+
+
+def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) -> _ParsedNP | None:
+    words = piece.words
+    # Color phrases anywhere in the piece (a color word may also be a noun: "orange").
+    color_hits: list[tuple[int, int, str]] = []
+    j = 0
+    while j < len(words):
+        hit = _match(words, j, _COLOR_PHRASES, _MAX_COLOR)
+        if hit:
+            color_hits.append((j, j + hit[0], hit[1]))
+            j += hit[0]
+        else:
+            j += 1
+    noun_hits: list[tuple[int, int, str]] = []
+    j = 0
+    while j < len(words):
+        hit = _match(words, j, lexicon.nouns, lexicon.max_noun_len)
+        if hit:
+            noun_hits.append((j, j + hit[0], hit[1]))
+            j += hit[0]
+        else:
+            j += 1
+    covered_by_color = {k for s, e, _ in color_hits for k in range(s, e)}
+
+    def fallback(lo: int) -> tuple[int, int, str] | None:
+        # Participles and adverbs ("penguins huddled", "cats sleeping quietly")
+        # are no head noun unless the piece has nothing else after a quantifier.
+        for allow_verbs in (False, piece.quantifier is not None):
+            for k in range(len(words) - 1, lo - 1, -1):
+                w = words[k].text
+                if k in covered_by_color or w in _STOPWORDS or not w[0].isalpha():
+                    continue
+                if not allow_verbs and _looks_like_verb_or_adverb(w):
+                    continue
+                if strict:
+                    raise ValueError(
+                        f"unknown object noun {words[k].text!r} in prompt {prompt!r}; "
+                        "pass extra_nouns=[...] or strict=False"
+                    )
+                return (k, k + 1, _singularize_word(w))
+        return None
+
+    head: tuple[int, int, str] | None = None
+    if noun_hits:
+        head = noun_hits[-1]
+        is_color_word = any(s == head[0] and e == head[1] for s, e, _ in color_hits)
+        if is_color_word:
+            # "an orange submarine": the color-noun is a color when a head follows.
+            later = fallback(head[1])
+            if later is not None:
+                head = later
+    else:
+        head = fallback(0)
+    if head is None:
+        if color_hits:
+            s, e, _ = color_hits[-1]
+            raise ValueError(
+                f"color {prompt[words[s].start:words[e - 1].end]!r} in prompt {prompt!r} "
+                "is not followed by an object noun"
+            )
+        return None
+    colors = [(s, e, c) for s, e, c in color_hits if e <= head[0]]
+    distinct = list(dict.fromkeys(c for _, _, c in colors))
+    if len(distinct) > 1:
+        raise ValueError(
+            f"object {head[2]!r} in prompt {prompt!r} has several colors {distinct}; "
+            "one color per object is supported"
+        )
+    color = distinct[0] if distinct else None
+    color_span = _span(words[colors[-1][0]:colors[-1][1]]) if colors else None
+    kind, value = piece.quantifier if piece.quantifier else (None, None)
+    return _ParsedNP(
+        noun=head[2],
+        count=value if kind == "number" else None,
+        color=color,
+        noun_span=_span(words[head[0]:head[1]]),
+        color_span=color_span,
+        definite=kind == "definite",
+    )
+
+
+# ---------------------------------------------------------------------------
+# parse / from_geneval
+# ---------------------------------------------------------------------------
+
+
+def _check_prompt(prompt: Any) -> str:
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValueError("prompt is empty")
+    return prompt
+
+
+def parse(
+    prompt: str,
+    tokenizer: Any = None,
+    *,
+    extra_nouns: Iterable[str] = (),
+    strict: bool = False,
+    max_length: int | Mapping[str, int] | None = None,
+) -> PromptSpec:
+    """Parse a GenEval-style prompt into a :class:`PromptSpec`.
+
+    Grammar, in short: an optional "a photo of" prefix; noun phrases
+    ``[quantifier] [modifiers] [color] noun`` joined by "and", ",", "with" or a
+    relation phrase. Quantifiers: "a"/"an", "one".."twenty", digits,
+    "a pair of", "a couple of", "a dozen"; "the"/"some"/"several" or a bare
+    plural leave the count None. Nouns: :data:`KNOWN_NOUNS` (multi-word ones
+    such as "teddy bear" are one entity) plus ``extra_nouns``; otherwise the
+    phrase's last content word. Plurals are singularized. Colors: :data:`COLORS`
+    ("grey" -> "gray"), optionally "light"/"dark"/... + color. Relations
+    ("subject REL object", between adjacent noun phrases): "left of", "to the
+    left of", "on the left (side) of"; the same for right; "above", "over",
+    "on top of", "atop"; "below", "under", "beneath", "underneath". "the X"
+    after an earlier X refers to that entity. Absolute placements ("on the
+    left"), "next to", "near", "behind", "in front of" are not relations.
+
+    Args:
+        prompt: the prompt text.
+        tokenizer: None, a fast tokenizer, a sequence of them or a mapping
+            name -> tokenizer; see :func:`align`.
+        extra_nouns: more (multi-word) nouns to recognize.
+        strict: refuse nouns outside the known vocabulary.
+        max_length: truncation length(s) for :func:`align`.
+
+    Returns:
+        The spec, entities in text order, ``tag`` None.
+
+    Raises:
+        ValueError: empty prompt; no object noun; a color without a noun;
+            two colors on one object; a relation without a subject or an
+            object; an unknown noun under ``strict``; alignment errors.
+
+    Example:
+        >>> spec = parse("a photo of a dog right of a teddy bear")
+        >>> spec.nouns, spec.relation_rows()
+        (('dog', 'teddy bear'), ((0, 1, 1),))
+    """
+    prompt = _check_prompt(prompt)
+    extra = tuple(extra_nouns)
+    lexicon = _lexicon_with(extra) if extra else _default_lexicon()
+    words = _scan(prompt)
+    pos = _template_end(words, lexicon)
+
+    # items: ("np", _Piece) | ("rel", relation, span) | ("sep",)
+    items: list[tuple[Any, ...]] = []
+    piece = _Piece()
+
+    def close() -> None:
+        nonlocal piece
+        if piece.words or piece.quantifier:
+            items.append(("np", piece))
+        piece = _Piece()
+
+    while pos < len(words):
+        setting = _setting_length(words, pos, lexicon)
+        if setting:
+            close()
+            items.append(("sep",))
+            pos += setting
+            continue
+        hit = _match(words, pos, _PHRASES, _MAX_PHRASE)
+        if hit:
+            length, (kind, relation) = hit
+            close()
+            if kind == "rel":
+                items.append(("rel", relation, _span(words[pos:pos + length])))
+            else:
+                items.append(("sep",))
+            pos += length
+            continue
+        word = words[pos]
+        quantifier: tuple[int, tuple[str, int | None]] | None = None
+        counted = read_count(words, pos, prompt)
+        if counted is not None:
+            length, kind, value = counted
+            if kind == "measure":
+                # "a 3 meter tall giraffe": a modifier, neither a count nor a noun.
+                pos += length
+                continue
+            quantifier = (length, (kind, value))
+        else:
+            quantifier = _match(words, pos, _QUANTIFIERS, _MAX_QUANTIFIER)
+        if quantifier:
+            # A quantifier starts a new noun phrase ("a dog wearing a hat").
+            if piece.has_content():
+                close()
+            piece.quantifier = quantifier[1]
+            pos += quantifier[0]
+            continue
+        piece.words.append(word)
+        pos += 1
+    close()
+
+    entities: list[Entity] = []
+    relations: list[Relation] = []
+    item_entity: list[int | None] = []
+    for item in items:
+        if item[0] != "np":
+            item_entity.append(None)
+            continue
+        np_ = _parse_piece(item[1], lexicon, strict, prompt)
+        if np_ is None:
+            item_entity.append(None)
+            continue
+        index = None
+        if np_.definite:
+            for k in range(len(entities) - 1, -1, -1):
+                if entities[k].noun == np_.noun and np_.color in (None, entities[k].color):
+                    index = k
+                    break
+        if index is None:
+            entities.append(Entity(
+                noun=np_.noun, count=np_.count, color=np_.color,
+                word_span=np_.noun_span, color_span=np_.color_span,
+            ))
+            index = len(entities) - 1
+        item_entity.append(index)
+
+    for k, item in enumerate(items):
+        if item[0] != "rel":
+            continue
+        _, relation, span = item
+        phrase = prompt[span[0]:span[1]]
+        subject = next((item_entity[m] for m in range(k - 1, -1, -1)
+                        if item_entity[m] is not None), None)
+        obj = next((item_entity[m] for m in range(k + 1, len(items))
+                    if item_entity[m] is not None), None)
+        if subject is None:
+            raise ValueError(f"relation {phrase!r} in prompt {prompt!r} has no object noun before it")
+        if obj is None:
+            raise ValueError(f"relation {phrase!r} in prompt {prompt!r} has no object noun after it")
+        if subject == obj:
+            raise ValueError(f"relation {phrase!r} in prompt {prompt!r} relates {entities[subject].noun!r} to itself")
+        relations.append(Relation(subject, relation, obj, span=span))
+
+    if not entities:
+        raise ValueError(f"no object noun found in prompt {prompt!r}")
+    spec = PromptSpec(prompt=prompt, entities=tuple(entities), relations=tuple(relations))
+    if tokenizer is not None:
+        spec = align(spec, tokenizer, max_length=max_length)
+    return spec
+
+
+def _find_word(prompt: str, phrases: Iterable[str], lo: int, taken: list[tuple[int, int]]) -> tuple[int, int] | None:
+    best: tuple[int, int] | None = None
+    for phrase in phrases:
+        pattern = r"(?<![\w])" + r"\s+".join(re.escape(w) for w in phrase.split()) + r"(?![\w])"
+        for m in re.finditer(pattern, prompt, flags=re.IGNORECASE):
+            span = (m.start(), m.end())
+            if span[0] < lo or any(span[0] < e and span[1] > s for s, e in taken):
+                continue
+            if best is None or span[0] < best[0]:
+                best = span
+            break
+    return best
+
+
+def from_geneval(
+    record: Mapping[str, Any],
+    tokenizer: Any = None,
+    *,
+    max_length: int | Mapping[str, int] | None = None,
+) -> PromptSpec:
+    """Build the exact :class:`PromptSpec` of a GenEval metadata record.
+
+    Nouns, counts, colors and relations come from the metadata, never from the
+    text: entity ``i`` is ``include[i]`` (so GenEval group indices remain
+    valid) and ``{"position": ["right of", j]}`` on item ``i`` becomes
+    ``Relation(subject=i, relation="right_of", object=j)`` ("item i is right of
+    item j"). The prompt text is used only to locate each entity's words (via
+    :func:`parse`, else a whole-word search for the class, singular or plural),
+    so that token indices can be filled.
+
+    Args:
+        record: a GenEval record (see :mod:`xlard.geneval`).
+        tokenizer: optional tokenizer(s), as for :func:`align`.
+        max_length: truncation length(s) for :func:`align`.
+
+    Returns:
+        The spec, with ``tag`` = the record's tag.
+
+    Raises:
+        ValueError: the record is malformed, or a tokenizer is given and some
+            class cannot be found in the prompt text.
+
+    Example:
+        >>> spec = from_geneval({"tag": "position", "prompt": "a photo of a dog right of a teddy bear",
+        ...     "include": [{"class": "teddy bear", "count": 1},
+        ...                 {"class": "dog", "count": 1, "position": ["right of", 0]}]})
+        >>> spec.nouns, spec.relation_rows()
+        (('teddy bear', 'dog'), ((1, 0, 1),))
+    """
+    validate_record(record)
+    prompt: str = record["prompt"]
+    include = record["include"]
+    classes = [" ".join(item["class"].lower().split()) for item in include]
+    try:
+        parsed: PromptSpec | None = parse(prompt, extra_nouns=classes)
+    except ValueError:
+        parsed = None
+
+    spans: list[tuple[tuple[int, int] | None, tuple[int, int] | None]] = []
+    matched: list[int | None] = []
+    used: set[int] = set()
+    for cls, item in zip(classes, include):
+        color = item.get("color")
+        choice = None
+        if parsed is not None:
+            candidates = [k for k, e in enumerate(parsed.entities) if k not in used and e.noun == cls]
+            same_color = [k for k in candidates if parsed.entities[k].color == color]
+            pool = same_color or candidates
+            choice = pool[0] if pool else None
+        if choice is not None:
+            used.add(choice)
+            entity = parsed.entities[choice]
+            color_span = entity.color_span if color is not None and entity.color == color else None
+            spans.append((entity.word_span, color_span))
+        else:
+            spans.append((None, None))
+        matched.append(choice)
+
+    # Text search for whatever parse could not place.
+    taken = [s for s, _ in spans if s is not None]
+    for i, (cls, item) in enumerate(zip(classes, include)):
+        noun_span, color_span = spans[i]
+        if noun_span is None:
+            noun_span = _find_word(prompt, (cls, pluralize(cls)), 0, taken)
+            if noun_span is not None:
+                taken.append(noun_span)
+        if color_span is None and noun_span is not None and item.get("color"):
+            color_span = _find_color_before(prompt, item["color"], noun_span[0], taken)
+        spans[i] = (noun_span, color_span)
+
+    entities = tuple(
+        Entity(
+            noun=cls,
+            count=item["count"],
+            color=item.get("color") or None,
+            word_span=noun_span,
+            color_span=color_span,
+        )
+        for cls, item, (noun_span, color_span) in zip(classes, include, spans)
+    )
+    relations = []
+    for i, item in enumerate(include):
+        if item.get("position") is None:
+            continue
+        name, j = item["position"]
+        relation = normalize_relation(name)
+        span = None
+        if parsed is not None and matched[i] is not None and matched[j] is not None:
+            for r in parsed.relations:
+                if (r.subject, r.object, r.relation) == (matched[i], matched[j], relation):
+                    span = r.span
+                    break
+        relations.append(Relation(i, relation, j, span=span))
+    spec = PromptSpec(prompt=prompt, entities=entities, relations=tuple(relations), tag=record["tag"])
+    if tokenizer is not None:
+        missing = [cls for cls, e in zip(classes, entities) if e.word_span is None]
+        if missing:
+            raise ValueError(
+                f"cannot align GenEval record to tokens: class(es) {missing} not found in prompt {prompt!r}"
+            )
+        spec = align(spec, tokenizer, max_length=max_length)
+    return spec
+
+
+def _find_color_before(prompt: str, color: str, limit: int, taken: list[tuple[int, int]]) -> tuple[int, int] | None:
+    lo = max((e for s, e in taken if e <= limit), default=0)
+    words = [color] + [alias for alias, canonical in COLOR_ALIASES.items() if canonical == color]
+    best = None
+    for word in words:
+        pattern = r"(?<![\w])" + re.escape(word) + r"(?![\w])"
+        for m in re.finditer(pattern, prompt, flags=re.IGNORECASE):
+            if lo <= m.start() and m.end() <= limit and (best is None or m.start() > best[0]):
+                best = (m.start(), m.end())
+    return best
