@@ -94,6 +94,16 @@ def summarise(data: dict) -> tuple[list[dict], list[str]]:
             ok = ratio <= CAPTURE_OVERHEAD_MAX
             verdicts.append(f"{'met ' if ok else 'MISS'}  {bench['group']}: capture costs {ratio:.3f}x an uncaptured "
                             f"call (target <= {CAPTURE_OVERHEAD_MAX}x)")
+    for bench in data["benchmarks"]:  # corrector overhead: median per-round t(correct) / t(sampling)
+        info = bench["extra_info"]
+        ratio = info.get("corrector_overhead_ratio")
+        if ratio is not None:
+            # The target is the shipped corrector's; other sizes are shown for scale.
+            judged = info.get("provider") == "shipped"
+            mark = ("met " if ratio <= info["overhead_max"] else "MISS") if judged else "info"
+            verdicts.append(f"{mark}  {bench['group']}: {info['provider']} corrector adds {ratio:.1%} to sampling "
+                            f"({info['correct_ms']:.1f} vs {info['sample_ms']:.0f} ms; target <= "
+                            f"{info['overhead_max']:.0%} for the shipped corrector)")
     group, need = GPIXELS_TARGET
     row = by_key.get((group, "xlard"))
     if row is not None:

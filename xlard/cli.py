@@ -7,6 +7,8 @@
     xlard eval --folder DIR                      ... on a GenEval output folder
     xlard generate --backbone shapes "three red circles left of a blue square"
     xlard eval --backbone shapes --prompts FILE  generate one image per record, then the table
+    xlard eval --prompts FILE --corrector DIR --seeds 0,1   base vs corrected, paired, with intervals
+    xlard generate --backbone shapes --correct "..."        with the shipped corrector (+ base, LAM)
     xlard train configs/shapes.yaml --out DIR    train a corrector (--resume continues a run)
 
 ``--backbone`` takes ``shapes`` (the embedded shapes-world model shipped in
@@ -53,6 +55,8 @@ MANIFEST_NAME = "xlard-run.json"
 """Written into every output folder: which command and settings made it, and whether it finished."""
 _UNIT_NAME = re.compile(r"^\d{5,}$")  # GenEval prompt folders: 00000, 00001, ...
 _IMAGE_NAME = re.compile(r"^\d{4,}_seed\d+\.png$")  # generate's files: 0000_seed0.png, ...
+_CORRECTED_IMAGE_NAME = re.compile(r"^\d{4,}_seed\d+(_base|_lam)?\.png$")  # generate --corrector/--correct
+_PAIRED_EVAL_NAMES = ("run.json", "pairs.jsonl", "eval.json", "eval.md", "images")  # eval --corrector/--correct
 
 
 class UsageError(Exception):
@@ -356,6 +360,19 @@ def _start_output_folder(args, out: Path, flag: str, settings: dict, owned: list
                           owner=flag)
 
 
+def _clear_corrector_outputs(args, out: Path, flag: str, owned: list[Path]) -> None:
+    """The --overwrite / --resume rule for the corrector forms of generate and eval, which keep their own files."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag}: {out} exists and is not a folder; give a folder path")
+    if not owned:
+        return
+    if not args.overwrite:
+        raise UsageError(f"{flag}: {out} holds an earlier run ({owned[0].name}, ...); pass --overwrite to replace it"
+                         + ("" if args.command == "generate" else " or --resume to continue it"))
+    for path in owned:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def _finish_output_folder(out: Path, flag: str) -> None:
     manifest = out / MANIFEST_NAME
     data = json.loads(manifest.read_text(encoding="utf-8"))
@@ -426,6 +443,16 @@ def _write_geneval_folder(out: Path, index: int, record: dict, images) -> None:
 
 
 def _cmd_generate(args) -> int:
+    if args.corrector or args.correct:
+        from xlard import evaluation
+
+        out = Path(args.out)
+        owned = _owned(out, _CORRECTED_IMAGE_NAME, folders=False)
+        if owned and args.resume:
+            raise UsageError("--resume: generate with a corrector always makes every image; use --overwrite")
+        _clear_corrector_outputs(args, out, "--out", owned)
+        return evaluation.run_generate_cli(args)
+
     prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
     _check_image_count(len(prompts), "these prompts and --per-prompt")
     seeds = [args.seed + i for i in range(len(prompts))]
@@ -526,6 +553,15 @@ def _check_finished_folder(folder: Path) -> None:
 
 def _cmd_eval(args) -> int:
     from xlard.shapes import evaluator as E
+
+    if args.corrector or args.correct:
+        from xlard import evaluation
+
+        out = Path(args.out or "xlard-eval")
+        owned = [out / name for name in _PAIRED_EVAL_NAMES if (out / name).exists()] if out.is_dir() else []
+        if not args.resume:  # --resume: the paired run continues its pairs.jsonl (refused if its settings differ)
+            _clear_corrector_outputs(args, out, "--out", owned)
+        return evaluation.run_eval_cli(args)
 
     for value, flag in ((args.results, "--results"), (args.json, "--json")):
         _output_file(value, flag)
@@ -638,8 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=8, help="prompts per forward pass")
         p.add_argument("--device", default=None, help="e.g. cuda; default: CPU")
         p.add_argument("--seed", type=seed_type, default=0, help="image i uses seed + i")
+        p.add_argument("--corrector", help="a corrector folder (see docs/evaluation.md): base vs corrected")
+        p.add_argument("--correct", action="store_true", help="use the corrector shipped for --backbone")
 
-    p = sub.add_parser("generate", help="generate images with a backbone (no corrector)")
+    p = sub.add_parser("generate", help="generate images with a backbone (with a corrector: corrected, base, LAM)")
     p.add_argument("prompt", nargs="+")
     p.add_argument("--out", default="xlard-images")
     p.add_argument("--per-prompt", type=_int_in(1, MAX_PER_PROMPT), default=1)
@@ -658,6 +696,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     backbone_options(p, required=False)
     _output_folder_options(p)
+    p.add_argument("--seeds", help="with a corrector: evaluation seeds, e.g. 0,1 (record i, seed s: generator "
+                                   "seed s*1000000+i); default --seed")
+    p.add_argument("--mask-fraction", type=float, default=0.2, help="LAM faithfulness: share of cells masked")
+    p.add_argument("--no-faithfulness", action="store_true", help="skip the LAM faithfulness check")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
+    p.add_argument("--save-images", action="store_true", help="with a corrector: keep base/corrected images")
+    p.add_argument("--markdown", help="with a corrector: also write the markdown table here")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("train", help="train a corrector (PPO; see docs/training.md); torchrun for several processes")

@@ -702,8 +702,23 @@ class Trainer:
         self.step, self.warm = state["step"], state["warm"]
 
     def export(self) -> dict:
-        """Write the trained corrector (EMA when on) and R_phi with ``save_pretrained``; returns their paths."""
-        corrector_dir = self.eval_corrector().save_pretrained(self.out / "corrector")
+        """Write the trained corrector (EMA when on) as a corrector folder and R_phi; returns their paths.
+
+        The corrector folder (:func:`xlard.evaluation.save_corrector_dir`) records
+        the backbone, ``correction_step``, alpha, steps and guidance it was trained
+        with, so ``xlard eval --corrector DIR`` rebuilds the same split.
+        """
+        from xlard.evaluation import CorrectorMeta, save_corrector_dir
+
+        corrector = self.eval_corrector()
+        bb = self.backbone
+        meta = CorrectorMeta(
+            backbone=self.cfg.backbone.name, correction_step=float(bb.correction_step),
+            alpha=float(corrector.config.alpha), num_inference_steps=int(bb.num_inference_steps),
+            guidance_scale=float(bb.guidance_scale),
+            training={"run": str(self.out), "step": int(self.step), "ema": self.ema is not None,
+                      "reward_source": getattr(self.reward_fn, "source_name", None)})
+        corrector_dir = save_corrector_dir(self.out / "corrector", corrector, meta)
         projector_dir = self.projector.save_pretrained(self.out / "projector")
         return {"corrector": str(corrector_dir), "projector": str(projector_dir)}
 

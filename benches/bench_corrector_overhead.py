@@ -1,0 +1,109 @@
+"""Corrector overhead at inference: one ``ResidualCorrector.correct`` call (Delta and
+``zc = z0 + alpha * Delta`` with its LAM) against the shapes backbone's sampling of the
+same batch (``backbone.generate`` without a corrector: text encoding, all denoising steps
+with classifier-free guidance, the VAE), on the CPU.
+
+The two calls are interleaved in every round and the median per-round ratio
+``t(correct) / t(generate)`` is recorded (extra_info "corrector_overhead_ratio"), so load
+drifting on a shared machine hits both alike. Target (issue 12): the corrector adds at
+most 5% to the sampling time (ratio <= 0.05). Correctors: the "tiny" preset sized for the
+backbone, the paper's width/depth ("paper", for scale), and the shipped corrector when
+it is installed. Work unit: images per call (batch 8, 64x64, 20 steps).
+
+The CI smoke run (``--benchmark-disable``) uses 2 denoising steps, a batch of 2 and one
+round: it checks that the bench runs and that ``correct`` matches ``z0 + alpha * Delta``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from xlard.shapes import backbone as shapes_backbone
+
+OVERHEAD_MAX = 0.05
+BATCH = 8
+PROMPTS = ["a photo of three red circles", "a photo of a blue square left of a green triangle",
+           "a photo of a purple diamond and an orange star", "a photo of five yellow triangles"]
+
+pytestmark = pytest.mark.skipif(not shapes_backbone.is_available(),
+                                reason=f"shapes backbone weights absent at {shapes_backbone.backbone_path()}")
+
+
+def _corrector(name: str, backbone):
+    from xlard import evaluation
+    from xlard.models import ResidualCorrector
+
+    if name == "shipped":
+        try:
+            path = evaluation.shipped_corrector_path("shapes")
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
+        corrector, meta = evaluation.load_corrector_dir(path)
+        return corrector, float(meta.alpha)
+    torch.manual_seed(0)
+    corrector = ResidualCorrector(backbone.corrector_config(name)).eval()
+    torch.nn.init.normal_(corrector.head.weight, std=0.02)  # a nonzero Delta, as after training
+    return corrector, float(corrector.config.alpha)
+
+
+@pytest.fixture(scope="module")
+def backbone(request):
+    from xlard.backbones import DiffusersBackbone
+
+    smoke = bool(request.config.getoption("benchmark_disable", False))
+    return DiffusersBackbone.from_pretrained(
+        str(shapes_backbone.backbone_path()), num_inference_steps=2 if smoke else shapes_backbone.DEFAULT_STEPS,
+        guidance_scale=shapes_backbone.DEFAULT_GUIDANCE, capture=False, torch_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("corrector_name", ["tiny", "paper", "shipped"])
+def test_corrector_overhead_paired(benchmark, backbone, corrector_name):
+    smoke = benchmark.disabled
+    steps = backbone.num_inference_steps
+    batch = 2 if smoke else BATCH
+    corrector, alpha = _corrector(corrector_name, backbone)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    seeds = list(range(batch))
+    state = backbone.encode(prompts, seed=seeds)
+    inputs = state.prompt_embedding.as_corrector_inputs()
+
+    def correct():
+        with torch.no_grad():
+            return corrector.correct(state.z0, alpha=alpha, **inputs)
+
+    def sample():
+        return backbone.generate(prompts, seed=seeds)
+
+    zc, lam = correct()  # correctness, outside the timing
+    with torch.no_grad():
+        delta = corrector(state.z0, **inputs)
+    torch.testing.assert_close(zc, state.z0 + alpha * delta)
+    torch.testing.assert_close(lam, delta.abs().sum(1))
+
+    rounds = 1 if smoke else 7
+
+    def paired():
+        if not smoke:
+            sample(), correct()  # warm-up
+        ratios, t_sample, t_correct = [], [], []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            sample()
+            middle = time.perf_counter()
+            correct()
+            end = time.perf_counter()
+            t_sample.append(middle - start)
+            t_correct.append(end - middle)
+            ratios.append(t_correct[-1] / t_sample[-1])
+        return statistics.median(ratios), statistics.median(t_sample), statistics.median(t_correct)
+
+    benchmark.group = f"corrector overhead, shapes backbone, batch {batch}, {steps} steps"
+    ratio, t_sample, t_correct = benchmark.pedantic(paired, rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        provider=corrector_name, op="corrector_overhead", images=batch, steps=steps, rounds=rounds,
+        corrector_parameters=corrector.num_parameters(), corrector_overhead_ratio=ratio,
+        overhead_max=OVERHEAD_MAX, sample_ms=t_sample * 1e3, correct_ms=t_correct * 1e3,
+        torch_threads=torch.get_num_threads())

@@ -1,0 +1,359 @@
+"""Paired base-vs-corrected evaluation: bootstrap statistics against hand-computed cases, the corrector
+folder format and its checks, and the whole run (tables, faithfulness, resume, CLI) on the shapes backbone."""
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from xlard import cli
+from xlard import evaluation as ev
+from xlard.models import CorrectorConfig, ResidualCorrector
+from xlard.shapes import backbone as shapes_backbone
+
+needs_shapes = pytest.mark.skipif(not shapes_backbone.is_available(),
+                                  reason=f"shapes backbone weights absent at {shapes_backbone.backbone_path()}")
+
+# Tiny sampler settings for tests: 2 denoising steps, the correction after the first.
+STEPS, GUIDANCE, STEP = 2, 5.0, 0.5
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+
+
+def test_bootstrap_two_records_hand_computed():
+    # Resampling 2 records: the mean gain is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4,
+    # so the 2.5% and 97.5% quantiles are exactly 0 and 1.
+    r = ev.paired_bootstrap([0, 0], [0, 1], num_resamples=4000, seed=1)
+    assert (r.base, r.corrected, r.diff, r.ci_low, r.ci_high) == (0.0, 0.5, 0.5, 0.0, 1.0)
+    assert (r.records, r.images) == (2, 2) and not r.excludes_zero
+
+
+def test_bootstrap_three_records_asymmetric_interval():
+    # One gain among 3 records: P(no gain drawn) = 8/27 > 2.5%, P(all three draws the gain) = 1/27 > 2.5%.
+    r = ev.paired_bootstrap([0, 0, 0], [0, 0, 1], num_resamples=4000, seed=0)
+    assert math.isclose(r.diff, 1 / 3) and (r.ci_low, r.ci_high) == (0.0, 1.0)
+    # With 8 records of which 7 gain: P(no non-gain drawn) = (7/8)^8 = 34% -> upper bound 1;
+    # P(at most 5 gains) = 6.4% and P(at most 4) = 1.4%, so the lower bound is 5/8.
+    r = ev.paired_bootstrap([0] * 8, [1] * 7 + [0], num_resamples=20000, seed=0)
+    assert (r.ci_low, r.ci_high) == (5 / 8, 1.0) and r.excludes_zero
+
+
+def test_bootstrap_constant_difference_has_a_point_interval():
+    r = ev.paired_bootstrap([0, 1, 0, 1], [1, 1, 1, 1], clusters=[0, 0, 1, 1])
+    assert r.diff == 0.5 and r.ci_low == r.ci_high == 0.5
+
+
+def test_bootstrap_resamples_records_not_images():
+    # Two records x 4 seeds: record A always gains, B never. Resampling records gives [0, 1];
+    # treating the 8 images as independent would give a much narrower interval.
+    base, corrected = [0] * 8, [1] * 4 + [0] * 4
+    clustered = ev.paired_bootstrap(base, corrected, clusters=["a"] * 4 + ["b"] * 4, num_resamples=4000)
+    loose = ev.paired_bootstrap(base, corrected, num_resamples=4000)
+    assert (clustered.ci_low, clustered.ci_high) == (0.0, 1.0) and clustered.records == 2
+    assert loose.ci_low > 0.0 and loose.ci_high < 1.0 and loose.records == 8
+
+
+def test_bootstrap_width_matches_the_normal_approximation():
+    rng = np.random.default_rng(0)
+    n = 400
+    base = rng.random(n) < 0.4
+    corrected = np.where(rng.random(n) < 0.3, ~base, base)
+    d = corrected.astype(float) - base
+    se = d.std() / math.sqrt(n)
+    r = ev.paired_bootstrap(base, corrected, num_resamples=4000, seed=3)
+    assert abs((r.ci_high - r.ci_low) / (2 * 1.959964 * se) - 1) < 0.1
+    assert r.ci_low <= r.diff <= r.ci_high
+
+
+def test_bootstrap_is_reproducible_and_contains_the_estimate():
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        n = int(rng.integers(5, 60))
+        base, corrected = rng.random(n) < 0.5, rng.random(n) < 0.6
+        keys = rng.integers(0, max(1, n // 2), n)
+        a = ev.paired_bootstrap(base, corrected, keys, num_resamples=500, seed=trial)
+        b = ev.paired_bootstrap(base, corrected, keys, num_resamples=500, seed=trial)
+        assert a == b
+        assert a.ci_low <= a.diff <= a.ci_high, (trial, a)
+    c = ev.paired_bootstrap(base, corrected, keys, num_resamples=500, seed=trial + 1)
+    assert (c.ci_low, c.ci_high) != (a.ci_low, a.ci_high) or c.ci_low == c.ci_high
+
+
+def test_paired_table_overall_is_the_mean_of_tag_means():
+    tags = ["counting"] * 4 + ["colors"] * 2 + ["position"] * 2
+    base = [0, 0, 0, 1, 1, 1, 0, 0]
+    corrected = [1, 1, 0, 1, 1, 0, 0, 1]
+    t = ev.paired_table(tags, base, corrected, num_resamples=1000)
+    assert list(t) == ["counting", "colors", "position", "overall"]  # GenEval's order
+    assert t["counting"].diff == 0.5 and t["colors"].diff == -0.5 and t["position"].diff == 0.5
+    assert math.isclose(t["overall"].diff, (0.5 - 0.5 + 0.5) / 3)
+    assert math.isclose(t["overall"].base, (0.25 + 1.0 + 0.0) / 3)
+    assert t["overall"].records == 8
+    for row in t.values():
+        assert row.ci_low <= row.diff <= row.ci_high
+    # A tag's interval does not depend on which other tags are in the table.
+    alone = ev.paired_table(tags[:4], base[:4], corrected[:4], num_resamples=1000)
+    assert alone["counting"] == t["counting"]
+
+
+def test_statistics_reject_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        ev.paired_bootstrap([0, 1], [1])
+    with pytest.raises(ValueError, match="empty"):
+        ev.paired_bootstrap([], [])
+    with pytest.raises(ValueError, match="confidence"):
+        ev.paired_bootstrap([0], [1], confidence=1.5)
+    with pytest.raises(ValueError, match="num_resamples"):
+        ev.paired_bootstrap([0], [1], num_resamples=0)
+    with pytest.raises(ValueError, match="clusters must have one key"):
+        ev.paired_bootstrap([0, 1], [1, 1], clusters=[0])
+    with pytest.raises(ValueError, match="cluster 7 has items of tags"):
+        ev.paired_table(["counting", "colors"], [0, 0], [1, 1], clusters=[7, 7])
+    with pytest.raises(ValueError, match="finite"):
+        ev.paired_bootstrap([float("nan")], [1])
+    assert ev.image_seed(0, 5) == 5 and ev.image_seed(2, 5) == 2_000_005
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        ev.image_seed(-1, 0)
+    assert ev.parse_seeds("0,1, 4") == [0, 1, 4] and ev.parse_seeds(None, 3) == [3]
+    for bad in ("0,0", "a", "-1", ""):
+        with pytest.raises(ValueError, match="--seeds"):
+            ev.parse_seeds(bad)
+
+
+def test_faithfulness_table_by_hand():
+    rows = [ev.PairRow(i, 0, "counting", "p", base_correct=b, corrected_correct=c, base_reason="",
+                       corrected_reason="", lam_mass=1.0, masked_correct=m, random_correct=r)
+            for i, (b, c, m, r) in enumerate([(0, 1, 0, 1), (0, 1, 0, 1), (0, 1, 1, 1), (1, 1, 1, 0)])]
+    f = ev.faithfulness_table(rows, num_resamples=500)
+    assert f["gain"]["diff"] == 0.75
+    assert f["lost_top"]["diff"] == 0.5 and f["lost_random"]["diff"] == 0.25
+    assert math.isclose(f["share_lost_top"], 2 / 3) and math.isclose(f["share_lost_random"], 1 / 3)
+    assert f["lost_top"]["ci_low"] <= 0.5 <= f["lost_top"]["ci_high"]
+    no_faith = [ev.PairRow(0, 0, "counting", "p", True, True, "ok", "ok", 0.0)]
+    assert ev.faithfulness_table(no_faith) is None
+
+
+# ---------------------------------------------------------------------------
+# Corrector folders
+
+
+def _meta(**changes):
+    fields = dict(backbone="shapes", correction_step=STEP, alpha=1.0, num_inference_steps=STEPS,
+                  guidance_scale=GUIDANCE, training={"note": "test"})
+    fields.update(changes)
+    return ev.CorrectorMeta(**fields)
+
+
+def _corrector(channels=8, text_dim=64, pooled_dim=64, head_std=0.0, seed=0):
+    torch.manual_seed(seed)
+    c = ResidualCorrector(CorrectorConfig.tiny(latent_channels=channels, text_dim=text_dim, pooled_dim=pooled_dim))
+    if head_std:
+        torch.nn.init.normal_(c.head.weight, std=head_std)
+        torch.nn.init.normal_(c.head.bias, std=head_std)
+    return c.eval()
+
+
+def test_corrector_dir_round_trip(tmp_path):
+    c = _corrector(head_std=0.3)
+    path = ev.save_corrector_dir(tmp_path / "corr", c, _meta())
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "xlard_corrector.json"]
+    data = json.loads((path / ev.CORRECTOR_META_NAME).read_text())
+    assert data == {"format": "xlard-corrector", "format_version": 1, "backbone": "shapes",
+                    "correction_step": STEP, "alpha": 1.0, "num_inference_steps": STEPS,
+                    "guidance_scale": GUIDANCE, "training": {"note": "test"}}
+    loaded, meta = ev.load_corrector_dir(path)
+    assert meta == _meta()
+    for (k, a), (k2, b) in zip(c.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    # Overwriting an existing folder replaces its files.
+    ev.save_corrector_dir(path, _corrector(), _meta(alpha=0.5))
+    loaded, meta = ev.load_corrector_dir(path)
+    assert meta.alpha == 0.5 and not loaded.head.weight.any()
+
+
+def test_bad_corrector_dirs_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ev.load_corrector_dir(tmp_path / "absent")
+    plain = _corrector().save_pretrained(tmp_path / "plain")  # save_pretrained alone: no metadata
+    with pytest.raises(FileNotFoundError, match="has no xlard_corrector.json"):
+        ev.load_corrector_dir(plain)
+    path = ev.save_corrector_dir(tmp_path / "c", _corrector(), _meta())
+    meta_file = path / ev.CORRECTOR_META_NAME
+    good = json.loads(meta_file.read_text())
+    cases = [({**good, "correction_step": 1.5}, "correction_step must be a number in"),
+             ({**good, "format": "other"}, "'format' must be 'xlard-corrector'"),
+             ({**good, "format_version": 9}, "format_version 9"),
+             ({**good, "speed": 1}, "unknown keys \\['speed'\\]"),
+             ({k: v for k, v in good.items() if k != "alpha"}, "missing keys \\['alpha'\\]"),
+             ({**good, "num_inference_steps": 0}, "num_inference_steps must be an integer >= 1")]
+    for data, message in cases:
+        meta_file.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=message):
+            ev.load_corrector_dir(path)
+    meta_file.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ev.load_corrector_dir(path)
+    meta_file.write_text(json.dumps(good))
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        ev.load_corrector_dir(path)
+    with pytest.raises(TypeError, match="ResidualCorrector"):
+        ev.save_corrector_dir(tmp_path / "x", object(), _meta())
+    with pytest.raises(TypeError, match="CorrectorMeta"):
+        ev.save_corrector_dir(tmp_path / "x", _corrector(), {"backbone": "shapes"})
+
+
+def test_corrector_fit_names_every_mismatch():
+    backbone = SimpleNamespace(latent_channels=8, text_dim=64, pooled_dim=64, correction_step=STEP,
+                               num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64,
+                               family=SimpleNamespace(vae_scale_factor=4))
+    ev.check_corrector_fits(_corrector(), _meta(), backbone)
+    with pytest.raises(ValueError, match="latent channels: corrector 4, backbone 8.*text_dim\\): corrector 32"):
+        ev.check_corrector_fits(_corrector(channels=4, text_dim=32), _meta(), backbone)
+    with pytest.raises(ValueError, match="correction_step: corrector trained at 0.3, backbone runs 0.5"):
+        ev.check_corrector_fits(_corrector(), _meta(correction_step=0.3), backbone)
+    with pytest.raises(ValueError, match="num_inference_steps: corrector trained at 20"):
+        ev.check_corrector_fits(_corrector(), _meta(num_inference_steps=20), backbone)
+    patched = ResidualCorrector(CorrectorConfig.tiny(latent_channels=8, text_dim=64, pooled_dim=64, patch=3))
+    with pytest.raises(ValueError, match="latent grid 16x16 not divisible by the corrector's patch 3"):
+        ev.check_corrector_fits(patched, _meta(), backbone)
+
+
+def test_no_shipped_corrector_for_other_backbones():
+    with pytest.raises(ValueError, match="no corrector ships for backbone 'sd'"):
+        ev.shipped_corrector_path("sd")
+
+
+# ---------------------------------------------------------------------------
+# Runs on the shapes backbone (tiny sampler settings)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    if not shapes_backbone.is_available():
+        pytest.skip("shapes backbone weights absent")
+    return ev.load_backbone_for(_meta())
+
+
+@pytest.fixture(scope="module")
+def records():
+    from xlard.shapes import prompts as P
+
+    pool = P.make_splits(P.PromptConfig(), seed=0)["heldout"]
+    return P.sample_records(pool, 6, seed=0)  # one record per tag
+
+
+@needs_shapes
+def test_zero_head_gives_corrected_equal_to_base(shapes, records):
+    captured = []
+    rows = [r for batch in ev.evaluate_pairs(shapes, _corrector(), _meta(), records, [(i, 0) for i in range(6)],
+                                             batch_size=4, faithfulness_fraction=0.2,
+                                             on_images=lambda rows, b, c, lam: captured.append((b, c, lam)))
+            for r in batch]
+    assert [(r.index, r.seed) for r in rows] == [(i, 0) for i in range(6)]
+    for b, c, lam in captured:
+        assert torch.equal(b, c) and not lam.any()
+    assert all(r.base_correct == r.corrected_correct == r.masked_correct == r.random_correct for r in rows)
+    assert all(r.lam_mass == 0.0 for r in rows)
+    table = ev.build_report(rows, num_resamples=200)["table"]
+    assert all(v["diff"] == 0 and v["ci_low"] == v["ci_high"] == 0 for v in table.values())
+
+
+@needs_shapes
+def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
+    corrector = _corrector(head_std=0.5)
+    out = tmp_path / "run"
+    report = ev.run_evaluation(shapes, corrector, _meta(), records, seeds=[0, 1], out=out, batch_size=4,
+                               num_resamples=300, save_images=True, quiet=True, corrector_source="test")
+    table = report["table"]
+    assert list(table) == ["single_object", "two_object", "counting", "colors", "position", "color_attr",
+                           "overall"]
+    for tag, row in table.items():
+        assert row["records"] == (6 if tag == "overall" else 1) and row["images"] == (12 if tag == "overall" else 2)
+        assert row["ci_low"] <= row["diff"] <= row["ci_high"]
+        assert math.isclose(row["diff"], row["corrected"] - row["base"])
+    assert report["lam_mass"] > 0
+    assert report["faithfulness"] is not None
+    rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and {(r["index"], r["seed"]) for r in rows} == {(i, s) for i in range(6) for s in (0, 1)}
+    assert json.loads((out / "eval.json").read_text())["table"] == json.loads(json.dumps(table))
+    md = (out / "eval.md").read_text()
+    assert "| **overall** | 6 | 12 |" in md and "LAM faithfulness" in md and "excludes 0" in md
+    # Same seeds, same records: the base images are what the backbone makes without a corrector.
+    from xlard.explain import read_png
+
+    base_png = read_png(out / "images" / "base" / "00003" / "samples" / "0001.png")
+    state = shapes.encode([records[3]["prompt"]], seed=[ev.image_seed(1, 3)])
+    plain = (shapes.decode(state).images[0].clamp(0, 1) * 255).round().to(torch.uint8)
+    assert torch.equal(base_png, plain)
+    corrected_pngs = sorted((out / "images" / "corrected").glob("*/samples/*.png"))
+    assert len(corrected_pngs) == 12 and len(list((out / "images" / "lam").glob("*.png"))) == 12
+    assert any(not torch.equal(read_png(p), read_png(str(p).replace("corrected", "base"))) for p in corrected_pngs)
+
+    # Resume: cut the last pair (and leave half a line), rerun: only that pair is generated again.
+    lines = (out / "pairs.jsonl").read_text().splitlines()
+    (out / "pairs.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    calls = []
+    encode = shapes.encode
+
+    def counting_encode(prompts, seed=0):
+        calls.append(len(prompts))
+        return encode(prompts, seed=seed)
+
+    shapes.encode = counting_encode
+    try:
+        again = ev.run_evaluation(shapes, corrector, _meta(), records, seeds=[0, 1], out=out, batch_size=4,
+                                  num_resamples=300, save_images=True, quiet=True, corrector_source="test",
+                                  log=lambda s: None)
+    finally:
+        del shapes.encode
+    assert calls == [1]
+    assert again["table"] == report["table"] and again["faithfulness"] == report["faithfulness"]
+    # The same folder with other settings is refused, not mixed.
+    with pytest.raises(ValueError, match="holds another evaluation \\(different seeds\\)"):
+        ev.run_evaluation(shapes, corrector, _meta(), records, seeds=[0], out=out, save_images=True, quiet=True)
+    with pytest.raises(ValueError, match="different corrector_sha256"):
+        ev.run_evaluation(shapes, _corrector(), _meta(), records, seeds=[0, 1], out=out, save_images=True,
+                          quiet=True)
+    with pytest.raises(ValueError, match="--mask-fraction"):
+        ev.run_evaluation(shapes, corrector, _meta(), records, seeds=[0], out=tmp_path / "b",
+                          faithfulness_fraction=1.5)
+
+
+@needs_shapes
+def test_cli_eval_and_generate_with_a_corrector(tmp_path, records, capsys):
+    from xlard.shapes import prompts as P
+
+    corrector_dir = ev.save_corrector_dir(tmp_path / "corr", _corrector(head_std=0.5), _meta())
+    prompts = tmp_path / "p.jsonl"
+    P.write_jsonl(prompts, records[:3])
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--prompts", str(prompts), "--corrector", str(corrector_dir), "--seeds", "0,1",
+                     "--out", str(out), "--bootstrap", "200", "--no-faithfulness", "--json",
+                     str(tmp_path / "r.json"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| **overall** | 3 | 6 |" in printed and "LAM faithfulness" not in printed
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["seeds"] == [0, 1]
+
+    gen = tmp_path / "gen"
+    assert cli.main(["generate", "a photo of three red circles", "--backbone", "shapes", "--corrector",
+                     str(corrector_dir), "--out", str(gen), "--seed", "4", "--quiet"]) == 0
+    assert sorted(p.name for p in gen.iterdir()) == ["0000_seed4.png", "0000_seed4_base.png", "0000_seed4_lam.png"]
+
+    # Errors: a corrector trained for other sampler settings, a folder without metadata, no shipped corrector.
+    assert cli.main(["eval", "--prompts", str(prompts), "--corrector", str(corrector_dir), "--steps", "20",
+                     "--out", str(tmp_path / "e2"), "--quiet"]) == 2
+    assert "num_inference_steps: corrector trained at 2, backbone runs 20" in capsys.readouterr().err
+    plain = _corrector().save_pretrained(tmp_path / "plain")
+    assert cli.main(["eval", "--prompts", str(prompts), "--corrector", str(plain), "--quiet"]) == 2
+    assert "has no xlard_corrector.json" in capsys.readouterr().err
+    if not (ev._SHIPPED["shapes"] / ev.CORRECTOR_META_NAME).is_file():
+        assert cli.main(["generate", "a photo of a red circle", "--backbone", "shapes", "--correct",
+                         "--out", str(tmp_path / "g2")]) == 2
+        assert "shipped shapes corrector is not installed" in capsys.readouterr().err

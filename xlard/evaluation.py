@@ -1,0 +1,1124 @@
+"""Base vs corrected evaluation: corrector folders, paired tables with bootstrap intervals, LAM faithfulness.
+
+- **Corrector folders** (:func:`save_corrector_dir`, :func:`load_corrector_dir`):
+  what :meth:`xlard.models.ResidualCorrector.save_pretrained` writes
+  (``model.safetensors`` + ``config.json``) plus ``xlard_corrector.json``, a
+  :class:`CorrectorMeta` saying what the corrector was trained for (backbone,
+  ``correction_step``, ``alpha``, sampler settings). :func:`check_corrector_fits`
+  rejects a corrector that does not fit a backbone, naming what differs.
+- **Paired evaluation** (:func:`evaluate_pairs`): every (record, seed) is
+  encoded once; the same state is decoded from ``z0`` (base) and from
+  ``zc = z0 + alpha * Delta`` (corrected) and both images go to the exact
+  shapes-world evaluator. Same records, same seeds, same noise: the only
+  difference is the correction.
+- **Intervals** (:func:`paired_bootstrap`, :func:`paired_table`): percentile
+  bootstrap of the paired difference, resampling *records* (a record's seeds
+  stay together: they share the prompt, so they are not independent). The
+  overall row is GenEval's score, the mean of the tag means, bootstrapped by
+  resampling within each tag.
+- **LAM faithfulness** (issue 12 section 1): for each batch,
+  :func:`xlard.explain.faithfulness` zeroes Delta on the top ``fraction`` of the
+  LAM cells and, as the control, on as many random cells; the evaluator judges
+  both images. The report gives the share of the gain each mask loses.
+
+The run folder written by :func:`run_evaluation` holds ``run.json`` (what was
+asked), ``pairs.jsonl`` (one line per (record, seed), appended per batch, so
+an interrupted run resumes where it stopped), ``eval.json`` and ``eval.md``
+(the tables), and optionally the images in GenEval's folder layout.
+
+Example:
+    >>> corrector, meta = load_corrector_dir("runs/shapes/corrector")            # doctest: +SKIP
+    >>> backbone = load_backbone_for(meta)                                       # doctest: +SKIP
+    >>> report = run_evaluation(backbone, corrector, meta, records, seeds=[0, 1], out="eval-out")  # doctest: +SKIP
+    >>> print(format_markdown(report))                                           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import numbers
+import os
+import sys
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xlard import _io
+
+__all__ = [
+    "CORRECTOR_META_NAME",
+    "CORRECTOR_FORMAT",
+    "CORRECTOR_FORMAT_VERSION",
+    "CorrectorMeta",
+    "save_corrector_dir",
+    "load_corrector_dir",
+    "check_corrector_fits",
+    "shipped_corrector_path",
+    "load_backbone_for",
+    "image_seed",
+    "PairedDifference",
+    "paired_bootstrap",
+    "paired_table",
+    "PairRow",
+    "evaluate_pairs",
+    "faithfulness_table",
+    "build_report",
+    "format_markdown",
+    "run_evaluation",
+    "parse_seeds",
+    "run_eval_cli",
+    "run_generate_cli",
+]
+
+#: The file a corrector folder carries beside ``model.safetensors`` and ``config.json``.
+CORRECTOR_META_NAME = "xlard_corrector.json"
+CORRECTOR_FORMAT = "xlard-corrector"
+CORRECTOR_FORMAT_VERSION = 1
+
+#: Where a shipped corrector for a named backbone lives (package data).
+_DATA = Path(__file__).resolve().parent / "data"
+_SHIPPED = {"shapes": _DATA / "shapes_corrector"}
+
+#: ``image_seed(seed, index) = seed * SEED_STRIDE + index``: seed 0 reproduces
+#: ``xlard eval --backbone ... --seed 0`` (image i seeded i), and distinct
+#: (seed, record) pairs never share noise below a million records.
+SEED_STRIDE = 1_000_000
+
+
+def _err(fn: str, message: str) -> str:
+    return f"xlard.evaluation.{fn}: {message}"
+
+
+# ---------------------------------------------------------------------------
+# Corrector folders
+# ---------------------------------------------------------------------------
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class CorrectorMeta:
+    """What a corrector was trained for: the content of ``xlard_corrector.json``.
+
+    Attributes:
+        backbone (str): the backbone it was trained on: ``"shapes"`` (the
+            shipped shapes-world pipeline), a local diffusers folder or a hub
+            model id. The default backbone when loading the corrector.
+        correction_step (float): fraction of the denoising in (0, 1] run
+            before the correction (the backbone must be built with the same).
+        alpha (float): step size of ``zc = z0 + alpha * Delta`` applied at
+            inference (finite; the trainer writes the one it trained with).
+        num_inference_steps (int): the backbone's denoising steps in training.
+        guidance_scale (float): the backbone's classifier-free guidance scale in training.
+        training (dict): free-form, JSON-serialisable provenance (run folder,
+            config, step, EMA used, git commit); read back as written, never
+            interpreted.
+
+    Raises:
+        ValueError: a field out of its domain, naming it.
+
+    Example:
+        >>> CorrectorMeta("shapes", correction_step=0.3, alpha=1.0, num_inference_steps=20,
+        ...               guidance_scale=5.0).to_dict()["correction_step"]
+        0.3
+    """
+
+    backbone: str
+    correction_step: float
+    alpha: float
+    num_inference_steps: int
+    guidance_scale: float
+    training: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from xlard.backbones.base import check_correction_step
+
+        if not isinstance(self.backbone, str) or not self.backbone.strip():
+            raise ValueError(f"CorrectorMeta: backbone must be a non-empty string ('shapes', a folder or a hub id), "
+                             f"got {self.backbone!r}")
+        try:
+            check_correction_step(self.correction_step)
+        except ValueError as e:
+            raise ValueError(f"CorrectorMeta: {e}") from None
+        if not _is_real(self.alpha):
+            raise ValueError(f"CorrectorMeta: alpha must be a finite number, got {self.alpha!r}")
+        if (not isinstance(self.num_inference_steps, numbers.Integral) or isinstance(self.num_inference_steps, bool)
+                or self.num_inference_steps < 1):
+            raise ValueError(f"CorrectorMeta: num_inference_steps must be an integer >= 1, "
+                             f"got {self.num_inference_steps!r}")
+        if not _is_real(self.guidance_scale) or self.guidance_scale < 0:
+            raise ValueError(f"CorrectorMeta: guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
+        if not isinstance(self.training, dict):
+            raise ValueError(f"CorrectorMeta: training must be a dict, got {type(self.training).__name__}")
+        try:
+            json.dumps(self.training)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"CorrectorMeta: training must be JSON-serialisable ({e})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object stored in ``xlard_corrector.json`` (with the format tag and version)."""
+        return {"format": CORRECTOR_FORMAT, "format_version": CORRECTOR_FORMAT_VERSION,
+                "backbone": self.backbone, "correction_step": float(self.correction_step),
+                "alpha": float(self.alpha), "num_inference_steps": int(self.num_inference_steps),
+                "guidance_scale": float(self.guidance_scale), "training": self.training}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "CorrectorMeta.from_dict") -> CorrectorMeta:
+        """Parse :meth:`to_dict`'s object; unknown or missing keys and another format are errors."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != CORRECTOR_FORMAT:
+            raise ValueError(f"{source}: 'format' must be {CORRECTOR_FORMAT!r}, got {data.get('format')!r}")
+        if data.get("format_version") != CORRECTOR_FORMAT_VERSION:
+            raise ValueError(f"{source}: format_version {data.get('format_version')!r}; this xlard reads version "
+                             f"{CORRECTOR_FORMAT_VERSION}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        body = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+        unknown = sorted(set(body) - set(names))
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown} (known: {names})")
+        missing = [n for n in names if n != "training" and n not in body]
+        if missing:
+            raise ValueError(f"{source}: missing keys {missing}")
+        try:
+            return cls(**body)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+
+def save_corrector_dir(path: str | os.PathLike, corrector, meta: CorrectorMeta) -> Path:
+    """Write a corrector folder: ``save_pretrained`` output plus ``xlard_corrector.json``.
+
+    The three files are written into a temporary folder beside ``path`` first;
+    a new ``path`` appears with one atomic rename (all files or none), an
+    existing folder gets each file replaced atomically, the metadata last.
+
+    Args:
+        path: the folder to write (parents are created).
+        corrector (xlard.models.ResidualCorrector): the corrector (its EMA
+            weights, when the run keeps an EMA and evaluation should use it).
+        meta (CorrectorMeta): what it was trained for.
+
+    Returns:
+        Path: ``path``.
+
+    Raises:
+        TypeError: ``corrector`` is not a ResidualCorrector or ``meta`` not a CorrectorMeta.
+        NotADirectoryError: ``path`` exists and is a file.
+
+    Example:
+        >>> meta = CorrectorMeta("shapes", 0.3, 1.0, 20, 5.0, training={"run": "runs/a", "step": 4000})
+        >>> save_corrector_dir("runs/a/corrector", corrector, meta)               # doctest: +SKIP
+    """
+    from xlard.models import ResidualCorrector
+
+    if not isinstance(corrector, ResidualCorrector):
+        raise TypeError(_err("save_corrector_dir", f"corrector must be an xlard.models.ResidualCorrector, "
+                                                   f"got {type(corrector).__name__}"))
+    if not isinstance(meta, CorrectorMeta):
+        raise TypeError(_err("save_corrector_dir", f"meta must be a CorrectorMeta, got {type(meta).__name__}"))
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(_err("save_corrector_dir", f"{path} exists and is not a folder"))
+    # A new (or empty) folder gets all three files at once; an existing one has each file replaced atomically.
+    with _io.atomic_folder(path, owner="save_corrector_dir", existing="merge") as tmp:
+        corrector.save_pretrained(tmp)
+        _write_json(tmp / CORRECTOR_META_NAME, meta.to_dict())
+    return path
+
+
+def load_corrector_dir(path: str | os.PathLike, *, device=None):
+    """Load a corrector folder written by :func:`save_corrector_dir`.
+
+    Args:
+        path: the folder.
+        device (str or torch.device, optional): where to put the corrector (default CPU).
+
+    Returns:
+        ``(corrector, meta)``: an :class:`xlard.models.ResidualCorrector` in eval
+        mode and its :class:`CorrectorMeta`.
+
+    Raises:
+        FileNotFoundError: no such folder, or one of its three files is missing
+            (the message lists what a corrector folder holds).
+        ValueError: unreadable or inconsistent files, naming the file and field.
+
+    Example:
+        >>> corrector, meta = load_corrector_dir("runs/a/corrector")             # doctest: +SKIP
+    """
+    from xlard.models import CONFIG_NAME, WEIGHTS_NAME, ResidualCorrector
+
+    path = Path(path)
+    expected = f"{WEIGHTS_NAME}, {CONFIG_NAME} and {CORRECTOR_META_NAME} (written by save_corrector_dir)"
+    if not path.is_dir():
+        raise FileNotFoundError(f"corrector folder {path} does not exist (a corrector folder holds {expected})")
+    meta_path = path / CORRECTOR_META_NAME
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"corrector folder {path} has no {CORRECTOR_META_NAME} (a corrector folder holds "
+                                f"{expected})")
+    try:
+        data = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e})") from None
+    meta = CorrectorMeta.from_dict(data, source=str(meta_path))
+    corrector = ResidualCorrector.from_pretrained(path, device=device)
+    return corrector, meta
+
+
+def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
+    """Raise a ValueError naming every way ``corrector`` does not fit ``backbone``.
+
+    Checked: latent channels, prompt token width, pooled width (the corrector's
+    config vs the backbone's properties); ``correction_step``,
+    ``num_inference_steps`` and ``guidance_scale`` (the metadata vs the
+    backbone's settings: a corrector sees a latent only where, and as, it was
+    trained to); the latent grid divisible by the corrector's patch factor.
+
+    Args:
+        corrector (xlard.models.ResidualCorrector): the corrector.
+        meta (CorrectorMeta): its metadata.
+        backbone (xlard.backbones.Backbone): the backbone to apply it to.
+
+    Raises:
+        ValueError: one message listing every mismatch.
+    """
+    cfg = corrector.config
+    problems = []
+    for name, want, have in (("latent channels", cfg.latent_channels, backbone.latent_channels),
+                             ("prompt token width (text_dim)", cfg.text_dim, backbone.text_dim),
+                             ("pooled prompt width (pooled_dim)", cfg.pooled_dim, backbone.pooled_dim)):
+        if int(want) != int(have):
+            problems.append(f"{name}: corrector {want}, backbone {have}")
+    for name, attr, want in (("correction_step", "correction_step", meta.correction_step),
+                             ("num_inference_steps", "num_inference_steps", meta.num_inference_steps),
+                             ("guidance_scale", "guidance_scale", meta.guidance_scale)):
+        have = getattr(backbone, attr, None)
+        if have is not None and not math.isclose(float(have), float(want), rel_tol=0, abs_tol=1e-9):
+            problems.append(f"{name}: corrector trained at {want}, backbone runs {have}")
+    family = getattr(backbone, "family", None)
+    scale = getattr(family, "vae_scale_factor", None)
+    height, width = getattr(backbone, "height", None), getattr(backbone, "width", None)
+    if isinstance(scale, int) and height and width:
+        h, w = height // scale, width // scale
+        if h % cfg.patch or w % cfg.patch:
+            problems.append(f"latent grid {h}x{w} not divisible by the corrector's patch {cfg.patch}")
+    if problems:
+        raise ValueError(f"the corrector (trained for backbone {meta.backbone!r}) does not fit this backbone: "
+                         + "; ".join(problems))
+
+
+def shipped_corrector_path(backbone: str = "shapes") -> Path:
+    """The folder of the corrector shipped in package data for ``backbone``.
+
+    Raises:
+        ValueError: no corrector is shipped for that backbone.
+        FileNotFoundError: the folder is absent (not trained/installed yet).
+    """
+    if backbone not in _SHIPPED:
+        raise ValueError(f"no corrector ships for backbone {backbone!r} (shipped: {sorted(_SHIPPED)}); pass "
+                         "--corrector DIR")
+    path = _SHIPPED[backbone]
+    if not (path / CORRECTOR_META_NAME).is_file():
+        raise FileNotFoundError(f"the shipped {backbone} corrector is not installed at {path}; train one (xlard "
+                                "train) and pass its folder with --corrector DIR")
+    return path
+
+
+def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, device=None, corrector=None,
+                      num_inference_steps: int | None = None, guidance_scale: float | None = None):
+    """Load the diffusers backbone a corrector was trained for, at its ``correction_step``.
+
+    Args:
+        meta: the corrector's metadata (backbone name, correction_step, sampler settings).
+        backbone: another backbone to load instead of ``meta.backbone`` ("shapes",
+            a folder or a hub id); it must fit the corrector.
+        device: where to run (default CPU, in float32).
+        corrector: when given, :func:`check_corrector_fits` runs on the loaded backbone.
+        num_inference_steps, guidance_scale: overrides (must equal the metadata's
+            when ``corrector`` is given).
+
+    Returns:
+        xlard.backbones.DiffusersBackbone without attention capture.
+
+    Raises:
+        FileNotFoundError: the shapes backbone is not installed.
+        ValueError: the corrector does not fit.
+    """
+    import torch
+
+    from xlard.backbones import DiffusersBackbone
+
+    name = backbone or meta.backbone
+    if name == "shapes":
+        from xlard.shapes import backbone as shapes_backbone
+
+        folder = shapes_backbone.backbone_path()
+        if not shapes_backbone.is_available(folder):
+            raise FileNotFoundError(f"the shapes backbone is not installed at {folder}; train it with "
+                                    f"`{shapes_backbone.TRAIN_COMMAND}` or reinstall xlard")
+        name = str(folder)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    loaded = DiffusersBackbone.from_pretrained(
+        name, correction_step=meta.correction_step,
+        num_inference_steps=num_inference_steps or meta.num_inference_steps,
+        guidance_scale=meta.guidance_scale if guidance_scale is None else guidance_scale,
+        capture=False, device=device, torch_dtype=torch.float32 if on_cpu else None)
+    if corrector is not None:
+        check_corrector_fits(corrector, meta, loaded)
+    return loaded
+
+
+def _write_json(path: Path, obj) -> None:
+    _io.atomic_write_json(path, obj, owner="xlard.evaluation", indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------
+# Paired statistics
+# ---------------------------------------------------------------------------
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The generator seed of record ``index`` under evaluation seed ``seed``: ``seed * 1_000_000 + index``."""
+    for name, value in (("seed", seed), ("index", index)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+            raise ValueError(_err("image_seed", f"{name} must be a non-negative integer, got {value!r}"))
+    if index >= SEED_STRIDE:
+        raise ValueError(_err("image_seed", f"index must be < {SEED_STRIDE}, got {index}"))
+    return int(seed) * SEED_STRIDE + int(index)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """One row of a paired table (scores are fractions in [0, 1]).
+
+    Attributes:
+        base: mean score without the corrector.
+        corrected: mean score with it.
+        diff: ``corrected - base`` (the point estimate).
+        ci_low, ci_high: the bootstrap interval of ``diff`` at ``confidence``.
+        records: number of clusters (records) resampled.
+        images: number of (record, seed) pairs.
+        confidence: the interval's coverage, e.g. 0.95.
+    """
+
+    base: float
+    corrected: float
+    diff: float
+    ci_low: float
+    ci_high: float
+    records: int
+    images: int
+    confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def excludes_zero(self) -> bool:
+        """True when the interval lies strictly on one side of 0."""
+        return self.ci_low > 0 or self.ci_high < 0
+
+
+def _check_bootstrap_args(fn: str, num_resamples, confidence, seed) -> None:
+    if not isinstance(num_resamples, numbers.Integral) or isinstance(num_resamples, bool) or num_resamples < 1:
+        raise ValueError(_err(fn, f"num_resamples must be an integer >= 1, got {num_resamples!r}"))
+    if not _is_real(confidence) or not 0.0 < confidence < 1.0:
+        raise ValueError(_err(fn, f"confidence must be a number in (0, 1), got {confidence!r}"))
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(_err(fn, f"seed must be a non-negative integer, got {seed!r}"))
+
+
+def _clusters(fn: str, base, corrected, clusters):
+    """Per-cluster sums of base, corrected and the item counts, clusters in order of first appearance."""
+    b = np.asarray(base, dtype=np.float64).reshape(-1)
+    c = np.asarray(corrected, dtype=np.float64).reshape(-1)
+    if b.shape != c.shape:
+        raise ValueError(_err(fn, f"base and corrected must have the same length, got {b.size} and {c.size}"))
+    if b.size == 0:
+        raise ValueError(_err(fn, "base and corrected are empty; nothing to compare"))
+    if not (np.isfinite(b).all() and np.isfinite(c).all()):
+        raise ValueError(_err(fn, "base and corrected must be finite"))
+    if clusters is None:
+        keys = np.arange(b.size)
+    else:
+        keys = list(clusters)
+        if len(keys) != b.size:
+            raise ValueError(_err(fn, f"clusters must have one key per item ({b.size}), got {len(keys)}"))
+    ids: dict[Any, int] = {}
+    index = np.array([ids.setdefault(k, len(ids)) for k in (keys.tolist() if isinstance(keys, np.ndarray)
+                                                            else keys)], dtype=np.int64)
+    n = len(ids)
+    return (np.bincount(index, weights=b, minlength=n), np.bincount(index, weights=c, minlength=n),
+            np.bincount(index, minlength=n).astype(np.float64))
+
+
+def _resampled_means(sum_b, sum_c, count, num_resamples: int, rng: np.random.Generator):
+    """Bootstrap replicates of (base mean, corrected mean) resampling clusters with replacement."""
+    n = count.size
+    idx = rng.integers(0, n, size=(num_resamples, n))
+    total = count[idx].sum(axis=1)
+    return sum_b[idx].sum(axis=1) / total, sum_c[idx].sum(axis=1) / total
+
+
+def _interval(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(replicates, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def paired_bootstrap(base: Sequence[float], corrected: Sequence[float], clusters: Sequence | None = None, *,
+                     num_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> PairedDifference:
+    """Point estimate and percentile-bootstrap interval of ``mean(corrected) - mean(base)`` on paired items.
+
+    Items are paired (item i of ``base`` and of ``corrected`` come from the same
+    record and seed). Resampling draws whole clusters with replacement, so
+    items that share a cluster key (the seeds of one record) move together.
+
+    Args:
+        base (sequence of float): per-item scores without the corrector (e.g. 0/1 verdicts).
+        corrected (sequence of float): per-item scores with it, same length.
+        clusters (sequence of hashable, optional): one key per item (default:
+            every item its own cluster).
+        num_resamples (int): bootstrap replicates.
+        confidence (float): interval coverage in (0, 1).
+        seed (int): the resampling RNG's seed (same inputs + seed -> same interval).
+
+    Returns:
+        PairedDifference.
+
+    Raises:
+        ValueError: lengths differ, empty or non-finite inputs, bad settings.
+
+    Example:
+        >>> r = paired_bootstrap([0, 0], [0, 1], num_resamples=4000)
+        >>> r.diff, r.ci_low, r.ci_high
+        (0.5, 0.0, 1.0)
+    """
+    fn = "paired_bootstrap"
+    _check_bootstrap_args(fn, num_resamples, confidence, seed)
+    sum_b, sum_c, count = _clusters(fn, base, corrected, clusters)
+    rb, rc = _resampled_means(sum_b, sum_c, count, int(num_resamples), np.random.default_rng(int(seed)))
+    low, high = _interval(rc - rb, confidence)
+    mb, mc = sum_b.sum() / count.sum(), sum_c.sum() / count.sum()
+    return PairedDifference(float(mb), float(mc), float(mc - mb), low, high, int(count.size), int(count.sum()),
+                            float(confidence))
+
+
+def _tag_rng(seed: int, tag: str) -> np.random.Generator:
+    # A stream per tag keyed by its name: a tag's interval does not depend on which other tags are present.
+    return np.random.default_rng([int(seed), zlib.crc32(tag.encode("utf-8"))])
+
+
+def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence[float],
+                 clusters: Sequence | None = None, *, num_resamples: int = 2000, confidence: float = 0.95,
+                 seed: int = 0) -> dict[str, PairedDifference]:
+    """Per-tag paired differences and the overall row (GenEval's score: the mean of the tag means).
+
+    Each tag is bootstrapped by resampling its own clusters; the overall row's
+    replicate ``k`` is the mean over tags of the tags' replicate ``k``
+    (stratified resampling: every replicate keeps every tag).
+
+    Args:
+        tags (sequence of str): the tag of each item.
+        base, corrected, clusters: as :func:`paired_bootstrap` (a cluster must
+            not span tags).
+        num_resamples, confidence, seed: as :func:`paired_bootstrap`.
+
+    Returns:
+        ``{tag: PairedDifference, ..., "overall": PairedDifference}``, tags in
+        GenEval's order then any other tags sorted.
+
+    Raises:
+        ValueError: bad lengths or settings, no items, or a cluster in two tags.
+
+    Example:
+        >>> t = paired_table(["counting", "counting", "colors"], [0, 0, 1], [1, 0, 1])
+        >>> round(t["overall"].diff, 3)
+        0.25
+    """
+    from xlard.shapes.rules import TAGS
+
+    fn = "paired_table"
+    _check_bootstrap_args(fn, num_resamples, confidence, seed)
+    tags = [str(t) for t in tags]
+    b = np.asarray(base, dtype=np.float64).reshape(-1)
+    c = np.asarray(corrected, dtype=np.float64).reshape(-1)
+    if not (len(tags) == b.size == c.size):
+        raise ValueError(_err(fn, f"tags, base and corrected must have one entry per item, got {len(tags)}, "
+                                  f"{b.size} and {c.size}"))
+    if b.size == 0:
+        raise ValueError(_err(fn, "no items"))
+    keys = list(range(b.size)) if clusters is None else list(clusters)
+    if len(keys) != b.size:
+        raise ValueError(_err(fn, f"clusters must have one key per item ({b.size}), got {len(keys)}"))
+    owner: dict[Any, str] = {}
+    for k, t in zip(keys, tags):
+        if owner.setdefault(k, t) != t:
+            raise ValueError(_err(fn, f"cluster {k!r} has items of tags {owner[k]!r} and {t!r}"))
+    present = set(tags)
+    order = [t for t in TAGS if t in present] + sorted(present - set(TAGS))
+    table: dict[str, PairedDifference] = {}
+    rep_diff, points_b, points_c = [], [], []
+    n_records = 0
+    for tag in order:
+        sel = [i for i, t in enumerate(tags) if t == tag]
+        sum_b, sum_c, count = _clusters(fn, b[sel], c[sel], [keys[i] for i in sel])
+        rb, rc = _resampled_means(sum_b, sum_c, count, int(num_resamples), _tag_rng(seed, tag))
+        low, high = _interval(rc - rb, confidence)
+        mb, mc = sum_b.sum() / count.sum(), sum_c.sum() / count.sum()
+        table[tag] = PairedDifference(float(mb), float(mc), float(mc - mb), low, high, int(count.size),
+                                      int(count.sum()), float(confidence))
+        rep_diff.append(rc - rb)
+        points_b.append(mb)
+        points_c.append(mc)
+        n_records += int(count.size)
+    overall_b, overall_c = float(np.mean(points_b)), float(np.mean(points_c))
+    low, high = _interval(np.mean(np.stack(rep_diff), axis=0), confidence)
+    table["overall"] = PairedDifference(overall_b, overall_c, overall_c - overall_b, low, high, n_records,
+                                        int(b.size), float(confidence))
+    return table
+
+
+# ---------------------------------------------------------------------------
+# Running the backbone
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class PairRow:
+    """The verdicts on one (record, seed) pair: one line of ``pairs.jsonl``.
+
+    Attributes:
+        index: the record's position in the prompt file.
+        seed: the evaluation seed (the generator seed is :func:`image_seed`).
+        tag, prompt: the record's.
+        base_correct, corrected_correct: the exact evaluator's verdicts.
+        base_reason, corrected_reason: its reasons (``"ok"`` when correct).
+        lam_mass: mean LAM over the latent grid (how much the corrector acted).
+        masked_correct, random_correct: verdicts with Delta zeroed on the top
+            LAM cells / as many random cells (None when faithfulness is off).
+    """
+
+    index: int
+    seed: int
+    tag: str
+    prompt: str
+    base_correct: bool
+    corrected_correct: bool
+    base_reason: str
+    corrected_reason: str
+    lam_mass: float
+    masked_correct: bool | None = None
+    random_correct: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PairRow:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+def _verdicts(images, records, evaluator_config) -> list:
+    from xlard.shapes import evaluator as E
+
+    return E.evaluate(images, list(records), evaluator_config)
+
+
+def _check_run_args(fn: str, batch_size, faithfulness_fraction) -> None:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(_err(fn, f"batch_size must be an integer >= 1, got {batch_size!r}"))
+    if faithfulness_fraction is not None and (not _is_real(faithfulness_fraction)
+                                              or not 0.0 < faithfulness_fraction < 1.0):
+        raise ValueError(_err(fn, f"faithfulness_fraction (--mask-fraction) must be in (0, 1) or None, "
+                                  f"got {faithfulness_fraction!r}"))
+
+
+def evaluate_pairs(backbone, corrector, meta: CorrectorMeta, records: Sequence[Mapping],
+                   items: Sequence[tuple[int, int]], *, batch_size: int = 8, faithfulness_fraction: float | None = 0.2,
+                   evaluator_config=None, on_images: Callable | None = None,
+                   progress: Callable[[Iterable, int], Iterable] | None = None) -> Iterable[list[PairRow]]:
+    """Generate and judge base and corrected images for (record, seed) pairs, one batch at a time.
+
+    For each batch: ``state = backbone.encode(prompts, seed=[image_seed(s, i), ...])``;
+    ``Delta = corrector(z0, e_p)``; ``zc, lam = residual_correction(z0, Delta, meta.alpha)``;
+    base = ``decode(state)``, corrected = ``decode(state, zc)``; the exact
+    evaluator judges both. With ``faithfulness_fraction``,
+    :func:`xlard.explain.faithfulness` also decodes ``zc`` with Delta zeroed on
+    the top LAM cells and on as many random cells (the control; its RNG is
+    seeded from the batch's first generator seed).
+
+    Args:
+        backbone (xlard.backbones.Backbone): built at ``meta.correction_step``.
+        corrector (xlard.models.ResidualCorrector): on the backbone's device.
+        meta (CorrectorMeta): supplies ``alpha``.
+        records (sequence of GenEval records): the prompt file.
+        items (sequence of (index, seed)): which pairs to run, in this order.
+        batch_size (int): pairs per backbone call.
+        faithfulness_fraction (float or None): share of LAM cells to mask; None skips the check.
+        evaluator_config (xlard.shapes.evaluator.EvaluatorConfig, optional).
+        on_images (callable, optional): ``on_images(rows, base_images, corrected_images, lam)``
+            after each batch (images float [B, 3, H, W] in [0, 1]), e.g. to save them.
+        progress (callable, optional): wraps the batch iterator (e.g. tqdm).
+
+    Yields:
+        list[PairRow]: one batch of rows, in ``items`` order.
+
+    Raises:
+        ValueError: bad items or settings.
+    """
+    import torch
+
+    from xlard import ops
+    from xlard.explain import faithfulness
+
+    fn = "evaluate_pairs"
+    _check_run_args(fn, batch_size, faithfulness_fraction)
+    items = [(int(i), int(s)) for i, s in items]
+    for i, s in items:
+        if not 0 <= i < len(records):
+            raise ValueError(_err(fn, f"record index {i} out of range for {len(records)} records"))
+    starts = list(range(0, len(items), int(batch_size)))
+    iterator = progress(starts, len(starts)) if progress is not None else starts
+    alpha = float(meta.alpha)
+    for start in iterator:
+        chunk = items[start:start + int(batch_size)]
+        recs = [records[i] for i, _ in chunk]
+        seeds = [image_seed(s, i) for i, s in chunk]
+        state = backbone.encode([r["prompt"] for r in recs], seed=seeds)
+        inputs = state.prompt_embedding.as_corrector_inputs()
+        with torch.no_grad():
+            delta = corrector(state.z0, **inputs)
+            zc, lam = ops.residual_correction(state.z0, delta, alpha)
+            base_img = backbone.decode(state).images
+            corr_img = backbone.decode(state, zc).images
+        base_v = _verdicts(base_img, recs, evaluator_config)
+        corr_v = _verdicts(corr_img, recs, evaluator_config)
+        masked = random = None
+        if faithfulness_fraction is not None:
+            known = ((state.z0, torch.tensor([float(v.correct) for v in base_v])),
+                     (zc, torch.tensor([float(v.correct) for v in corr_v])))
+
+            def reward_fn(z, _state=state, _recs=recs, _known=known):
+                # Base and corrected are already judged; decoding is deterministic, so equal latents reuse them.
+                for latent, reward in _known:
+                    if torch.equal(z, latent):
+                        return reward
+                images = backbone.decode(_state, z).images
+                return torch.tensor([float(v.correct) for v in _verdicts(images, _recs, evaluator_config)])
+
+            gen = torch.Generator("cpu").manual_seed(seeds[0])
+            res = faithfulness(reward_fn, state.z0, delta, alpha, fraction=float(faithfulness_fraction),
+                               random_control=True, generator=gen)
+            masked, random = res.reward_masked.tolist(), res.reward_random.tolist()
+        lam_mass = lam.float().mean(dim=(1, 2)).tolist()
+        rows = []
+        for k, ((i, s), rec) in enumerate(zip(chunk, recs)):
+            rows.append(PairRow(index=i, seed=s, tag=rec["tag"], prompt=rec["prompt"],
+                                base_correct=bool(base_v[k].correct), corrected_correct=bool(corr_v[k].correct),
+                                base_reason=base_v[k].reason, corrected_reason=corr_v[k].reason,
+                                lam_mass=float(lam_mass[k]),
+                                masked_correct=None if masked is None else bool(masked[k] > 0.5),
+                                random_correct=None if random is None else bool(random[k] > 0.5)))
+        if on_images is not None:
+            on_images(rows, base_img, corr_img, lam)
+        yield rows
+
+
+# ---------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------
+
+
+def faithfulness_table(rows: Sequence[PairRow], *, num_resamples: int = 2000, confidence: float = 0.95,
+                       seed: int = 0) -> dict[str, Any] | None:
+    """How much of the corrector's gain is lost when Delta is zeroed on the top LAM cells, vs random cells.
+
+    Over all pairs (GenEval's overall: mean of the tag means): ``gain =
+    corrected - base``; ``lost_top = corrected - masked``; ``lost_random =
+    corrected - random``; ``share_lost_top = lost_top / gain`` (NaN when the
+    gain is 0). The two losses carry paired bootstrap intervals (records resampled).
+
+    Returns:
+        ``{"gain", "lost_top", "lost_random"}`` as :class:`PairedDifference`
+        dicts (``diff`` is the loss, sign flipped so that a loss is positive),
+        ``share_lost_top`` and ``share_lost_random`` (floats), or None when no
+        row has faithfulness verdicts.
+    """
+    rows = [r for r in rows if r.masked_correct is not None and r.random_correct is not None]
+    if not rows:
+        return None
+    tags = [r.tag for r in rows]
+    keys = [r.index for r in rows]
+    corr = [float(r.corrected_correct) for r in rows]
+    kw = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
+    gain = paired_table(tags, [float(r.base_correct) for r in rows], corr, keys, **kw)["overall"]
+    # "corrected - masked" written as a paired difference (masked as the "after" side, then negated).
+    top = paired_table(tags, corr, [float(r.masked_correct) for r in rows], keys, **kw)["overall"]
+    rnd = paired_table(tags, corr, [float(r.random_correct) for r in rows], keys, **kw)["overall"]
+
+    def loss(p: PairedDifference) -> dict[str, Any]:
+        # 0.0 - x, not -x: a zero loss prints as +0.0, not -0.0.
+        return {"corrected": p.base, "masked": p.corrected, "diff": 0.0 - p.diff, "ci_low": 0.0 - p.ci_high,
+                "ci_high": 0.0 - p.ci_low, "records": p.records, "images": p.images, "confidence": p.confidence}
+
+    def share(x: float) -> float:
+        return x / gain.diff if gain.diff != 0 else float("nan")
+
+    lost_top, lost_random = loss(top), loss(rnd)
+    return {"gain": gain.to_dict(), "lost_top": lost_top, "lost_random": lost_random,
+            "share_lost_top": share(lost_top["diff"]), "share_lost_random": share(lost_random["diff"])}
+
+
+def build_report(rows: Sequence[PairRow], *, settings: Mapping[str, Any] | None = None, num_resamples: int = 2000,
+                 confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """The JSON report of a paired run: per-tag and overall rows, faithfulness, settings.
+
+    Args:
+        rows: every :class:`PairRow` of the run.
+        settings: what was run (corrector, backbone, seeds), copied into the report.
+        num_resamples, confidence, seed: bootstrap settings.
+
+    Returns:
+        ``{"table": {tag: PairedDifference dict, ..., "overall": ...},
+        "faithfulness": ... or None, "lam_mass": float, "pairs": int,
+        "bootstrap": {...}, "settings": {...}}``. Scores are fractions.
+    """
+    if not rows:
+        raise ValueError(_err("build_report", "no rows to report"))
+    table = paired_table([r.tag for r in rows], [float(r.base_correct) for r in rows],
+                         [float(r.corrected_correct) for r in rows], [r.index for r in rows],
+                         num_resamples=num_resamples, confidence=confidence, seed=seed)
+    return {
+        "table": {k: v.to_dict() for k, v in table.items()},
+        "faithfulness": faithfulness_table(rows, num_resamples=num_resamples, confidence=confidence, seed=seed),
+        "lam_mass": float(np.mean([r.lam_mass for r in rows])),
+        "pairs": len(rows),
+        "bootstrap": {"num_resamples": num_resamples, "confidence": confidence, "seed": seed,
+                      "method": "percentile, records resampled with their seeds; overall stratified by tag"},
+        "settings": dict(settings or {}),
+    }
+
+
+def _pts(x: float) -> str:
+    return f"{100.0 * x:.1f}"
+
+
+def _signed(x: float) -> str:
+    return f"{100.0 * x:+.1f}"
+
+
+def format_markdown(report: Mapping[str, Any]) -> str:
+    """The report as markdown: the paired table in points, then the faithfulness check."""
+    conf = report["bootstrap"]["confidence"]
+    lines = [f"| tag | records | images | base | corrected | gain (points) | {conf:.0%} interval | excludes 0 |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
+    for tag, r in report["table"].items():
+        name = f"**{tag}**" if tag == "overall" else tag
+        excludes = "yes" if r["ci_low"] > 0 or r["ci_high"] < 0 else "no"
+        lines.append(f"| {name} | {r['records']} | {r['images']} | {_pts(r['base'])} | {_pts(r['corrected'])} | "
+                     f"{_signed(r['diff'])} | [{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | {excludes} |")
+    lines.append("")
+    lines.append("overall = mean of the tag scores (GenEval); intervals: paired percentile bootstrap over records "
+                 f"({report['bootstrap']['num_resamples']} resamples, seed {report['bootstrap']['seed']}).")
+    lines.append(f"mean LAM (sum_c |Delta| per latent cell): {report['lam_mass']:.4g}")
+    faith = report.get("faithfulness")
+    if faith:
+        frac = report["settings"].get("faithfulness_fraction")
+        what = f"{frac:.0%}" if isinstance(frac, float) else "a share"
+        lines += ["", f"LAM faithfulness: Delta zeroed on the top {what} of LAM cells vs {what} random cells "
+                      "(overall, points)", "",
+                  "| mask | score | lost vs corrected | interval | share of the gain lost |",
+                  "|---|---:|---:|---|---:|"]
+        g = faith["gain"]
+        lines.append(f"| none (corrected) | {_pts(g['corrected'])} | | | |")
+        for name, key, share in (("top LAM", "lost_top", "share_lost_top"),
+                                 ("random", "lost_random", "share_lost_random")):
+            r = faith[key]
+            s = faith[share]
+            lines.append(f"| {name} | {_pts(r['masked'])} | {_signed(r['diff'])} | "
+                         f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | "
+                         f"{'n/a (no gain)' if not math.isfinite(s) else f'{s:.0%}'} |")
+        lines.append(f"| base (no correction) | {_pts(g['base'])} | {_signed(g['corrected'] - g['base'])} | | 100% |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# A whole run: folder, resume, images
+# ---------------------------------------------------------------------------
+
+
+def _records_digest(records: Sequence[Mapping]) -> str:
+    text = "\n".join(json.dumps(r, sort_keys=True) for r in records)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _weights_digest(corrector) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(corrector.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_rows(path: Path) -> list[PairRow]:
+    rows = []
+    if not path.is_file():
+        return rows
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(PairRow.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if n >= len(lines) - 2:  # a line cut by an interrupted write: redo that pair
+                break
+            raise ValueError(f"{path}: line {n + 1} is not a pair row; remove the folder or pick another --out")
+    return rows
+
+
+def _save_images(out: Path, records, rows, base, corrected, lam) -> None:
+    from xlard.explain import overlay, save_png
+    from xlard.shapes import prompts as P
+
+    for k, row in enumerate(rows):
+        for kind, image in (("base", base[k]), ("corrected", corrected[k])):
+            folder = out / "images" / kind / f"{row.index:05d}"
+            meta = folder / "metadata.jsonl"
+            if not meta.is_file():
+                P.write_jsonl(meta, [records[row.index]])
+            save_png(folder / "samples" / f"{row.seed:04d}.png", image.float().clamp(0, 1).cpu())
+        save_png(out / "images" / "lam" / f"{row.index:05d}_seed{row.seed}.png",
+                 overlay(corrected[k].float().clamp(0, 1).cpu(), lam[k].float().cpu()))
+
+
+def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[Mapping], seeds: Sequence[int], *,
+                   out: str | os.PathLike, batch_size: int = 8, faithfulness_fraction: float | None = 0.2,
+                   num_resamples: int = 2000, confidence: float = 0.95, bootstrap_seed: int = 0,
+                   save_images: bool = False, quiet: bool = False, corrector_source: str | None = None,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) a paired evaluation into ``out`` and return the report.
+
+    ``out/run.json`` records what is asked (records digest, seeds, corrector
+    weights digest and metadata, backbone settings, faithfulness fraction);
+    rerunning with the same settings continues from ``out/pairs.jsonl``, with
+    other settings it stops with an error instead of mixing runs.
+
+    Args:
+        backbone, corrector, meta: see :func:`evaluate_pairs` (fit is checked).
+        records: GenEval records (e.g. :func:`xlard.shapes.prompts.read_records`).
+        seeds (sequence of int): evaluation seeds; every record runs under each.
+        out: the run folder.
+        batch_size, faithfulness_fraction: see :func:`evaluate_pairs`.
+        num_resamples, confidence, bootstrap_seed: see :func:`paired_table`.
+        save_images (bool): also write ``out/images/{base,corrected}`` in
+            GenEval's folder layout (sample file = seed) and LAM overlays.
+        quiet (bool): no progress bar.
+        corrector_source (str, optional): where the corrector came from (reported).
+        log (callable, optional): where status lines go (default stderr).
+
+    Returns:
+        The report (:func:`build_report`), also written to ``out/eval.json`` and ``out/eval.md``.
+
+    Raises:
+        ValueError: bad arguments, a corrector that does not fit, or an ``out``
+            folder holding a different run.
+    """
+    fn = "run_evaluation"
+    log = log or (lambda s: print(s, file=sys.stderr))
+    # Every setting is checked before the first image: a typo must not cost a whole run.
+    _check_bootstrap_args(fn, num_resamples, confidence, bootstrap_seed)
+    _check_run_args(fn, batch_size, faithfulness_fraction)
+    check_corrector_fits(corrector, meta, backbone)
+    records = list(records)
+    if not records:
+        raise ValueError(_err(fn, "records is empty"))
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError(_err(fn, "seeds is empty; give at least one evaluation seed"))
+    for s in seeds:
+        image_seed(s, 0)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(_err(fn, f"seeds must be distinct, got {seeds}"))
+    if len(records) > SEED_STRIDE:
+        raise ValueError(_err(fn, f"at most {SEED_STRIDE} records, got {len(records)}"))
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(_err(fn, f"out {out} exists and is not a folder"))
+    settings = {
+        "corrector": corrector_source, "corrector_meta": meta.to_dict(), "corrector_sha256": _weights_digest(corrector),
+        "backbone": repr(backbone), "correction_step": meta.correction_step, "alpha": meta.alpha,
+        "records": len(records), "records_sha256": _records_digest(records), "seeds": seeds,
+        "faithfulness_fraction": faithfulness_fraction, "save_images": bool(save_images),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    run_path, pairs_path = out / "run.json", out / "pairs.jsonl"
+    if run_path.is_file():
+        previous = json.loads(run_path.read_text(encoding="utf-8"))
+        # The corrector's path is informational: the same weights (digest) under another path may resume.
+        differ = sorted(k for k in set(previous) | set(settings)
+                        if k != "corrector" and previous.get(k) != settings.get(k))
+        if differ:
+            raise ValueError(f"{out} holds another evaluation (different {', '.join(differ)}); pick another --out "
+                             "or remove the folder")
+    else:
+        if pairs_path.exists():
+            raise ValueError(f"{out} has pairs.jsonl but no run.json; pick another --out or remove the folder")
+        _write_json(run_path, settings)
+    done = _read_rows(pairs_path)
+    done_keys = {(r.index, r.seed) for r in done}
+    todo = [(i, s) for s in seeds for i in range(len(records)) if (i, s) not in done_keys]
+    if done:
+        log(f"resuming {out}: {len(done)} of {len(records) * len(seeds)} pairs already judged")
+        # Drop a line cut by an interruption before appending to the file.
+        with open(pairs_path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r.to_dict()) + "\n" for r in done)
+    progress = None
+    if not quiet:
+        def progress(it, total):
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return it
+            return tqdm(it, total=total, desc="eval base+corrected", unit="batch")
+    on_images = (lambda rows, b, c, lam: _save_images(out, records, rows, b, c, lam)) if save_images else None
+    rows = list(done)
+    with open(pairs_path, "a", encoding="utf-8") as f:
+        for batch in evaluate_pairs(backbone, corrector, meta, records, todo, batch_size=batch_size,
+                                    faithfulness_fraction=faithfulness_fraction, on_images=on_images,
+                                    progress=progress):
+            f.writelines(json.dumps(r.to_dict()) + "\n" for r in batch)
+            f.flush()
+            os.fsync(f.fileno())
+            rows.extend(batch)
+    rows.sort(key=lambda r: (seeds.index(r.seed), r.index))
+    report = build_report(rows, settings=settings, num_resamples=num_resamples, confidence=confidence,
+                          seed=bootstrap_seed)
+    _write_json(out / "eval.json", report)
+    md = format_markdown(report)
+    _io.atomic_write_text(out / "eval.md", md, owner="xlard.evaluation")
+    return report
+
+
+# ---------------------------------------------------------------------------
+# Command-line entry points (xlard eval / generate with a corrector)
+# ---------------------------------------------------------------------------
+
+
+def _corrector_from_args(args):
+    """``--corrector DIR`` or ``--correct`` (the corrector shipped for ``--backbone``, default shapes)."""
+    if getattr(args, "corrector", None) and getattr(args, "correct", False):
+        raise ValueError("give --corrector DIR or --correct (the shipped corrector), not both")
+    if getattr(args, "corrector", None):
+        source = str(args.corrector)
+    else:
+        source = str(shipped_corrector_path(getattr(args, "backbone", None) or "shapes"))
+    corrector, meta = load_corrector_dir(source, device=getattr(args, "device", None))
+    return corrector, meta, source
+
+
+def _backbone_from_args(args, corrector, meta):
+    return load_backbone_for(meta, backbone=getattr(args, "backbone", None), device=getattr(args, "device", None),
+                             corrector=corrector, num_inference_steps=getattr(args, "steps", None) or None,
+                             guidance_scale=getattr(args, "guidance", None))
+
+
+def parse_seeds(text: str | Sequence[int] | None, default: int = 0) -> list[int]:
+    """``--seeds``: "0,1,2" or "0 1" (or a list of ints) -> distinct non-negative ints; None -> ``[default]``."""
+    if text is None:
+        return [int(default)]
+    parts = text if not isinstance(text, str) else text.replace(",", " ").split()
+    try:
+        seeds = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        raise ValueError(f"--seeds must be non-negative integers separated by commas, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def run_eval_cli(args) -> int:
+    """``xlard eval --prompts FILE (--corrector DIR | --correct) [--seeds 0,1] [--out DIR]``: the paired run.
+
+    Prints the markdown table; ``--json`` / ``--markdown`` copy the report elsewhere.
+    """
+    from xlard.shapes import prompts as P
+
+    if not getattr(args, "prompts", None):
+        raise ValueError("xlard eval with a corrector needs --prompts FILE (GenEval JSONL records)")
+    if getattr(args, "folder", None) or getattr(args, "images", None):
+        raise ValueError("--corrector/--correct generates its own images; drop --folder/--images")
+    corrector, meta, source = _corrector_from_args(args)
+    backbone = _backbone_from_args(args, corrector, meta)
+    records = P.read_records(args.prompts)
+    seeds = parse_seeds(getattr(args, "seeds", None), default=getattr(args, "seed", 0) or 0)
+    fraction = None if getattr(args, "no_faithfulness", False) else getattr(args, "mask_fraction", 0.2)
+    out = Path(getattr(args, "out", None) or "xlard-eval")
+    report = run_evaluation(backbone, corrector, meta, records, seeds, out=out, batch_size=args.batch,
+                            faithfulness_fraction=fraction, num_resamples=getattr(args, "bootstrap", 2000),
+                            save_images=bool(getattr(args, "save_images", False)), quiet=args.quiet,
+                            corrector_source=source)
+    md = format_markdown(report)
+    print(md, end="")
+    print(f"report in {out / 'eval.json'} and {out / 'eval.md'}; per-pair verdicts in {out / 'pairs.jsonl'}")
+    if getattr(args, "json", None):
+        _write_json(Path(args.json), report)
+    if getattr(args, "markdown", None):
+        _io.atomic_write_text(args.markdown, md, owner="xlard eval --markdown")
+    return 0
+
+
+def run_generate_cli(args) -> int:
+    """``xlard generate --backbone shapes --correct "..."``: corrected images, the base images and LAM overlays.
+
+    Image ``i`` is seeded ``--seed + i`` (as without a corrector); it writes
+    ``<i>_seed<s>.png`` (corrected), ``<i>_seed<s>_base.png`` (same seed, no
+    correction) and ``<i>_seed<s>_lam.png`` (the LAM over the corrected image).
+    """
+    import torch
+
+    from xlard import ops
+    from xlard.explain import overlay, save_png
+
+    corrector, meta, source = _corrector_from_args(args)
+    backbone = _backbone_from_args(args, corrector, meta)
+    prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
+    seeds = [args.seed + i for i in range(len(prompts))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    starts = list(range(0, len(prompts), args.batch))
+    if not args.quiet:
+        try:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="generate base+corrected", unit="batch")
+        except ImportError:
+            pass
+    written = 0
+    for start in starts:
+        state = backbone.encode(prompts[start:start + args.batch], seed=seeds[start:start + args.batch])
+        with torch.no_grad():
+            delta = corrector(state.z0, **state.prompt_embedding.as_corrector_inputs())
+            zc, lam = ops.residual_correction(state.z0, delta, float(meta.alpha))
+            base = backbone.decode(state).images.float().clamp(0, 1).cpu()
+            corrected = backbone.decode(state, zc).images.float().clamp(0, 1).cpu()
+        for k in range(corrected.shape[0]):
+            i = start + k
+            stem = f"{i:04d}_seed{seeds[i]}"
+            save_png(out / f"{stem}.png", corrected[k])
+            save_png(out / f"{stem}_base.png", base[k])
+            save_png(out / f"{stem}_lam.png", overlay(corrected[k], lam[k].float().cpu()))
+            written += 1
+    print(f"wrote {written} corrected images (with _base and _lam companions) to {out}; corrector {source} "
+          f"(correction_step {meta.correction_step}, alpha {meta.alpha})")
+    return 0
