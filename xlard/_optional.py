@@ -19,6 +19,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "safetensors": ("safetensors", "method"),
     "tqdm": ("tqdm", "method"),
     "PIL": ("pillow", "method"),
+    "yaml": ("pyyaml", "method"),  # xlard train's YAML configs
     "triton": ("triton", "triton"),
 }
 
