@@ -397,3 +397,24 @@ def test_shapes_source_drops_two_tone_and_unclear_objects():
         ShapesSource(OracleUnderstanding([SCENE]), purity=2)
     with pytest.raises(ValueError, match="confidence must be a number in"):
         get_source("shapes", model=OracleUnderstanding([SCENE]), confidence=-1)
+
+
+def test_shapes_source_threshold_and_min_area_reach_the_filter_and_the_rewards():
+    source = ShapesSource(OracleUnderstanding([SCENE]), purity=0.0, confidence=0.7, threshold=0.6, min_area=12)
+    cfg = source.reward_config()
+    assert (cfg.threshold, cfg.min_area, cfg.threshold_mode) == (0.6, 12, "absolute")
+    assert source.reward_config(min_area=3).min_area == 3
+    maps = torch.zeros(1, 1, 16, 16)
+    maps[0, 0, 1:5, 1:5] = 0.9
+    maps[0, 0, 1:5, 5:9] = 0.55     # below the 0.6 cut: not part of the object, so its mean stays 0.9
+    color = torch.zeros(1, 11, 16, 16)
+    color[0, 0] = 1.0
+    out = source.drop_mixed_objects(maps, color)
+    torch.testing.assert_close(out, maps)
+    # At the default 0.5 cut the two halves are one object of mean 0.725 (kept at 0.7, dropped at 0.75).
+    assert ShapesSource(OracleUnderstanding([SCENE]), purity=0.0, confidence=0.75).drop_mixed_objects(
+        maps, color).eq(0).all()
+    for bad in (dict(threshold=1.5), dict(min_area=0), dict(min_area=2.5)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
+            ShapesSource(OracleUnderstanding([SCENE]), **bad)
+    assert get_source("shapes", model=OracleUnderstanding([SCENE]), threshold=0.6, min_area=12).min_area == 12

@@ -165,6 +165,10 @@ class AttentionSource(RewardSource):
         return inputs
 
 
+THRESHOLD = 0.5
+MIN_AREA = 8
+
+
 class ShapesSource(RewardSource):
     """The shapes world's dense understanding model as the rewards' eyes.
 
@@ -203,14 +207,19 @@ class ShapesSource(RewardSource):
     needs_attention = False
 
     def __init__(self, model: Any = None, *, path: str | os.PathLike | None = None, device: Any = None,
-                 purity: float = 0.6, confidence: float = 0.7) -> None:
+                 purity: float = 0.6, confidence: float = 0.7, threshold: float = THRESHOLD,
+                 min_area: int = MIN_AREA) -> None:
         from xlard.shapes import understanding
 
-        for label, value in (("purity", purity), ("confidence", confidence)):
+        for label, value in (("purity", purity), ("confidence", confidence), ("threshold", threshold)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"ShapesSource: {label} must be a number in [0, 1], got {value!r}")
+        if isinstance(min_area, bool) or not isinstance(min_area, int) or min_area < 1:
+            raise ValueError(f"ShapesSource: min_area must be an int >= 1, got {min_area!r}")
         self.purity = float(purity)
         self.confidence = float(confidence)
+        self.threshold = float(threshold)
+        self.min_area = min_area
 
         if model is None:
             model = understanding.load_model(path, device or "cpu")
@@ -225,8 +234,9 @@ class ShapesSource(RewardSource):
                                   for k, c in enumerate(cfg.colors)}
 
     def reward_config(self, **overrides: Any) -> RewardConfig:
-        """Absolute 0.5 threshold, components of at least 8 pixels (of 64x64), colors bound to the entity."""
-        settings = dict(threshold=0.5, threshold_mode="absolute", min_area=8, bind_color=True, bind_min_coverage=0.5)
+        """Absolute ``threshold``, components of at least ``min_area`` pixels (of 64x64), colors bound to the entity."""
+        settings = dict(threshold=self.threshold, threshold_mode="absolute", min_area=self.min_area, bind_color=True,
+                        bind_min_coverage=0.5)
         settings.update(overrides)
         return RewardConfig(**settings)
 
@@ -245,13 +255,14 @@ class ShapesSource(RewardSource):
             color_probs (Tensor[B, 1 + C, H, W]): the color head's distributions.
 
         Returns:
-            The maps with every component (8-connected, > 0.5) whose main
+            The maps with every component (8-connected, > ``threshold``) whose main
             color covers less than ``purity`` of its colored pixels zeroed.
         """
         from xlard import ops
 
         b, e, h, w = maps.shape
-        labels, _ = ops.label_components(maps.float(), threshold=0.5, mode="absolute", min_area=1, connectivity=8)
+        labels, _ = ops.label_components(maps.float(), threshold=self.threshold, mode="absolute", min_area=1,
+                                             connectivity=8)
         labels = labels.long()
         n_labels = int(labels.max()) + 1
         n_colors = color_probs.shape[1] - 1
@@ -439,7 +450,8 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         >>> get_source("attention").name
         'attention'
     """
-    allowed = {"attention": {"color_encoder"}, "shapes": {"path", "model", "device", "purity", "confidence"},
+    allowed = {"attention": {"color_encoder"},
+               "shapes": {"path", "model", "device", "purity", "confidence", "threshold", "min_area"},
                "clip": {"model", "tokenizer", "device", "dtype", "noun_template", "color_template", "background"}}
     if name not in allowed:
         raise ValueError(f"get_source: unknown source {name!r}; expected one of {SOURCES}")
@@ -451,7 +463,7 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         return AttentionSource(options.get("color_encoder"), backbone=backbone)
     if name == "shapes":
         return ShapesSource(options.get("model"), path=options.get("path"), device=device,
-                            **{k: options[k] for k in ("purity", "confidence") if k in options})
+                            **{k: options[k] for k in ("purity", "confidence", "threshold", "min_area") if k in options})
     model = options.pop("model", None)
     if model is None:
         raise ValueError("get_source('clip'): pass model= (a CLIP checkpoint id such as "
