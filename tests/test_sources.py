@@ -418,3 +418,27 @@ def test_shapes_source_threshold_and_min_area_reach_the_filter_and_the_rewards()
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
             ShapesSource(OracleUnderstanding([SCENE]), **bad)
     assert get_source("shapes", model=OracleUnderstanding([SCENE]), threshold=0.6, min_area=12).min_area == 12
+
+
+def test_shapes_source_drops_objects_whose_pixels_are_two_palette_colors():
+    from xlard.shapes.world import PALETTE
+
+    maps = torch.zeros(1, 1, 16, 16)
+    maps[0, 0, 1:5, 1:5] = 0.9      # painted red: kept
+    maps[0, 0, 1:5, 9:13] = 0.9     # half its pixels blue, half red: dropped at 0.7
+    color = torch.zeros(1, 11, 16, 16)
+    color[0, 0] = 1.0
+    color[0, 0, 1:5, 1:13], color[0, 1, 1:5, 1:13] = 0.0, 1.0     # the color head calls both red
+    images = torch.full((1, 3, 16, 16), 0.5)
+    images[0, :, 1:5, 1:13] = torch.tensor(PALETTE["red"])[:, None, None] / 255.0
+    images[0, :, 1:5, 11:13] = torch.tensor(PALETTE["blue"])[:, None, None] / 255.0 + 0.05
+    strict = ShapesSource(OracleUnderstanding([SCENE]), purity=0.6, confidence=0.7, paint_purity=0.7)
+    out = strict.drop_mixed_objects(maps, color, images)
+    assert out[0, 0, 1:5, 1:5].eq(0.9).all() and out[0, 0, 1:5, 9:13].eq(0).all()
+    torch.testing.assert_close(strict.drop_mixed_objects(maps, color), maps)        # no images: no paint check
+    off = ShapesSource(OracleUnderstanding([SCENE]), purity=0.6, confidence=0.7, paint_purity=0.0)
+    torch.testing.assert_close(off.drop_mixed_objects(maps, color, images), maps)
+    lenient = ShapesSource(OracleUnderstanding([SCENE]), purity=0.6, confidence=0.7, paint_purity=0.5)
+    torch.testing.assert_close(lenient.drop_mixed_objects(maps, color, images), maps)  # half red >= 0.5
+    with pytest.raises(ValueError, match="paint_purity must be a number in"):
+        get_source("shapes", model=OracleUnderstanding([SCENE]), paint_purity=1.2)
