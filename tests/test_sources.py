@@ -397,3 +397,48 @@ def test_shapes_source_drops_two_tone_and_unclear_objects():
         ShapesSource(OracleUnderstanding([SCENE]), purity=2)
     with pytest.raises(ValueError, match="confidence must be a number in"):
         get_source("shapes", model=OracleUnderstanding([SCENE]), confidence=-1)
+
+
+def test_shapes_source_threshold_and_min_area_reach_the_filter_and_the_rewards():
+    source = ShapesSource(OracleUnderstanding([SCENE]), purity=0.0, confidence=0.7, threshold=0.6, min_area=12)
+    cfg = source.reward_config()
+    assert (cfg.threshold, cfg.min_area, cfg.threshold_mode) == (0.6, 12, "absolute")
+    assert source.reward_config(min_area=3).min_area == 3
+    maps = torch.zeros(1, 1, 16, 16)
+    maps[0, 0, 1:5, 1:5] = 0.9
+    maps[0, 0, 1:5, 5:9] = 0.55     # below the 0.6 cut: not part of the object, so its mean stays 0.9
+    color = torch.zeros(1, 11, 16, 16)
+    color[0, 0] = 1.0
+    out = source.drop_mixed_objects(maps, color)
+    torch.testing.assert_close(out, maps)
+    # At the default 0.5 cut the two halves are one object of mean 0.725 (kept at 0.7, dropped at 0.75).
+    assert ShapesSource(OracleUnderstanding([SCENE]), purity=0.0, confidence=0.75).drop_mixed_objects(
+        maps, color).eq(0).all()
+    for bad in (dict(threshold=1.5), dict(min_area=0), dict(min_area=2.5)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
+            ShapesSource(OracleUnderstanding([SCENE]), **bad)
+    assert get_source("shapes", model=OracleUnderstanding([SCENE]), threshold=0.6, min_area=12).min_area == 12
+
+
+def test_shapes_source_drops_objects_whose_pixels_are_two_palette_colors():
+    from xlard.shapes.world import PALETTE
+
+    maps = torch.zeros(1, 1, 16, 16)
+    maps[0, 0, 1:5, 1:5] = 0.9      # painted red: kept
+    maps[0, 0, 1:5, 9:13] = 0.9     # half its pixels blue, half red: dropped at 0.7
+    color = torch.zeros(1, 11, 16, 16)
+    color[0, 0] = 1.0
+    color[0, 0, 1:5, 1:13], color[0, 1, 1:5, 1:13] = 0.0, 1.0     # the color head calls both red
+    images = torch.full((1, 3, 16, 16), 0.5)
+    images[0, :, 1:5, 1:13] = torch.tensor(PALETTE["red"])[:, None, None] / 255.0
+    images[0, :, 1:5, 11:13] = torch.tensor(PALETTE["blue"])[:, None, None] / 255.0 + 0.05
+    strict = ShapesSource(OracleUnderstanding([SCENE]), purity=0.6, confidence=0.7, paint_purity=0.7)
+    out = strict.drop_mixed_objects(maps, color, images)
+    assert out[0, 0, 1:5, 1:5].eq(0.9).all() and out[0, 0, 1:5, 9:13].eq(0).all()
+    torch.testing.assert_close(strict.drop_mixed_objects(maps, color), maps)        # no images: no paint check
+    off = ShapesSource(OracleUnderstanding([SCENE]), purity=0.6, confidence=0.7, paint_purity=0.0)
+    torch.testing.assert_close(off.drop_mixed_objects(maps, color, images), maps)
+    lenient = ShapesSource(OracleUnderstanding([SCENE]), purity=0.6, confidence=0.7, paint_purity=0.5)
+    torch.testing.assert_close(lenient.drop_mixed_objects(maps, color, images), maps)  # half red >= 0.5
+    with pytest.raises(ValueError, match="paint_purity must be a number in"):
+        get_source("shapes", model=OracleUnderstanding([SCENE]), paint_purity=1.2)

@@ -165,6 +165,11 @@ class AttentionSource(RewardSource):
         return inputs
 
 
+THRESHOLD = 0.5
+MIN_AREA = 8
+PAINT_PURITY = 0.7
+
+
 class ShapesSource(RewardSource):
     """The shapes world's dense understanding model as the rewards' eyes.
 
@@ -182,7 +187,12 @@ class ShapesSource(RewardSource):
     ``purity`` of its pixels: two-tone blobs, two objects fused into one) is
     not counted as an object of the world: its pixels are zeroed in the map.
     Nor is one whose mean probability is below ``confidence`` (a blob that is
-    not clearly that shape). Both cut-offs were set on training-split samples.
+    not clearly that shape). Nor is one whose image pixels are not mostly
+    painted in one color of the world's palette (the share of its pixels
+    nearest to its most frequent palette color below ``paint_purity``): the
+    color head is trained on one-colored objects and tends to call a two-tone
+    blob one color, the pixels do not. The cut-offs were set on
+    training-split samples.
 
     Args:
         model: a :class:`xlard.shapes.understanding.ShapesUnderstanding`
@@ -193,6 +203,13 @@ class ShapesSource(RewardSource):
             cover for it to count (0 disables the check).
         confidence: the mean shape probability a found object needs to count
             (0 disables the check).
+        paint_purity: the share of a found object's pixels that must be
+            nearest (in RGB) to one and the same palette color
+            (:data:`xlard.shapes.world.PALETTE`) for it to count (0 disables
+            the check).
+        threshold: the absolute cut of the maps (objects are the connected
+            components above it), for the checks and :meth:`reward_config`.
+        min_area: the smallest object (pixels of the 64x64 map) the rewards count.
 
     Raises:
         FileNotFoundError: no weights (the message names the training command).
@@ -203,14 +220,21 @@ class ShapesSource(RewardSource):
     needs_attention = False
 
     def __init__(self, model: Any = None, *, path: str | os.PathLike | None = None, device: Any = None,
-                 purity: float = 0.6, confidence: float = 0.7) -> None:
+                 purity: float = 0.6, confidence: float = 0.7, paint_purity: float = PAINT_PURITY,
+                 threshold: float = THRESHOLD, min_area: int = MIN_AREA) -> None:
         from xlard.shapes import understanding
 
-        for label, value in (("purity", purity), ("confidence", confidence)):
+        for label, value in (("purity", purity), ("confidence", confidence), ("paint_purity", paint_purity),
+                             ("threshold", threshold)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"ShapesSource: {label} must be a number in [0, 1], got {value!r}")
+        if isinstance(min_area, bool) or not isinstance(min_area, int) or min_area < 1:
+            raise ValueError(f"ShapesSource: min_area must be an int >= 1, got {min_area!r}")
         self.purity = float(purity)
         self.confidence = float(confidence)
+        self.paint_purity = float(paint_purity)
+        self.threshold = float(threshold)
+        self.min_area = min_area
 
         if model is None:
             model = understanding.load_model(path, device or "cpu")
@@ -223,10 +247,14 @@ class ShapesSource(RewardSource):
         self._noun_index = {noun: k for k, noun in enumerate(cfg.shapes)}
         self._color_embeddings = {c: F.one_hot(torch.tensor(k + 1), 1 + len(cfg.colors)).float()
                                   for k, c in enumerate(cfg.colors)}
+        from xlard.shapes.world import PALETTE
+
+        self._palette = torch.tensor([PALETTE[c] for c in cfg.colors], dtype=torch.float32) / 255.0
 
     def reward_config(self, **overrides: Any) -> RewardConfig:
-        """Absolute 0.5 threshold, components of at least 8 pixels (of 64x64), colors bound to the entity."""
-        settings = dict(threshold=0.5, threshold_mode="absolute", min_area=8, bind_color=True, bind_min_coverage=0.5)
+        """Absolute ``threshold``, components of at least ``min_area`` pixels (of 64x64), colors bound to the entity."""
+        settings = dict(threshold=self.threshold, threshold_mode="absolute", min_area=self.min_area, bind_color=True,
+                        bind_min_coverage=0.5)
         settings.update(overrides)
         return RewardConfig(**settings)
 
@@ -237,21 +265,25 @@ class ShapesSource(RewardSource):
                 return self._noun_index[form]
         return None
 
-    def drop_mixed_objects(self, maps: torch.Tensor, color_probs: torch.Tensor) -> torch.Tensor:
+    def drop_mixed_objects(self, maps: torch.Tensor, color_probs: torch.Tensor,
+                           images: torch.Tensor | None = None) -> torch.Tensor:
         """Zero the found objects whose pixels are not mostly one color (see the class docstring).
 
         Args:
             maps (Tensor[B, E, H, W]): entity maps (probabilities).
             color_probs (Tensor[B, 1 + C, H, W]): the color head's distributions.
+            images (Tensor[B, 3, H, W], optional): the images in [0, 1] at the
+                maps' size, for the ``paint_purity`` check (skipped without them).
 
         Returns:
-            The maps with every component (8-connected, > 0.5) whose main
+            The maps with every component (8-connected, > ``threshold``) whose main
             color covers less than ``purity`` of its colored pixels zeroed.
         """
         from xlard import ops
 
         b, e, h, w = maps.shape
-        labels, _ = ops.label_components(maps.float(), threshold=0.5, mode="absolute", min_area=1, connectivity=8)
+        labels, _ = ops.label_components(maps.float(), threshold=self.threshold, mode="absolute", min_area=1,
+                                             connectivity=8)
         labels = labels.long()
         n_labels = int(labels.max()) + 1
         n_colors = color_probs.shape[1] - 1
@@ -269,6 +301,15 @@ class ShapesSource(RewardSource):
             size = torch.zeros(b * e * n_labels, device=maps.device).scatter_add_(
                 0, flat, torch.ones_like(maps, dtype=torch.float32).flatten())
             pure = pure & (mass >= self.confidence * size.clamp(min=1))
+        if self.paint_purity > 0 and images is not None:  # pixels split between palette colors: not one object
+            palette = self._palette.to(images.device, images.dtype)
+            nearest = torch.cdist(images.flatten(2).transpose(1, 2), palette[None].expand(b, -1, -1)).argmin(-1)
+            nearest = nearest.view(b, 1, h, w).expand(b, e, h, w)
+            inside = labels > 0
+            key = (slot * len(palette) + nearest).masked_select(inside)
+            paint = torch.zeros(b * e * n_labels * len(palette), device=maps.device).scatter_add_(
+                0, key, torch.ones_like(key, dtype=torch.float32)).view(b * e * n_labels, len(palette))
+            pure = pure & (paint.max(-1).values >= self.paint_purity * paint.sum(-1))
         keep = pure[slot.flatten()].view(b, e, h, w) | (labels == 0)
         return torch.where(keep, maps, maps.new_zeros(()))
 
@@ -291,8 +332,11 @@ class ShapesSource(RewardSource):
         index, available = index.to(out.shape_probs.device), available.to(out.shape_probs.device)
         maps = out.shape_probs.gather(1, index[:, :, None, None].expand(b, e_max, h, w))
         maps = torch.where(available[:, :, None, None], maps, maps.new_zeros(()))
-        if self.purity > 0 or self.confidence > 0:
-            maps = self.drop_mixed_objects(maps, out.color_probs)
+        if self.purity > 0 or self.confidence > 0 or self.paint_purity > 0:
+            pixels = images.to(maps.device, torch.float32).clamp(0.0, 1.0)
+            if tuple(pixels.shape[-2:]) != (h, w):
+                pixels = F.interpolate(pixels, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+            maps = self.drop_mixed_objects(maps, out.color_probs, pixels)
         features = out.color_probs.flatten(2).transpose(1, 2)  # [B, H*W, 1 + C], row-major pixels
         colors = _batch_colors(specs)
         return {"specs": specs, "entity_maps": maps, "entity_available": available,
@@ -439,7 +483,8 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         >>> get_source("attention").name
         'attention'
     """
-    allowed = {"attention": {"color_encoder"}, "shapes": {"path", "model", "device", "purity", "confidence"},
+    allowed = {"attention": {"color_encoder"},
+               "shapes": {"path", "model", "device", "purity", "confidence", "paint_purity", "threshold", "min_area"},
                "clip": {"model", "tokenizer", "device", "dtype", "noun_template", "color_template", "background"}}
     if name not in allowed:
         raise ValueError(f"get_source: unknown source {name!r}; expected one of {SOURCES}")
@@ -451,7 +496,8 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         return AttentionSource(options.get("color_encoder"), backbone=backbone)
     if name == "shapes":
         return ShapesSource(options.get("model"), path=options.get("path"), device=device,
-                            **{k: options[k] for k in ("purity", "confidence") if k in options})
+                            **{k: options[k] for k in ("purity", "confidence", "paint_purity", "threshold", "min_area")
+                               if k in options})
     model = options.pop("model", None)
     if model is None:
         raise ValueError("get_source('clip'): pass model= (a CLIP checkpoint id such as "
