@@ -89,3 +89,31 @@ def nan_inf_sprinkle(x: torch.Tensor, seed: int = 0, frac: float = 0.05) -> torc
     y[(r >= frac / 3) & (r < 2 * frac / 3)] = math.inf
     y[(r >= 2 * frac / 3) & (r < frac)] = -math.inf
     return y
+
+
+def word_level_tokenizer(words):
+    """A tiny word-level fast tokenizer (``<s> text </s>``, ids 0-3 special) over ``words``, for tiny text encoders."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=16)
+
+
+def tiny_clip_model(vocab_size: int):
+    """A randomly initialised CLIPModel small enough for unit tests (32x32 images, 8x8 patches)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16)
+    return transformers.CLIPModel(config).eval()

@@ -294,29 +294,17 @@ _WORDS = "a photo of the background object circle circles square dog cat red blu
 @pytest.fixture(scope="module")
 def word_tokenizer():
     pytest.importorskip("tokenizers")
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from helpers import word_level_tokenizer
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", ".", *_WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", model_max_length=16)
+    return word_level_tokenizer([".", *_WORDS])
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(word_tokenizer):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(word_tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4),
-        projection_dim=16)
-    return transformers.CLIPModel(config).eval()
+    pytest.importorskip("transformers")
+    from helpers import tiny_clip_model
+
+    return tiny_clip_model(len(word_tokenizer))
 
 
 def _hand_text(model, tokenizer, text):
