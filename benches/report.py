@@ -50,7 +50,9 @@ def run_benchmarks(json_path: str, quick: bool) -> None:
 def summarise(data: dict) -> tuple[list[dict], list[str]]:
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for bench in data["benchmarks"]:
-        groups[bench["group"]][bench["extra_info"]["provider"]] = bench
+        provider = bench["extra_info"].get("provider")
+        if provider is not None:  # benches judged by a ratio of their own (below) may name no provider
+            groups[bench["group"]][provider] = bench
     rows = []
     for group in sorted(groups):
         runs = groups[group]
@@ -104,6 +106,16 @@ def summarise(data: dict) -> tuple[list[dict], list[str]]:
             verdicts.append(f"{mark}  {bench['group']}: {info['provider']} corrector adds {ratio:.1%} to sampling "
                             f"({info['correct_ms']:.1f} vs {info['sample_ms']:.0f} ms; target <= "
                             f"{info['overhead_max']:.0%} for the shipped corrector)")
+    for bench in data["benchmarks"]:  # rewards (source + three rewards + explanations) vs generating the batch
+        info = bench["extra_info"]
+        if "ratio_to_generate" in info:
+            ok = info["ratio_to_generate"] <= info["target"]
+            verdicts.append(f"{'met ' if ok else 'MISS'}  {bench['group']}: rewards take {info['ratio_to_generate']:.3f}"
+                            f" of generation (target <= {info['target']})")
+        if "overhead_fraction" in info:  # the trainer's own phases as a share of a training step
+            ok = info["overhead_fraction"] <= info["target"]
+            verdicts.append(f"{'met ' if ok else 'MISS'}  {bench['group'] or bench['name']}: trainer overhead "
+                            f"{info['overhead_fraction']:.1%} of a step (target <= {info['target']:.0%})")
     group, need = GPIXELS_TARGET
     row = by_key.get((group, "xlard"))
     if row is not None:

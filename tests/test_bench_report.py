@@ -1,0 +1,35 @@
+"""benches/report.py (the README's first quickstart command) summarises every kind of benchmark row."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benches.report import summarise, to_markdown  # noqa: E402
+
+
+def _bench(group, median, **info):
+    return {"group": group, "name": f"test_{group}", "stats": {"median": median}, "extra_info": info}
+
+
+def test_summarise_reads_every_row_kind():
+    data = {"benchmarks": [
+        _bench("count_components float32 8x77x64x64", 0.001, provider="xlard", pixels=2_523_136),
+        _bench("count_components float32 8x77x64x64", 0.020, provider="opencv_loop"),
+        _bench("shapes rewards vs generation, batch 64", 4.0, provider="generate"),
+        _bench("shapes rewards vs generation, batch 64", 0.1, provider="rewards", ratio_to_generate=0.025,
+               target=0.2),
+        _bench(None, 6.7, overhead_fraction=0.31, target=0.25),  # no provider, no group
+    ]}
+    rows, verdicts = summarise(data)
+    groups = {(r["group"], r["provider"]) for r in rows}
+    assert ("count_components float32 8x77x64x64", "opencv_loop") in groups
+    speedup = [r for r in rows if r["provider"] == "opencv_loop"][0]["speedup_of_xlard"]
+    assert abs(speedup - 20.0) < 1e-9
+    assert any(v.startswith("met ") and "rewards take 0.025 of generation" in v for v in verdicts)
+    assert any(v.startswith("MISS  test_None: trainer overhead 31.0%") for v in verdicts)
+    assert any("2.52 G pixels/s" in v and v.startswith("met ") for v in verdicts)
+    text = to_markdown(rows, verdicts, {"processor": "x", "cpu_count": 2})
+    assert "| count_components float32 8x77x64x64 | opencv_loop |" in text
