@@ -346,3 +346,30 @@ def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _fsync_folder(target.parent)
+
+
+def read_json(path: str | os.PathLike[str], *, owner: str = "xlard", max_bytes: int = 1 << 20,
+              what: str = "a file xlard wrote") -> Any:
+    """A small JSON file's content; a file that is too large, not JSON or nested too deeply is one ValueError.
+
+    Args:
+        path: the file to read.
+        owner: who is reading, for error messages.
+        max_bytes: larger files are refused before they are read.
+        what: what the file should be, for error messages.
+
+    Raises:
+        ValueError: as above, naming the file.
+        FileNotFoundError: the file does not exist.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{owner}: {path} is {size} bytes; {what} is under {max_bytes} bytes")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{owner}: {path} is not valid JSON ({e})") from None
+    except RecursionError:  # deeply nested arrays/objects exhaust the parser's stack
+        raise ValueError(f"{owner}: {path} is nested too deeply to be {what}") from None
+

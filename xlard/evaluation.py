@@ -264,10 +264,7 @@ def load_corrector_dir(path: str | os.PathLike, *, device=None):
     if not meta_path.is_file():
         raise FileNotFoundError(f"corrector folder {path} has no {CORRECTOR_META_NAME} (a corrector folder holds "
                                 f"{expected})")
-    try:
-        data = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e})") from None
+    data = _io.read_json(meta_path, owner="load_corrector_dir", what="a corrector folder's metadata")
     meta = CorrectorMeta.from_dict(data, source=str(meta_path))
     corrector = ResidualCorrector.from_pretrained(path, device=device)
     return corrector, meta

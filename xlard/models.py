@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 import os
@@ -614,17 +613,8 @@ def _short(value) -> str:
 
 def _read_config_file(owner: str, config_path: Path) -> dict:
     """``config.json`` as a dict with a ``config`` entry; hostile files give one ValueError."""
-    size = config_path.stat().st_size
-    if size > _MAX_CONFIG_BYTES:
-        raise ValueError(f"{owner}: {config_path} is {size} bytes; a config written by save_pretrained is under "
-                         f"{_MAX_CONFIG_BYTES} bytes")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{owner}: {config_path} is not valid JSON ({e})") from None
-    except RecursionError:  # deeply nested arrays/objects exhaust the parser's stack
-        raise ValueError(f"{owner}: {config_path} is nested too deeply to be a config written by "
-                         "save_pretrained") from None
+    meta = _io.read_json(config_path, owner=owner, max_bytes=_MAX_CONFIG_BYTES,
+                         what="a config written by save_pretrained")
     if not isinstance(meta, dict) or "config" not in meta:
         raise ValueError(f"{owner}: {config_path} has no 'config' entry; not written by save_pretrained")
     return meta
