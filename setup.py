@@ -102,7 +102,10 @@ setup(
     # So does the shapes world's understanding model (the default reward source there).
     package_data={"xlard": ["data/shapes_backbone/*.json", "data/shapes_backbone/*.md", "data/shapes_backbone/*/*",
                             "data/shapes_understanding/*.json", "data/shapes_understanding/*.safetensors",
-                            "data/shapes_understanding/*.md"]},
+                            "data/shapes_understanding/*.md",
+                            # The corrector shipped for the shapes backbone (scripts/train_shapes_corrector.py).
+                            "data/shapes_corrector/*.json", "data/shapes_corrector/*.safetensors",
+                            "data/shapes_corrector/*.md"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

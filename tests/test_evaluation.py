@@ -357,3 +357,24 @@ def test_cli_eval_and_generate_with_a_corrector(tmp_path, records, capsys):
         assert cli.main(["generate", "a photo of a red circle", "--backbone", "shapes", "--correct",
                          "--out", str(tmp_path / "g2")]) == 2
         assert "shipped shapes corrector is not installed" in capsys.readouterr().err
+
+
+@needs_shapes
+def test_the_shipped_shapes_corrector_is_installed_fits_and_corrects(tmp_path, capsys):
+    """The corrector in package data: within the 20 MB budget, fits the shapes backbone, used by --correct."""
+    folder = ev.shipped_corrector_path("shapes")
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    assert size <= 20 * 1024 * 1024
+    corrector, meta = ev.load_corrector_dir(folder)
+    assert meta.backbone == "shapes"
+    assert meta.training["reward_source"] == "shapes"  # trained on the understanding model, not the evaluator
+    assert (folder / "README.md").is_file()
+    backbone = ev.load_backbone_for(meta, corrector=corrector)  # runs check_corrector_fits
+    state = backbone.encode(["a photo of three red circles"], seed=[0])
+    with torch.no_grad():
+        delta = corrector(state.z0, **state.prompt_embedding.as_corrector_inputs())
+    assert torch.isfinite(delta).all() and float(delta.abs().max()) > 0  # a trained corrector acts
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "a photo of three red circles", "--backbone", "shapes", "--correct",
+                     "--out", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000_seed0.png", "0000_seed0_base.png", "0000_seed0_lam.png"]

@@ -45,6 +45,12 @@ def test_json_and_yaml_give_the_same_config(tmp_path):
     ({"backbone": {"correction_step": 1.5}}, r"backbone.correction_step"),
     ({"log": {"tensorboard": "yes"}}, r"log.tensorboard must be one of"),
     ({"ppo": 3}, r"ppo must be a mapping"),
+    ({"data": {"balance": "class"}}, r"data.balance must be one of"),
+    ({"data": {"items_per_tag": 0}}, r"data.items_per_tag must be an integer"),
+    ({"export": {"alpha_grid": []}}, r"export.alpha_grid must be a non-empty list"),
+    ({"export": {"alpha_grid": [1, -2]}}, r"export.alpha_grid entry must be a finite number"),
+    ({"export": {"alpha_grid": "1,2"}}, r"export.alpha_grid must be a non-empty list"),
+    ({"export": {"calibration_size": 0}}, r"export.calibration_size must be an integer"),
 ])
 def test_bad_configs_fail_loudly(data, match):
     with pytest.raises(ValueError, match=match):
@@ -105,3 +111,42 @@ def test_reward_source_auto_and_backbone_options():
     assert source_backbone_options(RewardSettings(source="attention"), "shapes") == {}
     with pytest.raises(ValueError, match="true or false"):
         RewardSettings(bind_color="yes")
+
+
+def test_shipped_corrector_config_and_the_demo_share_one_recipe():
+    """The demo trains the shipped corrector's recipe, only shorter (and without the monitor)."""
+    from xlard.demo import DEMO_TRAINING
+
+    shipped = load_config(REPO / "configs" / "shapes_shipped.yaml").to_dict()
+    demo = config_from_dict(DEMO_TRAINING).to_dict()
+    for cfg in (shipped, demo):
+        for key in ("steps", "out", "log"):
+            cfg.pop(key)
+        cfg["data"].pop("monitor_size")
+        cfg["export"].pop("calibration_size")
+    assert shipped == demo
+    assert shipped["data"]["balance"] == "tag" and shipped["data"]["prompts"] == "shapes:train"
+
+
+def test_balanced_pairs_give_every_tag_the_same_items():
+    from collections import Counter
+
+    from xlard.train.data import PromptData, balanced_pairs
+
+    records = [{"tag": "big", "i": i} for i in range(50)] + [{"tag": "small", "i": i} for i in range(3)]
+    pairs = balanced_pairs(records, 8, seed=0)
+    tags = Counter(records[r]["tag"] for r, _ in pairs)
+    assert tags == {"big": 8, "small": 8}
+    assert len(set(pairs)) == len(pairs)
+    # The small tag repeats its 3 prompts under seeds 0..2; the big one takes 8 distinct prompts at seed 0.
+    assert {s for r, s in pairs if records[r]["tag"] == "small"} == {0, 1, 2}
+    assert all(s == 0 for r, s in pairs if records[r]["tag"] == "big")
+    assert balanced_pairs(records, 8, seed=0) == pairs and balanced_pairs(records, 8, seed=1) != pairs
+    data = PromptData(records, 4, 4, seed=0, balance="tag", items_per_tag=8)
+    assert data.num_batches == 4
+    seen = Counter(it.record["tag"] for b in range(4) for it in data.batch(b)[1])
+    assert seen == {"big": 8, "small": 8}
+    with pytest.raises(ValueError, match="balance"):
+        PromptData(records, 4, 4, seed=0, balance="class")
+    with pytest.raises(ValueError, match="fewer than ppo.prompts_per_step"):
+        PromptData(records, 4, 40, seed=0, balance="tag", items_per_tag=8)

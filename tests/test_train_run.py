@@ -250,3 +250,40 @@ def test_torchrun_two_processes_match_one(tmp_path):
     for ra, rb in zip(ma, mb):
         for key in ("reward/joint_policy", "reward/joint_image"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), key
+
+
+@needs_shapes
+def test_balanced_run_and_step_size_calibration(tmp_path, shapes, monkeypatch):
+    """``data.balance: tag`` feeds every tag; ``export.alpha_grid`` picks the multiplier the training reward prefers."""
+    from xlard.evaluation import load_corrector_dir
+    from xlard.train import trainer as T
+
+    seen = []
+    real_encode = T.encode_items
+
+    def spy(backbone, items):
+        seen.extend(items)
+        return real_encode(backbone, items)
+
+    monkeypatch.setattr(T, "encode_items", spy)
+    cfg = tiny_config(tmp_path / "run", reward_model="image", confidence="uniform",
+                      data={"balance": "tag", "items_per_tag": 2, "max_prompts": None, "monitor_size": 6},
+                      ppo={"prompts_per_step": 6}, projector={"warmup_batches": 0},
+                      export={"alpha_grid": [1, 3], "calibration_size": 6}, steps=2)
+    summary = T.train(cfg, backbone=shapes)
+    from collections import Counter
+
+    train_items = [it for it in seen if it.seed < T.MONITOR_SEED_BASE]
+    monitor = [it for it in seen if T.MONITOR_SEED_BASE <= it.seed < T.CALIBRATION_SEED_BASE]
+    calibration = [it for it in seen if it.seed >= T.CALIBRATION_SEED_BASE]
+    assert len(train_items) == 12 and len(monitor) == 6
+    tags = Counter(it.record["tag"] for it in train_items)
+    assert len(tags) == 6 and set(tags.values()) == {2}
+    assert len({it.record["tag"] for it in monitor}) == 6
+    assert len(calibration) == 6 and all(it.seed >= T.CALIBRATION_SEED_BASE for it in calibration)
+    assert len({it.record["tag"] for it in calibration}) == 6
+    _, meta = load_corrector_dir(summary["corrector"])
+    scores = meta.training["alpha_calibration"]
+    assert set(scores) == {"0", "1", "3"}  # 0: the uncorrected images, for reference, never chosen
+    best = max(("1", "3"), key=lambda k: (scores[k], -float(k)))
+    assert meta.alpha == pytest.approx(float(best) * meta.training["training_alpha"])

@@ -10,6 +10,7 @@
     xlard eval --prompts FILE --corrector DIR --seeds 0,1   base vs corrected, paired, with intervals
     xlard generate --backbone shapes --correct "..."        with the shipped corrector (+ base, LAM)
     xlard train configs/shapes.yaml --out DIR    train a corrector (--resume continues a run)
+    xlard demo --out DIR                         train, evaluate on held-out prompts, HTML report
 
 ``--backbone`` takes ``shapes`` (the embedded shapes-world model shipped in
 ``xlard/data/shapes_backbone``), a local diffusers pipeline folder, or a hub
@@ -50,6 +51,8 @@ MAX_IMAGES = 1_000_000
 MAX_BATCH = 4096
 MAX_STEPS = 10_000
 MAX_SEED = 2**31 - 1
+#: Training steps of `xlard demo` (fits its 15-minute budget on 2 CPU cores; see docs/demo.md).
+DEMO_STEPS = 120
 
 MANIFEST_NAME = "xlard-run.json"
 """Written into every output folder: which command and settings made it, and whether it finished."""
@@ -713,7 +716,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set steps=50 --set ppo.epochs=2")
     p.set_defaults(func=lambda a: __import__("xlard.train", fromlist=["main"]).main(
         a.config, resume=a.resume, out=a.out, overrides=a.set))
+
+    p = sub.add_parser("demo", help="train a corrector on the shapes backbone, evaluate it paired on held-out "
+                                    "prompts, write an HTML report (CPU, offline; docs/demo.md)")
+    p.add_argument("--out", default="xlard-demo", help="the demo folder (train/, eval/, report.html, demo.json)")
+    p.add_argument("--steps", type=_int_in(1, 100_000), default=DEMO_STEPS, help="training steps")
+    p.add_argument("--per-tag", type=_int_in(1, MAX_RECORDS // 6), default=16,
+                   help="held-out records per GenEval tag (six tags)")
+    p.add_argument("--seeds", default="0", help="evaluation seeds, e.g. 0,1")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a training-config field, e.g. --set ppo.group_size=4 (docs/training.md)")
+    p.add_argument("--quiet", action="store_true")
+    _output_folder_options(p)
+    p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _cmd_demo(args) -> int:
+    from xlard import demo
+    from xlard.evaluation import parse_seeds
+
+    args.seeds = parse_seeds(args.seeds)
+    return demo.main(args)
 
 
 # Errors a user can fix (exit 2); any other OSError is the system's (a full disk: exit 1).
@@ -738,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if os.environ.get("XLARD_TRACEBACK") == "1":
             raise
-        writes_folder = args is not None and (args.command == "render" or getattr(args, "backbone", None))
+        writes_folder = args is not None and (args.command in ("render", "demo") or getattr(args, "backbone", None))
         hint = " (rerun with --resume to continue)" if writes_folder else ""
         print(f"{prog}: interrupted; every file written is complete{hint}", file=sys.stderr)
         return 130

@@ -128,7 +128,12 @@ class DataSettings:
         max_prompts: keep only the first N prompts (None: all).
         monitor_prompts: GenEval JSONL for the reward-hacking monitor; None =
             the training prompts with seeds the training never uses.
-        monitor_size: items in the fixed monitor batch.
+        monitor_size: items in the fixed monitor batch (with ``balance: tag``
+            drawn round-robin over the tags).
+        balance: ``none`` (every prompt x ``seeds_per_prompt`` seeds) or ``tag``
+            (every GenEval tag gives ``items_per_tag`` items, seeds per prompt as
+            needed; see :func:`xlard.train.data.balanced_pairs`).
+        items_per_tag: items per tag with ``balance: tag``.
         encode_cache: encoded batches kept in memory (LRU); 0 = all.
     """
 
@@ -137,6 +142,8 @@ class DataSettings:
     max_prompts: int | None = None
     monitor_prompts: str | None = None
     monitor_size: int = 24
+    balance: str = "none"
+    items_per_tag: int = 256
     encode_cache: int = 0
 
     def __post_init__(self):
@@ -149,6 +156,8 @@ class DataSettings:
         _int(o, "max_prompts", self.max_prompts, 1, optional=True)
         _str(o, "monitor_prompts", self.monitor_prompts, optional=True)
         _int(o, "monitor_size", self.monitor_size, 0)
+        _choice(o, "balance", self.balance, ("none", "tag"))
+        _int(o, "items_per_tag", self.items_per_tag, 1)
         _int(o, "encode_cache", self.encode_cache, 0)
 
 
@@ -374,6 +383,37 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class ExportSettings:
+    """How the trained corrector is exported.
+
+    Attributes:
+        alpha_grid: inference step-size multipliers to try; the exported
+            corrector folder's ``alpha`` is ``corrector.alpha x`` the multiplier
+            whose corrected images get the highest mean joint *training* reward
+            on ``calibration_size`` fresh items of the *training* prompts (seeds
+            the training never draws). ``[1.0]`` (default) skips the calibration.
+            PPO moves the policy mean in small steps while its noise explores at
+            a larger scale; the calibration picks how far along the learned
+            direction to go at inference, without the held-out split or the
+            exact evaluator.
+        calibration_size: items of the calibration batch (tags balanced when
+            ``data.balance`` is ``tag``).
+    """
+
+    alpha_grid: tuple = (1.0,)
+    calibration_size: int = 48
+
+    def __post_init__(self):
+        o = "export"
+        grid = self.alpha_grid
+        if not isinstance(grid, tuple) or not grid:
+            _fail(o, "alpha_grid", "a non-empty list of positive numbers", grid)
+        for value in grid:
+            _real(o, "alpha_grid entry", value, 0.0, low_open=True)
+        _int(o, "calibration_size", self.calibration_size, 1)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run.
 
@@ -419,6 +459,7 @@ class TrainConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
     projector: ProjectorSettings = field(default_factory=ProjectorSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
 
     def __post_init__(self):
         o = "train"

@@ -1,6 +1,11 @@
 """Training data: (prompt, seed) items in fixed batches, their order, and the encode cache.
 
-An *item* is one GenEval record with one initial-noise seed. The items are
+An *item* is one GenEval record with one initial-noise seed. With
+``balance="tag"`` every GenEval tag contributes the same number of items
+(``items_per_tag``: a tag with few prompts gets more seeds per prompt, one
+with many prompts a random subset), because a split dominated by one tag (the
+shapes world's training split is 89% ``color_attr``) would otherwise starve the
+others of updates. The items are
 shuffled once (with the run's seed) and cut into fixed batches of
 ``prompts_per_step`` items; every epoch visits the batches in a fresh order.
 Because a batch's contents never change, the backbone encodes it once (z0 and
@@ -18,10 +23,12 @@ import numpy as np
 
 from xlard.prompts import PromptSpec, from_geneval
 
-__all__ = ["Item", "PromptData", "load_records", "EncodeCache", "MONITOR_SEED_BASE"]
+__all__ = ["Item", "PromptData", "balanced_pairs", "load_records", "EncodeCache", "MONITOR_SEED_BASE", "CALIBRATION_SEED_BASE"]
 
 #: Seeds of the monitor batch start here; training seeds are 0 .. seeds_per_prompt - 1.
 MONITOR_SEED_BASE = 1_000_003
+#: Seeds of the export's step-size calibration batch start here.
+CALIBRATION_SEED_BASE = 2_000_003
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,32 @@ def load_records(source: str) -> tuple[list[dict], bool]:
     return records, is_shapes
 
 
+def balanced_pairs(records: Sequence[dict], items_per_tag: int, seed: int) -> list[tuple[int, int]]:
+    """``items_per_tag`` (record index, seed) pairs per GenEval tag, seeds as low as possible.
+
+    A tag with ``m`` records gets seeds ``0 .. ceil(items_per_tag / m) - 1`` of
+    each record, of which a random (seeded) ``items_per_tag`` are kept; pairs
+    are returned tag by tag in sorted tag order. Records without a tag count as
+    the tag ``""``.
+
+    Example:
+        >>> recs = [{"tag": "a"}, {"tag": "b"}, {"tag": "b"}, {"tag": "b"}]
+        >>> sorted(balanced_pairs(recs, 2, 0)[:2])
+        [(0, 0), (0, 1)]
+    """
+    by_tag: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_tag.setdefault(str(record.get("tag", "")), []).append(i)
+    pairs: list[tuple[int, int]] = []
+    for k, tag in enumerate(sorted(by_tag)):
+        idx = by_tag[tag]
+        seeds = -(-items_per_tag // len(idx))
+        cand = [(r, s) for s in range(seeds) for r in idx]
+        keep = np.random.default_rng([seed, 13, k]).permutation(len(cand))[:items_per_tag]
+        pairs.extend(cand[j] for j in sorted(keep.tolist()))
+    return pairs
+
+
 class PromptData:
     """Fixed batches of items and the order an epoch visits them.
 
@@ -77,17 +110,31 @@ class PromptData:
         seeds_per_prompt: seeds per record (seeds 0 .. n-1).
         items_per_step: items per batch (the global batch).
         seed: the run's seed.
+        balance: ``"none"`` (every record x ``seeds_per_prompt`` seeds) or
+            ``"tag"`` (:func:`balanced_pairs`; ``seeds_per_prompt`` unused).
+        items_per_tag: items per tag with ``balance="tag"``.
 
     Raises:
-        ValueError: fewer items than one batch.
+        ValueError: fewer items than one batch, an unknown balance.
     """
 
-    def __init__(self, records: Sequence[dict], seeds_per_prompt: int, items_per_step: int, seed: int):
+    def __init__(self, records: Sequence[dict], seeds_per_prompt: int, items_per_step: int, seed: int,
+                 balance: str = "none", items_per_tag: int = 0):
         self.records = list(records)
-        n = len(self.records) * seeds_per_prompt
+        if balance not in ("none", "tag"):
+            raise ValueError(f"data.balance must be 'none' or 'tag', got {balance!r}")
+        if balance == "tag":
+            if items_per_tag < 1:
+                raise ValueError(f"data.items_per_tag must be >= 1 with balance 'tag', got {items_per_tag!r}")
+            pairs = balanced_pairs(self.records, items_per_tag, seed)
+        else:
+            pairs = [(r, s) for r in range(len(self.records)) for s in range(seeds_per_prompt)]
+        n = len(pairs)
         if n < items_per_step:
-            raise ValueError(f"data: {len(self.records)} prompts x {seeds_per_prompt} seeds = {n} items, fewer than "
-                             f"ppo.prompts_per_step={items_per_step}")
+            what = (f"{len(self.records)} prompts x {seeds_per_prompt} seeds" if balance == "none"
+                    else f"{items_per_tag} items per tag")
+            raise ValueError(f"data: {what} = {n} items, fewer than ppo.prompts_per_step={items_per_step}")
+        self._pairs = pairs
         rng = np.random.default_rng([seed, 7])
         order = rng.permutation(n)
         self.num_batches = n // items_per_step
@@ -95,10 +142,9 @@ class PromptData:
         self.seed = seed
         # Items left over after the last full batch are not used (at most items_per_step - 1).
         self._batches = [order[b * items_per_step:(b + 1) * items_per_step] for b in range(self.num_batches)]
-        self._seeds = seeds_per_prompt
 
     def _item(self, flat: int) -> Item:
-        r, s = divmod(int(flat), self._seeds)
+        r, s = self._pairs[int(flat)]
         return Item(self.records[r], s, r)
 
     def position(self, step: int) -> tuple[int, int]:

@@ -43,7 +43,7 @@ from xlard.models import LatentRewardProjector, ResidualCorrector, aspect_weight
 from xlard.train import checkpoint as ckpt
 from xlard.train import ppo
 from xlard.train.config import TrainConfig, batch_arithmetic, describe
-from xlard.train.data import MONITOR_SEED_BASE, EncodeCache, Item, PromptData, load_records
+from xlard.train.data import CALIBRATION_SEED_BASE, MONITOR_SEED_BASE, EncodeCache, Item, PromptData, load_records
 from xlard.train.metrics import MetricsLog, draw_curves
 from xlard.train.projector import ProjectorBuffer, Slot, fit_projector
 from xlard.train.rewarding import build_reward_fn, source_backbone_options
@@ -189,8 +189,10 @@ class Trainer:
         records, self.is_shapes = load_records(cfg.data.prompts)
         if cfg.data.max_prompts:
             records = records[:cfg.data.max_prompts]
-        self.data = PromptData(records, cfg.data.seeds_per_prompt, cfg.ppo.prompts_per_step, cfg.seed)
+        self.data = PromptData(records, cfg.data.seeds_per_prompt, cfg.ppo.prompts_per_step, cfg.seed,
+                               balance=cfg.data.balance, items_per_tag=cfg.data.items_per_tag)
         self.cache = EncodeCache(cfg.data.encode_cache)
+        self.records = records
         self.monitor_items = self._monitor_items(records)
 
         # Models: sized from the backbone; the corrector is the policy and holds the value head.
@@ -264,10 +266,25 @@ class Trainer:
             records = geneval.read_jsonl(self.cfg.data.monitor_prompts)
         else:
             records = train_records
-        gen = derived_generator(self.cfg.seed, "monitor")
-        pick = torch.randperm(len(records), generator=gen)[:n].tolist()
         # Seeds the training never draws: the monitor sees new noise even for training prompts.
-        return [Item(records[i], MONITOR_SEED_BASE + k, i) for k, i in enumerate(pick)]
+        return self._fresh_items(records, n, "monitor", MONITOR_SEED_BASE,
+                                 balanced=not self.cfg.data.monitor_prompts)
+
+    def _fresh_items(self, records, n: int, purpose: str, seed_base: int, balanced: bool = True) -> list[Item]:
+        """``n`` items of ``records`` (a seeded random pick, round-robin over tags with ``data.balance: tag``)."""
+        gen = derived_generator(self.cfg.seed, purpose)
+        perm = torch.randperm(len(records), generator=gen).tolist()
+        if self.cfg.data.balance == "tag" and balanced:
+            # Round-robin over the tags (each tag's records in the random order), so the
+            # batch sees every tag as the balanced training does.
+            by_tag: dict[str, list[int]] = {}
+            for i in perm:
+                by_tag.setdefault(str(records[i].get("tag", "")), []).append(i)
+            queues = [by_tag[t] for t in sorted(by_tag)]
+            perm = [q[k % len(q)] for k in range(n) for q in queues][:max(n, 0)]
+        else:
+            perm = [perm[k % len(perm)] for k in range(n)]
+        return [Item(records[i], seed_base + k, i) for k, i in enumerate(perm[:n])]
 
     def _say(self, text: str) -> None:
         if self.is_main:
@@ -701,6 +718,37 @@ class Trainer:
         ckpt.set_rng_state(mine["rng"])
         self.step, self.warm = state["step"], state["warm"]
 
+    @torch.no_grad()
+    def calibrate_alpha(self, corrector) -> tuple[float, dict[str, float]]:
+        """The exported step size: ``corrector.alpha x`` the best multiplier of ``export.alpha_grid``.
+
+        The mean correction of ``corrector`` is applied with every multiplier to
+        a fixed batch of fresh training-split items (seeds the training never
+        draws), the images are decoded and scored with the run's *training*
+        reward; the multiplier with the highest mean joint reward wins (ties:
+        the smaller one). Returns (alpha, {multiplier: mean joint reward}).
+        """
+        grid = tuple(float(m) for m in self.cfg.export.alpha_grid)
+        alpha = float(corrector.config.alpha)
+        if grid == (1.0,):
+            return alpha, {}
+        items = self._fresh_items(self.records, self.cfg.export.calibration_size, "calibration", CALIBRATION_SEED_BASE)
+        timer = _Timer(self.cfg.trainer_threads)
+        state = encode_items(self.backbone, items)
+        inputs = prompt_inputs(state, self.device)
+        corrector.eval()
+        delta = corrector(inputs.z0, inputs.text_tokens, inputs.pooled, inputs.text_mask)
+        scores: dict[str, float] = {}
+        # Multiplier 0 (no correction) is scored for reference only; it is never chosen.
+        for m in (0.0,) + grid:
+            _, result = self._decode_and_score(state, inputs.z0 + alpha * m * delta, timer, group_size=1)
+            w = self._weights(inputs.pooled, result.present.to(self.device)).cpu()
+            scores[f"{m:g}"] = float(ppo.weighted_reward(torch.nan_to_num(result.scores.float().cpu()), w).mean())
+        best = max(grid, key=lambda m: (scores[f"{m:g}"], -m))
+        self._say("step-size calibration (mean joint training reward on fresh training-split items): "
+                  + ", ".join(f"x{k} {v:.4f}" for k, v in scores.items()) + f" -> x{best:g}")
+        return alpha * best, scores
+
     def export(self) -> dict:
         """Write the trained corrector (EMA when on) as a corrector folder and R_phi; returns their paths.
 
@@ -712,12 +760,15 @@ class Trainer:
 
         corrector = self.eval_corrector()
         bb = self.backbone
+        alpha, calibration = self.calibrate_alpha(corrector)
         meta = CorrectorMeta(
             backbone=self.cfg.backbone.name, correction_step=float(bb.correction_step),
-            alpha=float(corrector.config.alpha), num_inference_steps=int(bb.num_inference_steps),
+            alpha=alpha, num_inference_steps=int(bb.num_inference_steps),
             guidance_scale=float(bb.guidance_scale),
             training={"run": str(self.out), "step": int(self.step), "ema": self.ema is not None,
-                      "reward_source": getattr(self.reward_fn, "source_name", None)})
+                      "reward_source": getattr(self.reward_fn, "source_name", None),
+                      "training_alpha": float(corrector.config.alpha),
+                      **({"alpha_calibration": calibration} if calibration else {})})
         corrector_dir = save_corrector_dir(self.out / "corrector", corrector, meta)
         projector_dir = self.projector.save_pretrained(self.out / "projector")
         return {"corrector": str(corrector_dir), "projector": str(projector_dir)}

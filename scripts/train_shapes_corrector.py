@@ -1,0 +1,94 @@
+"""Train the corrector shipped for the shapes backbone and install it into package data.
+
+    python scripts/train_shapes_corrector.py                     # train into runs/shapes_shipped, then install
+    python scripts/train_shapes_corrector.py --resume            # continue an interrupted run, then install
+    python scripts/train_shapes_corrector.py --no-install        # train only
+
+The run is an ordinary ``xlard train configs/shapes_shipped.yaml`` run (checkpointed,
+resumable, seeded); its budget is at most 90 minutes on two CPU cores. Installing
+copies the run's ``corrector/`` folder to ``xlard/data/shapes_corrector/`` (the folder
+``xlard generate --backbone shapes --correct`` and ``xlard eval --correct`` read) and
+writes a model card (``README.md``) there with the run's settings and timings. The
+held-out split is never touched here: evaluate the installed corrector with
+
+    xlard eval --prompts heldout.jsonl --correct --seeds 0,1 --out runs/shipped_eval
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "shapes_shipped.yaml"
+TARGET = REPO / "xlard" / "data" / "shapes_corrector"
+MAX_BYTES = 20 * 1024 * 1024
+
+
+def install(run: Path, seconds: float | None) -> Path:
+    """Copy ``run/corrector`` into package data (atomically) with a model card; returns the target folder."""
+    from xlard import _io
+    from xlard.evaluation import load_corrector_dir
+
+    source = run / "corrector"
+    corrector, meta = load_corrector_dir(source)  # refuses a broken folder before anything is replaced
+    size = sum(p.stat().st_size for p in source.iterdir() if p.is_file())
+    if size > MAX_BYTES:
+        raise SystemExit(f"the corrector folder is {size / 2**20:.1f} MiB, above the 20 MiB package-data budget")
+    summary = json.loads((run / "summary.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_seconds = sum(r.get("time/step", 0.0) + r.get("time/last_checkpoint", 0.0) for r in rows)
+    params = sum(p.numel() for p in corrector.parameters())
+    card = "\n".join([
+        "# The shapes backbone's corrector",
+        "",
+        "Trained by `scripts/train_shapes_corrector.py` (`configs/shapes_shipped.yaml`) on the shapes world's",
+        "training split; rewards from the shapes understanding model (never the exact evaluator).",
+        "",
+        f"- steps: {summary['steps']}; parameters: {params:,}; folder size: {size / 2**20:.2f} MiB",
+        f"- correction_step {meta.correction_step}, alpha {meta.alpha}, {meta.num_inference_steps} denoising steps, "
+        f"guidance {meta.guidance_scale}",
+        f"- training time (sum of step times): {train_seconds / 60:.1f} min"
+        + (f"; wall time of this invocation {seconds / 60:.1f} min" if seconds is not None else ""),
+        f"- config: `{json.dumps(config, sort_keys=True)}`",
+        "",
+        "Held-out results: docs/evaluation.md.",
+        "",
+    ])
+    with _io.atomic_folder(TARGET, owner="train_shapes_corrector", existing="replace") as tmp:
+        for path in source.iterdir():
+            if path.is_file():
+                shutil.copyfile(path, tmp / path.name)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    return TARGET
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "runs" / "shapes_shipped"), help="the run folder")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--no-install", action="store_true", help="train only; leave package data alone")
+    parser.add_argument("--install-only", action="store_true", help="install the finished run in --out")
+    args = parser.parse_args(argv)
+
+    from xlard.train import load_config, train
+
+    run = Path(args.out)
+    seconds = None
+    if not args.install_only:
+        cfg = load_config(CONFIG, overrides={"out": str(run)})
+        t = time.perf_counter()
+        train(cfg, resume=args.resume)
+        seconds = time.perf_counter() - t
+    if not args.no_install:
+        target = install(run, seconds)
+        print(f"installed the corrector of {run} into {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""``xlard demo`` end to end at a tiny size: train, paired held-out evaluation, report, refusal and resume.
+
+The demo's defaults (steps, records) are sized for its 15-minute budget; here
+the same code path runs with 2 training steps and one record per tag, so what
+is checked is behaviour (files, table, report, folder rules), not learning.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from xlard import demo  # noqa: E402
+from xlard.cli import main as cli_main  # noqa: E402
+from xlard.shapes import backbone as shapes_backbone  # noqa: E402
+from xlard.shapes import prompts as P  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not shapes_backbone.is_available(), reason="shapes backbone weights not installed")
+
+
+# Smaller batches than the demo's own (the code path is the same).
+SMALL = ["--set", "ppo.prompts_per_step=2", "--set", "ppo.group_size=2", "--set", "export.calibration_size=6"]
+ARGS = ["--steps", "2", "--per-tag", "1", "--quiet"] + SMALL
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    rc = cli_main(["demo", "--out", str(out)] + ARGS)
+    assert rc == 0
+    return out
+
+
+def test_demo_writes_train_eval_report_and_summary(tiny_demo, capsys):
+    out = tiny_demo
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["complete"] is True
+    assert summary["settings"]["steps"] == 2 and summary["settings"]["per_tag"] == 1
+    assert summary["settings"]["overrides"] == {"ppo.prompts_per_step": 2, "ppo.group_size": 2,
+                                                "export.calibration_size": 6}
+    assert json.loads((out / "train" / "config.json").read_text())["ppo"]["group_size"] == 2
+    # The corrector came from the training split's run, in a corrector folder.
+    assert (out / "train" / "corrector" / "xlard_corrector.json").is_file()
+    assert json.loads((out / "train" / "summary.json").read_text())["steps"] == 2
+    # Evaluated on held-out records only: one per tag, paired.
+    heldout = {r["prompt"] for r in P.make_splits(P.PromptConfig(), seed=0)["heldout"]}
+    pairs = [json.loads(line) for line in (out / "eval" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == len(P.TAGS)
+    assert {p["tag"] for p in pairs} == set(P.TAGS)
+    assert all(p["prompt"] in heldout for p in pairs)
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    assert set(report["table"]) == set(P.TAGS) | {"overall"}
+    assert summary["overall"]["diff"] == pytest.approx(report["table"]["overall"]["diff"])
+    page = (out / "report.html").read_text()
+    assert "Held-out gains" in page and "Training" in page
+    assert page.count("<article") == len(P.TAGS)  # one card per pair (fewer pairs than REPORT_CARDS)
+    assert "data:image/png;base64," in page and "<script" not in page
+
+
+def test_demo_refuses_an_earlier_demo_without_a_flag(tiny_demo, capsys):
+    before = (tiny_demo / "demo.json").read_bytes()
+    rc = cli_main(["demo", "--out", str(tiny_demo)] + ARGS)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "--resume" in err and "--overwrite" in err
+    assert (tiny_demo / "demo.json").read_bytes() == before
+
+
+def test_demo_resume_with_other_settings_is_refused(tiny_demo, capsys):
+    rc = cli_main(["demo", "--out", str(tiny_demo), "--steps", "3", "--per-tag", "1", "--quiet", "--resume"] + SMALL)
+    assert rc == 2
+    assert "other settings" in capsys.readouterr().err
+    rc = cli_main(["demo", "--out", str(tiny_demo), "--resume"] + ARGS[:-2])  # other --set
+    assert rc == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_demo_resume_reuses_the_finished_run(tiny_demo, capsys):
+    weights = (tiny_demo / "train" / "corrector").glob("*.safetensors")
+    stamp = {p.name: p.stat().st_mtime_ns for p in weights}
+    rc = cli_main(["demo", "--out", str(tiny_demo), "--resume"] + ARGS)
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "reusing the finished run" in captured.err
+    assert "| **overall** |" in captured.out
+    assert {p.name: p.stat().st_mtime_ns for p in (tiny_demo / "train" / "corrector").glob("*.safetensors")} == stamp
+
+
+def test_demo_pick_cards_puts_fixed_pairs_first():
+    from xlard.evaluation import PairRow
+
+    def row(i, tag, base, corr):
+        return PairRow(index=i, seed=0, tag=tag, prompt=str(i), base_correct=base, corrected_correct=corr,
+                       base_reason="", corrected_reason="", lam_mass=0.0)
+
+    rows = [row(0, "a", True, True), row(1, "b", True, False), row(2, "a", False, True), row(3, "b", False, True)]
+    picked = demo._pick_cards(rows, 3)
+    assert [r.index for r in picked] == [2, 3, 1]
+
+
+def test_demo_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="per_tag"):
+        demo.demo_records(0)
+    with pytest.raises(ValueError, match="--steps"):
+        demo.run_demo(tmp_path / "x", steps=0)
+    with pytest.raises(ValueError, match="exclude"):
+        demo.run_demo(tmp_path / "x", overwrite=True, resume=True)
+    with pytest.raises(ValueError, match="--set steps"):
+        demo.run_demo(tmp_path / "x", overrides={"steps": 3})
+    with pytest.raises(ValueError, match="unknown key"):
+        demo.run_demo(tmp_path / "x", overrides={"ppo.group": 3})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        demo.run_demo(tmp_path / "file", steps=1)
+    assert not (tmp_path / "x").exists()
+
+
+def test_demo_overwrite_replaces_only_its_own_outputs(tiny_demo, capsys):
+    (tiny_demo / "mine.txt").write_text("keep me")
+    (tiny_demo / "eval" / "pairs.jsonl").write_text("")  # an earlier demo's (here: emptied) verdicts
+    rc = cli_main(["demo", "--out", str(tiny_demo), "--overwrite"] + ARGS)
+    assert rc == 0
+    assert "removed 4 outputs of the earlier demo" in capsys.readouterr().err
+    assert (tiny_demo / "mine.txt").read_text() == "keep me"
+    assert len((tiny_demo / "eval" / "pairs.jsonl").read_text().splitlines()) == len(P.TAGS)
+    assert json.loads((tiny_demo / "demo.json").read_text())["complete"] is True

@@ -1,0 +1,299 @@
+"""``xlard demo``: train a corrector on the shapes backbone, judge it on held-out prompts, show the result.
+
+The whole method on a CPU, offline, in one command:
+
+1. **train** a corrector on the shapes world's training split with the
+   trainer (:mod:`xlard.train`), rewards from the shapes understanding model
+   (never the exact evaluator), into ``OUT/train`` (checkpointed; ``--resume``
+   continues it);
+2. **evaluate** base vs corrected on held-out prompts, paired (same records,
+   same seeds), with the exact evaluator and bootstrap intervals, into
+   ``OUT/eval`` (:func:`xlard.evaluation.run_evaluation`; resumable pair by pair);
+3. **report**: the table on stdout and ``OUT/report.html``, a self-contained
+   page with the table, the training curves, and before/after images with
+   their Latent Activation Maps and each aspect's explanation.
+
+``OUT/demo.json`` records the settings, timings and where everything is.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from xlard import _io
+
+__all__ = ["DEMO_TRAINING", "demo_config", "demo_records", "run_demo", "DEMO_OUTPUTS"]
+
+#: The demo's training run (a :func:`xlard.train.config_from_dict` mapping); ``steps`` and ``out`` are set per run.
+DEMO_TRAINING: dict[str, Any] = {
+    "seed": 0,
+    "rl": "ppo",
+    "reward_model": "image",
+    "confidence": "uniform",
+    "anchor": "z0",
+    "anchor_beta": 0.1,
+    "backbone": {"name": "shapes", "correction_step": 0.6, "device": "cpu"},
+    "data": {"prompts": "shapes:train", "balance": "tag", "items_per_tag": 256, "monitor_size": 0},
+    "reward": {"source": "auto"},
+    "model": {"corrector": "tiny", "corrector_overrides": {"patch": 2, "log_std_init": -0.9},
+              "projector": "tiny", "projector_overrides": {"patch": 2}},
+    "ppo": {"prompts_per_step": 8, "group_size": 8, "epochs": 4, "minibatches": 2, "clip": 0.01,
+            "logprob_reduction": "mean", "advantage": "group", "whiten": True},
+    "optim": {"lr": 1.0e-3, "warmup_steps": 3, "schedule": "constant", "max_grad_norm": 1.0, "ema": 0.0},
+    "log": {"monitor_every": 0, "evaluate_every": 0, "checkpoint_every": 10},
+    "export": {"alpha_grid": [1, 2, 4, 8], "calibration_size": 96},
+}
+
+#: What the demo writes in its folder (``--overwrite`` deletes exactly these).
+DEMO_OUTPUTS = ("train", "eval", "report.html", "demo.json")
+
+#: Cards in the HTML report.
+REPORT_CARDS = 12
+
+
+def demo_config(out: Path, steps: int, progress: bool = True, overrides: Mapping[str, Any] | None = None):
+    """The demo's :class:`xlard.train.TrainConfig`, writing to ``out`` (``overrides``: dotted keys, as ``--set``)."""
+    from xlard.train import config_from_dict
+
+    return config_from_dict(DEMO_TRAINING, overrides={**dict(overrides or {}), "steps": int(steps), "out": str(out),
+                                                      "log.progress": bool(progress)})
+
+
+def demo_records(per_tag: int, seed: int = 0) -> list[dict]:
+    """``per_tag`` held-out records of each of the six GenEval tags (the held-out split, balanced).
+
+    Raises:
+        ValueError: ``per_tag`` below 1.
+    """
+    from xlard.shapes import prompts as P
+
+    if isinstance(per_tag, bool) or not isinstance(per_tag, int) or per_tag < 1:
+        raise ValueError(f"demo_records: per_tag must be an integer >= 1, got {per_tag!r}")
+    pool = P.make_splits(P.PromptConfig(), seed=0)["heldout"]
+    return P.sample_records(pool, per_tag * len(P.TAGS), seed=seed)
+
+
+def _owned(out: Path) -> list[Path]:
+    return [out / name for name in DEMO_OUTPUTS if (out / name).exists()] if out.is_dir() else []
+
+
+def _check_folder(out: Path, overwrite: bool, resume: bool) -> list[Path]:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a folder; give a folder path")
+    owned = _owned(out)
+    if owned and not (overwrite or resume):
+        raise ValueError(f"--out: {out} already holds an earlier demo ({', '.join(p.name for p in owned)}); add "
+                         "--resume to continue it, --overwrite to replace it, or choose another folder")
+    return owned
+
+
+def _png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _table_html(report: dict) -> str:
+    conf = report["bootstrap"]["confidence"]
+    rows = ["<table><tr><th>tag</th><th>images</th><th>base</th><th>corrected</th><th>gain (points)</th>"
+            f"<th>{conf:.0%} interval</th></tr>"]
+    for tag, r in report["table"].items():
+        name = f"<b>{html.escape(tag)}</b>" if tag == "overall" else html.escape(tag)
+        rows.append(f"<tr><td>{name}</td><td>{r['images']}</td><td>{100 * r['base']:.1f}</td>"
+                    f"<td>{100 * r['corrected']:.1f}</td><td>{100 * r['diff']:+.1f}</td>"
+                    f"<td>[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]</td></tr>")
+    rows.append("</table><p>Exact evaluator on held-out prompts; paired (same records, same seeds); overall = mean "
+                "of the six tags; intervals: paired bootstrap over records.</p>")
+    return "".join(rows)
+
+
+def _pick_cards(rows: Sequence, k: int) -> list:
+    """Up to ``k`` pairs for the report: fixed ones first, then broken, then unchanged; tags interleaved."""
+    fixed = [r for r in rows if r.corrected_correct and not r.base_correct]
+    broken = [r for r in rows if r.base_correct and not r.corrected_correct]
+    same = [r for r in rows if r.base_correct == r.corrected_correct]
+    picked: list = []
+    for group in (fixed, broken, same):
+        by_tag: dict[str, list] = {}
+        for r in group:
+            by_tag.setdefault(r.tag, []).append(r)
+        queues = [by_tag[t] for t in sorted(by_tag)]
+        for j in range(max((len(q) for q in queues), default=0)):
+            for q in queues:
+                if j < len(q) and len(picked) < k:
+                    picked.append(q[j])
+    return picked
+
+
+def _report_items(backbone, corrector, meta, reward_fn, records, rows) -> list:
+    """Regenerate the chosen pairs (deterministic) and explain base and corrected images."""
+    import torch
+
+    from xlard import ops
+    from xlard.evaluation import image_seed
+    from xlard.explain import report_items
+
+    if not rows:
+        return []
+    recs = [records[r.index] for r in rows]
+    state = backbone.encode([rec["prompt"] for rec in recs], seed=[image_seed(r.seed, r.index) for r in rows])
+    with torch.no_grad():
+        delta = corrector(state.z0, **state.prompt_embedding.as_corrector_inputs())
+        zc, lam = ops.residual_correction(state.z0, delta, float(meta.alpha))
+        base = backbone.decode(state)
+        corrected = backbone.decode(state, zc)
+    before, after = reward_fn(base, explain=True), reward_fn(corrected, explain=True)
+
+    def verdict(ok: bool) -> str:
+        return "correct" if ok else "wrong"
+
+    labels = [f"{r.tag}, seed {r.seed}: evaluator {verdict(r.base_correct)} -> {verdict(r.corrected_correct)}"
+              for r in rows]
+    return report_items([rec["prompt"] for rec in recs], after, before=base.images.float().clamp(0, 1),
+                        after=corrected.images.float().clamp(0, 1), lam=lam.float(), rewards_before=before,
+                        labels=labels)
+
+
+def run_demo(out: str | Path = "xlard-demo", *, steps: int = 120, per_tag: int = 16, seeds: Sequence[int] = (0,),
+             overwrite: bool = False, resume: bool = False, quiet: bool = False,
+             overrides: Mapping[str, Any] | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Train, evaluate and report (see the module docstring).
+
+    Args:
+        out: the demo folder.
+        steps: training steps.
+        per_tag: held-out records per GenEval tag (six tags).
+        seeds: evaluation seeds (every record runs under each).
+        overwrite: delete an earlier demo's outputs in ``out`` first.
+        resume: continue an earlier demo in ``out`` (same settings).
+        quiet: no progress bars.
+        overrides: training-config fields to change (dotted keys, e.g.
+            ``{"ppo.group_size": 4}``; the CLI's ``--set``); ``steps`` and
+            ``out`` are the demo's own.
+        log: where status lines go (default stderr).
+
+    Returns:
+        The summary written to ``out/demo.json``.
+
+    Raises:
+        ValueError: bad arguments, or ``out`` holding an earlier demo without
+            ``overwrite``/``resume`` (checked before any work).
+    """
+    import torch
+
+    from xlard import evaluation
+    from xlard.train import checkpoint as ckpt
+    from xlard.train import train
+    from xlard.train.rewarding import build_reward_fn
+    from xlard.train.trainer import load_backbone
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume exclude each other")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"--steps must be an integer >= 1, got {steps!r}")
+    records = demo_records(per_tag)
+    seeds = evaluation.parse_seeds(list(seeds))
+    out = Path(out)
+    owned = _check_folder(out, overwrite, resume)
+    overrides = dict(overrides or {})
+    for key in ("steps", "out"):
+        if key in overrides:
+            raise ValueError(f"--set {key}: use the demo's own --{key}")
+    cfg = demo_config(out / "train", steps, progress=not quiet, overrides=overrides)
+    settings = {"steps": steps, "per_tag": per_tag, "seeds": seeds, "training": DEMO_TRAINING,
+                "overrides": overrides}
+    summary_path = out / "demo.json"
+    if resume and summary_path.is_file():
+        earlier = _io.read_json(summary_path, what="demo.json").get("settings")
+        if earlier != json.loads(json.dumps(settings)):
+            raise ValueError(f"--resume: {out} holds a demo with other settings; rerun with the same --steps, "
+                             "--per-tag and --seeds, or use --overwrite")
+    if owned and overwrite:
+        for path in owned:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        log(f"overwrite: removed {len(owned)} outputs of the earlier demo from {out}")
+    _io.make_folder(out, "--out")
+    summary: dict[str, Any] = {"settings": settings, "complete": False, "seconds": {}}
+    _io.atomic_write_json(summary_path, summary, owner="xlard demo")
+
+    t_all = time.perf_counter()
+    device = torch.device("cpu")
+    backbone = load_backbone(cfg.backbone, device, cfg.reward)
+
+    # 1. Train (or pick up a finished / interrupted run).
+    t = time.perf_counter()
+    train_dir = out / "train"
+    corrector_dir = train_dir / "corrector"
+    finished = (train_dir / "summary.json").is_file() and corrector_dir.is_dir()
+    if finished and _io.read_json(train_dir / "summary.json", what="train/summary.json").get("steps") != steps:
+        finished = False
+    if not finished:
+        again = resume and bool(ckpt.list_checkpoints(train_dir))
+        log(f"[1/3] training a corrector for {steps} steps on the shapes training split -> {train_dir}"
+            + (" (resuming)" if again else ""))
+        train(cfg, resume=again, backbone=backbone)
+    else:
+        log(f"[1/3] training: reusing the finished run in {train_dir}")
+    summary["seconds"]["train"] = round(time.perf_counter() - t, 1)
+
+    # 2. Paired evaluation on held-out prompts.
+    t = time.perf_counter()
+    corrector, meta = evaluation.load_corrector_dir(corrector_dir, device=device)
+    corrector.eval()
+    log(f"[2/3] evaluating base vs corrected on {len(records)} held-out records x {len(seeds)} seed(s) -> "
+        f"{out / 'eval'}")
+    report = evaluation.run_evaluation(backbone, corrector, meta, records, seeds, out=out / "eval",
+                                       faithfulness_fraction=0.2, quiet=quiet, corrector_source=str(corrector_dir),
+                                       log=log)
+    summary["seconds"]["eval"] = round(time.perf_counter() - t, 1)
+
+    # 3. Report.
+    t = time.perf_counter()
+    log("[3/3] writing the report")
+    rows = evaluation._read_rows(out / "eval" / "pairs.jsonl")
+    cards = _pick_cards(rows, REPORT_CARDS)
+    reward_fn = build_reward_fn(cfg.reward, backbone)
+    items = _report_items(backbone, corrector, meta, reward_fn, records, cards)
+    sections = [("Held-out gains", _table_html(report))]
+    curve = train_dir / "curve.png"
+    if curve.is_file():
+        sections.append(("Training", f'<p>{steps} PPO steps on the training split; rewards from the shapes '
+                                     f'understanding model.</p><img alt="training curves" src="{_png_data_uri(curve)}">'))
+    from xlard.explain import write_html_report
+
+    write_html_report(out / "report.html", items, title="xlard demo: the shapes backbone, corrected",
+                      sections=sections)
+    summary["seconds"]["report"] = round(time.perf_counter() - t, 1)
+    summary["seconds"]["total"] = round(time.perf_counter() - t_all, 1)
+    overall = report["table"]["overall"]
+    summary.update({"complete": True, "corrector": str(corrector_dir), "eval": str(out / "eval" / "eval.json"),
+                    "report": str(out / "report.html"),
+                    "overall": {k: overall[k] for k in ("base", "corrected", "diff", "ci_low", "ci_high")}})
+    _io.atomic_write_json(summary_path, summary, owner="xlard demo")
+    return summary
+
+
+def main(args) -> int:
+    """The ``xlard demo`` command."""
+    from xlard.evaluation import format_markdown
+
+    import yaml
+
+    overrides = {}
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    summary = run_demo(args.out, steps=args.steps, per_tag=args.per_tag, seeds=args.seeds, overwrite=args.overwrite,
+                       resume=args.resume, quiet=args.quiet, overrides=overrides)
+    report = _io.read_json(Path(summary["eval"]), what="eval.json")
+    print(format_markdown(report), end="")
+    print(f"report: {summary['report']}  (corrector: {summary['corrector']}; "
+          f"{summary['seconds']['total']:.0f} s)")
+    return 0
