@@ -410,3 +410,15 @@ def test_html_bad_items(tmp_path):
     assert not (tmp_path / "x.html").exists()
     write_html_report(tmp_path / "empty.html", [])
     assert "No items." in (tmp_path / "empty.html").read_text()
+
+
+def test_html_report_sections_appear_above_the_cards_with_escaped_headings():
+    items = [ReportItem("a red circle", after=torch.rand(3, 16, 16), scores={"count": 1.0})]
+    page = render_html_report(items, sections=[("Gains <&>", "<table><tr><td>+5.0</td></tr></table>"),
+                                               ("Training", "<p>curves</p>")])
+    assert "<h2>Gains &lt;&amp;&gt;</h2><table><tr><td>+5.0</td></tr></table>" in page
+    assert page.index("Gains &lt;") < page.index("Training") < page.index("<article")
+    assert render_html_report(items).count('<section class="extra">') == 0
+    for bad in ("text", [("only a heading",)], [("h", 3)]):
+        with pytest.raises(TypeError, match="sections"):
+            render_html_report(items, sections=bad)
