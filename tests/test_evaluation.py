@@ -137,6 +137,13 @@ def test_faithfulness_table_by_hand():
     assert f["lost_top"]["ci_low"] <= 0.5 <= f["lost_top"]["ci_high"]
     no_faith = [ev.PairRow(0, 0, "counting", "p", True, True, "ok", "ok", 0.0)]
     assert ev.faithfulness_table(no_faith) is None
+    # A gain whose interval includes 0 has no meaningful share (two fixed, one broken of 40: gain +0.025).
+    mixed = [ev.PairRow(i, 0, "counting", "p", base_correct=i == 0, corrected_correct=i in (1, 2), base_reason="",
+                        corrected_reason="", lam_mass=1.0, masked_correct=False, random_correct=i == 1)
+             for i in range(40)]
+    f = ev.faithfulness_table(mixed, num_resamples=500)
+    assert f["gain"]["diff"] == 0.025 and f["gain"]["ci_low"] < 0 < f["gain"]["ci_high"]
+    assert math.isnan(f["share_lost_top"]) and math.isnan(f["share_lost_random"])
 
 
 # ---------------------------------------------------------------------------

@@ -742,7 +742,9 @@ def faithfulness_table(rows: Sequence[PairRow], *, num_resamples: int = 2000, co
     Over all pairs (GenEval's overall: mean of the tag means): ``gain =
     corrected - base``; ``lost_top = corrected - masked``; ``lost_random =
     corrected - random``; ``share_lost_top = lost_top / gain`` (NaN when the
-    gain is 0). The two losses carry paired bootstrap intervals (records resampled).
+    gain's interval includes 0: a share of a gain that may be nothing is
+    meaningless, e.g. -13933% for a gain of +0.004). The two losses carry
+    paired bootstrap intervals (records resampled).
 
     Returns:
         ``{"gain", "lost_top", "lost_random"}`` as :class:`PairedDifference`
@@ -768,7 +770,7 @@ def faithfulness_table(rows: Sequence[PairRow], *, num_resamples: int = 2000, co
                 "ci_high": 0.0 - p.ci_low, "records": p.records, "images": p.images, "confidence": p.confidence}
 
     def share(x: float) -> float:
-        return x / gain.diff if gain.diff != 0 else float("nan")
+        return x / gain.diff if gain.diff != 0 and gain.excludes_zero else float("nan")
 
     lost_top, lost_random = loss(top), loss(rnd)
     return {"gain": gain.to_dict(), "lost_top": lost_top, "lost_random": lost_random,
@@ -843,7 +845,7 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             s = faith[share]
             lines.append(f"| {name} | {_pts(r['masked'])} | {_signed(r['diff'])} | "
                          f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | "
-                         f"{'n/a (no gain)' if not math.isfinite(s) else f'{s:.0%}'} |")
+                         f"{'n/a (no gain: its interval includes 0)' if not math.isfinite(s) else f'{s:.0%}'} |")
         lines.append(f"| base (no correction) | {_pts(g['base'])} | {_signed(g['corrected'] - g['base'])} | | 100% |")
     return "\n".join(lines) + "\n"
 
