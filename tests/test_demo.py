@@ -86,6 +86,9 @@ def test_demo_resume_reuses_the_finished_run(tiny_demo, capsys):
     captured = capsys.readouterr()
     assert "reusing the finished run" in captured.err
     assert "| **overall** |" in captured.out
+    # Rows in GenEval's order with overall last, though eval.json is written with sorted keys.
+    rows = [line.split("|")[1].strip() for line in captured.out.splitlines() if line.startswith("| ")][1:]
+    assert rows[:7] == list(P.TAGS) + ["**overall**"]
     assert {p.name: p.stat().st_mtime_ns for p in (tiny_demo / "train" / "corrector").glob("*.safetensors")} == stamp
 
 

@@ -101,7 +101,9 @@ def _table_html(report: dict) -> str:
     conf = report["bootstrap"]["confidence"]
     rows = ["<table><tr><th>tag</th><th>images</th><th>base</th><th>corrected</th><th>gain (points)</th>"
             f"<th>{conf:.0%} interval</th></tr>"]
-    for tag, r in report["table"].items():
+    from xlard.evaluation import table_rows
+
+    for tag, r in table_rows(report):
         name = f"<b>{html.escape(tag)}</b>" if tag == "overall" else html.escape(tag)
         rows.append(f"<tr><td>{name}</td><td>{r['images']}</td><td>{100 * r['base']:.1f}</td>"
                     f"<td>{100 * r['corrected']:.1f}</td><td>{100 * r['diff']:+.1f}</td>"

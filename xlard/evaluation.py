@@ -70,6 +70,7 @@ __all__ = [
     "faithfulness_table",
     "build_report",
     "format_markdown",
+    "table_rows",
     "run_evaluation",
     "parse_seeds",
     "run_eval_cli",
@@ -815,12 +816,24 @@ def _signed(x: float) -> str:
     return f"{100.0 * x:+.1f}"
 
 
+def table_rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The report's table rows in GenEval's tag order, other tags sorted, ``overall`` last.
+
+    The order does not depend on the mapping's (e.g. a JSON file read back with sorted keys).
+    """
+    from xlard.shapes.rules import TAGS
+
+    table = report["table"]
+    tags = [t for t in TAGS if t in table] + sorted(t for t in table if t not in TAGS and t != "overall")
+    return [(t, table[t]) for t in tags] + ([("overall", table["overall"])] if "overall" in table else [])
+
+
 def format_markdown(report: Mapping[str, Any]) -> str:
     """The report as markdown: the paired table in points, then the faithfulness check."""
     conf = report["bootstrap"]["confidence"]
     lines = [f"| tag | records | images | base | corrected | gain (points) | {conf:.0%} interval | excludes 0 |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
-    for tag, r in report["table"].items():
+    for tag, r in table_rows(report):
         name = f"**{tag}**" if tag == "overall" else tag
         excludes = "yes" if r["ci_low"] > 0 or r["ci_high"] < 0 else "no"
         lines.append(f"| {name} | {r['records']} | {r['images']} | {_pts(r['base'])} | {_pts(r['corrected'])} | "
