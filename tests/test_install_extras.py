@@ -231,6 +231,10 @@ def test_method_install_runs_every_cli_command(tmp_path):
              *tiny],
             ["eval", "--prompts", "p.jsonl", "--images", "flat", "--quiet"],
             ["eval", "--prompts", "p2.jsonl", "--out", "evalgen", "--json", "gen.json", "--quiet", *tiny],
+            ["generate", "a photo of a red circle", "--backbone", "shapes", "--correct", "--out", "gencorr",
+             "--quiet"],
+            ["demo", "--out", "demo", "--steps", "1", "--per-tag", "1", "--quiet", "--set", "ppo.prompts_per_step=2",
+             "--set", "ppo.group_size=2", "--set", "export.calibration_size=6"],
         ]
         for argv in commands:
             if argv[:2] == ["eval", "--prompts"] and "--images" in argv:
@@ -244,6 +248,8 @@ def test_method_install_runs_every_cli_command(tmp_path):
         assert sorted(p.name for p in Path("gen").glob("*.png")) == ["0000_seed0.png", "0001_seed1.png"]
         assert len(list(Path("evalgen").glob("*/samples/0000.png"))) == 2
         assert 0.0 <= json.loads(Path("gen.json").read_text())["overall"] <= 1.0
+        assert len(list(Path("gencorr").glob("*.png"))) == 3  # corrected, base, LAM
+        assert json.loads(Path("demo/demo.json").read_text())["complete"] is True
         for name in ("scipy", "cv2", "pytest", "triton"):
             assert name not in sys.modules, name
         print("ALL-OK")
