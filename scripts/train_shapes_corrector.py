@@ -31,7 +31,7 @@ MAX_BYTES = 20 * 1024 * 1024
 def install(run: Path, seconds: float | None) -> Path:
     """Copy ``run/corrector`` into package data (atomically) with a model card; returns the target folder."""
     from xlard import _io
-    from xlard.evaluation import load_corrector_dir
+    from xlard.evaluation import CORRECTOR_META_NAME, load_corrector_dir
 
     source = run / "corrector"
     corrector, meta = load_corrector_dir(source)  # refuses a broken folder before anything is replaced
@@ -43,6 +43,11 @@ def install(run: Path, seconds: float | None) -> Path:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_seconds = sum(r.get("time/step", 0.0) + r.get("time/last_checkpoint", 0.0) for r in rows)
     params = sum(p.numel() for p in corrector.parameters())
+    # The run folder as a user would name it (a path inside the checkout, else its name): no
+    # machine-specific absolute path goes into package data.
+    resolved = run.resolve()
+    label = str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else run.name
+    config["out"] = label
     card = "\n".join([
         "# The shapes backbone's corrector",
         "",
@@ -63,6 +68,10 @@ def install(run: Path, seconds: float | None) -> Path:
         for path in source.iterdir():
             if path.is_file():
                 shutil.copyfile(path, tmp / path.name)
+        meta_file = tmp / CORRECTOR_META_NAME
+        meta_data = json.loads(meta_file.read_text(encoding="utf-8"))
+        meta_data["training"]["run"] = label
+        meta_file.write_text(json.dumps(meta_data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return TARGET
 

@@ -98,11 +98,11 @@ def _png_data_uri(path: Path) -> str:
 
 
 def _table_html(report: dict) -> str:
+    from xlard.evaluation import table_rows
+
     conf = report["bootstrap"]["confidence"]
     rows = ["<table><tr><th>tag</th><th>images</th><th>base</th><th>corrected</th><th>gain (points)</th>"
             f"<th>{conf:.0%} interval</th></tr>"]
-    from xlard.evaluation import table_rows
-
     for tag, r in table_rows(report):
         name = f"<b>{html.escape(tag)}</b>" if tag == "overall" else html.escape(tag)
         rows.append(f"<tr><td>{name}</td><td>{r['images']}</td><td>{100 * r['base']:.1f}</td>"
@@ -284,14 +284,9 @@ def main(args) -> int:
     """The ``xlard demo`` command."""
     from xlard.evaluation import format_markdown
 
-    import yaml
+    from xlard.train import parse_overrides
 
-    overrides = {}
-    for item in getattr(args, "set", None) or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = parse_overrides(getattr(args, "set", None))
     summary = run_demo(args.out, steps=args.steps, per_tag=args.per_tag, seeds=args.seeds, overwrite=args.overwrite,
                        resume=args.resume, quiet=args.quiet, overrides=overrides)
     report = _io.read_json(Path(summary["eval"]), what="eval.json")

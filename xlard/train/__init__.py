@@ -13,7 +13,7 @@ in the method layer imports it. Importing it does not import diffusers.
 """
 from xlard.train.config import TrainConfig, config_from_dict, describe, load_config
 
-__all__ = ["TrainConfig", "load_config", "config_from_dict", "describe", "train", "main"]
+__all__ = ["TrainConfig", "load_config", "config_from_dict", "describe", "train", "main", "parse_overrides"]
 
 
 def train(cfg, resume: bool = False, backbone=None) -> dict:
@@ -23,19 +23,26 @@ def train(cfg, resume: bool = False, backbone=None) -> dict:
     return _train(cfg, resume=resume, backbone=backbone)
 
 
-def main(config: str, resume: bool = False, out: str | None = None, overrides: list[str] | None = None) -> int:
-    """The ``xlard train`` command: load CONFIG, apply ``--out`` and ``--set key=value`` overrides, run.
+def parse_overrides(items: list[str] | None) -> dict:
+    """``--set KEY=VALUE`` arguments -> ``{dotted key: value}``, values parsed as YAML scalars (``ppo.epochs=2``).
 
-    Values of ``--set`` are parsed as YAML scalars (``--set ppo.epochs=2``).
+    Raises:
+        ValueError: an item without ``=``.
     """
     import yaml
 
     changes = {}
-    for item in overrides or []:
+    for item in items or []:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         changes[key.strip()] = yaml.safe_load(value)
+    return changes
+
+
+def main(config: str, resume: bool = False, out: str | None = None, overrides: list[str] | None = None) -> int:
+    """The ``xlard train`` command: load CONFIG, apply ``--out`` and ``--set key=value`` overrides, run."""
+    changes = parse_overrides(overrides)
     if out is not None:
         changes["out"] = out
     cfg = load_config(config, overrides=changes)

@@ -281,10 +281,8 @@ class Trainer:
             for i in perm:
                 by_tag.setdefault(str(records[i].get("tag", "")), []).append(i)
             queues = [by_tag[t] for t in sorted(by_tag)]
-            perm = [q[k % len(q)] for k in range(n) for q in queues][:max(n, 0)]
-        else:
-            perm = [perm[k % len(perm)] for k in range(n)]
-        return [Item(records[i], seed_base + k, i) for k, i in enumerate(perm[:n])]
+            perm = [q[k % len(q)] for k in range(n) for q in queues]
+        return [Item(records[i], seed_base + k, i) for k, i in enumerate(perm[k % len(perm)] for k in range(n))]
 
     def _say(self, text: str) -> None:
         if self.is_main:
