@@ -187,6 +187,40 @@ def test_sample_and_log_prob_agree():
     assert_close(dist.entropy().detach().double(), entropy.flatten(1).sum(1), rtol=1e-6, atol=1e-4)
 
 
+def _block_constant(x, k):
+    up = x[..., ::k, ::k].repeat_interleave(k, -2).repeat_interleave(k, -1)
+    return torch.equal(x, up)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_action_block_makes_mean_noise_and_action_block_constant(k):
+    model = make_corrector(nonzero_head=True, action_block=k, log_std_init=-1.0)
+    model.eval()
+    z0, text, pooled, mask = inputs(h=6, w=12)
+    mean = model(z0, text, pooled, mask)
+    assert _block_constant(mean, k)
+    # the mean is the block average of what the same weights give without blocks
+    free = ResidualCorrector(corrector_config(action_block=1, log_std_init=-1.0))
+    free.load_state_dict(model.state_dict())
+    fine = free(z0, text, pooled, mask)
+    assert_close(mean[..., ::k, ::k], torch.nn.functional.avg_pool2d(fine, k), rtol=1e-5, atol=1e-6)
+    noise = torch.randn((4000,) + tuple(z0.shape[1:]), generator=torch.Generator().manual_seed(3))
+    blocked = model.action_noise(noise)
+    assert _block_constant(blocked, k)
+    assert abs(float(blocked[..., ::k, ::k].std()) - 1.0) < 0.02  # still standard normal per block
+    zc, delta, log_prob, _ = model.sample(z0, text, pooled, mask, noise=noise[:2])
+    assert _block_constant(delta, k)
+    std = model.log_std.detach().exp().reshape(1, C, 1, 1)
+    assert_close(delta, mean.detach() + std * blocked[:2])
+    # the mean-reduced full-resolution log-density equals the block one
+    block_lp = torch.distributions.Normal(mean.detach()[..., ::k, ::k].double(), std.double()).log_prob(
+        delta[..., ::k, ::k].double()).flatten(1).mean(1)
+    assert_close(log_prob.double() / delta[0].numel(), block_lp, rtol=1e-5, atol=1e-5)
+    assert torch.equal(make_corrector(action_block=1).action_noise(noise[:1]), noise[:1])
+    with pytest.raises(ValueError, match="divisible by action_block=4"):
+        make_corrector(action_block=4)(*inputs(h=6, w=12))
+
+
 def test_bfloat16_latent_keeps_its_dtype_and_float32_log_probs():
     model = make_corrector(nonzero_head=True)
     z0, text, pooled, mask = inputs(dtype=torch.bfloat16)
@@ -484,6 +518,7 @@ def test_bad_inputs_name_the_argument():
     ("ffn_mult", 0, "ffn_mult must be"),
     ("alpha", float("inf"), "alpha must be"),
     ("value_shares_trunk", 1, "value_shares_trunk must be a bool"),
+    ("action_block", 0, r"action_block must be an integer in 1\.\.64, got 0"),
 ])
 def test_config_validation_names_the_field(field, value, pattern):
     with pytest.raises(ValueError, match=f"CorrectorConfig: {pattern}"):

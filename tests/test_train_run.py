@@ -143,7 +143,9 @@ def test_first_minibatch_ratio_check_catches_a_changed_policy(tmp_path, shapes, 
     {"confidence": "uniform", "anchor": "ref", "anchor_ref_min_reward": 0.0, "optim": {"ema": 0.9},
      "ppo": {"advantage": "value", "logprob_reduction": "sum", "reward_norm": True, "epochs": 1}},
     {"anchor": "none", "projector": {"refresh_every": 2}},
-], ids=["pathwise", "image-reward", "uniform-ref-value-ema", "no-anchor-sparse-refresh"])
+    {"reward_model": "image", "projector": {"warmup_batches": 0},
+     "model": {"corrector_overrides": {"action_block": 4}}},
+], ids=["pathwise", "image-reward", "uniform-ref-value-ema", "no-anchor-sparse-refresh", "action-block"])
 def test_ablations_run(tmp_path, shapes, changes):
     from xlard.train import train
 
@@ -162,6 +164,17 @@ def test_ablations_run(tmp_path, shapes, changes):
         assert state["ema"] is not None
     if changes.get("projector", {}).get("refresh_every") == 2:
         assert [r["decodes"] for r in rows] == [4, 0]
+    if "model" in changes:
+        from xlard.evaluation import load_corrector_dir
+
+        corrector, _ = load_corrector_dir(out / "corrector")
+        assert corrector.config.action_block == 4
+        with torch.no_grad():  # two tiny steps rarely move the policy: give the loaded head weights
+            corrector.head.weight.normal_(0, 0.1)
+        mean = corrector(torch.randn(1, corrector.config.latent_channels, 16, 16), torch.randn(1, 8, corrector.config.text_dim),
+                         torch.randn(1, corrector.config.pooled_dim))
+        assert float(mean.abs().max()) > 0
+        assert torch.equal(mean, mean[..., ::4, ::4].repeat_interleave(4, -2).repeat_interleave(4, -1))
 
 
 @pytest.mark.parametrize("family", ["sd", "sd3", "flux", "pixart"])

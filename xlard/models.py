@@ -147,6 +147,15 @@ class CorrectorConfig(_ConfigBase):
         value_shares_trunk (bool): False (default): the value head reads the
             trunk's features through a stop-gradient, so fitting the baseline does
             not move the policy; True: the value loss also trains the trunk.
+        action_block (int): 1 (default): the policy acts on every latent element.
+            ``k > 1``: the correction and the exploration noise are constant on
+            ``k x k`` blocks of latent positions (the mean is averaged over each
+            block, the noise is a block-averaged draw rescaled to unit variance),
+            so the policy explores ``C * H * W / k^2`` dimensions: fewer, coarser
+            directions that the remaining denoising does not smooth away. ``H`` and
+            ``W`` must be divisible by it. With ``logprob_reduction: mean`` the
+            full-resolution log-density equals the block one (each block counted
+            ``k^2`` times).
 
     Example:
         >>> CorrectorConfig.paper().width
@@ -167,10 +176,12 @@ class CorrectorConfig(_ConfigBase):
     log_std_init: float = -2.0
     value_hidden: int = 128
     value_shares_trunk: bool = False
+    action_block: int = 1
 
     def __post_init__(self):
         owner = "CorrectorConfig"
         _check_transformer_fields(owner, self)
+        _check_int(owner, "action_block", self.action_block, maximum=64)
         _check_int(owner, "value_hidden", self.value_hidden, maximum=_FIELD_LIMITS["value_hidden"])
         _check_real(owner, "alpha", self.alpha)
         _check_real(owner, "log_std_init", self.log_std_init, -20.0, 5.0)
@@ -692,6 +703,15 @@ class GaussianPolicy:
         return (per_channel.sum() * spatial).expand(self.mean.shape[0])
 
 
+def _blockwise(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
+    """``x`` averaged over ``k x k`` blocks of its last two dims, times ``scale``, broadcast back."""
+    if k == 1:
+        return x
+    b, c, h, w = x.shape
+    pooled = x.reshape(b, c, h // k, k, w // k, k).mean(dim=(3, 5), keepdim=True) * scale
+    return pooled.expand(b, c, h // k, k, w // k, k).reshape(b, c, h, w)
+
+
 class ResidualCorrector(_Pretrained, nn.Module):
     """The URC: ``Delta_theta(z0, e_p)``, the PPO policy around it and the value baseline.
 
@@ -742,12 +762,26 @@ class ResidualCorrector(_Pretrained, nn.Module):
         _check_latent("ResidualCorrector", "z0", z0, cfg.latent_channels, cfg.patch, ref.device)
         text_mask = _check_prompt("ResidualCorrector", z0.shape[0], text_tokens, pooled, text_mask,
                                   cfg.text_dim, cfg.pooled_dim, ref.device)
+        k = cfg.action_block
+        if z0.shape[-2] % k or z0.shape[-1] % k:
+            raise ValueError(f"xlard.ResidualCorrector: z0 height and width must be divisible by "
+                             f"action_block={k}, got {z0.shape[-2]} x {z0.shape[-1]}")
         dt = ref.dtype
         return self.trunk(z0.to(dt), text_tokens.to(dt), pooled.to(dt), text_mask)
 
     def _delta(self, tokens, z0) -> torch.Tensor:
         cfg = self.config
-        return unpatchify(self.head(tokens), cfg.latent_channels, z0.shape[-2], z0.shape[-1], cfg.patch)
+        delta = unpatchify(self.head(tokens), cfg.latent_channels, z0.shape[-2], z0.shape[-1], cfg.patch)
+        return _blockwise(delta, cfg.action_block, 1.0)
+
+    def action_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise ``[B, C, H, W]`` made constant on ``action_block`` blocks.
+
+        Each block gets the mean of its ``k^2`` draws times ``k`` (again standard
+        normal); identity for ``action_block == 1``. The rollouts pass their noise
+        through it so that actions live in the policy's block space.
+        """
+        return _blockwise(noise, self.config.action_block, float(self.config.action_block))
 
     def _value(self, tokens, cond) -> torch.Tensor:
         features = torch.cat([tokens.mean(dim=1), cond], dim=-1)
@@ -838,6 +872,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
                 raise ValueError(f"xlard.ResidualCorrector.sample: noise must have the shape of z0 "
                                  f"{tuple(z0.shape)}, got {tuple(noise.shape)}")
             noise = noise.to(dt)
+        noise = self.action_noise(noise)
         if isinstance(alpha, torch.Tensor):
             alpha = alpha.to(dt)
         zc, delta, log_prob, lam = xops.sample_correction(

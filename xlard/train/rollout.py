@@ -165,7 +165,8 @@ def sample_rollouts(policy: PolicyStep, inputs: PromptInputs, noise: torch.Tenso
     alpha = corrector.config.alpha
     for rows in layout:
         mean, v, _ = policy(inputs.z0[rows], inputs.text_tokens[rows], inputs.pooled[rows], inputs.text_mask[rows])
-        z, d, _, l = xops.sample_correction(inputs.z0[rows], mean, log_std, noise[rows].to(mean.device), alpha)
+        eps = corrector.action_noise(noise[rows].to(mean.device))
+        z, d, _, l = xops.sample_correction(inputs.z0[rows], mean, log_std, eps, alpha)
         zc[rows], delta[rows], value[rows], lam[rows] = z, d, v, l
         # The update recomputes log-probs with gaussian_log_prob; the fused op's own sum
         # differs in the last bits, so the rollout stores the update's function's value.
