@@ -119,6 +119,12 @@ def test_shapes_run_writes_everything(tmp_path, shapes):
     # Resuming with a different config is refused.
     with pytest.raises(ValueError, match="differs"):
         train(tiny_config(out, ppo={"clip": 0.3}), resume=True, backbone=shapes)
+    # A config saved before a field existed resumes: the missing field reads as its default.
+    saved.get("export", {}).pop("min_gain_se", None)
+    (out / "config.json").write_text(json.dumps(saved))
+    train(tiny_config(out), resume=True, backbone=shapes)
+    with pytest.raises(ValueError, match=r"differs from the run's saved config in \['export'\]"):
+        train(tiny_config(out, export={"min_gain_se": 3.0}), resume=True, backbone=shapes)
 
 
 @needs_shapes
@@ -298,5 +304,28 @@ def test_balanced_run_and_step_size_calibration(tmp_path, shapes, monkeypatch):
     _, meta = load_corrector_dir(summary["corrector"])
     scores = meta.training["alpha_calibration"]
     assert set(scores) == {"0", "1", "3"}  # 0: the uncorrected images, for reference, never chosen
-    best = max(("1", "3"), key=lambda k: (scores[k], -float(k)))
+    se = meta.training["alpha_calibration_se"]
+    assert set(se) == {"3"} and meta.training["alpha_calibration_min_gain_se"] == 2.0
+    best = "3" if scores["3"] - scores["1"] > 2.0 * se["3"] else "1"
     assert meta.alpha == pytest.approx(float(best) * meta.training["training_alpha"])
+
+
+def test_choose_multiplier_keeps_the_reference_unless_the_gain_is_clear():
+    from xlard.train.trainer import choose_multiplier
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(400, generator=g)
+    noisy = base + 0.01 + 0.5 * torch.randn(400, generator=g)    # +0.01 mean gain, s.e. about 0.025
+    clear = base + 0.05 + 0.01 * torch.randn(400, generator=g)   # +0.05, s.e. about 0.0005
+    per_item = {0.0: base - 0.2, 1.0: base, 2.0: noisy, 4.0: clear}
+    best, scores, ses = choose_multiplier(per_item, (1.0, 2.0, 4.0), 2.0)
+    assert best == 4.0 and set(ses) == {"2", "4"} and scores["0"] == pytest.approx(float(base.mean()) - 0.2)
+    assert ses["4"] == pytest.approx(float((clear - base).std() / 20.0))
+    # without the clear winner, the noisy better mean does not displace x1
+    best, _, _ = choose_multiplier({1.0: base, 2.0: noisy}, (1.0, 2.0), 2.0)
+    assert float(noisy.mean()) > float(base.mean()) and best == 1.0
+    # min_gain_se 0: the best mean, as before; no 1 in the grid: the smallest is the reference
+    assert choose_multiplier({1.0: base, 2.0: noisy}, (1.0, 2.0), 0.0)[0] == 2.0
+    assert choose_multiplier({2.0: base, 3.0: noisy}, (2.0, 3.0), 2.0)[0] == 2.0
+    # a worse mean is never chosen, even with s.e. 0
+    assert choose_multiplier({1.0: base, 2.0: base - 0.1}, (1.0, 2.0), 2.0)[0] == 1.0

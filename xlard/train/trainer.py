@@ -42,7 +42,7 @@ from xlard import _io
 from xlard.models import LatentRewardProjector, ResidualCorrector, aspect_weights
 from xlard.train import checkpoint as ckpt
 from xlard.train import ppo
-from xlard.train.config import TrainConfig, batch_arithmetic, describe
+from xlard.train.config import TrainConfig, batch_arithmetic, config_from_dict, describe
 from xlard.train.data import CALIBRATION_SEED_BASE, MONITOR_SEED_BASE, EncodeCache, Item, PromptData, load_records
 from xlard.train.metrics import MetricsLog, draw_curves
 from xlard.train.projector import ProjectorBuffer, Slot, fit_projector
@@ -158,6 +158,36 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def choose_multiplier(per_item: dict[float, torch.Tensor], grid: tuple[float, ...],
+                      min_gain_se: float) -> tuple[float, dict[str, float], dict[str, float]]:
+    """The step-size calibration's rule (see :meth:`Trainer.calibrate_alpha`).
+
+    Args:
+        per_item: ``{multiplier: per-item joint reward [N]}`` for every multiplier
+            of ``grid`` (and optionally 0, scored for reference only), on the same items.
+        grid: the multipliers that may be chosen.
+        min_gain_se: how many standard errors of the paired difference a
+            multiplier must beat the reference (1, else the grid's smallest) by.
+
+    Returns:
+        (multiplier, {multiplier: mean}, {multiplier: s.e. of its paired difference to the reference}).
+    """
+    scores = {f"{m:g}": float(v.double().mean()) for m, v in per_item.items()}
+    ref = 1.0 if 1.0 in grid else min(grid)
+    ses: dict[str, float] = {}
+    chosen = [ref]
+    for m in grid:
+        if m == ref:
+            continue
+        diff = per_item[m].double() - per_item[ref].double()
+        se = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else math.inf
+        ses[f"{m:g}"] = se
+        if float(diff.mean()) > min_gain_se * se:
+            chosen.append(m)
+    best = max(chosen, key=lambda m: (scores[f"{m:g}"], -m))
+    return best, scores, ses
+
+
 class Trainer:
     """Owns a run: models, optimisers, data, buffer, logging and checkpoints.
 
@@ -250,6 +280,10 @@ class Trainer:
                              "choose another --out")
         if resume and saved.exists():
             old = json.loads(saved.read_text())
+            try:  # a config saved before a field existed reads as that field's default
+                old = json.loads(json.dumps(config_from_dict(old).to_dict(), default=list))
+            except (TypeError, ValueError):
+                pass  # compared as saved: the difference is reported below
             new = json.loads(json.dumps(self.cfg.to_dict(), default=list))
             old.pop("out", None), new.pop("out", None)
             if old != new:
@@ -717,35 +751,42 @@ class Trainer:
         self.step, self.warm = state["step"], state["warm"]
 
     @torch.no_grad()
-    def calibrate_alpha(self, corrector) -> tuple[float, dict[str, float]]:
-        """The exported step size: ``corrector.alpha x`` the best multiplier of ``export.alpha_grid``.
+    def calibrate_alpha(self, corrector) -> tuple[float, dict[str, float], dict[str, float]]:
+        """The exported step size: ``corrector.alpha x`` a multiplier of ``export.alpha_grid``.
 
         The mean correction of ``corrector`` is applied with every multiplier to
         a fixed batch of fresh training-split items (seeds the training never
         draws), the images are decoded and scored with the run's *training*
-        reward; the multiplier with the highest mean joint reward wins (ties:
-        the smaller one). Returns (alpha, {multiplier: mean joint reward}).
+        reward. The reference multiplier (1 when the grid has it, else the
+        smallest) is kept unless another one's mean joint reward beats it,
+        paired on the same items, by more than ``export.min_gain_se`` standard
+        errors; among those that do, the highest mean wins (ties: the smaller).
+        Returns (alpha, {multiplier: mean joint reward},
+        {multiplier: standard error of its paired difference to the reference}).
         """
         grid = tuple(float(m) for m in self.cfg.export.alpha_grid)
         alpha = float(corrector.config.alpha)
         if grid == (1.0,):
-            return alpha, {}
+            return alpha, {}, {}
         items = self._fresh_items(self.records, self.cfg.export.calibration_size, "calibration", CALIBRATION_SEED_BASE)
         timer = _Timer(self.cfg.trainer_threads)
         state = encode_items(self.backbone, items)
         inputs = prompt_inputs(state, self.device)
         corrector.eval()
         delta = corrector(inputs.z0, inputs.text_tokens, inputs.pooled, inputs.text_mask)
-        scores: dict[str, float] = {}
+        per_item: dict[float, torch.Tensor] = {}
         # Multiplier 0 (no correction) is scored for reference only; it is never chosen.
         for m in (0.0,) + grid:
             _, result = self._decode_and_score(state, inputs.z0 + alpha * m * delta, timer, group_size=1)
             w = self._weights(inputs.pooled, result.present.to(self.device)).cpu()
-            scores[f"{m:g}"] = float(ppo.weighted_reward(torch.nan_to_num(result.scores.float().cpu()), w).mean())
-        best = max(grid, key=lambda m: (scores[f"{m:g}"], -m))
+            per_item[m] = ppo.weighted_reward(torch.nan_to_num(result.scores.float().cpu()), w).double()
+        best, scores, ses = choose_multiplier(per_item, grid, self.cfg.export.min_gain_se)
+        ref = 1.0 if 1.0 in grid else min(grid)
         self._say("step-size calibration (mean joint training reward on fresh training-split items): "
-                  + ", ".join(f"x{k} {v:.4f}" for k, v in scores.items()) + f" -> x{best:g}")
-        return alpha * best, scores
+                  + ", ".join(f"x{k} {v:.4f}" for k, v in scores.items())
+                  + f"; paired s.e. vs x{ref:g}: " + ", ".join(f"x{k} {v:.4f}" for k, v in ses.items())
+                  + f" -> x{best:g}")
+        return alpha * best, scores, ses
 
     def export(self) -> dict:
         """Write the trained corrector (EMA when on) as a corrector folder and R_phi; returns their paths.
@@ -758,7 +799,7 @@ class Trainer:
 
         corrector = self.eval_corrector()
         bb = self.backbone
-        alpha, calibration = self.calibrate_alpha(corrector)
+        alpha, calibration, calibration_se = self.calibrate_alpha(corrector)
         meta = CorrectorMeta(
             backbone=self.cfg.backbone.name, correction_step=float(bb.correction_step),
             alpha=alpha, num_inference_steps=int(bb.num_inference_steps),
@@ -766,7 +807,9 @@ class Trainer:
             training={"run": str(self.out), "step": int(self.step), "ema": self.ema is not None,
                       "reward_source": getattr(self.reward_fn, "source_name", None),
                       "training_alpha": float(corrector.config.alpha),
-                      **({"alpha_calibration": calibration} if calibration else {})})
+                      **({"alpha_calibration": calibration, "alpha_calibration_se": calibration_se,
+                          "alpha_calibration_min_gain_se": float(self.cfg.export.min_gain_se)}
+                         if calibration else {})})
         corrector_dir = save_corrector_dir(self.out / "corrector", corrector, meta)
         projector_dir = self.projector.save_pretrained(self.out / "projector")
         return {"corrector": str(corrector_dir), "projector": str(projector_dir)}
