@@ -298,7 +298,11 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
     base_png = read_png(out / "images" / "base" / "00003" / "samples" / "0001.png")
     state = shapes.encode([records[3]["prompt"]], seed=[ev.image_seed(1, 3)])
     plain = (shapes.decode(state).images[0].clamp(0, 1) * 255).round().to(torch.uint8)
-    assert torch.equal(base_png, plain)
+    # Batched (4) vs alone (1): CPU kernels may sum in another order by batch size and thread
+    # count, moving a few pixels by one level across a rounding edge; another seed or record
+    # would change the whole image.
+    diff = (base_png.int() - plain.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01, (int(diff.max()), float((diff > 0).float().mean()))
     corrected_pngs = sorted((out / "images" / "corrected").glob("*/samples/*.png"))
     assert len(corrected_pngs) == 12 and len(list((out / "images" / "lam").glob("*.png"))) == 12
     assert any(not torch.equal(read_png(p), read_png(str(p).replace("corrected", "base"))) for p in corrected_pngs)

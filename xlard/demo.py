@@ -37,7 +37,7 @@ DEMO_TRAINING: dict[str, Any] = {
     "reward_model": "image",
     "confidence": "uniform",
     "anchor": "z0",
-    "anchor_beta": 0.1,
+    "anchor_beta": 0.02,
     "backbone": {"name": "shapes", "correction_step": 0.6, "device": "cpu"},
     "data": {"prompts": "shapes:train", "balance": "tag", "items_per_tag": 256, "monitor_size": 0},
     "reward": {"source": "auto"},
@@ -47,7 +47,7 @@ DEMO_TRAINING: dict[str, Any] = {
             "logprob_reduction": "mean", "advantage": "group", "whiten": True},
     "optim": {"lr": 1.0e-3, "warmup_steps": 3, "schedule": "constant", "max_grad_norm": 1.0, "ema": 0.0},
     "log": {"monitor_every": 0, "evaluate_every": 0, "checkpoint_every": 10},
-    "export": {"alpha_grid": [1, 2, 4, 8], "calibration_size": 96},
+    "export": {"alpha_grid": [0.5, 1, 2, 4, 8], "calibration_size": 96, "min_gain_se": 2.0},
 }
 
 #: What the demo writes in its folder (``--overwrite`` deletes exactly these).
