@@ -18,7 +18,11 @@ image is augmented (horizontal flip, Gaussian blur, pixel noise, color
 gain/offset). ``--corrupt P`` also draws things that are not
 objects of the world (two-tone objects with chance P each, specks) with no shape label;
 it is off by default: with 0.15 the count agreement on the training-split samples was
-lower than without (the shipped weights use the defaults).
+lower than without (the shipped weights use the defaults). ``--morph P`` redraws
+circles, squares and diamonds (chance P each) as superellipses between them, labelled
+with the world shape whose outline they overlap best (IoU in their own box), or with
+no shape when that overlap is below ``--morph-min-iou``: the shape boundaries the
+generated images' in-between outlines need (see docs/rewards.md for what it measured).
 
 Seeded; progress on stderr, metrics in ``<work>/metrics.jsonl``, an atomic
 checkpoint every ``--checkpoint-minutes`` (model, optimizer, RNG states) from
@@ -46,8 +50,8 @@ import torch.nn.functional as F
 
 from xlard.shapes import backbone as shapes_backbone
 from xlard.shapes.prompts import PromptConfig, make_splits, render_record
-from xlard.shapes.understanding import ShapesUnderstanding, UnderstandingConfig, scene_targets
-from xlard.shapes.world import PALETTE, WorldConfig, random_scene
+from xlard.shapes.understanding import ShapesUnderstanding, UnderstandingConfig, _erode, scene_targets
+from xlard.shapes.world import PALETTE, WorldConfig, random_scene, shape_mask
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class TrainConfig:
     record_share: float = 0.5
     crop: int = 32
     corrupt: float = 0.0
+    morph: float = 0.0
+    morph_min_iou: float = 0.7
     channels: tuple[int, ...] = (8, 24, 32, 48)
     core_radius: int = 1
     checkpoint_minutes: float = 3.0
@@ -82,7 +88,7 @@ class TrainConfig:
             raise ValueError(f"--max-steps and --batch-size must be >= 1, got {self.max_steps}, {self.batch_size}")
         if not 0 < self.minutes:
             raise ValueError(f"--minutes must be > 0, got {self.minutes}")
-        for name in ("vae_share", "record_share", "corrupt"):
+        for name in ("vae_share", "record_share", "corrupt", "morph", "morph_min_iou"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         if self.crop != 0 and not 16 <= self.crop <= 64:
@@ -145,12 +151,61 @@ def corrupt_scene(image: np.ndarray, shape: np.ndarray, color: np.ndarray, scene
             color[y:y + r, x:x + r] = 1 + colors.index(name)
 
 
-def render_batch(rng, records, n, record_share, model_config, corrupt: float = 0.0):
+MORPHABLE = ("circle", "square", "diamond")
+
+
+def superellipse_mask(exponent: float, width: int, height: int) -> np.ndarray:
+    """``|2u|^p + |2v|^p <= 1`` in the frame's normalized coordinates: p = 1 a diamond, 2 a circle, large a square."""
+    u = np.abs((np.arange(width) + 0.5) / width - 0.5) * 2
+    v = np.abs((np.arange(height) + 0.5) / height - 0.5) * 2
+    uu, vv = np.meshgrid(u, v)
+    return uu ** exponent + vv ** exponent <= 1.0 + 1e-9
+
+
+def morph_scene(image: np.ndarray, shape: np.ndarray, color: np.ndarray, scene, rng, share: float,
+                model_config, min_iou: float) -> None:
+    """In place: circles, squares and diamonds (chance ``share`` each) redrawn as a shape between them.
+
+    The object becomes a superellipse of random exponent in its own box (rounded squares,
+    squarish circles, bulging diamonds: the in-between outlines generated images draw). Its
+    shape label is the world shape the new outline overlaps best (intersection over union
+    against each shape drawn in the same box), or none when that overlap is below
+    ``min_iou``: the geometry of the renderer's own shapes decides, nothing else.
+    """
+    for obj in scene.objects:
+        if obj.shape not in MORPHABLE or rng.random() >= share:
+            continue
+        x0, y0, x1, y1 = obj.bbox
+        w, h = x1 - x0, y1 - y0
+        if min(w, h) < 4:
+            continue
+        old = obj.mask()
+        new = superellipse_mask(float(np.exp(rng.uniform(np.log(0.8), np.log(8.0)))), w, h)
+        ious = {}
+        for name in MORPHABLE:
+            ref = shape_mask(name, w, h)
+            ious[name] = float((ref & new).sum()) / float((ref | new).sum())
+        best = max(ious, key=ious.get)
+        region_img, region_shape, region_color = image[y0:y1, x0:x1], shape[y0:y1, x0:x1], color[y0:y1, x0:x1]
+        fill_color = region_color[old][0] if old.any() else 0
+        region_img[old] = scene.background
+        region_color[old] = 0
+        region_shape[old] = 0
+        region_img[new] = PALETTE[obj.color]
+        region_color[new] = fill_color
+        if ious[best] >= min_iou and best in model_config.shapes:
+            region_shape[_erode(new, model_config.core_radius)] = 1 + model_config.shapes.index(best)
+
+
+def render_batch(rng, records, n, record_share, model_config, corrupt: float = 0.0, morph: float = 0.0,
+                 morph_min_iou: float = 0.7):
     images, shapes, colors = [], [], []
     for _ in range(n):
         scene = sample_scene(rng, records, record_share)
         s, c = scene_targets(scene, model_config)
         image = scene.render()
+        if morph > 0:
+            morph_scene(image, s, c, scene, rng, morph, model_config, morph_min_iou)
         if corrupt > 0:
             corrupt_scene(image, s, c, scene, rng, corrupt, model_config)
         images.append(image)
@@ -285,7 +340,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     model.train()
     while step < cfg.max_steps and (time.time() - t0) < cfg.minutes * 60:
         n_pool = int(round(cfg.batch_size * cfg.vae_share)) if pool is not None else 0
-        x, s, c = render_batch(rng, records, cfg.batch_size - n_pool, cfg.record_share, model_config, cfg.corrupt)
+        x, s, c = render_batch(rng, records, cfg.batch_size - n_pool, cfg.record_share, model_config, cfg.corrupt,
+                               cfg.morph, cfg.morph_min_iou)
         if n_pool:
             idx = torch.randint(len(pool[0]), (n_pool,), generator=gen)
             x, s, c = torch.cat((x, pool[0][idx])), torch.cat((s, pool[1][idx])), torch.cat((c, pool[2][idx]))
