@@ -1,0 +1,166 @@
+"""Validate a shapes corrector on *training-split* prompts, at several step sizes.
+
+The held-out split is for the final measurement only (``xlard eval``); choices
+between runs or recipes are made here, on training-split (prompt, seed) items
+with image seeds the trainer never draws (``--seed-base``, default 100; the
+trainer's seeds per prompt start at 0, its monitor and calibration seeds at
+1,000,003 and 2,000,003). For each multiplier ``m`` of ``--multipliers`` the
+corrector's mean correction is applied as ``z0 + m * alpha * Delta`` (``alpha``:
+the corrector folder's exported step size; ``m = 0`` is the uncorrected image,
+always included), the images are decoded and scored two ways:
+
+- the run's *training* reward (the corrector's reward source, uniform weights
+  over the prompt's aspects): what the trainer optimised;
+- the exact evaluator's verdicts, per GenEval tag, as a metric only (fixed and
+  broken items against the uncorrected images).
+
+Items: ``--per-tag`` (prompt, seed) items per tag of the training split,
+balanced as the trainer's ``data.balance: tag`` does (``balanced_pairs``).
+
+    python scripts/validate_corrector.py --corrector runs/shapes_shipped/corrector \\
+        --per-tag 64 --multipliers 0.5,1,2 --out validation.json
+
+Prints one line per multiplier and writes the same as JSON with ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from xlard import _io
+
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def _multipliers(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,1,2, got {text!r}") from None
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers >= 0, got {text!r}")
+    return sorted(set(values) | {0.0})
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--corrector", help="a corrector folder (xlard train's OUT/corrector)")
+    which.add_argument("--correct", action="store_true", help="the corrector shipped for the shapes backbone")
+    parser.add_argument("--per-tag", type=int, default=64, help="items per GenEval tag (default 64)")
+    parser.add_argument("--multipliers", type=_multipliers, default=[0.0, 1.0],
+                        help="step-size multipliers of the exported alpha (0 is always added; default 1)")
+    parser.add_argument("--seed-base", type=int, default=100,
+                        help="image seed of an item = seed-base + its seed index (default 100)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--out", help="write the results here (JSON)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.per_tag < 1 or args.batch < 1:
+        parser.error(f"--per-tag and --batch must be >= 1, got {args.per_tag}, {args.batch}")
+    if args.seed_base < 0 or args.seed_base >= 1_000_000:
+        parser.error(f"--seed-base must be in 0..999999 (the trainer's monitor seeds start at 1,000,003), "
+                     f"got {args.seed_base}")
+    if args.out and Path(args.out).is_dir():
+        parser.error(f"--out: {args.out} is a folder; give a file path")
+    return args
+
+
+def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base: int = 100, batch: int = 16,
+             progress: bool = True) -> dict:
+    """The validation table: ``{"items", "delta_rms", "rows": [{multiplier, joint, overall, tags, fixed, broken}]}``."""
+    from xlard.models import aspect_weights
+    from xlard.shapes import evaluator as E
+    from xlard.train import config_from_dict, ppo
+    from xlard.train.data import Item, balanced_pairs, load_records
+    from xlard.train.rewarding import build_reward_fn
+    from xlard.train.rollout import encode_items, prompt_inputs
+    from xlard.train.trainer import load_backbone
+
+    if meta.backbone != "shapes":
+        raise ValueError(f"--corrector: validation needs the shapes backbone's exact evaluator; this corrector was "
+                         f"trained on {meta.backbone!r}")
+    cfg = config_from_dict({
+        "backbone": {"name": "shapes", "correction_step": meta.correction_step,
+                     "num_inference_steps": meta.num_inference_steps, "guidance_scale": meta.guidance_scale,
+                     "device": "cpu"},
+        "reward": {"source": meta.training.get("reward_source") or "auto"}})
+    backbone = load_backbone(cfg.backbone, torch.device("cpu"), cfg.reward)
+    reward_fn = build_reward_fn(cfg.reward, backbone)
+    records, _ = load_records("shapes:train")
+    pairs = balanced_pairs(records, per_tag, 1)
+    items = [Item(records[r], seed_base + s, r) for r, s in pairs]
+    tags = [records[r].get("tag", "") for r, _ in pairs]
+    joint = {m: [] for m in multipliers}
+    correct = {m: [] for m in multipliers}
+    rms = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items), desc="validate", unit="item", file=sys.stderr)
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        state = encode_items(backbone, chunk)
+        inputs = prompt_inputs(state, "cpu")
+        with torch.no_grad():
+            delta = corrector(inputs.z0, inputs.text_tokens, inputs.pooled, inputs.text_mask)
+        rms.append(float(delta.float().square().mean().sqrt()))
+        for m in multipliers:
+            decoded = backbone.decode(state, state.z0 + m * meta.alpha * delta)
+            result = reward_fn(decoded)
+            weights = aspect_weights(torch.zeros(result.present.shape), result.present)
+            joint[m].append(ppo.weighted_reward(torch.nan_to_num(result.scores.float()), weights))
+            verdicts = E.evaluate(decoded.images, [it.record for it in chunk])
+            correct[m].append(torch.tensor([float(v.correct) for v in verdicts]))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    base = torch.cat(correct[0.0])
+    rows = []
+    for m in multipliers:
+        c = torch.cat(correct[m])
+        per_tag_score = {t: float(c[torch.tensor([x == t for x in tags])].mean()) for t in TAGS if t in tags}
+        rows.append({"multiplier": m, "alpha": m * meta.alpha, "joint": float(torch.cat(joint[m]).mean()),
+                     "overall": sum(per_tag_score.values()) / len(per_tag_score), "tags": per_tag_score,
+                     "fixed": int(((c > 0) & (base == 0)).sum()), "broken": int(((c == 0) & (base > 0)).sum())})
+    return {"items": len(items), "per_tag": per_tag, "seed_base": seed_base, "delta_rms": sum(rms) / len(rms),
+            "corrector_alpha": meta.alpha, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from xlard.evaluation import load_corrector_dir
+
+    torch.set_grad_enabled(False)
+    if args.correct:
+        from xlard.evaluation import shipped_corrector_path
+        path = shipped_corrector_path()
+    else:
+        path = args.corrector
+    try:
+        corrector, meta = load_corrector_dir(path)
+        report = validate(corrector, meta, args.per_tag, args.multipliers, args.seed_base, args.batch,
+                          progress=not args.quiet)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"validate_corrector: error: {err}", file=sys.stderr)
+        return 2
+    report["corrector"] = str(path)
+    print(f"{report['items']} training-split items, seeds from {args.seed_base}; mean correction RMS "
+          f"{report['delta_rms']:.4f}; exported alpha {meta.alpha:g}")
+    for row in report["rows"]:
+        print(f"x{row['multiplier']:g}: training reward {row['joint']:.4f}  evaluator (mean of tags) "
+              f"{row['overall']:.4f}  fixed {row['fixed']} broken {row['broken']} | "
+              + " ".join(f"{t} {v:.3f}" for t, v in row["tags"].items()))
+    if args.out:
+        _io.atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n", owner="validate_corrector")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""scripts/validate_corrector.py: options, and a small run on the shipped shapes backbone whose
+rows agree with what the backbone, the training reward and the exact evaluator give directly."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+
+import validate_corrector as V  # noqa: E402
+
+from xlard.shapes import backbone as shapes_backbone  # noqa: E402
+
+
+def test_options_are_validated(capsys):
+    args = V.parse_args(["--correct", "--multipliers", "2,0.5"])
+    assert args.multipliers == [0.0, 0.5, 2.0] and args.per_tag == 64
+    for bad in (["--correct", "--multipliers", "a,b"], ["--correct", "--multipliers", "-1"],
+                ["--correct", "--per-tag", "0"], ["--correct", "--seed-base", "1000003"], [],
+                ["--correct", "--corrector", "x"]):
+        with pytest.raises(SystemExit):
+            V.parse_args(bad)
+
+
+def test_a_missing_corrector_is_one_clear_error(tmp_path, capsys):
+    assert V.main(["--corrector", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "validate_corrector: error:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not shapes_backbone.is_available(), reason="shapes backbone weights not installed")
+def test_small_run_matches_direct_scoring(tmp_path, capsys):
+    from xlard.evaluation import load_backbone_for, load_corrector_dir, shipped_corrector_path
+    from xlard.shapes import evaluator as E
+    from xlard.train.data import Item, balanced_pairs, load_records
+
+    out = tmp_path / "v.json"
+    assert V.main(["--correct", "--per-tag", "1", "--multipliers", "1", "--batch", "4", "--quiet",
+                   "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["items"] == 6 and [r["multiplier"] for r in report["rows"]] == [0.0, 1.0]
+    assert "x0:" in printed and "x1:" in printed
+    base, corrected = report["rows"]
+    assert base["fixed"] == base["broken"] == 0 and report["delta_rms"] > 0
+    assert set(base["tags"]) == set(V.TAGS)
+    # the uncorrected row is the backbone's own images judged by the evaluator
+    corrector, meta = load_corrector_dir(shipped_corrector_path())
+    records, _ = load_records("shapes:train")
+    items = [Item(records[r], 100 + s, r) for r, s in balanced_pairs(records, 1, 1)]
+    backbone = load_backbone_for(meta)
+    state = backbone.encode([it.record["prompt"] for it in items], seed=[it.seed for it in items])
+    verdicts = E.evaluate(backbone.decode(state).images, [it.record for it in items])
+    by_tag = {it.record["tag"]: float(v.correct) for it, v in zip(items, verdicts)}
+    assert base["tags"] == by_tag
+    assert corrected["overall"] == pytest.approx(sum(corrected["tags"].values()) / 6)
+    assert torch.isfinite(torch.tensor(corrected["joint"]))
