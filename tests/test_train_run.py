@@ -177,8 +177,9 @@ def test_ablations_run(tmp_path, shapes, changes):
         assert corrector.config.action_block == 4
         with torch.no_grad():  # two tiny steps rarely move the policy: give the loaded head weights
             corrector.head.weight.normal_(0, 0.1)
-        mean = corrector(torch.randn(1, corrector.config.latent_channels, 16, 16), torch.randn(1, 8, corrector.config.text_dim),
-                         torch.randn(1, corrector.config.pooled_dim))
+        cfg = corrector.config
+        mean = corrector(torch.randn(1, cfg.latent_channels, 16, 16), torch.randn(1, 8, cfg.text_dim),
+                         torch.randn(1, cfg.pooled_dim))
         assert float(mean.abs().max()) > 0
         assert torch.equal(mean, mean[..., ::4, ::4].repeat_interleave(4, -2).repeat_interleave(4, -1))
 

@@ -158,6 +158,11 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def reference_multiplier(grid: tuple[float, ...]) -> float:
+    """The calibration's reference step: 1 when the grid has it, else the grid's smallest."""
+    return 1.0 if 1.0 in grid else min(grid)
+
+
 def choose_multiplier(per_item: dict[float, torch.Tensor], grid: tuple[float, ...],
                       min_gain_se: float) -> tuple[float, dict[str, float], dict[str, float]]:
     """The step-size calibration's rule (see :meth:`Trainer.calibrate_alpha`).
@@ -173,7 +178,7 @@ def choose_multiplier(per_item: dict[float, torch.Tensor], grid: tuple[float, ..
         (multiplier, {multiplier: mean}, {multiplier: s.e. of its paired difference to the reference}).
     """
     scores = {f"{m:g}": float(v.double().mean()) for m, v in per_item.items()}
-    ref = 1.0 if 1.0 in grid else min(grid)
+    ref = reference_multiplier(grid)
     ses: dict[str, float] = {}
     chosen = [ref]
     for m in grid:
@@ -781,10 +786,10 @@ class Trainer:
             w = self._weights(inputs.pooled, result.present.to(self.device)).cpu()
             per_item[m] = ppo.weighted_reward(torch.nan_to_num(result.scores.float().cpu()), w).double()
         best, scores, ses = choose_multiplier(per_item, grid, self.cfg.export.min_gain_se)
-        ref = 1.0 if 1.0 in grid else min(grid)
         self._say("step-size calibration (mean joint training reward on fresh training-split items): "
                   + ", ".join(f"x{k} {v:.4f}" for k, v in scores.items())
-                  + f"; paired s.e. vs x{ref:g}: " + ", ".join(f"x{k} {v:.4f}" for k, v in ses.items())
+                  + f"; paired s.e. vs x{reference_multiplier(grid):g}: "
+                  + ", ".join(f"x{k} {v:.4f}" for k, v in ses.items())
                   + f" -> x{best:g}")
         return alpha * best, scores, ses
 
