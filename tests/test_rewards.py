@@ -40,6 +40,7 @@ from xlard.rewards import (
     count_scores,
     gather_entity_maps,
     joint_reward,
+    weakest_component_confidence,
 )
 
 H = W = 32
@@ -100,7 +101,8 @@ def square_image(color_rgb, box=(8, 8, 24, 24), size=32, background=GRAY):
 @pytest.mark.parametrize("kwargs", [
     dict(threshold_mode="median"), dict(connectivity=6), dict(min_area=0), dict(min_area_fraction=2.0),
     dict(tau=float("nan")), dict(aspects=("count", "shape")), dict(missing_entity="ignore"),
-    dict(max_components=0), dict(bind_min_coverage=1.5),
+    dict(max_components=0), dict(bind_min_coverage=1.5), dict(count_confidence=1),
+    dict(count_confidence=True),  # needs absolute thresholds (maps of probabilities)
 ])
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match="RewardConfig"):
@@ -147,6 +149,40 @@ def test_count_mismatch_reward_and_all_threshold_modes():
         result = ExplainableRewards(cfg)([spec("three dogs", [("dog", 3, None)])], entity_maps=maps)
         assert result.count_found.item() == 2
         assert result.scores[0, 0].item() == pytest.approx(math.exp(-1 / 3), rel=1e-6)
+
+
+def test_count_confidence_weighs_the_count_by_the_weakest_counted_object():
+    s = spec("two dogs", [("dog", 2, None)])
+    maps = torch.zeros(3, 1, 16, 16)
+    maps[:, 0, 2:6, 2:6] = 0.95
+    maps[0, 0, 9:13, 9:13] = 0.9      # two clear objects
+    maps[1, 0, 9:13, 9:13] = 0.6      # one of them barely the noun
+    maps[2, 0, 9:13, 9:13] = 0.6
+    maps[2, 0, 9:10, 9:10] = 1.0      # a brighter pixel moves the component mean only
+    maps[2, 0, 0, 15] = 0.99          # a one-pixel speck under min_area: not counted, not the weakest
+    hard = RewardConfig(threshold_mode="absolute", threshold=0.5, min_area=2)
+    soft = RewardConfig(threshold_mode="absolute", threshold=0.5, min_area=2, count_confidence=True)
+    assert ExplainableRewards(hard)([s] * 3, entity_maps=maps).scores[:, 0].tolist() == [1.0, 1.0, 1.0]
+    result = ExplainableRewards(soft)([s] * 3, entity_maps=maps)
+    assert result.count_found.tolist() == [[2], [2], [2]]
+    want = [0.9, 0.6, (0.6 * 15 + 1.0) / 16]
+    torch.testing.assert_close(result.scores[:, 0], torch.tensor(want))
+    torch.testing.assert_close(weakest_component_confidence(maps, soft), torch.tensor(want)[:, None])
+    assert result.explanations[1].counts[0].confidence == pytest.approx(0.6)
+    assert "weakest object's confidence 0.60" in result.explanations[1].counts[0].text()
+    assert ExplainableRewards(hard)([s], entity_maps=maps[:1]).explanations[0].counts[0].confidence is None
+    # A wrong count is weighed too; nothing found keeps the count's own score (1 for a target of zero).
+    three = spec("three dogs", [("dog", 3, None)])
+    assert ExplainableRewards(soft)([three], entity_maps=maps[1:2]).scores[0, 0].item() == pytest.approx(
+        0.6 * math.exp(-1 / 3), rel=1e-5)
+    none = spec("no dogs", [("dog", 0, None)])
+    empty = ExplainableRewards(soft)([none], entity_maps=torch.zeros(1, 1, 16, 16))
+    assert empty.scores[0, 0].item() == 1.0
+    assert weakest_component_confidence(torch.zeros(2, 3, 8, 8), soft).tolist() == [[1.0] * 3] * 2
+    # Values outside [0, 1] or not finite cannot push the weight past 1 or make it NaN.
+    odd = maps[:1].clone()
+    odd[0, 0, 9:13, 9:13] = float("inf")
+    assert weakest_component_confidence(odd, soft).item() == pytest.approx(0.95)
 
 
 def test_min_area_drops_specks_and_connectivity():

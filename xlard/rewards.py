@@ -11,8 +11,11 @@ metadata only), and the maps are never touched by a per-prompt loop.
   threshold the map (relative 0.5 of its max by default, or Otsu / absolute),
   label 8-connected components, drop those under ``min_area`` (1% of the map
   by default), count ``n_hat``; ``r = exp(-|n_hat - n| / n)``. A target of
-  zero gives ``r = 1`` when nothing is found, else ``exp(-n_hat)``. Averaged
-  over the counted entities.
+  zero gives ``r = 1`` when nothing is found, else ``exp(-n_hat)``. With
+  ``count_confidence`` (maps of probabilities), ``r`` is multiplied by the
+  mean value of the weakest counted component, so that of two images with the
+  same count the one whose objects are all clearly the noun scores higher.
+  Averaged over the counted entities.
 - **Color** (:func:`color_reward`). Per entity with a color ``c``:
   ``s = max_i cos(f_i, e_c)`` over image patches ``i`` (optionally only those
   inside the entity's component mask: ``bind_color``); averaged over the
@@ -74,6 +77,7 @@ __all__ = [
     "entity_status",
     "count_scores",
     "count_reward",
+    "weakest_component_confidence",
     "color_reward",
     "bound_patch_mask",
     "position_reward",
@@ -126,6 +130,10 @@ class RewardConfig:
         aspects: which aspects to compute; the others are absent.
         missing_entity: "error" or "skip" for entities without a map.
         normalize_weights: renormalize lambda over the present aspects.
+        count_confidence: multiply each entity's count reward by the mean map
+            value of its weakest counted component (1 when none is found);
+            for maps of probabilities in [0, 1], so it needs
+            ``threshold_mode="absolute"``.
     """
 
     threshold: float = 0.5
@@ -140,6 +148,7 @@ class RewardConfig:
     aspects: tuple[str, ...] = ASPECTS
     missing_entity: str = "error"
     normalize_weights: bool = True
+    count_confidence: bool = False
 
     def __post_init__(self) -> None:
         def finite(name: str, lo: float | None = None, hi: float | None = None) -> None:
@@ -168,6 +177,11 @@ class RewardConfig:
         object.__setattr__(self, "aspects", aspects)
         if self.missing_entity not in ("error", "skip"):
             raise ValueError(f"RewardConfig.missing_entity must be 'error' or 'skip', got {self.missing_entity!r}")
+        if not isinstance(self.count_confidence, bool):
+            raise ValueError(f"RewardConfig.count_confidence must be a bool, got {self.count_confidence!r}")
+        if self.count_confidence and self.threshold_mode != "absolute":
+            raise ValueError("RewardConfig.count_confidence needs maps of probabilities and "
+                             f"threshold_mode='absolute', got threshold_mode={self.threshold_mode!r}")
 
     def min_area_for(self, height: int, width: int) -> int:
         """The minimum component area in pixels for an ``height x width`` map."""
@@ -450,8 +464,50 @@ def count_reward(
     if mask is not None:
         counted = counted & mask
     entity_reward = count_scores(found, targets.clamp(min=0))
+    details = dict(found=found, areas=areas, centroids=centroids, counted=counted)
+    if config.count_confidence:
+        confidence = weakest_component_confidence(entity_maps, config)
+        entity_reward = entity_reward * confidence
+        details["confidence"] = confidence
     reward = _masked_mean(entity_reward, counted)
-    return reward, dict(found=found, areas=areas, centroids=centroids, entity_reward=entity_reward, counted=counted)
+    return reward, dict(details, entity_reward=entity_reward)
+
+
+def weakest_component_confidence(entity_maps: torch.Tensor, config: RewardConfig | None = None) -> torch.Tensor:
+    """Mean map value of each map's weakest counted component.
+
+    The components are those :func:`count_reward` counts (``config``'s
+    threshold, connectivity and minimum area); a component's confidence is the
+    mean of the map over its pixels, clamped to [0, 1].
+
+    Args:
+        entity_maps (Tensor[B, E, H, W]): maps of probabilities.
+        config: thresholds, connectivity, minimum area.
+
+    Returns:
+        float32 Tensor[B, E]: the smallest component mean; 1 where no component
+        is found (nothing found is judged by the count alone).
+
+    Example:
+        >>> maps = torch.zeros(1, 1, 8, 8); maps[0, 0, :2, :2] = 0.9; maps[0, 0, 5:, 5:] = 0.6
+        >>> weakest_component_confidence(maps, RewardConfig(threshold_mode="absolute", min_area=1))
+        tensor([[0.6000]])
+    """
+    config = config or RewardConfig()
+    b, e, h, w = entity_maps.shape
+    labels, counts = ops.label_components(entity_maps, **config.component_args(h, w))
+    labels = labels.long()
+    n_labels = int(labels.max()) + 1 if labels.numel() else 1
+    values = torch.nan_to_num(entity_maps.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+    slot = (torch.arange(b * e, device=labels.device).view(b, e, 1, 1) * n_labels + labels).flatten()
+    mass = torch.zeros(b * e * n_labels, device=labels.device).scatter_add_(0, slot, values.flatten())
+    size = torch.zeros(b * e * n_labels, device=labels.device).scatter_add_(
+        0, slot, torch.ones_like(values).flatten())
+    mean = (mass / size.clamp(min=1)).view(b, e, n_labels)
+    mean[..., 0] = float("inf")  # background
+    mean = torch.where(size.view(b, e, n_labels) > 0, mean, torch.full_like(mean, float("inf")))
+    weakest = mean.min(-1).values
+    return torch.where(counts.to(labels.device) > 0, weakest, torch.ones_like(weakest))
 
 
 def bound_patch_mask(
@@ -607,6 +663,8 @@ class CountExplanation:
             largest first, x right and y down in [0, 1].
         areas: their areas as fractions of the map.
         status: "ok", "empty", "nonfinite" or "missing" (see :func:`entity_status`).
+        confidence: the mean map value of the weakest counted component, when
+            the reward weighs the count by it (``RewardConfig.count_confidence``).
     """
 
     entity: int
@@ -617,6 +675,7 @@ class CountExplanation:
     centroids: tuple[Point, ...] = ()
     areas: tuple[float, ...] = ()
     status: str = "ok"
+    confidence: float | None = None
 
     def text(self) -> str:
         """One sentence: "asked for 3 dogs, found 2 (at (0.21, 0.40), (0.70, 0.38))"."""
@@ -629,6 +688,8 @@ class CountExplanation:
             sentence += f" (at {listed}{more})"
         elif self.status in _STATUS_TEXT:
             sentence += f" ({_STATUS_TEXT[self.status]})"
+        if self.confidence is not None and self.found:
+            sentence += f"; weakest object's confidence {self.confidence:.2f}"
         return sentence
 
     __str__ = text
@@ -1084,6 +1145,7 @@ def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok,
         target=result.count_target, found=result.count_found, areas=count_details["areas"],
         comp_centroids=count_details["centroids"], counted=count_details["counted"],
         entity_reward=count_details["entity_reward"],
+        confidence=count_details.get("confidence", torch.full_like(count_details["entity_reward"], float("nan"))),
         centroids=result.entity_centroids, color_scores=result.color_scores, color_patch=result.color_patch,
         relation_scores=result.relation_scores, relation_ok=relation_ok, relations=batch.relations,
         relation_mask=batch.relation_mask, present=result.present,
@@ -1103,7 +1165,8 @@ def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok,
             kept = [(tuple(c), a / pixels) for c, a in zip(t["comp_centroids"][i][j], t["areas"][i][j]) if a > 0]
             counts.append(CountExplanation(
                 j, entity.noun, entity.count, t["found"][i][j], t["entity_reward"][i][j],
-                tuple(c for c, _ in kept), tuple(a for _, a in kept), status[j]))
+                tuple(c for c, _ in kept), tuple(a for _, a in kept), status[j],
+                None if math.isnan(t["confidence"][i][j]) else t["confidence"][i][j]))
         for j, entity in enumerate(spec.entities):
             if entity.color is None or "color" not in shown:
                 continue

@@ -252,9 +252,15 @@ class ShapesSource(RewardSource):
         self._palette = torch.tensor([PALETTE[c] for c in cfg.colors], dtype=torch.float32) / 255.0
 
     def reward_config(self, **overrides: Any) -> RewardConfig:
-        """Absolute ``threshold``, components of at least ``min_area`` pixels (of 64x64), colors bound to the entity."""
+        """Absolute ``threshold``, components of at least ``min_area`` pixels (of 64x64), colors bound to the entity.
+
+        The count reward is weighed by the weakest counted object's mean
+        probability (``count_confidence``): the integer count ties many
+        images of the same prompt (all at 1.0) that the confidence tells
+        apart (docs/rewards.md).
+        """
         settings = dict(threshold=self.threshold, threshold_mode="absolute", min_area=self.min_area, bind_color=True,
-                        bind_min_coverage=0.5)
+                        bind_min_coverage=0.5, count_confidence=True)
         settings.update(overrides)
         return RewardConfig(**settings)
 
