@@ -392,6 +392,9 @@ def test_shapes_source_threshold_and_min_area_reach_the_filter_and_the_rewards()
     cfg = source.reward_config()
     assert (cfg.threshold, cfg.min_area, cfg.threshold_mode) == (0.6, 12, "absolute")
     assert cfg.count_confidence and not source.reward_config(count_confidence=False).count_confidence
+    assert not ShapesSource(OracleUnderstanding([SCENE]), count_confidence=False).reward_config().count_confidence
+    with pytest.raises(ValueError, match="count_confidence must be a bool"):
+        get_source("shapes", model=OracleUnderstanding([SCENE]), count_confidence="yes")
     assert source.reward_config(min_area=3).min_area == 3
     maps = torch.zeros(1, 1, 16, 16)
     maps[0, 0, 1:5, 1:5] = 0.9

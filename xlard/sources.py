@@ -210,6 +210,9 @@ class ShapesSource(RewardSource):
         threshold: the absolute cut of the maps (objects are the connected
             components above it), for the checks and :meth:`reward_config`.
         min_area: the smallest object (pixels of the 64x64 map) the rewards count.
+        count_confidence: weigh the count reward by the weakest counted
+            object's mean probability (:meth:`reward_config`); False gives the
+            plain integer count of earlier runs.
 
     Raises:
         FileNotFoundError: no weights (the message names the training command).
@@ -221,7 +224,7 @@ class ShapesSource(RewardSource):
 
     def __init__(self, model: Any = None, *, path: str | os.PathLike | None = None, device: Any = None,
                  purity: float = 0.6, confidence: float = 0.7, paint_purity: float = PAINT_PURITY,
-                 threshold: float = THRESHOLD, min_area: int = MIN_AREA) -> None:
+                 threshold: float = THRESHOLD, min_area: int = MIN_AREA, count_confidence: bool = True) -> None:
         from xlard.shapes import understanding
 
         for label, value in (("purity", purity), ("confidence", confidence), ("paint_purity", paint_purity),
@@ -230,6 +233,9 @@ class ShapesSource(RewardSource):
                 raise ValueError(f"ShapesSource: {label} must be a number in [0, 1], got {value!r}")
         if isinstance(min_area, bool) or not isinstance(min_area, int) or min_area < 1:
             raise ValueError(f"ShapesSource: min_area must be an int >= 1, got {min_area!r}")
+        if not isinstance(count_confidence, bool):
+            raise ValueError(f"ShapesSource: count_confidence must be a bool, got {count_confidence!r}")
+        self.count_confidence = count_confidence
         self.purity = float(purity)
         self.confidence = float(confidence)
         self.paint_purity = float(paint_purity)
@@ -254,13 +260,13 @@ class ShapesSource(RewardSource):
     def reward_config(self, **overrides: Any) -> RewardConfig:
         """Absolute ``threshold``, components of at least ``min_area`` pixels (of 64x64), colors bound to the entity.
 
-        The count reward is weighed by the weakest counted object's mean
-        probability (``count_confidence``): the integer count ties many
+        With ``count_confidence`` (the default) the count reward is weighed by
+        the weakest counted object's mean probability: the integer count ties many
         images of the same prompt (all at 1.0) that the confidence tells
         apart (docs/rewards.md).
         """
         settings = dict(threshold=self.threshold, threshold_mode="absolute", min_area=self.min_area, bind_color=True,
-                        bind_min_coverage=0.5, count_confidence=True)
+                        bind_min_coverage=0.5, count_confidence=self.count_confidence)
         settings.update(overrides)
         return RewardConfig(**settings)
 
@@ -474,7 +480,9 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         backbone: the backbone the source serves (optional): the attention
             source takes its ``color_encoder``; the others their device.
         **options: per source. attention: ``color_encoder``. shapes:
-            ``path`` (a weights folder), ``model``, ``device``, ``purity``. clip:
+            ``path`` (a weights folder), ``model``, ``device``, and
+            :class:`ShapesSource`'s ``purity``, ``confidence``, ``paint_purity``,
+            ``threshold``, ``min_area``, ``count_confidence``. clip:
             ``model`` (hub id, local folder, or a loaded ``CLIPModel`` with
             ``tokenizer=``), ``device``, ``dtype``, ``noun_template``,
             ``color_template``, ``background``.
@@ -490,7 +498,8 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         'attention'
     """
     allowed = {"attention": {"color_encoder"},
-               "shapes": {"path", "model", "device", "purity", "confidence", "paint_purity", "threshold", "min_area"},
+               "shapes": {"path", "model", "device", "purity", "confidence", "paint_purity", "threshold", "min_area",
+                          "count_confidence"},
                "clip": {"model", "tokenizer", "device", "dtype", "noun_template", "color_template", "background"}}
     if name not in allowed:
         raise ValueError(f"get_source: unknown source {name!r}; expected one of {SOURCES}")
@@ -502,8 +511,8 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         return AttentionSource(options.get("color_encoder"), backbone=backbone)
     if name == "shapes":
         return ShapesSource(options.get("model"), path=options.get("path"), device=device,
-                            **{k: options[k] for k in ("purity", "confidence", "paint_purity", "threshold", "min_area")
-                               if k in options})
+                            **{k: options[k] for k in ("purity", "confidence", "paint_purity", "threshold", "min_area",
+                                                       "count_confidence") if k in options})
     model = options.pop("model", None)
     if model is None:
         raise ValueError("get_source('clip'): pass model= (a CLIP checkpoint id such as "
