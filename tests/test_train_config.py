@@ -70,6 +70,18 @@ def test_overrides_and_file_errors(tmp_path):
         load_config(tmp_path / "bad.json")
 
 
+def test_exponent_floats_read_as_numbers_in_files_and_overrides(tmp_path):
+    # PyYAML (YAML 1.1) reads "3e-3" as a string; a user writes learning rates that way.
+    from xlard.train import parse_overrides
+
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 3e-4\nanchor_beta: 1E-2\nout: 1e-3-run\n")
+    cfg = load_config(tmp_path / "c.yaml", overrides=parse_overrides(["ppo.clip=2e-2", "seed=7"]))
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.anchor_beta == pytest.approx(0.01)
+    assert cfg.ppo.clip == pytest.approx(0.02) and cfg.seed == 7
+    assert cfg.out == "1e-3-run"  # not a number: stays a string
+    assert parse_overrides(["a=1e", "b='1e-3'", "c=[1e-3, 2]"]) == {"a": "1e", "b": "1e-3", "c": [0.001, 2]}
+
+
 def test_batch_arithmetic_over_world_sizes():
     cfg = config_from_dict({"ppo": {"prompts_per_step": 4, "group_size": 2, "minibatches": 2}})
     one, two = batch_arithmetic(cfg, 1), batch_arithmetic(cfg, 2)

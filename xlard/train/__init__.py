@@ -24,19 +24,19 @@ def train(cfg, resume: bool = False, backbone=None) -> dict:
 
 
 def parse_overrides(items: list[str] | None) -> dict:
-    """``--set KEY=VALUE`` arguments -> ``{dotted key: value}``, values parsed as YAML scalars (``ppo.epochs=2``).
+    """``--set KEY=VALUE`` arguments -> ``{dotted key: value}``, values parsed as YAML scalars (``ppo.epochs=2``, ``optim.lr=3e-3``).
 
     Raises:
         ValueError: an item without ``=``.
     """
-    import yaml
+    from xlard.train.config import yaml_load
 
     changes = {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        changes[key.strip()] = yaml.safe_load(value)
+        changes[key.strip()] = yaml_load(value)
     return changes
 
 

@@ -554,6 +554,27 @@ def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     return _build(TrainConfig, data, "the top level")
 
 
+_FLOAT_1_2 = r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"""
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that also reads ``1e-3`` and ``3E+2`` as floats (YAML 1.2; PyYAML's 1.1 reads them as strings).
+
+    Raises:
+        yaml.YAMLError: the text does not parse.
+    """
+    import re
+
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT_1_2), list("-+0123456789."))
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """Load a YAML (``.yaml``/``.yml``) or JSON file into a validated :class:`TrainConfig`.
 
@@ -572,7 +593,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
             raise ValueError(f"train config: {path} is YAML but PyYAML is not installed "
                              "(pip install pyyaml, or write the config as JSON)") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml_load(text)
         except yaml.YAMLError as e:
             raise ValueError(f"train config: {path} is not valid YAML: {e}") from None
     elif path.suffix.lower() == ".json":
