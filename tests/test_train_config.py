@@ -138,6 +138,7 @@ def test_shipped_corrector_config_and_the_demo_share_one_recipe():
         cfg["export"].pop("calibration_size")
     assert shipped == demo
     assert shipped["data"]["balance"] == "tag" and shipped["data"]["prompts"] == "shapes:train"
+    assert shipped["reward"]["options"] == {"count_confidence": False}  # as the shipped corrector was trained
 
 
 def test_balanced_pairs_give_every_tag_the_same_items():

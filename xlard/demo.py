@@ -40,7 +40,8 @@ DEMO_TRAINING: dict[str, Any] = {
     "anchor_beta": 0.02,
     "backbone": {"name": "shapes", "correction_step": 0.6, "device": "cpu"},
     "data": {"prompts": "shapes:train", "balance": "tag", "items_per_tag": 256, "monitor_size": 0},
-    "reward": {"source": "auto"},
+    # The integer count, as the shipped corrector was trained (configs/shapes_shipped.yaml says why).
+    "reward": {"source": "auto", "options": {"count_confidence": False}},
     "model": {"corrector": "tiny", "corrector_overrides": {"patch": 2, "log_std_init": -0.9},
               "projector": "tiny", "projector_overrides": {"patch": 2}},
     "ppo": {"prompts_per_step": 8, "group_size": 8, "epochs": 4, "minibatches": 2, "clip": 0.01,
