@@ -78,6 +78,7 @@ __all__ = [
     "count_scores",
     "count_reward",
     "weakest_component_confidence",
+    "component_means",
     "color_reward",
     "bound_patch_mask",
     "position_reward",
@@ -494,20 +495,37 @@ def weakest_component_confidence(entity_maps: torch.Tensor, config: RewardConfig
         tensor([[0.6000]])
     """
     config = config or RewardConfig()
-    b, e, h, w = entity_maps.shape
+    h, w = entity_maps.shape[-2:]
     labels, counts = ops.label_components(entity_maps, **config.component_args(h, w))
+    values = torch.nan_to_num(entity_maps.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+    mean, size = component_means(values, labels)
+    real = size > 0
+    real[..., 0] = False  # background
+    weakest = torch.where(real, mean, torch.full_like(mean, float("inf"))).min(-1).values
+    return torch.where(counts.to(labels.device) > 0, weakest, torch.ones_like(weakest))
+
+
+def component_means(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``values`` over each labelled component, per map.
+
+    Args:
+        values (Tensor[B, E, H, W]): what to average.
+        labels (integer Tensor[B, E, H, W]): component labels (0 = background),
+            e.g. from :func:`xlard.ops.label_components`.
+
+    Returns:
+        (mean float32 [B, E, L], size float32 [B, E, L]) with ``L = labels.max() + 1``:
+        slot ``k`` holds label ``k`` of that map (slot 0 the background); a label
+        a map does not have has size 0 and mean 0.
+    """
+    b, e = labels.shape[:2]
     labels = labels.long()
     n_labels = int(labels.max()) + 1 if labels.numel() else 1
-    values = torch.nan_to_num(entity_maps.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
     slot = (torch.arange(b * e, device=labels.device).view(b, e, 1, 1) * n_labels + labels).flatten()
-    mass = torch.zeros(b * e * n_labels, device=labels.device).scatter_add_(0, slot, values.flatten())
+    mass = torch.zeros(b * e * n_labels, device=labels.device).scatter_add_(0, slot, values.float().flatten())
     size = torch.zeros(b * e * n_labels, device=labels.device).scatter_add_(
-        0, slot, torch.ones_like(values).flatten())
-    mean = (mass / size.clamp(min=1)).view(b, e, n_labels)
-    mean[..., 0] = float("inf")  # background
-    mean = torch.where(size.view(b, e, n_labels) > 0, mean, torch.full_like(mean, float("inf")))
-    weakest = mean.min(-1).values
-    return torch.where(counts.to(labels.device) > 0, weakest, torch.ones_like(weakest))
+        0, slot, torch.ones(slot.numel(), device=labels.device))
+    return (mass / size.clamp(min=1)).view(b, e, n_labels), size.view(b, e, n_labels)
 
 
 def bound_patch_mask(

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from xlard.color_features import ClipColorEncoder, ColorFeatureEncoder, PatchFeatures, PixelColorEncoder
 from xlard.prompts import PromptSpec, singularize
-from xlard.rewards import ExplainableRewards, RewardConfig, RewardResult
+from xlard.rewards import ExplainableRewards, RewardConfig, RewardResult, component_means
 
 __all__ = ["RewardSource", "AttentionSource", "ShapesSource", "ClipSource", "SOURCES", "get_source",
            "default_source_for", "score"]
@@ -308,11 +308,8 @@ class ShapesSource(RewardSource):
         total = hist.sum(-1)
         pure = (hist.max(-1).values >= self.purity * total) | (total == 0)
         if self.confidence > 0:  # components whose mean probability is low: not clearly this shape
-            flat = slot.expand(b, e, h, w).flatten()
-            mass = torch.zeros(b * e * n_labels, device=maps.device).scatter_add_(0, flat, maps.float().flatten())
-            size = torch.zeros(b * e * n_labels, device=maps.device).scatter_add_(
-                0, flat, torch.ones_like(maps, dtype=torch.float32).flatten())
-            pure = pure & (mass >= self.confidence * size.clamp(min=1))
+            mean, _ = component_means(maps, labels)
+            pure = pure & (mean.flatten() >= self.confidence)
         if self.paint_purity > 0 and images is not None:  # pixels split between palette colors: not one object
             palette = self._palette.to(images.device, images.dtype)
             nearest = torch.cdist(images.flatten(2).transpose(1, 2), palette[None].expand(b, -1, -1)).argmin(-1)
@@ -472,6 +469,10 @@ def default_source_for(backbone: Any) -> str:
     return "shapes" if _is_shapes_backbone(backbone) else "attention"
 
 
+#: :class:`ShapesSource`'s settings that :func:`get_source` (and a run's ``reward.options``) pass through.
+_SHAPES_SETTINGS = ("purity", "confidence", "paint_purity", "threshold", "min_area", "count_confidence")
+
+
 def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
     """Build a reward source by name.
 
@@ -498,8 +499,7 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         'attention'
     """
     allowed = {"attention": {"color_encoder"},
-               "shapes": {"path", "model", "device", "purity", "confidence", "paint_purity", "threshold", "min_area",
-                          "count_confidence"},
+               "shapes": {"path", "model", "device", *_SHAPES_SETTINGS},
                "clip": {"model", "tokenizer", "device", "dtype", "noun_template", "color_template", "background"}}
     if name not in allowed:
         raise ValueError(f"get_source: unknown source {name!r}; expected one of {SOURCES}")
@@ -511,8 +511,7 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         return AttentionSource(options.get("color_encoder"), backbone=backbone)
     if name == "shapes":
         return ShapesSource(options.get("model"), path=options.get("path"), device=device,
-                            **{k: options[k] for k in ("purity", "confidence", "paint_purity", "threshold", "min_area",
-                                                       "count_confidence") if k in options})
+                            **{k: options[k] for k in _SHAPES_SETTINGS if k in options})
     model = options.pop("model", None)
     if model is None:
         raise ValueError("get_source('clip'): pass model= (a CLIP checkpoint id such as "

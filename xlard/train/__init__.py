@@ -24,7 +24,9 @@ def train(cfg, resume: bool = False, backbone=None) -> dict:
 
 
 def parse_overrides(items: list[str] | None) -> dict:
-    """``--set KEY=VALUE`` arguments -> ``{dotted key: value}``, values parsed as YAML scalars (``ppo.epochs=2``, ``optim.lr=3e-3``).
+    """``--set KEY=VALUE`` arguments -> ``{dotted key: value}``, values parsed as YAML scalars.
+
+    ``ppo.epochs=2`` gives an int, ``optim.lr=3e-3`` a float (YAML 1.2 floats, as in config files).
 
     Raises:
         ValueError: an item without ``=``.

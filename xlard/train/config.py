@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -554,25 +555,34 @@ def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     return _build(TrainConfig, data, "the top level")
 
 
-_FLOAT_1_2 = r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"""
+_FLOAT_1_2 = (r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+              r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
 
 
-def yaml_load(text: str) -> Any:
-    """``yaml.safe_load`` that also reads ``1e-3`` and ``3E+2`` as floats (YAML 1.2; PyYAML's 1.1 reads them as strings).
-
-    Raises:
-        yaml.YAMLError: the text does not parse.
-    """
+@functools.lru_cache(maxsize=1)
+def _yaml_loader() -> type:
+    """A ``yaml.SafeLoader`` whose floats follow YAML 1.2 (built once)."""
     import re
 
     import yaml
 
-    class _Loader(yaml.SafeLoader):
+    class Loader(yaml.SafeLoader):
         pass
 
-    _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT_1_2), list("-+0123456789."))
-    return yaml.load(text, Loader=_Loader)
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT_1_2), list("-+0123456789."))
+    return Loader
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that also reads ``1e-3`` and ``3E+2`` as floats (YAML 1.2; PyYAML reads them as strings).
+
+    Raises:
+        yaml.YAMLError: the text does not parse.
+    """
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())
 
 
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
