@@ -9,8 +9,9 @@ corrector's mean correction is applied as ``z0 + m * alpha * Delta`` (``alpha``:
 the corrector folder's exported step size; ``m = 0`` is the uncorrected image,
 always included), the images are decoded and scored two ways:
 
-- the run's *training* reward (the corrector's reward source, uniform weights
-  over the prompt's aspects): what the trainer optimised;
+- the run's *training* reward (the corrector's reward source with the options
+  its metadata records, uniform weights over the prompt's aspects): what the
+  trainer optimised;
 - the exact evaluator's verdicts, per GenEval tag, as a metric only (fixed and
   broken items against the uncorrected images).
 
@@ -71,6 +72,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def training_reward_settings(meta) -> dict:
+    """The ``reward`` section of the run that trained the corrector, from its metadata.
+
+    Correctors exported since 2026-12-03 record ``reward_options`` and
+    ``reward_bind_color``; for older ones the source's current defaults are used
+    (``"recorded": False`` says so, and the printout too).
+    """
+    training = meta.training
+    reward = {"source": training.get("reward_source") or "auto"}
+    recorded = "reward_options" in training
+    if recorded:
+        options = training["reward_options"]
+        if not isinstance(options, dict):
+            raise ValueError(f"--corrector: training.reward_options in the corrector's metadata must be a mapping, "
+                             f"got {options!r}")
+        reward["options"] = dict(options)
+        if training.get("reward_bind_color") is not None:
+            reward["bind_color"] = training["reward_bind_color"]
+    return {**reward, "recorded": recorded}
+
+
 def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base: int = 100, batch: int = 16,
              progress: bool = True) -> dict:
     """The validation table: ``{"items", "delta_rms", "rows": [{multiplier, joint, overall, tags, fixed, broken}]}``."""
@@ -85,11 +107,12 @@ def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base:
     if meta.backbone != "shapes":
         raise ValueError(f"--corrector: validation needs the shapes backbone's exact evaluator; this corrector was "
                          f"trained on {meta.backbone!r}")
+    reward = training_reward_settings(meta)
     cfg = config_from_dict({
         "backbone": {"name": "shapes", "correction_step": meta.correction_step,
                      "num_inference_steps": meta.num_inference_steps, "guidance_scale": meta.guidance_scale,
                      "device": "cpu"},
-        "reward": {"source": meta.training.get("reward_source") or "auto"}})
+        "reward": {k: v for k, v in reward.items() if k != "recorded"}})
     backbone = load_backbone(cfg.backbone, torch.device("cpu"), cfg.reward)
     reward_fn = build_reward_fn(cfg.reward, backbone)
     records, _ = load_records("shapes:train")
@@ -130,7 +153,7 @@ def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base:
                      "overall": sum(per_tag_score.values()) / len(per_tag_score), "tags": per_tag_score,
                      "fixed": int(((c > 0) & (base == 0)).sum()), "broken": int(((c == 0) & (base > 0)).sum())})
     return {"items": len(items), "per_tag": per_tag, "seed_base": seed_base, "delta_rms": sum(rms) / len(rms),
-            "corrector_alpha": meta.alpha, "rows": rows}
+            "corrector_alpha": meta.alpha, "reward": reward, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     report["corrector"] = str(path)
     print(f"{report['items']} training-split items, seeds from {args.seed_base}; mean correction RMS "
           f"{report['delta_rms']:.4f}; exported alpha {meta.alpha:g}")
+    reward = report["reward"]
+    print(f"training reward: source {reward['source']}, options "
+          + (json.dumps(reward.get("options", {})) if reward["recorded"]
+             else "not recorded in the corrector's metadata (the source's current defaults)"))
     for row in report["rows"]:
         print(f"x{row['multiplier']:g}: training reward {row['joint']:.4f}  evaluator (mean of tags) "
               f"{row['overall']:.4f}  fixed {row['fixed']} broken {row['broken']} | "

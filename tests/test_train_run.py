@@ -289,7 +289,8 @@ def test_balanced_run_and_step_size_calibration(tmp_path, shapes, monkeypatch):
     cfg = tiny_config(tmp_path / "run", reward_model="image", confidence="uniform",
                       data={"balance": "tag", "items_per_tag": 2, "max_prompts": None, "monitor_size": 6},
                       ppo={"prompts_per_step": 6}, projector={"warmup_batches": 0},
-                      export={"alpha_grid": [1, 3], "calibration_size": 6}, steps=2)
+                      export={"alpha_grid": [1, 3], "calibration_size": 6}, steps=2,
+                      reward={"options": {"count_confidence": False}})
     summary = T.train(cfg, backbone=shapes)
     from collections import Counter
 
@@ -309,6 +310,9 @@ def test_balanced_run_and_step_size_calibration(tmp_path, shapes, monkeypatch):
     assert set(se) == {"3"} and meta.training["alpha_calibration_min_gain_se"] == 2.0
     best = "3" if scores["3"] - scores["1"] > 2.0 * se["3"] else "1"
     assert meta.alpha == pytest.approx(float(best) * meta.training["training_alpha"])
+    # the reward the run optimised, for scripts/validate_corrector.py
+    assert meta.training["reward_options"] == {"count_confidence": False}
+    assert meta.training["reward_bind_color"] is None
 
 
 def test_choose_multiplier_keeps_the_reference_unless_the_gain_is_clear():

@@ -26,6 +26,33 @@ def test_options_are_validated(capsys):
             V.parse_args(bad)
 
 
+def test_the_training_reward_comes_from_the_corrector_metadata():
+    from xlard.evaluation import CorrectorMeta
+
+    def meta(training):
+        return CorrectorMeta(backbone="shapes", correction_step=0.6, alpha=1.0, num_inference_steps=20,
+                             guidance_scale=5.0, training=training)
+
+    got = V.training_reward_settings(meta({"reward_source": "shapes", "reward_options": {"count_confidence": False},
+                                           "reward_bind_color": False}))
+    assert got == {"source": "shapes", "options": {"count_confidence": False}, "bind_color": False, "recorded": True}
+    # older correctors: the source's defaults, and the report says they were not recorded
+    assert V.training_reward_settings(meta({"reward_source": "shapes"})) == {"source": "shapes", "recorded": False}
+    with pytest.raises(ValueError, match="reward_options"):
+        V.training_reward_settings(meta({"reward_source": "shapes", "reward_options": [1]}))
+
+
+def test_the_shipped_corrector_records_the_integer_count_reward():
+    """It was trained before the confidence-weighted count existed (configs/shapes_shipped.yaml pins it)."""
+    from xlard.evaluation import load_corrector_dir, shipped_corrector_path
+
+    try:
+        _, meta = load_corrector_dir(shipped_corrector_path())
+    except FileNotFoundError:
+        pytest.skip("shipped corrector not installed")
+    assert V.training_reward_settings(meta)["options"] == {"count_confidence": False}
+
+
 def test_a_missing_corrector_is_one_clear_error(tmp_path, capsys):
     assert V.main(["--corrector", str(tmp_path / "none"), "--quiet"]) == 2
     assert "validate_corrector: error:" in capsys.readouterr().err
@@ -44,6 +71,8 @@ def test_small_run_matches_direct_scoring(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["items"] == 6 and [r["multiplier"] for r in report["rows"]] == [0.0, 1.0]
     assert "x0:" in printed and "x1:" in printed
+    assert 'options {"count_confidence": false}' in printed
+    assert report["reward"]["options"] == {"count_confidence": False}
     base, corrected = report["rows"]
     assert base["fixed"] == base["broken"] == 0 and report["delta_rms"] > 0
     assert set(base["tags"]) == set(V.TAGS)

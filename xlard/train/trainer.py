@@ -798,7 +798,10 @@ class Trainer:
 
         The corrector folder (:func:`xlard.evaluation.save_corrector_dir`) records
         the backbone, ``correction_step``, alpha, steps and guidance it was trained
-        with, so ``xlard eval --corrector DIR`` rebuilds the same split.
+        with, so ``xlard eval --corrector DIR`` rebuilds the same split, and the
+        reward source with its options (``reward_source``, ``reward_options``,
+        ``reward_bind_color``), so that ``scripts/validate_corrector.py`` scores
+        with the reward the run optimised.
         """
         from xlard.evaluation import CorrectorMeta, save_corrector_dir
 
@@ -811,6 +814,8 @@ class Trainer:
             guidance_scale=float(bb.guidance_scale),
             training={"run": str(self.out), "step": int(self.step), "ema": self.ema is not None,
                       "reward_source": getattr(self.reward_fn, "source_name", None),
+                      "reward_options": dict(self.cfg.reward.options),
+                      "reward_bind_color": self.cfg.reward.bind_color,
                       "training_alpha": float(corrector.config.alpha),
                       **({"alpha_calibration": calibration, "alpha_calibration_se": calibration_se,
                           "alpha_calibration_min_gain_se": float(self.cfg.export.min_gain_se)}
