@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 __all__ = [
     "BackboneSettings", "DataSettings", "RewardSettings", "ModelSettings", "PPOSettings", "OptimSettings",
-    "ProjectorSettings", "LogSettings", "TrainConfig", "load_config", "config_from_dict", "describe",
+    "ProjectorSettings", "LogSettings", "ExportSettings", "DistillSettings", "TrainConfig", "load_config", "config_from_dict", "describe",
     "batch_arithmetic",
 ]
 
@@ -424,11 +424,63 @@ class ExportSettings:
 
 
 @dataclass(frozen=True)
+class DistillSettings:
+    """The corrector's warm start on edit targets (:mod:`xlard.train.distill`), before any PPO step.
+
+    Attributes:
+        items_per_tag: training-split (prompt, seed) items per GenEval tag whose
+            decoded samples are edited into latent targets; 0 (default) turns
+            the warm start off. Needs the shapes backbone at ``correction_step``
+            1.0 (the edits are drawn with the shapes world's primitives and are
+            corrections of the final latent) and one process.
+        epochs, lr, batch_size, weight_decay: the regression's optimiser (AdamW,
+            100-step warmup, cosine to 5% of ``lr``).
+        val_fraction: share of the items held back to report the explained
+            variance on items the fit did not see.
+        chunk: items per backbone call and per dataset shard.
+        redraw, fix_count, fix_color, fix_position: what the editor changes
+            (:class:`xlard.shapes.editor.EditConfig`; the ablations of the warm start).
+    """
+
+    items_per_tag: int = 0
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.05
+    chunk: int = 32
+    redraw: bool = True
+    fix_count: bool = True
+    fix_color: bool = True
+    fix_position: bool = True
+
+    def __post_init__(self):
+        o = "distill"
+        _int(o, "items_per_tag", self.items_per_tag, 0)
+        _int(o, "epochs", self.epochs, 1)
+        _real(o, "lr", self.lr, 0.0, low_open=True)
+        _int(o, "batch_size", self.batch_size, 1)
+        _real(o, "weight_decay", self.weight_decay, 0.0)
+        _real(o, "val_fraction", self.val_fraction, 0.0, 0.5)
+        _int(o, "chunk", self.chunk, 1)
+        for name in ("redraw", "fix_count", "fix_color", "fix_position"):
+            _bool(o, name, getattr(self, name))
+
+    def edit_config(self):
+        """The :class:`xlard.shapes.editor.EditConfig` these settings describe."""
+        from xlard.shapes.editor import EditConfig
+
+        return EditConfig(redraw=self.redraw, fix_count=self.fix_count, fix_color=self.fix_color,
+                          fix_position=self.fix_position)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run.
 
     Attributes:
-        steps: PPO steps (one rollout batch + one update each).
+        steps: PPO steps (one rollout batch + one update each); 0 only with the
+            ``distill`` warm start (the distilled corrector is exported as it is).
         seed: the run's seed; every random draw derives from it and the step.
         out: the run folder (the CLI's ``--out`` overrides it).
         rl: ``"ppo"`` or ``"pathwise"`` (the "without RL" ablation: gradient
@@ -470,10 +522,14 @@ class TrainConfig:
     projector: ProjectorSettings = field(default_factory=ProjectorSettings)
     log: LogSettings = field(default_factory=LogSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
 
     def __post_init__(self):
         o = "train"
-        _int(o, "steps", self.steps, 1)
+        _int(o, "steps", self.steps, 0)
+        if self.steps == 0 and self.distill.items_per_tag == 0:
+            raise ValueError("train config: steps must be >= 1 (0 only with the distill warm start, "
+                             "distill.items_per_tag > 0), got 0")
         _int(o, "seed", self.seed, 0)
         _str(o, "out", self.out)
         _choice(o, "rl", self.rl, ("ppo", "pathwise"))
@@ -658,4 +714,7 @@ def describe(cfg: TrainConfig, world_size: int = 1) -> str:
              + ("(reward_model=image: every rollout)" if cfg.reward_model == "image" else
                 f"(R_phi scores the policy; its refresh decodes the batch every {cfg.projector.refresh_every} step(s))"),
              f"  warm start: {cfg.projector.warmup_batches} batches x {a['rollouts_per_step']} perturbed latents decoded"]
+    if cfg.distill.items_per_tag:
+        lines.append(f"  distill: {cfg.distill.items_per_tag} items per tag edited into latent targets, "
+                     f"{cfg.distill.epochs} epochs of regression before the first PPO step")
     return "\n".join(lines)

@@ -56,7 +56,7 @@ def build_reward_fn(settings, backbone) -> Callable[..., RewardResult]:
         backbone: the run's backbone (sources may need its tokenizer or device).
 
     Returns:
-        ``fn(decoded, explain=False) -> RewardResult``, with ``fn.source_name``.
+        ``fn(decoded, explain=False) -> RewardResult``, with ``fn.source_name`` and ``fn.source``.
 
     Raises:
         ValueError: a source name that cannot be honoured (unknown, the exact
@@ -71,4 +71,5 @@ def build_reward_fn(settings, backbone) -> Callable[..., RewardResult]:
         return sources.score(decoded, source, rewards, explain=explain)
 
     via_source.source_name = name  # type: ignore[attr-defined]
+    via_source.source = source  # type: ignore[attr-defined]
     return via_source

@@ -27,6 +27,7 @@ Rank 0 logs and checkpoints.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -262,7 +263,11 @@ class Trainer:
         self.refs: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
         self.step = 0
         self.warm = False
+        self.distilled = False
+        self.distill_stats: dict = {}
         self.monitor_state = None
+        if cfg.distill.items_per_tag:
+            self._check_distill()
 
         self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
         if self.resume_from is not None:
@@ -379,6 +384,51 @@ class Trainer:
                              slots,
                              self.cfg.projector.minibatches, gen, self.device, self.cfg.optim.max_grad_norm,
                              all_sum=self._all_sum if self.distributed else None, world_size=self.world)
+
+    def _check_distill(self) -> None:
+        if self.cfg.backbone.name != "shapes" or not self.is_shapes:
+            raise ValueError("distill: the edit-target warm start draws with the shapes world's primitives; it needs "
+                             f"backbone.name 'shapes' and shapes prompts, got {self.cfg.backbone.name!r} and "
+                             f"{self.cfg.data.prompts!r}")
+        if float(self.backbone.correction_step) != 1.0:
+            raise ValueError(f"distill: the edit targets are corrections of the final latent; set "
+                             f"backbone.correction_step: 1.0 (got {self.backbone.correction_step})")
+        if self.distributed:
+            raise ValueError("distill: the edit-target warm start runs in one process; start the run without "
+                             "torchrun (PPO steps after it can resume distributed only from a new run)")
+
+    def distill(self) -> dict:
+        """Warm-start the corrector on edit targets (:mod:`xlard.train.distill`); returns the fit's statistics."""
+        from xlard.shapes.understanding import ShapesUnderstanding, load_model
+        from xlard.train import distill as dl
+        from xlard.train.data import balanced_pairs
+
+        d = self.cfg.distill
+        model = getattr(getattr(self.reward_fn, "source", None), "model", None)
+        if not isinstance(model, ShapesUnderstanding):
+            model = load_model(device=self.device)
+        pairs = balanced_pairs(self.records, d.items_per_tag, self.cfg.seed)
+        items = [Item(self.records[r], dl.DISTILL_SEED_BASE + s, r) for r, s in pairs]
+        folder = self.out / "distill"
+        self._say(f"distill: {len(items)} training-split items ({d.items_per_tag} per tag), edit targets in {folder}")
+        t0 = time.perf_counter()
+        dl.build_dataset(self.backbone, model, items, folder, chunk=d.chunk, edit_config=d.edit_config(),
+                         progress=self.cfg.log.progress)
+        build_seconds = time.perf_counter() - t0
+        data = dl.load_dataset(folder, len(items), d.chunk)
+        edited = sum(1 for a in data["actions"] if a)
+        stats = dl.fit_corrector(self.corrector, data, epochs=d.epochs, lr=d.lr, batch_size=d.batch_size,
+                                 weight_decay=d.weight_decay, val_fraction=d.val_fraction, seed=self.cfg.seed,
+                                 log_path=folder / "metrics.jsonl", progress=self.cfg.log.progress)
+        stats.update({"items": len(items), "items_edited": edited, "build_seconds": build_seconds})
+        _io.atomic_write_text(folder / "summary.json", json.dumps(stats, indent=2) + "\n", owner="xlard train")
+        if self.ema is not None:  # the EMA starts from the distilled weights
+            self.ema = _EMA(self.corrector, self.cfg.optim.ema)
+        self.distilled, self.distill_stats = True, stats
+        self._say(f"distill: {edited} of {len(items)} samples edited; fit {stats['epochs']} epochs, explained "
+                  f"variance on held-back items {stats['val_r2']:.3f} ({stats['seconds']:.0f}s fit, "
+                  f"{build_seconds:.0f}s targets)")
+        return stats
 
     def warm_start(self) -> dict:
         """Fill R_phi's buffer with perturbed latents around z0 and fit it (before the first PPO step)."""
@@ -725,6 +775,7 @@ class Trainer:
             return None
         state = {
             "format": "xlard.train/1", "step": self.step, "warm": self.warm, "world_size": self.world,
+            "distilled": self.distilled, "distill_stats": self.distill_stats,
             "config": self.cfg.to_dict(), "corrector": self.corrector.state_dict(),
             "projector": self.projector.state_dict(), "policy_opt": self.policy_opt.state_dict(),
             "projector_opt": self.projector_opt.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -754,6 +805,7 @@ class Trainer:
         self.refs = dict(mine["refs"])
         ckpt.set_rng_state(mine["rng"])
         self.step, self.warm = state["step"], state["warm"]
+        self.distilled, self.distill_stats = state.get("distilled", False), dict(state.get("distill_stats") or {})
 
     @torch.no_grad()
     def calibrate_alpha(self, corrector) -> tuple[float, dict[str, float], dict[str, float]]:
@@ -817,6 +869,8 @@ class Trainer:
                       "reward_options": dict(self.cfg.reward.options),
                       "reward_bind_color": self.cfg.reward.bind_color,
                       "training_alpha": float(corrector.config.alpha),
+                      **({"distill": {**dataclasses.asdict(self.cfg.distill), **self.distill_stats}}
+                         if self.distilled else {}),
                       **({"alpha_calibration": calibration, "alpha_calibration_se": calibration_se,
                           "alpha_calibration_min_gain_se": float(self.cfg.export.min_gain_se)}
                          if calibration else {})})
@@ -832,6 +886,9 @@ class Trainer:
         self._say(describe(cfg, self.world))
         self._say(f"run folder: {self.out}" + (f" (resuming from {self.resume_from.name}, step {self.step})"
                                                if self.resume_from is not None else ""))
+        if cfg.distill.items_per_tag and not self.distilled:
+            self.distill()
+            self.save()
         if not self.warm:
             self.warm_start()
             self.save()

@@ -1,0 +1,110 @@
+"""How far the editor's latent edits take the shapes backbone: the ceiling of the ``distill`` warm start.
+
+For *training-split* (prompt, seed) items (image seeds from ``--seed-base``, as
+``scripts/validate_corrector.py`` draws them) the backbone samples z0 (the final
+latent, ``correction_step`` 1.0), the understanding model reads the decoded image,
+:mod:`xlard.shapes.editor` redraws it, and three images are judged by the exact
+evaluator (as a metric only; the editor never sees it):
+
+- ``base``: the decoded z0;
+- ``latent``: ``z0 + target`` decoded, where ``target = M * (E(edited) - E(decoded))``
+  is exactly what the corrector is regressed onto;
+- ``image``: the edited image itself (what the edit would give if the VAE carried it perfectly).
+
+A corrector distilled from these targets can at best reach the ``latent`` row.
+
+    python scripts/measure_edit_ceiling.py --per-tag 16
+    python scripts/measure_edit_ceiling.py --per-tag 16 --no-redraw --no-count --out ceiling.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--per-tag", type=int, default=16, help="items per GenEval tag (default 16)")
+    p.add_argument("--seed-base", type=int, default=100, help="image seed = seed-base + seed index (default 100)")
+    p.add_argument("--batch", type=int, default=32)
+    for name in ("redraw", "count", "color", "position"):
+        p.add_argument(f"--no-{name}", action="store_true", help=f"turn the editor's {name} fix off")
+    p.add_argument("--out", help="write the table here (JSON)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.per_tag < 1 or args.batch < 1:
+        p.error(f"--per-tag and --batch must be >= 1, got {args.per_tag}, {args.batch}")
+    return args
+
+
+def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, progress: bool = True) -> dict:
+    """``{"items", "rows": {"base"|"latent"|"image": {"overall", "tags"}}, "edited"}`` on training-split items."""
+    from xlard.shapes import evaluator as E
+    from xlard.shapes.editor import edit_images, edit_targets
+    from xlard.shapes.understanding import load_model
+    from xlard.train import config_from_dict
+    from xlard.train.data import Item, balanced_pairs, load_records
+    from xlard.train.distill import vae_encoder
+    from xlard.train.rollout import encode_items
+    from xlard.train.trainer import load_backbone
+
+    cfg = config_from_dict({"backbone": {"name": "shapes", "correction_step": 1.0, "device": "cpu"}})
+    backbone = load_backbone(cfg.backbone, torch.device("cpu"), cfg.reward)
+    model, encode = load_model(), vae_encoder(backbone)
+    records, _ = load_records("shapes:train")
+    pairs = balanced_pairs(records, per_tag, 1)
+    items = [Item(records[r], seed_base + s, r) for r, s in pairs]
+    verdicts = {"base": [], "latent": [], "image": []}
+    edited_count = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items), desc="edit ceiling", unit="item", file=sys.stderr)
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        state = encode_items(backbone, chunk)
+        z0 = state.z0.float()
+        with torch.no_grad():
+            images = backbone.decode(state, z0).images.float()
+            edited = edit_images(model, images, state.specs, edit_config)
+            moved = backbone.decode(state, z0 + edit_targets(encode, images, edited, z0.shape[1:])).images
+        edited_count += sum(1 for a in edited.actions if a)
+        recs = [it.record for it in chunk]
+        for key, imgs in (("base", images), ("latent", moved), ("image", edited.images)):
+            verdicts[key] += [bool(v.correct) for v in E.evaluate(imgs, recs)]
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    tags = [it.record.get("tag", "") for it in items]
+    rows = {}
+    for key, v in verdicts.items():
+        per = {t: sum(ok for ok, g in zip(v, tags) if g == t) / tags.count(t) for t in sorted(set(tags))}
+        rows[key] = {"overall": sum(per.values()) / len(per), "tags": per}
+    return {"items": len(items), "edited": edited_count, "rows": rows}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from xlard.shapes.editor import EditConfig
+
+    config = EditConfig(redraw=not args.no_redraw, fix_count=not args.no_count, fix_color=not args.no_color,
+                        fix_position=not args.no_position)
+    result = measure(args.per_tag, config, args.seed_base, args.batch, progress=not args.quiet)
+    print(f"{result['items']} training-split items, {result['edited']} edited; exact evaluator, mean of the tags")
+    for key, row in result["rows"].items():
+        print(f"{key:>6}: {row['overall']:.4f} | " + " ".join(f"{t} {v:.3f}" for t, v in row["tags"].items()))
+    if args.out:
+        from xlard import _io
+
+        _io.atomic_write_text(Path(args.out), json.dumps({"edit_config": vars(config), **result}, indent=2) + "\n",
+                              owner="measure_edit_ceiling")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""xlard.shapes.editor: redraws scenes the way their prompts ask, from ground-truth maps and from the model."""
+import ast
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from xlard.prompts import parse
+from xlard.shapes.editor import EditConfig, edit_image, edit_images, edit_targets, find_objects
+from xlard.shapes.understanding import UnderstandingConfig, scene_targets
+from xlard.shapes.world import BACKGROUND, PALETTE, SHAPES, Scene, SceneObject
+
+CFG = UnderstandingConfig()
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def maps_of(scene: Scene):
+    """One-hot shape-core and color maps of a rendered scene (what a perfect understanding model gives)."""
+    shape, color = scene_targets(scene, CFG)
+    s = np.stack([(shape == 1 + k) for k in range(len(CFG.shapes))]).astype(np.float32)
+    c = np.stack([(color == k) for k in range(1 + len(CFG.colors))]).astype(np.float32)
+    return s, c
+
+
+def image_of(scene: Scene) -> np.ndarray:
+    return scene.render().astype(np.float32).transpose(2, 0, 1) / 255.0
+
+
+def blobs(img: np.ndarray, color: str) -> list[np.ndarray]:
+    """Connected regions painted exactly in ``color`` (8-neighbourhood), via the ground-truth machinery."""
+    rgb = (np.asarray(PALETTE[color], np.float32) / 255.0)[:, None, None]
+    mask = (np.abs(img - rgb).max(0) < 1e-3).astype(np.float32)
+    return [m for _, m in find_objects(mask, 0.5, 4)]
+
+
+def edit(scene, prompt, **cfg):
+    s, c = maps_of(scene)
+    return edit_image(image_of(scene), s, c, parse(prompt), CFG.shapes, CFG.colors, EditConfig(**cfg))
+
+
+def centre(mask):
+    ys, xs = np.nonzero(mask)
+    return ys.mean(), xs.mean()
+
+
+def test_adds_missing_objects_of_the_asked_shape_and_color():
+    scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)), SceneObject("circle", "red", (40, 40, 54, 54))))
+    img, changed, actions = edit(scene, "three red circles")
+    assert len(blobs(img, "red")) == 3
+    assert any(a.startswith("added 1") for a in actions) and changed.any()
+
+
+def test_removes_surplus_objects():
+    objs = tuple(SceneObject("square", "blue", (x, y, x + 10, y + 10)) for x, y in ((2, 2), (30, 2), (2, 30), (30, 30)))
+    img, _, actions = edit(Scene(64, objs), "two blue squares")
+    assert len(blobs(img, "blue")) == 2
+    assert any(a.startswith("removed 2") for a in actions)
+    # what was removed is background again
+    bg = (np.asarray(BACKGROUND, np.float32) / 255.0)[:, None, None]
+    assert (np.abs(img - bg).max(0) < 1e-3).sum() > (np.abs(image_of(Scene(64, objs)) - bg).max(0) < 1e-3).sum()
+
+
+def test_recolors_to_the_asked_color():
+    scene = Scene(64, (SceneObject("square", "blue", (20, 20, 36, 36)),))
+    img, _, _ = edit(scene, "a red square")
+    assert len(blobs(img, "red")) == 1 and not blobs(img, "blue")
+    img2, _, actions = edit(scene, "a red square", redraw=False)
+    assert len(blobs(img2, "red")) == 1 and "colored 1 square(s) red" in actions
+
+
+@pytest.mark.parametrize("relation,axis,sign", [("left of", 1, -1), ("right of", 1, 1), ("above", 0, -1),
+                                                ("below", 0, 1)])
+def test_moves_objects_so_a_relation_holds(relation, axis, sign):
+    # the circle starts on the wrong side of the square for every relation
+    cy, cx = (44, 44) if sign < 0 else (8, 8)
+    sy, sx = (8, 8) if sign < 0 else (44, 44)
+    scene = Scene(64, (SceneObject("circle", "red", (cx, cy, cx + 12, cy + 12)),
+                       SceneObject("square", "blue", (sx, sy, sx + 12, sy + 12))))
+    img, _, actions = edit(scene, f"a red circle {relation} a blue square")
+    (red,), (blue,) = blobs(img, "red"), blobs(img, "blue")
+    assert sign * (centre(red)[axis] - centre(blue)[axis]) > 6
+    assert any(a.startswith("moved circle") for a in actions)
+
+
+def test_a_correct_scene_is_left_alone_without_redraw():
+    scene = Scene(64, (SceneObject("circle", "green", (4, 4, 18, 18)), SceneObject("square", "blue", (40, 8, 54, 22))))
+    img, changed, actions = edit(scene, "a green circle left of a blue square", redraw=False)
+    assert not changed.any() and actions == [] and np.array_equal(img, image_of(scene))
+
+
+def test_redraw_replaces_a_deformed_object_with_a_clean_shape():
+    scene = Scene(64, (SceneObject("square", "yellow", (20, 20, 36, 36)),))
+    s, c = maps_of(scene)
+    img = image_of(scene)
+    img[:, 20:23, 20:23] = (np.asarray(BACKGROUND, np.float32) / 255.0)[:, None, None]  # a bitten corner
+    out, _, actions = edit_image(img, s, c, parse("a yellow square"), CFG.shapes, CFG.colors, EditConfig())
+    (blob,) = blobs(out, "yellow")
+    ys, xs = np.nonzero(blob)
+    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    assert blob.sum() == box  # a full square again
+    assert actions == ["redrew 1 square(s)"]
+
+
+def test_edits_nothing_for_nouns_outside_the_world():
+    scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),))
+    img, changed, actions = edit(scene, "a photo of a dog")
+    assert not changed.any() and actions == []
+
+
+def test_edit_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="threshold"):
+        EditConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="min_size"):
+        EditConfig(min_size=30)
+    with pytest.raises(ValueError, match="redraw"):
+        EditConfig(redraw="yes")
+
+
+def test_edit_image_rejects_mismatched_maps():
+    scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),))
+    s, c = maps_of(scene)
+    with pytest.raises(ValueError, match="one size"):
+        edit_image(image_of(scene), s[:, :32], c, parse("a red circle"), CFG.shapes, CFG.colors)
+
+
+class _Oracle(torch.nn.Module):
+    """Stands in for the understanding model: its maps are the scenes' ground truth."""
+
+    def __init__(self, scenes):
+        super().__init__()
+        self.config = CFG
+        self.scenes = scenes
+
+    def predict(self, images):
+        maps = [maps_of(s) for s in self.scenes]
+        return type("Out", (), {"shape_probs": torch.from_numpy(np.stack([m[0] for m in maps])),
+                                "color_probs": torch.from_numpy(np.stack([m[1] for m in maps]))})()
+
+
+def test_edit_images_and_targets_are_zero_where_nothing_changed():
+    scenes = [Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),)),
+              Scene(64, (SceneObject("square", "blue", (40, 40, 52, 52)),))]
+    images = torch.from_numpy(np.stack([image_of(s) for s in scenes]))
+    edited = edit_images(_Oracle(scenes), images, [parse("two red circles"), parse("a blue square")],
+                         EditConfig(redraw=False))
+    assert edited.changed[0].any() and not edited.changed[1].any()
+    assert torch.equal(edited.images[1], images[1])
+    weight = torch.randn(8, 3, 4, 4)
+
+    def encode(x):  # a linear stand-in for the VAE encoder: 64x64 images -> 8 x 16 x 16
+        return torch.nn.functional.conv2d(x, weight, stride=4)
+
+    target = edit_targets(encode, images, edited, (8, 16, 16))
+    assert target.shape == (2, 8, 16, 16)
+    assert target[1].abs().max() == 0
+    assert target[0].abs().max() > 0
+    # cells far from every changed pixel stay zero
+    cells = torch.nn.functional.max_pool2d(edited.changed[0].float()[None, None], 4)[0, 0]
+    near = torch.nn.functional.max_pool2d(cells[None, None], 3, 1, 1)[0, 0] > 0
+    assert target[0][:, ~near].abs().max() == 0
+    with pytest.raises(ValueError, match="latent"):
+        edit_targets(encode, images, edited, (4, 16, 16))
+
+
+def test_edit_images_checks_its_inputs():
+    scenes = [Scene(64, ())]
+    with pytest.raises(ValueError, match="specs"):
+        edit_images(_Oracle(scenes), torch.zeros(1, 3, 64, 64), [])
+    with pytest.raises(ValueError, match="64x64"):
+        edit_images(_Oracle(scenes), torch.zeros(1, 3, 32, 32), [parse("a red circle")])
+
+
+@pytest.mark.parametrize("path", ["xlard/shapes/editor.py", "xlard/train/distill.py"])
+def test_editor_side_never_imports_the_evaluator(path):
+    tree = ast.parse((ROOT / path).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert not any("evaluator" in a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert "evaluator" not in (node.module or "")
+            assert not any(a.name == "evaluator" for a in node.names)
+
+
+def test_world_shapes_are_the_editors_vocabulary():
+    assert set(SHAPES) <= set(CFG.shapes)

@@ -1,0 +1,148 @@
+"""The edit-target warm start (``distill`` in a run config): dataset shards, fit, export, resume, refusals."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from xlard.shapes import backbone as shapes_backbone  # noqa: E402
+from xlard.train import config_from_dict  # noqa: E402
+
+needs_shapes = pytest.mark.skipif(not shapes_backbone.is_available(), reason="shapes backbone weights not installed")
+
+BASE = {
+    "steps": 0, "seed": 1, "reward_model": "image", "confidence": "uniform", "anchor": "none",
+    "backbone": {"name": "shapes", "correction_step": 1.0, "num_inference_steps": 2, "device": "cpu"},
+    "data": {"prompts": "shapes:train", "balance": "tag", "items_per_tag": 1, "monitor_size": 0},
+    "distill": {"items_per_tag": 1, "epochs": 2, "batch_size": 2, "chunk": 4, "val_fraction": 0.2},
+    "model": {"corrector_overrides": {"patch": 2, "width": 16, "depth": 1}, "projector_overrides": {"patch": 2,
+                                                                                                     "width": 16,
+                                                                                                     "depth": 1}},
+    "ppo": {"prompts_per_step": 2, "group_size": 2, "epochs": 1, "minibatches": 2},
+    "projector": {"warmup_batches": 0},
+    "log": {"monitor_every": 0, "evaluate_every": 0, "checkpoint_every": 1, "progress": False, "tensorboard": "off"},
+}
+
+
+def config(out: Path, **changes):
+    data = json.loads(json.dumps(BASE))
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return config_from_dict(data, overrides={"out": str(out)})
+
+
+@pytest.fixture(scope="module")
+def shapes_final():
+    if not shapes_backbone.is_available():
+        pytest.skip("shapes backbone weights not installed")
+    from xlard.train.trainer import load_backbone
+
+    cfg = config(Path("unused"))
+    return load_backbone(cfg.backbone, torch.device("cpu"), cfg.reward)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        config(Path("x"), distill={"items_per_tag": 0})
+    with pytest.raises(ValueError, match="distill.epochs"):
+        config(Path("x"), distill={"epochs": 0})
+    with pytest.raises(ValueError, match="distill.val_fraction"):
+        config(Path("x"), distill={"val_fraction": 0.9})
+    with pytest.raises(ValueError, match="distill.fix_count"):
+        config(Path("x"), distill={"fix_count": "yes"})
+    with pytest.raises(ValueError, match="unknown key"):
+        config(Path("x"), distill={"item_per_tag": 3})
+    cfg = config(Path("x"), distill={"fix_position": False})
+    assert cfg.distill.edit_config().fix_position is False and cfg.distill.edit_config().redraw is True
+
+
+@needs_shapes
+def test_distill_run_exports_a_trained_corrector(tmp_path, shapes_final):
+    from xlard.evaluation import load_corrector_dir
+    from xlard.train import train
+    from xlard.train.distill import DISTILL_SEED_BASE
+
+    out = tmp_path / "run"
+    summary = train(config(out), backbone=shapes_final)
+    folder = out / "distill"
+    assert sorted(p.name for p in folder.glob("data-*.pt")) == ["data-0000.pt", "data-0001.pt"]  # 6 items, chunks of 4
+    shard = torch.load(folder / "data-0000.pt", weights_only=False)
+    assert shard["z0"].shape == shard["target"].shape and len(shard["actions"]) == 4
+    assert all(s >= DISTILL_SEED_BASE for s in shard["seeds"])
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    corrector, meta = load_corrector_dir(summary["corrector"])
+    info = meta.training["distill"]
+    assert info["items"] == 6 and info["epochs"] == 2 and "val_r2" in info and info["items_per_tag"] == 1
+    assert meta.correction_step == 1.0 and meta.training["step"] == 0
+    assert corrector.head.weight.abs().max() > 0  # the zero-initialised head was fitted
+    assert json.loads((folder / "summary.json").read_text())["items"] == 6
+
+
+@needs_shapes
+def test_dataset_build_resumes_at_the_first_missing_shard(tmp_path, shapes_final, monkeypatch):
+    from xlard.shapes.understanding import load_model
+    from xlard.train import distill as dl
+    from xlard.train.data import Item, load_records
+
+    records, _ = load_records("shapes:train")
+    items = [Item(records[i], dl.DISTILL_SEED_BASE + i, i) for i in range(5)]
+    model = load_model()
+    dl.build_dataset(shapes_final, model, items, tmp_path / "d", chunk=2, progress=False)
+    first = torch.load(tmp_path / "d" / "data-0001.pt", weights_only=False)
+    (tmp_path / "d" / "data-0001.pt").unlink()
+    calls = []
+    real = dl.encode_items
+    monkeypatch.setattr(dl, "encode_items", lambda bb, part: calls.append(len(part)) or real(bb, part))
+    dl.build_dataset(shapes_final, model, items, tmp_path / "d", chunk=2, progress=False)
+    assert calls == [2]  # only the missing shard was rebuilt
+    again = torch.load(tmp_path / "d" / "data-0001.pt", weights_only=False)
+    assert torch.equal(first["target"], again["target"]) and first["seeds"] == again["seeds"]
+    data = dl.load_dataset(tmp_path / "d", 5, 2)
+    assert data["z0"].shape[0] == 5 and data["tokens"].shape[:2] == data["mask"].shape
+
+
+@needs_shapes
+def test_ppo_continues_after_distill_and_resume_skips_it(tmp_path, shapes_final, monkeypatch):
+    from xlard.train import distill as dl
+    from xlard.train import train
+
+    out = tmp_path / "run"
+    train(config(out, steps=1), backbone=shapes_final)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+    calls = []
+    monkeypatch.setattr(dl, "fit_corrector", lambda *a, **k: calls.append(1))
+    from xlard.train.trainer import Trainer
+
+    trainer = Trainer(config(out, steps=1), resume=True, backbone=shapes_final)
+    assert trainer.distilled and trainer.distill_stats["items"] == 6
+    trainer.run()
+    assert calls == []  # the resumed run did not distil again
+
+
+@needs_shapes
+def test_distill_is_refused_where_it_cannot_work(tmp_path):
+    from xlard.train import train
+    from xlard.train.trainer import load_backbone
+
+    cfg = config(tmp_path / "a", backbone={"correction_step": 0.5})
+    backbone = load_backbone(cfg.backbone, torch.device("cpu"), cfg.reward)
+    with pytest.raises(ValueError, match="correction_step: 1.0"):
+        train(cfg, backbone=backbone)
+
+
+def test_the_distill_config_loads_with_the_validated_edits():
+    from xlard.train import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "shapes_distill.yaml")
+    assert cfg.steps == 0 and cfg.distill.items_per_tag > 0 and cfg.backbone.correction_step == 1.0
+    edits = cfg.distill.edit_config()
+    assert not edits.redraw and not edits.fix_count and edits.fix_color and edits.fix_position

@@ -1,0 +1,222 @@
+"""The corrector's warm start on edit targets (``distill`` in a run config).
+
+On the shapes backbone the rewards' verdicts can be drawn: :mod:`xlard.shapes.editor`
+reads a decoded sample with the understanding model (the reward source's eyes),
+redraws it the way the prompt asks (clean shapes, the asked count, the asked
+colors, relations that hold) and turns the edit into a latent correction
+``M * (E(edited) - E(decoded))``. This module builds a dataset of such targets
+on *training-split* items (seeds the training, the monitor and the calibration
+never draw) and regresses the corrector's mean ``Delta(z0, e_p)`` onto them.
+PPO can then continue from the distilled corrector; at inference the corrector
+is one forward pass, as before.
+
+The dataset is written in shards (``<run>/distill/data-NNNN.pt``, atomically), so
+an interrupted build resumes at the first missing shard; the fit is short and
+restarts from scratch on resume (its epochs are logged to
+``<run>/distill/metrics.jsonl``). The exact evaluator takes no part.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from xlard import _io
+from xlard.train import checkpoint as ckpt
+from xlard.train.rollout import derived_generator, encode_items, prompt_inputs
+
+__all__ = ["DISTILL_SEED_BASE", "vae_encoder", "build_dataset", "load_dataset", "fit_corrector"]
+
+#: Image seeds of the distillation items (the training draws 0.., the monitor 1_000_003.., the calibration 2_000_003..).
+DISTILL_SEED_BASE = 3_000_003
+
+_FIELDS = ("z0", "target", "tokens", "mask", "pooled")
+
+
+def vae_encoder(backbone) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images [B, 3, H, W] in [0, 1] -> latents`` in the backbone's scaled latent space (diffusers VAEs).
+
+    Raises:
+        ValueError: the backbone has no diffusers VAE to encode with.
+    """
+    pipe = getattr(getattr(backbone, "family", None), "pipe", None)
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not hasattr(vae, "encode"):
+        raise ValueError("distill: the backbone has no VAE encoder (distillation needs a diffusers backbone's VAE)")
+    scale = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = images.to(device=vae.device, dtype=vae.dtype) * 2 - 1
+            return ((vae.encode(x).latent_dist.mode() - shift) * scale).float()
+
+    return encode
+
+
+def _shard_path(folder: Path, k: int) -> Path:
+    return folder / f"data-{k:04d}.pt"
+
+
+def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk: int = 32, edit_config=None,
+                  progress: bool = True) -> Path:
+    """Encode ``items``, decode their z0, edit the images, write the latent targets in shards.
+
+    Args:
+        backbone: the shapes backbone (``correction_step`` 1.0: z0 is the final latent).
+        model: the understanding model the editor reads the images with.
+        items: :class:`xlard.train.data.Item` s (training split).
+        folder: where the shards go (existing complete shards are kept: resume).
+        chunk: items per shard (one backbone call each).
+        edit_config: :class:`xlard.shapes.editor.EditConfig` (default: all fixes on).
+
+    Returns:
+        ``folder``.
+    """
+    from xlard.shapes.editor import edit_images, edit_targets
+
+    if float(backbone.correction_step) != 1.0:
+        raise ValueError(f"distill: the edit targets are corrections of the final latent, so the backbone's "
+                         f"correction_step must be 1.0, got {backbone.correction_step}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    encode = vae_encoder(backbone)
+    n_shards = math.ceil(len(items) / chunk)
+    todo = [k for k in range(n_shards) if not _shard_path(folder, k).is_file()]
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items), initial=(n_shards - len(todo)) * chunk, desc="distill: edit targets",
+                   unit="item", file=sys.stderr)
+    for k in todo:
+        part = list(items[k * chunk:(k + 1) * chunk])
+        state = encode_items(backbone, part)
+        inputs = prompt_inputs(state, "cpu")
+        with torch.no_grad():
+            images = backbone.decode(state, state.z0).images.float().cpu()
+        size = model.config.image_size
+        if tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"distill: the backbone's images are {tuple(images.shape[-2:])}, the understanding model "
+                             f"reads {size}x{size}")
+        edited = edit_images(model, images, state.specs, edit_config)
+        target = edit_targets(encode, images, edited, inputs.z0.shape[1:])
+        shard = {"z0": inputs.z0.cpu(), "target": target.cpu(), "tokens": inputs.text_tokens.cpu(),
+                 "mask": inputs.text_mask.cpu(), "pooled": inputs.pooled.cpu(),
+                 "prompts": [it.record.get("prompt") for it in part], "tags": [it.record.get("tag") for it in part],
+                 "seeds": [int(it.seed) for it in part], "actions": edited.actions}
+        ckpt.save_atomic(shard, _shard_path(folder, k))
+        if bar is not None:
+            bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    return folder
+
+
+def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]:
+    """The shards of :func:`build_dataset` as one batch (token dimensions padded to the longest)."""
+    folder = Path(folder)
+    shards = [torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)
+              for k in range(math.ceil(n_items / chunk))]
+    t = max(s["tokens"].shape[1] for s in shards)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == t:
+            return x
+        out = x.new_zeros((x.shape[0], t) + tuple(x.shape[2:]))
+        out[:, :x.shape[1]] = x
+        return out
+
+    data = {f: torch.cat([pad(s[f]) if f in ("tokens", "mask") else s[f] for s in shards]) for f in _FIELDS}
+    data["tags"] = [tag for s in shards for tag in s["tags"]]
+    data["actions"] = [a for s in shards for a in s["actions"]]
+    return data
+
+
+def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, batch_size: int, weight_decay: float,
+                  val_fraction: float, seed: int, log_path: str | Path | None = None, progress: bool = True
+                  ) -> dict[str, float]:
+    """Regress the corrector's mean onto the targets (MSE; AdamW, 100-step warmup, cosine to 5%).
+
+    A seeded ``val_fraction`` of the items is held back to report how much of the
+    targets' variance the corrector explains on items it did not fit (``val_r2``).
+
+    Returns:
+        ``{"train_mse", "val_mse", "val_zero_mse", "val_r2", "epochs", "seconds"}``.
+    """
+    n = data["z0"].shape[0]
+    gen = derived_generator(seed, "distill", "split")
+    perm = torch.randperm(n, generator=gen)
+    n_val = int(round(n * val_fraction))
+    val, train_rows = perm[:n_val], perm[n_val:]
+    if len(train_rows) < 1:
+        raise ValueError(f"distill: {n} items leave none to fit after holding back {n_val}")
+    device = corrector.head.weight.device
+    params = [p for name, p in corrector.named_parameters() if name != "log_std" and not name.startswith("value_head")]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    per_epoch = max(1, len(train_rows) // batch_size)
+    total = epochs * per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+
+    def batch(rows):
+        return [data[f][rows].to(device) for f in _FIELDS]
+
+    def mse(rows) -> torch.Tensor:
+        z0, target, tokens, mask, pooled = batch(rows)
+        return (corrector(z0, tokens, pooled, mask) - target).square().mean()
+
+    def evaluate(rows) -> tuple[float, float]:
+        if len(rows) == 0:
+            return float("nan"), float("nan")
+        corrector.eval()
+        with torch.no_grad():
+            total_mse = sum(float(mse(rows[i:i + 256])) * len(rows[i:i + 256]) for i in range(0, len(rows), 256))
+            zero = float(data["target"][rows].square().mean())
+        return total_mse / len(rows), zero
+
+    log = None
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "w")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=epochs, desc="distill: fit", unit="epoch", file=sys.stderr)
+    t0 = time.perf_counter()
+    row: dict[str, float] = {}
+    try:
+        for epoch in range(epochs):
+            corrector.train()
+            order = train_rows[torch.randperm(len(train_rows), generator=derived_generator(seed, "distill", epoch))]
+            running = 0.0
+            for i in range(per_epoch):
+                loss = mse(order[i * batch_size:(i + 1) * batch_size])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                running += float(loss.detach())
+            val_mse, zero = evaluate(val)
+            row = {"epoch": epoch + 1, "train_mse": running / per_epoch, "val_mse": val_mse, "val_zero_mse": zero,
+                   "val_r2": 1.0 - val_mse / zero if zero > 0 else float("nan"),
+                   "seconds": time.perf_counter() - t0}
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if bar is not None:
+                bar.set_postfix({"train": f"{row['train_mse']:.4f}", "val_r2": f"{row['val_r2']:.3f}"})
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    corrector.eval()
+    return {**row, "epochs": epochs}
