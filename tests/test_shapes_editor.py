@@ -184,3 +184,22 @@ def test_editor_side_never_imports_the_evaluator(path):
 
 def test_world_shapes_are_the_editors_vocabulary():
     assert set(SHAPES) <= set(CFG.shapes)
+
+
+def test_grid_placement_and_removing_the_last_in_reading_order():
+    objs = tuple(SceneObject("circle", "red", (x, y, x + 10, y + 10)) for x, y in ((40, 4), (4, 4), (4, 40)))
+    img, _, _ = edit(Scene(64, objs), "two red circles", redraw=False, remove="last")
+    kept = sorted((round(c[0]), round(c[1])) for c in map(centre, blobs(img, "red")))
+    assert kept == [(8, 8), (8, 44)]  # the two top ones stay, the bottom one (last in reading order) goes
+    scene = Scene(64, (SceneObject("square", "blue", (2, 2, 16, 16)),))
+    img, _, _ = edit(scene, "two blue squares", redraw=False, placement="grid", draw_size=12)
+    added = [b for b in blobs(img, "blue") if centre(b)[1] > 20]
+    assert len(added) == 1 and np.ptp(np.nonzero(added[0])[1]) + 1 == 12
+    cy, cx = centre(added[0])
+    assert abs(cy - 10.5) < 2 and abs(cx - 32) < 2  # the first free cell of the 3 x 3 grid: top middle
+    with pytest.raises(ValueError, match="placement"):
+        EditConfig(placement="random")
+    with pytest.raises(ValueError, match="remove"):
+        EditConfig(remove="first")
+    with pytest.raises(ValueError, match="draw_size"):
+        EditConfig(draw_size=-1)

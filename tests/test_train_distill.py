@@ -57,10 +57,14 @@ def test_config_checks():
         config(Path("x"), distill={"val_fraction": 0.9})
     with pytest.raises(ValueError, match="distill.fix_count"):
         config(Path("x"), distill={"fix_count": "yes"})
+    with pytest.raises(ValueError, match="distill.placement"):
+        config(Path("x"), distill={"placement": "anywhere"})
     with pytest.raises(ValueError, match="unknown key"):
         config(Path("x"), distill={"item_per_tag": 3})
-    cfg = config(Path("x"), distill={"fix_position": False})
-    assert cfg.distill.edit_config().fix_position is False and cfg.distill.edit_config().redraw is True
+    cfg = config(Path("x"), distill={"fix_position": False, "placement": "grid", "remove": "last", "draw_size": 14})
+    edits = cfg.distill.edit_config()
+    assert edits.fix_position is False and edits.redraw is True
+    assert (edits.placement, edits.remove, edits.draw_size) == ("grid", "last", 14)
 
 
 @needs_shapes

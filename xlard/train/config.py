@@ -440,6 +440,8 @@ class DistillSettings:
         chunk: items per backbone call and per dataset shard.
         redraw, fix_count, fix_color, fix_position: what the editor changes
             (:class:`xlard.shapes.editor.EditConfig`; the ablations of the warm start).
+        placement, remove, draw_size: how the editor fixes a count (``EditConfig``:
+            ``"emptiest"`` / ``"grid"``, ``"weakest"`` / ``"last"``, 0 = copy the size).
     """
 
     items_per_tag: int = 0
@@ -453,6 +455,9 @@ class DistillSettings:
     fix_count: bool = True
     fix_color: bool = True
     fix_position: bool = True
+    placement: str = "emptiest"
+    remove: str = "weakest"
+    draw_size: int = 0
 
     def __post_init__(self):
         o = "distill"
@@ -465,13 +470,17 @@ class DistillSettings:
         _int(o, "chunk", self.chunk, 1)
         for name in ("redraw", "fix_count", "fix_color", "fix_position"):
             _bool(o, name, getattr(self, name))
+        _choice(o, "placement", self.placement, ("emptiest", "grid"))
+        _choice(o, "remove", self.remove, ("weakest", "last"))
+        _int(o, "draw_size", self.draw_size, 0)
 
     def edit_config(self):
         """The :class:`xlard.shapes.editor.EditConfig` these settings describe."""
         from xlard.shapes.editor import EditConfig
 
         return EditConfig(redraw=self.redraw, fix_count=self.fix_count, fix_color=self.fix_color,
-                          fix_position=self.fix_position)
+                          fix_position=self.fix_position, placement=self.placement, remove=self.remove,
+                          draw_size=self.draw_size)
 
 
 @dataclass(frozen=True)
