@@ -110,6 +110,13 @@ def test_dataset_build_resumes_at_the_first_missing_shard(tmp_path, shapes_final
     again = torch.load(tmp_path / "d" / "data-0001.pt", weights_only=False)
     assert torch.equal(first["target"], again["target"]) and first["seeds"] == again["seeds"]
     data = dl.load_dataset(tmp_path / "d", 5, 2)
+    from xlard.shapes.editor import EditConfig
+
+    with pytest.raises(ValueError, match="other items or edits"):  # stale shards are never reused
+        dl.build_dataset(shapes_final, model, items, tmp_path / "d", chunk=2, progress=False,
+                         edit_config=EditConfig(redraw=False))
+    with pytest.raises(ValueError, match="other items or edits"):
+        dl.build_dataset(shapes_final, model, items[:4], tmp_path / "d", chunk=2, progress=False)
     assert data["z0"].shape[0] == 5 and data["tokens"].shape[:2] == data["mask"].shape
 
 

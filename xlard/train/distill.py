@@ -86,6 +86,20 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
                          f"correction_step must be 1.0, got {backbone.correction_step}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # Shards are reused on resume only if they were built for the same items and edits.
+    from xlard.shapes.editor import EditConfig
+
+    manifest = {"items": [[it.record.get("prompt"), int(it.seed)] for it in items], "chunk": int(chunk),
+                "edits": vars(edit_config or EditConfig())}
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        if json.loads(manifest_path.read_text()) != json.loads(json.dumps(manifest)):
+            raise ValueError(f"distill: {folder} holds edit targets built for other items or edits; delete it or "
+                             "choose another run folder")
+    else:
+        if any(folder.glob("data-*.pt")):
+            raise ValueError(f"distill: {folder} holds edit-target shards without a manifest; delete them")
+        _io.atomic_write_text(manifest_path, json.dumps(manifest) + "\n", owner="xlard train distill")
     encode = vae_encoder(backbone)
     n_shards = math.ceil(len(items) / chunk)
     todo = [k for k in range(n_shards) if not _shard_path(folder, k).is_file()]
