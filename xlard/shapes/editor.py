@@ -130,10 +130,6 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return (F.max_pool2d(t, 2 * radius + 1, 1, radius)[0, 0] > 0).numpy()
 
 
-def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
-    return ~_dilate(~mask, radius)
-
-
 def find_objects(prob: np.ndarray, threshold: float = 0.5, min_area: int = 8) -> list[tuple[float, np.ndarray]]:
     """Connected components (8-neighbourhood) of ``prob > threshold`` with at least ``min_area`` pixels.
 
@@ -233,7 +229,7 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
         changed[region] = True
         colored = colored & ~region
 
-    def draw(noun: str, top: int, left: int, size: int, color: str) -> None:
+    def draw(noun: str, top: int, left: int, size: int, color: str) -> tuple[int, int]:
         nonlocal colored
         top, left = max(0, min(top, h - size)), max(0, min(left, w - size))
         sub = np.zeros((h, w), bool)

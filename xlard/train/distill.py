@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from xlard import _io
 from xlard.train import checkpoint as ckpt
