@@ -1,20 +1,23 @@
 """How far the editor's latent edits take the shapes backbone: the ceiling of the ``distill`` warm start.
 
 For *training-split* (prompt, seed) items (image seeds from ``--seed-base``, as
-``scripts/validate_corrector.py`` draws them) the backbone samples z0 (the final
-latent, ``correction_step`` 1.0), the understanding model reads the decoded image,
+``scripts/validate_corrector.py`` draws them) the backbone samples z0 (the latent at
+``--correction-step``, default 1.0: the final one), the understanding model reads the decoded image,
 :mod:`xlard.shapes.editor` redraws it, and three images are judged by the exact
 evaluator (as a metric only; the editor never sees it):
 
 - ``base``: the decoded z0;
-- ``latent``: ``z0 + target`` decoded, where ``target = M * (E(edited) - E(decoded))``
-  is exactly what the corrector is regressed onto;
+- ``latent``: ``z0 + target`` decoded, where ``target = s * M * (E(edited) - E(decoded))``
+  is exactly what the corrector is regressed onto (``s`` is
+  :func:`xlard.train.distill.signal_scale`: 1 at correction_step 1.0, ``sqrt(abar_t)``
+  earlier, where the remaining denoising carries the change);
 - ``image``: the edited image itself (what the edit would give if the VAE carried it perfectly).
 
 A corrector distilled from these targets can at best reach the ``latent`` row.
 
     python scripts/measure_edit_ceiling.py --per-tag 16
     python scripts/measure_edit_ceiling.py --per-tag 16 --no-redraw --no-count --out ceiling.json
+    python scripts/measure_edit_ceiling.py --per-tag 16 --correction-step 0.3
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-tag", type=int, default=16, help="items per GenEval tag (default 16)")
     p.add_argument("--seed-base", type=int, default=100, help="image seed = seed-base + seed index (default 100)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--correction-step", type=float, default=1.0,
+                   help="where the latent is edited, in (0, 1] (default 1.0: the final latent)")
     for name in ("redraw", "count", "color", "position"):
         p.add_argument(f"--no-{name}", action="store_true", help=f"turn the editor's {name} fix off")
     p.add_argument("--out", help="write the table here (JSON)")
@@ -38,21 +43,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.per_tag < 1 or args.batch < 1:
         p.error(f"--per-tag and --batch must be >= 1, got {args.per_tag}, {args.batch}")
+    if not 0.0 < args.correction_step <= 1.0:
+        p.error(f"--correction-step must be in (0, 1], got {args.correction_step}")
     return args
 
 
-def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, progress: bool = True) -> dict:
+def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, progress: bool = True,
+            correction_step: float = 1.0) -> dict:
     """``{"items", "rows": {"base"|"latent"|"image": {"overall", "tags"}}, "edited"}`` on training-split items."""
     from xlard.shapes import evaluator as E
     from xlard.shapes.editor import edit_images, edit_targets
     from xlard.shapes.understanding import load_model
     from xlard.train import config_from_dict
     from xlard.train.data import Item, balanced_pairs, load_records
-    from xlard.train.distill import vae_encoder
+    from xlard.train.distill import signal_scale, vae_encoder
     from xlard.train.rollout import encode_items
     from xlard.train.trainer import load_backbone
 
-    cfg = config_from_dict({"backbone": {"name": "shapes", "correction_step": 1.0, "device": "cpu"}})
+    cfg = config_from_dict({"backbone": {"name": "shapes", "correction_step": correction_step, "device": "cpu"}})
     backbone = load_backbone(cfg.backbone, torch.device("cpu"), cfg.reward)
     model, encode = load_model(), vae_encoder(backbone)
     records, _ = load_records("shapes:train")
@@ -71,7 +79,8 @@ def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, pr
         with torch.no_grad():
             images = backbone.decode(state, z0).images.float()
             edited = edit_images(model, images, state.specs, edit_config)
-            moved = backbone.decode(state, z0 + edit_targets(encode, images, edited, z0.shape[1:])).images
+            target = signal_scale(state) * edit_targets(encode, images, edited, z0.shape[1:])
+            moved = backbone.decode(state, z0 + target).images
         edited_count += sum(1 for a in edited.actions if a)
         recs = [it.record for it in chunk]
         for key, imgs in (("base", images), ("latent", moved), ("image", edited.images)):
@@ -85,7 +94,7 @@ def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, pr
     for key, v in verdicts.items():
         per = {t: sum(ok for ok, g in zip(v, tags) if g == t) / tags.count(t) for t in sorted(set(tags))}
         rows[key] = {"overall": sum(per.values()) / len(per), "tags": per}
-    return {"items": len(items), "edited": edited_count, "rows": rows}
+    return {"items": len(items), "edited": edited_count, "correction_step": correction_step, "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -94,8 +103,10 @@ def main(argv=None) -> int:
 
     config = EditConfig(redraw=not args.no_redraw, fix_count=not args.no_count, fix_color=not args.no_color,
                         fix_position=not args.no_position)
-    result = measure(args.per_tag, config, args.seed_base, args.batch, progress=not args.quiet)
-    print(f"{result['items']} training-split items, {result['edited']} edited; exact evaluator, mean of the tags")
+    result = measure(args.per_tag, config, args.seed_base, args.batch, progress=not args.quiet,
+                     correction_step=args.correction_step)
+    print(f"{result['items']} training-split items, {result['edited']} edited, correction_step "
+          f"{args.correction_step:g}; exact evaluator, mean of the tags")
     for key, row in result["rows"].items():
         print(f"{key:>6}: {row['overall']:.4f} | " + " ".join(f"{t} {v:.3f}" for t, v in row["tags"].items()))
     if args.out:

@@ -102,6 +102,9 @@ def test_dataset_build_resumes_at_the_first_missing_shard(tmp_path, shapes_final
     dl.build_dataset(shapes_final, model, items, tmp_path / "d", chunk=2, progress=False)
     first = torch.load(tmp_path / "d" / "data-0001.pt", weights_only=False)
     (tmp_path / "d" / "data-0001.pt").unlink()
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest.pop("correction_step") == 1.0  # a folder from before the field existed is still reused
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest))
     calls = []
     real = dl.encode_items
     monkeypatch.setattr(dl, "encode_items", lambda bb, part: calls.append(len(part)) or real(bb, part))
@@ -140,14 +143,41 @@ def test_ppo_continues_after_distill_and_resume_skips_it(tmp_path, shapes_final,
 
 
 @needs_shapes
-def test_distill_is_refused_where_it_cannot_work(tmp_path):
-    from xlard.train import train
+def test_targets_before_the_final_step_are_scaled_by_the_signal_level(tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from xlard.shapes.understanding import load_model
+    from xlard.train import distill as dl
+    from xlard.train.data import Item, load_records
+    from xlard.train.rollout import encode_items
     from xlard.train.trainer import load_backbone
 
-    cfg = config(tmp_path / "a", backbone={"correction_step": 0.5})
+    cfg = config(tmp_path / "a", backbone={"correction_step": 0.5, "num_inference_steps": 4})
     backbone = load_backbone(cfg.backbone, torch.device("cpu"), cfg.reward)
-    with pytest.raises(ValueError, match="correction_step: 1.0"):
-        train(cfg, backbone=backbone)
+    records, _ = load_records("shapes:train")
+    items = [Item(records[i], dl.DISTILL_SEED_BASE + i, i) for i in range(3)]
+    state = encode_items(backbone, items)
+    assert state.step_index == 2 and state.remaining_steps == 2
+    # sqrt(abar_t) of the timestep the corrected latent sits at, from a scheduler built here
+    sched = DPMSolverMultistepScheduler.from_config(backbone.family.pipe.scheduler.config)
+    sched.set_timesteps(4)
+    expected = float(sched.alphas_cumprod[int(sched.timesteps[2])]) ** 0.5
+    assert 0.05 < expected < 0.99
+    assert dl.signal_scale(state) == pytest.approx(expected, rel=1e-6)
+    model = load_model()
+    dl.build_dataset(backbone, model, items, tmp_path / "d", chunk=3, progress=False)
+    shard = torch.load(tmp_path / "d" / "data-0000.pt", weights_only=False)
+    assert shard["signal_scale"] == pytest.approx(expected, rel=1e-6)
+    assert shard["z0"].shape == shard["target"].shape and torch.isfinite(shard["target"]).all()
+    # the same items at correction_step 1.0: a separate folder (the manifest records the step) ...
+    final = load_backbone(config(tmp_path / "b").backbone, torch.device("cpu"), cfg.reward)
+    with pytest.raises(ValueError, match="other items or edits"):
+        dl.build_dataset(final, model, items, tmp_path / "d", chunk=3, progress=False)
+    assert dl.signal_scale(encode_items(final, items)) == 1.0
+    # ... and a scheduler without alphas_cumprod is refused with the reason
+    state.resume["scheduler"] = object()
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        dl.signal_scale(state)
 
 
 def test_the_distill_config_loads_with_the_validated_edits():

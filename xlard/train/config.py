@@ -430,9 +430,12 @@ class DistillSettings:
     Attributes:
         items_per_tag: training-split (prompt, seed) items per GenEval tag whose
             decoded samples are edited into latent targets; 0 (default) turns
-            the warm start off. Needs the shapes backbone at ``correction_step``
-            1.0 (the edits are drawn with the shapes world's primitives and are
-            corrections of the final latent) and one process.
+            the warm start off. Needs the shapes backbone (the edits are drawn
+            with the shapes world's primitives) and one process. At
+            ``correction_step`` 1.0 the targets are corrections of the final
+            latent; earlier they are scaled by ``sqrt(abar_t)``
+            (:func:`xlard.train.distill.signal_scale`) and the remaining
+            denoising carries them.
         epochs, lr, batch_size, weight_decay: the regression's optimiser (AdamW,
             100-step warmup, cosine to 5% of ``lr``).
         val_fraction: share of the items held back to report the explained

@@ -30,7 +30,7 @@ from xlard import _io
 from xlard.train import checkpoint as ckpt
 from xlard.train.rollout import derived_generator, encode_items, prompt_inputs
 
-__all__ = ["DISTILL_SEED_BASE", "vae_encoder", "build_dataset", "load_dataset", "fit_corrector"]
+__all__ = ["DISTILL_SEED_BASE", "vae_encoder", "signal_scale", "build_dataset", "load_dataset", "fit_corrector"]
 
 #: Image seeds of the distillation items (the training draws 0.., the monitor 1_000_003.., the calibration 2_000_003..).
 DISTILL_SEED_BASE = 3_000_003
@@ -59,6 +59,32 @@ def vae_encoder(backbone) -> Callable[[torch.Tensor], torch.Tensor]:
     return encode
 
 
+def signal_scale(state) -> float:
+    """How much of a change of the *final* latent shows in the latent at the state's correction step.
+
+    At ``correction_step`` 1.0 the corrected latent is the final one: 1.0. Earlier,
+    the latent is ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (variance-preserving
+    schedulers, the shapes backbone's DPM-Solver among them), so moving the image's
+    latent by ``d`` moves ``x_t`` by ``sqrt(abar_t) d``, and the remaining denoising
+    carries it through.
+
+    Raises:
+        ValueError: the backbone's scheduler has no ``alphas_cumprod`` (flow-matching
+            schedulers); distil at ``correction_step`` 1.0 there.
+    """
+    if state.remaining_steps <= 0:
+        return 1.0
+    resume = getattr(state, "resume", None) or {}
+    scheduler, timesteps = resume.get("scheduler"), resume.get("timesteps")
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if abar is None or timesteps is None:
+        raise ValueError(f"distill: at correction_step {state.correction_step} the edit targets are scaled by "
+                         f"sqrt(alphas_cumprod[t]), which this backbone's scheduler "
+                         f"({type(scheduler).__name__}) does not have; use correction_step 1.0")
+    t = int(timesteps[state.step_index])
+    return float(abar[t]) ** 0.5
+
+
 def _shard_path(folder: Path, k: int) -> Path:
     return folder / f"data-{k:04d}.pt"
 
@@ -68,7 +94,8 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
     """Encode ``items``, decode their z0, edit the images, write the latent targets in shards.
 
     Args:
-        backbone: the shapes backbone (``correction_step`` 1.0: z0 is the final latent).
+        backbone: the shapes backbone. At ``correction_step`` 1.0 z0 is the final latent and the
+            target is the edit itself; earlier, it is scaled by :func:`signal_scale`.
         model: the understanding model the editor reads the images with.
         items: :class:`xlard.train.data.Item` s (training split).
         folder: where the shards go (existing complete shards are kept: resume).
@@ -80,19 +107,18 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
     """
     from xlard.shapes.editor import edit_images, edit_targets
 
-    if float(backbone.correction_step) != 1.0:
-        raise ValueError(f"distill: the edit targets are corrections of the final latent, so the backbone's "
-                         f"correction_step must be 1.0, got {backbone.correction_step}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # Shards are reused on resume only if they were built for the same items and edits.
     from xlard.shapes.editor import EditConfig
 
     manifest = {"items": [[it.record.get("prompt"), int(it.seed)] for it in items], "chunk": int(chunk),
-                "edits": vars(edit_config or EditConfig())}
+                "edits": vars(edit_config or EditConfig()), "correction_step": float(backbone.correction_step)}
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
-        if json.loads(manifest_path.read_text()) != json.loads(json.dumps(manifest)):
+        saved = json.loads(manifest_path.read_text())
+        saved.setdefault("correction_step", 1.0)  # manifests written before the field existed were all at 1.0
+        if saved != json.loads(json.dumps(manifest)):
             raise ValueError(f"distill: {folder} holds edit targets built for other items or edits; delete it or "
                              "choose another run folder")
     else:
@@ -118,11 +144,12 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
             raise ValueError(f"distill: the backbone's images are {tuple(images.shape[-2:])}, the understanding model "
                              f"reads {size}x{size}")
         edited = edit_images(model, images, state.specs, edit_config)
-        target = edit_targets(encode, images, edited, inputs.z0.shape[1:])
+        scale = signal_scale(state)
+        target = scale * edit_targets(encode, images, edited, inputs.z0.shape[1:])
         shard = {"z0": inputs.z0.cpu(), "target": target.cpu(), "tokens": inputs.text_tokens.cpu(),
                  "mask": inputs.text_mask.cpu(), "pooled": inputs.pooled.cpu(),
                  "prompts": [it.record.get("prompt") for it in part], "tags": [it.record.get("tag") for it in part],
-                 "seeds": [int(it.seed) for it in part], "actions": edited.actions}
+                 "seeds": [int(it.seed) for it in part], "actions": edited.actions, "signal_scale": scale}
         ckpt.save_atomic(shard, _shard_path(folder, k))
         if bar is not None:
             bar.update(len(part))

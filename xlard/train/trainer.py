@@ -390,9 +390,6 @@ class Trainer:
             raise ValueError("distill: the edit-target warm start draws with the shapes world's primitives; it needs "
                              f"backbone.name 'shapes' and shapes prompts, got {self.cfg.backbone.name!r} and "
                              f"{self.cfg.data.prompts!r}")
-        if float(self.backbone.correction_step) != 1.0:
-            raise ValueError(f"distill: the edit targets are corrections of the final latent; set "
-                             f"backbone.correction_step: 1.0 (got {self.backbone.correction_step})")
         if self.distributed:
             raise ValueError("distill: the edit-target warm start runs in one process; start the run without "
                              "torchrun (PPO steps after it can resume distributed only from a new run)")
