@@ -203,3 +203,61 @@ def test_grid_placement_and_removing_the_last_in_reading_order():
         EditConfig(remove="first")
     with pytest.raises(ValueError, match="draw_size"):
         EditConfig(draw_size=-1)
+
+
+@pytest.mark.parametrize("count", [2, 5, 8])
+def test_relayout_draws_exactly_the_asked_number_at_the_grid_cells(count):
+    # a scene with too many red circles, a distractor square and a circle the prompt's count does not match
+    objs = (SceneObject("circle", "red", (3, 40, 15, 52)), SceneObject("circle", "red", (30, 30, 42, 42)),
+            SceneObject("circle", "green", (45, 5, 57, 17)), SceneObject("square", "blue", (20, 48, 30, 58)))
+    img, changed, actions = edit(Scene(64, objs), f"a photo of {['', '', 'two', '', '', 'five', '', '', 'eight'][count]}"
+                                 " circles", relayout=True, draw_size=12)
+    assert actions == [f"relaid out {count} circle(s)"]
+    bg = (np.asarray(BACKGROUND, np.float32) / 255.0)[:, None, None]
+    found = blobs(img, "red")  # the dominant color of the found circles
+    assert len(found) == count and not blobs(img, "blue") and not blobs(img, "green")
+    assert all(m.sum() == blobs(image_of(Scene(64, (SceneObject("circle", "red", (0, 0, 12, 12)),))), "red")[0].sum()
+               for m in found)
+    centres = sorted((round(c[0]), round(c[1])) for c in map(centre, found))
+    from xlard.shapes.editor import RELAYOUT_ORDER
+    grid = sorted(((10, 32, 53)[k // 3], (10, 32, 53)[k % 3]) for k in RELAYOUT_ORDER[:count])
+    assert all(abs(a - c) <= 1 and abs(b - d) <= 1 for (a, b), (c, d) in zip(centres, grid))
+    # every pixel that is not background now belongs to a drawn circle, and the old objects were painted over
+    assert (np.abs(img - bg).max(0) > 1e-3).sum() == sum(int(m.sum()) for m in found)
+    assert changed[30:42, 30:42].any() and changed[48:58, 20:30].all()
+
+
+def test_relayout_leaves_other_prompts_to_the_usual_edits():
+    scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),))
+    a = edit(scene, "three red circles", relayout=False)
+    assert edit(scene, "a red circle left of a blue square", relayout=True)[2] == \
+        edit(scene, "a red circle left of a blue square")[2]
+    assert not any(x.startswith("relaid") for x in a[2])
+    # the asked color wins over the found objects' color; fix_count off turns relayout off
+    img, _, actions = edit(scene, "three blue circles", relayout=True)
+    assert actions == ["relaid out 3 circle(s)"] and len(blobs(img, "blue")) == 3 and not blobs(img, "red")
+    assert not edit(scene, "three blue circles", relayout=True, fix_count=False)[2][0].startswith("relaid")
+    with pytest.raises(ValueError, match="relayout"):
+        EditConfig(relayout=1)
+
+
+def test_replace_targets_set_the_touched_cells_to_the_edited_encoding():
+    scenes = [Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),)),
+              Scene(64, (SceneObject("square", "blue", (40, 40, 52, 52)),))]
+    images = torch.from_numpy(np.stack([image_of(s) for s in scenes]))
+    edited = edit_images(_Oracle(scenes), images, [parse("two red circles"), parse("a blue square")],
+                         EditConfig(redraw=False))
+    weight = torch.randn(8, 3, 4, 4)
+
+    def encode(x):
+        return torch.nn.functional.conv2d(x, weight, stride=4)
+
+    z0 = encode(images) + 0.3 * torch.randn(2, 8, 16, 16)  # the VAE does not give back the latent it decoded
+    target = edit_targets(encode, images, edited, (8, 16, 16), z0=z0)
+    touched = target.abs().amax(1) > 0
+    assert touched[0].any() and not touched[1].any()
+    moved = z0 + target
+    assert torch.allclose(moved[0][:, touched[0]], encode(edited.images)[0][:, touched[0]], atol=1e-5)
+    assert torch.equal(moved[0][:, ~touched[0]], z0[0][:, ~touched[0]])
+    with pytest.raises(ValueError, match="z0"):
+        edit_targets(encode, images, edited, (8, 16, 16), z0=z0[:1])

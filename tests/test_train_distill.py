@@ -65,6 +65,14 @@ def test_config_checks():
     edits = cfg.distill.edit_config()
     assert edits.fix_position is False and edits.redraw is True
     assert (edits.placement, edits.remove, edits.draw_size) == ("grid", "last", 14)
+    assert (edits.relayout, edits.margin, cfg.distill.replace) == (False, 6, False)
+    cfg = config(Path("x"), distill={"relayout": True, "margin": 64, "replace": True})
+    edits = cfg.distill.edit_config()
+    assert (edits.relayout, edits.margin, cfg.distill.replace) == (True, 64, True)
+    with pytest.raises(ValueError, match="distill.margin"):
+        config(Path("x"), distill={"margin": 0})
+    with pytest.raises(ValueError, match="distill.replace"):
+        config(Path("x"), distill={"replace": "yes"})
 
 
 @needs_shapes
@@ -187,3 +195,46 @@ def test_the_distill_config_loads_with_the_validated_edits():
     assert cfg.steps == 0 and cfg.distill.items_per_tag > 0 and cfg.backbone.correction_step == 1.0
     edits = cfg.distill.edit_config()
     assert not edits.redraw and not edits.fix_count and edits.fix_color and edits.fix_position
+
+
+@needs_shapes
+def test_replace_targets_land_on_the_edited_encoding_and_need_the_final_step(tmp_path, shapes_final):
+    from xlard.shapes.editor import EditConfig
+    from xlard.shapes.understanding import load_model
+    from xlard.train import distill as dl
+    from xlard.train.data import Item, load_records
+    from xlard.train.trainer import Trainer, load_backbone
+
+    records, _ = load_records("shapes:train")
+    counting = [i for i, r in enumerate(records) if r.get("tag") == "counting"][:3]
+    items = [Item(records[i], dl.DISTILL_SEED_BASE + k, i) for k, i in enumerate(counting)]
+    model = load_model()
+    edits = EditConfig(relayout=True)
+    dl.build_dataset(shapes_final, model, items, tmp_path / "r", chunk=3, progress=False, edit_config=edits,
+                     replace=True)
+    shard = torch.load(tmp_path / "r" / "data-0000.pt", weights_only=False)
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["replace"] is True
+    assert all(a[0].startswith("relaid out") for a in shard["actions"])
+    # on the touched cells z0 + target is the edited image's encoding
+    from xlard.shapes.editor import edit_images
+    from xlard.train.rollout import encode_items
+
+    state = encode_items(shapes_final, items)
+    images = shapes_final.decode(state, state.z0).images.float()
+    edited = edit_images(model, images, state.specs, edits)
+    encoded = dl.vae_encoder(shapes_final)(edited.images)
+    touched = shard["target"].abs().amax(1) > 0
+    assert touched.any()
+    moved = shard["z0"] + shard["target"]
+    assert torch.allclose(moved.permute(1, 0, 2, 3)[:, touched], encoded.permute(1, 0, 2, 3)[:, touched], atol=1e-4)
+    # difference targets for the same items are another dataset, never mixed with these
+    with pytest.raises(ValueError, match="other items or edits"):
+        dl.build_dataset(shapes_final, model, items, tmp_path / "r", chunk=3, progress=False, edit_config=edits)
+    # before the final step the latent is noisy: replace is refused, by the builder and by the trainer
+    early = load_backbone(config(tmp_path / "e", backbone={"correction_step": 0.5}).backbone, torch.device("cpu"),
+                          None)
+    with pytest.raises(ValueError, match="correction_step 1.0"):
+        dl.build_dataset(early, model, items, tmp_path / "e", chunk=3, progress=False, replace=True)
+    with pytest.raises(ValueError, match="distill.replace"):
+        Trainer(config(tmp_path / "t", backbone={"correction_step": 0.5}, distill={"replace": True}),
+                backbone=early)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from .world import BACKGROUND, PALETTE, SHAPES, shape_mask
 
-__all__ = ["EditConfig", "EditedBatch", "edit_image", "edit_images", "edit_targets", "find_objects"]
+__all__ = ["EditConfig", "EditedBatch", "edit_image", "edit_images", "edit_targets", "find_objects", "RELAYOUT_ORDER"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,15 @@ class EditConfig:
             or ``"last"`` (the last in reading order of their centres).
         draw_size: ``0`` (default): a drawn object copies the size of the
             entity's other objects; ``> 0``: always this side (pixels).
+        relayout: for a prompt of one counted entity (GenEval's ``counting``):
+            erase every object of the image and draw exactly the asked number at
+            fixed cells of a 3 x 3 grid (:data:`RELAYOUT_ORDER`), at
+            ``draw_size`` (or ``default_size``), in the asked color or else the
+            dominant color of the entity's found objects. The target then depends
+            on the prompt and on where the sample's objects are, not on which
+            objects are surplus or where a missing one fits (decisions a corrector
+            can only average), at the price of the sample's own layout. Off by
+            default.
         min_size, max_size, default_size: side of a drawn object (pixels; the
             default when an entity has no found object to copy the size from).
     """
@@ -82,6 +91,7 @@ class EditConfig:
     placement: str = "emptiest"
     remove: str = "weakest"
     draw_size: int = 0
+    relayout: bool = False
     min_size: int = 9
     max_size: int = 20
     default_size: int = 14
@@ -103,7 +113,7 @@ class EditConfig:
         if not self.min_size <= self.default_size <= self.max_size:
             raise ValueError(f"EditConfig: need min_size <= default_size <= max_size, got {self.min_size}, "
                              f"{self.default_size}, {self.max_size}")
-        for name in ("redraw", "fix_count", "fix_color", "fix_position"):
+        for name in ("redraw", "fix_count", "fix_color", "fix_position", "relayout"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EditConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -190,6 +200,20 @@ def _grid_spot(occupied: np.ndarray, size: int) -> tuple[int, int] | None:
     return None
 
 
+#: Cells of the 3 x 3 grid (row-major index) that ``EditConfig.relayout`` fills, in order:
+#: corners and centre first, so that every count from 1 to 9 is spread over the image.
+RELAYOUT_ORDER = (0, 8, 2, 6, 4, 1, 7, 3, 5)
+
+
+def _relayout_spots(h: int, w: int, size: int, n: int) -> list[tuple[int, int]]:
+    """Top-left corners of the first ``n`` cells of :data:`RELAYOUT_ORDER` for ``size`` boxes."""
+    spots = []
+    for cell in RELAYOUT_ORDER[:n]:
+        cy, cx = (h // 6, h // 2, h - h // 6)[cell // 3], (w // 6, w // 2, w - w // 6)[cell % 3]
+        spots.append((max(0, min(cy - size // 2, h - size)), max(0, min(cx - size // 2, w - size))))
+    return spots
+
+
 def _rgb(color: str) -> np.ndarray:
     return np.asarray(PALETTE[color], dtype=np.float32) / 255.0
 
@@ -238,6 +262,23 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
         changed[_dilate(sub, 1)] = True
         colored = colored | sub
         return top, left
+
+    counted = [e for e in spec.entities if e.count is not None]
+    if config.relayout and config.fix_count and len(spec.entities) == 1 and len(counted) == 1 \
+            and counted[0].noun in shapes and counted[0].noun in SHAPES and 1 <= counted[0].count <= 9:
+        entity = counted[0]
+        objs = find_objects(shape_probs[shapes.index(entity.noun)], config.threshold, config.min_area)
+        if config.fix_color and entity.color in colors and entity.color in PALETTE:
+            color = entity.color
+        elif objs:  # the dominant color over the found objects' pixels
+            color = colors[int(sum(color_probs[1:, m].sum(1) for _, m in objs).argmax())]
+        else:
+            color = colors[0]
+        size = config.draw_size or config.default_size
+        erase(_dilate(colored, 1))
+        for top, left in _relayout_spots(h, w, size, entity.count):
+            draw(entity.noun, top, left, size, color)
+        return img, changed, [f"relaid out {entity.count} {entity.noun}(s)"]
 
     for entity in spec.entities:
         placed.append([])
@@ -364,8 +405,14 @@ def edit_images(model: Any, images: torch.Tensor, specs: Sequence[Any], config: 
 
 
 def edit_targets(encode: Any, images: torch.Tensor, edited: EditedBatch, latent_shape: Sequence[int],
-                 grow: int = 1) -> torch.Tensor:
+                 grow: int = 1, z0: torch.Tensor | None = None) -> torch.Tensor:
     """Latent corrections that carry the edits: ``M * (encode(edited) - encode(images))``.
+
+    With ``z0`` (the latents the images were decoded from) the touched cells are
+    set to the edited image's encoding instead, ``M * (encode(edited) - z0)``: the
+    VAE does not give back ``z0`` from its own decoding (``encode(decode(z0)) !=
+    z0``), and for large edits (objects erased and redrawn) the difference form
+    leaves what the two encodings disagree on in the image as faint ghosts.
 
     Args:
         encode: ``images [B, 3, H, W] in [0, 1] -> latents [B, C, h, w]`` (the
@@ -374,6 +421,8 @@ def edit_targets(encode: Any, images: torch.Tensor, edited: EditedBatch, latent_
         edited: :func:`edit_images`' output for them.
         latent_shape: ``(C, h, w)`` of the latents.
         grow: latent cells around every touched cell that the target also covers.
+        z0 (Tensor[B, C, h, w], optional): the decoded latents; given, the target
+            replaces the touched cells (above). Only meaningful for final latents.
 
     Returns:
         Tensor[B, C, h, w] float32: zero on the cells no edit touched.
@@ -386,8 +435,12 @@ def edit_targets(encode: Any, images: torch.Tensor, edited: EditedBatch, latent_
     mask = F.max_pool2d(edited.changed.float()[:, None], h // lw)
     if grow:
         mask = F.max_pool2d(mask, 2 * grow + 1, 1, grow)
+    if z0 is not None and (not isinstance(z0, torch.Tensor) or tuple(z0.shape) != (images.shape[0], c, lh, lw)):
+        raise ValueError(f"edit_targets: z0 must be a tensor of shape {(images.shape[0], c, lh, lw)}, got "
+                         f"{tuple(z0.shape) if isinstance(z0, torch.Tensor) else type(z0).__name__}")
     with torch.no_grad():
-        diff = encode(edited.images.to(images.dtype)) - encode(images)
+        before = encode(images) if z0 is None else z0.to(images.device, torch.float32)
+        diff = encode(edited.images.to(images.dtype)) - before
     if tuple(diff.shape[1:]) != (c, lh, lw):
         raise ValueError(f"edit_targets: encode gave latents of shape {tuple(diff.shape[1:])}, expected {(c, lh, lw)}")
     return (mask.to(diff.dtype) * diff).float()

@@ -445,6 +445,13 @@ class DistillSettings:
             (:class:`xlard.shapes.editor.EditConfig`; the ablations of the warm start).
         placement, remove, draw_size: how the editor fixes a count (``EditConfig``:
             ``"emptiest"`` / ``"grid"``, ``"weakest"`` / ``"last"``, 0 = copy the size).
+        relayout: counting prompts are redrawn with exactly the asked number of
+            objects at fixed grid cells (``EditConfig.relayout``).
+        margin: pixels by which a relation's centres must differ to be left as it
+            is (``EditConfig.margin``); 64 moves the two objects of every relation
+            to their quarter places, whether it held or not.
+        replace: targets set the touched latent cells to the edited image's encoding
+            (``build_dataset(replace=True)``); needs ``correction_step`` 1.0.
     """
 
     items_per_tag: int = 0
@@ -461,6 +468,9 @@ class DistillSettings:
     placement: str = "emptiest"
     remove: str = "weakest"
     draw_size: int = 0
+    relayout: bool = False
+    margin: int = 6
+    replace: bool = False
 
     def __post_init__(self):
         o = "distill"
@@ -471,8 +481,9 @@ class DistillSettings:
         _real(o, "weight_decay", self.weight_decay, 0.0)
         _real(o, "val_fraction", self.val_fraction, 0.0, 0.5)
         _int(o, "chunk", self.chunk, 1)
-        for name in ("redraw", "fix_count", "fix_color", "fix_position"):
+        for name in ("redraw", "fix_count", "fix_color", "fix_position", "relayout", "replace"):
             _bool(o, name, getattr(self, name))
+        _int(o, "margin", self.margin, 1)
         _choice(o, "placement", self.placement, ("emptiest", "grid"))
         _choice(o, "remove", self.remove, ("weakest", "last"))
         _int(o, "draw_size", self.draw_size, 0)
@@ -483,7 +494,7 @@ class DistillSettings:
 
         return EditConfig(redraw=self.redraw, fix_count=self.fix_count, fix_color=self.fix_color,
                           fix_position=self.fix_position, placement=self.placement, remove=self.remove,
-                          draw_size=self.draw_size)
+                          draw_size=self.draw_size, relayout=self.relayout, margin=self.margin)
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def _shard_path(folder: Path, k: int) -> Path:
 
 
 def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk: int = 32, edit_config=None,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, replace: bool = False) -> Path:
     """Encode ``items``, decode their z0, edit the images, write the latent targets in shards.
 
     Args:
@@ -101,6 +101,10 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
         folder: where the shards go (existing complete shards are kept: resume).
         chunk: items per shard (one backbone call each).
         edit_config: :class:`xlard.shapes.editor.EditConfig` (default: all fixes on).
+        replace: targets set the touched latent cells to the edited image's encoding,
+            ``M * (E(edited) - z0)``, instead of adding the difference of the two encodings
+            (``xlard.shapes.editor.edit_targets``); only at ``correction_step`` 1.0, where z0
+            is what the VAE decodes.
 
     Returns:
         ``folder``.
@@ -108,16 +112,22 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
     from xlard.shapes.editor import edit_images, edit_targets
 
     folder = Path(folder)
+    if replace and float(backbone.correction_step) != 1.0:
+        raise ValueError(f"distill: replace targets need correction_step 1.0 (z0 must be the latent the VAE decodes), "
+                         f"got {backbone.correction_step}")
     folder.mkdir(parents=True, exist_ok=True)
     # Shards are reused on resume only if they were built for the same items and edits.
     from xlard.shapes.editor import EditConfig
 
     manifest = {"items": [[it.record.get("prompt"), int(it.seed)] for it in items], "chunk": int(chunk),
                 "edits": vars(edit_config or EditConfig()), "correction_step": float(backbone.correction_step)}
+    if replace:  # absent means the difference form (manifests written before the option existed)
+        manifest["replace"] = True
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
         saved = json.loads(manifest_path.read_text())
         saved.setdefault("correction_step", 1.0)  # manifests written before the field existed were all at 1.0
+        saved.get("edits", {}).setdefault("relayout", False)  # ... and before the editor could relay out
         if saved != json.loads(json.dumps(manifest)):
             raise ValueError(f"distill: {folder} holds edit targets built for other items or edits; delete it or "
                              "choose another run folder")
@@ -145,7 +155,8 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
                              f"reads {size}x{size}")
         edited = edit_images(model, images, state.specs, edit_config)
         scale = signal_scale(state)
-        target = scale * edit_targets(encode, images, edited, inputs.z0.shape[1:])
+        target = scale * edit_targets(encode, images, edited, inputs.z0.shape[1:],
+                                      z0=inputs.z0 if replace else None)
         shard = {"z0": inputs.z0.cpu(), "target": target.cpu(), "tokens": inputs.text_tokens.cpu(),
                  "mask": inputs.text_mask.cpu(), "pooled": inputs.pooled.cpu(),
                  "prompts": [it.record.get("prompt") for it in part], "tags": [it.record.get("tag") for it in part],

@@ -393,6 +393,9 @@ class Trainer:
         if self.distributed:
             raise ValueError("distill: the edit-target warm start runs in one process; start the run without "
                              "torchrun (PPO steps after it can resume distributed only from a new run)")
+        if self.cfg.distill.replace and float(self.cfg.backbone.correction_step) != 1.0:
+            raise ValueError(f"distill.replace: replace targets need backbone.correction_step 1.0 (z0 must be the "
+                             f"latent the VAE decodes), got {self.cfg.backbone.correction_step}")
 
     def distill(self) -> dict:
         """Warm-start the corrector on edit targets (:mod:`xlard.train.distill`); returns the fit's statistics."""
@@ -410,7 +413,7 @@ class Trainer:
         self._say(f"distill: {len(items)} training-split items ({d.items_per_tag} per tag), edit targets in {folder}")
         t0 = time.perf_counter()
         dl.build_dataset(self.backbone, model, items, folder, chunk=d.chunk, edit_config=d.edit_config(),
-                         progress=self.cfg.log.progress)
+                         progress=self.cfg.log.progress, replace=d.replace)
         build_seconds = time.perf_counter() - t0
         data = dl.load_dataset(folder, len(items), d.chunk)
         edited = sum(1 for a in data["actions"] if a)
