@@ -230,8 +230,8 @@ def test_relayout_draws_exactly_the_asked_number_at_the_grid_cells(count):
 def test_relayout_leaves_other_prompts_to_the_usual_edits():
     scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),))
     a = edit(scene, "three red circles", relayout=False)
-    assert edit(scene, "a red circle left of a blue square", relayout=True)[2] == \
-        edit(scene, "a red circle left of a blue square")[2]
+    assert edit(scene, "a red circle and a blue square", relayout=True)[2] == \
+        edit(scene, "a red circle and a blue square")[2]
     assert not any(x.startswith("relaid") for x in a[2])
     # the asked color wins over the found objects' color; fix_count off turns relayout off
     img, _, actions = edit(scene, "three blue circles", relayout=True)
@@ -261,3 +261,24 @@ def test_replace_targets_set_the_touched_cells_to_the_edited_encoding():
     assert torch.equal(moved[0][:, ~touched[0]], z0[0][:, ~touched[0]])
     with pytest.raises(ValueError, match="z0"):
         edit_targets(encode, images, edited, (8, 16, 16), z0=z0[:1])
+
+
+@pytest.mark.parametrize("relation,axis,sign", [("left of", 1, -1), ("right of", 1, 1), ("above", 0, -1),
+                                                ("below", 0, 1)])
+def test_relayout_puts_a_relation_at_its_quarter_places(relation, axis, sign):
+    # the relation already holds, and there is a distractor: both go, the pair is redrawn at fixed places
+    scene = Scene(64, (SceneObject("circle", "green", (4, 4, 16, 16)), SceneObject("square", "pink", (44, 44, 56, 56)),
+                       SceneObject("triangle", "yellow", (30, 4, 42, 16))))
+    img, _, actions = edit(scene, f"a photo of a circle {relation} a square", relayout=True, draw_size=12,
+                           relayout_color="blue")
+    assert actions == [f"relaid out circle {relation} square"]
+    assert not blobs(img, "green") and not blobs(img, "pink") and not blobs(img, "yellow")
+    circle, square = sorted(blobs(img, "blue"), key=lambda m: m.sum())  # a 12-px circle is smaller than the square
+    a, b = centre(circle), centre(square)
+    assert sign * (a[axis] - b[axis]) > 20
+    assert abs(a[1 - axis] - 31.5) < 1 and abs(b[1 - axis] - 31.5) < 1
+    # without a fixed color each keeps its own found color
+    img, _, _ = edit(scene, f"a photo of a circle {relation} a square", relayout=True)
+    assert len(blobs(img, "green")) == 1 and len(blobs(img, "pink")) == 1 and not blobs(img, "yellow")
+    with pytest.raises(ValueError, match="relayout_color"):
+        EditConfig(relayout_color="teal")

@@ -66,9 +66,11 @@ def test_config_checks():
     assert edits.fix_position is False and edits.redraw is True
     assert (edits.placement, edits.remove, edits.draw_size) == ("grid", "last", 14)
     assert (edits.relayout, edits.margin, cfg.distill.replace) == (False, 6, False)
-    cfg = config(Path("x"), distill={"relayout": True, "margin": 64, "replace": True})
+    cfg = config(Path("x"), distill={"relayout": True, "margin": 64, "replace": True, "relayout_color": "blue"})
     edits = cfg.distill.edit_config()
-    assert (edits.relayout, edits.margin, cfg.distill.replace) == (True, 64, True)
+    assert (edits.relayout, edits.margin, cfg.distill.replace, edits.relayout_color) == (True, 64, True, "blue")
+    with pytest.raises(ValueError, match="distill.relayout_color"):
+        config(Path("x"), distill={"relayout_color": "teal"})
     with pytest.raises(ValueError, match="distill.margin"):
         config(Path("x"), distill={"margin": 0})
     with pytest.raises(ValueError, match="distill.replace"):

@@ -70,13 +70,20 @@ class EditConfig:
             entity's other objects; ``> 0``: always this side (pixels).
         relayout: for a prompt of one counted entity (GenEval's ``counting``):
             erase every object of the image and draw exactly the asked number at
-            fixed cells of a 3 x 3 grid (:data:`RELAYOUT_ORDER`), at
-            ``draw_size`` (or ``default_size``), in the asked color or else the
-            dominant color of the entity's found objects. The target then depends
+            fixed cells of a 3 x 3 grid (:data:`RELAYOUT_ORDER`); for a prompt of
+            two single objects and one relation (``position``): erase every object
+            and draw the two at a quarter and three quarters of the relation's axis,
+            centred on the other axis. Both at
+            ``draw_size`` (or ``default_size``), in the asked color or else
+            ``relayout_color``. The target then depends
             on the prompt and on where the sample's objects are, not on which
             objects are surplus or where a missing one fits (decisions a corrector
             can only average), at the price of the sample's own layout. Off by
             default.
+        relayout_color: the color of relaid-out objects whose prompt asks none:
+            ``"found"`` (default): the dominant color of the entity's found objects
+            (a corrector regressed on such targets averages the colors it is unsure
+            of into two-tone objects); a palette color name: always that color.
         min_size, max_size, default_size: side of a drawn object (pixels; the
             default when an entity has no found object to copy the size from).
     """
@@ -92,6 +99,7 @@ class EditConfig:
     remove: str = "weakest"
     draw_size: int = 0
     relayout: bool = False
+    relayout_color: str = "found"
     min_size: int = 9
     max_size: int = 20
     default_size: int = 14
@@ -102,6 +110,9 @@ class EditConfig:
             raise ValueError(f"EditConfig.threshold must be a number in (0, 1), got {self.threshold!r}")
         if self.placement not in ("emptiest", "grid"):
             raise ValueError(f"EditConfig.placement must be 'emptiest' or 'grid', got {self.placement!r}")
+        if self.relayout_color != "found" and self.relayout_color not in PALETTE:
+            raise ValueError(f"EditConfig.relayout_color must be 'found' or a palette color ({', '.join(PALETTE)}), "
+                             f"got {self.relayout_color!r}")
         if self.remove not in ("weakest", "last"):
             raise ValueError(f"EditConfig.remove must be 'weakest' or 'last', got {self.remove!r}")
         if isinstance(self.draw_size, bool) or not isinstance(self.draw_size, int) or self.draw_size < 0:
@@ -270,6 +281,8 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
         objs = find_objects(shape_probs[shapes.index(entity.noun)], config.threshold, config.min_area)
         if config.fix_color and entity.color in colors and entity.color in PALETTE:
             color = entity.color
+        elif config.relayout_color != "found" and config.relayout_color in colors:
+            color = config.relayout_color
         elif objs:  # the dominant color over the found objects' pixels
             color = colors[int(sum(color_probs[1:, m].sum(1) for _, m in objs).argmax())]
         else:
@@ -279,6 +292,33 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
         for top, left in _relayout_spots(h, w, size, entity.count):
             draw(entity.noun, top, left, size, color)
         return img, changed, [f"relaid out {entity.count} {entity.noun}(s)"]
+    relations = tuple(getattr(spec, "relations", ()))
+    if config.relayout and config.fix_position and len(spec.entities) == 2 and len(relations) == 1 \
+            and all(e.noun in shapes and e.noun in SHAPES and e.count in (None, 1) for e in spec.entities):
+        rel = relations[0]
+        axis = 1 if rel.relation in ("left_of", "right_of") else 0
+        sign = -1 if rel.relation in ("left_of", "above") else 1
+        size = config.draw_size or config.default_size
+        extent, across = (w, h) if axis else (h, w)
+        places = (0.27 * extent, 0.73 * extent) if sign < 0 else (0.73 * extent, 0.27 * extent)
+        looks = []
+        for entity in spec.entities:
+            if config.fix_color and entity.color in colors and entity.color in PALETTE:
+                looks.append(entity.color)
+            elif config.relayout_color != "found" and config.relayout_color in colors:
+                looks.append(config.relayout_color)
+            else:
+                objs = find_objects(shape_probs[shapes.index(entity.noun)], config.threshold, config.min_area)
+                looks.append(colors[int(sum(color_probs[1:, m].sum(1) for _, m in objs).argmax())] if objs
+                             else colors[0])
+        erase(_dilate(colored, 1))
+        mid = int(round(across / 2 - size / 2))
+        for k, centre in ((rel.subject, places[0]), (rel.object, places[1])):
+            start = int(round(centre - size / 2))
+            top, left = (mid, start) if axis else (start, mid)
+            draw(spec.entities[k].noun, top, left, size, looks[k])
+        return img, changed, [f"relaid out {spec.entities[rel.subject].noun} {rel.relation.replace('_', ' ')} "
+                              f"{spec.entities[rel.object].noun}"]
 
     for entity in spec.entities:
         placed.append([])

@@ -446,7 +446,9 @@ class DistillSettings:
         placement, remove, draw_size: how the editor fixes a count (``EditConfig``:
             ``"emptiest"`` / ``"grid"``, ``"weakest"`` / ``"last"``, 0 = copy the size).
         relayout: counting prompts are redrawn with exactly the asked number of
-            objects at fixed grid cells (``EditConfig.relayout``).
+            objects at fixed grid cells, position prompts with their two objects at
+            fixed places (``EditConfig.relayout``).
+        relayout_color: ``"found"`` or a palette color (``EditConfig.relayout_color``).
         margin: pixels by which a relation's centres must differ to be left as it
             is (``EditConfig.margin``); 64 moves the two objects of every relation
             to their quarter places, whether it held or not.
@@ -469,6 +471,7 @@ class DistillSettings:
     remove: str = "weakest"
     draw_size: int = 0
     relayout: bool = False
+    relayout_color: str = "found"
     margin: int = 6
     replace: bool = False
 
@@ -484,6 +487,9 @@ class DistillSettings:
         for name in ("redraw", "fix_count", "fix_color", "fix_position", "relayout", "replace"):
             _bool(o, name, getattr(self, name))
         _int(o, "margin", self.margin, 1)
+        from xlard.shapes.world import PALETTE
+
+        _choice(o, "relayout_color", self.relayout_color, ("found",) + tuple(PALETTE))
         _choice(o, "placement", self.placement, ("emptiest", "grid"))
         _choice(o, "remove", self.remove, ("weakest", "last"))
         _int(o, "draw_size", self.draw_size, 0)
@@ -494,7 +500,8 @@ class DistillSettings:
 
         return EditConfig(redraw=self.redraw, fix_count=self.fix_count, fix_color=self.fix_color,
                           fix_position=self.fix_position, placement=self.placement, remove=self.remove,
-                          draw_size=self.draw_size, relayout=self.relayout, margin=self.margin)
+                          draw_size=self.draw_size, relayout=self.relayout, margin=self.margin,
+                          relayout_color=self.relayout_color)
 
 
 @dataclass(frozen=True)
