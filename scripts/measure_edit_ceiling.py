@@ -18,6 +18,7 @@ A corrector distilled from these targets can at best reach the ``latent`` row.
     python scripts/measure_edit_ceiling.py --per-tag 16
     python scripts/measure_edit_ceiling.py --per-tag 16 --no-redraw --no-count --out ceiling.json
     python scripts/measure_edit_ceiling.py --per-tag 16 --correction-step 0.3
+    python scripts/measure_edit_ceiling.py --per-tag 16 --replace --relayout --relayout-color blue
 """
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where the latent is edited, in (0, 1] (default 1.0: the final latent)")
     for name in ("redraw", "count", "color", "position"):
         p.add_argument(f"--no-{name}", action="store_true", help=f"turn the editor's {name} fix off")
+    p.add_argument("--relayout", action="store_true",
+                   help="counting and position prompts redrawn at fixed places (EditConfig.relayout)")
+    p.add_argument("--relayout-color", default="found", help="'found' or a palette color (EditConfig.relayout_color)")
+    p.add_argument("--margin", type=int, default=6, help="a relation holding by fewer pixels is moved (default 6)")
+    p.add_argument("--replace", action="store_true",
+                   help="targets set the touched cells to the edited image's encoding (correction_step 1.0 only)")
     p.add_argument("--out", help="write the table here (JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -45,11 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--per-tag and --batch must be >= 1, got {args.per_tag}, {args.batch}")
     if not 0.0 < args.correction_step <= 1.0:
         p.error(f"--correction-step must be in (0, 1], got {args.correction_step}")
+    if args.replace and args.correction_step != 1.0:
+        p.error(f"--replace needs --correction-step 1.0 (z0 must be the latent the VAE decodes), got "
+                f"{args.correction_step}")
+    if args.margin < 1:
+        p.error(f"--margin must be >= 1, got {args.margin}")
     return args
 
 
 def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, progress: bool = True,
-            correction_step: float = 1.0) -> dict:
+            correction_step: float = 1.0, replace: bool = False) -> dict:
     """``{"items", "rows": {"base"|"latent"|"image": {"overall", "tags"}}, "edited"}`` on training-split items."""
     from xlard.shapes import evaluator as E
     from xlard.shapes.editor import edit_images, edit_targets
@@ -79,7 +91,8 @@ def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, pr
         with torch.no_grad():
             images = backbone.decode(state, z0).images.float()
             edited = edit_images(model, images, state.specs, edit_config)
-            target = signal_scale(state) * edit_targets(encode, images, edited, z0.shape[1:])
+            target = signal_scale(state) * edit_targets(encode, images, edited, z0.shape[1:],
+                                                        z0=z0 if replace else None)
             moved = backbone.decode(state, z0 + target).images
         edited_count += sum(1 for a in edited.actions if a)
         recs = [it.record for it in chunk]
@@ -94,17 +107,23 @@ def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, pr
     for key, v in verdicts.items():
         per = {t: sum(ok for ok, g in zip(v, tags) if g == t) / tags.count(t) for t in sorted(set(tags))}
         rows[key] = {"overall": sum(per.values()) / len(per), "tags": per}
-    return {"items": len(items), "edited": edited_count, "correction_step": correction_step, "rows": rows}
+    return {"items": len(items), "edited": edited_count, "correction_step": correction_step, "replace": replace,
+            "rows": rows}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from xlard.shapes.editor import EditConfig
 
-    config = EditConfig(redraw=not args.no_redraw, fix_count=not args.no_count, fix_color=not args.no_color,
-                        fix_position=not args.no_position)
+    try:
+        config = EditConfig(redraw=not args.no_redraw, fix_count=not args.no_count, fix_color=not args.no_color,
+                            fix_position=not args.no_position, relayout=args.relayout,
+                            relayout_color=args.relayout_color, margin=args.margin)
+    except ValueError as exc:
+        print(f"measure_edit_ceiling: {exc}", file=sys.stderr)
+        return 2
     result = measure(args.per_tag, config, args.seed_base, args.batch, progress=not args.quiet,
-                     correction_step=args.correction_step)
+                     correction_step=args.correction_step, replace=args.replace)
     print(f"{result['items']} training-split items, {result['edited']} edited, correction_step "
           f"{args.correction_step:g}; exact evaluator, mean of the tags")
     for key, row in result["rows"].items():

@@ -22,9 +22,12 @@ def test_options_are_validated():
     assert (args.per_tag, args.correction_step, args.no_count, args.no_color) == (2, 0.3, True, False)
     assert M.parse_args([]).correction_step == 1.0
     for bad in (["--per-tag", "0"], ["--batch", "0"], ["--correction-step", "0"], ["--correction-step", "1.5"],
-                ["--correction-step", "x"]):
+                ["--correction-step", "x"], ["--replace", "--correction-step", "0.5"], ["--margin", "0"]):
         with pytest.raises(SystemExit):
             M.parse_args(bad)
+    args = M.parse_args(["--replace", "--relayout", "--relayout-color", "blue", "--margin", "64"])
+    assert (args.replace, args.relayout, args.relayout_color, args.margin) == (True, True, "blue", 64)
+    assert M.main(["--relayout-color", "teal"]) == 2  # refused before any model is loaded
 
 
 @pytest.mark.skipif(not shapes_backbone.is_available(), reason="shapes backbone weights not installed")
@@ -58,3 +61,14 @@ def test_a_small_run_before_the_last_step(tmp_path, capsys):
         want = {t: sum(o for o, g in zip(ok, tags) if g == t) / tags.count(t) for t in sorted(set(tags))}
         assert result["rows"][key]["tags"] == pytest.approx(want)
     assert 0.0 <= result["rows"]["latent"]["overall"] <= 1.0
+
+
+@pytest.mark.skipif(not shapes_backbone.is_available(), reason="shapes backbone weights not installed")
+def test_relaid_out_templates_with_replace_targets(tmp_path):
+    out = tmp_path / "r.json"
+    assert M.main(["--per-tag", "1", "--replace", "--relayout", "--relayout-color", "blue", "--quiet",
+                   "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["replace"] is True and result["edit_config"]["relayout"] is True
+    # a relaid-out counting or position image is a clean template of the prompt: the evaluator accepts it
+    assert result["rows"]["image"]["tags"]["counting"] == 1.0 and result["rows"]["image"]["tags"]["position"] == 1.0
