@@ -114,6 +114,7 @@ def test_dataset_build_resumes_at_the_first_missing_shard(tmp_path, shapes_final
     (tmp_path / "d" / "data-0001.pt").unlink()
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert manifest.pop("correction_step") == 1.0  # a folder from before the field existed is still reused
+    assert manifest["edits"].pop("relayout") is False and manifest["edits"].pop("relayout_color") == "found"
     (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest))
     calls = []
     real = dl.encode_items

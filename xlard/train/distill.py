@@ -127,7 +127,8 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
     if manifest_path.is_file():
         saved = json.loads(manifest_path.read_text())
         saved.setdefault("correction_step", 1.0)  # manifests written before the field existed were all at 1.0
-        saved.get("edits", {}).setdefault("relayout", False)  # ... and before the editor could relay out
+        for key, default in (("relayout", False), ("relayout_color", "found")):  # ... and before relayout existed
+            saved.get("edits", {}).setdefault(key, default)
         if saved != json.loads(json.dumps(manifest)):
             raise ValueError(f"distill: {folder} holds edit targets built for other items or edits; delete it or "
                              "choose another run folder")
