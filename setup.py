@@ -58,6 +58,36 @@ def _want_cuda() -> bool:
     return True
 
 
+def _loaded_cxx_runtime() -> str | None:
+    """The libstdc++ this process runs with (torch loaded it), on Linux; else None.
+
+    The extension is linked against this file, ahead of the compiler's own -lstdc++, so
+    that every C++ runtime symbol resolves to the shared library torch uses. A compiler
+    whose search path holds only libstdc++.a (the GPU machine's /opt/gcc wrapper on the
+    first GPU run) otherwise links a second, static runtime into _C, and the first error
+    message that formats a number crashes the process.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and os.path.basename(fields[5].strip()).startswith("libstdc++.so"):
+                    return fields[5].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _link_args() -> list[str]:
+    args = ["-fopenmp"]
+    runtime = _loaded_cxx_runtime()
+    if runtime is not None:
+        args.append(runtime)
+    return args
+
+
 def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -72,12 +102,12 @@ def _extension():
         ext = cpp_extension.CUDAExtension(
             "xlard._C", sources, include_dirs=include_dirs, 
             extra_compile_args={"cxx": cxx + ["-DXLARD_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=_link_args(),
         )
     else:
         ext = cpp_extension.CppExtension(
             "xlard._C", sources, include_dirs=include_dirs, 
-            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx}, extra_link_args=_link_args(),
         )
     _write_build_config(with_cuda)
     return ext

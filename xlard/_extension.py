@@ -6,6 +6,9 @@ reported by :func:`require_ops`, the one place that turns it into an error.
 from __future__ import annotations
 
 import importlib
+import struct
+import sys
+import warnings
 
 import torch
 
@@ -33,6 +36,67 @@ def _compiled_kernels() -> dict[str, frozenset[str]]:
 
 
 _COMPILED = _compiled_kernels()
+
+
+def needed_libraries(path: str) -> list[str] | None:
+    """The DT_NEEDED entries of a 64-bit little-endian ELF shared object, in order;
+    None when ``path`` is not one (another platform's format, a truncated file)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    try:
+        shoff, = struct.unpack_from("<Q", data, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+        sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        for _, sh_type, _, _, offset, size, link, _, _, entsize in sections:
+            if sh_type != 6:  # SHT_DYNAMIC
+                continue
+            strtab = sections[link][4]
+            names = []
+            for pos in range(offset, offset + size, entsize or 16):
+                tag, value = struct.unpack_from("<qQ", data, pos)
+                if tag == 0:  # DT_NULL
+                    break
+                if tag == 1:  # DT_NEEDED
+                    end = data.index(b"\0", strtab + value)
+                    names.append(data[strtab + value:end].decode("utf-8", "replace"))
+            return names
+    except (struct.error, IndexError, ValueError):
+        return None
+    return None  # no dynamic section: not a shared object
+
+
+def _extension_path() -> str | None:
+    module = sys.modules.get("xlard._C")
+    return getattr(module, "__file__", None) if module is not None else None
+
+
+def cxx_runtime() -> str:
+    """How ``_C`` reaches the C++ runtime: 'shared (<soname>)', 'static' or 'unknown'.
+
+    A ``_C`` linked with a static libstdc++ (a compiler whose search path has only
+    libstdc++.a, as the GPU machine's /opt/gcc wrapper had on the first GPU run) holds a
+    second C++ runtime beside the one torch runs with; formatting a number into an error
+    message then crashes the process. setup.py links the runtime torch loaded to prevent it.
+    """
+    path = _extension_path()
+    needed = needed_libraries(path) if path else None
+    if needed is None:
+        return "unknown"
+    shared = [n for n in needed if n.startswith(("libstdc++.so", "libc++.so"))]
+    return f"shared ({shared[0]})" if shared else "static"
+
+
+if _load_error is None and sys.platform.startswith("linux") and cxx_runtime() == "static":
+    warnings.warn(
+        f"xlard._C ({_extension_path()}) was linked with a static C++ runtime: an error message "
+        "from its kernels can crash the process. Rebuild it with a compiler that has a shared "
+        f"libstdc++ (set CXX and CC, e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc), then {_BUILD_HINT}",
+        RuntimeWarning, stacklevel=2)
 
 
 def has_ops() -> bool:
@@ -68,6 +132,7 @@ def build_info() -> dict:
     info = {"loaded": has_ops(), "error": None if _load_error is None else repr(_load_error)}
     if has_ops():
         info["cuda_kernels"] = has_kernel("count_components", "CUDA")
+        info["cxx_runtime"] = cxx_runtime()
         try:  # the vector level of the CPU correction kernels (XLARD_CPU_ISA caps it)
             info["cpu_isa"] = torch.ops.xlard._cpu_isa()
         except (AttributeError, RuntimeError, ValueError) as err:

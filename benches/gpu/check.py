@@ -147,6 +147,12 @@ def cmd_build_info(args) -> int:
     if not info.get("cuda_kernels"):
         print("gpu_check: xlard._C has no CUDA kernels (see the build log)", file=sys.stderr)
         return 1
+    if info.get("cxx_runtime") == "static":
+        # The first GPU run: a static libstdc++ in _C crashed every error message with a number.
+        print("gpu_check: xlard._C holds a static C++ runtime (no libstdc++.so.6 among its "
+              "NEEDED libraries): its error messages can crash; see setup.py's _loaded_cxx_runtime",
+              file=sys.stderr)
+        return 1
     return 0
 
 
