@@ -215,8 +215,12 @@ run_suite() {  # run_suite NAME CAP FILE
     record "tests-$name" failed 1 0 true "$(tr '\n' ' ' < "$LOGS/imports-$name.log")"
     return 1
   fi
+  # With pytest-xdist, the suite runs in one worker process that is restarted after a crash
+  # (a segfault in one test then fails that test, and the summary and junit still come back).
+  local xdist=()
+  if "$PY" -c "import xdist" >/dev/null 2>&1; then xdist=(-n 1 --max-worker-restart 8); fi
   run_step "tests-$name" "$cap" "$PY" -m pytest "$file" -m cuda -q -p no:cacheprovider -rfEs \
-    --durations=8 --junitxml="$OUT/junit-$name.xml"
+    --durations=8 --junitxml="$OUT/junit-$name.xml" "${xdist[@]}"
 }
 BENCH_ARGS=(-q -p no:cacheprovider -rfEs --benchmark-columns=median,rounds --benchmark-sort=name)
 
@@ -252,8 +256,13 @@ elif [ "$has_cuda" != 1 ]; then
   record sanitizer-memcheck skipped -1 0 true "no CUDA device"
   record sanitizer-racecheck skipped -1 0 true "no CUDA device"
 else
-  FILTER=(--kernel-name kns=components)
-  "$SAN" --help 2>&1 | grep -q -- "--kernel-name" || FILTER=(--filter kns=components)
+  # The help text is read whole first: under pipefail, `--help | grep -q` fails when grep
+  # stops reading early (SIGPIPE), which picked the wrong option on the first GPU run.
+  san_help="$("$SAN" --help 2>&1 || true)"
+  case "$san_help" in
+    *--kernel-name*) FILTER=(--kernel-name kns=components) ;;
+    *) FILTER=(--filter kns=components) ;;
+  esac
   # Separate allocations (no caching allocator) so an out-of-bounds access cannot land in a cached block;
   # API errors are not reported because torch probes the driver with calls that may fail by design
   # (a failing launch of ours still fails the driver through C10_CUDA_KERNEL_LAUNCH_CHECK).

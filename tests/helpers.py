@@ -23,7 +23,9 @@ def assert_close(actual, expected, dtype=None, msg="", **override):
     """torch.testing.assert_close with the table's tolerance for ``dtype`` (default: expected's)."""
     tol = dict(TOLERANCES[dtype or expected.dtype])
     tol.update(override)
-    torch.testing.assert_close(actual, expected, equal_nan=True, msg=msg or None, **tol)
+    # A message names the compared quantity and keeps torch's mismatch report after it.
+    report = (lambda m: f"{msg}: {m}") if msg else None
+    torch.testing.assert_close(actual, expected, equal_nan=True, msg=report, **tol)
 
 
 # ---------------------------------------------------------------- adversarial maps

@@ -500,7 +500,22 @@ def test_sample_correction(dtype, form, shape, per_batch_alpha):
     for name, a, b in zip(names, got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         tol = TOLERANCES[b.dtype] if name in ("zc", "delta") else ACC_TOL[b.dtype]
-        assert_close(a.cpu(), b, msg=name, **tol)
+        if name == "lam":
+            _check_lam(a, got[1], b, dtype)
+        else:
+            assert_close(a.cpu(), b, msg=name, **tol)
+
+
+def _check_lam(lam, delta, want_lam, dtype):
+    """lam is sum_c |delta| with delta rounded to the input dtype. The GPU's exp
+    (__expf) and the CPU's differ by float32 ulps, which moves a float16/bfloat16 delta
+    by one step of that dtype now and then (the first GPU run, an H200, saw it on 1 of
+    6000 elements): so lam must equal the channel sum of the GPU's own delta to the
+    accumulator's tolerance, and the CPU's lam to one step of the input dtype."""
+    own = delta.cpu().to(want_lam.dtype).abs().sum(dim=1)
+    assert_close(lam.cpu(), own, msg="lam vs the GPU's own delta", **ACC_TOL[want_lam.dtype])
+    tol = TOLERANCES[dtype] if dtype in (torch.float16, torch.bfloat16) else ACC_TOL[want_lam.dtype]
+    assert_close(lam.cpu(), want_lam, msg="lam", **tol)
 
 
 def test_sample_correction_cuda_graph():
