@@ -28,6 +28,25 @@ def assert_close(actual, expected, dtype=None, msg="", **override):
     torch.testing.assert_close(actual, expected, equal_nan=True, msg=report, **tol)
 
 
+def assert_component_argument_errors(device: str) -> None:
+    """The components ops refuse bad arguments with messages that carry the values.
+
+    The numbers matter: a _C linked with a second, static libstdc++ crashed (GPU machine)
+    or dropped the number (a -static-libstdc++ build here) exactly when formatting them."""
+    import pytest
+
+    ops = torch.ops.xlard
+    maps = torch.rand(2, 8, 8).to(device)
+    with pytest.raises(RuntimeError, match="mode must be 'absolute', 'relative' or 'otsu', got 'bogus'"):
+        ops.count_components(maps, 0.5, "bogus", 1, 4)
+    with pytest.raises(RuntimeError, match="connectivity must be 4 or 8, got 6"):
+        ops.count_components(maps, 0.5, "otsu", 1, 6)
+    with pytest.raises(RuntimeError, match="min_area must be >= 1, got 0"):
+        ops.label_components(maps, 0.5, "otsu", 0, 4)
+    with pytest.raises(RuntimeError, match="max_components must be >= 1, got 0"):
+        ops.component_stats(maps, 0.5, "otsu", 1, 4, 0)
+
+
 # ---------------------------------------------------------------- adversarial maps
 
 

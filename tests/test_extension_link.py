@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 
+from helpers import assert_component_argument_errors
 from xlard import _extension
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared objects are Linux's")
@@ -81,11 +82,4 @@ def test_needed_libraries_reads_a_minimal_shared_object(tmp_path):
 
 def test_cpu_error_messages_with_numbers_do_not_crash():
     """The crash needed a number in the message: these all format one."""
-    ops = torch.ops.xlard
-    maps = torch.rand(2, 8, 8)
-    with pytest.raises(RuntimeError, match="connectivity must be 4 or 8, got 6"):
-        ops.count_components(maps, 0.5, "otsu", 1, 6)
-    with pytest.raises(RuntimeError, match="min_area must be >= 1, got 0"):
-        ops.label_components(maps, 0.5, "otsu", 0, 4)
-    with pytest.raises(RuntimeError, match="max_components must be >= 1"):
-        ops.component_stats(maps, 0.5, "otsu", 1, 4, 0)
+    assert_component_argument_errors("cpu")
