@@ -97,6 +97,17 @@ if command -v cuobjdump >/dev/null 2>&1; then
   step "device code present for sm_80 and sm_90"
 fi
 step "built $(basename "$SO") in $(( B1 - B0 ))s"
+# The C++ runtime must be the shared libstdc++ torch runs with (the first GPU run's compiler
+# linked a static one into _C, and every error message with a number crashed there).
+if command -v readelf >/dev/null 2>&1; then
+  NEEDED="$(readelf -d "$SO" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
+  case " $NEEDED" in
+    *" libstdc++.so."*) step "C++ runtime: shared (NEEDED: $NEEDED)" ;;
+    *) echo "cuda_compile_check: $SO does not need libstdc++.so (NEEDED: ${NEEDED:-none}): a static C++ runtime" >&2; exit 1 ;;
+  esac
+else
+  step "readelf not found: the C++ runtime check is skipped"
+fi
 
 # 4. PTX check with the build's own nvcc flags.
 NINJA="$BUILD/temp/build.ninja"
