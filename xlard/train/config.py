@@ -454,6 +454,13 @@ class DistillSettings:
             to their quarter places, whether it held or not.
         replace: targets set the touched latent cells to the edited image's encoding
             (``build_dataset(replace=True)``); needs ``correction_step`` 1.0.
+        decoder_epochs: epochs of a second, decoder-space fit after the latent one
+            (:func:`xlard.train.distill.fit_corrector_decoded`: the corrected latent
+            must *decode* to the edited image); 0 (default) skips it; needs
+            ``correction_step`` 1.0.
+        decoder_lr: its learning rate (same schedule as the latent fit).
+        decoder_pixel_weight, decoder_latent_weight: its loss,
+            ``pixel_weight * image MSE + latent_weight * latent MSE``.
     """
 
     items_per_tag: int = 0
@@ -474,6 +481,10 @@ class DistillSettings:
     relayout_color: str = "found"
     margin: int = 6
     replace: bool = False
+    decoder_epochs: int = 0
+    decoder_lr: float = 3e-4
+    decoder_pixel_weight: float = 100.0
+    decoder_latent_weight: float = 1.0
 
     def __post_init__(self):
         o = "distill"
@@ -493,6 +504,10 @@ class DistillSettings:
         _choice(o, "placement", self.placement, ("emptiest", "grid"))
         _choice(o, "remove", self.remove, ("weakest", "last"))
         _int(o, "draw_size", self.draw_size, 0)
+        _int(o, "decoder_epochs", self.decoder_epochs, 0)
+        _real(o, "decoder_lr", self.decoder_lr, 0.0, low_open=True)
+        _real(o, "decoder_pixel_weight", self.decoder_pixel_weight, 0.0, low_open=True)
+        _real(o, "decoder_latent_weight", self.decoder_latent_weight, 0.0)
 
     def edit_config(self):
         """The :class:`xlard.shapes.editor.EditConfig` these settings describe."""

@@ -59,6 +59,30 @@ def vae_encoder(backbone) -> Callable[[torch.Tensor], torch.Tensor]:
     return encode
 
 
+def vae_decoder(backbone) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``latents -> images [B, 3, H, W] in [0, 1]``, differentiable (the decoder's weights stay frozen).
+
+    The inverse of :func:`vae_encoder`: what ``correction_step`` 1.0 decodes a corrected
+    latent with, so a loss on its output sees the image the evaluator will see.
+
+    Raises:
+        ValueError: the backbone has no diffusers VAE to decode with.
+    """
+    pipe = getattr(getattr(backbone, "family", None), "pipe", None)
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not hasattr(vae, "decode"):
+        raise ValueError("distill: the backbone has no VAE decoder (decoder_epochs need a diffusers backbone's VAE)")
+    vae.requires_grad_(False)
+    scale = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        x = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / scale + shift, return_dict=False)[0]
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    return decode
+
+
 def signal_scale(state) -> float:
     """How much of a change of the *final* latent shows in the latent at the state's correction step.
 
@@ -190,6 +214,25 @@ def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]
     return data
 
 
+def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-back rows, fitted rows): the same seeded split for every stage of the fit."""
+    perm = torch.randperm(n, generator=derived_generator(seed, "distill", "split"))
+    n_val = int(round(n * val_fraction))
+    if n - n_val < 1:
+        raise ValueError(f"distill: {n} items leave none to fit after holding back {n_val}")
+    return perm[:n_val], perm[n_val:]
+
+
+def _optimiser(corrector, lr: float, weight_decay: float, total: int):
+    """AdamW over the policy mean's parameters, 100-step warmup, cosine to 5% of ``lr`` at ``total`` steps."""
+    params = [p for name, p in corrector.named_parameters()
+              if name != "log_std" and not name.startswith("value_head") and p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+    return params, opt, sched
+
+
 def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, batch_size: int, weight_decay: float,
                   val_fraction: float, seed: int, log_path: str | Path | None = None, progress: bool = True
                   ) -> dict[str, float]:
@@ -202,19 +245,10 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
         ``{"train_mse", "val_mse", "val_zero_mse", "val_r2", "epochs", "seconds"}``.
     """
     n = data["z0"].shape[0]
-    gen = derived_generator(seed, "distill", "split")
-    perm = torch.randperm(n, generator=gen)
-    n_val = int(round(n * val_fraction))
-    val, train_rows = perm[:n_val], perm[n_val:]
-    if len(train_rows) < 1:
-        raise ValueError(f"distill: {n} items leave none to fit after holding back {n_val}")
+    val, train_rows = _split(n, val_fraction, seed)
     device = corrector.head.weight.device
-    params = [p for name, p in corrector.named_parameters() if name != "log_std" and not name.startswith("value_head")]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     per_epoch = max(1, len(train_rows) // batch_size)
-    total = epochs * per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+    params, opt, sched = _optimiser(corrector, lr, weight_decay, epochs * per_epoch)
 
     def batch(rows):
         return [data[f][rows].to(device) for f in _FIELDS]
@@ -272,3 +306,97 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
             log.close()
     corrector.eval()
     return {**row, "epochs": epochs}
+
+
+def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[torch.Tensor], torch.Tensor], *,
+                          epochs: int, lr: float, batch_size: int, weight_decay: float, val_fraction: float,
+                          seed: int, pixel_weight: float = 100.0, latent_weight: float = 1.0,
+                          log_path: str | Path | None = None, progress: bool = True) -> dict[str, float]:
+    """Fine-tune the corrector so that its corrected latent *decodes* to the edited image.
+
+    The loss is ``pixel_weight * mse(decode(z0 + mean), decode(z0 + target)) +
+    latent_weight * mse(mean, target)``: the frozen decoder turns the last few percent
+    of latent error into visible remnants (faint objects where the edit erased one),
+    and a loss on its output weighs an error by what it does to the image. Only valid
+    where ``decode`` is what turns the corrected latent into the image
+    (``correction_step`` 1.0). Same held-back items as :func:`fit_corrector`.
+
+    Returns:
+        ``{"decoder_epochs", "decoder_train_pixel_mse", "decoder_val_pixel_mse",
+        "decoder_val_zero_pixel_mse", "decoder_val_r2", "decoder_seconds"}``
+        (``zero``: the uncorrected latent's decoded error).
+    """
+    if pixel_weight <= 0 or latent_weight < 0:
+        raise ValueError(f"distill: pixel_weight must be > 0 and latent_weight >= 0, got {pixel_weight} and "
+                         f"{latent_weight}")
+    n = data["z0"].shape[0]
+    val, train_rows = _split(n, val_fraction, seed)
+    device = corrector.head.weight.device
+    t0 = time.perf_counter()
+    with torch.no_grad():  # the edited images, as the decoder renders the targets
+        goal = torch.cat([decode((data["z0"][i:i + 64] + data["target"][i:i + 64]).to(device)).cpu()
+                          for i in range(0, n, 64)])
+    per_epoch = max(1, len(train_rows) // batch_size)
+    params, opt, sched = _optimiser(corrector, lr, weight_decay, epochs * per_epoch)
+
+    def losses(rows, zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        z0, target, tokens, mask, pooled = [data[f][rows].to(device) for f in _FIELDS]
+        mean = torch.zeros_like(z0) if zero else corrector(z0, tokens, pooled, mask)
+        pixel = (decode(z0 + mean) - goal[rows].to(device)).square().mean()
+        return pixel, (mean - target).square().mean()
+
+    def evaluate(rows) -> tuple[float, float, float]:
+        if len(rows) == 0:
+            return float("nan"), float("nan"), float("nan")
+        corrector.eval()
+        sums = [0.0, 0.0, 0.0]
+        with torch.no_grad():
+            for i in range(0, len(rows), 64):
+                part = rows[i:i + 64]
+                pixel, latent = losses(part)
+                sums[0] += float(pixel) * len(part)
+                sums[1] += float(latent) * len(part)
+                sums[2] += float(losses(part, zero=True)[0]) * len(part)
+        zero_latent = float(data["target"][rows].square().mean())
+        r2 = 1.0 - sums[1] / len(rows) / zero_latent if zero_latent > 0 else float("nan")
+        return sums[0] / len(rows), sums[2] / len(rows), r2
+
+    log = open(log_path, "a") if log_path is not None else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=epochs, desc="distill: decoder-space fit", unit="epoch", file=sys.stderr)
+    row: dict[str, float] = {}
+    try:
+        for epoch in range(epochs):
+            corrector.train()
+            order = train_rows[torch.randperm(len(train_rows), generator=derived_generator(seed, "distill-decoded",
+                                                                                           epoch))]
+            running = 0.0
+            for i in range(per_epoch):
+                pixel, latent = losses(order[i * batch_size:(i + 1) * batch_size])
+                loss = pixel_weight * pixel + latent_weight * latent
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                running += float(pixel.detach())
+            val_pixel, zero_pixel, r2 = evaluate(val)
+            row = {"decoder_epoch": epoch + 1, "decoder_train_pixel_mse": running / per_epoch,
+                   "decoder_val_pixel_mse": val_pixel, "decoder_val_zero_pixel_mse": zero_pixel,
+                   "decoder_val_r2": r2, "decoder_seconds": time.perf_counter() - t0}
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if bar is not None:
+                bar.set_postfix({"pixel": f"{row['decoder_train_pixel_mse']:.5f}", "val_r2": f"{r2:.3f}"})
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    corrector.eval()
+    row.pop("decoder_epoch", None)
+    return {**row, "decoder_epochs": epochs}

@@ -396,6 +396,10 @@ class Trainer:
         if self.cfg.distill.replace and float(self.cfg.backbone.correction_step) != 1.0:
             raise ValueError(f"distill.replace: replace targets need backbone.correction_step 1.0 (z0 must be the "
                              f"latent the VAE decodes), got {self.cfg.backbone.correction_step}")
+        if self.cfg.distill.decoder_epochs > 0 and float(self.cfg.backbone.correction_step) != 1.0:
+            raise ValueError(f"distill.decoder_epochs: the decoder-space fit needs backbone.correction_step 1.0 (the "
+                             f"VAE decoder must be what turns the corrected latent into the image), got "
+                             f"{self.cfg.backbone.correction_step}")
 
     def distill(self) -> dict:
         """Warm-start the corrector on edit targets (:mod:`xlard.train.distill`); returns the fit's statistics."""
@@ -420,6 +424,14 @@ class Trainer:
         stats = dl.fit_corrector(self.corrector, data, epochs=d.epochs, lr=d.lr, batch_size=d.batch_size,
                                  weight_decay=d.weight_decay, val_fraction=d.val_fraction, seed=self.cfg.seed,
                                  log_path=folder / "metrics.jsonl", progress=self.cfg.log.progress)
+        if d.decoder_epochs > 0:
+            self._say(f"distill: {d.decoder_epochs} decoder-space epochs (the corrected latent must decode to the "
+                      f"edited image)")
+            stats.update(dl.fit_corrector_decoded(
+                self.corrector, data, dl.vae_decoder(self.backbone), epochs=d.decoder_epochs, lr=d.decoder_lr,
+                batch_size=d.batch_size, weight_decay=d.weight_decay, val_fraction=d.val_fraction,
+                seed=self.cfg.seed, pixel_weight=d.decoder_pixel_weight, latent_weight=d.decoder_latent_weight,
+                log_path=folder / "metrics.jsonl", progress=self.cfg.log.progress))
         stats.update({"items": len(items), "items_edited": edited, "build_seconds": build_seconds})
         _io.atomic_write_text(folder / "summary.json", json.dumps(stats, indent=2) + "\n", owner="xlard train")
         if self.ema is not None:  # the EMA starts from the distilled weights
