@@ -202,6 +202,37 @@ def test_ppo_continues_after_distill_and_resume_skips_it(tmp_path, shapes_final,
 
 
 @needs_shapes
+def test_a_fields_corrector_distils_trains_and_evaluates_on_the_parsed_fields(tmp_path, shapes_final, monkeypatch):
+    """model.corrector_overrides.conditioning: fields. The fit, the PPO step and the evaluation all
+    hand the corrector the parsed fields' tokens (counted through field_tokens)."""
+    import xlard.prompts.fields as fields
+    from xlard.evaluation import load_corrector_dir
+    from xlard.models import corrector_inputs
+    from xlard.train import train
+    from xlard.train.rollout import encode_items
+
+    calls = []
+    real = fields.field_tokens
+    monkeypatch.setattr(fields, "field_tokens", lambda specs, dim, **k: calls.append(len(list(specs))) or
+                        real(specs, dim, **k))
+    out = tmp_path / "run"
+    overrides = dict(BASE["model"]["corrector_overrides"], conditioning="fields")
+    summary = train(config(out, steps=1, model={"corrector_overrides": overrides}), backbone=shapes_final)
+    assert calls[0] == 6  # the fit: all six distillation items at once
+    assert len(calls) > 1  # then the PPO step's rollouts
+    corrector, meta = load_corrector_dir(summary["corrector"])
+    assert corrector.config.conditioning == "fields"
+    calls.clear()
+    from xlard.train.data import Item, load_records
+
+    records, _ = load_records("shapes:train")
+    state = encode_items(shapes_final, [Item(records[0], 5, 0)])
+    got = corrector_inputs(corrector, state.prompt_embedding, state.specs)
+    assert calls == [1] and float(got["pooled"].abs().sum()) == 0.0
+    assert got["text_tokens"].shape[-1] == corrector.config.text_dim
+
+
+@needs_shapes
 def test_targets_before_the_final_step_are_scaled_by_the_signal_level(tmp_path):
     from diffusers import DPMSolverMultistepScheduler
 

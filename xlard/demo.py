@@ -139,13 +139,14 @@ def _report_items(backbone, corrector, meta, reward_fn, records, rows) -> list:
     from xlard import ops
     from xlard.evaluation import image_seed
     from xlard.explain import report_items
+    from xlard.models import corrector_inputs
 
     if not rows:
         return []
     recs = [records[r.index] for r in rows]
     state = backbone.encode([rec["prompt"] for rec in recs], seed=[image_seed(r.seed, r.index) for r in rows])
     with torch.no_grad():
-        delta = corrector(state.z0, **state.prompt_embedding.as_corrector_inputs())
+        delta = corrector(state.z0, **corrector_inputs(corrector, state.prompt_embedding, state.specs))
         zc, lam = ops.residual_correction(state.z0, delta, float(meta.alpha))
         base = backbone.decode(state)
         corrected = backbone.decode(state, zc)

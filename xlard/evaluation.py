@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from xlard import _io
+from xlard.models import corrector_inputs
 
 __all__ = [
     "CORRECTOR_META_NAME",
@@ -692,7 +693,7 @@ def evaluate_pairs(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
         recs = [records[i] for i, _ in chunk]
         seeds = [image_seed(s, i) for i, s in chunk]
         state = backbone.encode([r["prompt"] for r in recs], seed=seeds)
-        inputs = state.prompt_embedding.as_corrector_inputs()
+        inputs = corrector_inputs(corrector, state.prompt_embedding, state.specs)
         with torch.no_grad():
             delta = corrector(state.z0, **inputs)
             zc, lam = ops.residual_correction(state.z0, delta, alpha)
@@ -1120,7 +1121,7 @@ def run_generate_cli(args) -> int:
     for start in starts:
         state = backbone.encode(prompts[start:start + args.batch], seed=seeds[start:start + args.batch])
         with torch.no_grad():
-            delta = corrector(state.z0, **state.prompt_embedding.as_corrector_inputs())
+            delta = corrector(state.z0, **corrector_inputs(corrector, state.prompt_embedding, state.specs))
             zc, lam = ops.residual_correction(state.z0, delta, float(meta.alpha))
             base = backbone.decode(state).images.float().clamp(0, 1).cpu()
             corrected = backbone.decode(state, zc).images.float().clamp(0, 1).cpu()

@@ -43,8 +43,8 @@ from xlard.vocab import ASPECTS  # order of the projector's outputs, confidence 
 
 __all__ = [
     "ASPECTS", "CorrectorConfig", "ProjectorConfig", "ResidualCorrector", "LatentRewardProjector",
-    "GaussianPolicy", "ProjectorOutput", "ProjectorLoss", "aspect_weights", "patchify", "unpatchify",
-    "sincos_position_encoding", "count_parameters",
+    "CONDITIONINGS", "GaussianPolicy", "ProjectorOutput", "ProjectorLoss", "aspect_weights", "corrector_inputs",
+    "patchify", "unpatchify", "sincos_position_encoding", "count_parameters",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -124,6 +124,36 @@ def _check_transformer_fields(owner: str, cfg) -> None:
         raise ValueError(f"{owner}: width * ffn_mult must be at least 1, got {cfg.width} * {cfg.ffn_mult}")
 
 
+CONDITIONINGS = ("text", "fields")
+
+
+def corrector_inputs(corrector, prompt_embedding, specs) -> dict[str, torch.Tensor]:
+    """``{"text_tokens", "pooled", "text_mask"}`` for ``corrector``, by its ``config.conditioning``.
+
+    ``"text"`` (and any corrector without a config): the backbone's prompt embedding
+    (:meth:`xlard.backbones.PromptEmbedding.as_corrector_inputs`). ``"fields"``: the
+    parsed prompts' field tokens (:func:`xlard.prompts.fields.field_tokens`) and a zero
+    pooled embedding, on the embedding's device and dtype.
+
+    Raises:
+        ValueError: a ``"fields"`` corrector got a number of specs other than the
+            embedding's batch size.
+    """
+    cfg = getattr(corrector, "config", None)
+    if getattr(cfg, "conditioning", "text") != "fields":
+        return prompt_embedding.as_corrector_inputs()
+    from xlard.prompts.fields import field_tokens
+
+    specs = list(specs)
+    batch = prompt_embedding.tokens.shape[0]
+    if len(specs) != batch:
+        raise ValueError(f"corrector_inputs: {len(specs)} prompt specs for a batch of {batch} prompt embeddings")
+    ref = prompt_embedding.tokens
+    tokens, mask = field_tokens(specs, cfg.text_dim, device=ref.device, dtype=ref.dtype)
+    pooled = torch.zeros(batch, cfg.pooled_dim, device=ref.device, dtype=ref.dtype)
+    return {"text_tokens": tokens, "pooled": pooled, "text_mask": mask}
+
+
 @dataclass(frozen=True)
 class CorrectorConfig(_ConfigBase):
     """Architecture and policy defaults of :class:`ResidualCorrector`. Validated on construction.
@@ -156,6 +186,12 @@ class CorrectorConfig(_ConfigBase):
             ``W`` must be divisible by it. With ``logprob_reduction: mean`` the
             full-resolution log-density equals the block one (each block counted
             ``k^2`` times).
+        conditioning (str): what the corrector reads of the prompt. ``"text"``
+            (default): the backbone's prompt embedding (token embeddings, pooled
+            embedding). ``"fields"``: one token per parsed field of the prompt
+            (noun, count, color, relation; :func:`xlard.prompts.fields.field_tokens`,
+            ``text_dim`` wide) and a zero pooled embedding, so nothing identifies a
+            prompt except its fields; see :func:`corrector_inputs`.
 
     Example:
         >>> CorrectorConfig.paper().width
@@ -177,10 +213,13 @@ class CorrectorConfig(_ConfigBase):
     value_hidden: int = 128
     value_shares_trunk: bool = False
     action_block: int = 1
+    conditioning: str = "text"
 
     def __post_init__(self):
         owner = "CorrectorConfig"
         _check_transformer_fields(owner, self)
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"{owner}: conditioning must be one of {list(CONDITIONINGS)}, got {self.conditioning!r}")
         _check_int(owner, "action_block", self.action_block, maximum=64)
         _check_int(owner, "value_hidden", self.value_hidden, maximum=_FIELD_LIMITS["value_hidden"])
         _check_real(owner, "alpha", self.alpha)

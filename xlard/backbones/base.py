@@ -382,6 +382,9 @@ class Backbone(abc.ABC):
         if corrector is None:
             zc, lam = state.z0, None
         else:
+            from xlard.models import corrector_inputs
+
             with torch.no_grad():
-                zc, lam = corrector.correct(state.z0, alpha=alpha, **state.prompt_embedding.as_corrector_inputs())
+                zc, lam = corrector.correct(state.z0, alpha=alpha,
+                                            **corrector_inputs(corrector, state.prompt_embedding, state.specs))
         return Generation(self.decode(state, zc), state, zc, lam)

@@ -211,7 +211,31 @@ def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]
     data = {f: torch.cat([pad(s[f]) if f in ("tokens", "mask") else s[f] for s in shards]) for f in _FIELDS}
     data["tags"] = [tag for s in shards for tag in s["tags"]]
     data["actions"] = [a for s in shards for a in s["actions"]]
+    data["prompts"] = [p for s in shards for p in s.get("prompts", [None] * len(s["tags"]))]
     return data
+
+
+def corrector_data(corrector, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the prompt inputs ``corrector`` reads: unchanged for a ``"text"`` corrector;
+    for a ``"fields"`` one, the items' parsed field tokens and a zero pooled embedding
+    (:func:`xlard.models.corrector_inputs`; the prompts come from the shards).
+
+    Raises:
+        ValueError: a ``"fields"`` corrector and items without their prompts.
+    """
+    cfg = getattr(corrector, "config", None)
+    if getattr(cfg, "conditioning", "text") != "fields":
+        return data
+    from xlard.prompts import parse
+    from xlard.prompts.fields import field_tokens
+
+    prompts = data.get("prompts")
+    n = data["z0"].shape[0]
+    if prompts is None or len(prompts) != n or any(not isinstance(p, str) for p in prompts):
+        raise ValueError("distill: a corrector with conditioning 'fields' needs each item's prompt (data['prompts'], "
+                         "written into the shards by build_dataset)")
+    tokens, mask = field_tokens([parse(p) for p in prompts], cfg.text_dim)
+    return {**data, "tokens": tokens, "mask": mask, "pooled": torch.zeros(n, cfg.pooled_dim)}
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,6 +268,7 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
     Returns:
         ``{"train_mse", "val_mse", "val_zero_mse", "val_r2", "epochs", "seconds"}``.
     """
+    data = corrector_data(corrector, data)
     n = data["z0"].shape[0]
     val, train_rows = _split(n, val_fraction, seed)
     device = corrector.head.weight.device
@@ -329,6 +354,7 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
     if pixel_weight <= 0 or latent_weight < 0:
         raise ValueError(f"distill: pixel_weight must be > 0 and latent_weight >= 0, got {pixel_weight} and "
                          f"{latent_weight}")
+    data = corrector_data(corrector, data)
     n = data["z0"].shape[0]
     val, train_rows = _split(n, val_fraction, seed)
     device = corrector.head.weight.device

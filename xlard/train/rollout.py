@@ -88,21 +88,40 @@ def decode_groups(backbone, reward_fn, state, z: torch.Tensor, group_size: int, 
 
 
 class PromptInputs(NamedTuple):
-    """The corrector's inputs of a state, float32 on the trainer's device, and the prompts' aspect mask."""
+    """A state's inputs, float32 on the trainer's device: the prompt embedding (what R_phi reads), the
+    prompts' aspect mask, and the corrector's own prompt inputs (``corrector_*``: the same tensors for a
+    ``"text"`` corrector, the parsed fields' tokens for a ``"fields"`` one; :func:`xlard.models.corrector_inputs`)."""
 
     z0: torch.Tensor
     text_tokens: torch.Tensor
     pooled: torch.Tensor
     text_mask: torch.Tensor
     aspect_mask: torch.Tensor
+    corrector_tokens: torch.Tensor
+    corrector_pooled: torch.Tensor
+    corrector_mask: torch.Tensor
+
+    def for_corrector(self, rows=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(text_tokens, pooled, text_mask)`` as the corrector takes them, optionally of ``rows`` only."""
+        parts = (self.corrector_tokens, self.corrector_pooled, self.corrector_mask)
+        return parts if rows is None else tuple(t[rows] for t in parts)
 
 
-def prompt_inputs(state, device, group_size: int = 1) -> PromptInputs:
-    """Float32 corrector inputs from a :class:`xlard.backbones.BackboneState`, each row repeated ``group_size`` times."""
+def prompt_inputs(state, device, group_size: int = 1, corrector=None) -> PromptInputs:
+    """Float32 inputs from a :class:`xlard.backbones.BackboneState`, each row repeated ``group_size`` times.
+
+    ``corrector`` (optional): whose ``config.conditioning`` picks the ``corrector_*`` fields
+    (default: the prompt embedding, as for a ``"text"`` corrector).
+    """
+    from xlard.models import corrector_inputs
+
     emb = state.prompt_embedding
     mask = torch.tensor([spec.aspect_mask() for spec in state.specs], dtype=torch.bool, device=device)
+    own = corrector_inputs(corrector, emb, state.specs)
     parts = (state.z0.to(device, torch.float32), emb.tokens.to(device, torch.float32),
-             emb.pooled.to(device, torch.float32), emb.mask.to(device), mask)
+             emb.pooled.to(device, torch.float32), emb.mask.to(device), mask,
+             own["text_tokens"].to(device, torch.float32), own["pooled"].to(device, torch.float32),
+             own["text_mask"].to(device))
     return PromptInputs(*(t.repeat_interleave(group_size, dim=0) if group_size > 1 else t for t in parts))
 
 
@@ -164,7 +183,7 @@ def sample_rollouts(policy: PolicyStep, inputs: PromptInputs, noise: torch.Tenso
     log_std = corrector.log_std.detach().float()
     alpha = corrector.config.alpha
     for rows in layout:
-        mean, v, _ = policy(inputs.z0[rows], inputs.text_tokens[rows], inputs.pooled[rows], inputs.text_mask[rows])
+        mean, v, _ = policy(inputs.z0[rows], *inputs.for_corrector(rows))
         eps = corrector.action_noise(noise[rows].to(mean.device))
         z, d, _, l = xops.sample_correction(inputs.z0[rows], mean, log_std, eps, alpha)
         zc[rows], delta[rows], value[rows], lam[rows] = z, d, v, l

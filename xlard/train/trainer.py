@@ -455,7 +455,7 @@ class Trainer:
             batches = tqdm(batches, desc="R_phi warm start", unit="batch", file=sys.stderr)
         for wb in batches:
             items, state = self._encode(wb, timer)
-            inputs = prompt_inputs(state, self.device, self.cfg.ppo.group_size)
+            inputs = prompt_inputs(state, self.device, self.cfg.ppo.group_size, corrector=self.corrector)
             gen = derived_generator(self.cfg.seed, "warm", wb)
             eps = torch.randn((self.arith["rollouts_per_step"],) + tuple(inputs.z0.shape[1:]), generator=gen)
             eps = eps[self._local_rows()].to(self.device)
@@ -528,8 +528,8 @@ class Trainer:
                                                       generator=derived_generator(self.cfg.seed, "mb", step, epoch))
             for k, rows in enumerate(ppo.minibatch_layout(global_rows, c.minibatches, keys)):
                 rows = rows.to(self.device)
-                mean, value, logp = self.policy_model(inputs.z0[rows], inputs.text_tokens[rows], inputs.pooled[rows],
-                                                      inputs.text_mask[rows], rollouts.delta[rows])
+                mean, value, logp = self.policy_model(inputs.z0[rows], *inputs.for_corrector(rows),
+                                                      rollouts.delta[rows])
                 if epoch == 0 and k == 0 and not torch.equal(logp.detach(), rollouts.log_prob[rows]):
                     diff = float((logp.detach() - rollouts.log_prob[rows]).abs().max())
                     raise RuntimeError(f"PPO step {step}: the ratio of the first minibatch is not exactly 1 (log-prob "
@@ -580,8 +580,7 @@ class Trainer:
                                                           generator=derived_generator(self.cfg.seed, "mb", step, epoch))
                 for rows in ppo.minibatch_layout(global_rows, c.minibatches, keys):
                     rows = rows.to(self.device)
-                    mean, value, _ = self.policy_model(inputs.z0[rows], inputs.text_tokens[rows], inputs.pooled[rows],
-                                                       inputs.text_mask[rows])
+                    mean, value, _ = self.policy_model(inputs.z0[rows], *inputs.for_corrector(rows))
                     zc = inputs.z0[rows] + alpha * mean
                     out = self.projector(zc, inputs.text_tokens[rows], inputs.pooled[rows], inputs.text_mask[rows],
                                          inputs.aspect_mask[rows])
@@ -613,7 +612,7 @@ class Trainer:
         timer = _Timer(self.cfg.trainer_threads)
         t0 = time.perf_counter()
         items, state = self._encode(step, timer)
-        inputs = prompt_inputs(state, self.device, cfg.ppo.group_size)
+        inputs = prompt_inputs(state, self.device, cfg.ppo.group_size, corrector=self.corrector)
         n_global = self.arith["rollouts_per_step"]
         with timer("sample"):
             noise = torch.randn((n_global,) + tuple(inputs.z0.shape[1:]),
@@ -714,11 +713,11 @@ class Trainer:
             if self.monitor_state is None:
                 self.monitor_state = encode_items(self.backbone, self.monitor_items)
             state = self.monitor_state
-            inputs = prompt_inputs(state, self.device)
+            inputs = prompt_inputs(state, self.device, corrector=self.corrector)
             corrector = self.eval_corrector()
             corrector.eval()
             with torch.no_grad():
-                zc, _ = corrector.correct(inputs.z0, inputs.text_tokens, inputs.pooled, inputs.text_mask)
+                zc, _ = corrector.correct(inputs.z0, *inputs.for_corrector())
                 self.projector.eval()
                 pred = self.projector(zc, inputs.text_tokens, inputs.pooled, inputs.text_mask, inputs.aspect_mask)
         decoded, result = self._decode_and_score(state, zc, timer, group_size=1)
@@ -840,9 +839,9 @@ class Trainer:
         items = self._fresh_items(self.records, self.cfg.export.calibration_size, "calibration", CALIBRATION_SEED_BASE)
         timer = _Timer(self.cfg.trainer_threads)
         state = encode_items(self.backbone, items)
-        inputs = prompt_inputs(state, self.device)
+        inputs = prompt_inputs(state, self.device, corrector=corrector)
         corrector.eval()
-        delta = corrector(inputs.z0, inputs.text_tokens, inputs.pooled, inputs.text_mask)
+        delta = corrector(inputs.z0, *inputs.for_corrector())
         per_item: dict[float, torch.Tensor] = {}
         # Multiplier 0 (no correction) is scored for reference only; it is never chosen.
         for m in (0.0,) + grid:

@@ -1,0 +1,109 @@
+"""The corrector's "fields" conditioning: parsed prompt fields as tokens, and where they are used."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from xlard.models import CorrectorConfig, ResidualCorrector, corrector_inputs
+from xlard.prompts import PromptSpec, from_geneval, parse
+from xlard.prompts.fields import field_keys, field_tokens, field_vector
+
+
+def test_tokens_compose_from_fixed_field_vectors():
+    tokens, mask = field_tokens([parse("a photo of five triangles"), parse("a photo of five circles"),
+                                 parse("a photo of two triangles")], 16)
+    assert tokens.shape == (3, 2, 16) and tokens.dtype == torch.float32 and mask.all()
+    # a token is its value's vector plus its slot's: the same noun or count is the same direction anywhere
+    assert torch.equal(tokens[0, 0], field_vector("noun", "triangle", 16) + field_vector("slot", "0:noun", 16))
+    assert torch.equal(tokens[0, 1], tokens[1, 1])      # five, five
+    assert torch.equal(tokens[0, 0], tokens[2, 0])      # triangle, triangle
+    assert not torch.equal(tokens[0, 1], tokens[2, 1])  # five, two
+    assert torch.equal(field_vector("count", 5, 16), field_vector("count", 5, 16))
+
+
+def test_tokens_are_the_same_in_another_process():
+    code = ("import torch; from xlard.prompts import parse; from xlard.prompts.fields import field_tokens; "
+            "print(field_tokens([parse('a photo of a red circle left of a blue square')], 8)[0].flatten().tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    here = field_tokens([parse("a photo of a red circle left of a blue square")], 8)[0].flatten()
+    assert torch.equal(torch.tensor(json.loads(out)), here)
+
+
+def test_rows_are_padded_and_masked_and_relations_name_their_roles():
+    specs = [parse("a photo of a red circle left of a blue square"), parse("a photo of a dog")]
+    tokens, mask = field_tokens(specs, 8, dtype=torch.float64)
+    # red circle: noun, count, color; blue square: noun, count, color; the relation
+    assert tokens.shape == (2, 7, 8) and tokens.dtype == torch.float64
+    assert mask[0].all() and mask[1].tolist() == [True, True] + [False] * 5
+    assert torch.equal(tokens[1, 2:], torch.zeros(5, 8, dtype=torch.float64))
+    keys = field_keys(specs[0])
+    assert keys[-1] == (("relation", "left_of"), ("slot", "relation:0->1"))
+    swapped = field_keys(parse("a photo of a blue square right of a red circle"))
+    assert swapped[-1] == (("relation", "right_of"), ("slot", "relation:0->1"))
+    empty = PromptSpec(prompt="nothing", entities=())  # a spec without entities: one token to attend to
+    assert field_keys(empty) == [(("empty", ""), ("slot", "empty"))]
+
+
+def test_parsed_and_geneval_specs_give_the_same_tokens():
+    """The trainer's specs come from GenEval metadata (entities in the record's order), the
+    distillation fit's from parsing the prompt: both number the entities in prompt order."""
+    pytest.importorskip("diffusers")
+    from xlard.train.data import load_records
+
+    records, _ = load_records("shapes:train")
+    record = next(r for r in records if r["prompt"] == "a photo of a diamond below a circle")
+    assert from_geneval(record).entities[0].noun == "circle"  # the metadata lists the circle first
+    assert all(field_keys(parse(r["prompt"])) == field_keys(from_geneval(r)) for r in records)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="dim must be an integer >= 1, got 0"):
+        field_tokens([parse("a photo of a cat")], 0)
+    with pytest.raises(ValueError, match="specs is empty"):
+        field_tokens([], 8)
+    with pytest.raises(ValueError, match="must be PromptSpec objects.*got str"):
+        field_tokens(["a photo of a cat"], 8)
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        CorrectorConfig.tiny(conditioning="clip")
+
+
+def _embedding(batch, length=5, dim=8, pooled=6):
+    return SimpleNamespace(tokens=torch.randn(batch, length, dim), pooled=torch.randn(batch, pooled),
+                           mask=torch.ones(batch, length, dtype=torch.bool),
+                           as_corrector_inputs=lambda: {"marker": "text"})
+
+
+def test_corrector_inputs_follow_the_conditioning(tmp_path):
+    specs = [parse("a photo of three circles"), parse("a photo of a red square")]
+    emb = _embedding(2)
+    text = ResidualCorrector(CorrectorConfig.tiny(latent_channels=4, text_dim=8, pooled_dim=6))
+    assert corrector_inputs(text, emb, specs) == {"marker": "text"}
+    assert corrector_inputs(None, emb, specs) == {"marker": "text"}
+    fields = ResidualCorrector(CorrectorConfig.tiny(latent_channels=4, text_dim=8, pooled_dim=6,
+                                                    conditioning="fields"))
+    got = corrector_inputs(fields, emb, specs)
+    want_tokens, want_mask = field_tokens(specs, 8)
+    assert torch.equal(got["text_tokens"], want_tokens) and torch.equal(got["text_mask"], want_mask)
+    assert torch.equal(got["pooled"], torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="1 prompt specs for a batch of 2"):
+        corrector_inputs(fields, emb, specs[:1])
+    # the conditioning survives a save and load; a folder written before the field existed reads as "text"
+    fields.save_pretrained(tmp_path / "f")
+    assert ResidualCorrector.from_pretrained(tmp_path / "f").config.conditioning == "fields"
+    text.save_pretrained(tmp_path / "t")
+    cfg_path = tmp_path / "t" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["config"]["conditioning"]
+    cfg_path.write_text(json.dumps(cfg))
+    assert ResidualCorrector.from_pretrained(tmp_path / "t").config.conditioning == "text"
+    # the corrector runs on them, and its output depends on the fields only
+    z0 = torch.randn(2, 4, 8, 8)
+    torch.nn.init.normal_(fields.head.weight)
+    out = fields(z0, **got)
+    other = corrector_inputs(fields, _embedding(2), specs)
+    assert torch.equal(fields(z0, **other), out)

@@ -1,0 +1,100 @@
+"""The prompt's parsed fields as corrector tokens (``CorrectorConfig.conditioning = "fields"``).
+
+A corrector conditioned on the backbone's text embedding learns each training
+prompt's picture: on the shapes world it did not carry a counting edit to (count,
+shape) pairs it had not seen, while one given the parsed fields as separate tokens
+did (docs/training.md, "Unseen prompts: the corrector does not compose"). This
+module builds those tokens from a :class:`~xlard.prompts.PromptSpec`:
+
+- per entity ``j``: one token for its noun, one for its count, one for its color
+  when it has one;
+- per relation: one token for the relation's name, its slot naming the subject
+  and the object.
+
+Entities are numbered in the order their words appear in the prompt.
+
+Each token is the sum of a *value* vector (``("noun", "circle")``, ``("count", 3)``,
+...) and a *slot* vector (which entity, which field), so the same noun or count
+is the same direction wherever it appears. Every vector is a fixed function of its
+key (standard normal entries drawn from a generator seeded by the key's CRC-32),
+so any noun works, including ones no table lists, and tokens are identical across
+processes, machines and versions.
+"""
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+
+from xlard.prompts.spec import PromptSpec
+
+__all__ = ["field_keys", "field_tokens", "field_vector"]
+
+
+@lru_cache(maxsize=4096)
+def _vector(key: str, dim: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
+    return torch.randn(dim, generator=gen)
+
+
+def field_vector(kind: str, value, dim: int) -> torch.Tensor:
+    """The fixed ``[dim]`` float32 vector of one field value, e.g. ``("count", 3)``."""
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ValueError(f"field_vector: dim must be an integer >= 1, got {dim!r}")
+    return _vector(f"{kind}:{value}", dim).clone()
+
+
+def field_keys(spec: PromptSpec) -> list[tuple[tuple[str, object], tuple[str, object]]]:
+    """The (value key, slot key) pair of each token of ``spec``, in token order.
+
+    A spec without entities (a prompt the parser found nothing in) gets one
+    ``("empty", "")`` token, so attention always has something to read.
+    """
+    if not isinstance(spec, PromptSpec):
+        raise ValueError(f"field_tokens: specs must be PromptSpec objects (xlard.prompts.parse), "
+                         f"got {type(spec).__name__}")
+    # Entities in the order their words appear in the prompt, so a spec parsed from the text and
+    # one built from GenEval metadata (which lists them in another order) give the same tokens.
+    n = len(spec.entities)
+    order = sorted(range(n), key=lambda j: (spec.entities[j].word_span[0] if spec.entities[j].word_span else n, j))
+    rank = {j: k for k, j in enumerate(order)}
+    keys = []
+    for k, j in enumerate(order):
+        entity = spec.entities[j]
+        keys.append((("noun", entity.noun), ("slot", f"{k}:noun")))
+        keys.append((("count", entity.count), ("slot", f"{k}:count")))
+        if entity.color:
+            keys.append((("color", entity.color), ("slot", f"{k}:color")))
+    for relation in spec.relations:  # the slot says which entity is the subject
+        keys.append((("relation", relation.relation),
+                     ("slot", f"relation:{rank[relation.subject]}->{rank[relation.object]}")))
+    return keys or [(("empty", ""), ("slot", "empty"))]
+
+
+def field_tokens(specs: Sequence[PromptSpec], dim: int, *, device=None,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``[B, T, dim]`` and their mask ``[B, T]`` (True for real tokens) for a batch of specs.
+
+    ``T`` is the largest number of tokens of any spec in the batch; shorter rows are
+    zero-padded and masked.
+
+    Raises:
+        ValueError: ``dim`` is not a positive integer, ``specs`` is empty, or an
+            entry is not a :class:`~xlard.prompts.PromptSpec`.
+    """
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ValueError(f"field_tokens: dim must be an integer >= 1, got {dim!r}")
+    specs = list(specs)
+    if not specs:
+        raise ValueError("field_tokens: specs is empty (expected at least one PromptSpec)")
+    rows = [field_keys(spec) for spec in specs]
+    length = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), length, dim)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        for t, ((kind, value), (slot_kind, slot)) in enumerate(row):
+            tokens[i, t] = _vector(f"{kind}:{value}", dim) + _vector(f"{slot_kind}:{slot}", dim)
+            mask[i, t] = True
+    return tokens.to(device=device, dtype=dtype), mask.to(device=device)
