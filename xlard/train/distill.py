@@ -38,18 +38,22 @@ DISTILL_SEED_BASE = 3_000_003
 _FIELDS = ("z0", "target", "tokens", "mask", "pooled")
 
 
+def _vae(backbone, method: str, why: str):
+    """(the backbone's diffusers VAE, its scaling factor, its shift factor); refused without one."""
+    pipe = getattr(getattr(backbone, "family", None), "pipe", None)
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not hasattr(vae, method):
+        raise ValueError(f"distill: the backbone has no VAE {method[:-1]}er ({why})")
+    return vae, float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 def vae_encoder(backbone) -> Callable[[torch.Tensor], torch.Tensor]:
     """``images [B, 3, H, W] in [0, 1] -> latents`` in the backbone's scaled latent space (diffusers VAEs).
 
     Raises:
         ValueError: the backbone has no diffusers VAE to encode with.
     """
-    pipe = getattr(getattr(backbone, "family", None), "pipe", None)
-    vae = getattr(pipe, "vae", None)
-    if vae is None or not hasattr(vae, "encode"):
-        raise ValueError("distill: the backbone has no VAE encoder (distillation needs a diffusers backbone's VAE)")
-    scale = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    vae, scale, shift = _vae(backbone, "encode", "distillation needs a diffusers backbone's VAE")
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -68,13 +72,8 @@ def vae_decoder(backbone) -> Callable[[torch.Tensor], torch.Tensor]:
     Raises:
         ValueError: the backbone has no diffusers VAE to decode with.
     """
-    pipe = getattr(getattr(backbone, "family", None), "pipe", None)
-    vae = getattr(pipe, "vae", None)
-    if vae is None or not hasattr(vae, "decode"):
-        raise ValueError("distill: the backbone has no VAE decoder (decoder_epochs need a diffusers backbone's VAE)")
+    vae, scale, shift = _vae(backbone, "decode", "decoder_epochs need a diffusers backbone's VAE")
     vae.requires_grad_(False)
-    scale = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         x = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / scale + shift, return_dict=False)[0]
@@ -291,38 +290,55 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
             zero = float(data["target"][rows].square().mean())
         return total_mse / len(rows), zero
 
+    t0 = time.perf_counter()
+
+    def end_of_epoch(epoch: int, train_mse: float) -> dict[str, float]:
+        val_mse, zero = evaluate(val)
+        return {"epoch": epoch + 1, "train_mse": train_mse, "val_mse": val_mse, "val_zero_mse": zero,
+                "val_r2": 1.0 - val_mse / zero if zero > 0 else float("nan"), "seconds": time.perf_counter() - t0}
+
+    row = _epochs(corrector, params, opt, sched, train_rows, epochs=epochs, batch_size=batch_size,
+                  order_seed=(seed, "distill"), step_loss=lambda rows: (mse(rows),) * 2, end_of_epoch=end_of_epoch,
+                  log_path=log_path, append=False, desc="distill: fit", progress=progress,
+                  postfix=lambda r: {"train": f"{r['train_mse']:.4f}", "val_r2": f"{r['val_r2']:.3f}"})
+    return {**row, "epochs": epochs}
+
+
+def _epochs(corrector, params, opt, sched, train_rows: torch.Tensor, *, epochs: int, batch_size: int,
+            order_seed: tuple, step_loss: Callable, end_of_epoch: Callable, log_path, append: bool, desc: str,
+            progress: bool, postfix: Callable) -> dict[str, float]:
+    """The epoch loop both fits share: a seeded order per epoch, ``step_loss(rows) -> (loss, tracked)``,
+    gradient clipping at 1, one JSON row per epoch (``end_of_epoch(epoch, mean tracked)``) into
+    ``log_path`` and a progress bar; returns the last row, the corrector left in eval mode."""
+    per_epoch = max(1, len(train_rows) // batch_size)
     log = None
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "w")
+        log = open(log_path, "a" if append else "w")
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=epochs, desc="distill: fit", unit="epoch", file=sys.stderr)
-    t0 = time.perf_counter()
+        bar = tqdm(total=epochs, desc=desc, unit="epoch", file=sys.stderr)
     row: dict[str, float] = {}
     try:
         for epoch in range(epochs):
             corrector.train()
-            order = train_rows[torch.randperm(len(train_rows), generator=derived_generator(seed, "distill", epoch))]
+            order = train_rows[torch.randperm(len(train_rows), generator=derived_generator(*order_seed, epoch))]
             running = 0.0
             for i in range(per_epoch):
-                loss = mse(order[i * batch_size:(i + 1) * batch_size])
+                loss, tracked = step_loss(order[i * batch_size:(i + 1) * batch_size])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 sched.step()
-                running += float(loss.detach())
-            val_mse, zero = evaluate(val)
-            row = {"epoch": epoch + 1, "train_mse": running / per_epoch, "val_mse": val_mse, "val_zero_mse": zero,
-                   "val_r2": 1.0 - val_mse / zero if zero > 0 else float("nan"),
-                   "seconds": time.perf_counter() - t0}
+                running += float(tracked.detach())
+            row = end_of_epoch(epoch, running / per_epoch)
             if log is not None:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             if bar is not None:
-                bar.set_postfix({"train": f"{row['train_mse']:.4f}", "val_r2": f"{row['val_r2']:.3f}"})
+                bar.set_postfix(postfix(row))
                 bar.update(1)
     finally:
         if bar is not None:
@@ -330,7 +346,7 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
         if log is not None:
             log.close()
     corrector.eval()
-    return {**row, "epochs": epochs}
+    return row
 
 
 def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[torch.Tensor], torch.Tensor], *,
@@ -387,42 +403,20 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
         r2 = 1.0 - sums[1] / len(rows) / zero_latent if zero_latent > 0 else float("nan")
         return sums[0] / len(rows), sums[2] / len(rows), r2
 
-    log = open(log_path, "a") if log_path is not None else None
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=epochs, desc="distill: decoder-space fit", unit="epoch", file=sys.stderr)
-    row: dict[str, float] = {}
-    try:
-        for epoch in range(epochs):
-            corrector.train()
-            order = train_rows[torch.randperm(len(train_rows), generator=derived_generator(seed, "distill-decoded",
-                                                                                           epoch))]
-            running = 0.0
-            for i in range(per_epoch):
-                pixel, latent = losses(order[i * batch_size:(i + 1) * batch_size])
-                loss = pixel_weight * pixel + latent_weight * latent
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                running += float(pixel.detach())
-            val_pixel, zero_pixel, r2 = evaluate(val)
-            row = {"decoder_epoch": epoch + 1, "decoder_train_pixel_mse": running / per_epoch,
-                   "decoder_val_pixel_mse": val_pixel, "decoder_val_zero_pixel_mse": zero_pixel,
-                   "decoder_val_r2": r2, "decoder_seconds": time.perf_counter() - t0}
-            if log is not None:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            if bar is not None:
-                bar.set_postfix({"pixel": f"{row['decoder_train_pixel_mse']:.5f}", "val_r2": f"{r2:.3f}"})
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
-    corrector.eval()
+    def step_loss(rows):
+        pixel, latent = losses(rows)
+        return pixel_weight * pixel + latent_weight * latent, pixel
+
+    def end_of_epoch(epoch: int, train_pixel: float) -> dict[str, float]:
+        val_pixel, zero_pixel, r2 = evaluate(val)
+        return {"decoder_epoch": epoch + 1, "decoder_train_pixel_mse": train_pixel,
+                "decoder_val_pixel_mse": val_pixel, "decoder_val_zero_pixel_mse": zero_pixel,
+                "decoder_val_r2": r2, "decoder_seconds": time.perf_counter() - t0}
+
+    row = _epochs(corrector, params, opt, sched, train_rows, epochs=epochs, batch_size=batch_size,
+                  order_seed=(seed, "distill-decoded"), step_loss=step_loss, end_of_epoch=end_of_epoch,
+                  log_path=log_path, append=True, desc="distill: decoder-space fit", progress=progress,
+                  postfix=lambda r: {"pixel": f"{r['decoder_train_pixel_mse']:.5f}",
+                                     "val_r2": f"{r['decoder_val_r2']:.3f}"})
     row.pop("decoder_epoch", None)
     return {**row, "decoder_epochs": epochs}
