@@ -40,32 +40,40 @@ _COMPILED = _compiled_kernels()
 
 def needed_libraries(path: str) -> list[str] | None:
     """The DT_NEEDED entries of a 64-bit little-endian ELF shared object, in order;
-    None when ``path`` is not one (another platform's format, a truncated file)."""
+    None when ``path`` is not one (another platform's format, a truncated file).
+
+    Reads the header, the section table, the dynamic section and its string table
+    only (an import checks ``_C``, which can be large with CUDA device code)."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return None
-    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return None
-    try:
-        shoff, = struct.unpack_from("<Q", data, 0x28)
-        shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-        sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-        for _, sh_type, _, _, offset, size, link, _, _, entsize in sections:
-            if sh_type != 6:  # SHT_DYNAMIC
-                continue
-            strtab = sections[link][4]
-            names = []
-            for pos in range(offset, offset + size, entsize or 16):
-                tag, value = struct.unpack_from("<qQ", data, pos)
-                if tag == 0:  # DT_NULL
-                    break
-                if tag == 1:  # DT_NEEDED
-                    end = data.index(b"\0", strtab + value)
-                    names.append(data[strtab + value:end].decode("utf-8", "replace"))
-            return names
-    except (struct.error, IndexError, ValueError):
+            def read(offset: int, size: int) -> bytes:
+                fh.seek(offset)
+                data = fh.read(size)
+                if len(data) != size:
+                    raise ValueError("truncated")
+                return data
+
+            header = fh.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+                return None
+            shoff, = struct.unpack_from("<Q", header, 0x28)
+            shentsize, shnum = struct.unpack_from("<HH", header, 0x3A)
+            table = read(shoff, shentsize * shnum)
+            sections = [struct.unpack_from("<IIQQQQIIQQ", table, i * shentsize) for i in range(shnum)]
+            for _, sh_type, _, _, offset, size, link, _, _, entsize in sections:
+                if sh_type != 6:  # SHT_DYNAMIC
+                    continue
+                dynamic = read(offset, size)
+                strtab = read(sections[link][4], sections[link][5])
+                names = []
+                for pos in range(0, size, entsize or 16):
+                    tag, value = struct.unpack_from("<qQ", dynamic, pos)
+                    if tag == 0:  # DT_NULL
+                        break
+                    if tag == 1:  # DT_NEEDED
+                        names.append(strtab[value:strtab.index(b"\0", value)].decode("utf-8", "replace"))
+                return names
+    except (OSError, struct.error, IndexError, ValueError):
         return None
     return None  # no dynamic section: not a shared object
 
