@@ -44,7 +44,7 @@ from xlard.vocab import ASPECTS  # order of the projector's outputs, confidence 
 __all__ = [
     "ASPECTS", "CorrectorConfig", "ProjectorConfig", "ResidualCorrector", "LatentRewardProjector",
     "CONDITIONINGS", "GaussianPolicy", "ProjectorOutput", "ProjectorLoss", "aspect_weights", "corrector_inputs",
-    "patchify", "unpatchify", "sincos_position_encoding", "count_parameters",
+    "field_inputs", "patchify", "unpatchify", "sincos_position_encoding", "count_parameters",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -142,15 +142,23 @@ def corrector_inputs(corrector, prompt_embedding, specs) -> dict[str, torch.Tens
     cfg = getattr(corrector, "config", None)
     if getattr(cfg, "conditioning", "text") != "fields":
         return prompt_embedding.as_corrector_inputs()
-    from xlard.prompts.fields import field_tokens
-
     specs = list(specs)
     batch = prompt_embedding.tokens.shape[0]
     if len(specs) != batch:
         raise ValueError(f"corrector_inputs: {len(specs)} prompt specs for a batch of {batch} prompt embeddings")
     ref = prompt_embedding.tokens
-    tokens, mask = field_tokens(specs, cfg.text_dim, device=ref.device, dtype=ref.dtype)
-    pooled = torch.zeros(batch, cfg.pooled_dim, device=ref.device, dtype=ref.dtype)
+    return field_inputs(cfg, specs, device=ref.device, dtype=ref.dtype)
+
+
+def field_inputs(cfg: "CorrectorConfig", specs, *, device=None, dtype: torch.dtype = torch.float32
+                 ) -> dict[str, torch.Tensor]:
+    """A ``"fields"`` corrector's ``{"text_tokens", "pooled", "text_mask"}``: the specs' field tokens
+    (``cfg.text_dim`` wide, :func:`xlard.prompts.fields.field_tokens`) and a zero pooled embedding."""
+    from xlard.prompts.fields import field_tokens
+
+    specs = list(specs)
+    tokens, mask = field_tokens(specs, cfg.text_dim, device=device, dtype=dtype)
+    pooled = torch.zeros(len(specs), cfg.pooled_dim, device=device, dtype=dtype)
     return {"text_tokens": tokens, "pooled": pooled, "text_mask": mask}
 
 

@@ -225,16 +225,15 @@ def corrector_data(corrector, data: dict[str, Any]) -> dict[str, Any]:
     cfg = getattr(corrector, "config", None)
     if getattr(cfg, "conditioning", "text") != "fields":
         return data
+    from xlard.models import field_inputs
     from xlard.prompts import parse
-    from xlard.prompts.fields import field_tokens
 
     prompts = data.get("prompts")
-    n = data["z0"].shape[0]
-    if prompts is None or len(prompts) != n or any(not isinstance(p, str) for p in prompts):
+    if prompts is None or len(prompts) != data["z0"].shape[0] or any(not isinstance(p, str) for p in prompts):
         raise ValueError("distill: a corrector with conditioning 'fields' needs each item's prompt (data['prompts'], "
                          "written into the shards by build_dataset)")
-    tokens, mask = field_tokens([parse(p) for p in prompts], cfg.text_dim)
-    return {**data, "tokens": tokens, "mask": mask, "pooled": torch.zeros(n, cfg.pooled_dim)}
+    own = field_inputs(cfg, [parse(p) for p in prompts])
+    return {**data, "tokens": own["text_tokens"], "mask": own["text_mask"], "pooled": own["pooled"]}
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from xlard import ops as xops
+from xlard.models import corrector_inputs
 
 __all__ = ["derived_generator", "encode_items", "decode_groups", "GroupResult", "PromptInputs", "prompt_inputs",
            "Rollouts", "sample_rollouts", "PolicyStep"]
@@ -113,8 +114,6 @@ def prompt_inputs(state, device, group_size: int = 1, corrector=None) -> PromptI
     ``corrector`` (optional): whose ``config.conditioning`` picks the ``corrector_*`` fields
     (default: the prompt embedding, as for a ``"text"`` corrector).
     """
-    from xlard.models import corrector_inputs
-
     emb = state.prompt_embedding
     mask = torch.tensor([spec.aspect_mask() for spec in state.specs], dtype=torch.bool, device=device)
     own = corrector_inputs(corrector, emb, state.specs)
