@@ -17,6 +17,10 @@ always included), the images are decoded and scored two ways:
 
 Items: ``--per-tag`` (prompt, seed) items per tag of the training split,
 balanced as the trainer's ``data.balance: tag`` does (``balanced_pairs``).
+``--prompts`` picks which training-split prompts: ``all`` (default),
+``left-out`` (the prompts a run trained with ``data.leave_out`` never saw,
+read from the corrector folder: how the recipe carries to new prompts, as
+the held-out split's are new) or ``fitted`` (the others).
 
     python scripts/validate_corrector.py --corrector runs/shapes_shipped/corrector \\
         --per-tag 64 --multipliers 0.5,1,2 --out validation.json
@@ -36,6 +40,7 @@ import torch
 from xlard import _io
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+PROMPT_SETS = ("all", "left-out", "fitted")
 
 
 def _multipliers(text: str) -> list[float]:
@@ -54,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     which.add_argument("--corrector", help="a corrector folder (xlard train's OUT/corrector)")
     which.add_argument("--correct", action="store_true", help="the corrector shipped for the shapes backbone")
     parser.add_argument("--per-tag", type=int, default=64, help="items per GenEval tag (default 64)")
+    parser.add_argument("--prompts", choices=PROMPT_SETS, default="all",
+                        help="training-split prompts to validate on: all (default), left-out (those a run with "
+                             "data.leave_out never saw) or fitted (the others)")
     parser.add_argument("--multipliers", type=_multipliers, default=[0.0, 1.0],
                         help="step-size multipliers of the exported alpha (0 is always added; default 1)")
     parser.add_argument("--seed-base", type=int, default=100,
@@ -93,8 +101,40 @@ def training_reward_settings(meta) -> dict:
     return {**reward, "recorded": recorded}
 
 
+def _record_key(record: dict) -> tuple:
+    return (record.get("tag", ""), record.get("prompt", ""), json.dumps(record.get("include", []), sort_keys=True))
+
+
+def select_records(records: list[dict], meta, which: str) -> list[dict]:
+    """The training-split records to validate on: ``all``, ``left-out`` or ``fitted`` (see ``--prompts``).
+
+    Raises:
+        ValueError: ``left-out``/``fitted`` for a corrector trained without
+            ``data.leave_out``, an unknown choice, or left-out records that are
+            not training-split records.
+    """
+    if which not in PROMPT_SETS:
+        raise ValueError(f"--prompts must be one of {', '.join(PROMPT_SETS)}, got {which!r}")
+    if which == "all":
+        return list(records)
+    left = meta.training.get("left_out_records")
+    if not left:
+        raise ValueError(f"--prompts {which}: this corrector was trained on every training-split prompt (its "
+                         "metadata has no training.left_out_records); train with data.leave_out > 0 to validate "
+                         "on prompts it never saw")
+    if not isinstance(left, list) or not all(isinstance(r, dict) for r in left):
+        raise ValueError(f"--prompts {which}: training.left_out_records in the corrector's metadata must be a list "
+                         f"of GenEval records, got {type(left).__name__}")
+    keys = {_record_key(r) for r in left}
+    known = {_record_key(r) for r in records}
+    if not keys <= known:
+        raise ValueError(f"--prompts {which}: {len(keys - known)} of the corrector's left-out records are not "
+                         "shapes training-split records")
+    return [r for r in records if (_record_key(r) in keys) == (which == "left-out")]
+
+
 def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base: int = 100, batch: int = 16,
-             progress: bool = True) -> dict:
+             progress: bool = True, prompts: str = "all") -> dict:
     """The validation table: ``{"items", "delta_rms", "rows": [{multiplier, joint, overall, tags, fixed, broken}]}``."""
     from xlard.models import aspect_weights
     from xlard.shapes import evaluator as E
@@ -116,6 +156,7 @@ def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base:
     backbone = load_backbone(cfg.backbone, torch.device("cpu"), cfg.reward)
     reward_fn = build_reward_fn(cfg.reward, backbone)
     records, _ = load_records("shapes:train")
+    records = select_records(records, meta, prompts)
     pairs = balanced_pairs(records, per_tag, 1)
     items = [Item(records[r], seed_base + s, r) for r, s in pairs]
     tags = [records[r].get("tag", "") for r, _ in pairs]
@@ -129,9 +170,11 @@ def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base:
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         state = encode_items(backbone, chunk)
-        inputs = prompt_inputs(state, "cpu")
+        # The corrector's own inputs: the backbone's text embedding, or the parsed-field tokens of a
+        # ``conditioning: fields`` corrector (as the trainer, xlard eval and generate give them).
+        inputs = prompt_inputs(state, "cpu", corrector=corrector)
         with torch.no_grad():
-            delta = corrector(inputs.z0, inputs.text_tokens, inputs.pooled, inputs.text_mask)
+            delta = corrector(inputs.z0, *inputs.for_corrector())
         rms.append(float(delta.float().square().mean().sqrt()))
         for m in multipliers:
             decoded = backbone.decode(state, state.z0 + m * meta.alpha * delta)
@@ -152,7 +195,8 @@ def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base:
         rows.append({"multiplier": m, "alpha": m * meta.alpha, "joint": float(torch.cat(joint[m]).mean()),
                      "overall": sum(per_tag_score.values()) / len(per_tag_score), "tags": per_tag_score,
                      "fixed": int(((c > 0) & (base == 0)).sum()), "broken": int(((c == 0) & (base > 0)).sum())})
-    return {"items": len(items), "per_tag": per_tag, "seed_base": seed_base, "delta_rms": sum(rms) / len(rms),
+    return {"items": len(items), "per_tag": per_tag, "seed_base": seed_base, "prompts": prompts,
+            "prompt_count": len(records), "delta_rms": sum(rms) / len(rms),
             "corrector_alpha": meta.alpha, "reward": reward, "rows": rows}
 
 
@@ -169,12 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         corrector, meta = load_corrector_dir(path)
         report = validate(corrector, meta, args.per_tag, args.multipliers, args.seed_base, args.batch,
-                          progress=not args.quiet)
+                          progress=not args.quiet, prompts=args.prompts)
     except (FileNotFoundError, ValueError) as err:
         print(f"validate_corrector: error: {err}", file=sys.stderr)
         return 2
     report["corrector"] = str(path)
-    print(f"{report['items']} training-split items, seeds from {args.seed_base}; mean correction RMS "
+    print(f"{report['items']} training-split items ({args.prompts} prompts: {report['prompt_count']}), seeds from "
+          f"{args.seed_base}; mean correction RMS "
           f"{report['delta_rms']:.4f}; exported alpha {meta.alpha:g}")
     reward = report["reward"]
     print(f"training reward: source {reward['source']}, options "

@@ -163,3 +163,32 @@ def test_balanced_pairs_give_every_tag_the_same_items():
         PromptData(records, 4, 4, seed=0, balance="class")
     with pytest.raises(ValueError, match="fewer than ppo.prompts_per_step"):
         PromptData(records, 4, 40, seed=0, balance="tag", items_per_tag=8)
+
+
+def test_leave_out_prompts_holds_back_a_share_of_every_tag():
+    from collections import Counter
+
+    from xlard.train.data import leave_out_prompts
+
+    records = ([{"tag": "big", "i": i} for i in range(40)] + [{"tag": "small", "i": i} for i in range(3)]
+               + [{"tag": "one", "i": 0}])
+    kept, left = leave_out_prompts(records, 0.2, seed=0)
+    assert Counter(r["tag"] for r in left) == {"big": 8, "small": 1}  # round(0.6) = 1; a lone prompt stays
+    assert len(kept) + len(left) == len(records) and not any(r in kept for r in left)
+    # both lists keep the records' order; the pick depends on the seed and is reproducible
+    assert kept == [r for r in records if r not in left] and left == [r for r in records if r in left]
+    assert leave_out_prompts(records, 0.2, seed=0) == (kept, left)
+    assert leave_out_prompts(records, 0.2, seed=1)[1] != left
+    # at least one left out per tag of two or more prompts, never all of them
+    assert Counter(r["tag"] for r in leave_out_prompts(records, 0.01, 0)[1]) == {"big": 1, "small": 1}
+    assert Counter(r["tag"] for r in leave_out_prompts(records, 0.99, 0)[0]) == {"big": 1, "small": 1, "one": 1}
+    assert leave_out_prompts(records, 0.0, 0) == (records, [])
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="data.leave_out"):
+            leave_out_prompts(records, bad, 0)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, True, "0.2"])
+def test_leave_out_is_validated(bad):
+    with pytest.raises(ValueError, match=r"data\.leave_out must be a finite number in \[0.0, 1.0\)"):
+        config_from_dict({"data": {"leave_out": bad}})

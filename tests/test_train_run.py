@@ -334,3 +334,50 @@ def test_choose_multiplier_keeps_the_reference_unless_the_gain_is_clear():
     assert choose_multiplier({2.0: base, 3.0: noisy}, (2.0, 3.0), 2.0)[0] == 2.0
     # a worse mean is never chosen, even with s.e. 0
     assert choose_multiplier({1.0: base, 2.0: base - 0.1}, (1.0, 2.0), 2.0)[0] == 1.0
+
+
+@needs_shapes
+def test_left_out_prompts_never_reach_the_run_and_are_recorded(tmp_path, shapes, monkeypatch):
+    """``data.leave_out``: no training, monitor or calibration item uses a left-out prompt; the corrector
+    folder lists them, and scripts/validate_corrector.py validates on exactly them (a fields corrector)."""
+    from xlard.evaluation import load_corrector_dir
+    from xlard.train import trainer as T
+    from xlard.train.data import leave_out_prompts, load_records
+
+    seen = []
+    real_encode = T.encode_items
+
+    def spy(backbone, items):
+        seen.extend(items)
+        return real_encode(backbone, items)
+
+    monkeypatch.setattr(T, "encode_items", spy)
+    cfg = tiny_config(tmp_path / "run", reward_model="image", confidence="uniform",
+                      data={"balance": "tag", "items_per_tag": 2, "max_prompts": None, "monitor_size": 6,
+                            "leave_out": 0.25},
+                      model={"corrector_overrides": {"conditioning": "fields"}},
+                      ppo={"prompts_per_step": 6}, projector={"warmup_batches": 0},
+                      export={"alpha_grid": [1], "calibration_size": 6}, steps=1)
+    T.train(cfg, backbone=shapes)
+    records, _ = load_records("shapes:train")
+    kept, left = leave_out_prompts(records, 0.25, cfg.seed)
+    assert left and len(kept) + len(left) == len(records)
+    left_prompts = {r["prompt"] for r in left}
+    assert seen and not any(it.record["prompt"] in left_prompts for it in seen)
+    corrector, meta = load_corrector_dir(tmp_path / "run" / "corrector")
+    assert meta.training["left_out_fraction"] == 0.25
+    assert [r["prompt"] for r in meta.training["left_out_records"]] == [r["prompt"] for r in left]
+    assert corrector.config.conditioning == "fields"
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import validate_corrector as V
+
+    chosen = V.select_records(records, meta, "left-out")
+    assert {r["prompt"] for r in chosen} == left_prompts
+    fitted = V.select_records(records, meta, "fitted")
+    assert len(fitted) == len(kept) and not {r["prompt"] for r in fitted} & left_prompts
+    assert len(V.select_records(records, meta, "all")) == len(records)
+    # a short validation on the left-out prompts runs the fields corrector on its own inputs
+    report = V.validate(corrector, meta, 1, [0.0, 1.0], batch=6, progress=False, prompts="left-out")
+    assert report["prompts"] == "left-out" and report["prompt_count"] == len(left) and report["items"] == 6
+    assert report["delta_rms"] > 0

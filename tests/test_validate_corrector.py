@@ -53,6 +53,30 @@ def test_the_shipped_corrector_records_the_integer_count_reward():
     assert V.training_reward_settings(meta)["options"] == {"count_confidence": False}
 
 
+def test_prompt_sets_need_a_run_with_left_out_prompts():
+    from xlard.evaluation import CorrectorMeta
+
+    def meta(training):
+        return CorrectorMeta(backbone="shapes", correction_step=0.6, alpha=1.0, num_inference_steps=20,
+                             guidance_scale=5.0, training=training)
+
+    records = [{"tag": "counting", "prompt": f"a photo of {n} cats", "include": [{"class": "cat", "count": n}]}
+               for n in (2, 3, 4)]
+    assert V.parse_args(["--correct"]).prompts == "all"
+    with pytest.raises(SystemExit):
+        V.parse_args(["--correct", "--prompts", "heldout"])
+    assert V.select_records(records, meta({}), "all") == records
+    with pytest.raises(ValueError, match="trained on every training-split prompt"):
+        V.select_records(records, meta({}), "left-out")
+    m = meta({"left_out_records": [records[1]]})
+    assert V.select_records(records, m, "left-out") == [records[1]]
+    assert V.select_records(records, m, "fitted") == [records[0], records[2]]
+    with pytest.raises(ValueError, match="not shapes training-split records"):
+        V.select_records(records, meta({"left_out_records": [{"tag": "x", "prompt": "y"}]}), "left-out")
+    with pytest.raises(ValueError, match="must be a list of GenEval records"):
+        V.select_records(records, meta({"left_out_records": "abc"}), "fitted")
+
+
 def test_a_missing_corrector_is_one_clear_error(tmp_path, capsys):
     assert V.main(["--corrector", str(tmp_path / "none"), "--quiet"]) == 2
     assert "validate_corrector: error:" in capsys.readouterr().err

@@ -136,6 +136,13 @@ class DataSettings:
             needed; see :func:`xlard.train.data.balanced_pairs`).
         items_per_tag: items per tag with ``balance: tag``.
         encode_cache: encoded batches kept in memory (LRU); 0 = all.
+        leave_out: fraction of each tag's prompts held back from the whole run
+            (training, monitor, calibration, distillation; see
+            :func:`xlard.train.data.leave_out_prompts`). The corrector folder
+            records them (``training.left_out_records``), and
+            ``scripts/validate_corrector.py --prompts left-out`` validates on
+            them: how a recipe carries to prompts it never saw, measured on the
+            training split. 0 (default) trains on every prompt.
     """
 
     prompts: str = "shapes:train"
@@ -146,6 +153,7 @@ class DataSettings:
     balance: str = "none"
     items_per_tag: int = 256
     encode_cache: int = 0
+    leave_out: float = 0.0
 
     def __post_init__(self):
         o = "data"
@@ -160,6 +168,7 @@ class DataSettings:
         _choice(o, "balance", self.balance, ("none", "tag"))
         _int(o, "items_per_tag", self.items_per_tag, 1)
         _int(o, "encode_cache", self.encode_cache, 0)
+        _real(o, "leave_out", self.leave_out, 0.0, 1.0, high_open=True)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 
 from xlard.prompts import PromptSpec, from_geneval
 
-__all__ = ["Item", "PromptData", "balanced_pairs", "load_records", "EncodeCache", "MONITOR_SEED_BASE", "CALIBRATION_SEED_BASE"]
+__all__ = ["Item", "PromptData", "balanced_pairs", "leave_out_prompts", "load_records", "EncodeCache", "MONITOR_SEED_BASE", "CALIBRATION_SEED_BASE"]
 
 #: Seeds of the monitor batch start here; training seeds are 0 .. seeds_per_prompt - 1.
 MONITOR_SEED_BASE = 1_000_003
@@ -100,6 +100,43 @@ def balanced_pairs(records: Sequence[dict], items_per_tag: int, seed: int) -> li
         keep = np.random.default_rng([seed, 13, k]).permutation(len(cand))[:items_per_tag]
         pairs.extend(cand[j] for j in sorted(keep.tolist()))
     return pairs
+
+
+def leave_out_prompts(records: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split ``records`` into (kept, left out): ``fraction`` of each GenEval tag's prompts held back.
+
+    A tag with ``m >= 2`` records leaves out ``round(fraction * m)`` of them, at
+    least one and at most ``m - 1``; a tag with one record keeps it. The pick is
+    seeded (``seed``, the tag's place in sorted tag order) and both lists keep
+    the records' order. ``fraction == 0`` keeps everything. A run trained on the
+    kept prompts can be validated on the left-out ones: prompts it never saw, as
+    the held-out split's are, without touching the held-out split.
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 1).
+
+    Example:
+        >>> recs = [{"tag": "a", "prompt": str(i)} for i in range(4)] + [{"tag": "b", "prompt": "x"}]
+        >>> kept, out = leave_out_prompts(recs, 0.25, 0)
+        >>> len(kept), len(out), out[0]["tag"]
+        (4, 1, 'a')
+    """
+    if not (isinstance(fraction, (int, float)) and 0.0 <= float(fraction) < 1.0):
+        raise ValueError(f"data.leave_out must be a fraction in [0, 1), got {fraction!r}")
+    if fraction == 0:
+        return list(records), []
+    by_tag: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_tag.setdefault(str(record.get("tag", "")), []).append(i)
+    out: set[int] = set()
+    for k, tag in enumerate(sorted(by_tag)):
+        idx = by_tag[tag]
+        if len(idx) < 2:
+            continue
+        n = min(max(int(round(float(fraction) * len(idx))), 1), len(idx) - 1)
+        pick = np.random.default_rng([seed, 17, k]).permutation(len(idx))[:n]
+        out.update(idx[j] for j in pick.tolist())
+    return ([r for i, r in enumerate(records) if i not in out], [r for i, r in enumerate(records) if i in out])
 
 
 class PromptData:

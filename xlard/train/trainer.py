@@ -44,7 +44,8 @@ from xlard.models import LatentRewardProjector, ResidualCorrector, aspect_weight
 from xlard.train import checkpoint as ckpt
 from xlard.train import ppo
 from xlard.train.config import TrainConfig, batch_arithmetic, config_from_dict, describe
-from xlard.train.data import CALIBRATION_SEED_BASE, MONITOR_SEED_BASE, EncodeCache, Item, PromptData, load_records
+from xlard.train.data import (CALIBRATION_SEED_BASE, MONITOR_SEED_BASE, EncodeCache, Item, PromptData,
+                              leave_out_prompts, load_records)
 from xlard.train.metrics import MetricsLog, draw_curves
 from xlard.train.projector import ProjectorBuffer, Slot, fit_projector
 from xlard.train.rewarding import build_reward_fn, source_backbone_options
@@ -225,6 +226,13 @@ class Trainer:
         records, self.is_shapes = load_records(cfg.data.prompts)
         if cfg.data.max_prompts:
             records = records[:cfg.data.max_prompts]
+        # Prompts left out of the whole run (training, monitor, calibration, distillation), for a
+        # validation on prompts the corrector never saw (scripts/validate_corrector.py --prompts left-out).
+        records, self.left_out_records = leave_out_prompts(records, cfg.data.leave_out, cfg.seed)
+        if self.left_out_records:
+            self._say(f"data.leave_out {cfg.data.leave_out:g}: {len(self.left_out_records)} of "
+                      f"{len(records) + len(self.left_out_records)} prompts left out of the run (recorded in the "
+                      "corrector folder as training.left_out_records)")
         self.data = PromptData(records, cfg.data.seeds_per_prompt, cfg.ppo.prompts_per_step, cfg.seed,
                                balance=cfg.data.balance, items_per_tag=cfg.data.items_per_tag)
         self.cache = EncodeCache(cfg.data.encode_cache)
@@ -880,6 +888,9 @@ class Trainer:
                       "reward_options": dict(self.cfg.reward.options),
                       "reward_bind_color": self.cfg.reward.bind_color,
                       "training_alpha": float(corrector.config.alpha),
+                      **({"left_out_fraction": float(self.cfg.data.leave_out),
+                          "left_out_records": [dict(r) for r in self.left_out_records]}
+                         if self.left_out_records else {}),
                       **({"distill": {**dataclasses.asdict(self.cfg.distill), **self.distill_stats}}
                          if self.distilled else {}),
                       **({"alpha_calibration": calibration, "alpha_calibration_se": calibration_se,
