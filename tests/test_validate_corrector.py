@@ -110,4 +110,7 @@ def test_small_run_matches_direct_scoring(tmp_path, capsys):
     by_tag = {it.record["tag"]: float(v.correct) for it, v in zip(items, verdicts)}
     assert base["tags"] == by_tag
     assert corrected["overall"] == pytest.approx(sum(corrected["tags"].values()) / 6)
+    assert corrected["gain"] == pytest.approx(corrected["overall"] - base["overall"])
+    assert corrected["gain_ci"][0] <= corrected["gain"] <= corrected["gain_ci"][1]
+    assert base["gain"] == 0.0 and "gain +0.0 points" in printed
     assert torch.isfinite(torch.tensor(corrected["joint"]))
