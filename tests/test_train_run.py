@@ -272,13 +272,11 @@ def test_torchrun_two_processes_match_one(tmp_path):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), key
 
 
-@needs_shapes
-def test_balanced_run_and_step_size_calibration(tmp_path, shapes, monkeypatch):
-    """``data.balance: tag`` feeds every tag; ``export.alpha_grid`` picks the multiplier the training reward prefers."""
-    from xlard.evaluation import load_corrector_dir
+def _record_encoded_items(monkeypatch) -> list:
+    """Every item the trainer encodes from now on (training, monitor, calibration), in order."""
     from xlard.train import trainer as T
 
-    seen = []
+    seen: list = []
     real_encode = T.encode_items
 
     def spy(backbone, items):
@@ -286,6 +284,16 @@ def test_balanced_run_and_step_size_calibration(tmp_path, shapes, monkeypatch):
         return real_encode(backbone, items)
 
     monkeypatch.setattr(T, "encode_items", spy)
+    return seen
+
+
+@needs_shapes
+def test_balanced_run_and_step_size_calibration(tmp_path, shapes, monkeypatch):
+    """``data.balance: tag`` feeds every tag; ``export.alpha_grid`` picks the multiplier the training reward prefers."""
+    from xlard.evaluation import load_corrector_dir
+    from xlard.train import trainer as T
+
+    seen = _record_encoded_items(monkeypatch)
     cfg = tiny_config(tmp_path / "run", reward_model="image", confidence="uniform",
                       data={"balance": "tag", "items_per_tag": 2, "max_prompts": None, "monitor_size": 6},
                       ppo={"prompts_per_step": 6}, projector={"warmup_batches": 0},
@@ -344,14 +352,7 @@ def test_left_out_prompts_never_reach_the_run_and_are_recorded(tmp_path, shapes,
     from xlard.train import trainer as T
     from xlard.train.data import leave_out_prompts, load_records
 
-    seen = []
-    real_encode = T.encode_items
-
-    def spy(backbone, items):
-        seen.extend(items)
-        return real_encode(backbone, items)
-
-    monkeypatch.setattr(T, "encode_items", spy)
+    seen = _record_encoded_items(monkeypatch)
     cfg = tiny_config(tmp_path / "run", reward_model="image", confidence="uniform",
                       data={"balance": "tag", "items_per_tag": 2, "max_prompts": None, "monitor_size": 6,
                             "leave_out": 0.25},
