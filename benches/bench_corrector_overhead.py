@@ -68,10 +68,13 @@ def test_corrector_overhead_paired(benchmark, backbone, corrector_name):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     seeds = list(range(batch))
     state = backbone.encode(prompts, seed=seeds)
-    inputs = state.prompt_embedding.as_corrector_inputs()
+    from xlard.models import corrector_inputs
 
     def correct():
+        # The corrector's own inputs (for a ``conditioning: fields`` corrector, the parsed
+        # fields' tokens) are built inside the timing: they are part of its cost.
         with torch.no_grad():
+            inputs = corrector_inputs(corrector, state.prompt_embedding, state.specs)
             return corrector.correct(state.z0, alpha=alpha, **inputs)
 
     def sample():
@@ -79,7 +82,7 @@ def test_corrector_overhead_paired(benchmark, backbone, corrector_name):
 
     zc, lam = correct()  # correctness, outside the timing
     with torch.no_grad():
-        delta = corrector(state.z0, **inputs)
+        delta = corrector(state.z0, **corrector_inputs(corrector, state.prompt_embedding, state.specs))
     torch.testing.assert_close(zc, state.z0 + alpha * delta)
     torch.testing.assert_close(lam, delta.abs().sum(1))
 

@@ -42,6 +42,9 @@ def install(run: Path, seconds: float | None) -> Path:
     config = json.loads((run / "config.json").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_seconds = sum(r.get("time/step", 0.0) + r.get("time/last_checkpoint", 0.0) for r in rows)
+    distill = (meta.training or {}).get("distill") or {}
+    distill_seconds = sum(float(distill.get(k) or 0.0) for k in ("build_seconds", "seconds", "decoder_seconds"))
+    build_seconds = float(distill.get("build_seconds") or 0.0)
     params = sum(p.numel() for p in corrector.parameters())
     # The run folder as a user would name it (a path inside the checkout, else its name): no
     # machine-specific absolute path goes into package data.
@@ -54,10 +57,18 @@ def install(run: Path, seconds: float | None) -> Path:
         "Trained by `scripts/train_shapes_corrector.py` (`configs/shapes_shipped.yaml`) on the shapes world's",
         "training split; rewards from the shapes understanding model (never the exact evaluator).",
         "",
-        f"- steps: {summary['steps']}; parameters: {params:,}; folder size: {size / 2**20:.2f} MiB",
+        f"- PPO steps: {summary['steps']}; parameters: {params:,}; folder size: {size / 2**20:.2f} MiB",
+        *([f"- edit-target warm start: {distill.get('items')} items ({distill.get('items_edited')} edited), "
+           f"{distill.get('epochs')} latent + {distill.get('decoder_epochs', 0)} decoder-space epochs, "
+           f"held-back explained variance {float(distill.get('val_r2', float('nan'))):.3f}; "
+           + (f"{distill_seconds / 60:.1f} min (targets {build_seconds / 60:.1f}, "
+              f"fits {(distill_seconds - build_seconds) / 60:.1f})" if build_seconds >= 1.0 else
+              f"fits {distill_seconds / 60:.1f} min (the edit targets were built by an earlier, interrupted "
+              "invocation that did not record their time)")] if distill else []),
         f"- correction_step {meta.correction_step}, alpha {meta.alpha}, {meta.num_inference_steps} denoising steps, "
         f"guidance {meta.guidance_scale}",
-        f"- training time (sum of step times): {train_seconds / 60:.1f} min"
+        f"- training time (warm start + sum of step times): {(distill_seconds + train_seconds) / 60:.1f} min"
+        + (" without the edit targets' build" if distill and build_seconds < 1.0 else "")
         + (f"; wall time of this invocation {seconds / 60:.1f} min" if seconds is not None else ""),
         f"- config: `{json.dumps(config, sort_keys=True)}`",
         "",

@@ -1,8 +1,9 @@
 """``xlard demo`` end to end at a tiny size: train, paired held-out evaluation, report, refusal and resume.
 
-The demo's defaults (steps, records) are sized for its 15-minute budget; here
-the same code path runs with 2 training steps and one record per tag, so what
-is checked is behaviour (files, table, report, folder rules), not learning.
+The demo's defaults (edit targets, records) are sized for its 15-minute budget;
+here the same code path runs with one edit target per tag, one epoch of each
+fit, one PPO step after them and one record per tag, so what is checked is
+behaviour (files, table, report, folder rules), not learning.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from xlard.shapes import prompts as P  # noqa: E402
 pytestmark = pytest.mark.skipif(not shapes_backbone.is_available(), reason="shapes backbone weights not installed")
 
 
-# Smaller batches than the demo's own (the code path is the same).
-SMALL = ["--set", "ppo.prompts_per_step=2", "--set", "ppo.group_size=2", "--set", "export.calibration_size=6"]
-ARGS = ["--steps", "2", "--per-tag", "1", "--quiet"] + SMALL
+# Smaller fits and batches than the demo's own (the code path is the same).
+SMALL = ["--set", "distill.epochs=1", "--set", "distill.decoder_epochs=1", "--set", "ppo.prompts_per_step=2",
+         "--set", "ppo.group_size=2"]
+ARGS = ["--items-per-tag", "1", "--steps", "1", "--per-tag", "1", "--quiet"] + SMALL
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +40,18 @@ def test_demo_writes_train_eval_report_and_summary(tiny_demo, capsys):
     out = tiny_demo
     summary = json.loads((out / "demo.json").read_text())
     assert summary["complete"] is True
-    assert summary["settings"]["steps"] == 2 and summary["settings"]["per_tag"] == 1
-    assert summary["settings"]["overrides"] == {"ppo.prompts_per_step": 2, "ppo.group_size": 2,
-                                                "export.calibration_size": 6}
-    assert json.loads((out / "train" / "config.json").read_text())["ppo"]["group_size"] == 2
+    assert summary["settings"]["steps"] == 1 and summary["settings"]["per_tag"] == 1
+    assert summary["settings"]["items_per_tag"] == 1
+    assert summary["settings"]["overrides"] == {"distill.epochs": 1, "distill.decoder_epochs": 1,
+                                                "ppo.prompts_per_step": 2, "ppo.group_size": 2}
+    config = json.loads((out / "train" / "config.json").read_text())
+    assert config["ppo"]["group_size"] == 2 and config["distill"]["items_per_tag"] == 1
+    assert config["model"]["corrector_overrides"]["conditioning"] == "fields"
+    # The warm start ran on the training split (6 items: one per tag), then the PPO step.
+    assert json.loads((out / "train" / "distill" / "summary.json").read_text())["items"] == 6
     # The corrector came from the training split's run, in a corrector folder.
     assert (out / "train" / "corrector" / "xlard_corrector.json").is_file()
-    assert json.loads((out / "train" / "summary.json").read_text())["steps"] == 2
+    assert json.loads((out / "train" / "summary.json").read_text())["steps"] == 1
     # Evaluated on held-out records only: one per tag, paired.
     heldout = {r["prompt"] for r in P.make_splits(P.PromptConfig(), seed=0)["heldout"]}
     pairs = [json.loads(line) for line in (out / "eval" / "pairs.jsonl").read_text().splitlines()]
@@ -55,7 +62,7 @@ def test_demo_writes_train_eval_report_and_summary(tiny_demo, capsys):
     assert set(report["table"]) == set(P.TAGS) | {"overall"}
     assert summary["overall"]["diff"] == pytest.approx(report["table"]["overall"]["diff"])
     page = (out / "report.html").read_text()
-    assert "Held-out gains" in page and "Training" in page
+    assert "Held-out gains" in page and "the edit-target warm start" in page and "Training: PPO" in page
     assert page.count("<article") == len(P.TAGS)  # one card per pair (fewer pairs than REPORT_CARDS)
     assert "data:image/png;base64," in page and "<script" not in page
 
@@ -70,7 +77,12 @@ def test_demo_refuses_an_earlier_demo_without_a_flag(tiny_demo, capsys):
 
 
 def test_demo_resume_with_other_settings_is_refused(tiny_demo, capsys):
-    rc = cli_main(["demo", "--out", str(tiny_demo), "--steps", "3", "--per-tag", "1", "--quiet", "--resume"] + SMALL)
+    rc = cli_main(["demo", "--out", str(tiny_demo), "--items-per-tag", "1", "--steps", "3", "--per-tag", "1",
+                   "--quiet", "--resume"] + SMALL)
+    assert rc == 2
+    assert "other settings" in capsys.readouterr().err
+    rc = cli_main(["demo", "--out", str(tiny_demo), "--items-per-tag", "2", "--steps", "1", "--per-tag", "1",
+                   "--quiet", "--resume"] + SMALL)
     assert rc == 2
     assert "other settings" in capsys.readouterr().err
     rc = cli_main(["demo", "--out", str(tiny_demo), "--resume"] + ARGS[:-2])  # other --set
@@ -108,7 +120,13 @@ def test_demo_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="per_tag"):
         demo.demo_records(0)
     with pytest.raises(ValueError, match="--steps"):
-        demo.run_demo(tmp_path / "x", steps=0)
+        demo.run_demo(tmp_path / "x", steps=-1)
+    with pytest.raises(ValueError, match="--items-per-tag"):
+        demo.run_demo(tmp_path / "x", items_per_tag=1.5)
+    with pytest.raises(ValueError, match="trains nothing"):
+        demo.run_demo(tmp_path / "x", steps=0, items_per_tag=0)
+    with pytest.raises(ValueError, match="--items-per-tag"):
+        demo.run_demo(tmp_path / "x", overrides={"distill.items_per_tag": 3})
     with pytest.raises(ValueError, match="exclude"):
         demo.run_demo(tmp_path / "x", overwrite=True, resume=True)
     with pytest.raises(ValueError, match="--set steps"):

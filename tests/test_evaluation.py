@@ -382,8 +382,10 @@ def test_the_shipped_shapes_corrector_is_installed_fits_and_corrects(tmp_path, c
     assert (folder / "README.md").is_file()
     backbone = ev.load_backbone_for(meta, corrector=corrector)  # runs check_corrector_fits
     state = backbone.encode(["a photo of three red circles"], seed=[0])
-    with torch.no_grad():
-        delta = corrector(state.z0, **state.prompt_embedding.as_corrector_inputs())
+    from xlard.models import corrector_inputs
+
+    with torch.no_grad():  # its own inputs: the parsed fields' tokens for a conditioning: fields corrector
+        delta = corrector(state.z0, **corrector_inputs(corrector, state.prompt_embedding, state.specs))
     assert torch.isfinite(delta).all() and float(delta.abs().max()) > 0  # a trained corrector acts
     out = tmp_path / "gen"
     assert cli.main(["generate", "a photo of three red circles", "--backbone", "shapes", "--correct",

@@ -146,6 +146,30 @@ def test_distill_run_exports_a_trained_corrector(tmp_path, shapes_final):
     assert meta.correction_step == 1.0 and meta.training["step"] == 0
     assert corrector.head.weight.abs().max() > 0  # the zero-initialised head was fitted
     assert json.loads((folder / "summary.json").read_text())["items"] == 6
+    # The fit's curve (latent epochs, then the decoder-space one) is drawn beside its metrics.
+    from PIL import Image
+
+    from xlard.train.metrics import distill_curve_rows
+
+    assert Image.open(folder / "curve.png").size[0] == 900
+    assert [r["epoch_all"] for r in distill_curve_rows(rows)] == [1, 2, 3]
+
+    # scripts/train_shapes_corrector.py installs such a run with a card that states the warm start.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_shapes_corrector", Path(__file__).resolve().parents[1] / "scripts" / "train_shapes_corrector.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    target = tmp_path / "installed"
+    script.TARGET = target
+    assert script.install(out, seconds=12.0) == target
+    card = (target / "README.md").read_text()
+    assert "edit-target warm start: 6 items" in card and "2 latent + 1 decoder-space epochs" in card
+    assert "PPO steps: 0" in card and str(tmp_path) not in card  # no machine path in package data
+    installed, installed_meta = load_corrector_dir(target)
+    assert installed_meta.training["run"] == "run"
+    assert torch.equal(installed.head.weight, corrector.head.weight)
 
 
 @needs_shapes
@@ -159,6 +183,7 @@ def test_dataset_build_resumes_at_the_first_missing_shard(tmp_path, shapes_final
     model = load_model()
     dl.build_dataset(shapes_final, model, items, tmp_path / "d", chunk=2, progress=False)
     first = torch.load(tmp_path / "d" / "data-0001.pt", weights_only=False)
+    first_0 = torch.load(tmp_path / "d" / "data-0000.pt", weights_only=False)
     (tmp_path / "d" / "data-0001.pt").unlink()
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert manifest.pop("correction_step") == 1.0  # a folder from before the field existed is still reused
@@ -180,6 +205,14 @@ def test_dataset_build_resumes_at_the_first_missing_shard(tmp_path, shapes_final
     with pytest.raises(ValueError, match="other items or edits"):
         dl.build_dataset(shapes_final, model, items[:4], tmp_path / "d", chunk=2, progress=False)
     assert data["z0"].shape[0] == 5 and data["tokens"].shape[:2] == data["mask"].shape
+    # Build time: each shard records its own, so a resumed build still reports all of it.
+    shards = [torch.load(tmp_path / "d" / f"data-000{k}.pt", weights_only=False) for k in range(3)]
+    assert all(sh["seconds"] > 0 for sh in shards)
+    assert data["build_seconds"] == pytest.approx(sum(sh["seconds"] for sh in shards))
+    assert shards[0]["seconds"] == first_0["seconds"]  # the kept shard is the first build's
+    del shards[2]["seconds"]  # a shard from before the record: no total
+    torch.save(shards[2], tmp_path / "d" / "data-0002.pt")
+    assert dl.load_dataset(tmp_path / "d", 5, 2)["build_seconds"] is None
 
 
 @needs_shapes

@@ -51,8 +51,6 @@ MAX_IMAGES = 1_000_000
 MAX_BATCH = 4096
 MAX_STEPS = 10_000
 MAX_SEED = 2**31 - 1
-#: Training steps of `xlard demo` (fits its 15-minute budget on 2 CPU cores; see docs/demo.md).
-DEMO_STEPS = 120
 
 MANIFEST_NAME = "xlard-run.json"
 """Written into every output folder: which command and settings made it, and whether it finished."""
@@ -720,7 +718,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a corrector on the shapes backbone, evaluate it paired on held-out "
                                     "prompts, write an HTML report (CPU, offline; docs/demo.md)")
     p.add_argument("--out", default="xlard-demo", help="the demo folder (train/, eval/, report.html, demo.json)")
-    p.add_argument("--steps", type=_int_in(1, 100_000), default=DEMO_STEPS, help="training steps")
+    p.add_argument("--items-per-tag", type=_int_in(0, 100_000), default=None,
+                   help="edit targets per GenEval tag for the warm start (default 200: fits the 15 minutes; "
+                        "0: none)")
+    p.add_argument("--steps", type=_int_in(0, 100_000), default=0,
+                   help="PPO steps after the warm start (default 0, as the shipped corrector)")
     p.add_argument("--per-tag", type=_int_in(1, MAX_RECORDS // 6), default=16,
                    help="held-out records per GenEval tag (six tags)")
     p.add_argument("--seeds", default="0", help="evaluation seeds, e.g. 0,1")
@@ -737,6 +739,8 @@ def _cmd_demo(args) -> int:
     from xlard.evaluation import parse_seeds
 
     args.seeds = parse_seeds(args.seeds)
+    if args.items_per_tag is None:
+        args.items_per_tag = demo.DEMO_ITEMS_PER_TAG
     return demo.main(args)
 
 

@@ -28,28 +28,35 @@ from typing import Any, Callable, Mapping, Sequence
 
 from xlard import _io
 
-__all__ = ["DEMO_TRAINING", "demo_config", "demo_records", "run_demo", "DEMO_OUTPUTS"]
+__all__ = ["DEMO_TRAINING", "DEMO_ITEMS_PER_TAG", "demo_config", "demo_records", "run_demo", "DEMO_OUTPUTS"]
 
-#: The demo's training run (a :func:`xlard.train.config_from_dict` mapping); ``steps`` and ``out`` are set per run.
+#: The demo's training run (a :func:`xlard.train.config_from_dict` mapping): the shipped corrector's recipe
+#: (``configs/shapes_shipped.yaml``: the edit-target warm start, no PPO steps) with fewer edit targets;
+#: ``steps``, ``out`` and ``distill.items_per_tag`` are set per run.
 DEMO_TRAINING: dict[str, Any] = {
     "seed": 0,
     "rl": "ppo",
     "reward_model": "image",
     "confidence": "uniform",
-    "anchor": "z0",
-    "anchor_beta": 0.02,
-    "backbone": {"name": "shapes", "correction_step": 0.6, "device": "cpu"},
+    "anchor": "none",
+    "backbone": {"name": "shapes", "correction_step": 1.0, "device": "cpu"},
     "data": {"prompts": "shapes:train", "balance": "tag", "items_per_tag": 256, "monitor_size": 0},
-    # The integer count, as the shipped corrector was trained (configs/shapes_shipped.yaml says why).
-    "reward": {"source": "auto", "options": {"count_confidence": False}},
-    "model": {"corrector": "tiny", "corrector_overrides": {"patch": 2, "log_std_init": -0.9},
+    "reward": {"source": "auto"},
+    "distill": {"items_per_tag": 1000, "epochs": 15, "lr": 1.0e-3, "batch_size": 64, "redraw": False,
+                "fix_count": False, "decoder_epochs": 6},
+    "model": {"corrector": "tiny", "corrector_overrides": {"patch": 2, "width": 128, "depth": 4, "heads": 4,
+                                                           "cond_dim": 32, "log_std_init": -0.9,
+                                                           "conditioning": "fields"},
               "projector": "tiny", "projector_overrides": {"patch": 2}},
     "ppo": {"prompts_per_step": 8, "group_size": 8, "epochs": 4, "minibatches": 2, "clip": 0.01,
             "logprob_reduction": "mean", "advantage": "group", "whiten": True},
-    "optim": {"lr": 1.0e-3, "warmup_steps": 3, "schedule": "constant", "max_grad_norm": 1.0, "ema": 0.0},
-    "log": {"monitor_every": 0, "evaluate_every": 0, "checkpoint_every": 10},
-    "export": {"alpha_grid": [0.5, 1, 2, 4, 8], "calibration_size": 96, "min_gain_se": 2.0},
+    "optim": {"lr": 1.0e-4, "warmup_steps": 3, "schedule": "constant", "max_grad_norm": 1.0, "ema": 0.0},
+    "log": {"monitor_every": 0, "evaluate_every": 0, "checkpoint_every": 25},
+    "export": {"alpha_grid": [1]},
 }
+
+#: Edit targets per GenEval tag in the demo (the shipped corrector's run uses 1000; 200 fit the 15 minutes).
+DEMO_ITEMS_PER_TAG = 200
 
 #: What the demo writes in its folder (``--overwrite`` deletes exactly these).
 DEMO_OUTPUTS = ("train", "eval", "report.html", "demo.json")
@@ -58,11 +65,17 @@ DEMO_OUTPUTS = ("train", "eval", "report.html", "demo.json")
 REPORT_CARDS = 12
 
 
-def demo_config(out: Path, steps: int, progress: bool = True, overrides: Mapping[str, Any] | None = None):
-    """The demo's :class:`xlard.train.TrainConfig`, writing to ``out`` (``overrides``: dotted keys, as ``--set``)."""
+def demo_config(out: Path, steps: int = 0, items_per_tag: int = DEMO_ITEMS_PER_TAG, progress: bool = True,
+                overrides: Mapping[str, Any] | None = None):
+    """The demo's :class:`xlard.train.TrainConfig`, writing to ``out``.
+
+    ``steps``: PPO steps after the warm start; ``items_per_tag``: edit targets per
+    tag (0: no warm start); ``overrides``: dotted keys, as ``--set``.
+    """
     from xlard.train import config_from_dict
 
     return config_from_dict(DEMO_TRAINING, overrides={**dict(overrides or {}), "steps": int(steps), "out": str(out),
+                                                      "distill.items_per_tag": int(items_per_tag),
                                                       "log.progress": bool(progress)})
 
 
@@ -162,22 +175,25 @@ def _report_items(backbone, corrector, meta, reward_fn, records, rows) -> list:
                         labels=labels)
 
 
-def run_demo(out: str | Path = "xlard-demo", *, steps: int = 120, per_tag: int = 16, seeds: Sequence[int] = (0,),
+def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: int = DEMO_ITEMS_PER_TAG,
+             per_tag: int = 16, seeds: Sequence[int] = (0,),
              overwrite: bool = False, resume: bool = False, quiet: bool = False,
              overrides: Mapping[str, Any] | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Train, evaluate and report (see the module docstring).
 
     Args:
         out: the demo folder.
-        steps: training steps.
+        steps: PPO steps after the warm start (the shipped recipe has none).
+        items_per_tag: edit targets per GenEval tag for the warm start (0: none;
+            then ``steps`` must be at least 1).
         per_tag: held-out records per GenEval tag (six tags).
         seeds: evaluation seeds (every record runs under each).
         overwrite: delete an earlier demo's outputs in ``out`` first.
         resume: continue an earlier demo in ``out`` (same settings).
         quiet: no progress bars.
         overrides: training-config fields to change (dotted keys, e.g.
-            ``{"ppo.group_size": 4}``; the CLI's ``--set``); ``steps`` and
-            ``out`` are the demo's own.
+            ``{"distill.epochs": 10}``; the CLI's ``--set``); ``steps``, ``out``
+            and ``distill.items_per_tag`` are the demo's own.
         log: where status lines go (default stderr).
 
     Returns:
@@ -198,25 +214,30 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 120, per_tag: int =
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if overwrite and resume:
         raise ValueError("--overwrite and --resume exclude each other")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"--steps must be an integer >= 1, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"--steps must be an integer >= 0, got {steps!r}")
+    if isinstance(items_per_tag, bool) or not isinstance(items_per_tag, int) or items_per_tag < 0:
+        raise ValueError(f"--items-per-tag must be an integer >= 0, got {items_per_tag!r}")
+    if steps == 0 and items_per_tag == 0:
+        raise ValueError("--steps 0 with --items-per-tag 0 trains nothing; give edit targets (--items-per-tag) "
+                         "or PPO steps (--steps)")
     records = demo_records(per_tag)
     seeds = evaluation.parse_seeds(list(seeds))
     out = Path(out)
     owned = _check_folder(out, overwrite, resume)
     overrides = dict(overrides or {})
-    for key in ("steps", "out"):
+    for key, option in (("steps", "--steps"), ("out", "--out"), ("distill.items_per_tag", "--items-per-tag")):
         if key in overrides:
-            raise ValueError(f"--set {key}: use the demo's own --{key}")
-    cfg = demo_config(out / "train", steps, progress=not quiet, overrides=overrides)
-    settings = {"steps": steps, "per_tag": per_tag, "seeds": seeds, "training": DEMO_TRAINING,
-                "overrides": overrides}
+            raise ValueError(f"--set {key}: use the demo's own {option}")
+    cfg = demo_config(out / "train", steps, items_per_tag, progress=not quiet, overrides=overrides)
+    settings = {"steps": steps, "items_per_tag": items_per_tag, "per_tag": per_tag, "seeds": seeds,
+                "training": DEMO_TRAINING, "overrides": overrides}
     summary_path = out / "demo.json"
     if resume and summary_path.is_file():
         earlier = _io.read_json(summary_path, what="demo.json").get("settings")
         if earlier != json.loads(json.dumps(settings)):
             raise ValueError(f"--resume: {out} holds a demo with other settings; rerun with the same --steps, "
-                             "--per-tag and --seeds, or use --overwrite")
+                             "--items-per-tag, --per-tag, --seeds and --set, or use --overwrite")
     if owned and overwrite:
         for path in owned:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -237,9 +258,12 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 120, per_tag: int =
     if finished and _io.read_json(train_dir / "summary.json", what="train/summary.json").get("steps") != steps:
         finished = False
     if not finished:
-        again = resume and bool(ckpt.list_checkpoints(train_dir))
-        log(f"[1/3] training a corrector for {steps} steps on the shapes training split -> {train_dir}"
+        again = resume and (bool(ckpt.list_checkpoints(train_dir)) or (train_dir / "distill").is_dir())
+        what = " then ".join(([f"an edit-target warm start ({items_per_tag} items per tag)"] if items_per_tag else [])
+                             + ([f"{steps} PPO steps"] if steps else []))
+        log(f"[1/3] training a corrector on the shapes training split: {what} -> {train_dir}"
             + (" (resuming)" if again else ""))
+        # A warm start interrupted before its first checkpoint left edit-target shards: resuming reuses them.
         train(cfg, resume=again, backbone=backbone)
     else:
         log(f"[1/3] training: reusing the finished run in {train_dir}")
@@ -264,10 +288,18 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 120, per_tag: int =
     reward_fn = build_reward_fn(cfg.reward, backbone)
     items = _report_items(backbone, corrector, meta, reward_fn, records, cards)
     sections = [("Held-out gains", _table_html(report))]
+    distill_curve = train_dir / "distill" / "curve.png"
+    if items_per_tag and distill_curve.is_file():
+        sections.append(("Training: the edit-target warm start",
+                         f"<p>{items_per_tag} training-split samples per tag, read by the shapes understanding model "
+                         "and edited the way their prompts ask (colors, relations); the corrector regressed onto "
+                         "the edits, in latent space, then through the VAE decoder.</p>"
+                         f'<img alt="warm-start curves" src="{_png_data_uri(distill_curve)}">'))
     curve = train_dir / "curve.png"
-    if curve.is_file():
-        sections.append(("Training", f'<p>{steps} PPO steps on the training split; rewards from the shapes '
-                                     f'understanding model.</p><img alt="training curves" src="{_png_data_uri(curve)}">'))
+    if steps and curve.is_file():
+        sections.append(("Training: PPO", f'<p>{steps} PPO steps on the training split; rewards from the shapes '
+                                          f'understanding model.</p>'
+                                          f'<img alt="training curves" src="{_png_data_uri(curve)}">'))
     from xlard.explain import write_html_report
 
     write_html_report(out / "report.html", items, title="xlard demo: the shapes backbone, corrected",
@@ -289,8 +321,9 @@ def main(args) -> int:
     from xlard.train import parse_overrides
 
     overrides = parse_overrides(getattr(args, "set", None))
-    summary = run_demo(args.out, steps=args.steps, per_tag=args.per_tag, seeds=args.seeds, overwrite=args.overwrite,
-                       resume=args.resume, quiet=args.quiet, overrides=overrides)
+    summary = run_demo(args.out, steps=args.steps, items_per_tag=args.items_per_tag, per_tag=args.per_tag,
+                       seeds=args.seeds, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet,
+                       overrides=overrides)
     report = _io.read_json(Path(summary["eval"]), what="eval.json")
     print(format_markdown(report), end="")
     print(f"report: {summary['report']}  (corrector: {summary['corrector']}; "

@@ -168,6 +168,7 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
         bar = tqdm(total=len(items), initial=(n_shards - len(todo)) * chunk, desc="distill: edit targets",
                    unit="item", file=sys.stderr)
     for k in todo:
+        t_shard = time.perf_counter()
         part = list(items[k * chunk:(k + 1) * chunk])
         state = encode_items(backbone, part)
         inputs = prompt_inputs(state, "cpu")
@@ -184,7 +185,8 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
         shard = {"z0": inputs.z0.cpu(), "target": target.cpu(), "tokens": inputs.text_tokens.cpu(),
                  "mask": inputs.text_mask.cpu(), "pooled": inputs.pooled.cpu(),
                  "prompts": [it.record.get("prompt") for it in part], "tags": [it.record.get("tag") for it in part],
-                 "seeds": [int(it.seed) for it in part], "actions": edited.actions, "signal_scale": scale}
+                 "seeds": [int(it.seed) for it in part], "actions": edited.actions, "signal_scale": scale,
+                 "seconds": time.perf_counter() - t_shard}
         ckpt.save_atomic(shard, _shard_path(folder, k))
         if bar is not None:
             bar.update(len(part))
@@ -194,7 +196,11 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
 
 
 def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]:
-    """The shards of :func:`build_dataset` as one batch (token dimensions padded to the longest)."""
+    """The shards of :func:`build_dataset` as one batch (token dimensions padded to the longest).
+
+    ``build_seconds`` is the time the shards took to build, summed over them
+    (across interrupted and resumed builds; ``None`` when a shard predates the record).
+    """
     folder = Path(folder)
     shards = [torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)
               for k in range(math.ceil(n_items / chunk))]
@@ -211,6 +217,8 @@ def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]
     data["tags"] = [tag for s in shards for tag in s["tags"]]
     data["actions"] = [a for s in shards for a in s["actions"]]
     data["prompts"] = [p for s in shards for p in s.get("prompts", [None] * len(s["tags"]))]
+    data["build_seconds"] = (sum(float(s["seconds"]) for s in shards) if all("seconds" in s for s in shards)
+                             else None)
     return data
 
 

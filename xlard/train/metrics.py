@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from xlard import _io
 
-__all__ = ["MetricsLog", "draw_curves", "TIMING_PREFIX"]
+__all__ = ["MetricsLog", "draw_curves", "draw_distill_curves", "distill_curve_rows", "TIMING_PREFIX"]
 
 #: Keys under this prefix are wall-clock timings (they differ between identical runs).
 TIMING_PREFIX = "time/"
@@ -94,25 +94,32 @@ _PANELS = (
 _COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
 
 
-def draw_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, width: int = 900) -> Path:
-    """Draw the run's main curves into a PNG (four stacked panels), with Pillow only.
+def draw_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, width: int = 900,
+                panels: Sequence[tuple[str, Sequence[str]]] | None = None, x_key: str = "step") -> Path:
+    """Draw the run's main curves into a PNG (stacked panels), with Pillow only.
 
     Args:
-        rows: metrics rows (each with ``step``).
+        rows: metrics rows (each with ``x_key``; rows without it are skipped).
         path: the PNG to write (atomically).
+        width: image width in pixels.
+        panels: ``(title, keys)`` per panel (default: the PPO run's four panels);
+            a key ending in ``_x100`` plots that metric times 100.
+        x_key: the row field on the horizontal axis.
 
     Returns:
         The path written.
     """
     from PIL import Image, ImageDraw
 
+    panels = _PANELS if panels is None else tuple(panels)
+    rows = [r for r in rows if isinstance(r.get(x_key), (int, float))]
     panel_h, margin = 170, 50
-    img = Image.new("RGB", (width, len(_PANELS) * (panel_h + 30) + 20), "white")
+    img = Image.new("RGB", (width, len(panels) * (panel_h + 30) + 20), "white")
     draw = ImageDraw.Draw(img)
-    steps = [r["step"] for r in rows]
+    steps = [r[x_key] for r in rows]
     lo_x, hi_x = (min(steps), max(steps)) if steps else (0, 1)
     hi_x = hi_x if hi_x > lo_x else lo_x + 1
-    for p, (title, keys) in enumerate(_PANELS):
+    for p, (title, keys) in enumerate(panels):
         top = 20 + p * (panel_h + 30)
         series = []
         for key in keys:
@@ -120,7 +127,7 @@ def draw_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, widt
             for r in rows:
                 v = r.get(key[:-5] if key.endswith("_x100") else key)
                 if isinstance(v, (int, float)) and math.isfinite(v):
-                    pts.append((r["step"], v * (100 if key.endswith("_x100") else 1)))
+                    pts.append((r[x_key], v * (100 if key.endswith("_x100") else 1)))
             series.append((key, pts))
         values = [v for _, pts in series for _, v in pts]
         lo_y, hi_y = (min(values), max(values)) if values else (0.0, 1.0)
@@ -137,7 +144,7 @@ def draw_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, widt
             y = box[3] - (v - lo_y) / (hi_y - lo_y) * (box[3] - box[1])
             return x, y
 
-        legend_x = margin + 220
+        legend_x = margin + max(220, 7 * len(title) + 20)
         for i, (key, pts) in enumerate(series):
             color = _COLORS[i % len(_COLORS)]
             if len(pts) > 1:
@@ -147,8 +154,40 @@ def draw_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, widt
                 draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
             draw.text((legend_x, top), key, fill=color)
             legend_x += 8 * len(key) + 20
-    draw.text((margin, img.height - 15), f"step {lo_x} .. {hi_x}", fill=(0, 0, 0))
+    draw.text((margin, img.height - 15), f"{x_key} {lo_x:g} .. {hi_x:g}", fill=(0, 0, 0))
     path = Path(path)
     with _io.atomic_path(path, owner="xlard train curve") as tmp:
         img.save(tmp, format="PNG")
     return path
+
+
+#: Panels of the edit-target warm start's curve (``OUT/distill/curve.png``), over its epochs.
+_DISTILL_PANELS = (
+    ("latent fit: squared error", ("train_mse", "val_mse", "val_zero_mse")),
+    ("held-back explained variance", ("val_r2", "decoder_val_r2")),
+    ("decoder-space fit: pixel error", ("decoder_train_pixel_mse", "decoder_val_pixel_mse",
+                                        "decoder_val_zero_pixel_mse")),
+)
+
+
+def distill_curve_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The warm start's metrics rows (``OUT/distill/metrics.jsonl``) on one epoch axis.
+
+    The latent fit's rows carry ``epoch``, the decoder-space fit's ``decoder_epoch``;
+    the decoder-space epochs are numbered after the last latent epoch (field
+    ``epoch_all``), so both fits draw as one curve.
+    """
+    latent = [int(r["epoch"]) for r in rows if isinstance(r.get("epoch"), (int, float))]
+    offset = max(latent, default=0)
+    out = []
+    for r in rows:
+        if isinstance(r.get("epoch"), (int, float)):
+            out.append({**r, "epoch_all": int(r["epoch"])})
+        elif isinstance(r.get("decoder_epoch"), (int, float)):
+            out.append({**r, "epoch_all": offset + int(r["decoder_epoch"])})
+    return out
+
+
+def draw_distill_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, width: int = 900) -> Path:
+    """Draw the edit-target warm start's fit (latent epochs, then decoder-space epochs) into a PNG."""
+    return draw_curves(distill_curve_rows(rows), path, width=width, panels=_DISTILL_PANELS, x_key="epoch_all")

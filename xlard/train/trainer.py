@@ -46,7 +46,7 @@ from xlard.train import ppo
 from xlard.train.config import TrainConfig, batch_arithmetic, config_from_dict, describe
 from xlard.train.data import (CALIBRATION_SEED_BASE, MONITOR_SEED_BASE, EncodeCache, Item, PromptData,
                               leave_out_prompts, load_records)
-from xlard.train.metrics import MetricsLog, draw_curves
+from xlard.train.metrics import MetricsLog, draw_curves, draw_distill_curves
 from xlard.train.projector import ProjectorBuffer, Slot, fit_projector
 from xlard.train.rewarding import build_reward_fn, source_backbone_options
 from xlard.train.rollout import (PolicyStep, decode_groups, derived_generator, encode_items, prompt_inputs,
@@ -426,8 +426,12 @@ class Trainer:
         t0 = time.perf_counter()
         dl.build_dataset(self.backbone, model, items, folder, chunk=d.chunk, edit_config=d.edit_config(),
                          progress=self.cfg.log.progress, replace=d.replace)
-        build_seconds = time.perf_counter() - t0
         data = dl.load_dataset(folder, len(items), d.chunk)
+        # The shards' own build times (summed across an interrupted build and its resume); this
+        # invocation's wall time for shards that predate the record.
+        build_seconds = data.pop("build_seconds")
+        if build_seconds is None:
+            build_seconds = time.perf_counter() - t0
         edited = sum(1 for a in data["actions"] if a)
         stats = dl.fit_corrector(self.corrector, data, epochs=d.epochs, lr=d.lr, batch_size=d.batch_size,
                                  weight_decay=d.weight_decay, val_fraction=d.val_fraction, seed=self.cfg.seed,
@@ -442,6 +446,8 @@ class Trainer:
                 log_path=folder / "metrics.jsonl", progress=self.cfg.log.progress))
         stats.update({"items": len(items), "items_edited": edited, "build_seconds": build_seconds})
         _io.atomic_write_text(folder / "summary.json", json.dumps(stats, indent=2) + "\n", owner="xlard train")
+        if self.cfg.log.curve:
+            draw_distill_curves(MetricsLog.read(folder / "metrics.jsonl"), folder / "curve.png")
         if self.ema is not None:  # the EMA starts from the distilled weights
             self.ema = _EMA(self.corrector, self.cfg.optim.ema)
         self.distilled, self.distill_stats = True, stats
