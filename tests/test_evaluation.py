@@ -144,6 +144,22 @@ def test_faithfulness_table_by_hand():
     f = ev.faithfulness_table(mixed, num_resamples=500)
     assert f["gain"]["diff"] == 0.025 and f["gain"]["ci_low"] < 0 < f["gain"]["ci_high"]
     assert math.isnan(f["share_lost_top"]) and math.isnan(f["share_lost_random"])
+    # Per tag: one tag's gain, all of it lost under the top-LAM mask; the other tag unchanged.
+    two = [ev.PairRow(i, 0, "colors", "p", base_correct=False, corrected_correct=True, base_reason="",
+                      corrected_reason="", lam_mass=1.0, masked_correct=False, random_correct=True) for i in range(20)]
+    two += [ev.PairRow(20 + i, 0, "position", "q", base_correct=i < 5, corrected_correct=i < 5, base_reason="",
+                       corrected_reason="", lam_mass=1.0, masked_correct=i < 5, random_correct=i < 5)
+            for i in range(20)]
+    f = ev.faithfulness_table(two, num_resamples=500)
+    assert set(f["tags"]) == {"colors", "position"}
+    colors, position = f["tags"]["colors"], f["tags"]["position"]
+    assert colors["gain"]["diff"] == 1.0 and colors["lost_top"]["diff"] == 1.0 and colors["lost_random"]["diff"] == 0
+    assert colors["share_lost_top"] == 1.0 and colors["share_lost_random"] == 0.0
+    assert position["gain"]["diff"] == 0.0 and math.isnan(position["share_lost_top"])
+    assert f["gain"]["diff"] == 0.5  # overall: the mean of the two tags
+    md = ev.format_markdown(ev.build_report(two, settings={"faithfulness_fraction": 0.2}, num_resamples=200))
+    assert "| colors | +100.0 | [+100.0, +100.0] | +100.0 | +0.0 | 100% / 0% |" in md
+    assert "| position | +0.0 | [+0.0, +0.0] | +0.0 | +0.0 | n/a / n/a |" in md
 
 
 # ---------------------------------------------------------------------------
@@ -325,7 +341,9 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
     finally:
         del shapes.encode
     assert calls == [1]
-    assert again["table"] == report["table"] and again["faithfulness"] == report["faithfulness"]
+    # (compared as JSON text: a share with no gain to divide is NaN, and NaN != NaN)
+    assert again["table"] == report["table"]
+    assert json.dumps(again["faithfulness"], sort_keys=True) == json.dumps(report["faithfulness"], sort_keys=True)
     # The same folder with other settings is refused, not mixed.
     with pytest.raises(ValueError, match="holds another evaluation \\(different seeds\\)"):
         ev.run_evaluation(shapes, corrector, _meta(), records, seeds=[0], out=out, save_images=True, quiet=True)

@@ -746,13 +746,16 @@ def faithfulness_table(rows: Sequence[PairRow], *, num_resamples: int = 2000, co
     corrected - random``; ``share_lost_top = lost_top / gain`` (NaN when the
     gain's interval includes 0: a share of a gain that may be nothing is
     meaningless, e.g. -13933% for a gain of +0.004). The two losses carry
-    paired bootstrap intervals (records resampled).
+    paired bootstrap intervals (records resampled). The same per GenEval tag
+    under ``tags``: a corrector's overall gain can be nothing while one tag
+    gains and another loses, and the LAM is asked about each.
 
     Returns:
         ``{"gain", "lost_top", "lost_random"}`` as :class:`PairedDifference`
         dicts (``diff`` is the loss, sign flipped so that a loss is positive),
-        ``share_lost_top`` and ``share_lost_random`` (floats), or None when no
-        row has faithfulness verdicts.
+        ``share_lost_top`` and ``share_lost_random`` (floats), and ``tags``:
+        ``{tag: the same five keys}``; or None when no row has faithfulness
+        verdicts.
     """
     rows = [r for r in rows if r.masked_correct is not None and r.random_correct is not None]
     if not rows:
@@ -761,22 +764,27 @@ def faithfulness_table(rows: Sequence[PairRow], *, num_resamples: int = 2000, co
     keys = [r.index for r in rows]
     corr = [float(r.corrected_correct) for r in rows]
     kw = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
-    gain = paired_table(tags, [float(r.base_correct) for r in rows], corr, keys, **kw)["overall"]
+    gains = paired_table(tags, [float(r.base_correct) for r in rows], corr, keys, **kw)
     # "corrected - masked" written as a paired difference (masked as the "after" side, then negated).
-    top = paired_table(tags, corr, [float(r.masked_correct) for r in rows], keys, **kw)["overall"]
-    rnd = paired_table(tags, corr, [float(r.random_correct) for r in rows], keys, **kw)["overall"]
+    tops = paired_table(tags, corr, [float(r.masked_correct) for r in rows], keys, **kw)
+    rnds = paired_table(tags, corr, [float(r.random_correct) for r in rows], keys, **kw)
 
     def loss(p: PairedDifference) -> dict[str, Any]:
         # 0.0 - x, not -x: a zero loss prints as +0.0, not -0.0.
         return {"corrected": p.base, "masked": p.corrected, "diff": 0.0 - p.diff, "ci_low": 0.0 - p.ci_high,
                 "ci_high": 0.0 - p.ci_low, "records": p.records, "images": p.images, "confidence": p.confidence}
 
-    def share(x: float) -> float:
-        return x / gain.diff if gain.diff != 0 and gain.excludes_zero else float("nan")
+    def entry(key: str) -> dict[str, Any]:
+        gain = gains[key]
 
-    lost_top, lost_random = loss(top), loss(rnd)
-    return {"gain": gain.to_dict(), "lost_top": lost_top, "lost_random": lost_random,
-            "share_lost_top": share(lost_top["diff"]), "share_lost_random": share(lost_random["diff"])}
+        def share(x: float) -> float:
+            return x / gain.diff if gain.diff != 0 and gain.excludes_zero else float("nan")
+
+        lost_top, lost_random = loss(tops[key]), loss(rnds[key])
+        return {"gain": gain.to_dict(), "lost_top": lost_top, "lost_random": lost_random,
+                "share_lost_top": share(lost_top["diff"]), "share_lost_random": share(lost_random["diff"])}
+
+    return {**entry("overall"), "tags": {t: entry(t) for t in gains if t != "overall"}}
 
 
 def build_report(rows: Sequence[PairRow], *, settings: Mapping[str, Any] | None = None, num_resamples: int = 2000,
@@ -861,6 +869,21 @@ def format_markdown(report: Mapping[str, Any]) -> str:
                          f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | "
                          f"{'n/a (no gain: its interval includes 0)' if not math.isfinite(s) else f'{s:.0%}'} |")
         lines.append(f"| base (no correction) | {_pts(g['base'])} | {_signed(g['corrected'] - g['base'])} | | 100% |")
+        by_tag = faith.get("tags") or {}
+        if by_tag:
+            lines += ["", "Per tag (points; a share only where the tag's gain excludes 0):", "",
+                      "| tag | gain | interval | lost, top LAM | lost, random | share lost, top / random |",
+                      "|---|---:|---|---:|---:|---:|"]
+            for tag, _ in table_rows({"table": by_tag}):
+                t = by_tag[tag]
+
+                def pct(x: float) -> str:
+                    return f"{x:.0%}" if math.isfinite(x) else "n/a"
+
+                lines.append(f"| {tag} | {_signed(t['gain']['diff'])} | [{_signed(t['gain']['ci_low'])}, "
+                             f"{_signed(t['gain']['ci_high'])}] | {_signed(t['lost_top']['diff'])} | "
+                             f"{_signed(t['lost_random']['diff'])} | {pct(t['share_lost_top'])} / "
+                             f"{pct(t['share_lost_random'])} |")
     return "\n".join(lines) + "\n"
 
 
