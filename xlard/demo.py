@@ -43,7 +43,7 @@ DEMO_TRAINING: dict[str, Any] = {
     "data": {"prompts": "shapes:train", "balance": "tag", "items_per_tag": 256, "monitor_size": 0},
     "reward": {"source": "auto"},
     "distill": {"items_per_tag": 1000, "epochs": 15, "lr": 1.0e-3, "batch_size": 64, "redraw": False,
-                "fix_count": False, "decoder_epochs": 6},
+                "fix_count": False, "fix_position": False, "decoder_epochs": 6},
     "model": {"corrector": "tiny", "corrector_overrides": {"patch": 2, "width": 128, "depth": 4, "heads": 4,
                                                            "cond_dim": 32, "log_std_init": -0.9,
                                                            "conditioning": "fields"},
