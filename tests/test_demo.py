@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not shapes_backbone.is_available(), reason="shap
 # Smaller fits and batches than the demo's own (the code path is the same).
 SMALL = ["--set", "distill.epochs=1", "--set", "distill.decoder_epochs=1", "--set", "ppo.prompts_per_step=2",
          "--set", "ppo.group_size=2"]
-ARGS = ["--items-per-tag", "1", "--steps", "1", "--per-tag", "1", "--quiet"] + SMALL
+ARGS = ["--items-per-tag", "1", "--steps", "1", "--per-tag", "1", "--seeds", "0", "--quiet"] + SMALL
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +78,11 @@ def test_demo_refuses_an_earlier_demo_without_a_flag(tiny_demo, capsys):
 
 def test_demo_resume_with_other_settings_is_refused(tiny_demo, capsys):
     rc = cli_main(["demo", "--out", str(tiny_demo), "--items-per-tag", "1", "--steps", "3", "--per-tag", "1",
-                   "--quiet", "--resume"] + SMALL)
+                   "--seeds", "0", "--quiet", "--resume"] + SMALL)
     assert rc == 2
     assert "other settings" in capsys.readouterr().err
     rc = cli_main(["demo", "--out", str(tiny_demo), "--items-per-tag", "2", "--steps", "1", "--per-tag", "1",
-                   "--quiet", "--resume"] + SMALL)
+                   "--seeds", "0", "--quiet", "--resume"] + SMALL)
     assert rc == 2
     assert "other settings" in capsys.readouterr().err
     rc = cli_main(["demo", "--out", str(tiny_demo), "--resume"] + ARGS[:-2])  # other --set

@@ -233,7 +233,8 @@ def test_method_install_runs_every_cli_command(tmp_path):
             ["eval", "--prompts", "p2.jsonl", "--out", "evalgen", "--json", "gen.json", "--quiet", *tiny],
             ["generate", "a photo of a red circle", "--backbone", "shapes", "--correct", "--out", "gencorr",
              "--quiet"],
-            ["demo", "--out", "demo", "--items-per-tag", "1", "--steps", "1", "--per-tag", "1", "--quiet",
+            ["demo", "--out", "demo", "--items-per-tag", "1", "--steps", "1", "--per-tag", "1", "--seeds", "0",
+             "--quiet",
              "--set", "distill.epochs=1", "--set", "distill.decoder_epochs=1", "--set", "ppo.prompts_per_step=2",
              "--set", "ppo.group_size=2"],
         ]

@@ -176,7 +176,7 @@ def _report_items(backbone, corrector, meta, reward_fn, records, rows) -> list:
 
 
 def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: int = DEMO_ITEMS_PER_TAG,
-             per_tag: int = 16, seeds: Sequence[int] = (0,),
+             per_tag: int = 83, seeds: Sequence[int] = (0, 1),
              overwrite: bool = False, resume: bool = False, quiet: bool = False,
              overrides: Mapping[str, Any] | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Train, evaluate and report (see the module docstring).
