@@ -63,6 +63,7 @@ def test_demo_writes_train_eval_report_and_summary(tiny_demo, capsys):
     assert summary["overall"]["diff"] == pytest.approx(report["table"]["overall"]["diff"])
     page = (out / "report.html").read_text()
     assert "Held-out gains" in page and "the edit-target warm start" in page and "Training: PPO" in page
+    assert "edited the way their prompts ask (colors);" in page and "then through the VAE decoder" in page
     assert page.count("<article") == len(P.TAGS)  # one card per pair (fewer pairs than REPORT_CARDS)
     assert "data:image/png;base64," in page and "<script" not in page
 

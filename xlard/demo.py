@@ -290,10 +290,14 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     sections = [("Held-out gains", _table_html(report))]
     distill_curve = train_dir / "distill" / "curve.png"
     if items_per_tag and distill_curve.is_file():
+        d = cfg.distill
+        edits = [name for name, on in (("counts", d.fix_count), ("colors", d.fix_color), ("relations", d.fix_position))
+                 if on]
         sections.append(("Training: the edit-target warm start",
                          f"<p>{items_per_tag} training-split samples per tag, read by the shapes understanding model "
-                         "and edited the way their prompts ask (colors, relations); the corrector regressed onto "
-                         "the edits, in latent space, then through the VAE decoder.</p>"
+                         f"and edited the way their prompts ask ({', '.join(edits) or 'no edits'}); the corrector "
+                         "regressed onto the edits in latent space"
+                         + (", then through the VAE decoder" if d.decoder_epochs else "") + ".</p>"
                          f'<img alt="warm-start curves" src="{_png_data_uri(distill_curve)}">'))
     curve = train_dir / "curve.png"
     if steps and curve.is_file():
