@@ -21,6 +21,7 @@ import time
 import pytest
 import torch
 
+from xlard.models import corrector_inputs
 from xlard.shapes import backbone as shapes_backbone
 
 OVERHEAD_MAX = 0.05
@@ -68,7 +69,6 @@ def test_corrector_overhead_paired(benchmark, backbone, corrector_name):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     seeds = list(range(batch))
     state = backbone.encode(prompts, seed=seeds)
-    from xlard.models import corrector_inputs
 
     def correct():
         # The corrector's own inputs (for a ``conditioning: fields`` corrector, the parsed

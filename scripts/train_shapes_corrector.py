@@ -43,8 +43,10 @@ def install(run: Path, seconds: float | None) -> Path:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_seconds = sum(r.get("time/step", 0.0) + r.get("time/last_checkpoint", 0.0) for r in rows)
     distill = (meta.training or {}).get("distill") or {}
-    distill_seconds = sum(float(distill.get(k) or 0.0) for k in ("build_seconds", "seconds", "decoder_seconds"))
     build_seconds = float(distill.get("build_seconds") or 0.0)
+    fit_seconds = float(distill.get("seconds") or 0.0) + float(distill.get("decoder_seconds") or 0.0)
+    targets_known = build_seconds >= 1.0  # below: shards built by an interrupted run that kept no time
+    total_seconds = build_seconds + fit_seconds + train_seconds
     params = sum(p.numel() for p in corrector.parameters())
     # The run folder as a user would name it (a path inside the checkout, else its name): no
     # machine-specific absolute path goes into package data.
@@ -61,14 +63,14 @@ def install(run: Path, seconds: float | None) -> Path:
         *([f"- edit-target warm start: {distill.get('items')} items ({distill.get('items_edited')} edited), "
            f"{distill.get('epochs')} latent + {distill.get('decoder_epochs', 0)} decoder-space epochs, "
            f"held-back explained variance {float(distill.get('val_r2', float('nan'))):.3f}; "
-           + (f"{distill_seconds / 60:.1f} min (targets {build_seconds / 60:.1f}, "
-              f"fits {(distill_seconds - build_seconds) / 60:.1f})" if build_seconds >= 1.0 else
-              f"fits {distill_seconds / 60:.1f} min (the edit targets were built by an earlier, interrupted "
+           + (f"{(build_seconds + fit_seconds) / 60:.1f} min (targets {build_seconds / 60:.1f}, "
+              f"fits {fit_seconds / 60:.1f})" if targets_known else
+              f"fits {fit_seconds / 60:.1f} min (the edit targets were built by an earlier, interrupted "
               "invocation that did not record their time)")] if distill else []),
         f"- correction_step {meta.correction_step}, alpha {meta.alpha}, {meta.num_inference_steps} denoising steps, "
         f"guidance {meta.guidance_scale}",
-        f"- training time (warm start + sum of step times): {(distill_seconds + train_seconds) / 60:.1f} min"
-        + (" without the edit targets' build" if distill and build_seconds < 1.0 else "")
+        f"- training time (warm start + sum of step times): {total_seconds / 60:.1f} min"
+        + (" without the edit targets' build" if distill and not targets_known else "")
         + (f"; wall time of this invocation {seconds / 60:.1f} min" if seconds is not None else ""),
         f"- config: `{json.dumps(config, sort_keys=True)}`",
         "",

@@ -874,12 +874,10 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             lines += ["", "Per tag (points; a share only where the tag's gain excludes 0):", "",
                       "| tag | gain | interval | lost, top LAM | lost, random | share lost, top / random |",
                       "|---|---:|---|---:|---:|---:|"]
-            for tag, _ in table_rows({"table": by_tag}):
-                t = by_tag[tag]
+            def pct(x: float) -> str:
+                return f"{x:.0%}" if math.isfinite(x) else "n/a"
 
-                def pct(x: float) -> str:
-                    return f"{x:.0%}" if math.isfinite(x) else "n/a"
-
+            for tag, t in table_rows({"table": by_tag}):
                 lines.append(f"| {tag} | {_signed(t['gain']['diff'])} | [{_signed(t['gain']['ci_low'])}, "
                              f"{_signed(t['gain']['ci_high'])}] | {_signed(t['lost_top']['diff'])} | "
                              f"{_signed(t['lost_random']['diff'])} | {pct(t['share_lost_top'])} / "
