@@ -11,7 +11,9 @@ evaluator (as a metric only; the editor never sees it):
   is exactly what the corrector is regressed onto (``s`` is
   :func:`xlard.train.distill.signal_scale`: 1 at correction_step 1.0, ``sqrt(abar_t)``
   earlier, where the remaining denoising carries the change);
-- ``image``: the edited image itself (what the edit would give if the VAE carried it perfectly).
+- ``image``: the edited image itself (what the edit would give if the VAE carried it perfectly);
+- ``moved`` (with ``--latent-move``): z0 with the relation fixes carried out by moving the objects'
+  latent cells (:func:`xlard.shapes.editor.move_latents`) instead of redrawing pixels.
 
 A corrector distilled from these targets can at best reach the ``latent`` row.
 
@@ -19,6 +21,7 @@ A corrector distilled from these targets can at best reach the ``latent`` row.
     python scripts/measure_edit_ceiling.py --per-tag 16 --no-redraw --no-count --out ceiling.json
     python scripts/measure_edit_ceiling.py --per-tag 16 --correction-step 0.3
     python scripts/measure_edit_ceiling.py --per-tag 16 --replace --relayout --relayout-color blue
+    python scripts/measure_edit_ceiling.py --per-tag 64 --latent-move
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--margin", type=int, default=6, help="a relation holding by fewer pixels is moved (default 6)")
     p.add_argument("--replace", action="store_true",
                    help="targets set the touched cells to the edited image's encoding (correction_step 1.0 only)")
+    p.add_argument("--latent-move", action="store_true",
+                   help="add a 'moved' row: relations fixed by moving latent cells (correction_step 1.0 only)")
     p.add_argument("--out", help="write the table here (JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -55,16 +60,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.replace and args.correction_step != 1.0:
         p.error(f"--replace needs --correction-step 1.0 (z0 must be the latent the VAE decodes), got "
                 f"{args.correction_step}")
+    if args.latent_move and args.correction_step != 1.0:
+        p.error(f"--latent-move needs --correction-step 1.0 (it moves the latent the VAE decodes), got "
+                f"{args.correction_step}")
     if args.margin < 1:
         p.error(f"--margin must be >= 1, got {args.margin}")
     return args
 
 
 def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, progress: bool = True,
-            correction_step: float = 1.0, replace: bool = False) -> dict:
-    """``{"items", "rows": {"base"|"latent"|"image": {"overall", "tags"}}, "edited"}`` on training-split items."""
+            correction_step: float = 1.0, replace: bool = False, latent_move: bool = False) -> dict:
+    """``{"items", "rows": {"base"|"latent"|"image"[|"moved"]: {"overall", "tags"}}, "edited"}`` on training-split items."""
     from xlard.shapes import evaluator as E
-    from xlard.shapes.editor import edit_images, edit_targets
+    from xlard.shapes.editor import edit_images, edit_targets, move_latents
     from xlard.shapes.understanding import load_model
     from xlard.train import config_from_dict
     from xlard.train.data import Item, balanced_pairs, load_records
@@ -79,6 +87,8 @@ def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, pr
     pairs = balanced_pairs(records, per_tag, 1)
     items = [Item(records[r], seed_base + s, r) for r, s in pairs]
     verdicts = {"base": [], "latent": [], "image": []}
+    if latent_move:
+        verdicts["moved"] = []
     edited_count = 0
     bar = None
     if progress:
@@ -94,9 +104,15 @@ def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, pr
             target = signal_scale(state) * edit_targets(encode, images, edited, z0.shape[1:],
                                                         z0=z0 if replace else None)
             moved = backbone.decode(state, z0 + target).images
+            judged = [("base", images), ("latent", moved), ("image", edited.images)]
+            if latent_move:
+                maps = model.predict(images)
+                shifted, _ = move_latents(z0, maps.shape_probs, maps.color_probs, state.specs,
+                                          model.config.shapes, margin=edit_config.margin)
+                judged.append(("moved", backbone.decode(state, shifted).images))
         edited_count += sum(1 for a in edited.actions if a)
         recs = [it.record for it in chunk]
-        for key, imgs in (("base", images), ("latent", moved), ("image", edited.images)):
+        for key, imgs in judged:
             verdicts[key] += [bool(v.correct) for v in E.evaluate(imgs, recs)]
         if bar is not None:
             bar.update(len(chunk))
@@ -108,7 +124,7 @@ def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, pr
         per = {t: sum(ok for ok, g in zip(v, tags) if g == t) / tags.count(t) for t in sorted(set(tags))}
         rows[key] = {"overall": sum(per.values()) / len(per), "tags": per}
     return {"items": len(items), "edited": edited_count, "correction_step": correction_step, "replace": replace,
-            "rows": rows}
+            "latent_move": latent_move, "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -123,7 +139,7 @@ def main(argv=None) -> int:
         print(f"measure_edit_ceiling: {exc}", file=sys.stderr)
         return 2
     result = measure(args.per_tag, config, args.seed_base, args.batch, progress=not args.quiet,
-                     correction_step=args.correction_step, replace=args.replace)
+                     correction_step=args.correction_step, replace=args.replace, latent_move=args.latent_move)
     print(f"{result['items']} training-split items, {result['edited']} edited, correction_step "
           f"{args.correction_step:g}; exact evaluator, mean of the tags")
     for key, row in result["rows"].items():

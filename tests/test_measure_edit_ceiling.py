@@ -72,3 +72,21 @@ def test_relaid_out_templates_with_replace_targets(tmp_path):
     assert result["replace"] is True and result["edit_config"]["relayout"] is True
     # a relaid-out counting or position image is a clean template of the prompt: the evaluator accepts it
     assert result["rows"]["image"]["tags"]["counting"] == 1.0 and result["rows"]["image"]["tags"]["position"] == 1.0
+
+
+def test_latent_move_option():
+    assert M.parse_args(["--latent-move"]).latent_move is True
+    assert M.parse_args([]).latent_move is False
+    with pytest.raises(SystemExit):
+        M.parse_args(["--latent-move", "--correction-step", "0.5"])
+
+
+@pytest.mark.skipif(not shapes_backbone.is_available(), reason="shapes backbone weights not installed")
+def test_latent_move_row(tmp_path):
+    out = tmp_path / "m.json"
+    assert M.main(["--per-tag", "1", "--latent-move", "--quiet", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["latent_move"] is True
+    moved, base = result["rows"]["moved"]["tags"], result["rows"]["base"]["tags"]
+    # only relations are moved: every tag without one is judged exactly as the uncorrected image
+    assert {t: v for t, v in moved.items() if t != "position"} == {t: v for t, v in base.items() if t != "position"}

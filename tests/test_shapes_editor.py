@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xlard.prompts import parse
-from xlard.shapes.editor import EditConfig, edit_image, edit_images, edit_targets, find_objects
+from xlard.shapes.editor import EditConfig, edit_image, edit_images, edit_targets, find_objects, move_latents
 from xlard.shapes.understanding import UnderstandingConfig, scene_targets
 from xlard.shapes.world import BACKGROUND, PALETTE, SHAPES, Scene, SceneObject
 
@@ -282,3 +282,48 @@ def test_relayout_puts_a_relation_at_its_quarter_places(relation, axis, sign):
     assert len(blobs(img, "green")) == 1 and len(blobs(img, "pink")) == 1 and not blobs(img, "yellow")
     with pytest.raises(ValueError, match="relayout_color"):
         EditConfig(relayout_color="teal")
+
+
+def _latent_scene(relation_ok: bool):
+    """A 64x64 scene of a circle and a square, its one-hot maps, and a 16x16 latent whose cells under each
+    object hold that object's own value (1 circle, 2 square) over a background of 0.5."""
+    circle, square = ((4, 24, 16, 36), (44, 24, 56, 36)) if relation_ok else ((44, 24, 56, 36), (4, 24, 16, 36))
+    scene = Scene(64, (SceneObject("circle", "red", circle), SceneObject("square", "blue", square)))
+    s, c = maps_of(scene)
+    z = torch.full((1, 4, 16, 16), 0.5)
+    for k, (x0, y0, x1, y1) in enumerate((circle, square)):
+        z[:, :, y0 // 4:(y1 + 3) // 4, x0 // 4:(x1 + 3) // 4] = 1.0 + k
+    return z, torch.from_numpy(s)[None], torch.from_numpy(c)[None]
+
+
+def test_move_latents_moves_the_objects_own_cells_so_a_relation_holds():
+    z, s, c = _latent_scene(relation_ok=False)
+    moved, actions = move_latents(z, s, c, [parse("a red circle left of a blue square")], CFG.shapes)
+    assert actions == [["moved circle left of square in the latent"]]
+    cols = lambda v: set(torch.nonzero((moved[0, 0] == v).any(0)).flatten().tolist())  # noqa: E731
+    circle_cols, square_cols = cols(1.0), cols(2.0)
+    assert circle_cols and square_cols and max(circle_cols) < min(square_cols)  # the circle now left of the square
+    assert abs(sum(circle_cols) / len(circle_cols) - 0.27 * 16) <= 1.5
+    assert abs(sum(square_cols) / len(square_cols) - 0.73 * 16) <= 1.5
+    assert set(moved.unique().tolist()) <= {0.5, 1.0, 2.0}  # copied cells and the background, nothing invented
+    assert torch.equal(z, _latent_scene(relation_ok=False)[0])  # the input is not modified
+
+
+def test_move_latents_leaves_a_holding_relation_and_other_prompts_alone():
+    z, s, c = _latent_scene(relation_ok=True)
+    specs = [parse("a red circle left of a blue square"), parse("a red circle and a blue square")]
+    moved, actions = move_latents(z.repeat(2, 1, 1, 1), s.repeat(2, 1, 1, 1), c.repeat(2, 1, 1, 1), specs, CFG.shapes)
+    assert actions == [[], []] and torch.equal(moved, z.repeat(2, 1, 1, 1))
+
+
+def test_move_latents_checks_its_inputs():
+    z, s, c = _latent_scene(relation_ok=False)
+    spec = [parse("a red circle left of a blue square")]
+    with pytest.raises(ValueError, match="z0 must be"):
+        move_latents(z[0], s, c, spec, CFG.shapes)
+    with pytest.raises(ValueError, match="must agree"):
+        move_latents(z, s, c, spec * 2, CFG.shapes)
+    with pytest.raises(ValueError, match="multiple of the latent"):
+        move_latents(z[..., :15], s, c, spec, CFG.shapes)
+    with pytest.raises(ValueError, match="margin"):
+        move_latents(z, s, c, spec, CFG.shapes, margin=0)

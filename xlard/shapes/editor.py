@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from .world import BACKGROUND, PALETTE, SHAPES, shape_mask
 
-__all__ = ["EditConfig", "EditedBatch", "edit_image", "edit_images", "edit_targets", "find_objects", "RELAYOUT_ORDER"]
+__all__ = ["EditConfig", "EditedBatch", "edit_image", "edit_images", "edit_targets", "find_objects", "move_latents",
+           "RELAYOUT_ORDER"]
 
 
 @dataclass(frozen=True)
@@ -484,3 +485,104 @@ def edit_targets(encode: Any, images: torch.Tensor, edited: EditedBatch, latent_
     if tuple(diff.shape[1:]) != (c, lh, lw):
         raise ValueError(f"edit_targets: encode gave latents of shape {tuple(diff.shape[1:])}, expected {(c, lh, lw)}")
     return (mask.to(diff.dtype) * diff).float()
+
+
+def _shift(t: torch.Tensor, shift: int, dim: int) -> torch.Tensor:
+    """``t`` moved by ``shift`` along ``dim``, zero-filled (nothing wraps around)."""
+    out = torch.zeros_like(t)
+    n = t.shape[dim]
+    if abs(shift) < n:
+        if shift >= 0:
+            out.narrow(dim, shift, n - shift).copy_(t.narrow(dim, 0, n - shift))
+        else:
+            out.narrow(dim, 0, n + shift).copy_(t.narrow(dim, -shift, n + shift))
+    return out
+
+
+def _latent_cells(mask: np.ndarray, factor: int) -> torch.Tensor:
+    """The latent cells under an image mask (grown by a pixel, then by one cell): bool [h, w]."""
+    t = torch.from_numpy(_dilate(mask, 1).astype(np.float32))[None, None]
+    return F.max_pool2d(F.max_pool2d(t, factor), 3, 1, 1)[0, 0] > 0
+
+
+def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch.Tensor, specs: Sequence[Any],
+                 shapes: Sequence[str], margin: int = 6) -> tuple[torch.Tensor, list[list[str]]]:
+    """Fix reversed or too-weak relations by *moving latent cells*, not by redrawing pixels.
+
+    The relation rule of :func:`edit_image` (the subject's and the object's most
+    confident found objects; a relation that does not hold by ``margin`` pixels
+    sends them to a quarter and three quarters of its axis), carried out on the
+    latent: each object's cells of ``z0`` are copied, shifted by a whole number
+    of cells, and the cells they left take the mean latent of the cells where the
+    color map finds no object. The objects keep their own look, since the
+    decoder sees the sample's own latent, only elsewhere: a measure of what a
+    corrector that can move latent content (rather than paint a residual) could
+    do for relations (``scripts/measure_edit_ceiling.py --latent-move``).
+
+    Args:
+        z0 (Tensor[B, C, h, w]): the final latents the images were decoded from.
+        shape_probs (Tensor[B, S, H, W]), color_probs (Tensor[B, 1 + C', H, W]):
+            the understanding model's maps of the decoded images (H a multiple of h).
+        specs: one prompt spec per latent.
+        shapes: the model's shape vocabulary (``config.shapes``).
+        margin: pixels by which a relation must hold to be left as it is.
+
+    Returns:
+        ``(moved latents Tensor[B, C, h, w], actions per latent)``: latents with no
+        relation to fix come back unchanged.
+
+    Raises:
+        ValueError: mismatched batch sizes or map sizes.
+    """
+    if not isinstance(z0, torch.Tensor) or z0.dim() != 4:
+        raise ValueError(f"move_latents: z0 must be a tensor [B, C, h, w], got "
+                         f"{getattr(z0, 'shape', type(z0).__name__)}")
+    b, _, lh, lw = z0.shape
+    if shape_probs.shape[0] != b or color_probs.shape[0] != b or len(specs) != b:
+        raise ValueError(f"move_latents: {b} latents, {shape_probs.shape[0]} shape maps, {color_probs.shape[0]} "
+                         f"color maps and {len(specs)} specs must agree")
+    h, w = shape_probs.shape[-2:]
+    if color_probs.shape[-2:] != (h, w) or h % lh or w % lw or h // lh != w // lw:
+        raise ValueError(f"move_latents: maps {tuple(shape_probs.shape[-2:])} / {tuple(color_probs.shape[-2:])} "
+                         f"must share one size, a multiple of the latent's {(lh, lw)}")
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 1:
+        raise ValueError(f"move_latents: margin must be an int >= 1, got {margin!r}")
+    factor = h // lh
+    sp, cp = shape_probs.detach().float().cpu().numpy(), color_probs.detach().float().cpu().numpy()
+    out = z0.detach().clone()
+    actions: list[list[str]] = []
+    for i, spec in enumerate(specs):
+        acts: list[str] = []
+        found = []
+        for entity in spec.entities:
+            objs = find_objects(sp[i, list(shapes).index(entity.noun)]) if entity.noun in shapes else []
+            found.append(objs[0][1] if objs else None)
+        for rel in getattr(spec, "relations", ()):
+            if rel.subject >= len(found) or rel.object >= len(found):
+                continue
+            a, o = found[rel.subject], found[rel.object]
+            if a is None or o is None:
+                continue
+            axis = 1 if rel.relation in ("left_of", "right_of") else 0
+            sign = -1 if rel.relation in ("left_of", "above") else 1  # subject's coordinate minus the object's
+            centre_a, centre_o = np.nonzero(a)[axis].mean(), np.nonzero(o)[axis].mean()
+            if sign * (centre_a - centre_o) > margin:
+                continue
+            extent = w if axis else h
+            targets = (0.27 * extent, 0.73 * extent) if sign < 0 else (0.73 * extent, 0.27 * extent)
+            z = out[i]
+            cells = [_latent_cells(a, factor), _latent_cells(o, factor)]
+            occupied = _latent_cells(cp[i, 0] < 0.5, factor)
+            background = (z[:, ~occupied].mean(1) if (~occupied).any() else z.mean((1, 2)))
+            moved = z.clone()
+            left = cells[0] | cells[1]
+            moved[:, left] = background[:, None].expand(-1, int(left.sum()))
+            for mask, c, centre in ((a, cells[0], targets[0]), (o, cells[1], targets[1])):
+                shift = int(round((centre - np.nonzero(mask)[axis].mean()) / factor))
+                dest = _shift(c, shift, axis)
+                moved[:, dest] = _shift(z * c, shift, 1 + axis)[:, dest]
+            out[i] = moved
+            acts.append(f"moved {spec.entities[rel.subject].noun} {rel.relation.replace('_', ' ')} "
+                        f"{spec.entities[rel.object].noun} in the latent")
+        actions.append(acts)
+    return out, actions
