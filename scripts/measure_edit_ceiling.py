@@ -70,7 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, progress: bool = True,
             correction_step: float = 1.0, replace: bool = False, latent_move: bool = False) -> dict:
-    """``{"items", "rows": {"base"|"latent"|"image"[|"moved"]: {"overall", "tags"}}, "edited"}`` on training-split items."""
+    """``{"items", "rows": {"base"|"latent"|"image"[|"moved"]: {"overall", "tags"}}, "edited"}``.
+
+    On training-split items; ``moved`` only with ``latent_move``.
+    """
     from xlard.shapes import evaluator as E
     from xlard.shapes.editor import edit_images, edit_targets, move_latents
     from xlard.shapes.understanding import load_model

@@ -312,8 +312,9 @@ def test_move_latents_moves_the_objects_own_cells_so_a_relation_holds():
 def test_move_latents_leaves_a_holding_relation_and_other_prompts_alone():
     z, s, c = _latent_scene(relation_ok=True)
     specs = [parse("a red circle left of a blue square"), parse("a red circle and a blue square")]
-    moved, actions = move_latents(z.repeat(2, 1, 1, 1), s.repeat(2, 1, 1, 1), c.repeat(2, 1, 1, 1), specs, CFG.shapes)
-    assert actions == [[], []] and torch.equal(moved, z.repeat(2, 1, 1, 1))
+    z2, s2, c2 = (t.repeat(2, 1, 1, 1) for t in (z, s, c))
+    moved, actions = move_latents(z2, s2, c2, specs, CFG.shapes)
+    assert actions == [[], []] and torch.equal(moved, z2)
 
 
 def test_move_latents_checks_its_inputs():
