@@ -52,12 +52,6 @@ MAX_BATCH = 4096
 MAX_STEPS = 10_000
 MAX_SEED = 2**31 - 1
 
-#: Held-out records per tag and evaluation seeds of `xlard demo`: 498 records x 2 seeds, about
-#: the 1000 images the shipped corrector is measured on (docs/evaluation.md), so that the demo's
-#: intervals can tell a gain of a few points from none (16 records per tag could not).
-DEMO_PER_TAG = 83
-DEMO_SEEDS = "0,1"
-
 MANIFEST_NAME = "xlard-run.json"
 """Written into every output folder: which command and settings made it, and whether it finished."""
 _UNIT_NAME = re.compile(r"^\d{5,}$")  # GenEval prompt folders: 00000, 00001, ...
@@ -729,9 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "0: none)")
     p.add_argument("--steps", type=_int_in(0, 100_000), default=0,
                    help="PPO steps after the warm start (default 0, as the shipped corrector)")
-    p.add_argument("--per-tag", type=_int_in(1, MAX_RECORDS // 6), default=DEMO_PER_TAG,
-                   help="held-out records per GenEval tag (six tags)")
-    p.add_argument("--seeds", default=DEMO_SEEDS, help="evaluation seeds (default 0,1)")
+    p.add_argument("--per-tag", type=_int_in(1, MAX_RECORDS // 6), default=None,
+                   help="held-out records per GenEval tag (six tags; default 83)")
+    p.add_argument("--seeds", default=None, help="evaluation seeds (default 0,1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a training-config field, e.g. --set ppo.group_size=4 (docs/training.md)")
     p.add_argument("--quiet", action="store_true")
@@ -744,7 +738,10 @@ def _cmd_demo(args) -> int:
     from xlard import demo
     from xlard.evaluation import parse_seeds
 
-    args.seeds = parse_seeds(args.seeds)
+    # Unset options take the demo's own defaults (xlard.demo), so the two cannot drift apart.
+    args.seeds = parse_seeds(demo.DEMO_SEEDS if args.seeds is None else args.seeds)
+    if args.per_tag is None:
+        args.per_tag = demo.DEMO_PER_TAG
     if args.items_per_tag is None:
         args.items_per_tag = demo.DEMO_ITEMS_PER_TAG
     return demo.main(args)

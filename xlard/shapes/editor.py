@@ -230,6 +230,28 @@ def _rgb(color: str) -> np.ndarray:
     return np.asarray(PALETTE[color], dtype=np.float32) / 255.0
 
 
+def _relation_move(relation: str, centre_subject: Sequence[float], centre_object: Sequence[float], h: int, w: int,
+                   margin: int) -> tuple[int, tuple[float, float]] | None:
+    """The editor's relation rule, shared by :func:`edit_image` and :func:`move_latents`.
+
+    Returns ``None`` if ``relation`` holds by more than ``margin`` pixels between the two ``(y, x)``
+    centres, else ``(axis, (subject's target, object's target))``: the two objects go to a quarter and
+    three quarters of the relation's axis (0: rows, 1: columns), in the asked order.
+    """
+    axis = 1 if relation in ("left_of", "right_of") else 0
+    sign = -1 if relation in ("left_of", "above") else 1  # subject's coordinate minus the object's
+    if sign * (centre_subject[axis] - centre_object[axis]) > margin:
+        return None
+    extent = w if axis else h
+    return axis, ((0.27 * extent, 0.73 * extent) if sign < 0 else (0.73 * extent, 0.27 * extent))
+
+
+def _centre(mask: np.ndarray) -> tuple[float, float]:
+    """``(y, x)`` mean of a mask's pixels."""
+    ys, xs = np.nonzero(mask)
+    return float(ys.mean()), float(xs.mean())
+
+
 def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarray, spec: Any,
                shapes: Sequence[str], colors: Sequence[str], config: EditConfig | None = None
                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -384,13 +406,11 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
                     or not placed[rel.object]:
                 continue
             a, b = placed[rel.subject][0], placed[rel.object][0]
-            axis = 1 if rel.relation in ("left_of", "right_of") else 0
-            sign = -1 if rel.relation in ("left_of", "above") else 1  # subject's coordinate minus the object's
-            centre_a, centre_b = a[axis] + a[2] / 2, b[axis] + b[2] / 2
-            if sign * (centre_a - centre_b) > config.margin:
+            move = _relation_move(rel.relation, (a[0] + a[2] / 2, a[1] + a[2] / 2),
+                                  (b[0] + b[2] / 2, b[1] + b[2] / 2), h, w, config.margin)
+            if move is None:
                 continue
-            extent = w if axis else h
-            targets = (0.27 * extent, 0.73 * extent) if sign < 0 else (0.73 * extent, 0.27 * extent)
+            axis, targets = move
             for obj in (a, b):
                 top, left, size, _ = obj
                 box = np.zeros((h, w), bool)
@@ -563,13 +583,10 @@ def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch
             a, o = found[rel.subject], found[rel.object]
             if a is None or o is None:
                 continue
-            axis = 1 if rel.relation in ("left_of", "right_of") else 0
-            sign = -1 if rel.relation in ("left_of", "above") else 1  # subject's coordinate minus the object's
-            centre_a, centre_o = np.nonzero(a)[axis].mean(), np.nonzero(o)[axis].mean()
-            if sign * (centre_a - centre_o) > margin:
+            move = _relation_move(rel.relation, _centre(a), _centre(o), h, w, margin)
+            if move is None:
                 continue
-            extent = w if axis else h
-            targets = (0.27 * extent, 0.73 * extent) if sign < 0 else (0.73 * extent, 0.27 * extent)
+            axis, targets = move
             z = out[i]
             cells = [_latent_cells(a, factor), _latent_cells(o, factor)]
             occupied = _latent_cells(cp[i, 0] < 0.5, factor)
@@ -578,7 +595,7 @@ def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch
             left = cells[0] | cells[1]
             moved[:, left] = background[:, None].expand(-1, int(left.sum()))
             for mask, c, centre in ((a, cells[0], targets[0]), (o, cells[1], targets[1])):
-                shift = int(round((centre - np.nonzero(mask)[axis].mean()) / factor))
+                shift = int(round((centre - _centre(mask)[axis]) / factor))
                 dest = _shift(c, shift, axis)
                 moved[:, dest] = _shift(z * c, shift, 1 + axis)[:, dest]
             out[i] = moved
