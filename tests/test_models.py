@@ -553,3 +553,54 @@ def test_corrector_and_projector_compile_without_graph_breaks():
         assert_close(got, want)
     compiled = torch.compile(lambda: projector(z0, text, pooled, mask).scores, fullgraph=True, backend="eager")
     assert_close(compiled(), projector(z0, text, pooled, mask).scores)
+
+
+def test_the_move_head_copies_cells_and_is_the_identity_at_initialisation(tmp_path):
+    """CorrectorConfig.move: Delta = copy_cells(z0, sources) - z0 + residual; zero at init; saved and loaded."""
+    from xlard.models import copy_cells
+
+    torch.manual_seed(0)
+    cfg = CorrectorConfig.tiny(latent_channels=4, text_dim=8, pooled_dim=8, patch=2, width=16, depth=1, heads=2,
+                               cond_dim=8, move=True, move_dim=8)
+    corrector = ResidualCorrector(cfg)
+    z0, tokens, pooled = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 8), torch.randn(2, 8)
+    with torch.no_grad():
+        assert torch.equal(corrector(z0, tokens, pooled), torch.zeros_like(z0))
+        assert torch.equal(corrector.sources(z0, tokens, pooled), torch.arange(64).expand(2, 64))
+        corrector.move_gate.weight.normal_()  # some cells open their gate and copy their best-scored source
+        corrector.head.weight.normal_(std=0.1)
+        src = corrector.sources(z0, tokens, pooled)
+        assert (src != torch.arange(64)).any()
+        residual, logits = corrector.distill_outputs(z0, tokens, pooled)
+        gate, scores = logits
+        assert gate.shape == (2, 64) and scores.shape == (2, 64, 64)
+        assert torch.equal(src, torch.where(gate > 0, scores.argmax(-1), torch.arange(64)))
+        assert not torch.any(src[gate > 0] == torch.arange(64).expand(2, 64)[gate > 0])  # a moving cell copies another
+        expected = copy_cells(z0, src) - z0 + residual
+        torch.testing.assert_close(corrector(z0, tokens, pooled), expected)
+        zc, _ = corrector.correct(z0, tokens, pooled, alpha=1.0)
+        torch.testing.assert_close(zc, copy_cells(z0, src) + residual)
+    corrector.save_pretrained(tmp_path / "c")
+    again = ResidualCorrector.from_pretrained(tmp_path / "c")
+    assert again.config.move and again.config.move_dim == 8
+    with torch.no_grad():
+        torch.testing.assert_close(again(z0, tokens, pooled), corrector(z0, tokens, pooled))
+    plain = ResidualCorrector(cfg.replace(move=False))
+    assert torch.equal(plain.sources(z0, tokens, pooled), torch.arange(64).expand(2, 64))
+    assert count_parameters(cfg) > count_parameters(cfg.replace(move=False))
+    with pytest.raises(ValueError, match="move"):
+        cfg.replace(move="yes")
+
+
+def test_copy_cells_gathers_and_checks_its_source_map():
+    from xlard.models import copy_cells
+
+    z = torch.arange(2 * 1 * 2 * 2, dtype=torch.float32).view(2, 1, 2, 2)
+    out = copy_cells(z, torch.tensor([[3, 3, 0, 1], [0, 1, 2, 3]]))
+    assert out[0, 0].flatten().tolist() == [3.0, 3.0, 0.0, 1.0] and torch.equal(out[1], z[1])
+    with pytest.raises(ValueError, match="source must be an integer tensor of shape"):
+        copy_cells(z, torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="source must be an integer tensor of shape"):
+        copy_cells(z, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
+        copy_cells(z, torch.full((2, 4), 4))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xlard.prompts import parse
-from xlard.shapes.editor import EditConfig, edit_image, edit_images, edit_targets, find_objects, move_latents
+from xlard.shapes.editor import EditConfig, edit_image, edit_images, edit_targets, find_objects, move_latents, move_plan
 from xlard.shapes.understanding import UnderstandingConfig, scene_targets
 from xlard.shapes.world import BACKGROUND, PALETTE, SHAPES, Scene, SceneObject
 
@@ -328,3 +328,21 @@ def test_move_latents_checks_its_inputs():
         move_latents(z[..., :15], s, c, spec, CFG.shapes)
     with pytest.raises(ValueError, match="margin"):
         move_latents(z, s, c, spec, CFG.shapes, margin=0)
+
+
+def test_move_plan_names_the_source_of_every_moved_cell():
+    """The moved latent is z0 copied from ``sources``, except the cells an object left (the background)."""
+    from xlard.models import copy_cells
+
+    z, s, c = _latent_scene(relation_ok=False)
+    plan = move_plan(z, s, c, [parse("a red circle left of a blue square")], CFG.shapes)
+    moved, _ = move_latents(z, s, c, [parse("a red circle left of a blue square")], CFG.shapes)
+    assert torch.equal(plan.latents, moved) and plan.sources.shape == (1, 16 * 16)
+    assert plan.sources.dtype == torch.int64
+    identity = torch.arange(16 * 16)
+    assert (plan.sources[0] != identity).sum() > 0
+    assert torch.equal(plan.latents, copy_cells(z, plan.sources))  # every changed cell is a copy
+    # a holding relation: identity sources, latents unchanged
+    z2, s2, c2 = _latent_scene(relation_ok=True)
+    kept = move_plan(z2, s2, c2, [parse("a red circle left of a blue square")], CFG.shapes)
+    assert torch.equal(kept.sources[0], identity) and torch.equal(kept.latents, z2) and kept.actions == [[]]

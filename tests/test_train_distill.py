@@ -356,3 +356,108 @@ def test_replace_targets_land_on_the_edited_encoding_and_need_the_final_step(tmp
     with pytest.raises(ValueError, match="distill.decoder_epochs"):
         Trainer(config(tmp_path / "t2", backbone={"correction_step": 0.5}, distill={"decoder_epochs": 2}),
                 backbone=early)
+
+
+def _shift_data(n: int, seed: int):
+    """Toy move targets on 8x8 latents: a 2x2 object (channel 0 = 2) somewhere in the left half must be copied
+    4 columns to the right; the cells it leaves copy the background cell beside them."""
+    g = torch.Generator().manual_seed(seed)
+    z0 = 0.1 * torch.randn(n, 4, 8, 8, generator=g)
+    source = torch.arange(64).repeat(n, 1)
+    target = torch.zeros_like(z0)
+    for i in range(n):
+        y, x = int(torch.randint(0, 7, (1,), generator=g)), int(torch.randint(0, 3, (1,), generator=g))
+        z0[i, 0, y:y + 2, x:x + 2] = 2.0
+        src = source[i].view(8, 8)
+        src[y:y + 2, x + 4:x + 6] = src[y:y + 2, x:x + 2].clone()
+        src[y:y + 2, x:x + 2] = src[y:y + 2, x + 2:x + 3]  # the vacated cells copy the free column beside them
+    return {"z0": z0, "target": target, "source": source, "tokens": torch.zeros(n, 1, 8),
+            "mask": torch.ones(n, 1, dtype=torch.bool), "pooled": torch.zeros(n, 8)}
+
+
+def test_the_move_head_learns_where_cells_come_from():
+    """fit_corrector with move targets: the head's hard choice gets the moved cells right on held-back
+    items (it copies none at initialisation), keeps the others, and the corrected latent is the target."""
+    from xlard.models import CorrectorConfig, ResidualCorrector, copy_cells
+    from xlard.train import distill as dl
+
+    data = _shift_data(256, 0)
+    torch.manual_seed(0)
+    corrector = ResidualCorrector(CorrectorConfig.tiny(latent_channels=4, text_dim=8, pooled_dim=8, patch=2, width=32,
+                                                       depth=2, heads=2, cond_dim=8, move=True, move_dim=16))
+    common = dict(batch_size=16, weight_decay=0.0, val_fraction=0.25, seed=3, progress=False)
+    stats = dl.fit_corrector(corrector, data, epochs=30, lr=3e-3, move_weight=1.0, **common)
+    assert stats["val_keep_acc"] > 0.98 and stats["val_move_acc"] > 0.9, stats
+    fresh = _shift_data(32, 1)
+    with torch.no_grad():
+        zc, _ = corrector.correct(fresh["z0"], fresh["tokens"], fresh["pooled"], fresh["mask"])
+    goal = copy_cells(fresh["z0"], fresh["source"]) + fresh["target"]
+    assert (zc - goal).square().mean() < 0.2 * (fresh["z0"] - goal).square().mean()
+    # The decoder-space fit adds the residual to the targets' own moves (a toy decoder: the identity).
+    more = dl.fit_corrector_decoded(corrector, data, lambda z: z, epochs=1, lr=1e-3, move_weight=1.0, **common)
+    assert more["decoder_val_pixel_mse"] < more["decoder_val_zero_pixel_mse"]
+    # A move head needs move targets, and move targets a move head.
+    plain = ResidualCorrector(corrector.config.replace(move=False))
+    with pytest.raises(ValueError, match="has no move head"):
+        dl.fit_corrector(plain, data, epochs=1, lr=1e-3, **common)
+    with pytest.raises(ValueError, match="no move targets"):
+        dl.fit_corrector(corrector, {k: v for k, v in data.items() if k != "source"}, epochs=1, lr=1e-3, **common)
+
+
+def test_move_config_checks(tmp_path):
+    with pytest.raises(ValueError, match="fix_position: false"):
+        config(tmp_path, distill={"move": True})
+    with pytest.raises(ValueError, match="distill.move_margin"):
+        config(tmp_path, distill={"move": True, "fix_position": False, "move_margin": 0})
+    assert config(tmp_path).distill.move is False and config(tmp_path).distill.move_margin == 64
+
+
+@needs_shapes
+def test_a_move_run_writes_sources_and_exports_a_move_head(tmp_path, shapes_final):
+    """distill.move with a move-head corrector: every shard carries the cells' sources (a moved cell's
+    residual target is zero: the copy is the head's job), the fit reports the head's accuracy, the exported
+    corrector has the head; a folder built without moves gets them added in place; mismatches are refused."""
+    from xlard.evaluation import load_corrector_dir
+    from xlard.shapes.understanding import load_model
+    from xlard.train import distill as dl
+    from xlard.train import train
+    from xlard.train.data import Item, load_records
+    from xlard.train.trainer import Trainer
+
+    heads = {"corrector_overrides": {"patch": 2, "width": 16, "depth": 1, "move": True},
+             "projector_overrides": {"patch": 2, "width": 16, "depth": 1}}
+    with pytest.raises(ValueError, match="move head is on"):
+        Trainer(config(tmp_path / "t1", model=heads), backbone=shapes_final)
+    with pytest.raises(ValueError, match="move head is off"):
+        Trainer(config(tmp_path / "t2", distill={"move": True, "fix_position": False}), backbone=shapes_final)
+    out = tmp_path / "run"
+    summary = train(config(out, model=heads, distill={"move": True, "fix_position": False}), backbone=shapes_final)
+    shard = torch.load(out / "distill" / "data-0000.pt", weights_only=False)
+    assert shard["source"].shape == (4, 256) and shard["move_margin"] == 64
+    moved = shard["source"] != torch.arange(256)
+    assert torch.all(shard["target"].permute(0, 2, 3, 1).reshape(4, 256, -1)[moved] == 0)
+    stats = json.loads((out / "distill" / "summary.json").read_text())
+    assert "val_move_acc" in stats and 0.0 <= stats["val_keep_acc"] <= 1.0
+    corrector, _ = load_corrector_dir(summary["corrector"])
+    assert corrector.config.move
+
+    # Adding move targets to a finished target set: the sources appear, the color/count edits stay.
+    records, _ = load_records("shapes:train")
+    position = [r for r in records if r.get("tag") == "position"][:4]
+    items = [Item(r, dl.DISTILL_SEED_BASE + i, i) for i, r in enumerate(position)]
+    model = load_model()
+    folder = tmp_path / "d"
+    dl.build_dataset(shapes_final, model, items, folder, chunk=4, progress=False)
+    before = torch.load(folder / "data-0000.pt", weights_only=False)
+    dl.build_dataset(shapes_final, model, items, folder, chunk=4, progress=False, move_margin=64)
+    after = torch.load(folder / "data-0000.pt", weights_only=False)
+    assert after["source"].shape == (4, 256) and json.loads((folder / "manifest.json").read_text())["move_margin"] == 64
+    moved = after["source"] != torch.arange(256)
+    assert moved.any() and any("in the latent" in a for acts in after["actions"] for a in acts)
+    assert torch.all(after["target"].permute(0, 2, 3, 1).reshape(4, 256, -1)[moved] == 0)
+    kept = ~moved.view(4, 1, 16, 16).expand_as(after["target"])
+    assert torch.equal(after["target"][kept], before["target"][kept])  # the editor's own targets stay
+    with pytest.raises(ValueError, match="move targets"):
+        dl.build_dataset(shapes_final, model, items, folder, chunk=4, progress=False)  # a move folder, no moves
+    with pytest.raises(ValueError, match="move_margin"):
+        dl.build_dataset(shapes_final, model, items, folder, chunk=4, progress=False, move_margin=0)

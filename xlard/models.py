@@ -44,7 +44,7 @@ from xlard.vocab import ASPECTS  # order of the projector's outputs, confidence 
 __all__ = [
     "ASPECTS", "CorrectorConfig", "ProjectorConfig", "ResidualCorrector", "LatentRewardProjector",
     "CONDITIONINGS", "GaussianPolicy", "ProjectorOutput", "ProjectorLoss", "aspect_weights", "corrector_inputs",
-    "field_inputs", "patchify", "unpatchify", "sincos_position_encoding", "count_parameters",
+    "field_inputs", "patchify", "unpatchify", "sincos_position_encoding", "count_parameters", "copy_cells",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -200,6 +200,17 @@ class CorrectorConfig(_ConfigBase):
             (noun, count, color, relation; :func:`xlard.prompts.fields.field_tokens`,
             ``text_dim`` wide) and a zero pooled embedding, so nothing identifies a
             prompt except its fields; see :func:`corrector_inputs`.
+        move (bool): False (default): the correction is the residual head's output.
+            True: a *move head* as well: for every latent cell a gate says whether
+            its content comes from elsewhere (no cell moves at initialisation) and
+            attention scores over the other cells of ``z0`` say from where; the
+            correction becomes ``copy(z0) - z0 + residual``, where ``copy`` takes
+            each moving cell's best-scored source (hard choices). Moving an object across the image is
+            then a copy of its own latent cells instead of a residual that has to
+            paint it anew. The copy part carries no gradient: it is fitted on the
+            editor's move decisions (:mod:`xlard.train.distill`, ``distill.move``);
+            PPO adjusts the residual around it.
+        move_dim (int): width of the move head's queries and keys (default 32).
 
     Example:
         >>> CorrectorConfig.paper().width
@@ -222,6 +233,8 @@ class CorrectorConfig(_ConfigBase):
     value_shares_trunk: bool = False
     action_block: int = 1
     conditioning: str = "text"
+    move: bool = False
+    move_dim: int = 32
 
     def __post_init__(self):
         owner = "CorrectorConfig"
@@ -233,6 +246,8 @@ class CorrectorConfig(_ConfigBase):
         _check_real(owner, "alpha", self.alpha)
         _check_real(owner, "log_std_init", self.log_std_init, -20.0, 5.0)
         _check_bool(owner, "value_shares_trunk", self.value_shares_trunk)
+        _check_bool(owner, "move", self.move)
+        _check_int(owner, "move_dim", self.move_dim, maximum=4096)
 
     @classmethod
     def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
@@ -750,6 +765,30 @@ class GaussianPolicy:
         return (per_channel.sum() * spatial).expand(self.mean.shape[0])
 
 
+def copy_cells(z: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``z`` with every cell replaced by the cell ``source`` names: ``out[b, :, i] = z[b, :, source[b, i]]``.
+
+    Args:
+        z (Tensor[B, C, H, W]): latents.
+        source (Tensor[B, H*W] integer): flat source index of each cell, in ``[0, H*W)``.
+
+    Returns:
+        Tensor[B, C, H, W] like ``z``.
+
+    Raises:
+        ValueError: a source map of the wrong shape or with an index out of range.
+    """
+    b, c, h, w = z.shape
+    if not isinstance(source, torch.Tensor) or tuple(source.shape) != (b, h * w) or source.is_floating_point():
+        raise ValueError(f"copy_cells: source must be an integer tensor of shape {(b, h * w)}, got "
+                         f"{getattr(source, 'shape', type(source).__name__)}")
+    if source.numel() and (int(source.min()) < 0 or int(source.max()) >= h * w):
+        raise ValueError(f"copy_cells: source indices must lie in [0, {h * w}), got [{int(source.min())}, "
+                         f"{int(source.max())}]")
+    flat = z.reshape(b, c, h * w)
+    return flat.gather(2, source.to(z.device, torch.int64)[:, None, :].expand(b, c, h * w)).reshape(b, c, h, w)
+
+
 def _blockwise(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
     """``x`` averaged over ``k x k`` blocks of its last two dims, times ``scale``, broadcast back."""
     if k == 1:
@@ -799,10 +838,70 @@ class ResidualCorrector(_Pretrained, nn.Module):
             nn.Linear(config.width + config.cond_dim, config.value_hidden), nn.SiLU(),
             nn.Linear(config.value_hidden, 1))
         self.value_head.apply(_init_linear)
+        if config.move:
+            d = config.move_dim
+            # A gate per cell (move or keep; -4: keep, until the first update) and, for a cell that moves,
+            # attention scores over the other cells of z0 for where its content comes from.
+            self.move_gate = nn.Linear(config.width, p * p)
+            self.move_query = nn.Linear(config.width, d * p * p)
+            self.move_key = nn.Linear(config.width, d * p * p)
+            self.move_key_latent = nn.Linear(c, d)
+            for layer in (self.move_query, self.move_key, self.move_key_latent):
+                layer.apply(_init_linear)
+            nn.init.zeros_(self.move_gate.weight)
+            nn.init.constant_(self.move_gate.bias, -4.0)
 
     @property
     def _param(self) -> torch.Tensor:
         return self.head.weight
+
+    def _move_logits(self, tokens, z0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate [B, N], source scores [B, N, N])`` for the N = H * W latent cells: ``gate > 0`` moves cell
+        ``i``, whose content then comes from the best-scored other cell of row ``i`` (its own cell scores -inf)."""
+        cfg = self.config
+        h, w, d = z0.shape[-2], z0.shape[-1], cfg.move_dim
+        gate = unpatchify(self.move_gate(tokens), 1, h, w, cfg.patch).flatten(1)
+        query = unpatchify(self.move_query(tokens), d, h, w, cfg.patch).flatten(2).transpose(1, 2)
+        key = unpatchify(self.move_key(tokens), d, h, w, cfg.patch).flatten(2).transpose(1, 2)
+        key = key + self.move_key_latent(z0.to(key.dtype).flatten(2).transpose(1, 2))
+        scores = query @ key.transpose(1, 2) / math.sqrt(d)
+        eye = torch.eye(h * w, device=scores.device, dtype=torch.bool)
+        return gate, scores.masked_fill(eye, float("-inf"))
+
+    @staticmethod
+    def _choose(gate: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        own = torch.arange(gate.shape[-1], device=gate.device)
+        return torch.where(gate > 0, scores.argmax(-1), own)
+
+    def _residual(self, tokens, z0) -> torch.Tensor:
+        cfg = self.config
+        delta = unpatchify(self.head(tokens), cfg.latent_channels, z0.shape[-2], z0.shape[-1], cfg.patch)
+        return _blockwise(delta, cfg.action_block, 1.0)
+
+    def distill_outputs(self, z0, text_tokens, pooled, text_mask=None):
+        """What the warm start fits: ``(residual [B, C, H, W], move)``.
+
+        The residual is the correction without the move head's copy; ``move`` is
+        ``(gate logits [B, H*W], source scores [B, H*W, H*W])`` (own cell -inf),
+        or ``None`` for a corrector without a move head.
+        """
+        tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
+        logits = self._move_logits(tokens, z0) if self.config.move else None
+        return self._residual(tokens, z0), logits
+
+    def sources(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:
+        """The move head's choice: for every latent cell, the flat index of the cell of z0 copied there.
+
+        Returns:
+            Tensor[B, H*W] int64 (``arange(H*W)`` everywhere for a corrector without a move head).
+        """
+        if not self.config.move:
+            _check_latent("ResidualCorrector", "z0", z0, self.config.latent_channels, self.config.patch,
+                          self._param.device)
+            n = z0.shape[-2] * z0.shape[-1]
+            return torch.arange(n, device=z0.device).expand(z0.shape[0], n).clone()
+        tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
+        return self._choose(*self._move_logits(tokens, z0))
 
     def _features(self, z0, text_tokens, pooled, text_mask):
         cfg, ref = self.config, self._param
@@ -817,9 +916,11 @@ class ResidualCorrector(_Pretrained, nn.Module):
         return self.trunk(z0.to(dt), text_tokens.to(dt), pooled.to(dt), text_mask)
 
     def _delta(self, tokens, z0) -> torch.Tensor:
-        cfg = self.config
-        delta = unpatchify(self.head(tokens), cfg.latent_channels, z0.shape[-2], z0.shape[-1], cfg.patch)
-        return _blockwise(delta, cfg.action_block, 1.0)
+        delta = self._residual(tokens, z0)
+        if self.config.move:
+            moved = copy_cells(z0.to(delta.dtype), self._choose(*self._move_logits(tokens, z0)))
+            delta = delta + (moved - z0.to(delta.dtype))
+        return delta
 
     def action_noise(self, noise: torch.Tensor) -> torch.Tensor:
         """Standard normal noise ``[B, C, H, W]`` made constant on ``action_block`` blocks.

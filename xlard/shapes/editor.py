@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from .world import BACKGROUND, PALETTE, SHAPES, shape_mask
 
 __all__ = ["EditConfig", "EditedBatch", "edit_image", "edit_images", "edit_targets", "find_objects", "move_latents",
+           "move_plan", "MovedBatch",
            "RELAYOUT_ORDER"]
 
 
@@ -525,6 +526,23 @@ def _latent_cells(mask: np.ndarray, factor: int) -> torch.Tensor:
     return F.max_pool2d(F.max_pool2d(t, factor), 3, 1, 1)[0, 0] > 0
 
 
+@dataclass
+class MovedBatch:
+    """What :func:`move_plan` did: the moved latents, where each cell came from, the actions per latent.
+
+    Attributes:
+        latents (Tensor[B, C, h, w]): ``z0`` with the relation fixes carried out.
+        sources (Tensor[B, h*w] int64): for every cell, the flat index of the cell of ``z0``
+            it copies (its own index where nothing moved), so that
+            ``latents == copy_cells(z0, sources)``.
+        actions (list[list[str]]): what was moved, per latent.
+    """
+
+    latents: torch.Tensor
+    sources: torch.Tensor
+    actions: list[list[str]] = field(default_factory=list)
+
+
 def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch.Tensor, specs: Sequence[Any],
                  shapes: Sequence[str], margin: int = 6) -> tuple[torch.Tensor, list[list[str]]]:
     """Fix reversed or too-weak relations by *moving latent cells*, not by redrawing pixels.
@@ -533,11 +551,12 @@ def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch
     confident found objects; a relation that does not hold by ``margin`` pixels
     sends them to a quarter and three quarters of its axis), carried out on the
     latent: each object's cells of ``z0`` are copied, shifted by a whole number
-    of cells, and the cells they left take the mean latent of the cells where the
-    color map finds no object. The objects keep their own look, since the
+    of cells, and each cell they left copies the nearest cell where the color map
+    finds no object (nothing is invented: every changed cell is a copy). The objects keep their own look, since the
     decoder sees the sample's own latent, only elsewhere: a measure of what a
     corrector that can move latent content (rather than paint a residual) could
-    do for relations (``scripts/measure_edit_ceiling.py --latent-move``).
+    do for relations (``scripts/measure_edit_ceiling.py --latent-move``), and the
+    move head's targets (:func:`move_plan`, ``distill.move``).
 
     Args:
         z0 (Tensor[B, C, h, w]): the final latents the images were decoded from.
@@ -554,6 +573,13 @@ def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch
     Raises:
         ValueError: mismatched batch sizes or map sizes.
     """
+    plan = move_plan(z0, shape_probs, color_probs, specs, shapes, margin)
+    return plan.latents, plan.actions
+
+
+def move_plan(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch.Tensor, specs: Sequence[Any],
+              shapes: Sequence[str], margin: int = 6) -> MovedBatch:
+    """:func:`move_latents` with the source of every cell as well (:class:`MovedBatch`); same arguments."""
     if not isinstance(z0, torch.Tensor) or z0.dim() != 4:
         raise ValueError(f"move_latents: z0 must be a tensor [B, C, h, w], got "
                          f"{getattr(z0, 'shape', type(z0).__name__)}")
@@ -570,6 +596,8 @@ def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch
     factor = h // lh
     sp, cp = shape_probs.detach().float().cpu().numpy(), color_probs.detach().float().cpu().numpy()
     out = z0.detach().clone()
+    index = torch.arange(lh * lw).view(lh, lw)
+    sources = index.flatten().repeat(b, 1)
     actions: list[list[str]] = []
     for i, spec in enumerate(specs):
         acts: list[str] = []
@@ -588,18 +616,26 @@ def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch
                 continue
             axis, targets = move
             z = out[i]
+            before = sources[i].view(lh, lw).clone()  # where the cells of out[i] came from, before this relation
+            src = before.clone()
             cells = [_latent_cells(a, factor), _latent_cells(o, factor)]
             occupied = _latent_cells(cp[i, 0] < 0.5, factor)
-            background = (z[:, ~occupied].mean(1) if (~occupied).any() else z.mean((1, 2)))
             moved = z.clone()
             left = cells[0] | cells[1]
-            moved[:, left] = background[:, None].expand(-1, int(left.sum()))
+            free = ~occupied & ~left
+            if free.any():  # each cell an object leaves copies the nearest cell with no object
+                grid = torch.stack(torch.meshgrid(torch.arange(lh), torch.arange(lw), indexing="ij"), -1).float()
+                near = torch.cdist(grid[left], grid[free]).argmin(1)
+                moved[:, left] = z[:, free][:, near]
+                src[left] = before[free][near]
             for mask, c, centre in ((a, cells[0], targets[0]), (o, cells[1], targets[1])):
                 shift = int(round((centre - _centre(mask)[axis]) / factor))
                 dest = _shift(c, shift, axis)
                 moved[:, dest] = _shift(z * c, shift, 1 + axis)[:, dest]
+                src[dest] = _shift(before, shift, axis)[dest]
             out[i] = moved
+            sources[i] = src.flatten()
             acts.append(f"moved {spec.entities[rel.subject].noun} {rel.relation.replace('_', ' ')} "
                         f"{spec.entities[rel.object].noun} in the latent")
         actions.append(acts)
-    return out, actions
+    return MovedBatch(out, sources, actions)

@@ -470,6 +470,15 @@ class DistillSettings:
         decoder_lr: its learning rate (same schedule as the latent fit).
         decoder_pixel_weight, decoder_latent_weight: its loss,
             ``pixel_weight * image MSE + latent_weight * latent MSE``.
+        move: relations fixed by *moving latent cells* for a corrector with a move
+            head (``model.corrector_overrides: {move: true}``): each item's targets
+            get the cell each cell copies (:func:`xlard.shapes.editor.move_plan`);
+            the head is fitted to them by cross-entropy, the residual to the rest.
+            Needs ``correction_step`` 1.0 and ``fix_position: false`` (one rule per
+            relation).
+        move_margin: the move rule's margin (pixels); 64 (default) moves the two
+            objects of every relation to their quarter places, whether it held or not.
+        move_weight: weight of the move head's cross-entropy beside the residual's MSE.
     """
 
     items_per_tag: int = 0
@@ -494,6 +503,9 @@ class DistillSettings:
     decoder_lr: float = 3e-4
     decoder_pixel_weight: float = 100.0
     decoder_latent_weight: float = 1.0
+    move: bool = False
+    move_margin: int = 64
+    move_weight: float = 0.1
 
     def __post_init__(self):
         o = "distill"
@@ -504,7 +516,7 @@ class DistillSettings:
         _real(o, "weight_decay", self.weight_decay, 0.0)
         _real(o, "val_fraction", self.val_fraction, 0.0, 0.5)
         _int(o, "chunk", self.chunk, 1)
-        for name in ("redraw", "fix_count", "fix_color", "fix_position", "relayout", "replace"):
+        for name in ("redraw", "fix_count", "fix_color", "fix_position", "relayout", "replace", "move"):
             _bool(o, name, getattr(self, name))
         _int(o, "margin", self.margin, 1)
         from xlard.shapes.world import PALETTE
@@ -517,6 +529,11 @@ class DistillSettings:
         _real(o, "decoder_lr", self.decoder_lr, 0.0, low_open=True)
         _real(o, "decoder_pixel_weight", self.decoder_pixel_weight, 0.0, low_open=True)
         _real(o, "decoder_latent_weight", self.decoder_latent_weight, 0.0)
+        _int(o, "move_margin", self.move_margin, 1)
+        _real(o, "move_weight", self.move_weight, 0.0)
+        if self.move and self.fix_position:
+            raise ValueError("distill.move: relations are fixed either by moving latent cells (move) or by redrawing "
+                             "them (fix_position); set fix_position: false")
 
     def edit_config(self):
         """The :class:`xlard.shapes.editor.EditConfig` these settings describe."""

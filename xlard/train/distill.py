@@ -10,6 +10,13 @@ never draw) and regresses the corrector's mean ``Delta(z0, e_p)`` onto them.
 PPO can then continue from the distilled corrector; at inference the corrector
 is one forward pass, as before.
 
+With ``distill.move`` the relation fixes are *moves* instead of drawings: the
+editor's relation rule is carried out on z0 by copying the objects' own latent
+cells (:func:`xlard.shapes.editor.move_plan`); each shard then records, for
+every latent cell, the cell it copies (``source``), and a corrector with a move
+head (``CorrectorConfig.move``) fits its gate and source scores to them
+(cross-entropy) while its residual fits the rest of the targets.
+
 The dataset is written in shards (``<run>/distill/data-NNNN.pt``, atomically), so
 an interrupted build resumes at the first missing shard; the fit is short and
 restarts from scratch on resume (its epochs are logged to
@@ -25,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from xlard import _io
 from xlard.train import checkpoint as ckpt
@@ -113,7 +121,7 @@ def _shard_path(folder: Path, k: int) -> Path:
 
 
 def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk: int = 32, edit_config=None,
-                  progress: bool = True, replace: bool = False) -> Path:
+                  progress: bool = True, replace: bool = False, move_margin: int | None = None) -> Path:
     """Encode ``items``, decode their z0, edit the images, write the latent targets in shards.
 
     Args:
@@ -128,6 +136,14 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
             ``M * (E(edited) - z0)``, instead of adding the difference of the two encodings
             (``xlard.shapes.editor.edit_targets``); only at ``correction_step`` 1.0, where z0
             is what the VAE decodes.
+        move_margin: also write move targets for a corrector with a move head
+            (``CorrectorConfig.move``): the editor's relation rule with this margin,
+            carried out by moving latent cells (:func:`xlard.shapes.editor.move_plan`);
+            each shard gets ``source`` (the cell each cell copies) and, on the cells a
+            move touched, the residual target ``moved - copy_cells(z0, source)``.
+            Only at ``correction_step`` 1.0. Shards built without it are given their
+            move targets in place (their color/count edits are kept), so a finished
+            target set can be reused.
 
     Returns:
         ``folder``.
@@ -135,6 +151,10 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
     from xlard.shapes.editor import edit_images, edit_targets
 
     folder = Path(folder)
+    if move_margin is not None and (float(backbone.correction_step) != 1.0 or isinstance(move_margin, bool)
+                                    or not isinstance(move_margin, int) or move_margin < 1):
+        raise ValueError(f"distill: move targets need correction_step 1.0 and an int move_margin >= 1, got "
+                         f"correction_step {backbone.correction_step} and move_margin {move_margin!r}")
     if replace and float(backbone.correction_step) != 1.0:
         raise ValueError(f"distill: replace targets need correction_step 1.0 (z0 must be the latent the VAE decodes), "
                          f"got {backbone.correction_step}")
@@ -147,14 +167,20 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
     if replace:  # absent means the difference form (manifests written before the option existed)
         manifest["replace"] = True
     manifest_path = folder / "manifest.json"
+    if move_margin is not None:
+        manifest["move_margin"] = int(move_margin)
     if manifest_path.is_file():
         saved = json.loads(manifest_path.read_text())
         saved.setdefault("correction_step", 1.0)  # manifests written before the field existed were all at 1.0
         for key, default in (("relayout", False), ("relayout_color", "found")):  # ... and before relayout existed
             saved.get("edits", {}).setdefault(key, default)
+        if move_margin is not None and "move_margin" not in saved:  # move targets are added to the shards below
+            saved["move_margin"] = int(move_margin)
+            _io.atomic_write_text(manifest_path, json.dumps(saved) + "\n", owner="xlard train distill")
         if saved != json.loads(json.dumps(manifest)):
-            raise ValueError(f"distill: {folder} holds edit targets built for other items or edits; delete it or "
-                             "choose another run folder")
+            raise ValueError(f"distill: {folder} holds edit targets built for other items or edits"
+                             f"{' or move targets' if 'move_margin' in saved or move_margin is not None else ''}; "
+                             "delete it or choose another run folder")
     else:
         if any(folder.glob("data-*.pt")):
             raise ValueError(f"distill: {folder} holds edit-target shards without a manifest; delete them")
@@ -185,14 +211,64 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
         shard = {"z0": inputs.z0.cpu(), "target": target.cpu(), "tokens": inputs.text_tokens.cpu(),
                  "mask": inputs.text_mask.cpu(), "pooled": inputs.pooled.cpu(),
                  "prompts": [it.record.get("prompt") for it in part], "tags": [it.record.get("tag") for it in part],
-                 "seeds": [int(it.seed) for it in part], "actions": edited.actions, "signal_scale": scale,
-                 "seconds": time.perf_counter() - t_shard}
+                 "seeds": [int(it.seed) for it in part], "actions": edited.actions, "signal_scale": scale}
+        if move_margin is not None:
+            _add_move_targets(shard, model, images, state.specs, move_margin)
+        shard["seconds"] = time.perf_counter() - t_shard
         ckpt.save_atomic(shard, _shard_path(folder, k))
         if bar is not None:
             bar.update(len(part))
     if bar is not None:
         bar.close()
+    if move_margin is not None:
+        _upgrade_shards(backbone, model, folder, n_shards, move_margin, progress)
     return folder
+
+
+def _add_move_targets(shard: dict, model, images: torch.Tensor, specs: Sequence, margin: int) -> None:
+    """Give one shard its move targets in place (see ``move_margin`` of :func:`build_dataset`)."""
+    from xlard.models import copy_cells
+    from xlard.shapes.editor import move_plan
+
+    z0 = shard["z0"].float()
+    with torch.no_grad():
+        maps = model.predict(images.float())
+    plan = move_plan(z0, maps.shape_probs.cpu(), maps.color_probs.cpu(), specs, model.config.shapes, margin)
+    identity = torch.arange(z0.shape[-2] * z0.shape[-1])
+    touched = ((plan.sources != identity).view(z0.shape[0], 1, *z0.shape[-2:])
+               | (plan.latents != z0).any(dim=1, keepdim=True))
+    shard["target"] = torch.where(touched, plan.latents - copy_cells(z0, plan.sources), shard["target"])
+    shard["source"] = plan.sources
+    shard["actions"] = [list(a) + list(m) for a, m in zip(shard["actions"], plan.actions)]
+    shard["move_margin"] = int(margin)
+
+
+def _upgrade_shards(backbone, model, folder: Path, n_shards: int, margin: int, progress: bool) -> None:
+    """Add move targets to shards built without them (decoding their z0 again; at correction_step 1.0 the
+    VAE decoder is what made the images)."""
+    from xlard.prompts import parse
+
+    todo = [k for k in range(n_shards)
+            if "source" not in torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)]
+    if not todo:
+        return
+    decode = vae_decoder(backbone)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="distill: move targets", unit="shard", file=sys.stderr)
+    for k in todo:
+        t_shard = time.perf_counter()
+        shard = torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            images = decode(shard["z0"].float()).float().cpu()
+        _add_move_targets(shard, model, images, [parse(p) for p in shard["prompts"]], margin)
+        shard["seconds"] = float(shard.get("seconds", 0.0)) + time.perf_counter() - t_shard
+        ckpt.save_atomic(shard, _shard_path(folder, k))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
 
 
 def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]:
@@ -214,6 +290,8 @@ def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]
         return out
 
     data = {f: torch.cat([pad(s[f]) if f in ("tokens", "mask") else s[f] for s in shards]) for f in _FIELDS}
+    if all("source" in s for s in shards):
+        data["source"] = torch.cat([s["source"] for s in shards])
     data["tags"] = [tag for s in shards for tag in s["tags"]]
     data["actions"] = [a for s in shards for a in s["actions"]]
     data["prompts"] = [p for s in shards for p in s.get("prompts", [None] * len(s["tags"]))]
@@ -244,6 +322,47 @@ def corrector_data(corrector, data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "tokens": own["text_tokens"], "mask": own["text_mask"], "pooled": own["pooled"]}
 
 
+def _move_check(corrector, data: dict[str, Any]) -> bool:
+    """Whether the fit trains a move head; raises when the corrector and the targets disagree about it."""
+    has_head = bool(getattr(getattr(corrector, "config", None), "move", False))
+    has_source = "source" in data
+    if has_head and not has_source:
+        raise ValueError("distill: the corrector has a move head (model.corrector_overrides move: true) but the edit "
+                         "targets have no move targets; set distill.move: true")
+    if has_source and not has_head:
+        raise ValueError("distill: the edit targets carry move targets (distill.move) but the corrector has no move "
+                         "head; set move: true in model.corrector_overrides")
+    return has_head
+
+
+#: Weight of a moving cell in the move gate's binary cross-entropy (a kept cell weighs 1): few cells move
+#: (about one in fifty of the shapes targets), and a gate that never opens moves nothing.
+MOVE_GATE_POS_WEIGHT = 3.0
+
+
+def _move_loss(move: tuple[torch.Tensor, torch.Tensor], source: torch.Tensor) -> torch.Tensor:
+    """The move head's loss: the gate's binary cross-entropy (move or keep; moving cells weighted by
+    :data:`MOVE_GATE_POS_WEIGHT`) over all cells, plus the source scores' cross-entropy over the cells that move."""
+    gate, scores = move
+    n = gate.shape[-1]
+    moved = source != torch.arange(n, device=source.device)
+    loss = F.binary_cross_entropy_with_logits(gate.float(), moved.float(),
+                                              pos_weight=torch.tensor(MOVE_GATE_POS_WEIGHT, device=gate.device))
+    if moved.any():
+        loss = loss + F.cross_entropy(scores[moved].float(), source[moved])
+    return loss
+
+
+def _move_accuracy(move: tuple[torch.Tensor, torch.Tensor], source: torch.Tensor) -> tuple[int, int, int, int]:
+    """(moved cells given their right source, moved cells, kept cells kept, kept cells) of the head's hard choice."""
+    from xlard.models import ResidualCorrector
+
+    n = source.shape[-1]
+    right = ResidualCorrector._choose(*move) == source
+    moved = source != torch.arange(n, device=source.device)
+    return int((right & moved).sum()), int(moved.sum()), int((right & ~moved).sum()), int((~moved).sum())
+
+
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(held-back rows, fitted rows): the same seeded split for every stage of the fit."""
     perm = torch.randperm(n, generator=derived_generator(seed, "distill", "split"))
@@ -264,17 +383,23 @@ def _optimiser(corrector, lr: float, weight_decay: float, total: int):
 
 
 def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, batch_size: int, weight_decay: float,
-                  val_fraction: float, seed: int, log_path: str | Path | None = None, progress: bool = True
-                  ) -> dict[str, float]:
+                  val_fraction: float, seed: int, log_path: str | Path | None = None, progress: bool = True,
+                  move_weight: float = 0.1) -> dict[str, float]:
     """Regress the corrector's mean onto the targets (MSE; AdamW, 100-step warmup, cosine to 5%).
 
     A seeded ``val_fraction`` of the items is held back to report how much of the
     targets' variance the corrector explains on items it did not fit (``val_r2``).
+    A corrector with a move head (``CorrectorConfig.move``) regresses its residual
+    onto the targets and fits the head's logits to the targets' ``source`` maps
+    (cross-entropy, weight ``move_weight``); ``val_move_acc`` / ``val_keep_acc``
+    are the held-back cells whose hard choice is right, among moved / kept cells.
 
     Returns:
-        ``{"train_mse", "val_mse", "val_zero_mse", "val_r2", "epochs", "seconds"}``.
+        ``{"train_mse", "val_mse", "val_zero_mse", "val_r2", "epochs", "seconds"}``
+        (and ``"val_move_acc"``, ``"val_keep_acc"`` with a move head).
     """
     data = corrector_data(corrector, data)
+    move = _move_check(corrector, data)
     n = data["z0"].shape[0]
     val, train_rows = _split(n, val_fraction, seed)
     device = corrector.head.weight.device
@@ -284,28 +409,46 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
     def batch(rows):
         return [data[f][rows].to(device) for f in _FIELDS]
 
-    def mse(rows) -> torch.Tensor:
+    def losses(rows) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
         z0, target, tokens, mask, pooled = batch(rows)
-        return (corrector(z0, tokens, pooled, mask) - target).square().mean()
+        if not move:
+            return (corrector(z0, tokens, pooled, mask) - target).square().mean(), None, ()
+        residual, logits = corrector.distill_outputs(z0, tokens, pooled, mask)
+        source = data["source"][rows].to(device)
+        return ((residual - target).square().mean(), _move_loss(logits, source),
+                _move_accuracy(tuple(t.detach() for t in logits), source))
 
-    def evaluate(rows) -> tuple[float, float]:
+    def step_loss(rows):
+        mse, ce, _ = losses(rows)
+        return (mse if ce is None else mse + move_weight * ce), mse
+
+    def evaluate(rows) -> tuple[float, float, list[int]]:
+        counts = [0, 0, 0, 0]
         if len(rows) == 0:
-            return float("nan"), float("nan")
+            return float("nan"), float("nan"), counts
         corrector.eval()
+        total_mse = 0.0
         with torch.no_grad():
-            total_mse = sum(float(mse(rows[i:i + 256])) * len(rows[i:i + 256]) for i in range(0, len(rows), 256))
+            for i in range(0, len(rows), 256):
+                mse, _, acc = losses(rows[i:i + 256])
+                total_mse += float(mse) * len(rows[i:i + 256])
+                counts = [a + b for a, b in zip(counts, acc or (0, 0, 0, 0))]
             zero = float(data["target"][rows].square().mean())
-        return total_mse / len(rows), zero
+        return total_mse / len(rows), zero, counts
 
     t0 = time.perf_counter()
 
     def end_of_epoch(epoch: int, train_mse: float) -> dict[str, float]:
-        val_mse, zero = evaluate(val)
-        return {"epoch": epoch + 1, "train_mse": train_mse, "val_mse": val_mse, "val_zero_mse": zero,
-                "val_r2": 1.0 - val_mse / zero if zero > 0 else float("nan"), "seconds": time.perf_counter() - t0}
+        val_mse, zero, counts = evaluate(val)
+        row = {"epoch": epoch + 1, "train_mse": train_mse, "val_mse": val_mse, "val_zero_mse": zero,
+               "val_r2": 1.0 - val_mse / zero if zero > 0 else float("nan"), "seconds": time.perf_counter() - t0}
+        if move:
+            row["val_move_acc"] = counts[0] / counts[1] if counts[1] else float("nan")
+            row["val_keep_acc"] = counts[2] / counts[3] if counts[3] else float("nan")
+        return row
 
     row = _epochs(corrector, params, opt, sched, train_rows, epochs=epochs, batch_size=batch_size,
-                  order_seed=(seed, "distill"), step_loss=lambda rows: (mse(rows),) * 2, end_of_epoch=end_of_epoch,
+                  order_seed=(seed, "distill"), step_loss=step_loss, end_of_epoch=end_of_epoch,
                   log_path=log_path, append=False, desc="distill: fit", progress=progress,
                   postfix=lambda r: {"train": f"{r['train_mse']:.4f}", "val_r2": f"{r['val_r2']:.3f}"})
     return {**row, "epochs": epochs}
@@ -359,7 +502,8 @@ def _epochs(corrector, params, opt, sched, train_rows: torch.Tensor, *, epochs: 
 def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[torch.Tensor], torch.Tensor], *,
                           epochs: int, lr: float, batch_size: int, weight_decay: float, val_fraction: float,
                           seed: int, pixel_weight: float = 100.0, latent_weight: float = 1.0,
-                          log_path: str | Path | None = None, progress: bool = True) -> dict[str, float]:
+                          log_path: str | Path | None = None, progress: bool = True, move_weight: float = 0.1
+                          ) -> dict[str, float]:
     """Fine-tune the corrector so that its corrected latent *decodes* to the edited image.
 
     The loss is ``pixel_weight * mse(decode(z0 + mean), decode(z0 + target)) +
@@ -368,6 +512,9 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
     and a loss on its output weighs an error by what it does to the image. Only valid
     where ``decode`` is what turns the corrected latent into the image
     (``correction_step`` 1.0). Same held-back items as :func:`fit_corrector`.
+    With a move head the corrected latent is ``copy_cells(z0, source) + residual``
+    with the targets' own sources (the head keeps its cross-entropy term, weight
+    ``move_weight``), so the residual learns its part and not the head's mistakes.
 
     Returns:
         ``{"decoder_epochs", "decoder_train_pixel_mse", "decoder_val_pixel_mse",
@@ -377,21 +524,38 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
     if pixel_weight <= 0 or latent_weight < 0:
         raise ValueError(f"distill: pixel_weight must be > 0 and latent_weight >= 0, got {pixel_weight} and "
                          f"{latent_weight}")
+    from xlard.models import copy_cells
+
     data = corrector_data(corrector, data)
+    move = _move_check(corrector, data)
     n = data["z0"].shape[0]
     val, train_rows = _split(n, val_fraction, seed)
     device = corrector.head.weight.device
     t0 = time.perf_counter()
+
+    def start(rows) -> torch.Tensor:  # what the residual is added to: z0, or z0 with the targets' moves
+        z0 = data["z0"][rows]
+        return copy_cells(z0, data["source"][rows]) if move else z0
+
     with torch.no_grad():  # the edited images, as the decoder renders the targets
-        goal = torch.cat([decode((data["z0"][i:i + 64] + data["target"][i:i + 64]).to(device)).cpu()
+        goal = torch.cat([decode((start(slice(i, i + 64)) + data["target"][i:i + 64]).to(device)).cpu()
                           for i in range(0, n, 64)])
     per_epoch = max(1, len(train_rows) // batch_size)
     params, opt, sched = _optimiser(corrector, lr, weight_decay, epochs * per_epoch)
+    ce_terms: list[torch.Tensor] = []
 
     def losses(rows, zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         z0, target, tokens, mask, pooled = [data[f][rows].to(device) for f in _FIELDS]
-        mean = torch.zeros_like(z0) if zero else corrector(z0, tokens, pooled, mask)
-        pixel = (decode(z0 + mean) - goal[rows].to(device)).square().mean()
+        base = start(rows).to(device)
+        if zero:
+            mean = torch.zeros_like(z0)
+            base = z0
+        elif move:
+            mean, logits = corrector.distill_outputs(z0, tokens, pooled, mask)
+            ce_terms.append(_move_loss(logits, data["source"][rows].to(device)))
+        else:
+            mean = corrector(z0, tokens, pooled, mask)
+        pixel = (decode(base + mean) - goal[rows].to(device)).square().mean()
         return pixel, (mean - target).square().mean()
 
     def evaluate(rows) -> tuple[float, float, float]:
@@ -411,8 +575,10 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
         return sums[0] / len(rows), sums[2] / len(rows), r2
 
     def step_loss(rows):
+        ce_terms.clear()
         pixel, latent = losses(rows)
-        return pixel_weight * pixel + latent_weight * latent, pixel
+        loss = pixel_weight * pixel + latent_weight * latent
+        return (loss + move_weight * ce_terms[0] if ce_terms else loss), pixel
 
     def end_of_epoch(epoch: int, train_pixel: float) -> dict[str, float]:
         val_pixel, zero_pixel, r2 = evaluate(val)

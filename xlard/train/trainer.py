@@ -404,6 +404,13 @@ class Trainer:
         if self.cfg.distill.replace and float(self.cfg.backbone.correction_step) != 1.0:
             raise ValueError(f"distill.replace: replace targets need backbone.correction_step 1.0 (z0 must be the "
                              f"latent the VAE decodes), got {self.cfg.backbone.correction_step}")
+        if self.cfg.distill.move and float(self.cfg.backbone.correction_step) != 1.0:
+            raise ValueError(f"distill.move: moving latent cells needs backbone.correction_step 1.0 (the moved "
+                             f"latent must be the one the VAE decodes), got {self.cfg.backbone.correction_step}")
+        if self.cfg.distill.move != bool(self.corrector.config.move):
+            raise ValueError(f"distill.move is {self.cfg.distill.move} but the corrector's move head is "
+                             f"{'on' if self.corrector.config.move else 'off'}; set both "
+                             f"(distill.move and model.corrector_overrides move) the same")
         if self.cfg.distill.decoder_epochs > 0 and float(self.cfg.backbone.correction_step) != 1.0:
             raise ValueError(f"distill.decoder_epochs: the decoder-space fit needs backbone.correction_step 1.0 (the "
                              f"VAE decoder must be what turns the corrected latent into the image), got "
@@ -425,7 +432,8 @@ class Trainer:
         self._say(f"distill: {len(items)} training-split items ({d.items_per_tag} per tag), edit targets in {folder}")
         t0 = time.perf_counter()
         dl.build_dataset(self.backbone, model, items, folder, chunk=d.chunk, edit_config=d.edit_config(),
-                         progress=self.cfg.log.progress, replace=d.replace)
+                         progress=self.cfg.log.progress, replace=d.replace,
+                         move_margin=d.move_margin if d.move else None)
         data = dl.load_dataset(folder, len(items), d.chunk)
         # The shards' own build times (summed across an interrupted build and its resume); this
         # invocation's wall time for shards that predate the record.
@@ -435,7 +443,8 @@ class Trainer:
         edited = sum(1 for a in data["actions"] if a)
         stats = dl.fit_corrector(self.corrector, data, epochs=d.epochs, lr=d.lr, batch_size=d.batch_size,
                                  weight_decay=d.weight_decay, val_fraction=d.val_fraction, seed=self.cfg.seed,
-                                 log_path=folder / "metrics.jsonl", progress=self.cfg.log.progress)
+                                 log_path=folder / "metrics.jsonl", progress=self.cfg.log.progress,
+                                 move_weight=d.move_weight)
         if d.decoder_epochs > 0:
             self._say(f"distill: {d.decoder_epochs} decoder-space epochs (the corrected latent must decode to the "
                       f"edited image)")
@@ -443,7 +452,7 @@ class Trainer:
                 self.corrector, data, dl.vae_decoder(self.backbone), epochs=d.decoder_epochs, lr=d.decoder_lr,
                 batch_size=d.batch_size, weight_decay=d.weight_decay, val_fraction=d.val_fraction,
                 seed=self.cfg.seed, pixel_weight=d.decoder_pixel_weight, latent_weight=d.decoder_latent_weight,
-                log_path=folder / "metrics.jsonl", progress=self.cfg.log.progress))
+                log_path=folder / "metrics.jsonl", progress=self.cfg.log.progress, move_weight=d.move_weight))
         stats.update({"items": len(items), "items_edited": edited, "build_seconds": build_seconds})
         _io.atomic_write_text(folder / "summary.json", json.dumps(stats, indent=2) + "\n", owner="xlard train")
         if self.cfg.log.curve:
