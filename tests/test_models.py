@@ -557,32 +557,31 @@ def test_corrector_and_projector_compile_without_graph_breaks():
 
 def test_the_move_head_copies_cells_and_is_the_identity_at_initialisation(tmp_path):
     """CorrectorConfig.move: Delta = copy_cells(z0, sources) - z0 + residual; zero at init; saved and loaded."""
-    from xlard.models import copy_cells
+    from xlard.models import copy_cells, move_sources
 
     torch.manual_seed(0)
     cfg = CorrectorConfig.tiny(latent_channels=4, text_dim=8, pooled_dim=8, patch=2, width=16, depth=1, heads=2,
-                               cond_dim=8, move=True, move_dim=8)
+                               cond_dim=8, move=True, move_range=3)
     corrector = ResidualCorrector(cfg)
     z0, tokens, pooled = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 8), torch.randn(2, 8)
     with torch.no_grad():
         assert torch.equal(corrector(z0, tokens, pooled), torch.zeros_like(z0))
         assert torch.equal(corrector.sources(z0, tokens, pooled), torch.arange(64).expand(2, 64))
-        corrector.move_gate.weight.normal_()  # some cells open their gate and copy their best-scored source
+        corrector.move_label.weight.normal_(std=3.0)  # some cells become a subject's or an object's
         corrector.head.weight.normal_(std=0.1)
         src = corrector.sources(z0, tokens, pooled)
         assert (src != torch.arange(64)).any()
         residual, logits = corrector.distill_outputs(z0, tokens, pooled)
-        gate, scores = logits
-        assert gate.shape == (2, 64) and scores.shape == (2, 64, 64)
-        assert torch.equal(src, torch.where(gate > 0, scores.argmax(-1), torch.arange(64)))
-        assert not torch.any(src[gate > 0] == torch.arange(64).expand(2, 64)[gate > 0])  # a moving cell copies another
+        labels, shifts = logits
+        assert labels.shape == (2, 64, 3) and shifts.shape == (2, 2, 2, 7)
+        assert torch.equal(src, move_sources(labels.argmax(-1), shifts.argmax(-1) - 3, 8, 8))
         expected = copy_cells(z0, src) - z0 + residual
         torch.testing.assert_close(corrector(z0, tokens, pooled), expected)
         zc, _ = corrector.correct(z0, tokens, pooled, alpha=1.0)
         torch.testing.assert_close(zc, copy_cells(z0, src) + residual)
     corrector.save_pretrained(tmp_path / "c")
     again = ResidualCorrector.from_pretrained(tmp_path / "c")
-    assert again.config.move and again.config.move_dim == 8
+    assert again.config.move and again.config.move_range == 3
     with torch.no_grad():
         torch.testing.assert_close(again(z0, tokens, pooled), corrector(z0, tokens, pooled))
     plain = ResidualCorrector(cfg.replace(move=False))
@@ -590,6 +589,21 @@ def test_the_move_head_copies_cells_and_is_the_identity_at_initialisation(tmp_pa
     assert count_parameters(cfg) > count_parameters(cfg.replace(move=False))
     with pytest.raises(ValueError, match="move"):
         cfg.replace(move="yes")
+
+
+def test_move_sources_shift_the_labelled_cells_and_fill_what_they_leave():
+    from xlard.models import move_sources
+
+    labels = torch.zeros(1, 16, dtype=torch.int64)
+    labels[0, 5] = 1          # the subject at (1, 1)
+    labels[0, 14] = 2         # the object at (3, 2)
+    shifts = torch.tensor([[[0, 2], [-3, 0]]])  # subject two columns right, object three rows up
+    src = move_sources(labels, shifts, 4, 4)[0].view(4, 4)
+    assert src[1, 3] == 5 and src[0, 2] == 14              # the copies land at the shifted places
+    assert src[1, 1] != 5 and labels[0, src[1, 1]] == 0    # the cells they left copy an unlabelled cell
+    assert src[3, 2] != 14 and labels[0, src[3, 2]] == 0
+    assert torch.equal(move_sources(torch.zeros(2, 16, dtype=torch.int64), torch.zeros(2, 2, 2, dtype=torch.int64),
+                                    4, 4), torch.arange(16).repeat(2, 1))
 
 
 def test_copy_cells_gathers_and_checks_its_source_map():

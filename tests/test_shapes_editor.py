@@ -342,6 +342,11 @@ def test_move_plan_names_the_source_of_every_moved_cell():
     identity = torch.arange(16 * 16)
     assert (plan.sources[0] != identity).sum() > 0
     assert torch.equal(plan.latents, copy_cells(z, plan.sources))  # every changed cell is a copy
+    from xlard.models import move_sources
+
+    assert torch.equal(plan.sources, move_sources(plan.labels, plan.shifts, 16, 16))
+    assert plan.shifts[0, :, 0].tolist() == [0, 0] and plan.shifts[0, 0, 1] < 0 < plan.shifts[0, 1, 1]
+    assert set(plan.labels[0].unique().tolist()) == {0, 1, 2}
     # a holding relation: identity sources, latents unchanged
     z2, s2, c2 = _latent_scene(relation_ok=True)
     kept = move_plan(z2, s2, c2, [parse("a red circle left of a blue square")], CFG.shapes)

@@ -359,19 +359,21 @@ def test_replace_targets_land_on_the_edited_encoding_and_need_the_final_step(tmp
 
 
 def _shift_data(n: int, seed: int):
-    """Toy move targets on 8x8 latents: a 2x2 object (channel 0 = 2) somewhere in the left half must be copied
-    4 columns to the right; the cells it leaves copy the background cell beside them."""
+    """Toy move targets on 8x8 latents: a 2x2 object (channel 0 = 2) somewhere in the left half is the
+    subject, to be moved 4 columns to the right (no object slot); the cells it leaves copy a free neighbour."""
+    from xlard.models import move_sources
+
     g = torch.Generator().manual_seed(seed)
     z0 = 0.1 * torch.randn(n, 4, 8, 8, generator=g)
-    source = torch.arange(64).repeat(n, 1)
-    target = torch.zeros_like(z0)
+    labels = torch.zeros(n, 64, dtype=torch.int64)
+    shifts = torch.zeros(n, 2, 2, dtype=torch.int64)
     for i in range(n):
         y, x = int(torch.randint(0, 7, (1,), generator=g)), int(torch.randint(0, 3, (1,), generator=g))
         z0[i, 0, y:y + 2, x:x + 2] = 2.0
-        src = source[i].view(8, 8)
-        src[y:y + 2, x + 4:x + 6] = src[y:y + 2, x:x + 2].clone()
-        src[y:y + 2, x:x + 2] = src[y:y + 2, x + 2:x + 3]  # the vacated cells copy the free column beside them
-    return {"z0": z0, "target": target, "source": source, "tokens": torch.zeros(n, 1, 8),
+        labels[i].view(8, 8)[y:y + 2, x:x + 2] = 1
+        shifts[i, 0, 1] = 4
+    return {"z0": z0, "target": torch.zeros_like(z0), "source": move_sources(labels, shifts, 8, 8),
+            "move_labels": labels, "move_shifts": shifts, "tokens": torch.zeros(n, 1, 8),
             "mask": torch.ones(n, 1, dtype=torch.bool), "pooled": torch.zeros(n, 8)}
 
 
@@ -384,10 +386,11 @@ def test_the_move_head_learns_where_cells_come_from():
     data = _shift_data(256, 0)
     torch.manual_seed(0)
     corrector = ResidualCorrector(CorrectorConfig.tiny(latent_channels=4, text_dim=8, pooled_dim=8, patch=2, width=32,
-                                                       depth=2, heads=2, cond_dim=8, move=True, move_dim=16))
+                                                       depth=2, heads=2, cond_dim=8, move=True, move_range=7))
     common = dict(batch_size=16, weight_decay=0.0, val_fraction=0.25, seed=3, progress=False)
     stats = dl.fit_corrector(corrector, data, epochs=30, lr=3e-3, move_weight=1.0, **common)
-    assert stats["val_keep_acc"] > 0.98 and stats["val_move_acc"] > 0.9, stats
+    assert stats["val_none_cell_acc"] > 0.98 and stats["val_object_cell_acc"] > 0.9, stats
+    assert stats["val_shift_acc"] > 0.9, stats
     fresh = _shift_data(32, 1)
     with torch.no_grad():
         zc, _ = corrector.correct(fresh["z0"], fresh["tokens"], fresh["pooled"], fresh["mask"])
@@ -437,7 +440,7 @@ def test_a_move_run_writes_sources_and_exports_a_move_head(tmp_path, shapes_fina
     moved = shard["source"] != torch.arange(256)
     assert torch.all(shard["target"].permute(0, 2, 3, 1).reshape(4, 256, -1)[moved] == 0)
     stats = json.loads((out / "distill" / "summary.json").read_text())
-    assert "val_move_acc" in stats and 0.0 <= stats["val_keep_acc"] <= 1.0
+    assert "val_shift_acc" in stats and 0.0 <= stats["val_none_cell_acc"] <= 1.0
     corrector, _ = load_corrector_dir(summary["corrector"])
     assert corrector.config.move
 
@@ -457,6 +460,9 @@ def test_a_move_run_writes_sources_and_exports_a_move_head(tmp_path, shapes_fina
     assert torch.all(after["target"].permute(0, 2, 3, 1).reshape(4, 256, -1)[moved] == 0)
     kept = ~moved.view(4, 1, 16, 16).expand_as(after["target"])
     assert torch.equal(after["target"][kept], before["target"][kept])  # the editor's own targets stay
+    from xlard.models import move_sources
+
+    assert torch.equal(after["source"], move_sources(after["move_labels"], after["move_shifts"], 16, 16))
     with pytest.raises(ValueError, match="move targets"):
         dl.build_dataset(shapes_final, model, items, folder, chunk=4, progress=False)  # a move folder, no moves
     with pytest.raises(ValueError, match="move_margin"):

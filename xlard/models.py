@@ -45,6 +45,7 @@ __all__ = [
     "ASPECTS", "CorrectorConfig", "ProjectorConfig", "ResidualCorrector", "LatentRewardProjector",
     "CONDITIONINGS", "GaussianPolicy", "ProjectorOutput", "ProjectorLoss", "aspect_weights", "corrector_inputs",
     "field_inputs", "patchify", "unpatchify", "sincos_position_encoding", "count_parameters", "copy_cells",
+    "move_sources",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -201,16 +202,19 @@ class CorrectorConfig(_ConfigBase):
             ``text_dim`` wide) and a zero pooled embedding, so nothing identifies a
             prompt except its fields; see :func:`corrector_inputs`.
         move (bool): False (default): the correction is the residual head's output.
-            True: a *move head* as well: for every latent cell a gate says whether
-            its content comes from elsewhere (no cell moves at initialisation) and
-            attention scores over the other cells of ``z0`` say from where; the
-            correction becomes ``copy(z0) - z0 + residual``, where ``copy`` takes
-            each moving cell's best-scored source (hard choices). Moving an object across the image is
-            then a copy of its own latent cells instead of a residual that has to
-            paint it anew. The copy part carries no gradient: it is fitted on the
-            editor's move decisions (:mod:`xlard.train.distill`, ``distill.move``);
-            PPO adjusts the residual around it.
-        move_dim (int): width of the move head's queries and keys (default 32).
+            True: a *move head* as well, for a relation's two objects: every latent
+            cell is labelled none / subject / object (none everywhere at
+            initialisation) and each of the two gets one whole-cell shift per axis
+            (a class in ``[-move_range, move_range]``, read from its own cells'
+            features); the objects' cells of ``z0`` are copied to their shifted
+            places and each cell they leave copies the nearest unlabelled cell
+            (:func:`move_sources`). The correction becomes ``copy_cells(z0, sources)
+            - z0 + residual``. Moving an object across the image is then a copy of
+            its own latent cells instead of a residual that has to paint it anew.
+            The copy carries no gradient: the head is fitted on the editor's move
+            decisions (:mod:`xlard.train.distill`, ``distill.move``); PPO adjusts the
+            residual around it.
+        move_range (int): the largest shift of the move head, in latent cells (default 16).
 
     Example:
         >>> CorrectorConfig.paper().width
@@ -234,7 +238,7 @@ class CorrectorConfig(_ConfigBase):
     action_block: int = 1
     conditioning: str = "text"
     move: bool = False
-    move_dim: int = 32
+    move_range: int = 16
 
     def __post_init__(self):
         owner = "CorrectorConfig"
@@ -247,7 +251,7 @@ class CorrectorConfig(_ConfigBase):
         _check_real(owner, "log_std_init", self.log_std_init, -20.0, 5.0)
         _check_bool(owner, "value_shares_trunk", self.value_shares_trunk)
         _check_bool(owner, "move", self.move)
-        _check_int(owner, "move_dim", self.move_dim, maximum=4096)
+        _check_int(owner, "move_range", self.move_range, maximum=4096)
 
     @classmethod
     def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
@@ -789,6 +793,58 @@ def copy_cells(z: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return flat.gather(2, source.to(z.device, torch.int64)[:, None, :].expand(b, c, h * w)).reshape(b, c, h, w)
 
 
+def _shift_cells(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``t [H, W]`` moved by ``(dy, dx)`` cells, zero-filled (nothing wraps around)."""
+    out = torch.zeros_like(t)
+    h, w = t.shape
+    if abs(dy) < h and abs(dx) < w:
+        out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = t[max(-dy, 0):h - max(dy, 0),
+                                                                       max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
+def move_sources(labels: torch.Tensor, shifts: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Where every cell's content comes from when a relation's two objects move.
+
+    The cells labelled 1 (the subject) and 2 (the object) are copied to their
+    places shifted by ``shifts[:, k - 1]`` cells; every other cell they leave
+    copies the nearest cell with label 0 (the editor's rule,
+    :func:`xlard.shapes.editor.move_plan`); the object's copy is drawn over the
+    subject's where the two overlap.
+
+    Args:
+        labels (Tensor[B, H*W] integer): 0 none, 1 subject, 2 object.
+        shifts (Tensor[B, 2, 2] integer): per slot (subject, object), the shift in (rows, columns).
+        h, w: the latent's height and width.
+
+    Returns:
+        Tensor[B, H*W] int64: the flat source index of every cell (see :func:`copy_cells`).
+    """
+    b, n = labels.shape
+    index = torch.arange(n, device=labels.device).view(h, w)
+    out = index.flatten().repeat(b, 1)
+    grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).float().to(labels.device)
+    for i in range(b):
+        lab = labels[i].view(h, w)
+        left = lab > 0
+        if not left.any():
+            continue
+        src = index.clone()
+        free = ~left
+        if free.any():
+            near = torch.cdist(grid[left], grid[free]).argmin(1)
+            src[left] = index[free][near]
+        for k in (1, 2):
+            mask = lab == k
+            if not mask.any():
+                continue
+            dy, dx = int(shifts[i, k - 1, 0]), int(shifts[i, k - 1, 1])
+            dest = _shift_cells(mask, dy, dx)
+            src[dest] = _shift_cells(index, dy, dx)[dest]
+        out[i] = src.flatten()
+    return out
+
+
 def _blockwise(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
     """``x`` averaged over ``k x k`` blocks of its last two dims, times ``scale``, broadcast back."""
     if k == 1:
@@ -839,39 +895,35 @@ class ResidualCorrector(_Pretrained, nn.Module):
             nn.Linear(config.value_hidden, 1))
         self.value_head.apply(_init_linear)
         if config.move:
-            d = config.move_dim
-            # A gate per cell (move or keep; -4: keep, until the first update) and, for a cell that moves,
-            # attention scores over the other cells of z0 for where its content comes from.
-            self.move_gate = nn.Linear(config.width, p * p)
-            self.move_query = nn.Linear(config.width, d * p * p)
-            self.move_key = nn.Linear(config.width, d * p * p)
-            self.move_key_latent = nn.Linear(c, d)
-            for layer in (self.move_query, self.move_key, self.move_key_latent):
+            # Cell labels (none / subject / object; "none" until the first update), a pooling score per
+            # token and slot, and the two slots' shift classes per axis.
+            self.move_label = nn.Linear(config.width, 3 * p * p)
+            self.move_pool = nn.Linear(config.width, 2)
+            self.move_shift = nn.Linear(config.width, 2 * 2 * (2 * config.move_range + 1))
+            for layer in (self.move_pool, self.move_shift):
                 layer.apply(_init_linear)
-            nn.init.zeros_(self.move_gate.weight)
-            nn.init.constant_(self.move_gate.bias, -4.0)
+            nn.init.zeros_(self.move_label.weight)
+            with torch.no_grad():
+                self.move_label.bias.copy_(torch.tensor([4.0, 0.0, 0.0]).repeat_interleave(p * p))  # [C, p, p] order
 
     @property
     def _param(self) -> torch.Tensor:
         return self.head.weight
 
     def _move_logits(self, tokens, z0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(gate [B, N], source scores [B, N, N])`` for the N = H * W latent cells: ``gate > 0`` moves cell
-        ``i``, whose content then comes from the best-scored other cell of row ``i`` (its own cell scores -inf)."""
+        """``(labels [B, N, 3], shifts [B, 2, 2, 2R+1])``: each of the N = H * W cells' scores for none /
+        subject / object, and each slot's (subject, object) shift-class scores per axis (rows, columns)."""
         cfg = self.config
-        h, w, d = z0.shape[-2], z0.shape[-1], cfg.move_dim
-        gate = unpatchify(self.move_gate(tokens), 1, h, w, cfg.patch).flatten(1)
-        query = unpatchify(self.move_query(tokens), d, h, w, cfg.patch).flatten(2).transpose(1, 2)
-        key = unpatchify(self.move_key(tokens), d, h, w, cfg.patch).flatten(2).transpose(1, 2)
-        key = key + self.move_key_latent(z0.to(key.dtype).flatten(2).transpose(1, 2))
-        scores = query @ key.transpose(1, 2) / math.sqrt(d)
-        eye = torch.eye(h * w, device=scores.device, dtype=torch.bool)
-        return gate, scores.masked_fill(eye, float("-inf"))
+        h, w, r = z0.shape[-2], z0.shape[-1], cfg.move_range
+        labels = unpatchify(self.move_label(tokens), 3, h, w, cfg.patch).flatten(2).transpose(1, 2)
+        weights = torch.softmax(self.move_pool(tokens), dim=1)                   # [B, T, 2] over the tokens
+        pooled = torch.einsum("btk,btd->bkd", weights, tokens)                   # [B, 2, width]
+        shifts = self.move_shift(pooled).view(z0.shape[0], 2, 2, 2, 2 * r + 1)   # [B, slot, slot', axis, class]
+        shifts = torch.stack([shifts[:, 0, 0], shifts[:, 1, 1]], dim=1)          # each slot reads its own pool
+        return labels, shifts
 
-    @staticmethod
-    def _choose(gate: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        own = torch.arange(gate.shape[-1], device=gate.device)
-        return torch.where(gate > 0, scores.argmax(-1), own)
+    def _choose(self, labels: torch.Tensor, shifts: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return move_sources(labels.argmax(-1), shifts.argmax(-1) - self.config.move_range, h, w)
 
     def _residual(self, tokens, z0) -> torch.Tensor:
         cfg = self.config
@@ -882,7 +934,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
         """What the warm start fits: ``(residual [B, C, H, W], move)``.
 
         The residual is the correction without the move head's copy; ``move`` is
-        ``(gate logits [B, H*W], source scores [B, H*W, H*W])`` (own cell -inf),
+        ``(cell label scores [B, H*W, 3], shift-class scores [B, 2, 2, 2 * move_range + 1])``,
         or ``None`` for a corrector without a move head.
         """
         tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
@@ -901,7 +953,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
             n = z0.shape[-2] * z0.shape[-1]
             return torch.arange(n, device=z0.device).expand(z0.shape[0], n).clone()
         tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
-        return self._choose(*self._move_logits(tokens, z0))
+        return self._choose(*self._move_logits(tokens, z0), z0.shape[-2], z0.shape[-1])
 
     def _features(self, z0, text_tokens, pooled, text_mask):
         cfg, ref = self.config, self._param
@@ -918,7 +970,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
     def _delta(self, tokens, z0) -> torch.Tensor:
         delta = self._residual(tokens, z0)
         if self.config.move:
-            moved = copy_cells(z0.to(delta.dtype), self._choose(*self._move_logits(tokens, z0)))
+            sources = self._choose(*self._move_logits(tokens, z0), z0.shape[-2], z0.shape[-1])
+            moved = copy_cells(z0.to(delta.dtype), sources)
             delta = delta + (moved - z0.to(delta.dtype))
         return delta
 

@@ -536,11 +536,17 @@ class MovedBatch:
             it copies (its own index where nothing moved), so that
             ``latents == copy_cells(z0, sources)``.
         actions (list[list[str]]): what was moved, per latent.
+        labels (Tensor[B, h*w] int64): the cells of the moved relation's subject (1) and
+            object (2), 0 elsewhere; what a corrector's move head learns to label.
+        shifts (Tensor[B, 2, 2] int64): the subject's and the object's shift in (rows, columns)
+            cells; ``sources == xlard.models.move_sources(labels, shifts, h, w)``.
     """
 
     latents: torch.Tensor
     sources: torch.Tensor
     actions: list[list[str]] = field(default_factory=list)
+    labels: torch.Tensor | None = None
+    shifts: torch.Tensor | None = None
 
 
 def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch.Tensor, specs: Sequence[Any],
@@ -551,8 +557,9 @@ def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch
     confident found objects; a relation that does not hold by ``margin`` pixels
     sends them to a quarter and three quarters of its axis), carried out on the
     latent: each object's cells of ``z0`` are copied, shifted by a whole number
-    of cells, and each cell they left copies the nearest cell where the color map
-    finds no object (nothing is invented: every changed cell is a copy). The objects keep their own look, since the
+    of cells, and each cell they left copies the nearest cell of neither object
+    (nothing is invented: every changed cell is a copy; :func:`xlard.models.move_sources`).
+    One relation per prompt (the first that needs a move). The objects keep their own look, since the
     decoder sees the sample's own latent, only elsewhere: a measure of what a
     corrector that can move latent content (rather than paint a residual) could
     do for relations (``scripts/measure_edit_ceiling.py --latent-move``), and the
@@ -561,7 +568,8 @@ def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch
     Args:
         z0 (Tensor[B, C, h, w]): the final latents the images were decoded from.
         shape_probs (Tensor[B, S, H, W]), color_probs (Tensor[B, 1 + C', H, W]):
-            the understanding model's maps of the decoded images (H a multiple of h).
+            the understanding model's maps of the decoded images (H a multiple of h;
+            the color maps are only checked for their size).
         specs: one prompt spec per latent.
         shapes: the model's shape vocabulary (``config.shapes``).
         margin: pixels by which a relation must hold to be left as it is.
@@ -593,11 +601,12 @@ def move_plan(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch.Te
                          f"must share one size, a multiple of the latent's {(lh, lw)}")
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 1:
         raise ValueError(f"move_latents: margin must be an int >= 1, got {margin!r}")
+    from xlard.models import copy_cells, move_sources
+
     factor = h // lh
-    sp, cp = shape_probs.detach().float().cpu().numpy(), color_probs.detach().float().cpu().numpy()
-    out = z0.detach().clone()
-    index = torch.arange(lh * lw).view(lh, lw)
-    sources = index.flatten().repeat(b, 1)
+    sp = shape_probs.detach().float().cpu().numpy()
+    labels = torch.zeros(b, lh * lw, dtype=torch.int64)
+    shifts = torch.zeros(b, 2, 2, dtype=torch.int64)
     actions: list[list[str]] = []
     for i, spec in enumerate(specs):
         acts: list[str] = []
@@ -615,27 +624,14 @@ def move_plan(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch.Te
             if move is None:
                 continue
             axis, targets = move
-            z = out[i]
-            before = sources[i].view(lh, lw).clone()  # where the cells of out[i] came from, before this relation
-            src = before.clone()
-            cells = [_latent_cells(a, factor), _latent_cells(o, factor)]
-            occupied = _latent_cells(cp[i, 0] < 0.5, factor)
-            moved = z.clone()
-            left = cells[0] | cells[1]
-            free = ~occupied & ~left
-            if free.any():  # each cell an object leaves copies the nearest cell with no object
-                grid = torch.stack(torch.meshgrid(torch.arange(lh), torch.arange(lw), indexing="ij"), -1).float()
-                near = torch.cdist(grid[left], grid[free]).argmin(1)
-                moved[:, left] = z[:, free][:, near]
-                src[left] = before[free][near]
-            for mask, c, centre in ((a, cells[0], targets[0]), (o, cells[1], targets[1])):
-                shift = int(round((centre - _centre(mask)[axis]) / factor))
-                dest = _shift(c, shift, axis)
-                moved[:, dest] = _shift(z * c, shift, 1 + axis)[:, dest]
-                src[dest] = _shift(before, shift, axis)[dest]
-            out[i] = moved
-            sources[i] = src.flatten()
+            lab = labels[i].view(lh, lw)
+            for k, (mask, centre) in enumerate(((a, targets[0]), (o, targets[1]))):
+                lab[_latent_cells(mask, factor)] = k + 1
+                shifts[i, k, axis] = int(round((centre - _centre(mask)[axis]) / factor))
             acts.append(f"moved {spec.entities[rel.subject].noun} {rel.relation.replace('_', ' ')} "
                         f"{spec.entities[rel.object].noun} in the latent")
+            break  # one relation per prompt: the move head has one subject and one object
         actions.append(acts)
-    return MovedBatch(out, sources, actions)
+    sources = move_sources(labels, shifts, lh, lw)
+    out = copy_cells(z0.detach(), sources.to(z0.device))
+    return MovedBatch(out, sources, actions, labels, shifts)

@@ -239,6 +239,7 @@ def _add_move_targets(shard: dict, model, images: torch.Tensor, specs: Sequence,
                | (plan.latents != z0).any(dim=1, keepdim=True))
     shard["target"] = torch.where(touched, plan.latents - copy_cells(z0, plan.sources), shard["target"])
     shard["source"] = plan.sources
+    shard["move_labels"], shard["move_shifts"] = plan.labels, plan.shifts
     shard["actions"] = [list(a) + list(m) for a, m in zip(shard["actions"], plan.actions)]
     shard["move_margin"] = int(margin)
 
@@ -249,7 +250,7 @@ def _upgrade_shards(backbone, model, folder: Path, n_shards: int, margin: int, p
     from xlard.prompts import parse
 
     todo = [k for k in range(n_shards)
-            if "source" not in torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)]
+            if "move_labels" not in torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)]
     if not todo:
         return
     decode = vae_decoder(backbone)
@@ -290,8 +291,9 @@ def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]
         return out
 
     data = {f: torch.cat([pad(s[f]) if f in ("tokens", "mask") else s[f] for s in shards]) for f in _FIELDS}
-    if all("source" in s for s in shards):
-        data["source"] = torch.cat([s["source"] for s in shards])
+    for key in ("source", "move_labels", "move_shifts"):
+        if all(key in s for s in shards):
+            data[key] = torch.cat([s[key] for s in shards])
     data["tags"] = [tag for s in shards for tag in s["tags"]]
     data["actions"] = [a for s in shards for a in s["actions"]]
     data["prompts"] = [p for s in shards for p in s.get("prompts", [None] * len(s["tags"]))]
@@ -325,7 +327,7 @@ def corrector_data(corrector, data: dict[str, Any]) -> dict[str, Any]:
 def _move_check(corrector, data: dict[str, Any]) -> bool:
     """Whether the fit trains a move head; raises when the corrector and the targets disagree about it."""
     has_head = bool(getattr(getattr(corrector, "config", None), "move", False))
-    has_source = "source" in data
+    has_source = "source" in data and "move_labels" in data and "move_shifts" in data
     if has_head and not has_source:
         raise ValueError("distill: the corrector has a move head (model.corrector_overrides move: true) but the edit "
                          "targets have no move targets; set distill.move: true")
@@ -335,32 +337,37 @@ def _move_check(corrector, data: dict[str, Any]) -> bool:
     return has_head
 
 
-#: Weight of a moving cell in the move gate's binary cross-entropy (a kept cell weighs 1): few cells move
-#: (about one in fifty of the shapes targets), and a gate that never opens moves nothing.
-MOVE_GATE_POS_WEIGHT = 3.0
+#: Weight of a subject or object cell in the move head's cell-label cross-entropy (a "none" cell weighs 1):
+#: few cells belong to a moved object (about one in fifty of the shapes targets).
+MOVE_LABEL_WEIGHT = 3.0
 
 
-def _move_loss(move: tuple[torch.Tensor, torch.Tensor], source: torch.Tensor) -> torch.Tensor:
-    """The move head's loss: the gate's binary cross-entropy (move or keep; moving cells weighted by
-    :data:`MOVE_GATE_POS_WEIGHT`) over all cells, plus the source scores' cross-entropy over the cells that move."""
-    gate, scores = move
-    n = gate.shape[-1]
-    moved = source != torch.arange(n, device=source.device)
-    loss = F.binary_cross_entropy_with_logits(gate.float(), moved.float(),
-                                              pos_weight=torch.tensor(MOVE_GATE_POS_WEIGHT, device=gate.device))
-    if moved.any():
-        loss = loss + F.cross_entropy(scores[moved].float(), source[moved])
+def _move_loss(move: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, shifts: torch.Tensor,
+               move_range: int) -> torch.Tensor:
+    """The move head's loss: the cells' label cross-entropy (none / subject / object; the two objects'
+    cells weighted by :data:`MOVE_LABEL_WEIGHT`) plus, on items with a move, the shift classes' cross-entropy."""
+    label_scores, shift_scores = move
+    weight = torch.tensor([1.0, MOVE_LABEL_WEIGHT, MOVE_LABEL_WEIGHT], device=label_scores.device)
+    loss = F.cross_entropy(label_scores.reshape(-1, 3).float(), labels.reshape(-1), weight=weight)
+    moving = (labels > 0).any(-1)
+    if moving.any():
+        target = shifts[moving].clamp(-move_range, move_range) + move_range
+        loss = loss + F.cross_entropy(shift_scores[moving].reshape(-1, 2 * move_range + 1).float(),
+                                      target.reshape(-1))
     return loss
 
 
-def _move_accuracy(move: tuple[torch.Tensor, torch.Tensor], source: torch.Tensor) -> tuple[int, int, int, int]:
-    """(moved cells given their right source, moved cells, kept cells kept, kept cells) of the head's hard choice."""
-    from xlard.models import ResidualCorrector
-
-    n = source.shape[-1]
-    right = ResidualCorrector._choose(*move) == source
-    moved = source != torch.arange(n, device=source.device)
-    return int((right & moved).sum()), int(moved.sum()), int((right & ~moved).sum()), int((~moved).sum())
+def _move_accuracy(move: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, shifts: torch.Tensor,
+                   move_range: int) -> tuple[int, int, int, int, int, int]:
+    """(object cells labelled right, object cells, none cells right, none cells, shifts right, shifts) of the
+    head's hard choices (a shift is one slot's one axis on an item with a move)."""
+    label_scores, shift_scores = move
+    right = label_scores.argmax(-1) == labels
+    obj = labels > 0
+    moving = obj.any(-1)
+    shift_right = (shift_scores.argmax(-1) - move_range == shifts)[moving]
+    return (int((right & obj).sum()), int(obj.sum()), int((right & ~obj).sum()), int((~obj).sum()),
+            int(shift_right.sum()), int(shift_right.numel()))
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,13 +397,14 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
     A seeded ``val_fraction`` of the items is held back to report how much of the
     targets' variance the corrector explains on items it did not fit (``val_r2``).
     A corrector with a move head (``CorrectorConfig.move``) regresses its residual
-    onto the targets and fits the head's logits to the targets' ``source`` maps
-    (cross-entropy, weight ``move_weight``); ``val_move_acc`` / ``val_keep_acc``
-    are the held-back cells whose hard choice is right, among moved / kept cells.
+    onto the targets and fits the head's cell labels and shifts to the targets'
+    (``move_labels``, ``move_shifts``; cross-entropy, weight ``move_weight``);
+    ``val_object_cell_acc`` / ``val_none_cell_acc`` / ``val_shift_acc`` are the
+    held-back objects' cells, other cells and shifts the head gets right.
 
     Returns:
         ``{"train_mse", "val_mse", "val_zero_mse", "val_r2", "epochs", "seconds"}``
-        (and ``"val_move_acc"``, ``"val_keep_acc"`` with a move head).
+        (and the three accuracies with a move head).
     """
     data = corrector_data(corrector, data)
     move = _move_check(corrector, data)
@@ -413,17 +421,18 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
         z0, target, tokens, mask, pooled = batch(rows)
         if not move:
             return (corrector(z0, tokens, pooled, mask) - target).square().mean(), None, ()
-        residual, logits = corrector.distill_outputs(z0, tokens, pooled, mask)
-        source = data["source"][rows].to(device)
-        return ((residual - target).square().mean(), _move_loss(logits, source),
-                _move_accuracy(tuple(t.detach() for t in logits), source))
+        residual, move_scores = corrector.distill_outputs(z0, tokens, pooled, mask)
+        labels, shifts = data["move_labels"][rows].to(device), data["move_shifts"][rows].to(device)
+        r = corrector.config.move_range
+        return ((residual - target).square().mean(), _move_loss(move_scores, labels, shifts, r),
+                _move_accuracy(tuple(t.detach() for t in move_scores), labels, shifts, r))
 
     def step_loss(rows):
         mse, ce, _ = losses(rows)
         return (mse if ce is None else mse + move_weight * ce), mse
 
     def evaluate(rows) -> tuple[float, float, list[int]]:
-        counts = [0, 0, 0, 0]
+        counts = [0] * 6
         if len(rows) == 0:
             return float("nan"), float("nan"), counts
         corrector.eval()
@@ -432,7 +441,7 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
             for i in range(0, len(rows), 256):
                 mse, _, acc = losses(rows[i:i + 256])
                 total_mse += float(mse) * len(rows[i:i + 256])
-                counts = [a + b for a, b in zip(counts, acc or (0, 0, 0, 0))]
+                counts = [a + b for a, b in zip(counts, acc or (0,) * 6)]
             zero = float(data["target"][rows].square().mean())
         return total_mse / len(rows), zero, counts
 
@@ -443,8 +452,8 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
         row = {"epoch": epoch + 1, "train_mse": train_mse, "val_mse": val_mse, "val_zero_mse": zero,
                "val_r2": 1.0 - val_mse / zero if zero > 0 else float("nan"), "seconds": time.perf_counter() - t0}
         if move:
-            row["val_move_acc"] = counts[0] / counts[1] if counts[1] else float("nan")
-            row["val_keep_acc"] = counts[2] / counts[3] if counts[3] else float("nan")
+            for name, k in (("val_object_cell_acc", 0), ("val_none_cell_acc", 2), ("val_shift_acc", 4)):
+                row[name] = counts[k] / counts[k + 1] if counts[k + 1] else float("nan")
         return row
 
     row = _epochs(corrector, params, opt, sched, train_rows, epochs=epochs, batch_size=batch_size,
@@ -551,8 +560,9 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
             mean = torch.zeros_like(z0)
             base = z0
         elif move:
-            mean, logits = corrector.distill_outputs(z0, tokens, pooled, mask)
-            ce_terms.append(_move_loss(logits, data["source"][rows].to(device)))
+            mean, move_scores = corrector.distill_outputs(z0, tokens, pooled, mask)
+            ce_terms.append(_move_loss(move_scores, data["move_labels"][rows].to(device),
+                                       data["move_shifts"][rows].to(device), corrector.config.move_range))
         else:
             mean = corrector(z0, tokens, pooled, mask)
         pixel = (decode(base + mean) - goal[rows].to(device)).square().mean()
