@@ -557,7 +557,7 @@ def test_corrector_and_projector_compile_without_graph_breaks():
 
 def test_the_move_head_copies_cells_and_is_the_identity_at_initialisation(tmp_path):
     """CorrectorConfig.move: Delta = copy_cells(z0, sources) - z0 + residual; zero at init; saved and loaded."""
-    from xlard.models import copy_cells, move_sources
+    from xlard.models import copy_cells, largest_parts, move_sources
 
     torch.manual_seed(0)
     cfg = CorrectorConfig.tiny(latent_channels=4, text_dim=8, pooled_dim=8, patch=2, width=16, depth=1, heads=2,
@@ -574,7 +574,7 @@ def test_the_move_head_copies_cells_and_is_the_identity_at_initialisation(tmp_pa
         residual, logits = corrector.distill_outputs(z0, tokens, pooled)
         labels, shifts = logits
         assert labels.shape == (2, 64, 3) and shifts.shape == (2, 2, 2, 7)
-        assert torch.equal(src, move_sources(labels.argmax(-1), shifts.argmax(-1) - 3, 8, 8))
+        assert torch.equal(src, move_sources(largest_parts(labels.argmax(-1), 8, 8), shifts.argmax(-1) - 3, 8, 8))
         expected = copy_cells(z0, src) - z0 + residual
         torch.testing.assert_close(corrector(z0, tokens, pooled), expected)
         zc, _ = corrector.correct(z0, tokens, pooled, alpha=1.0)
@@ -604,6 +604,17 @@ def test_move_sources_shift_the_labelled_cells_and_fill_what_they_leave():
     assert src[3, 2] != 14 and labels[0, src[3, 2]] == 0
     assert torch.equal(move_sources(torch.zeros(2, 16, dtype=torch.int64), torch.zeros(2, 2, 2, dtype=torch.int64),
                                     4, 4), torch.arange(16).repeat(2, 1))
+
+
+def test_largest_parts_keeps_one_connected_part_per_label():
+    from xlard.models import largest_parts
+
+    labels = torch.zeros(2, 16, dtype=torch.int64)
+    labels[0, [0, 1, 4, 15]] = 1   # a part of three cells and a stray cell
+    labels[0, 10] = 2
+    kept = largest_parts(labels, 4, 4)
+    assert kept[0].nonzero().flatten().tolist() == [0, 1, 4, 10] and kept[0, 10] == 2
+    assert torch.equal(kept[1], labels[1])
 
 
 def test_copy_cells_gathers_and_checks_its_source_map():

@@ -45,7 +45,7 @@ __all__ = [
     "ASPECTS", "CorrectorConfig", "ProjectorConfig", "ResidualCorrector", "LatentRewardProjector",
     "CONDITIONINGS", "GaussianPolicy", "ProjectorOutput", "ProjectorLoss", "aspect_weights", "corrector_inputs",
     "field_inputs", "patchify", "unpatchify", "sincos_position_encoding", "count_parameters", "copy_cells",
-    "move_sources",
+    "move_sources", "largest_parts",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -208,7 +208,8 @@ class CorrectorConfig(_ConfigBase):
             (a class in ``[-move_range, move_range]``, read from its own cells'
             features); the objects' cells of ``z0`` are copied to their shifted
             places and each cell they leave copies the nearest unlabelled cell
-            (:func:`move_sources`). The correction becomes ``copy_cells(z0, sources)
+            (:func:`move_sources`; each label kept on its largest connected part,
+            :func:`largest_parts`). The correction becomes ``copy_cells(z0, sources)
             - z0 + residual``. Moving an object across the image is then a copy of
             its own latent cells instead of a residual that has to paint it anew.
             The copy carries no gradient: the head is fitted on the editor's move
@@ -803,6 +804,29 @@ def _shift_cells(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out
 
 
+def largest_parts(labels: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``labels [B, H*W]`` with each nonzero label kept only on its largest 8-connected part (the rest: 0).
+
+    A move head labels one object per slot; stray cells of a label elsewhere would
+    otherwise be carried along as fragments.
+    """
+    out = torch.zeros_like(labels)
+    grid = labels.view(-1, h, w)
+    for k in (1, 2):
+        mask = grid == k
+        if not mask.any():
+            continue
+        parts, _ = xops.label_components(mask.to(torch.uint8), connectivity=8)
+        parts = parts.view(parts.shape[0], -1).long()
+        sizes = torch.zeros(parts.shape[0], int(parts.max()) + 1, dtype=torch.long, device=parts.device)
+        sizes.scatter_add_(1, parts, torch.ones_like(parts))
+        sizes[:, 0] = 0
+        best = sizes.argmax(1, keepdim=True)
+        keep = (parts == best) & (best > 0)
+        out[keep] = k
+    return out
+
+
 def move_sources(labels: torch.Tensor, shifts: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Where every cell's content comes from when a relation's two objects move.
 
@@ -923,7 +947,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
         return labels, shifts
 
     def _choose(self, labels: torch.Tensor, shifts: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        return move_sources(labels.argmax(-1), shifts.argmax(-1) - self.config.move_range, h, w)
+        return move_sources(largest_parts(labels.argmax(-1), h, w), shifts.argmax(-1) - self.config.move_range, h, w)
 
     def _residual(self, tokens, z0) -> torch.Tensor:
         cfg = self.config
