@@ -604,6 +604,12 @@ def test_move_sources_shift_the_labelled_cells_and_fill_what_they_leave():
     assert src[3, 2] != 14 and labels[0, src[3, 2]] == 0
     assert torch.equal(move_sources(torch.zeros(2, 16, dtype=torch.int64), torch.zeros(2, 2, 2, dtype=torch.int64),
                                     4, 4), torch.arange(16).repeat(2, 1))
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        move_sources(labels.float(), shifts, 4, 4)
+    with pytest.raises(ValueError, match="shifts must be an integer tensor"):
+        move_sources(labels, shifts[:, :1], 4, 4)
+    with pytest.raises(ValueError, match="labels must be 0"):
+        move_sources(labels * 2, shifts, 4, 4)
 
 
 def test_largest_parts_keeps_one_connected_part_per_label():

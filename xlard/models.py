@@ -843,7 +843,21 @@ def move_sources(labels: torch.Tensor, shifts: torch.Tensor, h: int, w: int) -> 
 
     Returns:
         Tensor[B, H*W] int64: the flat source index of every cell (see :func:`copy_cells`).
+
+    Raises:
+        ValueError: labels or shifts of the wrong shape or type, or labels outside 0..2.
     """
+    if (not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[1] != h * w
+            or labels.is_floating_point()):
+        raise ValueError(f"move_sources: labels must be an integer tensor [B, {h * w}], got "
+                         f"{getattr(labels, 'shape', type(labels).__name__)}")
+    if (not isinstance(shifts, torch.Tensor) or tuple(shifts.shape) != (labels.shape[0], 2, 2)
+            or shifts.is_floating_point()):
+        raise ValueError(f"move_sources: shifts must be an integer tensor [{labels.shape[0]}, 2, 2], got "
+                         f"{getattr(shifts, 'shape', type(shifts).__name__)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 2):
+        raise ValueError(f"move_sources: labels must be 0 (none), 1 (subject) or 2 (object), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
     b, n = labels.shape
     index = torch.arange(n, device=labels.device).view(h, w)
     out = index.flatten().repeat(b, 1)

@@ -508,18 +508,6 @@ def edit_targets(encode: Any, images: torch.Tensor, edited: EditedBatch, latent_
     return (mask.to(diff.dtype) * diff).float()
 
 
-def _shift(t: torch.Tensor, shift: int, dim: int) -> torch.Tensor:
-    """``t`` moved by ``shift`` along ``dim``, zero-filled (nothing wraps around)."""
-    out = torch.zeros_like(t)
-    n = t.shape[dim]
-    if abs(shift) < n:
-        if shift >= 0:
-            out.narrow(dim, shift, n - shift).copy_(t.narrow(dim, 0, n - shift))
-        else:
-            out.narrow(dim, 0, n + shift).copy_(t.narrow(dim, -shift, n + shift))
-    return out
-
-
 def _latent_cells(mask: np.ndarray, factor: int) -> torch.Tensor:
     """The latent cells under an image mask (grown by a pixel, then by one cell): bool [h, w]."""
     t = torch.from_numpy(_dilate(mask, 1).astype(np.float32))[None, None]
