@@ -572,7 +572,8 @@ def test_the_move_head_copies_cells_and_is_the_identity_at_initialisation(tmp_pa
         src = corrector.sources(z0, tokens, pooled)
         assert (src != torch.arange(64)).any()
         residual, logits = corrector.distill_outputs(z0, tokens, pooled)
-        labels, shifts = logits
+        labels, shifts, nouns = logits
+        assert nouns is None  # no auxiliary noun head (move_nouns 0)
         assert labels.shape == (2, 64, 3) and shifts.shape == (2, 2, 2, 7)
         assert torch.equal(src, move_sources(largest_parts(labels.argmax(-1), 8, 8), shifts.argmax(-1) - 3, 8, 8))
         expected = copy_cells(z0, src) - z0 + residual

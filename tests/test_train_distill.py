@@ -399,6 +399,14 @@ def test_the_move_head_learns_where_cells_come_from():
     # The decoder-space fit adds the residual to the targets' own moves (a toy decoder: the identity).
     more = dl.fit_corrector_decoded(corrector, data, lambda z: z, epochs=1, lr=1e-3, move_weight=1.0, **common)
     assert more["decoder_val_pixel_mse"] < more["decoder_val_zero_pixel_mse"]
+    # An auxiliary noun head (move_nouns) is fitted too, on the targets' nouns; it needs them.
+    nouns = ResidualCorrector(corrector.config.replace(move_nouns=1))
+    with_nouns = {**data, "move_nouns": (data["move_labels"] > 0).long()}
+    before = nouns.move_noun.weight.detach().clone()
+    dl.fit_corrector(nouns, with_nouns, epochs=1, lr=1e-3, **common)
+    assert not torch.equal(nouns.move_noun.weight, before)
+    with pytest.raises(ValueError, match="name no nouns"):
+        dl.fit_corrector(nouns, data, epochs=1, lr=1e-3, **common)
     # A move head needs move targets, and move targets a move head.
     plain = ResidualCorrector(corrector.config.replace(move=False))
     with pytest.raises(ValueError, match="has no move head"):
@@ -437,6 +445,8 @@ def test_a_move_run_writes_sources_and_exports_a_move_head(tmp_path, shapes_fina
     summary = train(config(out, model=heads, distill={"move": True, "fix_position": False}), backbone=shapes_final)
     shard = torch.load(out / "distill" / "data-0000.pt", weights_only=False)
     assert shard["source"].shape == (4, 256) and shard["move_margin"] == 64
+    assert shard["move_nouns"].shape == (4, 256) and 0 <= int(shard["move_nouns"].min())
+    assert int(shard["move_nouns"].max()) <= 4 and (shard["move_nouns"] > 0).any()
     moved = shard["source"] != torch.arange(256)
     assert torch.all(shard["target"].permute(0, 2, 3, 1).reshape(4, 256, -1)[moved] == 0)
     stats = json.loads((out / "distill" / "summary.json").read_text())

@@ -216,6 +216,10 @@ class CorrectorConfig(_ConfigBase):
             decisions (:mod:`xlard.train.distill`, ``distill.move``); PPO adjusts the
             residual around it.
         move_range (int): the largest shift of the move head, in latent cells (default 16).
+        move_nouns (int): 0 (default), or the number of nouns of an auxiliary
+            head, fitted alongside the move head, that names the noun under every
+            latent cell (none or one of ``move_nouns``): a second task for the trunk,
+            for telling the relation's subject from its object. Unused at inference.
 
     Example:
         >>> CorrectorConfig.paper().width
@@ -240,6 +244,7 @@ class CorrectorConfig(_ConfigBase):
     conditioning: str = "text"
     move: bool = False
     move_range: int = 16
+    move_nouns: int = 0
 
     def __post_init__(self):
         owner = "CorrectorConfig"
@@ -253,6 +258,7 @@ class CorrectorConfig(_ConfigBase):
         _check_bool(owner, "value_shares_trunk", self.value_shares_trunk)
         _check_bool(owner, "move", self.move)
         _check_int(owner, "move_range", self.move_range, maximum=4096)
+        _check_int(owner, "move_nouns", self.move_nouns, minimum=0, maximum=4096)
 
     @classmethod
     def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
@@ -940,6 +946,9 @@ class ResidualCorrector(_Pretrained, nn.Module):
             self.move_shift = nn.Linear(config.width, 2 * 2 * (2 * config.move_range + 1))
             for layer in (self.move_pool, self.move_shift):
                 layer.apply(_init_linear)
+            if config.move_nouns:
+                self.move_noun = nn.Linear(config.width, (config.move_nouns + 1) * p * p)
+                self.move_noun.apply(_init_linear)
             nn.init.zeros_(self.move_label.weight)
             with torch.no_grad():
                 self.move_label.bias.copy_(torch.tensor([4.0, 0.0, 0.0]).repeat_interleave(p * p))  # [C, p, p] order
@@ -951,6 +960,10 @@ class ResidualCorrector(_Pretrained, nn.Module):
     def _move_logits(self, tokens, z0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(labels [B, N, 3], shifts [B, 2, 2, 2R+1])``: each of the N = H * W cells' scores for none /
         subject / object, and each slot's (subject, object) shift-class scores per axis (rows, columns)."""
+        return self._move_scores(tokens, z0)[:2]
+
+    def _move_scores(self, tokens, z0) -> tuple:
+        """:meth:`_move_logits` and the auxiliary noun scores ``[B, N, move_nouns + 1]`` (None without that head)."""
         cfg = self.config
         h, w, r = z0.shape[-2], z0.shape[-1], cfg.move_range
         labels = unpatchify(self.move_label(tokens), 3, h, w, cfg.patch).flatten(2).transpose(1, 2)
@@ -958,7 +971,10 @@ class ResidualCorrector(_Pretrained, nn.Module):
         pooled = torch.einsum("btk,btd->bkd", weights, tokens)                   # [B, 2, width]
         shifts = self.move_shift(pooled).view(z0.shape[0], 2, 2, 2, 2 * r + 1)   # [B, slot, slot', axis, class]
         shifts = torch.stack([shifts[:, 0, 0], shifts[:, 1, 1]], dim=1)          # each slot reads its own pool
-        return labels, shifts
+        nouns = None
+        if cfg.move_nouns:
+            nouns = unpatchify(self.move_noun(tokens), cfg.move_nouns + 1, h, w, cfg.patch).flatten(2).transpose(1, 2)
+        return labels, shifts, nouns
 
     def _choose(self, labels: torch.Tensor, shifts: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return move_sources(largest_parts(labels.argmax(-1), h, w), shifts.argmax(-1) - self.config.move_range, h, w)
@@ -972,11 +988,11 @@ class ResidualCorrector(_Pretrained, nn.Module):
         """What the warm start fits: ``(residual [B, C, H, W], move)``.
 
         The residual is the correction without the move head's copy; ``move`` is
-        ``(cell label scores [B, H*W, 3], shift-class scores [B, 2, 2, 2 * move_range + 1])``,
-        or ``None`` for a corrector without a move head.
+        ``(cell label scores [B, H*W, 3], shift-class scores [B, 2, 2, 2 * move_range + 1],
+        noun scores [B, H*W, move_nouns + 1] or None)``, or ``None`` for a corrector without a move head.
         """
         tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
-        logits = self._move_logits(tokens, z0) if self.config.move else None
+        logits = self._move_scores(tokens, z0) if self.config.move else None
         return self._residual(tokens, z0), logits
 
     def sources(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:

@@ -240,7 +240,14 @@ def _add_move_targets(shard: dict, model, images: torch.Tensor, specs: Sequence,
     shard["target"] = torch.where(touched, plan.latents - copy_cells(z0, plan.sources), shard["target"])
     shard["source"] = plan.sources
     shard["move_labels"], shard["move_shifts"] = plan.labels, plan.shifts
-    shard["actions"] = [list(a) + list(m) for a, m in zip(shard["actions"], plan.actions)]
+    # The noun under each latent cell (0: none; 1 + index in model.config.shapes): the mean shape
+    # probability over the cell's pixels, where it is above 0.3 (for CorrectorConfig.move_nouns).
+    factor = maps.shape_probs.shape[-1] // z0.shape[-1]
+    cell = F.avg_pool2d(maps.shape_probs.float().cpu(), factor)
+    best, noun = cell.max(1)
+    shard["move_nouns"] = torch.where(best > 0.3, noun + 1, torch.zeros_like(noun)).flatten(1)
+    shard["actions"] = [[x for x in a if not x.endswith(" in the latent")] + list(m)  # again: no repeats
+                        for a, m in zip(shard["actions"], plan.actions)]
     shard["move_margin"] = int(margin)
 
 
@@ -250,7 +257,7 @@ def _upgrade_shards(backbone, model, folder: Path, n_shards: int, margin: int, p
     from xlard.prompts import parse
 
     todo = [k for k in range(n_shards)
-            if "move_labels" not in torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)]
+            if "move_nouns" not in torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)]
     if not todo:
         return
     decode = vae_decoder(backbone)
@@ -291,7 +298,7 @@ def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]
         return out
 
     data = {f: torch.cat([pad(s[f]) if f in ("tokens", "mask") else s[f] for s in shards]) for f in _FIELDS}
-    for key in ("source", "move_labels", "move_shifts"):
+    for key in ("source", "move_labels", "move_shifts", "move_nouns"):
         if all(key in s for s in shards):
             data[key] = torch.cat([s[key] for s in shards])
     data["tags"] = [tag for s in shards for tag in s["tags"]]
@@ -334,6 +341,9 @@ def _move_check(corrector, data: dict[str, Any]) -> bool:
     if has_source and not has_head:
         raise ValueError("distill: the edit targets carry move targets (distill.move) but the corrector has no move "
                          "head; set move: true in model.corrector_overrides")
+    if has_head and corrector.config.move_nouns and "move_nouns" not in data:
+        raise ValueError("distill: the corrector has a noun head (move_nouns) but the move targets name no nouns; "
+                         "rebuild them with this xlard (distill.move)")
     return has_head
 
 
@@ -342,11 +352,12 @@ def _move_check(corrector, data: dict[str, Any]) -> bool:
 MOVE_LABEL_WEIGHT = 3.0
 
 
-def _move_loss(move: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, shifts: torch.Tensor,
-               move_range: int) -> torch.Tensor:
+def _move_loss(move: tuple, labels: torch.Tensor, shifts: torch.Tensor, move_range: int,
+               nouns: torch.Tensor | None = None) -> torch.Tensor:
     """The move head's loss: the cells' label cross-entropy (none / subject / object; the two objects'
-    cells weighted by :data:`MOVE_LABEL_WEIGHT`) plus, on items with a move, the shift classes' cross-entropy."""
-    label_scores, shift_scores = move
+    cells weighted by :data:`MOVE_LABEL_WEIGHT`) plus, on items with a move, the shift classes' cross-entropy
+    (plus the auxiliary noun head's cross-entropy over every cell, when there is one)."""
+    label_scores, shift_scores, noun_scores = move
     weight = torch.tensor([1.0, MOVE_LABEL_WEIGHT, MOVE_LABEL_WEIGHT], device=label_scores.device)
     loss = F.cross_entropy(label_scores.reshape(-1, 3).float(), labels.reshape(-1), weight=weight)
     moving = (labels > 0).any(-1)
@@ -354,14 +365,16 @@ def _move_loss(move: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, sh
         target = shifts[moving].clamp(-move_range, move_range) + move_range
         loss = loss + F.cross_entropy(shift_scores[moving].reshape(-1, 2 * move_range + 1).float(),
                                       target.reshape(-1))
+    if noun_scores is not None:
+        loss = loss + F.cross_entropy(noun_scores.reshape(-1, noun_scores.shape[-1]).float(), nouns.reshape(-1))
     return loss
 
 
-def _move_accuracy(move: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, shifts: torch.Tensor,
+def _move_accuracy(move: tuple, labels: torch.Tensor, shifts: torch.Tensor,
                    move_range: int) -> tuple[int, int, int, int, int, int]:
     """(object cells labelled right, object cells, none cells right, none cells, shifts right, shifts) of the
     head's hard choices (a shift is one slot's one axis on an item with a move)."""
-    label_scores, shift_scores = move
+    label_scores, shift_scores = move[:2]
     right = label_scores.argmax(-1) == labels
     obj = labels > 0
     moving = obj.any(-1)
@@ -424,8 +437,9 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
         residual, move_scores = corrector.distill_outputs(z0, tokens, pooled, mask)
         labels, shifts = data["move_labels"][rows].to(device), data["move_shifts"][rows].to(device)
         r = corrector.config.move_range
-        return ((residual - target).square().mean(), _move_loss(move_scores, labels, shifts, r),
-                _move_accuracy(tuple(t.detach() for t in move_scores), labels, shifts, r))
+        nouns = data["move_nouns"][rows].to(device) if move_scores[2] is not None else None
+        return ((residual - target).square().mean(), _move_loss(move_scores, labels, shifts, r, nouns),
+                _move_accuracy(move_scores, labels, shifts, r))
 
     def step_loss(rows):
         mse, ce, _ = losses(rows)
@@ -561,8 +575,9 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
             base = z0
         elif move:
             mean, move_scores = corrector.distill_outputs(z0, tokens, pooled, mask)
+            nouns = data["move_nouns"][rows].to(device) if move_scores[2] is not None else None
             ce_terms.append(_move_loss(move_scores, data["move_labels"][rows].to(device),
-                                       data["move_shifts"][rows].to(device), corrector.config.move_range))
+                                       data["move_shifts"][rows].to(device), corrector.config.move_range, nouns))
         else:
             mean = corrector(z0, tokens, pooled, mask)
         pixel = (decode(base + mean) - goal[rows].to(device)).square().mean()
