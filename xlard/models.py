@@ -957,13 +957,10 @@ class ResidualCorrector(_Pretrained, nn.Module):
     def _param(self) -> torch.Tensor:
         return self.head.weight
 
-    def _move_logits(self, tokens, z0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(labels [B, N, 3], shifts [B, 2, 2, 2R+1])``: each of the N = H * W cells' scores for none /
-        subject / object, and each slot's (subject, object) shift-class scores per axis (rows, columns)."""
-        return self._move_scores(tokens, z0)[:2]
-
     def _move_scores(self, tokens, z0) -> tuple:
-        """:meth:`_move_logits` and the auxiliary noun scores ``[B, N, move_nouns + 1]`` (None without that head)."""
+        """``(labels [B, N, 3], shifts [B, 2, 2, 2R+1], nouns [B, N, move_nouns + 1] or None)``: each of the
+        N = H * W cells' scores for none / subject / object, each slot's (subject, object) shift-class scores
+        per axis (rows, columns), and the auxiliary head's noun scores (None without that head)."""
         cfg = self.config
         h, w, r = z0.shape[-2], z0.shape[-1], cfg.move_range
         labels = unpatchify(self.move_label(tokens), 3, h, w, cfg.patch).flatten(2).transpose(1, 2)
@@ -1007,7 +1004,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
             n = z0.shape[-2] * z0.shape[-1]
             return torch.arange(n, device=z0.device).expand(z0.shape[0], n).clone()
         tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
-        return self._choose(*self._move_logits(tokens, z0), z0.shape[-2], z0.shape[-1])
+        return self._choose(*self._move_scores(tokens, z0)[:2], z0.shape[-2], z0.shape[-1])
 
     def _features(self, z0, text_tokens, pooled, text_mask):
         cfg, ref = self.config, self._param
@@ -1024,7 +1021,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
     def _delta(self, tokens, z0) -> torch.Tensor:
         delta = self._residual(tokens, z0)
         if self.config.move:
-            sources = self._choose(*self._move_logits(tokens, z0), z0.shape[-2], z0.shape[-1])
+            sources = self._choose(*self._move_scores(tokens, z0)[:2], z0.shape[-2], z0.shape[-1])
             moved = copy_cells(z0.to(delta.dtype), sources)
             delta = delta + (moved - z0.to(delta.dtype))
         return delta

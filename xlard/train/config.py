@@ -472,8 +472,9 @@ class DistillSettings:
             ``pixel_weight * image MSE + latent_weight * latent MSE``.
         move: relations fixed by *moving latent cells* for a corrector with a move
             head (``model.corrector_overrides: {move: true}``): each item's targets
-            get the cell each cell copies (:func:`xlard.shapes.editor.move_plan`);
-            the head is fitted to them by cross-entropy, the residual to the rest.
+            get the relation's two objects' cells and shifts and the cell each cell
+            copies (:func:`xlard.shapes.editor.move_plan`); the head is fitted to the
+            cells and shifts by cross-entropy, the residual to the rest.
             Needs ``correction_step`` 1.0 and ``fix_position: false`` (one rule per
             relation).
         move_margin: the move rule's margin (pixels); 64 (default) moves the two

@@ -12,10 +12,11 @@ is one forward pass, as before.
 
 With ``distill.move`` the relation fixes are *moves* instead of drawings: the
 editor's relation rule is carried out on z0 by copying the objects' own latent
-cells (:func:`xlard.shapes.editor.move_plan`); each shard then records, for
-every latent cell, the cell it copies (``source``), and a corrector with a move
-head (``CorrectorConfig.move``) fits its gate and source scores to them
-(cross-entropy) while its residual fits the rest of the targets.
+cells (:func:`xlard.shapes.editor.move_plan`); each shard then records the
+relation's two objects' cells (``move_labels``), their shifts (``move_shifts``)
+and the cell each cell copies (``source``), and a corrector with a move head
+(``CorrectorConfig.move``) fits its labels and shifts to them (cross-entropy)
+while its residual fits the rest of the targets.
 
 The dataset is written in shards (``<run>/distill/data-NNNN.pt``, atomically), so
 an interrupted build resumes at the first missing shard; the fit is short and
@@ -139,8 +140,10 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
         move_margin: also write move targets for a corrector with a move head
             (``CorrectorConfig.move``): the editor's relation rule with this margin,
             carried out by moving latent cells (:func:`xlard.shapes.editor.move_plan`);
-            each shard gets ``source`` (the cell each cell copies) and, on the cells a
-            move touched, the residual target ``moved - copy_cells(z0, source)``.
+            each shard gets the relation's two objects' cells and shifts (``move_labels``,
+            ``move_shifts``), ``source`` (the cell each cell copies), the noun under
+            each cell (``move_nouns``), and a zero residual target on every cell a move
+            touched (the copy is the head's part).
             Only at ``correction_step`` 1.0. Shards built without it are given their
             move targets in place (their color/count edits are kept), so a finished
             target set can be reused.
@@ -227,17 +230,15 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
 
 def _add_move_targets(shard: dict, model, images: torch.Tensor, specs: Sequence, margin: int) -> None:
     """Give one shard its move targets in place (see ``move_margin`` of :func:`build_dataset`)."""
-    from xlard.models import copy_cells
     from xlard.shapes.editor import move_plan
 
     z0 = shard["z0"].float()
     with torch.no_grad():
         maps = model.predict(images.float())
     plan = move_plan(z0, maps.shape_probs.cpu(), maps.color_probs.cpu(), specs, model.config.shapes, margin)
-    identity = torch.arange(z0.shape[-2] * z0.shape[-1])
-    touched = ((plan.sources != identity).view(z0.shape[0], 1, *z0.shape[-2:])
-               | (plan.latents != z0).any(dim=1, keepdim=True))
-    shard["target"] = torch.where(touched, plan.latents - copy_cells(z0, plan.sources), shard["target"])
+    # Every cell a move touched is a copy (plan.latents == copy_cells(z0, sources)): the residual's part there is 0.
+    moved = plan.sources != torch.arange(z0.shape[-2] * z0.shape[-1])
+    shard["target"] = shard["target"].masked_fill(moved.view(z0.shape[0], 1, *z0.shape[-2:]), 0.0)
     shard["source"] = plan.sources
     shard["move_labels"], shard["move_shifts"] = plan.labels, plan.shifts
     # The noun under each latent cell (0: none; 1 + index in model.config.shapes): the mean shape
@@ -370,6 +371,14 @@ def _move_loss(move: tuple, labels: torch.Tensor, shifts: torch.Tensor, move_ran
     return loss
 
 
+def _move_term(corrector, move: tuple, data: dict[str, Any], rows, device) -> tuple[torch.Tensor, tuple]:
+    """The move head's loss on ``rows`` and its hard choices' counts (:func:`_move_accuracy`)."""
+    labels, shifts = data["move_labels"][rows].to(device), data["move_shifts"][rows].to(device)
+    nouns = data["move_nouns"][rows].to(device) if move[2] is not None else None
+    r = corrector.config.move_range
+    return _move_loss(move, labels, shifts, r, nouns), _move_accuracy(move, labels, shifts, r)
+
+
 def _move_accuracy(move: tuple, labels: torch.Tensor, shifts: torch.Tensor,
                    move_range: int) -> tuple[int, int, int, int, int, int]:
     """(object cells labelled right, object cells, none cells right, none cells, shifts right, shifts) of the
@@ -435,11 +444,7 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
         if not move:
             return (corrector(z0, tokens, pooled, mask) - target).square().mean(), None, ()
         residual, move_scores = corrector.distill_outputs(z0, tokens, pooled, mask)
-        labels, shifts = data["move_labels"][rows].to(device), data["move_shifts"][rows].to(device)
-        r = corrector.config.move_range
-        nouns = data["move_nouns"][rows].to(device) if move_scores[2] is not None else None
-        return ((residual - target).square().mean(), _move_loss(move_scores, labels, shifts, r, nouns),
-                _move_accuracy(move_scores, labels, shifts, r))
+        return ((residual - target).square().mean(), *_move_term(corrector, move_scores, data, rows, device))
 
     def step_loss(rows):
         mse, ce, _ = losses(rows)
@@ -565,23 +570,20 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
                           for i in range(0, n, 64)])
     per_epoch = max(1, len(train_rows) // batch_size)
     params, opt, sched = _optimiser(corrector, lr, weight_decay, epochs * per_epoch)
-    ce_terms: list[torch.Tensor] = []
 
-    def losses(rows, zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(rows, zero: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(pixel MSE, latent MSE, the move head's loss or None); ``zero``: the uncorrected latent's."""
         z0, target, tokens, mask, pooled = [data[f][rows].to(device) for f in _FIELDS]
-        base = start(rows).to(device)
+        base, ce = start(rows).to(device), None
         if zero:
-            mean = torch.zeros_like(z0)
-            base = z0
+            mean, base = torch.zeros_like(z0), z0
         elif move:
             mean, move_scores = corrector.distill_outputs(z0, tokens, pooled, mask)
-            nouns = data["move_nouns"][rows].to(device) if move_scores[2] is not None else None
-            ce_terms.append(_move_loss(move_scores, data["move_labels"][rows].to(device),
-                                       data["move_shifts"][rows].to(device), corrector.config.move_range, nouns))
+            ce, _ = _move_term(corrector, move_scores, data, rows, device)
         else:
             mean = corrector(z0, tokens, pooled, mask)
         pixel = (decode(base + mean) - goal[rows].to(device)).square().mean()
-        return pixel, (mean - target).square().mean()
+        return pixel, (mean - target).square().mean(), ce
 
     def evaluate(rows) -> tuple[float, float, float]:
         if len(rows) == 0:
@@ -591,7 +593,7 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
         with torch.no_grad():
             for i in range(0, len(rows), 64):
                 part = rows[i:i + 64]
-                pixel, latent = losses(part)
+                pixel, latent, _ = losses(part)
                 sums[0] += float(pixel) * len(part)
                 sums[1] += float(latent) * len(part)
                 sums[2] += float(losses(part, zero=True)[0]) * len(part)
@@ -600,10 +602,9 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
         return sums[0] / len(rows), sums[2] / len(rows), r2
 
     def step_loss(rows):
-        ce_terms.clear()
-        pixel, latent = losses(rows)
+        pixel, latent, ce = losses(rows)
         loss = pixel_weight * pixel + latent_weight * latent
-        return (loss + move_weight * ce_terms[0] if ce_terms else loss), pixel
+        return (loss if ce is None else loss + move_weight * ce), pixel
 
     def end_of_epoch(epoch: int, train_pixel: float) -> dict[str, float]:
         val_pixel, zero_pixel, r2 = evaluate(val)
