@@ -636,3 +636,79 @@ def test_copy_cells_gathers_and_checks_its_source_map():
         copy_cells(z, torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
         copy_cells(z, torch.full((2, 4), 4))
+
+
+SHAPES_NOUNS = ("circle", "square", "triangle", "diamond")
+SHAPES_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+
+
+def _reader_config(**changes):
+    base = dict(latent_channels=8, text_dim=64, pooled_dim=64, patch=2, conditioning="fields", reader=True,
+                reader_nouns=SHAPES_NOUNS, reader_colors=SHAPES_COLORS, reader_width=8)
+    base.update(changes)
+    return CorrectorConfig.tiny(**base)
+
+
+def test_slot_fields_read_the_first_two_entities_back_from_the_field_tokens():
+    from xlard.models import field_inputs, slot_fields
+    from xlard.prompts import parse
+
+    cfg = _reader_config()
+    prompts = ["a photo of a blue square left of a green triangle", "a photo of three red circles",
+               "a photo of a dog", "a photo of a purple diamond and a white dog", "a photo of a circle below a cat"]
+    inputs = field_inputs(cfg, [parse(p) for p in prompts])
+    nouns, colors = slot_fields(cfg, inputs["text_tokens"], inputs["text_mask"])
+    assert nouns.tolist() == [[1, 2], [0, -1], [-1, -1], [3, -1], [0, -1]]
+    assert colors.tolist() == [[4, 3], [0, -1], [-1, -1], [5, 9], [-1, -1]]
+    # Padded tokens match nothing, even when they hold a known field's vector.
+    tokens, mask = inputs["text_tokens"].clone(), inputs["text_mask"].clone()
+    tokens[1, -1], mask[1, -1] = inputs["text_tokens"][0, 0], False
+    assert torch.equal(slot_fields(cfg, tokens, mask)[0][1], nouns[1])
+
+
+def test_the_reader_adds_its_maps_to_the_trunk_without_gradient_and_round_trips(tmp_path):
+    from xlard.models import READER_CHANNELS, field_inputs
+    from xlard.prompts import parse
+
+    torch.manual_seed(0)
+    corrector = ResidualCorrector(_reader_config())
+    assert corrector.trunk.patch_embed.in_features == (8 + READER_CHANNELS) * 4
+    assert not any(p.requires_grad for p in corrector.reader.parameters())
+    assert corrector.num_parameters() == ResidualCorrector(_reader_config(reader=False)).num_parameters() \
+        + READER_CHANNELS * 4 * corrector.config.width
+    specs = [parse("a photo of a blue square left of a green triangle"), parse("a photo of a dog")]
+    inputs = field_inputs(corrector.config, specs)
+    z0 = torch.randn(2, 8, 16, 16, requires_grad=True)
+    assert torch.equal(corrector(z0, **inputs), torch.zeros_like(z0))  # still exactly zero at initialisation
+    evidence = corrector.read(z0, inputs["text_tokens"], inputs["text_mask"])
+    assert evidence.shape == (2, READER_CHANNELS, 16, 16) and not evidence.requires_grad
+    noun_p, color_p = corrector.reader.maps(z0.detach())
+    assert torch.allclose(evidence[0, 0], noun_p[0, 1]) and torch.allclose(evidence[0, 1], color_p[0, 1 + 4])
+    assert torch.allclose(evidence[0, 2], noun_p[0, 2]) and torch.allclose(evidence[0, 3], color_p[0, 1 + 3])
+    assert torch.equal(evidence[1], torch.zeros_like(evidence[1]))  # an unknown noun, no color: nothing to read
+    # The trunk sees the maps: changing the reader changes the features.
+    torch.nn.init.normal_(corrector.head.weight)
+    before = corrector(z0, **inputs).detach()
+    with torch.no_grad():
+        corrector.reader.out.bias.add_(3.0)
+    assert not torch.allclose(corrector(z0, **inputs), before)
+    corrector.save_pretrained(tmp_path / "c")
+    again = ResidualCorrector.from_pretrained(tmp_path / "c")
+    assert again.config == corrector.config and torch.equal(again(z0, **inputs), corrector(z0, **inputs))
+    with pytest.raises(ValueError, match="has no reader"):
+        ResidualCorrector(_reader_config(reader=False)).read(z0, inputs["text_tokens"], inputs["text_mask"])
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({"conditioning": "text"}, "reader needs conditioning 'fields'"),
+    ({"reader_nouns": ()}, "reader needs reader_nouns"),
+    ({"reader_nouns": ("circle", "circle")}, "reader_nouns lists a word twice"),
+    ({"reader_colors": ("red", "")}, "reader_colors must be a list of non-empty words"),
+    ({"reader_width": 12}, "reader_width must be a multiple of 8"),
+    ({"reader": 1}, "reader must be a bool"),
+])
+def test_reader_config_checks_name_the_field(changes, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        _reader_config(**changes)
+    assert CorrectorConfig.from_dict(_reader_config().to_dict() | {"reader_nouns": list(SHAPES_NOUNS)}) \
+        == _reader_config()

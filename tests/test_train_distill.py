@@ -477,3 +477,45 @@ def test_a_move_run_writes_sources_and_exports_a_move_head(tmp_path, shapes_fina
         dl.build_dataset(shapes_final, model, items, folder, chunk=4, progress=False)  # a move folder, no moves
     with pytest.raises(ValueError, match="move_margin"):
         dl.build_dataset(shapes_final, model, items, folder, chunk=4, progress=False, move_margin=0)
+
+
+@needs_shapes
+def test_a_reader_run_fits_the_reader_first_and_exports_it(tmp_path, shapes_final):
+    """model.corrector_overrides reader: true: the shards carry the understanding model's reading per latent
+    cell, the reader is fitted before the corrector (its weights leave their initialisation, its accuracies are
+    reported), it stays frozen through the corrector's fit, and the exported corrector reads with it."""
+    from xlard.evaluation import load_corrector_dir
+    from xlard.models import field_inputs
+    from xlard.prompts import parse
+    from xlard.train import train
+    from xlard.train.trainer import Trainer
+
+    heads = {"corrector_overrides": {"patch": 2, "width": 16, "depth": 1, "conditioning": "fields", "reader": True,
+                                     "reader_width": 8},
+             "projector_overrides": {"patch": 2, "width": 16, "depth": 1}}
+    with pytest.raises(ValueError, match="reader: true needs the edit-target warm start"):
+        Trainer(config(tmp_path / "t1", model=heads, distill={"items_per_tag": 0}, steps=1), backbone=shapes_final)
+    wrong = json.loads(json.dumps(heads))
+    wrong["corrector_overrides"]["reader_nouns"] = ["circle", "square"]
+    with pytest.raises(ValueError, match="understanding model that labels its targets"):
+        train(config(tmp_path / "t2", model=wrong), backbone=shapes_final)
+    out = tmp_path / "run"
+    summary = train(config(out, model=heads, distill={"reader_epochs": 2}), backbone=shapes_final)
+    shard = torch.load(out / "distill" / "data-0000.pt", weights_only=False)
+    assert shard["cell_nouns"].shape == (4, 4, 16, 16) and shard["cell_colors"].shape == (4, 11, 16, 16)
+    assert torch.allclose(shard["cell_colors"].float().sum(1), torch.ones(4, 16, 16), atol=1e-2)
+    stats = json.loads((out / "distill" / "summary.json").read_text())
+    assert 0.0 <= stats["reader_val_color_acc"] <= 1.0 and stats["reader_epochs"] == 2
+    rows = [json.loads(line) for line in (out / "distill" / "reader_metrics.jsonl").read_text().splitlines()]
+    assert [r["reader_epoch"] for r in rows] == [1, 2]
+    corrector, _ = load_corrector_dir(summary["corrector"])
+    assert corrector.config.reader and corrector.config.reader_nouns == ("circle", "square", "triangle", "diamond")
+    assert not any(p.requires_grad for p in corrector.reader.parameters())
+    fresh = type(corrector)(corrector.config)
+    assert not torch.equal(fresh.reader.out.weight, corrector.reader.out.weight)  # fitted, then saved
+    assert not torch.equal(corrector.reader.scale, torch.ones_like(corrector.reader.scale))
+    specs = [parse("a photo of a red circle left of a blue square")]
+    z0 = torch.load(out / "distill" / "data-0000.pt", weights_only=False)["z0"][:1].float()
+    evidence = corrector.read(z0, **{k: v for k, v in field_inputs(corrector.config, specs).items()
+                                     if k != "pooled"})
+    assert evidence.shape == (1, 4, 16, 16) and 0.0 <= float(evidence.min()) and float(evidence.max()) <= 1.0

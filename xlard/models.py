@@ -45,7 +45,7 @@ __all__ = [
     "ASPECTS", "CorrectorConfig", "ProjectorConfig", "ResidualCorrector", "LatentRewardProjector",
     "CONDITIONINGS", "GaussianPolicy", "ProjectorOutput", "ProjectorLoss", "aspect_weights", "corrector_inputs",
     "field_inputs", "patchify", "unpatchify", "sincos_position_encoding", "count_parameters", "copy_cells",
-    "move_sources", "largest_parts",
+    "move_sources", "largest_parts", "LatentReader", "slot_fields", "READER_CHANNELS",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -220,6 +220,19 @@ class CorrectorConfig(_ConfigBase):
             head, fitted alongside the move head, that names the noun under every
             latent cell (none or one of ``move_nouns``): a second task for the trunk,
             for telling the relation's subject from its object. Unused at inference.
+        reader (bool): False (default). True: a frozen :class:`LatentReader` inside the
+            corrector reads, for every latent cell of z0, the probability of each noun of
+            ``reader_nouns`` and of each color of ``reader_colors``; the prompt's first two
+            entities' maps (entity k's noun, entity k's color, or any color when the prompt
+            names none; :data:`READER_CHANNELS` in all) are extra input channels of the trunk,
+            without gradient. Needs ``conditioning: "fields"``: the entities are read from the
+            field tokens (:func:`slot_fields`). The reader is fitted before the corrector
+            (``xlard.train.distill.fit_reader``, on the understanding model's reading of the
+            decoded z0); an unfitted reader's maps carry no information.
+        reader_nouns (tuple of str): the nouns the reader knows (those of the shapes world:
+            circle, square, triangle, diamond); a prompt's other nouns get a zero map.
+        reader_colors (tuple of str): the colors the reader knows; other colors get a zero map.
+        reader_width (int): channels of the reader's four 3x3 convolutions (default 64).
 
     Example:
         >>> CorrectorConfig.paper().width
@@ -245,6 +258,10 @@ class CorrectorConfig(_ConfigBase):
     move: bool = False
     move_range: int = 16
     move_nouns: int = 0
+    reader: bool = False
+    reader_nouns: tuple = ()
+    reader_colors: tuple = ()
+    reader_width: int = 64
 
     def __post_init__(self):
         owner = "CorrectorConfig"
@@ -259,6 +276,24 @@ class CorrectorConfig(_ConfigBase):
         _check_bool(owner, "move", self.move)
         _check_int(owner, "move_range", self.move_range, maximum=4096)
         _check_int(owner, "move_nouns", self.move_nouns, minimum=0, maximum=4096)
+        _check_bool(owner, "reader", self.reader)
+        _check_int(owner, "reader_width", self.reader_width, maximum=4096)
+        for name in ("reader_nouns", "reader_colors"):
+            words = getattr(self, name)
+            if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w for w in words):
+                raise ValueError(f"{owner}: {name} must be a list of non-empty words, got {words!r}")
+            if len(set(words)) != len(words):
+                raise ValueError(f"{owner}: {name} lists a word twice: {list(words)}")
+            object.__setattr__(self, name, tuple(words))  # a JSON list comes back as the same tuple
+        if self.reader:
+            if self.conditioning != "fields":
+                raise ValueError(f"{owner}: reader needs conditioning 'fields' (the reader finds the prompt's "
+                                 f"entities in the field tokens), got conditioning {self.conditioning!r}")
+            if not self.reader_nouns:
+                raise ValueError(f"{owner}: reader needs reader_nouns (the nouns it reads), got none")
+        # width % 4 etc. are checked above; the reader's GroupNorm needs a multiple of 8
+        if self.reader and self.reader_width % 8:
+            raise ValueError(f"{owner}: reader_width must be a multiple of 8, got {self.reader_width}")
 
     @classmethod
     def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
@@ -462,11 +497,11 @@ class _LatentTransformer(nn.Module):
     near-zero init starts near identity), then pre-norm blocks and a final norm.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, extra_channels: int = 0):
         super().__init__()
         self.patch = cfg.patch
         self.width = cfg.width
-        self.patch_embed = nn.Linear(cfg.latent_channels * cfg.patch * cfg.patch, cfg.width)
+        self.patch_embed = nn.Linear((cfg.latent_channels + extra_channels) * cfg.patch * cfg.patch, cfg.width)
         self.cond = nn.Sequential(nn.Linear(cfg.pooled_dim, cfg.cond_dim), nn.SiLU())
         self.film = nn.Linear(cfg.cond_dim, 2 * cfg.width)
         self.text_norm = nn.LayerNorm(cfg.text_dim)
@@ -889,6 +924,104 @@ def move_sources(labels: torch.Tensor, shifts: torch.Tensor, h: int, w: int) -> 
     return out
 
 
+#: The trunk's extra input channels from a corrector's reader: entity 0's noun map, its color map,
+#: entity 1's noun map, its color map.
+READER_CHANNELS = 4
+
+
+class LatentReader(nn.Module):
+    """Per latent cell, which of ``nouns`` and which of ``colors`` the decoded image shows there.
+
+    Four 3x3 convolutions (GroupNorm, SiLU) on the normalised latent and a 1x1 head:
+    ``len(nouns)`` independent noun logits (a cell may hold no object) and ``1 + len(colors)``
+    color logits (background first). ``shift`` / ``scale`` (buffers) normalise z0 per
+    channel; :func:`xlard.train.distill.fit_reader` sets them and fits the weights on the
+    understanding model's reading of decoded latents.
+
+    Args:
+        channels (int): C of the latent.
+        nouns, colors (sequence of str): the vocabulary.
+        width (int): convolution channels, a multiple of 8.
+    """
+
+    def __init__(self, channels: int, nouns, colors, width: int = 64):
+        super().__init__()
+        self.nouns, self.colors = tuple(nouns), tuple(colors)
+
+        def block(i: int) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(i, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU())
+
+        self.body = nn.Sequential(block(channels), block(width), block(width), block(width))
+        self.out = nn.Conv2d(width, len(self.nouns) + 1 + len(self.colors), 1)
+        self.register_buffer("shift", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("scale", torch.ones(1, channels, 1, 1))
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noun logits [B, len(nouns), H, W], color logits [B, 1 + len(colors), H, W])``."""
+        x = self.out(self.body((z - self.shift) / self.scale))
+        return x[:, :len(self.nouns)], x[:, len(self.nouns):]
+
+    def maps(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noun probabilities [B, len(nouns), H, W] (sigmoid), color distribution [B, 1 + len(colors), H, W])``."""
+        nouns, colors = self(z)
+        return torch.sigmoid(nouns), torch.softmax(colors, dim=1)
+
+
+@torch.no_grad()
+def slot_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first two entities' noun and color, read back from ``"fields"`` tokens.
+
+    Each field token is a fixed vector per (value, slot) (:mod:`xlard.prompts.fields`), so
+    the entity in slot k names noun ``v`` exactly when one of its tokens is that vector.
+
+    Returns:
+        (nouns [B, 2], colors [B, 2]) int64: the index into ``cfg.reader_nouns`` /
+        ``cfg.reader_colors``; -1 for no entity, no color, or a word the reader does not know.
+    """
+    from xlard.prompts.fields import field_vector
+
+    dim, dev = cfg.text_dim, text_tokens.device
+    keys = [(k, kind, i, word) for kind, words in (("noun", cfg.reader_nouns), ("color", cfg.reader_colors))
+            for k in range(2) for i, word in enumerate(words)]
+    b = text_tokens.shape[0]
+    nouns = torch.full((b, 2), -1, dtype=torch.long, device=dev)
+    colors = torch.full((b, 2), -1, dtype=torch.long, device=dev)
+    if not keys:
+        return nouns, colors
+    table = torch.stack([field_vector(kind, word, dim) + field_vector("slot", f"{k}:{kind}", dim)
+                         for k, kind, _, word in keys]).to(dev)                       # [K, dim]
+    tokens = text_tokens.float()
+    if text_mask is not None:
+        tokens = tokens.masked_fill(~text_mask.bool()[..., None], float("nan"))  # padding matches nothing
+    dist = torch.cdist(tokens.reshape(-1, dim), table).view(b, -1, len(keys))        # [B, T, K]
+    hit = dist < 0.05 * table.norm(dim=1)                                             # NaN rows: no hit
+    for j, (k, kind, i, _) in enumerate(keys):
+        found = hit[:, :, j].any(dim=1)
+        (nouns if kind == "noun" else colors)[found, k] = i
+    return nouns, colors
+
+
+def _reader_evidence(reader: LatentReader, z0: torch.Tensor, nouns: torch.Tensor, colors: torch.Tensor
+                     ) -> torch.Tensor:
+    """``[B, READER_CHANNELS, H, W]``: per entity slot k, the map of its noun (0 when unknown or absent)
+    and of its color (any color, 1 - background, when the prompt names none; 0 when unknown or no entity)."""
+    noun_p, color_p = reader.maps(z0)
+    out = []
+    for k in range(2):
+        n, c = nouns[:, k], colors[:, k]
+        noun_map = noun_p.gather(1, n.clamp(min=0)[:, None, None, None].expand(-1, 1, *z0.shape[-2:]))
+        noun_map = noun_map * (n >= 0)[:, None, None, None]
+        color_map = color_p.gather(1, (c + 1).clamp(min=0)[:, None, None, None].expand(-1, 1, *z0.shape[-2:]))
+        any_color = 1.0 - color_p[:, :1]
+        # c == -1: the prompt names no color for this entity, or a color the reader does not know; an
+        # entity is present when its noun token is (n >= 0) -- an unknown noun still gets its color map.
+        color_map = torch.where((c >= 0)[:, None, None, None], color_map, any_color)
+        present = (n >= 0) | (c >= 0)
+        out += [noun_map, color_map * present[:, None, None, None]]
+    return torch.cat(out, dim=1)
+
+
 def _blockwise(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
     """``x`` averaged over ``k x k`` blocks of its last two dims, times ``scale``, broadcast back."""
     if k == 1:
@@ -927,7 +1060,12 @@ class ResidualCorrector(_Pretrained, nn.Module):
             raise TypeError(f"ResidualCorrector: config must be a CorrectorConfig, got {type(config).__name__}")
         self.config = config
         c, p = config.latent_channels, config.patch
-        self.trunk = _LatentTransformer(config)
+        self.trunk = _LatentTransformer(config, READER_CHANNELS if config.reader else 0)
+        if config.reader:
+            # Frozen: fitted on its own before the corrector (xlard.train.distill.fit_reader), never by the
+            # corrector's losses; its maps enter the trunk without gradient.
+            self.reader = LatentReader(c, config.reader_nouns, config.reader_colors, config.reader_width)
+            self.reader.requires_grad_(False)
         self.head = nn.Linear(config.width, c * p * p)
         # Zero weight and bias: Delta is exactly 0 (hence zc == z0) until the first update.
         nn.init.zeros_(self.head.weight)
@@ -1016,7 +1154,24 @@ class ResidualCorrector(_Pretrained, nn.Module):
             raise ValueError(f"xlard.ResidualCorrector: z0 height and width must be divisible by "
                              f"action_block={k}, got {z0.shape[-2]} x {z0.shape[-1]}")
         dt = ref.dtype
-        return self.trunk(z0.to(dt), text_tokens.to(dt), pooled.to(dt), text_mask)
+        z = z0.to(dt)
+        if cfg.reader:
+            z = torch.cat([z, self.read(z, text_tokens, text_mask)], dim=1)
+        return self.trunk(z, text_tokens.to(dt), pooled.to(dt), text_mask)
+
+    @torch.no_grad()
+    def read(self, z0, text_tokens, text_mask=None) -> torch.Tensor:
+        """The reader's evidence for the trunk, ``[B, READER_CHANNELS, H, W]`` in z0's dtype (no gradient):
+        the prompt's first two entities' noun and color maps over the latent cells (``CorrectorConfig.reader``).
+
+        Raises:
+            ValueError: the corrector has no reader.
+        """
+        if not self.config.reader:
+            raise ValueError("ResidualCorrector.read: this corrector has no reader (CorrectorConfig.reader is False)")
+        nouns, colors = slot_fields(self.config, text_tokens, text_mask)
+        reader_dtype = self.reader.scale.dtype
+        return _reader_evidence(self.reader, z0.to(reader_dtype), nouns, colors).to(z0.dtype)
 
     def _delta(self, tokens, z0) -> torch.Tensor:
         delta = self._residual(tokens, z0)

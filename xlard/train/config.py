@@ -480,6 +480,10 @@ class DistillSettings:
         move_margin: the move rule's margin (pixels); 64 (default) moves the two
             objects of every relation to their quarter places, whether it held or not.
         move_weight: weight of the move head's cross-entropy beside the residual's MSE.
+        reader_epochs: epochs of the fit of a corrector's latent reader
+            (``model.corrector_overrides: {reader: true}``;
+            :func:`xlard.train.distill.fit_reader`), before the corrector's own fit; the
+            shards then also record the understanding model's reading per latent cell.
     """
 
     items_per_tag: int = 0
@@ -507,9 +511,11 @@ class DistillSettings:
     move: bool = False
     move_margin: int = 64
     move_weight: float = 0.1
+    reader_epochs: int = 30
 
     def __post_init__(self):
         o = "distill"
+        _int(o, "reader_epochs", self.reader_epochs, 1)
         _int(o, "items_per_tag", self.items_per_tag, 0)
         _int(o, "epochs", self.epochs, 1)
         _real(o, "lr", self.lr, 0.0, low_open=True)

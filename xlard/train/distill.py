@@ -122,7 +122,8 @@ def _shard_path(folder: Path, k: int) -> Path:
 
 
 def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk: int = 32, edit_config=None,
-                  progress: bool = True, replace: bool = False, move_margin: int | None = None) -> Path:
+                  progress: bool = True, replace: bool = False, move_margin: int | None = None,
+                  cells: bool = False) -> Path:
     """Encode ``items``, decode their z0, edit the images, write the latent targets in shards.
 
     Args:
@@ -147,6 +148,11 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
             Only at ``correction_step`` 1.0. Shards built without it are given their
             move targets in place (their color/count edits are kept), so a finished
             target set can be reused.
+        cells: also write the understanding model's reading of each decoded z0 per latent
+            cell, the targets of a corrector's reader (:func:`fit_reader`): ``cell_nouns``
+            (mean shape-core probability over the cell's pixels, ``[N, S, h, w]``) and
+            ``cell_colors`` (mean color distribution, ``[N, 1 + C, h, w]``), float16. Shards
+            built without them get them in place.
 
     Returns:
         ``folder``.
@@ -217,15 +223,26 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
                  "seeds": [int(it.seed) for it in part], "actions": edited.actions, "signal_scale": scale}
         if move_margin is not None:
             _add_move_targets(shard, model, images, state.specs, move_margin)
+        if cells:
+            _add_cell_targets(shard, model, images)
         shard["seconds"] = time.perf_counter() - t_shard
         ckpt.save_atomic(shard, _shard_path(folder, k))
         if bar is not None:
             bar.update(len(part))
     if bar is not None:
         bar.close()
-    if move_margin is not None:
-        _upgrade_shards(backbone, model, folder, n_shards, move_margin, progress)
+    if move_margin is not None or cells:
+        _upgrade_shards(backbone, model, folder, n_shards, move_margin, progress, cells)
     return folder
+
+
+def _add_cell_targets(shard: dict, model, images: torch.Tensor) -> None:
+    """Give one shard the reader's targets in place (see ``cells`` of :func:`build_dataset`)."""
+    with torch.no_grad():
+        maps = model.predict(images.float())
+    factor = maps.shape_probs.shape[-1] // shard["z0"].shape[-1]
+    shard["cell_nouns"] = F.avg_pool2d(maps.shape_probs.float().cpu(), factor).half()
+    shard["cell_colors"] = F.avg_pool2d(maps.color_probs.float().cpu(), factor).half()
 
 
 def _add_move_targets(shard: dict, model, images: torch.Tensor, specs: Sequence, margin: int) -> None:
@@ -252,26 +269,34 @@ def _add_move_targets(shard: dict, model, images: torch.Tensor, specs: Sequence,
     shard["move_margin"] = int(margin)
 
 
-def _upgrade_shards(backbone, model, folder: Path, n_shards: int, margin: int, progress: bool) -> None:
-    """Add move targets to shards built without them (decoding their z0 again; at correction_step 1.0 the
-    VAE decoder is what made the images)."""
+def _upgrade_shards(backbone, model, folder: Path, n_shards: int, margin: int | None, progress: bool,
+                    cells: bool = False) -> None:
+    """Add move targets (``margin`` not None) and cell targets (``cells``) to shards built without them
+    (decoding their z0 again; at correction_step 1.0 the VAE decoder is what made the images)."""
     from xlard.prompts import parse
 
+    def missing(shard: dict) -> tuple[bool, bool]:
+        return margin is not None and "move_nouns" not in shard, cells and "cell_nouns" not in shard
+
     todo = [k for k in range(n_shards)
-            if "move_nouns" not in torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)]
+            if any(missing(torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)))]
     if not todo:
         return
     decode = vae_decoder(backbone)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc="distill: move targets", unit="shard", file=sys.stderr)
+        bar = tqdm(total=len(todo), desc="distill: move/reader targets", unit="shard", file=sys.stderr)
     for k in todo:
         t_shard = time.perf_counter()
         shard = torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)
         with torch.no_grad():
             images = decode(shard["z0"].float()).float().cpu()
-        _add_move_targets(shard, model, images, [parse(p) for p in shard["prompts"]], margin)
+        need_move, need_cells = missing(shard)
+        if need_move:
+            _add_move_targets(shard, model, images, [parse(p) for p in shard["prompts"]], margin)
+        if need_cells:
+            _add_cell_targets(shard, model, images)
         shard["seconds"] = float(shard.get("seconds", 0.0)) + time.perf_counter() - t_shard
         ckpt.save_atomic(shard, _shard_path(folder, k))
         if bar is not None:
@@ -299,7 +324,7 @@ def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]
         return out
 
     data = {f: torch.cat([pad(s[f]) if f in ("tokens", "mask") else s[f] for s in shards]) for f in _FIELDS}
-    for key in ("source", "move_labels", "move_shifts", "move_nouns"):
+    for key in ("source", "move_labels", "move_shifts", "move_nouns", "cell_nouns", "cell_colors"):
         if all(key in s for s in shards):
             data[key] = torch.cat([s[key] for s in shards])
     data["tags"] = [tag for s in shards for tag in s["tags"]]
@@ -480,6 +505,101 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
                   log_path=log_path, append=False, desc="distill: fit", progress=progress,
                   postfix=lambda r: {"train": f"{r['train_mse']:.4f}", "val_r2": f"{r['val_r2']:.3f}"})
     return {**row, "epochs": epochs}
+
+
+def fit_reader(corrector, data: dict[str, Any], *, epochs: int, lr: float = 2e-3, batch_size: int = 64,
+               val_fraction: float = 0.05, seed: int = 0, log_path: str | Path | None = None,
+               progress: bool = True) -> dict[str, float]:
+    """Fit the corrector's :class:`~xlard.models.LatentReader` (``CorrectorConfig.reader``) on the cell targets.
+
+    The reader learns, from z0 alone, the understanding model's reading of the decoded z0 per
+    latent cell (``data["cell_nouns"]``, ``data["cell_colors"]``, :func:`build_dataset` with
+    ``cells=True``): binary cross-entropy on the noun probabilities, cross-entropy on the color
+    distribution (AdamW, one-cycle schedule to ``lr``). Its normalisation is set from the fitted
+    items' z0 first. The same items as the corrector's fit are held back (:func:`_split`). The
+    reader stays frozen inside the corrector afterwards.
+
+    Returns:
+        ``{"reader_train_loss", "reader_val_loss", "reader_val_noun_acc", "reader_val_color_acc",
+        "reader_epochs", "reader_seconds"}``: the accuracies are the share of held-back object cells
+        (a noun probability above 0.3) whose most likely noun is the target's, and of held-back
+        cells whose most likely color is the target's (background included).
+
+    Raises:
+        ValueError: the corrector has no reader, the data no cell targets, or their vocabulary sizes differ.
+    """
+    cfg = getattr(corrector, "config", None)
+    if not getattr(cfg, "reader", False):
+        raise ValueError("distill.fit_reader: the corrector has no reader (CorrectorConfig.reader is False)")
+    if "cell_nouns" not in data or "cell_colors" not in data:
+        raise ValueError("distill.fit_reader: the edit targets have no cell targets (cell_nouns, cell_colors); "
+                         "build them with build_dataset(cells=True)")
+    reader = corrector.reader
+    nouns, colors = data["cell_nouns"], data["cell_colors"]
+    if nouns.shape[1] != len(reader.nouns) or colors.shape[1] != 1 + len(reader.colors):
+        raise ValueError(f"distill.fit_reader: the cell targets have {nouns.shape[1]} nouns and {colors.shape[1]} "
+                         f"color classes, the reader reads {len(reader.nouns)} nouns and 1 + {len(reader.colors)} "
+                         "colors (reader_nouns / reader_colors must be the understanding model's shapes / colors)")
+    if nouns.shape[-2:] != data["z0"].shape[-2:]:
+        raise ValueError(f"distill.fit_reader: cell targets of {tuple(nouns.shape[-2:])} cells for latents of "
+                         f"{tuple(data['z0'].shape[-2:])}")
+    n = data["z0"].shape[0]
+    val, train_rows = _split(n, val_fraction, seed)
+    device = reader.scale.device
+    z_fit = data["z0"][train_rows].float()
+    with torch.no_grad():
+        reader.shift.copy_(z_fit.mean(dim=(0, 2, 3), keepdim=True))
+        reader.scale.copy_(z_fit.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-6))
+    params = [p for p in reader.parameters()]
+    per_epoch = max(1, len(train_rows) // batch_size)
+    reader.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * per_epoch)
+
+    def losses(rows):
+        z0 = data["z0"][rows].to(device).float()
+        noun_t, color_t = nouns[rows].to(device).float(), colors[rows].to(device).float()
+        noun_l, color_l = reader(z0)
+        loss = (F.binary_cross_entropy_with_logits(noun_l, noun_t)
+                - (color_t * F.log_softmax(color_l, dim=1)).sum(1).mean())
+        return loss, noun_l, color_l, noun_t, color_t
+
+    def step_loss(rows):
+        loss = losses(rows)[0]
+        return loss, loss
+
+    t0 = time.perf_counter()
+
+    def end_of_epoch(epoch: int, train_loss: float) -> dict[str, float]:
+        reader.eval()
+        total, hits = 0.0, [0, 0, 0, 0]
+        with torch.no_grad():
+            for i in range(0, len(val), 256):
+                rows = val[i:i + 256]
+                loss, noun_l, color_l, noun_t, color_t = losses(rows)
+                total += float(loss) * len(rows)
+                obj = noun_t.max(1).values > 0.3
+                hits[0] += int((noun_l.argmax(1) == noun_t.argmax(1))[obj].sum())
+                hits[1] += int(obj.sum())
+                hits[2] += int((color_l.argmax(1) == color_t.argmax(1)).sum())
+                hits[3] += color_t[:, 0].numel()
+        nan = float("nan")
+        return {"reader_epoch": epoch + 1, "reader_train_loss": train_loss,
+                "reader_val_loss": total / len(val) if len(val) else nan,
+                "reader_val_noun_acc": hits[0] / hits[1] if hits[1] else nan,
+                "reader_val_color_acc": hits[2] / hits[3] if hits[3] else nan,
+                "reader_seconds": time.perf_counter() - t0}
+
+    try:
+        row = _epochs(reader, params, opt, sched, train_rows, epochs=epochs, batch_size=batch_size,
+                      order_seed=(seed, "distill", "reader"), step_loss=step_loss, end_of_epoch=end_of_epoch,
+                      log_path=log_path, append=False, desc="distill: reader", progress=progress,
+                      postfix=lambda r: {"noun": f"{r['reader_val_noun_acc']:.3f}",
+                                         "color": f"{r['reader_val_color_acc']:.3f}"})
+    finally:
+        reader.requires_grad_(False)
+    out = {k: v for k, v in row.items() if k != "reader_epoch"}
+    return {**out, "reader_epochs": epochs}
 
 
 def _epochs(corrector, params, opt, sched, train_rows: torch.Tensor, *, epochs: int, batch_size: int,

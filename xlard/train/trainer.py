@@ -241,7 +241,15 @@ class Trainer:
 
         # Models: sized from the backbone; the corrector is the policy and holds the value head.
         bb = self.backbone
-        ccfg = bb.corrector_config(cfg.model.corrector, **cfg.model.corrector_overrides)
+        overrides = dict(cfg.model.corrector_overrides)
+        if overrides.get("reader") is True and not overrides.get("reader_nouns"):
+            # The reader learns the understanding model's words (its targets): its vocabulary by default.
+            from xlard.shapes.understanding import load_model
+
+            vocab = load_model().config
+            overrides.setdefault("reader_colors", list(vocab.colors))
+            overrides["reader_nouns"] = list(vocab.shapes)
+        ccfg = bb.corrector_config(cfg.model.corrector, **overrides)
         from xlard.models import ProjectorConfig
         pcfg = ProjectorConfig.preset(cfg.model.projector, latent_channels=bb.latent_channels,
                                       text_dim=bb.text_dim, pooled_dim=bb.pooled_dim, **cfg.model.projector_overrides)
@@ -256,7 +264,7 @@ class Trainer:
             self.policy_model = DDP(self.policy, device_ids=ids, find_unused_parameters=cfg.rl == "pathwise")
             self.projector_model = DDP(self.projector, device_ids=ids)
         o = cfg.optim
-        trunk = [p for n, p in self.corrector.named_parameters() if n != "log_std"]
+        trunk = [p for n, p in self.corrector.named_parameters() if n != "log_std" and p.requires_grad]
         self.policy_opt = torch.optim.AdamW(
             [{"params": trunk, "lr": o.lr},
              {"params": [self.corrector.log_std], "lr": o.lr * cfg.ppo.log_std_lr_scale, "weight_decay": 0.0}],
@@ -276,6 +284,9 @@ class Trainer:
         self.monitor_state = None
         if cfg.distill.items_per_tag:
             self._check_distill()
+        elif self.corrector.config.reader:
+            raise ValueError("model.corrector_overrides reader: true needs the edit-target warm start "
+                             "(distill.items_per_tag > 0): the reader is fitted there, before the corrector")
 
         self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
         if self.resume_from is not None:
@@ -431,9 +442,15 @@ class Trainer:
         folder = self.out / "distill"
         self._say(f"distill: {len(items)} training-split items ({d.items_per_tag} per tag), edit targets in {folder}")
         t0 = time.perf_counter()
+        reader = bool(self.corrector.config.reader)
+        if reader and (tuple(self.corrector.config.reader_nouns) != tuple(model.config.shapes)
+                       or tuple(self.corrector.config.reader_colors) != tuple(model.config.colors)):
+            raise ValueError(f"distill: the corrector's reader reads nouns {list(self.corrector.config.reader_nouns)} "
+                             f"and colors {list(self.corrector.config.reader_colors)}; the understanding model that "
+                             f"labels its targets knows {list(model.config.shapes)} and {list(model.config.colors)}")
         dl.build_dataset(self.backbone, model, items, folder, chunk=d.chunk, edit_config=d.edit_config(),
                          progress=self.cfg.log.progress, replace=d.replace,
-                         move_margin=d.move_margin if d.move else None)
+                         move_margin=d.move_margin if d.move else None, cells=reader)
         data = dl.load_dataset(folder, len(items), d.chunk)
         # The shards' own build times (summed across an interrupted build and its resume); this
         # invocation's wall time for shards that predate the record.
@@ -441,6 +458,12 @@ class Trainer:
         if build_seconds is None:
             build_seconds = time.perf_counter() - t0
         edited = sum(1 for a in data["actions"] if a)
+        reader_stats = {}
+        if reader:
+            self._say(f"distill: fitting the corrector's latent reader ({d.reader_epochs} epochs)")
+            reader_stats = dl.fit_reader(self.corrector, data, epochs=d.reader_epochs, val_fraction=d.val_fraction,
+                                         seed=self.cfg.seed, log_path=folder / "reader_metrics.jsonl",
+                                         progress=self.cfg.log.progress)
         stats = dl.fit_corrector(self.corrector, data, epochs=d.epochs, lr=d.lr, batch_size=d.batch_size,
                                  weight_decay=d.weight_decay, val_fraction=d.val_fraction, seed=self.cfg.seed,
                                  log_path=folder / "metrics.jsonl", progress=self.cfg.log.progress,
@@ -453,7 +476,7 @@ class Trainer:
                 batch_size=d.batch_size, weight_decay=d.weight_decay, val_fraction=d.val_fraction,
                 seed=self.cfg.seed, pixel_weight=d.decoder_pixel_weight, latent_weight=d.decoder_latent_weight,
                 log_path=folder / "metrics.jsonl", progress=self.cfg.log.progress, move_weight=d.move_weight))
-        stats.update({"items": len(items), "items_edited": edited, "build_seconds": build_seconds})
+        stats.update({"items": len(items), "items_edited": edited, "build_seconds": build_seconds, **reader_stats})
         _io.atomic_write_text(folder / "summary.json", json.dumps(stats, indent=2) + "\n", owner="xlard train")
         if self.cfg.log.curve:
             draw_distill_curves(MetricsLog.read(folder / "metrics.jsonl"), folder / "curve.png")
