@@ -44,7 +44,8 @@ def install(run: Path, seconds: float | None) -> Path:
     train_seconds = sum(r.get("time/step", 0.0) + r.get("time/last_checkpoint", 0.0) for r in rows)
     distill = (meta.training or {}).get("distill") or {}
     build_seconds = float(distill.get("build_seconds") or 0.0)
-    fit_seconds = float(distill.get("seconds") or 0.0) + float(distill.get("decoder_seconds") or 0.0)
+    fit_seconds = (float(distill.get("seconds") or 0.0) + float(distill.get("decoder_seconds") or 0.0)
+                   + float(distill.get("reader_seconds") or 0.0))  # the latent reader's fit, when there is one
     targets_known = build_seconds >= 1.0  # below: shards built by an interrupted run that kept no time
     total_seconds = build_seconds + fit_seconds + train_seconds
     params = sum(p.numel() for p in corrector.parameters())

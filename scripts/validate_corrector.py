@@ -207,10 +207,16 @@ def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Scoped, not torch.set_grad_enabled(False): main() called in-process (the tests) must not leave
+    # gradients off for its caller.
+    with torch.no_grad():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from xlard.evaluation import load_corrector_dir
 
-    torch.set_grad_enabled(False)
     if args.correct:
         from xlard.evaluation import shipped_corrector_path
         path = shipped_corrector_path()

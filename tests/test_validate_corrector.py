@@ -50,7 +50,7 @@ def test_the_shipped_corrector_records_its_recipe():
         corrector, meta = load_corrector_dir(shipped_corrector_path())
     except FileNotFoundError:
         pytest.skip("shipped corrector not installed")
-    assert corrector.config.conditioning == "fields"
+    assert corrector.config.conditioning == "fields" and corrector.config.reader
     assert meta.training["step"] == 0 and meta.training["distill"]["decoder_epochs"] > 0
     assert meta.correction_step == 1.0
     # the reward it is validated with: the source's defaults (the warm start reads the understanding model)
@@ -83,6 +83,7 @@ def test_prompt_sets_need_a_run_with_left_out_prompts():
 
 def test_a_missing_corrector_is_one_clear_error(tmp_path, capsys):
     assert V.main(["--corrector", str(tmp_path / "none"), "--quiet"]) == 2
+    assert torch.is_grad_enabled()  # main() leaves its caller's gradient mode alone
     assert "validate_corrector: error:" in capsys.readouterr().err
 
 
