@@ -697,6 +697,10 @@ def test_the_reader_adds_its_maps_to_the_trunk_without_gradient_and_round_trips(
     assert again.config == corrector.config and torch.equal(again(z0, **inputs), corrector(z0, **inputs))
     with pytest.raises(ValueError, match="has no reader"):
         ResidualCorrector(_reader_config(reader=False)).read(z0, inputs["text_tokens"], inputs["text_mask"])
+    with pytest.raises(ValueError, match="text_tokens"):
+        corrector.read(z0, inputs["text_tokens"][..., :5], inputs["text_mask"])
+    with pytest.raises(ValueError, match="z0"):
+        corrector.read(z0[:, :3], inputs["text_tokens"], inputs["text_mask"])
 
 
 @pytest.mark.parametrize("changes, pattern", [

@@ -291,9 +291,8 @@ class CorrectorConfig(_ConfigBase):
                                  f"entities in the field tokens), got conditioning {self.conditioning!r}")
             if not self.reader_nouns:
                 raise ValueError(f"{owner}: reader needs reader_nouns (the nouns it reads), got none")
-        # width % 4 etc. are checked above; the reader's GroupNorm needs a multiple of 8
-        if self.reader and self.reader_width % 8:
-            raise ValueError(f"{owner}: reader_width must be a multiple of 8, got {self.reader_width}")
+            if self.reader_width % 8:  # the reader's GroupNorm has 8 groups
+                raise ValueError(f"{owner}: reader_width must be a multiple of 8, got {self.reader_width}")
 
     @classmethod
     def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
@@ -1167,9 +1166,17 @@ class ResidualCorrector(_Pretrained, nn.Module):
         Raises:
             ValueError: the corrector has no reader.
         """
-        if not self.config.reader:
+        cfg = self.config
+        if not cfg.reader:
             raise ValueError("ResidualCorrector.read: this corrector has no reader (CorrectorConfig.reader is False)")
-        nouns, colors = slot_fields(self.config, text_tokens, text_mask)
+        _check_latent("ResidualCorrector.read", "z0", z0, cfg.latent_channels, 1, self._param.device)
+        if isinstance(text_tokens, torch.Tensor) and text_tokens.dim() == 3:
+            pooled = text_tokens.new_zeros(text_tokens.shape[0], cfg.pooled_dim)  # read() takes no pooled input
+        else:
+            pooled = None  # _check_prompt names text_tokens first
+        text_mask = _check_prompt("ResidualCorrector.read", z0.shape[0], text_tokens, pooled, text_mask,
+                                  cfg.text_dim, cfg.pooled_dim, self._param.device)
+        nouns, colors = slot_fields(cfg, text_tokens, text_mask)
         reader_dtype = self.reader.scale.dtype
         return _reader_evidence(self.reader, z0.to(reader_dtype), nouns, colors).to(z0.dtype)
 
