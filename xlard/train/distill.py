@@ -221,10 +221,8 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
                  "mask": inputs.text_mask.cpu(), "pooled": inputs.pooled.cpu(),
                  "prompts": [it.record.get("prompt") for it in part], "tags": [it.record.get("tag") for it in part],
                  "seeds": [int(it.seed) for it in part], "actions": edited.actions, "signal_scale": scale}
-        if move_margin is not None:
-            _add_move_targets(shard, model, images, state.specs, move_margin)
-        if cells:
-            _add_cell_targets(shard, model, images)
+        if move_margin is not None or cells:
+            _add_read_targets(shard, model, images, state.specs, move_margin, cells)
         shard["seconds"] = time.perf_counter() - t_shard
         ckpt.save_atomic(shard, _shard_path(folder, k))
         if bar is not None:
@@ -236,33 +234,36 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
     return folder
 
 
-def _add_cell_targets(shard: dict, model, images: torch.Tensor) -> None:
-    """Give one shard the reader's targets in place (see ``cells`` of :func:`build_dataset`)."""
+def _add_read_targets(shard: dict, model, images: torch.Tensor, specs: Sequence, margin: int | None,
+                      cells: bool) -> None:
+    """Give one shard, in place, its move targets (``margin`` not None) and its reader's cell targets
+    (``cells``), from one reading of its decoded images by the understanding model (see :func:`build_dataset`)."""
     with torch.no_grad():
         maps = model.predict(images.float())
     factor = maps.shape_probs.shape[-1] // shard["z0"].shape[-1]
-    shard["cell_nouns"] = F.avg_pool2d(maps.shape_probs.float().cpu(), factor).half()
-    shard["cell_colors"] = F.avg_pool2d(maps.color_probs.float().cpu(), factor).half()
+    cell_nouns = F.avg_pool2d(maps.shape_probs.float().cpu(), factor)  # mean probability over each cell's pixels
+    if margin is not None:
+        _add_move_targets(shard, maps, cell_nouns, specs, model.config.shapes, margin)
+    if cells:
+        shard["cell_nouns"] = cell_nouns.half()
+        shard["cell_colors"] = F.avg_pool2d(maps.color_probs.float().cpu(), factor).half()
 
 
-def _add_move_targets(shard: dict, model, images: torch.Tensor, specs: Sequence, margin: int) -> None:
+def _add_move_targets(shard: dict, maps, cell_nouns: torch.Tensor, specs: Sequence, shapes: Sequence[str],
+                      margin: int) -> None:
     """Give one shard its move targets in place (see ``move_margin`` of :func:`build_dataset`)."""
     from xlard.shapes.editor import move_plan
 
     z0 = shard["z0"].float()
-    with torch.no_grad():
-        maps = model.predict(images.float())
-    plan = move_plan(z0, maps.shape_probs.cpu(), maps.color_probs.cpu(), specs, model.config.shapes, margin)
+    plan = move_plan(z0, maps.shape_probs.cpu(), maps.color_probs.cpu(), specs, shapes, margin)
     # Every cell a move touched is a copy (plan.latents == copy_cells(z0, sources)): the residual's part there is 0.
     moved = plan.sources != torch.arange(z0.shape[-2] * z0.shape[-1])
     shard["target"] = shard["target"].masked_fill(moved.view(z0.shape[0], 1, *z0.shape[-2:]), 0.0)
     shard["source"] = plan.sources
     shard["move_labels"], shard["move_shifts"] = plan.labels, plan.shifts
-    # The noun under each latent cell (0: none; 1 + index in model.config.shapes): the mean shape
-    # probability over the cell's pixels, where it is above 0.3 (for CorrectorConfig.move_nouns).
-    factor = maps.shape_probs.shape[-1] // z0.shape[-1]
-    cell = F.avg_pool2d(maps.shape_probs.float().cpu(), factor)
-    best, noun = cell.max(1)
+    # The noun under each latent cell (0: none; 1 + index in shapes): the mean shape probability over
+    # the cell's pixels, where it is above 0.3 (for CorrectorConfig.move_nouns).
+    best, noun = cell_nouns.max(1)
     shard["move_nouns"] = torch.where(best > 0.3, noun + 1, torch.zeros_like(noun)).flatten(1)
     shard["actions"] = [[x for x in a if not x.endswith(" in the latent")] + list(m)  # again: no repeats
                         for a, m in zip(shard["actions"], plan.actions)]
@@ -293,10 +294,8 @@ def _upgrade_shards(backbone, model, folder: Path, n_shards: int, margin: int | 
         with torch.no_grad():
             images = decode(shard["z0"].float()).float().cpu()
         need_move, need_cells = missing(shard)
-        if need_move:
-            _add_move_targets(shard, model, images, [parse(p) for p in shard["prompts"]], margin)
-        if need_cells:
-            _add_cell_targets(shard, model, images)
+        _add_read_targets(shard, model, images, [parse(p) for p in shard["prompts"]] if need_move else (),
+                          margin if need_move else None, need_cells)
         shard["seconds"] = float(shard.get("seconds", 0.0)) + time.perf_counter() - t_shard
         ckpt.save_atomic(shard, _shard_path(folder, k))
         if bar is not None:
@@ -550,7 +549,7 @@ def fit_reader(corrector, data: dict[str, Any], *, epochs: int, lr: float = 2e-3
     with torch.no_grad():
         reader.shift.copy_(z_fit.mean(dim=(0, 2, 3), keepdim=True))
         reader.scale.copy_(z_fit.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-6))
-    params = [p for p in reader.parameters()]
+    params = list(reader.parameters())
     per_epoch = max(1, len(train_rows) // batch_size)
     reader.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
