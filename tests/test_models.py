@@ -716,3 +716,118 @@ def test_reader_config_checks_name_the_field(changes, pattern):
         _reader_config(**changes)
     assert CorrectorConfig.from_dict(_reader_config().to_dict() | {"reader_nouns": list(SHAPES_NOUNS)}) \
         == _reader_config()
+
+
+def test_relation_fields_read_the_relation_and_which_entity_is_its_subject():
+    import dataclasses
+
+    from xlard.models import field_inputs, relation_fields
+    from xlard.prompts import parse
+    from xlard.prompts.spec import Relation
+
+    cfg = _reader_config()
+    specs = [parse("a photo of a blue square left of a green triangle"), parse("a photo of a circle below a square"),
+             parse("a photo of three red circles"), parse("a photo of a diamond above a dog")]
+    # The same two entities, the relation pointing the other way: the slot names the subject.
+    specs.append(dataclasses.replace(specs[0], relations=(Relation(1, "right_of", 0),)))
+    inputs = field_inputs(cfg, specs)
+    got = relation_fields(cfg, inputs["text_tokens"], inputs["text_mask"])
+    assert got.tolist() == [[0, 0, 1], [3, 0, 1], [-1, -1, -1], [2, 0, 1], [1, 1, 0]]
+    tokens, mask = inputs["text_tokens"].clone(), inputs["text_mask"].clone()
+    last = int(mask[0].sum()) - 1  # the relation's token is the last real one
+    mask[0, last] = False  # a padded token matches nothing, even holding a relation's vector
+    assert relation_fields(cfg, tokens, mask)[0].tolist() == [-1, -1, -1]
+
+
+def _blob(grid: torch.Tensor, rows: slice, cols: slice, p: float = 0.9) -> None:
+    grid[rows, cols] = p
+
+
+def test_reader_move_sources_carry_out_the_relation_on_the_noun_maps():
+    from xlard.models import READER_MOVE_FACTOR, copy_cells, reader_move_sources
+    from xlard.shapes.editor import move_plan
+
+    h = w = 16
+    probs = torch.zeros(4, 4, h, w)
+    _blob(probs[0, 1], slice(6, 9), slice(11, 14))   # row 0: the square (subject) right of the triangle
+    _blob(probs[0, 2], slice(6, 9), slice(2, 5))
+    _blob(probs[1, 0], slice(2, 5), slice(6, 9))     # row 1: the circle above the diamond, by far
+    _blob(probs[1, 3], slice(12, 15), slice(6, 9))
+    probs[2] = probs[0]                              # row 2: as row 0, but the prompt has no relation
+    probs[3] = probs[0]                              # row 3: the subject's noun is unknown to the reader
+    nouns = torch.tensor([[1, 2], [0, 3], [1, 2], [-1, 2]])
+    relations = torch.tensor([[0, 0, 1], [2, 0, 1], [-1, -1, -1], [0, 0, 1]])   # left_of, above
+    identity = torch.arange(h * w).expand(4, -1)
+
+    src = reader_move_sources(probs, nouns, relations, margin=1.0)
+    assert torch.equal(src[2:], identity[2:]) and not torch.equal(src[0], identity[0])
+    # Moved: the subject's mass now lies left of the object's, each about a quarter of the axis from the edge.
+    moved = copy_cells(torch.stack([probs[0, 1], probs[0, 2]])[None], src[:1])[0]
+    cols = torch.arange(w, dtype=torch.float32)
+    centre = [(m.sum(0) * cols).sum() / m.sum() for m in moved]
+    assert centre[0] < 0.4 * w and centre[1] > 0.6 * w
+    assert moved[0].sum() == probs[0, 1].sum() and moved[1].sum() == probs[0, 2].sum()  # copied whole, not painted
+    # Margin 1.0 moves a relation that already holds; a small margin leaves it alone.
+    assert not torch.equal(src[1], identity[1])
+    assert torch.equal(reader_move_sources(probs, nouns, relations, margin=0.1)[1], identity[1])
+    # The same rule as the editor's move targets, given the same maps upsampled.
+    from xlard.prompts import parse
+
+    specs = [parse("a photo of a square left of a triangle"), parse("a photo of a circle above a diamond")]
+    up = torch.nn.functional.interpolate(probs[:2], scale_factor=READER_MOVE_FACTOR, mode="bilinear",
+                                         align_corners=False)
+    plan = move_plan(torch.zeros(2, 1, h, w), up, up[:, :1], specs, SHAPES_NOUNS, margin=64)
+    assert torch.equal(plan.sources, src[:2])
+
+
+def test_reader_move_moves_the_corrected_latent_and_round_trips(tmp_path):
+    from xlard.models import copy_cells, field_inputs, reader_move_sources, relation_fields, slot_fields
+    from xlard.prompts import parse
+
+    torch.manual_seed(0)
+    corrector = ResidualCorrector(_reader_config(reader_move=True))
+    plain = ResidualCorrector(_reader_config())
+    plain.load_state_dict(corrector.state_dict())
+    probs = torch.zeros(2, 4, 16, 16)
+    _blob(probs[0, 1], slice(6, 9), slice(11, 14))
+    _blob(probs[0, 2], slice(6, 9), slice(2, 5))
+    probs[1] = probs[0]
+    colors = torch.full((2, 11, 16, 16), 1 / 11)
+    for c in (corrector, plain):
+        c.reader.maps = lambda z, p=probs, q=colors: (p[:z.shape[0]], q[:z.shape[0]])
+    specs = [parse("a photo of a square left of a triangle"), parse("a photo of a square and a triangle")]
+    inputs = field_inputs(corrector.config, specs)
+    z0 = torch.randn(2, 8, 16, 16)
+    src = reader_move_sources(probs, slot_fields(corrector.config, inputs["text_tokens"], inputs["text_mask"])[0],
+                              relation_fields(corrector.config, inputs["text_tokens"], inputs["text_mask"]))
+    assert torch.equal(corrector.sources(z0, **inputs), src)
+    assert torch.equal(src[1], torch.arange(256))  # no relation asked: nothing moves
+    # At initialisation the correction is the move alone; with a residual, the residual travels with its cells.
+    assert torch.allclose(corrector(z0, **inputs), copy_cells(z0, src) - z0)
+    with torch.no_grad():
+        torch.nn.init.normal_(corrector.head.weight, std=0.1)
+        plain.head.weight.copy_(corrector.head.weight)
+    residual = plain(z0, **inputs)
+    delta = corrector(z0, **inputs)
+    assert torch.allclose(delta, copy_cells(z0 + residual, src) - z0, atol=1e-6)
+    assert torch.allclose(delta[1], residual[1], atol=1e-6)
+    # The residual still learns through the move (a gather), the move itself has no parameters.
+    corrector.distribution(z0, **inputs).mean.square().sum().backward()
+    assert corrector.head.weight.grad is not None and corrector.head.weight.grad.abs().sum() > 0
+    del corrector.reader.maps
+    corrector.save_pretrained(tmp_path / "c")
+    again = ResidualCorrector.from_pretrained(tmp_path / "c")
+    assert again.config.reader_move and again.config == corrector.config
+    assert torch.equal(again(z0, **inputs), corrector(z0, **inputs))
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({"reader": False, "reader_move": True}, "reader_move needs reader: true"),
+    ({"reader_move": True, "move": True}, "reader_move and move both move"),
+    ({"reader_move": 1}, "reader_move must be a bool"),
+    ({"reader_move_margin": 1.5}, r"reader_move_margin must be a finite number in \[0.0, 1.0\]"),
+    ({"reader_move_margin": float("nan")}, "reader_move_margin must be a finite number"),
+])
+def test_reader_move_config_checks_name_the_field(changes, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        _reader_config(**changes)

@@ -519,3 +519,43 @@ def test_a_reader_run_fits_the_reader_first_and_exports_it(tmp_path, shapes_fina
     evidence = corrector.read(z0, **{k: v for k, v in field_inputs(corrector.config, specs).items()
                                      if k != "pooled"})
     assert evidence.shape == (1, 4, 16, 16) and 0.0 <= float(evidence.min()) and float(evidence.max()) <= 1.0
+
+
+def test_a_reader_move_corrector_fits_its_residual_only():
+    """The warm start fits the residual of a reader_move corrector exactly as without the move (which has no
+    parameters and is not in the edit targets): both fits give the same weights, though the move acts."""
+    from xlard.models import CorrectorConfig, ResidualCorrector, field_inputs
+    from xlard.prompts import parse
+    from xlard.train import distill as dl
+
+    nouns, colors = ("circle", "square", "triangle", "diamond"), ("red", "blue")
+    cfg = CorrectorConfig.tiny(latent_channels=4, text_dim=16, pooled_dim=16, patch=2, width=16, depth=1, heads=2,
+                               cond_dim=8, conditioning="fields", reader=True, reader_nouns=nouns,
+                               reader_colors=colors, reader_width=8)
+    n = 16
+    g = torch.Generator().manual_seed(0)
+    inputs = field_inputs(cfg, [parse("a photo of a square left of a triangle")] * n)
+    z0 = torch.randn(n, 4, 16, 16, generator=g)
+    data = {"z0": z0, "target": 0.3 * torch.randn(n, 4, 16, 16, generator=g), "tokens": inputs["text_tokens"],
+            "mask": inputs["text_mask"], "pooled": inputs["pooled"],
+            "prompts": ["a photo of a square left of a triangle"] * n}
+    probs = torch.zeros(n, 4, 16, 16)
+    probs[:, 1, 6:9, 11:14] = 0.9  # the square on the right, the triangle on the left: both get moved
+    probs[:, 2, 6:9, 2:5] = 0.9
+    torch.manual_seed(0)
+    plain = ResidualCorrector(cfg)
+    moving = ResidualCorrector(cfg.replace(reader_move=True))
+    moving.load_state_dict(plain.state_dict())
+    for c in (plain, moving):
+        c.reader.maps = lambda z: (probs[:z.shape[0]], torch.full((z.shape[0], 3, 16, 16), 1 / 3))
+    assert not torch.equal(moving.sources(z0[:2], inputs["text_tokens"][:2], inputs["pooled"][:2],
+                                          inputs["text_mask"][:2]), plain.sources(z0[:2], inputs["text_tokens"][:2],
+                                                                                  inputs["pooled"][:2],
+                                                                                  inputs["text_mask"][:2]))
+    common = dict(batch_size=8, weight_decay=0.0, val_fraction=0.25, seed=3, progress=False)
+    for c in (plain, moving):
+        dl.fit_corrector(c, data, epochs=2, lr=3e-3, **common)
+        dl.fit_corrector_decoded(c, data, lambda z: torch.tanh(z), epochs=1, lr=1e-3, **common)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), moving.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert float(plain.head.weight.detach().abs().sum()) > 0  # the fits did train

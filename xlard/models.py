@@ -40,12 +40,14 @@ from xlard import _args, _io
 from xlard import ops as xops
 from xlard._optional import require
 from xlard.vocab import ASPECTS  # order of the projector's outputs, confidence weights, [B, 3] aspect masks
+from xlard.vocab import RELATIONS
 
 __all__ = [
     "ASPECTS", "CorrectorConfig", "ProjectorConfig", "ResidualCorrector", "LatentRewardProjector",
     "CONDITIONINGS", "GaussianPolicy", "ProjectorOutput", "ProjectorLoss", "aspect_weights", "corrector_inputs",
     "field_inputs", "patchify", "unpatchify", "sincos_position_encoding", "count_parameters", "copy_cells",
-    "move_sources", "largest_parts", "LatentReader", "slot_fields", "READER_CHANNELS",
+    "move_sources", "largest_parts", "LatentReader", "slot_fields", "READER_CHANNELS", "relation_fields",
+    "relation_targets", "relation_cells", "reader_move_sources", "READER_MOVE_FACTOR",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -233,6 +235,20 @@ class CorrectorConfig(_ConfigBase):
             circle, square, triangle, diamond); a prompt's other nouns get a zero map.
         reader_colors (tuple of str): the colors the reader knows; other colors get a zero map.
         reader_width (int): channels of the reader's four 3x3 convolutions (default 64).
+        reader_move (bool): False (default). True (needs ``reader``, excludes ``move``): the prompt's
+            first relation between its first two entities is carried out by *moving latent cells*, with
+            the reader's noun maps as the eyes (:func:`reader_move_sources`): each entity's most confident
+            object is found on its noun map, and when the relation does not hold by
+            ``reader_move_margin``, both objects' cells of z0 are copied to a quarter and three quarters
+            of the relation's axis (the editor's relation rule, :func:`relation_targets`); every cell they
+            leave copies the nearest cell of neither object. The correction becomes
+            ``copy_cells(z0 + residual, sources) - z0``: the residual, fitted without the move, travels
+            with its cells. Nothing of the move is learned besides the reader: the rule is fixed, and the
+            choice of sources carries no gradient.
+        reader_move_margin (float): the share of the relation's axis by which a relation must already
+            hold to be left as it is, in ``[0, 1]``; 1.0 (default) moves every relation's objects to their
+            quarter places whether or not it held (measured better on training-split items than a
+            margin of 6 / 64: docs/training.md, "Relations moved by the reader").
 
     Example:
         >>> CorrectorConfig.paper().width
@@ -262,6 +278,8 @@ class CorrectorConfig(_ConfigBase):
     reader_nouns: tuple = ()
     reader_colors: tuple = ()
     reader_width: int = 64
+    reader_move: bool = False
+    reader_move_margin: float = 1.0
 
     def __post_init__(self):
         owner = "CorrectorConfig"
@@ -293,6 +311,14 @@ class CorrectorConfig(_ConfigBase):
                 raise ValueError(f"{owner}: reader needs reader_nouns (the nouns it reads), got none")
             if self.reader_width % 8:  # the reader's GroupNorm has 8 groups
                 raise ValueError(f"{owner}: reader_width must be a multiple of 8, got {self.reader_width}")
+        _check_bool(owner, "reader_move", self.reader_move)
+        _check_real(owner, "reader_move_margin", self.reader_move_margin, 0.0, 1.0)
+        if self.reader_move and not self.reader:
+            raise ValueError(f"{owner}: reader_move needs reader: true (the reader's noun maps find the objects "
+                             f"to move), got reader false")
+        if self.reader_move and self.move:
+            raise ValueError(f"{owner}: reader_move and move both move a relation's objects; choose one, "
+                             f"got both true")
 
     @classmethod
     def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
@@ -966,6 +992,16 @@ class LatentReader(nn.Module):
         return torch.sigmoid(nouns), torch.softmax(colors, dim=1)
 
 
+def _field_hits(text_tokens: torch.Tensor, text_mask: torch.Tensor | None, table: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` bool: whether some real token of each row is (within 5% of its norm) row k of ``table [K, dim]``."""
+    b, dim = text_tokens.shape[0], table.shape[1]
+    tokens = text_tokens.float()
+    if text_mask is not None:
+        tokens = tokens.masked_fill(~text_mask.bool()[..., None], float("nan"))  # padding matches nothing
+    dist = torch.cdist(tokens.reshape(-1, dim), table).view(b, -1, table.shape[0])    # [B, T, K]
+    return (dist < 0.05 * table.norm(dim=1)).any(dim=1)                              # NaN rows: no hit
+
+
 @torch.no_grad()
 def slot_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -990,15 +1026,36 @@ def slot_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask: to
         return nouns, colors
     table = torch.stack([field_vector(kind, word, dim) + field_vector("slot", f"{k}:{kind}", dim)
                          for k, kind, _, word in keys]).to(dev)                       # [K, dim]
-    tokens = text_tokens.float()
-    if text_mask is not None:
-        tokens = tokens.masked_fill(~text_mask.bool()[..., None], float("nan"))  # padding matches nothing
-    dist = torch.cdist(tokens.reshape(-1, dim), table).view(b, -1, len(keys))        # [B, T, K]
-    hit = dist < 0.05 * table.norm(dim=1)                                             # NaN rows: no hit
+    hit = _field_hits(text_tokens, text_mask, table)
     for j, (k, kind, i, _) in enumerate(keys):
-        found = hit[:, :, j].any(dim=1)
-        (nouns if kind == "noun" else colors)[found, k] = i
+        (nouns if kind == "noun" else colors)[hit[:, j], k] = i
     return nouns, colors
+
+
+@torch.no_grad()
+def relation_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """The relation between the first two entities, read back from ``"fields"`` tokens.
+
+    A relation's token is the vector of its name plus the vector of its slot
+    ``relation:{subject}->{object}`` (:mod:`xlard.prompts.fields`).
+
+    Returns:
+        Tensor[B, 3] int64: (index into :data:`xlard.vocab.RELATIONS`, subject slot, object slot),
+        ``(-1, -1, -1)`` for a prompt with no such relation; the first of :data:`~xlard.vocab.RELATIONS`
+        wins if a prompt has several.
+    """
+    from xlard.prompts.fields import field_vector
+
+    dim, dev = cfg.text_dim, text_tokens.device
+    keys = [(r, a, 1 - a) for r in range(len(RELATIONS)) for a in (0, 1)]
+    table = torch.stack([field_vector("relation", RELATIONS[r], dim) + field_vector("slot", f"relation:{a}->{o}", dim)
+                         for r, a, o in keys]).to(dev)
+    hit = _field_hits(text_tokens, text_mask, table)
+    out = torch.full((text_tokens.shape[0], 3), -1, dtype=torch.long, device=dev)
+    for j in reversed(range(len(keys))):  # the first key found wins
+        out[hit[:, j]] = torch.tensor(keys[j], device=dev)
+    return out
 
 
 def _reader_evidence(reader: LatentReader, z0: torch.Tensor, nouns: torch.Tensor, colors: torch.Tensor
@@ -1019,6 +1076,141 @@ def _reader_evidence(reader: LatentReader, z0: torch.Tensor, nouns: torch.Tensor
         present = (n >= 0) | (c >= 0)
         out += [noun_map, color_map * present[:, None, None, None]]
     return torch.cat(out, dim=1)
+
+
+def relation_targets(relation: str, centre_subject, centre_object, h: int, w: int, margin: float
+                     ) -> tuple[int, tuple[float, float]] | None:
+    """The editor's relation rule: where a relation's two objects go when it does not hold.
+
+    Returns ``None`` if ``relation`` holds by more than ``margin`` (in the units of the
+    ``(y, x)`` centres, e.g. pixels of an ``h x w`` image) between the subject's and the
+    object's centre, else ``(axis, (subject's target, object's target))``: the two objects
+    go to 0.27 and 0.73 of the relation's axis (0: rows, 1: columns), in the asked order.
+
+    Example:
+        >>> relation_targets("left_of", (8, 40), (8, 20), 64, 64, 6)
+        (1, (17.28, 46.72))
+    """
+    if relation not in RELATIONS:
+        raise ValueError(f"relation_targets: relation must be one of {list(RELATIONS)}, got {relation!r}")
+    axis = 1 if relation in ("left_of", "right_of") else 0
+    sign = -1 if relation in ("left_of", "above") else 1  # subject's coordinate minus the object's
+    if sign * (centre_subject[axis] - centre_object[axis]) > margin:
+        return None
+    extent = w if axis else h
+    return axis, ((0.27 * extent, 0.73 * extent) if sign < 0 else (0.73 * extent, 0.27 * extent))
+
+
+def _mask_centre(mask: torch.Tensor) -> tuple[float, float]:
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return float(ys.double().mean()), float(xs.double().mean())
+
+
+def relation_cells(subject: torch.Tensor, object_: torch.Tensor, relation: str, latent_hw, margin: float
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The latent move that puts a relation's two objects in the asked order (:func:`relation_targets`).
+
+    Args:
+        subject, object_ (bool Tensor[H, W]): the two objects' masks (non-empty) on a grid ``factor``
+            times the latent's in each direction.
+        relation: one of :data:`xlard.vocab.RELATIONS`.
+        latent_hw: ``(h, w)`` of the latent.
+        margin: how far (in cells of the masks' grid) the relation must hold to be left alone.
+
+    Returns:
+        ``None`` when the relation holds, else ``(labels [h, w] int64, shifts [2, 2] int64)`` for
+        :func:`move_sources`: each object's latent cells (those under its mask grown by one cell of
+        the mask's grid, then by one latent cell; 1 subject, 2 object, the object drawn last) and its
+        whole-cell shift in (rows, columns).
+    """
+    lh, lw = latent_hw
+    h, w = subject.shape
+    if h % lh or w % lw or h // lh != w // lw or object_.shape != subject.shape:
+        raise ValueError(f"relation_cells: masks {tuple(subject.shape)} / {tuple(object_.shape)} must share one "
+                         f"size, the same multiple of the latent's {(lh, lw)}")
+    if not subject.any() or not object_.any():
+        raise ValueError("relation_cells: subject and object_ masks must not be empty")
+    factor = h // lh
+    cs, co = _mask_centre(subject), _mask_centre(object_)
+    move = relation_targets(relation, cs, co, h, w, margin)
+    if move is None:
+        return None
+    axis, targets = move
+    labels = torch.zeros(lh, lw, dtype=torch.int64)
+    shifts = torch.zeros(2, 2, dtype=torch.int64)
+    for k, (mask, centre, target) in enumerate(((subject, cs, targets[0]), (object_, co, targets[1]))):
+        t = mask.detach().float().cpu()[None, None]
+        cells = F.max_pool2d(F.max_pool2d(F.max_pool2d(t, 3, 1, 1), factor), 3, 1, 1)[0, 0] > 0
+        labels[cells] = k + 1
+        shifts[k, axis] = int(round((target - centre[axis]) / factor))
+    return labels, shifts
+
+
+#: :func:`reader_move_sources` finds objects on the reader's noun maps upsampled this many times (bilinear),
+#: as the understanding model's 64 x 64 maps are 4x the shapes latent: a probability of 0.5 or more, at
+#: least half a latent cell (8 points of the finer grid), 8-connected; the most confident part per entity.
+READER_MOVE_FACTOR = 4
+
+
+def _best_parts(prob: torch.Tensor, threshold: float = 0.5, min_area: int = 8) -> torch.Tensor:
+    """``prob [B, H, W]`` -> bool ``[B, H, W]``: per map its connected part (``prob >= threshold``,
+    8-connected, at least ``min_area`` points) of highest mean probability; empty when there is none."""
+    labels, _ = xops.label_components(prob[:, None].float().contiguous(), threshold=threshold, mode="absolute",
+                                      min_area=min_area, connectivity=8)
+    labels = labels[:, 0].reshape(prob.shape[0], -1).long()
+    n = int(labels.max()) + 1 if labels.numel() else 1
+    flat = prob.reshape(prob.shape[0], -1).float()
+    sums = torch.zeros(prob.shape[0], n, device=prob.device).scatter_add_(1, labels, flat)
+    sizes = torch.zeros(prob.shape[0], n, device=prob.device).scatter_add_(1, labels, torch.ones_like(flat))
+    mean = torch.where(sizes > 0, sums / sizes.clamp(min=1), torch.full_like(sums, -1.0))
+    mean[:, 0] = -1.0
+    best = mean.argmax(1, keepdim=True)  # ties: the lowest label, as xlard.shapes.editor.find_objects
+    return ((labels == best) & (mean.gather(1, best) >= 0)).view(prob.shape)
+
+
+@torch.no_grad()
+def reader_move_sources(noun_probs: torch.Tensor, nouns: torch.Tensor, relations: torch.Tensor,
+                        margin: float = 1.0) -> torch.Tensor:
+    """Where every latent cell comes from when each prompt's relation is carried out on the reader's maps.
+
+    For each row with a relation between two entities of different known nouns, each entity's
+    most confident object is found on its noun map (upsampled :data:`READER_MOVE_FACTOR` times),
+    and :func:`relation_cells` decides and plans the move; :func:`move_sources` turns it into
+    a source cell for every cell. Rows with nothing to move keep every cell.
+
+    Args:
+        noun_probs (Tensor[B, N, h, w]): the reader's noun probabilities of z0.
+        nouns (Tensor[B, 2] int): the first two entities' nouns (index into N, -1 unknown; :func:`slot_fields`).
+        relations (Tensor[B, 3] int): :func:`relation_fields`.
+        margin: the share of the relation's axis by which it must hold to be left alone (1.0: always move).
+
+    Returns:
+        Tensor[B, h*w] int64 for :func:`copy_cells`.
+    """
+    b, _, lh, lw = noun_probs.shape
+    labels = torch.zeros(b, lh * lw, dtype=torch.int64)
+    shifts = torch.zeros(b, 2, 2, dtype=torch.int64)
+    rows = [i for i in range(b) if relations[i, 0] >= 0 and int(relations[i, 1]) != int(relations[i, 2])
+            and nouns[i, relations[i, 1]] >= 0 and nouns[i, relations[i, 2]] >= 0
+            and nouns[i, relations[i, 1]] != nouns[i, relations[i, 2]]]
+    if rows:
+        r = torch.tensor(rows, device=noun_probs.device)
+        rel = relations[r].to(noun_probs.device)
+        pick = torch.stack([nouns[r].to(noun_probs.device).gather(1, rel[:, 1:2]),
+                            nouns[r].to(noun_probs.device).gather(1, rel[:, 2:3])], 1)[..., 0]  # [R, 2]
+        maps = noun_probs[r].gather(1, pick[:, :, None, None].expand(-1, -1, lh, lw)).float()
+        f = READER_MOVE_FACTOR
+        up = F.interpolate(maps, scale_factor=f, mode="bilinear", align_corners=False)
+        parts = _best_parts(up.flatten(0, 1)).view(len(rows), 2, lh * f, lw * f).cpu()
+        for j, i in enumerate(rows):
+            if not parts[j, 0].any() or not parts[j, 1].any():
+                continue
+            name = RELATIONS[int(rel[j, 0])]
+            extent = (lw if name in ("left_of", "right_of") else lh) * f
+            plan = relation_cells(parts[j, 0], parts[j, 1], name, (lh, lw), margin * extent)
+            if plan is not None:
+                labels[i], shifts[i] = plan[0].flatten(), plan[1]
+    return move_sources(labels.to(noun_probs.device), shifts.to(noun_probs.device), lh, lw)
 
 
 def _blockwise(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
@@ -1121,7 +1313,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
     def distill_outputs(self, z0, text_tokens, pooled, text_mask=None):
         """What the warm start fits: ``(residual [B, C, H, W], move)``.
 
-        The residual is the correction without the move head's copy; ``move`` is
+        The residual is the correction without the move (the move head's copy, or ``reader_move``'s, which
+        has nothing to fit); ``move`` is
         ``(cell label scores [B, H*W, 3], shift-class scores [B, 2, 2, 2 * move_range + 1],
         noun scores [B, H*W, move_nouns + 1] or None)``, or ``None`` for a corrector without a move head.
         """
@@ -1130,11 +1323,15 @@ class ResidualCorrector(_Pretrained, nn.Module):
         return self._residual(tokens, z0), logits
 
     def sources(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:
-        """The move head's choice: for every latent cell, the flat index of the cell of z0 copied there.
+        """The move's choice (the move head's, or ``reader_move``'s): for every latent cell, the flat index of
+        the cell of z0 copied there.
 
         Returns:
-            Tensor[B, H*W] int64 (``arange(H*W)`` everywhere for a corrector without a move head).
+            Tensor[B, H*W] int64 (``arange(H*W)`` everywhere for a corrector that moves nothing).
         """
+        if self.config.reader_move:
+            self._features(z0, text_tokens, pooled, text_mask)  # validates the inputs
+            return self._reader_sources(z0, text_tokens, text_mask)
         if not self.config.move:
             _check_latent("ResidualCorrector", "z0", z0, self.config.latent_channels, self.config.patch,
                           self._param.device)
@@ -1180,13 +1377,25 @@ class ResidualCorrector(_Pretrained, nn.Module):
         reader_dtype = self.reader.scale.dtype
         return _reader_evidence(self.reader, z0.to(reader_dtype), nouns, colors).to(z0.dtype)
 
-    def _delta(self, tokens, z0) -> torch.Tensor:
+    def _delta(self, tokens, z0, text_tokens, text_mask) -> torch.Tensor:
         delta = self._residual(tokens, z0)
-        if self.config.move:
+        if self.config.move:  # the residual is fitted around the head's move: it stays where it is
             sources = self._choose(*self._move_scores(tokens, z0)[:2], z0.shape[-2], z0.shape[-1])
             moved = copy_cells(z0.to(delta.dtype), sources)
             delta = delta + (moved - z0.to(delta.dtype))
+        elif self.config.reader_move:  # the residual is fitted without the move: it moves with its cells
+            z = z0.to(delta.dtype)
+            delta = copy_cells(z + delta, self._reader_sources(z0, text_tokens, text_mask)) - z
         return delta
+
+    @torch.no_grad()
+    def _reader_sources(self, z0, text_tokens, text_mask) -> torch.Tensor:
+        """``reader_move``: the source of every cell, from the reader's noun maps and the prompt's fields."""
+        cfg = self.config
+        nouns, _ = slot_fields(cfg, text_tokens, text_mask)
+        relations = relation_fields(cfg, text_tokens, text_mask)
+        noun_probs, _ = self.reader.maps(z0.to(self.reader.scale.dtype))
+        return reader_move_sources(noun_probs, nouns, relations, cfg.reader_move_margin)
 
     def action_noise(self, noise: torch.Tensor) -> torch.Tensor:
         """Standard normal noise ``[B, C, H, W]`` made constant on ``action_block`` blocks.
@@ -1213,7 +1422,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
             TypeError, ValueError: a bad input, naming it.
         """
         tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
-        return self._delta(tokens, z0).to(z0.dtype)
+        return self._delta(tokens, z0, text_tokens, text_mask).to(z0.dtype)
 
     def correct(self, z0, text_tokens, pooled, text_mask=None, alpha=None):
         """Inference: apply the mean correction, ``zc = z0 + alpha * Delta``, via :func:`xlard.ops.residual_correction`.
@@ -1232,13 +1441,14 @@ class ResidualCorrector(_Pretrained, nn.Module):
         """The policy ``N(Delta_theta(z0, e_p), exp(log_std)^2)`` with a float32 mean (float64 for float64 z0)."""
         tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
         dt = torch.float64 if z0.dtype == torch.float64 else torch.float32
-        return GaussianPolicy(self._delta(tokens, z0).to(dt), self.log_std)
+        return GaussianPolicy(self._delta(tokens, z0, text_tokens, text_mask).to(dt), self.log_std)
 
     def policy_and_value(self, z0, text_tokens, pooled, text_mask=None) -> tuple[GaussianPolicy, torch.Tensor]:
         """One trunk pass for the PPO update: ``(distribution, value [B] float32)``."""
         tokens, cond = self._features(z0, text_tokens, pooled, text_mask)
         dt = torch.float64 if z0.dtype == torch.float64 else torch.float32
-        return GaussianPolicy(self._delta(tokens, z0).to(dt), self.log_std), self._value(tokens, cond)
+        return (GaussianPolicy(self._delta(tokens, z0, text_tokens, text_mask).to(dt), self.log_std),
+                self._value(tokens, cond))
 
     def value(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:
         """The baseline ``b(z0, e_p)``: trunk tokens mean-pooled, with ``W e_p``, through an MLP. ``[B]`` float32."""

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xlard.models import copy_cells, move_sources, relation_cells, relation_targets
+
 from .world import BACKGROUND, PALETTE, SHAPES, shape_mask
 
 __all__ = ["EditConfig", "EditedBatch", "edit_image", "edit_images", "edit_targets", "find_objects", "move_latents",
@@ -231,28 +233,6 @@ def _rgb(color: str) -> np.ndarray:
     return np.asarray(PALETTE[color], dtype=np.float32) / 255.0
 
 
-def _relation_move(relation: str, centre_subject: Sequence[float], centre_object: Sequence[float], h: int, w: int,
-                   margin: int) -> tuple[int, tuple[float, float]] | None:
-    """The editor's relation rule, shared by :func:`edit_image` and :func:`move_latents`.
-
-    Returns ``None`` if ``relation`` holds by more than ``margin`` pixels between the two ``(y, x)``
-    centres, else ``(axis, (subject's target, object's target))``: the two objects go to a quarter and
-    three quarters of the relation's axis (0: rows, 1: columns), in the asked order.
-    """
-    axis = 1 if relation in ("left_of", "right_of") else 0
-    sign = -1 if relation in ("left_of", "above") else 1  # subject's coordinate minus the object's
-    if sign * (centre_subject[axis] - centre_object[axis]) > margin:
-        return None
-    extent = w if axis else h
-    return axis, ((0.27 * extent, 0.73 * extent) if sign < 0 else (0.73 * extent, 0.27 * extent))
-
-
-def _centre(mask: np.ndarray) -> tuple[float, float]:
-    """``(y, x)`` mean of a mask's pixels."""
-    ys, xs = np.nonzero(mask)
-    return float(ys.mean()), float(xs.mean())
-
-
 def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarray, spec: Any,
                shapes: Sequence[str], colors: Sequence[str], config: EditConfig | None = None
                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -407,8 +387,8 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
                     or not placed[rel.object]:
                 continue
             a, b = placed[rel.subject][0], placed[rel.object][0]
-            move = _relation_move(rel.relation, (a[0] + a[2] / 2, a[1] + a[2] / 2),
-                                  (b[0] + b[2] / 2, b[1] + b[2] / 2), h, w, config.margin)
+            move = relation_targets(rel.relation, (a[0] + a[2] / 2, a[1] + a[2] / 2),
+                                    (b[0] + b[2] / 2, b[1] + b[2] / 2), h, w, config.margin)
             if move is None:
                 continue
             axis, targets = move
@@ -508,12 +488,6 @@ def edit_targets(encode: Any, images: torch.Tensor, edited: EditedBatch, latent_
     return (mask.to(diff.dtype) * diff).float()
 
 
-def _latent_cells(mask: np.ndarray, factor: int) -> torch.Tensor:
-    """The latent cells under an image mask (grown by a pixel, then by one cell): bool [h, w]."""
-    t = torch.from_numpy(_dilate(mask, 1).astype(np.float32))[None, None]
-    return F.max_pool2d(F.max_pool2d(t, factor), 3, 1, 1)[0, 0] > 0
-
-
 @dataclass
 class MovedBatch:
     """What :func:`move_plan` did: the moved latents, where each cell came from, the actions per latent.
@@ -589,9 +563,6 @@ def move_plan(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch.Te
                          f"must share one size, a multiple of the latent's {(lh, lw)}")
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 1:
         raise ValueError(f"move_latents: margin must be an int >= 1, got {margin!r}")
-    from xlard.models import copy_cells, move_sources
-
-    factor = h // lh
     sp = shape_probs.detach().float().cpu().numpy()
     labels = torch.zeros(b, lh * lw, dtype=torch.int64)
     shifts = torch.zeros(b, 2, 2, dtype=torch.int64)
@@ -608,14 +579,10 @@ def move_plan(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch.Te
             a, o = found[rel.subject], found[rel.object]
             if a is None or o is None:
                 continue
-            move = _relation_move(rel.relation, _centre(a), _centre(o), h, w, margin)
-            if move is None:
+            plan = relation_cells(torch.from_numpy(a), torch.from_numpy(o), rel.relation, (lh, lw), margin)
+            if plan is None:
                 continue
-            axis, targets = move
-            lab = labels[i].view(lh, lw)
-            for k, (mask, centre) in enumerate(((a, targets[0]), (o, targets[1]))):
-                lab[_latent_cells(mask, factor)] = k + 1
-                shifts[i, k, axis] = int(round((centre - _centre(mask)[axis]) / factor))
+            labels[i], shifts[i] = plan[0].flatten(), plan[1]
             acts.append(f"moved {spec.entities[rel.subject].noun} {rel.relation.replace('_', ' ')} "
                         f"{spec.entities[rel.object].noun} in the latent")
             break  # one relation per prompt: the move head has one subject and one object

@@ -465,8 +465,8 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
 
     def losses(rows) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
         z0, target, tokens, mask, pooled = batch(rows)
-        if not move:
-            return (corrector(z0, tokens, pooled, mask) - target).square().mean(), None, ()
+        if not move:  # the residual alone: a reader_move corrector's move is not fitted (it has no parameters)
+            return (corrector.distill_outputs(z0, tokens, pooled, mask)[0] - target).square().mean(), None, ()
         residual, move_scores = corrector.distill_outputs(z0, tokens, pooled, mask)
         return ((residual - target).square().mean(), *_move_term(corrector, move_scores, data, rows, device))
 
@@ -699,8 +699,8 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
         elif move:
             mean, move_scores = corrector.distill_outputs(z0, tokens, pooled, mask)
             ce, _ = _move_term(corrector, move_scores, data, rows, device)
-        else:
-            mean = corrector(z0, tokens, pooled, mask)
+        else:  # the residual alone, as in fit_corrector
+            mean = corrector.distill_outputs(z0, tokens, pooled, mask)[0]
         pixel = (decode(base + mean) - goal[rows].to(device)).square().mean()
         return pixel, (mean - target).square().mean(), ce
 
