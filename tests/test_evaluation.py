@@ -397,6 +397,7 @@ def test_the_shipped_shapes_corrector_is_installed_fits_and_corrects(tmp_path, c
     corrector, meta = ev.load_corrector_dir(folder)
     assert meta.backbone == "shapes"
     assert meta.training["reward_source"] == "shapes"  # trained on the understanding model, not the evaluator
+    assert corrector.config.reader and corrector.config.reader_move  # the recipe of configs/shapes_shipped.yaml
     assert (folder / "README.md").is_file()
     backbone = ev.load_backbone_for(meta, corrector=corrector)  # runs check_corrector_fits
     state = backbone.encode(["a photo of three red circles"], seed=[0])
@@ -405,6 +406,10 @@ def test_the_shipped_shapes_corrector_is_installed_fits_and_corrects(tmp_path, c
     with torch.no_grad():  # its own inputs: the parsed fields' tokens for a conditioning: fields corrector
         delta = corrector(state.z0, **corrector_inputs(corrector, state.prompt_embedding, state.specs))
     assert torch.isfinite(delta).all() and float(delta.abs().max()) > 0  # a trained corrector acts
+    relation = backbone.encode(["a photo of a circle left of a square"], seed=[0])
+    inputs = corrector_inputs(corrector, relation.prompt_embedding, relation.specs)
+    n = relation.z0.shape[-2] * relation.z0.shape[-1]
+    assert not torch.equal(corrector.sources(relation.z0, **inputs)[0], torch.arange(n))  # its objects are moved
     out = tmp_path / "gen"
     assert cli.main(["generate", "a photo of three red circles", "--backbone", "shapes", "--correct",
                      "--out", str(out), "--quiet"]) == 0

@@ -244,7 +244,8 @@ class CorrectorConfig(_ConfigBase):
             leave copies the nearest cell of neither object. The correction becomes
             ``copy_cells(z0 + residual, sources) - z0``: the residual, fitted without the move, travels
             with its cells. Nothing of the move is learned besides the reader: the rule is fixed, and the
-            choice of sources carries no gradient.
+            choice of sources carries no gradient. A step size ``alpha`` other than 1 blends the moved
+            and the unmoved latent instead of moving (the shipped corrector is exported at 1).
         reader_move_margin (float): the share of the relation's axis by which a relation must already
             hold to be left as it is, in ``[0, 1]``; 1.0 (default) moves every relation's objects to their
             quarter places whether or not it held (measured better on training-split items than a
@@ -1115,7 +1116,7 @@ def relation_cells(subject: torch.Tensor, object_: torch.Tensor, relation: str, 
             times the latent's in each direction.
         relation: one of :data:`xlard.vocab.RELATIONS`.
         latent_hw: ``(h, w)`` of the latent.
-        margin: how far (in cells of the masks' grid) the relation must hold to be left alone.
+        margin: how far (in points of the masks' grid) the relation must hold to be left alone.
 
     Returns:
         ``None`` when the relation holds, else ``(labels [h, w] int64, shifts [2, 2] int64)`` for
@@ -1147,13 +1148,13 @@ def relation_cells(subject: torch.Tensor, object_: torch.Tensor, relation: str, 
 
 
 #: :func:`reader_move_sources` finds objects on the reader's noun maps upsampled this many times (bilinear),
-#: as the understanding model's 64 x 64 maps are 4x the shapes latent: a probability of 0.5 or more, at
+#: as the understanding model's 64 x 64 maps are 4x the shapes latent: a probability above 0.5, at
 #: least half a latent cell (8 points of the finer grid), 8-connected; the most confident part per entity.
 READER_MOVE_FACTOR = 4
 
 
 def _best_parts(prob: torch.Tensor, threshold: float = 0.5, min_area: int = 8) -> torch.Tensor:
-    """``prob [B, H, W]`` -> bool ``[B, H, W]``: per map its connected part (``prob >= threshold``,
+    """``prob [B, H, W]`` -> bool ``[B, H, W]``: per map its connected part (``prob > threshold``,
     8-connected, at least ``min_area`` points) of highest mean probability; empty when there is none."""
     labels, _ = xops.label_components(prob[:, None].float().contiguous(), threshold=threshold, mode="absolute",
                                       min_area=min_area, connectivity=8)
