@@ -127,15 +127,18 @@ def test_reward_source_auto_and_backbone_options():
 
 def test_shipped_corrector_config_and_the_demo_share_one_recipe():
     """The demo trains the shipped corrector's recipe, only with fewer edit targets."""
-    from xlard.demo import DEMO_ITEMS_PER_TAG, DEMO_TRAINING, demo_config
+    from xlard.demo import DEMO_ITEMS_PER_TAG, DEMO_READER_BATCH, DEMO_TRAINING, demo_config
 
     shipped = load_config(REPO / "configs" / "shapes_shipped.yaml").to_dict()
     demo = demo_config(Path("demo"), progress=shipped["log"]["progress"]).to_dict()
     assert demo["distill"]["items_per_tag"] == DEMO_ITEMS_PER_TAG < shipped["distill"]["items_per_tag"]
+    # fewer items, a smaller reader batch: about as many reader updates
+    assert demo["distill"]["reader_batch_size"] == DEMO_READER_BATCH < shipped["distill"]["reader_batch_size"] == 64
     assert demo["steps"] == shipped["steps"] == 0
     for cfg in (shipped, demo):
         cfg.pop("out")
         cfg["distill"].pop("items_per_tag")
+        cfg["distill"].pop("reader_batch_size")
     assert shipped == demo
     assert config_from_dict(DEMO_TRAINING).to_dict()["distill"]["items_per_tag"] == 1000  # the shipped run's count
     assert shipped["data"]["balance"] == "tag" and shipped["data"]["prompts"] == "shapes:train"

@@ -480,7 +480,7 @@ def test_a_move_run_writes_sources_and_exports_a_move_head(tmp_path, shapes_fina
 
 
 @needs_shapes
-def test_a_reader_run_fits_the_reader_first_and_exports_it(tmp_path, shapes_final):
+def test_a_reader_run_fits_the_reader_first_and_exports_it(tmp_path, shapes_final, monkeypatch):
     """model.corrector_overrides reader: true: the shards carry the understanding model's reading per latent
     cell, the reader is fitted before the corrector (its weights leave their initialisation, its accuracies are
     reported), it stays frozen through the corrector's fit, and the exported corrector reads with it."""
@@ -500,7 +500,19 @@ def test_a_reader_run_fits_the_reader_first_and_exports_it(tmp_path, shapes_fina
     with pytest.raises(ValueError, match="understanding model that labels its targets"):
         train(config(tmp_path / "t2", model=wrong), backbone=shapes_final)
     out = tmp_path / "run"
-    summary = train(config(out, model=heads, distill={"reader_epochs": 2}), backbone=shapes_final)
+    from xlard.train import distill as dl
+
+    seen = {}
+    real_fit = dl.fit_reader
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(dl, "fit_reader", spy)
+    summary = train(config(out, model=heads, distill={"reader_epochs": 2, "reader_batch_size": 2}),
+                    backbone=shapes_final)
+    assert seen["batch_size"] == 2 and seen["epochs"] == 2  # distill.reader_batch_size reaches the fit
     shard = torch.load(out / "distill" / "data-0000.pt", weights_only=False)
     assert shard["cell_nouns"].shape == (4, 4, 16, 16) and shard["cell_colors"].shape == (4, 11, 16, 16)
     assert torch.allclose(shard["cell_colors"].float().sum(1), torch.ones(4, 16, 16), atol=1e-2)

@@ -484,6 +484,9 @@ class DistillSettings:
             (``model.corrector_overrides: {reader: true}``;
             :func:`xlard.train.distill.fit_reader`), before the corrector's own fit; the
             shards then also record the understanding model's reading per latent cell.
+        reader_batch_size: the reader fit's batch (64); fewer edit targets fit better with a
+            smaller one, as the number of its updates falls with the items (the demo: 16 for
+            its 1200 items, docs/demo.md).
     """
 
     items_per_tag: int = 0
@@ -512,10 +515,12 @@ class DistillSettings:
     move_margin: int = 64
     move_weight: float = 0.1
     reader_epochs: int = 30
+    reader_batch_size: int = 64
 
     def __post_init__(self):
         o = "distill"
         _int(o, "reader_epochs", self.reader_epochs, 1)
+        _int(o, "reader_batch_size", self.reader_batch_size, 1)
         _int(o, "items_per_tag", self.items_per_tag, 0)
         _int(o, "epochs", self.epochs, 1)
         _real(o, "lr", self.lr, 0.0, low_open=True)

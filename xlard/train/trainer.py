@@ -461,7 +461,8 @@ class Trainer:
         reader_stats = {}
         if reader:
             self._say(f"distill: fitting the corrector's latent reader ({d.reader_epochs} epochs)")
-            reader_stats = dl.fit_reader(self.corrector, data, epochs=d.reader_epochs, val_fraction=d.val_fraction,
+            reader_stats = dl.fit_reader(self.corrector, data, epochs=d.reader_epochs, batch_size=d.reader_batch_size,
+                                         val_fraction=d.val_fraction,
                                          seed=self.cfg.seed, log_path=folder / "reader_metrics.jsonl",
                                          progress=self.cfg.log.progress)
         stats = dl.fit_corrector(self.corrector, data, epochs=d.epochs, lr=d.lr, batch_size=d.batch_size,
