@@ -1059,17 +1059,18 @@ def relation_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask
     return out
 
 
-def _reader_evidence(reader: LatentReader, z0: torch.Tensor, nouns: torch.Tensor, colors: torch.Tensor
+def _reader_evidence(noun_p: torch.Tensor, color_p: torch.Tensor, nouns: torch.Tensor, colors: torch.Tensor
                      ) -> torch.Tensor:
-    """``[B, READER_CHANNELS, H, W]``: per entity slot k, the map of its noun (0 when unknown or absent)
-    and of its color (any color, 1 - background, when the prompt names none; 0 when unknown or no entity)."""
-    noun_p, color_p = reader.maps(z0)
+    """``[B, READER_CHANNELS, H, W]`` from a reader's maps (:meth:`LatentReader.maps`): per entity slot k, the
+    map of its noun (0 when unknown or absent) and of its color (any color, 1 - background, when the prompt
+    names none; 0 when unknown or no entity)."""
+    hw = noun_p.shape[-2:]
     out = []
     for k in range(2):
         n, c = nouns[:, k], colors[:, k]
-        noun_map = noun_p.gather(1, n.clamp(min=0)[:, None, None, None].expand(-1, 1, *z0.shape[-2:]))
+        noun_map = noun_p.gather(1, n.clamp(min=0)[:, None, None, None].expand(-1, 1, *hw))
         noun_map = noun_map * (n >= 0)[:, None, None, None]
-        color_map = color_p.gather(1, (c + 1).clamp(min=0)[:, None, None, None].expand(-1, 1, *z0.shape[-2:]))
+        color_map = color_p.gather(1, (c + 1).clamp(min=0)[:, None, None, None].expand(-1, 1, *hw))
         any_color = 1.0 - color_p[:, :1]
         # c == -1: the prompt names no color for this entity, or a color the reader does not know; an
         # entity is present when its noun token is (n >= 0) -- an unknown noun still gets its color map.
@@ -1319,7 +1320,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
         ``(cell label scores [B, H*W, 3], shift-class scores [B, 2, 2, 2 * move_range + 1],
         noun scores [B, H*W, move_nouns + 1] or None)``, or ``None`` for a corrector without a move head.
         """
-        tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
+        tokens, _, _ = self._features(z0, text_tokens, pooled, text_mask)
         logits = self._move_scores(tokens, z0) if self.config.move else None
         return self._residual(tokens, z0), logits
 
@@ -1331,14 +1332,14 @@ class ResidualCorrector(_Pretrained, nn.Module):
             Tensor[B, H*W] int64 (``arange(H*W)`` everywhere for a corrector that moves nothing).
         """
         if self.config.reader_move:
-            self._features(z0, text_tokens, pooled, text_mask)  # validates the inputs
-            return self._reader_sources(z0, text_tokens, text_mask)
+            return self._reader_sources(self._features(z0, text_tokens, pooled, text_mask)[2], text_tokens,
+                                        text_mask)
         if not self.config.move:
             _check_latent("ResidualCorrector", "z0", z0, self.config.latent_channels, self.config.patch,
                           self._param.device)
             n = z0.shape[-2] * z0.shape[-1]
             return torch.arange(n, device=z0.device).expand(z0.shape[0], n).clone()
-        tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
+        tokens, _, _ = self._features(z0, text_tokens, pooled, text_mask)
         return self._choose(*self._move_scores(tokens, z0)[:2], z0.shape[-2], z0.shape[-1])
 
     def _features(self, z0, text_tokens, pooled, text_mask):
@@ -1352,9 +1353,21 @@ class ResidualCorrector(_Pretrained, nn.Module):
                              f"action_block={k}, got {z0.shape[-2]} x {z0.shape[-1]}")
         dt = ref.dtype
         z = z0.to(dt)
+        reading = None
         if cfg.reader:
-            z = torch.cat([z, self.read(z, text_tokens, text_mask)], dim=1)
-        return self.trunk(z, text_tokens.to(dt), pooled.to(dt), text_mask)
+            evidence, reading = self._read(z, text_tokens, text_mask)
+            z = torch.cat([z, evidence], dim=1)
+        tokens, cond = self.trunk(z, text_tokens.to(dt), pooled.to(dt), text_mask)
+        return tokens, cond, reading
+
+    @torch.no_grad()
+    def _read(self, z, text_tokens, text_mask) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One pass of the reader over checked inputs: ``(evidence for the trunk in z's dtype, (noun
+        probabilities [B, len(reader_nouns), H, W], the first two entities' nouns [B, 2]))``; the second
+        part is what ``reader_move`` moves by."""
+        nouns, colors = slot_fields(self.config, text_tokens, text_mask)
+        noun_p, color_p = self.reader.maps(z.to(self.reader.scale.dtype))
+        return _reader_evidence(noun_p, color_p, nouns, colors).to(z.dtype), (noun_p, nouns)
 
     @torch.no_grad()
     def read(self, z0, text_tokens, text_mask=None) -> torch.Tensor:
@@ -1374,11 +1387,9 @@ class ResidualCorrector(_Pretrained, nn.Module):
             pooled = None  # _check_prompt names text_tokens first
         text_mask = _check_prompt("ResidualCorrector.read", z0.shape[0], text_tokens, pooled, text_mask,
                                   cfg.text_dim, cfg.pooled_dim, self._param.device)
-        nouns, colors = slot_fields(cfg, text_tokens, text_mask)
-        reader_dtype = self.reader.scale.dtype
-        return _reader_evidence(self.reader, z0.to(reader_dtype), nouns, colors).to(z0.dtype)
+        return self._read(z0, text_tokens, text_mask)[0]
 
-    def _delta(self, tokens, z0, text_tokens, text_mask) -> torch.Tensor:
+    def _delta(self, tokens, z0, reading, text_tokens, text_mask) -> torch.Tensor:
         delta = self._residual(tokens, z0)
         if self.config.move:  # the residual is fitted around the head's move: it stays where it is
             sources = self._choose(*self._move_scores(tokens, z0)[:2], z0.shape[-2], z0.shape[-1])
@@ -1386,17 +1397,16 @@ class ResidualCorrector(_Pretrained, nn.Module):
             delta = delta + (moved - z0.to(delta.dtype))
         elif self.config.reader_move:  # the residual is fitted without the move: it moves with its cells
             z = z0.to(delta.dtype)
-            delta = copy_cells(z + delta, self._reader_sources(z0, text_tokens, text_mask)) - z
+            delta = copy_cells(z + delta, self._reader_sources(reading, text_tokens, text_mask)) - z
         return delta
 
     @torch.no_grad()
-    def _reader_sources(self, z0, text_tokens, text_mask) -> torch.Tensor:
-        """``reader_move``: the source of every cell, from the reader's noun maps and the prompt's fields."""
-        cfg = self.config
-        nouns, _ = slot_fields(cfg, text_tokens, text_mask)
-        relations = relation_fields(cfg, text_tokens, text_mask)
-        noun_probs, _ = self.reader.maps(z0.to(self.reader.scale.dtype))
-        return reader_move_sources(noun_probs, nouns, relations, cfg.reader_move_margin)
+    def _reader_sources(self, reading, text_tokens, text_mask) -> torch.Tensor:
+        """``reader_move``: the source of every cell, from the reader's reading (:meth:`_read`) and the
+        prompt's relation."""
+        noun_probs, nouns = reading
+        relations = relation_fields(self.config, text_tokens, text_mask)
+        return reader_move_sources(noun_probs, nouns, relations, self.config.reader_move_margin)
 
     def action_noise(self, noise: torch.Tensor) -> torch.Tensor:
         """Standard normal noise ``[B, C, H, W]`` made constant on ``action_block`` blocks.
@@ -1422,8 +1432,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
         Raises:
             TypeError, ValueError: a bad input, naming it.
         """
-        tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
-        return self._delta(tokens, z0, text_tokens, text_mask).to(z0.dtype)
+        tokens, _, reading = self._features(z0, text_tokens, pooled, text_mask)
+        return self._delta(tokens, z0, reading, text_tokens, text_mask).to(z0.dtype)
 
     def correct(self, z0, text_tokens, pooled, text_mask=None, alpha=None):
         """Inference: apply the mean correction, ``zc = z0 + alpha * Delta``, via :func:`xlard.ops.residual_correction`.
@@ -1440,20 +1450,20 @@ class ResidualCorrector(_Pretrained, nn.Module):
 
     def distribution(self, z0, text_tokens, pooled, text_mask=None) -> GaussianPolicy:
         """The policy ``N(Delta_theta(z0, e_p), exp(log_std)^2)`` with a float32 mean (float64 for float64 z0)."""
-        tokens, _ = self._features(z0, text_tokens, pooled, text_mask)
+        tokens, _, reading = self._features(z0, text_tokens, pooled, text_mask)
         dt = torch.float64 if z0.dtype == torch.float64 else torch.float32
-        return GaussianPolicy(self._delta(tokens, z0, text_tokens, text_mask).to(dt), self.log_std)
+        return GaussianPolicy(self._delta(tokens, z0, reading, text_tokens, text_mask).to(dt), self.log_std)
 
     def policy_and_value(self, z0, text_tokens, pooled, text_mask=None) -> tuple[GaussianPolicy, torch.Tensor]:
         """One trunk pass for the PPO update: ``(distribution, value [B] float32)``."""
-        tokens, cond = self._features(z0, text_tokens, pooled, text_mask)
+        tokens, cond, reading = self._features(z0, text_tokens, pooled, text_mask)
         dt = torch.float64 if z0.dtype == torch.float64 else torch.float32
-        return (GaussianPolicy(self._delta(tokens, z0, text_tokens, text_mask).to(dt), self.log_std),
+        return (GaussianPolicy(self._delta(tokens, z0, reading, text_tokens, text_mask).to(dt), self.log_std),
                 self._value(tokens, cond))
 
     def value(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:
         """The baseline ``b(z0, e_p)``: trunk tokens mean-pooled, with ``W e_p``, through an MLP. ``[B]`` float32."""
-        tokens, cond = self._features(z0, text_tokens, pooled, text_mask)
+        tokens, cond, _ = self._features(z0, text_tokens, pooled, text_mask)
         return self._value(tokens, cond)
 
     def log_prob(self, delta, mean) -> torch.Tensor:

@@ -465,10 +465,10 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
 
     def losses(rows) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
         z0, target, tokens, mask, pooled = batch(rows)
-        if not move:  # the residual alone: a reader_move corrector's move is not fitted (it has no parameters)
-            return (corrector.distill_outputs(z0, tokens, pooled, mask)[0] - target).square().mean(), None, ()
+        # The residual alone: a move head is fitted by its own term, reader_move has nothing to fit.
         residual, move_scores = corrector.distill_outputs(z0, tokens, pooled, mask)
-        return ((residual - target).square().mean(), *_move_term(corrector, move_scores, data, rows, device))
+        mse = (residual - target).square().mean()
+        return (mse, *_move_term(corrector, move_scores, data, rows, device)) if move else (mse, None, ())
 
     def step_loss(rows):
         mse, ce, _ = losses(rows)
@@ -696,11 +696,10 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
         base, ce = start(rows).to(device), None
         if zero:
             mean, base = torch.zeros_like(z0), z0
-        elif move:
-            mean, move_scores = corrector.distill_outputs(z0, tokens, pooled, mask)
-            ce, _ = _move_term(corrector, move_scores, data, rows, device)
         else:  # the residual alone, as in fit_corrector
-            mean = corrector.distill_outputs(z0, tokens, pooled, mask)[0]
+            mean, move_scores = corrector.distill_outputs(z0, tokens, pooled, mask)
+            if move:
+                ce, _ = _move_term(corrector, move_scores, data, rows, device)
         pixel = (decode(base + mean) - goal[rows].to(device)).square().mean()
         return pixel, (mean - target).square().mean(), ce
 
