@@ -246,6 +246,17 @@ def test_corrector_fit_names_every_mismatch():
     patched = ResidualCorrector(CorrectorConfig.tiny(latent_channels=8, text_dim=64, pooled_dim=64, patch=3))
     with pytest.raises(ValueError, match="latent grid 16x16 not divisible by the corrector's patch 3"):
         ev.check_corrector_fits(patched, _meta(), backbone)
+    # count_move's default eyes are the shapes backbone's VAE and understanding model, on a final latent.
+    from xlard.vocab import GENEVAL_COLORS
+
+    counting = ResidualCorrector(CorrectorConfig.tiny(latent_channels=8, text_dim=64, pooled_dim=64,
+                                                      conditioning="fields", reader=True, reader_width=8,
+                                                      reader_nouns=("circle", "square"),
+                                                      reader_colors=tuple(GENEVAL_COLORS), count_move=True))
+    with pytest.raises(ValueError, match="count_move counts with the shapes backbone's VAE.*needs correction_step 1.0"):
+        ev.check_corrector_fits(counting, _meta(), backbone)
+    counting.attach_eyes(lambda z: (torch.zeros(z.shape[0], 2, 64, 64), torch.zeros(z.shape[0], 64, 64)))
+    ev.check_corrector_fits(counting, _meta(), backbone)  # eyes of its own: any backbone
 
 
 def test_no_shipped_corrector_for_other_backbones():
@@ -410,6 +421,12 @@ def test_the_shipped_shapes_corrector_is_installed_fits_and_corrects(tmp_path, c
     inputs = corrector_inputs(corrector, relation.prompt_embedding, relation.specs)
     n = relation.z0.shape[-2] * relation.z0.shape[-1]
     assert not torch.equal(corrector.sources(relation.z0, **inputs)[0], torch.arange(n))  # its objects are moved
+    assert corrector.config.count_move
+    counting = backbone.encode(["a photo of five circles", "a photo of five circles"], seed=[0, 1])
+    inputs = corrector_inputs(corrector, counting.prompt_embedding, counting.specs)
+    sources = corrector.sources(counting.z0, **inputs)
+    # Seed 0's five circles are counted right by the understanding model; seed 1's are not, and are made right.
+    assert torch.equal(sources[0], torch.arange(n)) and not torch.equal(sources[1], torch.arange(n))
     out = tmp_path / "gen"
     assert cli.main(["generate", "a photo of three red circles", "--backbone", "shapes", "--correct",
                      "--out", str(out), "--quiet"]) == 0

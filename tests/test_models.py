@@ -831,3 +831,135 @@ def test_reader_move_moves_the_corrected_latent_and_round_trips(tmp_path):
 def test_reader_move_config_checks_name_the_field(changes, pattern):
     with pytest.raises(ValueError, match=pattern):
         _reader_config(**changes)
+
+
+def test_count_fields_read_each_entitys_count():
+    from xlard.models import count_fields, field_inputs
+    from xlard.prompts import parse
+
+    cfg = _reader_config()
+    specs = [parse("a photo of three red circles"), parse("a photo of a square and two triangles"),
+             parse("a photo of a diamond"), parse("a photo of eight squares")]
+    inputs = field_inputs(cfg, specs)
+    assert count_fields(cfg, inputs["text_tokens"], inputs["text_mask"]).tolist() == [[3, -1], [1, 2], [1, -1],
+                                                                                    [8, -1]]
+    mask = inputs["text_mask"].clone()
+    mask[0] = False  # padding matches nothing
+    assert count_fields(cfg, inputs["text_tokens"], mask)[0].tolist() == [-1, -1]
+
+
+def _scene_maps(objects, size=64, nouns=4):
+    """Eyes' maps of a scene: ``objects`` = [(noun index, y0, x0, y1, x1, probability)] -> (probs, foreground)."""
+    probs, fg = torch.zeros(nouns, size, size), torch.zeros(size, size)
+    for noun, y0, x0, y1, x1, p in objects:
+        probs[noun, y0:y1, x0:x1] = p
+        probs[:, y0:y1, x0:x1] += (1 - p) / nouns  # the rest spread over every noun
+        fg[y0:y1, x0:x1] = 1.0
+    return probs, fg
+
+
+def test_count_move_sources_erase_add_and_replace_objects_by_copying_cells():
+    from xlard.models import copy_cells, count_move_sources
+
+    h = w = 16
+    identity = torch.arange(h * w)
+    scenes = [
+        [(0, 4, 4, 12, 12, 0.95), (0, 4, 40, 12, 48, 0.9), (0, 40, 20, 48, 28, 0.8)],   # 3 circles, 2 asked
+        [(0, 4, 4, 12, 12, 0.95)],                                                       # 1 circle, 2 asked
+        [(0, 4, 4, 12, 12, 0.95), (1, 40, 40, 48, 48, 0.9)],                             # circle + square, 2 asked
+        [(0, 4, 4, 12, 12, 0.95), (0, 40, 40, 48, 48, 0.9)],                             # right already
+        [(1, 4, 4, 12, 12, 0.95), (1, 40, 40, 48, 48, 0.9)],                             # no circle at all
+        [(0, 4, 4, 12, 12, 0.95)],                                                       # a count of 1
+    ]
+    maps = [_scene_maps(s) for s in scenes]
+    probs, fg = torch.stack([m[0] for m in maps]), torch.stack([m[1] for m in maps])
+    nouns = torch.tensor([0, 0, 0, 0, 0, 0])
+    counts = torch.tensor([2, 2, 2, 2, 2, 1])
+    src = count_move_sources(probs, fg, nouns, counts, (h, w))
+    for i in (3, 4, 5):
+        assert torch.equal(src[i], identity), i
+    # A marker latent: each object's cells hold its own value, so copies can be followed.
+    z = torch.zeros(6, 1, h, w)
+    for i, scene in enumerate(scenes):
+        for k, (_, y0, x0, y1, x1, _) in enumerate(scene):
+            z[i, 0, y0 // 4:(y1 - 1) // 4 + 1, x0 // 4:(x1 - 1) // 4 + 1] = k + 1
+    out = copy_cells(z, src)[:, 0]
+    # Surplus: the least confident circle is gone, the other two stay.
+    assert (out[0] == 3).sum() == 0 and (out[0] == 1).sum() == 4 and (out[0] == 2).sum() == 4
+    # Missing: a second copy of the circle, away from the first.
+    assert (out[1] == 1).sum() == 8
+    ys, xs = torch.nonzero(out[1] == 1, as_tuple=True)
+    assert (ys.max() - ys.min() > 4) or (xs.max() - xs.min() > 4)
+    # Another shape kept to make up the count: replaced by a copy of the circle where it was.
+    assert (out[2] == 2).sum() == 0 and (out[2] == 1).sum() == 8 and out[2, 10:12, 10:12].eq(1).all()
+    # The share: a circle whose circle probability is under it does not count as one.
+    weak = _scene_maps([(0, 4, 4, 12, 12, 0.95), (0, 40, 40, 48, 48, 0.5)])
+    strict = count_move_sources(weak[0][None], weak[1][None], nouns[:1], counts[:1], (h, w), share=0.9)
+    assert not torch.equal(strict[0], identity)
+    assert torch.equal(count_move_sources(weak[0][None], weak[1][None], nouns[:1], counts[:1], (h, w), share=0.5)[0],
+                       identity)
+
+
+@pytest.mark.parametrize("args, pattern", [
+    ((torch.zeros(2, 4, 64, 64), torch.zeros(2, 32, 32), torch.zeros(2, dtype=torch.long),
+      torch.zeros(2, dtype=torch.long), (16, 16)), "foreground"),
+    ((torch.zeros(2, 4, 60, 64), torch.zeros(2, 60, 64), torch.zeros(2, dtype=torch.long),
+      torch.zeros(2, dtype=torch.long), (16, 16)), "whole multiple"),
+    ((torch.zeros(2, 4, 64, 64), torch.zeros(2, 64, 64), torch.zeros(3, dtype=torch.long),
+      torch.zeros(2, dtype=torch.long), (16, 16)), "nouns and counts"),
+])
+def test_count_move_sources_refuse_inconsistent_maps(args, pattern):
+    from xlard.models import count_move_sources
+
+    with pytest.raises(ValueError, match=pattern):
+        count_move_sources(*args)
+
+
+def test_count_move_acts_on_counting_prompts_only_with_the_attached_eyes(tmp_path):
+    from xlard.models import copy_cells, count_move_sources, field_inputs
+    from xlard.prompts import parse
+
+    torch.manual_seed(0)
+    corrector = ResidualCorrector(_reader_config(count_move=True))
+    plain = ResidualCorrector(_reader_config())
+    plain.load_state_dict(corrector.state_dict())
+    with torch.no_grad():
+        torch.nn.init.normal_(corrector.head.weight, std=0.1)
+        plain.head.weight.copy_(corrector.head.weight)
+    probs, fg = _scene_maps([(0, 4, 4, 12, 12, 0.95)])
+    seen = []
+
+    def eyes(z):
+        seen.append(z.shape[0])
+        return probs.expand(z.shape[0], -1, -1, -1), fg.expand(z.shape[0], -1, -1)
+
+    corrector.attach_eyes(eyes)
+    specs = [parse("a photo of two circles"), parse("a photo of a circle"), parse("a photo of a red circle and a "
+                                                                                  "square")]
+    inputs = field_inputs(corrector.config, specs)
+    z0 = torch.randn(3, 8, 16, 16)
+    residual = plain(z0, **inputs)
+    delta = corrector(z0, **inputs)
+    assert seen == [1]  # only the counting prompt is looked at
+    src = count_move_sources(probs[None], fg[None], torch.tensor([0]), torch.tensor([2]), (16, 16))
+    assert not torch.equal(src[0], torch.arange(256))
+    assert torch.allclose(delta[0], (copy_cells((z0 + residual)[:1], src) - z0[:1])[0], atol=1e-6)
+    assert torch.allclose(delta[1:], residual[1:], atol=1e-6)
+    assert torch.equal(corrector.sources(z0, **inputs)[0], src[0])
+    assert torch.equal(corrector.sources(z0, **inputs)[1:], torch.arange(256).repeat(2, 1))
+    # The eyes are not part of the saved corrector.
+    corrector.save_pretrained(tmp_path / "c")
+    again = ResidualCorrector.from_pretrained(tmp_path / "c").attach_eyes(eyes)
+    assert again.config.count_move and torch.equal(again(z0, **inputs), delta)
+    with pytest.raises(TypeError, match="eyes must be callable"):
+        corrector.attach_eyes("shapes")
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({"reader": False, "count_move": True}, "count_move needs reader: true"),
+    ({"count_move": "yes"}, "count_move must be a bool"),
+    ({"count_move_share": -0.1}, r"count_move_share must be a finite number in \[0.0, 1.0\]"),
+])
+def test_count_move_config_checks_name_the_field(changes, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        _reader_config(**changes)

@@ -47,7 +47,8 @@ __all__ = [
     "CONDITIONINGS", "GaussianPolicy", "ProjectorOutput", "ProjectorLoss", "aspect_weights", "corrector_inputs",
     "field_inputs", "patchify", "unpatchify", "sincos_position_encoding", "count_parameters", "copy_cells",
     "move_sources", "largest_parts", "LatentReader", "slot_fields", "READER_CHANNELS", "relation_fields",
-    "relation_targets", "relation_cells", "reader_move_sources", "READER_MOVE_FACTOR",
+    "relation_targets", "relation_cells", "reader_move_sources", "READER_MOVE_FACTOR", "count_fields",
+    "count_move_sources", "COUNT_MOVE_MIN_AREA", "MAX_FIELD_COUNT",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -251,6 +252,18 @@ class CorrectorConfig(_ConfigBase):
             quarter places whether or not it held (measured better on training-split items than a
             margin of 6 / 64: docs/training.md, "Relations moved by the reader").
 
+        count_move (bool): False (default). True (needs ``reader``): a prompt of one entity asked
+            ``n >= 2`` times is counted on the *decoded* corrected latent by eyes (default: the shapes
+            understanding model on the shapes backbone's VAE decoding, :class:`xlard.shapes.understanding.
+            CountEyes`; any other with :meth:`ResidualCorrector.attach_eyes`), and when the objects of
+            its noun do not number ``n``, latent cells are copied (:func:`count_move_sources`): objects of
+            another shape kept to make up ``n`` are replaced by a copy of the most confident object of
+            the noun, surplus ones are overwritten by the nearest free cells, missing ones are copies of
+            it at the free place farthest from every object. ``Delta = copy_cells(z0 + Delta_rest,
+            sources) - z0``. Nothing of it is fitted.
+        count_move_share (float): the share of a found object's shape probability that its noun must
+            hold for it to count as that noun, in ``[0, 1]`` (default 0.7).
+
     Example:
         >>> CorrectorConfig.paper().width
         384
@@ -281,6 +294,8 @@ class CorrectorConfig(_ConfigBase):
     reader_width: int = 64
     reader_move: bool = False
     reader_move_margin: float = 1.0
+    count_move: bool = False
+    count_move_share: float = 0.7
 
     def __post_init__(self):
         owner = "CorrectorConfig"
@@ -320,6 +335,11 @@ class CorrectorConfig(_ConfigBase):
         if self.reader_move and self.move:
             raise ValueError(f"{owner}: reader_move and move both move a relation's objects; choose one, "
                              f"got both true")
+        _check_bool(owner, "count_move", self.count_move)
+        _check_real(owner, "count_move_share", self.count_move_share, 0.0, 1.0)
+        if self.count_move and not self.reader:
+            raise ValueError(f"{owner}: count_move needs reader: true (the prompt's noun and count are read from "
+                             f"its field tokens by the reader's vocabulary), got reader false")
 
     @classmethod
     def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
@@ -1215,6 +1235,173 @@ def reader_move_sources(noun_probs: torch.Tensor, nouns: torch.Tensor, relations
     return move_sources(labels.to(noun_probs.device), shifts.to(noun_probs.device), lh, lw)
 
 
+#: :func:`count_fields` recognises counts 1 .. MAX_FIELD_COUNT in the field tokens.
+MAX_FIELD_COUNT = 16
+
+#: :func:`count_move_sources`: an object is a connected part of the eyes' foreground (> 0.5, 8-connected)
+#: of at least this many pixels (of the eyes' grid: 64 x 64 on the shapes world).
+COUNT_MOVE_MIN_AREA = 12
+
+
+@torch.no_grad()
+def count_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """The first two entities' counts, read back from ``"fields"`` tokens.
+
+    Returns:
+        Tensor[B, 2] int64: entity slot k's count (1 .. :data:`MAX_FIELD_COUNT`), -1 for no entity there.
+    """
+    from xlard.prompts.fields import field_vector
+
+    dim, dev = cfg.text_dim, text_tokens.device
+    keys = [(k, n) for k in range(2) for n in range(1, MAX_FIELD_COUNT + 1)]
+    table = torch.stack([field_vector("count", n, dim) + field_vector("slot", f"{k}:count", dim)
+                         for k, n in keys]).to(dev)
+    hit = _field_hits(text_tokens, text_mask, table)
+    out = torch.full((text_tokens.shape[0], 2), -1, dtype=torch.long, device=dev)
+    for j, (k, n) in enumerate(keys):
+        out[hit[:, j], k] = n
+    return out
+
+
+def _object_cells(box: tuple[int, int, int, int], f: int, h: int, w: int, grow: int = 0) -> tuple[int, int, int, int]:
+    """The latent cells ``(y0, x0, y1, x1)`` (ends exclusive) under a pixel box ``(x0, y0, x1, y1)``, grown."""
+    x0, y0, x1, y1 = box
+    return (max(0, y0 // f - grow), max(0, x0 // f - grow), min(h, (y1 - 1) // f + 1 + grow),
+            min(w, (x1 - 1) // f + 1 + grow))
+
+
+def _count_plan(probs: torch.Tensor, labels: torch.Tensor, noun: int, n: int, share: float, f: int, h: int,
+                w: int) -> torch.Tensor | None:
+    """One row of :func:`count_move_sources`: ``[h, w]`` source indices, or None to leave the row alone."""
+    k = int(labels.max())
+    if k == 0:
+        return None
+    flat = labels.reshape(-1).long()
+    hi, wi = labels.shape
+    area = torch.zeros(k + 1).scatter_add_(0, flat, torch.ones(flat.shape[0]))
+    mass = torch.zeros(k + 1, probs.shape[0]).index_add_(0, flat, probs.reshape(probs.shape[0], -1).t())
+    ys = torch.arange(hi).repeat_interleave(wi)
+    xs = torch.arange(wi).repeat(hi)
+    big = hi + wi
+    y0 = torch.full((k + 1,), big).scatter_reduce(0, flat, ys, "amin")
+    x0 = torch.full((k + 1,), big).scatter_reduce(0, flat, xs, "amin")
+    y1 = torch.full((k + 1,), -1).scatter_reduce(0, flat, ys, "amax") + 1
+    x1 = torch.full((k + 1,), -1).scatter_reduce(0, flat, xs, "amax") + 1
+    objects = []  # (is the noun, confidence, area, box)
+    for j in range(1, k + 1):
+        a = int(area[j])
+        if a < COUNT_MOVE_MIN_AREA:
+            continue
+        total = mass[j]
+        m = float(total.sum())
+        is_noun = m > 0 and int(total.argmax()) == noun and float(total[noun]) / max(m, 1e-6) >= share
+        objects.append((is_noun, float(total[noun]) / a, a, (int(x0[j]), int(y0[j]), int(x1[j]), int(y1[j]))))
+    good = sorted([o for o in objects if o[0]], key=lambda o: -o[1])
+    if not good or len(good) == n:
+        return None
+    other = sorted([o for o in objects if not o[0]], key=lambda o: -o[2])
+    keep = (good + other)[:n]
+    erase = (good + other)[n:]
+    replace = [o for o in keep if not o[0]]
+    index = torch.arange(h * w).view(h, w)
+    src = index.clone()
+    occupied = torch.zeros(h, w, dtype=torch.bool)
+    for o in objects:
+        cy0, cx0, cy1, cx1 = _object_cells(o[3], f, h, w, 1)
+        occupied[cy0:cy1, cx0:cx1] = True
+    gone = torch.zeros(h, w, dtype=torch.bool)
+    for o in erase + replace:
+        cy0, cx0, cy1, cx1 = _object_cells(o[3], f, h, w)
+        gone[cy0:cy1, cx0:cx1] = True
+    grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).float()
+    free = ~occupied
+    if gone.any() and free.any():
+        src[gone] = index[free][torch.cdist(grid[gone], grid[free]).argmin(1)]
+    sy0, sx0, sy1, sx1 = _object_cells(good[0][3], f, h, w)
+    sh, sw = sy1 - sy0, sx1 - sx0
+    centres = [((o[3][1] + o[3][3]) / 2 / f, (o[3][0] + o[3][2]) / 2 / f) for o in replace]
+    # Window corners, row by row (the first of equally far places wins), and their centres.
+    corners = torch.stack(torch.meshgrid(torch.arange(h - sh + 1), torch.arange(w - sw + 1), indexing="ij"),
+                          -1).reshape(-1, 2)
+    window_centres = corners.float() + torch.tensor([sh / 2, sw / 2])
+    for _ in range(n - len(keep)):  # missing objects: the free place farthest from every object
+        blocked = F.max_pool2d(occupied.float()[None, None], (sh, sw), stride=1)[0, 0].reshape(-1) > 0
+        if bool(blocked.all()):
+            break
+        taken = torch.nonzero(occupied).float() + 0.5
+        if len(taken):
+            distance = torch.cdist(window_centres, taken).min(1).values
+        else:
+            distance = torch.zeros(len(corners))
+        distance[blocked] = -1.0
+        y, x = (int(v) for v in corners[int(distance.argmax())])
+        centres.append((y + sh / 2, x + sw / 2))
+        occupied[y:y + sh, x:x + sw] = True
+    for cy, cx in centres:
+        ty0 = min(max(0, int(round(cy - sh / 2))), h - sh)
+        tx0 = min(max(0, int(round(cx - sw / 2))), w - sw)
+        src[ty0:ty0 + sh, tx0:tx0 + sw] = index[sy0:sy1, sx0:sx1]
+    return src
+
+
+@torch.no_grad()
+def count_move_sources(noun_probs: torch.Tensor, foreground: torch.Tensor, nouns: torch.Tensor,
+                       counts: torch.Tensor, latent_hw: tuple[int, int], share: float = 0.7) -> torch.Tensor:
+    """Where every latent cell comes from when each prompt's count is made right by copying cells.
+
+    For each row with a known noun and ``counts >= 2``: the objects are the connected parts of
+    ``foreground > 0.5`` (8-connected, at least :data:`COUNT_MOVE_MIN_AREA` points); an object is of
+    the noun when the noun has the largest and at least ``share`` of its summed ``noun_probs``. When
+    the objects of the noun do not number the count, the count is made up of them (most confident
+    first) and then of the others (largest first): kept objects of another shape are replaced by a
+    copy of the most confident object of the noun (its latent cells, centred where the replaced one
+    was), objects beyond the count are overwritten by the nearest cells that no object (grown by one
+    cell) covers, and missing objects are copies placed, one at a time, where the copy's cells touch
+    no object and its centre is farthest from every covered cell. Rows with no object of the noun,
+    with the right number of them, without a count or with a count below 2 keep every cell.
+
+    Args:
+        noun_probs (Tensor[B, N, H, W]): per-pixel noun probabilities of the decoded latents (the eyes' grid:
+            a whole multiple of the latent's).
+        foreground (Tensor[B, H, W]): probability that a pixel belongs to some object.
+        nouns (Tensor[B] int): each row's noun (index into N; -1: unknown).
+        counts (Tensor[B] int): each row's asked count (-1: none).
+        latent_hw: the latent's ``(h, w)``.
+        share: see above, in ``[0, 1]``.
+
+    Returns:
+        Tensor[B, h*w] int64 for :func:`copy_cells`.
+
+    Raises:
+        ValueError: inconsistent shapes.
+    """
+    if noun_probs.dim() != 4 or foreground.shape != (noun_probs.shape[0], *noun_probs.shape[-2:]):
+        raise ValueError(f"count_move_sources: noun_probs must be [B, N, H, W] and foreground [B, H, W] of the same "
+                         f"B, H, W, got {tuple(noun_probs.shape)} and {tuple(foreground.shape)}")
+    b, _, hi, wi = noun_probs.shape
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    if hi % h or wi % w or hi // h != wi // w:
+        raise ValueError(f"count_move_sources: the eyes' grid {hi} x {wi} must be one whole multiple of the latent "
+                         f"{h} x {w}")
+    if tuple(nouns.shape) != (b,) or tuple(counts.shape) != (b,):
+        raise ValueError(f"count_move_sources: nouns and counts must be [B] = [{b}], got {tuple(nouns.shape)} and "
+                         f"{tuple(counts.shape)}")
+    out = torch.arange(h * w).repeat(b, 1)
+    rows = [i for i in range(b) if int(nouns[i]) >= 0 and int(counts[i]) >= 2]
+    if not rows:
+        return out.to(noun_probs.device)
+    r = torch.tensor(rows, device=noun_probs.device)
+    labels, _ = xops.label_components(foreground[r][:, None].float().contiguous(), threshold=0.5,
+                                      mode="absolute", min_area=COUNT_MOVE_MIN_AREA, connectivity=8)
+    labels, probs = labels[:, 0].cpu(), noun_probs[r].float().cpu()
+    for j, i in enumerate(rows):
+        plan = _count_plan(probs[j], labels[j], int(nouns[i]), int(counts[i]), float(share), hi // h, h, w)
+        if plan is not None:
+            out[i] = plan.flatten()
+    return out.to(noun_probs.device)
+
+
 def _blockwise(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
     """``x`` averaged over ``k x k`` blocks of its last two dims, times ``scale``, broadcast back."""
     if k == 1:
@@ -1331,6 +1518,14 @@ class ResidualCorrector(_Pretrained, nn.Module):
         Returns:
             Tensor[B, H*W] int64 (``arange(H*W)`` everywhere for a corrector that moves nothing).
         """
+        if self.config.count_move:  # where the count move copies from, after any relation move
+            tokens, _, reading = self._features(z0, text_tokens, pooled, text_mask)
+            first = (self._reader_sources(reading, text_tokens, text_mask) if self.config.reader_move else
+                     torch.arange(z0.shape[-2] * z0.shape[-1], device=z0.device).repeat(z0.shape[0], 1))
+            z = z0.to(self._param.dtype)
+            second = self._count_sources(copy_cells(z + self._residual(tokens, z0), first), reading, text_tokens,
+                                         text_mask)
+            return first if second is None else first.gather(1, second.to(first.device))
         if self.config.reader_move:
             return self._reader_sources(self._features(z0, text_tokens, pooled, text_mask)[2], text_tokens,
                                         text_mask)
@@ -1398,7 +1593,52 @@ class ResidualCorrector(_Pretrained, nn.Module):
         elif self.config.reader_move:  # the residual is fitted without the move: it moves with its cells
             z = z0.to(delta.dtype)
             delta = copy_cells(z + delta, self._reader_sources(reading, text_tokens, text_mask)) - z
+        if self.config.count_move:
+            z = z0.to(delta.dtype)
+            sources = self._count_sources(z + delta, reading, text_tokens, text_mask)
+            if sources is not None:
+                delta = copy_cells(z + delta, sources) - z
         return delta
+
+    def attach_eyes(self, eyes) -> "ResidualCorrector":
+        """Set what ``count_move`` counts with: ``eyes(z) -> (noun_probs [B, len(reader_nouns), H, W], foreground
+        [B, H, W])`` for latents ``z [B, C, h, w]`` (the decoded image's maps, on a whole multiple of the latent
+        grid). ``None`` restores the default (:class:`xlard.shapes.understanding.CountEyes`, the shapes
+        backbone's VAE and understanding model, loaded on first use). Returns the corrector.
+
+        Raises:
+            TypeError: ``eyes`` is neither callable nor None.
+        """
+        if eyes is not None and not callable(eyes):
+            raise TypeError(f"ResidualCorrector.attach_eyes: eyes must be callable (z -> (noun_probs, foreground)) "
+                            f"or None, got {type(eyes).__name__}")
+        object.__setattr__(self, "_eyes", eyes)  # not a submodule: never saved, never moved
+        return self
+
+    def _count_eyes(self):
+        eyes = getattr(self, "_eyes", None)
+        if eyes is None:
+            from xlard.shapes.understanding import CountEyes
+
+            eyes = CountEyes(self.config.reader_nouns)
+            object.__setattr__(self, "_eyes", eyes)
+        return eyes
+
+    @torch.no_grad()
+    def _count_sources(self, z, reading, text_tokens, text_mask) -> torch.Tensor | None:
+        """``count_move``: the source of every cell of the corrected latent ``z`` (None when no row counts)."""
+        counts = count_fields(self.config, text_tokens, text_mask)
+        nouns = reading[1] if reading is not None else slot_fields(self.config, text_tokens, text_mask)[0]
+        rows = torch.nonzero((counts[:, 0] >= 2) & (counts[:, 1] < 0) & (nouns[:, 0] >= 0)).flatten()
+        if not len(rows):
+            return None
+        noun_probs, foreground = self._count_eyes()(z[rows])
+        picked = count_move_sources(noun_probs, foreground, nouns[rows, 0], counts[rows, 0], tuple(z.shape[-2:]),
+                                    self.config.count_move_share)
+        n = z.shape[-2] * z.shape[-1]
+        sources = torch.arange(n, device=z.device).repeat(z.shape[0], 1)
+        sources[rows.to(z.device)] = picked.to(z.device)
+        return sources
 
     @torch.no_grad()
     def _reader_sources(self, reading, text_tokens, text_mask) -> torch.Tensor:

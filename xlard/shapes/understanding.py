@@ -43,7 +43,7 @@ from torch import nn
 from .world import PALETTE, SHAPES, Scene
 
 __all__ = ["UnderstandingConfig", "UnderstandingOutput", "ShapesUnderstanding", "scene_targets", "DEFAULT_PATH",
-           "TRAIN_COMMAND", "model_path", "is_available", "load_model"]
+           "TRAIN_COMMAND", "model_path", "is_available", "load_model", "CountEyes"]
 
 #: Where the shipped weights live (package data).
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "data" / "shapes_understanding"
@@ -293,3 +293,87 @@ def scene_targets(scene: Scene, config: UnderstandingConfig | None = None) -> tu
         if obj.shape in config.shapes:
             shape[y0:y1, x0:x1][_erode(mask, config.core_radius)] = 1 + config.shapes.index(obj.shape)
     return shape, color
+
+
+_VAES: dict[tuple[str, str], Any] = {}
+_EYES_MODELS: dict[tuple[str, str], ShapesUnderstanding] = {}
+
+
+class CountEyes:
+    """What a corrector's ``count_move`` counts with on the shapes world: a latent of the shapes backbone,
+    decoded by the backbone's own VAE (as :meth:`xlard.backbones.DiffusersBackbone.decode` does at
+    ``correction_step`` 1.0), read by the understanding model.
+
+    ``eyes(z) -> (noun_probs [B, len(nouns), 64, 64], foreground [B, 64, 64])``: per-pixel probability of
+    each noun's shape core (a noun the model does not know gets zeros) and ``1 - P(background)``.
+    The VAE and the model load on first use (offline, from the package data or the folders the
+    environment names, as :func:`xlard.shapes.backbone.backbone_path` and :func:`model_path` say)
+    and stay cached.
+
+    Args:
+        nouns: the noun order of the maps (a corrector's ``reader_nouns``).
+        backbone_folder, model_folder: other weights (default: the installed ones).
+
+    Example:
+        >>> eyes = CountEyes(("circle", "square", "triangle", "diamond"))        # doctest: +SKIP
+        >>> probs, foreground = eyes(z)                                           # doctest: +SKIP
+    """
+
+    def __init__(self, nouns, backbone_folder: str | os.PathLike | None = None,
+                 model_folder: str | os.PathLike | None = None):
+        if not isinstance(nouns, (list, tuple)) or not all(isinstance(n, str) and n for n in nouns):
+            raise ValueError(f"CountEyes: nouns must be a list of non-empty words, got {nouns!r}")
+        self.nouns = tuple(nouns)
+        self.backbone_folder, self.model_folder = backbone_folder, model_folder
+
+    def _vae(self, device: torch.device):
+        from xlard._optional import require
+        from xlard.shapes import backbone as shapes_backbone
+
+        folder = shapes_backbone.backbone_path(self.backbone_folder)
+        key = (str(folder.resolve()), str(device))
+        if key not in _VAES:
+            if not shapes_backbone.is_available(folder):
+                raise FileNotFoundError(f"CountEyes: no shapes backbone at {folder} (its VAE decodes what is counted); "
+                                        f"train it with: {shapes_backbone.TRAIN_COMMAND}")
+            autoencoder = require("diffusers", "xlard.shapes.understanding.CountEyes").AutoencoderKL
+            # channels_last: a third faster on the CPU, the same images to float rounding
+            _VAES[key] = autoencoder.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32,
+                                                     local_files_only=True).to(device).eval().to(
+                                                         memory_format=torch.channels_last)
+        return _VAES[key]
+
+    def _model(self, device: torch.device) -> ShapesUnderstanding:
+        key = (str(model_path(self.model_folder).resolve()), str(device))
+        if key not in _EYES_MODELS:  # its own channels_last copy: the cached model stays as the reward uses it
+            import copy
+
+            _EYES_MODELS[key] = copy.deepcopy(load_model(self.model_folder, device)).to(
+                memory_format=torch.channels_last)
+        return _EYES_MODELS[key]
+
+    @torch.no_grad()
+    def images(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoded images, float ``[B, 3, H, W]`` in [0, 1]."""
+        if not isinstance(z, torch.Tensor) or z.dim() != 4 or not z.is_floating_point():
+            raise ValueError(f"CountEyes: z must be a float latent [B, C, h, w], got "
+                             f"{getattr(z, 'shape', type(z).__name__)}")
+        vae = self._vae(z.device)
+        if z.shape[1] != vae.config.latent_channels:
+            raise ValueError(f"CountEyes: z has {z.shape[1]} channels, the shapes backbone's VAE "
+                             f"{vae.config.latent_channels}")
+        latents = (z.float() / vae.config.scaling_factor).contiguous(memory_format=torch.channels_last)
+        out = vae.decode(latents, return_dict=False)[0]
+        return (out / 2 + 0.5).clamp(0.0, 1.0).contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self._model(z.device)
+        maps = model.predict(self.images(z))
+        known = list(model.config.shapes)
+        probs = torch.zeros(maps.shape_probs.shape[0], len(self.nouns), *maps.shape_probs.shape[-2:],
+                            device=maps.shape_probs.device)
+        for i, noun in enumerate(self.nouns):
+            if noun in known:
+                probs[:, i] = maps.shape_probs[:, known.index(noun)]
+        return probs, 1.0 - maps.color_probs[:, 0]
