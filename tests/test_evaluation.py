@@ -427,6 +427,7 @@ def test_the_shipped_shapes_corrector_is_installed_fits_and_corrects(tmp_path, c
     sources = corrector.sources(counting.z0, **inputs)
     # Seed 0's five circles are counted right by the understanding model; seed 1's are not, and are made right.
     assert torch.equal(sources[0], torch.arange(n)) and not torch.equal(sources[1], torch.arange(n))
+    assert corrector.eyes is None  # the default eyes, loaded on use, are not attached: the fit check applies
     out = tmp_path / "gen"
     assert cli.main(["generate", "a photo of three red circles", "--backbone", "shapes", "--correct",
                      "--out", str(out), "--quiet"]) == 0

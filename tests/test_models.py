@@ -958,6 +958,7 @@ def test_count_move_acts_on_counting_prompts_only_with_the_attached_eyes(tmp_pat
 @pytest.mark.parametrize("changes, pattern", [
     ({"reader": False, "count_move": True}, "count_move needs reader: true"),
     ({"count_move": "yes"}, "count_move must be a bool"),
+    ({"count_move": True, "move": True}, "choose count_move or move"),
     ({"count_move_share": -0.1}, r"count_move_share must be a finite number in \[0.0, 1.0\]"),
 ])
 def test_count_move_config_checks_name_the_field(changes, pattern):

@@ -309,7 +309,7 @@ def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
         h, w = height // scale, width // scale
         if h % cfg.patch or w % cfg.patch:
             problems.append(f"latent grid {h}x{w} not divisible by the corrector's patch {cfg.patch}")
-    if getattr(cfg, "count_move", False) and getattr(corrector, "_eyes", None) is None:
+    if getattr(cfg, "count_move", False) and getattr(corrector, "eyes", None) is None:
         from xlard.sources import _is_shapes_backbone
 
         # The default eyes decode with the shapes backbone's VAE and count with its understanding model.

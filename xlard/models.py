@@ -340,6 +340,9 @@ class CorrectorConfig(_ConfigBase):
         if self.count_move and not self.reader:
             raise ValueError(f"{owner}: count_move needs reader: true (the prompt's noun and count are read from "
                              f"its field tokens by the reader's vocabulary), got reader false")
+        if self.count_move and self.move:
+            raise ValueError(f"{owner}: count_move copies cells after the reader's relation move, not the move "
+                             f"head's; choose count_move or move, got both true")
 
     @classmethod
     def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
@@ -1512,23 +1515,17 @@ class ResidualCorrector(_Pretrained, nn.Module):
         return self._residual(tokens, z0), logits
 
     def sources(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:
-        """The move's choice (the move head's, or ``reader_move``'s): for every latent cell, the flat index of
-        the cell of z0 copied there.
+        """The move's choice (the move head's, or ``reader_move``'s then ``count_move``'s): for every latent cell,
+        the flat index of the cell of z0 copied there.
 
         Returns:
             Tensor[B, H*W] int64 (``arange(H*W)`` everywhere for a corrector that moves nothing).
         """
-        if self.config.count_move:  # where the count move copies from, after any relation move
+        if self.config.reader_move or self.config.count_move:
             tokens, _, reading = self._features(z0, text_tokens, pooled, text_mask)
-            first = (self._reader_sources(reading, text_tokens, text_mask) if self.config.reader_move else
-                     torch.arange(z0.shape[-2] * z0.shape[-1], device=z0.device).repeat(z0.shape[0], 1))
-            z = z0.to(self._param.dtype)
-            second = self._count_sources(copy_cells(z + self._residual(tokens, z0), first), reading, text_tokens,
-                                         text_mask)
-            return first if second is None else first.gather(1, second.to(first.device))
-        if self.config.reader_move:
-            return self._reader_sources(self._features(z0, text_tokens, pooled, text_mask)[2], text_tokens,
-                                        text_mask)
+            sources = self._move_sources(tokens, z0, reading, text_tokens, text_mask)
+            if sources is not None:
+                return sources
         if not self.config.move:
             _check_latent("ResidualCorrector", "z0", z0, self.config.latent_channels, self.config.patch,
                           self._param.device)
@@ -1590,15 +1587,28 @@ class ResidualCorrector(_Pretrained, nn.Module):
             sources = self._choose(*self._move_scores(tokens, z0)[:2], z0.shape[-2], z0.shape[-1])
             moved = copy_cells(z0.to(delta.dtype), sources)
             delta = delta + (moved - z0.to(delta.dtype))
-        elif self.config.reader_move:  # the residual is fitted without the move: it moves with its cells
-            z = z0.to(delta.dtype)
-            delta = copy_cells(z + delta, self._reader_sources(reading, text_tokens, text_mask)) - z
-        if self.config.count_move:
-            z = z0.to(delta.dtype)
-            sources = self._count_sources(z + delta, reading, text_tokens, text_mask)
+        else:  # reader_move / count_move: the residual is fitted without the moves, it moves with its cells
+            sources = self._move_sources(tokens, z0, reading, text_tokens, text_mask, residual=delta)
             if sources is not None:
+                z = z0.to(delta.dtype)
                 delta = copy_cells(z + delta, sources) - z
         return delta
+
+    @torch.no_grad()
+    def _move_sources(self, tokens, z0, reading, text_tokens, text_mask, residual=None) -> torch.Tensor | None:
+        """The cells ``reader_move`` and then ``count_move`` copy, as one source map of ``z0 + residual``
+        (None when neither is on or neither moves anything): the count is read on the relation-moved latent,
+        and two copies in a row are one copy through the composed map."""
+        sources = self._reader_sources(reading, text_tokens, text_mask) if self.config.reader_move else None
+        if self.config.count_move:
+            if residual is None:
+                residual = self._residual(tokens, z0)
+            z = z0.to(residual.dtype) + residual
+            counted = self._count_sources(z if sources is None else copy_cells(z, sources), reading, text_tokens,
+                                          text_mask)
+            if counted is not None:
+                sources = counted if sources is None else sources.gather(1, counted.to(sources.device))
+        return sources
 
     def attach_eyes(self, eyes) -> "ResidualCorrector":
         """Set what ``count_move`` counts with: ``eyes(z) -> (noun_probs [B, len(reader_nouns), H, W], foreground
@@ -1615,14 +1625,21 @@ class ResidualCorrector(_Pretrained, nn.Module):
         object.__setattr__(self, "_eyes", eyes)  # not a submodule: never saved, never moved
         return self
 
+    @property
+    def eyes(self):
+        """The eyes attached with :meth:`attach_eyes`, or None (``count_move`` then uses the default)."""
+        return getattr(self, "_eyes", None)
+
     def _count_eyes(self):
-        eyes = getattr(self, "_eyes", None)
-        if eyes is None:
+        if self.eyes is not None:
+            return self.eyes
+        default = getattr(self, "_default_eyes", None)
+        if default is None:
             from xlard.shapes.understanding import CountEyes
 
-            eyes = CountEyes(self.config.reader_nouns)
-            object.__setattr__(self, "_eyes", eyes)
-        return eyes
+            default = CountEyes(self.config.reader_nouns)
+            object.__setattr__(self, "_default_eyes", default)  # not a submodule either
+        return default
 
     @torch.no_grad()
     def _count_sources(self, z, reading, text_tokens, text_mask) -> torch.Tensor | None:
