@@ -252,7 +252,7 @@ class CorrectorConfig(_ConfigBase):
             quarter places whether or not it held (measured better on training-split items than a
             margin of 6 / 64: docs/training.md, "Relations moved by the reader").
 
-        count_move (bool): False (default). True (needs ``reader``): a prompt of one entity asked
+        count_move (bool): False (default). True (needs ``reader``, excludes ``move``): a prompt of one entity asked
             ``n >= 2`` times is counted on the *decoded* corrected latent by eyes (default: the shapes
             understanding model on the shapes backbone's VAE decoding, :class:`xlard.shapes.understanding.
             CountEyes`; any other with :meth:`ResidualCorrector.attach_eyes`), and when the objects of
