@@ -327,22 +327,20 @@ class CorrectorConfig(_ConfigBase):
                 raise ValueError(f"{owner}: reader needs reader_nouns (the nouns it reads), got none")
             if self.reader_width % 8:  # the reader's GroupNorm has 8 groups
                 raise ValueError(f"{owner}: reader_width must be a multiple of 8, got {self.reader_width}")
-        _check_bool(owner, "reader_move", self.reader_move)
-        _check_real(owner, "reader_move_margin", self.reader_move_margin, 0.0, 1.0)
-        if self.reader_move and not self.reader:
-            raise ValueError(f"{owner}: reader_move needs reader: true (the reader's noun maps find the objects "
-                             f"to move), got reader false")
-        if self.reader_move and self.move:
-            raise ValueError(f"{owner}: reader_move and move both move a relation's objects; choose one, "
-                             f"got both true")
-        _check_bool(owner, "count_move", self.count_move)
-        _check_real(owner, "count_move_share", self.count_move_share, 0.0, 1.0)
-        if self.count_move and not self.reader:
-            raise ValueError(f"{owner}: count_move needs reader: true (the prompt's noun and count are read from "
-                             f"its field tokens by the reader's vocabulary), got reader false")
-        if self.count_move and self.move:
-            raise ValueError(f"{owner}: count_move copies cells after the reader's relation move, not the move "
-                             f"head's; choose count_move or move, got both true")
+        # The two cell-copying options: each reads with the reader and excludes the move head.
+        for name, setting, needs_reader, with_move in (
+                ("reader_move", "reader_move_margin", "the reader's noun maps find the objects to move",
+                 "reader_move and move both move a relation's objects; choose one"),
+                ("count_move", "count_move_share", "the prompt's noun and count are read from its field tokens by "
+                 "the reader's vocabulary", "count_move copies cells after the reader's relation move, not the "
+                 "move head's; choose count_move or move")):
+            on = getattr(self, name)
+            _check_bool(owner, name, on)
+            _check_real(owner, setting, getattr(self, setting), 0.0, 1.0)
+            if on and not self.reader:
+                raise ValueError(f"{owner}: {name} needs reader: true ({needs_reader}), got reader false")
+            if on and self.move:
+                raise ValueError(f"{owner}: {with_move}, got both true")
 
     @classmethod
     def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
