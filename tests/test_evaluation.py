@@ -257,6 +257,12 @@ def test_corrector_fit_names_every_mismatch():
         ev.check_corrector_fits(counting, _meta(), backbone)
     counting.attach_eyes(lambda z: (torch.zeros(z.shape[0], 2, 64, 64), torch.zeros(z.shape[0], 64, 64)))
     ev.check_corrector_fits(counting, _meta(), backbone)  # eyes of its own: any backbone
+    editing = ResidualCorrector(CorrectorConfig.tiny(latent_channels=8, text_dim=64, pooled_dim=64,
+                                                     conditioning="fields", reader=True, reader_width=8,
+                                                     reader_nouns=("circle", "square"),
+                                                     reader_colors=tuple(GENEVAL_COLORS), count_edit=True))
+    with pytest.raises(ValueError, match="count_edit edits with the shapes backbone's VAE.*needs correction_step 1.0"):
+        ev.check_corrector_fits(editing, _meta(), backbone)
 
 
 def test_no_shipped_corrector_for_other_backbones():
@@ -421,13 +427,40 @@ def test_the_shipped_shapes_corrector_is_installed_fits_and_corrects(tmp_path, c
     inputs = corrector_inputs(corrector, relation.prompt_embedding, relation.specs)
     n = relation.z0.shape[-2] * relation.z0.shape[-1]
     assert not torch.equal(corrector.sources(relation.z0, **inputs)[0], torch.arange(n))  # its objects are moved
-    assert corrector.config.count_move
-    counting = backbone.encode(["a photo of five circles", "a photo of five circles"], seed=[0, 1])
+    assert corrector.config.count_edit and not corrector.config.count_move
+    counting = backbone.encode(["a photo of five circles", "a photo of five circles", "a photo of a circle"],
+                               seed=[0, 1, 0])
     inputs = corrector_inputs(corrector, counting.prompt_embedding, counting.specs)
-    sources = corrector.sources(counting.z0, **inputs)
-    # Seed 0's five circles are counted right by the understanding model; seed 1's are not, and are made right.
-    assert torch.equal(sources[0], torch.arange(n)) and not torch.equal(sources[1], torch.arange(n))
+    with torch.no_grad():
+        corrected = counting.z0 + corrector(counting.z0, **inputs)
+    eyes = corrector._count_eyes()
     assert corrector.eyes is None  # the default eyes, loaded on use, are not attached: the fit check applies
+    from xlard import ops as xops
+    from xlard.models import COUNT_MOVE_MIN_AREA
+
+    def circles(z):  # objects the understanding model finds on the decoded latent, and how many are circles
+        probs, foreground = eyes(z)
+        labels, _ = xops.label_components(foreground[:, None].contiguous(), threshold=0.5, mode="absolute",
+                                          min_area=COUNT_MOVE_MIN_AREA, connectivity=8)
+        found = []
+        for i in range(z.shape[0]):
+            parts = [labels[i, 0] == k for k in range(1, int(labels[i].max()) + 1)]
+            parts = [m for m in parts if int(m.sum()) >= COUNT_MOVE_MIN_AREA]
+            found.append((len(parts), sum(int(probs[i][:, m].sum(1).argmax()) == 0 for m in parts)))
+        return found
+
+    # Seed 1's five circles are not five to the understanding model; redrawn, both samples hold five circles.
+    assert circles(counting.z0[:2])[1] != (5, 5)
+    assert circles(corrected[:2]) == [(5, 5), (5, 5)]
+    # The redraw writes only where the edit touched; a prompt without a count is not edited.
+    import dataclasses
+
+    plain = type(corrector)(dataclasses.replace(corrector.config, count_edit=False))
+    plain.load_state_dict(corrector.state_dict())
+    with torch.no_grad():
+        rest = counting.z0 + plain(counting.z0, **inputs)
+    assert torch.equal(corrected[2], rest[2]) and not torch.equal(corrected[1], rest[1])
+    assert (corrected[1] == rest[1]).all(dim=0).any()  # cells far from every object keep the residual's value
     out = tmp_path / "gen"
     assert cli.main(["generate", "a photo of three red circles", "--backbone", "shapes", "--correct",
                      "--out", str(out), "--quiet"]) == 0

@@ -964,3 +964,90 @@ def test_count_move_acts_on_counting_prompts_only_with_the_attached_eyes(tmp_pat
 def test_count_move_config_checks_name_the_field(changes, pattern):
     with pytest.raises(ValueError, match=pattern):
         _reader_config(**changes)
+
+
+class _EditEyes:
+    """Eyes for count_edit: record what they are asked, 'encode' to a constant on a fixed block of cells."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __call__(self, z):  # count_move's interface: never used by count_edit
+        raise AssertionError("count_edit must not count through __call__")
+
+    def edit_counts(self, z, nouns, counts):
+        self.asked.append((z.detach().clone(), list(nouns), list(counts)))
+        touched = torch.zeros(z.shape[0], 1, *z.shape[-2:], dtype=torch.bool)
+        touched[..., 2:6, 3:9] = True
+        return torch.full_like(z, 7.0), touched, [["redrew"]] * z.shape[0]
+
+
+def test_count_edit_replaces_the_touched_cells_of_counting_prompts_only(tmp_path):
+    from xlard.models import field_inputs
+    from xlard.prompts import parse
+
+    torch.manual_seed(0)
+    corrector = ResidualCorrector(_reader_config(count_edit=True))
+    plain = ResidualCorrector(_reader_config())
+    plain.load_state_dict(corrector.state_dict())
+    with torch.no_grad():
+        torch.nn.init.normal_(corrector.head.weight, std=0.1)
+        plain.head.weight.copy_(corrector.head.weight)
+    eyes = _EditEyes()
+    corrector.attach_eyes(eyes)
+    specs = [parse("a photo of a circle"), parse("a photo of three squares"),
+             parse("a photo of a red circle and a square"), parse("a photo of four triangles")]
+    inputs = field_inputs(corrector.config, specs)
+    z0 = torch.randn(4, 8, 16, 16)
+    residual = plain(z0, **inputs)
+    delta = corrector(z0, **inputs)
+    # Only the counting prompts are edited, from z0 + residual, with their noun and count.
+    (z, nouns, counts), = eyes.asked
+    assert nouns == ["square", "triangle"] and counts == [3, 4]
+    assert torch.allclose(z, (z0 + residual)[[1, 3]], atol=1e-6)
+    assert torch.allclose(delta[[0, 2]], residual[[0, 2]], atol=1e-6)
+    block = torch.zeros(16, 16, dtype=torch.bool)
+    block[2:6, 3:9] = True
+    for i in (1, 3):
+        assert torch.allclose(delta[i][:, block], 7.0 - z0[i][:, block], atol=1e-6)   # the edit's encoding
+        assert torch.allclose(delta[i][:, ~block], residual[i][:, ~block], atol=1e-6)  # the residual elsewhere
+    # The residual keeps its gradient where the edit did not write.
+    z0.requires_grad_(False)
+    corrector.zero_grad()
+    out = corrector(z0, **inputs)
+    out[1][:, ~block].sum().backward()
+    assert corrector.head.weight.grad is not None and float(corrector.head.weight.grad.abs().sum()) > 0
+    corrector.zero_grad()
+    out = corrector(z0, **inputs)
+    out[1][:, block].sum().backward()
+    assert corrector.head.weight.grad is None or float(corrector.head.weight.grad.abs().sum()) == 0
+    # Nothing is moved (sources() names the moves only), and the eyes are not saved.
+    assert torch.equal(corrector.sources(z0, **inputs), plain.sources(z0, **inputs))
+    corrector.save_pretrained(tmp_path / "c")
+    again = ResidualCorrector.from_pretrained(tmp_path / "c").attach_eyes(_EditEyes())
+    with torch.no_grad():
+        assert again.config.count_edit and torch.allclose(again(z0, **inputs), delta.detach(), atol=1e-6)
+    # Eyes that can only count are refused by name.
+    corrector.attach_eyes(lambda z: None)
+    with pytest.raises(TypeError, match="count_edit needs eyes with an edit_counts"):
+        corrector(z0, **inputs)
+
+
+@pytest.mark.parametrize("nouns, counts", [(["circle"], [5, 5]), (["circle", "square"], [5]),
+                                           (["circle", "square"], [5, 0])])
+def test_count_eyes_edit_counts_refuse_mismatched_nouns_and_counts(nouns, counts):
+    from xlard.shapes.understanding import CountEyes
+
+    with pytest.raises(ValueError, match="edit_counts: need one noun and one count >= 1 per latent of z"):
+        CountEyes(("circle", "square")).edit_counts(torch.zeros(2, 8, 16, 16), nouns, counts)
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({"reader": False, "count_edit": True}, "count_edit needs reader: true"),
+    ({"count_edit": 1}, "count_edit must be a bool"),
+    ({"count_edit": True, "move": True}, "choose count_edit or move"),
+    ({"count_edit": True, "count_move": True}, "choose count_edit or count_move"),
+])
+def test_count_edit_config_checks_name_the_field(changes, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        _reader_config(**changes)

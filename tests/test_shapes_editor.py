@@ -351,3 +351,36 @@ def test_move_plan_names_the_source_of_every_moved_cell():
     z2, s2, c2 = _latent_scene(relation_ok=True)
     kept = move_plan(z2, s2, c2, [parse("a red circle left of a blue square")], CFG.shapes)
     assert torch.equal(kept.sources[0], identity) and torch.equal(kept.latents, z2) and kept.actions == [[]]
+
+
+def test_dilate_and_emptiest_match_their_plain_references():
+    """The editor's grown masks and its emptiest place (both on count_edit's inference path) equal a max
+    filter (torch's max_pool2d) and a brute-force search over every occupied pixel's distance."""
+    from xlard.shapes.editor import _dilate, _emptiest
+
+    def emptiest_reference(occupied, size):
+        h, w = occupied.shape
+        half = size // 2
+        ys, xs = np.nonzero(occupied)
+        best, spot = -1.0, None
+        for cy in range(half, h - size + half + 1):
+            for cx in range(half, w - size + half + 1):
+                if len(ys):
+                    d = float(np.sqrt(((ys - cy) ** 2 + (xs - cx) ** 2).min()))
+                else:
+                    d = float(min(cy - half, cx - half, h - cy - half, w - cx - half))
+                if d > best:
+                    best, spot = d, (cy - half, cx - half)
+        return None if spot is None or best < half + 1 else spot
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        mask = rng.random((24, 20)) < (0.002, 0.02, 0.1, 0.4)[trial % 4]
+        for radius in (0, 1, 2, 3):
+            want = torch.nn.functional.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None],
+                                                  2 * radius + 1, 1, radius)[0, 0].numpy() > 0
+            assert np.array_equal(_dilate(mask, radius), want)
+        occupied = _dilate(mask, 1)
+        for size in (5, 9):
+            assert _emptiest(occupied, size) == emptiest_reference(occupied, size)
+    assert _emptiest(np.ones((16, 16), bool), 5) is None and _emptiest(np.zeros((4, 4), bool), 9) is None

@@ -145,7 +145,7 @@ def test_shipped_corrector_config_and_the_demo_share_one_recipe():
     assert shipped["model"]["corrector_overrides"]["conditioning"] == "fields"
     assert shipped["model"]["corrector_overrides"]["reader"] is True
     assert shipped["model"]["corrector_overrides"]["reader_move"] is True  # relations moved on the reader's maps
-    assert shipped["model"]["corrector_overrides"]["count_move"] is True  # counts made right by copying cells
+    assert shipped["model"]["corrector_overrides"]["count_edit"] is True  # counting prompts redrawn by the editor
     assert shipped["distill"]["decoder_epochs"] > 0 and shipped["backbone"]["correction_step"] == 1.0
     # The recipe it replaced stays loadable (docs/training.md measures it).
     ppo = load_config(REPO / "configs" / "shapes_ppo.yaml")

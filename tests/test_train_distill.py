@@ -495,10 +495,11 @@ def test_a_reader_run_fits_the_reader_first_and_exports_it(tmp_path, shapes_fina
              "projector_overrides": {"patch": 2, "width": 16, "depth": 1}}
     with pytest.raises(ValueError, match="reader: true needs the edit-target warm start"):
         Trainer(config(tmp_path / "t1", model=heads, distill={"items_per_tag": 0}, steps=1), backbone=shapes_final)
-    counting = json.loads(json.dumps(heads))
-    counting["corrector_overrides"]["count_move"] = True
-    with pytest.raises(ValueError, match="count_move: true decodes the corrected latent.*correction_step 1.0, got 0.5"):
-        Trainer(config(tmp_path / "t3", model=counting, backbone={"correction_step": 0.5}), backbone=shapes_final)
+    for name in ("count_move", "count_edit"):
+        counting = json.loads(json.dumps(heads))
+        counting["corrector_overrides"][name] = True
+        with pytest.raises(ValueError, match=f"{name}: true decodes the corrected latent.*correction_step 1.0, got 0.5"):
+            Trainer(config(tmp_path / "t3", model=counting, backbone={"correction_step": 0.5}), backbone=shapes_final)
     wrong = json.loads(json.dumps(heads))
     wrong["corrector_overrides"]["reader_nouns"] = ["circle", "square"]
     with pytest.raises(ValueError, match="understanding model that labels its targets"):

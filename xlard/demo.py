@@ -47,7 +47,7 @@ DEMO_TRAINING: dict[str, Any] = {
     "model": {"corrector": "tiny", "corrector_overrides": {"patch": 2, "width": 128, "depth": 4, "heads": 4,
                                                            "cond_dim": 32, "log_std_init": -0.9,
                                                            "conditioning": "fields", "reader": True,
-                                                           "reader_move": True, "count_move": True},
+                                                           "reader_move": True, "count_edit": True},
               "projector": "tiny", "projector_overrides": {"patch": 2}},
     "ppo": {"prompts_per_step": 8, "group_size": 8, "epochs": 4, "minibatches": 2, "clip": 0.01,
             "logprob_reduction": "mean", "advantage": "group", "whiten": True},

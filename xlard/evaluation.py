@@ -309,15 +309,17 @@ def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
         h, w = height // scale, width // scale
         if h % cfg.patch or w % cfg.patch:
             problems.append(f"latent grid {h}x{w} not divisible by the corrector's patch {cfg.patch}")
-    if getattr(cfg, "count_move", False) and getattr(corrector, "eyes", None) is None:
+    for name, does in (("count_move", "counts"), ("count_edit", "edits")):
+        if not getattr(cfg, name, False) or getattr(corrector, "eyes", None) is not None:
+            continue
         from xlard.sources import _is_shapes_backbone
 
         # The default eyes decode with the shapes backbone's VAE and count with its understanding model.
         if not _is_shapes_backbone(backbone):
-            problems.append("count_move counts with the shapes backbone's VAE and understanding model; attach other "
-                            "eyes (ResidualCorrector.attach_eyes) for another backbone")
+            problems.append(f"{name} {does} with the shapes backbone's VAE and understanding model; attach other "
+                            f"eyes (ResidualCorrector.attach_eyes) for another backbone")
         if float(getattr(backbone, "correction_step", 1.0)) != 1.0:
-            problems.append("count_move decodes the corrected latent as a final one: it needs correction_step 1.0")
+            problems.append(f"{name} decodes the corrected latent as a final one: it needs correction_step 1.0")
     if problems:
         raise ValueError(f"the corrector (trained for backbone {meta.backbone!r}) does not fit this backbone: "
                          + "; ".join(problems))

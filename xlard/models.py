@@ -263,6 +263,15 @@ class CorrectorConfig(_ConfigBase):
             sources) - z0``. Nothing of it is fitted.
         count_move_share (float): the share of a found object's shape probability that its noun must
             hold for it to count as that noun, in ``[0, 1]`` (default 0.7).
+        count_edit (bool): False (default). True (needs ``reader``, excludes ``move`` and ``count_move``): a
+            prompt of one entity asked ``n >= 2`` times is *redrawn*: the eyes (as for ``count_move``; they
+            must also have ``edit_counts``, as :class:`xlard.shapes.understanding.CountEyes` has) decode the
+            corrected latent, draw every found object of the noun again as a clean shape at its place, size
+            and color, paint surplus ones with the background, draw missing ones at the emptiest free
+            place, and encode the edited image; on the latent cells the edit touched (grown by one cell) the
+            encoding replaces ``z0 + Delta_rest``, elsewhere the correction is the residual's (and the
+            relation move's). It acts on every such prompt, whatever the count found. Nothing of it is
+            fitted; the encoded cells carry no gradient.
 
     Example:
         >>> CorrectorConfig.paper().width
@@ -296,6 +305,7 @@ class CorrectorConfig(_ConfigBase):
     reader_move_margin: float = 1.0
     count_move: bool = False
     count_move_share: float = 0.7
+    count_edit: bool = False
 
     def __post_init__(self):
         owner = "CorrectorConfig"
@@ -341,6 +351,13 @@ class CorrectorConfig(_ConfigBase):
                 raise ValueError(f"{owner}: {name} needs reader: true ({needs_reader}), got reader false")
             if on and self.move:
                 raise ValueError(f"{owner}: {with_move}, got both true")
+        _check_bool(owner, "count_edit", self.count_edit)
+        if self.count_edit and not self.reader:
+            raise ValueError(f"{owner}: count_edit needs reader: true (the prompt's noun and count are read from its "
+                             f"field tokens by the reader's vocabulary), got reader false")
+        if self.count_edit and (self.move or self.count_move):
+            raise ValueError(f"{owner}: count_edit redraws the counted objects itself; choose count_edit or "
+                             f"{'move' if self.move else 'count_move'}, got both true")
 
     @classmethod
     def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
@@ -1590,7 +1607,27 @@ class ResidualCorrector(_Pretrained, nn.Module):
             if sources is not None:
                 z = z0.to(delta.dtype)
                 delta = copy_cells(z + delta, sources) - z
+        if self.config.count_edit:
+            delta = self._count_edit(z0, delta, reading, text_tokens, text_mask)
         return delta
+
+    def _count_edit(self, z0, delta, reading, text_tokens, text_mask) -> torch.Tensor:
+        """``count_edit``: ``delta`` with the counting rows' touched cells set to the edited encoding minus z0."""
+        rows, nouns, counts = self._counting_rows(reading, text_tokens, text_mask)
+        if not len(rows):
+            return delta
+        z = z0.to(delta.dtype)
+        r = rows.to(z.device)
+        eyes = self._count_eyes()
+        if not callable(getattr(eyes, "edit_counts", None)):
+            raise TypeError(f"ResidualCorrector: count_edit needs eyes with an edit_counts(z, nouns, counts) method "
+                            f"(as xlard.shapes.understanding.CountEyes has), got {type(eyes).__name__}")
+        words = [self.config.reader_nouns[int(i)] for i in nouns[rows, 0]]
+        with torch.no_grad():
+            encoded, touched, _ = eyes.edit_counts((z + delta)[r].detach(), words,
+                                                   [int(c) for c in counts[rows, 0]])
+        edited = torch.where(touched.to(z.device), encoded.to(delta.dtype) - z[r], delta[r])
+        return delta.index_put((r,), edited)
 
     @torch.no_grad()
     def _move_sources(self, tokens, z0, reading, text_tokens, text_mask, residual=None) -> torch.Tensor | None:
@@ -1611,7 +1648,9 @@ class ResidualCorrector(_Pretrained, nn.Module):
     def attach_eyes(self, eyes) -> "ResidualCorrector":
         """Set what ``count_move`` counts with: ``eyes(z) -> (noun_probs [B, len(reader_nouns), H, W], foreground
         [B, H, W])`` for latents ``z [B, C, h, w]`` (the decoded image's maps, on a whole multiple of the latent
-        grid). ``None`` restores the default (:class:`xlard.shapes.understanding.CountEyes`, the shapes
+        grid); for ``count_edit`` the eyes also need ``eyes.edit_counts(z, nouns, counts) -> (encoded [B, C, h,
+        w], touched [B, 1, h, w] bool, actions)`` (see :meth:`xlard.shapes.understanding.CountEyes.edit_counts`).
+        ``None`` restores the default (:class:`xlard.shapes.understanding.CountEyes`, the shapes
         backbone's VAE and understanding model, loaded on first use). Returns the corrector.
 
         Raises:
@@ -1639,12 +1678,18 @@ class ResidualCorrector(_Pretrained, nn.Module):
             object.__setattr__(self, "_default_eyes", default)  # not a submodule either
         return default
 
-    @torch.no_grad()
-    def _count_sources(self, z, reading, text_tokens, text_mask) -> torch.Tensor | None:
-        """``count_move``: the source of every cell of the corrected latent ``z`` (None when no row counts)."""
+    def _counting_rows(self, reading, text_tokens, text_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, nouns [B, 2], counts [B, 2])``: the rows whose prompt is one entity of a known noun asked
+        ``n >= 2`` times (what ``count_move`` and ``count_edit`` act on), the field tokens' nouns and counts."""
         counts = count_fields(self.config, text_tokens, text_mask)
         nouns = reading[1] if reading is not None else slot_fields(self.config, text_tokens, text_mask)[0]
         rows = torch.nonzero((counts[:, 0] >= 2) & (counts[:, 1] < 0) & (nouns[:, 0] >= 0)).flatten()
+        return rows, nouns, counts
+
+    @torch.no_grad()
+    def _count_sources(self, z, reading, text_tokens, text_mask) -> torch.Tensor | None:
+        """``count_move``: the source of every cell of the corrected latent ``z`` (None when no row counts)."""
+        rows, nouns, counts = self._counting_rows(reading, text_tokens, text_mask)
         if not len(rows):
             return None
         noun_probs, foreground = self._count_eyes()(z[rows])

@@ -36,6 +36,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -149,10 +150,21 @@ class EditedBatch:
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` grown by ``radius`` pixels in the 8-neighbourhood (a ``2 radius + 1`` square; the image's edge
+    adds nothing): a max filter, rows then columns, by shifted ORs (at inference, ``count_edit`` runs it a
+    dozen times per image)."""
+    rows = np.array(mask, dtype=bool, copy=True)
     if radius <= 0:
-        return mask.copy()
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return (F.max_pool2d(t, 2 * radius + 1, 1, radius)[0, 0] > 0).numpy()
+        return rows
+    src = rows.copy()
+    for s in range(1, radius + 1):
+        rows[s:] |= src[:-s]
+        rows[:-s] |= src[s:]
+    out = rows.copy()
+    for s in range(1, radius + 1):
+        out[:, s:] |= rows[:, :-s]
+        out[:, :-s] |= rows[:, s:]
+    return out
 
 
 def find_objects(prob: np.ndarray, threshold: float = 0.5, min_area: int = 8) -> list[tuple[float, np.ndarray]]:
@@ -187,16 +199,23 @@ def _emptiest(occupied: np.ndarray, size: int) -> tuple[int, int] | None:
     """Top-left corner of a ``size`` box whose centre is farthest from every occupied pixel (None: no room)."""
     h, w = occupied.shape
     half = size // 2
-    ys, xs = np.nonzero(occupied)
-    cy, cx = np.mgrid[half:h - size + half + 1, half:w - size + half + 1]
-    if cy.size == 0:
+    occupied = np.asarray(occupied, dtype=bool)
+    if size > h or size > w:
         return None
-    if len(ys) == 0:
-        d = np.minimum.reduce([cy - half, cx - half, h - cy - half, w - cx - half]).astype(np.float32)
+    cy, cx = np.mgrid[half:h - size + half + 1, half:w - size + half + 1]
+    if not occupied.any():
+        d = np.minimum.reduce([cy - half, cx - half, h - cy - half, w - cx - half]).astype(np.float64)
     else:
-        centres = torch.from_numpy(np.stack([cy.ravel(), cx.ravel()], 1).astype(np.float32))
-        pts = torch.from_numpy(np.stack([ys, xs], 1).astype(np.float32))
-        d = torch.cdist(centres, pts).min(1).values.view(cy.shape).numpy()
+        # Exact squared distance to the nearest occupied pixel, in two passes: the vertical distance within
+        # each column, then the nearest column (d2(y, x) = min over x' of (x - x')^2 + g(y, x')^2).
+        big = 4 * (h + w)
+        rows = np.arange(h)[:, None]
+        above = np.maximum.accumulate(np.where(occupied, rows, -big), axis=0)
+        below = np.minimum.accumulate(np.where(occupied, rows, big)[::-1], axis=0)[::-1]
+        g2 = np.minimum(rows - above, below - rows).astype(np.int64) ** 2                       # [h, w]
+        cols = np.arange(w)
+        d2 = ((cols[:, None] - cols[None, :]) ** 2 + g2[:, None, :]).min(axis=2)               # [h, w]
+        d = np.sqrt(d2[cy, cx].astype(np.float64))
     k = int(np.argmax(d))
     if d.flat[k] < half + 1:  # the box would touch an object
         return None
@@ -227,6 +246,14 @@ def _relayout_spots(h: int, w: int, size: int, n: int) -> list[tuple[int, int]]:
         cy, cx = (h // 6, h // 2, h - h // 6)[cell // 3], (w // 6, w // 2, w - w // 6)[cell % 3]
         spots.append((max(0, min(cy - size // 2, h - size)), max(0, min(cx - size // 2, w - size))))
     return spots
+
+
+@functools.lru_cache(maxsize=512)
+def _shape(noun: str, size: int) -> np.ndarray:
+    """:func:`xlard.shapes.world.shape_mask`, cached and read-only (the editor draws the same few sizes)."""
+    mask = shape_mask(noun, size)
+    mask.setflags(write=False)
+    return mask
 
 
 def _rgb(color: str) -> np.ndarray:
@@ -272,7 +299,7 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
         nonlocal colored
         top, left = max(0, min(top, h - size)), max(0, min(left, w - size))
         sub = np.zeros((h, w), bool)
-        sub[top:top + size, left:left + size] = shape_mask(noun, size)
+        sub[top:top + size, left:left + size] = _shape(noun, size)
         img[:, sub] = _rgb(color)[:, None]
         changed[_dilate(sub, 1)] = True
         colored = colored | sub

@@ -300,13 +300,14 @@ _EYES_MODELS: dict[tuple[str, str], ShapesUnderstanding] = {}
 
 
 class CountEyes:
-    """What a corrector's ``count_move`` counts with on the shapes world: a latent of the shapes backbone,
+    """What a corrector's ``count_move`` counts (and ``count_edit`` edits) with on the shapes world: a latent of the shapes backbone,
     decoded by the backbone's own VAE (as :meth:`xlard.backbones.DiffusersBackbone.decode` does at
     ``correction_step`` 1.0), read by the understanding model.
 
     ``eyes(z) -> (noun_probs [B, len(nouns), 64, 64], foreground [B, 64, 64])``: per-pixel probability of
     each noun's shape core (a noun the model does not know gets zeros) and ``1 - P(background)``.
-    The VAE and the model load on first use (offline, from the package data or the folders the
+    :meth:`edit_counts` is what ``count_edit`` edits with: the same decoding and reading, then the
+    editor's redraw and count fix, encoded back by the same VAE. The VAE and the model load on first use (offline, from the package data or the folders the
     environment names, as :func:`xlard.shapes.backbone.backbone_path` and :func:`model_path` say)
     and stay cached.
 
@@ -362,9 +363,64 @@ class CountEyes:
         if z.shape[1] != vae.config.latent_channels:
             raise ValueError(f"CountEyes: z has {z.shape[1]} channels, the shapes backbone's VAE "
                              f"{vae.config.latent_channels}")
-        latents = (z.float() / vae.config.scaling_factor).contiguous(memory_format=torch.channels_last)
+        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        latents = (z.float() / vae.config.scaling_factor + shift).contiguous(memory_format=torch.channels_last)
         out = vae.decode(latents, return_dict=False)[0]
         return (out / 2 + 0.5).clamp(0.0, 1.0).contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def edit_counts(self, z: torch.Tensor, nouns, counts) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
+        """``count_edit``: redraw each latent's image so that it holds ``counts[i]`` clean ``nouns[i]`` shapes.
+
+        The latent is decoded and read by the understanding model; :func:`xlard.shapes.editor.edit_image`
+        (``fix_count`` and ``redraw``, nothing else) draws every found object of the noun again as a clean
+        shape of it at its place, size and dominant color, paints surplus ones (the least confident) with
+        the background and draws missing ones at the emptiest free place; the VAE encodes the edited image.
+
+        Args:
+            z (Tensor[B, C, h, w]): final latents of the shapes backbone.
+            nouns: one noun per latent (a world shape; any other word leaves its latent alone).
+            counts: one asked count per latent (ints >= 1).
+
+        Returns:
+            ``(encoded [B, C, h, w], touched [B, 1, h, w] bool, actions)``: the edited images' encodings, the
+            latent cells under every changed pixel grown by one cell (only there does ``encoded`` replace
+            ``z``), and what was done per latent.
+
+        Raises:
+            ValueError: ``nouns`` or ``counts`` do not give one entry per latent, or a count below 1.
+        """
+        from xlard.prompts.spec import Entity, PromptSpec
+        from xlard.shapes.editor import EditConfig, edit_image
+
+        b = int(z.shape[0]) if isinstance(z, torch.Tensor) and z.dim() == 4 else -1
+        nouns, counts = list(nouns), [int(c) for c in counts]
+        if len(nouns) != b or len(counts) != b or any(c < 1 for c in counts):
+            raise ValueError(f"CountEyes.edit_counts: need one noun and one count >= 1 per latent of z "
+                             f"({b}), got nouns {nouns!r} and counts {counts!r}")
+        images = self.images(z)
+        model = self._model(z.device)
+        maps = model.predict(images)
+        config = EditConfig(redraw=True, fix_count=True, fix_color=False, fix_position=False)
+        src = images.float().cpu().numpy()
+        shape_probs, color_probs = maps.shape_probs.float().cpu().numpy(), maps.color_probs.float().cpu().numpy()
+        edited, changed, actions = [], [], []
+        for i in range(b):
+            spec = PromptSpec(prompt=f"{counts[i]} {nouns[i]}", entities=(Entity(nouns[i], count=counts[i]),))
+            img, ch, act = edit_image(src[i], shape_probs[i], color_probs[i], spec, model.config.shapes,
+                                      model.config.colors, config)
+            edited.append(torch.from_numpy(img))
+            changed.append(torch.from_numpy(ch))
+            actions.append(act)
+        vae = self._vae(z.device)
+        x = torch.stack(edited).to(z.device).clamp(0.0, 1.0) * 2 - 1
+        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        encoded = (vae.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist.mode() - shift) \
+            * vae.config.scaling_factor
+        f = images.shape[-1] // z.shape[-1]
+        touched = F.max_pool2d(torch.stack(changed).float()[:, None].to(z.device), f)
+        touched = F.max_pool2d(touched, 3, 1, 1) > 0
+        return encoded.to(z.dtype).contiguous(), touched, actions
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -287,10 +287,11 @@ class Trainer:
         elif self.corrector.config.reader:
             raise ValueError("model.corrector_overrides reader: true needs the edit-target warm start "
                              "(distill.items_per_tag > 0): the reader is fitted there, before the corrector")
-        if getattr(self.corrector.config, "count_move", False) and float(cfg.backbone.correction_step) != 1.0:
-            raise ValueError(f"model.corrector_overrides count_move: true decodes the corrected latent as a final "
-                             f"one to count its objects: it needs backbone.correction_step 1.0, got "
-                             f"{cfg.backbone.correction_step}")
+        for name in ("count_move", "count_edit"):
+            if getattr(self.corrector.config, name, False) and float(cfg.backbone.correction_step) != 1.0:
+                raise ValueError(f"model.corrector_overrides {name}: true decodes the corrected latent as a final "
+                                 f"one to count its objects: it needs backbone.correction_step 1.0, got "
+                                 f"{cfg.backbone.correction_step}")
 
         self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
         if self.resume_from is not None:
