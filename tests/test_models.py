@@ -1031,6 +1031,12 @@ def test_count_edit_replaces_the_touched_cells_of_counting_prompts_only(tmp_path
     corrector.attach_eyes(lambda z: None)
     with pytest.raises(TypeError, match="count_edit needs eyes with an edit_counts"):
         corrector(z0, **inputs)
+    # Eyes whose edit comes back in the wrong shape are named, not broadcast.
+    wrong = _EditEyes()
+    wrong.edit_counts = lambda z, nouns, counts: (z[:, :4], torch.ones(z.shape[0], 1, 16, 16, dtype=torch.bool), [])
+    corrector.attach_eyes(wrong)
+    with pytest.raises(ValueError, match=r"edit_counts must return \(encoded \[2, 8, 16, 16\]"):
+        corrector(z0, **inputs)
 
 
 @pytest.mark.parametrize("nouns, counts", [(["circle"], [5, 5]), (["circle", "square"], [5]),

@@ -1624,9 +1624,15 @@ class ResidualCorrector(_Pretrained, nn.Module):
                             f"(as xlard.shapes.understanding.CountEyes has), got {type(eyes).__name__}")
         words = [self.config.reader_nouns[int(i)] for i in nouns[rows, 0]]
         with torch.no_grad():
-            encoded, touched, _ = eyes.edit_counts((z + delta)[r].detach(), words,
-                                                   [int(c) for c in counts[rows, 0]])
-        edited = torch.where(touched.to(z.device), encoded.to(delta.dtype) - z[r], delta[r])
+            out = eyes.edit_counts((z + delta)[r].detach(), words, [int(c) for c in counts[rows, 0]])
+        encoded, touched = (out[0], out[1]) if isinstance(out, (tuple, list)) and len(out) >= 2 else (out, None)
+        want = (len(rows), *z.shape[1:])
+        if not isinstance(encoded, torch.Tensor) or tuple(encoded.shape) != want \
+                or not isinstance(touched, torch.Tensor) or tuple(touched.shape) != (want[0], 1, *want[2:]):
+            raise ValueError(f"ResidualCorrector: count_edit's eyes.edit_counts must return (encoded {list(want)}, "
+                             f"touched {[want[0], 1, *want[2:]]} bool, actions), got "
+                             f"{[tuple(getattr(o, 'shape', ())) or type(o).__name__ for o in (encoded, touched)]}")
+        edited = torch.where(touched.to(z.device, torch.bool), encoded.to(delta.device, delta.dtype) - z[r], delta[r])
         return delta.index_put((r,), edited)
 
     @torch.no_grad()
