@@ -300,16 +300,17 @@ _EYES_MODELS: dict[tuple[str, str], ShapesUnderstanding] = {}
 
 
 class CountEyes:
-    """What a corrector's ``count_move`` counts (and ``count_edit`` edits) with on the shapes world: a latent of the shapes backbone,
-    decoded by the backbone's own VAE (as :meth:`xlard.backbones.DiffusersBackbone.decode` does at
-    ``correction_step`` 1.0), read by the understanding model.
+    """What a corrector's ``count_move`` counts (and ``count_edit`` edits) with on the shapes world: a latent
+    of the shapes backbone, decoded by the backbone's own VAE (as
+    :meth:`xlard.backbones.DiffusersBackbone.decode` does at ``correction_step`` 1.0), read by the
+    understanding model.
 
     ``eyes(z) -> (noun_probs [B, len(nouns), 64, 64], foreground [B, 64, 64])``: per-pixel probability of
     each noun's shape core (a noun the model does not know gets zeros) and ``1 - P(background)``.
     :meth:`edit_counts` is what ``count_edit`` edits with: the same decoding and reading, then the
-    editor's redraw and count fix, encoded back by the same VAE. The VAE and the model load on first use (offline, from the package data or the folders the
-    environment names, as :func:`xlard.shapes.backbone.backbone_path` and :func:`model_path` say)
-    and stay cached.
+    editor's redraw and count fix, encoded back by the same VAE. The VAE and the model load on first
+    use (offline, from the package data or the folders the environment names, as
+    :func:`xlard.shapes.backbone.backbone_path` and :func:`model_path` say) and stay cached.
 
     Args:
         nouns: the noun order of the maps (a corrector's ``reader_nouns``).
