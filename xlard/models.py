@@ -271,7 +271,8 @@ class CorrectorConfig(_ConfigBase):
             place, and encode the edited image; on the latent cells the edit touched (grown by one cell) the
             encoding replaces ``z0 + Delta_rest``, elsewhere the correction is the residual's (and the
             relation move's). It acts on every such prompt, whatever the count found. Nothing of it is
-            fitted; the encoded cells carry no gradient.
+            fitted; the encoded cells carry no gradient. A step size ``alpha`` other than 1 blends the
+            edited and the unedited cells (the shipped corrector is exported at 1).
 
     Example:
         >>> CorrectorConfig.paper().width
