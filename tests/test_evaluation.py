@@ -249,20 +249,16 @@ def test_corrector_fit_names_every_mismatch():
     # count_move's default eyes are the shapes backbone's VAE and understanding model, on a final latent.
     from xlard.vocab import GENEVAL_COLORS
 
-    counting = ResidualCorrector(CorrectorConfig.tiny(latent_channels=8, text_dim=64, pooled_dim=64,
-                                                      conditioning="fields", reader=True, reader_width=8,
-                                                      reader_nouns=("circle", "square"),
-                                                      reader_colors=tuple(GENEVAL_COLORS), count_move=True))
-    with pytest.raises(ValueError, match="count_move counts with the shapes backbone's VAE.*needs correction_step 1.0"):
-        ev.check_corrector_fits(counting, _meta(), backbone)
-    counting.attach_eyes(lambda z: (torch.zeros(z.shape[0], 2, 64, 64), torch.zeros(z.shape[0], 64, 64)))
-    ev.check_corrector_fits(counting, _meta(), backbone)  # eyes of its own: any backbone
-    editing = ResidualCorrector(CorrectorConfig.tiny(latent_channels=8, text_dim=64, pooled_dim=64,
-                                                     conditioning="fields", reader=True, reader_width=8,
-                                                     reader_nouns=("circle", "square"),
-                                                     reader_colors=tuple(GENEVAL_COLORS), count_edit=True))
-    with pytest.raises(ValueError, match="count_edit edits with the shapes backbone's VAE.*needs correction_step 1.0"):
-        ev.check_corrector_fits(editing, _meta(), backbone)
+    for name, does in (("count_move", "counts"), ("count_edit", "edits")):
+        counting = ResidualCorrector(CorrectorConfig.tiny(latent_channels=8, text_dim=64, pooled_dim=64,
+                                                          conditioning="fields", reader=True, reader_width=8,
+                                                          reader_nouns=("circle", "square"),
+                                                          reader_colors=tuple(GENEVAL_COLORS), **{name: True}))
+        pattern = f"{name} {does} with the shapes backbone's VAE.*needs correction_step 1.0"
+        with pytest.raises(ValueError, match=pattern):
+            ev.check_corrector_fits(counting, _meta(), backbone)
+        counting.attach_eyes(lambda z: (torch.zeros(z.shape[0], 2, 64, 64), torch.zeros(z.shape[0], 64, 64)))
+        ev.check_corrector_fits(counting, _meta(), backbone)  # eyes of its own: any backbone
 
 
 def test_no_shipped_corrector_for_other_backbones():

@@ -915,17 +915,23 @@ def test_count_move_sources_refuse_inconsistent_maps(args, pattern):
         count_move_sources(*args)
 
 
-def test_count_move_acts_on_counting_prompts_only_with_the_attached_eyes(tmp_path):
-    from xlard.models import copy_cells, count_move_sources, field_inputs
-    from xlard.prompts import parse
-
+def _with_and_without(**option):
+    """A reader corrector with ``option`` on and the same one without it, sharing a nonzero head."""
     torch.manual_seed(0)
-    corrector = ResidualCorrector(_reader_config(count_move=True))
+    corrector = ResidualCorrector(_reader_config(**option))
     plain = ResidualCorrector(_reader_config())
     plain.load_state_dict(corrector.state_dict())
     with torch.no_grad():
         torch.nn.init.normal_(corrector.head.weight, std=0.1)
         plain.head.weight.copy_(corrector.head.weight)
+    return corrector, plain
+
+
+def test_count_move_acts_on_counting_prompts_only_with_the_attached_eyes(tmp_path):
+    from xlard.models import copy_cells, count_move_sources, field_inputs
+    from xlard.prompts import parse
+
+    corrector, plain = _with_and_without(count_move=True)
     probs, fg = _scene_maps([(0, 4, 4, 12, 12, 0.95)])
     seen = []
 
@@ -986,13 +992,7 @@ def test_count_edit_replaces_the_touched_cells_of_counting_prompts_only(tmp_path
     from xlard.models import field_inputs
     from xlard.prompts import parse
 
-    torch.manual_seed(0)
-    corrector = ResidualCorrector(_reader_config(count_edit=True))
-    plain = ResidualCorrector(_reader_config())
-    plain.load_state_dict(corrector.state_dict())
-    with torch.no_grad():
-        torch.nn.init.normal_(corrector.head.weight, std=0.1)
-        plain.head.weight.copy_(corrector.head.weight)
+    corrector, plain = _with_and_without(count_edit=True)
     eyes = _EditEyes()
     corrector.attach_eyes(eyes)
     specs = [parse("a photo of a circle"), parse("a photo of three squares"),
