@@ -338,27 +338,26 @@ class CorrectorConfig(_ConfigBase):
                 raise ValueError(f"{owner}: reader needs reader_nouns (the nouns it reads), got none")
             if self.reader_width % 8:  # the reader's GroupNorm has 8 groups
                 raise ValueError(f"{owner}: reader_width must be a multiple of 8, got {self.reader_width}")
-        # The two cell-copying options: each reads with the reader and excludes the move head.
+        # The fixed rules on the reader's reading: each needs the reader and excludes the move head.
+        counted = "the prompt's noun and count are read from its field tokens by the reader's vocabulary"
         for name, setting, needs_reader, with_move in (
                 ("reader_move", "reader_move_margin", "the reader's noun maps find the objects to move",
                  "reader_move and move both move a relation's objects; choose one"),
-                ("count_move", "count_move_share", "the prompt's noun and count are read from its field tokens by "
-                 "the reader's vocabulary", "count_move copies cells after the reader's relation move, not the "
-                 "move head's; choose count_move or move")):
+                ("count_move", "count_move_share", counted, "count_move copies cells after the reader's relation "
+                 "move, not the move head's; choose count_move or move"),
+                ("count_edit", None, counted, "count_edit redraws the counted objects itself; choose count_edit "
+                 "or move")):
             on = getattr(self, name)
             _check_bool(owner, name, on)
-            _check_real(owner, setting, getattr(self, setting), 0.0, 1.0)
+            if setting is not None:
+                _check_real(owner, setting, getattr(self, setting), 0.0, 1.0)
             if on and not self.reader:
                 raise ValueError(f"{owner}: {name} needs reader: true ({needs_reader}), got reader false")
             if on and self.move:
                 raise ValueError(f"{owner}: {with_move}, got both true")
-        _check_bool(owner, "count_edit", self.count_edit)
-        if self.count_edit and not self.reader:
-            raise ValueError(f"{owner}: count_edit needs reader: true (the prompt's noun and count are read from its "
-                             f"field tokens by the reader's vocabulary), got reader false")
-        if self.count_edit and (self.move or self.count_move):
+        if self.count_edit and self.count_move:
             raise ValueError(f"{owner}: count_edit redraws the counted objects itself; choose count_edit or "
-                             f"{'move' if self.move else 'count_move'}, got both true")
+                             f"count_move, got both true")
 
     @classmethod
     def paper(cls, latent_channels: int = 16, text_dim: int = 4096, pooled_dim: int = 4096, **overrides):
@@ -1671,7 +1670,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
 
     @property
     def eyes(self):
-        """The eyes attached with :meth:`attach_eyes`, or None (``count_move`` then uses the default)."""
+        """The eyes attached with :meth:`attach_eyes`, or None (``count_move`` and ``count_edit`` then use the
+        default)."""
         return getattr(self, "_eyes", None)
 
     def _count_eyes(self):

@@ -473,6 +473,19 @@ def edit_images(model: Any, images: torch.Tensor, specs: Sequence[Any], config: 
     return EditedBatch(torch.stack(edited).clamp(0.0, 1.0), torch.stack(changed), actions)
 
 
+def touched_cells(changed: torch.Tensor, factor: int, grow: int = 1) -> torch.Tensor:
+    """The latent cells under any changed pixel, grown by ``grow`` cells: bool ``[B, 1, H / factor, W / factor]``.
+
+    Args:
+        changed (Tensor[B, H, W] bool): :attr:`EditedBatch.changed`.
+        factor: image pixels per latent cell along each side.
+    """
+    mask = F.max_pool2d(changed.float()[:, None], factor)
+    if grow:
+        mask = F.max_pool2d(mask, 2 * grow + 1, 1, grow)
+    return mask > 0
+
+
 def edit_targets(encode: Any, images: torch.Tensor, edited: EditedBatch, latent_shape: Sequence[int],
                  grow: int = 1, z0: torch.Tensor | None = None) -> torch.Tensor:
     """Latent corrections that carry the edits: ``M * (encode(edited) - encode(images))``.
@@ -501,9 +514,7 @@ def edit_targets(encode: Any, images: torch.Tensor, edited: EditedBatch, latent_
     if h % lw or images.shape[-2] % lh:
         raise ValueError(f"edit_targets: image size {tuple(images.shape[-2:])} is not a multiple of the latent "
                          f"size {(lh, lw)}")
-    mask = F.max_pool2d(edited.changed.float()[:, None], h // lw)
-    if grow:
-        mask = F.max_pool2d(mask, 2 * grow + 1, 1, grow)
+    mask = touched_cells(edited.changed, h // lw, grow)
     if z0 is not None and (not isinstance(z0, torch.Tensor) or tuple(z0.shape) != (images.shape[0], c, lh, lw)):
         raise ValueError(f"edit_targets: z0 must be a tensor of shape {(images.shape[0], c, lh, lw)}, got "
                          f"{tuple(z0.shape) if isinstance(z0, torch.Tensor) else type(z0).__name__}")

@@ -299,6 +299,11 @@ _VAES: dict[tuple[str, str], Any] = {}
 _EYES_MODELS: dict[tuple[str, str], ShapesUnderstanding] = {}
 
 
+def _latent_scale(vae) -> tuple[float, float]:
+    """``(scaling_factor, shift_factor)`` of a diffusers VAE: ``latent = (vae_latent - shift) * scale``."""
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 class CountEyes:
     """What a corrector's ``count_move`` counts (and ``count_edit`` edits) with on the shapes world: a latent
     of the shapes backbone, decoded by the backbone's own VAE (as
@@ -364,8 +369,8 @@ class CountEyes:
         if z.shape[1] != vae.config.latent_channels:
             raise ValueError(f"CountEyes: z has {z.shape[1]} channels, the shapes backbone's VAE "
                              f"{vae.config.latent_channels}")
-        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        latents = (z.float() / vae.config.scaling_factor + shift).contiguous(memory_format=torch.channels_last)
+        scale, shift = _latent_scale(vae)
+        latents = (z.float() / scale + shift).contiguous(memory_format=torch.channels_last)
         out = vae.decode(latents, return_dict=False)[0]
         return (out / 2 + 0.5).clamp(0.0, 1.0).contiguous(memory_format=torch.channels_last)
 
@@ -392,7 +397,7 @@ class CountEyes:
             ValueError: ``nouns`` or ``counts`` do not give one entry per latent, or a count below 1.
         """
         from xlard.prompts.spec import Entity, PromptSpec
-        from xlard.shapes.editor import EditConfig, edit_image
+        from xlard.shapes.editor import EditConfig, edit_images, touched_cells
 
         b = int(z.shape[0]) if isinstance(z, torch.Tensor) and z.dim() == 4 else -1
         nouns, counts = list(nouns), [int(c) for c in counts]
@@ -400,28 +405,15 @@ class CountEyes:
             raise ValueError(f"CountEyes.edit_counts: need one noun and one count >= 1 per latent of z "
                              f"({b}), got nouns {nouns!r} and counts {counts!r}")
         images = self.images(z)
-        model = self._model(z.device)
-        maps = model.predict(images)
-        config = EditConfig(redraw=True, fix_count=True, fix_color=False, fix_position=False)
-        src = images.float().cpu().numpy()
-        shape_probs, color_probs = maps.shape_probs.float().cpu().numpy(), maps.color_probs.float().cpu().numpy()
-        edited, changed, actions = [], [], []
-        for i in range(b):
-            spec = PromptSpec(prompt=f"{counts[i]} {nouns[i]}", entities=(Entity(nouns[i], count=counts[i]),))
-            img, ch, act = edit_image(src[i], shape_probs[i], color_probs[i], spec, model.config.shapes,
-                                      model.config.colors, config)
-            edited.append(torch.from_numpy(img))
-            changed.append(torch.from_numpy(ch))
-            actions.append(act)
+        specs = [PromptSpec(prompt=f"{c} {n}", entities=(Entity(n, count=c),)) for n, c in zip(nouns, counts)]
+        edited = edit_images(self._model(z.device), images, specs,
+                             EditConfig(redraw=True, fix_count=True, fix_color=False, fix_position=False))
         vae = self._vae(z.device)
-        x = torch.stack(edited).to(z.device).clamp(0.0, 1.0) * 2 - 1
-        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        encoded = (vae.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist.mode() - shift) \
-            * vae.config.scaling_factor
-        f = images.shape[-1] // z.shape[-1]
-        touched = F.max_pool2d(torch.stack(changed).float()[:, None].to(z.device), f)
-        touched = F.max_pool2d(touched, 3, 1, 1) > 0
-        return encoded.to(z.dtype).contiguous(), touched, actions
+        scale, shift = _latent_scale(vae)
+        x = (edited.images.to(z.device) * 2 - 1).contiguous(memory_format=torch.channels_last)
+        encoded = (vae.encode(x).latent_dist.mode() - shift) * scale
+        touched = touched_cells(edited.changed, images.shape[-1] // z.shape[-1]).to(z.device)
+        return encoded.to(z.dtype).contiguous(), touched, edited.actions
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
