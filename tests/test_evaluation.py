@@ -386,7 +386,18 @@ def test_cli_eval_and_generate_with_a_corrector(tmp_path, records, capsys):
     gen = tmp_path / "gen"
     assert cli.main(["generate", "a photo of three red circles", "--backbone", "shapes", "--corrector",
                      str(corrector_dir), "--out", str(gen), "--seed", "4", "--quiet"]) == 0
-    assert sorted(p.name for p in gen.iterdir()) == ["0000_seed4.png", "0000_seed4_base.png", "0000_seed4_lam.png"]
+    assert sorted(p.name for p in gen.iterdir()) == ["0000_seed4.png", "0000_seed4_base.png", "0000_seed4_lam.png",
+                                                     "corrections.jsonl"]
+    line, = (gen / "corrections.jsonl").read_text().splitlines()
+    assert json.loads(line) == {"image": "0000_seed4.png", "prompt": "a photo of three red circles", "seed": 4,
+                                "actions": []}  # a corrector without rules: only its residual acts
+    assert cli.main(["generate", "a photo of a circle", "--backbone", "shapes", "--corrector",
+                     str(corrector_dir), "--out", str(gen), "--quiet"]) == 2  # an earlier run is not overwritten
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["generate", "a photo of a circle", "--backbone", "shapes", "--corrector", str(corrector_dir),
+                     "--out", str(gen), "--overwrite"]) == 0
+    assert "0000_seed0.png: residual only" in capsys.readouterr().out
+    assert json.loads((gen / "corrections.jsonl").read_text())["prompt"] == "a photo of a circle"
 
     # Errors: a corrector trained for other sampler settings, a folder without metadata, no shipped corrector.
     assert cli.main(["eval", "--prompts", str(prompts), "--corrector", str(corrector_dir), "--steps", "20",
@@ -457,7 +468,19 @@ def test_the_shipped_shapes_corrector_is_installed_fits_and_corrects(tmp_path, c
         rest = counting.z0 + plain(counting.z0, **inputs)
     assert torch.equal(corrected[2], rest[2]) and not torch.equal(corrected[1], rest[1])
     assert (corrected[1] == rest[1]).all(dim=0).any()  # cells far from every object keep the residual's value
+    # What the rules did, per latent: the count edit's redraw of the counting prompts, the relation move's cells.
+    with torch.no_grad():
+        again, actions = corrector.actions(counting.z0, **inputs)
+    torch.testing.assert_close(again, corrected - counting.z0)
+    assert any(a.startswith("added 1 circle") for a in actions[1]) and actions[2] == []
+    assert all(any(a.startswith("redrew") for a in acts) for acts in actions[:2])
+    _, moved = corrector.actions(relation.z0, **corrector_inputs(corrector, relation.prompt_embedding,
+                                                                 relation.specs))
+    assert moved[0] and moved[0][0].startswith("moved ") and moved[0][0].endswith("latent cells")
     out = tmp_path / "gen"
-    assert cli.main(["generate", "a photo of three red circles", "--backbone", "shapes", "--correct",
-                     "--out", str(out), "--quiet"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["0000_seed0.png", "0000_seed0_base.png", "0000_seed0_lam.png"]
+    assert cli.main(["generate", "a photo of five circles", "--backbone", "shapes", "--correct", "--seed", "1",
+                     "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000_seed1.png", "0000_seed1_base.png", "0000_seed1_lam.png",
+                                                     "corrections.jsonl"]
+    assert "0000_seed1.png: redrew" in capsys.readouterr().out
+    assert json.loads((out / "corrections.jsonl").read_text())["actions"] == actions[1]

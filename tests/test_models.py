@@ -1039,6 +1039,26 @@ def test_count_edit_replaces_the_touched_cells_of_counting_prompts_only(tmp_path
         corrector(z0, **inputs)
 
 
+def test_actions_say_what_the_rules_did_per_latent():
+    from xlard.models import field_inputs
+    from xlard.prompts import parse
+
+    corrector, plain = _with_and_without(count_edit=True)
+    corrector.attach_eyes(_EditEyes())
+    specs = [parse("a photo of a circle"), parse("a photo of three squares")]
+    inputs = field_inputs(corrector.config, specs)
+    z0 = torch.randn(2, 8, 16, 16)
+    delta, actions = corrector.actions(z0, **inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(delta, corrector(z0, **inputs))
+    assert actions == [[], ["redrew"]] and not delta.requires_grad
+    # A corrector without rules reports nothing; a bad input is named and leaves no log behind.
+    assert plain.actions(z0, **inputs)[1] == [[], []]
+    with pytest.raises(ValueError, match="z0"):
+        corrector.actions(z0[:, :4], **inputs)
+    assert getattr(corrector, "_action_log", None) is None
+
+
 @pytest.mark.parametrize("nouns, counts", [(["circle"], [5, 5]), (["circle", "square"], [5]),
                                            (["circle", "square"], [5, 0])])
 def test_count_eyes_edit_counts_refuse_mismatched_nouns_and_counts(nouns, counts):

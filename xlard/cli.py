@@ -56,7 +56,8 @@ MANIFEST_NAME = "xlard-run.json"
 """Written into every output folder: which command and settings made it, and whether it finished."""
 _UNIT_NAME = re.compile(r"^\d{5,}$")  # GenEval prompt folders: 00000, 00001, ...
 _IMAGE_NAME = re.compile(r"^\d{4,}_seed\d+\.png$")  # generate's files: 0000_seed0.png, ...
-_CORRECTED_IMAGE_NAME = re.compile(r"^\d{4,}_seed\d+(_base|_lam)?\.png$")  # generate --corrector/--correct
+# generate --corrector/--correct: its images and the actions file (evaluation.GENERATE_ACTIONS_NAME)
+_CORRECTED_IMAGE_NAME = re.compile(r"^(\d{4,}_seed\d+(_base|_lam)?\.png|corrections\.jsonl)$")
 _PAIRED_EVAL_NAMES = ("run.json", "pairs.jsonl", "eval.json", "eval.md", "images")  # eval --corrector/--correct
 
 

@@ -91,6 +91,8 @@ _SHIPPED = {"shapes": _DATA / "shapes_corrector"}
 #: ``xlard eval --backbone ... --seed 0`` (image i seeded i), and distinct
 #: (seed, record) pairs never share noise below a million records.
 SEED_STRIDE = 1_000_000
+#: ``xlard generate --corrector/--correct``: one JSON line per image, what the corrector's rules did.
+GENERATE_ACTIONS_NAME = "corrections.jsonl"
 
 
 def _err(fn: str, message: str) -> str:
@@ -1128,7 +1130,9 @@ def run_generate_cli(args) -> int:
 
     Image ``i`` is seeded ``--seed + i`` (as without a corrector); it writes
     ``<i>_seed<s>.png`` (corrected), ``<i>_seed<s>_base.png`` (same seed, no
-    correction) and ``<i>_seed<s>_lam.png`` (the LAM over the corrected image).
+    correction), ``<i>_seed<s>_lam.png`` (the LAM over the corrected image) and one line per image
+    in ``corrections.jsonl`` (image, prompt, seed, what the corrector's rules did:
+    :meth:`xlard.models.ResidualCorrector.actions`), printed unless ``--quiet``.
     """
     import torch
 
@@ -1149,11 +1153,12 @@ def run_generate_cli(args) -> int:
             starts = tqdm(starts, desc="generate base+corrected", unit="batch")
         except ImportError:
             pass
-    written = 0
+    written, lines, report = 0, [], []
     for start in starts:
         state = backbone.encode(prompts[start:start + args.batch], seed=seeds[start:start + args.batch])
         with torch.no_grad():
-            delta = corrector(state.z0, **corrector_inputs(corrector, state.prompt_embedding, state.specs))
+            delta, actions = corrector.actions(state.z0, **corrector_inputs(corrector, state.prompt_embedding,
+                                                                            state.specs))
             zc, lam = ops.residual_correction(state.z0, delta, float(meta.alpha))
             base = backbone.decode(state).images.float().clamp(0, 1).cpu()
             corrected = backbone.decode(state, zc).images.float().clamp(0, 1).cpu()
@@ -1164,6 +1169,13 @@ def run_generate_cli(args) -> int:
             save_png(out / f"{stem}_base.png", base[k])
             save_png(out / f"{stem}_lam.png", overlay(corrected[k], lam[k].float().cpu()))
             written += 1
+            lines.append(json.dumps({"image": f"{stem}.png", "prompt": prompts[i], "seed": seeds[i],
+                                     "actions": actions[k]}))
+            report.append(f"{stem}.png: {'; '.join(actions[k]) or 'residual only'}")
+    _io.atomic_write_text(out / GENERATE_ACTIONS_NAME, "".join(line + "\n" for line in lines),
+                          owner="xlard generate")
+    if not args.quiet:
+        print("\n".join(report))
     print(f"wrote {written} corrected images (with _base and _lam companions) to {out}; corrector {source} "
           f"(correction_step {meta.correction_step}, alpha {meta.alpha})")
     return 0

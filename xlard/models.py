@@ -1633,6 +1633,10 @@ class ResidualCorrector(_Pretrained, nn.Module):
                              f"touched {[want[0], 1, *want[2:]]} bool, actions), got "
                              f"{[tuple(getattr(o, 'shape', ())) or type(o).__name__ for o in (encoded, touched)]}")
         edited = torch.where(touched.to(z.device, torch.bool), encoded.to(delta.device, delta.dtype) - z[r], delta[r])
+        log = getattr(self, "_action_log", None)
+        if log is not None and isinstance(out, (tuple, list)) and len(out) >= 3:  # inside actions(): what was done
+            for k, i in enumerate(rows.tolist()[:len(out[2])]):
+                log[i].extend(str(a) for a in out[2][k])
         return delta.index_put((r,), edited)
 
     @torch.no_grad()
@@ -1741,6 +1745,35 @@ class ResidualCorrector(_Pretrained, nn.Module):
         """
         tokens, _, reading = self._features(z0, text_tokens, pooled, text_mask)
         return self._delta(tokens, z0, reading, text_tokens, text_mask).to(z0.dtype)
+
+    @torch.no_grad()
+    def actions(self, z0, text_tokens, pooled, text_mask=None) -> tuple[torch.Tensor, list[list[str]]]:
+        """The correction (as :meth:`forward`, without gradient) and, per latent, what the corrector's rules
+        did, in words: the relation or count move's moved cells ("moved 24 latent cells"), ``count_edit``'s
+        edits as its eyes report them ("redrew 4 circle(s)", "added 1 circle(s)"). An empty list: only the
+        fitted residual acted on that latent.
+
+        Returns:
+            ``(delta [B, C, H, W] in z0's dtype, actions: list of B lists of str)``.
+
+        Raises:
+            TypeError, ValueError: a bad input, naming it.
+        """
+        object.__setattr__(self, "_action_log", [[] for _ in range(int(z0.shape[0]))] if isinstance(
+            z0, torch.Tensor) and z0.dim() >= 1 else None)
+        try:
+            delta = self(z0, text_tokens, pooled, text_mask)
+            log = self._action_log
+        finally:
+            object.__setattr__(self, "_action_log", None)
+        cfg = self.config
+        if cfg.move or cfg.reader_move or cfg.count_move:
+            sources = self.sources(z0, text_tokens, pooled, text_mask)
+            moved = (sources != torch.arange(sources.shape[1], device=sources.device)).sum(1).tolist()
+            for i, n in enumerate(moved):
+                if n:
+                    log[i].insert(0, f"moved {n} latent cell{'s' if n > 1 else ''}")
+        return delta, log
 
     def correct(self, z0, text_tokens, pooled, text_mask=None, alpha=None):
         """Inference: apply the mean correction, ``zc = z0 + alpha * Delta``, via :func:`xlard.ops.residual_correction`.
