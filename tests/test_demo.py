@@ -65,6 +65,7 @@ def test_demo_writes_train_eval_report_and_summary(tiny_demo, capsys):
     assert "Held-out gains" in page and "the edit-target warm start" in page and "Training: PPO" in page
     assert "edited the way their prompts ask (colors);" in page and "then through the VAE decoder" in page
     assert page.count("<article") == len(P.TAGS)  # one card per pair (fewer pairs than REPORT_CARDS)
+    assert page.count("corrector: ") == len(P.TAGS) and "corrector: redrew" in page  # the count edit says so
     assert "data:image/png;base64," in page and "<script" not in page
 
 

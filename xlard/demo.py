@@ -171,7 +171,8 @@ def _report_items(backbone, corrector, meta, reward_fn, records, rows) -> list:
     recs = [records[r.index] for r in rows]
     state = backbone.encode([rec["prompt"] for rec in recs], seed=[image_seed(r.seed, r.index) for r in rows])
     with torch.no_grad():
-        delta = corrector(state.z0, **corrector_inputs(corrector, state.prompt_embedding, state.specs))
+        delta, actions = corrector.actions(state.z0, **corrector_inputs(corrector, state.prompt_embedding,
+                                                                         state.specs))
         zc, lam = ops.residual_correction(state.z0, delta, float(meta.alpha))
         base = backbone.decode(state)
         corrected = backbone.decode(state, zc)
@@ -180,8 +181,8 @@ def _report_items(backbone, corrector, meta, reward_fn, records, rows) -> list:
     def verdict(ok: bool) -> str:
         return "correct" if ok else "wrong"
 
-    labels = [f"{r.tag}, seed {r.seed}: evaluator {verdict(r.base_correct)} -> {verdict(r.corrected_correct)}"
-              for r in rows]
+    labels = [f"{r.tag}, seed {r.seed}: evaluator {verdict(r.base_correct)} -> {verdict(r.corrected_correct)}; "
+              f"corrector: {'; '.join(acts) or 'residual only'}" for r, acts in zip(rows, actions)]
     return report_items([rec["prompt"] for rec in recs], after, before=base.images.float().clamp(0, 1),
                         after=corrected.images.float().clamp(0, 1), lam=lam.float(), rewards_before=before,
                         labels=labels)
