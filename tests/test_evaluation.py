@@ -296,7 +296,8 @@ def test_zero_head_gives_corrected_equal_to_base(shapes, records):
     for b, c, lam in captured:
         assert torch.equal(b, c) and not lam.any()
     assert all(r.base_correct == r.corrected_correct == r.masked_correct == r.random_correct for r in rows)
-    assert all(r.lam_mass == 0.0 for r in rows)
+    assert all(r.lam_mass == 0.0 and r.actions == [] for r in rows)
+    assert ev.PairRow.from_dict({k: v for k, v in rows[0].to_dict().items() if k != "actions"}).actions == []
     table = ev.build_report(rows, num_resamples=200)["table"]
     assert all(v["diff"] == 0 and v["ci_low"] == v["ci_high"] == 0 for v in table.values())
 

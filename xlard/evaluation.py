@@ -617,6 +617,8 @@ class PairRow:
         lam_mass: mean LAM over the latent grid (how much the corrector acted).
         masked_correct, random_correct: verdicts with Delta zeroed on the top
             LAM cells / as many random cells (None when faithfulness is off).
+        actions: what the corrector's rules did to the latent, in words
+            (:meth:`xlard.models.ResidualCorrector.actions`; empty: only its residual acted).
     """
 
     index: int
@@ -630,6 +632,7 @@ class PairRow:
     lam_mass: float
     masked_correct: bool | None = None
     random_correct: bool | None = None
+    actions: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -661,7 +664,7 @@ def evaluate_pairs(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
     """Generate and judge base and corrected images for (record, seed) pairs, one batch at a time.
 
     For each batch: ``state = backbone.encode(prompts, seed=[image_seed(s, i), ...])``;
-    ``Delta = corrector(z0, e_p)``; ``zc, lam = residual_correction(z0, Delta, meta.alpha)``;
+    ``Delta, actions = corrector.actions(z0, e_p)``; ``zc, lam = residual_correction(z0, Delta, meta.alpha)``;
     base = ``decode(state)``, corrected = ``decode(state, zc)``; the exact
     evaluator judges both. With ``faithfulness_fraction``,
     :func:`xlard.explain.faithfulness` also decodes ``zc`` with Delta zeroed on
@@ -708,7 +711,7 @@ def evaluate_pairs(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
         state = backbone.encode([r["prompt"] for r in recs], seed=seeds)
         inputs = corrector_inputs(corrector, state.prompt_embedding, state.specs)
         with torch.no_grad():
-            delta = corrector(state.z0, **inputs)
+            delta, actions = corrector.actions(state.z0, **inputs)
             zc, lam = ops.residual_correction(state.z0, delta, alpha)
             base_img = backbone.decode(state).images
             corr_img = backbone.decode(state, zc).images
@@ -739,7 +742,8 @@ def evaluate_pairs(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
                                 base_reason=base_v[k].reason, corrected_reason=corr_v[k].reason,
                                 lam_mass=float(lam_mass[k]),
                                 masked_correct=None if masked is None else bool(masked[k] > 0.5),
-                                random_correct=None if random is None else bool(random[k] > 0.5)))
+                                random_correct=None if random is None else bool(random[k] > 0.5),
+                                actions=list(actions[k])))
         if on_images is not None:
             on_images(rows, base_img, corr_img, lam)
         yield rows
