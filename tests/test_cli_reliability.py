@@ -372,16 +372,15 @@ def test_ctrl_c_leaves_only_complete_prompt_folders(tmp_path, capsys, prompt_fil
     assert run(["eval", "--folder", out, "--quiet"], capsys)[0] == 0
 
 
-def test_sigint_to_a_real_process(tmp_path, capsys):
-    # 60 records: after the first folder appears, 59 are left, so a parent starved by a loaded machine still
-    # interrupts the run half-way (with 12, on a loaded machine, it once exited 0: most likely finished first).
-    prompt_file = tmp_path / "p60.jsonl"
-    assert run(["prompts", prompt_file, "-n", 60, "--seed", 1], capsys)[0] == 0
+def test_sigint_to_a_real_process(tmp_path, prompt_file):
     out = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "xlard", "render", str(out), "--prompts", str(prompt_file),
                              "--per-prompt", "400", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env,
+                            # A Ctrl-C at a terminal: SIGINT's default action, even when this test runs in a
+                            # background job (whose children inherit SIGINT ignored, as a shell's `cmd &` sets it).
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None and not (out / "00000").is_dir():
@@ -397,7 +396,7 @@ def test_sigint_to_a_real_process(tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err
     assert temporaries(out) == []
-    assert 1 <= len(units(out)) < 60
+    assert 1 <= len(units(out)) < 12
     for unit in units(out):
         assert len(list((out / unit / "samples").glob("*.png"))) == 400
 
