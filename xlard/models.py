@@ -1596,7 +1596,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
                                   cfg.text_dim, cfg.pooled_dim, self._param.device)
         return self._read(z0, text_tokens, text_mask)[0]
 
-    def _delta(self, tokens, z0, reading, text_tokens, text_mask) -> torch.Tensor:
+    def _delta(self, tokens, z0, reading, text_tokens, text_mask, log=None) -> torch.Tensor:
         delta = self._residual(tokens, z0)
         if self.config.move:  # the residual is fitted around the head's move: it stays where it is
             sources = self._choose(*self._move_scores(tokens, z0)[:2], z0.shape[-2], z0.shape[-1])
@@ -1608,11 +1608,12 @@ class ResidualCorrector(_Pretrained, nn.Module):
                 z = z0.to(delta.dtype)
                 delta = copy_cells(z + delta, sources) - z
         if self.config.count_edit:
-            delta = self._count_edit(z0, delta, reading, text_tokens, text_mask)
+            delta = self._count_edit(z0, delta, reading, text_tokens, text_mask, log)
         return delta
 
-    def _count_edit(self, z0, delta, reading, text_tokens, text_mask) -> torch.Tensor:
-        """``count_edit``: ``delta`` with the counting rows' touched cells set to the edited encoding minus z0."""
+    def _count_edit(self, z0, delta, reading, text_tokens, text_mask, log=None) -> torch.Tensor:
+        """``count_edit``: ``delta`` with the counting rows' touched cells set to the edited encoding minus z0
+        (and, given ``log``, one list per row, what the eyes say they did appended to the counting rows')."""
         rows, nouns, counts = self._counting_rows(reading, text_tokens, text_mask)
         if not len(rows):
             return delta
@@ -1633,8 +1634,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
                              f"touched {[want[0], 1, *want[2:]]} bool, actions), got "
                              f"{[tuple(getattr(o, 'shape', ())) or type(o).__name__ for o in (encoded, touched)]}")
         edited = torch.where(touched.to(z.device, torch.bool), encoded.to(delta.device, delta.dtype) - z[r], delta[r])
-        log = getattr(self, "_action_log", None)
-        if log is not None and isinstance(out, (tuple, list)) and len(out) >= 3:  # inside actions(): what was done
+        if log is not None and isinstance(out, (tuple, list)) and len(out) >= 3:  # actions(): what was done
             for k, i in enumerate(rows.tolist()[:len(out[2])]):
                 log[i].extend(str(a) for a in out[2][k])
         return delta.index_put((r,), edited)
@@ -1743,8 +1743,11 @@ class ResidualCorrector(_Pretrained, nn.Module):
         Raises:
             TypeError, ValueError: a bad input, naming it.
         """
+        return self._forward(z0, text_tokens, pooled, text_mask)
+
+    def _forward(self, z0, text_tokens, pooled, text_mask, log=None) -> torch.Tensor:
         tokens, _, reading = self._features(z0, text_tokens, pooled, text_mask)
-        return self._delta(tokens, z0, reading, text_tokens, text_mask).to(z0.dtype)
+        return self._delta(tokens, z0, reading, text_tokens, text_mask, log).to(z0.dtype)
 
     @torch.no_grad()
     def actions(self, z0, text_tokens, pooled, text_mask=None) -> tuple[torch.Tensor, list[list[str]]]:
@@ -1759,13 +1762,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
         Raises:
             TypeError, ValueError: a bad input, naming it.
         """
-        object.__setattr__(self, "_action_log", [[] for _ in range(int(z0.shape[0]))] if isinstance(
-            z0, torch.Tensor) and z0.dim() >= 1 else None)
-        try:
-            delta = self(z0, text_tokens, pooled, text_mask)
-            log = self._action_log
-        finally:
-            object.__setattr__(self, "_action_log", None)
+        log = [[] for _ in range(int(z0.shape[0]))] if isinstance(z0, torch.Tensor) and z0.dim() >= 1 else None
+        delta = self._forward(z0, text_tokens, pooled, text_mask, log)
         cfg = self.config
         if cfg.move or cfg.reader_move or cfg.count_move:
             sources = self.sources(z0, text_tokens, pooled, text_mask)
