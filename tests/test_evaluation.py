@@ -396,9 +396,11 @@ def test_cli_eval_and_generate_with_a_corrector(tmp_path, records, capsys):
                      str(corrector_dir), "--out", str(gen), "--quiet"]) == 2  # an earlier run is not overwritten
     assert "pass --overwrite" in capsys.readouterr().err
     assert cli.main(["generate", "a photo of a circle", "--backbone", "shapes", "--corrector", str(corrector_dir),
-                     "--out", str(gen), "--overwrite"]) == 0
-    assert "0000_seed0.png: residual only" in capsys.readouterr().out
-    assert json.loads((gen / "corrections.jsonl").read_text())["prompt"] == "a photo of a circle"
+                     "--out", str(gen), "--overwrite", "--per-prompt", "2", "--batch", "1"]) == 0
+    assert "0001_seed1.png: residual only" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (gen / "corrections.jsonl").read_text().splitlines()]
+    assert [(d["image"], d["prompt"]) for d in lines] == [("0000_seed0.png", "a photo of a circle"),
+                                                          ("0001_seed1.png", "a photo of a circle")]
 
     # Errors: a corrector trained for other sampler settings, a folder without metadata, no shipped corrector.
     assert cli.main(["eval", "--prompts", str(prompts), "--corrector", str(corrector_dir), "--steps", "20",
@@ -485,3 +487,25 @@ def test_the_shipped_shapes_corrector_is_installed_fits_and_corrects(tmp_path, c
                                                      "corrections.jsonl"]
     assert "0000_seed1.png: redrew" in capsys.readouterr().out
     assert json.loads((out / "corrections.jsonl").read_text())["actions"] == actions[1]
+
+
+@needs_shapes
+def test_generate_interrupted_keeps_the_actions_of_the_images_it_wrote(tmp_path, monkeypatch, capsys):
+    import xlard.explain
+
+    corrector_dir = ev.save_corrector_dir(tmp_path / "corr", _corrector(head_std=0.5), _meta())
+    real, calls = xlard.explain.save_png, []
+
+    def save_then_stop(path, image):  # Ctrl-C while the second batch is written
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(path, image)
+
+    monkeypatch.setattr(xlard.explain, "save_png", save_then_stop)
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "a photo of a circle", "--backbone", "shapes", "--corrector", str(corrector_dir),
+                     "--out", str(out), "--per-prompt", "3", "--batch", "1", "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    lines = [json.loads(line) for line in (out / "corrections.jsonl").read_text().splitlines()]
+    assert [d["image"] for d in lines] == ["0000_seed0.png"]  # the first batch's image, complete

@@ -1176,8 +1176,9 @@ def run_generate_cli(args) -> int:
             lines.append(json.dumps({"image": f"{stem}.png", "prompt": prompts[i], "seed": seeds[i],
                                      "actions": actions[k]}))
             report.append(f"{stem}.png: {'; '.join(actions[k]) or 'residual only'}")
-    _io.atomic_write_text(out / GENERATE_ACTIONS_NAME, "".join(line + "\n" for line in lines),
-                          owner="xlard generate")
+        # Rewritten whole after every batch: an interrupted run keeps the lines of the images it wrote.
+        _io.atomic_write_text(out / GENERATE_ACTIONS_NAME, "".join(line + "\n" for line in lines),
+                              owner="xlard generate")
     if not args.quiet:
         print("\n".join(report))
     print(f"wrote {written} corrected images (with _base and _lam companions) to {out}; corrector {source} "
