@@ -479,7 +479,9 @@ def test_the_shipped_shapes_corrector_is_installed_fits_and_corrects(tmp_path, c
     assert all(any(a.startswith("redrew") for a in acts) for acts in actions[:2])
     _, moved = corrector.actions(relation.z0, **corrector_inputs(corrector, relation.prompt_embedding,
                                                                  relation.specs))
-    assert moved[0] and moved[0][0].startswith("moved ") and moved[0][0].endswith("latent cells")
+    n_moved = int((corrector.sources(relation.z0, **corrector_inputs(corrector, relation.prompt_embedding,
+                                                                     relation.specs))[0] != torch.arange(n)).sum())
+    assert n_moved > 1 and moved == [[f"moved {n_moved} latent cells"]]  # what sources() says was copied
     out = tmp_path / "gen"
     assert cli.main(["generate", "a photo of five circles", "--backbone", "shapes", "--correct", "--seed", "1",
                      "--out", str(out)]) == 0

@@ -1607,6 +1607,11 @@ class ResidualCorrector(_Pretrained, nn.Module):
             if sources is not None:
                 z = z0.to(delta.dtype)
                 delta = copy_cells(z + delta, sources) - z
+        if log is not None and sources is not None:  # actions(): how many cells each latent's move copied
+            moved = (sources != torch.arange(sources.shape[1], device=sources.device)).sum(1).tolist()
+            for i, n in enumerate(moved):
+                if n:
+                    log[i].append(f"moved {n} latent cell{'s' if n > 1 else ''}")
         if self.config.count_edit:
             delta = self._count_edit(z0, delta, reading, text_tokens, text_mask, log)
         return delta
@@ -1763,15 +1768,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
             TypeError, ValueError: a bad input, naming it.
         """
         log = [[] for _ in range(int(z0.shape[0]))] if isinstance(z0, torch.Tensor) and z0.dim() >= 1 else None
-        delta = self._forward(z0, text_tokens, pooled, text_mask, log)
-        cfg = self.config
-        if cfg.move or cfg.reader_move or cfg.count_move:
-            sources = self.sources(z0, text_tokens, pooled, text_mask)
-            moved = (sources != torch.arange(sources.shape[1], device=sources.device)).sum(1).tolist()
-            for i, n in enumerate(moved):
-                if n:
-                    log[i].insert(0, f"moved {n} latent cell{'s' if n > 1 else ''}")
-        return delta, log
+        return self._forward(z0, text_tokens, pooled, text_mask, log), log
 
     def correct(self, z0, text_tokens, pooled, text_mask=None, alpha=None):
         """Inference: apply the mean correction, ``zc = z0 + alpha * Delta``, via :func:`xlard.ops.residual_correction`.
