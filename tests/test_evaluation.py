@@ -126,6 +126,28 @@ def test_statistics_reject_bad_input():
             ev.parse_seeds(bad)
 
 
+def test_actions_table_by_hand():
+    def row(i, tag, base, corrected, actions):
+        return ev.PairRow(i, 0, tag, "p", base, corrected, "", "", 1.0, actions=actions)
+
+    rows = [row(0, "counting", False, True, ["redrew 4 circle(s)", "added 1 circle(s)"]),
+            row(1, "counting", True, False, ["redrew 3 circle(s)", "added 1 circle(s)", "redrew 1 circle(s)"]),
+            row(2, "counting", False, True, ["redrew 5 circle(s)"]),
+            row(3, "position", False, False, ["moved 40 latent cells"]),
+            row(4, "colors", True, True, [])]
+    table = ev.actions_table(rows)
+    assert table == {"counting": {"redrew + added": {"pairs": 2, "fixed": 1, "broken": 1},
+                                  "redrew": {"pairs": 1, "fixed": 1, "broken": 0}},
+                     "position": {"moved": {"pairs": 1, "fixed": 0, "broken": 0}},
+                     "colors": {"residual only": {"pairs": 1, "fixed": 0, "broken": 0}}}
+    assert ev.actions_table([row(0, "colors", True, True, [])]) is None  # no rules acted: no table
+    text = ev.format_markdown(ev.build_report(rows, num_resamples=100))
+    assert "| counting | redrew + added | 2 | 1 | 1 |" in text and "| position | moved | 1 | 0 | 0 |" in text
+    assert text.index("| colors | residual only") < text.index("| position | moved")  # GenEval's tag order
+    assert "What the corrector's rules did" not in ev.format_markdown(
+        ev.build_report([row(0, "colors", True, True, [])], num_resamples=100))
+
+
 def test_faithfulness_table_by_hand():
     rows = [ev.PairRow(i, 0, "counting", "p", base_correct=b, corrected_correct=c, base_reason="",
                        corrected_reason="", lam_mass=1.0, masked_correct=m, random_correct=r)

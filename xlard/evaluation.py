@@ -804,6 +804,32 @@ def faithfulness_table(rows: Sequence[PairRow], *, num_resamples: int = 2000, co
     return {**entry("overall"), "tags": {t: entry(t) for t in gains if t != "overall"}}
 
 
+def actions_table(rows: Sequence[PairRow]) -> dict[str, dict[str, dict[str, int]]] | None:
+    """What the corrector's rules did, per tag: pairs by the kinds of action taken (the first word of each of
+    :attr:`PairRow.actions`, in the order taken, e.g. ``"redrew + added"``; ``"residual only"`` for none), with
+    how many of them the correction fixed and broke. None when no pair has an action (a corrector without
+    rules, or rows from before actions were recorded).
+
+    Returns:
+        ``{tag: {kinds: {"pairs": int, "fixed": int, "broken": int}}}``.
+    """
+    if not any(r.actions for r in rows):
+        return None
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for r in rows:
+        kinds: list[str] = []
+        for action in r.actions:
+            word = str(action).split(" ", 1)[0]
+            if word not in kinds:
+                kinds.append(word)
+        cell = out.setdefault(r.tag, {}).setdefault(" + ".join(kinds) or "residual only",
+                                                    {"pairs": 0, "fixed": 0, "broken": 0})
+        cell["pairs"] += 1
+        cell["fixed"] += int(r.corrected_correct and not r.base_correct)
+        cell["broken"] += int(r.base_correct and not r.corrected_correct)
+    return out
+
+
 def build_report(rows: Sequence[PairRow], *, settings: Mapping[str, Any] | None = None, num_resamples: int = 2000,
                  confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
     """The JSON report of a paired run: per-tag and overall rows, faithfulness, settings.
@@ -815,8 +841,8 @@ def build_report(rows: Sequence[PairRow], *, settings: Mapping[str, Any] | None 
 
     Returns:
         ``{"table": {tag: PairedDifference dict, ..., "overall": ...},
-        "faithfulness": ... or None, "lam_mass": float, "pairs": int,
-        "bootstrap": {...}, "settings": {...}}``. Scores are fractions.
+        "faithfulness": ... or None, "actions": :func:`actions_table` or None, "lam_mass": float,
+        "pairs": int, "bootstrap": {...}, "settings": {...}}``. Scores are fractions.
     """
     if not rows:
         raise ValueError(_err("build_report", "no rows to report"))
@@ -826,6 +852,7 @@ def build_report(rows: Sequence[PairRow], *, settings: Mapping[str, Any] | None 
     return {
         "table": {k: v.to_dict() for k, v in table.items()},
         "faithfulness": faithfulness_table(rows, num_resamples=num_resamples, confidence=confidence, seed=seed),
+        "actions": actions_table(rows),
         "lam_mass": float(np.mean([r.lam_mass for r in rows])),
         "pairs": len(rows),
         "bootstrap": {"num_resamples": num_resamples, "confidence": confidence, "seed": seed,
@@ -855,7 +882,7 @@ def table_rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]
 
 
 def format_markdown(report: Mapping[str, Any]) -> str:
-    """The report as markdown: the paired table in points, then the faithfulness check."""
+    """The report as markdown: the paired table in points, the faithfulness check, what the rules did."""
     conf = report["bootstrap"]["confidence"]
     lines = [f"| tag | records | images | base | corrected | gain (points) | {conf:.0%} interval | excludes 0 |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
@@ -899,6 +926,13 @@ def format_markdown(report: Mapping[str, Any]) -> str:
                              f"{_signed(t['gain']['ci_high'])}] | {_signed(t['lost_top']['diff'])} | "
                              f"{_signed(t['lost_random']['diff'])} | {pct(t['share_lost_top'])} / "
                              f"{pct(t['share_lost_random'])} |")
+    acted = report.get("actions")
+    if acted:
+        lines += ["", "What the corrector's rules did (pairs by the kinds of action taken; fixed / broken among them):",
+                  "", "| tag | actions | pairs | fixed | broken |", "|---|---|---:|---:|---:|"]
+        for tag, kinds in table_rows({"table": acted}):
+            for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1]["pairs"], kv[0])):
+                lines.append(f"| {tag} | {kind} | {n['pairs']} | {n['fixed']} | {n['broken']} |")
     return "\n".join(lines) + "\n"
 
 
