@@ -414,6 +414,11 @@ def test_cli_eval_and_generate_with_a_corrector(tmp_path, records, capsys):
     line, = (gen / "corrections.jsonl").read_text().splitlines()
     assert json.loads(line) == {"image": "0000_seed4.png", "prompt": "a photo of three red circles", "seed": 4,
                                 "actions": []}  # a corrector without rules: only its residual acts
+    (tmp_path / "gen2" / "corrections.jsonl").mkdir(parents=True)  # a folder where the actions file goes
+    assert cli.main(["generate", "a photo of a circle", "--backbone", "shapes", "--corrector", str(corrector_dir),
+                     "--out", str(tmp_path / "gen2"), "--quiet"]) == 2
+    assert "corrections.jsonl is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "gen2").iterdir()) == ["corrections.jsonl"]  # nothing generated
     assert cli.main(["generate", "a photo of a circle", "--backbone", "shapes", "--corrector",
                      str(corrector_dir), "--out", str(gen), "--quiet"]) == 2  # an earlier run is not overwritten
     assert "pass --overwrite" in capsys.readouterr().err

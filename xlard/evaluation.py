@@ -1177,11 +1177,12 @@ def run_generate_cli(args) -> int:
     from xlard import ops
     from xlard.explain import overlay, save_png
 
+    out = Path(args.out)
+    _io.check_output_path(out / GENERATE_ACTIONS_NAME, owner="--out")  # before any work: a folder there is refused
     corrector, meta, source = _corrector_from_args(args)
     backbone = _backbone_from_args(args, corrector, meta)
     prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
     seeds = [args.seed + i for i in range(len(prompts))]
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, len(prompts), args.batch))
     if not args.quiet:
