@@ -1631,7 +1631,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
         words = [self.config.reader_nouns[int(i)] for i in nouns[rows, 0]]
         with torch.no_grad():
             out = eyes.edit_counts((z + delta)[r].detach(), words, [int(c) for c in counts[rows, 0]])
-        encoded, touched = (out[0], out[1]) if isinstance(out, (tuple, list)) and len(out) >= 2 else (out, None)
+        # (encoded, touched, actions); a bare tensor or a short tuple leaves the rest None, named below
+        encoded, touched, acts = ((*out, None, None) if isinstance(out, (tuple, list)) else (out, None, None))[:3]
         want = (len(rows), *z.shape[1:])
         if not isinstance(encoded, torch.Tensor) or tuple(encoded.shape) != want \
                 or not isinstance(touched, torch.Tensor) or tuple(touched.shape) != (want[0], 1, *want[2:]):
@@ -1639,9 +1640,9 @@ class ResidualCorrector(_Pretrained, nn.Module):
                              f"touched {[want[0], 1, *want[2:]]} bool, actions), got "
                              f"{[tuple(getattr(o, 'shape', ())) or type(o).__name__ for o in (encoded, touched)]}")
         edited = torch.where(touched.to(z.device, torch.bool), encoded.to(delta.device, delta.dtype) - z[r], delta[r])
-        if log is not None and isinstance(out, (tuple, list)) and len(out) >= 3:  # actions(): what was done
-            for k, i in enumerate(rows.tolist()[:len(out[2])]):
-                log[i].extend(str(a) for a in out[2][k])
+        if log is not None and acts is not None:  # actions(): what was done
+            for k, i in enumerate(rows.tolist()[:len(acts)]):
+                log[i].extend(str(a) for a in acts[k])
         return delta.index_put((r,), edited)
 
     @torch.no_grad()
