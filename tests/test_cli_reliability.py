@@ -478,3 +478,96 @@ def test_a_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     assert code == 1
     one_line_error(err, "No space left on device")
     assert not (tmp_path / "p.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs that cannot be written: named before any work (no model loaded, nothing generated)
+
+
+def _unwritable_cases(locked: Path, prompt_file: Path, rendered: Path) -> list[tuple[list, str]]:
+    config = ROOT / "configs" / "shapes.yaml"
+    return [
+        (["generate", "a circle", "--backbone", "shapes", "--out", locked / "g"], "--out"),
+        (["generate", "a circle", "--backbone", "shapes", "--correct", "--out", locked / "g"], "--out"),
+        (["eval", "--backbone", "shapes", "--prompts", prompt_file, "--out", locked / "e"], "--out"),
+        (["eval", "--correct", "--prompts", prompt_file, "--out", locked / "e"], "--out"),
+        (["eval", "--correct", "--prompts", prompt_file, "--out", rendered.parent / "e2", "--json",
+          locked / "e.json"], "--json"),
+        (["eval", "--correct", "--prompts", prompt_file, "--out", rendered.parent / "e3", "--markdown",
+          locked / "e.md"], "--markdown"),
+        (["eval", "--backbone", "shapes", "--prompts", prompt_file, "--out", rendered.parent / "e4", "--json",
+          locked / "e.json"], "--json"),
+        (["eval", "--folder", rendered, "--results", locked / "r.jsonl"], "--results"),
+        (["render", locked / "r", "--prompts", prompt_file], "OUT"),
+        (["prompts", locked / "p.jsonl", "-n", 3], "OUT"),
+        (["demo", "--out", locked / "d"], "--out"),
+        (["train", config, "--out", locked / "t"], "--out"),
+        (["train", config, "--set", f"out={locked / 't'}"], "out"),
+    ]
+
+
+def _no_work(monkeypatch):
+    from xlard import demo, evaluation, train
+
+    def started(*args, **kwargs):
+        raise AssertionError("work started before the outputs were checked")
+
+    for owner, name in ((cli, "_load_backbone"), (evaluation, "_corrector_from_args"),
+                        (evaluation, "_backbone_from_args"), (demo, "main"), (train, "train"),
+                        (E, "evaluate_folder")):
+        monkeypatch.setattr(owner, name, started)
+
+
+def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, capsys, prompt_file, monkeypatch):
+    """A folder that takes no new files (a read-only mount, a folder of another user): every command names
+    the argument, the place and the reason in one line, exit 2, before any model loads."""
+    from xlard import _io
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rendered = tmp_path / "rendered"
+    assert run(["render", rendered, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_new_temp_folder = _io._new_temp_folder
+
+    def refusing(parent, name):  # what the kernel says for a folder we may not write (as root chmod would not)
+        if Path(parent).resolve() == locked.resolve():
+            raise PermissionError(13, "Permission denied")
+        return real_new_temp_folder(parent, name)
+
+    monkeypatch.setattr(_io, "_new_temp_folder", refusing)
+    _no_work(monkeypatch)
+    for argv, flag in _unwritable_cases(locked, prompt_file, rendered):
+        code, _, err = run(argv, capsys)
+        assert code == 2, (argv, err)
+        line = one_line_error(err, flag, str(locked), "Permission denied")
+        assert "cannot" in line and ".tmp-" not in line, line
+    assert list(locked.iterdir()) == []
+    assert not any((tmp_path / name).exists() for name in ("e2", "e3", "e4"))
+
+
+def test_an_output_under_a_file_fails_before_any_work(tmp_path, capsys, prompt_file, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rendered = tmp_path / "rendered"
+    assert run(["render", rendered, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    _no_work(monkeypatch)
+    for argv, flag in _unwritable_cases(a_file, prompt_file, rendered):
+        code, _, err = run(argv, capsys)
+        assert code == 2, (argv, err)
+        one_line_error(err, flag, str(a_file.name))
+    assert a_file.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/proc/self").is_dir(),
+                    reason="needs Linux's /proc, a folder that takes no new files even for root")
+def test_a_real_unwritable_folder(tmp_path, capsys, prompt_file, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_work(monkeypatch)
+    for argv in (["generate", "a circle", "--backbone", "shapes", "--out", "/proc/xlard-test"],
+                 ["prompts", "/proc/xlard-test.jsonl", "-n", 3],
+                 ["demo", "--out", "/proc/xlard-test"]):
+        code, _, err = run(argv, capsys)
+        assert code == 2, (argv, err)
+        one_line_error(err, "cannot", "/proc", "choose a folder you can write to")

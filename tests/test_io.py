@@ -166,6 +166,44 @@ def _writes_outside_io(path: Path) -> list[str]:
     return found
 
 
+def test_check_writable_folder_changes_nothing_and_names_what_is_wrong(tmp_path, monkeypatch):
+    deep = tmp_path / "a" / "b"
+    assert _io.check_writable_folder(deep, "--out") == deep
+    assert list(tmp_path.iterdir()) == []  # nothing created, the probe removed
+    assert _io.check_writable_folder(tmp_path, "--out") == tmp_path and list(tmp_path.iterdir()) == []
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"--out: .*f exists and is not a folder"):
+        _io.check_writable_folder(a_file, "--out")
+    with pytest.raises(NotADirectoryError, match=r"--out: .*f/x cannot be created: .*f is not a folder"):
+        _io.check_writable_folder(a_file / "x", "--out")
+    real = _io._new_temp_folder
+    monkeypatch.setattr(_io, "_new_temp_folder", lambda parent, name: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")) if Path(parent) == tmp_path else real(parent, name))
+    with pytest.raises(PermissionError, match=r"--out: cannot create .*a/b in .* \(?Permission denied") as info:
+        _io.check_writable_folder(deep, "--out")
+    assert info.value.errno == 13 and "choose a folder you can write to" in str(info.value)
+    with pytest.raises(PermissionError, match=r"--out: cannot write into .*: Permission denied"):
+        _io.check_writable_folder(tmp_path, "--out")
+
+
+def test_write_errors_name_the_destination_not_the_temporary(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(_io, "_new_temp_file", refuse)
+    with pytest.raises(PermissionError) as info:
+        _io.atomic_write_text(tmp_path / "out.json", "{}", owner="--json")
+    assert str(info.value) == f"--json: cannot write {tmp_path / 'out.json'}: Permission denied"
+    assert info.value.errno == 13
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(PermissionError, match=r"^--out: cannot create folder .*new: Permission denied$"):
+        _io.make_folder(tmp_path / "new", "--out")
+    with pytest.raises(NotADirectoryError, match="a part of its folder path is a file"):
+        (tmp_path / "f").write_text("x")
+        _io.check_output_path(tmp_path / "f" / "out.json", "--json")
+
+
 def test_every_file_write_goes_through_xlard_io():
     files = [p for p in sorted((ROOT / "xlard").rglob("*.py")) + sorted((ROOT / "scripts").rglob("*.py"))
              if p.name != "_io.py"]

@@ -45,6 +45,7 @@ __all__ = [
     "atomic_save_safetensors",
     "atomic_folder",
     "make_folder",
+    "check_writable_folder",
     "current_umask",
 ]
 
@@ -74,6 +75,7 @@ def check_output_path(path: str | os.PathLike[str], owner: str = "xlard") -> Pat
 
     Raises:
         IsADirectoryError: ``path`` is a folder.
+        NotADirectoryError: a part of ``path``'s folder is a file.
         ValueError: ``path`` exists and is a FIFO, socket or device.
 
     Example:
@@ -87,6 +89,9 @@ def check_output_path(path: str | os.PathLike[str], owner: str = "xlard") -> Pat
         st = os.stat(target)
     except FileNotFoundError:
         return target
+    except NotADirectoryError:
+        raise NotADirectoryError(f"{owner}: cannot write {path}: a part of its folder path is a file, "
+                                 "not a folder") from None
     if stat.S_ISREG(st.st_mode):
         return target
     if stat.S_ISDIR(st.st_mode):
@@ -95,11 +100,22 @@ def check_output_path(path: str | os.PathLike[str], owner: str = "xlard") -> Pat
                      "(give the path of a regular file or of a new one)")
 
 
+def _reraise(exc: OSError, message: str) -> OSError:
+    """``exc`` as the same OSError subclass with ``message`` (which names the destination, not a temporary
+    name) and the system's reason appended; the errno is kept, so a full disk stays a system error."""
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    new = type(exc)(f"{message}: {reason}")
+    new.errno = exc.errno
+    return new
+
+
 def make_folder(path: str | os.PathLike[str], owner: str = "xlard") -> Path:
     """Create ``path`` and its parents (umask permissions); an existing folder is fine.
 
     Raises:
         NotADirectoryError: ``path`` or a parent exists and is not a folder.
+        OSError: the folder cannot be created (its message names ``owner`` and ``path``; the type says why:
+            ``PermissionError``, ``FileNotFoundError`` for a place that takes no new folders, ...).
     """
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
@@ -108,7 +124,48 @@ def make_folder(path: str | os.PathLike[str], owner: str = "xlard") -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise NotADirectoryError(f"{owner}: cannot create folder {path}: a parent is not a folder") from None
+    except OSError as exc:
+        raise _reraise(exc, f"{owner}: cannot create folder {path}") from None
     return folder
+
+
+def check_writable_folder(path: str | os.PathLike[str], owner: str = "xlard") -> Path:
+    """Check, changing nothing, that ``path`` is a folder this process can write into or create.
+
+    Meant for a command's outputs before any work: the nearest part of ``path`` that exists must be a
+    folder in which a new folder can be made; a probe folder is created there and removed at once (named
+    like the atomic writes' temporaries, ``.tmp-*``, which the commands clear away).
+
+    Returns:
+        Path: ``path`` made absolute.
+
+    Raises:
+        NotADirectoryError: ``path`` or its nearest existing parent is not a folder.
+        OSError: nothing can be created there (the message names ``owner``, the path and the reason).
+
+    Example:
+        >>> check_writable_folder("runs/demo", "--out")  # doctest: +SKIP
+        PosixPath('/home/me/runs/demo')
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise TypeError(f"{owner}: path must be a non-empty str or PathLike, got {path!r}")
+    target = Path(os.path.abspath(os.fspath(path)))
+    existing = target
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "exists and is not a folder" if existing == target else f"cannot be created: {existing} is not a folder"
+        raise NotADirectoryError(f"{owner}: {path} {where}")
+    try:
+        probe = _new_temp_folder(existing, "probe")
+    except OSError as exc:
+        what = f"cannot write into {path}" if existing == target else f"cannot create {path} in {existing}"
+        error = _reraise(exc, f"{owner}: {what}")
+        error.args = (f"{error}; choose a folder you can write to",)
+        raise error from None
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
+    return target
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -196,7 +253,10 @@ def atomic_path(path: str | os.PathLike[str], *, owner: str = "xlard",
     old_mode = None
     with contextlib.suppress(FileNotFoundError):
         old_mode = stat.S_IMODE(os.stat(target).st_mode)
-    tmp = _new_temp_file(folder, target.name)
+    try:
+        tmp = _new_temp_file(folder, target.name)
+    except OSError as exc:
+        raise _reraise(exc, f"{owner}: cannot write {path}") from None
     try:
         yield tmp
         _fsync_file(tmp)
@@ -314,7 +374,10 @@ def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{owner}: {path} exists and is not a folder")
     make_folder(target.parent, owner)
-    tmp = _new_temp_folder(target.parent, target.name)
+    try:
+        tmp = _new_temp_folder(target.parent, target.name)
+    except OSError as exc:
+        raise _reraise(exc, f"{owner}: cannot write folder {path}") from None
     try:
         yield tmp
         for child in tmp.iterdir():

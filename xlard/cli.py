@@ -140,10 +140,19 @@ def _output_file(path: str | None, flag: str) -> None:
         return
     try:
         target = _io.check_output_path(path, flag)
-    except (IsADirectoryError, ValueError) as exc:
+    except (IsADirectoryError, NotADirectoryError, ValueError) as exc:
         raise UsageError(_one_line(exc)) from None
     if not target.parent.is_dir():
         raise UsageError(f"{flag}: cannot write {path}: folder {target.parent} does not exist; create it first")
+    _output_folder(target.parent, flag)
+
+
+def _output_folder(path: str | os.PathLike, flag: str) -> None:
+    """A folder the command will create or write into: checked before any work (nothing is created)."""
+    try:
+        _io.check_writable_folder(path, flag)
+    except OSError as exc:
+        raise UsageError(_one_line(exc)) from None
 
 
 def _distinct_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
@@ -316,6 +325,7 @@ def _check_output_folder(args, out: Path, flag: str, settings: dict, owned: list
     """
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag}: {out} exists and is not a folder; give a folder path")
+    _output_folder(out, flag)
     if not owned:
         return False
     if not (args.overwrite or args.resume):
@@ -445,6 +455,7 @@ def _write_geneval_folder(out: Path, index: int, record: dict, images) -> None:
 
 
 def _cmd_generate(args) -> int:
+    _output_folder(args.out, "--out")
     if args.corrector or args.correct:
         from xlard import evaluation
 
@@ -557,9 +568,13 @@ def _cmd_eval(args) -> int:
     from xlard.shapes import evaluator as E
 
     if args.corrector or args.correct:
+        out = Path(args.out or "xlard-eval")
+        _output_folder(out, "--out")
+        for value, flag in ((args.json, "--json"), (args.markdown, "--markdown")):
+            _output_file(value, flag)
+        _distinct_outputs({"--json": args.json, "--markdown": args.markdown}, {"--prompts": args.prompts})
         from xlard import evaluation
 
-        out = Path(args.out or "xlard-eval")
         owned = [out / name for name in _PAIRED_EVAL_NAMES if (out / name).exists()] if out.is_dir() else []
         if not args.resume:  # --resume: the paired run continues its pairs.jsonl (refused if its settings differ)
             _clear_corrector_outputs(args, out, "--out", owned)
@@ -736,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args) -> int:
+    _output_folder(args.out, "--out")
     from xlard import demo
     from xlard.evaluation import parse_seeds
 

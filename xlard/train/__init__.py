@@ -48,6 +48,10 @@ def main(config: str, resume: bool = False, out: str | None = None, overrides: l
     if out is not None:
         changes["out"] = out
     cfg = load_config(config, overrides=changes)
+    from xlard import _io
+
+    # Before the backbone loads: an out folder that cannot be made is named now, not after minutes of setup.
+    _io.check_writable_folder(cfg.out, "--out" if out is not None else f"train config {config}: out")
     summary = train(cfg, resume=resume)
     if summary.get("corrector"):
         print(f"trained corrector: {summary['corrector']}")
