@@ -80,6 +80,10 @@ def temporaries(folder: Path) -> list[str]:
     (["generate", "a circle", "--backbone", "shapes", "--steps", "-1"], "argument --steps"),
     (["generate", "a circle", "--backbone", "shapes", "--guidance", "nan"], "argument --guidance"),
     (["generate", "a circle", "--backbone", "shapes", "--per-prompt", "1000000"], "argument --per-prompt"),
+    (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--mask-fraction", "2"], "argument --mask-fraction"),
+    (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--mask-fraction", "0"], "argument --mask-fraction"),
+    (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--bootstrap", "0"], "argument --bootstrap"),
+    (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--bootstrap", "10000000"], "argument --bootstrap"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_numbers_and_flags_are_one_line_exit_2(tmp_path, capsys, argv, flag):
@@ -571,3 +575,25 @@ def test_a_real_unwritable_folder(tmp_path, capsys, prompt_file, monkeypatch):
         code, _, err = run(argv, capsys)
         assert code == 2, (argv, err)
         one_line_error(err, "cannot", "/proc", "choose a folder you can write to")
+
+
+def test_the_paired_eval_and_generate_check_their_arguments_before_loading(tmp_path, capsys, prompt_file,
+                                                                           monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_work(monkeypatch)
+    out = tmp_path / "e"
+    cases = [
+        (["eval", "--correct", "--prompts", prompt_file, "--seeds", "0,0", "--out", out], ("--seeds", "distinct")),
+        (["eval", "--correct", "--prompts", prompt_file, "--seeds", "one", "--out", out], ("--seeds", "integers")),
+        (["eval", "--correct", "--prompts", tmp_path / "missing.jsonl", "--out", out], ("--prompts", "no such file")),
+        (["eval", "--correct", "--out", out], ("--prompts", "needs --prompts")),
+        (["eval", "--correct", "--prompts", prompt_file, "--images", tmp_path, "--out", out], ("drop --folder",)),
+        (["generate", "", "--backbone", "shapes", "--out", tmp_path / "g"], ("PROMPT", "prompt 1 of 1 is empty")),
+        (["generate", "a circle", "  ", "--backbone", "shapes", "--correct", "--out", tmp_path / "g"],
+         ("PROMPT", "prompt 2 of 2 is empty")),
+    ]
+    for argv, texts in cases:
+        code, _, err = run(argv, capsys)
+        assert code == 2, (argv, err)
+        one_line_error(err, *texts)
+    assert not out.exists() and not (tmp_path / "g").exists()

@@ -51,6 +51,8 @@ MAX_IMAGES = 1_000_000
 MAX_BATCH = 4096
 MAX_STEPS = 10_000
 MAX_SEED = 2**31 - 1
+MAX_BOOTSTRAP = 100_000
+"""Most bootstrap resamples (``eval --bootstrap``): each draws an index per record, so memory grows with both."""
 
 MANIFEST_NAME = "xlard-run.json"
 """Written into every output folder: which command and settings made it, and whether it finished."""
@@ -104,6 +106,13 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _open_fraction(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction strictly between 0 and 1, got {text!r}")
     return value
 
 
@@ -455,6 +464,9 @@ def _write_geneval_folder(out: Path, index: int, record: dict, images) -> None:
 
 
 def _cmd_generate(args) -> int:
+    for i, prompt in enumerate(args.prompt):
+        if not prompt.strip():
+            raise UsageError(f"PROMPT: prompt {i + 1} of {len(args.prompt)} is empty; give each image's text")
     _output_folder(args.out, "--out")
     if args.corrector or args.correct:
         from xlard import evaluation
@@ -574,6 +586,15 @@ def _cmd_eval(args) -> int:
             _output_file(value, flag)
         _distinct_outputs({"--json": args.json, "--markdown": args.markdown}, {"--prompts": args.prompts})
         from xlard import evaluation
+
+        # Everything the paired run reads from the command line is checked before the corrector and the
+        # backbone load (run_eval_cli checks it again for callers that skip the CLI).
+        if not args.prompts:
+            raise UsageError("--prompts: eval with a corrector needs --prompts FILE (GenEval JSONL records)")
+        if args.folder or args.images:
+            raise UsageError("--corrector/--correct generates its own images; drop --folder/--images")
+        _read_records(args.prompts)
+        evaluation.parse_seeds(args.seeds, default=args.seed)
 
         owned = [out / name for name in _PAIRED_EVAL_NAMES if (out / name).exists()] if out.is_dir() else []
         if not args.resume:  # --resume: the paired run continues its pairs.jsonl (refused if its settings differ)
@@ -715,9 +736,11 @@ def build_parser() -> argparse.ArgumentParser:
     _output_folder_options(p)
     p.add_argument("--seeds", help="with a corrector: evaluation seeds, e.g. 0,1 (record i, seed s: generator "
                                    "seed s*1000000+i); default --seed")
-    p.add_argument("--mask-fraction", type=float, default=0.2, help="LAM faithfulness: share of cells masked")
+    p.add_argument("--mask-fraction", type=_open_fraction, default=0.2,
+                   help="LAM faithfulness: share of cells masked (0..1, exclusive)")
     p.add_argument("--no-faithfulness", action="store_true", help="skip the LAM faithfulness check")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
+    p.add_argument("--bootstrap", type=_int_in(1, MAX_BOOTSTRAP), default=2000,
+                   help="bootstrap resamples for the intervals")
     p.add_argument("--save-images", action="store_true", help="with a corrector: keep base/corrected images")
     p.add_argument("--markdown", help="with a corrector: also write the markdown table here")
     p.set_defaults(func=_cmd_eval)
