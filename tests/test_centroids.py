@@ -124,6 +124,13 @@ def test_position_scores_bad_input(cen, rel, words):
         ops.position_scores(cen, rel)
 
 
+@pytest.mark.parametrize("tau", [0.0, -10.0, float("nan"), float("inf"), True, "10"])
+def test_position_scores_refuses_a_tau_that_is_not_a_positive_number(tau):
+    # A negative tau would silently turn every relation around (left scored as right).
+    with pytest.raises(ValueError, match="tau must be a finite float > 0"):
+        ops.position_scores(torch.rand(1, 2, 2), _rel([[0, 1, 0]]), tau=tau)
+
+
 def test_attention_centroids_bad_input():
     with pytest.raises(TypeError, match="maps"):
         ops.attention_centroids(torch.ones(4, 4, dtype=torch.int64))
@@ -221,6 +228,8 @@ def test_fake_kernels_check_like_the_cpu_kernels():
         (torch.ops.xlard.attention_centroids, (torch.ones(3, 3, dtype=torch.int32),)),
         (torch.ops.xlard.position_scores, (torch.rand(2, 3, 3), torch.zeros(1, 3, dtype=torch.int64), 1.0)),
         (torch.ops.xlard.position_scores, (torch.rand(2, 3, 2), torch.zeros(1, 3, dtype=torch.int32), 1.0)),
+        (torch.ops.xlard.position_scores, (torch.rand(2, 3, 2), torch.zeros(1, 3, dtype=torch.int64), -1.0)),
+        (torch.ops.xlard.position_scores, (torch.rand(2, 3, 2), torch.zeros(1, 3, dtype=torch.int64), 0.0)),
         (torch.ops.xlard._attention_centroids_backward, (torch.rand(3, 2), torch.rand(2, 4, 4), torch.rand(2, 2))),
     ]
     for op, args in bad:

@@ -346,7 +346,8 @@ def register_python_side(ns: str) -> None:
     @fake("position_scores")
     def _(centroids, relations, tau):
         _check_relations("position_scores", centroids, relations)
-        _check(math.isfinite(tau), lambda: f"xlard.position_scores: tau must be finite, got {tau}")
+        _check(math.isfinite(tau) and tau > 0,
+               lambda: f"xlard.position_scores: tau must be a finite number > 0, got {tau:g}")
         return centroids.new_empty((centroids.shape[0], relations.shape[-2]), dtype=_acc(centroids.dtype))
 
     @fake("_position_scores_backward")

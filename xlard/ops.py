@@ -166,7 +166,7 @@ def position_scores(centroids, relations, tau=10.0):
         relations (Tensor[B, R, 3] or [R, 3], int64): rows ``(a, b, code)``
             meaning "token a is <code> of token b", code in LEFT_OF=0,
             RIGHT_OF=1, ABOVE=2, BELOW=3.
-        tau (float): sharpness.
+        tau (float): sharpness, > 0.
 
     Returns:
         Tensor[B, R]: ``sigmoid(tau * (p_a - p_b) . v_code)``, float32 (float64
@@ -174,7 +174,8 @@ def position_scores(centroids, relations, tau=10.0):
 
     Raises:
         ValueError: an out-of-range token index or code (checked on the host
-            for CPU tensors; on CUDA the check reads the relations once).
+            for CPU tensors; on CUDA the check reads the relations once), or
+            ``tau`` not a finite number > 0.
 
     Example:
         >>> rel = torch.tensor([[0, 1, xlard.ops.LEFT_OF]])
@@ -190,8 +191,9 @@ def position_scores(centroids, relations, tau=10.0):
         raise ValueError(f"xlard.{op}: relations must have shape [R, 3] or [B, R, 3] with B = {centroids.shape[0]}, "
                          f"got {tuple(relations.shape)}")
     _args.check_same_device(op, centroids=centroids, relations=relations)
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not float("-inf") < tau < float("inf"):
-        raise ValueError(f"xlard.{op}: tau must be a finite float, got {tau!r}")
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not 0.0 < tau < float("inf"):
+        raise ValueError(f"xlard.{op}: tau must be a finite float > 0 (the sigmoid's sharpness: 0 scores every "
+                         f"relation 0.5, a negative tau turns every relation around), got {tau!r}")
     if not torch.compiler.is_compiling() and relations.numel():
         tokens = centroids.shape[1]
         idx, code = relations[..., :2], relations[..., 2]

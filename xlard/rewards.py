@@ -162,6 +162,9 @@ class RewardConfig:
         finite("threshold")
         finite("min_area_fraction", 0.0, 1.0)
         finite("tau")
+        if self.tau <= 0:
+            raise ValueError(f"RewardConfig.tau must be > 0 (the position sigmoid's sharpness; a negative one turns "
+                             f"every relation around), got {self.tau!r}")
         finite("bind_min_coverage", 0.0, 1.0)
         if self.threshold_mode not in ("relative", "absolute", "otsu"):
             raise ValueError(f"RewardConfig.threshold_mode must be 'relative', 'absolute' or 'otsu', "

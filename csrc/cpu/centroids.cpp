@@ -157,7 +157,7 @@ void check_relation_values(const char* op, const int64_t* rel, const RelationLay
 
 at::Tensor position_scores_cpu(const at::Tensor& centroids_in, const at::Tensor& relations_in, double tau) {
   const RelationLayout L = check_relations("position_scores", centroids_in, relations_in);
-  TORCH_CHECK(std::isfinite(tau), "xlard.position_scores: tau must be finite, got ", tau);
+  TORCH_CHECK(std::isfinite(tau) && tau > 0, "xlard.position_scores: tau must be a finite number > 0, got ", tau);
   const auto acc_dtype = centroids_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor cen = centroids_in.to(acc_dtype).contiguous();
   const at::Tensor rel = relations_in.contiguous();

@@ -94,7 +94,7 @@ RelationLayout check_cuda_relations(const char* op, const at::Tensor& centroids,
 // torch's own indexing kernels): checking them here would need a host synchronization.
 at::Tensor position_scores_cuda(const at::Tensor& centroids_in, const at::Tensor& relations_in, double tau) {
   const RelationLayout L = check_cuda_relations("position_scores", centroids_in, relations_in);
-  TORCH_CHECK(std::isfinite(tau), "xlard.position_scores: tau must be finite, got ", tau);
+  TORCH_CHECK(std::isfinite(tau) && tau > 0, "xlard.position_scores: tau must be a finite number > 0, got ", tau);
   const c10::cuda::CUDAGuard guard(centroids_in.device());
   const auto acc = acc_dtype(centroids_in.scalar_type());
   const at::Tensor cen = centroids_in.to(acc).contiguous();
