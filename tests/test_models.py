@@ -418,6 +418,8 @@ def _no_large_allocation(monkeypatch):
     (lambda c: json.dumps({**c, "format_version": True}), r"format_version True \(bool\)"),
     (lambda c: json.dumps({**c, "format_version": [1]}), r"format_version \[1\] \(list\)"),
     (lambda c: json.dumps({**c, "dtypes": "float32"}), "'dtypes' must be a list"),
+    # a model field edited in at the top level would be silently ignored
+    (lambda c: json.dumps({**c, "width": 96}), r"unknown top-level keys \['width'\].*go under 'config'"),
     (lambda c: json.dumps({**c, "model": ["ResidualCorrector"] * 1000}), r"describes a \['ResidualCorrector'.*\.\.\."),
     (lambda c: json.dumps(c) + " " * (2 << 20), "bytes; a config written by save_pretrained"),
 ])

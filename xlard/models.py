@@ -732,6 +732,10 @@ class _Pretrained:
         if type(version) is not int or version != _FORMAT_VERSION:
             raise ValueError(f"{owner}: {config_path} has format_version {_short(version)} "
                              f"({type(version).__name__}); this xlard reads the integer {_FORMAT_VERSION}")
+        stray = sorted(set(meta) - _CONFIG_FILE_KEYS)
+        if stray:  # e.g. a model field edited in at the top level, where it would be silently ignored
+            raise ValueError(f"{owner}: {config_path} has unknown top-level keys {stray[:5]} (it holds "
+                             f"{sorted(_CONFIG_FILE_KEYS)}; the model's fields go under 'config')")
         try:
             config = cls.config_class.from_dict(meta["config"])
         except ValueError as e:
@@ -792,6 +796,10 @@ _MAX_CONFIG_BYTES = 1 << 20  # save_pretrained writes a few hundred bytes
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+#: The top-level keys of a saved model's ``config.json`` (format version 1).
+_CONFIG_FILE_KEYS = frozenset({"model", "format_version", "xlard_version", "config", "dtypes"})
 
 
 def _read_config_file(owner: str, config_path: Path) -> dict:
