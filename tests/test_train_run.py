@@ -83,12 +83,14 @@ def _metrics(folder: Path) -> list[dict]:
 
 
 @needs_shapes
-def test_shapes_run_writes_everything(tmp_path, shapes):
+def test_shapes_run_writes_everything(tmp_path, shapes, capsys):
     from xlard.models import ResidualCorrector
     from xlard.train import train
 
     out = tmp_path / "run"
-    summary = train(tiny_config(out), backbone=shapes)
+    # --resume into a folder with no checkpoint (a new run, or a typo in --out) starts a new run and says so
+    summary = train(tiny_config(out), resume=True, backbone=shapes)
+    assert "--resume: no checkpoint there yet, so a new run starts" in capsys.readouterr().err
     rows = MetricsLog.read(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     first = rows[0]
@@ -114,8 +116,10 @@ def test_shapes_run_writes_everything(tmp_path, shapes):
     with pytest.raises(ValueError, match="--resume"):
         train(tiny_config(out), backbone=shapes)
     # Resuming a finished run is a no-op that keeps the metrics.
+    capsys.readouterr()
     train(tiny_config(out), resume=True, backbone=shapes)
     assert len(MetricsLog.read(out / "metrics.jsonl")) == 2
+    assert "(resuming from " in capsys.readouterr().err
     # Resuming with a different config is refused.
     with pytest.raises(ValueError, match="differs"):
         train(tiny_config(out, ppo={"clip": 0.3}), resume=True, backbone=shapes)

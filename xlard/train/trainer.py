@@ -293,6 +293,7 @@ class Trainer:
                                  f"one to count its objects: it needs backbone.correction_step 1.0, got "
                                  f"{cfg.backbone.correction_step}")
 
+        self.resume_requested = bool(resume)
         self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
         if self.resume_from is not None:
             self._load(self.resume_from)
@@ -950,8 +951,13 @@ class Trainer:
         """Warm start (unless resumed past it), then train to ``cfg.steps``; returns a summary."""
         cfg = self.cfg
         self._say(describe(cfg, self.world))
-        self._say(f"run folder: {self.out}" + (f" (resuming from {self.resume_from.name}, step {self.step})"
-                                               if self.resume_from is not None else ""))
+        if self.resume_from is not None:
+            note = f" (resuming from {self.resume_from.name}, step {self.step})"
+        elif self.resume_requested:  # a typo in --out would otherwise start over without a word
+            note = " (--resume: no checkpoint there yet, so a new run starts)"
+        else:
+            note = ""
+        self._say(f"run folder: {self.out}{note}")
         if cfg.distill.items_per_tag and not self.distilled:
             self.distill()
             self.save()
