@@ -544,6 +544,35 @@ def test_config_dict_round_trip_and_presets():
         ResidualCorrector(projector_config())
 
 
+def test_inference_refuses_non_finite_inputs_and_an_overflowing_correction():
+    model = make_corrector(nonzero_head=True).eval()
+    z0, text, pooled, mask = inputs()
+    for call in (model.correct, model.actions):
+        name = call.__name__
+        bad = z0.clone()
+        bad[1, 0, 2, 3] = float("nan")
+        with pytest.raises(ValueError, match=rf"ResidualCorrector.{name}: z0 holds 1 NaN or infinite value"):
+            call(bad, text, pooled, mask)
+        bad = pooled.clone()
+        bad[0, 0] = float("inf")
+        with pytest.raises(ValueError, match="pooled holds 1 NaN"):
+            call(z0, text, bad, mask)
+        bad = text.clone()
+        bad[0, 0, 0] = float("nan")  # a real token
+        with pytest.raises(ValueError, match="text_tokens holds 1 NaN"):
+            call(z0, bad, pooled, mask)
+        bad[0, 0, 0] = 0.0
+        bad[0, -1] = float("nan")  # padding (mask False there) may hold anything
+        out = call(z0, bad, pooled, mask)[0]
+        assert torch.isfinite(out).all()
+        with torch.no_grad():
+            model.head.bias.fill_(3e38)  # finite inputs, a correction beyond float32
+        with pytest.raises(ValueError, match=rf"{name}: the correction of z0 overflowed"):
+            call(z0 * 1e38, text, pooled, mask)
+        with torch.no_grad():
+            model.head.bias.normal_(0, 0.1)
+
+
 def test_corrector_and_projector_compile_without_graph_breaks():
     # backend="eager" checks that the whole forward traces as one graph (ops, masks, checks)
     # without paying for Inductor code generation on the CPU.

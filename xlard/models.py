@@ -644,6 +644,38 @@ def _check_latent(owner, name, z, channels, patch, device):
         raise ValueError(f"xlard.{owner}: {name} is on {z.device} but the model is on {device}")
 
 
+def _refuse_non_finite(owner, z0, text_tokens, pooled, text_mask) -> None:
+    """Inference inputs must be finite: a backbone's NaN or infinite latents or prompt embeddings (a float16
+    overflow, say) would otherwise come out as a NaN image with no word said. Only tensors are looked at
+    (the shape and type checks that follow name anything else); padded prompt tokens may hold anything."""
+    if torch.compiler.is_compiling():  # a data-dependent check would break the graph; eager calls check
+        return
+
+    def values(t):
+        return t if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() else None
+
+    tokens = values(text_tokens)
+    if tokens is not None and isinstance(text_mask, torch.Tensor) and text_mask.dtype == torch.bool \
+            and tokens.dim() == 3 and tuple(text_mask.shape) == tuple(tokens.shape[:2]) \
+            and text_mask.device == tokens.device:
+        tokens = tokens[text_mask]
+    for name, t in (("z0", values(z0)), ("text_tokens", tokens), ("pooled", values(pooled))):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"xlard.{owner}: {name} holds {bad} NaN or infinite value(s) of {t.numel()}; the "
+                             "backbone's outputs are broken (a float16 overflow? try float32 or bfloat16), and "
+                             "a correction of them would be NaN")
+
+
+def _refuse_overflow(owner, z0, out) -> None:
+    """Finite inputs whose correction is not finite (latents far beyond any the corrector saw): an error
+    naming the input's scale, not a NaN image."""
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"xlard.{owner}: the correction of z0 overflowed (z0's largest magnitude is "
+                         f"{float(z0.abs().max()):.3g}; the corrector's backbone makes latents of order 1: is z0 "
+                         "scaled by the VAE's scaling_factor?)")
+
+
 class _Pretrained:
     """save_pretrained / from_pretrained for a module built from one config dataclass."""
 
@@ -1776,8 +1808,11 @@ class ResidualCorrector(_Pretrained, nn.Module):
         Raises:
             TypeError, ValueError: a bad input, naming it.
         """
+        _refuse_non_finite("ResidualCorrector.actions", z0, text_tokens, pooled, text_mask)
         log = [[] for _ in range(int(z0.shape[0]))] if isinstance(z0, torch.Tensor) and z0.dim() >= 1 else None
-        return self._forward(z0, text_tokens, pooled, text_mask, log), log
+        delta = self._forward(z0, text_tokens, pooled, text_mask, log)
+        _refuse_overflow("ResidualCorrector.actions", z0, delta)
+        return delta, log
 
     def correct(self, z0, text_tokens, pooled, text_mask=None, alpha=None):
         """Inference: apply the mean correction, ``zc = z0 + alpha * Delta``, via :func:`xlard.ops.residual_correction`.
@@ -1788,9 +1823,16 @@ class ResidualCorrector(_Pretrained, nn.Module):
         Returns:
             (zc [B, C, H, W] in z0's dtype, lam [B, H, W] float32): the corrected
             latent and the Latent Activation Map ``sum_c |Delta|``.
+
+        Raises:
+            TypeError, ValueError: a bad input, naming it; NaN or infinite values in ``z0``, ``pooled`` or a
+            real (unmasked) token of ``text_tokens`` (they would come out as a NaN image without a word).
         """
+        _refuse_non_finite("ResidualCorrector.correct", z0, text_tokens, pooled, text_mask)
         delta = self(z0, text_tokens, pooled, text_mask)
-        return xops.residual_correction(z0, delta, self.config.alpha if alpha is None else alpha)
+        zc, lam = xops.residual_correction(z0, delta, self.config.alpha if alpha is None else alpha)
+        _refuse_overflow("ResidualCorrector.correct", z0, zc)
+        return zc, lam
 
     def distribution(self, z0, text_tokens, pooled, text_mask=None) -> GaussianPolicy:
         """The policy ``N(Delta_theta(z0, e_p), exp(log_std)^2)`` with a float32 mean (float64 for float64 z0)."""
