@@ -115,6 +115,20 @@ def test_decoded_is_checked():
         source(Decoded(images=torch.rand(1, 64, 64), latents=torch.zeros(0), token_maps=None, patch_features=None,
                        specs=(parse("a photo of a circle"),), segment_offsets={}))
 
+    def one(images):
+        return Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
+                       specs=(parse("a photo of a circle"),), segment_offsets={})
+
+    image = decoded_of([SCENE], ["a photo of a circle"]).images
+    # Another convention would be clamped into white or black images and judged without a word.
+    for images, pattern in ((image * 255, r"0..255 values\? divide by 255"),
+                            ((image * 255).to(torch.uint8), r"got torch.uint8.*/ 255"),
+                            (image * 2 - 1, r"\[-1, 1\].*images / 2 \+ 0.5"),
+                            (image.clone().fill_(float("nan")), "must lie in \\[0, 1\\], got values in \\[nan")):
+        with pytest.raises(ValueError, match=pattern):
+            source(one(images))
+    source(one((image * 1.02 - 0.01)))  # rounding past the range is fine (the model clamps)
+
 
 # ---------------------------------------------------------------------------
 # Attention source

@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +77,17 @@ def _decoded_parts(decoded: Any, who: str) -> tuple[torch.Tensor, tuple[PromptSp
     if specs is None or len(specs) != images.shape[0] or not all(isinstance(s, PromptSpec) for s in specs):
         raise ValueError(f"{who}: decoded.specs must hold one PromptSpec per image ({images.shape[0]}), got "
                          f"{type(specs).__name__} of {len(specs) if specs is not None else 0}")
+    if not images.is_floating_point():
+        raise ValueError(f"{who}: decoded.images must be float in [0, 1], got {images.dtype} (for 8-bit images: "
+                         "images.float() / 255)")
+    if images.numel():
+        lo, hi = float(images.amin()), float(images.amax())
+        # A little past the range is rounding (the model clamps); far past it is another convention, which
+        # clamping would turn into white or black images judged without a word.
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -0.05 or hi > 1.05:
+            hint = (" (a VAE's raw output in [-1, 1]? use images / 2 + 0.5)" if lo < -0.05 and hi <= 1.05 else
+                    " (0..255 values? divide by 255)" if hi > 1.05 and lo >= -0.05 else "")
+            raise ValueError(f"{who}: decoded.images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
     return images.float(), tuple(specs)
 
 
