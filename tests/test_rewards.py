@@ -100,7 +100,8 @@ def square_image(color_rgb, box=(8, 8, 24, 24), size=32, background=GRAY):
 
 @pytest.mark.parametrize("kwargs", [
     dict(threshold_mode="median"), dict(connectivity=6), dict(min_area=0), dict(min_area_fraction=2.0),
-    dict(tau=float("nan")), dict(tau=0.0), dict(tau=-10.0), dict(aspects=("count", "shape")), dict(missing_entity="ignore"),
+    dict(tau=float("nan")), dict(tau=0.0), dict(tau=-10.0), dict(aspects=("count", "shape")),
+    dict(missing_entity="ignore"),
     dict(max_components=0), dict(bind_min_coverage=1.5), dict(count_confidence=1),
     dict(count_confidence=True),  # needs absolute thresholds (maps of probabilities)
 ])
