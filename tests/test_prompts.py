@@ -845,3 +845,15 @@ def test_unsupported_tokenizers(hf_tokenizers):
     with pytest.raises(ValueError, match="has no word_span"):
         align(PromptSpec("a dog", (Entity("dog"),)), hf_tokenizers["clip"])
 
+
+
+def test_error_messages_cut_a_long_prompt():
+    from xlard.prompts.spec import quote_prompt
+
+    prompt = "a photo of " + "the the " * 600  # no object noun, 4800 characters
+    with pytest.raises(ValueError, match=r"no object noun found in prompt 'a photo of the the .*\.\.\.' \(4811 "
+                                         r"characters\)") as info:
+        parse(prompt)
+    assert len(str(info.value)) < 200
+    assert quote_prompt("a short one") == "'a short one'"
+    assert quote_prompt("x" * 81) == "'" + "x" * 74 + "...' (81 characters)"

@@ -62,6 +62,7 @@ from xlard.backbones.base import (Backbone, BackboneState, Decoded, PromptEmbedd
                                   check_correction_step, correction_index, generator_states, make_generators,
                                   restore_generators)
 from xlard.prompts import PromptSpec, align, parse
+from xlard.prompts.spec import quote_prompt
 
 __all__ = ["DiffusersBackbone", "SUPPORTED_PIPELINES"]
 
@@ -824,7 +825,9 @@ class DiffusersBackbone(Backbone):
         try:
             return parse(prompt, tokenizers, max_length=lengths)
         except ValueError as exc:
-            raise ValueError(f"prompt {prompt!r}: {exc} (pass an xlard.prompts.PromptSpec to give the "
+            quoted = quote_prompt(prompt)
+            where = "" if quoted in str(exc) else f"prompt {quoted}: "  # the parser's own messages name it
+            raise ValueError(f"{where}{exc} (pass an xlard.prompts.PromptSpec to give the "
                              "entities explicitly)") from exc
 
     # -- the split loop ----------------------------------------------------------

@@ -23,6 +23,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from xlard.prompts.spec import quote_prompt
+
 __all__ = ["MAX_COUNT", "UNIT_WORDS"]
 
 #: The largest count the parser reads from a prompt. Count rewards judge
@@ -77,7 +79,7 @@ class _Word(Protocol):
 
 def _error(phrase: str, prompt: str, why: str) -> ValueError:
     return ValueError(
-        f"count {phrase!r} in prompt {prompt!r} {why}; write each count as a whole number "
+        f"count {phrase!r} in prompt {quote_prompt(prompt)} {why}; write each count as a whole number "
         f"from 0 to {MAX_COUNT} in digits or words (or a vague word such as 'some'), "
         "or build the PromptSpec directly"
     )

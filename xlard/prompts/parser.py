@@ -10,7 +10,7 @@ from typing import Any
 from xlard.geneval import validate_record
 from xlard.prompts.alignment import align
 from xlard.prompts.inflection import _singularize_word, noun_forms, pluralize
-from xlard.prompts.spec import Entity, PromptSpec, Relation
+from xlard.prompts.spec import Entity, PromptSpec, Relation, quote_prompt
 from xlard.prompts.numbers import NUMBER_PATTERN, read_count
 from xlard.prompts.vocabulary import ARRANGEMENT_NOUNS, COLLECTIVE_NOUNS, KNOWN_NOUNS, SCENE_NOUNS
 from xlard.vocab import COLOR_ALIASES, COLOR_MODIFIER_WORDS, COLORS, COMPOUND_COLORS, normalize_relation
@@ -401,7 +401,7 @@ def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) ->
                     continue
                 if strict:
                     raise ValueError(
-                        f"unknown object noun {words[k].text!r} in prompt {prompt!r}; "
+                        f"unknown object noun {words[k].text!r} in prompt {quote_prompt(prompt)}; "
                         "pass extra_nouns=[...] or strict=False"
                     )
                 return (k, k + 1, _singularize_word(w))
@@ -433,7 +433,7 @@ def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) ->
         if color_hits:
             s, e, _ = color_hits[-1]
             raise ValueError(
-                f"color {prompt[words[s].start:words[e - 1].end]!r} in prompt {prompt!r} "
+                f"color {prompt[words[s].start:words[e - 1].end]!r} in prompt {quote_prompt(prompt)} "
                 "is not followed by an object noun"
             )
         return None
@@ -441,7 +441,7 @@ def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) ->
     distinct = list(dict.fromkeys(c for _, _, c in colors))
     if len(distinct) > 1:
         raise ValueError(
-            f"object {head[2]!r} in prompt {prompt!r} has several colors {distinct}; "
+            f"object {head[2]!r} in prompt {quote_prompt(prompt)} has several colors {distinct}; "
             "one color per object is supported"
         )
     color = distinct[0] if distinct else None
@@ -637,15 +637,15 @@ def parse(
         obj = next((item_entity[m] for m in range(k + 1, len(items))
                     if item_entity[m] is not None), None)
         if subject is None:
-            raise ValueError(f"relation {phrase!r} in prompt {prompt!r} has no object noun before it")
+            raise ValueError(f"relation {phrase!r} in prompt {quote_prompt(prompt)} has no object noun before it")
         if obj is None:
-            raise ValueError(f"relation {phrase!r} in prompt {prompt!r} has no object noun after it")
+            raise ValueError(f"relation {phrase!r} in prompt {quote_prompt(prompt)} has no object noun after it")
         if subject == obj:
-            raise ValueError(f"relation {phrase!r} in prompt {prompt!r} relates {entities[subject].noun!r} to itself")
+            raise ValueError(f"relation {phrase!r} in prompt {quote_prompt(prompt)} relates {entities[subject].noun!r} to itself")
         relations.append(Relation(subject, relation, obj, span=span))
 
     if not entities:
-        raise ValueError(f"no object noun found in prompt {prompt!r}")
+        raise ValueError(f"no object noun found in prompt {quote_prompt(prompt)}")
     spec = PromptSpec(prompt=prompt, entities=tuple(entities), relations=tuple(relations))
     if tokenizer is not None:
         spec = align(spec, tokenizer, max_length=max_length)
@@ -770,7 +770,7 @@ def from_geneval(
         missing = [cls for cls, e in zip(classes, entities) if e.word_span is None]
         if missing:
             raise ValueError(
-                f"cannot align GenEval record to tokens: class(es) {missing} not found in prompt {prompt!r}"
+                f"cannot align GenEval record to tokens: class(es) {missing} not found in prompt {quote_prompt(prompt)}"
             )
         spec = align(spec, tokenizer, max_length=max_length)
     return spec

@@ -41,6 +41,20 @@ def _check_span(span: Any, what: str) -> tuple[int, int] | None:
     return (start, end)
 
 
+
+def quote_prompt(prompt: str, limit: int = 80) -> str:
+    """``repr(prompt)``, cut to about ``limit`` characters for error messages (a 5000-character prompt would
+    otherwise fill the one-line error).
+
+    Example:
+        >>> quote_prompt("a photo of " + "a cat and " * 20, limit=30)
+        "'a photo of a cat and a c...' (211 characters)"
+    """
+    text = repr(prompt)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 5]}...{text[0]} ({len(prompt)} characters)"
+
 @dataclass(frozen=True)
 class Entity:
     """One object the prompt asks for.
@@ -433,7 +447,7 @@ class PromptSpec:
                      if i not in placed and (i not in target or target[i].object in placed)]
             if not ready:
                 raise ValueError(
-                    f"the relations of prompt {self.prompt!r} form a cycle; a GenEval record cannot hold them"
+                    f"the relations of prompt {quote_prompt(self.prompt)} form a cycle; a GenEval record cannot hold them"
                 )
             order.append(ready[0])
             placed.add(ready[0])
