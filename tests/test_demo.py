@@ -127,6 +127,8 @@ def test_demo_rejects_bad_arguments(tmp_path):
         demo.run_demo(tmp_path / "x", items_per_tag=1.5)
     with pytest.raises(ValueError, match="trains nothing"):
         demo.run_demo(tmp_path / "x", steps=0, items_per_tag=0)
+    with pytest.raises(ValueError, match="--items-per-tag 0: the demo's corrector has a latent reader"):
+        demo.run_demo(tmp_path / "x", steps=1, items_per_tag=0)  # before anything loads
     with pytest.raises(ValueError, match="--items-per-tag"):
         demo.run_demo(tmp_path / "x", overrides={"distill.items_per_tag": 3})
     with pytest.raises(ValueError, match="exclude"):

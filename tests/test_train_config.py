@@ -51,6 +51,7 @@ def test_json_and_yaml_give_the_same_config(tmp_path):
     ({"export": {"alpha_grid": [1, -2]}}, r"export.alpha_grid entry must be a finite number"),
     ({"export": {"alpha_grid": "1,2"}}, r"export.alpha_grid must be a non-empty list"),
     ({"export": {"calibration_size": 0}}, r"export.calibration_size must be an integer"),
+    ({"model": {"corrector_overrides": {"reader": True}}}, r"reader: true needs the edit-target warm start"),
 ])
 def test_bad_configs_fail_loudly(data, match):
     with pytest.raises(ValueError, match=match):

@@ -759,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="xlard-demo", help="the demo folder (train/, eval/, report.html, demo.json)")
     p.add_argument("--items-per-tag", type=_int_in(0, 100_000), default=None,
                    help="edit targets per GenEval tag for the warm start (default 200: fits the 15 minutes; "
-                        "0: none)")
+                        "0: none, with --steps and the reader turned off by --set)")
     p.add_argument("--steps", type=_int_in(0, 100_000), default=0,
                    help="PPO steps after the warm start (default 0, as the shipped corrector)")
     p.add_argument("--per-tag", type=_int_in(1, MAX_RECORDS // 6), default=None,

@@ -198,7 +198,7 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
         out: the demo folder.
         steps: PPO steps after the warm start (the shipped recipe has none).
         items_per_tag: edit targets per GenEval tag for the warm start (0: none;
-            then ``steps`` must be at least 1).
+            then ``steps`` must be at least 1 and ``overrides`` must turn the reader off).
         per_tag: held-out records per GenEval tag (six tags).
         seeds: evaluation seeds (every record runs under each).
         overwrite: delete an earlier demo's outputs in ``out`` first.
@@ -242,6 +242,11 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     for key, option in (("steps", "--steps"), ("out", "--out"), ("distill.items_per_tag", "--items-per-tag")):
         if key in overrides:
             raise ValueError(f"--set {key}: use the demo's own {option}")
+    reader = overrides.get("model.corrector_overrides.reader", DEMO_TRAINING["model"]["corrector_overrides"]["reader"])
+    if items_per_tag == 0 and reader is True:
+        raise ValueError("--items-per-tag 0: the demo's corrector has a latent reader, which is fitted on the edit "
+                         "targets; give --items-per-tag >= 1, or turn the reader and its rules off with --set "
+                         "model.corrector_overrides.reader=false (and reader_move=false, count_edit=false)")
     cfg = demo_config(out / "train", steps, items_per_tag, progress=not quiet, overrides=overrides)
     settings = {"steps": steps, "items_per_tag": items_per_tag, "per_tag": per_tag, "seeds": seeds,
                 "training": DEMO_TRAINING, "overrides": overrides}

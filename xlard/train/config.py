@@ -613,6 +613,10 @@ class TrainConfig:
         if self.steps == 0 and self.distill.items_per_tag == 0:
             raise ValueError("train config: steps must be >= 1 (0 only with the distill warm start, "
                              "distill.items_per_tag > 0), got 0")
+        if self.distill.items_per_tag == 0 and self.model.corrector_overrides.get("reader") is True:
+            # Checked here, at load time, as well as by the trainer: else it fails only after the backbone loads.
+            raise ValueError("train config: model.corrector_overrides reader: true needs the edit-target warm start "
+                             "(distill.items_per_tag > 0): the reader is fitted there, before the corrector")
         _int(o, "seed", self.seed, 0)
         _str(o, "out", self.out)
         _choice(o, "rl", self.rl, ("ppo", "pathwise"))
