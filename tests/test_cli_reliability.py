@@ -597,3 +597,13 @@ def test_the_paired_eval_and_generate_check_their_arguments_before_loading(tmp_p
         assert code == 2, (argv, err)
         one_line_error(err, *texts)
     assert not out.exists() and not (tmp_path / "g").exists()
+
+
+def test_prompts_says_when_records_repeat(tmp_path, capsys):
+    code, out, _ = run(["prompts", tmp_path / "a.jsonl"], capsys)  # the whole split: every prompt once
+    assert code == 0 and "distinct" not in out
+    code, out, _ = run(["prompts", tmp_path / "b.jsonl", "-n", 600], capsys)
+    assert code == 0
+    distinct = len({json.loads(line)["prompt"] for line in (tmp_path / "b.jsonl").read_text().splitlines()})
+    assert f"wrote 600 heldout records to {tmp_path / 'b.jsonl'} ({distinct} distinct prompts: the heldout split " \
+           "holds" in out and distinct < 600

@@ -521,7 +521,11 @@ def _cmd_prompts(args) -> int:
     pool = splits[args.split]
     records = P.sample_records(pool, args.n, seed=args.seed) if args.n else list(pool)
     P.write_jsonl(args.out, records)
-    print(f"wrote {len(records)} {args.split} records to {args.out}")
+    distinct = len({r["prompt"] for r in records})
+    # More records than the split has prompts: they repeat (each record still gets its own image seeds).
+    repeats = (f" ({distinct} distinct prompts: the {args.split} split holds {len(pool)})"
+               if distinct < len(records) else "")
+    print(f"wrote {len(records)} {args.split} records to {args.out}{repeats}")
     return 0
 
 
