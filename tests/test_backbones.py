@@ -331,6 +331,10 @@ def test_bad_encode_decode_generate_arguments(backbone):
         bb.decode(state, state.z0[:1])
     with pytest.raises(ValueError, match="float tensor"):
         bb.decode(state, state.z0.long())
+    bad = state.z0.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"z holds 1 NaN or infinite value\(s\)"):
+        bb.decode(state, bad)  # else a black image, judged and saved without a word
     with pytest.raises(ValueError, match="correct"):
         bb.generate(PROMPTS, seed=0, corrector=object())
     with pytest.raises(ValueError, match="alpha"):

@@ -935,6 +935,10 @@ class DiffusersBackbone(Backbone):
             raise ValueError(f"z must have the shape of state.z0 {tuple(state.z0.shape)}, got {tuple(z.shape)}")
         if z.device != state.z0.device:
             raise ValueError(f"z is on {z.device} but state.z0 is on {state.z0.device}")
+        finite = torch.isfinite(z)
+        if not bool(finite.all()):  # else the images come out black, judged and saved without a word
+            raise ValueError(f"z holds {int((~finite).sum())} NaN or infinite value(s) of {z.numel()}; a latent to "
+                             "decode must be finite (a diverged correction?)")
         return z.detach().to(state.z0.dtype)
 
     @torch.no_grad()
@@ -951,7 +955,7 @@ class DiffusersBackbone(Backbone):
             A :class:`Decoded` (images float32 in [0, 1]).
 
         Raises:
-            ValueError: a foreign state, or ``z`` of the wrong shape/device.
+            ValueError: a foreign state, or ``z`` of the wrong shape/device or not finite.
         """
         z = self._check_state(state, z)
         family, r = self.family, state.resume
