@@ -607,3 +607,29 @@ def test_prompts_says_when_records_repeat(tmp_path, capsys):
     distinct = len({json.loads(line)["prompt"] for line in (tmp_path / "b.jsonl").read_text().splitlines()})
     assert f"wrote 600 heldout records to {tmp_path / 'b.jsonl'} ({distinct} distinct prompts: the heldout split " \
            "holds" in out and distinct < 600
+
+
+def test_train_checks_its_prompt_files_and_backbone_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_work(monkeypatch)
+    config = ROOT / "configs" / "shapes.yaml"
+    cases = [
+        (["--set", f"data.prompts={tmp_path / 'missing.jsonl'}"], ("train config data.prompts", "no such file")),
+        (["--set", f"data.monitor_prompts={tmp_path / 'missing.jsonl'}"],
+         ("train config data.monitor_prompts", "no such file")),
+        (["--set", f"backbone.name={tmp_path / 'no' / 'pipeline'}"], ("train config backbone.name", "no folder at")),
+        (["--set", f"backbone.name={tmp_path}"], ("train config backbone.name", "no model_index.json")),
+    ]
+    for extra, texts in cases:
+        code, _, err = run(["train", config, "--out", tmp_path / "run", *extra], capsys)
+        assert code == 2, (extra, err)
+        one_line_error(err, *texts)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_names_a_hub_backbone_that_is_not_cached(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(["train", ROOT / "configs" / "shapes.yaml", "--out", tmp_path / "run", "--set",
+                        "backbone.name=someorg/not-cached-model"], capsys)
+    assert code == 2, err
+    one_line_error(err, "train config backbone.name", "HF_HUB_OFFLINE", "download it first")

@@ -241,21 +241,21 @@ def resolve_backbone(name: str) -> str:
     return name
 
 
-def _check_backbone(name: str) -> str:
+def _check_backbone(name: str, flag: str = "--backbone") -> str:
     """``--backbone``: 'shapes', a pipeline folder (with model_index.json) or a hub id; returns what to load."""
     resolved = resolve_backbone(name)
     path = Path(resolved).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UsageError(f"--backbone: {name} is a file; give a diffusers pipeline folder, 'shapes' or a hub id")
+            raise UsageError(f"{flag}: {name} is a file; give a diffusers pipeline folder, 'shapes' or a hub id")
         if not (path / "model_index.json").is_file():
-            raise UsageError(f"--backbone: {name} has no model_index.json, so it is not a diffusers pipeline "
+            raise UsageError(f"{flag}: {name} has no model_index.json, so it is not a diffusers pipeline "
                              "folder; give the folder written by pipeline.save_pretrained(...), 'shapes' or a hub id")
         return str(path)
     looks_like_path = name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 \
         or os.sep != "/" and os.sep in name
     if looks_like_path:
-        raise UsageError(f"--backbone: no folder at {name}; check the path (or give 'shapes' or a hub id)")
+        raise UsageError(f"{flag}: no folder at {name}; check the path (or give 'shapes' or a hub id)")
     return name
 
 
@@ -755,8 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set steps=50 --set ppo.epochs=2")
-    p.set_defaults(func=lambda a: __import__("xlard.train", fromlist=["main"]).main(
-        a.config, resume=a.resume, out=a.out, overrides=a.set))
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="train a corrector on the shapes backbone, evaluate it paired on held-out "
                                     "prompts, write an HTML report (CPU, offline; docs/demo.md)")
@@ -775,6 +774,24 @@ def build_parser() -> argparse.ArgumentParser:
     _output_folder_options(p)
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _check_train_config(cfg) -> None:
+    """What ``xlard train`` can check before the trainer loads the backbone: the prompt files and the
+    backbone's name (the shapes backbone is checked by the trainer, which names its training command)."""
+    for key in ("prompts", "monitor_prompts"):
+        value = getattr(cfg.data, key)
+        if value and not value.strip().lower().startswith("shapes:"):
+            _input_file(value.strip(), f"train config data.{key}")
+    if cfg.backbone.name != "shapes":
+        _check_backbone(cfg.backbone.name, "train config backbone.name")
+
+
+def _cmd_train(args) -> int:
+    from xlard import train
+
+    _quiet_hub_logging()
+    return train.main(args.config, resume=args.resume, out=args.out, overrides=args.set, check=_check_train_config)
 
 
 def _cmd_demo(args) -> int:

@@ -42,8 +42,12 @@ def parse_overrides(items: list[str] | None) -> dict:
     return changes
 
 
-def main(config: str, resume: bool = False, out: str | None = None, overrides: list[str] | None = None) -> int:
-    """The ``xlard train`` command: load CONFIG, apply ``--out`` and ``--set key=value`` overrides, run."""
+def main(config: str, resume: bool = False, out: str | None = None, overrides: list[str] | None = None,
+         check=None) -> int:
+    """The ``xlard train`` command: load CONFIG, apply ``--out`` and ``--set key=value`` overrides, run.
+
+    ``check(cfg)``, when given, runs on the loaded config before anything else (the CLI checks the prompt
+    files and the backbone's name there, before the trainer loads the backbone)."""
     changes = parse_overrides(overrides)
     if out is not None:
         changes["out"] = out
@@ -52,6 +56,8 @@ def main(config: str, resume: bool = False, out: str | None = None, overrides: l
 
     # Before the backbone loads: an out folder that cannot be made is named now, not after minutes of setup.
     _io.check_writable_folder(cfg.out, "--out" if out is not None else f"train config {config}: out")
+    if check is not None:
+        check(cfg)
     summary = train(cfg, resume=resume)
     if summary.get("corrector"):
         print(f"trained corrector: {summary['corrector']}")

@@ -86,7 +86,18 @@ def load_backbone(settings, device: torch.device, reward=None):
         kwargs["guidance_scale"] = guidance
     import logging
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    return DiffusersBackbone.from_pretrained(path, **kwargs)
+    try:
+        return DiffusersBackbone.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing hub model as either
+        if Path(path).expanduser().is_dir():
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        fix = ("it is not in the local cache and HF_HUB_OFFLINE is set: download it first (`huggingface-cli "
+               f"download {settings.name}` with network access)" if offline else
+               "check the id, your network and `huggingface-cli login` for gated models")
+        reason = " ".join(str(exc).split())[:300]
+        raise ValueError(f"train config backbone.name: {settings.name!r} is not a local folder and not a loadable "
+                         f"hub model; {fix}; or give a pipeline folder or 'shapes' ({reason})") from None
 
 
 #: Phases that run the trainer's own (small) models; the others run the backbone and the reward source.
