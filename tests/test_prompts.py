@@ -513,6 +513,11 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path):
     assert len(geneval.read_jsonl(path, validate=False)) == 2
     with pytest.raises(FileNotFoundError):
         geneval.read_jsonl(tmp_path / "nope.jsonl")
+    path.write_bytes(good.encode() + b"\n\xff\xfe" + good.encode() + b"\n")  # not UTF-8 on line 2
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not UTF-8 text (byte 0xff at column 1)")):
+        geneval.read_jsonl(path)
+    path.write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\r\n" + good.encode() + b"\r\n")  # BOM, CRLF
+    assert geneval.read_jsonl(path) == [RECORDS[0], RECORDS[0]]
 
 
 @pytest.mark.parametrize("change, message", [

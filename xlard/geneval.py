@@ -201,8 +201,14 @@ def read_jsonl(path: str | os.PathLike[str], *, validate: bool = True) -> list[d
     """
     path = Path(path)
     records: list[dict[str, Any]] = []
-    with path.open("r", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM (Windows editors) is fine
+            except UnicodeDecodeError as exc:  # a binary or wrongly encoded file: name the file and the line
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                 f"{exc.start + 1}); a GenEval metadata file is UTF-8 JSON, one record per "
+                                 "line") from None
             if not line.strip():
                 continue
             try:
