@@ -228,6 +228,10 @@ def test_bad_corrector_dirs_give_clear_errors(tmp_path):
     plain = _corrector().save_pretrained(tmp_path / "plain")  # save_pretrained alone: no metadata
     with pytest.raises(FileNotFoundError, match="has no xlard_corrector.json"):
         ev.load_corrector_dir(plain)
+    run = tmp_path / "run"  # a training run folder given instead of the corrector folder inside it
+    ev.save_corrector_dir(run / "corrector", _corrector(), _meta())
+    with pytest.raises(FileNotFoundError, match=r"looks like a training run folder: its corrector is .*run/corrector"):
+        ev.load_corrector_dir(run)
     path = ev.save_corrector_dir(tmp_path / "c", _corrector(), _meta())
     meta_file = path / ev.CORRECTOR_META_NAME
     good = json.loads(meta_file.read_text())

@@ -266,8 +266,11 @@ def load_corrector_dir(path: str | os.PathLike, *, device=None):
         raise FileNotFoundError(f"corrector folder {path} does not exist (a corrector folder holds {expected})")
     meta_path = path / CORRECTOR_META_NAME
     if not meta_path.is_file():
+        inner = path / "corrector" / CORRECTOR_META_NAME
+        hint = (f"; {path} looks like a training run folder: its corrector is {path / 'corrector'}"
+                if inner.is_file() else "")
         raise FileNotFoundError(f"corrector folder {path} has no {CORRECTOR_META_NAME} (a corrector folder holds "
-                                f"{expected})")
+                                f"{expected}){hint}")
     data = _io.read_json(meta_path, owner="load_corrector_dir", what="a corrector folder's metadata")
     meta = CorrectorMeta.from_dict(data, source=str(meta_path))
     corrector = ResidualCorrector.from_pretrained(path, device=device)
