@@ -100,11 +100,11 @@ def check_output_path(path: str | os.PathLike[str], owner: str = "xlard") -> Pat
                      "(give the path of a regular file or of a new one)")
 
 
-def _reraise(exc: OSError, message: str) -> OSError:
+def _reraise(exc: OSError, message: str, fix: str = "") -> OSError:
     """``exc`` as the same OSError subclass with ``message`` (which names the destination, not a temporary
-    name) and the system's reason appended; the errno is kept, so a full disk stays a system error."""
+    name), the system's reason and ``fix`` appended; the errno is kept, so a full disk stays a system error."""
     reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
-    new = type(exc)(f"{message}: {reason}")
+    new = type(exc)(f"{message}: {reason}{fix}")
     new.errno = exc.errno
     return new
 
@@ -160,9 +160,7 @@ def check_writable_folder(path: str | os.PathLike[str], owner: str = "xlard") ->
         probe = _new_temp_folder(existing, "probe")
     except OSError as exc:
         what = f"cannot write into {path}" if existing == target else f"cannot create {path} in {existing}"
-        error = _reraise(exc, f"{owner}: {what}")
-        error.args = (f"{error}; choose a folder you can write to",)
-        raise error from None
+        raise _reraise(exc, f"{owner}: {what}", "; choose a folder you can write to") from None
     with contextlib.suppress(OSError):
         os.rmdir(probe)
     return target

@@ -300,12 +300,9 @@ def _load_backbone(args):
         if type(exc).__name__ == "HFValidationError":
             raise UsageError(f"--backbone: {args.backbone!r} is neither a local folder nor a valid hub id "
                              "(org/name); give a pipeline folder, 'shapes' or a hub id") from None
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        fix = ("it is not in the local cache and HF_HUB_OFFLINE is set: download it first "
-               f"(`huggingface-cli download {args.backbone}` with network access)" if offline else
-               "check the id, your network and `huggingface-cli login` for gated models")
-        raise UsageError(f"--backbone: {args.backbone!r} is not a local folder and not a loadable hub model; "
-                         f"{fix}; or give a pipeline folder or 'shapes' ({_one_line(exc)[:300]})") from None
+        from xlard.backbones.diffusers_backbone import unloadable_hub_model
+
+        raise UsageError(f"--backbone: {unloadable_hub_model(args.backbone, exc)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,8 +464,8 @@ def _cmd_generate(args) -> int:
     for i, prompt in enumerate(args.prompt):
         if not prompt.strip():
             raise UsageError(f"PROMPT: prompt {i + 1} of {len(args.prompt)} is empty; give each image's text")
-    _output_folder(args.out, "--out")
     if args.corrector or args.correct:
+        _output_folder(args.out, "--out")  # the plain form checks it in _check_output_folder
         from xlard import evaluation
 
         out = Path(args.out)

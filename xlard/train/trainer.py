@@ -91,13 +91,9 @@ def load_backbone(settings, device: torch.device, reward=None):
     except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing hub model as either
         if Path(path).expanduser().is_dir():
             raise
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        fix = ("it is not in the local cache and HF_HUB_OFFLINE is set: download it first (`huggingface-cli "
-               f"download {settings.name}` with network access)" if offline else
-               "check the id, your network and `huggingface-cli login` for gated models")
-        reason = " ".join(str(exc).split())[:300]
-        raise ValueError(f"train config backbone.name: {settings.name!r} is not a local folder and not a loadable "
-                         f"hub model; {fix}; or give a pipeline folder or 'shapes' ({reason})") from None
+        from xlard.backbones.diffusers_backbone import unloadable_hub_model
+
+        raise ValueError(f"train config backbone.name: {unloadable_hub_model(settings.name, exc)}") from None
 
 
 #: Phases that run the trainer's own (small) models; the others run the backbone and the reward source.
