@@ -254,12 +254,23 @@ def test_results_do_not_depend_on_thread_count():
         (dict(maps=torch.rand(4, 4), min_area=1.5), ValueError, "min_area"),
         (dict(maps=torch.rand(4, 4), threshold=math.nan), ValueError, "threshold"),
         (dict(maps=torch.rand(4, 4), threshold=None), ValueError, "threshold"),
+        # relative: a fraction of the map's max; >= 1 finds nothing, < 0 takes every pixel
+        (dict(maps=torch.rand(4, 4), threshold=1.0), ValueError, "threshold with mode 'relative'"),
+        (dict(maps=torch.rand(4, 4), threshold=-0.5), ValueError, "threshold with mode 'relative'"),
     ],
 )
 def test_bad_input_is_named(kwargs, exc, words):
     for fn in (ops.label_components, ops.count_components, ops.component_stats):
         with pytest.raises(exc, match=words):
             fn(**kwargs)
+
+
+def test_relative_threshold_range_applies_to_float_relative_maps_only():
+    maps = torch.rand(2, 6, 6)
+    assert ops.count_components(maps, threshold=0.0).tolist() == [1, 1]  # every positive pixel
+    # absolute cuts on the values and mask maps (threshold ignored) take any finite threshold
+    assert ops.count_components(maps * 4, threshold=2.0, mode="absolute").shape == (2,)
+    assert ops.count_components(torch.ones(1, 3, 3, dtype=torch.bool), threshold=7.0).tolist() == [1]
 
 
 def test_bad_max_components():

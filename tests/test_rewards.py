@@ -104,10 +104,18 @@ def square_image(color_rgb, box=(8, 8, 24, 24), size=32, background=GRAY):
     dict(missing_entity="ignore"),
     dict(max_components=0), dict(bind_min_coverage=1.5), dict(count_confidence=1),
     dict(count_confidence=True),  # needs absolute thresholds (maps of probabilities)
+    dict(threshold=1.0), dict(threshold=50.0), dict(threshold=-0.1),  # relative: a fraction in [0, 1)
 ])
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match="RewardConfig"):
         RewardConfig(**kwargs)
+
+
+def test_config_relative_threshold_range_is_relative_only():
+    assert RewardConfig(threshold=0.0).threshold == 0.0
+    assert RewardConfig(threshold=2.0, threshold_mode="absolute").threshold == 2.0  # a cut on the values
+    with pytest.raises(ValueError, match="mode 'absolute'"):
+        RewardConfig(threshold=50.0)
 
 
 def test_min_area_defaults_to_one_percent():

@@ -42,6 +42,8 @@ def check_components_args(op, maps, threshold, mode, min_area, connectivity, max
         raise ValueError(f"xlard.{op}: threshold must be a finite real number, got {threshold!r}")
     if mode not in MODES:
         raise ValueError(f"xlard.{op}: mode must be one of {MODES}, got {mode!r}")
+    if mode == "relative" and isinstance(maps, torch.Tensor) and maps.is_floating_point():
+        check_relative_threshold(f"xlard.{op}: threshold", threshold)
     if not isinstance(min_area, numbers.Integral) or isinstance(min_area, bool) or min_area < 1:
         raise ValueError(f"xlard.{op}: min_area must be an integer >= 1, got {min_area!r}")
     if connectivity not in (4, 8) or isinstance(connectivity, bool):
@@ -53,6 +55,15 @@ def check_components_args(op, maps, threshold, mode, min_area, connectivity, max
     h, w = maps.shape[-2:]
     if h * w > _INT32_MAX:
         raise ValueError(f"xlard.{op}: one map may hold at most 2**31 - 1 pixels (int32 labels), got {h} x {w}")
+
+
+def check_relative_threshold(name: str, threshold: float) -> None:
+    """A relative cut (a fraction of each map's maximum) must lie in [0, 1): at 1 or more nothing is
+    foreground by construction, below 0 every pixel is (zeros included)."""
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"{name} with mode 'relative' is a fraction of each map's maximum and must lie in [0, 1) "
+                         f"(at 1 or more nothing is foreground, below 0 every pixel is), got {threshold!r}; "
+                         f"for a cut on the values themselves use mode 'absolute'")
 
 
 def alpha_view(alpha, z0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:

@@ -70,8 +70,8 @@ def label_components(maps, threshold=0.5, mode="relative", min_area=1, connectiv
             device with a provider; any strides (a strided view is copied once).
         threshold (float): the cut; see ``mode``.
         mode (str): ``"absolute"`` (value > threshold), ``"relative"`` (value >
-            threshold * max of that map; a map whose max is <= 0 has no
-            foreground) or ``"otsu"`` (per-map Otsu, 256 bins between min and max).
+            threshold * max of that map, threshold in [0, 1); a map whose max is
+            <= 0 has no foreground) or ``"otsu"`` (per-map Otsu, 256 bins between min and max).
             Non-finite values are background and ignored for max/min.
         min_area (int): components with fewer pixels are dropped (label 0).
         connectivity (int): 4 or 8.

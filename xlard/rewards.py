@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from xlard import ops
+from xlard._args import check_relative_threshold
 from xlard.color_features import ColorFeatureEncoder, PatchFeatures, patch_positions
 from xlard.prompts import PromptSpec, pluralize
 from xlard.vocab import ASPECTS, GENEVAL_RELATION_NAMES
@@ -169,6 +170,8 @@ class RewardConfig:
         if self.threshold_mode not in ("relative", "absolute", "otsu"):
             raise ValueError(f"RewardConfig.threshold_mode must be 'relative', 'absolute' or 'otsu', "
                              f"got {self.threshold_mode!r}")
+        if self.threshold_mode == "relative":
+            check_relative_threshold("RewardConfig.threshold", self.threshold)
         if self.min_area is not None and (not isinstance(self.min_area, int) or self.min_area < 1):
             raise ValueError(f"RewardConfig.min_area must be None or an integer >= 1, got {self.min_area!r}")
         if self.connectivity not in (4, 8):
