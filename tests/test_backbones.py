@@ -298,6 +298,19 @@ def test_bad_from_pretrained_arguments_fail_before_loading(tmp_path, kwargs, mat
         DiffusersBackbone.from_pretrained("")
 
 
+def test_from_pretrained_names_a_missing_or_wrong_folder_before_loading(tmp_path):
+    """A path that is not a pipeline folder is named as a path (was: huggingface_hub's "repo id must use
+    alphanumeric chars" for ./x, or diffusers' "neither a valid local path nor a valid repo id")."""
+    for missing in (str(tmp_path / "no" / "pipe"), "./no/such/pipe", "~/no-such-xlard-pipe"):
+        with pytest.raises(FileNotFoundError, match="model_id_or_path: no folder at .*check the path"):
+            DiffusersBackbone.from_pretrained(missing)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        DiffusersBackbone.from_pretrained(tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match="has no model_index.json"):
+        DiffusersBackbone.from_pretrained(tmp_path)
+
+
 def test_unsupported_pipeline_and_second_order_scheduler(backbone):
     with pytest.raises(ValueError, match="not supported.*StableDiffusionPipeline"):
         DiffusersBackbone(object())

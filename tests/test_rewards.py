@@ -511,6 +511,18 @@ def test_clip_encoder_from_pretrained_roundtrip(tiny_clip, word_tokenizer, tmp_p
     assert normalized.image_mean == (0.5, 0.5, 0.5) and normalized.image_std == (0.25, 0.25, 0.25)
 
 
+def test_clip_encoder_from_pretrained_names_a_missing_or_wrong_folder(tmp_path):
+    """Was huggingface_hub's "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" for a path."""
+    from xlard.sources import get_source
+
+    with pytest.raises(FileNotFoundError, match="no folder at .*check the path"):
+        ClipColorEncoder.from_pretrained(str(tmp_path / "no" / "clip"))
+    with pytest.raises(FileNotFoundError, match="no folder at"):
+        get_source("clip", model="./no/such/clip")
+    with pytest.raises(FileNotFoundError, match="has no config.json, so it is not a CLIP model folder"):
+        ClipColorEncoder.from_pretrained(str(tmp_path))
+
+
 # ---------------------------------------------------------------------------
 # Explanations
 # ---------------------------------------------------------------------------

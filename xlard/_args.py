@@ -1,4 +1,5 @@
-"""Argument checks and normalisation shared by :mod:`xlard.ops` and :mod:`xlard.reference`.
+"""Argument checks and normalisation shared by :mod:`xlard.ops` and :mod:`xlard.reference`, and the
+"hub id or local folder" check of the model loaders (:func:`model_location`).
 
 Every message names the argument, what was expected and what came.
 """
@@ -6,6 +7,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 
 import torch
 
@@ -119,3 +122,37 @@ def broadcast_log_std(log_std, x: torch.Tensor, op: str = "gaussian_log_prob") -
             f"xlard.{op}: log_std of shape {tuple(log_std.shape)} does not broadcast to x of shape {tuple(x.shape)} "
             "(expected a scalar, [C], or a shape broadcastable to x)"
         ) from None
+
+
+def looks_like_path(name: str) -> bool:
+    """True when ``name`` can only be a local path, never a hub id (``name`` or ``owner/name``)."""
+    return (name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
+
+
+def model_location(who: str, name, marker: str, kind: str, others: str = "") -> str:
+    """What to load for a "hub id or local folder" argument, checked before any loading.
+
+    An existing path must be a folder holding ``marker`` (``kind`` names what such a folder is); a name that
+    can only be a path (see :func:`looks_like_path`) must exist. Anything else is passed on as a hub id.
+    ``others`` lists what else the argument takes, for the messages (e.g. ``", 'shapes'"``).
+
+    Raises:
+        ValueError: ``name`` is not a non-empty string or path.
+        FileNotFoundError: a path that does not exist, or a folder without ``marker``.
+        NotADirectoryError: a path to a file.
+    """
+    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise ValueError(f"{who} must be a hub model id or a local folder, got {name!r}")
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{who}: {text} is a file; give {kind}{others} or a hub model id")
+        if not (path / marker).is_file():
+            raise FileNotFoundError(f"{who}: {text} has no {marker}, so it is not {kind}")
+        return str(path)
+    if looks_like_path(text):
+        raise FileNotFoundError(f"{who}: no folder at {text}; check the path (a hub model id reads 'name' "
+                                f"or 'owner/name')")
+    return text

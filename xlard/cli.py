@@ -243,20 +243,13 @@ def resolve_backbone(name: str) -> str:
 
 def _check_backbone(name: str, flag: str = "--backbone") -> str:
     """``--backbone``: 'shapes', a pipeline folder (with model_index.json) or a hub id; returns what to load."""
-    resolved = resolve_backbone(name)
-    path = Path(resolved).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UsageError(f"{flag}: {name} is a file; give a diffusers pipeline folder, 'shapes' or a hub id")
-        if not (path / "model_index.json").is_file():
-            raise UsageError(f"{flag}: {name} has no model_index.json, so it is not a diffusers pipeline "
-                             "folder; give the folder written by pipeline.save_pretrained(...), 'shapes' or a hub id")
-        return str(path)
-    looks_like_path = name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 \
-        or os.sep != "/" and os.sep in name
-    if looks_like_path:
-        raise UsageError(f"{flag}: no folder at {name}; check the path (or give 'shapes' or a hub id)")
-    return name
+    from xlard._args import model_location
+
+    try:
+        return model_location(flag, resolve_backbone(name), "model_index.json",
+                              "a diffusers pipeline folder (written by pipeline.save_pretrained(...))", ", 'shapes'")
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _quiet_hub_logging() -> None:

@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 
+from xlard._args import model_location
 from xlard._optional import require
 from xlard.backbones.base import (Backbone, BackboneState, Decoded, PromptEmbedding, Seed, _as_prompt_list,
                                   check_correction_step, correction_index, generator_states, make_generators,
@@ -756,10 +757,11 @@ class DiffusersBackbone(Backbone):
         Raises:
             ValueError: a bad argument (named), checked before any loading;
                 an unsupported pipeline.
+            FileNotFoundError, NotADirectoryError: ``model_id_or_path`` is a
+                path (``/...``, ``./...``, ``~/...``) with no pipeline folder
+                there (checked before any loading).
         """
         _require_diffusers()
-        if not isinstance(model_id_or_path, (str, os.PathLike)) or not str(model_id_or_path).strip():
-            raise ValueError(f"model_id_or_path must be a hub model id or a local folder, got {model_id_or_path!r}")
         if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"torch_dtype must be a torch.dtype (e.g. torch.float16) or None, got {torch_dtype!r}")
         if device is not None:
@@ -776,6 +778,8 @@ class DiffusersBackbone(Backbone):
         _check_negative_prompt(negative_prompt)
         _check_positive_int("max_sequence_length", max_sequence_length)
         _capture_factory(capture)
+        model_id_or_path = model_location("model_id_or_path", model_id_or_path, "model_index.json",
+                                          "a diffusers pipeline folder (written by pipeline.save_pretrained)")
         from diffusers import DiffusionPipeline
 
         if torch_dtype is not None:
