@@ -20,7 +20,7 @@ pytest.importorskip("diffusers")
 
 from xlard.shapes import backbone as shapes_backbone  # noqa: E402
 from xlard.train import config_from_dict  # noqa: E402
-from xlard.train.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from xlard.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint  # noqa: E402
 from xlard.train.metrics import TIMING_PREFIX, MetricsLog  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,6 +129,17 @@ def test_shapes_run_writes_everything(tmp_path, shapes, capsys):
     train(tiny_config(out), resume=True, backbone=shapes)
     with pytest.raises(ValueError, match=r"differs from the run's saved config in \['export'\]"):
         train(tiny_config(out, export={"min_gain_se": 3.0}), resume=True, backbone=shapes)
+    # A damaged latest checkpoint (a cut copy of the run folder) is named, with the one to resume from.
+    steps = [p.name for _, p in list_checkpoints(out)]
+    assert steps == ["ckpt-00000001.pt", "ckpt-00000002.pt"]  # checkpoint_every 1, keep_checkpoints 2
+    data = (out / steps[1]).read_bytes()
+    (out / steps[1]).write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="ckpt-00000002.pt: a damaged checkpoint, it cannot be read .*; delete it "
+                                         "to resume from the one before, .*ckpt-00000001.pt"):
+        train(tiny_config(out), resume=True, backbone=shapes)
+    (out / steps[1]).unlink()
+    train(tiny_config(out), resume=True, backbone=shapes)  # from step 1: step 2 runs again
+    assert load_checkpoint(latest_checkpoint(out))["step"] == 2
 
 
 @needs_shapes

@@ -9,8 +9,10 @@ what goes in (everything a run depends on, RNG states included).
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +61,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by :func:`save_atomic`.
 
     Raises:
-        ValueError: the file is not a trainer checkpoint.
+        ValueError: the file is not a trainer checkpoint, or it cannot be read (a damaged or cut copy: the
+            trainer's own writes are atomic, a copy between machines need not be); the message names the
+            checkpoint before it, from which a run resumes once the damaged one is deleted.
     """
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, zipfile.BadZipFile) and not Path(path).is_file():
+            raise
+        reason = " ".join(str(exc).split()).split(". ")[0][:160] or type(exc).__name__
+        earlier = [p for _, p in list_checkpoints(Path(path).parent) if p.name < Path(path).name]
+        fix = (f"delete it to resume from the one before, {earlier[-1]}" if earlier else
+               "no earlier checkpoint is left; start the run again (--overwrite)")
+        raise ValueError(f"{path}: a damaged checkpoint, it cannot be read ({reason}); {fix}") from None
     if not isinstance(state, dict) or state.get("format") != "xlard.train/1":
         raise ValueError(f"{path} is not an xlard trainer checkpoint")
     return state
