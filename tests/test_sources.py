@@ -233,6 +233,34 @@ def test_model_forward_save_load_roundtrip(tmp_path):
         U.UnderstandingConfig(channels=(4, 4))
 
 
+def test_model_damaged_or_mismatched_files_are_named(tmp_path, monkeypatch):
+    """A cut weights file, a config of another size, a config without its model block and an unset folder
+    named by the environment each give one ValueError/FileNotFoundError naming the file (were safetensors'
+    own error, torch's multi-line state-dict error and a bare KeyError)."""
+    import json
+    import shutil
+
+    model = U.ShapesUnderstanding(U.UnderstandingConfig(channels=(4, 8, 8, 8)))
+    good = model.save_pretrained(tmp_path / "good")
+    cut = shutil.copytree(good, tmp_path / "cut")
+    data = (cut / U.WEIGHTS_NAME).read_bytes()
+    (cut / U.WEIGHTS_NAME).write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut/model.safetensors is not a readable safetensors file"):
+        U.ShapesUnderstanding.from_pretrained(cut)
+    other = shutil.copytree(good, tmp_path / "other")
+    saved = json.loads((other / U.CONFIG_NAME).read_text())
+    saved["model"]["channels"] = [8, 8, 8, 8]
+    (other / U.CONFIG_NAME).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"does not fit the model .*config.json describes \(size mismatch"):
+        U.ShapesUnderstanding.from_pretrained(other)
+    (other / U.CONFIG_NAME).write_text(json.dumps({"training": {}}))
+    with pytest.raises(ValueError, match=r"is not a shapes understanding model's config \(KeyError"):
+        U.ShapesUnderstanding.from_pretrained(other)
+    monkeypatch.setenv("XLARD_SHAPES_UNDERSTANDING", str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match=r"absent \(\$XLARD_SHAPES_UNDERSTANDING\)"):
+        U.ShapesUnderstanding.from_pretrained()
+
+
 @needs_weights
 def test_shipped_model_is_small_and_counts_ground_truth_renders():
     size = sum(p.stat().st_size for p in U.model_path().iterdir() if p.is_file())

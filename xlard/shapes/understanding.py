@@ -29,7 +29,6 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -211,17 +210,39 @@ class ShapesUnderstanding(nn.Module):
 
         Raises:
             FileNotFoundError: the folder lacks the files (the message names the training command).
+            ValueError: the files cannot be read, or do not belong together (a damaged install or copy).
         """
         from safetensors.torch import load_file
 
+        from xlard import _io
+
+        given = folder
         folder = model_path(folder)
         if not is_available(folder):
-            raise FileNotFoundError(f"no shapes understanding model at {folder} ({CONFIG_NAME} and {WEIGHTS_NAME} "
-                                    f"expected); train it with: {TRAIN_COMMAND}")
-        config = UnderstandingConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text())["model"])
-        model = cls(config)
-        state = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_NAME)).items()}
-        model.load_state_dict(state)
+            where = " ($XLARD_SHAPES_UNDERSTANDING)" if given is None and os.environ.get(
+                "XLARD_SHAPES_UNDERSTANDING") else ""
+            raise FileNotFoundError(f"no shapes understanding model at {folder}{where} ({CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME} expected); train it with: {TRAIN_COMMAND}")
+        owner, fix = "ShapesUnderstanding.from_pretrained", f"reinstall xlard or retrain it with: {TRAIN_COMMAND}"
+        saved = _io.read_json(folder / CONFIG_NAME, owner=owner, what="a model config")
+        try:
+            config = UnderstandingConfig.from_dict(saved["model"])
+            model = cls(config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{owner}: {folder / CONFIG_NAME} is not a shapes understanding model's config "
+                             f"({type(e).__name__}: {e}); {fix}") from None
+        try:
+            state = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_NAME)).items()}
+        except Exception as e:  # safetensors' own error type for a corrupt header or cut data
+            raise ValueError(f"{owner}: {folder / WEIGHTS_NAME} is not a readable safetensors file ({e}); "
+                             f"{fix}") from None
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            first = lines[min(1, len(lines) - 1)][:200]  # the line after torch's "Error(s) in loading ..." header
+            raise ValueError(f"{owner}: {folder / WEIGHTS_NAME} does not fit the model {folder / CONFIG_NAME} "
+                             f"describes ({first}); {fix}") from None
         return model.to(device).eval()
 
 
