@@ -189,6 +189,22 @@ def test_user_errors_name_the_argument_and_the_fix(tmp_path, capsys, monkeypatch
          ("--device", "use cpu, cuda")),
         (["eval", "--backbone", "shapes"], ("--backbone", "needs --prompts")),
     ]
+    # A record of another world (what neither render draws nor the exact evaluator judges) fails before any
+    # output folder is started or any image generated (eval --backbone failed after generating them).
+    dragons = tmp_path / "dragons.jsonl"
+    dragons.write_text(json.dumps({"tag": "counting", "prompt": "two dragons",
+                                   "include": [{"class": "dragon", "count": 2}]}) + "\n")
+    teal = tmp_path / "teal.jsonl"
+    teal.write_text(json.dumps({"tag": "colors", "prompt": "a teal circle",
+                                "include": [{"class": "circle", "count": 1, "color": "teal"}]}) + "\n")
+    world = ("--prompts", "record 0", "is not a class of this world", "known: circle")
+    cases += [
+        (["render", tmp_path / "g", "--prompts", dragons], world),
+        (["eval", "--backbone", "shapes", "--prompts", dragons, "--out", tmp_path / "g"], world),
+        (["eval", "--prompts", dragons, "--correct", "--out", tmp_path / "g"], world),
+        (["eval", "--backbone", "shapes", "--prompts", teal, "--out", tmp_path / "g"],
+         ("--prompts", "'teal' is not a color of this world")),
+    ]
     for argv, texts in cases:
         code, _, err = run(argv, capsys)
         assert code == 2, (argv, err)

@@ -397,3 +397,18 @@ def test_left_out_prompts_never_reach_the_run_and_are_recorded(tmp_path, shapes,
     report = V.validate(corrector, meta, 1, [0.0, 1.0], batch=6, progress=False, prompts="left-out")
     assert report["prompts"] == "left-out" and report["prompt_count"] == len(left) and report["items"] == 6
     assert report["delta_rms"] > 0
+
+
+@needs_shapes
+def test_monitor_prompts_of_another_world_fail_before_training(tmp_path, shapes):
+    """The exact evaluator judges a shapes run's monitor: a monitor record it cannot judge (a class or color
+    outside the world) is named when the run starts, not at the first evaluation, after training steps."""
+    from xlard.train import train
+
+    monitor = tmp_path / "monitor.jsonl"
+    monitor.write_text(json.dumps({"tag": "counting", "prompt": "two dragons",
+                                   "include": [{"class": "dragon", "count": 2}]}) + "\n")
+    with pytest.raises(ValueError, match=r"data.monitor_prompts: .*monitor.jsonl: record 0: include\[0\]\['class'\] "
+                                         r"'dragon' is not a class of this world.*judges its monitor"):
+        train(tiny_config(tmp_path / "run", data={"monitor_prompts": str(monitor)}), backbone=shapes)
+    assert not list_checkpoints(tmp_path / "run")

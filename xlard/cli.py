@@ -178,12 +178,15 @@ def _distinct_outputs(outputs: dict[str, str | None], inputs: dict[str, str | No
 
 
 def _read_records(path: str, flag: str = "--prompts") -> list[dict]:
-    """A GenEval prompt file: exists, valid (known tags included), 1..MAX_RECORDS records."""
+    """A GenEval prompt file: exists, valid (known tags included), 1..MAX_RECORDS records, every class and
+    color one of the shapes world's (what ``render`` draws and the exact evaluator judges: a record of
+    another world fails up front, not after its images were generated)."""
     from xlard.shapes import prompts as P
+    from xlard.shapes.world import WorldConfig
 
     _input_file(path, flag)
     try:
-        records = P.read_records(path)
+        records = P.read_records(path, WorldConfig())
     except ValueError as exc:
         raise UsageError(f"{flag}: {_one_line(exc)}") from None
     if not records:

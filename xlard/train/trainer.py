@@ -340,6 +340,17 @@ class Trainer:
         if self.cfg.data.monitor_prompts:
             from xlard import geneval
             records = geneval.read_jsonl(self.cfg.data.monitor_prompts)
+            if self.is_shapes:  # the exact evaluator judges the monitor: it knows the shapes world only
+                from xlard.shapes.world import WorldConfig
+
+                world = WorldConfig()
+                for i, record in enumerate(records):
+                    try:
+                        geneval.validate_record(record, classes=world.shapes, colors=world.colors, index=i)
+                    except ValueError as e:
+                        raise ValueError(f"data.monitor_prompts: {self.cfg.data.monitor_prompts}: {e} (the run "
+                                         "trains on shapes-world prompts, and the exact evaluator judges its "
+                                         "monitor)") from None
         else:
             records = train_records
         # Seeds the training never draws: the monitor sees new noise even for training prompts.
