@@ -298,6 +298,17 @@ def test_bad_from_pretrained_arguments_fail_before_loading(tmp_path, kwargs, mat
         DiffusersBackbone.from_pretrained("")
 
 
+def test_from_pretrained_dtype_loads_without_a_deprecation_warning(sd_path):
+    """torch_dtype= of our API reaches diffusers under the keyword the installed release takes (``dtype``
+    since it deprecated ``torch_dtype``), so loading prints no FutureWarning into a user's output."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*torch_dtype.*", category=FutureWarning)
+        loaded = DiffusersBackbone.from_pretrained(sd_path, torch_dtype=torch.float16, num_inference_steps=STEPS)
+    assert loaded.dtype == torch.float16
+
+
 def test_from_pretrained_names_a_missing_or_wrong_folder_before_loading(tmp_path):
     """A path that is not a pipeline folder is named as a path (was: huggingface_hub's "repo id must use
     alphanumeric chars" for ./x, or diffusers' "neither a valid local path nor a valid repo id")."""

@@ -212,6 +212,29 @@ def test_user_errors_name_the_argument_and_the_fix(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "g").exists()  # nothing is created when a check fails
 
 
+@pytest.mark.parametrize("correct", [False, True])
+def test_quiet_generate_prints_only_its_result(tmp_path, correct):
+    """--quiet hides diffusers/transformers' loading bars too, and loading prints no deprecation warning
+    (the shipped corrector's count eyes load the VAE with the dtype keyword the installed diffusers takes)."""
+    from xlard import evaluation
+    from xlard.shapes import backbone as shapes_backbone
+
+    if not shapes_backbone.is_available():
+        pytest.skip("shapes backbone weights not installed")
+    if correct:
+        try:
+            evaluation.shipped_corrector_path("shapes")
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    argv = ["generate", "a photo of two circles", "--backbone", "shapes", "--out", str(tmp_path / "g"), "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "xlard", *argv, *(["--correct"] if correct else [])],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("wrote 1 ")
+
+
 def test_a_user_error_in_a_subprocess_has_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "xlard", "prompts", str(tmp_path / "p.jsonl"), "-n", "-5"],

@@ -255,14 +255,26 @@ def _check_backbone(name: str, flag: str = "--backbone") -> str:
         raise UsageError(str(exc)) from None
 
 
-def _quiet_hub_logging() -> None:
-    """diffusers/transformers log multi-line notices while loading; the CLI reports errors itself, in one line."""
+def _quiet_hub_logging(progress_bars: bool = True) -> None:
+    """diffusers/transformers log multi-line notices while loading; the CLI reports errors itself, in one line.
+    ``progress_bars=False`` (``--quiet``) also hides their loading and download bars."""
     for name in ("diffusers", "transformers", "huggingface_hub"):
         try:
             module = __import__(f"{name}.utils", fromlist=["logging"])
             module.logging.set_verbosity_error()
+            if not progress_bars:
+                if name == "huggingface_hub":
+                    module.disable_progress_bars()
+                else:
+                    module.logging.disable_progress_bar()
         except (ImportError, AttributeError):
             pass
+
+
+def _loads_models(args) -> bool:
+    """The command loads a backbone or a corrector (and so imports diffusers anyway)."""
+    return args.command in ("generate", "train", "demo") or any(
+        getattr(args, name, None) for name in ("backbone", "corrector", "correct"))
 
 
 def _load_backbone(args):
@@ -819,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         prog = f"xlard {args.command}"
+        if getattr(args, "quiet", False) and _loads_models(args):
+            _quiet_hub_logging(progress_bars=False)
         return args.func(args)
     except KeyboardInterrupt:
         if os.environ.get("XLARD_TRACEBACK") == "1":

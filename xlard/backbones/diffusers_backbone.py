@@ -579,6 +579,17 @@ def _family_for(pipe) -> _Family:
 # ---------------------------------------------------------------------------
 
 
+def diffusers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The ``from_pretrained`` keyword for a dtype in the installed diffusers: ``dtype`` where it replaced
+    ``torch_dtype`` (which then warns that it is deprecated), ``torch_dtype`` in the releases before."""
+    try:
+        from diffusers.utils import deprecation_utils
+    except ImportError:
+        return {"torch_dtype": dtype}
+    renamed = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")  # added with the rename
+    return {"dtype" if renamed else "torch_dtype": dtype}
+
+
 def unloadable_hub_model(name: str, exc: BaseException) -> str:
     """Why ``name`` (not a local folder) could not be loaded, and the fix: what the CLI's ``--backbone`` and a
     training config's ``backbone.name`` both say (after naming the argument)."""
@@ -783,7 +794,7 @@ class DiffusersBackbone(Backbone):
         from diffusers import DiffusionPipeline
 
         if torch_dtype is not None:
-            pipeline_kwargs["torch_dtype"] = torch_dtype
+            pipeline_kwargs.update(diffusers_dtype_kwargs(torch_dtype))
         pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)
         if device is not None:
             pipe = pipe.to(device)

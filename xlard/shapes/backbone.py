@@ -75,7 +75,9 @@ def load_pipeline(device: Any = "cpu", path: str | os.PathLike | None = None, dt
         raise FileNotFoundError(
             f"no shapes backbone at {folder} (model_index.json and unet/*.safetensors expected); "
             f"train it with: {TRAIN_COMMAND}")
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype or torch.float32,
+    from xlard.backbones.diffusers_backbone import diffusers_dtype_kwargs
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), **diffusers_dtype_kwargs(dtype or torch.float32),
                                                    local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -356,6 +356,7 @@ class CountEyes:
 
     def _vae(self, device: torch.device):
         from xlard._optional import require
+        from xlard.backbones.diffusers_backbone import diffusers_dtype_kwargs
         from xlard.shapes import backbone as shapes_backbone
 
         folder = shapes_backbone.backbone_path(self.backbone_folder)
@@ -366,7 +367,7 @@ class CountEyes:
                                         f"train it with: {shapes_backbone.TRAIN_COMMAND}")
             autoencoder = require("diffusers", "xlard.shapes.understanding.CountEyes").AutoencoderKL
             # channels_last: a third faster on the CPU, the same images to float rounding
-            _VAES[key] = autoencoder.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32,
+            _VAES[key] = autoencoder.from_pretrained(str(folder / "vae"), **diffusers_dtype_kwargs(torch.float32),
                                                      local_files_only=True).to(device).eval().to(
                                                          memory_format=torch.channels_last)
         return _VAES[key]
