@@ -235,6 +235,19 @@ def test_quiet_generate_prints_only_its_result(tmp_path, correct):
     assert proc.stdout.startswith("wrote 1 ")
 
 
+def test_generate_notes_words_the_shapes_backbone_never_saw(tmp_path, capsys):
+    from xlard.shapes import backbone as shapes_backbone
+
+    if not shapes_backbone.is_available():
+        pytest.skip("shapes backbone weights not installed")
+    code, out, err = run(["generate", "a photo of a circle", "a photo of two red dragons", "--backbone", "shapes",
+                          "--steps", 2, "--out", tmp_path / "g", "--quiet"], capsys)
+    assert code == 0 and out.startswith("wrote 2 images"), err
+    assert err.splitlines() == ["note: prompt 2: the shapes backbone never saw 'dragons'; it knows the shapes "
+                                "world's words only (circle, square, triangle, diamond, ten colors, counts one to "
+                                "ten in words, left of/right of/above/below)"]
+
+
 def test_a_user_error_in_a_subprocess_has_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "xlard", "prompts", str(tmp_path / "p.jsonl"), "-n", "-5"],

@@ -50,6 +50,16 @@ def test_tokenizer_keeps_world_words_whole_and_aligns(pipe):
 
 
 @needs_weights
+def test_unknown_words_are_the_words_the_tokenizer_spells_out(pipe, tmp_path):
+    words = ["12", "tiny", "dragon", "un", "cercle"]
+    for word in words:  # what "never saw" means: no whole-word token
+        assert len(pipe.tokenizer(word, add_special_tokens=False).input_ids) > 1, word
+    assert backbone.unknown_words("A photo of 12 TINY red dragon, a dragon and un cercle") == words
+    assert backbone.unknown_words("a photo of three red circles left of a blue square") == []
+    assert backbone.unknown_words("a dragon", tmp_path) == []  # no tokenizer there: nothing to tell
+
+
+@needs_weights
 def test_generate_shapes_and_determinism(pipe):
     prompts = ["a photo of three red circles", "a photo of a blue square left of a green triangle"]
     a = backbone.generate(prompts, seed=7, steps=2, guidance=4.0, pipeline=pipe)

@@ -468,10 +468,25 @@ def _write_geneval_folder(out: Path, index: int, record: dict, images) -> None:
 # Commands
 
 
+def _note_unknown_words(prompts: Sequence[str]) -> None:
+    """The shapes backbone knows its world's words only: say which words of a prompt it never saw."""
+    from xlard.shapes import backbone as shapes_backbone
+
+    for i, prompt in enumerate(prompts):
+        words = shapes_backbone.unknown_words(prompt)
+        if words:
+            print(f"note: prompt {i + 1}: the shapes backbone never saw {', '.join(map(repr, words[:8]))}"
+                  f"{' ...' if len(words) > 8 else ''}; it knows the shapes world's words only (circle, square, "
+                  "triangle, diamond, ten colors, counts one to ten in words, left of/right of/above/below)",
+                  file=sys.stderr)
+
+
 def _cmd_generate(args) -> int:
     for i, prompt in enumerate(args.prompt):
         if not prompt.strip():
             raise UsageError(f"PROMPT: prompt {i + 1} of {len(args.prompt)} is empty; give each image's text")
+    if args.backbone == "shapes" or (args.backbone is None and args.correct and not args.corrector):
+        _note_unknown_words(args.prompt)
     if args.corrector or args.correct:
         _output_folder(args.out, "--out")  # the plain form checks it in _check_output_folder
         from xlard import evaluation

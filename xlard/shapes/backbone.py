@@ -44,6 +44,42 @@ def is_available(path: str | os.PathLike | None = None) -> bool:
     return (folder / "model_index.json").is_file() and any((folder / "unet").glob("*.safetensors"))
 
 
+_VOCABULARIES: dict[str, frozenset[str]] = {}
+
+
+def unknown_words(prompt: str, path: str | os.PathLike | None = None) -> list[str]:
+    """The words of ``prompt`` that the backbone's tokenizer has no whole-word token for: words it never saw
+    in training (its prompts use the shapes world's words only), which it can only spell out letter by letter.
+
+    Args:
+        prompt: a prompt.
+        path: the pipeline folder (default: :func:`backbone_path`).
+
+    Returns:
+        The unknown words, lower case, in order, each once ([] when the folder has no readable
+        ``tokenizer/tokenizer.json``: nothing to tell).
+
+    Example:
+        >>> unknown_words("a photo of two red dragons")                      # doctest: +SKIP
+        ['dragons']
+    """
+    import json
+    import re
+
+    folder = backbone_path(path)
+    key = str(folder.resolve())
+    if key not in _VOCABULARIES:
+        try:
+            vocab = json.loads((folder / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+            _VOCABULARIES[key] = frozenset(token[:-4] for token in vocab if token.endswith("</w>"))
+        except (OSError, ValueError, KeyError, TypeError):
+            _VOCABULARIES[key] = frozenset()
+    known = _VOCABULARIES[key]
+    if not known:
+        return []
+    return list(dict.fromkeys(w for w in re.findall(r"[a-z0-9]+", prompt.lower()) if w not in known))
+
+
 def load_pipeline(device: Any = "cpu", path: str | os.PathLike | None = None, dtype: Any = None):
     """Load the shapes backbone as a ``StableDiffusionPipeline``, offline.
 
