@@ -540,6 +540,11 @@ def test_config_dict_round_trip_and_presets():
     assert CorrectorConfig.preset("tiny").width == 32 and ProjectorConfig.preset("paper").patch == 2
     with pytest.raises(ValueError, match="'paper' or 'tiny'"):
         CorrectorConfig.preset("huge")
+    # A misspelled override is named with the known fields (was Python's "unexpected keyword argument").
+    with pytest.raises(ValueError, match=r"CorrectorConfig.preset: unknown fields \['widht'\] \(known: .*'width'"):
+        CorrectorConfig.preset("tiny", widht=8)
+    with pytest.raises(ValueError, match=r"ProjectorConfig.preset: unknown fields \['dept'\]"):
+        ProjectorConfig.preset("paper", dept=2)
     with pytest.raises(TypeError, match="config must be a CorrectorConfig"):
         ResidualCorrector(projector_config())
 

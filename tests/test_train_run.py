@@ -412,3 +412,14 @@ def test_monitor_prompts_of_another_world_fail_before_training(tmp_path, shapes)
                                          r"'dragon' is not a class of this world.*judges its monitor"):
         train(tiny_config(tmp_path / "run", data={"monitor_prompts": str(monitor)}), backbone=shapes)
     assert not list_checkpoints(tmp_path / "run")
+
+
+@needs_shapes
+def test_bad_model_overrides_name_the_config_key(tmp_path, shapes):
+    from xlard.train import train
+
+    with pytest.raises(ValueError, match=r"train config: model.corrector_overrides: CorrectorConfig.preset: "
+                                         r"unknown fields \['widht'\]"):
+        train(tiny_config(tmp_path / "a", model={"corrector_overrides": {"widht": 8}}), backbone=shapes)
+    with pytest.raises(ValueError, match=r"train config: model.projector_overrides: ProjectorConfig: depth"):
+        train(tiny_config(tmp_path / "b", model={"projector_overrides": {"depth": 0}}), backbone=shapes)

@@ -110,6 +110,17 @@ class _ConfigBase:
         except TypeError as e:  # a missing required field
             raise ValueError(f"{cls.__name__}.from_dict: {e}") from None
 
+    @classmethod
+    def preset(cls, name: str, **kwargs):
+        """``"paper"`` or ``"tiny"``, with keyword overrides (a misspelled field is named with the known ones)."""
+        if name not in ("paper", "tiny"):
+            raise ValueError(f"{cls.__name__}.preset: name must be 'paper' or 'tiny', got {name!r}")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}.preset: unknown fields {unknown} (known: {sorted(names)})")
+        return getattr(cls, name)(**kwargs)
+
     def replace(self, **changes):
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
@@ -372,13 +383,6 @@ class CorrectorConfig(_ConfigBase):
         base.update(overrides)
         return cls(latent_channels=latent_channels, text_dim=text_dim, pooled_dim=pooled_dim, **base)
 
-    @classmethod
-    def preset(cls, name: str, **kwargs):
-        """``"paper"`` or ``"tiny"``, with keyword overrides."""
-        if name not in ("paper", "tiny"):
-            raise ValueError(f"CorrectorConfig.preset: name must be 'paper' or 'tiny', got {name!r}")
-        return getattr(cls, name)(**kwargs)
-
 
 @dataclass(frozen=True)
 class ProjectorConfig(_ConfigBase):
@@ -433,13 +437,6 @@ class ProjectorConfig(_ConfigBase):
         base = dict(width=32, depth=2, heads=2, ffn_mult=2.0, patch=1, cond_dim=16, confidence_hidden=16)
         base.update(overrides)
         return cls(latent_channels=latent_channels, text_dim=text_dim, pooled_dim=pooled_dim, **base)
-
-    @classmethod
-    def preset(cls, name: str, **kwargs):
-        """``"paper"`` or ``"tiny"``, with keyword overrides."""
-        if name not in ("paper", "tiny"):
-            raise ValueError(f"ProjectorConfig.preset: name must be 'paper' or 'tiny', got {name!r}")
-        return getattr(cls, name)(**kwargs)
 
 
 # ----------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ __all__ = [
 
 
 def _fail(owner: str, name: str, expected: str, value: Any) -> None:
-    raise ValueError(f"train config: {owner}.{name} must be {expected}, got {value!r}")
+    key = f"{owner}.{name}" if owner else name  # top-level keys ("steps", "seed") have no section
+    raise ValueError(f"train config: {key} must be {expected}, got {value!r}")
 
 
 def _int(owner, name, value, minimum=None, optional=False):
@@ -608,7 +609,7 @@ class TrainConfig:
     distill: DistillSettings = field(default_factory=DistillSettings)
 
     def __post_init__(self):
-        o = "train"
+        o = ""  # the top level of the config
         _int(o, "steps", self.steps, 0)
         if self.steps == 0 and self.distill.items_per_tag == 0:
             raise ValueError("train config: steps must be >= 1 (0 only with the distill warm start, "

@@ -256,10 +256,17 @@ class Trainer:
             vocab = load_model().config
             overrides.setdefault("reader_colors", list(vocab.colors))
             overrides["reader_nouns"] = list(vocab.shapes)
-        ccfg = bb.corrector_config(cfg.model.corrector, **overrides)
         from xlard.models import ProjectorConfig
-        pcfg = ProjectorConfig.preset(cfg.model.projector, latent_channels=bb.latent_channels,
-                                      text_dim=bb.text_dim, pooled_dim=bb.pooled_dim, **cfg.model.projector_overrides)
+        try:
+            ccfg = bb.corrector_config(cfg.model.corrector, **overrides)
+        except (TypeError, ValueError) as e:  # a misspelled field or a bad value, named by the config class
+            raise ValueError(f"train config: model.corrector_overrides: {e}") from None
+        try:
+            pcfg = ProjectorConfig.preset(cfg.model.projector, latent_channels=bb.latent_channels,
+                                          text_dim=bb.text_dim, pooled_dim=bb.pooled_dim,
+                                          **cfg.model.projector_overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"train config: model.projector_overrides: {e}") from None
         self.corrector = ResidualCorrector(ccfg).to(self.device)
         self.projector = LatentRewardProjector(pcfg).to(self.device)
         self.policy = PolicyStep(self.corrector)
