@@ -384,6 +384,17 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
     # (compared as JSON text: a share with no gain to divide is NaN, and NaN != NaN)
     assert again["table"] == report["table"]
     assert json.dumps(again["faithfulness"], sort_keys=True) == json.dumps(report["faithfulness"], sort_keys=True)
+    # A damaged line in the middle is named with the fix: delete it and resume (that pair is judged again).
+    lines = (out / "pairs.jsonl").read_text().splitlines()
+    (out / "pairs.jsonl").write_text("\n".join([*lines[:2], lines[2][:15], *lines[3:]]) + "\n")
+    kwargs = dict(seeds=[0, 1], out=out, batch_size=4, num_resamples=300, save_images=True, quiet=True,
+                  corrector_source="test", log=lambda s: None)
+    with pytest.raises(ValueError, match="pairs.jsonl: line 3 is not a pair row .*delete that line and rerun "
+                                         "with --resume"):
+        ev.run_evaluation(shapes, corrector, _meta(), records, **kwargs)
+    (out / "pairs.jsonl").write_text("\n".join([*lines[:2], *lines[3:]]) + "\n")
+    again = ev.run_evaluation(shapes, corrector, _meta(), records, **kwargs)
+    assert again["table"] == report["table"]
     # The same folder with other settings is refused, not mixed.
     with pytest.raises(ValueError, match="holds another evaluation \\(different seeds\\)"):
         ev.run_evaluation(shapes, corrector, _meta(), records, seeds=[0], out=out, save_images=True, quiet=True)

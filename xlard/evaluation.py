@@ -971,7 +971,8 @@ def _read_rows(path: Path) -> list[PairRow]:
         except (json.JSONDecodeError, KeyError, TypeError):
             if n >= len(lines) - 2:  # a line cut by an interrupted write: redo that pair
                 break
-            raise ValueError(f"{path}: line {n + 1} is not a pair row; remove the folder or pick another --out")
+            raise ValueError(f"{path}: line {n + 1} is not a pair row (the file was edited or damaged); delete "
+                             "that line and rerun with --resume to judge its pair again, or pick another --out")
     return rows
 
 
@@ -1068,9 +1069,10 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
     todo = [(i, s) for s in seeds for i in range(len(records)) if (i, s) not in done_keys]
     if done:
         log(f"resuming {out}: {len(done)} of {len(records) * len(seeds)} pairs already judged")
-        # Drop a line cut by an interruption before appending to the file.
-        with open(pairs_path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r.to_dict()) + "\n" for r in done)
+        # Drop a line cut by an interruption before appending to the file (atomically: an interruption
+        # now keeps every judged pair).
+        _io.atomic_write_text(pairs_path, "".join(json.dumps(r.to_dict()) + "\n" for r in done),
+                              owner="xlard.evaluation")
     progress = None
     if not quiet:
         def progress(it, total):
