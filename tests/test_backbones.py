@@ -343,9 +343,10 @@ def test_bad_encode_decode_generate_arguments(backbone):
     for prompts, match in (([], "empty"), ([""], "empty"), ([3], "prompts\\[0\\]"), (None, "prompts")):
         with pytest.raises(ValueError, match=match):
             bb.encode(prompts, seed=0)
-    for seed in (-1, [1], "x", 1.5, [1, -2]):
-        with pytest.raises(ValueError, match="seed"):
+    for seed in (-1, [1], "x", 1.5, [1, -2], 2**64, [0, 2**70]):  # 2**64: was torch's "Overflow when unpacking"
+        with pytest.raises(ValueError, match="seed(: got 1 seeds| must be an int)"):
             bb.encode(PROMPTS, seed=seed)
+    assert len(make_generators([0, 2**64 - 1], 2)) == 2
     with pytest.raises(ValueError, match="prompt 'a red'.*PromptSpec"):
         bb.encode(["a red"], seed=0)  # a color without an object noun cannot be parsed
     state = bb.encode(PROMPTS, seed=0)

@@ -90,6 +90,10 @@ def check_correction_step(correction_step: Any) -> float:
     return float(correction_step)
 
 
+#: The largest seed a ``torch.Generator`` takes.
+MAX_SEED = 2**64 - 1
+
+
 def make_generators(seed: Seed, batch: int) -> torch.Generator | list[torch.Generator]:
     """Turn ``seed=`` into the generator(s) a diffusers pipeline takes.
 
@@ -117,8 +121,9 @@ def make_generators(seed: Seed, batch: int) -> torch.Generator | list[torch.Gene
     if isinstance(seed, torch.Generator):
         return seed
     if is_int(seed):
-        if seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in 0..{MAX_SEED} (2**64 - 1, what torch.Generator takes), "
+                             f"got {seed}")
         return torch.Generator("cpu").manual_seed(int(seed))
     if isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
         items = list(seed)
@@ -127,10 +132,10 @@ def make_generators(seed: Seed, batch: int) -> torch.Generator | list[torch.Gene
                              "or a single int")
         if all(isinstance(g, torch.Generator) for g in items):
             return items
-        if all(is_int(s) and s >= 0 for s in items):
+        if all(is_int(s) and 0 <= s <= MAX_SEED for s in items):
             return [torch.Generator("cpu").manual_seed(int(s)) for s in items]
     raise ValueError(
-        "seed must be a non-negative int, a sequence of one non-negative int per prompt, a torch.Generator "
+        f"seed must be an int in 0..{MAX_SEED}, a sequence of one such int per prompt, a torch.Generator "
         f"or a list of them, got {seed!r}"
     )
 
