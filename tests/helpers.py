@@ -138,3 +138,20 @@ def tiny_clip_model(vocab_size: int):
                            num_attention_heads=4),
         projection_dim=16)
     return transformers.CLIPModel(config).eval()
+
+
+def hold_folder_in_subprocess(folder):
+    """A second process that holds ``folder``'s lock until its stdin closes (stands in for another run)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; from xlard import _io\n"
+            f"with _io.folder_lock({str(folder)!r}, 'other'):\n"
+            "    print('held', flush=True); sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc

@@ -248,6 +248,37 @@ def test_generate_notes_words_the_shapes_backbone_never_saw(tmp_path, capsys):
                                 "ten in words, left of/right of/above/below)"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="flock")
+def test_a_folder_another_run_writes_into_is_refused_before_any_work(tmp_path, capsys, prompt_file, monkeypatch):
+    """Two runs into one folder (a command started twice, a job scheduled twice) would interleave their
+    files: the second fails at once, naming the folder, and touches nothing."""
+    from helpers import hold_folder_in_subprocess
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    proc = hold_folder_in_subprocess(out)
+    try:
+        cases = [
+            (["render", out, "--prompts", prompt_file], "OUT"),
+            (["generate", "a circle", "--backbone", "shapes", "--out", out], "--out"),
+            (["generate", "a circle", "--backbone", "shapes", "--correct", "--out", out], "--out"),
+            (["eval", "--prompts", prompt_file, "--backbone", "shapes", "--out", out], "--out"),
+            (["eval", "--prompts", prompt_file, "--correct", "--out", out], "--out"),
+            (["eval", "--prompts", prompt_file, "--correct", "--resume", "--out", out], "--out"),
+            (["train", ROOT / "configs" / "shapes.yaml", "--out", out], "xlard train --out"),
+            (["demo", "--out", out], "--out"),
+        ]
+        for argv, flag in cases:
+            code, _, err = run(argv, capsys)
+            assert code == 2, (argv, err)
+            one_line_error(err, f"{flag}: {out} is in use by another running xlard process")
+    finally:
+        proc.communicate("", timeout=60)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_a_user_error_in_a_subprocess_has_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "xlard", "prompts", str(tmp_path / "p.jsonl"), "-n", "-5"],

@@ -12,6 +12,8 @@ import torch
 
 from xlard import _io
 
+from helpers import hold_folder_in_subprocess  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -210,3 +212,56 @@ def test_every_file_write_goes_through_xlard_io():
     assert files
     offenders = [hit for p in files for hit in _writes_outside_io(p)]
     assert offenders == [], "write files with xlard._io (atomic_path / atomic_write_*), not by hand"
+
+
+# --------------------------------------------------------------------------------------------
+# Output folder locks
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock")
+def test_folder_lock_refuses_a_second_process_and_is_reentrant_within_one(tmp_path):
+    folder = tmp_path / "out"
+    proc = hold_folder_in_subprocess(folder)
+    try:
+        with pytest.raises(_io.FolderInUseError, match=r"--out: .*out is in use by another running xlard process"):
+            with _io.folder_lock(folder, "--out"):
+                pass
+        assert isinstance(_io.FolderInUseError("x"), ValueError)  # the CLI's one-line usage error, exit 2
+    finally:
+        proc.communicate("", timeout=60)
+    assert not folder.exists()  # the other process made it and left it empty: removed with its lock
+    with _io.folder_lock(folder, "--out"):
+        with _io.folder_lock(folder / ".." / "out", "again"):  # the same folder, same process: fine
+            (folder / "a.txt").write_text("x")
+    with _io.folder_lock(folder, "--out"):  # released: free again
+        pass
+
+
+def test_folder_lock_removes_only_a_folder_it_made_that_stayed_empty(tmp_path):
+    with _io.folder_lock(tmp_path / "new" / "out", "x"):
+        assert (tmp_path / "new" / "out").is_dir()
+    assert not (tmp_path / "new" / "out").exists()  # a run that failed before writing leaves nothing
+    with _io.folder_lock(tmp_path / "kept", "x") as folder:
+        (folder / "f").write_text("x")
+    assert (tmp_path / "kept" / "f").is_file()
+    (tmp_path / "mine").mkdir()
+    with _io.folder_lock(tmp_path / "mine", "x"):
+        pass
+    assert (tmp_path / "mine").is_dir()  # not made by the lock: kept even though empty
+
+
+def test_holds_folder_finds_the_argument(tmp_path):
+    seen = []
+
+    @_io.holds_folder("args.out", "--out")
+    def command(args):
+        seen.append([str(p) for p in _io._LOCKS])
+        return 7
+
+    class Args:
+        out = str(tmp_path / "o")
+
+    assert command(Args()) == 7 and seen == [[os.path.realpath(tmp_path / "o")]] and not _io._LOCKS
+    (tmp_path / "file").write_text("x")
+    Args.out = str(tmp_path / "file")
+    assert command(Args()) == 7 and seen[-1] == []  # a file: left to the command to refuse

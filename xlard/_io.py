@@ -47,6 +47,9 @@ __all__ = [
     "make_folder",
     "check_writable_folder",
     "current_umask",
+    "FolderInUseError",
+    "folder_lock",
+    "holds_folder",
 ]
 
 _FILE_KINDS = {
@@ -164,6 +167,107 @@ def check_writable_folder(path: str | os.PathLike[str], owner: str = "xlard") ->
     with contextlib.suppress(OSError):
         os.rmdir(probe)
     return target
+
+
+class FolderInUseError(ValueError):
+    """Another process writes into the output folder now (see :func:`folder_lock`)."""
+
+
+# This process's locks: the folder's real path -> [descriptor, depth, created by the lock].
+_LOCKS: dict[str, list] = {}
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike[str], owner: str = "xlard") -> Iterator[Path]:
+    """Hold an exclusive lock on an output folder while writing into it, so that two runs into one folder
+    (a command started twice, two terminals, a job scheduled twice) cannot mix their files.
+
+    The folder is created if needed and locked with ``flock`` on its own descriptor (no lock file is left
+    in it); the system drops the lock when the process ends, however it ends, so a killed run never leaves
+    a stale lock. Re-entrant within a process (a command that holds the folder calls a library function that
+    locks it again). A folder this lock created and that is still empty when it is released is removed
+    again. Where ``flock`` is missing or refused (Windows, some network filesystems) the lock is skipped.
+
+    Raises:
+        FolderInUseError: another process holds the folder (the message names ``owner`` and the folder).
+        OSError: the folder cannot be created (as :func:`make_folder`).
+
+    Example:
+        >>> with folder_lock("runs/demo", "--out"):    # doctest: +SKIP
+        ...     write_everything()
+    """
+    folder = Path(path)
+    key = os.path.realpath(folder)
+    held = _LOCKS.get(key)
+    if held is not None:
+        held[1] += 1
+    else:
+        created = not folder.exists()
+        make_folder(folder, owner)
+        fd = _lock_descriptor(folder, owner, created)
+        held = _LOCKS[key] = [fd, 1, created]
+    try:
+        yield folder
+    finally:
+        held[1] -= 1
+        if held[1] == 0:
+            del _LOCKS[key]
+            if held[0] is not None:
+                os.close(held[0])  # releases the flock
+            if held[2]:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when still empty
+
+
+def holds_folder(argument: str, owner: str):
+    """Decorator: run the function holding :func:`folder_lock` on the folder its argument ``argument`` names
+    (``"out"``, or ``"args.out"`` for an attribute of an argument). A path that exists and is not a folder is
+    left to the function, which refuses it with its own message."""
+    import functools
+    import inspect
+
+    name, _, attribute = argument.partition(".")
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            value = bound.arguments[name]
+            folder = Path(getattr(value, attribute) if attribute else value)
+            if folder.exists() and not folder.is_dir():
+                return fn(*args, **kwargs)
+            with folder_lock(folder, owner):
+                return fn(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+def _lock_descriptor(folder: Path, owner: str, created: bool) -> int | None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise FolderInUseError(f"{owner}: {folder} is in use by another running xlard process (it holds the "
+                               "folder's lock); wait for that run to finish or stop it, or choose another "
+                               "folder") from None
+    except OSError:  # flock not supported here (some network filesystems): no lock
+        os.close(fd)
+        return None
+    return fd
 
 
 def _fsync_folder(folder: Path) -> None:

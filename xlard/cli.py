@@ -28,6 +28,7 @@ Every command works offline on a CPU and shows progress on long work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -327,6 +328,15 @@ def _owned(out: Path, pattern: re.Pattern, folders: bool) -> list[Path]:
     return sorted(p for p in out.iterdir() if pattern.match(p.name) and (p.is_dir() if folders else p.is_file()))
 
 
+# The output folders this command holds (xlard._io.folder_lock), released when main() returns.
+_HELD = contextlib.ExitStack()
+
+
+def _hold(out: Path, flag: str) -> None:
+    """Lock ``out`` (creating it) until the command ends: a second run into it fails at once, naming it."""
+    _HELD.enter_context(_io.folder_lock(out, flag))
+
+
 def _check_output_folder(args, out: Path, flag: str, settings: dict, owned: list[Path]) -> bool:
     """Decide, before any work, whether an output folder may be used; changes nothing.
 
@@ -340,6 +350,8 @@ def _check_output_folder(args, out: Path, flag: str, settings: dict, owned: list
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag}: {out} exists and is not a folder; give a folder path")
     _output_folder(out, flag)
+    if out.is_dir():  # before reading its state: another run may be writing there
+        _hold(out, flag)
     if not owned:
         return False
     if not (args.overwrite or args.resume):
@@ -370,6 +382,7 @@ def _start_output_folder(args, out: Path, flag: str, settings: dict, owned: list
     ``--overwrite`` deletes only ``owned`` (this command's outputs) and the
     manifest; nothing else in the folder is touched.
     """
+    _hold(out, flag)
     if owned and args.overwrite:
         # Marked first, so that an interruption mid-delete leaves a folder that neither
         # `eval --folder` (unfinished) nor `--resume` (other settings) takes for a run.
@@ -390,6 +403,8 @@ def _clear_corrector_outputs(args, out: Path, flag: str, owned: list[Path]) -> N
     """The --overwrite / --resume rule for the corrector forms of generate and eval, which keep their own files."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag}: {out} exists and is not a folder; give a folder path")
+    if out.is_dir():  # before deleting anything: another run may be writing there
+        _hold(out, flag)
     if not owned:
         return
     if not args.overwrite:
@@ -485,7 +500,7 @@ def _cmd_generate(args) -> int:
     for i, prompt in enumerate(args.prompt):
         if not prompt.strip():
             raise UsageError(f"PROMPT: prompt {i + 1} of {len(args.prompt)} is empty; give each image's text")
-    if args.backbone == "shapes" or (args.backbone is None and args.correct and not args.corrector):
+    if args.backbone == "shapes":
         _note_unknown_words(args.prompt)
     if args.corrector or args.correct:
         _output_folder(args.out, "--out")  # the plain form checks it in _check_output_folder
@@ -621,6 +636,8 @@ def _cmd_eval(args) -> int:
         evaluation.parse_seeds(args.seeds, default=args.seed)
 
         owned = [out / name for name in _PAIRED_EVAL_NAMES if (out / name).exists()] if out.is_dir() else []
+        if out.is_dir():  # before anything loads: another run may be writing there (--resume too)
+            _hold(out, "--out")
         if not args.resume:  # --resume: the paired run continues its pairs.jsonl (refused if its settings differ)
             _clear_corrector_outputs(args, out, "--out", owned)
         return evaluation.run_eval_cli(args)
@@ -848,7 +865,8 @@ def main(argv: list[str] | None = None) -> int:
         prog = f"xlard {args.command}"
         if getattr(args, "quiet", False) and _loads_models(args):
             _quiet_hub_logging(progress_bars=False)
-        return args.func(args)
+        with _HELD:
+            return args.func(args)
     except KeyboardInterrupt:
         if os.environ.get("XLARD_TRACEBACK") == "1":
             raise

@@ -188,6 +188,7 @@ def _report_items(backbone, corrector, meta, reward_fn, records, rows) -> list:
                         labels=labels)
 
 
+@_io.holds_folder("out", "--out")
 def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: int = DEMO_ITEMS_PER_TAG,
              per_tag: int = DEMO_PER_TAG, seeds: Sequence[int] = DEMO_SEEDS,
              overwrite: bool = False, resume: bool = False, quiet: bool = False,

@@ -991,6 +991,7 @@ def _save_images(out: Path, records, rows, base, corrected, lam) -> None:
                  overlay(corrected[k].float().clamp(0, 1).cpu(), lam[k].float().cpu()))
 
 
+@_io.holds_folder("out", "out")
 def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[Mapping], seeds: Sequence[int], *,
                    out: str | os.PathLike, batch_size: int = 8, faithfulness_fraction: float | None = 0.2,
                    num_resamples: int = 2000, confidence: float = 0.95, bootstrap_seed: int = 0,
@@ -1168,6 +1169,7 @@ def run_eval_cli(args) -> int:
     return 0
 
 
+@_io.holds_folder("args.out", "--out")
 def run_generate_cli(args) -> int:
     """``xlard generate --backbone shapes --correct "..."``: corrected images, the base images and LAM overlays.
 

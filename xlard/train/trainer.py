@@ -26,6 +26,7 @@ Rank 0 logs and checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -225,6 +226,22 @@ class Trainer:
         self.is_main = self.rank == 0
         self.arith = batch_arithmetic(cfg, self.world)
         self.out = Path(cfg.out)
+        # The main process holds the run folder until the run ends: a second run (or --resume) into it fails
+        # at once instead of interleaving checkpoints and metrics.
+        self._held = contextlib.ExitStack()
+        if self.is_main:
+            self._held.enter_context(_io.folder_lock(self.out, "xlard train --out"))
+        try:
+            self._setup(cfg, resume, backbone)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Drop the run folder's lock (at the end of :func:`train`; the process's end drops it too)."""
+        self._held.close()
+
+    def _setup(self, cfg: TrainConfig, resume: bool, backbone) -> None:
         self._check_folder(resume)
 
         torch.manual_seed(cfg.seed)
@@ -1040,5 +1057,6 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> dict:
     try:
         return trainer.run()
     finally:
+        trainer.release()
         if trainer.distributed and dist.is_initialized():
             dist.destroy_process_group()
