@@ -491,6 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.per_tag < 1 or args.seeds_per_prompt < 1 or args.n < 1 or args.batch < 1 or args.resamples < 1:
         parser.error("-n, --per-tag, --seeds-per-prompt, --batch and --resamples must be >= 1")
+    from xlard import _io
+
+    try:  # outputs first: a bad path fails now, not after minutes of sampling
+        if args.out:
+            _io.check_output_file(args.out, "--out")
+        if args.cache:
+            _io.check_writable_folder(args.cache, "--cache")
+    except (OSError, ValueError) as exc:
+        parser.error(" ".join(str(exc).split()))
     from xlard.sources import default_source_for
 
     source = args.source or default_source_for(args.backbone)
@@ -511,8 +520,6 @@ def main(argv: list[str] | None = None) -> int:
                      args.resamples)
     print(to_markdown(report))
     if args.out:
-        from xlard import _io
-
         _io.atomic_write_json(args.out, report, owner="reward_agreement --out", indent=1)
     return 0
 

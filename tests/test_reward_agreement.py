@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -93,6 +94,22 @@ def test_cli_rejects_bad_options():
         RA.main(["--source", "clip"])  # needs --clip-model
     with pytest.raises(SystemExit):
         RA.main(["--per-tag", "0", "--cache", "x"])
+
+
+def test_cli_checks_its_outputs_before_sampling(tmp_path, capsys, monkeypatch):
+    """--out and --cache that cannot be written fail at once (the report was lost after minutes of work)."""
+    def sampled(*args, **kwargs):
+        raise AssertionError("work started before the outputs were checked")
+
+    monkeypatch.setattr(RA, "run", sampled)
+    monkeypatch.setattr(RA, "generate_cache", sampled)
+    (tmp_path / "file").write_text("x")
+    for argv, words in ((["--out", str(tmp_path)], "--out: .* is a folder"),
+                        (["--out", str(tmp_path / "no" / "r.json")], "--out: cannot write .* does not exist"),
+                        (["--cache", str(tmp_path / "file" / "c")], "--cache: .*is not a folder")):
+        with pytest.raises(SystemExit):
+            RA.main(argv)
+        assert re.search(words, capsys.readouterr().err), argv
 
 
 def test_run_on_a_tiny_pipeline(tmp_path):

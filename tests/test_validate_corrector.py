@@ -24,6 +24,11 @@ def test_options_are_validated(capsys):
                 ["--correct", "--corrector", "x"]):
         with pytest.raises(SystemExit):
             V.parse_args(bad)
+    capsys.readouterr()
+    for out in ("/proc/no/r.json", "."):  # checked before the validation runs, not when its report is written
+        with pytest.raises(SystemExit):
+            V.parse_args(["--correct", "--out", out])
+        assert "--out: " in capsys.readouterr().err
 
 
 def test_the_training_reward_comes_from_the_corrector_metadata():

@@ -38,6 +38,7 @@ from typing import Any
 
 __all__ = [
     "check_output_path",
+    "check_output_file",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -101,6 +102,26 @@ def check_output_path(path: str | os.PathLike[str], owner: str = "xlard") -> Pat
         raise IsADirectoryError(f"{owner}: {path} is a folder; give the path of a file to write")
     raise ValueError(f"{owner}: {path} is {_kind(st.st_mode)}, not a regular file; refusing to replace it "
                      "(give the path of a regular file or of a new one)")
+
+
+def check_output_file(path: str | os.PathLike[str], owner: str = "xlard") -> Path:
+    """Check, before any work and changing nothing, that a file can be written at ``path`` later: a regular
+    file or a new path (:func:`check_output_path`) in a folder that exists and takes new files
+    (:func:`check_writable_folder`).
+
+    Returns:
+        Path: the resolved destination.
+
+    Raises:
+        FileNotFoundError: the folder does not exist (the message says to create it first).
+        OSError, ValueError: as :func:`check_output_path` and :func:`check_writable_folder`.
+    """
+    target = check_output_path(path, owner)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"{owner}: cannot write {path}: folder {target.parent} does not exist; "
+                                "create it first")
+    check_writable_folder(target.parent, owner)
+    return target
 
 
 def _reraise(exc: OSError, message: str, fix: str = "") -> OSError:

@@ -149,12 +149,9 @@ def _output_file(path: str | None, flag: str) -> None:
     if path is None:
         return
     try:
-        target = _io.check_output_path(path, flag)
-    except (IsADirectoryError, NotADirectoryError, ValueError) as exc:
+        _io.check_output_file(path, flag)
+    except (OSError, ValueError) as exc:
         raise UsageError(_one_line(exc)) from None
-    if not target.parent.is_dir():
-        raise UsageError(f"{flag}: cannot write {path}: folder {target.parent} does not exist; create it first")
-    _output_folder(target.parent, flag)
 
 
 def _output_folder(path: str | os.PathLike, flag: str) -> None:
