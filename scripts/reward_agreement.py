@@ -493,13 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("-n, --per-tag, --seeds-per-prompt, --batch and --resamples must be >= 1")
     from xlard import _io
 
-    try:  # outputs first: a bad path fails now, not after minutes of sampling
-        if args.out:
-            _io.check_output_file(args.out, "--out")
-        if args.cache:
-            _io.check_writable_folder(args.cache, "--cache")
-    except (OSError, ValueError) as exc:
-        parser.error(" ".join(str(exc).split()))
+    # Outputs first: a bad path fails now, not after minutes of sampling.
+    problem = _io.unwritable_output(folders={"--cache": args.cache}, files={"--out": args.out})
+    if problem:
+        parser.error(problem)
     from xlard.sources import default_source_for
 
     source = args.source or default_source_for(args.backbone)

@@ -629,6 +629,11 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     resume = args.pop("resume")
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     cfg.validate()
+    from xlard import _io
+
+    problem = _io.unwritable_output(folders={"--out": cfg.out, "--work-dir": cfg.work_dir})  # before training
+    if problem:
+        p.error(problem)
     return cfg, resume
 
 

@@ -97,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-install", action="store_true", help="train only; leave package data alone")
     parser.add_argument("--install-only", action="store_true", help="install the finished run in --out")
     args = parser.parse_args(argv)
+    from xlard import _io
+
+    # The package data's folder is replaced whole, so its parent must take a new folder.
+    package_data = None if args.no_install else TARGET.parent
+    problem = _io.unwritable_output(folders={"--out": args.out, "package data (--no-install skips it)": package_data})
+    if problem:  # before the run, not after it
+        parser.error(problem)
 
     from xlard.train import load_config, train
 

@@ -402,10 +402,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(parser.parse_args(argv))
     args["channels"] = tuple(args["channels"])
     try:
-        return TrainConfig(**args)
+        cfg = TrainConfig(**args)
     except ValueError as err:
         parser.error(str(err))
         raise
+    from xlard import _io
+
+    problem = _io.unwritable_output(folders={"--out": cfg.out, "--work-dir": cfg.work_dir})  # before training
+    if problem:
+        parser.error(problem)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,13 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.seed_base < 0 or args.seed_base >= 1_000_000:
         parser.error(f"--seed-base must be in 0..999999 (the trainer's monitor seeds start at 1,000,003), "
                      f"got {args.seed_base}")
-    if args.out:
-        from xlard import _io
+    from xlard import _io
 
-        try:  # before any work: a bad path fails now, not after the validation ran
-            _io.check_output_file(args.out, "--out")
-        except (OSError, ValueError) as exc:
-            parser.error(" ".join(str(exc).split()))
+    problem = _io.unwritable_output(files={"--out": args.out})  # now, not after the validation ran
+    if problem:
+        parser.error(problem)
     return args
 
 

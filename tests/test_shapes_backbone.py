@@ -127,3 +127,6 @@ def test_training_config_is_validated():
         train.parse_args(["--minutes", "5", "--vae-minutes", "6"])
     with pytest.raises(ValueError, match="unet_channels"):
         train.parse_args(["--unet-channels", "8", "16"])
+    for flag in ("--out", "--work-dir"):  # checked before training, not when the weights are written
+        with pytest.raises(SystemExit):
+            train.parse_args([flag, "/proc/no/such"])

@@ -170,6 +170,8 @@ def test_distill_run_exports_a_trained_corrector(tmp_path, shapes_final):
     installed, installed_meta = load_corrector_dir(target)
     assert installed_meta.training["run"] == "run"
     assert torch.equal(installed.head.weight, corrector.head.weight)
+    with pytest.raises(SystemExit):  # an unwritable run folder fails before training, not after it
+        script.main(["--out", "/proc/no/such"])
 
 
 @needs_shapes

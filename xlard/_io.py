@@ -39,6 +39,7 @@ from typing import Any
 __all__ = [
     "check_output_path",
     "check_output_file",
+    "unwritable_output",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -122,6 +123,23 @@ def check_output_file(path: str | os.PathLike[str], owner: str = "xlard") -> Pat
                                 "create it first")
     check_writable_folder(target.parent, owner)
     return target
+
+
+def unwritable_output(folders: Mapping[str, str | os.PathLike[str] | None] = (),
+                      files: Mapping[str, str | os.PathLike[str] | None] = ()) -> str | None:
+    """For a script's argument parser: the one-line reason the first output that cannot be written fails
+    (``folders``: flag -> a folder it creates or writes into; ``files``: flag -> a file it writes later), or
+    None when all can be written. Checks only, before any work; ``None`` values are skipped."""
+    checks = [(flag, path, check_writable_folder) for flag, path in dict(folders).items()]
+    checks += [(flag, path, check_output_file) for flag, path in dict(files).items()]
+    for flag, path, check in checks:
+        if path is None:
+            continue
+        try:
+            check(path, flag)
+        except (OSError, ValueError) as exc:
+            return " ".join(str(exc).split())
+    return None
 
 
 def _reraise(exc: OSError, message: str, fix: str = "") -> OSError:
