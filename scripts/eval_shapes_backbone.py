@@ -50,6 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--n, --steps and --batch-size must be >= 1")
     if args.save_images and not args.out_dir:
         p.error("--save-images needs --out-dir")
+    from xlard import _io
+
+    problem = _io.unwritable_output(folders={"--out-dir": args.out_dir})  # now, not after generating
+    if problem:
+        p.error(problem)
     return args
 
 

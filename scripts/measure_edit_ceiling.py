@@ -65,6 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{args.correction_step}")
     if args.margin < 1:
         p.error(f"--margin must be >= 1, got {args.margin}")
+    from xlard import _io
+
+    problem = _io.unwritable_output(files={"--out": args.out})  # now, not after the measurement
+    if problem:
+        p.error(problem)
     return args
 
 

@@ -32,6 +32,11 @@ def main(argv=None) -> int:
     parser.add_argument("--target-seeds", type=int, default=2)
     parser.add_argument("--out", help="write the measurements (JSON) here")
     args = parser.parse_args(argv)
+    from xlard import _io
+
+    problem = _io.unwritable_output(files={"--out": args.out})  # now, not after the measurement
+    if problem:
+        parser.error(problem)
 
     from xlard import evaluation as ev
     from xlard.models import CorrectorConfig, ResidualCorrector

@@ -22,7 +22,8 @@ def test_options_are_validated():
     assert (args.per_tag, args.correction_step, args.no_count, args.no_color) == (2, 0.3, True, False)
     assert M.parse_args([]).correction_step == 1.0
     for bad in (["--per-tag", "0"], ["--batch", "0"], ["--correction-step", "0"], ["--correction-step", "1.5"],
-                ["--correction-step", "x"], ["--replace", "--correction-step", "0.5"], ["--margin", "0"]):
+                ["--correction-step", "x"], ["--replace", "--correction-step", "0.5"], ["--margin", "0"],
+                ["--out", "/proc/no/table.json"]):
         with pytest.raises(SystemExit):
             M.parse_args(bad)
     args = M.parse_args(["--replace", "--relayout", "--relayout-color", "blue", "--margin", "64"])
