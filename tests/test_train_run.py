@@ -423,3 +423,17 @@ def test_bad_model_overrides_name_the_config_key(tmp_path, shapes):
         train(tiny_config(tmp_path / "a", model={"corrector_overrides": {"widht": 8}}), backbone=shapes)
     with pytest.raises(ValueError, match=r"train config: model.projector_overrides: ProjectorConfig: depth"):
         train(tiny_config(tmp_path / "b", model={"projector_overrides": {"depth": 0}}), backbone=shapes)
+
+
+def test_a_damaged_only_checkpoint_says_how_to_start_again(tmp_path):
+    from xlard.train.checkpoint import checkpoint_path, save_atomic
+
+    path = save_atomic({"format": "xlard.train/1", "step": 3, "w": torch.rand(256)}, checkpoint_path(tmp_path, 3))
+    data = path.read_bytes()
+    for damaged in (data[:len(data) // 2], b"not a checkpoint"):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"ckpt-00000003.pt: a damaged checkpoint, it cannot be read .*; no "
+                                             r"earlier checkpoint is left: delete it to start the run again"):
+            load_checkpoint(path)
+    with pytest.raises(FileNotFoundError):  # a missing file stays a missing file
+        load_checkpoint(tmp_path / "ckpt-00000009.pt")

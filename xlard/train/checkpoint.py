@@ -73,7 +73,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         reason = " ".join(str(exc).split()).split(". ")[0][:160] or type(exc).__name__
         earlier = [p for _, p in list_checkpoints(Path(path).parent) if p.name < Path(path).name]
         fix = (f"delete it to resume from the one before, {earlier[-1]}" if earlier else
-               "no earlier checkpoint is left; start the run again (--overwrite)")
+               "no earlier checkpoint is left: delete it to start the run again, or train into another --out")
         raise ValueError(f"{path}: a damaged checkpoint, it cannot be read ({reason}); {fix}") from None
     if not isinstance(state, dict) or state.get("format") != "xlard.train/1":
         raise ValueError(f"{path} is not an xlard trainer checkpoint")
