@@ -82,9 +82,18 @@ def test_generate_rejects_bad_arguments():
         backbone.generate(["a photo of a circle"], steps=0, pipeline=object())
 
 
-def test_missing_weights_name_the_training_command(tmp_path):
+def test_missing_weights_name_the_training_command(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="train_shapes_backbone.py"):
         backbone.load_pipeline(path=tmp_path)
+    # A folder chosen by the environment is named as such, by every loader of the shapes backbone.
+    monkeypatch.setenv("XLARD_SHAPES_BACKBONE", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match=r"not installed at .*nope \(\$XLARD_SHAPES_BACKBONE\)"):
+        backbone.load_pipeline()
+    from xlard import cli
+
+    with pytest.raises(cli.UsageError, match=r"--backbone shapes: the shapes backbone is not installed at .*nope "
+                                             r"\(\$XLARD_SHAPES_BACKBONE\)"):
+        cli.resolve_backbone("shapes")
 
 
 def _train_module():

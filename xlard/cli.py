@@ -235,9 +235,8 @@ def resolve_backbone(name: str) -> str:
         from xlard.shapes import backbone as shapes_backbone
 
         folder = shapes_backbone.backbone_path()
-        if not (folder / "model_index.json").is_file():
-            raise UsageError(f"--backbone shapes: the shapes backbone is not installed at {folder}; train it with "
-                             "`python scripts/train_shapes_backbone.py` or reinstall xlard")
+        if not shapes_backbone.is_available(folder):
+            raise UsageError(f"--backbone shapes: {shapes_backbone.not_installed()}")
         return str(folder)
     return name
 

@@ -377,8 +377,7 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
 
         folder = shapes_backbone.backbone_path()
         if not shapes_backbone.is_available(folder):
-            raise FileNotFoundError(f"the shapes backbone is not installed at {folder}; train it with "
-                                    f"`{shapes_backbone.TRAIN_COMMAND}` or reinstall xlard")
+            raise FileNotFoundError(shapes_backbone.not_installed())
         name = str(folder)
     on_cpu = device is None or torch.device(device).type == "cpu"
     loaded = DiffusersBackbone.from_pretrained(

@@ -38,6 +38,14 @@ def backbone_path(path: str | os.PathLike | None = None) -> Path:
     return Path(path)
 
 
+def not_installed(path: str | os.PathLike | None = None) -> str:
+    """Why the shapes backbone cannot load from ``path`` (default: :func:`backbone_path`) and how to get it: the
+    one message every loader raises (it names ``$XLARD_SHAPES_BACKBONE`` when that chose the folder)."""
+    where = " ($XLARD_SHAPES_BACKBONE)" if path is None and os.environ.get("XLARD_SHAPES_BACKBONE") else ""
+    return (f"the shapes backbone is not installed at {backbone_path(path)}{where} (model_index.json and "
+            f"unet/*.safetensors expected); train it with `{TRAIN_COMMAND}` or reinstall xlard")
+
+
 def is_available(path: str | os.PathLike | None = None) -> bool:
     """True when the pipeline's ``model_index.json`` and UNet weights are present."""
     folder = backbone_path(path)
@@ -108,9 +116,7 @@ def load_pipeline(device: Any = "cpu", path: str | os.PathLike | None = None, dt
 
     folder = backbone_path(path)
     if not is_available(folder):
-        raise FileNotFoundError(
-            f"no shapes backbone at {folder} (model_index.json and unet/*.safetensors expected); "
-            f"train it with: {TRAIN_COMMAND}")
+        raise FileNotFoundError(not_installed(path))
     from xlard.backbones.diffusers_backbone import diffusers_dtype_kwargs
 
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), **diffusers_dtype_kwargs(dtype or torch.float32),

@@ -363,8 +363,8 @@ class CountEyes:
         key = (str(folder.resolve()), str(device))
         if key not in _VAES:
             if not shapes_backbone.is_available(folder):
-                raise FileNotFoundError(f"CountEyes: no shapes backbone at {folder} (its VAE decodes what is counted); "
-                                        f"train it with: {shapes_backbone.TRAIN_COMMAND}")
+                raise FileNotFoundError(f"CountEyes (its VAE decodes what is counted): "
+                                        f"{shapes_backbone.not_installed(self.backbone_folder)}")
             autoencoder = require("diffusers", "xlard.shapes.understanding.CountEyes").AutoencoderKL
             # channels_last: a third faster on the CPU, the same images to float rounding
             _VAES[key] = autoencoder.from_pretrained(str(folder / "vae"), **diffusers_dtype_kwargs(torch.float32),

@@ -78,7 +78,7 @@ def load_backbone(settings, device: torch.device, reward=None):
 
         path = str(shapes_backbone.backbone_path())
         if not shapes_backbone.is_available(path):
-            raise FileNotFoundError(f"backbone.name 'shapes': no shapes backbone at {path}")
+            raise FileNotFoundError(f"backbone.name 'shapes': {shapes_backbone.not_installed()}")
         steps = steps or shapes_backbone.DEFAULT_STEPS
         guidance = shapes_backbone.DEFAULT_GUIDANCE if guidance is None else guidance
     if steps:
