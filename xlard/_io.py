@@ -27,6 +27,8 @@ which is then renamed into place.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import os
 import secrets
@@ -262,9 +264,6 @@ def holds_folder(argument: str, owner: str):
     """Decorator: run the function holding :func:`folder_lock` on the folder its argument ``argument`` names
     (``"out"``, or ``"args.out"`` for an attribute of an argument). A path that exists and is not a folder is
     left to the function, which refuses it with its own message."""
-    import functools
-    import inspect
-
     name, _, attribute = argument.partition(".")
 
     def decorate(fn):

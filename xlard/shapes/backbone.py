@@ -12,7 +12,9 @@ Imports diffusers lazily, so ``import xlard.shapes`` stays light.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,9 +73,6 @@ def unknown_words(prompt: str, path: str | os.PathLike | None = None) -> list[st
         >>> unknown_words("a photo of two red dragons")                      # doctest: +SKIP
         ['dragons']
     """
-    import json
-    import re
-
     folder = backbone_path(path)
     key = str(folder.resolve())
     if key not in _VOCABULARIES:

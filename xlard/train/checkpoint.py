@@ -68,7 +68,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, zipfile.BadZipFile) and not Path(path).is_file():
+        if isinstance(exc, OSError) and not Path(path).is_file():  # a missing file stays a missing file
             raise
         reason = " ".join(str(exc).split()).split(". ")[0][:160] or type(exc).__name__
         earlier = [p for _, p in list_checkpoints(Path(path).parent) if p.name < Path(path).name]
