@@ -248,6 +248,37 @@ def test_generate_notes_words_the_shapes_backbone_never_saw(tmp_path, capsys):
                                 "ten in words, left of/right of/above/below)"]
 
 
+def test_a_prompt_the_backbone_cannot_use_fails_before_any_output(tmp_path, capsys, prompt_file):
+    """A prompt whose object words fall beyond the tokenizer's length limit failed at its own batch: the
+    images, prompt folders or pairs before it were written (a started folder left behind, the paired
+    eval's pairs.jsonl too) and the message did not say which record. Now every form parses all its
+    prompts after loading the backbone and before creating anything, and names the prompt or record."""
+    from xlard.shapes import backbone as shapes_backbone
+
+    if not shapes_backbone.is_available():
+        pytest.skip("shapes backbone weights not installed")
+    long = "a photo of a square" + " and a red circle" * 12  # world words only: no note line
+    records = [json.loads(line) for line in prompt_file.read_text().splitlines()]
+    bad = write_records(tmp_path / "long.jsonl", records[:3] + [dict(records[0], prompt=long)])
+    cases = [
+        (["generate", "a photo of a circle", long, "--backbone", "shapes", "--steps", 2, "--out", tmp_path / "g",
+          "--quiet"],
+         ("PROMPT: prompt 2 of 2: prompt 'a photo of a square", "falls beyond the 16-token length limit")),
+        (["generate", "a photo of a circle", long, "--backbone", "shapes", "--correct", "--out", tmp_path / "g",
+          "--quiet"],
+         ("PROMPT: prompt 2 of 2: prompt 'a photo of a square", "falls beyond")),
+        (["eval", "--backbone", "shapes", "--steps", 2, "--prompts", bad, "--out", tmp_path / "e", "--quiet"],
+         (f"--prompts: {bad} record 3: prompt 'a photo of a square", "falls beyond")),
+        (["eval", "--correct", "--prompts", bad, "--seeds", "0", "--out", tmp_path / "e", "--quiet"],
+         (f"--prompts: {bad} record 3: prompt 'a photo of a square", "falls beyond")),
+    ]
+    for argv, texts in cases:
+        code, _, err = run(argv, capsys)
+        assert code == 2, (argv, err)
+        one_line_error(err, *texts)
+        assert not (tmp_path / "g").exists() and not (tmp_path / "e").exists(), argv
+
+
 @pytest.mark.skipif(os.name != "posix", reason="flock")
 def test_a_folder_another_run_writes_into_is_refused_before_any_work(tmp_path, capsys, prompt_file, monkeypatch):
     """Two runs into one folder (a command started twice, a job scheduled twice) would interleave their

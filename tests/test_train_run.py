@@ -415,6 +415,28 @@ def test_monitor_prompts_of_another_world_fail_before_training(tmp_path, shapes)
 
 
 @needs_shapes
+def test_a_record_the_backbone_cannot_use_fails_before_training(tmp_path, shapes):
+    """A training or monitor record whose object words fall beyond the tokenizer's length limit failed at the
+    step that drew it (after checkpoints); now the run names it, with its file and index, before training."""
+    from xlard.train import train
+
+    long = {"tag": "counting", "prompt": "a photo of a square" + " and a red circle" * 12 + " and two diamonds",
+            "include": [{"class": "diamond", "count": 2}]}
+    prompts = tmp_path / "prompts.jsonl"
+    short = {"tag": "counting", "prompt": "a photo of two diamonds", "include": [{"class": "diamond", "count": 2}]}
+    prompts.write_text(json.dumps(short) + "\n" + json.dumps(long) + "\n")
+    with pytest.raises(ValueError, match=r"data.prompts: .*prompts.jsonl record 1: object noun 'diamonds' falls "
+                                         r"beyond the 16-token length limit"):
+        train(tiny_config(tmp_path / "run", data={"prompts": str(prompts)}), backbone=shapes)
+    assert not list_checkpoints(tmp_path / "run")
+    monitor = tmp_path / "monitor.jsonl"
+    monitor.write_text(json.dumps(long) + "\n")
+    with pytest.raises(ValueError, match=r"data.monitor_prompts: .*monitor.jsonl record 0: .*falls beyond"):
+        train(tiny_config(tmp_path / "run2", data={"monitor_prompts": str(monitor)}), backbone=shapes)
+    assert not list_checkpoints(tmp_path / "run2")
+
+
+@needs_shapes
 def test_bad_model_overrides_name_the_config_key(tmp_path, shapes):
     from xlard.train import train
 

@@ -524,6 +524,8 @@ def _cmd_generate(args) -> int:
     resuming = _check_output_folder(args, out, "--out", settings, owned)
     todo = [i for i in range(len(prompts)) if not (resuming and (out / names[i]).is_file())]
     backbone = _load_backbone(args) if todo else None  # before anything is deleted: it may fail
+    if backbone is not None:  # a prompt the backbone cannot use fails now, not after the images before it
+        backbone.check_prompts(args.prompt, lambda i: f"PROMPT: prompt {i + 1} of {len(args.prompt)}")
     _start_output_folder(args, out, "--out", settings, owned)
     if resuming:
         print(f"resuming: reusing {len(prompts) - len(todo)} of {len(prompts)} images in {out}", file=sys.stderr)
@@ -665,6 +667,9 @@ def _cmd_eval(args) -> int:
         resuming = _check_output_folder(args, out, "--out", settings, owned)
         todo = [i for i in range(len(records)) if not (resuming and (out / f"{i:05d}").is_dir())]
         backbone = _load_backbone(args) if todo else None  # before anything is deleted: it may fail
+        if backbone is not None:
+            backbone.check_prompts([records[i]["prompt"] for i in todo],
+                                   lambda k: f"--prompts: {args.prompts} record {todo[k]}")
         _start_output_folder(args, out, "--out", settings, owned)
         if resuming:
             print(f"resuming: reusing {len(records) - len(todo)} of {len(records)} prompt folders in {out}",

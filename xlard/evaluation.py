@@ -1050,6 +1050,9 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
         "records": len(records), "records_sha256": _records_digest(records), "seeds": seeds,
         "faithfulness_fraction": faithfulness_fraction, "save_images": bool(save_images),
     }
+    check = getattr(backbone, "check_prompts", None)  # a prompt it cannot use fails before the folder is made
+    if check is not None:
+        check([r["prompt"] for r in records])
     out.mkdir(parents=True, exist_ok=True)
     run_path, pairs_path = out / "run.json", out / "pairs.jsonl"
     if run_path.is_file():
@@ -1151,6 +1154,7 @@ def run_eval_cli(args) -> int:
     corrector, meta, source = _corrector_from_args(args)
     backbone = _backbone_from_args(args, corrector, meta)
     records = P.read_records(args.prompts)
+    backbone.check_prompts([r["prompt"] for r in records], lambda i: f"--prompts: {args.prompts} record {i}")
     seeds = parse_seeds(getattr(args, "seeds", None), default=getattr(args, "seed", 0) or 0)
     fraction = None if getattr(args, "no_faithfulness", False) else getattr(args, "mask_fraction", 0.2)
     out = Path(getattr(args, "out", None) or "xlard-eval")
@@ -1189,6 +1193,7 @@ def run_generate_cli(args) -> int:
     backbone = _backbone_from_args(args, corrector, meta)
     prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
     seeds = [args.seed + i for i in range(len(prompts))]
+    backbone.check_prompts(args.prompt, lambda i: f"PROMPT: prompt {i + 1} of {len(args.prompt)}")
     out.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, len(prompts), args.batch))
     if not args.quiet:

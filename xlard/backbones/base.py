@@ -355,6 +355,38 @@ class Backbone(abc.ABC):
         return CorrectorConfig.preset(preset, latent_channels=self.latent_channels, text_dim=self.text_dim,
                                       pooled_dim=self.pooled_dim, **overrides)
 
+    def check_prompts(self, prompts: Sequence[str | PromptSpec], label: Any = None) -> None:
+        """Parse every distinct prompt as :meth:`encode` will, before any work is done.
+
+        A prompt that cannot be used (one whose object words fall beyond the tokenizer's length
+        limit, say) then fails at once, named by its place, instead of after the images before
+        it were made. A backbone without a ``parse`` method accepts every prompt here.
+
+        Args:
+            prompts: the prompts (strings or :class:`xlard.prompts.PromptSpec`).
+            label: ``label(i) -> str`` names prompt ``i`` (0-based) in the message; default
+                ``"record i"``.
+
+        Raises:
+            ValueError: ``"<label>: <why the prompt cannot be parsed>"`` for the first such prompt.
+        """
+        parse = getattr(self, "parse", None)
+        if parse is None:
+            return
+        seen: set = set()
+        for i, prompt in enumerate(prompts):
+            try:
+                if prompt in seen:
+                    continue
+                seen.add(prompt)
+            except TypeError:  # an unhashable spec: checked every time
+                pass
+            try:
+                parse(prompt)
+            except ValueError as exc:
+                name = label(i) if label is not None else f"record {i}"
+                raise ValueError(f"{name}: {exc}") from None
+
     def generate(self, prompts: str | PromptSpec | Sequence[str | PromptSpec], seed: Seed = 0,
                  corrector: Any = None, alpha: float | torch.Tensor | None = None) -> Generation:
         """encode -> corrector (mean correction) -> decode, in one call.

@@ -161,7 +161,7 @@ def align(
                 word = spec.prompt[start:end]
                 if hits:
                     raise ValueError(
-                        f"{what} {word!r} falls beyond tokenizer {name!r}'s length limit {limit} "
+                        f"{what} {word!r} falls beyond the {limit}-token length limit of tokenizer {name!r} "
                         f"(its tokens start at {hits[0]}); shorten the prompt or raise max_length"
                     )
                 raise ValueError(f"{what} {word!r} maps to no token of tokenizer {name!r}")

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from xlard import _io
 from xlard.models import LatentRewardProjector, ResidualCorrector, aspect_weights
+from xlard.prompts import from_geneval
 from xlard.train import checkpoint as ckpt
 from xlard.train import ppo
 from xlard.train.config import TrainConfig, batch_arithmetic, config_from_dict, describe
@@ -250,6 +251,9 @@ class Trainer:
         records, self.is_shapes = load_records(cfg.data.prompts)
         if cfg.data.max_prompts:
             records = records[:cfg.data.max_prompts]
+        # A record the backbone cannot use (a word beyond its tokenizer's length limit) fails now, not at its step.
+        self.backbone.check_prompts([from_geneval(r) for r in records],
+                                    lambda i: f"data.prompts: {cfg.data.prompts} record {i}")
         # Prompts left out of the whole run (training, monitor, calibration, distillation), for a
         # validation on prompts the corrector never saw (scripts/validate_corrector.py --prompts left-out).
         records, self.left_out_records = leave_out_prompts(records, cfg.data.leave_out, cfg.seed)
@@ -375,6 +379,8 @@ class Trainer:
                         raise ValueError(f"data.monitor_prompts: {self.cfg.data.monitor_prompts}: {e} (the run "
                                          "trains on shapes-world prompts, and the exact evaluator judges its "
                                          "monitor)") from None
+            self.backbone.check_prompts([from_geneval(r) for r in records],
+                                        lambda i: f"data.monitor_prompts: {self.cfg.data.monitor_prompts} record {i}")
         else:
             records = train_records
         # Seeds the training never draws: the monitor sees new noise even for training prompts.
