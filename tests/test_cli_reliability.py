@@ -747,3 +747,21 @@ def test_train_names_a_hub_backbone_that_is_not_cached(tmp_path, capsys, monkeyp
                         "backbone.name=someorg/not-cached-model"], capsys)
     assert code == 2, err
     one_line_error(err, "train config backbone.name", "HF_HUB_OFFLINE", "download it first")
+
+
+def test_train_quiet_turns_the_progress_bar_off(tmp_path, capsys, monkeypatch):
+    """Every other command had --quiet; `xlard train --quiet` was "unrecognized arguments"."""
+    from xlard import train
+
+    seen = {}
+
+    def fake_main(config, resume, out, overrides, check):
+        seen.update(config=config, overrides=list(overrides))
+        return 0
+
+    monkeypatch.setattr(train, "main", fake_main)
+    config = ROOT / "configs" / "shapes.yaml"
+    assert run(["train", config, "--out", tmp_path / "run", "--set", "steps=3", "--quiet"], capsys)[0] == 0
+    assert seen["overrides"] == ["steps=3", "log.progress=false"]
+    assert run(["train", config, "--out", tmp_path / "run"], capsys)[0] == 0
+    assert seen["overrides"] == []

@@ -205,3 +205,29 @@ def test_leave_out_prompts_holds_back_a_share_of_every_tag():
 def test_leave_out_is_validated(bad):
     with pytest.raises(ValueError, match=r"data\.leave_out must be a finite number in \[0.0, 1.0\)"):
         config_from_dict({"data": {"leave_out": bad}})
+
+
+@pytest.mark.parametrize("name, content, pattern", [
+    ("list.json", b"[1, 2]", r"list.json must hold a mapping of fields at the top level .*got list \[1, 2\]"),
+    ("str.json", b'"steps"', r"str.json must hold a mapping .*got str 'steps'"),
+    ("list.yaml", b"- steps\n", r"list.yaml must hold a mapping .*got list \['steps'\]"),
+    ("binary.yaml", b"steps: 1\n\xa8\xff\x00", r"binary.yaml is not UTF-8 text \(byte 0xa8 at offset 9\)"),
+])
+def test_a_config_file_that_is_not_a_mapping_is_named(tmp_path, name, content, pattern):
+    """A JSON list gave a TypeError traceback, a JSON string Python's "dictionary update sequence" text and a
+    binary file the codec's error without the file; each is one ValueError naming the file now."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=pattern):
+        load_config(path)
+
+
+def test_config_from_dict_refuses_what_is_not_a_mapping():
+    with pytest.raises(ValueError, match=r"the top level must be a mapping of fields .*got list \[1\]"):
+        config_from_dict([1])
+
+
+def test_a_config_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbfsteps: 7\n")
+    assert load_config(path).steps == 7

@@ -129,6 +129,8 @@ def test_shapes_run_writes_everything(tmp_path, shapes, capsys):
     train(tiny_config(out), resume=True, backbone=shapes)
     with pytest.raises(ValueError, match=r"differs from the run's saved config in \['export'\]"):
         train(tiny_config(out, export={"min_gain_se": 3.0}), resume=True, backbone=shapes)
+    # The progress bar is no part of the run: `xlard train --quiet` (log.progress false) resumes a run started with it.
+    train(tiny_config(out, log={"progress": True}), resume=True, backbone=shapes)
     # A damaged latest checkpoint (a cut copy of the run folder) is named, with the one to resume from.
     steps = [p.name for _, p in list_checkpoints(out)]
     assert steps == ["ckpt-00000001.pt", "ckpt-00000002.pt"]  # checkpoint_every 1, keep_checkpoints 2

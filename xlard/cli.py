@@ -793,6 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set steps=50 --set ppo.epochs=2")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (as --set log.progress=false; the run's notes and result line stay)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="train a corrector on the shapes backbone, evaluate it paired on held-out "
@@ -829,7 +831,8 @@ def _cmd_train(args) -> int:
     from xlard import train
 
     _quiet_hub_logging()
-    return train.main(args.config, resume=args.resume, out=args.out, overrides=args.set, check=_check_train_config)
+    overrides = list(args.set) + (["log.progress=false"] if args.quiet else [])
+    return train.main(args.config, resume=args.resume, out=args.out, overrides=overrides, check=_check_train_config)
 
 
 def _cmd_demo(args) -> int:

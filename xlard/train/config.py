@@ -680,6 +680,11 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from a (nested) mapping.
 
@@ -693,6 +698,9 @@ def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     Raises:
         ValueError: an unknown key (with the known ones), a bad type or value.
     """
+    if not isinstance(data, Mapping):
+        raise ValueError(f"train config: the top level must be a mapping of fields (e.g. `steps: 100`), got "
+                         f"{type(data).__name__} {_short(data)}")
     data = json.loads(json.dumps(dict(data)))  # a deep, plain copy
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
@@ -739,7 +747,11 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"train config: no such file {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is fine
+    except UnicodeDecodeError as e:
+        raise ValueError(f"train config: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start}); give a YAML or JSON file") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -757,8 +769,11 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
             raise ValueError(f"train config: {path} is not valid JSON: {e}") from None
     else:
         raise ValueError(f"train config: {path} must end in .yaml, .yml or .json")
-    if data is None:
+    if data is None:  # an empty file: every field at its default
         data = {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"train config: {path} must hold a mapping of fields at the top level (e.g. `steps: 100`), "
+                         f"got {type(data).__name__} {_short(data)}")
     return config_from_dict(data, overrides)
 
 

@@ -356,6 +356,9 @@ class Trainer:
                 pass  # compared as saved: the difference is reported below
             new = json.loads(json.dumps(self.cfg.to_dict(), default=list))
             old.pop("out", None), new.pop("out", None)
+            for cfg_dict in (old, new):  # the progress bar (xlard train --quiet) is no part of the run
+                if isinstance(cfg_dict.get("log"), dict):
+                    cfg_dict["log"].pop("progress", None)
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise ValueError(f"--resume: the config differs from the run's saved config in {diff}; "
