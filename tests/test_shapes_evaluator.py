@@ -332,6 +332,54 @@ def test_bad_images_give_clear_errors(image, error, message):
         E.evaluate_record(image, rec)
 
 
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG that declares width x height (Pillow reads the size from IHDR without decoding)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("width, height", [(5000, 4000), (12000, 12000), (20000, 20000)])
+def test_an_image_too_large_is_refused_before_it_is_decoded(tmp_path, width, height):
+    """A 12000 x 12000 PNG of 0.4 MB took 24 GB of memory and a minute in segment_colors (a 20000 x 20000 one
+    raised Pillow's DecompressionBombError, uncaught); now any image above 4096 x 4096 pixels is refused from
+    its header, naming the file and the bound."""
+    path = tmp_path / "big.png"
+    _png_header_only(path, width, height)
+    with pytest.raises(ValueError, match=r"big.png: .*the evaluator reads images of at most 16,777,216 pixels"):
+        E.load_images(str(path))
+    with pytest.raises(ValueError, match=r"image 0: 4097x4097 pixels; the evaluator reads images of at most"):
+        E.load_images(np.zeros((4097, 4097, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"image 0: 4097x4096 pixels"):
+        E.load_images(torch.zeros(1, 3, 4096, 4097))
+    assert E.load_images(np.zeros((4096, 4096, 3), np.uint8))[0][0].shape == (4096, 4096, 3)  # the bound itself
+
+
+def test_segment_colors_matches_the_all_prototypes_at_once_reference():
+    """segment_colors runs one prototype at a time (memory H x W); the same labels as comparing every pixel with
+    every prototype at once, ties to the first prototype included."""
+    cfg = E.EvaluatorConfig()
+    _, rgb = E._prototypes()
+    rng = np.random.default_rng(0)
+    near = rgb[rng.integers(0, len(rgb), (48, 48))] + rng.integers(-40, 41, (48, 48, 3))
+    images = [rng.integers(0, 256, (32, 40, 3)).astype(np.uint8), np.clip(near, 0, 255).astype(np.uint8),
+              np.full((4, 4, 3), 128, np.uint8)]
+    for image in images:
+        diff = image.astype(np.int32)[:, :, None, :] - rgb[None, None, :, :]
+        dist2 = np.einsum("hwkc,hwkc->hwk", diff, diff)
+        nearest = dist2.argmin(axis=2)
+        best = np.take_along_axis(dist2, nearest[:, :, None], axis=2)[:, :, 0]
+        want = (nearest - 1).astype(np.int8)
+        want[(nearest == 0) | (best > cfg.color_cutoff ** 2)] = -1
+        np.testing.assert_array_equal(E.segment_colors(image, cfg), want)
+
+
 def test_unreadable_file_gives_clear_error(tmp_path):
     path = tmp_path / "broken.png"
     path.write_bytes(b"not a png")

@@ -32,6 +32,7 @@ this class and color" (no detector confidence to break ties arbitrarily).
 from __future__ import annotations
 
 import os
+import warnings
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -160,6 +161,18 @@ class RecordResult:
 # Images in
 
 
+#: The largest image the evaluator reads (pixels): 4096 x 4096. A larger one is refused before it is decoded
+#: (a 12000 x 12000 PNG of 0.4 MB took 24 GB and a minute before this bound).
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def _check_size(height: int, width: int, what: str) -> None:
+    if height * width > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{what}: {width}x{height} pixels; the evaluator reads images of at most "
+                         f"{MAX_IMAGE_PIXELS:,} pixels (4096x4096): downscale it (the shapes world's images are "
+                         f"64x64)")
+
+
 def _from_numpy(image: np.ndarray, what: str) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3:
         hint = " (channels-first? transpose to HxWx3)" if image.ndim == 3 and image.shape[0] == 3 else ""
@@ -169,6 +182,7 @@ def _from_numpy(image: np.ndarray, what: str) -> np.ndarray:
                          "(floats in [0, 1]: pass (x * 255).round().astype(np.uint8), or a torch tensor)")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"{what}: empty image of shape {tuple(image.shape)}")
+    _check_size(image.shape[0], image.shape[1], what)
     return np.ascontiguousarray(image)
 
 
@@ -178,13 +192,23 @@ def _from_file(path: str | os.PathLike) -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with image_module.open(path) as im:
+        with warnings.catch_warnings():  # Pillow's own bomb warning: the size is checked below, before decoding
+            warnings.simplefilter("ignore", image_module.DecompressionBombWarning)
+            im = image_module.open(path)
+    except image_module.DecompressionBombError:  # over twice Pillow's own limit: refused by Pillow on opening
+        raise ValueError(f"{path}: larger than {2 * image_module.MAX_IMAGE_PIXELS:,} pixels; the evaluator reads "
+                         f"images of at most {MAX_IMAGE_PIXELS:,} pixels (4096x4096): downscale it") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's "cannot identify" is an OSError
+        raise ValueError(f"{path}: not a readable image file ({exc})") from exc
+    with im:
+        _check_size(im.height, im.width, path)
+        try:
             if im.mode == "P":  # palette PNGs: expand to the colors they show
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             mode = im.mode
             raw = np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's "cannot identify" is an OSError
-        raise ValueError(f"{path}: not a readable image file ({exc})") from exc
+        except (OSError, SyntaxError, ValueError) as exc:  # a cut file fails here, when it is decoded
+            raise ValueError(f"{path}: not a readable image file ({exc})") from exc
     if raw.dtype != np.uint8:
         raise ValueError(f"{path}: expected an 8-bit image, got {raw.dtype} (mode {mode})")
     if mode not in ("RGB", "RGBA"):
@@ -204,6 +228,7 @@ def _from_torch(tensor: Any, what: str) -> list[np.ndarray]:
         raise ValueError(f"{what}: expected a floating tensor with values in [0, 1], got {tensor.dtype}")
     if tensor.numel() == 0:
         return []
+    _check_size(int(tensor.shape[-2]), int(tensor.shape[-1]), what)
     t = tensor.detach().to("cpu", torch.float32)
     if not torch.isfinite(t).all():
         raise ValueError(f"{what}: tensor contains NaN or infinity")
@@ -271,10 +296,17 @@ def segment_colors(image: np.ndarray, config: EvaluatorConfig | None = None) -> 
     config = config or EvaluatorConfig()
     image = _from_numpy(image, "image")
     _, rgb = _prototypes()
-    diff = image.astype(np.int32)[:, :, None, :] - rgb[None, None, :, :]
-    dist2 = np.einsum("hwkc,hwkc->hwk", diff, diff)
-    nearest = dist2.argmin(axis=2)
-    best = np.take_along_axis(dist2, nearest[:, :, None], axis=2)[:, :, 0]
+    # One prototype at a time (memory H x W, not H x W x 11 x 3: a 4096 x 4096 image needed 2 GB that way);
+    # a strict < keeps the first of equally near prototypes, as argmin does.
+    pixels = image.astype(np.int32)
+    best = np.full(image.shape[:2], np.iinfo(np.int32).max, dtype=np.int32)
+    nearest = np.zeros(image.shape[:2], dtype=np.int64)
+    for k, proto in enumerate(rgb):
+        diff = pixels - proto
+        dist2 = np.einsum("hwc,hwc->hw", diff, diff)
+        closer = dist2 < best
+        best[closer] = dist2[closer]
+        nearest[closer] = k
     out = (nearest - 1).astype(np.int8)
     out[(nearest == 0) | (best > config.color_cutoff ** 2)] = -1
     return out
