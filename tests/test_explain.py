@@ -241,6 +241,24 @@ def test_colormap_custom_and_bad():
 # ------------------------------------------------------------------------ PNG
 
 
+def test_read_png_names_what_it_cannot_read(tmp_path):
+    """Pillow's UnidentifiedImageError, a bare errno message and its DecompressionBombError came through as they
+    were; each is one error naming read_png and the file now."""
+    text = tmp_path / "text.png"
+    text.write_text("not a png")
+    with pytest.raises(ValueError, match=r"read_png: .*text.png is not a readable image file"):
+        read_png(text)
+    cut = tmp_path / "cut.png"
+    save_png(cut, _image(17, 23))
+    cut.write_bytes(cut.read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"read_png: .*cut.png is not a readable image file"):
+        read_png(cut)
+    with pytest.raises(FileNotFoundError, match=r"read_png: no image file at .*missing.png"):
+        read_png(tmp_path / "missing.png")
+    with pytest.raises(FileNotFoundError, match=r"\(a folder\)"):
+        read_png(tmp_path)
+
+
 def test_png_round_trip_float_and_uint8(tmp_path):
     image = _image(17, 23)
     path = tmp_path / "sub" / "x.png"

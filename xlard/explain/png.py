@@ -73,6 +73,14 @@ def read_png(path: str | os.PathLike) -> torch.Tensor:
     image_cls = _pillow("read_png")
     import numpy as np
 
-    with image_cls.open(os.fspath(path)) as im:
-        arr = np.asarray(im.convert("RGB"))
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"read_png: no image file at {path}" + (" (a folder)" if os.path.isdir(path) else ""))
+    try:
+        with image_cls.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except image_cls.DecompressionBombError as e:  # Pillow's guard against images too large to decode
+        raise ValueError(f"read_png: {path} is too large to read ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:  # not an image, or a cut one
+        raise ValueError(f"read_png: {path} is not a readable image file ({e})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
