@@ -410,3 +410,19 @@ def test_other_families_end_to_end(tmp_path, family):
     result = ExplainableRewards(color_encoder=PixelColorEncoder())(**corrected.reward_inputs())
     assert result.present.tolist() == [[True, True, True]]
     assert "left of" in result.explanations[0].text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_named_before_loading(tmp_path):
+    """device='cuda' on a CPU-only torch gave torch's bare AssertionError "Torch not compiled with CUDA enabled"
+    from deep inside the pipeline's .to(); now one ValueError before anything loads, as the CLI's --device."""
+    from xlard.backbones import DiffusersBackbone
+    from xlard.models import CorrectorConfig, ResidualCorrector
+
+    why = r"asked, but (this torch is built without CUDA|no CUDA device is visible)"
+    with pytest.raises(ValueError, match=rf"device: cuda {why}; use device='cpu'"):
+        DiffusersBackbone.from_pretrained(str(tmp_path / "never-read"), device="cuda")
+    corrector = ResidualCorrector(CorrectorConfig.preset("tiny", latent_channels=4, text_dim=8, pooled_dim=8))
+    folder = corrector.save_pretrained(tmp_path / "c")
+    with pytest.raises(ValueError, match=rf"ResidualCorrector.from_pretrained: device: cuda:1 {why}"):
+        ResidualCorrector.from_pretrained(folder, device="cuda:1")

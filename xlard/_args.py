@@ -156,3 +156,21 @@ def model_location(who: str, name, marker: str, kind: str, others: str = "") -> 
         raise FileNotFoundError(f"{who}: no folder at {text}; check the path (a hub model id reads 'name' "
                                 f"or 'owner/name')")
     return text
+
+
+def missing_device(device: torch.device) -> str | None:
+    """Why ``device`` cannot be used on this machine ("cuda asked, but this torch is built without CUDA"), or
+    None when it can (the CPU always can). Callers add their own fix (drop --device, device='cpu')."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            return f"{device} asked, but {why}"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            return f"{device} asked, but this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})"
+        return None
+    if device.type == "mps":
+        return None if torch.backends.mps.is_available() else f"{device} asked, but MPS is not available here"
+    return None  # other device types: torch names what it cannot do

@@ -211,22 +211,14 @@ def _check_device(device: str | None) -> None:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise UsageError(f"--device: {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cpu":
-        return
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-            raise UsageError(f"--device: {device} asked, but {why}; drop --device to run on the CPU "
-                             "(or install a CUDA build of torch)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device: {device} asked, but this machine has {torch.cuda.device_count()} CUDA "
-                             f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
-        return
-    if dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UsageError(f"--device: {device} asked, but MPS is not available here; drop --device")
-        return
-    raise UsageError(f"--device: {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+    from xlard._args import missing_device
+
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device: {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+    why = missing_device(dev)
+    if why is not None:
+        fix = "drop --device to run on the CPU" + (" (or install a CUDA build of torch)" if dev.type == "cuda" else "")
+        raise UsageError(f"--device: {why}; {fix}")
 
 
 def resolve_backbone(name: str) -> str:

@@ -752,6 +752,9 @@ class _Pretrained:
                 device = torch.device(device)
             except (RuntimeError, TypeError):
                 raise ValueError(f"{owner}: device must be a torch device or its name, got {device!r}") from None
+            why = _args.missing_device(device)
+            if why is not None:
+                raise ValueError(f"{owner}: device: {why}; use device='cpu'")
         # Everything below is checked against the two files' small parts (the JSON and the
         # safetensors header) before the model is built for real or a weight is read.
         meta = _read_config_file(owner, config_path)

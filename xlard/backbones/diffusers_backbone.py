@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from xlard._args import model_location
+from xlard._args import missing_device, model_location
 from xlard._optional import require
 from xlard.backbones.base import (Backbone, BackboneState, Decoded, PromptEmbedding, Seed, _as_prompt_list,
                                   check_correction_step, correction_index, generator_states, make_generators,
@@ -780,6 +780,9 @@ class DiffusersBackbone(Backbone):
                 device = torch.device(device)
             except (RuntimeError, TypeError):
                 raise ValueError(f"device must be a torch device or its name, got {device!r}") from None
+            why = missing_device(device)
+            if why is not None:
+                raise ValueError(f"device: {why}; use device='cpu'")
         # Fail on bad settings before a possibly long load.
         check_correction_step(correction_step)
         _check_positive_int("num_inference_steps", num_inference_steps)
