@@ -426,3 +426,13 @@ def test_a_device_this_machine_lacks_is_named_before_loading(tmp_path):
     folder = corrector.save_pretrained(tmp_path / "c")
     with pytest.raises(ValueError, match=rf"ResidualCorrector.from_pretrained: device: cuda:1 {why}"):
         ResidualCorrector.from_pretrained(folder, device="cuda:1")
+    from xlard.color_features import ClipColorEncoder
+    from xlard.shapes.understanding import ShapesUnderstanding
+    from xlard.sources import get_source
+
+    for load, owner in [(lambda: ShapesUnderstanding.from_pretrained(device="cuda"), "ShapesUnderstanding"),
+                        (lambda: get_source("shapes", device="cuda"), r"get_source\('shapes'\)"),
+                        (lambda: get_source("clip", model="org/model", device="cuda"), r"get_source\('clip'\)"),
+                        (lambda: ClipColorEncoder.from_pretrained("org/model", device="cuda"), "ClipColorEncoder")]:
+        with pytest.raises(ValueError, match=rf"{owner}.*device: cuda {why}"):
+            load()

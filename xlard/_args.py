@@ -174,3 +174,21 @@ def missing_device(device: torch.device) -> str | None:
     if device.type == "mps":
         return None if torch.backends.mps.is_available() else f"{device} asked, but MPS is not available here"
     return None  # other device types: torch names what it cannot do
+
+
+def as_device(device, owner: str) -> torch.device | None:
+    """``device`` (a torch.device or its name; None stays None) checked to exist on this machine.
+
+    Raises:
+        ValueError: ``"<owner>: device ..."``: not a device name, or one this machine lacks.
+    """
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{owner}: device must be a torch device or its name, got {device!r}") from None
+    why = missing_device(device)
+    if why is not None:
+        raise ValueError(f"{owner}: device: {why}; use device='cpu'")
+    return device

@@ -43,7 +43,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from xlard._args import model_location
+from xlard._args import as_device, model_location
 from xlard._optional import require
 from xlard.vocab import COLOR_ALIASES
 
@@ -528,6 +528,7 @@ class ClipColorEncoder:
         normalization; ``kwargs`` go to ``CLIPModel.from_pretrained``.
         """
         transformers = require("transformers", "xlard.color_features.ClipColorEncoder.from_pretrained")
+        device = as_device(device, "ClipColorEncoder.from_pretrained")
         model_id_or_path = model_location("ClipColorEncoder.from_pretrained: model_id_or_path", model_id_or_path,
                                           "config.json", "a CLIP model folder (written by CLIPModel.save_pretrained)")
         AutoTokenizer, CLIPModel = transformers.AutoTokenizer, transformers.CLIPModel

@@ -747,14 +747,7 @@ class _Pretrained:
                 raise FileNotFoundError(f"{owner}: missing {path} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"{owner}: dtype must be a floating torch.dtype or None, got {dtype!r}")
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"{owner}: device must be a torch device or its name, got {device!r}") from None
-            why = _args.missing_device(device)
-            if why is not None:
-                raise ValueError(f"{owner}: device: {why}; use device='cpu'")
+        device = _args.as_device(device, owner)
         # Everything below is checked against the two files' small parts (the JSON and the
         # safetensors header) before the model is built for real or a weight is read.
         meta = _read_config_file(owner, config_path)

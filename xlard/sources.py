@@ -57,6 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from xlard._args import as_device
 from xlard.color_features import ClipColorEncoder, ColorFeatureEncoder, PatchFeatures, PixelColorEncoder
 from xlard.prompts import PromptSpec, singularize
 from xlard.rewards import ExplainableRewards, RewardConfig, RewardResult, component_means
@@ -518,7 +519,7 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
     unknown = sorted(set(options) - allowed[name])
     if unknown:
         raise ValueError(f"get_source({name!r}): unknown options {unknown}; it takes {sorted(allowed[name])}")
-    device = options.pop("device", None) or getattr(backbone, "device", None)
+    device = as_device(options.pop("device", None), f"get_source({name!r})") or getattr(backbone, "device", None)
     if name == "attention":
         return AttentionSource(options.get("color_encoder"), backbone=backbone)
     if name == "shapes":

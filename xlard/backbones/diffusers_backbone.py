@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from xlard._args import missing_device, model_location
+from xlard._args import as_device, model_location
 from xlard._optional import require
 from xlard.backbones.base import (Backbone, BackboneState, Decoded, PromptEmbedding, Seed, _as_prompt_list,
                                   check_correction_step, correction_index, generator_states, make_generators,
@@ -775,14 +775,7 @@ class DiffusersBackbone(Backbone):
         _require_diffusers()
         if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"torch_dtype must be a torch.dtype (e.g. torch.float16) or None, got {torch_dtype!r}")
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"device must be a torch device or its name, got {device!r}") from None
-            why = missing_device(device)
-            if why is not None:
-                raise ValueError(f"device: {why}; use device='cpu'")
+        device = as_device(device, "DiffusersBackbone.from_pretrained")
         # Fail on bad settings before a possibly long load.
         check_correction_step(correction_step)
         _check_positive_int("num_inference_steps", num_inference_steps)

@@ -216,6 +216,9 @@ class ShapesUnderstanding(nn.Module):
 
         from xlard import _io
 
+        from xlard._args import as_device
+
+        device = as_device(device, "ShapesUnderstanding.from_pretrained")
         given = folder
         folder = model_path(folder)
         if not is_available(folder):
