@@ -425,7 +425,7 @@ def test_cli_eval_and_generate_with_a_corrector(tmp_path, records, capsys):
     assert cli.main(["generate", "a photo of three red circles", "--backbone", "shapes", "--corrector",
                      str(corrector_dir), "--out", str(gen), "--seed", "4", "--quiet"]) == 0
     assert sorted(p.name for p in gen.iterdir()) == ["0000_seed4.png", "0000_seed4_base.png", "0000_seed4_lam.png",
-                                                     "corrections.jsonl"]
+                                                     "corrections.jsonl", "xlard-run.json"]
     line, = (gen / "corrections.jsonl").read_text().splitlines()
     assert json.loads(line) == {"image": "0000_seed4.png", "prompt": "a photo of three red circles", "seed": 4,
                                 "actions": []}  # a corrector without rules: only its residual acts
@@ -436,7 +436,7 @@ def test_cli_eval_and_generate_with_a_corrector(tmp_path, records, capsys):
     assert sorted(p.name for p in (tmp_path / "gen2").iterdir()) == ["corrections.jsonl"]  # nothing generated
     assert cli.main(["generate", "a photo of a circle", "--backbone", "shapes", "--corrector",
                      str(corrector_dir), "--out", str(gen), "--quiet"]) == 2  # an earlier run is not overwritten
-    assert "pass --overwrite" in capsys.readouterr().err
+    assert "add --overwrite to replace them, --resume to continue that run" in capsys.readouterr().err
     assert cli.main(["generate", "a photo of a circle", "--backbone", "shapes", "--corrector", str(corrector_dir),
                      "--out", str(gen), "--overwrite", "--per-prompt", "2", "--batch", "1"]) == 0
     assert "0001_seed1.png: residual only" in capsys.readouterr().out
@@ -528,7 +528,7 @@ def test_the_shipped_shapes_corrector_is_installed_fits_and_corrects(tmp_path, c
     assert cli.main(["generate", "a photo of five circles", "--backbone", "shapes", "--correct", "--seed", "1",
                      "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["0000_seed1.png", "0000_seed1_base.png", "0000_seed1_lam.png",
-                                                     "corrections.jsonl"]
+                                                     "corrections.jsonl", "xlard-run.json"]
     assert "0000_seed1.png: redrew" in capsys.readouterr().out
     assert json.loads((out / "corrections.jsonl").read_text())["actions"] == actions[1]
 
@@ -553,3 +553,22 @@ def test_generate_interrupted_keeps_the_actions_of_the_images_it_wrote(tmp_path,
     assert "interrupted" in capsys.readouterr().err
     lines = [json.loads(line) for line in (out / "corrections.jsonl").read_text().splitlines()]
     assert [d["image"] for d in lines] == ["0000_seed0.png"]  # the first batch's image, complete
+    # --resume makes the rest: the interrupted image (its corrected file was written, its companions not) and the
+    # third; the first is reused, byte for byte, and the log is whole again, in image order.
+    monkeypatch.setattr(xlard.explain, "save_png", real)
+    first = (out / "0000_seed0.png").read_bytes()
+    argv = ["generate", "a photo of a circle", "--backbone", "shapes", "--corrector", str(corrector_dir), "--out",
+            str(out), "--per-prompt", "3", "--quiet"]
+    assert cli.main(argv) == 2 and "--resume to continue that run" in capsys.readouterr().err
+    assert cli.main(argv + ["--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "reusing 1 of 3 images" in captured.err and "wrote 2 corrected images" in captured.out
+    assert "(1 reused)" in captured.out and (out / "0000_seed0.png").read_bytes() == first
+    lines = [json.loads(line) for line in (out / "corrections.jsonl").read_text().splitlines()]
+    assert [d["image"] for d in lines] == ["0000_seed0.png", "0001_seed1.png", "0002_seed2.png"]
+    assert all((out / f"{d['image'][:-4]}{end}.png").is_file() for d in lines for end in ("", "_base", "_lam"))
+    assert json.loads((out / "xlard-run.json").read_text())["complete"] is True
+    # Other settings (here the corrector's weights) are not resumed into.
+    other = ev.save_corrector_dir(tmp_path / "corr2", _corrector(head_std=0.7), _meta())
+    assert cli.main(argv[:5] + [str(other)] + argv[6:] + ["--resume"]) == 2
+    assert "differ: corrector_sha256" in capsys.readouterr().err

@@ -496,10 +496,16 @@ def _cmd_generate(args) -> int:
 
         out = Path(args.out)
         owned = _owned(out, _CORRECTED_IMAGE_NAME, folders=False)
-        if owned and args.resume:
-            raise UsageError("--resume: generate with a corrector always makes every image; use --overwrite")
-        _clear_corrector_outputs(args, out, "--out", owned)
-        return evaluation.run_generate_cli(args)
+        settings: dict = {}
+
+        def decide(run_settings: dict) -> bool:  # once the corrector is known: refuse, overwrite or resume
+            settings.update(prompts=list(args.prompt), per_prompt=args.per_prompt, seed=args.seed,
+                            backbone=args.backbone, steps=args.steps, guidance=args.guidance, **run_settings)
+            return _check_output_folder(args, out, "--out", settings, owned)
+
+        return evaluation.run_generate_cli(args, decide=decide,
+                                           start=lambda: _start_output_folder(args, out, "--out", settings, owned),
+                                           finish=lambda: _finish_output_folder(out, "--out"))
 
     prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
     _check_image_count(len(prompts), "these prompts and --per-prompt")

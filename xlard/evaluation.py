@@ -1173,7 +1173,7 @@ def run_eval_cli(args) -> int:
 
 
 @_io.holds_folder("args.out", "--out")
-def run_generate_cli(args) -> int:
+def run_generate_cli(args, decide=None, start=None, finish=None) -> int:
     """``xlard generate --backbone shapes --correct "..."``: corrected images, the base images and LAM overlays.
 
     Image ``i`` is seeded ``--seed + i`` (as without a corrector); it writes
@@ -1181,6 +1181,13 @@ def run_generate_cli(args) -> int:
     correction), ``<i>_seed<s>_lam.png`` (the LAM over the corrected image) and one line per image
     in ``corrections.jsonl`` (image, prompt, seed, what the corrector's rules did:
     :meth:`xlard.models.ResidualCorrector.actions`), printed unless ``--quiet``.
+
+    The command line passes its output-folder rule: ``decide(settings) -> resuming`` (refuse,
+    ``--overwrite`` or ``--resume`` an earlier run with the same settings, the corrector's weights
+    included; called once the corrector is loaded, before the backbone), ``start()`` (clear for
+    ``--overwrite``, write the run's manifest; after every check) and ``finish()`` (mark it
+    complete). Resuming keeps every image whose three files and ``corrections.jsonl`` line exist
+    and makes the rest.
     """
     import torch
 
@@ -1190,12 +1197,26 @@ def run_generate_cli(args) -> int:
     out = Path(args.out)
     _io.check_output_path(out / GENERATE_ACTIONS_NAME, owner="--out")  # before any work: a folder there is refused
     corrector, meta, source = _corrector_from_args(args)
+    resuming = bool(decide({"corrector_sha256": _weights_digest(corrector), "alpha": meta.alpha,
+                            "correction_step": meta.correction_step})) if decide is not None else False
     backbone = _backbone_from_args(args, corrector, meta)
     prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
     seeds = [args.seed + i for i in range(len(prompts))]
+    stems = [f"{i:04d}_seed{seeds[i]}" for i in range(len(prompts))]
     backbone.check_prompts(args.prompt, lambda i: f"PROMPT: prompt {i + 1} of {len(args.prompt)}")
+    if start is not None:
+        start()
     out.mkdir(parents=True, exist_ok=True)
-    starts = list(range(0, len(prompts), args.batch))
+    lines: dict[int, str] = {}
+    if resuming:  # an image counts as made when its three files and its corrections.jsonl line exist
+        by_name = {f"{stem}.png": i for i, stem in enumerate(stems)}
+        for row in _read_action_lines(out / GENERATE_ACTIONS_NAME):
+            i = by_name.get(row.get("image"))
+            if i is not None and all((out / f"{stems[i]}{end}.png").is_file() for end in ("", "_base", "_lam")):
+                lines[i] = json.dumps(row)
+        print(f"resuming: reusing {len(lines)} of {len(prompts)} images in {out}", file=sys.stderr)
+    todo = [i for i in range(len(prompts)) if i not in lines]
+    starts = list(range(0, len(todo), args.batch))
     if not args.quiet:
         try:
             from tqdm import tqdm
@@ -1203,30 +1224,51 @@ def run_generate_cli(args) -> int:
             starts = tqdm(starts, desc="generate base+corrected", unit="batch")
         except ImportError:
             pass
-    written, lines, report = 0, [], []
-    for start in starts:
-        state = backbone.encode(prompts[start:start + args.batch], seed=seeds[start:start + args.batch])
+    written, report = 0, []
+    for begin in starts:
+        rows = todo[begin:begin + args.batch]
+        state = backbone.encode([prompts[i] for i in rows], seed=[seeds[i] for i in rows])
         with torch.no_grad():
             delta, actions = corrector.actions(state.z0, **corrector_inputs(corrector, state.prompt_embedding,
                                                                             state.specs))
             zc, lam = ops.residual_correction(state.z0, delta, float(meta.alpha))
             base = backbone.decode(state).images.float().clamp(0, 1).cpu()
             corrected = backbone.decode(state, zc).images.float().clamp(0, 1).cpu()
-        for k in range(corrected.shape[0]):
-            i = start + k
-            stem = f"{i:04d}_seed{seeds[i]}"
-            save_png(out / f"{stem}.png", corrected[k])
-            save_png(out / f"{stem}_base.png", base[k])
-            save_png(out / f"{stem}_lam.png", overlay(corrected[k], lam[k].float().cpu()))
+        for k, i in enumerate(rows):
+            save_png(out / f"{stems[i]}.png", corrected[k])
+            save_png(out / f"{stems[i]}_base.png", base[k])
+            save_png(out / f"{stems[i]}_lam.png", overlay(corrected[k], lam[k].float().cpu()))
             written += 1
-            lines.append(json.dumps({"image": f"{stem}.png", "prompt": prompts[i], "seed": seeds[i],
-                                     "actions": actions[k]}))
-            report.append(f"{stem}.png: {'; '.join(actions[k]) or 'residual only'}")
+            lines[i] = json.dumps({"image": f"{stems[i]}.png", "prompt": prompts[i], "seed": seeds[i],
+                                   "actions": actions[k]})
+            report.append(f"{stems[i]}.png: {'; '.join(actions[k]) or 'residual only'}")
         # Rewritten whole after every batch: an interrupted run keeps the lines of the images it wrote.
-        _io.atomic_write_text(out / GENERATE_ACTIONS_NAME, "".join(line + "\n" for line in lines),
+        _io.atomic_write_text(out / GENERATE_ACTIONS_NAME, "".join(lines[i] + "\n" for i in sorted(lines)),
                               owner="xlard generate")
+    if not lines:  # nothing to make (no prompts): still a complete, empty log
+        _io.atomic_write_text(out / GENERATE_ACTIONS_NAME, "", owner="xlard generate")
+    if finish is not None:
+        finish()
     if not args.quiet:
         print("\n".join(report))
-    print(f"wrote {written} corrected images (with _base and _lam companions) to {out}; corrector {source} "
+    reused = len(prompts) - written
+    print(f"wrote {written} corrected images (with _base and _lam companions) to {out}"
+          + (f" ({reused} reused)" if resuming else "") + f"; corrector {source} "
           f"(correction_step {meta.correction_step}, alpha {meta.alpha})")
     return 0
+
+
+def _read_action_lines(path: Path) -> list[dict]:
+    """The complete JSON lines of a ``corrections.jsonl`` (a line cut by an interruption, or damaged, is skipped:
+    its image is made again)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
