@@ -404,6 +404,12 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
     with pytest.raises(ValueError, match="--mask-fraction"):
         ev.run_evaluation(shapes, corrector, _meta(), records, seeds=[0], out=tmp_path / "b",
                           faithfulness_fraction=1.5)
+    # A record the backbone cannot use is named before the folder is made (not at its batch, after others).
+    long = dict(records[0], prompt="a photo of a square" + " and a red circle" * 12)
+    with pytest.raises(ValueError, match=r"^record 2: prompt 'a photo of a square.*falls beyond the 16-token"):
+        ev.run_evaluation(shapes, corrector, _meta(), [*records[:2], long], seeds=[0], out=tmp_path / "c",
+                          quiet=True)
+    assert not (tmp_path / "c").exists()
 
 
 @needs_shapes
