@@ -1245,8 +1245,6 @@ def run_generate_cli(args, decide=None, start=None, finish=None) -> int:
         # Rewritten whole after every batch: an interrupted run keeps the lines of the images it wrote.
         _io.atomic_write_text(out / GENERATE_ACTIONS_NAME, "".join(lines[i] + "\n" for i in sorted(lines)),
                               owner="xlard generate")
-    if not lines:  # nothing to make (no prompts): still a complete, empty log
-        _io.atomic_write_text(out / GENERATE_ACTIONS_NAME, "", owner="xlard generate")
     if finish is not None:
         finish()
     if not args.quiet:

@@ -32,8 +32,8 @@ this class and color" (no detector confidence to break ties arbitrarily).
 from __future__ import annotations
 
 import os
-import warnings
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path

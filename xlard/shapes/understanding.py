@@ -215,7 +215,6 @@ class ShapesUnderstanding(nn.Module):
         from safetensors.torch import load_file
 
         from xlard import _io
-
         from xlard._args import as_device
 
         device = as_device(device, "ShapesUnderstanding.from_pretrained")

@@ -251,9 +251,7 @@ class Trainer:
         records, self.is_shapes = load_records(cfg.data.prompts)
         if cfg.data.max_prompts:
             records = records[:cfg.data.max_prompts]
-        # A record the backbone cannot use (a word beyond its tokenizer's length limit) fails now, not at its step.
-        self.backbone.check_prompts([from_geneval(r) for r in records],
-                                    lambda i: f"data.prompts: {cfg.data.prompts} record {i}")
+        self._check_records(records, f"data.prompts: {cfg.data.prompts}")
         # Prompts left out of the whole run (training, monitor, calibration, distillation), for a
         # validation on prompts the corrector never saw (scripts/validate_corrector.py --prompts left-out).
         records, self.left_out_records = leave_out_prompts(records, cfg.data.leave_out, cfg.seed)
@@ -364,6 +362,13 @@ class Trainer:
                 raise ValueError(f"--resume: the config differs from the run's saved config in {diff}; "
                                  f"resume with {saved} or start a new run")
 
+    def _check_records(self, records, where: str) -> None:
+        """A record the backbone cannot use (a word beyond its tokenizer's length limit) fails when the run starts,
+        not at the step that draws it."""
+        check = getattr(self.backbone, "check_prompts", None)  # a duck-typed backbone may not have it
+        if check is not None:
+            check([from_geneval(r) for r in records], lambda i: f"{where} record {i}")
+
     def _monitor_items(self, train_records) -> list[Item]:
         n = self.cfg.data.monitor_size
         if n == 0:
@@ -382,8 +387,7 @@ class Trainer:
                         raise ValueError(f"data.monitor_prompts: {self.cfg.data.monitor_prompts}: {e} (the run "
                                          "trains on shapes-world prompts, and the exact evaluator judges its "
                                          "monitor)") from None
-            self.backbone.check_prompts([from_geneval(r) for r in records],
-                                        lambda i: f"data.monitor_prompts: {self.cfg.data.monitor_prompts} record {i}")
+            self._check_records(records, f"data.monitor_prompts: {self.cfg.data.monitor_prompts}")
         else:
             records = train_records
         # Seeds the training never draws: the monitor sees new noise even for training prompts.
