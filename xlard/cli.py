@@ -739,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True)
     p.add_argument("--per-prompt", type=_int_in(1, MAX_PER_PROMPT), default=1)
     p.add_argument("--seed", type=seed_type, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (results and errors are still printed)")
     _output_folder_options(p)
     p.set_defaults(func=_cmd_render)
 
@@ -759,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="+")
     p.add_argument("--out", default="xlard-images")
     p.add_argument("--per-prompt", type=_int_in(1, MAX_PER_PROMPT), default=1)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (results and errors are still printed)")
     backbone_options(p, required=True)
     _output_folder_options(p)
     p.set_defaults(func=_cmd_generate)
@@ -771,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="write per-image results (JSONL) here")
     p.add_argument("--json", help="write the summary table (JSON) here")
     p.add_argument("--out", help="with --backbone: where generated images go (GenEval layout; default xlard-eval)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (results and errors are still printed)")
     backbone_options(p, required=False)
     _output_folder_options(p)
     p.add_argument("--seeds", help="with a corrector: evaluation seeds, e.g. 0,1 (record i, seed s: generator "
@@ -808,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="evaluation seeds (default 0,1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a training-config field, e.g. --set ppo.group_size=4 (docs/training.md)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (results and errors are still printed)")
     _output_folder_options(p)
     p.set_defaults(func=_cmd_demo)
     return parser
