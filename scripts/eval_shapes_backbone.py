@@ -66,9 +66,10 @@ def main(argv=None) -> int:
     from xlard.shapes import PromptConfig, evaluate, make_splits, sample_records, summarize, write_results_jsonl
     from xlard.shapes.backbone import backbone_path, generate, load_pipeline
     from xlard.shapes.evaluator import format_table
+    from xlard.shapes.prompts import SPLIT_SEED
 
     torch.set_num_threads(args.threads)
-    records = sample_records(make_splits(PromptConfig(), seed=0)["heldout"], args.n, seed=args.record_seed)
+    records = sample_records(make_splits(PromptConfig(), seed=SPLIT_SEED)["heldout"], args.n, seed=args.record_seed)
     pipe = load_pipeline("cpu", args.path)
     t0 = time.time()
     images = generate([r["prompt"] for r in records], seed=args.seed, steps=args.steps, guidance=args.guidance,
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
         report = {
             "summary": summary,
             "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "save_images")},
-            "split": "heldout", "split_seed": 0,
+            "split": "heldout", "split_seed": SPLIT_SEED,
             "generation_seconds": round(gen_seconds, 1),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

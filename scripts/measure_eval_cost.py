@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from xlard.shapes import prompts as P
 
     seeds = ev.parse_seeds(args.seeds)
-    pool = P.make_splits(P.PromptConfig(), seed=0)["heldout"]
+    pool = P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)["heldout"]
     records = P.sample_records(pool, args.records, seed=0)
     items = [(i, s) for s in seeds for i in range(len(records))]
     results = {"records": len(records), "seeds": seeds, "batch": args.batch, "threads": torch.get_num_threads(),

@@ -147,7 +147,7 @@ def plan_records(split: str, per_tag: int, seeds_per_prompt: int, seed: int = 0,
         raise ValueError(f"--split must be 'train' or 'heldout', got {split!r}")
     if per_tag < 1 or seeds_per_prompt < 1:
         raise ValueError(f"--per-tag and --seeds-per-prompt must be >= 1, got {per_tag}, {seeds_per_prompt}")
-    pool = P.make_splits(P.PromptConfig(), seed=0)[split]
+    pool = P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)[split]
     rng = random.Random(seed)
     out = []
     for tag in tags:
@@ -353,7 +353,7 @@ def render_checks(source, rewards=None, split: str = "heldout", seeds: int = 5) 
     from xlard.shapes.world import mirror_scene
     from xlard.sources import score
 
-    pool = P.make_splits(P.PromptConfig(), seed=0)[split]
+    pool = P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)[split]
 
     def run(scenes, prompts):
         images = torch.from_numpy(np.stack([s.render() for s in scenes])).permute(0, 3, 1, 2).float() / 255
@@ -416,7 +416,7 @@ def run(backbone_name: str, n: int, seed: int, batch: int, steps: int, quiet: bo
     from xlard.shapes import prompts as P
     from xlard.sources import score
 
-    records = P.sample_records(P.make_splits(P.PromptConfig(), seed=0)["heldout"], n, seed=seed)
+    records = P.sample_records(P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)["heldout"], n, seed=seed)
     backbone = load_backbone(backbone_name, steps, capture=source_name == "attention")
     source = make_source(source_name, backbone, source_options)
     rows = []

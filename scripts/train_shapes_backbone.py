@@ -53,13 +53,12 @@ if str(ROOT) not in sys.path:
 from xlard import _io  # noqa: E402
 from xlard.shapes import (PromptConfig, evaluate, make_splits, render_record, sample_records,  # noqa: E402
                           summarize)
-from xlard.shapes.prompts import NUMBER_WORDS, _plural  # noqa: E402
+from xlard.shapes.prompts import NUMBER_WORDS, SPLIT_SEED, _plural  # noqa: E402
 from xlard.shapes.rules import RELATIONS  # noqa: E402
 from xlard.shapes.world import BACKGROUND, PALETTE, SHAPES  # noqa: E402
 
 #: Prompts are short ("a photo of a purple triangle left of an orange diamond" is 12 tokens with BOS/EOS).
 MAX_TOKENS = 16
-SPLIT_SEED = 0
 
 
 @dataclass

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from xlard.shapes import backbone as shapes_backbone
-from xlard.shapes.prompts import PromptConfig, make_splits, render_record
+from xlard.shapes.prompts import SPLIT_SEED, PromptConfig, make_splits, render_record
 from xlard.shapes.understanding import ShapesUnderstanding, UnderstandingConfig, _erode, scene_targets
 from xlard.shapes.world import PALETTE, WorldConfig, random_scene, shape_mask
 
@@ -316,7 +316,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     model_config = UnderstandingConfig(channels=cfg.channels, core_radius=cfg.core_radius)
     model = ShapesUnderstanding(model_config)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    records = make_splits(PromptConfig(), seed=0)["train"]  # training split only
+    records = make_splits(PromptConfig(), seed=SPLIT_SEED)["train"]  # training split only
     ckpt_path = work / "checkpoint.pt"
     step, elapsed = 0, 0.0
     t_setup = time.time()
@@ -379,7 +379,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     metrics.close()
     info = {"config": dataclasses.asdict(cfg), "steps": step, "train_minutes": round(train_minutes, 2),
             "vae_pool_minutes": round(setup_seconds / 60, 2), "torch": torch.__version__, "threads": cfg.threads,
-            "parameters": sum(p.numel() for p in model.parameters()), "split_seed": 0,
+            "parameters": sum(p.numel() for p in model.parameters()), "split_seed": SPLIT_SEED,
             "weights_dtype": "float16"}
     model.save_pretrained(cfg.out, extra={"training": info})
     size = sum(p.stat().st_size for p in Path(cfg.out).iterdir() if p.is_file())

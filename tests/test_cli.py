@@ -59,3 +59,23 @@ def test_shapes_backbone_missing_is_a_clear_error(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("XLARD_SHAPES_BACKBONE", str(tmp_path / "absent"))
     assert cli.main(["generate", "a red circle", "--backbone", "shapes", "--out", str(tmp_path / "o")]) == 2
     assert "shapes backbone is not installed" in capsys.readouterr().err
+
+
+def test_prompts_seed_picks_the_sample_never_another_split(tmp_path):
+    """`xlard prompts --split heldout --seed 1` once drew from the split made with seed 1: 243 prompts, 193 of them
+    training prompts of the split xlard trains on. --seed now picks only which records -n samples."""
+    from xlard.shapes import prompts as P
+
+    train = {r["prompt"] for r in P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)["train"]}
+    heldout = {r["prompt"] for r in P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)["heldout"]}
+    samples = []
+    for seed in (0, 1, 7):
+        path = tmp_path / f"h{seed}.jsonl"
+        assert cli.main(["prompts", str(path), "--split", "heldout", "-n", "60", "--seed", str(seed)]) == 0
+        prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
+        assert set(prompts) <= heldout and not set(prompts) & train
+        samples.append(prompts)
+    assert samples[0] != samples[1] != samples[2]  # the seed still changes the sample
+    whole = tmp_path / "all.jsonl"
+    assert cli.main(["prompts", str(whole), "--split", "heldout", "--seed", "5"]) == 0
+    assert {json.loads(line)["prompt"] for line in whole.read_text().splitlines()} == heldout

@@ -548,7 +548,9 @@ def _cmd_prompts(args) -> int:
     from xlard.shapes import prompts as P
 
     _output_file(args.out, "OUT")
-    splits = P.make_splits(P.PromptConfig(), seed=args.seed)
+    # The split is always the one everything trains on (P.SPLIT_SEED); --seed picks the sample only. (It once
+    # picked the split too: `--split heldout --seed 1` gave 243 prompts, 193 of them training prompts.)
+    splits = P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)
     pool = splits[args.split]
     records = P.sample_records(pool, args.n, seed=args.seed) if args.n else list(pool)
     P.write_jsonl(args.out, records)
@@ -723,22 +725,24 @@ def build_parser() -> argparse.ArgumentParser:
     seed_type = _int_in(0, MAX_SEED)
 
     p = sub.add_parser("info", help="versions, build and providers")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the facts as JSON")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("prompts", help="write a shapes-world prompt set (GenEval JSONL)")
-    p.add_argument("out")
-    p.add_argument("--split", choices=("train", "heldout"), default="heldout")
+    p.add_argument("out", help="the JSONL file to write")
+    p.add_argument("--split", choices=("train", "heldout"), default="heldout",
+                   help="which split's prompts (default heldout; train for training-split work)")
     p.add_argument("-n", type=_int_in(0, MAX_RECORDS, " (0: the whole split)"), default=0,
                    help=f"sample this many records balanced over tags (0: all; at most {MAX_RECORDS})")
-    p.add_argument("--seed", type=seed_type, default=0)
+    p.add_argument("--seed", type=seed_type, default=0,
+                   help="which records -n samples (the split itself is fixed: the one xlard trains on)")
     p.set_defaults(func=_cmd_prompts)
 
     p = sub.add_parser("render", help="ground-truth renders of a prompt set, in GenEval's folder layout")
-    p.add_argument("out")
-    p.add_argument("--prompts", required=True)
-    p.add_argument("--per-prompt", type=_int_in(1, MAX_PER_PROMPT), default=1)
-    p.add_argument("--seed", type=seed_type, default=0)
+    p.add_argument("out", help="the output folder (GenEval layout: <index>/metadata.jsonl + samples/*.png)")
+    p.add_argument("--prompts", required=True, help="GenEval JSONL records of the shapes world")
+    p.add_argument("--per-prompt", type=_int_in(1, MAX_PER_PROMPT), default=1, help="renders per record")
+    p.add_argument("--seed", type=seed_type, default=0, help="the layout seed")
     p.add_argument("--quiet", action="store_true", help="no progress bars (results and errors are still printed)")
     _output_folder_options(p)
     p.set_defaults(func=_cmd_render)
@@ -756,9 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--correct", action="store_true", help="use the corrector shipped for --backbone")
 
     p = sub.add_parser("generate", help="generate images with a backbone (with a corrector: corrected, base, LAM)")
-    p.add_argument("prompt", nargs="+")
-    p.add_argument("--out", default="xlard-images")
-    p.add_argument("--per-prompt", type=_int_in(1, MAX_PER_PROMPT), default=1)
+    p.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
+    p.add_argument("--out", default="xlard-images", help="the output folder (default xlard-images)")
+    p.add_argument("--per-prompt", type=_int_in(1, MAX_PER_PROMPT), default=1, help="images per prompt")
     p.add_argument("--quiet", action="store_true", help="no progress bars (results and errors are still printed)")
     backbone_options(p, required=True)
     _output_folder_options(p)

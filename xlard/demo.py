@@ -101,7 +101,7 @@ def demo_records(per_tag: int, seed: int = 0) -> list[dict]:
 
     if isinstance(per_tag, bool) or not isinstance(per_tag, int) or per_tag < 1:
         raise ValueError(f"demo_records: per_tag must be an integer >= 1, got {per_tag!r}")
-    pool = P.make_splits(P.PromptConfig(), seed=0)["heldout"]
+    pool = P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)["heldout"]
     return P.sample_records(pool, per_tag * len(P.TAGS), seed=seed)
 
 

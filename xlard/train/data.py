@@ -61,7 +61,7 @@ def load_records(source: str) -> tuple[list[dict], bool]:
             raise ValueError(f"data.prompts: {source!r}: train only on 'shapes:train'")
         from xlard.shapes import prompts as P
 
-        return P.make_splits(P.PromptConfig(), seed=0)["train"], True
+        return P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)["train"], True
     from xlard import geneval
 
     records = geneval.read_jsonl(text)
