@@ -439,6 +439,31 @@ def test_a_record_the_backbone_cannot_use_fails_before_training(tmp_path, shapes
 
 
 @needs_shapes
+def test_held_out_records_are_refused_as_training_or_monitor_prompts(tmp_path, shapes):
+    """A JSONL of held-out shapes records trained on them as `data.prompts` (only 'shapes:heldout' was refused) and
+    was watched, with the exact evaluator, as `data.monitor_prompts`; both are refused when the run starts now."""
+    from xlard.shapes import prompts as P
+    from xlard.train import train
+    from xlard.train.data import load_records
+
+    splits = P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)
+    held = P.sample_records(splits["heldout"], 6, seed=0)
+    mixed = tmp_path / "mixed.jsonl"
+    P.write_jsonl(mixed, P.sample_records(splits["train"], 6, seed=0) + held[:1])
+    with pytest.raises(ValueError, match=r"data.prompts: .*mixed.jsonl: 1 of 7 records ask what held-out records "
+                                         r"of the shapes world ask \(record 6: .*xlard prompts --split train"):
+        load_records(str(mixed))
+    clean = tmp_path / "train.jsonl"
+    P.write_jsonl(clean, P.sample_records(splits["train"], 6, seed=0))
+    assert load_records(str(clean)) == (P.sample_records(splits["train"], 6, seed=0), True)  # training records load
+    monitor = tmp_path / "monitor.jsonl"
+    P.write_jsonl(monitor, held)
+    with pytest.raises(ValueError, match=r"data.monitor_prompts: .*monitor.jsonl: 6 of 6 records ask what held-out"):
+        train(tiny_config(tmp_path / "run", data={"monitor_prompts": str(monitor)}), backbone=shapes)
+    assert not list_checkpoints(tmp_path / "run")
+
+
+@needs_shapes
 def test_bad_model_overrides_name_the_config_key(tmp_path, shapes):
     from xlard.train import train
 

@@ -23,7 +23,8 @@ import numpy as np
 
 from xlard.prompts import PromptSpec, from_geneval
 
-__all__ = ["Item", "PromptData", "balanced_pairs", "leave_out_prompts", "load_records", "EncodeCache", "MONITOR_SEED_BASE", "CALIBRATION_SEED_BASE"]
+__all__ = ["Item", "PromptData", "balanced_pairs", "leave_out_prompts", "load_records", "refuse_heldout", "EncodeCache",
+           "MONITOR_SEED_BASE", "CALIBRATION_SEED_BASE"]
 
 #: Seeds of the monitor batch start here; training seeds are 0 .. seeds_per_prompt - 1.
 MONITOR_SEED_BASE = 1_000_003
@@ -73,7 +74,30 @@ def load_records(source: str) -> tuple[list[dict], bool]:
     classes, colors = set(world.shapes), set(world.colors)
     is_shapes = all(it["class"] in classes and it.get("color") in colors | {None}
                     for r in records for it in r["include"])
+    if is_shapes:
+        refuse_heldout(records, f"data.prompts: {source}")
     return records, is_shapes
+
+
+def refuse_heldout(records: Sequence[dict], where: str) -> None:
+    """Shapes-world records must not ask what a held-out record asks (its meaning, as the split groups them).
+
+    Every reported number is measured on the held-out split: a run that trained on such a record, or picked
+    its export on one (the monitor), would be measured on what it saw.
+
+    Raises:
+        ValueError: naming how many records, the first one, and the fix.
+    """
+    from xlard.shapes import prompts as P
+
+    held = {P.meaning_key(r) for r in P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)["heldout"]}
+    leaked = [i for i, r in enumerate(records) if P.meaning_key(r) in held]
+    if leaked:
+        first = records[leaked[0]]["prompt"]
+        raise ValueError(f"{where}: {len(leaked)} of {len(records)} records ask what held-out records of the shapes "
+                         f"world ask (record {leaked[0]}: {first!r}); xlard measures correctors on the held-out "
+                         f"split, so a run never sees it: remove them, or write the prompts with "
+                         f"`xlard prompts --split train`")
 
 
 def balanced_pairs(records: Sequence[dict], items_per_tag: int, seed: int) -> list[tuple[int, int]]:

@@ -47,7 +47,7 @@ from xlard.train import checkpoint as ckpt
 from xlard.train import ppo
 from xlard.train.config import TrainConfig, batch_arithmetic, config_from_dict, describe
 from xlard.train.data import (CALIBRATION_SEED_BASE, MONITOR_SEED_BASE, EncodeCache, Item, PromptData,
-                              leave_out_prompts, load_records)
+                              leave_out_prompts, load_records, refuse_heldout)
 from xlard.train.metrics import MetricsLog, draw_curves, draw_distill_curves
 from xlard.train.projector import ProjectorBuffer, Slot, fit_projector
 from xlard.train.rewarding import build_reward_fn, source_backbone_options
@@ -387,6 +387,7 @@ class Trainer:
                         raise ValueError(f"data.monitor_prompts: {self.cfg.data.monitor_prompts}: {e} (the run "
                                          "trains on shapes-world prompts, and the exact evaluator judges its "
                                          "monitor)") from None
+                refuse_heldout(records, f"data.monitor_prompts: {self.cfg.data.monitor_prompts}")
             self._check_records(records, f"data.monitor_prompts: {self.cfg.data.monitor_prompts}")
         else:
             records = train_records
