@@ -423,9 +423,17 @@ def test_cli_eval_and_generate_with_a_corrector(tmp_path, records, capsys):
     assert cli.main(["eval", "--prompts", str(prompts), "--corrector", str(corrector_dir), "--seeds", "0,1",
                      "--out", str(out), "--bootstrap", "200", "--no-faithfulness", "--json",
                      str(tmp_path / "r.json"), "--quiet"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| **overall** | 3 | 6 |" in printed and "LAM faithfulness" not in printed
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["seeds"] == [0, 1]
+    assert "note:" not in captured.err  # held-out records
+    # Training-split records are scored too, with a note that the table is no held-out measurement.
+    train_prompts = tmp_path / "t.jsonl"
+    P.write_jsonl(train_prompts, P.sample_records(P.make_splits()["train"], 2, seed=0) + records[:1])
+    assert cli.main(["eval", "--prompts", str(train_prompts), "--corrector", str(corrector_dir), "--out",
+                     str(tmp_path / "eval-t"), "--bootstrap", "50", "--no-faithfulness", "--quiet"]) == 0
+    assert "note: 2 of 3 records of " in capsys.readouterr().err
 
     gen = tmp_path / "gen"
     assert cli.main(["generate", "a photo of three red circles", "--backbone", "shapes", "--corrector",

@@ -1155,6 +1155,12 @@ def run_eval_cli(args) -> int:
     backbone = _backbone_from_args(args, corrector, meta)
     records = P.read_records(args.prompts)
     backbone.check_prompts([r["prompt"] for r in records], lambda i: f"--prompts: {args.prompts} record {i}")
+    if meta.backbone == "shapes":  # a table on training prompts is no held-out measurement: say so
+        seen = P.split_membership(records).count("train")
+        if seen:
+            print(f"note: {seen} of {len(records)} records of {args.prompts} ask what training-split records ask; "
+                  "a corrector trained on the shapes world has seen them, so this is no held-out measurement "
+                  "(`xlard prompts --split heldout` writes held-out records)", file=sys.stderr)
     seeds = parse_seeds(getattr(args, "seeds", None), default=getattr(args, "seed", 0) or 0)
     fraction = None if getattr(args, "no_faithfulness", False) else getattr(args, "mask_fraction", 0.2)
     out = Path(getattr(args, "out", None) or "xlard-eval")

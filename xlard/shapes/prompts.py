@@ -212,6 +212,19 @@ def make_splits(config: PromptConfig | None = None, seed: int = SPLIT_SEED,
     return {"train": train, "heldout": held}
 
 
+def split_membership(records: Sequence[Mapping], seed: int = SPLIT_SEED) -> list[str | None]:
+    """Per record: ``"train"`` or ``"heldout"`` when it asks what a record of that split asks (its
+    :func:`meaning_key`), else None (a prompt of its own).
+
+    Example:
+        >>> split_membership(make_splits()["heldout"][:1])
+        ['heldout']
+    """
+    splits = make_splits(PromptConfig(), seed=seed)
+    where = {meaning_key(r): name for name in ("train", "heldout") for r in splits[name]}
+    return [where.get(meaning_key(r)) for r in records]
+
+
 def sample_records(records: Sequence[Mapping], n: int, seed: int | np.random.Generator | None = 0,
                    tags: Sequence[str] | None = None) -> list[dict]:
     """``n`` records balanced over tags, each tag cycled through a fresh shuffle.
@@ -341,7 +354,7 @@ def read_records(path: str | os.PathLike, world: WorldConfig | None = None) -> l
 
 
 __all__ = [
-    "PromptConfig", "SPLIT_SEED", "NUMBER_WORDS", "noun_phrase", "describe", "make_record", "enumerate_records",
+    "PromptConfig", "SPLIT_SEED", "NUMBER_WORDS", "split_membership", "noun_phrase", "describe", "make_record", "enumerate_records",
     "meaning_key", "make_splits", "sample_records", "render_record", "write_jsonl", "read_jsonl",
     "read_records",
 ]

@@ -90,8 +90,7 @@ def refuse_heldout(records: Sequence[dict], where: str) -> None:
     """
     from xlard.shapes import prompts as P
 
-    held = {P.meaning_key(r) for r in P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)["heldout"]}
-    leaked = [i for i, r in enumerate(records) if P.meaning_key(r) in held]
+    leaked = [i for i, split in enumerate(P.split_membership(records)) if split == "heldout"]
     if leaked:
         first = records[leaked[0]]["prompt"]
         raise ValueError(f"{where}: {len(leaked)} of {len(records)} records ask what held-out records of the shapes "
