@@ -815,7 +815,8 @@ def test_dual_encoders(hf_tokenizers):
 def test_truncation(hf_tokenizers):
     clip = hf_tokenizers["clip"]
     prompt = "a photo of a dog and " + "very " * 80 + "and a cat"
-    with pytest.raises(ValueError, match=r"object noun 'cat' falls beyond the 77-token length limit of tokenizer 'tokenizer'"):
+    with pytest.raises(ValueError,
+                       match=r"object noun 'cat' falls beyond the 77-token length limit of tokenizer 'tokenizer'"):
         parse(prompt, clip)
     spec = parse(prompt, clip, max_length=400)
     assert spec.alignments[0].num_tokens == len(clip(prompt)["input_ids"])

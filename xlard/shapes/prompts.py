@@ -354,7 +354,7 @@ def read_records(path: str | os.PathLike, world: WorldConfig | None = None) -> l
 
 
 __all__ = [
-    "PromptConfig", "SPLIT_SEED", "NUMBER_WORDS", "split_membership", "noun_phrase", "describe", "make_record", "enumerate_records",
-    "meaning_key", "make_splits", "sample_records", "render_record", "write_jsonl", "read_jsonl",
-    "read_records",
+    "PromptConfig", "SPLIT_SEED", "NUMBER_WORDS", "split_membership", "noun_phrase", "describe", "make_record",
+    "enumerate_records", "meaning_key", "make_splits", "sample_records", "render_record", "write_jsonl",
+    "read_jsonl", "read_records",
 ]
