@@ -79,3 +79,17 @@ def test_prompts_seed_picks_the_sample_never_another_split(tmp_path):
     whole = tmp_path / "all.jsonl"
     assert cli.main(["prompts", str(whole), "--split", "heldout", "--seed", "5"]) == 0
     assert {json.loads(line)["prompt"] for line in whole.read_text().splitlines()} == heldout
+
+
+def test_prompts_to_stdout(tmp_path, capsys, monkeypatch):
+    """`xlard prompts - ...` wrote a file named "-"; it writes the records to stdout (the summary to stderr), so
+    they pipe."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["prompts", "-", "-n", "3", "--split", "train"]) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(records) == 3 and all({"tag", "include", "prompt"} <= set(r) for r in records)
+    assert captured.err.strip() == "wrote 3 train records to stdout"
+    assert not (tmp_path / "-").exists()
+    assert cli.main(["prompts", str(tmp_path / "p.jsonl"), "-n", "3", "--split", "train"]) == 0
+    assert [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()] == records

@@ -547,18 +547,25 @@ def _cmd_info(args) -> int:
 def _cmd_prompts(args) -> int:
     from xlard.shapes import prompts as P
 
-    _output_file(args.out, "OUT")
+    to_stdout = args.out == "-"  # `xlard prompts - -n 10 | ...`: the records on stdout, the summary on stderr
+    if not to_stdout:
+        _output_file(args.out, "OUT")
     # The split is always the one everything trains on (P.SPLIT_SEED); --seed picks the sample only. (It once
     # picked the split too: `--split heldout --seed 1` gave 243 prompts, 193 of them training prompts.)
     splits = P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)
     pool = splits[args.split]
     records = P.sample_records(pool, args.n, seed=args.seed) if args.n else list(pool)
-    P.write_jsonl(args.out, records)
+    if to_stdout:
+        sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        sys.stdout.flush()
+    else:
+        P.write_jsonl(args.out, records)
     distinct = len({r["prompt"] for r in records})
     # More records than the split has prompts: they repeat (each record still gets its own image seeds).
     repeats = (f" ({distinct} distinct prompts: the {args.split} split holds {len(pool)})"
                if distinct < len(records) else "")
-    print(f"wrote {len(records)} {args.split} records to {args.out}{repeats}")
+    print(f"wrote {len(records)} {args.split} records to {'stdout' if to_stdout else args.out}{repeats}",
+          file=sys.stderr if to_stdout else sys.stdout)
     return 0
 
 
@@ -729,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("prompts", help="write a shapes-world prompt set (GenEval JSONL)")
-    p.add_argument("out", help="the JSONL file to write")
+    p.add_argument("out", help="the JSONL file to write (- for standard output)")
     p.add_argument("--split", choices=("train", "heldout"), default="heldout",
                    help="which split's prompts (default heldout; train for training-split work)")
     p.add_argument("-n", type=_int_in(0, MAX_RECORDS, " (0: the whole split)"), default=0,
