@@ -231,3 +231,10 @@ def test_a_config_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "bom.yaml"
     path.write_bytes(b"\xef\xbb\xbfsteps: 7\n")
     assert load_config(path).steps == 7
+
+
+def test_a_seed_beyond_what_torch_takes_is_named():
+    """seed: 99999999999999999999999 gave torch's "Overflow when unpacking long long" once the run started."""
+    with pytest.raises(ValueError, match=r"train config: seed must be an integer in 0..18446744073709551615"):
+        config_from_dict({"seed": 10**23})
+    assert config_from_dict({"seed": 2**64 - 1}).seed == 2**64 - 1

@@ -619,6 +619,8 @@ class TrainConfig:
             raise ValueError("train config: model.corrector_overrides reader: true needs the edit-target warm start "
                              "(distill.items_per_tag > 0): the reader is fitted there, before the corrector")
         _int(o, "seed", self.seed, 0)
+        if self.seed > 2**64 - 1:  # torch.manual_seed's range; above it torch's "Overflow when unpacking long long"
+            _fail(o, "seed", "an integer in 0..18446744073709551615 (2**64 - 1)", self.seed)
         _str(o, "out", self.out)
         _choice(o, "rl", self.rl, ("ppo", "pathwise"))
         _choice(o, "reward_model", self.reward_model, ("projector", "image"))
