@@ -410,6 +410,11 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
         ev.run_evaluation(shapes, corrector, _meta(), [*records[:2], long], seeds=[0], out=tmp_path / "c",
                           quiet=True)
     assert not (tmp_path / "c").exists()
+    # Records that are not GenEval records are named (were a KeyError or TypeError from inside).
+    for bad, pattern in [({"tag": "counting"}, "missing the key 'include'"), ("x", "must be a JSON object")]:
+        with pytest.raises(ValueError, match=rf"run_evaluation: records: record 0: .*{pattern}"):
+            ev.run_evaluation(shapes, corrector, _meta(), [bad], seeds=[0], out=tmp_path / "d", quiet=True)
+    assert not (tmp_path / "d").exists()
 
 
 @needs_shapes

@@ -1032,6 +1032,13 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
     records = list(records)
     if not records:
         raise ValueError(_err(fn, "records is empty"))
+    from xlard import geneval
+
+    for i, record in enumerate(records):  # GenEval records (a KeyError or TypeError further in, else)
+        try:
+            geneval.validate_record(record, index=i)
+        except ValueError as e:
+            raise ValueError(_err(fn, f"records: {e}")) from None
     seeds = list(seeds)
     if not seeds:
         raise ValueError(_err(fn, "seeds is empty; give at least one evaluation seed"))
