@@ -92,6 +92,13 @@ def test_corrector_inputs_follow_the_conditioning(tmp_path):
     assert torch.equal(got["pooled"], torch.zeros(2, 6))
     with pytest.raises(ValueError, match="1 prompt specs for a batch of 2"):
         corrector_inputs(fields, emb, specs[:1])
+    # What is not an embedding or not parsed prompts is named (were an AttributeError and a TypeError from inside).
+    with pytest.raises(TypeError, match=r"prompt_embedding must be a backbone's PromptEmbedding .*got NoneType"):
+        corrector_inputs(text, None, specs)
+    for bad, named in [(["a photo of three circles"] * 2, r"a list of \['str'\]"), (None, "NoneType"),
+                       (specs[0], "PromptSpec")]:
+        with pytest.raises(TypeError, match=rf"specs must be a list of PromptSpec .*got {named}"):
+            corrector_inputs(fields, emb, bad)
     # the conditioning survives a save and load; a folder written before the field existed reads as "text"
     fields.save_pretrained(tmp_path / "f")
     assert ResidualCorrector.from_pretrained(tmp_path / "f").config.conditioning == "fields"

@@ -151,12 +151,26 @@ def corrector_inputs(corrector, prompt_embedding, specs) -> dict[str, torch.Tens
     pooled embedding, on the embedding's device and dtype.
 
     Raises:
+        TypeError: ``prompt_embedding`` is not a backbone's prompt embedding, or a ``"fields"``
+            corrector's ``specs`` are not :class:`xlard.prompts.PromptSpec` objects.
         ValueError: a ``"fields"`` corrector got a number of specs other than the
             embedding's batch size.
     """
+    if not callable(getattr(prompt_embedding, "as_corrector_inputs", None)) \
+            or not isinstance(getattr(prompt_embedding, "tokens", None), torch.Tensor):
+        raise TypeError(f"corrector_inputs: prompt_embedding must be a backbone's PromptEmbedding "
+                        f"(state.prompt_embedding of backbone.encode), got {type(prompt_embedding).__name__}")
     cfg = getattr(corrector, "config", None)
     if getattr(cfg, "conditioning", "text") != "fields":
         return prompt_embedding.as_corrector_inputs()
+    from xlard.prompts import PromptSpec
+
+    if isinstance(specs, (str, PromptSpec)) or not isinstance(specs, (list, tuple)) \
+            or not all(isinstance(s, PromptSpec) for s in specs):
+        got = type(specs).__name__ if not isinstance(specs, (list, tuple)) else \
+            f"a {type(specs).__name__} of {sorted({type(s).__name__ for s in specs})}"
+        raise TypeError(f"corrector_inputs: this corrector reads the parsed prompts: specs must be a list of "
+                        f"PromptSpec (state.specs of backbone.encode, or backbone.parse(prompt)), got {got}")
     specs = list(specs)
     batch = prompt_embedding.tokens.shape[0]
     if len(specs) != batch:
