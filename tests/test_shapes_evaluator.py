@@ -449,6 +449,10 @@ def test_results_jsonl_and_geneval_folder(tmp_path):
     assert rows[0]["details"][0].keys() == {"shape", "color", "bbox", "area", "centre", "shape_iou"}
     with pytest.raises(FileNotFoundError, match="GenEval layout"):
         E.evaluate_folder(tmp_path)
+    # A bad record is named with its metadata file (was only "record 0").
+    (tmp_path / "run" / "00003" / "metadata.jsonl").write_text(json.dumps({"tag": "counting"}) + "\n")
+    with pytest.raises(ValueError, match=r"run/00003/metadata.jsonl: GenEval record is missing the key 'include'"):
+        E.evaluate_folder(tmp_path / "run")
 
 
 @pytest.mark.parametrize("seed", range(6))

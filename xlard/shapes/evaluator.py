@@ -536,6 +536,11 @@ def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = 
         rows = read_jsonl(sub / "metadata.jsonl")
         if len(rows) != 1:
             raise ValueError(f"{sub / 'metadata.jsonl'}: expected one record, got {len(rows)}")
+        config = config or EvaluatorConfig()
+        try:  # named with its file here: evaluate() would say only "record 0"
+            validate_record(rows[0], classes=config.world.shapes, colors=config.world.colors)
+        except ValueError as e:
+            raise ValueError(f"{sub / 'metadata.jsonl'}: {e}") from None
         pngs = sorted((sub / "samples").glob("*.png"))
         results.extend(evaluate([str(p) for p in pngs], rows[0], config))
     return results
