@@ -765,3 +765,14 @@ def test_train_quiet_turns_the_progress_bar_off(tmp_path, capsys, monkeypatch):
     assert seen["overrides"] == ["steps=3", "log.progress=false"]
     assert run(["train", config, "--out", tmp_path / "run"], capsys)[0] == 0
     assert seen["overrides"] == []
+
+
+def test_render_names_a_record_no_layout_fits(tmp_path, capsys):
+    """24 objects with a left-of relation fit the capacity check but no layout: a RuntimeError traceback before."""
+    crowded = {"tag": "position", "prompt": "twelve squares left of twelve circles", "exclude": [],
+               "include": [{"class": "circle", "count": 12}, {"class": "square", "count": 12,
+                                                              "position": ["left of", 0]}]}
+    prompts = write_records(tmp_path / "p.jsonl", [COUNTING, crowded])
+    code, _, err = run(["render", tmp_path / "r", "--prompts", prompts, "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "--prompts: record 1: could not lay out 24 objects", "use fewer or smaller objects")

@@ -128,8 +128,10 @@ def test_compose_scene_errors_are_clear():
         W.compose_scene([W.ObjectGroup("circle", 0)])
     with pytest.raises(ValueError, match="bad relation"):
         W.compose_scene([W.ObjectGroup("circle")], [W.Relation(0, "left of", 0)])
-    with pytest.raises(RuntimeError, match="could not lay out 25 objects"):
-        W.compose_scene([W.ObjectGroup("circle", 25)], config=W.WorldConfig(max_attempts=2))
+    crowded = [W.ObjectGroup("circle", 12), W.ObjectGroup("square", 12)]
+    with pytest.raises(RuntimeError, match="could not lay out 24 objects"):  # with a relation: no grid fallback
+        W.compose_scene(crowded, [W.Relation(1, "left of", 0)], config=W.WorldConfig(max_attempts=2))
+    assert len(W.compose_scene([W.ObjectGroup("circle", 25)], config=W.WorldConfig(max_attempts=2)).objects) == 25
 
 
 def test_more_objects_than_an_image_holds_fail_at_once():
@@ -418,3 +420,19 @@ def test_read_jsonl_errors_name_the_line(tmp_path):
     path.write_text(json.dumps(_GOOD) + "\n" + json.dumps({"tag": "x", "include": [], "prompt": ""}) + "\n")
     with pytest.raises(ValueError, match=r"record 1: 'tag' must be one of"):
         P.read_records(path)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_scene_at_capacity_is_laid_out(seed):
+    """25 objects (capacity() of a 64px image) passed the capacity check and then failed random placement with a
+    RuntimeError (a traceback in `xlard render`); relation-free groups now fall back to capacity()'s grid."""
+    config = W.WorldConfig()
+    n = config.capacity()
+    scene = W.compose_scene([W.ObjectGroup("circle", n - 5, "red"), W.ObjectGroup("square", 5)], (), seed, config)
+    assert scene.count("circle", "red") == n - 5 and scene.count("square") == 5
+    boxes = [o.bbox for o in scene.objects]
+    assert all(W._boxes_clear(a, b, config.gap) for a, b in itertools.combinations(boxes, 2))
+    assert all(config.border <= b[0] and b[2] <= config.image_size - config.border for b in boxes)
+    assert all(config.border <= b[1] and b[3] <= config.image_size - config.border for b in boxes)
+    again = W.compose_scene([W.ObjectGroup("circle", n - 5, "red"), W.ObjectGroup("square", 5)], (), seed, config)
+    assert again == scene  # seeded

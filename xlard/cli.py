@@ -598,8 +598,11 @@ def _cmd_render(args) -> int:
         print(f"resuming: reusing {len(records) - len(todo)} of {len(records)} prompt folders in {out}",
               file=sys.stderr)
     for i in _progress(todo, len(todo), "render", args.quiet, unit="prompt"):
-        images = [P.render_record(records[i], seed=args.seed + 1000 * i + k).render()
-                  for k in range(args.per_prompt)]
+        try:
+            images = [P.render_record(records[i], seed=args.seed + 1000 * i + k).render()
+                      for k in range(args.per_prompt)]
+        except RuntimeError as exc:  # no layout found: too many objects for the record's relation
+            raise UsageError(f"--prompts: record {i}: {_one_line(exc)}") from None
         _write_geneval_folder(out, i, records[i], images)
     _finish_output_folder(out, "OUT")
     print(f"wrote {len(todo)} prompt folders to {out}" + (f" ({len(records) - len(todo)} reused)" if resuming else ""))

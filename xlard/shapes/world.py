@@ -393,7 +393,9 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
     Raises:
         ValueError: a group names an unknown shape/color or a bad relation, or
             more objects are asked than the image can hold (:meth:`WorldConfig.capacity`).
-        RuntimeError: no layout found (too many or too large objects).
+        RuntimeError: no layout found for groups with relations (too many or too large objects);
+            relation-free groups up to :meth:`WorldConfig.capacity` objects always get one (random
+            placement first, then the smallest objects in random cells of the capacity grid).
 
     Example:
         >>> s = compose_scene([ObjectGroup("square", 1, "blue"), ObjectGroup("circle", 3, "red")],
@@ -434,6 +436,16 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
         else:
             objects = tuple(SceneObject(groups[gi].shape, c, box) for (gi, box), c in zip(placed, colors))
             return Scene(config.image_size, objects)
+    if not relations:
+        # A dense scene random placement did not find (25 objects fit a 64px image, as capacity() counts, but
+        # are rarely hit at random): the smallest objects in random cells of capacity()'s grid.
+        step, per_axis = config.min_px + config.gap, math.isqrt(config.capacity())
+        cells = rng.permutation(per_axis * per_axis)[:n]
+        objects = []
+        for gi, c, cell in zip(order, colors, cells.tolist()):
+            x0, y0 = config.border + (cell % per_axis) * step, config.border + (cell // per_axis) * step
+            objects.append(SceneObject(groups[gi].shape, c, (x0, y0, x0 + config.min_px, y0 + config.min_px)))
+        return Scene(config.image_size, tuple(objects))
     raise RuntimeError(f"could not lay out {n} objects ({[dataclasses.astuple(g) for g in groups]}) with "
                        f"relations {list(relations)} in a {config.image_size}px image after "
                        f"{config.max_attempts} attempts; use fewer or smaller objects")
