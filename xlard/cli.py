@@ -752,7 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the output folder (GenEval layout: <index>/metadata.jsonl + samples/*.png)")
     p.add_argument("--prompts", required=True, help="GenEval JSONL records of the shapes world")
     p.add_argument("--per-prompt", type=_int_in(1, MAX_PER_PROMPT), default=1, help="renders per record")
-    p.add_argument("--seed", type=seed_type, default=0, help="the layout seed")
+    p.add_argument("--seed", type=seed_type, default=0,
+                   help="the render seed (render k of record i: seed + 1000 i + k)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (results and errors are still printed)")
     _output_folder_options(p)
     p.set_defaults(func=_cmd_render)

@@ -532,11 +532,11 @@ def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = 
     if empty:
         raise ValueError(f"{folder}: {len(empty)} of {len(subdirs)} prompt folders have no samples/*.png "
                          f"(first: {empty[0]}); generate their images or remove those folders")
+    config = config or EvaluatorConfig()
     for sub in subdirs:
         rows = read_jsonl(sub / "metadata.jsonl")
         if len(rows) != 1:
             raise ValueError(f"{sub / 'metadata.jsonl'}: expected one record, got {len(rows)}")
-        config = config or EvaluatorConfig()
         try:  # named with its file here: evaluate() would say only "record 0"
             validate_record(rows[0], classes=config.world.shapes, colors=config.world.colors)
         except ValueError as e:

@@ -82,8 +82,9 @@ def load_records(source: str) -> tuple[list[dict], bool]:
 def refuse_heldout(records: Sequence[dict], where: str) -> None:
     """Shapes-world records must not ask what a held-out record asks (its meaning, as the split groups them).
 
-    Every reported number is measured on the held-out split: a run that trained on such a record, or picked
-    its export on one (the monitor), would be measured on what it saw.
+    Every reported number is measured on the held-out split: a run that trained on such a record would be
+    measured on what it saw, and one that watched it (the monitor logs the exact evaluator's verdicts) invites
+    choices made on it.
 
     Raises:
         ValueError: naming how many records, the first one, and the fix.
