@@ -387,17 +387,16 @@ def _start_output_folder(args, out: Path, flag: str, settings: dict, owned: list
                           owner=flag)
 
 
-def _clear_corrector_outputs(args, out: Path, flag: str, owned: list[Path]) -> None:
-    """The --overwrite / --resume rule for the corrector forms of generate and eval, which keep their own files."""
+def _clear_paired_eval_outputs(args, out: Path, flag: str, owned: list[Path]) -> None:
+    """The --overwrite rule of the paired eval, which keeps its own files (the caller holds the folder; --resume
+    continues its pairs.jsonl and does not come here)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag}: {out} exists and is not a folder; give a folder path")
-    if out.is_dir():  # before deleting anything: another run may be writing there
-        _hold(out, flag)
     if not owned:
         return
     if not args.overwrite:
         raise UsageError(f"{flag}: {out} holds an earlier run ({owned[0].name}, ...); pass --overwrite to replace it"
-                         + ("" if args.command == "generate" else " or --resume to continue it"))
+                         " or --resume to continue it")
     for path in owned:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -647,7 +646,7 @@ def _cmd_eval(args) -> int:
         if out.is_dir():  # before anything loads: another run may be writing there (--resume too)
             _hold(out, "--out")
         if not args.resume:  # --resume: the paired run continues its pairs.jsonl (refused if its settings differ)
-            _clear_corrector_outputs(args, out, "--out", owned)
+            _clear_paired_eval_outputs(args, out, "--out", owned)
         return evaluation.run_eval_cli(args)
 
     for value, flag in ((args.results, "--results"), (args.json, "--json")):
