@@ -490,7 +490,11 @@ def test_ctrl_c_leaves_only_complete_prompt_folders(tmp_path, capsys, prompt_fil
     assert run(["eval", "--folder", out, "--quiet"], capsys)[0] == 0
 
 
-def test_sigint_to_a_real_process(tmp_path, prompt_file):
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                                 (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_sigint_and_sigterm_to_a_real_process(tmp_path, prompt_file, signum, code, word):
+    """Ctrl-C and SIGTERM (kill, timeout, a scheduler's preemption) end the same way: one line, no temporary
+    file, complete units only. SIGTERM used to kill the process mid-write, silently (exit -15)."""
     out = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "xlard", "render", str(out), "--prompts", str(prompt_file),
@@ -505,14 +509,14 @@ def test_sigint_to_a_real_process(tmp_path, prompt_file):
             time.sleep(0.05)
         if proc.poll() is not None:
             pytest.fail(f"render ended before it could be interrupted: {proc.communicate()}")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err
+    assert len(lines) == 1 and word in lines[0] and "--resume" in lines[0] and "Traceback" not in err
     assert temporaries(out) == []
     assert 1 <= len(units(out)) < 12
     for unit in units(out):
@@ -765,6 +769,34 @@ def test_train_quiet_turns_the_progress_bar_off(tmp_path, capsys, monkeypatch):
     assert seen["overrides"] == ["steps=3", "log.progress=false"]
     assert run(["train", config, "--out", tmp_path / "run"], capsys)[0] == 0
     assert seen["overrides"] == []
+
+
+def test_sigterm_during_train_ends_like_ctrl_c_and_restores_the_handler(tmp_path, capsys, monkeypatch):
+    from xlard import train
+
+    def terminated_main(config, resume, out, overrides, check):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode
+        pytest.fail("SIGTERM did not interrupt xlard train")
+
+    monkeypatch.setattr(train, "main", terminated_main)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    code, _, err = run(["train", ROOT / "configs" / "shapes.yaml", "--out", tmp_path / "run"], capsys)
+    assert code == 143
+    assert err.splitlines() == ["xlard train: terminated (SIGTERM); every file written is complete (rerun with "
+                                "--resume to continue from the last checkpoint)"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    # A caller's own SIGTERM handler (a program that runs xlard's main in-process) is left alone.
+    seen = []
+    monkeypatch.setattr(train, "main", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM) or 0)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        code, _, err = run(["train", ROOT / "configs" / "shapes.yaml", "--out", tmp_path / "run"], capsys)
+        assert code == 0 and seen == [signal.SIGTERM], err
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_render_names_a_record_no_layout_fits(tmp_path, capsys):

@@ -20,7 +20,8 @@ An output folder that already holds results of an earlier run is refused
 unless ``--overwrite`` (clears what the command wrote there before) or
 ``--resume`` (continues that run, reusing what is complete). Exit codes: 0 done,
 2 a usage error (one line on stderr naming the argument), 1 a system error
-(e.g. a full disk), 130 interrupted (Ctrl-C; every file left is complete).
+(e.g. a full disk), 130 interrupted (Ctrl-C; every file left is complete), 143
+terminated (SIGTERM; the same).
 See docs/cli.md.
 
 Every command works offline on a CPU and shows progress on long work.
@@ -35,7 +36,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -867,29 +870,62 @@ _USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryE
                 ImportError)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler's preemption, torchrun stopping its workers) while
+    :func:`main` runs: raised like Ctrl-C's KeyboardInterrupt, so that the same cleanup runs (no temporary
+    file left, folder locks released) and the command ends with one line and exit code 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread (a second SIGTERM during
+    the cleanup kills at once). Left alone where SIGTERM already has a handler of its caller's, or off the
+    main thread (where Python cannot set one); the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM") \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code.
 
     Every error a user can fix prints one line on stderr and returns 2; Ctrl-C
-    prints one line and returns 130. ``XLARD_TRACEBACK=1`` re-raises instead
-    (for debugging xlard itself).
+    prints one line and returns 130, SIGTERM the same line and 143 (both leave
+    only complete files). ``XLARD_TRACEBACK=1`` re-raises instead (for
+    debugging xlard itself).
     """
     prog, args = "xlard", None
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        prog = f"xlard {args.command}"
-        if getattr(args, "quiet", False) and _loads_models(args):
-            _quiet_hub_logging(progress_bars=False)
-        with _HELD:
-            return args.func(args)
-    except KeyboardInterrupt:
+        with _sigterm_interrupts():
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            prog = f"xlard {args.command}"
+            if getattr(args, "quiet", False) and _loads_models(args):
+                _quiet_hub_logging(progress_bars=False)
+            with _HELD:
+                return args.func(args)
+    except KeyboardInterrupt as exc:
         if os.environ.get("XLARD_TRACEBACK") == "1":
             raise
         writes_folder = args is not None and (args.command in ("render", "demo") or getattr(args, "backbone", None))
-        hint = " (rerun with --resume to continue)" if writes_folder else ""
-        print(f"{prog}: interrupted; every file written is complete{hint}", file=sys.stderr)
-        return 130
+        if args is not None and args.command == "train":
+            hint = " (rerun with --resume to continue from the last checkpoint)"
+        else:
+            hint = " (rerun with --resume to continue)" if writes_folder else ""
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{prog}: {what}; every file written is complete{hint}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except (_USER_ERRORS + (OSError,)) as exc:
         if os.environ.get("XLARD_TRACEBACK") == "1":
             raise
