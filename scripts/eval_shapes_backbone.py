@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -46,8 +47,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=None, help="where to write the JSON/markdown/JSONL reports")
     p.add_argument("--save-images", action="store_true", help="also write the images as PNGs into --out-dir")
     args = p.parse_args(argv)
-    if args.n < 1 or args.steps < 1 or args.batch_size < 1:
-        p.error("--n, --steps and --batch-size must be >= 1")
+    if args.n < 1 or args.steps < 1 or args.batch_size < 1 or args.threads < 1:
+        p.error(f"--n, --steps, --batch-size and --threads must be >= 1, got {args.n}, {args.steps}, "
+                f"{args.batch_size}, {args.threads}")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        p.error(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.seed < 0 or args.record_seed < 0:
+        p.error(f"--seed and --record-seed must be >= 0, got {args.seed}, {args.record_seed}")
+    from xlard.shapes import backbone as shapes_backbone
+
+    if args.path is not None and not shapes_backbone.is_available(args.path):
+        p.error(f"--path: {shapes_backbone.not_installed(args.path)}")
     if args.save_images and not args.out_dir:
         p.error("--save-images needs --out-dir")
     from xlard import _io

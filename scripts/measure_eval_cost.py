@@ -32,6 +32,17 @@ def main(argv=None) -> int:
     parser.add_argument("--target-seeds", type=int, default=2)
     parser.add_argument("--out", help="write the measurements (JSON) here")
     args = parser.parse_args(argv)
+    for flag, value in (("--records", args.records), ("--batch", args.batch), ("--target-records", args.target_records),
+                        ("--target-seeds", args.target_seeds)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    try:
+        steps = [float(x) for x in args.steps.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or not all(0 < x <= 1 for x in steps):
+        parser.error(f"--steps: expected comma-separated correction steps in (0, 1] such as 1.0,0.6,0.3, "
+                     f"got {args.steps!r}")
     from xlard import _io
 
     problem = _io.unwritable_output(files={"--out": args.out})  # now, not after the measurement
@@ -44,13 +55,16 @@ def main(argv=None) -> int:
     from xlard.shapes import evaluator as E
     from xlard.shapes import prompts as P
 
-    seeds = ev.parse_seeds(args.seeds)
+    try:
+        seeds = ev.parse_seeds(args.seeds)
+    except ValueError as e:
+        parser.error(str(e))
     pool = P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)["heldout"]
     records = P.sample_records(pool, args.records, seed=0)
     items = [(i, s) for s in seeds for i in range(len(records))]
     results = {"records": len(records), "seeds": seeds, "batch": args.batch, "threads": torch.get_num_threads(),
                "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(), "settings": []}
-    for step in [float(x) for x in args.steps.split(",")]:
+    for step in steps:
         meta = ev.CorrectorMeta("shapes", step, 1.0, shapes_backbone.DEFAULT_STEPS, shapes_backbone.DEFAULT_GUIDANCE)
         backbone = ev.load_backbone_for(meta)
         torch.manual_seed(0)

@@ -106,19 +106,58 @@ class TrainConfig:
     fp16_weights: bool = True
 
     def validate(self) -> None:
-        if self.minutes <= 0 or self.vae_minutes < 0 or self.vae_minutes >= self.minutes:
-            raise ValueError(f"need 0 <= vae_minutes < minutes, got {self.vae_minutes}, {self.minutes}")
-        if len(self.vae_channels) != 3:
-            raise ValueError(f"vae_channels must have 3 levels (downsampling x4), got {self.vae_channels}")
-        if len(self.unet_channels) != 3:
-            raise ValueError(f"unet_channels must have 3 levels, got {self.unet_channels}")
-        if not 0 <= self.cfg_dropout < 1:
-            raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
-        if self.vae_crop not in (16, 32, 48, 64):
-            raise ValueError(f"vae_crop must be 16, 32, 48 or 64, got {self.vae_crop}")
-        for name in ("batch_size", "vae_batch_size", "threads", "text_dim", "text_layers"):
+        """Raise ValueError naming the first option (as its command-line flag) that no run can use."""
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
+        def number(name: str, low: float, high: float = math.inf, *, low_open: bool = False,
+                   high_open: bool = False) -> None:
+            value = getattr(self, name)
+            ok = math.isfinite(value) and (value > low if low_open else value >= low) \
+                and (value < high if high_open else value <= high)
+            if not ok:
+                lo, hi = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+                raise ValueError(f"{flag(name)} must be in {lo}{low:g}, {high:g}{hi}, got {value}")
+
+        number("minutes", 0, low_open=True)
+        number("vae_minutes", 0)
+        if self.vae_minutes >= self.minutes:
+            raise ValueError(f"--vae-minutes must be below --minutes (the VAE phase is part of the budget), "
+                             f"got {self.vae_minutes} and {self.minutes}")
+        for name in ("vae_lr", "lr", "min_snr_gamma"):
+            number(name, 0, low_open=True)
+        # vae_check_minutes and sample_minutes 0: never; checkpoint_minutes 0: at every step
+        for name in ("kl_weight", "object_weight", "guidance", "vae_check_minutes", "checkpoint_minutes",
+                     "sample_minutes"):
+            number(name, 0)
+        number("vae_target", 0, 1, low_open=True)
+        number("final_lr_fraction", 0, 1)
+        number("cfg_dropout", 0, 1, high_open=True)
+        number("ema_decay", 0, 1, high_open=True)
+        if not 0 <= self.seed < 2 ** 64:
+            raise ValueError(f"--seed must be in [0, 2**64), got {self.seed}")
+        for name in ("vae_max_steps", "max_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{flag(name)} must be >= 0 (0: no step limit), got {getattr(self, name)}"
+                                 if name != "warmup_steps" else f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        for name in ("batch_size", "vae_batch_size", "threads", "text_dim", "text_layers", "latent_channels",
+                     "unet_heads", "sample_images", "sample_steps", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.text_dim % 4:
+            raise ValueError(f"--text-dim must be a multiple of 4 (the text encoder's 4 attention heads), "
+                             f"got {self.text_dim}")
+        for name in ("vae_channels", "unet_channels"):
+            channels = getattr(self, name)
+            if len(channels) != 3:
+                raise ValueError(f"{flag(name)} must have 3 levels, got {list(channels)}")
+            if any(c < 8 or c % 8 for c in channels):
+                raise ValueError(f"{flag(name)} must be multiples of 8 (GroupNorm's 8 groups), got {list(channels)}")
+        if any(c % self.unet_heads for c in self.unet_channels):
+            raise ValueError(f"--unet-channels must be multiples of --unet-heads ({self.unet_heads}), "
+                             f"got {list(self.unet_channels)}")
+        if self.vae_crop not in (16, 32, 48, 64):
+            raise ValueError(f"--vae-crop must be 16, 32, 48 or 64, got {self.vae_crop}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,7 +666,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     args = vars(p.parse_args(argv))
     resume = args.pop("resume")
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ValueError as e:
+        p.error(str(e))
     from xlard import _io
 
     problem = _io.unwritable_output(folders={"--out": cfg.out, "--work-dir": cfg.work_dir})  # before training

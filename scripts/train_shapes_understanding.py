@@ -93,8 +93,23 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         if self.crop != 0 and not 16 <= self.crop <= 64:
             raise ValueError(f"--crop must be 0 (whole images) or in [16, 64], got {self.crop}")
-        if self.vae_pool < 0 or self.vae_noise < 0:
+        if self.vae_pool < 0 or not self.vae_noise >= 0 or not math.isfinite(self.vae_noise):
             raise ValueError(f"--vae-pool and --vae-noise must be >= 0, got {self.vae_pool}, {self.vae_noise}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "checkpoint_minutes"):  # checkpoint_minutes 0: at every step
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ValueError(f"--final-lr-fraction must be in [0, 1], got {self.final_lr_fraction}")
+        for name, low in (("warmup_steps", 0), ("core_radius", 0), ("log_every", 1), ("threads", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2 ** 64:
+            raise ValueError(f"--seed must be in [0, 2**64), got {self.seed}")
+        if len(self.channels) != 4 or any(c < 1 for c in self.channels):
+            raise ValueError(f"--channels must be 4 widths >= 1 (full resolution, 1/2, 1/4, 1/8), "
+                             f"got {list(self.channels)}")
 
 
 # Worlds the random scenes come from: the default one, and one whose objects can be

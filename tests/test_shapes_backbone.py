@@ -130,12 +130,26 @@ def test_training_script_smoke_and_resume(tmp_path, capsys):
     assert images.shape == (1, 64, 64, 3)
 
 
-def test_training_config_is_validated():
+def test_training_config_is_validated(capsys):
+    """A bad option is one usage line naming it (a ValueError traceback before; --vae-max-steps -2 trained
+    no VAE and went on to the UNet)."""
     train = _train_module()
-    with pytest.raises(ValueError, match="vae_minutes"):
-        train.parse_args(["--minutes", "5", "--vae-minutes", "6"])
-    with pytest.raises(ValueError, match="unet_channels"):
-        train.parse_args(["--unet-channels", "8", "16"])
+    for bad, text in ((["--minutes", "5", "--vae-minutes", "6"], "--vae-minutes must be below --minutes"),
+                      (["--unet-channels", "8", "16"], "--unet-channels must have 3 levels"),
+                      (["--minutes", "0"], "--minutes must be in (0, inf)"),
+                      (["--vae-max-steps", "-2"], "--vae-max-steps must be >= 0"),
+                      (["--lr", "nan"], "--lr must be in (0, inf)"),
+                      (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+                      (["--vae-channels", "12", "32", "64"], "--vae-channels must be multiples of 8"),
+                      (["--unet-channels", "24", "48", "96", "--unet-heads", "5"], "multiples of --unet-heads"),
+                      (["--text-dim", "30"], "--text-dim must be a multiple of 4"),
+                      (["--seed", "-1"], "--seed must be in [0, 2**64)"),
+                      (["--sample-steps", "0"], "--sample-steps must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(bad)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert text in err and "Traceback" not in err, (bad, err)
     for flag in ("--out", "--work-dir"):  # checked before training, not when the weights are written
         with pytest.raises(SystemExit):
             train.parse_args([flag, "/proc/no/such"])

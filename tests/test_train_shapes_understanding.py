@@ -21,7 +21,9 @@ def test_options_are_validated():
     cfg = T.parse_args(["--max-steps", "5", "--channels", "4", "4", "4", "4"])
     assert cfg.max_steps == 5 and cfg.channels == (4, 4, 4, 4)
     for bad in (["--max-steps", "0"], ["--crop", "8"], ["--vae-share", "1.5"], ["--corrupt", "-0.1"],
-                ["--morph", "2"], ["--morph-min-iou", "-1"],
+                ["--morph", "2"], ["--morph-min-iou", "-1"], ["--lr", "nan"], ["--lr", "0"], ["--threads", "0"],
+                ["--weight-decay", "-1"], ["--final-lr-fraction", "2"], ["--channels", "8", "8"], ["--seed", "-1"],
+                ["--vae-noise", "nan"], ["--log-every", "0"],
                 ["--out", "/proc/no/such"], ["--work-dir", "/proc/no/such"]):  # outputs: before training
         with pytest.raises(SystemExit):
             T.parse_args(bad)

@@ -1,0 +1,54 @@
+"""scripts/eval_shapes_backbone.py and scripts/measure_eval_cost.py: a bad option is one usage line naming it,
+before any model loads (a ZeroDivisionError, FileNotFoundError or RuntimeError traceback before)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+
+import eval_shapes_backbone as EB  # noqa: E402
+import measure_eval_cost as MC  # noqa: E402
+
+
+@pytest.mark.parametrize("bad, text", [
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--n", "0"], "--n, --steps, --batch-size and --threads must be >= 1"),
+    (["--guidance", "nan"], "--guidance must be a finite number >= 0"),
+    (["--seed", "-1"], "--seed and --record-seed must be >= 0"),
+    (["--path", "/no/such/pipeline"], "--path: the shapes backbone is not installed at /no/such/pipeline"),
+])
+def test_eval_shapes_backbone_refuses_bad_options(bad, text, capsys):
+    with pytest.raises(SystemExit) as e:
+        EB.parse_args(bad)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and text in err and "Traceback" not in err
+
+
+def test_eval_shapes_backbone_takes_its_defaults():
+    args = EB.parse_args(["--n", "6", "--threads", "1"])
+    assert (args.n, args.threads, args.path) == (6, 1, None)
+
+
+@pytest.mark.parametrize("bad, text", [
+    (["--records", "0"], "--records must be >= 1"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--target-seeds", "0"], "--target-seeds must be >= 1"),
+    (["--steps", "0.5,x"], "--steps: expected comma-separated correction steps in (0, 1]"),
+    (["--steps", "1.5"], "--steps: expected comma-separated correction steps in (0, 1]"),
+    (["--seeds", "a"], "--seeds must be non-negative integers"),
+    (["--out", "/proc/no/such/cost.json"], "--out"),
+])
+def test_measure_eval_cost_refuses_bad_options_before_loading(bad, text, capsys, monkeypatch):
+    from xlard import evaluation
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(evaluation, "load_backbone_for", no_load)
+    with pytest.raises(SystemExit) as e:
+        MC.main(bad)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and text in err and "Traceback" not in err
