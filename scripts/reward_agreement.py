@@ -504,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
     if source == "clip":
         if not args.clip_model:
             parser.error("--source clip needs --clip-model (e.g. openai/clip-vit-base-patch16)")
+        from xlard.color_features import check_clip_model
+
+        try:  # now, not after the samples are generated
+            check_clip_model("--clip-model", args.clip_model)
+        except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
+            parser.error(str(e))
         options["model"] = args.clip_model
     elif args.clip_model:
         parser.error("--clip-model goes with --source clip")

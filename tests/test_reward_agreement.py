@@ -106,7 +106,12 @@ def test_cli_checks_its_outputs_before_sampling(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
     for argv, words in ((["--out", str(tmp_path)], "--out: .* is a folder"),
                         (["--out", str(tmp_path / "no" / "r.json")], "--out: cannot write .* does not exist"),
-                        (["--cache", str(tmp_path / "file" / "c")], "--cache: .*is not a folder")):
+                        (["--cache", str(tmp_path / "file" / "c")], "--cache: .*is not a folder"),
+                        # the CLIP model too: a traceback after the samples were generated before
+                        (["--source", "clip", "--clip-model", str(tmp_path / "no" / "clip"), "--cache",
+                          str(tmp_path / "c")], "--clip-model: no folder at"),
+                        (["--source", "clip", "--clip-model", str(tmp_path), "--cache", str(tmp_path / "c")],
+                         "--clip-model: .* has no config.json")):
         with pytest.raises(SystemExit):
             RA.main(argv)
         assert re.search(words, capsys.readouterr().err), argv

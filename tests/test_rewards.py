@@ -523,6 +523,32 @@ def test_clip_encoder_from_pretrained_names_a_missing_or_wrong_folder(tmp_path):
         ClipColorEncoder.from_pretrained(str(tmp_path))
 
 
+def test_clip_encoder_names_an_unloadable_hub_id_and_a_model_that_is_not_clip(tmp_path, monkeypatch):
+    """A hub id not in the cache while offline raised transformers' OSError ("We couldn't connect to ..."), a
+    folder of another model "Unrecognized model in ..." without the argument; scripts/reward_agreement.py hit
+    them only after generating its samples, as a traceback."""
+    from xlard.color_features import check_clip_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    for call in (lambda: ClipColorEncoder.from_pretrained("someorg/not-cached-clip"),
+                 lambda: check_clip_model("--clip-model", "someorg/not-cached-clip")):
+        with pytest.raises(FileNotFoundError, match="'someorg/not-cached-clip' is not a local folder and not a "
+                                                    "loadable hub model; it is not in the local cache and "
+                                                    "HF_HUB_OFFLINE is set: download it first .*a CLIP model folder"):
+            call()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(ValueError, match="--clip-model: .*other is not a CLIP model"):
+        check_clip_model("--clip-model", other)
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(other)
+    with pytest.raises(ValueError, match="is a 'bert' model, not a CLIP model"):
+        check_clip_model("--clip-model", other)
+
+
 # ---------------------------------------------------------------------------
 # Explanations
 # ---------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -457,6 +458,35 @@ _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def check_clip_model(who: str, model_id_or_path) -> str:
+    """Check that a CLIP checkpoint (hub id or local folder) can be loaded, reading only its config; returns
+    what to load. Cheap enough to run before any long work (the CLIP source's scripts do).
+
+    Raises:
+        ValueError: not a name or path, or its config is not a CLIP model's.
+        FileNotFoundError: a missing folder, a folder without ``config.json``, or a hub id that cannot be
+            loaded (not cached while offline, a typo, no network), with the fix.
+    """
+    transformers = require("transformers", who)
+    where = model_location(who, model_id_or_path, "config.json", "a CLIP model folder (written by "
+                                                                  "CLIPModel.save_pretrained)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(where)
+    except OSError as exc:
+        if Path(where).is_dir():
+            raise
+        from xlard.backbones.diffusers_backbone import unloadable_hub_model
+
+        raise FileNotFoundError(f"{who}: {unloadable_hub_model(where, exc, 'a CLIP model folder')}") from None
+    except ValueError as exc:  # a config.json without (or with an unknown) model_type
+        reason = " ".join(str(exc).split())[:200]
+        raise ValueError(f"{who}: {model_id_or_path} is not a CLIP model (its config.json: {reason})") from None
+    if getattr(config, "model_type", None) != "clip":
+        raise ValueError(f"{who}: {model_id_or_path} is a {getattr(config, 'model_type', 'non-CLIP')!r} model, "
+                         f"not a CLIP model (model_type 'clip')")
+    return where
+
+
 class ClipColorEncoder:
     """Dense CLIP color features: projected patch tokens vs color-prompt text embeddings.
 
@@ -533,6 +563,7 @@ class ClipColorEncoder:
                                           "config.json", "a CLIP model folder (written by CLIPModel.save_pretrained)")
         AutoTokenizer, CLIPModel = transformers.AutoTokenizer, transformers.CLIPModel
 
+        check_clip_model("ClipColorEncoder.from_pretrained: model_id_or_path", model_id_or_path)
         model = CLIPModel.from_pretrained(model_id_or_path, **({"dtype": dtype} if dtype else {}), **kwargs)
         if device is not None:
             model = model.to(device)

@@ -590,16 +590,16 @@ def diffusers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype" if renamed else "torch_dtype": dtype}
 
 
-def unloadable_hub_model(name: str, exc: BaseException) -> str:
-    """Why ``name`` (not a local folder) could not be loaded, and the fix: what the CLI's ``--backbone`` and a
-    training config's ``backbone.name`` both say (after naming the argument)."""
+def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeline folder or 'shapes'") -> str:
+    """Why ``name`` (not a local folder) could not be loaded, and the fix: what the CLI's ``--backbone``, a
+    training config's ``backbone.name`` and a CLIP source's model all say (after naming the argument);
+    ``instead`` names what else the argument takes."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     fix = ("it is not in the local cache and HF_HUB_OFFLINE is set: download it first "
            f"(`huggingface-cli download {name}` with network access)" if offline else
            "check the id, your network and `huggingface-cli login` for gated models")
     reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-    return f"{name!r} is not a local folder and not a loadable hub model; {fix}; or give a pipeline folder or " \
-           f"'shapes' ({reason})"
+    return f"{name!r} is not a local folder and not a loadable hub model; {fix}; or give {instead} ({reason})"
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> int | None:
