@@ -238,3 +238,18 @@ def test_a_seed_beyond_what_torch_takes_is_named():
     with pytest.raises(ValueError, match=r"train config: seed must be an integer in 0..18446744073709551615"):
         config_from_dict({"seed": 10**23})
     assert config_from_dict({"seed": 2**64 - 1}).seed == 2**64 - 1
+
+
+def test_train_and_describe_name_a_config_that_is_not_loaded():
+    """`train("configs/shapes.yaml")` and `train({...})` gave "'str' object has no attribute 'backbone'"."""
+    from xlard.train import describe, train
+    from xlard.train.config import batch_arithmetic
+
+    for call, who in ((train, "train"), (describe, "describe"), (lambda c: batch_arithmetic(c, 1), "batch_arithmetic")):
+        with pytest.raises(TypeError, match=rf"{who}: cfg must be an xlard.train.TrainConfig, got str; load the "
+                                            rf"file first: {who}\(load_config\('configs/shapes.yaml'\)\)"):
+            call("configs/shapes.yaml")
+        with pytest.raises(TypeError, match=rf"got dict; build it from the mapping first: {who}\(config_from_dict"):
+            call({"steps": 3})
+        with pytest.raises(TypeError, match="got NoneType; load one with load_config"):
+            call(None)

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 __all__ = [
     "BackboneSettings", "DataSettings", "RewardSettings", "ModelSettings", "PPOSettings", "OptimSettings",
     "ProjectorSettings", "LogSettings", "ExportSettings", "DistillSettings", "TrainConfig", "load_config", "config_from_dict", "describe",
-    "batch_arithmetic",
+    "batch_arithmetic", "check_train_config",
 ]
 
 
@@ -785,6 +785,7 @@ def batch_arithmetic(cfg: TrainConfig, world_size: int) -> dict[str, int]:
     Raises:
         ValueError: the global batch does not split evenly over the processes.
     """
+    cfg = check_train_config("batch_arithmetic", cfg)
     p, g, k = cfg.ppo.prompts_per_step, cfg.ppo.group_size, cfg.ppo.minibatches
     if p % world_size:
         raise ValueError(f"train config: ppo.prompts_per_step ({p}) must be divisible by the world size "
@@ -807,8 +808,23 @@ def batch_arithmetic(cfg: TrainConfig, world_size: int) -> dict[str, int]:
     }
 
 
+def check_train_config(who: str, cfg) -> TrainConfig:
+    """``cfg`` itself when it is a :class:`TrainConfig`; else a TypeError naming what to call instead (a path:
+    :func:`load_config`; a mapping: :func:`config_from_dict`)."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    if isinstance(cfg, (str, os.PathLike)):
+        fix = f"load the file first: {who}(load_config({str(cfg)!r}))"
+    elif isinstance(cfg, Mapping):
+        fix = f"build it from the mapping first: {who}(config_from_dict(...))"
+    else:
+        fix = "load one with load_config(path) or config_from_dict(mapping)"
+    raise TypeError(f"{who}: cfg must be an xlard.train.TrainConfig, got {type(cfg).__name__}; {fix}")
+
+
 def describe(cfg: TrainConfig, world_size: int = 1) -> str:
     """The resolved config as indented JSON, followed by the batch arithmetic."""
+    cfg = check_train_config("describe", cfg)
     a = batch_arithmetic(cfg, world_size)
     lines = [json.dumps(cfg.to_dict(), indent=2, default=list), "batch arithmetic:",
              f"  {a['items_per_step']} (prompt, seed) items x {a['group_size']} samples = "

@@ -45,7 +45,7 @@ from xlard.models import LatentRewardProjector, ResidualCorrector, aspect_weight
 from xlard.prompts import from_geneval
 from xlard.train import checkpoint as ckpt
 from xlard.train import ppo
-from xlard.train.config import TrainConfig, batch_arithmetic, config_from_dict, describe
+from xlard.train.config import TrainConfig, batch_arithmetic, check_train_config, config_from_dict, describe
 from xlard.train.data import (CALIBRATION_SEED_BASE, MONITOR_SEED_BASE, EncodeCache, Item, PromptData,
                               leave_out_prompts, load_records, refuse_heldout)
 from xlard.train.metrics import MetricsLog, draw_curves, draw_distill_curves
@@ -1067,7 +1067,7 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> dict:
         >>> from xlard.train import load_config, train
         >>> summary = train(load_config("configs/shapes.yaml", overrides={"steps": 20, "out": "runs/try"}))
     """
-    trainer = Trainer(cfg, resume=resume, backbone=backbone)
+    trainer = Trainer(check_train_config("train", cfg), resume=resume, backbone=backbone)
     try:
         return trainer.run()
     finally:
