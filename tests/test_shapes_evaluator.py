@@ -297,13 +297,35 @@ def test_all_input_forms_agree(tmp_path):
     by_batch = E.evaluate(batch, records)
     by_single = [E.evaluate_record(batch[i], r) for i, r in enumerate(records)]
     mixed = E.evaluate([paths[0], images[1], batch[2], batch[3:]], records)
-    for group in (by_path, by_batch, by_single, mixed):
+    # a numpy batch [B, H, W, 3], as xlard.shapes.backbone.generate returns (refused as "expected HxWx3" before)
+    by_numpy_batch = E.evaluate(np.stack(images), records)
+    mixed_numpy = E.evaluate([images[0], np.stack(images[1:])], records)
+    for group in (by_path, by_batch, by_single, mixed, by_numpy_batch, mixed_numpy):
         assert [(r.correct, r.found) for r in group] == [(r.correct, r.found) for r in by_array]
     assert all(r.correct for r in by_array)
     assert by_path[0].filename == paths[0] and by_array[0].filename is None
     rgba = np.concatenate([images[0], np.full((64, 64, 1), 255, np.uint8)], axis=2)
     cv2.imwrite(str(tmp_path / "rgba.png"), rgba[:, :, [2, 1, 0, 3]])
     assert E.evaluate_record(str(tmp_path / "rgba.png"), records[0]).found == by_array[0].found
+
+
+def test_summaries_name_inputs_of_the_wrong_kind(tmp_path):
+    """summarize(records), format_table(results): AttributeError "'dict' object has no attribute 'tag'" and
+    "list indices must be integers" before."""
+    records = _records(["single_object"], 2)
+    results = E.evaluate([P.render_record(r, seed=0).render() for r in records], records)
+    with pytest.raises(TypeError, match=r"summarize: results\[0\] must be a RecordResult .*a GenEval record\? "
+                                        r"score images first: evaluate\(images, records\)"):
+        E.summarize(records)
+    with pytest.raises(TypeError, match="summarize: results must be a list of RecordResult .*got NoneType"):
+        E.summarize(None)
+    with pytest.raises(TypeError, match=r"format_table: summary must be what summarize\(\) returns .*got list; "
+                                        r"per-image results\? pass summarize\(results\)"):
+        E.format_table(results)
+    with pytest.raises(TypeError, match="write_results_jsonl: results\[1\] must be a RecordResult"):
+        E.write_results_jsonl(tmp_path / "r.jsonl", [results[0], "x"])
+    assert not (tmp_path / "r.jsonl").exists()
+    assert "overall" in E.format_table(E.summarize(results))
 
 
 def test_one_record_for_many_images():
@@ -324,7 +346,8 @@ def test_one_record_for_many_images():
     (torch.full((3, 8, 8), -1.0), ValueError, r"\(x \+ 1\) / 2"),
     (torch.full((3, 8, 8), float("nan")), ValueError, "NaN"),
     ("/nonexistent/image.png", FileNotFoundError, "image file not found"),
-    (3.5, TypeError, "expected a path, a uint8 HxWx3 numpy array"),
+    (3.5, TypeError, r"expected a path, a uint8 \[B,\]HxWx3 numpy array"),
+    (np.zeros((2, 3, 64, 64), np.uint8), ValueError, r"image 0\[0\]: .*channels-first"),
 ])
 def test_bad_images_give_clear_errors(image, error, message):
     rec = _records(["single_object"], 1)[0]

@@ -245,7 +245,8 @@ def load_images(images: Any) -> tuple[list[np.ndarray], list[str | None]]:
 
     Args:
         images: a PNG path (``str``/``PathLike``), a numpy ``uint8 [H, W, 3]``
-            array, a torch tensor ``[3, H, W]`` or ``[B, 3, H, W]`` with values in
+            array or ``[B, H, W, 3]`` batch (what :func:`xlard.shapes.backbone.generate`
+            returns), a torch tensor ``[3, H, W]`` or ``[B, 3, H, W]`` with values in
             [0, 1], or a list/tuple of these (flattened in order).
 
     Returns:
@@ -263,6 +264,9 @@ def load_images(images: Any) -> tuple[list[np.ndarray], list[str | None]]:
         if isinstance(item, (str, os.PathLike)):
             arrays.append(_from_file(item))
             names.append(os.fspath(item))
+        elif isinstance(item, np.ndarray) and item.ndim == 4:  # a batch [B, H, W, 3], as generate() returns
+            arrays.extend(_from_numpy(a, f"{what}[{k}]") for k, a in enumerate(item))
+            names.extend([None] * len(item))
         elif isinstance(item, np.ndarray):
             arrays.append(_from_numpy(item, what))
             names.append(None)
@@ -271,7 +275,7 @@ def load_images(images: Any) -> tuple[list[np.ndarray], list[str | None]]:
             arrays.extend(batch)
             names.extend([None] * len(batch))
         else:
-            raise TypeError(f"{what}: expected a path, a uint8 HxWx3 numpy array or a [B,]3xHxW torch "
+            raise TypeError(f"{what}: expected a path, a uint8 [B,]HxWx3 numpy array or a [B,]3xHxW torch "
                             f"tensor, got {type(item).__name__}")
     return arrays, names
 
@@ -568,7 +572,7 @@ def summarize(results: Iterable[RecordResult], *, print_table: bool = False,
         ValueError: a result's tag is not one of GenEval's six.
     """
     tasks: dict[str, dict] = {}
-    for r in results:
+    for r in _results("summarize", results):
         if r.tag not in TAGS:
             raise ValueError(f"summarize: result for {r.prompt!r} has tag {r.tag!r}, not a GenEval task; "
                              f"expected one of {TAGS}")
@@ -590,8 +594,26 @@ def summarize(results: Iterable[RecordResult], *, print_table: bool = False,
     return summary
 
 
+def _results(who: str, results) -> list[RecordResult]:
+    """``results`` as a list, each a :class:`RecordResult`; else a TypeError naming the first bad one."""
+    if isinstance(results, (str, bytes, Mapping)) or not isinstance(results, Iterable):
+        raise TypeError(f"{who}: results must be a list of RecordResult (what evaluate() returns), "
+                        f"got {type(results).__name__}")
+    results = list(results)
+    for i, r in enumerate(results):
+        if not isinstance(r, RecordResult):
+            hint = "; a GenEval record? score images first: evaluate(images, records)" if isinstance(r, Mapping) else ""
+            raise TypeError(f"{who}: results[{i}] must be a RecordResult (what evaluate() returns), "
+                            f"got {type(r).__name__}{hint}")
+    return results
+
+
 def format_table(summary: Mapping) -> str:
     """A readable table of :func:`summarize`'s output."""
+    if not isinstance(summary, Mapping) or not all(k in summary for k in ("tasks", "correct", "total", "overall")):
+        hint = ("; per-image results? pass summarize(results)" if isinstance(summary, (list, tuple)) else "")
+        raise TypeError(f"format_table: summary must be what summarize() returns (a mapping with tasks, correct, "
+                        f"total, overall), got {type(summary).__name__}{hint}")
     lines = [f"{'task':<16}{'correct':>9}{'total':>8}{'score':>9}", "-" * 42]
     for tag, v in summary["tasks"].items():
         lines.append(f"{tag:<16}{v['correct']:>9}{v['total']:>8}{v['score']:>9.4f}")
@@ -605,7 +627,7 @@ def format_table(summary: Mapping) -> str:
 
 def write_results_jsonl(path: str | os.PathLike, results: Iterable[RecordResult]) -> Path:
     """Write one JSON line per image (:meth:`RecordResult.to_dict`), atomically."""
-    return write_jsonl(path, (r.to_dict() for r in results))
+    return write_jsonl(path, (r.to_dict() for r in _results("write_results_jsonl", results)))
 
 
 __all__ = [
