@@ -92,6 +92,21 @@ def test_readme_python_examples_run(index, tmp_path):
         assert "asked for 3 circles" in proc.stdout, proc.stdout
 
 
+def test_shapes_doc_python_example_runs(tmp_path):
+    """docs/shapes.md's evaluation example (the shipped backbone's images, the exact evaluator's table)."""
+    from xlard.shapes import backbone
+
+    if not backbone.is_available():
+        pytest.skip("shapes backbone weights not installed")
+    (code,) = _blocks(ROOT / "docs" / "shapes.md", "python")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "overall" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("a photo of a square ")
+
+
 def test_readme_has_python_examples_for_the_ops_and_the_method():
     blocks = _blocks(README, "python")
     assert any("xlard.ops as ops" in b for b in blocks)
