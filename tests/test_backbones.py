@@ -23,6 +23,7 @@ import tiny_pipelines  # noqa: E402
 
 from xlard.backbones import (Backbone, BackboneState, DiffusersBackbone, correction_index,  # noqa: E402
                              make_generators)
+from xlard.backbones.diffusers_backbone import diffusers_dtype_kwargs  # noqa: E402
 from xlard.models import ResidualCorrector  # noqa: E402
 from xlard.prompts import parse  # noqa: E402
 
@@ -307,6 +308,25 @@ def test_from_pretrained_dtype_loads_without_a_deprecation_warning(sd_path):
         warnings.filterwarnings("error", message=".*torch_dtype.*", category=FutureWarning)
         loaded = DiffusersBackbone.from_pretrained(sd_path, torch_dtype=torch.float16, num_inference_steps=STEPS)
     assert loaded.dtype == torch.float16
+
+
+def test_a_pipeline_stored_in_float16_loads_in_one_dtype(sd_path, tmp_path):
+    """A pipeline saved in float16 (as the shipped shapes backbone is) loaded without torch_dtype: diffusers made
+    the UNet float32, transformers kept the text encoder float16, and generate failed in the first step with
+    "mat1 and mat2 must have the same dtype". The default is float32 for every component now; a pipeline
+    handed over with such a mix is refused by name."""
+    from diffusers import DiffusionPipeline
+
+    half = tmp_path / "half"
+    DiffusionPipeline.from_pretrained(sd_path, **diffusers_dtype_kwargs(torch.float16)).save_pretrained(half)
+    loaded = DiffusersBackbone.from_pretrained(half, num_inference_steps=STEPS)
+    assert loaded.dtype == torch.float32 and loaded.pipeline.text_encoder.dtype == torch.float32
+    assert loaded.generate(["a photo of a cat"], seed=0).decoded.images.shape[0] == 1
+    mixed = DiffusionPipeline.from_pretrained(half, **diffusers_dtype_kwargs(torch.float32))
+    mixed.text_encoder.to(torch.float16)
+    with pytest.raises(ValueError, match=r"pipeline.text_encoder is torch.float16 but its denoiser is "
+                                         r"torch.float32: load the pipeline with one dtype"):
+        DiffusersBackbone(mixed, num_inference_steps=STEPS)
 
 
 def test_from_pretrained_names_a_missing_or_wrong_folder_before_loading(tmp_path):

@@ -128,6 +128,18 @@ def test_decoded_is_checked():
         with pytest.raises(ValueError, match=pattern):
             source(one(images))
     source(one((image * 1.02 - 0.01)))  # rounding past the range is fine (the model clamps)
+    # A Generation or bare images instead of a Decoded ("decoded.specs must hold ... got NoneType of 0" before).
+    from xlard.backbones.base import Generation
+
+    generation = Generation(decoded=one(image), state=None, zc=torch.zeros(1), lam=None)
+    with pytest.raises(ValueError, match=r"got a Generation; pass its .decoded"):
+        score(generation, source)
+    with pytest.raises(ValueError, match=r"got a tensor \(1, 3, 64, 64\); pass backbone.decode\(state\)"):
+        score(image, source)
+    assert score(generation.decoded, source).source == "shapes"
+    with pytest.raises(ValueError, match=r"ExplainableRewards: config must be a RewardConfig, got ShapesSource; "
+                                         r"pass source.reward_config\(\)"):
+        ExplainableRewards(source)
 
 
 # ---------------------------------------------------------------------------

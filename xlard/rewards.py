@@ -943,7 +943,9 @@ class ExplainableRewards:
     ) -> None:
         self.config = config or RewardConfig()
         if not isinstance(self.config, RewardConfig):
-            raise ValueError(f"config must be a RewardConfig, got {type(self.config).__name__}")
+            hint = "; pass source.reward_config()" if callable(getattr(self.config, "reward_config", None)) else ""
+            raise ValueError(f"ExplainableRewards: config must be a RewardConfig, got "
+                             f"{type(self.config).__name__}{hint}")
         if color_encoder is not None and not isinstance(color_encoder, ColorFeatureEncoder):
             raise ValueError(f"color_encoder must have encode_images and embed_colors, got "
                              f"{type(color_encoder).__name__}")

@@ -70,6 +70,13 @@ SOURCES = ("attention", "shapes", "clip")
 
 
 def _decoded_parts(decoded: Any, who: str) -> tuple[torch.Tensor, tuple[PromptSpec, ...]]:
+    if hasattr(decoded, "decoded") and hasattr(decoded, "state"):  # a Generation
+        raise ValueError(f"{who}: decoded must be an xlard.backbones.Decoded, got a {type(decoded).__name__}; "
+                         f"pass its .decoded (backbone.generate(...).decoded)")
+    if isinstance(decoded, torch.Tensor):
+        raise ValueError(f"{who}: decoded must be an xlard.backbones.Decoded (images with their prompt specs), got "
+                         f"a tensor {tuple(decoded.shape)}; pass backbone.decode(state) or "
+                         f"backbone.generate(...).decoded")
     images = getattr(decoded, "images", None)
     specs = getattr(decoded, "specs", None)
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:

@@ -602,6 +602,20 @@ def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeli
     return f"{name!r} is not a local folder and not a loadable hub model; {fix}; or give {instead} ({reason})"
 
 
+def _check_text_dtypes(pipeline, dtype: torch.dtype) -> None:
+    """The text encoders must run in the denoiser's dtype (their outputs condition it); a mix (a float16 text
+    encoder beside a float32 UNet) failed inside the first denoising step ("mat1 and mat2 must have the same
+    dtype")."""
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipeline, name, None)
+        if isinstance(module, torch.nn.Module):
+            found = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+            if found is not None and found != dtype:
+                raise ValueError(f"pipeline.{name} is {found} but its denoiser is {dtype}: load the pipeline with "
+                                 f"one dtype (DiffusersBackbone.from_pretrained(..., torch_dtype={dtype}) or "
+                                 f"pipeline.to(dtype={dtype}))")
+
+
 def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
         return None
@@ -717,6 +731,7 @@ class DiffusersBackbone(Backbone):
                                  f"{type(color_encoder).__name__}")
         self.family = _family_for(pipeline)
         self.pipeline = pipeline
+        _check_text_dtypes(pipeline, self.family.dtype)
         if max_sequence_length is not None:
             if self.family.max_sequence_length is None:
                 raise ValueError(f"max_sequence_length applies to T5-based pipelines (SD3, FLUX, PixArt), not "
@@ -756,7 +771,11 @@ class DiffusersBackbone(Backbone):
         Args:
             model_id_or_path: a hub model id or a local folder written by
                 ``save_pretrained``.
-            torch_dtype: the pipeline's dtype (e.g. ``torch.float16``).
+            torch_dtype: the pipeline's dtype (e.g. ``torch.float16``); default
+                ``torch.float32`` for every component (diffusers' own default for
+                its models; transformers would otherwise keep a text encoder
+                stored in float16 in float16, which the float32 denoiser cannot
+                take).
             device: where to move the pipeline (``pipe.to(device)``).
             **pipeline_kwargs: passed to ``DiffusionPipeline.from_pretrained``
                 (``variant``, ``revision``, ``scheduler``, ...).
@@ -789,8 +808,7 @@ class DiffusersBackbone(Backbone):
                                           "a diffusers pipeline folder (written by pipeline.save_pretrained)")
         from diffusers import DiffusionPipeline
 
-        if torch_dtype is not None:
-            pipeline_kwargs.update(diffusers_dtype_kwargs(torch_dtype))
+        pipeline_kwargs.update(diffusers_dtype_kwargs(torch.float32 if torch_dtype is None else torch_dtype))
         pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)
         if device is not None:
             pipe = pipe.to(device)
