@@ -414,6 +414,13 @@ def test_html_from_reward_result_like_object(tmp_path):
     assert "absent" in text and "0.600" in text
     with pytest.raises(ValueError, match="one per prompt"):
         report_items(["a", "b"], after=torch.stack([_image()]))
+    # a single prompt string counted its characters as prompts ("after has 1 items, expected 5"); None gave a
+    # TypeError from len()
+    with pytest.raises(TypeError, match=r"report_items: prompts must be a sequence of prompt strings .*got str "
+                                        r"\(one prompt\? pass \[prompt\]\)"):
+        report_items("a cat", after=torch.stack([_image()]))
+    with pytest.raises(TypeError, match="got NoneType"):
+        report_items(None)
 
 
 def test_html_bad_items(tmp_path):

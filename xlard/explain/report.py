@@ -109,6 +109,11 @@ def report_items(
         >>> write_html_report("r.html", report_items(prompts, res, before=x0, after=xc, lam=lam))
     """
     fn = "report_items"
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) \
+            or not all(isinstance(q, str) for q in prompts):
+        raise TypeError(_err(fn, f"prompts must be a sequence of prompt strings (one per image), got "
+                                 f"{type(prompts).__name__}"
+                                 + (" (one prompt? pass [prompt])" if isinstance(prompts, str) else "")))
     n = len(prompts)
 
     def pick(seq, i, name):
