@@ -237,6 +237,32 @@ def test_tiny_diffusers_families(tmp_path, family):
     assert Path(summary["corrector"], "model.safetensors").is_file()
 
 
+@needs_shapes
+def test_the_shapes_source_refuses_prompts_it_cannot_see(tmp_path):
+    """reward.source: shapes on a real backbone's prompts ("two cats") loaded everything, warmed R_phi up and
+    failed at the first reward ("entity 0 ('cat') ... has no map"); now before any step, naming the record."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_pipelines as TP
+
+    from xlard.train import train
+
+    folder = TP.tiny_sd_pipeline(tmp_path / "sd")
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "exclude": [],
+                "prompt": "a photo of a red circle"},
+               {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [],
+                "prompt": "a photo of two cats"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = tiny_config(tmp_path / "run", steps=1, backbone={"name": str(folder), "guidance_scale": 2.0},
+                      reward={"source": "shapes"},
+                      data={"prompts": str(prompts), "max_prompts": None, "monitor_size": 0})
+    with pytest.raises(ValueError, match=r"data.prompts: .*prompts.jsonl record 1 \('a photo of two cats'\) asks "
+                                         r"for the noun 'cat', which the 'shapes' reward source cannot see .*"
+                                         r"use reward.source: clip"):
+        train(cfg)
+    assert not list((tmp_path / "run").glob("ckpt-*.pt"))
+
+
 def _config_file(tmp_path: Path, **changes) -> Path:
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(_merge(TINY, changes)))

@@ -368,6 +368,22 @@ class Trainer:
         check = getattr(self.backbone, "check_prompts", None)  # a duck-typed backbone may not have it
         if check is not None:
             check([from_geneval(r) for r in records], lambda i: f"{where} record {i}")
+        source = getattr(self.reward_fn, "source", None)
+        from xlard.sources import ShapesSource
+
+        if isinstance(source, ShapesSource):  # its eyes know the shapes world's words only
+            known_colors = set(source.model.config.colors)
+            for i, record in enumerate(records):
+                for item in record.get("include", ()):
+                    noun, color = item.get("class"), item.get("color")
+                    unknown = (f"the noun {noun!r}" if source.noun_index(str(noun)) is None else
+                               f"the color {color!r}" if color is not None and color not in known_colors else None)
+                    if unknown:
+                        raise ValueError(
+                            f"{where} record {i} ({record.get('prompt')!r}) asks for {unknown}, which the 'shapes' "
+                            f"reward source cannot see (its understanding model knows "
+                            f"{', '.join(source.model.config.shapes)} in {', '.join(source.model.config.colors)}); "
+                            f"for other prompts use reward.source: clip (or attention)")
 
     def _monitor_items(self, train_records) -> list[Item]:
         n = self.cfg.data.monitor_size
