@@ -107,8 +107,12 @@ def test_reward_factory_refuses_what_it_cannot_honour():
         build_reward_fn(RewardSettings(source="evaluator"), backbone=None)
     with pytest.raises(ValueError, match="unknown source"):
         build_reward_fn(RewardSettings(source="ears"), backbone=None)
-    with pytest.raises(ValueError, match="unknown options"):
+    with pytest.raises(ValueError, match=r"train config reward.options: \['x'\] are not options of the 'attention' "
+                                         r"source; it takes \['color_encoder'\]"):
         build_reward_fn(RewardSettings(source="attention", options={"x": 1}), backbone=None)
+    # the shapes recipes' options kept after `--set reward.source=clip`: named as the config's key
+    with pytest.raises(ValueError, match=r"reward.options: \['count_confidence'\] are not options of the 'clip'"):
+        build_reward_fn(RewardSettings(source="clip", options={"count_confidence": False}), backbone=None)
     with pytest.raises(ValueError, match="pass model="):
         build_reward_fn(RewardSettings(source="clip"), backbone=None)
     with pytest.raises(ValueError, match="unknown source"):

@@ -63,7 +63,7 @@ from xlard.prompts import PromptSpec, singularize
 from xlard.rewards import ExplainableRewards, RewardConfig, RewardResult, component_means
 
 __all__ = ["RewardSource", "AttentionSource", "ShapesSource", "ClipSource", "SOURCES", "get_source",
-           "default_source_for", "score"]
+           "default_source_for", "source_options", "score"]
 
 #: The names :func:`get_source` knows.
 SOURCES = ("attention", "shapes", "clip")
@@ -518,14 +518,11 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         >>> get_source("attention").name
         'attention'
     """
-    allowed = {"attention": {"color_encoder"},
-               "shapes": {"path", "model", "device", *_SHAPES_SETTINGS},
-               "clip": {"model", "tokenizer", "device", "dtype", "noun_template", "color_template", "background"}}
-    if name not in allowed:
+    if name not in SOURCES:
         raise ValueError(f"get_source: unknown source {name!r}; expected one of {SOURCES}")
-    unknown = sorted(set(options) - allowed[name])
+    unknown = sorted(set(options) - source_options(name))
     if unknown:
-        raise ValueError(f"get_source({name!r}): unknown options {unknown}; it takes {sorted(allowed[name])}")
+        raise ValueError(f"get_source({name!r}): unknown options {unknown}; it takes {sorted(source_options(name))}")
     device = as_device(options.pop("device", None), f"get_source({name!r})") or getattr(backbone, "device", None)
     if name == "attention":
         return AttentionSource(options.get("color_encoder"), backbone=backbone)
@@ -547,6 +544,20 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
     if device is not None:
         model = model.to(device)
     return ClipSource(model, tokenizer, **options)
+
+
+def source_options(name: str) -> frozenset[str]:
+    """The keyword options :func:`get_source` takes for the source ``name``.
+
+    Raises:
+        ValueError: an unknown source name.
+    """
+    allowed = {"attention": {"color_encoder"},
+               "shapes": {"path", "model", "device", *_SHAPES_SETTINGS},
+               "clip": {"model", "tokenizer", "device", "dtype", "noun_template", "color_template", "background"}}
+    if name not in allowed:
+        raise ValueError(f"get_source: unknown source {name!r}; expected one of {SOURCES}")
+    return frozenset(allowed[name])
 
 
 def score(decoded: Any, source: RewardSource, rewards: ExplainableRewards | None = None,

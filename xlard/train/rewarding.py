@@ -63,6 +63,10 @@ def build_reward_fn(settings, backbone) -> Callable[..., RewardResult]:
             evaluator, options the source does not take).
     """
     name = resolve_source_name(settings, backbone)
+    unknown = sorted(set(settings.options) - set(sources.source_options(name)))
+    if unknown:  # named as the config's key (options written for another source, e.g. after --set reward.source=)
+        raise ValueError(f"train config reward.options: {unknown} are not options of the {name!r} source; it takes "
+                         f"{sorted(sources.source_options(name))}")
     source = sources.get_source(name, backbone=backbone, **dict(settings.options))
     overrides = {} if settings.bind_color is None else {"bind_color": settings.bind_color}
     rewards = ExplainableRewards(source.reward_config(**overrides))
