@@ -263,6 +263,33 @@ def test_the_shapes_source_refuses_prompts_it_cannot_see(tmp_path):
     assert not list((tmp_path / "run").glob("ckpt-*.pt"))
 
 
+@needs_shapes
+def test_a_diverged_update_stops_the_run_before_its_checkpoints_push_the_good_ones_out(tmp_path, monkeypatch):
+    """A NaN in the weights was trained on and checkpointed: two more steps (keep_checkpoints 2) and every good
+    checkpoint was gone, the exported corrector NaN. Now the run stops at that step, naming the last good one."""
+    from xlard.train import trainer as T
+    from xlard.train.checkpoint import load_checkpoint
+
+    real_step = T.Trainer.train_step
+
+    def diverging_step(self):
+        row = real_step(self)
+        if self.step == 3:
+            with torch.no_grad():
+                next(self.corrector.parameters()).fill_(float("nan"))
+        return row
+
+    monkeypatch.setattr(T.Trainer, "train_step", diverging_step)
+    with pytest.raises(ValueError, match=r"step 3: the corrector's weights became NaN or infinite in this step's "
+                                         r"update .* its newest checkpoint, ckpt-00000002.pt \(step 2\), is "
+                                         r"untouched; train again with a lower optim.lr \(now 0.001\)"):
+        T.train(tiny_config(tmp_path / "run", steps=5))
+    names = sorted(p.name for p in (tmp_path / "run").glob("ckpt-*.pt"))
+    assert names == ["ckpt-00000001.pt", "ckpt-00000002.pt"]
+    state = load_checkpoint(tmp_path / "run" / "ckpt-00000002.pt")
+    assert all(torch.isfinite(v).all() for v in state["corrector"].values() if v.is_floating_point())
+
+
 def _config_file(tmp_path: Path, **changes) -> Path:
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(_merge(TINY, changes)))

@@ -891,6 +891,23 @@ class Trainer:
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
         return float(diff)
 
+    def _check_finite(self) -> None:
+        """Stop the run when this step's update left a NaN or an infinity in the models: nothing after it would be
+        worth keeping, and its checkpoints would push the last good ones out (``log.keep_checkpoints``)."""
+        parts = (("corrector", self.corrector.parameters()), ("projector", self.projector.parameters()),
+                 ("EMA", self.ema.shadow.values() if self.ema is not None else ()))
+        for name, tensors in parts:
+            if all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+                continue
+            found = ckpt.list_checkpoints(self.out)
+            last = (f"its newest checkpoint, {found[-1][1].name} (step {found[-1][0]}), is untouched" if found else
+                    "it has no checkpoint yet")
+            o = self.cfg.optim
+            raise ValueError(f"step {self.step}: the {name}'s weights became NaN or infinite in this step's update "
+                             f"(the optimisation diverged); the run stopped without checkpointing them, and {last}; "
+                             f"train again with a lower optim.lr (now {o.lr:g}) or optim.max_grad_norm (now "
+                             f"{o.max_grad_norm:g}; 0 is off), into a new --out")
+
     def save(self) -> Path | None:
         """Write a checkpoint of everything (rank 0 writes; every rank contributes its buffer and RNGs).
 
@@ -1048,6 +1065,7 @@ class Trainer:
                 # The row goes to disk before the checkpoint of its step: a run killed in between
                 # resumes from the previous checkpoint and rewrites the row, so none is ever lost.
                 self.log.write(row)
+            self._check_finite()  # before a checkpoint could rotate the last good one out
             if self.step % cfg.log.checkpoint_every == 0 or self.step == cfg.steps:
                 t = time.perf_counter()
                 self.save()
