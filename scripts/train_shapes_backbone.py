@@ -136,10 +136,10 @@ class TrainConfig:
         number("ema_decay", 0, 1, high_open=True)
         if not 0 <= self.seed < 2 ** 64:
             raise ValueError(f"--seed must be in [0, 2**64), got {self.seed}")
-        for name in ("vae_max_steps", "max_steps", "warmup_steps"):
+        for name, note in (("vae_max_steps", " (0: no step limit)"), ("max_steps", " (0: no step limit)"),
+                           ("warmup_steps", "")):
             if getattr(self, name) < 0:
-                raise ValueError(f"{flag(name)} must be >= 0 (0: no step limit), got {getattr(self, name)}"
-                                 if name != "warmup_steps" else f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+                raise ValueError(f"{flag(name)} must be >= 0{note}, got {getattr(self, name)}")
         for name in ("batch_size", "vae_batch_size", "threads", "text_dim", "text_layers", "latent_channels",
                      "unet_heads", "sample_images", "sample_steps", "log_every"):
             if getattr(self, name) < 1:

@@ -559,11 +559,10 @@ class ClipColorEncoder:
         """
         transformers = require("transformers", "xlard.color_features.ClipColorEncoder.from_pretrained")
         device = as_device(device, "ClipColorEncoder.from_pretrained")
-        model_id_or_path = model_location("ClipColorEncoder.from_pretrained: model_id_or_path", model_id_or_path,
-                                          "config.json", "a CLIP model folder (written by CLIPModel.save_pretrained)")
+        # the folder or hub id checked (and a hub id's config read) before the weights load
+        model_id_or_path = check_clip_model("ClipColorEncoder.from_pretrained: model_id_or_path", model_id_or_path)
         AutoTokenizer, CLIPModel = transformers.AutoTokenizer, transformers.CLIPModel
 
-        check_clip_model("ClipColorEncoder.from_pretrained: model_id_or_path", model_id_or_path)
         model = CLIPModel.from_pretrained(model_id_or_path, **({"dtype": dtype} if dtype else {}), **kwargs)
         if device is not None:
             model = model.to(device)
