@@ -144,9 +144,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", help="write the markdown table here")
     parser.add_argument("--from-json", help="summarise an existing pytest-benchmark JSON instead of running")
     args = parser.parse_args(argv)
+    from xlard import _io
+
+    problem = _io.unwritable_output(files={"--json": args.json, "--markdown": args.markdown})
+    if problem:  # now, not after minutes of benchmarks
+        parser.error(problem)
     if args.from_json:
-        with open(args.from_json) as fh:
-            data = json.load(fh)
+        try:
+            with open(args.from_json, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            parser.error(f"--from-json: cannot read {args.from_json}: {' '.join(str(e).split())}")
+        if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+            parser.error(f"--from-json: {args.from_json} is not a pytest-benchmark JSON (no 'benchmarks' list; "
+                         "write one with pytest --benchmark-json FILE)")
     else:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "bench.json")
@@ -157,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(rows, verdicts, data.get("machine_info", {}))
     print("\n" + md)
     if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write(md + "\n")
+        _io.atomic_write_text(args.markdown, md + "\n", owner="benches.report --markdown")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "verdicts": verdicts, "machine": data.get("machine_info", {})}, fh, indent=2)
+        _io.atomic_write_json(args.json, {"rows": rows, "verdicts": verdicts, "machine": data.get("machine_info", {})},
+                              owner="benches.report --json", indent=2)
     return 0
 
 

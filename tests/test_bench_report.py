@@ -1,4 +1,4 @@
-"""benches/report.py (the README's first quickstart command) summarises every kind of benchmark row."""
+"""benches/report.py (the README's ops throughput report) summarises every kind of benchmark row and checks its files first."""
 from __future__ import annotations
 
 import sys
@@ -33,3 +33,32 @@ def test_summarise_reads_every_row_kind():
     assert any("2.52 G pixels/s" in v and v.startswith("met ") for v in verdicts)
     text = to_markdown(rows, verdicts, {"processor": "x", "cpu_count": 2})
     assert "| count_components float32 8x77x64x64 | opencv_loop |" in text
+
+
+def test_report_checks_its_files_before_running_benchmarks(tmp_path, capsys, monkeypatch):
+    """--json/--markdown that cannot be written failed only after the benchmarks had run (minutes), and a missing
+    or foreign --from-json gave a traceback."""
+    import json
+    import re
+
+    import pytest
+
+    from benches import report
+
+    monkeypatch.setattr(report, "run_benchmarks", lambda *a: pytest.fail("benchmarks ran before the checks"))
+    (tmp_path / "records.jsonl").write_text('{"a": 1}\n{"b": 2}\n')
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    for argv, text in ((["--json", str(tmp_path / "no" / "r.json")], "--json: cannot write"),
+                       (["--markdown", str(tmp_path)], "--markdown: .* is a folder"),
+                       (["--from-json", str(tmp_path / "missing.json")], "--from-json: cannot read .*No such file"),
+                       (["--from-json", str(tmp_path / "records.jsonl")], "--from-json: cannot read .*Extra data"),
+                       (["--from-json", str(tmp_path / "other.json")], "is not a pytest-benchmark JSON")):
+        with pytest.raises(SystemExit) as e:
+            report.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err and re.search(text, err), (argv, err)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"benchmarks": [_bench("g", 0.001, provider="xlard", pixels=10)]}))
+    assert report.main(["--from-json", str(bench), "--json", str(tmp_path / "s.json"),
+                        "--markdown", str(tmp_path / "s.md")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] and "| g | xlard |" in (tmp_path / "s.md").read_text()
