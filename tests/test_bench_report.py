@@ -1,4 +1,5 @@
-"""benches/report.py (the README's ops throughput report) summarises every kind of benchmark row and checks its files first."""
+"""benches/report.py (the README's ops throughput report) summarises every kind of benchmark row, and checks
+its files first."""
 from __future__ import annotations
 
 import sys
