@@ -97,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-install", action="store_true", help="train only; leave package data alone")
     parser.add_argument("--install-only", action="store_true", help="install the finished run in --out")
     args = parser.parse_args(argv)
+    if args.install_only and args.no_install:
+        parser.error("--install-only and --no-install together would do nothing; give one of them")
+    if args.install_only:  # a finished run: its exported corrector and the files the model card reads
+        missing = [name for name in ("corrector", "summary.json", "config.json", "metrics.jsonl")
+                   if not (Path(args.out) / name).exists()]
+        if missing:
+            parser.error(f"--install-only: {args.out} holds no finished run (missing {', '.join(missing)}); "
+                         "train it first (without --install-only, or with --resume to finish it)")
     from xlard import _io
 
     # The package data's folder is replaced whole, so its parent must take a new folder.

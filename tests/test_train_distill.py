@@ -124,7 +124,7 @@ def test_decoder_space_fit_lowers_the_decoded_error():
 
 
 @needs_shapes
-def test_distill_run_exports_a_trained_corrector(tmp_path, shapes_final):
+def test_distill_run_exports_a_trained_corrector(tmp_path, shapes_final, capsys):
     from xlard.evaluation import load_corrector_dir
     from xlard.train import train
     from xlard.train.distill import DISTILL_SEED_BASE
@@ -172,6 +172,13 @@ def test_distill_run_exports_a_trained_corrector(tmp_path, shapes_final):
     assert torch.equal(installed.head.weight, corrector.head.weight)
     with pytest.raises(SystemExit):  # an unwritable run folder fails before training, not after it
         script.main(["--out", "/proc/no/such"])
+    # --install-only of a folder with no finished run: a FileNotFoundError traceback before; and together with
+    # --no-install it did nothing without a word (the package data is never reached: TARGET is the tmp copy)
+    for argv in (["--install-only", "--out", str(tmp_path / "no_run")], ["--install-only", "--no-install"]):
+        with pytest.raises(SystemExit) as e:
+            script.main(argv)
+        assert e.value.code == 2
+    assert "holds no finished run (missing corrector, summary.json" in capsys.readouterr().err
 
 
 @needs_shapes
