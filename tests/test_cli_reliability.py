@@ -400,6 +400,40 @@ def test_eval_with_a_backbone_never_scores_stale_prompt_folders(tmp_path, capsys
     assert len(results.read_text().splitlines()) == 3
 
 
+def test_dtype_loads_the_backbone_in_half_precision_and_is_part_of_the_settings(tmp_path, capsys, monkeypatch):
+    """--dtype (a real model on a GPU needs half precision; every backbone loaded in float32 before)."""
+    from tiny_pipelines import tiny_sd_pipeline
+
+    from xlard import evaluation
+    from xlard.backbones import DiffusersBackbone
+
+    import torch
+
+    pipe = tiny_sd_pipeline(tmp_path / "pipe")
+    capsys.readouterr()  # what building the pipeline printed
+    out = tmp_path / "g"
+    argv = ["generate", "a red circle", "--backbone", pipe, "--steps", 2, "--out", out, "--quiet"]
+    code, _, err = run(argv + ["--dtype", "float16"], capsys)  # before anything loads
+    assert code == 2 and not out.exists()
+    one_line_error(err, "--dtype: float16 runs on a GPU (--device cuda)")
+    loaded = []
+    real = DiffusersBackbone.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        backbone = real(cls, *args, **kwargs)
+        loaded.append(backbone.dtype)
+        return backbone
+
+    monkeypatch.setattr(DiffusersBackbone, "from_pretrained", classmethod(spy))
+    assert run(argv + ["--dtype", "bfloat16"], capsys)[0] == 0
+    assert loaded == [torch.bfloat16] and (out / "0000_seed0.png").is_file()
+    code, _, err = run(argv + ["--resume"], capsys)  # float32 now: other settings
+    assert code == 2
+    one_line_error(err, "--resume", "differ: dtype")
+    with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
+        evaluation.load_backbone_for(evaluation.CorrectorMeta("shapes", 1.0, 1.0, 2, 5.0), dtype="float64")
+
+
 def test_generate_refuses_overwrites_and_resumes(tmp_path, capsys):
     from tiny_pipelines import tiny_sd_pipeline
 

@@ -269,16 +269,29 @@ def _loads_models(args) -> bool:
         getattr(args, name, None) for name in ("backbone", "corrector", "correct"))
 
 
+def _check_dtype(args) -> None:
+    """``--dtype``: float16 needs a GPU (the CPU runs float32 or bfloat16); checked before anything loads."""
+    dtype = getattr(args, "dtype", None)
+    if dtype == "float16" and (args.device is None or args.device.split(":")[0] == "cpu"):
+        raise UsageError("--dtype: float16 runs on a GPU (--device cuda); on the CPU use float32 (the default) or "
+                         "bfloat16")
+
+
+def _dtype_setting(args) -> dict:
+    """``--dtype`` in an output folder's settings (only when given, so earlier runs' settings still match)."""
+    return {"dtype": args.dtype} if getattr(args, "dtype", None) else {}
+
+
 def _load_backbone(args):
     import torch
 
     from xlard.backbones import DiffusersBackbone
 
     _check_device(args.device)
+    _check_dtype(args)
     target = _check_backbone(args.backbone)
-    # Weights may ship in float16 (the shapes backbone does, to stay small); CPUs run float32.
-    on_cpu = args.device in (None, "cpu")
-    kwargs = {"capture": False, "torch_dtype": torch.float32 if on_cpu else None}
+    # Weights may ship in float16 (the shapes backbone does, to stay small): float32 unless --dtype says otherwise.
+    kwargs = {"capture": False, "torch_dtype": getattr(torch, args.dtype or "float32")}
     steps, guidance = args.steps, args.guidance
     if args.backbone == "shapes":  # the sampler settings the shipped model was evaluated with
         from xlard.shapes import backbone as shapes_backbone
@@ -502,7 +515,8 @@ def _cmd_generate(args) -> int:
 
         def decide(run_settings: dict) -> bool:  # once the corrector is known: refuse, overwrite or resume
             settings.update(prompts=list(args.prompt), per_prompt=args.per_prompt, seed=args.seed,
-                            backbone=args.backbone, steps=args.steps, guidance=args.guidance, **run_settings)
+                            backbone=args.backbone, steps=args.steps, guidance=args.guidance, **_dtype_setting(args),
+                            **run_settings)
             return _check_output_folder(args, out, "--out", settings, owned)
 
         return evaluation.run_generate_cli(args, decide=decide,
@@ -517,8 +531,9 @@ def _cmd_generate(args) -> int:
     out = Path(args.out)
     names = [f"{i:04d}_seed{seeds[i]}.png" for i in range(len(prompts))]
     settings = {"prompts": list(args.prompt), "per_prompt": args.per_prompt, "seed": args.seed,
-                "backbone": args.backbone, "steps": args.steps, "guidance": args.guidance}
+                "backbone": args.backbone, "steps": args.steps, "guidance": args.guidance, **_dtype_setting(args)}
     _check_device(args.device)
+    _check_dtype(args)
     _check_backbone(args.backbone)
     owned = _owned(out, _IMAGE_NAME, folders=False)
     resuming = _check_output_folder(args, out, "--out", settings, owned)
@@ -670,10 +685,11 @@ def _cmd_eval(args) -> int:
         records = _read_records(args.prompts)
         out = Path(args.out or "xlard-eval")
         settings = {"records": _records_digest(records), "count": len(records), "seed": args.seed,
-                    "backbone": args.backbone, "steps": args.steps, "guidance": args.guidance}
+                    "backbone": args.backbone, "steps": args.steps, "guidance": args.guidance, **_dtype_setting(args)}
         if args.seed + len(records) - 1 > MAX_SEED:
             raise UsageError(f"--seed: image seeds run up to {args.seed + len(records) - 1}, above {MAX_SEED}")
         _check_device(args.device)
+        _check_dtype(args)
         _check_backbone(args.backbone)
         owned = _owned(out, _UNIT_NAME, folders=True)
         resuming = _check_output_folder(args, out, "--out", settings, owned)
@@ -768,6 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--guidance", type=_finite_float, default=None, help="classifier-free guidance scale")
         p.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=8, help="prompts per forward pass")
         p.add_argument("--device", default=None, help="e.g. cuda; default: CPU")
+        p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                       help="the backbone's weights and latents (default float32; bfloat16 or float16 on a GPU "
+                            "halve its memory, which large models need)")
         p.add_argument("--seed", type=seed_type, default=0, help="image i uses seed + i")
         p.add_argument("--corrector", help="a corrector folder (see docs/evaluation.md): base vs corrected")
         p.add_argument("--correct", action="store_true", help="use the corrector shipped for --backbone")

@@ -347,8 +347,13 @@ def shipped_corrector_path(backbone: str = "shapes") -> Path:
     return path
 
 
+#: The dtypes :func:`load_backbone_for` (and the CLI's ``--dtype``) load a backbone in.
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
 def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, device=None, corrector=None,
-                      num_inference_steps: int | None = None, guidance_scale: float | None = None):
+                      num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                      dtype: torch.dtype | str | None = None):
     """Load the diffusers backbone a corrector was trained for, at its ``correction_step``.
 
     Args:
@@ -359,6 +364,7 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
         corrector: when given, :func:`check_corrector_fits` runs on the loaded backbone.
         num_inference_steps, guidance_scale: overrides (must equal the metadata's
             when ``corrector`` is given).
+        dtype: the backbone's dtype (a torch dtype or its name; default float32).
 
     Returns:
         xlard.backbones.DiffusersBackbone without attention capture.
@@ -371,6 +377,10 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
 
     from xlard.backbones import DiffusersBackbone
 
+    torch_dtype = getattr(torch, dtype) if dtype in _DTYPE_NAMES else dtype if dtype is not None else torch.float32
+    if not isinstance(torch_dtype, torch.dtype) or torch_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"load_backbone_for: dtype must be float32, bfloat16 or float16 (a torch dtype or its "
+                         f"name), got {dtype!r}")
     name = backbone or meta.backbone
     if name == "shapes":
         from xlard.shapes import backbone as shapes_backbone
@@ -379,12 +389,11 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
         if not shapes_backbone.is_available(folder):
             raise FileNotFoundError(shapes_backbone.not_installed())
         name = str(folder)
-    on_cpu = device is None or torch.device(device).type == "cpu"
     loaded = DiffusersBackbone.from_pretrained(
         name, correction_step=meta.correction_step,
         num_inference_steps=num_inference_steps or meta.num_inference_steps,
         guidance_scale=meta.guidance_scale if guidance_scale is None else guidance_scale,
-        capture=False, device=device, torch_dtype=torch.float32 if on_cpu else None)
+        capture=False, device=device, torch_dtype=torch_dtype)
     if corrector is not None:
         check_corrector_fits(corrector, meta, loaded)
     return loaded
@@ -1130,7 +1139,7 @@ def _corrector_from_args(args):
 def _backbone_from_args(args, corrector, meta):
     return load_backbone_for(meta, backbone=getattr(args, "backbone", None), device=getattr(args, "device", None),
                              corrector=corrector, num_inference_steps=getattr(args, "steps", None) or None,
-                             guidance_scale=getattr(args, "guidance", None))
+                             guidance_scale=getattr(args, "guidance", None), dtype=getattr(args, "dtype", None))
 
 
 def parse_seeds(text: str | Sequence[int] | None, default: int = 0) -> list[int]:
