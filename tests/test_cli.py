@@ -29,6 +29,16 @@ def test_eval_errors_are_clear(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
+def test_version(capsys):
+    import pytest
+
+    import xlard
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"xlard {xlard.__version__}\n"
+
+
 def test_info_json(capsys):
     assert cli.main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

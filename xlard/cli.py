@@ -749,6 +749,10 @@ def _output_folder_options(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="xlard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from xlard import __version__
+
+    parser.add_argument("--version", action="version", version=f"xlard {__version__}",
+                        help="print xlard's version and exit (`xlard info` tells the build and providers)")
     sub = parser.add_subparsers(dest="command", required=True)
     seed_type = _int_in(0, MAX_SEED)
 
