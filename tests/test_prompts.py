@@ -863,3 +863,25 @@ def test_error_messages_cut_a_long_prompt():
     assert len(str(info.value)) < 200
     assert quote_prompt("a short one") == "'a short one'"
     assert quote_prompt("x" * 81) == "'" + "x" * 74 + "...' (81 characters)"
+
+
+def test_parsing_work_grows_linearly_with_a_degenerate_prompt(monkeypatch):
+    """'of of of ...' (60 KB) took 11 s: each word rescanned the whole phrase for content words. Counted, not timed:
+    the stopword look-ups per word stay bounded however long the prompt."""
+    from xlard.prompts import parser
+
+    class Counting(frozenset):
+        lookups = 0
+
+        def __contains__(self, item):
+            Counting.lookups += 1
+            return frozenset.__contains__(self, item)
+
+    monkeypatch.setattr(parser, "_STOPWORDS", Counting(parser._STOPWORDS))
+    per_word = []
+    for n in (500, 2000):
+        Counting.lookups = 0
+        with pytest.raises(ValueError):
+            parse("of " * n)
+        per_word.append(Counting.lookups / n)
+    assert per_word[1] <= per_word[0] * 1.2 + 1, per_word  # linear (quadratic: 4x more per word)

@@ -312,9 +312,14 @@ def _template_end(words: Sequence[_Word], lexicon: _Lexicon) -> int:
 class _Piece:
     quantifier: tuple[str, int | None] | None = None
     words: list[_Word] = field(default_factory=list)
+    content: int = 0  # words not in _STOPWORDS, counted as they come (a scan per word was quadratic)
+
+    def add(self, word: _Word) -> None:
+        self.words.append(word)
+        self.content += word.text not in _STOPWORDS
 
     def has_content(self) -> bool:
-        return any(w.text not in _STOPWORDS for w in self.words)
+        return self.content > 0
 
 
 @dataclass(frozen=True)
@@ -598,7 +603,7 @@ def parse(
             close()
             pos += 1
             continue
-        piece.words.append(word)
+        piece.add(word)
         pos += 1
     close()
 
