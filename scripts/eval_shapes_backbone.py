@@ -129,4 +129,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from xlard._signals import run_script
+
+    raise SystemExit(run_script("eval_shapes_backbone.py", main))

@@ -161,4 +161,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from xlard._signals import run_script
+
+    raise SystemExit(run_script("measure_edit_ceiling.py", main))

@@ -125,4 +125,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from xlard._signals import run_script
+
+    raise SystemExit(run_script("measure_eval_cost.py", main))

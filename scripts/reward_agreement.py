@@ -528,4 +528,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from xlard._signals import run_script
+
+    raise SystemExit(run_script("reward_agreement.py", main,
+                                " (with --cache, rerun with the same --cache to reuse the samples made)"))

@@ -690,4 +690,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from xlard._signals import run_script
+
+    raise SystemExit(run_script("train_shapes_backbone.py", main,
+                                " (rerun with --resume to continue from the last checkpoint)"))

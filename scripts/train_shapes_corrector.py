@@ -129,4 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from xlard._signals import run_script
+
+    raise SystemExit(run_script("train_shapes_corrector.py", main,
+                                " (rerun with --resume to continue from the last checkpoint)"))

@@ -435,4 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from xlard._signals import run_script
+
+    raise SystemExit(run_script("train_shapes_understanding.py", main,
+                                " (rerun the same command to continue from the last checkpoint)"))

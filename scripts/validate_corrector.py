@@ -251,4 +251,6 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from xlard._signals import run_script
+
+    raise SystemExit(run_script("validate_corrector.py", main))

@@ -114,3 +114,31 @@ def test_tiny_run_exports_weights_and_resumes(tmp_path, capsys):
     assert "resumed at step 3" in capsys.readouterr().err
     with pytest.raises(ValueError, match="another config"):
         T.train(T.parse_args(args[:-2] + ["--log-every", "2"]))
+
+
+def test_sigterm_ends_the_script_in_one_line(tmp_path):
+    """SIGTERM (a scheduler stopping the job) killed the script silently; now it ends like Ctrl-C, with the way
+    to continue."""
+    import signal
+    import subprocess
+    import time
+
+    work = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, T.__file__, "--out", str(tmp_path / "out"), "--work-dir",
+                             str(work), "--minutes", "5", "--log-every", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (work / "metrics.jsonl").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the script ended before it was stopped"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == ("train_shapes_understanding.py: terminated (SIGTERM); every file written "
+                                            "is complete (rerun the same command to continue from the last checkpoint)")
+    assert "Traceback" not in err and not list(tmp_path.rglob(".tmp-*"))

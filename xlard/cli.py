@@ -36,14 +36,13 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 from xlard import _io
+from xlard._signals import interrupted_line, sigterm_interrupts
 
 # Bounds checked before any work starts, so a typo cannot run until memory runs out.
 MAX_RECORDS = 100_000
@@ -893,33 +892,6 @@ _USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryE
                 ImportError)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``timeout``, a batch scheduler's preemption, torchrun stopping its workers) while
-    :func:`main` runs: raised like Ctrl-C's KeyboardInterrupt, so that the same cleanup runs (no temporary
-    file left, folder locks released) and the command ends with one line and exit code 143."""
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread (a second SIGTERM during
-    the cleanup kills at once). Left alone where SIGTERM already has a handler of its caller's, or off the
-    main thread (where Python cannot set one); the previous handler is restored afterwards."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM") \
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def terminated(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code.
 
@@ -930,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     prog, args = "xlard", None
     try:
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             parser = build_parser()
             args = parser.parse_args(argv)
             prog = f"xlard {args.command}"
@@ -946,9 +918,9 @@ def main(argv: list[str] | None = None) -> int:
             hint = " (rerun with --resume to continue from the last checkpoint)"
         else:
             hint = " (rerun with --resume to continue)" if writes_folder else ""
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"{prog}: {what}; every file written is complete{hint}", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        line, code = interrupted_line(prog, exc, hint)
+        print(line, file=sys.stderr)
+        return code
     except (_USER_ERRORS + (OSError,)) as exc:
         if os.environ.get("XLARD_TRACEBACK") == "1":
             raise

@@ -1,0 +1,62 @@
+"""Ctrl-C and SIGTERM for xlard's command line and scripts.
+
+SIGTERM (``kill``, ``timeout``, a batch scheduler's preemption, torchrun stopping its workers) is raised as
+:class:`Terminated`, a KeyboardInterrupt, so that the cleanup Ctrl-C runs (temporary files removed, folder
+locks released) runs for it too; :func:`run_script` ends either in one line on stderr and exit code 130
+(Ctrl-C) or 143 (SIGTERM). ``XLARD_TRACEBACK=1`` re-raises instead (for debugging xlard itself).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Callable, Iterator
+
+__all__ = ["Terminated", "sigterm_interrupts", "interrupted_line", "run_script"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while :func:`sigterm_interrupts` is active, raised like Ctrl-C's KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread (a second SIGTERM during
+    the cleanup kills at once). Left alone where SIGTERM already has a handler of its caller's, or off the
+    main thread (where Python cannot set one); the default handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM") \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def interrupted_line(prog: str, exc: KeyboardInterrupt, hint: str = "") -> tuple[str, int]:
+    """The one line and the exit code of an interrupted command: 130 for Ctrl-C, 143 for SIGTERM."""
+    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    return f"{prog}: {what}; every file written is complete{hint}", 143 if isinstance(exc, Terminated) else 130
+
+
+def run_script(prog: str, main: Callable[[], int | None], hint: str = "") -> int:
+    """``main()`` with SIGTERM as :class:`Terminated`; Ctrl-C or SIGTERM end in one line on stderr (``hint``
+    appended, e.g. how to resume) and exit code 130 or 143. Returns ``main()``'s exit code (0 for None)."""
+    try:
+        with sigterm_interrupts():
+            return int(main() or 0)
+    except KeyboardInterrupt as exc:
+        if os.environ.get("XLARD_TRACEBACK") == "1":
+            raise
+        line, code = interrupted_line(prog, exc, hint)
+        print(line, file=sys.stderr)
+        return code
