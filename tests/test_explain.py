@@ -282,6 +282,11 @@ def test_png_gray_and_bad(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         save_png(tmp_path / "e.png", torch.zeros(3, 0, 4))
     assert not (tmp_path / "b.png").exists()
+    # the fix named for the range the values are in (0..255 got the [-1, 1] decoder hint)
+    with pytest.raises(ValueError, match=r"got values in \[0, 255\]; 0..255 values\? divide by 255"):
+        save_png(tmp_path / "c.png", torch.linspace(0, 255, 48).view(3, 4, 4))
+    with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
+        save_png(tmp_path / "c.png", torch.linspace(-1, 1, 48).view(3, 4, 4))
 
 
 # ---------------------------------------------------------------- faithfulness

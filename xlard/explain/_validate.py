@@ -56,6 +56,7 @@ def _as_image(fn: str, name: str, image, batched_ok: bool = True) -> torch.Tenso
             raise ValueError(_err(fn, f"{name} has non-finite pixels"))
         lo, hi = x.min().item(), x.max().item()
         if lo < -_PIXEL_TOLERANCE or hi > 1 + _PIXEL_TOLERANCE:
-            raise ValueError(_err(fn, f"{name} must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; "
-                                      "map a [-1, 1] decoder output with (x + 1) / 2 and clamp(0, 1)"))
+            fix = ("0..255 values? divide by 255 (or pass uint8)" if lo >= -_PIXEL_TOLERANCE and hi > 2 else
+                   "map a [-1, 1] decoder output with (x + 1) / 2 and clamp(0, 1)")
+            raise ValueError(_err(fn, f"{name} must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; {fix}"))
     return x.clamp(0.0, 1.0)
