@@ -137,6 +137,11 @@ def test_demo_rejects_bad_arguments(tmp_path):
         demo.run_demo(tmp_path / "x", overrides={"steps": 3})
     with pytest.raises(ValueError, match="unknown key"):
         demo.run_demo(tmp_path / "x", overrides={"ppo.group": 3})
+    # reward settings no run can use: refused before the folder and its demo.json were made (they were left)
+    with pytest.raises(ValueError, match="never a training reward"):
+        demo.run_demo(tmp_path / "x", overrides={"reward.source": "evaluator"})
+    with pytest.raises(ValueError, match="reward.options.model: the 'clip' source reads a CLIP model"):
+        demo.run_demo(tmp_path / "x", overrides={"reward.source": "clip"})
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
         demo.run_demo(tmp_path / "file", steps=1)

@@ -113,8 +113,10 @@ def test_reward_factory_refuses_what_it_cannot_honour():
     # the shapes recipes' options kept after `--set reward.source=clip`: named as the config's key
     with pytest.raises(ValueError, match=r"reward.options: \['count_confidence'\] are not options of the 'clip'"):
         build_reward_fn(RewardSettings(source="clip", options={"count_confidence": False}), backbone=None)
-    with pytest.raises(ValueError, match="pass model="):
+    with pytest.raises(ValueError, match=r"train config reward.options.model: the 'clip' source reads a CLIP model"):
         build_reward_fn(RewardSettings(source="clip"), backbone=None)
+    with pytest.raises(FileNotFoundError, match=r"train config reward.options.model: no folder at"):
+        build_reward_fn(RewardSettings(source="clip", options={"model": "./no/such/clip"}), backbone=None)
     with pytest.raises(ValueError, match="unknown source"):
         source_backbone_options(RewardSettings(source="ears"), "shapes")
 

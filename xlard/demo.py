@@ -249,6 +249,9 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
                          "targets; give --items-per-tag >= 1, or turn the reader and its rules off with --set "
                          "model.corrector_overrides.reader=false (and reader_move=false, count_edit=false)")
     cfg = demo_config(out / "train", steps, items_per_tag, progress=not quiet, overrides=overrides)
+    from xlard.train.rewarding import check_reward_settings
+
+    check_reward_settings(cfg.reward, "shapes")  # before the folder is made (it is made below, then the models load)
     settings = {"steps": steps, "items_per_tag": items_per_tag, "per_tag": per_tag, "seeds": seeds,
                 "training": DEMO_TRAINING, "overrides": overrides}
     summary_path = out / "demo.json"
@@ -257,6 +260,9 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
         if earlier != json.loads(json.dumps(settings)):
             raise ValueError(f"--resume: {out} holds a demo with other settings; rerun with the same --steps, "
                              "--items-per-tag, --per-tag, --seeds and --set, or use --overwrite")
+    t_all = time.perf_counter()
+    device = torch.device("cpu")
+    backbone = load_backbone(cfg.backbone, device, cfg.reward)  # before anything is deleted or made: it may fail
     if owned and overwrite:
         for path in owned:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -264,10 +270,6 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     _io.make_folder(out, "--out")
     summary: dict[str, Any] = {"settings": settings, "complete": False, "seconds": {}}
     _io.atomic_write_json(summary_path, summary, owner="xlard demo")
-
-    t_all = time.perf_counter()
-    device = torch.device("cpu")
-    backbone = load_backbone(cfg.backbone, device, cfg.reward)
 
     # 1. Train (or pick up a finished / interrupted run).
     t = time.perf_counter()

@@ -10,6 +10,7 @@ never a reward source.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from xlard import sources
@@ -48,6 +49,31 @@ def source_backbone_options(settings, backbone_name: str) -> dict[str, Any]:
     return {} if classes[name].needs_attention else {"capture": False}
 
 
+def check_reward_settings(settings, backbone: Any) -> str:
+    """The source name a run uses (:func:`resolve_source_name`), once its name and ``reward.options`` are known
+    to be usable; cheap (nothing loads), so callers run it before any work.
+
+    Raises:
+        ValueError: the exact evaluator, an unknown source, or options the source does not take (named as the
+            config's key: options written for another source, e.g. after ``--set reward.source=``).
+    """
+    name = resolve_source_name(settings, backbone)
+    unknown = sorted(set(settings.options) - set(sources.source_options(name)))
+    if unknown:
+        raise ValueError(f"train config reward.options: {unknown} are not options of the {name!r} source; it takes "
+                         f"{sorted(sources.source_options(name))}")
+    if name == "clip":
+        model = settings.options.get("model")
+        if model is None:
+            raise ValueError("train config reward.options.model: the 'clip' source reads a CLIP model; give its hub "
+                             "id or folder (e.g. reward.options: {model: openai/clip-vit-base-patch16})")
+        if isinstance(model, (str, os.PathLike)):  # its config only: a missing or uncached model fails now
+            from xlard.color_features import check_clip_model
+
+            check_clip_model("train config reward.options.model", model)
+    return name
+
+
 def build_reward_fn(settings, backbone) -> Callable[..., RewardResult]:
     """The reward function of a run.
 
@@ -62,11 +88,7 @@ def build_reward_fn(settings, backbone) -> Callable[..., RewardResult]:
         ValueError: a source name that cannot be honoured (unknown, the exact
             evaluator, options the source does not take).
     """
-    name = resolve_source_name(settings, backbone)
-    unknown = sorted(set(settings.options) - set(sources.source_options(name)))
-    if unknown:  # named as the config's key (options written for another source, e.g. after --set reward.source=)
-        raise ValueError(f"train config reward.options: {unknown} are not options of the {name!r} source; it takes "
-                         f"{sorted(sources.source_options(name))}")
+    name = check_reward_settings(settings, backbone)
     source = sources.get_source(name, backbone=backbone, **dict(settings.options))
     overrides = {} if settings.bind_color is None else {"bind_color": settings.bind_color}
     rewards = ExplainableRewards(source.reward_config(**overrides))
