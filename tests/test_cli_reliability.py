@@ -779,6 +779,21 @@ def test_train_checks_its_prompt_files_and_backbone_before_loading(tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
+def test_train_checks_its_reward_settings_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_work(monkeypatch)
+    config = ROOT / "configs" / "shapes_ppo.yaml"  # reward.options: {count_confidence: false}, for the shapes source
+    for extra, texts in ((["--set", "reward.source=clip"], ("reward.options: ['count_confidence'] are not options "
+                                                            "of the 'clip' source",)),
+                         (["--set", "reward.source=clip", "--set", "reward.options={model: ./no/clip}"],
+                          ("train config reward.options.model: no folder at ./no/clip",)),
+                         (["--set", "reward.source=geneval_evaluator"], ("never a training reward",))):
+        code, _, err = run(["train", config, "--out", tmp_path / "run", *extra], capsys)
+        assert code == 2, (extra, err)
+        one_line_error(err, *texts)
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_names_a_hub_backbone_that_is_not_cached(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = run(["train", ROOT / "configs" / "shapes.yaml", "--out", tmp_path / "run", "--set",

@@ -74,6 +74,10 @@ def test_get_source_names_and_errors():
 def test_default_source_for():
     assert default_source_for("shapes") == "shapes"
     assert default_source_for("some/hub-model") == "attention"
+    from xlard.shapes.backbone import backbone_path
+
+    # a config's backbone.name may be the shapes backbone's folder: the same source as for "shapes"
+    assert default_source_for(str(backbone_path())) == "shapes" == default_source_for(backbone_path())
     assert default_source_for(object()) == "attention"
 
     class FakeBackbone:

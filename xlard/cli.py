@@ -862,6 +862,9 @@ def _check_train_config(cfg) -> None:
             _input_file(value.strip(), f"train config data.{key}")
     if cfg.backbone.name != "shapes":
         _check_backbone(cfg.backbone.name, "train config backbone.name")
+    from xlard.train.rewarding import check_reward_settings
+
+    check_reward_settings(cfg.reward, cfg.backbone.name)  # the source and its options, before the backbone loads
 
 
 def _cmd_train(args) -> int:

@@ -464,11 +464,15 @@ class ClipSource(RewardSource):
 
 
 def _is_shapes_backbone(backbone: Any) -> bool:
-    if isinstance(backbone, str):
-        return backbone == "shapes"
-    pipeline = getattr(backbone, "pipeline", None)
-    where = getattr(pipeline, "name_or_path", None) or getattr(getattr(pipeline, "config", None),
-                                                                "_name_or_path", None)
+    """The shapes backbone: the name "shapes", its folder (by path), or a backbone loaded from that folder."""
+    if isinstance(backbone, (str, os.PathLike)):
+        if str(backbone) == "shapes":
+            return True
+        where = str(backbone)  # a config's backbone.name may be the folder itself
+    else:
+        pipeline = getattr(backbone, "pipeline", None)
+        where = getattr(pipeline, "name_or_path", None) or getattr(getattr(pipeline, "config", None),
+                                                                    "_name_or_path", None)
     if not where:
         return False
     from xlard.shapes import backbone as shapes_backbone
