@@ -251,7 +251,7 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     cfg = demo_config(out / "train", steps, items_per_tag, progress=not quiet, overrides=overrides)
     from xlard.train.rewarding import check_reward_settings
 
-    check_reward_settings(cfg.reward, "shapes")  # before the folder is made (it is made below, then the models load)
+    check_reward_settings(cfg.reward, "shapes")  # before anything loads or is made
     settings = {"steps": steps, "items_per_tag": items_per_tag, "per_tag": per_tag, "seeds": seeds,
                 "training": DEMO_TRAINING, "overrides": overrides}
     summary_path = out / "demo.json"

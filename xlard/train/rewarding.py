@@ -55,7 +55,9 @@ def check_reward_settings(settings, backbone: Any) -> str:
 
     Raises:
         ValueError: the exact evaluator, an unknown source, or options the source does not take (named as the
-            config's key: options written for another source, e.g. after ``--set reward.source=``).
+            config's key: options written for another source, e.g. after ``--set reward.source=``); a clip
+            source without a model, or whose model's config is not a CLIP model's.
+        FileNotFoundError: a clip source's model folder is missing, or its hub id cannot be loaded.
     """
     name = resolve_source_name(settings, backbone)
     unknown = sorted(set(settings.options) - set(sources.source_options(name)))
