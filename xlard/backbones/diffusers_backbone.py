@@ -808,8 +808,15 @@ class DiffusersBackbone(Backbone):
                                           "a diffusers pipeline folder (written by pipeline.save_pretrained)")
         from diffusers import DiffusionPipeline
 
-        pipeline_kwargs.update(diffusers_dtype_kwargs(torch.float32 if torch_dtype is None else torch_dtype))
+        dtype = torch.float32 if torch_dtype is None else torch_dtype
+        pipeline_kwargs.update(diffusers_dtype_kwargs(dtype))
         pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)
+        # diffusers 0.42 loads an SD3 transformer in float32 whatever dtype it is given, beside text encoders in
+        # that dtype; the denoiser is cast (the text encoders keep what transformers chose, e.g. T5's fp32 layers)
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if isinstance(denoiser, torch.nn.Module) and any(p.is_floating_point() and p.dtype != dtype
+                                                         for p in denoiser.parameters()):
+            denoiser.to(dtype)
         if device is not None:
             pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
