@@ -333,12 +333,7 @@ def test_a_pipeline_stored_in_float16_loads_in_one_dtype(sd_path, tmp_path):
 def test_every_family_loads_and_generates_in_bfloat16(tmp_path, family):
     """What `--dtype bfloat16` asks for. diffusers 0.42 left an SD3 transformer in float32 beside bfloat16 text
     encoders (the dtype check refused the pipeline); the denoiser is cast now."""
-    build, options = {
-        "sd": (tiny_pipelines.tiny_sd_pipeline, {}),
-        "sd3": (tiny_pipelines.tiny_sd3_pipeline, {"max_sequence_length": 32}),
-        "flux": (tiny_pipelines.tiny_flux_pipeline, {"max_sequence_length": 32, "height": 32, "width": 32}),
-        "pixart": (tiny_pipelines.tiny_pixart_pipeline, {}),
-    }[family]
+    build, options = tiny_pipelines.FAMILIES[family]
     loaded = DiffusersBackbone.from_pretrained(build(tmp_path / family), num_inference_steps=2,
                                                torch_dtype=torch.bfloat16, **options)
     assert loaded.dtype == torch.bfloat16

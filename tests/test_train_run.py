@@ -208,12 +208,7 @@ def test_tiny_diffusers_families(tmp_path, family):
 
     from xlard.train import train
 
-    build, options = {
-        "sd": (TP.tiny_sd_pipeline, {}),
-        "sd3": (TP.tiny_sd3_pipeline, {"max_sequence_length": 32}),
-        "flux": (TP.tiny_flux_pipeline, {"max_sequence_length": 32, "height": 32, "width": 32}),
-        "pixart": (TP.tiny_pixart_pipeline, {}),
-    }[family]
+    build, options = TP.FAMILIES[family]
     folder = build(tmp_path / family)
     prompts = tmp_path / "prompts.jsonl"
     records = [

@@ -223,3 +223,12 @@ def tiny_pixart_pipeline(folder: str | Path, *, seed: int = 0, sample_size: int 
                                transformer=transformer, scheduler=DDIMScheduler())
     pipe.save_pretrained(folder)
     return folder
+
+
+#: Each supported family's tiny pipeline builder and the DiffusersBackbone options its size needs.
+FAMILIES = {
+    "sd": (tiny_sd_pipeline, {}),
+    "sd3": (tiny_sd3_pipeline, {"max_sequence_length": 32}),
+    "flux": (tiny_flux_pipeline, {"max_sequence_length": 32, "height": 32, "width": 32}),
+    "pixart": (tiny_pixart_pipeline, {}),
+}
