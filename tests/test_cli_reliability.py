@@ -416,6 +416,15 @@ def test_dtype_loads_the_backbone_in_half_precision_and_is_part_of_the_settings(
     code, _, err = run(argv + ["--dtype", "float16"], capsys)  # before anything loads
     assert code == 2 and not out.exists()
     one_line_error(err, "--dtype: float16 runs on a GPU (--device cuda)")
+    prompts = tmp_path / "p.jsonl"  # the corrector forms too (the paired eval ran in float16 on the CPU)
+    prompts.write_text(json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}],
+                                   "exclude": [], "prompt": "a photo of a circle"}) + "\n")
+    for corrector_argv in (["generate", "a red circle", "--correct", "--out", tmp_path / "gc"],
+                           ["eval", "--prompts", prompts, "--correct", "--out", tmp_path / "ec"]):
+        code, _, err = run(corrector_argv + ["--backbone", "shapes", "--dtype", "float16", "--quiet"], capsys)
+        assert code == 2, err
+        one_line_error(err, "--dtype: float16 runs on a GPU (--device cuda)")
+    assert not (tmp_path / "gc").exists() and not (tmp_path / "ec").exists()
     loaded = []
     real = DiffusersBackbone.from_pretrained.__func__
 

@@ -505,6 +505,7 @@ def _cmd_generate(args) -> int:
     if args.backbone == "shapes":
         _note_unknown_words(args.prompt)
     if args.corrector or args.correct:
+        _check_dtype(args)
         _output_folder(args.out, "--out")  # the plain form checks it in _check_output_folder
         from xlard import evaluation
 
@@ -643,6 +644,7 @@ def _cmd_eval(args) -> int:
     from xlard.shapes import evaluator as E
 
     if args.corrector or args.correct:
+        _check_dtype(args)
         out = Path(args.out or "xlard-eval")
         _output_folder(out, "--out")
         for value, flag in ((args.json, "--json"), (args.markdown, "--markdown")):
