@@ -287,7 +287,6 @@ def _load_backbone(args):
     from xlard.backbones import DiffusersBackbone
 
     _check_device(args.device)
-    _check_dtype(args)
     target = _check_backbone(args.backbone)
     # Weights may ship in float16 (the shapes backbone does, to stay small): float32 unless --dtype says otherwise.
     kwargs = {"capture": False, "torch_dtype": getattr(torch, args.dtype or "float32")}
@@ -504,8 +503,8 @@ def _cmd_generate(args) -> int:
             raise UsageError(f"PROMPT: prompt {i + 1} of {len(args.prompt)} is empty; give each image's text")
     if args.backbone == "shapes":
         _note_unknown_words(args.prompt)
+    _check_dtype(args)  # every form, before anything loads
     if args.corrector or args.correct:
-        _check_dtype(args)
         _output_folder(args.out, "--out")  # the plain form checks it in _check_output_folder
         from xlard import evaluation
 
@@ -533,7 +532,6 @@ def _cmd_generate(args) -> int:
     settings = {"prompts": list(args.prompt), "per_prompt": args.per_prompt, "seed": args.seed,
                 "backbone": args.backbone, "steps": args.steps, "guidance": args.guidance, **_dtype_setting(args)}
     _check_device(args.device)
-    _check_dtype(args)
     _check_backbone(args.backbone)
     owned = _owned(out, _IMAGE_NAME, folders=False)
     resuming = _check_output_folder(args, out, "--out", settings, owned)
@@ -643,8 +641,8 @@ def _check_finished_folder(folder: Path) -> None:
 def _cmd_eval(args) -> int:
     from xlard.shapes import evaluator as E
 
+    _check_dtype(args)  # every form that loads a backbone, before it loads
     if args.corrector or args.correct:
-        _check_dtype(args)
         out = Path(args.out or "xlard-eval")
         _output_folder(out, "--out")
         for value, flag in ((args.json, "--json"), (args.markdown, "--markdown")):
@@ -690,7 +688,6 @@ def _cmd_eval(args) -> int:
         if args.seed + len(records) - 1 > MAX_SEED:
             raise UsageError(f"--seed: image seeds run up to {args.seed + len(records) - 1}, above {MAX_SEED}")
         _check_device(args.device)
-        _check_dtype(args)
         _check_backbone(args.backbone)
         owned = _owned(out, _UNIT_NAME, folders=True)
         resuming = _check_output_folder(args, out, "--out", settings, owned)

@@ -347,10 +347,6 @@ def shipped_corrector_path(backbone: str = "shapes") -> Path:
     return path
 
 
-#: The dtypes :func:`load_backbone_for` (and the CLI's ``--dtype``) load a backbone in.
-_DTYPE_NAMES = ("float32", "bfloat16", "float16")
-
-
 def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, device=None, corrector=None,
                       num_inference_steps: int | None = None, guidance_scale: float | None = None,
                       dtype: torch.dtype | str | None = None):
@@ -377,8 +373,9 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
 
     from xlard.backbones import DiffusersBackbone
 
-    torch_dtype = getattr(torch, dtype) if dtype in _DTYPE_NAMES else dtype if dtype is not None else torch.float32
-    if not isinstance(torch_dtype, torch.dtype) or torch_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the CLI's --dtype
+    torch_dtype = torch.float32 if dtype is None else dtypes.get(dtype) if isinstance(dtype, str) else dtype
+    if torch_dtype not in dtypes.values():
         raise ValueError(f"load_backbone_for: dtype must be float32, bfloat16 or float16 (a torch dtype or its "
                          f"name), got {dtype!r}")
     name = backbone or meta.backbone
