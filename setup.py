@@ -10,7 +10,14 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+import setuptools
+from setuptools import find_namespace_packages, setup
+
+# pyproject.toml's SPDX `license` string needs setuptools 77; with --no-build-isolation the build uses the
+# environment's setuptools, and an older one fails validating pyproject.toml with a schema error.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(f"xlard needs setuptools>=77 to build (this environment has {setuptools.__version__}): "
+             "pip install -U 'setuptools>=77'")
 
 import torch
 from torch.utils import cpp_extension
@@ -126,7 +133,9 @@ def _write_build_config(with_cuda: bool) -> None:
 
 
 setup(
-    packages=find_packages(include=["xlard", "xlard.*"]) + ["xlard._kernels"],
+    # Namespace discovery: the package-data folders (xlard.data.shapes_backbone.unet, ...) are packages too,
+    # which setuptools otherwise warns about ("Package would be ignored") once per folder on every build.
+    packages=find_namespace_packages(include=["xlard", "xlard.*"], exclude=["*.__pycache__"]) + ["xlard._kernels"],
     package_dir={"xlard._kernels": "kernels"},
     # The embedded shapes-world backbone (a diffusers pipeline folder) ships as package data.
     # So does the shapes world's understanding model (the default reward source there).

@@ -237,10 +237,10 @@ def build_vae_pool(cfg: TrainConfig, rng, records, model_config):
         return None
     from diffusers import AutoencoderKL
 
-    from xlard.backbones.diffusers_backbone import diffusers_dtype_kwargs
+    from xlard.backbones.diffusers_backbone import diffusers_load_kwargs
 
     folder = shapes_backbone.backbone_path(cfg.backbone or None)
-    vae = AutoencoderKL.from_pretrained(str(folder / "vae"), **diffusers_dtype_kwargs(torch.float32)).eval()
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae"), **diffusers_load_kwargs(torch.float32)).eval()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     xs, ss, cs = [], [], []
     for start in range(0, cfg.vae_pool, 64):

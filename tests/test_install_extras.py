@@ -324,3 +324,55 @@ def test_missing_message_is_one_line_naming_the_extra():
     assert "\n" not in inner
     with pytest.raises(ImportError, match=r"^xlard.test needs triton: pip install 'xlard\[triton\]'"):
         _optional.require("triton.definitely_not_a_module_of_triton", "xlard.test")
+
+
+def test_require_drops_only_the_torchvision_notice(monkeypatch):
+    """Loading a pipeline without torchvision printed transformers' notice that image processors fall back to
+    PIL before every command's first line; require() drops that message and no other."""
+    import logging
+
+    from xlard import _optional
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    monkeypatch.setattr(logger, "filters", [])  # as before anything required diffusers
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        notice = ("`CLIPImageProcessor` requires torchvision (not installed); falling back to "
+                  "`CLIPImageProcessorPil` for backward compatibility.")
+        logger.warning(notice)
+        assert records == [notice]  # nothing drops it before require()
+        _optional.require("json", "xlard.test")  # not diffusers/transformers: no filter
+        logger.warning(notice)
+        assert len(records) == 2
+        _optional.require("transformers", "xlard.test")
+        _optional.require("diffusers", "xlard.test")
+        assert logger.filters == [_optional._NOTICE_FILTER]  # added once
+        logger.warning(notice)
+        logger.warning("Could not import module 'X'.")
+        assert records[2:] == ["Could not import module 'X'."]
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_diffusers_loads_skip_the_accelerate_recommendation(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    pytest.importorskip("diffusers")
+    from xlard.backbones import diffusers_backbone as db
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    kwargs = db.diffusers_load_kwargs(torch.float16)
+    assert kwargs.pop("low_cpu_mem_usage") is False
+    assert kwargs == db.diffusers_dtype_kwargs(torch.float16)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "accelerate" else real(name, *a))
+    assert "low_cpu_mem_usage" not in db.diffusers_load_kwargs(torch.float16)  # accelerate's default stands

@@ -21,12 +21,16 @@ def _tracked_files() -> list[str]:
     return [line for line in out.splitlines() if os.path.isfile(os.path.join(ROOT, line))]
 
 
-def test_sdist_carries_every_source_the_build_reads(tmp_path):
-    tracked = _tracked_files()
-    src = tmp_path / "src"
+def _copy(tracked, src) -> None:
     for rel in tracked:  # a copy: setup.py writes its build record next to the sources
         os.makedirs(src / os.path.dirname(rel), exist_ok=True)
         shutil.copy2(os.path.join(ROOT, rel), src / rel)
+
+
+def test_sdist_carries_every_source_the_build_reads(tmp_path):
+    tracked = _tracked_files()
+    src = tmp_path / "src"
+    _copy(tracked, src)
     env = dict(os.environ, XLARD_WITH_CUDA="0")
     proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src,
                           env=env, capture_output=True, text=True, timeout=300)
@@ -39,3 +43,28 @@ def test_sdist_carries_every_source_the_build_reads(tmp_path):
     missing = sorted(rel for rel in needed if rel not in names)
     assert not missing, f"the sdist lacks {missing}"
     assert not any(name.endswith(".so") for name in names), "a built extension leaked into the sdist"
+
+
+def test_a_wheel_carries_the_package_data_and_the_triton_kernels_without_warnings(tmp_path):
+    """What a non-editable ``pip install .`` puts into site-packages (build_py: the Python files and package
+    data, without compiling): every shipped weight file and the Triton kernels as ``xlard._kernels``, and
+    setuptools has nothing to warn about (it printed a "Package would be ignored" notice per data folder
+    and a deprecation of pyproject's license table, on every build)."""
+    tracked = _tracked_files()
+    src = tmp_path / "src"
+    _copy(tracked, src)
+    out = tmp_path / "lib"
+    env = dict(os.environ, XLARD_WITH_CUDA="0")
+    proc = subprocess.run([sys.executable, "setup.py", "build_py", "-d", str(out)], cwd=src, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for text in ("Package would be ignored", "is absent from the `packages` configuration", "deprecated"):
+        assert text not in proc.stderr + proc.stdout, (text, proc.stderr[-3000:])
+    built = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    data = [rel for rel in tracked if rel.startswith("xlard/data/") and not rel.endswith(".py")]
+    assert data, "no package data tracked"
+    missing = sorted(rel for rel in data if rel not in built)
+    assert not missing, f"a wheel would lack {missing}"
+    kernels = [rel for rel in tracked if rel.startswith("kernels/") and rel.endswith(".py")]
+    assert kernels and all("xlard/_kernels/" + rel.split("/", 1)[1] in built for rel in kernels), sorted(built)
+    assert not any("__pycache__" in rel for rel in built)

@@ -10,6 +10,7 @@ in pyproject.toml (tests/test_install_extras.py checks it).
 from __future__ import annotations
 
 import importlib
+import logging
 from types import ModuleType
 
 #: top-level import name -> (pip distribution, the extra of pyproject.toml that declares it)
@@ -68,7 +69,30 @@ def require(module: str, user: str) -> ModuleType:
     Example:
         >>> Image = require("PIL.Image", "xlard.explain.save_png")
     """
+    if module.partition(".")[0] in ("diffusers", "transformers"):
+        quiet_known_notices()
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(missing_message(module, user, exc)) from exc
+
+
+#: transformers' notice, once per process, when an image processor class (CLIPImageProcessor, ...) is first
+#: looked up without torchvision installed: it falls back to its PIL version. diffusers looks them up when it
+#: imports its pipeline modules, so the notice came before the first line of every command that loads a
+#: pipeline; nothing xlard does depends on which version serves.
+TORCHVISION_NOTICE = "requires torchvision (not installed); falling back to"
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TORCHVISION_NOTICE not in record.getMessage()
+
+
+_NOTICE_FILTER = _DropTorchvisionNotice()
+
+
+def quiet_known_notices() -> None:
+    """Drop :data:`TORCHVISION_NOTICE` (only that message; every other warning of transformers stays). Called
+    by :func:`require` for diffusers and transformers, before they import; idempotent."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_NOTICE_FILTER)  # filters are a set

@@ -48,6 +48,7 @@ generated at the requested size).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import inspect
 import math
 import numbers
@@ -590,6 +591,17 @@ def diffusers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype" if renamed else "torch_dtype": dtype}
 
 
+def diffusers_load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """The ``from_pretrained`` keywords xlard loads diffusers models with: the dtype (:func:`diffusers_dtype_kwargs`)
+    and, where accelerate is not installed, ``low_cpu_mem_usage=False``: what diffusers falls back to there
+    anyway, after printing a five-line recommendation to install accelerate for every model it loads (twice
+    per ``xlard generate --correct``)."""
+    kwargs: dict[str, Any] = dict(diffusers_dtype_kwargs(dtype))
+    if importlib.util.find_spec("accelerate") is None:
+        kwargs["low_cpu_mem_usage"] = False
+    return kwargs
+
+
 def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeline folder or 'shapes'") -> str:
     """Why ``name`` (not a local folder) could not be loaded, and the fix: what the CLI's ``--backbone``, a
     training config's ``backbone.name`` and a CLIP source's model all say (after naming the argument);
@@ -809,7 +821,11 @@ class DiffusersBackbone(Backbone):
         from diffusers import DiffusionPipeline
 
         dtype = torch.float32 if torch_dtype is None else torch_dtype
-        pipeline_kwargs.update(diffusers_dtype_kwargs(dtype))
+        for key, value in diffusers_load_kwargs(dtype).items():
+            if key in ("dtype", "torch_dtype"):
+                pipeline_kwargs[key] = value
+            else:  # the caller's own low_cpu_mem_usage stands
+                pipeline_kwargs.setdefault(key, value)
         pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)
         # diffusers 0.42 loads an SD3 transformer in float32 whatever dtype it is given, beside text encoders in
         # that dtype; the denoiser is cast (the text encoders keep what transformers chose, e.g. T5's fp32 layers)

@@ -116,9 +116,9 @@ def load_pipeline(device: Any = "cpu", path: str | os.PathLike | None = None, dt
     folder = backbone_path(path)
     if not is_available(folder):
         raise FileNotFoundError(not_installed(path))
-    from xlard.backbones.diffusers_backbone import diffusers_dtype_kwargs
+    from xlard.backbones.diffusers_backbone import diffusers_load_kwargs
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), **diffusers_dtype_kwargs(dtype or torch.float32),
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), **diffusers_load_kwargs(dtype or torch.float32),
                                                    local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -358,7 +358,7 @@ class CountEyes:
 
     def _vae(self, device: torch.device):
         from xlard._optional import require
-        from xlard.backbones.diffusers_backbone import diffusers_dtype_kwargs
+        from xlard.backbones.diffusers_backbone import diffusers_load_kwargs
         from xlard.shapes import backbone as shapes_backbone
 
         folder = shapes_backbone.backbone_path(self.backbone_folder)
@@ -369,7 +369,7 @@ class CountEyes:
                                         f"{shapes_backbone.not_installed(self.backbone_folder)}")
             autoencoder = require("diffusers", "xlard.shapes.understanding.CountEyes").AutoencoderKL
             # channels_last: a third faster on the CPU, the same images to float rounding
-            _VAES[key] = autoencoder.from_pretrained(str(folder / "vae"), **diffusers_dtype_kwargs(torch.float32),
+            _VAES[key] = autoencoder.from_pretrained(str(folder / "vae"), **diffusers_load_kwargs(torch.float32),
                                                      local_files_only=True).to(device).eval().to(
                                                          memory_format=torch.channels_last)
         return _VAES[key]
