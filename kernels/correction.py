@@ -162,10 +162,12 @@ def _log_std_2d(op: str, log_std: torch.Tensor, x: torch.Tensor):
     """log_std as [B or 1, F] plus its batch stride (0 when shared over the batch)."""
     batch = x.shape[0]
     features = int(torch.Size(x.shape[1:]).numel())
+    # Contiguous before the stride is read: a broadcast view (the wrapper expands a [B, 1, ...] log_std) or a
+    # strided one reshapes to a view whose batch stride is not that of its contiguous copy, which the kernel reads.
     if log_std.shape == x.shape[1:]:
-        return log_std.reshape(1, features), 0, True
+        return log_std.reshape(1, features).contiguous(), 0, True
     if log_std.shape == x.shape:
-        flat = log_std.reshape(batch, features)
+        flat = log_std.reshape(batch, features).contiguous()
         return flat, flat.stride(0), False
     raise RuntimeError(f"xlard.{op}: log_std must have shape {tuple(x.shape[1:])} or {tuple(x.shape)}, "
                        f"got {tuple(log_std.shape)}")
@@ -215,7 +217,6 @@ def gaussian_log_prob_fwd(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Te
         return torch.zeros(batch, dtype=acc, device=x.device)
     x2 = x.reshape(batch, features).contiguous()
     m2 = mean.reshape(batch, features).contiguous()
-    ls2 = ls2.contiguous()
     block = _block(features, 2048)
     parts = triton.cdiv(features, block)
     partial = torch.empty(batch, parts, dtype=acc, device=x.device)
@@ -265,7 +266,7 @@ def gaussian_log_prob_bwd(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
     dtype and shape; ``grad_log_std`` is summed over the batch when ``log_std`` is shared."""
     op = "_gaussian_log_prob_backward"
     _check_gaussian(op, x, mean)
-    _ls2, _sl_b, shared = _log_std_2d(op, log_std, x)
+    ls2, _sl_b, shared = _log_std_2d(op, log_std, x)
     batch = x.shape[0]
     grad_x = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     grad_mean = torch.zeros(mean.shape, dtype=mean.dtype, device=x.device)
@@ -278,7 +279,7 @@ def gaussian_log_prob_bwd(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
     acc, acc_tl = _acc(x)
     block = _block(features)
     _gaussian_log_prob_bwd_kernel[(triton.cdiv(features, block),)](
-        grad.contiguous(), x.contiguous(), mean.contiguous(), log_std.contiguous(),
+        grad.contiguous(), x.contiguous(), mean.contiguous(), ls2,
         grad_x, grad_mean, grad_log_std, batch, features,
         SHARED=shared, ACC=acc_tl, BLOCK=block,
     )

@@ -675,6 +675,17 @@ def test_gaussian_log_prob_shapes(top):
     mean, log_std = torch.randn(3, 2, 5), torch.randn(2, 5)
     close(top("gaussian_log_prob", x, mean, log_std), oracle_log_prob(x, mean, log_std), (1e-5, 1e-4), "strided")
     assert top("gaussian_log_prob", torch.rand(0, 3), torch.rand(0, 3), torch.rand(3)).shape == (0,)
+    # A per-sample log_std as the wrapper hands it over (expanded from [B, 1]) and a strided full one: the
+    # kernel read them with the view's batch stride in the contiguous copy (wrong sums, reads past the end).
+    g = torch.Generator().manual_seed(5)
+    x, mean = torch.randn(3, 60, generator=g), torch.randn(3, 60, generator=g)
+    for log_std in (torch.tensor([[0.0], [1.0], [-0.5]]).expand(3, 60), torch.randn(3, 120, generator=g)[:, ::2]):
+        close(top("gaussian_log_prob", x, mean, log_std), oracle_log_prob(x, mean, log_std), (1e-5, 1e-4),
+              "broadcast/strided log_std")
+        grads = top("_gaussian_log_prob_backward", torch.ones(3), x, mean, log_std)
+        ls = log_std.clone().requires_grad_()
+        oracle_log_prob(x, mean, ls).sum().backward()
+        close(grads[2], ls.grad, (1e-5, 1e-4), "grad_log_std, broadcast/strided")
     with pytest.raises(RuntimeError, match="log_std"):
         top("gaussian_log_prob", torch.rand(2, 3), torch.rand(2, 3), torch.rand(2))
 
@@ -849,6 +860,30 @@ def test_compiled_graph_runs_the_provider_asked_for(kernels):
         compiled(maps)
     compiled(maps)
     assert seen[0][0].startswith("xlard_triton.") and seen[-1][0].startswith("xlard.")
+    # And the other order, in a thread that never entered a block (its provider still at the default): traced
+    # outside, then called inside one: retraced for Triton (it kept the C++ kernel there, without an error).
+    import threading
+
+    results = []
+
+    def fresh_thread():
+        try:
+            torch._dynamo.reset()
+            seen.clear()
+            compiled = torch.compile(fn, fullgraph=True, backend=backend)
+            compiled(maps)
+            with ops.provider("triton"):
+                results.append(compiled(maps))
+        except BaseException as exc:  # re-raised below, in the test's thread
+            results.append(exc)
+
+    worker = threading.Thread(target=fresh_thread)
+    worker.start()
+    worker.join()
+    if isinstance(results[0], BaseException):
+        raise results[0]
+    assert seen[0][0].startswith("xlard.") and seen[-1][0].startswith("xlard_triton."), seen
+    assert torch.allclose(results[0], torch.ops.xlard_triton.attention_centroids(maps))
     # A provider that cannot serve the tensors is an error under compile too, never a switch.
     with ops.provider("cuda"), pytest.raises(Exception, match="provider 'cuda' cannot run on cpu"):
         torch._dynamo.reset()

@@ -47,8 +47,11 @@ _ENV = "XLARD_CUDA_PROVIDER"
 
 
 class _Forced(threading.local):
-    # A thread-local rather than a ContextVar: dynamo can read (and guard on) it.
-    name: str | None = None
+    # A thread-local rather than a ContextVar: dynamo can read (and guard on) it. Set per instance (per thread):
+    # a class-level default was read through the class, and a graph traced before any provider() block was not
+    # guarded on the instance, so it kept the default provider inside a later block.
+    def __init__(self) -> None:
+        self.name: str | None = None
 
 
 _forced = _Forced()
