@@ -3,6 +3,7 @@ conventions, bad input, opcheck, compile."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -129,6 +130,40 @@ def test_position_scores_refuses_a_tau_that_is_not_a_positive_number(tau):
     # A negative tau would silently turn every relation around (left scored as right).
     with pytest.raises(ValueError, match="tau must be a finite float > 0"):
         ops.position_scores(torch.rand(1, 2, 2), _rel([[0, 1, 0]]), tau=tau)
+
+
+def test_position_scores_tau_beyond_float32_and_odd_inputs():
+    cen = torch.tensor([[[0.2, 0.5], [0.8, 0.5]]])
+    rel = _rel([[0, 1, 0], [0, 0, 0]])
+    # 1e39 is inf in float32: the zero displacement of relation (0, 0) scored NaN
+    with pytest.raises(ValueError, match="tau must lie within float32's range"):
+        ops.position_scores(cen, rel, 1e39)
+    torch.testing.assert_close(ops.position_scores(cen.double(), rel, 1e39),
+                               torch.tensor([[1.0, 0.5]], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"tau must be a finite float > 0.*got 1000.*\(401 characters\)"):
+        ops.position_scores(cen, rel, 10**400)
+    # meta tensors: the provider error every op gives (the host-side range check called .item() on them)
+    with pytest.raises(RuntimeError, match="cannot run on meta"):
+        ops.position_scores(torch.rand(2, 3, 2, device="meta"), _rel([[0, 1, 0]]).to("meta"))
+
+
+def test_position_scores_under_vmap_with_batched_relations():
+    """The host-side range check was data-dependent control flow on vmap's batched relations."""
+    from torch.func import vmap
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 2, 3, 2, generator=g)
+    rel = _rel([[0, 1, 0], [2, 1, 3]])
+    rels = torch.stack([rel, rel.flip(0)])[None].expand(4, 2, 2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that a custom op runs once per vmapped sample
+        got = vmap(lambda c, r: ops.position_scores(c, r, 3.0))(x, rels)
+        want = torch.stack([ops.position_scores(x[i], rels[i], 3.0) for i in range(4)])
+        torch.testing.assert_close(got, want)
+        bad = rels.clone()
+        bad[2, 1, 0, 1] = 7
+        with pytest.raises(ValueError, match=r"token indices outside \[0, 3\): min 0, max 7"):
+            vmap(lambda c, r: ops.position_scores(c, r, 3.0))(x, bad)
 
 
 def test_attention_centroids_bad_input():

@@ -278,6 +278,29 @@ def test_bad_max_components():
         ops.component_stats(torch.rand(4, 4), max_components=0)
 
 
+def test_out_of_range_numbers_are_named_not_overflowed():
+    """Finite Python numbers that no provider can hold: 1e39 became inf in float32 (every provider computes
+    there for non-float64 maps) and Triton failed with an unnamed overflow; 2**63 failed in pybind's int
+    cast and 2**62 components in torch's allocator; 10**400 overflowed math.isfinite."""
+    maps = torch.rand(2, 5, 6)
+    cases = [(dict(threshold=1e39, mode="absolute"), "threshold must lie within float32's range"),
+             (dict(threshold=-1e39, mode="absolute"), "threshold must lie within float32's range"),
+             (dict(threshold=10**400, mode="absolute"), r"threshold must be a finite real number, got 1000.*\(401 "),
+             (dict(min_area=2**63), r"min_area must be an integer in \[1, 2\*\*63 - 1\]")]
+    for kwargs, words in cases:
+        for fn in (ops.label_components, ops.count_components, ops.component_stats):
+            with pytest.raises(ValueError, match=words):
+                fn(maps, **kwargs)
+    for k in (2**31, 2**62, 2**63):
+        with pytest.raises(ValueError, match=r"max_components must be an integer in \[1, 2\*\*31 - 1\]"):
+            ops.component_stats(maps, max_components=k)
+    # float64 maps are compared in float64, where 1e39 is an ordinary cut; masks ignore the threshold
+    assert ops.count_components(maps.double(), threshold=1e39, mode="absolute").tolist() == [0, 0]
+    assert ops.count_components(maps.double() * 1e40, threshold=1e39, mode="absolute").tolist() == [1, 1]
+    assert ops.count_components(maps > 0.5, threshold=1e39).shape == (2,)
+    assert ops.count_components(maps, min_area=2**62).tolist() == [0, 0]
+
+
 def test_int32_overflow_guard_without_allocating():
     huge = torch.empty(1, 1).expand(2**16, 2**15 + 1)  # 2^31 + 2^16 pixels, stride 0: no memory
     with pytest.raises(ValueError, match="2\\*\\*31"):

@@ -283,6 +283,13 @@ def test_sample_correction_refuses_grad():
         (ops.residual_correction, (torch.randn(4), torch.randn(4)), ValueError, "z0"),
         (ops.residual_correction, (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.rand(3)), ValueError, "alpha"),
         (ops.residual_correction, (torch.randn(2, 3, 4), torch.randn(2, 3, 4), math.inf), ValueError, "alpha"),
+        # finite, but inf in float32, where every provider computes (Triton failed with an unnamed overflow)
+        (ops.residual_correction, (torch.randn(2, 3, 4), torch.randn(2, 3, 4), 1e39), ValueError,
+         "alpha must lie within float32's range"),
+        (ops.sample_correction, (torch.randn(2, 3), torch.randn(2, 3), 0.0, torch.randn(2, 3), -1e39), ValueError,
+         "alpha must lie within float32's range"),
+        (ops.residual_correction, (torch.randn(2, 3, 4), torch.randn(2, 3, 4), 10**400), ValueError,
+         r"alpha must be a finite float or a \[B\] tensor, got 1000"),
         (ops.residual_correction, (torch.randint(0, 3, (2, 3)), torch.randint(0, 3, (2, 3))), TypeError, "z0"),
         (ops.gaussian_log_prob, (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(5)), ValueError, "log_std"),
         (ops.gaussian_log_prob, (torch.randn(2, 3, 4), torch.randn(2, 3, 4), "x"), TypeError, "log_std"),
@@ -293,6 +300,12 @@ def test_sample_correction_refuses_grad():
 def test_bad_input(fn, args, exc, words):
     with pytest.raises(exc, match=words):
         fn(*args)
+
+
+def test_float64_latents_take_alphas_beyond_float32():
+    z0, delta = torch.zeros(1, 2, dtype=torch.float64), torch.full((1, 2), 1e-10, dtype=torch.float64)
+    zc, _ = ops.residual_correction(z0, delta, 1e39)
+    torch.testing.assert_close(zc, torch.full((1, 2), 1e29, dtype=torch.float64))
 
 
 def test_opcheck():

@@ -38,23 +38,56 @@ def check_same_device(op: str, **tensors) -> None:
         raise ValueError(f"xlard.{op}: all tensors must be on one device, got {listing}")
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_INT64_MAX = 2**63 - 1
+
+
+def show(value) -> str:
+    """``repr(value)`` for a message, cut short: an int of 400 digits would fill the screen."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:24]}... ({len(text)} characters)"
+
+
+def is_finite_real(value) -> bool:
+    """A real number (not a bool) that is finite as a float: an int too large for a float (10**400) is not."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def check_scalar_fits(op: str, name: str, value, dtype: torch.dtype) -> None:
+    """Every provider computes a scalar parameter in the inputs' accumulation type, float32 for all but
+    float64 inputs; a finite value beyond float32's range (1e39) became inf there (NaN scores, inf latents)
+    on the CPU and an unexplained overflow error on Triton."""
+    if dtype != torch.float64 and abs(float(value)) > _FLOAT32_MAX:
+        raise ValueError(f"xlard.{op}: {name} must lie within float32's range (magnitude <= 3.4e38) for "
+                         f"{str(dtype).replace('torch.', '')} inputs, which are computed in float32; got {show(value)}")
+
+
 def check_components_args(op, maps, threshold, mode, min_area, connectivity, max_components=None) -> None:
     """Validate the arguments of the connected-component ops."""
     check_tensor(op, "maps", maps, FLOAT_DTYPES + MASK_DTYPES, min_dim=2)
-    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not math.isfinite(threshold):
-        raise ValueError(f"xlard.{op}: threshold must be a finite real number, got {threshold!r}")
+    if not is_finite_real(threshold):
+        raise ValueError(f"xlard.{op}: threshold must be a finite real number, got {show(threshold)}")
+    if maps.is_floating_point():
+        check_scalar_fits(op, "threshold", threshold, maps.dtype)
     if mode not in MODES:
         raise ValueError(f"xlard.{op}: mode must be one of {MODES}, got {mode!r}")
     if mode == "relative" and isinstance(maps, torch.Tensor) and maps.is_floating_point():
         check_relative_threshold(f"xlard.{op}: threshold", threshold)
-    if not isinstance(min_area, numbers.Integral) or isinstance(min_area, bool) or min_area < 1:
-        raise ValueError(f"xlard.{op}: min_area must be an integer >= 1, got {min_area!r}")
+    if not isinstance(min_area, numbers.Integral) or isinstance(min_area, bool) or not 1 <= min_area <= _INT64_MAX:
+        raise ValueError(f"xlard.{op}: min_area must be an integer in [1, 2**63 - 1], got {show(min_area)}")
     if connectivity not in (4, 8) or isinstance(connectivity, bool):
         raise ValueError(f"xlard.{op}: connectivity must be 4 or 8, got {connectivity!r}")
     if max_components is not None and (
-        not isinstance(max_components, numbers.Integral) or isinstance(max_components, bool) or max_components < 1
+        not isinstance(max_components, numbers.Integral) or isinstance(max_components, bool)
+        or not 1 <= max_components <= _INT32_MAX
     ):
-        raise ValueError(f"xlard.{op}: max_components must be an integer >= 1, got {max_components!r}")
+        raise ValueError(f"xlard.{op}: max_components must be an integer in [1, 2**31 - 1] (labels are int32, "
+                         f"so no map holds more components), got {show(max_components)}")
     h, w = maps.shape[-2:]
     if h * w > _INT32_MAX:
         raise ValueError(f"xlard.{op}: one map may hold at most 2**31 - 1 pixels (int32 labels), got {h} x {w}")
@@ -88,8 +121,9 @@ def split_alpha(op: str, alpha, z0: torch.Tensor) -> tuple[torch.Tensor | None, 
         if alpha.device != z0.device:
             raise ValueError(f"xlard.{op}: alpha must be on {z0.device}, got {alpha.device}")
         return alpha, 1.0
-    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise ValueError(f"xlard.{op}: alpha must be a finite float or a [B] tensor, got {alpha!r}")
+    if not is_finite_real(alpha):
+        raise ValueError(f"xlard.{op}: alpha must be a finite float or a [B] tensor, got {show(alpha)}")
+    check_scalar_fits(op, "alpha", alpha, z0.dtype)
     return None, float(alpha)
 
 

@@ -43,6 +43,16 @@ def _op(name: str, device: torch.device):
     return packet
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` unwrapped from torch.func transforms (vmap's batched tensors hold every batch's values): host-side
+    value checks read it, since a check on the wrapper is data-dependent control flow vmap refuses."""
+    if torch._C._are_functorch_transforms_active():
+        functorch = torch._C._functorch
+        while functorch.is_functorch_wrapped_tensor(t):
+            t = functorch.get_unwrapped(t)
+    return t
+
+
 def _refuse_grad_transform(op: str, **tensors) -> None:
     """Raise when a torch.func transform (grad, jacrev, vjp) differentiates an input of a
     non-differentiable op: its outputs would silently get a zero gradient there."""
@@ -191,12 +201,13 @@ def position_scores(centroids, relations, tau=10.0):
         raise ValueError(f"xlard.{op}: relations must have shape [R, 3] or [B, R, 3] with B = {centroids.shape[0]}, "
                          f"got {tuple(relations.shape)}")
     _args.check_same_device(op, centroids=centroids, relations=relations)
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not 0.0 < tau < float("inf"):
+    if not isinstance(tau, (int, float)) or not _args.is_finite_real(tau) or not tau > 0.0:
         raise ValueError(f"xlard.{op}: tau must be a finite float > 0 (the sigmoid's sharpness: 0 scores every "
-                         f"relation 0.5, a negative tau turns every relation around), got {tau!r}")
-    if not torch.compiler.is_compiling() and relations.numel():
+                         f"relation 0.5, a negative tau turns every relation around), got {_args.show(tau)}")
+    _args.check_scalar_fits(op, "tau", tau, centroids.dtype)
+    if not torch.compiler.is_compiling() and relations.numel() and relations.device.type != "meta":
         tokens = centroids.shape[1]
-        idx, code = relations[..., :2], relations[..., 2]
+        idx, code = _plain(relations)[..., :2], _plain(relations)[..., 2]
         if bool((idx < 0).any() | (idx >= tokens).any()):
             raise ValueError(f"xlard.{op}: relations name token indices outside [0, {tokens}): "
                              f"min {int(idx.min())}, max {int(idx.max())}")
