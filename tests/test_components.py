@@ -250,6 +250,8 @@ def test_results_do_not_depend_on_thread_count():
         (dict(maps="not a tensor"), TypeError, "maps"),
         (dict(maps=torch.rand(4, 4), mode="median"), ValueError, "mode"),
         (dict(maps=torch.rand(4, 4), connectivity=6), ValueError, "connectivity"),
+        (dict(maps=torch.rand(4, 4), connectivity=4.0), ValueError, "connectivity"),  # as min_area=2.0 is
+        (dict(maps=torch.rand(4, 4), connectivity=torch.tensor(8)), ValueError, "connectivity"),
         (dict(maps=torch.rand(4, 4), min_area=0), ValueError, "min_area"),
         (dict(maps=torch.rand(4, 4), min_area=1.5), ValueError, "min_area"),
         (dict(maps=torch.rand(4, 4), threshold=math.nan), ValueError, "threshold"),

@@ -105,6 +105,9 @@ def square_image(color_rgb, box=(8, 8, 24, 24), size=32, background=GRAY):
     dict(max_components=0), dict(bind_min_coverage=1.5), dict(count_confidence=1),
     dict(count_confidence=True),  # needs absolute thresholds (maps of probabilities)
     dict(threshold=1.0), dict(threshold=50.0), dict(threshold=-0.1),  # relative: a fraction in [0, 1)
+    # numbers the ops refuse later (mid-run): beyond float32, int overflow, a float where an int is meant
+    dict(tau=1e39), dict(tau=10**400), dict(min_area=2**63), dict(max_components=2**31), dict(connectivity=8.0),
+    dict(connectivity=True), dict(max_components=True),
 ])
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match="RewardConfig"):

@@ -80,7 +80,7 @@ def check_components_args(op, maps, threshold, mode, min_area, connectivity, max
         check_relative_threshold(f"xlard.{op}: threshold", threshold)
     if not isinstance(min_area, numbers.Integral) or isinstance(min_area, bool) or not 1 <= min_area <= _INT64_MAX:
         raise ValueError(f"xlard.{op}: min_area must be an integer in [1, 2**63 - 1], got {show(min_area)}")
-    if connectivity not in (4, 8) or isinstance(connectivity, bool):
+    if not isinstance(connectivity, numbers.Integral) or isinstance(connectivity, bool) or connectivity not in (4, 8):
         raise ValueError(f"xlard.{op}: connectivity must be 4 or 8, got {connectivity!r}")
     if max_components is not None and (
         not isinstance(max_components, numbers.Integral) or isinstance(max_components, bool)

@@ -63,7 +63,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xlard import ops
+from xlard import _args, ops
 from xlard._args import check_relative_threshold
 from xlard.color_features import ColorFeatureEncoder, PatchFeatures, patch_positions
 from xlard.prompts import PromptSpec, pluralize
@@ -155,29 +155,36 @@ class RewardConfig:
     def __post_init__(self) -> None:
         def finite(name: str, lo: float | None = None, hi: float | None = None) -> None:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"RewardConfig.{name} must be a finite number, got {value!r}")
+            if not isinstance(value, (int, float)) or not _args.is_finite_real(value):
+                raise ValueError(f"RewardConfig.{name} must be a finite number, got {_args.show(value)}")
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 raise ValueError(f"RewardConfig.{name} must lie in [{lo}, {hi}], got {value!r}")
 
         finite("threshold")
         finite("min_area_fraction", 0.0, 1.0)
         finite("tau")
-        if self.tau <= 0:
-            raise ValueError(f"RewardConfig.tau must be > 0 (the position sigmoid's sharpness; a negative one turns "
-                             f"every relation around), got {self.tau!r}")
+        if not 0 < self.tau <= torch.finfo(torch.float32).max:
+            raise ValueError(f"RewardConfig.tau must be > 0 and within float32's range (the position sigmoid's "
+                             f"sharpness; a negative one turns every relation around), got {self.tau!r}")
         finite("bind_min_coverage", 0.0, 1.0)
         if self.threshold_mode not in ("relative", "absolute", "otsu"):
             raise ValueError(f"RewardConfig.threshold_mode must be 'relative', 'absolute' or 'otsu', "
                              f"got {self.threshold_mode!r}")
         if self.threshold_mode == "relative":
             check_relative_threshold("RewardConfig.threshold", self.threshold)
-        if self.min_area is not None and (not isinstance(self.min_area, int) or self.min_area < 1):
-            raise ValueError(f"RewardConfig.min_area must be None or an integer >= 1, got {self.min_area!r}")
-        if self.connectivity not in (4, 8):
+        def integer(name: str, high: int) -> bool:
+            value = getattr(self, name)
+            return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= high
+
+        if self.min_area is not None and not integer("min_area", 2**63 - 1):
+            raise ValueError(f"RewardConfig.min_area must be None or an integer in [1, 2**63 - 1], "
+                             f"got {self.min_area!r}")
+        if not isinstance(self.connectivity, int) or isinstance(self.connectivity, bool) or \
+                self.connectivity not in (4, 8):
             raise ValueError(f"RewardConfig.connectivity must be 4 or 8, got {self.connectivity!r}")
-        if not isinstance(self.max_components, int) or self.max_components < 1:
-            raise ValueError(f"RewardConfig.max_components must be an integer >= 1, got {self.max_components!r}")
+        if not integer("max_components", 2**31 - 1):
+            raise ValueError(f"RewardConfig.max_components must be an integer in [1, 2**31 - 1], "
+                             f"got {self.max_components!r}")
         aspects = tuple(self.aspects)
         if not set(aspects) <= set(ASPECTS) or len(set(aspects)) != len(aspects):
             raise ValueError(f"RewardConfig.aspects must be distinct names from {ASPECTS}, got {self.aspects!r}")
