@@ -156,7 +156,7 @@ def test_position_scores_under_vmap_with_batched_relations():
     rel = _rel([[0, 1, 0], [2, 1, 3]])
     rels = torch.stack([rel, rel.flip(0)])[None].expand(4, 2, 2, 3)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's note that a custom op runs once per vmapped sample
+        warnings.simplefilter("error")  # no fallback to one call per vmapped sample (tests/test_vmap.py)
         got = vmap(lambda c, r: ops.position_scores(c, r, 3.0))(x, rels)
         want = torch.stack([ops.position_scores(x[i], rels[i], 3.0) for i in range(4)])
         torch.testing.assert_close(got, want)

@@ -960,3 +960,26 @@ def test_overflow_edges_in_the_triton_kernels(top):
     e = torch.tensor([[0.6, 0.8, 0.0], [1.0, 0.0, 0.0]]) * 1e30
     scores, index = top("color_scores", f, e, None)
     assert torch.allclose(scores, torch.ones(1, 2), atol=1e-6) and index.tolist() == [[1, 0]]
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("xlard._C"), reason="xlard._C is not built")
+def test_vmap_through_the_triton_provider(kernels):
+    """The batching rules are registered for xlard_triton:: too: one launch per vmapped call, the loop's
+    results, no per-sample fallback warning."""
+    import warnings
+
+    import xlard.ops as ops
+
+    g = torch.Generator().manual_seed(9)
+    cen, rel = torch.rand(3, 2, 3, 2, generator=g), torch.tensor([[0, 1, 0], [2, 1, 3]])
+    x, mean, log_std = (torch.randn(3, 2, 6, generator=g) for _ in range(3))
+    maps = torch.rand(3, 2, 5, 6, generator=g)
+    with ops.provider("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = torch.func.vmap(lambda c: ops.position_scores(c, rel))(cen)
+        lp = torch.func.vmap(ops.gaussian_log_prob)(x, mean, log_std)
+        counts = torch.func.vmap(lambda m: ops.count_components(m, 0.5, "absolute"))(maps)
+    close(got, oracle_position_scores(cen.reshape(6, 3, 2), rel, 10.0).reshape(3, 2, 2), (1e-5, 1e-5), "vmap position")
+    close(lp, oracle_log_prob(x.reshape(6, 6), mean.reshape(6, 6), log_std.reshape(6, 6)).reshape(3, 2), (1e-5, 1e-4),
+          "vmap log_prob")
+    assert torch.equal(counts, torch.ops.xlard.count_components(maps, 0.5, "absolute", 1, 8))

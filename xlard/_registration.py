@@ -444,6 +444,103 @@ def register_python_side(ns: str) -> None:
         _check_out(op, "lam", lam, _lam_shape(z0), _acc(z0.dtype), z0)
 
     _register_autograd(ns, ops, lib)
+    _register_vmap(ns, ops, lib)
+
+
+# ----------------------------------------------------------------------------------
+# Batching rules (torch.func.vmap)
+#
+# Every op already takes a batch: the map ops any leading dims, the others a leading B. A vmapped call
+# folds vmap's dimension N into that batch (N*B rows), runs the op once and unfolds the outputs; without a
+# rule torch ran the op once per vmapped sample and warned about it. An argument the op shares over its
+# batch (relations [R, 3], color embeddings [C, D], a log_std of the per-item shape) stays shared when vmap
+# does not batch it, and is repeated over B when it does.
+
+
+def _front(t, d):
+    """``t`` with vmap's dim (``d``, None when unbatched) first."""
+    return t if d is None else t.movedim(d, 0)
+
+
+def _fold(t, d, n: int):
+    """A per-sample ``[B, ...]`` argument as ``[N*B, ...]``."""
+    t = _front(t, d) if d is not None else t.expand(n, *t.shape)
+    return t.reshape(-1, *t.shape[2:])
+
+
+def _fold_shared(t, d, n: int, b: int, shared_rank: int):
+    """An argument that is either shared over the op's batch (per-sample rank ``shared_rank``) or batch-leading
+    (one more dim): unchanged when shared and unbatched, else ``[N*B, ...]``."""
+    rank = t.dim() - (d is not None)
+    if rank != shared_rank:
+        return _fold(t, d, n)
+    if d is None:
+        return t
+    t = _front(t, d)
+    return t.unsqueeze(1).expand(n, b, *t.shape[1:]).reshape(n * b, *t.shape[1:])
+
+
+def _unfold(t, n: int):
+    return t.reshape(n, -1, *t.shape[1:])
+
+
+def _register_vmap(ns: str, ops, lib: torch.library.Library) -> None:
+    def vmap(name):
+        return lambda fn: torch.library.register_vmap(f"{ns}::{name}", fn, lib=lib)
+
+    def leading(op):  # maps [..., H, W]: vmap's dim is one more leading dim
+        def rule(info, in_dims, maps, *rest):
+            out = op(_front(maps, in_dims[0]), *rest)
+            return out, (tuple(0 for _ in out) if isinstance(out, tuple) else 0)
+
+        return rule
+
+    for name in ("label_components", "count_components", "component_stats", "attention_centroids"):
+        vmap(name)(leading(getattr(ops, name).default))
+
+    @vmap("position_scores")
+    def _(info, in_dims, centroids, relations, tau):
+        n, (dc, dr, _) = info.batch_size, in_dims
+        b = _front(centroids, dc).shape[1] if dc is not None else centroids.shape[0]
+        out = ops.position_scores(_fold(centroids, dc, n), _fold_shared(relations, dr, n, b, 2), tau)
+        return _unfold(out, n), 0
+
+    @vmap("color_scores")
+    def _(info, in_dims, patch_features, color_embeddings, patch_mask):
+        n, (dp, de, dm) = info.batch_size, in_dims
+        b = _front(patch_features, dp).shape[1] if dp is not None else patch_features.shape[0]
+        mask = None if patch_mask is None else _fold(patch_mask, dm, n)
+        scores, index = ops.color_scores(_fold(patch_features, dp, n), _fold_shared(color_embeddings, de, n, b, 2),
+                                         mask)
+        return (_unfold(scores, n), _unfold(index, n)), (0, 0)
+
+    def latent_batch(z, d):
+        return _front(z, d).shape[1] if d is not None else z.shape[0]
+
+    @vmap("residual_correction")
+    def _(info, in_dims, z0, delta, alpha, alpha_scalar):
+        n, (dz, dd, da, _) = info.batch_size, in_dims
+        a = None if alpha is None else _fold(alpha, da, n)
+        zc, lam = ops.residual_correction(_fold(z0, dz, n), _fold(delta, dd, n), a, alpha_scalar)
+        return (_unfold(zc, n), _unfold(lam, n)), (0, 0)
+
+    @vmap("gaussian_log_prob")
+    def _(info, in_dims, x, mean, log_std):
+        n, (dx, dm, dl) = info.batch_size, in_dims
+        b = latent_batch(x, dx)
+        per_item = x.dim() - (dx is not None) - 1
+        out = ops.gaussian_log_prob(_fold(x, dx, n), _fold(mean, dm, n), _fold_shared(log_std, dl, n, b, per_item))
+        return _unfold(out, n), 0
+
+    @vmap("sample_correction")
+    def _(info, in_dims, z0, mean, log_std, noise, alpha, alpha_scalar):
+        n, (dz, dm, dl, dn, da, _) = info.batch_size, in_dims
+        b = latent_batch(z0, dz)
+        per_item = z0.dim() - (dz is not None) - 1
+        a = None if alpha is None else _fold(alpha, da, n)
+        outs = ops.sample_correction(_fold(z0, dz, n), _fold(mean, dm, n),
+                                     _fold_shared(log_std, dl, n, b, per_item), _fold(noise, dn, n), a, alpha_scalar)
+        return tuple(_unfold(t, n) for t in outs), (0, 0, 0, 0)
 
 
 def _register_autograd(ns: str, ops, lib: torch.library.Library) -> None:
