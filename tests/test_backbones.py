@@ -68,6 +68,17 @@ def _nonzero_corrector(backbone, seed=0):
 # ---------------------------------------------------------------------------
 
 
+def test_decode_continues_with_the_guidance_the_state_was_encoded_with(backbone):
+    """A state holds its guidance ("used, and to be used"); decoding it with a backbone set to another
+    guidance mixed that backbone's scale into the state's conditioning: other images, no error."""
+    half = DiffusersBackbone(backbone.pipeline, correction_step=0.5, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+    state = half.encode(PROMPTS, seed=3)
+    assert state.guidance_scale == GUIDANCE
+    other = _with(half, correction_step=0.5, guidance_scale=2.0)
+    torch.testing.assert_close(other.decode(state).images, half.decode(state).images, rtol=0, atol=0)
+    assert not torch.equal(other.generate(PROMPTS, seed=3).images, half.generate(PROMPTS, seed=3).images)
+
+
 def test_from_pretrained_sizes(backbone):
     assert isinstance(backbone, Backbone)
     assert type(backbone.pipeline).__name__ == "StableDiffusionPipeline"
@@ -392,6 +403,11 @@ def test_bad_encode_decode_generate_arguments(backbone):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"z holds 1 NaN or infinite value\(s\)"):
         bb.decode(state, bad)  # else a black image, judged and saved without a word
+    import dataclasses
+
+    other = dataclasses.replace(state, z0=torch.zeros(2, 8, *state.z0.shape[2:]))  # as another model's state
+    with pytest.raises(ValueError, match="state was encoded by another backbone.*4 channels"):
+        bb.decode(other)  # was a conv's "expected input to have 4 channels"
     with pytest.raises(ValueError, match="correct"):
         bb.generate(PROMPTS, seed=0, corrector=object())
     with pytest.raises(ValueError, match="alpha"):

@@ -896,9 +896,9 @@ class DiffusersBackbone(Backbone):
 
     # -- the split loop ----------------------------------------------------------
 
-    def _denoise(self, scheduler, latents, timesteps, cond, extra, step_kwargs, do_cfg, num_steps):
+    def _denoise(self, scheduler, latents, timesteps, cond, extra, step_kwargs, do_cfg, num_steps, guidance_scale):
         for t in timesteps:
-            noise_pred = self.family.predict(scheduler, latents, t, cond, extra, self.guidance_scale, do_cfg)
+            noise_pred = self.family.predict(scheduler, latents, t, cond, extra, guidance_scale, do_cfg)
             latents = self.family.scheduler_step(scheduler, noise_pred, t, latents, step_kwargs, num_steps)
         return latents
 
@@ -959,10 +959,12 @@ class DiffusersBackbone(Backbone):
         encode_maps = None
         if self.capture_encode:
             with self._capturing(k, do_cfg) as capture:
-                latents = self._denoise(scheduler, latents, timesteps[:k], cond, extra, step_kwargs, do_cfg, num_steps)
+                latents = self._denoise(scheduler, latents, timesteps[:k], cond, extra, step_kwargs, do_cfg, num_steps,
+                                        self.guidance_scale)
             encode_maps = capture.maps()
         else:
-            latents = self._denoise(scheduler, latents, timesteps[:k], cond, extra, step_kwargs, do_cfg, num_steps)
+            latents = self._denoise(scheduler, latents, timesteps[:k], cond, extra, step_kwargs, do_cfg, num_steps,
+                                    self.guidance_scale)
         z0 = family.to_spatial(latents, self.height, self.width)
         gens = generator if isinstance(generator, list) else [generator]
         resume = {
@@ -990,6 +992,11 @@ class DiffusersBackbone(Backbone):
         if (state.height, state.width) != (self.height, self.width):
             raise ValueError(f"state was encoded at {state.height}x{state.width}, this backbone decodes "
                              f"{self.height}x{self.width}")
+        channels = self.latent_channels
+        if state.z0.dim() != 4 or state.z0.shape[1] != channels:
+            raise ValueError(f"state was encoded by another backbone: its latents have shape "
+                             f"{tuple(state.z0.shape)}, this backbone's have {channels} channels "
+                             f"({type(self.pipeline).__name__})")
         if z is None:
             return state.z0
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
@@ -1032,11 +1039,11 @@ class DiffusersBackbone(Backbone):
         maps = None
         if self._capture_factory is None:
             latents = self._denoise(scheduler, latents, remaining, r["cond"], r["extra"], step_kwargs, do_cfg,
-                                    state.num_steps)
+                                    state.num_steps, state.guidance_scale)
         elif len(remaining):
             with self._capturing(len(remaining), do_cfg) as capture:
                 latents = self._denoise(scheduler, latents, remaining, r["cond"], r["extra"], step_kwargs, do_cfg,
-                                        state.num_steps)
+                                        state.num_steps, state.guidance_scale)
             maps = capture.maps()
         else:
             maps = self._readout(latents, state)
@@ -1054,7 +1061,7 @@ class DiffusersBackbone(Backbone):
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(len(timesteps) - 1)
         with self._capturing(1, r["do_cfg"]) as capture:
-            self.family.predict(scheduler, latents, timesteps[-1], r["cond"], r["extra"], self.guidance_scale,
+            self.family.predict(scheduler, latents, timesteps[-1], r["cond"], r["extra"], state.guidance_scale,
                                 r["do_cfg"])
         return capture.maps()
 
