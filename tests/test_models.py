@@ -578,6 +578,25 @@ def test_inference_refuses_non_finite_inputs_and_an_overflowing_correction():
             model.head.bias.normal_(0, 0.1)
 
 
+def test_forward_and_sample_refuse_non_finite_inputs_too():
+    """The rollout step (sample) and the plain call returned NaN corrections and log-probs without a word."""
+    model = make_corrector(nonzero_head=True).eval()
+    z0, text, pooled, mask = inputs()
+    calls = {"sample": lambda *a: model.sample(*a), "ResidualCorrector": lambda *a: model(*a)}
+    for name, call in calls.items():
+        bad = z0.clone()
+        bad[0, 1, 1, 1] = float("nan")
+        with pytest.raises(ValueError, match=rf"{name}: z0 holds 1 NaN or infinite value"):
+            call(bad, text, pooled, mask)
+        with pytest.raises(ValueError, match=rf"{name}: pooled holds {pooled.numel()} NaN"):
+            call(z0, text, pooled * float("inf"), mask)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got str"):
+        model.sample(z0, text, pooled, mask, generator="x")
+    # meta tensors: the device check names them (the finite check called .item() on them)
+    with pytest.raises(ValueError, match="z0 is on meta but the model is on cpu"):
+        model.correct(z0.to("meta"), text, pooled, mask)
+
+
 def test_corrector_and_projector_compile_without_graph_breaks():
     # backend="eager" checks that the whole forward traces as one graph (ops, masks, checks)
     # without paying for Inductor code generation on the CPU.

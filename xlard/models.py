@@ -662,8 +662,8 @@ def _refuse_non_finite(owner, z0, text_tokens, pooled, text_mask) -> None:
     if torch.compiler.is_compiling():  # a data-dependent check would break the graph; eager calls check
         return
 
-    def values(t):
-        return t if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() else None
+    def values(t):  # meta tensors hold no values: the device check that follows names them
+        return t if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not t.is_meta else None
 
     tokens = values(text_tokens)
     if tokens is not None and isinstance(text_mask, torch.Tensor) and text_mask.dtype == torch.bool \
@@ -1796,6 +1796,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
         Raises:
             TypeError, ValueError: a bad input, naming it.
         """
+        _refuse_non_finite("ResidualCorrector", z0, text_tokens, pooled, text_mask)
         return self._forward(z0, text_tokens, pooled, text_mask)
 
     def _forward(self, z0, text_tokens, pooled, text_mask, log=None) -> torch.Tensor:
@@ -1890,6 +1891,10 @@ class ResidualCorrector(_Pretrained, nn.Module):
             (zc [B, C, H, W] in z0's dtype, delta float32 [B, C, H, W], log_prob
             float32 [B], lam float32 [B, H, W]); float64 throughout for float64 z0.
         """
+        _refuse_non_finite("ResidualCorrector.sample", z0, text_tokens, pooled, text_mask)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"xlard.ResidualCorrector.sample: generator must be a torch.Generator or None, got "
+                            f"{type(generator).__name__}")
         dist = self.distribution(z0, text_tokens, pooled, text_mask)
         dt = dist.mean.dtype
         if noise is None:
