@@ -426,6 +426,13 @@ def test_html_from_reward_result_like_object(tmp_path):
         report_items("a cat", after=torch.stack([_image()]))
     with pytest.raises(TypeError, match="got NoneType"):
         report_items(None)
+    # rewards of another batch: one row per prompt (it used row 0 of a two-row result, or an IndexError)
+    with pytest.raises(ValueError, match=r"rewards.scores has 1 rows, expected 2 \(one per prompt\)"):
+        report_items(["a", "b"], result)
+    with pytest.raises(ValueError, match=r"rewards_before.scores has 1 rows, expected 3"):
+        report_items(["a", "b", "c"], rewards_before=result)
+    with pytest.raises(TypeError, match="rewards must be a reward result .*got str"):
+        report_items(["a", "b"], rewards="x")  # accepted before: the scores were silently empty
 
 
 def test_html_bad_items(tmp_path):
@@ -437,7 +444,18 @@ def test_html_bad_items(tmp_path):
         write_html_report(tmp_path / "x.html", [42])
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         write_html_report(tmp_path / "x.html", [ReportItem("p", after=_image() * 3)])
+    # a score that is not a number failed inside the rendering ("could not convert string to float: 'high'")
+    bad_items = [([ReportItem("p"), ReportItem("q", scores={"count": "high"})], r"item 1: scores\['count'\] must be a number"),
+                 ([ReportItem("p", weights={"color": [1, 2]})], r"item 0: weights\['color'\]"),
+                 ([ReportItem("p", scores=[0.5])], "item 0: scores must map aspect names to numbers, got list"),
+                 ([ReportItem("p", joint="0.5")], "item 0: joint must be a number or None")]
+    for items, words in bad_items:
+        with pytest.raises(TypeError, match=words):
+            write_html_report(tmp_path / "x.html", items)
     assert not (tmp_path / "x.html").exists()
+    page = render_html_report([ReportItem("p", scores={"count": torch.tensor(0.5), "color": None,
+                                                        "position": float("nan")}, joint=torch.tensor(0.25))])
+    assert "0.500" in page and "0.250" in page
     write_html_report(tmp_path / "empty.html", [])
     assert "No items." in (tmp_path / "empty.html").read_text()
 

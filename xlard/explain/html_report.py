@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import html
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -225,6 +226,32 @@ def _sections_html(fn: str, sections) -> str:
     return "".join(parts)
 
 
+def _check_numbers(fn: str, i: int, item: ReportItem) -> None:
+    """Scores, weights and joint rewards are numbers (None or NaN: absent); anything else failed deep in the
+    rendering ("could not convert string to float") without naming the item or the field."""
+    def number(value) -> bool:
+        if value is None or isinstance(value, bool):
+            return value is None
+        if isinstance(value, torch.Tensor):
+            return value.numel() == 1 and (value.is_floating_point() or not value.dtype.is_complex)
+        return isinstance(value, numbers.Real)
+
+    for name in ("scores", "scores_before", "weights"):
+        table = getattr(item, name)
+        if table is None and name != "scores":
+            continue
+        if not isinstance(table, Mapping):
+            raise TypeError(_err(fn, f"item {i}: {name} must map aspect names to numbers, got "
+                                     f"{type(table).__name__}"))
+        for aspect, value in table.items():
+            if not number(value):
+                raise TypeError(_err(fn, f"item {i}: {name}[{aspect!r}] must be a number (None or NaN for an "
+                                         f"absent aspect), got {value!r}"))
+    for name in ("joint", "joint_before"):
+        if not number(getattr(item, name)):
+            raise TypeError(_err(fn, f"item {i}: {name} must be a number or None, got {getattr(item, name)!r}"))
+
+
 def render_html_report(items: Sequence[ReportItem | Mapping[str, Any]], title: str = "xLARD report",
                        colormap: str | torch.Tensor = "ember", sections=None) -> str:
     """The HTML text of a report (see :func:`write_html_report`)."""
@@ -239,6 +266,10 @@ def render_html_report(items: Sequence[ReportItem | Mapping[str, Any]], title: s
                 it = ReportItem(**it)
             except TypeError as exc:
                 raise TypeError(_err(fn, f"item {i}: {exc}")) from exc
+        if not isinstance(it, ReportItem):
+            raise TypeError(_err(fn, f"item {i} must be a ReportItem or a dict of its fields, got "
+                                     f"{type(it).__name__}"))
+        _check_numbers(fn, i, it)
         normal.append(it)
     esc_title = html.escape(str(title))
     body = "".join(_item_html(i, it, colormap) for i, it in enumerate(normal))

@@ -123,6 +123,28 @@ def report_items(
             raise ValueError(_err(fn, f"{name} has {len(seq)} items, expected {n} (one per prompt)"))
         return seq[i]
 
+    def check_result(result, name):
+        if result is None:
+            return
+        fields = {a: getattr(result, a, None) for a in ("scores", "present", "joint", "weights", "explanations")}
+        if all(v is None for v in fields.values()):
+            raise TypeError(_err(fn, f"{name} must be a reward result (an xlard.rewards.RewardResult, or any object "
+                                     f"with scores / joint / explanations), got {type(result).__name__}"))
+        for field, value in fields.items():
+            if value is None:
+                continue
+            try:
+                rows = len(value)
+            except TypeError:
+                raise TypeError(_err(fn, f"{name}.{field} must hold one row per prompt, got "
+                                         f"{type(value).__name__}")) from None
+            if rows != n:
+                raise ValueError(_err(fn, f"{name}.{field} has {rows} rows, expected {n} (one per prompt): the "
+                                          f"rewards of another batch?"))
+
+    check_result(rewards, "rewards")
+    check_result(rewards_before, "rewards_before")
+
     def aspect_scores(result, i):
         if result is None or getattr(result, "scores", None) is None:
             return {}
