@@ -424,6 +424,24 @@ def test_dataclass_validation():
         Entity(noun="dog", word_span=(3, 3))
     with pytest.raises(ValueError, match="Entity.token_indices"):
         Entity(noun="dog", token_indices=(1, -2))
+    # as parse() writes them (a "Dog" matched no map or label later; "grey" no color table)
+    with pytest.raises(ValueError, match=r"Entity.noun must be lower-case .*\('dogs'\), got 'Dogs'"):
+        Entity(noun="Dogs")
+    with pytest.raises(ValueError, match=r"Entity.noun must be lower-case .*\('teddy bear'\)"):
+        Entity(noun="teddy  bear")
+    with pytest.raises(ValueError, match="Entity.color must be lower-case"):
+        Entity(noun="dog", color=" red")
+    with pytest.raises(ValueError, match="Entity.color must be the canonical name 'gray', got 'grey'"):
+        Entity(noun="dog", color="grey")
+    assert Entity(noun="teddy bear", color="light blue").color == "light blue"
+    assert Entity(noun="dog", color="teal").color == "teal"  # open vocabulary: a CLIP source embeds any word
+    # extra_nouns: a string was read letter by letter (each a noun), an int failed inside tuple()
+    with pytest.raises(TypeError, match=r"extra_nouns must be a list of noun strings, got str \(one noun\? pass"):
+        parse("a b", strict=True, extra_nouns="flibbertigibbet")
+    with pytest.raises(TypeError, match="extra_nouns must be a list of noun strings, got int"):
+        parse("two dogs", extra_nouns=3)
+    with pytest.raises(TypeError, match="extra_nouns must hold non-empty noun strings, got 3"):
+        parse("two dogs", extra_nouns=["cat", 3])
     with pytest.raises(ValueError, match="Relation.relation"):
         Relation(0, "left of", 1)
     with pytest.raises(ValueError, match="itself"):

@@ -96,6 +96,19 @@ def _build_lexicon(nouns: Iterable[str]) -> _Lexicon:
 _DEFAULT_LEXICON: _Lexicon | None = None
 
 
+def _check_extra_nouns(extra_nouns) -> tuple[str, ...]:
+    """A list of nouns; a string was taken letter by letter (each letter a noun) and an int failed in tuple()."""
+    if isinstance(extra_nouns, (str, bytes)) or not isinstance(extra_nouns, Iterable):
+        hint = f" (one noun? pass [{extra_nouns!r}])" if isinstance(extra_nouns, str) else ""
+        raise TypeError(f"parse: extra_nouns must be a list of noun strings, got "
+                        f"{type(extra_nouns).__name__}{hint}")
+    extra = tuple(extra_nouns)
+    bad = [n for n in extra if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise TypeError(f"parse: extra_nouns must hold non-empty noun strings, got {bad[0]!r}")
+    return extra
+
+
 @functools.lru_cache(maxsize=64)
 def _lexicon_with(extra_nouns: tuple[str, ...]) -> _Lexicon:
     # from_geneval passes each record's classes; the cache makes repeats free.
@@ -547,7 +560,7 @@ def parse(
         (('dog', 'teddy bear'), ((0, 1, 1),))
     """
     prompt = _check_prompt(prompt)
-    extra = tuple(extra_nouns)
+    extra = _check_extra_nouns(extra_nouns)
     lexicon = _lexicon_with(extra) if extra else _default_lexicon()
     words = _scan(prompt)
     pos = _template_end(words, lexicon)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xlard.geneval import validate_record
-from xlard.vocab import ASPECTS, GENEVAL_RELATION_NAMES, GENEVAL_TAGS, RELATION_CODES, RELATIONS
+from xlard.vocab import ASPECTS, COLOR_ALIASES, GENEVAL_RELATION_NAMES, GENEVAL_TAGS, RELATION_CODES, RELATIONS
 
 __all__ = ["Entity", "Relation", "TokenAlignment", "PromptSpec", "infer_geneval_tag"]
 
@@ -84,12 +84,20 @@ class Entity:
     def __post_init__(self) -> None:
         if not isinstance(self.noun, str) or not self.noun.strip():
             raise ValueError(f"Entity.noun must be a non-empty string, got {self.noun!r}")
+        for name, value in (("noun", self.noun), ("color", self.color)):
+            # as parse() writes them: a "Dog" or " red" matched no map, label or color table later on
+            if isinstance(value, str) and value.strip() and value != " ".join(value.lower().split()):
+                raise ValueError(f"Entity.{name} must be lower-case words with single spaces, as parse() writes "
+                                 f"it ({' '.join(value.lower().split())!r}), got {value!r}")
         if self.count is not None and (
             not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 0
         ):
             raise ValueError(f"Entity.count must be None or an integer >= 0, got {self.count!r}")
         if self.color is not None and (not isinstance(self.color, str) or not self.color.strip()):
             raise ValueError(f"Entity.color must be None or a non-empty string, got {self.color!r}")
+        if self.color in COLOR_ALIASES:
+            raise ValueError(f"Entity.color must be the canonical name {COLOR_ALIASES[self.color]!r}, got "
+                             f"{self.color!r}")
         object.__setattr__(self, "token_indices", _as_index_tuple(self.token_indices, "Entity.token_indices"))
         object.__setattr__(
             self, "color_token_indices",
