@@ -492,3 +492,33 @@ def test_shapes_source_drops_objects_whose_pixels_are_two_palette_colors():
     torch.testing.assert_close(lenient.drop_mixed_objects(maps, color, images), maps)  # half red >= 0.5
     with pytest.raises(ValueError, match="paint_purity must be a number in"):
         get_source("shapes", model=OracleUnderstanding([SCENE]), paint_purity=1.2)
+
+
+def test_meta_and_nan_images_are_named_everywhere(tmp_path):
+    """Meta tensors (shapes only) reached an .item() deep inside ("Tensor.item() cannot be called on meta
+    tensors") and NaN pixels scored color 0 without a word in as_image_batch."""
+    from xlard import sources as source_module
+    from xlard._args import as_device
+    from xlard.color_features import as_image_batch
+    from xlard.explain import save_png
+    from xlard.shapes import evaluator as E
+    from xlard.shapes.prompts import enumerate_records
+
+    meta = torch.rand(1, 3, 16, 16, device="meta")
+    with pytest.raises(ValueError, match="image is a meta tensor"):
+        save_png(tmp_path / "x.png", meta[0])
+    with pytest.raises(ValueError, match="as_image_batch: images are meta tensors"):
+        as_image_batch(meta)
+    nan = torch.rand(1, 3, 16, 16)
+    nan[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"as_image_batch: images hold 1 NaN or infinite value\(s\)"):
+        as_image_batch(nan)
+    with pytest.raises(ValueError, match="image 0: a meta tensor holds no pixels"):
+        E.evaluate(meta, enumerate_records("counting")[1])
+    decoded = Decoded(images=meta, latents=None, token_maps=None, patch_features=None,
+                      specs=[parse("three circles")], segment_offsets={})
+    with pytest.raises(ValueError, match="decoded.images are meta tensors"):
+        source_module._decoded_parts(decoded, "shapes source")
+    with pytest.raises(ValueError, match="device: meta holds shapes only"):
+        as_device("meta", "DiffusersBackbone.from_pretrained")
+    assert not (tmp_path / "x.png").exists()

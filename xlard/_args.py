@@ -197,6 +197,8 @@ def missing_device(device: torch.device) -> str | None:
     None when it can (the CPU always can). Callers add their own fix (drop --device, device='cpu')."""
     if device.type == "cpu":
         return None
+    if device.type == "meta":
+        return "meta holds shapes only, no values: nothing could be computed or saved there"
     if device.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"

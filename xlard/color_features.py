@@ -252,6 +252,9 @@ def as_image_batch(images: Any) -> torch.Tensor:
             or PIL images of different sizes.
     """
     if isinstance(images, torch.Tensor):
+        if images.is_meta:
+            raise ValueError("as_image_batch: images are meta tensors (shapes only, no pixels); pass the decoded "
+                             "images")
         x = images
         channel_dim = -3
     else:
@@ -289,6 +292,9 @@ def as_image_batch(images: Any) -> torch.Tensor:
         raise ValueError(f"as_image_batch: images must be float in [0, 1] or uint8, got {x.dtype}")
     x = x.float()
     if x.numel():
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):  # NaN passed the range check below and scored colors 0 without a word
+            raise ValueError(f"as_image_batch: images hold {int((~finite).sum())} NaN or infinite value(s)")
         lo, hi = float(x.amin()), float(x.amax())
         if lo < -1e-3 or hi > 1.0 + 1e-3:
             raise ValueError(f"as_image_batch: float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; "

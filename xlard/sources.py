@@ -88,6 +88,8 @@ def _decoded_parts(decoded: Any, who: str) -> tuple[torch.Tensor, tuple[PromptSp
     if not images.is_floating_point():
         raise ValueError(f"{who}: decoded.images must be float in [0, 1], got {images.dtype} (for 8-bit images: "
                          "images.float() / 255)")
+    if images.is_meta:
+        raise ValueError(f"{who}: decoded.images are meta tensors (shapes only, no pixels)")
     if images.numel():
         lo, hi = float(images.amin()), float(images.amax())
         # A little past the range is rounding (the model clamps); far past it is another convention, which

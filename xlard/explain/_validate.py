@@ -36,6 +36,8 @@ def _as_image(fn: str, name: str, image, batched_ok: bool = True) -> torch.Tenso
         else:
             raise TypeError(_err(fn, f"{name} must be a torch.Tensor [3, H, W] (or a numpy array), "
                                      f"got {type(image).__name__}"))
+    if image.is_meta:
+        raise ValueError(_err(fn, f"{name} is a meta tensor (shapes only, no pixels)"))
     dims = (3, 4) if batched_ok else (3,)
     if image.dim() not in dims:
         raise ValueError(_err(fn, f"{name} must be [3, H, W]{' or [B, 3, H, W]' if batched_ok else ''}, "

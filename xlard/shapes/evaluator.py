@@ -228,6 +228,8 @@ def _from_torch(tensor: Any, what: str) -> list[np.ndarray]:
         raise ValueError(f"{what}: expected a floating tensor with values in [0, 1], got {tensor.dtype}")
     if tensor.numel() == 0:
         return []
+    if tensor.is_meta:
+        raise ValueError(f"{what}: a meta tensor holds no pixels (shapes only); pass the decoded images")
     _check_size(int(tensor.shape[-2]), int(tensor.shape[-1]), what)
     t = tensor.detach().to("cpu", torch.float32)
     if not torch.isfinite(t).all():
