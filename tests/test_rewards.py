@@ -784,6 +784,23 @@ def test_missing_inputs_raise_clear_errors():
         ExplainableRewards()([], entity_maps=maps)
     with pytest.raises(ValueError, match=r"entity_maps must be"):
         ExplainableRewards()([s, s], entity_maps=maps)
+    # Malformed arguments named (they were an AttributeError, an IndexError, "'PromptSpec' object is not
+    # iterable", torch.stack's "expects each tensor to be equal size" and adaptive_avg_pool2d's "non-zero size")
+    with pytest.raises(ValueError, match=r"entity_available must be a bool tensor \[B=1, E>=1\], got list"):
+        ExplainableRewards()([s], entity_maps=maps, entity_available=[[True]])
+    with pytest.raises(ValueError, match=r"entity_available must be a bool tensor .*got torch.Size\(\[1\]\)"):
+        ExplainableRewards()([s], entity_maps=maps, entity_available=torch.ones(1, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"specs must be a sequence of PromptSpec.*got PromptSpec \(one prompt\? "
+                                        r"pass \[spec\]\)"):
+        ExplainableRewards()(s, entity_maps=maps)
+    pixel = ExplainableRewards(color_encoder=PixelColorEncoder())
+    two = spec("a red dog and a blue cat", [("dog", 1, "red"), ("cat", 1, "blue")])
+    two_maps = torch.stack([blobs([(0.3, 0.5)]), blobs([(0.7, 0.5)])])[None]
+    with pytest.raises(ValueError, match="color_embeddings must map each color to one Tensor.D. of the same D"):
+        pixel([two], entity_maps=two_maps, images=square_image((200, 0, 0)),
+              color_embeddings={"red": torch.ones(3), "blue": torch.ones(4)})
+    with pytest.raises(ValueError, match=r"as_image_batch: images are empty \(0 x 0 pixels\)"):
+        pixel([s], entity_maps=maps, images=torch.rand(1, 3, 0, 0))
     # Color only, unbound: no maps needed.
     only_color = spec("red dogs", [("dog", None, "red")])
     result = ExplainableRewards(color_encoder=PixelColorEncoder())([only_color], images=square_image((200, 0, 0)))

@@ -280,6 +280,8 @@ def as_image_batch(images: Any) -> torch.Tensor:
     if channel_dim == -1:
         x = x.permute(0, 3, 1, 2)
     channels = x.shape[1]
+    if x.shape[0] and (x.shape[2] == 0 or x.shape[3] == 0):
+        raise ValueError(f"as_image_batch: images are empty ({x.shape[2]} x {x.shape[3]} pixels)")
     if channels not in (1, 3, 4):
         raise ValueError(f"as_image_batch: expected 1, 3 or 4 channels, got {channels} (shape {tuple(x.shape)})")
     if channels == 1:

@@ -56,7 +56,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -1020,6 +1020,10 @@ class ExplainableRewards:
                 tokens (``missing_entity="error"``).
         """
         cfg = self.config
+        if isinstance(specs, PromptSpec) or isinstance(specs, (str, bytes)) or not isinstance(specs, Iterable):
+            hint = " (one prompt? pass [spec])" if isinstance(specs, PromptSpec) else ""
+            raise TypeError(f"ExplainableRewards: specs must be a sequence of PromptSpec, one per image, got "
+                            f"{type(specs).__name__}{hint}")
         specs = tuple(specs)
         if not specs:
             raise ValueError("ExplainableRewards: got an empty batch of specs")
@@ -1112,9 +1116,11 @@ class ExplainableRewards:
             maps = entity_maps[:, :e_max].to(_acc_dtype(entity_maps.dtype))
             available = batch.entity_mask.to(maps.device)
             if entity_available is not None:
-                if tuple(entity_available.shape[:1]) != (b,) or entity_available.shape[1] < e_max:
-                    raise ValueError(f"ExplainableRewards: entity_available must be bool [B={b}, E>={e_max}], "
-                                     f"got {tuple(entity_available.shape)}")
+                if not isinstance(entity_available, torch.Tensor) or entity_available.dim() != 2 \
+                        or tuple(entity_available.shape[:1]) != (b,) or entity_available.shape[1] < e_max:
+                    raise ValueError(f"ExplainableRewards: entity_available must be a bool tensor [B={b}, "
+                                     f"E>={e_max}], got "
+                                     f"{getattr(entity_available, 'shape', type(entity_available).__name__)}")
                 available = available & entity_available[:, :e_max].to(device=maps.device, dtype=torch.bool)
                 missing = batch.entity_mask.to(maps.device) & ~available
                 if cfg.missing_entity == "error" and bool(missing.any()):
@@ -1158,7 +1164,12 @@ class ExplainableRewards:
             unknown = [c for c in vocab if c not in color_embeddings]
             if unknown:
                 raise ValueError(f"ExplainableRewards: color_embeddings lacks {unknown}")
-            table = torch.stack([torch.as_tensor(color_embeddings[c]) for c in vocab])
+            rows = [torch.as_tensor(color_embeddings[c]) for c in vocab]
+            if len({tuple(r.shape) for r in rows}) != 1 or rows[0].dim() != 1:
+                shapes = {c: tuple(r.shape) for c, r in zip(vocab, rows)}
+                raise ValueError(f"ExplainableRewards: color_embeddings must map each color to one Tensor[D] of "
+                                 f"the same D, got shapes {shapes}")
+            table = torch.stack(rows)
         elif self.color_encoder is not None:
             table = self.color_encoder.embed_colors(list(vocab))
         else:
