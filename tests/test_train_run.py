@@ -557,6 +557,29 @@ def test_bad_model_overrides_name_the_config_key(tmp_path, shapes):
         train(tiny_config(tmp_path / "a", model={"corrector_overrides": {"widht": 8}}), backbone=shapes)
     with pytest.raises(ValueError, match=r"train config: model.projector_overrides: ProjectorConfig: depth"):
         train(tiny_config(tmp_path / "b", model={"projector_overrides": {"depth": 0}}), backbone=shapes)
+    # a patch that does not divide the latent failed inside the first step, after R_phi's warm start
+    with pytest.raises(ValueError, match=r"train config: model.corrector_overrides: patch=3 must divide the "
+                                         r"backbone's latent size 16 x 16"):
+        train(tiny_config(tmp_path / "c", model={"corrector_overrides": {"patch": 3}}), backbone=shapes)
+
+
+def test_train_names_missing_prompt_files_and_backbone_folders_before_loading(tmp_path, monkeypatch):
+    """Through the Python API (xlard train checks these itself): a bare FileNotFoundError for data.prompts,
+    and a backbone path that does not exist was named a hub model to download."""
+    from xlard.train import train, trainer
+
+    def no_loading(*a, **k):
+        raise AssertionError("the backbone loaded before the check")
+
+    monkeypatch.setattr(trainer, "load_backbone", no_loading)
+    for key in ("prompts", "monitor_prompts"):
+        with pytest.raises(FileNotFoundError, match=rf"train config data.{key}: no file at {tmp_path}/nope.jsonl"):
+            train(tiny_config(tmp_path / key, data={key: str(tmp_path / "nope.jsonl")}))
+    monkeypatch.undo()
+    cfg = config_from_dict(_merge(TINY, {"backbone": {"name": str(tmp_path / "no_model")}}),
+                           overrides={"out": str(tmp_path / "bb")})
+    with pytest.raises(FileNotFoundError, match=rf"train config backbone.name: no folder at {tmp_path}/no_model"):
+        train(cfg)
 
 
 def test_a_damaged_only_checkpoint_says_how_to_start_again(tmp_path):

@@ -853,6 +853,12 @@ class DiffusersBackbone(Backbone):
         return self.family.latent_channels
 
     @property
+    def latent_size(self) -> tuple[int, int]:
+        """``(h, w)`` of ``z0`` (the spatial latent of :meth:`encode`)."""
+        factor = self.family.vae_scale_factor
+        return self.height // factor, self.width // factor
+
+    @property
     def text_dim(self) -> int:
         return self.family.text_dim
 

@@ -88,6 +88,11 @@ def load_backbone(settings, device: torch.device, reward=None):
         kwargs["guidance_scale"] = guidance
     import logging
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+    from xlard._args import model_location
+
+    # A path that does not exist is named as one ("no folder at ..."), not as a hub model to download.
+    path = model_location("train config backbone.name", path, "model_index.json",
+                          "a diffusers pipeline folder", ", 'shapes'")
     try:
         return DiffusersBackbone.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing hub model as either
@@ -246,9 +251,15 @@ class Trainer:
         self._check_folder(resume)
 
         torch.manual_seed(cfg.seed)
+        for key in ("prompts", "monitor_prompts"):  # before the backbone loads (xlard train checks them too)
+            value = getattr(cfg.data, key)
+            if value and not value.strip().lower().startswith("shapes:") and not Path(value.strip()).is_file():
+                what = "a folder" if Path(value.strip()).is_dir() else "no file"
+                raise FileNotFoundError(f"train config data.{key}: {what} at {value.strip()} (a GenEval JSONL file "
+                                        "or 'shapes:train')")
+        records, self.is_shapes = load_records(cfg.data.prompts)
         self.backbone = backbone if backbone is not None else load_backbone(cfg.backbone, self.device, cfg.reward)
         self.reward_fn = build_reward_fn(cfg.reward, self.backbone)
-        records, self.is_shapes = load_records(cfg.data.prompts)
         if cfg.data.max_prompts:
             records = records[:cfg.data.max_prompts]
         self._check_records(records, f"data.prompts: {cfg.data.prompts}")
@@ -280,6 +291,10 @@ class Trainer:
             ccfg = bb.corrector_config(cfg.model.corrector, **overrides)
         except (TypeError, ValueError) as e:  # a misspelled field or a bad value, named by the config class
             raise ValueError(f"train config: model.corrector_overrides: {e}") from None
+        size = getattr(bb, "latent_size", None)
+        if size is not None and (size[0] % ccfg.patch or size[1] % ccfg.patch):  # else: inside the first step
+            raise ValueError(f"train config: model.corrector_overrides: patch={ccfg.patch} must divide the "
+                             f"backbone's latent size {size[0]} x {size[1]}")
         try:
             pcfg = ProjectorConfig.preset(cfg.model.projector, latent_channels=bb.latent_channels,
                                           text_dim=bb.text_dim, pooled_dim=bb.pooled_dim,
