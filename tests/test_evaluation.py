@@ -2,6 +2,7 @@
 folder format and its checks, and the whole run (tables, faithfulness, resume, CLI) on the shapes backbone."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -113,6 +114,8 @@ def test_statistics_reject_bad_input():
         ev.paired_bootstrap([0], [1], num_resamples=0)
     with pytest.raises(ValueError, match="clusters must have one key"):
         ev.paired_bootstrap([0, 1], [1, 1], clusters=[0])
+    with pytest.raises(TypeError, match=r"clusters must hold hashable keys .*got list \[2\] at item 1"):
+        ev.paired_bootstrap([0, 0], [0, 1], clusters=[(1,), [2]])  # was "unhashable type: 'list'"
     with pytest.raises(ValueError, match="cluster 7 has items of tags"):
         ev.paired_table(["counting", "colors"], [0, 0], [1, 1], clusters=[7, 7])
     with pytest.raises(ValueError, match="finite"):
@@ -216,6 +219,18 @@ def test_corrector_dir_round_trip(tmp_path):
     assert meta == _meta()
     for (k, a), (k2, b) in zip(c.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
+    # NaN and inf in the free-form provenance are written as null: strict JSON (a strict parser rejected it)
+    odd = dataclasses.replace(_meta(), training={"x": float("nan"), "nested": [float("inf"), 1.0], "ok": "y"})
+    ev.save_corrector_dir(tmp_path / "odd", c, odd)
+
+    def strict(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    data = json.loads((tmp_path / "odd" / ev.CORRECTOR_META_NAME).read_text(), parse_constant=strict)
+    assert data["training"] == {"x": None, "nested": [None, 1.0], "ok": "y"}
+    assert ev.load_corrector_dir(tmp_path / "odd")[1].training == data["training"]
+    with pytest.raises(TypeError, match="load_corrector_dir: path must be a corrector folder .*got NoneType"):
+        ev.load_corrector_dir(None)
     # Overwriting an existing folder replaces its files.
     ev.save_corrector_dir(path, _corrector(), _meta(alpha=0.5))
     loaded, meta = ev.load_corrector_dir(path)

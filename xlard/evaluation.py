@@ -108,6 +108,18 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _json_null_non_finite(value):
+    """``value`` with NaN and infinite floats as None: strict JSON has no NaN (a strict parser rejected the
+    corrector's metadata), and refusing them would fail a training run at its very end."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_null_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_null_non_finite(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class CorrectorMeta:
     """What a corrector was trained for: the content of ``xlard_corrector.json``.
@@ -123,7 +135,8 @@ class CorrectorMeta:
         num_inference_steps (int): the backbone's denoising steps in training.
         guidance_scale (float): the backbone's classifier-free guidance scale in training.
         training (dict): free-form, JSON-serialisable provenance (run folder,
-            config, step, EMA used, git commit); read back as written, never
+            config, step, EMA used, git commit); read back as written (NaN and
+            infinite numbers come back as None: strict JSON has no NaN), never
             interpreted.
 
     Raises:
@@ -172,7 +185,7 @@ class CorrectorMeta:
         return {"format": CORRECTOR_FORMAT, "format_version": CORRECTOR_FORMAT_VERSION,
                 "backbone": self.backbone, "correction_step": float(self.correction_step),
                 "alpha": float(self.alpha), "num_inference_steps": int(self.num_inference_steps),
-                "guidance_scale": float(self.guidance_scale), "training": self.training}
+                "guidance_scale": float(self.guidance_scale), "training": _json_null_non_finite(self.training)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "CorrectorMeta.from_dict") -> CorrectorMeta:
@@ -260,6 +273,9 @@ def load_corrector_dir(path: str | os.PathLike, *, device=None):
     """
     from xlard.models import CONFIG_NAME, WEIGHTS_NAME, ResidualCorrector
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_corrector_dir: path must be a corrector folder (a str or path), got "
+                        f"{type(path).__name__}")
     path = Path(path)
     expected = f"{WEIGHTS_NAME}, {CONFIG_NAME} and {CORRECTOR_META_NAME} (written by save_corrector_dir)"
     if not path.is_dir():
@@ -473,8 +489,14 @@ def _clusters(fn: str, base, corrected, clusters):
         if len(keys) != b.size:
             raise ValueError(_err(fn, f"clusters must have one key per item ({b.size}), got {len(keys)}"))
     ids: dict[Any, int] = {}
-    index = np.array([ids.setdefault(k, len(ids)) for k in (keys.tolist() if isinstance(keys, np.ndarray)
-                                                            else keys)], dtype=np.int64)
+    positions = []
+    for i, k in enumerate(keys.tolist() if isinstance(keys, np.ndarray) else keys):
+        try:
+            positions.append(ids.setdefault(k, len(ids)))
+        except TypeError:  # an unhashable key (a list): one cluster key per item, e.g. (record, seed)
+            raise TypeError(_err(fn, f"clusters must hold hashable keys (an int, a string, a tuple), got "
+                                     f"{type(k).__name__} {k!r} at item {i}")) from None
+    index = np.array(positions, dtype=np.int64)
     n = len(ids)
     return (np.bincount(index, weights=b, minlength=n), np.bincount(index, weights=c, minlength=n),
             np.bincount(index, minlength=n).astype(np.float64))
