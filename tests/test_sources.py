@@ -421,6 +421,17 @@ def test_clip_source_from_a_local_folder(tiny_clip, word_tokenizer, tmp_path):
     torch.testing.assert_close(source(decoded)["entity_maps"], direct(decoded)["entity_maps"])
     with pytest.raises(ValueError, match="noun_template"):
         ClipSource(tiny_clip, word_tokenizer, noun_template="a photo")
+    with pytest.raises(TypeError, match="ClipColorEncoder: tokenizer must be the CLIP model's tokenizer .*got str"):
+        get_source("clip", model=tiny_clip, tokenizer="x")  # accepted before; score() failed: 'str' not callable
+    # texts longer than the text model's positions failed inside transformers ("Sequence length must be less")
+    limit = tiny_clip.config.text_config.max_position_embeddings
+    long = ClipSource(tiny_clip, word_tokenizer, noun_template="a photo of a {} " + "cat " * limit)
+    with pytest.raises(ValueError, match=rf"ClipSource: the text 'a photo of a cat cat .* tokens, and the CLIP text "
+                                         rf"model takes at most {limit}; shorten the noun_template or background"):
+        long(decoded)
+    long_color = ClipSource(tiny_clip, word_tokenizer, color_template="a photo of a {} " + "cat " * limit)
+    with pytest.raises(ValueError, match=r"ClipColorEncoder: the text .* shorten the template"):
+        long_color.encoder.embed_colors(["red"])
 
 
 def test_shapes_source_drops_two_tone_and_unclear_objects():

@@ -495,6 +495,20 @@ def check_clip_model(who: str, model_id_or_path) -> str:
     return where
 
 
+def check_text_length(model: Any, texts: Sequence[str], tokens: Mapping[str, Any], owner: str, template: str) -> None:
+    """The CLIP text model takes at most ``max_position_embeddings`` tokens; a longer text (a long template
+    or noun) failed deep inside transformers ("Sequence length must be less than ...")."""
+    limit = getattr(getattr(getattr(model, "config", None), "text_config", None), "max_position_embeddings", None)
+    ids = tokens["input_ids"]
+    if limit is None or ids.shape[-1] <= int(limit):
+        return
+    mask = tokens.get("attention_mask")
+    lengths = (mask.sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[-1])).tolist()
+    longest = max(range(len(texts)), key=lambda i: lengths[i])
+    raise ValueError(f"{owner}: the text {texts[longest]!r} is {int(lengths[longest])} tokens, and the CLIP text "
+                     f"model takes at most {int(limit)}; shorten the {template} (or the word put into it)")
+
+
 class ClipColorEncoder:
     """Dense CLIP color features: projected patch tokens vs color-prompt text embeddings.
 
@@ -545,6 +559,9 @@ class ClipColorEncoder:
                                  f"has no {attr!r}")
         if "{}" not in template:
             raise ValueError(f"ClipColorEncoder: template must contain '{{}}' for the color, got {template!r}")
+        if not callable(tokenizer):
+            raise TypeError(f"ClipColorEncoder: tokenizer must be the CLIP model's tokenizer (e.g. "
+                            f"transformers.AutoTokenizer.from_pretrained(...)), got {type(tokenizer).__name__}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template
@@ -623,7 +640,9 @@ class ClipColorEncoder:
         keys = [_canonical_color(n) for n in names]
         todo = [k for k in dict.fromkeys(keys) if k not in self._cache]
         if todo:
-            tokens = self.tokenizer([self.template.format(k) for k in todo], padding=True, return_tensors="pt")
+            texts = [self.template.format(k) for k in todo]
+            tokens = self.tokenizer(texts, padding=True, return_tensors="pt")
+            check_text_length(self.model, texts, tokens, "ClipColorEncoder", "template")
             tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
             pooled = self.model.text_model(**tokens).pooler_output
             embedded = self.model.text_projection(pooled).float()

@@ -58,7 +58,8 @@ import torch
 import torch.nn.functional as F
 
 from xlard._args import as_device
-from xlard.color_features import ClipColorEncoder, ColorFeatureEncoder, PatchFeatures, PixelColorEncoder
+from xlard.color_features import (ClipColorEncoder, ColorFeatureEncoder, PatchFeatures, PixelColorEncoder,
+                                   check_text_length)
 from xlard.prompts import PromptSpec, singularize
 from xlard.rewards import ExplainableRewards, RewardConfig, RewardResult, component_means
 
@@ -428,6 +429,7 @@ class ClipSource(RewardSource):
         if todo:
             device = self.encoder.device
             tokens = self.tokenizer(todo, padding=True, return_tensors="pt")
+            check_text_length(self.model, todo, tokens, "ClipSource", "noun_template or background")
             tokens = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
             pooled = self.model.text_model(**tokens).pooler_output
             self._text_cache.update(zip(todo, self.model.text_projection(pooled).float()))
