@@ -903,3 +903,16 @@ def test_parsing_work_grows_linearly_with_a_degenerate_prompt(monkeypatch):
             parse("of " * n)
         per_word.append(Counting.lookups / n)
     assert per_word[1] <= per_word[0] * 1.2 + 1, per_word  # linear (quadratic: 4x more per word)
+
+
+def test_every_public_name_of_the_package_modules_is_importable_from_xlard_prompts():
+    """docs/prompts.md: "Every public name is importable from xlard.prompts" (SCENE_NOUNS, noun_forms and the
+    fields functions were not)."""
+    import importlib
+
+    import xlard.prompts as package
+
+    for name in ("alignment", "fields", "inflection", "numbers", "parser", "spec", "vocabulary"):
+        module = importlib.import_module(f"xlard.prompts.{name}")
+        for public in getattr(module, "__all__", ()):
+            assert public in package.__all__ and getattr(package, public) is getattr(module, public), (name, public)

@@ -259,3 +259,10 @@ def test_train_and_describe_name_a_config_that_is_not_loaded():
             call({"steps": 3})
         with pytest.raises(TypeError, match="got NoneType; load one with load_config"):
             call(None)
+
+
+def test_the_ppo_clip_default_is_the_documented_one():
+    """docs/training.md: under the default mean ratio reduction the clip range is 0.01; a config leaving
+    ppo.clip out got 0.2, which never clips there."""
+    cfg = config_from_dict({})
+    assert cfg.ppo.logprob_reduction == "mean" and cfg.ppo.clip == 0.01

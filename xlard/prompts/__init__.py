@@ -40,17 +40,21 @@ from ``xlard.prompts``):
 - :mod:`xlard.prompts.spec`: the spec types and GenEval record conversion.
 - :mod:`xlard.prompts.parser`: :func:`parse` and :func:`from_geneval`.
 - :mod:`xlard.prompts.alignment`: :func:`align`, words -> token indices.
+- :mod:`xlard.prompts.fields`: a spec's fields (count, color, relation) as
+  fixed vectors, the corrector's ``conditioning: fields`` input.
 
 See ``docs/prompts.md`` for the spec format and what the parser extracts.
 """
 from __future__ import annotations
 
 from xlard.prompts.alignment import align
-from xlard.prompts.inflection import pluralize, singularize
-from xlard.prompts.numbers import MAX_COUNT
+from xlard.prompts.fields import field_keys, field_tokens, field_vector
+from xlard.prompts.inflection import noun_forms, pluralize, singularize
+from xlard.prompts.numbers import MAX_COUNT, UNIT_WORDS
 from xlard.prompts.parser import from_geneval, parse
 from xlard.prompts.spec import Entity, PromptSpec, Relation, TokenAlignment, infer_geneval_tag
-from xlard.prompts.vocabulary import COCO_CLASSES, GENEVAL_OBJECT_NAMES, KNOWN_NOUNS, SHAPE_NOUNS
+from xlard.prompts.vocabulary import (ARRANGEMENT_NOUNS, COCO_CLASSES, COLLECTIVE_NOUNS, GENEVAL_OBJECT_NAMES,
+                                      KNOWN_NOUNS, SCENE_NOUNS, SHAPE_NOUNS)
 from xlard.vocab import (
     ABOVE,
     ASPECTS,
@@ -91,5 +95,13 @@ __all__ = [
     "normalize_relation",
     "pluralize",
     "singularize",
+    "noun_forms",
     "MAX_COUNT",
+    "UNIT_WORDS",
+    "SCENE_NOUNS",
+    "ARRANGEMENT_NOUNS",
+    "COLLECTIVE_NOUNS",
+    "field_keys",
+    "field_tokens",
+    "field_vector",
 ]

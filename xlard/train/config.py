@@ -232,7 +232,8 @@ class PPOSettings:
         group_size: corrections sampled per z0 (G).
         epochs: passes over the rollout batch per update.
         minibatches: minibatches per epoch (each holds rollouts/minibatches).
-        clip: the surrogate's clip range epsilon.
+        clip: the surrogate's clip range epsilon: a bound on the per-dimension ratio under
+            ``logprob_reduction: mean`` (PPO's usual 0.2 would never clip there; docs/training.md).
         logprob_reduction: ``"sum"`` (the exact log-density ratio of the C*H*W
             Gaussian) or ``"mean"`` (the log ratio divided by C*H*W); see
             docs/training.md for the measurement behind the default.
@@ -250,7 +251,7 @@ class PPOSettings:
     group_size: int = 4
     epochs: int = 4
     minibatches: int = 2
-    clip: float = 0.2
+    clip: float = 0.01
     logprob_reduction: str = "mean"
     advantage: str = "group"
     whiten: bool = True
