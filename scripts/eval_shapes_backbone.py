@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
+    from xlard import _io
     from xlard.shapes import PromptConfig, evaluate, make_splits, sample_records, summarize, write_results_jsonl
     from xlard.shapes.backbone import backbone_path, generate, load_pipeline
     from xlard.shapes.evaluator import format_table
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
             "training": {k: info.get(k) for k in ("train_minutes", "vae_minutes", "unet_steps", "vae_steps",
                                                   "vae_check")},
         }
-        (out / "eval_heldout.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "eval_heldout.json").write_text(_io.dumps(report, indent=2) + "\n")
         md = ["# Shapes backbone on the held-out split (exact evaluator)", "",
               f"{len(records)} images, {args.steps} DPM-Solver steps, guidance {args.guidance}, "
               f"image seeds {args.seed}..{args.seed + len(records) - 1}, record seed {args.record_seed}.", "",

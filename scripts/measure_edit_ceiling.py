@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     if args.out:
         from xlard import _io
 
-        _io.atomic_write_text(Path(args.out), json.dumps({"edit_config": vars(config), **result}, indent=2) + "\n",
+        _io.atomic_write_text(Path(args.out), _io.dumps({"edit_config": vars(config), **result}, indent=2) + "\n",
                               owner="measure_edit_ceiling")
     return 0
 

@@ -215,7 +215,7 @@ def generate_cache(folder: str | os.PathLike, backbone_name: str, records: list[
         from xlard import _io
 
         _io.atomic_write_json(meta_path, meta, owner="reward_agreement --cache")
-        _io.atomic_write_text(rec_path, "".join(json.dumps(r) + "\n" for r in records),
+        _io.atomic_write_text(rec_path, "".join(_io.dumps(r) + "\n" for r in records),
                               owner="reward_agreement --cache")
     todo = [s for s in range(0, len(records), batch) if not (folder / f"chunk_{s:05d}.pt").exists()]
     if not todo:

@@ -313,7 +313,7 @@ class Log:
 
     def write(self, **row) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(_io.dumps(row) + "\n")
 
 
 def atomic_save(obj, path: Path) -> None:

@@ -63,7 +63,7 @@ def install(run: Path, seconds: float | None) -> Path:
         f"- PPO steps: {summary['steps']}; parameters: {params:,}; folder size: {size / 2**20:.2f} MiB",
         *([f"- edit-target warm start: {distill.get('items')} items ({distill.get('items_edited')} edited), "
            f"{distill.get('epochs')} latent + {distill.get('decoder_epochs', 0)} decoder-space epochs, "
-           f"held-back explained variance {float(distill.get('val_r2', float('nan'))):.3f}; "
+           f"held-back explained variance {float(distill.get('val_r2') if distill.get('val_r2') is not None else 'nan'):.3f}; "
            + (f"{(build_seconds + fit_seconds) / 60:.1f} min (targets {build_seconds / 60:.1f}, "
               f"fits {fit_seconds / 60:.1f})" if targets_known else
               f"fits {fit_seconds / 60:.1f} min (the edit targets were built by an earlier, interrupted "
@@ -85,7 +85,7 @@ def install(run: Path, seconds: float | None) -> Path:
         meta_file = tmp / CORRECTOR_META_NAME
         meta_data = json.loads(meta_file.read_text(encoding="utf-8"))
         meta_data["training"]["run"] = label
-        meta_file.write_text(json.dumps(meta_data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        meta_file.write_text(_io.dumps(meta_data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return TARGET
 

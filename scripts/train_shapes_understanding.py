@@ -320,6 +320,8 @@ def save_checkpoint(path: Path, model, opt, step, rng, gen, cfg, elapsed):
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Run (or resume) training and export the weights; returns the training info."""
+    from xlard import _io
+
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -380,7 +382,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             row = {"step": step, "minutes": (time.time() - t0) / 60, "loss": loss.item(),
                    "shape_loss": shape_loss.item(), "color_loss": color_loss.item(), "core_accuracy": core_acc,
                    "lr": opt.param_groups[0]["lr"]}
-            metrics.write(json.dumps(row) + "\n")
+            metrics.write(_io.dumps(row) + "\n")
             metrics.flush()
             if not quiet:
                 print(f"step {step}/{cfg.max_steps} {row['minutes']:.1f} min loss {row['loss']:.4f} "

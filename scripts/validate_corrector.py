@@ -246,7 +246,7 @@ def _main(argv: list[str] | None) -> int:
               f"{100 * row['gain_ci'][1]:+.1f}]  fixed {row['fixed']} broken {row['broken']} | "
               + " ".join(f"{t} {v:.3f}" for t, v in row["tags"].items()))
     if args.out:
-        _io.atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n", owner="validate_corrector")
+        _io.atomic_write_text(Path(args.out), _io.dumps(report, indent=2) + "\n", owner="validate_corrector")
     return 0
 
 

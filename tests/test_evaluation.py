@@ -327,7 +327,7 @@ def records():
 
 
 @needs_shapes
-def test_zero_head_gives_corrected_equal_to_base(shapes, records):
+def test_zero_head_gives_corrected_equal_to_base(shapes, records, tmp_path):
     captured = []
     rows = [r for batch in ev.evaluate_pairs(shapes, _corrector(), _meta(), records, [(i, 0) for i in range(6)],
                                              batch_size=4, faithfulness_fraction=0.2,
@@ -339,8 +339,19 @@ def test_zero_head_gives_corrected_equal_to_base(shapes, records):
     assert all(r.base_correct == r.corrected_correct == r.masked_correct == r.random_correct for r in rows)
     assert all(r.lam_mass == 0.0 and r.actions == [] for r in rows)
     assert ev.PairRow.from_dict({k: v for k, v in rows[0].to_dict().items() if k != "actions"}).actions == []
-    table = ev.build_report(rows, num_resamples=200)["table"]
+    report = ev.build_report(rows, num_resamples=200)
+    table = report["table"]
     assert all(v["diff"] == 0 and v["ci_low"] == v["ci_high"] == 0 for v in table.values())
+    # no gain: the shares of it lost are undefined (NaN), written to eval.json as null (strict JSON)
+    assert math.isnan(report["faithfulness"]["share_lost_top"])
+    ev._write_json(tmp_path / "eval.json", report)
+
+    def strict(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    written = json.loads((tmp_path / "eval.json").read_text(), parse_constant=strict)
+    assert written["faithfulness"]["share_lost_top"] is None
+    assert "n/a (no gain" in ev.format_markdown(written)  # what xlard demo prints from the file
 
 
 @needs_shapes
@@ -361,6 +372,15 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
     rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and {(r["index"], r["seed"]) for r in rows} == {(i, s) for i in range(6) for s in (0, 1)}
     assert json.loads((out / "eval.json").read_text())["table"] == json.loads(json.dumps(table))
+
+    def strict(name):  # JSON has no NaN: an undefined share (no gain) was written as a bare NaN
+        raise ValueError(f"not strict JSON: {name}")
+
+    for name in ("eval.json", "run.json", "pairs.jsonl"):
+        for line in (out / name).read_text().splitlines() if name.endswith("l") else [(out / name).read_text()]:
+            json.loads(line, parse_constant=strict)
+    if report["faithfulness"]["share_lost_top"] is None or math.isnan(report["faithfulness"]["share_lost_top"]):
+        assert json.loads((out / "eval.json").read_text())["faithfulness"]["share_lost_top"] is None
     md = (out / "eval.md").read_text()
     assert "| **overall** | 6 | 12 |" in md and "LAM faithfulness" in md and "excludes 0" in md
     # Same seeds, same records: the base images are what the backbone makes without a corrector.

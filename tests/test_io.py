@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import os
 import stat
 from pathlib import Path
@@ -265,3 +266,15 @@ def test_holds_folder_finds_the_argument(tmp_path):
     (tmp_path / "file").write_text("x")
     Args.out = str(tmp_path / "file")
     assert command(Args()) == 7 and seen[-1] == []  # a file: left to the command to refuse
+
+
+def test_json_is_strict_nan_and_infinity_as_null(tmp_path):
+    """json.dumps writes a bare NaN, which strict parsers (JavaScript's JSON.parse) reject."""
+    data = {"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": {"d": (float("nan"), "x")}}
+    assert _io.dumps(data, sort_keys=True) == '{"a": null, "b": [null, null, 1.5], "c": {"d": [null, "x"]}}'
+    path = _io.atomic_write_json(tmp_path / "x.json", data)
+
+    def strict(name):
+        raise ValueError(name)
+
+    assert json.loads(path.read_text(), parse_constant=strict)["b"] == [None, None, 1.5]

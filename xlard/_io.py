@@ -30,6 +30,7 @@ import contextlib
 import functools
 import inspect
 import json
+import math
 import os
 import secrets
 import shutil
@@ -439,6 +440,24 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, owner: str = "
     return atomic_write_bytes(path, text.encode("utf-8"), owner=owner, make_parents=make_parents)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float as None: JSON has no NaN (``json.dumps`` writes a bare ``NaN``,
+    which strict parsers, JavaScript's ``JSON.parse`` among them, reject). Readers treat null as "undefined",
+    as for the training metrics."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`json_safe` ``(obj)``: strict JSON, NaN and infinity as null."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, owner: str = "xlard",
                       make_parents: bool = False, indent: int | None = 2, sort_keys: bool = False) -> Path:
     """Write ``obj`` as JSON (plus a final newline) to ``path`` atomically; returns the resolved path.
@@ -450,7 +469,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, owner: str = "x
         >>> atomic_write_json("summary.json", {"overall": 0.5})  # doctest: +SKIP
     """
     try:
-        text = json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=True) + "\n"
+        text = dumps(obj, indent=indent, sort_keys=sort_keys) + "\n"
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{owner}: not JSON-serializable ({exc})") from None
     return atomic_write_text(path, text, owner=owner, make_parents=make_parents)

@@ -257,7 +257,7 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     summary_path = out / "demo.json"
     if resume and summary_path.is_file():
         earlier = _io.read_json(summary_path, what="demo.json").get("settings")
-        if earlier != json.loads(json.dumps(settings)):
+        if earlier != json.loads(_io.dumps(settings)):
             raise ValueError(f"--resume: {out} holds a demo with other settings; rerun with the same --steps, "
                              "--items-per-tag, --per-tag, --seeds and --set, or use --overwrite")
     t_all = time.perf_counter()

@@ -941,15 +941,15 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             s = faith[share]
             lines.append(f"| {name} | {_pts(r['masked'])} | {_signed(r['diff'])} | "
                          f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | "
-                         f"{'n/a (no gain: its interval includes 0)' if not math.isfinite(s) else f'{s:.0%}'} |")
+                         f"{'n/a (no gain: its interval includes 0)' if not _is_real(s) else f'{s:.0%}'} |")
         lines.append(f"| base (no correction) | {_pts(g['base'])} | {_signed(g['corrected'] - g['base'])} | | 100% |")
         by_tag = faith.get("tags") or {}
         if by_tag:
             lines += ["", "Per tag (points; a share only where the tag's gain excludes 0):", "",
                       "| tag | gain | interval | lost, top LAM | lost, random | share lost, top / random |",
                       "|---|---:|---|---:|---:|---:|"]
-            def pct(x: float) -> str:
-                return f"{x:.0%}" if math.isfinite(x) else "n/a"
+            def pct(x: float | None) -> str:  # None: undefined, as eval.json stores NaN
+                return f"{x:.0%}" if _is_real(x) else "n/a"
 
             for tag, t in table_rows({"table": by_tag}):
                 lines.append(f"| {tag} | {_signed(t['gain']['diff'])} | [{_signed(t['gain']['ci_low'])}, "
@@ -1093,8 +1093,9 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
     if run_path.is_file():
         previous = json.loads(run_path.read_text(encoding="utf-8"))
         # The corrector's path is informational: the same weights (digest) under another path may resume.
-        differ = sorted(k for k in set(previous) | set(settings)
-                        if k != "corrector" and previous.get(k) != settings.get(k))
+        current = _io.json_safe(settings)  # as written: NaN is stored as null
+        differ = sorted(k for k in set(previous) | set(current)
+                        if k != "corrector" and previous.get(k) != current.get(k))
         if differ:
             raise ValueError(f"{out} holds another evaluation (different {', '.join(differ)}); pick another --out "
                              "or remove the folder")
@@ -1109,7 +1110,7 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
         log(f"resuming {out}: {len(done)} of {len(records) * len(seeds)} pairs already judged")
         # Drop a line cut by an interruption before appending to the file (atomically: an interruption
         # now keeps every judged pair).
-        _io.atomic_write_text(pairs_path, "".join(json.dumps(r.to_dict()) + "\n" for r in done),
+        _io.atomic_write_text(pairs_path, "".join(_io.dumps(r.to_dict()) + "\n" for r in done),
                               owner="xlard.evaluation")
     progress = None
     if not quiet:
@@ -1125,7 +1126,7 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
         for batch in evaluate_pairs(backbone, corrector, meta, records, todo, batch_size=batch_size,
                                     faithfulness_fraction=faithfulness_fraction, on_images=on_images,
                                     progress=progress):
-            f.writelines(json.dumps(r.to_dict()) + "\n" for r in batch)
+            f.writelines(_io.dumps(r.to_dict()) + "\n" for r in batch)
             f.flush()
             os.fsync(f.fileno())
             rows.extend(batch)

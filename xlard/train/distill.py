@@ -185,15 +185,15 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
             saved.get("edits", {}).setdefault(key, default)
         if move_margin is not None and "move_margin" not in saved:  # move targets are added to the shards below
             saved["move_margin"] = int(move_margin)
-            _io.atomic_write_text(manifest_path, json.dumps(saved) + "\n", owner="xlard train distill")
-        if saved != json.loads(json.dumps(manifest)):
+            _io.atomic_write_text(manifest_path, _io.dumps(saved) + "\n", owner="xlard train distill")
+        if saved != json.loads(_io.dumps(manifest)):
             raise ValueError(f"distill: {folder} holds edit targets built for other items or edits"
                              f"{' or move targets' if 'move_margin' in saved or move_margin is not None else ''}; "
                              "delete it or choose another run folder")
     else:
         if any(folder.glob("data-*.pt")):
             raise ValueError(f"distill: {folder} holds edit-target shards without a manifest; delete them")
-        _io.atomic_write_text(manifest_path, json.dumps(manifest) + "\n", owner="xlard train distill")
+        _io.atomic_write_text(manifest_path, _io.dumps(manifest) + "\n", owner="xlard train distill")
     encode = vae_encoder(backbone)
     n_shards = math.ceil(len(items) / chunk)
     todo = [k for k in range(n_shards) if not _shard_path(folder, k).is_file()]
@@ -632,7 +632,7 @@ def _epochs(corrector, params, opt, sched, train_rows: torch.Tensor, *, epochs: 
                 running += float(tracked.detach())
             row = end_of_epoch(epoch, running / per_epoch)
             if log is not None:
-                log.write(json.dumps(row) + "\n")
+                log.write(_io.dumps(row) + "\n")
                 log.flush()
             if bar is not None:
                 bar.set_postfix(postfix(row))

@@ -44,7 +44,7 @@ class MetricsLog:
         rows = []
         if resume_step is not None and self.path.exists():
             rows = [r for r in self.read(self.path) if r.get("step", -1) <= resume_step]
-        _io.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows), owner="xlard train metrics")
+        _io.atomic_write_text(self.path, "".join(_io.dumps(r) + "\n" for r in rows), owner="xlard train metrics")
         self.rows = rows
         self._file = self.path.open("a")
         self._tb = None
@@ -71,7 +71,7 @@ class MetricsLog:
 
     def write(self, row: Mapping[str, Any]) -> None:
         row = {k: _clean(v) for k, v in row.items()}
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(_io.dumps(row) + "\n")
         self._file.flush()
         self.rows.append(row)
         if self._tb is not None:
