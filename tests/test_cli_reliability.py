@@ -876,3 +876,23 @@ def test_render_names_a_record_no_layout_fits(tmp_path, capsys):
     code, _, err = run(["render", tmp_path / "r", "--prompts", prompts, "--quiet"], capsys)
     assert code == 2
     one_line_error(err, "--prompts: record 1: could not lay out 24 objects", "use fewer or smaller objects")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["prompts", "", "-n", "3"], "OUT"), (["render", "", "--prompts", "p.jsonl"], "OUT"),
+    (["generate", "--backbone", "shapes", "--out", "", "a circle"], "--out"),
+    (["eval", "--folder", "truth", "--json", ""], "--json"),
+    (["eval", "--folder", "truth", "--results", " "], "--results"),
+    (["eval", "--prompts", "p.jsonl", "--correct", "--out", ""], "--out"),
+    (["eval", "--prompts", "p.jsonl", "--correct", "--markdown", ""], "--markdown"),
+    (["eval", "--folder", ""], "--folder"), (["demo", "--out", ""], "--out"), (["train", ""], "CONFIG"),
+    (["generate", "--backbone", "", "a circle"], "--backbone"),
+])
+def test_an_empty_path_is_one_usage_line(tmp_path, capsys, monkeypatch, argv, flag):
+    """It was a traceback (prompts, eval --json/--results/--markdown, demo), the current folder (render,
+    generate --out) or "not given" (eval --folder, --out)."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    one_line_error(err, f"{flag}: the path is empty")
+    assert list(tmp_path.iterdir()) == []

@@ -894,6 +894,23 @@ _USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryE
                 ImportError)
 
 
+#: Path arguments (dest -> how the command line spells it; OUT/CONFIG are positional).
+_PATH_ARGUMENTS = {"out": "--out", "prompts": "--prompts", "folder": "--folder", "images": "--images",
+                   "results": "--results", "json": "--json", "markdown": "--markdown", "corrector": "--corrector",
+                   "config": "CONFIG", "backbone": "--backbone"}
+
+
+def _refuse_empty_paths(args) -> None:
+    """An empty path ("") was a traceback for some arguments, the current folder for others (render, generate)
+    and "not given" for the rest; it is a usage error for all."""
+    for dest, flag in _PATH_ARGUMENTS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            if dest == "out" and args.command in ("prompts", "render"):
+                flag = "OUT"
+            raise UsageError(f"{flag}: the path is empty; give a file or folder name")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code.
 
@@ -908,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
             parser = build_parser()
             args = parser.parse_args(argv)
             prog = f"xlard {args.command}"
+            _refuse_empty_paths(args)
             if getattr(args, "quiet", False) and _loads_models(args):
                 _quiet_hub_logging(progress_bars=False)
             with _HELD:
