@@ -896,3 +896,25 @@ def test_an_empty_path_is_one_usage_line(tmp_path, capsys, monkeypatch, argv, fl
     assert code == 2
     one_line_error(err, f"{flag}: the path is empty")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_holding_another_commands_run_is_refused(tmp_path, capsys, prompt_file):
+    """generate into a render folder wrote its images beside the render's and replaced its manifest (neither
+    run could be resumed); train and demo mixed their files in too."""
+    rendered = tmp_path / "r"
+    assert run(["render", rendered, "--prompts", prompt_file], capsys)[0] == 0
+    before = sorted(p.name for p in rendered.iterdir())
+    manifest = (rendered / "xlard-run.json").read_text()
+    for argv, flag in ((["generate", "--backbone", "shapes", "--out", rendered, "a circle"], "--out"),
+                       (["generate", "--backbone", "shapes", "--out", rendered, "--overwrite", "a circle"], "--out"),
+                       (["eval", "--prompts", prompt_file, "--correct", "--out", rendered], "--out"),
+                       (["eval", "--backbone", "shapes", "--prompts", prompt_file, "--out", rendered], "--out"),
+                       (["demo", "--out", rendered], "--out"),
+                       (["train", ROOT / "configs" / "shapes.yaml", "--out", rendered], None)):
+        code, _, err = run(argv, capsys)
+        assert code == 2, (argv, err)
+        line = one_line_error(err, "holds the outputs of `xlard render`")
+        assert flag is None or f"{flag}: " in line
+    assert sorted(p.name for p in rendered.iterdir()) == before
+    assert (rendered / "xlard-run.json").read_text() == manifest
+    assert run(["render", rendered, "--prompts", prompt_file, "--resume"], capsys)[0] == 0  # still resumable

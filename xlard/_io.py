@@ -440,6 +440,37 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, owner: str = "
     return atomic_write_bytes(path, text.encode("utf-8"), owner=owner, make_parents=make_parents)
 
 
+#: The files that mark each kind of xlard output folder (the first present names the run).
+_RUN_MARKERS = (("xlard-run.json", None), ("pairs.jsonl", "eval (with a corrector)"), ("demo.json", "demo"),
+                ("ckpt-*.pt", "train"), ("metrics.jsonl", "train"))
+
+
+def other_run(folder: str | os.PathLike[str], mine: str) -> str | None:
+    """The xlard command whose outputs ``folder`` holds, when it is not ``mine`` (None: none, or mine).
+
+    ``mine``: ``"generate"``, ``"render"``, ``"eval"`` (the images of ``eval --backbone``), ``"eval (with a
+    corrector)"``, ``"demo"`` or ``"train"``. A command writing into a folder of another one mixed the two
+    runs' files and replaced the other's manifest, so neither could be resumed or read.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for name, command in _RUN_MARKERS:
+        present = any(folder.glob(name)) if "*" in name else (folder / name).is_file()
+        if not present:
+            continue
+        if command is None:  # the manifest of generate, render and eval --backbone names its command
+            try:
+                data = json.loads((folder / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None  # unreadable: the command's own checks say so
+            command = data.get("command") if isinstance(data, dict) else None
+            if not isinstance(command, str):
+                return None
+        return None if command == mine else command
+    return None
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` with every NaN or infinite float as None: JSON has no NaN (``json.dumps`` writes a bare ``NaN``,
     which strict parsers, JavaScript's ``JSON.parse`` among them, reject). Readers treat null as "undefined",

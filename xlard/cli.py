@@ -354,6 +354,7 @@ def _check_output_folder(args, out: Path, flag: str, settings: dict, owned: list
     _output_folder(out, flag)
     if out.is_dir():  # before reading its state: another run may be writing there
         _hold(out, flag)
+    _refuse_other_run(out, flag, args.command)
     if not owned:
         return False
     if not (args.overwrite or args.resume):
@@ -399,6 +400,13 @@ def _start_output_folder(args, out: Path, flag: str, settings: dict, owned: list
     _io.make_folder(out, flag)
     _io.atomic_write_json(out / MANIFEST_NAME, {"command": args.command, "settings": settings, "complete": False},
                           owner=flag)
+
+
+def _refuse_other_run(out: Path, flag: str, mine: str) -> None:
+    other = _io.other_run(out, mine)
+    if other is not None:
+        raise UsageError(f"{flag}: {out} holds the outputs of `xlard {other}`; writing this command's outputs there "
+                         "would mix the two runs (neither could be resumed or read): choose another folder")
 
 
 def _clear_paired_eval_outputs(args, out: Path, flag: str, owned: list[Path]) -> None:
@@ -662,6 +670,7 @@ def _cmd_eval(args) -> int:
         owned = [out / name for name in _PAIRED_EVAL_NAMES if (out / name).exists()] if out.is_dir() else []
         if out.is_dir():  # before anything loads: another run may be writing there (--resume too)
             _hold(out, "--out")
+        _refuse_other_run(out, "--out", "eval (with a corrector)")
         if not args.resume:  # --resume: the paired run continues its pairs.jsonl (refused if its settings differ)
             _clear_paired_eval_outputs(args, out, "--out", owned)
         return evaluation.run_eval_cli(args)

@@ -112,6 +112,10 @@ def _owned(out: Path) -> list[Path]:
 def _check_folder(out: Path, overwrite: bool, resume: bool) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a folder; give a folder path")
+    other = _io.other_run(out, "demo")
+    if other is not None:
+        raise ValueError(f"--out: {out} holds the outputs of `xlard {other}`; the demo's would mix with them: "
+                         "choose another folder")
     owned = _owned(out)
     if owned and not (overwrite or resume):
         raise ValueError(f"--out: {out} already holds an earlier demo ({', '.join(p.name for p in owned)}); add "

@@ -356,6 +356,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
 
     def _check_folder(self, resume: bool) -> None:
+        other = _io.other_run(self.out, "train")
+        if other is not None:
+            raise ValueError(f"{self.out} holds the outputs of `xlard {other}`; a training run there would mix its "
+                             "checkpoints with them: choose another --out")
         saved = self.out / "config.json"
         have = ckpt.list_checkpoints(self.out)
         if have and not resume:
