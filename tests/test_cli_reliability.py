@@ -756,6 +756,10 @@ def test_the_paired_eval_and_generate_check_their_arguments_before_loading(tmp_p
     cases = [
         (["eval", "--correct", "--prompts", prompt_file, "--seeds", "0,0", "--out", out], ("--seeds", "distinct")),
         (["eval", "--correct", "--prompts", prompt_file, "--seeds", "one", "--out", out], ("--seeds", "integers")),
+        # image seeds beyond 2**64 were found after loading, unnamed, leaving a run.json that blocked the rerun
+        (["eval", "--correct", "--prompts", prompt_file, "--seeds", "99999999999999999999", "--out", out],
+         ("--seeds must be at most 18446744073708",)),
+        (["demo", "--seeds", "99999999999999999999", "--out", out], ("--seeds must be at most",)),
         (["eval", "--correct", "--prompts", tmp_path / "missing.jsonl", "--out", out], ("--prompts", "no such file")),
         (["eval", "--correct", "--out", out], ("--prompts", "needs --prompts")),
         (["eval", "--correct", "--prompts", prompt_file, "--images", tmp_path, "--out", out], ("drop --folder",)),
@@ -896,6 +900,36 @@ def test_an_empty_path_is_one_usage_line(tmp_path, capsys, monkeypatch, argv, fl
     assert code == 2
     one_line_error(err, f"{flag}: the path is empty")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_checks_its_set_prompt_files_before_making_its_folder(tmp_path, capsys, monkeypatch):
+    """A --set data.prompts that does not exist failed after demo.json was written, which then blocked the
+    corrected command ("already holds an earlier demo")."""
+    from xlard.train import trainer
+
+    monkeypatch.setattr(trainer, "load_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    out = tmp_path / "d"
+    code, _, err = run(["demo", "--set", f"data.prompts={tmp_path / 'nope.jsonl'}", "--out", out], capsys)
+    assert code == 2
+    one_line_error(err, f"train config data.prompts: no file at {tmp_path / 'nope.jsonl'}")
+    assert not out.exists()
+
+
+def test_a_paired_eval_that_judged_nothing_does_not_block_the_rerun(tmp_path, capsys, prompt_file, monkeypatch):
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    (out / "pairs.jsonl").write_text("")  # what a run that failed before its first batch leaves
+    from xlard import evaluation
+
+    seen = []
+    monkeypatch.setattr(evaluation, "run_eval_cli", lambda args: seen.append(sorted(os.listdir(out))) or 0)
+    assert run(["eval", "--correct", "--prompts", prompt_file, "--out", out], capsys)[0] == 0
+    assert seen == [[]]
+    (out / "pairs.jsonl").write_text('{"index": 0}\n')  # a judged pair: refused as before
+    (out / "run.json").write_text("{}")
+    code, _, err = run(["eval", "--correct", "--prompts", prompt_file, "--out", out], capsys)
+    assert code == 2 and "holds an earlier run" in err
 
 
 def test_a_folder_holding_another_commands_run_is_refused(tmp_path, capsys, prompt_file):

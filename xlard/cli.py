@@ -671,6 +671,13 @@ def _cmd_eval(args) -> int:
         if out.is_dir():  # before anything loads: another run may be writing there (--resume too)
             _hold(out, "--out")
         _refuse_other_run(out, "--out", "eval (with a corrector)")
+        pairs = out / "pairs.jsonl"
+        if owned and {p.name for p in owned} <= {"run.json", "pairs.jsonl"} and \
+                (not pairs.is_file() or pairs.stat().st_size == 0):
+            # a run that failed before judging any pair: nothing to keep or resume, so no reason to refuse
+            for path in owned:
+                path.unlink()
+            owned = []
         if not args.resume:  # --resume: the paired run continues its pairs.jsonl (refused if its settings differ)
             _clear_paired_eval_outputs(args, out, "--out", owned)
         return evaluation.run_eval_cli(args)

@@ -227,7 +227,7 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     from xlard.train import checkpoint as ckpt
     from xlard.train import train
     from xlard.train.rewarding import build_reward_fn
-    from xlard.train.trainer import load_backbone
+    from xlard.train.trainer import check_prompt_files, load_backbone
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if overwrite and resume:
@@ -256,6 +256,7 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     from xlard.train.rewarding import check_reward_settings
 
     check_reward_settings(cfg.reward, "shapes")  # before anything loads or is made
+    check_prompt_files(cfg)  # a --set data.prompts=... that does not exist
     settings = {"steps": steps, "items_per_tag": items_per_tag, "per_tag": per_tag, "seeds": seeds,
                 "training": DEMO_TRAINING, "overrides": overrides}
     summary_path = out / "demo.json"

@@ -1173,6 +1173,11 @@ def parse_seeds(text: str | Sequence[int] | None, default: int = 0) -> list[int]
         raise ValueError(f"--seeds must be non-negative integers separated by commas, got {text!r}") from None
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    # image_seed(seed, index) must be a generator seed (< 2**64) for every index: checked now, not after loading
+    top = (2**64 - SEED_STRIDE) // SEED_STRIDE
+    if max(seeds) > top:
+        raise ValueError(f"--seeds must be at most {top} (image seeds are seed * {SEED_STRIDE:_} + record index, "
+                         f"below 2**64), got {max(seeds)}")
     return seeds
 
 

@@ -59,6 +59,20 @@ __all__ = ["train", "Trainer", "load_backbone"]
 _PHASES = ("encode", "sample", "score", "decode", "reward", "update", "projector", "monitor", "evaluate")
 
 
+def check_prompt_files(cfg) -> None:
+    """``data.prompts`` and ``data.monitor_prompts`` name files that exist (or ``shapes:`` splits).
+
+    Raises:
+        FileNotFoundError: naming the config key.
+    """
+    for key in ("prompts", "monitor_prompts"):
+        value = getattr(cfg.data, key)
+        if value and not value.strip().lower().startswith("shapes:") and not Path(value.strip()).is_file():
+            what = "a folder" if Path(value.strip()).is_dir() else "no file"
+            raise FileNotFoundError(f"train config data.{key}: {what} at {value.strip()} (a GenEval JSONL file "
+                                    "or 'shapes:train')")
+
+
 def load_backbone(settings, device: torch.device, reward=None):
     """The run's :class:`xlard.backbones.DiffusersBackbone`.
 
@@ -251,12 +265,7 @@ class Trainer:
         self._check_folder(resume)
 
         torch.manual_seed(cfg.seed)
-        for key in ("prompts", "monitor_prompts"):  # before the backbone loads (xlard train checks them too)
-            value = getattr(cfg.data, key)
-            if value and not value.strip().lower().startswith("shapes:") and not Path(value.strip()).is_file():
-                what = "a folder" if Path(value.strip()).is_dir() else "no file"
-                raise FileNotFoundError(f"train config data.{key}: {what} at {value.strip()} (a GenEval JSONL file "
-                                        "or 'shapes:train')")
+        check_prompt_files(cfg)  # before the backbone loads (xlard train and xlard demo check them too)
         records, self.is_shapes = load_records(cfg.data.prompts)
         self.backbone = backbone if backbone is not None else load_backbone(cfg.backbone, self.device, cfg.reward)
         self.reward_fn = build_reward_fn(cfg.reward, self.backbone)
