@@ -942,7 +942,6 @@ def test_a_folder_holding_another_commands_run_is_refused(tmp_path, capsys, prom
     for argv, flag in ((["generate", "--backbone", "shapes", "--out", rendered, "a circle"], "--out"),
                        (["generate", "--backbone", "shapes", "--out", rendered, "--overwrite", "a circle"], "--out"),
                        (["eval", "--prompts", prompt_file, "--correct", "--out", rendered], "--out"),
-                       (["eval", "--backbone", "shapes", "--prompts", prompt_file, "--out", rendered], "--out"),
                        (["demo", "--out", rendered], "--out"),
                        (["train", ROOT / "configs" / "shapes.yaml", "--out", rendered], None)):
         code, _, err = run(argv, capsys)
@@ -952,3 +951,13 @@ def test_a_folder_holding_another_commands_run_is_refused(tmp_path, capsys, prom
     assert sorted(p.name for p in rendered.iterdir()) == before
     assert (rendered / "xlard-run.json").read_text() == manifest
     assert run(["render", rendered, "--prompts", prompt_file, "--resume"], capsys)[0] == 0  # still resumable
+    # the other way round; `eval --backbone` writes render's kind of folders, which it may --overwrite (see
+    # test_eval_with_a_backbone_never_scores_stale_prompt_folders)
+    generated = tmp_path / "g"
+    generated.mkdir()
+    (generated / "xlard-run.json").write_text('{"command": "generate", "settings": {}, "complete": true}')
+    for argv in (["render", generated, "--prompts", prompt_file],
+                 ["eval", "--backbone", "shapes", "--prompts", prompt_file, "--out", generated]):
+        code, _, err = run(argv, capsys)
+        assert code == 2
+        one_line_error(err, "holds the outputs of `xlard generate`")

@@ -445,13 +445,16 @@ _RUN_MARKERS = (("xlard-run.json", None), ("pairs.jsonl", "eval (with a correcto
                 ("ckpt-*.pt", "train"), ("metrics.jsonl", "train"))
 
 
-def other_run(folder: str | os.PathLike[str], mine: str) -> str | None:
+def other_run(folder: str | os.PathLike[str], mine: str | tuple[str, ...]) -> str | None:
     """The xlard command whose outputs ``folder`` holds, when it is not ``mine`` (None: none, or mine).
 
     ``mine``: ``"generate"``, ``"render"``, ``"eval"`` (the images of ``eval --backbone``), ``"eval (with a
-    corrector)"``, ``"demo"`` or ``"train"``. A command writing into a folder of another one mixed the two
-    runs' files and replaced the other's manifest, so neither could be resumed or read.
+    corrector)"``, ``"demo"`` or ``"train"``, or a tuple of commands whose outputs are the same kind (render
+    and ``eval --backbone`` both write GenEval prompt folders, which ``--overwrite`` replaces). A command
+    writing into a folder of another one mixed the two runs' files and replaced the other's manifest, so
+    neither could be resumed or read.
     """
+    mine = (mine,) if isinstance(mine, str) else tuple(mine)
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -467,7 +470,7 @@ def other_run(folder: str | os.PathLike[str], mine: str) -> str | None:
             command = data.get("command") if isinstance(data, dict) else None
             if not isinstance(command, str):
                 return None
-        return None if command == mine else command
+        return None if command in mine else command
     return None
 
 

@@ -354,7 +354,7 @@ def _check_output_folder(args, out: Path, flag: str, settings: dict, owned: list
     _output_folder(out, flag)
     if out.is_dir():  # before reading its state: another run may be writing there
         _hold(out, flag)
-    _refuse_other_run(out, flag, args.command)
+    _refuse_other_run(out, flag, ("render", "eval") if args.command in ("render", "eval") else args.command)
     if not owned:
         return False
     if not (args.overwrite or args.resume):
@@ -402,7 +402,7 @@ def _start_output_folder(args, out: Path, flag: str, settings: dict, owned: list
                           owner=flag)
 
 
-def _refuse_other_run(out: Path, flag: str, mine: str) -> None:
+def _refuse_other_run(out: Path, flag: str, mine: str | tuple[str, ...]) -> None:
     other = _io.other_run(out, mine)
     if other is not None:
         raise UsageError(f"{flag}: {out} holds the outputs of `xlard {other}`; writing this command's outputs there "
