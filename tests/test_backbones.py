@@ -283,6 +283,7 @@ def test_correction_index():
     (dict(num_inference_steps=2.5), "num_inference_steps"),
     (dict(guidance_scale=-1.0), "guidance_scale"),
     (dict(guidance_scale=math.inf), "guidance_scale"),
+    (dict(guidance_scale=1e308), r"guidance_scale must be a finite number in \[0, 1000\]"),  # was NaN latents
     (dict(height=31), "height"),
     (dict(width=0), "width"),
     (dict(negative_prompt=3), "negative_prompt"),

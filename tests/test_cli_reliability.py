@@ -79,6 +79,9 @@ def temporaries(folder: Path) -> list[str]:
     (["eval", "--backbone", "shapes", "--prompts", "{tmp}/p.jsonl", "--batch", "0"], "argument --batch"),
     (["generate", "a circle", "--backbone", "shapes", "--steps", "-1"], "argument --steps"),
     (["generate", "a circle", "--backbone", "shapes", "--guidance", "nan"], "argument --guidance"),
+    # refused after loading, blamed on --backbone / an unnamed NaN latent, leaving an unfinished folder
+    (["generate", "a circle", "--backbone", "shapes", "--guidance", "-5"], "argument --guidance"),
+    (["generate", "a circle", "--backbone", "shapes", "--guidance", "1e308"], "argument --guidance"),
     (["generate", "a circle", "--backbone", "shapes", "--per-prompt", "1000000"], "argument --per-prompt"),
     (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--mask-fraction", "2"], "argument --mask-fraction"),
     (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--mask-fraction", "0"], "argument --mask-fraction"),

@@ -112,6 +112,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _guidance(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value <= 1000:  # as DiffusersBackbone checks it, but before the backbone loads
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1000] (models use about 1 to 30), got {text!r}")
+    return value
+
+
 def _open_fraction(text: str) -> float:
     value = _finite_float(text)
     if not 0.0 < value < 1.0:
@@ -799,7 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'shapes', a diffusers pipeline folder, or a hub model id")
         p.add_argument("--steps", type=_int_in(0, MAX_STEPS), default=0,
                        help="denoising steps (0: the pipeline's default)")
-        p.add_argument("--guidance", type=_finite_float, default=None, help="classifier-free guidance scale")
+        p.add_argument("--guidance", type=_guidance, default=None,
+                       help="classifier-free guidance scale, in [0, 1000] (default: the backbone's)")
         p.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=8, help="prompts per forward pass")
         p.add_argument("--device", default=None, help="e.g. cuda; default: CPU")
         p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,

@@ -636,12 +636,17 @@ def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> int |
     return int(value)
 
 
+#: The largest classifier-free guidance scale accepted (models use about 1 to 30).
+MAX_GUIDANCE = 1000.0
+
+
 def _check_guidance(value: Any) -> float | None:
     if value is None:
         return None
     if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
-            or value < 0):
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {value!r}")
+            or not 0 <= value <= MAX_GUIDANCE):
+        # far above any model's useful range the guided noise overflows: NaN latents, blamed on the decode
+        raise ValueError(f"guidance_scale must be a finite number in [0, {MAX_GUIDANCE:g}], got {value!r}")
     return float(value)
 
 
