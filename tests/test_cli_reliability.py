@@ -964,3 +964,27 @@ def test_a_folder_holding_another_commands_run_is_refused(tmp_path, capsys, prom
         code, _, err = run(argv, capsys)
         assert code == 2
         one_line_error(err, "holds the outputs of `xlard generate`")
+
+
+def test_an_unreadable_input_names_its_argument(tmp_path, capsys, prompt_file, monkeypatch):
+    """Permission denied on an input was a bare "[Errno 13] Permission denied: 'unread.jsonl'" line. (The
+    tests may run as root, which reads anything: the denial is simulated at open().)"""
+    import builtins
+
+    real_open = builtins.open
+    denied = {str(prompt_file), str(ROOT / "configs" / "shapes.yaml")}
+
+    def guarded(file, *args, **kwargs):
+        if str(file) in denied:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: guarded(self, "r", *a, **k).read())
+    for argv, words in ((["render", tmp_path / "r", "--prompts", prompt_file], f"--prompts: cannot read {prompt_file}"),
+                        (["train", ROOT / "configs" / "shapes.yaml", "--out", tmp_path / "t"],
+                         "train config: cannot read")):
+        code, _, err = run(argv, capsys)
+        assert code == 2, err
+        one_line_error(err, words, "Permission denied")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()

@@ -141,6 +141,11 @@ def _input_file(path: str, flag: str) -> Path:
         raise UsageError(f"{flag}: no such file {path}; check the path")
     if not p.is_file():
         raise UsageError(f"{flag}: {path} is not a file; give the path of a file")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as exc:  # unreadable (permissions): named here, not as a bare "[Errno 13]" line later
+        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
     return p
 
 
@@ -150,6 +155,10 @@ def _input_folder(path: str, flag: str) -> Path:
         raise UsageError(f"{flag}: no such folder {path}; check the path")
     if not p.is_dir():
         raise UsageError(f"{flag}: {path} is not a folder; give the path of a folder")
+    try:
+        os.listdir(p)
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
     return p
 
 
@@ -699,7 +708,7 @@ def _cmd_eval(args) -> int:
         _check_finished_folder(folder)
         try:
             results = E.evaluate_folder(folder)
-        except (FileNotFoundError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # OSError: an unreadable metadata.jsonl or image inside
             raise UsageError(f"--folder: {_one_line(exc)}") from None
     elif args.backbone:
         if not args.prompts:

@@ -752,6 +752,8 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         raise FileNotFoundError(f"train config: no such file {path}")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is fine
+    except PermissionError as e:
+        raise PermissionError(f"train config: cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"train config: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                          f"{e.start}); give a YAML or JSON file") from None
