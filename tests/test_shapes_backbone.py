@@ -56,6 +56,9 @@ def test_unknown_words_are_the_words_the_tokenizer_spells_out(pipe, tmp_path):
         assert len(pipe.tokenizer(word, add_special_tokens=False).input_ids) > 1, word
     assert backbone.unknown_words("A photo of 12 TINY red dragon, a dragon and un cercle") == words
     assert backbone.unknown_words("a photo of three red circles left of a blue square") == []
+    # other scripts and symbols are words too ("café" was cut to "caf", CJK and emoji were missed)
+    assert backbone.unknown_words("a photo of a red café, a naïve circle!") == ["café", "naïve"]
+    assert backbone.unknown_words("🐉 一只红色的圆") == ["🐉", "一只红色的圆"]
     assert backbone.unknown_words("a dragon", tmp_path) == []  # no tokenizer there: nothing to tell
 
 

@@ -84,7 +84,10 @@ def unknown_words(prompt: str, path: str | os.PathLike | None = None) -> list[st
     known = _VOCABULARIES[key]
     if not known:
         return []
-    return list(dict.fromkeys(w for w in re.findall(r"[a-z0-9]+", prompt.lower()) if w not in known))
+    # words of any script ("café", "一只红色的圆") and runs of non-ASCII symbols (emoji); ASCII punctuation is
+    # no word. [a-z0-9]+ cut "café" to "caf" and missed other scripts entirely.
+    words = re.findall(r"[^\W_]+|[^\x00-\x7f\s\w]+", prompt.lower())
+    return list(dict.fromkeys(w for w in words if w not in known))
 
 
 def load_pipeline(device: Any = "cpu", path: str | os.PathLike | None = None, dtype: Any = None):
