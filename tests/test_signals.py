@@ -51,3 +51,34 @@ def test_a_callers_sigterm_handler_is_left_alone():
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert issubclass(Terminated, KeyboardInterrupt)
+
+
+def test_an_interrupt_while_the_command_line_loads_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in the first tenth of a second (Python still importing xlard.cli) printed a traceback from the
+    console script's import; the entry point imports it inside the handling."""
+    import builtins
+    import sys
+
+    from xlard import _entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "xlard.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "xlard.cli", raising=False)
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    assert _entry.main() == 130
+    assert capsys.readouterr().err == "xlard: interrupted; every file written is complete\n"
+
+
+def test_the_console_script_and_python_m_use_the_entry_point():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (scripts,) = re.findall(r"\[project\.scripts\]\n(.*?)\n\n", (root / "pyproject.toml").read_text(), re.S)
+    assert scripts.strip() == 'xlard = "xlard._entry:main"'  # (tomllib is 3.11+; the floor is 3.10)
+    assert "from xlard._entry import main" in (root / "xlard" / "__main__.py").read_text()

@@ -1,4 +1,4 @@
 """``python -m xlard``: the command line (see :mod:`xlard.cli`)."""
-from xlard.cli import main
+from xlard._entry import main
 
 raise SystemExit(main())
