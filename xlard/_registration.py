@@ -465,7 +465,7 @@ def _front(t, d):
 def _fold(t, d, n: int):
     """A per-sample ``[B, ...]`` argument as ``[N*B, ...]``."""
     t = _front(t, d) if d is not None else t.expand(n, *t.shape)
-    return t.reshape(-1, *t.shape[2:])
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])  # sizes spelled out: an empty batch has no -1
 
 
 def _fold_shared(t, d, n: int, b: int, shared_rank: int):
@@ -480,8 +480,8 @@ def _fold_shared(t, d, n: int, b: int, shared_rank: int):
     return t.unsqueeze(1).expand(n, b, *t.shape[1:]).reshape(n * b, *t.shape[1:])
 
 
-def _unfold(t, n: int):
-    return t.reshape(n, -1, *t.shape[1:])
+def _unfold(t, n: int, b: int):
+    return t.reshape(n, b, *t.shape[1:])
 
 
 def _register_vmap(ns: str, ops, lib: torch.library.Library) -> None:
@@ -503,7 +503,7 @@ def _register_vmap(ns: str, ops, lib: torch.library.Library) -> None:
         n, (dc, dr, _) = info.batch_size, in_dims
         b = _front(centroids, dc).shape[1] if dc is not None else centroids.shape[0]
         out = ops.position_scores(_fold(centroids, dc, n), _fold_shared(relations, dr, n, b, 2), tau)
-        return _unfold(out, n), 0
+        return _unfold(out, n, b), 0
 
     @vmap("color_scores")
     def _(info, in_dims, patch_features, color_embeddings, patch_mask):
@@ -512,7 +512,7 @@ def _register_vmap(ns: str, ops, lib: torch.library.Library) -> None:
         mask = None if patch_mask is None else _fold(patch_mask, dm, n)
         scores, index = ops.color_scores(_fold(patch_features, dp, n), _fold_shared(color_embeddings, de, n, b, 2),
                                          mask)
-        return (_unfold(scores, n), _unfold(index, n)), (0, 0)
+        return (_unfold(scores, n, b), _unfold(index, n, b)), (0, 0)
 
     def latent_batch(z, d):
         return _front(z, d).shape[1] if d is not None else z.shape[0]
@@ -520,9 +520,10 @@ def _register_vmap(ns: str, ops, lib: torch.library.Library) -> None:
     @vmap("residual_correction")
     def _(info, in_dims, z0, delta, alpha, alpha_scalar):
         n, (dz, dd, da, _) = info.batch_size, in_dims
+        b = latent_batch(z0, dz) if dz is not None else latent_batch(delta, dd)
         a = None if alpha is None else _fold(alpha, da, n)
         zc, lam = ops.residual_correction(_fold(z0, dz, n), _fold(delta, dd, n), a, alpha_scalar)
-        return (_unfold(zc, n), _unfold(lam, n)), (0, 0)
+        return (_unfold(zc, n, b), _unfold(lam, n, b)), (0, 0)
 
     @vmap("gaussian_log_prob")
     def _(info, in_dims, x, mean, log_std):
@@ -530,7 +531,7 @@ def _register_vmap(ns: str, ops, lib: torch.library.Library) -> None:
         b = latent_batch(x, dx)
         per_item = x.dim() - (dx is not None) - 1
         out = ops.gaussian_log_prob(_fold(x, dx, n), _fold(mean, dm, n), _fold_shared(log_std, dl, n, b, per_item))
-        return _unfold(out, n), 0
+        return _unfold(out, n, b), 0
 
     @vmap("sample_correction")
     def _(info, in_dims, z0, mean, log_std, noise, alpha, alpha_scalar):
@@ -540,7 +541,7 @@ def _register_vmap(ns: str, ops, lib: torch.library.Library) -> None:
         a = None if alpha is None else _fold(alpha, da, n)
         outs = ops.sample_correction(_fold(z0, dz, n), _fold(mean, dm, n),
                                      _fold_shared(log_std, dl, n, b, per_item), _fold(noise, dn, n), a, alpha_scalar)
-        return tuple(_unfold(t, n) for t in outs), (0, 0, 0, 0)
+        return tuple(_unfold(t, n, b) for t in outs), (0, 0, 0, 0)
 
 
 def _register_autograd(ns: str, ops, lib: torch.library.Library) -> None:
