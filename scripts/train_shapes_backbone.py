@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -675,6 +676,15 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     problem = _io.unwritable_output(folders={"--out": cfg.out, "--work-dir": cfg.work_dir})  # before training
     if problem:
         p.error(problem)
+    out, work = Path(os.path.realpath(cfg.out)), Path(os.path.realpath(cfg.work_dir))
+    if out == work or out in work.parents or work in out.parents:
+        # the export replaces --out as a whole: the checkpoint in --work-dir went with it
+        p.error(f"--out ({cfg.out}) and --work-dir ({cfg.work_dir}) must be separate folders, neither inside the "
+                "other: the export replaces --out as a whole")
+    if not resume and ((work / "checkpoint.pt").exists() or (work / "metrics.jsonl").exists()):
+        p.error(f"--work-dir: {cfg.work_dir} holds an earlier run (checkpoint.pt / metrics.jsonl); pass --resume to "
+                "continue it, or choose another --work-dir (a new run there overwrote its checkpoint and appended "
+                "to its metrics)")
     return cfg, resume
 
 
@@ -682,10 +692,14 @@ def main(argv=None) -> int:
     cfg, resume = parse_args(argv)
     torch.set_num_threads(cfg.threads)
     print("train_shapes_backbone config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
-    trainer = Trainer(cfg)
-    counts = {n: sum(p.numel() for p in getattr(trainer, n).parameters()) for n in ("vae", "text_encoder", "unet")}
-    print(f"parameters: {counts}", flush=True)
-    trainer.run(resume)
+    from xlard import _io
+
+    # one run per work dir: a second instance interleaved its metrics and checkpoints with the first's
+    with _io.folder_lock(cfg.work_dir, "--work-dir"):
+        trainer = Trainer(cfg)
+        counts = {n: sum(p.numel() for p in getattr(trainer, n).parameters()) for n in ("vae", "text_encoder", "unet")}
+        print(f"parameters: {counts}", flush=True)
+        trainer.run(resume)
     return 0
 
 

@@ -131,6 +131,25 @@ def test_training_script_smoke_and_resume(tmp_path, capsys):
     images = backbone.generate(["a photo of a red circle"], seed=0, steps=2,
                                pipeline=backbone.load_pipeline(path=out))
     assert images.shape == (1, 64, 64, 3)
+    # a new run (no --resume) into the same work dir overwrote the checkpoint and appended to the metrics
+    with pytest.raises(SystemExit) as e:
+        train.main(common + ["--max-steps", "2"])
+    assert e.value.code == 2 and "holds an earlier run (checkpoint.pt / metrics.jsonl); pass --resume" in \
+        capsys.readouterr().err
+    # --out inside or equal to --work-dir: the export replaced the folder and the checkpoint with it
+    for out_dir in (tmp_path / "w2", tmp_path / "w2" / "export"):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(TINY + ["--work-dir", str(tmp_path / "w2"), "--out", str(out_dir)])
+        assert e.value.code == 2 and "must be separate folders" in capsys.readouterr().err
+    # one run per work dir at a time
+    from helpers import hold_folder_in_subprocess
+
+    proc = hold_folder_in_subprocess(work)
+    try:
+        with pytest.raises(Exception, match="--work-dir: .* is in use by another running xlard process"):
+            train.main(common + ["--max-steps", "6", "--resume"])
+    finally:
+        proc.communicate("", timeout=60)
 
 
 def test_training_config_is_validated(capsys):

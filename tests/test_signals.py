@@ -28,6 +28,28 @@ def test_run_script_turns_ctrl_c_and_sigterm_into_one_line(capsys):
     assert run_script("s.py", lambda: None) == 0 and run_script("s.py", lambda: 3) == 3
 
 
+def test_run_script_reports_a_users_mistake_in_one_line(capsys, monkeypatch):
+    """xlard's own refusals (a folder another run holds, a config that differs on --resume, a bad value found
+    after parsing) were tracebacks with exit 1 in the scripts."""
+    from xlard import _io
+
+    def raises(exc):
+        return lambda: (_ for _ in ()).throw(exc)
+
+    assert run_script("s.py", raises(ValueError("--resume: the config differs\nin ['seed']"))) == 2
+    assert capsys.readouterr().err == "s.py: error: --resume: the config differs in ['seed']\n"
+    assert run_script("s.py", raises(_io.FolderInUseError("--out: x is in use by another running xlard process"))) == 2
+    assert run_script("s.py", raises(FileNotFoundError("no folder at /x"))) == 2
+    assert run_script("s.py", raises(OSError(28, "No space left on device"))) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "s.py: error: [Errno 28] No space left on device"
+    with pytest.raises(_io.FolderInUseError):  # the escape hatch for debugging
+        monkeypatch.setenv("XLARD_TRACEBACK", "1")
+        run_script("s.py", raises(_io.FolderInUseError("x")))
+    with pytest.raises(TypeError):  # a programming error stays a traceback
+        monkeypatch.delenv("XLARD_TRACEBACK")
+        run_script("s.py", raises(TypeError("bug")))
+
+
 def test_usage_errors_and_debugging_pass_through(monkeypatch):
     def usage():
         raise SystemExit(2)

@@ -90,8 +90,7 @@ def check_output_path(path: str | os.PathLike[str], owner: str = "xlard") -> Pat
         >>> check_output_path("results.jsonl")  # doctest: +SKIP
         PosixPath('/home/me/results.jsonl')
     """
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise TypeError(f"{owner}: path must be a non-empty str or PathLike, got {path!r}")
+    _check_path(owner, path)
     target = Path(os.path.realpath(os.fspath(path)))
     try:
         st = os.stat(target)
@@ -192,8 +191,7 @@ def check_writable_folder(path: str | os.PathLike[str], owner: str = "xlard") ->
         >>> check_writable_folder("runs/demo", "--out")  # doctest: +SKIP
         PosixPath('/home/me/runs/demo')
     """
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise TypeError(f"{owner}: path must be a non-empty str or PathLike, got {path!r}")
+    _check_path(owner, path)
     target = Path(os.path.abspath(os.fspath(path)))
     existing = target
     while not os.path.lexists(existing) and existing.parent != existing:
@@ -472,6 +470,15 @@ def other_run(folder: str | os.PathLike[str], mine: str | tuple[str, ...]) -> st
                 return None
         return None if command in mine else command
     return None
+
+
+def _check_path(owner: str, path: Any) -> None:
+    """A path argument: TypeError for another type, ValueError for an empty one (a usage mistake, which the
+    scripts and the command line report in one line)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{owner}: path must be a non-empty str or PathLike, got {path!r}")
+    if not str(os.fspath(path)).strip():
+        raise ValueError(f"{owner}: the path is empty; give a file or folder name")
 
 
 def json_safe(obj: Any) -> Any:
