@@ -563,6 +563,20 @@ def test_bad_model_overrides_name_the_config_key(tmp_path, shapes):
         train(tiny_config(tmp_path / "c", model={"corrector_overrides": {"patch": 3}}), backbone=shapes)
 
 
+def test_a_new_run_never_empties_files_it_did_not_checkpoint(tmp_path, monkeypatch):
+    """A run into a folder holding another tool's metrics.jsonl (the backbone script's work dir) emptied it."""
+    from xlard.train import train, trainer
+
+    monkeypatch.setattr(trainer, "load_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n' * 30)
+    with pytest.raises(ValueError, match=r"already holds metrics.jsonl, which a new run would replace; pass "
+                                         r"--resume"):
+        train(tiny_config(out))
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' * 30
+
+
 def test_train_names_missing_prompt_files_and_backbone_folders_before_loading(tmp_path, monkeypatch):
     """Through the Python API (xlard train checks these itself): a bare FileNotFoundError for data.prompts,
     and a backbone path that does not exist was named a hub model to download."""

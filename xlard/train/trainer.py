@@ -374,6 +374,13 @@ class Trainer:
         if have and not resume:
             raise ValueError(f"{self.out} already holds checkpoints of a run; pass --resume to continue it or "
                              "choose another --out")
+        if not have and not resume:
+            # a new run empties metrics.jsonl and replaces config.json: files of anything else there (another
+            # tool's metrics, a run that never reached its first checkpoint) would be lost without a word
+            found = [n for n in ("metrics.jsonl", "config.json") if (self.out / n).exists()]
+            if found:
+                raise ValueError(f"{self.out} already holds {' and '.join(found)}, which a new run would replace; "
+                                 "pass --resume to continue the run that wrote them, or choose another --out")
         if resume and saved.exists():
             old = json.loads(saved.read_text())
             try:  # a config saved before a field existed reads as that field's default
