@@ -95,8 +95,8 @@ class TrainConfig:
             raise ValueError(f"--crop must be 0 (whole images) or in [16, 64], got {self.crop}")
         if self.vae_pool < 0 or not self.vae_noise >= 0 or not math.isfinite(self.vae_noise):
             raise ValueError(f"--vae-pool and --vae-noise must be >= 0, got {self.vae_pool}, {self.vae_noise}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise ValueError(f"--lr must be a number in (0, 1], got {self.lr}")
         for name in ("weight_decay", "checkpoint_minutes"):  # checkpoint_minutes 0: at every step
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
@@ -371,6 +371,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         shape_loss = F.cross_entropy(shape_logits, s)
         color_loss = F.cross_entropy(color_logits, c)
         loss = shape_loss + color_loss
+        if not torch.isfinite(loss):  # diverged: nothing after this step is worth exporting (it wrote NaN weights)
+            raise ValueError(f"training diverged at step {step + 1} (loss {loss.item()}); lower --lr (now {cfg.lr:g}) "
+                             f"and start again with another --work-dir (the last checkpoint there is from before)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -432,7 +435,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(parse_args(argv))
+    cfg = parse_args(argv)
+    from xlard import _io
+
+    with _io.folder_lock(cfg.work_dir, "--work-dir"):  # one run per work dir (two interleaved their metrics)
+        train(cfg)
     return 0
 
 

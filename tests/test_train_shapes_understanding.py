@@ -21,7 +21,7 @@ def test_options_are_validated():
     cfg = T.parse_args(["--max-steps", "5", "--channels", "4", "4", "4", "4"])
     assert cfg.max_steps == 5 and cfg.channels == (4, 4, 4, 4)
     for bad in (["--max-steps", "0"], ["--crop", "8"], ["--vae-share", "1.5"], ["--corrupt", "-0.1"],
-                ["--morph", "2"], ["--morph-min-iou", "-1"], ["--lr", "nan"], ["--lr", "0"], ["--threads", "0"],
+                ["--morph", "2"], ["--morph-min-iou", "-1"], ["--lr", "nan"], ["--lr", "0"], ["--lr", "1e300"], ["--threads", "0"],
                 ["--weight-decay", "-1"], ["--final-lr-fraction", "2"], ["--channels", "8", "8"], ["--seed", "-1"],
                 ["--vae-noise", "nan"], ["--log-every", "0"],
                 ["--out", "/proc/no/such"], ["--work-dir", "/proc/no/such"]):  # outputs: before training
@@ -114,6 +114,33 @@ def test_tiny_run_exports_weights_and_resumes(tmp_path, capsys):
     assert "resumed at step 3" in capsys.readouterr().err
     with pytest.raises(ValueError, match="another config"):
         T.train(T.parse_args(args[:-2] + ["--log-every", "2"]))
+    # a diverged run stops before exporting (it wrote NaN weights and exited 0)
+    bad = ["--out", str(tmp_path / "out2"), "--work-dir", str(tmp_path / "work2"), "--max-steps", "40",
+           "--batch-size", "2", "--vae-pool", "0", "--channels", "4", "4", "4", "4", "--lr", "1", "--log-every", "40"]
+    cfg = T.parse_args(bad)
+    original = T.F.cross_entropy
+    calls = []
+
+    def nan_after_two(*a, **k):  # a divergence, deterministically
+        calls.append(1)
+        return original(*a, **k) * (float("nan") if len(calls) > 4 else 1.0)
+
+    T.F.cross_entropy = nan_after_two
+    try:
+        with pytest.raises(ValueError, match=r"training diverged at step 3 \(loss nan\); lower --lr"):
+            T.train(cfg)
+    finally:
+        T.F.cross_entropy = original
+    assert not (tmp_path / "out2").exists()
+    # one run per work dir at a time
+    from helpers import hold_folder_in_subprocess
+
+    proc = hold_folder_in_subprocess(tmp_path / "work")
+    try:
+        with pytest.raises(Exception, match="--work-dir: .* is in use by another running xlard process"):
+            T.main(args)
+    finally:
+        proc.communicate("", timeout=60)
 
 
 def test_sigterm_ends_the_script_in_one_line(tmp_path):
