@@ -146,10 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from xlard import _io
 
+    for flag, value in (("--from-json", args.from_json), ("--json", args.json), ("--markdown", args.markdown)):
+        if value is not None and not value.strip():  # "--from-json ''" ran the whole suite instead
+            parser.error(f"{flag}: the path is empty; give a file name")
     problem = _io.unwritable_output(files={"--json": args.json, "--markdown": args.markdown})
     if problem:  # now, not after minutes of benchmarks
         parser.error(problem)
-    if args.from_json:
+    if args.from_json is not None:
         try:
             with open(args.from_json, encoding="utf-8") as fh:
                 data = json.load(fh)
@@ -164,8 +167,14 @@ def main(argv: list[str] | None = None) -> int:
             run_benchmarks(path, args.quick)
             with open(path) as fh:
                 data = json.load(fh)
-    rows, verdicts = summarise(data)
-    md = to_markdown(rows, verdicts, data.get("machine_info", {}))
+    try:
+        rows, verdicts = summarise(data)
+        md = to_markdown(rows, verdicts, data.get("machine_info", {}))
+    except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError) as e:
+        if args.from_json is None:
+            raise  # our own run: a bug, not the user's file
+        parser.error(f"--from-json: {args.from_json} is not a complete pytest-benchmark JSON ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())}); write one with pytest --benchmark-json FILE")
     print("\n" + md)
     if args.markdown:
         _io.atomic_write_text(args.markdown, md + "\n", owner="benches.report --markdown")
@@ -176,4 +185,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from xlard._signals import run_script
+
+    raise SystemExit(run_script("benches.report", main))

@@ -49,11 +49,23 @@ def test_report_checks_its_files_before_running_benchmarks(tmp_path, capsys, mon
     monkeypatch.setattr(report, "run_benchmarks", lambda *a: pytest.fail("benchmarks ran before the checks"))
     (tmp_path / "records.jsonl").write_text('{"a": 1}\n{"b": 2}\n')
     (tmp_path / "other.json").write_text('{"a": 1}')
+    (tmp_path / "empty_entry.json").write_text('{"benchmarks": [{}]}')
+    zero = [_bench("g", 0.0, provider="xlard", pixels=10), _bench("g", 0.001, provider="torch", pixels=10)]
+    (tmp_path / "zero.json").write_text(json.dumps({"benchmarks": zero}))
+    (tmp_path / "machine.json").write_text(json.dumps({"benchmarks": [_bench("g", 0.001, provider="xlard",
+                                                                             pixels=10)], "machine_info": "x"}))
     for argv, text in ((["--json", str(tmp_path / "no" / "r.json")], "--json: cannot write"),
                        (["--markdown", str(tmp_path)], "--markdown: .* is a folder"),
                        (["--from-json", str(tmp_path / "missing.json")], "--from-json: cannot read .*No such file"),
                        (["--from-json", str(tmp_path / "records.jsonl")], "--from-json: cannot read .*Extra data"),
-                       (["--from-json", str(tmp_path / "other.json")], "is not a pytest-benchmark JSON")):
+                       (["--from-json", str(tmp_path / "other.json")], "is not a pytest-benchmark JSON"),
+                       # "--from-json ''" ran the whole benchmark suite; malformed entries were tracebacks
+                       (["--from-json", ""], "--from-json: the path is empty"),
+                       (["--json", " "], "--json: the path is empty"),
+                       (["--from-json", str(tmp_path / "empty_entry.json")], "not a complete pytest-benchmark "
+                                                                             "JSON .KeyError"),
+                       (["--from-json", str(tmp_path / "zero.json")], "ZeroDivisionError"),
+                       (["--from-json", str(tmp_path / "machine.json")], "AttributeError")):
         with pytest.raises(SystemExit) as e:
             report.main(argv)
         err = capsys.readouterr().err
