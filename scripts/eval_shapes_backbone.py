@@ -47,11 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=None, help="where to write the JSON/markdown/JSONL reports")
     p.add_argument("--save-images", action="store_true", help="also write the images as PNGs into --out-dir")
     args = p.parse_args(argv)
-    if args.n < 1 or args.steps < 1 or args.batch_size < 1 or args.threads < 1:
-        p.error(f"--n, --steps, --batch-size and --threads must be >= 1, got {args.n}, {args.steps}, "
-                f"{args.batch_size}, {args.threads}")
-    if not (math.isfinite(args.guidance) and args.guidance >= 0):
-        p.error(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    # upper bounds as the command line's: 10**8 steps ran out of memory, 100000 threads crashed, 10**8 images
+    # ran silently for minutes before failing
+    for flag, value, high in (("--n", args.n, 100_000), ("--steps", args.steps, 10_000),
+                              ("--batch-size", args.batch_size, 4096), ("--threads", args.threads, 1024)):
+        if not 1 <= value <= high:
+            p.error(f"{flag} must be in [1, {high}], got {value}")
+    if not (math.isfinite(args.guidance) and 0 <= args.guidance <= 1000):  # 1e308 made black images, scored
+        p.error(f"--guidance must be a number in [0, 1000], got {args.guidance}")
     if args.seed < 0 or args.record_seed < 0:
         p.error(f"--seed and --record-seed must be >= 0, got {args.seed}, {args.record_seed}")
     from xlard.shapes import backbone as shapes_backbone
@@ -122,6 +125,9 @@ def main(argv=None) -> int:
         if args.save_images:
             from PIL import Image
             img_dir = out / "images"
+            if img_dir.is_dir():  # an earlier run's extra images would sit beside this run's reports
+                for stale in img_dir.glob("[0-9][0-9][0-9][0-9].png"):
+                    stale.unlink()
             img_dir.mkdir(exist_ok=True)
             for i, img in enumerate(images):
                 Image.fromarray(np.asarray(img)).save(img_dir / f"{i:04d}.png")

@@ -32,10 +32,11 @@ def main(argv=None) -> int:
     parser.add_argument("--target-seeds", type=int, default=2)
     parser.add_argument("--out", help="write the measurements (JSON) here")
     args = parser.parse_args(argv)
-    for flag, value in (("--records", args.records), ("--batch", args.batch), ("--target-records", args.target_records),
-                        ("--target-seeds", args.target_seeds)):
-        if value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
+    for flag, value, high in (("--records", args.records, 100_000), ("--batch", args.batch, 4096),
+                              ("--target-records", args.target_records, 10**6),
+                              ("--target-seeds", args.target_seeds, 1000)):
+        if not 1 <= value <= high:  # 10**8 records ran silently for minutes before running out of memory
+            parser.error(f"{flag} must be in [1, {high}], got {value}")
     try:
         steps = [float(x) for x in args.steps.split(",")]
     except ValueError:

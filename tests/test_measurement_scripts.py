@@ -14,9 +14,13 @@ import measure_eval_cost as MC  # noqa: E402
 
 
 @pytest.mark.parametrize("bad, text", [
-    (["--threads", "0"], "--threads must be >= 1"),
-    (["--n", "0"], "--n, --steps, --batch-size and --threads must be >= 1"),
-    (["--guidance", "nan"], "--guidance must be a finite number >= 0"),
+    (["--threads", "0"], "--threads must be in [1, 1024]"),
+    (["--n", "0"], "--n must be in [1, 100000]"),
+    (["--n", "100000000"], "--n must be in [1, 100000]"),
+    (["--steps", "100000000"], "--steps must be in [1, 10000]"),
+    (["--threads", "100000"], "--threads must be in [1, 1024]"),
+    (["--guidance", "nan"], "--guidance must be a number in [0, 1000]"),
+    (["--guidance", "1e308"], "--guidance must be a number in [0, 1000]"),
     (["--seed", "-1"], "--seed and --record-seed must be >= 0"),
     (["--path", "/no/such/pipeline"], "--path: the shapes backbone is not installed at /no/such/pipeline"),
 ])
@@ -33,9 +37,10 @@ def test_eval_shapes_backbone_takes_its_defaults():
 
 
 @pytest.mark.parametrize("bad, text", [
-    (["--records", "0"], "--records must be >= 1"),
-    (["--batch", "0"], "--batch must be >= 1"),
-    (["--target-seeds", "0"], "--target-seeds must be >= 1"),
+    (["--records", "0"], "--records must be in [1, 100000]"),
+    (["--records", "100000000"], "--records must be in [1, 100000]"),
+    (["--batch", "0"], "--batch must be in [1, 4096]"),
+    (["--target-seeds", "0"], "--target-seeds must be in [1, 1000]"),
     (["--steps", "0.5,x"], "--steps: expected comma-separated correction steps in (0, 1]"),
     (["--steps", "1.5"], "--steps: expected comma-separated correction steps in (0, 1]"),
     (["--seeds", "a"], "--seeds must be non-negative integers"),
