@@ -48,8 +48,9 @@ def _multipliers(text: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,1,2, got {text!r}") from None
-    if not values or any(not math.isfinite(v) or v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected finite numbers >= 0, got {text!r}")
+    if not values or any(not math.isfinite(v) or not 0 <= v <= 100 for v in values):
+        # 1e300 was accepted and failed after the work as NaN latents, unnamed
+        raise argparse.ArgumentTypeError(f"expected numbers in [0, 100], got {text!r}")
     return sorted(set(values) | {0.0})
 
 
@@ -70,8 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="write the results here (JSON)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.per_tag < 1 or args.batch < 1:
-        parser.error(f"--per-tag and --batch must be >= 1, got {args.per_tag}, {args.batch}")
+    if not 1 <= args.per_tag <= 100_000 or not 1 <= args.batch <= 4096:  # 10**9 per tag ran out of memory
+        parser.error(f"--per-tag must be in [1, 100000] and --batch in [1, 4096], got {args.per_tag}, {args.batch}")
+    if args.corrector is not None and Path(args.corrector).is_file():
+        parser.error(f"--corrector: {args.corrector} is a file; give a corrector folder (xlard train's OUT/corrector)")
     if args.seed_base < 0 or args.seed_base >= 1_000_000:
         parser.error(f"--seed-base must be in 0..999999 (the trainer's monitor seeds start at 1,000,003), "
                      f"got {args.seed_base}")

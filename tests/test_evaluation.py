@@ -231,6 +231,9 @@ def test_corrector_dir_round_trip(tmp_path):
     assert ev.load_corrector_dir(tmp_path / "odd")[1].training == data["training"]
     with pytest.raises(TypeError, match="load_corrector_dir: path must be a corrector folder .*got NoneType"):
         ev.load_corrector_dir(None)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile is a file; give the folder"):  # was "does not exist"
+        ev.load_corrector_dir(tmp_path / "afile")
     # Overwriting an existing folder replaces its files.
     ev.save_corrector_dir(path, _corrector(), _meta(alpha=0.5))
     loaded, meta = ev.load_corrector_dir(path)

@@ -21,10 +21,12 @@ def test_options_are_validated(capsys):
     assert args.multipliers == [0.0, 0.5, 2.0] and args.per_tag == 64
     for bad in (["--correct", "--multipliers", "a,b"], ["--correct", "--multipliers", "-1"],
                 ["--correct", "--per-tag", "0"], ["--correct", "--seed-base", "1000003"], [],
-                ["--correct", "--corrector", "x"]):
-        with pytest.raises(SystemExit):
+                ["--correct", "--corrector", "x"], ["--correct", "--multipliers", "1e300"],
+                ["--correct", "--per-tag", "1000000000"], ["--corrector", __file__]):
+        with pytest.raises(SystemExit) as e:
             V.parse_args(bad)
-    capsys.readouterr()
+        assert e.value.code == 2
+    assert "is a file; give a corrector folder" in capsys.readouterr().err
     for out in ("/proc/no/r.json", "."):  # checked before the validation runs, not when its report is written
         with pytest.raises(SystemExit):
             V.parse_args(["--correct", "--out", out])

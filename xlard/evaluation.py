@@ -278,6 +278,8 @@ def load_corrector_dir(path: str | os.PathLike, *, device=None):
                         f"{type(path).__name__}")
     path = Path(path)
     expected = f"{WEIGHTS_NAME}, {CONFIG_NAME} and {CORRECTOR_META_NAME} (written by save_corrector_dir)"
+    if path.is_file():
+        raise NotADirectoryError(f"corrector folder {path} is a file; give the folder that holds {expected}")
     if not path.is_dir():
         raise FileNotFoundError(f"corrector folder {path} does not exist (a corrector folder holds {expected})")
     meta_path = path / CORRECTOR_META_NAME
