@@ -53,8 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="write the table here (JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.per_tag < 1 or args.batch < 1:
-        p.error(f"--per-tag and --batch must be >= 1, got {args.per_tag}, {args.batch}")
+    if not 1 <= args.per_tag <= 100_000 or not 1 <= args.batch <= 4096:
+        p.error(f"--per-tag must be in [1, 100000] and --batch in [1, 4096], got {args.per_tag}, {args.batch}")
+    if not 0 <= args.seed_base < 2**63:  # found after the models loaded, as an unnamed generator-seed error
+        p.error(f"--seed-base must be in [0, 2**63), got {args.seed_base}")
     if not 0.0 < args.correction_step <= 1.0:
         p.error(f"--correction-step must be in (0, 1], got {args.correction_step}")
     if args.replace and args.correction_step != 1.0:

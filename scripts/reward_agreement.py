@@ -491,6 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.per_tag < 1 or args.seeds_per_prompt < 1 or args.n < 1 or args.batch < 1 or args.resamples < 1:
         parser.error("-n, --per-tag, --seeds-per-prompt, --batch and --resamples must be >= 1")
+    # checked here, before --cache records them (a cache made with --steps -3 refused the corrected command)
+    if not 0 <= args.steps <= 10_000:
+        parser.error(f"--steps must be in [0, 10000] (0: the backbone's default), got {args.steps}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.render_checks < 0:
+        parser.error(f"--render-checks must be >= 0, got {args.render_checks}")
+    if max(args.n, args.per_tag * args.seeds_per_prompt) > 100_000:
+        parser.error("-n and --per-tag x --seeds-per-prompt must be at most 100000 samples")
     from xlard import _io
 
     # Outputs first: a bad path fails now, not after minutes of sampling.

@@ -23,7 +23,8 @@ def test_options_are_validated():
     assert M.parse_args([]).correction_step == 1.0
     for bad in (["--per-tag", "0"], ["--batch", "0"], ["--correction-step", "0"], ["--correction-step", "1.5"],
                 ["--correction-step", "x"], ["--replace", "--correction-step", "0.5"], ["--margin", "0"],
-                ["--out", "/proc/no/table.json"]):
+                ["--out", "/proc/no/table.json"], ["--seed-base", "-5"], ["--seed-base", "99999999999999999999"],
+                ["--per-tag", "1000000000"]):
         with pytest.raises(SystemExit):
             M.parse_args(bad)
     args = M.parse_args(["--replace", "--relayout", "--relayout-color", "blue", "--margin", "64"])

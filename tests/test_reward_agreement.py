@@ -96,6 +96,18 @@ def test_cli_rejects_bad_options():
         RA.main(["--per-tag", "0", "--cache", "x"])
 
 
+def test_cli_checks_its_numbers_before_making_the_cache(tmp_path, capsys):
+    """--steps -3 was recorded in the cache's meta.json before failing, and the corrected command was then
+    refused ("holds other samples"); --seed -5 and --render-checks -2 were tracebacks."""
+    for bad, words in ((["--steps", "-3"], "--steps must be in [0, 10000]"), (["--seed", "-5"], "--seed must be in"),
+                       (["--render-checks", "-2"], "--render-checks must be >= 0"),
+                       (["-n", "100000000"], "at most 100000 samples")):
+        with pytest.raises(SystemExit) as e:
+            RA.main(bad + ["--cache", str(tmp_path / "c")])
+        assert e.value.code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_cli_checks_its_outputs_before_sampling(tmp_path, capsys, monkeypatch):
     """--out and --cache that cannot be written fail at once (the report was lost after minutes of work)."""
     def sampled(*args, **kwargs):
