@@ -38,27 +38,39 @@
 #                          (CPU-only build, tests and benches skip); still exits non-zero
 # Exit status: 0 every step passed and every speed target was met; 1 a step failed,
 # timed out or had no time left; 2 steps passed but a speed target was missed (or no
-# benchmark data); 3 no CUDA device.
+# benchmark data); 3 no CUDA device; 64 a usage mistake (nothing is created or run).
 set -uo pipefail
 
-OUT="${OUT:-gpu-out}"
-mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+usage_error() { echo "gpu_check: $* (see --help)" >&2; exit 64; }
 
+# The arguments first: --help and a usage mistake must not create $OUT.
 SKIP_BUILD=0
 BUDGET=450
 ONLY="tests,bench,sanitizer,compiled"
 while [ $# -gt 0 ]; do
   case "$1" in
     --skip-build) SKIP_BUILD=1 ;;
-    --budget) BUDGET="$2"; shift ;;
-    --steps) ONLY="$2"; shift ;;
+    --budget)
+      [ $# -ge 2 ] || usage_error "--budget needs a number of seconds"
+      case "$2" in ''|*[!0-9]*) usage_error "--budget must be a whole number of seconds, got '$2'" ;; esac
+      [ "$2" -ge 60 ] || usage_error "--budget must be at least 60 seconds (the build alone takes longer), got $2"
+      BUDGET="$2"; shift ;;
+    --steps)
+      [ $# -ge 2 ] || usage_error "--steps needs a list such as tests,bench"
+      for step in ${2//,/ }; do
+        case "$step" in tests|bench|sanitizer|compiled) ;; *) usage_error "--steps: unknown step '$step'" ;; esac
+      done
+      ONLY="$2"; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 64 ;;
+    *) usage_error "unknown argument $1" ;;
   esac
   shift
 done
+
+OUT="${OUT:-gpu-out}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
 
 T0=$(date +%s)
 DEADLINE=$(( T0 + BUDGET ))
