@@ -27,7 +27,7 @@ def _run(tmp_path, *args):
     (["--budget"], "--budget needs a number of seconds"),
     (["--budget", "abc"], "--budget must be a whole number of seconds, got 'abc'"),
     (["--budget", "-5"], "--budget must be a whole number of seconds, got '-5'"),
-    (["--budget", "30"], "--budget must be at least 60 seconds"),
+    (["--budget", "30"], "--budget must be at least 60 seconds (the build alone takes longer), got 30"),
     (["--steps", "tests,foo"], "--steps: unknown step 'foo'"),
     (["--frobnicate"], "unknown argument --frobnicate"),
 ])
