@@ -18,9 +18,16 @@ Two phases share one wall-clock budget (``--minutes``):
    guidance, AdamW, EMA) on records of the TRAIN split rendered on the fly
    with fresh seeds, so held-out prompts are never seen.
 
+``--max-steps`` / ``--vae-max-steps`` make a phase step-driven instead: it runs
+exactly that many steps (its learning-rate schedule follows the steps) and the
+minutes budget is not applied to it.
+
 Checkpoints are written atomically every ``--checkpoint-minutes`` into
 ``--work-dir`` and ``--resume`` continues from the last one (the budget counts
-the time already spent). Metrics go to ``<work-dir>/metrics.jsonl``; sample
+the time already spent; budgets, threads and sampling may change on resume,
+any other setting is refused). A resumed run continues from the checkpoint's
+weights, optimiser and random state, but its scene stream is drawn afresh, so
+it is not bit-identical to an uninterrupted run. Metrics go to ``<work-dir>/metrics.jsonl``; sample
 grids (held-out prompts) to ``<work-dir>/samples/``.
 
 Example:
@@ -402,6 +409,20 @@ class Trainer:
             print(f"[resume] no checkpoint at {self.ckpt_path}; starting fresh", flush=True)
             return False
         st = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        # Budgets, bookkeeping and the export may change on --resume; anything else would train another model
+        # on top of this one (another architecture failed in load_state_dict; another --lr or --seed was taken
+        # silently and recorded as if the whole run had used it).
+        free = {"out", "work_dir", "minutes", "vae_minutes", "max_steps", "vae_max_steps", "threads",
+                "checkpoint_minutes", "sample_minutes", "sample_images", "sample_steps", "log_every", "fp16_weights",
+                "guidance", "vae_check_minutes"}
+        saved, now = st.get("config", {}), json.loads(json.dumps(dataclasses.asdict(self.cfg)))
+        saved = json.loads(json.dumps(saved))
+        differ = sorted(k for k in set(saved) | set(now) if k not in free and saved.get(k) != now.get(k))
+        if differ:
+            flags = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+            raise ValueError(f"--resume: the checkpoint in {self.work} was written with other settings ({flags}); "
+                             "resume with the same options (budgets, threads and sampling may change), or "
+                             "choose another --work-dir")
         for name in ("vae", "unet", "text_encoder", "ema_unet", "ema_text"):
             getattr(self, name).load_state_dict(st[name])
         self.vae_opt.load_state_dict(st["vae_opt"])

@@ -131,6 +131,14 @@ def test_training_script_smoke_and_resume(tmp_path, capsys):
     images = backbone.generate(["a photo of a red circle"], seed=0, steps=2,
                                pipeline=backbone.load_pipeline(path=out))
     assert images.shape == (1, 64, 64, 3)
+    # --resume with other settings: another architecture was a load_state_dict traceback, another --lr or
+    # --seed was taken silently
+    for changed, flag in ((["--unet-channels", "8", "16", "24"], "--unet-channels"), (["--lr", "0.5"], "--lr"),
+                          (["--seed", "7"], "--seed")):
+        args = [a for a in common]
+        with pytest.raises(ValueError, match=rf"--resume: the checkpoint in .* was written with other settings "
+                                             rf"\({flag} "):
+            train.main(args + changed + ["--max-steps", "5", "--resume"])
     # a new run (no --resume) into the same work dir overwrote the checkpoint and appended to the metrics
     with pytest.raises(SystemExit) as e:
         train.main(common + ["--max-steps", "2"])
