@@ -26,8 +26,8 @@ Checkpoints are written atomically every ``--checkpoint-minutes`` into
 ``--work-dir`` and ``--resume`` continues from the last one (the budget counts
 the time already spent; budgets, threads and sampling may change on resume,
 any other setting is refused). A resumed run continues from the checkpoint's
-weights, optimiser and random state, but its scene stream is drawn afresh, so
-it is not bit-identical to an uninterrupted run. Metrics go to ``<work-dir>/metrics.jsonl``; sample
+weights, optimiser and random state; it is not bit-identical to an
+uninterrupted run. Metrics go to ``<work-dir>/metrics.jsonl``; sample
 grids (held-out prompts) to ``<work-dir>/samples/``.
 
 Example:
