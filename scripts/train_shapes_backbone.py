@@ -429,6 +429,8 @@ class Trainer:
         self.opt.load_state_dict(st["opt"])
         self.vae.register_to_config(scaling_factor=st["scaling_factor"])
         self.phase, self.vae_step, self.step = st["phase"], st["vae_step"], st["step"]
+        if self.phase != "vae":  # frozen at the end of its phase, which a resumed run does not pass again
+            self.vae.eval().requires_grad_(False)
         self.vae_seconds, self.vae_check = st["vae_seconds"], st["vae_check"]
         self.samples_done = st["samples_done"]
         self.rng.bit_generator.state = st["numpy_rng"]
