@@ -60,20 +60,15 @@ def run_script(prog: str, main: Callable[[], int | None], hint: str = "") -> int
         line, code = interrupted_line(prog, exc, hint)
         print(line, file=sys.stderr)
         return code
-    except USER_ERRORS as exc:
-        # what xlard's own checks raise for a mistake the user can fix (a bad value, a missing or unreadable
-        # file, a folder another run holds): one line and exit 2, as the command line does, not a traceback
+    except (USER_ERRORS + (OSError,)) as exc:
+        # a mistake the user can fix (a bad value, a missing or unreadable file, a folder another run holds):
+        # one line and exit 2, as the command line does, not a traceback; any other OSError is the system's
+        # (a full disk, a model that cannot be fetched): the same line, exit 1
         if os.environ.get("XLARD_TRACEBACK") == "1":
             raise
         print(f"{prog}: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the system's (a full disk, a model that cannot be fetched): one line, exit 1
-        if os.environ.get("XLARD_TRACEBACK") == "1":
-            raise
-        print(f"{prog}: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, USER_ERRORS) else 1
 
 
 #: Exceptions that carry a message for the user (see :func:`run_script`); XLARD_TRACEBACK=1 shows the traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-               FileExistsError, ImportError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImportError)

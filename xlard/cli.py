@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from xlard import _io
-from xlard._signals import interrupted_line, sigterm_interrupts
+from xlard._signals import USER_ERRORS, interrupted_line, sigterm_interrupts
 
 # Bounds checked before any work starts, so a typo cannot run until memory runs out.
 MAX_RECORDS = 100_000
@@ -923,8 +923,7 @@ def _cmd_demo(args) -> int:
 
 # Errors a user can fix (exit 2); any other OSError is the system's (a full disk: exit 1).
 # ImportError: a missing optional dependency, whose message names the extra to install.
-_USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
-                ImportError)
+_USER_ERRORS = (UsageError,) + USER_ERRORS
 
 
 #: Path arguments (dest -> how the command line spells it; OUT/CONFIG are positional).

@@ -108,18 +108,6 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _json_null_non_finite(value):
-    """``value`` with NaN and infinite floats as None: strict JSON has no NaN (a strict parser rejected the
-    corrector's metadata), and refusing them would fail a training run at its very end."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_null_non_finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_null_non_finite(v) for v in value]
-    return value
-
-
 @dataclass(frozen=True)
 class CorrectorMeta:
     """What a corrector was trained for: the content of ``xlard_corrector.json``.
@@ -185,7 +173,7 @@ class CorrectorMeta:
         return {"format": CORRECTOR_FORMAT, "format_version": CORRECTOR_FORMAT_VERSION,
                 "backbone": self.backbone, "correction_step": float(self.correction_step),
                 "alpha": float(self.alpha), "num_inference_steps": int(self.num_inference_steps),
-                "guidance_scale": float(self.guidance_scale), "training": _json_null_non_finite(self.training)}
+                "guidance_scale": float(self.guidance_scale), "training": _io.json_safe(self.training)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "CorrectorMeta.from_dict") -> CorrectorMeta:

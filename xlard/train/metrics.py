@@ -20,12 +20,6 @@ __all__ = ["MetricsLog", "draw_curves", "draw_distill_curves", "distill_curve_ro
 TIMING_PREFIX = "time/"
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 class MetricsLog:
     """Appends one JSON object per step to ``metrics.jsonl``; mirrors scalars to TensorBoard when asked.
 
@@ -70,7 +64,7 @@ class MetricsLog:
         return rows
 
     def write(self, row: Mapping[str, Any]) -> None:
-        row = {k: _clean(v) for k, v in row.items()}
+        row = _io.json_safe(dict(row))  # NaN as null, in memory as on disk
         self._file.write(_io.dumps(row) + "\n")
         self._file.flush()
         self.rows.append(row)
