@@ -1837,7 +1837,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
             real (unmasked) token of ``text_tokens`` (they would come out as a NaN image without a word).
         """
         _refuse_non_finite("ResidualCorrector.correct", z0, text_tokens, pooled, text_mask)
-        delta = self(z0, text_tokens, pooled, text_mask)
+        delta = self._forward(z0, text_tokens, pooled, text_mask)  # checked above: forward() would check again
         zc, lam = xops.residual_correction(z0, delta, self.config.alpha if alpha is None else alpha)
         _refuse_overflow("ResidualCorrector.correct", z0, zc)
         return zc, lam

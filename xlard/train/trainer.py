@@ -591,7 +591,7 @@ class Trainer:
                 seed=self.cfg.seed, pixel_weight=d.decoder_pixel_weight, latent_weight=d.decoder_latent_weight,
                 log_path=folder / "metrics.jsonl", progress=self.cfg.log.progress, move_weight=d.move_weight))
         stats.update({"items": len(items), "items_edited": edited, "build_seconds": build_seconds, **reader_stats})
-        _io.atomic_write_text(folder / "summary.json", _io.dumps(stats, indent=2) + "\n", owner="xlard train")
+        _io.atomic_write_json(folder / "summary.json", stats, owner="xlard train")
         if self.cfg.log.curve:
             draw_distill_curves(MetricsLog.read(folder / "metrics.jsonl"), folder / "curve.png")
         if self.ema is not None:  # the EMA starts from the distilled weights
@@ -1123,7 +1123,7 @@ class Trainer:
                 draw_curves(self.log.rows, self.out / "curve.png")
                 summary["curve"] = str(self.out / "curve.png")
             self.log.close()
-            _io.atomic_write_text(self.out / "summary.json", _io.dumps(summary, indent=2) + "\n", owner="xlard train")
+            _io.atomic_write_json(self.out / "summary.json", summary, owner="xlard train")
         if self.distributed:
             dist.barrier()
         return summary
