@@ -230,11 +230,11 @@ def _check_numbers(fn: str, i: int, item: ReportItem) -> None:
     """Scores, weights and joint rewards are numbers (None or NaN: absent); anything else failed deep in the
     rendering ("could not convert string to float") without naming the item or the field."""
     def number(value) -> bool:
-        if value is None or isinstance(value, bool):
-            return value is None
+        if value is None:
+            return True
         if isinstance(value, torch.Tensor):
-            return value.numel() == 1 and (value.is_floating_point() or not value.dtype.is_complex)
-        return isinstance(value, numbers.Real)
+            return value.numel() == 1 and not value.dtype.is_complex
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
     for name in ("scores", "scores_before", "weights"):
         table = getattr(item, name)
