@@ -95,8 +95,8 @@ def _paired_overhead(benchmark, backbone, corrector_name, pool, full_batch, prov
         return backbone.generate(prompts, seed=seeds)
 
     zc, lam = correct()  # correctness, outside the timing
-    with torch.no_grad():
-        delta = corrector(state.z0, **corrector_inputs(corrector, state.prompt_embedding, state.specs))
+    # the inference path's Delta (actions(), as correct() computes it: under the corrector's autocast if it has one)
+    delta, _ = corrector.actions(state.z0, **corrector_inputs(corrector, state.prompt_embedding, state.specs))
     torch.testing.assert_close(zc, state.z0 + alpha * delta)
     torch.testing.assert_close(lam, delta.abs().sum(1))
 

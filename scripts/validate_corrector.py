@@ -180,8 +180,8 @@ def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base:
         # The corrector's own inputs: the backbone's text embedding, or the parsed-field tokens of a
         # ``conditioning: fields`` corrector (as the trainer, xlard eval and generate give them).
         inputs = prompt_inputs(state, "cpu", corrector=corrector)
-        with torch.no_grad():
-            delta = corrector(inputs.z0, *inputs.for_corrector())
+        with torch.no_grad():  # the inference path (actions, as xlard eval; under the corrector's autocast)
+            delta, _ = corrector.actions(inputs.z0, *inputs.for_corrector())
         rms.append(float(delta.float().square().mean().sqrt()))
         for m in multipliers:
             decoded = backbone.decode(state, state.z0 + m * meta.alpha * delta)

@@ -439,6 +439,12 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
     with pytest.raises(ValueError, match="different corrector_sha256"):
         ev.run_evaluation(shapes, _corrector(), _meta(), records, seeds=[0, 1], out=out, save_images=True,
                           quiet=True)
+    # The same weights with another config (here: inference under autocast) are another corrector too.
+    import copy
+
+    other = copy.deepcopy(corrector).set_autocast("bfloat16")
+    with pytest.raises(ValueError, match="different corrector_sha256"):
+        ev.run_evaluation(shapes, other, _meta(), records, seeds=[0, 1], out=out, save_images=True, quiet=True)
     with pytest.raises(ValueError, match="--mask-fraction"):
         ev.run_evaluation(shapes, corrector, _meta(), records, seeds=[0], out=tmp_path / "b",
                           faithfulness_fraction=1.5)

@@ -1132,3 +1132,59 @@ def test_count_eyes_edit_counts_refuse_mismatched_nouns_and_counts(nouns, counts
 def test_count_edit_config_checks_name_the_field(changes, pattern):
     with pytest.raises(ValueError, match=pattern):
         _reader_config(**changes)
+
+
+def test_autocast_runs_inference_in_the_low_dtype_and_leaves_training_alone(tmp_path):
+    from xlard.models import field_inputs
+    from xlard.prompts import parse
+
+    corrector, _ = _with_and_without(count_edit=True, autocast="bfloat16")
+    plain = ResidualCorrector(corrector.config.replace(autocast=None))
+    plain.load_state_dict(corrector.state_dict())
+    corrector.attach_eyes(_EditEyes())
+    plain.attach_eyes(_EditEyes())
+    seen = []
+    corrector.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    specs = [parse("a photo of a blue square left of a green triangle"), parse("a photo of three squares")]
+    inputs = field_inputs(corrector.config, specs)
+    torch.manual_seed(1)
+    z0 = torch.randn(2, 8, 16, 16)
+    zc, lam = corrector.correct(z0, **inputs)
+    delta, actions = corrector.actions(z0, **inputs)
+    assert seen == [torch.bfloat16, torch.bfloat16] and zc.dtype == lam.dtype == delta.dtype == torch.float32
+    assert actions[1] == ["redrew"]
+    # The counting row's edit is asked on z0 + a bfloat16-computed residual kept in float32, and the edited cells
+    # are exactly the encoding minus z0: z0's own cells are never rounded to bfloat16.
+    block = torch.zeros(16, 16, dtype=torch.bool)
+    block[2:6, 3:9] = True
+    torch.testing.assert_close(zc[1][:, block], torch.full_like(zc[1][:, block], 7.0))
+    # Close to the full-precision correction; training (forward) does not autocast.
+    with torch.no_grad():
+        full = plain(z0, **inputs)
+    torch.testing.assert_close(delta, full, atol=0.05, rtol=0.05)
+    assert not torch.equal(delta, full)
+    seen.clear()
+    out = corrector(z0, **inputs)
+    assert seen == [torch.float32] and out.requires_grad
+    # set_autocast(None) gives back the full-precision path exactly; a float64 corrector stays exact.
+    corrector.set_autocast(None)
+    assert torch.equal(corrector.actions(z0, **inputs)[0], plain.actions(z0, **inputs)[0])
+    corrector.set_autocast("bfloat16")
+    double, plain_double = corrector.double(), plain.double()
+    assert torch.equal(double.correct(z0.double(), **{k: v.double() if v.is_floating_point() else v
+                                                       for k, v in inputs.items()})[0],
+                       plain_double.correct(z0.double(), **{k: v.double() if v.is_floating_point() else v
+                                                            for k, v in inputs.items()})[0])
+    # Saved with the corrector.
+    corrector.float().save_pretrained(tmp_path / "c")
+    assert ResidualCorrector.from_pretrained(tmp_path / "c").config.autocast == "bfloat16"
+
+
+@pytest.mark.parametrize("value", ["int8", "bf16", 16, True])
+def test_autocast_config_check_names_the_field(value):
+    with pytest.raises(ValueError, match=r"autocast must be None or one of \['bfloat16', 'float16'\]"):
+        _reader_config(autocast=value)
+    corrector = ResidualCorrector(_reader_config())
+    with pytest.raises(ValueError, match="autocast must be None"):
+        corrector.set_autocast(value)
+    assert corrector.config.autocast is None

@@ -967,7 +967,12 @@ def _records_digest(records: Sequence[Mapping]) -> str:
 
 
 def _weights_digest(corrector) -> str:
+    """SHA-256 of the corrector's weights and of its config (its rules and ``autocast`` change what the same
+    weights do, so a run resumed with them changed is another run)."""
     h = hashlib.sha256()
+    config = getattr(corrector, "config", None)
+    if callable(getattr(config, "to_dict", None)):
+        h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     for name, tensor in sorted(corrector.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())

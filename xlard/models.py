@@ -23,6 +23,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -140,6 +141,8 @@ def _check_transformer_fields(owner: str, cfg) -> None:
 
 
 CONDITIONINGS = ("text", "fields")
+#: The dtypes ``CorrectorConfig.autocast`` may name (inference under ``torch.autocast``).
+AUTOCAST_DTYPES = ("bfloat16", "float16")
 
 
 def corrector_inputs(corrector, prompt_embedding, specs) -> dict[str, torch.Tensor]:
@@ -298,6 +301,14 @@ class CorrectorConfig(_ConfigBase):
             relation move's). It acts on every such prompt, whatever the count found. Nothing of it is
             fitted; the encoded cells carry no gradient. A step size ``alpha`` other than 1 blends the
             edited and the unedited cells (the shipped corrector is exported at 1).
+        autocast (str or None): None (default): inference runs in the parameters' dtype. ``"bfloat16"`` or
+            ``"float16"``: :meth:`ResidualCorrector.correct` and :meth:`ResidualCorrector.actions` (what
+            ``xlard generate --correct``, ``xlard eval`` and the demo call) run the trunk, the reader and the count
+            rule's eyes under ``torch.autocast`` with that dtype on z0's device; the correction comes back in z0's
+            dtype. Training (:meth:`ResidualCorrector.forward`, :meth:`ResidualCorrector.sample`, the PPO
+            passes) is unaffected, and a float64 z0 stays float64 throughout. On a CPU without native bfloat16
+            (AVX512-BF16 or AMX) bfloat16 is emulated and slower: set it to None there
+            (``ResidualCorrector.set_autocast(None)``).
 
     Example:
         >>> CorrectorConfig.paper().width
@@ -332,10 +343,14 @@ class CorrectorConfig(_ConfigBase):
     count_move: bool = False
     count_move_share: float = 0.7
     count_edit: bool = False
+    autocast: str | None = None
 
     def __post_init__(self):
         owner = "CorrectorConfig"
         _check_transformer_fields(owner, self)
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"{owner}: autocast must be None or one of {list(AUTOCAST_DTYPES)}, "
+                             f"got {self.autocast!r}")
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"{owner}: conditioning must be one of {list(CONDITIONINGS)}, got {self.conditioning!r}")
         _check_int(owner, "action_block", self.action_block, maximum=64)
@@ -1562,7 +1577,9 @@ class ResidualCorrector(_Pretrained, nn.Module):
     def _residual(self, tokens, z0) -> torch.Tensor:
         cfg = self.config
         delta = unpatchify(self.head(tokens), cfg.latent_channels, z0.shape[-2], z0.shape[-1], cfg.patch)
-        return _blockwise(delta, cfg.action_block, 1.0)
+        # Under ``autocast`` the head computes in the low dtype; the rules after it (moves, count edit) copy and
+        # add latents in the parameters' dtype, so that z0's own cells are never rounded (a no-op otherwise).
+        return _blockwise(delta, cfg.action_block, 1.0).to(self._param.dtype)
 
     def distill_outputs(self, z0, text_tokens, pooled, text_mask=None):
         """What the warm start fits: ``(residual [B, C, H, W], move)``.
@@ -1808,7 +1825,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
         """The correction (as :meth:`forward`, without gradient) and, per latent, what the corrector's rules
         did, in words: the relation or count move's moved cells ("moved 24 latent cells"), ``count_edit``'s
         edits as its eyes report them ("redrew 4 circle(s)", "added 1 circle(s)"). An empty list: only the
-        fitted residual acted on that latent.
+        fitted residual acted on that latent. Under ``config.autocast`` as :meth:`correct` is.
 
         Returns:
             ``(delta [B, C, H, W] in z0's dtype, actions: list of B lists of str)``.
@@ -1818,12 +1835,32 @@ class ResidualCorrector(_Pretrained, nn.Module):
         """
         _refuse_non_finite("ResidualCorrector.actions", z0, text_tokens, pooled, text_mask)
         log = [[] for _ in range(int(z0.shape[0]))] if isinstance(z0, torch.Tensor) and z0.dim() >= 1 else None
-        delta = self._forward(z0, text_tokens, pooled, text_mask, log)
+        with self._inference_autocast(z0):
+            delta = self._forward(z0, text_tokens, pooled, text_mask, log)
         _refuse_overflow("ResidualCorrector.actions", z0, delta)
         return delta, log
 
+    def _inference_autocast(self, z0):
+        """``torch.autocast`` with ``config.autocast`` on z0's device for the inference entry points, or nothing."""
+        name = self.config.autocast
+        if name is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=z0.device.type, dtype=getattr(torch, name))
+
+    def set_autocast(self, dtype: str | None) -> "ResidualCorrector":
+        """Change ``config.autocast`` (None, ``"bfloat16"`` or ``"float16"``) in place; returns self.
+
+        Example:
+            >>> corrector.set_autocast(None)   # full precision, e.g. on a CPU without native bfloat16  # doctest: +SKIP
+        """
+        self.config = self.config.replace(autocast=dtype)
+        return self
+
     def correct(self, z0, text_tokens, pooled, text_mask=None, alpha=None):
         """Inference: apply the mean correction, ``zc = z0 + alpha * Delta``, via :func:`xlard.ops.residual_correction`.
+
+        With ``config.autocast`` set, Delta is computed under ``torch.autocast`` with that dtype (see
+        :class:`CorrectorConfig`) and comes back in z0's dtype.
 
         Args:
             alpha (float or Tensor[B], optional): step size; default ``config.alpha``.
@@ -1837,7 +1874,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
             real (unmasked) token of ``text_tokens`` (they would come out as a NaN image without a word).
         """
         _refuse_non_finite("ResidualCorrector.correct", z0, text_tokens, pooled, text_mask)
-        delta = self._forward(z0, text_tokens, pooled, text_mask)  # checked above: forward() would check again
+        with self._inference_autocast(z0):  # checked above: forward() would check again
+            delta = self._forward(z0, text_tokens, pooled, text_mask)
         zc, lam = xops.residual_correction(z0, delta, self.config.alpha if alpha is None else alpha)
         _refuse_overflow("ResidualCorrector.correct", z0, zc)
         return zc, lam

@@ -395,7 +395,7 @@ class CountEyes:
                              f"{vae.config.latent_channels}")
         scale, shift = _latent_scale(vae)
         latents = (z.float() / scale + shift).contiguous(memory_format=torch.channels_last)
-        out = vae.decode(latents, return_dict=False)[0]
+        out = vae.decode(latents, return_dict=False)[0].float()  # float32 under a corrector's autocast too
         return (out / 2 + 0.5).clamp(0.0, 1.0).contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()

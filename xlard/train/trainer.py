@@ -1018,7 +1018,7 @@ class Trainer:
         state = encode_items(self.backbone, items)
         inputs = prompt_inputs(state, self.device, corrector=corrector)
         corrector.eval()
-        delta = corrector(inputs.z0, *inputs.for_corrector())
+        delta, _ = corrector.actions(inputs.z0, *inputs.for_corrector())  # the inference path (autocast too)
         per_item: dict[float, torch.Tensor] = {}
         # Multiplier 0 (no correction) is scored for reference only; it is never chosen.
         for m in (0.0,) + grid:
