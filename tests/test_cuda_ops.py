@@ -613,6 +613,26 @@ def test_color_scores_huge_features():
     assert_close(scores[1, 2], torch.tensor(1.0), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_color_scores_non_finite_rows_score_zero_as_the_reference(dtype):
+    """A feature or color row holding inf has a NaN norm in the reference, so its similarities are 0 and the
+    patch stays a candidate. The CUDA kernel stored an inf norm: the score became NaN, the patch was dropped
+    (another index), and an inf color lost every patch (index -1)."""
+    from xlard import reference
+
+    cases = [
+        (torch.tensor([[[-1.0, 0.0], [math.inf, 0.0]]]), torch.tensor([[1.0, 0.0]])),  # want (0, index 1)
+        (torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[math.inf, 1.0]])),   # want (0, index 0)
+        (torch.tensor([[[-1.0, 0.0], [math.nan, 0.0], [-math.inf, 2.0]]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])),
+    ]
+    for features, colors in cases:
+        want_s, want_i = reference.color_scores(features.to(dtype), colors.to(dtype))
+        got_s, got_i = torch.ops.xlard.color_scores(features.to(dtype).cuda(), colors.to(dtype).cuda(), None)
+        assert torch.equal(got_i.cpu(), want_i), (features, colors, got_i, want_i)
+        assert torch.equal(got_s.cpu(), want_s.to(got_s.dtype)), (got_s, want_s)
+        cpu_s, cpu_i = torch.ops.xlard.color_scores(features.to(dtype), colors.to(dtype), None)
+        assert torch.equal(cpu_i, want_i) and torch.equal(cpu_s, want_s.to(cpu_s.dtype))
+
 @pytest.mark.parametrize("colors_count", (1, 4, 5, 9))
 def test_color_scores_groups_and_splits(colors_count):
     """Colors in groups of 4 (partial last group) and patches split across blocks (first max wins)."""

@@ -58,7 +58,9 @@ __global__ void __launch_bounds__(kThreads)
     ss = warp_sum(ss);
     if (lane == 0) {
       stats[row * 2] = m;
-      stats[row * 2 + 1] = is_finite_bits(m) ? (m > A(0) ? sqrt(ss) : A(0)) : m;
+      // A row holding inf or NaN has a NaN norm (m - m), as in the reference (its scaled row holds NaN): the
+      // denominator test then scores it 0. An inf norm made inf / inf a NaN score, never selected.
+      stats[row * 2 + 1] = is_finite_bits(m) ? (m > A(0) ? sqrt(ss) : A(0)) : m - m;
     }
   }
 }
