@@ -29,8 +29,8 @@ any other setting is refused). A resumed run continues from the checkpoint's
 weights, optimiser and random state; it is not bit-identical to an
 uninterrupted run (with step budgets its losses match the uninterrupted run's
 to about 1e-3, as two fresh runs match each other, since threaded reductions
-are not ordered; with minute budgets the learning rate follows the clock, so
-a resumed run's schedule differs by the time the interruption cost). Metrics go to ``<work-dir>/metrics.jsonl``; sample
+are not ordered; with minute budgets the learning rate follows the elapsed
+time, so no two runs, resumed or not, take their steps at the same rates). Metrics go to ``<work-dir>/metrics.jsonl``; sample
 grids (held-out prompts) to ``<work-dir>/samples/``.
 
 Example:
