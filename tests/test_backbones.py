@@ -51,7 +51,7 @@ def _with(backbone, **changes):
 
 
 def _pipeline_images(pipe, backbone, prompts, seed, **extra):
-    kwargs = dict(backbone.pipeline_call_kwargs(), **extra)
+    kwargs = dict(backbone.pipeline_call_kwargs(prompts), **extra)
     return pipe(prompts, generator=torch.Generator().manual_seed(seed), **kwargs).images
 
 
@@ -147,6 +147,17 @@ def test_prompt_specs_are_accepted_and_aligned(backbone):
 # Correction: parity with the plain pipeline, end to end with rewards
 # ---------------------------------------------------------------------------
 
+
+def test_pipeline_call_kwargs_with_a_negative_prompt_and_a_list_of_prompts(backbone):
+    """The negative prompt went to the pipeline as a string beside a list of prompts, which Stable Diffusion
+    refuses (TypeError); with the prompts given it is a list of their length, and the images are the
+    backbone's."""
+    bb = _with(backbone, negative_prompt="a photo of a dog")
+    reference = _pipeline_images(bb.pipeline, bb, PROMPTS, 5)
+    assert reference.shape[0] == len(PROMPTS)
+    torch.testing.assert_close(bb.generate(PROMPTS, seed=5).images, reference, rtol=0, atol=0)
+    assert bb.pipeline_call_kwargs("a photo of a cat")["negative_prompt"] == "a photo of a dog"
+    assert bb.pipeline_call_kwargs()["negative_prompt"] == "a photo of a dog"
 
 @pytest.mark.parametrize("correction_step", [1.0, 0.5])
 def test_zero_corrector_equals_pipeline_then_corrected_end_to_end(backbone, correction_step):

@@ -766,6 +766,18 @@ def test_the_paired_eval_and_generate_check_their_arguments_before_loading(tmp_p
         (["eval", "--correct", "--prompts", tmp_path / "missing.jsonl", "--out", out], ("--prompts", "no such file")),
         (["eval", "--correct", "--out", out], ("--prompts", "needs --prompts")),
         (["eval", "--correct", "--prompts", prompt_file, "--images", tmp_path, "--out", out], ("drop --folder",)),
+        # options of the other form of eval were ignored without a word (--seeds 3,4 scored seed 0 only;
+        # --results with a corrector wrote nothing)
+        (["eval", "--correct", "--prompts", prompt_file, "--results", tmp_path / "r.jsonl", "--out", out],
+         ("--results", "OUT/pairs.jsonl")),
+        (["eval", "--backbone", "shapes", "--prompts", prompt_file, "--seeds", "3,4", "--out", out],
+         ("--seeds: only with --corrector DIR or --correct",)),
+        (["eval", "--folder", tmp_path, "--save-images"], ("--save-images: only with --corrector",)),
+        (["eval", "--prompts", prompt_file, "--images", tmp_path, "--bootstrap", "10"], ("--bootstrap: only with",)),
+        (["eval", "--prompts", prompt_file, "--images", tmp_path, "--mask-fraction", "0.3"],
+         ("--mask-fraction: only with",)),
+        (["eval", "--prompts", prompt_file, "--images", tmp_path, "--markdown", tmp_path / "m.md"],
+         ("--markdown: only with",)),
         (["generate", "", "--backbone", "shapes", "--out", tmp_path / "g"], ("PROMPT", "prompt 1 of 1 is empty")),
         (["generate", "a circle", "  ", "--backbone", "shapes", "--correct", "--out", tmp_path / "g"],
          ("PROMPT", "prompt 2 of 2 is empty")),

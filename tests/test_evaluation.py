@@ -116,6 +116,8 @@ def test_statistics_reject_bad_input():
         ev.paired_bootstrap([0, 1], [1, 1], clusters=[0])
     with pytest.raises(TypeError, match=r"clusters must hold hashable keys .*got list \[2\] at item 1"):
         ev.paired_bootstrap([0, 0], [0, 1], clusters=[(1,), [2]])  # was "unhashable type: 'list'"
+    with pytest.raises(TypeError, match=r"paired_table: clusters must hold hashable keys .*got list \[0, 0\] at item 0"):
+        ev.paired_table(["counting", "colors"], [0, 0], [1, 1], clusters=[[0, 0], [0, 1]])
     with pytest.raises(ValueError, match="cluster 7 has items of tags"):
         ev.paired_table(["counting", "colors"], [0, 0], [1, 1], clusters=[7, 7])
     with pytest.raises(ValueError, match="finite"):
@@ -635,3 +637,59 @@ def test_generate_interrupted_keeps_the_actions_of_the_images_it_wrote(tmp_path,
     other = ev.save_corrector_dir(tmp_path / "corr2", _corrector(head_std=0.7), _meta())
     assert cli.main(argv[:5] + [str(other)] + argv[6:] + ["--resume"]) == 2
     assert "differ: corrector_sha256" in capsys.readouterr().err
+
+
+def test_a_run_of_a_user_backbone_resumes_with_another_instance_of_it(shapes, records, tmp_path):
+    """run.json held repr(backbone): for a Backbone subclass without its own repr, a memory address, so a new
+    process (a new instance) was refused as 'another evaluation (different backbone)'."""
+    from xlard.backbones import Backbone
+
+    class Mine(Backbone):  # a user's backbone, delegating to the shapes one
+        latent_channels = property(lambda self: shapes.latent_channels)
+        text_dim = property(lambda self: shapes.text_dim)
+        pooled_dim = property(lambda self: shapes.pooled_dim)
+        correction_step, num_inference_steps, guidance_scale = STEP, STEPS, GUIDANCE
+
+        def encode(self, prompts, seed=0):
+            return shapes.encode(prompts, seed)
+
+        def decode(self, state, z=None):
+            return shapes.decode(state, z)
+
+    kwargs = dict(seeds=[0], out=tmp_path / "e", quiet=True, faithfulness_fraction=None, num_resamples=10)
+    first = ev.run_evaluation(Mine(), _corrector(), _meta(), records[:2], **kwargs)
+    again = ev.run_evaluation(Mine(), _corrector(), _meta(), records[:2], **kwargs)
+    assert again["table"] == first["table"]
+    stored = json.loads((tmp_path / "e" / "run.json").read_text())["backbone"]
+    assert stored.endswith("Mine") and "0x" not in stored
+    assert ev._backbone_identity(shapes) == repr(shapes)  # a backbone with its own repr keeps it
+
+
+def test_saved_images_of_an_unfinished_paired_run_are_refused_by_eval_folder(shapes, records, tmp_path, monkeypatch,
+                                                                              capsys):
+    """images/base and images/corrected are GenEval folders; an interrupted run's held part of the records and
+    `xlard eval --folder` scored them as if complete."""
+    from xlard import cli
+
+    real = ev.evaluate_pairs
+
+    def stop_after_first_batch(*args, **kwargs):
+        for k, batch in enumerate(real(*args, **kwargs)):
+            if k:
+                raise KeyboardInterrupt
+            yield batch
+
+    out = tmp_path / "e"
+    kwargs = dict(seeds=[0], out=out, batch_size=1, quiet=True, faithfulness_fraction=None, num_resamples=10,
+                  save_images=True)
+    monkeypatch.setattr(ev, "evaluate_pairs", stop_after_first_batch)
+    with pytest.raises(KeyboardInterrupt):
+        ev.run_evaluation(shapes, _corrector(), _meta(), records[:3], **kwargs)
+    for kind in ("base", "corrected"):
+        assert cli.main(["eval", "--folder", str(out / "images" / kind)]) == 2
+        assert "holds an unfinished `xlard eval (with a corrector)` run" in capsys.readouterr().err
+    monkeypatch.setattr(ev, "evaluate_pairs", real)
+    ev.run_evaluation(shapes, _corrector(), _meta(), records[:3], **kwargs)  # resumed to the end
+    assert cli.main(["eval", "--folder", str(out / "images" / "base"), "--quiet"]) == 0
+    total = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("overall ")]
+    assert total and total[0][2] == "3"  # every record's image scored

@@ -417,6 +417,16 @@ def test_html_from_reward_result_like_object(tmp_path):
     text = render_html_report(items)
     assert "asked for 1 cat, found 1" in text and "cat left of dog: score 0.25" in text
     assert "absent" in text and "0.600" in text
+    assert 'class="was"' not in text  # the same sentences before and after: said once
+    # What the rewards said before correction is shown under what they say after (it was computed and dropped).
+    before = SimpleNamespace(**{**vars(result), "explanations": [SimpleNamespace(
+        counts=("asked for 1 cat, found 3",), colors=(), relations=("cat left of dog: score 0.25",))]})
+    items = report_items(["a cat left of a dog"], result, after=torch.stack([_image()]), rewards_before=before)
+    assert items[0].explanations_before["count"] == ("asked for 1 cat, found 3",)
+    text = render_html_report(items)
+    assert text.index("asked for 1 cat, found 1") < text.index('<div class="was">before: <ul><li>asked for 1 cat, '
+                                                               'found 3</li></ul></div>')
+    assert text.count('class="was"') == 1  # only the aspect whose sentences changed
     with pytest.raises(ValueError, match="one per prompt"):
         report_items(["a", "b"], after=torch.stack([_image()]))
     # a single prompt string counted its characters as prompts ("after has 1 items, expected 5"); None gave a

@@ -667,6 +667,9 @@ def _cmd_eval(args) -> int:
 
     _check_dtype(args)  # every form that loads a backbone, before it loads
     if args.corrector or args.correct:
+        if args.results:
+            raise UsageError("--results: with --corrector/--correct the per-pair verdicts (base and corrected) go to "
+                             "OUT/pairs.jsonl; drop --results")
         out = Path(args.out or "xlard-eval")
         _output_folder(out, "--out")
         for value, flag in ((args.json, "--json"), (args.markdown, "--markdown")):
@@ -698,6 +701,15 @@ def _cmd_eval(args) -> int:
             _clear_paired_eval_outputs(args, out, "--out", owned)
         return evaluation.run_eval_cli(args)
 
+    # The paired run's options, given without a corrector, were ignored without a word (--seeds 3,4 scored seed 0).
+    paired_only = [flag for flag, given in (("--seeds", args.seeds is not None), ("--save-images", args.save_images),
+                                            ("--markdown", args.markdown is not None),
+                                            ("--mask-fraction", args.mask_fraction is not None),
+                                            ("--no-faithfulness", args.no_faithfulness),
+                                            ("--bootstrap", args.bootstrap is not None)) if given]
+    if paired_only:
+        raise UsageError(f"{paired_only[0]}: only with --corrector DIR or --correct (the paired base vs corrected "
+                         f"run); without one, eval scores images once (--seed sets the first image's seed)")
     for value, flag in ((args.results, "--results"), (args.json, "--json")):
         _output_file(value, flag)
     _distinct_outputs({"--results": args.results, "--json": args.json}, {"--prompts": args.prompts})
@@ -847,11 +859,11 @@ def build_parser() -> argparse.ArgumentParser:
     _output_folder_options(p)
     p.add_argument("--seeds", help="with a corrector: evaluation seeds, e.g. 0,1 (record i, seed s: generator "
                                    "seed s*1000000+i); default --seed")
-    p.add_argument("--mask-fraction", type=_open_fraction, default=0.2,
-                   help="LAM faithfulness: share of cells masked (0..1, exclusive)")
-    p.add_argument("--no-faithfulness", action="store_true", help="skip the LAM faithfulness check")
-    p.add_argument("--bootstrap", type=_int_in(1, MAX_BOOTSTRAP), default=2000,
-                   help="bootstrap resamples for the intervals")
+    p.add_argument("--mask-fraction", type=_open_fraction, default=None,
+                   help="with a corrector: LAM faithfulness, share of cells masked (0..1, exclusive; default 0.2)")
+    p.add_argument("--no-faithfulness", action="store_true", help="with a corrector: skip the LAM faithfulness check")
+    p.add_argument("--bootstrap", type=_int_in(1, MAX_BOOTSTRAP), default=None,
+                   help="with a corrector: bootstrap resamples for the intervals (default 2000)")
     p.add_argument("--save-images", action="store_true", help="with a corrector: keep base/corrected images")
     p.add_argument("--markdown", help="with a corrector: also write the markdown table here")
     p.set_defaults(func=_cmd_eval)

@@ -592,8 +592,13 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
     if len(keys) != b.size:
         raise ValueError(_err(fn, f"clusters must have one key per item ({b.size}), got {len(keys)}"))
     owner: dict[Any, str] = {}
-    for k, t in zip(keys, tags):
-        if owner.setdefault(k, t) != t:
+    for i, (k, t) in enumerate(zip(keys, tags)):
+        try:
+            first = owner.setdefault(k, t)
+        except TypeError:  # an unhashable key (a list), named as _clusters names it
+            raise TypeError(_err(fn, f"clusters must hold hashable keys (an int, a string, a tuple), got "
+                                     f"{type(k).__name__} {k!r} at item {i}")) from None
+        if first != t:
             raise ValueError(_err(fn, f"cluster {k!r} has items of tags {owner[k]!r} and {t!r}"))
     present = set(tags)
     order = [t for t in TAGS if t in present] + sorted(present - set(TAGS))
@@ -966,6 +971,16 @@ def _records_digest(records: Sequence[Mapping]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _backbone_identity(backbone) -> str:
+    """What ``run.json`` records of the backbone, the same in every process: its own ``repr`` when its class
+    defines one (``DiffusersBackbone``: model and settings), else its class's qualified name (object's default
+    ``repr`` holds a memory address, so a run of a user's ``Backbone`` subclass could never resume)."""
+    cls = type(backbone)
+    if cls.__repr__ is object.__repr__:
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return repr(backbone)
+
+
 def _weights_digest(corrector) -> str:
     """SHA-256 of the corrector's weights and of its config (its rules and ``autocast`` change what the same
     weights do, so a run resumed with them changed is another run)."""
@@ -996,6 +1011,20 @@ def _read_rows(path: Path) -> list[PairRow]:
             raise ValueError(f"{path}: line {n + 1} is not a pair row (the file was edited or damaged); delete "
                              "that line and rerun with --resume to judge its pair again, or pick another --out")
     return rows
+
+
+#: The manifest of a folder of images in GenEval's layout (as the command line writes it, ``xlard.cli``).
+_IMAGES_MANIFEST = "xlard-run.json"
+
+
+def _mark_image_folders(out: Path, complete: bool) -> None:
+    """``images/base`` and ``images/corrected`` of a paired run are GenEval folders that ``xlard eval --folder``
+    scores; while the run has not judged every pair they hold part of the records, and their manifest says so
+    (an interrupted run's images were scored as if complete)."""
+    for kind in ("base", "corrected"):
+        _io.atomic_write_json(out / "images" / kind / _IMAGES_MANIFEST,
+                              {"command": "eval (with a corrector)", "settings": {"paired_run": str(out)},
+                               "complete": complete}, owner="xlard.evaluation", make_parents=True)
 
 
 def _save_images(out: Path, records, rows, base, corrected, lam) -> None:
@@ -1076,7 +1105,7 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
         raise ValueError(_err(fn, f"out {out} exists and is not a folder"))
     settings = {
         "corrector": corrector_source, "corrector_meta": meta.to_dict(), "corrector_sha256": _weights_digest(corrector),
-        "backbone": repr(backbone), "correction_step": meta.correction_step, "alpha": meta.alpha,
+        "backbone": _backbone_identity(backbone), "correction_step": meta.correction_step, "alpha": meta.alpha,
         "records": len(records), "records_sha256": _records_digest(records), "seeds": seeds,
         "faithfulness_fraction": faithfulness_fraction, "save_images": bool(save_images),
     }
@@ -1116,6 +1145,8 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
                 return it
             return tqdm(it, total=total, desc="eval base+corrected", unit="batch")
     on_images = (lambda rows, b, c, lam: _save_images(out, records, rows, b, c, lam)) if save_images else None
+    if save_images:  # `xlard eval --folder images/base` refuses them until every pair is in
+        _mark_image_folders(out, complete=False)
     rows = list(done)
     with open(pairs_path, "a", encoding="utf-8") as f:
         for batch in evaluate_pairs(backbone, corrector, meta, records, todo, batch_size=batch_size,
@@ -1126,6 +1157,8 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
             os.fsync(f.fileno())
             rows.extend(batch)
     rows.sort(key=lambda r: (seeds.index(r.seed), r.index))
+    if save_images:
+        _mark_image_folders(out, complete=True)
     report = build_report(rows, settings=settings, num_resamples=num_resamples, confidence=confidence,
                           seed=bootstrap_seed)
     _write_json(out / "eval.json", report)
@@ -1137,6 +1170,12 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
 # ---------------------------------------------------------------------------
 # Command-line entry points (xlard eval / generate with a corrector)
 # ---------------------------------------------------------------------------
+
+
+def _given(args, name: str, default):
+    """``args.name``, or ``default`` when it is absent or None (the CLI leaves unset options None)."""
+    value = getattr(args, name, None)
+    return default if value is None else value
 
 
 def _corrector_from_args(args):
@@ -1198,10 +1237,10 @@ def run_eval_cli(args) -> int:
                   "a corrector trained on the shapes world has seen them, so this is no held-out measurement "
                   "(`xlard prompts --split heldout` writes held-out records)", file=sys.stderr)
     seeds = parse_seeds(getattr(args, "seeds", None), default=getattr(args, "seed", 0) or 0)
-    fraction = None if getattr(args, "no_faithfulness", False) else getattr(args, "mask_fraction", 0.2)
+    fraction = None if getattr(args, "no_faithfulness", False) else _given(args, "mask_fraction", 0.2)
     out = Path(getattr(args, "out", None) or "xlard-eval")
     report = run_evaluation(backbone, corrector, meta, records, seeds, out=out, batch_size=args.batch,
-                            faithfulness_fraction=fraction, num_resamples=getattr(args, "bootstrap", 2000),
+                            faithfulness_fraction=fraction, num_resamples=_given(args, "bootstrap", 2000),
                             save_images=bool(getattr(args, "save_images", False)), quiet=args.quiet,
                             corrector_source=source)
     md = format_markdown(report)

@@ -1076,17 +1076,23 @@ class DiffusersBackbone(Backbone):
                                 r["do_cfg"])
         return capture.maps()
 
-    def pipeline_call_kwargs(self) -> dict[str, Any]:
+    def pipeline_call_kwargs(self, prompts: str | Sequence[str] | None = None) -> dict[str, Any]:
         """Keyword arguments that make ``pipeline(prompts, generator=..., **kwargs)`` sample what this backbone does.
 
         Useful to check parity (``correction_step`` aside, the images are equal
         without a correction).
+
+        Args:
+            prompts: what the pipeline will be called with. A list needs the backbone's negative prompt as a
+                list of the same length (Stable Diffusion pipelines refuse a string beside a list); None or one
+                string: the negative prompt as a string.
         """
         kwargs: dict[str, Any] = {"num_inference_steps": self.num_inference_steps,
                                   "guidance_scale": self.guidance_scale, "height": self.height,
                                   "width": self.width, "output_type": "pt"}
         if self.negative_prompt is not None and not isinstance(self.family, _Flux):
-            kwargs["negative_prompt"] = self.negative_prompt
+            many = prompts is not None and not isinstance(prompts, str)
+            kwargs["negative_prompt"] = [self.negative_prompt] * len(prompts) if many else self.negative_prompt
         if isinstance(self.family, _PixArt):
             kwargs.update(use_resolution_binning=False, clean_caption=False,
                           max_sequence_length=self.family.max_sequence_length)

@@ -64,6 +64,7 @@ td.score { width:210px; font-variant-numeric:tabular-nums; white-space:nowrap; }
          overflow:hidden; vertical-align:middle; margin-right:8px; }
 .meter span { display:block; height:100%; background:var(--accent); border-radius:4px; }
 td.why ul { margin:0; padding-left:18px; } td.why li { margin:1px 0; }
+td.why .was { color:var(--muted); margin-top:3px; } td.why .was ul { margin:0; }
 tr.absent td { color:var(--muted); } tr.absent td.aspect { font-weight:500; }
 .weight { color:var(--muted); font-size:12px; margin-left:4px; }
 .notes { margin:12px 0 0; padding-left:18px; color:var(--ink); }
@@ -159,6 +160,14 @@ def _item_html(index: int, item: ReportItem, colormap) -> str:
         parts.append('<div class="figs">' + "".join(figs) + "</div>")
 
     by_aspect, notes = _explanation_parts(item.explanations)
+    was_by_aspect, was_notes = _explanation_parts(item.explanations_before) \
+        if item.explanations_before is not None else ({}, [])
+
+    def was(sentences_before, sentences_after) -> str:  # what the rewards said before correction, when it differs
+        if not sentences_before or list(sentences_before) == list(sentences_after):
+            return ""
+        return ('<div class="was">before: <ul>' + "".join(f"<li>{esc(s)}</li>" for s in sentences_before)
+                + "</ul></div>")
     aspects = list(ASPECT_NAMES) + [a for a in list(item.scores) + list(by_aspect) if a not in ASPECT_NAMES]
     aspects = list(dict.fromkeys(aspects))
     if item.scores or by_aspect:
@@ -180,13 +189,15 @@ def _item_html(index: int, item: ReportItem, colormap) -> str:
             width = max(0.0, min(1.0, score)) * 100
             why = ("<ul>" + "".join(f"<li>{esc(s)}</li>" for s in sentences) + "</ul>") if sentences else \
                 '<span class="none">no explanation given</span>'
+            why += was(was_by_aspect.get(aspect, []), sentences)
             rows.append(f'<tr><td class="aspect">{esc(aspect)}</td><td class="score">'
                         f'<span class="meter"><span style="width:{width:.1f}%"></span></span>{score:.3f}'
                         f'{_delta_html(score, before)}{weight_html}</td><td class="why">{why}</td></tr>')
         parts.append('<table class="aspects"><thead><tr><th>Aspect</th><th>Score</th><th>Why</th></tr></thead>'
                      "<tbody>" + "".join(rows) + "</tbody></table>")
     if notes:
-        parts.append('<ul class="notes">' + "".join(f"<li>{esc(s)}</li>" for s in notes) + "</ul>")
+        parts.append('<ul class="notes">' + "".join(f"<li>{esc(s)}</li>" for s in notes) + "</ul>"
+                     + was(was_notes, notes))
     parts.append("</article>")
     return "".join(parts)
 

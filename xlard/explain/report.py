@@ -58,6 +58,7 @@ class ReportItem:
         explanations: aspect -> sentences; or a plain sequence of sentences
             (shown under "notes"). Sentences may be strings or explanation
             objects (rendered with ``text()``, ``.text``, ``.sentence`` or ``str()``).
+        explanations_before: the same, before correction, optional (shown under each aspect's sentences).
         joint, joint_before: the joint reward after / before, optional.
         weights: aspect -> lambda of the joint reward, optional.
         label: a short tag shown next to the item number (seed, id, ...).
@@ -70,6 +71,7 @@ class ReportItem:
     scores: Mapping[str, Any] = field(default_factory=dict)
     scores_before: Mapping[str, Any] | None = None
     explanations: Mapping[str, Sequence[Any]] | Sequence[Any] = field(default_factory=dict)
+    explanations_before: Mapping[str, Sequence[Any]] | Sequence[Any] | None = None
     joint: Any = None
     joint_before: Any = None
     weights: Mapping[str, Any] | None = None
@@ -184,6 +186,7 @@ def report_items(
             scores=aspect_scores(rewards, i),
             scores_before=aspect_scores(rewards_before, i) if rewards_before is not None else None,
             explanations=sentences(rewards, i),
+            explanations_before=sentences(rewards_before, i) if rewards_before is not None else None,
             joint=joint_of(rewards, i),
             joint_before=joint_of(rewards_before, i),
             weights=None if weights is None else {a: float(weights[i, k]) for k, a in enumerate(ASPECT_NAMES)},
