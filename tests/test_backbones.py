@@ -148,6 +148,19 @@ def test_prompt_specs_are_accepted_and_aligned(backbone):
 # ---------------------------------------------------------------------------
 
 
+def test_a_misspelt_loading_option_is_named_not_ignored(sd_path):
+    """DiffusionPipeline.from_pretrained ignores keyword arguments it does not know, with a warning that
+    the log level hides: `heigth=32` loaded the default height."""
+    import logging
+
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    level, filters = logger.level, list(logger.filters)
+    with pytest.raises(ValueError, match=r"keyword arguments \{'heigth': 32\} are not expected by "
+                                         r"StableDiffusionPipeline; check their spelling"):
+        DiffusersBackbone.from_pretrained(sd_path, num_inference_steps=STEPS, heigth=32)
+    assert logger.level == level and logger.filters == filters  # the logger is left as it was
+    assert DiffusersBackbone.from_pretrained(sd_path, num_inference_steps=STEPS, height=32).height == 32
+
 def test_pipeline_call_kwargs_with_a_negative_prompt_and_a_list_of_prompts(backbone):
     """The negative prompt went to the pipeline as a string beside a list of prompts, which Stable Diffusion
     refuses (TypeError); with the prompts given it is a list of their length, and the images are the

@@ -39,6 +39,9 @@ def test_json_and_yaml_give_the_same_config(tmp_path):
     ({"anchor": "image"}, r"train config: anchor must be one of"),
     ({"steps": 1e9}, r"train config: steps must be an integer >= 0, got 1000000000.0"),
     ({"rl": "pathwise", "reward_model": "image"}, r"pathwise.*needs reward_model='projector'"),
+    # the pathwise update walks the same minibatches: it failed after the warm start
+    ({"rl": "pathwise", "ppo": {"prompts_per_step": 2, "group_size": 2, "minibatches": 3}},
+     r"ppo.minibatches \(3\) must divide the rollouts per step"),
     ({"data": {"prompts": "shapes:heldout"}}, r"held-out split"),
     ({"ppo": {"group_size": 1}}, r"group_size >= 2"),
     ({"ppo": {"prompts_per_step": 3, "group_size": 2, "minibatches": 4}}, r"must divide the rollouts"),
@@ -53,6 +56,8 @@ def test_json_and_yaml_give_the_same_config(tmp_path):
     ({"export": {"alpha_grid": "1,2"}}, r"export.alpha_grid must be a non-empty list"),
     ({"export": {"calibration_size": 0}}, r"export.calibration_size must be an integer"),
     ({"model": {"corrector_overrides": {"reader": True}}}, r"reader: true needs the edit-target warm start"),
+    ({"model": {"corrector_overrides": {"dropout": 0.1}}}, r"model.corrector_overrides.dropout must be 0 for "
+                                                            r"training, got 0.1"),
 ])
 def test_bad_configs_fail_loudly(data, match):
     with pytest.raises(ValueError, match=match):
@@ -266,3 +271,13 @@ def test_the_ppo_clip_default_is_the_documented_one():
     ppo.clip out got 0.2, which never clips there."""
     cfg = config_from_dict({})
     assert cfg.ppo.logprob_reduction == "mean" and cfg.ppo.clip == 0.01
+
+
+def test_describe_counts_the_pathwise_updates():
+    """The pathwise update takes ppo.epochs x ppo.minibatches optimiser steps; describe() said 1."""
+    from xlard.train.config import batch_arithmetic, describe
+
+    cfg = config_from_dict({"rl": "pathwise", "ppo": {"prompts_per_step": 2, "group_size": 2, "epochs": 3,
+                                                      "minibatches": 2}})
+    assert batch_arithmetic(cfg, 1)["updates_per_step"] == 6 and batch_arithmetic(cfg, 1)["minibatch"] == 2
+    assert "6 optimiser steps per pathwise step (minibatch 2 = 2 per process)" in describe(cfg)

@@ -17,6 +17,41 @@ def test_reduce_log_prob_sum_and_mean():
         ppo.reduce_log_prob(lp, 4, "max")
     with pytest.raises(ValueError, match="numel"):
         ppo.reduce_log_prob(lp, 0, "mean")
+    with pytest.raises(ValueError, match="action_block must be a positive int"):
+        ppo.reduce_log_prob(lp, 4, "sum", 0)
+
+
+def test_the_sum_ratio_of_a_block_action_is_the_exact_likelihood_ratio():
+    """With action_block k the action has C*(H/k)*(W/k) free dimensions; the sum over C*H*W counted each block
+    k^2 times, so the 'sum' log ratio was k^2 times the true one."""
+    from xlard.models import CorrectorConfig, ResidualCorrector
+
+    k, (b, c, h, w) = 4, (2, 4, 16, 16)
+    corrector = ResidualCorrector(CorrectorConfig.tiny(latent_channels=c, text_dim=8, pooled_dim=8, action_block=k,
+                                                       patch=2)).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def blocky(x):
+        return x[..., ::k, ::k].repeat_interleave(k, -2).repeat_interleave(k, -1)
+
+    old_mean = blocky(torch.randn(b, c, h, w, generator=g) * 0.1)
+    new_mean = old_mean + blocky(torch.randn(b, c, h, w, generator=g) * 0.01)
+    std = corrector.log_std.exp().detach().view(1, -1, 1, 1)
+    delta = old_mean + std * corrector.action_noise(torch.randn(b, c, h, w, generator=g))
+    assert torch.equal(delta, blocky(delta))
+
+    def exact(mean):  # the density of the free (block) variables
+        d, mu = delta[..., ::k, ::k], mean[..., ::k, ::k]
+        return (-0.5 * ((d - mu) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(dim=(1, 2, 3))
+
+    numel = c * h * w
+    got = (ppo.reduce_log_prob(corrector.log_prob(delta, new_mean).detach(), numel, "sum", k)
+           - ppo.reduce_log_prob(corrector.log_prob(delta, old_mean).detach(), numel, "sum", k))
+    torch.testing.assert_close(got, exact(new_mean) - exact(old_mean), rtol=1e-4, atol=1e-5)
+    mean_ratio = (ppo.reduce_log_prob(corrector.log_prob(delta, new_mean).detach(), numel, "mean", k)
+                  - ppo.reduce_log_prob(corrector.log_prob(delta, old_mean).detach(), numel, "mean", k))
+    torch.testing.assert_close(mean_ratio, (exact(new_mean) - exact(old_mean)) / (numel // k ** 2),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_group_advantages_by_hand():

@@ -131,6 +131,14 @@ def test_shapes_run_writes_everything(tmp_path, shapes, capsys):
         train(tiny_config(out, export={"min_gain_se": 3.0}), resume=True, backbone=shapes)
     # The progress bar is no part of the run: `xlard train --quiet` (log.progress false) resumes a run started with it.
     train(tiny_config(out, log={"progress": True}), resume=True, backbone=shapes)
+    # Without config.json the newest checkpoint's config is compared (a changed config resumed silently).
+    kept = (out / "config.json").read_text()
+    (out / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"differs from the run's saved config in \['ppo'\]; resume with the config "
+                                         r"saved in .*ckpt-00000002.pt"):
+        train(tiny_config(out, ppo={"clip": 0.3}), resume=True, backbone=shapes)
+    train(tiny_config(out), resume=True, backbone=shapes)
+    (out / "config.json").write_text(kept)
     # A damaged latest checkpoint (a cut copy of the run folder) is named, with the one to resume from.
     steps = [p.name for _, p in list_checkpoints(out)]
     assert steps == ["ckpt-00000001.pt", "ckpt-00000002.pt"]  # checkpoint_every 1, keep_checkpoints 2
@@ -538,6 +546,14 @@ def test_held_out_records_are_refused_as_training_or_monitor_prompts(tmp_path, s
     with pytest.raises(ValueError, match=r"data.prompts: .*mixed.jsonl: 1 of 7 records ask what held-out records "
                                          r"of the shapes world ask \(record 6: .*xlard prompts --split train"):
         load_records(str(mixed))
+    # one record of another world beside held-out ones turned the check off for the whole file
+    cat = {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "exclude": [],
+           "prompt": "a photo of a cat"}
+    P.write_jsonl(mixed, held[:2] + [cat])
+    with pytest.raises(ValueError, match=r"data.prompts: .*mixed.jsonl: 2 of 3 records ask what held-out records"):
+        load_records(str(mixed))
+    P.write_jsonl(mixed, P.sample_records(splits["train"], 2, seed=0) + [cat])
+    assert load_records(str(mixed))[1] is False  # a file of two worlds without held-out records loads
     clean = tmp_path / "train.jsonl"
     P.write_jsonl(clean, P.sample_records(splits["train"], 6, seed=0))
     assert load_records(str(clean)) == (P.sample_records(splits["train"], 6, seed=0), True)  # training records load
@@ -561,6 +577,13 @@ def test_bad_model_overrides_name_the_config_key(tmp_path, shapes):
     with pytest.raises(ValueError, match=r"train config: model.corrector_overrides: patch=3 must divide the "
                                          r"backbone's latent size 16 x 16"):
         train(tiny_config(tmp_path / "c", model={"corrector_overrides": {"patch": 3}}), backbone=shapes)
+    # the projector's too (it failed after the warm start, unnamed, and left a folder neither a rerun nor
+    # --resume accepted)
+    with pytest.raises(ValueError, match=r"train config: model.projector_overrides: patch=3 must divide the "
+                                         r"backbone's latent size 16 x 16"):
+        train(tiny_config(tmp_path / "d", model={"projector_overrides": {"patch": 3}}), backbone=shapes)
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+    train(tiny_config(tmp_path / "d", steps=1), backbone=shapes)  # the fixed config runs in the same folder
 
 
 def test_a_new_run_never_empties_files_it_did_not_checkpoint(tmp_path, monkeypatch):
@@ -608,3 +631,67 @@ def test_a_damaged_only_checkpoint_says_how_to_start_again(tmp_path):
             load_checkpoint(path)
     with pytest.raises(FileNotFoundError):  # a missing file stays a missing file
         load_checkpoint(tmp_path / "ckpt-00000009.pt")
+
+
+@needs_shapes
+def test_the_same_config_and_seed_start_from_the_same_weights_in_one_process(tmp_path, shapes, monkeypatch):
+    """The reward source draws from the global generator on its first load only (cached after): a second
+    train() in one process (a sweep, an API user) started from other initial weights than the first."""
+    from xlard.train import train, trainer
+
+    real = trainer.build_reward_fn
+    draws = iter([1, 7])
+
+    def drawing(*args, **kwargs):  # a loader that draws a different amount each time, as a first load does
+        torch.rand(next(draws))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "build_reward_fn", drawing)
+    weights = []
+    for name in ("a", "b"):
+        train(tiny_config(tmp_path / name, steps=1), backbone=shapes)
+        weights.append(_corrector_tensors(tmp_path / name))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@needs_shapes
+def test_the_value_loss_never_moves_the_policy(tmp_path, shapes):
+    """docs/training.md: the value head reads the trunk through a stop-gradient, so it never moves the policy.
+    One gradient-norm clip over the policy and the value head let the value loss rescale every policy step."""
+    from xlard.train import train
+
+    def policy_after(name, value_coef):
+        cfg = tiny_config(tmp_path / name, steps=3, ppo={"value_coef": value_coef, "advantage": "group"},
+                          optim={"lr": 1e-3, "max_grad_norm": 1.0}, log={"monitor_every": 0, "evaluate_every": 0})
+        train(cfg, backbone=shapes)
+        tensors = _corrector_tensors(tmp_path / name)
+        return {k: v for k, v in tensors.items() if not k.startswith("value_head")}, tensors
+
+    (a, all_a), (b, all_b) = policy_after("a", 0.0), policy_after("b", 0.5)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(all_a[k], all_b[k]) for k in all_a if k.startswith("value_head"))  # it did learn
+
+
+@needs_shapes
+def test_a_misspelt_backbone_option_is_named(tmp_path):
+    """backbone.options go to the pipeline's loader, which ignored unknown keys: `heigth` trained at the default
+    height, exit 0."""
+    from xlard.train import train
+
+    with pytest.raises(ValueError, match=r"train config backbone.options: .*keyword arguments \{'heigth': 32\} are "
+                                         r"not expected"):
+        train(tiny_config(tmp_path / "a", backbone={"options": {"heigth": 32}}))
+    assert not list_checkpoints(tmp_path / "a")
+
+
+@needs_shapes
+def test_the_logged_learning_rate_is_the_one_the_step_used(tmp_path, shapes):
+    """metrics.jsonl's lr was read after the scheduler stepped: the next step's rate (warm-up 2: 1e-3 logged for a
+    step taken at 5e-4)."""
+    from xlard.train import train
+
+    train(tiny_config(tmp_path / "r", steps=3, optim={"lr": 1e-3, "warmup_steps": 2, "schedule": "constant"},
+                      log={"monitor_every": 0, "evaluate_every": 0}), backbone=shapes)
+    rows = [r for r in MetricsLog.read(tmp_path / "r" / "metrics.jsonl") if "lr" in r]
+    assert [r["lr"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3])

@@ -223,9 +223,10 @@ class CorrectorConfig(_ConfigBase):
             block, the noise is a block-averaged draw rescaled to unit variance),
             so the policy explores ``C * H * W / k^2`` dimensions: fewer, coarser
             directions that the remaining denoising does not smooth away. ``H`` and
-            ``W`` must be divisible by it. With ``logprob_reduction: mean`` the
-            full-resolution log-density equals the block one (each block counted
-            ``k^2`` times).
+            ``W`` must be divisible by it. The PPO ratio uses the block log-density:
+            ``logprob_reduction: sum`` divides the full-resolution sum by ``k^2``
+            (each block is counted ``k^2`` times), and ``mean`` is the same at
+            either resolution.
         conditioning (str): what the corrector reads of the prompt. ``"text"``
             (default): the backbone's prompt embedding (token embeddings, pooled
             embedding). ``"fields"``: one token per parsed field of the prompt

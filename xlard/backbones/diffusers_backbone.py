@@ -47,6 +47,7 @@ generated at the requested size).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import inspect
@@ -67,6 +68,32 @@ from xlard.prompts import PromptSpec, align, parse
 from xlard.prompts.spec import quote_prompt
 
 __all__ = ["DiffusersBackbone", "SUPPORTED_PIPELINES"]
+
+
+@contextlib.contextmanager
+def _unexpected_load_kwargs():
+    """Collect diffusers' "Keyword arguments {...} are not expected by <Pipeline> and will be ignored" while a
+    pipeline loads (the list yielded), whatever the log level; it is not printed, and nothing else changes."""
+    import logging
+
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    before, found = logger.getEffectiveLevel(), []
+
+    def keep(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "are not expected by" in text:
+            found.append(text.replace(" and will be ignored.", "").replace("Keyword arguments", "keyword arguments"))
+            return False
+        return record.levelno >= before  # what the old level let through, and nothing more
+
+    level = logger.level
+    logger.addFilter(keep)
+    logger.setLevel(min(before, logging.WARNING))
+    try:
+        yield found
+    finally:
+        logger.setLevel(level)
+        logger.removeFilter(keep)
 
 
 def _require_diffusers():
@@ -831,7 +858,13 @@ class DiffusersBackbone(Backbone):
                 pipeline_kwargs[key] = value
             else:  # the caller's own low_cpu_mem_usage stands
                 pipeline_kwargs.setdefault(key, value)
-        pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)
+        with _unexpected_load_kwargs() as unexpected:
+            pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)
+        if unexpected:  # diffusers ignores them with a warning (hidden at our log level): a misspelt option
+            raise ValueError(f"DiffusersBackbone.from_pretrained: {unexpected[0]}; check their spelling (this "
+                             "backbone's own options: correction_step, num_inference_steps, guidance_scale, "
+                             "torch_dtype, device, height, width, negative_prompt, max_sequence_length, capture, "
+                             "capture_encode, color_encoder; the rest go to DiffusionPipeline.from_pretrained)")
         # diffusers 0.42 loads an SD3 transformer in float32 whatever dtype it is given, beside text encoders in
         # that dtype; the denoiser is cast (the text encoders keep what transformers chose, e.g. T5's fp32 layers)
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)

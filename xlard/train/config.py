@@ -220,6 +220,12 @@ class ModelSettings:
             bad = sorted({"latent_channels", "text_dim", "pooled_dim"} & set(getattr(self, name)))
             if bad:
                 raise ValueError(f"train config: model.{name} must not set {bad}: they come from the backbone")
+        dropout = self.corrector_overrides.get("dropout", 0)
+        if isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and dropout != 0:
+            # it ran the warm start and two checkpoints, then stopped with a traceback at the first PPO update
+            raise ValueError(f"train config: model.corrector_overrides.dropout must be 0 for training, got {dropout}: "
+                             "the policy update compares the corrector's forward pass with the rollout's, and "
+                             "dropout makes that pass random")
 
 
 @dataclass(frozen=True)
@@ -636,11 +642,11 @@ class TrainConfig:
         if self.reward_model == "image" and self.projector.refresh_every != 1:
             raise ValueError("train config: reward_model='image' decodes every rollout, so projector.refresh_every "
                              f"must be 1, got {self.projector.refresh_every}")
-        if self.rl == "ppo":
-            n = self.ppo.prompts_per_step * self.ppo.group_size
-            if n % self.ppo.minibatches:
-                raise ValueError(f"train config: ppo.minibatches ({self.ppo.minibatches}) must divide the rollouts "
-                                 f"per step (prompts_per_step * group_size = {n})")
+        # Both updates walk ppo.epochs x ppo.minibatches minibatches (pathwise's failed after the warm start).
+        n = self.ppo.prompts_per_step * self.ppo.group_size
+        if n % self.ppo.minibatches:
+            raise ValueError(f"train config: ppo.minibatches ({self.ppo.minibatches}) must divide the rollouts "
+                             f"per step (prompts_per_step * group_size = {n})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -795,7 +801,7 @@ def batch_arithmetic(cfg: TrainConfig, world_size: int) -> dict[str, int]:
                          f"({world_size}) so the global batch does not depend on it")
     n = p * g
     per_rank = n // world_size
-    if cfg.rl == "ppo" and per_rank % k:
+    if per_rank % k:  # PPO and the pathwise update both take ppo.epochs x ppo.minibatches steps
         raise ValueError(f"train config: ppo.minibatches ({k}) must divide the rollouts per process "
                          f"({per_rank} = {p} x {g} / {world_size})")
     if per_rank % cfg.projector.minibatches:
@@ -805,8 +811,7 @@ def batch_arithmetic(cfg: TrainConfig, world_size: int) -> dict[str, int]:
     return {
         "world_size": world_size, "items_per_step": p, "items_per_rank": p // world_size, "group_size": g,
         "rollouts_per_step": n, "rollouts_per_rank": per_rank,
-        "minibatch": n // k if cfg.rl == "ppo" else n, "minibatch_per_rank": per_rank // k if cfg.rl == "ppo" else per_rank,
-        "updates_per_step": cfg.ppo.epochs * k if cfg.rl == "ppo" else 1,
+        "minibatch": n // k, "minibatch_per_rank": per_rank // k, "updates_per_step": cfg.ppo.epochs * k,
         "decodes_per_step": decodes,
     }
 
@@ -832,7 +837,8 @@ def describe(cfg: TrainConfig, world_size: int = 1) -> str:
     lines = [json.dumps(cfg.to_dict(), indent=2, default=list), "batch arithmetic:",
              f"  {a['items_per_step']} (prompt, seed) items x {a['group_size']} samples = "
              f"{a['rollouts_per_step']} rollouts per step; {world_size} process(es) x {a['rollouts_per_rank']}",
-             f"  {a['updates_per_step']} optimiser steps per PPO step (minibatch {a['minibatch']} = "
+             f"  {a['updates_per_step']} optimiser steps per {'PPO' if cfg.rl == 'ppo' else 'pathwise'} step "
+             f"(minibatch {a['minibatch']} = "
              f"{a['minibatch_per_rank']} per process)",
              f"  decodes per step: {a['decodes_per_step']:g} "
              + ("(reward_model=image: every rollout)" if cfg.reward_model == "image" else

@@ -21,19 +21,25 @@ __all__ = [
 ]
 
 
-def reduce_log_prob(log_prob_sum: torch.Tensor, numel: int, reduction: str) -> torch.Tensor:
+def reduce_log_prob(log_prob_sum: torch.Tensor, numel: int, reduction: str, action_block: int = 1) -> torch.Tensor:
     """The log-probability the PPO ratio uses.
 
-    ``"sum"`` keeps the exact log-density of the C*H*W-dimensional diagonal
-    Gaussian (the ratio is then the true likelihood ratio, and a small change
-    of the mean in every dimension adds up to a large log ratio); ``"mean"``
-    divides it by ``numel`` = C*H*W, which is the per-dimension geometric mean
-    of the ratio (what diffusion RL trainers that average over dimensions use).
+    ``"sum"`` keeps the exact log-density of the policy's action (the ratio is
+    then the true likelihood ratio, and a small change of the mean in every
+    dimension adds up to a large log ratio); ``"mean"`` divides it by ``numel``
+    = C*H*W, which is the per-dimension geometric mean of the ratio (what
+    diffusion RL trainers that average over dimensions use).
+
+    With ``action_block`` k > 1 the action is constant on k x k blocks: it has
+    C*H*W / k^2 free dimensions, and the sum over C*H*W counts each block k^2
+    times, so ``"sum"`` divides by k^2 (it was k^2 times the true log ratio);
+    ``"mean"`` is the same either way.
 
     Args:
         log_prob_sum (Tensor[B]): log-densities summed over C*H*W.
         numel (int): C*H*W.
         reduction (str): ``"sum"`` or ``"mean"``.
+        action_block (int): the corrector's ``action_block`` (default 1).
 
     Returns:
         Tensor[B] in the input's dtype.
@@ -45,7 +51,11 @@ def reduce_log_prob(log_prob_sum: torch.Tensor, numel: int, reduction: str) -> t
         raise ValueError(f"reduce_log_prob: reduction must be 'sum' or 'mean', got {reduction!r}")
     if not isinstance(numel, int) or numel < 1:
         raise ValueError(f"reduce_log_prob: numel must be a positive int, got {numel!r}")
-    return log_prob_sum if reduction == "sum" else log_prob_sum / numel
+    if not isinstance(action_block, int) or isinstance(action_block, bool) or action_block < 1:
+        raise ValueError(f"reduce_log_prob: action_block must be a positive int, got {action_block!r}")
+    if reduction == "mean":
+        return log_prob_sum / numel
+    return log_prob_sum if action_block == 1 else log_prob_sum / action_block ** 2
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

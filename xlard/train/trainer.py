@@ -110,6 +110,8 @@ def load_backbone(settings, device: torch.device, reward=None):
     try:
         return DiffusersBackbone.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing hub model as either
+        if "are not expected by" in str(exc):  # a misspelt backbone.options key (diffusers ignored it, silently)
+            raise ValueError(f"train config backbone.options: {exc}") from None
         if Path(path).expanduser().is_dir():
             raise
         from xlard.backbones.diffusers_backbone import unloadable_hub_model
@@ -285,7 +287,10 @@ class Trainer:
         self.records = records
         self.monitor_items = self._monitor_items(records)
 
-        # Models: sized from the backbone; the corrector is the policy and holds the value head.
+        # Models: sized from the backbone; the corrector is the policy and holds the value head. Seeded again
+        # here: loading the reward source draws from the global generator on its first load only (then it is
+        # cached), so a second run in one process started from other weights than the first.
+        torch.manual_seed(cfg.seed)
         bb = self.backbone
         overrides = dict(cfg.model.corrector_overrides)
         if overrides.get("reader") is True and not overrides.get("reader_nouns"):
@@ -310,6 +315,9 @@ class Trainer:
                                           **cfg.model.projector_overrides)
         except (TypeError, ValueError) as e:
             raise ValueError(f"train config: model.projector_overrides: {e}") from None
+        if size is not None and (size[0] % pcfg.patch or size[1] % pcfg.patch):  # it failed after the warm start
+            raise ValueError(f"train config: model.projector_overrides: patch={pcfg.patch} must divide the "
+                             f"backbone's latent size {size[0]} x {size[1]}")
         self.corrector = ResidualCorrector(ccfg).to(self.device)
         self.projector = LatentRewardProjector(pcfg).to(self.device)
         self.policy = PolicyStep(self.corrector)
@@ -381,8 +389,14 @@ class Trainer:
             if found:
                 raise ValueError(f"{self.out} already holds {' and '.join(found)}, which a new run would replace; "
                                  "pass --resume to continue the run that wrote them, or choose another --out")
+        old = None
         if resume and saved.exists():
             old = json.loads(saved.read_text())
+        elif resume and have:  # config.json deleted: the newest checkpoint holds the run's config too
+            stored = ckpt.load_checkpoint(have[-1][1]).get("config")
+            old = json.loads(json.dumps(stored, default=list)) if isinstance(stored, dict) else None
+            saved = have[-1][1]
+        if old is not None:
             try:  # a config saved before a field existed reads as that field's default
                 old = json.loads(json.dumps(config_from_dict(old).to_dict(), default=list))
             except (TypeError, ValueError):
@@ -395,7 +409,7 @@ class Trainer:
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise ValueError(f"--resume: the config differs from the run's saved config in {diff}; "
-                                 f"resume with {saved} or start a new run")
+                                 f"resume with the config saved in {saved} or start a new run")
 
     def _check_records(self, records, where: str) -> None:
         """A record the backbone cannot use (a word beyond its tokenizer's length limit) fails when the run starts,
@@ -438,7 +452,7 @@ class Trainer:
                         raise ValueError(f"data.monitor_prompts: {self.cfg.data.monitor_prompts}: {e} (the run "
                                          "trains on shapes-world prompts, and the exact evaluator judges its "
                                          "monitor)") from None
-                refuse_heldout(records, f"data.monitor_prompts: {self.cfg.data.monitor_prompts}")
+            refuse_heldout(records, f"data.monitor_prompts: {self.cfg.data.monitor_prompts}")  # whatever the world
             self._check_records(records, f"data.monitor_prompts: {self.cfg.data.monitor_prompts}")
         else:
             records = train_records
@@ -678,6 +692,7 @@ class Trainer:
     def _ppo_update(self, step, inputs, rollouts, adv, targets, anchor) -> dict:
         c = self.cfg.ppo
         numel = int(inputs.z0[0].numel())
+        block = int(self.corrector.config.action_block)
         alpha = self.corrector.config.alpha
         global_rows = self._local_rows()
         stats_acc: dict[str, float] = {}
@@ -695,8 +710,8 @@ class Trainer:
                     raise RuntimeError(f"PPO step {step}: the ratio of the first minibatch is not exactly 1 (log-prob "
                                        f"differs by up to {diff:.3g} from the rollout): the policy's forward pass is "
                                        "not reproducible (dropout on? parameters changed before the update?)")
-                new = ppo.reduce_log_prob(logp, numel, c.logprob_reduction)
-                old = ppo.reduce_log_prob(rollouts.log_prob[rows], numel, c.logprob_reduction)
+                new = ppo.reduce_log_prob(logp, numel, c.logprob_reduction, block)
+                old = ppo.reduce_log_prob(rollouts.log_prob[rows], numel, c.logprob_reduction, block)
                 pg, _, st = ppo.clipped_surrogate(new, old, adv[rows], c.clip)
                 vl = ppo.value_loss(value, targets[rows])
                 loss = pg + c.value_coef * vl
@@ -711,8 +726,8 @@ class Trainer:
                 # The same step measured under the other reduction (the data behind the documented choice).
                 other = "sum" if c.logprob_reduction == "mean" else "mean"
                 with torch.no_grad():
-                    alt = (ppo.reduce_log_prob(logp.detach(), numel, other)
-                           - ppo.reduce_log_prob(rollouts.log_prob[rows], numel, other)).double()
+                    alt = (ppo.reduce_log_prob(logp.detach(), numel, other, block)
+                           - ppo.reduce_log_prob(rollouts.log_prob[rows], numel, other, block)).double()
                 for name, v in (("log_ratio_abs_max", alt.abs().max()),
                                 ("approx_kl", (alt.exp() - 1 - alt).mean()),
                                 ("clip_fraction", ((alt.exp() - 1).abs() > c.clip).double().mean())):
@@ -761,10 +776,18 @@ class Trainer:
         return {k: v / count for k, v in acc.items()}
 
     def _clip(self) -> float:
-        params = [p for p in self.corrector.parameters() if p.grad is not None]
+        """Clip the policy's gradients and the value head's each to ``optim.max_grad_norm``; returns the policy's
+        norm. One shared norm let the value loss rescale every policy step (the value head reads the trunk
+        through a stop-gradient so that it never moves the policy; a joint clip moved it anyway)."""
+        value = getattr(self.corrector, "value_head", None)
+        value_ids = {id(p) for p in value.parameters()} if value is not None else set()
+        policy = [p for p in self.corrector.parameters() if p.grad is not None and id(p) not in value_ids]
+        head = [p for p in self.corrector.parameters() if p.grad is not None and id(p) in value_ids]
         if self.cfg.optim.max_grad_norm:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+            if head:
+                torch.nn.utils.clip_grad_norm_(head, self.cfg.optim.max_grad_norm)
+            return float(torch.nn.utils.clip_grad_norm_(policy, self.cfg.optim.max_grad_norm)) if policy else 0.0
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in policy]))) if policy else 0.0
 
     def train_step(self) -> dict:
         """One PPO (or pathwise) step; returns its metrics row."""
@@ -798,6 +821,7 @@ class Trainer:
             anchor = self._anchor(items, inputs)
             if cfg.rl == "ppo":
                 adv, targets = self._advantages(rewards, rollouts.value)
+        lr_used = float(self.scheduler.get_last_lr()[0])  # the step's own rate (the scheduler steps after it)
         with timer("update"):
             if cfg.rl == "ppo":
                 row.update(self._ppo_update(step, inputs, rollouts, adv, targets, anchor))
@@ -846,7 +870,7 @@ class Trainer:
         row["lam/top20_share"] = float(sums[9] / n)
         row["policy/delta_rms"] = float(sums[10] / n)
         row["policy/std"] = float(self.corrector.log_std.detach().exp().mean())
-        row["lr"] = float(self.scheduler.get_last_lr()[0])
+        row["lr"] = lr_used
         row["decodes"] = n_global if decode_now else 0
         mon_every, eval_every = cfg.log.monitor_every, cfg.log.evaluate_every
         if self.is_main and self.monitor_items and (
