@@ -533,3 +533,33 @@ def test_meta_and_nan_images_are_named_everywhere(tmp_path):
     with pytest.raises(ValueError, match="device: meta holds shapes only"):
         as_device("meta", "DiffusersBackbone.from_pretrained")
     assert not (tmp_path / "x.png").exists()
+
+
+@needs_weights
+def test_two_entities_of_one_noun_are_told_apart_by_their_colors():
+    """'a red circle left of a blue circle': the shapes source gave both entities the circle map, so each
+    counted both circles and the relation compared one centroid with itself (0.5 for the scene and its mirror)."""
+    left = Scene(64, (SceneObject("circle", "red", (6, 24, 20, 38)), SceneObject("circle", "blue", (42, 24, 56, 38))))
+    prompt = "a photo of a red circle left of a blue circle"
+    result = score(decoded_of([left, mirror_scene(left, "x")], [prompt] * 2), get_source("shapes"))
+    assert result.count_found.tolist() == [[1, 1], [1, 1]]
+    assert result.position[0] > 0.99 and result.position[1] < 0.01
+    assert "found 1 (at (0.20, 0.48))" in result.explanations[0].text()
+    # Entities of different nouns keep their noun's whole map (the colors are the color reward's business).
+    plain = score(decoded_of([left], ["a photo of a red circle left of a blue square"]), get_source("shapes"))
+    assert plain.count_found[0, 0] == 2
+
+
+def test_clip_source_weighs_one_noun_by_each_entity_color(tiny_clip, word_tokenizer):
+    source = get_source("clip", model=tiny_clip, tokenizer=word_tokenizer)
+    images = torch.rand(1, 3, 32, 32)
+    spec = parse("a photo of a red dog left of a blue dog")
+    maps = source(Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
+                          specs=(spec,), segment_offsets={}))["entity_maps"]
+    alone = source(Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
+                           specs=(parse("a photo of a dog"),), segment_offsets={}))["entity_maps"][0, 0]
+    feats = torch.nn.functional.normalize(source.encoder.encode_images(images).features[0], dim=-1)
+    shades = torch.nn.functional.normalize(source.encoder.embed_colors(["blue", "red"]), dim=-1)
+    gate = (tiny_clip.logit_scale.exp() * feats @ shades.T).softmax(-1)  # per patch: blue vs red
+    torch.testing.assert_close(maps[0, 0].flatten(), alone.flatten() * gate[:, 1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(maps[0, 1].flatten(), alone.flatten() * gate[:, 0], atol=1e-5, rtol=1e-4)

@@ -106,6 +106,15 @@ def _batch_colors(specs: Sequence[PromptSpec]) -> list[str]:
     return sorted({e.color for s in specs for e in s.entities if e.color is not None})
 
 
+def _told_apart_by_color(spec: PromptSpec) -> list[str | None]:
+    """Per entity: its color when another entity of the prompt has the same noun ("a red circle left of a blue
+    circle"), else None. A per-noun map cannot tell such entities apart (each counted both objects, and the
+    relation compared one centroid with itself: 0.5 whatever the image), so the sources weigh their maps by
+    the entity's color."""
+    nouns = [e.noun for e in spec.entities]
+    return [e.color if e.color is not None and nouns.count(e.noun) > 1 else None for e in spec.entities]
+
+
 class RewardSource(abc.ABC):
     """Decoded images (and prompt specs) -> the inputs of the rewards.
 
@@ -364,6 +373,11 @@ class ShapesSource(RewardSource):
         index, available = index.to(out.shape_probs.device), available.to(out.shape_probs.device)
         maps = out.shape_probs.gather(1, index[:, :, None, None].expand(b, e_max, h, w))
         maps = torch.where(available[:, :, None, None], maps, maps.new_zeros(()))
+        colors_of = list(self.model.config.colors)
+        for i, spec in enumerate(specs):  # entities of one noun: each its own color's part of the noun's map
+            for j, color in enumerate(_told_apart_by_color(spec)):
+                if color is not None and bool(available[i, j]):
+                    maps[i, j] = maps[i, j] * out.color_probs[i, 1 + colors_of.index(color)].to(maps.dtype)
         if self.purity > 0 or self.confidence > 0 or self.paint_purity > 0:
             pixels = images.to(maps.device, torch.float32).clamp(0.0, 1.0)
             if tuple(pixels.shape[-2:]) != (h, w):
@@ -456,8 +470,16 @@ class ClipSource(RewardSource):
                     continue
                 cols = [0] + sorted({column[e.noun] for e in spec.entities})
                 probs = logits[i][:, cols].softmax(-1)  # this prompt's nouns vs background
+                apart = _told_apart_by_color(spec)
+                gate = None
+                if any(c is not None for c in apart):  # entities of one noun: weighed by their colors
+                    shades = sorted({e.color for e in spec.entities if e.color is not None})
+                    shade_text = F.normalize(self.encoder.embed_colors(shades).to(features.device).float(), dim=-1)
+                    gate = (scale * F.normalize(features[i].float(), dim=-1) @ shade_text.T).softmax(-1)  # [N, C]
                 for j, entity in enumerate(spec.entities):
                     maps[i, j] = probs[:, cols.index(column[entity.noun])].view(gh, gw)
+                    if apart[j] is not None:
+                        maps[i, j] = maps[i, j] * gate[:, shades.index(apart[j])].view(gh, gw).to(maps.dtype)
                     available[i, j] = True
         colors = _batch_colors(specs)
         inputs: dict[str, Any] = {"specs": specs, "entity_maps": maps, "entity_available": available,
