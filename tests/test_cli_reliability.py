@@ -1000,3 +1000,25 @@ def test_an_unreadable_input_names_its_argument(tmp_path, capsys, prompt_file, m
         assert code == 2, err
         one_line_error(err, words, "Permission denied")
     assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()
+
+
+def test_plain_generate_overwrite_removes_a_corrected_runs_files(tmp_path, capsys):
+    """A plain `generate --overwrite` over a `generate --correct` folder removed only the NNNN_seedS.png images:
+    the old run's _base/_lam images and corrections.jsonl stayed beside the new image, under the new manifest."""
+    from xlard import evaluation
+    from xlard.shapes import backbone as shapes_backbone
+
+    if not shapes_backbone.is_available():
+        pytest.skip("shapes backbone weights not installed")
+    try:
+        evaluation.shipped_corrector_path("shapes")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    out = tmp_path / "g"
+    assert run(["generate", "two red circles", "--backbone", "shapes", "--correct", "--per-prompt", "2", "--out", out,
+                "--quiet"], capsys)[0] == 0
+    assert (out / "corrections.jsonl").is_file() and (out / "0001_seed1_lam.png").is_file()
+    code, _, err = run(["generate", "a green triangle", "--backbone", "shapes", "--out", out, "--overwrite",
+                        "--quiet"], capsys)
+    assert code == 0 and "removed 7 outputs of the earlier run" in err
+    assert sorted(p.name for p in out.iterdir()) == ["0000_seed0.png", "xlard-run.json"]

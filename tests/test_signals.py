@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from xlard._signals import Terminated, run_script, sigterm_interrupts
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_run_script_turns_ctrl_c_and_sigterm_into_one_line(capsys):
@@ -104,3 +109,35 @@ def test_the_console_script_and_python_m_use_the_entry_point():
     (scripts,) = re.findall(r"\[project\.scripts\]\n(.*?)\n\n", (root / "pyproject.toml").read_text(), re.S)
     assert scripts.strip() == 'xlard = "xlard._entry:main"'  # (tomllib is 3.11+; the floor is 3.10)
     assert "from xlard._entry import main" in (root / "xlard" / "__main__.py").read_text()
+
+
+def test_a_signal_during_an_extension_import_waits_until_it_is_in(tmp_path):
+    """Ctrl-C inside torch's import aborted the process (std::terminate, exit -6); inside numpy's it became an
+    ImportError. import_held imports with SIGINT/SIGTERM held back and delivers them after."""
+    (tmp_path / "slow_extension.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.2)\nDONE = True\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "from xlard._signals import import_held\n"
+            "try:\n"
+            "    import_held(['slow_extension'])\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted after the import:', sys.modules['slow_extension'].DONE)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "interrupted after the import: True", (out.stdout, out.stderr)
+    # Without holding, the interrupt lands inside the import, which never completes.
+    plain = code.replace("from xlard._signals import import_held\n", "import importlib\n").replace(
+        "import_held(['slow_extension'])", "importlib.import_module('slow_extension')").replace(
+        "sys.modules['slow_extension'].DONE", "'slow_extension' in sys.modules")
+    out = subprocess.run([sys.executable, "-c", plain, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "interrupted after the import: False", (out.stdout, out.stderr)
+
+
+def test_the_command_line_imports_numpy_and_torch_held(monkeypatch, capsys, tmp_path):
+    from xlard import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "import_held", lambda names: seen.append(tuple(names)))
+    assert cli.main(["prompts", str(tmp_path / "p.jsonl"), "-n", "2"]) == 0
+    assert cli.main(["info"]) == 0
+    assert seen == [("numpy",), ("numpy", "torch")]

@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-__all__ = ["Terminated", "sigterm_interrupts", "interrupted_line", "run_script"]
+__all__ = ["Terminated", "sigterm_interrupts", "interrupted_line", "run_script", "import_held"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -40,6 +40,32 @@ def sigterm_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def import_held(names) -> None:
+    """Import the modules ``names`` with SIGINT and SIGTERM held back until they are in; a signal that came meanwhile
+    is delivered right after (as KeyboardInterrupt / :class:`Terminated`, at a point Python can handle it).
+
+    An interrupt raised inside torch's extension import ended in ``std::terminate`` (exit -6, a C++ stack, a
+    temporary folder left), and numpy turns one inside its own into an ImportError that read as a broken numpy
+    install. Off the main thread, or without ``pthread_sigmask``, the modules are imported as usual.
+    """
+    import importlib
+
+    names = [n for n in names if n not in sys.modules]
+    if not names:
+        return
+    held = {signal.SIGINT} | ({signal.SIGTERM} if hasattr(signal, "SIGTERM") else set())
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        for name in names:
+            importlib.import_module(name)
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        for name in names:
+            importlib.import_module(name)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def interrupted_line(prog: str, exc: KeyboardInterrupt, hint: str = "") -> tuple[str, int]:

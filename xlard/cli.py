@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from xlard import _io
-from xlard._signals import USER_ERRORS, interrupted_line, sigterm_interrupts
+from xlard._signals import USER_ERRORS, import_held, interrupted_line, sigterm_interrupts
 
 # Bounds checked before any work starts, so a typo cannot run until memory runs out.
 MAX_RECORDS = 100_000
@@ -60,9 +60,9 @@ MAX_BOOTSTRAP = 100_000
 MANIFEST_NAME = "xlard-run.json"
 """Written into every output folder: which command and settings made it, and whether it finished."""
 _UNIT_NAME = re.compile(r"^\d{5,}$")  # GenEval prompt folders: 00000, 00001, ...
-_IMAGE_NAME = re.compile(r"^\d{4,}_seed\d+\.png$")  # generate's files: 0000_seed0.png, ...
-# generate --corrector/--correct: its images and the actions file (evaluation.GENERATE_ACTIONS_NAME)
-_CORRECTED_IMAGE_NAME = re.compile(r"^(\d{4,}_seed\d+(_base|_lam)?\.png|corrections\.jsonl)$")
+# generate's files, either form: 0000_seed0.png, ...; with --corrector/--correct also the base and LAM images and
+# the actions file (evaluation.GENERATE_ACTIONS_NAME)
+_GENERATE_NAME = re.compile(r"^(\d{4,}_seed\d+(_base|_lam)?\.png|corrections\.jsonl)$")
 _PAIRED_EVAL_NAMES = ("run.json", "pairs.jsonl", "eval.json", "eval.md", "images")  # eval --corrector/--correct
 
 
@@ -533,7 +533,7 @@ def _cmd_generate(args) -> int:
         from xlard import evaluation
 
         out = Path(args.out)
-        owned = _owned(out, _CORRECTED_IMAGE_NAME, folders=False)
+        owned = _owned(out, _GENERATE_NAME, folders=False)
         settings: dict = {}
 
         def decide(run_settings: dict) -> bool:  # once the corrector is known: refuse, overwrite or resume
@@ -557,7 +557,9 @@ def _cmd_generate(args) -> int:
                 "backbone": args.backbone, "steps": args.steps, "guidance": args.guidance, **_dtype_setting(args)}
     _check_device(args.device)
     _check_backbone(args.backbone)
-    owned = _owned(out, _IMAGE_NAME, folders=False)
+    # Everything either form of generate writes: --overwrite on a --correct folder left its _base/_lam images and
+    # corrections.jsonl beside the new images, describing the old run's prompts under the new one's manifest.
+    owned = _owned(out, _GENERATE_NAME, folders=False)
     resuming = _check_output_folder(args, out, "--out", settings, owned)
     todo = [i for i in range(len(prompts)) if not (resuming and (out / names[i]).is_file())]
     backbone = _load_backbone(args) if todo else None  # before anything is deleted: it may fail
@@ -970,6 +972,9 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
             prog = f"xlard {args.command}"
             _refuse_empty_paths(args)
+            # the extension modules every command but `prompts` loads, imported with the signals held (an
+            # interrupt inside torch's import aborted the process; inside numpy's it read as a broken install)
+            import_held(("numpy",) if args.command == "prompts" else ("numpy", "torch"))
             if getattr(args, "quiet", False) and _loads_models(args):
                 _quiet_hub_logging(progress_bars=False)
             with _HELD:
