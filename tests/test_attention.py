@@ -644,3 +644,48 @@ def test_config_normalizes_its_fields():
     assert config.output_size == (32, 32)
     assert config.accumulate_dtype == "float16" and config.dtype == torch.float16
     assert CaptureConfig(tokens=[[1, 2], [3, 4]]).tokens == ((1, 2), (3, 4))
+
+
+def test_one_step_pipeline_calls_in_one_block_both_count(sd_pipe):
+    """A one-step run repeats the same timestep: the second pipeline call was taken for a repeat within the first
+    call's step and dropped (docs: several pipeline calls in one block add to the same running means)."""
+    with AttentionCapture(sd_pipe, CaptureConfig(tokens=(1, 2))) as capture:
+        _run(sd_pipe, steps=1)
+        first = capture.num_records
+        _run(sd_pipe, steps=1, prompt="a photo of a cat")
+    assert first > 0 and capture.num_records == 2 * first
+
+
+def test_a_cfg_guess_is_made_once_per_run_and_checked(models):
+    """Without cfg= or a pipeline flag, identical latent halves were taken for batched guidance call by call: two
+    prompts from the same noise kept one prompt at step 0, then the batch grew and the run crashed with an error
+    pointing at reset(). The guess is now made at the run's first call, and a later call that contradicts it is
+    named with the fix."""
+    model = models(FAMILIES["unet"])
+    same = _unet_inputs(model, 900.0, 0)
+    later = dict(same, sample=torch.randn(same["sample"].shape, generator=torch.Generator().manual_seed(5)),
+                 timestep=torch.tensor(800.0))
+    with pytest.raises(ValueError, match=r"two prompts began from the same noise; pass cfg=False"):
+        with AttentionCapture(model, CaptureConfig(tokens=(1,))):
+            _forward(model, same)
+            _forward(model, later)
+    with AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=False) as capture:
+        _forward(model, same)
+        _forward(model, later)
+    assert capture.maps().shape[0] == 2 * BATCH
+
+
+def test_a_call_of_another_batch_in_a_guided_run_keeps_its_rows(models):
+    """SD3 skip-layer guidance: a second call of the step with the conditional latents alone (B rows, not 2B) was
+    split in half like the guided batch, and the maps' shape changed mid-run (a crash with two prompts)."""
+    model = models(FAMILIES["unet"])
+    guided = _unet_inputs(model, 900.0, 0)
+    cond_only = {k: (v[BATCH:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 2 * BATCH else v)
+                 for k, v in guided.items()}
+    with AttentionCapture(model, CaptureConfig(tokens=(1,), repeat_calls="all"), cfg=True) as both:
+        _forward(model, guided)
+        _forward(model, cond_only)
+    with AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=True) as guided_only:
+        _forward(model, guided)
+    assert both.maps().shape == guided_only.maps().shape and both.maps().shape[0] == BATCH
+    assert both.num_records == 2 * guided_only.num_records

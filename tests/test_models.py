@@ -570,6 +570,8 @@ def test_inference_refuses_non_finite_inputs_and_an_overflowing_correction():
         bad[0, -1] = float("nan")  # padding (mask False there) may hold anything
         out = call(z0, bad, pooled, mask)[0]
         assert torch.isfinite(out).all()
+        for ints in (torch.int64, torch.uint8):  # a 0/1 integer mask too (its padding was checked as real tokens)
+            torch.testing.assert_close(call(z0, bad, pooled, mask.to(ints))[0], out)
         with torch.no_grad():
             model.head.bias.fill_(3e38)  # finite inputs, a correction beyond float32
         with pytest.raises(ValueError, match=rf"{name}: the correction of z0 overflowed"):

@@ -33,14 +33,22 @@ Step and guidance bookkeeping happens in a forward pre-hook on the denoiser:
 
 - A denoiser call whose timestep differs from the previous call's starts a new
   denoising step; a larger timestep than the previous call's starts a new run
-  (samplers go from high noise to low). Several calls with the same timestep
+  (samplers go from high noise to low), and so does, with a pipeline given, a
+  new pipeline call (its scheduler's timesteps set anew: one-step runs repeat
+  the same timestep). Several calls with the same timestep
   (FLUX "true CFG", SD3 skip-layer guidance, Heun's correction) are one step;
   by default only the first of them is recorded.
 - Classifier-free guidance batched the diffusers way puts the unconditional
-  half first. Whether a call is batched CFG is taken from ``cfg=`` if given,
-  else from the pipeline's ``do_classifier_free_guidance``, else detected: an
-  even batch whose two halves of the latent input are identical (every
-  diffusers pipeline duplicates the latents for CFG).
+  half first. Whether a run batches CFG is decided at its first call: from
+  ``cfg=`` if given, else from the pipeline's ``do_classifier_free_guidance``
+  (FLUX pipelines never batch it), else detected: an even batch whose two halves
+  of the latent input are identical (every diffusers pipeline duplicates the
+  latents for CFG). A detected guess is checked at every later call of the run:
+  halves that differ later mean two prompts began from the same noise, and the
+  run stops with an error asking for ``cfg=`` (a one-step run of two prompts on
+  the same noise cannot be told from guidance: pass ``cfg=`` there). A call of
+  another batch size in a guided run (SD3's skip-layer guidance: the conditional
+  latents alone) is not split: all its rows are the prompts'.
 - The hook reads the timestep as a Python number: one host synchronization
   per denoiser call (not per layer).
 
@@ -875,7 +883,8 @@ class AttentionCapture:
         params = list(inspect.signature(self.denoiser.forward).parameters)
         wanted = ("sample", "hidden_states", "timestep", "encoder_hidden_states", "img_ids")
         self._positions = {name: params.index(name) for name in wanted if name in params}
-        self._run: dict[str, Any] = {"last_t": None, "step": -1, "call_in_step": 0, "num_steps": None}
+        self._run: dict[str, Any] = {"last_t": None, "step": -1, "call_in_step": 0, "num_steps": None, "cfg": None,
+                                     "timesteps": None}
 
     # -- install / restore --------------------------------------------------
 
@@ -969,9 +978,11 @@ class AttentionCapture:
         fraction = step / total
         return start <= fraction and (fraction < end or end == 1.0)
 
-    def _batched_cfg(self, sample: torch.Tensor) -> bool:
+    def _batched_cfg(self, sample: torch.Tensor) -> tuple[bool, bool]:
+        """``(batched, detected)``: whether this run batches classifier-free guidance, and whether that was only
+        detected from the latents (no ``cfg=``, no pipeline flag)."""
         if self.cfg is not None:
-            return self.cfg
+            return self.cfg, False
         pipe = self.pipeline
         if pipe is not None:
             try:
@@ -979,16 +990,31 @@ class AttentionCapture:
             except AttributeError:  # the property reads state that __call__ sets
                 flag = None
             if isinstance(flag, bool):
-                return flag
+                return flag, False
+            if type(pipe).__name__.startswith("Flux"):  # FLUX never batches it ("true CFG" is a second call)
+                return False, False
         batch = sample.shape[0]
-        return batch % 2 == 0 and torch.equal(sample[: batch // 2], sample[batch // 2:])
+        return batch % 2 == 0 and torch.equal(sample[: batch // 2], sample[batch // 2:]), True
+
+    def _new_pipeline_call(self) -> bool:
+        """A pipeline given: its scheduler's timesteps are set anew by every pipeline call, so a new tensor there
+        starts a new run even when the timestep does not grow (a one-step run repeats the same timestep, and its
+        second call was taken for a repeat within the first and dropped)."""
+        scheduler = getattr(self.pipeline, "scheduler", None) if self.pipeline is not None else None
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor):
+            return False
+        new = self._run.get("timesteps") is not None and timesteps is not self._run["timesteps"]
+        self._run["timesteps"] = timesteps
+        return new
 
     def _on_denoiser_call(self, module, args, kwargs):
         run = self._run
         timestep = _scalar(self._argument("timestep", args, kwargs))
         last = run["last_t"]
-        if last is None or (timestep is not None and timestep > last):
-            run.update(step=0, call_in_step=0, num_steps=self._total_steps())
+        new_call = self._new_pipeline_call()
+        if last is None or new_call or (timestep is not None and timestep > last):
+            run.update(step=0, call_in_step=0, num_steps=self._total_steps(), cfg=None)
         elif timestep == last:
             run["call_in_step"] += 1
         else:
@@ -1005,9 +1031,21 @@ class AttentionCapture:
         recording = self._step_selected(step) and (run["call_in_step"] == 0 or self.config.repeat_calls == "all")
         batch = sample.shape[0]
         rows = slice(0, batch)
+        if run.get("cfg") is None:  # decided once per run, at its first call (it flipped mid-run, then crashed)
+            run["cfg"], run["cfg_detected"] = self._batched_cfg(sample)
+            run["cfg_batch"] = batch
+        # A call of another batch size in a guided run (SD3's skip-layer guidance: the conditional half alone)
+        # is not batched guidance: all its rows are the prompts'.
+        batched = run["cfg"] and batch == run["cfg_batch"]
+        if batched and run["cfg_detected"] and batch % 2 == 0 \
+                and not torch.equal(sample[: batch // 2], sample[batch // 2:]):
+            raise ValueError(
+                "AttentionCapture took this run for batched classifier-free guidance (the two halves of its first "
+                "latent batch were identical) but their latents now differ: two prompts began from the same "
+                "noise; pass cfg=False (or cfg=True) to AttentionCapture")
         if recording:
             half = self.config.guidance_half
-            if self._batched_cfg(sample):
+            if batched:
                 if half == "cond":
                     rows = slice(batch // 2, batch)
                 elif half == "uncond":
@@ -1034,7 +1072,7 @@ class AttentionCapture:
         self._state = state = _CaptureState(self.config)
         for module, _ in self._originals.values():
             module.processor.state = state
-        self._run.update(last_t=None, step=-1, call_in_step=0, num_steps=None)
+        self._run.update(last_t=None, step=-1, call_in_step=0, num_steps=None, cfg=None, timesteps=None)
 
     @property
     def num_records(self) -> int:

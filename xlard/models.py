@@ -682,10 +682,11 @@ def _refuse_non_finite(owner, z0, text_tokens, pooled, text_mask) -> None:
         return t if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not t.is_meta else None
 
     tokens = values(text_tokens)
-    if tokens is not None and isinstance(text_mask, torch.Tensor) and text_mask.dtype == torch.bool \
+    if tokens is not None and isinstance(text_mask, torch.Tensor) and not text_mask.is_floating_point() \
+            and not text_mask.is_complex() and not text_mask.is_meta \
             and tokens.dim() == 3 and tuple(text_mask.shape) == tuple(tokens.shape[:2]) \
             and text_mask.device == tokens.device:
-        tokens = tokens[text_mask]
+        tokens = tokens[text_mask != 0]  # a bool mask or 0/1 ints (the ints' padding was checked as real tokens)
     for name, t in (("z0", values(z0)), ("text_tokens", tokens), ("pooled", values(pooled))):
         if t is not None and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
