@@ -916,3 +916,25 @@ def test_every_public_name_of_the_package_modules_is_importable_from_xlard_promp
         module = importlib.import_module(f"xlard.prompts.{name}")
         for public in getattr(module, "__all__", ()):
             assert public in package.__all__ and getattr(package, public) is getattr(module, public), (name, public)
+
+
+def test_counts_past_hundred_hyphenated_colors_and_s_plurals():
+    """From a fresh-eyes probe: 'one hundred and fifty dogs' was read as 50 dogs (the number stopped at 'hundred');
+    'a light-blue car' lost its color (one word to the parser); 'lenses' and 'movies' came back 'lense', 'movy'."""
+    from xlard.prompts import parse
+    from xlard.prompts.inflection import pluralize, singularize
+
+    for prompt, shown in (("one hundred and fifty dogs", "'one hundred and fifty'.*is 150"),
+                          ("a hundred and one dogs", "'a hundred and one'.*is 101"),
+                          ("a photo of one hundred one cats", "'one hundred one'.*is 101")):
+        with pytest.raises(ValueError, match=rf"{shown}, more than MAX_COUNT = 100"):
+            parse(prompt)
+    assert [(e.noun, e.count) for e in parse("one hundred dogs").entities] == [("dog", 100)]
+    assert [(e.noun, e.count) for e in parse("two dozen eggs").entities] == [("egg", 24)]
+    spec = parse("two light-blue cars left of a dark-red bus")
+    assert [(e.noun, e.count, e.color) for e in spec.entities] == [("car", 2, "light blue"), ("bus", 1, "dark red")]
+    assert parse("a sky-blue kite").entities[0].color == "sky blue"
+    assert "color" in parse("a light-grey dog").aspects
+    for plural, singular in (("lenses", "lens"), ("octopuses", "octopus"), ("gases", "gas"), ("crises", "crisis"),
+                             ("movies", "movie"), ("cookies", "cookie"), ("houses", "house"), ("puppies", "puppy")):
+        assert singularize(plural) == singular and pluralize(singular) == plural

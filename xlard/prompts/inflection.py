@@ -29,6 +29,15 @@ _IRREGULAR_PLURALS: Mapping[str, str] = {
     "cactus": "cacti", "fungus": "fungi", "potato": "potatoes",
     "tomato": "tomatoes", "hero": "heroes", "mango": "mangoes", "echo": "echoes",
     "quiz": "quizzes",
+    # -s words whose plural is -ses (the rules read "lenses" as "lense"), and -is words whose plural is -es
+    "lens": "lenses", "gas": "gases", "octopus": "octopuses", "walrus": "walruses", "platypus": "platypuses",
+    "virus": "viruses", "campus": "campuses", "circus": "circuses", "iris": "irises", "canvas": "canvases",
+    "atlas": "atlases", "bonus": "bonuses", "chorus": "choruses", "hippopotamus": "hippopotamuses",
+    "crisis": "crises", "oasis": "oases", "thesis": "theses", "analysis": "analyses",
+    # -ie words (the -ies rule read "movies" as "movy")
+    "movie": "movies", "cookie": "cookies", "brownie": "brownies", "smoothie": "smoothies", "selfie": "selfies",
+    "hoodie": "hoodies", "zombie": "zombies", "rookie": "rookies", "goalie": "goalies", "collie": "collies",
+    "magpie": "magpies", "birdie": "birdies", "beanie": "beanies", "pixie": "pixies", "calorie": "calories",
 }
 _IRREGULAR_SINGULARS: Mapping[str, str] = {p: s for s, p in _IRREGULAR_PLURALS.items()}
 _VOWELS = frozenset("aeiou")

@@ -160,6 +160,16 @@ def read_count(words: Sequence[_Word], pos: int, prompt: str) -> tuple[int, str,
         value *= _SCALES[words[pos + length].text]
         length += 1
         phrase = " ".join(w.text for w in words[pos:pos + length])
+    # "one hundred and fifty", "a hundred one": the number goes on after hundred or more (it stopped at the scale
+    # word, and the rest was read as another count: "one hundred and fifty dogs" was 50 dogs).
+    last = words[pos + length - 1].text if length else text
+    if _SCALES.get(last, 0) >= 100 and pos + length < len(words):
+        k = pos + length + (1 if words[pos + length].text == "and" else 0)
+        rest = _small_number(words, k) if k < len(words) else None
+        if rest is not None:
+            value += rest[1]
+            length = k + rest[0] - pos
+            phrase = " ".join(w.text for w in words[pos:pos + length])
     if pos + length < len(words) and words[pos + length].text in UNIT_WORDS:
         return length + 1, "measure", None
     # "one and a half apples": the whole number is not the count.

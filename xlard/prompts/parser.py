@@ -186,6 +186,10 @@ def _color_table() -> dict[tuple[str, ...], str]:
             table[(modifier, word)] = f"{modifier} {canonical}"
     for compound in COMPOUND_COLORS:
         table[tuple(compound.split())] = compound
+    # "light-blue", "sky-blue": one word to the tokenizer of prompts; it matched no color and was dropped silently
+    for key, canonical in list(table.items()):
+        if len(key) > 1:
+            table.setdefault(("-".join(key),), canonical)
     return table
 
 
