@@ -152,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     problem = _io.unwritable_output(files={"--json": args.json, "--markdown": args.markdown})
     if problem:  # now, not after minutes of benchmarks
         parser.error(problem)
+    # an output that is the input (or the other output) replaced the benchmark data with the summary
+    given = [(flag, value) for flag, value in (("--from-json", args.from_json), ("--json", args.json),
+                                               ("--markdown", args.markdown)) if value is not None]
+    for i, (flag, value) in enumerate(given):
+        for other, other_value in given[i + 1:]:
+            if os.path.realpath(value) == os.path.realpath(other_value):
+                parser.error(f"{other}: {other_value} is the same file as {flag}; give another path")
     if args.from_json is not None:
         try:
             with open(args.from_json, encoding="utf-8") as fh:

@@ -52,14 +52,17 @@ while [ $# -gt 0 ]; do
     --skip-build) SKIP_BUILD=1 ;;
     --budget)
       [ $# -ge 2 ] || usage_error "--budget needs a number of seconds"
-      case "$2" in ''|*[!0-9]*) usage_error "--budget must be a whole number of seconds, got '$2'" ;; esac
+      # digits only, and no leading zero: bash arithmetic reads 0100 as octal (64 s) and fails on 0900 after $OUT
+      case "$2" in ''|*[!0-9]*|0?*) usage_error "--budget must be a whole number of seconds (no leading zero), got '$2'" ;; esac
       [ "$2" -ge 60 ] || usage_error "--budget must be at least 60 seconds (the build alone takes longer), got $2"
       BUDGET="$2"; shift ;;
     --steps)
       [ $# -ge 2 ] || usage_error "--steps needs a list such as tests,bench"
+      named=0
       for step in ${2//,/ }; do
-        case "$step" in tests|bench|sanitizer|compiled) ;; *) usage_error "--steps: unknown step '$step'" ;; esac
+        case "$step" in tests|bench|sanitizer|compiled) named=1 ;; *) usage_error "--steps: unknown step '$step'" ;; esac
       done
+      [ "$named" = 1 ] || usage_error "--steps names no step, got '$2' (choose from tests,bench,sanitizer,compiled)"
       ONLY="$2"; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) usage_error "unknown argument $1" ;;

@@ -351,6 +351,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         torch.set_rng_state(ck["torch_rng"])
         random.setstate(ck["python_rng"])
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr, flush=True)
+        # the rows logged after this checkpoint are logged again by the replay: the first copies go
+        _io.trim_jsonl(work / "metrics.jsonl", lambda row: row.get("step", 0) <= step, owner="--work-dir")
     else:
         elapsed = setup_seconds  # --minutes budgets the whole run, the VAE pool included
     metrics = open(work / "metrics.jsonl", "a")

@@ -75,3 +75,16 @@ def test_report_checks_its_files_before_running_benchmarks(tmp_path, capsys, mon
     assert report.main(["--from-json", str(bench), "--json", str(tmp_path / "s.json"),
                         "--markdown", str(tmp_path / "s.md")]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["rows"] and "| g | xlard |" in (tmp_path / "s.md").read_text()
+    # an output that is the input replaced the benchmark data with the summary (exit 0); or the other output
+    kept = bench.read_text()
+    for argv, text in ((["--from-json", str(bench), "--json", str(bench)], "--json: .*bench.json is the same file "
+                                                                             "as --from-json"),
+                       (["--from-json", str(bench), "--markdown", str(tmp_path / "." / "bench.json")],
+                        "--markdown: .* is the same file as --from-json"),
+                       (["--from-json", str(bench), "--json", str(tmp_path / "o"), "--markdown", str(tmp_path / "o")],
+                        "--markdown: .* is the same file as --json")):
+        with pytest.raises(SystemExit) as e:
+            report.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and re.search(text, err), (argv, err)
+    assert bench.read_text() == kept and not (tmp_path / "o").exists()

@@ -200,7 +200,7 @@ def test_user_errors_name_the_argument_and_the_fix(tmp_path, capsys, monkeypatch
     teal = tmp_path / "teal.jsonl"
     teal.write_text(json.dumps({"tag": "colors", "prompt": "a teal circle",
                                 "include": [{"class": "circle", "count": 1, "color": "teal"}]}) + "\n")
-    world = ("--prompts", "record 0", "is not a class of this world", "known: circle")
+    world = ("--prompts", "dragons.jsonl:1:", "is not a class of this world", "known: circle")
     cases += [
         (["render", tmp_path / "g", "--prompts", dragons], world),
         (["eval", "--backbone", "shapes", "--prompts", dragons, "--out", tmp_path / "g"], world),

@@ -25,10 +25,15 @@ def _run(tmp_path, *args):
 
 @pytest.mark.parametrize("args, words", [
     (["--budget"], "--budget needs a number of seconds"),
-    (["--budget", "abc"], "--budget must be a whole number of seconds, got 'abc'"),
-    (["--budget", "-5"], "--budget must be a whole number of seconds, got '-5'"),
+    (["--budget", "abc"], "--budget must be a whole number of seconds (no leading zero), got 'abc'"),
+    (["--budget", "-5"], "--budget must be a whole number of seconds (no leading zero), got '-5'"),
     (["--budget", "30"], "--budget must be at least 60 seconds (the build alone takes longer), got 30"),
+    # bash arithmetic read 0100 as octal (a 64 s budget) and failed on 0900 after making $OUT
+    (["--budget", "0100"], "--budget must be a whole number of seconds (no leading zero), got '0100'"),
+    (["--budget", "0900"], "--budget must be a whole number of seconds (no leading zero), got '0900'"),
     (["--steps", "tests,foo"], "--steps: unknown step 'foo'"),
+    (["--steps", ",,"], "--steps names no step, got ',,' (choose from tests,bench,sanitizer,compiled)"),
+    (["--steps", ""], "--steps names no step, got '' (choose from tests,bench,sanitizer,compiled)"),
     (["--frobnicate"], "unknown argument --frobnicate"),
 ])
 def test_a_usage_mistake_is_one_line_exit_64_and_creates_nothing(tmp_path, args, words):

@@ -278,3 +278,15 @@ def test_json_is_strict_nan_and_infinity_as_null(tmp_path):
         raise ValueError(name)
 
     assert json.loads(path.read_text(), parse_constant=strict)["b"] == [None, None, 1.5]
+
+
+def test_trim_jsonl_cuts_after_the_last_row_it_keeps(tmp_path):
+    from xlard import _io
+
+    log = tmp_path / "m.jsonl"
+    assert _io.trim_jsonl(log, lambda r: True) == 0 and not log.exists()  # no file: nothing to do
+    log.write_text('{"step": 1}\n{"event": "checkpoint", "step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    assert _io.trim_jsonl(log, lambda r: r.get("event") == "checkpoint" and r["step"] == 1) == 3
+    assert log.read_text() == '{"step": 1}\n{"event": "checkpoint", "step": 1}\n'
+    assert _io.trim_jsonl(log, lambda r: r.get("step") == 9) == 0  # no such row: unchanged
+    assert log.read_text() == '{"step": 1}\n{"event": "checkpoint", "step": 1}\n'

@@ -587,9 +587,12 @@ def test_validate_record_options_and_what_it_keeps():
               "include": [{"class": "dog", "count": 3}], "exclude": [{"class": "dog", "count": 4}]}
     # Extra top-level keys are kept; the record itself comes back.
     assert geneval.validate_record(record) is record
-    geneval.validate_record(record, max_count=4)
-    with pytest.raises(ValueError, match=r"^record 12: exclude\[0\]\['count'\] 4 exceeds the limit of 3"):
-        geneval.validate_record(record, max_count=3, index=12)
+    geneval.validate_record(record, max_count=3)  # "exactly 3" is "fewer than 4": the exclude may name max + 1
+    with pytest.raises(ValueError, match=r"^record 12: include\[0\]\['count'\] 3 exceeds the limit of 2"):
+        geneval.validate_record(record, max_count=2, index=12)
+    over = dict(record, exclude=[{"class": "dog", "count": 5}])
+    with pytest.raises(ValueError, match=r"^record 12: exclude\[0\]\['count'\] 5 exceeds the limit of 4"):
+        geneval.validate_record(over, max_count=3, index=12)
     with pytest.raises(ValueError, match="max_count must be None or an integer >= 1"):
         geneval.validate_record(record, max_count=0)
     with pytest.raises(ValueError, match="'dog' is not a class of this world"):

@@ -175,17 +175,20 @@ def test_an_interrupted_run_resumed_trains_as_the_uninterrupted_one(tmp_path, mo
     assert train.main(args + ["--work-dir", str(whole), "--out", str(tmp_path / "o1")]) == 0
     real = train.Trainer.checkpoint
 
-    def stop_after_step_3(self):  # Ctrl-C right after the checkpoint of UNet step 3
-        real(self)
-        if self.phase == "unet" and self.step == 3:
+    def stop_at_step_4(self):  # Ctrl-C after UNet step 4 was logged, before its checkpoint: 3 is the last one
+        if self.phase == "unet" and self.step == 4:
             raise KeyboardInterrupt
+        real(self)
 
-    monkeypatch.setattr(train.Trainer, "checkpoint", stop_after_step_3)
+    monkeypatch.setattr(train.Trainer, "checkpoint", stop_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--work-dir", str(cut), "--out", str(tmp_path / "o2")])
     monkeypatch.setattr(train.Trainer, "checkpoint", real)
-    assert sorted(losses(cut)) == [1, 2, 3]
+    assert sorted(losses(cut)) == [1, 2, 3, 4]
     assert train.main(args + ["--work-dir", str(cut), "--out", str(tmp_path / "o2"), "--resume"]) == 0
+    # the replayed step 4 is logged once (its row from before the interruption stood beside the replay's)
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("phase") == "unet" and "loss" in r] == [1, 2, 3, 4, 5]
     a, b = losses(whole), losses(cut)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     for step in a:

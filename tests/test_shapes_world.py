@@ -417,9 +417,19 @@ def test_read_jsonl_errors_name_the_line(tmp_path):
     path.write_text(json.dumps(_GOOD) + "\n\n{not json}\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:3: invalid JSON"):
         P.read_jsonl(path)
-    path.write_text(json.dumps(_GOOD) + "\n" + json.dumps({"tag": "x", "include": [], "prompt": ""}) + "\n")
-    with pytest.raises(ValueError, match=r"record 1: 'tag' must be one of"):
+    # the line, after a blank one (a 0-based record index was named: "record 1", off by one and more)
+    path.write_text(json.dumps(_GOOD) + "\n\n" + json.dumps({"tag": "x", "include": [], "prompt": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: 'tag' must be one of"):
         P.read_records(path)
+    # numbers beyond Python's digit limit and arrays nested past the recursion limit: named by line too
+    path.write_text(json.dumps(_GOOD) + "\n" + '{"count": ' + "9" * 5001 + "}\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
+        P.read_jsonl(path)
+    path.write_text("[" * 100000 + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: invalid JSON"):
+        P.read_jsonl(path)
+    # counts past the number words (11 was a KeyError)
+    assert P.noun_phrase("circle", 11, "red") == "11 red circles"
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -436,3 +446,13 @@ def test_a_scene_at_capacity_is_laid_out(seed):
     assert all(config.border <= b[1] and b[3] <= config.image_size - config.border for b in boxes)
     again = W.compose_scene([W.ObjectGroup("circle", n - 5, "red"), W.ObjectGroup("square", 5)], (), seed, config)
     assert again == scene  # seeded
+
+
+def test_counting_starts_at_two_so_the_splits_share_no_prompt():
+    """count_range (1, 8) made counting prompts of one object that read as single_object/colors ones; the splits,
+    grouped by tag, then shared 'a photo of a triangle'."""
+    with pytest.raises(ValueError, match=r"count_range must satisfy 2 <= lo <= hi <= 8 \(a count of 1 is a "
+                                         r"single_object prompt\), got \(1, 8\)"):
+        P.PromptConfig(count_range=(1, 8))
+    splits = P.make_splits(P.PromptConfig(count_range=(2, 8)), seed=0)
+    assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["heldout"]}

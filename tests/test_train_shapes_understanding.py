@@ -110,8 +110,13 @@ def test_tiny_run_exports_weights_and_resumes(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     capsys.readouterr()
+    # rows logged after the checkpoint (an interrupted run's last steps) are replayed: they were logged twice
+    with open(tmp_path / "work" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + '{"step": 5, "lo')
     assert T.main(args) == 0  # the finished checkpoint is picked up, not retrained
     assert "resumed at step 3" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     with pytest.raises(ValueError, match="another config"):
         T.train(T.parse_args(args[:-2] + ["--log-every", "2"]))
     # a diverged run stops before exporting (it wrote NaN weights and exited 0)

@@ -37,7 +37,7 @@ import shutil
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = [
     "check_output_path",
@@ -436,6 +436,33 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, owner: str = "
     if not isinstance(text, str):
         raise TypeError(f"{owner}: text must be a str, got {type(text).__name__}")
     return atomic_write_bytes(path, text.encode("utf-8"), owner=owner, make_parents=make_parents)
+
+
+def trim_jsonl(path: str | os.PathLike[str], upto: Callable[[dict], bool], *, owner: str = "xlard") -> int:
+    """Cut a JSONL log after its last row for which ``upto(row)`` holds (rewritten atomically); returns how many
+    rows were dropped. A resumed run replays the steps after its checkpoint, and their first rows, logged before
+    the interruption, stood twice in the log with other values. Without such a row (or without the file) nothing
+    changes; a line that is not a JSON object (a cut last line) counts as a row ``upto`` rejects.
+
+    Example:
+        >>> trim_jsonl(work / "metrics.jsonl", lambda row: row.get("step", 0) <= checkpoint_step)  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    last = -1
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and upto(row):
+            last = i
+    if last < 0 or last == len(lines) - 1:
+        return 0
+    atomic_write_text(path, "".join(line + "\n" for line in lines[:last + 1]), owner=owner)
+    return len(lines) - 1 - last
 
 
 #: The files that mark each kind of xlard output folder (the first present names the run).

@@ -172,8 +172,9 @@ def validate_record(
     exclude = record.get("exclude", [])
     if not isinstance(exclude, (list, tuple)):
         raise ValueError(f"{where}'exclude' must be a list, got {exclude!r}")
-    for i, item in enumerate(exclude):
-        _check_object_item(item, where, f"exclude[{i}]", None, class_set, color_set, max_count)
+    for i, item in enumerate(exclude):  # "exactly n" is "fewer than n + 1": an exclude may name max_count + 1
+        _check_object_item(item, where, f"exclude[{i}]", None, class_set, color_set,
+                           None if max_count is None else max_count + 1)
     return record
 
 
@@ -215,6 +216,8 @@ def read_jsonl(path: str | os.PathLike[str], *, validate: bool = True) -> list[d
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            except (ValueError, RecursionError) as exc:  # a number of 5000 digits, arrays nested 100000 deep
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({' '.join(str(exc).split())[:200]})") from None
             if validate:
                 try:
                     validate_record(record)

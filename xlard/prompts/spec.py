@@ -418,8 +418,12 @@ class PromptSpec:
         before its subject: items keep the entities' order except that an
         object is moved ahead of its subject when needed ("a dog right of a
         teddy bear" gives ``[teddy bear, dog (right of 0)]``, as GenEval's
-        own metadata writes it). A record read by :func:`from_geneval` comes
-        back unchanged.
+        own metadata writes it). A record in GenEval's own form read by
+        :func:`from_geneval` comes back unchanged: its prompt, tag and include
+        items, and for counting the "exactly n" exclude (count + 1). Other
+        exclude clauses (an "at least n" counting record without one, an
+        exclude of another count or class) and extra keys are not kept: the
+        spec holds what the prompt asks, and this writes GenEval's convention.
 
         Args:
             tag: the record's tag; default: :attr:`tag`, else

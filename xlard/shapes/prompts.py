@@ -43,7 +43,7 @@ class PromptConfig:
 
     Attributes:
         world: the world whose shapes and colors the prompts name.
-        count_range: inclusive range of n in counting prompts (the world draws 1..8).
+        count_range: inclusive range of n in counting prompts, within 2..8 (one object is single_object's).
         counting_colors: also emit colored counting prompts ("three red circles");
             GenEval's own counting prompts have no color, so this is off by default.
         heldout_fraction: share of each tag's prompt groups kept for the held-out split.
@@ -56,8 +56,11 @@ class PromptConfig:
 
     def __post_init__(self) -> None:
         lo, hi = self.count_range
-        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= 8):
-            raise ValueError(f"count_range must satisfy 1 <= lo <= hi <= 8, got {self.count_range}")
+        # a counting prompt of 1 reads exactly as a single_object (or colors) prompt: the splits, grouped by
+        # tag, then shared prompt strings ("a photo of a triangle" in both)
+        if not (isinstance(lo, int) and isinstance(hi, int) and 2 <= lo <= hi <= 8):
+            raise ValueError(f"count_range must satisfy 2 <= lo <= hi <= 8 (a count of 1 is a single_object "
+                             f"prompt), got {self.count_range}")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
@@ -75,7 +78,7 @@ def noun_phrase(cls: str, count: int = 1, color: str | None = None) -> str:
     words = ([color] if color else []) + [cls if count == 1 else _plural(cls)]
     if count == 1:
         return f"{_article(words[0])} {' '.join(words)}"
-    return f"{NUMBER_WORDS[count]} {' '.join(words)}"
+    return f"{NUMBER_WORDS.get(count, str(count))} {' '.join(words)}"  # digits past the words (11 was a KeyError)
 
 
 def describe(include: Sequence[Mapping]) -> str:
@@ -344,12 +347,15 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
 def read_records(path: str | os.PathLike, world: WorldConfig | None = None) -> list[dict]:
     """Read and validate a GenEval JSONL prompt file (against ``world``'s vocabulary when given)."""
     rows = read_jsonl(path)
+    # the file's line of each record (blank lines are skipped by the reader): errors name it, as read_jsonl's do
+    # (they named a 0-based record index, off by one and more after blank lines)
+    with open(path, "rb") as f:
+        lines = [n for n, raw in enumerate(f, start=1) if raw.strip()]
     for i, r in enumerate(rows):
         try:
-            validate_record(r, classes=world.shapes if world else None,
-                            colors=world.colors if world else None, index=i)
+            validate_record(r, classes=world.shapes if world else None, colors=world.colors if world else None)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise ValueError(f"{path}:{lines[i] if i < len(lines) else i + 1}: {e}") from None
     return rows
 
 
