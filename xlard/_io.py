@@ -465,8 +465,12 @@ def trim_jsonl(path: str | os.PathLike[str], upto: Callable[[dict], bool], *, ow
     return len(lines) - 1 - last
 
 
+#: The manifest in every output folder the command line writes: which command and settings made it, and
+#: whether it finished (``xlard eval --folder`` refuses an unfinished one).
+MANIFEST_NAME = "xlard-run.json"
+
 #: The files that mark each kind of xlard output folder (the first present names the run).
-_RUN_MARKERS = (("xlard-run.json", None), ("pairs.jsonl", "eval (with a corrector)"), ("demo.json", "demo"),
+_RUN_MARKERS = ((MANIFEST_NAME, None), ("pairs.jsonl", "eval (with a corrector)"), ("demo.json", "demo"),
                 ("ckpt-*.pt", "train"), ("metrics.jsonl", "train"))
 
 

@@ -57,7 +57,7 @@ MAX_SEED = 2**31 - 1
 MAX_BOOTSTRAP = 100_000
 """Most bootstrap resamples (``eval --bootstrap``): each draws an index per record, so memory grows with both."""
 
-MANIFEST_NAME = "xlard-run.json"
+MANIFEST_NAME = _io.MANIFEST_NAME
 """Written into every output folder: which command and settings made it, and whether it finished."""
 _UNIT_NAME = re.compile(r"^\d{5,}$")  # GenEval prompt folders: 00000, 00001, ...
 # generate's files, either form: 0000_seed0.png, ...; with --corrector/--correct also the base and LAM images and

@@ -981,7 +981,7 @@ def _backbone_identity(backbone) -> str:
     return repr(backbone)
 
 
-def _weights_digest(corrector) -> str:
+def _corrector_digest(corrector) -> str:
     """SHA-256 of the corrector's weights and of its config (its rules and ``autocast`` change what the same
     weights do, so a run resumed with them changed is another run)."""
     h = hashlib.sha256()
@@ -1013,16 +1013,12 @@ def _read_rows(path: Path) -> list[PairRow]:
     return rows
 
 
-#: The manifest of a folder of images in GenEval's layout (as the command line writes it, ``xlard.cli``).
-_IMAGES_MANIFEST = "xlard-run.json"
-
-
 def _mark_image_folders(out: Path, complete: bool) -> None:
     """``images/base`` and ``images/corrected`` of a paired run are GenEval folders that ``xlard eval --folder``
     scores; while the run has not judged every pair they hold part of the records, and their manifest says so
     (an interrupted run's images were scored as if complete)."""
     for kind in ("base", "corrected"):
-        _io.atomic_write_json(out / "images" / kind / _IMAGES_MANIFEST,
+        _io.atomic_write_json(out / "images" / kind / _io.MANIFEST_NAME,
                               {"command": "eval (with a corrector)", "settings": {"paired_run": str(out)},
                                "complete": complete}, owner="xlard.evaluation", make_parents=True)
 
@@ -1104,7 +1100,7 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
     if out.exists() and not out.is_dir():
         raise ValueError(_err(fn, f"out {out} exists and is not a folder"))
     settings = {
-        "corrector": corrector_source, "corrector_meta": meta.to_dict(), "corrector_sha256": _weights_digest(corrector),
+        "corrector": corrector_source, "corrector_meta": meta.to_dict(), "corrector_sha256": _corrector_digest(corrector),
         "backbone": _backbone_identity(backbone), "correction_step": meta.correction_step, "alpha": meta.alpha,
         "records": len(records), "records_sha256": _records_digest(records), "seeds": seeds,
         "faithfulness_fraction": faithfulness_fraction, "save_images": bool(save_images),
@@ -1278,7 +1274,7 @@ def run_generate_cli(args, decide=None, start=None, finish=None) -> int:
     out = Path(args.out)
     _io.check_output_path(out / GENERATE_ACTIONS_NAME, owner="--out")  # before any work: a folder there is refused
     corrector, meta, source = _corrector_from_args(args)
-    resuming = bool(decide({"corrector_sha256": _weights_digest(corrector), "alpha": meta.alpha,
+    resuming = bool(decide({"corrector_sha256": _corrector_digest(corrector), "alpha": meta.alpha,
                             "correction_step": meta.correction_step})) if decide is not None else False
     backbone = _backbone_from_args(args, corrector, meta)
     prompts = [p for p in args.prompt for _ in range(args.per_prompt)]

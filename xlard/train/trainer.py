@@ -780,9 +780,9 @@ class Trainer:
         norm. One shared norm let the value loss rescale every policy step (the value head reads the trunk
         through a stop-gradient so that it never moves the policy; a joint clip moved it anyway)."""
         value = getattr(self.corrector, "value_head", None)
-        value_ids = {id(p) for p in value.parameters()} if value is not None else set()
+        head = [p for p in value.parameters() if p.grad is not None] if value is not None else []
+        value_ids = {id(p) for p in head}
         policy = [p for p in self.corrector.parameters() if p.grad is not None and id(p) not in value_ids]
-        head = [p for p in self.corrector.parameters() if p.grad is not None and id(p) in value_ids]
         if self.cfg.optim.max_grad_norm:
             if head:
                 torch.nn.utils.clip_grad_norm_(head, self.cfg.optim.max_grad_norm)
