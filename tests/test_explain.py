@@ -480,3 +480,127 @@ def test_html_report_sections_appear_above_the_cards_with_escaped_headings():
     for bad in ("text", [("only a heading",)], [("h", 3)]):
         with pytest.raises(TypeError, match="sections"):
             render_html_report(items, sections=bad)
+
+
+# --- review 2026-12-06: bad and edge input of the explanation layer -------------------------------------------
+
+def test_numpy_images_are_always_hwc_even_three_rows_tall():
+    import numpy as np
+
+    arr = np.zeros((3, 5, 3), np.uint8)  # 3 rows, 5 columns, RGB
+    arr[0, 4] = (255, 0, 0)
+    png = read_png_bytes(explain.png_bytes(arr))
+    assert tuple(png.shape) == (3, 3, 5)
+    assert png[:, 0, 4].tolist() == [255, 0, 0]
+    assert tuple(read_png_bytes(explain.png_bytes(np.zeros((1, 5, 3), np.uint8))).shape) == (3, 1, 5)
+    with pytest.raises(ValueError, match=r"\[H, W, C\].*got shape \(3, 5, 7\)"):
+        explain.png_bytes(np.zeros((3, 5, 7), np.uint8))
+
+
+def read_png_bytes(data: bytes) -> torch.Tensor:
+    import io
+
+    from PIL import Image
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def test_float64_lams_keep_their_scale():
+    big = normalize_lam(torch.tensor([[1e300, 5e299]], dtype=torch.float64))
+    assert big.dtype == torch.float32 and big.tolist() == [[1.0, 0.5]]
+    tiny = normalize_lam(latent_activation_map(torch.full((1, 4, 2, 2), 1e-160, dtype=torch.float64)))
+    assert torch.equal(tiny, torch.ones(1, 2, 2))
+    up = upsample_lam(torch.tensor([[1e300, 1e300]], dtype=torch.float64), (2, 4))
+    assert up.dtype == torch.float64 and bool(torch.isfinite(up).all())
+
+
+def test_normalize_lam_quantile_on_a_map_over_torch_quantile_limit():
+    torch.manual_seed(0)
+    big = torch.rand(4100, 4100)
+    out = normalize_lam(big, 0.5)
+    ref = torch.median(big.reshape(-1)[:: 1]).item()  # the lower median; the interpolated one is within a cell
+    assert out.shape == big.shape and abs((big / out.clamp(min=1e-9))[out < 1].max().item() - ref) < 1e-3
+    small = torch.rand(3, 50, 50)  # below the limit the two paths agree
+    rows = small.reshape(3, -1)
+    from xlard.explain.lam import _nan_quantile_rows
+    rows[1, :7] = float("nan")
+    with_lib = torch.nanquantile(rows, 0.9, dim=1, keepdim=True)
+    ordered = rows.nan_to_num(float("inf")).sort(dim=1).values
+    valid = (~rows.isnan()).sum(1, keepdim=True)
+    pos = 0.9 * (valid - 1)
+    lo = pos.floor().long()
+    mine = ordered.gather(1, lo) + (ordered.gather(1, (lo + 1).clamp(max=valid - 1)) - ordered.gather(1, lo)) * (pos - lo)
+    torch.testing.assert_close(mine, with_lib)
+    torch.testing.assert_close(_nan_quantile_rows(rows, 0.9), with_lib)
+
+
+@pytest.mark.parametrize("item, pattern", [
+    (dict(prompt=None), r"item 0: prompt must be a str"),
+    (dict(prompt=3), r"item 0: prompt must be a str"),
+    (dict(prompt="a", label=7), r"item 0: label must be a str"),
+    (dict(prompt="a", scores={1: 0.5}), r"item 0: scores keys must be aspect names"),
+    (dict(prompt="a", explanations=5), r"item 0: explanations must be"),
+    (dict(prompt="a", lam=torch.zeros(0, 0)), r"item 0: lam has an empty grid"),
+    (dict(prompt="a", lam=torch.zeros(0, 3)), r"item 0: lam has an empty grid"),
+    (dict(prompt="a", lam=torch.full((3, 3), float("nan"))), r"item 0: lam has no finite value"),
+    (dict(prompt="a", lam=torch.zeros(3, 3, dtype=torch.long)), r"item 0: lam must be a floating-point"),
+])
+def test_html_report_names_the_malformed_item(item, pattern):
+    with pytest.raises((TypeError, ValueError), match=pattern):
+        render_html_report([item])
+
+
+def test_html_report_names_the_item_with_a_bad_image():
+    good = ReportItem("a")
+    with pytest.raises(ValueError, match=r"render_html_report: item 1: .*must be in \[0, 1\]"):
+        render_html_report([good, ReportItem("b", before=torch.rand(3, 4, 4) * 5)])
+    with pytest.raises(ValueError, match=r"render_html_report: item 1: .*non-negative"):
+        render_html_report([good, ReportItem("b", lam=-torch.rand(2, 2) - 0.1)])
+    # explanations None: nothing to show, not a crash
+    assert "No items" not in render_html_report([ReportItem("a", explanations=None)])
+
+
+def test_html_report_replaces_unencodable_characters(tmp_path):
+    path = tmp_path / "r.html"
+    write_html_report(path, [ReportItem("a\ud800b")])
+    assert "a?b" in path.read_text(encoding="utf-8")
+
+
+def test_report_items_checks_shapes():
+    ns = SimpleNamespace
+    with pytest.raises(ValueError, match=r"rewards.scores must be a tensor of shape \[2, 3\]"):
+        report_items(["a", "b"], ns(scores=torch.rand(2)))
+    with pytest.raises(ValueError, match=r"rewards.weights must be a tensor of shape \[2, 3\]"):
+        report_items(["a", "b"], ns(weights=torch.rand(2, 2)))
+    with pytest.raises(ValueError, match=r"rewards.joint must be a tensor of shape \[2\]"):
+        report_items(["a", "b"], ns(joint=torch.rand(2, 2)))
+    with pytest.raises(ValueError, match=r"rewards.scores must be a tensor"):
+        report_items(["a", "b"], ns(scores=[[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]))
+    with pytest.raises(ValueError, match=r"lam must be a Tensor\[B, h, w\], got a tensor of shape \(2, 2\)"):
+        report_items(["a", "b"], lam=torch.rand(2, 2))
+    with pytest.raises(TypeError, match=r"before must be"):
+        report_items(["a", "b"], before=5)
+    with pytest.raises(TypeError, match=r"labels must be"):
+        report_items(["a", "b"], labels="xy")
+    items = report_items(["a", "b"], ns(scores=torch.rand(2, 3), joint=torch.rand(2)), lam=torch.rand(2, 2, 2),
+                         labels=["s0", "s1"])
+    assert [it.label for it in items] == ["s0", "s1"] and items[1].lam.shape == (2, 2)
+
+
+def test_faithfulness_checks_min_gain_and_generator():
+    z0, delta = torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2)
+    reward = lambda z: z.mean(dim=(1, 2, 3))  # noqa: E731
+    for bad in ("x", float("nan"), -1.0, True):
+        with pytest.raises(ValueError, match="min_gain must be a finite number >= 0"):
+            faithfulness(reward, z0, delta, min_gain=bad)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        faithfulness(reward, z0, delta, generator=3)
+
+
+def test_top_lam_mask_refuses_nan_and_selects_a_cell_for_any_positive_fraction():
+    with pytest.raises(ValueError, match="lam must be finite"):
+        top_lam_mask(torch.tensor([[[float("nan"), 1.0, 2.0, 3.0, 4.0]]]), 0.2)
+    assert int(top_lam_mask(torch.rand(1, 5, 5), 1e-12).sum()) == 1
+    assert int(top_lam_mask(torch.rand(1, 5, 5), 0.2).sum()) == 5
+    assert int(top_lam_mask(torch.rand(1, 5, 5), 0.0).sum()) == 0

@@ -290,3 +290,20 @@ def test_trim_jsonl_cuts_after_the_last_row_it_keeps(tmp_path):
     assert log.read_text() == '{"step": 1}\n{"event": "checkpoint", "step": 1}\n'
     assert _io.trim_jsonl(log, lambda r: r.get("step") == 9) == 0  # no such row: unchanged
     assert log.read_text() == '{"step": 1}\n{"event": "checkpoint", "step": 1}\n'
+
+
+def test_a_long_file_name_is_written(tmp_path):
+    name = "L" * 250 + ".png"
+    with _io.atomic_path(tmp_path / name) as tmp:
+        assert tmp.suffix == ".png" and len(tmp.name.encode()) <= 255
+        tmp.write_bytes(b"x")
+    assert (tmp_path / name).read_bytes() == b"x" and leftovers(tmp_path) == []
+
+
+def test_a_trailing_slash_is_a_folder_not_a_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match="ends with a path separator"):
+        _io.check_output_path(f"{tmp_path}/new/")
+    with pytest.raises(IsADirectoryError):
+        with _io.atomic_path(f"{tmp_path}/new/", make_parents=True) as tmp:
+            tmp.write_bytes(b"x")
+    assert not (tmp_path / "new").exists()

@@ -91,10 +91,15 @@ def check_output_path(path: str | os.PathLike[str], owner: str = "xlard") -> Pat
         PosixPath('/home/me/results.jsonl')
     """
     _check_path(owner, path)
-    target = Path(os.path.realpath(os.fspath(path)))
+    text = os.fspath(path)
+    target = Path(os.path.realpath(text))
     try:
         st = os.stat(target)
     except FileNotFoundError:
+        if text.endswith(("/", os.sep)) or (os.altsep and text.endswith(os.altsep)):
+            # realpath drops the slash: "out/new/" would have become a file named "new"
+            raise IsADirectoryError(f"{owner}: {path} ends with a path separator (a folder); give the path of "
+                                    "a file to write") from None
         return target
     except NotADirectoryError:
         raise NotADirectoryError(f"{owner}: cannot write {path}: a part of its folder path is a file, "
@@ -346,6 +351,15 @@ def current_umask() -> int:
 def _new_temp_file(folder: Path, name: str) -> Path:
     # The temporary name keeps the destination's suffix: writers such as cv2.imwrite pick the
     # format from it. Mode 0o666 goes through the umask (mkstemp would force 0o600).
+    # A name near the file system's 255-byte limit leaves no room for the prefix: keep its suffix and as much
+    # of the stem as fits (the temporary name is never seen; the destination keeps its full name).
+    room = 255 - len(".tmp-12345678-".encode())
+    if len(os.fsencode(name)) > room:
+        suffix = "".join(Path(name).suffixes[-2:])
+        if len(os.fsencode(suffix)) > 32:
+            suffix = ""
+        stem = os.fsencode(name)[:room - len(os.fsencode(suffix))].decode(errors="ignore")
+        name = stem + suffix
     for _ in range(100):
         tmp = folder / f".tmp-{secrets.token_hex(4)}-{name}"
         try:

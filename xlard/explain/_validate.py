@@ -27,11 +27,19 @@ def _as_image(fn: str, name: str, image, batched_ok: bool = True) -> torch.Tenso
 
         if isinstance(image, np.ndarray):
             arr = image
-            # numpy images conventionally are HWC; move channels first.
-            if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3):
+            # numpy images are HWC (or HW, gray): channels move first. Whether the first axis is a channel
+            # axis is never guessed: a 3-row image is as likely as a 3-channel one.
+            if arr.ndim == 3:
+                if arr.shape[-1] not in (1, 3, 4):
+                    raise ValueError(_err(fn, f"{name}: a numpy image must be [H, W, C] with 1, 3 or 4 channels "
+                                              f"last (or [H, W]), got shape {arr.shape}; pass a torch.Tensor for "
+                                              f"[C, H, W]"))
                 arr = arr.transpose(2, 0, 1)
             elif arr.ndim == 2:
                 arr = arr[None]
+            else:
+                raise ValueError(_err(fn, f"{name}: a numpy image must be [H, W, C] or [H, W], got shape "
+                                          f"{arr.shape}"))
             image = torch.from_numpy(arr.copy())
         else:
             raise TypeError(_err(fn, f"{name} must be a torch.Tensor [3, H, W] (or a numpy array), "

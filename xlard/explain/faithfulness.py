@@ -5,6 +5,7 @@ random-mask control of the same size.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,6 +129,11 @@ def faithfulness(
         raise ValueError(_err(fn, f"fraction must be in [0, 1], got {fraction!r}"))
     if not bool(torch.isfinite(delta).all()):
         raise ValueError(_err(fn, "delta has non-finite values; the LAM ranking is undefined"))
+    if isinstance(min_gain, bool) or not isinstance(min_gain, numbers.Real) or not math.isfinite(min_gain) \
+            or min_gain < 0:
+        raise ValueError(_err(fn, f"min_gain must be a finite number >= 0, got {min_gain!r}"))
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(_err(fn, f"generator must be a torch.Generator or None, got {type(generator).__name__}"))
     with torch.no_grad():
         zc, lam = ops.residual_correction(z0, delta, alpha)
         mask = top_lam_mask(lam, float(fraction))

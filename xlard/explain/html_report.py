@@ -108,6 +108,8 @@ def _figure(image, caption: str, alt: str, show_size: bool = True) -> str:
 
 
 def _explanation_parts(explanations) -> tuple[dict[str, list[str]], list[str]]:
+    if explanations is None:
+        return {}, []
     if isinstance(explanations, Mapping):
         by_aspect = {str(k): [_sentence(s) for s in (v if isinstance(v, (list, tuple)) else [v])]
                      for k, v in explanations.items()}
@@ -258,9 +260,37 @@ def _check_numbers(fn: str, i: int, item: ReportItem) -> None:
             if not number(value):
                 raise TypeError(_err(fn, f"item {i}: {name}[{aspect!r}] must be a number (None or NaN for an "
                                          f"absent aspect), got {value!r}"))
+        for aspect in table:
+            if not isinstance(aspect, str):
+                raise TypeError(_err(fn, f"item {i}: {name} keys must be aspect names (str), got {aspect!r}"))
     for name in ("joint", "joint_before"):
         if not number(getattr(item, name)):
             raise TypeError(_err(fn, f"item {i}: {name} must be a number or None, got {getattr(item, name)!r}"))
+    if not isinstance(item.prompt, str):
+        raise TypeError(_err(fn, f"item {i}: prompt must be a str, got {type(item.prompt).__name__}"))
+    if item.label is not None and not isinstance(item.label, str):
+        raise TypeError(_err(fn, f"item {i}: label must be a str or None, got {type(item.label).__name__}"))
+    for name in ("explanations", "explanations_before"):
+        value = getattr(item, name)
+        if value is None:
+            continue
+        ok = isinstance(value, (str, list, tuple)) or (isinstance(value, Mapping)
+                                                        and all(isinstance(k, str) for k in value))
+        if not ok:
+            raise TypeError(_err(fn, f"item {i}: {name} must be a sentence, a list of sentences, or a mapping "
+                                     f"of aspect names (str) to sentences, got {type(value).__name__} "
+                                     f"{str(value)[:80]!r}"))
+    lam = item.lam
+    if lam is not None:
+        if not isinstance(lam, torch.Tensor) or lam.dim() != 2 or not lam.is_floating_point():
+            raise TypeError(_err(fn, f"item {i}: lam must be a floating-point tensor [h, w], got "
+                                     f"{tuple(lam.shape) if isinstance(lam, torch.Tensor) else type(lam).__name__}"
+                                     f"{' ' + str(lam.dtype) if isinstance(lam, torch.Tensor) else ''}"))
+        if lam.numel() == 0:
+            raise ValueError(_err(fn, f"item {i}: lam has an empty grid {tuple(lam.shape)}"))
+        if lam.is_meta or not bool(torch.isfinite(lam.detach()).any()):
+            raise ValueError(_err(fn, f"item {i}: lam has no finite value (shape {tuple(lam.shape)}): a diverged "
+                                      f"correction, not an empty one"))
 
 
 def render_html_report(items: Sequence[ReportItem | Mapping[str, Any]], title: str = "xLARD report",
@@ -283,7 +313,13 @@ def render_html_report(items: Sequence[ReportItem | Mapping[str, Any]], title: s
         _check_numbers(fn, i, it)
         normal.append(it)
     esc_title = html.escape(str(title))
-    body = "".join(_item_html(i, it, colormap) for i, it in enumerate(normal))
+    cards = []
+    for i, it in enumerate(normal):
+        try:
+            cards.append(_item_html(i, it, colormap))
+        except (TypeError, ValueError) as exc:  # an image or map of this item: say which
+            raise type(exc)(_err(fn, f"item {i}: {exc}")) from exc
+    body = "".join(cards)
     if not normal:
         body = '<p class="none">No items.</p>'
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -326,4 +362,5 @@ def write_html_report(path: str | os.PathLike, items: Sequence[ReportItem | Mapp
         >>> write_html_report("report.html", [ReportItem("two red apples", before=x0, after=xc,
         ...     lam=lam, scores={"count": 0.9, "color": 0.8}, explanations={"count": ["asked for 2 apples, found 2"]})])
     """
-    _atomic_write(path, render_html_report(items, title, colormap, sections).encode("utf-8"))
+    # errors="replace": a lone surrogate (from a surrogate-escaped file name or argv) becomes "?", not a crash
+    _atomic_write(path, render_html_report(items, title, colormap, sections).encode("utf-8", errors="replace"))

@@ -78,24 +78,40 @@ def normalize_lam(lam: torch.Tensor, quantile: float = 1.0) -> torch.Tensor:
     _check_tensor(fn, "lam", lam, (2, 3))
     if not isinstance(quantile, numbers.Real) or not 0.0 < float(quantile) <= 1.0:
         raise ValueError(_err(fn, f"quantile must be in (0, 1], got {quantile!r}"))
-    x = lam.detach().float()
+    # The scale is found in float64 for a float64 map (1e300 or 1e-160 cells would overflow or vanish in
+    # float32); the result, in [0, 1], is float32 either way.
+    x = lam.detach().to(torch.float64 if lam.dtype == torch.float64 else torch.float32)
     finite = torch.isfinite(x)
     if bool((x[finite] < 0).any()):
         raise ValueError(_err(fn, f"lam must be non-negative (sum_c |delta|), got min {x[finite].min().item():.4g}; "
                                   "pass a magnitude such as x.abs()"))
     x = torch.where(finite, x, torch.zeros_like(x))
     if x.numel() == 0:
-        return x
+        return x.float()
     flat = x.reshape(-1, x.shape[-2] * x.shape[-1])
     if float(quantile) == 1.0:
         scale = flat.amax(dim=1, keepdim=True)
     else:
-        # Non-finite cells are background: push them below every finite cell with NaN-aware quantiles.
-        ranked = torch.where(finite.reshape(flat.shape), flat, torch.full_like(flat, float("nan")))
-        scale = torch.nanquantile(ranked, float(quantile), dim=1, keepdim=True).nan_to_num(0.0)
+        scale = _nan_quantile_rows(torch.where(finite.reshape(flat.shape), flat, torch.full_like(flat, float("nan"))),
+                                   float(quantile)).nan_to_num(0.0)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     out = torch.where(scale > 0, (flat / safe).clamp(0.0, 1.0), torch.zeros_like(flat))
-    return out.reshape(x.shape)
+    return out.reshape(x.shape).float()
+
+
+def _nan_quantile_rows(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.nanquantile(rows, q, dim=1, keepdim=True)`` (linear interpolation; NaN for an all-NaN row) for any
+    row length: the library function refuses inputs of more than 2**24 elements, a 4100 x 4100 map."""
+    if rows.numel() <= 2 ** 24:
+        return torch.nanquantile(rows, q, dim=1, keepdim=True)
+    valid = (~rows.isnan()).sum(1, keepdim=True)                        # finite cells per row
+    ordered = rows.nan_to_num(float("inf")).sort(dim=1).values          # NaN last
+    pos = q * (valid - 1).clamp(min=0).to(rows.dtype)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=(valid - 1).clamp(min=0))
+    below, above = ordered.gather(1, lo), ordered.gather(1, hi)
+    out = below + (above - below) * (pos - lo.to(rows.dtype))
+    return torch.where(valid > 0, out, torch.full_like(out, float("nan")))
 
 
 def upsample_lam(lam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -111,7 +127,7 @@ def upsample_lam(lam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         size ((int, int)): the image's (H, W).
 
     Returns:
-        Tensor[H, W] or Tensor[B, H, W], float32.
+        Tensor[H, W] or Tensor[B, H, W], float32 (float64 for float64 input).
 
     Raises:
         TypeError, ValueError: wrong types, rank, or a non-positive size.
@@ -126,7 +142,7 @@ def upsample_lam(lam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         raise ValueError(_err(fn, f"size must be two positive ints (H, W), got {size!r}"))
     if lam.shape[-1] == 0 or lam.shape[-2] == 0:
         raise ValueError(_err(fn, f"lam has an empty spatial grid {tuple(lam.shape)}"))
-    x = lam.detach().float()
+    x = lam.detach().to(torch.float64 if lam.dtype == torch.float64 else torch.float32)  # 1e300 stays finite
     x4 = x.reshape(-1, 1, x.shape[-2], x.shape[-1])
     out = F.interpolate(x4, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
     return out.reshape(*x.shape[:-2], int(size[0]), int(size[1]))
@@ -151,8 +167,12 @@ def top_lam_mask(lam: torch.Tensor, fraction: float) -> torch.Tensor:
     _check_tensor(fn, "lam", lam, (3,))
     if not isinstance(fraction, numbers.Real) or not 0.0 <= float(fraction) <= 1.0:
         raise ValueError(_err(fn, f"fraction must be in [0, 1], got {fraction!r}"))
+    if lam.is_meta or not bool(torch.isfinite(lam.detach()).all()):
+        raise ValueError(_err(fn, "lam must be finite (a NaN cell would rank first)"
+                              + (", got a meta tensor" if lam.is_meta else "")))
     b, h, w = lam.shape
-    k = min(h * w, math.ceil(float(fraction) * h * w - 1e-9))
+    # ceil(fraction * h * w); the 1e-9 keeps 0.2 * 25 = 5.000000000000001 at 5, and any fraction > 0 selects a cell
+    k = min(h * w, max(math.ceil(float(fraction) * h * w - 1e-9), 1 if float(fraction) > 0 else 0))
     flat = lam.detach().reshape(b, h * w)
     order = torch.argsort(flat, dim=1, descending=True, stable=True)
     mask = torch.zeros_like(flat, dtype=torch.bool)

@@ -118,6 +118,24 @@ def report_items(
                                  + (" (one prompt? pass [prompt])" if isinstance(prompts, str) else "")))
     n = len(prompts)
 
+    def check_batch(seq, name, dims, what):
+        """``seq`` is None, a Tensor of ``dims`` dimensions, or a (non-string) sequence, with n rows."""
+        if seq is None:
+            return
+        if isinstance(seq, torch.Tensor):
+            if seq.dim() != dims:
+                raise ValueError(_err(fn, f"{name} must be {what}, got a tensor of shape {tuple(seq.shape)}"))
+        elif isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+            raise TypeError(_err(fn, f"{name} must be {what} or a sequence of one entry per prompt, got "
+                                     f"{type(seq).__name__}"))
+        if len(seq) != n:
+            raise ValueError(_err(fn, f"{name} has {len(seq)} items, expected {n} (one per prompt)"))
+
+    check_batch(before, "before", 4, "a Tensor[B, 3, H, W]")
+    check_batch(after, "after", 4, "a Tensor[B, 3, H, W]")
+    check_batch(lam, "lam", 3, "a Tensor[B, h, w]")
+    check_batch(labels, "labels", 1, "a Tensor[B]")
+
     def pick(seq, i, name):
         if seq is None:
             return None
@@ -143,6 +161,14 @@ def report_items(
             if rows != n:
                 raise ValueError(_err(fn, f"{name}.{field} has {rows} rows, expected {n} (one per prompt): the "
                                           f"rewards of another batch?"))
+            if field == "explanations":
+                continue
+            want = (n,) if field == "joint" else (n, len(ASPECT_NAMES))
+            shape = tuple(getattr(value, "shape", ()))
+            if not hasattr(value, "shape") or shape != want:  # indexed [i] / [i, k] below
+                raise ValueError(_err(fn, f"{name}.{field} must be a tensor of shape {list(want)} (one row per "
+                                          f"prompt{'' if field == 'joint' else ', one column per aspect ' + str(ASPECT_NAMES)}), "
+                                          f"got {list(shape) if hasattr(value, 'shape') else type(value).__name__}"))
 
     check_result(rewards, "rewards")
     check_result(rewards_before, "rewards_before")
