@@ -98,6 +98,11 @@ def _components_fwd_kernel(
     if MODE == 2:
         lo64 = lo.to(tl.float64)
         span64 = tl.where(hi > lo, hi.to(tl.float64) - lo64, 1.0)  # no split is used when hi <= lo
+        # hi - lo overflows for a float64 map spanning more than the largest double: halves are taken instead
+        halve = (span64 - span64) != 0
+        scale_x = tl.where(halve, 0.5, 1.0)
+        lo64 = tl.where(halve, lo64 * 0.5, lo64)
+        span64 = tl.where(halve, hi.to(tl.float64) * 0.5 - lo64, span64)
         bins = tl.arange(0, 256)
         hist = tl.zeros([256], tl.int32)
         for start in range(0, num_pixels, BLOCK):
@@ -105,7 +110,7 @@ def _components_fwd_kernel(
             inside = p < num_pixels
             x = tl.load(map_ptr + _pixel_offset(p, W, stride_h, stride_w), mask=inside, other=0).to(ACC)
             finite = inside & ((x - x) == 0)
-            b = tl.floor(((x.to(tl.float64) - lo64) / span64) * 256.0)
+            b = tl.floor(((x.to(tl.float64) * scale_x - lo64) / span64) * 256.0)
             b = tl.minimum(tl.maximum(b, 0.0), 255.0).to(tl.int32)
             # Non-finite and padding lanes go to bin 0 and are taken out again (no masked histogram on Triton 3.6).
             hist += tl.histogram(tl.where(finite, b, 0), 256)
@@ -142,7 +147,7 @@ def _components_fwd_kernel(
             elif MODE == 1:
                 fg = fg & (x > cut)
             else:
-                b = tl.floor(((x.to(tl.float64) - lo64) / span64) * 256.0)
+                b = tl.floor(((x.to(tl.float64) * scale_x - lo64) / span64) * 256.0)
                 b = tl.minimum(tl.maximum(b, 0.0), 255.0).to(tl.int32)
                 fg = fg & (b > split)
         tl.store(base + p, tl.where(fg, p, -1), mask=inside)

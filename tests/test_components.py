@@ -378,3 +378,23 @@ def test_torch_func_grad_is_refused_not_zero():
                lambda m: ops.label_components(m)[0].sum() + m.sum()):
         with pytest.raises(RuntimeError, match="not differentiable.*maps"):
             torch.func.grad(fn)(maps)
+
+
+def test_otsu_on_a_float64_map_spanning_beyond_the_largest_double():
+    # hi - lo = inf: every value used to land in bin 0 (a NaN cast to int) and no foreground was found
+    m = torch.tensor([[-1e308, 1e308, 0.0], [1e308, -1e308, 5e307]], dtype=torch.float64)
+    want = m > -1e308  # bins 0, 128, 153, 255: the split falls between -1e308 and 0
+    labels, count = ops.label_components(m, mode="otsu", connectivity=8)
+    assert torch.equal(labels > 0, want) and int(count) == 1
+    ref_labels, ref_count = ref.label_components(m, 0.0, "otsu", 1, 8)
+    assert torch.equal(ref_labels, labels) and int(ref_count) == int(count)
+    raw, _ = torch.ops.xlard.label_components(m, 0.0, "otsu", 1, 8)
+    assert torch.equal(raw, labels)
+
+
+def test_otsu_pixel_cap_without_allocating():
+    huge = torch.empty(1, 1).expand(2**14, 2**13 + 1)  # 2^27 + 2^14 pixels, stride 0: no memory
+    with pytest.raises(ValueError, match=r"mode 'otsu' takes maps of at most 2\*\*27 pixels"):
+        ops.count_components(huge, mode="otsu")
+    with pytest.raises(RuntimeError, match=r"mode 'otsu' takes maps of at most 2\^27 pixels"):
+        torch.ops.xlard.count_components(huge, 0.5, "otsu", 1, 8)

@@ -587,3 +587,46 @@ def test_fake_kernels_check_like_the_cpu_kernels():
         with FakeTensorMode() as mode, pytest.raises(RuntimeError) as traced:
             op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
         assert str(traced.value).splitlines()[0] == str(eager.value).splitlines()[0], op
+
+
+def test_a_python_float_log_std_is_float64_for_float64_inputs():
+    x = torch.zeros(1, 1000, dtype=torch.float64)
+    want = 1000 * (-0.1 - 0.5 * math.log(2 * math.pi))
+    assert abs(ops.gaussian_log_prob(x, x, 0.1).item() - want) < 1e-9
+    with torch.no_grad():
+        z = torch.zeros(1, 1, 1, dtype=torch.float64)
+        assert abs(ops.sample_correction(z, z, 0.1, torch.ones_like(z))[1].item() - math.exp(0.1)) < 1e-12
+
+
+@pytest.mark.parametrize("log_std", [float("nan"), float("inf"), 1e39])
+def test_a_non_finite_or_too_large_float_log_std_is_refused(log_std):
+    x = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="log_std"):
+        ops.gaussian_log_prob(x, x, log_std)
+    with pytest.raises(ValueError, match="log_std"):
+        ops.sample_correction(x.view(1, 1, 4), x.view(1, 1, 4), log_std, torch.ones(1, 1, 4))
+
+
+def test_every_op_takes_meta_tensors_as_the_cpu_does():
+    """Meta tensors (shapes only) go to the registered fake kernels: the same shapes and dtypes as on the CPU."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 3, 3)
+    maps = torch.rand(2, 3, 5, 5)
+    calls = {
+        "label_components": lambda d: ops.label_components(maps.to(d)),
+        "count_components": lambda d: ops.count_components(maps.to(d), mode="otsu"),
+        "component_stats": lambda d: ops.component_stats(maps.to(d), max_components=3),
+        "attention_centroids": lambda d: ops.attention_centroids(maps.to(d)),
+        "position_scores": lambda d: ops.position_scores(torch.rand(2, 3, 2).to(d),
+                                                         torch.tensor([[0, 1, 0], [1, 2, 1]]).to(d)),
+        "color_scores": lambda d: ops.color_scores(torch.rand(2, 6, 8).to(d), torch.rand(2, 3, 8).to(d)),
+        "residual_correction": lambda d: ops.residual_correction(z.to(d), z.to(d), 0.5),
+        "gaussian_log_prob": lambda d: ops.gaussian_log_prob(z.to(d), z.to(d), 0.1),
+        "sample_correction": lambda d: ops.sample_correction(z.to(d), z.to(d), 0.1, z.to(d)),
+    }
+    for name, call in calls.items():
+        cpu, meta = call("cpu"), call("meta")
+        cpu = cpu if isinstance(cpu, tuple) else (cpu,)
+        meta = meta if isinstance(meta, tuple) else (meta,)
+        assert [(t.shape, t.dtype) for t in meta] == [(t.shape, t.dtype) for t in cpu], name
+        assert all(t.is_meta for t in meta), name

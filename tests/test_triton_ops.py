@@ -142,6 +142,8 @@ def oracle_foreground(m: torch.Tensor, threshold: float, mode: str) -> torch.Ten
     if hi <= lo:
         return none
     xd = torch.where(finite, x.double(), torch.zeros((), dtype=torch.float64))
+    if math.isinf(hi - lo):  # a float64 map spanning beyond the largest double: halves (docs/ops.md)
+        xd, lo, hi = xd * 0.5, lo * 0.5, hi * 0.5
     bins = torch.floor(((xd - lo) / (hi - lo)) * 256.0).clamp(0, 255).long()
     hist = torch.bincount(bins[finite], minlength=256).tolist()
     n, total = sum(hist), sum(h * i for i, h in enumerate(hist))
@@ -345,6 +347,8 @@ def test_components_threshold_edge_maps(top, mode):
         "negative": -torch.rand(5, 6) - 0.1, "all_nan": torch.full((3, 3), float("nan")),
         "one_finite": torch.tensor([[float("nan"), 2.0], [float("inf"), float("-inf")]]),
         "ramp_f16": torch.arange(64, dtype=torch.float16).reshape(8, 8) / 7,
+        # hi - lo overflows float64: the halves are binned (docs/ops.md)
+        "beyond_double": torch.tensor([[-1e308, 1e308], [1e308, -1e308]], dtype=torch.float64),
     }
     for name, m in maps.items():
         check_components(top, m, 0.3, mode, 1, 8, what=f"{name} {mode}")

@@ -67,6 +67,10 @@ def check_scalar_fits(op: str, name: str, value, dtype: torch.dtype) -> None:
                          f"{str(dtype).replace('torch.', '')} inputs, which are computed in float32; got {show(value)}")
 
 
+#: Otsu's class sums are exact int64s: 255 * n**2 stays below 2**63 up to n = 2**27 pixels per map (docs/ops.md).
+OTSU_MAX_PIXELS = 2 ** 27
+
+
 def check_components_args(op, maps, threshold, mode, min_area, connectivity, max_components=None) -> None:
     """Validate the arguments of the connected-component ops."""
     check_tensor(op, "maps", maps, FLOAT_DTYPES + MASK_DTYPES, min_dim=2)
@@ -91,6 +95,10 @@ def check_components_args(op, maps, threshold, mode, min_area, connectivity, max
     h, w = maps.shape[-2:]
     if h * w > _INT32_MAX:
         raise ValueError(f"xlard.{op}: one map may hold at most 2**31 - 1 pixels (int32 labels), got {h} x {w}")
+    if mode == "otsu" and h * w > OTSU_MAX_PIXELS:
+        raise ValueError(f"xlard.{op}: mode 'otsu' takes maps of at most 2**27 pixels (its exact int64 class "
+                         f"sums would overflow beyond), got {h} x {w}; use mode 'absolute' or 'relative', or "
+                         f"downsample the map")
 
 
 def check_relative_threshold(name: str, threshold: float) -> None:
@@ -136,7 +144,12 @@ def broadcast_log_std(log_std, x: torch.Tensor, op: str = "gaussian_log_prob") -
     if not isinstance(log_std, torch.Tensor):
         if not isinstance(log_std, numbers.Real) or isinstance(log_std, bool):
             raise TypeError(f"xlard.{op}: log_std must be a float or a tensor, got {type(log_std).__name__}")
-        log_std = torch.tensor(float(log_std), device=x.device)
+        if not is_finite_real(log_std):
+            raise ValueError(f"xlard.{op}: log_std must be a finite number, got {show(log_std)}")
+        check_scalar_fits(op, "log_std", log_std, x.dtype)
+        # in x's accumulation type: float64 inputs keep a float64 log_std (0.1 is not rounded to float32)
+        log_std = torch.tensor(float(log_std), device=x.device,
+                               dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     check_tensor(op, "log_std", log_std, FLOAT_DTYPES)
     if log_std.device != x.device:
         raise ValueError(f"xlard.{op}: log_std must be on {x.device}, got {log_std.device}")

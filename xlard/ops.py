@@ -16,6 +16,8 @@ Example:
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from xlard import _args, _backends, _extension, _registration, _triton_ops
@@ -37,6 +39,8 @@ def _op(name: str, device: torch.device):
         # The same choice as eager mode, made at trace time (and guarded on the provider).
         return _backends.compiled_op(name, device)
     _extension.require_ops()
+    if device.type == "meta":  # shapes only: the ops' registered fake kernels, whatever the provider
+        return getattr(torch.ops.xlard, name)
     packet = _backends.resolve(name, device)
     if torch._C._are_functorch_transforms_active():
         return _registration.functorch_entry(packet)
@@ -201,7 +205,9 @@ def position_scores(centroids, relations, tau=10.0):
         raise ValueError(f"xlard.{op}: relations must have shape [R, 3] or [B, R, 3] with B = {centroids.shape[0]}, "
                          f"got {tuple(relations.shape)}")
     _args.check_same_device(op, centroids=centroids, relations=relations)
-    if not isinstance(tau, (int, float)) or not _args.is_finite_real(tau) or not tau > 0.0:
+    if not isinstance(tau, numbers.Real) or isinstance(tau, bool):
+        raise TypeError(f"xlard.{op}: tau must be a real number (the sigmoid's sharpness), got {type(tau).__name__}")
+    if not _args.is_finite_real(tau) or not tau > 0.0:
         raise ValueError(f"xlard.{op}: tau must be a finite float > 0 (the sigmoid's sharpness: 0 scores every "
                          f"relation 0.5, a negative tau turns every relation around), got {_args.show(tau)}")
     _args.check_scalar_fits(op, "tau", tau, centroids.dtype)

@@ -43,7 +43,12 @@ def foreground(maps: torch.Tensor, threshold: float = 0.5, mode: str = "relative
         lo = torch.where(fin, flat, torch.full_like(flat, math.inf)).amin(-1).double()
         hi = torch.where(fin, flat, torch.full_like(flat, -math.inf)).amax(-1).double()
         span = hi - lo
-        scaled = ((flat.double() - lo[..., None]) / span[..., None]) * 256.0
+        # hi - lo overflows for a float64 map spanning more than the largest double: then halves are taken
+        halved = torch.isinf(span)
+        x = torch.where(halved[..., None], flat.double() * 0.5, flat.double())
+        lo_x = torch.where(halved, lo * 0.5, lo)
+        span = torch.where(halved, hi * 0.5 - lo * 0.5, span)
+        scaled = ((x - lo_x[..., None]) / span[..., None]) * 256.0
         bins = torch.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0).floor().clamp(0, 255).long()
         bins = torch.where(fin, bins, torch.zeros_like(bins))
         hist = torch.zeros(*flat.shape[:-1], 256, dtype=torch.int64, device=v.device)

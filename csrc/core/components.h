@@ -20,11 +20,16 @@ enum class Mode : int { kAbsolute = 0, kRelative = 1, kOtsu = 2, kMask = 3 };
 constexpr int kOtsuBins = 256;
 
 // Bin index of a finite value for Otsu; shared with docs/ops.md word for word:
-// ((double(v) - lo) / (hi - lo)) * 256, floored, clamped to [0, 255].
+// ((double(v) - lo) / (hi - lo)) * 256, floored, clamped to [0, 255]. When hi - lo overflows
+// (a float64 map spanning more than the largest double), the halves are used instead:
+// ((v / 2 - lo / 2) / (hi / 2 - lo / 2)) * 256. The clamp happens in double, before the cast.
 inline int otsu_bin(double v, double lo, double hi) {
-  double scaled = ((v - lo) / (hi - lo)) * 256.0;
-  int b = static_cast<int>(std::floor(scaled));
-  return b < 0 ? 0 : (b > kOtsuBins - 1 ? kOtsuBins - 1 : b);
+  const double span = hi - lo;
+  double scaled = std::isinf(span) ? ((v * 0.5 - lo * 0.5) / (hi * 0.5 - lo * 0.5)) * 256.0
+                                   : ((v - lo) / span) * 256.0;
+  scaled = std::floor(scaled);
+  if (!(scaled > 0.0)) return 0;  // NaN too
+  return scaled > double(kOtsuBins - 1) ? kOtsuBins - 1 : static_cast<int>(scaled);
 }
 
 // The Otsu split over a 256-bin histogram: the first t in 0..254 with the largest

@@ -51,6 +51,10 @@ Params check_inputs(const char* op, const at::Tensor& maps, double threshold, co
   const int64_t h = maps.size(-2), w = maps.size(-1);
   TORCH_CHECK(h * w <= std::numeric_limits<int32_t>::max(), "xlard.", op,
               ": one map may hold at most 2^31 - 1 pixels (labels are int32), got H * W = ", h * w);
+  // Otsu's exact int64 class sums stay below 2^63 up to 2^27 pixels per map (255 * n^2).
+  TORCH_CHECK(m != Mode::kOtsu || h * w <= (int64_t(1) << 27), "xlard.", op,
+              ": mode 'otsu' takes maps of at most 2^27 pixels (its int64 class sums would overflow), got H * W = ",
+              h * w);
   return Params{m, threshold, min_area, connectivity, h * w == 0 ? 0 : maps.numel() / (h * w), h, w};
 }
 

@@ -69,6 +69,10 @@ Checked check_inputs(const char* op, const at::Tensor& maps_in, double threshold
   const int64_t h = maps_in.size(-2), w = maps_in.size(-1);
   TORCH_CHECK(h * w <= kMaxPixels, "xlard.", op, ": the CUDA kernel takes maps of at most 2^30 pixels, got H * W = ",
               h * w, " (the CPU provider takes up to 2^31 - 1)");
+  // Otsu's exact int64 class sums stay below 2^63 up to 2^27 pixels per map (255 * n^2), as on the CPU.
+  TORCH_CHECK(m != cuda::ThresholdMode::kOtsu || h * w <= (int64_t(1) << 27), "xlard.", op,
+              ": mode 'otsu' takes maps of at most 2^27 pixels (its int64 class sums would overflow), got H * W = ",
+              h * w);
   Checked c;
   // The kernel reads each map as one contiguous block; a strided or expanded view is copied once here.
   c.maps = maps_in.contiguous();

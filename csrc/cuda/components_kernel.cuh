@@ -172,11 +172,14 @@ __device__ inline int otsu_split_block(BlockScratch& sc) {
   return score < 0.0 ? -1 : best_t;
 }
 
+// halved: hi - lo overflowed, so lo and span hold lo / 2 and hi / 2 - lo / 2 and v is halved too (docs/ops.md).
+// The clamp happens in double, before the cast (a NaN or huge double cast to int is undefined).
 template <typename A>
-__device__ __forceinline__ int otsu_bin(A v, double lo, double span) {
-  const double scaled = __dmul_rn(__ddiv_rn(__dsub_rn(static_cast<double>(v), lo), span), 256.0);
-  const int b = static_cast<int>(floor(scaled));
-  return b < 0 ? 0 : (b > kBins - 1 ? kBins - 1 : b);
+__device__ __forceinline__ int otsu_bin(A v, double lo, double span, bool halved) {
+  const double x = halved ? __dmul_rn(static_cast<double>(v), 0.5) : static_cast<double>(v);
+  const double scaled = floor(__dmul_rn(__ddiv_rn(__dsub_rn(x, lo), span), 256.0));
+  if (!(scaled > 0.0)) return 0;
+  return scaled > static_cast<double>(kBins - 1) ? kBins - 1 : static_cast<int>(scaled);
 }
 
 // How one block decides foreground for its map; every field is block-uniform.
@@ -186,7 +189,8 @@ struct Threshold {
   bool none;   // no foreground at all
   A cut;       // absolute / relative
   double lo;   // Otsu
-  double span; // hi - lo
+  double span; // hi - lo (or hi / 2 - lo / 2 when halved)
+  bool halved; // hi - lo overflowed: lo, span and every value are taken at half
   int split;   // Otsu t*
 };
 
@@ -199,6 +203,7 @@ __device__ Threshold<acc_t<T>> make_threshold(const T* src, int n, const Compone
   th.cut = std::is_same<A, double>::value ? static_cast<A>(p.threshold_d) : static_cast<A>(p.threshold_f);
   th.lo = 0.0;
   th.span = 1.0;
+  th.halved = false;
   th.split = -1;
   if (p.mode == ThresholdMode::kAbsolute) return th;
   long long kmax = LLONG_MIN, kmin = LLONG_MAX;
@@ -234,6 +239,11 @@ __device__ Threshold<acc_t<T>> make_threshold(const T* src, int n, const Compone
   }
   th.lo = lo;
   th.span = __dsub_rn(hi, lo);
+  if (isinf(th.span)) {
+    th.halved = true;
+    th.lo = __dmul_rn(lo, 0.5);
+    th.span = __dsub_rn(__dmul_rn(hi, 0.5), th.lo);
+  }
   for (int i = threadIdx.x; i < kBins; i += blockDim.x) sc.hist[i] = 0;
   __syncthreads();
   // Warp-aggregated: lanes with the same bin add once (a near-constant map would
@@ -243,7 +253,7 @@ __device__ Threshold<acc_t<T>> make_threshold(const T* src, int n, const Compone
     int bin = -1;
     if (i < n) {
       const A v = to_acc(src[i]);
-      if (is_finite_bits(v)) bin = otsu_bin(v, th.lo, th.span);
+      if (is_finite_bits(v)) bin = otsu_bin(v, th.lo, th.span, th.halved);
     }
     const unsigned peers = __match_any_sync(kFullMask, bin);
     if (bin >= 0 && static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&sc.hist[bin], __popc(peers));
@@ -258,7 +268,7 @@ template <typename T>
 __device__ __forceinline__ bool is_foreground(T raw, const Threshold<acc_t<T>>& th) {
   const acc_t<T> v = to_acc(raw);
   if (!is_finite_bits(v)) return false;
-  if (th.mode == ThresholdMode::kOtsu) return otsu_bin(v, th.lo, th.span) > th.split;
+  if (th.mode == ThresholdMode::kOtsu) return otsu_bin(v, th.lo, th.span, th.halved) > th.split;
   return exact_gt(v, th.cut);
 }
 
