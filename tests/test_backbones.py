@@ -316,6 +316,12 @@ def test_correction_index():
     (dict(capture_encode=1), "capture_encode"),
     (dict(capture=False, capture_encode=True), "capture_encode"),
     (dict(color_encoder=object()), "color_encoder"),
+    (dict(guidance_scale=10**400), "guidance_scale"),  # was a raw OverflowError
+    (dict(correction_step=10**400), "correction_step"),
+    (dict(correction_step=-10**400), "correction_step"),
+    (dict(num_inference_steps=10**12), r"num_inference_steps must be an integer >= 1 and <= 10000"),
+    (dict(height=2**20), "height"),
+    (dict(width=2**20), "width"),
 ])
 def test_bad_constructor_arguments(backbone, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -327,6 +333,10 @@ def test_bad_constructor_arguments(backbone, kwargs, match):
     (dict(torch_dtype="fp16"), "torch_dtype"),
     (dict(device="not-a-device"), "device"),
     (dict(num_inference_steps=-3), "num_inference_steps"),
+    (dict(torch_dtype=torch.int64), "torch_dtype must be a floating"),
+    (dict(torch_dtype=torch.bool), "torch_dtype must be a floating"),
+    (dict(device="xpu"), "device: xpu asked, but xpu is not available"),
+    (dict(guidance_scale=10**400), "guidance_scale"),
 ])
 def test_bad_from_pretrained_arguments_fail_before_loading(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -509,3 +519,41 @@ def test_a_device_this_machine_lacks_is_named_before_loading(tmp_path):
                         (lambda: ClipColorEncoder.from_pretrained("org/model", device="cuda"), "ClipColorEncoder")]:
         with pytest.raises(ValueError, match=rf"{owner}.*device: cuda {why}"):
             load()
+
+
+def test_decode_refuses_a_latent_that_decodes_to_non_finite_images(backbone):
+    """A finite z far off the latents' scale overflowed inside the decode: NaN images, clamped and saved."""
+    mid = _with(backbone, correction_step=0.5, num_inference_steps=4)
+    state = mid.encode(PROMPTS, seed=[1, 2])
+    with pytest.raises(ValueError, match=r"z: decoding gave non-finite images for row\(s\) \[0, 1\]"):
+        mid.decode(state, state.z0 * 1e20)
+    assert bool(torch.isfinite(mid.decode(state, state.z0 * 10).images).all())
+
+
+def test_a_capture_window_that_keeps_no_step_is_named_before_the_denoising(backbone):
+    from xlard.attention import CaptureConfig
+
+    with pytest.raises(ValueError, match=r"capture: .*keeps none of the one readout pass"):
+        _with(backbone, correction_step=1.0, capture=CaptureConfig(steps=(0.5, 1.0)))
+    late = _with(backbone, correction_step=0.25, num_inference_steps=4, capture=CaptureConfig(steps=(0.7, 1.0)))
+    state = late.encode(PROMPTS[:1], seed=0)
+    with pytest.raises(ValueError, match=r"capture: CaptureConfig\(steps=\(0.7, 1.0\)\) keeps none of the 3"):
+        late.decode(state)
+    ok = _with(backbone, correction_step=0.25, num_inference_steps=4, capture=CaptureConfig(steps=(0.5, 1.0)))
+    assert ok.decode(ok.encode(PROMPTS[:1], seed=0)).token_maps is not None
+    assert CaptureConfig(step_indices=(-1,)).kept_steps(4) == [3] and CaptureConfig(step_indices=(5,)).kept_steps(4) == []
+
+
+def test_a_capture_factory_returning_no_context_manager_is_named(backbone):
+    odd = _with(backbone, capture=lambda denoiser, **kw: 5)
+    with pytest.raises(TypeError, match="capture: the factory must return a context manager"):
+        odd.generate(PROMPTS[:1], seed=0)
+
+
+@pytest.mark.parametrize("index", ["{}", '{"_class_name": "NoSuchPipeline"}', "[1, 2]", "{not json"])
+def test_a_malformed_model_index_is_named(tmp_path, index):
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(index)
+    with pytest.raises(ValueError, match="model_id_or_path: .*model_index.json"):
+        DiffusersBackbone.from_pretrained(folder)

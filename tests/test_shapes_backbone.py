@@ -83,6 +83,24 @@ def test_generate_rejects_bad_arguments():
         backbone.generate(["a photo of a circle"], seed=-1, pipeline=object())
     with pytest.raises(ValueError, match="steps"):
         backbone.generate(["a photo of a circle"], steps=0, pipeline=object())
+    one = ["a photo of a circle"]
+    for kwargs, words in ((dict(steps=10**6), r"steps must be an int in \[1, 10000\]"),
+                          (dict(guidance=float("nan")), "guidance must be a finite number"),  # silently no CFG
+                          (dict(guidance=float("inf")), "guidance must be a finite number"),  # black images
+                          (dict(guidance="5"), "guidance must be a finite number"),
+                          (dict(seed=2**64), "seed must be a non-negative int"),
+                          (dict(batch_size="2"), "batch_size must be an int")):
+        with pytest.raises(ValueError, match=words):
+            backbone.generate(one, pipeline=object(), **kwargs)
+    with pytest.raises(ValueError, match=r"seed \+ 1 \(one seed per prompt\) at most 2\*\*64 - 1"):
+        backbone.generate(one * 2, seed=2**64 - 1, pipeline=object())
+
+
+def test_load_pipeline_checks_dtype_and_device_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        backbone.load_pipeline(dtype="float16", path=tmp_path / "nope")
+    with pytest.raises(ValueError, match="load_pipeline: device"):
+        backbone.load_pipeline(device="gpu", path=tmp_path / "nope")
 
 
 def test_missing_weights_name_the_training_command(tmp_path, monkeypatch):

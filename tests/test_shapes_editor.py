@@ -384,4 +384,3 @@ def test_dilate_and_emptiest_match_their_plain_references():
         for size in (5, 9):
             assert _emptiest(occupied, size) == emptiest_reference(occupied, size)
     assert _emptiest(np.ones((16, 16), bool), 5) is None and _emptiest(np.zeros((4, 4), bool), 9) is None
-

@@ -222,6 +222,15 @@ def missing_device(device: torch.device) -> str | None:
         return None
     if device.type == "mps":
         return None if torch.backends.mps.is_available() else f"{device} asked, but MPS is not available here"
+    backend = getattr(torch, device.type, None)  # torch.xpu, torch.mtia, ...: their is_available() tells
+    available = getattr(backend, "is_available", None)
+    if callable(available):
+        try:
+            ok = bool(available())
+        except Exception:  # noqa: BLE001 - a backend that cannot even answer is not available
+            ok = False
+        if not ok:
+            return f"{device} asked, but {device.type} is not available in this torch"
     return None  # other device types: torch names what it cannot do
 
 

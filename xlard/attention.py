@@ -292,6 +292,16 @@ class CaptureConfig:
 # The probability computation
 # ---------------------------------------------------------------------------
 
+    def kept_steps(self, num_steps: int) -> list[int]:
+        """The step indices of a run of ``num_steps`` denoising steps that this config records (``steps`` window
+        or ``step_indices``), e.g. to check before a run that it records anything."""
+        if self.step_indices is not None:  # as AttentionCapture selects them: with a negative index, all modulo n
+            if any(i < 0 for i in self.step_indices):
+                return sorted({i % num_steps for i in self.step_indices})
+            return sorted(i for i in set(self.step_indices) if i < num_steps)
+        start, end = self.steps
+        return [i for i in range(num_steps) if start <= i / num_steps and (i / num_steps < end or end == 1.0)]
+
 
 def _additive_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """An SDPA-style mask (bool: True attends; float: added) as a float32 4D bias, right-aligned."""

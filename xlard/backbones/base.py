@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from xlard._args import is_finite_real
 from xlard.prompts import PromptSpec
 
 __all__ = [
@@ -81,8 +82,7 @@ def correction_index(correction_step: float, num_steps: int) -> int:
 
 def check_correction_step(correction_step: Any) -> float:
     """Validate ``correction_step`` (a real number in (0, 1]) and return it as a float."""
-    if (not isinstance(correction_step, numbers.Real) or isinstance(correction_step, bool)
-            or not math.isfinite(correction_step) or not 0.0 < correction_step <= 1.0):
+    if not is_finite_real(correction_step) or not 0.0 < correction_step <= 1.0:
         raise ValueError(
             f"correction_step must be a number in (0, 1] (the fraction of denoising steps run before the "
             f"correction; 1.0 = the final clean latent), got {correction_step!r}"

@@ -51,6 +51,7 @@ import contextlib
 import copy
 import importlib.util
 import inspect
+import json
 import math
 import numbers
 import os
@@ -59,7 +60,7 @@ from typing import Any
 
 import torch
 
-from xlard._args import as_device, model_location
+from xlard._args import as_device, is_finite_real, model_location
 from xlard._optional import require
 from xlard.backbones.base import (Backbone, BackboneState, Decoded, PromptEmbedding, Seed, _as_prompt_list,
                                   check_correction_step, correction_index, generator_states, make_generators,
@@ -641,6 +642,29 @@ def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeli
     return f"{name!r} is not a local folder and not a loadable hub model; {fix}; or give {instead} ({reason})"
 
 
+def _check_model_index(location: str) -> None:
+    """A local pipeline folder's ``model_index.json`` must be a JSON object naming its pipeline class (``{}``, a
+    list or an unknown class failed deep in diffusers with a KeyError or an AttributeError)."""
+    index = os.path.join(location, "model_index.json")
+    if not os.path.isfile(index):
+        return  # a hub id: diffusers reads it
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model_id_or_path: {index} is not readable JSON ({exc})") from None
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model_id_or_path: {index} must be a JSON object with a \"_class_name\" naming the "
+                         f"pipeline class (as pipeline.save_pretrained writes it), got "
+                         f"{type(data).__name__ if not isinstance(data, dict) else 'no _class_name'}")
+    import diffusers
+
+    if not hasattr(diffusers, name):
+        raise ValueError(f"model_id_or_path: {index} names pipeline class {name!r}, which this diffusers "
+                         f"({diffusers.__version__}) does not have")
+
+
 def _check_text_dtypes(pipeline, dtype: torch.dtype) -> None:
     """The text encoders must run in the denoiser's dtype (their outputs condition it); a mix (a float16 text
     encoder beside a float32 UNet) failed inside the first denoising step ("mat1 and mat2 must have the same
@@ -655,11 +679,20 @@ def _check_text_dtypes(pipeline, dtype: torch.dtype) -> None:
                                  f"pipeline.to(dtype={dtype}))")
 
 
+#: Upper bounds of the sizes a backbone takes: past them a run allocates terabytes or runs for days before it
+#: fails (the CLI's ``--steps`` has the same bound).
+MAX_STEPS = 10_000
+MAX_SIDE = 16_384
+_MAXIMA = {"num_inference_steps": MAX_STEPS, "height": MAX_SIDE, "width": MAX_SIDE}
+
+
 def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
         return None
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    top = _MAXIMA.get(name)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1 \
+            or (top is not None and value > top):
+        raise ValueError(f"{name} must be an integer >= 1{f' and <= {top}' if top else ''}, got {value!r}")
     return int(value)
 
 
@@ -670,8 +703,7 @@ MAX_GUIDANCE = 1000.0
 def _check_guidance(value: Any) -> float | None:
     if value is None:
         return None
-    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
-            or not 0 <= value <= MAX_GUIDANCE):
+    if not is_finite_real(value) or not 0 <= value <= MAX_GUIDANCE:
         # far above any model's useful range the guided noise overflows: NaN latents, blamed on the decode
         raise ValueError(f"guidance_scale must be a finite number in [0, {MAX_GUIDANCE:g}], got {value!r}")
     return float(value)
@@ -687,6 +719,13 @@ def _default_capture_factory(config):
     from xlard.attention import AttentionCapture
 
     def factory(denoiser, *, num_steps: int, cfg: bool):
+        if not config.kept_steps(num_steps):  # else "no attention map was recorded", after all the denoising
+            what = (f"step_indices={config.step_indices}" if config.step_indices is not None
+                    else f"steps={config.steps}")
+            raise ValueError(f"capture: CaptureConfig({what}) keeps none of the {num_steps} denoising step(s) this "
+                             f"backbone records after the correction (the window counts those steps; after a "
+                             f"correction at the last step there is one readout pass, step 0 of 1): widen the "
+                             f"window, e.g. steps=(0.0, 1.0), or lower correction_step")
         return AttentionCapture(denoiser, config, num_steps=num_steps, cfg=cfg)
 
     return factory
@@ -703,7 +742,14 @@ def _capture_factory(capture: Any):
     if isinstance(capture, CaptureConfig):
         return _default_capture_factory(capture)
     if callable(capture):
-        return capture
+        def checked(denoiser, *, num_steps: int, cfg: bool):
+            made = capture(denoiser, num_steps=num_steps, cfg=cfg)
+            if not (hasattr(made, "__enter__") and hasattr(made, "__exit__") and callable(getattr(made, "maps", None))):
+                raise TypeError(f"capture: the factory must return a context manager with .maps() (as "
+                                f"xlard.attention.AttentionCapture), got {type(made).__name__}")
+            return made
+
+        return checked
     raise ValueError(
         "capture must be None (record every text token), False (no maps), an xlard.attention.CaptureConfig, "
         f"or a factory (denoiser, *, num_steps, cfg) -> context manager with .maps(); got {type(capture).__name__}"
@@ -798,6 +844,13 @@ class DiffusersBackbone(Backbone):
                 "EulerDiscreteScheduler/DDIMScheduler/DPMSolverMultistepScheduler, or correction_step=1.0"
             )
         self._capture_factory = _capture_factory(capture)
+        from xlard.attention import CaptureConfig
+
+        if isinstance(capture, CaptureConfig) and self.correction_step == 1.0 and not capture.kept_steps(1):
+            # known now: at correction_step 1 the maps come from one readout pass, step 0 of 1
+            raise ValueError(f"capture: CaptureConfig(steps={capture.steps}, step_indices={capture.step_indices}) "
+                             "keeps none of the one readout pass recorded at correction_step=1.0 (step 0 of 1); "
+                             "use a window starting at 0, e.g. steps=(0.0, 1.0)")
         self.capture_encode = capture_encode
         if capture_encode and self._capture_factory is None:
             raise ValueError("capture_encode=True needs attention capture (capture is False)")
@@ -836,8 +889,9 @@ class DiffusersBackbone(Backbone):
                 there (checked before any loading).
         """
         _require_diffusers()
-        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
-            raise ValueError(f"torch_dtype must be a torch.dtype (e.g. torch.float16) or None, got {torch_dtype!r}")
+        if torch_dtype is not None and (not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point):
+            raise ValueError(f"torch_dtype must be a floating torch.dtype (e.g. torch.float16) or None, got "
+                             f"{torch_dtype!r}")
         device = as_device(device, "DiffusersBackbone.from_pretrained")
         # Fail on bad settings before a possibly long load.
         check_correction_step(correction_step)
@@ -858,8 +912,13 @@ class DiffusersBackbone(Backbone):
                 pipeline_kwargs[key] = value
             else:  # the caller's own low_cpu_mem_usage stands
                 pipeline_kwargs.setdefault(key, value)
+        _check_model_index(model_id_or_path)
         with _unexpected_load_kwargs() as unexpected:
-            pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)
+            try:
+                pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)
+            except (KeyError, AttributeError, TypeError, json.JSONDecodeError) as exc:  # a malformed folder
+                raise ValueError(f"model_id_or_path: {model_id_or_path} could not be loaded as a diffusers "
+                                 f"pipeline ({type(exc).__name__}: {str(exc)[:300]})") from exc
         if unexpected:  # diffusers ignores them with a warning (hidden at our log level): a misspelt option
             raise ValueError(f"DiffusersBackbone.from_pretrained: {unexpected[0]}; check their spelling (this "
                              "backbone's own options: correction_step, num_inference_steps, guidance_scale, "
@@ -1050,11 +1109,13 @@ class DiffusersBackbone(Backbone):
             raise ValueError(f"z must have the shape of state.z0 {tuple(state.z0.shape)}, got {tuple(z.shape)}")
         if z.device != state.z0.device:
             raise ValueError(f"z is on {z.device} but state.z0 is on {state.z0.device}")
+        z = z.detach().to(state.z0.dtype)  # checked in the dtype decoded: 1e5 is finite in float32, not in float16
         finite = torch.isfinite(z)
         if not bool(finite.all()):  # else the images come out black, judged and saved without a word
-            raise ValueError(f"z holds {int((~finite).sum())} NaN or infinite value(s) of {z.numel()}; a latent to "
-                             "decode must be finite (a diverged correction?)")
-        return z.detach().to(state.z0.dtype)
+            raise ValueError(f"z holds {int((~finite).sum())} NaN or infinite value(s) of {z.numel()} in the "
+                             f"backbone's {str(state.z0.dtype).replace('torch.', '')}; a latent to decode must be "
+                             "finite there (a diverged correction?)")
+        return z
 
     @torch.no_grad()
     def decode(self, state: BackboneState, z: torch.Tensor | None = None) -> Decoded:
@@ -1093,6 +1154,12 @@ class DiffusersBackbone(Backbone):
             maps = self._readout(latents, state)
         final = family.to_spatial(latents, self.height, self.width)
         images = family.vae_decode(final, generator, r["cond"]).float()
+        if not bool(torch.isfinite(images).all()):  # a finite z far off the latents' scale overflowed on the way
+            bad = ~torch.isfinite(images.flatten(1)).all(1)
+            raise ValueError(f"z: decoding gave non-finite images for row(s) {bad.nonzero().flatten().tolist()} "
+                             f"(largest |z| {float(z.abs().max()):.3g} against {float(state.z0.abs().max()):.3g} "
+                             "in state.z0): a latent far off the backbone's scale, or a VAE that overflows in "
+                             f"{str(state.z0.dtype).replace('torch.', '')} (load with torch_dtype=torch.float32)")
         features = self.color_encoder.encode_images(images) if self.color_encoder is not None else None
         return Decoded(images=images, latents=final, token_maps=maps, patch_features=features, specs=state.specs,
                        segment_offsets=dict(state.segment_offsets))

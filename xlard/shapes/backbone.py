@@ -106,6 +106,8 @@ def load_pipeline(device: Any = "cpu", path: str | os.PathLike | None = None, dt
     Raises:
         FileNotFoundError: the weights are absent (the message names the
             command that trains them).
+        ValueError: a ``dtype`` that is not a floating torch dtype, or a ``device`` this machine lacks
+            (both checked before loading).
 
     Example:
         >>> pipe = load_pipeline()                                     # doctest: +SKIP
@@ -116,6 +118,12 @@ def load_pipeline(device: Any = "cpu", path: str | os.PathLike | None = None, dt
 
     StableDiffusionPipeline = require("diffusers", "xlard.shapes.backbone.load_pipeline").StableDiffusionPipeline
 
+    from xlard._args import as_device
+
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"load_pipeline: dtype must be a floating torch.dtype (e.g. torch.float16) or None, "
+                         f"got {dtype!r}")
+    device = as_device(device, "load_pipeline") or torch.device("cpu")  # before the load, not after it
     folder = backbone_path(path)
     if not is_available(folder):
         raise FileNotFoundError(not_installed(path))
@@ -148,7 +156,8 @@ def generate(prompts: str | Sequence[str], seed: int = 0, steps: int = DEFAULT_S
         ``uint8 [N, 64, 64, 3]`` RGB images.
 
     Raises:
-        ValueError: no prompts, a negative seed or a bad step count.
+        ValueError: no prompts, a seed out of range (negative, or seed + N - 1 past 2**64 - 1), a step count
+            outside [1, 10000], a guidance that is not a finite number in [0, 1000], or a bad batch size.
 
     Example:
         >>> generate(["a photo of a red circle"], seed=0, steps=20).shape   # doctest: +SKIP
@@ -161,12 +170,19 @@ def generate(prompts: str | Sequence[str], seed: int = 0, steps: int = DEFAULT_S
     prompts = list(prompts)
     if not prompts:
         raise ValueError("generate needs at least one prompt")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from xlard._args import is_finite_real
+    from xlard.backbones.diffusers_backbone import MAX_GUIDANCE, MAX_STEPS
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or seed + len(prompts) - 1 > 2**64 - 1:
+        raise ValueError(f"seed must be a non-negative int with seed + {len(prompts) - 1} (one seed per prompt) "
+                         f"at most 2**64 - 1, got {seed!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an int in [1, {MAX_STEPS}], got {steps!r}")
+    if not is_finite_real(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        # NaN turned guidance off without a word, inf gave black images
+        raise ValueError(f"guidance must be a finite number in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     pipe = pipeline if pipeline is not None else load_pipeline()
     device = pipe.device
     starts = range(0, len(prompts), batch_size)
