@@ -307,3 +307,50 @@ def test_a_trailing_slash_is_a_folder_not_a_file(tmp_path):
         with _io.atomic_path(f"{tmp_path}/new/", make_parents=True) as tmp:
             tmp.write_bytes(b"x")
     assert not (tmp_path / "new").exists()
+
+
+def test_merge_never_leaves_a_half_old_half_new_folder(tmp_path, monkeypatch):
+    """An interruption while merging left the new config.json beside the old weights (merge replaced file by
+    file); now the folder is swapped whole and the old folder's other files are moved in afterwards."""
+    target = tmp_path / "model"
+    with _io.atomic_folder(target) as tmp:
+        (tmp / "config.json").write_text("old")
+        (tmp / "weights").write_text("old")
+        (tmp / "README.md").write_text("mine")
+    real = os.replace
+    calls = []
+
+    def failing(a, b):
+        calls.append((a, b))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(KeyboardInterrupt):
+        with _io.atomic_folder(target, existing="merge") as tmp:
+            (tmp / "config.json").write_text("new")
+            (tmp / "weights").write_text("new")
+    monkeypatch.setattr(os, "replace", real)
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"config.json": "old", "weights": "old",
+                                                                  "README.md": "mine"}
+    with _io.atomic_folder(target, existing="merge") as tmp:
+        (tmp / "config.json").write_text("new")
+        (tmp / "weights").write_text("new")
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"config.json": "new", "weights": "new",
+                                                                  "README.md": "mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or .old folder left
+
+
+def test_atomic_folder_names_the_destination_on_a_system_error(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    with _io.atomic_folder(target) as tmp:
+        (tmp / "a").write_text("old")
+
+    def denied(a, b):
+        raise PermissionError(13, "Permission denied", str(a))
+
+    monkeypatch.setattr(os, "replace", denied)
+    with pytest.raises(PermissionError, match=r"^me: cannot write folder .*model: Permission denied$"):
+        with _io.atomic_folder(target, owner="me", existing="merge") as tmp:
+            (tmp / "a").write_text("new")
+    monkeypatch.undo()
+    assert (target / "a").read_text() == "old"

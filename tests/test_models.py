@@ -371,6 +371,33 @@ def test_load_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing .*model.safetensors"):
         ResidualCorrector.from_pretrained(folder)
     (folder / "model.safetensors").write_bytes(weights)
+    import builtins
+
+    import xlard.models as models_module
+
+    def denied(path, *args, **kwargs):  # chmod 000 as a user that is not root
+        if str(path).endswith("model.safetensors"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:  # a permission problem, not "No such file or directory"
+        mp.setattr(models_module, "open", denied, raising=False)
+        with pytest.raises(PermissionError, match="cannot read .*model.safetensors: Permission denied"):
+            ResidualCorrector.from_pretrained(folder)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"holds non-finite values in 1 tensor\(s\) \(e.g. '{name}'\)"):
+        ResidualCorrector.from_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(weights)
+    huge = dict(config, config={**config["config"], "alpha": 10**400})
+    (folder / "config.json").write_text(json.dumps(huge))
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        ResidualCorrector.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config))
 
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):

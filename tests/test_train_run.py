@@ -150,6 +150,25 @@ def test_shapes_run_writes_everything(tmp_path, shapes, capsys):
     (out / steps[1]).unlink()
     train(tiny_config(out), resume=True, backbone=shapes)  # from step 1: step 2 runs again
     assert load_checkpoint(latest_checkpoint(out))["step"] == 2
+    # A killed checkpoint write's leftover goes on resume (it grew by a checkpoint's size per kill).
+    (out / ".tmp-0badf00d-ckpt-00000003.pt").write_bytes(b"partial")
+    train(tiny_config(out), resume=True, backbone=shapes)
+    assert not list(out.glob(".tmp-*"))
+    # A damaged config.json is named, not a JSON parser's message or a TypeError.
+    good = (out / "config.json").read_text()
+    for bad, words in (("[1]", "must hold the run's config"), (good[:40], "config.json is not valid JSON")):
+        (out / "config.json").write_text(bad)
+        with pytest.raises(ValueError, match=words):
+            train(tiny_config(out), resume=True, backbone=shapes)
+    (out / "config.json").write_text(good)
+    # A checkpoint whose models have another shape (another run's) is named, not a 68-line state_dict error.
+    path = latest_checkpoint(out)
+    state = load_checkpoint(path)
+    key = next(k for k, v in state["corrector"].items() if v.dim() == 2)
+    state["corrector"][key] = torch.zeros(3, 3)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"--resume: .*ckpt-00000002.pt holds models of another shape"):
+        train(tiny_config(out), resume=True, backbone=shapes)
 
 
 @needs_shapes
@@ -631,6 +650,12 @@ def test_a_damaged_only_checkpoint_says_how_to_start_again(tmp_path):
             load_checkpoint(path)
     with pytest.raises(FileNotFoundError):  # a missing file stays a missing file
         load_checkpoint(tmp_path / "ckpt-00000009.pt")
+    # same-length edits of the pickle failed as TypeError, ModuleNotFoundError, AssertionError
+    for old, new in ((b"_rebuild_tensor_v2", b"_rebuild_tensor_v3"), (b"torch._utils", b"torch._u4ils")):
+        if old in data:
+            path.write_bytes(data.replace(old, new))
+            with pytest.raises(ValueError, match="a damaged checkpoint, it cannot be read"):
+                load_checkpoint(path)
 
 
 @needs_shapes

@@ -590,11 +590,12 @@ def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
 
     When ``path`` does not exist (or is an empty folder) it appears with all its
     files at once. When it is a folder with files, ``existing`` decides:
-    ``"refuse"`` raises ``FileExistsError``; ``"merge"`` replaces each top-level
-    file of it atomically with the new one (files the new folder does not hold
-    are kept; top-level entries must be files); ``"replace"`` moves the old
+    ``"refuse"`` raises ``FileExistsError``; ``"replace"`` moves the old
     folder aside, renames the new one into place and then deletes the old one
-    (a reader may briefly find no folder, never a mixed one). On an exception
+    (a reader may briefly find no folder, never a mixed one); ``"merge"`` does
+    the same and then moves the old folder's entries that the new one does not
+    hold into it (kept; the new folder's top-level names must be file paths
+    there), so a model is never left half old, half new. On an exception
     the temporary folder is removed and ``path`` is untouched.
 
     Args:
@@ -629,28 +630,42 @@ def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
             if child.is_file():
                 _fsync_file(child)
         try:
-            os.rename(tmp, target)  # a missing or empty target: the whole folder appears at once
-        except OSError:
-            if not target.is_dir():
-                raise
-            if existing == "refuse":
-                raise FileExistsError(f"{owner}: {path} already holds files") from None
-            if existing == "merge":
-                children = sorted(tmp.iterdir())
-                for child in children:  # every destination checked before the first is replaced
-                    check_output_path(target / child.name, owner)
-                for child in children:
-                    os.replace(child, target / child.name)
-                _fsync_folder(target)
-            else:
+            try:
+                os.rename(tmp, target)  # a missing or empty target: the whole folder appears at once
+            except OSError:
+                if not target.is_dir():
+                    raise
+                if existing == "refuse":
+                    raise FileExistsError(f"{owner}: {path} already holds files") from None
+                new_names = {child.name for child in tmp.iterdir()}
+                if existing == "merge":
+                    for name in sorted(new_names):  # every destination checked before anything moves
+                        check_output_path(target / name, owner)
+                # The whole folder is swapped (two renames), never replaced file by file: an interruption or a
+                # failing write between two files left a new config.json beside the old weights, a folder that
+                # no longer loaded. "merge" then moves the old folder's other entries into the new one.
                 old = _new_temp_folder(target.parent, target.name + ".old")
-                os.replace(target, old)  # onto the fresh empty folder: a rename, nothing copied
+                try:
+                    os.replace(target, old)  # onto the fresh empty folder: a rename, nothing copied
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(old)
+                    raise
                 try:
                     os.rename(tmp, target)
                 except BaseException:
                     os.replace(old, target)
                     raise
+                if existing == "merge":  # an interruption here leaves them in the .old folder beside it, not lost
+                    for child in sorted(old.iterdir()):
+                        if child.name not in new_names:
+                            os.rename(child, target / child.name)
+                    _fsync_folder(target)
                 shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            if exc.errno is None:  # ours (FileExistsError, IsADirectoryError above): already says what and where
+                raise
+            raise _reraise(exc, f"{owner}: cannot write folder {path}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _fsync_folder(target.parent)

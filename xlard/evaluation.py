@@ -105,7 +105,9 @@ def _err(fn: str, message: str) -> str:
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    from xlard._args import is_finite_real
+
+    return is_finite_real(value)  # 10**400 is not finite as a float (was a bare OverflowError)
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class CorrectorMeta:
             raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
         if data.get("format") != CORRECTOR_FORMAT:
             raise ValueError(f"{source}: 'format' must be {CORRECTOR_FORMAT!r}, got {data.get('format')!r}")
-        if data.get("format_version") != CORRECTOR_FORMAT_VERSION:
+        if type(data.get("format_version")) is not int or data.get("format_version") != CORRECTOR_FORMAT_VERSION:
             raise ValueError(f"{source}: format_version {data.get('format_version')!r}; this xlard reads version "
                              f"{CORRECTOR_FORMAT_VERSION}")
         names = [f.name for f in dataclasses.fields(cls)]

@@ -80,7 +80,11 @@ _MAX_FFN_MULT = 64.0
 
 def _check_real(owner: str, name: str, value, low: float = -math.inf, high: float = math.inf,
                 high_open: bool = False, low_open: bool = False) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    try:
+        ok = ok and math.isfinite(value)
+    except OverflowError:  # an int past float's range (10**400 in a config file)
+        ok = False
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
@@ -94,7 +98,11 @@ def _check_bool(owner: str, name: str, value) -> None:
 
 
 class _ConfigBase:
-    """Shared by the two configs: dict round trip that rejects unknown or missing fields."""
+    """Shared by the two configs: dict round trip that rejects unknown fields and missing required ones.
+
+    A field with a default may be missing: it takes the default, which is what versions that predate the field did
+    (so a folder saved before a field existed loads as it behaved then); a change that is not compatible this way
+    raises the files' ``format_version`` instead."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[arg-type]
@@ -836,6 +844,11 @@ class _Pretrained:
             state = st.load_file(str(weights_path), device="cpu")
         except Exception as e:  # safetensors raises its own error type for a corrupt header or truncated data
             raise ValueError(f"{owner}: {weights_path} is not a readable safetensors file ({e})") from None
+        bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:  # else NaN scores or latents later, blamed on the inputs
+            raise ValueError(f"{owner}: {weights_path} holds non-finite values in {len(bad)} tensor(s) (e.g. "
+                             f"{', '.join(repr(k) for k in bad[:3])}): weights of a diverged run; use an earlier "
+                             "checkpoint")
         model.load_state_dict(state, strict=True, assign=True)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
@@ -872,6 +885,11 @@ def _read_safetensors_header(owner: str, st, weights_path: Path) -> dict[str, tu
     """``{name: (shape, dtype)}`` from the file's header alone (no tensor data is read)."""
     from safetensors import safe_open
 
+    try:  # a permission problem is one, not "not a readable safetensors file (No such file or directory)"
+        with open(weights_path, "rb"):
+            pass
+    except OSError as e:
+        raise type(e)(e.errno, f"{owner}: cannot read {weights_path}: {e.strerror}") from None
     try:
         with safe_open(str(weights_path), framework="pt", device="cpu") as f:
             out = {}

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -253,6 +254,10 @@ class Trainer:
         self._held = contextlib.ExitStack()
         if self.is_main:
             self._held.enter_context(_io.folder_lock(self.out, "xlard train --out"))
+            # leftovers of a checkpoint or file write killed mid-way (SIGKILL): never complete, each as large as
+            # a checkpoint; the lock above says no other writer is in the folder
+            for tmp in self.out.glob(".tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         try:
             self._setup(cfg, resume, backbone)
         except BaseException:
@@ -391,7 +396,10 @@ class Trainer:
                                  "pass --resume to continue the run that wrote them, or choose another --out")
         old = None
         if resume and saved.exists():
-            old = json.loads(saved.read_text())
+            old = _io.read_json(saved, owner="--resume", what="the run's config.json")
+            if not isinstance(old, dict):
+                raise ValueError(f"--resume: {saved} must hold the run's config (a JSON object), got "
+                                 f"{type(old).__name__}")
         elif resume and have:  # config.json deleted: the newest checkpoint holds the run's config too
             stored = ckpt.load_checkpoint(have[-1][1]).get("config")
             old = json.loads(json.dumps(stored, default=list)) if isinstance(stored, dict) else None
@@ -1004,8 +1012,13 @@ class Trainer:
         if state["world_size"] != self.world:
             raise ValueError(f"--resume: {path} was written by {state['world_size']} process(es); resume with the "
                              f"same number (got {self.world}) so every process gets its buffer back")
-        self.corrector.load_state_dict(state["corrector"])
-        self.projector.load_state_dict(state["projector"])
+        try:
+            self.corrector.load_state_dict(state["corrector"])
+            self.projector.load_state_dict(state["projector"])
+        except (RuntimeError, KeyError, TypeError) as exc:  # another architecture's (or a foreign) checkpoint
+            reason = " ".join(str(exc).split())[:300]
+            raise ValueError(f"--resume: {path} holds models of another shape than this run's config builds "
+                             f"(a checkpoint of another run?): {reason}") from None
         self.policy_opt.load_state_dict(state["policy_opt"])
         self.projector_opt.load_state_dict(state["projector_opt"])
         self.scheduler.load_state_dict(state["scheduler"])
