@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import numbers
 import os
@@ -1124,22 +1123,6 @@ def _field_hits(text_tokens: torch.Tensor, text_mask: torch.Tensor | None, table
     return (dist < 0.05 * table.norm(dim=1)).any(dim=1)                              # NaN rows: no hit
 
 
-@functools.lru_cache(maxsize=64)
-def _slot_keys(nouns: tuple, colors: tuple) -> tuple:
-    return tuple((k, kind, i, word) for kind, words in (("noun", nouns), ("color", colors))
-                 for k in range(2) for i, word in enumerate(words))
-
-
-@functools.lru_cache(maxsize=64)
-def _field_table(keys: tuple, dim: int) -> torch.Tensor:
-    """``[K, dim]``: per key ``(kind, value, slot kind, slot)`` its field token (value vector + slot vector); cached
-    (the fields corrector reads its tables on every call), read-only by convention: callers copy with ``.to``."""
-    from xlard.prompts.fields import field_vector
-
-    return torch.stack([field_vector(kind, value, dim) + field_vector(slot_kind, slot, dim)
-                        for kind, value, slot_kind, slot in keys])
-
-
 @torch.no_grad()
 def slot_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1152,14 +1135,18 @@ def slot_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask: to
         (nouns [B, 2], colors [B, 2]) int64: the index into ``cfg.reader_nouns`` /
         ``cfg.reader_colors``; -1 for no entity, no color, or a word the reader does not know.
     """
+    from xlard.prompts.fields import field_vector
+
     dim, dev = cfg.text_dim, text_tokens.device
-    keys = _slot_keys(tuple(cfg.reader_nouns), tuple(cfg.reader_colors))
+    keys = [(k, kind, i, word) for kind, words in (("noun", cfg.reader_nouns), ("color", cfg.reader_colors))
+            for k in range(2) for i, word in enumerate(words)]
     b = text_tokens.shape[0]
     nouns = torch.full((b, 2), -1, dtype=torch.long, device=dev)
     colors = torch.full((b, 2), -1, dtype=torch.long, device=dev)
     if not keys:
         return nouns, colors
-    table = _field_table(tuple((kind, word, "slot", f"{k}:{kind}") for k, kind, _, word in keys), dim).to(dev)
+    table = torch.stack([field_vector(kind, word, dim) + field_vector("slot", f"{k}:{kind}", dim)
+                         for k, kind, _, word in keys]).to(dev)                       # [K, dim]
     hit = _field_hits(text_tokens, text_mask, table)
     for j, (k, kind, i, _) in enumerate(keys):
         (nouns if kind == "noun" else colors)[hit[:, j], k] = i
@@ -1179,10 +1166,12 @@ def relation_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask
         ``(-1, -1, -1)`` for a prompt with no such relation; the first of :data:`~xlard.vocab.RELATIONS`
         wins if a prompt has several.
     """
+    from xlard.prompts.fields import field_vector
+
     dim, dev = cfg.text_dim, text_tokens.device
     keys = [(r, a, 1 - a) for r in range(len(RELATIONS)) for a in (0, 1)]
-    table = _field_table(tuple(("relation", RELATIONS[r], "slot", f"relation:{a}->{o}") for r, a, o in keys),
-                         dim).to(dev)
+    table = torch.stack([field_vector("relation", RELATIONS[r], dim) + field_vector("slot", f"relation:{a}->{o}", dim)
+                         for r, a, o in keys]).to(dev)
     hit = _field_hits(text_tokens, text_mask, table)
     out = torch.full((text_tokens.shape[0], 3), -1, dtype=torch.long, device=dev)
     for j in reversed(range(len(keys))):  # the first key found wins
@@ -1362,9 +1351,12 @@ def count_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask: t
     Returns:
         Tensor[B, 2] int64: entity slot k's count (1 .. :data:`MAX_FIELD_COUNT`), -1 for no entity there.
     """
+    from xlard.prompts.fields import field_vector
+
     dim, dev = cfg.text_dim, text_tokens.device
     keys = [(k, n) for k in range(2) for n in range(1, MAX_FIELD_COUNT + 1)]
-    table = _field_table(tuple(("count", n, "slot", f"{k}:count") for k, n in keys), dim).to(dev)
+    table = torch.stack([field_vector("count", n, dim) + field_vector("slot", f"{k}:count", dim)
+                         for k, n in keys]).to(dev)
     hit = _field_hits(text_tokens, text_mask, table)
     out = torch.full((text_tokens.shape[0], 2), -1, dtype=torch.long, device=dev)
     for j, (k, n) in enumerate(keys):

@@ -202,22 +202,20 @@ def _emptiest(occupied: np.ndarray, size: int) -> tuple[int, int] | None:
     occupied = np.asarray(occupied, dtype=bool)
     if size > h or size > w:
         return None
-    ys, xs = np.arange(half, h - size + half + 1), np.arange(half, w - size + half + 1)  # candidate centres
-    cy, cx = np.meshgrid(ys, xs, indexing="ij")
+    cy, cx = np.mgrid[half:h - size + half + 1, half:w - size + half + 1]
     if not occupied.any():
         d = np.minimum.reduce([cy - half, cx - half, h - cy - half, w - cx - half]).astype(np.float64)
     else:
         # Exact squared distance to the nearest occupied pixel, in two passes: the vertical distance within
-        # each column, then the nearest column (d2(y, x) = min over x' of (x - x')^2 + g(y, x')^2), over the
-        # candidate centres only and the columns that hold an occupied pixel (the others are never nearest).
+        # each column, then the nearest column (d2(y, x) = min over x' of (x - x')^2 + g(y, x')^2).
         big = 4 * (h + w)
         rows = np.arange(h)[:, None]
         above = np.maximum.accumulate(np.where(occupied, rows, -big), axis=0)
         below = np.minimum.accumulate(np.where(occupied, rows, big)[::-1], axis=0)[::-1]
-        g2 = np.minimum(rows - above, below - rows)[ys].astype(np.int64) ** 2                  # [centre rows, w]
-        cols = np.flatnonzero(occupied.any(axis=0))
-        d2 = ((xs[:, None] - cols[None, :]) ** 2 + g2[:, None, cols]).min(axis=2)              # [centres]
-        d = np.sqrt(d2.astype(np.float64))
+        g2 = np.minimum(rows - above, below - rows).astype(np.int64) ** 2                       # [h, w]
+        cols = np.arange(w)
+        d2 = ((cols[:, None] - cols[None, :]) ** 2 + g2[:, None, :]).min(axis=2)               # [h, w]
+        d = np.sqrt(d2[cy, cx].astype(np.float64))
     k = int(np.argmax(d))
     if d.flat[k] < half + 1:  # the box would touch an object
         return None

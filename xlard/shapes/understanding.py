@@ -186,11 +186,9 @@ class ShapesUnderstanding(nn.Module):
         if tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         was_training = self.training
-        if was_training:  # (eval() walks every submodule: skipped when there is nothing to switch)
-            self.eval()
+        self.eval()
         shape_logits, color_logits = self(x.clamp(0.0, 1.0))
-        if was_training:
-            self.train(True)
+        self.train(was_training)
         return UnderstandingOutput(shape_logits.float().softmax(1)[:, 1:], color_logits.float().softmax(1))
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
