@@ -815,3 +815,90 @@ def test_float16_maps_and_numpy_agreement():
     torch.testing.assert_close(a.scores, b.scores, atol=1e-3, rtol=0, equal_nan=True)
     c = np.asarray(a.entity_centroids[0])
     assert c[0, 0] < 0.5 < c[1, 0]
+
+
+# ---------------------------------------------------------------------------
+# Review 2026-12-06: bad and edge input of the reward API
+# ---------------------------------------------------------------------------
+
+_DOG_CAT = spec("a dog left of a cat", [("dog", 1, None), ("cat", 1, None)], [(0, "left_of", 1)])
+
+
+def _dog_cat_maps():
+    return token_maps_for([[blobs([(0.25, 0.5)]), blobs([(0.75, 0.5)])]])
+
+
+def test_huge_finite_weights_keep_the_joint_reward():
+    res = ExplainableRewards()([_DOG_CAT], _dog_cat_maps(), weights=torch.tensor([[3e38, 0.0, 3e38]]))
+    assert abs(float(res.joint[0]) - float(res.scores[0, [0, 2]].mean())) < 1e-5
+    tiny = ExplainableRewards()([_DOG_CAT], _dog_cat_maps(),
+                                weights=torch.tensor([[1e-300, 0.0, 1e-300]], dtype=torch.float64))
+    torch.testing.assert_close(tiny.joint, res.joint)
+    with pytest.raises(ValueError, match="weights beyond the range"):
+        joint_reward(res.scores, res.present, torch.tensor([[1e300, 0.0, 1e300]], dtype=torch.float64),
+                     normalize=False)
+
+
+def test_entity_available_is_refused_beside_token_maps_and_must_be_bool():
+    with pytest.raises(ValueError, match="entity_available goes with entity_maps"):
+        ExplainableRewards()([_DOG_CAT], _dog_cat_maps(), entity_available=torch.tensor([[False, False]]))
+    maps = torch.stack([blobs([(0.25, 0.5)]), blobs([(0.75, 0.5)])])[None]
+    with pytest.raises(ValueError, match="entity_available must be a bool tensor"):
+        ExplainableRewards(RewardConfig(missing_entity="skip"))([_DOG_CAT], entity_maps=maps,
+                                                                 entity_available=torch.tensor([[0.3, 0.0]]))
+
+
+@pytest.mark.parametrize("field, value", [("normalize_weights", "no"), ("bind_color", "false"),
+                                          ("aspects", None), ("aspects", "count")])
+def test_reward_config_types(field, value):
+    with pytest.raises(ValueError, match=rf"RewardConfig.{field} must be"):
+        RewardConfig(**{field: value})
+
+
+def test_reward_config_takes_numpy_reals():
+    assert RewardConfig(threshold=np.float32(0.5)).threshold == np.float32(0.5)
+
+
+def test_non_finite_patch_features_and_color_embeddings_are_refused():
+    red = spec("a red dog", [("dog", None, "red")])
+    good = {"red": torch.ones(3)}
+    with pytest.raises(ValueError, match="patch_features hold NaN or infinite"):
+        ExplainableRewards(RewardConfig(aspects=("color",)))(
+            [red], patch_features=torch.full((1, 4, 3), float("nan")), patch_grid=(2, 2), color_embeddings=good)
+    with pytest.raises(ValueError, match=r"color embeddings must be finite floats, got non-finite values for \['red'\]"):
+        ExplainableRewards(RewardConfig(aspects=("color",)))(
+            [red], patch_features=torch.rand(1, 4, 3), patch_grid=(2, 2),
+            color_embeddings={"red": torch.tensor([1.0, float("inf"), 0.0])})
+
+
+def test_maps_without_pixels_are_refused():
+    with pytest.raises(ValueError, match="H, W >= 1"):
+        ExplainableRewards()([_DOG_CAT], torch.zeros(1, 8, 0, 0))
+    with pytest.raises(ValueError, match="H, W >= 1"):
+        ExplainableRewards()([_DOG_CAT], entity_maps=torch.zeros(1, 2, 0, 0))
+
+
+@pytest.mark.parametrize("grid", [(2, 2, 1), 4, (2.9, 2.9), (True, 2), (0, 4)])
+def test_patch_grids_are_pairs_of_positive_integers(grid):
+    with pytest.raises(ValueError, match="grid must be a pair of integers"):
+        PatchFeatures(torch.rand(1, 4, 3), grid)
+    with pytest.raises(ValueError, match="grid must be a pair of integers"):
+        PixelColorEncoder(grid=grid)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 0.0, True, float("nan")])
+def test_pixel_color_encoder_temperature_range(temperature):
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        PixelColorEncoder(temperature=temperature)
+
+
+def test_weakest_component_confidence_checks_its_arguments():
+    with pytest.raises(ValueError, match=r"entity_maps must be a float tensor \[B, E, H, W\]"):
+        weakest_component_confidence(torch.rand(1, 8, 8), RewardConfig(threshold_mode="absolute"))
+    with pytest.raises(TypeError, match="config must be a RewardConfig"):
+        weakest_component_confidence(torch.rand(1, 1, 8, 8), {"threshold": 0.5})
+
+
+def test_a_count_too_large_is_named_at_the_entity():
+    with pytest.raises(ValueError, match=r"Entity.count must be None or an integer in \[0, "):
+        Entity("dog", 10**30)

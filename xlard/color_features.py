@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from xlard._args import as_device, model_location
+from xlard._args import as_device, is_finite_real, model_location
 from xlard._optional import require
 from xlard.vocab import COLOR_ALIASES
 
@@ -312,6 +313,18 @@ def patch_positions(grid: tuple[int, int], device: torch.device | str | None = N
     return torch.stack((cols.repeat(gh), rows.repeat_interleave(gw)), dim=-1)
 
 
+#: The smallest PixelColorEncoder temperature (deltaE scale): far below it the softmax is a hard argmax anyway.
+MIN_TEMPERATURE = 1e-4
+
+
+def grid_pair(owner: str, name: str, grid) -> tuple[int, int]:
+    """``grid`` as ``(gh, gw)``: two integers >= 1 (a (2.9, 2.9) grid was truncated to (2, 2) without a word)."""
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) != 2 \
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in grid):
+        raise ValueError(f"{owner}: {name} must be a pair of integers (gh, gw) >= 1, got {grid!r}")
+    return int(grid[0]), int(grid[1])
+
+
 @dataclass(frozen=True)
 class PatchFeatures:
     """Per-patch image features on a row-major grid.
@@ -328,8 +341,8 @@ class PatchFeatures:
         if not isinstance(self.features, torch.Tensor) or self.features.dim() != 3:
             raise ValueError(f"PatchFeatures.features must be a [B, N, D] tensor, got "
                              f"{getattr(self.features, 'shape', type(self.features).__name__)}")
-        gh, gw = (int(v) for v in self.grid)
-        if gh < 1 or gw < 1 or gh * gw != self.features.shape[1]:
+        gh, gw = grid_pair("PatchFeatures", "grid", self.grid)
+        if gh * gw != self.features.shape[1]:
             raise ValueError(f"PatchFeatures.grid {self.grid} does not match N = {self.features.shape[1]} patches")
         object.__setattr__(self, "grid", (gh, gw))
 
@@ -393,14 +406,12 @@ class PixelColorEncoder:
         names = tuple(_canonical_color(n) for n in (basis if basis is not None else _DEFAULT_BASIS))
         if len(names) < 2 or len(set(names)) != len(names):
             raise ValueError(f"PixelColorEncoder: basis needs at least 2 distinct colors, got {names}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"PixelColorEncoder: temperature must be a finite float > 0, got {temperature!r}")
-        try:
-            gh, gw = (int(v) for v in grid)
-        except (TypeError, ValueError):
-            raise ValueError(f"PixelColorEncoder: grid must be (gh, gw), got {grid!r}") from None
-        if gh < 1 or gw < 1:
-            raise ValueError(f"PixelColorEncoder: grid must be positive, got {grid!r}")
+        if isinstance(temperature, bool) or not is_finite_real(temperature) \
+                or not MIN_TEMPERATURE <= temperature <= 1e6:
+            # 1e-300 is 0 in float32: every feature NaN, every color "scores 0.00 at patch 0"
+            raise ValueError(f"PixelColorEncoder: temperature must be a finite number in [{MIN_TEMPERATURE:g}, 1e6] "
+                             f"(a deltaE scale), got {temperature!r}")
+        gh, gw = grid_pair("PixelColorEncoder", "grid", grid)
         self.basis = names
         self.grid = (gh, gw)
         self.temperature = float(temperature)

@@ -155,7 +155,7 @@ class RewardConfig:
     def __post_init__(self) -> None:
         def finite(name: str, lo: float | None = None, hi: float | None = None) -> None:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not _args.is_finite_real(value):
+            if not _args.is_finite_real(value):  # any real number (numpy's float32 too), finite
                 raise ValueError(f"RewardConfig.{name} must be a finite number, got {_args.show(value)}")
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 raise ValueError(f"RewardConfig.{name} must lie in [{lo}, {hi}], got {value!r}")
@@ -185,14 +185,19 @@ class RewardConfig:
         if not integer("max_components", 2**31 - 1):
             raise ValueError(f"RewardConfig.max_components must be an integer in [1, 2**31 - 1], "
                              f"got {self.max_components!r}")
+        if isinstance(self.aspects, (str, bytes)) or not isinstance(self.aspects, (tuple, list)):
+            raise ValueError(f"RewardConfig.aspects must be a tuple of names from {ASPECTS}, got {self.aspects!r}")
         aspects = tuple(self.aspects)
         if not set(aspects) <= set(ASPECTS) or len(set(aspects)) != len(aspects):
             raise ValueError(f"RewardConfig.aspects must be distinct names from {ASPECTS}, got {self.aspects!r}")
         object.__setattr__(self, "aspects", aspects)
         if self.missing_entity not in ("error", "skip"):
             raise ValueError(f"RewardConfig.missing_entity must be 'error' or 'skip', got {self.missing_entity!r}")
-        if not isinstance(self.count_confidence, bool):
-            raise ValueError(f"RewardConfig.count_confidence must be a bool, got {self.count_confidence!r}")
+        for name in ("count_confidence", "normalize_weights"):  # "no" normalized, a string is truthy
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"RewardConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.bind_color, bool):  # "false" turned binding on
+            raise ValueError(f"RewardConfig.bind_color must be a bool, got {self.bind_color!r}")
         if self.count_confidence and self.threshold_mode != "absolute":
             raise ValueError("RewardConfig.count_confidence needs maps of probabilities and "
                              f"threshold_mode='absolute', got threshold_mode={self.threshold_mode!r}")
@@ -361,8 +366,9 @@ def gather_entity_maps(
     Example:
         >>> maps, available = gather_entity_maps(torch.rand(2, 77, 32, 32), batch_specs(specs))
     """
-    if not isinstance(token_maps, torch.Tensor) or token_maps.dim() != 4 or not token_maps.is_floating_point():
-        raise ValueError(f"gather_entity_maps: token_maps must be a float tensor [B, T, H, W], got "
+    if not isinstance(token_maps, torch.Tensor) or token_maps.dim() != 4 or not token_maps.is_floating_point() \
+            or token_maps.shape[-2] < 1 or token_maps.shape[-1] < 1:  # a 0 x 0 map was scored "found 0"
+        raise ValueError(f"gather_entity_maps: token_maps must be a float tensor [B, T, H, W] with H, W >= 1, got "
                          f"{getattr(token_maps, 'shape', type(token_maps).__name__)}")
     if token_maps.shape[0] != batch.size:
         raise ValueError(f"gather_entity_maps: token_maps has batch {token_maps.shape[0]}, specs {batch.size}")
@@ -507,7 +513,13 @@ def weakest_component_confidence(entity_maps: torch.Tensor, config: RewardConfig
         >>> weakest_component_confidence(maps, RewardConfig(threshold_mode="absolute", min_area=1))
         tensor([[0.6000]])
     """
-    config = config or RewardConfig()
+    config = RewardConfig() if config is None else config
+    if not isinstance(config, RewardConfig):
+        raise TypeError(f"weakest_component_confidence: config must be a RewardConfig or None, got "
+                        f"{type(config).__name__}")
+    if not isinstance(entity_maps, torch.Tensor) or entity_maps.dim() != 4 or not entity_maps.is_floating_point():
+        raise ValueError(f"weakest_component_confidence: entity_maps must be a float tensor [B, E, H, W], got "
+                         f"{getattr(entity_maps, 'shape', type(entity_maps).__name__)}")
     h, w = entity_maps.shape[-2:]
     labels, counts = ops.label_components(entity_maps, **config.component_args(h, w))
     values = torch.nan_to_num(entity_maps.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
@@ -647,9 +659,16 @@ def joint_reward(
         if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != tuple(scores.shape):
             raise ValueError(f"joint_reward: weights must be a tensor of shape {tuple(scores.shape)}, "
                              f"got {getattr(weights, 'shape', type(weights).__name__)}")
+        if not weights.is_floating_point() or not bool(torch.isfinite(weights).all()) \
+                or bool((weights < 0).any()):  # checked in the caller's dtype (1e300 is finite in float64)
+            raise ValueError("joint_reward: weights must be finite and non-negative floats (e.g. a softmax output)")
+        if normalize:  # scaled by each row's largest weight first: 3e38 + 3e38 overflowed to inf, every weight 0
+            peak = weights.abs().amax(-1, keepdim=True)
+            weights = weights / torch.where(peak > 0, peak, torch.ones_like(peak))
         weights = weights.to(device=scores.device, dtype=scores.dtype)
-        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            raise ValueError("joint_reward: weights must be finite and non-negative (e.g. a softmax output)")
+        if not bool(torch.isfinite(weights).all()):
+            raise ValueError(f"joint_reward: weights beyond the range of the scores' {scores.dtype} (with "
+                             "normalize=False they are used as given)")
     weights = torch.where(present, weights, weights.new_zeros(()))
     total = weights.sum(-1, keepdim=True)
     any_present = present.any(-1)
@@ -1106,21 +1125,26 @@ class ExplainableRewards:
         if token_maps is not None and entity_maps is not None:
             raise ValueError("ExplainableRewards: pass token_maps or entity_maps, not both")
         if token_maps is not None:
+            if entity_available is not None:  # it was ignored: every entity scored as if available
+                raise ValueError("ExplainableRewards: entity_available goes with entity_maps; with token_maps an "
+                                 "entity is available when its words were aligned to tokens")
             return gather_entity_maps(token_maps, batch, missing_entity=cfg.missing_entity)
         if entity_maps is not None:
             if (not isinstance(entity_maps, torch.Tensor) or entity_maps.dim() != 4
                     or not entity_maps.is_floating_point() or entity_maps.shape[0] != b
-                    or entity_maps.shape[1] < e_max):
-                raise ValueError(f"ExplainableRewards: entity_maps must be a float tensor [B={b}, E>={e_max}, H, W], "
-                                 f"got {getattr(entity_maps, 'shape', type(entity_maps).__name__)}")
+                    or entity_maps.shape[1] < e_max or entity_maps.shape[2] < 1 or entity_maps.shape[3] < 1):
+                raise ValueError(f"ExplainableRewards: entity_maps must be a float tensor [B={b}, E>={e_max}, H, W] "
+                                 f"with H, W >= 1, got {getattr(entity_maps, 'shape', type(entity_maps).__name__)}")
             maps = entity_maps[:, :e_max].to(_acc_dtype(entity_maps.dtype))
             available = batch.entity_mask.to(maps.device)
             if entity_available is not None:
                 if not isinstance(entity_available, torch.Tensor) or entity_available.dim() != 2 \
+                        or entity_available.dtype != torch.bool \
                         or tuple(entity_available.shape[:1]) != (b,) or entity_available.shape[1] < e_max:
                     raise ValueError(f"ExplainableRewards: entity_available must be a bool tensor [B={b}, "
                                      f"E>={e_max}], got "
-                                     f"{getattr(entity_available, 'shape', type(entity_available).__name__)}")
+                                     f"{getattr(entity_available, 'shape', type(entity_available).__name__)}"
+                                     f"{' ' + str(entity_available.dtype) if isinstance(entity_available, torch.Tensor) else ''}")
                 available = available & entity_available[:, :e_max].to(device=maps.device, dtype=torch.bool)
                 missing = batch.entity_mask.to(maps.device) & ~available
                 if cfg.missing_entity == "error" and bool(missing.any()):
@@ -1149,12 +1173,16 @@ class ExplainableRewards:
         if isinstance(patch_features, torch.Tensor):
             if patch_grid is None:
                 raise ValueError("ExplainableRewards: a tensor patch_features needs patch_grid=(gh, gw)")
-            patch_features = PatchFeatures(patch_features, tuple(patch_grid))
+            patch_features = PatchFeatures(patch_features, patch_grid)  # its check names a bad grid
         if not isinstance(patch_features, PatchFeatures):
             raise ValueError(f"patch_features must be PatchFeatures or a tensor, got {type(patch_features).__name__}")
         if patch_features.features.shape[0] != b:
             raise ValueError(f"ExplainableRewards: patch features have batch {patch_features.features.shape[0]}, "
                              f"specs {b}")
+        if patch_features.features.is_floating_point() and not bool(torch.isfinite(patch_features.features).all()):
+            # they scored 0 with a made-up best patch ("red scores 0.00 at patch 0")
+            raise ValueError("ExplainableRewards: patch_features hold NaN or infinite values (a diverged encoder, "
+                             "or images that were not finite)")
         return patch_features.features, patch_features.grid
 
     def _color_table(self, vocab, color_embeddings, features):
@@ -1178,6 +1206,10 @@ class ExplainableRewards:
         if table.dim() != 2 or table.shape[-1] != features.shape[-1]:
             raise ValueError(f"ExplainableRewards: color embeddings have shape {tuple(table.shape)}, patch "
                              f"features dimension {features.shape[-1]}")
+        if not table.is_floating_point() or not bool(torch.isfinite(table).all()):
+            bad = [c for c, row in zip(vocab, table) if not bool(torch.isfinite(row.float()).all())]
+            raise ValueError(f"ExplainableRewards: color embeddings must be finite floats, got "
+                             f"{'non-finite values for ' + str(bad) if bad else table.dtype}")
         return table.to(device=features.device, dtype=features.dtype)
 
 

@@ -91,6 +91,8 @@ def _decoded_parts(decoded: Any, who: str) -> tuple[torch.Tensor, tuple[PromptSp
                          "images.float() / 255)")
     if images.is_meta:
         raise ValueError(f"{who}: decoded.images are meta tensors (shapes only, no pixels)")
+    if images.shape[0] == 0:
+        raise ValueError(f"{who}: decoded holds no images (an empty batch): nothing to score")
     if images.numel():
         lo, hi = float(images.amin()), float(images.amax())
         # A little past the range is rounding (the model clamps); far past it is another convention, which

@@ -55,6 +55,10 @@ def quote_prompt(prompt: str, limit: int = 80) -> str:
         return text
     return f"{text[:limit - 5]}...{text[0]} ({len(prompt)} characters)"
 
+#: The largest count an entity may ask for (counts are int64 tensors in the rewards).
+MAX_COUNT = 2**62
+
+
 @dataclass(frozen=True)
 class Entity:
     """One object the prompt asks for.
@@ -90,9 +94,9 @@ class Entity:
                 raise ValueError(f"Entity.{name} must be lower-case words with single spaces, as parse() writes "
                                  f"it ({' '.join(value.lower().split())!r}), got {value!r}")
         if self.count is not None and (
-            not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 0
-        ):
-            raise ValueError(f"Entity.count must be None or an integer >= 0, got {self.count!r}")
+            not isinstance(self.count, int) or isinstance(self.count, bool) or not 0 <= self.count <= MAX_COUNT
+        ):  # 10**30 failed later as "Overflow when unpacking long long"
+            raise ValueError(f"Entity.count must be None or an integer in [0, {MAX_COUNT}], got {self.count!r}")
         if self.color is not None and (not isinstance(self.color, str) or not self.color.strip()):
             raise ValueError(f"Entity.color must be None or a non-empty string, got {self.color!r}")
         if self.color in COLOR_ALIASES:
