@@ -941,3 +941,19 @@ def test_counts_past_hundred_hyphenated_colors_and_s_plurals():
     for plural, singular in (("lenses", "lens"), ("octopuses", "octopus"), ("gases", "gas"), ("crises", "crisis"),
                              ("movies", "movie"), ("cookies", "cookie"), ("houses", "house"), ("puppies", "puppy")):
         assert singularize(plural) == singular and pluralize(singular) == plural
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("a couple dogs", [("dog", 2, None)]),
+    ("a pair shoes", [("shoe", 2, None)]),
+    ("a couple red apples", [("apple", 2, "red")]),
+    ("a pair light blue socks", [("sock", 2, "light blue")]),
+    ("a photo of a couple dogs and a cat", [("dog", 2, None), ("cat", 1, None)]),
+    # "couple" stays the noun when no plural noun follows
+    ("a couple walking a dog", [("couple", 1, None), ("dog", 1, None)]),
+    ("a couple sitting on a bench", [("couple", 1, None), ("bench", 1, None)]),
+    ("a couple", [("couple", 1, None)]),
+    ("a couple of dogs", [("dog", 2, None)]),
+])
+def test_a_couple_or_pair_without_of_counts_two(prompt, want):
+    assert [(e.noun, e.count, e.color) for e in parse(prompt).entities] == want

@@ -373,6 +373,24 @@ def _looks_like_verb_or_adverb(word: str) -> bool:
     return _looks_like_participle(word) or (len(word) > 4 and word.endswith("ly"))
 
 
+def _couple_without_of(words, pos: int, lexicon: _Lexicon) -> tuple[int, tuple[str, int]] | None:
+    """ "a couple dogs", "a pair red shoes": 2, when a plural noun follows (its colors skipped); "a couple walking
+    a dog" keeps "couple" as the noun. (These read as one dog before.)"""
+    if pos + 2 >= len(words) or words[pos].text not in ("a", "one") or words[pos + 1].text not in ("couple", "pair"):
+        return None
+    k = pos + 2
+    color = _match(words, k, _COLOR_PHRASES, 3)
+    if color:
+        k += color[0]
+    if k >= len(words):
+        return None
+    plural = words[k].text
+    known = lexicon.nouns.get((plural,))
+    if (known is not None and known != plural) or (known is None and _looks_plural(plural)):
+        return 2, ("number", 2)
+    return None
+
+
 def _looks_plural(word: str) -> bool:
     return len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is"))
 
@@ -529,7 +547,8 @@ def parse(
     Counts (see :mod:`xlard.prompts.numbers`): a whole number from 0 to
     :data:`MAX_COUNT` in digits or words: "a"/"an"/"one" (1), "two" ..
     "ninety-nine" ("twenty-one", "twenty one"), "a hundred", "a dozen", "two
-    dozen", "half a dozen", "a pair of", "a couple of"; "zero"/"no"/"0" give
+    dozen", "half a dozen", "a pair of", "a couple of" (also without "of"
+    before a plural noun: "a couple dogs"); "zero"/"no"/"0" give
     0 (which GenEval records cannot hold). "the"/"some"/"several"/"dozens
     of", a collective noun or a bare plural leave the count None. Ordinals
     ("2nd"), decades ("1990s"), compound adjectives ("5-year-old") and
@@ -599,6 +618,9 @@ def parse(
         word = words[pos]
         quantifier: tuple[int, tuple[str, int | None]] | None = None
         counted = read_count(words, pos, prompt)
+        couple = _couple_without_of(words, pos, lexicon)
+        if couple is not None:
+            counted = (couple[0], *couple[1])
         if counted is not None:
             length, kind, value = counted
             if kind == "measure":
