@@ -465,6 +465,8 @@ def test_clip_encoder_shapes_cache_and_reward(tiny_clip, word_tokenizer):
     images = torch.rand(2, 3, 40, 56)
     pf = enc.encode_images(images)
     assert pf.grid == (4, 4) and pf.features.shape == (2, 16, 16) and pf.features.dtype == torch.float32
+    empty = enc.encode_images(torch.rand(0, 3, 40, 56))  # the vision tower failed on an empty batch
+    assert empty.grid == (4, 4) and empty.features.shape == (0, 16, 16)
     emb = enc.embed_colors(["red", "Blue", "red"])
     assert emb.shape == (3, 16)
     torch.testing.assert_close(emb[0], emb[2])

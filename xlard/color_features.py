@@ -633,7 +633,11 @@ class ClipColorEncoder:
     def encode_images(self, images: Any) -> PatchFeatures:
         """Projected patch tokens ``[B, N, projection_dim]`` (float32) of a batch of images."""
         vision = self.model.vision_model
-        out = vision(pixel_values=self._pixel_values(images), output_hidden_states=self.dense == "values")
+        pixels = self._pixel_values(images)
+        if pixels.shape[0] == 0:  # an empty batch: empty features, as PixelColorEncoder gives (the tower failed)
+            n = self.grid[0] * self.grid[1]
+            return PatchFeatures(torch.zeros(0, n, self.model.config.projection_dim, device=pixels.device), self.grid)
+        out = vision(pixel_values=pixels, output_hidden_states=self.dense == "values")
         if self.dense == "values":
             last = vision.encoder.layers[-1]
             tokens = last.layer_norm1(out.hidden_states[-2][:, 1:])
