@@ -370,6 +370,7 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
                            "overall"]
     for tag, row in table.items():
         assert row["records"] == (6 if tag == "overall" else 1) and row["images"] == (12 if tag == "overall" else 2)
+        assert row["prompts"] == (6 if tag == "overall" else 1)
         assert row["ci_low"] <= row["diff"] <= row["ci_high"]
         assert math.isclose(row["diff"], row["corrected"] - row["base"])
     assert report["lam_mass"] > 0
@@ -387,7 +388,7 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
     if report["faithfulness"]["share_lost_top"] is None or math.isnan(report["faithfulness"]["share_lost_top"]):
         assert json.loads((out / "eval.json").read_text())["faithfulness"]["share_lost_top"] is None
     md = (out / "eval.md").read_text()
-    assert "| **overall** | 6 | 12 |" in md and "LAM faithfulness" in md and "excludes 0" in md
+    assert "| **overall** | 6 | 6 | 12 |" in md and "LAM faithfulness" in md and "excludes 0" in md
     # Same seeds, same records: the base images are what the backbone makes without a corrector.
     from xlard.explain import read_png
 
@@ -476,7 +477,7 @@ def test_cli_eval_and_generate_with_a_corrector(tmp_path, records, capsys):
                      str(tmp_path / "r.json"), "--quiet"]) == 0
     captured = capsys.readouterr()
     printed = captured.out
-    assert "| **overall** | 3 | 6 |" in printed and "LAM faithfulness" not in printed
+    assert "| **overall** | 3 | 3 | 6 |" in printed and "LAM faithfulness" not in printed
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["seeds"] == [0, 1]
     assert "note:" not in captured.err  # held-out records
     # Training-split records are scored too, with a note that the table is no held-out measurement.
@@ -693,3 +694,16 @@ def test_saved_images_of_an_unfinished_paired_run_are_refused_by_eval_folder(sha
     assert cli.main(["eval", "--folder", str(out / "images" / "base"), "--quiet"]) == 0
     total = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("overall ")]
     assert total and total[0][2] == "3"  # every record's image scored
+
+
+def test_the_report_counts_each_rows_distinct_prompts():
+    """Intervals resample records, conditional on their prompts; a tag may repeat a few prompts over many
+    records (held-out single_object: 84 records, 1 prompt), which the report must show beside the interval."""
+    rows = [ev.PairRow(i, s, "counting" if i < 6 else "colors", f"p{i % 2}" if i < 6 else f"q{i}", False, i % 2 == 0,
+                       "", "", 0.0) for i in range(9) for s in (0, 1)]
+    report = ev.build_report(rows, num_resamples=200)
+    assert report["table"]["counting"]["prompts"] == 2 and report["table"]["counting"]["records"] == 6
+    assert report["table"]["colors"]["prompts"] == 3 and report["table"]["overall"]["prompts"] == 5
+    text = ev.format_markdown(report)
+    assert "| tag | records | prompts | images |" in text and "| counting | 6 | 2 | 12 |" in text
+    assert "conditional on the records' prompts" in text

@@ -604,3 +604,13 @@ def test_top_lam_mask_refuses_nan_and_selects_a_cell_for_any_positive_fraction()
     assert int(top_lam_mask(torch.rand(1, 5, 5), 1e-12).sum()) == 1
     assert int(top_lam_mask(torch.rand(1, 5, 5), 0.2).sum()) == 5
     assert int(top_lam_mask(torch.rand(1, 5, 5), 0.0).sum()) == 0
+
+
+def test_faithfulness_summary_figures_come_from_the_means():
+    """The per-item ratios' means contradicted the means on the same line ("-50%" for 0.55 -> 0.50)."""
+    calls = iter([torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.1]), torch.tensor([1.0, 0.0]),
+                  torch.tensor([1.0, 0.1])])
+    res = faithfulness(lambda z: next(calls), torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2), fraction=0.25)
+    line = res.summary()
+    assert "reward 0.5500 -> 0.5000 (-9.1%)" in line and "gain +0.5500, 9% of it lost" in line
+    assert "(random cells: 0%)" in line

@@ -13,9 +13,13 @@
   difference is the correction.
 - **Intervals** (:func:`paired_bootstrap`, :func:`paired_table`): percentile
   bootstrap of the paired difference, resampling *records* (a record's seeds
-  stay together: they share the prompt, so they are not independent). The
-  overall row is GenEval's score, the mean of the tag means, bootstrapped by
-  resampling within each tag.
+  stay together). They are conditional on the records' prompts: they say how
+  the gain varies with the images, not with the choice of prompts (records may
+  repeat a prompt; the report counts each tag's distinct prompts). Resampling
+  whole prompts instead (``clusters=`` the prompts) answers the other question
+  and is what ``scripts/validate_corrector.py`` reports. The overall row is
+  GenEval's score, the mean of the tag means, bootstrapped by resampling within
+  each tag.
 - **LAM faithfulness** (issue 12 section 1): for each batch,
   :func:`xlard.explain.faithfulness` zeroes Delta on the top ``fraction`` of the
   LAM cells and, as the control, on as many random cells; the evaluator judges
@@ -876,14 +880,21 @@ def build_report(rows: Sequence[PairRow], *, settings: Mapping[str, Any] | None 
     table = paired_table([r.tag for r in rows], [float(r.base_correct) for r in rows],
                          [float(r.corrected_correct) for r in rows], [r.index for r in rows],
                          num_resamples=num_resamples, confidence=confidence, seed=seed)
+    out_table = {k: v.to_dict() for k, v in table.items()}
+    prompts: dict[str, set[str]] = {}
+    for r in rows:  # how many distinct prompts each interval rests on (a tag may repeat a few prompts)
+        prompts.setdefault(r.tag, set()).add(r.prompt)
+    for tag, row in out_table.items():
+        row["prompts"] = len(set().union(*prompts.values())) if tag == "overall" else len(prompts.get(tag, ()))
     return {
-        "table": {k: v.to_dict() for k, v in table.items()},
+        "table": out_table,
         "faithfulness": faithfulness_table(rows, num_resamples=num_resamples, confidence=confidence, seed=seed),
         "actions": actions_table(rows),
         "lam_mass": float(np.mean([r.lam_mass for r in rows])),
         "pairs": len(rows),
         "bootstrap": {"num_resamples": num_resamples, "confidence": confidence, "seed": seed,
-                      "method": "percentile, records resampled with their seeds; overall stratified by tag"},
+                      "method": "percentile, records resampled with their seeds (conditional on the records' "
+                                "prompts); overall stratified by tag"},
         "settings": dict(settings or {}),
     }
 
@@ -911,16 +922,20 @@ def table_rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]
 def format_markdown(report: Mapping[str, Any]) -> str:
     """The report as markdown: the paired table in points, the faithfulness check, what the rules did."""
     conf = report["bootstrap"]["confidence"]
-    lines = [f"| tag | records | images | base | corrected | gain (points) | {conf:.0%} interval | excludes 0 |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]
+    lines = [f"| tag | records | prompts | images | base | corrected | gain (points) | {conf:.0%} interval | "
+             "excludes 0 |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for tag, r in table_rows(report):
         name = f"**{tag}**" if tag == "overall" else tag
         excludes = "yes" if r["ci_low"] > 0 or r["ci_high"] < 0 else "no"
-        lines.append(f"| {name} | {r['records']} | {r['images']} | {_pts(r['base'])} | {_pts(r['corrected'])} | "
-                     f"{_signed(r['diff'])} | [{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | {excludes} |")
+        lines.append(f"| {name} | {r['records']} | {r.get('prompts', '')} | {r['images']} | {_pts(r['base'])} | "
+                     f"{_pts(r['corrected'])} | {_signed(r['diff'])} | [{_signed(r['ci_low'])}, "
+                     f"{_signed(r['ci_high'])}] | {excludes} |")
     lines.append("")
     lines.append("overall = mean of the tag scores (GenEval); intervals: paired percentile bootstrap over records "
-                 f"({report['bootstrap']['num_resamples']} resamples, seed {report['bootstrap']['seed']}).")
+                 f"({report['bootstrap']['num_resamples']} resamples, seed {report['bootstrap']['seed']}), "
+                 "conditional on the records' prompts: they measure how the gain varies with the images, not with "
+                 "the choice of prompts (a tag with few distinct prompts repeats them over its records).")
     lines.append(f"mean LAM (sum_c |Delta| per latent cell): {report['lam_mass']:.4g}")
     faith = report.get("faithfulness")
     if faith:

@@ -50,15 +50,24 @@ class FaithfulnessResult:
     fraction: float
 
     def summary(self) -> str:
-        """One line: mean gain, share of it lost by masking, and the random control."""
+        """One line over the batch, every figure from the batch means (as :func:`xlard.evaluation.
+        faithfulness_table` reports shares): the mean reward after correction and with the top cells masked, its
+        relative change, the mean gain and the share of it the masking takes back (n/a when the mean gain is 0),
+        and the random control's share. (The per-item ratios stay in ``gain_lost`` and ``relative_drop``; their
+        means could contradict the means beside them: "-50%" for a mean reward falling from 0.55 to 0.50.)"""
         def mean(x):
             x = x[torch.isfinite(x)]
-            return float("nan") if x.numel() == 0 else x.mean().item()
-        line = (f"top {self.fraction:.0%} LAM cells masked: reward {mean(self.reward_after):.4f} -> "
-                f"{mean(self.reward_masked):.4f} ({-mean(self.relative_drop):+.1%}), "
-                f"gain {mean(self.gain):+.4f}, {mean(self.gain_lost):.0%} of it lost")
-        if self.gain_lost_random is not None:
-            line += f" (random cells: {mean(self.gain_lost_random):.0%})"
+            return float("nan") if x.numel() == 0 else x.double().mean().item()
+
+        def share(part: float, whole: float) -> str:
+            return "n/a" if not whole or whole != whole else f"{part / whole:.0%}"
+
+        after, masked, gain = mean(self.reward_after), mean(self.reward_masked), mean(self.gain)
+        change = "n/a" if not after or after != after else f"{(masked - after) / abs(after):+.1%}"
+        line = (f"top {self.fraction:.0%} LAM cells masked: reward {after:.4f} -> {masked:.4f} ({change}), "
+                f"gain {gain:+.4f}, {share(after - masked, gain)} of it lost")
+        if self.reward_random is not None:
+            line += f" (random cells: {share(after - mean(self.reward_random), gain)})"
         return line
 
 

@@ -441,7 +441,9 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
     """Regress the corrector's mean onto the targets (MSE; AdamW, 100-step warmup, cosine to 5%).
 
     A seeded ``val_fraction`` of the items is held back to report how much of the
-    targets' variance the corrector explains on items it did not fit (``val_r2``).
+    targets the corrector explains on items it did not fit (``val_r2 = 1 - val_mse /
+    val_zero_mse``: R^2 against the zero correction, i.e. around 0, not around the
+    targets' mean; the edit targets are differences of latents).
     A corrector with a move head (``CorrectorConfig.move``) regresses its residual
     onto the targets and fits the head's cell labels and shifts to the targets'
     (``move_labels``, ``move_shifts``; cross-entropy, weight ``move_weight``);
