@@ -281,3 +281,56 @@ def test_describe_counts_the_pathwise_updates():
                                                       "minibatches": 2}})
     assert batch_arithmetic(cfg, 1)["updates_per_step"] == 6 and batch_arithmetic(cfg, 1)["minibatch"] == 2
     assert "6 optimiser steps per pathwise step (minibatch 2 = 2 per process)" in describe(cfg)
+
+
+def test_leave_out_prompts_never_splits_a_repeated_record():
+    """`xlard prompts -n` samples with repeats: one copy kept and one left out made a trained prompt 'unseen'."""
+    from xlard.train.data import leave_out_prompts
+
+    records = [{"tag": "a", "prompt": p} for p in ("p", "q", "p", "r", "q", "s")]
+    for seed in range(20):
+        kept, left = leave_out_prompts(records, 0.3, seed)
+        assert not {r["prompt"] for r in kept} & {r["prompt"] for r in left}, seed
+        assert len(kept) + len(left) == len(records) and left
+
+
+def test_yaml_scalars_follow_yaml_1_2_and_keys_are_unique(tmp_path):
+    (tmp_path / "a.yaml").write_text("seed: 010\nlog:\n  tensorboard: off\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert cfg.seed == 10 and cfg.log.tensorboard == "off"  # YAML 1.1 read 8 and False
+    (tmp_path / "b.yaml").write_text("steps: 1:30\n")  # YAML 1.1: 90
+    with pytest.raises(ValueError, match="steps"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "d.yaml").write_text("ppo:\n  epochs: 3\nppo:\n  minibatches: 1\n")
+    with pytest.raises(ValueError, match=r"not valid YAML: duplicate key 'ppo' \(first at line 1\)"):
+        load_config(tmp_path / "d.yaml")
+    (tmp_path / "d.json").write_text('{"ppo": {"epochs": 3}, "ppo": {"minibatches": 1}}')
+    with pytest.raises(ValueError, match=r"not valid JSON: duplicate key 'ppo'"):
+        load_config(tmp_path / "d.json")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        load_config(tmp_path)
+
+
+def test_overflowing_numbers_and_bad_set_values_are_named():
+    from xlard.train import parse_overrides
+
+    for data, key in (({"optim": {"lr": 10**400}}, "optim.lr"), ({"export": {"alpha_grid": [10**400]}}, "alpha_grid"),
+                      ({"backbone": {"guidance_scale": 10**400}}, "backbone.guidance_scale")):
+        with pytest.raises(ValueError, match=key):
+            config_from_dict(data)
+    for item in ("ppo.epochs=[1", "ppo.epochs=*a"):
+        with pytest.raises(ValueError, match=r"--set .*: not a valid value"):
+            parse_overrides([item])
+    assert parse_overrides(["log.tensorboard=off", "seed=010"]) == {"log.tensorboard": "off", "seed": 10}
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"data": {"seeds_per_prompt": 10**9}}, "data.seeds_per_prompt"),
+    ({"data": {"monitor_size": 10**9}}, "data.monitor_size"),
+    ({"trainer_threads": 10**8}, "trainer_threads"),
+    ({"export": {"alpha_grid": [1.0, 1e30]}}, "alpha_grid"),
+    ({"export": {"calibration_size": 10**9}}, "export.calibration_size"),
+])
+def test_sizes_are_bounded(data, key):
+    with pytest.raises(ValueError, match=key):
+        config_from_dict(data)

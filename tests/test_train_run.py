@@ -587,9 +587,10 @@ def test_held_out_records_are_refused_as_training_or_monitor_prompts(tmp_path, s
 def test_bad_model_overrides_name_the_config_key(tmp_path, shapes):
     from xlard.train import train
 
-    with pytest.raises(ValueError, match=r"train config: model.corrector_overrides: CorrectorConfig.preset: "
-                                         r"unknown fields \['widht'\]"):
+    with pytest.raises(ValueError, match=r"train config: model.corrector_overrides: unknown field\(s\) \['widht'\]"):
         train(tiny_config(tmp_path / "a", model={"corrector_overrides": {"widht": 8}}), backbone=shapes)
+    with pytest.raises(ValueError, match=r"train config: model.corrector_overrides reader must be true or false"):
+        train(tiny_config(tmp_path / "a2", model={"corrector_overrides": {"reader": 1}}), backbone=shapes)
     with pytest.raises(ValueError, match=r"train config: model.projector_overrides: ProjectorConfig: depth"):
         train(tiny_config(tmp_path / "b", model={"projector_overrides": {"depth": 0}}), backbone=shapes)
     # a patch that does not divide the latent failed inside the first step, after R_phi's warm start
@@ -720,3 +721,27 @@ def test_the_logged_learning_rate_is_the_one_the_step_used(tmp_path, shapes):
                       log={"monitor_every": 0, "evaluate_every": 0}), backbone=shapes)
     rows = [r for r in MetricsLog.read(tmp_path / "r" / "metrics.jsonl") if "lr" in r]
     assert [r["lr"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+def test_config_only_problems_are_named_before_the_backbone_loads(tmp_path, monkeypatch):
+    """Each of these failed only after the backbone had loaded (minutes for a real model)."""
+    from xlard.train import train, trainer
+
+    def no_loading(*a, **k):
+        raise AssertionError("the backbone loaded before the check")
+
+    monkeypatch.setattr(trainer, "load_backbone", no_loading)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = [
+        ({"data": {"monitor_prompts": str(empty)}}, r"data.monitor_prompts: .*empty.jsonl holds no records"),
+        ({"data": {"monitor_prompts": "shapes:heldout"}}, r"data.monitor_prompts: shapes:heldout: the monitor reads"),
+        ({"model": {"corrector_overrides": {"widht": 3}}}, r"unknown field\(s\) \['widht'\]"),
+        ({"model": {"corrector_overrides": {"reader": 1}}}, r"reader must be true or false"),
+        ({"data": {"max_prompts": 1, "seeds_per_prompt": 1}}, r"1 items, fewer than ppo.prompts_per_step=2"),
+        ({"backbone": {"correction_step": 0.5}, "distill": {"items_per_tag": 2, "replace": True}},
+         r"distill.replace: needs backbone.correction_step 1.0"),
+    ]
+    for k, (changes, words) in enumerate(cases):
+        with pytest.raises(ValueError, match=words):
+            train(tiny_config(tmp_path / f"r{k}", **changes))

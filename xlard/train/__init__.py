@@ -29,7 +29,7 @@ def parse_overrides(items: list[str] | None) -> dict:
     ``ppo.epochs=2`` gives an int, ``optim.lr=3e-3`` a float (YAML 1.2 floats, as in config files).
 
     Raises:
-        ValueError: an item without ``=``.
+        ValueError: an item without ``=``, or a value that is not valid YAML.
     """
     from xlard.train.config import yaml_load
 
@@ -38,7 +38,11 @@ def parse_overrides(items: list[str] | None) -> dict:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        changes[key.strip()] = yaml_load(value)
+        try:
+            changes[key.strip()] = yaml_load(value)
+        except Exception as exc:  # noqa: BLE001 - yaml.YAMLError, and a constructor's own errors
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise ValueError(f"--set {item}: not a valid value ({reason})") from None
     return changes
 
 

@@ -35,15 +35,30 @@ def _fail(owner: str, name: str, expected: str, value: Any) -> None:
     raise ValueError(f"train config: {key} must be {expected}, got {value!r}")
 
 
-def _int(owner, name, value, minimum=None, optional=False):
+def _int(owner, name, value, minimum=None, optional=False, maximum=None):
     if optional and value is None:
         return
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (minimum is not None and value < minimum):
-        _fail(owner, name, f"an integer >= {minimum}" if minimum is not None else "an integer", value)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (minimum is not None and value < minimum) \
+            or (maximum is not None and value > maximum):
+        if maximum is not None:
+            want = f"an integer in [{minimum}, {maximum}]"
+        else:
+            want = f"an integer >= {minimum}" if minimum is not None else "an integer"
+        _fail(owner, name, want, value)
+
+
+#: Bounds on the sizes of a run's item lists (past them a list of 10**9 items ran out of memory after the
+#: backbone loaded) and on the trainer's threads (libgomp aborted the process allocating 100000000 of them).
+MAX_ITEMS = 1_000_000
+MAX_THREADS = 1024
 
 
 def _real(owner, name, value, low=-math.inf, high=math.inf, low_open=False, high_open=False):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    try:
+        ok = ok and math.isfinite(value)
+    except OverflowError:  # an int past float's range (10**400)
+        ok = False
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
@@ -162,12 +177,12 @@ class DataSettings:
         if self.prompts.strip().lower() == "shapes:heldout":
             raise ValueError("train config: data.prompts must not be the held-out split (train on 'shapes:train'; "
                              "the held-out split is for evaluation only)")
-        _int(o, "seeds_per_prompt", self.seeds_per_prompt, 1)
+        _int(o, "seeds_per_prompt", self.seeds_per_prompt, 1, maximum=MAX_ITEMS)
         _int(o, "max_prompts", self.max_prompts, 1, optional=True)
         _str(o, "monitor_prompts", self.monitor_prompts, optional=True)
-        _int(o, "monitor_size", self.monitor_size, 0)
+        _int(o, "monitor_size", self.monitor_size, 0, maximum=MAX_ITEMS)
         _choice(o, "balance", self.balance, ("none", "tag"))
-        _int(o, "items_per_tag", self.items_per_tag, 1)
+        _int(o, "items_per_tag", self.items_per_tag, 1, maximum=MAX_ITEMS)
         _int(o, "encode_cache", self.encode_cache, 0)
         _real(o, "leave_out", self.leave_out, 0.0, 1.0, high_open=True)
 
@@ -434,9 +449,9 @@ class ExportSettings:
         grid = self.alpha_grid
         if not isinstance(grid, tuple) or not grid:
             _fail(o, "alpha_grid", "a non-empty list of positive numbers", grid)
-        for value in grid:
-            _real(o, "alpha_grid entry", value, 0.0, low_open=True)
-        _int(o, "calibration_size", self.calibration_size, 1)
+        for value in grid:  # far past the trained step size the decode gives non-finite images and the export failed
+            _real(o, "alpha_grid entry", value, 0.0, 100.0, low_open=True)
+        _int(o, "calibration_size", self.calibration_size, 1, maximum=MAX_ITEMS)
         _real(o, "min_gain_se", self.min_gain_se, 0.0, 100.0)
 
 
@@ -529,7 +544,7 @@ class DistillSettings:
         o = "distill"
         _int(o, "reader_epochs", self.reader_epochs, 1)
         _int(o, "reader_batch_size", self.reader_batch_size, 1)
-        _int(o, "items_per_tag", self.items_per_tag, 0)
+        _int(o, "items_per_tag", self.items_per_tag, 0, maximum=MAX_ITEMS)
         _int(o, "epochs", self.epochs, 1)
         _real(o, "lr", self.lr, 0.0, low_open=True)
         _int(o, "batch_size", self.batch_size, 1)
@@ -635,7 +650,7 @@ class TrainConfig:
         _choice(o, "anchor", self.anchor, ("none", "z0", "ref"))
         _real(o, "anchor_beta", self.anchor_beta, 0.0)
         _real(o, "anchor_ref_min_reward", self.anchor_ref_min_reward, 0.0, 1.0)
-        _int(o, "trainer_threads", self.trainer_threads, 0)
+        _int(o, "trainer_threads", self.trainer_threads, 0, maximum=MAX_THREADS)
         if self.rl == "pathwise" and self.reward_model == "image":
             raise ValueError("train config: rl='pathwise' needs reward_model='projector' (the pathwise gradient "
                              "flows through R_phi; image rewards are not differentiable)")
@@ -668,10 +683,13 @@ def _build(cls, data: Any, where: str):
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, name)
-        elif hint is float and isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            kwargs[name] = float(value)  # YAML writes 1 for 1.0
-        elif hint == (float | None) and isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            kwargs[name] = float(value)
+        elif hint in (float, float | None) and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            try:
+                kwargs[name] = float(value)  # YAML writes 1 for 1.0
+            except OverflowError:
+                raise ValueError(f"train config: {where if where != 'the top level' else ''}"
+                                 f"{'.' if where != 'the top level' else ''}{name} must be a finite number, got "
+                                 f"{_short(value)}") from None
         elif hint is tuple and isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
@@ -720,19 +738,60 @@ _FLOAT_1_2 = (r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[
               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
 
 
+_INT_1_2 = r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"
+_BOOL_1_2 = r"^(?:true|True|TRUE|false|False|FALSE)$"
+
+
 @functools.lru_cache(maxsize=1)
 def _yaml_loader() -> type:
-    """A ``yaml.SafeLoader`` whose floats follow YAML 1.2 (built once)."""
+    """A ``yaml.SafeLoader`` whose scalars follow YAML 1.2's core schema (built once): floats such as ``1e-3``;
+    booleans are true/false only (``tensorboard: off`` stays the string "off", as documented); integers are
+    decimal, 0o octal or 0x hex (YAML 1.1 read ``seed: 010`` as 8 and ``steps: 1:30`` as 90); and a key given
+    twice in one mapping is an error (the last one silently won)."""
     import re
 
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+                if isinstance(key, (str, int, float, bool)):
+                    seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
 
-    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regex) for tag, regex in resolvers
+                if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(_BOOL_1_2), list("tTfF"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(_INT_1_2), list("-+0123456789"))
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT_1_2), list("-+0123456789."))
+    Loader.add_constructor("tag:yaml.org,2002:int", _construct_int_1_2)
     return Loader
+
+
+def _construct_int_1_2(loader, node) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    if text.startswith("0x"):
+        return int(text[2:], 16)
+    return int(text)  # "010" is ten
+
+
+def _json_pairs(pairs):
+    """``object_pairs_hook`` refusing a key given twice (``json.loads`` keeps the last one silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
 
 
 def yaml_load(text: str) -> Any:
@@ -754,6 +813,8 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         ValueError: the file does not parse, or the config is invalid.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"train config: {path} is a folder; give the config file (.yaml, .yml or .json)")
     if not path.is_file():
         raise FileNotFoundError(f"train config: no such file {path}")
     try:
@@ -775,8 +836,8 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
             raise ValueError(f"train config: {path} is not valid YAML: {e}") from None
     elif path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
+            data = json.loads(text, object_pairs_hook=_json_pairs)
+        except ValueError as e:  # JSONDecodeError too
             raise ValueError(f"train config: {path} is not valid JSON: {e}") from None
     else:
         raise ValueError(f"train config: {path} must end in .yaml, .yml or .json")

@@ -15,6 +15,7 @@ of the step alone, so resuming is exact.
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -130,8 +131,9 @@ def balanced_pairs(records: Sequence[dict], items_per_tag: int, seed: int) -> li
 def leave_out_prompts(records: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Split ``records`` into (kept, left out): ``fraction`` of each GenEval tag's prompts held back.
 
-    A tag with ``m >= 2`` records leaves out ``round(fraction * m)`` of them, at
-    least one and at most ``m - 1``; a tag with one record keeps it. The pick is
+    A tag with ``m >= 2`` distinct prompts (records that repeat one count once, and go
+    to one side together) leaves out ``round(fraction * m)`` of them, at least one and
+    at most ``m - 1``; a tag with one prompt keeps it. The pick is
     seeded (``seed``, the tag's place in sorted tag order) and both lists keep
     the records' order. ``fraction == 0`` keeps everything. A run trained on the
     kept prompts can be validated on the left-out ones: prompts it never saw, as
@@ -150,18 +152,26 @@ def leave_out_prompts(records: Sequence[dict], fraction: float, seed: int) -> tu
         raise ValueError(f"data.leave_out must be a fraction in [0, 1), got {fraction!r}")
     if fraction == 0:
         return list(records), []
-    by_tag: dict[str, list[int]] = {}
-    for i, record in enumerate(records):
-        by_tag.setdefault(str(record.get("tag", "")), []).append(i)
-    out: set[int] = set()
+    # Distinct prompts, not rows: a file that lists a record twice (xlard prompts -n samples with repeats) put one
+    # copy in each list, so a "never seen" prompt had been trained on. Without repeats the pick is as before.
+    by_tag: dict[str, list[str]] = {}
+    key_of = []
+    for record in records:
+        key = json.dumps(record, sort_keys=True, default=str)  # the same record listed twice is one prompt
+        key_of.append(key)
+        keys = by_tag.setdefault(str(record.get("tag", "")), [])
+        if key not in keys:
+            keys.append(key)
+    out: set[str] = set()
     for k, tag in enumerate(sorted(by_tag)):
-        idx = by_tag[tag]
-        if len(idx) < 2:
+        keys = by_tag[tag]
+        if len(keys) < 2:
             continue
-        n = min(max(int(round(float(fraction) * len(idx))), 1), len(idx) - 1)
-        pick = np.random.default_rng([seed, 17, k]).permutation(len(idx))[:n]
-        out.update(idx[j] for j in pick.tolist())
-    return ([r for i, r in enumerate(records) if i not in out], [r for i, r in enumerate(records) if i in out])
+        n = min(max(int(round(float(fraction) * len(keys))), 1), len(keys) - 1)
+        pick = np.random.default_rng([seed, 17, k]).permutation(len(keys))[:n]
+        out.update(keys[j] for j in pick.tolist())
+    return ([r for r, key in zip(records, key_of) if key not in out],
+            [r for r, key in zip(records, key_of) if key in out])
 
 
 class PromptData:

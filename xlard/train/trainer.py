@@ -272,25 +272,33 @@ class Trainer:
         self._check_folder(resume)
 
         torch.manual_seed(cfg.seed)
-        check_prompt_files(cfg)  # before the backbone loads (xlard train and xlard demo check them too)
+        # Everything the config and the prompt files alone decide is checked before the backbone loads (minutes
+        # for a real model): the files, the batches the data makes, the monitor's file, the distillation's
+        # settings and the corrector overrides' names (xlard train and xlard demo check the files too).
+        check_prompt_files(cfg)
         records, self.is_shapes = load_records(cfg.data.prompts)
-        self.backbone = backbone if backbone is not None else load_backbone(cfg.backbone, self.device, cfg.reward)
-        self.reward_fn = build_reward_fn(cfg.reward, self.backbone)
         if cfg.data.max_prompts:
             records = records[:cfg.data.max_prompts]
-        self._check_records(records, f"data.prompts: {cfg.data.prompts}")
+        all_records = records
         # Prompts left out of the whole run (training, monitor, calibration, distillation), for a
         # validation on prompts the corrector never saw (scripts/validate_corrector.py --prompts left-out).
         records, self.left_out_records = leave_out_prompts(records, cfg.data.leave_out, cfg.seed)
+        self.data = PromptData(records, cfg.data.seeds_per_prompt, cfg.ppo.prompts_per_step, cfg.seed,
+                               balance=cfg.data.balance, items_per_tag=cfg.data.items_per_tag)
+        monitor_records = self._monitor_records()
+        self._check_config_only()
+        self.backbone = backbone if backbone is not None else load_backbone(cfg.backbone, self.device, cfg.reward)
+        self.reward_fn = build_reward_fn(cfg.reward, self.backbone)
+        self._check_records(all_records, f"data.prompts: {cfg.data.prompts}")
+        if monitor_records:
+            self._check_records(monitor_records, f"data.monitor_prompts: {cfg.data.monitor_prompts}")
         if self.left_out_records:
             self._say(f"data.leave_out {cfg.data.leave_out:g}: {len(self.left_out_records)} of "
                       f"{len(records) + len(self.left_out_records)} prompts left out of the run (recorded in the "
                       "corrector folder as training.left_out_records)")
-        self.data = PromptData(records, cfg.data.seeds_per_prompt, cfg.ppo.prompts_per_step, cfg.seed,
-                               balance=cfg.data.balance, items_per_tag=cfg.data.items_per_tag)
         self.cache = EncodeCache(cfg.data.encode_cache)
         self.records = records
-        self.monitor_items = self._monitor_items(records)
+        self.monitor_items = self._monitor_items(records, monitor_records)
 
         # Models: sized from the backbone; the corrector is the policy and holds the value head. Seeded again
         # here: loading the reward source draws from the global generator on its first load only (then it is
@@ -442,31 +450,70 @@ class Trainer:
                             f"{', '.join(source.model.config.shapes)} in {', '.join(source.model.config.colors)}); "
                             f"for other prompts use reward.source: clip (or attention)")
 
-    def _monitor_items(self, train_records) -> list[Item]:
+    def _monitor_records(self) -> list[dict] | None:
+        """The records of ``data.monitor_prompts`` (None: the training prompts), read and checked before the
+        backbone loads."""
+        source = self.cfg.data.monitor_prompts
+        if self.cfg.data.monitor_size == 0 or not source:
+            return None
+        where = f"data.monitor_prompts: {source}"
+        if source.strip().lower().startswith("shapes:"):
+            if source.strip().lower() != "shapes:train":
+                raise ValueError(f"{where}: the monitor reads 'shapes:train' or a GenEval JSONL file (the held-out "
+                                 "split is for evaluation only)")
+            records, _ = load_records("shapes:train")
+            return records
+        from xlard import geneval
+
+        records = geneval.read_jsonl(source)
+        if not records:  # a modulo by zero when the monitor batch was drawn
+            raise ValueError(f"{where} holds no records")
+        if self.is_shapes:  # the exact evaluator judges the monitor: it knows the shapes world only
+            from xlard.shapes.world import WorldConfig
+
+            world = WorldConfig()
+            for i, record in enumerate(records):
+                try:
+                    geneval.validate_record(record, classes=world.shapes, colors=world.colors, index=i)
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e} (the run trains on shapes-world prompts, and the exact "
+                                     "evaluator judges its monitor)") from None
+        refuse_heldout(records, where)  # whatever the world
+        return records
+
+    def _check_config_only(self) -> None:
+        """What the config decides without the backbone: the distillation's settings and the corrector
+        overrides' names and switches (each failed after the backbone had loaded)."""
+        from xlard.models import CorrectorConfig
+
+        overrides = dict(self.cfg.model.corrector_overrides)
+        fields = {f.name: f.default for f in dataclasses.fields(CorrectorConfig)}
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise ValueError(f"train config: model.corrector_overrides: unknown field(s) {unknown} (known: "
+                             f"{sorted(fields)})")
+        for name, value in overrides.items():
+            if isinstance(fields[name], bool) and not isinstance(value, bool):
+                raise ValueError(f"train config: model.corrector_overrides {name} must be true or false, got "
+                                 f"{value!r}")
+        d, step = self.cfg.distill, float(self.cfg.backbone.correction_step)
+        if d.items_per_tag:
+            if self.cfg.backbone.name != "shapes" or not self.is_shapes:
+                raise ValueError("distill: the edit-target warm start draws with the shapes world's primitives; it "
+                                 f"needs backbone.name 'shapes' and shapes prompts, got {self.cfg.backbone.name!r} "
+                                 f"and {self.cfg.data.prompts!r}")
+            for name, on in (("replace", d.replace), ("move", d.move), ("decoder_epochs", d.decoder_epochs > 0)):
+                if on and step != 1.0:
+                    raise ValueError(f"distill.{name}: needs backbone.correction_step 1.0 (the corrected latent must "
+                                     f"be the one the VAE decodes), got {self.cfg.backbone.correction_step}")
+
+    def _monitor_items(self, train_records, monitor_records=None) -> list[Item]:
         n = self.cfg.data.monitor_size
         if n == 0:
             return []
-        if self.cfg.data.monitor_prompts:
-            from xlard import geneval
-            records = geneval.read_jsonl(self.cfg.data.monitor_prompts)
-            if self.is_shapes:  # the exact evaluator judges the monitor: it knows the shapes world only
-                from xlard.shapes.world import WorldConfig
-
-                world = WorldConfig()
-                for i, record in enumerate(records):
-                    try:
-                        geneval.validate_record(record, classes=world.shapes, colors=world.colors, index=i)
-                    except ValueError as e:
-                        raise ValueError(f"data.monitor_prompts: {self.cfg.data.monitor_prompts}: {e} (the run "
-                                         "trains on shapes-world prompts, and the exact evaluator judges its "
-                                         "monitor)") from None
-            refuse_heldout(records, f"data.monitor_prompts: {self.cfg.data.monitor_prompts}")  # whatever the world
-            self._check_records(records, f"data.monitor_prompts: {self.cfg.data.monitor_prompts}")
-        else:
-            records = train_records
+        records = monitor_records if monitor_records else train_records
         # Seeds the training never draws: the monitor sees new noise even for training prompts.
-        return self._fresh_items(records, n, "monitor", MONITOR_SEED_BASE,
-                                 balanced=not self.cfg.data.monitor_prompts)
+        return self._fresh_items(records, n, "monitor", MONITOR_SEED_BASE, balanced=not monitor_records)
 
     def _fresh_items(self, records, n: int, purpose: str, seed_base: int, balanced: bool = True) -> list[Item]:
         """``n`` items of ``records`` (a seeded random pick, round-robin over tags with ``data.balance: tag``)."""
@@ -1059,9 +1106,16 @@ class Trainer:
         per_item: dict[float, torch.Tensor] = {}
         # Multiplier 0 (no correction) is scored for reference only; it is never chosen.
         for m in (0.0,) + grid:
-            _, result = self._decode_and_score(state, inputs.z0 + alpha * m * delta, timer, group_size=1)
+            try:
+                _, result = self._decode_and_score(state, inputs.z0 + alpha * m * delta, timer, group_size=1)
+            except ValueError as exc:  # a multiplier whose latents cannot be decoded: a failed candidate, not a
+                if m in (0.0, reference_multiplier(grid)):  # lost run (the export comes after every step)
+                    raise
+                self._say(f"step-size calibration: x{m:g} dropped ({' '.join(str(exc).split())[:160]})")
+                continue
             w = self._weights(inputs.pooled, result.present.to(self.device)).cpu()
             per_item[m] = ppo.weighted_reward(torch.nan_to_num(result.scores.float().cpu()), w).double()
+        grid = tuple(m for m in grid if m in per_item)
         best, scores, ses = choose_multiplier(per_item, grid, self.cfg.export.min_gain_se)
         self._say("step-size calibration (mean joint training reward on fresh training-split items): "
                   + ", ".join(f"x{k} {v:.4f}" for k, v in scores.items())
