@@ -502,6 +502,10 @@ def test_running_mean_equals_mean_of_steps(sd_pipe):
     (dict(steps=(0.5, 1.0)), (2, 3)),
     (dict(steps=(0.0, 0.25)), (0,)),
     (dict(step_indices=(-1, 1)), (1, 3)),
+    # an index outside the run selects nothing, with or without a negative one beside it (it wrapped modulo n)
+    (dict(step_indices=(6, -1)), (3,)),
+    (dict(step_indices=(-5,)), ()),
+    (dict(step_indices=(6,)), ()),
 ])
 def test_step_window(sd_pipe, window, steps_kept):
     with AttentionCapture(sd_pipe, CaptureConfig(tokens=(1,), **window)) as capture:
@@ -689,3 +693,28 @@ def test_a_call_of_another_batch_in_a_guided_run_keeps_its_rows(models):
         _forward(model, guided)
     assert both.maps().shape == guided_only.maps().shape and both.maps().shape[0] == BATCH
     assert both.num_records == 2 * guided_only.num_records
+    # under "uncond" and "all" such a call holds none of the rows kept: left out (it raised, then crashed)
+    for half, rows in (("uncond", BATCH), ("all", 2 * BATCH)):
+        with AttentionCapture(model, CaptureConfig(tokens=(1,), repeat_calls="all", guidance_half=half),
+                              cfg=True) as skipped:
+            _forward(model, guided)
+            _forward(model, cond_only)
+        assert skipped.maps().shape[0] == rows and skipped.num_records == guided_only.num_records
+
+
+def test_a_scheduler_whose_steps_cannot_be_counted_is_named_for_a_window(sd_pipe):
+    """KDPM2 evaluates between its timesteps: every evaluation looked like a new step, and a window or an index
+    silently selected other evaluations."""
+    from diffusers import KDPM2DiscreteScheduler
+
+    original = sd_pipe.scheduler
+    sd_pipe.scheduler = KDPM2DiscreteScheduler.from_config(original.config)
+    try:
+        with pytest.raises(ValueError, match=r"counted step 4 in a run of 4 steps \(KDPM2DiscreteScheduler"):
+            with AttentionCapture(sd_pipe, CaptureConfig(tokens=(1,), steps=(0.5, 1.0))):
+                _run(sd_pipe, steps=4)
+        with AttentionCapture(sd_pipe, CaptureConfig(tokens=(1,))) as every:  # every step: nothing to count
+            _run(sd_pipe, steps=4)
+        assert every.num_records > 0
+    finally:
+        sd_pipe.scheduler = original

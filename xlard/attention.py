@@ -135,6 +135,18 @@ def _size_pair(value: Any, what: str) -> tuple[int, int]:
     return (int(pair[0]), int(pair[1]))
 
 
+def _resolve_step_indices(indices, total: int | None) -> set[int]:
+    """``CaptureConfig.step_indices`` as step numbers of a run of ``total`` steps: a negative index counts from
+    the end (-1: the last step); an index outside the run selects nothing (one did not wrap around modulo n
+    only because a negative index stood beside it)."""
+    out = set()
+    for i in indices:
+        j = i + total if (i < 0 and total is not None) else i
+        if j >= 0 and (total is None or j < total):
+            out.add(j)
+    return out
+
+
 @dataclass(frozen=True)
 class CaptureConfig:
     """What :class:`AttentionCapture` records and how it aggregates it.
@@ -160,11 +172,17 @@ class CaptureConfig:
             last step). Anything but (0, 1) needs the number of steps (from
             the pipeline or ``AttentionCapture(num_steps=...)``).
         step_indices: alternatively, explicit step indices (negative from the
-            end, which needs the number of steps). Exclusive with ``steps``.
+            end, which needs the number of steps; an index outside the run
+            selects nothing). Exclusive with ``steps``. A window or indices need
+            steps that can be counted: a second-order scheduler that evaluates
+            between its timesteps (KDPM2) is refused with a message.
         heads: head indices averaged over; None: all heads.
         guidance_half: under batched classifier-free guidance, which half to
             keep: "cond" (the second half, diffusers' order), "uncond" or
-            "all" (both; the batch is then 2B).
+            "all" (both; the batch is then 2B). A call of another batch size in
+            a guided run (SD3's skip-layer guidance, the prompts' rows alone)
+            counts as the prompts' rows under "cond" and is left out under
+            "uncond" and "all".
         normalize: applied to each token's final map: "none", "sum" (sums to
             one over the grid) or "max" (maximum one).
         output_size: the grid :meth:`AttentionCapture.maps` resizes every
@@ -295,10 +313,8 @@ class CaptureConfig:
     def kept_steps(self, num_steps: int) -> list[int]:
         """The step indices of a run of ``num_steps`` denoising steps that this config records (``steps`` window
         or ``step_indices``), e.g. to check before a run that it records anything."""
-        if self.step_indices is not None:  # as AttentionCapture selects them: with a negative index, all modulo n
-            if any(i < 0 for i in self.step_indices):
-                return sorted({i % num_steps for i in self.step_indices})
-            return sorted(i for i in set(self.step_indices) if i < num_steps)
+        if self.step_indices is not None:  # as AttentionCapture selects them
+            return sorted(_resolve_step_indices(self.step_indices, num_steps))
         start, end = self.steps
         return [i for i in range(num_steps) if start <= i / num_steps and (i / num_steps < end or end == 1.0)]
 
@@ -969,14 +985,13 @@ class AttentionCapture:
         config = self.config
         total = self._run["num_steps"]
         if config.step_indices is not None:
-            if any(i < 0 for i in config.step_indices):
-                if total is None:
-                    raise ValueError(
-                        "negative CaptureConfig.step_indices need the number of steps: pass a pipeline "
-                        "or AttentionCapture(num_steps=...)"
-                    )
-                return step in {i % total for i in config.step_indices}
-            return step in config.step_indices
+            if any(i < 0 for i in config.step_indices) and total is None:
+                raise ValueError(
+                    "negative CaptureConfig.step_indices need the number of steps: pass a pipeline "
+                    "or AttentionCapture(num_steps=...)"
+                )
+            self._check_step_count(step, total)
+            return step in _resolve_step_indices(config.step_indices, total)
         start, end = config.steps
         if (start, end) == (0.0, 1.0):
             return True
@@ -985,8 +1000,22 @@ class AttentionCapture:
                 f"the step window {config.steps} needs the number of steps: pass a pipeline "
                 "or AttentionCapture(num_steps=...), or use CaptureConfig.step_indices"
             )
+        self._check_step_count(step, total)
         fraction = step / total
         return start <= fraction and (fraction < end or end == 1.0)
+
+    def _check_step_count(self, step: int, total: int | None) -> None:
+        """A step past the run's count: the steps were miscounted (a second-order scheduler whose second evaluation
+        runs at another timestep, KDPM2: every evaluation looked like a new step), so a window or index would
+        select the wrong evaluations without a word."""
+        if total is not None and step >= total:
+            scheduler = getattr(self.pipeline, "scheduler", None)
+            raise ValueError(
+                f"AttentionCapture counted step {step} in a run of {total} steps"
+                + (f" ({type(scheduler).__name__} evaluates the denoiser at timesteps between its steps)"
+                   if scheduler is not None else "")
+                + ": a step window or step_indices cannot be honoured here; capture every step "
+                "(CaptureConfig(steps=(0.0, 1.0))) or use a first-order scheduler")
 
     def _batched_cfg(self, sample: torch.Tensor) -> tuple[bool, bool]:
         """``(batched, detected)``: whether this run batches classifier-free guidance, and whether that was only
@@ -1060,6 +1089,10 @@ class AttentionCapture:
                     rows = slice(batch // 2, batch)
                 elif half == "uncond":
                     rows = slice(0, batch // 2)
+            elif run["cfg"] and half in ("uncond", "all"):
+                # a call of another batch size inside a guided run (SD3's skip-layer guidance: the prompts' rows
+                # alone) holds no unconditional rows and not the guided batch's: it is left out of these maps
+                recording = False
             elif half == "uncond":
                 raise ValueError(
                     "CaptureConfig.guidance_half='uncond' but this denoiser call does not batch "
