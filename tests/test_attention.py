@@ -702,6 +702,7 @@ def test_a_call_of_another_batch_in_a_guided_run_keeps_its_rows(models):
         assert skipped.maps().shape[0] == rows and skipped.num_records == guided_only.num_records
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' KDPM2 and NumPy 2: 4000 lines of them
 def test_a_scheduler_whose_steps_cannot_be_counted_is_named_for_a_window(sd_pipe):
     """KDPM2 evaluates between its timesteps: every evaluation looked like a new step, and a window or an index
     silently selected other evaluations."""
