@@ -19,8 +19,13 @@ if int(setuptools.__version__.split(".")[0]) < 77:
     sys.exit(f"xlard needs setuptools>=77 to build (this environment has {setuptools.__version__}): "
              "pip install -U 'setuptools>=77'")
 
-import torch
-from torch.utils import cpp_extension
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # with --no-build-isolation the build uses the environment's torch
+    sys.exit("xlard builds against the installed torch, and this environment has none: install torch first "
+             "(README, Install: e.g. pip install torch --index-url https://download.pytorch.org/whl/cpu), then "
+             "pip install --no-build-isolation -e .")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,8 +59,10 @@ def _want_cuda() -> bool:
         return False
     problems = []
     if torch.version.cuda is None:
-        problems.append(f"the installed torch {torch.__version__} is a CPU build")
-    if cpp_extension.CUDA_HOME is None:
+        # (torch's CUDA_HOME is always None on a CPU build, so the toolkit is not looked for: it would be named
+        # missing when it is there)
+        problems.append(f"the installed torch {torch.__version__} is a CPU build (install a CUDA build of torch)")
+    elif cpp_extension.CUDA_HOME is None:
         problems.append("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
     if problems:
         if mode == "1":

@@ -14,7 +14,7 @@ def test_missing_extension_gives_a_clear_error():
         import xlard.ops as ops
         from xlard import info
         report = info.format_report(info.collect())
-        assert "xlard._C is not built" in report, report
+        assert "xlard._C is not available" in report, report
         try:
             ops.count_components(torch.rand(2, 4, 4))
         except RuntimeError as exc:
@@ -92,3 +92,44 @@ def test_ops_layer_modules_import_without_a_cycle():
 
     for n in names:
         visit(n)
+
+
+def test_a_truncated_extension_is_named_instead_of_a_bus_error(tmp_path):
+    """Loading a shared object cut short maps pages past its end: the process died of SIGBUS with no message."""
+    import glob
+
+    import pytest
+
+    from xlard import _extension
+
+    found = glob.glob(str(__import__("pathlib").Path(_extension.__file__).parent / "_C*.so"))
+    if not found:
+        pytest.skip("no compiled xlard._C here")
+    data = open(found[0], "rb").read()
+    assert _extension._truncated_elf(found[0]) is None
+    cut = tmp_path / "_C.so"
+    cut.write_bytes(data[: len(data) // 3])
+    assert "a truncated or damaged file" in _extension._truncated_elf(str(cut))
+    (tmp_path / "plain.so").write_bytes(b"not an elf")
+    assert _extension._truncated_elf(str(tmp_path / "plain.so")) is None  # the import names that one itself
+
+
+def test_the_fix_named_depends_on_a_checkout_or_an_install(tmp_path):
+    from xlard import _extension
+
+    checkout = tmp_path / "repo"
+    (checkout / "xlard").mkdir(parents=True)
+    (checkout / "setup.py").write_text("")
+    assert "-e ." in _extension._fix_hint(str(checkout / "xlard" / "_extension.py"))
+    site = tmp_path / "site-packages"
+    (site / "xlard").mkdir(parents=True)
+    assert "reinstall xlard" in _extension._fix_hint(str(site / "xlard" / "_extension.py"))
+
+
+def test_info_shows_a_bad_provider_setting_in_the_report(monkeypatch):
+    from xlard import info
+
+    monkeypatch.setenv("XLARD_CUDA_PROVIDER", "bogus")
+    report = info.format_report(info.collect())
+    assert "setting: XLARD_CUDA_PROVIDER: expected 'cuda' or 'triton', got 'bogus'" in report
+    assert "count_components" in report

@@ -68,3 +68,14 @@ def test_a_wheel_carries_the_package_data_and_the_triton_kernels_without_warning
     kernels = [rel for rel in tracked if rel.startswith("kernels/") and rel.endswith(".py")]
     assert kernels and all("xlard/_kernels/" + rel.split("/", 1)[1] in built for rel in kernels), sorted(built)
     assert not any("__pycache__" in rel for rel in built)
+
+
+def test_setup_sh_names_a_python_that_is_too_old(tmp_path):
+    """An older Python failed in pip's resolver ("Cannot install torch==2.13.0"), and its .venv was kept."""
+    fake = tmp_path / "python3.9"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = -V ]; then echo 'Python 3.9.18'; exit 0; fi\nexit 1\n")
+    fake.chmod(0o755)
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "setup.sh")], env={"PATH": "/usr/bin:/bin",
+                         "PYTHON": str(fake)}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "xlard needs Python 3.10 or newer" in out.stderr and "Python 3.9.18" in out.stderr, out.stderr

@@ -127,9 +127,11 @@ def why_not(name: str, device_type: str, op: str = "count_components") -> str | 
             return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
         if device_type not in ("cpu", "cuda"):
             return f"Triton kernels need CUDA tensors, got device type {device_type!r}"
+        if device_type == "cuda" and not torch.backends.cuda.is_built():
+            return f"this torch ({torch.__version__}) is a CPU build: it has no CUDA tensors"
         return triton_status()
     if not _extension.has_ops():
-        return f"xlard._C is not built ({_extension.load_error()!r}); run `pip install --no-build-isolation -e .`"
+        return f"xlard._C is not available ({_extension.load_error()!r}); {_extension._fix_hint()}"
     key = {"cpu": "CPU", "cuda": "CUDA"}[name]
     if device_type != name:
         return f"provider {name!r} serves {name} tensors, got {device_type} tensors"
@@ -185,5 +187,10 @@ def table() -> list[dict]:
     for op in OPS:
         for device_type in ("cpu", "cuda"):
             status = {p: why_not(p, device_type, op) for p in PROVIDERS if p == "triton" or p == device_type}
-            rows.append({"op": op, "device": device_type, "default": requested_provider(device_type), "status": status})
+            row = {"op": op, "device": device_type, "status": status}
+            try:
+                row["default"] = requested_provider(device_type)
+            except ValueError as exc:  # a bad XLARD_CUDA_PROVIDER: named in the table, which still prints
+                row["default"], row["problem"] = "invalid", str(exc)
+            rows.append(row)
     return rows

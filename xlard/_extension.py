@@ -14,10 +14,55 @@ import torch
 
 _BUILD_HINT = "pip install --no-build-isolation -e ."
 
+
+def _fix_hint(package_file: str = __file__) -> str:
+    """How to get a working ``_C``: rebuild in a checkout (setup.py beside the package), reinstall otherwise."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(package_file)))
+    if os.path.isfile(os.path.join(root, "setup.py")):
+        return f"build it with `{_BUILD_HINT}` from the project root ({root})"
+    return ("reinstall xlard (`pip install --force-reinstall --no-deps --no-build-isolation xlard`, or from its "
+            "source distribution)")
+
+
+def _truncated_elf(path: str) -> str | None:
+    """Why a 64-bit little-endian ELF file is shorter than its own headers say (None when it is not): loading a
+    truncated shared object maps pages past the end of the file and the process dies of a bus error, with no
+    message (a copy cut short, a full disk during the install)."""
+    import os
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            header = fh.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+                return None
+            phoff, shoff = struct.unpack_from("<QQ", header, 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", header, 0x36)
+            need = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+            fh.seek(phoff)
+            table = fh.read(phentsize * phnum)
+            if len(table) == phentsize * phnum and phentsize >= 56:
+                for i in range(phnum):
+                    offset, = struct.unpack_from("<Q", table, i * phentsize + 8)
+                    filesz, = struct.unpack_from("<Q", table, i * phentsize + 32)
+                    need = max(need, offset + filesz)
+    except (OSError, struct.error):
+        return None
+    return f"{path} is {size} bytes but its headers need {need}: a truncated or damaged file" if size < need else None
+
+
 _load_error: BaseException | None = None
 try:
+    import importlib.util
+
+    _spec = importlib.util.find_spec("xlard._C")
+    _why = _truncated_elf(_spec.origin) if _spec is not None and _spec.origin else None
+    if _why is not None:
+        raise ImportError(_why)
     importlib.import_module("xlard._C")
-except (ImportError, OSError) as exc:  # no compiled extension, or an ABI mismatch
+except (ImportError, OSError) as exc:  # no compiled extension, a damaged one, or an ABI mismatch
     _load_error = exc
 
 
@@ -120,10 +165,7 @@ def load_error() -> BaseException | None:
 def require_ops() -> None:
     """Raise a RuntimeError naming the fix when the compiled ops are missing."""
     if not has_ops():
-        raise RuntimeError(
-            "xlard's compiled extension xlard._C is not available "
-            f"({_load_error!r}); build it with `{_BUILD_HINT}` from the project root"
-        )
+        raise RuntimeError(f"xlard's compiled extension xlard._C is not available ({_load_error!r}); {_fix_hint()}")
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

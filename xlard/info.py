@@ -16,9 +16,14 @@ def collect() -> dict:
 
     triton_version = None
     if _backends.triton_status() is None:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        triton_version = version("triton")
+        try:
+            triton_version = version("triton")
+        except PackageNotFoundError:  # pytorch-triton (nightly or ROCm torch), or a plain folder on the path
+            import triton
+
+            triton_version = str(getattr(triton, "__version__", "unknown version"))
     return {
         "xlard": xlard.__version__,
         "python": sys.version.split()[0],
@@ -57,13 +62,23 @@ def format_report(info: dict) -> str:
     if reasons:
         lines.append("")
         lines.extend(f"[{n}] {why}" for why, n in reasons.items())
+    problems = list(dict.fromkeys(row["problem"] for row in info["providers"] if row.get("problem")))
+    if problems:  # a bad setting is shown in the report, not in place of it
+        lines.append("")
+        lines.extend(f"setting: {p}" for p in problems)
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     info = collect()
-    print(json.dumps(info, indent=2) if "--json" in argv else format_report(info))
+    try:
+        print(json.dumps(info, indent=2) if "--json" in argv else format_report(info))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `python -m xlard.info | head -1`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     return 0
 
 
