@@ -904,3 +904,10 @@ def test_weakest_component_confidence_checks_its_arguments():
 def test_a_count_too_large_is_named_at_the_entity():
     with pytest.raises(ValueError, match=r"Entity.count must be None or an integer in \[0, "):
         Entity("dog", 10**30)
+
+
+def test_a_huge_absent_weight_does_not_push_the_present_ones_to_zero():
+    scores = torch.tensor([[0.5, 0.2, 0.9]])
+    present = torch.tensor([[True, False, True]])
+    joint, w = joint_reward(scores, present, torch.tensor([[1e-20, 1e30, 1e-20]]))
+    assert abs(float(joint[0]) - 0.7) < 1e-6 and w[0, 1] == 0

@@ -662,8 +662,10 @@ def joint_reward(
         if not weights.is_floating_point() or not bool(torch.isfinite(weights).all()) \
                 or bool((weights < 0).any()):  # checked in the caller's dtype (1e300 is finite in float64)
             raise ValueError("joint_reward: weights must be finite and non-negative floats (e.g. a softmax output)")
-        if normalize:  # scaled by each row's largest weight first: 3e38 + 3e38 overflowed to inf, every weight 0
-            peak = weights.abs().amax(-1, keepdim=True)
+        if normalize:  # scaled by each row's largest present weight first: 3e38 + 3e38 overflowed to inf, every
+            # weight 0 (only present aspects count: a huge absent one would push the present ones to 0)
+            weights = torch.where(present.to(weights.device), weights, weights.new_zeros(()))
+            peak = weights.amax(-1, keepdim=True)
             weights = weights / torch.where(peak > 0, peak, torch.ones_like(peak))
         weights = weights.to(device=scores.device, dtype=scores.dtype)
         if not bool(torch.isfinite(weights).all()):
