@@ -120,7 +120,7 @@ def test_edit_config_rejects_bad_values():
 def test_edit_image_rejects_mismatched_maps():
     scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),))
     s, c = maps_of(scene)
-    with pytest.raises(ValueError, match="one size"):
+    with pytest.raises(ValueError, match="at the image.s size"):
         edit_image(image_of(scene), s[:, :32], c, parse("a red circle"), CFG.shapes, CFG.colors)
 
 
@@ -384,3 +384,30 @@ def test_dilate_and_emptiest_match_their_plain_references():
         for size in (5, 9):
             assert _emptiest(occupied, size) == emptiest_reference(occupied, size)
     assert _emptiest(np.ones((16, 16), bool), 5) is None and _emptiest(np.zeros((4, 4), bool), 9) is None
+
+
+def test_edit_image_checks_its_maps_and_image_and_clamps_draw_sizes():
+    """Fewer color channels picked colors from the wrong ones, NaN maps read as empty (objects drawn over the
+    ones there), and a draw size past the image failed to broadcast."""
+    import numpy as np
+
+    from xlard.prompts import Entity, PromptSpec
+    from xlard.shapes.editor import EditConfig, edit_image
+
+    shapes = ("circle", "square", "triangle", "diamond")
+    colors = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+    image = np.full((3, 32, 32), 0.5, np.float32)
+    sp, cp = np.zeros((4, 32, 32), np.float32), np.zeros((11, 32, 32), np.float32)
+    cp[0] = 1.0
+    spec = PromptSpec("three red circles", (Entity("circle", count=3, color="red"),))
+    for kwargs, words in ((dict(color_probs=cp[:3]), r"color_probs must be \[11, 32, 32\]"),
+                          (dict(shape_probs=sp[:2]), r"shape_probs must be \[4, 32, 32\]"),
+                          (dict(shape_probs=np.full_like(sp, np.nan)), "shape_probs holds NaN"),
+                          (dict(image=image[:1]), r"image must be float32 \[3, H, W\]")):
+        args = dict(image=image, shape_probs=sp, color_probs=cp, spec=spec, shapes=shapes, colors=colors)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=words):
+            edit_image(**args)
+    out, changed, acts = edit_image(image, sp, cp, spec, shapes, colors,
+                                    EditConfig(relayout=True, draw_size=100))
+    assert out.shape == image.shape and changed.any() and acts

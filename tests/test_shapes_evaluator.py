@@ -509,3 +509,38 @@ def test_png_files_in_rgba_and_palette_modes_read_as_rgb(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint16) + 300).save(tmp_path / "deep.png")
     with pytest.raises(ValueError, match="8-bit image"):
         E.load_images(str(tmp_path / "deep.png"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), -1.0, 5.0, "0.1"])
+def test_position_threshold_is_checked(value):
+    with pytest.raises(ValueError, match="position_threshold must be a number in"):
+        E.EvaluatorConfig(position_threshold=value)
+
+
+def test_world_must_be_a_world_config():
+    with pytest.raises(ValueError, match="world must be a WorldConfig"):
+        E.EvaluatorConfig(world="x")
+
+
+def test_transparent_png_is_refused_not_judged_as_black(tmp_path):
+    from PIL import Image
+
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[20:40, 20:40] = (215, 35, 35, 255)  # a red square, a transparent (black) background
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "x.png")
+    record = {"tag": "single_object", "prompt": "a photo of a square", "include": [{"class": "square", "count": 1}]}
+    with pytest.raises(ValueError, match="transparent pixels"):
+        E.evaluate([str(tmp_path / "x.png")], [record])
+    rgba[..., 3] = 255  # opaque RGBA is read as its RGB
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "y.png")
+    E.evaluate([str(tmp_path / "y.png")], [record])
+
+
+def test_understanding_predict_refuses_nan_and_0_255_images():
+    from xlard.shapes.understanding import ShapesUnderstanding, UnderstandingConfig
+
+    model = ShapesUnderstanding(UnderstandingConfig())
+    with pytest.raises(ValueError, match=r"images must be finite values in \[0, 1\]"):
+        model.predict(torch.full((1, 3, 64, 64), float("nan")))
+    with pytest.raises(ValueError, match="0..255"):
+        model.predict(torch.full((1, 3, 64, 64), 200.0))

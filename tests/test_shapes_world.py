@@ -456,3 +456,39 @@ def test_counting_starts_at_two_so_the_splits_share_no_prompt():
         P.PromptConfig(count_range=(1, 8))
     splits = P.make_splits(P.PromptConfig(count_range=(2, 8)), seed=0)
     assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["heldout"]}
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(gap=1.5), "gap must be an integer"), (dict(border=0.5), "border must be an integer"),
+    (dict(max_attempts=0), "max_attempts must be an integer >= 1"), (dict(max_attempts=1.5), "max_attempts"),
+    (dict(colors=("red", "red", "blue")), "colors must be"), (dict(shapes=("circle", "circle", "square")), "shapes"),
+    (dict(image_size=4200), r"image_size must be an int in \[32, 4096\]"), (dict(min_size="0.2"), "min_size"),
+])
+def test_world_config_refuses_values_that_fail_later(kwargs, words):
+    from xlard.shapes.world import WorldConfig
+
+    with pytest.raises(ValueError, match=words):
+        WorldConfig(**kwargs)
+
+
+def test_world_functions_check_counts_sizes_and_boxes():
+    from xlard.shapes.world import Scene, SceneObject, WorldConfig, add_object, random_scene, shape_mask
+
+    for n in (10**9, 1.7, 0):  # 10**9 hung building groups; 1.7 drew one object
+        with pytest.raises(ValueError, match="n_objects must be an integer"):
+            random_scene(0, None, n)
+    with pytest.raises(ValueError, match="shape frame must be integers"):
+        shape_mask("circle", 3.5)
+    for kwargs, words in ((dict(image_size=0), "image_size"), (dict(image_size=8.0), "image_size"),
+                          (dict(image_size=8, background=(300, 0, 0)), "background"),
+                          (dict(image_size=8, background=(1, 2)), "background")):
+        with pytest.raises(ValueError, match=words):
+            Scene(**kwargs)
+    with pytest.raises(ValueError, match="bbox must be four integers"):
+        SceneObject("circle", "red", (0.5, 0, 3.7, 3))
+    with pytest.raises(ValueError, match="config.image_size 128 is not the scene's 64"):
+        add_object(Scene(64), "circle", "red", 0, WorldConfig(image_size=128))
+    record = {"tag": "single_object", "prompt": "a photo of a circle", "include": [{"class": "circle", "count": 1}]}
+    for bad in (10**9, -3, 2.5):
+        with pytest.raises(ValueError, match="distractors must be an integer"):
+            P.render_record(record, 0, distractors=bad)

@@ -279,10 +279,20 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
     """
     config = config or EditConfig()
     img = np.array(image, dtype=np.float32, copy=True)
+    if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] < 1 or img.shape[2] < 1:
+        raise ValueError(f"edit_image: image must be float32 [3, H, W] with H, W >= 1, got shape {img.shape}")
     _, h, w = img.shape
-    if shape_probs.shape[-2:] != (h, w) or color_probs.shape[-2:] != (h, w):
-        raise ValueError(f"edit_image: image {img.shape[-2:]}, shape_probs {shape_probs.shape[-2:]} and "
-                         f"color_probs {color_probs.shape[-2:]} must share one size")
+    shape_probs, color_probs = np.asarray(shape_probs), np.asarray(color_probs)
+    want = {"shape_probs": (len(shapes), h, w), "color_probs": (1 + len(colors), h, w)}
+    for name, maps in (("shape_probs", shape_probs), ("color_probs", color_probs)):
+        if maps.shape != want[name]:  # fewer channels picked colors from the wrong ones, or an IndexError later
+            raise ValueError(f"edit_image: {name} must be {list(want[name])} (one map per "
+                             f"{'shape' if name == 'shape_probs' else 'color, background first'}, at the image's "
+                             f"size), got {list(maps.shape)}")
+        if not bool(np.isfinite(maps).all()):  # NaN maps read as empty: objects drawn over the ones there
+            raise ValueError(f"edit_image: {name} holds NaN or infinite values")
+    if not bool(np.isfinite(img).all()):
+        raise ValueError("edit_image: image holds NaN or infinite values")
     background = np.asarray(BACKGROUND, dtype=np.float32) / 255.0
     changed = np.zeros((h, w), bool)
     colored = color_probs[0] < 0.5
@@ -297,6 +307,7 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
 
     def draw(noun: str, top: int, left: int, size: int, color: str) -> tuple[int, int]:
         nonlocal colored
+        size = min(size, h, w)  # a draw size past the image (draw_size 100 on 64 px) failed to broadcast
         top, left = max(0, min(top, h - size)), max(0, min(left, w - size))
         sub = np.zeros((h, w), bool)
         sub[top:top + size, left:left + size] = _shape(noun, size)

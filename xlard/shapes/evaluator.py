@@ -97,6 +97,12 @@ class EvaluatorConfig:
             raise ValueError(f"min_shape_iou must be in (0, 1], got {self.min_shape_iou}")
         if not self.max_aspect >= 1.0:
             raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+        t = self.position_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t < 1.0:
+            # NaN failed every relation, 5.0 every relation silently, "0.1" raised a TypeError
+            raise ValueError(f"position_threshold must be a number in [0, 1) (a share of the image), got {t!r}")
+        if not isinstance(self.world, WorldConfig):
+            raise ValueError(f"world must be a WorldConfig, got {type(self.world).__name__}")
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,11 @@ def _from_file(path: str | os.PathLike) -> np.ndarray:
     if mode not in ("RGB", "RGBA"):
         raise ValueError(f"{path}: expected a 3- or 4-channel color image (RGB or RGBA), got mode {mode} "
                          f"with shape {raw.shape}")
+    if mode == "RGBA" and raw.shape[-1] == 4 and bool((raw[:, :, 3] != 255).any()):
+        # the RGB under a transparent pixel is whatever the writer left (black here and there): judged as it
+        # was, a transparent background read as black objects
+        raise ValueError(f"{path}: has transparent pixels (alpha below 255); the evaluator judges opaque images: "
+                         "save it as RGB (composited over the background it was drawn on)")
     return np.ascontiguousarray(raw[:, :, :3])
 
 

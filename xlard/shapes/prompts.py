@@ -326,6 +326,10 @@ def render_record(record: Mapping, seed: int | np.random.Generator | None = 0,
                  for s in pieces[i] for t in pieces[it["position"][1]]]
     mentioned = {it["class"] for it in include} | {e["class"] for e in record.get("exclude", [])}
     free = [s for s in world.shapes if s not in mentioned]
+    if isinstance(distractors, bool) or not isinstance(distractors, (int, np.integer)) \
+            or not 0 <= distractors <= world.capacity():  # 10**9 hung, -3 was ignored, 2.5 a TypeError
+        raise ValueError(f"distractors must be an integer in [0, {world.capacity()}] (what the world fits), got "
+                         f"{distractors!r}")
     if distractors and free:
         for _ in range(distractors):
             groups.append(ObjectGroup(free[int(rng.integers(len(free)))], 1))

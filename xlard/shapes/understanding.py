@@ -29,6 +29,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -181,6 +182,13 @@ class ShapesUnderstanding(nn.Module):
                 or not images.is_floating_point():
             raise ValueError(f"ShapesUnderstanding.predict: images must be a float tensor [B, 3, H, W] in [0, 1], "
                              f"got {getattr(images, 'shape', type(images).__name__)}")
+        if images.numel():
+            lo, hi = float(images.amin()), float(images.amax())
+            if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -0.05 or hi > 1.05:
+                # NaN gave NaN maps; 0..255 values were clamped to white and read without a word
+                raise ValueError(f"ShapesUnderstanding.predict: images must be finite values in [0, 1], got "
+                                 f"[{lo:.3g}, {hi:.3g}]" + (" (0..255? divide by 255)" if hi > 1.05 and lo >= 0
+                                                           else ""))
         x = images.to(device=self.device, dtype=next(self.parameters()).dtype)
         size = self.config.image_size
         if tuple(x.shape[-2:]) != (size, size):

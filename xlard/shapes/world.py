@@ -66,6 +66,10 @@ def as_rng(seed: int | Rng | None) -> Rng:
     return np.random.default_rng(int(seed))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def shape_mask(shape: str, width: int, height: int | None = None) -> np.ndarray:
     """Rasterize one shape filling a ``width`` x ``height`` frame (no anti-aliasing).
 
@@ -92,8 +96,8 @@ def shape_mask(shape: str, width: int, height: int | None = None) -> np.ndarray:
     height = width if height is None else height
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    if int(width) < 1 or int(height) < 1:
-        raise ValueError(f"shape frame must be at least 1x1, got {width}x{height}")
+    if not _is_int(width) or not _is_int(height) or width < 1 or height < 1:  # 3.5 gave a 4x4 mask with empty edges
+        raise ValueError(f"shape frame must be integers of at least 1x1, got {width!r}x{height!r}")
     u = (np.arange(width) + 0.5) / width - 0.5  # in (-0.5, 0.5), x right
     v = (np.arange(height) + 0.5) / height - 0.5  # y down
     uu, vv = np.meshgrid(u, v)
@@ -132,6 +136,9 @@ class SceneObject:
             raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
         if self.color not in PALETTE:
             raise ValueError(f"unknown color {self.color!r}; expected one of {tuple(PALETTE)}")
+        if not isinstance(self.bbox, (tuple, list)) or not all(_is_int(v) for v in self.bbox):
+            # (0.5, 0, 3.7, 3) was truncated to (0, 0, 3, 3) without a word
+            raise ValueError(f"bbox must be four integers (x0, y0, x1, y1), got {self.bbox!r}")
         box = tuple(int(v) for v in self.bbox)
         if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
             raise ValueError(f"bbox must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {self.bbox!r}")
@@ -189,7 +196,12 @@ class Scene:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "objects", tuple(self.objects))
-        object.__setattr__(self, "background", tuple(int(c) for c in self.background))
+        if not _is_int(self.image_size) or self.image_size < 1:
+            raise ValueError(f"Scene.image_size must be an integer >= 1, got {self.image_size!r}")
+        bg = tuple(self.background) if isinstance(self.background, (tuple, list)) else None
+        if bg is None or len(bg) != 3 or not all(_is_int(c) and 0 <= c <= 255 for c in bg):
+            raise ValueError(f"Scene.background must be three integers in [0, 255] (RGB), got {self.background!r}")
+        object.__setattr__(self, "background", tuple(int(c) for c in bg))
         size = self.image_size
         for i, obj in enumerate(self.objects):
             if not isinstance(obj, SceneObject):
@@ -276,14 +288,22 @@ class WorldConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "shapes", tuple(self.shapes))
         object.__setattr__(self, "colors", tuple(self.colors))
-        if not isinstance(self.image_size, int) or self.image_size < 32:
-            raise ValueError(f"image_size must be an int >= 32, got {self.image_size!r}")
+        if not _is_int(self.image_size) or not 32 <= self.image_size <= 4096:
+            # (the exact evaluator reads images up to 4096 x 4096)
+            raise ValueError(f"image_size must be an int in [32, 4096], got {self.image_size!r}")
         bad = [s for s in self.shapes if s not in SHAPES]
-        if bad or len(set(self.shapes)) < 2:
+        if bad or len(set(self.shapes)) < 2 or len(set(self.shapes)) != len(self.shapes):
             raise ValueError(f"shapes must be >= 2 distinct names from {SHAPES}, got {self.shapes!r}")
         bad = [c for c in self.colors if c not in PALETTE]
-        if bad or len(set(self.colors)) < 2:
+        if bad or len(set(self.colors)) < 2 or len(set(self.colors)) != len(self.colors):
             raise ValueError(f"colors must be >= 2 distinct names from {tuple(PALETTE)}, got {self.colors!r}")
+        for name in ("min_size", "max_size", "position_margin", "fill"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name, low in (("gap", 1), ("border", 0), ("max_attempts", 1)):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
         if not 0.0 < self.min_size <= self.max_size <= 0.5:
             raise ValueError(f"need 0 < min_size <= max_size <= 0.5, got {self.min_size}, {self.max_size}")
         if self.min_px < 5:
@@ -464,10 +484,12 @@ def random_scene(seed: int | Rng | None = 0, config: WorldConfig | None = None,
         A :class:`Scene`.
     """
     config = config or WorldConfig()
+    if n_objects is not None and (not _is_int(n_objects) or not 1 <= n_objects <= config.capacity()):
+        # 10**9 built a billion groups before the capacity check (a hang); 1.7 drew one object
+        raise ValueError(f"n_objects must be an integer in [1, {config.capacity()}] (what the world fits), got "
+                         f"{n_objects!r}")
     rng = as_rng(seed)
     n = int(rng.integers(1, 9)) if n_objects is None else int(n_objects)
-    if n < 1:
-        raise ValueError(f"n_objects must be >= 1, got {n}")
     groups = [ObjectGroup(config.shapes[int(rng.integers(len(config.shapes)))], 1) for _ in range(n)]
     return compose_scene(groups, (), rng, config)
 
@@ -483,6 +505,8 @@ def add_object(scene: Scene, shape: str, color: str, seed: int | Rng | None = 0,
         RuntimeError: no free place for even the smallest object.
     """
     config = config or WorldConfig(image_size=scene.image_size)
+    if config.image_size != scene.image_size:
+        raise ValueError(f"add_object: config.image_size {config.image_size} is not the scene's {scene.image_size}")
     rng = as_rng(seed)
     placed = [(-1, o.bbox) for o in scene.objects]
     cap = config.size_cap(len(scene.objects) + 1)
