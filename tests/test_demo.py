@@ -157,3 +157,51 @@ def test_demo_overwrite_replaces_only_its_own_outputs(tiny_demo, capsys):
     assert (tiny_demo / "mine.txt").read_text() == "keep me"
     assert len((tiny_demo / "eval" / "pairs.jsonl").read_text().splitlines()) == len(P.TAGS)
     assert json.loads((tiny_demo / "demo.json").read_text())["complete"] is True
+
+
+def test_demo_resume_keeps_the_recorded_seconds(tiny_demo):
+    import json
+
+    before = json.loads((tiny_demo / "demo.json").read_text())["seconds"]
+    assert cli_main(["demo", "--out", str(tiny_demo), "--resume"] + ARGS) == 0
+    after = json.loads((tiny_demo / "demo.json").read_text())["seconds"]
+    assert after["train"] >= before["train"] and after["total"] >= before["total"]  # not reset to this part's 0.0
+
+
+def test_demo_leaves_a_folder_without_demo_json_alone(tmp_path, capsys):
+    out = tmp_path / "proj"
+    (out / "train" / "mydata").mkdir(parents=True)
+    (out / "train" / "mydata" / "x.txt").write_text("precious")
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        assert cli_main(["demo", "--out", str(out)] + ARGS + extra) == 2
+        assert "no demo.json: not a demo's outputs" in capsys.readouterr().err
+    assert (out / "train" / "mydata" / "x.txt").read_text() == "precious"
+
+
+def test_demo_resumes_a_run_killed_right_after_its_config(tmp_path):
+    """Killed after the trainer wrote train/config.json and before anything else: --resume was refused for good
+    ("already holds config.json ... pass --resume")."""
+    import json
+    import shutil
+
+    out = tmp_path / "killed"
+    assert cli_main(["demo", "--out", str(out)] + ARGS) == 0
+    for path in list((out / "train").iterdir()):  # what a SIGKILL right after the trainer's start leaves
+        if path.name != "config.json":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(out / "eval")
+    (out / "report.html").unlink()
+    summary = json.loads((out / "demo.json").read_text())
+    (out / "demo.json").write_text(json.dumps({"settings": summary["settings"], "complete": False, "seconds": {}}))
+    assert cli_main(["demo", "--out", str(out), "--resume"] + ARGS) == 0
+    assert (out / "report.html").is_file() and (out / "train" / "corrector").is_dir()
+
+
+def test_an_incomplete_shapes_backbone_is_not_available(tmp_path):
+    import shutil
+
+    copy = tmp_path / "bb"
+    shutil.copytree(shapes_backbone.backbone_path(), copy)
+    assert shapes_backbone.is_available(copy)
+    shutil.rmtree(copy / "tokenizer")  # it loaded, then failed mid-run with an OverflowError
+    assert not shapes_backbone.is_available(copy)

@@ -106,7 +106,15 @@ def demo_records(per_tag: int, seed: int = 0) -> list[dict]:
 
 
 def _owned(out: Path) -> list[Path]:
-    return [out / name for name in DEMO_OUTPUTS if (out / name).exists()] if out.is_dir() else []
+    """The demo's outputs in ``out``; only a folder its demo.json marks is a demo's (a user's own ``train/`` or
+    ``report.html`` in a folder without one was taken for an earlier demo, and --overwrite deleted it)."""
+    if not out.is_dir():
+        return []
+    found = [out / name for name in DEMO_OUTPUTS if (out / name).exists()]
+    if found and not (out / "demo.json").is_file():
+        raise ValueError(f"--out: {out} holds {', '.join(p.name for p in found)} but no demo.json: not a demo's "
+                         "outputs (they are left alone); choose another folder")
+    return found
 
 
 def _check_folder(out: Path, overwrite: bool, resume: bool) -> list[Path]:
@@ -268,11 +276,17 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     t_all = time.perf_counter()
     device = torch.device("cpu")
     backbone = load_backbone(cfg.backbone, device, cfg.reward)  # before anything is deleted or made: it may fail
+    reward_fn = build_reward_fn(cfg.reward, backbone)  # (the understanding model too: a damaged one failed after)
     if owned and overwrite:
         for path in owned:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         log(f"overwrite: removed {len(owned)} outputs of the earlier demo from {out}")
     _io.make_folder(out, "--out")
+    earlier_seconds: dict[str, float] = {}
+    if resume and summary_path.is_file():  # what the earlier invocations spent, added to this one's
+        recorded = _io.read_json(summary_path, what="demo.json").get("seconds")
+        if isinstance(recorded, dict):
+            earlier_seconds = {k: float(v) for k, v in recorded.items() if isinstance(v, (int, float))}
     summary: dict[str, Any] = {"settings": settings, "complete": False, "seconds": {}}
     _io.atomic_write_json(summary_path, summary, owner="xlard demo")
 
@@ -284,7 +298,9 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     if finished and _io.read_json(train_dir / "summary.json", what="train/summary.json").get("steps") != steps:
         finished = False
     if not finished:
-        again = resume and (bool(ckpt.list_checkpoints(train_dir)) or (train_dir / "distill").is_dir())
+        # Whatever the run left (a checkpoint, edit-target shards, or only its config.json after a kill right at
+        # its start) is resumed: a run that never checkpointed starts again in place.
+        again = resume and train_dir.is_dir() and any(train_dir.iterdir())
         what = " then ".join(([f"an edit-target warm start ({items_per_tag} items per tag)"] if items_per_tag else [])
                              + ([f"{steps} PPO steps"] if steps else []))
         log(f"[1/3] training a corrector on the shapes training split: {what} -> {train_dir}"
@@ -311,7 +327,6 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     log("[3/3] writing the report")
     rows = evaluation._read_rows(out / "eval" / "pairs.jsonl")
     cards = _pick_cards(rows, REPORT_CARDS)
-    reward_fn = build_reward_fn(cfg.reward, backbone)
     items = _report_items(backbone, corrector, meta, reward_fn, records, cards)
     sections = [("Held-out gains", _table_html(report))]
     distill_curve = train_dir / "distill" / "curve.png"
@@ -336,6 +351,9 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
                       sections=sections)
     summary["seconds"]["report"] = round(time.perf_counter() - t, 1)
     summary["seconds"]["total"] = round(time.perf_counter() - t_all, 1)
+    for phase, seconds in earlier_seconds.items():  # a resumed demo: the time it took in all, not this part
+        if phase in summary["seconds"]:
+            summary["seconds"][phase] = round(summary["seconds"][phase] + seconds, 1)
     overall = report["table"]["overall"]
     summary.update({"complete": True, "corrector": str(corrector_dir), "eval": str(out / "eval" / "eval.json"),
                     "report": str(out / "report.html"),

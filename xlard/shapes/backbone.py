@@ -44,14 +44,18 @@ def not_installed(path: str | os.PathLike | None = None) -> str:
     """Why the shapes backbone cannot load from ``path`` (default: :func:`backbone_path`) and how to get it: the
     one message every loader raises (it names ``$XLARD_SHAPES_BACKBONE`` when that chose the folder)."""
     where = " ($XLARD_SHAPES_BACKBONE)" if path is None and os.environ.get("XLARD_SHAPES_BACKBONE") else ""
-    return (f"the shapes backbone is not installed at {backbone_path(path)}{where} (model_index.json and "
-            f"unet/*.safetensors expected); train it with `{TRAIN_COMMAND}` or reinstall xlard")
+    return (f"the shapes backbone is not installed at {backbone_path(path)}{where} (or is incomplete: "
+            f"model_index.json, unet/, vae/ and text_encoder/ weights and tokenizer/ expected); train it with "
+            f"`{TRAIN_COMMAND}` or reinstall xlard")
 
 
 def is_available(path: str | os.PathLike | None = None) -> bool:
-    """True when the pipeline's ``model_index.json`` and UNet weights are present."""
+    """True when the pipeline's ``model_index.json``, its UNet, VAE and text encoder weights and its tokenizer are
+    present (a folder without its tokenizer loaded and failed mid-run with an OverflowError)."""
     folder = backbone_path(path)
-    return (folder / "model_index.json").is_file() and any((folder / "unet").glob("*.safetensors"))
+    return ((folder / "model_index.json").is_file()
+            and all(any((folder / part).glob("*.safetensors")) for part in ("unet", "vae", "text_encoder"))
+            and (folder / "tokenizer").is_dir() and any((folder / "tokenizer").iterdir()))
 
 
 _VOCABULARIES: dict[str, frozenset[str]] = {}

@@ -113,6 +113,12 @@ def load_backbone(settings, device: torch.device, reward=None):
     except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing hub model as either
         if "are not expected by" in str(exc):  # a misspelt backbone.options key (diffusers ignored it, silently)
             raise ValueError(f"train config backbone.options: {exc}") from None
+        if settings.name == "shapes":  # damaged weights: diffusers' own text, exit 1, no advice
+            from xlard.shapes import backbone as shapes_backbone
+
+            reason = " ".join(str(exc).split())[:300]
+            raise ValueError(f"backbone.name 'shapes': it could not be loaded ({reason}); "
+                             f"{shapes_backbone.not_installed()}") from None
         if Path(path).expanduser().is_dir():
             raise
         from xlard.backbones.diffusers_backbone import unloadable_hub_model
