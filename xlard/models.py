@@ -79,11 +79,7 @@ _MAX_FFN_MULT = 64.0
 
 def _check_real(owner: str, name: str, value, low: float = -math.inf, high: float = math.inf,
                 high_open: bool = False, low_open: bool = False) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    try:
-        ok = ok and math.isfinite(value)
-    except OverflowError:  # an int past float's range (10**400 in a config file)
-        ok = False
+    ok = _args.is_finite_real(value)  # 10**400 in a config file is not finite as a float
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:

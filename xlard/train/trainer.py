@@ -593,27 +593,14 @@ class Trainer:
                              all_sum=self._all_sum if self.distributed else None, world_size=self.world)
 
     def _check_distill(self) -> None:
-        if self.cfg.backbone.name != "shapes" or not self.is_shapes:
-            raise ValueError("distill: the edit-target warm start draws with the shapes world's primitives; it needs "
-                             f"backbone.name 'shapes' and shapes prompts, got {self.cfg.backbone.name!r} and "
-                             f"{self.cfg.data.prompts!r}")
+        """What needs the built run (the backbone-free checks are :meth:`_check_config_only`'s)."""
         if self.distributed:
             raise ValueError("distill: the edit-target warm start runs in one process; start the run without "
                              "torchrun (PPO steps after it can resume distributed only from a new run)")
-        if self.cfg.distill.replace and float(self.cfg.backbone.correction_step) != 1.0:
-            raise ValueError(f"distill.replace: replace targets need backbone.correction_step 1.0 (z0 must be the "
-                             f"latent the VAE decodes), got {self.cfg.backbone.correction_step}")
-        if self.cfg.distill.move and float(self.cfg.backbone.correction_step) != 1.0:
-            raise ValueError(f"distill.move: moving latent cells needs backbone.correction_step 1.0 (the moved "
-                             f"latent must be the one the VAE decodes), got {self.cfg.backbone.correction_step}")
         if self.cfg.distill.move != bool(self.corrector.config.move):
             raise ValueError(f"distill.move is {self.cfg.distill.move} but the corrector's move head is "
                              f"{'on' if self.corrector.config.move else 'off'}; set both "
                              f"(distill.move and model.corrector_overrides move) the same")
-        if self.cfg.distill.decoder_epochs > 0 and float(self.cfg.backbone.correction_step) != 1.0:
-            raise ValueError(f"distill.decoder_epochs: the decoder-space fit needs backbone.correction_step 1.0 (the "
-                             f"VAE decoder must be what turns the corrected latent into the image), got "
-                             f"{self.cfg.backbone.correction_step}")
 
     def distill(self) -> dict:
         """Warm-start the corrector on edit targets (:mod:`xlard.train.distill`); returns the fit's statistics."""
