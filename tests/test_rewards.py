@@ -911,3 +911,10 @@ def test_a_huge_absent_weight_does_not_push_the_present_ones_to_zero():
     present = torch.tensor([[True, False, True]])
     joint, w = joint_reward(scores, present, torch.tensor([[1e-20, 1e30, 1e-20]]))
     assert abs(float(joint[0]) - 0.7) < 1e-6 and w[0, 1] == 0
+
+
+def test_integer_weights_are_taken_as_numbers():
+    scores = torch.tensor([[0.5, 0.2, 0.9]])
+    present = torch.tensor([[True, False, True]])
+    joint, _ = joint_reward(scores, present, torch.tensor([[1, 0, 3]]))
+    assert abs(float(joint[0]) - (0.5 + 3 * 0.9) / 4) < 1e-6

@@ -659,9 +659,11 @@ def joint_reward(
         if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != tuple(scores.shape):
             raise ValueError(f"joint_reward: weights must be a tensor of shape {tuple(scores.shape)}, "
                              f"got {getattr(weights, 'shape', type(weights).__name__)}")
-        if not weights.is_floating_point() or not bool(torch.isfinite(weights).all()) \
-                or bool((weights < 0).any()):  # checked in the caller's dtype (1e300 is finite in float64)
-            raise ValueError("joint_reward: weights must be finite and non-negative floats (e.g. a softmax output)")
+        if not weights.is_floating_point():  # integer or bool weights: exact in float64
+            weights = weights.to(torch.float64)
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            # checked in the caller's dtype (1e300 is finite in float64, not in the scores' float32)
+            raise ValueError("joint_reward: weights must be finite and non-negative (e.g. a softmax output)")
         if normalize:  # scaled by each row's largest present weight first: 3e38 + 3e38 overflowed to inf, every
             # weight 0 (only present aspects count: a huge absent one would push the present ones to 0)
             weights = torch.where(present.to(weights.device), weights, weights.new_zeros(()))
