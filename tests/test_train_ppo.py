@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,110 @@ def test_pearson():
     assert math.isnan(ppo.pearson(x, torch.ones(4)))
     assert ppo.pearson(torch.tensor([1.0, float("nan"), 2.0, 3.0]), torch.tensor([2.0, 5.0, 4.0, 6.0])) == \
         pytest.approx(1.0)
+
+
+# --- numerics and argument checks found by a fresh-eyes probe of the training layer -------------------------------
+
+
+def _advantages_stub(advantage="value", reward_norm=False, n=8):
+    from types import SimpleNamespace as NS
+
+    from xlard.train.trainer import Trainer
+
+    stub = NS(cfg=NS(ppo=NS(reward_norm=reward_norm, advantage=advantage, group_size=2, whiten=True)),
+              arith={"rollouts_per_step": n}, reward_stats=ppo.RunningStats(),
+              _all_sum=lambda t: t.detach().double().clone())
+    return lambda rewards, values: Trainer._advantages(stub, rewards, values)
+
+
+def test_whiten_equal_values_are_exactly_zero_with_float64_sums():
+    v = torch.full((8,), 0.1)
+    v64 = v.double()
+    assert torch.equal(ppo.whiten(v, v64.sum(), v64.square().sum(), 8.0), torch.zeros(8))
+
+
+@pytest.mark.parametrize("reward_norm", [False, True])
+def test_value_advantages_of_equal_rewards_are_zero(reward_norm):
+    # float32 sums gave -0.745 (whiten) and -5.96 (the trainer) for eight equal rewards: a step on rounding noise
+    advantages = _advantages_stub(reward_norm=reward_norm)
+    adv, targets = advantages(torch.full((8,), 0.9), torch.zeros(8))
+    assert torch.equal(adv, torch.zeros(8))
+    if reward_norm:
+        assert torch.equal(targets, torch.zeros(8))
+
+
+def test_advantages_keep_their_scale_when_the_spread_is_far_below_the_mean():
+    torch.manual_seed(0)
+    r = 0.9 + 3e-4 * torch.randn(32)
+    adv, _ = _advantages_stub(n=32)(r, torch.zeros(32))
+    ref = (r.double() - r.double().mean()) / r.double().std(unbiased=False)
+    assert float((adv.double() - ref).abs().max()) < 1e-3  # was 0.50 (23% too large plus an offset)
+
+
+def test_ppo_helpers_name_bad_arguments():
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        ppo.group_advantages(torch.ones(2), 0)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        ppo.group_advantages(torch.ones(2), -1)
+    with pytest.raises(ValueError, match="minibatches must be a positive int"):
+        ppo.minibatch_layout(torch.arange(4), 0, None)
+    x = torch.zeros(3)
+    for clip in (-0.5, 0.0, float("nan"), float("inf"), True, "0.2"):
+        with pytest.raises(ValueError, match="clip must be a finite number > 0"):
+            ppo.clipped_surrogate(x, x, x, clip)
+    with pytest.raises(ValueError, match="no rows"):
+        ppo.clipped_surrogate(torch.zeros(0), torch.zeros(0), torch.zeros(0), 0.2)
+    with pytest.raises(ValueError, match="schedule must be 'cosine' or 'constant'"):
+        ppo.lr_factor(3, 5, 0, "linear", 0.1)
+    with pytest.raises(ValueError, match="numel must be a positive int"):
+        ppo.reduce_log_prob(torch.zeros(2), True, "sum")
+    out = ppo.reduce_log_prob(torch.full((2,), 8.0), np.int64(4), "mean")  # numpy integers are integers
+    assert torch.equal(out, torch.full((2,), 2.0))
+
+
+def test_lr_factor_cosine_reaches_the_floor_one_past_the_last_step():
+    # documented: the floor is reached at step total_steps (one past a run's last step)
+    assert ppo.lr_factor(5, 5, 0, "cosine", 0.1) == pytest.approx(0.1)
+    assert 0.1 < ppo.lr_factor(4, 5, 0, "cosine", 0.1) < 0.2
+
+
+def test_data_and_cache_arguments_are_checked():
+    from xlard.train.data import EncodeCache, PromptData
+
+    records = [{"prompt": "a photo of a circle", "tag": "single_object", "include": [{"class": "circle", "count": 1}]}]
+    with pytest.raises(ValueError, match="items_per_step must be a positive int"):
+        PromptData(records, 1, 0, 0)
+    with pytest.raises(ValueError, match="items_per_step must be a positive int"):
+        PromptData(records, 1, -1, 0)
+    with pytest.raises(ValueError, match="seeds_per_prompt must be a positive int"):
+        PromptData(records, 0, 1, 0)
+    with pytest.raises(ValueError, match="capacity must be an int >= 0"):
+        EncodeCache(-1)
+    assert EncodeCache(0).capacity == 0
+
+
+def test_derived_generator_names_a_bad_seed():
+    from xlard.train.rollout import derived_generator
+
+    with pytest.raises(ValueError, match="seed must be an int, got 'abc'"):
+        derived_generator("abc")
+    a = torch.rand(3, generator=derived_generator(np.int64(5), "x"))
+    assert torch.equal(a, torch.rand(3, generator=derived_generator(5, "x")))
+
+
+def test_sample_rollouts_refuses_a_layout_that_leaves_rows_out():
+    from xlard.models import CorrectorConfig, ResidualCorrector
+    from xlard.train.rollout import PolicyStep, PromptInputs, sample_rollouts
+
+    torch.manual_seed(0)
+    c = ResidualCorrector(CorrectorConfig.tiny(latent_channels=4, text_dim=8, pooled_dim=8, patch=2))
+    n = 4
+    tok, pooled, mask = torch.randn(n, 5, 8), torch.randn(n, 8), torch.ones(n, 5, dtype=torch.bool)
+    inp = PromptInputs(torch.randn(n, 4, 8, 8), tok, pooled, mask, torch.ones(n, 3, dtype=torch.bool), tok, pooled, mask)
+    noise = torch.randn(n, 4, 8, 8)
+    with pytest.raises(ValueError, match="cover each of the 4 rows exactly once"):
+        sample_rollouts(PolicyStep(c), inp, noise, [torch.tensor([0, 1])])  # rows 2, 3 were uninitialised memory
+    with pytest.raises(ValueError, match="cover each of the 4 rows exactly once"):
+        sample_rollouts(PolicyStep(c), inp, noise, [torch.tensor([0, 1]), torch.tensor([1, 2, 3])])
+    r = sample_rollouts(PolicyStep(c), inp, noise, [torch.tensor([0, 2]), torch.tensor([1, 3])])
+    assert torch.isfinite(r.log_prob).all() and torch.isfinite(r.zc).all()

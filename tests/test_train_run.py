@@ -6,6 +6,7 @@ the file stays CI-sized; what is checked is behaviour, not learning.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -745,3 +746,89 @@ def test_config_only_problems_are_named_before_the_backbone_loads(tmp_path, monk
     for k, (changes, words) in enumerate(cases):
         with pytest.raises(ValueError, match=words):
             train(tiny_config(tmp_path / f"r{k}", **changes))
+
+
+def test_trainer_names_a_config_or_backbone_of_the_wrong_kind(tmp_path):
+    from xlard.train.trainer import Trainer
+
+    with pytest.raises(TypeError, match="Trainer: cfg must be an xlard.train.TrainConfig, got dict"):
+        Trainer({"steps": 1})
+    with pytest.raises(TypeError, match="backbone must be a built backbone .* got str 'shapes'.*backbone.name"):
+        Trainer(tiny_config(tmp_path / "t"), backbone="shapes")
+    assert not (tmp_path / "t").exists()  # refused before the run folder was made
+
+
+def test_a_non_finite_score_of_a_present_aspect_is_named_with_its_source():
+    """NaN means "absent" in the rewards' contract; a NaN where the aspect is present spread to every advantage
+    (reported as a learning-rate divergence) or trained R_phi towards 0 without a word."""
+    from types import SimpleNamespace as NS
+
+    from xlard.train.rollout import decode_groups
+
+    backbone = NS(decode=lambda state, z: z)
+    state = NS(z0=torch.zeros(2, 1, 2, 2))
+
+    def reward_fn(decoded):
+        scores = torch.tensor([[1.0, float("nan"), float("nan")], [float("nan"), 0.5, float("nan")]])
+        present = torch.tensor([[True, False, False], [True, True, False]])
+        return NS(scores=scores, present=present, joint=torch.zeros(2))
+
+    reward_fn.source_name = "broken"
+    with pytest.raises(ValueError, match=r"reward source 'broken' gave a non-finite count score \(nan\) for row 1"):
+        decode_groups(backbone, reward_fn, state, torch.zeros(2, 1, 2, 2), 1)
+
+    def fine(decoded):  # NaN where absent stays allowed
+        return NS(scores=torch.tensor([[1.0, float("nan"), 0.2]] * 2), present=torch.tensor([[True, False, True]] * 2),
+                  joint=torch.zeros(2))
+
+    _, result = decode_groups(backbone, fine, state, torch.zeros(2, 1, 2, 2), 1)
+    assert result.present.sum() == 4
+
+
+def test_fit_projector_logs_each_aspects_mse_over_its_present_entries():
+    """The per-aspect MSE was a plain mean of minibatch MSEs (0 where a minibatch lacked the aspect): it changed with
+    projector.minibatches and logged 0.0 for an aspect never present."""
+    from xlard.models import LatentRewardProjector, ProjectorConfig
+    from xlard.train.projector import ProjectorBuffer, Slot, fit_projector
+
+    torch.manual_seed(0)
+    p = LatentRewardProjector(ProjectorConfig.preset("tiny", latent_channels=4, text_dim=8, pooled_dim=8, patch=2,
+                                                     width=16, depth=1))
+    present = torch.tensor([[1, 0, 1], [1, 0, 1], [1, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    target = torch.tensor([[1.0, 0.0, 1.0]] * 4)
+    slot = Slot(torch.randn(4, 4, 8, 8), torch.randn(4, 5, 8), torch.randn(4, 8), torch.ones(4, 5, dtype=torch.bool),
+                target, present, torch.arange(4), 4)
+    buffer = ProjectorBuffer(4)
+    buffer.add(slot)
+    with torch.no_grad():
+        pred = p(slot.z, slot.text_tokens, slot.pooled, slot.text_mask, present).scores.double()
+    sq = (pred - target.double()).square()
+    want = [float(sq[present[:, k], k].mean()) for k in (0, 2)]
+    for minibatches in (1, 2, 4):
+        fit = fit_projector(p, p, torch.optim.SGD(p.parameters(), lr=0.0), buffer, 1, None, minibatches,
+                            torch.Generator().manual_seed(0), "cpu", 0.0)
+        assert math.isnan(fit["mse_color"])  # never present
+        assert [fit["mse_count"], fit["mse_position"]] == pytest.approx(want, rel=1e-5)
+
+
+def test_metrics_log_checks_tensorboard_and_purges_resumed_steps(tmp_path, monkeypatch):
+    import types
+
+    with pytest.raises(ValueError, match="tensorboard must be 'auto', 'on' or 'off', got 'bogus'"):
+        MetricsLog(tmp_path / "a", tensorboard="bogus")
+    made = []
+
+    class FakeWriter:
+        def __init__(self, folder, **kwargs):
+            made.append(kwargs)
+
+        def add_scalar(self, *a):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    MetricsLog(tmp_path / "b", tensorboard="on").close()
+    MetricsLog(tmp_path / "b", tensorboard="on", resume_step=3).close()
+    assert made == [{}, {"purge_step": 4}]  # a resumed run drops the event points past its checkpoint

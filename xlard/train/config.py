@@ -305,7 +305,8 @@ class OptimSettings:
     Attributes:
         lr, weight_decay, betas: AdamW.
         warmup_steps: linear warmup of the learning rate.
-        schedule: ``"cosine"`` (to ``min_lr_ratio * lr`` at the last step) or ``"constant"``.
+        schedule: ``"cosine"`` (from ``lr`` after the warmup down towards ``min_lr_ratio * lr``, reached
+            at step ``steps``, one past the last: the last step's rate is a little above it) or ``"constant"``.
         min_lr_ratio: the cosine's floor.
         max_grad_norm: gradient clipping (0 = off).
         ema: decay of the corrector's EMA (0 = off); evaluation uses the EMA when on.

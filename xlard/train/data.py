@@ -16,6 +16,7 @@ of the step alone, so resuming is exact.
 from __future__ import annotations
 
 import json
+import numbers
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -193,6 +194,9 @@ class PromptData:
     def __init__(self, records: Sequence[dict], seeds_per_prompt: int, items_per_step: int, seed: int,
                  balance: str = "none", items_per_tag: int = 0):
         self.records = list(records)
+        for name, value in (("seeds_per_prompt", seeds_per_prompt), ("items_per_step", items_per_step)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"PromptData: {name} must be a positive int, got {value!r}")
         if balance not in ("none", "tag"):
             raise ValueError(f"data.balance must be 'none' or 'tag', got {balance!r}")
         if balance == "tag":
@@ -235,7 +239,9 @@ class EncodeCache:
     """LRU cache of encoded batches (``capacity`` 0 = unbounded)."""
 
     def __init__(self, capacity: int = 0):
-        self.capacity = capacity
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 0:
+            raise ValueError(f"EncodeCache: capacity must be an int >= 0 (0 = unbounded), got {capacity!r}")
+        self.capacity = int(capacity)
         self._data: OrderedDict[Any, Any] = OrderedDict()
         self.hits = 0
         self.misses = 0

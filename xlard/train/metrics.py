@@ -29,7 +29,7 @@ class MetricsLog:
         resume_step: keep only rows with ``step <= resume_step`` (None: start a new file).
 
     Raises:
-        ValueError: ``tensorboard="on"`` without TensorBoard installed.
+        ValueError: ``tensorboard="on"`` without TensorBoard installed, or another value than the three.
     """
 
     def __init__(self, folder: str | os.PathLike, tensorboard: str = "auto", resume_step: int | None = None):
@@ -42,10 +42,14 @@ class MetricsLog:
         self.rows = rows
         self._file = self.path.open("a")
         self._tb = None
+        if tensorboard not in ("auto", "on", "off"):
+            raise ValueError(f"MetricsLog: tensorboard must be 'auto', 'on' or 'off', got {tensorboard!r}")
         if tensorboard != "off":
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(Path(folder) / "tensorboard"))
+                # a resumed run drops the event points past its checkpoint, as metrics.jsonl drops the rows
+                purge = {} if resume_step is None else {"purge_step": int(resume_step) + 1}
+                self._tb = SummaryWriter(str(Path(folder) / "tensorboard"), **purge)
             except ImportError:
                 if tensorboard == "on":
                     raise ValueError("log.tensorboard='on' but TensorBoard is not installed "

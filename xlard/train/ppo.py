@@ -11,6 +11,7 @@ assignment of rollouts to minibatches.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,13 @@ __all__ = [
     "reduce_log_prob", "group_advantages", "whiten", "SurrogateStats", "clipped_surrogate", "value_loss",
     "anchor_penalty", "weighted_reward", "RunningStats", "lr_factor", "minibatch_layout", "pearson",
 ]
+
+
+def _positive_int(owner: str, name: str, value) -> int:
+    """``value`` as an int >= 1 (any integral number but a bool), or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def reduce_log_prob(log_prob_sum: torch.Tensor, numel: int, reduction: str, action_block: int = 1) -> torch.Tensor:
@@ -49,10 +57,8 @@ def reduce_log_prob(log_prob_sum: torch.Tensor, numel: int, reduction: str, acti
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduce_log_prob: reduction must be 'sum' or 'mean', got {reduction!r}")
-    if not isinstance(numel, int) or numel < 1:
-        raise ValueError(f"reduce_log_prob: numel must be a positive int, got {numel!r}")
-    if not isinstance(action_block, int) or isinstance(action_block, bool) or action_block < 1:
-        raise ValueError(f"reduce_log_prob: action_block must be a positive int, got {action_block!r}")
+    numel = _positive_int("reduce_log_prob", "numel", numel)
+    action_block = _positive_int("reduce_log_prob", "action_block", action_block)
     if reduction == "mean":
         return log_prob_sum / numel
     return log_prob_sum if action_block == 1 else log_prob_sum / action_block ** 2
@@ -72,6 +78,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         >>> group_advantages(torch.tensor([1., 3., 0., 4.]), 2)
         tensor([-1.,  1., -2.,  2.])
     """
+    group_size = _positive_int("group_advantages", "group_size", group_size)
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"group_advantages: rewards must be [N] with N a multiple of group_size={group_size}, "
                          f"got {tuple(rewards.shape)}")
@@ -92,11 +99,16 @@ def whiten(values: torch.Tensor, total: torch.Tensor, total_sq: torch.Tensor, co
         count: number of values in the global batch.
 
     Returns:
-        Tensor[N].
+        Tensor[N] in ``values``' dtype. The statistics are taken in float64: give the sums in float64
+        (of the float64 values) so that equal values whiten to exactly 0 and a spread far below the mean
+        keeps its scale (float32 sums lose it to cancellation).
     """
-    mean = total / count
-    var = (total_sq / count - mean * mean).clamp_min(0.0)
-    return (values - mean) / (var.sqrt() + eps)
+    # the statistics as Python floats (float64, on no device: MPS has no float64); equal values give a mean
+    # equal to each of them, so the centred values are exactly 0
+    count = float(count)
+    mean = float(total) / count
+    var = max(float(total_sq) / count - mean * mean, 0.0)
+    return (values - mean) / (math.sqrt(var) + eps)
 
 
 class SurrogateStats(NamedTuple):
@@ -137,6 +149,10 @@ def clipped_surrogate(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, ad
     if not new_log_prob.shape == old_log_prob.shape == advantages.shape:
         raise ValueError(f"clipped_surrogate: shapes differ: new {tuple(new_log_prob.shape)}, old "
                          f"{tuple(old_log_prob.shape)}, advantages {tuple(advantages.shape)}")
+    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not (0.0 < float(clip) < math.inf):
+        raise ValueError(f"clipped_surrogate: clip must be a finite number > 0, got {clip!r}")
+    if not new_log_prob.numel():
+        raise ValueError("clipped_surrogate: no rows (new_log_prob, old_log_prob and advantages are empty)")
     dt = torch.promote_types(new_log_prob.dtype, torch.float32)
     log_ratio = new_log_prob.to(dt) - old_log_prob.to(dt).detach()
     ratio = torch.exp(log_ratio)
@@ -230,8 +246,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     """The learning-rate multiplier at optimiser step ``step`` (0-based).
 
     Linear warmup over ``warmup_steps`` (from 1/warmup to 1), then ``"constant"``
-    (1) or ``"cosine"`` from 1 down to ``min_ratio`` at ``total_steps``.
+    (1) or ``"cosine"`` from 1 down to ``min_ratio`` at step ``total_steps``: one past the last
+    step of a run of ``total_steps`` steps, whose last step runs a little above the floor.
+
+    Raises:
+        ValueError: an unknown schedule.
     """
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_factor: schedule must be 'cosine' or 'constant', got {schedule!r}")
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -262,6 +284,7 @@ def minibatch_layout(global_index: torch.Tensor, minibatches: int, keys: torch.T
     Returns:
         K int64 tensors of local row positions (each of length n / K), sorted.
     """
+    minibatches = _positive_int("minibatch_layout", "minibatches", minibatches)
     n = global_index.numel()
     if n % minibatches:
         raise ValueError(f"minibatch_layout: {n} local rows do not split into {minibatches} minibatches")

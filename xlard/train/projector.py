@@ -96,10 +96,12 @@ def fit_projector(model, projector, optimizer, buffer: ProjectorBuffer, epochs: 
             global mean, whatever the split.
 
     Returns:
-        ``{"loss", "mse_count", "mse_color", "mse_position", "updates"}`` averaged over the fit
-        (this process's minibatches; NaN when nothing was fit).
+        ``{"loss", "mse_count", "mse_color", "mse_position", "updates"}``: the loss averaged over the
+        fit's minibatches, each aspect's MSE over all the present entries the fit saw (NaN for an
+        aspect never present; everything NaN when nothing was fit), this process's minibatches.
     """
-    total, mse, updates = 0.0, torch.zeros(3, dtype=torch.float64), 0
+    total, updates = 0.0, 0
+    sq_sum, present_count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     model.train()
     for _ in range(epochs):
         chosen = list(range(len(buffer))) if slots is None else list(slots)
@@ -123,11 +125,14 @@ def fit_projector(model, projector, optimizer, buffer: ProjectorBuffer, epochs: 
                     torch.nn.utils.clip_grad_norm_(projector.parameters(), max_grad_norm)
                 optimizer.step()
                 total += float(result.loss.detach())
-                mse += result.mse.detach().double().cpu()
+                # per-aspect MSE over every present entry of the fit (a minibatch without the aspect adds nothing)
+                n_present = present.sum(0).to("cpu", torch.float64)
+                sq_sum += result.mse.detach().double().cpu() * n_present
+                present_count += n_present
                 updates += 1
     if not updates:
         nan = float("nan")
         return {"loss": nan, "mse_count": nan, "mse_color": nan, "mse_position": nan, "updates": 0}
-    mse /= updates
+    mse = torch.where(present_count > 0, sq_sum / present_count.clamp_min(1.0), torch.nan)
     return {"loss": total / updates, "mse_count": float(mse[0]), "mse_color": float(mse[1]),
             "mse_position": float(mse[2]), "updates": updates}

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import numbers
 from typing import NamedTuple, Sequence
 
 import torch
@@ -34,6 +35,8 @@ def derived_generator(seed: int, *parts) -> torch.Generator:
     on (seed, step, purpose) only: not on the process count, nor on what ran
     before a resume.
     """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"derived_generator: seed must be an int, got {seed!r}")
     digest = hashlib.sha256(repr((int(seed),) + tuple(parts)).encode()).digest()
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
@@ -85,7 +88,17 @@ def decode_groups(backbone, reward_fn, state, z: torch.Tensor, group_size: int, 
     def gather(name):
         return torch.cat([getattr(r, name).detach().cpu() for r in parts])[order]
 
-    return decoded, GroupResult(gather("scores").float(), gather("present"), gather("joint").float())
+    scores, present = gather("scores").float(), gather("present")
+    bad = present.bool() & ~torch.isfinite(scores)
+    if bad.any():  # NaN means "absent" in the rewards' contract: a present one would poison every advantage
+        from xlard.vocab import ASPECTS
+
+        row, aspect = (int(i) for i in torch.nonzero(bad)[0])
+        name = getattr(reward_fn, "source_name", None) or type(reward_fn).__name__
+        raise ValueError(f"decode_groups: the reward source {name!r} gave a non-finite {ASPECTS[aspect]} score "
+                         f"({float(scores[row, aspect])}) for row {row} where that aspect is present "
+                         f"({int(bad.sum())} such score(s) in this batch): the source is broken, not the run")
+    return decoded, GroupResult(scores, present, gather("joint").float())
 
 
 class PromptInputs(NamedTuple):
@@ -174,6 +187,12 @@ def sample_rollouts(policy: PolicyStep, inputs: PromptInputs, noise: torch.Tenso
     was_training = corrector.training
     corrector.eval()
     n = inputs.z0.shape[0]
+    covered = torch.cat([torch.as_tensor(r, dtype=torch.int64).flatten().cpu() for r in layout]) if len(layout) \
+        else torch.zeros(0, dtype=torch.int64)
+    if covered.numel() != n or not torch.equal(covered.sort().values, torch.arange(n)):
+        # rows left out would come back as uninitialised memory
+        raise ValueError(f"sample_rollouts: layout must cover each of the {n} rows exactly once, got "
+                         f"{covered.numel()} row indices ({len(covered.unique())} distinct)")
     zc = torch.empty_like(inputs.z0)
     delta = torch.empty_like(inputs.z0)
     log_prob = torch.empty(n, dtype=torch.float32, device=inputs.z0.device)

@@ -232,6 +232,11 @@ def choose_multiplier(per_item: dict[float, torch.Tensor], grid: tuple[float, ..
     return best, scores, ses
 
 
+def _short_repr(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class Trainer:
     """Owns a run: models, optimisers, data, buffer, logging and checkpoints.
 
@@ -241,11 +246,19 @@ class Trainer:
         backbone: an already-built backbone to use (tests); default: built from ``cfg.backbone``.
 
     Raises:
+        TypeError: ``cfg`` not a :class:`TrainConfig`, ``backbone`` not a built backbone.
         ValueError: a config that cannot be honoured, a run folder that holds a
             different run, or one with checkpoints when ``resume`` is False.
     """
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, backbone=None):
+        cfg = check_train_config("Trainer", cfg)
+        if backbone is not None:
+            missing = [m for m in ("encode", "decode", "corrector_config") if not callable(getattr(backbone, m, None))]
+            if missing:
+                raise TypeError(f"Trainer: backbone must be a built backbone (an xlard.backbones.DiffusersBackbone) "
+                                f"or None, got {type(backbone).__name__} {_short_repr(backbone)} (no "
+                                f"{', '.join(missing)}); to name one, set the config's backbone.name instead")
         self.cfg = cfg
         self.rank, self.world, local_rank = _dist_info()
         self.distributed = self.world > 1
@@ -697,7 +710,8 @@ class Trainer:
         """(advantages, value targets) from rewards, with global statistics."""
         c = self.cfg.ppo
         n_global = self.arith["rollouts_per_step"]
-        sums = self._all_sum(torch.stack([rewards.sum(), rewards.square().sum()]).cpu())
+        r64 = rewards.detach().double()  # float64 sums: float32 ones cancel (equal rewards gave a spread)
+        sums = self._all_sum(torch.stack([r64.sum(), r64.square().sum()]).cpu())
         if c.reward_norm:
             self.reward_stats.update(float(n_global), float(sums[0]), float(sums[1]))
             targets = (rewards - self.reward_stats.mean) / max(self.reward_stats.std, 1e-6)
@@ -708,7 +722,8 @@ class Trainer:
         else:
             adv = targets - values
         if c.whiten:
-            s = self._all_sum(torch.stack([adv.sum(), adv.square().sum()]).cpu()).to(adv.device, adv.dtype)
+            a64 = adv.detach().double()
+            s = self._all_sum(torch.stack([a64.sum(), a64.square().sum()]).cpu())
             adv = ppo.whiten(adv, s[0], s[1], float(n_global))
         return adv, targets
 
