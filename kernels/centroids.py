@@ -20,6 +20,16 @@ def _acc_dtype(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
+#: CUDA's limit on a grid's second axis (the launchers put a size-dependent count there).
+GRID_AXIS1_MAX = 65535
+
+
+def _check_grid_axis1(op: str, programs: int, what: str) -> None:
+    if programs > GRID_AXIS1_MAX:
+        raise RuntimeError(f"xlard.{op}: {what} needs {programs} programs on the Triton grid's second axis, more than "
+                           f"its limit of {GRID_AXIS1_MAX}; use the CUDA provider (with xlard.ops.provider('cuda'): ...)")
+
+
 @triton.jit
 def _weight_scale(map_ptr, H, W, stride_h, stride_w, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """The largest weight of one map, or 1 when it has none: every weight is divided by it
@@ -119,8 +129,12 @@ def _flat(maps: torch.Tensor) -> torch.Tensor:
     return maps.reshape(int(torch.Size(maps.shape[:-2]).numel()), maps.shape[-2], maps.shape[-1])
 
 
-def _block(num_pixels: int) -> int:
-    return min(max(triton.next_power_of_2(num_pixels), 16), 4096)
+def _block(op: str, num_pixels: int) -> int:
+    block = min(max(triton.next_power_of_2(num_pixels), 16), 4096)
+    if num_pixels > 2**31 - 1 - block:  # the kernels' tile loop counts pixels in int32: past this it wraps
+        raise RuntimeError(f"xlard.{op}: maps of {num_pixels} pixels are more than the Triton kernel indexes "
+                           f"(at most {2**31 - 1 - block}); use the CUDA or CPU provider (xlard.ops.provider)")
+    return block
 
 
 def attention_centroids_fwd(maps: torch.Tensor) -> torch.Tensor:
@@ -138,7 +152,7 @@ def attention_centroids_fwd(maps: torch.Tensor) -> torch.Tensor:
     num_maps, height, width = flat.shape
     out = torch.full((num_maps, 2), 0.5, dtype=acc, device=maps.device)
     if num_maps > 0 and height * width > 0:
-        block = _block(height * width)
+        block = _block("attention_centroids", height * width)
         _attention_centroids_fwd_kernel[(num_maps,)](
             flat, out, height, width, flat.stride(0), flat.stride(1), flat.stride(2),
             ACC=acc_tl, BLOCK=block, num_warps=4 if block <= 1024 else 8,
@@ -152,11 +166,12 @@ def attention_centroids_bwd(grad: torch.Tensor, maps: torch.Tensor, centroids: t
     acc, acc_tl = _acc_dtype(maps.dtype)
     flat = _flat(maps)
     num_maps, height, width = flat.shape
+    if num_maps > 0 and height * width > 0:
+        block = _block("_attention_centroids_backward", height * width)  # before the gradient's allocation
     out = torch.zeros(maps.shape, dtype=maps.dtype, device=maps.device)
     if num_maps > 0 and height * width > 0:
         grad = grad.reshape(num_maps, 2).contiguous()
         centroids = centroids.reshape(num_maps, 2).contiguous()
-        block = _block(height * width)
         _attention_centroids_bwd_kernel[(num_maps,)](
             grad, flat, centroids, out, height, width, flat.stride(0), flat.stride(1), flat.stride(2),
             ACC=acc_tl, BLOCK=block, num_warps=4 if block <= 1024 else 8,
@@ -282,6 +297,7 @@ def position_scores_fwd(centroids: torch.Tensor, relations: torch.Tensor, tau: f
     tau_t = torch.full((1,), tau, dtype=acc, device=centroids.device)
     block_r = min(max(triton.next_power_of_2(num_rel), 16), 1024)
     grid = (batch, triton.cdiv(num_rel, block_r))
+    _check_grid_axis1("position_scores", grid[1], f"{num_rel} relations")
     _position_scores_fwd_kernel[grid](
         centroids, relations, tau_t, out, num_tokens, num_rel,
         centroids.stride(0), centroids.stride(1), centroids.stride(2),
@@ -305,6 +321,7 @@ def position_scores_bwd(grad: torch.Tensor, centroids: torch.Tensor, relations: 
     block_t = min(max(triton.next_power_of_2(num_tokens), 16), 128)
     block_r = 64
     grid = (batch, triton.cdiv(num_tokens, block_t))
+    _check_grid_axis1("position_scores backward", grid[1], f"{num_tokens} tokens")
     _position_scores_bwd_kernel[grid](
         grad, centroids, relations, tau_t, out, num_tokens, num_rel,
         centroids.stride(0), centroids.stride(1), centroids.stride(2),

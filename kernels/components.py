@@ -238,12 +238,15 @@ def _launch(maps: torch.Tensor, threshold: float, mode: str, min_area: int, conn
     num_maps, height, width = maps.shape
     num_pixels = height * width
     device = maps.device
+    block = min(max(triton.next_power_of_2(num_pixels), 16), 2048)
+    if num_maps and num_pixels > 2**31 - 1 - block:  # int32 labels, and the tile loop counts pixels in int32
+        raise RuntimeError(f"xlard: maps of {num_pixels} pixels are more than the Triton components kernel indexes "
+                           f"(at most {2**31 - 1 - block}: int32 labels and tiles); use the CPU provider "
+                           f"(xlard.ops.provider)")
     counts = torch.zeros(num_maps, dtype=torch.int32, device=device)
     labels = torch.zeros(num_maps, num_pixels, dtype=torch.int32, device=device) if write_labels else None
     if num_maps == 0 or num_pixels == 0:
         return labels, counts
-    if num_pixels >= 2**31 - 1:
-        raise RuntimeError(f"xlard: maps of {num_pixels} pixels exceed the int32 label range")
     if maps.dtype in _MASK_DTYPES:
         maps = maps.view(torch.uint8) if maps.dtype == torch.bool else maps
         mode_id, acc = _BINARY, torch.float32
@@ -254,7 +257,6 @@ def _launch(maps: torch.Tensor, threshold: float, mode: str, min_area: int, conn
     threshold_t = torch.full((1,), threshold, dtype=acc, device=device)
     parent = torch.empty(num_maps, num_pixels, dtype=torch.int32, device=device)
     scratch = torch.empty(num_maps, num_pixels, dtype=torch.int32, device=device)
-    block = min(max(triton.next_power_of_2(num_pixels), 16), 2048)
     _components_fwd_kernel[(num_maps,)](
         maps, threshold_t, parent, scratch, labels if write_labels else counts, counts,
         height, width, maps.stride(0), maps.stride(1), maps.stride(2), min_area,

@@ -987,3 +987,21 @@ def test_vmap_through_the_triton_provider(kernels):
     close(lp, oracle_log_prob(x.reshape(6, 6), mean.reshape(6, 6), log_std.reshape(6, 6)).reshape(3, 2), (1e-5, 1e-4),
           "vmap log_prob")
     assert torch.equal(counts, torch.ops.xlard.count_components(maps, 0.5, "absolute", 1, 8))
+
+
+def test_sizes_past_the_triton_kernels_int32_and_grid_limits_are_named(kernels):
+    """The centroid kernels counted pixels in int32 (a 2^31-pixel map came back (0.5, 0.5) with a zero gradient),
+    the components tile loop could wrap just under 2^31, and the second grid axis (65535 on CUDA) failed as a bare
+    "invalid argument". Expanded tensors: nothing this large is allocated before the check."""
+    huge = torch.zeros(1).expand(65536, 32768)  # 2^31 pixels, no memory
+    with pytest.raises(RuntimeError, match=r"attention_centroids: maps of 2147483648 pixels are more than the Triton"):
+        kernels["centroids"].attention_centroids_fwd(huge)
+    with pytest.raises(RuntimeError, match=r"_attention_centroids_backward: maps of 2147483648 pixels"):
+        kernels["centroids"].attention_centroids_bwd(torch.zeros(2), huge, torch.zeros(2))
+    just_under = torch.zeros(1).expand(2**31 - 2048, 1)  # the components loop's last tile would wrap
+    with pytest.raises(RuntimeError, match=r"maps of 2147481600 pixels are more than the Triton components kernel"):
+        kernels["components"].count_components_fwd(just_under, 0.5, "absolute", 1, 4)
+    embeddings = torch.ones(1, 4).expand(65536, 4)
+    with pytest.raises(RuntimeError, match=r"color_scores: 65536 color embeddings needs 65536 programs .* limit of "
+                                           r"65535"):
+        kernels["color"].color_scores_fwd(torch.ones(1, 2, 4), embeddings, None)

@@ -194,16 +194,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> component_stats_cuda(const at::Te
     return {at::zeros(shape, int_opts), at::zeros(area_shape, int_opts),
             at::full(centroid_shape, std::numeric_limits<float>::quiet_NaN(), float_opts)};
   }
-  // The kernel writes every count, area and centroid slot (unused ones as 0 / NaN).
+  // A map of H x W pixels holds at most ceil(H * W / 2) components (a checkerboard, 4-connected): the kernel's
+  // per-slot shared memory (24 bytes a slot) is sized for no more than that, so a large max_components on small
+  // maps runs as the CPU and Triton providers run it; the slots past it are 0 / NaN, as unused slots are.
+  const int64_t pixels = static_cast<int64_t>(c.params.height) * c.params.width;
+  const int64_t k_run = std::min<int64_t>(max_components, (pixels + 1) / 2);
+  std::vector<int64_t> run_area_shape = shape;
+  run_area_shape.push_back(k_run);
+  std::vector<int64_t> run_centroid_shape = run_area_shape;
+  run_centroid_shape.push_back(2);
+  // The kernel writes every count, area and centroid slot it is given (unused ones as 0 / NaN).
   at::Tensor counts = at::empty(shape, int_opts);
-  at::Tensor areas = at::empty(area_shape, int_opts);
-  at::Tensor centroids = at::empty(centroid_shape, float_opts);
+  at::Tensor areas = at::empty(run_area_shape, int_opts);
+  at::Tensor centroids = at::empty(run_centroid_shape, float_opts);
   c.params.counts = counts.data_ptr<int32_t>();
-  c.params.max_components = static_cast<int>(max_components);
+  c.params.max_components = static_cast<int>(k_run);
   c.params.areas = areas.data_ptr<int32_t>();
   c.params.centroids = centroids.data_ptr<float>();
   run("component_stats", c);
-  return {counts, areas, centroids};
+  if (k_run == max_components) return {counts, areas, centroids};
+  at::Tensor all_areas = at::zeros(area_shape, int_opts);
+  at::Tensor all_centroids = at::full(centroid_shape, std::numeric_limits<float>::quiet_NaN(), float_opts);
+  all_areas.narrow(-1, 0, k_run).copy_(areas);
+  all_centroids.narrow(-2, 0, k_run).copy_(centroids);
+  return {counts, all_areas, all_centroids};
 }
 
 }  // namespace
