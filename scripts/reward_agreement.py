@@ -476,19 +476,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="reward source (default: the backbone's default, xlard.sources.default_source_for)")
     parser.add_argument("--clip-model", help="CLIP checkpoint id or folder for --source clip")
     parser.add_argument("--cache", help="generate the samples into this folder once, then reuse them")
-    parser.add_argument("--split", default="heldout", choices=("train", "heldout"), help="prompt split (--cache)")
-    parser.add_argument("--per-tag", type=int, default=81, help="samples per agreement tag (--cache)")
-    parser.add_argument("--seeds-per-prompt", type=int, default=4, help="image seeds per prompt (--cache)")
-    parser.add_argument("-n", type=int, default=300, help="records without --cache (balanced over the six tags)")
+    # None: not given (the --cache options are refused without --cache, -n with it); filled in below
+    parser.add_argument("--split", default=None, choices=("train", "heldout"),
+                        help="prompt split (--cache; default heldout)")
+    parser.add_argument("--per-tag", type=int, default=None, help="samples per agreement tag (--cache; default 81)")
+    parser.add_argument("--seeds-per-prompt", type=int, default=None,
+                        help="image seeds per prompt (--cache; default 4)")
+    parser.add_argument("-n", type=int, default=None,
+                        help="held-out records without --cache (balanced over the six tags; default 300)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument("--render-checks", type=int, default=5,
-                        help="renders per prompt for the ground-truth checks (0: skip; image-only sources)")
+    parser.add_argument("--render-checks", type=int, default=None,
+                        help="renders per prompt for the ground-truth checks (--cache; default 5; 0: skip; "
+                             "image-only sources)")
     parser.add_argument("--out", help="write the report (JSON, with per-sample rows) here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    cache_only = [flag for flag, value in (("--split", args.split), ("--per-tag", args.per_tag),
+                                           ("--seeds-per-prompt", args.seeds_per_prompt),
+                                           ("--render-checks", args.render_checks)) if value is not None]
+    if cache_only and not args.cache:  # they were ignored without a word (--split train scored held-out records)
+        parser.error(f"{cache_only[0]} goes with --cache DIR (without --cache the run samples -n held-out records)")
+    if args.n is not None and args.cache:
+        parser.error("-n goes without --cache (with --cache, --per-tag and --seeds-per-prompt size the run)")
+    for name, default in (("split", "heldout"), ("per_tag", 81), ("seeds_per_prompt", 4), ("render_checks", 5),
+                          ("n", 300)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.per_tag < 1 or args.seeds_per_prompt < 1 or args.n < 1 or args.batch < 1 or args.resamples < 1:
         parser.error("-n, --per-tag, --seeds-per-prompt, --batch and --resamples must be >= 1")
     # checked here, before --cache records them (a cache made with --steps -3 refused the corrected command)

@@ -90,6 +90,32 @@ def install(run: Path, seconds: float | None) -> Path:
     return TARGET
 
 
+def config_differences(run: Path) -> list[str]:
+    """The fields (dotted paths) where ``run/config.json`` differs from ``configs/shapes_shipped.yaml``, the run
+    folder and the progress bar aside: installing such a run would ship a corrector its model card misdescribes."""
+    from xlard.train import config_from_dict, load_config
+
+    def plain(cfg) -> dict:
+        data = json.loads(json.dumps(cfg.to_dict(), default=list))
+        data.pop("out", None)
+        if isinstance(data.get("log"), dict):
+            data["log"].pop("progress", None)
+        return data
+
+    try:
+        have = plain(config_from_dict(json.loads((run / "config.json").read_text(encoding="utf-8"))))
+    except (OSError, TypeError, ValueError) as exc:
+        return [f"config.json (unreadable: {exc})"]
+    want = plain(load_config(CONFIG))
+
+    def diff(a, b, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) | set(b)) for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+
+    return diff(have, want, "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "runs" / "shapes_shipped"), help="the run folder")
@@ -105,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             parser.error(f"--install-only: {args.out} holds no finished run (missing {', '.join(missing)}); "
                          "train it first (without --install-only, or with --resume to finish it)")
+        differs = config_differences(Path(args.out))
+        if differs:
+            shown = ", ".join(differs[:8]) + (f" and {len(differs) - 8} more" if len(differs) > 8 else "")
+            parser.error(f"--install-only: {args.out} was not trained with {CONFIG.relative_to(REPO)} (its "
+                         f"config.json differs in {shown}); only the shipped config's run is installed (its "
+                         "model card names that config)")
     from xlard import _io
 
     # The package data's folder is replaced whole, so its parent must take a new folder.

@@ -761,8 +761,8 @@ def test_the_paired_eval_and_generate_check_their_arguments_before_loading(tmp_p
         (["eval", "--correct", "--prompts", prompt_file, "--seeds", "one", "--out", out], ("--seeds", "integers")),
         # image seeds beyond 2**64 were found after loading, unnamed, leaving a run.json that blocked the rerun
         (["eval", "--correct", "--prompts", prompt_file, "--seeds", "99999999999999999999", "--out", out],
-         ("--seeds must be at most 18446744073708",)),
-        (["demo", "--seeds", "99999999999999999999", "--out", out], ("--seeds must be at most",)),
+         ("--seeds: must be at most 18446744073708",)),
+        (["demo", "--seeds", "99999999999999999999", "--out", out], ("--seeds: must be at most",)),
         (["eval", "--correct", "--prompts", tmp_path / "missing.jsonl", "--out", out], ("--prompts", "no such file")),
         (["eval", "--correct", "--out", out], ("--prompts", "needs --prompts")),
         (["eval", "--correct", "--prompts", prompt_file, "--images", tmp_path, "--out", out], ("drop --folder",)),
@@ -1022,3 +1022,82 @@ def test_plain_generate_overwrite_removes_a_corrected_runs_files(tmp_path, capsy
                         "--quiet"], capsys)
     assert code == 0 and "removed 7 outputs of the earlier run" in err
     assert sorted(p.name for p in out.iterdir()) == ["0000_seed0.png", "xlard-run.json"]
+
+
+# --------------------------------------------------------------------------------------------
+# Options of another eval form, records no image can pass (from a fresh-eyes probe of the CLI)
+
+
+def test_eval_refuses_options_its_form_does_not_use(tmp_path, capsys, prompt_file):
+    """--out, --steps, --device, --seed, --resume ... were ignored without a word by the forms that score existing
+    images; --backbone silently generated new images instead of scoring --images."""
+    folder = tmp_path / "r"
+    assert run(["render", folder, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for flags, named in ((["--out", tmp_path / "zz"], "--out"), (["--steps", 5], "--steps"),
+                         (["--device", "cuda"], "--device"), (["--seed", 0], "--seed"), (["--resume"], "--resume"),
+                         (["--overwrite"], "--overwrite"), (["--batch", 8], "--batch"), (["--guidance", 3], "--guidance"),
+                         (["--dtype", "bfloat16"], "--dtype")):
+        code, _, err = run(["eval", "--folder", folder, "--quiet", *flags], capsys)
+        assert code == 2, flags
+        one_line_error(err, f"{named}: only when eval generates images", "--folder scores the images it is given")
+        code, _, err = run(["eval", "--prompts", prompt_file, "--images", images, "--quiet", *flags], capsys)
+        assert code == 2, flags
+        one_line_error(err, f"{named}: only when eval generates images", "--prompts with --images")
+    assert not (tmp_path / "zz").exists()
+    code, _, err = run(["eval", "--prompts", prompt_file, "--images", images, "--backbone", "shapes",
+                        "--out", tmp_path / "eb", "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "--images: with --backbone eval generates its own images")
+    assert not (tmp_path / "eb").exists()
+    assert run(["eval", "--folder", folder, "--quiet"], capsys)[0] == 0  # the form itself still scores
+
+
+def test_records_no_image_can_pass_are_refused_up_front(tmp_path, capsys, prompt_file):
+    impossible = {"tag": "counting", "include": [{"class": "circle", "count": 1}],
+                  "exclude": [{"class": "circle", "count": 1}], "prompt": "x"}
+    records = [json.loads(line) for line in prompt_file.read_text().splitlines()]
+    bad = write_records(tmp_path / "bad.jsonl", records + [impossible])
+    for argv in (["render", tmp_path / "r", "--prompts", bad, "--quiet"],
+                 ["eval", "--prompts", bad, "--backbone", "shapes", "--out", tmp_path / "e", "--steps", 1, "--quiet"],
+                 ["eval", "--prompts", bad, "--images", tmp_path, "--quiet"]):
+        code, _, err = run(argv, capsys)
+        assert code == 2, argv
+        one_line_error(err, f"--prompts: {bad} record 12: record 'x' cannot be satisfied")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
+
+
+def test_render_lays_out_every_record_before_writing_any(tmp_path, capsys, prompt_file):
+    """A record no layout fits failed after every earlier prompt folder had been written."""
+    crowded = {"tag": "position", "include": [{"class": "circle", "count": 12},
+                                              {"class": "square", "count": 12, "position": ["left of", 0]}],
+               "exclude": [], "prompt": "x"}
+    records = [json.loads(line) for line in prompt_file.read_text().splitlines()]
+    bad = write_records(tmp_path / "bad.jsonl", records + [crowded])
+    code, _, err = run(["render", tmp_path / "r", "--prompts", bad, "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "--prompts: record 12: ")
+    assert not (tmp_path / "r").exists() or units(tmp_path / "r") == []
+
+
+def test_an_interrupted_paired_eval_says_how_to_continue(tmp_path, capsys, monkeypatch, prompt_file):
+    from xlard import evaluation
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "run_eval_cli", interrupted)
+    code, _, err = run(["eval", "--prompts", prompt_file, "--correct", "--out", tmp_path / "e", "--quiet"], capsys)
+    assert code == 130 and "rerun with --resume to continue" in err
+
+
+def test_corrector_errors_name_the_option(tmp_path, capsys, prompt_file):
+    code, _, err = run(["eval", "--prompts", prompt_file, "--corrector", tmp_path / "none", "--out", tmp_path / "e",
+                        "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "--corrector: corrector folder", "does not exist")
+    code, _, err = run(["eval", "--prompts", prompt_file, "--correct", "--seeds", "0,0", "--out", tmp_path / "e",
+                        "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "--seeds: must be distinct non-negative integers")

@@ -43,7 +43,7 @@ def test_eval_shapes_backbone_takes_its_defaults():
     (["--target-seeds", "0"], "--target-seeds must be in [1, 1000]"),
     (["--steps", "0.5,x"], "--steps: expected comma-separated correction steps in (0, 1]"),
     (["--steps", "1.5"], "--steps: expected comma-separated correction steps in (0, 1]"),
-    (["--seeds", "a"], "--seeds must be non-negative integers"),
+    (["--seeds", "a"], "--seeds: must be non-negative integers"),
     (["--out", "/proc/no/such/cost.json"], "--out"),
 ])
 def test_measure_eval_cost_refuses_bad_options_before_loading(bad, text, capsys, monkeypatch):

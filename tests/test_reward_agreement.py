@@ -96,12 +96,31 @@ def test_cli_rejects_bad_options():
         RA.main(["--per-tag", "0", "--cache", "x"])
 
 
+def test_cli_refuses_options_of_the_other_form(tmp_path, capsys, monkeypatch):
+    """Without --cache, --split train scored held-out records and --per-tag / --seeds-per-prompt / --render-checks
+    were ignored without a word; -n means nothing with --cache."""
+    def sampled(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(RA, "run", sampled)
+    monkeypatch.setattr(RA, "generate_cache", sampled)
+    for argv, words in ((["--split", "train"], "--split goes with --cache DIR"),
+                        (["--per-tag", "3"], "--per-tag goes with --cache DIR"),
+                        (["--seeds-per-prompt", "2"], "--seeds-per-prompt goes with --cache DIR"),
+                        (["--render-checks", "0"], "--render-checks goes with --cache DIR"),
+                        (["-n", "6", "--cache", str(tmp_path / "c")], "-n goes without --cache")):
+        with pytest.raises(SystemExit) as e:
+            RA.main(argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err, argv
+    assert not (tmp_path / "c").exists()
+
+
 def test_cli_checks_its_numbers_before_making_the_cache(tmp_path, capsys):
     """--steps -3 was recorded in the cache's meta.json before failing, and the corrected command was then
     refused ("holds other samples"); --seed -5 and --render-checks -2 were tracebacks."""
     for bad, words in ((["--steps", "-3"], "--steps must be in [0, 10000]"), (["--seed", "-5"], "--seed must be in"),
                        (["--render-checks", "-2"], "--render-checks must be >= 0"),
-                       (["-n", "100000000"], "at most 100000 samples")):
+                       (["--per-tag", "100000", "--seeds-per-prompt", "2"], "at most 100000 samples")):
         with pytest.raises(SystemExit) as e:
             RA.main(bad + ["--cache", str(tmp_path / "c")])
         assert e.value.code == 2 and words in capsys.readouterr().err

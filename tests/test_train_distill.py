@@ -179,6 +179,20 @@ def test_distill_run_exports_a_trained_corrector(tmp_path, shapes_final, capsys)
             script.main(argv)
         assert e.value.code == 2
     assert "holds no finished run (missing corrector, summary.json" in capsys.readouterr().err
+    # --install-only of a finished run of another config installed it with a card naming configs/shapes_shipped.yaml
+    with pytest.raises(SystemExit) as e:
+        script.main(["--install-only", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "was not trained with configs/shapes_shipped.yaml (its config.json differs in " in err and "steps" in err
+    assert script.config_differences(out) and "out" not in script.config_differences(out)
+    same = tmp_path / "same"
+    same.mkdir()
+    from xlard.train import load_config
+
+    shipped = load_config(script.CONFIG, overrides={"out": str(same), "log.progress": False})
+    (same / "config.json").write_text(json.dumps(shipped.to_dict(), default=list))
+    assert script.config_differences(same) == []  # the run folder and the progress bar are no part of it
 
 
 @needs_shapes

@@ -210,6 +210,12 @@ def _read_records(path: str, flag: str = "--prompts") -> list[dict]:
     if len(records) > MAX_RECORDS:
         raise UsageError(f"{flag}: {path} holds {len(records)} records; at most {MAX_RECORDS} per run "
                          "(split the file)")
+    world = WorldConfig()
+    for i, record in enumerate(records):  # no image can pass such a record: refused, not scored as a failure
+        try:
+            P.check_satisfiable(record, world)
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {path} record {i}: {_one_line(exc)}") from None
     return records
 
 
@@ -633,18 +639,19 @@ def _cmd_render(args) -> int:
                 "seed": args.seed}
     owned = _owned(out, _UNIT_NAME, folders=True)
     resuming = _check_output_folder(args, out, "OUT", settings, owned)
-    _start_output_folder(args, out, "OUT", settings, owned)
     todo = [i for i in range(len(records)) if not (resuming and (out / f"{i:05d}").is_dir())]
+    scenes = {}  # every scene laid out before anything is written: a record no layout fits fails up front
+    for i in todo:
+        try:
+            scenes[i] = [P.render_record(records[i], seed=args.seed + 1000 * i + k) for k in range(args.per_prompt)]
+        except RuntimeError as exc:  # no layout found: too many objects for the record's relation
+            raise UsageError(f"--prompts: record {i}: {_one_line(exc)}") from None
+    _start_output_folder(args, out, "OUT", settings, owned)
     if resuming:
         print(f"resuming: reusing {len(records) - len(todo)} of {len(records)} prompt folders in {out}",
               file=sys.stderr)
     for i in _progress(todo, len(todo), "render", args.quiet, unit="prompt"):
-        try:
-            images = [P.render_record(records[i], seed=args.seed + 1000 * i + k).render()
-                      for k in range(args.per_prompt)]
-        except RuntimeError as exc:  # no layout found: too many objects for the record's relation
-            raise UsageError(f"--prompts: record {i}: {_one_line(exc)}") from None
-        _write_geneval_folder(out, i, records[i], images)
+        _write_geneval_folder(out, i, records[i], [scene.render() for scene in scenes[i]])
     _finish_output_folder(out, "OUT")
     print(f"wrote {len(todo)} prompt folders to {out}" + (f" ({len(records) - len(todo)} reused)" if resuming else ""))
     return 0
@@ -664,9 +671,25 @@ def _check_finished_folder(folder: Path) -> None:
                          "rerunning that command with --resume")
 
 
+_EVAL_DEFAULTS = {"steps": 0, "batch": 8, "seed": 0}
+
+
+def _generation_options(args) -> list[str]:
+    """The options of ``eval`` that only a form generating images uses, as given on the command line."""
+    return [flag for flag, given in (
+        ("--out", args.out is not None), ("--steps", args.steps is not None), ("--guidance", args.guidance is not None),
+        ("--batch", args.batch is not None), ("--device", args.device is not None),
+        ("--dtype", args.dtype is not None), ("--seed", args.seed is not None), ("--overwrite", args.overwrite),
+        ("--resume", args.resume)) if given]
+
+
 def _cmd_eval(args) -> int:
     from xlard.shapes import evaluator as E
 
+    generation = _generation_options(args)
+    for name, value in _EVAL_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     _check_dtype(args)  # every form that loads a backbone, before it loads
     if args.corrector or args.correct:
         if args.results:
@@ -715,6 +738,9 @@ def _cmd_eval(args) -> int:
     for value, flag in ((args.results, "--results"), (args.json, "--json")):
         _output_file(value, flag)
     _distinct_outputs({"--results": args.results, "--json": args.json}, {"--prompts": args.prompts})
+    if not args.backbone and generation:  # --folder, --prompts with --images: they score images that exist
+        raise UsageError(f"{generation[0]}: only when eval generates images (--backbone, --corrector or --correct); "
+                         f"{'--folder' if args.folder else '--prompts with --images'} scores the images it is given")
     if args.folder:
         if args.backbone or args.prompts or args.images:
             raise UsageError("--folder: give --folder alone, or --prompts with --images or --backbone")
@@ -727,6 +753,9 @@ def _cmd_eval(args) -> int:
     elif args.backbone:
         if not args.prompts:
             raise UsageError("--backbone: needs --prompts FILE (the records to generate for)")
+        if args.images:
+            raise UsageError("--images: with --backbone eval generates its own images into --out; drop --images "
+                             "(or drop --backbone to score the folder's images)")
         records = _read_records(args.prompts)
         out = Path(args.out or "xlard-eval")
         settings = {"records": _records_digest(records), "count": len(records), "seed": args.seed,
@@ -868,7 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a corrector: bootstrap resamples for the intervals (default 2000)")
     p.add_argument("--save-images", action="store_true", help="with a corrector: keep base/corrected images")
     p.add_argument("--markdown", help="with a corrector: also write the markdown table here")
-    p.set_defaults(func=_cmd_eval)
+    # None: not given (the forms that score existing images refuse them); _cmd_eval fills in 0 / 8 / 0
+    p.set_defaults(func=_cmd_eval, steps=None, batch=None, seed=None)
 
     p = sub.add_parser("train", help="train a corrector (PPO; see docs/training.md); torchrun for several processes")
     p.add_argument("config", help="a YAML or JSON training config, e.g. configs/shapes.yaml")
@@ -982,7 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if os.environ.get("XLARD_TRACEBACK") == "1":
             raise
-        writes_folder = args is not None and (args.command in ("render", "demo") or getattr(args, "backbone", None))
+        writes_folder = args is not None and (args.command in ("render", "demo") or getattr(args, "backbone", None)
+                                              or getattr(args, "corrector", None) or getattr(args, "correct", False))
         if args is not None and args.command == "train":
             hint = " (rerun with --resume to continue from the last checkpoint)"
         else:

@@ -1134,11 +1134,12 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
         differ = sorted(k for k in set(previous) | set(current)
                         if k != "corrector" and previous.get(k) != current.get(k))
         if differ:
-            raise ValueError(f"{out} holds another evaluation (different {', '.join(differ)}); pick another --out "
-                             "or remove the folder")
+            raise ValueError(f"--out: {out} holds another evaluation (different {', '.join(differ)}); pick another "
+                             "--out, or start afresh there (xlard eval --overwrite)")
     else:
         if pairs_path.exists():
-            raise ValueError(f"{out} has pairs.jsonl but no run.json; pick another --out or remove the folder")
+            raise ValueError(f"--out: {out} has pairs.jsonl but no run.json; pick another --out, or start afresh "
+                             "there (xlard eval --overwrite)")
         _write_json(run_path, settings)
     done = _read_rows(pairs_path)
     done_keys = {(r.index, r.seed) for r in done}
@@ -1194,12 +1195,16 @@ def _given(args, name: str, default):
 def _corrector_from_args(args):
     """``--corrector DIR`` or ``--correct`` (the corrector shipped for ``--backbone``, default shapes)."""
     if getattr(args, "corrector", None) and getattr(args, "correct", False):
-        raise ValueError("give --corrector DIR or --correct (the shipped corrector), not both")
-    if getattr(args, "corrector", None):
-        source = str(args.corrector)
-    else:
-        source = str(shipped_corrector_path(getattr(args, "backbone", None) or "shapes"))
-    corrector, meta = load_corrector_dir(source, device=getattr(args, "device", None))
+        raise ValueError("--corrector: give --corrector DIR or --correct (the shipped corrector), not both")
+    flag = "--corrector" if getattr(args, "corrector", None) else "--correct"
+    try:  # the library's messages, prefixed with the option that named the folder
+        if getattr(args, "corrector", None):
+            source = str(args.corrector)
+        else:
+            source = str(shipped_corrector_path(getattr(args, "backbone", None) or "shapes"))
+        corrector, meta = load_corrector_dir(source, device=getattr(args, "device", None))
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        raise type(exc)(f"{flag}: {exc}") from None
     return corrector, meta, source
 
 
@@ -1217,13 +1222,13 @@ def parse_seeds(text: str | Sequence[int] | None, default: int = 0) -> list[int]
     try:
         seeds = [int(p) for p in parts]
     except (TypeError, ValueError):
-        raise ValueError(f"--seeds must be non-negative integers separated by commas, got {text!r}") from None
+        raise ValueError(f"--seeds: must be non-negative integers separated by commas, got {text!r}") from None
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must be distinct non-negative integers, got {text!r}")
+        raise ValueError(f"--seeds: must be distinct non-negative integers, got {text!r}")
     # image_seed(seed, index) must be a generator seed (< 2**64) for every index: checked now, not after loading
     top = (2**64 - SEED_STRIDE) // SEED_STRIDE
     if max(seeds) > top:
-        raise ValueError(f"--seeds must be at most {top} (image seeds are seed * {SEED_STRIDE:_} + record index, "
+        raise ValueError(f"--seeds: must be at most {top} (image seeds are seed * {SEED_STRIDE:_} + record index, "
                          f"below 2**64), got {max(seeds)}")
     return seeds
 

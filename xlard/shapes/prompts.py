@@ -268,6 +268,31 @@ def sample_records(records: Sequence[Mapping], n: int, seed: int | np.random.Gen
     return out
 
 
+def check_satisfiable(record: dict, world: WorldConfig | None = None) -> None:
+    """Raise if no scene of ``world`` can satisfy the (valid) ``record``: an include count that meets its own
+    exclude clause ("a circle" and "no circle"), or an uncolored include whose every color is excluded.
+
+    Raises:
+        ValueError: naming the record's prompt and the clause.
+    """
+    world = world or WorldConfig()
+    include = record["include"]
+    banned: dict[str, set[str]] = {}
+    for e in record.get("exclude", []):
+        have = sum(it["count"] for it in include if it["class"] == e["class"]
+                   and ("color" not in e or it.get("color") == e["color"]))
+        if have >= e["count"]:
+            raise ValueError(f"record {record['prompt']!r} cannot be satisfied: it includes {have} "
+                             f"{e['class']} but excludes {e['count']} or more")
+        if "color" in e:
+            banned.setdefault(e["class"], set()).add(e["color"])
+    for it in include:
+        if it.get("color") is None and it["class"] in banned \
+                and not [c for c in world.colors if c not in banned[it["class"]]]:
+            raise ValueError(f"record {record['prompt']!r} cannot be satisfied: every color of "
+                             f"{it['class']} is excluded")
+
+
 def render_record(record: Mapping, seed: int | np.random.Generator | None = 0,
                   world: WorldConfig | None = None, distractors: int = 0) -> Scene:
     """A ground-truth scene that satisfies ``record`` under GenEval's rules.
@@ -293,14 +318,9 @@ def render_record(record: Mapping, seed: int | np.random.Generator | None = 0,
     """
     world = world or WorldConfig()
     validate_record(record, classes=world.shapes, colors=world.colors)
+    check_satisfiable(record, world)
     rng = as_rng(seed)
     include = record["include"]
-    for e in record.get("exclude", []):
-        have = sum(it["count"] for it in include if it["class"] == e["class"]
-                   and ("color" not in e or it.get("color") == e["color"]))
-        if have >= e["count"]:
-            raise ValueError(f"record {record['prompt']!r} cannot be satisfied: it includes {have} "
-                             f"{e['class']} but excludes {e['count']} or more")
     # An include item without a color must not draw a color that an exclude clause forbids for
     # its class ("a circle" + "no red circle"): such items become one group per object, each of
     # an allowed color, and relations are repeated for every piece (they hold object by object).
@@ -313,9 +333,6 @@ def render_record(record: Mapping, seed: int | np.random.Generator | None = 0,
     for it in include:
         if it.get("color") is None and it["class"] in banned:
             allowed = [c for c in world.colors if c not in banned[it["class"]]]
-            if not allowed:
-                raise ValueError(f"record {record['prompt']!r} cannot be satisfied: every color of "
-                                 f"{it['class']} is excluded")
             pieces.append(list(range(len(groups), len(groups) + it["count"])))
             groups.extend(ObjectGroup(it["class"], 1, allowed[int(rng.integers(len(allowed)))])
                           for _ in range(it["count"]))
@@ -365,6 +382,7 @@ def read_records(path: str | os.PathLike, world: WorldConfig | None = None) -> l
 
 __all__ = [
     "PromptConfig", "SPLIT_SEED", "NUMBER_WORDS", "split_membership", "noun_phrase", "describe", "make_record",
-    "enumerate_records", "meaning_key", "make_splits", "sample_records", "render_record", "write_jsonl",
+    "enumerate_records", "meaning_key", "make_splits", "sample_records", "check_satisfiable", "render_record",
+    "write_jsonl",
     "read_jsonl", "read_records",
 ]
