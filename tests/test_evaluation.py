@@ -305,6 +305,14 @@ def test_corrector_fit_names_every_mismatch():
             ev.check_corrector_fits(counting, _meta(), backbone)
         counting.attach_eyes(lambda z: (torch.zeros(z.shape[0], 2, 64, 64), torch.zeros(z.shape[0], 64, 64)))
         ev.check_corrector_fits(counting, _meta(), backbone)  # eyes of its own: any backbone
+    # count_edit redraws 64 x 64 images: another size failed mid-run, on the first batch holding a counting prompt
+    editing = ResidualCorrector(CorrectorConfig.tiny(latent_channels=8, text_dim=64, pooled_dim=64,
+                                                     conditioning="fields", reader=True, reader_width=8,
+                                                     reader_nouns=("circle", "square"),
+                                                     reader_colors=tuple(GENEVAL_COLORS), count_edit=True))
+    large = SimpleNamespace(**{**vars(backbone), "height": 128, "width": 96})
+    with pytest.raises(ValueError, match="count_edit redraws the shapes backbone's 64x64 images .* makes 128x96"):
+        ev.check_corrector_fits(editing, _meta(), large)
 
 
 def test_no_shipped_corrector_for_other_backbones():

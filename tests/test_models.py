@@ -990,7 +990,7 @@ def test_count_move_sources_erase_add_and_replace_objects_by_copying_cells():
     ((torch.zeros(2, 4, 60, 64), torch.zeros(2, 60, 64), torch.zeros(2, dtype=torch.long),
       torch.zeros(2, dtype=torch.long), (16, 16)), "whole multiple"),
     ((torch.zeros(2, 4, 64, 64), torch.zeros(2, 64, 64), torch.zeros(3, dtype=torch.long),
-      torch.zeros(2, dtype=torch.long), (16, 16)), "nouns and counts"),
+      torch.zeros(2, dtype=torch.long), (16, 16)), "nouns must be an integer tensor \\[B\\]"),
 ])
 def test_count_move_sources_refuse_inconsistent_maps(args, pattern):
     from xlard.models import count_move_sources
@@ -1217,3 +1217,47 @@ def test_autocast_config_check_names_the_field(value):
     with pytest.raises(ValueError, match="autocast must be None"):
         corrector.set_autocast(value)
     assert corrector.config.autocast is None
+
+
+def test_count_eyes_edit_counts_names_a_latent_of_another_size():
+    """A 32 x 32 latent (128 x 128 images) failed deep in the editor without naming z."""
+    from xlard.shapes import backbone as shapes_backbone
+    from xlard.shapes.understanding import CountEyes, is_available
+
+    if not (shapes_backbone.is_available() and is_available()):
+        pytest.skip("shapes backbone or understanding model absent")
+    with pytest.raises(ValueError, match=r"count_edit redraws 64x64 images .* z \[1, 8, 32, 32\] decodes to 128x128"):
+        CountEyes(("circle", "square")).edit_counts(torch.zeros(1, 8, 32, 32), ["circle"], [2])
+
+
+def test_cell_move_helpers_name_bad_arguments():
+    from xlard.models import copy_cells, count_move_sources, largest_parts, move_sources, reader_move_sources
+
+    z = torch.zeros(2, 4, 4, 4)
+    src = torch.arange(16).repeat(2, 1)
+    with pytest.raises(ValueError, match=r"copy_cells: z must be a latent tensor \[B, C, H, W\], got \[4, 4, 4\]"):
+        copy_cells(z[0], src)
+    with pytest.raises(ValueError, match="copy_cells: source must be an integer tensor"):
+        copy_cells(z, src.bool())
+    with pytest.raises(ValueError, match="move_sources: labels must be an integer tensor"):
+        move_sources(torch.zeros(2, 16, dtype=torch.bool), torch.zeros(2, 2, 2, dtype=torch.long), 4, 4)
+    with pytest.raises(ValueError, match=r"largest_parts: labels must be 0 \(none\), 1 \(subject\) or 2"):
+        largest_parts(torch.full((1, 16), 3), 4, 4)  # label 3 was dropped without a word
+    probs = torch.rand(2, 3, 4, 4)
+    good_nouns, good_rel = torch.tensor([[0, 1], [1, 2]]), torch.tensor([[0, 0, 1], [-1, -1, -1]])
+    assert reader_move_sources(probs, good_nouns, good_rel).shape == (2, 16)
+    for nouns, rel, pattern in ((torch.tensor([0, 1]), good_rel, r"nouns must be an integer tensor \[2, 2\]"),
+                                (torch.tensor([[0, 7], [1, 2]]), good_rel, "nouns must be -1 .* the 3 noun maps"),
+                                (good_nouns, torch.tensor([[9, 0, 1], [-1, -1, -1]]), "relations rows must be"),
+                                (good_nouns, torch.tensor([[0, 0, 5], [-1, -1, -1]]), "relations rows must be")):
+        with pytest.raises(ValueError, match=pattern):
+            reader_move_sources(probs, nouns, rel)
+    eyes, fg = torch.rand(2, 3, 16, 16), torch.rand(2, 16, 16)
+    n, c = torch.tensor([0, 1]), torch.tensor([2, 3])
+    assert count_move_sources(eyes, fg, n, c, (4, 4)).shape == (2, 16)
+    for args, kwargs, pattern in (((eyes, fg, n, c, (0, 16)), {}, "latent_hw must be the latent's"),
+                                  ((eyes, fg, n, c, (4, 4)), {"share": 5}, r"share must be a number in \[0, 1\]"),
+                                  ((eyes, fg, torch.tensor([0, 9]), c, (4, 4)), {}, "nouns must be -1 .* 3 noun"),
+                                  ((eyes, fg, [0, 1], c, (4, 4)), {}, r"nouns must be an integer tensor \[B\]")):
+        with pytest.raises(ValueError, match=pattern):
+            count_move_sources(*args, **kwargs)

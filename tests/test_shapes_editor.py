@@ -411,3 +411,51 @@ def test_edit_image_checks_its_maps_and_image_and_clamps_draw_sizes():
     out, changed, acts = edit_image(image, sp, cp, spec, shapes, colors,
                                     EditConfig(relayout=True, draw_size=100))
     assert out.shape == image.shape and changed.any() and acts
+
+
+# --- from a fresh-eyes probe of the corrector's rules --------------------------------------------------------------
+
+
+def _count_of(img: np.ndarray, color: str) -> int:
+    rgb = np.asarray(PALETTE[color], np.float32) / 255.0
+    return int((np.abs(img - rgb[:, None, None]).max(0) < 1e-3).sum())
+
+
+@pytest.mark.parametrize("prompt, words", [("two circles", ("redrew 1", "added 1")), ("a circle", ("removed 1",))])
+def test_redraw_and_removal_leave_a_neighbour_of_another_color_alone(prompt, words):
+    """The erased rim reached 2 px past the object whatever was there: a blue square 1 px from a redrawn red circle
+    lost its whole left column."""
+    objs = (SceneObject("circle", "red", (10, 10, 24, 24)), SceneObject("square", "blue", (25, 10, 39, 24)))
+    if prompt == "a circle":  # a second circle to remove: the one beside the square (the less confident one)
+        objs = (SceneObject("circle", "red", (40, 40, 54, 54)),) + objs
+    scene = Scene(64, objs)
+    img, _, actions = edit(scene, prompt, redraw=True)
+    assert all(any(a.startswith(w) for a in actions) for w in words), actions
+    assert _count_of(img, "blue") == _count_of(image_of(scene), "blue")
+
+
+def test_an_empty_image_takes_any_box_that_fits():
+    """_emptiest measured the distance to the borders as if they were objects: a box of 34 px or more found no room
+    on an empty 64 x 64 image, and nothing was drawn."""
+    from xlard.shapes.editor import _emptiest
+
+    for size in (9, 20, 34, 40, 64):
+        spot = _emptiest(np.zeros((64, 64), bool), size)
+        assert spot is not None and 0 <= spot[0] <= 64 - size and 0 <= spot[1] <= 64 - size
+    img, changed, actions = edit(Scene(64, ()), "a circle", draw_size=40, max_size=40)
+    assert actions == ["added 1 circle(s)"] and changed.any()
+
+
+def test_touched_cells_checks_its_arguments():
+    from xlard.shapes.editor import touched_cells
+
+    changed = torch.zeros(1, 64, 64, dtype=torch.bool)
+    changed[0, 63, 63] = True
+    assert touched_cells(changed, 4, grow=0)[0, 0, 15, 15]
+    for factor in (3, 0, -2, 2.0, True):  # 3: the pixel at (63, 63) fell off the pooled grid
+        with pytest.raises(ValueError, match="factor must be an int >= 1 dividing the image's 64 x 64 pixels"):
+            touched_cells(changed, factor)
+    with pytest.raises(ValueError, match=r"changed must be a tensor \[B, H, W\]"):
+        touched_cells(changed[0], 4)
+    with pytest.raises(ValueError, match="grow must be an int >= 0"):
+        touched_cells(changed, 4, grow=-1)

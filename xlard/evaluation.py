@@ -337,6 +337,13 @@ def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
                             f"eyes (ResidualCorrector.attach_eyes) for another backbone")
         if float(getattr(backbone, "correction_step", 1.0)) != 1.0:
             problems.append(f"{name} decodes the corrected latent as a final one: it needs correction_step 1.0")
+        if name == "count_edit" and height and width:
+            from xlard.shapes.understanding import EDIT_IMAGE_SIZE
+
+            if (int(height), int(width)) != (EDIT_IMAGE_SIZE, EDIT_IMAGE_SIZE):  # the counting rows failed mid-run
+                problems.append(f"count_edit redraws the shapes backbone's {EDIT_IMAGE_SIZE}x{EDIT_IMAGE_SIZE} "
+                                f"images (its understanding model's size); this backbone makes {height}x{width} "
+                                f"images")
     if problems:
         raise ValueError(f"the corrector (trained for backbone {meta.backbone!r}) does not fit this backbone: "
                          + "; ".join(problems))

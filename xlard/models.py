@@ -286,7 +286,7 @@ class CorrectorConfig(_ConfigBase):
             margin of 6 / 64: docs/training.md, "Relations moved by the reader").
 
         count_move (bool): False (default). True (needs ``reader``, excludes ``move``): a prompt of one entity asked
-            ``n >= 2`` times is counted on the *decoded* corrected latent by eyes (default: the shapes
+            ``n`` times, ``2 <= n <= MAX_FIELD_COUNT`` (16; the field tokens hold no larger count), is counted on the *decoded* corrected latent by eyes (default: the shapes
             understanding model on the shapes backbone's VAE decoding, :class:`xlard.shapes.understanding.
             CountEyes`; any other with :meth:`ResidualCorrector.attach_eyes`), and when the objects of
             its noun do not number ``n``, latent cells are copied (:func:`count_move_sources`): objects of
@@ -297,7 +297,7 @@ class CorrectorConfig(_ConfigBase):
         count_move_share (float): the share of a found object's shape probability that its noun must
             hold for it to count as that noun, in ``[0, 1]`` (default 0.7).
         count_edit (bool): False (default). True (needs ``reader``, excludes ``move`` and ``count_move``): a
-            prompt of one entity asked ``n >= 2`` times is *redrawn*: the eyes (as for ``count_move``; they
+            prompt of one entity asked ``n`` times, ``2 <= n <= MAX_FIELD_COUNT`` (16), is *redrawn*: the eyes (as for ``count_move``; they
             must also have ``edit_counts``, as :class:`xlard.shapes.understanding.CountEyes` has) decode the
             corrected latent, draw every found object of the noun again as a clean shape at its place, size
             and color, paint surplus ones with the background, draw missing ones at the emptiest free
@@ -966,8 +966,12 @@ def copy_cells(z: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: a source map of the wrong shape or with an index out of range.
     """
+    if not isinstance(z, torch.Tensor) or z.dim() != 4:
+        raise ValueError(f"copy_cells: z must be a latent tensor [B, C, H, W], got "
+                         f"{list(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
     b, c, h, w = z.shape
-    if not isinstance(source, torch.Tensor) or tuple(source.shape) != (b, h * w) or source.is_floating_point():
+    if not isinstance(source, torch.Tensor) or tuple(source.shape) != (b, h * w) or source.is_floating_point() \
+            or source.dtype == torch.bool or source.is_complex():
         raise ValueError(f"copy_cells: source must be an integer tensor of shape {(b, h * w)}, got "
                          f"{getattr(source, 'shape', type(source).__name__)}")
     if source.numel() and (int(source.min()) < 0 or int(source.max()) >= h * w):
@@ -992,7 +996,17 @@ def largest_parts(labels: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
     A move head labels one object per slot; stray cells of a label elsewhere would
     otherwise be carried along as fragments.
+
+    Raises:
+        ValueError: labels not an integer tensor ``[B, h*w]`` of 0 (none), 1 (subject) and 2 (object).
     """
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[1] != h * w \
+            or labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"largest_parts: labels must be an integer tensor [B, {h * w}], got "
+                         f"{getattr(labels, 'shape', type(labels).__name__)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 2):  # a label 3 was dropped silently
+        raise ValueError(f"largest_parts: labels must be 0 (none), 1 (subject) or 2 (object), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
     out = torch.zeros_like(labels)
     grid = labels.view(-1, h, w)
     for k in (1, 2):
@@ -1031,11 +1045,11 @@ def move_sources(labels: torch.Tensor, shifts: torch.Tensor, h: int, w: int) -> 
         ValueError: labels or shifts of the wrong shape or type, or labels outside 0..2.
     """
     if (not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[1] != h * w
-            or labels.is_floating_point()):
+            or labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex()):
         raise ValueError(f"move_sources: labels must be an integer tensor [B, {h * w}], got "
                          f"{getattr(labels, 'shape', type(labels).__name__)}")
     if (not isinstance(shifts, torch.Tensor) or tuple(shifts.shape) != (labels.shape[0], 2, 2)
-            or shifts.is_floating_point()):
+            or shifts.is_floating_point() or shifts.dtype == torch.bool or shifts.is_complex()):
         raise ValueError(f"move_sources: shifts must be an integer tensor [{labels.shape[0]}, 2, 2], got "
                          f"{getattr(shifts, 'shape', type(shifts).__name__)}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 2):
@@ -1304,8 +1318,27 @@ def reader_move_sources(noun_probs: torch.Tensor, nouns: torch.Tensor, relations
 
     Returns:
         Tensor[B, h*w] int64 for :func:`copy_cells`.
+
+    Raises:
+        ValueError: inputs of the wrong shape or type, or an index outside its range.
     """
-    b, _, lh, lw = noun_probs.shape
+    if not isinstance(noun_probs, torch.Tensor) or noun_probs.dim() != 4:
+        raise ValueError(f"reader_move_sources: noun_probs must be a tensor [B, N, h, w], got "
+                         f"{getattr(noun_probs, 'shape', type(noun_probs).__name__)}")
+    b, num_nouns, lh, lw = noun_probs.shape
+    for name, t, shape in (("nouns", nouns, (b, 2)), ("relations", relations, (b, 3))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.is_floating_point() \
+                or t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"reader_move_sources: {name} must be an integer tensor {list(shape)}, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    if b and (int(nouns.min()) < -1 or int(nouns.max()) >= num_nouns):
+        raise ValueError(f"reader_move_sources: nouns must be -1 (unknown) or an index into the {num_nouns} noun "
+                         f"maps, got values in [{int(nouns.min())}, {int(nouns.max())}]")
+    active = relations[:, 0] >= 0
+    if bool(active.any()) and (int(relations[active, 0].max()) >= len(RELATIONS)
+                               or int(relations[active, 1:].min()) < 0 or int(relations[active, 1:].max()) > 1):
+        raise ValueError(f"reader_move_sources: relations rows must be (relation in [0, {len(RELATIONS)}), subject "
+                         f"slot 0 or 1, object slot 0 or 1) or start with -1, got {relations[active].tolist()}")
     labels = torch.zeros(b, lh * lw, dtype=torch.int64)
     shifts = torch.zeros(b, 2, 2, dtype=torch.int64)
     rows = [i for i in range(b) if relations[i, 0] >= 0 and int(relations[i, 1]) != int(relations[i, 2])
@@ -1472,17 +1505,32 @@ def count_move_sources(noun_probs: torch.Tensor, foreground: torch.Tensor, nouns
     Raises:
         ValueError: inconsistent shapes.
     """
-    if noun_probs.dim() != 4 or foreground.shape != (noun_probs.shape[0], *noun_probs.shape[-2:]):
+    if not isinstance(noun_probs, torch.Tensor) or not isinstance(foreground, torch.Tensor) \
+            or noun_probs.dim() != 4 or foreground.shape != (noun_probs.shape[0], *noun_probs.shape[-2:]):
         raise ValueError(f"count_move_sources: noun_probs must be [B, N, H, W] and foreground [B, H, W] of the same "
-                         f"B, H, W, got {tuple(noun_probs.shape)} and {tuple(foreground.shape)}")
-    b, _, hi, wi = noun_probs.shape
-    h, w = int(latent_hw[0]), int(latent_hw[1])
+                         f"B, H, W, got {getattr(noun_probs, 'shape', type(noun_probs).__name__)} and "
+                         f"{getattr(foreground, 'shape', type(foreground).__name__)}")
+    b, num_nouns, hi, wi = noun_probs.shape
+    try:
+        h, w = (int(v) for v in latent_hw)
+    except (TypeError, ValueError):
+        h = w = 0
+    if h < 1 or w < 1:
+        raise ValueError(f"count_move_sources: latent_hw must be the latent's (h, w), two ints >= 1, got "
+                         f"{latent_hw!r}")
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= float(share) <= 1.0:
+        raise ValueError(f"count_move_sources: share must be a number in [0, 1], got {share!r}")
     if hi % h or wi % w or hi // h != wi // w:
         raise ValueError(f"count_move_sources: the eyes' grid {hi} x {wi} must be one whole multiple of the latent "
                          f"{h} x {w}")
-    if tuple(nouns.shape) != (b,) or tuple(counts.shape) != (b,):
-        raise ValueError(f"count_move_sources: nouns and counts must be [B] = [{b}], got {tuple(nouns.shape)} and "
-                         f"{tuple(counts.shape)}")
+    for name, t in (("nouns", nouns), ("counts", counts)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (b,) or t.is_floating_point() \
+                or t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"count_move_sources: {name} must be an integer tensor [B] = [{b}], got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    if b and (int(nouns.min()) < -1 or int(nouns.max()) >= num_nouns):
+        raise ValueError(f"count_move_sources: nouns must be -1 (unknown) or an index into the {num_nouns} noun "
+                         f"maps, got values in [{int(nouns.min())}, {int(nouns.max())}]")
     out = torch.arange(h * w).repeat(b, 1)
     rows = [i for i in range(b) if int(nouns[i]) >= 0 and int(counts[i]) >= 2]
     if not rows:
@@ -1777,7 +1825,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
 
     def _counting_rows(self, reading, text_tokens, text_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rows, nouns [B, 2], counts [B, 2])``: the rows whose prompt is one entity of a known noun asked
-        ``n >= 2`` times (what ``count_move`` and ``count_edit`` act on), the field tokens' nouns and counts."""
+        ``2 <= n <= MAX_FIELD_COUNT`` times (what ``count_move`` and ``count_edit`` act on: larger counts have no
+        field token), the field tokens' nouns and counts."""
         counts = count_fields(self.config, text_tokens, text_mask)
         nouns = reading[1] if reading is not None else slot_fields(self.config, text_tokens, text_mask)[0]
         rows = torch.nonzero((counts[:, 0] >= 2) & (counts[:, 1] < 0) & (nouns[:, 0] >= 0)).flatten()

@@ -203,8 +203,10 @@ def _emptiest(occupied: np.ndarray, size: int) -> tuple[int, int] | None:
     if size > h or size > w:
         return None
     cy, cx = np.mgrid[half:h - size + half + 1, half:w - size + half + 1]
-    if not occupied.any():
+    if not occupied.any():  # nothing to touch: the box farthest from the borders (any box that fits)
         d = np.minimum.reduce([cy - half, cx - half, h - cy - half, w - cx - half]).astype(np.float64)
+        k = int(np.argmax(d))
+        return int(cy.flat[k]) - half, int(cx.flat[k]) - half
     else:
         # Exact squared distance to the nearest occupied pixel, in two passes: the vertical distance within
         # each column, then the nearest column (d2(y, x) = min over x' of (x - x')^2 + g(y, x')^2).
@@ -296,6 +298,13 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
     background = np.asarray(BACKGROUND, dtype=np.float32) / 255.0
     changed = np.zeros((h, w), bool)
     colored = color_probs[0] < 0.5
+    pixel_color = color_probs[1:].argmax(0)  # each pixel's most likely color
+
+    def own_rim(m: np.ndarray, color: int) -> np.ndarray:
+        """The colored pixels of object ``m`` (a core): those of its extent (the core grown by one pixel) and
+        those of its own color up to 3 pixels out (its blurred rim); a neighbour of another color is left alone
+        (the rim once took 2 pixels off it)."""
+        return _dilate(m, 3) & colored & (_dilate(m, 1) | (pixel_color == color))
     actions: list[str] = []
     placed: list[list[list]] = []  # per entity: [top, left, size, color] of the objects it ends with
 
@@ -378,7 +387,7 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
                     return (round(ys.mean() / 8), xs.mean())
                 objs = sorted(objs, key=reading)
             for _, m in objs[asked:]:
-                erase(_dilate(m, 3) & (colored | _dilate(m, 1)))
+                erase(own_rim(m, int(color_probs[1:, m].sum(1).argmax())) | _dilate(m, 1))
             actions.append(f"removed {len(objs) - asked} {noun}(s)")
             objs = objs[:asked]
         sizes, recolored = [], 0
@@ -388,11 +397,12 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
             size = int(max(ys.max() - ys.min(), xs.max() - xs.min())) + 1
             size = max(config.min_size, min(size, config.max_size))
             sizes.append(size)
-            own = colors[int(color_probs[1:, m].sum(1).argmax())]
+            own_index = int(color_probs[1:, m].sum(1).argmax())
+            own = colors[own_index]
             color = want_color or own
             top, left = int(round(ys.mean())) - size // 2, int(round(xs.mean())) - size // 2
             if config.redraw:
-                erase(_dilate(m, 3) & colored)
+                erase(own_rim(m, own_index))
                 top, left = draw(noun, top, left, size, color)
             elif want_color is not None and own != want_color:
                 region = _dilate(m, 2) & colored
@@ -489,8 +499,24 @@ def touched_cells(changed: torch.Tensor, factor: int, grow: int = 1) -> torch.Te
 
     Args:
         changed (Tensor[B, H, W] bool): :attr:`EditedBatch.changed`.
-        factor: image pixels per latent cell along each side.
+        factor: image pixels per latent cell along each side (dividing H and W).
+        grow: cells added around every touched cell (>= 0).
+
+    Raises:
+        ValueError: ``changed`` not ``[B, H, W]``, or a factor that does not divide H and W (the pixels of
+            the last partial cell were dropped), or a negative ``grow``.
     """
+    if not isinstance(changed, torch.Tensor) or changed.dim() != 3:
+        raise ValueError(f"touched_cells: changed must be a tensor [B, H, W], got "
+                         f"{getattr(changed, 'shape', type(changed).__name__)}")
+    h, w = changed.shape[-2:]
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1 or h % factor \
+            or w % factor:
+        raise ValueError(f"touched_cells: factor must be an int >= 1 dividing the image's {h} x {w} pixels, got "
+                         f"{factor!r}")
+    if isinstance(grow, bool) or not isinstance(grow, (int, np.integer)) or grow < 0:
+        raise ValueError(f"touched_cells: grow must be an int >= 0, got {grow!r}")
+    factor, grow = int(factor), int(grow)
     mask = F.max_pool2d(changed.float()[:, None], factor)
     if grow:
         mask = F.max_pool2d(mask, 2 * grow + 1, 1, grow)

@@ -335,6 +335,11 @@ def _latent_scale(vae) -> tuple[float, float]:
     return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
+#: The image size :meth:`CountEyes.edit_counts` redraws at: the shipped understanding model's (the shapes
+#: backbone's 64 x 64 images, 16 x 16 latents).
+EDIT_IMAGE_SIZE = 64
+
+
 class CountEyes:
     """What a corrector's ``count_move`` counts (and ``count_edit`` edits) with on the shapes world: a latent
     of the shapes backbone, decoded by the backbone's own VAE (as
@@ -437,8 +442,14 @@ class CountEyes:
             raise ValueError(f"CountEyes.edit_counts: need one noun and one count >= 1 per latent of z "
                              f"({b}), got nouns {nouns!r} and counts {counts!r}")
         images = self.images(z)
+        model = self._model(z.device)
+        size = model.config.image_size
+        if tuple(images.shape[-2:]) != (size, size):  # the editor draws at the model's size: refused, naming z
+            raise ValueError(f"CountEyes.edit_counts: count_edit redraws {size}x{size} images (the understanding "
+                             f"model's size), and z {list(z.shape)} decodes to {images.shape[-2]}x{images.shape[-1]}: "
+                             f"generate at {size}x{size}, or use a corrector without count_edit")
         specs = [PromptSpec(prompt=f"{c} {n}", entities=(Entity(n, count=c),)) for n, c in zip(nouns, counts)]
-        edited = edit_images(self._model(z.device), images, specs,
+        edited = edit_images(model, images, specs,
                              EditConfig(redraw=True, fix_count=True, fix_color=False, fix_position=False))
         vae = self._vae(z.device)
         scale, shift = _latent_scale(vae)
