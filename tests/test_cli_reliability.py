@@ -1101,3 +1101,18 @@ def test_corrector_errors_name_the_option(tmp_path, capsys, prompt_file):
                         "--quiet"], capsys)
     assert code == 2
     one_line_error(err, "--seeds: must be distinct non-negative integers")
+
+
+def test_an_unknown_option_is_named_with_its_command(tmp_path, capsys):
+    """argparse reported a subcommand's unknown option as `xlard: error: ... (see `xlard --help`)`."""
+    code, _, err = run(["train", ROOT / "configs" / "shapes.yaml", "--overwrite"], capsys)
+    assert code == 2
+    line = one_line_error(err, "xlard train: error: unrecognized arguments: --overwrite",
+                          "train has no --overwrite", "(see `xlard train --help`)")
+    assert line.startswith("xlard train: ")
+    code, _, err = run(["eval", "--folder", tmp_path, "--bogus"], capsys)
+    assert code == 2
+    one_line_error(err, "xlard eval: error: unrecognized arguments: --bogus (see `xlard eval --help`)")
+    code, _, err = run(["eval"], capsys)
+    assert code == 2
+    one_line_error(err, "--prompts with --corrector DIR or --correct")

@@ -46,6 +46,11 @@ def test_demo_writes_train_eval_report_and_summary(tiny_demo, capsys):
                                                 "ppo.prompts_per_step": 2, "ppo.group_size": 2}
     config = json.loads((out / "train" / "config.json").read_text())
     assert config["ppo"]["group_size"] == 2 and config["distill"]["items_per_tag"] == 1
+    # demo.json records the training config that ran (it showed the base recipe: 1000 targets per tag)
+    recorded = summary["settings"]["training"]
+    assert recorded["distill"]["items_per_tag"] == 1 and recorded["ppo"]["group_size"] == 2
+    assert {k: v for k, v in config.items() if k != "out"} == {**recorded, "log": {**recorded["log"],
+                                                                                   "progress": False}}
     assert config["model"]["corrector_overrides"]["conditioning"] == "fields"
     # The warm start ran on the training split (6 items: one per tag), then the PPO step.
     assert json.loads((out / "train" / "distill" / "summary.json").read_text())["items"] == 6

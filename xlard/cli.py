@@ -87,6 +87,18 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see `{self.prog} --help`)", prog=self.prog)
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        # argparse reports a subcommand's unknown option from the top parser ("xlard: error: ... see `xlard
+        # --help`", which does not list the command's options): named with the command instead
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            hint = ("; train has no --overwrite: continue a run with --resume, or give a new --out"
+                    if command == "train" and "--overwrite" in extras else "")
+            raise UsageError(f"unrecognized arguments: {' '.join(extras)}{hint} (see `{prog} --help`)", prog=prog)
+        return parsed
+
 
 def _int_in(lo: int, hi: int, note: str = "") -> Callable[[str], int]:
     def parse(text: str) -> int:
@@ -791,7 +803,8 @@ def _cmd_eval(args) -> int:
         print(f"images and per-prompt metadata in {out}")
     else:
         if not (args.prompts and args.images):
-            raise UsageError("give --folder DIR, or both --prompts FILE and --images DIR, or --prompts with --backbone")
+            raise UsageError("give --folder DIR, or both --prompts FILE and --images DIR, or --prompts with --backbone, "
+                             "or --prompts with --corrector DIR or --correct (base vs corrected)")
         records = _read_records(args.prompts)
         images = sorted(_input_folder(args.images, "--images").glob("*.png"))
         if len(images) != len(records):

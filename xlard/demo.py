@@ -265,8 +265,13 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
 
     check_reward_settings(cfg.reward, "shapes")  # before anything loads or is made
     check_prompt_files(cfg)  # a --set data.prompts=... that does not exist
+    # the training config as it runs (the recipe with --steps, --items-per-tag, the reader batch and --set applied;
+    # the base recipe showed 1000 targets per tag beside --items-per-tag 2), less the run folder and progress bar
+    resolved = json.loads(_io.dumps(cfg.to_dict()))
+    resolved.pop("out", None)
+    resolved.get("log", {}).pop("progress", None)
     settings = {"steps": steps, "items_per_tag": items_per_tag, "per_tag": per_tag, "seeds": seeds,
-                "training": DEMO_TRAINING, "overrides": overrides}
+                "training": resolved, "overrides": overrides}
     summary_path = out / "demo.json"
     if resume and summary_path.is_file():
         earlier = _io.read_json(summary_path, what="demo.json").get("settings")

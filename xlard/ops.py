@@ -383,8 +383,12 @@ def cpu_buffer_cache_bytes() -> int:
     ``XLARD_CPU_BUFFER_CACHE_MB`` MiB (default 256; 0 turns it off).
 
     Example:
-        >>> xlard.ops.cpu_buffer_cache_bytes()
-        34603008
+        >>> xlard.ops.cpu_buffer_cache_bytes()   # 0 in a fresh process  # doctest: +SKIP
+        0
+        >>> zc, lam = xlard.ops.residual_correction(torch.zeros(4, 4, 256, 256), torch.ones(4, 4, 256, 256), 0.5)
+        >>> del zc, lam   # their buffers go back to the cache  # doctest: +SKIP
+        >>> xlard.ops.cpu_buffer_cache_bytes()  # doctest: +SKIP
+        5242880
     """
     _extension.require_ops()
     return int(torch.ops.xlard._cpu_buffer_cache(False))

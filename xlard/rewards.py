@@ -44,14 +44,16 @@ Edge cases, defined once here and pinned by ``tests/test_rewards.py``:
   bound color and relations are left out of the averages (not scored) and the
   explanation says so.
 
-Example:
+Example (``token_maps`` are maps of the prompt's tokens, so the specs carry token indices: parse with the
+tokenizer that made the maps):
     >>> from xlard.prompts import parse
     >>> from xlard.rewards import ExplainableRewards
     >>> from xlard.color_features import PixelColorEncoder
+    >>> specs = [parse("a photo of two red circles", tokenizer=pipe.tokenizer)]  # doctest: +SKIP
     >>> cmd = ExplainableRewards(color_encoder=PixelColorEncoder())
-    >>> result = cmd(specs, token_maps, images=images)       # token_maps [B, T, H, W]
-    >>> result.scores, result.present, result.joint
-    >>> print(result.explanations[0].text())
+    >>> result = cmd(specs, token_maps, images=images)  # token_maps [B, T, H, W]  # doctest: +SKIP
+    >>> result.scores, result.present, result.joint  # doctest: +SKIP
+    >>> print(result.explanations[0].text())  # doctest: +SKIP
 """
 from __future__ import annotations
 

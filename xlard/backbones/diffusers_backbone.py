@@ -636,8 +636,8 @@ def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeli
     ``instead`` names what else the argument takes."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     fix = ("it is not in the local cache and HF_HUB_OFFLINE is set: download it first "
-           f"(`huggingface-cli download {name}` with network access)" if offline else
-           "check the id, your network and `huggingface-cli login` for gated models")
+           f"(`hf download {name}` with network access; `huggingface-cli download` before huggingface_hub 1.0)"
+           if offline else "check the id, your network and `hf auth login` for gated models")
     reason = " ".join(str(exc).split())[:300] or type(exc).__name__
     return f"{name!r} is not a local folder and not a loadable hub model; {fix}; or give {instead} ({reason})"
 
