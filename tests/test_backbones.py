@@ -557,3 +557,17 @@ def test_a_malformed_model_index_is_named(tmp_path, index):
     (folder / "model_index.json").write_text(index)
     with pytest.raises(ValueError, match="model_id_or_path: .*model_index.json"):
         DiffusersBackbone.from_pretrained(folder)
+
+
+def test_a_flux_without_guidance_embedding_takes_no_guidance(tmp_path):
+    """FLUX.1-schnell's kind: any --guidance sampled the same images without a word (and went into run records
+    and corrector metadata, where it then refused a different, equally meaningless value)."""
+    folder = tiny_pipelines.tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)
+    settings = dict(max_sequence_length=32, height=32, width=32, num_inference_steps=2)
+    bb = DiffusersBackbone.from_pretrained(folder, **settings)
+    assert bb.guidance_scale == 0.0 and not bb.family.uses_guidance
+    assert DiffusersBackbone(bb.pipeline, guidance_scale=0, **settings).guidance_scale == 0.0
+    with pytest.raises(ValueError, match="guidance_scale: this FluxPipeline has no guidance embedding .* got 7.0"):
+        DiffusersBackbone(bb.pipeline, guidance_scale=7.0, **settings)
+    guided = tiny_pipelines.tiny_flux_pipeline(tmp_path / "dev")
+    assert DiffusersBackbone.from_pretrained(guided, **settings).guidance_scale == 3.5  # a guided FLUX keeps it

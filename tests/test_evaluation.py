@@ -216,7 +216,7 @@ def test_corrector_dir_round_trip(tmp_path):
     data = json.loads((path / ev.CORRECTOR_META_NAME).read_text())
     assert data == {"format": "xlard-corrector", "format_version": 1, "backbone": "shapes",
                     "correction_step": STEP, "alpha": 1.0, "num_inference_steps": STEPS,
-                    "guidance_scale": GUIDANCE, "training": {"note": "test"}}
+                    "guidance_scale": GUIDANCE, "training": {"note": "test"}, "sampler": {}}
     loaded, meta = ev.load_corrector_dir(path)
     assert meta == _meta()
     for (k, a), (k2, b) in zip(c.state_dict().items(), loaded.state_dict().items()):
@@ -445,7 +445,8 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
     again = ev.run_evaluation(shapes, corrector, _meta(), records, **kwargs)
     assert again["table"] == report["table"]
     # The same folder with other settings is refused, not mixed.
-    with pytest.raises(ValueError, match="holds another evaluation \\(different seeds\\)"):
+    with pytest.raises(ValueError, match=r"holds another evaluation \(different seeds: seeds: the folder's \[0, 1\], "
+                                         r"now \[0\]\)"):
         ev.run_evaluation(shapes, corrector, _meta(), records, seeds=[0], out=out, save_images=True, quiet=True)
     with pytest.raises(ValueError, match="different corrector_sha256"):
         ev.run_evaluation(shapes, _corrector(), _meta(), records, seeds=[0, 1], out=out, save_images=True,
@@ -715,3 +716,42 @@ def test_the_report_counts_each_rows_distinct_prompts():
     text = ev.format_markdown(report)
     assert "| tag | records | prompts | images |" in text and "| counting | 6 | 2 | 12 |" in text
     assert "conditional on the records' prompts" in text
+
+
+
+def test_corrector_meta_records_the_sampler_and_reads_folders_without_it():
+    meta = _meta()
+    assert meta.sampler == {} and ev.CorrectorMeta.from_dict(meta.to_dict()).sampler == {}
+    old = meta.to_dict()
+    old.pop("sampler")  # a folder written before the field
+    assert ev.CorrectorMeta.from_dict(old).sampler == {}
+    full = ev.CorrectorMeta("f", STEP, 1.0, STEPS, GUIDANCE, sampler={"pipeline": "FluxPipeline", "height": 32,
+                                                                        "width": 32, "max_sequence_length": 32,
+                                                                        "negative_prompt": None})
+    assert ev.CorrectorMeta.from_dict(json.loads(json.dumps(full.to_dict()))) == full
+    for bad, pattern in (({"heigth": 32}, "unknown keys"), ({"height": 0}, "sampler.height must be a positive"),
+                         ({"pipeline": 3}, "sampler.pipeline must be a string"), ([], "sampler must be a dict")):
+        with pytest.raises(ValueError, match=pattern):
+            ev.CorrectorMeta("f", STEP, 1.0, STEPS, GUIDANCE, sampler=bad)
+
+
+def test_a_corrector_is_refused_on_another_pipeline_size_or_text_length():
+    """A FLUX corrector trained at 32 x 32 with 32 text tokens ran at 256 x 256 with 512, and one trained on
+    StableDiffusionPipeline ran on PixArt, both without a word."""
+    family = SimpleNamespace(vae_scale_factor=4, max_sequence_length=32)
+    backbone = SimpleNamespace(latent_channels=8, text_dim=64, pooled_dim=64, correction_step=STEP,
+                               num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64,
+                               family=family, pipeline=SimpleNamespace(), negative_prompt=None)
+    recorded = {"pipeline": "SimpleNamespace", "height": 64, "width": 64, "max_sequence_length": 32,
+                "negative_prompt": None}
+    meta = ev.CorrectorMeta("x", STEP, 1.0, STEPS, GUIDANCE, sampler=recorded)
+    ev.check_corrector_fits(_corrector(), meta, backbone)
+    for change, pattern in ((dict(pipeline="PixArtAlphaPipeline"), "pipeline: corrector trained with "
+                                                                   "'PixArtAlphaPipeline', backbone runs"),
+                            (dict(height=32), "image height: corrector trained with 32, backbone runs 64"),
+                            (dict(max_sequence_length=512), r"text length \(max_sequence_length\): corrector "
+                                                            r"trained with 512, backbone runs 32"),
+                            (dict(negative_prompt="blurry"), "negative prompt")):
+        other = ev.CorrectorMeta("x", STEP, 1.0, STEPS, GUIDANCE, sampler={**recorded, **change})
+        with pytest.raises(ValueError, match=pattern):
+            ev.check_corrector_fits(_corrector(), other, backbone)

@@ -258,6 +258,18 @@ def test_tiny_diffusers_families(tmp_path, family):
     assert len(rows) == 1 and rows[0]["ppo/ratio_mean"] is not None
     assert "monitor/evaluator" not in rows[0]  # not the shapes world: no exact evaluator
     assert Path(summary["corrector"], "model.safetensors").is_file()
+    # the corrector folder records how the backbone sampled, and loading it for eval / generate samples so again
+    # (a FLUX corrector trained at 32 x 32 with 32 text tokens ran at 256 x 256 with 512)
+    from xlard import evaluation as ev
+
+    corrector, meta = ev.load_corrector_dir(summary["corrector"])
+    loaded = ev.load_backbone_for(meta, corrector=corrector)
+    want_size = (options.get("height"), options.get("width"))
+    assert meta.sampler["pipeline"] == type(loaded.pipeline).__name__
+    if want_size[0]:
+        assert (meta.sampler["height"], meta.sampler["width"]) == want_size == (loaded.height, loaded.width)
+    assert meta.sampler["max_sequence_length"] == options.get("max_sequence_length", loaded.family.max_sequence_length)
+    assert loaded.family.max_sequence_length == meta.sampler["max_sequence_length"]
 
 
 @needs_shapes

@@ -184,8 +184,10 @@ def tiny_sd3_pipeline(folder: str | Path, *, seed: int = 0, sample_size: int = 1
     return folder
 
 
-def tiny_flux_pipeline(folder: str | Path, *, seed: int = 0, max_sequence_length: int = 32) -> Path:
-    """Save a tiny random ``FluxPipeline`` (CLIP width 32 pooled, T5 width 64, 1 + 1 blocks)."""
+def tiny_flux_pipeline(folder: str | Path, *, seed: int = 0, max_sequence_length: int = 32,
+                       guidance_embeds: bool = True) -> Path:
+    """Save a tiny random ``FluxPipeline`` (CLIP width 32 pooled, T5 width 64, 1 + 1 blocks; without
+    ``guidance_embeds`` as FLUX.1-schnell)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -195,7 +197,7 @@ def tiny_flux_pipeline(folder: str | Path, *, seed: int = 0, max_sequence_length
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=2 * TEXT_DIM, pooled_projection_dim=TEXT_DIM,
-        guidance_embeds=True, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
     ).eval()
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(shift_factor=0.1),

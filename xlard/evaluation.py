@@ -132,6 +132,14 @@ class CorrectorMeta:
             config, step, EMA used, git commit); read back as written (NaN and
             infinite numbers come back as None: strict JSON has no NaN), never
             interpreted.
+        sampler (dict): how the backbone sampled in training, beyond the fields above
+            (written by ``xlard train``; empty in folders written before it):
+            ``pipeline`` (the diffusers pipeline class), ``height`` and ``width``
+            (pixels), ``max_sequence_length`` (the T5 text length, None for
+            CLIP-only pipelines) and ``negative_prompt``. :func:`load_backbone_for`
+            samples with them and :func:`check_corrector_fits` refuses a backbone
+            that differs (a FLUX corrector trained at 32 x 32 with 32 text tokens
+            was applied at 256 x 256 with 512).
 
     Raises:
         ValueError: a field out of its domain, naming it.
@@ -148,6 +156,7 @@ class CorrectorMeta:
     num_inference_steps: int
     guidance_scale: float
     training: dict = field(default_factory=dict)
+    sampler: dict = field(default_factory=dict)
 
     def __post_init__(self):
         from xlard.backbones.base import check_correction_step
@@ -173,13 +182,32 @@ class CorrectorMeta:
             json.dumps(self.training)
         except (TypeError, ValueError) as e:
             raise ValueError(f"CorrectorMeta: training must be JSON-serialisable ({e})") from None
+        self._check_sampler()
+
+    _SAMPLER_KEYS = ("pipeline", "height", "width", "max_sequence_length", "negative_prompt")
+
+    def _check_sampler(self) -> None:
+        if not isinstance(self.sampler, dict):
+            raise ValueError(f"CorrectorMeta: sampler must be a dict, got {type(self.sampler).__name__}")
+        unknown = sorted(set(self.sampler) - set(self._SAMPLER_KEYS))
+        if unknown:
+            raise ValueError(f"CorrectorMeta: sampler has unknown keys {unknown} (known: {list(self._SAMPLER_KEYS)})")
+        for key in ("height", "width", "max_sequence_length"):
+            value = self.sampler.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"CorrectorMeta: sampler.{key} must be a positive integer or null, got {value!r}")
+        for key in ("pipeline", "negative_prompt"):
+            value = self.sampler.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"CorrectorMeta: sampler.{key} must be a string or null, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object stored in ``xlard_corrector.json`` (with the format tag and version)."""
         return {"format": CORRECTOR_FORMAT, "format_version": CORRECTOR_FORMAT_VERSION,
                 "backbone": self.backbone, "correction_step": float(self.correction_step),
                 "alpha": float(self.alpha), "num_inference_steps": int(self.num_inference_steps),
-                "guidance_scale": float(self.guidance_scale), "training": _io.json_safe(self.training)}
+                "guidance_scale": float(self.guidance_scale), "training": _io.json_safe(self.training),
+                "sampler": dict(self.sampler)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "CorrectorMeta.from_dict") -> CorrectorMeta:
@@ -196,7 +224,7 @@ class CorrectorMeta:
         unknown = sorted(set(body) - set(names))
         if unknown:
             raise ValueError(f"{source}: unknown keys {unknown} (known: {names})")
-        missing = [n for n in names if n != "training" and n not in body]
+        missing = [n for n in names if n not in ("training", "sampler") and n not in body]  # sampler: newer
         if missing:
             raise ValueError(f"{source}: missing keys {missing}")
         try:
@@ -326,6 +354,20 @@ def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
         h, w = height // scale, width // scale
         if h % cfg.patch or w % cfg.patch:
             problems.append(f"latent grid {h}x{w} not divisible by the corrector's patch {cfg.patch}")
+    sampler = getattr(meta, "sampler", None) or {}
+    pipeline = getattr(backbone, "pipeline", None)
+    family = getattr(backbone, "family", None)
+    have_sampler = {"pipeline": type(pipeline).__name__ if pipeline is not None else None,
+                    "height": height, "width": width,
+                    "max_sequence_length": getattr(family, "max_sequence_length", None),
+                    "negative_prompt": getattr(backbone, "negative_prompt", None)}
+    for key, what in (("pipeline", "pipeline"), ("height", "image height"), ("width", "image width"),
+                      ("max_sequence_length", "text length (max_sequence_length)"),
+                      ("negative_prompt", "negative prompt")):
+        if key not in sampler or (key != "negative_prompt" and have_sampler[key] is None):
+            continue  # not recorded (an older folder), or a backbone that does not say
+        if sampler[key] != have_sampler[key]:
+            problems.append(f"{what}: corrector trained with {sampler[key]!r}, backbone runs {have_sampler[key]!r}")
     for name, does in (("count_move", "counts"), ("count_edit", "edits")):
         if not getattr(cfg, name, False) or getattr(corrector, "eyes", None) is not None:
             continue
@@ -405,11 +447,17 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
         if not shapes_backbone.is_available(folder):
             raise FileNotFoundError(shapes_backbone.not_installed())
         name = str(folder)
+    sampler = getattr(meta, "sampler", None) or {}
+    # the image size and negative prompt any pipeline takes; the T5 length only where the pipeline has one (set
+    # on the loaded family, as from_pretrained does: another family is then named by check_corrector_fits)
+    geometry = {k: sampler[k] for k in ("height", "width", "negative_prompt") if sampler.get(k) is not None}
     loaded = DiffusersBackbone.from_pretrained(
         name, correction_step=meta.correction_step,
         num_inference_steps=num_inference_steps or meta.num_inference_steps,
         guidance_scale=meta.guidance_scale if guidance_scale is None else guidance_scale,
-        capture=False, device=device, torch_dtype=torch_dtype)
+        capture=False, device=device, torch_dtype=torch_dtype, **geometry)
+    if sampler.get("max_sequence_length") is not None and loaded.family.max_sequence_length is not None:
+        loaded.family.max_sequence_length = int(sampler["max_sequence_length"])
     if corrector is not None:
         check_corrector_fits(corrector, meta, loaded)
     return loaded
@@ -1141,8 +1189,17 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
         differ = sorted(k for k in set(previous) | set(current)
                         if k != "corrector" and previous.get(k) != current.get(k))
         if differ:
-            raise ValueError(f"--out: {out} holds another evaluation (different {', '.join(differ)}); pick another "
-                             "--out, or start afresh there (xlard eval --overwrite)")
+            def shown(value) -> str:
+                text = json.dumps(value, sort_keys=True)
+                return text if len(text) <= 90 else text[:87] + "..."
+
+            # the values too: the backbone is recorded as one line (pipeline, size, device, dtype), and a --dtype
+            # change read "different backbone" without saying what differed
+            what = "; ".join(f"{k}: the folder's {shown(previous.get(k))}, now {shown(current.get(k))}"
+                             for k in differ)
+            raise ValueError(f"--out: {out} holds another evaluation (different {', '.join(differ)}: {what}); rerun "
+                             "with the folder's settings, pick another --out, or start afresh there (xlard eval "
+                             "--overwrite)")
     else:
         if pairs_path.exists():
             raise ValueError(f"--out: {out} has pairs.jsonl but no run.json; pick another --out, or start afresh "

@@ -190,6 +190,11 @@ class _Family:
     def do_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 1.0
 
+    @property
+    def uses_guidance(self) -> bool:
+        """Whether a guidance scale changes this pipeline's samples (False: FLUX without a guidance embedding)."""
+        return True
+
     def _tokenize(self, name: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.tokenizers()[name]
         enc = tok(prompts, padding="max_length", max_length=self.max_lengths()[name], truncation=True,
@@ -435,6 +440,11 @@ class _Flux(_Family):
 
     def do_cfg(self, guidance_scale):
         return False  # guidance is distilled into the transformer (an embedding), one call per step
+
+    @property
+    def uses_guidance(self):
+        # FLUX.1-schnell's kind has no guidance embedding: any scale samples the same images
+        return bool(self.pipe.transformer.config.guidance_embeds)
 
     def encode_text(self, prompts, negative_prompt, guidance_scale, do_cfg):
         cond, pooled, text_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
@@ -828,7 +838,14 @@ class DiffusersBackbone(Backbone):
                                  f"{type(pipeline).__name__}")
             self.family.max_sequence_length = max_sequence_length
         self.num_inference_steps = steps or self.family.default_steps
-        self.guidance_scale = self.family.default_guidance if guidance is None else guidance
+        if not self.family.uses_guidance:
+            if guidance not in (None, 0.0):  # it was taken and changed nothing (and went into run records)
+                raise ValueError(f"guidance_scale: this {type(pipeline).__name__} has no guidance embedding (as "
+                                 f"FLUX.1-schnell): it samples without guidance; leave guidance unset (or 0), got "
+                                 f"{guidance}")
+            self.guidance_scale = 0.0
+        else:
+            self.guidance_scale = self.family.default_guidance if guidance is None else guidance
         default_h, default_w = self.family.default_size()
         self.height, self.width = height or default_h, width or default_w
         multiple = self.family.size_multiple
