@@ -1116,3 +1116,77 @@ def test_an_unknown_option_is_named_with_its_command(tmp_path, capsys):
     code, _, err = run(["eval"], capsys)
     assert code == 2
     one_line_error(err, "--prompts with --corrector DIR or --correct")
+
+
+# --------------------------------------------------------------------------------------------
+# File-system adversity (from a fresh-eyes probe)
+
+
+def test_a_file_option_never_lands_on_the_runs_own_outputs(tmp_path, capsys, prompt_file):
+    """--json OUT/xlard-run.json replaced the manifest (the run could no longer resume); --json OUT/pairs.jsonl
+    every per-pair verdict."""
+    out = tmp_path / "o"
+    (out / "00001").mkdir(parents=True)  # the file options' folders exist (else they are refused for that)
+    for flags, named in ((["--json", out / "xlard-run.json"], "--json"), (["--results", out / "00001" / "r.jsonl"],
+                                                                          "--results")):
+        code, _, err = run(["eval", "--backbone", "shapes", "--prompts", prompt_file, "--out", out, "--steps", 1,
+                            "--quiet", *flags], capsys)
+        assert code == 2
+        one_line_error(err, f"{named}: ", "is one of the files the run writes in --out")
+    for flags in (["--json", out / "pairs.jsonl"], ["--markdown", out / "run.json"]):
+        code, _, err = run(["eval", "--prompts", prompt_file, "--correct", "--out", out, "--quiet", *flags], capsys)
+        assert code == 2
+        one_line_error(err, "is one of the files the run writes in --out")
+    assert sorted(p.name for p in out.iterdir()) == ["00001"] and not any((out / "00001").iterdir())
+
+
+def test_writer_temporaries_are_never_scored(tmp_path, capsys, prompt_file):
+    """A killed image write leaves .tmp-*.png beside the samples: `eval --folder` read it as a sample."""
+    folder = tmp_path / "r"
+    assert run(["render", folder, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    code, out_clean, _ = run(["eval", "--folder", folder, "--quiet"], capsys)
+    sample = next((folder / "00000" / "samples").glob("*.png"))
+    (sample.parent / ".tmp-1a2b3c4d-0000.png").write_bytes(sample.read_bytes())
+    code, out_tmp, err = run(["eval", "--folder", folder, "--quiet"], capsys)
+    assert code == 0 and out_tmp == out_clean, err
+
+
+def test_an_entry_of_an_outputs_name_but_the_wrong_kind_is_refused_before_anything_is_deleted(tmp_path, capsys,
+                                                                                              prompt_file):
+    """--overwrite deleted the earlier folders, then failed on a file named like a prompt folder."""
+    out = tmp_path / "r"
+    assert run(["render", out, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    import shutil
+
+    shutil.rmtree(out / "00002")
+    (out / "00002").write_text("x")
+    for flag in ("--overwrite", "--resume"):
+        code, _, err = run(["render", out, "--prompts", prompt_file, "--quiet", flag], capsys)
+        assert code == 2
+        one_line_error(err, "00002 has the name of one of this command's outputs but is not a folder",
+                       "nothing was changed")
+        assert (out / "00000").is_dir() and (out / "00001").is_dir()
+
+
+def test_overwrite_names_an_output_it_cannot_remove_before_removing_any(tmp_path, capsys, prompt_file, monkeypatch):
+    out = tmp_path / "r"
+    assert run(["render", out, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p).endswith("00003") else real(p, mode, **k))
+    code, _, err = run(["render", out, "--prompts", prompt_file, "--quiet", "--overwrite"], capsys)
+    assert code == 2
+    one_line_error(err, "--overwrite: cannot remove", "00003", "nothing was removed")
+    assert len(units(out)) == 12
+
+
+def test_dangling_links_and_names_too_long_are_named(tmp_path, capsys, prompt_file):
+    link = tmp_path / "L"
+    link.symlink_to(tmp_path / "nowhere")
+    code, _, err = run(["render", link, "--prompts", prompt_file, "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "is a dangling link")
+    long_name = tmp_path / ("a" * 256)
+    for argv in (["render", long_name, "--prompts", prompt_file, "--quiet"], ["prompts", long_name, "-n", 2]):
+        code, _, err = run(argv, capsys)
+        assert code == 2, argv
+        one_line_error(err, "File name too long")

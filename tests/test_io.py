@@ -354,3 +354,32 @@ def test_atomic_folder_names_the_destination_on_a_system_error(tmp_path, monkeyp
             (tmp / "a").write_text("new")
     monkeypatch.undo()
     assert (target / "a").read_text() == "old"
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    """A full disk was a bare "[Errno 28] No space left on device" (which of --json and --results?), and torch.save's
+    own error for it ("[enforce fail at inline_container.cc] unexpected pos") a traceback from xlard train."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    target = tmp_path / "out.json"
+    with pytest.raises(OSError, match=r"--json: cannot write .*out.json: No space left on device") as e:
+        with _io.atomic_path(target, owner="--json") as tmp:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+    assert e.value.errno == errno.ENOSPC and not target.exists() and list(tmp_path.iterdir()) == []
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 0))
+    from xlard.train.checkpoint import save_atomic
+
+    def full_save(obj, path):
+        Path(path).write_bytes(b"x" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 60800 vs 60688")
+
+    monkeypatch.setattr(torch, "save", full_save)
+    with pytest.raises(OSError, match=r"checkpoint: cannot write .*ckpt.pt: No space left on device \(RuntimeError"):
+        save_atomic({"a": 1}, tmp_path / "ckpt.pt")
+    assert list(tmp_path.iterdir()) == []  # the partial temporary is gone
+    with pytest.raises(ValueError, match="not a disk problem"):  # another error of a writer passes through as it is
+        with _io.atomic_path(tmp_path / "x.json"):
+            raise ValueError("not a disk problem")

@@ -334,3 +334,17 @@ def test_overflowing_numbers_and_bad_set_values_are_named():
 def test_sizes_are_bounded(data, key):
     with pytest.raises(ValueError, match=key):
         config_from_dict(data)
+
+
+def test_paths_starting_with_a_tilde_are_the_home_folder(monkeypatch, tmp_path):
+    """"out: ~/runs/x" made a folder named "~" in the working folder; "data.prompts: ~/p.jsonl" was not found."""
+    import os
+
+    from xlard.train import config_from_dict
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = config_from_dict({"out": "~/runs/x", "data": {"prompts": "~/p.jsonl", "monitor_prompts": "~/m.jsonl"}})
+    assert cfg.out == os.path.join(str(tmp_path), "runs/x")
+    assert cfg.data.prompts == os.path.join(str(tmp_path), "p.jsonl")
+    assert cfg.data.monitor_prompts == os.path.join(str(tmp_path), "m.jsonl")
+    assert config_from_dict({}).data.prompts == "shapes:train"

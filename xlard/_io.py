@@ -27,6 +27,7 @@ which is then renamed into place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import json
@@ -104,6 +105,8 @@ def check_output_path(path: str | os.PathLike[str], owner: str = "xlard") -> Pat
     except NotADirectoryError:
         raise NotADirectoryError(f"{owner}: cannot write {path}: a part of its folder path is a file, "
                                  "not a folder") from None
+    except OSError as exc:  # a name too long, a loop of links, ...: named, not a bare "[Errno 36]"
+        raise _reraise(exc, f"{owner}: cannot write {path}") from None
     if stat.S_ISREG(st.st_mode):
         return target
     if stat.S_ISDIR(st.st_mode):
@@ -149,6 +152,22 @@ def unwritable_output(folders: Mapping[str, str | os.PathLike[str] | None] = (),
     return None
 
 
+#: The errors of writing itself (a full disk or quota, a file past the size limit, an I/O error, a read-only
+#: file system): :func:`atomic_path` names the destination in them.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+
+
+def _full_disk(exc: BaseException, folder: Path) -> bool:
+    """Whether a writer's own exception (not an OSError) is a full disk: its words, or a folder (nearly) full."""
+    text = str(exc)
+    if "No space left" in text or "StorageFull" in text or "os error 28" in text:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20) and ("inline_container" in text or "write" in text.lower())
+    except OSError:
+        return False
+
+
 def _reraise(exc: OSError, message: str, fix: str = "") -> OSError:
     """``exc`` as the same OSError subclass with ``message`` (which names the destination, not a temporary
     name), the system's reason and ``fix`` appended; the errno is kept, so a full disk stays a system error."""
@@ -167,8 +186,13 @@ def make_folder(path: str | os.PathLike[str], owner: str = "xlard") -> Path:
             ``PermissionError``, ``FileNotFoundError`` for a place that takes no new folders, ...).
     """
     folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"{owner}: {path} exists and is not a folder")
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{owner}: {path} exists and is not a folder")
+    except OSError as exc:
+        if isinstance(exc, NotADirectoryError):
+            raise
+        raise _reraise(exc, f"{owner}: cannot create folder {path}") from None  # a name too long, ...
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -198,9 +222,18 @@ def check_writable_folder(path: str | os.PathLike[str], owner: str = "xlard") ->
     """
     _check_path(owner, path)
     target = Path(os.path.abspath(os.fspath(path)))
+    try:  # lexists() below reads a name too long as "absent": named now, not a bare "[Errno 36]" later
+        os.lstat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as exc:
+        raise _reraise(exc, f"{owner}: cannot use {path}") from None
     existing = target
     while not os.path.lexists(existing) and existing.parent != existing:
         existing = existing.parent
+    if existing.is_symlink() and not existing.exists():  # a dangling link read "exists and is not a folder"
+        raise NotADirectoryError(f"{owner}: {path} {'is' if existing == target else 'lies in'} a dangling link "
+                                 f"({existing} -> {os.readlink(existing)}); give a folder path")
     if not existing.is_dir():
         where = "exists and is not a folder" if existing == target else f"cannot be created: {existing} is not a folder"
         raise NotADirectoryError(f"{owner}: {path} {where}")
@@ -418,9 +451,17 @@ def atomic_path(path: str | os.PathLike[str], *, owner: str = "xlard",
         # Re-checked just before the rename: the destination may have changed while we wrote.
         check_output_path(target, owner)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:  # a bare "[Errno 28]" named no file
+            raise _reraise(exc, f"{owner}: cannot write {path}") from None
+        if isinstance(exc, Exception) and not isinstance(exc, OSError) and _full_disk(exc, folder):
+            # torch.save's zip writer ("[enforce fail at inline_container.cc] unexpected pos") and safetensors
+            # ("IoError ... StorageFull") report a full disk as their own errors: a traceback without the word
+            full = OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({type(exc).__name__}: "
+                                         f"{' '.join(str(exc).split())[:160]})")
+            raise _reraise(full, f"{owner}: cannot write {path}") from None
         raise
     _fsync_folder(folder)
 

@@ -205,6 +205,23 @@ def _distinct_outputs(outputs: dict[str, str | None], inputs: dict[str, str | No
         seen[key] = flag
 
 
+def _outside_run_outputs(outputs: dict[str, str | None], out: Path, out_flag: str, names: Sequence[str],
+                         units: bool = False) -> None:
+    """No file option may land on what the run writes in its output folder (``names`` at its top, or anything in
+    a prompt folder ``NNNNN/`` when ``units``): ``--json OUT/pairs.jsonl`` replaced every per-pair verdict."""
+    root = os.path.realpath(out)
+    for flag, value in outputs.items():
+        if value is None:
+            continue
+        path = os.path.realpath(value)
+        if os.path.commonpath([root, path]) != root or path == root:
+            continue
+        first = Path(os.path.relpath(path, root)).parts[0]
+        if first in names or (units and _UNIT_NAME.match(first)):
+            raise UsageError(f"{flag}: {value} is one of the files the run writes in {out_flag} {out} "
+                             f"({first}); writing it there would destroy them (give a path outside them)")
+
+
 def _read_records(path: str, flag: str = "--prompts") -> list[dict]:
     """A GenEval prompt file: exists, valid (known tags included), 1..MAX_RECORDS records, every class and
     color one of the shapes world's (what ``render`` draws and the exact evaluator judges: a record of
@@ -359,9 +376,37 @@ def _records_digest(records: Sequence[dict]) -> str:
 
 
 def _owned(out: Path, pattern: re.Pattern, folders: bool) -> list[Path]:
-    if not out.is_dir():
-        return []
-    return sorted(p for p in out.iterdir() if pattern.match(p.name) and (p.is_dir() if folders else p.is_file()))
+    """This command's outputs in ``out``; an entry of an output's name but the wrong kind is refused now (it was
+    skipped, and the run failed on it after --overwrite had deleted the rest, or after minutes of work)."""
+    try:
+        if not out.is_dir():
+            return []
+    except OSError as exc:  # a name too long, a loop of links: is_dir() raises instead of saying no
+        raise UsageError(f"cannot use {out}: {exc.strerror or exc}") from None
+    named = sorted(p for p in out.iterdir() if pattern.match(p.name))
+    for p in named:
+        if not (p.is_dir() if folders else p.is_file()):
+            kind = "a folder" if folders else "a file"
+            raise UsageError(f"{p} has the name of one of this command's outputs but is not {kind}"
+                             f"{' (a dangling link)' if p.is_symlink() and not p.exists() else ''}; move or remove "
+                             "it (nothing was changed)")
+    return named
+
+
+def _remove_outputs(owned: Sequence[Path], flag: str) -> None:
+    """--overwrite: delete an earlier run's outputs, each named if it cannot be (checked for all before any goes)."""
+    for path in owned:
+        holder = path if path.is_dir() else path.parent
+        if not os.access(holder, os.W_OK | os.X_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--overwrite: cannot remove {path} (no write permission on "
+                             f"{holder if not os.access(holder, os.W_OK | os.X_OK) else path.parent}); nothing "
+                             f"was removed: fix the permissions or choose another {flag}")
+    for path in owned:
+        try:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        except OSError as exc:
+            raise UsageError(f"--overwrite: cannot remove {path}: {exc.strerror or exc}; fix it and rerun with "
+                             "--overwrite") from None
 
 
 # The output folders this command holds (xlard._io.folder_lock), released when main() returns.
@@ -425,8 +470,7 @@ def _start_output_folder(args, out: Path, flag: str, settings: dict, owned: list
         # `eval --folder` (unfinished) nor `--resume` (other settings) takes for a run.
         _io.atomic_write_json(out / MANIFEST_NAME, {"command": args.command, "settings": {"overwriting": True},
                                                     "complete": False}, owner=flag)
-        for path in owned:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _remove_outputs(owned, flag)
         print(f"overwrite: removed {len(owned)} outputs of the earlier run from {out}", file=sys.stderr)
     if out.is_dir():  # leftovers of a run killed mid-write (SIGKILL): never complete
         for tmp in out.glob(".tmp-*"):
@@ -453,8 +497,7 @@ def _clear_paired_eval_outputs(args, out: Path, flag: str, owned: list[Path]) ->
     if not args.overwrite:
         raise UsageError(f"{flag}: {out} holds an earlier run ({owned[0].name}, ...); pass --overwrite to replace it"
                          " or --resume to continue it")
-    for path in owned:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _remove_outputs(owned, flag)
 
 
 def _finish_output_folder(out: Path, flag: str) -> None:
@@ -712,6 +755,7 @@ def _cmd_eval(args) -> int:
         for value, flag in ((args.json, "--json"), (args.markdown, "--markdown")):
             _output_file(value, flag)
         _distinct_outputs({"--json": args.json, "--markdown": args.markdown}, {"--prompts": args.prompts})
+        _outside_run_outputs({"--json": args.json, "--markdown": args.markdown}, out, "--out", _PAIRED_EVAL_NAMES)
         from xlard import evaluation
 
         # Everything the paired run reads from the command line is checked before the corrector and the
@@ -770,6 +814,8 @@ def _cmd_eval(args) -> int:
                              "(or drop --backbone to score the folder's images)")
         records = _read_records(args.prompts)
         out = Path(args.out or "xlard-eval")
+        _outside_run_outputs({"--results": args.results, "--json": args.json}, out, "--out", (MANIFEST_NAME,),
+                             units=True)
         settings = {"records": _records_digest(records), "count": len(records), "seed": args.seed,
                     "backbone": args.backbone, "steps": args.steps, "guidance": args.guidance, **_dtype_setting(args)}
         if args.seed + len(records) - 1 > MAX_SEED:
@@ -798,7 +844,7 @@ def _cmd_eval(args) -> int:
         # Only this run's prompt folders are scored, whatever else the folder holds.
         results = []
         for i, record in enumerate(records):
-            pngs = sorted((out / f"{i:05d}" / "samples").glob("*.png"))
+            pngs = sorted(p for p in (out / f"{i:05d}" / "samples").glob("*.png") if not p.name.startswith("."))
             results.extend(E.evaluate([str(p) for p in pngs], record))
         print(f"images and per-prompt metadata in {out}")
     else:
@@ -806,7 +852,8 @@ def _cmd_eval(args) -> int:
             raise UsageError("give --folder DIR, or both --prompts FILE and --images DIR, or --prompts with --backbone, "
                              "or --prompts with --corrector DIR or --correct (base vs corrected)")
         records = _read_records(args.prompts)
-        images = sorted(_input_folder(args.images, "--images").glob("*.png"))
+        # not dotfiles: a writer's temporaries (.tmp-*.png) that a killed run left
+        images = sorted(p for p in _input_folder(args.images, "--images").glob("*.png") if not p.name.startswith("."))
         if len(images) != len(records):
             raise UsageError(f"--images: {args.images} holds {len(images)} PNG files for {len(records)} records "
                              "(one image per record, in sorted file-name order)")

@@ -207,7 +207,8 @@ class CorrectorMeta:
                 "backbone": self.backbone, "correction_step": float(self.correction_step),
                 "alpha": float(self.alpha), "num_inference_steps": int(self.num_inference_steps),
                 "guidance_scale": float(self.guidance_scale), "training": _io.json_safe(self.training),
-                "sampler": dict(self.sampler)}
+                # only when known: a folder's metadata, and the paired evaluations that store it, read as before
+                **({"sampler": dict(self.sampler)} if self.sampler else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "CorrectorMeta.from_dict") -> CorrectorMeta:
@@ -1181,6 +1182,10 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
     if check is not None:
         check([r["prompt"] for r in records])
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "images").is_dir():  # a killed image write's temporaries (.tmp-*.png): never complete, never scored
+        for tmp in (out / "images").rglob(".tmp-*"):
+            if tmp.is_file() or tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
     run_path, pairs_path = out / "run.json", out / "pairs.jsonl"
     if run_path.is_file():
         previous = json.loads(run_path.read_text(encoding="utf-8"))
@@ -1193,10 +1198,16 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
                 text = json.dumps(value, sort_keys=True)
                 return text if len(text) <= 90 else text[:87] + "..."
 
+            def difference(key) -> str:
+                old, new = previous.get(key), current.get(key)
+                if isinstance(old, dict) and isinstance(new, dict):  # the keys inside that differ, not a cut prefix
+                    inner = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                    old, new = {k: old.get(k) for k in inner}, {k: new.get(k) for k in inner}
+                return f"{key}: the folder's {shown(old)}, now {shown(new)}"
+
             # the values too: the backbone is recorded as one line (pipeline, size, device, dtype), and a --dtype
             # change read "different backbone" without saying what differed
-            what = "; ".join(f"{k}: the folder's {shown(previous.get(k))}, now {shown(current.get(k))}"
-                             for k in differ)
+            what = "; ".join(difference(k) for k in differ)
             raise ValueError(f"--out: {out} holds another evaluation (different {', '.join(differ)}: {what}); rerun "
                              "with the folder's settings, pick another --out, or start afresh there (xlard eval "
                              "--overwrite)")

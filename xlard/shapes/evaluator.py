@@ -545,7 +545,10 @@ def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = 
     subdirs = sorted(p for p in folder.iterdir() if (p / "metadata.jsonl").is_file())
     if not subdirs:
         raise FileNotFoundError(f"{folder}: no <index>/metadata.jsonl folders (GenEval layout)")
-    empty = [sub.name for sub in subdirs if not any((sub / "samples").glob("*.png"))]
+    def samples(sub: Path) -> list[Path]:  # not dotfiles: a writer's temporaries (.tmp-*.png) left by a kill
+        return sorted(p for p in (sub / "samples").glob("*.png") if not p.name.startswith("."))
+
+    empty = [sub.name for sub in subdirs if not samples(sub)]
     if empty:
         raise ValueError(f"{folder}: {len(empty)} of {len(subdirs)} prompt folders have no samples/*.png "
                          f"(first: {empty[0]}); generate their images or remove those folders")
@@ -558,8 +561,7 @@ def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = 
             validate_record(rows[0], classes=config.world.shapes, colors=config.world.colors)
         except ValueError as e:
             raise ValueError(f"{sub / 'metadata.jsonl'}: {e}") from None
-        pngs = sorted((sub / "samples").glob("*.png"))
-        results.extend(evaluate([str(p) for p in pngs], rows[0], config))
+        results.extend(evaluate([str(p) for p in samples(sub)], rows[0], config))
     return results
 
 

@@ -71,6 +71,13 @@ def _choice(owner, name, value, choices):
         _fail(owner, name, "one of " + ", ".join(repr(c) for c in choices), value)
 
 
+def _expand_home(obj, name: str) -> None:
+    """A path field starting with ``~`` (``~/runs``, ``~user/x``) as the shell would expand it."""
+    value = getattr(obj, name)
+    if isinstance(value, str) and value.startswith("~"):
+        object.__setattr__(obj, name, os.path.expanduser(value))
+
+
 def _str(owner, name, value, optional=False):
     if optional and value is None:
         return
@@ -174,12 +181,14 @@ class DataSettings:
     def __post_init__(self):
         o = "data"
         _str(o, "prompts", self.prompts)
+        _str(o, "monitor_prompts", self.monitor_prompts, optional=True)
+        for name in ("prompts", "monitor_prompts"):  # "~/p.jsonl" was looked for in a folder named "~"
+            _expand_home(self, name)
         if self.prompts.strip().lower() == "shapes:heldout":
             raise ValueError("train config: data.prompts must not be the held-out split (train on 'shapes:train'; "
                              "the held-out split is for evaluation only)")
         _int(o, "seeds_per_prompt", self.seeds_per_prompt, 1, maximum=MAX_ITEMS)
         _int(o, "max_prompts", self.max_prompts, 1, optional=True)
-        _str(o, "monitor_prompts", self.monitor_prompts, optional=True)
         _int(o, "monitor_size", self.monitor_size, 0, maximum=MAX_ITEMS)
         _choice(o, "balance", self.balance, ("none", "tag"))
         _int(o, "items_per_tag", self.items_per_tag, 1, maximum=MAX_ITEMS)
@@ -645,6 +654,7 @@ class TrainConfig:
         if self.seed > 2**64 - 1:  # torch.manual_seed's range; above it torch's "Overflow when unpacking long long"
             _fail(o, "seed", "an integer in 0..18446744073709551615 (2**64 - 1)", self.seed)
         _str(o, "out", self.out)
+        _expand_home(self, "out")  # "~/runs/x" made a folder named "~" in the working folder
         _choice(o, "rl", self.rl, ("ppo", "pathwise"))
         _choice(o, "reward_model", self.reward_model, ("projector", "image"))
         _choice(o, "confidence", self.confidence, ("head", "uniform"))
