@@ -39,14 +39,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=504, help="images (records drawn balanced over tags)")
     p.add_argument("--record-seed", type=int, default=2024, help="seed of the record draw")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    p.add_argument("--batch-size", type=int, default=42)
-    p.add_argument("--path", default=None, help="pipeline folder (default: the package data)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    p.add_argument("--batch-size", type=int, default=42, help="images per forward pass")
+    p.add_argument("--path", default=argparse.SUPPRESS,
+                   help="pipeline folder (default: the installed shapes backbone, package data)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--out-dir", default=None, help="where to write the JSON/markdown/JSONL reports")
     p.add_argument("--save-images", action="store_true", help="also write the images as PNGs into --out-dir")
     args = p.parse_args(argv)
+    args.path = getattr(args, "path", None)  # SUPPRESS above: "(default: None)" read beside the help
     # upper bounds as the command line's: 10**8 steps ran out of memory, 100000 threads crashed, 10**8 images
     # ran silently for minutes before failing
     for flag, value, high in (("--n", args.n, 100_000), ("--steps", args.steps, 10_000),

@@ -24,12 +24,14 @@ import torch
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=48, help="held-out records measured (balanced over tags)")
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--steps", default="1.0,0.6,0.3", help="correction steps to measure")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--target-records", type=int, default=500)
-    parser.add_argument("--target-seeds", type=int, default=2)
+    parser.add_argument("--records", type=int, default=48, help="held-out records measured (balanced over tags; default 48)")
+    parser.add_argument("--seeds", default="0,1", help="evaluation seeds, e.g. 0,1 (default 0,1)")
+    parser.add_argument("--steps", default="1.0,0.6,0.3", help="correction steps to measure (default 1.0,0.6,0.3)")
+    parser.add_argument("--batch", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--target-records", type=int, default=500,
+                        help="records of the evaluation whose cost is extrapolated (default 500)")
+    parser.add_argument("--target-seeds", type=int, default=2,
+                        help="seeds of the evaluation whose cost is extrapolated (default 2)")
     parser.add_argument("--out", help="write the measurements (JSON) here")
     args = parser.parse_args(argv)
     for flag, value, high in (("--records", args.records, 100_000), ("--batch", args.batch, 4096),

@@ -157,6 +157,16 @@ class TrainConfig:
                      "unet_heads", "sample_images", "sample_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        # bounds: 100000 threads crashed the tokenizers' thread pool, a batch of 10^8 hung without a word
+        for name, high in (("threads", 1024), ("batch_size", 4096), ("vae_batch_size", 4096), ("text_dim", 4096),
+                           ("text_layers", 64), ("latent_channels", 64), ("unet_heads", 64), ("sample_images", 10_000),
+                           ("sample_steps", 1000), ("log_every", 10**7), ("vae_max_steps", 10**8),
+                           ("max_steps", 10**8), ("warmup_steps", 10**8)):
+            if getattr(self, name) > high:
+                raise ValueError(f"{flag(name)} must be at most {high}, got {getattr(self, name)}")
+        for name in ("vae_channels", "unet_channels"):
+            if any(c > 2048 for c in getattr(self, name)):
+                raise ValueError(f"{flag(name)} must be widths of at most 2048, got {list(getattr(self, name))}")
         if self.text_dim % 4:
             raise ValueError(f"--text-dim must be a multiple of 4 (the text encoder's 4 attention heads), "
                              f"got {self.text_dim}")
@@ -683,6 +693,49 @@ class Trainer:
         return self.export()
 
 
+#: What each option means (``--help``).
+HELP = {
+    "out": "where the trained pipeline goes (a folder, replaced whole; required: xlard/data/shapes_backbone installs "
+           "it as the shipped backbone)",
+    "work_dir": "checkpoints, metrics.jsonl and sample grids (--resume continues the run there)",
+    "seed": "random seed of the data, the initial weights and the noise",
+    "minutes": "wall-clock budget of the whole run (VAE phase included)",
+    "vae_minutes": "the VAE phase's share of --minutes at most (it ends early at --vae-target)",
+    "vae_max_steps": "VAE steps at most (0: no step limit)",
+    "max_steps": "text-encoder + UNet steps at most (0: no step limit)",
+    "threads": "torch threads (1..1024)",
+    "bf16": "bfloat16 autocast for the forward passes",
+    "vae_channels": "the VAE's three widths (multiples of 8)",
+    "latent_channels": "channels of the latent",
+    "vae_batch_size": "images per VAE step",
+    "vae_crop": "square crops the VAE trains on (16, 32, 48 or 64)",
+    "vae_lr": "the VAE's learning rate",
+    "kl_weight": "weight of the VAE's KL term",
+    "object_weight": "extra reconstruction weight on object pixels",
+    "vae_target": "the VAE phase ends once its quick check reconstructs this share of objects right, in (0, 1]",
+    "vae_check_minutes": "minutes between the VAE's quick checks (0: never)",
+    "text_dim": "the text encoder's width (a multiple of 4)",
+    "text_layers": "the text encoder's layers",
+    "unet_channels": "the UNet's three widths (multiples of 8 and of --unet-heads)",
+    "unet_heads": "attention heads of the UNet",
+    "batch_size": "prompts per text-encoder + UNet step",
+    "lr": "the text encoder's and UNet's peak learning rate",
+    "warmup_steps": "linear warmup steps",
+    "final_lr_fraction": "the cosine's end, as a share of --lr",
+    "cfg_dropout": "share of prompts dropped to the empty one (classifier-free guidance), in [0, 1)",
+    "min_snr_gamma": "min-SNR loss weighting's gamma",
+    "ema_decay": "decay of the weights' EMA (what is exported), in [0, 1)",
+    "checkpoint_minutes": "minutes between checkpoints (0: every step)",
+    "sample_minutes": "minutes between sample grids scored on held-out prompts (0: never)",
+    "sample_images": "images per sample grid",
+    "sample_steps": "denoising steps of the sample grids",
+    "guidance": "guidance scale of the sample grids",
+    "log_every": "steps between metrics rows",
+    "fp16_weights": "export the weights in float16",
+}
+assert set(HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -690,12 +743,14 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     for f in dataclasses.fields(TrainConfig):
         value = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        if f.name == "out":  # no default: a plain run from the checkout replaced the shipped weights
+            p.add_argument(flag, required=True, default=argparse.SUPPRESS, help=HELP[f.name])
+        elif isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=HELP[f.name])
         elif isinstance(value, tuple):
-            p.add_argument(flag, type=int, nargs="+", default=list(value))
+            p.add_argument(flag, type=int, nargs="+", default=list(value), help=HELP[f.name])
         else:
-            p.add_argument(flag, type=type(value), default=value)
+            p.add_argument(flag, type=type(value), default=value, help=HELP[f.name])
     p.add_argument("--resume", action="store_true", help="continue from <work-dir>/checkpoint.pt")
     args = vars(p.parse_args(argv))
     resume = args.pop("resume")

@@ -105,6 +105,13 @@ class TrainConfig:
         for name, low in (("warmup_steps", 0), ("core_radius", 0), ("log_every", 1), ("threads", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        # bounds: 100000 threads crashed torch's thread pool, a batch of 10^8 images hung without a word
+        for name, high in (("threads", 1024), ("batch_size", 4096), ("vae_pool", 100_000), ("max_steps", 10**7),
+                           ("warmup_steps", 10**7), ("log_every", 10**7), ("core_radius", 16)):
+            if getattr(self, name) > high:
+                raise ValueError(f"--{name.replace('_', '-')} must be at most {high}, got {getattr(self, name)}")
+        if any(c > 1024 for c in self.channels):
+            raise ValueError(f"--channels must be widths of at most 1024, got {list(self.channels)}")
         if not 0 <= self.seed < 2 ** 64:
             raise ValueError(f"--seed must be in [0, 2**64), got {self.seed}")
         if len(self.channels) != 4 or any(c < 1 for c in self.channels):
@@ -318,6 +325,22 @@ def save_checkpoint(path: Path, model, opt, step, rng, gen, cfg, elapsed):
                     "config": dataclasses.asdict(cfg), "elapsed": elapsed}, tmp)
 
 
+#: Settings a resumed run may change: where it writes, how it logs and checkpoints, its threads and its budget
+#: (the learning rate then follows the new budget); any other change would make a different model.
+RESUMABLE = ("out", "work_dir", "threads", "log_every", "checkpoint_minutes", "minutes", "max_steps")
+
+
+def resume_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """``--flag: saved -> now`` for every setting of ``cfg`` that differs from a checkpoint's and may not."""
+    now = dataclasses.asdict(cfg)
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if k not in RESUMABLE and _plain(saved.get(k)) != _plain(now.get(k))]
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Run (or resume) training and export the weights; returns the training info."""
     from xlard import _io
@@ -336,13 +359,21 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     records = make_splits(PromptConfig(), seed=SPLIT_SEED)["train"]  # training split only
     ckpt_path = work / "checkpoint.pt"
     step, elapsed = 0, 0.0
+    ck = None
+    if ckpt_path.exists():  # checked before the VAE pool is built (minutes): a refusal comes at once
+        ck = torch.load(ckpt_path, weights_only=False)
+        differ = resume_differences(ck["config"], cfg)
+        if differ:
+            raise ValueError(f"--work-dir: {ckpt_path} was written with other settings ({'; '.join(differ)}); "
+                             "rerun with those to continue it, or give another --work-dir")
+        budget = [k for k in ("max_steps", "minutes") if ck["config"].get(k) != getattr(cfg, k)]
+        if budget:
+            print(f"note: {', '.join('--' + k.replace('_', '-') for k in budget)} changed: the learning rate "
+                  "follows the new budget from here", file=sys.stderr, flush=True)
     t_setup = time.time()
     pool = build_vae_pool(cfg, np.random.default_rng(cfg.seed + 7), records, model_config)
     setup_seconds = time.time() - t_setup
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        if ck["config"] != dataclasses.asdict(cfg):
-            raise ValueError(f"{ckpt_path} was written with another config; use another --work-dir")
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, elapsed = ck["step"], ck["elapsed"]
@@ -411,16 +442,52 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     return info
 
 
+#: What each option means (``--help``).
+HELP = {
+    "out": "where the trained model goes (a folder; required: xlard/data/shapes_understanding installs it as the "
+           "shipped model, replacing that folder)",
+    "work_dir": "checkpoints and metrics.jsonl; rerunning with the same --work-dir continues the run",
+    "seed": "random seed of the scenes, the augmentations and the initial weights",
+    "max_steps": "training steps at most",
+    "minutes": "wall-clock budget of the whole run (the VAE pool included); training stops when it is spent",
+    "batch_size": "rendered scenes per step",
+    "lr": "AdamW's peak learning rate, in (0, 1]",
+    "warmup_steps": "linear warmup steps",
+    "final_lr_fraction": "the cosine's end, as a share of --lr (reached at --max-steps or --minutes, whichever comes "
+                         "first)",
+    "weight_decay": "AdamW's weight decay",
+    "vae_pool": "renders passed through the backbone's VAE once, before training (0: none)",
+    "vae_share": "share of each batch drawn from the VAE pool, in [0, 1]",
+    "vae_noise": "largest latent noise (a random share of it per image, times the latents' std) before the VAE "
+                 "decodes a pool image",
+    "record_share": "share of scenes laid out from training-split records (the rest: random scenes)",
+    "crop": "random square crops of this size (0: whole 64 x 64 images; else 16..64)",
+    "corrupt": "share of scenes with unlabelled two-tone objects and specks, in [0, 1]",
+    "morph": "share of objects drawn as in-between outlines, in [0, 1]",
+    "morph_min_iou": "an in-between outline keeps the label of the shape it overlaps best only at this IoU or more",
+    "channels": "the U-Net's four widths (full resolution, 1/2, 1/4, 1/8)",
+    "core_radius": "pixels eroded off each object's mask for its shape target",
+    "checkpoint_minutes": "minutes between checkpoints (0: every step)",
+    "log_every": "steps between metrics rows",
+    "threads": "torch threads (1..1024)",
+    "backbone": "the shapes backbone folder for the VAE pool (empty: the installed one)",
+}
+assert set(HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         value = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, tuple):
-            parser.add_argument(flag, type=int, nargs="+", default=list(value))
+        if f.name == "out":  # no default: a plain run from the checkout replaced the shipped weights
+            parser.add_argument(flag, required=True, help=HELP[f.name])
+        elif isinstance(value, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=list(value),
+                                help=f"{HELP[f.name]} (default: {' '.join(map(str, value))})")
         else:
-            parser.add_argument(flag, type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), default=value, help=f"{HELP[f.name]} (default: {value!r})")
     args = vars(parser.parse_args(argv))
     args["channels"] = tuple(args["channels"])
     try:

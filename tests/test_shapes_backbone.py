@@ -227,12 +227,19 @@ def test_training_config_is_validated(capsys):
                       (["--unet-channels", "24", "48", "96", "--unet-heads", "5"], "multiples of --unet-heads"),
                       (["--text-dim", "30"], "--text-dim must be a multiple of 4"),
                       (["--seed", "-1"], "--seed must be in [0, 2**64)"),
-                      (["--sample-steps", "0"], "--sample-steps must be >= 1")):
+                      (["--sample-steps", "0"], "--sample-steps must be >= 1"),
+                      # 100000 threads crashed the tokenizers' thread pool; a batch of 10^8 hung without a word
+                      (["--threads", "100000"], "--threads must be at most 1024"),
+                      (["--batch-size", "100000000"], "--batch-size must be at most 4096"),
+                      (["--vae-batch-size", "100000000"], "--vae-batch-size must be at most 4096")):
         with pytest.raises(SystemExit) as e:
-            train.parse_args(bad)
+            train.parse_args(["--out", "o"] + bad)
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert text in err and "Traceback" not in err, (bad, err)
-    for flag in ("--out", "--work-dir"):  # checked before training, not when the weights are written
+    for args in (["--out", "/proc/no/such"], ["--out", "o", "--work-dir", "/proc/no/such"]):  # before training
         with pytest.raises(SystemExit):
-            train.parse_args([flag, "/proc/no/such"])
+            train.parse_args(args)
+    with pytest.raises(SystemExit):  # no default --out: a plain run replaced the shipped weights
+        train.parse_args(["--max-steps", "2"])
+    assert "required: --out" in capsys.readouterr().err

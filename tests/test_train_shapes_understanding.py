@@ -18,15 +18,20 @@ from xlard.shapes import understanding as U  # noqa: E402
 
 
 def test_options_are_validated():
-    cfg = T.parse_args(["--max-steps", "5", "--channels", "4", "4", "4", "4"])
+    cfg = T.parse_args(["--out", "o", "--max-steps", "5", "--channels", "4", "4", "4", "4"])
     assert cfg.max_steps == 5 and cfg.channels == (4, 4, 4, 4)
+    with pytest.raises(SystemExit):  # no default --out: a plain run replaced the shipped weights
+        T.parse_args(["--max-steps", "5"])
     for bad in (["--max-steps", "0"], ["--crop", "8"], ["--vae-share", "1.5"], ["--corrupt", "-0.1"],
                 ["--morph", "2"], ["--morph-min-iou", "-1"], ["--lr", "nan"], ["--lr", "0"], ["--lr", "1e300"], ["--threads", "0"],
                 ["--weight-decay", "-1"], ["--final-lr-fraction", "2"], ["--channels", "8", "8"], ["--seed", "-1"],
                 ["--vae-noise", "nan"], ["--log-every", "0"],
-                ["--out", "/proc/no/such"], ["--work-dir", "/proc/no/such"]):  # outputs: before training
+                ["--threads", "100000"], ["--batch-size", "100000000"], ["--vae-pool", "10000000"],
+                ["--work-dir", "/proc/no/such"]):  # 100000 threads crashed, 10^8 a batch hung
         with pytest.raises(SystemExit):
-            T.parse_args(bad)
+            T.parse_args(["--out", "o"] + bad)
+    with pytest.raises(SystemExit):  # outputs: before training
+        T.parse_args(["--out", "/proc/no/such"])
 
 
 def test_batches_come_from_ground_truth_and_corruptions_are_unlabelled():
@@ -117,8 +122,10 @@ def test_tiny_run_exports_weights_and_resumes(tmp_path, capsys):
     assert "resumed at step 3" in capsys.readouterr().err
     rows = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    with pytest.raises(ValueError, match="another config"):
-        T.train(T.parse_args(args[:-2] + ["--log-every", "2"]))
+    # where it writes, logging, threads and the budget may change on a resume; anything else is named
+    assert T.main(args[:-2] + ["--log-every", "2", "--threads", "2", "--max-steps", "3"]) == 0
+    with pytest.raises(ValueError, match=r"written with other settings \(--batch-size 2 -> 3\)"):
+        T.train(T.parse_args([a if a != "2" else "3" for a in args]))
     # a diverged run stops before exporting (it wrote NaN weights and exited 0)
     bad = ["--out", str(tmp_path / "out2"), "--work-dir", str(tmp_path / "work2"), "--max-steps", "40",
            "--batch-size", "2", "--vae-pool", "0", "--channels", "4", "4", "4", "4", "--lr", "1", "--log-every", "40"]
