@@ -397,7 +397,7 @@ def test_html_is_self_contained_and_escaped(tmp_path):
     assert len(srcs) == 4 + 1 and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert not re.search(r"(src|href)\s*=\s*[\"']?\s*(https?:|//)", text)
     assert "url(" not in text and "@import" not in text and "<link" not in text
-    for sentence in ("red ball: red scores 0.90", "plain sentence", "not asked by the prompt", "seed 1"):
+    for sentence in ("red ball: red scores 0.90", "plain sentence", "not scored: the prompt does not ask for it", "seed 1"):
         assert sentence in text
     assert sorted(os.listdir(tmp_path / "r")) == ["report.html"]
 

@@ -215,7 +215,7 @@ def test_target_count_zero():
     # Nothing where the dog's map is (all zero): dog reward 1, cat reward 1.
     result = cmd([s], entity_maps=torch.stack([torch.zeros(H, W), cat])[None])
     assert result.scores[0, 0].item() == pytest.approx(1.0)
-    assert result.explanations[0].counts[0].text() == "asked for 0 dogs, found 0 (empty attention map)"
+    assert result.explanations[0].counts[0].text() == "asked for 0 dogs, found 0 (empty map)"
     # Two dogs found although none was asked for: exp(-2) for the dog, mean with the cat's 1.
     result = cmd([s], entity_maps=torch.stack([blobs(grid_points(2)), cat])[None])
     assert result.scores[0, 0].item() == pytest.approx((math.exp(-2) + 1) / 2, rel=1e-6)
@@ -564,9 +564,9 @@ def test_explanation_sentences():
     assert count.text() == "asked for 3 dogs, found 2 (at (0.21, 0.40), (0.70, 0.38))"
     assert str(count) == count.text()
     assert CountExplanation(0, "mouse", 1, 0, math.exp(-1), status="nonfinite").text() == \
-        "asked for 1 mouse, found 0 (attention map has no finite value)"
+        "asked for 1 mouse, found 0 (map has no finite value)"
     assert CountExplanation(1, "cat", 2, None, None, status="missing").text() == \
-        "cat: no attention map for its tokens, count not scored"
+        "cat: the reward source gives no map for it, count not scored"
     rel = RelationExplanation(0, 0, 1, "dog", "cat", "left_of", 0.99, (0.25, 0.5), (0.75, 0.5))
     assert rel.text() == "dog left of cat: dog at (0.25, 0.50), cat at (0.75, 0.50), score 0.99"
     same = RelationExplanation(0, 0, 1, "dog", "dog", "above", 0.0, None, (0.5, 0.5), "empty", "ok")
@@ -757,9 +757,11 @@ def test_entity_not_found_in_tokens():
     assert result.present.tolist() == [[True, False, False]]  # the only relation involves the cat
     assert result.scores[0, 0].item() == pytest.approx(1.0)  # the cat's count is left out, not zero
     expl = result.explanations[0]
-    assert expl.counts[1].text() == "cat: no attention map for its tokens, count not scored"
-    assert expl.relations[0].text() == "dog left of cat: no attention map for cat, not scored"
+    assert expl.counts[1].text() == "cat: the reward source gives no map for it, count not scored"
+    assert expl.relations[0].text() == "dog left of cat: no map for cat, not scored"
     assert result.relation_scores[0, 0].isnan()
+    # text() says why an absent aspect is absent when there is something to say (it printed a bare "absent")
+    assert "  position: absent (dog left of cat: no map for cat, not scored)" in expl.text().splitlines()
 
 
 def test_entity_available_mask_for_given_maps():
@@ -918,3 +920,25 @@ def test_integer_weights_are_taken_as_numbers():
     present = torch.tensor([[True, False, True]])
     joint, _ = joint_reward(scores, present, torch.tensor([[1, 0, 3]]))
     assert abs(float(joint[0]) - (0.5 + 3 * 0.9) / 4) < 1e-6
+
+
+def test_a_relation_of_an_entity_the_count_did_not_find_says_so():
+    """A map with mass but no component past the count's cut ("found 0"): the relation is scored from the map's
+    weighted centroid (scoring it 0 instead lowered the position agreement on the training split from
+    0.978 / 0.980 to 0.902 / 0.856), and the explanation no longer places a dog the count says is absent."""
+    from xlard.prompts import Entity, PromptSpec, Relation
+    from xlard.rewards import STATUS_NO_OBJECT, STATUS_OK
+
+    spec = PromptSpec("a dog left of a cat", (Entity("dog", 1, None, token_indices=(1,)),
+                                             Entity("cat", 1, None, token_indices=(2,))), (Relation(0, "left_of", 1),))
+    maps = torch.full((1, 4, 32, 32), 1e-3)
+    maps[0, 1, 16, 4] = 1.0  # one pixel of dog on the left: below min_area, nothing counted
+    maps[0, 2, 14:20, 22:28] = 1.0  # the cat on the right
+    result = ExplainableRewards()([spec], maps)
+    counts = result.explanations[0].counts
+    assert counts[0].found == 0 and counts[1].found == 1
+    assert result.entity_status[0].tolist() == [STATUS_NO_OBJECT, STATUS_OK]
+    assert 0.0 < float(result.relation_scores[0, 0]) < 1.0
+    text = result.explanations[0].relations[0].text()
+    assert text.startswith("dog left of cat: dog's map (no dog counted) centred at (") and ", cat at (" in text
+    assert counts[0].text().startswith("asked for 1 dog, found 0 (no region of the map passes the cut)")

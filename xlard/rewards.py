@@ -96,13 +96,16 @@ __all__ = [
     "STATUS_EMPTY",
     "STATUS_NONFINITE",
     "STATUS_MISSING",
+    "STATUS_NO_OBJECT",
 ]
 
 COUNT, COLOR, POSITION = 0, 1, 2
 
-#: Entity map status codes (``RewardResult.entity_status``).
-STATUS_OK, STATUS_EMPTY, STATUS_NONFINITE, STATUS_MISSING = 0, 1, 2, 3
-_STATUS_NAMES = ("ok", "empty", "nonfinite", "missing")
+#: Entity map status codes (``RewardResult.entity_status``). ``STATUS_NO_OBJECT``: the map has mass, but no
+#: component passes the count's cut (threshold, ``min_area``): no object is counted; the position reward still
+#: reads the map's weighted centroid, and the explanation says that no object was counted there.
+STATUS_OK, STATUS_EMPTY, STATUS_NONFINITE, STATUS_MISSING, STATUS_NO_OBJECT = 0, 1, 2, 3, 4
+_STATUS_NAMES = ("ok", "empty", "nonfinite", "missing", "no_object")
 
 _RELATION_WORDS = GENEVAL_RELATION_NAMES
 
@@ -701,7 +704,8 @@ def _noun_form(noun: str, count: int | None) -> str:
     return noun if count == 1 else pluralize(noun)
 
 
-_STATUS_TEXT = {"empty": "empty attention map", "nonfinite": "attention map has no finite value"}
+_STATUS_TEXT = {"empty": "empty map", "nonfinite": "map has no finite value",
+                "no_object": "no region of the map passes the cut"}
 _MAX_LISTED = 6
 
 
@@ -718,7 +722,8 @@ class CountExplanation:
         centroids: (x, y) of the largest components (up to ``max_components``),
             largest first, x right and y down in [0, 1].
         areas: their areas as fractions of the map.
-        status: "ok", "empty", "nonfinite" or "missing" (see :func:`entity_status`).
+        status: "ok", "empty", "nonfinite", "missing" (see :func:`entity_status`) or "no_object" (mass, but no
+            component passes the cut).
         confidence: the mean map value of the weakest counted component, when
             the reward weighs the count by it (``RewardConfig.count_confidence``).
     """
@@ -736,7 +741,7 @@ class CountExplanation:
     def text(self) -> str:
         """One sentence: "asked for 3 dogs, found 2 (at (0.21, 0.40), (0.70, 0.38))"."""
         if self.found is None:
-            return f"{self.noun}: no attention map for its tokens, count not scored"
+            return f"{self.noun}: the reward source gives no map for it, count not scored"
         sentence = f"asked for {self.asked} {_noun_form(self.noun, self.asked)}, found {self.found}"
         if self.centroids:
             listed = ", ".join(_pt(p) for p in self.centroids[:_MAX_LISTED])
@@ -777,7 +782,7 @@ class ColorExplanation:
         """One sentence: "red dog: red scores 0.93 at patch 17 (0.31, 0.62)"."""
         head = f"{self.color} {self.noun}"
         if self.score is None:
-            return f"{head}: no attention map to bind the color to, not scored"
+            return f"{head}: no map to bind the color to, not scored"
         if self.patch is None:
             where = f"no {self.noun} region found" if self.bound else "no image patch"
             return f"{head}: {where} to look for {self.color} in, score {self.score:.2f}"
@@ -823,12 +828,18 @@ class RelationExplanation:
         head = f"{a} {_RELATION_WORDS[self.relation]} {b}"
         if self.score is None:
             missing = a if self.subject_status == "missing" else b
-            return f"{head}: no attention map for {missing}, not scored"
-        lost = [n for n, s in ((a, self.subject_status), (b, self.object_status)) if s != "ok"]
+            return f"{head}: no map for {missing}, not scored"
+        lost = [n for n, s in ((a, self.subject_status), (b, self.object_status)) if s not in ("ok", "no_object")]
         if lost:
             return f"{head}: {' and '.join(lost)} not found, score {self.score:.2f}"
-        return (f"{head}: {a} at {_pt(self.subject_centroid)}, {b} at {_pt(self.object_centroid)}, "
-                f"score {self.score:.2f}")
+
+        def place(name, status, centroid):  # a map with mass where the count found no object: said, not hidden
+            if status == "no_object":
+                return f"{name}'s map (no {name} counted) centred at {_pt(centroid)}"
+            return f"{name} at {_pt(centroid)}"
+
+        return (f"{head}: {place(a, self.subject_status, self.subject_centroid)}, "
+                f"{place(b, self.object_status, self.object_centroid)}, score {self.score:.2f}")
 
     __str__ = text
 
@@ -862,8 +873,9 @@ class PromptExplanation:
         parts = {"count": self.counts, "color": self.colors, "position": self.relations}
         for aspect in ASPECTS:
             score = self.scores.get(aspect)
-            if score is None:
-                lines.append(f"  {aspect}: absent")
+            if score is None:  # what there is to say of it still is said (an entity with no map, ...)
+                said = "; ".join(item.text() for item in parts[aspect])
+                lines.append(f"  {aspect}: absent" + (f" ({said})" if said else ""))
                 continue
             details = "; ".join(item.text() for item in parts[aspect])
             lines.append(f"  {aspect} {score:.2f}: {details}")
@@ -900,7 +912,8 @@ class RewardResult:
         present (bool [B, 3]): which aspects were scored.
         weights (float32 [B, 3]): effective lambdas (0 where absent).
         joint (float32 [B]): the joint reward; NaN where nothing is present.
-        entity_status (int64 [B, E]): ``STATUS_*`` per entity slot (padding: missing).
+        entity_status (int64 [B, E]): ``STATUS_*`` per entity slot (padding: missing; ``STATUS_NO_OBJECT``
+            where the map has mass but no component passes the count's cut: position still reads its centroid).
         count_target (int64 [B, E]): -1 where no count.
         count_found (int32 [B, E]): components counted.
         entity_centroids (float32 [B, E, 2]): attention-weighted centroids.
@@ -1064,11 +1077,15 @@ class ExplainableRewards:
         device = maps.device
         batch = batch.to(device)
         status = entity_status(maps, available)
-        located = status == STATUS_OK
         h, w = maps.shape[-2:]
 
         # Count.
         count, count_details = count_reward(maps, batch.count_target, available, cfg)
+        # Position reads every map with mass (its weighted centroid, as the paper's rule); an entity whose map has
+        # mass but no component past the count's cut is marked, so that its explanation does not place an object
+        # the count says is absent. Scoring its relations 0 instead was measured and not kept (docs/rewards.md).
+        located = status == STATUS_OK
+        status = torch.where(located & (count_details["found"] == 0), STATUS_NO_OBJECT, status)
         # Position.
         centroids = ops.attention_centroids(maps).to(torch.float32)
         relation_ok = batch.relation_mask & available.gather(1, batch.relations[..., 0]) \
@@ -1265,8 +1282,8 @@ def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok,
             relations.append(RelationExplanation(
                 r, a, o, spec.entities[a].noun, spec.entities[o].noun, rel.relation,
                 t["relation_scores"][i][r] if ok else None,
-                tuple(t["centroids"][i][a]) if status[a] == "ok" else None,
-                tuple(t["centroids"][i][o]) if status[o] == "ok" else None,
+                tuple(t["centroids"][i][a]) if status[a] in ("ok", "no_object") else None,
+                tuple(t["centroids"][i][o]) if status[o] in ("ok", "no_object") else None,
                 status[a], status[o]))
         scores = {aspect: (t["scores"][i][k] if t["present"][i][k] else None) for k, aspect in enumerate(ASPECTS)}
         weights = {aspect: t["weights"][i][k] for k, aspect in enumerate(ASPECTS)}
