@@ -614,3 +614,13 @@ def test_faithfulness_summary_figures_come_from_the_means():
     line = res.summary()
     assert "reward 0.5500 -> 0.5000 (-9.1%)" in line and "gain +0.5500, 9% of it lost" in line
     assert "(random cells: 0%)" in line
+
+
+def test_report_captions_give_sizes_as_width_by_height_and_no_negative_zero():
+    """The LAM caption printed h x w beside the images' w x h; an unchanged score read "-0.000"."""
+    from xlard.explain import ReportItem, render_html_report
+
+    html = render_html_report([ReportItem("p", after=torch.rand(3, 64, 96), lam=torch.rand(16, 24),
+                                          scores={"count": 0.5}, scores_before={"count": 0.5 + 1e-7})])
+    assert "24&times;16 latent" in html and "96&times;64" in html
+    assert "-0.000" not in html and "&plusmn;0.000" in html

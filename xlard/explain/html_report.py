@@ -89,7 +89,10 @@ def _delta_html(after: float | None, before: float | None) -> str:
         return ""
     d = after - before
     cls = "up" if d > 5e-4 else "down" if d < -5e-4 else "flat"
-    return f'<span class="delta {cls}" title="change from before correction">{d:+.3f}</span>'
+    text = f"{d:+.3f}"
+    if text in ("-0.000", "+0.000"):  # an unchanged score read "-0.000"
+        text = "&plusmn;0.000"
+    return f'<span class="delta {cls}" title="change from before correction">{text}</span>'
 
 
 def _img_tag(image, alt: str) -> tuple[str, tuple[int, int]]:
@@ -153,7 +156,7 @@ def _item_html(index: int, item: ReportItem, colormap) -> str:
             size = (lam.shape[0] * scale, lam.shape[1] * scale)
         heat = apply_colormap(upsample_lam(normalize_lam(lam), size), colormap)
         peak_text = f"max {peak:.3g}" if peak > 0 else "all zero: no correction"
-        figs.append(_figure(heat, f"<b>LAM</b> {lam.shape[0]}&times;{lam.shape[1]} latent, {peak_text}",
+        figs.append(_figure(heat, f"<b>LAM</b> {lam.shape[1]}&times;{lam.shape[0]} latent, {peak_text}",  # w x h, as the images
                             "latent activation map", show_size=False))
         if base is not None:
             figs.append(_figure(overlay(base, lam, colormap), "<b>LAM over "
