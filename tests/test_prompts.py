@@ -957,3 +957,30 @@ def test_counts_past_hundred_hyphenated_colors_and_s_plurals():
 ])
 def test_a_couple_or_pair_without_of_counts_two(prompt, want):
     assert [(e.noun, e.count, e.color) for e in parse(prompt).entities] == want
+
+
+@pytest.mark.parametrize("prompt, noun", [
+    ("a photo of more than two dogs", "dog"), ("fewer than five cats", "cat"), ("at least three apples", "apple"),
+    ("at most 2 cats", "cat"), ("3 or 4 apples", "apple"), ("three to four apples", "apple"),
+    ("between three and five apples", "apple"), ("about five apples", "apple"), ("up to four birds", "bird"),
+    ("roughly 10 birds", "bird"),
+])
+def test_bounded_and_ranged_counts_say_no_exact_count(prompt, noun):
+    """"more than two dogs" was two dogs and an entity "more"; "3 or 4 apples" four apples and an entity "or"."""
+    spec = parse(prompt)
+    assert [(e.noun, e.count) for e in spec.entities] == [(noun, None)]
+
+
+def test_bounds_need_a_number_and_relations_keep_their_words():
+    assert [(e.noun, e.count) for e in parse("a cat under two tables").entities] == [("cat", 1), ("table", 2)]
+    assert [r.relation for r in parse("a cat under two tables").relations] == ["below"]
+    assert [(e.noun, e.count) for e in parse("two dogs and three cats").entities] == [("dog", 2), ("cat", 3)]
+
+
+@pytest.mark.parametrize("prompt, noun, count", [("a photo of four broccolis", "broccoli", 4),
+                                                 ("a photo of three computer mouses", "computer mouse", 3),
+                                                 ("a photo of two sheeps", "sheep", 2)])
+def test_naive_plurals_of_known_nouns(prompt, noun, count):
+    """GenEval's own "a photo of four broccolis" gave a noun "broccolis" (its record's class "broccoli" was not
+    found)."""
+    assert [(e.noun, e.count) for e in parse(prompt).entities] == [(noun, count)]

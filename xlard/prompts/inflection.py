@@ -137,6 +137,10 @@ def noun_forms(nouns: Iterable[str]) -> dict[tuple[str, ...], str]:
         canonical = " ".join(words)
         table.setdefault(words, canonical)
         table.setdefault(tuple(pluralize(canonical).split()), canonical)
+        # the naive "+s" plural that prompt sets write ("a photo of four broccolis", GenEval's own; "computer
+        # mouses", "taxis"): the rules leave "-is" words alone, so "broccolis" was a noun of its own
+        if not words[-1].endswith("s"):
+            table.setdefault(words[:-1] + (words[-1] + "s",), canonical)
     # "people" is listed as a noun for generic prompts but means "person".
     table[("people",)] = "person"
     return table

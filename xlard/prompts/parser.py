@@ -23,6 +23,16 @@ __all__ = ["parse", "from_geneval"]
 
 _DEFINITE = frozenset({"the", "this", "that", "these", "those"})
 _VAGUE = ("some", "several", "many", "multiple", "few", "various", "numerous", "a few", "a lot of", "lots of")
+#: Words that bound or blur the number after them ("more than two dogs", "about five apples", "between three
+#: and five"): the count is not that number, so it is not said (read as vague). Only before a number: "a book
+#: about cats" keeps its words.
+_BOUNDS = frozenset({("more", "than"), ("fewer", "than"), ("less", "than"), ("at", "least"), ("at", "most"),
+                     ("up", "to"), ("about",), ("around",), ("approximately",), ("roughly",), ("nearly",),
+                     ("almost",), ("between",), ("no", "more", "than"),
+                     ("no", "fewer", "than"), ("no", "less", "than"), ("not", "more", "than")})
+_MAX_BOUND = max(len(k) for k in _BOUNDS)
+#: A second number after these makes a range ("3 or 4 apples", "three to four", "between three and five").
+_RANGE_WORDS = frozenset({"or", "to", "and"})
 
 _TEMPLATE_WORDS = frozenset({
     "photo", "photograph", "picture", "image", "painting", "drawing", "rendering",
@@ -395,6 +405,35 @@ def _looks_plural(word: str) -> bool:
     return len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is"))
 
 
+def _bounded_count(words, pos: int, prompt: str) -> int:
+    """Length of a bounded or ranged count at ``pos`` ("more than two", "about five", "3 or 4", "three to four",
+    "between three and five"), 0 when there is none."""
+    start = pos
+    needs_range = False
+    for length in range(min(_MAX_BOUND, len(words) - pos), 0, -1):
+        bound = tuple(w.text for w in words[pos:pos + length])
+        if bound in _BOUNDS:
+            counted = read_count(words, pos + length, prompt) if pos + length < len(words) else None
+            if counted is None or counted[1] != "number":
+                return 0
+            needs_range = bound == ("between",)  # "a car between two trucks": a place, not a range
+            pos += length + counted[0]
+            break
+    else:
+        counted = read_count(words, pos, prompt)
+        if counted is None or counted[1] != "number":
+            return 0
+        pos += counted[0]
+        if pos + 1 < len(words) and words[pos].text == "or" and words[pos + 1].text in ("more", "fewer", "less", "so"):
+            return pos + 2 - start  # "two or more dogs"
+        needs_range = True  # a plain number is the count unless a second number makes a range ("3 or 4")
+    if pos + 1 < len(words) and words[pos].text in _RANGE_WORDS:
+        tail = read_count(words, pos + 1, prompt)
+        if tail is not None and tail[1] == "number":
+            return pos + 1 + tail[0] - start
+    return 0 if needs_range else pos - start
+
+
 def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) -> _ParsedNP | None:
     words = piece.words
     # Color phrases anywhere in the piece (a color word may also be a noun: "orange").
@@ -604,6 +643,13 @@ def parse(
             close()
             items.append(("sep",))
             pos += setting
+            continue
+        bounded = _bounded_count(words, pos, prompt)
+        if bounded:  # "more than two dogs", "3 or 4 apples": how many is not said exactly (before the phrases: "at")
+            if piece.has_content():
+                close()
+            piece.quantifier = ("vague", None)
+            pos += bounded
             continue
         hit = _match(words, pos, _PHRASES, _MAX_PHRASE)
         if hit:
