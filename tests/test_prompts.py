@@ -984,3 +984,20 @@ def test_naive_plurals_of_known_nouns(prompt, noun, count):
     """GenEval's own "a photo of four broccolis" gave a noun "broccolis" (its record's class "broccoli" was not
     found)."""
     assert [(e.noun, e.count) for e in parse(prompt).entities] == [(noun, count)]
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("a cat without a dog", [("cat", 1), ("dog", 0)]), ("a dog but no cat", [("dog", 1), ("cat", 0)]),
+    ("a cat instead of a dog", [("cat", 1), ("dog", 0)]), ("a cat, not a dog", [("cat", 1), ("dog", 0)]),
+    ("a cat rather than a dog", [("cat", 1), ("dog", 0)]), ("a cat alone", [("cat", 1)]),
+    ("a bench nearby", [("bench", 1)]), ("a cat asleep", [("cat", 1)]),
+])
+def test_negations_and_adverbs_keep_the_meaning(prompt, want):
+    """"a cat without a dog" read as an entity "without" and a dog; "a dog but no cat" dropped the dog; "a cat
+    alone" was an entity "alone"."""
+    assert [(e.noun, e.count) for e in parse(prompt).entities] == want
+
+
+def test_a_negated_relation_is_refused():
+    with pytest.raises(ValueError, match="'left of' .* is negated \\('not'\\); a negated relation cannot be scored"):
+        parse("a dog not left of a cat")

@@ -51,6 +51,8 @@ _STOPWORDS = frozenset({
     "up", "down", "out", "away", "off", "while", "where", "as", "that", "than", "into",
     "onto", "from", "through", "across", "over", "toward", "towards", "within", "to",
     "top", "bottom", "edge", "middle", "center", "centre", "front", "corner",
+    # adverbs and conjunctions after a noun became the head ("a cat alone" -> "alone", "a dog but no cat" -> "but")
+    "alone", "asleep", "awake", "nearby", "not", "but", "instead", "rather", "too", "either", "neither",
 })
 # Size words, stopwords in noun phrases, may still modify a scene ("on a small stage").
 _SIZE_WORDS = frozenset({"small", "big", "large", "tiny", "huge", "lone", "single"})
@@ -174,6 +176,11 @@ def _quantifier_table() -> dict[tuple[str, ...], tuple[str, int | None]]:
     }
     # Other numbers are read by numbers.read_count; "no" is a count here only.
     table[("no",)] = ("number", 0)
+    # "a cat without a dog", "a cat, not a dog", "a cat instead of a dog": the second one is asked absent (count 0;
+    # "without" was read as the first one's noun)
+    for lead in (("without",), ("not",), ("instead", "of"), ("rather", "than")):
+        for det in ((), ("a",), ("an",), ("any",)):
+            table[lead + det] = ("number", 0)
     for word in _DEFINITE:
         table[(word,)] = ("definite", None)
     for phrase in _VAGUE:
@@ -655,6 +662,10 @@ def parse(
         if hit:
             length, (kind, relation) = hit
             close()
+            if kind == "rel" and pos and words[pos - 1].text in ("not", "never"):
+                raise ValueError(f"relation {' '.join(w.text for w in words[pos:pos + length])!r} in prompt "
+                                 f"{quote_prompt(prompt)} is negated ({words[pos - 1].text!r}); a negated relation "
+                                 "cannot be scored: rephrase it as the relation that should hold")
             if kind == "rel":
                 items.append(("rel", relation, _span(words[pos:pos + length])))
             else:
