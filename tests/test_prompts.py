@@ -1001,3 +1001,17 @@ def test_negations_and_adverbs_keep_the_meaning(prompt, want):
 def test_a_negated_relation_is_refused():
     with pytest.raises(ValueError, match="'left of' .* is negated \\('not'\\); a negated relation cannot be scored"):
         parse("a dog not left of a cat")
+
+
+@pytest.mark.parametrize("prompt, want", [("a pair of scissors", [("scissors", 1)]), ("a pair of skis", [("skis", 1)]),
+                                          ("a pair of shoes", [("shoe", 2)]), ("two pairs of shoes", [("shoe", None)])])
+def test_a_pair_of_a_noun_that_names_one_pair(prompt, want):
+    """"a pair of scissors" was two scissors; "two pairs of shoes" an entity "pair"."""
+    assert [(e.noun, e.count) for e in parse(prompt).entities] == want
+
+
+@pytest.mark.parametrize("prompt", ["a table with a lamp above it and a chair", "a dog, to the left of which is a cat"])
+def test_a_relation_to_it_or_which_is_refused(prompt):
+    """"... above it and a chair" related the lamp to the chair; "to the left of which is a cat" was reversed."""
+    with pytest.raises(ValueError, match="points at '(it|which)'; name its object instead"):
+        parse(prompt)

@@ -31,6 +31,9 @@ _BOUNDS = frozenset({("more", "than"), ("fewer", "than"), ("less", "than"), ("at
                      ("almost",), ("between",), ("no", "more", "than"),
                      ("no", "fewer", "than"), ("no", "less", "than"), ("not", "more", "than")})
 _MAX_BOUND = max(len(k) for k in _BOUNDS)
+#: Nouns that name one pair: "a pair of scissors" is one of them, "a pair of shoes" two shoes.
+_PAIR_NOUNS = frozenset({"scissors", "skis", "glasses", "jeans", "pants", "trousers", "shorts", "tongs", "pliers",
+                         "binoculars", "goggles", "sunglasses", "spectacles", "tweezers", "leggings", "pajamas"})
 #: A second number after these makes a range ("3 or 4 apples", "three to four", "between three and five").
 _RANGE_WORDS = frozenset({"or", "to", "and"})
 
@@ -172,6 +175,7 @@ def _quantifier_table() -> dict[tuple[str, ...], tuple[str, int | None]]:
         ("a",): ("number", 1), ("an",): ("number", 1),
         ("a", "pair", "of"): ("number", 2), ("a", "couple", "of"): ("number", 2),
         ("pair", "of"): ("number", 2), ("couple", "of"): ("number", 2),
+        ("pairs", "of"): ("vague", None),  # "two pairs of shoes": an entity "pair" before
         ("a", "dozen"): ("number", 12), ("dozen",): ("number", 12),
     }
     # Other numbers are read by numbers.read_count; "no" is a count here only.
@@ -662,6 +666,11 @@ def parse(
         if hit:
             length, (kind, relation) = hit
             close()
+            after = words[pos + length].text if pos + length < len(words) else None
+            if kind == "rel" and after in ("it", "them", "which", "whom"):
+                raise ValueError(f"relation {' '.join(w.text for w in words[pos:pos + length])!r} in prompt "
+                                 f"{quote_prompt(prompt)} points at {after!r}; name its object instead (it was "
+                                 "taken to be the next object named, or the relation was reversed)")
             if kind == "rel" and pos and words[pos - 1].text in ("not", "never"):
                 raise ValueError(f"relation {' '.join(w.text for w in words[pos:pos + length])!r} in prompt "
                                  f"{quote_prompt(prompt)} is negated ({words[pos - 1].text!r}); a negated relation "
@@ -687,6 +696,10 @@ def parse(
             quantifier = (length, (kind, value))
         else:
             quantifier = _match(words, pos, _QUANTIFIERS, _MAX_QUANTIFIER)
+        if quantifier and quantifier[1] == ("number", 2) and words[pos + quantifier[0] - 1].text == "of" \
+                and words[pos + quantifier[0] - 2].text == "pair" and pos + quantifier[0] < len(words) \
+                and words[pos + quantifier[0]].text in _PAIR_NOUNS:
+            quantifier = (quantifier[0], ("number", 1))  # "a pair of scissors" is one pair (skis: GenEval's class)
         if quantifier:
             # A quantifier starts a new noun phrase ("a dog wearing a hat").
             if piece.has_content():
