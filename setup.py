@@ -23,9 +23,10 @@ try:
     import torch
     from torch.utils import cpp_extension
 except ImportError:  # with --no-build-isolation the build uses the environment's torch
-    sys.exit("xlard builds against the installed torch, and this environment has none: install torch first "
-             "(README, Install: e.g. pip install torch --index-url https://download.pytorch.org/whl/cpu), then "
-             "pip install --no-build-isolation -e .")
+    sys.exit("xlard builds against the torch it will run with, and this build environment has none (pip's build "
+             "isolation hides the installed one): install torch first (README, Install: e.g. pip install torch "
+             "--index-url https://download.pytorch.org/whl/cpu), then pip install --no-build-isolation -e . (or "
+             "the path of a checkout or source distribution)")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -139,6 +140,23 @@ def _write_build_config(with_cuda: bool) -> None:
         fh.write(f"BUILD = {config!r}\n")
 
 
+class _BuildExt(cpp_extension.BuildExtension):
+    """torch's build_ext, after checking that there is a C++ compiler (without one the build printed some 240
+    lines of torch and ninja output, "not found" buried in the middle)."""
+
+    def build_extensions(self):
+        import shlex
+        import shutil
+
+        compiler = os.environ.get("CXX") or "c++"
+        program = shlex.split(compiler)[0] if compiler.strip() else "c++"
+        if shutil.which(program) is None:
+            sys.exit(f"xlard needs a C++ compiler to build its kernels, and {program!r} "
+                     f"({'from CXX' if os.environ.get('CXX') else 'the default'}) was not found: install one "
+                     "(e.g. apt install g++, or Xcode's command line tools) or set CXX to it")
+        super().build_extensions()
+
+
 setup(
     # Namespace discovery: the package-data folders (xlard.data.shapes_backbone.unet, ...) are packages too,
     # which setuptools otherwise warns about ("Package would be ignored") once per folder on every build.
@@ -153,5 +171,5 @@ setup(
                             "data/shapes_corrector/*.json", "data/shapes_corrector/*.safetensors",
                             "data/shapes_corrector/*.md"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt.with_options(use_ninja=True)},
 )

@@ -123,7 +123,22 @@ def test_the_fix_named_depends_on_a_checkout_or_an_install(tmp_path):
     assert "-e ." in _extension._fix_hint(str(checkout / "xlard" / "_extension.py"))
     site = tmp_path / "site-packages"
     (site / "xlard").mkdir(parents=True)
-    assert "reinstall xlard" in _extension._fix_hint(str(site / "xlard" / "_extension.py"))
+    # xlard is on no index: "pip install xlard" found nothing; the fix names the checkout or sdist path
+    hint = _extension._fix_hint(str(site / "xlard" / "_extension.py"))
+    assert "rebuild xlard against this torch from its checkout or source distribution" in hint
+    assert "<path to the checkout or the .tar.gz>" in hint
+
+
+def test_the_fix_names_a_torch_other_than_the_build_one(monkeypatch):
+    """A _C built against another torch failed to load with a bare undefined-symbol error."""
+    import torch
+
+    from xlard import _build_config, _extension
+
+    monkeypatch.setitem(_build_config.BUILD, "torch", "2.12.0+cpu")
+    assert f"built against torch 2.12.0+cpu and this is torch {torch.__version__}" in _extension._fix_hint()
+    monkeypatch.setitem(_build_config.BUILD, "torch", torch.__version__)
+    assert "built against" not in _extension._fix_hint()
 
 
 def test_info_shows_a_bad_provider_setting_in_the_report(monkeypatch):

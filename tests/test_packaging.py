@@ -38,8 +38,10 @@ def test_sdist_carries_every_source_the_build_reads(tmp_path):
     (archive,) = list((tmp_path / "dist").glob("xlard-*.tar.gz"))
     with tarfile.open(archive) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    needed = [rel for rel in tracked if rel.startswith(("csrc/", "kernels/")) or rel in (
-        "setup.py", "pyproject.toml", "CMakeLists.txt", "README.md")]
+    # the build's sources, and what a user of the sdist runs: the whole test suite (its helpers and data were
+    # missing: 19 collection errors), the configs the README names, the scripts
+    needed = [rel for rel in tracked if rel.startswith(("csrc/", "kernels/", "tests/", "configs/", "scripts/")) or rel in (
+        "setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "LICENSE", "requirements-dev.txt")]
     missing = sorted(rel for rel in needed if rel not in names)
     assert not missing, f"the sdist lacks {missing}"
     assert not any(name.endswith(".so") for name in names), "a built extension leaked into the sdist"
@@ -79,3 +81,17 @@ def test_setup_sh_names_a_python_that_is_too_old(tmp_path):
                          "PYTHON": str(fake)}, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "xlard needs Python 3.10 or newer" in out.stderr and "Python 3.9.18" in out.stderr, out.stderr
+
+
+def test_a_missing_compiler_is_one_line(tmp_path):
+    """Without a C++ compiler the build printed some 240 lines of torch and ninja output, the cause buried."""
+    tracked = _tracked_files()
+    src = tmp_path / "src"
+    _copy([rel for rel in tracked if not rel.startswith(("tests/", "docs/", "benches/", "xlard/data/"))], src)
+    env = dict(os.environ, XLARD_WITH_CUDA="0", CXX="/nonexistent/c++")
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "xlard needs a C++ compiler to build its kernels, and '/nonexistent/c++' (from CXX) was not found" \
+        in proc.stderr
+    assert "FAILED" not in proc.stderr and "Traceback" not in proc.stderr

@@ -20,10 +20,24 @@ def _fix_hint(package_file: str = __file__) -> str:
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(package_file)))
+    mismatch = _torch_mismatch()
     if os.path.isfile(os.path.join(root, "setup.py")):
-        return f"build it with `{_BUILD_HINT}` from the project root ({root})"
-    return ("reinstall xlard (`pip install --force-reinstall --no-deps --no-build-isolation xlard`, or from its "
-            "source distribution)")
+        return f"{mismatch}build it with `{_BUILD_HINT}` from the project root ({root})"
+    # xlard is on no package index: "pip install xlard" finds nothing; rebuild from the sources it came from
+    return (f"{mismatch}rebuild xlard against this torch from its checkout or source distribution: `pip install "
+            "--force-reinstall --no-deps --no-build-isolation <path to the checkout or the .tar.gz>`")
+
+
+def _torch_mismatch() -> str:
+    """"built against torch X, running torch Y; " when the two differ (the usual reason a built _C fails to load)."""
+    try:
+        from xlard import _build_config
+    except ImportError:
+        return ""
+    built = _build_config.BUILD.get("torch")
+    if built and built != torch.__version__:
+        return f"it was built against torch {built} and this is torch {torch.__version__}: "
+    return ""
 
 
 def _truncated_elf(path: str) -> str | None:
