@@ -953,6 +953,17 @@ class GaussianPolicy:
         return (per_channel.sum() * spatial).expand(self.mean.shape[0])
 
 
+def _is_int_tensor(t) -> bool:
+    """A tensor of an integer dtype (not bool, float or complex): what the cell-move helpers take as indices."""
+    return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _check_noun_indices(owner: str, nouns: torch.Tensor, num_nouns: int) -> None:
+    if nouns.numel() and (int(nouns.min()) < -1 or int(nouns.max()) >= num_nouns):
+        raise ValueError(f"{owner}: nouns must be -1 (unknown) or an index into the {num_nouns} noun maps, got "
+                         f"values in [{int(nouns.min())}, {int(nouns.max())}]")
+
+
 def copy_cells(z: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """``z`` with every cell replaced by the cell ``source`` names: ``out[b, :, i] = z[b, :, source[b, i]]``.
 
@@ -970,8 +981,7 @@ def copy_cells(z: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"copy_cells: z must be a latent tensor [B, C, H, W], got "
                          f"{list(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
     b, c, h, w = z.shape
-    if not isinstance(source, torch.Tensor) or tuple(source.shape) != (b, h * w) or source.is_floating_point() \
-            or source.dtype == torch.bool or source.is_complex():
+    if not _is_int_tensor(source) or tuple(source.shape) != (b, h * w):
         raise ValueError(f"copy_cells: source must be an integer tensor of shape {(b, h * w)}, got "
                          f"{getattr(source, 'shape', type(source).__name__)}")
     if source.numel() and (int(source.min()) < 0 or int(source.max()) >= h * w):
@@ -1000,8 +1010,7 @@ def largest_parts(labels: torch.Tensor, h: int, w: int) -> torch.Tensor:
     Raises:
         ValueError: labels not an integer tensor ``[B, h*w]`` of 0 (none), 1 (subject) and 2 (object).
     """
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[1] != h * w \
-            or labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+    if not _is_int_tensor(labels) or labels.dim() != 2 or labels.shape[1] != h * w:
         raise ValueError(f"largest_parts: labels must be an integer tensor [B, {h * w}], got "
                          f"{getattr(labels, 'shape', type(labels).__name__)}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 2):  # a label 3 was dropped silently
@@ -1044,12 +1053,10 @@ def move_sources(labels: torch.Tensor, shifts: torch.Tensor, h: int, w: int) -> 
     Raises:
         ValueError: labels or shifts of the wrong shape or type, or labels outside 0..2.
     """
-    if (not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[1] != h * w
-            or labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex()):
+    if not _is_int_tensor(labels) or labels.dim() != 2 or labels.shape[1] != h * w:
         raise ValueError(f"move_sources: labels must be an integer tensor [B, {h * w}], got "
                          f"{getattr(labels, 'shape', type(labels).__name__)}")
-    if (not isinstance(shifts, torch.Tensor) or tuple(shifts.shape) != (labels.shape[0], 2, 2)
-            or shifts.is_floating_point() or shifts.dtype == torch.bool or shifts.is_complex()):
+    if not _is_int_tensor(shifts) or tuple(shifts.shape) != (labels.shape[0], 2, 2):
         raise ValueError(f"move_sources: shifts must be an integer tensor [{labels.shape[0]}, 2, 2], got "
                          f"{getattr(shifts, 'shape', type(shifts).__name__)}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 2):
@@ -1327,13 +1334,10 @@ def reader_move_sources(noun_probs: torch.Tensor, nouns: torch.Tensor, relations
                          f"{getattr(noun_probs, 'shape', type(noun_probs).__name__)}")
     b, num_nouns, lh, lw = noun_probs.shape
     for name, t, shape in (("nouns", nouns, (b, 2)), ("relations", relations, (b, 3))):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.is_floating_point() \
-                or t.dtype == torch.bool or t.is_complex():
+        if not _is_int_tensor(t) or tuple(t.shape) != shape:
             raise ValueError(f"reader_move_sources: {name} must be an integer tensor {list(shape)}, got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
-    if b and (int(nouns.min()) < -1 or int(nouns.max()) >= num_nouns):
-        raise ValueError(f"reader_move_sources: nouns must be -1 (unknown) or an index into the {num_nouns} noun "
-                         f"maps, got values in [{int(nouns.min())}, {int(nouns.max())}]")
+    _check_noun_indices("reader_move_sources", nouns, num_nouns)
     active = relations[:, 0] >= 0
     if bool(active.any()) and (int(relations[active, 0].max()) >= len(RELATIONS)
                                or int(relations[active, 1:].min()) < 0 or int(relations[active, 1:].max()) > 1):
@@ -1524,13 +1528,10 @@ def count_move_sources(noun_probs: torch.Tensor, foreground: torch.Tensor, nouns
         raise ValueError(f"count_move_sources: the eyes' grid {hi} x {wi} must be one whole multiple of the latent "
                          f"{h} x {w}")
     for name, t in (("nouns", nouns), ("counts", counts)):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (b,) or t.is_floating_point() \
-                or t.dtype == torch.bool or t.is_complex():
+        if not _is_int_tensor(t) or tuple(t.shape) != (b,):
             raise ValueError(f"count_move_sources: {name} must be an integer tensor [B] = [{b}], got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
-    if b and (int(nouns.min()) < -1 or int(nouns.max()) >= num_nouns):
-        raise ValueError(f"count_move_sources: nouns must be -1 (unknown) or an index into the {num_nouns} noun "
-                         f"maps, got values in [{int(nouns.min())}, {int(nouns.max())}]")
+    _check_noun_indices("count_move_sources", nouns, num_nouns)
     out = torch.arange(h * w).repeat(b, 1)
     rows = [i for i in range(b) if int(nouns[i]) >= 0 and int(counts[i]) >= 2]
     if not rows:
