@@ -1015,3 +1015,14 @@ def test_a_relation_to_it_or_which_is_refused(prompt):
     """"... above it and a chair" related the lamp to the chair; "to the left of which is a cat" was reversed."""
     with pytest.raises(ValueError, match="points at '(it|which)'; name its object instead"):
         parse(prompt)
+
+
+def test_on_the_bottom_of_is_below_and_resolution_tags_are_no_counts():
+    """T2I-CompBench's "on the bottom of" gave no relation; "4k" / "8k" / "1080p" style suffixes were refused as
+    malformed counts."""
+    spec = parse("a cat on the bottom of a table")
+    assert [(r.subject, r.relation, r.object) for r in spec.relations] == [(0, "below", 1)]
+    for prompt in ("a photo of a cat, 4k, highly detailed", "a photo of a cat, 8k", "a cat, 1080p"):
+        assert [(e.noun, e.count) for e in parse(prompt).entities] == [("cat", 1)]
+    with pytest.raises(ValueError, match="count '10k'"):  # a suffixed number is still no count
+        parse("10k dogs")

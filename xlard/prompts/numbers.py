@@ -70,7 +70,9 @@ NUMBER_PATTERN = r"(?:(?<![\w\-])-)?\d(?:[\w/+]|[.,\-](?=\w))*"
 
 _INTEGER = re.compile(r"\d+")
 # Number-like tokens that are ordinary words, not counts.
-_NOT_A_COUNT = re.compile(r"\d+(?:st|nd|rd|th|s)|\d+-[^\W\d_].*")
+# ordinals, decades, "5-year-old", and image-resolution tags ("4k", "8k", "1080p": a prompt's style suffix, which
+# was refused as a malformed count)
+_NOT_A_COUNT = re.compile(r"\d+(?:st|nd|rd|th|s)|\d+-[^\W\d_].*|(?:2|4|5|8|16)k|\d{3,4}p")
 
 
 class _Word(Protocol):

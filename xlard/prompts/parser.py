@@ -154,7 +154,9 @@ def _phrase_table() -> dict[tuple[str, ...], tuple[str, str | None]]:
             table[phrase] = ("sep", None)
     for phrase in (("above",), ("over",), ("atop",), ("on", "top", "of"), ("on", "the", "top", "of")):
         table[phrase] = ("rel", "above")
-    for phrase in (("below",), ("under",), ("beneath",), ("underneath",)):
+    # "on the bottom of" is T2I-CompBench's phrasing of "below", as "on the top of" is of "above" (it was a plain
+    # separator: no relation)
+    for phrase in (("below",), ("under",), ("beneath",), ("underneath",), ("on", "the", "bottom", "of")):
         table[phrase] = ("rel", "below")
     for phrase in (
         ("and",), ("with",), ("plus",), ("&",), (",",), (";",), (".",), ("!",), ("?",),
