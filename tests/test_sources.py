@@ -563,3 +563,34 @@ def test_clip_source_weighs_one_noun_by_each_entity_color(tiny_clip, word_tokeni
     gate = (tiny_clip.logit_scale.exp() * feats @ shades.T).softmax(-1)  # per patch: blue vs red
     torch.testing.assert_close(maps[0, 0].flatten(), alone.flatten() * gate[:, 1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(maps[0, 1].flatten(), alone.flatten() * gate[:, 0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_damaged_clip_folder_or_bad_clip_settings_are_named(tiny_clip, word_tokenizer, tmp_path):
+    """A folder without tokenizer files loaded a 2-token tokenizer (every map flat); one without visual_projection
+    loaded a random one; dtype= beside a loaded model was dropped; image_std 0 gave NaN maps; the maps carried an
+    autograd graph."""
+    from safetensors.torch import load_file, save_file
+
+    no_tok = tmp_path / "no_tok"
+    tiny_clip.save_pretrained(no_tok)
+    with pytest.raises(ValueError, match="has no usable tokenizer"):
+        get_source("clip", model=str(no_tok))
+    no_proj = tmp_path / "no_proj"
+    tiny_clip.save_pretrained(no_proj)
+    word_tokenizer.save_pretrained(no_proj)
+    weights = load_file(str(no_proj / "model.safetensors"))
+    del weights["visual_projection.weight"]
+    save_file(weights, str(no_proj / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks weights of the model \\(visual_projection.weight\\)"):
+        get_source("clip", model=str(no_proj))
+    with pytest.raises(ValueError, match="dtype= goes with a checkpoint id or folder"):
+        get_source("clip", model=tiny_clip, tokenizer=word_tokenizer, dtype=torch.float16)
+    for kwargs, pattern in (({"image_std": (0, 0, 0)}, "image_std must be 3 finite numbers"),
+                            ({"image_mean": (0.5,)}, "image_mean must be 3 finite numbers"),
+                            ({"noun_template": "{} {}"}, "noun_template must contain exactly one"),
+                            ({"background": 3}, "background must be a non-empty text")):
+        with pytest.raises(ValueError, match=pattern):
+            ClipSource(tiny_clip, word_tokenizer, **kwargs)
+    decoded = Decoded(images=torch.rand(1, 3, 32, 32), latents=torch.zeros(0), token_maps=None, patch_features=None,
+                      specs=(parse("a photo of a red cat"),), segment_offsets={})
+    assert not ClipSource(tiny_clip, word_tokenizer)(decoded)["entity_maps"].requires_grad

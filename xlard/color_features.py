@@ -520,6 +520,19 @@ def check_text_length(model: Any, texts: Sequence[str], tokens: Mapping[str, Any
                      f"model takes at most {int(limit)}; shorten the {template} (or the word put into it)")
 
 
+def _normalization(name: str, values, default, *, positive: bool) -> tuple[float, float, float]:
+    """Three finite per-channel values (std: > 0): image_std (0, 0, 0) gave NaN maps without a word."""
+    values = default if values is None else values
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in out):
+        raise ValueError(f"ClipColorEncoder: {name} must be 3 finite numbers (one per RGB channel"
+                         f"{', each > 0' if positive else ''}), got {values!r}")
+    return out
+
+
 class ClipColorEncoder:
     """Dense CLIP color features: projected patch tokens vs color-prompt text embeddings.
 
@@ -568,8 +581,14 @@ class ClipColorEncoder:
             if not hasattr(model, attr):
                 raise ValueError(f"ClipColorEncoder needs a transformers CLIPModel; {type(model).__name__} "
                                  f"has no {attr!r}")
-        if "{}" not in template:
-            raise ValueError(f"ClipColorEncoder: template must contain '{{}}' for the color, got {template!r}")
+        if not isinstance(template, str) or template.count("{}") != 1 or "{0" in template or "{1" in template:
+            raise ValueError(f"ClipColorEncoder: template must contain exactly one '{{}}' for the color, got "
+                             f"{template!r}")
+        text_dim = getattr(model.text_projection, "out_features", None)
+        vision_dim = getattr(model.visual_projection, "out_features", None)
+        if text_dim is not None and vision_dim is not None and text_dim != vision_dim:
+            raise ValueError(f"ClipColorEncoder: the model's text_projection gives {text_dim} dims and its "
+                             f"visual_projection {vision_dim}: they must share the joint space")
         if not callable(tokenizer):
             raise TypeError(f"ClipColorEncoder: tokenizer must be the CLIP model's tokenizer (e.g. "
                             f"transformers.AutoTokenizer.from_pretrained(...)), got {type(tokenizer).__name__}")
@@ -577,8 +596,8 @@ class ClipColorEncoder:
         self.tokenizer = tokenizer
         self.template = template
         self.dense = dense
-        self.image_mean = tuple(float(v) for v in (image_mean or _CLIP_MEAN))
-        self.image_std = tuple(float(v) for v in (image_std or _CLIP_STD))
+        self.image_mean = _normalization("image_mean", image_mean, _CLIP_MEAN, positive=False)
+        self.image_std = _normalization("image_std", image_std, _CLIP_STD, positive=True)
         vision = model.config.vision_config
         self.image_size = int(vision.image_size)
         self.grid = (self.image_size // int(vision.patch_size),) * 2
@@ -599,10 +618,29 @@ class ClipColorEncoder:
         model_id_or_path = check_clip_model("ClipColorEncoder.from_pretrained: model_id_or_path", model_id_or_path)
         AutoTokenizer, CLIPModel = transformers.AutoTokenizer, transformers.CLIPModel
 
-        model = CLIPModel.from_pretrained(model_id_or_path, **({"dtype": dtype} if dtype else {}), **kwargs)
+        model, info = CLIPModel.from_pretrained(model_id_or_path, **({"dtype": dtype} if dtype else {}),
+                                                output_loading_info=True, **kwargs)
+        # weights the checkpoint lacks come back randomly initialised, with only a log line: a folder without its
+        # projections gave maps that meant nothing
+        missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith(("visual_projection",
+                                                                                     "text_projection", "logit_scale",
+                                                                                     "vision_model", "text_model")))
+        if missing:
+            raise ValueError(f"ClipColorEncoder.from_pretrained: {model_id_or_path} lacks weights of the model "
+                             f"({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}): a damaged or "
+                             "partial checkpoint")
         if device is not None:
             model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(model_id_or_path)
+        vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+        want = getattr(getattr(model.config, "text_config", None), "vocab_size", None)
+        if vocab is not None and want and vocab < min(want, 1000) // 2:
+            # no tokenizer files: transformers builds a 2-token tokenizer, every word becomes <|endoftext|> and
+            # every map is flat
+            raise ValueError(f"ClipColorEncoder.from_pretrained: {model_id_or_path} has no usable tokenizer (its "
+                             f"vocabulary holds {vocab} tokens, the model {want}): save the tokenizer beside the "
+                             "model (tokenizer.json or vocab.json + merges.txt)")
+        mean = std = None
         mean = std = None
         try:
             from transformers import AutoImageProcessor

@@ -422,8 +422,12 @@ class ClipSource(RewardSource):
     def __init__(self, model: Any, tokenizer: Any, *, noun_template: str = "a photo of a {}.",
                  color_template: str = "a photo of a {} object", background: str = "a photo of the background.",
                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None) -> None:
-        if "{}" not in noun_template:
-            raise ValueError(f"ClipSource: noun_template must contain '{{}}', got {noun_template!r}")
+        if not isinstance(noun_template, str) or noun_template.count("{}") != 1 or "{0" in noun_template \
+                or "{1" in noun_template:
+            raise ValueError(f"ClipSource: noun_template must contain exactly one '{{}}' for the noun, got "
+                             f"{noun_template!r}")
+        if not isinstance(background, str) or not background.strip():
+            raise ValueError(f"ClipSource: background must be a non-empty text, got {background!r}")
         self.encoder = ClipColorEncoder(model, tokenizer, template=color_template, image_mean=image_mean,
                                         image_std=image_std, dense="values")
         self.model, self.tokenizer = self.encoder.model, tokenizer
@@ -451,6 +455,7 @@ class ClipSource(RewardSource):
             self._text_cache.update(zip(todo, self.model.text_projection(pooled).float()))
         return torch.stack([self._text_cache[t] for t in texts])
 
+    @torch.no_grad()  # maps, not a graph: logit_scale is a parameter that requires grad
     def __call__(self, decoded: Any) -> dict[str, Any]:
         images, specs = _decoded_parts(decoded, "clip source")
         patches = self.encoder.encode_images(images)
@@ -572,7 +577,10 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         return ClipSource.from_pretrained(model, device=device, dtype=options.pop("dtype", None), **options)
     if tokenizer is None:
         raise ValueError("get_source('clip'): a loaded CLIPModel needs tokenizer=")
-    options.pop("dtype", None)
+    dtype = options.pop("dtype", None)
+    if dtype is not None:  # it was dropped without a word
+        raise ValueError("get_source('clip'): dtype= goes with a checkpoint id or folder; convert a loaded CLIPModel "
+                         "yourself (model.to(dtype))")
     if device is not None:
         model = model.to(device)
     return ClipSource(model, tokenizer, **options)
