@@ -1,5 +1,7 @@
 """residual_correction and sample_correction vs the eager reference and one
-torch.add(z0, delta, out=...) pass (the bandwidth peer). Bytes = tensors read + written.
+torch.add(z0, delta, out=...) pass (the bandwidth peer). Bytes = tensors read + written. Targets
+(benches/report.py): >= 1.5x the reference's speed, and within 2x of one torch.add pass (the paired,
+flushed runs below).
 
 The paired tests interleave xlard and torch.add in every round and record the median
 per-round time ratio (extra_info "paired"), robust to the memory bandwidth of a shared
@@ -45,7 +47,9 @@ def test_residual_correction(benchmark, provider):
     }
     if not provider.startswith("torch_add"):
         got, want = tuple(fns[provider]()), ref.residual_correction(z0, delta, 0.5)
-        torch.testing.assert_close(got[0], want[0]) and torch.testing.assert_close(got[1], want[1])
+        assert len(got) == len(want) == 2
+        torch.testing.assert_close(got[0], want[0])  # (two statements: assert_close returns None, and an `and`
+        torch.testing.assert_close(got[1], want[1])  # between them never checked the LAM)
     lam_bytes = SHAPE[0] * SHAPE[2] * SHAPE[3] * 4
     benchmark.group = "residual_correction float32 16x16x128x128"
     benchmark.extra_info.update(provider=provider, op="residual_correction",
@@ -66,8 +70,12 @@ def test_sample_correction(benchmark, provider):
         "torch_add_alloc": lambda: torch.add(z0, mean),
     }
     if provider.startswith("xlard"):
-        for a, b in zip(fns[provider](), fns["reference"]()):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-2)
+        got, want = tuple(fns[provider]()), tuple(fns["reference"]())
+        assert len(got) == len(want) == 4
+        for name, a, b in zip(("zc", "delta", "log_prob", "lam"), got, want):
+            # the log-density sums 2^20 terms of ~0.4 (float32 accumulation order): relative 1e-5; the rest exact
+            tol = {"rtol": 1e-5, "atol": 0.0} if name == "log_prob" else {}
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"sample_correction {name}: {m}")
     benchmark.group = "sample_correction float32 16x16x128x128"
     lam_bytes = SHAPE[0] * SHAPE[2] * SHAPE[3] * 4  # torch.add peers move 3 tensors, xlard/reference 5 + the LAM
     moved = 3 * z0.numel() * 4 if provider.startswith("torch_add") else 5 * z0.numel() * 4 + lam_bytes

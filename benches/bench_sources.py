@@ -8,8 +8,8 @@ Two timed calls in one run, same batch size:
 - ``generate``: the shapes backbone generating the batch (20 DPM-Solver steps,
   guidance 5, attention capture off as the shapes source needs none).
 
-The target is ``rewards <= 20% of generate`` (report: the ratio of medians,
-``extra_info["ratio_to_generate"]`` on the rewards row). The batch is 64
+The target is ``rewards <= 20% of generate`` (report: the rewards' median over 5 rounds against one
+generation round after an untimed warm-up one, ``extra_info["ratio_to_generate"]`` on the rewards row). The batch is 64
 (``XLARD_BENCH_REWARD_BATCH`` overrides it); under ``--benchmark-disable`` (the
 CI smoke run) it drops to 4 unless the variable is set, so the smoke stays cheap.
 Needs the shipped backbone and understanding weights (skips otherwise).
@@ -61,9 +61,10 @@ def test_generate_batch(benchmark, setup):
     outputs = []
     benchmark.group = f"shapes rewards vs generation, batch {b}"
     benchmark.extra_info.update(provider="generate", batch=b, steps=backbone.num_inference_steps)
-    # One round: generation dominates the run's time and varies little between rounds.
+    # One timed round after an untimed warm-up one (the first generate of the process ran ~30% slower, which
+    # inflated the denominator: the target is easier against a cold call): generation dominates the run's time.
     benchmark.pedantic(lambda: outputs.append(backbone.generate(prompts, seed=list(range(b)))), rounds=1,
-                       iterations=1)
+                       iterations=1, warmup_rounds=0 if getattr(benchmark, "disabled", False) else 1)
     out = outputs[-1]
     assert out.images.shape == (b, 3, 64, 64) and out.decoded.token_maps is None
     seconds = None if getattr(benchmark, "disabled", False) else benchmark.stats.stats.median

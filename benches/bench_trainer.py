@@ -4,7 +4,10 @@ Target (issue "The PPO trainer"): at most 25% of a training step, with the shipp
 ``configs/shapes.yaml`` (32 rollouts per step, 4 PPO epochs x 2 minibatches, R_phi
 refreshed every step). The peer is the backbone's own work in the same steps
 (encode + decode + reward), timed by the trainer's phase timers. Each timed round
-is one full ``train_step``; rollouts per second are recorded.
+is one full ``train_step``; rollouts per second are recorded. The overhead is a ratio
+of sums over the three timed steps: (sum of step times - sum of encode, decode and
+reward times) / sum of step times (extra_info ``overhead_fraction``); benches/report.py
+judges it against the target (MET / MISS).
 
     python -m pytest benches/bench_trainer.py --benchmark-only
 """
@@ -48,4 +51,5 @@ def test_trainer_overhead_shapes(benchmark, tmp_path):
                                 rollouts_per_s=len(rows) * cfg.ppo.prompts_per_step * cfg.ppo.group_size / total)
     print(f"\ntrainer overhead {overhead:.1%} of a step (target <= {TARGET:.0%}); phases (s/step): "
           + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
-    assert overhead <= TARGET, f"trainer overhead {overhead:.1%} > {TARGET:.0%}: {phases}"
+    # the target is judged by benches/report.py (MET / MISS beside the other rows), not asserted here: a miss
+    # failed the pytest run, and the report raised before printing any row

@@ -44,7 +44,13 @@ def run_benchmarks(json_path: str, quick: bool) -> None:
            "--benchmark-sort=name", "--benchmark-warmup=on"]
     cmd += ["--benchmark-min-rounds=3", "--benchmark-max-time=0.2"] if quick else ["--benchmark-min-rounds=10"]
     print("running:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    proc = subprocess.run(cmd, cwd=ROOT, check=False)
+    if proc.returncode != 0 and not os.path.isfile(json_path):
+        raise SystemExit(f"benches.report: the benchmarks failed (pytest exit {proc.returncode}) and wrote no "
+                         f"results to {json_path}")
+    if proc.returncode != 0:  # some bench failed: the rows that ran are still reported, the failure named
+        print(f"benches.report: pytest exited {proc.returncode}; the rows below are the benchmarks that ran",
+              file=sys.stderr)
 
 
 def summarise(data: dict) -> tuple[list[dict], list[str]]:
@@ -78,7 +84,10 @@ def summarise(data: dict) -> tuple[list[dict], list[str]]:
             verdicts.append(f"n/a   {group}: no {peer if row is None else mine} run")
             continue
         speedup = row["median_ms"] / own["median_ms"]
-        verdicts.append(f"{'met ' if speedup >= need else 'MISS'}  {group}: {mine} {speedup:.2f}x vs {peer} "
+        shown = f"{speedup:.2f}"
+        if (speedup >= need) != (float(shown) >= need):  # "MISS ... 1.00x (target >= 1.0x)": rounded onto the target
+            shown = f"{speedup:.4f}"
+        verdicts.append(f"{'met ' if speedup >= need else 'MISS'}  {group}: {mine} {shown}x vs {peer} "
                         f"(target >= {need}x)")
     for bench in data["benchmarks"]:  # within 2x of torch.add: median of per-round paired ratios
         info = bench["extra_info"]
@@ -121,6 +130,18 @@ def summarise(data: dict) -> tuple[list[dict], list[str]]:
     if row is not None:
         ok = row["gpixels_per_s"] >= need
         verdicts.append(f"{'met ' if ok else 'MISS'}  {group}: {row['gpixels_per_s']:.2f} G pixels/s (target >= {need})")
+    else:
+        verdicts.append(f"n/a   {group}: no xlard run (target >= {need} G pixels/s)")
+    # a target whose bench did not run (skipped: weights absent; failed) is named, not left out of the list
+    infos = [b["extra_info"] for b in data["benchmarks"]]
+    shipped = any(info.get("provider") == "shipped" and "corrector_overhead_ratio" in info for info in infos)
+    if not shipped:  # the judged row is the shipped corrector's
+        verdicts.append("n/a   shipped corrector overhead (benches/bench_corrector_overhead.py): not run")
+    for key, what in (("overhead_ratio", "attention capture overhead (benches/bench_attention.py)"),
+                      ("ratio_to_generate", "rewards vs generation (benches/bench_sources.py)"),
+                      ("overhead_fraction", "trainer overhead (benches/bench_trainer.py)")):
+        if not any(key in info for info in infos):
+            verdicts.append(f"n/a   {what}: not run")
     return rows, verdicts
 
 

@@ -88,3 +88,34 @@ def test_report_checks_its_files_before_running_benchmarks(tmp_path, capsys, mon
         err = capsys.readouterr().err
         assert e.value.code == 2 and re.search(text, err), (argv, err)
     assert bench.read_text() == kept and not (tmp_path / "o").exists()
+
+
+def test_targets_whose_bench_did_not_run_are_named_and_a_rounded_miss_shows_its_digits():
+    """The G pixels/s, capture, corrector, rewards and trainer targets vanished from the list when their bench did
+    not run; a miss read "1.00x (target >= 1.0x)"."""
+    data = {"benchmarks": [
+        _bench("color_scores float32 8x1024x768 x 10x768", 0.010, provider="reference"),
+        _bench("color_scores float32 8x1024x768 x 10x768", 0.01001, provider="xlard"),
+    ]}
+    _, verdicts = summarise(data)
+    assert any(v.startswith("MISS") and "0.9990x vs reference" in v for v in verdicts)
+    for what in ("no xlard run (target >= 1.0 G pixels/s)", "shipped corrector overhead", "attention capture overhead",
+                 "rewards vs generation", "trainer overhead"):
+        assert any(v.startswith("n/a") and what in v for v in verdicts), what
+
+
+def test_a_failed_benchmark_still_gives_the_report(tmp_path, monkeypatch, capsys):
+    """A missed trainer target failed pytest, and the report raised CalledProcessError before printing any row."""
+    import json
+    import subprocess
+
+    from benches import report
+
+    def fake_run(cmd, cwd, check):
+        out = [c.split("=", 1)[1] for c in cmd if c.startswith("--benchmark-json=")][0]
+        Path(out).write_text(json.dumps({"benchmarks": [], "machine_info": {}}))
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(report.subprocess, "run", fake_run)
+    report.run_benchmarks(str(tmp_path / "b.json"), quick=True)
+    assert "pytest exited 1; the rows below are the benchmarks that ran" in capsys.readouterr().err
