@@ -287,7 +287,8 @@ def test_corrector_fit_names_every_mismatch():
         ev.check_corrector_fits(_corrector(channels=4, text_dim=32), _meta(), backbone)
     with pytest.raises(ValueError, match="correction_step: corrector trained at 0.3, backbone runs 0.5"):
         ev.check_corrector_fits(_corrector(), _meta(correction_step=0.3), backbone)
-    with pytest.raises(ValueError, match="num_inference_steps: corrector trained at 20"):
+    with pytest.raises(ValueError, match="num_inference_steps: corrector trained at 20, backbone runs 2 \\(the "
+                                         "CLI's --steps: leave it out to use the corrector's\\)"):
         ev.check_corrector_fits(_corrector(), _meta(num_inference_steps=20), backbone)
     patched = ResidualCorrector(CorrectorConfig.tiny(latent_channels=8, text_dim=64, pooled_dim=64, patch=3))
     with pytest.raises(ValueError, match="latent grid 16x16 not divisible by the corrector's patch 3"):

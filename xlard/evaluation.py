@@ -347,7 +347,9 @@ def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
                              ("guidance_scale", "guidance_scale", meta.guidance_scale)):
         have = getattr(backbone, attr, None)
         if have is not None and not math.isclose(float(have), float(want), rel_tol=0, abs_tol=1e-9):
-            problems.append(f"{name}: corrector trained at {want}, backbone runs {have}")
+            flag = {"num_inference_steps": " (the CLI's --steps: leave it out to use the corrector's)",
+                    "guidance_scale": " (the CLI's --guidance: leave it out to use the corrector's)"}.get(name, "")
+            problems.append(f"{name}: corrector trained at {want}, backbone runs {have}{flag}")
     family = getattr(backbone, "family", None)
     scale = getattr(family, "vae_scale_factor", None)
     height, width = getattr(backbone, "height", None), getattr(backbone, "width", None)
