@@ -15,19 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._limits import check_grid_axis1
+
 
 def _acc_dtype(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
-#: CUDA's limit on a grid's second axis (the launchers put a size-dependent count there).
-GRID_AXIS1_MAX = 65535
-
-
-def _check_grid_axis1(op: str, programs: int, what: str) -> None:
-    if programs > GRID_AXIS1_MAX:
-        raise RuntimeError(f"xlard.{op}: {what} needs {programs} programs on the Triton grid's second axis, more than "
-                           f"its limit of {GRID_AXIS1_MAX}; use the CUDA provider (with xlard.ops.provider('cuda'): ...)")
 
 
 @triton.jit
@@ -297,7 +289,7 @@ def position_scores_fwd(centroids: torch.Tensor, relations: torch.Tensor, tau: f
     tau_t = torch.full((1,), tau, dtype=acc, device=centroids.device)
     block_r = min(max(triton.next_power_of_2(num_rel), 16), 1024)
     grid = (batch, triton.cdiv(num_rel, block_r))
-    _check_grid_axis1("position_scores", grid[1], f"{num_rel} relations")
+    check_grid_axis1("position_scores", grid[1], f"{num_rel} relations")
     _position_scores_fwd_kernel[grid](
         centroids, relations, tau_t, out, num_tokens, num_rel,
         centroids.stride(0), centroids.stride(1), centroids.stride(2),
@@ -321,7 +313,7 @@ def position_scores_bwd(grad: torch.Tensor, centroids: torch.Tensor, relations: 
     block_t = min(max(triton.next_power_of_2(num_tokens), 16), 128)
     block_r = 64
     grid = (batch, triton.cdiv(num_tokens, block_t))
-    _check_grid_axis1("position_scores backward", grid[1], f"{num_tokens} tokens")
+    check_grid_axis1("position_scores backward", grid[1], f"{num_tokens} tokens")
     _position_scores_bwd_kernel[grid](
         grad, centroids, relations, tau_t, out, num_tokens, num_rel,
         centroids.stride(0), centroids.stride(1), centroids.stride(2),

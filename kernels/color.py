@@ -14,15 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-#: CUDA's limit on a grid's second axis (the launchers put a size-dependent count there).
-GRID_AXIS1_MAX = 65535
-
-
-def _check_grid_axis1(op: str, programs: int, what: str) -> None:
-    if programs > GRID_AXIS1_MAX:
-        raise RuntimeError(f"xlard.{op}: {what} needs {programs} programs on the Triton grid's second axis, more than "
-                           f"its limit of {GRID_AXIS1_MAX}; use the CUDA provider (with xlard.ops.provider('cuda'): ...)")
+from ._limits import check_grid_axis1
 
 
 @triton.jit
@@ -126,7 +118,7 @@ def color_scores_fwd(patch_features: torch.Tensor, color_embeddings: torch.Tenso
     mask_strides = patch_mask.stride() if patch_mask is not None else (0, 0, 0)
     block_d = min(max(triton.next_power_of_2(dim), 16), 128)
     block_n = max(16, min(triton.next_power_of_2(num_patches), 4096 // block_d))
-    _check_grid_axis1("color_scores", num_colors, f"{num_colors} color embeddings")
+    check_grid_axis1("color_scores", num_colors, f"{num_colors} color embeddings")
     _color_scores_fwd_kernel[(batch, num_colors)](
         patch_features, color_embeddings, mask_arg, scores, index, num_colors, num_patches, dim,
         *patch_features.stride(), *color_embeddings.stride(), *mask_strides,

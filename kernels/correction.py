@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._limits import check_grid_axis1
+
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -53,16 +55,6 @@ def _same_shape(op: str, ref_name: str, ref: torch.Tensor, same_dtype: bool = Tr
 
 def _block(n: int, cap: int = 1024) -> int:
     return min(max(triton.next_power_of_2(max(n, 1)), 16), cap)
-
-
-#: CUDA's limit on a grid's second axis (the launchers put a size-dependent count there).
-GRID_AXIS1_MAX = 65535
-
-
-def _check_grid_axis1(op: str, programs: int, what: str) -> None:
-    if programs > GRID_AXIS1_MAX:
-        raise RuntimeError(f"xlard.{op}: {what} needs {programs} programs on the Triton grid's second axis, more than "
-                           f"its limit of {GRID_AXIS1_MAX}; use the CUDA provider (with xlard.ops.provider('cuda'): ...)")
 
 
 @triton.jit
@@ -113,7 +105,7 @@ def residual_correction_fwd(z0: torch.Tensor, delta: torch.Tensor, alpha, alpha_
     if batch == 0 or size == 0:
         return zc, lam
     block = _block(size)
-    _check_grid_axis1(op, triton.cdiv(size, block), f"a latent of {size} cells per channel")
+    check_grid_axis1(op, triton.cdiv(size, block), f"a latent of {size} cells per channel")
     _residual_correction_fwd_kernel[(batch, triton.cdiv(size, block))](
         z3, d3, alpha_v, zc, lam, channels, size, *z3.stride(), *d3.stride(), ACC=acc_tl, BLOCK=block,
     )
@@ -162,7 +154,7 @@ def residual_correction_bwd(grad_zc: torch.Tensor, grad_lam: torch.Tensor, delta
     if batch == 0 or size == 0 or channels == 0:
         return out
     block = _block(size)
-    _check_grid_axis1("residual_correction backward", triton.cdiv(size, block), f"a latent of {size} cells per channel")
+    check_grid_axis1("residual_correction backward", triton.cdiv(size, block), f"a latent of {size} cells per channel")
     _residual_correction_bwd_kernel[(batch, triton.cdiv(size, block))](
         g3, gl, d3, alpha_v, out, channels, size, *g3.stride(), *gl.stride(), *d3.stride(),
         ACC=acc_tl, BLOCK=block,
@@ -231,7 +223,7 @@ def gaussian_log_prob_fwd(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Te
     m2 = mean.reshape(batch, features).contiguous()
     block = _block(features, 2048)
     parts = triton.cdiv(features, block)
-    _check_grid_axis1("gaussian_log_prob", parts, f"{features} features per row")
+    check_grid_axis1("gaussian_log_prob", parts, f"{features} features per row")
     partial = torch.empty(batch, parts, dtype=acc, device=x.device)
     const = torch.full((1,), _HALF_LOG_2PI, dtype=acc, device=x.device)
     _gaussian_log_prob_fwd_kernel[(batch, parts)](
@@ -376,7 +368,7 @@ def sample_correction_fwd(z0: torch.Tensor, mean: torch.Tensor, log_std: torch.T
         return zc, delta, torch.zeros(batch, dtype=acc, device=z0.device), lam
     block = _block(size)
     parts = triton.cdiv(size, block)
-    _check_grid_axis1("sample_correction", parts, f"a latent of {size} cells per channel")
+    check_grid_axis1("sample_correction", parts, f"a latent of {size} cells per channel")
     partial = torch.empty(batch, parts, dtype=acc, device=z0.device)
     const = torch.full((1,), _HALF_LOG_2PI, dtype=acc, device=z0.device)
     _sample_correction_fwd_kernel[(batch, parts)](
