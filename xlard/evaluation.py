@@ -64,6 +64,7 @@ __all__ = [
     "save_corrector_dir",
     "load_corrector_dir",
     "check_corrector_fits",
+    "sampler_of",
     "shipped_corrector_path",
     "load_backbone_for",
     "image_seed",
@@ -318,6 +319,19 @@ def load_corrector_dir(path: str | os.PathLike, *, device=None):
     return corrector, meta
 
 
+def sampler_of(backbone) -> dict[str, Any]:
+    """How ``backbone`` samples, as :class:`CorrectorMeta`'s ``sampler`` records it: ``pipeline`` (class name),
+    ``height``, ``width``, ``max_sequence_length`` and ``negative_prompt``; None where the backbone does not say
+    (a duck-typed one)."""
+    pipeline = getattr(backbone, "pipeline", None)
+    family = getattr(backbone, "family", None)
+    size = {k: getattr(backbone, k, None) for k in ("height", "width")}
+    return {"pipeline": type(pipeline).__name__ if pipeline is not None else None,
+            **{k: int(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in size.items()},
+            "max_sequence_length": getattr(family, "max_sequence_length", None),
+            "negative_prompt": getattr(backbone, "negative_prompt", None)}
+
+
 def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
     """Raise a ValueError naming every way ``corrector`` does not fit ``backbone``.
 
@@ -358,12 +372,7 @@ def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
         if h % cfg.patch or w % cfg.patch:
             problems.append(f"latent grid {h}x{w} not divisible by the corrector's patch {cfg.patch}")
     sampler = getattr(meta, "sampler", None) or {}
-    pipeline = getattr(backbone, "pipeline", None)
-    family = getattr(backbone, "family", None)
-    have_sampler = {"pipeline": type(pipeline).__name__ if pipeline is not None else None,
-                    "height": height, "width": width,
-                    "max_sequence_length": getattr(family, "max_sequence_length", None),
-                    "negative_prompt": getattr(backbone, "negative_prompt", None)}
+    have_sampler = sampler_of(backbone)
     for key, what in (("pipeline", "pipeline"), ("height", "image height"), ("width", "image width"),
                       ("max_sequence_length", "text length (max_sequence_length)"),
                       ("negative_prompt", "negative prompt")):

@@ -232,19 +232,6 @@ def choose_multiplier(per_item: dict[float, torch.Tensor], grid: tuple[float, ..
     return best, scores, ses
 
 
-def _sampler_settings(backbone) -> dict:
-    """What the corrector's metadata records of how ``backbone`` samples (:class:`xlard.evaluation.CorrectorMeta`'s
-    ``sampler``): only what it says (a duck-typed test backbone may say nothing)."""
-    pipeline = getattr(backbone, "pipeline", None)
-    family = getattr(backbone, "family", None)
-    out = {"pipeline": type(pipeline).__name__ if pipeline is not None else None,
-           "height": getattr(backbone, "height", None), "width": getattr(backbone, "width", None),
-           "max_sequence_length": getattr(family, "max_sequence_length", None),
-           "negative_prompt": getattr(backbone, "negative_prompt", None)}
-    return {k: (int(v) if isinstance(v, int) and not isinstance(v, bool) else v) for k, v in out.items()
-            if k in ("max_sequence_length", "negative_prompt") or v is not None}
-
-
 def _short_repr(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -1155,7 +1142,7 @@ class Trainer:
         ``reward_bind_color``), so that ``scripts/validate_corrector.py`` scores
         with the reward the run optimised.
         """
-        from xlard.evaluation import CorrectorMeta, save_corrector_dir
+        from xlard.evaluation import CorrectorMeta, sampler_of, save_corrector_dir
 
         corrector = self.eval_corrector()
         bb = self.backbone
@@ -1164,7 +1151,9 @@ class Trainer:
             backbone=self.cfg.backbone.name, correction_step=float(bb.correction_step),
             alpha=alpha, num_inference_steps=int(bb.num_inference_steps),
             guidance_scale=float(bb.guidance_scale),
-            sampler=_sampler_settings(bb),
+            # what the backbone says (None for a T5 length or negative prompt is a setting; not for the rest)
+            sampler={k: v for k, v in sampler_of(bb).items()
+                     if v is not None or k in ("max_sequence_length", "negative_prompt")},
             training={"run": str(self.out), "step": int(self.step), "ema": self.ema is not None,
                       "reward_source": getattr(self.reward_fn, "source_name", None),
                       "reward_options": dict(self.cfg.reward.options),
