@@ -844,7 +844,7 @@ def _cmd_eval(args) -> int:
         # Only this run's prompt folders are scored, whatever else the folder holds.
         results = []
         for i, record in enumerate(records):
-            pngs = sorted(p for p in (out / f"{i:05d}" / "samples").glob("*.png") if not p.name.startswith("."))
+            pngs = E.png_files(out / f"{i:05d}" / "samples")
             results.extend(E.evaluate([str(p) for p in pngs], record))
         print(f"images and per-prompt metadata in {out}")
     else:
@@ -852,8 +852,7 @@ def _cmd_eval(args) -> int:
             raise UsageError("give --folder DIR, or both --prompts FILE and --images DIR, or --prompts with --backbone, "
                              "or --prompts with --corrector DIR or --correct (base vs corrected)")
         records = _read_records(args.prompts)
-        # not dotfiles: a writer's temporaries (.tmp-*.png) that a killed run left
-        images = sorted(p for p in _input_folder(args.images, "--images").glob("*.png") if not p.name.startswith("."))
+        images = E.png_files(_input_folder(args.images, "--images"))
         if len(images) != len(records):
             raise UsageError(f"--images: {args.images} holds {len(images)} PNG files for {len(records)} records "
                              "(one image per record, in sorted file-name order)")

@@ -527,6 +527,12 @@ def evaluate(images: Any, records: Mapping | Sequence[Mapping],
     return [evaluate_record(a, r, config, filename=n) for a, r, n in zip(arrays, records, names)]
 
 
+def png_files(folder: str | Path) -> list[Path]:
+    """The PNG images in ``folder``, sorted by name; dotfiles are not images of a run (a writer's temporaries,
+    ``.tmp-*.png``, left by a killed write, were scored as samples)."""
+    return sorted(p for p in Path(folder).glob("*.png") if not p.name.startswith("."))
+
+
 def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = None) -> list[RecordResult]:
     """Judge a folder in GenEval's output layout.
 
@@ -545,8 +551,8 @@ def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = 
     subdirs = sorted(p for p in folder.iterdir() if (p / "metadata.jsonl").is_file())
     if not subdirs:
         raise FileNotFoundError(f"{folder}: no <index>/metadata.jsonl folders (GenEval layout)")
-    def samples(sub: Path) -> list[Path]:  # not dotfiles: a writer's temporaries (.tmp-*.png) left by a kill
-        return sorted(p for p in (sub / "samples").glob("*.png") if not p.name.startswith("."))
+    def samples(sub: Path) -> list[Path]:
+        return png_files(sub / "samples")
 
     empty = [sub.name for sub in subdirs if not samples(sub)]
     if empty:
@@ -648,5 +654,5 @@ def write_results_jsonl(path: str | os.PathLike, results: Iterable[RecordResult]
 __all__ = [
     "EvaluatorConfig", "Detection", "RecordResult", "load_images", "segment_colors", "detect_objects",
     "score_record", "evaluate_record", "evaluate", "evaluate_folder", "summarize", "format_table",
-    "write_results_jsonl",
+    "write_results_jsonl", "png_files",
 ]
