@@ -349,6 +349,9 @@ def test_faithfulness_bad_inputs():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         faithfulness(reward, z0, bad)
+    # a NaN step of one row ran and its summary left the row out of the means without a word
+    with pytest.raises(ValueError, match="alpha holds 1 NaN or infinite value"):
+        faithfulness(reward, z0, delta, alpha=torch.tensor([float("nan"), 1.0]))
 
 
 def test_top_lam_mask_counts_and_ties():

@@ -626,6 +626,78 @@ def test_forward_and_sample_refuse_non_finite_inputs_too():
         model.correct(z0.to("meta"), text, pooled, mask)
 
 
+def test_training_path_methods_refuse_non_finite_inputs():
+    """distribution / policy_and_value / value returned NaN means and values, sample took NaN noise or a NaN
+    tensor alpha, log_prob NaN actions, all without a word, where forward() and correct() refused."""
+    model = make_corrector(nonzero_head=True).eval()
+    z0, text, pooled, mask = inputs()
+    bad = z0.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    for name in ("distribution", "policy_and_value", "value"):
+        with pytest.raises(ValueError, match=rf"ResidualCorrector.{name}: z0 holds 1 NaN or infinite value"):
+            getattr(model, name)(bad, text, pooled, mask)
+        getattr(model, name)(z0, text, pooled, mask)  # finite inputs still run
+    noise = torch.randn_like(z0)
+    noise[1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="ResidualCorrector.sample: noise holds 1 NaN or infinite"):
+        model.sample(z0, text, pooled, mask, noise=noise)
+    alpha = torch.tensor([float("nan"), 1.0])
+    for call in (model.sample, model.correct):
+        with pytest.raises(ValueError, match=rf"ResidualCorrector.{call.__name__}: alpha holds 1 NaN or infinite"):
+            call(z0, text, pooled, mask, alpha=alpha)
+        call(z0, text, pooled, mask, alpha=torch.tensor([0.5, 1.0]))
+    mean = model.distribution(z0, text, pooled, mask).mean
+    delta = mean.detach().clone()
+    delta[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="ResidualCorrector.log_prob: delta holds 1 NaN"):
+        model.log_prob(delta, mean)
+    with pytest.raises(ValueError, match="ResidualCorrector.log_prob: mean holds 1 NaN"):
+        model.log_prob(mean.detach(), delta)
+    assert torch.isfinite(model.log_prob(mean.detach(), mean)).all()
+
+
+def test_sample_refuses_an_overflowing_correction_as_correct_does():
+    model = make_corrector(nonzero_head=True).eval()
+    z0, text, pooled, mask = inputs()
+    with torch.no_grad():
+        model.head.bias.fill_(3e38)
+    noise = torch.zeros_like(z0)
+    with pytest.raises(ValueError, match="ResidualCorrector.sample: the correction of z0 overflowed"):
+        model.sample(z0 * 1e38, text, pooled, mask, noise=noise)
+    with torch.no_grad():  # float16 latents: a correction finite in float32 overflows when cast back
+        model.head.bias.fill_(1e5)
+    with pytest.raises(ValueError, match="ResidualCorrector.sample: the correction of z0 overflowed"):
+        model.sample(z0.half(), text, pooled, mask, noise=noise)
+
+
+def test_projector_refuses_non_finite_inputs_and_bad_targets():
+    projector = LatentRewardProjector(projector_config()).eval()
+    z0, text, pooled, mask = inputs()
+    bad = z0.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="LatentRewardProjector: zc holds 1 NaN or infinite value"):
+        projector(bad, text, pooled, mask)
+    with pytest.raises(ValueError, match="LatentRewardProjector: pooled holds"):
+        projector(z0, text, pooled * float("inf"), mask)
+    with pytest.raises(ValueError, match="LatentRewardProjector: the predicted scores are NaN for finite inputs"):
+        projector(z0 * 1e30, text, pooled, mask)
+    out = projector(z0, text, pooled, mask)
+    present = torch.tensor([[True, False, True], [True, True, False]])
+    target = torch.tensor([[0.5, float("nan"), 0.2], [0.1, 0.2, float("nan")]])  # NaN only where absent: fine
+    assert torch.isfinite(projector.loss(out, target, present).loss)
+    for value, shown in ((float("nan"), "nan"), (255.0, "255"), (-1.5, "-1.5")):
+        t = target.clone()
+        t[0, 0] = value
+        with pytest.raises(ValueError, match=rf"target must hold finite sub-rewards in \[-1, 1\].*1 of 4 outside "
+                                             rf"it \(e.g. {shown}"):
+            projector.loss(out, t, present)
+    t = target.clone()
+    t[0, 2] = -0.3  # a CLIP-style source's color cosine may go below 0: still a target
+    assert torch.isfinite(projector.loss(out, t, present).loss)
+    with pytest.raises(ValueError, match="target must be on the scores' device cpu, got meta"):
+        projector.loss(out, target.to("meta"), present)
+
+
 def test_corrector_and_projector_compile_without_graph_breaks():
     # backend="eager" checks that the whole forward traces as one graph (ops, masks, checks)
     # without paying for Inductor code generation on the CPU.

@@ -875,6 +875,35 @@ def test_non_finite_patch_features_and_color_embeddings_are_refused():
             color_embeddings={"red": torch.tensor([1.0, float("inf"), 0.0])})
 
 
+def test_large_color_embeddings_score_as_small_ones_in_any_feature_dtype():
+    """A color table checked finite in its own dtype overflowed when cast to float16 features (1e6 -> inf),
+    or float64 1e300 to float32: "red scores 0.00 at patch 0". Cosine ignores the scale."""
+    red = spec("a red dog", [("dog", None, "red")])
+    cmd = ExplainableRewards(RewardConfig(aspects=("color",)))
+    g = torch.Generator().manual_seed(0)
+    feats, emb = torch.rand(1, 16, 8, generator=g), torch.rand(8, generator=g)
+    want = cmd([red], patch_features=feats, patch_grid=(4, 4), color_embeddings={"red": emb})
+    for f, e in ((feats.half(), emb * 1e6), (feats, emb.double() * 1e300), (feats, emb * 1e-30)):
+        got = cmd([red], patch_features=f, patch_grid=(4, 4), color_embeddings={"red": e})
+        torch.testing.assert_close(got.color, want.color, atol=2e-3, rtol=0)
+        assert got.color_patch.tolist() == want.color_patch.tolist()
+        assert got.explanations[0].colors[0].text() == want.explanations[0].colors[0].text()
+
+
+def test_integer_maps_are_refused_naming_their_dtype():
+    two = spec("two dogs", [("dog", 2, None)])
+    with pytest.raises(ValueError, match=r"entity_maps must be a float tensor .* got \[1, 1, 8, 8\] int64 \(maps "
+                                         r"are probabilities or scores: pass mask.float\(\)\)"):
+        ExplainableRewards()([two], entity_maps=torch.ones(1, 1, 8, 8, dtype=torch.int64))
+    from xlard.rewards import batch_specs, gather_entity_maps, weakest_component_confidence
+    with pytest.raises(ValueError, match=r"token_maps must be a float tensor .* got \[1, 4, 8, 8\] bool"):
+        gather_entity_maps(torch.ones(1, 4, 8, 8, dtype=torch.bool), batch_specs([two]))
+    with pytest.raises(ValueError, match=r"entity_maps must be a float tensor \[B, E, H, W\], got \[1, 1, 8, 8\] uint8"):
+        weakest_component_confidence(torch.ones(1, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="got list"):
+        ExplainableRewards()([two], entity_maps=[[0.0]])
+
+
 def test_maps_without_pixels_are_refused():
     with pytest.raises(ValueError, match="H, W >= 1"):
         ExplainableRewards()([_DOG_CAT], torch.zeros(1, 8, 0, 0))

@@ -675,7 +675,7 @@ def _check_latent(owner, name, z, channels, patch, device):
         raise ValueError(f"xlard.{owner}: {name} is on {z.device} but the model is on {device}")
 
 
-def _refuse_non_finite(owner, z0, text_tokens, pooled, text_mask) -> None:
+def _refuse_non_finite(owner, z0, text_tokens, pooled, text_mask, latent_name: str = "z0") -> None:
     """Inference inputs must be finite: a backbone's NaN or infinite latents or prompt embeddings (a float16
     overflow, say) would otherwise come out as a NaN image with no word said. Only tensors are looked at
     (the shape and type checks that follow name anything else); padded prompt tokens may hold anything."""
@@ -691,12 +691,30 @@ def _refuse_non_finite(owner, z0, text_tokens, pooled, text_mask) -> None:
             and tokens.dim() == 3 and tuple(text_mask.shape) == tuple(tokens.shape[:2]) \
             and text_mask.device == tokens.device:
         tokens = tokens[text_mask != 0]  # a bool mask or 0/1 ints (the ints' padding was checked as real tokens)
-    for name, t in (("z0", values(z0)), ("text_tokens", tokens), ("pooled", values(pooled))):
+    for name, t in ((latent_name, values(z0)), ("text_tokens", tokens), ("pooled", values(pooled))):
         if t is not None and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"xlard.{owner}: {name} holds {bad} NaN or infinite value(s) of {t.numel()}; the "
                              "backbone's outputs are broken (a float16 overflow? try float32 or bfloat16), and "
-                             "a correction of them would be NaN")
+                             "anything computed from them would be NaN")
+
+
+def _refuse_non_finite_alpha(owner, alpha) -> None:
+    """A tensor ``alpha`` must be finite: the ops take its values as they come (as torch's own ops do), so a
+    NaN step would come out as a NaN latent blamed on nothing. A float alpha is checked by the op itself."""
+    if isinstance(alpha, torch.Tensor) and alpha.is_floating_point() and alpha.numel() and not alpha.is_meta \
+            and not torch.compiler.is_compiling() and not bool(torch.isfinite(alpha).all()):
+        raise ValueError(f"xlard.{owner}: alpha holds {int((~torch.isfinite(alpha)).sum())} NaN or infinite "
+                         f"value(s) of {alpha.numel()}; each row's step size must be a finite number")
+
+
+def _refuse_non_finite_tensor(owner, name, t, hint: str) -> None:
+    """One tensor argument must be finite (``noise``, ``delta``, ``mean``, a loss ``target``): named, with
+    the count of bad values."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not t.is_meta \
+            and not torch.compiler.is_compiling() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"xlard.{owner}: {name} holds {int((~torch.isfinite(t)).sum())} NaN or infinite "
+                         f"value(s) of {t.numel()}; {hint}")
 
 
 def _refuse_overflow(owner, z0, out) -> None:
@@ -1940,6 +1958,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
             real (unmasked) token of ``text_tokens`` (they would come out as a NaN image without a word).
         """
         _refuse_non_finite("ResidualCorrector.correct", z0, text_tokens, pooled, text_mask)
+        _refuse_non_finite_alpha("ResidualCorrector.correct", alpha)
         with self._inference_autocast(z0):  # checked above: forward() would check again
             delta = self._forward(z0, text_tokens, pooled, text_mask)
         zc, lam = xops.residual_correction(z0, delta, self.config.alpha if alpha is None else alpha)
@@ -1947,20 +1966,38 @@ class ResidualCorrector(_Pretrained, nn.Module):
         return zc, lam
 
     def distribution(self, z0, text_tokens, pooled, text_mask=None) -> GaussianPolicy:
-        """The policy ``N(Delta_theta(z0, e_p), exp(log_std)^2)`` with a float32 mean (float64 for float64 z0)."""
+        """The policy ``N(Delta_theta(z0, e_p), exp(log_std)^2)`` with a float32 mean (float64 for float64 z0).
+
+        Raises:
+            TypeError, ValueError: a bad input, naming it; NaN or infinite values as :meth:`correct` says.
+        """
+        _refuse_non_finite("ResidualCorrector.distribution", z0, text_tokens, pooled, text_mask)
+        return self._distribution(z0, text_tokens, pooled, text_mask)
+
+    def _distribution(self, z0, text_tokens, pooled, text_mask) -> GaussianPolicy:
         tokens, _, reading = self._features(z0, text_tokens, pooled, text_mask)
         dt = torch.float64 if z0.dtype == torch.float64 else torch.float32
         return GaussianPolicy(self._delta(tokens, z0, reading, text_tokens, text_mask).to(dt), self.log_std)
 
     def policy_and_value(self, z0, text_tokens, pooled, text_mask=None) -> tuple[GaussianPolicy, torch.Tensor]:
-        """One trunk pass for the PPO update: ``(distribution, value [B] float32)``."""
+        """One trunk pass for the PPO update: ``(distribution, value [B] float32)``.
+
+        Raises:
+            TypeError, ValueError: a bad input, naming it; NaN or infinite values as :meth:`correct` says.
+        """
+        _refuse_non_finite("ResidualCorrector.policy_and_value", z0, text_tokens, pooled, text_mask)
         tokens, cond, reading = self._features(z0, text_tokens, pooled, text_mask)
         dt = torch.float64 if z0.dtype == torch.float64 else torch.float32
         return (GaussianPolicy(self._delta(tokens, z0, reading, text_tokens, text_mask).to(dt), self.log_std),
                 self._value(tokens, cond))
 
     def value(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:
-        """The baseline ``b(z0, e_p)``: trunk tokens mean-pooled, with ``W e_p``, through an MLP. ``[B]`` float32."""
+        """The baseline ``b(z0, e_p)``: trunk tokens mean-pooled, with ``W e_p``, through an MLP. ``[B]`` float32.
+
+        Raises:
+            TypeError, ValueError: a bad input, naming it; NaN or infinite values as :meth:`correct` says.
+        """
+        _refuse_non_finite("ResidualCorrector.value", z0, text_tokens, pooled, text_mask)
         tokens, cond, _ = self._features(z0, text_tokens, pooled, text_mask)
         return self._value(tokens, cond)
 
@@ -1977,6 +2014,10 @@ class ResidualCorrector(_Pretrained, nn.Module):
         """
         _args.check_tensor("ResidualCorrector.log_prob", "delta", delta, _args.FLOAT_DTYPES, dim=4)
         _args.check_tensor("ResidualCorrector.log_prob", "mean", mean, _args.FLOAT_DTYPES, dim=4)
+        _refuse_non_finite_tensor("ResidualCorrector.log_prob", "delta", delta,
+                                  "a log-probability of it would be NaN (a rollout's action?)")
+        _refuse_non_finite_tensor("ResidualCorrector.log_prob", "mean", mean,
+                                  "the policy mean is broken (a diverged corrector, or NaN latents?)")
         dt = torch.float64 if delta.dtype == mean.dtype == torch.float64 else torch.float32
         return xops.gaussian_log_prob(delta.to(dt), mean.to(dt), self.log_std.to(dt))
 
@@ -1994,12 +2035,17 @@ class ResidualCorrector(_Pretrained, nn.Module):
         Returns:
             (zc [B, C, H, W] in z0's dtype, delta float32 [B, C, H, W], log_prob
             float32 [B], lam float32 [B, H, W]); float64 throughout for float64 z0.
+
+        Raises:
+            TypeError, ValueError: a bad input, naming it; NaN or infinite values in ``z0``, ``pooled``, a real
+            token of ``text_tokens``, ``noise`` or a tensor ``alpha``; a correction that overflows.
         """
         _refuse_non_finite("ResidualCorrector.sample", z0, text_tokens, pooled, text_mask)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"xlard.ResidualCorrector.sample: generator must be a torch.Generator or None, got "
                             f"{type(generator).__name__}")
-        dist = self.distribution(z0, text_tokens, pooled, text_mask)
+        _refuse_non_finite_alpha("ResidualCorrector.sample", alpha)
+        dist = self._distribution(z0, text_tokens, pooled, text_mask)
         dt = dist.mean.dtype
         if noise is None:
             noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=dt)
@@ -2008,17 +2054,25 @@ class ResidualCorrector(_Pretrained, nn.Module):
             if noise.shape != z0.shape:
                 raise ValueError(f"xlard.ResidualCorrector.sample: noise must have the shape of z0 "
                                  f"{tuple(z0.shape)}, got {tuple(noise.shape)}")
+            _refuse_non_finite_tensor("ResidualCorrector.sample", "noise", noise,
+                                      "the sampled action would be NaN")
             noise = noise.to(dt)
         noise = self.action_noise(noise)
         if isinstance(alpha, torch.Tensor):
             alpha = alpha.to(dt)
         zc, delta, log_prob, lam = xops.sample_correction(
             z0.to(dt), dist.mean, self.log_std.detach().to(dt), noise, self.config.alpha if alpha is None else alpha)
-        return zc.to(z0.dtype), delta, log_prob, lam
+        zc = zc.to(z0.dtype)
+        _refuse_overflow("ResidualCorrector.sample", z0, zc)
+        return zc, delta, log_prob, lam
 
 
 # ----------------------------------------------------------------------------------
 # The latent reward projector and its confidence head
+
+
+#: How far past [-1, 1] a present loss target may lie (float rounding of a product of probabilities or a cosine).
+_TARGET_SLACK = 1e-4
 
 
 class ProjectorOutput(NamedTuple):
@@ -2156,9 +2210,14 @@ class LatentRewardProjector(_Pretrained, nn.Module):
 
         Returns:
             ProjectorOutput: ``scores``, ``log_var`` and ``weights``, each ``[B, 3]``.
+
+        Raises:
+            TypeError, ValueError: a bad input, naming it; NaN or infinite values in ``zc``, ``pooled`` or a real
+            token of ``text_tokens``; finite inputs whose scores come out NaN.
         """
         cfg, ref = self.config, self._param
         owner = "LatentRewardProjector"
+        _refuse_non_finite(owner, zc, text_tokens, pooled, text_mask, latent_name="zc")
         _check_latent(owner, "zc", zc, cfg.latent_channels, cfg.patch, ref.device)
         text_mask = _check_prompt(owner, zc.shape[0], text_tokens, pooled, text_mask, cfg.text_dim, cfg.pooled_dim,
                                   ref.device)
@@ -2170,6 +2229,10 @@ class LatentRewardProjector(_Pretrained, nn.Module):
         queries = self.aspect_queries.expand(zc.shape[0], -1, -1)
         read = self.readout_norm(queries + self.readout_attn(queries, tokens))
         scores = torch.sigmoid((read * self.readout_weight).sum(-1) + self.readout_bias)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(scores).all()):
+            raise ValueError(f"xlard.{owner}: the predicted scores are NaN for finite inputs (zc's largest "
+                             f"magnitude is {float(zc.abs().max()):.3g}; the projector's backbone makes latents of "
+                             "order 1: is zc scaled by the VAE's scaling_factor?)")
         log_var = self._log_var(pooled)
         return ProjectorOutput(scores, log_var, aspect_weights(log_var, aspect_mask))
 
@@ -2202,12 +2265,18 @@ class LatentRewardProjector(_Pretrained, nn.Module):
 
         Args:
             pred (ProjectorOutput): from :meth:`forward`.
-            target (Tensor[B, 3]): image-level sub-rewards in [0, 1] (order :data:`ASPECTS`).
+            target (Tensor[B, 3]): image-level sub-rewards (order :data:`ASPECTS`): count and position in
+                [0, 1], color a cosine (in [0, 1] for the shapes source, possibly below 0 for a CLIP-style
+                source); anything (NaN too) where the aspect is absent.
             aspect_mask (Tensor[B, 3], bool): which aspects each prompt has.
 
         Returns:
             ProjectorLoss: ``loss`` (scalar, 0 if nothing is present), per-aspect
             ``mse``, and the resulting ``weights`` (lambda) and ``log_var``.
+
+        Raises:
+            TypeError, ValueError: a malformed argument, naming it; a present target that is NaN, infinite or
+            outside [-1, 1] (sub-rewards on another scale, 0-255 say).
         """
         owner = "LatentRewardProjector.loss"
         if not isinstance(pred, ProjectorOutput):
@@ -2218,6 +2287,16 @@ class LatentRewardProjector(_Pretrained, nn.Module):
             raise ValueError(f"xlard.{owner}: target must have shape {tuple(scores.shape)} (order {ASPECTS}), "
                              f"got {tuple(target.shape)}")
         _check_aspect_mask(owner, aspect_mask, scores.shape[0], scores.device)
+        if target.device != scores.device:
+            raise ValueError(f"xlard.{owner}: target must be on the scores' device {scores.device}, got {target.device}")
+        if not torch.compiler.is_compiling():
+            given = target[aspect_mask]
+            bad = ~(torch.isfinite(given) & (given >= -1 - _TARGET_SLACK) & (given <= 1 + _TARGET_SLACK))
+            if bool(bad.any()):
+                raise ValueError(f"xlard.{owner}: target must hold finite sub-rewards in [-1, 1] (count and "
+                                 f"position in [0, 1], a color cosine in [-1, 1]) where aspect_mask is True, got "
+                                 f"{int(bad.sum())} of {given.numel()} outside it (e.g. "
+                                 f"{float(given[bad][0]):g}; NaN is allowed only where the aspect is absent)")
         target = torch.where(aspect_mask, target.to(scores.dtype), scores.detach())
         sq = (scores - target).square()
         per_entry = 0.5 * torch.exp(-log_var) * sq + 0.5 * log_var

@@ -343,6 +343,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _shape_and_dtype(t) -> str:
+    """A refused map argument in an error: its shape and dtype (an integer or bool mask of the right shape is
+    refused for its dtype, which the message must say), or its type."""
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    hint = " (maps are probabilities or scores: pass mask.float())" if not t.is_floating_point() else ""
+    return f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}{hint}"
+
+
 def gather_entity_maps(
     token_maps: torch.Tensor,
     batch: SpecBatch,
@@ -374,7 +383,7 @@ def gather_entity_maps(
     if not isinstance(token_maps, torch.Tensor) or token_maps.dim() != 4 or not token_maps.is_floating_point() \
             or token_maps.shape[-2] < 1 or token_maps.shape[-1] < 1:  # a 0 x 0 map was scored "found 0"
         raise ValueError(f"gather_entity_maps: token_maps must be a float tensor [B, T, H, W] with H, W >= 1, got "
-                         f"{getattr(token_maps, 'shape', type(token_maps).__name__)}")
+                         f"{_shape_and_dtype(token_maps)}")
     if token_maps.shape[0] != batch.size:
         raise ValueError(f"gather_entity_maps: token_maps has batch {token_maps.shape[0]}, specs {batch.size}")
     if missing_entity not in ("error", "skip"):
@@ -524,7 +533,7 @@ def weakest_component_confidence(entity_maps: torch.Tensor, config: RewardConfig
                         f"{type(config).__name__}")
     if not isinstance(entity_maps, torch.Tensor) or entity_maps.dim() != 4 or not entity_maps.is_floating_point():
         raise ValueError(f"weakest_component_confidence: entity_maps must be a float tensor [B, E, H, W], got "
-                         f"{getattr(entity_maps, 'shape', type(entity_maps).__name__)}")
+                         f"{_shape_and_dtype(entity_maps)}")
     h, w = entity_maps.shape[-2:]
     labels, counts = ops.label_components(entity_maps, **config.component_args(h, w))
     values = torch.nan_to_num(entity_maps.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
@@ -1157,7 +1166,7 @@ class ExplainableRewards:
                     or not entity_maps.is_floating_point() or entity_maps.shape[0] != b
                     or entity_maps.shape[1] < e_max or entity_maps.shape[2] < 1 or entity_maps.shape[3] < 1):
                 raise ValueError(f"ExplainableRewards: entity_maps must be a float tensor [B={b}, E>={e_max}, H, W] "
-                                 f"with H, W >= 1, got {getattr(entity_maps, 'shape', type(entity_maps).__name__)}")
+                                 f"with H, W >= 1, got {_shape_and_dtype(entity_maps)}")
             maps = entity_maps[:, :e_max].to(_acc_dtype(entity_maps.dtype))
             available = batch.entity_mask.to(maps.device)
             if entity_available is not None:
@@ -1233,7 +1242,12 @@ class ExplainableRewards:
             bad = [c for c, row in zip(vocab, table) if not bool(torch.isfinite(row.float()).all())]
             raise ValueError(f"ExplainableRewards: color embeddings must be finite floats, got "
                              f"{'non-finite values for ' + str(bad) if bad else table.dtype}")
-        return table.to(device=features.device, dtype=features.dtype)
+        # Cosine similarity ignores each row's scale: rows scaled to a largest magnitude of 1 before the cast to
+        # the features' dtype, so that large embeddings (1e6 in float16 features, 1e300 in float64) do not turn
+        # into inf there and score 0 "at patch 0".
+        wide = table.to(torch.float64 if table.dtype == torch.float64 else torch.float32)
+        wide = wide / wide.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(wide.dtype).tiny)
+        return wide.to(device=features.device, dtype=features.dtype)
 
 
 def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok, grid, cfg, map_size, shown,

@@ -119,7 +119,7 @@ def faithfulness(
         FaithfulnessResult.
 
     Raises:
-        TypeError, ValueError: malformed latents, non-finite ``delta``, a
+        TypeError, ValueError: malformed latents, non-finite ``delta`` or ``alpha``, a
         ``fraction`` outside [0, 1], or a ``reward_fn`` that does not return
         a Tensor[B].
 
@@ -138,6 +138,9 @@ def faithfulness(
         raise ValueError(_err(fn, f"fraction must be in [0, 1], got {fraction!r}"))
     if not bool(torch.isfinite(delta).all()):
         raise ValueError(_err(fn, "delta has non-finite values; the LAM ranking is undefined"))
+    if isinstance(alpha, torch.Tensor) and alpha.is_floating_point() and not bool(torch.isfinite(alpha).all()):
+        raise ValueError(_err(fn, f"alpha holds {int((~torch.isfinite(alpha)).sum())} NaN or infinite value(s) "
+                                  f"of {alpha.numel()}; each row's step size must be a finite number"))
     if isinstance(min_gain, bool) or not isinstance(min_gain, numbers.Real) or not math.isfinite(min_gain) \
             or min_gain < 0:
         raise ValueError(_err(fn, f"min_gain must be a finite number >= 0, got {min_gain!r}"))
