@@ -259,6 +259,35 @@ def test_read_png_names_what_it_cannot_read(tmp_path):
         read_png(tmp_path)
 
 
+def test_read_png_reads_as_a_viewer_shows_and_refuses_what_it_would_garble(tmp_path):
+    """EXIF orientation was ignored, 16-bit gray came out pure white and a transparent background black."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    want = torch.from_numpy(rgb).permute(2, 0, 1)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.png", exif=exif)
+    assert torch.equal(read_png(tmp_path / "turned.png"), want)
+    rgba = np.concatenate([rgb, np.full((12, 20, 1), 255, np.uint8)], axis=2)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "opaque.png")
+    assert torch.equal(read_png(tmp_path / "opaque.png"), want)  # a fully opaque alpha is dropped
+    Image.fromarray(rgb[..., 0], "L").save(tmp_path / "gray.png")
+    assert torch.equal(read_png(tmp_path / "gray.png"), torch.from_numpy(rgb[..., 0]).expand(3, -1, -1))
+    rgba[0, 0, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "hole.png")
+    with pytest.raises(ValueError, match=r"read_png: .*hole.png: has transparent pixels"):
+        read_png(tmp_path / "hole.png")
+    Image.fromarray(np.full((8, 8), 128 * 257, np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(ValueError, match=r"read_png: .*deep.png: expected an 8-bit image, got mode I;16"):
+        read_png(tmp_path / "deep.png")
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with pytest.raises(ValueError, match=r"read_png: .*anim.png: an animated image \(2 frames\)"):
+        read_png(tmp_path / "anim.png")
+
+
 def test_png_round_trip_float_and_uint8(tmp_path):
     image = _image(17, 23)
     path = tmp_path / "sub" / "x.png"

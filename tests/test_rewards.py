@@ -904,6 +904,29 @@ def test_integer_maps_are_refused_naming_their_dtype():
         ExplainableRewards()([two], entity_maps=[[0.0]])
 
 
+def test_as_image_batch_reads_pil_images_as_read_png_and_refuses_transparency():
+    from PIL import Image
+
+    from xlard.color_features import as_image_batch
+
+    rgb = np.random.default_rng(1).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    want = torch.from_numpy(rgb).permute(2, 0, 1).float().unsqueeze(0) / 255
+    turned = Image.fromarray(rgb).transpose(Image.Transpose.ROTATE_90)
+    turned.getexif()[0x0112] = 6  # the Orientation tag an opened JPEG or PNG would carry
+    torch.testing.assert_close(as_image_batch(turned), want, atol=0, rtol=0)
+    rgba = np.concatenate([rgb, np.full((6, 10, 1), 255, np.uint8)], axis=2)
+    torch.testing.assert_close(as_image_batch(rgba), want, atol=0, rtol=0)  # fully opaque: alpha dropped
+    torch.testing.assert_close(as_image_batch(Image.fromarray(rgba, "RGBA")), want, atol=0, rtol=0)
+    rgba[2, 3, 3] = 10
+    for given in (rgba, torch.from_numpy(rgba).permute(2, 0, 1), torch.from_numpy(rgba).permute(2, 0, 1) / 255.0):
+        with pytest.raises(ValueError, match=r"as_image_batch: the 4th channel \(alpha\) has 1 transparent pixel"):
+            as_image_batch(given)
+    with pytest.raises(ValueError, match=r"as_image_batch: image 1: has transparent pixels"):
+        as_image_batch([Image.fromarray(rgb), Image.fromarray(rgba, "RGBA")])
+    with pytest.raises(ValueError, match=r"as_image_batch: image 0: expected an 8-bit image, got mode I;16"):
+        as_image_batch(Image.fromarray(np.full((6, 10), 300, np.uint16)))
+
+
 def test_maps_without_pixels_are_refused():
     with pytest.raises(ValueError, match="H, W >= 1"):
         ExplainableRewards()([_DOG_CAT], torch.zeros(1, 8, 0, 0))

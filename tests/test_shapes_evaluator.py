@@ -322,7 +322,7 @@ def test_summaries_name_inputs_of_the_wrong_kind(tmp_path):
     with pytest.raises(TypeError, match=r"format_table: summary must be what summarize\(\) returns .*got list; "
                                         r"per-image results\? pass summarize\(results\)"):
         E.format_table(results)
-    with pytest.raises(TypeError, match="write_results_jsonl: results\[1\] must be a RecordResult"):
+    with pytest.raises(TypeError, match=r"write_results_jsonl: results\[1\] must be a RecordResult"):
         E.write_results_jsonl(tmp_path / "r.jsonl", [results[0], "x"])
     assert not (tmp_path / "r.jsonl").exists()
     assert "overall" in E.format_table(E.summarize(results))
@@ -534,6 +534,39 @@ def test_transparent_png_is_refused_not_judged_as_black(tmp_path):
     rgba[..., 3] = 255  # opaque RGBA is read as its RGB
     Image.fromarray(rgba, "RGBA").save(tmp_path / "y.png")
     E.evaluate([str(tmp_path / "y.png")], [record])
+
+
+def test_exif_orientation_is_honoured_and_animated_files_refused(tmp_path):
+    """A picture saved rotated with an EXIF Orientation tag was judged as stored ("left of" became "below"), and
+    an animated PNG was judged by its first frame without a word."""
+    from PIL import Image
+
+    img = W.random_scene(5).render()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view": stored turned 90 degrees counter-clockwise
+    Image.fromarray(img).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.png", exif=exif)
+    Image.fromarray(img).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned_no_tag.png")
+    arrays, _ = E.load_images([str(tmp_path / "turned.png"), str(tmp_path / "turned_no_tag.png")])
+    assert np.array_equal(arrays[0], img)            # as a viewer shows it
+    assert not np.array_equal(arrays[1], img)        # without the tag the stored pixels are the picture
+    frames = [Image.fromarray(np.full((16, 16, 3), 200, np.uint8)), Image.fromarray(img[:16, :16])]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with pytest.raises(ValueError, match=r"anim.png: an animated image \(2 frames\)"):
+        E.load_images(str(tmp_path / "anim.png"))
+
+
+def test_a_folder_named_like_an_image_is_not_reported_missing(tmp_path):
+    (tmp_path / "0000.png").mkdir()
+    with pytest.raises(ValueError, match=r"0000.png: a folder, not an image file"):
+        E.load_images(str(tmp_path / "0000.png"))
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        E.load_images(str(tmp_path / "0001.png"))
+
+
+def test_png_files_match_the_suffix_in_any_case(tmp_path):
+    for name in ("0000.PNG", "0001.png", "0002.Png", ".tmp-0003.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in E.png_files(tmp_path)] == ["0000.PNG", "0001.png", "0002.Png"]
 
 
 def test_understanding_predict_refuses_nan_and_0_255_images():

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from xlard._args import as_device, is_finite_real, model_location
+from xlard._images import rgb_array
 from xlard._optional import require
 from xlard.vocab import COLOR_ALIASES
 
@@ -240,9 +241,10 @@ def as_image_batch(images: Any) -> torch.Tensor:
 
     Args:
         images: a tensor ``[B, C, H, W]`` or ``[C, H, W]`` (float in [0, 1] or
-            uint8 0-255; C = 1, 3 or 4, alpha dropped); a numpy array
+            uint8 0-255; C = 1, 3 or 4, a fully opaque alpha dropped); a numpy array
             ``[B, H, W, C]`` or ``[H, W, C]`` (float in [0, 1] or uint8); a PIL
-            image or a list of same-size PIL images.
+            image or a list of same-size PIL images (read as :func:`xlard.explain.read_png`
+            reads files: EXIF orientation applied, gray/palette/CMYK converted).
 
     Returns:
         Tensor[B, 3, H, W], float32, on the input tensor's device (CPU otherwise).
@@ -250,7 +252,8 @@ def as_image_batch(images: Any) -> torch.Tensor:
     Raises:
         ValueError: a wrong rank or channel count, float values outside [0, 1]
             (a VAE's [-1, 1] output must be mapped with ``(x + 1) / 2`` first),
-            or PIL images of different sizes.
+            transparent pixels, PIL images of different sizes, animated or with
+            16-bit / float pixels.
     """
     if isinstance(images, torch.Tensor):
         if images.is_meta:
@@ -265,7 +268,8 @@ def as_image_batch(images: Any) -> torch.Tensor:
             items = list(images) if isinstance(images, (list, tuple)) else [images]
             if not items:
                 raise ValueError("as_image_batch: got an empty list of images")
-            arrays = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in items]
+            arrays = [rgb_array(im, f"as_image_batch: image {i}") if hasattr(im, "convert") else np.asarray(im)
+                      for i, im in enumerate(items)]  # PIL: upright, 8-bit, opaque, as xlard.explain.read_png
             if len({a.shape for a in arrays}) != 1:
                 raise ValueError(f"as_image_batch: images must share one size, got {sorted({a.shape for a in arrays})}")
             images = np.stack(arrays)
@@ -287,7 +291,14 @@ def as_image_batch(images: Any) -> torch.Tensor:
         raise ValueError(f"as_image_batch: expected 1, 3 or 4 channels, got {channels} (shape {tuple(x.shape)})")
     if channels == 1:
         x = x.expand(-1, 3, -1, -1)
-    elif channels == 4:
+    elif channels == 4:  # an alpha channel: dropped only when fully opaque (the RGB under a transparent pixel
+        alpha = x[:, 3]  # is whatever the writer left, often black: a transparent background read as black)
+        opaque = 255 if alpha.dtype == torch.uint8 else 1.0 - 1e-3
+        if alpha.numel() and (alpha.is_floating_point() or alpha.dtype == torch.uint8) \
+                and bool((alpha < opaque).any()):
+            raise ValueError(f"as_image_batch: the 4th channel (alpha) has {int((alpha < opaque).sum())} "
+                             f"transparent pixel(s); only opaque images are read: composite them over their "
+                             f"background first, or pass the 3 color channels")
         x = x[:, :3]
     if x.dtype == torch.uint8:
         return x.float() / 255.0

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from xlard._images import rgb_array
 from xlard._optional import require
 from xlard.explain._files import _atomic_write
 from xlard.explain._validate import _as_image, _err
@@ -65,7 +66,13 @@ def save_png(path: str | os.PathLike, image) -> None:
 
 
 def read_png(path: str | os.PathLike) -> torch.Tensor:
-    """Read a PNG (or any Pillow-readable image) as Tensor[3, H, W] uint8.
+    """Read a PNG (or any Pillow-readable image) as Tensor[3, H, W] uint8, as a viewer shows it: EXIF
+    orientation applied; gray, palette and CMYK images converted to RGB.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a readable image, too large, animated, 16-bit or float pixels, or transparent pixels
+            (the RGB under them is whatever the writer left).
 
     Example:
         >>> read_png("out/lam_0.png").shape
@@ -78,9 +85,13 @@ def read_png(path: str | os.PathLike) -> torch.Tensor:
         raise FileNotFoundError(f"read_png: no image file at {path}" + (" (a folder)" if os.path.isdir(path) else ""))
     try:
         with image_cls.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = rgb_array(im, f"read_png: {path}")  # upright, 8-bit, opaque (refusals name the file)
     except image_cls.DecompressionBombError as e:  # Pillow's guard against images too large to decode
         raise ValueError(f"read_png: {path} is too large to read ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:  # not an image, or a cut one
+    except (OSError, SyntaxError) as e:  # not an image, or a cut one
+        raise ValueError(f"read_png: {path} is not a readable image file ({e})") from None
+    except ValueError as e:
+        if str(e).startswith(f"read_png: {path}: "):  # rgb_array's own refusal: it names the file already
+            raise
         raise ValueError(f"read_png: {path} is not a readable image file ({e})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

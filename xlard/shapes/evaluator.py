@@ -41,6 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence, TextIO
 
 import numpy as np
 
+from xlard._images import refuse_animated, upright
 from xlard._optional import require
 
 from .prompts import read_jsonl, write_jsonl
@@ -196,6 +197,9 @@ def _from_file(path: str | os.PathLike) -> np.ndarray:
     image_module = require("PIL.Image", "xlard.shapes.evaluator (reading image files)")
     path = os.fspath(path)
     if not os.path.isfile(path):
+        if os.path.exists(path):  # a folder or a FIFO named like an image: it is there, it is not a file
+            kind = "a folder" if os.path.isdir(path) else "not a regular file"
+            raise ValueError(f"{path}: {kind}, not an image file")
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with warnings.catch_warnings():  # Pillow's own bomb warning: the size is checked below, before decoding
@@ -208,7 +212,9 @@ def _from_file(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image file ({exc})") from exc
     with im:
         _check_size(im.height, im.width, path)
+        refuse_animated(im, path)  # only its first frame would be judged
         try:
+            im = upright(im)  # EXIF orientation applied, as a viewer shows the picture
             if im.mode == "P":  # palette PNGs: expand to the colors they show
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             mode = im.mode
@@ -528,9 +534,9 @@ def evaluate(images: Any, records: Mapping | Sequence[Mapping],
 
 
 def png_files(folder: str | Path) -> list[Path]:
-    """The PNG images in ``folder``, sorted by name; dotfiles are not images of a run (a writer's temporaries,
-    ``.tmp-*.png``, left by a killed write, were scored as samples)."""
-    return sorted(p for p in Path(folder).glob("*.png") if not p.name.startswith("."))
+    """The PNG images in ``folder`` (``.png`` in any case: ``0000.PNG`` too), sorted by name; dotfiles are not
+    images of a run (a writer's temporaries, ``.tmp-*.png``, left by a killed write, were scored as samples)."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == ".png" and not p.name.startswith("."))
 
 
 def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = None) -> list[RecordResult]:
