@@ -165,4 +165,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from xlard._signals import run_script
 
-    raise SystemExit(run_script("measure_edit_ceiling.py", main))
+    raise SystemExit(run_script("measure_edit_ceiling.py", main,
+                                " (it keeps no partial results: rerun the same command to start over)"))

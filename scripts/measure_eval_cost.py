@@ -130,4 +130,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from xlard._signals import run_script
 
-    raise SystemExit(run_script("measure_eval_cost.py", main))
+    raise SystemExit(run_script("measure_eval_cost.py", main,
+                                " (it keeps no partial results: rerun the same command to start over)"))

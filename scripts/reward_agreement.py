@@ -210,7 +210,10 @@ def generate_cache(folder: str | os.PathLike, backbone_name: str, records: list[
         old = [json.loads(line) for line in rec_path.read_text().splitlines() if line.strip()]
         old_meta = json.loads(meta_path.read_text())
         if old != records or old_meta != meta:
-            raise ValueError(f"--cache {folder} holds other samples ({old_meta}); use another folder")
+            what = [w for w, differs in (("records (--split, --per-tag, --seeds-per-prompt or --seed)", old != records),
+                                         (f"settings ({old_meta} here, {meta} asked)", old_meta != meta)) if differs]
+            raise ValueError(f"--cache {folder} holds other samples: other {' and other '.join(what)}; use "
+                             "another folder")
     else:
         from xlard import _io
 

@@ -174,26 +174,28 @@ def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base:
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(items), desc="validate", unit="item", file=sys.stderr)
-    for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
-        state = encode_items(backbone, chunk)
-        # The corrector's own inputs: the backbone's text embedding, or the parsed-field tokens of a
-        # ``conditioning: fields`` corrector (as the trainer, xlard eval and generate give them).
-        inputs = prompt_inputs(state, "cpu", corrector=corrector)
-        with torch.no_grad():  # the inference path (actions, as xlard eval; under the corrector's autocast)
-            delta, _ = corrector.actions(inputs.z0, *inputs.for_corrector())
-        rms.append(float(delta.float().square().mean().sqrt()))
-        for m in multipliers:
-            decoded = backbone.decode(state, state.z0 + m * meta.alpha * delta)
-            result = reward_fn(decoded)
-            weights = aspect_weights(torch.zeros(result.present.shape), result.present)
-            joint[m].append(ppo.weighted_reward(torch.nan_to_num(result.scores.float()), weights))
-            verdicts = E.evaluate(decoded.images, [it.record for it in chunk])
-            correct[m].append(torch.tensor([float(v.correct) for v in verdicts]))
+    try:  # the bar is closed on Ctrl-C too: the interrupt line is then the last line
+        for start in range(0, len(items), batch):
+            chunk = items[start:start + batch]
+            state = encode_items(backbone, chunk)
+            # The corrector's own inputs: the backbone's text embedding, or the parsed-field tokens of a
+            # ``conditioning: fields`` corrector (as the trainer, xlard eval and generate give them).
+            inputs = prompt_inputs(state, "cpu", corrector=corrector)
+            with torch.no_grad():  # the inference path (actions, as xlard eval; under the corrector's autocast)
+                delta, _ = corrector.actions(inputs.z0, *inputs.for_corrector())
+            rms.append(float(delta.float().square().mean().sqrt()))
+            for m in multipliers:
+                decoded = backbone.decode(state, state.z0 + m * meta.alpha * delta)
+                result = reward_fn(decoded)
+                weights = aspect_weights(torch.zeros(result.present.shape), result.present)
+                joint[m].append(ppo.weighted_reward(torch.nan_to_num(result.scores.float()), weights))
+                verdicts = E.evaluate(decoded.images, [it.record for it in chunk])
+                correct[m].append(torch.tensor([float(v.correct) for v in verdicts]))
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
         if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            bar.close()
     base = torch.cat(correct[0.0])
     prompts_of = [r for r, _ in pairs]
     rows = []
@@ -256,4 +258,5 @@ def _main(argv: list[str] | None) -> int:
 if __name__ == "__main__":
     from xlard._signals import run_script
 
-    raise SystemExit(run_script("validate_corrector.py", main))
+    raise SystemExit(run_script("validate_corrector.py", main,
+                                " (it keeps no partial results: rerun the same command to start over)"))

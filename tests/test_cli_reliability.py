@@ -311,13 +311,13 @@ def test_a_folder_another_run_writes_into_is_refused_before_any_work(tmp_path, c
             (["eval", "--prompts", prompt_file, "--backbone", "shapes", "--out", out], "--out"),
             (["eval", "--prompts", prompt_file, "--correct", "--out", out], "--out"),
             (["eval", "--prompts", prompt_file, "--correct", "--resume", "--out", out], "--out"),
-            (["train", ROOT / "configs" / "shapes.yaml", "--out", out], "xlard train --out"),
+            (["train", ROOT / "configs" / "shapes.yaml", "--out", out], "--out"),
             (["demo", "--out", out], "--out"),
         ]
         for argv, flag in cases:
             code, _, err = run(argv, capsys)
             assert code == 2, (argv, err)
-            one_line_error(err, f"{flag}: {out} is in use by another running xlard process")
+            one_line_error(err, f"error: {flag}: {out} is in use by another running xlard process")
     finally:
         proc.communicate("", timeout=60)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -87,14 +87,14 @@ def test_demo_resume_with_other_settings_is_refused(tiny_demo, capsys):
     rc = cli_main(["demo", "--out", str(tiny_demo), "--items-per-tag", "1", "--steps", "3", "--per-tag", "1",
                    "--seeds", "0", "--quiet", "--resume"] + SMALL)
     assert rc == 2
-    assert "other settings" in capsys.readouterr().err
+    assert "other settings (--steps differ)" in capsys.readouterr().err  # which one, named
     rc = cli_main(["demo", "--out", str(tiny_demo), "--items-per-tag", "2", "--steps", "1", "--per-tag", "1",
                    "--seeds", "0", "--quiet", "--resume"] + SMALL)
     assert rc == 2
-    assert "other settings" in capsys.readouterr().err
+    assert "other settings (--items-per-tag differ)" in capsys.readouterr().err
     rc = cli_main(["demo", "--out", str(tiny_demo), "--resume"] + ARGS[:-2])  # other --set
     assert rc == 2
-    assert "other settings" in capsys.readouterr().err
+    assert "other settings (" in capsys.readouterr().err
 
 
 def test_demo_resume_reuses_the_finished_run(tiny_demo, capsys):

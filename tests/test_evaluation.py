@@ -369,6 +369,35 @@ def test_zero_head_gives_corrected_equal_to_base(shapes, records, tmp_path):
 
 
 @needs_shapes
+def test_random_control_cells_do_not_depend_on_the_batch(shapes, records, monkeypatch):
+    """Each pair's random cells come from its own stream, seeded by its image seed: the same for --batch 1
+    and --batch 4 (one generator per batch, seeded by its first pair, gave other cells to 7 pairs in 96)."""
+    import xlard.explain
+
+    real = xlard.explain.faithfulness
+    draws = {}
+
+    def spy(reward_fn, z0, delta, alpha, **kwargs):
+        gens = kwargs["generator"]
+        assert isinstance(gens, list) and len(gens) == z0.shape[0]
+        for g in gens:
+            copy = torch.Generator().set_state(g.get_state())
+            draws.setdefault(batch_size, []).append((g.initial_seed(), torch.rand(16, generator=copy)))
+        return real(reward_fn, z0, delta, alpha, **kwargs)
+
+    monkeypatch.setattr(xlard.explain, "faithfulness", spy)
+    pairs = [(i, s) for s in (0, 1) for i in range(3)]
+    for batch_size in (1, 4):
+        rows = [r for batch in ev.evaluate_pairs(shapes, _corrector(head_std=0.5), _meta(), records[:3], pairs,
+                                                 batch_size=batch_size, faithfulness_fraction=0.2) for r in batch]
+        assert len(rows) == 6
+    one, four = dict(draws[1]), dict(draws[4])
+    assert sorted(one) == sorted(four) == sorted(ev.image_seed(s, i) for i, s in pairs)
+    for seed in one:
+        assert torch.equal(one[seed], four[seed])
+
+
+@needs_shapes
 def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
     corrector = _corrector(head_std=0.5)
     out = tmp_path / "run"

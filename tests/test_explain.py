@@ -362,6 +362,22 @@ def test_faithfulness_edges_and_alpha():
     assert torch.isnan(flat.gain_lost).all()                          # no gain: ratio undefined
 
 
+def test_faithfulness_per_item_generators_make_the_control_independent_of_the_batch():
+    """xlard eval's random control came from one generator per batch: a pair's random cells changed with
+    --batch and with where a resumed run's batches started."""
+    reward, z0, delta, _ = _toy(b=3)
+    gens = [torch.Generator().manual_seed(100 + k) for k in range(3)]
+    whole = faithfulness(reward, z0, delta, fraction=0.3, generator=gens)
+    for k in range(3):
+        alone = faithfulness(reward, z0[k:k + 1], delta[k:k + 1], fraction=0.3,
+                             generator=[torch.Generator().manual_seed(100 + k)])
+        torch.testing.assert_close(alone.reward_random, whole.reward_random[k:k + 1], rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"one per item \(3\) or None, got a sequence of 2"):
+        faithfulness(reward, z0, delta, generator=gens[:2])
+    with pytest.raises(TypeError, match="got a sequence of 3"):
+        faithfulness(reward, z0, delta, generator=[gens[0], gens[1], 7])
+
+
 def test_faithfulness_bad_inputs():
     reward, z0, delta, _ = _toy(b=2)
     with pytest.raises(ValueError, match="Tensor\\[B\\] with B = 2"):

@@ -185,3 +185,19 @@ def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
     report = RA.run_cached(folder, "attention", resamples=10)
     assert report["n"] == 8 and report["source"] == "attention"
     assert json.loads((folder / "labels.json").read_text()) == [r["correct"] for r in report["rows"]]
+
+
+def test_a_cache_of_other_samples_says_what_differs(tmp_path):
+    """--seed 7 or --split train gave "holds other samples ({its meta})": a meta equal to the user's own."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    records = [{"tag": "single_object", "prompt": "a photo of a circle", "include": [{"class": "circle", "count": 1}]}]
+    (folder / "records.jsonl").write_text(json.dumps(records[0]) + "\n")
+    (folder / "meta.json").write_text(json.dumps({"backbone": "shapes", "steps": 0, "batch": 16, "n": 1}))
+    other = [dict(records[0], prompt="a photo of a square", include=[{"class": "square", "count": 1}])]
+    with pytest.raises(ValueError, match=r"holds other samples: other records \(--split, --per-tag, "
+                                         r"--seeds-per-prompt or --seed\); use another folder"):
+        RA.generate_cache(folder, "shapes", other)
+    with pytest.raises(ValueError, match=r"holds other samples: other settings \(.*'steps': 0.* here, .*'steps': 3.* "
+                                         r"asked\); use"):
+        RA.generate_cache(folder, "shapes", records, steps=3)

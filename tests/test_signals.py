@@ -141,3 +141,18 @@ def test_the_command_line_imports_numpy_and_torch_held(monkeypatch, capsys, tmp_
     assert cli.main(["prompts", str(tmp_path / "p.jsonl"), "-n", "2"]) == 0
     assert cli.main(["info"]) == 0
     assert seen == [("numpy",), ("numpy", "torch")]
+
+
+def test_every_script_says_how_to_continue_when_interrupted():
+    """docs/cli.md: the scripts end on Ctrl-C with one line saying how to continue; four said only that every
+    file written is complete."""
+    import ast
+    from pathlib import Path
+
+    calls = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_script":
+                calls[path.name] = len(node.args) + len(node.keywords)
+    assert len(calls) >= 8, calls
+    assert [name for name, n in calls.items() if n < 3] == []

@@ -239,6 +239,34 @@ def test_dataset_build_resumes_at_the_first_missing_shard(tmp_path, shapes_final
 
 
 @needs_shapes
+def test_dataset_build_closes_its_bar_when_interrupted(tmp_path, shapes_final, monkeypatch):
+    """Ctrl-C during the edit targets left the bar open: the interrupt line was glued to it."""
+    from tqdm import tqdm
+
+    from xlard.shapes.understanding import load_model
+    from xlard.train import distill as dl
+    from xlard.train.data import Item, load_records
+
+    records, _ = load_records("shapes:train")
+    items = [Item(records[i], dl.DISTILL_SEED_BASE + i, i) for i in range(2)]
+    opened = []
+    real_init = tqdm.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tqdm, "__init__", spy)
+    monkeypatch.setattr(dl, "encode_items", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        dl.build_dataset(shapes_final, load_model(), items, tmp_path / "d", chunk=2, progress=True)
+    assert opened and all(bar.disable for bar in opened)  # tqdm marks a closed bar disabled
+
+
+@needs_shapes
 def test_ppo_continues_after_distill_and_resume_skips_it(tmp_path, shapes_final, monkeypatch):
     from xlard.train import distill as dl
     from xlard.train import train

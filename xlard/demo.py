@@ -76,6 +76,12 @@ DEMO_OUTPUTS = ("train", "eval", "report.html", "demo.json")
 REPORT_CARDS = 12
 
 
+#: The demo's settings (demo.json) by the options that set them: what a refused --resume names.
+_SETTING_OPTIONS = {"steps": "--steps", "items_per_tag": "--items-per-tag", "per_tag": "--per-tag", "seeds": "--seeds",
+                    "training": "the training config (--set, or another xlard version's recipe)",
+                    "overrides": "--set"}
+
+
 def demo_config(out: Path, steps: int = 0, items_per_tag: int = DEMO_ITEMS_PER_TAG, progress: bool = True,
                 overrides: Mapping[str, Any] | None = None):
     """The demo's :class:`xlard.train.TrainConfig`, writing to ``out``.
@@ -275,9 +281,16 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     summary_path = out / "demo.json"
     if resume and summary_path.is_file():
         earlier = _io.read_json(summary_path, what="demo.json").get("settings")
-        if earlier != json.loads(_io.dumps(settings)):
-            raise ValueError(f"--resume: {out} holds a demo with other settings; rerun with the same --steps, "
-                             "--items-per-tag, --per-tag, --seeds and --set, or use --overwrite")
+        now = json.loads(_io.dumps(settings))
+        if earlier != now:
+            earlier = earlier if isinstance(earlier, dict) else {}
+            keys = [k for k in now if earlier.get(k) != now[k]]
+            if len(keys) > 1 and "training" in keys:  # the resolved config follows the options: name those
+                keys.remove("training")
+            differ = [_SETTING_OPTIONS.get(k, k) for k in keys]
+            raise ValueError(f"--resume: {out} holds a demo with other settings ({', '.join(differ) or 'unreadable'} "
+                             "differ); rerun with the same --steps, --items-per-tag, --per-tag, --seeds and --set, or "
+                             "use --overwrite")
     t_all = time.perf_counter()
     device = torch.device("cpu")
     backbone = load_backbone(cfg.backbone, device, cfg.reward)  # before anything is deleted or made: it may fail

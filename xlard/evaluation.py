@@ -828,9 +828,11 @@ def evaluate_pairs(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
                 images = backbone.decode(_state, z).images
                 return torch.tensor([float(v.correct) for v in _verdicts(images, _recs, evaluator_config)])
 
-            gen = torch.Generator("cpu").manual_seed(seeds[0])
+            # one stream per pair, seeded by its image seed: its random cells do not depend on --batch or on
+            # where a resumed run's batches start
+            gens = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
             res = faithfulness(reward_fn, state.z0, delta, alpha, fraction=float(faithfulness_fraction),
-                               random_control=True, generator=gen)
+                               random_control=True, generator=gens)
             masked, random = res.reward_masked.tolist(), res.reward_random.tolist()
         lam_mass = lam.float().mean(dim=(1, 2)).tolist()
         rows = []

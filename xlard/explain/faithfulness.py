@@ -112,7 +112,8 @@ def faithfulness(
         alpha (float or Tensor[B]): the correction step size.
         fraction (float): the share of LAM cells to mask, in [0, 1].
         random_control (bool): also mask as many random cells.
-        generator (torch.Generator, optional): for the random control.
+        generator (torch.Generator or a sequence of B of them, optional): for the random control; one per
+            item makes each item's random cells depend on its own generator only (not on the batch it is in).
         min_gain (float): gains smaller than this in magnitude give NaN ratios.
 
     Returns:
@@ -144,7 +145,16 @@ def faithfulness(
     if isinstance(min_gain, bool) or not isinstance(min_gain, numbers.Real) or not math.isfinite(min_gain) \
             or min_gain < 0:
         raise ValueError(_err(fn, f"min_gain must be a finite number >= 0, got {min_gain!r}"))
-    if generator is not None and not isinstance(generator, torch.Generator):
+    per_item = isinstance(generator, (list, tuple))
+    if per_item:
+        if len(generator) != z0.shape[0] or not all(isinstance(g, torch.Generator) for g in generator):
+            raise TypeError(_err(fn, f"generator must be a torch.Generator, one per item ({z0.shape[0]}) or None, "
+                                     f"got a sequence of {len(generator)}: "
+                                     f"{sorted({type(g).__name__ for g in generator})}"))
+        if any(g.device.type != "cpu" for g in generator):
+            raise ValueError(_err(fn, "per-item generators must be CPU generators (the random cells are drawn on "
+                                      "the CPU)"))
+    elif generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(_err(fn, f"generator must be a torch.Generator or None, got {type(generator).__name__}"))
     with torch.no_grad():
         zc, lam = ops.residual_correction(z0, delta, alpha)
@@ -164,7 +174,10 @@ def faithfulness(
         random_reward = random_lost = None
         if random_control:
             b, h, w = lam.shape
-            scores = torch.rand((b, h * w), generator=generator, device="cpu").to(lam.device)
+            if per_item:  # each item's cells from its own stream
+                scores = torch.stack([torch.rand(h * w, generator=g) for g in generator]).to(lam.device)
+            else:
+                scores = torch.rand((b, h * w), generator=generator, device="cpu").to(lam.device)
             random_mask = top_lam_mask(scores.reshape(b, h, w), float(fraction))
             zr, _ = ops.residual_correction(z0, delta * (~random_mask).unsqueeze(1).to(delta.dtype), alpha)
             random_reward = _reward_vector(fn, reward_fn, zr, "randomly masked")

@@ -202,33 +202,36 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
         from tqdm import tqdm
         bar = tqdm(total=len(items), initial=(n_shards - len(todo)) * chunk, desc="distill: edit targets",
                    unit="item", file=sys.stderr)
-    for k in todo:
-        t_shard = time.perf_counter()
-        part = list(items[k * chunk:(k + 1) * chunk])
-        state = encode_items(backbone, part)
-        inputs = prompt_inputs(state, "cpu")
-        with torch.no_grad():
-            images = backbone.decode(state, state.z0).images.float().cpu()
-        size = model.config.image_size
-        if tuple(images.shape[-2:]) != (size, size):
-            raise ValueError(f"distill: the backbone's images are {tuple(images.shape[-2:])}, the understanding model "
-                             f"reads {size}x{size}")
-        edited = edit_images(model, images, state.specs, edit_config)
-        scale = signal_scale(state)
-        target = scale * edit_targets(encode, images, edited, inputs.z0.shape[1:],
-                                      z0=inputs.z0 if replace else None)
-        shard = {"z0": inputs.z0.cpu(), "target": target.cpu(), "tokens": inputs.text_tokens.cpu(),
-                 "mask": inputs.text_mask.cpu(), "pooled": inputs.pooled.cpu(),
-                 "prompts": [it.record.get("prompt") for it in part], "tags": [it.record.get("tag") for it in part],
-                 "seeds": [int(it.seed) for it in part], "actions": edited.actions, "signal_scale": scale}
-        if move_margin is not None or cells:
-            _add_read_targets(shard, model, images, state.specs, move_margin, cells)
-        shard["seconds"] = time.perf_counter() - t_shard
-        ckpt.save_atomic(shard, _shard_path(folder, k))
+    try:  # the bar is closed on Ctrl-C too: the interrupt line is then the last line
+        for k in todo:
+            t_shard = time.perf_counter()
+            part = list(items[k * chunk:(k + 1) * chunk])
+            state = encode_items(backbone, part)
+            inputs = prompt_inputs(state, "cpu")
+            with torch.no_grad():
+                images = backbone.decode(state, state.z0).images.float().cpu()
+            size = model.config.image_size
+            if tuple(images.shape[-2:]) != (size, size):
+                raise ValueError(f"distill: the backbone's images are {tuple(images.shape[-2:])}, the understanding "
+                                 f"model reads {size}x{size}")
+            edited = edit_images(model, images, state.specs, edit_config)
+            scale = signal_scale(state)
+            target = scale * edit_targets(encode, images, edited, inputs.z0.shape[1:],
+                                          z0=inputs.z0 if replace else None)
+            shard = {"z0": inputs.z0.cpu(), "target": target.cpu(), "tokens": inputs.text_tokens.cpu(),
+                     "mask": inputs.text_mask.cpu(), "pooled": inputs.pooled.cpu(),
+                     "prompts": [it.record.get("prompt") for it in part],
+                     "tags": [it.record.get("tag") for it in part],
+                     "seeds": [int(it.seed) for it in part], "actions": edited.actions, "signal_scale": scale}
+            if move_margin is not None or cells:
+                _add_read_targets(shard, model, images, state.specs, move_margin, cells)
+            shard["seconds"] = time.perf_counter() - t_shard
+            ckpt.save_atomic(shard, _shard_path(folder, k))
+            if bar is not None:
+                bar.update(len(part))
+    finally:
         if bar is not None:
-            bar.update(len(part))
-    if bar is not None:
-        bar.close()
+            bar.close()
     if move_margin is not None or cells:
         _upgrade_shards(backbone, model, folder, n_shards, move_margin, progress, cells)
     return folder
@@ -288,20 +291,22 @@ def _upgrade_shards(backbone, model, folder: Path, n_shards: int, margin: int | 
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), desc="distill: move/reader targets", unit="shard", file=sys.stderr)
-    for k in todo:
-        t_shard = time.perf_counter()
-        shard = torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            images = decode(shard["z0"].float()).float().cpu()
-        need_move, need_cells = missing(shard)
-        _add_read_targets(shard, model, images, [parse(p) for p in shard["prompts"]] if need_move else (),
-                          margin if need_move else None, need_cells)
-        shard["seconds"] = float(shard.get("seconds", 0.0)) + time.perf_counter() - t_shard
-        ckpt.save_atomic(shard, _shard_path(folder, k))
+    try:  # the bar is closed on Ctrl-C too: the interrupt line is then the last line
+        for k in todo:
+            t_shard = time.perf_counter()
+            shard = torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)
+            with torch.no_grad():
+                images = decode(shard["z0"].float()).float().cpu()
+            need_move, need_cells = missing(shard)
+            _add_read_targets(shard, model, images, [parse(p) for p in shard["prompts"]] if need_move else (),
+                              margin if need_move else None, need_cells)
+            shard["seconds"] = float(shard.get("seconds", 0.0)) + time.perf_counter() - t_shard
+            ckpt.save_atomic(shard, _shard_path(folder, k))
+            if bar is not None:
+                bar.update(1)
+    finally:
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
 
 
 def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]:

@@ -272,7 +272,7 @@ class Trainer:
         # at once instead of interleaving checkpoints and metrics.
         self._held = contextlib.ExitStack()
         if self.is_main:
-            self._held.enter_context(_io.folder_lock(self.out, "xlard train --out"))
+            self._held.enter_context(_io.folder_lock(self.out, "--out"))
             # leftovers of a checkpoint or file write killed mid-way (SIGKILL): never complete, each as large as
             # a checkpoint; the lock above says no other writer is in the folder
             for tmp in self.out.glob(".tmp-*"):
@@ -688,16 +688,18 @@ class Trainer:
         if self.is_main and self.cfg.log.progress:
             from tqdm import tqdm
             batches = tqdm(batches, desc="R_phi warm start", unit="batch", file=sys.stderr)
-        for wb in batches:
-            items, state = self._encode(wb, timer)
-            inputs = prompt_inputs(state, self.device, self.cfg.ppo.group_size, corrector=self.corrector)
-            gen = derived_generator(self.cfg.seed, "warm", wb)
-            eps = torch.randn((self.arith["rollouts_per_step"],) + tuple(inputs.z0.shape[1:]), generator=gen)
-            eps = eps[self._local_rows()].to(self.device)
-            scale = inputs.z0.flatten(1).std(dim=1).view(-1, 1, 1, 1)
-            z = inputs.z0 + p.warmup_sigma * scale * eps
-            _, result = self._decode_and_score(state, z, timer)
-            self.buffer.add(self._slot(inputs, z, result))
+        # the bar is closed on Ctrl-C too: the interrupt line is then the last line, not glued to it
+        with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
+            for wb in batches:
+                items, state = self._encode(wb, timer)
+                inputs = prompt_inputs(state, self.device, self.cfg.ppo.group_size, corrector=self.corrector)
+                gen = derived_generator(self.cfg.seed, "warm", wb)
+                eps = torch.randn((self.arith["rollouts_per_step"],) + tuple(inputs.z0.shape[1:]), generator=gen)
+                eps = eps[self._local_rows()].to(self.device)
+                scale = inputs.z0.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+                z = inputs.z0 + p.warmup_sigma * scale * eps
+                _, result = self._decode_and_score(state, z, timer)
+                self.buffer.add(self._slot(inputs, z, result))
         with timer("projector"):
             fit = self._fit(p.warmup_epochs, "warm")
         self.warm = True
@@ -1194,29 +1196,31 @@ class Trainer:
         if self.is_main and cfg.log.progress:
             from tqdm import tqdm
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", file=sys.stderr)
-        last_checkpoint_seconds = 0.0
-        while self.step < cfg.steps:
-            row = self.train_step()
-            row["time/last_checkpoint"] = last_checkpoint_seconds
-            if self.is_main:
-                # The row goes to disk before the checkpoint of its step: a run killed in between
-                # resumes from the previous checkpoint and rewrites the row, so none is ever lost.
-                self.log.write(row)
-            self._check_finite()  # before a checkpoint could rotate the last good one out
-            if self.step % cfg.log.checkpoint_every == 0 or self.step == cfg.steps:
-                t = time.perf_counter()
-                self.save()
-                if self.is_main and cfg.log.curve:
-                    draw_curves(self.log.rows, self.out / "curve.png")
-                last_checkpoint_seconds = time.perf_counter() - t
-            if self.is_main:
-                if bar is not None:
-                    key = "reward/joint_image" if "reward/joint_image" in row else "reward/joint_policy"
-                    bar.set_postfix({"reward": f"{row.get(key, float('nan')):.3f}",
-                                     "kl": f"{row.get('ppo/approx_kl', float('nan')):.2e}"})
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:  # the bar is closed on Ctrl-C too: the interrupt line is then the last line, not glued to it
+            last_checkpoint_seconds = 0.0
+            while self.step < cfg.steps:
+                row = self.train_step()
+                row["time/last_checkpoint"] = last_checkpoint_seconds
+                if self.is_main:
+                    # The row goes to disk before the checkpoint of its step: a run killed in between
+                    # resumes from the previous checkpoint and rewrites the row, so none is ever lost.
+                    self.log.write(row)
+                self._check_finite()  # before a checkpoint could rotate the last good one out
+                if self.step % cfg.log.checkpoint_every == 0 or self.step == cfg.steps:
+                    t = time.perf_counter()
+                    self.save()
+                    if self.is_main and cfg.log.curve:
+                        draw_curves(self.log.rows, self.out / "curve.png")
+                    last_checkpoint_seconds = time.perf_counter() - t
+                if self.is_main:
+                    if bar is not None:
+                        key = "reward/joint_image" if "reward/joint_image" in row else "reward/joint_policy"
+                        bar.set_postfix({"reward": f"{row.get(key, float('nan')):.3f}",
+                                         "kl": f"{row.get('ppo/approx_kl', float('nan')):.2e}"})
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         summary = {"steps": self.step, "out": str(self.out), "world_size": self.world,
                    "replica_max_difference": self.replica_difference()}
         if self.is_main:
