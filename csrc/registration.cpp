@@ -42,6 +42,9 @@ TORCH_LIBRARY(xlard, m) {
   m.def("_cpu_isa() -> str");
   // Bytes held by the CPU cache of freed large output buffers (csrc/cpu/buffer_cache.h), after freeing them all if release.
   m.def("_cpu_buffer_cache(bool release) -> int");
+  // Hands XLARD_CPU_ISA and XLARD_CPU_BUFFER_CACHE_MB (their texts, None = unset) to the CPU kernels, which never
+  // call getenv themselves; xlard.ops calls it under the GIL whenever os.environ's values changed.
+  m.def("_set_cpu_env(str? isa, str? cache_mb) -> ()");
 }
 
 // xlard._C is imported only for the registrations above and in the kernel files.

@@ -198,7 +198,9 @@ def build_info() -> dict:
         info["cuda_kernels"] = has_kernel("count_components", "CUDA")
         info["cxx_runtime"] = cxx_runtime()
         try:  # the vector level of the CPU correction kernels (XLARD_CPU_ISA caps it)
-            info["cpu_isa"] = torch.ops.xlard._cpu_isa()
+            from xlard import ops  # it hands XLARD_CPU_ISA to the kernels first
+
+            info["cpu_isa"] = ops.cpu_isa()
         except (AttributeError, RuntimeError, ValueError) as err:
             info["cpu_isa"] = f"unavailable: {err}"
     try:

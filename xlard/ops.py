@@ -17,6 +17,8 @@ Example:
 from __future__ import annotations
 
 import numbers
+import os
+import threading
 
 import torch
 
@@ -27,11 +29,35 @@ __all__ = [
     "LEFT_OF", "RIGHT_OF", "ABOVE", "BELOW", "provider",
     "label_components", "count_components", "component_stats", "attention_centroids",
     "position_scores", "color_scores", "residual_correction", "gaussian_log_prob", "sample_correction",
-    "cpu_buffer_cache_bytes", "empty_cpu_buffer_cache",
+    "cpu_buffer_cache_bytes", "empty_cpu_buffer_cache", "cpu_isa",
 ]
 
 # Relation codes of position_scores: "token a is <code> of token b" (y grows downward).
 from xlard.vocab import ABOVE, BELOW, LEFT_OF, RIGHT_OF  # noqa: E402  (public: xlard.ops.LEFT_OF ...)
+
+
+#: The environment variables the CPU kernels follow (docs/ops.md), and what they were last given.
+_CPU_ENV = ("XLARD_CPU_ISA", "XLARD_CPU_BUFFER_CACHE_MB")
+_cpu_env_given: tuple | None = None
+_cpu_env_lock = threading.Lock()
+
+
+def _sync_cpu_env() -> None:
+    """Hand ``XLARD_CPU_ISA`` and ``XLARD_CPU_BUFFER_CACHE_MB`` to the CPU kernels when ``os.environ`` changed them.
+
+    The kernels never call ``getenv`` themselves: with the GIL released, a ``getenv`` racing an
+    ``os.environ[...] = ...`` on another thread crashed the process. Here, under the GIL, the
+    variables are read on every call of an op (two dictionary lookups) and passed on only when
+    they changed.
+    """
+    global _cpu_env_given
+    now = tuple(os.environ.get(name) for name in _CPU_ENV)
+    if now == _cpu_env_given:
+        return
+    with _cpu_env_lock:
+        if now != _cpu_env_given:
+            torch.ops.xlard._set_cpu_env(*now)
+            _cpu_env_given = now
 
 
 def _op(name: str, device: torch.device):
@@ -39,6 +65,8 @@ def _op(name: str, device: torch.device):
         # The same choice as eager mode, made at trace time (and guarded on the provider).
         return _backends.compiled_op(name, device)
     _extension.require_ops()
+    if device.type == "cpu":
+        _sync_cpu_env()
     if device.type == "meta":  # shapes only: the ops' registered fake kernels, whatever the provider
         return getattr(torch.ops.xlard, name)
     packet = _backends.resolve(name, device)
@@ -391,6 +419,7 @@ def cpu_buffer_cache_bytes() -> int:
         5242880
     """
     _extension.require_ops()
+    _sync_cpu_env()
     return int(torch.ops.xlard._cpu_buffer_cache(False))
 
 
@@ -398,7 +427,24 @@ def empty_cpu_buffer_cache() -> int:
     """Frees every cached CPU output buffer (see :func:`cpu_buffer_cache_bytes`);
     returns how many bytes that released. Tensors still in use are not touched."""
     _extension.require_ops()
+    _sync_cpu_env()
     return int(torch.ops.xlard._cpu_buffer_cache(True))
+
+
+def cpu_isa() -> str:
+    """The x86 vector level the CPU latent kernels run at now: ``"baseline"``, ``"avx2"`` or ``"avx512"``
+    (the CPU's best, capped by ``XLARD_CPU_ISA``; see docs/ops.md).
+
+    Raises:
+        ValueError: ``XLARD_CPU_ISA`` holds something else than a level.
+
+    Example:
+        >>> xlard.ops.cpu_isa()  # doctest: +SKIP
+        'avx512'
+    """
+    _extension.require_ops()
+    _sync_cpu_env()
+    return str(torch.ops.xlard._cpu_isa())
 
 
 def _latent_outputs(z0: torch.Tensor, *names: str) -> tuple[tuple[str, tuple, torch.dtype], ...]:

@@ -12,25 +12,39 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <new>
 #include <string>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define XLARD_HAVE_FORK 1
+#else
+#define XLARD_HAVE_FORK 0
+#endif
 
 namespace xlard::buffer_cache {
 namespace {
 
 constexpr int64_t kDefaultLimitMiB = 256;
 
-// The limit in bytes from XLARD_CPU_BUFFER_CACHE_MB; an unreadable value is an error
-// (raised by the op that allocates, never inside a deleter).
+std::atomic<int64_t> g_limit{kDefaultLimitMiB << 20};  // bytes
+std::atomic<bool> g_limit_bad{false};                   // the last text given was no number (g_limit_text)
+std::mutex g_limit_mu;
+std::string g_limit_text;
+
+// The limit in bytes (XLARD_CPU_BUFFER_CACHE_MB as last given to set_limit_text); an unreadable
+// value is an error (raised by the op that allocates, never inside a deleter).
 int64_t read_limit(const char* op) {
-  const char* text = std::getenv("XLARD_CPU_BUFFER_CACHE_MB");
-  if (text == nullptr || *text == '\0') return kDefaultLimitMiB << 20;
-  char* end = nullptr;
-  errno = 0;
-  const long long mib = std::strtoll(text, &end, 10);
-  TORCH_CHECK_VALUE(errno == 0 && end != text && *end == '\0' && mib >= 0 && mib <= (int64_t(1) << 30), "xlard.",
-                    op, ": XLARD_CPU_BUFFER_CACHE_MB must be a whole number of MiB >= 0 (0 turns the cache off), got '",
-                    text, "'");
-  return static_cast<int64_t>(mib) << 20;
+  if (g_limit_bad.load(std::memory_order_acquire)) {
+    std::string text;
+    {
+      std::lock_guard<std::mutex> lock(g_limit_mu);
+      text = g_limit_text;
+    }
+    TORCH_CHECK_VALUE(false, "xlard.", op, ": XLARD_CPU_BUFFER_CACHE_MB must be a whole number of MiB >= 0 "
+                      "(0 turns the cache off), got '", text, "'");
+  }
+  return g_limit.load();
 }
 
 class Cache {
@@ -93,6 +107,11 @@ class Cache {
     for (auto& [size, p] : drop) c10::free_cpu(p);
   }
 
+  void lock_for_fork() { mu_.lock(); }
+  void unlock_after_fork() { mu_.unlock(); }
+  // The child has one thread, a copy of the one that forked and held the lock: a fresh lock.
+  void reset_lock_in_child() { new (&mu_) std::mutex(); }
+
  private:
   std::mutex mu_;
   std::multimap<size_t, void*> free_;
@@ -100,9 +119,25 @@ class Cache {
   std::atomic<int64_t> limit_{kDefaultLimitMiB << 20};
 };
 
+Cache* g_cache = nullptr;
+
+#if XLARD_HAVE_FORK
+// A child forked while another thread held the cache's lock inherited it locked, and hung on
+// its first large output: the lock is taken around fork() and released on both sides.
+void before_fork() { g_cache->lock_for_fork(); }
+void after_fork_parent() { g_cache->unlock_after_fork(); }
+void after_fork_child() { g_cache->reset_lock_in_child(); }
+#endif
+
 // Never destroyed: tensors may be freed (and give their buffers back) during exit.
 Cache& cache() {
-  static Cache* c = new Cache();
+  static Cache* c = [] {
+    g_cache = new Cache();
+#if XLARD_HAVE_FORK
+    pthread_atfork(&before_fork, &after_fork_parent, &after_fork_child);
+#endif
+    return g_cache;
+  }();
   return *c;
 }
 
@@ -155,6 +190,32 @@ at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype, const char* op) {
 }
 
 int64_t cached_bytes() { return cache().bytes(); }
+
+void set_limit_text(const char* text) {
+  if (text == nullptr || *text == '\0') {
+    g_limit.store(kDefaultLimitMiB << 20);
+    g_limit_bad.store(false, std::memory_order_release);
+    return;
+  }
+  char* end = nullptr;
+  errno = 0;
+  const long long mib = std::strtoll(text, &end, 10);
+  if (errno == 0 && end != text && *end == '\0' && mib >= 0 && mib <= (int64_t(1) << 30)) {
+    g_limit.store(static_cast<int64_t>(mib) << 20);
+    g_limit_bad.store(false, std::memory_order_release);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(g_limit_mu);
+    g_limit_text = text;
+  }
+  g_limit_bad.store(true, std::memory_order_release);
+}
+
+namespace {
+// XLARD_CPU_BUFFER_CACHE_MB as the process started (read once, while the library loads).
+const bool g_limit_loaded = (set_limit_text(std::getenv("XLARD_CPU_BUFFER_CACHE_MB")), true);
+}  // namespace
 
 int64_t release() { return cache().release(); }
 

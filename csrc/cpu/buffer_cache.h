@@ -28,6 +28,12 @@ at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype, const char* op);
 // Bytes held by the cache now.
 int64_t cached_bytes();
 
+// The limit from XLARD_CPU_BUFFER_CACHE_MB's text (nullptr or "" = the default). Read once when
+// the library loads; xlard.ops hands os.environ's value here (under the GIL) when it changed, so
+// no kernel calls getenv (which races with a setenv on another thread). A bad value is kept and
+// raised by the next call that allocates. Thread-safe.
+void set_limit_text(const char* text);
+
 // Frees every cached buffer; returns how many bytes that released.
 int64_t release();
 

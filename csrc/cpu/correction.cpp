@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -512,6 +513,11 @@ void sample_correction_out_cpu(
   sample_correction_into(z0, mean, log_std, noise, alpha, alpha_scalar, zc, delta, log_prob, lam);
 }
 
+void set_cpu_env(const std::optional<std::string>& isa, const std::optional<std::string>& cache_mb) {
+  simd::set_isa_cap(isa ? isa->c_str() : nullptr);
+  buffer_cache::set_limit_text(cache_mb ? cache_mb->c_str() : nullptr);
+}
+
 std::string cpu_isa() {
   std::string error;
   const simd::Isa isa = simd::active_isa(&error);
@@ -522,7 +528,10 @@ std::string cpu_isa() {
 }  // namespace
 
 // No tensor arguments, so no backend key: one kernel for every device.
-TORCH_LIBRARY_IMPL(xlard, CompositeExplicitAutograd, m) { m.impl("_cpu_isa", &cpu_isa); }
+TORCH_LIBRARY_IMPL(xlard, CompositeExplicitAutograd, m) {
+  m.impl("_cpu_isa", &cpu_isa);
+  m.impl("_set_cpu_env", &set_cpu_env);
+}
 
 TORCH_LIBRARY_IMPL(xlard, CPU, m) {
   m.impl("residual_correction", &residual_correction_cpu);

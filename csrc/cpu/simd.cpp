@@ -2,8 +2,11 @@
 // XLARD_CPU_ISA. See simd.h.
 #include "cpu/simd.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <string>
 
 namespace xlard::simd {
 
@@ -43,17 +46,51 @@ const char* isa_name(Isa isa) {
   return "baseline";
 }
 
-Isa active_isa(std::string* error) {
-  const Isa best = detected_isa();
-  const char* cap = std::getenv("XLARD_CPU_ISA");
-  if (cap == nullptr || *cap == '\0') return best;
+namespace {
+
+std::atomic<int> g_cap{-1};          // the capping level, -1 for none
+std::atomic<bool> g_cap_bad{false};  // the last text given was no level (g_bad_text)
+std::mutex g_bad_mu;
+std::string g_bad_text;
+
+// XLARD_CPU_ISA as the process started (read once, while the library loads).
+const bool g_cap_loaded = (set_isa_cap(std::getenv("XLARD_CPU_ISA")), true);
+
+}  // namespace
+
+void set_isa_cap(const char* text) {
+  if (text == nullptr || *text == '\0') {
+    g_cap.store(-1);
+    g_cap_bad.store(false, std::memory_order_release);
+    return;
+  }
   for (Isa isa : {Isa::kBaseline, Isa::kAvx2, Isa::kAvx512}) {
-    if (std::strcmp(cap, isa_name(isa)) == 0) return static_cast<int>(isa) < static_cast<int>(best) ? isa : best;
+    if (std::strcmp(text, isa_name(isa)) == 0) {
+      g_cap.store(static_cast<int>(isa));
+      g_cap_bad.store(false, std::memory_order_release);
+      return;
+    }
   }
-  if (error != nullptr) {
-    *error = std::string("XLARD_CPU_ISA must be one of baseline, avx2, avx512 (or unset), got '") + cap + "'";
+  {
+    std::lock_guard<std::mutex> lock(g_bad_mu);
+    g_bad_text = text;
   }
-  return best;
+  g_cap_bad.store(true, std::memory_order_release);
+}
+
+Isa active_isa(std::string* error) {
+  (void)g_cap_loaded;
+  const Isa best = detected_isa();
+  if (g_cap_bad.load(std::memory_order_acquire)) {
+    if (error != nullptr) {
+      std::lock_guard<std::mutex> lock(g_bad_mu);
+      *error = "XLARD_CPU_ISA must be one of baseline, avx2, avx512 (or unset), got '" + g_bad_text + "'";
+    }
+    return best;
+  }
+  const int cap = g_cap.load();
+  if (cap < 0) return best;
+  return cap < static_cast<int>(best) ? static_cast<Isa>(cap) : best;
 }
 
 const RowKernels& row_kernels(Isa isa) {

@@ -40,10 +40,16 @@ struct RowKernels {
 // The best level this CPU (and its OS) supports.
 Isa detected_isa();
 
-// The level in use: detected_isa(), capped by the environment variable XLARD_CPU_ISA
-// (baseline | avx2 | avx512) when set, which is read on every call so tests and users
-// can switch at run time. An unknown value sets *error and returns the detected level.
+// The level in use: detected_isa(), capped by XLARD_CPU_ISA (baseline | avx2 | avx512). The
+// kernels never read the environment themselves (a getenv racing a setenv on another thread
+// crashed the process): the variable is read once when the library loads, and set_isa_cap()
+// changes the cap at run time (xlard.ops hands it os.environ's value, under the GIL, whenever
+// that changed). An unknown value sets *error and returns the detected level.
 Isa active_isa(std::string* error);
+
+// The cap from XLARD_CPU_ISA's text (nullptr or "" = no cap). An unknown value is kept and
+// reported by active_isa() until a valid one (or none) is set. Thread-safe.
+void set_isa_cap(const char* text);
 
 const char* isa_name(Isa isa);
 const RowKernels& row_kernels(Isa isa);

@@ -88,14 +88,19 @@ int main() {
       for (const bool stream : {false, true}) check_level(k, n, stream, rng);
     }
   }
-  // An unknown cap is reported, never silently used.
-  setenv("XLARD_CPU_ISA", "sse9", 1);
+  // An unknown cap is reported, never silently used; the kernels never read the environment
+  // themselves (set_isa_cap() takes the variable's text).
+  xlard::simd::set_isa_cap("sse9");
   std::string error;
   CHECK(xlard::simd::active_isa(&error) == best && !error.empty(), "unknown XLARD_CPU_ISA not reported");
-  setenv("XLARD_CPU_ISA", "baseline", 1);
+  xlard::simd::set_isa_cap("baseline");
   error.clear();
   CHECK(xlard::simd::active_isa(&error) == Isa::kBaseline && error.empty(), "XLARD_CPU_ISA=baseline not honoured");
+  setenv("XLARD_CPU_ISA", "sse9", 1);  // read once at load: a later setenv changes nothing by itself
+  CHECK(xlard::simd::active_isa(&error) == Isa::kBaseline && error.empty(), "the environment read on a call");
   unsetenv("XLARD_CPU_ISA");
+  xlard::simd::set_isa_cap(nullptr);
+  CHECK(xlard::simd::active_isa(&error) == best && error.empty(), "no cap after set_isa_cap(nullptr)");
   std::printf("%d level(s) checked, %d failure(s)\n", levels, failures);
   return failures == 0 ? 0 : 1;
 }
