@@ -172,7 +172,7 @@ def test_base_install_imports_everything_and_runs_every_op(tmp_path):
             "sample_correction": lambda f: f(z0, delta, log_std, noise, 0.5),
         }
         public = {n for n in ops.__all__ if callable(getattr(ops, n)) and n != "provider"}
-        helpers = {"cpu_buffer_cache_bytes", "empty_cpu_buffer_cache"}
+        helpers = {"cpu_buffer_cache_bytes", "empty_cpu_buffer_cache", "cpu_isa"}
         assert public - helpers == set(calls), f"ops without a base-install check: {public - helpers - set(calls)}"
         for name, call in calls.items():
             got, want = call(getattr(ops, name)), call(getattr(ref, name))
@@ -181,6 +181,7 @@ def test_base_install_imports_everything_and_runs_every_op(tmp_path):
             for a, b in zip(got, want, strict=True):
                 torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
         assert ops.empty_cpu_buffer_cache() >= 0 and ops.cpu_buffer_cache_bytes() >= 0
+        assert ops.cpu_isa() in ("baseline", "avx2", "avx512")
 
         assert cli.main(["info"]) == 0
         assert cli.main(["prompts", "p.jsonl", "-n", "6"]) == 0

@@ -6,8 +6,10 @@ reported by :func:`require_ops`, the one place that turns it into an error.
 from __future__ import annotations
 
 import importlib
+import os
 import struct
 import sys
+import threading
 import warnings
 
 import torch
@@ -191,6 +193,30 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return has_ops() and op in _COMPILED.get(dispatch_key, ())
 
 
+#: The environment variables the CPU kernels follow (docs/ops.md), and what they were last given.
+_CPU_ENV = ("XLARD_CPU_ISA", "XLARD_CPU_BUFFER_CACHE_MB")
+_cpu_env_given: tuple | None = None
+_cpu_env_lock = threading.Lock()
+
+
+def sync_cpu_env() -> None:
+    """Hand ``XLARD_CPU_ISA`` and ``XLARD_CPU_BUFFER_CACHE_MB`` to the CPU kernels when ``os.environ`` changed them.
+
+    The kernels never call ``getenv`` themselves: with the GIL released, a ``getenv`` racing an
+    ``os.environ[...] = ...`` on another thread crashed the process. Here, under the GIL, the
+    variables are read on every call of an op (two dictionary lookups) and passed on only when
+    they changed.
+    """
+    global _cpu_env_given
+    now = tuple(os.environ.get(name) for name in _CPU_ENV)
+    if now == _cpu_env_given:
+        return
+    with _cpu_env_lock:
+        if now != _cpu_env_given:
+            torch.ops.xlard._set_cpu_env(*now)
+            _cpu_env_given = now
+
+
 def build_info() -> dict:
     """What was compiled into ``_C``: torch version, CUDA support, compile flags."""
     info = {"loaded": has_ops(), "error": None if _load_error is None else repr(_load_error)}
@@ -198,9 +224,8 @@ def build_info() -> dict:
         info["cuda_kernels"] = has_kernel("count_components", "CUDA")
         info["cxx_runtime"] = cxx_runtime()
         try:  # the vector level of the CPU correction kernels (XLARD_CPU_ISA caps it)
-            from xlard import ops  # it hands XLARD_CPU_ISA to the kernels first
-
-            info["cpu_isa"] = ops.cpu_isa()
+            sync_cpu_env()  # XLARD_CPU_ISA as os.environ holds it now
+            info["cpu_isa"] = torch.ops.xlard._cpu_isa()
         except (AttributeError, RuntimeError, ValueError) as err:
             info["cpu_isa"] = f"unavailable: {err}"
     try:

@@ -17,8 +17,6 @@ Example:
 from __future__ import annotations
 
 import numbers
-import os
-import threading
 
 import torch
 
@@ -36,37 +34,13 @@ __all__ = [
 from xlard.vocab import ABOVE, BELOW, LEFT_OF, RIGHT_OF  # noqa: E402  (public: xlard.ops.LEFT_OF ...)
 
 
-#: The environment variables the CPU kernels follow (docs/ops.md), and what they were last given.
-_CPU_ENV = ("XLARD_CPU_ISA", "XLARD_CPU_BUFFER_CACHE_MB")
-_cpu_env_given: tuple | None = None
-_cpu_env_lock = threading.Lock()
-
-
-def _sync_cpu_env() -> None:
-    """Hand ``XLARD_CPU_ISA`` and ``XLARD_CPU_BUFFER_CACHE_MB`` to the CPU kernels when ``os.environ`` changed them.
-
-    The kernels never call ``getenv`` themselves: with the GIL released, a ``getenv`` racing an
-    ``os.environ[...] = ...`` on another thread crashed the process. Here, under the GIL, the
-    variables are read on every call of an op (two dictionary lookups) and passed on only when
-    they changed.
-    """
-    global _cpu_env_given
-    now = tuple(os.environ.get(name) for name in _CPU_ENV)
-    if now == _cpu_env_given:
-        return
-    with _cpu_env_lock:
-        if now != _cpu_env_given:
-            torch.ops.xlard._set_cpu_env(*now)
-            _cpu_env_given = now
-
-
 def _op(name: str, device: torch.device):
     if torch.compiler.is_compiling():
         # The same choice as eager mode, made at trace time (and guarded on the provider).
         return _backends.compiled_op(name, device)
     _extension.require_ops()
     if device.type == "cpu":
-        _sync_cpu_env()
+        _extension.sync_cpu_env()
     if device.type == "meta":  # shapes only: the ops' registered fake kernels, whatever the provider
         return getattr(torch.ops.xlard, name)
     packet = _backends.resolve(name, device)
@@ -419,7 +393,7 @@ def cpu_buffer_cache_bytes() -> int:
         5242880
     """
     _extension.require_ops()
-    _sync_cpu_env()
+    _extension.sync_cpu_env()
     return int(torch.ops.xlard._cpu_buffer_cache(False))
 
 
@@ -427,7 +401,7 @@ def empty_cpu_buffer_cache() -> int:
     """Frees every cached CPU output buffer (see :func:`cpu_buffer_cache_bytes`);
     returns how many bytes that released. Tensors still in use are not touched."""
     _extension.require_ops()
-    _sync_cpu_env()
+    _extension.sync_cpu_env()
     return int(torch.ops.xlard._cpu_buffer_cache(True))
 
 
@@ -443,7 +417,7 @@ def cpu_isa() -> str:
         'avx512'
     """
     _extension.require_ops()
-    _sync_cpu_env()
+    _extension.sync_cpu_env()
     return str(torch.ops.xlard._cpu_isa())
 
 
