@@ -155,3 +155,24 @@ def hold_folder_in_subprocess(folder):
                             text=True, env={**os.environ, "PYTHONPATH": str(root)})
     assert proc.stdout.readline().strip() == "held"
     return proc
+
+
+def record_progress_bars(monkeypatch) -> list:
+    """Every tqdm bar made from now on (this test), in a list the caller checks: a closed bar is
+    ``disable``d. Used to check that an interrupted job closes its bars (the Ctrl-C line was glued to one)."""
+    from tqdm import tqdm
+
+    opened = []
+    real_init = tqdm.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(tqdm, "__init__", spy)
+    return opened
+
+
+def raise_keyboard_interrupt(*args, **kwargs):
+    """A stand-in for any function: Ctrl-C at that point."""
+    raise KeyboardInterrupt

@@ -241,7 +241,7 @@ def test_dataset_build_resumes_at_the_first_missing_shard(tmp_path, shapes_final
 @needs_shapes
 def test_dataset_build_closes_its_bar_when_interrupted(tmp_path, shapes_final, monkeypatch):
     """Ctrl-C during the edit targets left the bar open: the interrupt line was glued to it."""
-    from tqdm import tqdm
+    from helpers import raise_keyboard_interrupt, record_progress_bars
 
     from xlard.shapes.understanding import load_model
     from xlard.train import distill as dl
@@ -249,18 +249,8 @@ def test_dataset_build_closes_its_bar_when_interrupted(tmp_path, shapes_final, m
 
     records, _ = load_records("shapes:train")
     items = [Item(records[i], dl.DISTILL_SEED_BASE + i, i) for i in range(2)]
-    opened = []
-    real_init = tqdm.__init__
-
-    def spy(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        opened.append(self)
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tqdm, "__init__", spy)
-    monkeypatch.setattr(dl, "encode_items", interrupt)
+    opened = record_progress_bars(monkeypatch)
+    monkeypatch.setattr(dl, "encode_items", raise_keyboard_interrupt)
     with pytest.raises(KeyboardInterrupt):
         dl.build_dataset(shapes_final, load_model(), items, tmp_path / "d", chunk=2, progress=True)
     assert opened and all(bar.disable for bar in opened)  # tqdm marks a closed bar disabled

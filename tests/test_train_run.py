@@ -849,23 +849,13 @@ def test_metrics_log_checks_tensorboard_and_purges_resumed_steps(tmp_path, monke
 @needs_shapes
 def test_progress_bars_are_closed_when_a_run_is_interrupted(tmp_path, shapes, monkeypatch):
     """Ctrl-C left the bar open: the interrupt line was glued to it and a stale bar was drawn after it."""
-    from tqdm import tqdm
+    from helpers import raise_keyboard_interrupt, record_progress_bars
 
     from xlard.train import train
     from xlard.train.trainer import Trainer
 
-    opened = []
-    real_init = tqdm.__init__
-
-    def spy(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        opened.append(self)
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tqdm, "__init__", spy)
-    monkeypatch.setattr(Trainer, "train_step", interrupt)
+    opened = record_progress_bars(monkeypatch)
+    monkeypatch.setattr(Trainer, "train_step", raise_keyboard_interrupt)
     with pytest.raises(KeyboardInterrupt) as caught:
         train(tiny_config(tmp_path / "run", log={"progress": True}), backbone=shapes)
     assert opened and all(bar.disable for bar in opened)  # tqdm marks a closed bar disabled
