@@ -83,3 +83,22 @@ def test_needed_libraries_reads_a_minimal_shared_object(tmp_path):
 def test_cpu_error_messages_with_numbers_do_not_crash():
     """The crash needed a number in the message: these all format one."""
     assert_component_argument_errors("cpu")
+
+
+def test_a_c_extension_older_than_the_python_code_is_named(monkeypatch):
+    """A checkout updated without a rebuild: every CPU op failed with a bare AttributeError of torch.ops."""
+    import xlard._extension as ext
+    import xlard.ops as ops
+
+    real = torch.ops.xlard
+
+    class Older:
+        def __getattr__(self, name):
+            if name == "_set_cpu_env":
+                raise AttributeError(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(ext, "_cpu_env_given", None)
+    monkeypatch.setattr(torch.ops, "xlard", Older(), raising=False)
+    with pytest.raises(RuntimeError, match="xlard._C was built from older sources than the xlard Python code"):
+        ops.cpu_isa()

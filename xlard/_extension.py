@@ -213,7 +213,12 @@ def sync_cpu_env() -> None:
         return
     with _cpu_env_lock:
         if now != _cpu_env_given:
-            torch.ops.xlard._set_cpu_env(*now)
+            try:
+                hand_over = torch.ops.xlard._set_cpu_env
+            except AttributeError:  # a _C built from older sources than this Python code
+                raise RuntimeError(f"xlard._C was built from older sources than the xlard Python code (it has no "
+                                   f"_set_cpu_env op); {_fix_hint()}") from None
+            hand_over(*now)
             _cpu_env_given = now
 
 
