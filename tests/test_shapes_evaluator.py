@@ -3,6 +3,7 @@ input forms and bad inputs, reports."""
 from __future__ import annotations
 
 import json
+import os
 
 import cv2
 import numpy as np
@@ -557,10 +558,13 @@ def test_exif_orientation_is_honoured_and_animated_files_refused(tmp_path):
 
 def test_a_folder_named_like_an_image_is_not_reported_missing(tmp_path):
     (tmp_path / "0000.png").mkdir()
-    with pytest.raises(ValueError, match=r"0000.png: a folder, not an image file"):
+    with pytest.raises(ValueError, match=r"0000.png: a folder named like an image, not an image file"):
         E.load_images(str(tmp_path / "0000.png"))
     with pytest.raises(FileNotFoundError, match="image file not found"):
         E.load_images(str(tmp_path / "0001.png"))
+    os.mkfifo(tmp_path / "0002.png")
+    with pytest.raises(ValueError, match=r"0002.png: a special file \(FIFO, socket or device\) named like an image"):
+        E.load_images(str(tmp_path / "0002.png"))
 
 
 def test_png_files_match_the_suffix_in_any_case(tmp_path):

@@ -198,8 +198,8 @@ def _from_file(path: str | os.PathLike) -> np.ndarray:
     path = os.fspath(path)
     if not os.path.isfile(path):
         if os.path.exists(path):  # a folder or a FIFO named like an image: it is there, it is not a file
-            kind = "a folder" if os.path.isdir(path) else "not a regular file"
-            raise ValueError(f"{path}: {kind}, not an image file")
+            kind = "a folder" if os.path.isdir(path) else "a special file (FIFO, socket or device)"
+            raise ValueError(f"{path}: {kind} named like an image, not an image file")
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with warnings.catch_warnings():  # Pillow's own bomb warning: the size is checked below, before decoding
