@@ -699,18 +699,10 @@ def _refuse_non_finite(owner, z0, text_tokens, pooled, text_mask, latent_name: s
                              "anything computed from them would be NaN")
 
 
-def _refuse_non_finite_alpha(owner, alpha) -> None:
-    """A tensor ``alpha`` must be finite: the ops take its values as they come (as torch's own ops do), so a
-    NaN step would come out as a NaN latent blamed on nothing. A float alpha is checked by the op itself."""
-    if isinstance(alpha, torch.Tensor) and alpha.is_floating_point() and alpha.numel() and not alpha.is_meta \
-            and not torch.compiler.is_compiling() and not bool(torch.isfinite(alpha).all()):
-        raise ValueError(f"xlard.{owner}: alpha holds {int((~torch.isfinite(alpha)).sum())} NaN or infinite "
-                         f"value(s) of {alpha.numel()}; each row's step size must be a finite number")
-
-
 def _refuse_non_finite_tensor(owner, name, t, hint: str) -> None:
-    """One tensor argument must be finite (``noise``, ``delta``, ``mean``, a loss ``target``): named, with
-    the count of bad values."""
+    """One tensor argument must be finite (``noise``, ``delta``, ``mean``, a tensor ``alpha``): named, with the
+    count of bad values. (The ops take values as they come, as torch's own ops do: a NaN step would come out as
+    a NaN latent blamed on nothing.) Anything but a float tensor is left to the shape and type checks."""
     if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not t.is_meta \
             and not torch.compiler.is_compiling() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"xlard.{owner}: {name} holds {int((~torch.isfinite(t)).sum())} NaN or infinite "
@@ -1958,7 +1950,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
             real (unmasked) token of ``text_tokens`` (they would come out as a NaN image without a word).
         """
         _refuse_non_finite("ResidualCorrector.correct", z0, text_tokens, pooled, text_mask)
-        _refuse_non_finite_alpha("ResidualCorrector.correct", alpha)
+        _refuse_non_finite_tensor("ResidualCorrector.correct", "alpha", alpha,
+                                  "each row's step size must be a finite number")
         with self._inference_autocast(z0):  # checked above: forward() would check again
             delta = self._forward(z0, text_tokens, pooled, text_mask)
         zc, lam = xops.residual_correction(z0, delta, self.config.alpha if alpha is None else alpha)
@@ -2044,7 +2037,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"xlard.ResidualCorrector.sample: generator must be a torch.Generator or None, got "
                             f"{type(generator).__name__}")
-        _refuse_non_finite_alpha("ResidualCorrector.sample", alpha)
+        _refuse_non_finite_tensor("ResidualCorrector.sample", "alpha", alpha,
+                                  "each row's step size must be a finite number")
         dist = self._distribution(z0, text_tokens, pooled, text_mask)
         dt = dist.mean.dtype
         if noise is None:
