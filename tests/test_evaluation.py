@@ -392,9 +392,20 @@ def test_random_control_cells_do_not_depend_on_the_batch(shapes, records, monkey
                                                  batch_size=batch_size, faithfulness_fraction=0.2) for r in batch]
         assert len(rows) == 6
     one, four = dict(draws[1]), dict(draws[4])
-    assert sorted(one) == sorted(four) == sorted(ev.image_seed(s, i) for i, s in pairs)
+    assert sorted(one) == sorted(four) == sorted(ev.control_seed(ev.image_seed(s, i)) for i, s in pairs)
     for seed in one:
         assert torch.equal(one[seed], four[seed])
+
+
+def test_the_random_control_does_not_reuse_the_image_noise_stream():
+    """Seeded with the image seed itself, the control's uniforms were the ones behind channel 0's initial noise:
+    the "random" cells were those where that noise was large."""
+    for image in (0, 1, 7_000_012, 2**40):
+        control = ev.control_seed(image)
+        assert 0 <= control < 2**63 and control != image
+        u = torch.rand(64, generator=torch.Generator().manual_seed(control))
+        assert not torch.equal(u, torch.rand(64, generator=torch.Generator().manual_seed(image)))
+    assert len({ev.control_seed(ev.image_seed(s, i)) for s in range(3) for i in range(500)}) == 1500
 
 
 @needs_shapes

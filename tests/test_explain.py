@@ -286,6 +286,18 @@ def test_read_png_reads_as_a_viewer_shows_and_refuses_what_it_would_garble(tmp_p
     frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:], duration=100, loop=0)
     with pytest.raises(ValueError, match=r"read_png: .*anim.png: an animated image \(2 frames\)"):
         read_png(tmp_path / "anim.png")
+    # a camera JPEG with a second picture (MPO) is one photo, not an animation: its first picture is read
+    flat = np.full((12, 20, 3), 90, np.uint8)
+    Image.fromarray(flat).save(tmp_path / "photo.jpg", format="MPO", save_all=True,
+                               append_images=[Image.fromarray(255 - flat)])
+    assert Image.open(tmp_path / "photo.jpg").n_frames == 2
+    assert (read_png(tmp_path / "photo.jpg").int() - 90).abs().max() <= 2
+    # a color key (tRNS on an RGB PNG) makes its pixels transparent: refused as an alpha channel is
+    keyed = rgb.copy()
+    keyed[0, 0] = 0
+    Image.fromarray(keyed).save(tmp_path / "keyed.png", transparency=(0, 0, 0))
+    with pytest.raises(ValueError, match=r"read_png: .*keyed.png: has transparent pixels"):
+        read_png(tmp_path / "keyed.png")
 
 
 def test_png_round_trip_float_and_uint8(tmp_path):

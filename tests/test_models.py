@@ -666,8 +666,12 @@ def test_sample_refuses_an_overflowing_correction_as_correct_does():
         model.sample(z0 * 1e38, text, pooled, mask, noise=noise)
     with torch.no_grad():  # float16 latents: a correction finite in float32 overflows when cast back
         model.head.bias.fill_(1e5)
-    with pytest.raises(ValueError, match="ResidualCorrector.sample: the correction of z0 overflowed"):
+    with pytest.raises(ValueError, match="ResidualCorrector.sample: the correction of z0 overflowed in torch.float16"):
         model.sample(z0.half(), text, pooled, mask, noise=noise)
+    with torch.no_grad():  # a huge step, not z0, is the cause: the message gives both
+        model.head.bias.normal_(0, 0.1)
+    with pytest.raises(ValueError, match=r"z0's largest magnitude is [0-9.]+, alpha's 1e\+05"):
+        model.sample(z0.half(), text, pooled, mask, noise=noise, alpha=torch.tensor([1e5, 1e5]))
 
 
 def test_projector_refuses_non_finite_inputs_and_bad_targets():
@@ -696,6 +700,11 @@ def test_projector_refuses_non_finite_inputs_and_bad_targets():
     assert torch.isfinite(projector.loss(out, t, present).loss)
     with pytest.raises(ValueError, match="target must be on the scores' device cpu, got meta"):
         projector.loss(out, target.to("meta"), present)
+    with torch.no_grad():  # diverged weights are named, not blamed on zc's scale
+        projector.readout_bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"projector's weights hold NaN or infinite values \(readout_bias\): its "
+                                         r"training diverged"):
+        projector(z0, text, pooled, mask)
 
 
 def test_corrector_and_projector_compile_without_graph_breaks():

@@ -550,6 +550,11 @@ def test_exif_orientation_is_honoured_and_animated_files_refused(tmp_path):
     arrays, _ = E.load_images([str(tmp_path / "turned.png"), str(tmp_path / "turned_no_tag.png")])
     assert np.array_equal(arrays[0], img)            # as a viewer shows it
     assert not np.array_equal(arrays[1], img)        # without the tag the stored pixels are the picture
+    keyed = img.copy()
+    keyed[0, 0] = (1, 2, 3)
+    Image.fromarray(keyed).save(tmp_path / "keyed.png", transparency=(1, 2, 3))  # a tRNS color key
+    with pytest.raises(ValueError, match=r"keyed.png: has transparent pixels"):
+        E.load_images(str(tmp_path / "keyed.png"))
     frames = [Image.fromarray(np.full((16, 16, 3), 200, np.uint8)), Image.fromarray(img[:16, :16])]
     frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:], duration=100, loop=0)
     with pytest.raises(ValueError, match=r"anim.png: an animated image \(2 frames\)"):

@@ -32,7 +32,8 @@ def refuse_animated(im: Any, what: str) -> None:
         ValueError: naming ``what`` and the frame count.
     """
     frames = getattr(im, "n_frames", 1)
-    if isinstance(frames, int) and frames > 1:
+    # a camera JPEG holding a second picture (MPO: a preview, an HDR gain map) shows its first one: no animation
+    if isinstance(frames, int) and frames > 1 and getattr(im, "format", None) != "MPO":
         raise ValueError(f"{what}: an animated image ({frames} frames); only one still image can be judged: "
                          "save the frame you mean as a PNG")
 
@@ -71,7 +72,7 @@ def rgb_array(im: Any, what: str):
     if mode in WIDE_MODES:
         raise ValueError(f"{what}: expected an 8-bit image, got mode {mode} (16-bit or float pixels, which a "
                          "conversion to RGB would clip): save it as 8-bit RGB")
-    if mode == "P" and "transparency" in im.info:
+    if mode not in ALPHA_MODES and "transparency" in im.info:  # a palette's or a color key's (tRNS) transparency
         im, mode = im.convert("RGBA"), "RGBA"
     if mode in ALPHA_MODES:
         alpha = np.asarray(im.getchannel(im.getbands()[-1]))  # "A", or "a" for premultiplied modes

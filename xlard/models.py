@@ -709,13 +709,17 @@ def _refuse_non_finite_tensor(owner, name, t, hint: str) -> None:
                          f"value(s) of {t.numel()}; {hint}")
 
 
-def _refuse_overflow(owner, z0, out) -> None:
-    """Finite inputs whose correction is not finite (latents far beyond any the corrector saw): an error
-    naming the input's scale, not a NaN image."""
+def _refuse_overflow(owner, z0, out, alpha=None) -> None:
+    """Finite inputs whose correction is not finite (latents far beyond any the corrector saw, or a huge step):
+    an error naming the input's scale and the step, not a NaN image."""
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
-        raise ValueError(f"xlard.{owner}: the correction of z0 overflowed (z0's largest magnitude is "
-                         f"{float(z0.abs().max()):.3g}; the corrector's backbone makes latents of order 1: is z0 "
-                         "scaled by the VAE's scaling_factor?)")
+        step = alpha if alpha is not None else 1.0
+        step = float(step.abs().max()) if isinstance(step, torch.Tensor) and step.numel() else float(abs(step)) \
+            if not isinstance(step, torch.Tensor) else 0.0
+        raise ValueError(f"xlard.{owner}: the correction of z0 overflowed in {out.dtype} (z0's largest magnitude "
+                         f"is {float(z0.abs().max()):.3g}, alpha's {step:.3g}; the corrector's backbone makes "
+                         "latents of order 1 and alpha is a step of order 1: is z0 scaled by the VAE's "
+                         "scaling_factor?)")
 
 
 class _Pretrained:
@@ -1954,8 +1958,9 @@ class ResidualCorrector(_Pretrained, nn.Module):
                                   "each row's step size must be a finite number")
         with self._inference_autocast(z0):  # checked above: forward() would check again
             delta = self._forward(z0, text_tokens, pooled, text_mask)
-        zc, lam = xops.residual_correction(z0, delta, self.config.alpha if alpha is None else alpha)
-        _refuse_overflow("ResidualCorrector.correct", z0, zc)
+        step = self.config.alpha if alpha is None else alpha
+        zc, lam = xops.residual_correction(z0, delta, step)
+        _refuse_overflow("ResidualCorrector.correct", z0, zc, step)
         return zc, lam
 
     def distribution(self, z0, text_tokens, pooled, text_mask=None) -> GaussianPolicy:
@@ -2057,7 +2062,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
         zc, delta, log_prob, lam = xops.sample_correction(
             z0.to(dt), dist.mean, self.log_std.detach().to(dt), noise, self.config.alpha if alpha is None else alpha)
         zc = zc.to(z0.dtype)
-        _refuse_overflow("ResidualCorrector.sample", z0, zc)
+        _refuse_overflow("ResidualCorrector.sample", z0, zc, self.config.alpha if alpha is None else alpha)
         return zc, delta, log_prob, lam
 
 
@@ -2224,6 +2229,11 @@ class LatentRewardProjector(_Pretrained, nn.Module):
         read = self.readout_norm(queries + self.readout_attn(queries, tokens))
         scores = torch.sigmoid((read * self.readout_weight).sum(-1) + self.readout_bias)
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(scores).all()):
+            broken = [n for n, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+            if broken:  # a diverged fit, not the input
+                raise ValueError(f"xlard.{owner}: the projector's weights hold NaN or infinite values ("
+                                 f"{', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): its training "
+                                 "diverged (lower optim.lr, or resume from an earlier checkpoint)")
             raise ValueError(f"xlard.{owner}: the predicted scores are NaN for finite inputs (zc's largest "
                              f"magnitude is {float(zc.abs().max()):.3g}; the projector's backbone makes latents of "
                              "order 1: is zc scaled by the VAE's scaling_factor?)")

@@ -217,6 +217,8 @@ def _from_file(path: str | os.PathLike) -> np.ndarray:
             im = upright(im)  # EXIF orientation applied, as a viewer shows the picture
             if im.mode == "P":  # palette PNGs: expand to the colors they show
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode == "RGB" and "transparency" in im.info:  # a color key (tRNS): its pixels are transparent
+                im = im.convert("RGBA")
             mode = im.mode
             raw = np.asarray(im)
         except (OSError, SyntaxError, ValueError) as exc:  # a cut file fails here, when it is decoded
