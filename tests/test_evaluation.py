@@ -392,20 +392,32 @@ def test_random_control_cells_do_not_depend_on_the_batch(shapes, records, monkey
                                                  batch_size=batch_size, faithfulness_fraction=0.2) for r in batch]
         assert len(rows) == 6
     one, four = dict(draws[1]), dict(draws[4])
-    assert sorted(one) == sorted(four) == sorted(ev.control_seed(ev.image_seed(s, i)) for i, s in pairs)
+    from xlard.train.rollout import derived_generator
+
+    want = sorted(derived_generator(ev.image_seed(s, i), "lam-control").initial_seed() for i, s in pairs)
+    assert sorted(one) == sorted(four) == want
     for seed in one:
         assert torch.equal(one[seed], four[seed])
 
 
-def test_the_random_control_does_not_reuse_the_image_noise_stream():
+@needs_shapes
+def test_the_random_control_does_not_reuse_the_image_noise_stream(shapes, records, monkeypatch):
     """Seeded with the image seed itself, the control's uniforms were the ones behind channel 0's initial noise:
     the "random" cells were those where that noise was large."""
-    for image in (0, 1, 7_000_012, 2**40):
-        control = ev.control_seed(image)
-        assert 0 <= control < 2**63 and control != image
-        u = torch.rand(64, generator=torch.Generator().manual_seed(control))
-        assert not torch.equal(u, torch.rand(64, generator=torch.Generator().manual_seed(image)))
-    assert len({ev.control_seed(ev.image_seed(s, i)) for s in range(3) for i in range(500)}) == 1500
+    import xlard.explain
+
+    real, seen = xlard.explain.faithfulness, []
+
+    def spy(reward_fn, z0, delta, alpha, **kwargs):
+        seen.extend(g.initial_seed() for g in kwargs["generator"])
+        return real(reward_fn, z0, delta, alpha, **kwargs)
+
+    monkeypatch.setattr(xlard.explain, "faithfulness", spy)
+    pairs = [(i, 0) for i in range(3)]
+    list(ev.evaluate_pairs(shapes, _corrector(head_std=0.5), _meta(), records[:3], pairs, batch_size=3,
+                           faithfulness_fraction=0.2))
+    images = [ev.image_seed(s, i) for i, s in pairs]
+    assert len(seen) == 3 and not set(seen) & set(images)
 
 
 @needs_shapes

@@ -484,15 +484,6 @@ def _write_json(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------
 
 
-def control_seed(image_seed: int) -> int:
-    """The seed of a pair's random LAM control: a hash of its image seed (splitmix64's finaliser), so that the
-    control's uniform draws are not the ones behind the image's initial noise (drawn from ``image_seed``)."""
-    x = (int(image_seed) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) >> 1  # a non-negative int64: what manual_seed takes on every platform
-
-
 def image_seed(seed: int, index: int) -> int:
     """The generator seed of record ``index`` under evaluation seed ``seed``: ``seed * 1_000_000 + index``."""
     for name, value in (("seed", seed), ("index", index)):
@@ -801,6 +792,7 @@ def evaluate_pairs(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
 
     from xlard import ops
     from xlard.explain import faithfulness
+    from xlard.train.rollout import derived_generator
 
     fn = "evaluate_pairs"
     _check_run_args(fn, batch_size, faithfulness_fraction)
@@ -837,10 +829,10 @@ def evaluate_pairs(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
                 images = backbone.decode(_state, z).images
                 return torch.tensor([float(v.correct) for v in _verdicts(images, _recs, evaluator_config)])
 
-            # one stream per pair, from its image seed: its random cells do not depend on --batch or on where a
-            # resumed run's batches start; not the image seed itself, whose stream drew the image's initial noise
-            # (the "random" cells were those where channel 0's noise was large)
-            gens = [torch.Generator("cpu").manual_seed(control_seed(seed)) for seed in seeds]
+            # one stream per pair, derived from its image seed: its random cells do not depend on --batch or on
+            # where a resumed run's batches start; not the image seed's own stream, which drew the image's initial
+            # noise (the "random" cells were those where channel 0's noise was large)
+            gens = [derived_generator(seed, "lam-control") for seed in seeds]
             res = faithfulness(reward_fn, state.z0, delta, alpha, fraction=float(faithfulness_fraction),
                                random_control=True, generator=gens)
             masked, random = res.reward_masked.tolist(), res.reward_random.tolist()
