@@ -10,7 +10,7 @@ A picture is judged as a viewer shows it, or refused with a one-line reason nami
 - **Opaque.** Transparent pixels are refused (the RGB under them is whatever the writer left, often black:
   a transparent background read as black objects); a fully opaque alpha channel is dropped.
 
-:func:`xlard.shapes.evaluator` applies the first two and its own stricter channel rules (color images
+:func:`xlard.shapes.evaluator` applies them with its own stricter channel rules (color images
 only); :func:`rgb_array` is what :func:`xlard.explain.read_png` and
 :func:`xlard.color_features.as_image_batch` read with.
 """
@@ -52,31 +52,38 @@ def upright(im: Any) -> Any:
     return ImageOps.exif_transpose(im)
 
 
-def still_upright(im: Any, what: str) -> Any:
-    """``im`` as a viewer shows it: :func:`refuse_animated`, then :func:`upright`."""
-    refuse_animated(im, what)
-    return upright(im)
+def explicit_alpha(im: Any) -> Any:
+    """``im`` with the transparency its metadata declares (a palette's, or a color key's: a PNG tRNS chunk) made an
+    alpha band (RGBA, or LA for gray), and a palette image without one expanded to RGB; other images as they are."""
+    if "transparency" in im.info and im.mode not in ALPHA_MODES:
+        return im.convert("LA" if im.mode == "L" else "RGBA")  # a gray image stays gray
+    return im.convert("RGB") if im.mode == "P" else im
+
+
+def transparent_pixels(what: str) -> ValueError:
+    """The refusal of an image with transparent pixels (the RGB under them is whatever the writer left, often
+    black: a transparent background would be read as black objects)."""
+    return ValueError(f"{what}: has transparent pixels (alpha below 255); only opaque images are judged: save it as "
+                      "RGB (composited over the background it was drawn on)")
 
 
 def rgb_array(im: Any, what: str):
     """An opaque 8-bit Pillow image as a ``uint8 [H, W, 3]`` numpy array (gray, palette and CMYK images are
-    converted), after :func:`still_upright`.
+    converted), as a viewer shows it (:func:`refuse_animated`, :func:`upright`).
 
     Raises:
         ValueError: animated, 16-bit or float pixels, or transparent pixels.
     """
     import numpy as np
 
-    im = still_upright(im, what)
-    mode = im.mode
-    if mode in WIDE_MODES:
-        raise ValueError(f"{what}: expected an 8-bit image, got mode {mode} (16-bit or float pixels, which a "
+    refuse_animated(im, what)
+    im = upright(im)
+    if im.mode in WIDE_MODES:
+        raise ValueError(f"{what}: expected an 8-bit image, got mode {im.mode} (16-bit or float pixels, which a "
                          "conversion to RGB would clip): save it as 8-bit RGB")
-    if mode not in ALPHA_MODES and "transparency" in im.info:  # a palette's or a color key's (tRNS) transparency
-        im, mode = im.convert("RGBA"), "RGBA"
-    if mode in ALPHA_MODES:
+    im = explicit_alpha(im)
+    if im.mode in ALPHA_MODES:
         alpha = np.asarray(im.getchannel(im.getbands()[-1]))  # "A", or "a" for premultiplied modes
         if alpha.size and int(alpha.min()) < 255:
-            raise ValueError(f"{what}: has transparent pixels (alpha below 255); only opaque images are read: "
-                             "save it as RGB (composited over the background it was drawn on)")
-    return np.asarray(im if mode == "RGB" else im.convert("RGB"))
+            raise transparent_pixels(what)
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))

@@ -713,9 +713,10 @@ def _refuse_overflow(owner, z0, out, alpha=None) -> None:
     """Finite inputs whose correction is not finite (latents far beyond any the corrector saw, or a huge step):
     an error naming the input's scale and the step, not a NaN image."""
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
-        step = alpha if alpha is not None else 1.0
-        step = float(step.abs().max()) if isinstance(step, torch.Tensor) and step.numel() else float(abs(step)) \
-            if not isinstance(step, torch.Tensor) else 0.0
+        if isinstance(alpha, torch.Tensor):
+            step = float(alpha.abs().max()) if alpha.numel() else 0.0
+        else:
+            step = abs(float(1.0 if alpha is None else alpha))
         raise ValueError(f"xlard.{owner}: the correction of z0 overflowed in {out.dtype} (z0's largest magnitude "
                          f"is {float(z0.abs().max()):.3g}, alpha's {step:.3g}; the corrector's backbone makes "
                          "latents of order 1 and alpha is a step of order 1: is z0 scaled by the VAE's "

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence, TextIO
 
 import numpy as np
 
-from xlard._images import refuse_animated, upright
+from xlard._images import explicit_alpha, refuse_animated, transparent_pixels, upright
 from xlard._optional import require
 
 from .prompts import read_jsonl, write_jsonl
@@ -214,11 +214,9 @@ def _from_file(path: str | os.PathLike) -> np.ndarray:
         _check_size(im.height, im.width, path)
         refuse_animated(im, path)  # only its first frame would be judged
         try:
-            im = upright(im)  # EXIF orientation applied, as a viewer shows the picture
-            if im.mode == "P":  # palette PNGs: expand to the colors they show
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            elif im.mode == "RGB" and "transparency" in im.info:  # a color key (tRNS): its pixels are transparent
-                im = im.convert("RGBA")
+            # EXIF orientation applied, as a viewer shows the picture; palettes expanded, declared transparency
+            # (a palette's, a tRNS color key's) made an alpha band
+            im = explicit_alpha(upright(im))
             mode = im.mode
             raw = np.asarray(im)
         except (OSError, SyntaxError, ValueError) as exc:  # a cut file fails here, when it is decoded
@@ -229,10 +227,7 @@ def _from_file(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: expected a 3- or 4-channel color image (RGB or RGBA), got mode {mode} "
                          f"with shape {raw.shape}")
     if mode == "RGBA" and raw.shape[-1] == 4 and bool((raw[:, :, 3] != 255).any()):
-        # the RGB under a transparent pixel is whatever the writer left (black here and there): judged as it
-        # was, a transparent background read as black objects
-        raise ValueError(f"{path}: has transparent pixels (alpha below 255); the evaluator judges opaque images: "
-                         "save it as RGB (composited over the background it was drawn on)")
+        raise transparent_pixels(path)
     return np.ascontiguousarray(raw[:, :, :3])
 
 

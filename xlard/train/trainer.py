@@ -688,18 +688,16 @@ class Trainer:
         if self.is_main and self.cfg.log.progress:
             from tqdm import tqdm
             batches = tqdm(batches, desc="R_phi warm start", unit="batch", file=sys.stderr)
-        # the bar is closed on Ctrl-C too: the interrupt line is then the last line, not glued to it
-        with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
-            for wb in batches:
-                items, state = self._encode(wb, timer)
-                inputs = prompt_inputs(state, self.device, self.cfg.ppo.group_size, corrector=self.corrector)
-                gen = derived_generator(self.cfg.seed, "warm", wb)
-                eps = torch.randn((self.arith["rollouts_per_step"],) + tuple(inputs.z0.shape[1:]), generator=gen)
-                eps = eps[self._local_rows()].to(self.device)
-                scale = inputs.z0.flatten(1).std(dim=1).view(-1, 1, 1, 1)
-                z = inputs.z0 + p.warmup_sigma * scale * eps
-                _, result = self._decode_and_score(state, z, timer)
-                self.buffer.add(self._slot(inputs, z, result))
+        for wb in batches:
+            items, state = self._encode(wb, timer)
+            inputs = prompt_inputs(state, self.device, self.cfg.ppo.group_size, corrector=self.corrector)
+            gen = derived_generator(self.cfg.seed, "warm", wb)
+            eps = torch.randn((self.arith["rollouts_per_step"],) + tuple(inputs.z0.shape[1:]), generator=gen)
+            eps = eps[self._local_rows()].to(self.device)
+            scale = inputs.z0.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+            z = inputs.z0 + p.warmup_sigma * scale * eps
+            _, result = self._decode_and_score(state, z, timer)
+            self.buffer.add(self._slot(inputs, z, result))
         with timer("projector"):
             fit = self._fit(p.warmup_epochs, "warm")
         self.warm = True
