@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import numbers
 import os
@@ -1145,14 +1146,38 @@ class LatentReader(nn.Module):
         return torch.sigmoid(nouns), torch.softmax(colors, dim=1)
 
 
-def _field_hits(text_tokens: torch.Tensor, text_mask: torch.Tensor | None, table: torch.Tensor) -> torch.Tensor:
-    """``[B, K]`` bool: whether some real token of each row is (within 5% of its norm) row k of ``table [K, dim]``."""
-    b, dim = text_tokens.shape[0], table.shape[1]
+@functools.lru_cache(maxsize=64)
+def _field_table(keys: tuple[tuple[str, object, str], ...], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(table [K, dim], limit [K])`` for ``keys`` of ``(kind, value, slot)``: each row the field token of that
+    value in that slot (:func:`xlard.prompts.fields.field_vector` of the value plus that of ``("slot", slot)``) and
+    the distance under which a token is that row (5% of its norm). Cached per key tuple and width: the read-backs
+    below run on every corrector call; callers never write to the tensors."""
+    from xlard.prompts.fields import field_vector
+
+    table = torch.stack([field_vector(kind, value, dim) + field_vector("slot", slot, dim) for kind, value, slot in keys])
+    return table, 0.05 * table.norm(dim=1)
+
+
+def _field_hits(text_tokens: torch.Tensor, text_mask: torch.Tensor | None, keys, dim: int) -> torch.Tensor:
+    """``[B, K]`` bool: whether some real token of each row is (within 5% of its norm) the field token of key k
+    (:func:`_field_table`)."""
+    table, limit = _field_table(tuple(keys), dim)
+    dev = text_tokens.device
+    table, limit = table.to(dev), limit.to(dev)
+    b = text_tokens.shape[0]
     tokens = text_tokens.float()
     if text_mask is not None:
         tokens = tokens.masked_fill(~text_mask.bool()[..., None], float("nan"))  # padding matches nothing
     dist = torch.cdist(tokens.reshape(-1, dim), table).view(b, -1, table.shape[0])    # [B, T, K]
-    return (dist < 0.05 * table.norm(dim=1)).any(dim=1)                              # NaN rows: no hit
+    return (dist < limit).any(dim=1)                                                 # NaN rows: no hit
+
+
+def _last_hit(hits: torch.Tensor) -> torch.Tensor:
+    """``[B]`` int64: the index of each row's last True column of ``hits [B, n]`` (-1 for none)."""
+    if hits.shape[1] == 0:
+        return torch.full((hits.shape[0],), -1, dtype=torch.long, device=hits.device)
+    index = torch.arange(hits.shape[1], device=hits.device).expand_as(hits)
+    return torch.where(hits, index, -1).amax(1)
 
 
 @torch.no_grad()
@@ -1167,21 +1192,18 @@ def slot_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask: to
         (nouns [B, 2], colors [B, 2]) int64: the index into ``cfg.reader_nouns`` /
         ``cfg.reader_colors``; -1 for no entity, no color, or a word the reader does not know.
     """
-    from xlard.prompts.fields import field_vector
-
     dim, dev = cfg.text_dim, text_tokens.device
-    keys = [(k, kind, i, word) for kind, words in (("noun", cfg.reader_nouns), ("color", cfg.reader_colors))
-            for k in range(2) for i, word in enumerate(words)]
     b = text_tokens.shape[0]
-    nouns = torch.full((b, 2), -1, dtype=torch.long, device=dev)
-    colors = torch.full((b, 2), -1, dtype=torch.long, device=dev)
-    if not keys:
-        return nouns, colors
-    table = torch.stack([field_vector(kind, word, dim) + field_vector("slot", f"{k}:{kind}", dim)
-                         for k, kind, _, word in keys]).to(dev)                       # [K, dim]
-    hit = _field_hits(text_tokens, text_mask, table)
-    for j, (k, kind, i, _) in enumerate(keys):
-        (nouns if kind == "noun" else colors)[hit[:, j], k] = i
+    if not cfg.reader_nouns and not cfg.reader_colors:
+        return (torch.full((b, 2), -1, dtype=torch.long, device=dev),
+                torch.full((b, 2), -1, dtype=torch.long, device=dev))
+    keys = [(kind, word, f"{k}:{kind}") for kind, words in (("noun", cfg.reader_nouns), ("color", cfg.reader_colors))
+            for k in range(2) for word in words]
+    hit = _field_hits(text_tokens, text_mask, keys, dim)
+    # per kind and slot, the last word of the list that hits (as a loop over the keys in order would leave it)
+    n, c = len(cfg.reader_nouns), len(cfg.reader_colors)
+    nouns = torch.stack([_last_hit(hit[:, k * n:(k + 1) * n]) for k in range(2)], 1)
+    colors = torch.stack([_last_hit(hit[:, 2 * n + k * c:2 * n + (k + 1) * c]) for k in range(2)], 1)
     return nouns, colors
 
 
@@ -1198,17 +1220,15 @@ def relation_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask
         ``(-1, -1, -1)`` for a prompt with no such relation; the first of :data:`~xlard.vocab.RELATIONS`
         wins if a prompt has several.
     """
-    from xlard.prompts.fields import field_vector
-
     dim, dev = cfg.text_dim, text_tokens.device
     keys = [(r, a, 1 - a) for r in range(len(RELATIONS)) for a in (0, 1)]
-    table = torch.stack([field_vector("relation", RELATIONS[r], dim) + field_vector("slot", f"relation:{a}->{o}", dim)
-                         for r, a, o in keys]).to(dev)
-    hit = _field_hits(text_tokens, text_mask, table)
-    out = torch.full((text_tokens.shape[0], 3), -1, dtype=torch.long, device=dev)
-    for j in reversed(range(len(keys))):  # the first key found wins
-        out[hit[:, j]] = torch.tensor(keys[j], device=dev)
-    return out
+    hit = _field_hits(text_tokens, text_mask, [("relation", RELATIONS[r], f"relation:{a}->{o}") for r, a, o in keys],
+                      dim)
+    # the first key found wins: the last hit of the keys in reverse order
+    last = _last_hit(hit.flip(1))
+    first = len(keys) - 1 - last
+    values = torch.tensor(keys, dtype=torch.long, device=dev)
+    return torch.where((last >= 0)[:, None], values[first.clamp(max=len(keys) - 1)], -1)
 
 
 def _reader_evidence(noun_p: torch.Tensor, color_p: torch.Tensor, nouns: torch.Tensor, colors: torch.Tensor
@@ -1399,17 +1419,12 @@ def count_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask: t
     Returns:
         Tensor[B, 2] int64: entity slot k's count (1 .. :data:`MAX_FIELD_COUNT`), -1 for no entity there.
     """
-    from xlard.prompts.fields import field_vector
-
-    dim, dev = cfg.text_dim, text_tokens.device
-    keys = [(k, n) for k in range(2) for n in range(1, MAX_FIELD_COUNT + 1)]
-    table = torch.stack([field_vector("count", n, dim) + field_vector("slot", f"{k}:count", dim)
-                         for k, n in keys]).to(dev)
-    hit = _field_hits(text_tokens, text_mask, table)
-    out = torch.full((text_tokens.shape[0], 2), -1, dtype=torch.long, device=dev)
-    for j, (k, n) in enumerate(keys):
-        out[hit[:, j], k] = n
-    return out
+    dim = cfg.text_dim
+    keys = [("count", n, f"{k}:count") for k in range(2) for n in range(1, MAX_FIELD_COUNT + 1)]
+    hit = _field_hits(text_tokens, text_mask, keys, dim)
+    # per slot, the largest count that hits (as a loop over the keys in order would leave it); counts start at 1
+    last = torch.stack([_last_hit(hit[:, k * MAX_FIELD_COUNT:(k + 1) * MAX_FIELD_COUNT]) for k in range(2)], 1)
+    return torch.where(last >= 0, last + 1, -1)
 
 
 def _object_cells(box: tuple[int, int, int, int], f: int, h: int, w: int, grow: int = 0) -> tuple[int, int, int, int]:

@@ -89,12 +89,19 @@ def field_tokens(specs: Sequence[PromptSpec], dim: int, *, device=None,
     specs = list(specs)
     if not specs:
         raise ValueError("field_tokens: specs is empty (expected at least one PromptSpec)")
-    rows = [field_keys(spec) for spec in specs]
+    rows = [_row(tuple(field_keys(spec)), dim) for spec in specs]
     length = max(len(r) for r in rows)
     tokens = torch.zeros(len(rows), length, dim)
     mask = torch.zeros(len(rows), length, dtype=torch.bool)
     for i, row in enumerate(rows):
-        for t, ((kind, value), (slot_kind, slot)) in enumerate(row):
-            tokens[i, t] = _vector(f"{kind}:{value}", dim) + _vector(f"{slot_kind}:{slot}", dim)
-            mask[i, t] = True
+        tokens[i, :len(row)] = row
+        mask[i, :len(row)] = True
     return tokens.to(device=device, dtype=dtype), mask.to(device=device)
+
+
+@lru_cache(maxsize=4096)
+def _row(keys: tuple, dim: int) -> torch.Tensor:
+    """One spec's tokens ``[T, dim]`` from its :func:`field_keys` (cached: a corrector call builds them for
+    every prompt of the batch; callers only read it)."""
+    return torch.stack([_vector(f"{kind}:{value}", dim) + _vector(f"{slot_kind}:{slot}", dim)
+                        for (kind, value), (slot_kind, slot) in keys])

@@ -183,7 +183,7 @@ class ShapesUnderstanding(nn.Module):
             raise ValueError(f"ShapesUnderstanding.predict: images must be a float tensor [B, 3, H, W] in [0, 1], "
                              f"got {getattr(images, 'shape', type(images).__name__)}")
         if images.numel():
-            lo, hi = float(images.amin()), float(images.amax())
+            lo, hi = (float(v) for v in torch.aminmax(images))
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -0.05 or hi > 1.05:
                 # NaN gave NaN maps; 0..255 values were clamped to white and read without a word
                 raise ValueError(f"ShapesUnderstanding.predict: images must be finite values in [0, 1], got "
@@ -194,9 +194,11 @@ class ShapesUnderstanding(nn.Module):
         if tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         was_training = self.training
-        self.eval()
+        if was_training:  # (train() walks every submodule: skipped for a model already in eval mode)
+            self.eval()
         shape_logits, color_logits = self(x.clamp(0.0, 1.0))
-        self.train(was_training)
+        if was_training:
+            self.train(True)
         return UnderstandingOutput(shape_logits.float().softmax(1)[:, 1:], color_logits.float().softmax(1))
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
