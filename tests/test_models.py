@@ -831,6 +831,37 @@ def test_slot_fields_read_the_first_two_entities_back_from_the_field_tokens():
     assert torch.equal(slot_fields(cfg, tokens, mask)[0][1], nouns[1])
 
 
+def test_field_read_backs_resolve_several_matches_in_one_slot_as_a_scan_over_the_keys_would():
+    """Hand-made token rows with several matching field tokens in one slot: a noun or color slot keeps the last
+    word of the reader's list that matches, a count slot the largest count, and the relation the first of
+    RELATIONS (the read-backs are vectorised; this pins what the scan over the keys they replaced did)."""
+    from xlard.models import MAX_FIELD_COUNT, count_fields, relation_fields, slot_fields
+    from xlard.prompts.fields import field_vector
+    from xlard.vocab import RELATIONS
+
+    cfg = _reader_config()
+    dim = cfg.text_dim
+
+    def token(kind, value, slot):
+        return field_vector(kind, value, dim) + field_vector("slot", slot, dim)
+
+    rows = [
+        [token("noun", cfg.reader_nouns[2], "0:noun"), token("noun", cfg.reader_nouns[0], "0:noun"),
+         token("color", cfg.reader_colors[1], "1:color"), token("color", cfg.reader_colors[4], "1:color"),
+         token("count", 5, "0:count"), token("count", 2, "0:count"), token("count", MAX_FIELD_COUNT, "1:count"),
+         token("relation", RELATIONS[2], "relation:1->0"), token("relation", RELATIONS[1], "relation:0->1")],
+        [token("noun", cfg.reader_nouns[1], "1:noun"), token("relation", RELATIONS[3], "relation:1->0")],
+    ]
+    tokens = torch.zeros(2, max(map(len, rows)), dim)
+    mask = torch.zeros(2, tokens.shape[1], dtype=torch.bool)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)], mask[i, :len(row)] = torch.stack(row), True
+    nouns, colors = slot_fields(cfg, tokens, mask)
+    assert nouns.tolist() == [[2, -1], [-1, 1]] and colors.tolist() == [[-1, 4], [-1, -1]]
+    assert count_fields(cfg, tokens, mask).tolist() == [[5, MAX_FIELD_COUNT], [-1, -1]]
+    assert relation_fields(cfg, tokens, mask).tolist() == [[1, 0, 1], [3, 1, 0]]
+
+
 def test_the_reader_adds_its_maps_to_the_trunk_without_gradient_and_round_trips(tmp_path):
     from xlard.models import READER_CHANNELS, field_inputs
     from xlard.prompts import parse
