@@ -114,3 +114,19 @@ def test_corrector_inputs_follow_the_conditioning(tmp_path):
     out = fields(z0, **got)
     other = corrector_inputs(fields, _embedding(2), specs)
     assert torch.equal(fields(z0, **other), out)
+
+
+def test_cached_token_rows_are_keyed_by_the_vectors_keys_and_never_change():
+    """Token rows are cached per prompt: a caller writing into the returned tokens changes nothing later, and
+    equal values of other types (a count of 1.0 or True forced past Entity's check) are not the cached row of 1."""
+    first, _ = field_tokens([parse("a photo of a circle")], 8)
+    kept = first.clone()
+    first.add_(1.0)
+    assert torch.equal(field_tokens([parse("a photo of a circle")], 8)[0], kept)
+    spec = parse("a photo of a circle")
+    for other in (1.0, True):
+        odd = parse("a photo of a circle")
+        object.__setattr__(odd.entities[0], "count", other)  # past the check, as a duck-typed spec could be
+        tokens = field_tokens([odd], 8)[0]
+        assert torch.equal(tokens[0, 1], field_vector("count", other, 8) + field_vector("slot", "0:count", 8))
+        assert not torch.equal(tokens, field_tokens([spec], 8)[0])

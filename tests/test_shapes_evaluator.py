@@ -586,3 +586,27 @@ def test_understanding_predict_refuses_nan_and_0_255_images():
         model.predict(torch.full((1, 3, 64, 64), float("nan")))
     with pytest.raises(ValueError, match="0..255"):
         model.predict(torch.full((1, 3, 64, 64), 200.0))
+
+
+def test_understanding_predict_runs_every_submodule_in_eval_mode_and_restores_the_models_mode():
+    """predict() skips the train/eval toggle only when no submodule trains: a model in eval mode with one
+    BatchNorm switched back to training still predicts with running statistics, leaves them alone and ends
+    in eval mode throughout; a training model predicts in eval mode and is training again afterwards."""
+    from xlard.shapes.understanding import ShapesUnderstanding, UnderstandingConfig
+
+    torch.manual_seed(0)
+    model = ShapesUnderstanding(UnderstandingConfig())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in norms:  # running statistics unlike a batch's, so that a pass in training mode would show
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    want = model.eval().predict(images)
+    norms[0].train()
+    before = norms[0].running_mean.clone()
+    got = model.predict(images)
+    assert torch.equal(got.shape_probs, want.shape_probs) and torch.equal(got.color_probs, want.color_probs)
+    assert torch.equal(norms[0].running_mean, before) and not any(m.training for m in model.modules())
+    got = model.train().predict(images)
+    assert torch.equal(got.shape_probs, want.shape_probs) and all(m.training for m in model.modules())

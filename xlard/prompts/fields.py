@@ -89,7 +89,9 @@ def field_tokens(specs: Sequence[PromptSpec], dim: int, *, device=None,
     specs = list(specs)
     if not specs:
         raise ValueError("field_tokens: specs is empty (expected at least one PromptSpec)")
-    rows = [_row(tuple(field_keys(spec)), dim) for spec in specs]
+    # keyed by the vectors' own key strings: equal values of other types (1, 1.0, True) are other vectors
+    rows = [_row(tuple((f"{kind}:{value}", f"{slot_kind}:{slot}") for (kind, value), (slot_kind, slot)
+                       in field_keys(spec)), dim) for spec in specs]
     length = max(len(r) for r in rows)
     tokens = torch.zeros(len(rows), length, dim)
     mask = torch.zeros(len(rows), length, dtype=torch.bool)
@@ -100,8 +102,7 @@ def field_tokens(specs: Sequence[PromptSpec], dim: int, *, device=None,
 
 
 @lru_cache(maxsize=4096)
-def _row(keys: tuple, dim: int) -> torch.Tensor:
-    """One spec's tokens ``[T, dim]`` from its :func:`field_keys` (cached: a corrector call builds them for
-    every prompt of the batch; callers only read it)."""
-    return torch.stack([_vector(f"{kind}:{value}", dim) + _vector(f"{slot_kind}:{slot}", dim)
-                        for (kind, value), (slot_kind, slot) in keys])
+def _row(keys: tuple[tuple[str, str], ...], dim: int) -> torch.Tensor:
+    """One spec's tokens ``[T, dim]`` from its :func:`field_keys` as ``(value key, slot key)`` strings (cached: a
+    corrector call builds them for every prompt of the batch; callers only read it)."""
+    return torch.stack([_vector(value, dim) + _vector(slot, dim) for value, slot in keys])

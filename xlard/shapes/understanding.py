@@ -194,11 +194,14 @@ class ShapesUnderstanding(nn.Module):
         if tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         was_training = self.training
-        if was_training:  # (train() walks every submodule: skipped for a model already in eval mode)
+        # Every submodule in eval mode for the pass, then all back to the model's own mode; skipped (the same
+        # result without setting every submodule's flag twice) when no submodule is in training mode.
+        toggle = any(module.training for module in self.modules())
+        if toggle:
             self.eval()
         shape_logits, color_logits = self(x.clamp(0.0, 1.0))
-        if was_training:
-            self.train(True)
+        if toggle:
+            self.train(was_training)
         return UnderstandingOutput(shape_logits.float().softmax(1)[:, 1:], color_logits.float().softmax(1))
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
