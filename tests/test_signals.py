@@ -122,14 +122,17 @@ def test_a_signal_during_an_extension_import_waits_until_it_is_in(tmp_path):
             "    import_held(['slow_extension'])\n"
             "except KeyboardInterrupt:\n"
             "    print('interrupted after the import:', sys.modules['slow_extension'].DONE)\n")
+    # Ctrl-C at its default in the children, whatever the test runner's (a background job ignores it)
+    default_sigint = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, **default_sigint)
     assert out.stdout.strip() == "interrupted after the import: True", (out.stdout, out.stderr)
     # Without holding, the interrupt lands inside the import, which never completes.
     plain = code.replace("from xlard._signals import import_held\n", "import importlib\n").replace(
         "import_held(['slow_extension'])", "importlib.import_module('slow_extension')").replace(
         "sys.modules['slow_extension'].DONE", "'slow_extension' in sys.modules")
-    out = subprocess.run([sys.executable, "-c", plain, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", plain, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         **default_sigint)
     assert out.stdout.strip() == "interrupted after the import: False", (out.stdout, out.stderr)
 
 
@@ -156,3 +159,71 @@ def test_every_script_says_how_to_continue_when_interrupted():
                 calls[path.name] = len(node.args) + len(node.keywords)
     assert len(calls) >= 8, calls
     assert [name for name, n in calls.items() if n < 3] == []
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_ends_a_process_blocked_waiting_for_its_distributed_peers(signum, code):
+    """A process of a distributed run whose peers never come waits in torch's rendezvous, a C loop that retries on
+    EINTR for 30 minutes: the Python handler never ran, so Ctrl-C, kill and timeout did nothing. The watchdog ends
+    it one grace period after the signal, in one line, with the exit code of the signal."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not built in")
+    env = dict(os.environ, RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               XLARD_INTERRUPT_GRACE_S="1")
+    code_text = ("import sys, torch.distributed as dist\n"
+                 "from xlard._signals import run_script\n"
+                 "def main():\n"
+                 "    print('waiting', flush=True)\n"
+                 "    dist.init_process_group('gloo')\n"
+                 "sys.exit(run_script('rank1', main))\n")
+    # Ctrl-C at its default in the child, whatever the test runner's (a background job ignores it)
+    proc = subprocess.Popen([sys.executable, "-c", code_text], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline() == "waiting\n"
+        time.sleep(1.5)  # inside the rendezvous's C loop
+        start = time.monotonic()
+        proc.send_signal(signum)
+        proc.wait(timeout=30)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert proc.returncode == code, err[-2000:]
+    assert "was not taken within 1 s: the process is blocked" in err
+    assert took < 15
+
+
+def test_the_watchdog_stands_down_when_the_main_thread_takes_the_signal_and_after_the_block(monkeypatch):
+    """A signal the main thread takes is not followed by the watchdog's exit, and a Ctrl-C right after the block
+    (Python's own handler back) is left to Python; the wakeup fd and the handlers are restored."""
+    monkeypatch.setenv("XLARD_INTERRUPT_GRACE_S", "0.5")
+    runner = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal (not ignored)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigterm_interrupts():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+        time.sleep(1.0)  # the process is still alive past the grace period
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, runner)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.set_wakeup_fd(-1) == -1  # none left behind
+    monkeypatch.setenv("XLARD_INTERRUPT_GRACE_S", "nan")  # refused with a line, the default used
+    with sigterm_interrupts():
+        pass

@@ -348,3 +348,37 @@ def test_paths_starting_with_a_tilde_are_the_home_folder(monkeypatch, tmp_path):
     assert cfg.data.prompts == os.path.join(str(tmp_path), "p.jsonl")
     assert cfg.data.monitor_prompts == os.path.join(str(tmp_path), "m.jsonl")
     assert config_from_dict({}).data.prompts == "shapes:train"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE .* must be an integer >= 1, got '0'"),
+    ({"WORLD_SIZE": "-2"}, "WORLD_SIZE .* must be an integer >= 1, got '-2'"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE .* got 'abc'"),
+    ({"WORLD_SIZE": "1", "RANK": "3"}, r"RANK .*WORLD_SIZE=1.* must be an integer in 0\.\.0, got '3'"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, r"RANK .* must be an integer in 0\.\.1, got '-1'"),
+    ({"WORLD_SIZE": "2", "RANK": "5"}, r"RANK .* must be an integer in 0\.\.1, got '5'"),
+    ({"LOCAL_RANK": "x"}, "LOCAL_RANK .* got 'x'"),
+])
+def test_torchrun_variables_out_of_range_are_refused_naming_them(monkeypatch, env, message):
+    """WORLD_SIZE=-2 started a run that wrote its folder and died in a traceback; WORLD_SIZE=0 divided by zero; a
+    RANK past WORLD_SIZE read as "prompts must not be empty", or waited on a rendezvous no process would join."""
+    from xlard.train.trainer import _dist_info
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        _dist_info()
+
+
+def test_torchrun_variables_are_read_when_in_range(monkeypatch):
+    from xlard.train.trainer import _dist_info
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert _dist_info() == (0, 1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _dist_info() == (3, 4, 1)

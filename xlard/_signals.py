@@ -21,25 +21,141 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM while :func:`sigterm_interrupts` is active, raised like Ctrl-C's KeyboardInterrupt."""
 
 
+#: Seconds the main thread has to take a Ctrl-C or SIGTERM (Python runs a signal's handler only between
+#: bytecodes) before :func:`sigterm_interrupts`' watchdog ends the process; ``XLARD_INTERRUPT_GRACE_S``
+#: overrides it (0 turns the watchdog off).
+INTERRUPT_GRACE_S = 10.0
+
+
+def _grace_seconds() -> float:
+    text = os.environ.get("XLARD_INTERRUPT_GRACE_S")
+    if text is None:
+        return INTERRUPT_GRACE_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):  # NaN, negative, infinite: the default, not a hang
+        print(f"xlard: XLARD_INTERRUPT_GRACE_S must be a number of seconds >= 0, got {text!r}; using "
+              f"{INTERRUPT_GRACE_S:g}", file=sys.stderr)
+        return INTERRUPT_GRACE_S
+    return value
+
+
+class _Watchdog:
+    """Ends the process when a Ctrl-C or SIGTERM is not taken by the main thread within the grace period.
+
+    A process blocked inside a C call that retries on EINTR (a distributed run's rendezvous waiting up to
+    30 minutes for a process that never comes, a collective waiting on a frozen peer) never returns to the
+    interpreter, so the handler never ran: ``timeout``, ``kill`` and Ctrl-C did nothing. Python's own C-level
+    handler writes each signal's number to the wakeup fd at once; this thread reads it, and if the main
+    thread's handler has not run ``grace`` seconds later, says so and exits with 130 / 143 (complete files
+    stay complete; a temporary ``.tmp-*`` being written may be left, as after ``kill -9``)."""
+
+    def __init__(self, grace: float):
+        self.grace = grace
+        self.taken = 0
+        self.stopped = False
+        self.cond = threading.Condition()
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        self.previous = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        if self.previous != -1:  # someone else's wakeup fd (an event loop): theirs stays, no watchdog
+            signal.set_wakeup_fd(self.previous)
+            self.close_fds()
+            self.thread = None
+            return
+        self.thread = threading.Thread(target=self._watch, name="xlard-interrupt-watchdog", daemon=True)
+        self.thread.start()
+
+    def took(self) -> None:
+        """Called by the handlers in the main thread: this signal was taken."""
+        with self.cond:
+            self.taken += 1
+            self.cond.notify_all()
+
+    def _watch(self) -> None:
+        seen = 0
+        while True:
+            try:
+                data = os.read(self.read_fd, 64)
+            except OSError:
+                return
+            if not data:  # the write end closed: the block is over
+                return
+            for signum in data:
+                if signum not in (signal.SIGINT, signal.SIGTERM):
+                    continue
+                seen += 1
+                with self.cond:
+                    if self.cond.wait_for(lambda: self.taken >= seen or self.stopped, timeout=self.grace):
+                        if self.stopped and self.taken < seen:  # the block ended: Python's own handler has it
+                            return
+                        continue
+                name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+                print(f"xlard: {name} was not taken within {self.grace:g} s: the process is blocked in a call that "
+                      f"does not return (e.g. waiting for another process of a distributed run); exiting now. "
+                      f"Complete files are intact; a temporary .tmp-* file may be left",
+                      file=sys.stderr, flush=True)
+                os._exit(143 if signum == signal.SIGTERM else 130)
+
+    def close_fds(self) -> None:
+        for fd in (self.write_fd, self.read_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def stop(self) -> None:
+        if self.thread is None:
+            return
+        signal.set_wakeup_fd(-1)
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        with contextlib.suppress(OSError):
+            os.close(self.write_fd)  # the reader sees the end of the pipe
+        self.thread.join(timeout=1.0)
+        with contextlib.suppress(OSError):
+            os.close(self.read_fd)
+
+
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`Terminated` in the main thread (a second SIGTERM during
     the cleanup kills at once). Left alone where SIGTERM already has a handler of its caller's, or off the
-    main thread (where Python cannot set one); the default handler is restored afterwards."""
+    main thread (where Python cannot set one); the default handler is restored afterwards.
+
+    A watchdog thread ends the process (exit 130 / 143, one line on stderr) when a Ctrl-C or SIGTERM is not
+    taken within :data:`INTERRUPT_GRACE_S` seconds because the main thread is blocked in a call that does not
+    return (see :class:`_Watchdog`)."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM") \
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
+    grace = _grace_seconds()
+    watchdog = _Watchdog(grace) if grace > 0 and hasattr(os, "set_blocking") else None
+    own_sigint = watchdog is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     def terminated(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if watchdog is not None:
+            watchdog.took()
         raise Terminated()
 
+    def interrupted(signum, frame):  # Python's default Ctrl-C, telling the watchdog it was taken
+        watchdog.took()
+        raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, terminated)
+    if own_sigint:
+        signal.signal(signal.SIGINT, interrupted)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if own_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if watchdog is not None:
+            watchdog.stop()
 
 
 def import_held(names) -> None:

@@ -178,8 +178,28 @@ class _EMA:
 
 
 def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+    """``(rank, world size, local rank)`` from torchrun's environment variables (1 process without them).
+
+    Raises:
+        ValueError: a variable that is not an integer in its range, naming it and its value (a negative or zero
+            WORLD_SIZE started a broken run; a RANK past it waited on a rendezvous no process would join).
+    """
+    def read(name: str, default: str, low: int, high: int | None, meaning: str) -> int:
+        text = os.environ.get(name, default)
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            span = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+            raise ValueError(f"environment variable {name} (the {meaning}, set by torchrun) must be {span}, got "
+                             f"{text!r}; unset it for a single-process run")
+        return value
+
+    world = read("WORLD_SIZE", "1", 1, None, "number of processes of the run")
+    rank = read("RANK", "0", 0, world - 1, f"process's index among WORLD_SIZE={world}")
+    local = read("LOCAL_RANK", "0", 0, None, "process's index on its machine")
+    return rank, world, local
 
 
 def _resolve_device(name: str, local_rank: int) -> torch.device:
@@ -264,6 +284,10 @@ class Trainer:
         self.distributed = self.world > 1
         self.device = _resolve_device(cfg.backbone.device, local_rank)
         if self.distributed and not dist.is_initialized():
+            if self.rank == 0 and cfg.log.progress:
+                print(f"xlard train: process 0 of {self.world} waiting for the others to join (rendezvous at "
+                      f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')})",
+                      file=sys.stderr, flush=True)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.rank == 0
         self.arith = batch_arithmetic(cfg, self.world)
