@@ -409,9 +409,16 @@ def test_torchrun_two_processes_match_one(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     ma, mb = _metrics(one), _metrics(two)
+    assert len(ma) == len(mb) == 2
     for ra, rb in zip(ma, mb):
         for key in ("reward/joint_policy", "reward/joint_image"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), key
+        # the update's and the projector's numbers describe the global batch, not process 0's half of it
+        # (value_loss, projector/loss and the ratio statistics were process 0's alone)
+        for key in ("ppo/policy_loss", "ppo/value_loss", "ppo/ratio_mean", "ppo/ratio_max", "ppo/ratio_min",
+                    "ppo/clip_fraction", "ppo/grad_norm", "projector/loss", "projector/mse_count"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-5), key
 
 
 def _record_encoded_items(monkeypatch) -> list:

@@ -98,7 +98,8 @@ def fit_projector(model, projector, optimizer, buffer: ProjectorBuffer, epochs: 
     Returns:
         ``{"loss", "mse_count", "mse_color", "mse_position", "updates"}``: the loss averaged over the
         fit's minibatches, each aspect's MSE over all the present entries the fit saw (NaN for an
-        aspect never present; everything NaN when nothing was fit), this process's minibatches.
+        aspect never present; everything NaN when nothing was fit), of the global minibatches (every
+        process's entries; ``all_sum`` adds them up).
     """
     total, updates = 0.0, 0
     sq_sum, present_count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
@@ -124,7 +125,7 @@ def fit_projector(model, projector, optimizer, buffer: ProjectorBuffer, epochs: 
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(projector.parameters(), max_grad_norm)
                 optimizer.step()
-                total += float(result.loss.detach())
+                total += float(loss.detach())  # distributed: this process's part of the global minibatch's loss
                 # per-aspect MSE over every present entry of the fit (a minibatch without the aspect adds nothing)
                 n_present = present.sum(0).to("cpu", torch.float64)
                 sq_sum += result.mse.detach().double().cpu() * n_present
@@ -133,6 +134,10 @@ def fit_projector(model, projector, optimizer, buffer: ProjectorBuffer, epochs: 
     if not updates:
         nan = float("nan")
         return {"loss": nan, "mse_count": nan, "mse_color": nan, "mse_position": nan, "updates": 0}
+    if all_sum is not None and world_size > 1:  # every process's entries: the global minibatches' numbers
+        summed = all_sum(torch.cat([torch.tensor([total], dtype=torch.float64), sq_sum, present_count])).cpu()
+        total = float(summed[0]) / world_size
+        sq_sum, present_count = summed[1:4], summed[4:7]
     mse = torch.where(present_count > 0, sq_sum / present_count.clamp_min(1.0), torch.nan)
     return {"loss": total / updates, "mse_count": float(mse[0]), "mse_color": float(mse[1]),
             "mse_position": float(mse[2]), "updates": updates}

@@ -782,13 +782,13 @@ class Trainer:
         block = int(self.corrector.config.action_block)
         alpha = self.corrector.config.alpha
         global_rows = self._local_rows()
-        stats_acc: dict[str, float] = {}
-        count = 0
+        minibatch_stats: list[dict[str, float]] = []
         self.corrector.train()
         for epoch in range(c.epochs):
             keys = None if epoch == 0 else torch.rand(self.arith["rollouts_per_step"],
                                                       generator=derived_generator(self.cfg.seed, "mb", step, epoch))
             for k, rows in enumerate(ppo.minibatch_layout(global_rows, c.minibatches, keys)):
+                stats_acc: dict[str, float] = {}
                 rows = rows.to(self.device)
                 mean, value, logp = self.policy_model(inputs.z0[rows], *inputs.for_corrector(rows),
                                                       rollouts.delta[rows])
@@ -823,8 +823,25 @@ class Trainer:
                 stats_acc["policy_loss"] = stats_acc.get("policy_loss", 0.0) + float(pg.detach())
                 stats_acc["value_loss"] = stats_acc.get("value_loss", 0.0) + float(vl.detach())
                 stats_acc["grad_norm"] = stats_acc.get("grad_norm", 0.0) + grad_norm
-                count += 1
-        return {f"ppo/{k}": v / count for k, v in stats_acc.items()}
+                minibatch_stats.append(stats_acc)
+        return {f"ppo/{k}": v for k, v in self._global_minibatch_stats(minibatch_stats).items()}
+
+    def _global_minibatch_stats(self, rows: list[dict[str, float]]) -> dict[str, float]:
+        """Each statistic averaged over the minibatches, of the global minibatch (every process's rows): this
+        process's values are of its share only, so means are averaged over the processes (the shares are equal)
+        and maxima / minima taken over them before the average over minibatches."""
+        names = list(rows[0])
+        values = torch.tensor([[r[n] for n in names] for r in rows], dtype=torch.float64)   # [minibatches, stats]
+        if self.distributed:
+            kind = torch.tensor([1.0 if n.endswith("_max") else -1.0 if n.endswith("_min") else 0.0 for n in names],
+                                dtype=torch.float64)
+            means = self._all_sum(values * (kind == 0)) / self.world
+            extremes = values * torch.where(kind == 0, 0.0, kind)  # minima as maxima of their negatives
+            t = extremes.to(self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            extremes = t.cpu() * torch.where(kind == 0, 0.0, kind)
+            values = torch.where(kind == 0, means, extremes)
+        return {n: float(v) for n, v in zip(names, values.mean(0))}
 
     def _pathwise_update(self, step, inputs, targets_unused, anchor, weights) -> dict:
         c = self.cfg.ppo
@@ -834,8 +851,7 @@ class Trainer:
         self.projector.eval()
         for p in self.projector.parameters():
             p.requires_grad_(False)
-        acc = {"pathwise/objective": 0.0, "pathwise/grad_norm": 0.0}
-        count = 0
+        minibatch_stats: list[dict[str, float]] = []
         try:
             for epoch in range(c.epochs):
                 keys = None if epoch == 0 else torch.rand(self.arith["rollouts_per_step"],
@@ -853,14 +869,13 @@ class Trainer:
                         loss = loss + ppo.anchor_penalty(zc, anchor[rows], self.cfg.anchor_beta)
                     self.policy_opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    acc["pathwise/grad_norm"] += self._clip()
+                    grad_norm = self._clip()
                     self.policy_opt.step()
-                    acc["pathwise/objective"] += float(objective.detach())
-                    count += 1
+                    minibatch_stats.append({"objective": float(objective.detach()), "grad_norm": grad_norm})
         finally:
             for p in self.projector.parameters():
                 p.requires_grad_(True)
-        return {k: v / count for k, v in acc.items()}
+        return {f"pathwise/{k}": v for k, v in self._global_minibatch_stats(minibatch_stats).items()}
 
     def _clip(self) -> float:
         """Clip the policy's gradients and the value head's each to ``optim.max_grad_norm``; returns the policy's
