@@ -421,6 +421,45 @@ def test_torchrun_two_processes_match_one(tmp_path):
                 assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-5), key
 
 
+@needs_shapes
+def test_a_peer_killed_mid_run_ends_the_other_process_in_one_line(tmp_path):
+    """kill -9 of one process of a two-process run left the other with gloo's 30-line traceback; it now ends in
+    one line saying what happened and how to resume (exit 1), and the checkpoints it wrote resume."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _config_file(tmp_path, steps=400, log={"monitor_every": 0, "evaluate_every": 0, "checkpoint_every": 1})
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "xlard", "train", str(cfg), "--out", str(out)]
+    procs = []
+    for rank in (0, 1):
+        env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    try:
+        deadline = time.time() + 600
+        while not (out / "ckpt-00000002.pt").exists():
+            assert all(p.poll() is None for p in procs), [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        procs[1].wait()
+        err = procs[0].communicate(timeout=120)[1]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert procs[0].returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "process 0 of 2: another process of the run stopped or its connection broke" in err
+    assert "start all 2 processes again with --resume" in err
+    assert not (out / "summary.json").exists()
+
+
 def _record_encoded_items(monkeypatch) -> list:
     """Every item the trainer encodes from now on (training, monitor, calibration), in order."""
     from xlard.train import trainer as T

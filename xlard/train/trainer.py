@@ -1272,6 +1272,20 @@ class Trainer:
         return summary
 
 
+class PeerFailure(OSError):
+    """A distributed run's collective failed because another process stopped or its connection broke."""
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's failure on a lost peer (gloo's or NCCL's), not a bug of this process."""
+    errors = tuple(getattr(dist, name) for name in ("DistError",) if hasattr(dist, name))
+    if errors and isinstance(exc, errors):
+        return True
+    text = str(exc)
+    return any(mark in text for mark in ("gloo/transport", "Connection closed by peer", "Connection reset by peer",
+                                         "NCCL communicator was aborted", "ProcessGroupNCCL"))
+
+
 def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> dict:
     """Run (or resume) a training run; see :class:`Trainer`.
 
@@ -1282,6 +1296,15 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> dict:
     trainer = Trainer(check_train_config("train", cfg), resume=resume, backbone=backbone)
     try:
         return trainer.run()
+    except RuntimeError as exc:
+        if trainer.distributed and _peer_failure(exc):
+            # another process died or its connection broke: one line (as the command line prints an OSError),
+            # not gloo's 30-line traceback, and what to do
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise PeerFailure(f"process {trainer.rank} of {trainer.world}: another process of the run stopped or "
+                              f"its connection broke ({first[:300]}); every checkpoint written is complete: start "
+                              f"all {trainer.world} processes again with --resume") from exc
+        raise
     finally:
         trainer.release()
         if trainer.distributed and dist.is_initialized():
