@@ -830,6 +830,8 @@ class Trainer:
         """Each statistic averaged over the minibatches, of the global minibatch (every process's rows): this
         process's values are of its share only, so means are averaged over the processes (the shares are equal)
         and maxima / minima taken over them before the average over minibatches."""
+        if not rows:
+            return {}
         names = list(rows[0])
         values = torch.tensor([[r[n] for n in names] for r in rows], dtype=torch.float64)   # [minibatches, stats]
         if self.distributed:
@@ -1283,7 +1285,7 @@ def _peer_failure(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return any(mark in text for mark in ("gloo/transport", "Connection closed by peer", "Connection reset by peer",
-                                         "NCCL communicator was aborted", "ProcessGroupNCCL"))
+                                         "NCCL communicator was aborted"))
 
 
 def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> dict:
