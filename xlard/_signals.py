@@ -132,7 +132,12 @@ def sigterm_interrupts() -> Iterator[None]:
         yield
         return
     grace = _grace_seconds()
-    watchdog = _Watchdog(grace) if grace > 0 and hasattr(os, "set_blocking") else None
+    watchdog = None
+    if grace > 0 and hasattr(os, "set_blocking"):
+        try:
+            watchdog = _Watchdog(grace)
+        except (OSError, ValueError):  # no pipe for the wakeup fd here (Windows wants a socket): Python's handling
+            watchdog = None
     own_sigint = watchdog is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     def terminated(signum, frame):
