@@ -173,6 +173,22 @@ def test_shapes_run_writes_everything(tmp_path, shapes, capsys):
 
 
 @needs_shapes
+def test_resume_with_another_process_count_is_refused_before_the_backbone_loads(tmp_path, shapes, monkeypatch):
+    """The process-count check ran after the backbone had loaded (6.5 s for the shapes backbone, minutes for a real
+    one); it now reads the newest checkpoint's world size (memory-mapped) first."""
+    from xlard.train import train, trainer
+
+    out = tmp_path / "run"
+    train(tiny_config(out, steps=1), backbone=shapes)
+    monkeypatch.setattr(trainer, "_dist_info", lambda: (0, 2, 0))
+    monkeypatch.setattr(trainer.dist, "init_process_group", lambda *a, **k: None)  # no peer here: the check is first
+    monkeypatch.setattr(trainer, "load_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    with pytest.raises(ValueError, match=r"--resume: .*ckpt-00000001.pt was written by 1 process\(es\); resume with "
+                                         r"the same number \(got 2\)"):
+        train(tiny_config(out, steps=1), resume=True)
+
+
+@needs_shapes
 def test_first_minibatch_ratio_check_catches_a_changed_policy(tmp_path, shapes, monkeypatch):
     from xlard.train import trainer as T
 

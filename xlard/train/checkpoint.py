@@ -57,8 +57,9 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save_atomic`.
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """Load a checkpoint written by :func:`save_atomic` (``mmap``: its tensors mapped from the file, not read,
+    for a look at its small entries).
 
     Raises:
         ValueError: the file is not a trainer checkpoint, or it cannot be read (a damaged or cut copy: the
@@ -66,7 +67,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             checkpoint before it, from which a run resumes once the damaged one is deleted.
     """
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - a damaged pickle fails in any way (TypeError, ImportError, ...)
         if isinstance(exc, OSError) and not Path(path).is_file():  # a missing file stays a missing file
             raise

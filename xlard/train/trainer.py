@@ -445,6 +445,11 @@ class Trainer:
             if found:
                 raise ValueError(f"{self.out} already holds {' and '.join(found)}, which a new run would replace; "
                                  "pass --resume to continue the run that wrote them, or choose another --out")
+        if resume and have:  # before the backbone loads (minutes for a real model), not after
+            written = ckpt.load_checkpoint(have[-1][1], mmap=True).get("world_size")
+            if written != self.world:
+                raise ValueError(f"--resume: {have[-1][1]} was written by {written} process(es); resume with the same "
+                                 f"number (got {self.world}) so every process gets its buffer back")
         old = None
         if resume and saved.exists():
             old = _io.read_json(saved, owner="--resume", what="the run's config.json")
