@@ -858,6 +858,25 @@ def test_train_quiet_turns_the_progress_bar_off(tmp_path, capsys, monkeypatch):
     assert seen["overrides"] == []
 
 
+def test_train_on_a_torchrun_process_other_than_the_first_draws_no_loading_bars(tmp_path, capsys, monkeypatch):
+    """Every process of a torchrun run drew diffusers' "Loading weights" bars, interleaved; only process 0 does now
+    (its own --quiet aside)."""
+    from xlard import cli, train
+
+    calls = []
+    monkeypatch.setattr(cli, "_quiet_hub_logging", lambda progress_bars=True: calls.append(progress_bars))
+    monkeypatch.setattr(train, "main", lambda config, resume, out, overrides, check: 0)
+    config = ROOT / "configs" / "shapes.yaml"
+    for rank, bars_off in (("1", True), ("0", False), (None, False)):
+        calls.clear()
+        if rank is None:
+            monkeypatch.delenv("RANK", raising=False)
+        else:
+            monkeypatch.setenv("RANK", rank)
+        assert run(["train", config, "--out", tmp_path / "run"], capsys)[0] == 0
+        assert (False in calls) == bars_off, (rank, calls)
+
+
 def test_sigterm_during_train_ends_like_ctrl_c_and_restores_the_handler(tmp_path, capsys, monkeypatch):
     from xlard import train
 

@@ -1064,7 +1064,9 @@ def main(argv: list[str] | None = None) -> int:
             # the extension modules every command but `prompts` loads, imported with the signals held (an
             # interrupt inside torch's import aborted the process; inside numpy's it read as a broken install)
             import_held(("numpy",) if args.command == "prompts" else ("numpy", "torch"))
-            if getattr(args, "quiet", False) and _loads_models(args):
+            # a torchrun process other than the first draws no loading bars (process 0's are the run's)
+            secondary = args.command == "train" and os.environ.get("RANK", "0").strip() not in ("", "0")
+            if (getattr(args, "quiet", False) or secondary) and _loads_models(args):
                 _quiet_hub_logging(progress_bars=False)
             with _HELD:
                 return args.func(args)
