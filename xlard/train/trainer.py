@@ -445,19 +445,18 @@ class Trainer:
             if found:
                 raise ValueError(f"{self.out} already holds {' and '.join(found)}, which a new run would replace; "
                                  "pass --resume to continue the run that wrote them, or choose another --out")
-        if resume and have:  # before the backbone loads (minutes for a real model), not after
-            written = ckpt.load_checkpoint(have[-1][1], mmap=True).get("world_size")
-            if written != self.world:
-                raise ValueError(f"--resume: {have[-1][1]} was written by {written} process(es); resume with the same "
-                                 f"number (got {self.world}) so every process gets its buffer back")
+        # the newest checkpoint's small entries (its tensors memory-mapped, not read), before the backbone loads
+        newest = ckpt.load_checkpoint(have[-1][1], mmap=True) if resume and have else None
+        if newest is not None:
+            self._check_world_size(have[-1][1], newest)
         old = None
         if resume and saved.exists():
             old = _io.read_json(saved, owner="--resume", what="the run's config.json")
             if not isinstance(old, dict):
                 raise ValueError(f"--resume: {saved} must hold the run's config (a JSON object), got "
                                  f"{type(old).__name__}")
-        elif resume and have:  # config.json deleted: the newest checkpoint holds the run's config too
-            stored = ckpt.load_checkpoint(have[-1][1]).get("config")
+        elif newest is not None:  # config.json deleted: the newest checkpoint holds the run's config too
+            stored = newest.get("config")
             old = json.loads(json.dumps(stored, default=list)) if isinstance(stored, dict) else None
             saved = have[-1][1]
         if old is not None:
@@ -1108,11 +1107,14 @@ class Trainer:
             old.unlink()
         return path
 
+    def _check_world_size(self, path: Path, state: dict) -> None:
+        if state.get("world_size") != self.world:
+            raise ValueError(f"--resume: {path} was written by {state.get('world_size')} process(es); resume with the "
+                             f"same number (got {self.world}) so every process gets its buffer back")
+
     def _load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, map_location="cpu")
-        if state["world_size"] != self.world:
-            raise ValueError(f"--resume: {path} was written by {state['world_size']} process(es); resume with the "
-                             f"same number (got {self.world}) so every process gets its buffer back")
+        self._check_world_size(path, state)
         try:
             self.corrector.load_state_dict(state["corrector"])
             self.projector.load_state_dict(state["projector"])
