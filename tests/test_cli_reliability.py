@@ -877,6 +877,34 @@ def test_train_on_a_torchrun_process_other_than_the_first_draws_no_loading_bars(
         assert (False in calls) == bars_off, (rank, calls)
 
 
+def test_a_command_line_mistake_under_torchrun_prints_one_line_per_machine(tmp_path, capsys, monkeypatch):
+    """Every torchrun process printed the same usage error (one line per process); only the first process of
+    each machine (LOCAL_RANK 0) prints it now, every process still exits 2. An error met after parsing (which
+    can differ between processes) is still printed by each."""
+    from xlard import train
+
+    config = ROOT / "configs" / "shapes.yaml"
+    for local_rank, printed in (("1", False), ("0", True), (None, True), ("", True)):
+        if local_rank is None:
+            monkeypatch.delenv("LOCAL_RANK", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_RANK", local_rank)
+        code, _, err = run(["train", config, "--out", tmp_path / "run", "--no-such-option"], capsys)
+        assert code == 2
+        assert (err.splitlines() == ["xlard train: error: unrecognized arguments: --no-such-option (see `xlard "
+                                     "train --help`)"]) == printed and (err == "") != printed, (local_rank, err)
+        code, _, err = run(["train", config, "--out", ""], capsys)  # an empty path: refused before any work
+        assert code == 2 and bool(err) == printed, (local_rank, err)
+
+    def refused(config, resume, out, overrides, check):
+        raise ValueError("this process's own reason")
+
+    monkeypatch.setattr(train, "main", refused)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    code, _, err = run(["train", config, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and err.splitlines() == ["xlard train: error: this process's own reason"], err
+
+
 def test_sigterm_during_train_ends_like_ctrl_c_and_restores_the_handler(tmp_path, capsys, monkeypatch):
     from xlard import train
 

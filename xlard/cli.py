@@ -1054,13 +1054,14 @@ def main(argv: list[str] | None = None) -> int:
     only complete files). ``XLARD_TRACEBACK=1`` re-raises instead (for
     debugging xlard itself).
     """
-    prog, args = "xlard", None
+    prog, args, parsed = "xlard", None, False
     try:
         with sigterm_interrupts():
             parser = build_parser()
             args = parser.parse_args(argv)
             prog = f"xlard {args.command}"
             _refuse_empty_paths(args)
+            parsed = True
             # the extension modules every command but `prompts` loads, imported with the signals held (an
             # interrupt inside torch's import aborted the process; inside numpy's it read as a broken install)
             import_held(("numpy",) if args.command == "prompts" else ("numpy", "torch"))
@@ -1086,8 +1087,16 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("XLARD_TRACEBACK") == "1":
             raise
         prog = getattr(exc, "prog", None) or prog
-        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        if parsed or not _repeats_a_peers_line():
+            print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, _USER_ERRORS) else 1
+
+
+def _repeats_a_peers_line() -> bool:
+    """True in a torchrun process other than the first of its machine (LOCAL_RANK > 0): a mistake in the command
+    line is the same in every process, so only the first of each machine prints it (one line, not one per
+    process); errors met after parsing can differ between processes and are printed by each."""
+    return os.environ.get("LOCAL_RANK", "0").strip() not in ("", "0")
 
 
 if __name__ == "__main__":
