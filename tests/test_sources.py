@@ -434,6 +434,27 @@ def test_clip_source_from_a_local_folder(tiny_clip, word_tokenizer, tmp_path):
         long_color.encoder.embed_colors(["red"])
 
 
+def test_clip_text_embeddings_are_cached_with_a_bound(tiny_clip, word_tokenizer):
+    """The caches of text embeddings (ClipSource's nouns, ClipColorEncoder's colors) grew with every new text a
+    long-lived process met; they now keep the most recently used ``capacity`` texts, and a call with more texts
+    than that still returns them all, equal to an uncached computation."""
+    source = ClipSource(tiny_clip, word_tokenizer)
+    texts = [f"a photo of a {w}." for w in ("cat", "dog", "circle", "red", "blue")]
+    fresh = torch.stack([_hand_text(tiny_clip, word_tokenizer, t) for t in texts])
+    source._text_cache.capacity = 3
+    torch.testing.assert_close(source.embed_texts(texts), fresh, atol=1e-5, rtol=1e-4)  # 5 texts > capacity 3
+    assert len(source._text_cache) == 3
+    torch.testing.assert_close(source.embed_texts(texts[:2] * 2), fresh[:2].repeat(2, 1), atol=1e-5, rtol=1e-4)
+    assert len(source._text_cache) == 3
+    encoder = source.encoder
+    encoder._cache.capacity = 2
+    colors = encoder.embed_colors(["red", "blue", "red", "green"])
+    assert len(encoder._cache) == 2
+    torch.testing.assert_close(colors[0], colors[2])
+    torch.testing.assert_close(encoder.embed_colors(["green", "red"]), colors[[3, 0]])
+    assert len(encoder._cache) == 2
+
+
 def test_shapes_source_drops_two_tone_and_unclear_objects():
     source = ShapesSource(OracleUnderstanding([SCENE]), purity=0.6, confidence=0.7)
     maps = torch.zeros(1, 1, 16, 16)

@@ -362,6 +362,42 @@ class PatchFeatures:
         return patch_positions(self.grid, self.features.device)
 
 
+class EmbeddingCache:
+    """Text embeddings kept per (device, text), least recently used dropped past ``capacity`` entries.
+
+    A long-lived process (a server, a training run over an open vocabulary) meets new words without end: an
+    unbounded dict grew with every one. Keyed by the device too, so that a model moved after a call does not
+    get tensors of its old device back.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        from collections import OrderedDict
+
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def missing(self, device: torch.device, texts: Sequence[str]) -> list[str]:
+        """The distinct texts of ``texts`` not held for ``device``, in first-seen order."""
+        return [t for t in dict.fromkeys(texts) if (str(device), t) not in self._items]
+
+    def stack(self, device: torch.device, texts: Sequence[str], new: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[len(texts), D]``: the embeddings of ``texts``, from ``new`` (just computed, then kept) or the cache."""
+        out = []
+        for t in texts:
+            key = (str(device), t)
+            if t in new:
+                self._items[key] = new[t]
+            self._items.move_to_end(key)
+            out.append(self._items[key])
+        stacked = torch.stack(out)
+        while len(self._items) > self.capacity:  # after stacking: a call with more texts than fit still works
+            self._items.popitem(last=False)
+        return stacked
+
+
 @runtime_checkable
 class ColorFeatureEncoder(Protocol):
     """What the color reward needs from an encoder (see the module docstring)."""
@@ -612,7 +648,7 @@ class ClipColorEncoder:
         vision = model.config.vision_config
         self.image_size = int(vision.image_size)
         self.grid = (self.image_size // int(vision.patch_size),) * 2
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache = EmbeddingCache()
 
     @classmethod
     def from_pretrained(cls, model_id_or_path: str, *, template: str = "a photo of a {} object",
@@ -702,7 +738,7 @@ class ClipColorEncoder:
         if isinstance(names, str):
             raise ValueError("embed_colors takes a sequence of names, not one string")
         keys = [_canonical_color(n) for n in names]
-        todo = [k for k in dict.fromkeys(keys) if k not in self._cache]
+        todo, embedded = self._cache.missing(self.device, keys), None
         if todo:
             texts = [self.template.format(k) for k in todo]
             tokens = self.tokenizer(texts, padding=True, return_tensors="pt")
@@ -710,7 +746,6 @@ class ClipColorEncoder:
             tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
             pooled = self.model.text_model(**tokens).pooler_output
             embedded = self.model.text_projection(pooled).float()
-            self._cache.update(zip(todo, embedded))
         if not keys:
             return torch.zeros(0, self.model.config.projection_dim, device=self.device)
-        return torch.stack([self._cache[k] for k in keys])
+        return self._cache.stack(self.device, keys, {} if embedded is None else dict(zip(todo, embedded)))

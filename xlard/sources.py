@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 
 from xlard._args import as_device
-from xlard.color_features import (ClipColorEncoder, ColorFeatureEncoder, PatchFeatures, PixelColorEncoder,
-                                   check_text_length)
+from xlard.color_features import (ClipColorEncoder, ColorFeatureEncoder, EmbeddingCache, PatchFeatures,
+                                   PixelColorEncoder, check_text_length)
 from xlard.prompts import PromptSpec, singularize
 from xlard.rewards import ExplainableRewards, RewardConfig, RewardResult, component_means
 
@@ -432,7 +432,7 @@ class ClipSource(RewardSource):
                                         image_std=image_std, dense="values")
         self.model, self.tokenizer = self.encoder.model, tokenizer
         self.noun_template, self.background = noun_template, background
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache = EmbeddingCache()
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, device: Any = None, dtype: torch.dtype | None = None,
@@ -445,15 +445,15 @@ class ClipSource(RewardSource):
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Projected text embeddings ``[K, D]`` (float32), cached per text."""
-        todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        device = self.encoder.device
+        todo, new = self._text_cache.missing(device, texts), {}
         if todo:
-            device = self.encoder.device
             tokens = self.tokenizer(todo, padding=True, return_tensors="pt")
             check_text_length(self.model, todo, tokens, "ClipSource", "noun_template or background")
             tokens = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
             pooled = self.model.text_model(**tokens).pooler_output
-            self._text_cache.update(zip(todo, self.model.text_projection(pooled).float()))
-        return torch.stack([self._text_cache[t] for t in texts])
+            new = dict(zip(todo, self.model.text_projection(pooled).float()))
+        return self._text_cache.stack(device, texts, new)
 
     @torch.no_grad()  # maps, not a graph: logit_scale is a parameter that requires grad
     def __call__(self, decoded: Any) -> dict[str, Any]:
