@@ -470,7 +470,7 @@ def test_clip_encoder_shapes_cache_and_reward(tiny_clip, word_tokenizer):
     emb = enc.embed_colors(["red", "Blue", "red"])
     assert emb.shape == (3, 16)
     torch.testing.assert_close(emb[0], emb[2])
-    assert set(enc._cache) == {"red", "blue"}
+    assert {text for _, text in enc._cache._items} == {"red", "blue"}
     # The patch features are the same projection as CLIP's pooled image embedding, applied per token.
     with torch.no_grad():
         pixel = enc._pixel_values(images)
