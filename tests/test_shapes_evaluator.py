@@ -588,10 +588,11 @@ def test_understanding_predict_refuses_nan_and_0_255_images():
         model.predict(torch.full((1, 3, 64, 64), 200.0))
 
 
-def test_understanding_predict_runs_every_submodule_in_eval_mode_and_restores_the_models_mode():
-    """predict() skips the train/eval toggle only when no submodule trains: a model in eval mode with one
-    BatchNorm switched back to training still predicts with running statistics, leaves them alone and ends
-    in eval mode throughout; a training model predicts in eval mode and is training again afterwards."""
+def test_understanding_predict_runs_every_submodule_in_eval_mode_and_restores_each_ones_mode():
+    """predict() runs every submodule in eval mode: a model in eval mode with one BatchNorm switched back to
+    training still predicts with running statistics and leaves them alone; afterwards every submodule has its
+    own mode back (that BatchNorm training again: model.train(was_training) had put it in eval), also when the
+    pass raises (an interrupt left a training model in eval mode)."""
     from xlard.shapes.understanding import ShapesUnderstanding, UnderstandingConfig
 
     torch.manual_seed(0)
@@ -607,6 +608,18 @@ def test_understanding_predict_runs_every_submodule_in_eval_mode_and_restores_th
     before = norms[0].running_mean.clone()
     got = model.predict(images)
     assert torch.equal(got.shape_probs, want.shape_probs) and torch.equal(got.color_probs, want.color_probs)
-    assert torch.equal(norms[0].running_mean, before) and not any(m.training for m in model.modules())
+    assert torch.equal(norms[0].running_mean, before)
+    assert [m for m in model.modules() if m.training] == [norms[0]]
     got = model.train().predict(images)
     assert torch.equal(got.shape_probs, want.shape_probs) and all(m.training for m in model.modules())
+
+    def interrupted(module, args):
+        raise KeyboardInterrupt
+
+    handle = norms[-1].register_forward_pre_hook(interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.predict(images)
+    finally:
+        handle.remove()
+    assert all(m.training for m in model.modules())

@@ -274,5 +274,15 @@ def test_sample_rollouts_refuses_a_layout_that_leaves_rows_out():
         sample_rollouts(PolicyStep(c), inp, noise, [torch.tensor([0, 1])])  # rows 2, 3 were uninitialised memory
     with pytest.raises(ValueError, match="cover each of the 4 rows exactly once"):
         sample_rollouts(PolicyStep(c), inp, noise, [torch.tensor([0, 1]), torch.tensor([1, 2, 3])])
+    assert c.training  # a refused layout left the corrector in eval mode
     r = sample_rollouts(PolicyStep(c), inp, noise, [torch.tensor([0, 2]), torch.tensor([1, 3])])
     assert torch.isfinite(r.log_prob).all() and torch.isfinite(r.zc).all()
+    assert all(m.training for m in c.modules())
+    c.head.eval()  # each submodule's own mode comes back, also after a pass that raises
+    handle = c.head.register_forward_pre_hook(lambda module, args: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sample_rollouts(PolicyStep(c), inp, noise, [torch.tensor([0, 1, 2, 3])])
+    finally:
+        handle.remove()
+    assert [m for m in c.modules() if not m.training] == [c.head]

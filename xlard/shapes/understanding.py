@@ -193,15 +193,17 @@ class ShapesUnderstanding(nn.Module):
         size = self.config.image_size
         if tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        was_training = self.training
-        # Every submodule in eval mode for the pass, then all back to the model's own mode; skipped (the same
-        # result without setting every submodule's flag twice) when no submodule is in training mode.
-        toggle = any(module.training for module in self.modules())
-        if toggle:
-            self.eval()
-        shape_logits, color_logits = self(x.clamp(0.0, 1.0))
-        if toggle:
-            self.train(was_training)
+        # Every submodule in eval mode for the pass, then each back to its own mode, also when the pass raises
+        # (a model put back with train(was_training) lost a submodule's own mode, and an interrupt left it in
+        # eval); skipped when no submodule is in training mode.
+        training = [module for module in self.modules() if module.training]
+        for module in training:
+            module.training = False
+        try:
+            shape_logits, color_logits = self(x.clamp(0.0, 1.0))
+        finally:
+            for module in training:
+                module.training = True
         return UnderstandingOutput(shape_logits.float().softmax(1)[:, 1:], color_logits.float().softmax(1))
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float16,

@@ -184,8 +184,6 @@ def sample_rollouts(policy: PolicyStep, inputs: PromptInputs, noise: torch.Tenso
         :class:`Rollouts`.
     """
     corrector = policy.corrector
-    was_training = corrector.training
-    corrector.eval()
     n = inputs.z0.shape[0]
     covered = torch.cat([torch.as_tensor(r, dtype=torch.int64).flatten().cpu() for r in layout]) if len(layout) \
         else torch.zeros(0, dtype=torch.int64)
@@ -200,13 +198,18 @@ def sample_rollouts(policy: PolicyStep, inputs: PromptInputs, noise: torch.Tenso
     lam = torch.empty((n,) + tuple(inputs.z0.shape[2:]), dtype=torch.float32, device=inputs.z0.device)
     log_std = corrector.log_std.detach().float()
     alpha = corrector.config.alpha
-    for rows in layout:
-        mean, v, _ = policy(inputs.z0[rows], *inputs.for_corrector(rows))
-        eps = corrector.action_noise(noise[rows].to(mean.device))
-        z, d, _, l = xops.sample_correction(inputs.z0[rows], mean, log_std, eps, alpha)
-        zc[rows], delta[rows], value[rows], lam[rows] = z, d, v, l
-        # The update recomputes log-probs with gaussian_log_prob; the fused op's own sum
-        # differs in the last bits, so the rollout stores the update's function's value.
-        log_prob[rows] = corrector.log_prob(d, mean)
-    corrector.train(was_training)
+    training = [module for module in corrector.modules() if module.training]
+    corrector.eval()
+    try:  # each submodule's own mode back afterwards, also when a pass raises
+        for rows in layout:
+            mean, v, _ = policy(inputs.z0[rows], *inputs.for_corrector(rows))
+            eps = corrector.action_noise(noise[rows].to(mean.device))
+            z, d, _, l = xops.sample_correction(inputs.z0[rows], mean, log_std, eps, alpha)
+            zc[rows], delta[rows], value[rows], lam[rows] = z, d, v, l
+            # The update recomputes log-probs with gaussian_log_prob; the fused op's own sum
+            # differs in the last bits, so the rollout stores the update's function's value.
+            log_prob[rows] = corrector.log_prob(d, mean)
+    finally:
+        for module in training:
+            module.training = True
     return Rollouts(zc, delta, log_prob, value, lam)
