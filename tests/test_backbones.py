@@ -521,6 +521,19 @@ def test_a_device_this_machine_lacks_is_named_before_loading(tmp_path):
             load()
 
 
+def test_decode_refuses_a_state_encoded_by_a_backbone_of_another_dtype(sd_path, backbone):
+    """A float32 state decoded by a bfloat16 backbone of the same model (or the reverse) failed inside the
+    denoiser ("Input type (float) and bias type (c10::BFloat16) should be the same"); refused by name now."""
+    bf16 = DiffusersBackbone.from_pretrained(sd_path, correction_step=1.0, num_inference_steps=1,
+                                             guidance_scale=GUIDANCE, capture=False, torch_dtype=torch.bfloat16)
+    f32 = _with(backbone, capture=False, num_inference_steps=1)
+    for encoder, decoder, got, runs in ((f32, bf16, "float32", "bfloat16"), (bf16, f32, "bfloat16", "float32")):
+        state = encoder.encode(PROMPTS[:1], seed=0)
+        with pytest.raises(ValueError, match=f"state was encoded by a {got} backbone and this backbone runs {runs}"):
+            decoder.decode(state)
+        assert encoder.decode(state).images.shape[0] == 1  # its own backbone decodes it
+
+
 def test_decode_refuses_a_latent_that_decodes_to_non_finite_images(backbone):
     """A finite z far off the latents' scale overflowed inside the decode: NaN images, clamped and saved."""
     mid = _with(backbone, correction_step=0.5, num_inference_steps=4)

@@ -1096,6 +1096,7 @@ class DiffusersBackbone(Backbone):
             "generator_states": generator_states(generator),
             "generator_devices": [str(g.device) for g in gens],
             "generator_is_list": isinstance(generator, list),
+            "dtype": self.dtype,  # the encoding backbone's: decode refuses a state of another dtype by name
         }
         return BackboneState(
             z0=z0, prompt_embedding=embedding, specs=specs, prompts=tuple(texts),
@@ -1117,6 +1118,11 @@ class DiffusersBackbone(Backbone):
             raise ValueError(f"state was encoded by another backbone: its latents have shape "
                              f"{tuple(state.z0.shape)}, this backbone's have {channels} channels "
                              f"({type(self.pipeline).__name__})")
+        encoded_in = state.resume.get("dtype", self.dtype)
+        if encoded_in != self.dtype:  # failed inside the denoiser ("Input type (float) and bias type ... the same")
+            raise ValueError(f"state was encoded by a {str(encoded_in).replace('torch.', '')} backbone and this "
+                             f"backbone runs {str(self.dtype).replace('torch.', '')}: encode with the backbone that "
+                             f"decodes (or load both with the same dtype)")
         if z is None:
             return state.z0
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
