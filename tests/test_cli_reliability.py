@@ -88,12 +88,17 @@ def temporaries(folder: Path) -> list[str]:
     (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--bootstrap", "0"], "argument --bootstrap"),
     (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--bootstrap", "10000000"], "argument --bootstrap"),
     (["frobnicate"], "invalid choice"),
+    # --correct skipped the seed bound: it wrote 0001_seed2147483648.png
+    (["generate", "a circle", "a square", "--backbone", "shapes", "--correct", "--seed", "2147483647", "--out",
+      "{tmp}/g"], "--seed: image seeds run up to 2147483648"),
+    # --seed beside --seeds was ignored without a word
+    (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--seeds", "0,1", "--seed", "5"], "--seed: give the"),
 ])
 def test_bad_numbers_and_flags_are_one_line_exit_2(tmp_path, capsys, argv, flag):
     code, _, err = run([a.format(tmp=tmp_path) for a in argv], capsys)
     assert code == 2
     one_line_error(err, flag)
-    assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "r").exists()
+    assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "r").exists() and not (tmp_path / "g").exists()
 
 
 def test_sample_records_refuses_a_negative_count():
@@ -838,6 +843,34 @@ def test_train_names_a_hub_backbone_that_is_not_cached(tmp_path, capsys, monkeyp
                         "backbone.name=someorg/not-cached-model"], capsys)
     assert code == 2, err
     one_line_error(err, "train config backbone.name", "HF_HUB_OFFLINE", "download it first")
+
+
+def test_main_in_process_gives_the_hub_libraries_their_logging_back(tmp_path, capsys):
+    """A program calling main() in-process kept diffusers/transformers logging at ERROR and, after --quiet, their
+    progress bars off for the rest of the process; both come back as they were now."""
+    from xlard import cli
+    from xlard.shapes import backbone as shapes_backbone
+
+    if not shapes_backbone.is_available():
+        pytest.skip("shapes backbone weights absent")
+    d = pytest.importorskip("diffusers.utils.logging")
+    t = pytest.importorskip("transformers.utils.logging")
+    h = pytest.importorskip("huggingface_hub.utils")
+
+    def state():
+        return d.get_verbosity(), d.is_progress_bar_enabled(), t.get_verbosity(), t.is_progress_bar_enabled(), \
+            h.are_progress_bars_disabled()
+
+    before = state()
+    try:
+        d.set_verbosity(d.INFO)  # a caller's own setting, not the default
+        for quiet in ([], ["--quiet"]):
+            mine = state()
+            assert run(["generate", "--backbone", "shapes", "--steps", "1", "--out", tmp_path / f"g{len(quiet)}",
+                        *quiet, "a photo of a circle"], capsys)[0] == 0
+            assert state() == mine, quiet
+    finally:
+        d.set_verbosity(before[0])
 
 
 def test_train_quiet_turns_the_progress_bar_off(tmp_path, capsys, monkeypatch):

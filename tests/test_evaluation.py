@@ -126,9 +126,14 @@ def test_statistics_reject_bad_input():
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
         ev.image_seed(-1, 0)
     assert ev.parse_seeds("0,1, 4") == [0, 1, 4] and ev.parse_seeds(None, 3) == [3]
-    for bad in ("0,0", "a", "-1", ""):
+    for bad in ("0,0", "a", "-1", "", [1.5], [True], 3):  # 1.5 and True were read as 1; 3: "not iterable"
         with pytest.raises(ValueError, match="--seeds"):
             ev.parse_seeds(bad)
+    assert ev.parse_seeds(np.arange(2)) == [0, 1]
+    top = (2**64 - ev.SEED_STRIDE) // ev.SEED_STRIDE
+    assert ev.image_seed(top, ev.SEED_STRIDE - 1) < 2**64
+    with pytest.raises(ValueError, match=rf"image_seed: seed must be at most {top} .*below 2\*\*64\), got {2**70}"):
+        ev.image_seed(2**70, 0)  # the generator refused it later, after run.json was written
 
 
 def test_actions_table_by_hand():
@@ -418,6 +423,23 @@ def test_the_random_control_does_not_reuse_the_image_noise_stream(shapes, record
                            faithfulness_fraction=0.2))
     images = [ev.image_seed(s, i) for i, s in pairs]
     assert len(seen) == 3 and not set(seen) & set(images)
+
+
+@needs_shapes
+def test_run_evaluation_checks_its_seeds_before_the_folder_is_made(shapes, records, tmp_path):
+    """seeds=3 failed with "'int' object is not iterable", "0,1" named image_seed, numpy ints reached run.json
+    ("not JSON-serializable") and [2**70] wrote run.json before the generator refused it, so that a rerun with
+    good seeds into that folder was refused as "another evaluation"; all named now, before anything is written."""
+    out = tmp_path / "run"
+    for seeds, match in ((3, "seeds must be a list of evaluation seeds .*got 3"), (None, "got None"),
+                         ("0,1", r"got '0,1' \(parse_seeds reads '0,1'\)"), ([2**70], r"seeds\[0\]: seed must be at most"),
+                         ([0, -1], r"seeds\[1\]: seed must be a non-negative integer")):
+        with pytest.raises(ValueError, match=match):
+            ev.run_evaluation(shapes, _corrector(), _meta(), records[:1], seeds=seeds, out=out, quiet=True)
+        assert not out.exists(), seeds
+    report = ev.run_evaluation(shapes, _corrector(), _meta(), records[:1], seeds=np.arange(1), out=out, quiet=True,
+                               num_resamples=10, faithfulness_fraction=None)
+    assert json.loads((out / "run.json").read_text())["seeds"] == [0] and report["table"]
 
 
 @needs_shapes

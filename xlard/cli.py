@@ -313,6 +313,52 @@ def _quiet_hub_logging(progress_bars: bool = True) -> None:
             pass
 
 
+@contextlib.contextmanager
+def _hub_logging_restored():
+    """Give diffusers/transformers/huggingface_hub back the verbosity and progress bars they had (their defaults
+    when the command imported them): a program that calls :func:`main` in-process kept their logging at ERROR
+    (and, after ``--quiet``, no bars) for good."""
+    saved = {}
+    for name in ("diffusers", "transformers", "huggingface_hub"):
+        module = sys.modules.get(f"{name}.utils")
+        if module is not None:
+            saved[name] = _hub_logging_state(name, module)
+    try:
+        yield
+    finally:
+        for name in ("diffusers", "transformers", "huggingface_hub"):
+            module = sys.modules.get(f"{name}.utils")
+            if module is None:
+                continue
+            try:
+                verbosity, bars_off = saved[name] if name in saved else _hub_logging_default(name, module)
+                if name == "huggingface_hub":
+                    if bars_off != module.are_progress_bars_disabled():
+                        (module.disable_progress_bars if bars_off else module.enable_progress_bars)()
+                    continue
+                module.logging.set_verbosity(verbosity)
+                if bars_off == module.logging.is_progress_bar_enabled():
+                    (module.logging.disable_progress_bar if bars_off else module.logging.enable_progress_bar)()
+            except AttributeError:  # another release's API: left as the command set it
+                pass
+
+
+def _hub_logging_state(name: str, module) -> tuple[int | None, bool]:
+    """(verbosity, progress bars off) of one of the hub libraries now."""
+    if name == "huggingface_hub":
+        return None, module.are_progress_bars_disabled()
+    return module.logging.get_verbosity(), not module.logging.is_progress_bar_enabled()
+
+
+def _hub_logging_default(name: str, module) -> tuple[int | None, bool]:
+    """What a fresh import of the library starts with (its own environment variables read as it reads them)."""
+    hub_bars_off = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    if name == "huggingface_hub":
+        return None, hub_bars_off
+    default = getattr(module.logging, "_get_default_logging_level", lambda: module.logging.WARNING)
+    return default(), hub_bars_off if name == "transformers" else False  # transformers follows the hub's switch
+
+
 def _loads_models(args) -> bool:
     """The command loads a backbone or a corrector (and so imports diffusers anyway)."""
     return args.command in ("generate", "train", "demo") or any(
@@ -589,6 +635,12 @@ def _cmd_generate(args) -> int:
     if args.backbone == "shapes":
         _note_unknown_words(args.prompt)
     _check_dtype(args)  # every form, before anything loads
+    # both forms (--correct skipped these: seed 2147483647 with two prompts wrote 0001_seed2147483648.png)
+    images = len(args.prompt) * args.per_prompt
+    _check_image_count(images, "these prompts and --per-prompt")
+    if images and args.seed + images - 1 > MAX_SEED:
+        raise UsageError(f"--seed: image seeds run up to {args.seed + images - 1}, above {MAX_SEED}; use a smaller "
+                         f"--seed")
     if args.corrector or args.correct:
         _output_folder(args.out, "--out")  # the plain form checks it in _check_output_folder
         from xlard import evaluation
@@ -608,10 +660,7 @@ def _cmd_generate(args) -> int:
                                            finish=lambda: _finish_output_folder(out, "--out"))
 
     prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
-    _check_image_count(len(prompts), "these prompts and --per-prompt")
     seeds = [args.seed + i for i in range(len(prompts))]
-    if seeds and seeds[-1] > MAX_SEED:
-        raise UsageError(f"--seed: image seeds run up to {seeds[-1]}, above {MAX_SEED}; use a smaller --seed")
     out = Path(args.out)
     names = [f"{i:04d}_seed{seeds[i]}.png" for i in range(len(prompts))]
     settings = {"prompts": list(args.prompt), "per_prompt": args.per_prompt, "seed": args.seed,
@@ -750,6 +799,8 @@ def _cmd_eval(args) -> int:
         if args.results:
             raise UsageError("--results: with --corrector/--correct the per-pair verdicts (base and corrected) go to "
                              "OUT/pairs.jsonl; drop --results")
+        if args.seeds is not None and "--seed" in generation:  # --seed was ignored without a word
+            raise UsageError("--seed: give the evaluation seeds once, either --seeds 0,1 or --seed S (one seed)")
         out = Path(args.out or "xlard-eval")
         _output_folder(out, "--out")
         for value, flag in ((args.json, "--json"), (args.markdown, "--markdown")):
@@ -912,7 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_folder_options(p)
     p.set_defaults(func=_cmd_render)
 
-    def backbone_options(p, required: bool):
+    def backbone_options(p, required: bool, seed_help: str = "image i uses seed + i"):
         p.add_argument("--backbone", required=required,
                        help="'shapes', a diffusers pipeline folder, or a hub model id")
         p.add_argument("--steps", type=_int_in(0, MAX_STEPS), default=0,
@@ -924,7 +975,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                        help="the backbone's weights and latents (default float32; bfloat16 or float16 on a GPU "
                             "halve its memory, which large models need)")
-        p.add_argument("--seed", type=seed_type, default=0, help="image i uses seed + i")
+        p.add_argument("--seed", type=seed_type, default=0, help=seed_help)
         p.add_argument("--corrector", help="a corrector folder (see docs/evaluation.md): base vs corrected")
         p.add_argument("--correct", action="store_true", help="use the corrector shipped for --backbone")
 
@@ -945,7 +996,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the summary table (JSON) here")
     p.add_argument("--out", help="with --backbone: where generated images go (GenEval layout; default xlard-eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (results and errors are still printed)")
-    backbone_options(p, required=False)
+    backbone_options(p, required=False, seed_help="with --backbone: image i uses seed + i; with a corrector: the "
+                                                   "evaluation seed (record i: generator seed seed*1000000+i), as "
+                                                   "--seeds with one seed")
     _output_folder_options(p)
     p.add_argument("--seeds", help="with a corrector: evaluation seeds, e.g. 0,1 (record i, seed s: generator "
                                    "seed s*1000000+i); default --seed")
@@ -1056,7 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     prog, args, parsed = "xlard", None, False
     try:
-        with sigterm_interrupts():
+        with sigterm_interrupts(), _hub_logging_restored():
             parser = build_parser()
             args = parser.parse_args(argv)
             prog = f"xlard {args.command}"

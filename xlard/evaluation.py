@@ -491,6 +491,10 @@ def image_seed(seed: int, index: int) -> int:
             raise ValueError(_err("image_seed", f"{name} must be a non-negative integer, got {value!r}"))
     if index >= SEED_STRIDE:
         raise ValueError(_err("image_seed", f"index must be < {SEED_STRIDE}, got {index}"))
+    top = (2**64 - SEED_STRIDE) // SEED_STRIDE  # every record's generator seed below 2**64
+    if seed > top:
+        raise ValueError(_err("image_seed", f"seed must be at most {top} (generator seeds are seed * {SEED_STRIDE:_} "
+                                            f"+ index, below 2**64), got {seed}"))
     return int(seed) * SEED_STRIDE + int(index)
 
 
@@ -766,8 +770,9 @@ def evaluate_pairs(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
     base = ``decode(state)``, corrected = ``decode(state, zc)``; the exact
     evaluator judges both. With ``faithfulness_fraction``,
     :func:`xlard.explain.faithfulness` also decodes ``zc`` with Delta zeroed on
-    the top LAM cells and on as many random cells (the control; its RNG is
-    seeded from the batch's first generator seed).
+    the top LAM cells and on as many random cells (the control; each pair's random
+    cells come from its own generator, derived from the pair's generator seed, so a
+    pair's result does not depend on its batch).
 
     Args:
         backbone (xlard.backbones.Backbone): built at ``meta.correction_step``.
@@ -1175,11 +1180,18 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
             geneval.validate_record(record, index=i)
         except ValueError as e:
             raise ValueError(_err(fn, f"records: {e}")) from None
+    if isinstance(seeds, (str, bytes, numbers.Number)) or not isinstance(seeds, Iterable):
+        raise ValueError(_err(fn, f"seeds must be a list of evaluation seeds (non-negative ints, e.g. [0, 1]), got "
+                                  f"{seeds!r}" + (" (parse_seeds reads '0,1')" if isinstance(seeds, str) else "")))
     seeds = list(seeds)
     if not seeds:
         raise ValueError(_err(fn, "seeds is empty; give at least one evaluation seed"))
-    for s in seeds:
-        image_seed(s, 0)
+    for i, s in enumerate(seeds):  # before run.json is written: a seed the generator refuses made a folder no
+        try:  # later run with good seeds could use
+            image_seed(s, 0)
+        except ValueError as e:
+            raise ValueError(_err(fn, f"seeds[{i}]: {str(e).split(': ', 1)[-1]}")) from None
+    seeds = [int(s) for s in seeds]  # numpy ints: run.json stores plain ints
     if len(set(seeds)) != len(seeds):
         raise ValueError(_err(fn, f"seeds must be distinct, got {seeds}"))
     if len(records) > SEED_STRIDE:
@@ -1308,7 +1320,11 @@ def parse_seeds(text: str | Sequence[int] | None, default: int = 0) -> list[int]
     """``--seeds``: "0,1,2" or "0 1" (or a list of ints) -> distinct non-negative ints; None -> ``[default]``."""
     if text is None:
         return [int(default)]
+    if not isinstance(text, (str, Iterable)):
+        raise ValueError(f"--seeds: must be non-negative integers separated by commas, got {text!r}")
     parts = text if not isinstance(text, str) else text.replace(",", " ").split()
+    if not isinstance(text, str) and any(not isinstance(p, numbers.Integral) or isinstance(p, bool) for p in parts):
+        raise ValueError(f"--seeds: must be non-negative integers, got {text!r}")  # 1.5 and True were read as 1
     try:
         seeds = [int(p) for p in parts]
     except (TypeError, ValueError):
