@@ -146,9 +146,12 @@ def test_training_script_smoke_and_resume(tmp_path, capsys):
     assert [r["step"] for r in rows if r.get("phase") == "vae"] == [1, 2]
     info = json.loads((out / "training_info.json").read_text())
     assert info["unet_steps"] == 4 and info["vae_steps"] == 2
-    images = backbone.generate(["a photo of a red circle"], seed=0, steps=2,
-                               pipeline=backbone.load_pipeline(path=out))
+    pipe = backbone.load_pipeline(path=out)
+    images = backbone.generate(["a photo of a red circle"], seed=0, steps=2, pipeline=pipe)
     assert images.shape == (1, 64, 64, 3)
+    # a numpy int seed (DiffusersBackbone.encode takes one) was refused
+    np.testing.assert_array_equal(backbone.generate(["a photo of a red circle"], seed=np.int64(0), steps=2,
+                                                    pipeline=pipe), images)
     # --resume with other settings: another architecture was a load_state_dict traceback, another --lr or
     # --seed was taken silently
     for changed, flag in ((["--unet-channels", "8", "16", "24"], "--unet-channels"), (["--lr", "0.5"], "--lr"),

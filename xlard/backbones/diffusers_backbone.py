@@ -1055,7 +1055,11 @@ class DiffusersBackbone(Backbone):
         Args:
             prompts: prompt text(s) or :class:`PromptSpec` (s) (aligned here).
             seed: an int, one int per prompt, or torch.Generator(s); see
-                :func:`xlard.backbones.base.make_generators`.
+                :func:`xlard.backbones.base.make_generators`. An int seeds one generator for the whole
+                batch, as ``pipe(prompts, generator=torch.Generator().manual_seed(seed))`` does: image ``i``
+                then depends on the batch. One int per prompt (``[seed + i for i in range(n)]``, what the
+                CLI, the evaluation and :func:`xlard.shapes.backbone.generate` use) makes each image depend
+                only on its own seed.
 
         Returns:
             A :class:`BackboneState` with ``z0 [B, C, h, w]`` in the pipeline's dtype.

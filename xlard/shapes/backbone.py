@@ -177,9 +177,13 @@ def generate(prompts: str | Sequence[str], seed: int = 0, steps: int = DEFAULT_S
     from xlard._args import is_finite_real
     from xlard.backbones.diffusers_backbone import MAX_GUIDANCE, MAX_STEPS
 
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or seed + len(prompts) - 1 > 2**64 - 1:
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0 \
+            or seed + len(prompts) - 1 > 2**64 - 1:  # numbers.Integral: a numpy int too, as encode takes
         raise ValueError(f"seed must be a non-negative int with seed + {len(prompts) - 1} (one seed per prompt) "
                          f"at most 2**64 - 1, got {seed!r}")
+    seed = int(seed)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be an int in [1, {MAX_STEPS}], got {steps!r}")
     if not is_finite_real(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
