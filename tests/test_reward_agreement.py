@@ -23,6 +23,25 @@ def test_auroc_rank_formula():
     assert math.isnan(RA.auroc([0.3], [True]))
 
 
+def test_auroc_equals_the_pair_loop_exactly():
+    """The pair count is by bisection now (the pair loop took hours in the bootstrap of a few thousand samples):
+    equal to the brute-force loop exactly, ties and NaN scores included."""
+    import random
+
+    def loop(scores, labels):
+        pos = [s for s, y in zip(scores, labels) if y]
+        neg = [s for s, y in zip(scores, labels) if not y]
+        return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+
+    rng = random.Random(0)
+    for trial in range(200):
+        n = rng.randint(2, 40)
+        scores = [rng.choice([0.0, 0.25, 0.5, 1.0, float("nan"), rng.random()]) for _ in range(n)]
+        labels = [rng.random() < 0.5 for _ in range(n)]
+        if any(labels) and not all(labels):
+            assert RA.auroc(scores, labels) == loop(scores, labels), (scores, labels)
+
+
 def test_within_prompt_auroc_compares_only_pairs_of_one_prompt():
     # Prompt a: correct samples score 0.2, wrong 0.1 (perfect within a); prompt b: 0.9 vs 0.8 (perfect).
     # Pooled, b's wrong samples (0.8) beat a's correct ones (0.2): pooled AUROC < 1, within = 1.
