@@ -278,6 +278,18 @@ def test_model_damaged_or_mismatched_files_are_named(tmp_path, monkeypatch):
 
 
 @needs_weights
+def test_each_shapes_source_holds_its_own_model():
+    """Every ShapesSource() got the one cached model: .double() (or training) through one source changed every
+    later one in the process; each holds its own copy now, and load_model's cache is left as it was."""
+    first, second = ShapesSource(), ShapesSource()
+    assert first.model is not second.model and first.model is not U.load_model()
+    first.model.double()
+    assert next(second.model.parameters()).dtype == torch.float32
+    assert next(U.load_model().parameters()).dtype == torch.float32
+    assert next(ShapesSource().model.parameters()).dtype == torch.float32
+
+
+@needs_weights
 def test_shipped_model_is_small_and_counts_ground_truth_renders():
     size = sum(p.stat().st_size for p in U.model_path().iterdir() if p.is_file())
     assert size <= 5 * 1024 * 1024, f"understanding weights are {size / 1e6:.2f} MB, over the 5 MB budget"

@@ -230,7 +230,9 @@ class ShapesSource(RewardSource):
 
     Args:
         model: a :class:`xlard.shapes.understanding.ShapesUnderstanding`
-            (default: the shipped weights, loaded once).
+            (default: the shipped weights, read from disk once per process; each
+            source gets its own copy). A model given here is used as it is (and
+            moved in place by ``device``).
         path: a weights folder instead of the shipped one.
         device: where to run (default: the model's device, or the CPU).
         purity: the share of a found object's pixels its main color must
@@ -276,8 +278,10 @@ class ShapesSource(RewardSource):
         self.threshold = float(threshold)
         self.min_area = min_area
 
-        if model is None:
-            model = understanding.load_model(path, device or "cpu")
+        if model is None:  # its own copy of the cached weights: changing one source's model (.double(), training
+            import copy  # it) changed every other source of the process
+
+            model = copy.deepcopy(understanding.load_model(path, device or "cpu"))
         elif not isinstance(model, understanding.ShapesUnderstanding):
             raise ValueError(f"ShapesSource: model must be a ShapesUnderstanding, got {type(model).__name__}")
         elif device is not None:

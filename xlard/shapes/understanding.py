@@ -280,7 +280,11 @@ _LOADED: dict[tuple[str, str], ShapesUnderstanding] = {}
 
 
 def load_model(path: str | os.PathLike | None = None, device: Any = "cpu") -> ShapesUnderstanding:
-    """:meth:`ShapesUnderstanding.from_pretrained`, cached per (folder, device) (the weights are read once)."""
+    """:meth:`ShapesUnderstanding.from_pretrained`, cached per (folder, device) (the weights are read once).
+
+    Every call returns the same instance: ``copy.deepcopy`` it before changing it (its dtype, its weights);
+    :class:`xlard.sources.ShapesSource` and :class:`CountEyes` hold their own copies.
+    """
     key = (str(model_path(path).resolve()), str(torch.device(device)))
     if key not in _LOADED:
         _LOADED[key] = ShapesUnderstanding.from_pretrained(path, device)
