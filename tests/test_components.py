@@ -346,6 +346,26 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, equal_nan=True)
 
 
+def test_import_xlard_ops_does_not_load_dynamo_and_marks_the_trace_time_choice_as_dynamo_would():
+    """``import xlard.ops`` imported torch._dynamo (most of its time, about a second) for one decorator; the mark
+    that decorator sets is set directly now. If a torch release changes what assume_constant_result does, the
+    second half fails, and the direct mark must follow it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, xlard.ops, xlard._backends as b; "
+            "print('torch._dynamo' in sys.modules, b._choose_at_trace_time._dynamo_marked_constant)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
+
+    def fn():
+        return 0
+
+    before = set(vars(fn))
+    assert torch.compiler.assume_constant_result(fn) is fn
+    assert set(vars(fn)) - before == {"_dynamo_marked_constant"} and fn._dynamo_marked_constant is True
+
+
 def test_opcheck_with_nan_padded_slots():
     # Two components and four slots: slots 2 and 3 hold area 0 and NaN centroids.
     maps = torch.zeros(2, 6, 6)

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import sys
 import threading
 from typing import Iterator
 
@@ -164,7 +165,18 @@ def resolve(op: str, device: torch.device):
     return getattr(getattr(torch.ops, namespace), op)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` when it is not loaded yet (that
+    import was most of ``import xlard.ops``'s time, about a second): the decorator only sets the mark dynamo reads
+    at trace time, set here directly (tests/test_components.py checks that torch's decorator still sets just
+    that mark, and the ``torch.compile(fullgraph=True)`` tests that tracing honours it)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _choose_at_trace_time(op: str, device_type: str, forced: str | None, env: str | None) -> str:
     # Evaluated once per trace (dynamo does not trace into it); the caller passes the
     # thread-local provider so the graph is guarded on it. "!" + message on failure.
