@@ -91,6 +91,9 @@ def temporaries(folder: Path) -> list[str]:
     # --correct skipped the seed bound: it wrote 0001_seed2147483648.png
     (["generate", "a circle", "a square", "--backbone", "shapes", "--correct", "--seed", "2147483647", "--out",
       "{tmp}/g"], "--seed: image seeds run up to 2147483648"),
+    # a non-UTF-8 byte in a prompt (the shell passes bytes) reached the tokenizer: a traceback
+    (["generate", "a blue square \udcff", "--backbone", "shapes", "--out", "{tmp}/g"],
+     "PROMPT: prompt 1 of 1 is not UTF-8 text (byte 0xff at character 15"),
     # --seed beside --seeds was ignored without a word
     (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--seeds", "0,1", "--seed", "5"], "--seed: give the"),
 ])
@@ -99,6 +102,18 @@ def test_bad_numbers_and_flags_are_one_line_exit_2(tmp_path, capsys, argv, flag)
     assert code == 2
     one_line_error(err, flag)
     assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "r").exists() and not (tmp_path / "g").exists()
+
+
+def test_error_lines_show_terminal_control_characters_escaped(tmp_path, capsys):
+    """A path or an option holding ESC [2J (clear the screen), an OSC title change or a right-to-left override
+    was printed raw in the error line; shown escaped now."""
+    code, _, err = run(["eval", "--prompts", f"{tmp_path}/no\x1b[2Jsuch\x1b]0;t\x07\u202e.jsonl", "--images",
+                        str(tmp_path)], capsys)
+    assert code == 2 and "\x1b" not in err and "\x07" not in err and "\u202e" not in err
+    one_line_error(err, "--prompts", r"no\x1b[2Jsuch\x1b]0;t\x07\u202e.jsonl")
+    code, _, err = run(["generate", "a circle", "--backbone", "shapes", "--bogus\x1b[31m"], capsys)
+    assert code == 2 and "\x1b" not in err
+    one_line_error(err, r"unrecognized arguments: --bogus\x1b[31m")
 
 
 def test_sample_records_refuses_a_negative_count():

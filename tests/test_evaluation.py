@@ -156,6 +156,17 @@ def test_actions_table_by_hand():
     assert text.index("| colors | residual only") < text.index("| position | moved")  # GenEval's tag order
     assert "What the corrector's rules did" not in ev.format_markdown(
         ev.build_report([row(0, "colors", True, True, [])], num_resamples=100))
+    # Python API tags and actions holding "|", a line break or markup broke the tables' columns and rows; a tag
+    # named "overall" was overwritten by the aggregate row
+    odd = [row(0, "my|tag", False, True, ["redrew | x"]), row(1, "new\nline", True, True, []),
+           row(2, "`b` <i>", False, False, [])]
+    text = ev.format_markdown(ev.build_report(odd, num_resamples=50))
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert all(line.count("|") - line.count("\\|") == line.count(" | ") + 2 for line in table), table
+    assert "| my\\|tag | redrew | 1 | 1 | 0 |" in text and "| new line |" in text and "| \\`b\\` \\<i\\> |" in text
+    with pytest.raises(ValueError, match=r"paired_table: tags: 'overall' names the mean of the tags' scores, not a "
+                                         r"tag \(item 1\)"):
+        ev.build_report([row(0, "colors", True, True, []), row(1, "overall", False, True, [])], num_resamples=50)
 
 
 def test_faithfulness_table_by_hand():

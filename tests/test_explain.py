@@ -460,6 +460,10 @@ def test_html_is_self_contained_and_escaped(tmp_path):
     for sentence in ("red ball: red scores 0.90", "plain sentence", "not scored: the prompt does not ask for it", "seed 1"):
         assert sentence in text
     assert sorted(os.listdir(tmp_path / "r")) == ["report.html"]
+    # a NUL went into the page raw; a right-to-left override in a prompt reversed the label after it
+    text = render_html_report([ReportItem("a cat\x00 \u202edog", label="seed 1")])
+    assert "\x00" not in text and "a cat\ufffd" in text
+    assert "<bdi>a cat\ufffd \u202edog</bdi>" in text and "<bdi>seed 1</bdi>" in text
 
 
 def test_html_from_reward_result_like_object(tmp_path):

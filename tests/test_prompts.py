@@ -1026,3 +1026,41 @@ def test_on_the_bottom_of_is_below_and_resolution_tags_are_no_counts():
         assert [(e.noun, e.count) for e in parse(prompt).entities] == [("cat", 1)]
     with pytest.raises(ValueError, match="count '10k'"):  # a suffixed number is still no count
         parse("10k dogs")
+
+
+def test_text_that_is_not_unicode_and_json_that_is_not_json_are_refused_where_they_come_in(tmp_path):
+    """A lone surrogate in a prompt (JSON "\\ud800", a command line's non-UTF-8 byte) reached the tokenizer as a
+    traceback, or failed when a record was written, after the work; NaN/Infinity in a record were written back as
+    invalid JSON; a JSON error at the end of a line was reported at "column 1"; a 10,000-character value filled
+    the error line. Each is named where it comes in now."""
+    record = {"tag": "single_object", "prompt": "a photo of a cat", "include": [{"class": "cat", "count": 1}]}
+    for bad, field in (({**record, "prompt": "a cat \ud800"}, "'prompt'"),
+                       ({**record, "include": [{"class": "c\udcffat", "count": 1}]}, r"include\[0\]\['class'\]")):
+        with pytest.raises(ValueError, match=rf"record 3: {field} holds '\\ud[8c][0f]{{2}}' at character \d+, which "
+                                             r"is not a Unicode character"):
+            geneval.validate_record(bad, index=3)
+    with pytest.raises(ValueError, match=r"prompt 'a cat \\ud800' holds '\\ud800' at character 7"):
+        parse("a cat \ud800")
+    with pytest.raises(ValueError, match=r"got 'xxxx.*\.\.\. \(10000 characters\)$"):
+        geneval.validate_record({**record, "tag": "x" * 10000})
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({**record, "prompt": "a cat \ud800"}) + "\n")  # json writes the escape
+    with pytest.raises(ValueError, match=r"r.jsonl:1: 'prompt' holds"):
+        geneval.read_jsonl(path)
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        path.write_text(json.dumps(record)[:-1] + f', "note": {constant}}}\n')
+        with pytest.raises(ValueError, match=rf"r.jsonl:1: invalid JSON \({constant} is not JSON"):
+            geneval.read_jsonl(path)
+    line = json.dumps(record)
+    path.write_text(line[:-1] + "\n")  # the closing brace cut off
+    with pytest.raises(ValueError, match=rf"at column {len(line)}\)"):
+        geneval.read_jsonl(path)
+    # writing: a lone surrogate in a kept extra key (an image file name of non-UTF-8 bytes) is escaped, the file
+    # stays UTF-8 JSON and reads back equal; NaN is refused naming the record instead of written as invalid JSON
+    geneval.write_jsonl(path, [{**record, "file": "a\udcff.png"}, {**record, "note": "ünïcode ✓"}])
+    text = path.read_text(encoding="utf-8")
+    assert "\\udcff" in text and "ünïcode ✓" in text
+    assert geneval.read_jsonl(path)[0]["file"] == "a\udcff.png"
+    with pytest.raises(ValueError, match=r"record 1: not JSON-serializable \(Out of range float"):
+        geneval.write_jsonl(tmp_path / "n.jsonl", [record, {**record, "score": float("nan")}])
+    assert not (tmp_path / "n.jsonl").exists()

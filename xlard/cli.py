@@ -138,8 +138,14 @@ def _open_fraction(text: str) -> float:
     return value
 
 
+_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def _one_line(exc: BaseException) -> str:
+    """The error's text on one line, with the characters a terminal acts on shown escaped (a path or an option
+    holding ESC [2J cleared the screen, a right-to-left override reversed the rest of the line)."""
     text = " ".join(str(exc).split())
+    text = _TERMINAL_CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
     return text or type(exc).__name__
 
 
@@ -632,6 +638,11 @@ def _cmd_generate(args) -> int:
     for i, prompt in enumerate(args.prompt):
         if not prompt.strip():
             raise UsageError(f"PROMPT: prompt {i + 1} of {len(args.prompt)} is empty; give each image's text")
+        try:  # a byte that is not UTF-8 (the shell passes bytes): refused before anything loads
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UsageError(f"PROMPT: prompt {i + 1} of {len(args.prompt)} is not UTF-8 text (byte "
+                             f"0x{ord(prompt[exc.start]) & 0xFF:02x} at character {exc.start + 1}: {prompt!r})")
     if args.backbone == "shapes":
         _note_unknown_words(args.prompt)
     _check_dtype(args)  # every form, before anything loads

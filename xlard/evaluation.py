@@ -44,6 +44,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -658,6 +659,9 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
     fn = "paired_table"
     _check_bootstrap_args(fn, num_resamples, confidence, seed)
     tags = [str(t) for t in tags]
+    if "overall" in tags:  # the aggregate row took its place: its own row was lost without a word
+        raise ValueError(_err(fn, f"tags: 'overall' names the mean of the tags' scores, not a tag (item "
+                                  f"{tags.index('overall')})"))
     b = np.asarray(base, dtype=np.float64).reshape(-1)
     c = np.asarray(corrected, dtype=np.float64).reshape(-1)
     if not (len(tags) == b.size == c.size):
@@ -995,6 +999,13 @@ def table_rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]
     return [(t, table[t]) for t in tags] + ([("overall", table["overall"])] if "overall" in table else [])
 
 
+def _cell(text: Any) -> str:
+    """Text for one markdown table cell: ``|``, line breaks and markup characters escaped (a tag or an action
+    holding ``|`` or a newline broke the table's columns and rows)."""
+    text = " ".join(str(text).split())
+    return re.sub(r"([\\|`*<>\[\]])", r"\\\1", text)  # not "_": single_object stays as it reads
+
+
 def format_markdown(report: Mapping[str, Any]) -> str:
     """The report as markdown: the paired table in points, the faithfulness check, what the rules did."""
     conf = report["bootstrap"]["confidence"]
@@ -1002,7 +1013,7 @@ def format_markdown(report: Mapping[str, Any]) -> str:
              "excludes 0 |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for tag, r in table_rows(report):
-        name = f"**{tag}**" if tag == "overall" else tag
+        name = "**overall**" if tag == "overall" else _cell(tag)
         excludes = "yes" if r["ci_low"] > 0 or r["ci_high"] < 0 else "no"
         lines.append(f"| {name} | {r['records']} | {r.get('prompts', '')} | {r['images']} | {_pts(r['base'])} | "
                      f"{_pts(r['corrected'])} | {_signed(r['diff'])} | [{_signed(r['ci_low'])}, "
@@ -1040,7 +1051,7 @@ def format_markdown(report: Mapping[str, Any]) -> str:
                 return f"{x:.0%}" if _is_real(x) else "n/a"
 
             for tag, t in table_rows({"table": by_tag}):
-                lines.append(f"| {tag} | {_signed(t['gain']['diff'])} | [{_signed(t['gain']['ci_low'])}, "
+                lines.append(f"| {_cell(tag)} | {_signed(t['gain']['diff'])} | [{_signed(t['gain']['ci_low'])}, "
                              f"{_signed(t['gain']['ci_high'])}] | {_signed(t['lost_top']['diff'])} | "
                              f"{_signed(t['lost_random']['diff'])} | {pct(t['share_lost_top'])} / "
                              f"{pct(t['share_lost_random'])} |")
@@ -1050,7 +1061,7 @@ def format_markdown(report: Mapping[str, Any]) -> str:
                   "", "| tag | actions | pairs | fixed | broken |", "|---|---|---:|---:|---:|"]
         for tag, kinds in table_rows({"table": acted}):
             for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1]["pairs"], kv[0])):
-                lines.append(f"| {tag} | {kind} | {n['pairs']} | {n['fixed']} | {n['broken']} |")
+                lines.append(f"| {_cell(tag)} | {_cell(kind)} | {n['pairs']} | {n['fixed']} | {n['broken']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -47,6 +47,26 @@ def _is_int(value: Any) -> bool:
 _ITEM_KEYS = frozenset({"class", "count", "color", "position"})
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error line, cut to ``limit`` characters (a 10,000-character value filled a screen)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, (str, list, tuple, dict)) else ""
+    return text[:limit] + "..." + size
+
+
+def _check_text(value: str, where: str, field: str) -> None:
+    """Refuse text that is not Unicode text: a lone surrogate (JSON ``"\\ud800"``, a non-UTF-8 byte of a command
+    line) reached the tokenizer as a traceback, or failed when the record was written, after the work."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where}{field} holds {value[exc.start]!r} at character {exc.start + 1}, which is not a "
+                         f"Unicode character (a lone surrogate: a broken \\u escape, or bytes that are not UTF-8); "
+                         f"got {_shown(value)}") from None
+
+
 def _check_object_item(
     item: Any,
     where: str,
@@ -63,42 +83,45 @@ def _check_object_item(
     extra = set(item) - _ITEM_KEYS
     if extra:
         # A misspelled key ("colour") would otherwise be ignored and the record judged without it.
-        raise ValueError(f"{where}{field} has unknown keys {sorted(map(str, extra))}; allowed {sorted(_ITEM_KEYS)}")
+        raise ValueError(f"{where}{field} has unknown keys {_shown(sorted(map(str, extra)), 200)}; allowed "
+                         f"{sorted(_ITEM_KEYS)}")
     for key in ("class", "count"):
         if key not in item:
             raise ValueError(f"{where}{field} is missing the key {key!r}")
     cls = item["class"]
     if not isinstance(cls, str) or not cls.strip():
-        raise ValueError(f"{where}{field}['class'] must be a non-empty string, got {cls!r}")
+        raise ValueError(f"{where}{field}['class'] must be a non-empty string, got {_shown(cls)}")
+    _check_text(cls, where, f"{field}['class']")
     if class_set is not None and cls not in class_set:
-        raise ValueError(f"{where}{field}['class'] {cls!r} is not a class of this world "
+        raise ValueError(f"{where}{field}['class'] {_shown(cls)} is not a class of this world "
                          f"(known: {', '.join(sorted(class_set))})")
     count = item["count"]
     if not _is_int(count) or count < 1:
-        raise ValueError(f"{where}{field}['count'] must be an integer >= 1, got {count!r}")
+        raise ValueError(f"{where}{field}['count'] must be an integer >= 1, got {_shown(count)}")
     if max_count is not None and count > max_count:
-        raise ValueError(f"{where}{field}['count'] {count} exceeds the limit of {max_count} objects")
+        raise ValueError(f"{where}{field}['count'] {_shown(count)} exceeds the limit of {max_count} objects")
     if "color" in item:
         color = item["color"]
         if not isinstance(color, str) or not color.strip():
-            raise ValueError(f"{where}{field}['color'] must be a non-empty string, got {color!r}")
+            raise ValueError(f"{where}{field}['color'] must be a non-empty string, got {_shown(color)}")
+        _check_text(color, where, f"{field}['color']")
         if color_set is not None and color not in color_set:
-            raise ValueError(f"{where}{field}['color'] {color!r} is not a color of this world "
+            raise ValueError(f"{where}{field}['color'] {_shown(color)} is not a color of this world "
                              f"(known: {', '.join(sorted(color_set))})")
     if "position" not in item:
         return
     position = item["position"]
     if not isinstance(position, (list, tuple)) or len(position) != 2:
-        raise ValueError(f"{where}{field}['position'] must be [relation, group_index], got {position!r}")
+        raise ValueError(f"{where}{field}['position'] must be [relation, group_index], got {_shown(position)}")
     relation, target = position
     if relation not in GENEVAL_RELATIONS:
         raise ValueError(
-            f"{where}{field}['position'][0] must be one of {list(GENEVAL_RELATIONS)}, got {relation!r}"
+            f"{where}{field}['position'][0] must be one of {list(GENEVAL_RELATIONS)}, got {_shown(relation)}"
         )
     if not _is_int(target) or not 0 <= target < include_index:
         allowed = f"0..{include_index - 1}" if include_index else "none: include[0] has no earlier item"
         raise ValueError(
-            f"{where}{field}['position'][1] must index an earlier include item ({allowed}), got {target!r}"
+            f"{where}{field}['position'][1] must index an earlier include item ({allowed}), got {_shown(target)}"
         )
 
 
@@ -153,25 +176,27 @@ def validate_record(
         raise ValueError(f"{where}a GenEval record must be a JSON object, got {type(record).__name__}")
     for key in ("tag", "include", "prompt"):
         if key not in record:
-            raise ValueError(f"{where}GenEval record is missing the key {key!r} (has {sorted(map(str, record))})")
+            raise ValueError(f"{where}GenEval record is missing the key {key!r} (has "
+                             f"{_shown(sorted(map(str, record)), 200)})")
     tag = record["tag"]
     if not isinstance(tag, str) or tag not in GENEVAL_TAGS:
-        raise ValueError(f"{where}'tag' must be one of {list(GENEVAL_TAGS)}, got {tag!r}")
+        raise ValueError(f"{where}'tag' must be one of {list(GENEVAL_TAGS)}, got {_shown(tag)}")
     prompt = record["prompt"]
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{where}'prompt' must be a non-empty string, got {prompt!r}")
+        raise ValueError(f"{where}'prompt' must be a non-empty string, got {_shown(prompt)}")
+    _check_text(prompt, where, "'prompt'")
     if max_count is not None and (not _is_int(max_count) or max_count < 1):
         raise ValueError(f"max_count must be None or an integer >= 1, got {max_count!r}")
     class_set = None if classes is None else frozenset(classes)
     color_set = None if colors is None else frozenset(colors)
     include = record["include"]
     if not isinstance(include, (list, tuple)) or not include:
-        raise ValueError(f"{where}'include' must be a non-empty list, got {include!r}")
+        raise ValueError(f"{where}'include' must be a non-empty list, got {_shown(include)}")
     for i, item in enumerate(include):
         _check_object_item(item, where, f"include[{i}]", i, class_set, color_set, max_count)
     exclude = record.get("exclude", [])
     if not isinstance(exclude, (list, tuple)):
-        raise ValueError(f"{where}'exclude' must be a list, got {exclude!r}")
+        raise ValueError(f"{where}'exclude' must be a list, got {_shown(exclude)}")
     for i, item in enumerate(exclude):  # "exactly n" is "fewer than n + 1": an exclude may name max_count + 1
         _check_object_item(item, where, f"exclude[{i}]", None, class_set, color_set,
                            None if max_count is None else max_count + 1)
@@ -212,8 +237,9 @@ def read_jsonl(path: str | os.PathLike[str], *, validate: bool = True) -> list[d
                                  "line") from None
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
+            try:  # without its line break (an error at the end was "column 1" of the next line); NaN and
+                # Infinity are not JSON: every file xlard wrote with such a record was invalid JSON
+                record = json.loads(line.rstrip("\r\n"), parse_constant=_refuse_constant)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
             except (ValueError, RecursionError) as exc:  # a number of 5000 digits, arrays nested 100000 deep
@@ -225,6 +251,10 @@ def read_jsonl(path: str | os.PathLike[str], *, validate: bool = True) -> list[d
                     raise ValueError(f"{path}:{lineno}: {exc}") from None
             records.append(record)
     return records
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (a number must be finite; write null)")
 
 
 def write_jsonl(
@@ -267,7 +297,12 @@ def write_jsonl(
             except ValueError as exc:
                 raise ValueError(f"record {i}: {exc}") from None
         try:
-            lines.append(json.dumps(dict(record), ensure_ascii=False))
+            line = json.dumps(dict(record), ensure_ascii=False, allow_nan=False)  # NaN: invalid JSON
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (a file name of non-UTF-8 bytes): escaped as \\udcff
+                line = json.dumps(dict(record), allow_nan=False)
+            lines.append(line)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"record {i}: not JSON-serializable ({exc})") from None
     _io.atomic_write_text(path, "".join(line + "\n" for line in lines), owner="xlard.geneval.write_jsonl")

@@ -126,16 +126,19 @@ def _item_html(index: int, item: ReportItem, colormap) -> str:
     if not isinstance(item, ReportItem):
         raise TypeError(_err("write_html_report", f"items must be ReportItem (or dicts of its fields), "
                                                   f"got {type(item).__name__} at index {index}"))
-    esc = html.escape
+    def esc(text: str) -> str:  # a NUL went into the page raw (invalid in HTML)
+        return html.escape(text).replace("\x00", "\ufffd")
+
     parts = ['<article class="item">']
     joint, joint_before = _score(item.joint), _score(item.joint_before)
-    tag = f'<span class="tag">{esc(item.label)}</span>' if item.label else ""
+    tag = f'<span class="tag"><bdi>{esc(item.label)}</bdi></span>' if item.label else ""
     joint_html = ""
     if item.joint is not None or item.scores:
         joint_html = (f'<div class="joint"><div class="k">joint reward</div>'
                       f'<div class="v">{_fmt(joint)}{_delta_html(joint, joint_before)}</div></div>')
     parts.append(f'<div class="item-head"><div class="num">#{index + 1}</div>'
-                 f'<div class="prompt">&ldquo;{esc(item.prompt)}&rdquo;{tag}</div>{joint_html}</div>')
+                 # <bdi>: a right-to-left override in a prompt no longer reverses the label after it
+                 f'<div class="prompt">&ldquo;<bdi>{esc(item.prompt)}</bdi>&rdquo;{tag}</div>{joint_html}</div>')
 
     figs = []
     if item.before is not None:

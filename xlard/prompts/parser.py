@@ -559,6 +559,13 @@ def _check_prompt(prompt: Any) -> str:
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError("prompt is empty")
+    try:  # a lone surrogate (a broken \\u escape, a command line's non-UTF-8 byte) failed in the tokenizer
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        shown = repr(prompt) if len(prompt) <= 80 else repr(prompt[:80]) + f"... ({len(prompt)} characters)"
+        raise ValueError(f"prompt {shown} holds {prompt[exc.start]!r} at character {exc.start + 1}, which is not a "
+                         f"Unicode character (a lone surrogate: a broken \\u escape, or bytes that are not "
+                         f"UTF-8)") from None
     return prompt
 
 
