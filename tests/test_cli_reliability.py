@@ -104,6 +104,18 @@ def test_bad_numbers_and_flags_are_one_line_exit_2(tmp_path, capsys, argv, flag)
     assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "r").exists() and not (tmp_path / "g").exists()
 
 
+def test_the_paired_eval_holds_records_times_seeds_to_the_image_limit(tmp_path, capsys):
+    """records x seeds was not held to the 1,000,000 images per command the other forms keep; refused before the
+    corrector or the backbone loads now."""
+    prompts = tmp_path / "p.jsonl"
+    assert run(["prompts", prompts, "-n", "100000"], capsys)[0] == 0
+    code, _, err = run(["eval", "--correct", "--prompts", prompts, "--seeds", ",".join(map(str, range(11))),
+                        "--out", tmp_path / "e"], capsys)
+    assert code == 2
+    one_line_error(err, "--prompts and --seeds: 100000 records x 11 seeds make 1100000 pairs; at most 1000000")
+    assert not (tmp_path / "e").exists()
+
+
 def test_error_lines_show_terminal_control_characters_escaped(tmp_path, capsys):
     """A path or an option holding ESC [2J (clear the screen), an OSC title change or a right-to-left override
     was printed raw in the error line; shown escaped now."""

@@ -136,6 +136,20 @@ def test_statistics_reject_bad_input():
         ev.image_seed(2**70, 0)  # the generator refused it later, after run.json was written
 
 
+def test_the_bootstrap_draws_in_blocks_the_same_replicates(monkeypatch):
+    """100000 resamples of 100000 records needed about 28 GB drawn at once; drawn in blocks now, with the same
+    random stream in the same order: the same interval to the last bit."""
+    rng = np.random.default_rng(3)
+    base, corrected = rng.random(500), rng.random(500)
+    clusters = rng.integers(0, 200, 500)
+    whole = ev.paired_bootstrap(base, corrected, clusters, num_resamples=3000, seed=7)
+    small = ev.paired_bootstrap(base, corrected, clusters, num_resamples=300, seed=7)
+    monkeypatch.setattr(ev, "_RESAMPLE_CELLS", 1000)  # five replicates per block, 600 blocks
+    assert ev.paired_bootstrap(base, corrected, clusters, num_resamples=3000, seed=7) == whole
+    monkeypatch.setattr(ev, "_RESAMPLE_CELLS", 1)  # fewer cells than records: one replicate per block
+    assert ev.paired_bootstrap(base, corrected, clusters, num_resamples=300, seed=7) == small
+
+
 def test_actions_table_by_hand():
     def row(i, tag, base, corrected, actions):
         return ev.PairRow(i, 0, tag, "p", base, corrected, "", "", 1.0, actions=actions)
@@ -617,6 +631,39 @@ def test_cli_eval_and_generate_with_a_corrector(tmp_path, records, capsys):
         assert cli.main(["generate", "a photo of a red circle", "--backbone", "shapes", "--correct",
                          "--out", str(tmp_path / "g2")]) == 2
         assert "shipped shapes corrector is not installed" in capsys.readouterr().err
+
+
+@needs_shapes
+def test_generate_with_a_corrector_appends_each_batchs_lines_and_resumes(tmp_path, capsys, monkeypatch):
+    """corrections.jsonl was rewritten whole after every batch (its cost grew with the square of the image count);
+    each batch's lines are appended and synced now: an interrupted run keeps the lines of the images it wrote, a
+    --resume makes the rest, and the final file is sorted and equal to an uninterrupted run's."""
+    import xlard.explain
+
+    corrector_dir = ev.save_corrector_dir(tmp_path / "corr", _corrector(head_std=0.5), _meta())
+    argv = ["generate", "a photo of a circle", "a photo of two squares", "a photo of a red triangle", "--backbone",
+            "shapes", "--corrector", str(corrector_dir), "--batch", "1", "--quiet"]
+    assert cli.main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    whole = (tmp_path / "whole" / "corrections.jsonl").read_text()
+    assert [json.loads(line)["image"] for line in whole.splitlines()] == [
+        "0000_seed0.png", "0001_seed1.png", "0002_seed2.png"]
+    saved, calls = xlard.explain.save_png, []
+
+    def interrupted(path, image):
+        calls.append(path)
+        if len(calls) == 4:  # the second batch's first image
+            raise KeyboardInterrupt
+        return saved(path, image)
+
+    monkeypatch.setattr(xlard.explain, "save_png", interrupted)
+    out = tmp_path / "cut"
+    assert cli.main([*argv, "--out", str(out)]) == 130
+    kept = (out / "corrections.jsonl").read_text().splitlines()
+    assert [json.loads(line)["image"] for line in kept] == ["0000_seed0.png"]
+    monkeypatch.setattr(xlard.explain, "save_png", saved)
+    assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
+    assert (out / "corrections.jsonl").read_text() == whole
+    capsys.readouterr()
 
 
 @needs_shapes

@@ -570,12 +570,26 @@ def _clusters(fn: str, base, corrected, clusters):
             np.bincount(index, minlength=n).astype(np.float64))
 
 
+_RESAMPLE_CELLS = 1 << 22  # index draws held at once (32 MiB of int64): memory bound of the bootstrap
+
+
 def _resampled_means(sum_b, sum_c, count, num_resamples: int, rng: np.random.Generator):
-    """Bootstrap replicates of (base mean, corrected mean) resampling clusters with replacement."""
+    """Bootstrap replicates of (base mean, corrected mean) resampling clusters with replacement.
+
+    Drawn in blocks of replicates (``_RESAMPLE_CELLS`` indices at a time): all at once, 100000 resamples of
+    100000 records needed about 28 GB. The blocks draw the same stream as one draw would, in the same order,
+    so the replicates are the same.
+    """
     n = count.size
-    idx = rng.integers(0, n, size=(num_resamples, n))
-    total = count[idx].sum(axis=1)
-    return sum_b[idx].sum(axis=1) / total, sum_c[idx].sum(axis=1) / total
+    rows = max(1, _RESAMPLE_CELLS // max(n, 1))
+    means_b, means_c = np.empty(num_resamples), np.empty(num_resamples)
+    for start in range(0, num_resamples, rows):
+        stop = min(num_resamples, start + rows)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        total = count[idx].sum(axis=1)
+        means_b[start:stop] = sum_b[idx].sum(axis=1) / total
+        means_c[start:stop] = sum_c[idx].sum(axis=1) / total
+    return means_b, means_c
 
 
 def _interval(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -1283,7 +1297,8 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
             f.flush()
             os.fsync(f.fileno())
             rows.extend(batch)
-    rows.sort(key=lambda r: (seeds.index(r.seed), r.index))
+    order = {seed: k for k, seed in enumerate(seeds)}  # seeds.index per row: pairs x seeds
+    rows.sort(key=lambda r: (order[r.seed], r.index))
     if save_images:
         _mark_image_folders(out, complete=True)
     report = build_report(rows, settings=settings, num_resamples=num_resamples, confidence=confidence,
@@ -1361,9 +1376,16 @@ def run_eval_cli(args) -> int:
         raise ValueError("xlard eval with a corrector needs --prompts FILE (GenEval JSONL records)")
     if getattr(args, "folder", None) or getattr(args, "images", None):
         raise ValueError("--corrector/--correct generates its own images; drop --folder/--images")
+    records = P.read_records(args.prompts)  # records and seeds before anything loads
+    seeds = parse_seeds(getattr(args, "seeds", None), default=getattr(args, "seed", 0) or 0)
+    from xlard.cli import MAX_IMAGES
+
+    if len(records) * len(seeds) > MAX_IMAGES:  # each pair decodes two images (base, corrected) and more
+        raise ValueError(f"--prompts and --seeds: {len(records)} records x {len(seeds)} seeds make "
+                         f"{len(records) * len(seeds)} pairs; at most {MAX_IMAGES} per run (use fewer records "
+                         f"or seeds)")
     corrector, meta, source = _corrector_from_args(args)
     backbone = _backbone_from_args(args, corrector, meta)
-    records = P.read_records(args.prompts)
     backbone.check_prompts([r["prompt"] for r in records], lambda i: f"--prompts: {args.prompts} record {i}")
     if meta.backbone == "shapes":  # a table on training prompts is no held-out measurement: say so
         seen = P.split_membership(records).count("train")
@@ -1371,7 +1393,6 @@ def run_eval_cli(args) -> int:
             print(f"note: {seen} of {len(records)} records of {args.prompts} ask what training-split records ask; "
                   "a corrector trained on the shapes world has seen them, so this is no held-out measurement "
                   "(`xlard prompts --split heldout` writes held-out records)", file=sys.stderr)
-    seeds = parse_seeds(getattr(args, "seeds", None), default=getattr(args, "seed", 0) or 0)
     fraction = None if getattr(args, "no_faithfulness", False) else _given(args, "mask_fraction", 0.2)
     out = Path(getattr(args, "out", None) or "xlard-eval")
     report = run_evaluation(backbone, corrector, meta, records, seeds, out=out, batch_size=args.batch,
@@ -1405,11 +1426,6 @@ def run_generate_cli(args, decide=None, start=None, finish=None) -> int:
     complete). Resuming keeps every image whose three files and ``corrections.jsonl`` line exist
     and makes the rest.
     """
-    import torch
-
-    from xlard import ops
-    from xlard.explain import overlay, save_png
-
     out = Path(args.out)
     _io.check_output_path(out / GENERATE_ACTIONS_NAME, owner="--out")  # before any work: a folder there is refused
     corrector, meta, source = _corrector_from_args(args)
@@ -1441,28 +1457,22 @@ def run_generate_cli(args, decide=None, start=None, finish=None) -> int:
         except ImportError:
             pass
     written, report = 0, []
-    for begin in starts:
-        rows = todo[begin:begin + args.batch]
-        state = backbone.encode([prompts[i] for i in rows], seed=[seeds[i] for i in rows])
-        with torch.no_grad():
-            delta, actions = corrector.actions(state.z0, **corrector_inputs(corrector, state.prompt_embedding,
-                                                                            state.specs))
-            zc, lam = ops.residual_correction(state.z0, delta, float(meta.alpha))
-            base = backbone.decode(state).images.float().clamp(0, 1).cpu()
-            corrected = backbone.decode(state, zc).images.float().clamp(0, 1).cpu()
-        for k, i in enumerate(rows):
-            save_png(out / f"{stems[i]}.png", corrected[k])
-            save_png(out / f"{stems[i]}_base.png", base[k])
-            save_png(out / f"{stems[i]}_lam.png", overlay(corrected[k], lam[k].float().cpu()))
-            written += 1
-            lines[i] = json.dumps({"image": f"{stems[i]}.png", "prompt": prompts[i], "seed": seeds[i],
-                                   "actions": actions[k]})
-            report.append(f"{stems[i]}.png: {'; '.join(actions[k]) or 'residual only'}")
-        # Rewritten whole after every batch: an interrupted run keeps the lines of the images it wrote.
-        _io.atomic_write_text(out / GENERATE_ACTIONS_NAME, "".join(lines[i] + "\n" for i in sorted(lines)),
-                              owner="xlard generate")
+    actions_path = out / GENERATE_ACTIONS_NAME
+    # The reused lines (a torn or stale one dropped) written once, then each batch's lines appended and synced; an
+    # interrupted run keeps the lines of the images it wrote. (Rewritten whole after every batch, the file cost
+    # grew with the square of the image count.) Sorted by image once at the end.
+    _io.atomic_write_text(actions_path, "".join(lines[i] + "\n" for i in sorted(lines)), owner="xlard generate")
+    log = open(actions_path, "a", encoding="utf-8")
+    try:
+        for begin in starts:
+            written += _generate_batch(args, backbone, corrector, meta, out, todo[begin:begin + args.batch], prompts,
+                                       seeds, stems, lines, report, log)
+    finally:
+        log.close()
+    _io.atomic_write_text(actions_path, "".join(lines[i] + "\n" for i in sorted(lines)), owner="xlard generate")
     if finish is not None:
         finish()
+
     if not args.quiet:
         print("\n".join(report))
     reused = len(prompts) - written
@@ -1470,6 +1480,35 @@ def run_generate_cli(args, decide=None, start=None, finish=None) -> int:
           + (f" ({reused} reused)" if resuming else "") + f"; corrector {source} "
           f"(correction_step {meta.correction_step}, alpha {meta.alpha})")
     return 0
+
+
+def _generate_batch(args, backbone, corrector, meta, out: Path, rows: list[int], prompts, seeds, stems,
+                    lines: dict[int, str], report: list[str], log) -> int:
+    """One batch of ``generate --correct``: its images written, its ``corrections.jsonl`` lines appended to
+    ``log`` and synced; returns how many images it wrote."""
+    import torch
+
+    from xlard import ops
+    from xlard.explain import overlay, save_png
+
+    state = backbone.encode([prompts[i] for i in rows], seed=[seeds[i] for i in rows])
+    with torch.no_grad():
+        delta, actions = corrector.actions(state.z0, **corrector_inputs(corrector, state.prompt_embedding,
+                                                                        state.specs))
+        zc, lam = ops.residual_correction(state.z0, delta, float(meta.alpha))
+        base = backbone.decode(state).images.float().clamp(0, 1).cpu()
+        corrected = backbone.decode(state, zc).images.float().clamp(0, 1).cpu()
+    for k, i in enumerate(rows):
+        save_png(out / f"{stems[i]}.png", corrected[k])
+        save_png(out / f"{stems[i]}_base.png", base[k])
+        save_png(out / f"{stems[i]}_lam.png", overlay(corrected[k], lam[k].float().cpu()))
+        lines[i] = json.dumps({"image": f"{stems[i]}.png", "prompt": prompts[i], "seed": seeds[i],
+                               "actions": actions[k]})
+        report.append(f"{stems[i]}.png: {'; '.join(actions[k]) or 'residual only'}")
+    log.writelines(lines[i] + "\n" for i in rows)  # after the images: a line means its three files exist
+    log.flush()
+    os.fsync(log.fileno())
+    return len(rows)
 
 
 def _read_action_lines(path: Path) -> list[dict]:

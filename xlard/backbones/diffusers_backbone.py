@@ -52,7 +52,6 @@ import copy
 import importlib.util
 import inspect
 import json
-import math
 import numbers
 import os
 from collections.abc import Sequence
