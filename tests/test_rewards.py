@@ -994,3 +994,13 @@ def test_a_relation_of_an_entity_the_count_did_not_find_says_so():
     text = result.explanations[0].relations[0].text()
     assert text.startswith("dog left of cat: dog's map (no dog counted) centred at (") and ", cat at (" in text
     assert counts[0].text().startswith("asked for 1 dog, found 0 (no region of the map passes the cut)")
+
+
+def test_explanation_text_shows_a_prompts_terminal_controls_escaped():
+    """print(result.text()) sent a prompt's ESC [2J (clear the screen) or a right-to-left override to the
+    terminal raw; shown escaped now, other text (accents, emoji) as it is."""
+    from xlard.rewards import PromptExplanation
+
+    text = PromptExplanation(prompt="a caf\u00e9 \U0001f431\x1b[2J\u202e cat", counts=(), colors=(),
+                             relations=(), source="shapes").text()
+    assert text.splitlines()[0] == '"a caf\u00e9 \U0001f431\\x1b[2J\\u202e cat" (judged by the shapes source)'

@@ -58,6 +58,7 @@ tokenizer that made the maps):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -878,7 +879,10 @@ class PromptExplanation:
 
     def text(self) -> str:
         """A few readable lines: the prompt (and the source that judged), one line per aspect, the joint reward."""
-        lines = [f'"{self.prompt}"' + (f" (judged by the {self.source} source)" if self.source else "")]
+        # control characters and bidi overrides of a prompt shown escaped: printed raw, ESC [2J cleared a terminal
+        prompt = re.sub("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", lambda m: repr(m.group())[1:-1],
+                        str(self.prompt))
+        lines = [f'"{prompt}"' + (f" (judged by the {self.source} source)" if self.source else "")]
         parts = {"count": self.counts, "color": self.colors, "position": self.relations}
         for aspect in ASPECTS:
             score = self.scores.get(aspect)
