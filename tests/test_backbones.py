@@ -584,3 +584,78 @@ def test_a_flux_without_guidance_embedding_takes_no_guidance(tmp_path):
         DiffusersBackbone(bb.pipeline, guidance_scale=7.0, **settings)
     guided = tiny_pipelines.tiny_flux_pipeline(tmp_path / "dev")
     assert DiffusersBackbone.from_pretrained(guided, **settings).guidance_scale == 3.5  # a guided FLUX keeps it
+
+
+def test_an_unsupported_pipeline_class_is_refused_before_its_weights_load(tmp_path):
+    """An SDXL folder was loaded whole (gigabytes for a real one) before "not supported"; its model_index.json
+    names the class, refused at once (here a folder with no weights at all)."""
+    folder = tmp_path / "sdxl"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    with pytest.raises(ValueError, match=r"pipeline: StableDiffusionXLPipeline \(in .*model_index.json\) is not "
+                                         r"supported by DiffusersBackbone; supported pipelines: StableDiffusionPipeline"):
+        DiffusersBackbone.from_pretrained(folder)
+
+
+def test_a_pipeline_missing_a_component_or_a_tokenizer_is_refused_at_load(sd_path):
+    """No VAE failed after all the denoising (and the default size became 128), no tokenizer or text encoder
+    inside diffusers; a tokenizer whose files are gone (an empty one without a length limit) inside the
+    tokenizer. Each is named when the backbone is made now."""
+    for component in ("vae", "tokenizer", "text_encoder"):
+        with pytest.raises(ValueError, match=rf"pipeline: StableDiffusionPipeline has no {component}; "
+                                             rf"stable-diffusion needs vae, unet, tokenizer, text_encoder"):
+            DiffusersBackbone.from_pretrained(sd_path, num_inference_steps=STEPS, **{component: None})
+    bb = DiffusersBackbone.from_pretrained(sd_path, num_inference_steps=STEPS)
+    tokenizer = bb.pipeline.tokenizer
+    limit = tokenizer.model_max_length
+    try:
+        tokenizer.model_max_length = int(1e30)  # what transformers gives a tokenizer without its files
+        with pytest.raises(ValueError, match=r"pipeline.tokenizer has no usable length limit \(model_max_length "
+                                             r"10+\d*\): its files are missing or incomplete"):
+            DiffusersBackbone(bb.pipeline, num_inference_steps=STEPS)
+    finally:
+        tokenizer.model_max_length = limit
+
+
+def test_pndm_split_after_its_first_step_is_refused(sd_path):
+    """PNDM keeps the sample of its first step and uses it in the second: a split there (correction_step <=
+    1/(n+1)) dropped the corrected latent without a word; refused now, other splits run."""
+    from diffusers import PNDMScheduler
+
+    pipe = DiffusersBackbone.from_pretrained(sd_path, num_inference_steps=4).pipeline
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = PNDMScheduler.from_config(original.config, skip_prk_steps=True)
+        with pytest.raises(ValueError, match=r"correction_step=0.2 with 4 steps splits PNDMScheduler after its "
+                                             r"first step"):
+            DiffusersBackbone(pipe, correction_step=0.2, num_inference_steps=4)
+        DiffusersBackbone(pipe, correction_step=0.6, num_inference_steps=4)  # k = 3 of 5
+        DiffusersBackbone(pipe, correction_step=1.0, num_inference_steps=4)
+        pipe.scheduler = PNDMScheduler.from_config(original.config, skip_prk_steps=False)
+        with pytest.raises(ValueError, match=r"PNDMScheduler\(skip_prk_steps=False\): the split would fall inside"):
+            DiffusersBackbone(pipe, correction_step=0.6, num_inference_steps=4)
+    finally:
+        pipe.scheduler = original
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_stochastic_flow_matching_scheduler_follows_the_seed(tmp_path, family):
+    """FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) drew its noise from torch's global generator: the
+    same seed gave another z0 and one state decoded twice gave two images. The seed's generator reaches it now."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    build, settings, _, _, _ = _FAMILIES[family]
+    bb = DiffusersBackbone.from_pretrained(build(tmp_path / family), correction_step=0.5, num_inference_steps=4,
+                                           **settings)
+    bb.pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(bb.pipeline.scheduler.config,
+                                                                        stochastic_sampling=True)
+    first = bb.encode(PROMPTS[:1], seed=[3])
+    torch.manual_seed(123)  # the global generator must not matter
+    second = bb.encode(PROMPTS[:1], seed=[3])
+    assert torch.equal(first.z0, second.z0)
+    torch.manual_seed(7)
+    a = bb.decode(first).images
+    torch.manual_seed(8)
+    b = bb.decode(first).images
+    assert torch.equal(a, b)
+    assert not torch.equal(a, bb.decode(bb.encode(PROMPTS[:1], seed=[4])).images)

@@ -41,9 +41,16 @@ schedule's last timestep gives the maps (a "readout" pass, [xlard default]);
 it changes no latent.
 
 Not supported (clear errors): second-order schedulers (Heun, KDPM2) with
-``correction_step < 1`` (a split would fall inside a step), FLUX "true CFG",
-SD3 skip-layer guidance, IP-adapters, PixArt resolution binning (images are
-generated at the requested size).
+``correction_step < 1`` (a split would fall inside a step), a PNDM split right
+after its first step (PNDM reuses that step's sample in the second: the
+correction would be dropped) or inside its Runge-Kutta steps, pipelines other
+than those above (refused from ``model_index.json`` before any weight loads),
+a pipeline missing a component it runs on (its VAE, a tokenizer or text
+encoder; SD3's T5 is optional), FLUX "true CFG", SD3 skip-layer guidance,
+IP-adapters, PixArt resolution binning (images are generated at the requested
+size). A stochastic flow-matching scheduler (``stochastic_sampling=True``) gets
+the seed's generator at every step, so a seed reproduces its images (diffusers'
+own pipeline draws that noise from torch's global generator).
 """
 from __future__ import annotations
 
@@ -142,6 +149,8 @@ class _Family:
     timesteps_first = True
     #: Text sequence length for families with a T5-style encoder (None: the tokenizer's own).
     default_max_sequence_length: int | None = None
+    #: The pipeline's components this family cannot run without (checked when the backbone is made).
+    required_components: tuple[str, ...] = ("vae", "transformer", "tokenizer", "text_encoder")
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -232,6 +241,7 @@ class _Family:
 class _StableDiffusion(_Family):
     name = "stable-diffusion"
     pipeline_classes = ("StableDiffusionPipeline",)
+    required_components = ("vae", "unet", "tokenizer", "text_encoder")
     default_steps = 50
     default_guidance = 7.5
 
@@ -310,6 +320,8 @@ class _StableDiffusion(_Family):
 class _StableDiffusion3(_Family):
     name = "stable-diffusion-3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
+    # T5 (text_encoder_3, tokenizer_3) is optional: SD3 runs without it
+    required_components = ("vae", "transformer", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
     default_steps = 28
     default_guidance = 7.0
     timesteps_first = False
@@ -388,7 +400,7 @@ class _StableDiffusion3(_Family):
         return timesteps
 
     def step_kwargs(self, generator):
-        return {}
+        return _flow_step_kwargs(self.pipe.scheduler, generator)
 
     def predict(self, scheduler, latents, t, cond, extra, guidance_scale, do_cfg):
         model_input = torch.cat([latents] * 2) if do_cfg else latents
@@ -406,6 +418,7 @@ class _StableDiffusion3(_Family):
 class _Flux(_Family):
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
+    required_components = ("vae", "transformer", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
     default_steps = 28
     default_guidance = 3.5
     timesteps_first = False
@@ -477,7 +490,7 @@ class _Flux(_Family):
         return timesteps
 
     def step_kwargs(self, generator):
-        return {}
+        return _flow_step_kwargs(self.pipe.scheduler, generator)
 
     def predict(self, scheduler, latents, t, cond, extra, guidance_scale, do_cfg):
         timestep = t.expand(latents.shape[0]).to(latents.dtype)
@@ -600,6 +613,50 @@ _FAMILIES: tuple[type[_Family], ...] = (_StableDiffusion, _StableDiffusion3, _Fl
 SUPPORTED_PIPELINES: tuple[str, ...] = tuple(n for f in _FAMILIES for n in f.pipeline_classes)
 
 
+def _flow_step_kwargs(scheduler, generator) -> dict[str, Any]:
+    """``generator=`` for a flow-matching scheduler's step that takes one (``stochastic_sampling=True`` draws noise
+    at every step): without it the noise came from torch's global generator, so a seed did not reproduce its
+    images and decoding one state twice gave two images (diffusers' own pipelines pass none either)."""
+    import inspect
+
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
+def _check_components(pipeline, family: _Family) -> None:
+    """The components the family runs on must be there, and a tokenizer must know its length limit: a folder
+    without its VAE (or loaded with ``vae=None``) failed after all the denoising; one whose tokenizer files are
+    gone (transformers then builds an empty tokenizer without a length limit) failed inside the tokenizer."""
+    missing = [name for name in family.required_components if getattr(pipeline, name, None) is None]
+    if missing:
+        raise ValueError(f"pipeline: {type(pipeline).__name__} has no {', '.join(missing)}; "
+                         f"{family.name} needs {', '.join(family.required_components)} (a folder missing "
+                         f"{'that subfolder' if len(missing) == 1 else 'those subfolders'}, or a component "
+                         f"passed as None)")
+    for name, length in family.max_lengths().items():
+        if not 0 < int(length) <= 1_000_000:
+            raise ValueError(f"pipeline.{name} has no usable length limit (model_max_length {length}): its files "
+                             f"are missing or incomplete (the pipeline folder's {name}/ subfolder)")
+
+
+def _check_split(scheduler, correction_step: float, num_steps: int) -> None:
+    """PNDM (SD 1.x's default scheduler) keeps the sample of its first step and uses it in the second: a split
+    after the first step dropped the corrected latent without a word; its Runge-Kutta steps, when not skipped,
+    are several model calls per step."""
+    if type(scheduler).__name__ != "PNDMScheduler" or correction_step >= 1.0:
+        return
+    if not getattr(scheduler.config, "skip_prk_steps", False):
+        raise ValueError(f"correction_step={correction_step} < 1 with PNDMScheduler(skip_prk_steps=False): the "
+                         f"split would fall inside a Runge-Kutta step. Use e.g. DDIMScheduler or "
+                         f"DPMSolverMultistepScheduler, or correction_step=1.0")
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(num_steps)
+    if correction_index(correction_step, len(probe.timesteps)) == 1:
+        raise ValueError(f"correction_step={correction_step} with {num_steps} steps splits PNDMScheduler after its "
+                         f"first step, whose sample PNDM keeps and uses in the second: the correction would be "
+                         f"dropped. Use a larger correction_step, or e.g. DDIMScheduler or "
+                         f"DPMSolverMultistepScheduler")
+
+
 def _family_for(pipe) -> _Family:
     # The nearest class in the MRO decides, so a subclass of a supported pipeline is served as its parent.
     for cls in type(pipe).__mro__:
@@ -672,6 +729,10 @@ def _check_model_index(location: str) -> None:
     if not hasattr(diffusers, name):
         raise ValueError(f"model_id_or_path: {index} names pipeline class {name!r}, which this diffusers "
                          f"({diffusers.__version__}) does not have")
+    cls = getattr(diffusers, name)  # refused before its weights load (an SDXL folder read gigabytes first)
+    if isinstance(cls, type) and not any(c.__name__ in SUPPORTED_PIPELINES for c in cls.__mro__):
+        raise ValueError(f"pipeline: {name} (in {index}) is not supported by DiffusersBackbone; supported "
+                         f"pipelines: {', '.join(SUPPORTED_PIPELINES)}")
 
 
 def _check_text_dtypes(pipeline, dtype: torch.dtype) -> None:
@@ -830,6 +891,7 @@ class DiffusersBackbone(Backbone):
                                  f"{type(color_encoder).__name__}")
         self.family = _family_for(pipeline)
         self.pipeline = pipeline
+        _check_components(pipeline, self.family)
         _check_text_dtypes(pipeline, self.family.dtype)
         if max_sequence_length is not None:
             if self.family.max_sequence_length is None:
@@ -853,6 +915,7 @@ class DiffusersBackbone(Backbone):
                 raise ValueError(f"{name} must be a multiple of {multiple} for {type(pipeline).__name__} "
                                  f"(latent stride), got {value}")
         order = getattr(pipeline.scheduler, "order", 1)
+        _check_split(pipeline.scheduler, self.correction_step, self.num_inference_steps)
         if order != 1 and self.correction_step < 1.0:
             raise ValueError(
                 f"correction_step={self.correction_step} < 1 needs a first-order scheduler (the split would fall "
