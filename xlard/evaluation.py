@@ -1465,14 +1465,13 @@ def run_generate_cli(args, decide=None, start=None, finish=None) -> int:
     log = open(actions_path, "a", encoding="utf-8")
     try:
         for begin in starts:
-            written += _generate_batch(args, backbone, corrector, meta, out, todo[begin:begin + args.batch], prompts,
-                                       seeds, stems, lines, report, log)
+            written += _generate_batch(backbone, corrector, meta, out, todo[begin:begin + args.batch], prompts, seeds,
+                                       stems, lines, report, log)
     finally:
         log.close()
     _io.atomic_write_text(actions_path, "".join(lines[i] + "\n" for i in sorted(lines)), owner="xlard generate")
     if finish is not None:
         finish()
-
     if not args.quiet:
         print("\n".join(report))
     reused = len(prompts) - written
@@ -1482,7 +1481,7 @@ def run_generate_cli(args, decide=None, start=None, finish=None) -> int:
     return 0
 
 
-def _generate_batch(args, backbone, corrector, meta, out: Path, rows: list[int], prompts, seeds, stems,
+def _generate_batch(backbone, corrector, meta, out: Path, rows: list[int], prompts, seeds, stems,
                     lines: dict[int, str], report: list[str], log) -> int:
     """One batch of ``generate --correct``: its images written, its ``corrections.jsonl`` lines appended to
     ``log`` and synced; returns how many images it wrote."""
