@@ -116,11 +116,18 @@ def test_shapes_run_writes_everything(tmp_path, shapes, capsys):
     # A second run into the same folder must not clobber it.
     with pytest.raises(ValueError, match="--resume"):
         train(tiny_config(out), backbone=shapes)
-    # Resuming a finished run is a no-op that keeps the metrics.
+    # Resuming a finished run is a no-op that keeps the metrics, and its exports (it exported again: the step-size
+    # calibration decodes for minutes); an export cut short (no summary.json) is made again.
     capsys.readouterr()
-    train(tiny_config(out), resume=True, backbone=shapes)
+    exported = {p: p.stat().st_mtime_ns for p in (out / "corrector").iterdir()}
+    assert train(tiny_config(out), resume=True, backbone=shapes) == summary
     assert len(MetricsLog.read(out / "metrics.jsonl")) == 2
-    assert "(resuming from " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "(resuming from " in err and "the run finished at step 2 of 2; its exports are in place" in err
+    assert {p: p.stat().st_mtime_ns for p in (out / "corrector").iterdir()} == exported
+    (out / "summary.json").unlink()
+    assert train(tiny_config(out), resume=True, backbone=shapes)["steps"] == 2
+    assert (out / "summary.json").is_file() and "nothing to do" not in capsys.readouterr().err
     # Resuming with a different config is refused.
     with pytest.raises(ValueError, match="differs"):
         train(tiny_config(out, ppo={"clip": 0.3}), resume=True, backbone=shapes)
@@ -128,15 +135,25 @@ def test_shapes_run_writes_everything(tmp_path, shapes, capsys):
     saved.get("export", {}).pop("min_gain_se", None)
     (out / "config.json").write_text(json.dumps(saved))
     train(tiny_config(out), resume=True, backbone=shapes)
-    with pytest.raises(ValueError, match=r"differs from the run's saved config in \['export'\]"):
+    with pytest.raises(ValueError, match=r"differs from the one the run was trained with \(saved in "
+                                         r".*ckpt-00000002.pt\): export.min_gain_se: 2.0 -> 3.0; resume with"):
         train(tiny_config(out, export={"min_gain_se": 3.0}), resume=True, backbone=shapes)
+    # An edited config.json is no way around the check: the checkpoint's own config is the reference (an edited
+    # optim.lr resumed, and the restored schedule then kept the old rate without a word).
+    edited = json.loads((out / "config.json").read_text())
+    edited["optim"]["lr"] = 0.005
+    (out / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"trained with \(saved in .*ckpt-00000002.pt\): optim.lr: 0.001 -> "
+                                         r"0.005; resume with that config"):
+        train(config_from_dict(edited), resume=True, backbone=shapes)
+    (out / "config.json").write_text(json.dumps(saved))
     # The progress bar is no part of the run: `xlard train --quiet` (log.progress false) resumes a run started with it.
     train(tiny_config(out, log={"progress": True}), resume=True, backbone=shapes)
     # Without config.json the newest checkpoint's config is compared (a changed config resumed silently).
     kept = (out / "config.json").read_text()
     (out / "config.json").unlink()
-    with pytest.raises(ValueError, match=r"differs from the run's saved config in \['ppo'\]; resume with the config "
-                                         r"saved in .*ckpt-00000002.pt"):
+    with pytest.raises(ValueError, match=r"differs from the one the run was trained with \(saved in "
+                                         r".*ckpt-00000002.pt\): ppo.clip: [0-9.]+ -> 0.3; resume"):
         train(tiny_config(out, ppo={"clip": 0.3}), resume=True, backbone=shapes)
     train(tiny_config(out), resume=True, backbone=shapes)
     (out / "config.json").write_text(kept)
@@ -157,11 +174,16 @@ def test_shapes_run_writes_everything(tmp_path, shapes, capsys):
     assert not list(out.glob(".tmp-*"))
     # A damaged config.json is named, not a JSON parser's message or a TypeError.
     good = (out / "config.json").read_text()
+    # (With checkpoints, the newest one's config is the reference: a damaged config.json is written anew.)
+    (out / "config.json").write_text(good[:40])
+    train(tiny_config(out), resume=True, backbone=shapes)
+    assert json.loads((out / "config.json").read_text()) == json.loads(good)
+    early = tmp_path / "early"  # a run stopped before its first checkpoint: its config.json is the reference
+    early.mkdir()
     for bad, words in (("[1]", "must hold the run's config"), (good[:40], "config.json is not valid JSON")):
-        (out / "config.json").write_text(bad)
+        (early / "config.json").write_text(bad)
         with pytest.raises(ValueError, match=words):
-            train(tiny_config(out), resume=True, backbone=shapes)
-    (out / "config.json").write_text(good)
+            train(tiny_config(early), resume=True, backbone=shapes)
     # A checkpoint whose models have another shape (another run's) is named, not a 68-line state_dict error.
     path = latest_checkpoint(out)
     state = load_checkpoint(path)
@@ -922,3 +944,38 @@ def test_progress_bars_are_closed_when_a_run_is_interrupted(tmp_path, shapes, mo
         train(tiny_config(tmp_path / "run", log={"progress": True}), backbone=shapes)
     assert opened and all(bar.disable for bar in opened)  # tqdm marks a closed bar disabled
     del caught
+
+
+def test_tensorboard_on_without_it_is_refused_before_the_run_folder_is_written(tmp_path, shapes):
+    """log.tensorboard: on without TensorBoard failed after setup had written config.json and metrics.jsonl, which
+    then refused the corrected command (with and without --resume)."""
+    import importlib.util
+
+    from xlard.train import train
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("TensorBoard is installed here")
+    out = tmp_path / "tb"
+    with pytest.raises(ValueError, match="log.tensorboard='on' but TensorBoard is not installed"):
+        train(tiny_config(out, log={"tensorboard": "on"}), backbone=shapes)
+    assert not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()
+    train(tiny_config(out, steps=1), backbone=shapes)  # the corrected command runs
+
+
+def test_the_progress_bar_is_not_redrawn_at_every_step(tmp_path, shapes, monkeypatch):
+    """The reward/kl postfix forced a redraw at every step, past tqdm's interval: a log file of stderr grew by a
+    redraw per step. The postfix now waits for the bar's own redraw."""
+    import tqdm
+
+    from xlard.train import train
+
+    refresh = []
+    original = tqdm.tqdm.set_postfix
+
+    def spy(self, *args, **kwargs):
+        refresh.append(kwargs.get("refresh", True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tqdm.tqdm, "set_postfix", spy)
+    train(tiny_config(tmp_path / "r", log={"progress": True}), backbone=shapes)
+    assert refresh and not any(refresh)

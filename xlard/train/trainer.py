@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -450,15 +451,17 @@ class Trainer:
         if newest is not None:
             self._check_world_size(have[-1][1], newest)
         old = None
-        if resume and saved.exists():
+        stored = newest.get("config") if newest is not None else None
+        if isinstance(stored, dict):
+            # the newest checkpoint's own config: the state resumed was trained under it (an edited config.json
+            # got a changed config past this check, and an edited optim.lr was then silently not used)
+            old = json.loads(json.dumps(stored, default=list))
+            saved = have[-1][1]
+        elif resume and saved.exists():  # no checkpoint yet (or one without its config): the run's config.json
             old = _io.read_json(saved, owner="--resume", what="the run's config.json")
             if not isinstance(old, dict):
                 raise ValueError(f"--resume: {saved} must hold the run's config (a JSON object), got "
                                  f"{type(old).__name__}")
-        elif newest is not None:  # config.json deleted: the newest checkpoint holds the run's config too
-            stored = newest.get("config")
-            old = json.loads(json.dumps(stored, default=list)) if isinstance(stored, dict) else None
-            saved = have[-1][1]
         if old is not None:
             try:  # a config saved before a field existed reads as that field's default
                 old = json.loads(json.dumps(config_from_dict(old).to_dict(), default=list))
@@ -470,9 +473,17 @@ class Trainer:
                 if isinstance(cfg_dict.get("log"), dict):
                     cfg_dict["log"].pop("progress", None)
             if old != new:
-                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                raise ValueError(f"--resume: the config differs from the run's saved config in {diff}; "
-                                 f"resume with the config saved in {saved} or start a new run")
+                diff = _config_differences(old, new)
+                shown = "; ".join(f"{key}: {a} -> {b}" for key, a, b in diff[:5]) + (
+                    f"; and {len(diff) - 5} more" if len(diff) > 5 else "")
+                raise ValueError(f"--resume: the config differs from the one the run was trained with (saved in "
+                                 f"{saved}): {shown}; resume with that config (the run folder's config.json holds "
+                                 f"it unless edited since) or start a new run")
+        if self.cfg.log.tensorboard == "on" and importlib.util.find_spec("tensorboard") is None:
+            # checked before config.json and metrics.jsonl are written (and before the backbone loads): failing
+            # later left files that refused the corrected command
+            raise ValueError("log.tensorboard='on' but TensorBoard is not installed (pip install tensorboard, or "
+                             "set log.tensorboard: auto)")
 
     def _check_records(self, records, where: str) -> None:
         """A record the backbone cannot use (a word beyond its tokenizer's length limit) fails when the run starts,
@@ -1221,6 +1232,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
+    def _finished_summary(self) -> dict | None:
+        """The run's summary when it was resumed at its last step and its exports are complete, else None."""
+        if self.resume_from is None or self.step < self.cfg.steps or self.distributed:  # (processes might not agree)
+            return None
+        try:
+            summary = json.loads((self.out / "summary.json").read_text(encoding="utf-8"))
+            if not isinstance(summary, dict) or summary.get("steps") != self.step:
+                raise _NotFinished
+            if not all((self.out / name).is_dir() for name in ("corrector", "projector")):
+                raise _NotFinished
+        except (OSError, ValueError, _NotFinished):  # an export cut short: made again below
+            return None
+        return summary
+
     def run(self) -> dict:
         """Warm start (unless resumed past it), then train to ``cfg.steps``; returns a summary."""
         cfg = self.cfg
@@ -1232,6 +1257,12 @@ class Trainer:
         else:
             note = ""
         self._say(f"run folder: {self.out}{note}")
+        finished = self._finished_summary()
+        if finished is not None:  # re-exporting (the step-size calibration decodes for minutes) changed nothing
+            self._say(f"the run finished at step {self.step} of {cfg.steps}; its exports are in place (see "
+                      f"{self.out / 'summary.json'}): nothing to do")
+            self.log.close()
+            return finished
         if cfg.distill.items_per_tag and not self.distilled:
             self.distill()
             self.save()
@@ -1261,8 +1292,10 @@ class Trainer:
                 if self.is_main:
                     if bar is not None:
                         key = "reward/joint_image" if "reward/joint_image" in row else "reward/joint_policy"
+                        # refresh=False: drawn by update() at tqdm's interval, not at every step (a log file
+                        # of stderr grew by a redraw per step)
                         bar.set_postfix({"reward": f"{row.get(key, float('nan')):.3f}",
-                                         "kl": f"{row.get('ppo/approx_kl', float('nan')):.2e}"})
+                                         "kl": f"{row.get('ppo/approx_kl', float('nan')):.2e}"}, refresh=False)
                         bar.update(1)
         finally:
             if bar is not None:
@@ -1279,6 +1312,31 @@ class Trainer:
         if self.distributed:
             dist.barrier()
         return summary
+
+
+def _config_differences(old, new, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted key, old value, new value)`` for every leaf where two config dicts differ (values shown short)."""
+    def short(value) -> str:
+        text = json.dumps(value, default=list) if value is not _MISSING else "(absent)"
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", short(a), short(b)))
+    return out
+
+
+_MISSING = object()
+
+
+class _NotFinished(Exception):
+    pass
 
 
 class PeerFailure(OSError):
