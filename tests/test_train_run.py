@@ -979,3 +979,18 @@ def test_the_progress_bar_is_not_redrawn_at_every_step(tmp_path, shapes, monkeyp
     monkeypatch.setattr(tqdm.tqdm, "set_postfix", spy)
     train(tiny_config(tmp_path / "r", log={"progress": True}), backbone=shapes)
     assert refresh and not any(refresh)
+
+
+def test_curves_of_a_long_run_are_drawn_from_one_mean_point_per_pixel_column(tmp_path):
+    """Every row was drawn (a solid band after a few thousand steps, and a cost growing with the run at every
+    checkpoint); more points than the plot's pixel columns are averaged per column now."""
+    from xlard.train.metrics import _per_pixel_means, draw_curves
+
+    pts = [(float(s), float(s % 2)) for s in range(1, 10001)]  # alternating 0/1: a band when drawn raw
+    means = _per_pixel_means(pts, 1.0, 10000.0, 100)
+    assert len(means) == 100 and all(abs(y - 0.5) < 0.02 for _, y in means)
+    assert [x for x, _ in means] == sorted(x for x, _ in means) and means[0][0] < 60 and means[-1][0] > 9940
+    assert _per_pixel_means(pts[:50], 1.0, 50.0, 100) == pts[:50]  # fewer points than pixels: as they are
+    rows = [{"step": s, "reward/joint_policy": y} for s, y in pts]
+    path = draw_curves(rows, tmp_path / "c.png", panels=[("reward", ["reward/joint_policy"])])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
