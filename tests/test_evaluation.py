@@ -129,7 +129,10 @@ def test_statistics_reject_bad_input():
     for bad in ("0,0", "a", "-1", "", [1.5], [True], 3):  # 1.5 and True were read as 1; 3: "not iterable"
         with pytest.raises(ValueError, match="--seeds"):
             ev.parse_seeds(bad)
-    assert ev.parse_seeds(np.arange(2)) == [0, 1]
+    assert ev.parse_seeds(np.arange(2)) == [0, 1] and ev.parse_seeds(["0", " 1"]) == [0, 1]
+    assert ev.parse_seeds([1.0, np.float64(2.0)]) == [1, 2]  # whole values, as before; only 1.5 and True refused
+    with pytest.raises(ValueError, match="--seeds"):
+        ev.parse_seeds(np.array(4))  # a 0-d array: a TypeError from inside before
     top = (2**64 - ev.SEED_STRIDE) // ev.SEED_STRIDE
     assert ev.image_seed(top, ev.SEED_STRIDE - 1) < 2**64
     with pytest.raises(ValueError, match=rf"image_seed: seed must be at most {top} .*below 2\*\*64\), got {2**70}"):

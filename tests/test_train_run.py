@@ -991,6 +991,6 @@ def test_curves_of_a_long_run_are_drawn_from_one_mean_point_per_pixel_column(tmp
     assert len(means) == 100 and all(abs(y - 0.5) < 0.02 for _, y in means)
     assert [x for x, _ in means] == sorted(x for x, _ in means) and means[0][0] < 60 and means[-1][0] > 9940
     assert _per_pixel_means(pts[:50], 1.0, 50.0, 100) == pts[:50]  # fewer points than pixels: as they are
-    rows = [{"step": s, "reward/joint_policy": y} for s, y in pts]
+    rows = [{"step": s, "reward/joint_policy": y} for s, y in pts] + [{"step": float("nan"), "reward/joint_policy": 1}]
     path = draw_curves(rows, tmp_path / "c.png", panels=[("reward", ["reward/joint_policy"])])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

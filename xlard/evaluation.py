@@ -1346,14 +1346,15 @@ def parse_seeds(text: str | Sequence[int] | None, default: int = 0) -> list[int]
     """``--seeds``: "0,1,2" or "0 1" (or a list of ints) -> distinct non-negative ints; None -> ``[default]``."""
     if text is None:
         return [int(default)]
-    if not isinstance(text, (str, Iterable)):
-        raise ValueError(f"--seeds: must be non-negative integers separated by commas, got {text!r}")
-    parts = text if not isinstance(text, str) else text.replace(",", " ").split()
-    if not isinstance(text, str) and any(not isinstance(p, numbers.Integral) or isinstance(p, bool) for p in parts):
-        raise ValueError(f"--seeds: must be non-negative integers, got {text!r}")  # 1.5 and True were read as 1
     try:
-        seeds = [int(p) for p in parts]
-    except (TypeError, ValueError):
+        parts = text.replace(",", " ").split() if isinstance(text, str) else list(text)
+        seeds = []
+        for p in parts:
+            value = int(p)
+            if isinstance(p, bool) or (not isinstance(p, str) and value != p):  # 1.5 and True were read as 1
+                raise ValueError
+            seeds.append(value)
+    except (TypeError, ValueError, ArithmeticError):  # ArithmeticError: int(inf)
         raise ValueError(f"--seeds: must be non-negative integers separated by commas, got {text!r}") from None
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds: must be distinct non-negative integers, got {text!r}")

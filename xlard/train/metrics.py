@@ -125,7 +125,7 @@ def draw_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, widt
     from PIL import Image, ImageDraw
 
     panels = _PANELS if panels is None else tuple(panels)
-    rows = [r for r in rows if isinstance(r.get(x_key), (int, float))]
+    rows = [r for r in rows if isinstance(r.get(x_key), (int, float)) and math.isfinite(r[x_key])]
     panel_h, margin = 170, 50
     img = Image.new("RGB", (width, len(panels) * (panel_h + 30) + 20), "white")
     draw = ImageDraw.Draw(img)
