@@ -114,6 +114,16 @@ def test_the_paired_eval_holds_records_times_seeds_to_the_image_limit(tmp_path, 
     assert code == 2
     one_line_error(err, "--prompts and --seeds: 100000 records x 11 seeds make 1100000 pairs; at most 1000000")
     assert not (tmp_path / "e").exists()
+    # --overwrite of an earlier run: refused before its files are cleared (they were deleted, then refused)
+    small = tmp_path / "one.jsonl"
+    small.write_text(prompts.read_text().splitlines()[0] + "\n")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "run.json").write_text("{}")
+    (earlier / "pairs.jsonl").write_text('{"index": 0}\n')
+    code, _, err = run(["eval", "--correct", "--prompts", prompts, "--seeds", ",".join(map(str, range(11))),
+                        "--out", earlier, "--overwrite"], capsys)
+    assert code == 2 and sorted(p.name for p in earlier.iterdir()) == ["pairs.jsonl", "run.json"]
 
 
 def test_error_lines_show_terminal_control_characters_escaped(tmp_path, capsys):
@@ -944,6 +954,7 @@ def test_a_command_line_mistake_under_torchrun_prints_one_line_per_machine(tmp_p
     from xlard import train
 
     config = ROOT / "configs" / "shapes.yaml"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # torchrun's
     for local_rank, printed in (("1", False), ("0", True), (None, True), ("", True)):
         if local_rank is None:
             monkeypatch.delenv("LOCAL_RANK", raising=False)
@@ -959,8 +970,12 @@ def test_a_command_line_mistake_under_torchrun_prints_one_line_per_machine(tmp_p
     def refused(config, resume, out, overrides, check):
         raise ValueError("this process's own reason")
 
-    monkeypatch.setattr(train, "main", refused)
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # LOCAL_RANK outside torchrun (SLURM, accelerate): printed
+    code, _, err = run(["render", "--bogus"], capsys)
+    assert code == 2 and err.startswith("xlard render: error: ")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setattr(train, "main", refused)
     code, _, err = run(["train", config, "--out", tmp_path / "run"], capsys)
     assert code == 2 and err.splitlines() == ["xlard train: error: this process's own reason"], err
 

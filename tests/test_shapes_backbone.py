@@ -81,6 +81,8 @@ def test_generate_rejects_bad_arguments():
         backbone.generate([], pipeline=object())
     with pytest.raises(ValueError, match="seed"):
         backbone.generate(["a photo of a circle"], seed=-1, pipeline=object())
+    with pytest.raises(ValueError, match=r"seed must be a non-negative int with seed \+ 1"):  # uint64 math wrapped
+        backbone.generate(["a photo of a circle"] * 2, seed=np.uint64(2**64 - 1), pipeline=object())
     with pytest.raises(ValueError, match="steps"):
         backbone.generate(["a photo of a circle"], steps=0, pipeline=object())
     one = ["a photo of a circle"]

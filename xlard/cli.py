@@ -826,8 +826,12 @@ def _cmd_eval(args) -> int:
             raise UsageError("--prompts: eval with a corrector needs --prompts FILE (GenEval JSONL records)")
         if args.folder or args.images:
             raise UsageError("--corrector/--correct generates its own images; drop --folder/--images")
-        _read_records(args.prompts)
-        evaluation.parse_seeds(args.seeds, default=args.seed)
+        records = _read_records(args.prompts)
+        seeds = evaluation.parse_seeds(args.seeds, default=args.seed)
+        if len(records) * len(seeds) > MAX_IMAGES:  # before --overwrite clears the earlier run's files
+            raise UsageError(f"--prompts and --seeds: {len(records)} records x {len(seeds)} seeds make "
+                             f"{len(records) * len(seeds)} pairs; at most {MAX_IMAGES} per run (use fewer records "
+                             f"or seeds)")
 
         owned = [out / name for name in _PAIRED_EVAL_NAMES if (out / name).exists()] if out.is_dir() else []
         if out.is_dir():  # before anything loads: another run may be writing there (--resume too)
@@ -1157,10 +1161,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _repeats_a_peers_line() -> bool:
-    """True in a torchrun process other than the first of its machine (LOCAL_RANK > 0): a mistake in the command
-    line is the same in every process, so only the first of each machine prints it (one line, not one per
-    process); errors met after parsing can differ between processes and are printed by each."""
-    return os.environ.get("LOCAL_RANK", "0").strip() not in ("", "0")
+    """True in a torchrun process other than the first of its machine (TORCHELASTIC_RUN_ID set, LOCAL_RANK > 0): a
+    mistake in the command line is the same in every process, so only the first of each machine prints it (one
+    line, not one per process); errors met after parsing can differ between processes and are printed by each.
+    LOCAL_RANK alone (SLURM, accelerate, a leftover export) silences nothing."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_RANK", "0").strip() not in ("", "0")
 
 
 if __name__ == "__main__":

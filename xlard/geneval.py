@@ -52,7 +52,8 @@ def _shown(value: Any, limit: int = 80) -> str:
     text = repr(value)
     if len(text) <= limit:
         return text
-    size = f" ({len(value)} characters)" if isinstance(value, (str, list, tuple, dict)) else ""
+    size = (f" ({len(value)} characters)" if isinstance(value, str) else
+            f" ({len(value)} items)" if isinstance(value, (list, tuple, dict)) else "")
     return text[:limit] + "..." + size
 
 

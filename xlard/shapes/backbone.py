@@ -179,8 +179,9 @@ def generate(prompts: str | Sequence[str], seed: int = 0, steps: int = DEFAULT_S
 
     import numbers
 
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0 \
-            or seed + len(prompts) - 1 > 2**64 - 1:  # numbers.Integral: a numpy int too, as encode takes
+    # numbers.Integral: a numpy int too, as encode takes; compared as a Python int (np.uint64 arithmetic wraps)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or int(seed) < 0 \
+            or int(seed) + len(prompts) - 1 > 2**64 - 1:
         raise ValueError(f"seed must be a non-negative int with seed + {len(prompts) - 1} (one seed per prompt) "
                          f"at most 2**64 - 1, got {seed!r}")
     seed = int(seed)
