@@ -642,7 +642,7 @@ def _check_split(scheduler, correction_step: float, num_steps: int) -> None:
     """PNDM (SD 1.x's default scheduler) keeps the sample of its first step and uses it in the second: a split
     after the first step dropped the corrected latent without a word; its Runge-Kutta steps, when not skipped,
     are several model calls per step."""
-    if type(scheduler).__name__ != "PNDMScheduler" or correction_step >= 1.0:
+    if not any(c.__name__ == "PNDMScheduler" for c in type(scheduler).__mro__) or correction_step >= 1.0:
         return
     if not getattr(scheduler.config, "skip_prk_steps", False):
         raise ValueError(f"correction_step={correction_step} < 1 with PNDMScheduler(skip_prk_steps=False): the "
@@ -708,7 +708,7 @@ def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeli
     return f"{name!r} is not a local folder and not a loadable hub model; {fix}; or give {instead} ({reason})"
 
 
-def _check_model_index(location: str) -> None:
+def _check_model_index(location: str, early_class_check: bool = True) -> None:
     """A local pipeline folder's ``model_index.json`` must be a JSON object naming its pipeline class (``{}``, a
     list or an unknown class failed deep in diffusers with a KeyError or an AttributeError)."""
     index = os.path.join(location, "model_index.json")
@@ -730,7 +730,8 @@ def _check_model_index(location: str) -> None:
         raise ValueError(f"model_id_or_path: {index} names pipeline class {name!r}, which this diffusers "
                          f"({diffusers.__version__}) does not have")
     cls = getattr(diffusers, name)  # refused before its weights load (an SDXL folder read gigabytes first)
-    if isinstance(cls, type) and not any(c.__name__ in SUPPORTED_PIPELINES for c in cls.__mro__):
+    # (not with custom_pipeline=: that pipeline class is another one, checked once loaded)
+    if early_class_check and isinstance(cls, type) and not any(c.__name__ in SUPPORTED_PIPELINES for c in cls.__mro__):
         raise ValueError(f"pipeline: {name} (in {index}) is not supported by DiffusersBackbone; supported "
                          f"pipelines: {', '.join(SUPPORTED_PIPELINES)}")
 
@@ -991,7 +992,7 @@ class DiffusersBackbone(Backbone):
                 pipeline_kwargs[key] = value
             else:  # the caller's own low_cpu_mem_usage stands
                 pipeline_kwargs.setdefault(key, value)
-        _check_model_index(model_id_or_path)
+        _check_model_index(model_id_or_path, early_class_check="custom_pipeline" not in pipeline_kwargs)
         with _unexpected_load_kwargs() as unexpected:
             try:
                 pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)
