@@ -593,7 +593,8 @@ def test_an_unsupported_pipeline_class_is_refused_before_its_weights_load(tmp_pa
     folder.mkdir()
     (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     with pytest.raises(ValueError, match=r"pipeline: StableDiffusionXLPipeline \(in .*model_index.json\) is not "
-                                         r"supported by DiffusersBackbone; supported pipelines: StableDiffusionPipeline"):
+                                         r"supported by DiffusersBackbone; supported pipelines: "
+                                         r"StableDiffusionPipeline"):
         DiffusersBackbone.from_pretrained(folder)
 
 

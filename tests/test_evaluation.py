@@ -460,7 +460,8 @@ def test_run_evaluation_checks_its_seeds_before_the_folder_is_made(shapes, recor
     good seeds into that folder was refused as "another evaluation"; all named now, before anything is written."""
     out = tmp_path / "run"
     for seeds, match in ((3, "seeds must be a list of evaluation seeds .*got 3"), (None, "got None"),
-                         ("0,1", r"got '0,1' \(parse_seeds reads '0,1'\)"), ([2**70], r"seeds\[0\]: seed must be at most"),
+                         ("0,1", r"got '0,1' \(parse_seeds reads '0,1'\)"),
+                         ([2**70], r"seeds\[0\]: seed must be at most"),
                          ([0, -1], r"seeds\[1\]: seed must be a non-negative integer")):
         with pytest.raises(ValueError, match=match):
             ev.run_evaluation(shapes, _corrector(), _meta(), records[:1], seeds=seeds, out=out, quiet=True)
