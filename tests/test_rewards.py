@@ -1004,3 +1004,57 @@ def test_explanation_text_shows_a_prompts_terminal_controls_escaped():
     text = PromptExplanation(prompt="a caf\u00e9 \U0001f431\x1b[2J\u202e cat", counts=(), colors=(),
                              relations=(), source="shapes").text()
     assert text.splitlines()[0] == '"a caf\u00e9 \U0001f431\\x1b[2J\\u202e cat" (judged by the shapes source)'
+
+
+def test_tensor_level_reward_helpers_name_bad_arguments():
+    """A public fuzz of the tensor-level helpers: tensors of another shape were silently used by their first rows
+    (component_means, position_reward's located) or gave a reward of another shape (count_reward, joint_reward
+    with an extra leading dimension); others failed inside torch (AttributeError 'shape', size mismatches,
+    'bitwise_and_cpu' not implemented). Each names its argument now."""
+    from xlard.rewards import (bound_patch_mask, color_reward, component_means, count_reward, count_scores,
+                               entity_status, joint_reward, position_reward)
+
+    maps = torch.rand(2, 3, 8, 8)
+    labels = torch.zeros(2, 3, 8, 8, dtype=torch.int32)
+    targets = torch.ones(2, 3, dtype=torch.long)
+    cases = [
+        (lambda: component_means(torch.rand(3, 3, 8, 8), labels), r"component_means: values must be .* of shape"),
+        (lambda: component_means(maps, None), r"component_means: labels must be an integer tensor"),
+        (lambda: component_means(maps, labels - 1), r"component_means: labels must be component labels in"),
+        (lambda: count_reward(maps[None], targets), r"count_reward: entity_maps must be a float tensor"),
+        (lambda: count_reward(maps, targets[:1]), r"count_reward: targets must be an integer tensor .* \[2, 3\]"),
+        (lambda: count_reward(maps, targets, targets), r"count_reward: mask must be a bool tensor"),
+        (lambda: count_reward(maps, targets, config="x"), r"count_reward: config must be a RewardConfig"),
+        (lambda: count_scores(torch.tensor([1, 2]), torch.tensor([1, 2, 3])), r"target must have found's shape"),
+        (lambda: count_scores(torch.tensor([1]), torch.tensor([-5])), r"target must be >= 0"),
+        (lambda: count_scores(None, torch.tensor([1])), r"found must be a real"),
+        (lambda: entity_status(maps, None), r"entity_status: available must be a bool tensor"),
+        (lambda: entity_status(torch.tensor(1.0), targets.bool()), r"entity_status: entity_maps must be"),
+        (lambda: bound_patch_mask(maps, None), r"bound_patch_mask: grid must be \(gh, gw\)"),
+        (lambda: bound_patch_mask(None, (2, 2)), r"bound_patch_mask: entity_maps must be"),
+        (lambda: joint_reward(torch.rand(2, 3), torch.ones(1, 2, 3, dtype=torch.bool)),
+         r"joint_reward: present must be a bool tensor \[B, 3\] of shape \[2, 3\]"),
+        (lambda: joint_reward(None, torch.ones(2, 3, dtype=torch.bool)), r"joint_reward: scores must be a float"),
+        (lambda: position_reward(torch.rand(2, 2, 2), torch.tensor([[[0, 1, 0]]] * 2),
+                                 torch.ones(2, 1, dtype=torch.bool), located=torch.ones(3, 2, dtype=torch.bool)),
+         r"position_reward: located must be a bool tensor \[B, E\] of shape \[2, 2\]"),
+        (lambda: position_reward(torch.rand(2, 2, 2), torch.tensor([[[0, 1, 0]]] * 2), None),
+         r"position_reward: mask must be a bool tensor"),
+        (lambda: color_reward(torch.rand(2, 4, 3), torch.rand(2, 1, 3), "x"), r"color_reward: mask must be a bool"),
+    ]
+    for call, match in cases:
+        with pytest.raises((ValueError, TypeError), match=match):
+            call()
+    mean, size = component_means(maps, labels)  # valid calls unchanged
+    assert mean.shape == (2, 3, 1) and torch.allclose(mean[..., 0], maps.mean((-2, -1)))
+    assert count_scores(torch.tensor(2), torch.tensor(3)).shape == ()
+
+
+def test_sample_records_refuses_a_count_it_would_loop_on_for_good():
+    """n = 2**63 looped for good building the list (a hang); refused at once now."""
+    from xlard.shapes import prompts as P
+
+    pool = P.make_splits()["heldout"]
+    with pytest.raises(ValueError, match=r"sample_records: n must be an integer in \[0, 10000000\], got "
+                                         r"9223372036854775808"):
+        P.sample_records(pool, 2**63)

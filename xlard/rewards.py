@@ -58,6 +58,7 @@ tokenizer that made the maps):
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -414,6 +415,38 @@ def gather_entity_maps(
     return entity_maps, available.to(token_maps.device)
 
 
+_KINDS = {"float": ("a float", lambda t: t.is_floating_point()),
+          "integer": ("an integer", lambda t: not t.is_floating_point() and not t.is_complex()
+                      and t.dtype != torch.bool),
+          "bool": ("a bool", lambda t: t.dtype == torch.bool),
+          "real": ("a real (integer or float)", lambda t: not t.is_complex() and t.dtype != torch.bool)}
+
+
+def _tensor_arg(owner: str, name: str, t, kind: str, dims: str, shape: tuple | None = None) -> torch.Tensor:
+    """``t`` if it is a tensor of ``kind`` with ``len(dims.split(','))`` dimensions (and ``shape`` when given, -1
+    for any size), else a ValueError naming ``owner``'s ``name``, what it must be and what came (these helpers
+    failed inside torch, or silently used the first rows of a tensor of another shape)."""
+    want_rank = len(dims.split(","))
+    label, ok = _KINDS[kind]
+    wanted = f"{label} tensor [{dims}]"
+    if shape is not None:
+        wanted += f" of shape {[s if s >= 0 else d.strip() for s, d in zip(shape, dims.split(','))]}"
+    if not isinstance(t, torch.Tensor) or not ok(t) or t.dim() != want_rank or (
+            shape is not None and any(s >= 0 and s != n for s, n in zip(shape, t.shape))):
+        got = (f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
+               else type(t).__name__)
+        raise ValueError(f"{owner}: {name} must be {wanted}, got {got}")
+    return t
+
+
+def _config_arg(owner: str, config) -> "RewardConfig":
+    if config is None:
+        return RewardConfig()
+    if not isinstance(config, RewardConfig):
+        raise TypeError(f"{owner}: config must be a RewardConfig or None, got {type(config).__name__}")
+    return config
+
+
 def entity_status(entity_maps: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
     """Status code per entity map: ok, empty, nonfinite or missing (``STATUS_*``).
 
@@ -427,6 +460,8 @@ def entity_status(entity_maps: torch.Tensor, available: torch.Tensor) -> torch.T
         ``STATUS_EMPTY`` when it has none otherwise (all zero or negative);
         ``STATUS_MISSING`` when unavailable.
     """
+    _tensor_arg("entity_status", "entity_maps", entity_maps, "float", "B, E, H, W")
+    _tensor_arg("entity_status", "available", available, "bool", "B, E", tuple(entity_maps.shape[:2]))
     finite = torch.isfinite(entity_maps)
     mass = torch.where(finite, entity_maps.clamp(min=0), entity_maps.new_zeros(())).sum((-2, -1))
     nonfinite = (~finite).any(-1).any(-1)
@@ -464,6 +499,15 @@ def count_scores(found: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         >>> count_scores(torch.tensor([2, 0, 3]), torch.tensor([3, 0, 0]))
         tensor([0.7165, 1.0000, 0.0498])
     """
+    for name, t in (("found", found), ("target", target)):
+        if not isinstance(t, torch.Tensor) or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"count_scores: {name} must be a real (integer or float) tensor, got "
+                             f"{_shape_and_dtype(t)}")
+    if tuple(target.shape) != tuple(found.shape):
+        raise ValueError(f"count_scores: target must have found's shape {list(found.shape)}, got "
+                         f"{list(target.shape)}")
+    if bool((target < 0).any()):
+        raise ValueError("count_scores: target must be >= 0 (asked counts), got a negative one")
     found = found.to(torch.float32)
     target = target.to(torch.float32)
     positive = torch.exp(-(found - target).abs() / target.clamp(min=1.0))
@@ -490,7 +534,11 @@ def count_reward(
         ``centroids`` float32 [B, E, K, 2] (largest components first),
         ``entity_reward`` float32 [B, E] and ``counted`` bool [B, E].
     """
-    config = config or RewardConfig()
+    config = _config_arg("count_reward", config)
+    _tensor_arg("count_reward", "entity_maps", entity_maps, "float", "B, E, H, W")
+    _tensor_arg("count_reward", "targets", targets, "integer", "B, E", tuple(entity_maps.shape[:2]))
+    if mask is not None:
+        _tensor_arg("count_reward", "mask", mask, "bool", "B, E", tuple(entity_maps.shape[:2]))
     h, w = entity_maps.shape[-2:]
     found, areas, centroids = ops.component_stats(
         entity_maps, max_components=config.max_components, **config.component_args(h, w)
@@ -558,6 +606,11 @@ def component_means(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
         slot ``k`` holds label ``k`` of that map (slot 0 the background); a label
         a map does not have has size 0 and mean 0.
     """
+    _tensor_arg("component_means", "labels", labels, "integer", "B, E, H, W")
+    _tensor_arg("component_means", "values", values, "real", "B, E, H, W", tuple(labels.shape))
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= 1 << 31):
+        raise ValueError(f"component_means: labels must be component labels in [0, 2**31) (0 = background), got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
     b, e = labels.shape[:2]
     labels = labels.long()
     n_labels = int(labels.max()) + 1 if labels.numel() else 1
@@ -583,7 +636,11 @@ def bound_patch_mask(
     Returns:
         bool [B, E, gh * gw] (row-major); all False for an entity with no component.
     """
-    config = config or RewardConfig()
+    config = _config_arg("bound_patch_mask", config)
+    _tensor_arg("bound_patch_mask", "entity_maps", entity_maps, "float", "B, E, H, W")
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(
+            isinstance(g, numbers.Integral) and not isinstance(g, bool) and g >= 1 for g in grid):
+        raise ValueError(f"bound_patch_mask: grid must be (gh, gw), two ints >= 1, got {grid!r}")
     h, w = entity_maps.shape[-2:]
     labels, _ = ops.label_components(entity_maps, **config.component_args(h, w))
     b, e = labels.shape[:2]
@@ -613,6 +670,7 @@ def color_reward(
     """
     scores, index = ops.color_scores(patch_features, color_embeddings, patch_mask)
     scores = scores.to(torch.float32)
+    _tensor_arg("color_reward", "mask", mask, "bool", "B, C", tuple(scores.shape))
     return _masked_mean(scores, mask), scores, index
 
 
@@ -638,7 +696,9 @@ def position_reward(
         scores float32 [B, R]). Differentiable in ``centroids``.
     """
     scores = ops.position_scores(centroids, relations, tau).to(torch.float32)
+    _tensor_arg("position_reward", "mask", mask, "bool", "B, R", tuple(scores.shape))
     if located is not None:
+        _tensor_arg("position_reward", "located", located, "bool", "B, E", tuple(centroids.shape[:2]))
         both = located.gather(1, relations[..., 0]) & located.gather(1, relations[..., 1])
         scores = torch.where(both, scores, scores.new_zeros(()))
     return _masked_mean(scores, mask), scores
@@ -668,6 +728,8 @@ def joint_reward(
         ValueError: weights of the wrong shape, non-finite or negative, or
             summing to 0 over a prompt's present aspects when normalizing.
     """
+    _tensor_arg("joint_reward", "scores", scores, "float", "B, 3", (-1, 3))
+    _tensor_arg("joint_reward", "present", present, "bool", "B, 3", tuple(scores.shape))
     if weights is None:
         weights = present.to(scores.dtype)
     else:

@@ -228,6 +228,10 @@ def split_membership(records: Sequence[Mapping], seed: int = SPLIT_SEED) -> list
     return [where.get(meaning_key(r)) for r in records]
 
 
+#: The most records :func:`sample_records` draws (the CLI's bound on a prompt set is 100000).
+MAX_SAMPLE = 10_000_000
+
+
 def sample_records(records: Sequence[Mapping], n: int, seed: int | np.random.Generator | None = 0,
                    tags: Sequence[str] | None = None) -> list[dict]:
     """``n`` records balanced over tags, each tag cycled through a fresh shuffle.
@@ -247,8 +251,9 @@ def sample_records(records: Sequence[Mapping], n: int, seed: int | np.random.Gen
     Raises:
         ValueError: ``n`` is negative or not an integer; a tag has no records.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"sample_records: n must be a non-negative integer, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 or n > MAX_SAMPLE:
+        # (2**63 looped for good, building the list)
+        raise ValueError(f"sample_records: n must be an integer in [0, {MAX_SAMPLE}], got {n!r}")
     rng = as_rng(seed)
     by_tag: dict[str, list[Mapping]] = {}
     for r in records:
