@@ -253,7 +253,7 @@ def sample_records(records: Sequence[Mapping], n: int, seed: int | np.random.Gen
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 or n > MAX_SAMPLE:
         # (2**63 looped for good, building the list)
-        raise ValueError(f"sample_records: n must be an integer in [0, {MAX_SAMPLE}], got {n!r}")
+        raise ValueError(f"sample_records: n must be a non-negative integer, got {n!r} (at most {MAX_SAMPLE})")
     rng = as_rng(seed)
     by_tag: dict[str, list[Mapping]] = {}
     for r in records:
