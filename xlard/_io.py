@@ -33,6 +33,7 @@ import inspect
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -565,6 +566,15 @@ def _check_path(owner: str, path: Any) -> None:
         raise TypeError(f"{owner}: path must be a non-empty str or PathLike, got {path!r}")
     if not str(os.fspath(path)).strip():
         raise ValueError(f"{owner}: the path is empty; give a file or folder name")
+
+
+_TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def show_controls(text: str) -> str:
+    """``text`` with the characters a terminal acts on (C0/C1 controls, bidi overrides) shown as escapes: printed
+    raw, ESC [2J cleared the screen and a right-to-left override reversed the rest of the line."""
+    return _TERMINAL_CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def json_safe(obj: Any) -> Any:

@@ -138,15 +138,10 @@ def _open_fraction(text: str) -> float:
     return value
 
 
-_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
 def _one_line(exc: BaseException) -> str:
     """The error's text on one line, with the characters a terminal acts on shown escaped (a path or an option
     holding ESC [2J cleared the screen, a right-to-left override reversed the rest of the line)."""
-    text = " ".join(str(exc).split())
-    text = _TERMINAL_CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
-    return text or type(exc).__name__
+    return _io.show_controls(" ".join(str(exc).split())) or type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,10 +823,7 @@ def _cmd_eval(args) -> int:
             raise UsageError("--corrector/--correct generates its own images; drop --folder/--images")
         records = _read_records(args.prompts)
         seeds = evaluation.parse_seeds(args.seeds, default=args.seed)
-        if len(records) * len(seeds) > MAX_IMAGES:  # before --overwrite clears the earlier run's files
-            raise UsageError(f"--prompts and --seeds: {len(records)} records x {len(seeds)} seeds make "
-                             f"{len(records) * len(seeds)} pairs; at most {MAX_IMAGES} per run (use fewer records "
-                             f"or seeds)")
+        evaluation.check_pair_count(len(records), len(seeds), MAX_IMAGES)  # before --overwrite clears a run
 
         owned = [out / name for name in _PAIRED_EVAL_NAMES if (out / name).exists()] if out.is_dir() else []
         if out.is_dir():  # before anything loads: another run may be writing there (--resume too)

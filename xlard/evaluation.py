@@ -1366,6 +1366,14 @@ def parse_seeds(text: str | Sequence[int] | None, default: int = 0) -> list[int]
     return seeds
 
 
+def check_pair_count(records: int, seeds: int, limit: int) -> None:
+    """The paired run's size: ``records x seeds`` pairs (each decodes a base and a corrected image and more) at most
+    ``limit`` (the CLI's images per command), checked before anything loads or is cleared."""
+    if records * seeds > limit:
+        raise ValueError(f"--prompts and --seeds: {records} records x {seeds} seeds make {records * seeds} pairs; "
+                         f"at most {limit} per run (use fewer records or seeds)")
+
+
 def run_eval_cli(args) -> int:
     """``xlard eval --prompts FILE (--corrector DIR | --correct) [--seeds 0,1] [--out DIR]``: the paired run.
 
@@ -1381,10 +1389,7 @@ def run_eval_cli(args) -> int:
     seeds = parse_seeds(getattr(args, "seeds", None), default=getattr(args, "seed", 0) or 0)
     from xlard.cli import MAX_IMAGES
 
-    if len(records) * len(seeds) > MAX_IMAGES:  # each pair decodes two images (base, corrected) and more
-        raise ValueError(f"--prompts and --seeds: {len(records)} records x {len(seeds)} seeds make "
-                         f"{len(records) * len(seeds)} pairs; at most {MAX_IMAGES} per run (use fewer records "
-                         f"or seeds)")
+    check_pair_count(len(records), len(seeds), MAX_IMAGES)
     corrector, meta, source = _corrector_from_args(args)
     backbone = _backbone_from_args(args, corrector, meta)
     backbone.check_prompts([r["prompt"] for r in records], lambda i: f"--prompts: {args.prompts} record {i}")

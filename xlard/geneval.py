@@ -57,15 +57,21 @@ def _shown(value: Any, limit: int = 80) -> str:
     return text[:limit] + "..." + size
 
 
-def _check_text(value: str, where: str, field: str) -> None:
-    """Refuse text that is not Unicode text: a lone surrogate (JSON ``"\\ud800"``, a non-UTF-8 byte of a command
-    line) reached the tokenizer as a traceback, or failed when the record was written, after the work."""
+def not_unicode(value: str) -> str | None:
+    """Why ``value`` is not Unicode text (a lone surrogate: JSON ``"\\ud800"``, a non-UTF-8 byte of a command line),
+    or None; such text reached the tokenizer as a traceback, or failed when a record was written, after the work."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"{where}{field} holds {value[exc.start]!r} at character {exc.start + 1}, which is not a "
-                         f"Unicode character (a lone surrogate: a broken \\u escape, or bytes that are not UTF-8); "
-                         f"got {_shown(value)}") from None
+        return (f"holds {value[exc.start]!r} at character {exc.start + 1}, which is not a Unicode character (a lone "
+                f"surrogate: a broken \\u escape, or bytes that are not UTF-8)")
+    return None
+
+
+def _check_text(value: str, where: str, field: str) -> None:
+    why = not_unicode(value)
+    if why is not None:
+        raise ValueError(f"{where}{field} {why}; got {_shown(value)}")
 
 
 def _check_object_item(

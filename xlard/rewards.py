@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -576,10 +575,7 @@ def weakest_component_confidence(entity_maps: torch.Tensor, config: RewardConfig
         >>> weakest_component_confidence(maps, RewardConfig(threshold_mode="absolute", min_area=1))
         tensor([[0.6000]])
     """
-    config = RewardConfig() if config is None else config
-    if not isinstance(config, RewardConfig):
-        raise TypeError(f"weakest_component_confidence: config must be a RewardConfig or None, got "
-                        f"{type(config).__name__}")
+    config = _config_arg("weakest_component_confidence", config)
     if not isinstance(entity_maps, torch.Tensor) or entity_maps.dim() != 4 or not entity_maps.is_floating_point():
         raise ValueError(f"weakest_component_confidence: entity_maps must be a float tensor [B, E, H, W], got "
                          f"{_shape_and_dtype(entity_maps)}")
@@ -941,10 +937,9 @@ class PromptExplanation:
 
     def text(self) -> str:
         """A few readable lines: the prompt (and the source that judged), one line per aspect, the joint reward."""
-        # control characters and bidi overrides of a prompt shown escaped: printed raw, ESC [2J cleared a terminal
-        prompt = re.sub("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", lambda m: repr(m.group())[1:-1],
-                        str(self.prompt))
-        lines = [f'"{prompt}"' + (f" (judged by the {self.source} source)" if self.source else "")]
+        from xlard._io import show_controls  # (print(result.text()) sent a prompt's ESC [2J to the terminal)
+
+        lines = [f'"{show_controls(str(self.prompt))}"' + (f" (judged by the {self.source} source)" if self.source else "")]
         parts = {"count": self.counts, "color": self.colors, "position": self.relations}
         for aspect in ASPECTS:
             score = self.scores.get(aspect)

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from xlard.geneval import validate_record
+from xlard.geneval import not_unicode, validate_record
 from xlard.prompts.alignment import align
 from xlard.prompts.inflection import _singularize_word, noun_forms, pluralize
 from xlard.prompts.spec import Entity, PromptSpec, Relation, quote_prompt
@@ -559,13 +559,10 @@ def _check_prompt(prompt: Any) -> str:
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError("prompt is empty")
-    try:  # a lone surrogate (a broken \\u escape, a command line's non-UTF-8 byte) failed in the tokenizer
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:
+    why = not_unicode(prompt)  # a lone surrogate failed in the tokenizer
+    if why is not None:
         shown = repr(prompt) if len(prompt) <= 80 else repr(prompt[:80]) + f"... ({len(prompt)} characters)"
-        raise ValueError(f"prompt {shown} holds {prompt[exc.start]!r} at character {exc.start + 1}, which is not a "
-                         f"Unicode character (a lone surrogate: a broken \\u escape, or bytes that are not "
-                         f"UTF-8)") from None
+        raise ValueError(f"prompt {shown} {why}")
     return prompt
 
 

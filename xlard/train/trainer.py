@@ -1238,13 +1238,11 @@ class Trainer:
             return None
         try:
             summary = json.loads((self.out / "summary.json").read_text(encoding="utf-8"))
-            if not isinstance(summary, dict) or summary.get("steps") != self.step:
-                raise _NotFinished
-            if not all((self.out / name).is_dir() for name in ("corrector", "projector")):
-                raise _NotFinished
-        except (OSError, ValueError, _NotFinished):  # an export cut short: made again below
+        except (OSError, ValueError):  # an export cut short: made again
             return None
-        return summary
+        complete = isinstance(summary, dict) and summary.get("steps") == self.step and all(
+            (self.out / name).is_dir() for name in ("corrector", "projector"))
+        return summary if complete else None
 
     def run(self) -> dict:
         """Warm start (unless resumed past it), then train to ``cfg.steps``; returns a summary."""
@@ -1314,6 +1312,9 @@ class Trainer:
         return summary
 
 
+_MISSING = object()
+
+
 def _config_differences(old, new, prefix: str = "") -> list[tuple[str, str, str]]:
     """``(dotted key, old value, new value)`` for every leaf where two config dicts differ (values shown short)."""
     def short(value) -> str:
@@ -1330,13 +1331,6 @@ def _config_differences(old, new, prefix: str = "") -> list[tuple[str, str, str]
         else:
             out.append((f"{prefix}{key}", short(a), short(b)))
     return out
-
-
-_MISSING = object()
-
-
-class _NotFinished(Exception):
-    pass
 
 
 class PeerFailure(OSError):
