@@ -459,6 +459,53 @@ def test_torchrun_two_processes_match_one(tmp_path):
                 assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-5), key
 
 
+def test_the_process_group_is_destroyed_after_the_ddp_wrappers(tmp_path, monkeypatch):
+    """A two-process run hung at exit about once in fourteen: the DDP wrappers outlived destroy_process_group,
+    so the group's destructor ran inside the reducer's deallocation holding the GIL and joined a gloo worker
+    waiting for that GIL. The wrappers must be gone (reducers freed) before the group is destroyed."""
+    import gc
+    import types
+    import weakref
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from xlard.train import trainer as trainer_mod
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        policy, projector = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
+        wrappers = [DDP(policy), DDP(projector)]
+        for w in wrappers:  # one collective each, as a run ends on one
+            w(torch.ones(4, w.module.in_features)).sum().backward()
+        dist.barrier()
+        fake = types.SimpleNamespace(policy=policy, projector=projector, policy_model=wrappers[0],
+                                     projector_model=wrappers[1])
+        refs = [weakref.ref(w) for w in wrappers]
+        cycle = {"wrapper": wrappers[1]}
+        cycle["self"] = cycle  # the collector, not the reference count, frees this one
+        del wrappers, cycle, w
+        alive_at_destroy = []
+        real = dist.destroy_process_group
+
+        def recording_destroy(*args, **kwargs):
+            alive_at_destroy.append([r() is not None for r in refs])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(trainer_mod.dist, "destroy_process_group", recording_destroy)
+        gc.disable()  # the collector must not run on its own in between: the function has to run it
+        try:
+            trainer_mod._destroy_process_group(fake)
+        finally:
+            gc.enable()
+        assert alive_at_destroy == [[False, False]]
+        assert fake.policy_model is policy and fake.projector_model is projector
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @needs_shapes
 def test_a_peer_killed_mid_run_ends_the_other_process_in_one_line(tmp_path):
     """kill -9 of one process of a two-process run left the other with gloo's 30-line traceback; it now ends in
