@@ -167,6 +167,8 @@ setup(
     package_data={"xlard": ["data/shapes_backbone/*.json", "data/shapes_backbone/*.md", "data/shapes_backbone/*/*",
                             "data/shapes_understanding/*.json", "data/shapes_understanding/*.safetensors",
                             "data/shapes_understanding/*.md",
+                            # The latent eyes distilled from it (scripts/train_shapes_latent_eyes.py).
+                            "data/shapes_latent_eyes/*.json", "data/shapes_latent_eyes/*.safetensors",
                             # The corrector shipped for the shapes backbone (scripts/train_shapes_corrector.py).
                             "data/shapes_corrector/*.json", "data/shapes_corrector/*.safetensors",
                             "data/shapes_corrector/*.md"]},

@@ -415,6 +415,15 @@ class Trainer:
                 raise ValueError(f"model.corrector_overrides {name}: true decodes the corrected latent as a final "
                                  f"one to count its objects: it needs backbone.correction_step 1.0, got "
                                  f"{cfg.backbone.correction_step}")
+        if (self.corrector.config.count_move or self.corrector.config.count_edit) \
+                and self.corrector.config.count_eyes == "latent":
+            from xlard.shapes import latent_eyes
+
+            if not latent_eyes.is_available():  # found now, not when the export first counts (minutes later)
+                raise FileNotFoundError(f"model.corrector_overrides count_eyes: latent reads counts with the "
+                                        f"shapes latent eyes, and there are none at {latent_eyes.latent_model_path()}"
+                                        f"; train them with: {latent_eyes.TRAIN_COMMAND} (or set count_eyes: "
+                                        f"decoded)")
 
         self.resume_requested = bool(resume)
         self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None

@@ -1,0 +1,215 @@
+"""Latent eyes (xlard.shapes.latent_eyes): the understanding model's maps from the latent, the flat canvas, the
+count edit on them, the corrector's choice of eyes, and the training script."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xlard.shapes import backbone as shapes_backbone
+from xlard.shapes import latent_eyes as LE
+from xlard.shapes import understanding as U
+from xlard.shapes.world import BACKGROUND, PALETTE
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = LE.LatentEyesConfig(width=8, low_width=8, up_widths=(8, 8))
+needs_weights = pytest.mark.skipif(not (LE.is_available() and U.is_available() and shapes_backbone.is_available()),
+                                   reason="the shipped latent eyes, understanding model or shapes backbone is absent")
+
+
+def test_config_checks_name_the_field():
+    assert LE.LatentEyesConfig().factor == 4 and TINY.factor == 4
+    assert LE.LatentEyesConfig(up_widths=(8, 8, 8)).factor == 8
+    for bad, field in ((dict(width=0), "width"), (dict(low_width=True), "low_width"),
+                       (dict(up_widths=(8, -1)), "up_widths"), (dict(shapes=("a", "a")), "shapes"),
+                       (dict(colors=()), "colors"), (dict(latent_channels=2.0), "latent_channels")):
+        with pytest.raises(ValueError, match=f"LatentEyesConfig.{field}"):
+            LE.LatentEyesConfig(**bad)
+    assert LE.LatentEyesConfig.from_dict(TINY.to_dict()) == TINY
+
+
+def test_predict_gives_distributions_at_the_factor_and_checks_its_input():
+    torch.manual_seed(0)
+    model = LE.LatentUnderstanding(TINY)
+    out = model.predict(torch.randn(3, 8, 5, 6))
+    assert out.shape_probs.shape == (3, len(TINY.shapes), 20, 24)
+    assert out.color_probs.shape == (3, 1 + len(TINY.colors), 20, 24)
+    torch.testing.assert_close(out.color_probs.sum(1), torch.ones(3, 20, 24))
+    assert float(out.shape_probs.sum(1).max()) <= 1.0 + 1e-5
+    assert model.training  # predict ran in eval mode and gave the mode back
+    for bad, what in ((torch.randn(2, 4, 5, 5), "8, h, w"), (torch.zeros(2, 8, 5, 5, dtype=torch.long), "float"),
+                      (np.zeros((1, 8, 4, 4), np.float32), "float latent")):
+        with pytest.raises(ValueError, match="LatentUnderstanding.predict: z must be"):
+            model.predict(bad)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.predict(torch.full((1, 8, 4, 4), float("nan")))
+
+
+def test_save_and_load_give_the_same_maps(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    model = LE.LatentUnderstanding(TINY).eval()
+    model.shift.normal_()
+    folder = model.save_pretrained(tmp_path / "eyes", extra={"training": {"seed": 1}})
+    loaded = LE.LatentUnderstanding.from_pretrained(folder)
+    z = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(loaded.predict(z).shape_probs, model.predict(z).shape_probs, rtol=0, atol=0)
+    assert json.loads((folder / "config.json").read_text())["training"] == {"seed": 1}
+    monkeypatch.setenv("XLARD_SHAPES_LATENT_EYES", str(folder))
+    assert LE.latent_model_path() == folder and LE.is_available()
+    with pytest.raises(FileNotFoundError, match="train_shapes_latent_eyes.py"):
+        LE.LatentUnderstanding.from_pretrained(tmp_path / "absent")
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        LE.LatentUnderstanding.from_pretrained(folder)
+
+
+def test_flat_canvas_paints_the_most_likely_color_or_the_background():
+    colors = tuple(PALETTE)
+    p = torch.zeros(1, 1 + len(colors), 2, 2)
+    p[0, 0, 0, 0] = 0.6                       # background more likely than not
+    p[0, 1 + colors.index("blue"), 0, 0] = 0.4
+    p[0, 0, 0, 1] = 0.4                       # background less likely: the best color, blue, wins
+    p[0, 1 + colors.index("blue"), 0, 1] = 0.35
+    p[0, 1 + colors.index("red"), 0, 1] = 0.25
+    p[0, 1 + colors.index("green"), 1, :] = 1.0
+    img = (LE.flat_canvas(p)[0] * 255).round().int().permute(1, 2, 0).tolist()
+    assert img[0][0] == list(BACKGROUND) and img[0][1] == list(PALETTE["blue"])
+    assert img[1] == [list(PALETTE["green"])] * 2
+    with pytest.raises(ValueError, match=r"color_probs must be \[B, 11, H, W\]"):
+        LE.flat_canvas(torch.zeros(1, 5, 2, 2))
+    with pytest.raises(ValueError, match="palette names"):
+        LE.flat_canvas(torch.zeros(1, 2, 2, 2), colors=("mauve",))
+
+
+def test_the_module_does_not_import_the_exact_evaluator():
+    code = ("import sys; import xlard.shapes.latent_eyes as L; import xlard.models; "
+            "assert 'xlard.shapes.evaluator' not in sys.modules, 'the evaluator was imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_count_eyes_setting_picks_the_default_eyes():
+    from xlard.models import CorrectorConfig, ResidualCorrector
+
+    base = dict(reader=True, conditioning="fields", reader_nouns=("circle", "square"), reader_colors=("red", "blue"),
+                count_edit=True)
+    assert CorrectorConfig.tiny(**base).count_eyes == "decoded"
+    decoded = ResidualCorrector(CorrectorConfig.tiny(**base))._count_eyes()
+    latent = ResidualCorrector(CorrectorConfig.tiny(count_eyes="latent", **base))._count_eyes()
+    assert type(decoded) is U.CountEyes and type(latent) is LE.LatentCountEyes
+    assert latent.nouns == ("circle", "square")
+    with pytest.raises(ValueError, match="count_eyes must be one of 'decoded', 'latent', got 'pixels'"):
+        CorrectorConfig.tiny(count_eyes="pixels", **base)
+    # a config saved before the setting existed loads with the decoded eyes
+    saved = CorrectorConfig.tiny(**base).to_dict()
+    saved.pop("count_eyes")
+    assert CorrectorConfig.from_dict(saved).count_eyes == "decoded"
+
+
+@needs_weights
+def test_shipped_corrector_uses_the_latent_eyes():
+    from xlard import evaluation
+
+    corrector, _ = evaluation.load_corrector_dir(evaluation.shipped_corrector_path("shapes"))
+    assert corrector.config.count_edit and corrector.config.count_eyes == "latent"
+    assert isinstance(corrector._count_eyes(), LE.LatentCountEyes)
+
+
+def _backbone_latents(prompts, seeds):
+    from xlard.backbones import DiffusersBackbone
+
+    backbone = DiffusersBackbone.from_pretrained(
+        str(shapes_backbone.backbone_path()), num_inference_steps=shapes_backbone.DEFAULT_STEPS,
+        guidance_scale=shapes_backbone.DEFAULT_GUIDANCE, capture=False, torch_dtype=torch.float32)
+    return backbone.encode(prompts, seed=seeds).z0
+
+
+@pytest.fixture(scope="module")
+def samples():
+    if not (LE.is_available() and U.is_available() and shapes_backbone.is_available()):
+        pytest.skip("shipped weights absent")
+    prompts = ["a photo of three circles", "a photo of four squares", "a photo of two triangles",
+               "a photo of five diamonds"] * 4
+    return prompts, _backbone_latents(prompts, list(range(500, 516)))
+
+
+@needs_weights
+def test_shipped_latent_eyes_agree_with_the_understanding_model_on_the_decoded_image(samples):
+    """The distilled maps must stay what the teacher reads on the VAE's decoding (weights that broke or drifted
+    from the teacher fail here): most pixels' shape class and the objects counted per map agree."""
+    from xlard import ops
+
+    _, z = samples
+    student = LE.load_latent_model().predict(z)
+    teacher = U.load_model().predict(U.CountEyes(("circle",)).images(z))
+
+    def shape_class(out):
+        none = (1 - out.shape_probs.sum(1, keepdim=True)).clamp_min(0)
+        return torch.cat((none, out.shape_probs), 1).argmax(1)
+
+    pixels = float((shape_class(student) == shape_class(teacher)).float().mean())
+    colors = float((student.color_probs.argmax(1) == teacher.color_probs.argmax(1)).float().mean())
+
+    def counts(out):
+        _, n = ops.label_components(out.shape_probs.reshape(-1, 1, 64, 64).contiguous(), threshold=0.5,
+                                    mode="absolute", min_area=8, connectivity=8)
+        return n.reshape(-1)
+
+    same_count = float((counts(student) == counts(teacher)).float().mean())
+    assert pixels >= 0.97 and colors >= 0.97 and same_count >= 0.85, (pixels, colors, same_count)
+
+
+@needs_weights
+def test_latent_count_edit_leaves_the_asked_number_of_objects(samples):
+    prompts, z = samples
+    words = [p.split()[-1].rstrip("s") for p in prompts]
+    asked = [{"three": 3, "four": 4, "two": 2, "five": 5}[p.split()[3]] for p in prompts]
+    eyes = LE.LatentCountEyes(("circle", "square", "triangle", "diamond"))
+    encoded, touched, actions = eyes.edit_counts(z, words, asked)
+    assert encoded.shape == z.shape and encoded.dtype == z.dtype
+    assert touched.shape == (len(z), 1, 16, 16) and touched.dtype == torch.bool
+    assert len(actions) == len(z) and all(isinstance(a, list) for a in actions)
+    assert any(a for a in actions) and bool(touched.any())
+    edited = torch.where(touched, encoded, z)
+    probs, foreground = eyes(edited)
+    assert probs.shape == (len(z), 4, 64, 64) and foreground.shape == (len(z), 64, 64)
+    from xlard import ops
+
+    nouns = ["circle", "square", "triangle", "diamond"]
+    maps = probs[torch.arange(len(z)), torch.tensor([nouns.index(w) for w in words])][:, None].contiguous()
+    _, found = ops.label_components(maps, threshold=0.5, mode="absolute", min_area=8, connectivity=8)
+    right = float((found.reshape(-1) == torch.tensor(asked)).float().mean())
+    assert right >= 0.75, (found.reshape(-1).tolist(), asked)
+    with pytest.raises(ValueError, match="one noun and one count >= 1 per latent of z"):
+        eyes.edit_counts(z[:2], ["circle"], [2])
+    with pytest.raises(ValueError, match="z has 4 channels"):
+        eyes.edit_counts(torch.zeros(1, 4, 16, 16), ["circle"], [2])
+
+
+@pytest.mark.skipif(not (U.is_available() and shapes_backbone.is_available()),
+                    reason="the understanding model or the shapes backbone is absent")
+def test_training_script_writes_loadable_eyes_and_reuses_its_data(tmp_path):
+    if not (ROOT / "xlard" / "data" / "shapes_corrector" / "config.json").is_file():
+        pytest.skip("shipped corrector absent")
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_shapes_latent_eyes.py"), "--out", str(tmp_path / "eyes"),
+           "--batches", "1", "--epochs", "1", "--batch-size", "8"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "sampling: 1/1 batches" in first.stderr and "epoch 1/1" in first.stderr
+    model = LE.LatentUnderstanding.from_pretrained(tmp_path / "eyes")
+    info = json.loads((tmp_path / "eyes" / "config.json").read_text())["training"]
+    assert info["latents"] >= 2 and info["epochs"] == 1
+    assert model.predict(torch.zeros(1, 8, 16, 16)).shape_probs.shape == (1, 4, 64, 64)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "using the sampled data" in again.stderr, again.stderr[-3000:]
+    bad = subprocess.run(cmd[:2] + ["--out", str(tmp_path / "x"), "--epochs", "0"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--epochs must be >= 1, got 0" in bad.stderr
