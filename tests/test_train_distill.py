@@ -541,6 +541,13 @@ def test_a_reader_run_fits_the_reader_first_and_exports_it(tmp_path, shapes_fina
         counting["corrector_overrides"][name] = True
         with pytest.raises(ValueError, match=f"{name}: true decodes the corrected latent.*correction_step 1.0, got 0.5"):
             Trainer(config(tmp_path / "t3", model=counting, backbone={"correction_step": 0.5}), backbone=shapes_final)
+        # latent eyes asked for but not installed: said when the run starts, not at the export minutes later
+        counting["corrector_overrides"]["count_eyes"] = "latent"
+        monkeypatch.setenv("XLARD_SHAPES_LATENT_EYES", str(tmp_path / "no-eyes"))
+        with pytest.raises(FileNotFoundError, match="count_eyes: latent reads counts with the shapes latent eyes, "
+                                                    "and there are none at .*no-eyes.*train_shapes_latent_eyes.py"):
+            Trainer(config(tmp_path / "t4", model=counting), backbone=shapes_final)
+        monkeypatch.delenv("XLARD_SHAPES_LATENT_EYES")
     wrong = json.loads(json.dumps(heads))
     wrong["corrector_overrides"]["reader_nouns"] = ["circle", "square"]
     with pytest.raises(ValueError, match="understanding model that labels its targets"):
