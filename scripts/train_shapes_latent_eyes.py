@@ -11,9 +11,11 @@ prompts and two others (image seeds 0-63, the trainer's own; validation uses 100
 was given plus the two other prompts' z0. Nothing comes from the exact evaluator (its code or its verdicts);
 the held-out split is never read.
 
-Seeded. The sampled data is written atomically to ``<work>/data.pt`` (``--work``, default ``<out>.work``) and
-reused by a rerun with the same settings, so an interrupted run resumes after the sampling; progress on
-stderr. The weights (float32 safetensors, about 0.3 MB) and a config.json with the training info go to ``--out``:
+Seeded. The sampled data (about 300 MB) is written atomically to ``<work>/data.pt`` (``--work``, default
+``runs/shapes_latent_eyes_data``) and reused by a rerun with the same settings and the same corrector, teacher
+and VAE files (their digests are part of the key), so an interrupted run resumes after the sampling; progress
+on stderr. The weights (float32 safetensors, about 0.6 MB) and a config.json with the training info go to
+``--out``:
 
     python scripts/train_shapes_latent_eyes.py --out xlard/data/shapes_latent_eyes
 
@@ -23,6 +25,7 @@ config.json's ``training`` entry).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 import time
@@ -36,7 +39,8 @@ import torch.nn.functional as F
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for config.json and model.safetensors")
-    p.add_argument("--work", help="folder for the sampled data (default: <out>.work)")
+    p.add_argument("--work", default="runs/shapes_latent_eyes_data",
+                   help="folder for the sampled data, reused by a rerun (default: runs/shapes_latent_eyes_data)")
     p.add_argument("--corrector", help="corrector folder whose count-edit inputs are sampled (default: shipped)")
     p.add_argument("--batches", type=int, default=300, help="sampling batches of 8 prompts (default 300)")
     p.add_argument("--epochs", type=int, default=25)
@@ -49,6 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a positive number, got {args.lr}")
+    from xlard import _io
+
+    for name in ("out", "work"):  # before minutes of sampling and training, not at the save
+        try:
+            _io.check_writable_folder(getattr(args, name), f"--{name}")
+        except OSError as e:
+            p.error(str(e))
     return args
 
 
@@ -123,9 +134,8 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    work = _io.make_folder(Path(args.work) if args.work else out.with_name(out.name + ".work"),
-                           "train_shapes_latent_eyes --work")
-    key = {"batches": args.batches, "seed": args.seed, "corrector": str(args.corrector)}
+    work = _io.make_folder(args.work, "train_shapes_latent_eyes --work")
+    key = _data_key(args)
     data_file = work / "data.pt"
     data = torch.load(data_file, weights_only=True) if data_file.is_file() else None
     if data is not None and data.get("key") != repr(key):
@@ -148,9 +158,11 @@ def main(argv=None) -> int:
                               colors=teacher.config.colors)
     model = LatentUnderstanding(config)
     n = len(z)
+    if n < 2:
+        raise SystemExit(f"train_shapes_latent_eyes: {n} latent(s) sampled; at least 2 are needed (one held back)")
     perm = torch.randperm(n)
-    held = perm[:n // 10]
-    train = perm[n // 10:]
+    held = perm[:max(1, n // 10)]
+    train = perm[max(1, n // 10):]
     model.shift.copy_(z[train].mean((0, 2, 3), keepdim=True))
     model.scale.copy_(z[train].std((0, 2, 3), keepdim=True).clamp_min(1e-6))
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
@@ -187,6 +199,27 @@ def main(argv=None) -> int:
     folder = model.save_pretrained(out, extra=info)
     print(f"latent eyes: {folder}", file=sys.stderr)
     return 0
+
+
+def _digest(folder: Path) -> str:
+    """sha256 over a folder's files (names and bytes), in name order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _data_key(args) -> dict:
+    """What the sampled data depends on: the settings and the files of the corrector, teacher and backbone."""
+    from xlard import evaluation
+    from xlard.shapes import backbone as shapes_backbone
+    from xlard.shapes.understanding import model_path
+
+    corrector = Path(args.corrector or evaluation.shipped_corrector_path("shapes")).resolve()
+    return {"batches": args.batches, "seed": args.seed, "corrector": str(corrector),
+            "corrector_files": _digest(corrector), "teacher_files": _digest(model_path().resolve()),
+            "backbone_files": _digest(shapes_backbone.backbone_path().resolve())}
 
 
 def _without_work(args: list[str]) -> list[str]:

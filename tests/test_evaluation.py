@@ -347,6 +347,22 @@ def test_corrector_fit_names_every_mismatch():
     large = SimpleNamespace(**{**vars(backbone), "height": 128, "width": 96})
     with pytest.raises(ValueError, match="count_edit redraws the shapes backbone's 64x64 images .* makes 128x96"):
         ev.check_corrector_fits(editing, _meta(), large)
+    # count_eyes: latent without the latent eyes installed failed at the first counting prompt, mid-run
+    import os
+
+    reading = ResidualCorrector(dataclasses.replace(editing.config, count_eyes="latent"))
+    old = os.environ.get("XLARD_SHAPES_LATENT_EYES")
+    os.environ["XLARD_SHAPES_LATENT_EYES"] = "/nonexistent/latent-eyes"
+    try:
+        with pytest.raises(ValueError, match="count_edit edits with the shapes backbone's VAE and latent eyes.*"
+                                             "reads with the shapes latent eyes \\(count_eyes: latent\\), and "
+                                             "there are none at /nonexistent/latent-eyes"):
+            ev.check_corrector_fits(reading, _meta(), backbone)
+    finally:
+        if old is None:
+            os.environ.pop("XLARD_SHAPES_LATENT_EYES")
+        else:
+            os.environ["XLARD_SHAPES_LATENT_EYES"] = old
 
 
 def test_no_shipped_corrector_for_other_backbones():
@@ -693,15 +709,18 @@ def test_the_shipped_shapes_corrector_is_installed_fits_and_corrects(tmp_path, c
     n = relation.z0.shape[-2] * relation.z0.shape[-1]
     assert not torch.equal(corrector.sources(relation.z0, **inputs)[0], torch.arange(n))  # its objects are moved
     assert corrector.config.count_edit and not corrector.config.count_move
+    from xlard.shapes.latent_eyes import LatentCountEyes
+    from xlard.shapes.understanding import CountEyes
     counting = backbone.encode(["a photo of five circles", "a photo of five circles", "a photo of a circle"],
                                seed=[0, 1, 0])
     inputs = corrector_inputs(corrector, counting.prompt_embedding, counting.specs)
     with torch.no_grad():
         corrected = counting.z0 + corrector(counting.z0, **inputs)
-    eyes = corrector._count_eyes()
+    assert isinstance(corrector._count_eyes(), LatentCountEyes)  # the shipped count edit reads the latent itself
     assert corrector.eyes is None  # the default eyes, loaded on use, are not attached: the fit check applies
     from xlard import ops as xops
     from xlard.models import COUNT_MOVE_MIN_AREA
+    eyes = CountEyes(corrector.config.reader_nouns)  # counted by the teacher on the decoding, not by the editor's eyes
 
     def circles(z):  # objects the understanding model finds on the decoded latent, and how many are circles
         probs, foreground = eyes(z)

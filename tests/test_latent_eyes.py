@@ -28,7 +28,8 @@ def test_config_checks_name_the_field():
     assert LE.LatentEyesConfig(up_widths=(8, 8, 8)).factor == 8
     for bad, field in ((dict(width=0), "width"), (dict(low_width=True), "low_width"),
                        (dict(up_widths=(8, -1)), "up_widths"), (dict(shapes=("a", "a")), "shapes"),
-                       (dict(colors=()), "colors"), (dict(latent_channels=2.0), "latent_channels")):
+                       (dict(colors=()), "colors"), (dict(colors=("red", "mauve")), "colors"),
+                       (dict(latent_channels=2.0), "latent_channels")):
         with pytest.raises(ValueError, match=f"LatentEyesConfig.{field}"):
             LE.LatentEyesConfig(**bad)
     assert LE.LatentEyesConfig.from_dict(TINY.to_dict()) == TINY
@@ -180,6 +181,8 @@ def test_latent_count_edit_leaves_the_asked_number_of_objects(samples):
     edited = torch.where(touched, encoded, z)
     probs, foreground = eyes(edited)
     assert probs.shape == (len(z), 4, 64, 64) and foreground.shape == (len(z), 64, 64)
+    # counted by the teacher on the VAE's decoding of the edited latent (not by the student that edited it)
+    probs, _ = U.CountEyes(("circle", "square", "triangle", "diamond"))(edited)
     from xlard import ops
 
     nouns = ["circle", "square", "triangle", "diamond"]
@@ -191,6 +194,8 @@ def test_latent_count_edit_leaves_the_asked_number_of_objects(samples):
         eyes.edit_counts(z[:2], ["circle"], [2])
     with pytest.raises(ValueError, match="z has 4 channels"):
         eyes.edit_counts(torch.zeros(1, 4, 16, 16), ["circle"], [2])
+    with pytest.raises(ValueError, match=r"redraws 64x64 images .* z \[1, 8, 32, 32\] is read at 128x128"):
+        eyes.edit_counts(torch.zeros(1, 8, 32, 32), ["circle"], [2])
 
 
 @pytest.mark.skipif(not (U.is_available() and shapes_backbone.is_available()),
@@ -199,17 +204,22 @@ def test_training_script_writes_loadable_eyes_and_reuses_its_data(tmp_path):
     if not (ROOT / "xlard" / "data" / "shapes_corrector" / "config.json").is_file():
         pytest.skip("shipped corrector absent")
     cmd = [sys.executable, str(ROOT / "scripts" / "train_shapes_latent_eyes.py"), "--out", str(tmp_path / "eyes"),
-           "--batches", "1", "--epochs", "1", "--batch-size", "8"]
+           "--work", str(tmp_path / "work"), "--batches", "1", "--epochs", "1", "--batch-size", "8"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "sampling: 1/1 batches" in first.stderr and "epoch 1/1" in first.stderr
     model = LE.LatentUnderstanding.from_pretrained(tmp_path / "eyes")
     info = json.loads((tmp_path / "eyes" / "config.json").read_text())["training"]
-    assert info["latents"] >= 2 and info["epochs"] == 1
+    assert info["latents"] >= 2 and info["epochs"] == 1 and info["held_back"] >= 1
+    assert info["held_back_loss"] is not None and "--work" not in info["command"]
     assert model.predict(torch.zeros(1, 8, 16, 16)).shape_probs.shape == (1, 4, 64, 64)
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "using the sampled data" in again.stderr, again.stderr[-3000:]
     bad = subprocess.run(cmd[:2] + ["--out", str(tmp_path / "x"), "--epochs", "0"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--epochs must be >= 1, got 0" in bad.stderr
+    (tmp_path / "a-file").write_text("")
+    bad = subprocess.run(cmd[:2] + ["--out", str(tmp_path / "a-file")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "a-file" in bad.stderr and "sampling" not in bad.stderr, bad.stderr[-2000:]

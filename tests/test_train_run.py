@@ -459,10 +459,12 @@ def test_torchrun_two_processes_match_one(tmp_path):
                 assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-5), key
 
 
-def test_the_process_group_is_destroyed_after_the_ddp_wrappers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ending", ["returned", "raised"])
+def test_the_process_group_is_destroyed_after_the_ddp_wrappers(tmp_path, monkeypatch, ending):
     """A two-process run hung at exit about once in fourteen: the DDP wrappers outlived destroy_process_group,
     so the group's destructor ran inside the reducer's deallocation holding the GIL and joined a gloo worker
-    waiting for that GIL. The wrappers must be gone (reducers freed) before the group is destroyed."""
+    waiting for that GIL. The wrappers must be gone (reducers freed) before the group is destroyed, also when
+    the run ends with an exception whose traceback's frames hold them (a peer's failure, a bug)."""
     import gc
     import types
     import weakref
@@ -482,6 +484,18 @@ def test_the_process_group_is_destroyed_after_the_ddp_wrappers(tmp_path, monkeyp
         fake = types.SimpleNamespace(policy=policy, projector=projector, policy_model=wrappers[0],
                                      projector_model=wrappers[1])
         refs = [weakref.ref(w) for w in wrappers]
+        error = None
+        if ending == "raised":
+            def fit(model):  # a frame of the traceback holds the wrapper, as fit_projector's does
+                raise RuntimeError("Connection closed by peer")
+
+            try:
+                try:
+                    fit(wrappers[1])
+                except RuntimeError as exc:
+                    raise trainer_mod.PeerFailure("process 0 of 2: another process stopped") from exc
+            except trainer_mod.PeerFailure as exc:
+                error = exc
         cycle = {"wrapper": wrappers[1]}
         cycle["self"] = cycle  # the collector, not the reference count, frees this one
         del wrappers, cycle, w
@@ -495,12 +509,14 @@ def test_the_process_group_is_destroyed_after_the_ddp_wrappers(tmp_path, monkeyp
         monkeypatch.setattr(trainer_mod.dist, "destroy_process_group", recording_destroy)
         gc.disable()  # the collector must not run on its own in between: the function has to run it
         try:
-            trainer_mod._destroy_process_group(fake)
+            trainer_mod._destroy_process_group(fake, error)
         finally:
             gc.enable()
         assert alive_at_destroy == [[False, False]]
         assert fake.policy_model is policy and fake.projector_model is projector
         assert not dist.is_initialized()
+        if error is not None:  # the traceback's text stays
+            assert "fit" in "".join(__import__("traceback").format_exception(error))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

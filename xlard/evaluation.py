@@ -386,10 +386,21 @@ def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
             continue
         from xlard.sources import _is_shapes_backbone
 
-        # The default eyes decode with the shapes backbone's VAE and count with its understanding model.
+        # The default eyes read with the shapes understanding model (on the VAE's decoding, or distilled into
+        # the latent eyes) and edit with the shapes backbone's VAE.
+        latent = getattr(cfg, "count_eyes", "decoded") == "latent"
         if not _is_shapes_backbone(backbone):
-            problems.append(f"{name} {does} with the shapes backbone's VAE and understanding model; attach other "
-                            f"eyes (ResidualCorrector.attach_eyes) for another backbone")
+            problems.append(f"{name} {does} with the shapes backbone's VAE and "
+                            f"{'latent eyes' if latent else 'understanding model'}; attach other eyes "
+                            f"(ResidualCorrector.attach_eyes) for another backbone")
+        if latent:
+            from xlard.shapes import latent_eyes
+
+            if not latent_eyes.is_available():  # the counting rows failed mid-run, at the first one
+                problems.append(f"{name} reads with the shapes latent eyes (count_eyes: latent), and there are none "
+                                f"at {latent_eyes.latent_model_path()}: reinstall xlard, train them with "
+                                f"{latent_eyes.TRAIN_COMMAND}, or set count_eyes to 'decoded' in the corrector's "
+                                f"config.json")
         if float(getattr(backbone, "correction_step", 1.0)) != 1.0:
             problems.append(f"{name} decodes the corrected latent as a final one: it needs correction_step 1.0")
         if name == "count_edit" and height and width:

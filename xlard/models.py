@@ -289,9 +289,9 @@ class CorrectorConfig(_ConfigBase):
             margin of 6 / 64: docs/training.md, "Relations moved by the reader").
 
         count_move (bool): False (default). True (needs ``reader``, excludes ``move``): a prompt of one entity asked
-            ``n`` times, ``2 <= n <= MAX_FIELD_COUNT`` (16; the field tokens hold no larger count), is counted on the *decoded* corrected latent by eyes (default: the shapes
+            ``n`` times, ``2 <= n <= MAX_FIELD_COUNT`` (16; the field tokens hold no larger count), is counted on the corrected latent by eyes (default, ``count_eyes``: the shapes
             understanding model on the shapes backbone's VAE decoding, :class:`xlard.shapes.understanding.
-            CountEyes`; any other with :meth:`ResidualCorrector.attach_eyes`), and when the objects of
+            CountEyes`, or the latent eyes distilled from it; any other with :meth:`ResidualCorrector.attach_eyes`), and when the objects of
             its noun do not number ``n``, latent cells are copied (:func:`count_move_sources`): objects of
             another shape kept to make up ``n`` are replaced by a copy of the most confident object of
             the noun, surplus ones are overwritten by the nearest free cells, missing ones are copies of
@@ -1838,8 +1838,9 @@ class ResidualCorrector(_Pretrained, nn.Module):
         [B, H, W])`` for latents ``z [B, C, h, w]`` (the decoded image's maps, on a whole multiple of the latent
         grid); for ``count_edit`` the eyes also need ``eyes.edit_counts(z, nouns, counts) -> (encoded [B, C, h,
         w], touched [B, 1, h, w] bool, actions)`` (see :meth:`xlard.shapes.understanding.CountEyes.edit_counts`).
-        ``None`` restores the default (:class:`xlard.shapes.understanding.CountEyes`, the shapes
-        backbone's VAE and understanding model, loaded on first use). Returns the corrector.
+        ``None`` restores the default that ``config.count_eyes`` names (:class:`xlard.shapes.understanding.
+        CountEyes`, the shapes backbone's VAE and understanding model, or :class:`xlard.shapes.latent_eyes.
+        LatentCountEyes`, the latent eyes distilled from that model; loaded on first use). Returns the corrector.
 
         Raises:
             TypeError: ``eyes`` is neither callable nor None.

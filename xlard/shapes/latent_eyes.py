@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .understanding import CountEyes, UnderstandingOutput, _latent_scale
+from .understanding import EDIT_IMAGE_SIZE, CountEyes, UnderstandingOutput, _latent_scale
 from .world import BACKGROUND, PALETTE, SHAPES
 
 __all__ = ["LatentEyesConfig", "LatentUnderstanding", "LatentCountEyes", "flat_canvas", "latent_model_path",
@@ -85,6 +85,10 @@ class LatentEyesConfig:
             words = getattr(self, name)
             if not words or len(set(words)) != len(words) or not all(isinstance(w, str) and w for w in words):
                 raise ValueError(f"LatentEyesConfig.{name} must be distinct non-empty words, got {words!r}")
+        unknown = [c for c in self.colors if c not in PALETTE]
+        if unknown:  # the flat canvas paints each color class with its palette color
+            raise ValueError(f"LatentEyesConfig.colors must be palette colors ({', '.join(PALETTE)}), got "
+                             f"{unknown}")
 
     @property
     def factor(self) -> int:
@@ -343,8 +347,15 @@ class LatentCountEyes(CountEyes):
         if len(nouns) != b or len(counts) != b or any(c < 1 for c in counts):
             raise ValueError(f"{owner}: need one noun and one count >= 1 per latent of z ({b}), got nouns "
                              f"{nouns!r} and counts {counts!r}")
-        maps = self._maps(z, owner)
         config = self._model(z.device).config
+        if isinstance(z, torch.Tensor) and z.dim() == 4:
+            side = [int(n) * config.factor for n in z.shape[-2:]]
+            if side != [EDIT_IMAGE_SIZE] * 2:  # the eyes were distilled, and the editor draws, at this size
+                raise ValueError(f"{owner}: count_edit redraws {EDIT_IMAGE_SIZE}x{EDIT_IMAGE_SIZE} images (the "
+                                 f"understanding model's size, which the latent eyes were distilled at), and z "
+                                 f"{list(z.shape)} is read at {side[0]}x{side[1]}: generate at {EDIT_IMAGE_SIZE}x"
+                                 f"{EDIT_IMAGE_SIZE}, or use a corrector without count_edit")
+        maps = self._maps(z, owner)
         canvas = flat_canvas(maps.color_probs, config.colors).cpu().numpy()
         shape_probs, color_probs = maps.shape_probs.cpu().numpy(), maps.color_probs.cpu().numpy()
         edit = EditConfig(redraw=True, fix_count=True, fix_color=False, fix_position=False)

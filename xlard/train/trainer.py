@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -415,15 +416,6 @@ class Trainer:
                 raise ValueError(f"model.corrector_overrides {name}: true decodes the corrected latent as a final "
                                  f"one to count its objects: it needs backbone.correction_step 1.0, got "
                                  f"{cfg.backbone.correction_step}")
-        if (self.corrector.config.count_move or self.corrector.config.count_edit) \
-                and self.corrector.config.count_eyes == "latent":
-            from xlard.shapes import latent_eyes
-
-            if not latent_eyes.is_available():  # found now, not when the export first counts (minutes later)
-                raise FileNotFoundError(f"model.corrector_overrides count_eyes: latent reads counts with the "
-                                        f"shapes latent eyes, and there are none at {latent_eyes.latent_model_path()}"
-                                        f"; train them with: {latent_eyes.TRAIN_COMMAND} (or set count_eyes: "
-                                        f"decoded)")
 
         self.resume_requested = bool(resume)
         self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
@@ -564,6 +556,20 @@ class Trainer:
             if isinstance(fields[name], bool) and not isinstance(value, bool):
                 raise ValueError(f"train config: model.corrector_overrides {name} must be true or false, got "
                                  f"{value!r}")
+        from xlard.models import COUNT_EYES
+
+        eyes = overrides.get("count_eyes", fields["count_eyes"])
+        if not isinstance(eyes, str) or eyes not in COUNT_EYES:
+            raise ValueError(f"train config: model.corrector_overrides count_eyes must be one of "
+                             f"{', '.join(map(repr, COUNT_EYES))}, got {eyes!r}")
+        if eyes == "latent" and (overrides.get("count_edit") or overrides.get("count_move")):
+            from xlard.shapes import latent_eyes
+
+            if not latent_eyes.is_available():  # found now, not when the export first counts (minutes later)
+                raise FileNotFoundError(f"model.corrector_overrides count_eyes: latent reads counts with the "
+                                        f"shapes latent eyes, and there are none at {latent_eyes.latent_model_path()}"
+                                        f"; train them with: {latent_eyes.TRAIN_COMMAND} (or set count_eyes: "
+                                        f"decoded)")
         d, step = self.cfg.distill, float(self.cfg.backbone.correction_step)
         if d.items_per_tag:
             if self.cfg.backbone.name != "shapes" or not self.is_shapes:
@@ -1364,11 +1370,14 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> dict:
         >>> from xlard.train import load_config, train
         >>> summary = train(load_config("configs/shapes.yaml", overrides={"steps": 20, "out": "runs/try"}))
     """
-    trainer = Trainer(check_train_config("train", cfg), resume=resume, backbone=backbone)
+    cfg = check_train_config("train", cfg)
+    ours = not dist.is_initialized()  # the trainer starts the process group of a torchrun launch: it ends it
+    trainer = None
     try:
+        trainer = Trainer(cfg, resume=resume, backbone=backbone)
         return trainer.run()
     except RuntimeError as exc:
-        if trainer.distributed and _peer_failure(exc):
+        if trainer is not None and trainer.distributed and _peer_failure(exc):
             # another process died or its connection broke: one line (as the command line prints an OSError),
             # not gloo's 30-line traceback, and what to do
             first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
@@ -1377,12 +1386,13 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> dict:
                               f"all {trainer.world} processes again with --resume") from exc
         raise
     finally:
-        trainer.release()
-        if trainer.distributed and dist.is_initialized():
-            _destroy_process_group(trainer)
+        if trainer is not None:
+            trainer.release()
+        if ours and dist.is_initialized():
+            _destroy_process_group(trainer, sys.exc_info()[1])
 
 
-def _destroy_process_group(trainer: "Trainer") -> None:
+def _destroy_process_group(trainer: "Trainer | None", error: BaseException | None = None) -> None:
     """End a distributed run's process group without the exit deadlock of DDP's reducer.
 
     A DDP wrapper's reducer holds the process group; were it the last holder (the wrappers die with the
@@ -1392,7 +1402,17 @@ def _destroy_process_group(trainer: "Trainer") -> None:
     in fourteen two-process runs on the CPU: ``~ProcessGroupGloo`` in ``thread::join`` under ``~Reducer`` on
     the main thread, a gloo worker in ``gil_scoped_acquire`` under ``~AsyncBarrierWork``). So the wrappers go first,
     while the registry still holds the group, and ``destroy_process_group`` drops the last reference, where
-    torch's binding releases the GIL around the destructor."""
-    trainer.policy_model, trainer.projector_model = trainer.policy, trainer.projector
+    torch's binding releases the GIL around the destructor.
+
+    ``error``: the exception the run is ending with, if any. Its traceback's finished frames (the trainer's
+    constructor, ``fit_projector``, DDP's forward) still hold the wrappers; their local variables are cleared
+    (the traceback's text is kept) so that the wrappers can go first on that path too."""
+    if trainer is not None and hasattr(trainer, "policy"):
+        trainer.policy_model, trainer.projector_model = trainer.policy, trainer.projector
+    seen = set()
+    while error is not None and id(error) not in seen:  # the exception, its cause and context (PeerFailure's)
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # frames still executing (this one's callers) are skipped
+        error = error.__cause__ or error.__context__
     gc.collect()  # a wrapper in a reference cycle would otherwise be freed later, by the collector, the same way
     dist.destroy_process_group()
