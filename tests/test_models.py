@@ -15,7 +15,7 @@ import xlard.ops
 from helpers import assert_close
 from xlard.models import (
     ASPECTS, CorrectorConfig, LatentRewardProjector, ProjectorConfig, ProjectorOutput, ResidualCorrector,
-    aspect_weights, count_parameters, patchify, unpatchify,
+    aspect_weights, count_parameters, patchify, sincos_position_encoding, unpatchify,
 )
 
 C, TEXT, POOLED = 4, 32, 24
@@ -99,6 +99,60 @@ def test_patchify_is_spatially_local():
     tokens = patchify(z, 2)
     block = z[1, :, 2:4, 4:6].reshape(-1)
     assert torch.equal(tokens[1, 1 * 3 + 2], block)
+
+
+def test_patchify_and_unpatchify_name_bad_arguments():
+    """Were an AttributeError ('shape'), "not enough values to unpack", ZeroDivisionError, torch's reshape errors, a
+    bool patch read as 1, and tokens of another layout silently reshaped into a latent."""
+    z = torch.zeros(2, 4, 8, 8)
+    for args, error, pattern in (
+            ((None, 2), TypeError, r"patchify: z must be a torch.Tensor \[B, C, H, W\], got NoneType"),
+            ((torch.zeros(4, 8, 8), 2), ValueError, r"patchify: z must be a tensor \[B, C, H, W\] \(4 dimensions\), "
+                                                    r"got shape \(4, 8, 8\)"),
+            ((z, 0), ValueError, "patchify: patch must be an integer >= 1, got 0"),
+            ((z, -2), ValueError, "patchify: patch must be an integer >= 1, got -2"),
+            ((z, True), TypeError, r"patchify: patch must be an integer >= 1, got True \(bool\)"),
+            ((z, 2.0), TypeError, r"patchify: patch must be an integer >= 1, got 2.0 \(float\)")):
+        with pytest.raises(error, match=pattern):
+            patchify(*args)
+    tokens = patchify(z, 2)  # [2, 16, 16]
+    for args, error, pattern in (
+            ((None, 4, 8, 8, 2), TypeError, r"unpatchify: tokens must be a torch.Tensor \[B, N, C\*patch\*patch\]"),
+            ((tokens[..., None], 4, 8, 8, 2), ValueError, r"unpatchify: tokens must be a tensor .*\(3 dimensions\), "
+                                                          r"got shape \(2, 16, 16, 1\)"),
+            ((tokens, 3, 8, 8, 2), ValueError, r"unpatchify: tokens must have shape \[B, \(H/p\)\(W/p\), C\*p\*p\] = "
+                                               r"\[B, 16, 12\] for channels=3, height=8, width=8, patch=2, got "
+                                               r"\(2, 16, 16\)"),
+            ((tokens, 4, 7, 8, 2), ValueError, "unpatchify: height and width must be divisible by patch=2, got 7 x 8"),
+            ((tokens, 4, 8, 8, 0), ValueError, "unpatchify: patch must be an integer >= 1, got 0"),
+            ((tokens, 4, -8, -8, 2), ValueError, "unpatchify: height must be an integer >= 0, got -8"),
+            ((tokens, 4, 8.0, 8, 2), TypeError, r"unpatchify: height must be an integer >= 0, got 8.0 \(float\)"),
+            ((tokens, True, 8, 8, 2), TypeError, r"unpatchify: channels must be an integer >= 0, got True \(bool\)")):
+        with pytest.raises(error, match=pattern):
+            unpatchify(*args)
+    # integers of other types still work
+    numpy = pytest.importorskip("numpy")
+    assert torch.equal(unpatchify(patchify(z, torch.tensor(2)), 4, 8, 8, numpy.int64(2)), z)
+
+
+def test_sincos_position_encoding_names_bad_arguments():
+    """Were torch's arange/repeat errors, a float width accepted, an int dtype casting the sines to 0 and 1, and a
+    dtype string read as a device ("Invalid device string: 'float32'")."""
+    for args, kwargs, error, pattern in (
+            ((2, 3, -4), {}, ValueError, "width must be an integer >= 0, got -4"),
+            ((2, 3, 8.0), {}, TypeError, r"width must be an integer >= 0, got 8.0 \(float\)"),
+            ((2, 3, 6), {}, ValueError, "width must be a multiple of 4, got 6"),
+            ((-1, 3, 8), {}, ValueError, "grid_h must be an integer >= 0, got -1"),
+            ((2.0, 3, 8), {}, TypeError, r"grid_h must be an integer >= 0, got 2.0 \(float\)"),
+            ((2, True, 8), {}, TypeError, r"grid_w must be an integer >= 0, got True \(bool\)"),
+            ((2, None, 8), {}, TypeError, r"grid_w must be an integer >= 0, got None"),
+            ((2, 3, 8), {"dtype": torch.long}, TypeError, "dtype must be a floating torch dtype .*got torch.int64"),
+            ((2, 3, 8), {"dtype": "float32"}, TypeError, "dtype must be a floating torch dtype .*got 'float32'"),
+            ((2, 3, 8), {"device": "nope"}, ValueError, "device must be a torch.device or its name, got 'nope'")):
+        with pytest.raises(error, match=f"xlard.models.sincos_position_encoding: {pattern}"):
+            sincos_position_encoding(*args, **kwargs)
+    pe = sincos_position_encoding(2, 3, 8, device="cpu", dtype=torch.float64)
+    assert pe.shape == (6, 8) and torch.equal(pe[0], torch.tensor([0.0, 0.0, 1.0, 1.0] * 2, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- parameter counts
@@ -280,6 +334,25 @@ def test_aspect_weights_are_a_softmax_over_present_aspects():
     assert_close(w[1], torch.tensor([math.exp(-0.3), 0.0, math.exp(-0.1)]) / (math.exp(-0.3) + math.exp(-0.1)))
     assert torch.equal(w[2], torch.zeros(3))
     assert_close(aspect_weights(torch.zeros(2, 3), present[:2]), torch.tensor([[1 / 3] * 3, [0.5, 0.0, 0.5]]))
+
+
+def test_aspect_weights_name_bad_arguments():
+    """Were "bad operand type for unary -", softmax's and masked_fill's dtype errors, size mismatches from inside,
+    and a [B, 4] log_var or a [1, 3] mask silently accepted."""
+    log_var, present = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    for args, error, pattern in (
+            ((None,), TypeError, "log_var must be a torch.Tensor, got NoneType"),
+            (([[0.0, 0.0, 0.0]],), TypeError, "log_var must be a torch.Tensor, got list"),
+            ((torch.zeros(2, 3, dtype=torch.long), present), TypeError, "log_var must have dtype float16, .*got int64"),
+            ((torch.zeros(2, 4),), ValueError, r"log_var must have shape \[B, 3\] .*got \(2, 4\)"),
+            ((torch.zeros(3),), ValueError, r"log_var must have shape \[B, 3\] .*got \(3,\)"),
+            ((log_var, present.long()), TypeError, "aspect_mask must have dtype bool; got int64"),
+            ((log_var, [[True] * 3] * 2), TypeError, "aspect_mask must be a torch.Tensor, got list"),
+            ((log_var, present[:1]), ValueError, r"aspect_mask must have shape \[B, 3\] = \[2, 3\] .*got \(1, 3\)"),
+            ((log_var, present[:, :2]), ValueError, r"aspect_mask must have shape \[B, 3\] = \[2, 3\] .*got \(2, 2\)"),
+            ((log_var, present.to("meta")), ValueError, "aspect_mask is on meta, expected cpu")):
+        with pytest.raises(error, match=f"xlard.models.aspect_weights: {pattern}"):
+            aspect_weights(*args)
 
 
 def test_projector_loss_is_uncertainty_weighted_and_ignores_absent_aspects():

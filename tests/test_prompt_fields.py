@@ -72,6 +72,34 @@ def test_bad_arguments_are_refused():
         CorrectorConfig.tiny(conditioning="clip")
 
 
+def test_bad_arguments_are_named():
+    """Were "'NoneType' object is not iterable", "'PromptSpec' object is not iterable", torch's to() errors, an int
+    dtype casting the tokens to integers, field_keys blaming field_tokens, a kind of None taken as a key and a lone
+    surrogate a UnicodeEncodeError."""
+    spec = parse("a photo of a cat")
+    for bad, named in ((None, "NoneType"), (3, "int"), ("a photo of a cat", "str"),
+                       (spec, r"PromptSpec \(one spec\? pass \[spec\]\)")):
+        with pytest.raises(TypeError, match=rf"field_tokens: specs must be a list of PromptSpec objects .*got {named}"):
+            field_tokens(bad, 8)
+    with pytest.raises(ValueError, match=r"field_tokens: specs must be PromptSpec objects .*got int at specs\[1\]"):
+        field_tokens([spec, 3], 8)
+    for dtype, shown in ((torch.long, "torch.int64"), ("float32", "'float32'")):
+        with pytest.raises(TypeError, match=f"field_tokens: dtype must be a floating torch dtype, got {shown}"):
+            field_tokens([spec], 8, dtype=dtype)
+    with pytest.raises(ValueError, match="field_tokens: device must be a torch.device or its name, got 'nope'"):
+        field_tokens([spec], 8, device="nope")
+    assert torch.equal(field_tokens((spec,), 8, device="cpu", dtype=None)[0], field_tokens([spec], 8)[0])
+    with pytest.raises(ValueError, match="field_keys: spec must be a PromptSpec .*got NoneType"):
+        field_keys(None)
+    with pytest.raises(TypeError, match=r"field_vector: kind must be a field kind string .*got None"):
+        field_vector(None, 3, 8)
+    with pytest.raises(ValueError, match="field_vector: kind must be a non-empty field kind string"):
+        field_vector("", 3, 8)
+    odd = field_vector("noun", "cat\udcff", 8)  # a lone surrogate (a file read with errors="surrogateescape")
+    assert odd.shape == (8,) and torch.equal(odd, field_vector("noun", "cat\udcff", 8))
+    assert not torch.equal(odd, field_vector("noun", "cat", 8))
+
+
 def _embedding(batch, length=5, dim=8, pooled=6):
     return SimpleNamespace(tokens=torch.randn(batch, length, dim), pooled=torch.randn(batch, pooled),
                            mask=torch.ones(batch, length, dtype=torch.bool),

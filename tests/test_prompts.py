@@ -39,6 +39,7 @@ from xlard.prompts import (
     from_geneval,
     infer_geneval_tag,
     normalize_relation,
+    noun_forms,
     parse,
     pluralize,
     singularize,
@@ -115,6 +116,36 @@ def test_singularize_unknown_words_by_rule():
     assert singularize("puppies") == "puppy"
     assert singularize("dresses") == "dress"
     assert singularize("houses") == "house"
+
+
+@pytest.mark.parametrize("fn", [pluralize, singularize])
+def test_pluralize_and_singularize_name_what_is_not_a_noun(fn):
+    """Were an AttributeError ("'NoneType' object has no attribute 'strip'") or a bytes TypeError from inside."""
+    name = fn.__name__
+    for bad, shown in ((None, "None"), (3, r"3 \(int\)"), (b"x", r"b'x' \(bytes\)"), (["a"], r"\['a'\] \(list\)"),
+                       (True, r"True \(bool\)")):
+        with pytest.raises(TypeError, match=rf"^{name}: noun must be a non-empty string, got {shown}$"):
+            fn(bad)
+    for blank in ("", "  "):
+        with pytest.raises(ValueError, match=rf"^{name}: cannot {name} an empty noun; noun must be a non-empty "
+                                             rf"string, got {blank!r}$"):
+            fn(blank)
+
+
+def test_noun_forms_names_what_is_not_a_list_of_nouns():
+    """Were "'NoneType' object is not iterable", "got 120 (int)" for b"x", and a str read letter by letter."""
+    for bad, shown in ((None, "None"), (3, r"3 \(int\)"), (b"x", r"b'x' \(bytes\)"), ("", r"'' \(str\)"),
+                       ("cat", r"'cat' \(str\) \(one noun\? pass \['cat'\]\)")):
+        with pytest.raises(TypeError, match=rf"^noun_forms: nouns must be an iterable of noun strings, got {shown}$"):
+            noun_forms(bad)
+    with pytest.raises(TypeError, match=r"^noun_forms: nouns must hold noun strings, got nouns\[1\] = None$"):
+        noun_forms(["cat", None])
+    with pytest.raises(TypeError, match=r"^noun_forms: nouns must hold noun strings, got nouns\[0\] = b'x' \(bytes\)$"):
+        noun_forms([b"x"])
+    with pytest.raises(ValueError, match=r"^noun_forms: extra noun ' ' is empty \(nouns\[1\] must be a non-empty"):
+        noun_forms(["cat", " "])
+    table = noun_forms(iter(["Teddy  Bear"]))  # any iterable of strings still works
+    assert table[("teddy", "bears")] == "teddy bear" and table[("people",)] == "person"
 
 
 # ---------------------------------------------------------------------------

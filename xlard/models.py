@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -491,12 +492,48 @@ class ProjectorConfig(_ConfigBase):
 # Token layout
 
 
+def _check_size(owner: str, name: str, value, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``: an int (numpy and 0-d torch integers too), not a bool or a float.
+
+    Raises:
+        TypeError: not an integer ("xlard.models.<owner>: <name> must be an integer >= <minimum>, got ...").
+        ValueError: an integer below ``minimum``.
+    """
+    if type(value) is int:  # the model's own calls: no other look-up
+        n = value
+    elif isinstance(value, (bool, float)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        n = None  # True would be patch 1, 8.0 a float in a shape: refused, not read as an integer
+    else:
+        try:
+            n = operator.index(value)
+        except TypeError:
+            n = None
+    if n is None:
+        raise TypeError(f"xlard.models.{owner}: {name} must be an integer >= {minimum}, got {_short(value)} "
+                        f"({type(value).__name__})")
+    if n < minimum:
+        raise ValueError(f"xlard.models.{owner}: {name} must be an integer >= {minimum}, got {n}")
+    return n
+
+
+def _check_rank(owner: str, name: str, value, dim: int, layout: str) -> None:
+    """``value`` is a tensor of ``dim`` dimensions (``layout`` names them in the message)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"xlard.models.{owner}: {name} must be a torch.Tensor {layout}, got {type(value).__name__}")
+    if value.dim() != dim:
+        raise ValueError(f"xlard.models.{owner}: {name} must be a tensor {layout} ({dim} dimensions), got shape "
+                         f"{tuple(value.shape)}")
+
+
 def patchify(z: torch.Tensor, patch: int) -> torch.Tensor:
     """Latent ``[B, C, H, W]`` -> tokens ``[B, (H/p)(W/p), C p p]`` in raster order of the patches.
 
     Raises:
-        ValueError: if H or W is not divisible by ``patch``.
+        TypeError: ``z`` is not a tensor, or ``patch`` is not an integer.
+        ValueError: ``z`` is not 4-dimensional, ``patch`` < 1, or H or W is not divisible by ``patch``.
     """
+    _check_rank("patchify", "z", z, 4, "[B, C, H, W]")
+    patch = _check_size("patchify", "patch", patch, 1)
     b, c, h, w = z.shape
     if h % patch or w % patch:
         raise ValueError(f"xlard.models.patchify: latent height and width must be divisible by patch={patch}, "
@@ -506,9 +543,27 @@ def patchify(z: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def unpatchify(tokens: torch.Tensor, channels: int, height: int, width: int, patch: int) -> torch.Tensor:
-    """Inverse of :func:`patchify`: ``[B, N, C p p]`` -> ``[B, C, H, W]``."""
+    """Inverse of :func:`patchify`: ``[B, N, C p p]`` -> ``[B, C, H, W]``.
+
+    Raises:
+        TypeError: ``tokens`` is not a tensor, or a size is not an integer.
+        ValueError: ``tokens`` is not ``[B, (H/p)(W/p), C p p]``, a size is negative, ``patch`` < 1, or
+            ``height`` or ``width`` is not divisible by ``patch``.
+    """
+    _check_rank("unpatchify", "tokens", tokens, 3, "[B, N, C*patch*patch]")
+    channels = _check_size("unpatchify", "channels", channels, 0)
+    height = _check_size("unpatchify", "height", height, 0)
+    width = _check_size("unpatchify", "width", width, 0)
+    patch = _check_size("unpatchify", "patch", patch, 1)
+    if height % patch or width % patch:
+        raise ValueError(f"xlard.models.unpatchify: height and width must be divisible by patch={patch}, got "
+                         f"{height} x {width}")
     b = tokens.shape[0]
     gh, gw = height // patch, width // patch
+    if tokens.shape[1] != gh * gw or tokens.shape[2] != channels * patch * patch:
+        raise ValueError(f"xlard.models.unpatchify: tokens must have shape [B, (H/p)(W/p), C*p*p] = "
+                         f"[B, {gh * gw}, {channels * patch * patch}] for channels={channels}, height={height}, "
+                         f"width={width}, patch={patch}, got {tuple(tokens.shape)}")
     return tokens.reshape(b, gh, gw, channels, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(
         b, channels, height, width)
 
@@ -520,9 +575,25 @@ def sincos_position_encoding(grid_h: int, grid_w: int, width: int, *, device=Non
     The first half of the channels encodes the row, the second half the column,
     each as ``[sin(pos * omega_k), cos(pos * omega_k)]`` with
     ``omega_k = 10000 ** (-k / (width / 4))``. Computed in float64, then cast.
+
+    Raises:
+        TypeError: a size is not an integer, or ``dtype`` is not a floating torch dtype.
+        ValueError: a size is negative, ``width`` is not a multiple of 4, or ``device`` is not a device.
     """
+    grid_h = _check_size("sincos_position_encoding", "grid_h", grid_h, 0)
+    grid_w = _check_size("sincos_position_encoding", "grid_w", grid_w, 0)
+    width = _check_size("sincos_position_encoding", "width", width, 0)
     if width % 4:
         raise ValueError(f"xlard.models.sincos_position_encoding: width must be a multiple of 4, got {width}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"xlard.models.sincos_position_encoding: dtype must be a floating torch dtype (the "
+                        f"encoding holds sines and cosines), got {_short(dtype)}")
+    if device is not None and not isinstance(device, torch.device):
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"xlard.models.sincos_position_encoding: device must be a torch.device or its name, "
+                             f"got {_short(device)}") from None
     quarter = width // 4
     omega = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter))
     rows = torch.arange(grid_h, dtype=torch.float64, device=device).repeat_interleave(grid_w)
@@ -2162,9 +2233,18 @@ def aspect_weights(log_var: torch.Tensor, aspect_mask: torch.Tensor | None = Non
     Returns:
         Tensor[B, 3] in log_var's dtype: rows sum to 1 over present aspects, 0
         elsewhere; a row with no present aspect is all zero (not NaN).
+
+    Raises:
+        TypeError: ``log_var`` is not a floating tensor, or ``aspect_mask`` not a bool tensor.
+        ValueError: ``log_var`` is not ``[B, 3]``, or ``aspect_mask`` not ``[B, 3]`` on log_var's device.
     """
+    _args.check_tensor("models.aspect_weights", "log_var", log_var, _args.FLOAT_DTYPES)
+    if log_var.dim() != 2 or log_var.shape[1] != len(ASPECTS):
+        raise ValueError(f"xlard.models.aspect_weights: log_var must have shape [B, 3] (order {ASPECTS}), got "
+                         f"{tuple(log_var.shape)}")
     if aspect_mask is None:
         return torch.softmax(-log_var, dim=-1)
+    _check_aspect_mask("models.aspect_weights", aspect_mask, log_var.shape[0], log_var.device)
     any_present = aspect_mask.any(dim=-1, keepdim=True)
     logits = (-log_var).masked_fill(~aspect_mask, float("-inf")).masked_fill(~any_present, 0.0)
     return torch.softmax(logits, dim=-1) * aspect_mask

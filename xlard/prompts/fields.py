@@ -23,6 +23,7 @@ processes, machines and versions.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Sequence
 
@@ -35,12 +36,25 @@ __all__ = ["field_keys", "field_tokens", "field_vector"]
 
 @lru_cache(maxsize=4096)
 def _vector(key: str, dim: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
+    # "surrogatepass": a str holding a lone surrogate (from a file read with errors="surrogateescape") is a key
+    # like any other, not a UnicodeEncodeError; every other string encodes to the same bytes as plain UTF-8
+    gen = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8", "surrogatepass")))
     return torch.randn(dim, generator=gen)
 
 
 def field_vector(kind: str, value, dim: int) -> torch.Tensor:
-    """The fixed ``[dim]`` float32 vector of one field value, e.g. ``("count", 3)``."""
+    """The fixed ``[dim]`` float32 vector of one field value, e.g. ``("count", 3)``.
+
+    Raises:
+        TypeError: ``kind`` is not a string.
+        ValueError: ``kind`` is empty, or ``dim`` is not an integer >= 1.
+    """
+    if not isinstance(kind, str):
+        raise TypeError(f"field_vector: kind must be a field kind string (\"noun\", \"count\", \"color\", "
+                        f"\"relation\", \"slot\"), got {_short(kind)} ({type(kind).__name__})")
+    if not kind:
+        raise ValueError("field_vector: kind must be a non-empty field kind string (\"noun\", \"count\", ...), "
+                         "got ''")
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
         raise ValueError(f"field_vector: dim must be an integer >= 1, got {dim!r}")
     return _vector(f"{kind}:{value}", dim).clone()
@@ -51,10 +65,12 @@ def field_keys(spec: PromptSpec) -> list[tuple[tuple[str, object], tuple[str, ob
 
     A spec without entities (a prompt the parser found nothing in) gets one
     ``("empty", "")`` token, so attention always has something to read.
+
+    Raises:
+        ValueError: ``spec`` is not a :class:`~xlard.prompts.PromptSpec`.
     """
     if not isinstance(spec, PromptSpec):
-        raise ValueError(f"field_tokens: specs must be PromptSpec objects (xlard.prompts.parse), "
-                         f"got {type(spec).__name__}")
+        raise ValueError(f"field_keys: spec must be a PromptSpec (xlard.prompts.parse), got {type(spec).__name__}")
     # Entities in the order their words appear in the prompt, so a spec parsed from the text and
     # one built from GenEval metadata (which lists them in another order) give the same tokens.
     n = len(spec.entities)
@@ -81,14 +97,32 @@ def field_tokens(specs: Sequence[PromptSpec], dim: int, *, device=None,
     zero-padded and masked.
 
     Raises:
-        ValueError: ``dim`` is not a positive integer, ``specs`` is empty, or an
-            entry is not a :class:`~xlard.prompts.PromptSpec`.
+        TypeError: ``specs`` is not a list of specs (a single spec or a string is refused), ``dtype`` is
+            not a floating torch dtype.
+        ValueError: ``dim`` is not a positive integer, ``specs`` is empty, an entry is not a
+            :class:`~xlard.prompts.PromptSpec`, or ``device`` is not a device.
     """
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
         raise ValueError(f"field_tokens: dim must be an integer >= 1, got {dim!r}")
+    if isinstance(specs, (str, bytes, PromptSpec)) or not isinstance(specs, Iterable):
+        hint = " (one spec? pass [spec])" if isinstance(specs, PromptSpec) else ""
+        raise TypeError(f"field_tokens: specs must be a list of PromptSpec objects (xlard.prompts.parse), got "
+                        f"{type(specs).__name__}{hint}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"field_tokens: dtype must be a floating torch dtype, got {_short(dtype)}")
+    if device is not None and not isinstance(device, torch.device):
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"field_tokens: device must be a torch.device or its name, got {_short(device)}") \
+                from None
     specs = list(specs)
     if not specs:
         raise ValueError("field_tokens: specs is empty (expected at least one PromptSpec)")
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, PromptSpec):
+            raise ValueError(f"field_tokens: specs must be PromptSpec objects (xlard.prompts.parse), got "
+                             f"{type(spec).__name__} at specs[{i}]")
     # keyed by the vectors' own key strings: equal values of other types (1, 1.0, True) are other vectors
     rows = [_row(tuple((f"{kind}:{value}", f"{slot_kind}:{slot}") for (kind, value), (slot_kind, slot)
                        in field_keys(spec)), dim) for spec in specs]
@@ -106,3 +140,8 @@ def _row(keys: tuple[tuple[str, str], ...], dim: int) -> torch.Tensor:
     """One spec's tokens ``[T, dim]`` from its :func:`field_keys` as ``(value key, slot key)`` strings (cached: a
     corrector call builds them for every prompt of the batch; callers only read it)."""
     return torch.stack([_vector(value, dim) + _vector(slot, dim) for value, slot in keys])
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

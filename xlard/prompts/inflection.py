@@ -43,6 +43,24 @@ _IRREGULAR_SINGULARS: Mapping[str, str] = {p: s for s, p in _IRREGULAR_PLURALS.i
 _VOWELS = frozenset("aeiou")
 
 
+def _noun_words(owner: str, noun) -> list[str]:
+    """The lower-cased words of ``noun``; a non-string or a blank string is refused, naming ``owner``."""
+    if not isinstance(noun, str):
+        raise TypeError(f"{owner}: noun must be a non-empty string, got {_describe(noun)}")
+    words = noun.strip().lower().split()
+    if not words:
+        raise ValueError(f"{owner}: cannot {owner} an empty noun; noun must be a non-empty string, got {noun!r}")
+    return words
+
+
+def _describe(value) -> str:
+    """``value`` for an error message: its repr (shortened) and, unless it is None, its type."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return text if value is None else f"{text} ({type(value).__name__})"
+
+
 def _pluralize_word(word: str) -> str:
     if word in _UNINFLECTED:
         return word
@@ -79,13 +97,15 @@ def pluralize(noun: str) -> str:
         Its plural: "teddy bears", "knives", "buses"; uninflected nouns
         ("sheep", "skis", "scissors") come back unchanged.
 
+    Raises:
+        TypeError: ``noun`` is not a string.
+        ValueError: ``noun`` is empty or blank.
+
     Example:
         >>> pluralize("computer mouse")
         'computer mice'
     """
-    words = noun.strip().lower().split()
-    if not words:
-        raise ValueError("cannot pluralize an empty noun")
+    words = _noun_words("pluralize", noun)
     return " ".join(words[:-1] + [_pluralize_word(words[-1])])
 
 
@@ -101,13 +121,15 @@ def singularize(noun: str) -> str:
     Returns:
         The singular, lower-cased.
 
+    Raises:
+        TypeError: ``noun`` is not a string.
+        ValueError: ``noun`` is empty or blank.
+
     Example:
         >>> singularize("wine glasses"), singularize("people"), singularize("penguins")
         ('wine glass', 'person', 'penguin')
     """
-    words = tuple(noun.strip().lower().split())
-    if not words:
-        raise ValueError("cannot singularize an empty noun")
+    words = tuple(_noun_words("singularize", noun))
     known = _known_forms().get(words)
     if known is not None:
         return known
@@ -125,15 +147,20 @@ def noun_forms(nouns: Iterable[str]) -> dict[tuple[str, ...], str]:
         ("people",) maps to "person".
 
     Raises:
+        TypeError: ``nouns`` is not an iterable of strings (a single string is
+            refused too: it would be read letter by letter).
         ValueError: a noun is empty.
     """
+    if isinstance(nouns, (str, bytes, bytearray)) or not isinstance(nouns, Iterable):
+        hint = f" (one noun? pass [{nouns!r}])" if isinstance(nouns, str) and nouns.strip() else ""
+        raise TypeError(f"noun_forms: nouns must be an iterable of noun strings, got {_describe(nouns)}{hint}")
     table: dict[tuple[str, ...], str] = {}
-    for noun in nouns:
+    for i, noun in enumerate(nouns):
         if not isinstance(noun, str):
-            raise ValueError(f"nouns must be strings, got {noun!r} ({type(noun).__name__})")
+            raise TypeError(f"noun_forms: nouns must hold noun strings, got nouns[{i}] = {_describe(noun)}")
         words = tuple(noun.strip().lower().split())
         if not words:
-            raise ValueError(f"extra noun {noun!r} is empty")
+            raise ValueError(f"noun_forms: extra noun {noun!r} is empty (nouns[{i}] must be a non-empty string)")
         canonical = " ".join(words)
         table.setdefault(words, canonical)
         table.setdefault(tuple(pluralize(canonical).split()), canonical)
