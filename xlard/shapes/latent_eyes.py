@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .understanding import EDIT_IMAGE_SIZE, CountEyes, UnderstandingOutput, _latent_scale
+from .understanding import (CONFIG_NAME, EDIT_IMAGE_SIZE, WEIGHTS_NAME, CountEyes, UnderstandingOutput, _eval_pass,
+                            _has_weights, _latent_scale, _load_weights, _weights_folder)
 from .world import BACKGROUND, PALETTE, SHAPES
 
 __all__ = ["LatentEyesConfig", "LatentUnderstanding", "LatentCountEyes", "flat_canvas", "latent_model_path",
@@ -44,8 +45,6 @@ __all__ = ["LatentEyesConfig", "LatentUnderstanding", "LatentCountEyes", "flat_c
 
 #: Where the shipped weights live (package data).
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "data" / "shapes_latent_eyes"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 TRAIN_COMMAND = "python scripts/train_shapes_latent_eyes.py --out xlard/data/shapes_latent_eyes"
 ENV_VAR = "XLARD_SHAPES_LATENT_EYES"
 
@@ -175,14 +174,7 @@ class LatentUnderstanding(nn.Module):
             raise ValueError("LatentUnderstanding.predict: z holds NaN or infinite values")
         param = next(self.parameters())
         x = z.to(device=param.device, dtype=param.dtype).contiguous(memory_format=torch.channels_last)
-        training = [module for module in self.modules() if module.training]
-        for module in training:  # eval mode for the pass, each module back to its own mode after (also on errors)
-            module.training = False
-        try:
-            shape_logits, color_logits = self(x)
-        finally:
-            for module in training:
-                module.training = True
+        shape_logits, color_logits = _eval_pass(self, x)
         return UnderstandingOutput(shape_logits.float().softmax(1)[:, 1:].contiguous(),
                                    color_logits.float().softmax(1).contiguous())
 
@@ -206,8 +198,6 @@ class LatentUnderstanding(nn.Module):
             FileNotFoundError: the folder lacks the files (the message names the training command).
             ValueError: the files cannot be read or do not belong together (a damaged install or copy).
         """
-        from safetensors.torch import load_file
-
         from xlard import _io
         from xlard._args import as_device
 
@@ -224,31 +214,18 @@ class LatentUnderstanding(nn.Module):
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{owner}: {folder / CONFIG_NAME} is not a latent eyes config "
                              f"({type(e).__name__}: {e}); {fix}") from None
-        try:
-            state = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_NAME)).items()}
-        except Exception as e:  # safetensors' own error type for a corrupt header or cut data
-            raise ValueError(f"{owner}: {folder / WEIGHTS_NAME} is not a readable safetensors file ({e}); "
-                             f"{fix}") from None
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-            raise ValueError(f"{owner}: {folder / WEIGHTS_NAME} does not fit the model {folder / CONFIG_NAME} "
-                             f"describes ({lines[min(1, len(lines) - 1)][:200]}); {fix}") from None
+        _load_weights(model, folder / WEIGHTS_NAME, folder / CONFIG_NAME, owner, fix)
         return model.to(device).eval()
 
 
 def latent_model_path(path: str | os.PathLike | None = None) -> Path:
     """The weights folder: ``path``, else ``$XLARD_SHAPES_LATENT_EYES``, else the package data."""
-    if path is None:
-        path = os.environ.get(ENV_VAR) or DEFAULT_PATH
-    return Path(path)
+    return _weights_folder(path, ENV_VAR, DEFAULT_PATH)
 
 
 def is_available(path: str | os.PathLike | None = None) -> bool:
     """True when the folder holds ``config.json`` and ``model.safetensors``."""
-    folder = latent_model_path(path)
-    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+    return _has_weights(latent_model_path(path))
 
 
 _LOADED: dict[tuple[str, str], LatentUnderstanding] = {}

@@ -193,17 +193,7 @@ class ShapesUnderstanding(nn.Module):
         size = self.config.image_size
         if tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        # Every submodule in eval mode for the pass, then each back to its own mode, also when the pass raises
-        # (a model put back with train(was_training) lost a submodule's own mode, and an interrupt left it in
-        # eval); skipped when no submodule is in training mode.
-        training = [module for module in self.modules() if module.training]
-        for module in training:
-            module.training = False
-        try:
-            shape_logits, color_logits = self(x.clamp(0.0, 1.0))
-        finally:
-            for module in training:
-                module.training = True
+        shape_logits, color_logits = _eval_pass(self, x.clamp(0.0, 1.0))
         return UnderstandingOutput(shape_logits.float().softmax(1)[:, 1:], color_logits.float().softmax(1))
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
@@ -227,8 +217,6 @@ class ShapesUnderstanding(nn.Module):
             FileNotFoundError: the folder lacks the files (the message names the training command).
             ValueError: the files cannot be read, or do not belong together (a damaged install or copy).
         """
-        from safetensors.torch import load_file
-
         from xlard import _io
         from xlard._args import as_device
 
@@ -248,32 +236,63 @@ class ShapesUnderstanding(nn.Module):
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{owner}: {folder / CONFIG_NAME} is not a shapes understanding model's config "
                              f"({type(e).__name__}: {e}); {fix}") from None
-        try:
-            state = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_NAME)).items()}
-        except Exception as e:  # safetensors' own error type for a corrupt header or cut data
-            raise ValueError(f"{owner}: {folder / WEIGHTS_NAME} is not a readable safetensors file ({e}); "
-                             f"{fix}") from None
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-            first = lines[min(1, len(lines) - 1)][:200]  # the line after torch's "Error(s) in loading ..." header
-            raise ValueError(f"{owner}: {folder / WEIGHTS_NAME} does not fit the model {folder / CONFIG_NAME} "
-                             f"describes ({first}); {fix}") from None
+        _load_weights(model, folder / WEIGHTS_NAME, folder / CONFIG_NAME, owner, fix)
         return model.to(device).eval()
+
+
+def _load_weights(model: nn.Module, weights: Path, config: Path, owner: str, fix: str) -> None:
+    """Load a safetensors file into ``model`` (as float32), naming the file and ``fix`` when it is unreadable or
+    does not fit the model ``config`` describes (shared by the shapes world's shipped models).
+
+    Raises:
+        ValueError: the file cannot be read, or its tensors do not fit ``model``.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    except Exception as e:  # safetensors' own error type for a corrupt header or cut data
+        raise ValueError(f"{owner}: {weights} is not a readable safetensors file ({e}); {fix}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        first = lines[min(1, len(lines) - 1)][:200]  # the line after torch's "Error(s) in loading ..." header
+        raise ValueError(f"{owner}: {weights} does not fit the model {config} describes ({first}); {fix}") from None
+
+
+def _eval_pass(model: nn.Module, *inputs):
+    """``model(*inputs)`` with every submodule in eval mode, then each back to its own mode, also when the pass
+    raises (a model put back with train(was_training) lost a submodule's own mode, and an interrupt left it in
+    eval); nothing is toggled when no submodule is in training mode."""
+    training = [module for module in model.modules() if module.training]
+    for module in training:
+        module.training = False
+    try:
+        return model(*inputs)
+    finally:
+        for module in training:
+            module.training = True
+
+
+def _weights_folder(path: str | os.PathLike | None, env_var: str, default: Path) -> Path:
+    """``path``, else the folder ``$env_var`` names, else ``default`` (the package data)."""
+    return Path(path if path is not None else (os.environ.get(env_var) or default))
+
+
+def _has_weights(folder: Path) -> bool:
+    """True when ``folder`` holds ``config.json`` and ``model.safetensors``."""
+    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
 
 
 def model_path(path: str | os.PathLike | None = None) -> Path:
     """The weights folder: ``path``, else ``$XLARD_SHAPES_UNDERSTANDING``, else the package data."""
-    if path is None:
-        path = os.environ.get("XLARD_SHAPES_UNDERSTANDING") or DEFAULT_PATH
-    return Path(path)
+    return _weights_folder(path, "XLARD_SHAPES_UNDERSTANDING", DEFAULT_PATH)
 
 
 def is_available(path: str | os.PathLike | None = None) -> bool:
     """True when the folder holds ``config.json`` and ``model.safetensors``."""
-    folder = model_path(path)
-    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+    return _has_weights(model_path(path))
 
 
 _LOADED: dict[tuple[str, str], ShapesUnderstanding] = {}
