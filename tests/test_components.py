@@ -280,6 +280,14 @@ def test_bad_max_components():
         ops.component_stats(torch.rand(4, 4), max_components=0)
 
 
+@pytest.mark.parametrize("k", [None, 2.5, True, -1, "3"])
+def test_component_stats_names_max_components_of_the_wrong_kind(k):
+    # None raised a bare "int() argument must be ... not 'NoneType'" (the shared check reads None as "no K")
+    with pytest.raises(ValueError, match=r"component_stats: max_components must be an integer in \[1, 2\*\*31 - 1\].*"
+                                         + f"got {k!r}"):
+        ops.component_stats(torch.rand(2, 4, 4), max_components=k)
+
+
 def test_out_of_range_numbers_are_named_not_overflowed():
     """Finite Python numbers that no provider can hold: 1e39 became inf in float32 (every provider computes
     there for non-float64 maps) and Triton failed with an unnamed overflow; 2**63 failed in pybind's int

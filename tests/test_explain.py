@@ -688,3 +688,62 @@ def test_report_captions_give_sizes_as_width_by_height_and_no_negative_zero():
                                           scores={"count": 0.5}, scores_before={"count": 0.5 + 1e-7})])
     assert "24&times;16 latent" in html and "96&times;64" in html
     assert "-0.000" not in html and "&plusmn;0.000" in html
+
+
+def test_upsample_lam_refuses_non_finite_cells_and_bool_sizes():
+    """A NaN cell came out as a NaN patch of image pixels (bilinear weights spread it), without a word;
+    (True, 10) gave a one-row image."""
+    for bad in (float("nan"), float("inf")):
+        lam = torch.rand(2, 4, 4)
+        lam[1, 2, 3] = bad
+        with pytest.raises(ValueError, match=r"upsample_lam: lam has 1 NaN or infinite cell\(s\) of 32"):
+            upsample_lam(lam, (16, 16))
+        # the documented route for a raw map: normalize_lam turns such cells into 0
+        assert bool(torch.isfinite(upsample_lam(normalize_lam(lam), (16, 16))).all())
+    with pytest.raises(ValueError, match=r"size must be two positive ints \(H, W\), got \(True, 10\)"):
+        upsample_lam(torch.rand(4, 4), (True, 10))
+
+
+def test_lam_fractions_and_quantiles_refuse_bools():
+    with pytest.raises(ValueError, match=r"top_lam_mask: fraction must be a number in \[0, 1\], got True"):
+        top_lam_mask(torch.rand(1, 4, 4), True)
+    with pytest.raises(ValueError, match=r"normalize_lam: quantile must be a number in \(0, 1\], got True"):
+        normalize_lam(torch.rand(4, 4), True)
+
+
+def test_faithfulness_refuses_nan_latents_and_rewards_and_a_non_bool_control():
+    reward, z0, delta, _ = _toy(b=2)
+    bad = z0.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"faithfulness: z0 has 1 NaN or infinite value\(s\)"):
+        faithfulness(reward, bad, delta)  # the row's rewards and ratios were NaN, without a word
+    with pytest.raises(ValueError, match=r"reward_fn returned 2 NaN or infinite reward\(s\) of 2 for the "
+                                         r"uncorrected latent"):
+        faithfulness(lambda z: torch.full((2,), float("nan")), z0, delta)
+    with pytest.raises(ValueError, match=r"fraction must be a number in \[0, 1\], got True"):
+        faithfulness(reward, z0, delta, fraction=True)  # masked every cell
+    with pytest.raises(TypeError, match="random_control must be True or False, got 'no'"):
+        faithfulness(reward, z0, delta, random_control="no")  # ran the control
+
+
+def test_faithfulness_of_a_zero_gain_is_nan_even_with_min_gain_0():
+    """With min_gain=0 a gain of exactly 0 was divided by: +-inf (or 0/0) in gain_lost, against the docstring."""
+    z0 = torch.zeros(1, 1, 2, 2)
+    delta = torch.tensor([[[[2.0, -1.0], [-1.0, 0.0]]]])    # sums to 0: no gain; masking the top cell: -2
+    res = faithfulness(lambda z: z.sum((1, 2, 3)), z0, delta, fraction=0.25, random_control=False, min_gain=0.0)
+    assert res.gain.tolist() == [0.0] and res.reward_masked.tolist() == [-2.0]
+    assert torch.isnan(res.gain_lost).all()
+
+
+def test_faithfulness_at_alpha_0_is_defined_not_an_error():
+    """alpha = 0 (a corrector saved with alpha 0 reaches here from xlard.evaluation.evaluate_pairs, which reads
+    only reward_masked and reward_random): nothing is corrected, so every reward is the uncorrected one, the gain
+    and relative drop are 0 and the share of the gain lost is NaN (documented), not an error."""
+    reward, z0, delta, _ = _toy(b=2)
+    for alpha in (0.0, torch.zeros(2)):
+        res = faithfulness(reward, z0, delta, alpha=alpha, generator=torch.Generator().manual_seed(0))
+        for r in (res.reward_after, res.reward_masked, res.reward_random):
+            assert torch.equal(r, res.reward_before)
+        assert res.gain.tolist() == [0.0, 0.0] and res.relative_drop.tolist() == [0.0, 0.0]
+        assert torch.isnan(res.gain_lost).all() and torch.isnan(res.gain_lost_random).all()
+        assert "n/a of it lost" in res.summary()

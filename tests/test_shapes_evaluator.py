@@ -623,3 +623,79 @@ def test_understanding_predict_runs_every_submodule_in_eval_mode_and_restores_ea
     finally:
         handle.remove()
     assert all(m.training for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad arguments: named, never a bare AttributeError/KeyError/IndexError, never read as the default
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"color_cutoff": 60}, r"got dict; build it first: EvaluatorConfig\(\*\*mapping\)"),
+    ({}, "got dict"),  # falsy: it was silently read as the default config
+    (0, "got int"),
+    ("x", "got str"),
+    (W.WorldConfig(), r"got WorldConfig; a world\? pass EvaluatorConfig\(world=...\)"),
+    (E.EvaluatorConfig, r"got the class itself; call it: EvaluatorConfig\(\)"),  # was read as the defaults
+])
+def test_evaluator_functions_refuse_a_config_that_is_not_an_evaluator_config(config, words, tmp_path):
+    record = _records(["position"], 1)[0]
+    img = P.render_record(record, seed=0).render()
+    words = ": config must be an EvaluatorConfig or None, " + words
+    for fn, call in (("detect_objects", lambda: E.detect_objects(img, config)),
+                     ("segment_colors", lambda: E.segment_colors(img, config)),
+                     ("evaluate_record", lambda: E.evaluate_record(img, record, config)),
+                     ("evaluate", lambda: E.evaluate(img, record, config)),
+                     ("evaluate_folder", lambda: E.evaluate_folder(tmp_path, config))):
+        with pytest.raises(TypeError, match=fn + words):
+            call()
+
+
+def test_score_record_names_malformed_records_detections_and_thresholds():
+    record = _records(["position"], 1)[0]
+    dets = E.detect_objects(P.render_record(record, seed=0).render(), CONFIG)
+    assert E.score_record(dets, record) == (True, []) and E.score_record(iter(dets), record) == (True, [])
+    item = {"class": "circle", "count": 1}
+    cases = [
+        ({}, "record is missing the key 'include'"),                                 # KeyError
+        (None, r"record must be a GenEval record \(a mapping\), got NoneType"),        # not subscriptable
+        ({**record, "include": None}, r"record\['include'\] must be a non-empty list"),
+        ({**record, "include": []}, r"record\['include'\] must be a non-empty list"),  # judged correct
+        ({**record, "include": [{}]}, r"record\['include'\]\[0\]\['class'\] must be a string"),
+        ({**record, "include": [{**item, "count": "1"}]}, r"\['count'\] must be an integer >= 1, got '1'"),
+        ({**record, "include": [{**item, "count": 1.5}]}, r"\['count'\] must be an integer >= 1"),
+        ({**record, "include": [{**item, "color": ["red"]}]}, r"\['color'\] must be a string or absent"),
+        ({**record, "include": [item, {**item, "position": ["left of", 5]}]},   # IndexError
+         r"record\['include'\]\[1\]\['position'\] must be \[relation, index of an earlier include item\]"),
+        ({**record, "include": [{**item, "position": ["left of", 0]}]}, r"\['position'\] must be"),
+        ({**record, "include": [item, {**item, "position": ["left of", -1]}]}, r"\['position'\] must be"),
+        ({**record, "exclude": None}, r"record\['exclude'\] must be a list"),
+        ({**record, "exclude": [{}]}, r"record\['exclude'\]\[0\]\['class'\] must be a string"),
+    ]
+    for bad, words in cases:
+        with pytest.raises(ValueError, match="score_record: .*" + words):
+            E.score_record(dets, bad)
+    for bad, words in ((None, "got NoneType"), (dets[0], "got Detection"), ([{"shape": "circle"}], "got dict")):
+        with pytest.raises(TypeError, match=r"score_record: detections(\[0\])? must be a.*" + words):
+            E.score_record(bad, record)
+    for bad in (None, float("nan"), 5, "0.1"):  # None raised a TypeError; NaN and 5 failed every relation
+        with pytest.raises(ValueError, match=r"score_record: position_threshold must be a number in \[0, 1\)"):
+            E.score_record(dets, record, bad)
+    with pytest.raises(ValueError, match=r"an EvaluatorConfig\? pass config.position_threshold"):
+        E.score_record(dets, record, CONFIG)
+
+
+def test_evaluator_inputs_of_the_wrong_kind_are_named():
+    img = W.random_scene(0).render()
+    record = _records(["colors"], 1)[0]
+    for bad in (None, [img], "x.png"):  # "'NoneType' object has no attribute 'ndim'"
+        with pytest.raises(TypeError, match=r"image: expected a uint8 HxWx3 numpy array, got"):
+            E.detect_objects(bad)
+    for bad in (None, 5, "a photo of a circle"):  # "not iterable"; a string was one record per letter
+        with pytest.raises(TypeError, match=r"evaluate: records must be a GenEval record \(a mapping\) or a list"):
+            E.evaluate(img, bad)
+    with pytest.raises(TypeError, match="evaluate_record: filename must be a str or None, got int"):
+        E.evaluate_record(img, record, None, 5)
+    for name in ("color_cutoff", "min_area", "min_shape_iou", "max_aspect"):  # None raised a bare TypeError
+        for bad in (None, "1", True):
+            with pytest.raises(ValueError, match=f"{name} must be a number, got"):
+                E.EvaluatorConfig(**{name: bad})

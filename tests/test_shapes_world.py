@@ -492,3 +492,142 @@ def test_world_functions_check_counts_sizes_and_boxes():
     for bad in (10**9, -3, 2.5):
         with pytest.raises(ValueError, match="distractors must be an integer"):
             P.render_record(record, 0, distractors=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input to the world's public functions: named, never a bare AttributeError/TypeError/KeyError
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"image_size": 64}, r"got dict; build it first: WorldConfig\(\*\*mapping\)"),
+    ({}, r"got dict"),  # falsy: it was silently replaced by the default world
+    (0, r"got int"),
+    ("x", r"got str"),
+    (W.WorldConfig, r"got the class itself; call it: WorldConfig\(\)"),
+])
+def test_world_functions_refuse_a_config_that_is_not_a_world_config(config, words):
+    from xlard.shapes.evaluator import EvaluatorConfig
+
+    groups = [W.ObjectGroup("circle", 1, "red")]
+    words = r": config must be a WorldConfig or None, " + words
+    with pytest.raises(TypeError, match=r"compose_scene" + words):
+        W.compose_scene(groups, config=config)
+    with pytest.raises(TypeError, match=r"random_scene" + words):
+        W.random_scene(0, config)
+    with pytest.raises(TypeError, match=r"add_object" + words):
+        W.add_object(W.Scene(64), "circle", "red", 0, config)
+    with pytest.raises(TypeError, match=r"got EvaluatorConfig; an evaluator's config\? pass its .world"):
+        W.compose_scene(groups, config=EvaluatorConfig())
+
+
+def test_compose_scene_names_malformed_groups_and_relations():
+    groups = [W.ObjectGroup("circle", 1, "red"), W.ObjectGroup("square", 1, "blue")]
+    for bad, words in ((None, "groups must be a list of ObjectGroup, got NoneType"),
+                       ("circle", "groups must be a list of ObjectGroup, got str"),
+                       (W.ObjectGroup("circle"), r"got a single ObjectGroup; wrap it: \[group\]"),
+                       ([{"shape": "circle"}], r"groups\[0\] must be an ObjectGroup, got dict"),
+                       ([("circle", 1)], r"groups\[0\] must be an ObjectGroup, got tuple")):
+        with pytest.raises(TypeError, match="compose_scene: .*" + words):
+            W.compose_scene(bad)
+    for bad, words in ((None, r"relations must be a list of Relation, got NoneType; pass \(\) for none"),
+                       (W.Relation(0, "left of", 1), "got a single Relation"),
+                       ([(0, "left of", 1)], r"relations\[0\] must be a Relation, got tuple")):
+        with pytest.raises(TypeError, match="compose_scene: .*" + words):
+            W.compose_scene(groups, bad)
+    # None and "0" raised a bare TypeError; 0.0 and True were read as groups 0 and 1
+    for subject in (None, "0", 0.0, True):
+        with pytest.raises(ValueError, match="subject and target must be integer group indices 0..1"):
+            W.compose_scene(groups, [W.Relation(subject, "left of", 0 if subject is True else 1)])
+
+
+def test_scene_constructors_and_from_dict_name_bad_input():
+    with pytest.raises(ValueError, match="unknown color {'red'}"):  # was "unhashable type: 'set'"
+        W.SceneObject("square", {"red"}, (0, 0, 2, 2))
+    obj = W.SceneObject("square", "red", (0, 0, 4, 4))
+    for objects, words in ((None, "got NoneType"), (5, "got int"),
+                           (obj, r"got SceneObject; wrap one object in a tuple: \(obj,\)")):
+        with pytest.raises(TypeError, match="Scene.objects must be a tuple of SceneObject, " + words):
+            W.Scene(8, objects)
+    with pytest.raises(TypeError, match=r"SceneObject.from_dict: expected a mapping .*got NoneType"):
+        W.SceneObject.from_dict(None)
+    with pytest.raises(ValueError, match=r"SceneObject.from_dict: the mapping is missing the key\(s\) \['bbox'\]"):
+        W.SceneObject.from_dict({"shape": "square", "color": "red"})
+    with pytest.raises(ValueError, match="bbox must be four integers"):  # 5 raised "'int' object is not iterable"
+        W.SceneObject.from_dict({"shape": "square", "color": "red", "bbox": 5})
+    with pytest.raises(ValueError, match=r"Scene.from_dict: the mapping is missing the key\(s\) \['image_size'"):
+        W.Scene.from_dict({})
+    with pytest.raises(TypeError, match="Scene.from_dict: 'objects' must be a list"):
+        W.Scene.from_dict({"image_size": 8, "objects": None})
+    # int() turned 8.7 into 8 and "8" into 8 without a word; None raised a bare TypeError
+    for size in (8.7, "8", None):
+        with pytest.raises(ValueError, match="Scene.image_size must be an integer >= 1"):
+            W.Scene.from_dict({"image_size": size, "objects": []})
+    with pytest.raises(ValueError, match="Scene.background must be three integers"):
+        W.Scene.from_dict({"image_size": 8, "objects": [], "background": None})
+    scene = W.Scene(8, (obj,))
+    with pytest.raises(ValueError, match="Scene.count: unknown shape 'sqare'"):  # a typo counted 0
+        scene.count("sqare")
+    with pytest.raises(ValueError, match="Scene.count: unknown color 'rd'"):
+        scene.count(color="rd")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(shapes=None), "shapes must be a list of >= 2 distinct names"),  # "not iterable"
+    (dict(shapes="circle"), r"shapes must be a list .*got 'circle'"),   # split into ('c', 'i', ...)
+    (dict(colors=5), "colors must be a list of >= 2 distinct names"),
+    (dict(colors=[["red"], "blue"]), "colors must be >= 2 distinct names"),  # "unhashable type: 'list'"
+])
+def test_world_config_refuses_name_lists_of_the_wrong_kind(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        W.WorldConfig(**kwargs)
+
+
+def test_scene_edit_helpers_name_bad_scenes_and_indices():
+    scene = W.random_scene(0, n_objects=3)
+    for fn, args in ((W.add_object, ("circle", "red")), (W.remove_object, (0,)), (W.replace_object, (0,)),
+                     (W.mirror_scene, ("x",))):
+        with pytest.raises(TypeError, match=f"{fn.__name__}: scene must be a Scene, got NoneType"):
+            fn(None, *args)
+        with pytest.raises(TypeError, match=r"scene must be a Scene, got dict; load it first: Scene.from_dict"):
+            fn(scene.to_dict(), *args)
+    # None raised a bare TypeError, 1.5 a slicing error, and True removed object 1
+    for index in (None, 1.5, "1", True):
+        with pytest.raises(TypeError, match=r"remove_object: index must be an integer in \[0, 3\)"):
+            W.remove_object(scene, index)
+        with pytest.raises(TypeError, match=r"replace_object: index must be an integer in \[0, 3\)"):
+            W.replace_object(scene, index, shape="square")
+    with pytest.raises(ValueError, match="unknown shape ''"):  # "" kept the old shape without a word
+        W.replace_object(scene, 0, shape="")
+    with pytest.raises(ValueError, match="unknown color ''"):
+        W.replace_object(scene, 0, color="")
+    with pytest.raises(ValueError, match=r"add_object: no default world for this 16px scene .*pass config="):
+        W.add_object(W.Scene(16), "circle", "red")
+
+
+@pytest.mark.parametrize("box, words", [
+    (None, "box_a must be four numbers"),                  # "'NoneType' object is not iterable"
+    ((0, 0, 10), "box_a must be four numbers"),            # "not enough values to unpack"
+    ("abcd", "box_a must be four numbers"),                # "could not convert string to float"
+    (("0", "0", "10", "10"), "box_a must be four numbers"),  # read as numbers
+    ((True, False, True, True), "box_a must be four numbers"),
+    ((float("nan"), 0, 10, 10), "box_a must be four finite numbers"),  # no relation, without a word
+    ((0, 0, float("inf"), 10), "box_a must be four finite numbers"),
+    ((10, 10, 0, 0), "x1 >= x0 and y1 >= y0"),             # an inverted box was judged
+])
+def test_position_rule_names_bad_boxes(box, words):
+    for fn in (R.relative_position, R.normalized_offset):
+        with pytest.raises(ValueError, match=words):
+            fn(box, (30, 0, 40, 10))
+    with pytest.raises(ValueError, match=words):
+        R.relation_strength(box, (30, 0, 40, 10), "left of")
+    with pytest.raises(ValueError, match=words.replace("box_a", "box_b")):
+        R.relative_position((30, 0, 40, 10), box)
+
+
+@pytest.mark.parametrize("threshold", [None, "0.1", float("nan"), -1, 5, True])
+def test_position_rule_names_a_bad_threshold(threshold):
+    # None and "0.1" raised a bare TypeError; NaN and 5 judged every pair "no relation"; -1 and True were used
+    with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\)"):
+        R.relative_position((0, 0, 10, 10), (30, 0, 40, 10), threshold)
+    with pytest.raises(ValueError, match="unknown relation"):  # a list raised "unhashable type"
+        R.relation_strength((0, 0, 10, 10), (30, 0, 40, 10), ["left of"])

@@ -140,6 +140,9 @@ def component_stats(maps, threshold=0.5, mode="relative", min_area=1, connectivi
     Example:
         >>> counts, areas, centroids = xlard.ops.component_stats(maps, max_components=8)
     """
+    if max_components is None:  # the shared check reads None as "no K" (the label/count ops): int(None) raised
+        raise ValueError("xlard.component_stats: max_components must be an integer in [1, 2**31 - 1] (the number "
+                         "of component slots returned), got None")
     _args.check_components_args("component_stats", maps, threshold, mode, min_area, connectivity, max_components)
     _refuse_grad_transform("component_stats", maps=maps)
     return _op("component_stats", maps.device)(

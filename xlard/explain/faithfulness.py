@@ -30,7 +30,8 @@ class FaithfulnessResult:
         gain: ``reward_after - reward_before``.
         gain_lost: fraction of the gain lost by masking,
             ``(reward_after - reward_masked) / gain``; NaN where ``|gain|`` is
-            below ``min_gain``.
+            below ``min_gain`` or 0 (a share of no gain is undefined: with
+            ``alpha = 0``, or a zero ``delta``, every row is NaN).
         gain_lost_random: the same for the random control, or None.
         relative_drop: ``(reward_after - reward_masked) / |reward_after|``, the
             paper's "CLIPScore -6.3%" figure; NaN where ``reward_after`` is 0.
@@ -79,6 +80,9 @@ def _reward_vector(fn: str, reward_fn, z: torch.Tensor, what: str) -> torch.Tens
     if r.dim() != 1 or r.shape[0] != z.shape[0]:
         raise ValueError(_err(fn, f"reward_fn must return a Tensor[B] with B = {z.shape[0]}, got shape "
                                   f"{tuple(r.shape)} for the {what} latent"))
+    if not bool(torch.isfinite(r).all()):  # NaN rewards made every gain, ratio and summary figure NaN
+        raise ValueError(_err(fn, f"reward_fn returned {int((~torch.isfinite(r)).sum())} NaN or infinite "
+                                  f"reward(s) of {r.shape[0]} for the {what} latent; rewards must be finite"))
     return r
 
 
@@ -109,20 +113,23 @@ def faithfulness(
         reward_fn (Callable[[Tensor[B, C, h, w]], Tensor[B]]): the reward of a latent.
         z0 (Tensor[B, C, h, w]): the uncorrected latent.
         delta (Tensor[B, C, h, w]): the corrector's output, same dtype, finite.
-        alpha (float or Tensor[B]): the correction step size.
+        alpha (float or Tensor[B]): the correction step size. 0 is allowed (an evaluation run of a corrector
+            saved with ``alpha = 0`` reaches here): nothing is corrected, so ``reward_masked`` and
+            ``reward_random`` equal ``reward_after`` and ``reward_before``, ``gain`` and ``relative_drop`` are 0,
+            ``gain_lost`` is NaN and :meth:`FaithfulnessResult.summary` says "n/a".
         fraction (float): the share of LAM cells to mask, in [0, 1].
         random_control (bool): also mask as many random cells.
         generator (torch.Generator or a sequence of B of them, optional): for the random control; one per
             item makes each item's random cells depend on its own generator only (not on the batch it is in).
-        min_gain (float): gains smaller than this in magnitude give NaN ratios.
+        min_gain (float): gains smaller than this in magnitude (and gains of exactly 0) give NaN ratios.
 
     Returns:
         FaithfulnessResult.
 
     Raises:
-        TypeError, ValueError: malformed latents, non-finite ``delta`` or ``alpha``, a
-        ``fraction`` outside [0, 1], or a ``reward_fn`` that does not return
-        a Tensor[B].
+        TypeError, ValueError: malformed latents, non-finite ``z0``, ``delta`` or ``alpha``, a
+        ``fraction`` outside [0, 1], a ``random_control`` that is not a bool, or a ``reward_fn`` that does not
+        return a finite Tensor[B].
 
     Example:
         >>> res = faithfulness(lambda z: cmd_reward(backbone.finish(z)), z0, delta, fraction=0.1)
@@ -135,10 +142,15 @@ def faithfulness(
     _check_tensor(fn, "delta", delta, (4,))
     if z0.shape != delta.shape:
         raise ValueError(_err(fn, f"delta {tuple(delta.shape)} must have z0's shape {tuple(z0.shape)}"))
-    if not isinstance(fraction, numbers.Real) or not 0.0 <= float(fraction) <= 1.0:
-        raise ValueError(_err(fn, f"fraction must be in [0, 1], got {fraction!r}"))
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(_err(fn, f"fraction must be a number in [0, 1], got {fraction!r}"))  # True masked all
+    if not isinstance(random_control, bool):  # "no" ran the control
+        raise TypeError(_err(fn, f"random_control must be True or False, got {random_control!r}"))
     if not bool(torch.isfinite(delta).all()):
         raise ValueError(_err(fn, "delta has non-finite values; the LAM ranking is undefined"))
+    if not bool(torch.isfinite(z0).all()):  # a NaN in z0 made that row's rewards and ratios NaN without a word
+        raise ValueError(_err(fn, f"z0 has {int((~torch.isfinite(z0)).sum())} NaN or infinite value(s); the "
+                                  "uncorrected latent must be finite"))
     if isinstance(alpha, torch.Tensor) and alpha.is_floating_point() and not bool(torch.isfinite(alpha).all()):
         raise ValueError(_err(fn, f"alpha holds {int((~torch.isfinite(alpha)).sum())} NaN or infinite value(s) "
                                   f"of {alpha.numel()}; each row's step size must be a finite number"))
@@ -165,7 +177,7 @@ def faithfulness(
         after = _reward_vector(fn, reward_fn, zc, "corrected")
         masked = _reward_vector(fn, reward_fn, zm, "masked")
         gain = after - before
-        ok = gain.abs() >= min_gain
+        ok = (gain.abs() >= min_gain) & (gain != 0)  # min_gain=0 divided a zero gain: NaN or +-inf
         nan = torch.full_like(gain, float("nan"))
         safe_gain = torch.where(ok, gain, torch.ones_like(gain))
         lost = torch.where(ok, (after - masked) / safe_gain, nan)

@@ -76,8 +76,8 @@ def normalize_lam(lam: torch.Tensor, quantile: float = 1.0) -> torch.Tensor:
     """
     fn = "normalize_lam"
     _check_tensor(fn, "lam", lam, (2, 3))
-    if not isinstance(quantile, numbers.Real) or not 0.0 < float(quantile) <= 1.0:
-        raise ValueError(_err(fn, f"quantile must be in (0, 1], got {quantile!r}"))
+    if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0.0 < float(quantile) <= 1.0:
+        raise ValueError(_err(fn, f"quantile must be a number in (0, 1], got {quantile!r}"))
     # The scale is found in float64 for a float64 map (1e300 or 1e-160 cells would overflow or vanish in
     # float32); the result, in [0, 1], is float32 either way.
     x = lam.detach().to(torch.float64 if lam.dtype == torch.float64 else torch.float32)
@@ -123,14 +123,16 @@ def upsample_lam(lam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     every cell towards the image's centre.
 
     Args:
-        lam (Tensor[h, w] or Tensor[B, h, w]): floating dtype.
+        lam (Tensor[h, w] or Tensor[B, h, w]): floating dtype, finite (pass a map through
+            :func:`normalize_lam` first, which turns NaN and infinite cells into 0).
         size ((int, int)): the image's (H, W).
 
     Returns:
         Tensor[H, W] or Tensor[B, H, W], float32 (float64 for float64 input).
 
     Raises:
-        TypeError, ValueError: wrong types, rank, or a non-positive size.
+        TypeError, ValueError: wrong types, rank, a non-positive size, or a NaN or infinite cell (it was
+        smeared over its neighbours' pixels without a word).
 
     Example:
         >>> upsample_lam(lam, (512, 512))
@@ -138,10 +140,17 @@ def upsample_lam(lam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     fn = "upsample_lam"
     _check_tensor(fn, "lam", lam, (2, 3))
     if (not isinstance(size, Sequence) or len(size) != 2
-            or not all(isinstance(s, numbers.Integral) and s > 0 for s in size)):
+            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in size)):
+        # (True, 10) gave a one-row image
         raise ValueError(_err(fn, f"size must be two positive ints (H, W), got {size!r}"))
     if lam.shape[-1] == 0 or lam.shape[-2] == 0:
         raise ValueError(_err(fn, f"lam has an empty spatial grid {tuple(lam.shape)}"))
+    if not lam.is_meta:
+        bad = ~torch.isfinite(lam.detach())
+        if bool(bad.any()):
+            raise ValueError(_err(fn, f"lam has {int(bad.sum())} NaN or infinite cell(s) of {lam.numel()}; "
+                                      "bilinear upsampling would spread them over their neighbours' pixels "
+                                      "(normalize_lam(lam) maps them to 0)"))
     x = lam.detach().to(torch.float64 if lam.dtype == torch.float64 else torch.float32)  # 1e300 stays finite
     x4 = x.reshape(-1, 1, x.shape[-2], x.shape[-1])
     out = F.interpolate(x4, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
@@ -165,8 +174,8 @@ def top_lam_mask(lam: torch.Tensor, fraction: float) -> torch.Tensor:
     """
     fn = "top_lam_mask"
     _check_tensor(fn, "lam", lam, (3,))
-    if not isinstance(fraction, numbers.Real) or not 0.0 <= float(fraction) <= 1.0:
-        raise ValueError(_err(fn, f"fraction must be in [0, 1], got {fraction!r}"))
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(_err(fn, f"fraction must be a number in [0, 1], got {fraction!r}"))
     if lam.is_meta or not bool(torch.isfinite(lam.detach()).all()):
         raise ValueError(_err(fn, "lam must be finite (a NaN cell would rank first)"
                               + (", got a meta tensor" if lam.is_meta else "")))

@@ -31,6 +31,7 @@ this class and color" (no detector confidence to break ties arbitrarily).
 """
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import warnings
@@ -90,6 +91,11 @@ class EvaluatorConfig:
     position_threshold: float = POSITION_THRESHOLD
 
     def __post_init__(self) -> None:
+        for name in ("color_cutoff", "min_area", "min_shape_iou", "max_aspect"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                # None or "60" raised a bare TypeError from the comparisons below; True passed as 1
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not self.color_cutoff > 0:
             raise ValueError(f"color_cutoff must be > 0, got {self.color_cutoff}")
         if not 0.0 <= self.min_area < 1.0:
@@ -173,6 +179,27 @@ class RecordResult:
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
+def _config(fn: str, config) -> "EvaluatorConfig":
+    """``config`` checked to be an :class:`EvaluatorConfig` (None: the default one).
+
+    A dict, a str or a WorldConfig raised a bare AttributeError deep inside; a falsy wrong value (``{}``, ``0``)
+    and the class itself were read as the default config without a word.
+    """
+    if config is None:
+        return EvaluatorConfig()
+    if not isinstance(config, EvaluatorConfig):
+        hint = ""
+        if isinstance(config, WorldConfig):
+            hint = "; a world? pass EvaluatorConfig(world=...)"
+        elif isinstance(config, Mapping):
+            hint = "; build it first: EvaluatorConfig(**mapping)"
+        elif config is EvaluatorConfig:
+            hint = "; call it: EvaluatorConfig()"
+        got = "the class itself" if isinstance(config, type) else type(config).__name__
+        raise TypeError(f"{fn}: config must be an EvaluatorConfig or None, got {got}{hint}")
+    return config
+
+
 def _check_size(height: int, width: int, what: str) -> None:
     if height * width > MAX_IMAGE_PIXELS:
         raise ValueError(f"{what}: {width}x{height} pixels; the evaluator reads images of at most "
@@ -181,6 +208,9 @@ def _check_size(height: int, width: int, what: str) -> None:
 
 
 def _from_numpy(image: np.ndarray, what: str) -> np.ndarray:
+    if not isinstance(image, np.ndarray):  # None or a list raised "has no attribute 'ndim'"
+        raise TypeError(f"{what}: expected a uint8 HxWx3 numpy array, got {type(image).__name__} (paths, tensors and "
+                        f"lists of images: load_images() or evaluate_record())")
     if image.ndim != 3 or image.shape[2] != 3:
         hint = " (channels-first? transpose to HxWx3)" if image.ndim == 3 and image.shape[0] == 3 else ""
         raise ValueError(f"{what}: expected an HxWx3 RGB array, got shape {tuple(image.shape)}{hint}")
@@ -313,7 +343,7 @@ def segment_colors(image: np.ndarray, config: EvaluatorConfig | None = None) -> 
     All ten GenEval colors are prototypes whatever ``config.world.colors`` holds,
     so a pixel of a color the world does not use is still not mistaken for one it does.
     """
-    config = config or EvaluatorConfig()
+    config = _config("segment_colors", config)
     image = _from_numpy(image, "image")
     _, rgb = _prototypes()
     # One prototype at a time (memory H x W, not H x W x 11 x 3: a 4096 x 4096 image needed 2 GB that way);
@@ -349,7 +379,7 @@ def detect_objects(image: np.ndarray, config: EvaluatorConfig | None = None) -> 
         >>> [(d.shape, d.color, d.bbox) for d in detect_objects(img)]
         [('circle', 'red', (5, 5, 17, 17))]
     """
-    config = config or EvaluatorConfig()
+    config = _config("detect_objects", config)
     color_index = segment_colors(image, config)
     h, w = color_index.shape
     min_px = config.min_area * h * w
@@ -412,7 +442,18 @@ def score_record(detections: Sequence[Detection], record: Mapping,
     """Apply GenEval's rules to detections; returns ``(correct, failed clauses)``.
 
     See the module docstring for the rules and how objects are chosen.
+
+    Args:
+        detections: what :func:`detect_objects` returns.
+        record: a GenEval record; only ``include`` and ``exclude`` are read (:func:`evaluate_record` checks the
+            whole record against the world).
+        position_threshold: GenEval's box-size shrink fraction, in [0, 1).
+
+    Raises:
+        TypeError: ``detections`` is not a list of :class:`Detection`.
+        ValueError: a malformed ``include``/``exclude`` or ``position_threshold``, named.
     """
+    detections = _check_scored(detections, record, position_threshold)
     by_class: dict[str, list[Detection]] = {}
     for d in sorted(detections, key=lambda d: (-d.area, d.bbox[1], d.bbox[0])):
         if d.shape is not None:
@@ -467,6 +508,55 @@ def score_record(detections: Sequence[Detection], record: Mapping,
     return not reasons, reasons
 
 
+def _check_scored(detections, record, position_threshold) -> list[Detection]:
+    """What :func:`score_record` reads, checked: a bare KeyError, "slice indices must be integers" or
+    IndexError came from a malformed record, an AttributeError from a dict in place of a Detection, and an
+    empty ``include`` was judged correct."""
+    fn = "score_record"
+    if isinstance(detections, (str, bytes, Mapping, Detection, np.ndarray)) or not isinstance(detections, Iterable):
+        raise TypeError(f"{fn}: detections must be a list of Detection (what detect_objects returns), "
+                        f"got {type(detections).__name__}")
+    detections = list(detections)  # a generator is read once, here
+    for i, d in enumerate(detections):
+        if not isinstance(d, Detection):
+            raise TypeError(f"{fn}: detections[{i}] must be a Detection (what detect_objects returns), "
+                            f"got {type(d).__name__}")
+    t = position_threshold
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t < 1.0:
+        hint = "; an EvaluatorConfig? pass config.position_threshold" if isinstance(t, EvaluatorConfig) else ""
+        raise ValueError(f"{fn}: position_threshold must be a number in [0, 1), got {t!r:.80}{hint}")
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{fn}: record must be a GenEval record (a mapping), got {type(record).__name__}")
+    if "include" not in record:
+        raise ValueError(f"{fn}: record is missing the key 'include' (has {sorted(map(str, record))[:20]})")
+    include, exclude = record["include"], record.get("exclude", [])
+    for key, items in (("include", include), ("exclude", exclude)):
+        if not isinstance(items, (list, tuple)) or (key == "include" and not items):
+            want = "a non-empty list" if key == "include" else "a list"
+            raise ValueError(f"{fn}: record[{key!r}] must be {want} of object items, got {items!r:.80}")
+        for i, item in enumerate(items):
+            where = f"{fn}: record[{key!r}][{i}]"
+            if not isinstance(item, Mapping):
+                raise ValueError(f"{where} must be a mapping with 'class' and 'count', got {type(item).__name__}")
+            cls, count, color = item.get("class"), item.get("count"), item.get("color")
+            if not isinstance(cls, str):
+                raise ValueError(f"{where}['class'] must be a string, got {cls!r:.80}")
+            if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+                raise ValueError(f"{where}['count'] must be an integer >= 1, got {count!r:.80}")
+            if color is not None and not isinstance(color, str):
+                raise ValueError(f"{where}['color'] must be a string or absent, got {color!r:.80}")
+            if "position" in item:
+                position = item["position"] if key == "include" else None
+                ok = isinstance(position, (list, tuple)) and len(position) == 2 and position[0] in RELATIONS
+                target = position[1] if ok else None
+                if not ok or isinstance(target, bool) or not isinstance(target, (int, np.integer)) \
+                        or not 0 <= target < i:
+                    raise ValueError(f"{where}['position'] must be [relation, index of an earlier include item] "
+                                     f"(relations {RELATIONS}; only include items have one), "
+                                     f"got {item['position']!r:.80}")
+    return detections
+
+
 def evaluate_record(image: Any, record: Mapping, config: EvaluatorConfig | None = None,
                     filename: str | None = None) -> RecordResult:
     """Judge one image against one GenEval record.
@@ -483,7 +573,9 @@ def evaluate_record(image: Any, record: Mapping, config: EvaluatorConfig | None 
     Raises:
         ValueError: bad image or malformed record.
     """
-    config = config or EvaluatorConfig()
+    config = _config("evaluate_record", config)
+    if filename is not None and not isinstance(filename, str):  # a Path or a number was kept and broke the JSONL
+        raise TypeError(f"evaluate_record: filename must be a str or None, got {type(filename).__name__}")
     arrays, names = load_images(image)
     if len(arrays) != 1:
         raise ValueError(f"evaluate_record takes exactly one image, got {len(arrays)}")
@@ -517,7 +609,11 @@ def evaluate(images: Any, records: Mapping | Sequence[Mapping],
         >>> evaluate(render_record(rec, seed=0).render(), rec)[0].correct
         True
     """
-    config = config or EvaluatorConfig()
+    config = _config("evaluate", config)
+    if isinstance(records, (str, bytes)) or not isinstance(records, (Mapping, Iterable)):
+        # None or 5 raised "not iterable"; a string was taken for one record per letter
+        raise TypeError(f"evaluate: records must be a GenEval record (a mapping) or a list of them, "
+                        f"got {type(records).__name__}")
     arrays, names = load_images(images)
     if isinstance(records, Mapping):
         records = [records] * len(arrays)
@@ -547,6 +643,7 @@ def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = 
         ValueError: a prompt folder has no samples (scoring the others would
             report a score over a subset of the prompts as if it were all).
     """
+    config = _config("evaluate_folder", config)
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
@@ -561,7 +658,6 @@ def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = 
     if empty:
         raise ValueError(f"{folder}: {len(empty)} of {len(subdirs)} prompt folders have no samples/*.png "
                          f"(first: {empty[0]}); generate their images or remove those folders")
-    config = config or EvaluatorConfig()
     for sub in subdirs:
         rows = read_jsonl(sub / "metadata.jsonl")
         if len(rows) != 1:

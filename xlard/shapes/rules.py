@@ -15,7 +15,10 @@ and its size is ``(x1 - x0, y1 - y0)``, as for a detector's continuous boxes.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import numbers
+from typing import Mapping, Sequence
+
+import numpy as np
 
 from xlard.geneval import validate_record
 from xlard.vocab import GENEVAL_COLORS, GENEVAL_INVERSE_RELATION, GENEVAL_RELATIONS, GENEVAL_TAGS
@@ -46,6 +49,40 @@ RELATION_AXIS = {"left of": (0, -1.0), "right of": (0, 1.0), "above": (1, -1.0),
 Box = tuple  # (x0, y0, x1, y1), see the module docstring
 
 
+def _box(name: str, box) -> tuple[float, float, float, float]:
+    """``box`` as four floats ``(x0, y0, x1, y1)`` with ``x1 >= x0`` and ``y1 >= y0``, else a ValueError naming it.
+
+    None raised "not iterable", three numbers a bare unpacking error; NaN or infinite corners gave no relation
+    without a word, strings ("0") and bools were read as numbers, and an inverted box (x1 < x0) was judged.
+    """
+    if isinstance(box, (str, bytes, Mapping)) or not hasattr(box, "__iter__"):
+        raise ValueError(f"{name} must be four numbers (x0, y0, x1, y1), got {type(box).__name__} {box!r:.80}")
+    try:
+        values = list(box)
+    except TypeError:  # a 0-d array
+        values = []
+    if len(values) != 4 or any(isinstance(v, (str, bytes, bool, np.bool_)) for v in values):
+        raise ValueError(f"{name} must be four numbers (x0, y0, x1, y1), got {box!r:.80}")
+    try:
+        x0, y0, x1, y1 = (float(v) for v in values)
+    except (TypeError, ValueError, OverflowError):  # a nested list, an array of numbers, an object, 10**400
+        raise ValueError(f"{name} must be four numbers (x0, y0, x1, y1), got {box!r:.80}") from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise ValueError(f"{name} must be four finite numbers (x0, y0, x1, y1), got {box!r:.80}")
+    if x1 < x0 or y1 < y0:
+        raise ValueError(f"{name} must be (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0 (corners, not a width and "
+                         f"height), got {box!r:.80}")
+    return x0, y0, x1, y1
+
+
+def _threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold < 1.0:
+        # None or "0.1" raised a bare TypeError; NaN and 5 judged every pair "no relation", -1 shrank nothing
+        raise ValueError(f"threshold must be a number in [0, 1) (GenEval's box-size shrink fraction: "
+                         f"{POSITION_THRESHOLD}), got {threshold!r:.80}")
+    return threshold
+
+
 def normalized_offset(box_a: Sequence[float], box_b: Sequence[float],
                       threshold: float = POSITION_THRESHOLD) -> tuple[float, float] | None:
     """The direction of A relative to B after GenEval's size-aware shrinking.
@@ -71,12 +108,17 @@ def normalized_offset(box_a: Sequence[float], box_b: Sequence[float],
     Returns:
         ``(d_x, d_y)``, or ``None`` when the shrunk offset vanishes.
 
+    Raises:
+        ValueError: a box that is not four finite numbers with ``x1 >= x0`` and ``y1 >= y0``, or a
+            ``threshold`` outside [0, 1) (the same for :func:`relative_position` and :func:`relation_strength`).
+
     Example:
         >>> normalized_offset((20, 0, 30, 10), (0, 0, 10, 10))
         (0.9, 0.0)
     """
-    ax0, ay0, ax1, ay1 = (float(v) for v in box_a)
-    bx0, by0, bx1, by1 = (float(v) for v in box_b)
+    ax0, ay0, ax1, ay1 = _box("box_a", box_a)
+    bx0, by0, bx1, by1 = _box("box_b", box_b)
+    threshold = _threshold(threshold)
     off_x = (ax0 + ax1) / 2.0 - (bx0 + bx1) / 2.0
     off_y = (ay0 + ay1) / 2.0 - (by0 + by1) / 2.0
     shrink_x = threshold * ((ax1 - ax0) + (bx1 - bx0))
@@ -132,7 +174,7 @@ def relation_strength(box_a: Sequence[float], box_b: Sequence[float], relation: 
     world places objects at a larger strength so that its scenes are
     unambiguous. Returns 0.0 when the shrunk offset vanishes.
     """
-    if relation not in RELATION_AXIS:
+    if not isinstance(relation, str) or relation not in RELATION_AXIS:  # a list raised "unhashable type"
         raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
     d = normalized_offset(box_a, box_b, threshold)
     if d is None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -68,6 +68,58 @@ def as_rng(seed: int | Rng | None) -> Rng:
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _type(value) -> str:
+    return "the class itself" if isinstance(value, type) else type(value).__name__
+
+
+def _world(fn: str, config) -> "WorldConfig":
+    """``config`` checked to be a :class:`WorldConfig` (None: ``WorldConfig()``).
+
+    A dict, an EvaluatorConfig or the class itself failed later with a bare AttributeError, and a falsy wrong
+    value (``{}``, ``0``) silently became the default world."""
+    if config is None:
+        return WorldConfig()
+    if not isinstance(config, WorldConfig):
+        hint = ""
+        if isinstance(config, Mapping):
+            hint = "; build it first: WorldConfig(**mapping)"
+        elif isinstance(getattr(config, "world", None), WorldConfig):
+            hint = "; an evaluator's config? pass its .world"
+        elif config is WorldConfig:
+            hint = "; call it: WorldConfig()"
+        raise TypeError(f"{fn}: config must be a WorldConfig or None, got {_type(config)}{hint}")
+    return config
+
+
+def _scene(fn: str, scene) -> "Scene":
+    if not isinstance(scene, Scene):
+        hint = "; load it first: Scene.from_dict(mapping)" if isinstance(scene, Mapping) else ""
+        raise TypeError(f"{fn}: scene must be a Scene, got {_type(scene)}{hint}")
+    return scene
+
+
+def _sequence_of(fn: str, name: str, value, kind: type, hint: str = "") -> list:
+    """``value`` as a list of ``kind``: a list or tuple (any sequence but a string) of them, else a TypeError."""
+    a_kind = ("an " if kind.__name__[0] in "AEIOU" else "a ") + kind.__name__
+    if isinstance(value, kind):
+        raise TypeError(f"{fn}: {name} must be a list of {kind.__name__}, got a single {kind.__name__}; wrap it: "
+                        f"[{name[:-1] if name.endswith('s') else name}]")
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise TypeError(f"{fn}: {name} must be a list of {kind.__name__}, got {_type(value)}{hint}")
+    for i, item in enumerate(value):
+        if not isinstance(item, kind):
+            raise TypeError(f"{fn}: {name}[{i}] must be {a_kind}, got {_type(item)} {item!r:.80}")
+    return list(value)
+
+
+def _index(fn: str, scene: "Scene", index) -> int:
+    if not _is_int(index):  # None or '1' raised a bare TypeError, 1.5 a slicing error; True removed object 1
+        raise TypeError(f"{fn}: index must be an integer in [0, {len(scene.objects)}), got {index!r}")
+    if not 0 <= index < len(scene.objects):
+        raise IndexError(f"object index {index} out of range for {len(scene.objects)} objects")
+    return int(index)
 
 
 def shape_mask(shape: str, width: int, height: int | None = None) -> np.ndarray:
@@ -132,9 +184,9 @@ class SceneObject:
     bbox: tuple[int, int, int, int]
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
+        if not isinstance(self.shape, str) or self.shape not in SHAPES:
             raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
-        if self.color not in PALETTE:
+        if not isinstance(self.color, str) or self.color not in PALETTE:  # a set raised "unhashable type"
             raise ValueError(f"unknown color {self.color!r}; expected one of {tuple(PALETTE)}")
         if not isinstance(self.bbox, (tuple, list)) or not all(_is_int(v) for v in self.bbox):
             # (0.5, 0, 3.7, 3) was truncated to (0, 0, 3, 3) without a word
@@ -172,7 +224,18 @@ class SceneObject:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "SceneObject":
-        return cls(shape=d["shape"], color=d["color"], bbox=tuple(d["bbox"]))
+        _check_keys("SceneObject.from_dict", d, ("shape", "color", "bbox"))
+        bbox = d["bbox"]
+        return cls(shape=d["shape"], color=d["color"], bbox=tuple(bbox) if isinstance(bbox, (list, tuple)) else bbox)
+
+
+def _check_keys(fn: str, d, keys: Sequence[str]) -> None:
+    """``d`` is a mapping holding ``keys`` (None gave "not subscriptable", {} a bare KeyError)."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{fn}: expected a mapping (what to_dict() returns), got {_type(d)}")
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise ValueError(f"{fn}: the mapping is missing the key(s) {missing} (has {sorted(map(str, d))[:20]})")
 
 
 def _boxes_clear(a: Sequence[int], b: Sequence[int], gap: int) -> bool:
@@ -195,6 +258,11 @@ class Scene:
     background: tuple[int, int, int] = BACKGROUND
 
     def __post_init__(self) -> None:
+        if isinstance(self.objects, SceneObject) or isinstance(self.objects, (str, bytes, Mapping)) \
+                or not isinstance(self.objects, Iterable):
+            # None or 5 raised "not iterable"; a lone SceneObject the same
+            hint = "; wrap one object in a tuple: (obj,)" if isinstance(self.objects, SceneObject) else ""
+            raise TypeError(f"Scene.objects must be a tuple of SceneObject, got {_type(self.objects)}{hint}")
         object.__setattr__(self, "objects", tuple(self.objects))
         if not _is_int(self.image_size) or self.image_size < 1:
             raise ValueError(f"Scene.image_size must be an integer >= 1, got {self.image_size!r}")
@@ -238,7 +306,15 @@ class Scene:
         return out
 
     def count(self, shape: str | None = None, color: str | None = None) -> int:
-        """How many objects match the given shape and/or color."""
+        """How many objects match the given shape and/or color.
+
+        Raises:
+            ValueError: a name that is not one of :data:`SHAPES` / :data:`PALETTE` (a typo counted 0).
+        """
+        if shape is not None and (not isinstance(shape, str) or shape not in SHAPES):
+            raise ValueError(f"Scene.count: unknown shape {shape!r}; expected None or one of {SHAPES}")
+        if color is not None and (not isinstance(color, str) or color not in PALETTE):
+            raise ValueError(f"Scene.count: unknown color {color!r}; expected None or one of {tuple(PALETTE)}")
         return sum((shape is None or o.shape == shape) and (color is None or o.color == color)
                    for o in self.objects)
 
@@ -248,9 +324,15 @@ class Scene:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Scene":
-        return cls(image_size=int(d["image_size"]),
-                   objects=tuple(SceneObject.from_dict(o) for o in d["objects"]),
-                   background=tuple(d.get("background", BACKGROUND)))
+        _check_keys("Scene.from_dict", d, ("image_size", "objects"))
+        objects = d["objects"]
+        if isinstance(objects, (str, bytes, Mapping)) or not isinstance(objects, (list, tuple)):
+            raise TypeError(f"Scene.from_dict: 'objects' must be a list of object mappings, got {_type(objects)}")
+        # image_size and background go to the constructor as they are, to be checked there: int() turned
+        # 8.7 into 8 and "8" into 8 without a word, and None raised a bare TypeError
+        return cls(image_size=d["image_size"],
+                   objects=tuple(SceneObject.from_dict(o) for o in objects),
+                   background=d.get("background", BACKGROUND))
 
 
 @dataclass(frozen=True)
@@ -286,15 +368,19 @@ class WorldConfig:
     max_attempts: int = 400
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shapes", tuple(self.shapes))
-        object.__setattr__(self, "colors", tuple(self.colors))
+        for name, known in (("shapes", SHAPES), ("colors", tuple(PALETTE))):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+                # None or 5 raised "not iterable"; "circle" was split into its letters
+                raise ValueError(f"{name} must be a list of >= 2 distinct names from {known}, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
         if not _is_int(self.image_size) or not 32 <= self.image_size <= 4096:
             # (the exact evaluator reads images up to 4096 x 4096)
             raise ValueError(f"image_size must be an int in [32, 4096], got {self.image_size!r}")
-        bad = [s for s in self.shapes if s not in SHAPES]
+        bad = [s for s in self.shapes if not isinstance(s, str) or s not in SHAPES]
         if bad or len(set(self.shapes)) < 2 or len(set(self.shapes)) != len(self.shapes):
             raise ValueError(f"shapes must be >= 2 distinct names from {SHAPES}, got {self.shapes!r}")
-        bad = [c for c in self.colors if c not in PALETTE]
+        bad = [c for c in self.colors if not isinstance(c, str) or c not in PALETTE]  # a list was unhashable
         if bad or len(set(self.colors)) < 2 or len(set(self.colors)) != len(self.colors):
             raise ValueError(f"colors must be >= 2 distinct names from {tuple(PALETTE)}, got {self.colors!r}")
         for name in ("min_size", "max_size", "position_margin", "fill"):
@@ -411,6 +497,8 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
         A :class:`Scene`; its objects are listed group by group.
 
     Raises:
+        TypeError: ``groups``/``relations`` are not lists of :class:`ObjectGroup`/:class:`Relation`, or
+            ``config`` is not a :class:`WorldConfig` (or None).
         ValueError: a group names an unknown shape/color or a bad relation, or
             more objects are asked than the image can hold (:meth:`WorldConfig.capacity`).
         RuntimeError: no layout found for groups with relations (too many or too large objects);
@@ -423,7 +511,10 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
         >>> s.count("circle", "red")
         3
     """
-    config = config or WorldConfig()
+    fn = "compose_scene"
+    config = _world(fn, config)
+    groups = _sequence_of(fn, "groups", groups, ObjectGroup)  # a dict or a tuple raised a bare AttributeError
+    relations = _sequence_of(fn, "relations", relations, Relation, "; pass () for none")
     rng = as_rng(seed)
     for i, g in enumerate(groups):
         if g.shape not in config.shapes:
@@ -433,7 +524,11 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
         if isinstance(g.count, bool) or not isinstance(g.count, int) or g.count < 1:
             raise ValueError(f"group {i}: count must be a positive int, got {g.count!r}")
     for r in relations:
-        if r.relation not in RELATIONS or not (0 <= r.subject < len(groups)) or \
+        if not _is_int(r.subject) or not _is_int(r.target):
+            # None or "0" raised a bare TypeError; 0.0 and True were taken as group 0 and 1
+            raise ValueError(f"bad relation {r}; subject and target must be integer group indices "
+                             f"0..{len(groups) - 1}")
+        if not isinstance(r.relation, str) or r.relation not in RELATIONS or not (0 <= r.subject < len(groups)) or \
                 not (0 <= r.target < len(groups)) or r.subject == r.target:
             raise ValueError(f"bad relation {r}; groups 0..{len(groups) - 1}, relations {RELATIONS}")
     n = sum(g.count for g in groups)
@@ -483,7 +578,7 @@ def random_scene(seed: int | Rng | None = 0, config: WorldConfig | None = None,
     Returns:
         A :class:`Scene`.
     """
-    config = config or WorldConfig()
+    config = _world("random_scene", config)
     if n_objects is not None and (not _is_int(n_objects) or not 1 <= n_objects <= config.capacity()):
         # 10**9 built a billion groups before the capacity check (a hang); 1.7 drew one object
         raise ValueError(f"n_objects must be an integer in [1, {config.capacity()}] (what the world fits), got "
@@ -502,9 +597,20 @@ def add_object(scene: Scene, shape: str, color: str, seed: int | Rng | None = 0,
     smallest size, so it fails only when the image is genuinely full.
 
     Raises:
+        TypeError: ``scene`` is not a :class:`Scene` or ``config`` not a :class:`WorldConfig` (or None).
+        ValueError: an unknown shape or color, or a config of another image size.
         RuntimeError: no free place for even the smallest object.
     """
-    config = config or WorldConfig(image_size=scene.image_size)
+    fn = "add_object"
+    scene = _scene(fn, scene)
+    if config is None:
+        try:
+            config = WorldConfig(image_size=scene.image_size)
+        except ValueError as e:  # "image_size must be ..., got 16" named an argument that was not given
+            raise ValueError(f"{fn}: no default world for this {scene.image_size}px scene ({e}); pass "
+                             "config=") from None
+    config = _world(fn, config)
+    SceneObject(shape, color, (0, 0, 1, 1))  # names checked before the search, not after it
     if config.image_size != scene.image_size:
         raise ValueError(f"add_object: config.image_size {config.image_size} is not the scene's {scene.image_size}")
     rng = as_rng(seed)
@@ -527,18 +633,17 @@ def add_object(scene: Scene, shape: str, color: str, seed: int | Rng | None = 0,
 
 
 def remove_object(scene: Scene, index: int) -> Scene:
-    """The scene without object ``index``."""
-    if not 0 <= index < len(scene.objects):
-        raise IndexError(f"object index {index} out of range for {len(scene.objects)} objects")
+    """The scene without object ``index`` (an int; else a TypeError, and an IndexError out of range)."""
+    index = _index("remove_object", _scene("remove_object", scene), index)
     return dataclasses.replace(scene, objects=scene.objects[:index] + scene.objects[index + 1:])
 
 
 def replace_object(scene: Scene, index: int, *, shape: str | None = None, color: str | None = None) -> Scene:
     """The scene with object ``index`` redrawn as another shape and/or color (same box)."""
-    if not 0 <= index < len(scene.objects):
-        raise IndexError(f"object index {index} out of range for {len(scene.objects)} objects")
+    index = _index("replace_object", _scene("replace_object", scene), index)
     old = scene.objects[index]
-    new = SceneObject(shape or old.shape, color or old.color, old.bbox)
+    # `shape or old.shape` kept the old shape for shape="" without a word
+    new = SceneObject(old.shape if shape is None else shape, old.color if color is None else color, old.bbox)
     return dataclasses.replace(scene, objects=scene.objects[:index] + (new,) + scene.objects[index + 1:])
 
 
@@ -547,6 +652,7 @@ def mirror_scene(scene: Scene, axis: str) -> Scene:
 
     Shapes stay upright (a triangle still points up); only boxes move.
     """
+    _scene("mirror_scene", scene)
     if axis not in ("x", "y"):
         raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
     s = scene.image_size
