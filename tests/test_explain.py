@@ -717,9 +717,16 @@ def test_faithfulness_refuses_nan_latents_and_rewards_and_a_non_bool_control():
     bad[1, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"faithfulness: z0 has 1 NaN or infinite value\(s\)"):
         faithfulness(reward, bad, delta)  # the row's rewards and ratios were NaN, without a word
-    with pytest.raises(ValueError, match=r"reward_fn returned 2 NaN or infinite reward\(s\) of 2 for the "
-                                         r"uncorrected latent"):
+    with pytest.raises(ValueError, match=r"reward_fn returned NaN for every one of the 2 uncorrected latent"):
         faithfulness(lambda z: torch.full((2,), float("nan")), z0, delta)
+    with pytest.raises(ValueError, match=r"reward_fn returned 1 infinite reward\(s\) of 2 for the uncorrected"):
+        faithfulness(lambda z: torch.tensor([0.5, float("inf")]), z0, delta)
+    # a NaN row is a row without a reward (the CMD's joint reward of a prompt with no aspect): kept, and the
+    # summary's means skip it, as before the checks
+    res = faithfulness(lambda z: torch.stack([reward(z)[0], torch.tensor(float("nan"))]), z0, delta)
+    assert math.isnan(float(res.reward_after[1])) and math.isfinite(float(res.reward_after[0]))
+    assert "nan" not in res.summary().lower()
+    assert faithfulness(reward, z0, delta, random_control=__import__("numpy").True_).reward_random is not None
     with pytest.raises(ValueError, match=r"fraction must be a number in \[0, 1\], got True"):
         faithfulness(reward, z0, delta, fraction=True)  # masked every cell
     with pytest.raises(TypeError, match="random_control must be True or False, got 'no'"):

@@ -693,8 +693,11 @@ def test_evaluator_inputs_of_the_wrong_kind_are_named():
     for bad in (None, 5, "a photo of a circle"):  # "not iterable"; a string was one record per letter
         with pytest.raises(TypeError, match=r"evaluate: records must be a GenEval record \(a mapping\) or a list"):
             E.evaluate(img, bad)
-    with pytest.raises(TypeError, match="evaluate_record: filename must be a str or None, got int"):
+    with pytest.raises(TypeError, match="evaluate_record: filename must be a str, a path or None, got int"):
         E.evaluate_record(img, record, None, 5)
+    from pathlib import Path  # a path is kept as its string, as before the check
+
+    assert E.evaluate_record(img, record, None, Path("a.png")).filename == "a.png"
     for name in ("color_cutoff", "min_area", "min_shape_iou", "max_aspect"):  # None raised a bare TypeError
         for bad in (None, "1", True):
             with pytest.raises(ValueError, match=f"{name} must be a number, got"):

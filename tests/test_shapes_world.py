@@ -565,10 +565,19 @@ def test_scene_constructors_and_from_dict_name_bad_input():
     with pytest.raises(ValueError, match="Scene.background must be three integers"):
         W.Scene.from_dict({"image_size": 8, "objects": [], "background": None})
     scene = W.Scene(8, (obj,))
-    with pytest.raises(ValueError, match="Scene.count: unknown shape 'sqare'"):  # a typo counted 0
-        scene.count("sqare")
-    with pytest.raises(ValueError, match="Scene.count: unknown color 'rd'"):
-        scene.count(color="rd")
+    # a name the world never draws counts 0 (a GenEval class such as "dog"); only a non-name is refused
+    assert scene.count("dog") == 0 and scene.count(color="rd") == 0
+    with pytest.raises(TypeError, match="Scene.count: shape must be None or a name, got 3"):
+        scene.count(3)
+    # what other tools store: whole floats (JSON, numpy) and numpy boxes load as before the checks
+    stored = W.Scene(16, (W.SceneObject("square", "red", (2, 2, 8, 8)),)).to_dict()
+    stored["image_size"] = 16.0
+    stored["objects"][0]["bbox"] = np.array([2, 2, 8, 8])
+    assert W.Scene.from_dict(stored) == W.Scene(16, (W.SceneObject("square", "red", (2, 2, 8, 8)),))
+    stored["image_size"] = np.float64(16)
+    assert W.Scene.from_dict(stored).image_size == 16
+    # a palette mapping gives its names, as before
+    assert W.WorldConfig(colors=W.PALETTE).colors == tuple(W.PALETTE)
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -602,6 +611,18 @@ def test_scene_edit_helpers_name_bad_scenes_and_indices():
         W.replace_object(scene, 0, color="")
     with pytest.raises(ValueError, match=r"add_object: no default world for this 16px scene .*pass config="):
         W.add_object(W.Scene(16), "circle", "red")
+
+
+def test_position_rule_takes_float_corners_rounded_past_each_other():
+    """A detector's float box whose corners rounding put 1e-12 apart the wrong way is a zero-size box (it was
+    judged before the checks), while a truly inverted box is refused."""
+    flat = (0.1 + 0.2, 0.0, 0.3, 10.0)  # x1 = 0.3 < x0 = 0.30000000000000004
+    assert R.relative_position(flat, (30, 0, 40, 10)) == R.relative_position((0.3, 0.0, 0.3, 10.0), (30, 0, 40, 10))
+    with pytest.raises(ValueError, match="x1 >= x0"):
+        R.relative_position((5, 0, 4, 10), (30, 0, 40, 10))
+    # the fast path for the world's own int boxes gives what the checked path gives
+    assert R.normalized_offset((20, 0, 30, 10), (0, 0, 10, 10)) == R.normalized_offset([20.0, 0, 30, 10.0],
+                                                                                       (0, 0, 10, 10.0))
 
 
 @pytest.mark.parametrize("box, words", [

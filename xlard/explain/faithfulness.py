@@ -10,6 +10,7 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from xlard import ops
@@ -80,9 +81,14 @@ def _reward_vector(fn: str, reward_fn, z: torch.Tensor, what: str) -> torch.Tens
     if r.dim() != 1 or r.shape[0] != z.shape[0]:
         raise ValueError(_err(fn, f"reward_fn must return a Tensor[B] with B = {z.shape[0]}, got shape "
                                   f"{tuple(r.shape)} for the {what} latent"))
-    if not bool(torch.isfinite(r).all()):  # NaN rewards made every gain, ratio and summary figure NaN
-        raise ValueError(_err(fn, f"reward_fn returned {int((~torch.isfinite(r)).sum())} NaN or infinite "
-                                  f"reward(s) of {r.shape[0]} for the {what} latent; rewards must be finite"))
+    # A NaN row is a row without a reward (the CMD's joint reward of a prompt with no aspect): it stays NaN and
+    # the summary's means skip it, as before. Infinite rewards, or none at all, made every figure inf or NaN.
+    if bool(torch.isinf(r).any()):
+        raise ValueError(_err(fn, f"reward_fn returned {int(torch.isinf(r).sum())} infinite reward(s) of "
+                                  f"{r.shape[0]} for the {what} latent; rewards must be finite or NaN"))
+    if r.numel() and bool(torch.isnan(r).all()):
+        raise ValueError(_err(fn, f"reward_fn returned NaN for every one of the {r.shape[0]} {what} latent(s): "
+                                  f"no row has a reward"))
     return r
 
 
@@ -129,7 +135,7 @@ def faithfulness(
     Raises:
         TypeError, ValueError: malformed latents, non-finite ``z0``, ``delta`` or ``alpha``, a
         ``fraction`` outside [0, 1], a ``random_control`` that is not a bool, or a ``reward_fn`` that does not
-        return a finite Tensor[B].
+        return a Tensor[B] of finite rewards (NaN rows, rows without a reward, are kept; all-NaN is refused).
 
     Example:
         >>> res = faithfulness(lambda z: cmd_reward(backbone.finish(z)), z0, delta, fraction=0.1)
@@ -144,6 +150,8 @@ def faithfulness(
         raise ValueError(_err(fn, f"delta {tuple(delta.shape)} must have z0's shape {tuple(z0.shape)}"))
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 <= float(fraction) <= 1.0:
         raise ValueError(_err(fn, f"fraction must be a number in [0, 1], got {fraction!r}"))  # True masked all
+    if isinstance(random_control, np.bool_):
+        random_control = bool(random_control)
     if not isinstance(random_control, bool):  # "no" ran the control
         raise TypeError(_err(fn, f"random_control must be True or False, got {random_control!r}"))
     if not bool(torch.isfinite(delta).all()):

@@ -574,8 +574,10 @@ def evaluate_record(image: Any, record: Mapping, config: EvaluatorConfig | None 
         ValueError: bad image or malformed record.
     """
     config = _config("evaluate_record", config)
-    if filename is not None and not isinstance(filename, str):  # a Path or a number was kept and broke the JSONL
-        raise TypeError(f"evaluate_record: filename must be a str or None, got {type(filename).__name__}")
+    if isinstance(filename, os.PathLike):
+        filename = os.fspath(filename)
+    if filename is not None and not isinstance(filename, str):  # a number was kept and broke the JSONL
+        raise TypeError(f"evaluate_record: filename must be a str, a path or None, got {type(filename).__name__}")
     arrays, names = load_images(image)
     if len(arrays) != 1:
         raise ValueError(f"evaluate_record takes exactly one image, got {len(arrays)}")

@@ -55,6 +55,9 @@ def _box(name: str, box) -> tuple[float, float, float, float]:
     None raised "not iterable", three numbers a bare unpacking error; NaN or infinite corners gave no relation
     without a word, strings ("0") and bools were read as numbers, and an inverted box (x1 < x0) was judged.
     """
+    if type(box) is tuple and len(box) == 4 and all(type(v) is int for v in box) \
+            and box[2] >= box[0] and box[3] >= box[1]:  # the world's and the evaluator's own boxes: no more to check
+        return float(box[0]), float(box[1]), float(box[2]), float(box[3])
     if isinstance(box, (str, bytes, Mapping)) or not hasattr(box, "__iter__"):
         raise ValueError(f"{name} must be four numbers (x0, y0, x1, y1), got {type(box).__name__} {box!r:.80}")
     try:
@@ -69,6 +72,9 @@ def _box(name: str, box) -> tuple[float, float, float, float]:
         raise ValueError(f"{name} must be four numbers (x0, y0, x1, y1), got {box!r:.80}") from None
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
         raise ValueError(f"{name} must be four finite numbers (x0, y0, x1, y1), got {box!r:.80}")
+    # a detector's float corners rounded past each other (x1 = x0 - 1e-12) are a zero-size box, not an error
+    x1 = x0 if x0 - 1e-9 * max(1.0, abs(x0)) <= x1 < x0 else x1
+    y1 = y0 if y0 - 1e-9 * max(1.0, abs(y0)) <= y1 < y0 else y1
     if x1 < x0 or y1 < y0:
         raise ValueError(f"{name} must be (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0 (corners, not a width and "
                          f"height), got {box!r:.80}")
@@ -76,6 +82,8 @@ def _box(name: str, box) -> tuple[float, float, float, float]:
 
 
 def _threshold(threshold) -> float:
+    if type(threshold) is float and 0.0 <= threshold < 1.0:  # the default and every internal call
+        return threshold
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold < 1.0:
         # None or "0.1" raised a bare TypeError; NaN and 5 judged every pair "no relation", -1 shrank nothing
         raise ValueError(f"threshold must be a number in [0, 1) (GenEval's box-size shrink fraction: "

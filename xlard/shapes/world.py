@@ -226,7 +226,19 @@ class SceneObject:
     def from_dict(cls, d: Mapping) -> "SceneObject":
         _check_keys("SceneObject.from_dict", d, ("shape", "color", "bbox"))
         bbox = d["bbox"]
-        return cls(shape=d["shape"], color=d["color"], bbox=tuple(bbox) if isinstance(bbox, (list, tuple)) else bbox)
+        if isinstance(bbox, np.ndarray):  # stored by numpy-based tools: its ints, as a list's
+            bbox = bbox.tolist()
+        if isinstance(bbox, (list, tuple)):
+            bbox = tuple(_whole(v) for v in bbox)
+        return cls(shape=d["shape"], color=d["color"], bbox=bbox)
+
+
+def _whole(value):
+    """A whole float (64.0 from JSON or another tool, np.float64(64)) as its int; anything else unchanged, for
+    the constructors to check (8.7 and "8" are refused there, not rounded)."""
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return value
 
 
 def _check_keys(fn: str, d, keys: Sequence[str]) -> None:
@@ -308,13 +320,14 @@ class Scene:
     def count(self, shape: str | None = None, color: str | None = None) -> int:
         """How many objects match the given shape and/or color.
 
+        A name the world never draws (a GenEval class such as "dog") counts 0.
+
         Raises:
-            ValueError: a name that is not one of :data:`SHAPES` / :data:`PALETTE` (a typo counted 0).
+            TypeError: ``shape`` or ``color`` is neither None nor a string.
         """
-        if shape is not None and (not isinstance(shape, str) or shape not in SHAPES):
-            raise ValueError(f"Scene.count: unknown shape {shape!r}; expected None or one of {SHAPES}")
-        if color is not None and (not isinstance(color, str) or color not in PALETTE):
-            raise ValueError(f"Scene.count: unknown color {color!r}; expected None or one of {tuple(PALETTE)}")
+        for name, value in (("shape", shape), ("color", color)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"Scene.count: {name} must be None or a name, got {value!r:.80}")
         return sum((shape is None or o.shape == shape) and (color is None or o.color == color)
                    for o in self.objects)
 
@@ -330,7 +343,7 @@ class Scene:
             raise TypeError(f"Scene.from_dict: 'objects' must be a list of object mappings, got {_type(objects)}")
         # image_size and background go to the constructor as they are, to be checked there: int() turned
         # 8.7 into 8 and "8" into 8 without a word, and None raised a bare TypeError
-        return cls(image_size=d["image_size"],
+        return cls(image_size=_whole(d["image_size"]),
                    objects=tuple(SceneObject.from_dict(o) for o in objects),
                    background=d.get("background", BACKGROUND))
 
@@ -370,8 +383,9 @@ class WorldConfig:
     def __post_init__(self) -> None:
         for name, known in (("shapes", SHAPES), ("colors", tuple(PALETTE))):
             value = getattr(self, name)
-            if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-                # None or 5 raised "not iterable"; "circle" was split into its letters
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                # None or 5 raised "not iterable"; "circle" was split into its letters (a mapping such as
+                # PALETTE gives its keys, as before)
                 raise ValueError(f"{name} must be a list of >= 2 distinct names from {known}, got {value!r}")
             object.__setattr__(self, name, tuple(value))
         if not _is_int(self.image_size) or not 32 <= self.image_size <= 4096:
