@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from xlard import _io
 
-__all__ = ["MetricsLog", "draw_curves", "draw_distill_curves", "distill_curve_rows", "TIMING_PREFIX"]
+__all__ = ["MetricsLog", "draw_curves", "draw_distill_curves", "distill_curve_rows", "TIMING_PREFIX", "CURVE_KEYS"]
 
 #: Keys under this prefix are wall-clock timings (they differ between identical runs).
 TIMING_PREFIX = "time/"
@@ -22,6 +22,9 @@ TIMING_PREFIX = "time/"
 
 class MetricsLog:
     """Appends one JSON object per step to ``metrics.jsonl``; mirrors scalars to TensorBoard when asked.
+
+    ``rows`` holds, per row written (and per row kept on resume), only its :data:`CURVE_KEYS` columns: what the
+    training curve draws; :meth:`read` gives the whole rows back from the file.
 
     Args:
         folder: the run folder.
@@ -39,7 +42,9 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             rows = [r for r in self.read(self.path) if r.get("step", -1) <= resume_step]
         _io.atomic_write_text(self.path, "".join(_io.dumps(r) + "\n" for r in rows), owner="xlard train metrics")
-        self.rows = rows
+        # Only the columns the training curve draws stay in memory (a full row is about 5 KB: 500 MB over a
+        # 100,000-step run); metrics.jsonl holds every row whole.
+        self.rows = [_curve_row(r) for r in rows]
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard not in ("auto", "on", "off"):
@@ -71,7 +76,7 @@ class MetricsLog:
         row = _io.json_safe(dict(row))  # NaN as null, in memory as on disk
         self._file.write(_io.dumps(row) + "\n")
         self._file.flush()
-        self.rows.append(row)
+        self.rows.append(_curve_row(row))
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -90,6 +95,14 @@ _PANELS = (
     ("PPO: approx-KL x100, clip fraction", ("ppo/approx_kl_x100", "ppo/clip_fraction")),
 )
 _COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
+#: The columns :func:`draw_curves` reads from a run's rows by default: the step and every panel's keys (an
+#: ``_x100`` key by its base name). :attr:`MetricsLog.rows` keeps these alone.
+CURVE_KEYS = ("step",) + tuple(dict.fromkeys(k[:-5] if k.endswith("_x100") else k for _, keys in _PANELS
+                                             for k in keys))
+
+
+def _curve_row(row: Mapping[str, Any]) -> dict:
+    return {k: row[k] for k in CURVE_KEYS if k in row}
 
 
 def _per_pixel_means(pts: list[tuple[float, float]], lo_x: float, hi_x: float, pixels: int
