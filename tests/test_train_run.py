@@ -898,6 +898,8 @@ def test_config_only_problems_are_named_before_the_backbone_loads(tmp_path, monk
         ({"data": {"monitor_prompts": "shapes:heldout"}}, r"data.monitor_prompts: shapes:heldout: the monitor reads"),
         ({"model": {"corrector_overrides": {"widht": 3}}}, r"unknown field\(s\) \['widht'\]"),
         ({"model": {"corrector_overrides": {"reader": 1}}}, r"reader must be true or false"),
+        ({"model": {"corrector_overrides": {"count_eyes": "pixels"}}},
+         r"count_eyes must be one of 'decoded', 'latent', got 'pixels'"),
         ({"data": {"max_prompts": 1, "seeds_per_prompt": 1}}, r"1 items, fewer than ppo.prompts_per_step=2"),
         ({"backbone": {"correction_step": 0.5}, "distill": {"items_per_tag": 2, "replace": True}},
          r"distill.replace: needs backbone.correction_step 1.0"),
