@@ -43,14 +43,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder for the sampled data, reused by a rerun (default: runs/shapes_latent_eyes_data)")
     p.add_argument("--corrector", help="corrector folder whose count-edit inputs are sampled (default: shipped)")
     p.add_argument("--batches", type=int, default=300, help="sampling batches of 8 prompts (default 300)")
-    p.add_argument("--epochs", type=int, default=25)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=25, help="passes over the sampled latents (default 25)")
+    p.add_argument("--batch-size", type=int, default=32, help="latents per optimiser step (default 32)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts, image seeds and the fit (default 0)")
     args = p.parse_args(argv)
     for name in ("batches", "epochs", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.seed < 0:  # numpy's generator refused it after the backbone had loaded, with a traceback
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.corrector is not None and not (Path(args.corrector) / "config.json").is_file():
+        p.error(f"--corrector: {args.corrector} is not a corrector folder (no config.json there)")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a positive number, got {args.lr}")
     from xlard import _io
@@ -58,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("out", "work"):  # before minutes of sampling and training, not at the save
         try:
             _io.check_writable_folder(getattr(args, name), f"--{name}")
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: an empty path
             p.error(str(e))
     return args
 

@@ -356,13 +356,54 @@ def test_corrector_fit_names_every_mismatch():
     try:
         with pytest.raises(ValueError, match="count_edit edits with the shapes backbone's VAE and latent eyes.*"
                                              "reads with the shapes latent eyes \\(count_eyes: latent\\), and "
-                                             "there are none at /nonexistent/latent-eyes"):
+                                             "there are no latent eyes at /nonexistent/latent-eyes \\(from "
+                                             "\\$XLARD_SHAPES_LATENT_EYES\\).*point \\$XLARD_SHAPES_LATENT_EYES"):
             ev.check_corrector_fits(reading, _meta(), backbone)
+        # damaged weights (a cut file) were found only at the first counting prompt, after the outputs began
+        import shutil
+        import tempfile
+
+        from xlard.shapes import latent_eyes
+
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(latent_eyes.DEFAULT_PATH, f"{tmp}/eyes")
+            with open(f"{tmp}/eyes/model.safetensors", "r+b") as f:
+                f.truncate(1000)
+            os.environ["XLARD_SHAPES_LATENT_EYES"] = f"{tmp}/eyes"
+            with pytest.raises(ValueError, match="the latent eyes at .*eyes \\(from \\$XLARD_SHAPES_LATENT_EYES\\) "
+                                                 "cannot be loaded: .*not a readable safetensors file"):
+                ev.check_corrector_fits(reading, _meta(), backbone)
     finally:
         if old is None:
             os.environ.pop("XLARD_SHAPES_LATENT_EYES")
         else:
             os.environ["XLARD_SHAPES_LATENT_EYES"] = old
+
+
+def test_the_run_digest_covers_the_default_latent_eyes(tmp_path, monkeypatch):
+    """A generate or eval run resumed with other latent eyes ($XLARD_SHAPES_LATENT_EYES) mixed two sets of count
+    edits without a word: the corrector's digest, which a resume compares, now covers the eyes it reads with."""
+    from xlard.shapes import latent_eyes
+    from xlard.vocab import GENEVAL_COLORS
+
+    if not latent_eyes.is_available():
+        pytest.skip("the shipped latent eyes are absent")
+    cfg = CorrectorConfig.tiny(latent_channels=8, text_dim=64, pooled_dim=64, conditioning="fields", reader=True,
+                               reader_width=8, reader_nouns=("circle", "square"),
+                               reader_colors=tuple(GENEVAL_COLORS), count_edit=True, count_eyes="latent")
+    corrector = ResidualCorrector(cfg)
+    shipped = ev._corrector_digest(corrector)
+    other = latent_eyes.LatentUnderstanding.from_pretrained()
+    with torch.no_grad():
+        other.shape_head.bias.add_(1.0)
+    other.save_pretrained(tmp_path / "eyes")
+    monkeypatch.setenv("XLARD_SHAPES_LATENT_EYES", str(tmp_path / "eyes"))
+    assert ev._corrector_digest(corrector) != shipped
+    decoded = ResidualCorrector(dataclasses.replace(cfg, count_eyes="decoded"))
+    decoded.load_state_dict(corrector.state_dict())
+    digest = ev._corrector_digest(decoded)
+    monkeypatch.delenv("XLARD_SHAPES_LATENT_EYES")
+    assert ev._corrector_digest(decoded) == digest  # the decoded eyes do not read the latent eyes
 
 
 def test_no_shipped_corrector_for_other_backbones():

@@ -45,8 +45,8 @@ def test_predict_gives_distributions_at_the_factor_and_checks_its_input():
     assert float(out.shape_probs.sum(1).max()) <= 1.0 + 1e-5
     assert model.training  # predict ran in eval mode and gave the mode back
     for bad, what in ((torch.randn(2, 4, 5, 5), "8, h, w"), (torch.zeros(2, 8, 5, 5, dtype=torch.long), "float"),
-                      (np.zeros((1, 8, 4, 4), np.float32), "float latent")):
-        with pytest.raises(ValueError, match="LatentUnderstanding.predict: z must be"):
+                      (np.zeros((1, 8, 4, 4), np.float32), "got numpy.ndarray")):
+        with pytest.raises(ValueError, match=f"LatentUnderstanding.predict: z must be.*{what}"):
             model.predict(bad)
     with pytest.raises(ValueError, match="NaN or infinite"):
         model.predict(torch.full((1, 8, 4, 4), float("nan")))
@@ -84,8 +84,15 @@ def test_flat_canvas_paints_the_most_likely_color_or_the_background():
     assert img[1] == [list(PALETTE["green"])] * 2
     with pytest.raises(ValueError, match=r"color_probs must be \[B, 11, H, W\]"):
         LE.flat_canvas(torch.zeros(1, 5, 2, 2))
-    with pytest.raises(ValueError, match="palette names"):
-        LE.flat_canvas(torch.zeros(1, 2, 2, 2), colors=("mauve",))
+    for colors in (("mauve",), (), ("red", "red")):  # () raised a bare IndexError, duplicates passed
+        with pytest.raises(ValueError, match="colors must be distinct palette names"):
+            LE.flat_canvas(torch.zeros(1, 1 + len(colors), 2, 2), colors=colors)
+    nan = p.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):  # NaN was painted as background
+        LE.flat_canvas(nan)
+    with pytest.raises(ValueError, match="must be a torch.Tensor .* got ndarray"):
+        LE.flat_canvas(p.numpy())
 
 
 def test_the_module_does_not_import_the_exact_evaluator():
@@ -190,8 +197,15 @@ def test_latent_count_edit_leaves_the_asked_number_of_objects(samples):
     _, found = ops.label_components(maps, threshold=0.5, mode="absolute", min_area=8, connectivity=8)
     right = float((found.reshape(-1) == torch.tensor(asked)).float().mean())
     assert right >= 0.75, (found.reshape(-1).tolist(), asked)
-    with pytest.raises(ValueError, match="one noun and one count >= 1 per latent of z"):
+    with pytest.raises(ValueError, match="one noun and one whole count >= 1 per latent of z"):
         eyes.edit_counts(z[:2], ["circle"], [2])
+    for counts in (["x", 2], [1.7, 2], [True, 2]):  # "x" raised a bare int() error, 1.7 was read as 1
+        with pytest.raises(ValueError, match="one whole count >= 1"):
+            eyes.edit_counts(z[:2], ["circle", "square"], counts)
+    empty = eyes.edit_counts(z[:0], [], [])  # torch.stack failed on the empty lists
+    assert empty[0].shape == (0, 8, 16, 16) and empty[1].shape == (0, 1, 16, 16) and empty[2] == []
+    with pytest.raises(ValueError, match="z must be a float latent tensor .* got ndarray"):
+        eyes.edit_counts(z[:1].numpy(), ["circle"], [2])
     with pytest.raises(ValueError, match="z has 4 channels"):
         eyes.edit_counts(torch.zeros(1, 4, 16, 16), ["circle"], [2])
     with pytest.raises(ValueError, match=r"redraws 64x64 images .* z \[1, 8, 32, 32\] is read at 128x128"):
@@ -219,6 +233,11 @@ def test_training_script_writes_loadable_eyes_and_reuses_its_data(tmp_path):
     bad = subprocess.run(cmd[:2] + ["--out", str(tmp_path / "x"), "--epochs", "0"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--epochs must be >= 1, got 0" in bad.stderr
+    for extra, words in ((["--seed", "-1"], "--seed must be >= 0, got -1"), (["--out", ""], "--out"),
+                         (["--corrector", str(tmp_path / "nowhere")], "is not a corrector folder")):
+        bad = subprocess.run(cmd[:2] + ["--out", str(tmp_path / "x"), *extra], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
     (tmp_path / "a-file").write_text("")
     bad = subprocess.run(cmd[:2] + ["--out", str(tmp_path / "a-file")], env=env, capture_output=True, text=True,
                          timeout=120)

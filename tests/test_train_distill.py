@@ -545,7 +545,7 @@ def test_a_reader_run_fits_the_reader_first_and_exports_it(tmp_path, shapes_fina
         counting["corrector_overrides"]["count_eyes"] = "latent"
         monkeypatch.setenv("XLARD_SHAPES_LATENT_EYES", str(tmp_path / "no-eyes"))
         with pytest.raises(FileNotFoundError, match="count_eyes: latent reads counts with the shapes latent eyes, "
-                                                    "and there are none at .*no-eyes.*train_shapes_latent_eyes.py"):
+                                                    "and there are no latent eyes at .*no-eyes.*train_shapes_latent_eyes.py"):
             Trainer(config(tmp_path / "t4", model=counting), backbone=shapes_final)
         monkeypatch.delenv("XLARD_SHAPES_LATENT_EYES")
     wrong = json.loads(json.dumps(heads))

@@ -396,11 +396,10 @@ def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
         if latent:
             from xlard.shapes import latent_eyes
 
-            if not latent_eyes.is_available():  # the counting rows failed mid-run, at the first one
-                problems.append(f"{name} reads with the shapes latent eyes (count_eyes: latent), and there are none "
-                                f"at {latent_eyes.latent_model_path()}: reinstall xlard, train them with "
-                                f"{latent_eyes.TRAIN_COMMAND}, or set count_eyes to 'decoded' in the corrector's "
-                                f"config.json")
+            problem = latent_eyes.installed_problem()  # missing or damaged: failed mid-run, at the first one
+            if problem:
+                problems.append(f"{name} reads with the shapes latent eyes (count_eyes: latent), and {problem} (or "
+                                f"set count_eyes to 'decoded' in the corrector's config.json)")
         if float(getattr(backbone, "correction_step", 1.0)) != 1.0:
             problems.append(f"{name} decodes the corrected latent as a final one: it needs correction_step 1.0")
         if name == "count_edit" and height and width:
@@ -1120,6 +1119,17 @@ def _corrector_digest(corrector) -> str:
     for name, tensor in sorted(corrector.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    # The default latent eyes are part of what a count rule does: a run resumed with other ones (another
+    # $XLARD_SHAPES_LATENT_EYES) would mix two sets of edits without a word.
+    if getattr(config, "count_eyes", None) == "latent" and getattr(corrector, "eyes", None) is None \
+            and (getattr(config, "count_edit", False) or getattr(config, "count_move", False)):
+        from xlard.shapes import latent_eyes
+
+        if latent_eyes.is_available():  # (when absent, check_corrector_fits has refused the run already)
+            h.update(b"latent eyes")
+            for name, tensor in sorted(latent_eyes.load_latent_model().state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +42,7 @@ from .understanding import (CONFIG_NAME, EDIT_IMAGE_SIZE, WEIGHTS_NAME, CountEye
 from .world import BACKGROUND, PALETTE, SHAPES
 
 __all__ = ["LatentEyesConfig", "LatentUnderstanding", "LatentCountEyes", "flat_canvas", "latent_model_path",
-           "is_available", "load_latent_model", "DEFAULT_PATH", "TRAIN_COMMAND"]
+           "is_available", "installed_problem", "load_latent_model", "DEFAULT_PATH", "TRAIN_COMMAND"]
 
 #: Where the shipped weights live (package data).
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "data" / "shapes_latent_eyes"
@@ -166,7 +167,10 @@ class LatentUnderstanding(nn.Module):
             ValueError: ``z`` is not a finite float latent with ``config.latent_channels`` channels.
         """
         c = self.config.latent_channels
-        if not isinstance(z, torch.Tensor) or z.dim() != 4 or not z.is_floating_point() or z.shape[1] != c \
+        if not isinstance(z, torch.Tensor):  # a numpy array's dtype and shape read like a fitting tensor's
+            raise ValueError(f"LatentUnderstanding.predict: z must be a float latent tensor [B, {c}, h, w], got "
+                             f"{type(z).__module__}.{type(z).__name__}")
+        if z.dim() != 4 or not z.is_floating_point() or z.shape[1] != c \
                 or min(z.shape[-2:]) < 1:
             raise ValueError(f"LatentUnderstanding.predict: z must be a float latent [B, {c}, h, w], got "
                              f"{getattr(z, 'dtype', type(z).__name__)} {list(getattr(z, 'shape', []))}")
@@ -228,6 +232,25 @@ def is_available(path: str | os.PathLike | None = None) -> bool:
     return _has_weights(latent_model_path(path))
 
 
+def installed_problem(path: str | os.PathLike | None = None) -> str | None:
+    """Why the latent eyes cannot be used, or None: loads them (cached; 0.6 MB), so a damaged or mismatched
+    folder is found before a run writes anything, not at its first counting prompt.
+
+    The message names the folder and, when it came from ``$XLARD_SHAPES_LATENT_EYES``, that variable."""
+    folder = latent_model_path(path)
+    where = f"{folder} (from ${ENV_VAR})" if path is None and os.environ.get(ENV_VAR) else str(folder)
+    if not is_available(path):
+        fix = (f"point ${ENV_VAR} at a folder with them or unset it" if path is None and os.environ.get(ENV_VAR)
+               else "reinstall xlard")
+        return f"there are no latent eyes at {where} ({CONFIG_NAME} and {WEIGHTS_NAME} expected): {fix}, or " \
+               f"train them with {TRAIN_COMMAND}"
+    try:
+        load_latent_model(path)
+    except (ValueError, OSError) as e:
+        return f"the latent eyes at {where} cannot be loaded: {e}"
+    return None
+
+
 _LOADED: dict[tuple[str, str], LatentUnderstanding] = {}
 
 
@@ -256,13 +279,19 @@ def flat_canvas(color_probs: torch.Tensor, colors=tuple(PALETTE)) -> torch.Tenso
         >>> (flat_canvas(p)[0, :, 0] * 255).round().int().T.tolist() == [list(BACKGROUND), list(PALETTE["red"])]
         True
     """
-    colors = tuple(colors)
-    if not isinstance(color_probs, torch.Tensor) or color_probs.dim() != 4 or color_probs.shape[1] != 1 + len(colors):
+    colors = tuple(colors) if not isinstance(colors, str) else (colors,)
+    unknown = [c for c in colors if not isinstance(c, str) or c not in PALETTE]
+    if not colors or unknown or len(set(colors)) != len(colors):
+        raise ValueError(f"flat_canvas: colors must be distinct palette names ({', '.join(PALETTE)}), got "
+                         f"{list(colors)}")
+    if not isinstance(color_probs, torch.Tensor):
+        raise ValueError(f"flat_canvas: color_probs must be a torch.Tensor [B, {1 + len(colors)}, H, W], got "
+                         f"{type(color_probs).__name__}")
+    if color_probs.dim() != 4 or color_probs.shape[1] != 1 + len(colors):
         raise ValueError(f"flat_canvas: color_probs must be [B, {1 + len(colors)}, H, W] (background first, then "
-                         f"{len(colors)} colors), got {list(getattr(color_probs, 'shape', []))}")
-    unknown = [c for c in colors if c not in PALETTE]
-    if unknown:
-        raise ValueError(f"flat_canvas: colors must be palette names ({', '.join(PALETTE)}), got {unknown}")
+                         f"{len(colors)} colors), got {list(color_probs.shape)}")
+    if color_probs.numel() and not bool(torch.isfinite(color_probs).all()):  # NaN read as background
+        raise ValueError("flat_canvas: color_probs holds NaN or infinite values")
     device = color_probs.device
     palette = torch.tensor([PALETTE[c] for c in colors], dtype=torch.float32, device=device) / 255.0
     background = torch.tensor(BACKGROUND, dtype=torch.float32, device=device)[None, :, None, None] / 255.0
@@ -320,10 +349,16 @@ class LatentCountEyes(CountEyes):
 
         owner = "LatentCountEyes.edit_counts"
         b = int(z.shape[0]) if isinstance(z, torch.Tensor) and z.dim() == 4 else -1
-        nouns, counts = list(nouns), [int(c) for c in counts]
-        if len(nouns) != b or len(counts) != b or any(c < 1 for c in counts):
-            raise ValueError(f"{owner}: need one noun and one count >= 1 per latent of z ({b}), got nouns "
+        if not isinstance(z, torch.Tensor):
+            raise ValueError(f"{owner}: z must be a float latent tensor [B, C, h, w], got {type(z).__name__}")
+        nouns, counts = list(nouns), list(counts)
+        whole = all(isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)) or
+                    (isinstance(c, (float, np.floating)) and float(c).is_integer()) for c in counts)
+        if len(nouns) != b or len(counts) != b or not whole or any(c < 1 for c in counts):
+            # "x" raised a bare int() error, 1.7 was read as 1
+            raise ValueError(f"{owner}: need one noun and one whole count >= 1 per latent of z ({b}), got nouns "
                              f"{nouns!r} and counts {counts!r}")
+        counts = [int(c) for c in counts]
         config = self._model(z.device).config
         if isinstance(z, torch.Tensor) and z.dim() == 4:
             side = [int(n) * config.factor for n in z.shape[-2:]]
@@ -333,6 +368,8 @@ class LatentCountEyes(CountEyes):
                                  f"{list(z.shape)} is read at {side[0]}x{side[1]}: generate at {EDIT_IMAGE_SIZE}x"
                                  f"{EDIT_IMAGE_SIZE}, or use a corrector without count_edit")
         maps = self._maps(z, owner)
+        if b == 0:  # nothing to edit (the empty lists below failed in torch.stack)
+            return z.detach().clone(), torch.zeros(0, 1, *z.shape[-2:], dtype=torch.bool, device=z.device), []
         canvas = flat_canvas(maps.color_probs, config.colors).cpu().numpy()
         shape_probs, color_probs = maps.shape_probs.cpu().numpy(), maps.color_probs.cpu().numpy()
         edit = EditConfig(redraw=True, fix_count=True, fix_color=False, fix_position=False)

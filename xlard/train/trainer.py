@@ -565,11 +565,10 @@ class Trainer:
         if eyes == "latent" and (overrides.get("count_edit") or overrides.get("count_move")):
             from xlard.shapes import latent_eyes
 
-            if not latent_eyes.is_available():  # found now, not when the export first counts (minutes later)
+            problem = latent_eyes.installed_problem()  # found now, not when the export first counts (minutes later)
+            if problem:
                 raise FileNotFoundError(f"model.corrector_overrides count_eyes: latent reads counts with the "
-                                        f"shapes latent eyes, and there are none at {latent_eyes.latent_model_path()}"
-                                        f"; train them with: {latent_eyes.TRAIN_COMMAND} (or set count_eyes: "
-                                        f"decoded)")
+                                        f"shapes latent eyes, and {problem} (or set count_eyes: decoded)")
         d, step = self.cfg.distill, float(self.cfg.backbone.correction_step)
         if d.items_per_tag:
             if self.cfg.backbone.name != "shapes" or not self.is_shapes:
