@@ -47,7 +47,7 @@ from xlard._optional import require
 
 from .prompts import read_jsonl, write_jsonl
 from .rules import GENEVAL_COLORS, POSITION_THRESHOLD, RELATIONS, TAGS, relative_position, validate_record
-from .world import BACKGROUND, PALETTE, WorldConfig, shape_mask
+from .world import BACKGROUND, PALETTE, WorldConfig, _config_of, shape_mask
 
 def _label_colors(color_index: np.ndarray, num_colors: int) -> tuple[np.ndarray, np.ndarray]:
     """8-connected components of every color's pixels in one batched call.
@@ -180,24 +180,10 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def _config(fn: str, config) -> "EvaluatorConfig":
-    """``config`` checked to be an :class:`EvaluatorConfig` (None: the default one).
-
-    A dict, a str or a WorldConfig raised a bare AttributeError deep inside; a falsy wrong value (``{}``, ``0``)
-    and the class itself were read as the default config without a word.
-    """
-    if config is None:
-        return EvaluatorConfig()
-    if not isinstance(config, EvaluatorConfig):
-        hint = ""
-        if isinstance(config, WorldConfig):
-            hint = "; a world? pass EvaluatorConfig(world=...)"
-        elif isinstance(config, Mapping):
-            hint = "; build it first: EvaluatorConfig(**mapping)"
-        elif config is EvaluatorConfig:
-            hint = "; call it: EvaluatorConfig()"
-        got = "the class itself" if isinstance(config, type) else type(config).__name__
-        raise TypeError(f"{fn}: config must be an EvaluatorConfig or None, got {got}{hint}")
-    return config
+    """``config`` checked to be an :class:`EvaluatorConfig` (None: the default one; see
+    :func:`xlard.shapes.world._config_of`)."""
+    return _config_of(fn, config, EvaluatorConfig,
+                      (lambda c: isinstance(c, WorldConfig), "; a world? pass EvaluatorConfig(world=...)"))
 
 
 def _check_size(height: int, width: int, what: str) -> None:

@@ -74,23 +74,34 @@ def _type(value) -> str:
     return "the class itself" if isinstance(value, type) else type(value).__name__
 
 
-def _world(fn: str, config) -> "WorldConfig":
-    """``config`` checked to be a :class:`WorldConfig` (None: ``WorldConfig()``).
+def _config_of(fn: str, config, cls: type, other=None):
+    """``config`` checked to be a ``cls`` instance (None: ``cls()``), else a TypeError with a hint: a mapping to
+    build it from, the class itself to call, or ``other``: ``(is_other(config), hint)`` for a config of the other
+    kind and what to pass instead.
 
-    A dict, an EvaluatorConfig or the class itself failed later with a bare AttributeError, and a falsy wrong
-    value (``{}``, ``0``) silently became the default world."""
+    A dict, the other config or the class itself failed later with a bare AttributeError, and a falsy wrong
+    value (``{}``, ``0``) silently became the default config."""
     if config is None:
-        return WorldConfig()
-    if not isinstance(config, WorldConfig):
+        return cls()
+    if not isinstance(config, cls):
+        name = cls.__name__
         hint = ""
         if isinstance(config, Mapping):
-            hint = "; build it first: WorldConfig(**mapping)"
-        elif isinstance(getattr(config, "world", None), WorldConfig):
-            hint = "; an evaluator's config? pass its .world"
-        elif config is WorldConfig:
-            hint = "; call it: WorldConfig()"
-        raise TypeError(f"{fn}: config must be a WorldConfig or None, got {_type(config)}{hint}")
+            hint = f"; build it first: {name}(**mapping)"
+        elif other is not None and other[0](config):
+            hint = other[1]
+        elif config is cls:
+            hint = f"; call it: {name}()"
+        article = "an" if name[0] in "AEIOU" else "a"
+        raise TypeError(f"{fn}: config must be {article} {name} or None, got {_type(config)}{hint}")
     return config
+
+
+def _world(fn: str, config) -> "WorldConfig":
+    """``config`` checked to be a :class:`WorldConfig` (None: ``WorldConfig()``)."""
+    # an evaluator's config is told by its .world (this module must not import the evaluator)
+    return _config_of(fn, config, WorldConfig, (lambda c: isinstance(getattr(c, "world", None), WorldConfig),
+                                                "; an evaluator's config? pass its .world"))
 
 
 def _scene(fn: str, scene) -> "Scene":
