@@ -32,13 +32,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .understanding import (CONFIG_NAME, EDIT_IMAGE_SIZE, WEIGHTS_NAME, CountEyes, UnderstandingOutput, _eval_pass,
-                            _has_weights, _latent_scale, _load_weights, _weights_folder)
+                            _has_weights, _load_weights, _weights_folder)
 from .world import BACKGROUND, PALETTE, SHAPES
 
 __all__ = ["LatentEyesConfig", "LatentUnderstanding", "LatentCountEyes", "flat_canvas", "latent_model_path",
@@ -148,10 +147,6 @@ class LatentUnderstanding(nn.Module):
         for stage in self.up:
             x = stage(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
         return self.shape_head(x), self.color_head(x)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     @torch.no_grad()
     def predict(self, z: torch.Tensor) -> UnderstandingOutput:
@@ -344,61 +339,19 @@ class LatentCountEyes(CountEyes):
         Raises:
             ValueError: ``nouns`` or ``counts`` do not give one entry per latent, or a count below 1.
         """
-        from xlard.prompts.spec import Entity, PromptSpec
-        from xlard.shapes.editor import EditConfig, edit_image, touched_cells
-
         owner = "LatentCountEyes.edit_counts"
-        b = int(z.shape[0]) if isinstance(z, torch.Tensor) and z.dim() == 4 else -1
-        if not isinstance(z, torch.Tensor):
-            raise ValueError(f"{owner}: z must be a float latent tensor [B, C, h, w], got {type(z).__name__}")
-        nouns, counts = list(nouns), list(counts)
-        whole = all(isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)) or
-                    (isinstance(c, (float, np.floating)) and float(c).is_integer()) for c in counts)
-        if len(nouns) != b or len(counts) != b or not whole or any(c < 1 for c in counts):
-            # "x" raised a bare int() error, 1.7 was read as 1
-            raise ValueError(f"{owner}: need one noun and one whole count >= 1 per latent of z ({b}), got nouns "
-                             f"{nouns!r} and counts {counts!r}")
-        counts = [int(c) for c in counts]
+        nouns, counts = self._check_counts(owner, z, nouns, counts)
         config = self._model(z.device).config
-        if isinstance(z, torch.Tensor) and z.dim() == 4:
-            side = [int(n) * config.factor for n in z.shape[-2:]]
-            if side != [EDIT_IMAGE_SIZE] * 2:  # the eyes were distilled, and the editor draws, at this size
-                raise ValueError(f"{owner}: count_edit redraws {EDIT_IMAGE_SIZE}x{EDIT_IMAGE_SIZE} images (the "
-                                 f"understanding model's size, which the latent eyes were distilled at), and z "
-                                 f"{list(z.shape)} is read at {side[0]}x{side[1]}: generate at {EDIT_IMAGE_SIZE}x"
-                                 f"{EDIT_IMAGE_SIZE}, or use a corrector without count_edit")
+        side = [int(n) * config.factor for n in z.shape[-2:]]
+        if side != [EDIT_IMAGE_SIZE] * 2:  # the eyes were distilled, and the editor draws, at this size
+            raise ValueError(f"{owner}: count_edit redraws {EDIT_IMAGE_SIZE}x{EDIT_IMAGE_SIZE} images (the "
+                             f"understanding model's size, which the latent eyes were distilled at), and z "
+                             f"{list(z.shape)} is read at {side[0]}x{side[1]}: generate at {EDIT_IMAGE_SIZE}x"
+                             f"{EDIT_IMAGE_SIZE}, or use a corrector without count_edit")
         maps = self._maps(z, owner)
-        if b == 0:  # nothing to edit (the empty lists below failed in torch.stack)
-            return z.detach().clone(), torch.zeros(0, 1, *z.shape[-2:], dtype=torch.bool, device=z.device), []
-        canvas = flat_canvas(maps.color_probs, config.colors).cpu().numpy()
-        shape_probs, color_probs = maps.shape_probs.cpu().numpy(), maps.color_probs.cpu().numpy()
-        edit = EditConfig(redraw=True, fix_count=True, fix_color=False, fix_position=False)
-        edited, changed, actions = [], [], []
-        for i, (noun, count) in enumerate(zip(nouns, counts)):
-            spec = PromptSpec(prompt=f"{count} {noun}", entities=(Entity(noun, count=count),))
-            image, mask, acts = edit_image(canvas[i], shape_probs[i], color_probs[i], spec, config.shapes,
-                                           config.colors, edit)
-            edited.append(torch.from_numpy(image))
-            changed.append(torch.from_numpy(mask))
-            actions.append(acts)
-        vae = self._vae(z.device)
-        scale, shift = _latent_scale(vae)
-        x = (torch.stack(edited).clamp(0.0, 1.0).to(z.device) * 2 - 1).contiguous(memory_format=torch.channels_last)
-        encoded = (vae.encode(x).latent_dist.mode() - shift) * scale
-        if encoded.shape != z.shape:  # eyes of another factor than the VAE's: the cells would not line up
-            raise ValueError(f"{owner}: the latent eyes draw at {config.factor}x the latent and the VAE encodes "
-                             f"that to {list(encoded.shape)}, not z's {list(z.shape)}: these eyes do not belong "
-                             f"to this backbone")
-        touched = touched_cells(torch.stack(changed), config.factor).to(z.device)
-        return encoded.to(z.dtype).contiguous(), touched, actions
+        return self._edit_and_encode(owner, z, flat_canvas(maps.color_probs, config.colors), maps, config, nouns,
+                                     counts, config.factor)
 
-    @torch.no_grad()
-    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self._maps(z, "LatentCountEyes")
-        known = list(self._model(z.device).config.shapes)
-        probs = torch.zeros(maps.shape_probs.shape[0], len(self.nouns), *maps.shape_probs.shape[-2:],
-                            device=maps.shape_probs.device)
-        for i, noun in enumerate(self.nouns):
-            if noun in known:
-                probs[:, i] = maps.shape_probs[:, known.index(noun)]
-        return probs, 1.0 - maps.color_probs[:, 0]
+    def _read(self, z: torch.Tensor) -> tuple[UnderstandingOutput, LatentEyesConfig]:
+        """``(maps of z, the latent eyes' config)``: the latent read directly, no VAE decode."""
+        return self._maps(z, "LatentCountEyes"), self._model(z.device).config

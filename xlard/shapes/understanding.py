@@ -463,14 +463,8 @@ class CountEyes:
         Raises:
             ValueError: ``nouns`` or ``counts`` do not give one entry per latent, or a count below 1.
         """
-        from xlard.prompts.spec import Entity, PromptSpec
-        from xlard.shapes.editor import EditConfig, edit_images, touched_cells
-
-        b = int(z.shape[0]) if isinstance(z, torch.Tensor) and z.dim() == 4 else -1
-        nouns, counts = list(nouns), [int(c) for c in counts]
-        if len(nouns) != b or len(counts) != b or any(c < 1 for c in counts):
-            raise ValueError(f"CountEyes.edit_counts: need one noun and one count >= 1 per latent of z "
-                             f"({b}), got nouns {nouns!r} and counts {counts!r}")
+        owner = f"{type(self).__name__}.edit_counts"
+        nouns, counts = self._check_counts(owner, z, nouns, counts)
         images = self.images(z)
         model = self._model(z.device)
         size = model.config.image_size
@@ -478,21 +472,67 @@ class CountEyes:
             raise ValueError(f"CountEyes.edit_counts: count_edit redraws {size}x{size} images (the understanding "
                              f"model's size), and z {list(z.shape)} decodes to {images.shape[-2]}x{images.shape[-1]}: "
                              f"generate at {size}x{size}, or use a corrector without count_edit")
-        specs = [PromptSpec(prompt=f"{c} {n}", entities=(Entity(n, count=c),)) for n, c in zip(nouns, counts)]
-        edited = edit_images(model, images, specs,
-                             EditConfig(redraw=True, fix_count=True, fix_color=False, fix_position=False))
+        return self._edit_and_encode(owner, z, images, model.predict(images), model.config, nouns, counts,
+                                     images.shape[-1] // z.shape[-1])
+
+    @staticmethod
+    def _check_counts(owner: str, z, nouns, counts) -> tuple[list, list[int]]:
+        """``(nouns, counts)`` as lists, one of each per latent of ``z``, the counts whole numbers >= 1 (a count
+        "x" raised a bare int() error, 1.7 was read as 1)."""
+        if not isinstance(z, torch.Tensor):
+            raise ValueError(f"{owner}: z must be a float latent tensor [B, C, h, w], got {type(z).__name__}")
+        b = int(z.shape[0]) if z.dim() == 4 else -1
+        nouns, counts = list(nouns), list(counts)
+        whole = all(isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)) or
+                    (isinstance(c, (float, np.floating)) and float(c).is_integer()) for c in counts)
+        if len(nouns) != b or len(counts) != b or not whole or any(c < 1 for c in counts):
+            raise ValueError(f"{owner}: need one noun and one count >= 1 per latent of z ({b}), counts whole "
+                             f"numbers; got nouns {nouns!r} and counts {counts!r}")
+        return nouns, [int(c) for c in counts]
+
+    def _edit_and_encode(self, owner: str, z: torch.Tensor, images: torch.Tensor, maps: UnderstandingOutput,
+                         vocab, nouns: list, counts: list[int], factor: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
+        """The count edit on ``images`` read as ``maps`` (vocabulary ``vocab.shapes`` / ``vocab.colors``):
+        :func:`xlard.shapes.editor.edit_image` per latent (``redraw`` and ``fix_count`` only), the edited
+        images encoded by the VAE, and the latent cells under every changed pixel (``factor`` pixels a cell)
+        grown by one."""
+        from xlard.prompts.spec import Entity, PromptSpec
+        from xlard.shapes.editor import EditConfig, edit_image, touched_cells
+
+        if not len(nouns):  # nothing to edit (torch.stack refused the empty lists)
+            return z.detach().clone(), torch.zeros(0, 1, *z.shape[-2:], dtype=torch.bool, device=z.device), []
+        src = images.detach().float().cpu().numpy()
+        shape_probs, color_probs = maps.shape_probs.cpu().numpy(), maps.color_probs.cpu().numpy()
+        config = EditConfig(redraw=True, fix_count=True, fix_color=False, fix_position=False)
+        edited, changed, actions = [], [], []
+        for i, (noun, count) in enumerate(zip(nouns, counts)):
+            spec = PromptSpec(prompt=f"{count} {noun}", entities=(Entity(noun, count=count),))
+            image, mask, acts = edit_image(src[i], shape_probs[i], color_probs[i], spec, vocab.shapes, vocab.colors,
+                                           config)
+            edited.append(torch.from_numpy(image))
+            changed.append(torch.from_numpy(mask))
+            actions.append(acts)
         vae = self._vae(z.device)
         scale, shift = _latent_scale(vae)
-        x = (edited.images.to(z.device) * 2 - 1).contiguous(memory_format=torch.channels_last)
+        x = (torch.stack(edited).clamp(0.0, 1.0).to(z.device) * 2 - 1).contiguous(memory_format=torch.channels_last)
         encoded = (vae.encode(x).latent_dist.mode() - shift) * scale
-        touched = touched_cells(edited.changed, images.shape[-1] // z.shape[-1]).to(z.device)
-        return encoded.to(z.dtype).contiguous(), touched, edited.actions
+        if encoded.shape != z.shape:  # eyes of another factor than the VAE's: the cells would not line up
+            raise ValueError(f"{owner}: the eyes draw at {factor}x the latent and the VAE encodes that to "
+                             f"{list(encoded.shape)}, not z's {list(z.shape)}: these eyes do not belong to this "
+                             f"backbone")
+        touched = touched_cells(torch.stack(changed), factor).to(z.device)
+        return encoded.to(z.dtype).contiguous(), touched, actions
+
+    def _read(self, z: torch.Tensor) -> tuple[UnderstandingOutput, Any]:
+        """``(maps of z, the model's config)``: here the understanding model on the VAE's decoding."""
+        model = self._model(z.device)
+        return model.predict(self.images(z)), model.config
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self._model(z.device)
-        maps = model.predict(self.images(z))
-        known = list(model.config.shapes)
+        maps, vocab = self._read(z)
+        known = list(vocab.shapes)
         probs = torch.zeros(maps.shape_probs.shape[0], len(self.nouns), *maps.shape_probs.shape[-2:],
                             device=maps.shape_probs.device)
         for i, noun in enumerate(self.nouns):
