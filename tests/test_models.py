@@ -148,7 +148,7 @@ def test_sincos_position_encoding_names_bad_arguments():
             ((2, None, 8), {}, TypeError, r"grid_w must be an integer >= 0, got None"),
             ((2, 3, 8), {"dtype": torch.long}, TypeError, "dtype must be a floating torch dtype .*got torch.int64"),
             ((2, 3, 8), {"dtype": "float32"}, TypeError, "dtype must be a floating torch dtype .*got 'float32'"),
-            ((2, 3, 8), {"device": "nope"}, ValueError, "device must be a torch.device or its name, got 'nope'")):
+            ((2, 3, 8), {"device": "nope"}, ValueError, "device must be a torch device or its name, got 'nope'")):
         with pytest.raises(error, match=f"xlard.models.sincos_position_encoding: {pattern}"):
             sincos_position_encoding(*args, **kwargs)
     pe = sincos_position_encoding(2, 3, 8, device="cpu", dtype=torch.float64)

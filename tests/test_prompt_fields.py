@@ -86,7 +86,7 @@ def test_bad_arguments_are_named():
     for dtype, shown in ((torch.long, "torch.int64"), ("float32", "'float32'")):
         with pytest.raises(TypeError, match=f"field_tokens: dtype must be a floating torch dtype, got {shown}"):
             field_tokens([spec], 8, dtype=dtype)
-    with pytest.raises(ValueError, match="field_tokens: device must be a torch.device or its name, got 'nope'"):
+    with pytest.raises(ValueError, match="field_tokens: device must be a torch device or its name, got 'nope'"):
         field_tokens([spec], 8, device="nope")
     assert torch.equal(field_tokens((spec,), 8, device="cpu", dtype=None)[0], field_tokens([spec], 8)[0])
     with pytest.raises(ValueError, match="field_keys: spec must be a PromptSpec .*got NoneType"):

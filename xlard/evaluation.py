@@ -1116,9 +1116,7 @@ def _corrector_digest(corrector) -> str:
     config = getattr(corrector, "config", None)
     if callable(getattr(config, "to_dict", None)):
         h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(corrector.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    _hash_state(h, corrector.state_dict())
     # The default latent eyes are part of what a count rule does: a run resumed with other ones (another
     # $XLARD_SHAPES_LATENT_EYES) would mix two sets of edits without a word.
     if getattr(config, "count_eyes", None) == "latent" and getattr(corrector, "eyes", None) is None \
@@ -1127,10 +1125,15 @@ def _corrector_digest(corrector) -> str:
 
         if latent_eyes.is_available():  # (when absent, check_corrector_fits has refused the run already)
             h.update(b"latent eyes")
-            for name, tensor in sorted(latent_eyes.load_latent_model().state_dict().items()):
-                h.update(name.encode())
-                h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+            _hash_state(h, latent_eyes.load_latent_model().state_dict())
     return h.hexdigest()
+
+
+def _hash_state(h, state: dict) -> None:
+    """Feed a state dict's names and float32 values, in name order, to the hash ``h``."""
+    for name, tensor in sorted(state.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
 
 
 def _read_rows(path: Path) -> list[PairRow]:

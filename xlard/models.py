@@ -588,12 +588,8 @@ def sincos_position_encoding(grid_h: int, grid_w: int, width: int, *, device=Non
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"xlard.models.sincos_position_encoding: dtype must be a floating torch dtype (the "
                         f"encoding holds sines and cosines), got {_short(dtype)}")
-    if device is not None and not isinstance(device, torch.device):
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError, ValueError):
-            raise ValueError(f"xlard.models.sincos_position_encoding: device must be a torch.device or its name, "
-                             f"got {_short(device)}") from None
+    if device is not None and not isinstance(device, torch.device):  # (a torch.device, the model's own call: as is)
+        device = _args.as_device(device, "xlard.models.sincos_position_encoding")
     quarter = width // 4
     omega = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter))
     rows = torch.arange(grid_h, dtype=torch.float64, device=device).repeat_interleave(grid_w)

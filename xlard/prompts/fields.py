@@ -111,11 +111,9 @@ def field_tokens(specs: Sequence[PromptSpec], dim: int, *, device=None,
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"field_tokens: dtype must be a floating torch dtype, got {_short(dtype)}")
     if device is not None and not isinstance(device, torch.device):
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError, ValueError):
-            raise ValueError(f"field_tokens: device must be a torch.device or its name, got {_short(device)}") \
-                from None
+        from xlard._args import as_device
+
+        device = as_device(device, "field_tokens")
     specs = list(specs)
     if not specs:
         raise ValueError("field_tokens: specs is empty (expected at least one PromptSpec)")
