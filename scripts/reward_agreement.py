@@ -24,6 +24,10 @@ resumes) and every later run with the same ``--cache`` reuses them:
     python scripts/reward_agreement.py --cache build/agreement_heldout --split heldout \\
         --per-tag 81 --seeds-per-prompt 4 --source shapes --out agreement.json
 
+``--evaluator-stability`` (with ``--cache``) adds the agreement table's noise ceiling: the evaluator's verdict
+on barely changed images (brightness +-3%, pixel noise, a 0.5 px blur) scored against its verdict on the
+images as generated (:func:`evaluator_stability`).
+
 Without ``--cache`` the samples are generated in memory (``-n`` records drawn
 balanced over all six tags, as before).
 """
@@ -205,8 +209,6 @@ def generate_cache(folder: str | os.PathLike, backbone_name: str, records: list[
     Raises:
         ValueError: the folder holds a cache of other records or another backbone.
     """
-    import torch
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"backbone": backbone_name, "steps": steps, "batch": batch, "n": len(records)}
@@ -343,6 +345,84 @@ def summarize(rows: list[dict], *, resamples: int = 1000, seed: int = 0) -> dict
     return summary
 
 
+# Small changes a viewer would not notice (brightness, sensor-like noise, a slight softening), each a list of
+# draws whose verdicts are averaged: (label, [(kind, value), ...]).
+PERTURBATIONS = (
+    ("brightness x0.97 / x1.03", [("gain", 0.97), ("gain", 1.03)]),
+    ("pixel noise sd 2/255 (2 draws)", [("noise", 2 / 255), ("noise", 2 / 255)]),
+    ("Gaussian blur sd 0.5 px", [("blur", 0.5)]),
+)
+
+
+def perturb(images, kind: str, value: float, generator=None):
+    """``images`` (float ``[N, 3, H, W]`` in [0, 1]) changed a little, clamped to [0, 1].
+
+    ``gain``: every value times ``value``; ``noise``: Gaussian noise of standard deviation ``value`` (drawn from
+    ``generator``); ``blur``: a Gaussian blur of ``value`` pixels (separable, radius ``ceil(3 * value)``, edges
+    replicated).
+
+    Raises:
+        ValueError: an unknown ``kind`` or a ``value`` that is not a finite number > 0.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"perturb: value must be a finite number > 0, got {value!r}")
+    x = images.float()
+    if kind == "gain":
+        out = x * value
+    elif kind == "noise":
+        out = x + torch.randn(x.shape, generator=generator) * value
+    elif kind == "blur":
+        r = max(1, math.ceil(3 * value))
+        t = torch.arange(-r, r + 1, dtype=torch.float32)
+        k = torch.exp(-t ** 2 / (2 * value * value))
+        k = (k / k.sum()).to(x.device)
+        c = x.shape[1]
+        out = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+        out = F.conv2d(F.pad(out, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    else:
+        raise ValueError(f"perturb: kind must be one of 'gain', 'noise', 'blur', got {kind!r}")
+    return out.clamp(0.0, 1.0)
+
+
+def evaluator_stability(records: list[dict], images, labels: list[bool], *, resamples: int = 1000,
+                        seed: int = 0) -> dict:
+    """How well the exact evaluator agrees with *itself* when the images change imperceptibly.
+
+    For each change of :data:`PERTURBATIONS` every sample is judged again on the changed image (the verdicts of
+    its draws averaged), and that score is measured against the verdicts on the unchanged images exactly as a
+    reward is (:func:`summarize`: within-prompt and pooled AUROC, bootstrap intervals). It is a noise ceiling of
+    the agreement tables: a reward that reads the image as a viewer does, rather than the evaluator's own pixel
+    rules, cannot be expected to predict the verdicts better than the evaluator predicts them after a change
+    nobody would see. Also reported: how many verdicts a single draw changed.
+    """
+    import torch
+
+    from xlard.shapes import evaluator as E
+
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for label, draws in PERTURBATIONS:
+        votes = [0.0] * len(records)
+        changed = 0
+        for kind, value in draws:
+            verdicts = [bool(r.correct) for r in E.evaluate(perturb(images, kind, value, generator), records)]
+            changed += sum(v != y for v, y in zip(verdicts, labels))
+            votes = [a + float(v) / len(draws) for a, v in zip(votes, verdicts)]
+        rows = [{"tag": r["tag"], "prompt": r["prompt"], "correct": y, "scores": [v, v, v]}
+                for r, y, v in zip(records, labels, votes)]
+        summary = summarize(rows, resamples=resamples, seed=seed)
+        for aspect, tags in ASPECT_TAGS.items():
+            n = sum(r["tag"] in tags for r in records)
+            summary[aspect]["verdicts_changed_per_draw"] = (
+                sum(abs(v - y) for r, y, v in zip(records, labels, votes) if r["tag"] in tags) if n else 0.0)
+        out[label] = {"draws": [list(d) for d in draws], "verdicts_changed_per_draw": changed / len(draws),
+                      "summary": summary}
+    return out
+
+
 def render_checks(source, rewards=None, split: str = "heldout", seeds: int = 5) -> dict:
     """What a source finds on the world's ground-truth renders of a split's prompts (no generation).
 
@@ -392,10 +472,12 @@ def render_checks(source, rewards=None, split: str = "heldout", seeds: int = 5) 
 
 
 def run_cached(folder: str | os.PathLike, source_name: str, *, source_options: dict | None = None,
-               rewards=None, resamples: int = 1000, seed: int = 0, checks: int = 0, split: str = "heldout") -> dict:
+               rewards=None, resamples: int = 1000, seed: int = 0, checks: int = 0, split: str = "heldout",
+               stability: bool = False) -> dict:
     """Agreement of a source on a finished cache (see :func:`generate_cache`).
 
-    ``checks`` > 0 adds :func:`render_checks` on ``split``'s prompts (image-only sources).
+    ``checks`` > 0 adds :func:`render_checks` on ``split``'s prompts (image-only sources); ``stability`` adds
+    :func:`evaluator_stability` (the evaluator against itself on the same samples).
     """
     records, images, token_maps, meta = load_cache(folder)
     backbone = load_backbone(meta["backbone"], meta["steps"], capture=source_name == "attention")
@@ -412,6 +494,8 @@ def run_cached(folder: str | os.PathLike, source_name: str, *, source_options: d
               "summary": summarize(rows, resamples=resamples, seed=seed), "rows": rows}
     if checks and not source.needs_attention:
         report["render_checks"] = render_checks(source, rewards, split, checks)
+    if stability:
+        report["evaluator_stability"] = evaluator_stability(records, images, labels, resamples=resamples, seed=seed)
     return report
 
 
@@ -474,6 +558,18 @@ def to_markdown(report: dict) -> str:
                       f"({checks['count_exact_share']:.1%}); position reward ranks the true relation over its mirror "
                       f"{checks['position_true_beats_mirror']}/{checks['position_pairs']} "
                       f"({checks['position_true_beats_mirror_share']:.1%})."]
+    stability = report.get("evaluator_stability")
+    if stability:
+        lines += ["", "The evaluator against itself: its verdict on a barely changed image as the score, measured "
+                      "against its verdict on the image as generated (a noise ceiling for the table above)", "",
+                  "| change | aspect | verdicts changed per draw | within-prompt AUROC [95% CI] "
+                  "| pooled AUROC [95% CI] |", "|---|---|---:|---:|---:|"]
+        for label, entry in stability.items():
+            for aspect in ("count", "color", "position"):
+                s = entry["summary"][aspect]
+                lines.append(f"| {label} | {aspect} | {s['verdicts_changed_per_draw']:g} of {s['records']} | "
+                             f"{fmt(s['within_auroc'])} {ci(s['within_auroc_ci'])} | "
+                             f"{fmt(s['auroc'])} {ci(s['auroc_ci'])} |")
     return "\n".join(lines)
 
 
@@ -499,12 +595,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-checks", type=int, default=None,
                         help="renders per prompt for the ground-truth checks (--cache; default 5; 0: skip; "
                              "image-only sources)")
+    parser.add_argument("--evaluator-stability", action="store_true",
+                        help="also judge every sample again on barely changed images (brightness +-3%%, pixel noise, "
+                             "a 0.5 px blur) and report how well the evaluator agrees with itself (--cache)")
     parser.add_argument("--out", help="write the report (JSON, with per-sample rows) here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     cache_only = [flag for flag, value in (("--split", args.split), ("--per-tag", args.per_tag),
                                            ("--seeds-per-prompt", args.seeds_per_prompt),
-                                           ("--render-checks", args.render_checks)) if value is not None]
+                                           ("--render-checks", args.render_checks),
+                                           ("--evaluator-stability", args.evaluator_stability or None))
+                  if value is not None]
     if cache_only and not args.cache:  # they were ignored without a word (--split train scored held-out records)
         parser.error(f"{cache_only[0]} goes with --cache DIR (without --cache the run samples -n held-out records)")
     if args.n is not None and args.cache:
@@ -550,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         records = plan_records(args.split, args.per_tag, args.seeds_per_prompt, seed=args.seed)
         generate_cache(args.cache, args.backbone, records, batch=args.batch, steps=args.steps, quiet=args.quiet)
         report = run_cached(args.cache, source, source_options=options, resamples=args.resamples, seed=args.seed,
-                            checks=args.render_checks, split=args.split)
+                            checks=args.render_checks, split=args.split, stability=args.evaluator_stability)
     else:
         report = run(args.backbone, args.n, args.seed, args.batch, args.steps, args.quiet, source, options,
                      args.resamples)

@@ -127,6 +127,7 @@ def test_cli_refuses_options_of_the_other_form(tmp_path, capsys, monkeypatch):
                         (["--per-tag", "3"], "--per-tag goes with --cache DIR"),
                         (["--seeds-per-prompt", "2"], "--seeds-per-prompt goes with --cache DIR"),
                         (["--render-checks", "0"], "--render-checks goes with --cache DIR"),
+                        (["--evaluator-stability"], "--evaluator-stability goes with --cache DIR"),
                         (["-n", "6", "--cache", str(tmp_path / "c")], "-n goes without --cache")):
         with pytest.raises(SystemExit) as e:
             RA.main(argv)
@@ -220,3 +221,84 @@ def test_a_cache_of_other_samples_says_what_differs(tmp_path):
     with pytest.raises(ValueError, match=r"holds other samples: other settings \(.*'steps': 0.* here, .*'steps': 3.* "
                                          r"asked\); use"):
         RA.generate_cache(folder, "shapes", records, steps=3)
+
+
+def test_perturb_changes_images_a_little_and_refuses_bad_kinds():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=gen)
+    assert float((RA.perturb(x, "gain", 1.03) - x).abs().max()) <= 0.03 + 1e-6
+    assert torch.equal(RA.perturb(x, "gain", 0.5), x * 0.5)
+    a = RA.perturb(x, "noise", 2 / 255, torch.Generator().manual_seed(3))
+    b = RA.perturb(x, "noise", 2 / 255, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and 0.0 < float((a - x).abs().mean()) < 4 / 255  # seeded, small
+    flat = torch.full((1, 3, 8, 8), 0.4)
+    assert torch.allclose(RA.perturb(flat, "blur", 0.5), flat)  # a flat image stays flat (edges replicated)
+    step = torch.zeros(1, 3, 8, 8)
+    step[..., 4:] = 1.0
+    blurred = RA.perturb(step, "blur", 0.5)
+    assert blurred.shape == step.shape and 0.0 < float(blurred[0, 0, 0, 3]) < 0.5 < float(blurred[0, 0, 0, 4]) < 1.0
+    assert float(RA.perturb(torch.ones(1, 3, 4, 4), "gain", 1.03).max()) == 1.0  # clamped to [0, 1]
+    with pytest.raises(ValueError, match="kind must be one of 'gain', 'noise', 'blur', got 'warp'"):
+        RA.perturb(x, "warp", 1.0)
+    for bad in (0, -1.0, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="value must be a finite number > 0"):
+            RA.perturb(x, "blur", bad)
+
+
+def _renders(records):
+    import numpy as np
+    import torch
+
+    from xlard.shapes import prompts as P
+
+    scenes = [P.render_record(r, seed=k) for k, r in enumerate(records)]
+    return torch.from_numpy(np.stack([s.render() for s in scenes])).permute(0, 3, 1, 2).float() / 255
+
+
+def test_evaluator_stability_on_clean_renders_is_perfect():
+    """Ground-truth renders are far from every cut of the evaluator: no change flips a verdict, so the
+    evaluator agrees with itself exactly, per aspect, and the table says so."""
+    records = RA.plan_records("heldout", 4, 2, seed=0)
+    images = _renders(records)
+    # half the records asked for one object more than drawn: the evaluator judges those wrong
+    asked = []
+    for k, r in enumerate(records):
+        r = json.loads(json.dumps(r))
+        if k % 4 >= 2 and r["tag"] == "counting":  # one right and one wrong sample of each prompt
+            r["include"][0]["count"] += 1
+            r["exclude"][0]["count"] += 1
+        asked.append(r)
+    from xlard.shapes import evaluator as E
+
+    labels = [bool(v.correct) for v in E.evaluate(images, asked)]
+    assert not all(labels) and any(labels)
+    out = RA.evaluator_stability(asked, images, labels, resamples=20)
+    assert [label for label, _ in RA.PERTURBATIONS] == list(out)
+    for entry in out.values():
+        assert entry["verdicts_changed_per_draw"] == 0
+        count = entry["summary"]["count"]
+        assert count["records"] == 4 and count["auroc"] == 1.0 and count["within_auroc"] == 1.0
+        assert count["verdicts_changed_per_draw"] == 0
+    report = {"source": "shapes", "n": len(asked), "backbone": "shapes", "evaluator_stability": out,
+              "summary": RA.summarize([{"tag": r["tag"], "prompt": r["prompt"], "correct": y, "scores": [1, 1, 1]}
+                                       for r, y in zip(asked, labels)], resamples=5)}
+    table = RA.to_markdown(report)
+    assert "The evaluator against itself" in table and "| brightness x0.97 / x1.03 | count | 0 of 4 | 1.000" in table
+
+
+def test_evaluator_stability_counts_the_verdicts_a_change_flips(monkeypatch):
+    """A change that erases every object turns every verdict to wrong: the changed verdicts are the correct
+    samples, and the score no longer tells correct from wrong (AUROC 0.5)."""
+    import torch
+
+    records = [r for r in RA.plan_records("heldout", 4, 2, seed=0) if r["tag"] == "counting"]
+    images = _renders(records)
+    labels = [True, True, False, True]
+    monkeypatch.setattr(RA, "perturb", lambda x, kind, value, generator=None: torch.full_like(x, 0.5))
+    out = RA.evaluator_stability(records, images, labels, resamples=20)
+    for entry in out.values():
+        assert entry["verdicts_changed_per_draw"] == 3
+        assert entry["summary"]["count"]["verdicts_changed_per_draw"] == 3
+        assert entry["summary"]["count"]["auroc"] == 0.5
