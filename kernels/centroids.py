@@ -278,8 +278,8 @@ def position_scores_fwd(centroids: torch.Tensor, relations: torch.Tensor, tau: f
         RuntimeError: for bad shapes, an index outside ``[0, T)`` or a code outside 0..3.
     """
     relations = _check_position("position_scores", centroids, relations)
-    if not math.isfinite(tau):
-        raise RuntimeError(f"xlard.position_scores: tau must be finite, got {tau}")
+    if not (math.isfinite(tau) and tau > 0):  # as the C++ providers and the fake kernel: a negative tau reversed
+        raise RuntimeError(f"xlard.position_scores: tau must be a finite number > 0, got {tau:g}")
     acc, acc_tl = _acc_dtype(centroids.dtype)
     batch, num_tokens, _ = centroids.shape
     num_rel = relations.shape[1]

@@ -243,6 +243,10 @@ def _launch(maps: torch.Tensor, threshold: float, mode: str, min_area: int, conn
         raise RuntimeError(f"xlard: maps of {num_pixels} pixels are more than the Triton components kernel indexes "
                            f"(at most {2**31 - 1 - block}: int32 labels and tiles); use the CPU provider "
                            f"(xlard.ops.provider)")
+    if mode == "otsu" and num_maps and num_pixels > 2**27 and maps.dtype not in _MASK_DTYPES:
+        # as the CPU and CUDA providers: Otsu's exact int64 class sums (255 * n^2) overflow beyond 2^27 pixels
+        raise RuntimeError(f"xlard: mode 'otsu' takes maps of at most 2^27 pixels (its int64 class sums would "
+                           f"overflow), got H * W = {num_pixels}")
     counts = torch.zeros(num_maps, dtype=torch.int32, device=device)
     labels = torch.zeros(num_maps, num_pixels, dtype=torch.int32, device=device) if write_labels else None
     if num_maps == 0 or num_pixels == 0:

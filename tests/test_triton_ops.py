@@ -1005,3 +1005,20 @@ def test_sizes_past_the_triton_kernels_int32_and_grid_limits_are_named(kernels):
     with pytest.raises(RuntimeError, match=r"color_scores: 65536 color embeddings needs 65536 programs .* limit of "
                                            r"65535"):
         kernels["color"].color_scores_fwd(torch.ones(1, 2, 4), embeddings, None)
+
+
+def test_triton_launchers_refuse_what_the_cpp_providers_refuse(kernels):
+    """The raw xlard_triton ops (and the xlard:: CUDA kernels when the Triton launchers stand in for a _C built
+    without CUDA) computed with tau <= 0 (reversed relations, where the CPU op and the fake kernel refuse) and
+    with Otsu on maps past 2^27 pixels (int64 class sums past 2^63)."""
+    cen = torch.tensor([[[0.2, 0.5], [0.8, 0.5]]])
+    rel = torch.tensor([[0, 1, 0]])
+    for tau in (-1.0, 0.0, float("inf")):
+        with pytest.raises(RuntimeError, match=r"position_scores: tau must be a finite number > 0"):
+            kernels["centroids"].position_scores_fwd(cen, rel, tau)
+        with pytest.raises(RuntimeError, match=r"position_scores: tau must be a finite number > 0"):
+            torch.ops.xlard.position_scores(cen, rel, tau)  # the C++ CPU op says the same
+    assert kernels["centroids"].position_scores_fwd(cen, rel, 10.0).shape == (1, 1)
+    big = torch.zeros(1).expand(2**27 + 1, 1)  # one pixel past the cap, no memory
+    with pytest.raises(RuntimeError, match=r"mode 'otsu' takes maps of at most 2\^27 pixels"):
+        kernels["components"].count_components_fwd(big, 0.5, "otsu", 1, 4)
