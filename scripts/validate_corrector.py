@@ -91,7 +91,11 @@ def training_reward_settings(meta) -> dict:
 
     Correctors exported since 2026-12-03 record ``reward_options`` and
     ``reward_bind_color``; for older ones the source's current defaults are used
-    (``"recorded": False`` says so, and the printout too).
+    (``"recorded": False`` says so, and the printout too). The shapes source's
+    count reward became the weighed count (``soft_count``) on 2026-12-06:
+    options recorded before then that do not say ``soft_count`` get the count
+    of that time (``soft_count: false``, ``count_confidence: true`` unless they
+    say otherwise); correctors exported since record both.
     """
     training = meta.training
     reward = {"source": training.get("reward_source") or "auto"}
@@ -102,6 +106,9 @@ def training_reward_settings(meta) -> dict:
             raise ValueError(f"--corrector: training.reward_options in the corrector's metadata must be a mapping, "
                              f"got {options!r}")
         reward["options"] = dict(options)
+        if reward["source"] in ("shapes", "auto") and "soft_count" not in options:  # exported before the weighed
+            reward["options"].update(soft_count=False,                               # count: the reward of then
+                                     count_confidence=options.get("count_confidence", True))
         if training.get("reward_bind_color") is not None:
             reward["bind_color"] = training["reward_bind_color"]
     return {**reward, "recorded": recorded}

@@ -862,9 +862,9 @@ def test_train_checks_its_prompt_files_and_backbone_before_loading(tmp_path, cap
 def test_train_checks_its_reward_settings_before_loading(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _no_work(monkeypatch)
-    config = ROOT / "configs" / "shapes_ppo.yaml"  # reward.options: {count_confidence: false}, for the shapes source
-    for extra, texts in ((["--set", "reward.source=clip"], ("reward.options: ['count_confidence'] are not options "
-                                                            "of the 'clip' source",)),
+    config = ROOT / "configs" / "shapes_ppo.yaml"  # reward.options: {count_confidence: false, soft_count: false}
+    for extra, texts in ((["--set", "reward.source=clip"], ("reward.options: ['count_confidence', 'soft_count'] are "
+                                                            "not options of the 'clip' source",)),
                          (["--set", "reward.source=clip", "--set", "reward.options={model: ./no/clip}"],
                           ("train config reward.options.model: no folder at ./no/clip",)),
                          (["--set", "reward.source=geneval_evaluator"], ("never a training reward",))):

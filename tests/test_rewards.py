@@ -37,6 +37,7 @@ from xlard.rewards import (
     RewardConfig,
     batch_specs,
     bound_patch_mask,
+    count_reward,
     count_scores,
     gather_entity_maps,
     joint_reward,
@@ -195,6 +196,38 @@ def test_count_confidence_weighs_the_count_by_the_weakest_counted_object():
     odd = maps[:1].clone()
     odd[0, 0, 9:13, 9:13] = float("inf")
     assert weakest_component_confidence(odd, soft).item() == pytest.approx(0.95)
+
+
+def test_counts_handed_over_by_a_source_are_scored_instead_of_the_components():
+    """entity_counts (a source's weighed count): the reward scores that number, fractional too; the components
+    still give found, the listed objects and the centroids; bad counts are named."""
+    two = spec("two dogs", [("dog", 2, None)])
+    cat = spec("a cat and two dogs", [("cat", 1, None), ("dog", 2, None)])
+    maps = torch.zeros(2, 2, 16, 16)
+    maps[:, :, 2:6, 2:6] = 0.95
+    maps[:, 1, 9:13, 9:13] = 0.9
+    cfg = RewardConfig(threshold_mode="absolute", threshold=0.5, min_area=2)
+    counts = torch.tensor([[1.5, 9.0], [1.0, 2.5]])  # slot 1 of the one-entity prompt is padding, never read
+    result = ExplainableRewards(cfg)([two, cat], entity_maps=maps, entity_counts=counts)
+    assert result.count_found.tolist() == [[1, 0], [1, 2]]
+    torch.testing.assert_close(result.scores[:, 0], torch.tensor(
+        [math.exp(-0.5 / 2), (1.0 + math.exp(-0.5 / 2)) / 2]))
+    text = result.explanations[0].counts[0].text()
+    assert "asked for 2 dogs, found 1" in text and "weighed count 1.50" in text
+    assert result.explanations[1].counts[1].weighed == pytest.approx(2.5)
+    plain = ExplainableRewards(cfg)([two], entity_maps=maps[:1, :1])
+    assert plain.explanations[0].counts[0].weighed is None and "weighed" not in plain.explanations[0].text()
+    reward, details = count_reward(maps[:1, :1], torch.tensor([[2]]), config=cfg, counts=torch.tensor([[2]]))
+    assert reward.item() == 1.0 and details["found"].tolist() == [[1]] and details["weighed"].tolist() == [[2.0]]
+    for bad, words in ((torch.tensor([[float("nan"), 1.0], [1.0, 1.0]]), "finite numbers >= 0"),
+                       (torch.tensor([[-1.0, 1.0], [1.0, 1.0]]), r"finite numbers >= 0 .*\[-1, 1\]"),
+                       (torch.ones(2, 1), r"entity_counts must be a tensor \[B=2, E>=2\], got \[2, 1\]"),
+                       ([[1.0, 1.0]], r"entity_counts must be a tensor .* got list"),
+                       (torch.ones(2, 2, dtype=torch.bool), "entity_counts must be a real")):
+        with pytest.raises(ValueError, match=words):
+            ExplainableRewards(cfg)([two, cat], entity_maps=maps, entity_counts=bad)
+    with pytest.raises(ValueError, match="count_reward: counts must be a real"):
+        count_reward(maps, torch.tensor([[2, -1], [1, 2]]), config=cfg, counts=torch.ones(2, 3))
 
 
 def test_min_area_drops_specks_and_connectivity():

@@ -493,10 +493,12 @@ def test_shapes_source_threshold_and_min_area_reach_the_filter_and_the_rewards()
     source = ShapesSource(OracleUnderstanding([SCENE]), purity=0.0, confidence=0.7, threshold=0.6, min_area=12)
     cfg = source.reward_config()
     assert (cfg.threshold, cfg.min_area, cfg.threshold_mode) == (0.6, 12, "absolute")
-    assert cfg.count_confidence and not source.reward_config(count_confidence=False).count_confidence
-    assert not ShapesSource(OracleUnderstanding([SCENE]), count_confidence=False).reward_config().count_confidence
+    assert not cfg.count_confidence and source.reward_config(count_confidence=True).count_confidence
+    assert ShapesSource(OracleUnderstanding([SCENE]), count_confidence=True).reward_config().count_confidence
     with pytest.raises(ValueError, match="count_confidence must be a bool"):
         get_source("shapes", model=OracleUnderstanding([SCENE]), count_confidence="yes")
+    with pytest.raises(ValueError, match="soft_count must be a bool"):
+        get_source("shapes", model=OracleUnderstanding([SCENE]), soft_count=1)
     assert source.reward_config(min_area=3).min_area == 3
     maps = torch.zeros(1, 1, 16, 16)
     maps[0, 0, 1:5, 1:5] = 0.9
@@ -627,3 +629,34 @@ def test_a_damaged_clip_folder_or_bad_clip_settings_are_named(tiny_clip, word_to
     decoded = Decoded(images=torch.rand(1, 3, 32, 32), latents=torch.zeros(0), token_maps=None, patch_features=None,
                       specs=(parse("a photo of a red cat"),), segment_offsets={})
     assert not ClipSource(tiny_clip, word_tokenizer)(decoded)["entity_maps"].requires_grad
+
+
+def test_shapes_source_weighed_count():
+    """Each found object counts by min(ramp(mean probability, 0.5, 0.95), ramp(color purity, 0.3, 0.9)); objects
+    under min_area do not count; the source hands the sum to the rewards, which score it."""
+    source = ShapesSource(OracleUnderstanding([SCENE]))
+    maps = torch.zeros(1, 2, 16, 16)
+    maps[0, 0, 1:5, 1:5] = 0.95     # clear, one color: 1
+    maps[0, 0, 1:5, 9:13] = 0.725   # half as sure: 0.5
+    maps[0, 0, 9:13, 1:5] = 0.95    # 75% one color: ramp(0.75, 0.3, 0.9) = 0.75
+    maps[0, 0, 9:11, 9:11] = 1.0    # 4 pixels, under min_area 8: not counted
+    maps[0, 1, 9:13, 9:13] = 0.6    # ramp(0.6, 0.5, 0.95) = 2/9
+    color = torch.zeros(1, 11, 16, 16)
+    color[0, 0] = 1.0                                               # background ...
+    color[0, 0, :, :8], color[0, 1, :, :8] = 0.0, 1.0               # ... but red on the left
+    color[0, 1, 9:13, 1], color[0, 5, 9:13, 1] = 0.0, 1.0           # one column of the third object blue
+    got = source.weighed_counts(maps, color)
+    torch.testing.assert_close(got, torch.tensor([[1.0 + 0.5 + 0.75, (0.6 - 0.5) / 0.45]]))
+    # what the source hands over and the rewards score
+    images = torch.from_numpy(SCENE.render()).permute(2, 0, 1)[None].float() / 255
+    decoded = Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
+                      specs=(parse("a photo of three circles"),), segment_offsets={})
+    inputs = source(decoded)
+    torch.testing.assert_close(inputs["entity_counts"], torch.tensor([[3.0]]))  # the oracle's three clear circles
+    assert "entity_counts" not in ShapesSource(OracleUnderstanding([SCENE]), soft_count=False)(decoded)
+    result = score(decoded, source)
+    assert result.scores[0, 0].item() == pytest.approx(1.0)
+    assert "weighed count 3.00" in result.explanations[0].text()
+    two = score(Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
+                        specs=(parse("a photo of two circles"),), segment_offsets={}), source)
+    assert two.scores[0, 0].item() == pytest.approx(math.exp(-1 / 2))

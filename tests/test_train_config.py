@@ -163,6 +163,8 @@ def test_shipped_corrector_config_and_the_demo_share_one_recipe():
     # The recipe it replaced stays loadable (docs/training.md measures it).
     ppo = load_config(REPO / "configs" / "shapes_ppo.yaml")
     assert ppo.steps == 400 and ppo.distill.items_per_tag == 0
+    # ... with the integer count reward its corrector was trained with, whatever the source's default count
+    assert dict(ppo.reward.options) == {"count_confidence": False, "soft_count": False}
 
 
 def test_balanced_pairs_give_every_tag_the_same_items():

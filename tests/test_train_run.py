@@ -608,7 +608,9 @@ def test_balanced_run_and_step_size_calibration(tmp_path, shapes, monkeypatch):
     best = "3" if scores["3"] - scores["1"] > 2.0 * se["3"] else "1"
     assert meta.alpha == pytest.approx(float(best) * meta.training["training_alpha"])
     # the reward the run optimised, for scripts/validate_corrector.py
-    assert meta.training["reward_options"] == {"count_confidence": False}
+    # (with the count settings the shapes source used written out: validating after a default changes still scores
+    # with the reward the run optimised)
+    assert meta.training["reward_options"] == {"count_confidence": False, "soft_count": True}
     assert meta.training["reward_bind_color"] is None
 
 

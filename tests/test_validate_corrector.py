@@ -42,7 +42,16 @@ def test_the_training_reward_comes_from_the_corrector_metadata():
 
     got = V.training_reward_settings(meta({"reward_source": "shapes", "reward_options": {"count_confidence": False},
                                            "reward_bind_color": False}))
-    assert got == {"source": "shapes", "options": {"count_confidence": False}, "bind_color": False, "recorded": True}
+    # recorded before the weighed count (no soft_count): the count reward of then, here the integer count
+    assert got == {"source": "shapes", "options": {"count_confidence": False, "soft_count": False},
+                   "bind_color": False, "recorded": True}
+    # recorded since: as recorded
+    got = V.training_reward_settings(meta({"reward_source": "shapes",
+                                           "reward_options": {"soft_count": True, "count_confidence": False}}))
+    assert got == {"source": "shapes", "options": {"soft_count": True, "count_confidence": False}, "recorded": True}
+    # another source: nothing added
+    got = V.training_reward_settings(meta({"reward_source": "attention", "reward_options": {}}))
+    assert got == {"source": "attention", "options": {}, "recorded": True}
     # older correctors: the source's defaults, and the report says they were not recorded
     assert V.training_reward_settings(meta({"reward_source": "shapes"})) == {"source": "shapes", "recorded": False}
     with pytest.raises(ValueError, match="reward_options"):
@@ -60,8 +69,11 @@ def test_the_shipped_corrector_records_its_recipe():
     assert corrector.config.conditioning == "fields" and corrector.config.reader
     assert meta.training["step"] == 0 and meta.training["distill"]["decoder_epochs"] > 0
     assert meta.correction_step == 1.0
-    # the reward it is validated with: the source's defaults (the warm start reads the understanding model)
-    assert V.training_reward_settings(meta) == {"source": "shapes", "options": {}, "recorded": True}
+    # the reward it is validated with: the source's defaults when it was exported (the confidence-weighted count;
+    # the warm start reads the understanding model, not the reward)
+    assert meta.training["reward_options"] == {}
+    assert V.training_reward_settings(meta) == {"source": "shapes", "recorded": True,
+                                                "options": {"soft_count": False, "count_confidence": True}}
 
 
 def test_prompt_sets_need_a_run_with_left_out_prompts():
@@ -107,8 +119,9 @@ def test_small_run_matches_direct_scoring(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["items"] == 6 and [r["multiplier"] for r in report["rows"]] == [0.0, 1.0]
     assert "x0:" in printed and "x1:" in printed
-    assert "training reward: source shapes, options {}" in printed
-    assert report["reward"]["options"] == {}
+    # the shipped corrector recorded {} before the weighed count: scored with the count reward of its time
+    assert 'training reward: source shapes, options {"soft_count": false, "count_confidence": true}' in printed
+    assert report["reward"]["options"] == {"soft_count": False, "count_confidence": True}
     base, corrected = report["rows"]
     assert base["fixed"] == base["broken"] == 0 and report["delta_rms"] > 0
     assert set(base["tags"]) == set(V.TAGS)

@@ -15,7 +15,10 @@ metadata only), and the maps are never touched by a per-prompt loop.
   ``count_confidence`` (maps of probabilities), ``r`` is multiplied by the
   mean value of the weakest counted component, so that of two images with the
   same count the one whose objects are all clearly the noun scores higher.
-  Averaged over the counted entities.
+  A source may hand over its own counts instead (``entity_counts``, e.g. a
+  *weighed* count where each object counts by how sure the source is of it):
+  ``n_hat`` is then that number, the components still place and list the
+  objects. Averaged over the counted entities.
 - **Color** (:func:`color_reward`). Per entity with a color ``c``:
   ``s = max_i cos(f_i, e_c)`` over image patches ``i`` (optionally only those
   inside the entity's component mask: ``bind_color``); averaged over the
@@ -518,6 +521,7 @@ def count_reward(
     targets: torch.Tensor,
     mask: torch.Tensor | None = None,
     config: RewardConfig | None = None,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Count reward per batch item from entity maps.
 
@@ -526,18 +530,25 @@ def count_reward(
         targets (int64 [B, E]): target counts; negative = no target.
         mask (bool [B, E], optional): which entities may be scored (default all).
         config: thresholds, connectivity, minimum area.
+        counts (Tensor[B, E], optional): the numbers of objects to score
+            instead of the components counted (finite, >= 0; a source's weighed
+            count may be fractional); the components still give ``found``,
+            areas and centroids.
 
     Returns:
         (reward float32 [B] (NaN where no entity is counted), details) with
         details ``found`` int32 [B, E], ``areas`` int32 [B, E, K],
         ``centroids`` float32 [B, E, K, 2] (largest components first),
-        ``entity_reward`` float32 [B, E] and ``counted`` bool [B, E].
+        ``entity_reward`` float32 [B, E] and ``counted`` bool [B, E]
+        (``weighed`` float32 [B, E] too when ``counts`` are given).
     """
     config = _config_arg("count_reward", config)
     _tensor_arg("count_reward", "entity_maps", entity_maps, "float", "B, E, H, W")
     _tensor_arg("count_reward", "targets", targets, "integer", "B, E", tuple(entity_maps.shape[:2]))
     if mask is not None:
         _tensor_arg("count_reward", "mask", mask, "bool", "B, E", tuple(entity_maps.shape[:2]))
+    if counts is not None:
+        _check_counts("count_reward", "counts", counts, tuple(entity_maps.shape[:2]))
     h, w = entity_maps.shape[-2:]
     found, areas, centroids = ops.component_stats(
         entity_maps, max_components=config.max_components, **config.component_args(h, w)
@@ -545,14 +556,30 @@ def count_reward(
     counted = targets >= 0
     if mask is not None:
         counted = counted & mask
-    entity_reward = count_scores(found, targets.clamp(min=0))
     details = dict(found=found, areas=areas, centroids=centroids, counted=counted)
+    if counts is not None:
+        weighed = counts.detach().to(device=found.device, dtype=torch.float32)
+        entity_reward = count_scores(weighed, targets.clamp(min=0))
+        details["weighed"] = weighed
+    else:
+        entity_reward = count_scores(found, targets.clamp(min=0))
     if config.count_confidence:
         confidence = weakest_component_confidence(entity_maps, config)
         entity_reward = entity_reward * confidence
         details["confidence"] = confidence
     reward = _masked_mean(entity_reward, counted)
     return reward, dict(details, entity_reward=entity_reward)
+
+
+def _check_counts(owner: str, name: str, counts, shape: tuple) -> None:
+    """Counts handed over by a source: a real tensor of ``shape``, finite and >= 0 (NaN or a negative count
+    scored silently)."""
+    _tensor_arg(owner, name, counts, "real", "B, E", shape)
+    if counts.numel():
+        lo, hi = (float(v) for v in torch.aminmax(counts.detach().double()))
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0:
+            raise ValueError(f"{owner}: {name} must be finite numbers >= 0 (objects counted), got values in "
+                             f"[{lo:g}, {hi:g}]")
 
 
 def weakest_component_confidence(entity_maps: torch.Tensor, config: RewardConfig | None = None) -> torch.Tensor:
@@ -794,6 +821,9 @@ class CountExplanation:
             component passes the cut).
         confidence: the mean map value of the weakest counted component, when
             the reward weighs the count by it (``RewardConfig.count_confidence``).
+        weighed: the number the reward scored when the source handed over its
+            own counts (``entity_counts``: each object weighed by how sure the
+            source is of it), else None.
     """
 
     entity: int
@@ -805,6 +835,7 @@ class CountExplanation:
     areas: tuple[float, ...] = ()
     status: str = "ok"
     confidence: float | None = None
+    weighed: float | None = None
 
     def text(self) -> str:
         """One sentence: "asked for 3 dogs, found 2 (at (0.21, 0.40), (0.70, 0.38))"."""
@@ -817,6 +848,8 @@ class CountExplanation:
             sentence += f" (at {listed}{more})"
         elif self.status in _STATUS_TEXT:
             sentence += f" ({_STATUS_TEXT[self.status]})"
+        if self.weighed is not None:
+            sentence += f"; weighed count {self.weighed:.2f}"
         if self.confidence is not None and self.found:
             sentence += f"; weakest object's confidence {self.confidence:.2f}"
         return sentence
@@ -1089,6 +1122,7 @@ class ExplainableRewards:
         weights: torch.Tensor | None = None,
         explain: bool = True,
         source: str | None = None,
+        entity_counts: torch.Tensor | None = None,
     ) -> RewardResult:
         """Score a batch of generations against their prompts.
 
@@ -1117,6 +1151,11 @@ class ExplainableRewards:
             source: name of the reward source the inputs came from, recorded
                 in the result and its explanations (:func:`xlard.sources.score`
                 sets it).
+            entity_counts (Tensor[B, E'], optional): the number of objects of
+                each entity the source counted (finite, >= 0, may be
+                fractional: the shapes source weighs each object by how sure
+                it is of it), scored instead of the maps' components; slot j =
+                the spec's entity j, as for ``entity_maps``.
 
         Returns:
             A :class:`RewardResult`.
@@ -1150,7 +1189,16 @@ class ExplainableRewards:
         h, w = maps.shape[-2:]
 
         # Count.
-        count, count_details = count_reward(maps, batch.count_target, available, cfg)
+        counts = None
+        if entity_counts is not None:
+            if not isinstance(entity_counts, torch.Tensor) or entity_counts.dim() != 2 \
+                    or entity_counts.shape[0] != b or entity_counts.shape[1] < e_max:
+                got = (f"{list(entity_counts.shape)}" if isinstance(entity_counts, torch.Tensor)
+                       else type(entity_counts).__name__)
+                raise ValueError(f"ExplainableRewards: entity_counts must be a tensor [B={b}, E>={e_max}], got {got}")
+            counts = entity_counts[:, :e_max]
+            _check_counts("ExplainableRewards", "entity_counts", counts, (b, e_max))
+        count, count_details = count_reward(maps, batch.count_target, available, cfg, counts)
         # Position reads every map with mass (its weighted centroid, as the paper's rule); an entity whose map has
         # mass but no component past the count's cut is marked, so that its explanation does not place an object
         # the count says is absent. Scoring its relations 0 instead was measured and not kept (docs/rewards.md).
@@ -1320,6 +1368,7 @@ def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok,
         comp_centroids=count_details["centroids"], counted=count_details["counted"],
         entity_reward=count_details["entity_reward"],
         confidence=count_details.get("confidence", torch.full_like(count_details["entity_reward"], float("nan"))),
+        weighed=count_details.get("weighed", torch.full_like(count_details["entity_reward"], float("nan"))),
         centroids=result.entity_centroids, color_scores=result.color_scores, color_patch=result.color_patch,
         relation_scores=result.relation_scores, relation_ok=relation_ok, relations=batch.relations,
         relation_mask=batch.relation_mask, present=result.present,
@@ -1340,7 +1389,8 @@ def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok,
             counts.append(CountExplanation(
                 j, entity.noun, entity.count, t["found"][i][j], t["entity_reward"][i][j],
                 tuple(c for c, _ in kept), tuple(a for _, a in kept), status[j],
-                None if math.isnan(t["confidence"][i][j]) else t["confidence"][i][j]))
+                None if math.isnan(t["confidence"][i][j]) else t["confidence"][i][j],
+                None if math.isnan(t["weighed"][i][j]) else t["weighed"][i][j]))
         for j, entity in enumerate(spec.entities):
             if entity.color is None or "color" not in shown:
                 continue

@@ -28,7 +28,9 @@ The interface (stable; the trainer codes against it):
   ``__call__(decoded) -> dict`` of keyword arguments for
   ``ExplainableRewards.__call__`` (``specs`` plus ``token_maps`` or
   ``entity_maps``/``entity_available``, and ``patch_features``/
-  ``color_embeddings`` for the color reward); ``reward_config() ->
+  ``color_embeddings`` for the color reward; optionally ``entity_counts``, the
+  number of objects per entity the count reward scores instead of the maps'
+  components: the shapes source's weighed count); ``reward_config() ->
   RewardConfig`` the thresholds this source's maps are meant to be read with.
 - ``get_source(name, backbone=None, **options) -> RewardSource``.
 - ``default_source_for(backbone) -> str``: ``"shapes"`` for the shapes
@@ -202,6 +204,12 @@ class AttentionSource(RewardSource):
 THRESHOLD = 0.5
 MIN_AREA = 8
 PAINT_PURITY = 0.7
+#: The weighed count (``ShapesSource(soft_count=True)``): a found object counts
+#: ``min(ramp(mean probability, *SOFT_CONFIDENCE), ramp(color purity, *SOFT_PURITY))``,
+#: ``ramp(x, a, b)`` rising from 0 at ``a`` to 1 at ``b`` (set on training-split samples,
+#: docs/rewards.md).
+SOFT_CONFIDENCE = (0.5, 0.95)
+SOFT_PURITY = (0.3, 0.9)
 
 
 class ShapesSource(RewardSource):
@@ -226,7 +234,16 @@ class ShapesSource(RewardSource):
     nearest to its most frequent palette color below ``paint_purity``): the
     color head is trained on one-colored objects and tends to call a two-tone
     blob one color, the pixels do not. The cut-offs were set on
-    training-split samples.
+    training-split samples. Those checks decide which objects the
+    explanations list and where the entity is (position, bound colors).
+
+    The count reward reads a *weighed* count (``soft_count``, the default):
+    every found object of at least ``min_area`` pixels counts by how clearly
+    it is one object of the noun, ``min(ramp(its mean probability, 0.5, 0.95),
+    ramp(its color purity, 0.3, 0.9))`` (``ramp(x, a, b)``: 0 at ``a`` rising
+    to 1 at ``b``), and the reward is ``exp(-|sum - n| / n)``: a doubtful
+    object is neither counted whole nor dropped whole. Chosen on
+    training-split samples over the hard checks (docs/rewards.md).
 
     Args:
         model: a :class:`xlard.shapes.understanding.ShapesUnderstanding`
@@ -247,8 +264,12 @@ class ShapesSource(RewardSource):
             components above it), for the checks and :meth:`reward_config`.
         min_area: the smallest object (pixels of the 64x64 map) the rewards count.
         count_confidence: weigh the count reward by the weakest counted
-            object's mean probability (:meth:`reward_config`); False gives the
-            plain integer count of earlier runs.
+            object's mean probability (:meth:`reward_config`; the default
+            before the weighed count).
+        soft_count: score the weighed count (above) instead of the number
+            of objects that pass the checks. ``soft_count=False,
+            count_confidence=True`` is the count reward of 2026-12-03 to
+            2026-12-06; both False the plain integer count of earlier runs.
 
     Raises:
         FileNotFoundError: no weights (the message names the training command).
@@ -260,7 +281,8 @@ class ShapesSource(RewardSource):
 
     def __init__(self, model: Any = None, *, path: str | os.PathLike | None = None, device: Any = None,
                  purity: float = 0.6, confidence: float = 0.7, paint_purity: float = PAINT_PURITY,
-                 threshold: float = THRESHOLD, min_area: int = MIN_AREA, count_confidence: bool = True) -> None:
+                 threshold: float = THRESHOLD, min_area: int = MIN_AREA, count_confidence: bool = False,
+                 soft_count: bool = True) -> None:
         from xlard.shapes import understanding
 
         for label, value in (("purity", purity), ("confidence", confidence), ("paint_purity", paint_purity),
@@ -269,9 +291,11 @@ class ShapesSource(RewardSource):
                 raise ValueError(f"ShapesSource: {label} must be a number in [0, 1], got {value!r}")
         if isinstance(min_area, bool) or not isinstance(min_area, int) or min_area < 1:
             raise ValueError(f"ShapesSource: min_area must be an int >= 1, got {min_area!r}")
-        if not isinstance(count_confidence, bool):
-            raise ValueError(f"ShapesSource: count_confidence must be a bool, got {count_confidence!r}")
+        for label, value in (("count_confidence", count_confidence), ("soft_count", soft_count)):
+            if not isinstance(value, bool):
+                raise ValueError(f"ShapesSource: {label} must be a bool, got {value!r}")
         self.count_confidence = count_confidence
+        self.soft_count = soft_count
         self.purity = float(purity)
         self.confidence = float(confidence)
         self.paint_purity = float(paint_purity)
@@ -298,10 +322,9 @@ class ShapesSource(RewardSource):
     def reward_config(self, **overrides: Any) -> RewardConfig:
         """Absolute ``threshold``, components of at least ``min_area`` pixels (of 64x64), colors bound to the entity.
 
-        With ``count_confidence`` (the default) the count reward is weighed by
-        the weakest counted object's mean probability: the integer count ties many
-        images of the same prompt (all at 1.0) that the confidence tells
-        apart (docs/rewards.md).
+        With ``count_confidence`` the count reward is weighed by the weakest
+        counted object's mean probability (with ``soft_count``, the default,
+        the source hands the rewards its weighed count instead; docs/rewards.md).
         """
         settings = dict(threshold=self.threshold, threshold_mode="absolute", min_area=self.min_area, bind_color=True,
                         bind_min_coverage=0.5, count_confidence=self.count_confidence)
@@ -316,7 +339,7 @@ class ShapesSource(RewardSource):
         return None
 
     def drop_mixed_objects(self, maps: torch.Tensor, color_probs: torch.Tensor,
-                           images: torch.Tensor | None = None) -> torch.Tensor:
+                           images: torch.Tensor | None = None, _components=None) -> torch.Tensor:
         """Zero the found objects whose pixels are not mostly one color (see the class docstring).
 
         Args:
@@ -329,22 +352,10 @@ class ShapesSource(RewardSource):
             The maps with every component (8-connected, > ``threshold``) whose main
             color covers less than ``purity`` of its colored pixels zeroed.
         """
-        from xlard import ops
-
         b, e, h, w = maps.shape
-        labels, _ = ops.label_components(maps.float(), threshold=self.threshold, mode="absolute", min_area=1,
-                                             connectivity=8)
-        labels = labels.long()
+        labels, slot, top, total = _components or self._components(maps, color_probs)
         n_labels = int(labels.max()) + 1
-        n_colors = color_probs.shape[1] - 1
-        color = color_probs[:, 1:].argmax(1)  # [B, H, W]
-        colored = (color_probs[:, 0] < 0.5)[:, None].expand(b, e, h, w)
-        slot = torch.arange(b * e, device=maps.device).view(b, e, 1, 1) * n_labels + labels
-        key = (slot * n_colors + color[:, None]).masked_select(colored & (labels > 0))
-        hist = torch.zeros(b * e * n_labels * n_colors, device=maps.device).scatter_add_(
-            0, key, torch.ones_like(key, dtype=torch.float32)).view(b * e * n_labels, n_colors)
-        total = hist.sum(-1)
-        pure = (hist.max(-1).values >= self.purity * total) | (total == 0)
+        pure = ((top >= self.purity * total) | (total == 0)).flatten()
         if self.confidence > 0:  # components whose mean probability is low: not clearly this shape
             mean, _ = component_means(maps, labels)
             pure = pure & (mean.flatten() >= self.confidence)
@@ -359,6 +370,57 @@ class ShapesSource(RewardSource):
             pure = pure & (paint.max(-1).values >= self.paint_purity * paint.sum(-1))
         keep = pure[slot.flatten()].view(b, e, h, w) | (labels == 0)
         return torch.where(keep, maps, maps.new_zeros(()))
+
+    def _components(self, maps: torch.Tensor, color_probs: torch.Tensor):
+        """``(labels [B, E, H, W] int64, slot [B, E, H, W], top [B, E, L], total [B, E, L])`` of the maps'
+        components (8-connected, > ``threshold``, any size; one labelling for the checks and the weighed count):
+        ``slot`` numbers each map's labels apart (``(b * E + e) * L + label``); ``total`` counts a component's
+        colored pixels (the color head's background below 0.5), ``top`` those of its most frequent color."""
+        from xlard import ops
+
+        b, e, h, w = maps.shape
+        labels, _ = ops.label_components(maps.float(), threshold=self.threshold, mode="absolute", min_area=1,
+                                         connectivity=8)
+        labels = labels.long()
+        n_labels = int(labels.max()) + 1
+        n_colors = color_probs.shape[1] - 1
+        color = color_probs[:, 1:].argmax(1)  # [B, H, W]
+        colored = (color_probs[:, 0] < 0.5)[:, None].expand(b, e, h, w)
+        slot = torch.arange(b * e, device=maps.device).view(b, e, 1, 1) * n_labels + labels
+        key = (slot * n_colors + color[:, None]).masked_select(colored & (labels > 0))
+        hist = torch.zeros(b * e * n_labels * n_colors, device=maps.device).scatter_add_(
+            0, key, torch.ones_like(key, dtype=torch.float32)).view(b * e * n_labels, n_colors)
+        return labels, slot, hist.max(-1).values.view(b, e, n_labels), hist.sum(-1).view(b, e, n_labels)
+
+    def weighed_counts(self, maps: torch.Tensor, color_probs: torch.Tensor, _components=None) -> torch.Tensor:
+        """The weighed count of each entity map (see the class docstring).
+
+        Args:
+            maps (Tensor[B, E, H, W]): entity maps (probabilities), before the checks.
+            color_probs (Tensor[B, 1 + C, H, W]): the color head's distributions.
+
+        Returns:
+            float32 Tensor[B, E]: the sum over the map's components of at least
+            ``min_area`` pixels of ``min(ramp(mean probability), ramp(color purity))``.
+
+        Example:
+            >>> source = ShapesSource()                                  # doctest: +SKIP
+            >>> out = source.model.predict(images)                       # doctest: +SKIP
+            >>> source.weighed_counts(out.shape_probs, out.color_probs)  # doctest: +SKIP
+        """
+        labels, _, top, total = _components or self._components(maps, color_probs)
+        share = torch.where(total > 0, top / total.clamp(min=1), torch.ones_like(total))  # none colored: pure
+        values = torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+        mean, size = component_means(values, labels)
+
+        def ramp(x, bounds):
+            lo, hi = bounds
+            return ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+        weight = torch.minimum(ramp(mean, SOFT_CONFIDENCE), ramp(share, SOFT_PURITY))
+        real = size >= self.min_area  # specks under min_area do not count, as for the rewards' components
+        real[..., 0] = False  # background
+        return torch.where(real, weight, torch.zeros_like(weight)).sum(-1)
 
     def __call__(self, decoded: Any) -> dict[str, Any]:
         images, specs = _decoded_parts(decoded, "shapes source")
@@ -384,16 +446,22 @@ class ShapesSource(RewardSource):
             for j, color in enumerate(_told_apart_by_color(spec)):
                 if color is not None and bool(available[i, j]):
                     maps[i, j] = maps[i, j] * out.color_probs[i, 1 + colors_of.index(color)].to(maps.dtype)
-        if self.purity > 0 or self.confidence > 0 or self.paint_purity > 0:
+        checks = self.purity > 0 or self.confidence > 0 or self.paint_purity > 0
+        components = self._components(maps, out.color_probs) if self.soft_count or checks else None
+        counts = self.weighed_counts(maps, out.color_probs, components) if self.soft_count else None
+        if checks:
             pixels = images.to(maps.device, torch.float32).clamp(0.0, 1.0)
             if tuple(pixels.shape[-2:]) != (h, w):
                 pixels = F.interpolate(pixels, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-            maps = self.drop_mixed_objects(maps, out.color_probs, pixels)
+            maps = self.drop_mixed_objects(maps, out.color_probs, pixels, components)
         features = out.color_probs.flatten(2).transpose(1, 2)  # [B, H*W, 1 + C], row-major pixels
         colors = _batch_colors(specs)
-        return {"specs": specs, "entity_maps": maps, "entity_available": available,
-                "patch_features": PatchFeatures(features, (h, w)),
-                "color_embeddings": {c: self._color_embeddings[c].to(features.device) for c in colors}}
+        inputs = {"specs": specs, "entity_maps": maps, "entity_available": available,
+                  "patch_features": PatchFeatures(features, (h, w)),
+                  "color_embeddings": {c: self._color_embeddings[c].to(features.device) for c in colors}}
+        if counts is not None:
+            inputs["entity_counts"] = counts
+        return inputs
 
 
 class ClipSource(RewardSource):
@@ -531,7 +599,7 @@ def default_source_for(backbone: Any) -> str:
 
 
 #: :class:`ShapesSource`'s settings that :func:`get_source` (and a run's ``reward.options``) pass through.
-_SHAPES_SETTINGS = ("purity", "confidence", "paint_purity", "threshold", "min_area", "count_confidence")
+_SHAPES_SETTINGS = ("purity", "confidence", "paint_purity", "threshold", "min_area", "count_confidence", "soft_count")
 
 
 def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
@@ -544,7 +612,7 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         **options: per source. attention: ``color_encoder``. shapes:
             ``path`` (a weights folder), ``model``, ``device``, and
             :class:`ShapesSource`'s ``purity``, ``confidence``, ``paint_purity``,
-            ``threshold``, ``min_area``, ``count_confidence``. clip:
+            ``threshold``, ``min_area``, ``count_confidence``, ``soft_count``. clip:
             ``model`` (hub id, local folder, or a loaded ``CLIPModel`` with
             ``tokenizer=``), ``device``, ``dtype``, ``noun_template``,
             ``color_template``, ``background``.

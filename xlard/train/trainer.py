@@ -1230,7 +1230,7 @@ class Trainer:
                      if v is not None or k in ("max_sequence_length", "negative_prompt")},
             training={"run": str(self.out), "step": int(self.step), "ema": self.ema is not None,
                       "reward_source": getattr(self.reward_fn, "source_name", None),
-                      "reward_options": dict(self.cfg.reward.options),
+                      "reward_options": _resolved_reward_options(self.cfg.reward.options, self.reward_fn),
                       "reward_bind_color": self.cfg.reward.bind_color,
                       "training_alpha": float(corrector.config.alpha),
                       **({"left_out_fraction": float(self.cfg.data.leave_out),
@@ -1389,6 +1389,18 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> dict:
             trainer.release()
         if ours and dist.is_initialized():
             _destroy_process_group(trainer, sys.exc_info()[1])
+
+
+def _resolved_reward_options(options, reward_fn) -> dict:
+    """The run's ``reward.options`` with the count settings its shapes source used written out (``soft_count``,
+    ``count_confidence``), so that validating the corrector after those defaults change scores with the reward the
+    run optimised (scripts/validate_corrector.py)."""
+    out = dict(options)
+    source = getattr(reward_fn, "source", None)
+    for name in ("soft_count", "count_confidence"):
+        if getattr(source, "name", None) == "shapes" and hasattr(source, name):
+            out.setdefault(name, bool(getattr(source, name)))
+    return out
 
 
 def _destroy_process_group(trainer: "Trainer | None", error: BaseException | None = None) -> None:
