@@ -647,6 +647,12 @@ def test_shapes_source_weighed_count():
     color[0, 1, 9:13, 1], color[0, 5, 9:13, 1] = 0.0, 1.0           # one column of the third object blue
     got = source.weighed_counts(maps, color)
     torch.testing.assert_close(got, torch.tensor([[1.0 + 0.5 + 0.75, (0.6 - 0.5) / 0.45]]))
+    assert source.weighed_counts(torch.zeros(0, 2, 16, 16), torch.zeros(0, 11, 16, 16)).shape == (0, 2)
+    assert source.weighed_counts(torch.zeros(1, 0, 16, 16), color).shape == (1, 0)
+    with pytest.raises(ValueError, match=r"color_probs must be a tensor \[B=1, 1 \+ C, H=16, W=16\], got .*\[2, 11"):
+        source.weighed_counts(maps, torch.zeros(2, 11, 16, 16))
+    with pytest.raises(ValueError, match="maps must be a float tensor"):
+        source.weighed_counts(maps[0], color)
     # what the source hands over and the rewards score
     images = torch.from_numpy(SCENE.render()).permute(2, 0, 1)[None].float() / 255
     decoded = Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,

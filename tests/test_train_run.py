@@ -210,6 +210,33 @@ def test_resume_with_another_process_count_is_refused_before_the_backbone_loads(
         train(tiny_config(out, steps=1), resume=True)
 
 
+def test_resume_keeps_the_reward_a_run_was_trained_with_when_a_default_changes(tmp_path, shapes, monkeypatch):
+    """A run started before the shapes source's count default changed (its checkpoint records the options it was
+    trained with) resumed with the same config silently switched reward; now that is refused with the options to
+    pin, and pinning them resumes."""
+    from xlard.train import checkpoint as ckpt
+    from xlard.train import train, trainer
+
+    out = tmp_path / "run"
+    train(tiny_config(out, steps=1), backbone=shapes)
+    path = ckpt.list_checkpoints(out)[-1][1]
+    state = ckpt.load_checkpoint(path)
+    assert state["reward_options"] == {"soft_count": True, "count_confidence": False}
+    state["reward_options"] = {"soft_count": False, "count_confidence": True}  # as trained before the default moved
+    ckpt.save_atomic(state, path)
+    monkeypatch.setattr(trainer, "load_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    with pytest.raises(ValueError, match=r"--resume: the run was trained with reward.options \{'soft_count': False, "
+                                         r"'count_confidence': True\}; .*a default changed.* write reward.options: "
+                                         r"\{\"soft_count\": false, \"count_confidence\": true\} into the config"):
+        train(tiny_config(out, steps=1), resume=True)
+    pinned = {"reward": {"options": {"soft_count": False, "count_confidence": True}}}
+    with pytest.raises(AssertionError, match="loaded"):  # the checks passed: the run would go on
+        train(tiny_config(out, steps=1, **pinned), resume=True)
+    with pytest.raises(ValueError, match=r"config differs .*reward.options"):  # another reward is still refused
+        train(tiny_config(out, steps=1, reward={"options": {"soft_count": True, "count_confidence": True}}),
+              resume=True)
+
+
 @needs_shapes
 def test_first_minibatch_ratio_check_catches_a_changed_policy(tmp_path, shapes, monkeypatch):
     from xlard.train import trainer as T

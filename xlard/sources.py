@@ -50,9 +50,10 @@ Example:
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +326,10 @@ class ShapesSource(RewardSource):
         With ``count_confidence`` the count reward is weighed by the weakest
         counted object's mean probability (with ``soft_count``, the default,
         the source hands the rewards its weighed count instead; docs/rewards.md).
+        The weighed count is made with the source's own ``threshold`` and
+        ``min_area``: overriding them here changes the components the
+        explanations list and place, not the count score (set them on the
+        source to change both).
         """
         settings = dict(threshold=self.threshold, threshold_mode="absolute", min_area=self.min_area, bind_color=True,
                         bind_min_coverage=0.5, count_confidence=self.count_confidence)
@@ -408,6 +413,16 @@ class ShapesSource(RewardSource):
             >>> out = source.model.predict(images)                       # doctest: +SKIP
             >>> source.weighed_counts(out.shape_probs, out.color_probs)  # doctest: +SKIP
         """
+        if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or not maps.is_floating_point():
+            raise ValueError(f"ShapesSource.weighed_counts: maps must be a float tensor [B, E, H, W], got "
+                             f"{getattr(maps, 'shape', type(maps).__name__)}")
+        b, e, h, w = maps.shape
+        if not isinstance(color_probs, torch.Tensor) or color_probs.dim() != 4 or color_probs.shape[1] < 2 \
+                or (color_probs.shape[0], *color_probs.shape[2:]) != (b, h, w):
+            raise ValueError(f"ShapesSource.weighed_counts: color_probs must be a tensor [B={b}, 1 + C, H={h}, W={w}], "
+                             f"got {getattr(color_probs, 'shape', type(color_probs).__name__)}")
+        if maps.numel() == 0:
+            return torch.zeros(b, e, device=maps.device)
         labels, _, top, total = _components or self._components(maps, color_probs)
         share = torch.where(total > 0, top / total.clamp(min=1), torch.ones_like(total))  # none colored: pure
         values = torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
@@ -600,6 +615,28 @@ def default_source_for(backbone: Any) -> str:
 
 #: :class:`ShapesSource`'s settings that :func:`get_source` (and a run's ``reward.options``) pass through.
 _SHAPES_SETTINGS = ("purity", "confidence", "paint_purity", "threshold", "min_area", "count_confidence", "soft_count")
+
+
+#: Settings whose defaults have changed between releases, per source: a run's record writes them out.
+_CHANGED_DEFAULTS = {"shapes": ("soft_count", "count_confidence")}
+
+
+def resolved_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with the settings whose defaults have changed between releases written out (the shapes source's
+    ``soft_count`` and ``count_confidence``): what a run records, so that the reward it optimised can be rebuilt, and
+    a resumed run notices, after those defaults change.
+
+    Example:
+        >>> resolved_options("shapes", {"count_confidence": True})
+        {'count_confidence': True, 'soft_count': True}
+        >>> resolved_options("attention", {})
+        {}
+    """
+    out = dict(options)
+    parameters = inspect.signature(ShapesSource.__init__).parameters
+    for key in _CHANGED_DEFAULTS.get(name, ()):
+        out.setdefault(key, parameters[key].default)
+    return out
 
 
 def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from xlard import _io
+from xlard import _io, sources
 from xlard.models import LatentRewardProjector, ResidualCorrector, aspect_weights
 from xlard.prompts import from_geneval
 from xlard.train import checkpoint as ckpt
@@ -54,7 +54,7 @@ from xlard.train.data import (CALIBRATION_SEED_BASE, MONITOR_SEED_BASE, EncodeCa
                               leave_out_prompts, load_records, refuse_heldout)
 from xlard.train.metrics import MetricsLog, draw_curves, draw_distill_curves
 from xlard.train.projector import ProjectorBuffer, Slot, fit_projector
-from xlard.train.rewarding import build_reward_fn, source_backbone_options
+from xlard.train.rewarding import build_reward_fn, resolve_source_name, source_backbone_options
 from xlard.train.rollout import (PolicyStep, decode_groups, derived_generator, encode_items, prompt_inputs,
                                  sample_rollouts)
 
@@ -471,6 +471,22 @@ class Trainer:
                 pass  # compared as saved: the difference is reported below
             new = json.loads(json.dumps(self.cfg.to_dict(), default=list))
             old.pop("out", None), new.pop("out", None)
+            # reward.options as the source reads them: a default that changed since the run started (the shapes
+            # source's count, 2026-12-06) would otherwise switch the reward it optimises without a word
+            trained = newest.get("reward_options") if newest is not None else None
+            raw_old = old.get("reward", {}).get("options") if isinstance(old.get("reward"), dict) else None
+            if isinstance(raw_old, dict):
+                old["reward"]["options"] = json.loads(json.dumps(
+                    trained if isinstance(trained, dict) else
+                    sources.resolved_options(resolve_source_name(self.cfg.reward, self.cfg.backbone.name), raw_old),
+                    default=list))
+                new["reward"]["options"] = json.loads(json.dumps(self._reward_options(), default=list))
+                if old["reward"]["options"] != new["reward"]["options"] and raw_old == dict(self.cfg.reward.options):
+                    raise ValueError(
+                        f"--resume: the run was trained with reward.options {old['reward']['options']}; this version "
+                        f"of xlard reads the same config as {new['reward']['options']} (a default changed); write "
+                        f"reward.options: {json.dumps(old['reward']['options'])} into the config to continue the "
+                        "run with its reward, or start a new run")
             for cfg_dict in (old, new):  # the progress bar (xlard train --quiet) is no part of the run
                 if isinstance(cfg_dict.get("log"), dict):
                     cfg_dict["log"].pop("progress", None)
@@ -1127,11 +1143,18 @@ class Trainer:
             "projector_opt": self.projector_opt.state_dict(), "scheduler": self.scheduler.state_dict(),
             "ema": None if self.ema is None else self.ema.shadow, "reward_stats": self.reward_stats.state_dict(),
             "data_position": self.data.position(self.step), "rank_state": gathered,
+            "reward_options": self._reward_options(),
         }
         path = ckpt.save_atomic(state, ckpt.checkpoint_path(self.out, self.step))
         for _, old in ckpt.list_checkpoints(self.out)[:-self.cfg.log.keep_checkpoints]:
             old.unlink()
         return path
+
+    def _reward_options(self) -> dict:
+        """The run's ``reward.options`` with the source settings whose defaults have changed written out
+        (:func:`xlard.sources.resolved_options`): recorded in checkpoints and the exported corrector."""
+        return sources.resolved_options(resolve_source_name(self.cfg.reward, self.cfg.backbone.name),
+                                        self.cfg.reward.options)
 
     def _check_world_size(self, path: Path, state: dict) -> None:
         if state.get("world_size") != self.world:
@@ -1230,7 +1253,7 @@ class Trainer:
                      if v is not None or k in ("max_sequence_length", "negative_prompt")},
             training={"run": str(self.out), "step": int(self.step), "ema": self.ema is not None,
                       "reward_source": getattr(self.reward_fn, "source_name", None),
-                      "reward_options": _resolved_reward_options(self.cfg.reward.options, self.reward_fn),
+                      "reward_options": self._reward_options(),
                       "reward_bind_color": self.cfg.reward.bind_color,
                       "training_alpha": float(corrector.config.alpha),
                       **({"left_out_fraction": float(self.cfg.data.leave_out),
@@ -1389,18 +1412,6 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> dict:
             trainer.release()
         if ours and dist.is_initialized():
             _destroy_process_group(trainer, sys.exc_info()[1])
-
-
-def _resolved_reward_options(options, reward_fn) -> dict:
-    """The run's ``reward.options`` with the count settings its shapes source used written out (``soft_count``,
-    ``count_confidence``), so that validating the corrector after those defaults change scores with the reward the
-    run optimised (scripts/validate_corrector.py)."""
-    out = dict(options)
-    source = getattr(reward_fn, "source", None)
-    for name in ("soft_count", "count_confidence"):
-        if getattr(source, "name", None) == "shapes" and hasattr(source, name):
-            out.setdefault(name, bool(getattr(source, name)))
-    return out
 
 
 def _destroy_process_group(trainer: "Trainer | None", error: BaseException | None = None) -> None:
