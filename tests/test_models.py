@@ -391,6 +391,14 @@ def test_confidence_matches_forward_and_starts_uniform():
     assert_close(out.weights.sum(-1), torch.ones(2))
     assert (out.weights[0, 2] == 0) and (out.weights - torch.tensor([[0.5, 0.5, 0], [1 / 3] * 3])).abs().max() < 0.1
     assert len(ASPECTS) == 3 and ASPECTS[0] == "count"
+    # A pooled embedding far beyond any text encoder's (or NaN) gave NaN weights without a word; now named.
+    with pytest.raises(ValueError, match=r"LatentRewardProjector.confidence: the confidence head's weights overflowed "
+                                         r"\(pooled's largest magnitude is 1e\+30"):
+        projector.confidence(torch.full_like(pooled, 1e30), aspect_mask)
+    with pytest.raises(ValueError, match="LatentRewardProjector.confidence: pooled holds NaN or infinite values"):
+        projector.confidence(torch.full_like(pooled, float("nan")), aspect_mask)
+    with pytest.raises(ValueError, match=r"LatentRewardProjector: .*pooled's 1e\+30"):  # the forward names pooled too
+        projector(z0, text, torch.full_like(pooled, 1e30), mask, aspect_mask)
 
 
 # ---------------------------------------------------------------- save / load
@@ -678,6 +686,25 @@ def test_inference_refuses_non_finite_inputs_and_an_overflowing_correction():
             call(z0 * 1e38, text, pooled, mask)
         with torch.no_grad():
             model.head.bias.normal_(0, 0.1)
+
+
+def test_the_training_calls_refuse_an_overflowing_correction_too():
+    """forward, distribution and policy_and_value returned an inf or NaN correction (and NaN log-probs) for finite
+    latents far beyond float32's reach; correct, actions and sample already refused that."""
+    model = make_corrector(nonzero_head=True).eval()
+    z0, text, pooled, mask = inputs()
+    calls = {"ResidualCorrector": lambda *a: model(*a), "distribution": lambda *a: model.distribution(*a).mean,
+             "policy_and_value": lambda *a: model.policy_and_value(*a)[0].mean}
+    with torch.no_grad():
+        model.head.bias.fill_(3e38)  # finite inputs, a correction beyond float32
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{name}: the correction of z0 overflowed in torch.float32 \(z0's "
+                                             r"largest magnitude is 3\.\d+e\+38; .*scaling_factor"):
+            call(z0 * 1e38, text, pooled, mask)
+    with torch.no_grad():
+        model.head.bias.normal_(0, 0.1)
+    for call in calls.values():  # ordinary latents pass
+        assert torch.isfinite(call(z0, text, pooled, mask)).all()
 
 
 def test_forward_and_sample_refuse_non_finite_inputs_too():

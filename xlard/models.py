@@ -790,10 +790,14 @@ def _refuse_non_finite_tensor(owner, name, t, hint: str) -> None:
                          f"value(s) of {t.numel()}; {hint}")
 
 
-def _refuse_overflow(owner, z0, out, alpha=None) -> None:
+def _refuse_overflow(owner, z0, out, alpha=None, stepped: bool = True) -> None:
     """Finite inputs whose correction is not finite (latents far beyond any the corrector saw, or a huge step):
-    an error naming the input's scale and the step, not a NaN image."""
+    an error naming the input's scale and the step (``stepped``: the output is z0 plus a step), not a NaN image."""
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
+        if not stepped:
+            raise ValueError(f"xlard.{owner}: the correction of z0 overflowed in {out.dtype} (z0's largest "
+                             f"magnitude is {float(z0.abs().max()):.3g}; the corrector's backbone makes latents of "
+                             "order 1: is z0 scaled by the VAE's scaling_factor?)")
         if isinstance(alpha, torch.Tensor):
             step = float(alpha.abs().max()) if alpha.numel() else 0.0
         else:
@@ -802,6 +806,19 @@ def _refuse_overflow(owner, z0, out, alpha=None) -> None:
                          f"is {float(z0.abs().max()):.3g}, alpha's {step:.3g}; the corrector's backbone makes "
                          "latents of order 1 and alpha is a step of order 1: is z0 scaled by the VAE's "
                          "scaling_factor?)")
+
+
+def _refuse_bad_weights(owner, pooled, weights) -> None:
+    """The confidence head's joint-reward weights must be finite: a prompt embedding far beyond any the head saw
+    (or a NaN in it) gave NaN weights, and a NaN joint reward, without a word."""
+    if torch.compiler.is_compiling() or bool(torch.isfinite(weights).all()):
+        return
+    if not bool(torch.isfinite(pooled).all()):
+        raise ValueError(f"xlard.{owner}: pooled holds NaN or infinite values (the text encoder's pooled "
+                         "embedding overflowed?)")
+    raise ValueError(f"xlard.{owner}: the confidence head's weights overflowed (pooled's largest magnitude is "
+                     f"{float(pooled.abs().max()):.3g}; a text encoder's pooled embedding is of order 1-100: is "
+                     "pooled the prompt's embedding?)")
 
 
 class _Pretrained:
@@ -1994,7 +2011,9 @@ class ResidualCorrector(_Pretrained, nn.Module):
             TypeError, ValueError: a bad input, naming it.
         """
         _refuse_non_finite("ResidualCorrector", z0, text_tokens, pooled, text_mask)
-        return self._forward(z0, text_tokens, pooled, text_mask)
+        delta = self._forward(z0, text_tokens, pooled, text_mask)
+        _refuse_overflow("ResidualCorrector", z0, delta, stepped=False)
+        return delta
 
     def _forward(self, z0, text_tokens, pooled, text_mask, log=None) -> torch.Tensor:
         tokens, _, reading = self._features(z0, text_tokens, pooled, text_mask)
@@ -2070,7 +2089,9 @@ class ResidualCorrector(_Pretrained, nn.Module):
             TypeError, ValueError: a bad input, naming it; NaN or infinite values as :meth:`correct` says.
         """
         _refuse_non_finite("ResidualCorrector.distribution", z0, text_tokens, pooled, text_mask)
-        return self._distribution(z0, text_tokens, pooled, text_mask)
+        policy = self._distribution(z0, text_tokens, pooled, text_mask)
+        _refuse_overflow("ResidualCorrector.distribution", z0, policy.mean, stepped=False)
+        return policy
 
     def _distribution(self, z0, text_tokens, pooled, text_mask) -> GaussianPolicy:
         tokens, _, reading = self._features(z0, text_tokens, pooled, text_mask)
@@ -2086,8 +2107,9 @@ class ResidualCorrector(_Pretrained, nn.Module):
         _refuse_non_finite("ResidualCorrector.policy_and_value", z0, text_tokens, pooled, text_mask)
         tokens, cond, reading = self._features(z0, text_tokens, pooled, text_mask)
         dt = torch.float64 if z0.dtype == torch.float64 else torch.float32
-        return (GaussianPolicy(self._delta(tokens, z0, reading, text_tokens, text_mask).to(dt), self.log_std),
-                self._value(tokens, cond))
+        mean = self._delta(tokens, z0, reading, text_tokens, text_mask).to(dt)
+        _refuse_overflow("ResidualCorrector.policy_and_value", z0, mean, stepped=False)
+        return GaussianPolicy(mean, self.log_std), self._value(tokens, cond)
 
     def value(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:
         """The baseline ``b(z0, e_p)``: trunk tokens mean-pooled, with ``W e_p``, through an MLP. ``[B]`` float32.
@@ -2344,10 +2366,14 @@ class LatentRewardProjector(_Pretrained, nn.Module):
                                  f"{', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): its training "
                                  "diverged (lower optim.lr, or resume from an earlier checkpoint)")
             raise ValueError(f"xlard.{owner}: the predicted scores are NaN for finite inputs (zc's largest "
-                             f"magnitude is {float(zc.abs().max()):.3g}; the projector's backbone makes latents of "
-                             "order 1: is zc scaled by the VAE's scaling_factor?)")
+                             f"magnitude is {float(zc.abs().max()):.3g}, pooled's {float(pooled.abs().max()):.3g}; "
+                             "the projector's backbone makes latents of order 1 and a text encoder's pooled "
+                             "embedding is of order 1-100: is zc scaled by the VAE's scaling_factor, and pooled the "
+                             "prompt's embedding?)")
         log_var = self._log_var(pooled)
-        return ProjectorOutput(scores, log_var, aspect_weights(log_var, aspect_mask))
+        weights = aspect_weights(log_var, aspect_mask)
+        _refuse_bad_weights(owner, pooled, weights)
+        return ProjectorOutput(scores, log_var, weights)
 
     def confidence(self, pooled, aspect_mask=None) -> torch.Tensor:
         """The joint-reward weights lambda ``[B, 3]`` from the prompt alone (no latent needed).
@@ -2364,7 +2390,9 @@ class LatentRewardProjector(_Pretrained, nn.Module):
                              f"got {tuple(pooled.shape)}")
         if aspect_mask is not None:
             _check_aspect_mask(owner, aspect_mask, pooled.shape[0], ref.device)
-        return aspect_weights(self._log_var(pooled.to(ref.dtype)), aspect_mask)
+        weights = aspect_weights(self._log_var(pooled.to(ref.dtype)), aspect_mask)
+        _refuse_bad_weights(owner, pooled, weights)
+        return weights
 
     def loss(self, pred: ProjectorOutput, target, aspect_mask) -> ProjectorLoss:
         """Uncertainty-weighted regression loss of the projector and its confidence head.
