@@ -29,7 +29,6 @@ import functools
 import math
 import numbers
 import operator
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
