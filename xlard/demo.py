@@ -239,7 +239,6 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     import torch
 
     from xlard import evaluation
-    from xlard.train import checkpoint as ckpt
     from xlard.train import train
     from xlard.train.rewarding import build_reward_fn
     from xlard.train.trainer import check_prompt_files, load_backbone

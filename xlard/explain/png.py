@@ -78,7 +78,6 @@ def read_png(path: str | os.PathLike) -> torch.Tensor:
         >>> read_png("out/lam_0.png").shape
     """
     image_cls = _pillow("read_png")
-    import numpy as np
 
     path = os.fspath(path)
     if not os.path.isfile(path):

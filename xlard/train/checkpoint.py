@@ -9,10 +9,8 @@ what goes in (everything a run depends on, RNG states included).
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
