@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .understanding import (CONFIG_NAME, EDIT_IMAGE_SIZE, WEIGHTS_NAME, CountEyes, UnderstandingOutput, _eval_pass,
-                            _has_weights, _load_weights, _weights_folder)
+                            _has_weights, _load_weights, _reader_for, _weights_folder)
 from .world import BACKGROUND, PALETTE, SHAPES
 
 __all__ = ["LatentEyesConfig", "LatentUnderstanding", "LatentCountEyes", "flat_canvas", "latent_model_path",
@@ -314,14 +314,7 @@ class LatentCountEyes(CountEyes):
         return load_latent_model(self.model_folder, device)
 
     def _maps(self, z: torch.Tensor, owner: str) -> UnderstandingOutput:
-        if not isinstance(z, torch.Tensor) or z.dim() != 4 or not z.is_floating_point():
-            raise ValueError(f"{owner}: z must be a float latent [B, C, h, w], got "
-                             f"{getattr(z, 'shape', type(z).__name__)}")
-        model = self._model(z.device)
-        if z.shape[1] != model.config.latent_channels:
-            raise ValueError(f"{owner}: z has {z.shape[1]} channels, the latent eyes read "
-                             f"{model.config.latent_channels}")
-        return model.predict(z)
+        return _reader_for(z, owner, self._model, "the latent eyes read").predict(z)
 
     @torch.no_grad()
     def images(self, z: torch.Tensor) -> torch.Tensor:

@@ -370,6 +370,18 @@ def _latent_scale(vae) -> tuple[float, float]:
 EDIT_IMAGE_SIZE = 64
 
 
+def _reader_for(z, owner: str, load, reader: str):
+    """What reads the latent ``z`` (``load(z.device)``, which has ``config.latent_channels``), once ``z`` is known
+    to be a float ``[B, C, h, w]`` tensor with that many channels; else a ValueError naming ``owner`` and
+    ``reader``. The count eyes' shared check (decoded and latent)."""
+    if not isinstance(z, torch.Tensor) or z.dim() != 4 or not z.is_floating_point():
+        raise ValueError(f"{owner}: z must be a float latent [B, C, h, w], got {getattr(z, 'shape', type(z).__name__)}")
+    loaded = load(z.device)
+    if z.shape[1] != loaded.config.latent_channels:
+        raise ValueError(f"{owner}: z has {z.shape[1]} channels, {reader} {loaded.config.latent_channels}")
+    return loaded
+
+
 class CountEyes:
     """What a corrector's ``count_move`` counts (and ``count_edit`` edits) with on the shapes world: a latent
     of the shapes backbone, decoded by the backbone's own VAE (as
@@ -429,13 +441,7 @@ class CountEyes:
     @torch.no_grad()
     def images(self, z: torch.Tensor) -> torch.Tensor:
         """The decoded images, float ``[B, 3, H, W]`` in [0, 1]."""
-        if not isinstance(z, torch.Tensor) or z.dim() != 4 or not z.is_floating_point():
-            raise ValueError(f"CountEyes: z must be a float latent [B, C, h, w], got "
-                             f"{getattr(z, 'shape', type(z).__name__)}")
-        vae = self._vae(z.device)
-        if z.shape[1] != vae.config.latent_channels:
-            raise ValueError(f"CountEyes: z has {z.shape[1]} channels, the shapes backbone's VAE "
-                             f"{vae.config.latent_channels}")
+        vae = _reader_for(z, "CountEyes", self._vae, "the shapes backbone's VAE")
         scale, shift = _latent_scale(vae)
         latents = (z.float() / scale + shift).contiguous(memory_format=torch.channels_last)
         out = vae.decode(latents, return_dict=False)[0].float()  # float32 under a corrector's autocast too
