@@ -375,7 +375,7 @@ def test_a_pipeline_stored_in_float16_loads_in_one_dtype(sd_path, tmp_path):
         DiffusersBackbone(mixed, num_inference_steps=STEPS)
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3", "flux", "pixart"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "pixart"])
 def test_every_family_loads_and_generates_in_bfloat16(tmp_path, family):
     """What `--dtype bfloat16` asks for. diffusers 0.42 left an SD3 transformer in float32 beside bfloat16 text
     encoders (the dtype check refused the pipeline); the denoiser is cast now."""
@@ -452,11 +452,14 @@ def test_bad_encode_decode_generate_arguments(backbone):
 
 
 # ---------------------------------------------------------------------------
-# The other families: SD3 (joint attention), FLUX (packed latents), PixArt (T5 + mask)
+# The other families: SDXL (two CLIPs, added conditioning), SD3 (joint attention), FLUX (packed latents),
+# PixArt (T5 + mask)
 # ---------------------------------------------------------------------------
 
 _FAMILIES = {
     # name: (builder, backbone settings, pipeline class, text length T of the maps, map grid)
+    "sdxl": (tiny_pipelines.tiny_sdxl_pipeline, dict(negative_prompt="a photo of a dog"), "StableDiffusionXLPipeline",
+             77, 16),
     "sd3": (tiny_pipelines.tiny_sd3_pipeline, dict(max_sequence_length=32), "StableDiffusion3Pipeline", 77 + 32, 16),
     "flux": (tiny_pipelines.tiny_flux_pipeline, dict(max_sequence_length=32, height=32, width=32), "FluxPipeline",
              32, 8),
@@ -587,15 +590,34 @@ def test_a_flux_without_guidance_embedding_takes_no_guidance(tmp_path):
 
 
 def test_an_unsupported_pipeline_class_is_refused_before_its_weights_load(tmp_path):
-    """An SDXL folder was loaded whole (gigabytes for a real one) before "not supported"; its model_index.json
-    names the class, refused at once (here a folder with no weights at all)."""
-    folder = tmp_path / "sdxl"
+    """An SDXL folder (before SDXL was supported) was loaded whole (gigabytes for a real one) before "not
+    supported"; a model_index.json naming an unsupported class is refused at once (here a folder with no weights)."""
+    folder = tmp_path / "img2img"
     folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
-    with pytest.raises(ValueError, match=r"pipeline: StableDiffusionXLPipeline \(in .*model_index.json\) is not "
-                                         r"supported by DiffusersBackbone; supported pipelines: "
-                                         r"StableDiffusionPipeline"):
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLImg2ImgPipeline"}')
+    with pytest.raises(ValueError, match=r"pipeline: StableDiffusionXLImg2ImgPipeline \(in .*model_index.json\) is "
+                                         r"not supported by DiffusersBackbone; supported pipelines: "
+                                         r"StableDiffusionPipeline, StableDiffusionXLPipeline, "):
         DiffusersBackbone.from_pretrained(folder)
+
+
+def test_sdxl_decodes_a_float16_vae_in_float32_with_its_latent_statistics(tmp_path):
+    """SDXL's VAE overflows in float16 (``force_upcast``) and newer VAEs store per-channel ``latents_mean`` /
+    ``latents_std``: decode does what the pipeline does with both, to the bit, and leaves the VAE in float16."""
+    folder = tiny_pipelines.tiny_sdxl_pipeline(tmp_path / "sdxl", latents_stats=True)
+    bb = DiffusersBackbone.from_pretrained(folder, num_inference_steps=2, torch_dtype=torch.float16)
+    out = bb.generate(PROMPTS[:1], seed=4)
+    assert bb.pipeline.vae.dtype == torch.float16
+    assert out.state.prompt_embedding.pooled.shape == (1, bb.pooled_dim) == (1, tiny_pipelines.TEXT_DIM)
+    reference = _pipeline_images(bb.pipeline, bb, PROMPTS[:1], 4)
+    torch.testing.assert_close(out.images, reference.to(out.images.dtype), rtol=0, atol=0)
+    # the statistics matter: the same latent decoded by the scaling factor alone gives other images
+    vae = bb.pipeline.vae
+    with torch.no_grad():
+        plain = vae.float().decode(out.state.z0.float() / vae.config.scaling_factor, return_dict=False)[0]
+    vae.half()
+    plain = bb.family.postprocess(plain)
+    assert float((plain.float() - out.images.float()).abs().max()) > 0.01
 
 
 def test_a_pipeline_missing_a_component_or_a_tokenizer_is_refused_at_load(sd_path):

@@ -294,7 +294,7 @@ def test_ablations_run(tmp_path, shapes, changes):
         assert torch.equal(mean, mean[..., ::4, ::4].repeat_interleave(4, -2).repeat_interleave(4, -1))
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3", "flux", "pixart"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "pixart"])
 def test_tiny_diffusers_families(tmp_path, family):
     sys.path.insert(0, str(Path(__file__).parent))
     import tiny_pipelines as TP

@@ -149,6 +149,42 @@ def tiny_sd_pipeline(folder: str | Path, *, scheduler: str = "ddim", seed: int =
     return folder
 
 
+def tiny_sdxl_pipeline(folder: str | Path, *, seed: int = 0, sample_size: int = 16, force_upcast: bool = True,
+                       latents_stats: bool = False) -> Path:
+    """Save a tiny random ``StableDiffusionXLPipeline`` into ``folder`` and return it.
+
+    Two CLIP text encoders of width :data:`TEXT_DIM` (the second with a projection), joined into a
+    ``2 * TEXT_DIM`` context; a UNet with cross-attention at both levels and SDXL's "text_time" added
+    conditioning; the two-level VAE (``latents_stats``: with per-channel ``latents_mean``/``latents_std``).
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    tokenizer, tokenizer_2 = clip_tokenizer(folder / "_vocab"), clip_tokenizer(folder / "_vocab_2")
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4, cross_attention_dim=2 * TEXT_DIM,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + TEXT_DIM,
+    ).eval()
+    extra = {"force_upcast": force_upcast}
+    if latents_stats:
+        extra.update(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 1.0, 2.0])
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(**extra), text_encoder=tiny_clip_text_model(tokenizer), tokenizer=tokenizer,
+        text_encoder_2=tiny_clip_text_model(tokenizer_2, projection=True), tokenizer_2=tokenizer_2, unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         num_train_timesteps=1000, timestep_spacing="leading", steps_offset=1),
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def tiny_t5_encoder(tokenizer, *, d_model: int = 2 * TEXT_DIM):
     """A 1-layer T5 encoder matching ``tokenizer``."""
     from transformers import T5Config, T5EncoderModel
@@ -230,6 +266,7 @@ def tiny_pixart_pipeline(folder: str | Path, *, seed: int = 0, sample_size: int 
 #: Each supported family's tiny pipeline builder and the DiffusersBackbone options its size needs.
 FAMILIES = {
     "sd": (tiny_sd_pipeline, {}),
+    "sdxl": (tiny_sdxl_pipeline, {}),
     "sd3": (tiny_sd3_pipeline, {"max_sequence_length": 32}),
     "flux": (tiny_flux_pipeline, {"max_sequence_length": 32, "height": 32, "width": 32}),
     "pixart": (tiny_pixart_pipeline, {}),

@@ -4,7 +4,7 @@
   (:class:`BackboneState`, :class:`PromptEmbedding`, :class:`Decoded`,
   :class:`Generation`).
 - :mod:`xlard.backbones.diffusers_backbone`: :class:`DiffusersBackbone`, any
-  supported diffusers pipeline (Stable Diffusion 1.x/2.x, SD3, FLUX, PixArt).
+  supported diffusers pipeline (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX, PixArt).
 
 ``import xlard.backbones`` does not import diffusers; the diffusers backbone
 loads it on first use.

@@ -24,6 +24,11 @@ Families (``pipeline.__class__`` or a parent class):
 
 - Stable Diffusion 1.x/2.x (``StableDiffusionPipeline``): UNet
   cross-attention, CLIP text (77 tokens), classifier-free guidance.
+- Stable Diffusion XL (``StableDiffusionXLPipeline``): UNet cross-attention
+  over both CLIP encoders joined along the width (77 tokens), the second
+  one's projected pooled output and the size "time ids" as added
+  conditioning (original size = target size = the image's, no crop: the
+  pipeline's defaults), a float16 VAE with ``force_upcast`` decoded in float32.
 - Stable Diffusion 3 (``StableDiffusion3Pipeline``): joint attention, text
   sequence [CLIP-L|CLIP-G (77) ; T5 (``max_sequence_length``)].
 - FLUX (``FluxPipeline``): packed latents (unpacked to [B, C, h, w] for the
@@ -47,6 +52,8 @@ correction would be dropped) or inside its Runge-Kutta steps, pipelines other
 than those above (refused from ``model_index.json`` before any weight loads),
 a pipeline missing a component it runs on (its VAE, a tokenizer or text
 encoder; SD3's T5 is optional), FLUX "true CFG", SD3 skip-layer guidance,
+SDXL's refiner and image-to-image pipelines, ``guidance_rescale`` and
+non-default SDXL size/crop conditioning,
 IP-adapters, PixArt resolution binning (images are generated at the requested
 size). A stochastic flow-matching scheduler (``stochastic_sampling=True``) gets
 the seed's generator at every step, so a seed reproduces its images (diffusers'
@@ -315,6 +322,101 @@ class _StableDiffusion(_Family):
             if flagged is not None:
                 do_denormalize = [not f for f in flagged]
         return self.postprocess(image, [True] * image.shape[0] if do_denormalize is None else do_denormalize)
+
+
+class _StableDiffusionXL(_StableDiffusion):
+    """SDXL: two CLIP text encoders joined along the width (one 77-token sequence), the second one's projected
+    pooled output and the size/crop "time ids" as added conditioning, a VAE that upcasts from float16."""
+
+    name = "stable-diffusion-xl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+    required_components = ("vae", "unet", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+    default_steps = 50
+    default_guidance = 5.0
+
+    def default_size(self):
+        size = int(self.pipe.default_sample_size) * self.vae_scale_factor
+        return size, size
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.pipe.unet.config.cross_attention_dim)
+
+    @property
+    def pooled_dim(self) -> int:
+        return int(self.pipe.text_encoder_2.config.projection_dim)
+
+    def tokenizers(self):
+        return {"tokenizer": self.pipe.tokenizer, "tokenizer_2": self.pipe.tokenizer_2}
+
+    def max_lengths(self):
+        return {"tokenizer": int(self.pipe.tokenizer.model_max_length),
+                "tokenizer_2": int(self.pipe.tokenizer_2.model_max_length)}
+
+    def segment_offsets(self):
+        # Both CLIPs' hidden states are concatenated along the width: their tokens share the 77 positions.
+        return {"tokenizer": 0, "tokenizer_2": 0}
+
+    def encode_text(self, prompts, negative_prompt, guidance_scale, do_cfg):
+        pipe, b = self.pipe, len(prompts)
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * b)
+        ids, mask = self._tokenize("tokenizer", prompts)
+        timestep_cond = None
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            scale = torch.tensor(guidance_scale - 1).repeat(b)
+            timestep_cond = pipe.get_guidance_scale_embedding(
+                scale, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(device=self.device, dtype=cond.dtype)
+        context = torch.cat([uncond, cond]) if do_cfg else cond
+        pooled_context = torch.cat([uncond_pooled, pooled]) if do_cfg else pooled
+        return ({"encoder_hidden_states": context, "timestep_cond": timestep_cond, "text_embeds": pooled_context},
+                PromptEmbedding(cond, pooled, mask, ids))
+
+    def prepare_latents(self, batch, height, width, dtype, generator):
+        latents, _ = super().prepare_latents(batch, height, width, dtype, generator)
+        # What the pipeline passes by default: original size = target size = the image's, no crop.
+        time_ids = self.pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=dtype,
+                                               text_encoder_projection_dim=self.pooled_dim)
+        return latents, {"time_ids": time_ids.to(self.device)}
+
+    def predict(self, scheduler, latents, t, cond, extra, guidance_scale, do_cfg):
+        model_input = torch.cat([latents] * 2) if do_cfg else latents
+        if hasattr(scheduler, "scale_model_input"):
+            model_input = scheduler.scale_model_input(model_input, t)
+        added = {"text_embeds": cond["text_embeds"],
+                 "time_ids": extra["time_ids"].to(cond["text_embeds"].dtype).repeat(model_input.shape[0], 1)}
+        out = self.pipe.unet(model_input, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                             timestep_cond=cond["timestep_cond"], added_cond_kwargs=added, return_dict=False)[0]
+        return self.guide(out, guidance_scale, do_cfg)
+
+    def vae_decode(self, latents, generator, cond):
+        vae = self.pipe.vae
+        # As the pipeline does: a float16 VAE that says it overflows there (SDXL's own) decodes in float32.
+        dtype = torch.float32 if vae.dtype == torch.float16 and vae.config.force_upcast else vae.dtype
+        latents = latents.to(dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, latents.shape[1], 1, 1)
+            latents = (latents * torch.tensor(std, dtype=dtype, device=latents.device).view(shape)
+                       / vae.config.scaling_factor + torch.tensor(mean, dtype=dtype, device=latents.device).view(shape))
+        else:
+            latents = latents / vae.config.scaling_factor
+        if dtype != vae.dtype:
+            # Cast for this decode and back, as the pipeline does (float16 -> 32 -> 16 is exact); float()/half()
+            # rather than diffusers' to(dtype), which warns about float32 modules on every call, even when none.
+            vae.float()
+            try:
+                image = vae.decode(latents, return_dict=False)[0]
+            finally:
+                vae.half()
+        else:
+            image = vae.decode(latents, return_dict=False)[0]
+        watermark = getattr(self.pipe, "watermark", None)
+        if watermark is not None:
+            image = watermark.apply_watermark(image)
+        return self.postprocess(image)
 
 
 class _StableDiffusion3(_Family):
@@ -607,7 +709,7 @@ class _PixArt(_Family):
         return self.postprocess(image)
 
 
-_FAMILIES: tuple[type[_Family], ...] = (_StableDiffusion, _StableDiffusion3, _Flux, _PixArt)
+_FAMILIES: tuple[type[_Family], ...] = (_StableDiffusion, _StableDiffusionXL, _StableDiffusion3, _Flux, _PixArt)
 
 #: Pipeline class names DiffusersBackbone supports (or subclasses of them).
 SUPPORTED_PIPELINES: tuple[str, ...] = tuple(n for f in _FAMILIES for n in f.pipeline_classes)
@@ -841,10 +943,10 @@ class DiffusersBackbone(Backbone):
         correction_step (float): fraction of the denoising in (0, 1] run
             before the correction; 1.0 = the final clean latent.
         num_inference_steps (int, optional): denoising steps; default the
-            family's (SD 50, SD3 28, FLUX 28, PixArt 20).
+            family's (SD 50, SDXL 50, SD3 28, FLUX 28, PixArt 20).
         guidance_scale (float, optional): classifier-free guidance scale
             (FLUX: the distilled guidance value); default the family's
-            (SD 7.5, SD3 7.0, FLUX 3.5, PixArt 4.5). <= 1 turns CFG off.
+            (SD 7.5, SDXL 5.0, SD3 7.0, FLUX 3.5, PixArt 4.5). <= 1 turns CFG off.
         height, width (int, optional): image size in pixels, multiples of the
             family's latent stride; default the pipeline's native size.
         negative_prompt (str, optional): for classifier-free guidance.
