@@ -334,10 +334,6 @@ class _StableDiffusionXL(_StableDiffusion):
     default_steps = 50
     default_guidance = 5.0
 
-    def default_size(self):
-        size = int(self.pipe.default_sample_size) * self.vae_scale_factor
-        return size, size
-
     @property
     def text_dim(self) -> int:
         return int(self.pipe.unet.config.cross_attention_dim)
