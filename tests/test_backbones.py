@@ -601,6 +601,49 @@ def test_an_unsupported_pipeline_class_is_refused_before_its_weights_load(tmp_pa
         DiffusersBackbone.from_pretrained(folder)
 
 
+def test_sdxl_variants_sample_as_the_pipeline(tmp_path):
+    """No guidance (1.0), a non-square size, an ancestral scheduler split at 0.5 and corrected there (against
+    the pipeline changing its latent by the same amount at the same step), and LCM-SDXL's guidance embedding
+    (CFG off at any scale): each gives the pipeline's images to the bit."""
+    from diffusers import EulerAncestralDiscreteScheduler, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    bb = DiffusersBackbone.from_pretrained(tiny_pipelines.tiny_sdxl_pipeline(tmp_path / "sdxl"), capture=False,
+                                           num_inference_steps=3, guidance_scale=1.0, height=48, width=32)
+    out = bb.generate(PROMPTS, seed=[1, 2])
+    assert out.images.shape == (2, 3, 48, 32)
+    kwargs = bb.pipeline_call_kwargs(PROMPTS)
+    reference = bb.pipeline(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], **kwargs).images
+    torch.testing.assert_close(out.images, reference, rtol=0, atol=0)
+
+    pipe = bb.pipeline
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    split = DiffusersBackbone(pipe, capture=False, num_inference_steps=4, correction_step=0.5,
+                              negative_prompt="a photo of a dog")
+    state = split.encode(PROMPTS, seed=[1, 2])
+    delta = 0.3 * torch.randn(state.z0.shape, generator=torch.Generator().manual_seed(0))
+    corrected = split.decode(state, state.z0 + delta).images
+
+    def add_delta(_pipe, i, _t, tensors):
+        return {"latents": tensors["latents"] + delta} if i == state.step_index - 1 else {}
+
+    reference = pipe(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+                     callback_on_step_end=add_delta, **split.pipeline_call_kwargs(PROMPTS)).images
+    torch.testing.assert_close(corrected, reference, rtol=0, atol=0)
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**dict(pipe.unet.config), "time_cond_proj_dim": 16}).eval()
+    lcm = StableDiffusionXLPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                    text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, unet=unet,
+                                    scheduler=LCMScheduler(beta_start=0.00085, beta_end=0.012,
+                                                           beta_schedule="scaled_linear"), add_watermarker=False)
+    lcm.set_progress_bar_config(disable=True)
+    fast = DiffusersBackbone(lcm, capture=False, num_inference_steps=2, guidance_scale=8.0, correction_step=0.5)
+    out = fast.generate(PROMPTS, seed=[1, 2])
+    reference = lcm(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+                    **fast.pipeline_call_kwargs(PROMPTS)).images
+    torch.testing.assert_close(out.images, reference, rtol=0, atol=0)
+
+
 def test_sdxl_decodes_a_float16_vae_in_float32_with_its_latent_statistics(tmp_path):
     """SDXL's VAE overflows in float16 (``force_upcast``) and newer VAEs store per-channel ``latents_mean`` /
     ``latents_std``: decode does what the pipeline does with both, to the bit, and leaves the VAE in float16."""

@@ -28,7 +28,11 @@ Families (``pipeline.__class__`` or a parent class):
   over both CLIP encoders joined along the width (77 tokens), the second
   one's projected pooled output and the size "time ids" as added
   conditioning (original size = target size = the image's, no crop: the
-  pipeline's defaults), a float16 VAE with ``force_upcast`` decoded in float32.
+  pipeline's defaults), a float16 VAE with ``force_upcast`` decoded in float32,
+  the pipeline's invisible watermark when it has one (``invisible-watermark``
+  installed). One prompt goes to both encoders (no ``prompt_2``). Defaults
+  (50 steps, guidance 5) are the base model's: SDXL-Turbo wants
+  ``guidance_scale=0`` and 1-4 steps, LCM-SDXL few steps.
 - Stable Diffusion 3 (``StableDiffusion3Pipeline``): joint attention, text
   sequence [CLIP-L|CLIP-G (77) ; T5 (``max_sequence_length``)].
 - FLUX (``FluxPipeline``): packed latents (unpacked to [B, C, h, w] for the
@@ -49,13 +53,14 @@ Not supported (clear errors): second-order schedulers (Heun, KDPM2) with
 ``correction_step < 1`` (a split would fall inside a step), a PNDM split right
 after its first step (PNDM reuses that step's sample in the second: the
 correction would be dropped) or inside its Runge-Kutta steps, pipelines other
-than those above (refused from ``model_index.json`` before any weight loads),
+than those above (a local folder's refused from its ``model_index.json``
+before any weight loads; a hub id's once loaded),
 a pipeline missing a component it runs on (its VAE, a tokenizer or text
-encoder; SD3's T5 is optional), FLUX "true CFG", SD3 skip-layer guidance,
-SDXL's refiner and image-to-image pipelines, ``guidance_rescale`` and
-non-default SDXL size/crop conditioning,
-IP-adapters, PixArt resolution binning (images are generated at the requested
-size). A stochastic flow-matching scheduler (``stochastic_sampling=True``) gets
+encoder; SD3's T5 is optional), SDXL's refiner and image-to-image pipelines.
+Not offered (no option for them): FLUX "true CFG", SD3 skip-layer guidance,
+``guidance_rescale``, ``denoising_end``, SDXL's ``prompt_2`` and non-default
+size/crop conditioning, IP-adapters, PixArt resolution binning (images are
+generated at the requested size). A stochastic flow-matching scheduler (``stochastic_sampling=True``) gets
 the seed's generator at every step, so a seed reproduces its images (diffusers'
 own pipeline draws that noise from torch's global generator).
 """
@@ -336,7 +341,8 @@ class _StableDiffusionXL(_StableDiffusion):
 
     @property
     def text_dim(self) -> int:
-        return int(self.pipe.unet.config.cross_attention_dim)
+        # the joined width (a UNet config may give cross_attention_dim per block)
+        return int(self.pipe.text_encoder.config.hidden_size) + int(self.pipe.text_encoder_2.config.hidden_size)
 
     @property
     def pooled_dim(self) -> int:
@@ -410,8 +416,8 @@ class _StableDiffusionXL(_StableDiffusion):
         else:
             image = vae.decode(latents, return_dict=False)[0]
         watermark = getattr(self.pipe, "watermark", None)
-        if watermark is not None:
-            image = watermark.apply_watermark(image)
+        if watermark is not None:  # with invisible-watermark installed, as the pipeline (images of >= 256 px)
+            image = watermark.apply_watermark(image).to(image.device)  # it hands back CPU tensors
         return self.postprocess(image)
 
 
