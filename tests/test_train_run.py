@@ -390,9 +390,11 @@ def test_a_diverged_update_stops_the_run_before_its_checkpoints_push_the_good_on
     assert all(torch.isfinite(v).all() for v in state["corrector"].values() if v.is_floating_point())
 
 
-def test_the_real_backbone_recipe_trains_on_tiny_stand_ins(tmp_path):
-    """configs/sd15_clip.yaml as a user runs it, with tiny random stand-ins for Stable Diffusion and CLIP (their
-    folders in place of the hub ids), on the CPU in float32: the clip source's run trains, logs and exports."""
+@pytest.mark.parametrize("recipe, family", [("sd15_clip", "sd"), ("sdxl_clip", "sdxl")])
+def test_the_real_backbone_recipe_trains_on_tiny_stand_ins(tmp_path, recipe, family):
+    """configs/sd15_clip.yaml and sdxl_clip.yaml as a user runs them, with tiny random stand-ins for the backbone
+    and CLIP (their folders in place of the hub ids), on the CPU in float32: the clip source's run trains, logs
+    and exports, with the recipe's corrector."""
     sys.path.insert(0, str(Path(__file__).parent))
     import tiny_pipelines as TP
     from helpers import tiny_clip_model, word_level_tokenizer
@@ -400,7 +402,7 @@ def test_the_real_backbone_recipe_trains_on_tiny_stand_ins(tmp_path):
     from xlard.evaluation import load_corrector_dir
     from xlard.train import load_config, train
 
-    sd = TP.tiny_sd_pipeline(tmp_path / "sd")
+    sd = TP.FAMILIES[family][0](tmp_path / family)
     words = ["a", "photo", "of", "two", "cats", "cat", "dog", "red", "ball", "left", "the", "background", "object",
              "blue", "green", "."]
     tokenizer = word_level_tokenizer(words)
@@ -413,7 +415,7 @@ def test_the_real_backbone_recipe_trains_on_tiny_stand_ins(tmp_path):
                {"tag": "colors", "include": [{"class": "ball", "count": 1, "color": "red"}], "exclude": [],
                 "prompt": "a photo of a red ball"}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "sd15_clip.yaml", overrides={
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.yaml", overrides={
         "out": str(tmp_path / "run"), "steps": 1, "backbone.name": str(sd), "backbone.device": "cpu",
         "backbone.dtype": "float32", "backbone.num_inference_steps": 2, "data.prompts": str(prompts),
         "data.seeds_per_prompt": 2, "data.monitor_size": 2, "reward.options": {"model": str(clip)},
@@ -423,8 +425,10 @@ def test_the_real_backbone_recipe_trains_on_tiny_stand_ins(tmp_path):
     summary = train(cfg)
     rows = MetricsLog.read(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 1 and rows[0]["ppo/ratio_mean"] is not None and "monitor/evaluator" not in rows[0]
-    _, meta = load_corrector_dir(summary["corrector"])
+    corrector, meta = load_corrector_dir(summary["corrector"])
     assert meta.training["reward_source"] == "clip" and meta.correction_step == 0.6
+    assert meta.sampler["pipeline"] == {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[family]
+    assert corrector.config.patch == cfg.model.corrector_overrides.get("patch", 1)
 
 
 def _config_file(tmp_path: Path, **changes) -> Path:
