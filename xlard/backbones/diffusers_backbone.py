@@ -60,9 +60,10 @@ encoder; SD3's T5 is optional), SDXL's refiner and image-to-image pipelines.
 Not offered (no option for them): FLUX "true CFG", SD3 skip-layer guidance,
 ``guidance_rescale``, ``denoising_end``, SDXL's ``prompt_2`` and non-default
 size/crop conditioning, IP-adapters, PixArt resolution binning (images are
-generated at the requested size). A stochastic flow-matching scheduler (``stochastic_sampling=True``) gets
-the seed's generator at every step, so a seed reproduces its images (diffusers'
-own pipeline draws that noise from torch's global generator).
+generated at the requested size). A stochastic flow-matching scheduler
+(``stochastic_sampling=True``) gets the seed's generator at every step, so a
+seed reproduces its images (diffusers' own pipeline draws that noise from
+torch's global generator).
 """
 from __future__ import annotations
 
