@@ -287,6 +287,14 @@ class _StableDiffusion(_Family):
         # Guidance-distilled UNets (LCM) take the scale as an embedding instead.
         return guidance_scale > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
 
+    def _guidance_embedding(self, guidance_scale, batch, dtype):
+        """Guidance-distilled UNets' (LCM) ``timestep_cond``: the scale as an embedding; None for the others."""
+        dim = self.pipe.unet.config.time_cond_proj_dim
+        if dim is None:
+            return None
+        scale = torch.tensor(guidance_scale - 1).repeat(batch)
+        return self.pipe.get_guidance_scale_embedding(scale, embedding_dim=dim).to(device=self.device, dtype=dtype)
+
     def encode_text(self, prompts, negative_prompt, guidance_scale, do_cfg):
         pipe, b = self.pipe, len(prompts)
         cond, uncond = pipe.encode_prompt(prompts, self.device, 1, do_cfg,
@@ -295,11 +303,7 @@ class _StableDiffusion(_Family):
         # CLIP's pooled output is the final hidden state at the end-of-text token, the last real one.
         last = mask.long().sum(1).clamp(min=1) - 1
         pooled = cond[torch.arange(b, device=cond.device), last]
-        timestep_cond = None
-        if pipe.unet.config.time_cond_proj_dim is not None:
-            scale = torch.tensor(guidance_scale - 1).repeat(b)
-            timestep_cond = pipe.get_guidance_scale_embedding(
-                scale, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(device=self.device, dtype=cond.dtype)
+        timestep_cond = self._guidance_embedding(guidance_scale, b, cond.dtype)
         context = torch.cat([uncond, cond]) if do_cfg else cond
         return ({"encoder_hidden_states": context, "timestep_cond": timestep_cond},
                 PromptEmbedding(cond, pooled, mask, ids))
@@ -367,11 +371,7 @@ class _StableDiffusionXL(_StableDiffusion):
             do_classifier_free_guidance=do_cfg,
             negative_prompt=None if negative_prompt is None else [negative_prompt] * b)
         ids, mask = self._tokenize("tokenizer", prompts)
-        timestep_cond = None
-        if pipe.unet.config.time_cond_proj_dim is not None:
-            scale = torch.tensor(guidance_scale - 1).repeat(b)
-            timestep_cond = pipe.get_guidance_scale_embedding(
-                scale, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(device=self.device, dtype=cond.dtype)
+        timestep_cond = self._guidance_embedding(guidance_scale, b, cond.dtype)
         context = torch.cat([uncond, cond]) if do_cfg else cond
         pooled_context = torch.cat([uncond_pooled, pooled]) if do_cfg else pooled
         return ({"encoder_hidden_states": context, "timestep_cond": timestep_cond, "text_embeds": pooled_context},
