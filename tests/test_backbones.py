@@ -601,6 +601,28 @@ def test_an_unsupported_pipeline_class_is_refused_before_its_weights_load(tmp_pa
         DiffusersBackbone.from_pretrained(folder)
 
 
+def test_a_guidance_distilled_sd_unet_takes_the_scale_as_an_embedding(backbone):
+    """LCM's UNet (``time_cond_proj_dim``) gets the guidance scale as ``timestep_cond`` and no CFG batch: the
+    images equal the pipeline's, and another scale gives other images."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = backbone.pipeline
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**dict(pipe.unet.config), "time_cond_proj_dim": 16}).eval()
+    lcm = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+                                  scheduler=LCMScheduler(beta_start=0.00085, beta_end=0.012,
+                                                         beta_schedule="scaled_linear"),
+                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    lcm.set_progress_bar_config(disable=True)
+    fast = DiffusersBackbone(lcm, capture=False, num_inference_steps=2, guidance_scale=8.0, correction_step=0.5)
+    out = fast.generate(PROMPTS, seed=[1, 2])
+    reference = lcm(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+                    **fast.pipeline_call_kwargs(PROMPTS)).images
+    torch.testing.assert_close(out.images, reference, rtol=0, atol=0)
+    other = DiffusersBackbone(lcm, capture=False, num_inference_steps=2, guidance_scale=2.0, correction_step=0.5)
+    assert not torch.equal(other.generate(PROMPTS, seed=[1, 2]).images, out.images)
+
+
 def test_sdxl_variants_sample_as_the_pipeline(tmp_path):
     """No guidance (1.0), a non-square size, an ancestral scheduler split at 0.5 and corrected there (against
     the pipeline changing its latent by the same amount at the same step), and LCM-SDXL's guidance embedding
