@@ -459,7 +459,7 @@ def test_bad_encode_decode_generate_arguments(backbone):
 _FAMILIES = {
     # name: (builder, backbone settings, pipeline class, text length T of the maps, map grid)
     "sdxl": (tiny_pipelines.tiny_sdxl_pipeline, dict(negative_prompt="a photo of a dog"), "StableDiffusionXLPipeline",
-             77, 16),
+             77, 8),
     "sd3": (tiny_pipelines.tiny_sd3_pipeline, dict(max_sequence_length=32), "StableDiffusion3Pipeline", 77 + 32, 16),
     "flux": (tiny_pipelines.tiny_flux_pipeline, dict(max_sequence_length=32, height=32, width=32), "FluxPipeline",
              32, 8),

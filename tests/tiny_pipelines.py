@@ -154,8 +154,8 @@ def tiny_sdxl_pipeline(folder: str | Path, *, seed: int = 0, sample_size: int = 
     """Save a tiny random ``StableDiffusionXLPipeline`` into ``folder`` and return it.
 
     Two CLIP text encoders of width :data:`TEXT_DIM` (the second with a projection), joined into a
-    ``2 * TEXT_DIM`` context; a UNet with cross-attention at both levels and SDXL's "text_time" added
-    conditioning; the two-level VAE (``latents_stats``: with per-channel ``latents_mean``/``latents_std``).
+    ``2 * TEXT_DIM`` context; a three-level UNet laid out as SDXL's (cross-attention below the full
+    resolution only) with its "text_time" added conditioning; the two-level VAE (``latents_stats``: with per-channel ``latents_mean``/``latents_std``).
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -163,11 +163,13 @@ def tiny_sdxl_pipeline(folder: str | Path, *, seed: int = 0, sample_size: int = 
     folder = Path(folder)
     tokenizer, tokenizer_2 = clip_tokenizer(folder / "_vocab"), clip_tokenizer(folder / "_vocab_2")
     time_dim = 8
+    # SDXL's layout in small: no attention at the full resolution, more transformer layers further down
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4, cross_attention_dim=2 * TEXT_DIM,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), use_linear_projection=True,
+        block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=(2, 4, 4),
+        cross_attention_dim=2 * TEXT_DIM, transformer_layers_per_block=(1, 1, 2),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + TEXT_DIM,
     ).eval()
