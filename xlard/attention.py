@@ -342,6 +342,7 @@ def text_attention_probs(
     rows: slice | None = None,
     heads: torch.Tensor | None = None,
     chunk_elements: int = 1 << 24,
+    _trusted: bool = False,
 ) -> torch.Tensor:
     """Softmax attention probabilities of a block of queries on selected keys, head-averaged.
 
@@ -377,11 +378,31 @@ def text_attention_probs(
             "text_attention_probs: query and key must be [B, H, S, D] with equal B, H and D, got "
             f"{tuple(query.shape)} and {tuple(key.shape)}"
         )
-    if token_positions.dtype != torch.int64 or token_positions.ndim not in (1, 2):
+    if not isinstance(token_positions, torch.Tensor) or token_positions.dtype != torch.int64 \
+            or token_positions.ndim not in (1, 2):
         raise ValueError(
             "text_attention_probs: token_positions must be an int64 Tensor[T] or Tensor[B, T], got "
-            f"{token_positions.dtype} of shape {tuple(token_positions.shape)}"
+            f"{getattr(token_positions, 'dtype', type(token_positions).__name__)} of shape "
+            f"{tuple(getattr(token_positions, 'shape', ()))}"
         )
+    sq, sk, h = query.shape[2], key.shape[2], query.shape[1]
+    # (_trusted: the capture's own call, whose indices are right by construction: no device sync per layer)
+    if not _trusted and token_positions.numel() \
+            and not (0 <= int(token_positions.min()) and int(token_positions.max()) < sk):
+        raise ValueError(f"text_attention_probs: token_positions must index the {sk} keys, got positions in "
+                         f"[{int(token_positions.min())}, {int(token_positions.max())}]")
+    # a start past the queries gave an empty block, a negative length ran to the end, both without a word
+    if isinstance(query_start, bool) or not isinstance(query_start, int) or not 0 <= query_start < max(sq, 1):
+        raise ValueError(f"text_attention_probs: query_start must be an int in [0, {sq}), got {query_start!r}")
+    if num_queries is not None and (isinstance(num_queries, bool) or not isinstance(num_queries, int)
+                                    or not 1 <= num_queries <= sq - query_start):
+        raise ValueError(f"text_attention_probs: num_queries must be None or an int in [1, {sq - query_start}] "
+                         f"(queries from {query_start} of {sq}), got {num_queries!r}")
+    if heads is not None and not _trusted and (
+            not isinstance(heads, torch.Tensor) or heads.dtype != torch.int64 or heads.dim() != 1
+            or heads.numel() == 0 or int(heads.min()) < 0 or int(heads.max()) >= h):
+        raise ValueError(f"text_attention_probs: heads must be a non-empty int64 Tensor[H'] of head indices in "
+                         f"[0, {h}), got {heads if isinstance(heads, torch.Tensor) else type(heads).__name__}")
     rows = rows if rows is not None else slice(None)
     end = query.shape[2] if num_queries is None else query_start + num_queries
     q = query[rows, :, query_start:end]
@@ -404,6 +425,9 @@ def text_attention_probs(
     keys_t = (k.float() * (head_dim ** -0.5)).transpose(-1, -2)
     chunk = max(1, chunk_elements // max(1, batch * num_heads * keys))
     per_sample = token_positions.ndim == 2
+    if per_sample and token_positions.shape[0] != batch:
+        raise ValueError(f"text_attention_probs: per-sample token_positions need one row per kept sample ({batch}), "
+                         f"got {token_positions.shape[0]}")
 
     def block(start: int, stop: int) -> torch.Tensor:
         logits = torch.matmul(q[:, :, start:stop].float(), keys_t)
@@ -663,7 +687,7 @@ class _CaptureProcessor:
         with torch.no_grad():
             probs = text_attention_probs(
                 query, key, positions, query_start=query_start, num_queries=num_queries, mask=mask,
-                rows=rows, heads=heads, chunk_elements=config.chunk_elements,
+                rows=rows, heads=heads, chunk_elements=config.chunk_elements, _trusted=True,
             )
             state.add(self.name, probs, grid)
 

@@ -161,6 +161,7 @@ def linear_rgb_to_lab(rgb: torch.Tensor, dim: int = -1) -> torch.Tensor:
     Returns:
         Tensor, same shape: (L in [0, 100], a, b) on ``dim``.
     """
+    _check_rgb("linear_rgb_to_lab", rgb, dim)
     rgb = rgb.movedim(dim, -1)
     matrix = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
     white = torch.tensor(_WHITE_D65, dtype=rgb.dtype, device=rgb.device)
@@ -186,7 +187,22 @@ def srgb_to_lab(rgb: torch.Tensor, dim: int = -1) -> torch.Tensor:
     Example:
         >>> srgb_to_lab(torch.tensor([1.0, 0.0, 0.0]))   # about (53.24, 80.09, 67.20)
     """
+    _check_rgb("srgb_to_lab", rgb, dim)
+    if rgb.numel():
+        lo, hi = float(rgb.amin()), float(rgb.amax())
+        # srgb_to_linear clamps: [128, 64, 0] became white-ish [1, 1, 0] without a word
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"srgb_to_lab: rgb must be finite sRGB values in [0, 1], got values in [{lo:.4g}, "
+                             f"{hi:.4g}]" + (" (0..255 values? divide by 255)" if hi > 1 and lo >= 0 else ""))
     return linear_rgb_to_lab(srgb_to_linear(rgb), dim=dim)
+
+
+def _check_rgb(owner: str, rgb: Any, dim: int) -> None:
+    if not isinstance(rgb, torch.Tensor) or not rgb.is_floating_point():
+        raise ValueError(f"{owner}: rgb must be a float tensor with 3 channels on dim {dim}, got "
+                         f"{rgb.dtype if isinstance(rgb, torch.Tensor) else type(rgb).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -rgb.dim() <= dim < rgb.dim() or rgb.shape[dim] != 3:
+        raise ValueError(f"{owner}: rgb must have 3 channels on dim {dim}, got shape {tuple(rgb.shape)}")
 
 
 def _canonical_color(name: str) -> str:
@@ -318,7 +334,8 @@ def as_image_batch(images: Any) -> torch.Tensor:
 
 def patch_positions(grid: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
     """Centres ``(x, y)`` in [0, 1] of a row-major ``(gh, gw)`` patch grid: float32 ``[gh * gw, 2]``."""
-    gh, gw = grid
+    gh, gw = grid_pair("patch_positions", "grid", grid)
+    device = as_device(device, "patch_positions")
     rows = (torch.arange(gh, device=device, dtype=torch.float32) + 0.5) / gh
     cols = (torch.arange(gw, device=device, dtype=torch.float32) + 0.5) / gw
     return torch.stack((cols.repeat(gh), rows.repeat_interleave(gw)), dim=-1)
@@ -352,6 +369,8 @@ class PatchFeatures:
         if not isinstance(self.features, torch.Tensor) or self.features.dim() != 3:
             raise ValueError(f"PatchFeatures.features must be a [B, N, D] tensor, got "
                              f"{getattr(self.features, 'shape', type(self.features).__name__)}")
+        if self.features.shape[2] == 0:  # an IndexError from amax deep in the color scores
+            raise ValueError(f"PatchFeatures.features have no feature dimension: {tuple(self.features.shape)}")
         gh, gw = grid_pair("PatchFeatures", "grid", self.grid)
         if gh * gw != self.features.shape[1]:
             raise ValueError(f"PatchFeatures.grid {self.grid} does not match N = {self.features.shape[1]} patches")
@@ -449,7 +468,11 @@ class PixelColorEncoder:
         temperature: float = 10.0,
         prototypes: Mapping[str, tuple[int, int, int]] | None = None,
     ) -> None:
+        if prototypes is not None:
+            _check_prototypes(prototypes)
         self.prototypes = dict(COLOR_PROTOTYPES if prototypes is None else prototypes)
+        if basis is not None and (isinstance(basis, (str, bytes)) or not isinstance(basis, Sequence)):
+            raise ValueError(f"PixelColorEncoder: basis must be a sequence of color names, got {basis!r}")
         names = tuple(_canonical_color(n) for n in (basis if basis is not None else _DEFAULT_BASIS))
         if len(names) < 2 or len(set(names)) != len(names):
             raise ValueError(f"PixelColorEncoder: basis needs at least 2 distinct colors, got {names}")
@@ -503,10 +526,35 @@ class PixelColorEncoder:
         lab = torch.stack([color_prototype_lab(n, self.prototypes) for n in names]).float()
         return self._assign(lab)
 
-    def nearest_colors(self, features: torch.Tensor) -> list:
+    def nearest_colors(self, features: torch.Tensor | PatchFeatures) -> list:
         """The basis name with the largest weight for each feature vector (nested lists, like ``tolist``)."""
+        if isinstance(features, PatchFeatures):
+            features = features.features
+        k = len(self.basis)
+        if not isinstance(features, torch.Tensor) or features.dim() < 1 or features.shape[-1] != k:
+            got = getattr(features, "shape", type(features).__name__)
+            raise ValueError(f"PixelColorEncoder.nearest_colors: features must be a tensor [..., {k}] (one weight "
+                             f"per basis color) or PatchFeatures, got {got}")
+        if features.is_floating_point() and not bool(torch.isfinite(features).all()):
+            raise ValueError("PixelColorEncoder.nearest_colors: features hold NaN or infinite values")
         index = features.argmax(-1)
         return _map_nested(index.tolist(), self.basis)
+
+
+def _check_prototypes(prototypes: Any) -> None:
+    """A prototype table maps names to sRGB triples on the 0-255 scale; NaN gave NaN features, a 0-1 table near-
+    uniform ones (every color about equally far), both without a word."""
+    if not isinstance(prototypes, Mapping) or len(prototypes) < 2:
+        raise ValueError(f"PixelColorEncoder: prototypes must map at least 2 color names to sRGB (r, g, b) on the "
+                         f"0-255 scale, got {type(prototypes).__name__}")
+    for name, rgb in prototypes.items():
+        if isinstance(rgb, (str, bytes)) or not isinstance(rgb, Sequence) or len(rgb) != 3 \
+                or not all(is_finite_real(v) and not isinstance(v, bool) and 0 <= v <= 255 for v in rgb):
+            raise ValueError(f"PixelColorEncoder: prototypes[{name!r}] must be an sRGB (r, g, b) of numbers in "
+                             f"[0, 255], got {rgb!r}")
+    if max(max(rgb) for rgb in prototypes.values()) <= 1:
+        raise ValueError("PixelColorEncoder: prototypes are sRGB on the 0-255 scale; every value here is <= 1 (a "
+                         "0-1 table? multiply by 255)")
 
 
 def _map_nested(values: Any, names: Sequence[str]) -> Any:
@@ -551,6 +599,20 @@ def check_clip_model(who: str, model_id_or_path) -> str:
         raise ValueError(f"{who}: {model_id_or_path} is a {getattr(config, 'model_type', 'non-CLIP')!r} model, "
                          f"not a CLIP model (model_type 'clip')")
     return where
+
+
+def check_template(owner: str, name: str, template: Any, word: str) -> None:
+    """A text template must take the word through exactly one ``{}`` and nothing else: ``'{x} {}'`` or
+    ``'{}}'`` passed the old count of ``{}`` and failed at first use (KeyError 'x', "Single '}'")."""
+    ok = isinstance(template, str)
+    if ok:
+        try:
+            ok = template.format("\x00").count("\x00") == 1
+        except (KeyError, IndexError, ValueError):
+            ok = False
+    if not ok:
+        raise ValueError(f"{owner}: {name} must contain exactly one '{{}}' for the {word} and no other braces "
+                         f"(write '{{{{' and '}}}}' for literal ones), got {template!r}")
 
 
 def check_text_length(model: Any, texts: Sequence[str], tokens: Mapping[str, Any], owner: str, template: str) -> None:
@@ -628,9 +690,7 @@ class ClipColorEncoder:
             if not hasattr(model, attr):
                 raise ValueError(f"ClipColorEncoder needs a transformers CLIPModel; {type(model).__name__} "
                                  f"has no {attr!r}")
-        if not isinstance(template, str) or template.count("{}") != 1 or "{0" in template or "{1" in template:
-            raise ValueError(f"ClipColorEncoder: template must contain exactly one '{{}}' for the color, got "
-                             f"{template!r}")
+        check_template("ClipColorEncoder", "template", template, "color")
         text_dim = getattr(model.text_projection, "out_features", None)
         vision_dim = getattr(model.visual_projection, "out_features", None)
         if text_dim is not None and vision_dim is not None and text_dim != vision_dim:

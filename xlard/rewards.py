@@ -119,6 +119,11 @@ _RELATION_WORDS = GENEVAL_RELATION_NAMES
 # ---------------------------------------------------------------------------
 
 
+#: Upper bound of ``RewardConfig.max_components``: slots are allocated for every map, and a 64x64 map holds at
+#: most 1024 components of 8-connected pixels.
+MAX_COMPONENT_SLOTS = 4096
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     """Settings of the three rewards; validated on construction.
@@ -132,7 +137,7 @@ class RewardConfig:
         min_area: an absolute minimum area in pixels; overrides the fraction.
         connectivity: 4 or 8.
         max_components: component slots kept for explanations (the count
-            itself always covers every component).
+            itself always covers every component), at most 4096.
         tau: sharpness of the position sigmoid.
         bind_color: look for an entity's color only inside its component mask.
         bind_min_coverage: a patch is inside the mask when at least this
@@ -191,8 +196,10 @@ class RewardConfig:
         if not isinstance(self.connectivity, int) or isinstance(self.connectivity, bool) or \
                 self.connectivity not in (4, 8):
             raise ValueError(f"RewardConfig.connectivity must be 4 or 8, got {self.connectivity!r}")
-        if not integer("max_components", 2**31 - 1):
-            raise ValueError(f"RewardConfig.max_components must be an integer in [1, 2**31 - 1], "
+        if not integer("max_components", MAX_COMPONENT_SLOTS):
+            # slots are allocated per map: 2**31 - 1 asked for 34 GB for one 8x8 map
+            raise ValueError(f"RewardConfig.max_components must be an integer in [1, {MAX_COMPONENT_SLOTS}] "
+                             f"(component slots kept for explanations; the count covers every component), "
                              f"got {self.max_components!r}")
         if isinstance(self.aspects, (str, bytes)) or not isinstance(self.aspects, (tuple, list)):
             raise ValueError(f"RewardConfig.aspects must be a tuple of names from {ASPECTS}, got {self.aspects!r}")
@@ -301,6 +308,9 @@ def batch_specs(
             raise ValueError(f"batch_specs: item {i} must be a PromptSpec, got {type(spec).__name__}")
     if encoder is not None and segment_offsets is not None:
         raise ValueError("batch_specs: pass encoder or segment_offsets, not both")
+    if segment_offsets is not None and not isinstance(segment_offsets, Mapping):
+        raise ValueError(f"segment_offsets must map tokenizer names to offsets ({{'tokenizer': 0, ...}}: "
+                         f"Decoded.segment_offsets), got {type(segment_offsets).__name__}")
     tokens: list[tuple[tuple[int, ...], ...]] = []
     for spec in specs:
         if segment_offsets is not None:
@@ -1089,7 +1099,8 @@ class ExplainableRewards:
         color_encoder: ColorFeatureEncoder | None = None,
         confidence_head: ConfidenceHead | None = None,
     ) -> None:
-        self.config = config or RewardConfig()
+        # `config or RewardConfig()` took {} and [] (any falsy value) for the defaults without a word
+        self.config = RewardConfig() if config is None else config
         if not isinstance(self.config, RewardConfig):
             hint = "; pass source.reward_config()" if callable(getattr(self.config, "reward_config", None)) else ""
             raise ValueError(f"ExplainableRewards: config must be a RewardConfig, got "
@@ -1167,6 +1178,8 @@ class ExplainableRewards:
                 tokens (``missing_entity="error"``).
         """
         cfg = self.config
+        if not isinstance(explain, bool):  # 'no' is truthy: explanations were built when asked not to
+            raise ValueError(f"ExplainableRewards: explain must be a bool, got {explain!r}")
         if isinstance(specs, PromptSpec) or isinstance(specs, (str, bytes)) or not isinstance(specs, Iterable):
             hint = " (one prompt? pass [spec])" if isinstance(specs, PromptSpec) else ""
             raise TypeError(f"ExplainableRewards: specs must be a sequence of PromptSpec, one per image, got "
@@ -1330,9 +1343,16 @@ class ExplainableRewards:
         if not vocab:
             return features.new_zeros((1, features.shape[-1]))
         if color_embeddings is not None:
+            if not isinstance(color_embeddings, Mapping):  # a tensor's `in` compared values with the names
+                raise ValueError(f"ExplainableRewards: color_embeddings must map color names to Tensor[D], got "
+                                 f"{type(color_embeddings).__name__}")
             unknown = [c for c in vocab if c not in color_embeddings]
             if unknown:
                 raise ValueError(f"ExplainableRewards: color_embeddings lacks {unknown}")
+            bad = [c for c in vocab if not isinstance(color_embeddings[c], (torch.Tensor, list, tuple))]
+            if bad:
+                raise ValueError(f"ExplainableRewards: color_embeddings must map each color to a Tensor[D], got "
+                                 f"{ {c: type(color_embeddings[c]).__name__ for c in bad} }")
             rows = [torch.as_tensor(color_embeddings[c]) for c in vocab]
             if len({tuple(r.shape) for r in rows}) != 1 or rows[0].dim() != 1:
                 shapes = {c: tuple(r.shape) for c, r in zip(vocab, rows)}

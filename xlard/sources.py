@@ -52,6 +52,7 @@ from __future__ import annotations
 import abc
 import inspect
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -62,7 +63,7 @@ import torch.nn.functional as F
 
 from xlard._args import as_device
 from xlard.color_features import (ClipColorEncoder, ColorFeatureEncoder, EmbeddingCache, PatchFeatures,
-                                   PixelColorEncoder, check_text_length)
+                                   PixelColorEncoder, check_template, check_text_length)
 from xlard.prompts import PromptSpec, singularize
 from xlard.rewards import ExplainableRewards, RewardConfig, RewardResult, component_means
 
@@ -96,6 +97,8 @@ def _decoded_parts(decoded: Any, who: str) -> tuple[torch.Tensor, tuple[PromptSp
         raise ValueError(f"{who}: decoded.images are meta tensors (shapes only, no pixels)")
     if images.shape[0] == 0:
         raise ValueError(f"{who}: decoded holds no images (an empty batch): nothing to score")
+    if images.shape[2] == 0 or images.shape[3] == 0:  # was F.interpolate's "sizes should be greater than 0"
+        raise ValueError(f"{who}: decoded.images are empty ({images.shape[2]} x {images.shape[3]} pixels)")
     if images.numel():
         lo, hi = float(images.amin()), float(images.amax())
         # A little past the range is rounding (the model clamps); far past it is another convention, which
@@ -288,10 +291,13 @@ class ShapesSource(RewardSource):
 
         for label, value in (("purity", purity), ("confidence", confidence), ("paint_purity", paint_purity),
                              ("threshold", threshold)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            # numbers.Real: a numpy scalar too, as RewardConfig takes
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"ShapesSource: {label} must be a number in [0, 1], got {value!r}")
-        if isinstance(min_area, bool) or not isinstance(min_area, int) or min_area < 1:
+        if isinstance(min_area, bool) or not isinstance(min_area, numbers.Integral) or min_area < 1:
             raise ValueError(f"ShapesSource: min_area must be an int >= 1, got {min_area!r}")
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"ShapesSource: path must be a weights folder (str or path), got {type(path).__name__}")
         for label, value in (("count_confidence", count_confidence), ("soft_count", soft_count)):
             if not isinstance(value, bool):
                 raise ValueError(f"ShapesSource: {label} must be a bool, got {value!r}")
@@ -301,7 +307,7 @@ class ShapesSource(RewardSource):
         self.confidence = float(confidence)
         self.paint_purity = float(paint_purity)
         self.threshold = float(threshold)
-        self.min_area = min_area
+        self.min_area = int(min_area)
 
         if model is None:  # its own copy of the cached weights: changing one source's model (.double(), training
             import copy  # it) changed every other source of the process
@@ -357,7 +363,14 @@ class ShapesSource(RewardSource):
             The maps with every component (8-connected, > ``threshold``) whose main
             color covers less than ``purity`` of its colored pixels zeroed.
         """
-        b, e, h, w = maps.shape
+        b, e, h, w = _check_maps_and_colors("ShapesSource.drop_mixed_objects", maps, color_probs)
+        if images is not None and (not isinstance(images, torch.Tensor) or not images.is_floating_point()
+                                   or tuple(images.shape) != (b, 3, h, w)):
+            raise ValueError(f"ShapesSource.drop_mixed_objects: images must be a float tensor [B={b}, 3, H={h}, "
+                             f"W={w}] in [0, 1] (the maps' size) or None, got "
+                             f"{getattr(images, 'shape', type(images).__name__)}")
+        if maps.numel() == 0:
+            return maps
         labels, slot, top, total = _components or self._components(maps, color_probs)
         n_labels = int(labels.max()) + 1
         pure = ((top >= self.purity * total) | (total == 0)).flatten()
@@ -413,14 +426,7 @@ class ShapesSource(RewardSource):
             >>> out = source.model.predict(images)                       # doctest: +SKIP
             >>> source.weighed_counts(out.shape_probs, out.color_probs)  # doctest: +SKIP
         """
-        if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or not maps.is_floating_point():
-            raise ValueError(f"ShapesSource.weighed_counts: maps must be a float tensor [B, E, H, W], got "
-                             f"{getattr(maps, 'shape', type(maps).__name__)}")
-        b, e, h, w = maps.shape
-        if not isinstance(color_probs, torch.Tensor) or color_probs.dim() != 4 or color_probs.shape[1] < 2 \
-                or (color_probs.shape[0], *color_probs.shape[2:]) != (b, h, w):
-            raise ValueError(f"ShapesSource.weighed_counts: color_probs must be a tensor [B={b}, 1 + C, H={h}, W={w}], "
-                             f"got {getattr(color_probs, 'shape', type(color_probs).__name__)}")
+        b, e, h, w = _check_maps_and_colors("ShapesSource.weighed_counts", maps, color_probs)
         if maps.numel() == 0:
             return torch.zeros(b, e, device=maps.device)
         labels, _, top, total = _components or self._components(maps, color_probs)
@@ -509,10 +515,7 @@ class ClipSource(RewardSource):
     def __init__(self, model: Any, tokenizer: Any, *, noun_template: str = "a photo of a {}.",
                  color_template: str = "a photo of a {} object", background: str = "a photo of the background.",
                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None) -> None:
-        if not isinstance(noun_template, str) or noun_template.count("{}") != 1 or "{0" in noun_template \
-                or "{1" in noun_template:
-            raise ValueError(f"ClipSource: noun_template must contain exactly one '{{}}' for the noun, got "
-                             f"{noun_template!r}")
+        check_template("ClipSource", "noun_template", noun_template, "noun")
         if not isinstance(background, str) or not background.strip():
             raise ValueError(f"ClipSource: background must be a non-empty text, got {background!r}")
         self.encoder = ClipColorEncoder(model, tokenizer, template=color_template, image_mean=image_mean,
@@ -583,6 +586,19 @@ class ClipSource(RewardSource):
         return inputs
 
 
+def _check_maps_and_colors(who: str, maps: Any, color_probs: Any) -> tuple[int, int, int, int]:
+    """``(B, E, H, W)`` of entity maps and the color head's ``[B, 1 + C, H, W]`` distributions that fit them."""
+    if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or not maps.is_floating_point():
+        raise ValueError(f"{who}: maps must be a float tensor [B, E, H, W], got "
+                         f"{getattr(maps, 'shape', type(maps).__name__)}")
+    b, e, h, w = maps.shape
+    if not isinstance(color_probs, torch.Tensor) or color_probs.dim() != 4 or color_probs.shape[1] < 2 \
+            or (color_probs.shape[0], *color_probs.shape[2:]) != (b, h, w):
+        raise ValueError(f"{who}: color_probs must be a tensor [B={b}, 1 + C, H={h}, W={w}], "
+                         f"got {getattr(color_probs, 'shape', type(color_probs).__name__)}")
+    return b, e, h, w
+
+
 def _is_shapes_backbone(backbone: Any) -> bool:
     """The shapes backbone: the name "shapes", its folder (by path), or a backbone loaded from that folder."""
     if isinstance(backbone, (str, os.PathLike)):
@@ -599,7 +615,7 @@ def _is_shapes_backbone(backbone: Any) -> bool:
 
     try:
         return Path(where).resolve() == shapes_backbone.backbone_path().resolve()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the name; not a folder, so not the shapes backbone
         return False
 
 
@@ -632,6 +648,10 @@ def resolved_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         >>> resolved_options("attention", {})
         {}
     """
+    source_options(name)  # a known source name, or a clear error
+    if not isinstance(options, Mapping):
+        raise ValueError(f"resolved_options: options must be a mapping of {name!r} source options, got "
+                         f"{type(options).__name__}")
     out = dict(options)
     parameters = inspect.signature(ShapesSource.__init__).parameters
     for key in _CHANGED_DEFAULTS.get(name, ()):
@@ -664,7 +684,7 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
         >>> get_source("attention").name
         'attention'
     """
-    if name not in SOURCES:
+    if not isinstance(name, str) or name not in SOURCES:
         raise ValueError(f"get_source: unknown source {name!r}; expected one of {SOURCES}")
     unknown = sorted(set(options) - source_options(name))
     if unknown:
@@ -701,6 +721,8 @@ def source_options(name: str) -> frozenset[str]:
     Raises:
         ValueError: an unknown source name.
     """
+    if not isinstance(name, str):
+        raise ValueError(f"get_source: a source name must be a string, one of {SOURCES}, got {type(name).__name__}")
     allowed = {"attention": {"color_encoder"},
                "shapes": {"path", "model", "device", *_SHAPES_SETTINGS},
                "clip": {"model", "tokenizer", "device", "dtype", "noun_template", "color_template", "background"}}
@@ -730,6 +752,8 @@ def score(decoded: Any, source: RewardSource, rewards: ExplainableRewards | None
     if not isinstance(source, RewardSource):
         raise ValueError(f"score: source must be a RewardSource (xlard.sources.get_source), got "
                          f"{type(source).__name__}")
+    if not isinstance(explain, bool):
+        raise ValueError(f"score: explain must be a bool, got {explain!r}")
     if rewards is None:
         rewards = ExplainableRewards(source.reward_config())
     elif not isinstance(rewards, ExplainableRewards):

@@ -352,6 +352,11 @@ class Backbone(abc.ABC):
         """A :class:`xlard.models.CorrectorConfig` sized for this backbone's latent and prompt embedding."""
         from xlard.models import CorrectorConfig
 
+        fixed = sorted(set(overrides) & {"latent_channels", "text_dim", "pooled_dim"})
+        if fixed:  # was "preset() got multiple values for keyword argument"
+            raise ValueError(f"corrector_config: {', '.join(fixed)} come from the backbone (latent_channels="
+                             f"{self.latent_channels}, text_dim={self.text_dim}, pooled_dim={self.pooled_dim}); "
+                             f"size the other fields, or build CorrectorConfig.preset({preset!r}, ...) yourself")
         return CorrectorConfig.preset(preset, latent_channels=self.latent_channels, text_dim=self.text_dim,
                                       pooled_dim=self.pooled_dim, **overrides)
 
@@ -370,6 +375,8 @@ class Backbone(abc.ABC):
         Raises:
             ValueError: ``"<label>: <why the prompt cannot be parsed>"`` for the first such prompt.
         """
+        if isinstance(prompts, (str, PromptSpec)):  # a string was checked letter by letter ("record 3: ' '")
+            prompts = [prompts]
         parse = getattr(self, "parse", None)
         if parse is None:
             return

@@ -813,7 +813,7 @@ def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeli
     return f"{name!r} is not a local folder and not a loadable hub model; {fix}; or give {instead} ({reason})"
 
 
-def _check_model_index(location: str, early_class_check: bool = True) -> None:
+def _check_model_index(location: str, early_class_check: bool = True, given: Any = ()) -> None:
     """A local pipeline folder's ``model_index.json`` must be a JSON object naming its pipeline class (``{}``, a
     list or an unknown class failed deep in diffusers with a KeyError or an AttributeError)."""
     index = os.path.join(location, "model_index.json")
@@ -834,6 +834,15 @@ def _check_model_index(location: str, early_class_check: bool = True) -> None:
     if not hasattr(diffusers, name):
         raise ValueError(f"model_id_or_path: {index} names pipeline class {name!r}, which this diffusers "
                          f"({diffusers.__version__}) does not have")
+    # A component the index names whose subfolder is gone failed in diffusers with "no file named config.json
+    # found in directory <the pipeline folder>", naming the wrong folder.
+    missing = [key for key, value in data.items() if not key.startswith("_") and key not in given
+               and isinstance(value, list) and len(value) == 2 and all(v is not None for v in value)
+               and not os.path.isdir(os.path.join(location, key))]
+    if missing:
+        raise FileNotFoundError(f"model_id_or_path: {index} names the component(s) {', '.join(missing)}, but "
+                                f"{location} has no {', '.join(m + '/' for m in missing)} subfolder (an incomplete "
+                                f"download or copy?); restore it, or pass the component (or None) to from_pretrained")
     cls = getattr(diffusers, name)  # refused before its weights load (an SDXL folder read gigabytes first)
     # (not with custom_pipeline=: that pipeline class is another one, checked once loaded)
     if early_class_check and isinstance(cls, type) and not any(c.__name__ in SUPPORTED_PIPELINES for c in cls.__mro__):
@@ -1097,7 +1106,8 @@ class DiffusersBackbone(Backbone):
                 pipeline_kwargs[key] = value
             else:  # the caller's own low_cpu_mem_usage stands
                 pipeline_kwargs.setdefault(key, value)
-        _check_model_index(model_id_or_path, early_class_check="custom_pipeline" not in pipeline_kwargs)
+        _check_model_index(model_id_or_path, early_class_check="custom_pipeline" not in pipeline_kwargs,
+                           given=pipeline_kwargs)
         with _unexpected_load_kwargs() as unexpected:
             try:
                 pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)

@@ -37,6 +37,7 @@ COLORMAPS: dict[str, tuple[tuple[float, float, float], ...]] = {
 }
 
 _TABLE_SIZE = 256
+_MAX_TABLE_SIZE = 1 << 16
 
 
 def colormap_table(colormap: str | torch.Tensor = "ember", size: int = _TABLE_SIZE) -> torch.Tensor:
@@ -51,7 +52,7 @@ def colormap_table(colormap: str | torch.Tensor = "ember", size: int = _TABLE_SI
         Tensor[size, 3], float32, the anchors interpolated linearly.
 
     Raises:
-        ValueError: unknown name, malformed anchors, or ``size`` < 2.
+        ValueError: unknown name, malformed anchors, or ``size`` outside [2, 65536].
 
     Example:
         >>> colormap_table("ember")[-1]     # the brightest color
@@ -70,8 +71,9 @@ def colormap_table(colormap: str | torch.Tensor = "ember", size: int = _TABLE_SI
             raise ValueError(_err(fn, "colormap anchors must be finite sRGB values in [0, 1]"))
     else:
         raise TypeError(_err(fn, f"colormap must be a name or a Tensor[N, 3], got {type(colormap).__name__}"))
-    if not isinstance(size, numbers.Integral) or size < 2:
-        raise ValueError(_err(fn, f"size must be an int >= 2, got {size!r}"))
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or not 2 <= size <= _MAX_TABLE_SIZE:
+        # 10**9 entries allocated gigabytes for a lookup table (and seemed to hang)
+        raise ValueError(_err(fn, f"size must be an int in [2, {_MAX_TABLE_SIZE}], got {size!r}"))
     pos = torch.linspace(0.0, anchors.shape[0] - 1, int(size))
     lo = pos.floor().long().clamp(max=anchors.shape[0] - 2)
     t = (pos - lo.float()).unsqueeze(1)
@@ -149,6 +151,8 @@ def overlay(
         raise ValueError(_err(fn, f"image batch {img.shape[0]} != lam batch {lam.shape[0]}"))
     if not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(_err(fn, f"alpha must be in [0, 1], got {alpha!r}"))
+    if not isinstance(normalize, bool):  # 'no' is truthy
+        raise ValueError(_err(fn, f"normalize must be a bool, got {normalize!r}"))
     if normalize:
         values = normalize_lam(lam, quantile)
     else:

@@ -130,7 +130,8 @@ def _item_html(index: int, item: ReportItem, colormap) -> str:
         return html.escape(text).replace("\x00", "\ufffd")
 
     parts = ['<article class="item">']
-    joint, joint_before = _score(item.joint), _score(item.joint_before)
+    # the joint reward is a weighted sum: in [0, 1] with normalized weights, not always
+    joint, joint_before = _score(item.joint, unit=False), _score(item.joint_before, unit=False)
     tag = f'<span class="tag"><bdi>{esc(item.label)}</bdi></span>' if item.label else ""
     joint_html = ""
     if item.joint is not None or item.scores:
@@ -186,7 +187,7 @@ def _item_html(index: int, item: ReportItem, colormap) -> str:
             score = _score(item.scores.get(aspect))
             before = _score(item.scores_before.get(aspect)) if item.scores_before else None
             sentences = by_aspect.get(aspect, [])
-            weight = _score(item.weights.get(aspect)) if item.weights else None
+            weight = _score(item.weights.get(aspect), unit=False) if item.weights else None
             weight_html = f'<span class="weight">&lambda; {weight:.2f}</span>' if weight else ""
             if score is None:
                 why = ("<ul>" + "".join(f"<li>{esc(s)}</li>" for s in sentences) + "</ul>") if sentences else \
@@ -223,7 +224,7 @@ def _legend(colormap) -> str:
 def _summary(items: Sequence[ReportItem]) -> str:
     stats = [("prompts", str(len(items)))]
     for key in ("joint",) + ASPECT_NAMES:
-        values = [_score(it.joint) if key == "joint" else _score(it.scores.get(key)) for it in items]
+        values = [_score(it.joint, unit=False) if key == "joint" else _score(it.scores.get(key)) for it in items]
         values = [v for v in values if v is not None]
         if values:
             stats.append((f"mean {key}", f"{sum(values) / len(values):.3f}"))

@@ -31,7 +31,9 @@ def _sentence(item) -> str:
     return str(item)
 
 
-def _score(value) -> float | None:
+def _score(value, unit: bool = True) -> float | None:
+    """A score as a float (None: absent); ``unit``: a reward, which lies in [0, 1] (a 7.5 or an inf was drawn
+    as "7.500" under a footer that says scores are in [0, 1])."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
@@ -39,7 +41,13 @@ def _score(value) -> float | None:
             raise ValueError(_err("ReportItem", f"a score must be a scalar, got shape {tuple(value.shape)}"))
         value = value.item()
     value = float(value)
-    return None if math.isnan(value) else value
+    if math.isnan(value):
+        return None
+    if unit and not -1e-6 <= value <= 1 + 1e-6:
+        raise ValueError(_err("ReportItem", f"a score (reward) must lie in [0, 1] (NaN or None: absent), got {value}"))
+    if not unit and not math.isfinite(value):
+        raise ValueError(_err("ReportItem", f"a weight must be finite, got {value}"))
+    return value
 
 
 @dataclass

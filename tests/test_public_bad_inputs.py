@@ -1,0 +1,204 @@
+"""Bad input to public functions the earlier probes had not reached (sources, rewards, color features, attention,
+the HTML report, colormaps, backbone helpers): each gave a raw error from deep inside torch or diffusers, a hang,
+or output that looked right and was not. Each now names the argument, what was expected and what came."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xlard.backbones.base import Decoded
+from xlard.color_features import PatchFeatures, PixelColorEncoder, check_template, patch_positions, srgb_to_lab
+from xlard.prompts import parse
+from xlard.rewards import MAX_COMPONENT_SLOTS, ExplainableRewards, RewardConfig
+from xlard.sources import ShapesSource, default_source_for, resolved_options, score, source_options
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _decoded(images, prompts=("a photo of a red circle",)):
+    return Decoded(images=images, latents=None, token_maps=None, patch_features=None,
+                   specs=tuple(parse(p) for p in prompts), segment_offsets={})
+
+
+def test_the_shapes_source_names_empty_images():
+    source = ShapesSource.__new__(ShapesSource)  # the images are checked before the model runs
+    with pytest.raises(ValueError, match=r"decoded.images are empty \(0 x 64 pixels\)"):
+        score(_decoded(torch.rand(1, 3, 0, 64)), source, ExplainableRewards())
+
+
+def test_drop_mixed_objects_checks_its_tensors():
+    """A public, documented method that checked nothing: raw "expanded size" / "shape is invalid" errors."""
+    source = ShapesSource.__new__(ShapesSource)
+    with pytest.raises(ValueError, match=r"drop_mixed_objects: color_probs must be a tensor \[B=1, 1 \+ C, H=8, W=8\]"):
+        source.drop_mixed_objects(torch.rand(1, 2, 8, 8), torch.rand(1, 11, 8, 4))
+    with pytest.raises(ValueError, match=r"drop_mixed_objects: images must be a float tensor \[B=1, 3, H=8, W=8\]"):
+        source.drop_mixed_objects(torch.rand(1, 2, 8, 8), torch.rand(1, 11, 8, 8), images=torch.rand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"drop_mixed_objects: maps must be a float tensor \[B, E, H, W\]"):
+        source.drop_mixed_objects(None, torch.rand(1, 11, 8, 8))
+
+
+def test_source_helpers_name_bad_names_and_options():
+    with pytest.raises(ValueError, match="unknown source 'nope'"):
+        resolved_options("nope", {})
+    with pytest.raises(ValueError, match="resolved_options: options must be a mapping .* got NoneType"):
+        resolved_options("shapes", None)
+    with pytest.raises(ValueError, match="a source name must be a string"):
+        source_options(["shapes"])
+    with pytest.raises(ValueError, match=r"ShapesSource: path must be a weights folder \(str or path\), got int"):
+        ShapesSource(path=123)
+    assert default_source_for("a\x00b") == "attention"  # not a folder, so not the shapes backbone
+
+
+def test_the_shapes_source_takes_numpy_numbers_as_the_reward_config_does():
+    from xlard.shapes import understanding as U
+
+    if not U.is_available():
+        pytest.skip("no understanding weights")
+    source = ShapesSource(threshold=np.float32(0.5), min_area=np.int64(8))
+    assert source.threshold == 0.5 and source.min_area == 8 and type(source.min_area) is int
+
+
+def test_rewards_name_malformed_color_embeddings_offsets_and_configs():
+    specs = [parse("a photo of a red circle")]
+    maps = torch.zeros(1, 1, 8, 8)
+    maps[0, 0, 2:5, 2:5] = 1.0
+    features = PatchFeatures(torch.rand(1, 4, 3), (2, 2))
+    rewards = ExplainableRewards(RewardConfig(threshold_mode="absolute", min_area=1))
+    with pytest.raises(ValueError, match=r"color_embeddings must map each color to a Tensor\[D\], got \{'red': "
+                                         r"'NoneType'\}"):
+        rewards(specs, entity_maps=maps, patch_features=features, color_embeddings={"red": None})
+    with pytest.raises(ValueError, match="color_embeddings must map color names to Tensor"):
+        rewards(specs, entity_maps=maps, patch_features=features, color_embeddings=torch.rand(1, 3))
+    with pytest.raises(ValueError, match="segment_offsets must map tokenizer names to offsets"):
+        rewards(specs, token_maps=torch.rand(1, 8, 8, 8), patch_features=features, segment_offsets="x")
+    with pytest.raises(ValueError, match="PatchFeatures.features have no feature dimension"):
+        PatchFeatures(torch.zeros(1, 4, 0), (2, 2))
+    for falsy in ({}, [], 0):  # were taken as "no config" without a word
+        with pytest.raises(ValueError, match="config must be a RewardConfig"):
+            ExplainableRewards(falsy)
+    with pytest.raises(ValueError, match=rf"max_components must be an integer in \[1, {MAX_COMPONENT_SLOTS}\]"):
+        RewardConfig(max_components=2**31 - 1)  # allocated 34 GB for one 8x8 map
+    with pytest.raises(ValueError, match="explain must be a bool, got 'no'"):
+        rewards(specs, entity_maps=maps, patch_features=features, color_embeddings={"red": torch.rand(3)},
+                explain="no")
+
+
+def test_text_templates_are_checked_where_they_are_given():
+    for bad in ("{x} {}", "{}}", "{}{", "{} {}", "no braces", 3):
+        with pytest.raises(ValueError, match="must contain exactly one '{}' for the color"):
+            check_template("ClipColorEncoder", "template", bad, "color")
+    for good in ("a photo of a {} object", "{0} thing", "a {{literal}} {}"):
+        check_template("ClipColorEncoder", "template", good, "color")
+
+
+def test_pixel_color_encoder_checks_its_prototypes_basis_and_features():
+    base = {"red": (220, 20, 20), "blue": (20, 20, 220), "gray": (128, 128, 128)}
+    with pytest.raises(ValueError, match=r"prototypes\['red'\] must be an sRGB \(r, g, b\) of numbers in \[0, 255\]"):
+        PixelColorEncoder(basis=["red", "blue"], prototypes={**base, "red": (float("nan"), 0, 0)})
+    with pytest.raises(ValueError, match=r"prototypes\['red'\] must be an sRGB"):
+        PixelColorEncoder(basis=["red", "blue"], prototypes={**base, "red": (300, 0, 0)})
+    with pytest.raises(ValueError, match=r"prototypes\['red'\] must be an sRGB"):
+        PixelColorEncoder(basis=["red", "blue"], prototypes={**base, "red": (1, 2)})
+    with pytest.raises(ValueError, match="a 0-1 table\\? multiply by 255"):
+        PixelColorEncoder(basis=["red", "blue"], prototypes={"red": (1.0, 0, 0), "blue": (0, 0, 1.0)})
+    with pytest.raises(ValueError, match="basis must be a sequence of color names, got 'red'"):
+        PixelColorEncoder(basis="red")
+    encoder = PixelColorEncoder(grid=(2, 2))
+    features = encoder.encode_images(torch.rand(1, 3, 8, 8))
+    assert encoder.nearest_colors(features) == encoder.nearest_colors(features.features)  # PatchFeatures taken
+    with pytest.raises(ValueError, match=rf"features must be a tensor \[\.\.\., {len(encoder.basis)}\]"):
+        encoder.nearest_colors(torch.rand(4, 3))
+    with pytest.raises(ValueError, match="features hold NaN"):
+        encoder.nearest_colors(torch.full((2, len(encoder.basis)), float("nan")))
+
+
+def test_color_math_refuses_other_scales_and_shapes():
+    with pytest.raises(ValueError, match=r"srgb_to_lab: rgb must be finite sRGB values in \[0, 1\], got values in "
+                                         r"\[0, 128\] \(0..255 values\? divide by 255\)"):
+        srgb_to_lab(torch.tensor([128.0, 64.0, 0.0]))  # was clamped to [1, 1, 0] without a word
+    with pytest.raises(ValueError, match="srgb_to_lab: rgb must be a float tensor"):
+        srgb_to_lab(torch.tensor([1, 0, 0]))
+    with pytest.raises(ValueError, match=r"srgb_to_lab: rgb must have 3 channels on dim -1, got shape \(4,\)"):
+        srgb_to_lab(torch.rand(4))
+    with pytest.raises(ValueError, match="srgb_to_lab: rgb must be a float tensor"):
+        srgb_to_lab([1.0, 0.0, 0.0])
+    assert torch.allclose(srgb_to_lab(torch.tensor([1.0, 0.0, 0.0])), torch.tensor([53.24, 80.09, 67.20]),
+                          atol=0.02)
+    with pytest.raises(ValueError, match=r"patch_positions: grid must be a pair of integers"):
+        patch_positions((-2, 3))
+    with pytest.raises(ValueError, match="patch_positions: device"):
+        patch_positions((2, 2), device="nope")
+
+
+def test_text_attention_probs_checks_its_indices():
+    from xlard.attention import text_attention_probs
+
+    q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 9, 4)
+    with pytest.raises(ValueError, match=r"token_positions must index the 9 keys, got positions in \[50, 50\]"):
+        text_attention_probs(q, k, torch.tensor([50]))
+    with pytest.raises(ValueError, match=r"heads must be a non-empty int64 Tensor\[H'\] of head indices in \[0, 2\)"):
+        text_attention_probs(q, k, torch.tensor([7]), heads=torch.tensor([5]))
+    with pytest.raises(ValueError, match=r"query_start must be an int in \[0, 6\), got 100"):
+        text_attention_probs(q, k, torch.tensor([7]), query_start=100)  # was an empty block
+    with pytest.raises(ValueError, match=r"num_queries must be None or an int in \[1, 6\]"):
+        text_attention_probs(q, k, torch.tensor([7]), num_queries=-2)  # ran to the end
+    with pytest.raises(ValueError, match=r"per-sample token_positions need one row per kept sample \(1\), got 2"):
+        text_attention_probs(q, k, torch.tensor([[7], [8]]))
+    with pytest.raises(ValueError, match="token_positions must be an int64 Tensor"):
+        text_attention_probs(q, k, [7, 8])
+    assert text_attention_probs(q, k, torch.tensor([7, 8]), num_queries=6).shape == (1, 2, 6)
+
+
+def test_the_html_report_refuses_impossible_scores_and_colormaps_stay_small(tmp_path):
+    from xlard.explain import ReportItem, render_html_report
+    from xlard.explain.colormaps import colormap_table, overlay
+
+    for bad in (7.5, float("inf"), -2.0):  # drawn as "7.500" under "Scores in [0, 1]"
+        with pytest.raises(ValueError, match=r"a score \(reward\) must lie in \[0, 1\]"):
+            render_html_report([ReportItem("a photo of a cat", scores={"count": bad})])
+    assert "0.750" in render_html_report([ReportItem("a photo of a cat", scores={"count": 0.75, "color": math.nan},
+                                                     joint=1.5, weights={"count": 2.0})])
+    with pytest.raises(ValueError, match=r"size must be an int in \[2, 65536\], got 1000000000"):
+        colormap_table("ember", 10**9)  # allocated gigabytes (and seemed to hang)
+    with pytest.raises(ValueError, match="normalize must be a bool, got 'no'"):
+        overlay(torch.rand(3, 8, 8), torch.rand(4, 4), normalize="no")
+
+
+def test_backbone_helpers_name_a_string_for_prompts_and_fixed_corrector_sizes(tmp_path):
+    import tiny_pipelines
+
+    from xlard.backbones import DiffusersBackbone
+
+    bb = DiffusersBackbone.from_pretrained(tiny_pipelines.tiny_sd_pipeline(tmp_path / "sd"), num_inference_steps=1)
+    bb.check_prompts("a photo of two cats")  # one prompt, not its letters ("record 3: prompt ' '")
+    with pytest.raises(ValueError, match="record 0: "):
+        bb.check_prompts("")
+    with pytest.raises(ValueError, match=r"corrector_config: latent_channels come from the backbone "
+                                         r"\(latent_channels=4, text_dim=32, pooled_dim=32\)"):
+        bb.corrector_config("tiny", latent_channels=16)
+    assert bb.corrector_config("tiny", width=64).width == 64
+
+
+def test_a_pipeline_folder_missing_a_component_subfolder_is_named(tmp_path):
+    import shutil
+
+    import tiny_pipelines
+
+    from xlard.backbones import DiffusersBackbone
+
+    folder = tiny_pipelines.tiny_sd_pipeline(tmp_path / "sd")
+    shutil.rmtree(folder / "unet")
+    with pytest.raises(FileNotFoundError, match=r"model_index.json names the component\(s\) unet, but .*sd has no "
+                                                r"unet/ subfolder \(an incomplete download or copy\?\)"):
+        DiffusersBackbone.from_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    shutil.rmtree(folder / "vae")  # a component passed in is not looked for
+    with pytest.raises(FileNotFoundError, match=r"names the component\(s\) unet, but"):
+        DiffusersBackbone.from_pretrained(folder, vae=None)
