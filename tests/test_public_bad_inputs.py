@@ -185,6 +185,18 @@ def test_backbone_helpers_name_a_string_for_prompts_and_fixed_corrector_sizes(tm
     assert bb.corrector_config("tiny", width=64).width == 64
 
 
+def test_a_nul_in_a_path_or_model_name_is_named(tmp_path):
+    from xlard.backbones import DiffusersBackbone
+    from xlard.explain import save_png, write_html_report
+
+    with pytest.raises(ValueError, match="holds a NUL character"):
+        save_png(str(tmp_path / "a\x00b.png"), torch.rand(3, 4, 4))
+    with pytest.raises(ValueError, match="holds a NUL character"):
+        write_html_report(str(tmp_path / "a\x00b.html"), [])
+    with pytest.raises(ValueError, match=r"must be a hub model id or a local folder, got 'a\\x00b' \(a NUL"):
+        DiffusersBackbone.from_pretrained("a\x00b")
+
+
 def test_a_pipeline_folder_missing_a_component_subfolder_is_named(tmp_path):
     import shutil
 

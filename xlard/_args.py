@@ -191,6 +191,8 @@ def model_location(who: str, name, marker: str, kind: str, others: str = "") -> 
     """
     if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
         raise ValueError(f"{who} must be a hub model id or a local folder, got {name!r}")
+    if "\x00" in str(name):  # os and huggingface_hub refuse it with their own words ("embedded null byte")
+        raise ValueError(f"{who} must be a hub model id or a local folder, got {name!r} (a NUL character)")
     text = str(name)
     path = Path(text).expanduser()
     if path.exists():

@@ -566,6 +566,8 @@ def _check_path(owner: str, path: Any) -> None:
         raise TypeError(f"{owner}: path must be a non-empty str or PathLike, got {path!r}")
     if not str(os.fspath(path)).strip():
         raise ValueError(f"{owner}: the path is empty; give a file or folder name")
+    if "\x00" in str(os.fspath(path)):  # os refuses it as a bare "embedded null byte"
+        raise ValueError(f"{owner}: the path {show_controls(str(os.fspath(path)))!r} holds a NUL character")
 
 
 _TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
