@@ -152,6 +152,11 @@ def test_text_attention_probs_checks_its_indices():
         text_attention_probs(q, k, torch.tensor([[7], [8]]))
     with pytest.raises(ValueError, match="token_positions must be an int64 Tensor"):
         text_attention_probs(q, k, [7, 8])
+    with pytest.raises(ValueError, match=r"mask \(5, 5\) does not broadcast to the attention's \[B, H, Sq, Sk\] = "
+                                         r"\[1, 2, 6, 9\]"):
+        text_attention_probs(q, k, torch.tensor([7]), mask=torch.ones(5, 5, dtype=torch.bool))
+    ok = text_attention_probs(q, k, torch.tensor([7]), mask=torch.ones(1, 9, dtype=torch.bool))
+    assert torch.allclose(ok, text_attention_probs(q, k, torch.tensor([7])))
     assert text_attention_probs(q, k, torch.tensor([7, 8]), num_queries=6).shape == (1, 2, 6)
 
 

@@ -409,6 +409,10 @@ def text_attention_probs(
     k = key[rows]
     bias = _additive_mask(mask)
     if bias is not None:
+        full = (query.shape[0], h, sq, sk)
+        if any(m not in (1, f) for m, f in zip(bias.shape, full)):  # was a raw broadcast error mid-chunk
+            raise ValueError(f"text_attention_probs: mask {tuple(mask.shape)} does not broadcast to the attention's "
+                             f"[B, H, Sq, Sk] = {list(full)}")
         if bias.shape[0] != 1:
             bias = bias[rows]
         if bias.shape[2] != 1:
