@@ -219,3 +219,111 @@ def test_a_pipeline_folder_missing_a_component_subfolder_is_named(tmp_path):
     shutil.rmtree(folder / "vae")  # a component passed in is not looked for
     with pytest.raises(FileNotFoundError, match=r"names the component\(s\) unet, but"):
         DiffusersBackbone.from_pretrained(folder, vae=None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Second round: training configs, GenEval files, evaluation statistics, the shapes world's helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_training_config_names_what_json_cannot_hold(tmp_path):
+    """A YAML date, set or binary value was a traceback from json.dumps (exit 1 from `xlard train`), a config
+    nested thousands deep a RecursionError, a 5000-digit number a message naming no file."""
+    from xlard.train import load_config, parse_overrides
+    from xlard.train.config import batch_arithmetic
+
+    cases = {"date.yaml": ("out: 2024-01-01\n", r"out must be a plain value .* got a date \(datetime.date"),
+             "set.yaml": ("out: !!set {a, b}\n", r"out must be a plain value .* got a set"),
+             "binary.yaml": ("out: !!binary aGVsbG8=\n", r"out must be a plain value .* got a bytes"),
+             "deep.json": ("[" * 100000 + "]" * 100000, r"deep.json is not valid JSON: nested too deeply"),
+             "deep.yaml": ("a: " + "[" * 5000 + "]" * 5000 + "\n",
+                           r"deep.yaml is not valid YAML: nested too deeply"),
+             "huge.yaml": (f"steps: {'9' * 5000}\n", r"huge.yaml is not valid YAML: .*4300 digits")}
+    for name, (text, match) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ValueError, match="train config: (.*/)?" + match):
+            load_config(path)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("steps: 3\n")
+    with pytest.raises(ValueError, match="overrides must be a mapping of dotted keys"):
+        load_config(ok, overrides=["ppo.epochs=2"])
+    with pytest.raises(ValueError, match="overrides must be a mapping of dotted keys"):
+        load_config(ok, overrides={5: 2})
+    assert load_config(ok, overrides={"ppo.epochs": 2}).ppo.epochs == 2
+    with pytest.raises(ValueError, match="--set expects key=value strings, got 5"):
+        parse_overrides([5])
+    assert parse_overrides("ppo.epochs=2") == {"ppo.epochs": 2}  # one item, not its characters
+    with pytest.raises(ValueError, match=r"world_size must be an int >= 1 \(processes\), got 0"):
+        batch_arithmetic(load_config(ok), 0)
+
+
+def test_geneval_files_name_folders_strings_and_deep_records(tmp_path):
+    from xlard.geneval import read_jsonl, validate_record, write_jsonl
+
+    record = {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"}
+    with pytest.raises(IsADirectoryError, match="read_jsonl: .* is a folder; give the .jsonl file"):
+        read_jsonl(tmp_path)
+    with pytest.raises(ValueError, match="validate must be a bool, got 'no'"):
+        read_jsonl(tmp_path / "x.jsonl", validate="no")
+    with pytest.raises(ValueError, match="classes must be None or a collection of names, got 'cat'"):
+        validate_record(record, classes="cat")  # was split into the letters c, a, t
+    with pytest.raises(ValueError, match="classes must be None or a collection of names, got 5"):
+        validate_record(record, classes=5)
+    deep: list = []
+    node = deep
+    for _ in range(100000):
+        node.append([])
+        node = node[0]
+    with pytest.raises(ValueError, match=r"record 0: not JSON-serializable \(nested too deeply\)"):
+        write_jsonl(tmp_path / "deep.jsonl", [{**record, "x": deep}])
+    assert not (tmp_path / "deep.jsonl").exists()
+
+
+def test_evaluation_statistics_name_their_inputs():
+    from xlard.evaluation import paired_bootstrap, paired_table, parse_seeds, shipped_corrector_path
+
+    for base, match in ((["a"], "base must be a sequence of real numbers"), ([1j], "base must be a sequence of "
+                        "real numbers"), (None, "base must be a sequence of numbers"),
+                        ([[1, 0], [0, 1]], r"base must be one score per item \(1-D\), got shape \(2, 2\)")):
+        with pytest.raises(ValueError, match=match):
+            paired_bootstrap(base, [1] if base != [[1, 0], [0, 1]] else [1, 0, 0, 1])
+    with pytest.raises(ValueError, match=r"num_resamples must be an integer in \[1, 10000000\]"):
+        paired_bootstrap([0], [1], num_resamples=10**12)  # asked numpy for 7 TiB
+    with pytest.raises(ValueError, match="tags must be a sequence of tag strings"):
+        paired_table("ab", [0, 1], [1, 1])  # was two tags, 'a' and 'b'
+    with pytest.raises(ValueError, match="tags must be a sequence of tag strings"):
+        paired_table([1, "1"], [0, 1], [1, 1])  # were merged into one tag
+    assert "\ud800" in paired_table(["\ud800"], [0], [1])  # a lone surrogate in a tag: no UnicodeEncodeError
+    with pytest.raises(ValueError, match="--seeds: must be distinct non-negative integers, got \\[-5\\]"):
+        parse_seeds(None, default=-5)
+    assert parse_seeds(None, default=3) == [3]
+    with pytest.raises(ValueError, match=r"no corrector ships for backbone \[\]"):
+        shipped_corrector_path([])
+
+
+def test_shapes_helpers_refuse_what_is_not_their_input():
+    from xlard.shapes import backbone as shapes_backbone
+    from xlard.shapes.editor import find_objects
+    from xlard.shapes.latent_eyes import load_latent_model
+    from xlard.shapes.understanding import load_model
+
+    # were [] ("no objects") or numpy's own words
+    for bad in (None, np.zeros(5), np.zeros((2, 4, 4)), [[1, 1], [1, 1]], np.zeros((0, 0))):
+        with pytest.raises(ValueError, match=r"find_objects: prob must be a real array \[H, W\]"):
+            find_objects(bad)
+    p = np.zeros((8, 8), np.float32)
+    p[1:4, 1:4] = 0.9
+    assert len(find_objects(p, 0.5, 4)) == 1
+    for load in (load_latent_model, load_model):
+        with pytest.raises(ValueError, match="device must be a torch device or its name, got 'tpu'"):
+            load(device="tpu")
+    with pytest.raises(ValueError, match="unknown_words: prompt must be a string, got NoneType"):
+        shapes_backbone.unknown_words(None)
+    for prompts, match in (([5], r"prompts\[0\] must be a non-empty string, got 5"),
+                           (["a \ud800"], r"prompts\[0\] is not valid Unicode text"),
+                           (None, "prompts must be a prompt or a list of prompts, got NoneType")):
+        with pytest.raises(ValueError, match=match):
+            shapes_backbone.generate(prompts, pipeline=object())  # refused before any pipeline is used
+    with pytest.raises(ValueError, match="pipeline must be a loaded diffusers pipeline"):
+        shapes_backbone.generate("a photo of a cat", pipeline=object())

@@ -424,7 +424,7 @@ def shipped_corrector_path(backbone: str = "shapes") -> Path:
         ValueError: no corrector is shipped for that backbone.
         FileNotFoundError: the folder is absent (not trained/installed yet).
     """
-    if backbone not in _SHIPPED:
+    if not isinstance(backbone, str) or backbone not in _SHIPPED:
         raise ValueError(f"no corrector ships for backbone {backbone!r} (shipped: {sorted(_SHIPPED)}); pass "
                          "--corrector DIR")
     path = _SHIPPED[backbone]
@@ -544,19 +544,40 @@ class PairedDifference:
         return self.ci_low > 0 or self.ci_high < 0
 
 
+_MAX_RESAMPLES = 10**7  # 10**12 asked numpy for 7 TiB
+
+
 def _check_bootstrap_args(fn: str, num_resamples, confidence, seed) -> None:
-    if not isinstance(num_resamples, numbers.Integral) or isinstance(num_resamples, bool) or num_resamples < 1:
-        raise ValueError(_err(fn, f"num_resamples must be an integer >= 1, got {num_resamples!r}"))
+    if not isinstance(num_resamples, numbers.Integral) or isinstance(num_resamples, bool) \
+            or not 1 <= num_resamples <= _MAX_RESAMPLES:
+        raise ValueError(_err(fn, f"num_resamples must be an integer in [1, {_MAX_RESAMPLES}], got {num_resamples!r}"))
     if not _is_real(confidence) or not 0.0 < confidence < 1.0:
         raise ValueError(_err(fn, f"confidence must be a number in (0, 1), got {confidence!r}"))
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
         raise ValueError(_err(fn, f"seed must be a non-negative integer, got {seed!r}"))
 
 
+def _scores(fn: str, name: str, values) -> np.ndarray:
+    """Per-item scores as a 1-D float64 array; numpy's own words ("could not convert string to float",
+    "inhomogeneous shape") or a silent flattening of a 2-D input before."""
+    if values is None or isinstance(values, (str, bytes)):
+        raise ValueError(_err(fn, f"{name} must be a sequence of numbers (one score per item), got {values!r}"))
+    try:
+        array = np.asarray(values)
+        if array.dtype.kind not in "biuf":  # complex, strings, objects
+            raise TypeError(array.dtype)
+        array = array.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(_err(fn, f"{name} must be a sequence of real numbers (one score per item), got "
+                                  f"{repr(values)[:80]}")) from None
+    if array.ndim > 1:
+        raise ValueError(_err(fn, f"{name} must be one score per item (1-D), got shape {array.shape}"))
+    return array.reshape(-1)
+
+
 def _clusters(fn: str, base, corrected, clusters):
     """Per-cluster sums of base, corrected and the item counts, clusters in order of first appearance."""
-    b = np.asarray(base, dtype=np.float64).reshape(-1)
-    c = np.asarray(corrected, dtype=np.float64).reshape(-1)
+    b, c = _scores(fn, "base", base), _scores(fn, "corrected", corrected)
     if b.shape != c.shape:
         raise ValueError(_err(fn, f"base and corrected must have the same length, got {b.size} and {c.size}"))
     if b.size == 0:
@@ -651,7 +672,7 @@ def paired_bootstrap(base: Sequence[float], corrected: Sequence[float], clusters
 
 def _tag_rng(seed: int, tag: str) -> np.random.Generator:
     # A stream per tag keyed by its name: a tag's interval does not depend on which other tags are present.
-    return np.random.default_rng([int(seed), zlib.crc32(tag.encode("utf-8"))])
+    return np.random.default_rng([int(seed), zlib.crc32(tag.encode("utf-8", "surrogatepass"))])
 
 
 def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence[float],
@@ -685,12 +706,14 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
 
     fn = "paired_table"
     _check_bootstrap_args(fn, num_resamples, confidence, seed)
-    tags = [str(t) for t in tags]
+    if tags is None or isinstance(tags, (str, bytes)) or not all(isinstance(x, str) for x in tags):
+        # a string was split into one-letter tags, and 1 and "1" merged into one tag
+        raise ValueError(_err(fn, f"tags must be a sequence of tag strings (one per item), got {repr(tags)[:80]}"))
+    tags = list(tags)
     if "overall" in tags:  # the aggregate row took its place: its own row was lost without a word
         raise ValueError(_err(fn, f"tags: 'overall' names the mean of the tags' scores, not a tag (item "
                                   f"{tags.index('overall')})"))
-    b = np.asarray(base, dtype=np.float64).reshape(-1)
-    c = np.asarray(corrected, dtype=np.float64).reshape(-1)
+    b, c = _scores(fn, "base", base), _scores(fn, "corrected", corrected)
     if not (len(tags) == b.size == c.size):
         raise ValueError(_err(fn, f"tags, base and corrected must have one entry per item, got {len(tags)}, "
                                   f"{b.size} and {c.size}"))
@@ -1372,7 +1395,7 @@ def _backbone_from_args(args, corrector, meta):
 def parse_seeds(text: str | Sequence[int] | None, default: int = 0) -> list[int]:
     """``--seeds``: "0,1,2" or "0 1" (or a list of ints) -> distinct non-negative ints; None -> ``[default]``."""
     if text is None:
-        return [int(default)]
+        text = [default]  # checked as a given seed: -5 came back as [-5], "x" as int()'s own words
     try:
         parts = text.replace(",", " ").split() if isinstance(text, str) else list(text)
         seeds = []

@@ -194,6 +194,9 @@ def validate_record(
     _check_text(prompt, where, "'prompt'")
     if max_count is not None and (not _is_int(max_count) or max_count < 1):
         raise ValueError(f"max_count must be None or an integer >= 1, got {max_count!r}")
+    for label, names in (("classes", classes), ("colors", colors)):  # a string was split into its letters
+        if names is not None and (isinstance(names, (str, bytes)) or not isinstance(names, Iterable)):
+            raise ValueError(f"validate_record: {label} must be None or a collection of names, got {names!r}")
     class_set = None if classes is None else frozenset(classes)
     color_set = None if colors is None else frozenset(colors)
     include = record["include"]
@@ -232,7 +235,12 @@ def read_jsonl(path: str | os.PathLike[str], *, validate: bool = True) -> list[d
         >>> records[0]["prompt"]                                # doctest: +SKIP
         'a photo of a bench'
     """
+    if not isinstance(validate, bool):  # 'no' is truthy
+        raise ValueError(f"read_jsonl: validate must be a bool, got {validate!r}")
     path = Path(path)
+    if path.is_dir():  # was a bare "[Errno 21] Is a directory"
+        raise IsADirectoryError(f"read_jsonl: {path} is a folder; give the .jsonl file (e.g. "
+                                f"evaluation_metadata.jsonl)")
     records: list[dict[str, Any]] = []
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
@@ -295,6 +303,8 @@ def write_jsonl(
         >>> write_jsonl("prompts.jsonl", [{"tag": "single_object",  # doctest: +SKIP
         ...     "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"}])
     """
+    if not isinstance(validate, bool):
+        raise ValueError(f"write_jsonl: validate must be a bool, got {validate!r}")
     path = Path(path)
     lines: list[str] = []
     for i, record in enumerate(records):
@@ -312,5 +322,7 @@ def write_jsonl(
             lines.append(line)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"record {i}: not JSON-serializable ({exc})") from None
+        except RecursionError:
+            raise ValueError(f"record {i}: not JSON-serializable (nested too deeply)") from None
     _io.atomic_write_text(path, "".join(line + "\n" for line in lines), owner="xlard.geneval.write_jsonl")
     return path

@@ -77,6 +77,8 @@ def unknown_words(prompt: str, path: str | os.PathLike | None = None) -> list[st
         >>> unknown_words("a photo of two red dragons")                      # doctest: +SKIP
         ['dragons']
     """
+    if not isinstance(prompt, str):  # was "'NoneType' object has no attribute 'lower'"
+        raise ValueError(f"unknown_words: prompt must be a string, got {type(prompt).__name__}")
     folder = backbone_path(path)
     key = str(folder.resolve())
     if key not in _VOCABULARIES:
@@ -171,9 +173,19 @@ def generate(prompts: str | Sequence[str], seed: int = 0, steps: int = DEFAULT_S
 
     if isinstance(prompts, str):
         prompts = [prompts]
+    if prompts is None or not isinstance(prompts, Sequence):
+        raise ValueError(f"generate: prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("generate needs at least one prompt")
+    for i, prompt in enumerate(prompts):  # else the tokenizer's own words, after the pipeline had loaded
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"generate: prompts[{i}] must be a non-empty string, got {prompt!r}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"generate: prompts[{i}] is not valid Unicode text (a lone surrogate): "
+                             f"{prompt.encode('utf-8', 'backslashreplace').decode()!r}") from None
     from xlard._args import is_finite_real
     from xlard.backbones.diffusers_backbone import MAX_GUIDANCE, MAX_STEPS
 
@@ -192,6 +204,9 @@ def generate(prompts: str | Sequence[str], seed: int = 0, steps: int = DEFAULT_S
         raise ValueError(f"guidance must be a finite number in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if pipeline is not None and not (callable(pipeline) and hasattr(pipeline, "device")):
+        raise ValueError(f"generate: pipeline must be a loaded diffusers pipeline (load_pipeline()), got "
+                         f"{type(pipeline).__name__}")
     pipe = pipeline if pipeline is not None else load_pipeline()
     device = pipe.device
     starts = range(0, len(prompts), batch_size)

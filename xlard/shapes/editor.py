@@ -194,6 +194,12 @@ def find_objects(prob: np.ndarray, threshold: float = 0.5, min_area: int = 8) ->
     """
     from xlard import ops
 
+    array = np.asarray(prob) if isinstance(prob, (np.ndarray, torch.Tensor)) else None
+    # None, a 1-D or 3-D array came back as "no objects", a list as numpy's own error
+    if array is None or array.ndim != 2 or array.dtype.kind not in "biuf" or 0 in array.shape:
+        raise ValueError(f"find_objects: prob must be a real array [H, W] of probabilities (H, W >= 1), got "
+                         f"{getattr(prob, 'shape', type(prob).__name__)}")
+    prob = array
     labels, count = ops.label_components(torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[None, None],
                                          threshold=threshold, mode="absolute", min_area=min_area, connectivity=8)
     labels = labels[0, 0].numpy()

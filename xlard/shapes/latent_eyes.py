@@ -252,7 +252,10 @@ _LOADED: dict[tuple[str, str], LatentUnderstanding] = {}
 def load_latent_model(path: str | os.PathLike | None = None, device: Any = "cpu") -> LatentUnderstanding:
     """:meth:`LatentUnderstanding.from_pretrained`, cached per (folder, device), in channels_last (a third
     faster on the CPU). Every call returns the same instance: ``copy.deepcopy`` it before changing it."""
-    key = (str(latent_model_path(path).resolve()), str(torch.device(device)))
+    from xlard._args import as_device
+
+    device = as_device(device, "load_latent_model") or torch.device("cpu")  # was torch's "Expected one of cpu, cuda, ..."
+    key = (str(latent_model_path(path).resolve()), str(device))
     if key not in _LOADED:
         _LOADED[key] = LatentUnderstanding.from_pretrained(path, device).to(memory_format=torch.channels_last)
     return _LOADED[key]

@@ -304,7 +304,10 @@ def load_model(path: str | os.PathLike | None = None, device: Any = "cpu") -> Sh
     Every call returns the same instance: ``copy.deepcopy`` it before changing it (its dtype, its weights);
     :class:`xlard.sources.ShapesSource` and :class:`CountEyes` hold their own copies.
     """
-    key = (str(model_path(path).resolve()), str(torch.device(device)))
+    from xlard._args import as_device
+
+    device = as_device(device, "load_model") or torch.device("cpu")  # was torch's "Expected one of cpu, cuda, ..."
+    key = (str(model_path(path).resolve()), str(device))
     if key not in _LOADED:
         _LOADED[key] = ShapesUnderstanding.from_pretrained(path, device)
     return _LOADED[key]

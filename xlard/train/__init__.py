@@ -34,7 +34,11 @@ def parse_overrides(items: list[str] | None) -> dict:
     from xlard.train.config import yaml_load
 
     changes = {}
+    if isinstance(items, str):  # one item, not its characters
+        items = [items]
     for item in items or []:
+        if not isinstance(item, str):
+            raise ValueError(f"--set expects key=value strings, got {item!r}")
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)

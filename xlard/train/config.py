@@ -739,10 +739,41 @@ def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     if not isinstance(data, Mapping):
         raise ValueError(f"train config: the top level must be a mapping of fields (e.g. `steps: 100`), got "
                          f"{type(data).__name__} {_short(data)}")
-    data = json.loads(json.dumps(dict(data)))  # a deep, plain copy
+    if overrides is not None and (not isinstance(overrides, Mapping)
+                                  or not all(isinstance(k, str) and k for k in overrides)):
+        raise ValueError(f"train config: overrides must be a mapping of dotted keys to values "
+                         f"({{'ppo.epochs': 2}}), got {_short(overrides)}")
+    data = _plain(dict(data), "")  # a deep, plain copy, with a named error for what JSON cannot hold
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+        _set_dotted(data, key, _plain(value, key))
     return _build(TrainConfig, data, "the top level")
+
+
+_MAX_DEPTH = 64
+
+
+def _plain(value: Any, where: str, depth: int = 0) -> Any:
+    """A deep copy of ``value`` made of dicts (str keys), lists, str, int, float, bool and None only. A YAML date,
+    set or binary value was a traceback from json.dumps ("Object of type date is not JSON serializable"), a
+    nesting thousands deep a RecursionError."""
+    name = where or "the top level"
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"train config: {name} is nested more than {_MAX_DEPTH} levels deep")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, Mapping):
+        bad = [k for k in value if not (k is None or isinstance(k, (str, bool, int, float)))]
+        if bad:
+            raise ValueError(f"train config: {name} has a key that is not text or a number: {_short(bad[0])}")
+        out = {}
+        for k, v in value.items():  # number keys become text, as JSON writes them
+            k = json.dumps(k) if not isinstance(k, str) else k
+            out[k] = _plain(v, f"{where}.{k}" if where else k, depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    raise ValueError(f"train config: {name} must be a plain value (text, number, true/false, a list or a "
+                     f"mapping), got a {type(value).__name__} ({_short(value)}); quote it if it is text")
 
 
 _FLOAT_1_2 = (r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
@@ -843,13 +874,15 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
                              "(pip install pyyaml, or write the config as JSON)") from None
         try:
             data = yaml_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"train config: {path} is not valid YAML: {e}") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int of 5000 digits
+            reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:300]
+            raise ValueError(f"train config: {path} is not valid YAML: {reason}") from None
     elif path.suffix.lower() == ".json":
         try:
             data = json.loads(text, object_pairs_hook=_json_pairs)
-        except ValueError as e:  # JSONDecodeError too
-            raise ValueError(f"train config: {path} is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError too
+            reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:300]
+            raise ValueError(f"train config: {path} is not valid JSON: {reason}") from None
     else:
         raise ValueError(f"train config: {path} must end in .yaml, .yml or .json")
     if data is None:  # an empty file: every field at its default
@@ -867,6 +900,8 @@ def batch_arithmetic(cfg: TrainConfig, world_size: int) -> dict[str, int]:
         ValueError: the global batch does not split evenly over the processes.
     """
     cfg = check_train_config("batch_arithmetic", cfg)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"batch_arithmetic: world_size must be an int >= 1 (processes), got {world_size!r}")
     p, g, k = cfg.ppo.prompts_per_step, cfg.ppo.group_size, cfg.ppo.minibatches
     if p % world_size:
         raise ValueError(f"train config: ppo.prompts_per_step ({p}) must be divisible by the world size "
