@@ -254,7 +254,8 @@ def load_latent_model(path: str | os.PathLike | None = None, device: Any = "cpu"
     faster on the CPU). Every call returns the same instance: ``copy.deepcopy`` it before changing it."""
     from xlard._args import as_device
 
-    device = as_device(device, "load_latent_model") or torch.device("cpu")  # was torch's "Expected one of cpu, cuda, ..."
+    # was torch's "Expected one of cpu, cuda, ..."
+    device = as_device(device, "load_latent_model") or torch.device("cpu")
     key = (str(latent_model_path(path).resolve()), str(device))
     if key not in _LOADED:
         _LOADED[key] = LatentUnderstanding.from_pretrained(path, device).to(memory_format=torch.channels_last)
