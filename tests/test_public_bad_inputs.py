@@ -327,3 +327,42 @@ def test_shapes_helpers_refuse_what_is_not_their_input():
             shapes_backbone.generate(prompts, pipeline=object())  # refused before any pipeline is used
     with pytest.raises(ValueError, match="pipeline must be a loaded diffusers pipeline"):
         shapes_backbone.generate("a photo of a cat", pipeline=object())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Third round: the models' helpers and xlard.info
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_model_helpers_name_bad_weights_noise_actions_and_devices():
+    from xlard.models import (CorrectorConfig, LatentRewardProjector, ProjectorConfig, ResidualCorrector,
+                              aspect_weights)
+
+    for bad in (float("nan"), float("-inf")):  # NaN weights without a word
+        with pytest.raises(ValueError, match="aspect_weights: log_var holds NaN or -inf"):
+            aspect_weights(torch.tensor([[bad, 0.0, 0.0]]))
+    assert torch.allclose(aspect_weights(torch.zeros(1, 3)), torch.full((1, 3), 1 / 3))
+    corrector = ResidualCorrector(CorrectorConfig.tiny(action_block=2)).eval()
+    with pytest.raises(TypeError, match="action_noise: noise must be a torch.Tensor, got list"):
+        corrector.action_noise([1.0])  # came back as 1.0
+    with pytest.raises(ValueError, match=r"action_noise: noise must be \[B, 4, H, W\] with H and W multiples of "
+                                         r"action_block 2, got \(2, 3, 8, 8\)"):
+        corrector.action_noise(torch.randn(2, 3, 8, 8))
+    assert corrector.action_noise(torch.randn(2, 4, 8, 8)).shape == (2, 4, 8, 8)
+    policy = corrector.distribution(torch.randn(1, 4, 8, 8), torch.randn(1, 3, 32), torch.randn(1, 32))
+    with pytest.raises(TypeError, match="GaussianPolicy.log_prob: delta must be a torch.Tensor, got list"):
+        policy.log_prob([1.0])
+    with pytest.raises(TypeError, match="GaussianPolicy.log_prob: delta must have dtype"):
+        policy.log_prob(torch.zeros(1, 4, 8, 8, dtype=torch.int64))
+    projector = LatentRewardProjector(ProjectorConfig.tiny())
+    with pytest.raises(ValueError, match="confidence: pooled is on meta, the projector on cpu"):
+        projector.confidence(torch.randn(2, 32, device="meta"))
+
+
+def test_info_report_names_a_dict_it_cannot_read():
+    from xlard import info
+
+    for bad in ({}, None):  # KeyError 'xlard', "'NoneType' object is not subscriptable"
+        with pytest.raises(ValueError, match=r"format_report: info must be the dict xlard.info.collect\(\) returns"):
+            info.format_report(bad)
+    assert "xlard" in info.format_report(info.collect())

@@ -1056,6 +1056,7 @@ class GaussianPolicy:
 
     def log_prob(self, delta: torch.Tensor) -> torch.Tensor:
         """``log N(delta; mean, std^2)`` summed over C*H*W, ``[B]`` float32, via :func:`xlard.ops.gaussian_log_prob`."""
+        _args.check_tensor("GaussianPolicy.log_prob", "delta", delta, _args.FLOAT_DTYPES)  # a list: AttributeError
         return xops.gaussian_log_prob(delta.to(self.mean.dtype), self.mean, self.log_std.to(self.mean.dtype))
 
     def entropy(self) -> torch.Tensor:
@@ -1992,7 +1993,12 @@ class ResidualCorrector(_Pretrained, nn.Module):
         normal); identity for ``action_block == 1``. The rollouts pass their noise
         through it so that actions live in the policy's block space.
         """
-        return _blockwise(noise, self.config.action_block, float(self.config.action_block))
+        owner, k, c = "ResidualCorrector.action_noise", self.config.action_block, self.config.latent_channels
+        _args.check_tensor(owner, "noise", noise, _args.FLOAT_DTYPES, dim=4)  # a list came back as 1.0
+        if noise.shape[1] != c or noise.shape[2] % k or noise.shape[3] % k:
+            raise ValueError(f"xlard.{owner}: noise must be [B, {c}, H, W] with H and W multiples of action_block "
+                             f"{k}, got {tuple(noise.shape)}")
+        return _blockwise(noise, k, float(k))
 
     def _value(self, tokens, cond) -> torch.Tensor:
         features = torch.cat([tokens.mean(dim=1), cond], dim=-1)
@@ -2259,6 +2265,14 @@ def aspect_weights(log_var: torch.Tensor, aspect_mask: torch.Tensor | None = Non
     if log_var.dim() != 2 or log_var.shape[1] != len(ASPECTS):
         raise ValueError(f"xlard.models.aspect_weights: log_var must have shape [B, 3] (order {ASPECTS}), got "
                          f"{tuple(log_var.shape)}")
+    if torch.isnan(log_var).any() or torch.isneginf(log_var).any():  # gave NaN weights without a word
+        raise ValueError("xlard.models.aspect_weights: log_var holds NaN or -inf (a diverged confidence head?)")
+    return _aspect_weights(log_var, aspect_mask)
+
+
+def _aspect_weights(log_var: torch.Tensor, aspect_mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`aspect_weights` without the finiteness check: the projector names what overflowed itself
+    (``_refuse_bad_weights``), and a training loss sees its log-variances as they are."""
     if aspect_mask is None:
         return torch.softmax(-log_var, dim=-1)
     _check_aspect_mask("models.aspect_weights", aspect_mask, log_var.shape[0], log_var.device)
@@ -2370,7 +2384,7 @@ class LatentRewardProjector(_Pretrained, nn.Module):
                              "embedding is of order 1-100: is zc scaled by the VAE's scaling_factor, and pooled the "
                              "prompt's embedding?)")
         log_var = self._log_var(pooled)
-        weights = aspect_weights(log_var, aspect_mask)
+        weights = _aspect_weights(log_var, aspect_mask)
         _refuse_bad_weights(owner, pooled, weights)
         return ProjectorOutput(scores, log_var, weights)
 
@@ -2387,9 +2401,11 @@ class LatentRewardProjector(_Pretrained, nn.Module):
         if pooled.shape[1] != self.config.pooled_dim:
             raise ValueError(f"xlard.{owner}: pooled must have shape [B, {self.config.pooled_dim}], "
                              f"got {tuple(pooled.shape)}")
+        if pooled.device != ref.device:  # was torch's "Tensor on device cpu is not on the expected device"
+            raise ValueError(f"xlard.{owner}: pooled is on {pooled.device}, the projector on {ref.device}")
         if aspect_mask is not None:
             _check_aspect_mask(owner, aspect_mask, pooled.shape[0], ref.device)
-        weights = aspect_weights(self._log_var(pooled.to(ref.dtype)), aspect_mask)
+        weights = _aspect_weights(self._log_var(pooled.to(ref.dtype)), aspect_mask)
         _refuse_bad_weights(owner, pooled, weights)
         return weights
 
@@ -2444,4 +2460,4 @@ class LatentRewardProjector(_Pretrained, nn.Module):
         total = (per_entry * present).sum() / present.sum().clamp_min(1.0)
         counts = present.sum(0)
         mse = ((sq * present).sum(0) / counts.clamp_min(1.0)).detach()
-        return ProjectorLoss(total, mse, aspect_weights(log_var, aspect_mask).detach(), log_var.detach())
+        return ProjectorLoss(total, mse, _aspect_weights(log_var, aspect_mask).detach(), log_var.detach())
