@@ -366,3 +366,13 @@ def test_info_report_names_a_dict_it_cannot_read():
         with pytest.raises(ValueError, match=r"format_report: info must be the dict xlard.info.collect\(\) returns"):
             info.format_report(bad)
     assert "xlard" in info.format_report(info.collect())
+
+
+def test_component_stats_refuses_slots_it_cannot_hold():
+    from xlard import ops
+
+    # one 4x4 map with 2**31 - 1 slots asked for ~25 GB: the OOM killer ended the process
+    with pytest.raises(ValueError, match=r"component_stats: 1 map\(s\) x max_components 2147483647 = 2147483647 "
+                                         r"component slots; at most 134217728 .* holds at most 16 components"):
+        ops.component_stats(torch.rand(1, 4, 4), max_components=2**31 - 1)
+    assert ops.component_stats(torch.rand(2, 4, 4), max_components=64)[-1].shape[:2] == (2, 64)
