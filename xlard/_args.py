@@ -72,7 +72,7 @@ OTSU_MAX_PIXELS = 2 ** 27
 
 
 #: Component slots ``component_stats`` may allocate (maps x max_components): 2**27, a few GB of statistics.
-MAX_COMPONENT_SLOTS = 1 << 27
+MAX_STATS_SLOTS = 1 << 27
 
 
 def check_components_args(op, maps, threshold, mode, min_area, connectivity, max_components=None) -> None:
@@ -101,9 +101,9 @@ def check_components_args(op, maps, threshold, mode, min_area, connectivity, max
         raise ValueError(f"xlard.{op}: one map may hold at most 2**31 - 1 pixels (int32 labels), got {h} x {w}")
     if max_components is not None:
         m = maps.numel() // max(1, h * w)
-        if m * max_components > MAX_COMPONENT_SLOTS:  # 2**31 - 1 slots for one map had the OOM killer end the process
+        if m * max_components > MAX_STATS_SLOTS:  # 2**31 - 1 slots for one map had the OOM killer end the process
             raise ValueError(f"xlard.{op}: {m} map(s) x max_components {max_components} = {m * max_components} "
-                             f"component slots; at most {MAX_COMPONENT_SLOTS} (each slot holds several statistics): "
+                             f"component slots; at most {MAX_STATS_SLOTS} (each slot holds several statistics): "
                              f"ask for fewer slots (a map of {h} x {w} pixels holds at most {h * w} components)")
     if mode == "otsu" and h * w > OTSU_MAX_PIXELS:
         raise ValueError(f"xlard.{op}: mode 'otsu' takes maps of at most 2**27 pixels (its exact int64 class "
