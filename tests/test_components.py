@@ -306,7 +306,7 @@ def test_out_of_range_numbers_are_named_not_overflowed():
             ops.component_stats(maps, max_components=k)
     # float64 maps are compared in float64, where 1e39 is an ordinary cut; masks ignore the threshold
     assert ops.count_components(maps.double(), threshold=1e39, mode="absolute").tolist() == [0, 0]
-    assert ops.count_components(maps.double() * 1e40, threshold=1e39, mode="absolute").tolist() == [1, 1]
+    assert ops.count_components((maps.double() + 1) * 1e40, threshold=1e39, mode="absolute").tolist() == [1, 1]
     assert ops.count_components(maps > 0.5, threshold=1e39).shape == (2,)
     assert ops.count_components(maps, min_area=2**62).tolist() == [0, 0]
 
