@@ -376,3 +376,157 @@ def test_component_stats_refuses_slots_it_cannot_hold():
                                          r"component slots; at most 134217728 .* holds at most 16 components"):
         ops.component_stats(torch.rand(1, 4, 4), max_components=2**31 - 1)
     assert ops.component_stats(torch.rand(2, 4, 4), max_components=64)[-1].shape[:2] == (2, 64)
+
+
+def _ref_cases():
+    """(op name, args, kwargs) the ops refuse; xlard.reference must refuse them the same way."""
+    maps = torch.rand(2, 8, 8)
+    cen, rel = torch.rand(1, 3, 2), torch.tensor([[0, 1, 0]])
+    z = torch.zeros(2, 3, 4, 4)
+    return [
+        ("label_components", (maps.long(),), {}),
+        ("label_components", (maps,), {"threshold": math.nan}),
+        ("count_components", (maps,), {"mode": "otsu ", "threshold": 0.5}),
+        ("component_stats", (maps,), {"max_components": 0}),
+        ("component_stats", (maps,), {"max_components": None}),
+        ("component_stats", (maps,), {"min_area": 0}),
+        ("attention_centroids", ([[0.0]],), {}),
+        ("attention_centroids", (torch.rand(3).to(torch.complex64),), {}),
+        ("position_scores", (cen, rel.int()), {}),
+        ("position_scores", (cen, rel), {"tau": 0.0}),
+        ("position_scores", (cen, torch.tensor([[0, 3, 0]])), {}),
+        ("position_scores", (cen, torch.tensor([[0, 1, 7]])), {}),
+        ("position_scores", (cen[..., :1], rel), {}),
+        ("color_scores", (torch.rand(1, 4, 8), torch.rand(3, 7)), {}),
+        ("color_scores", (torch.rand(1, 4, 8), torch.rand(3, 8), torch.ones(1, 3, 5, dtype=torch.bool)), {}),
+        ("residual_correction", (z.to(torch.complex64), z), {}),
+        ("residual_correction", (z, z[:1]), {}),
+        ("residual_correction", (z, z), {"alpha": math.nan}),
+        ("residual_correction", (z, z), {"alpha": torch.ones(3)}),
+        ("gaussian_log_prob", (z.long(), z.long(), 0.0), {}),
+        ("gaussian_log_prob", (z, z, torch.zeros(5)), {}),
+        ("sample_correction", (z, z, "a", z), {}),
+        ("sample_correction", (z, z, 0.0, z.double()), {}),
+        ("sample_correction", (z, z, 0.0, z), {"alpha": 1e39}),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_ref_cases())))
+def test_the_reference_refuses_what_the_ops_refuse_with_the_same_message(case):
+    """xlard.reference (the plain-PyTorch oracles, public) took int/complex inputs, NaN thresholds, tau <= 0 and
+    out-of-range relation codes silently or failed inside torch; it now shares the ops' checks."""
+    import xlard.ops
+    import xlard.reference
+
+    name, args, kwargs = _ref_cases()[case]
+    with pytest.raises((TypeError, ValueError)) as op_err:
+        getattr(xlard.ops, name)(*args, **kwargs)
+    with pytest.raises((TypeError, ValueError)) as ref_err:
+        getattr(xlard.reference, name)(*args, **kwargs)
+    assert type(ref_err.value) is type(op_err.value)
+    assert str(ref_err.value).startswith(f"xlard.reference.{name}: ")
+    assert str(ref_err.value).replace("xlard.reference.", "xlard.", 1) == str(op_err.value)
+
+
+def test_reference_foreground_checks_threshold_and_mode():
+    import xlard.reference
+
+    with pytest.raises(ValueError, match=r"xlard\.reference\.foreground: threshold"):
+        xlard.reference.foreground(torch.rand(4, 4), math.nan)
+    with pytest.raises(ValueError, match=r"xlard\.reference\.foreground: mode"):
+        xlard.reference.foreground(torch.rand(4, 4), 0.5, "relatve")
+    with pytest.raises(TypeError, match=r"xlard\.reference\.foreground: maps"):
+        xlard.reference.foreground([[1.0]])
+
+
+def test_ops_refuse_strided_views_too_large_to_copy_before_allocating(monkeypatch):
+    """A stride-0 view of a few bytes stands for terabytes once the kernel copies it: the allocator's error named no
+    argument, and a size the system admits but cannot back had the OOM killer end the process."""
+    import xlard.ops
+    from xlard import _args
+
+    huge = torch.zeros(1).expand(64, 64, 4096, 4096)  # 2**36 floats: 256 GiB once copied
+    with pytest.raises(MemoryError, match=r"xlard\.residual_correction: would need .*strided view z0 \(shape "
+                                          r"\(64, 64, 4096, 4096\), strides \(0, 0, 0, 0\)\).*delta"):
+        xlard.ops.residual_correction(huge, huge, 0.5)
+    with torch.no_grad(), pytest.raises(MemoryError, match=r"xlard\.sample_correction: .*strided view noise"):
+        xlard.ops.sample_correction(huge, huge, 0.0, huge)
+    with pytest.raises(MemoryError, match=r"xlard\.gaussian_log_prob: .*strided view x"):
+        xlard.ops.gaussian_log_prob(huge, huge, 0.0)
+    maps = torch.zeros(1).expand(2**20, 256, 256)
+    for op in ("label_components", "count_components", "component_stats", "attention_centroids"):
+        with pytest.raises(MemoryError, match=rf"xlard\.{op}: would need .*strided view maps"):
+            getattr(xlard.ops, op)(maps)
+    # the outputs count with the copies, against the memory free now (here made 2 GiB)
+    monkeypatch.setattr(_args, "available_host_memory", lambda: 2 * 2**30)
+    z = torch.zeros(1).expand(3, 1, 2**27)  # 1.5 GiB per copy, 1.5 + 1.5 GiB of outputs (zc, lam)
+    with pytest.raises(MemoryError, match=r"would need 6\.0 GiB \(3\.0 GiB of outputs, 1\.5 GiB to copy .* than the "
+                                          r"2\.0 GiB this machine has available"):
+        xlard.ops.residual_correction(z, z, 0.5)
+    # where the free memory is unknown, nothing is refused up front (small inputs are never checked)
+    monkeypatch.setattr(_args, "available_host_memory", lambda: None)
+    small = torch.rand(2, 3, 4, 4)
+    torch.testing.assert_close(xlard.ops.residual_correction(small, small, 0.5)[0], small * 1.5)
+
+
+def test_out_buffers_on_the_meta_device_are_not_taken_for_shared_memory():
+    """Every meta tensor reports data_ptr() 0, so out= on meta tensors was refused as "shares memory"."""
+    import xlard.ops
+
+    z = torch.zeros(2, 4, 8, 8, device="meta")
+    out = (torch.empty(2, 4, 8, 8, device="meta"), torch.empty(2, 8, 8, device="meta"))
+    got = xlard.ops.residual_correction(z, z, 0.5, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    out4 = (torch.empty_like(z), torch.empty_like(z), torch.empty(2, device="meta"), torch.empty(2, 8, 8, device="meta"))
+    with torch.no_grad():
+        got = xlard.ops.sample_correction(z, z, 0.0, z, 0.5, out=out4)
+    assert all(a is b for a, b in zip(got, out4))
+
+
+def test_the_buffer_cache_size_names_a_bad_setting(monkeypatch):
+    import xlard.ops
+
+    monkeypatch.setenv("XLARD_CPU_BUFFER_CACHE_MB", "-5")
+    with pytest.raises(ValueError, match=r"xlard\.cpu_buffer_cache_bytes: XLARD_CPU_BUFFER_CACHE_MB must be a whole "
+                                         r"number of MiB >= 0 .*got '-5'"):
+        xlard.ops.cpu_buffer_cache_bytes()
+    assert xlard.ops.empty_cpu_buffer_cache() >= 0  # releasing works whatever the setting
+    monkeypatch.setenv("XLARD_CPU_BUFFER_CACHE_MB", "64")
+    assert xlard.ops.cpu_buffer_cache_bytes() >= 0
+
+
+def test_non_finite_tensor_parameters_propagate_per_item_as_documented():
+    """Tensor-valued alpha/log_std are data, not configuration: they are not scanned (a device sync per call on a
+    GPU); a NaN/inf there propagates through IEEE arithmetic to the items it touches, exactly as the reference does
+    (docs/ops.md). Float parameters stay refused when not finite."""
+    import xlard.ops
+    import xlard.reference
+
+    z0, delta = torch.rand(3, 2, 4, 4), torch.rand(3, 2, 4, 4)
+    alpha = torch.tensor([0.5, math.nan, math.inf])
+    zc, lam = xlard.ops.residual_correction(z0, delta, alpha)
+    ref = xlard.reference.residual_correction(z0, delta, alpha)
+    torch.testing.assert_close(zc, ref[0], equal_nan=True)
+    assert torch.isfinite(zc[0]).all() and torch.isnan(zc[1]).all() and torch.isinf(zc[2]).all()
+    assert torch.isfinite(lam).all()  # lam reads delta only
+    log_std = torch.tensor([0.0, math.nan])  # per channel: every item's density reads both channels
+    lp = xlard.ops.gaussian_log_prob(z0, delta, log_std)
+    assert torch.isnan(lp).all()
+    torch.testing.assert_close(lp, xlard.reference.gaussian_log_prob(z0, delta, log_std), equal_nan=True)
+    with pytest.raises(ValueError, match=r"alpha must be a finite float"):
+        xlard.ops.residual_correction(z0, delta, math.nan)
+
+
+@pytest.mark.parametrize("name", ["token_maps", "entity_maps", "patch_features", "weights"])
+def test_rewards_name_meta_tensors(name):
+    """Meta tensors (shapes, no values) failed inside torch (".item() cannot be called on meta tensors")."""
+    specs = [parse("two red circles")]
+    real = {"entity_maps": torch.rand(1, 1, 8, 8)}
+    meta = {"token_maps": torch.rand(1, 8, 8, 8, device="meta"), "entity_maps": torch.rand(1, 1, 8, 8, device="meta"),
+            "patch_features": PatchFeatures(torch.rand(1, 4, 3, device="meta"), (2, 2)),
+            "weights": torch.rand(1, 3, device="meta")}
+    kwargs = {**real, name: meta[name]}
+    if name == "token_maps":
+        del kwargs["entity_maps"]
+    with pytest.raises(ValueError, match=rf"ExplainableRewards: {name} is on the meta device"):
+        ExplainableRewards()(specs, **kwargs)

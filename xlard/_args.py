@@ -111,6 +111,13 @@ def check_components_args(op, maps, threshold, mode, min_area, connectivity, max
                          f"downsample the map")
 
 
+def require_max_components(op: str, max_components) -> None:
+    """``component_stats`` needs a K: :func:`check_components_args` reads None as "no K" (the label/count ops)."""
+    if max_components is None:
+        raise ValueError(f"xlard.{op}: max_components must be an integer in [1, 2**31 - 1] (the number of component "
+                         "slots returned), got None")
+
+
 def check_relative_threshold(name: str, threshold: float) -> None:
     """A relative cut (a fraction of each map's maximum) must lie in [0, 1): at 1 or more nothing is
     foreground by construction, below 0 every pixel is (zeros included)."""
@@ -118,6 +125,118 @@ def check_relative_threshold(name: str, threshold: float) -> None:
         raise ValueError(f"{name} with mode 'relative' is a fraction of each map's maximum and must lie in [0, 1) "
                          f"(at 1 or more nothing is foreground, below 0 every pixel is), got {threshold!r}; "
                          f"for a cut on the values themselves use mode 'absolute'")
+
+
+def check_position_args(op: str, centroids, relations, tau) -> None:
+    """Types, shapes, device and ``tau`` of ``position_scores`` (the relations' values: :func:`check_relation_values`)."""
+    check_tensor(op, "centroids", centroids, FLOAT_DTYPES, dim=3)
+    if centroids.shape[-1] != 2:
+        raise ValueError(f"xlard.{op}: centroids must have shape [B, T, 2], got {tuple(centroids.shape)}")
+    check_tensor(op, "relations", relations, (torch.int64,), dim=(2, 3))
+    if relations.shape[-1] != 3 or (relations.dim() == 3 and relations.shape[0] != centroids.shape[0]):
+        raise ValueError(f"xlard.{op}: relations must have shape [R, 3] or [B, R, 3] with B = {centroids.shape[0]}, "
+                         f"got {tuple(relations.shape)}")
+    check_same_device(op, centroids=centroids, relations=relations)
+    if not isinstance(tau, numbers.Real) or isinstance(tau, bool):
+        raise TypeError(f"xlard.{op}: tau must be a real number (the sigmoid's sharpness), got {type(tau).__name__}")
+    if not is_finite_real(tau) or not tau > 0.0:
+        raise ValueError(f"xlard.{op}: tau must be a finite float > 0 (the sigmoid's sharpness: 0 scores every "
+                         f"relation 0.5, a negative tau turns every relation around), got {show(tau)}")
+    check_scalar_fits(op, "tau", tau, centroids.dtype)
+
+
+def check_relation_values(op: str, relations: torch.Tensor, tokens: int) -> None:
+    """Token indices in [0, tokens) and codes 0..3 (reads the relations on the host)."""
+    if not relations.numel():
+        return
+    idx, code = relations[..., :2], relations[..., 2]
+    if bool((idx < 0).any() | (idx >= tokens).any()):
+        raise ValueError(f"xlard.{op}: relations name token indices outside [0, {tokens}): "
+                         f"min {int(idx.min())}, max {int(idx.max())}")
+    if bool((code < 0).any() | (code > 3).any()):
+        raise ValueError(f"xlard.{op}: relation codes must be LEFT_OF=0, RIGHT_OF=1, ABOVE=2 or BELOW=3, "
+                         f"got values in [{int(code.min())}, {int(code.max())}]")
+
+
+def check_color_args(op: str, patch_features, color_embeddings, patch_mask) -> None:
+    """Types, shapes and device of ``color_scores``' arguments."""
+    check_tensor(op, "patch_features", patch_features, FLOAT_DTYPES, dim=3)
+    check_tensor(op, "color_embeddings", color_embeddings, FLOAT_DTYPES, dim=(2, 3))
+    b, n, d = patch_features.shape
+    if color_embeddings.shape[-1] != d or (color_embeddings.dim() == 3 and color_embeddings.shape[0] != b):
+        raise ValueError(f"xlard.{op}: color_embeddings must have shape [C, {d}] or [{b}, C, {d}], "
+                         f"got {tuple(color_embeddings.shape)}")
+    c = color_embeddings.shape[-2]
+    if patch_mask is not None:
+        check_tensor(op, "patch_mask", patch_mask, (torch.bool,), dim=3)
+        if tuple(patch_mask.shape) != (b, c, n):
+            raise ValueError(f"xlard.{op}: patch_mask must have shape [B, C, N] = [{b}, {c}, {n}], "
+                             f"got {tuple(patch_mask.shape)}")
+    check_same_device(op, patch_features=patch_features, color_embeddings=color_embeddings, patch_mask=patch_mask)
+
+
+def check_latents(op: str, min_dim: int = 2, **tensors) -> torch.Tensor:
+    """The latent ops' tensors: float, one shape, one dtype, one device (the first named sets them)."""
+    first_name, first = next(iter(tensors.items()))
+    check_tensor(op, first_name, first, FLOAT_DTYPES, min_dim=min_dim)
+    for name, t in tensors.items():
+        check_tensor(op, name, t, FLOAT_DTYPES)
+        if t.shape != first.shape:
+            raise ValueError(f"xlard.{op}: {name} must have the shape of {first_name} {tuple(first.shape)}, "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"xlard.{op}: {name} must have the dtype of {first_name} ({first.dtype}), got {t.dtype}")
+    check_same_device(op, **tensors)
+    return first
+
+
+#: Host allocations below this many bytes are not checked against the free memory (that reads a file).
+HOST_CHECK_BYTES = 1 << 30
+
+
+def available_host_memory() -> int | None:
+    """Bytes of memory the machine can hand out now (Linux's MemAvailable), or None where that is unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_host_memory(op: str, out_bytes: int, **inputs) -> None:
+    """On the CPU, refuse before allocating when the outputs (``out_bytes``) plus the contiguous copies the
+    kernels make of strided ``inputs`` need more memory than the machine has available.
+
+    A stride-0 view (``expand``) of a few bytes can stand for terabytes once copied: the allocator's own error
+    names no argument, and an allocation the system admits but cannot back has the OOM killer end the process.
+    Skipped below :data:`HOST_CHECK_BYTES` and where the free memory is unknown.
+    """
+    tensors = {n: t for n, t in inputs.items() if isinstance(t, torch.Tensor)}
+    if not tensors or next(iter(tensors.values())).device.type != "cpu" or torch.compiler.is_compiling():
+        return  # while tracing, sizes may be symbolic: a comparison would add a guard per call site
+    copies = {n: t.numel() * t.element_size() for n, t in tensors.items() if not t.is_contiguous()}
+    need = out_bytes + sum(copies.values())
+    if need < HOST_CHECK_BYTES:
+        return
+    free = available_host_memory()
+    if free is None or need <= free:
+        return
+    parts = ([f"{_gib(out_bytes)} of outputs"] if out_bytes else []) + [
+        f"{_gib(b)} to copy the strided view {n} (shape {tuple(tensors[n].shape)}, strides {tensors[n].stride()})"
+        for n, b in copies.items()]
+    raise MemoryError(f"xlard.{op}: would need {_gib(need)} ({', '.join(parts)}), more than the {_gib(free)} this "
+                      f"machine has available; pass smaller batches"
+                      + (", or contiguous tensors of their real size" if copies else ""))
 
 
 def alpha_view(alpha, z0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:

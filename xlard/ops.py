@@ -16,8 +16,6 @@ Example:
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from xlard import _args, _backends, _extension, _registration, _triton_ops
@@ -104,6 +102,7 @@ def label_components(maps, threshold=0.5, mode="relative", min_area=1, connectiv
         >>> labels, counts = xlard.ops.label_components(torch.rand(4, 16, 16), 0.7)
     """
     _args.check_components_args("label_components", maps, threshold, mode, min_area, connectivity)
+    _args.check_host_memory("label_components", maps.numel() * 4, maps=maps)
     _refuse_grad_transform("label_components", maps=maps)
     return _op("label_components", maps.device)(maps, float(threshold), mode, int(min_area), int(connectivity))
 
@@ -121,6 +120,7 @@ def count_components(maps, threshold=0.5, mode="relative", min_area=1, connectiv
         torch.Size([2, 77])
     """
     _args.check_components_args("count_components", maps, threshold, mode, min_area, connectivity)
+    _args.check_host_memory("count_components", 0, maps=maps)
     _refuse_grad_transform("count_components", maps=maps)
     return _op("count_components", maps.device)(maps, float(threshold), mode, int(min_area), int(connectivity))
 
@@ -140,10 +140,9 @@ def component_stats(maps, threshold=0.5, mode="relative", min_area=1, connectivi
     Example:
         >>> counts, areas, centroids = xlard.ops.component_stats(maps, max_components=8)
     """
-    if max_components is None:  # the shared check reads None as "no K" (the label/count ops): int(None) raised
-        raise ValueError("xlard.component_stats: max_components must be an integer in [1, 2**31 - 1] (the number "
-                         "of component slots returned), got None")
+    _args.require_max_components("component_stats", max_components)  # int(None) raised
     _args.check_components_args("component_stats", maps, threshold, mode, min_area, connectivity, max_components)
+    _args.check_host_memory("component_stats", 0, maps=maps)
     _refuse_grad_transform("component_stats", maps=maps)
     return _op("component_stats", maps.device)(
         maps, float(threshold), mode, int(min_area), int(connectivity), int(max_components)
@@ -174,6 +173,7 @@ def attention_centroids(maps):
         torch.Size([8, 77, 2])
     """
     _args.check_tensor("attention_centroids", "maps", maps, _args.FLOAT_DTYPES, min_dim=2)
+    _args.check_host_memory("attention_centroids", 0, maps=maps)
     return _op("attention_centroids", maps.device)(maps)
 
 
@@ -202,29 +202,9 @@ def position_scores(centroids, relations, tau=10.0):
         tensor([[0.9975]])
     """
     op = "position_scores"
-    _args.check_tensor(op, "centroids", centroids, _args.FLOAT_DTYPES, dim=3)
-    if centroids.shape[-1] != 2:
-        raise ValueError(f"xlard.{op}: centroids must have shape [B, T, 2], got {tuple(centroids.shape)}")
-    _args.check_tensor(op, "relations", relations, (torch.int64,), dim=(2, 3))
-    if relations.shape[-1] != 3 or (relations.dim() == 3 and relations.shape[0] != centroids.shape[0]):
-        raise ValueError(f"xlard.{op}: relations must have shape [R, 3] or [B, R, 3] with B = {centroids.shape[0]}, "
-                         f"got {tuple(relations.shape)}")
-    _args.check_same_device(op, centroids=centroids, relations=relations)
-    if not isinstance(tau, numbers.Real) or isinstance(tau, bool):
-        raise TypeError(f"xlard.{op}: tau must be a real number (the sigmoid's sharpness), got {type(tau).__name__}")
-    if not _args.is_finite_real(tau) or not tau > 0.0:
-        raise ValueError(f"xlard.{op}: tau must be a finite float > 0 (the sigmoid's sharpness: 0 scores every "
-                         f"relation 0.5, a negative tau turns every relation around), got {_args.show(tau)}")
-    _args.check_scalar_fits(op, "tau", tau, centroids.dtype)
+    _args.check_position_args(op, centroids, relations, tau)
     if not torch.compiler.is_compiling() and relations.numel() and relations.device.type != "meta":
-        tokens = centroids.shape[1]
-        idx, code = _plain(relations)[..., :2], _plain(relations)[..., 2]
-        if bool((idx < 0).any() | (idx >= tokens).any()):
-            raise ValueError(f"xlard.{op}: relations name token indices outside [0, {tokens}): "
-                             f"min {int(idx.min())}, max {int(idx.max())}")
-        if bool((code < 0).any() | (code > 3).any()):
-            raise ValueError(f"xlard.{op}: relation codes must be LEFT_OF=0, RIGHT_OF=1, ABOVE=2 or BELOW=3, "
-                             f"got values in [{int(code.min())}, {int(code.max())}]")
+        _args.check_relation_values(op, _plain(relations), centroids.shape[1])
     return _op(op, centroids.device)(centroids, relations, float(tau))
 
 
@@ -252,40 +232,13 @@ def color_scores(patch_features, color_embeddings, patch_mask=None):
         >>> s, i = xlard.ops.color_scores(torch.randn(2, 196, 512), torch.randn(10, 512))
     """
     op = "color_scores"
-    _args.check_tensor(op, "patch_features", patch_features, _args.FLOAT_DTYPES, dim=3)
-    _args.check_tensor(op, "color_embeddings", color_embeddings, _args.FLOAT_DTYPES, dim=(2, 3))
-    b, n, d = patch_features.shape
-    if color_embeddings.shape[-1] != d or (color_embeddings.dim() == 3 and color_embeddings.shape[0] != b):
-        raise ValueError(f"xlard.{op}: color_embeddings must have shape [C, {d}] or [{b}, C, {d}], "
-                         f"got {tuple(color_embeddings.shape)}")
-    c = color_embeddings.shape[-2]
-    if patch_mask is not None:
-        _args.check_tensor(op, "patch_mask", patch_mask, (torch.bool,), dim=3)
-        if tuple(patch_mask.shape) != (b, c, n):
-            raise ValueError(f"xlard.{op}: patch_mask must have shape [B, C, N] = [{b}, {c}, {n}], "
-                             f"got {tuple(patch_mask.shape)}")
-    _args.check_same_device(op, patch_features=patch_features, color_embeddings=color_embeddings,
-                            patch_mask=patch_mask)
+    _args.check_color_args(op, patch_features, color_embeddings, patch_mask)
     _refuse_grad_transform(op, patch_features=patch_features, color_embeddings=color_embeddings)
     return _op(op, patch_features.device)(patch_features, color_embeddings, patch_mask)
 
 
 # ----------------------------------------------------------------------------------
 # PPO-side latent ops
-
-
-def _check_latents(op: str, min_dim: int = 2, **tensors) -> torch.Tensor:
-    first_name, first = next(iter(tensors.items()))
-    _args.check_tensor(op, first_name, first, _args.FLOAT_DTYPES, min_dim=min_dim)
-    for name, t in tensors.items():
-        _args.check_tensor(op, name, t, _args.FLOAT_DTYPES)
-        if t.shape != first.shape:
-            raise ValueError(f"xlard.{op}: {name} must have the shape of {first_name} {tuple(first.shape)}, "
-                             f"got {tuple(t.shape)}")
-        if t.dtype != first.dtype:
-            raise TypeError(f"xlard.{op}: {name} must have the dtype of {first_name} ({first.dtype}), got {t.dtype}")
-    _args.check_same_device(op, **tensors)
-    return first
 
 
 def residual_correction(z0, delta, alpha=1.0, *, out=None):
@@ -310,8 +263,9 @@ def residual_correction(z0, delta, alpha=1.0, *, out=None):
         >>> zc, lam = xlard.ops.residual_correction(z0, delta, 0.5)
     """
     op = "residual_correction"
-    _check_latents(op, z0=z0, delta=delta)
+    _args.check_latents(op, z0=z0, delta=delta)
     alpha_t, alpha_s = _args.split_alpha(op, alpha, z0)
+    _args.check_host_memory(op, 0 if out is not None else _latent_bytes(z0, "zc", "lam"), z0=z0, delta=delta)
     if out is not None:
         return _run_out(op, out, _latent_outputs(z0, "zc", "lam"), (z0, delta, alpha_t), (z0, delta, alpha_t, alpha_s))
     return _op(op, z0.device)(z0, delta, alpha_t, alpha_s)
@@ -334,8 +288,9 @@ def gaussian_log_prob(x, mean, log_std):
         >>> lp = xlard.ops.gaussian_log_prob(x, mu, torch.zeros(16))
     """
     op = "gaussian_log_prob"
-    _check_latents(op, min_dim=1, x=x, mean=mean)
+    _args.check_latents(op, min_dim=1, x=x, mean=mean)
     log_std = _args.broadcast_log_std(log_std, x, op)
+    _args.check_host_memory(op, 0, x=x, mean=mean, log_std=log_std)
     return _op(op, x.device)(x, mean, log_std)
 
 
@@ -366,9 +321,11 @@ def sample_correction(z0, mean, log_std, noise, alpha=1.0, *, out=None):
         ...     zc, delta, logp, lam = xlard.ops.sample_correction(z0, mu, log_std, torch.randn_like(z0), 0.5)
     """
     op = "sample_correction"
-    _check_latents(op, z0=z0, mean=mean, noise=noise)
+    _args.check_latents(op, z0=z0, mean=mean, noise=noise)
     log_std = _args.broadcast_log_std(log_std, z0, op)
     alpha_t, alpha_s = _args.split_alpha(op, alpha, z0)
+    _args.check_host_memory(op, 0 if out is not None else _latent_bytes(z0, "zc", "delta", "log_prob", "lam"),
+                            z0=z0, mean=mean, noise=noise, log_std=log_std)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z0, mean, noise, log_std, alpha_t)):
         raise RuntimeError(f"xlard.{op}: a rollout step is not differentiable; call it under torch.no_grad() "
                            "(use residual_correction and gaussian_log_prob for gradients)")
@@ -432,6 +389,17 @@ def _latent_outputs(z0: torch.Tensor, *names: str) -> tuple[tuple[str, tuple, to
     return tuple((name, *shapes[name]) for name in names)
 
 
+def _latent_bytes(z0: torch.Tensor, *names: str) -> int:
+    """Bytes of the named outputs of the latent ops for latents ``z0``."""
+    total = 0
+    for _, shape, dtype in _latent_outputs(z0, *names):
+        n = 1
+        for k in shape:
+            n *= k
+        total += n * dtype.itemsize
+    return total
+
+
 def _run_out(op: str, out, specs: tuple, inputs: tuple, args: tuple):
     """Run ``op`` into the caller's buffers ``out`` (``specs``: name, shape, dtype each); returns them as a tuple.
 
@@ -478,7 +446,7 @@ def _byte_span(t: torch.Tensor):
     strided views); None when it is empty. Live allocations never overlap, so two tensors
     share memory exactly when their spans on one device intersect."""
     n = t.numel()
-    if n == 0:
+    if n == 0 or t.device.type == "meta":  # meta tensors hold no memory (every data_ptr() is 0)
         return None
     lo, size = t.data_ptr(), t.element_size()
     if t.is_contiguous():

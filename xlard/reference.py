@@ -23,6 +23,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def foreground(maps: torch.Tensor, threshold: float = 0.5, mode: str = "relative") -> torch.Tensor:
     """Foreground mask (bool, same shape) of ``maps`` by the rules of docs/ops.md."""
+    _args.check_components_args("reference.foreground", maps, threshold, mode, 1, 8)
     if maps.dtype in (torch.bool, torch.uint8):
         return maps != 0
     acc = _acc_dtype(maps.dtype)
@@ -111,13 +112,17 @@ def _components(fg: torch.Tensor, min_area: int, connectivity: int):
     return labels.view(m, h, w), kept_root.sum(1), root, area, number
 
 
-def _check_cc_args(maps, mode, min_area, connectivity):
-    _args.check_components_args("reference", maps, 0.0, mode, min_area, connectivity)
+def _check_cc_args(op, maps, threshold, mode, min_area, connectivity, max_components=None):
+    _args.check_components_args(f"reference.{op}", maps, threshold, mode, min_area, connectivity, max_components)
 
 
 def label_components(maps, threshold=0.5, mode="relative", min_area=1, connectivity=8):
     """Reference of :func:`xlard.ops.label_components`."""
-    _check_cc_args(maps, mode, min_area, connectivity)
+    _check_cc_args("label_components", maps, threshold, mode, min_area, connectivity)
+    return _label(maps, threshold, mode, min_area, connectivity)
+
+
+def _label(maps, threshold, mode, min_area, connectivity):
     batch, (h, w) = maps.shape[:-2], maps.shape[-2:]
     fg = foreground(maps, threshold, mode).reshape(math.prod(batch), h, w)
     labels, counts, *_ = _components(fg, min_area, connectivity)
@@ -126,12 +131,14 @@ def label_components(maps, threshold=0.5, mode="relative", min_area=1, connectiv
 
 def count_components(maps, threshold=0.5, mode="relative", min_area=1, connectivity=8):
     """Reference of :func:`xlard.ops.count_components`."""
-    return label_components(maps, threshold, mode, min_area, connectivity)[1]
+    _check_cc_args("count_components", maps, threshold, mode, min_area, connectivity)
+    return _label(maps, threshold, mode, min_area, connectivity)[1]
 
 
 def component_stats(maps, threshold=0.5, mode="relative", min_area=1, connectivity=8, max_components=16):
     """Reference of :func:`xlard.ops.component_stats`."""
-    _check_cc_args(maps, mode, min_area, connectivity)
+    _args.require_max_components("reference.component_stats", max_components)
+    _check_cc_args("component_stats", maps, threshold, mode, min_area, connectivity, max_components)
     batch, (h, w) = maps.shape[:-2], maps.shape[-2:]
     fg = foreground(maps, threshold, mode).reshape(math.prod(batch), h, w)
     labels, counts, *_ = _components(fg, min_area, connectivity)
@@ -168,6 +175,7 @@ def _scale_of(top: torch.Tensor) -> torch.Tensor:
 
 def attention_centroids(maps):
     """Reference of :func:`xlard.ops.attention_centroids`."""
+    _args.check_tensor("reference.attention_centroids", "maps", maps, _args.FLOAT_DTYPES, min_dim=2)
     acc = _acc_dtype(maps.dtype)
     v = maps.to(acc)
     wgt = torch.where(torch.isfinite(v) & (v > 0), v, torch.zeros_like(v))
@@ -189,15 +197,13 @@ def attention_centroids(maps):
 
 def position_scores(centroids, relations, tau=10.0):
     """Reference of :func:`xlard.ops.position_scores`."""
+    _args.check_position_args("reference.position_scores", centroids, relations, tau)
+    _args.check_relation_values("reference.position_scores", relations, centroids.shape[1])
     acc = _acc_dtype(centroids.dtype)
     c = centroids.to(acc)
     b = c.shape[0]
     rel = relations if relations.dim() == 3 else relations.unsqueeze(0).expand(b, -1, -1)
     a_idx, b_idx, code = rel[..., 0], rel[..., 1], rel[..., 2]
-    if rel.numel() and (a_idx.min() < 0 or b_idx.min() < 0 or max(a_idx.max(), b_idx.max()) >= c.shape[1]):
-        raise ValueError("relations: token index out of range")
-    if rel.numel() and (code.min() < 0 or code.max() > 3):
-        raise ValueError("relations: code must be 0..3")
     pa = torch.gather(c, 1, a_idx[..., None].expand(-1, -1, 2))
     pb = torch.gather(c, 1, b_idx[..., None].expand(-1, -1, 2))
     v = torch.tensor(_DIRECTIONS, dtype=acc, device=c.device)[code]
@@ -206,6 +212,7 @@ def position_scores(centroids, relations, tau=10.0):
 
 def color_scores(patch_features, color_embeddings, patch_mask=None):
     """Reference of :func:`xlard.ops.color_scores`."""
+    _args.check_color_args("reference.color_scores", patch_features, color_embeddings, patch_mask)
     acc = torch.float64 if torch.float64 in (patch_features.dtype, color_embeddings.dtype) else torch.float32
     # Each vector divided by its own max-abs: the cosine is scale-free, and entries in
     # [-1, 1] keep squares and dot products finite for any finite input.
@@ -232,6 +239,8 @@ def color_scores(patch_features, color_embeddings, patch_mask=None):
 
 def residual_correction(z0, delta, alpha=1.0):
     """Reference of :func:`xlard.ops.residual_correction`."""
+    _args.check_latents("reference.residual_correction", z0=z0, delta=delta)
+    _args.split_alpha("reference.residual_correction", alpha, z0)
     acc = _acc_dtype(z0.dtype)
     a = _args.alpha_view(alpha, z0, acc)
     zc = (z0.to(acc) + a * delta.to(acc)).to(z0.dtype)
@@ -240,8 +249,9 @@ def residual_correction(z0, delta, alpha=1.0):
 
 def gaussian_log_prob(x, mean, log_std):
     """Reference of :func:`xlard.ops.gaussian_log_prob`."""
+    _args.check_latents("reference.gaussian_log_prob", min_dim=1, x=x, mean=mean)
     acc = _acc_dtype(x.dtype)
-    ls = _args.broadcast_log_std(log_std, x).to(acc)
+    ls = _args.broadcast_log_std(log_std, x, "reference.gaussian_log_prob").to(acc)
     z = (x.to(acc) - mean.to(acc)) * torch.exp(-ls)
     dens = -0.5 * z * z - ls - 0.5 * math.log(2 * math.pi)
     return dens.flatten(1).sum(1) if dens.dim() > 1 else dens
@@ -249,8 +259,11 @@ def gaussian_log_prob(x, mean, log_std):
 
 def sample_correction(z0, mean, log_std, noise, alpha=1.0):
     """Reference of :func:`xlard.ops.sample_correction`."""
+    op = "reference.sample_correction"
+    _args.check_latents(op, z0=z0, mean=mean, noise=noise)
+    _args.split_alpha(op, alpha, z0)
     acc = _acc_dtype(z0.dtype)
-    ls = _args.broadcast_log_std(log_std, z0).to(acc)
+    ls = _args.broadcast_log_std(log_std, z0, op).to(acc)
     delta = (mean.to(acc) + torch.exp(ls) * noise.to(acc)).to(z0.dtype)
     zc, lam = residual_correction(z0, delta, alpha)
     e = noise.to(acc)

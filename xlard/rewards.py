@@ -1187,6 +1187,13 @@ class ExplainableRewards:
         specs = tuple(specs)
         if not specs:
             raise ValueError("ExplainableRewards: got an empty batch of specs")
+        given = {"token_maps": token_maps, "entity_maps": entity_maps, "entity_available": entity_available,
+                 "images": images, "weights": weights, "entity_counts": entity_counts,
+                 "patch_features": getattr(patch_features, "features", patch_features)}
+        for name, value in given.items():  # meta tensors failed deep inside (".item() cannot be called")
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                raise ValueError(f"ExplainableRewards: {name} is on the meta device (shapes without values); the "
+                                 "rewards read values: pass real tensors")
         batch = batch_specs(specs, encoder=encoder, segment_offsets=segment_offsets)
         b, e_max = batch.size, batch.max_entities
         enabled = torch.tensor([a in cfg.aspects for a in ASPECTS])

@@ -173,7 +173,13 @@ CachingAllocator& allocator() {
   return *a;
 }
 
-int64_t cpu_buffer_cache(bool release_all) { return release_all ? release() : cached_bytes(); }
+// Asking for the size reads the limit (an unreadable XLARD_CPU_BUFFER_CACHE_MB is named, as the ops name it);
+// releasing never does, so a bad setting cannot keep cached memory held.
+int64_t cpu_buffer_cache(bool release_all) {
+  if (release_all) return release();
+  read_limit("cpu_buffer_cache_bytes");
+  return cached_bytes();
+}
 
 }  // namespace
 
