@@ -477,7 +477,8 @@ def test_out_buffers_on_the_meta_device_are_not_taken_for_shared_memory():
     out = (torch.empty(2, 4, 8, 8, device="meta"), torch.empty(2, 8, 8, device="meta"))
     got = xlard.ops.residual_correction(z, z, 0.5, out=out)
     assert got[0] is out[0] and got[1] is out[1]
-    out4 = (torch.empty_like(z), torch.empty_like(z), torch.empty(2, device="meta"), torch.empty(2, 8, 8, device="meta"))
+    out4 = (torch.empty_like(z), torch.empty_like(z), torch.empty(2, device="meta"),
+            torch.empty(2, 8, 8, device="meta"))
     with torch.no_grad():
         got = xlard.ops.sample_correction(z, z, 0.0, z, 0.5, out=out4)
     assert all(a is b for a, b in zip(got, out4))

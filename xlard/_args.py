@@ -128,7 +128,7 @@ def check_relative_threshold(name: str, threshold: float) -> None:
 
 
 def check_position_args(op: str, centroids, relations, tau) -> None:
-    """Types, shapes, device and ``tau`` of ``position_scores`` (the relations' values: :func:`check_relation_values`)."""
+    """Types, shapes, device and ``tau`` of ``position_scores`` (their values: :func:`check_relation_values`)."""
     check_tensor(op, "centroids", centroids, FLOAT_DTYPES, dim=3)
     if centroids.shape[-1] != 2:
         raise ValueError(f"xlard.{op}: centroids must have shape [B, T, 2], got {tuple(centroids.shape)}")
