@@ -397,6 +397,14 @@ def test_replace_targets_land_on_the_edited_encoding_and_need_the_final_step(tmp
     with pytest.raises(ValueError, match="distill.decoder_epochs"):
         Trainer(config(tmp_path / "t2", backbone={"correction_step": 0.5}, distill={"decoder_epochs": 2}),
                 backbone=early)
+    # a given backbone must run as the config (which the run folder records) says: it trained with the object's
+    # settings and recorded the config's, so a resume without the object continued on another backbone
+    with pytest.raises(ValueError, match=r"Trainer: the given backbone runs with correction_step 0.5 \(config "
+                                         r"backbone.correction_step: 1.0\)"):
+        Trainer(config(tmp_path / "t3"), backbone=early)
+    with pytest.raises(ValueError, match=r"num_inference_steps 2 \(config backbone.num_inference_steps: 3\)"):
+        Trainer(config(tmp_path / "t4", backbone={"correction_step": 0.5, "num_inference_steps": 3}), backbone=early)
+    assert not (tmp_path / "t3" / "config.json").exists()
 
 
 def _shift_data(n: int, seed: int):

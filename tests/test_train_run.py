@@ -844,12 +844,55 @@ def test_a_damaged_only_checkpoint_says_how_to_start_again(tmp_path):
             load_checkpoint(path)
     with pytest.raises(FileNotFoundError):  # a missing file stays a missing file
         load_checkpoint(tmp_path / "ckpt-00000009.pt")
-    # same-length edits of the pickle failed as TypeError, ModuleNotFoundError, AssertionError
+    # same-length edits of the pickle fail as TypeError or ModuleNotFoundError, as an intact checkpoint of
+    # another version would: named, with the deletion advice only for a file that is damaged
     for old, new in ((b"_rebuild_tensor_v2", b"_rebuild_tensor_v3"), (b"torch._utils", b"torch._u4ils")):
         if old in data:
             path.write_bytes(data.replace(old, new))
-            with pytest.raises(ValueError, match="a damaged checkpoint, it cannot be read"):
+            with pytest.raises(ValueError, match=r"this process cannot read the checkpoint \((TypeError|AttributeError|"
+                                                 r"ModuleNotFoundError): .*only if the file itself is damaged"):
                 load_checkpoint(path)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"a damaged checkpoint, it cannot be read \(the file is empty\)"):
+        load_checkpoint(path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"a damaged checkpoint, it cannot be read \(not an archive written by "
+                                         r"torch.save"):
+        load_checkpoint(path, mmap=True)  # torch's own text spoke of torch.save's zipfile setting
+
+
+def test_checkpoint_arguments_and_entries_are_named_and_good_files_are_never_called_damaged(tmp_path):
+    """map_location='gpu' failed inside the unpickling and was reported as a damaged checkpoint to delete (the file
+    was fine); a hand-edited step, a missing entry or a folder named like a checkpoint failed deep in the resume."""
+    from xlard.train.checkpoint import checkpoint_path, list_checkpoints, save_atomic
+
+    good = {"format": "xlard.train/1", "step": 3, "warm": False, "world_size": 1, "config": {}, "corrector": {},
+            "projector": {}, "policy_opt": {}, "projector_opt": {}, "scheduler": {}, "reward_stats": {},
+            "rank_state": [{}], "w": torch.rand(8)}
+    path = save_atomic(good, checkpoint_path(tmp_path, 3))
+    assert load_checkpoint(path)["step"] == 3
+    with pytest.raises(ValueError, match=r"load_checkpoint: map_location must name a device torch knows .*'gpu'"):
+        load_checkpoint(path, map_location="gpu")
+    with pytest.raises(TypeError, match=r"load_checkpoint: map_location must be a device .*got int"):
+        load_checkpoint(path, map_location=3)
+    with pytest.raises(TypeError, match=r"load_checkpoint: path must be a checkpoint file .*got NoneType"):
+        load_checkpoint(None)
+    with pytest.raises(TypeError, match=r"load_checkpoint: mmap must be a bool"):
+        load_checkpoint(path, mmap="yes")
+    assert path.read_bytes()  # nothing was touched
+    for edit, words in (({"step": "two"}, r"entry 'step' must be int, got str 'two'"),
+                        ({"step": True}, r"entry 'step' must be int, got bool"),
+                        ({"step": -5}, r"out of range \(step -5, must be >= 0"),
+                        ({"world_size": 2}, r"world_size 2, must be >= 1 and the number of rank_state entries, 1"),
+                        ({"rank_state": None}, r"entry 'rank_state' must be list, got NoneType")):
+        save_atomic({**good, **edit}, path)
+        with pytest.raises(ValueError, match=words):
+            load_checkpoint(path)
+    save_atomic({k: v for k, v in good.items() if k not in ("corrector", "scheduler")}, path)
+    with pytest.raises(ValueError, match=r"not a complete xlard trainer checkpoint: it has no corrector, scheduler"):
+        load_checkpoint(path)
+    (tmp_path / "ckpt-00000009.pt").mkdir()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [3]
 
 
 @needs_shapes

@@ -260,6 +260,31 @@ def _short_repr(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _check_given_backbone(backbone, settings) -> None:
+    """A backbone handed to the trainer must run as the config says: the config is what the run folder records
+    (config.json, checkpoints, the exported corrector), and a resume without the same object rebuilds the
+    backbone from it. Settings the config leaves to the backbone (None) are not compared."""
+    wanted = {"correction_step": settings.correction_step, "num_inference_steps": settings.num_inference_steps,
+              "guidance_scale": settings.guidance_scale}
+    if settings.name == "shapes":  # its defaults are known before loading (load_backbone fills them in)
+        from xlard.shapes import backbone as shapes_backbone
+
+        if wanted["num_inference_steps"] is None:
+            wanted["num_inference_steps"] = shapes_backbone.DEFAULT_STEPS
+        if wanted["guidance_scale"] is None:
+            wanted["guidance_scale"] = shapes_backbone.DEFAULT_GUIDANCE
+    differ = []
+    for name, want in wanted.items():
+        have = getattr(backbone, name, None)
+        if want is None or have is None:
+            continue
+        if not math.isclose(float(have), float(want), rel_tol=1e-9, abs_tol=1e-12):
+            differ.append(f"{name} {have!r} (config backbone.{name}: {want!r})")
+    if differ:
+        raise ValueError(f"Trainer: the given backbone runs with {', '.join(differ)}; the run folder records the "
+                         "config's settings: build the backbone with them, or set them in the config")
+
+
 class Trainer:
     """Owns a run: models, optimisers, data, buffer, logging and checkpoints.
 
@@ -416,6 +441,8 @@ class Trainer:
                 raise ValueError(f"model.corrector_overrides {name}: true decodes the corrected latent as a final "
                                  f"one to count its objects: it needs backbone.correction_step 1.0, got "
                                  f"{cfg.backbone.correction_step}")
+        if backbone is not None:  # after the config's own checks: those hold whatever backbone comes
+            _check_given_backbone(backbone, cfg.backbone)
 
         self.resume_requested = bool(resume)
         self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
