@@ -29,6 +29,25 @@ def _positive_int(owner: str, name: str, value) -> int:
     return int(value)
 
 
+def _float_tensor(owner: str, name: str, value, dim: int | None = None) -> torch.Tensor:
+    """``value`` if it is a floating tensor (of ``dim`` dimensions), else a ValueError naming it (a list failed
+    deep inside torch, an int tensor as "mean(): could not infer output dtype")."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or (dim is not None and value.dim() != dim):
+        what = (f"{str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+                if isinstance(value, torch.Tensor) else type(value).__name__)
+        shape = "" if dim is None else f" of {dim} dimension{'s' if dim != 1 else ''}"
+        raise ValueError(f"{owner}: {name} must be a float tensor{shape}, got {what}")
+    return value
+
+
+def _finite_number(owner: str, name: str, value, low: float = -math.inf, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) \
+            or not low <= float(value) <= high:
+        bounds = f" in [{low:g}, {high:g}]" if (low, high) != (-math.inf, math.inf) else ""
+        raise ValueError(f"{owner}: {name} must be a finite number{bounds}, got {value!r}")
+    return float(value)
+
+
 def reduce_log_prob(log_prob_sum: torch.Tensor, numel: int, reduction: str, action_block: int = 1) -> torch.Tensor:
     """The log-probability the PPO ratio uses.
 
@@ -55,6 +74,7 @@ def reduce_log_prob(log_prob_sum: torch.Tensor, numel: int, reduction: str, acti
     Raises:
         ValueError: an unknown reduction or a non-positive numel.
     """
+    _float_tensor("reduce_log_prob", "log_prob_sum", log_prob_sum)
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduce_log_prob: reduction must be 'sum' or 'mean', got {reduction!r}")
     numel = _positive_int("reduce_log_prob", "numel", numel)
@@ -79,6 +99,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         tensor([-1.,  1., -2.,  2.])
     """
     group_size = _positive_int("group_advantages", "group_size", group_size)
+    _float_tensor("group_advantages", "rewards", rewards)
+    if not bool(torch.isfinite(rewards).all()):  # one NaN reward made its whole group's advantages NaN
+        raise ValueError("group_advantages: rewards hold NaN or infinite values")
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"group_advantages: rewards must be [N] with N a multiple of group_size={group_size}, "
                          f"got {tuple(rewards.shape)}")
@@ -106,6 +129,8 @@ def whiten(values: torch.Tensor, total: torch.Tensor, total_sq: torch.Tensor, co
     # the statistics as Python floats (float64, on no device: MPS has no float64); equal values give a mean
     # equal to each of them, so the centred values are exactly 0
     count = float(count)
+    if not count > 0 or not math.isfinite(count):  # 0 was a ZeroDivisionError, -1 scaled by 1e8
+        raise ValueError(f"whiten: count must be the number of values in the global batch (> 0), got {count!r}")
     mean = float(total) / count
     var = max(float(total_sq) / count - mean * mean, 0.0)
     return (values - mean) / (math.sqrt(var) + eps)
@@ -146,6 +171,8 @@ def clipped_surrogate(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, ad
     Returns:
         (loss [], ratio [N] detached, :class:`SurrogateStats`).
     """
+    for name, value in (("new_log_prob", new_log_prob), ("old_log_prob", old_log_prob), ("advantages", advantages)):
+        _float_tensor("clipped_surrogate", name, value)
     if not new_log_prob.shape == old_log_prob.shape == advantages.shape:
         raise ValueError(f"clipped_surrogate: shapes differ: new {tuple(new_log_prob.shape)}, old "
                          f"{tuple(old_log_prob.shape)}, advantages {tuple(advantages.shape)}")
@@ -172,6 +199,8 @@ def clipped_surrogate(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, ad
 
 def value_loss(values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``0.5 * mean((V - target)^2)``, the baseline's regression loss."""
+    _float_tensor("value_loss", "values", values)
+    _float_tensor("value_loss", "targets", targets)
     if values.shape != targets.shape:
         raise ValueError(f"value_loss: values {tuple(values.shape)} and targets {tuple(targets.shape)} differ")
     return 0.5 * (values.float() - targets.float().detach()).square().mean()
@@ -185,8 +214,11 @@ def anchor_penalty(zc: torch.Tensor, anchor: torch.Tensor, beta: float) -> torch
         anchor (Tensor[B, C, H, W]): z0 or a verified reference latent (detached).
         beta (float): weight.
     """
+    _float_tensor("anchor_penalty", "zc", zc)
+    _float_tensor("anchor_penalty", "anchor", anchor)
     if zc.shape != anchor.shape:
         raise ValueError(f"anchor_penalty: zc {tuple(zc.shape)} and anchor {tuple(anchor.shape)} differ")
+    beta = _finite_number("anchor_penalty", "beta", beta, 0.0)  # a negative beta rewarded drifting away
     return beta * (zc.float() - anchor.float().detach()).square().mean()
 
 
@@ -200,9 +232,11 @@ def weighted_reward(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     Returns:
         Tensor[B]; 0 for a prompt without any weighted aspect.
     """
+    _float_tensor("weighted_reward", "scores", scores)
+    _float_tensor("weighted_reward", "weights", weights)
     if scores.shape != weights.shape:
         raise ValueError(f"weighted_reward: scores {tuple(scores.shape)} and weights {tuple(weights.shape)} differ")
-    present = weights != 0
+    present = weights != 0  # not scanned for NaN (it runs inside every loss; the trainer stops on non-finite weights)
     return (weights * torch.where(present, scores, torch.zeros_like(scores))).sum(-1)
 
 
@@ -220,7 +254,10 @@ class RunningStats:
         self.m2 = 0.0
 
     def update(self, count: float, total: float, total_sq: float) -> None:
-        """Merge a batch given by its count, sum and sum of squares."""
+        """Merge a batch given by its count, sum and sum of squares (finite numbers; a NaN poisoned the state
+        of every later step)."""
+        for name, value in (("count", count), ("total", total), ("total_sq", total_sq)):
+            _finite_number("RunningStats.update", name, value, 0.0 if name != "total" else -math.inf)
         if count <= 0:
             return
         b_mean = total / count
@@ -239,7 +276,13 @@ class RunningStats:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
     def load_state_dict(self, state: dict) -> None:
-        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
+        if not isinstance(state, dict) or any(k not in state for k in ("count", "mean", "m2")):
+            raise ValueError(f"RunningStats.load_state_dict: expected {{'count', 'mean', 'm2'}} (state_dict()'s "
+                             f"keys), got {sorted(state) if isinstance(state, dict) else type(state).__name__}")
+        owner = "RunningStats.load_state_dict"
+        self.count = _finite_number(owner, "count", state["count"], 0.0)
+        self.mean = _finite_number(owner, "mean", state["mean"])
+        self.m2 = _finite_number(owner, "m2", state["m2"], 0.0)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
@@ -254,6 +297,10 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     """
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"lr_factor: schedule must be 'cosine' or 'constant', got {schedule!r}")
+    for name, value, low in (("step", step, 0), ("total_steps", total_steps, 0), ("warmup_steps", warmup_steps, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"lr_factor: {name} must be an int >= {low}, got {value!r}")
+    min_ratio = _finite_number("lr_factor", "min_ratio", min_ratio, 0.0, 1.0)  # 2.0 made the cosine rise
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -285,7 +332,14 @@ def minibatch_layout(global_index: torch.Tensor, minibatches: int, keys: torch.T
         K int64 tensors of local row positions (each of length n / K), sorted.
     """
     minibatches = _positive_int("minibatch_layout", "minibatches", minibatches)
+    if not isinstance(global_index, torch.Tensor) or global_index.dtype != torch.int64:
+        raise ValueError(f"minibatch_layout: global_index must be an int64 tensor, got "
+                         f"{getattr(global_index, 'dtype', type(global_index).__name__)}")
     n = global_index.numel()
+    if keys is not None and n and (not isinstance(keys, torch.Tensor) or keys.dim() != 1
+                                   or keys.numel() <= int(global_index.max())):
+        raise ValueError(f"minibatch_layout: keys must be a 1-D tensor with one key per global row (at least "
+                         f"{int(global_index.max()) + 1}), got {getattr(keys, 'shape', type(keys).__name__)}")
     if n % minibatches:
         raise ValueError(f"minibatch_layout: {n} local rows do not split into {minibatches} minibatches")
     block = global_index // minibatches
@@ -300,6 +354,11 @@ def minibatch_layout(global_index: torch.Tensor, minibatches: int, keys: torch.T
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     """Pearson correlation of two 1-D tensors; NaN with fewer than 3 pairs or zero variance."""
+    for name, value in (("x", x), ("y", y)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"pearson: {name} must be a tensor, got {type(value).__name__}")
+    if x.numel() != y.numel():
+        raise ValueError(f"pearson: x and y must pair up, got {x.numel()} and {y.numel()} values")
     x, y = x.double().flatten(), y.double().flatten()
     keep = torch.isfinite(x) & torch.isfinite(y)
     x, y = x[keep], y[keep]
