@@ -455,7 +455,7 @@ def test_touched_cells_checks_its_arguments():
     for factor in (3, 0, -2, 2.0, True):  # 3: the pixel at (63, 63) fell off the pooled grid
         with pytest.raises(ValueError, match="factor must be an int >= 1 dividing the image's 64 x 64 pixels"):
             touched_cells(changed, factor)
-    with pytest.raises(ValueError, match=r"changed must be a tensor \[B, H, W\]"):
+    with pytest.raises(ValueError, match=r"changed must be a bool tensor \[B, H, W\]"):
         touched_cells(changed[0], 4)
     with pytest.raises(ValueError, match="grow must be an int >= 0"):
         touched_cells(changed, 4, grow=-1)

@@ -149,6 +149,34 @@ class EditedBatch:
     actions: list[list[str]] = field(default_factory=list)
 
 
+def _described(value: Any) -> str:
+    """What came, for a message: a tensor's or array's dtype and shape, else its type."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"{str(value.dtype).replace('torch.', '')} {type(value).__name__} of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _check_spec(fn: str, spec: Any, where: str = "spec") -> None:
+    from xlard.prompts import PromptSpec
+
+    if not isinstance(spec, PromptSpec):
+        hint = " (parse it first: xlard.prompts.parse)" if isinstance(spec, str) else ""
+        raise TypeError(f"{fn}: {where} must be a PromptSpec, got {type(spec).__name__}{hint}")
+
+
+def _check_vocab(fn: str, shapes: Any, colors: Any) -> None:
+    """The model's vocabulary: a string was read letter by letter, an unknown color failed as a KeyError."""
+    for name, value, known in (("shapes", shapes, SHAPES), ("colors", colors, tuple(PALETTE))):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) \
+                or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"{fn}: {name} must be a sequence of names (the model's config.{name}), got "
+                            f"{value!r:.80}")
+        unknown = [v for v in value if v not in known]
+        if unknown or len(set(value)) != len(value):
+            raise ValueError(f"{fn}: {name} must name each of the world's {name} ({', '.join(known)}) at most once, "
+                             f"got {list(value)!r:.120}")
+
+
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """``mask`` grown by ``radius`` pixels in the 8-neighbourhood (a ``2 radius + 1`` square; the image's edge
     adds nothing): a max filter, rows then columns, by shifted ORs (at inference, ``count_edit`` runs it a
@@ -199,6 +227,8 @@ def find_objects(prob: np.ndarray, threshold: float = 0.5, min_area: int = 8) ->
     if array is None or array.ndim != 2 or array.dtype.kind not in "biuf" or 0 in array.shape:
         raise ValueError(f"find_objects: prob must be a real array [H, W] of probabilities (H, W >= 1), got "
                          f"{getattr(prob, 'shape', type(prob).__name__)}")
+    if not bool(np.isfinite(array).all()):  # NaN pixels are background to the components: NaN maps found nothing
+        raise ValueError("find_objects: prob holds NaN or infinite values")
     prob = array
     labels, count = ops.label_components(torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[None, None],
                                          threshold=threshold, mode="absolute", min_area=min_area, connectivity=8)
@@ -299,7 +329,11 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
         ``(edited image float32 [3, H, W], changed bool [H, W], actions list[str])``.
         Entities whose noun is not a world shape are left as they are.
     """
+    if config is not None and not isinstance(config, EditConfig):
+        raise TypeError(f"edit_image: config must be an EditConfig or None, got {type(config).__name__}")
     config = config or EditConfig()
+    _check_spec("edit_image", spec)
+    _check_vocab("edit_image", shapes, colors)
     img = np.array(image, dtype=np.float32, copy=True)
     if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] < 1 or img.shape[2] < 1:
         raise ValueError(f"edit_image: image must be float32 [3, H, W] with H, W >= 1, got shape {img.shape}")
@@ -313,6 +347,9 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
                              f"size), got {list(maps.shape)}")
         if not bool(np.isfinite(maps).all()):  # NaN maps read as empty: objects drawn over the ones there
             raise ValueError(f"edit_image: {name} holds NaN or infinite values")
+        if maps.size and (float(maps.min()) < 0.0 or float(maps.max()) > 1.0):  # 0-100 read as sure everywhere
+            raise ValueError(f"edit_image: {name} must be probabilities in [0, 1], got values in "
+                             f"[{float(maps.min()):.4g}, {float(maps.max()):.4g}]")
     if not bool(np.isfinite(img).all()):
         raise ValueError("edit_image: image holds NaN or infinite values")
     background = np.asarray(BACKGROUND, dtype=np.float32) / 255.0
@@ -506,11 +543,23 @@ def edit_images(model: Any, images: torch.Tensor, specs: Sequence[Any], config: 
     Raises:
         ValueError: mismatched batch, or images not at the model's size.
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"edit_images: images must be a float tensor [B, 3, H, W], got "
-                         f"{getattr(images, 'shape', type(images).__name__)}")
+    if not callable(getattr(model, "predict", None)) or not hasattr(model, "config"):
+        raise TypeError(f"edit_images: model must be a ShapesUnderstanding (xlard.shapes.understanding.load_model), "
+                        f"got {type(model).__name__}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 \
+            or not images.is_floating_point():
+        raise ValueError(f"edit_images: images must be a float tensor [B, 3, H, W], got {_described(images)}")
+    if images.shape[0] == 0:
+        raise ValueError("edit_images: images is an empty batch")
+    if isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence):
+        raise TypeError(f"edit_images: specs must be a sequence of PromptSpec, one per image, got "
+                        f"{type(specs).__name__}")
     if len(specs) != images.shape[0]:
         raise ValueError(f"edit_images: {images.shape[0]} images but {len(specs)} specs")
+    for i, spec in enumerate(specs):
+        _check_spec("edit_images", spec, f"specs[{i}]")
+    if config is not None and not isinstance(config, EditConfig):
+        raise TypeError(f"edit_images: config must be an EditConfig or None, got {type(config).__name__}")
     size = model.config.image_size
     if tuple(images.shape[-2:]) != (size, size):
         raise ValueError(f"edit_images: images must be {size}x{size} (the understanding model's size), "
@@ -541,9 +590,9 @@ def touched_cells(changed: torch.Tensor, factor: int, grow: int = 1) -> torch.Te
         ValueError: ``changed`` not ``[B, H, W]``, or a factor that does not divide H and W (the pixels of
             the last partial cell were dropped), or a negative ``grow``.
     """
-    if not isinstance(changed, torch.Tensor) or changed.dim() != 3:
-        raise ValueError(f"touched_cells: changed must be a tensor [B, H, W], got "
-                         f"{getattr(changed, 'shape', type(changed).__name__)}")
+    if not isinstance(changed, torch.Tensor) or changed.dim() != 3 or changed.dtype != torch.bool:
+        raise ValueError(f"touched_cells: changed must be a bool tensor [B, H, W] (the pixels painted), got "
+                         f"{_described(changed)}")
     h, w = changed.shape[-2:]
     if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1 or h % factor \
             or w % factor:
@@ -581,6 +630,21 @@ def edit_targets(encode: Any, images: torch.Tensor, edited: EditedBatch, latent_
     Returns:
         Tensor[B, C, h, w] float32: zero on the cells no edit touched.
     """
+    if not callable(encode):
+        raise TypeError(f"edit_targets: encode must be a function images -> latents (the backbone's VAE "
+                        f"encoder), got {type(encode).__name__}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"edit_targets: images must be a float tensor [B, 3, H, W] in [0, 1], got "
+                         f"{_described(images)}")
+    if not isinstance(edited, EditedBatch):
+        raise TypeError(f"edit_targets: edited must be edit_images()'s EditedBatch, got {type(edited).__name__}")
+    if tuple(edited.images.shape) != tuple(images.shape) or edited.changed.shape[0] != images.shape[0]:
+        raise ValueError(f"edit_targets: edited holds images of shape {tuple(edited.images.shape)} (changed "
+                         f"{tuple(edited.changed.shape)}), images are {tuple(images.shape)}: the edits of another "
+                         "batch")
+    if isinstance(latent_shape, (str, bytes)) or not isinstance(latent_shape, Sequence) or len(latent_shape) != 3 \
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in latent_shape):
+        raise ValueError(f"edit_targets: latent_shape must be (C, h, w), three ints >= 1, got {latent_shape!r}")
     c, lh, lw = (int(v) for v in latent_shape)
     h = images.shape[-1]
     if h % lw or images.shape[-2] % lh:
@@ -593,8 +657,12 @@ def edit_targets(encode: Any, images: torch.Tensor, edited: EditedBatch, latent_
     with torch.no_grad():
         before = encode(images) if z0 is None else z0.to(images.device, torch.float32)
         diff = encode(edited.images.to(images.dtype)) - before
-    if tuple(diff.shape[1:]) != (c, lh, lw):
-        raise ValueError(f"edit_targets: encode gave latents of shape {tuple(diff.shape[1:])}, expected {(c, lh, lw)}")
+    if tuple(diff.shape) != (images.shape[0], c, lh, lw):
+        raise ValueError(f"edit_targets: encode gave latents of shape {tuple(diff.shape)}, expected "
+                         f"{(images.shape[0], c, lh, lw)}")
+    if not bool(torch.isfinite(diff).all()):  # NaN targets would go straight into the corrector's training
+        what = "encode gave NaN or infinite latents" + ("" if z0 is None else " (or z0 holds them)")
+        raise ValueError(f"edit_targets: {what}; the targets would not be finite")
     return (mask.to(diff.dtype) * diff).float()
 
 
@@ -664,6 +732,21 @@ def move_plan(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch.Te
         raise ValueError(f"move_latents: z0 must be a tensor [B, C, h, w], got "
                          f"{getattr(z0, 'shape', type(z0).__name__)}")
     b, _, lh, lw = z0.shape
+    for name, maps in (("shape_probs", shape_probs), ("color_probs", color_probs)):
+        if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or not maps.is_floating_point():
+            raise ValueError(f"move_latents: {name} must be a float tensor [B, maps, H, W] (the understanding "
+                             f"model's), got {_described(maps)}")
+    if isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence):
+        raise TypeError(f"move_latents: specs must be a sequence of PromptSpec, got {type(specs).__name__}")
+    for i, spec in enumerate(specs):
+        _check_spec("move_latents", spec, f"specs[{i}]")
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence) or len(shapes) != shape_probs.shape[1] \
+            or not all(isinstance(v, str) for v in shapes):
+        raise ValueError(f"move_latents: shapes must name the {shape_probs.shape[1]} maps of shape_probs in order "
+                         f"(the model's config.shapes), got {shapes!r:.80}")
+    for name, t in (("z0", z0), ("shape_probs", shape_probs)):
+        if not bool(torch.isfinite(t).all()):  # NaN maps found no objects: "nothing to move", without a word
+            raise ValueError(f"move_latents: {name} holds NaN or infinite values")
     if shape_probs.shape[0] != b or color_probs.shape[0] != b or len(specs) != b:
         raise ValueError(f"move_latents: {b} latents, {shape_probs.shape[0]} shape maps, {color_probs.shape[0]} "
                          f"color maps and {len(specs)} specs must agree")

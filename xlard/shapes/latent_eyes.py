@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -100,6 +101,11 @@ class LatentEyesConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatentEyesConfig:
         names = ("latent_channels", "shapes", "colors", "width", "low_width", "up_widths")
+        if not isinstance(d, Mapping):
+            raise TypeError(f"LatentEyesConfig.from_dict: expected a mapping of settings, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(names), key=str)
+        if unknown:  # a misspelt key in a config.json was dropped without a word
+            raise ValueError(f"LatentEyesConfig.from_dict: unknown settings {unknown}; known: {', '.join(names)}")
         return cls(**{k: d[k] for k in names if k in d})
 
 
@@ -140,13 +146,24 @@ class LatentUnderstanding(nn.Module):
         self.color_head = nn.Conv2d(widths[-1], 1 + len(config.colors), 1)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``(shape [B, 1 + S, f h, f w], color [B, 1 + C, f h, f w])`` of latents ``[B, C, h, w]``."""
+        """Logits ``(shape [B, 1 + S, f h, f w], color [B, 1 + C, f h, f w])`` of latents ``[B, C, h, w]``
+        (not scanned for NaN: a training step's forward; :meth:`predict` refuses them)."""
+        self._check_z("LatentUnderstanding.forward", z)
         x = self.inp((z - self.shift) / self.scale)
         low = self.low(x)
         x = self.fuse(torch.cat((F.interpolate(low, size=x.shape[-2:], mode="nearest"), x), 1))
         for stage in self.up:
             x = stage(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
         return self.shape_head(x), self.color_head(x)
+
+    def _check_z(self, owner: str, z: Any) -> None:
+        c = self.config.latent_channels
+        if not isinstance(z, torch.Tensor):  # a numpy array's dtype and shape read like a fitting tensor's
+            raise ValueError(f"{owner}: z must be a float latent tensor [B, {c}, h, w], got "
+                             f"{type(z).__module__}.{type(z).__name__}")
+        if z.dim() != 4 or not z.is_floating_point() or z.shape[1] != c or min(z.shape[-2:]) < 1:
+            raise ValueError(f"{owner}: z must be a float latent [B, {c}, h, w], got "
+                             f"{str(z.dtype).replace('torch.', '')} {list(z.shape)}")
 
     @torch.no_grad()
     def predict(self, z: torch.Tensor) -> UnderstandingOutput:
@@ -161,14 +178,7 @@ class LatentUnderstanding(nn.Module):
         Raises:
             ValueError: ``z`` is not a finite float latent with ``config.latent_channels`` channels.
         """
-        c = self.config.latent_channels
-        if not isinstance(z, torch.Tensor):  # a numpy array's dtype and shape read like a fitting tensor's
-            raise ValueError(f"LatentUnderstanding.predict: z must be a float latent tensor [B, {c}, h, w], got "
-                             f"{type(z).__module__}.{type(z).__name__}")
-        if z.dim() != 4 or not z.is_floating_point() or z.shape[1] != c \
-                or min(z.shape[-2:]) < 1:
-            raise ValueError(f"LatentUnderstanding.predict: z must be a float latent [B, {c}, h, w], got "
-                             f"{getattr(z, 'dtype', type(z).__name__)} {list(getattr(z, 'shape', []))}")
+        self._check_z("LatentUnderstanding.predict", z)
         if z.numel() and not bool(torch.isfinite(z).all()):
             raise ValueError("LatentUnderstanding.predict: z holds NaN or infinite values")
         param = next(self.parameters())

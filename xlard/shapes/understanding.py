@@ -33,6 +33,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -92,8 +93,13 @@ class UnderstandingConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UnderstandingConfig:
-        known = {k: d[k] for k in ("shapes", "colors", "channels", "image_size", "core_radius") if k in d}
-        return cls(**known)
+        names = ("shapes", "colors", "channels", "image_size", "core_radius")
+        if not isinstance(d, Mapping):
+            raise TypeError(f"UnderstandingConfig.from_dict: expected a mapping of settings, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(names), key=str)
+        if unknown:  # a misspelt key in a config.json was dropped without a word
+            raise ValueError(f"UnderstandingConfig.from_dict: unknown settings {unknown}; known: {', '.join(names)}")
+        return cls(**{k: d[k] for k in names if k in d})
 
 
 @dataclass
@@ -277,6 +283,9 @@ def _eval_pass(model: nn.Module, *inputs):
 
 def _weights_folder(path: str | os.PathLike | None, env_var: str, default: Path) -> Path:
     """``path``, else the folder ``$env_var`` names, else ``default`` (the package data)."""
+    if path is not None and not isinstance(path, (str, os.PathLike)):  # 3 failed inside pathlib
+        raise TypeError(f"a weights folder must be a str or path (or None for the shipped one), got "
+                        f"{type(path).__name__}")
     return Path(path if path is not None else (os.environ.get(env_var) or default))
 
 
@@ -491,6 +500,10 @@ class CountEyes:
         if not isinstance(z, torch.Tensor):
             raise ValueError(f"{owner}: z must be a float latent tensor [B, C, h, w], got {type(z).__name__}")
         b = int(z.shape[0]) if z.dim() == 4 else -1
+        for name, value in (("nouns", nouns), ("counts", counts)):  # None failed as "not iterable", a string
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):  # was read letter by letter
+                raise ValueError(f"{owner}: {name} must be a list with one entry per latent of z ({b}), got "
+                                 f"{type(value).__name__} {value!r:.40}")
         nouns, counts = list(nouns), list(counts)
         whole = all(isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)) or
                     (isinstance(c, (float, np.floating)) and float(c).is_integer()) for c in counts)
