@@ -515,8 +515,12 @@ def test_to_geneval_puts_each_relation_object_before_its_subject():
     assert chain["include"] == [{"class": "dog", "count": 1},
                                 {"class": "cat", "count": 1, "position": ["left of", 0]},
                                 {"class": "bird", "count": 1, "position": ["above", 0]}]
-    cycle = PromptSpec("a cat and a dog", (Entity("cat"), Entity("dog")),
-                       (Relation(0, "left_of", 1), Relation(1, "left_of", 0)))
+    with pytest.raises(ValueError, match="contradict each other"):  # each left of the other: no image holds it
+        PromptSpec("a cat and a dog", (Entity("cat"), Entity("dog")),
+                   (Relation(0, "left_of", 1), Relation(1, "left_of", 0)))
+    # a cycle that an image can hold (cat left of dog, dog above cow, cow right of cat): no GenEval record can
+    cycle = PromptSpec("a cat, a dog and a cow", (Entity("cat"), Entity("dog"), Entity("cow")),
+                       (Relation(0, "left_of", 1), Relation(1, "above", 2), Relation(2, "right_of", 0)))
     with pytest.raises(ValueError, match="form a cycle"):
         cycle.to_geneval(tag="position")
     with pytest.raises(ValueError, match=r"entity 0 \('dog'\) has count 0; GenEval records have counts >= 1"):

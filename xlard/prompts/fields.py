@@ -42,6 +42,10 @@ def _vector(key: str, dim: int) -> torch.Tensor:
     return torch.randn(dim, generator=gen)
 
 
+#: The largest field dimension: a conditioning width (10**12 asked the allocator for 4 TB).
+MAX_DIM = 65536
+
+
 def field_vector(kind: str, value, dim: int) -> torch.Tensor:
     """The fixed ``[dim]`` float32 vector of one field value, e.g. ``("count", 3)``.
 
@@ -55,8 +59,8 @@ def field_vector(kind: str, value, dim: int) -> torch.Tensor:
     if not kind:
         raise ValueError("field_vector: kind must be a non-empty field kind string (\"noun\", \"count\", ...), "
                          "got ''")
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        raise ValueError(f"field_vector: dim must be an integer >= 1, got {dim!r}")
+    if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= MAX_DIM:
+        raise ValueError(f"field_vector: dim must be an integer in [1, {MAX_DIM}], got {dim!r}")
     return _vector(f"{kind}:{value}", dim).clone()
 
 
@@ -102,8 +106,8 @@ def field_tokens(specs: Sequence[PromptSpec], dim: int, *, device=None,
         ValueError: ``dim`` is not a positive integer, ``specs`` is empty, an entry is not a
             :class:`~xlard.prompts.PromptSpec`, or ``device`` is not a device.
     """
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        raise ValueError(f"field_tokens: dim must be an integer >= 1, got {dim!r}")
+    if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= MAX_DIM:
+        raise ValueError(f"field_tokens: dim must be an integer in [1, {MAX_DIM}], got {dim!r}")
     if isinstance(specs, (str, bytes, PromptSpec)) or not isinstance(specs, Iterable):
         hint = " (one spec? pass [spec])" if isinstance(specs, PromptSpec) else ""
         raise TypeError(f"field_tokens: specs must be a list of PromptSpec objects (xlard.prompts.parse), got "

@@ -124,6 +124,17 @@ def _check_extra_nouns(extra_nouns) -> tuple[str, ...]:
     return extra
 
 
+def _check_parse_options(strict, max_length) -> None:
+    """``strict='yes'`` counted as True; a max_length of -5 was taken when no tokenizer came to use it."""
+    if not isinstance(strict, bool):
+        raise TypeError(f"parse: strict must be a bool, got {strict!r}")
+    limits = max_length.values() if isinstance(max_length, Mapping) else [] if max_length is None else [max_length]
+    for value in limits:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"parse: max_length must be an integer >= 1, a mapping tokenizer name -> such an "
+                             f"integer, or None, got {max_length!r}")
+
+
 @functools.lru_cache(maxsize=64)
 def _lexicon_with(extra_nouns: tuple[str, ...]) -> _Lexicon:
     # from_geneval passes each record's classes; the cache makes repeats free.
@@ -640,6 +651,7 @@ def parse(
     """
     prompt = _check_prompt(prompt)
     extra = _check_extra_nouns(extra_nouns)
+    _check_parse_options(strict, max_length if tokenizer is None else None)  # with one, align names the limit
     lexicon = _lexicon_with(extra) if extra else _default_lexicon()
     words = _scan(prompt)
     pos = _template_end(words, lexicon)

@@ -7,7 +7,7 @@ to and from GenEval metadata records (:meth:`PromptSpec.to_geneval`,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,7 +136,7 @@ class Relation:
                 raise ValueError(f"Relation.{name} must be an entity index >= 0, got {value!r}")
         if self.subject == self.object:
             raise ValueError(f"Relation relates entity {self.subject} to itself")
-        if self.relation not in RELATION_CODES:
+        if not isinstance(self.relation, str) or self.relation not in RELATION_CODES:  # a list: "unhashable"
             raise ValueError(
                 f"Relation.relation must be one of {list(RELATIONS)}, got {self.relation!r} "
                 "(use normalize_relation for other spellings)"
@@ -171,8 +171,12 @@ class TokenAlignment:
     def __post_init__(self) -> None:
         if not isinstance(self.encoder, str) or not self.encoder:
             raise ValueError(f"TokenAlignment.encoder must be a non-empty string, got {self.encoder!r}")
-        if not isinstance(self.num_tokens, int) or self.num_tokens < 0:
+        if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens < 0:
             raise ValueError(f"TokenAlignment.num_tokens must be an integer >= 0, got {self.num_tokens!r}")
+        for name in ("noun_tokens", "color_tokens"):
+            if not isinstance(getattr(self, name), (tuple, list)):
+                raise ValueError(f"TokenAlignment.{name} must be a tuple of token-index tuples (one per entity), "
+                                 f"got {type(getattr(self, name)).__name__}")
         nouns = tuple(_as_index_tuple(t, "TokenAlignment.noun_tokens[i]") for t in self.noun_tokens)
         colors = tuple(_as_index_tuple(t, "TokenAlignment.color_tokens[i]") for t in self.color_tokens)
         if len(nouns) != len(colors):
@@ -219,9 +223,16 @@ class PromptSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
             raise ValueError(f"PromptSpec.prompt must be a string, got {type(self.prompt).__name__}")
+        for name in ("entities", "relations", "alignments"):  # None failed as "'NoneType' object is not iterable"
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+                raise ValueError(f"PromptSpec.{name} must be a sequence, got {type(value).__name__}")
         entities = tuple(self.entities)
         relations = tuple(self.relations)
         alignments = tuple(self.alignments)
+        for alignment in alignments:
+            if not isinstance(alignment, TokenAlignment):
+                raise ValueError(f"PromptSpec.alignments must hold TokenAlignment, got {type(alignment).__name__}")
         for i, entity in enumerate(entities):
             if not isinstance(entity, Entity):
                 raise ValueError(f"PromptSpec.entities[{i}] must be an Entity, got {type(entity).__name__}")
@@ -238,6 +249,17 @@ class PromptSpec:
                     f"relations[{i}] refers to entity {max(relation.subject, relation.object)} "
                     f"but the spec has {len(entities)} entities"
                 )
+        said: dict[tuple[int, int, int], int] = {}
+        for i, relation in enumerate(relations):  # "a dog left of right of a cat" asked for both
+            a, b, code = relation.subject, relation.object, relation.code
+            if a > b:  # "b right of a" says "a left of b": one form per pair (codes pair up as c, c ^ 1)
+                a, b, code = b, a, code ^ 1
+            j = said.get((a, b, code ^ 1))
+            if j is not None:
+                raise ValueError(f"PromptSpec.relations[{j}] and relations[{i}] contradict each other: entity "
+                                 f"{relations[j].subject} {relations[j].relation} entity {relations[j].object}, and "
+                                 f"entity {relation.subject} {relation.relation} entity {relation.object}")
+            said.setdefault((a, b, code), i)
         if self.tag is not None and self.tag not in GENEVAL_TAGS:
             raise ValueError(f"PromptSpec.tag must be None or one of {list(GENEVAL_TAGS)}, got {self.tag!r}")
         names = [a.encoder for a in alignments]
@@ -370,6 +392,9 @@ class PromptSpec:
         Raises:
             ValueError: an encoder is unknown or an offset is negative.
         """
+        if not isinstance(segment_offsets, Mapping):  # a list failed as "'list' object has no attribute 'items'"
+            raise ValueError(f"segment_offsets must map encoder names to token offsets (e.g. {{'tokenizer': 0}}), "
+                             f"got {type(segment_offsets).__name__}")
         merged: list[set[int]] = [set() for _ in self.entities]
         for name, offset in segment_offsets.items():
             if not isinstance(offset, int) or offset < 0:
@@ -442,6 +467,9 @@ class PromptSpec:
                 an entity has count 0 (GenEval counts are >= 1), or no tag fits.
         """
         tag = tag if tag is not None else (self.tag if self.tag is not None else infer_geneval_tag(self))
+        if tag == "position" and not self.relations:  # a position record with nothing to judge a position on
+            raise ValueError(f"to_geneval: tag 'position' needs a relation, and prompt {quote_prompt(self.prompt)} "
+                             "has none")
         target: dict[int, Relation] = {}
         for relation in self.relations:
             if relation.subject in target:
@@ -496,6 +524,8 @@ def infer_geneval_tag(spec: PromptSpec) -> str:
     Raises:
         ValueError: no GenEval tag fits (e.g. three or more unrelated entities).
     """
+    if not isinstance(spec, PromptSpec):
+        raise TypeError(f"infer_geneval_tag: spec must be a PromptSpec, got {type(spec).__name__}")
     entities = spec.entities
     if spec.relations:
         return "position"
