@@ -531,3 +531,239 @@ def test_rewards_name_meta_tensors(name):
         del kwargs["entity_maps"]
     with pytest.raises(ValueError, match=rf"ExplainableRewards: {name} is on the meta device"):
         ExplainableRewards()(specs, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fourth probe (2026-12-07, later): the editor, prompts, PPO helpers, checkpoints' neighbours, backbones, _io.
+
+
+def _understanding():
+    from xlard.shapes import understanding as U
+
+    if not U.is_available():
+        pytest.skip("no understanding weights")
+    return U.load_model()
+
+
+def test_the_editor_names_mismatched_batches_nan_and_wrong_vocabularies():
+    """edit_targets broadcast the edits of 2 images onto 1 and passed NaN encodings into the targets; move_latents
+    read NaN latents/maps as "no moves"; a string vocabulary was read letter by letter, an unknown color failed as
+    a KeyError, probabilities of 100 were taken; raw errors for None/strings elsewhere."""
+    from xlard.prompts import parse as parse_prompt
+    from xlard.shapes.editor import (EditedBatch, edit_image, edit_images, edit_targets, find_objects,
+                                     move_latents, touched_cells)
+
+    model = _understanding()
+    images = torch.rand(2, 3, 64, 64)
+    specs = [parse_prompt("a photo of two red circles"), parse_prompt("a photo of a blue square")]
+    edited = edit_images(model, images, specs)
+    encode = lambda x: torch.nn.functional.avg_pool2d(x, 8).repeat(1, 3, 1, 1)[:, :8]  # noqa: E731
+    assert edit_targets(encode, images, edited, (8, 8, 8)).shape == (2, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"edit_targets: edited holds images of shape \(2, 3, 64, 64\).*\(1, 3, 64"):
+        edit_targets(encode, images[:1], edited, (8, 8, 8))
+    for shape in ((8, 0, 0), (8, 16), None, "abc"):
+        with pytest.raises(ValueError, match=r"edit_targets: latent_shape must be \(C, h, w\), three ints >= 1"):
+            edit_targets(encode, images, edited, shape)
+    with pytest.raises(ValueError, match=r"edit_targets: encode gave NaN or infinite latents"):
+        edit_targets(lambda x: encode(x) * math.nan, images, edited, (8, 8, 8))
+    with pytest.raises(TypeError, match=r"edit_targets: encode must be a function"):
+        edit_targets(None, images, edited, (8, 8, 8))
+    with pytest.raises(TypeError, match=r"edit_targets: edited must be edit_images\(\)'s EditedBatch"):
+        edit_targets(encode, images, None, (8, 8, 8))
+    with pytest.raises(ValueError, match=r"touched_cells: changed must be a bool tensor .*got float32 Tensor"):
+        touched_cells(torch.full((1, 64, 64), math.nan), 8)
+    with pytest.raises(TypeError, match=r"edit_images: specs\[0\] must be a PromptSpec, got str \(parse it first"):
+        edit_images(model, images, ["a", "b"])
+    with pytest.raises(TypeError, match=r"edit_images: model must be a ShapesUnderstanding"):
+        edit_images(None, images, specs)
+    with pytest.raises(TypeError, match=r"edit_images: config must be an EditConfig or None, got dict"):
+        edit_images(model, images, specs, config={"redraw": True})
+    with pytest.raises(ValueError, match=r"edit_images: images is an empty batch"):
+        edit_images(model, images[:0], [])
+    out = model.predict(images[:1])
+    sp, cp, img = out.shape_probs[0].numpy(), out.color_probs[0].numpy(), images[0].numpy()
+    with pytest.raises(ValueError, match=r"edit_image: colors must name each of the world's colors .* at most once"):
+        edit_image(img, sp, cp, specs[0], model.config.shapes, ["x"] * 10)
+    with pytest.raises(TypeError, match=r"edit_image: shapes must be a sequence of names .*'circle'"):
+        edit_image(img, sp, cp, specs[0], "circle", model.config.colors)
+    with pytest.raises(ValueError, match=r"edit_image: shape_probs must be probabilities in \[0, 1\], got values in"):
+        edit_image(img, sp * 100, cp, specs[0], model.config.shapes, model.config.colors)
+    with pytest.raises(TypeError, match=r"edit_image: spec must be a PromptSpec, got str"):
+        edit_image(img, sp, cp, "a red circle", model.config.shapes, model.config.colors)
+    with pytest.raises(ValueError, match=r"find_objects: prob holds NaN or infinite values"):
+        find_objects(np.full((8, 8), np.nan))
+    z0 = torch.rand(2, 8, 8, 8)
+    maps = model.predict(images)
+    relation = [parse_prompt("a photo of a red circle left of a blue square")] * 2
+    with pytest.raises(ValueError, match=r"move_latents: z0 holds NaN or infinite values"):
+        move_latents(z0 * math.nan, maps.shape_probs, maps.color_probs, relation, model.config.shapes)
+    with pytest.raises(ValueError, match=r"move_latents: shapes must name the 4 maps of shape_probs in order"):
+        move_latents(z0, maps.shape_probs, maps.color_probs, relation, model.config.shapes[:1])
+    with pytest.raises(TypeError, match=r"move_latents: specs\[0\] must be a PromptSpec, got str"):
+        move_latents(z0, maps.shape_probs, maps.color_probs, ["a", "b"], model.config.shapes)
+    with pytest.raises(ValueError, match=r"move_latents: shape_probs must be a float tensor .*got NoneType"):
+        move_latents(z0, None, maps.color_probs, relation, model.config.shapes)
+    assert isinstance(edited, EditedBatch)
+
+
+def test_prompt_specs_refuse_contradictions_and_malformed_parts():
+    from xlard.prompts import PromptSpec
+    from xlard.prompts.spec import Relation, TokenAlignment, infer_geneval_tag
+
+    with pytest.raises(ValueError, match=r"relations\[0\] and relations\[1\] contradict each other: entity 0 "
+                                         r"left_of entity 1, and entity 0 right_of entity 1"):
+        parse("a dog left of right of a cat")
+    spec = parse("a photo of a dog left of a cat")
+    entity = spec.entities
+    # the same relation said twice, or from the other side, is no contradiction; another axis neither
+    assert PromptSpec(spec.prompt, entity, (Relation(0, "left_of", 1), Relation(1, "right_of", 0),
+                                            Relation(0, "above", 1))).relations
+    with pytest.raises(ValueError, match=r"contradict each other: entity 0 left_of entity 1, and entity 1 left_of"):
+        PromptSpec(spec.prompt, entity, (Relation(0, "left_of", 1), Relation(1, "left_of", 0)))
+    for kwargs, words in (({"strict": "yes"}, r"parse: strict must be a bool, got 'yes'"),
+                          ({"strict": None}, r"parse: strict must be a bool, got None"),
+                          ({"max_length": -5}, r"parse: max_length must be an integer >= 1"),
+                          ({"max_length": {"tokenizer": 0}}, r"parse: max_length must be an integer >= 1")):
+        with pytest.raises((TypeError, ValueError), match=words):
+            parse("a dog", **kwargs)
+    with pytest.raises(ValueError, match=r"PromptSpec.entities must be a sequence, got NoneType"):
+        PromptSpec("x", None)
+    with pytest.raises(ValueError, match=r"PromptSpec.relations must be a sequence, got NoneType"):
+        PromptSpec("x", (), relations=None)
+    with pytest.raises(ValueError, match=r"PromptSpec.alignments must be a sequence, got str"):
+        PromptSpec("x", (), alignments="abc")
+    with pytest.raises(ValueError, match=r"PromptSpec.alignments must hold TokenAlignment, got NoneType"):
+        PromptSpec("x", (), alignments=[None])
+    with pytest.raises(ValueError, match=r"Relation.relation must be one of"):
+        Relation(0, ["left_of"], 1)
+    with pytest.raises(ValueError, match=r"TokenAlignment.num_tokens must be an integer >= 0, got True"):
+        TokenAlignment("t", True, ((0,),), ((),))
+    with pytest.raises(ValueError, match=r"TokenAlignment.noun_tokens must be a tuple of token-index tuples"):
+        TokenAlignment("t", 3, None, None)
+    with pytest.raises(ValueError, match=r"segment_offsets must map encoder names to token offsets"):
+        spec.sequence_token_indices(["x"])
+    with pytest.raises(TypeError, match=r"infer_geneval_tag: spec must be a PromptSpec, got NoneType"):
+        infer_geneval_tag(None)
+    with pytest.raises(ValueError, match=r"to_geneval: tag 'position' needs a relation"):
+        parse("a photo of a dog").to_geneval(tag="position")
+
+
+def test_model_configs_name_unknown_settings_and_latent_models_check_their_input():
+    from xlard.shapes.latent_eyes import LatentEyesConfig, LatentUnderstanding
+    from xlard.shapes.understanding import CountEyes, UnderstandingConfig
+
+    for cls in (LatentEyesConfig, UnderstandingConfig):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}.from_dict: unknown settings \['foo'\]"):
+            cls.from_dict({"foo": 1})
+        with pytest.raises(TypeError, match=rf"{cls.__name__}.from_dict: expected a mapping of settings, got NoneType"):
+            cls.from_dict(None)
+    model = LatentUnderstanding(LatentEyesConfig(width=8, low_width=8, up_widths=(8,)))
+    for bad, words in ((torch.zeros(1, 8, 4), r"got float32 \[1, 8, 4\]"),
+                       (torch.zeros(1, 8, 4, 4, dtype=torch.int64), r"got int64 \[1, 8, 4, 4\]"),
+                       (np.zeros((1, 8, 4, 4), np.float32), r"got numpy.ndarray"),
+                       (torch.zeros(1, 3, 4, 4), r"got float32 \[1, 3, 4, 4\]")):
+        with pytest.raises(ValueError, match=r"LatentUnderstanding.forward: z must be a float latent .*\[B, 8, h, w\], "
+                                             + words):
+            model(bad)
+    with pytest.raises(ValueError, match=r"edit_counts: nouns must be a list with one entry per latent"):
+        CountEyes._check_counts("CountEyes.edit_counts", torch.zeros(1, 8, 4, 4), None, [1])
+    with pytest.raises(ValueError, match=r"edit_counts: counts must be a list with one entry per latent"):
+        CountEyes._check_counts("CountEyes.edit_counts", torch.zeros(1, 8, 4, 4), ["circle"], "3")
+
+
+def test_ppo_helpers_refuse_what_would_train_on_garbage():
+    from xlard.train import ppo
+
+    for args, words in (((5, 10, 0, "cosine", 2.0), r"min_ratio must be a finite number in \[0, 1\], got 2.0"),
+                        ((5, 10, 0, "cosine", math.nan), r"min_ratio must be a finite number"),
+                        ((5, 10, -1, "cosine", 0.1), r"warmup_steps must be an int >= 0, got -1"),
+                        ((5, -1, 0, "cosine", 0.1), r"total_steps must be an int >= 0, got -1")):
+        with pytest.raises(ValueError, match=rf"lr_factor: {words}"):
+            ppo.lr_factor(*args)
+    v = torch.tensor([1.0, 2.0])
+    for count in (0, -1, math.nan):
+        with pytest.raises(ValueError, match=r"whiten: count must be the number of values in the global batch"):
+            ppo.whiten(v, v.sum(), v.square().sum(), count)
+    for beta in (math.nan, -1.0, "0.1"):
+        with pytest.raises(ValueError, match=r"anchor_penalty: beta must be a finite number in \[0, inf\]"):
+            ppo.anchor_penalty(v, v, beta)
+    with pytest.raises(ValueError, match=r"group_advantages: rewards hold NaN or infinite values"):
+        ppo.group_advantages(torch.tensor([1.0, math.nan]), 2)
+    for bad in ([1.0, 2.0], torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match=r"group_advantages: rewards must be a float tensor"):
+            ppo.group_advantages(bad, 2)
+    with pytest.raises(ValueError, match=r"clipped_surrogate: new_log_prob must be a float tensor, got list"):
+        ppo.clipped_surrogate([0.0], v[:1], v[:1], 0.2)
+    stats = ppo.RunningStats()
+    with pytest.raises(ValueError, match=r"RunningStats.update: total must be a finite number, got nan"):
+        stats.update(1, math.nan, 1)
+    assert stats.count == 0.0  # nothing merged
+    with pytest.raises(ValueError, match=r"RunningStats.load_state_dict: expected \{'count', 'mean', 'm2'\}"):
+        stats.load_state_dict({})
+    with pytest.raises(ValueError, match=r"minibatch_layout: keys must be a 1-D tensor with one key per global row"):
+        ppo.minibatch_layout(torch.arange(4), 2, torch.rand(2))
+    with pytest.raises(ValueError, match=r"pearson: x and y must pair up, got 3 and 2 values"):
+        ppo.pearson(torch.rand(3), torch.rand(2))
+    with pytest.raises(ValueError, match=r"reduce_log_prob: log_prob_sum must be a float tensor"):
+        ppo.reduce_log_prob([1.0], 4, "sum")
+
+
+def test_io_and_paths_name_what_they_cannot_use(tmp_path):
+    from xlard import _io
+    from xlard.prompts.fields import field_tokens, field_vector
+    from xlard.shapes import backbone as shapes_backbone
+    from xlard.train.checkpoint import list_checkpoints
+
+    target = tmp_path / "kept.txt"
+    target.write_text("old")
+    with pytest.raises(ValueError, match=r"cannot write .*kept.txt: the text holds '\\udc80' at character 2, which "
+                                         r"is not a Unicode character"):
+        _io.atomic_write_text(target, "a\udc80")
+    assert target.read_text() == "old"
+    with pytest.raises(ValueError, match=r"is a folder; expected a file xlard wrote"):
+        _io.read_json(tmp_path)
+    with pytest.raises(TypeError, match=r"expected the path of a file xlard wrote \(str or path\), got NoneType"):
+        _io.read_json(None)
+    with pytest.raises(TypeError, match=r"trim_jsonl's upto must be a function"):
+        _io.trim_jsonl(target, None)
+    with pytest.raises(ValueError, match=r"field_vector: dim must be an integer in \[1, 65536\], got 10{12}"):
+        field_vector("count", 1, 10**12)
+    with pytest.raises(ValueError, match=r"field_tokens: dim must be an integer in \[1, 65536\]"):
+        field_tokens([parse("a dog")], 10**12)
+    with pytest.raises(TypeError, match=r"the shapes backbone's path must be a pipeline folder .*got int"):
+        shapes_backbone.is_available(3)
+    with pytest.raises(TypeError, match=r"list_checkpoints: folder must be a run folder .*got NoneType"):
+        list_checkpoints(None)
+    with pytest.raises(ValueError, match=r"a folder must be a non-empty path, got ''"):
+        _io.make_folder("")
+    from xlard.backbones.base import make_generators
+
+    with pytest.raises(ValueError, match=r"make_generators: batch must be the number of prompts .*got 'x'"):
+        make_generators(3, "x")
+
+
+def test_run_demo_names_overrides_given_as_texts(tmp_path):
+    from xlard.demo import run_demo
+
+    with pytest.raises(TypeError, match=r"run_demo: overrides must map dotted config keys to values .*got list"):
+        run_demo(tmp_path / "demo", overrides=["distill.epochs=1"])
+    assert not (tmp_path / "demo").exists()  # refused before the folder was made
+
+
+def test_shapes_generation_refuses_prompts_it_would_cut_and_backbones_load_by_the_shapes_name():
+    from xlard.backbones import DiffusersBackbone
+    from xlard.shapes import backbone as shapes_backbone
+
+    if not shapes_backbone.is_available():
+        pytest.skip("shapes backbone not installed")
+    pipe = shapes_backbone.load_pipeline()
+    with pytest.raises(ValueError, match=r"generate: prompts\[1\] is \d+ tokens long .*reads 16, and the rest would "
+                                         r"be cut off"):
+        shapes_backbone.generate(["a photo of a red circle", "a red circle " * 40], steps=1, pipeline=pipe)
+    with pytest.raises(ValueError, match=r"generate: progress must be a bool, got 'no'"):
+        shapes_backbone.generate(["a photo of a red circle"], steps=1, pipeline=pipe, progress="no")
+    backbone = DiffusersBackbone.from_pretrained("shapes")
+    assert backbone.num_inference_steps == shapes_backbone.DEFAULT_STEPS
+    assert backbone.guidance_scale == shapes_backbone.DEFAULT_GUIDANCE
+    with pytest.raises(ValueError, match=r"negative_prompt 'a\\udc80' holds '\\udc80' at character 2"):
+        DiffusersBackbone.from_pretrained("shapes", negative_prompt="a\udc80")

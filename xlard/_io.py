@@ -186,6 +186,8 @@ def make_folder(path: str | os.PathLike[str], owner: str = "xlard") -> Path:
         OSError: the folder cannot be created (its message names ``owner`` and ``path``; the type says why:
             ``PermissionError``, ``FileNotFoundError`` for a place that takes no new folders, ...).
     """
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():  # '' was taken as '.', the working folder
+        raise ValueError(f"{owner}: a folder must be a non-empty path, got {path!r}")
     folder = Path(path)
     try:
         if folder.exists() and not folder.is_dir():
@@ -491,7 +493,12 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, owner: str = "
     """
     if not isinstance(text, str):
         raise TypeError(f"{owner}: text must be a str, got {type(text).__name__}")
-    return atomic_write_bytes(path, text.encode("utf-8"), owner=owner, make_parents=make_parents)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: named before anything is written (the old file stays)
+        raise ValueError(f"{owner}: cannot write {path}: the text holds {text[exc.start]!r} at character "
+                         f"{exc.start + 1}, which is not a Unicode character (a lone surrogate)") from None
+    return atomic_write_bytes(path, data, owner=owner, make_parents=make_parents)
 
 
 def trim_jsonl(path: str | os.PathLike[str], upto: Callable[[dict], bool], *, owner: str = "xlard") -> int:
@@ -503,6 +510,8 @@ def trim_jsonl(path: str | os.PathLike[str], upto: Callable[[dict], bool], *, ow
     Example:
         >>> trim_jsonl(work / "metrics.jsonl", lambda row: row.get("step", 0) <= checkpoint_step)  # doctest: +SKIP
     """
+    if not callable(upto):
+        raise TypeError(f"{owner}: trim_jsonl's upto must be a function row -> bool, got {type(upto).__name__}")
     path = Path(path)
     if not path.is_file():
         return 0
@@ -738,7 +747,11 @@ def read_json(path: str | os.PathLike[str], *, owner: str = "xlard", max_bytes: 
         ValueError: as above, naming the file.
         FileNotFoundError: the file does not exist.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{owner}: expected the path of {what} (str or path), got {type(path).__name__}")
     path = Path(path)
+    if path.is_dir():  # was a raw IsADirectoryError
+        raise ValueError(f"{owner}: {path} is a folder; expected {what} (a JSON file)")
     size = path.stat().st_size
     if size > max_bytes:
         raise ValueError(f"{owner}: {path} is {size} bytes; {what} is under {max_bytes} bytes")

@@ -253,6 +253,9 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     if steps == 0 and items_per_tag == 0:
         raise ValueError("--steps 0 with --items-per-tag 0 trains nothing; give edit targets (--items-per-tag) "
                          "or PPO steps (--steps)")
+    if overrides is not None and not isinstance(overrides, Mapping):  # a list of "key=value" texts failed in dict()
+        raise TypeError(f"run_demo: overrides must map dotted config keys to values (e.g. {{'ppo.clip': 0.1}}), "
+                        f"got {type(overrides).__name__}")
     records = demo_records(per_tag)
     seeds = evaluation.parse_seeds(list(seeds))
     out = Path(out)

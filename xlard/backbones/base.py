@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +118,8 @@ def make_generators(seed: Seed, batch: int) -> torch.Generator | list[torch.Gene
     def is_int(v: Any) -> bool:
         return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
+    if not is_int(batch) or batch < 1:  # 'x' was taken when the seed needed no count
+        raise ValueError(f"make_generators: batch must be the number of prompts (an int >= 1), got {batch!r}")
     if isinstance(seed, torch.Generator):
         return seed
     if is_int(seed):
@@ -377,6 +379,9 @@ class Backbone(abc.ABC):
         """
         if isinstance(prompts, (str, PromptSpec)):  # a string was checked letter by letter ("record 3: ' '")
             prompts = [prompts]
+        if not isinstance(prompts, Iterable):
+            raise TypeError(f"check_prompts: prompts must be prompts (strings or PromptSpecs) or a list of them, "
+                            f"got {type(prompts).__name__}")
         parse = getattr(self, "parse", None)
         if parse is None:
             return

@@ -897,6 +897,12 @@ def _check_guidance(value: Any) -> float | None:
 def _check_negative_prompt(value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"negative_prompt must be a string or None, got {type(value).__name__}")
+    if value is not None:
+        from xlard.geneval import not_unicode
+
+        why = not_unicode(value)  # a lone surrogate failed in the tokenizer at the first encode
+        if why is not None:
+            raise ValueError(f"negative_prompt {value[:80]!r} {why}")
     return value
 
 
@@ -1061,7 +1067,9 @@ class DiffusersBackbone(Backbone):
 
         Args:
             model_id_or_path: a hub model id or a local folder written by
-                ``save_pretrained``.
+                ``save_pretrained``; ``"shapes"`` is the embedded shapes-world
+                backbone (with its default steps and guidance), as in a
+                training config.
             torch_dtype: the pipeline's dtype (e.g. ``torch.float16``); default
                 ``torch.float32`` for every component (diffusers' own default for
                 its models; transformers would otherwise keep a text encoder
@@ -1096,6 +1104,14 @@ class DiffusersBackbone(Backbone):
         _check_negative_prompt(negative_prompt)
         _check_positive_int("max_sequence_length", max_sequence_length)
         _capture_factory(capture)
+        if model_id_or_path == "shapes" and not os.path.exists("shapes"):  # the name the trainer and CLI take
+            from xlard.shapes import backbone as shapes_backbone
+
+            if not shapes_backbone.is_available():
+                raise FileNotFoundError(f"model_id_or_path 'shapes': {shapes_backbone.not_installed()}")
+            model_id_or_path = str(shapes_backbone.backbone_path())
+            num_inference_steps = num_inference_steps or shapes_backbone.DEFAULT_STEPS
+            guidance_scale = shapes_backbone.DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
         model_id_or_path = model_location("model_id_or_path", model_id_or_path, "model_index.json",
                                           "a diffusers pipeline folder (written by pipeline.save_pretrained)")
         from diffusers import DiffusionPipeline

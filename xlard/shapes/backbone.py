@@ -37,6 +37,9 @@ def backbone_path(path: str | os.PathLike | None = None) -> Path:
     """The folder of the pipeline: ``path``, else ``$XLARD_SHAPES_BACKBONE``, else the package data."""
     if path is None:
         path = os.environ.get("XLARD_SHAPES_BACKBONE") or DEFAULT_PATH
+    if not isinstance(path, (str, os.PathLike)):  # 3 failed inside pathlib
+        raise TypeError(f"the shapes backbone's path must be a pipeline folder (str or path) or None, got "
+                        f"{type(path).__name__}")
     return Path(path)
 
 
@@ -141,6 +144,20 @@ def load_pipeline(device: Any = "cpu", path: str | os.PathLike | None = None, dt
     return pipe.to(device)
 
 
+def _check_lengths(pipe, prompts: list[str]) -> None:
+    """The text encoder reads ``model_max_length`` tokens: the pipeline cut longer prompts, with a log line only."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if tokenizer is None or not isinstance(limit, int) or limit > 100_000:
+        return
+    for i, prompt in enumerate(prompts):
+        n = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+        if n > limit:
+            raise ValueError(f"generate: prompts[{i}] is {n} tokens long (start and end tokens included); the "
+                             f"backbone's text encoder reads {limit}, and the rest would be cut off: "
+                             f"{prompt[:60]!r}{'...' if len(prompt) > 60 else ''}")
+
+
 def generate(prompts: str | Sequence[str], seed: int = 0, steps: int = DEFAULT_STEPS,
              guidance: float = DEFAULT_GUIDANCE, *, pipeline=None, batch_size: int = 32,
              progress: bool = False) -> np.ndarray:
@@ -204,10 +221,13 @@ def generate(prompts: str | Sequence[str], seed: int = 0, steps: int = DEFAULT_S
         raise ValueError(f"guidance must be a finite number in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(progress, bool):  # 'no' is truthy: a bar was shown when asked not to
+        raise ValueError(f"generate: progress must be a bool, got {progress!r}")
     if pipeline is not None and not (callable(pipeline) and hasattr(pipeline, "device")):
         raise ValueError(f"generate: pipeline must be a loaded diffusers pipeline (load_pipeline()), got "
                          f"{type(pipeline).__name__}")
     pipe = pipeline if pipeline is not None else load_pipeline()
+    _check_lengths(pipe, prompts)
     device = pipe.device
     starts = range(0, len(prompts), batch_size)
     if progress:
