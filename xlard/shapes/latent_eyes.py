@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .understanding import (CONFIG_NAME, EDIT_IMAGE_SIZE, WEIGHTS_NAME, CountEyes, UnderstandingOutput, _eval_pass,
-                            _has_weights, _load_weights, _reader_for, _weights_folder)
+                            _has_weights, _load_weights, _reader_for, _weights_folder, config_from_dict)
 from .world import BACKGROUND, PALETTE, SHAPES
 
 __all__ = ["LatentEyesConfig", "LatentUnderstanding", "LatentCountEyes", "flat_canvas", "latent_model_path",
@@ -100,13 +99,7 @@ class LatentEyesConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatentEyesConfig:
-        names = ("latent_channels", "shapes", "colors", "width", "low_width", "up_widths")
-        if not isinstance(d, Mapping):
-            raise TypeError(f"LatentEyesConfig.from_dict: expected a mapping of settings, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(names), key=str)
-        if unknown:  # a misspelt key in a config.json was dropped without a word
-            raise ValueError(f"LatentEyesConfig.from_dict: unknown settings {unknown}; known: {', '.join(names)}")
-        return cls(**{k: d[k] for k in names if k in d})
+        return config_from_dict(cls, d)
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -93,13 +93,19 @@ class UnderstandingConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UnderstandingConfig:
-        names = ("shapes", "colors", "channels", "image_size", "core_radius")
-        if not isinstance(d, Mapping):
-            raise TypeError(f"UnderstandingConfig.from_dict: expected a mapping of settings, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(names), key=str)
-        if unknown:  # a misspelt key in a config.json was dropped without a word
-            raise ValueError(f"UnderstandingConfig.from_dict: unknown settings {unknown}; known: {', '.join(names)}")
-        return cls(**{k: d[k] for k in names if k in d})
+        return config_from_dict(cls, d)
+
+
+def config_from_dict(cls, d: Any):
+    """``cls(**d)`` for a model config dataclass read from a ``config.json``: every key must be one of its fields
+    (a misspelt key was dropped without a word)."""
+    names = [f.name for f in fields(cls)]
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{cls.__name__}.from_dict: expected a mapping of settings, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(names), key=str)
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict: unknown settings {unknown}; known: {', '.join(names)}")
+    return cls(**dict(d))
 
 
 @dataclass
