@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from xlard._args import is_finite_real, show
+
 __all__ = [
     "reduce_log_prob", "group_advantages", "whiten", "SurrogateStats", "clipped_surrogate", "value_loss",
     "anchor_penalty", "weighted_reward", "RunningStats", "lr_factor", "minibatch_layout", "pearson",
@@ -41,10 +43,9 @@ def _float_tensor(owner: str, name: str, value, dim: int | None = None) -> torch
 
 
 def _finite_number(owner: str, name: str, value, low: float = -math.inf, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) \
-            or not low <= float(value) <= high:
+    if not is_finite_real(value) or not low <= float(value) <= high:  # is_finite_real: 10**400 too
         bounds = f" in [{low:g}, {high:g}]" if (low, high) != (-math.inf, math.inf) else ""
-        raise ValueError(f"{owner}: {name} must be a finite number{bounds}, got {value!r}")
+        raise ValueError(f"{owner}: {name} must be a finite number{bounds}, got {show(value)}")
     return float(value)
 
 
