@@ -626,6 +626,8 @@ def test_prompt_specs_refuse_contradictions_and_malformed_parts():
                           ({"max_length": {"tokenizer": 0}}, r"parse: max_length must be an integer >= 1")):
         with pytest.raises((TypeError, ValueError), match=words):
             parse("a dog", **kwargs)
+    with pytest.raises(ValueError, match=r"extra_nouns 'left of' is a relation phrase or separator"):
+        parse("a dog", extra_nouns=["left of"])  # was ignored: relation phrases are read first
     with pytest.raises(ValueError, match=r"PromptSpec.entities must be a sequence, got NoneType"):
         PromptSpec("x", None)
     with pytest.raises(ValueError, match=r"PromptSpec.relations must be a sequence, got NoneType"):

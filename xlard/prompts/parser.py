@@ -121,6 +121,10 @@ def _check_extra_nouns(extra_nouns) -> tuple[str, ...]:
     bad = [n for n in extra if not isinstance(n, str) or not n.strip()]
     if bad:
         raise TypeError(f"parse: extra_nouns must hold non-empty noun strings, got {bad[0]!r}")
+    for noun in extra:  # relation phrases are read first: such a noun was never found, without a word
+        if tuple(noun.lower().split()) in _PHRASES:
+            raise ValueError(f"parse: extra_nouns {noun!r} is a relation phrase or separator of the grammar; it "
+                             "cannot be an object noun")
     return extra
 
 
