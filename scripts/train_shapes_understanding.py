@@ -117,6 +117,12 @@ class TrainConfig:
         if len(self.channels) != 4 or any(c < 1 for c in self.channels):
             raise ValueError(f"--channels must be 4 widths >= 1 (full resolution, 1/2, 1/4, 1/8), "
                              f"got {list(self.channels)}")
+        if self.backbone and (self.vae_share == 0 or self.vae_pool == 0):  # a mistyped folder went unnoticed
+            raise ValueError(f"--backbone {self.backbone} is read only for the VAE pool, which is off (--vae-share "
+                             f"{self.vae_share:g}, --vae-pool {self.vae_pool}): give --vae-share > 0 or drop "
+                             "--backbone")
+        if self.backbone and not os.path.isdir(self.backbone):
+            raise ValueError(f"--backbone: no pipeline folder at {self.backbone}")
 
 
 # Worlds the random scenes come from: the default one, and one whose objects can be

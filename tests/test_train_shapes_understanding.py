@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -32,6 +33,17 @@ def test_options_are_validated():
             T.parse_args(["--out", "o"] + bad)
     with pytest.raises(SystemExit):  # outputs: before training
         T.parse_args(["--out", "/proc/no/such"])
+
+
+def test_a_backbone_folder_is_named_when_unused_or_missing(capsys, tmp_path):
+    """--backbone is read only for the VAE pool: with it off (the default) a mistyped folder went unnoticed."""
+    for args, words in ((["--backbone", str(tmp_path)], "--backbone .* is read only for the VAE pool, which is off"),
+                        (["--backbone", "/no/such", "--vae-share", "0.5"],
+                         "--backbone: no pipeline folder at /no/such")):
+        with pytest.raises(SystemExit):
+            T.parse_args(["--out", "o"] + args)
+        assert re.search(words, capsys.readouterr().err)
+    assert T.parse_args(["--out", "o", "--backbone", str(tmp_path), "--vae-share", "0.5"]).backbone == str(tmp_path)
 
 
 def test_batches_come_from_ground_truth_and_corruptions_are_unlabelled():
