@@ -457,12 +457,23 @@ def test_ops_refuse_strided_views_too_large_to_copy_before_allocating(monkeypatc
     for op in ("label_components", "count_components", "component_stats", "attention_centroids"):
         with pytest.raises(MemoryError, match=rf"xlard\.{op}: would need .*strided view maps"):
             getattr(xlard.ops, op)(maps)
-    # the outputs count with the copies, against the memory free now (here made 2 GiB)
+    # the outputs count with the copies, against the memory free now (here made 2 GiB; the buffer cache emptied,
+    # its bytes count as free)
     monkeypatch.setattr(_args, "available_host_memory", lambda: 2 * 2**30)
+    xlard.ops.empty_cpu_buffer_cache()
     z = torch.zeros(1).expand(3, 1, 2**27)  # 1.5 GiB per copy, 1.5 + 1.5 GiB of outputs (zc, lam)
-    with pytest.raises(MemoryError, match=r"would need 6\.0 GiB \(3\.0 GiB of outputs, 1\.5 GiB to copy .* than the "
-                                          r"2\.0 GiB this machine has available"):
+    with pytest.raises(MemoryError, match=r"would need 6\.0 GiB \(3\.0 GiB of outputs and working copies, 1\.5 GiB "
+                                          r"to copy .* than the 2\.0 GiB this machine has available"):
         xlard.ops.residual_correction(z, z, 0.5)
+    # a per-channel log_std is read per channel, never copied: not counted (it was, as a whole latent's copy)
+    monkeypatch.setattr(_args, "HOST_CHECK_BYTES", 0)
+    z0 = torch.rand(1, 4, 64, 64)  # outputs: zc, delta 64 KiB each, lam 16 KiB, log_prob 4 bytes
+    monkeypatch.setattr(_args, "available_host_memory", lambda: 150 * 1024)
+    with torch.no_grad():
+        assert xlard.ops.sample_correction(z0, z0, torch.zeros(4), z0, 0.5)[0].shape == z0.shape
+    monkeypatch.setattr(_args, "available_host_memory", lambda: 100 * 1024)
+    with torch.no_grad(), pytest.raises(MemoryError, match=r"0\.0 GiB of outputs and working copies\), more than"):
+        xlard.ops.sample_correction(z0, z0, torch.zeros(4), z0, 0.5)
     # where the free memory is unknown, nothing is refused up front (small inputs are never checked)
     monkeypatch.setattr(_args, "available_host_memory", lambda: None)
     small = torch.rand(2, 3, 4, 4)

@@ -229,9 +229,14 @@ def check_host_memory(op: str, out_bytes: int, **inputs) -> None:
     if need < HOST_CHECK_BYTES:
         return
     free = available_host_memory()
+    if free is not None:
+        try:  # freed output buffers xlard keeps for reuse (xlard.ops.cpu_buffer_cache_bytes) are free to it too
+            free += int(torch.ops.xlard._cpu_buffer_cache(False))
+        except (AttributeError, RuntimeError, ValueError):
+            pass
     if free is None or need <= free:
         return
-    parts = ([f"{_gib(out_bytes)} of outputs"] if out_bytes else []) + [
+    parts = ([f"{_gib(out_bytes)} of outputs and working copies"] if out_bytes else []) + [
         f"{_gib(b)} to copy the strided view {n} (shape {tuple(tensors[n].shape)}, strides {tensors[n].stride()})"
         for n, b in copies.items()]
     raise MemoryError(f"xlard.{op}: would need {_gib(need)} ({', '.join(parts)}), more than the {_gib(free)} this "

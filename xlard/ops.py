@@ -290,7 +290,9 @@ def gaussian_log_prob(x, mean, log_std):
     op = "gaussian_log_prob"
     _args.check_latents(op, min_dim=1, x=x, mean=mean)
     log_std = _args.broadcast_log_std(log_std, x, op)
-    _args.check_host_memory(op, 0, x=x, mean=mean, log_std=log_std)
+    # the kernel copies log_std (expanded to x's shape past the batch) into the accumulation type: working memory
+    ls_bytes = log_std.numel() * (8 if x.dtype == torch.float64 else 4) if not log_std.is_contiguous() else 0
+    _args.check_host_memory(op, ls_bytes, x=x, mean=mean)
     return _op(op, x.device)(x, mean, log_std)
 
 
@@ -325,7 +327,7 @@ def sample_correction(z0, mean, log_std, noise, alpha=1.0, *, out=None):
     log_std = _args.broadcast_log_std(log_std, z0, op)
     alpha_t, alpha_s = _args.split_alpha(op, alpha, z0)
     _args.check_host_memory(op, 0 if out is not None else _latent_bytes(z0, "zc", "delta", "log_prob", "lam"),
-                            z0=z0, mean=mean, noise=noise, log_std=log_std)
+                            z0=z0, mean=mean, noise=noise)  # log_std: read per channel or as given, not copied
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z0, mean, noise, log_std, alpha_t)):
         raise RuntimeError(f"xlard.{op}: a rollout step is not differentiable; call it under torch.no_grad() "
                            "(use residual_correction and gaussian_log_prob for gradients)")
