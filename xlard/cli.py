@@ -392,8 +392,7 @@ def _load_backbone(args):
     if args.backbone == "shapes":  # the sampler settings the shipped model was evaluated with
         from xlard.shapes import backbone as shapes_backbone
 
-        steps = steps or shapes_backbone.DEFAULT_STEPS
-        guidance = shapes_backbone.DEFAULT_GUIDANCE if guidance is None else guidance
+        steps, guidance = shapes_backbone.sampler_defaults(steps, guidance)
     if steps:
         kwargs["num_inference_steps"] = steps
     if guidance is not None:

@@ -1110,8 +1110,8 @@ class DiffusersBackbone(Backbone):
             if not shapes_backbone.is_available():
                 raise FileNotFoundError(f"model_id_or_path 'shapes': {shapes_backbone.not_installed()}")
             model_id_or_path = str(shapes_backbone.backbone_path())
-            num_inference_steps = num_inference_steps or shapes_backbone.DEFAULT_STEPS
-            guidance_scale = shapes_backbone.DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+            num_inference_steps, guidance_scale = shapes_backbone.sampler_defaults(num_inference_steps,
+                                                                                   guidance_scale)
         model_id_or_path = model_location("model_id_or_path", model_id_or_path, "model_index.json",
                                           "a diffusers pipeline folder (written by pipeline.save_pretrained)")
         from diffusers import DiffusionPipeline

@@ -144,6 +144,12 @@ def load_pipeline(device: Any = "cpu", path: str | os.PathLike | None = None, dt
     return pipe.to(device)
 
 
+def sampler_defaults(steps: int | None, guidance: float | None) -> tuple[int, float]:
+    """``(steps, guidance)`` with this backbone's defaults (:data:`DEFAULT_STEPS`, :data:`DEFAULT_GUIDANCE`, the
+    settings the shipped model was evaluated with) where they are None (steps: or 0)."""
+    return steps or DEFAULT_STEPS, DEFAULT_GUIDANCE if guidance is None else guidance
+
+
 def _check_lengths(pipe, prompts: list[str]) -> None:
     """The text encoder reads ``model_max_length`` tokens: the pipeline cut longer prompts, with a log line only."""
     tokenizer = getattr(pipe, "tokenizer", None)
@@ -246,4 +252,4 @@ def generate(prompts: str | Sequence[str], seed: int = 0, steps: int = DEFAULT_S
 
 
 __all__ = ["DEFAULT_PATH", "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "backbone_path", "is_available", "load_pipeline",
-           "generate"]
+           "generate", "sampler_defaults"]

@@ -164,6 +164,14 @@ def _check_spec(fn: str, spec: Any, where: str = "spec") -> None:
         raise TypeError(f"{fn}: {where} must be a PromptSpec, got {type(spec).__name__}{hint}")
 
 
+def _check_specs(fn: str, specs: Any) -> None:
+    """One PromptSpec per image: a string was taken as its letters, strings as specs failed deep inside."""
+    if isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence):
+        raise TypeError(f"{fn}: specs must be a sequence of PromptSpec, one per image, got {type(specs).__name__}")
+    for i, spec in enumerate(specs):
+        _check_spec(fn, spec, f"specs[{i}]")
+
+
 def _check_vocab(fn: str, shapes: Any, colors: Any) -> None:
     """The model's vocabulary: a string was read letter by letter, an unknown color failed as a KeyError."""
     for name, value, known in (("shapes", shapes, SHAPES), ("colors", colors, tuple(PALETTE))):
@@ -551,13 +559,9 @@ def edit_images(model: Any, images: torch.Tensor, specs: Sequence[Any], config: 
         raise ValueError(f"edit_images: images must be a float tensor [B, 3, H, W], got {_described(images)}")
     if images.shape[0] == 0:
         raise ValueError("edit_images: images is an empty batch")
-    if isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence):
-        raise TypeError(f"edit_images: specs must be a sequence of PromptSpec, one per image, got "
-                        f"{type(specs).__name__}")
+    _check_specs("edit_images", specs)
     if len(specs) != images.shape[0]:
         raise ValueError(f"edit_images: {images.shape[0]} images but {len(specs)} specs")
-    for i, spec in enumerate(specs):
-        _check_spec("edit_images", spec, f"specs[{i}]")
     if config is not None and not isinstance(config, EditConfig):
         raise TypeError(f"edit_images: config must be an EditConfig or None, got {type(config).__name__}")
     size = model.config.image_size
@@ -736,10 +740,7 @@ def move_plan(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch.Te
         if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or not maps.is_floating_point():
             raise ValueError(f"move_latents: {name} must be a float tensor [B, maps, H, W] (the understanding "
                              f"model's), got {_described(maps)}")
-    if isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence):
-        raise TypeError(f"move_latents: specs must be a sequence of PromptSpec, got {type(specs).__name__}")
-    for i, spec in enumerate(specs):
-        _check_spec("move_latents", spec, f"specs[{i}]")
+    _check_specs("move_latents", specs)
     if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence) or len(shapes) != shape_probs.shape[1] \
             or not all(isinstance(v, str) for v in shapes):
         raise ValueError(f"move_latents: shapes must name the {shape_probs.shape[1]} maps of shape_probs in order "

@@ -31,15 +31,13 @@ def _positive_int(owner: str, name: str, value) -> int:
     return int(value)
 
 
-def _float_tensor(owner: str, name: str, value, dim: int | None = None) -> torch.Tensor:
-    """``value`` if it is a floating tensor (of ``dim`` dimensions), else a ValueError naming it (a list failed
-    deep inside torch, an int tensor as "mean(): could not infer output dtype")."""
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or (dim is not None and value.dim() != dim):
+def _float_tensor(owner: str, name: str, value) -> None:
+    """A ValueError naming ``value`` unless it is a floating tensor (a list failed deep inside torch, an int
+    tensor as "mean(): could not infer output dtype")."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         what = (f"{str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
                 if isinstance(value, torch.Tensor) else type(value).__name__)
-        shape = "" if dim is None else f" of {dim} dimension{'s' if dim != 1 else ''}"
-        raise ValueError(f"{owner}: {name} must be a float tensor{shape}, got {what}")
-    return value
+        raise ValueError(f"{owner}: {name} must be a float tensor, got {what}")
 
 
 def _finite_number(owner: str, name: str, value, low: float = -math.inf, high: float = math.inf) -> float:

@@ -77,6 +77,17 @@ def check_prompt_files(cfg) -> None:
                                     "or 'shapes:train')")
 
 
+def _sampler_settings(settings) -> tuple[int | None, float | None]:
+    """The config's steps and guidance, with the shapes backbone's defaults filled in for it (other backbones'
+    defaults come with the pipeline: None)."""
+    steps, guidance = settings.num_inference_steps, settings.guidance_scale
+    if settings.name == "shapes":
+        from xlard.shapes import backbone as shapes_backbone
+
+        steps, guidance = shapes_backbone.sampler_defaults(steps, guidance)
+    return steps, guidance
+
+
 def load_backbone(settings, device: torch.device, reward=None):
     """The run's :class:`xlard.backbones.DiffusersBackbone`.
 
@@ -90,7 +101,7 @@ def load_backbone(settings, device: torch.device, reward=None):
                               **settings.options}
     if reward is not None:
         kwargs.update(source_backbone_options(reward, settings.name))
-    steps, guidance = settings.num_inference_steps, settings.guidance_scale
+    steps, guidance = _sampler_settings(settings)
     path = settings.name
     if settings.name == "shapes":
         from xlard.shapes import backbone as shapes_backbone
@@ -98,8 +109,6 @@ def load_backbone(settings, device: torch.device, reward=None):
         path = str(shapes_backbone.backbone_path())
         if not shapes_backbone.is_available(path):
             raise FileNotFoundError(f"backbone.name 'shapes': {shapes_backbone.not_installed()}")
-        steps = steps or shapes_backbone.DEFAULT_STEPS
-        guidance = shapes_backbone.DEFAULT_GUIDANCE if guidance is None else guidance
     if steps:
         kwargs["num_inference_steps"] = steps
     if guidance is not None:
@@ -264,15 +273,8 @@ def _check_given_backbone(backbone, settings) -> None:
     """A backbone handed to the trainer must run as the config says: the config is what the run folder records
     (config.json, checkpoints, the exported corrector), and a resume without the same object rebuilds the
     backbone from it. Settings the config leaves to the backbone (None) are not compared."""
-    wanted = {"correction_step": settings.correction_step, "num_inference_steps": settings.num_inference_steps,
-              "guidance_scale": settings.guidance_scale}
-    if settings.name == "shapes":  # its defaults are known before loading (load_backbone fills them in)
-        from xlard.shapes import backbone as shapes_backbone
-
-        if wanted["num_inference_steps"] is None:
-            wanted["num_inference_steps"] = shapes_backbone.DEFAULT_STEPS
-        if wanted["guidance_scale"] is None:
-            wanted["guidance_scale"] = shapes_backbone.DEFAULT_GUIDANCE
+    steps, guidance = _sampler_settings(settings)  # as load_backbone would build it
+    wanted = {"correction_step": settings.correction_step, "num_inference_steps": steps, "guidance_scale": guidance}
     differ = []
     for name, want in wanted.items():
         have = getattr(backbone, name, None)
