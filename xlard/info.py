@@ -43,8 +43,8 @@ _REPORT_KEYS = ("xlard", "python", "torch", "torch_cuda", "platform", "cuda_avai
 
 
 def format_report(info: dict) -> str:
-    if not isinstance(info, dict) or any(k not in info for k in _REPORT_KEYS):  # was KeyError 'xlard'
-        missing = [k for k in _REPORT_KEYS if not isinstance(info, dict) or k not in info]
+    missing = [k for k in _REPORT_KEYS if not isinstance(info, dict) or k not in info]
+    if missing:  # was KeyError 'xlard'
         raise ValueError(f"format_report: info must be the dict xlard.info.collect() returns (missing {missing})")
     lines = [
         f"xlard {info['xlard']}  python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})",

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .understanding import (CONFIG_NAME, EDIT_IMAGE_SIZE, WEIGHTS_NAME, CountEyes, UnderstandingOutput, _eval_pass,
-                            _has_weights, _load_weights, _reader_for, _weights_folder, config_from_dict)
+                            _has_weights, _load_weights, _reader_for, _weights_folder, _config_from_dict)
 from .world import BACKGROUND, PALETTE, SHAPES
 
 __all__ = ["LatentEyesConfig", "LatentUnderstanding", "LatentCountEyes", "flat_canvas", "latent_model_path",
@@ -99,7 +99,7 @@ class LatentEyesConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatentEyesConfig:
-        return config_from_dict(cls, d)
+        return _config_from_dict(cls, d)
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

@@ -93,10 +93,10 @@ class UnderstandingConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UnderstandingConfig:
-        return config_from_dict(cls, d)
+        return _config_from_dict(cls, d)
 
 
-def config_from_dict(cls, d: Any):
+def _config_from_dict(cls, d: Any):
     """``cls(**d)`` for a model config dataclass read from a ``config.json``: every key must be one of its fields
     (a misspelt key was dropped without a word)."""
     names = [f.name for f in fields(cls)]

@@ -752,6 +752,11 @@ def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
 _MAX_DEPTH = 64
 
 
+def _parse_failure(e: BaseException) -> str:
+    """Why a config file did not parse, in one line."""
+    return "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:300]
+
+
 def _plain(value: Any, where: str, depth: int = 0) -> Any:
     """A deep copy of ``value`` made of dicts (str keys), lists, str, int, float, bool and None only. A YAML date,
     set or binary value was a traceback from json.dumps ("Object of type date is not JSON serializable"), a
@@ -875,14 +880,12 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         try:
             data = yaml_load(text)
         except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int of 5000 digits
-            reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:300]
-            raise ValueError(f"train config: {path} is not valid YAML: {reason}") from None
+            raise ValueError(f"train config: {path} is not valid YAML: {_parse_failure(e)}") from None
     elif path.suffix.lower() == ".json":
         try:
             data = json.loads(text, object_pairs_hook=_json_pairs)
         except (ValueError, RecursionError) as e:  # JSONDecodeError too
-            reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:300]
-            raise ValueError(f"train config: {path} is not valid JSON: {reason}") from None
+            raise ValueError(f"train config: {path} is not valid JSON: {_parse_failure(e)}") from None
     else:
         raise ValueError(f"train config: {path} must end in .yaml, .yml or .json")
     if data is None:  # an empty file: every field at its default
