@@ -110,6 +110,21 @@ def test_pluralize_and_singularize(singular, plural):
     assert singularize(singular) == singular
 
 
+def test_pluralize_leaves_plurals_alone():
+    """A plural given to pluralize was pluralized again: 'Dogs' -> 'dogses', 'mice' -> 'mices', 'zebras' ->
+    'zebrases'; singular -s words still take -es."""
+    from xlard.prompts.vocabulary import KNOWN_NOUNS
+
+    for word, plural in (("Dogs", "dogs"), ("mice", "mice"), ("zebras", "zebras"), ("boxes", "boxes"),
+                         ("wine glasses", "wine glasses"), ("children", "children"), ("knives", "knives"),
+                         ("photos", "photos"), ("toys", "toys"), ("penguins", "penguins"),
+                         ("bias", "biases"), ("iris", "irises"), ("bus", "buses"), ("glass", "glasses"),
+                         ("gas", "gases"), ("lens", "lenses"), ("cross", "crosses")):
+        assert pluralize(word) == plural, word
+    for noun in KNOWN_NOUNS:
+        assert pluralize(pluralize(noun)) == pluralize(noun), noun
+
+
 def test_singularize_unknown_words_by_rule():
     assert singularize("penguins") == "penguin"
     assert singularize("zebras") == "zebra"
