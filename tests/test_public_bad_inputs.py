@@ -562,7 +562,7 @@ def test_the_editor_names_mismatched_batches_nan_and_wrong_vocabularies():
     a KeyError, probabilities of 100 were taken; raw errors for None/strings elsewhere."""
     from xlard.prompts import parse as parse_prompt
     from xlard.shapes.editor import (EditedBatch, edit_image, edit_images, edit_targets, find_objects,
-                                     move_latents, touched_cells)
+                                     move_latents, move_plan, touched_cells)
 
     model = _understanding()
     images = torch.rand(2, 3, 64, 64)
@@ -614,6 +614,10 @@ def test_the_editor_names_mismatched_batches_nan_and_wrong_vocabularies():
         move_latents(z0, maps.shape_probs, maps.color_probs, ["a", "b"], model.config.shapes)
     with pytest.raises(ValueError, match=r"move_latents: shape_probs must be a float tensor .*got NoneType"):
         move_latents(z0, None, maps.color_probs, relation, model.config.shapes)
+    with pytest.raises(ValueError, match=r"^move_plan: z0 holds NaN or infinite values"):  # said move_latents
+        move_plan(z0 * math.nan, maps.shape_probs, maps.color_probs, relation, model.config.shapes)
+    with pytest.raises(TypeError, match=r"^move_plan: specs\[0\] must be a PromptSpec, got str"):
+        move_plan(z0, maps.shape_probs, maps.color_probs, ["a", "b"], model.config.shapes)
     assert isinstance(edited, EditedBatch)
 
 

@@ -725,38 +725,43 @@ def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch
     Raises:
         ValueError: mismatched batch sizes or map sizes.
     """
-    plan = move_plan(z0, shape_probs, color_probs, specs, shapes, margin)
+    plan = _move_plan("move_latents", z0, shape_probs, color_probs, specs, shapes, margin)
     return plan.latents, plan.actions
 
 
 def move_plan(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch.Tensor, specs: Sequence[Any],
               shapes: Sequence[str], margin: int = 6) -> MovedBatch:
     """:func:`move_latents` with the source of every cell as well (:class:`MovedBatch`); same arguments."""
+    return _move_plan("move_plan", z0, shape_probs, color_probs, specs, shapes, margin)
+
+
+def _move_plan(owner: str, z0, shape_probs, color_probs, specs, shapes, margin) -> MovedBatch:
+    """:func:`move_plan`, its errors naming ``owner`` (the public function called)."""
     if not isinstance(z0, torch.Tensor) or z0.dim() != 4:
-        raise ValueError(f"move_latents: z0 must be a tensor [B, C, h, w], got "
+        raise ValueError(f"{owner}: z0 must be a tensor [B, C, h, w], got "
                          f"{getattr(z0, 'shape', type(z0).__name__)}")
     b, _, lh, lw = z0.shape
     for name, maps in (("shape_probs", shape_probs), ("color_probs", color_probs)):
         if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or not maps.is_floating_point():
-            raise ValueError(f"move_latents: {name} must be a float tensor [B, maps, H, W] (the understanding "
+            raise ValueError(f"{owner}: {name} must be a float tensor [B, maps, H, W] (the understanding "
                              f"model's), got {_described(maps)}")
-    _check_specs("move_latents", specs)
+    _check_specs(owner, specs)
     if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence) or len(shapes) != shape_probs.shape[1] \
             or not all(isinstance(v, str) for v in shapes):
-        raise ValueError(f"move_latents: shapes must name the {shape_probs.shape[1]} maps of shape_probs in order "
+        raise ValueError(f"{owner}: shapes must name the {shape_probs.shape[1]} maps of shape_probs in order "
                          f"(the model's config.shapes), got {shapes!r:.80}")
     for name, t in (("z0", z0), ("shape_probs", shape_probs)):
         if not bool(torch.isfinite(t).all()):  # NaN maps found no objects: "nothing to move", without a word
-            raise ValueError(f"move_latents: {name} holds NaN or infinite values")
+            raise ValueError(f"{owner}: {name} holds NaN or infinite values")
     if shape_probs.shape[0] != b or color_probs.shape[0] != b or len(specs) != b:
-        raise ValueError(f"move_latents: {b} latents, {shape_probs.shape[0]} shape maps, {color_probs.shape[0]} "
+        raise ValueError(f"{owner}: {b} latents, {shape_probs.shape[0]} shape maps, {color_probs.shape[0]} "
                          f"color maps and {len(specs)} specs must agree")
     h, w = shape_probs.shape[-2:]
     if color_probs.shape[-2:] != (h, w) or h % lh or w % lw or h // lh != w // lw:
-        raise ValueError(f"move_latents: maps {tuple(shape_probs.shape[-2:])} / {tuple(color_probs.shape[-2:])} "
+        raise ValueError(f"{owner}: maps {tuple(shape_probs.shape[-2:])} / {tuple(color_probs.shape[-2:])} "
                          f"must share one size, a multiple of the latent's {(lh, lw)}")
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 1:
-        raise ValueError(f"move_latents: margin must be an int >= 1, got {margin!r}")
+        raise ValueError(f"{owner}: margin must be an int >= 1, got {margin!r}")
     sp = shape_probs.detach().float().cpu().numpy()
     labels = torch.zeros(b, lh * lw, dtype=torch.int64)
     shifts = torch.zeros(b, 2, 2, dtype=torch.int64)
