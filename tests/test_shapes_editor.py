@@ -446,6 +446,20 @@ def test_an_empty_image_takes_any_box_that_fits():
     assert actions == ["added 1 circle(s)"] and changed.any()
 
 
+def test_objects_that_do_not_fit_are_reported():
+    """Asked for more objects than the image holds (100; count_edit takes 10**6), the editor drew what fitted and its
+    actions read as a fixed count."""
+    scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),))
+    img, changed, actions = edit(scene, "a photo of 100 red circles")
+    added = [a for a in actions if a.startswith("added ")]
+    assert len(added) == 1 and changed.any()
+    n_added = int(added[0].split()[1])
+    assert 1 <= n_added < 99
+    assert f"unplaced {99 - n_added} circle(s): no room left" in actions, actions
+    _, _, actions = edit(scene, "three red circles")
+    assert not any(a.startswith("unplaced") for a in actions)
+
+
 def test_touched_cells_checks_its_arguments():
     from xlard.shapes.editor import touched_cells
 

@@ -508,6 +508,8 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
                 added += 1
             if added:
                 actions.append(f"added {added} {noun}(s)")
+            if added < asked - len(objs):  # the image is full: said, not left to look like a fixed count
+                actions.append(f"unplaced {asked - len(objs) - added} {noun}(s): no room left")
 
     if config.fix_position:
         for rel in getattr(spec, "relations", ()):
