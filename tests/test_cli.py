@@ -24,6 +24,26 @@ def test_prompts_render_eval_round_trip(tmp_path, capsys):
     assert "overall" in capsys.readouterr().out
 
 
+def test_eval_images_are_taken_in_the_order_of_their_numbers(tmp_path, capsys):
+    """Files named 0.png .. 11.png were paired with records by text (10.png before 2.png): ground-truth renders
+    scored 0.25, each record judged on another record's image, without a word."""
+    import shutil
+
+    prompts = tmp_path / "p.jsonl"
+    assert cli.main(["prompts", str(prompts), "--split", "heldout", "-n", "12", "--seed", "1"]) == 0
+    out = tmp_path / "renders"
+    assert cli.main(["render", str(out), "--prompts", str(prompts), "--quiet"]) == 0
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(12):
+        shutil.copy(out / f"{i:05d}" / "samples" / "0000.png", flat / f"{i}.png")
+    summary = tmp_path / "s.json"
+    capsys.readouterr()
+    assert cli.main(["eval", "--prompts", str(prompts), "--images", str(flat), "--json", str(summary)]) == 0
+    assert json.loads(summary.read_text())["overall"] == 1.0
+    assert "files taken in the order of the numbers in their names (0.png, 1.png, ...)" in capsys.readouterr().err
+
+
 def test_eval_errors_are_clear(tmp_path, capsys):
     assert cli.main(["eval", "--folder", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err

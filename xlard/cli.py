@@ -912,7 +912,13 @@ def _cmd_eval(args) -> int:
         images = E.png_files(_input_folder(args.images, "--images"))
         if len(images) != len(records):
             raise UsageError(f"--images: {args.images} holds {len(images)} PNG files for {len(records)} records "
-                             "(one image per record, in sorted file-name order)")
+                             "(one image per record, in the order of the numbers in their names)")
+        by_number = sorted(images, key=_number_order)  # 2.png before 10.png: by text, record 2 was judged on 10.png
+        if by_number != images and not args.quiet:
+            print(f"note: --images: files taken in the order of the numbers in their names ({by_number[0].name}, "
+                  f"{by_number[1].name}, ...), not by text ({images[0].name}, {images[1].name}, ...)",
+                  file=sys.stderr)
+        images = by_number
         results = []
         for path, record in _progress(list(zip(images, records)), len(records), "eval", args.quiet):
             results.append(E.evaluate_record(str(path), record))
@@ -924,6 +930,13 @@ def _cmd_eval(args) -> int:
     if args.json:
         _io.atomic_write_json(args.json, summary, owner="--json")
     return 0
+
+
+def _number_order(path: Path) -> tuple:
+    """Sort key of a file name with its digit runs read as numbers: ``2.png`` before ``10.png``, ``img_9`` before
+    ``img_10``; zero-padded names keep their order."""
+    parts = re.split(r"(\d+)", path.name)
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts if p) + (path.name,)
 
 
 def _output_folder_options(p) -> None:
