@@ -350,6 +350,14 @@ def _toy(b=3, c=4, h=10, w=10):
     return reward, z0, delta, region
 
 
+def test_faithfulness_default_fraction_is_the_published_one():
+    """The function defaulted to 10% of the cells while the docs, `xlard eval --mask-fraction` and the demo use
+    20%: a Python user got another check than the published one."""
+    import inspect
+
+    assert inspect.signature(faithfulness).parameters["fraction"].default == 0.2
+
+
 def test_faithfulness_toy_loses_the_gain_where_lam_is_high():
     reward, z0, delta, region = _toy()
     res = faithfulness(reward, z0, delta, fraction=0.1, generator=torch.Generator().manual_seed(1))

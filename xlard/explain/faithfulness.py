@@ -97,7 +97,7 @@ def faithfulness(
     z0: torch.Tensor,
     delta: torch.Tensor,
     alpha: float | torch.Tensor = 1.0,
-    fraction: float = 0.1,
+    fraction: float = 0.2,
     random_control: bool = True,
     generator: torch.Generator | None = None,
     min_gain: float = 1e-6,
@@ -123,7 +123,8 @@ def faithfulness(
             saved with ``alpha = 0`` reaches here): nothing is corrected, so ``reward_masked`` and
             ``reward_random`` equal ``reward_after`` and ``reward_before``, ``gain`` and ``relative_drop`` are 0,
             ``gain_lost`` is NaN and :meth:`FaithfulnessResult.summary` says "n/a".
-        fraction (float): the share of LAM cells to mask, in [0, 1].
+        fraction (float): the share of LAM cells to mask, in [0, 1] (default 0.2, as ``xlard eval`` and the
+            demo use: ``--mask-fraction``).
         random_control (bool): also mask as many random cells.
         generator (torch.Generator or a sequence of B of them, optional): for the random control; one per
             item makes each item's random cells depend on its own generator only (not on the batch it is in).
@@ -138,7 +139,7 @@ def faithfulness(
         return a Tensor[B] of finite rewards (NaN rows, rows without a reward, are kept; all-NaN is refused).
 
     Example:
-        >>> res = faithfulness(lambda z: cmd_reward(backbone.finish(z)), z0, delta, fraction=0.1)
+        >>> res = faithfulness(lambda z: cmd_reward(backbone.finish(z)), z0, delta, fraction=0.2)
         >>> print(res.summary())
     """
     fn = "faithfulness"
