@@ -784,3 +784,16 @@ def test_shapes_generation_refuses_prompts_it_would_cut_and_backbones_load_by_th
     assert backbone.guidance_scale == shapes_backbone.DEFAULT_GUIDANCE
     with pytest.raises(ValueError, match=r"negative_prompt 'a\\udc80' holds '\\udc80' at character 2"):
         DiffusersBackbone.from_pretrained("shapes", negative_prompt="a\udc80")
+
+
+def test_a_long_hub_failure_is_cut_at_a_word_and_marked():
+    """The hub's own text was cut at 300 characters mid-word and closed: "...pass 'local_files_on)"."""
+    from xlard.backbones.diffusers_backbone import unloadable_hub_model
+
+    text = "We could not connect to the hub " + "and the file was not in the cached files " * 10 + \
+        "pass 'local_files_only=False' as input."
+    message = unloadable_hub_model("someone/model", OSError(text))
+    reason = message[message.rindex("(") + 1:-1]
+    assert reason.endswith(" ...") and len(reason) <= 304
+    assert text.startswith(reason[:-4]) and text[len(reason) - 4] == " "  # whole words only
+    assert unloadable_hub_model("a/b", OSError("short")).endswith("(short)")

@@ -809,7 +809,9 @@ def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeli
     fix = ("it is not in the local cache and HF_HUB_OFFLINE is set: download it first "
            f"(`hf download {name}` with network access; `huggingface-cli download` before huggingface_hub 1.0)"
            if offline else "check the id, your network and `hf auth login` for gated models")
-    reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if len(reason) > 300:  # cut at a word, marked: "pass 'local_files_on)" read as the whole message
+        reason = reason[:300].rsplit(" ", 1)[0] + " ..."
     return f"{name!r} is not a local folder and not a loadable hub model; {fix}; or give {instead} ({reason})"
 
 
