@@ -285,6 +285,10 @@ def test_bad_corrector_dirs_give_clear_errors(tmp_path):
     ev.save_corrector_dir(run / "corrector", _corrector(), _meta())
     with pytest.raises(FileNotFoundError, match=r"looks like a training run folder: its corrector is .*run/corrector"):
         ev.load_corrector_dir(run)
+    demo = tmp_path / "demo"  # an xlard demo folder: its corrector is train/corrector (the message gave no hint)
+    ev.save_corrector_dir(demo / "train" / "corrector", _corrector(), _meta())
+    with pytest.raises(FileNotFoundError, match=r"looks like an xlard demo folder: its corrector is .*demo/train/corr"):
+        ev.load_corrector_dir(demo)
     path = ev.save_corrector_dir(tmp_path / "c", _corrector(), _meta())
     meta_file = path / ev.CORRECTOR_META_NAME
     good = json.loads(meta_file.read_text())

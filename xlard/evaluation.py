@@ -313,8 +313,11 @@ def load_corrector_dir(path: str | os.PathLike, *, device=None):
     meta_path = path / CORRECTOR_META_NAME
     if not meta_path.is_file():
         inner = path / "corrector" / CORRECTOR_META_NAME
+        demo = path / "train" / "corrector" / CORRECTOR_META_NAME
         hint = (f"; {path} looks like a training run folder: its corrector is {path / 'corrector'}"
-                if inner.is_file() else "")
+                if inner.is_file() else
+                f"; {path} looks like an xlard demo folder: its corrector is {path / 'train' / 'corrector'}"
+                if demo.is_file() else "")
         raise FileNotFoundError(f"corrector folder {path} has no {CORRECTOR_META_NAME} (a corrector folder holds "
                                 f"{expected}){hint}")
     data = _io.read_json(meta_path, owner="load_corrector_dir", what="a corrector folder's metadata")
