@@ -285,6 +285,21 @@ def test_describe_counts_the_pathwise_updates():
     assert "6 optimiser steps per pathwise step (minibatch 2 = 2 per process)" in describe(cfg)
 
 
+def test_describe_plans_only_the_work_that_runs():
+    """A run with steps 0 and reward_model image (the shipped recipe, the demo) printed a PPO plan: 8 optimiser
+    steps per PPO step, 64 decodes per step and an R_phi warm start of 4 batches, none of which runs."""
+    from xlard.train.config import describe
+
+    text = describe(config_from_dict({"steps": 0, "reward_model": "image", "rl": "ppo",
+                                      "distill": {"items_per_tag": 4}})).split("batch arithmetic:")[1]
+    assert "steps: 0: no PPO step runs" in text and "warm start: none (reward_model=image" in text
+    assert "optimiser steps" not in text and "decodes per step" not in text and "perturbed latents" not in text
+    assert text.rstrip().endswith("epochs of regression")
+    text = describe(config_from_dict({"steps": 3, "reward_model": "projector"})).split("batch arithmetic:")[1]
+    assert "optimiser steps per PPO step" in text and "perturbed latents decoded" in text
+    assert "no PPO step runs" not in text
+
+
 def test_leave_out_prompts_never_splits_a_repeated_record():
     """`xlard prompts -n` samples with repeats: one copy kept and one left out made a trained prompt 'unseen'."""
     from xlard.train.data import leave_out_prompts

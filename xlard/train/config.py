@@ -944,17 +944,26 @@ def describe(cfg: TrainConfig, world_size: int = 1) -> str:
     """The resolved config as indented JSON, followed by the batch arithmetic."""
     cfg = check_train_config("describe", cfg)
     a = batch_arithmetic(cfg, world_size)
-    lines = [json.dumps(cfg.to_dict(), indent=2, default=list), "batch arithmetic:",
-             f"  {a['items_per_step']} (prompt, seed) items x {a['group_size']} samples = "
-             f"{a['rollouts_per_step']} rollouts per step; {world_size} process(es) x {a['rollouts_per_rank']}",
-             f"  {a['updates_per_step']} optimiser steps per {'PPO' if cfg.rl == 'ppo' else 'pathwise'} step "
-             f"(minibatch {a['minibatch']} = "
-             f"{a['minibatch_per_rank']} per process)",
-             f"  decodes per step: {a['decodes_per_step']:g} "
-             + ("(reward_model=image: every rollout)" if cfg.reward_model == "image" else
-                f"(R_phi scores the policy; its refresh decodes the batch every {cfg.projector.refresh_every} step(s))"),
-             f"  warm start: {cfg.projector.warmup_batches} batches x {a['rollouts_per_step']} perturbed latents decoded"]
+    rl = "PPO" if cfg.rl == "ppo" else "pathwise"
+    lines = [json.dumps(cfg.to_dict(), indent=2, default=list), "batch arithmetic:"]
+    if cfg.steps == 0:  # the per-step plan (rollouts, optimiser steps, decodes) was printed for steps never taken
+        lines.append(f"  steps: 0: no {rl} step runs")
+    else:
+        lines += [f"  {a['items_per_step']} (prompt, seed) items x {a['group_size']} samples = "
+                  f"{a['rollouts_per_step']} rollouts per step; {world_size} process(es) x {a['rollouts_per_rank']}",
+                  f"  {a['updates_per_step']} optimiser steps per {rl} step (minibatch {a['minibatch']} = "
+                  f"{a['minibatch_per_rank']} per process)",
+                  f"  decodes per step: {a['decodes_per_step']:g} "
+                  + ("(reward_model=image: every rollout)" if cfg.reward_model == "image" else
+                     f"(R_phi scores the policy; its refresh decodes the batch every {cfg.projector.refresh_every} "
+                     f"step(s))")]
+    if cfg.reward_model == "image" and cfg.rl == "ppo":  # Trainer.warm_start returns at once: no R_phi to fit
+        lines.append("  warm start: none (reward_model=image: no R_phi to fit)")
+    else:
+        lines.append(f"  warm start: {cfg.projector.warmup_batches} batches x {a['rollouts_per_step']} perturbed "
+                     f"latents decoded")
     if cfg.distill.items_per_tag:
         lines.append(f"  distill: {cfg.distill.items_per_tag} items per tag edited into latent targets, "
-                     f"{cfg.distill.epochs} epochs of regression before the first PPO step")
+                     f"{cfg.distill.epochs} epochs of regression"
+                     + (f" before the first {rl} step" if cfg.steps else ""))
     return "\n".join(lines)
