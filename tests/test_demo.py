@@ -173,6 +173,38 @@ def test_demo_resume_keeps_the_recorded_seconds(tiny_demo):
     assert after["train"] >= before["train"] and after["total"] >= before["total"]  # not reset to this part's 0.0
 
 
+def test_an_interrupted_demo_keeps_the_seconds_it_spent(tmp_path, monkeypatch):
+    """demo.json was written with no seconds at the start and filled only at the end: a demo interrupted in its
+    evaluation, then resumed, reported the resumed part's time as the whole (its training's minutes lost)."""
+    from xlard import evaluation
+
+    out = tmp_path / "cut"
+    real = evaluation.run_evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "run_evaluation", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, steps=1, items_per_tag=1, per_tag=1, seeds=[0], quiet=True,
+                      overrides=demo_overrides())
+    cut = json.loads((out / "demo.json").read_text())
+    assert cut["complete"] is False and cut["seconds"]["train"] > 0 and "eval" in cut["seconds"]
+    assert cut["seconds"]["total"] >= cut["seconds"]["train"]
+    monkeypatch.setattr(evaluation, "run_evaluation", real)
+    assert cli_main(["demo", "--out", str(out), "--resume"] + ARGS) == 0
+    done = json.loads((out / "demo.json").read_text())
+    assert done["complete"] is True and done["seconds"]["train"] >= cut["seconds"]["train"]
+    assert done["seconds"]["total"] > cut["seconds"]["total"]
+    assert done["seconds"]["total"] >= sum(done["seconds"][k] for k in ("train", "eval", "report")) - 0.5
+
+
+def demo_overrides():
+    from xlard.train import parse_overrides
+
+    return parse_overrides([SMALL[i + 1] for i in range(0, len(SMALL), 2)])
+
+
 def test_demo_leaves_a_folder_without_demo_json_alone(tmp_path, capsys):
     out = tmp_path / "proj"
     (out / "train" / "mydata").mkdir(parents=True)

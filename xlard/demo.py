@@ -18,6 +18,7 @@ The whole method on a CPU, offline, in one command:
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import shutil
@@ -308,73 +309,82 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
         recorded = _io.read_json(summary_path, what="demo.json").get("seconds")
         if isinstance(recorded, dict):
             earlier_seconds = {k: float(v) for k, v in recorded.items() if isinstance(v, (int, float))}
-    summary: dict[str, Any] = {"settings": settings, "complete": False, "seconds": {}}
+    summary: dict[str, Any] = {"settings": settings, "complete": False, "seconds": dict(earlier_seconds)}
+    earlier_total = earlier_seconds.get("total", 0.0)
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        """Adds the phase's seconds, and this call's so far to the total, to demo.json, interrupted or not (an
+        interrupted demo recorded no seconds, so its resume reported only the part it ran)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = summary["seconds"]
+            seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 1)
+            seconds["total"] = round(earlier_total + time.perf_counter() - t_all, 1)
+            with contextlib.suppress(OSError):  # a full disk must not hide the interrupt or the error
+                _io.atomic_write_json(summary_path, summary, owner="xlard demo")
+
     _io.atomic_write_json(summary_path, summary, owner="xlard demo")
 
     # 1. Train (or pick up a finished / interrupted run).
-    t = time.perf_counter()
-    train_dir = out / "train"
-    corrector_dir = train_dir / "corrector"
-    finished = (train_dir / "summary.json").is_file() and corrector_dir.is_dir()
-    if finished and _io.read_json(train_dir / "summary.json", what="train/summary.json").get("steps") != steps:
-        finished = False
-    if not finished:
-        # Whatever the run left (a checkpoint, edit-target shards, or only its config.json after a kill right at
-        # its start) is resumed: a run that never checkpointed starts again in place.
-        again = resume and train_dir.is_dir() and any(train_dir.iterdir())
-        what = " then ".join(([f"an edit-target warm start ({items_per_tag} items per tag)"] if items_per_tag else [])
-                             + ([f"{steps} PPO steps"] if steps else []))
-        log(f"[1/3] training a corrector on the shapes training split: {what} -> {train_dir}"
-            + (" (resuming)" if again else ""))
-        # A warm start interrupted before its first checkpoint left edit-target shards: resuming reuses them.
-        train(cfg, resume=again, backbone=backbone)
-    else:
-        log(f"[1/3] training: reusing the finished run in {train_dir}")
-    summary["seconds"]["train"] = round(time.perf_counter() - t, 1)
+    with phase("train"):
+        train_dir = out / "train"
+        corrector_dir = train_dir / "corrector"
+        finished = (train_dir / "summary.json").is_file() and corrector_dir.is_dir()
+        if finished and _io.read_json(train_dir / "summary.json", what="train/summary.json").get("steps") != steps:
+            finished = False
+        if not finished:
+            # Whatever the run left (a checkpoint, edit-target shards, or only its config.json after a kill right at
+            # its start) is resumed: a run that never checkpointed starts again in place.
+            again = resume and train_dir.is_dir() and any(train_dir.iterdir())
+            what = " then ".join(([f"an edit-target warm start ({items_per_tag} items per tag)"]
+                                  if items_per_tag else []) + ([f"{steps} PPO steps"] if steps else []))
+            log(f"[1/3] training a corrector on the shapes training split: {what} -> {train_dir}"
+                + (" (resuming)" if again else ""))
+            # A warm start interrupted before its first checkpoint left edit-target shards: resuming reuses them.
+            train(cfg, resume=again, backbone=backbone)
+        else:
+            log(f"[1/3] training: reusing the finished run in {train_dir}")
 
     # 2. Paired evaluation on held-out prompts.
-    t = time.perf_counter()
-    corrector, meta = evaluation.load_corrector_dir(corrector_dir, device=device)
-    corrector.eval()
-    log(f"[2/3] evaluating base vs corrected on {len(records)} held-out records x {len(seeds)} seed(s) -> "
-        f"{out / 'eval'}")
-    report = evaluation.run_evaluation(backbone, corrector, meta, records, seeds, out=out / "eval",
-                                       faithfulness_fraction=0.2, quiet=quiet, corrector_source=str(corrector_dir),
-                                       log=log)
-    summary["seconds"]["eval"] = round(time.perf_counter() - t, 1)
+    with phase("eval"):
+        corrector, meta = evaluation.load_corrector_dir(corrector_dir, device=device)
+        corrector.eval()
+        log(f"[2/3] evaluating base vs corrected on {len(records)} held-out records x {len(seeds)} seed(s) -> "
+            f"{out / 'eval'}")
+        report = evaluation.run_evaluation(backbone, corrector, meta, records, seeds, out=out / "eval",
+                                           faithfulness_fraction=0.2, quiet=quiet, corrector_source=str(corrector_dir),
+                                           log=log)
 
     # 3. Report.
-    t = time.perf_counter()
-    log("[3/3] writing the report")
-    rows = evaluation._read_rows(out / "eval" / "pairs.jsonl")
-    cards = _pick_cards(rows, REPORT_CARDS)
-    items = _report_items(backbone, corrector, meta, reward_fn, records, cards)
-    sections = [("Held-out gains", _table_html(report))]
-    distill_curve = train_dir / "distill" / "curve.png"
-    if items_per_tag and distill_curve.is_file():
-        d = cfg.distill
-        edits = [name for name, on in (("counts", d.fix_count), ("colors", d.fix_color), ("relations", d.fix_position))
-                 if on]
-        sections.append(("Training: the edit-target warm start",
-                         f"<p>{items_per_tag} training-split samples per tag, read by the shapes understanding model "
-                         f"and edited the way their prompts ask ({', '.join(edits) or 'no edits'}); the corrector "
-                         "regressed onto the edits in latent space"
-                         + (", then through the VAE decoder" if d.decoder_epochs else "") + ".</p>"
-                         f'<img alt="warm-start curves" src="{_png_data_uri(distill_curve)}">'))
-    curve = train_dir / "curve.png"
-    if steps and curve.is_file():
-        sections.append(("Training: PPO", f'<p>{steps} PPO steps on the training split; rewards from the shapes '
-                                          f'understanding model.</p>'
-                                          f'<img alt="training curves" src="{_png_data_uri(curve)}">'))
-    from xlard.explain import write_html_report
+    with phase("report"):
+        log("[3/3] writing the report")
+        rows = evaluation._read_rows(out / "eval" / "pairs.jsonl")
+        cards = _pick_cards(rows, REPORT_CARDS)
+        items = _report_items(backbone, corrector, meta, reward_fn, records, cards)
+        sections = [("Held-out gains", _table_html(report))]
+        distill_curve = train_dir / "distill" / "curve.png"
+        if items_per_tag and distill_curve.is_file():
+            d = cfg.distill
+            edits = [name for name, on in (("counts", d.fix_count), ("colors", d.fix_color),
+                                           ("relations", d.fix_position)) if on]
+            sections.append(("Training: the edit-target warm start",
+                             f"<p>{items_per_tag} training-split samples per tag, read by the shapes understanding "
+                             f"model and edited the way their prompts ask ({', '.join(edits) or 'no edits'}); the "
+                             "corrector regressed onto the edits in latent space"
+                             + (", then through the VAE decoder" if d.decoder_epochs else "") + ".</p>"
+                             f'<img alt="warm-start curves" src="{_png_data_uri(distill_curve)}">'))
+        curve = train_dir / "curve.png"
+        if steps and curve.is_file():
+            sections.append(("Training: PPO", f'<p>{steps} PPO steps on the training split; rewards from the shapes '
+                                              f'understanding model.</p>'
+                                              f'<img alt="training curves" src="{_png_data_uri(curve)}">'))
+        from xlard.explain import write_html_report
 
-    write_html_report(out / "report.html", items, title="xlard demo: the shapes backbone, corrected",
-                      sections=sections)
-    summary["seconds"]["report"] = round(time.perf_counter() - t, 1)
-    summary["seconds"]["total"] = round(time.perf_counter() - t_all, 1)
-    for phase, seconds in earlier_seconds.items():  # a resumed demo: the time it took in all, not this part
-        if phase in summary["seconds"]:
-            summary["seconds"][phase] = round(summary["seconds"][phase] + seconds, 1)
+        write_html_report(out / "report.html", items, title="xlard demo: the shapes backbone, corrected",
+                          sections=sections)
     overall = report["table"]["overall"]
     summary.update({"complete": True, "corrector": str(corrector_dir), "eval": str(out / "eval" / "eval.json"),
                     "report": str(out / "report.html"),
