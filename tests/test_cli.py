@@ -44,6 +44,22 @@ def test_eval_images_are_taken_in_the_order_of_their_numbers(tmp_path, capsys):
     assert "files taken in the order of the numbers in their names (0.png, 1.png, ...)" in capsys.readouterr().err
 
 
+def test_prompts_keeps_an_edited_prompt_file(tmp_path, capsys):
+    """`xlard prompts OUT` replaced an existing file without a word (a hand-edited prompt set was lost); a rerun
+    with the same records still needs no flag."""
+    path = tmp_path / "p.jsonl"
+    assert cli.main(["prompts", str(path), "-n", "6"]) == 0
+    assert cli.main(["prompts", str(path), "-n", "6"]) == 0  # the same records: nothing lost
+    edited = path.read_text().replace("a photo of", "a picture of", 1)
+    path.write_text(edited)
+    capsys.readouterr()
+    assert cli.main(["prompts", str(path), "-n", "6"]) == 2
+    assert "holds other records; pass --overwrite to replace it" in capsys.readouterr().err
+    assert path.read_text() == edited
+    assert cli.main(["prompts", str(path), "-n", "6", "--overwrite"]) == 0
+    assert path.read_text() != edited
+
+
 def test_eval_errors_are_clear(tmp_path, capsys):
     assert cli.main(["eval", "--folder", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err

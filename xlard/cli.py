@@ -715,6 +715,7 @@ def _cmd_prompts(args) -> int:
         sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         sys.stdout.flush()
     else:
+        _keep_other_prompts(args, records)
         P.write_jsonl(args.out, records)
     distinct = len({r["prompt"] for r in records})
     # More records than the split has prompts: they repeat (each record still gets its own image seeds).
@@ -723,6 +724,21 @@ def _cmd_prompts(args) -> int:
     print(f"wrote {len(records)} {args.split} records to {'stdout' if to_stdout else args.out}{repeats}",
           file=sys.stderr if to_stdout else sys.stdout)
     return 0
+
+
+def _keep_other_prompts(args, records: list[dict]) -> None:
+    """``xlard prompts OUT`` replaces an existing ``OUT`` only with ``--overwrite``, or when it already holds these
+    very records (a rerun): a hand-edited prompt set was replaced without a word."""
+    path = Path(args.out)
+    if args.overwrite or not path.is_file():
+        return
+    try:
+        same = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] == records
+    except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON lines: not these records
+        same = False
+    if not same:
+        raise UsageError(f"OUT: {args.out} exists and holds other records; pass --overwrite to replace it, or "
+                         f"give another file")
 
 
 def _check_renderable(records: Sequence[dict], flag: str) -> None:
@@ -970,6 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sample this many records balanced over tags (0: all; at most {MAX_RECORDS})")
     p.add_argument("--seed", type=seed_type, default=0,
                    help="which records -n samples (the split itself is fixed: the one xlard trains on)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT that holds other records (a rerun with the same records needs none)")
     p.set_defaults(func=_cmd_prompts)
 
     p = sub.add_parser("render", help="ground-truth renders of a prompt set, in GenEval's folder layout")
