@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -874,7 +876,23 @@ def test_a_run_of_a_user_backbone_resumes_with_another_instance_of_it(shapes, re
     assert again["table"] == first["table"]
     stored = json.loads((tmp_path / "e" / "run.json").read_text())["backbone"]
     assert stored.endswith("Mine") and "0x" not in stored
-    assert ev._backbone_identity(shapes) == repr(shapes)  # a backbone with its own repr keeps it
+    # a backbone with its own repr keeps it, with where its pipeline came from (two models of one pipeline class
+    # had one identity: a resume on the other model mixed their pairs in one table)
+    assert ev._backbone_identity(shapes).startswith(repr(shapes) + " from /")
+
+
+def test_the_backbone_identity_names_the_model_folder(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_pipelines as TP
+
+    from xlard.backbones import DiffusersBackbone
+
+    a = DiffusersBackbone.from_pretrained(str(TP.tiny_sd_pipeline(tmp_path / "a")), num_inference_steps=2)
+    b = DiffusersBackbone.from_pretrained(str(TP.tiny_sd_pipeline(tmp_path / "b")), num_inference_steps=2)
+    assert repr(a) == repr(b) and ev._backbone_identity(a) != ev._backbone_identity(b)
+    monkeypatch.chdir(tmp_path)
+    relative = DiffusersBackbone.from_pretrained("a", num_inference_steps=2)
+    assert ev._backbone_identity(relative) == ev._backbone_identity(a)  # the same folder, however named
 
 
 def test_saved_images_of_an_unfinished_paired_run_are_refused_by_eval_folder(shapes, records, tmp_path, monkeypatch,

@@ -5,6 +5,7 @@ the file stays CI-sized; what is checked is behaviour, not learning.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -335,6 +336,37 @@ def test_tiny_diffusers_families(tmp_path, family):
         assert (meta.sampler["height"], meta.sampler["width"]) == want_size == (loaded.height, loaded.width)
     assert meta.sampler["max_sequence_length"] == options.get("max_sequence_length", loaded.family.max_sequence_length)
     assert loaded.family.max_sequence_length == meta.sampler["max_sequence_length"]
+
+
+def test_a_corrector_records_where_its_relative_backbone_was(tmp_path, monkeypatch):
+    """Trained with backbone.name "sd" (a folder in the current folder), the corrector recorded "sd": eval from
+    another folder loaded whatever ./sd was there (or failed with the hub's own words, exit 1)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_pipelines as TP
+
+    from xlard import evaluation as ev
+    from xlard.train import train
+
+    work = tmp_path / "work"
+    folder = TP.tiny_sd_pipeline(work / "sd")
+    prompts = work / "prompts.jsonl"
+    prompts.write_text(json.dumps({"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [],
+                                   "prompt": "a photo of two cats"}) + "\n")
+    monkeypatch.chdir(work)
+    cfg = tiny_config(Path("run"), steps=1, backbone={"name": "sd", "guidance_scale": 2.0},
+                      data={"prompts": "prompts.jsonl", "max_prompts": None, "monitor_size": 0})
+    summary = train(cfg)
+    corrector, meta = ev.load_corrector_dir(work / summary["corrector"])
+    assert meta.backbone == str(folder.resolve()) and meta.training["run"] == str((work / "run").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sd").mkdir(parents=True)  # another ./sd: not what the corrector was trained on
+    monkeypatch.chdir(elsewhere)
+    assert ev.load_backbone_for(meta, corrector=corrector).pipeline.name_or_path == str(folder.resolve())
+    old = dataclasses.replace(meta, backbone="gone")  # a corrector exported before: the name alone
+    with pytest.raises(ValueError, match=r"^the corrector's backbone \(recorded in its xlard_corrector.json\): "
+                                         r"'gone' is not a local folder and not a loadable hub model.*\(a relative "
+                                         r"folder is read from the current folder"):
+        ev.load_backbone_for(old, corrector=corrector)
 
 
 @needs_shapes

@@ -468,23 +468,40 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
     if torch_dtype not in dtypes.values():
         raise ValueError(f"load_backbone_for: dtype must be float32, bfloat16 or float16 (a torch dtype or its "
                          f"name), got {dtype!r}")
+    from xlard._args import model_location
+    from xlard.backbones.diffusers_backbone import unloadable_hub_model
+
     name = backbone or meta.backbone
-    if name == "shapes":
+    # errors name where the backbone came from (they said "model_id_or_path", or passed on the hub's own text)
+    origin = "backbone" if backbone else f"the corrector's backbone (recorded in its {CORRECTOR_META_NAME})"
+    relative = "" if backbone or os.path.isabs(str(name)) or name == "shapes" else \
+        " (a relative folder is read from the current folder; give the backbone explicitly, e.g. --backbone)"
+    if name == "shapes" and not os.path.exists("shapes"):  # as from_pretrained: a ./shapes folder comes first
         from xlard.shapes import backbone as shapes_backbone
 
         folder = shapes_backbone.backbone_path()
         if not shapes_backbone.is_available(folder):
             raise FileNotFoundError(shapes_backbone.not_installed())
         name = str(folder)
+    try:
+        name = model_location(origin, name, "model_index.json", "a diffusers pipeline folder", ", 'shapes'")
+    except (OSError, ValueError) as exc:
+        raise type(exc)(f"{exc}{relative}") from None
     sampler = getattr(meta, "sampler", None) or {}
     # the image size and negative prompt any pipeline takes; the T5 length only where the pipeline has one (set
     # on the loaded family, as from_pretrained does: another family is then named by check_corrector_fits)
     geometry = {k: sampler[k] for k in ("height", "width", "negative_prompt") if sampler.get(k) is not None}
-    loaded = DiffusersBackbone.from_pretrained(
-        name, correction_step=meta.correction_step,
-        num_inference_steps=num_inference_steps or meta.num_inference_steps,
-        guidance_scale=meta.guidance_scale if guidance_scale is None else guidance_scale,
-        capture=False, device=device, torch_dtype=torch_dtype, **geometry)
+    try:
+        loaded = DiffusersBackbone.from_pretrained(
+            name, correction_step=meta.correction_step,
+            num_inference_steps=num_inference_steps or meta.num_inference_steps,
+            guidance_scale=meta.guidance_scale if guidance_scale is None else guidance_scale,
+            capture=False, device=device, torch_dtype=torch_dtype, **geometry)
+    except OSError as exc:  # not a local folder: the hub could not give it (offline, unknown id, gated)
+        if os.path.isdir(name):  # a local folder's own failure says what it is
+            raise
+        raise ValueError(f"{origin}: {unloadable_hub_model(name, exc, 'a pipeline folder or shapes')}{relative}") \
+            from None
     if sampler.get("max_sequence_length") is not None and loaded.family.max_sequence_length is not None:
         loaded.family.max_sequence_length = int(sampler["max_sequence_length"])
     if corrector is not None:
@@ -1130,11 +1147,17 @@ def _records_digest(records: Sequence[Mapping]) -> str:
 
 def _backbone_identity(backbone) -> str:
     """What ``run.json`` records of the backbone, the same in every process: its own ``repr`` when its class
-    defines one (``DiffusersBackbone``: model and settings), else its class's qualified name (object's default
-    ``repr`` holds a memory address, so a run of a user's ``Backbone`` subclass could never resume)."""
+    defines one (``DiffusersBackbone``: model and settings, plus the folder or hub id its pipeline came from),
+    else its class's qualified name (object's default ``repr`` holds a memory address, so a run of a user's
+    ``Backbone`` subclass could never resume)."""
     cls = type(backbone)
     if cls.__repr__ is object.__repr__:
         return f"{cls.__module__}.{cls.__qualname__}"
+    # where its weights came from (the repr names the pipeline class only: a run resumed on another model of
+    # that class mixed the two models' pairs in one table, without a word)
+    source = getattr(getattr(backbone, "pipeline", None), "name_or_path", None)
+    if isinstance(source, str) and source:
+        return f"{backbone!r} from {os.path.abspath(source) if os.path.isdir(source) else source}"
     return repr(backbone)
 
 
@@ -1390,9 +1413,16 @@ def _corrector_from_args(args):
 
 
 def _backbone_from_args(args, corrector, meta):
-    return load_backbone_for(meta, backbone=getattr(args, "backbone", None), device=getattr(args, "device", None),
-                             corrector=corrector, num_inference_steps=getattr(args, "steps", None) or None,
-                             guidance_scale=getattr(args, "guidance", None), dtype=getattr(args, "dtype", None))
+    try:
+        return load_backbone_for(meta, backbone=getattr(args, "backbone", None),
+                                 device=getattr(args, "device", None), corrector=corrector,
+                                 num_inference_steps=getattr(args, "steps", None) or None,
+                                 guidance_scale=getattr(args, "guidance", None), dtype=getattr(args, "dtype", None))
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:  # the flag, not the API's argument name
+        text = str(exc)
+        if text.startswith("backbone: "):
+            raise type(exc)("--backbone: " + text[len("backbone: "):]) from None
+        raise
 
 
 def parse_seeds(text: str | Sequence[int] | None, default: int = 0) -> list[int]:

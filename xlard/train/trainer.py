@@ -287,6 +287,15 @@ def _check_given_backbone(backbone, settings) -> None:
                          "config's settings: build the backbone with them, or set them in the config")
 
 
+def _absolute_folder(value):
+    """``value`` as an absolute path when it names an existing local folder (the backbone or a reward model loaded
+    from a relative folder), else as it is ("shapes", a hub id, a number): an exported corrector recorded
+    "sdxl" and was then loaded from whatever ./sdxl the current folder held."""
+    if isinstance(value, str) and value and (value != "shapes" or os.path.exists("shapes")) and os.path.isdir(value):
+        return os.path.abspath(value)
+    return value
+
+
 class Trainer:
     """Owns a run: models, optimisers, data, buffer, logging and checkpoints.
 
@@ -1274,15 +1283,15 @@ class Trainer:
         bb = self.backbone
         alpha, calibration, calibration_se = self.calibrate_alpha(corrector)
         meta = CorrectorMeta(
-            backbone=self.cfg.backbone.name, correction_step=float(bb.correction_step),
+            backbone=_absolute_folder(self.cfg.backbone.name), correction_step=float(bb.correction_step),
             alpha=alpha, num_inference_steps=int(bb.num_inference_steps),
             guidance_scale=float(bb.guidance_scale),
             # what the backbone says (None for a T5 length or negative prompt is a setting; not for the rest)
             sampler={k: v for k, v in sampler_of(bb).items()
                      if v is not None or k in ("max_sequence_length", "negative_prompt")},
-            training={"run": str(self.out), "step": int(self.step), "ema": self.ema is not None,
+            training={"run": str(Path(self.out).absolute()), "step": int(self.step), "ema": self.ema is not None,
                       "reward_source": getattr(self.reward_fn, "source_name", None),
-                      "reward_options": self._reward_options(),
+                      "reward_options": {k: _absolute_folder(v) for k, v in self._reward_options().items()},
                       "reward_bind_color": self.cfg.reward.bind_color,
                       "training_alpha": float(corrector.config.alpha),
                       **({"left_out_fraction": float(self.cfg.data.leave_out),
