@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from xlard import cli
+from xlard.shapes import backbone as shapes_backbone
 
 
 def test_prompts_render_eval_round_trip(tmp_path, capsys):
@@ -39,7 +40,7 @@ def test_eval_images_are_taken_in_the_order_of_their_numbers(tmp_path, capsys):
         shutil.copy(out / f"{i:05d}" / "samples" / "0000.png", flat / f"{i}.png")
     summary = tmp_path / "s.json"
     capsys.readouterr()
-    assert cli.main(["eval", "--prompts", str(prompts), "--images", str(flat), "--json", str(summary)]) == 0
+    assert cli.main(["eval", "--prompts", str(prompts), "--images", str(flat), "--json", str(summary), "--quiet"]) == 0
     assert json.loads(summary.read_text())["overall"] == 1.0
     assert "files taken in the order of the numbers in their names (0.png, 1.png, ...)" in capsys.readouterr().err
 
@@ -98,7 +99,13 @@ def test_generate_and_eval_with_a_diffusers_backbone(tmp_path, capsys):
     assert cli.main(["eval", "--backbone", str(folder), "--prompts", str(prompts), "--steps", "2",
                      "--out", str(tmp_path / "eval"), "--quiet"]) == 0
     assert (tmp_path / "eval" / "00000" / "samples" / "0000.png").is_file()
-    assert "overall" in capsys.readouterr().out  # a random tiny model draws nothing: the table still prints
+    captured = capsys.readouterr()
+    assert "overall" in captured.out  # a random tiny model draws nothing: the table still prints
+    # ... with a note that the exact evaluator judges the shapes world only (a table of zeros read as a verdict)
+    assert "note: the exact evaluator judges images of the shapes world" in captured.err
+    from xlard.evaluation import other_world_note
+
+    assert other_world_note("shapes") is None and other_world_note(shapes_backbone.backbone_path()) is None
 
 
 def test_shapes_backbone_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -902,6 +902,11 @@ def _cmd_eval(args) -> int:
         if backbone is not None:
             backbone.check_prompts([records[i]["prompt"] for i in todo],
                                    lambda k: f"--prompts: {args.prompts} record {todo[k]}")
+        from xlard.evaluation import other_world_note
+
+        note = other_world_note(backbone if backbone is not None else args.backbone)
+        if note:  # a note, as the unknown-word ones: shown under --quiet too
+            print(note, file=sys.stderr)
         _start_output_folder(args, out, "--out", settings, owned)
         if resuming:
             print(f"resuming: reusing {len(records) - len(todo)} of {len(records)} prompt folders in {out}",
@@ -930,7 +935,7 @@ def _cmd_eval(args) -> int:
             raise UsageError(f"--images: {args.images} holds {len(images)} PNG files for {len(records)} records "
                              "(one image per record, in the order of the numbers in their names)")
         by_number = sorted(images, key=_number_order)  # 2.png before 10.png: by text, record 2 was judged on 10.png
-        if by_number != images and not args.quiet:
+        if by_number != images:  # a note, shown under --quiet too
             print(f"note: --images: files taken in the order of the numbers in their names ({by_number[0].name}, "
                   f"{by_number[1].name}, ...), not by text ({images[0].name}, {images[1].name}, ...)",
                   file=sys.stderr)

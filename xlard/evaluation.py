@@ -1412,6 +1412,25 @@ def _corrector_from_args(args):
     return corrector, meta, source
 
 
+def other_world_note(source) -> str | None:
+    """A note when ``source`` (a backbone, or the name or folder it is loaded from) is not the shapes world's
+    backbone: the exact evaluator judges shapes-world images only, and a table of zeros on another model's images
+    read as a verdict on the corrector. None for the shapes backbone."""
+    from xlard.shapes import backbone as shapes_backbone
+
+    name = getattr(getattr(source, "pipeline", None), "name_or_path", source)
+    if name == "shapes" and not os.path.exists("shapes"):
+        return None
+    try:
+        if os.path.isdir(str(name)) and os.path.samefile(str(name), shapes_backbone.backbone_path()):
+            return None
+    except OSError:
+        pass
+    return ("note: the exact evaluator judges images of the shapes world (its four shapes and ten colors on a "
+            "flat background); on another backbone's images its table says little about the model or the "
+            "corrector (docs/evaluation.md)")
+
+
 def _backbone_from_args(args, corrector, meta):
     try:
         return load_backbone_for(meta, backbone=getattr(args, "backbone", None),
@@ -1476,6 +1495,9 @@ def run_eval_cli(args) -> int:
     corrector, meta, source = _corrector_from_args(args)
     backbone = _backbone_from_args(args, corrector, meta)
     backbone.check_prompts([r["prompt"] for r in records], lambda i: f"--prompts: {args.prompts} record {i}")
+    note = other_world_note(backbone)
+    if note:  # a note, as the training-split one below: shown under --quiet too
+        print(note, file=sys.stderr)
     if meta.backbone == "shapes":  # a table on training prompts is no held-out measurement: say so
         seen = P.split_membership(records).count("train")
         if seen:
