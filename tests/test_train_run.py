@@ -338,6 +338,18 @@ def test_tiny_diffusers_families(tmp_path, family):
     assert loaded.family.max_sequence_length == meta.sampler["max_sequence_length"]
 
 
+def test_float16_on_the_cpu_is_refused_as_generate_refuses_it(tmp_path):
+    """A config's dtype float16 with the device set to the CPU trained in float16 on the CPU without a word, while
+    `xlard generate` and `xlard eval` refuse --dtype float16 there."""
+    from xlard.train.trainer import load_backbone
+
+    for device in ("cpu", "auto"):
+        cfg = tiny_config(tmp_path / "run", steps=1, backbone={"dtype": "float16", "device": device})
+        with pytest.raises(ValueError, match=r"backbone.dtype: float16 runs on a GPU, and this run's device is the "
+                                             r"CPU .*--set backbone.dtype=float32"):
+            load_backbone(cfg.backbone, torch.device("cpu"))
+
+
 def test_a_corrector_records_where_its_relative_backbone_was(tmp_path, monkeypatch):
     """Trained with backbone.name "sd" (a folder in the current folder), the corrector recorded "sd": eval from
     another folder loaded whatever ./sd was there (or failed with the hub's own words, exit 1)."""

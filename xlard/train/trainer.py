@@ -96,6 +96,10 @@ def load_backbone(settings, device: torch.device, reward=None):
     """
     from xlard.backbones import DiffusersBackbone
 
+    if settings.dtype == "float16" and torch.device(device).type == "cpu":  # as generate and eval refuse it
+        raise ValueError(f"train config backbone.dtype: float16 runs on a GPU, and this run's device is the CPU "
+                         f"(backbone.device {settings.device!r}); on the CPU use float32 or bfloat16 "
+                         f"(--set backbone.dtype=float32)")
     dtype = getattr(torch, settings.dtype)
     kwargs: dict[str, Any] = {"correction_step": settings.correction_step, "torch_dtype": dtype, "device": device,
                               **settings.options}
