@@ -42,7 +42,12 @@ def test_eval_images_are_taken_in_the_order_of_their_numbers(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["eval", "--prompts", str(prompts), "--images", str(flat), "--json", str(summary), "--quiet"]) == 0
     assert json.loads(summary.read_text())["overall"] == 1.0
-    assert "files taken in the order of the numbers in their names (0.png, 1.png, ...)" in capsys.readouterr().err
+    assert ("files taken in the order of the numbers in their names: record 2 is 2.png (by text it would be "
+            "10.png)") in capsys.readouterr().err
+    from pathlib import Path
+
+    odd = [Path(n) for n in ("²3.png", "1²2.png", "b.png", "a10.png", "a9.png")]  # superscripts are no numbers
+    assert [p.name for p in sorted(odd, key=cli._number_order)] == ["1²2.png", "a9.png", "a10.png", "b.png", "²3.png"]
 
 
 def test_prompts_keeps_an_edited_prompt_file(tmp_path, capsys):
@@ -59,6 +64,9 @@ def test_prompts_keeps_an_edited_prompt_file(tmp_path, capsys):
     assert path.read_text() == edited
     assert cli.main(["prompts", str(path), "-n", "6", "--overwrite"]) == 0
     assert path.read_text() != edited
+    empty = tmp_path / "empty.jsonl"  # e.g. made by mktemp: nothing to lose
+    empty.write_text("")
+    assert cli.main(["prompts", str(empty), "-n", "6"]) == 0 and empty.read_text() == path.read_text()
 
 
 def test_eval_errors_are_clear(tmp_path, capsys):

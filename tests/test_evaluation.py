@@ -876,12 +876,14 @@ def test_a_run_of_a_user_backbone_resumes_with_another_instance_of_it(shapes, re
     assert again["table"] == first["table"]
     stored = json.loads((tmp_path / "e" / "run.json").read_text())["backbone"]
     assert stored.endswith("Mine") and "0x" not in stored
-    # a backbone with its own repr keeps it, with where its pipeline came from (two models of one pipeline class
-    # had one identity: a resume on the other model mixed their pairs in one table)
-    assert ev._backbone_identity(shapes).startswith(repr(shapes) + " from /")
+    assert ev._backbone_identity(shapes) == repr(shapes)  # a backbone with its own repr keeps it
+    assert ev._backbone_source(shapes) == "shapes" and ev._backbone_source(Mine()) is None
 
 
-def test_the_backbone_identity_names_the_model_folder(tmp_path, monkeypatch):
+def test_the_run_records_which_model_it_ran(tmp_path, monkeypatch):
+    """Two models of one pipeline class had one identity in run.json: a paired run resumed on the other model mixed
+    both models' pairs in one table. The folder (or hub id) is recorded beside it; a folder from before, without
+    it, still resumes."""
     sys.path.insert(0, str(Path(__file__).parent))
     import tiny_pipelines as TP
 
@@ -889,10 +891,30 @@ def test_the_backbone_identity_names_the_model_folder(tmp_path, monkeypatch):
 
     a = DiffusersBackbone.from_pretrained(str(TP.tiny_sd_pipeline(tmp_path / "a")), num_inference_steps=2)
     b = DiffusersBackbone.from_pretrained(str(TP.tiny_sd_pipeline(tmp_path / "b")), num_inference_steps=2)
-    assert repr(a) == repr(b) and ev._backbone_identity(a) != ev._backbone_identity(b)
+    assert repr(a) == repr(b) and ev._backbone_source(a) != ev._backbone_source(b)
     monkeypatch.chdir(tmp_path)
     relative = DiffusersBackbone.from_pretrained("a", num_inference_steps=2)
-    assert ev._backbone_identity(relative) == ev._backbone_identity(a)  # the same folder, however named
+    assert ev._backbone_source(relative) == ev._backbone_source(a) == str((tmp_path / "a").resolve())
+    (tmp_path / "shapes").mkdir()  # a ./shapes folder: "shapes" still names the shapes world's own backbone
+    assert ev.other_world_note("shapes") is None
+    if shapes_backbone.is_available():  # the shipped corrector failed there: "shapes has no model_index.json"
+        assert ev._backbone_source(ev.load_backbone_for(_meta())) == "shapes"
+
+
+def test_a_paired_run_resumes_only_on_the_model_it_ran(shapes, records, tmp_path):
+    kwargs = dict(seeds=[0], out=tmp_path / "e", quiet=True, faithfulness_fraction=None, num_resamples=10)
+    first = ev.run_evaluation(shapes, _corrector(), _meta(), records[:2], **kwargs)
+    run = tmp_path / "e" / "run.json"
+    stored = json.loads(run.read_text())
+    assert stored["backbone_source"] == "shapes"
+    stored["backbone_source"] = "/somewhere/else"
+    run.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"different backbone_source: backbone_source: the folder's "
+                                         r"\"/somewhere/else\", now \"shapes\""):
+        ev.run_evaluation(shapes, _corrector(), _meta(), records[:2], **kwargs)
+    del stored["backbone_source"]  # written before the key existed
+    run.write_text(json.dumps(stored))
+    assert ev.run_evaluation(shapes, _corrector(), _meta(), records[:2], **kwargs)["table"] == first["table"]
 
 
 def test_saved_images_of_an_unfinished_paired_run_are_refused_by_eval_folder(shapes, records, tmp_path, monkeypatch,

@@ -376,9 +376,16 @@ def test_a_corrector_records_where_its_relative_backbone_was(tmp_path, monkeypat
     assert ev.load_backbone_for(meta, corrector=corrector).pipeline.name_or_path == str(folder.resolve())
     old = dataclasses.replace(meta, backbone="gone")  # a corrector exported before: the name alone
     with pytest.raises(ValueError, match=r"^the corrector's backbone \(recorded in its xlard_corrector.json\): "
-                                         r"'gone' is not a local folder and not a loadable hub model.*\(a relative "
-                                         r"folder is read from the current folder"):
+                                         r"'gone' is not a local folder and not a loadable hub model.*\(if that names a "
+                                         r"folder relative to where the corrector was trained, run from there"):
         ev.load_backbone_for(old, corrector=corrector)
+    with pytest.raises(ValueError, match=r"^backbone: 'bad name' is neither a local folder nor a valid hub id"):
+        ev.load_backbone_for(meta, backbone="bad name")  # the hub's own HFValidationError text, unnamed, before
+    from xlard.train.trainer import _absolute_folder
+
+    (elsewhere / "shapes").mkdir()  # "shapes" is the shapes world's backbone whatever ./shapes holds
+    assert _absolute_folder("shapes") == "shapes" and _absolute_folder("sd") == str((elsewhere / "sd").resolve())
+    assert _absolute_folder("org/model") == "org/model" and _absolute_folder(3) == 3
 
 
 @needs_shapes

@@ -311,6 +311,15 @@ def looks_like_path(name: str) -> bool:
             or (os.sep != "/" and os.sep in name))
 
 
+def short_reason(exc_or_text, limit: int = 300) -> str:
+    """An exception's (or a text's) words on one line, at most ``limit`` characters, cut at a word and marked with
+    " ..." (a library's long message cut mid-word read as its whole text: "pass 'local_files_on)")."""
+    text = " ".join(str(exc_or_text).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def model_location(who: str, name, marker: str, kind: str, others: str = "") -> str:
     """What to load for a "hub id or local folder" argument, checked before any loading.
 

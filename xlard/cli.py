@@ -733,9 +733,10 @@ def _keep_other_prompts(args, records: list[dict]) -> None:
     if args.overwrite or not path.is_file():
         return
     try:
-        same = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] == records
+        text = path.read_text(encoding="utf-8")
+        same = not text.strip() or [json.loads(line) for line in text.splitlines() if line.strip()] == records
     except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON lines: not these records
-        same = False
+        same = False  # (an empty file, e.g. made by mktemp, holds nothing to lose)
     if not same:
         raise UsageError(f"OUT: {args.out} exists and holds other records; pass --overwrite to replace it, or "
                          f"give another file")
@@ -936,9 +937,9 @@ def _cmd_eval(args) -> int:
                              "(one image per record, in the order of the numbers in their names)")
         by_number = sorted(images, key=_number_order)  # 2.png before 10.png: by text, record 2 was judged on 10.png
         if by_number != images:  # a note, shown under --quiet too
-            print(f"note: --images: files taken in the order of the numbers in their names ({by_number[0].name}, "
-                  f"{by_number[1].name}, ...), not by text ({images[0].name}, {images[1].name}, ...)",
-                  file=sys.stderr)
+            at = next(i for i, (a, b) in enumerate(zip(by_number, images)) if a != b)
+            print(f"note: --images: files taken in the order of the numbers in their names: record {at} is "
+                  f"{by_number[at].name} (by text it would be {images[at].name})", file=sys.stderr)
         images = by_number
         results = []
         for path, record in _progress(list(zip(images, records)), len(records), "eval", args.quiet):
@@ -957,7 +958,7 @@ def _number_order(path: Path) -> tuple:
     """Sort key of a file name with its digit runs read as numbers: ``2.png`` before ``10.png``, ``img_9`` before
     ``img_10``; zero-padded names keep their order."""
     parts = re.split(r"(\d+)", path.name)
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts if p) + (path.name,)
+    return tuple((0, int(p), "") if p.isdecimal() else (1, 0, p) for p in parts if p) + (path.name,)
 
 
 def _output_folder_options(p) -> None:
@@ -1033,7 +1034,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score images with the exact shapes-world evaluator")
     p.add_argument("--folder", help="a GenEval output folder (<index>/metadata.jsonl + samples/*.png)")
     p.add_argument("--prompts", help="GenEval JSONL records (with --images)")
-    p.add_argument("--images", help="a folder of PNGs, one per record in sorted order (with --prompts)")
+    p.add_argument("--images", help="a folder of PNGs, one per record, in the order of the numbers in their names "
+                                    "(2.png before 10.png; with --prompts)")
     p.add_argument("--results", help="write per-image results (JSONL) here")
     p.add_argument("--json", help="write the summary table (JSON) here")
     p.add_argument("--out", help="with --backbone: where generated images go (GenEval layout; default xlard-eval)")

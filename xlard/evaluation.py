@@ -475,8 +475,8 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
     # errors name where the backbone came from (they said "model_id_or_path", or passed on the hub's own text)
     origin = "backbone" if backbone else f"the corrector's backbone (recorded in its {CORRECTOR_META_NAME})"
     relative = "" if backbone or os.path.isabs(str(name)) or name == "shapes" else \
-        " (a relative folder is read from the current folder; give the backbone explicitly, e.g. --backbone)"
-    if name == "shapes" and not os.path.exists("shapes"):  # as from_pretrained: a ./shapes folder comes first
+        " (if that names a folder relative to where the corrector was trained, run from there or give the backbone)"
+    if name == "shapes":  # the shapes world's own backbone, as the CLI and the trainer read the name
         from xlard.shapes import backbone as shapes_backbone
 
         folder = shapes_backbone.backbone_path()
@@ -497,9 +497,12 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
             num_inference_steps=num_inference_steps or meta.num_inference_steps,
             guidance_scale=meta.guidance_scale if guidance_scale is None else guidance_scale,
             capture=False, device=device, torch_dtype=torch_dtype, **geometry)
-    except OSError as exc:  # not a local folder: the hub could not give it (offline, unknown id, gated)
-        if os.path.isdir(name):  # a local folder's own failure says what it is
-            raise
+    except (OSError, ValueError) as exc:  # not a local folder: the hub could not give it (offline, unknown id, gated)
+        if os.path.isdir(name) or not (isinstance(exc, OSError) or type(exc).__name__ == "HFValidationError"):
+            raise  # a local folder's own failure, or a setting's, says what it is
+        if type(exc).__name__ == "HFValidationError":
+            raise ValueError(f"{origin}: {name!r} is neither a local folder nor a valid hub id (org/name){relative}") \
+                from None
         raise ValueError(f"{origin}: {unloadable_hub_model(name, exc, 'a pipeline folder or shapes')}{relative}") \
             from None
     if sampler.get("max_sequence_length") is not None and loaded.family.max_sequence_length is not None:
@@ -1145,19 +1148,28 @@ def _records_digest(records: Sequence[Mapping]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _backbone_source(backbone) -> str | None:
+    """Where the backbone's weights came from, for ``run.json``: "shapes" for the shapes world's (wherever it is
+    installed), a local folder as its real path, else the hub id; None for a backbone without a pipeline. The
+    identity above names the pipeline class only: a run resumed on another model of that class mixed the two
+    models' pairs in one table, without a word."""
+    from xlard.sources import _is_shapes_backbone
+
+    if _is_shapes_backbone(backbone):
+        return "shapes"
+    source = getattr(getattr(backbone, "pipeline", None), "name_or_path", None)
+    if not isinstance(source, str) or not source:
+        return None
+    return os.path.realpath(source) if os.path.isdir(source) else source
+
+
 def _backbone_identity(backbone) -> str:
     """What ``run.json`` records of the backbone, the same in every process: its own ``repr`` when its class
-    defines one (``DiffusersBackbone``: model and settings, plus the folder or hub id its pipeline came from),
-    else its class's qualified name (object's default ``repr`` holds a memory address, so a run of a user's
-    ``Backbone`` subclass could never resume)."""
+    defines one (``DiffusersBackbone``: model and settings), else its class's qualified name (object's default
+    ``repr`` holds a memory address, so a run of a user's ``Backbone`` subclass could never resume)."""
     cls = type(backbone)
     if cls.__repr__ is object.__repr__:
         return f"{cls.__module__}.{cls.__qualname__}"
-    # where its weights came from (the repr names the pipeline class only: a run resumed on another model of
-    # that class mixed the two models' pairs in one table, without a word)
-    source = getattr(getattr(backbone, "pipeline", None), "name_or_path", None)
-    if isinstance(source, str) and source:
-        return f"{backbone!r} from {os.path.abspath(source) if os.path.isdir(source) else source}"
     return repr(backbone)
 
 
@@ -1302,7 +1314,8 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
         raise ValueError(_err(fn, f"out {out} exists and is not a folder"))
     settings = {
         "corrector": corrector_source, "corrector_meta": meta.to_dict(), "corrector_sha256": _corrector_digest(corrector),
-        "backbone": _backbone_identity(backbone), "correction_step": meta.correction_step, "alpha": meta.alpha,
+        "backbone": _backbone_identity(backbone), "backbone_source": _backbone_source(backbone),
+        "correction_step": meta.correction_step, "alpha": meta.alpha,
         "records": len(records), "records_sha256": _records_digest(records), "seeds": seeds,
         "faithfulness_fraction": faithfulness_fraction, "save_images": bool(save_images),
     }
@@ -1320,7 +1333,8 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
         # The corrector's path is informational: the same weights (digest) under another path may resume.
         current = _io.json_safe(settings)  # as written: NaN is stored as null
         differ = sorted(k for k in set(previous) | set(current)
-                        if k != "corrector" and previous.get(k) != current.get(k))
+                        if k != "corrector" and previous.get(k) != current.get(k)
+                        and not (k == "backbone_source" and k not in previous))  # a folder from before 2026-12-07
         if differ:
             def shown(value) -> str:
                 text = json.dumps(value, sort_keys=True)
@@ -1331,6 +1345,12 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
                 if isinstance(old, dict) and isinstance(new, dict):  # the keys inside that differ, not a cut prefix
                     inner = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                     old, new = {k: old.get(k) for k in inner}, {k: new.get(k) for k in inner}
+                if isinstance(old, str) and isinstance(new, str) and max(len(old), len(new)) > 88:
+                    # long strings (the backbone's repr) from a little before where they part: their 87-character
+                    # prefixes printed the same
+                    at = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+                    start = max(0, at - 20)
+                    old, new = (("..." if start else "") + old[start:], ("..." if start else "") + new[start:])
                 return f"{key}: the folder's {shown(old)}, now {shown(new)}"
 
             # the values too: the backbone is recorded as one line (pipeline, size, device, dtype), and a --dtype
@@ -1416,16 +1436,10 @@ def other_world_note(source) -> str | None:
     """A note when ``source`` (a backbone, or the name or folder it is loaded from) is not the shapes world's
     backbone: the exact evaluator judges shapes-world images only, and a table of zeros on another model's images
     read as a verdict on the corrector. None for the shapes backbone."""
-    from xlard.shapes import backbone as shapes_backbone
+    from xlard.sources import _is_shapes_backbone
 
-    name = getattr(getattr(source, "pipeline", None), "name_or_path", source)
-    if name == "shapes" and not os.path.exists("shapes"):
+    if _is_shapes_backbone(source):
         return None
-    try:
-        if os.path.isdir(str(name)) and os.path.samefile(str(name), shapes_backbone.backbone_path()):
-            return None
-    except OSError:
-        pass
     return ("note: the exact evaluator judges images of the shapes world (its four shapes and ten colors on a "
             "flat background); on another backbone's images its table says little about the model or the "
             "corrector (docs/evaluation.md)")

@@ -79,7 +79,7 @@ from typing import Any
 
 import torch
 
-from xlard._args import as_device, is_finite_real, model_location
+from xlard._args import as_device, is_finite_real, model_location, short_reason
 from xlard._optional import require
 from xlard.backbones.base import (Backbone, BackboneState, Decoded, PromptEmbedding, Seed, _as_prompt_list,
                                   check_correction_step, correction_index, generator_states, make_generators,
@@ -809,9 +809,7 @@ def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeli
     fix = ("it is not in the local cache and HF_HUB_OFFLINE is set: download it first "
            f"(`hf download {name}` with network access; `huggingface-cli download` before huggingface_hub 1.0)"
            if offline else "check the id, your network and `hf auth login` for gated models")
-    reason = " ".join(str(exc).split()) or type(exc).__name__
-    if len(reason) > 300:  # cut at a word, marked: "pass 'local_files_on)" read as the whole message
-        reason = reason[:300].rsplit(" ", 1)[0] + " ..."
+    reason = short_reason(exc) or type(exc).__name__
     return f"{name!r} is not a local folder and not a loadable hub model; {fix}; or give {instead} ({reason})"
 
 
@@ -1131,7 +1129,7 @@ class DiffusersBackbone(Backbone):
                 pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)
             except (KeyError, AttributeError, TypeError, json.JSONDecodeError) as exc:  # a malformed folder
                 raise ValueError(f"model_id_or_path: {model_id_or_path} could not be loaded as a diffusers "
-                                 f"pipeline ({type(exc).__name__}: {str(exc)[:300]})") from exc
+                                 f"pipeline ({type(exc).__name__}: {short_reason(exc)})") from exc
         if unexpected:  # diffusers ignores them with a warning (hidden at our log level): a misspelt option
             raise ValueError(f"DiffusersBackbone.from_pretrained: {unexpected[0]}; check their spelling (this "
                              "backbone's own options: correction_step, num_inference_steps, guidance_scale, "

@@ -66,8 +66,9 @@ def _pluralize_word(word: str) -> str:
         return word
     if word in _IRREGULAR_PLURALS:
         return _IRREGULAR_PLURALS[word]
-    if word in _IRREGULAR_SINGULARS or word in _known_plural_words() or _reads_plural(word):
-        return word  # already a plural ("mice", "zebras", "dogs", "boxes"): pluralizing it again gave "dogses"
+    if word in _IRREGULAR_SINGULARS or word in _known_plural_words():
+        return word  # a known plural ("mice", "zebras", "dogs"): pluralizing it again gave "dogses"; other words
+        # ending in -s are read as singular ("thermos", "bus"), as the contract says
     return _rule_plural(word)
 
 
@@ -84,15 +85,6 @@ def _known_plural_words() -> frozenset[str]:
     """The plural last words of the known nouns ("zebras", "pizzas": "-as" words read as singular otherwise)."""
     last = {noun.split()[-1] for noun in KNOWN_NOUNS}
     return frozenset(_IRREGULAR_PLURALS.get(w, _rule_plural(w)) for w in last if w not in _UNINFLECTED) - last
-
-
-def _reads_plural(word: str) -> bool:
-    """Whether a word outside the tables reads as an English plural: "-es" ("boxes"), or "-s" after a consonant,
-    "o" or "y" ("dogs", "photos", "toys"). Singular "-s" words end in "ss", "us", "is" or "as" ("glass", "bus",
-    "iris", "bias"); the few others ("lens", "gas", "canvas") are in the irregular table."""
-    if len(word) < 3 or not word.endswith("s") or word.endswith("ss"):
-        return False
-    return word.endswith("es") or word[-2] not in "aiu"
 
 
 def _singularize_word(word: str) -> str:
@@ -117,8 +109,8 @@ def pluralize(noun: str) -> str:
 
     Returns:
         Its plural: "teddy bears", "knives", "buses"; uninflected nouns
-        ("sheep", "skis", "scissors") and words that are plural already
-        ("dogs", "mice", "boxes") come back unchanged.
+        ("sheep", "skis", "scissors") and the plurals of known nouns
+        ("dogs", "mice", "zebras") come back unchanged.
 
     Raises:
         TypeError: ``noun`` is not a string.

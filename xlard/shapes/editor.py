@@ -141,7 +141,8 @@ class EditedBatch:
     Attributes:
         images (Tensor[B, 3, H, W] float32 in [0, 1]): the edited images.
         changed (Tensor[B, H, W] bool): pixels the editor painted.
-        actions (list[list[str]]): per image, what was changed, in words.
+        actions (list[list[str]]): per image, what was changed, in words (and "unplaced N shape(s): no room left" for
+            asked objects there was no free place for).
     """
 
     images: torch.Tensor

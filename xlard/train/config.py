@@ -754,7 +754,9 @@ _MAX_DEPTH = 64
 
 def _parse_failure(e: BaseException) -> str:
     """Why a config file did not parse, in one line."""
-    return "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:300]
+    from xlard._args import short_reason  # (xlard._args imports torch: not at the module's import)
+
+    return "nested too deeply" if isinstance(e, RecursionError) else short_reason(e)
 
 
 def _plain(value: Any, where: str, depth: int = 0) -> Any:

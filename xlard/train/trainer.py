@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from xlard import _io, sources
+from xlard._args import short_reason
 from xlard.models import LatentRewardProjector, ResidualCorrector, aspect_weights
 from xlard.prompts import from_geneval
 from xlard.train import checkpoint as ckpt
@@ -132,7 +133,7 @@ def load_backbone(settings, device: torch.device, reward=None):
         if settings.name == "shapes":  # damaged weights: diffusers' own text, exit 1, no advice
             from xlard.shapes import backbone as shapes_backbone
 
-            reason = " ".join(str(exc).split())[:300]
+            reason = short_reason(exc)
             raise ValueError(f"backbone.name 'shapes': it could not be loaded ({reason}); "
                              f"{shapes_backbone.not_installed()}") from None
         if Path(path).expanduser().is_dir():
@@ -292,12 +293,14 @@ def _check_given_backbone(backbone, settings) -> None:
 
 
 def _absolute_folder(value):
-    """``value`` as an absolute path when it names an existing local folder (the backbone or a reward model loaded
-    from a relative folder), else as it is ("shapes", a hub id, a number): an exported corrector recorded
-    "sdxl" and was then loaded from whatever ./sdxl the current folder held."""
-    if isinstance(value, str) and value and (value != "shapes" or os.path.exists("shapes")) and os.path.isdir(value):
-        return os.path.abspath(value)
-    return value
+    """``value`` as an absolute real path when it names an existing local folder (a backbone or a reward model
+    loaded from a relative folder), else as it is ("shapes", the shapes world's own backbone whatever ./shapes
+    holds; a hub id; a number): an exported corrector recorded "sdxl" and was then loaded from whatever ./sdxl the
+    current folder held."""
+    if not isinstance(value, str) or not value or value == "shapes":
+        return value
+    folder = os.path.expanduser(value)
+    return os.path.realpath(folder) if os.path.isdir(folder) else value
 
 
 class Trainer:
@@ -757,7 +760,8 @@ class Trainer:
         build_seconds = data.pop("build_seconds")
         if build_seconds is None:
             build_seconds = time.perf_counter() - t0
-        edited = sum(1 for a in data["actions"] if a)
+        # "unplaced ...: no room left" says what the editor could not do: no edit
+        edited = sum(1 for a in data["actions"] if any(not str(x).startswith("unplaced ") for x in a))
         reader_stats = {}
         if reader:
             self._say(f"distill: fitting the corrector's latent reader ({d.reader_epochs} epochs)")
@@ -1210,7 +1214,7 @@ class Trainer:
             self.corrector.load_state_dict(state["corrector"])
             self.projector.load_state_dict(state["projector"])
         except (RuntimeError, KeyError, TypeError) as exc:  # another architecture's (or a foreign) checkpoint
-            reason = " ".join(str(exc).split())[:300]
+            reason = short_reason(exc)
             raise ValueError(f"--resume: {path} holds models of another shape than this run's config builds "
                              f"(a checkpoint of another run?): {reason}") from None
         self.policy_opt.load_state_dict(state["policy_opt"])
@@ -1293,9 +1297,10 @@ class Trainer:
             # what the backbone says (None for a T5 length or negative prompt is a setting; not for the rest)
             sampler={k: v for k, v in sampler_of(bb).items()
                      if v is not None or k in ("max_sequence_length", "negative_prompt")},
-            training={"run": str(Path(self.out).absolute()), "step": int(self.step), "ema": self.ema is not None,
+            training={"run": os.path.realpath(self.out), "step": int(self.step), "ema": self.ema is not None,
                       "reward_source": getattr(self.reward_fn, "source_name", None),
-                      "reward_options": {k: _absolute_folder(v) for k, v in self._reward_options().items()},
+                      "reward_options": {k: _absolute_folder(v) if k in ("model", "path", "tokenizer") else v
+                                         for k, v in self._reward_options().items()},  # the sources' folders
                       "reward_bind_color": self.cfg.reward.bind_color,
                       "training_alpha": float(corrector.config.alpha),
                       **({"left_out_fraction": float(self.cfg.data.leave_out),
