@@ -338,6 +338,39 @@ def test_tiny_diffusers_families(tmp_path, family):
     assert loaded.family.max_sequence_length == meta.sampler["max_sequence_length"]
 
 
+@needs_shapes
+def test_a_resume_reads_the_prompts_and_models_the_run_started_with(tmp_path, shapes, monkeypatch):
+    """A resume after the prompt file was rewritten, or with $XLARD_SHAPES_UNDERSTANDING naming another reward
+    model, went on without a word: one run mixed two prompt sets or two rewards."""
+    import shutil
+
+    from xlard.shapes import prompts as P
+    from xlard.shapes.understanding import model_path
+    from xlard.train import train
+
+    train_records = P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)["train"]
+    prompts = tmp_path / "p.jsonl"
+    P.write_jsonl(prompts, P.sample_records(train_records, 12, seed=0))
+    out = tmp_path / "run"
+    cfg = tiny_config(out, steps=1, data={"prompts": str(prompts), "max_prompts": None})
+    train(cfg, backbone=shapes)
+    state = load_checkpoint(latest_checkpoint(out))
+    assert set(state["inputs"]["models"]) == {"backbone", "reward"}
+    P.write_jsonl(prompts, P.sample_records(train_records, 12, seed=1))  # regenerated with another seed
+    with pytest.raises(ValueError, match=r"--resume: .*ckpt-00000001.pt was trained on other inputs: the prompt "
+                                         r"records of data.prompts \(.*p.jsonl\) changed since the run started"):
+        train(cfg, resume=True, backbone=shapes)
+    P.write_jsonl(prompts, P.sample_records(train_records, 12, seed=0))
+    other = tmp_path / "understanding"
+    shutil.copytree(model_path(), other)
+    (other / "NOTES.txt").write_text("retrained")
+    monkeypatch.setenv("XLARD_SHAPES_UNDERSTANDING", str(other))
+    with pytest.raises(ValueError, match=r"other inputs: the reward model's files \(.*understanding\) changed"):
+        train(cfg, resume=True, backbone=shapes)
+    monkeypatch.delenv("XLARD_SHAPES_UNDERSTANDING")
+    assert train(cfg, resume=True, backbone=shapes)["steps"] == 1  # its own files back: it resumes
+
+
 def test_float16_on_the_cpu_is_refused_as_generate_refuses_it(tmp_path):
     """A config's dtype float16 with the device set to the CPU trained in float16 on the CPU without a word, while
     `xlard generate` and `xlard eval` refuse --dtype float16 there."""

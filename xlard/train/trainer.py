@@ -30,6 +30,7 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import hashlib
 import importlib.util
 import json
 import math
@@ -303,6 +304,26 @@ def _absolute_folder(value):
     return os.path.realpath(folder) if os.path.isdir(folder) else value
 
 
+def _records_sha256(records) -> str:
+    """A digest of prompt records (as the trainer read them)."""
+    text = "\n".join(json.dumps(r, sort_keys=True, default=str) for r in records)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _folder_fingerprint(folder) -> str | None:
+    """A digest of a model folder's files: names, sizes and, for files up to 64 MiB, contents (a real model's
+    gigabytes are named by size alone: reading them at every start would take minutes). None: no such folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+        if size <= 64 << 20:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
 class Trainer:
     """Owns a run: models, optimisers, data, buffer, logging and checkpoints.
 
@@ -464,6 +485,10 @@ class Trainer:
 
         self.resume_requested = bool(resume)
         self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
+        # what the run reads besides its config: a resume on other prompts or other models went on without a word
+        self.inputs = {"records_sha256": _records_sha256(all_records),
+                       "monitor_records_sha256": _records_sha256(monitor_records or []),
+                       "models": {k: _folder_fingerprint(v) for k, v in self._model_folders().items()}}
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.log = None
@@ -1189,7 +1214,7 @@ class Trainer:
             "projector_opt": self.projector_opt.state_dict(), "scheduler": self.scheduler.state_dict(),
             "ema": None if self.ema is None else self.ema.shadow, "reward_stats": self.reward_stats.state_dict(),
             "data_position": self.data.position(self.step), "rank_state": gathered,
-            "reward_options": self._reward_options(),
+            "reward_options": self._reward_options(), "inputs": self.inputs,
         }
         path = ckpt.save_atomic(state, ckpt.checkpoint_path(self.out, self.step))
         for _, old in ckpt.list_checkpoints(self.out)[:-self.cfg.log.keep_checkpoints]:
@@ -1207,9 +1232,52 @@ class Trainer:
             raise ValueError(f"--resume: {path} was written by {state.get('world_size')} process(es); resume with the "
                              f"same number (got {self.world}) so every process gets its buffer back")
 
+    def _model_folders(self) -> dict[str, str]:
+        """The local folders of the models the run reads: the backbone, the reward source's model (the shapes
+        understanding model, a CLIP folder) and the latent eyes of a count rule that reads the latent."""
+        folders: dict[str, str] = {}
+        where = getattr(getattr(self.backbone, "pipeline", None), "name_or_path", None)
+        if isinstance(where, str) and os.path.isdir(where):
+            folders["backbone"] = where
+        options = dict(self.cfg.reward.options)
+        name = getattr(self.reward_fn, "source_name", None)
+        if name == "shapes" and not isinstance(options.get("model"), torch.nn.Module):
+            from xlard.shapes.understanding import model_path
+
+            folders["reward"] = str(model_path(options.get("path")))
+        elif isinstance(options.get("model"), str) and os.path.isdir(os.path.expanduser(options["model"])):
+            folders["reward"] = os.path.expanduser(options["model"])
+        config = self.corrector.config
+        if (config.count_edit or config.count_move) and getattr(config, "count_eyes", "decoded") == "latent":
+            from xlard.shapes.latent_eyes import latent_model_path
+
+            folders["latent_eyes"] = str(latent_model_path())
+        return folders
+
+    def _check_inputs(self, path: Path, state: dict) -> None:
+        """A resume reads the prompts and models the run started with (a checkpoint written before 2026-12-07
+        records none: not checked)."""
+        stored = state.get("inputs")
+        if not isinstance(stored, dict):
+            return
+        what = {"records_sha256": f"the prompt records of data.prompts ({self.cfg.data.prompts})",
+                "monitor_records_sha256": f"the monitor's records (data.monitor_prompts: "
+                                          f"{self.cfg.data.monitor_prompts})"}
+        changed = [text for key, text in what.items() if stored.get(key) != self.inputs[key]]
+        old_models = stored.get("models") if isinstance(stored.get("models"), dict) else {}
+        changed += [f"the {key.replace('_', ' ')} model's files ({folder})"
+                    for key, folder in self._model_folders().items()
+                    if key in old_models and old_models[key] != self.inputs["models"].get(key)]
+        if changed:
+            raise ValueError(f"--resume: {path} was trained on other inputs: {'; '.join(changed)} changed since the "
+                             "run started (a resumed run on them would mix two runs); give the run its files back "
+                             "(an environment variable such as XLARD_SHAPES_UNDERSTANDING may name another model), or "
+                             "start a new run")
+
     def _load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, map_location="cpu")
         self._check_world_size(path, state)
+        self._check_inputs(path, state)
         try:
             self.corrector.load_state_dict(state["corrector"])
             self.projector.load_state_dict(state["projector"])
