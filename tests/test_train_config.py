@@ -300,6 +300,12 @@ def test_describe_plans_only_the_work_that_runs():
     assert "no PPO step runs" not in text
 
 
+def test_an_unbounded_range_reads_open():
+    """"must be a finite number in (0.0, inf]" contradicted itself."""
+    with pytest.raises(ValueError, match=r"optim\.lr must be a finite number in \(0\.0, inf\), got 'abc'"):
+        config_from_dict({"optim": {"lr": "abc"}})
+
+
 def test_leave_out_prompts_never_splits_a_repeated_record():
     """`xlard prompts -n` samples with repeats: one copy kept and one left out made a trained prompt 'unseen'."""
     from xlard.train.data import leave_out_prompts

@@ -62,7 +62,8 @@ def _real(owner, name, value, low=-math.inf, high=math.inf, low_open=False, high
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        # an infinite bound is open: "in (0.0, inf]" contradicted "finite"
+        lo, hi = "(" if low_open or math.isinf(low) else "[", ")" if high_open or math.isinf(high) else "]"
         _fail(owner, name, f"a finite number in {lo}{low}, {high}{hi}", value)
 
 
