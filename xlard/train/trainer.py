@@ -813,8 +813,11 @@ class Trainer:
         if self.ema is not None:  # the EMA starts from the distilled weights
             self.ema = _EMA(self.corrector, self.cfg.optim.ema)
         self.distilled, self.distill_stats = True, stats
+        r2 = stats["val_r2"]  # NaN: the held-back items' targets are all zero (too few items, or none edited)
+        explained = (f"{r2:.3f}" if math.isfinite(r2) else
+                     "n/a (the held-back items ask for no change: too few items, or none edited)")
         self._say(f"distill: {edited} of {len(items)} samples edited; fit {stats['epochs']} epochs, explained "
-                  f"variance on held-back items {stats['val_r2']:.3f} ({stats['seconds']:.0f}s fit, "
+                  f"variance on held-back items {explained} ({stats['seconds']:.0f}s fit, "
                   f"{build_seconds:.0f}s targets)")
         return stats
 
