@@ -82,7 +82,7 @@ def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, pr
     On training-split items; ``moved`` only with ``latent_move``.
     """
     from xlard.shapes import evaluator as E
-    from xlard.shapes.editor import edit_images, edit_targets, move_latents
+    from xlard.shapes.editor import changed_something, edit_images, edit_targets, move_latents
     from xlard.shapes.understanding import load_model
     from xlard.train import config_from_dict
     from xlard.train.data import Item, balanced_pairs, load_records
@@ -120,7 +120,7 @@ def measure(per_tag: int, edit_config, seed_base: int = 100, batch: int = 32, pr
                 shifted, _ = move_latents(z0, maps.shape_probs, maps.color_probs, state.specs,
                                           model.config.shapes, margin=edit_config.margin)
                 judged.append(("moved", backbone.decode(state, shifted).images))
-        edited_count += sum(1 for a in edited.actions if a)
+        edited_count += sum(1 for a in edited.actions if changed_something(a))  # "unplaced ..." is no edit
         recs = [it.record for it in chunk]
         for key, imgs in judged:
             verdicts[key] += [bool(v.correct) for v in E.evaluate(imgs, recs)]

@@ -899,6 +899,12 @@ def test_the_run_records_which_model_it_ran(tmp_path, monkeypatch):
     assert ev.other_world_note("shapes") is None
     if shapes_backbone.is_available():  # the shipped corrector failed there: "shapes has no model_index.json"
         assert ev._backbone_source(ev.load_backbone_for(_meta())) == "shapes"
+        import shutil
+
+        copy = tmp_path / "retrained"  # what $XLARD_SHAPES_BACKBONE may name: another model, not "shapes"
+        shutil.copytree(shapes_backbone.DEFAULT_PATH, copy)
+        monkeypatch.setenv("XLARD_SHAPES_BACKBONE", str(copy))
+        assert ev._backbone_source(ev.load_backbone_for(_meta())) == str(copy.resolve())
 
 
 def test_a_paired_run_resumes_only_on_the_model_it_ran(shapes, records, tmp_path):

@@ -357,15 +357,28 @@ def test_a_resume_reads_the_prompts_and_models_the_run_started_with(tmp_path, sh
     state = load_checkpoint(latest_checkpoint(out))
     assert set(state["inputs"]["models"]) == {"backbone", "reward"}
     P.write_jsonl(prompts, P.sample_records(train_records, 12, seed=1))  # regenerated with another seed
+    from xlard.train import trainer as T
+
+    real_load = T.load_backbone
+    monkeypatch.setattr(T, "load_backbone", lambda *a, **k: pytest.fail("the prompts are checked before the load"))
     with pytest.raises(ValueError, match=r"--resume: .*ckpt-00000001.pt was trained on other inputs: the prompt "
                                          r"records of data.prompts \(.*p.jsonl\) changed since the run started"):
-        train(cfg, resume=True, backbone=shapes)
+        train(cfg, resume=True)
+    monkeypatch.setattr(T, "load_backbone", real_load)
     P.write_jsonl(prompts, P.sample_records(train_records, 12, seed=0))
     other = tmp_path / "understanding"
     shutil.copytree(model_path(), other)
-    (other / "NOTES.txt").write_text("retrained")
+    (other / "NOTES.md").write_text("a report beside the weights")  # no model file: no change
+    (other / ".cache").mkdir()
+    (other / ".cache" / "config.json").write_text("{}")  # a hub cache's metadata: no model file either
+    from xlard.train.trainer import _folder_fingerprint
+
+    assert _folder_fingerprint(other) == _folder_fingerprint(model_path())
     monkeypatch.setenv("XLARD_SHAPES_UNDERSTANDING", str(other))
-    with pytest.raises(ValueError, match=r"other inputs: the reward model's files \(.*understanding\) changed"):
+    (other / "config.json").write_text((other / "config.json").read_text() + "\n")  # another model's config
+    with pytest.raises(ValueError, match=r"other inputs: the reward model's files \(.*understanding\) changed "
+                                         r"since the run started .*\$XLARD_SHAPES_UNDERSTANDING names another reward "
+                                         r"model"):
         train(cfg, resume=True, backbone=shapes)
     monkeypatch.delenv("XLARD_SHAPES_UNDERSTANDING")
     assert train(cfg, resume=True, backbone=shapes)["steps"] == 1  # its own files back: it resumes
@@ -409,8 +422,8 @@ def test_a_corrector_records_where_its_relative_backbone_was(tmp_path, monkeypat
     assert ev.load_backbone_for(meta, corrector=corrector).pipeline.name_or_path == str(folder.resolve())
     old = dataclasses.replace(meta, backbone="gone")  # a corrector exported before: the name alone
     with pytest.raises(ValueError, match=r"^the corrector's backbone \(recorded in its xlard_corrector.json\): "
-                                         r"'gone' is not a local folder and not a loadable hub model.*\(if that names a "
-                                         r"folder relative to where the corrector was trained, run from there"):
+                                         r"'gone' is not a local folder and not a loadable hub model.*"
+                                         r"\(if that names a folder relative to where the corrector was trained"):
         ev.load_backbone_for(old, corrector=corrector)
     with pytest.raises(ValueError, match=r"^backbone: 'bad name' is neither a local folder nor a valid hub id"):
         ev.load_backbone_for(meta, backbone="bad name")  # the hub's own HFValidationError text, unnamed, before

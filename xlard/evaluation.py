@@ -1153,14 +1153,15 @@ def _backbone_source(backbone) -> str | None:
     installed), a local folder as its real path, else the hub id; None for a backbone without a pipeline. The
     identity above names the pipeline class only: a run resumed on another model of that class mixed the two
     models' pairs in one table, without a word."""
-    from xlard.sources import _is_shapes_backbone
+    from xlard.shapes import backbone as shapes_backbone
 
-    if _is_shapes_backbone(backbone):
-        return "shapes"
     source = getattr(getattr(backbone, "pipeline", None), "name_or_path", None)
     if not isinstance(source, str) or not source:
         return None
-    return os.path.realpath(source) if os.path.isdir(source) else source
+    if not os.path.isdir(source):
+        return source  # a hub id
+    real = os.path.realpath(source)  # "shapes" only for the installed one: $XLARD_SHAPES_BACKBONE may name another
+    return "shapes" if real == os.path.realpath(shapes_backbone.DEFAULT_PATH) else real
 
 
 def _backbone_identity(backbone) -> str:
@@ -1337,7 +1338,7 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
                         and not (k == "backbone_source" and k not in previous))  # a folder from before 2026-12-07
         if differ:
             def shown(value) -> str:
-                text = json.dumps(value, sort_keys=True)
+                text = json.dumps(value, sort_keys=True, ensure_ascii=False)  # a path's own letters, not \uXXXX
                 return text if len(text) <= 90 else text[:87] + "..."
 
             def difference(key) -> str:
@@ -1345,7 +1346,7 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
                 if isinstance(old, dict) and isinstance(new, dict):  # the keys inside that differ, not a cut prefix
                     inner = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                     old, new = {k: old.get(k) for k in inner}, {k: new.get(k) for k in inner}
-                if isinstance(old, str) and isinstance(new, str) and max(len(old), len(new)) > 88:
+                if isinstance(old, str) and isinstance(new, str) and max(len(shown(old)), len(shown(new))) >= 90:
                     # long strings (the backbone's repr) from a little before where they part: their 87-character
                     # prefixes printed the same
                     at = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))

@@ -48,9 +48,8 @@ from xlard.models import copy_cells, move_sources, relation_cells, relation_targ
 
 from .world import BACKGROUND, PALETTE, SHAPES, shape_mask
 
-__all__ = ["EditConfig", "EditedBatch", "edit_image", "edit_images", "edit_targets", "find_objects", "move_latents",
-           "move_plan", "MovedBatch",
-           "RELAYOUT_ORDER"]
+__all__ = ["EditConfig", "EditedBatch", "changed_something", "edit_image", "edit_images", "edit_targets",
+           "find_objects", "move_latents", "move_plan", "MovedBatch", "RELAYOUT_ORDER"]
 
 
 @dataclass(frozen=True)
@@ -694,6 +693,12 @@ class MovedBatch:
     actions: list[list[str]] = field(default_factory=list)
     labels: torch.Tensor | None = None
     shifts: torch.Tensor | None = None
+
+
+def changed_something(actions: Sequence[str]) -> bool:
+    """Whether one image's editor actions changed it: "unplaced N circle(s): no room left" says what the editor
+    could not do, not an edit (the trainer and the edit-ceiling script count edited items with it)."""
+    return any(not str(a).startswith("unplaced ") for a in actions)
 
 
 def move_latents(z0: torch.Tensor, shape_probs: torch.Tensor, color_probs: torch.Tensor, specs: Sequence[Any],

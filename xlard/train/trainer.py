@@ -310,19 +310,39 @@ def _records_sha256(records) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+#: The files of a model folder its loaders read (weights, configs, tokenizers), what a resume's check hashes: reports,
+#: locks, caches and notes beside them (an evaluation script rewriting eval_heldout.json in the shapes backbone's
+#: folder, huggingface_hub's .cache/ metadata) change without the model changing.
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".model", ".tiktoken")
+_MODEL_FILE_NAMES = ("config.json", "model_index.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                     "merges.txt", "vocab.txt", "special_tokens_map.json", "added_tokens.json",
+                     "generation_config.json", "scheduler_config.json", "preprocessor_config.json")
+
+
 def _folder_fingerprint(folder) -> str | None:
-    """A digest of a model folder's files: names, sizes and, for files up to 64 MiB, contents (a real model's
+    """A digest of a model folder's model files (:data:`_MODEL_FILE_NAMES`, :data:`_MODEL_FILE_SUFFIXES`; none under
+    a hidden folder or ``__pycache__``): names, sizes and, for files up to 64 MiB, contents (a real model's
     gigabytes are named by size alone: reading them at every start would take minutes). None: no such folder."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        size = path.stat().st_size
-        h.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
-        if size <= 64 << 20:
-            h.update(hashlib.sha256(path.read_bytes()).digest())
+    for path in sorted(folder.rglob("*")):
+        parts = path.relative_to(folder).parts
+        if any(p.startswith(".") or p == "__pycache__" for p in parts) or not (
+                path.name in _MODEL_FILE_NAMES or path.suffix in _MODEL_FILE_SUFFIXES):
+            continue
+        try:
+            if not path.is_file():
+                continue
+            size = path.stat().st_size
+            h.update(f"{'/'.join(parts)}\0{size}\0".encode())
+            if size <= 64 << 20:
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+        except OSError:  # unreadable: named as such (the loader will say why, if it needs the file)
+            h.update(f"{'/'.join(parts)}\0unreadable\0".encode())
     return h.hexdigest()
+
 
 class Trainer:
     """Owns a run: models, optimisers, data, buffer, logging and checkpoints.
@@ -397,6 +417,12 @@ class Trainer:
                                balance=cfg.data.balance, items_per_tag=cfg.data.items_per_tag)
         monitor_records = self._monitor_records()
         self._check_config_only()
+        # what the run reads besides its config (a resume on other prompts or other models went on without a
+        # word); the prompts are compared now, before the backbone loads, the models in _load
+        self.inputs = {"records_sha256": _records_sha256(all_records),
+                       "monitor_records_sha256": _records_sha256(monitor_records or []), "models": {}}
+        if self._newest is not None:
+            self._check_inputs(*self._newest, models=False)
         self.backbone = backbone if backbone is not None else load_backbone(cfg.backbone, self.device, cfg.reward)
         self.reward_fn = build_reward_fn(cfg.reward, self.backbone)
         self._check_records(all_records, f"data.prompts: {cfg.data.prompts}")
@@ -485,10 +511,7 @@ class Trainer:
 
         self.resume_requested = bool(resume)
         self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
-        # what the run reads besides its config: a resume on other prompts or other models went on without a word
-        self.inputs = {"records_sha256": _records_sha256(all_records),
-                       "monitor_records_sha256": _records_sha256(monitor_records or []),
-                       "models": {k: _folder_fingerprint(v) for k, v in self._model_folders().items()}}
+        self.inputs["models"] = {k: _folder_fingerprint(v) for k, v in self._model_folders().items()}
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.log = None
@@ -502,6 +525,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
 
     def _check_folder(self, resume: bool) -> None:
+        self._newest = None  # (path, state) of the newest checkpoint a resume continues from
         other = _io.other_run(self.out, "train")
         if other is not None:
             raise ValueError(f"{self.out} holds the outputs of `xlard {other}`; a training run there would mix its "
@@ -520,6 +544,7 @@ class Trainer:
                                  "pass --resume to continue the run that wrote them, or choose another --out")
         # the newest checkpoint's small entries (its tensors memory-mapped, not read), before the backbone loads
         newest = ckpt.load_checkpoint(have[-1][1], mmap=True) if resume and have else None
+        self._newest = (have[-1][1], newest) if newest is not None else None  # its inputs: checked in _setup
         if newest is not None:
             self._check_world_size(have[-1][1], newest)
         old = None
@@ -785,8 +810,9 @@ class Trainer:
         build_seconds = data.pop("build_seconds")
         if build_seconds is None:
             build_seconds = time.perf_counter() - t0
-        # "unplaced ...: no room left" says what the editor could not do: no edit
-        edited = sum(1 for a in data["actions"] if any(not str(x).startswith("unplaced ") for x in a))
+        from xlard.shapes.editor import changed_something
+
+        edited = sum(1 for a in data["actions"] if changed_something(a))  # "unplaced ...: no room left" is no edit
         reader_stats = {}
         if reader:
             self._say(f"distill: fitting the corrector's latent reader ({d.reader_epochs} epochs)")
@@ -813,9 +839,11 @@ class Trainer:
         if self.ema is not None:  # the EMA starts from the distilled weights
             self.ema = _EMA(self.corrector, self.cfg.optim.ema)
         self.distilled, self.distill_stats = True, stats
-        r2 = stats["val_r2"]  # NaN: the held-back items' targets are all zero (too few items, or none edited)
-        explained = (f"{r2:.3f}" if math.isfinite(r2) else
-                     "n/a (the held-back items ask for no change: too few items, or none edited)")
+        r2 = stats["val_r2"]
+        explained = f"{r2:.3f}" if math.isfinite(r2) else "n/a (" + (
+            "no items held back: distill.val_fraction 0" if not self.cfg.distill.val_fraction else
+            "the fit diverged" if not math.isfinite(stats.get("val_mse", 0.0)) else
+            "the held-back items ask for no change: too few items, or none edited") + ")"
         self._say(f"distill: {edited} of {len(items)} samples edited; fit {stats['epochs']} epochs, explained "
                   f"variance on held-back items {explained} ({stats['seconds']:.0f}s fit, "
                   f"{build_seconds:.0f}s targets)")
@@ -1257,9 +1285,9 @@ class Trainer:
             folders["latent_eyes"] = str(latent_model_path())
         return folders
 
-    def _check_inputs(self, path: Path, state: dict) -> None:
-        """A resume reads the prompts and models the run started with (a checkpoint written before 2026-12-07
-        records none: not checked)."""
+    def _check_inputs(self, path: Path, state: dict, models: bool = True) -> None:
+        """A resume reads the prompts and (``models``) the model files the run started with (a checkpoint written
+        before 2026-12-07 records none: not checked)."""
         stored = state.get("inputs")
         if not isinstance(stored, dict):
             return
@@ -1268,14 +1296,17 @@ class Trainer:
                                           f"{self.cfg.data.monitor_prompts})"}
         changed = [text for key, text in what.items() if stored.get(key) != self.inputs[key]]
         old_models = stored.get("models") if isinstance(stored.get("models"), dict) else {}
-        changed += [f"the {key.replace('_', ' ')} model's files ({folder})"
-                    for key, folder in self._model_folders().items()
-                    if key in old_models and old_models[key] != self.inputs["models"].get(key)]
+        variables = {"backbone": "XLARD_SHAPES_BACKBONE", "reward": "XLARD_SHAPES_UNDERSTANDING",
+                     "latent_eyes": "XLARD_SHAPES_LATENT_EYES"}
+        models = [key for key in (self._model_folders() if models else ()) if key in old_models and
+                  old_models[key] != self.inputs["models"].get(key)]
+        changed += [f"the {key.replace('_', ' ')} model's files ({self._model_folders()[key]})" for key in models]
         if changed:
+            hint = "; ".join(f"${variables[key]} names another {key.replace('_', ' ')} model" for key in models
+                             if variables[key] in os.environ)
             raise ValueError(f"--resume: {path} was trained on other inputs: {'; '.join(changed)} changed since the "
-                             "run started (a resumed run on them would mix two runs); give the run its files back "
-                             "(an environment variable such as XLARD_SHAPES_UNDERSTANDING may name another model), or "
-                             "start a new run")
+                             "run started (a resumed run on them would mix two runs)" + (f" ({hint})" if hint else "")
+                             + "; give the run its files back, or start a new run")
 
     def _load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, map_location="cpu")
