@@ -26,7 +26,6 @@ A corrector distilled from these targets can at best reach the ``latent`` row.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
