@@ -405,12 +405,9 @@ def _load_backbone(args):
     except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing model as either
         if Path(target).is_dir():
             raise UsageError(f"--backbone: {args.backbone} could not be loaded: {_one_line(exc)}") from None
-        if type(exc).__name__ == "HFValidationError":
-            raise UsageError(f"--backbone: {args.backbone!r} is neither a local folder nor a valid hub id "
-                             "(org/name); give a pipeline folder, 'shapes' or a hub id") from None
-        from xlard.backbones.diffusers_backbone import unloadable_hub_model
+        from xlard.backbones.diffusers_backbone import hub_load_failure
 
-        raise UsageError(f"--backbone: {unloadable_hub_model(args.backbone, exc)}") from None
+        raise UsageError(f"--backbone: {hub_load_failure(args.backbone, exc)}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -469,7 +469,7 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
         raise ValueError(f"load_backbone_for: dtype must be float32, bfloat16 or float16 (a torch dtype or its "
                          f"name), got {dtype!r}")
     from xlard._args import model_location
-    from xlard.backbones.diffusers_backbone import unloadable_hub_model
+    from xlard.backbones.diffusers_backbone import hub_load_failure
 
     name = backbone or meta.backbone
     # errors name where the backbone came from (they said "model_id_or_path", or passed on the hub's own text)
@@ -500,11 +500,7 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
     except (OSError, ValueError) as exc:  # not a local folder: the hub could not give it (offline, unknown id, gated)
         if os.path.isdir(name) or not (isinstance(exc, OSError) or type(exc).__name__ == "HFValidationError"):
             raise  # a local folder's own failure, or a setting's, says what it is
-        if type(exc).__name__ == "HFValidationError":
-            raise ValueError(f"{origin}: {name!r} is neither a local folder nor a valid hub id (org/name){relative}") \
-                from None
-        raise ValueError(f"{origin}: {unloadable_hub_model(name, exc, 'a pipeline folder or shapes')}{relative}") \
-            from None
+        raise ValueError(f"{origin}: {hub_load_failure(name, exc)}{relative}") from None
     if sampler.get("max_sequence_length") is not None and loaded.family.max_sequence_length is not None:
         loaded.family.max_sequence_length = int(sampler["max_sequence_length"])
     if corrector is not None:

@@ -813,6 +813,15 @@ def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeli
     return f"{name!r} is not a local folder and not a loadable hub model; {fix}; or give {instead} ({reason})"
 
 
+def hub_load_failure(name: str, exc: BaseException, instead: str = "a pipeline folder or 'shapes'") -> str:
+    """Why a name that is no local folder failed to load, for the CLI's ``--backbone`` and a corrector's backbone
+    (after they name the argument): a name the hub refuses outright (``HFValidationError``), else
+    :func:`unloadable_hub_model`."""
+    if type(exc).__name__ == "HFValidationError":
+        return f"{name!r} is neither a local folder nor a valid hub id (org/name); give {instead} or a hub id"
+    return unloadable_hub_model(name, exc, instead)
+
+
 def _check_model_index(location: str, early_class_check: bool = True, given: Any = ()) -> None:
     """A local pipeline folder's ``model_index.json`` must be a JSON object naming its pipeline class (``{}``, a
     list or an unknown class failed deep in diffusers with a KeyError or an AttributeError)."""

@@ -421,8 +421,8 @@ class Trainer:
         # word); the prompts are compared now, before the backbone loads, the models in _load
         self.inputs = {"records_sha256": _records_sha256(all_records),
                        "monitor_records_sha256": _records_sha256(monitor_records or []), "models": {}}
-        if self._newest is not None:
-            self._check_inputs(*self._newest, models=False)
+        if self._newest is not None:  # (no model fingerprint yet: the models are compared in _load)
+            self._check_inputs(*self._newest)
         self.backbone = backbone if backbone is not None else load_backbone(cfg.backbone, self.device, cfg.reward)
         self.reward_fn = build_reward_fn(cfg.reward, self.backbone)
         self._check_records(all_records, f"data.prompts: {cfg.data.prompts}")
@@ -511,7 +511,8 @@ class Trainer:
 
         self.resume_requested = bool(resume)
         self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
-        self.inputs["models"] = {k: _folder_fingerprint(v) for k, v in self._model_folders().items()}
+        self._model_dirs = self._model_folders()
+        self.inputs["models"] = {k: _folder_fingerprint(v) for k, v in self._model_dirs.items()}
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.log = None
@@ -1285,9 +1286,9 @@ class Trainer:
             folders["latent_eyes"] = str(latent_model_path())
         return folders
 
-    def _check_inputs(self, path: Path, state: dict, models: bool = True) -> None:
-        """A resume reads the prompts and (``models``) the model files the run started with (a checkpoint written
-        before 2026-12-07 records none: not checked)."""
+    def _check_inputs(self, path: Path, state: dict) -> None:
+        """A resume reads the prompts and the model files (those fingerprinted so far in ``self.inputs``) the run
+        started with (a checkpoint written before 2026-12-07 records none: not checked)."""
         stored = state.get("inputs")
         if not isinstance(stored, dict):
             return
@@ -1298,9 +1299,9 @@ class Trainer:
         old_models = stored.get("models") if isinstance(stored.get("models"), dict) else {}
         variables = {"backbone": "XLARD_SHAPES_BACKBONE", "reward": "XLARD_SHAPES_UNDERSTANDING",
                      "latent_eyes": "XLARD_SHAPES_LATENT_EYES"}
-        models = [key for key in (self._model_folders() if models else ()) if key in old_models and
-                  old_models[key] != self.inputs["models"].get(key)]
-        changed += [f"the {key.replace('_', ' ')} model's files ({self._model_folders()[key]})" for key in models]
+        models = [key for key, digest in self.inputs["models"].items()
+                  if key in old_models and old_models[key] != digest]
+        changed += [f"the {key.replace('_', ' ')} model's files ({self._model_dirs[key]})" for key in models]
         if changed:
             hint = "; ".join(f"${variables[key]} names another {key.replace('_', ' ')} model" for key in models
                              if variables[key] in os.environ)
