@@ -457,6 +457,11 @@ def test_ops_refuse_strided_views_too_large_to_copy_before_allocating(monkeypatc
     for op in ("label_components", "count_components", "component_stats", "attention_centroids"):
         with pytest.raises(MemoryError, match=rf"xlard\.{op}: would need .*strided view maps"):
             getattr(xlard.ops, op)(maps)
+    # color and position scores too (they reached the allocator: "DefaultCPUAllocator: can't allocate memory")
+    with pytest.raises(MemoryError, match=r"xlard\.color_scores: would need .*strided view patch_features"):
+        xlard.ops.color_scores(torch.zeros(1, 1, 64).expand(2**18, 2**14, 64), torch.randn(3, 64))
+    with pytest.raises(MemoryError, match=r"xlard\.position_scores: would need .*strided view centroids"):
+        xlard.ops.position_scores(torch.rand(1, 2, 2).expand(10**11, 2, 2), torch.tensor([[0, 1, 0]]))
     # the outputs count with the copies, against the memory free now (here made 2 GiB; the buffer cache emptied,
     # its bytes count as free)
     monkeypatch.setattr(_args, "available_host_memory", lambda: 2 * 2**30)
@@ -797,3 +802,49 @@ def test_a_long_hub_failure_is_cut_at_a_word_and_marked():
     assert reason.endswith(" ...") and len(reason) <= 304
     assert text.startswith(reason[:-4]) and text[len(reason) - 4] == " "  # whole words only
     assert unloadable_hub_model("a/b", OSError("short")).endswith("(short)")
+
+
+def test_reward_helpers_on_empty_and_pixel_less_maps():
+    """bound_patch_mask failed inside torch on an empty batch ("cannot reshape tensor of 0 elements"); a map without
+    pixels was scored as "found 0" by count_reward (ExplainableRewards refuses such maps) and failed in
+    adaptive_avg_pool2d in bound_patch_mask."""
+    from xlard import rewards as R
+
+    assert R.bound_patch_mask(torch.rand(0, 3, 8, 8), (4, 4)).shape == (0, 3, 16)
+    assert R.bound_patch_mask(torch.rand(2, 0, 8, 8), (2, 4)).shape == (2, 0, 8)
+    pixel_less = torch.rand(2, 3, 0, 8)
+    for fn, args in ((R.bound_patch_mask, ((2, 2),)), (R.count_reward, (torch.ones(2, 3, dtype=torch.long),)),
+                     (R.weakest_component_confidence, ())):
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: entity_maps must be .*H, W >= 1.*got \[2, 3, 0, 8\]"):
+            fn(pixel_less, *args)
+
+
+def test_position_reward_takes_shared_relations_with_located():
+    """[R, 3] relations are accepted by position_scores and by position_reward, but with located= they failed
+    with "Index tensor must have the same number of dimensions as input tensor"."""
+    from xlard import rewards as R
+
+    centroids = torch.rand(2, 3, 2)
+    rel = torch.tensor([[0, 1, 0], [1, 2, 2]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    located = torch.tensor([[True, True, False], [True, True, True]])
+    shared = R.position_reward(centroids, rel, mask, located=located)
+    batched = R.position_reward(centroids, rel[None].expand(2, 2, 3), mask, located=located)
+    torch.testing.assert_close(shared, batched)
+    assert shared[1][0, 1] == 0 and shared[1][1, 1] > 0  # entity 2 is not located in item 0 only
+
+
+@pytest.mark.parametrize("found, target, match", [
+    ([-1], [0], r"found must be >= 0 \(counted objects\), got a negative one \(-1\.0\)"),
+    ([float("nan")], [2], r"found must be finite and >= 0"),
+    ([1], [float("nan")], r"target must be finite and >= 0"),
+    ([1.0], [float("inf")], r"target must be finite and >= 0"),
+])
+def test_count_scores_refuses_impossible_counts(found, target, match):
+    """found -1 scored e (2.72, outside (0, 1]); a NaN target slipped past the "< 0" check and scored 0.37."""
+    from xlard import rewards as R
+
+    with pytest.raises(ValueError, match="count_scores: " + match):
+        R.count_scores(torch.tensor(found), torch.tensor(target))
+    torch.testing.assert_close(R.count_scores(torch.tensor([2.5, 0.0]), torch.tensor([3, 0])),
+                               torch.tensor([math.exp(-0.5 / 3), 1.0]))

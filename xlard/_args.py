@@ -5,9 +5,9 @@ Every message names the argument, what was expected and what came.
 """
 from __future__ import annotations
 
-import math
 import numbers
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -52,10 +52,10 @@ def is_finite_real(value) -> bool:
     """A real number (not a bool) that is finite as a float: an int too large for a float (10**400) is not."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
+    # Comparisons, not math.isfinite: torch.compile traces a float that changes between calls as a symbol, which
+    # math.isfinite cannot take (a fullgraph error); comparisons become guards, so a NaN or inf given later
+    # retraces and is refused. An int beyond a float's range (10**400) compares as such, exactly.
+    return bool(value == value) and bool(abs(value) <= sys.float_info.max)
 
 
 def check_scalar_fits(op: str, name: str, value, dtype: torch.dtype) -> None:

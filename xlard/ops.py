@@ -34,8 +34,12 @@ from xlard.vocab import ABOVE, BELOW, LEFT_OF, RIGHT_OF  # noqa: E402  (public: 
 
 def _op(name: str, device: torch.device):
     if torch.compiler.is_compiling():
-        # The same choice as eager mode, made at trace time (and guarded on the provider).
-        return _backends.compiled_op(name, device)
+        # The same choice as eager mode, made at trace time (and guarded on the provider); under a traced
+        # torch.func transform (compile(grad(f))) through the autograd.Function, as in eager mode.
+        packet = _backends.compiled_op(name, device)
+        if torch._C._are_functorch_transforms_active():
+            return _registration.functorch_entry(packet)
+        return packet
     _extension.require_ops()
     if device.type == "cpu":
         _extension.sync_cpu_env()
@@ -55,6 +59,14 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
         while functorch.is_functorch_wrapped_tensor(t):
             t = functorch.get_unwrapped(t)
     return t
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    """False for tensors that carry shapes only (meta; fake tensors of FakeTensorMode, make_fx, torch.export):
+    a host-side value check on them raised DataDependentOutputException."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type != "meta" and not is_fake(_plain(t))
 
 
 def _refuse_grad_transform(op: str, **tensors) -> None:
@@ -203,7 +215,10 @@ def position_scores(centroids, relations, tau=10.0):
     """
     op = "position_scores"
     _args.check_position_args(op, centroids, relations, tau)
-    if not torch.compiler.is_compiling() and relations.numel() and relations.device.type != "meta":
+    out_size = 8 if centroids.dtype == torch.float64 else 4
+    _args.check_host_memory(op, centroids.shape[0] * relations.shape[-2] * out_size, centroids=centroids,
+                            relations=relations)
+    if not torch.compiler.is_compiling() and relations.numel() and _has_values(relations):
         _args.check_relation_values(op, _plain(relations), centroids.shape[1])
     return _op(op, centroids.device)(centroids, relations, float(tau))
 
@@ -234,6 +249,9 @@ def color_scores(patch_features, color_embeddings, patch_mask=None):
     op = "color_scores"
     _args.check_color_args(op, patch_features, color_embeddings, patch_mask)
     _refuse_grad_transform(op, patch_features=patch_features, color_embeddings=color_embeddings)
+    # outputs: float32 scores and int64 indices, [B, C]
+    _args.check_host_memory(op, patch_features.shape[0] * color_embeddings.shape[-2] * 12,
+                            patch_features=patch_features, color_embeddings=color_embeddings, patch_mask=patch_mask)
     return _op(op, patch_features.device)(patch_features, color_embeddings, patch_mask)
 
 

@@ -451,6 +451,17 @@ def _tensor_arg(owner: str, name: str, t, kind: str, dims: str, shape: tuple | N
     return t
 
 
+def _maps_arg(owner: str, entity_maps) -> torch.Tensor:
+    """:func:`_tensor_arg` for entity maps [B, E, H, W] that also refuses H or W = 0: a map without pixels holds
+    no object, and its count was scored as "found 0" (``gather_entity_maps`` and ``ExplainableRewards`` refuse
+    such maps for that reason)."""
+    _tensor_arg(owner, "entity_maps", entity_maps, "float", "B, E, H, W")
+    if entity_maps.shape[2] < 1 or entity_maps.shape[3] < 1:
+        raise ValueError(f"{owner}: entity_maps must be a float tensor [B, E, H, W] with H, W >= 1 (a map without "
+                         f"pixels holds no object), got {_shape_and_dtype(entity_maps)}")
+    return entity_maps
+
+
 def _config_arg(owner: str, config) -> "RewardConfig":
     if config is None:
         return RewardConfig()
@@ -501,8 +512,9 @@ def count_scores(found: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     zero, 1 when nothing is found, else ``exp(-found)``.
 
     Args:
-        found (Tensor[...], integer): counted components.
-        target (Tensor[...], integer, same shape): asked counts (>= 0).
+        found (Tensor[...], integer or float): counted components (finite,
+            >= 0; a source's weighed count may be fractional).
+        target (Tensor[...], integer, same shape): asked counts (finite, >= 0).
 
     Returns:
         float32 Tensor[...] in (0, 1].
@@ -518,8 +530,14 @@ def count_scores(found: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if tuple(target.shape) != tuple(found.shape):
         raise ValueError(f"count_scores: target must have found's shape {list(found.shape)}, got "
                          f"{list(target.shape)}")
-    if bool((target < 0).any()):
-        raise ValueError("count_scores: target must be >= 0 (asked counts), got a negative one")
+    for name, t, what in (("found", found, "counted objects"), ("target", target, "asked counts")):
+        if not t.numel():
+            continue
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # a NaN target slipped past "< 0"
+            raise ValueError(f"count_scores: {name} must be finite and >= 0 ({what}), got NaN or inf")
+        if bool((t < 0).any()):  # found -1 scored e (2.72), outside (0, 1]
+            raise ValueError(f"count_scores: {name} must be >= 0 ({what}), got a negative one "
+                             f"({_args.show(float(t.min()))})")
     found = found.to(torch.float32)
     target = target.to(torch.float32)
     positive = torch.exp(-(found - target).abs() / target.clamp(min=1.0))
@@ -553,7 +571,7 @@ def count_reward(
         (``weighed`` float32 [B, E] too when ``counts`` are given).
     """
     config = _config_arg("count_reward", config)
-    _tensor_arg("count_reward", "entity_maps", entity_maps, "float", "B, E, H, W")
+    _maps_arg("count_reward", entity_maps)
     _tensor_arg("count_reward", "targets", targets, "integer", "B, E", tuple(entity_maps.shape[:2]))
     if mask is not None:
         _tensor_arg("count_reward", "mask", mask, "bool", "B, E", tuple(entity_maps.shape[:2]))
@@ -613,9 +631,7 @@ def weakest_component_confidence(entity_maps: torch.Tensor, config: RewardConfig
         tensor([[0.6000]])
     """
     config = _config_arg("weakest_component_confidence", config)
-    if not isinstance(entity_maps, torch.Tensor) or entity_maps.dim() != 4 or not entity_maps.is_floating_point():
-        raise ValueError(f"weakest_component_confidence: entity_maps must be a float tensor [B, E, H, W], got "
-                         f"{_shape_and_dtype(entity_maps)}")
+    _maps_arg("weakest_component_confidence", entity_maps)
     h, w = entity_maps.shape[-2:]
     labels, counts = ops.label_components(entity_maps, **config.component_args(h, w))
     values = torch.nan_to_num(entity_maps.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
@@ -670,13 +686,15 @@ def bound_patch_mask(
         bool [B, E, gh * gw] (row-major); all False for an entity with no component.
     """
     config = _config_arg("bound_patch_mask", config)
-    _tensor_arg("bound_patch_mask", "entity_maps", entity_maps, "float", "B, E, H, W")
+    _maps_arg("bound_patch_mask", entity_maps)
     if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(
             isinstance(g, numbers.Integral) and not isinstance(g, bool) and g >= 1 for g in grid):
         raise ValueError(f"bound_patch_mask: grid must be (gh, gw), two ints >= 1, got {grid!r}")
     h, w = entity_maps.shape[-2:]
+    b, e = entity_maps.shape[:2]
+    if b * e == 0:  # no maps: nothing to pool (the reshape below cannot size an empty batch)
+        return torch.zeros(b, e, grid[0] * grid[1], dtype=torch.bool, device=entity_maps.device)
     labels, _ = ops.label_components(entity_maps, **config.component_args(h, w))
-    b, e = labels.shape[:2]
     cover = F.adaptive_avg_pool2d((labels > 0).float().reshape(b * e, 1, h, w), grid).reshape(b, e, -1)
     best = cover.amax(-1, keepdim=True)
     return (cover > 0) & (cover >= torch.clamp(best, max=config.bind_min_coverage))
@@ -718,7 +736,8 @@ def position_reward(
 
     Args:
         centroids (Tensor[B, E, 2]): (x, y) per entity, y downward.
-        relations (int64 [B, R, 3]): rows (a, b, code), "entity a is <code> of entity b".
+        relations (int64 [B, R, 3] or [R, 3]): rows (a, b, code), "entity a is
+            <code> of entity b"; ``[R, 3]`` holds for every batch item.
         mask (bool [B, R]): which rows are real and scored.
         tau: sharpness.
         located (bool [B, E], optional): entities actually found; a relation
@@ -732,7 +751,8 @@ def position_reward(
     _tensor_arg("position_reward", "mask", mask, "bool", "B, R", tuple(scores.shape))
     if located is not None:
         _tensor_arg("position_reward", "located", located, "bool", "B, E", tuple(centroids.shape[:2]))
-        both = located.gather(1, relations[..., 0]) & located.gather(1, relations[..., 1])
+        rows = relations if relations.dim() == 3 else relations.expand(centroids.shape[0], *relations.shape)
+        both = located.gather(1, rows[..., 0]) & located.gather(1, rows[..., 1])
         scores = torch.where(both, scores, scores.new_zeros(()))
     return _masked_mean(scores, mask), scores
 
