@@ -64,6 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             _io.check_writable_folder(getattr(args, name), f"--{name}")
         except (OSError, ValueError) as e:  # ValueError: an empty path
             p.error(str(e))
+    same = Path(args.out).resolve() == Path(args.work).resolve()
+    try:  # a corrector's or a training run's folder lost its files to this script's
+        _io.claim_folder(args.out, "--out", ("model.safetensors", "config.json") + (("data.pt",) if same else ()),
+                         ("latent_channels",))
+        _io.claim_folder(args.work, "--work", ("data.pt",) + (("model.safetensors", "config.json") if same else ()),
+                         ("latent_channels",))
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -141,8 +149,15 @@ def main(argv=None) -> int:
     work = _io.make_folder(args.work, "train_shapes_latent_eyes --work")
     key = _data_key(args)
     data_file = work / "data.pt"
-    data = torch.load(data_file, weights_only=True) if data_file.is_file() else None
-    if data is not None and data.get("key") != repr(key):
+    data = None
+    if data_file.is_file():
+        try:
+            data = torch.load(data_file, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch's zip reader and unpickler raise many kinds
+            from xlard._args import short_reason
+
+            print(f"{data_file}: cannot be read ({short_reason(exc, 160)}); sampling again", file=sys.stderr)
+    if data is not None and (not isinstance(data, dict) or data.get("key") != repr(key)):
         print(f"{data_file}: sampled with other settings; sampling again", file=sys.stderr)
         data = None
     t0 = time.time()
@@ -240,11 +255,16 @@ def _without_work(args: list[str]) -> list[str]:
 
 
 def _save(path: Path, data) -> None:
-    """``torch.save`` through a temporary file and a rename (a killed run leaves no half-written data)."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    torch.save(data, tmp)
-    tmp.replace(path)
+    """``torch.save`` through a temporary file, synced and renamed (a killed run leaves no half-written data and
+    no temporary file)."""
+    from xlard import _io
+
+    with _io.atomic_path(path, owner="train_shapes_latent_eyes --work") as tmp:
+        torch.save(data, tmp)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from xlard._signals import run_script
+
+    raise SystemExit(run_script("train_shapes_latent_eyes.py", main,
+                                " (rerun the same command: the sampled data, once written, is reused)"))

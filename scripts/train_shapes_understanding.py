@@ -367,7 +367,15 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     step, elapsed = 0, 0.0
     ck = None
     if ckpt_path.exists():  # checked before the VAE pool is built (minutes): a refusal comes at once
-        ck = torch.load(ckpt_path, weights_only=False)
+        try:
+            ck = torch.load(ckpt_path, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - torch's zip reader and unpickler raise many kinds
+            from xlard._args import short_reason
+
+            raise ValueError(f"--work-dir: {ckpt_path} cannot be read ({short_reason(exc, 160)}): it is damaged; "
+                             "delete it to start the run over, or give another --work-dir") from None
+        if not isinstance(ck, dict) or not all(k in ck for k in ("config", "model", "opt", "step")):
+            raise ValueError(f"--work-dir: {ckpt_path} is not a checkpoint of this script; give another --work-dir")
         differ = resume_differences(ck["config"], cfg)
         if differ:
             raise ValueError(f"--work-dir: {ckpt_path} was written with other settings ({'; '.join(differ)}); "
@@ -506,6 +514,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     problem = _io.unwritable_output(folders={"--out": cfg.out, "--work-dir": cfg.work_dir})  # before training
     if problem:
         parser.error(problem)
+    model, work = ("model.safetensors", "config.json"), ("checkpoint.pt", "metrics.jsonl")
+    same = Path(cfg.out).resolve() == Path(cfg.work_dir).resolve()
+    try:  # a corrector's or a training run's folder lost its weights, config or metrics to this script's
+        _io.claim_folder(cfg.out, "--out", model + (work if same else ()), ("core_radius",))
+        _io.claim_folder(cfg.work_dir, "--work-dir", work + (model if same else ()), ("core_radius",))
+    except ValueError as err:
+        parser.error(str(err))
     return cfg
 
 

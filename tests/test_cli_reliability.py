@@ -396,7 +396,7 @@ def test_render_into_a_folder_with_results(tmp_path, capsys, prompt_file):
     # --resume with other settings would mix two runs: refused, naming what differs
     code, _, err = run(["render", out, "--prompts", prompt_file, "--quiet", "--resume", "--seed", "9"], capsys)
     assert code == 2
-    one_line_error(err, "--resume", "differ: seed")
+    one_line_error(err, "--resume", "differ: seed 0 -> 9")  # the values too (it said "differ: seed")
 
     # --overwrite with a smaller prompt set: only the new run's folders remain, and eval scores 4
     small = write_records(tmp_path / "small.jsonl", P.read_records(prompt_file)[:4])
@@ -1312,3 +1312,22 @@ def test_dangling_links_and_names_too_long_are_named(tmp_path, capsys, prompt_fi
         code, _, err = run(argv, capsys)
         assert code == 2, argv
         one_line_error(err, "File name too long")
+
+
+def test_train_into_a_read_only_folder_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """eval, generate and demo exit 2 on an output folder they cannot write; train exited 1 (a system error)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_work(monkeypatch)
+    import errno
+
+    from xlard import _io
+
+    def read_only(path, owner="xlard"):  # what a read-only file system answers (EROFS: an OSError, no subclass)
+        raise OSError(errno.EROFS, f"{owner}: cannot create {path}: Read-only file system")
+
+    monkeypatch.setattr(_io, "check_writable_folder", read_only)
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 1\n")
+    code, _, err = run(["train", str(config), "--out", str(tmp_path / "ro")], capsys)
+    assert code == 2, err
+    one_line_error(err, "--out", "Read-only file system")

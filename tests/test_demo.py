@@ -87,11 +87,11 @@ def test_demo_resume_with_other_settings_is_refused(tiny_demo, capsys):
     rc = cli_main(["demo", "--out", str(tiny_demo), "--items-per-tag", "1", "--steps", "3", "--per-tag", "1",
                    "--seeds", "0", "--quiet", "--resume"] + SMALL)
     assert rc == 2
-    assert "other settings (--steps differ)" in capsys.readouterr().err  # which one, named
+    assert "other settings (--steps 1 -> 3 differ)" in capsys.readouterr().err  # which one and its values, named
     rc = cli_main(["demo", "--out", str(tiny_demo), "--items-per-tag", "2", "--steps", "1", "--per-tag", "1",
                    "--seeds", "0", "--quiet", "--resume"] + SMALL)
     assert rc == 2
-    assert "other settings (--items-per-tag differ)" in capsys.readouterr().err
+    assert "other settings (--items-per-tag 1 -> 2 differ)" in capsys.readouterr().err
     rc = cli_main(["demo", "--out", str(tiny_demo), "--resume"] + ARGS[:-2])  # other --set
     assert rc == 2
     assert "other settings (" in capsys.readouterr().err

@@ -532,6 +532,14 @@ def test_run_evaluation_checks_its_seeds_before_the_folder_is_made(shapes, recor
     report = ev.run_evaluation(shapes, _corrector(), _meta(), records[:1], seeds=np.arange(1), out=out, quiet=True,
                                num_resamples=10, faithfulness_fraction=None)
     assert json.loads((out / "run.json").read_text())["seeds"] == [0] and report["table"]
+    # a damaged run.json is named (it was "Expecting value: line 1 column 1 (char 0)", or an AttributeError)
+    for text, match in (("", r"out: .*run.json is not valid JSON"), ("[]", r"run.json is not the run.json of a "
+                                                                            r"paired evaluation \(a JSON object "
+                                                                            r"expected, got list\)")):
+        (out / "run.json").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            ev.run_evaluation(shapes, _corrector(), _meta(), records[:1], seeds=[0], out=out, quiet=True,
+                              num_resamples=10, faithfulness_fraction=None)
 
 
 @needs_shapes

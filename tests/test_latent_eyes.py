@@ -230,6 +230,27 @@ def test_training_script_writes_loadable_eyes_and_reuses_its_data(tmp_path):
     assert model.predict(torch.zeros(1, 8, 16, 16)).shape_probs.shape == (1, 4, 64, 64)
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "using the sampled data" in again.stderr, again.stderr[-3000:]
+    # damaged sampled data (a traceback before) is a cache: named, and sampled again
+    (tmp_path / "work" / "data.pt").write_bytes(b"PK\x03\x04 cut short")
+    damaged = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert damaged.returncode == 0, damaged.stderr[-3000:]
+    assert "data.pt: cannot be read (" in damaged.stderr and "sampling again" in damaged.stderr
+    assert not list((tmp_path / "work").glob(".tmp*"))
+    # a corrector's folder as --out, a training run's as --work: refused before any work (their files were replaced)
+    corrector = tmp_path / "corrector"
+    corrector.mkdir()
+    for name in ("xlard_corrector.json", "config.json", "model.safetensors"):
+        (corrector / name).write_text("{}")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "ckpt-00000001.pt").write_bytes(b"x")
+    for extra, words in ((["--out", str(corrector)], "--out: " + str(corrector) + " holds a corrector"),
+                         (["--out", str(tmp_path / "x"), "--work", str(run)], "--work: " + str(run) + " holds the "
+                                                                               "checkpoints of `xlard train`")):
+        bad = subprocess.run(cmd[:2] + extra, env=env, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and words in bad.stderr and "sampling" not in bad.stderr, bad.stderr[-2000:]
+    assert (corrector / "config.json").read_text() == "{}"
     bad = subprocess.run(cmd[:2] + ["--out", str(tmp_path / "x"), "--epochs", "0"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--epochs must be >= 1, got 0" in bad.stderr
@@ -242,3 +263,34 @@ def test_training_script_writes_loadable_eyes_and_reuses_its_data(tmp_path):
     bad = subprocess.run(cmd[:2] + ["--out", str(tmp_path / "a-file")], env=env, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "a-file" in bad.stderr and "sampling" not in bad.stderr, bad.stderr[-2000:]
+
+
+@pytest.mark.skipif(not (U.is_available() and shapes_backbone.is_available()),
+                    reason="the understanding model or the shapes backbone is absent")
+def test_training_script_ends_in_one_line_on_sigterm(tmp_path):
+    """The script had no signal handling: Ctrl-C printed an 80-line traceback, SIGTERM ended it without a word."""
+    import signal
+    import time
+
+    if not (ROOT / "xlard" / "data" / "shapes_corrector" / "config.json").is_file():
+        pytest.skip("shipped corrector absent")
+    work = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_shapes_latent_eyes.py"), "--out",
+                             str(tmp_path / "eyes"), "--work", str(work)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 120
+        while not work.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the script ended before it was stopped"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == ("train_shapes_latent_eyes.py: terminated (SIGTERM); every file written is "
+                                            "complete (rerun the same command: the sampled data, once written, is "
+                                            "reused)")
+    assert "Traceback" not in err and not list(tmp_path.rglob(".tmp*"))

@@ -1254,3 +1254,51 @@ def test_metrics_log_keeps_only_the_curve_columns_in_memory(tmp_path):
     resumed = MetricsLog(tmp_path / "run", tensorboard="off", resume_step=3)  # rows kept on resume: compact too
     resumed.close()
     assert [r["step"] for r in resumed.rows] == [1, 2, 3] and all(set(r) <= set(CURVE_KEYS) for r in resumed.rows)
+
+
+def test_a_run_never_takes_a_corrector_model_or_script_folder(tmp_path, monkeypatch):
+    """--resume into a corrector folder named 18 "differing" config fields; into a training script's work folder it
+    replaced the script's metrics.jsonl ("no checkpoint there yet, so a new run starts")."""
+    from xlard.train import train, trainer
+
+    monkeypatch.setattr(trainer, "load_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    corrector = tmp_path / "corrector"
+    corrector.mkdir()
+    for name in ("xlard_corrector.json", "config.json", "model.safetensors"):
+        (corrector / name).write_text("{}")
+    understanding_work = tmp_path / "und_work"
+    understanding_work.mkdir()
+    (understanding_work / "checkpoint.pt").write_bytes(b"x")
+    early_work = tmp_path / "early"  # a script's work folder before its first checkpoint: metrics alone
+    early_work.mkdir()
+    eyes = tmp_path / "eyes"
+    eyes.mkdir()
+    (eyes / "model.safetensors").write_bytes(b"x")
+    (eyes / "config.json").write_text('{"model": {"latent_channels": 8}}')
+    for folder in (understanding_work, early_work):
+        (folder / "metrics.jsonl").write_text('{"step": 1}\n' * 3)
+    for folder, words in ((corrector, r"holds a corrector \(xlard_corrector.json\)"),
+                          (understanding_work, r"holds the checkpoint of scripts/train_shapes_understanding.py"),
+                          (eyes, r"holds a saved model \(model.safetensors\)"),
+                          (early_work, r"holds a metrics.jsonl but no config.json of a training run")):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        with pytest.raises(ValueError, match=rf"^--out: .*{folder.name} {words}"):
+            train(tiny_config(folder), resume=True)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_damaged_metrics_rows_are_named_not_dropped(tmp_path):
+    """A resume kept the rows up to its step and dropped every line it could not parse, without a word; only a
+    torn last line (a crash mid-write) is skipped."""
+    from xlard.train.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert [r["step"] for r in MetricsLog.read(path)] == [1, 2]
+    path.write_text('{"step": 1}\n{"st#p": 2\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a metrics row \('\{\"st#p\": 2'\); repair"):
+        MetricsLog.read(path)
+    path.write_text('{"step": 1}\n[2]\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"line 2 is not a metrics row"):
+        MetricsLog(tmp_path, tensorboard="off", resume_step=3)
+    assert path.read_text() == '{"step": 1}\n[2]\n{"step": 3}\n'  # left as it was

@@ -193,3 +193,42 @@ def test_sigterm_ends_the_script_in_one_line(tmp_path):
     assert err.strip().splitlines()[-1] == ("train_shapes_understanding.py: terminated (SIGTERM); every file written "
                                             "is complete (rerun the same command to continue from the last checkpoint)")
     assert "Traceback" not in err and not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_folders_of_other_tools_are_refused_and_a_damaged_checkpoint_is_named(tmp_path, capsys):
+    """--out given a corrector's folder replaced its weights and config (a broken corrector); --work-dir given a
+    training run's folder appended to its metrics; a damaged checkpoint.pt was a traceback."""
+    corrector = tmp_path / "corrector"
+    corrector.mkdir()
+    for name in ("xlard_corrector.json", "config.json", "model.safetensors"):
+        (corrector / name).write_text("{}")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt-00000001.pt").write_bytes(b"x")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    eyes = tmp_path / "eyes"
+    eyes.mkdir()
+    (eyes / "config.json").write_text('{"model": {"latent_channels": 8}}')
+    for args, words in ((["--out", str(corrector)], "--out: .*corrector holds a corrector"),
+                        (["--out", str(eyes)], "--out: .*eyes holds a config.json of something else"),
+                        (["--out", "o", "--work-dir", str(run)], "--work-dir: .*run holds the checkpoints of `xlard "
+                                                                 "train`")):
+        with pytest.raises(SystemExit):
+            T.parse_args(args)
+        assert re.search(words, capsys.readouterr().err)
+    own = tmp_path / "own"  # an earlier export of this script (and notes beside it) is retrained in place
+    own.mkdir()
+    (own / "config.json").write_text('{"model": {"core_radius": 1, "image_size": 64}}')
+    (own / "model.safetensors").write_bytes(b"x")
+    (own / "agreement_heldout.md").write_text("notes")
+    assert T.parse_args(["--out", str(own), "--work-dir", str(own)]).out == str(own)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    cfg = T.parse_args(["--out", str(tmp_path / "o"), "--work-dir", str(work), "--max-steps", "1", "--vae-pool", "0"])
+    with pytest.raises(ValueError, match=r"--work-dir: .*checkpoint.pt cannot be read \(.*\): it is damaged; delete "
+                                         r"it to start the run over"):
+        T.train(cfg)
+    torch.save({"something": "else"}, work / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint.pt is not a checkpoint of this script"):
+        T.train(cfg)

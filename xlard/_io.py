@@ -568,6 +568,67 @@ def other_run(folder: str | os.PathLike[str], mine: str | tuple[str, ...]) -> st
     return None
 
 
+#: Files that say what a folder belongs to (glob patterns allowed), for :func:`claim_folder`.
+_KNOWN_FILES = (
+    ("xlard_corrector.json", "a corrector"),
+    ("model_index.json", "a diffusers pipeline"),
+    ("model.safetensors", "a saved model"),
+    ("ckpt-*.pt", "the checkpoints of `xlard train`"),
+    ("checkpoint.pt", "the checkpoint of scripts/train_shapes_understanding.py"),
+    ("data.pt", "the sampled data of scripts/train_shapes_latent_eyes.py"),
+    ("metrics.jsonl", "training metrics"),
+    (MANIFEST_NAME, "the outputs of `xlard generate`, `render` or `eval`"),
+    ("pairs.jsonl", "the outputs of `xlard eval` with a corrector"),
+    ("demo.json", "the outputs of `xlard demo`"),
+    ("config.json", "a config.json"),
+)
+
+
+def claim_folder(folder: str | os.PathLike[str], flag: str, own: tuple[str, ...],
+                 config_keys: tuple[str, ...] | None = None) -> None:
+    """Refuse ``folder`` as an output of a tool that writes the files ``own`` when it holds another's files.
+
+    A training script's ``--out`` or work folder given the folder of a corrector, a training run or another
+    script replaced that folder's files (a corrector's weights, a run's config.json) or appended to its
+    metrics, and left neither usable. ``own`` names the files the tool itself writes (patterns of
+    :data:`_KNOWN_FILES`); with ``config_keys``, a ``config.json`` counts as the tool's own only when they are all
+    in its ``"model"`` entry (the tool's model config). Files of no known kind (notes, reports) are left alone.
+
+    Raises:
+        ValueError: naming ``flag``, the folder and what it holds.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for name, what in _KNOWN_FILES:
+        present = any(folder.glob(name)) if "*" in name else (folder / name).is_file()
+        if not present:
+            continue
+        if name == "config.json" and name in own and config_keys is not None:
+            try:
+                data = json.loads((folder / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                data = None
+            model = data.get("model") if isinstance(data, dict) else None
+            if isinstance(model, dict) and all(k in model for k in config_keys):
+                continue
+            what = "a config.json of something else (a training run's or another model's)"
+        elif name in own:
+            continue
+        raise ValueError(f"{flag}: {folder} holds {what} ({name}); writing here would replace or mix with "
+                         "its files: choose another folder")
+
+
+def changed_setting(name: str, old: Any, new: Any, limit: int = 60) -> str:
+    """``name old -> new`` for a message that refuses a resume with other settings, each value as JSON cut at
+    ``limit`` characters ("differ: seed" said which setting, not what it was)."""
+    def shown(value: Any) -> str:
+        text = "(absent)" if value is None else json.dumps(json_safe(value), sort_keys=True, ensure_ascii=False)
+        return text if len(text) <= limit else text[:limit - 3] + "..."
+
+    return f"{name} {shown(old)} -> {shown(new)}"
+
+
 def _check_path(owner: str, path: Any) -> None:
     """A path argument: TypeError for another type, ValueError for an empty one (a usage mistake, which the
     scripts and the command line report in one line)."""

@@ -493,10 +493,11 @@ def _check_output_folder(args, out: Path, flag: str, settings: dict, owned: list
     before = earlier.get("settings", {}) if isinstance(earlier, dict) else {}
     before = before if isinstance(before, dict) else {}
     if not isinstance(earlier, dict) or earlier.get("command") != args.command or before != settings:
-        diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        diff = [_io.changed_setting(k, before.get(k), settings.get(k))
+                for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
         command = earlier.get("command") if isinstance(earlier, dict) else None
         raise UsageError(f"--resume: {out} was written by `xlard {command}` with other settings "
-                         f"(differ: {', '.join(diff) or 'command'}); rerun with the same settings, or use "
+                         f"(differ: {'; '.join(diff) or 'command'}); rerun with the same settings, or use "
                          "--overwrite or another folder")
     return True
 

@@ -284,15 +284,16 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
                 "training": resolved, "overrides": overrides}
     summary_path = out / "demo.json"
     if resume and summary_path.is_file():
-        earlier = _io.read_json(summary_path, what="demo.json").get("settings")
+        summary = _io.read_json(summary_path, what="demo.json")
+        earlier = summary.get("settings") if isinstance(summary, dict) else None  # a damaged file: "unreadable"
         now = json.loads(_io.dumps(settings))
         if earlier != now:
             earlier = earlier if isinstance(earlier, dict) else {}
             keys = [k for k in now if earlier.get(k) != now[k]]
             if len(keys) > 1 and "training" in keys:  # the resolved config follows the options: name those
                 keys.remove("training")
-            differ = [_SETTING_OPTIONS.get(k, k) for k in keys]
-            raise ValueError(f"--resume: {out} holds a demo with other settings ({', '.join(differ) or 'unreadable'} "
+            differ = [_io.changed_setting(_SETTING_OPTIONS.get(k, k), earlier.get(k), now[k]) for k in keys]
+            raise ValueError(f"--resume: {out} holds a demo with other settings ({'; '.join(differ) or 'unreadable'} "
                              "differ); rerun with the same --steps, --items-per-tag, --per-tag, --seeds and --set, or "
                              "use --overwrite")
     t_all = time.perf_counter()

@@ -1326,7 +1326,12 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
                 tmp.unlink(missing_ok=True)
     run_path, pairs_path = out / "run.json", out / "pairs.jsonl"
     if run_path.is_file():
-        previous = json.loads(run_path.read_text(encoding="utf-8"))
+        # damaged (emptied, cut, replaced): named, not "Expecting value: line 1 column 1" or an AttributeError
+        previous = _io.read_json(run_path, owner=_err(fn, "out"), what="the run.json of a paired evaluation")
+        if not isinstance(previous, dict):
+            raise ValueError(_err(fn, f"out: {run_path} is not the run.json of a paired evaluation (a JSON object "
+                                      f"expected, got {type(previous).__name__}); remove the folder's files or "
+                                      "choose another out"))
         # The corrector's path is informational: the same weights (digest) under another path may resume.
         current = _io.json_safe(settings)  # as written: NaN is stored as null
         differ = sorted(k for k in set(previous) | set(current)

@@ -63,7 +63,12 @@ def main(config: str, resume: bool = False, out: str | None = None, overrides: l
     from xlard import _io
 
     # Before the backbone loads: an out folder that cannot be made is named now, not after minutes of setup.
-    _io.check_writable_folder(cfg.out, "--out" if out is not None else f"train config {config}: out")
+    try:
+        _io.check_writable_folder(cfg.out, "--out" if out is not None else f"train config {config}: out")
+    except OSError as exc:  # a read-only or unwritable folder: the user's to fix (exit 2), as for eval and demo
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+            raise
+        raise PermissionError(str(exc)) from None
     if check is not None:
         check(cfg)
     summary = train(cfg, resume=resume)

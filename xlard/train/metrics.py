@@ -62,20 +62,35 @@ class MetricsLog:
 
     @staticmethod
     def read(path: str | os.PathLike) -> list[dict]:
-        """The rows of a metrics file (a torn last line from a crash is skipped)."""
+        """The rows of a metrics file (a torn last line from a crash is skipped).
+
+        Raises:
+            ValueError: a damaged line before the last (a resume dropped such rows without a word), naming the
+                file and the line.
+        """
         rows = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().split("\n")
+        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            elif i != last:
+                raise ValueError(f"{path} line {i + 1} is not a metrics row ({line[:60]!r}); "
+                                 "repair or delete that line, then rerun")
         return rows
 
     def write(self, row: Mapping[str, Any]) -> None:
         row = _io.json_safe(dict(row))  # NaN as null, in memory as on disk
         self._file.write(_io.dumps(row) + "\n")
         self._file.flush()
+        os.fsync(self._file.fileno())  # as durable as the checkpoints (a resume keeps the rows up to its step)
         self.rows.append(_curve_row(row))
         if self._tb is not None:
             for k, v in row.items():

@@ -529,20 +529,28 @@ class Trainer:
         self._newest = None  # (path, state) of the newest checkpoint a resume continues from
         other = _io.other_run(self.out, "train")
         if other is not None:
-            raise ValueError(f"{self.out} holds the outputs of `xlard {other}`; a training run there would mix its "
-                             "checkpoints with them: choose another --out")
+            raise ValueError(f"--out: {self.out} holds the outputs of `xlard {other}`; a training run there would "
+                             "mix its checkpoints with them: choose another --out")
+        # a corrector's or a model's folder, or a training script's work folder (whose metrics.jsonl a run with
+        # --resume replaced, and whose config.json was read as a run's "differing" config)
+        _io.claim_folder(self.out, "--out", ("config.json", "metrics.jsonl", "ckpt-*.pt"))
         saved = self.out / "config.json"
         have = ckpt.list_checkpoints(self.out)
         if have and not resume:
-            raise ValueError(f"{self.out} already holds checkpoints of a run; pass --resume to continue it or "
+            raise ValueError(f"--out: {self.out} already holds checkpoints of a run; pass --resume to continue it or "
                              "choose another --out")
         if not have and not resume:
             # a new run empties metrics.jsonl and replaces config.json: files of anything else there (another
             # tool's metrics, a run that never reached its first checkpoint) would be lost without a word
             found = [n for n in ("metrics.jsonl", "config.json") if (self.out / n).exists()]
             if found:
-                raise ValueError(f"{self.out} already holds {' and '.join(found)}, which a new run would replace; "
+                raise ValueError(f"--out: {self.out} already holds {' and '.join(found)}, which a new run would "
+                                 "replace; "
                                  "pass --resume to continue the run that wrote them, or choose another --out")
+        if not have and resume and (self.out / "metrics.jsonl").exists() and not saved.exists():
+            # a run of xlard train writes its config.json before any metrics: these are another tool's
+            raise ValueError(f"--out: {self.out} holds a metrics.jsonl but no config.json of a training run: not "
+                             "a folder of `xlard train` (its metrics would be replaced); choose another --out")
         # the newest checkpoint's small entries (its tensors memory-mapped, not read), before the backbone loads
         newest = ckpt.load_checkpoint(have[-1][1], mmap=True) if resume and have else None
         self._newest = (have[-1][1], newest) if newest is not None else None  # its inputs: checked in _setup
