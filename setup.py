@@ -73,6 +73,30 @@ def _want_cuda() -> bool:
     return True
 
 
+#: The GPU architectures torch's build names (TORCH_CUDA_ARCH_LIST), besides compute capabilities like 8.0 / 9.0a.
+_NAMED_ARCHES = ("Kepler+Tesla", "Kepler", "Maxwell+Tegra", "Maxwell", "Pascal", "Volta+Tegra", "Volta", "Turing",
+                 "Ampere+Tegra", "Ampere", "Ada", "Hopper", "Blackwell+Tegra", "Blackwell")
+
+
+def _cuda_arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST checked before the build (default "8.0;9.0", also when set but empty): torch failed on
+    a bad entry after the build had started, with a 48-line traceback naming neither the variable nor the form
+    ("Unknown CUDA arch (garbage)"), and on an empty one with an IndexError (no GPU to detect here)."""
+    import re
+
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    parts = [p for p in re.split(r"[;\s]+", value) if p]
+    if not parts:
+        return "8.0;9.0"
+    bad = [p for p in parts if not (re.fullmatch(r"\d+\.\d+[af]?(\+PTX)?", p)
+                                    or re.sub(r"\+PTX$", "", p) in _NAMED_ARCHES)]
+    if bad:
+        sys.exit(f"TORCH_CUDA_ARCH_LIST: expected compute capabilities separated by ';' (e.g. \"8.0;9.0\", "
+                 f"\"9.0a\", \"8.6+PTX\") or architecture names (Ampere, Hopper, ...), got {value!r} "
+                 f"({', '.join(map(repr, bad))} {'is' if len(bad) == 1 else 'are'} not)")
+    return ";".join(parts)
+
+
 def _loaded_cxx_runtime() -> str | None:
     """The libstdc++ this process runs with (torch loaded it), on Linux; else None.
 
@@ -111,7 +135,7 @@ def _extension():
         cxx.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         nvcc = NVCC_FLAGS
         ext = cpp_extension.CUDAExtension(

@@ -36,7 +36,9 @@ GPIXELS_TARGET = ("count_components float32 8x77x64x64", 1.0)
 CAPTURE_OVERHEAD_MAX = 1.15  # attention capture on the tiny SD pipeline
 
 
-def run_benchmarks(json_path: str, quick: bool) -> None:
+def run_benchmarks(json_path: str, quick: bool) -> int:
+    """Run the CPU benchmarks into ``json_path``; returns pytest's exit code (the report still follows a failure,
+    and :func:`main` then exits 1)."""
     # The CPU report; the GPU suites in benches/gpu have their own (benches/gpu/report.py).
     cmd = [sys.executable, "-m", "pytest", os.path.join(HERE), f"--ignore={os.path.join(HERE, 'gpu')}",
            "-q", "-p", "no:cacheprovider",
@@ -51,6 +53,7 @@ def run_benchmarks(json_path: str, quick: bool) -> None:
     if proc.returncode != 0:  # some bench failed: the rows that ran are still reported, the failure named
         print(f"benches.report: pytest exited {proc.returncode}; the rows below are the benchmarks that ran",
               file=sys.stderr)
+    return proc.returncode
 
 
 def summarise(data: dict) -> tuple[list[dict], list[str]]:
@@ -80,8 +83,9 @@ def summarise(data: dict) -> tuple[list[dict], list[str]]:
     for group, peer, need, *mine in TARGETS:
         mine = mine[0] if mine else "xlard"
         row, own = by_key.get((group, peer)), by_key.get((group, mine))
-        if row is None or own is None:
-            verdicts.append(f"n/a   {group}: no {peer if row is None else mine} run")
+        if row is None or own is None:  # rows exist only beside an xlard row: name what is missing from the data
+            missing = [name for name in dict.fromkeys(("xlard", mine, peer)) if name not in groups.get(group, {})]
+            verdicts.append(f"n/a   {group}: no {' or '.join(missing) or peer} run")
             continue
         speedup = row["median_ms"] / own["median_ms"]
         shown = f"{speedup:.2f}"
@@ -145,9 +149,33 @@ def summarise(data: dict) -> tuple[list[dict], list[str]]:
     return rows, verdicts
 
 
-def to_markdown(rows: list[dict], verdicts: list[str], machine: dict) -> str:
-    out = [f"Machine: {machine.get('processor')} x{machine.get('cpu_count')} cores, torch {machine.get('torch')} "
-           f"({machine.get('torch_threads')} threads), python {machine.get('python_version')}", "",
+def machine_line(machine: dict) -> str:
+    """The machine a report's numbers come from: the CPU's name (py-cpuinfo's, in pytest-benchmark's JSON), cores,
+    the vector level xlard's kernels ran at (docs/benchmarks.md: it decides the latent ops' numbers), torch and
+    python; "unknown" for what the JSON does not hold."""
+    def known(value) -> str:
+        return "unknown" if value in (None, "") else str(value)
+
+    cpu = machine.get("cpu") if isinstance(machine.get("cpu"), dict) else {}
+    build = machine.get("xlard_build") if isinstance(machine.get("xlard_build"), dict) else {}
+    name = cpu.get("brand_raw") or machine.get("processor")
+    return (f"Machine: {known(name)} ({known(machine.get('machine'))}), {known(machine.get('cpu_count'))} cores, "
+            f"CPU kernels at {known(build.get('cpu_isa'))}, torch {known(machine.get('torch'))} "
+            f"({known(machine.get('torch_threads'))} threads), python {known(machine.get('python_version'))}")
+
+
+def rounds_note(data: dict) -> str | None:
+    """A line for a quick run (fewer rounds than the full report's 10): its verdicts are a smoke test's."""
+    rounds = [b.get("options", {}).get("min_rounds") for b in data.get("benchmarks", []) if isinstance(b, dict)]
+    rounds = [r for r in rounds if isinstance(r, int)]
+    if rounds and min(rounds) < 10:
+        return (f"Quick run (at least {min(rounds)} rounds per benchmark, not 10): the numbers and verdicts below are "
+                "a smoke test's, not a measurement to judge the targets by.")
+    return None
+
+
+def to_markdown(rows: list[dict], verdicts: list[str], machine: dict, note: str | None = None) -> str:
+    out = [machine_line(machine)] + ([note] if note else []) + ["",
            "| benchmark | provider | median ms | xlard speed-up vs this | G px/s | GB/s |",
            "|---|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -159,7 +187,8 @@ def to_markdown(rows: list[dict], verdicts: list[str], machine: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benches.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--json", help="write the summary rows and verdicts as JSON here")
     parser.add_argument("--markdown", help="write the markdown table here")
@@ -189,15 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
             parser.error(f"--from-json: {args.from_json} is not a pytest-benchmark JSON (no 'benchmarks' list; "
                          "write one with pytest --benchmark-json FILE)")
-    else:
+    status = 0
+    if args.from_json is None:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "bench.json")
-            run_benchmarks(path, args.quick)
+            status = run_benchmarks(path, args.quick)
             with open(path) as fh:
                 data = json.load(fh)
     try:
         rows, verdicts = summarise(data)
-        md = to_markdown(rows, verdicts, data.get("machine_info", {}))
+        machine = data.get("machine_info") if isinstance(data.get("machine_info"), dict) else {}
+        note = rounds_note(data)
+        md = to_markdown(rows, verdicts, machine, note)
     except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError) as e:
         if args.from_json is None:
             raise  # our own run: a bug, not the user's file
@@ -207,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         _io.atomic_write_text(args.markdown, md + "\n", owner="benches.report --markdown")
     if args.json:
-        _io.atomic_write_json(args.json, {"rows": rows, "verdicts": verdicts, "machine": data.get("machine_info", {})},
-                              owner="benches.report --json", indent=2)
+        _io.atomic_write_json(args.json, {"rows": rows, "verdicts": verdicts, "machine": machine,
+                                          "machine_line": machine_line(machine), "quick": note is not None,
+                                          "pytest_exit": status}, owner="benches.report --json", indent=2)
+    if status != 0:  # the rows that ran are reported above; a failed benchmark still fails the run
+        print(f"benches.report: pytest exited {status}: some benchmarks failed (see above)", file=sys.stderr)
+        return 1
     return 0
 
 

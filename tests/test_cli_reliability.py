@@ -1331,3 +1331,22 @@ def test_train_into_a_read_only_folder_is_a_usage_error(tmp_path, capsys, monkey
     code, _, err = run(["train", str(config), "--out", str(tmp_path / "ro")], capsys)
     assert code == 2, err
     one_line_error(err, "--out", "Read-only file system")
+
+
+def test_render_without_pillow_says_so_before_any_work(tmp_path, capsys, prompt_file, monkeypatch):
+    """It printed "render: 1/3 prompt" and wrote xlard-run.json before "needs pillow"."""
+    from xlard import _optional
+
+    real = _optional.require
+
+    def no_pillow(module, user):
+        if module.startswith("PIL"):
+            raise ImportError(_optional.missing_message(module, user))
+        return real(module, user)
+
+    monkeypatch.setattr(_optional, "require", no_pillow)
+    out = tmp_path / "r"
+    code, _, err = run(["render", str(out), "--prompts", prompt_file, "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "xlard render needs pillow: pip install 'xlard[method]'")
+    assert not out.exists()

@@ -145,7 +145,7 @@ def test_the_sandbox_hides_what_the_install_lacks():
 
 def test_base_install_imports_everything_and_runs_every_op(tmp_path):
     body = """
-        import importlib, pkgutil, torch
+        import importlib, os, pkgutil, torch
         import xlard, xlard.ops as ops, xlard.reference as ref
         from xlard import cli
 
@@ -186,6 +186,7 @@ def test_base_install_imports_everything_and_runs_every_op(tmp_path):
         assert cli.main(["info"]) == 0
         assert cli.main(["prompts", "p.jsonl", "-n", "6"]) == 0
         print("CLI-RENDER-EXIT", cli.main(["render", "out", "--prompts", "p.jsonl", "--quiet"]))
+        print("CLI-RENDER-MADE-OUT", os.path.exists("out"))  # the missing pillow is named before any work
 
         from xlard.explain import save_png
         from xlard.shapes import backbone
@@ -210,7 +211,7 @@ def test_base_install_imports_everything_and_runs_every_op(tmp_path):
     assert len(missing) == 4, proc.stdout
     for line in missing:
         assert line.endswith("pip install 'xlard[method]'"), line
-    assert "CLI-RENDER-EXIT 2" in proc.stdout
+    assert "CLI-RENDER-EXIT 2" in proc.stdout and "CLI-RENDER-MADE-OUT False" in proc.stdout
     render_error = [line for line in proc.stderr.splitlines() if line.startswith("xlard render: error:")]
     assert render_error and render_error[0].endswith("pip install 'xlard[method]'"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

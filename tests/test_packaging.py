@@ -39,8 +39,10 @@ def test_sdist_carries_every_source_the_build_reads(tmp_path):
     with tarfile.open(archive) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     # the build's sources, and what a user of the sdist runs: the whole test suite (its helpers and data were
-    # missing: 19 collection errors), the configs the README names, the scripts
-    needed = [rel for rel in tracked if rel.startswith(("csrc/", "kernels/", "tests/", "configs/", "scripts/")) or rel in (
+    # missing: 19 collection errors), the configs the README names, the scripts, the benchmarks (the report's test
+    # and scripts/gpu_check.sh import them: "No module named 'benches'")
+    needed = [rel for rel in tracked if rel.startswith(("csrc/", "kernels/", "tests/", "configs/", "scripts/",
+                                                        "benches/")) or rel in (
         "setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "LICENSE", "requirements-dev.txt")]
     missing = sorted(rel for rel in needed if rel not in names)
     assert not missing, f"the sdist lacks {missing}"
@@ -95,3 +97,31 @@ def test_a_missing_compiler_is_one_line(tmp_path):
     assert "xlard needs a C++ compiler to build its kernels, and '/nonexistent/c++' (from CXX) was not found" \
         in proc.stderr
     assert "FAILED" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value, outcome", [
+    ("garbage", "TORCH_CUDA_ARCH_LIST: expected compute capabilities separated by ';' (e.g. \"8.0;9.0\""),
+    ("8.0;sm_80", "got '8.0;sm_80' ('sm_80' is not)"),
+    ("", "8.0;9.0"),  # set but empty: the default (torch read it as "detect the GPU" and failed: IndexError)
+    ("8.6+PTX 9.0a", "8.6+PTX;9.0a"),
+    ("Hopper", "Hopper"),
+])
+def test_cuda_arch_list_is_checked_before_the_build(tmp_path, value, outcome):
+    """A bad TORCH_CUDA_ARCH_LIST was a 48-line torch traceback ("Unknown CUDA arch (garbage)") after the build had
+    recorded it. Checked here on a CPU torch made to look like a CUDA build (no GPU or CUDA torch needed)."""
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(os.path.join(ROOT, name), tmp_path / name)
+    (tmp_path / "xlard").mkdir()
+    (tmp_path / "csrc").mkdir()
+    code = ("import torch; torch.version.cuda = '13.0'\n"
+            "from torch.utils import cpp_extension; cpp_extension.CUDA_HOME = '/usr/local/cuda'\n"
+            "import runpy, sys; sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, XLARD_WITH_CUDA="1", TORCH_CUDA_ARCH_LIST=value))
+    record = tmp_path / "xlard" / "_build_config.py"
+    if outcome.startswith("TORCH_CUDA_ARCH_LIST") or outcome.startswith("got"):
+        assert proc.returncode == 1 and outcome in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not record.exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"'cuda_arch_list': {outcome!r}" in record.read_text()

@@ -753,8 +753,10 @@ def _check_renderable(records: Sequence[dict], flag: str) -> None:
 
 
 def _cmd_render(args) -> int:
+    from xlard import _optional
     from xlard.shapes import prompts as P
 
+    _optional.require("PIL.Image", "xlard render")  # before the folder is made (it wrote xlard-run.json first)
     records = _read_records(args.prompts)
     _check_renderable(records, "--prompts")
     _check_image_count(len(records) * args.per_prompt, "--prompts and --per-prompt")
