@@ -73,28 +73,28 @@ def _want_cuda() -> bool:
     return True
 
 
-#: The GPU architectures torch's build names (TORCH_CUDA_ARCH_LIST), besides compute capabilities like 8.0 / 9.0a.
-_NAMED_ARCHES = ("Kepler+Tesla", "Kepler", "Maxwell+Tegra", "Maxwell", "Pascal", "Volta+Tegra", "Volta", "Turing",
-                 "Ampere+Tegra", "Ampere", "Ada", "Hopper", "Blackwell+Tegra", "Blackwell")
-
-
 def _cuda_arch_list() -> str:
-    """TORCH_CUDA_ARCH_LIST checked before the build (default "8.0;9.0", also when set but empty): torch failed on
-    a bad entry after the build had started, with a 48-line traceback naming neither the variable nor the form
-    ("Unknown CUDA arch (garbage)"), and on an empty one with an IndexError (no GPU to detect here)."""
-    import re
-
-    value = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-    parts = [p for p in re.split(r"[;\s]+", value) if p]
-    if not parts:
-        return "8.0;9.0"
-    bad = [p for p in parts if not (re.fullmatch(r"\d+\.\d+[af]?(\+PTX)?", p)
-                                    or re.sub(r"\+PTX$", "", p) in _NAMED_ARCHES)]
-    if bad:
-        sys.exit(f"TORCH_CUDA_ARCH_LIST: expected compute capabilities separated by ';' (e.g. \"8.0;9.0\", "
-                 f"\"9.0a\", \"8.6+PTX\") or architecture names (Ampere, Hopper, ...), got {value!r} "
-                 f"({', '.join(map(repr, bad))} {'is' if len(bad) == 1 else 'are'} not)")
-    return ";".join(parts)
+    """TORCH_CUDA_ARCH_LIST checked before the build (default "8.0;9.0", also when set but empty), by torch's own
+    reading of it: torch failed on a bad entry after the build had started, with a 48-line traceback naming neither
+    the variable nor the form ("Unknown CUDA arch (garbage)"), and on an empty one with an IndexError (it detects
+    the GPUs then, and a build machine may have none)."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not value:
+        value = os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    expected = ("expected compute capabilities separated by ';' (e.g. \"8.0;9.0\", \"9.0a\", \"8.6+PTX\"), "
+                "architecture names (Ampere, Hopper, ...) or native")
+    if value == "native":  # torch detects the GPUs of this machine
+        if torch.cuda.device_count() == 0:
+            sys.exit(f"TORCH_CUDA_ARCH_LIST: native builds for this machine's GPUs, and it has none; name the "
+                     f"architectures instead ({expected})")
+        return value
+    try:
+        cpp_extension._get_cuda_arch_flags()  # torch's own check of the list (what the build will call)
+    except ValueError as exc:
+        sys.exit(f"TORCH_CUDA_ARCH_LIST: {expected}, got {value!r}, which torch {torch.__version__} refuses ({exc})")
+    except Exception:  # noqa: BLE001 - a torch whose private helper differs: the build checks it its own way
+        pass
+    return value
 
 
 def _loaded_cxx_runtime() -> str | None:

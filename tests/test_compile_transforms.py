@@ -44,8 +44,13 @@ def test_fullgraph_compile_with_a_float_argument_that_changes():
     lenient(maps, 0.1), lenient(maps, 0.2)
     with pytest.raises(ValueError, match=r"xlard\.count_components: threshold must be a finite real number"):
         lenient(maps, math.nan)
-    with pytest.raises(Exception, match=r"threshold must be a finite real number"):
+    # fullgraph: Dynamo's error carries the message (its repr of a traced float failed: "repr_impl not implemented")
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"threshold must be a finite real number"):
         count(maps, math.nan)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"position_scores: tau must be a finite float > 0"):
+        position(c, -2.0)
+    with pytest.raises(ValueError, match=r"xlard\.position_scores: tau must be"):
+        torch.compile(lambda c, tau: ops.position_scores(c, rel, tau))(c, -2.0)
 
 
 def test_compiled_torch_func_transforms_over_the_differentiable_ops():

@@ -97,6 +97,25 @@ def test_demo_resume_with_other_settings_is_refused(tiny_demo, capsys):
     assert "other settings (" in capsys.readouterr().err
 
 
+def test_demo_resume_names_the_training_fields_that_differ(tiny_demo, tmp_path, capsys):
+    """Only the resolved training config differing (another xlard version's recipe) showed two JSON dumps cut at 60
+    characters that looked the same; a demo.json that is not an object listed every setting as "(absent) -> ..."."""
+    import json
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_demo, out)
+    summary = json.loads((out / "demo.json").read_text())
+    summary["settings"]["training"]["distill"]["epochs"] += 1
+    (out / "demo.json").write_text(json.dumps(summary))
+    assert cli_main(["demo", "--out", str(out), "--resume"] + ARGS) == 2
+    err = capsys.readouterr().err
+    assert "the training config (--set, or another xlard version's recipe): distill.epochs 2 -> 1 differ" in err, err
+    (out / "demo.json").write_text("[]")
+    assert cli_main(["demo", "--out", str(out), "--resume"] + ARGS) == 2
+    assert "demo.json holds no demo settings (damaged, or not a demo's); use --overwrite" in capsys.readouterr().err
+
+
 def test_demo_resume_reuses_the_finished_run(tiny_demo, capsys):
     weights = (tiny_demo / "train" / "corrector").glob("*.safetensors")
     stamp = {p.name: p.stat().st_mtime_ns for p in weights}

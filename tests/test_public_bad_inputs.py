@@ -848,3 +848,25 @@ def test_count_scores_refuses_impossible_counts(found, target, match):
         R.count_scores(torch.tensor(found), torch.tensor(target))
     torch.testing.assert_close(R.count_scores(torch.tensor([2.5, 0.0]), torch.tensor([3, 0])),
                                torch.tensor([math.exp(-0.5 / 3), 1.0]))
+
+
+def test_numpy_infinities_are_not_finite_scalars():
+    """numpy compared float32 inf with the largest float in float32 (inf <= inf): np.float32('inf') passed the
+    finiteness check and reached the kernel (a RuntimeError, or "must lie within float32's range")."""
+    import sys
+    from fractions import Fraction
+
+    import numpy as np
+
+    import xlard.ops
+    from xlard._args import is_finite_real
+
+    for bad in (np.float32("inf"), np.float16("-inf"), np.float64("nan"), float("inf"), 10**400, True, "1"):
+        assert not is_finite_real(bad), bad
+    for good in (np.float32(1.5), np.int64(5), Fraction(1, 3), 3, int(sys.float_info.max) + 1, -1e308):
+        assert is_finite_real(good), good
+    with pytest.raises(ValueError, match=r"xlard\.position_scores: tau must be a finite float > 0"):
+        xlard.ops.position_scores(torch.rand(1, 3, 2, dtype=torch.float64), torch.tensor([[[0, 1, 0]]]),
+                                  tau=np.float32("inf"))
+    with pytest.raises(ValueError, match=r"xlard\.residual_correction: alpha must be a finite float"):
+        xlard.ops.residual_correction(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), np.float32("inf"))

@@ -222,6 +222,10 @@ def test_folders_of_other_tools_are_refused_and_a_damaged_checkpoint_is_named(tm
     (own / "model.safetensors").write_bytes(b"x")
     (own / "agreement_heldout.md").write_text("notes")
     assert T.parse_args(["--out", str(own), "--work-dir", str(own)]).out == str(own)
+    (own / "config.json").write_text("{")  # its own, damaged: said so, not "of something else"
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", str(own)])
+    assert "holds a config.json that is not JSON (damaged? remove it to write here)" in capsys.readouterr().err
     work = tmp_path / "work"
     work.mkdir()
     (work / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")

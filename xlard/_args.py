@@ -5,9 +5,9 @@ Every message names the argument, what was expected and what came.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -44,6 +44,8 @@ _INT64_MAX = 2**63 - 1
 
 def show(value) -> str:
     """``repr(value)`` for a message, cut short: an int of 400 digits would fill the screen."""
+    if torch.compiler.is_compiling():  # a float torch.compile traces as a symbol has no repr there (the message
+        return "(a value traced by torch.compile)"  # was lost: "repr_impl not implemented")
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:24]}... ({len(text)} characters)"
 
@@ -52,10 +54,17 @@ def is_finite_real(value) -> bool:
     """A real number (not a bool) that is finite as a float: an int too large for a float (10**400) is not."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         return False
+    if isinstance(value, numbers.Integral):  # 10**400 has no float; any smaller int has a finite one
+        try:
+            float(value)
+        except OverflowError:
+            return False
+        return True
     # Comparisons, not math.isfinite: torch.compile traces a float that changes between calls as a symbol, which
     # math.isfinite cannot take (a fullgraph error); comparisons become guards, so a NaN or inf given later
-    # retraces and is refused. An int beyond a float's range (10**400) compares as such, exactly.
-    return bool(value == value) and bool(abs(value) <= sys.float_info.max)
+    # retraces and is refused. Against math.inf, not the largest float: numpy compares float32 inf with that
+    # in float32, where it is inf too.
+    return bool(value == value) and bool(-math.inf < value < math.inf)
 
 
 def check_scalar_fits(op: str, name: str, value, dtype: torch.dtype) -> None:

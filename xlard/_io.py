@@ -612,7 +612,8 @@ def claim_folder(folder: str | os.PathLike[str], flag: str, own: tuple[str, ...]
             model = data.get("model") if isinstance(data, dict) else None
             if isinstance(model, dict) and all(k in model for k in config_keys):
                 continue
-            what = "a config.json of something else (a training run's or another model's)"
+            what = ("a config.json that is not JSON (damaged? remove it to write here)" if data is None else
+                    "a config.json of something else (a training run's or another model's)")
         elif name in own:
             continue
         raise ValueError(f"{flag}: {folder} holds {what} ({name}); writing here would replace or mix with "

@@ -285,15 +285,26 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     summary_path = out / "demo.json"
     if resume and summary_path.is_file():
         summary = _io.read_json(summary_path, what="demo.json")
-        earlier = summary.get("settings") if isinstance(summary, dict) else None  # a damaged file: "unreadable"
+        earlier = summary.get("settings") if isinstance(summary, dict) else None
         now = json.loads(_io.dumps(settings))
+        if not isinstance(earlier, dict):  # a damaged or foreign demo.json: nothing to compare setting by setting
+            raise ValueError(f"--resume: {summary_path} holds no demo settings (damaged, or not a demo's); use "
+                             "--overwrite or another --out")
         if earlier != now:
-            earlier = earlier if isinstance(earlier, dict) else {}
             keys = [k for k in now if earlier.get(k) != now[k]]
             if len(keys) > 1 and "training" in keys:  # the resolved config follows the options: name those
                 keys.remove("training")
-            differ = [_io.changed_setting(_SETTING_OPTIONS.get(k, k), earlier.get(k), now[k]) for k in keys]
-            raise ValueError(f"--resume: {out} holds a demo with other settings ({'; '.join(differ) or 'unreadable'} "
+            differ = []
+            for k in keys:
+                if k == "training" and isinstance(earlier.get(k), dict):  # the fields, not two cut-off dumps alike
+                    from xlard.train.trainer import _config_differences
+
+                    fields = [f"{key} {a} -> {b}" for key, a, b in _config_differences(earlier[k], now[k])]
+                    differ.append(f"{_SETTING_OPTIONS[k]}: {', '.join(fields[:4])}"
+                                  + (f" and {len(fields) - 4} more" if len(fields) > 4 else ""))
+                else:
+                    differ.append(_io.changed_setting(_SETTING_OPTIONS.get(k, k), earlier.get(k), now[k]))
+            raise ValueError(f"--resume: {out} holds a demo with other settings ({'; '.join(differ)} "
                              "differ); rerun with the same --steps, --items-per-tag, --per-tag, --seeds and --set, or "
                              "use --overwrite")
     t_all = time.perf_counter()
