@@ -1302,3 +1302,26 @@ def test_damaged_metrics_rows_are_named_not_dropped(tmp_path):
     with pytest.raises(ValueError, match=r"line 2 is not a metrics row"):
         MetricsLog(tmp_path, tensorboard="off", resume_step=3)
     assert path.read_text() == '{"step": 1}\n[2]\n{"step": 3}\n'  # left as it was
+
+
+def test_the_model_fingerprint_follows_linked_component_folders(tmp_path):
+    """A pipeline folder whose unet/ is a link to another folder (a shared component) was read without the link's
+    files: swapping the linked weights went unnoticed by --resume. A link back up the tree is walked once."""
+    from xlard.train.trainer import _folder_fingerprint
+
+    pipe, shared_a, shared_b = tmp_path / "pipe", tmp_path / "unet_a", tmp_path / "unet_b"
+    for folder, weights in ((shared_a, b"weights A"), (shared_b, b"weights B")):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+    pipe.mkdir()
+    (pipe / "model_index.json").write_text("{}")
+    (pipe / "unet").symlink_to(shared_a, target_is_directory=True)
+    (pipe / "loop").symlink_to(pipe, target_is_directory=True)
+    first = _folder_fingerprint(pipe)
+    (pipe / "unet").unlink()
+    (pipe / "unet").symlink_to(shared_b, target_is_directory=True)
+    assert _folder_fingerprint(pipe) != first
+    (pipe / "unet").unlink()
+    (pipe / "unet").symlink_to(shared_a, target_is_directory=True)
+    assert _folder_fingerprint(pipe) == first

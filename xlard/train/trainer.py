@@ -321,16 +321,28 @@ _MODEL_FILE_NAMES = ("config.json", "model_index.json", "tokenizer.json", "token
 
 def _folder_fingerprint(folder) -> str | None:
     """A digest of a model folder's model files (:data:`_MODEL_FILE_NAMES`, :data:`_MODEL_FILE_SUFFIXES`; none under
-    a hidden folder or ``__pycache__``): names, sizes and, for files up to 64 MiB, contents (a real model's
-    gigabytes are named by size alone: reading them at every start would take minutes). None: no such folder."""
+    a hidden folder or ``__pycache__``; linked folders followed): names, sizes and, for files up to 64 MiB,
+    contents (a real model's gigabytes are named by size alone: reading them at every start would take minutes).
+    None: no such folder."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
     h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        parts = path.relative_to(folder).parts
-        if any(p.startswith(".") or p == "__pycache__" for p in parts) or not (
-                path.name in _MODEL_FILE_NAMES or path.suffix in _MODEL_FILE_SUFFIXES):
+    found, seen = [], set()
+    # os.walk with followlinks: a component folder linked in (rglob does not follow folder links) is read too, so
+    # swapping it is noticed; a link back up the tree is walked once
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        rel = Path(root).relative_to(folder)
+        found += [rel / n for n in names if not n.startswith(".")]
+    for rel in sorted(found):
+        path, parts = folder / rel, rel.parts
+        if not (path.name in _MODEL_FILE_NAMES or path.suffix in _MODEL_FILE_SUFFIXES):
             continue
         try:
             if not path.is_file():
