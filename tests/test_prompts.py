@@ -1116,3 +1116,50 @@ def test_text_that_is_not_unicode_and_json_that_is_not_json_are_refused_where_th
     with pytest.raises(ValueError, match=r"record 1: not JSON-serializable \(Out of range float"):
         geneval.write_jsonl(tmp_path / "n.jsonl", [record, {**record, "score": float("nan")}])
     assert not (tmp_path / "n.jsonl").exists()
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("3–4 dogs", [("dog", None)]), ("3—4 dogs", [("dog", None)]), ("3 – 4 dogs", [("dog", None)]),
+    ("three–four dogs", [("dog", None)]), ("3~4 dogs", [("dog", None)]),  # ranges: the upper number was read
+    ("a few dozen eggs", [("egg", None)]), ("several dozen eggs", [("egg", None)]),  # vague: it was 12
+    ("a stack of five books", [("book", 5)]),  # after a collective, the number is the count
+    ("a photo of a pin\u0303ata", [("piñata", 1)]), ("two jalapen\u0303os", [("jalapeño", 2)]),  # was "ata", "os"
+    ("two d\u200bogs", [("dog", 2)]), ("t\u200bwo dogs", [("dog", 2)]), ("a photo of two ＤＯＧＳ", [("dog", 2)]),
+    ("a pair of blue jeans", [("jeans", 1)]), ("a pair of black scissors", [("scissors", 1)]),  # was 2 / "jean"
+    ("a pair of eyeglasses", [("eyeglasses", 1)]), ("a pair of red shoes", [("shoe", 2)]),
+    ("a photo showing two dogs", [("dog", 2)]), ("a photo with no dogs", [("dog", 0)]),  # no entity "photo"
+    ("show me three cats", [("cat", 3)]), ("I want two dogs", [("dog", 2)]), ("the first two dogs", [("dog", 2)]),
+    ("a cat with a dog on its left", [("cat", 1), ("dog", 1)]), ("two octopi", [("octopus", 2)]),
+])
+def test_parses_a_walk_through_real_world_prompts_found_wrong(prompt, expected):
+    assert [(e.noun, e.count) for e in parse(prompt).entities] == expected
+
+
+@pytest.mark.parametrize("prompt, match", [
+    ("a photo of 1 000 ants", r"counts '1' and '000' in a row .* write one whole number"),  # it was 0 ants
+    ("two three dogs", r"counts 'two' and 'three' in a row"),  # it was 3
+    ("a cat without two dogs", r"count 'two' after 'without' .* is negated"),  # it was 2 dogs
+    ("no three dogs", r"count 'three' after 'no' .* is negated"),
+    ("a photo of ½ pizza", r"count '½' .* is a fraction, not a whole count"),  # it was no count at all
+    ("a photo of three 🐶 and a cat", r"count 'three' .* is not followed by an object noun"),  # it vanished
+    ("a photo of " + "9" * 4301 + " dogs", r"is beyond 1,000,000,000,000,000, more than MAX_COUNT"),  # Python's error
+    ("dozen " * 20 + "eggs", r"is beyond 1,000,000,000,000,000"),
+    ("two dogs " * 2500, r"is 22500 characters; at most 20000 are parsed"),  # seconds per parse
+])
+def test_counts_the_parser_cannot_read_are_named(prompt, match):
+    with pytest.raises(ValueError, match=match):
+        parse(prompt)
+
+
+def test_singular_forms_of_s_ending_nouns_and_geneval_fields():
+    """canvas -> "canva", lens -> "len" in explanations; a record's color "Red" and count 10**30 were refused by
+    Entity's field names instead of the record's."""
+    from xlard.prompts import from_geneval, singularize
+
+    assert [singularize(w) for w in ("canvas", "lens", "atlas", "bias", "canvases", "busses", "jeans")] == [
+        "canvas", "lens", "atlas", "bias", "canvas", "bus", "jeans"]
+    spec = from_geneval({"tag": "colors", "prompt": "a photo of a red dog",
+                         "include": [{"class": "Dog", "count": 1, "color": "Red "}]})
+    assert [(e.noun, e.color) for e in spec.entities] == [("dog", "red")] and spec.entities[0].color_span is not None
+    with pytest.raises(ValueError, match=r"GenEval record include\[0\]: Entity.count must be"):
+        from_geneval({"tag": "counting", "prompt": "a photo of dogs", "include": [{"class": "dog", "count": 10**30}]})

@@ -51,7 +51,7 @@ from xlard.prompts.alignment import align
 from xlard.prompts.fields import field_keys, field_tokens, field_vector
 from xlard.prompts.inflection import noun_forms, pluralize, singularize
 from xlard.prompts.numbers import MAX_COUNT, UNIT_WORDS
-from xlard.prompts.parser import from_geneval, parse
+from xlard.prompts.parser import MAX_PROMPT_CHARS, from_geneval, parse
 from xlard.prompts.spec import Entity, PromptSpec, Relation, TokenAlignment, infer_geneval_tag
 from xlard.prompts.vocabulary import (ARRANGEMENT_NOUNS, COCO_CLASSES, COLLECTIVE_NOUNS, GENEVAL_OBJECT_NAMES,
                                       KNOWN_NOUNS, SCENE_NOUNS, SHAPE_NOUNS)
@@ -97,6 +97,7 @@ __all__ = [
     "singularize",
     "noun_forms",
     "MAX_COUNT",
+    "MAX_PROMPT_CHARS",
     "UNIT_WORDS",
     "SCENE_NOUNS",
     "ARRANGEMENT_NOUNS",

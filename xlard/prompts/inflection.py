@@ -17,6 +17,9 @@ __all__ = ["pluralize", "singularize", "noun_forms"]
 _UNINFLECTED: frozenset[str] = frozenset({
     "sheep", "deer", "fish", "moose", "bison", "salmon", "trout", "shrimp",
     "aircraft", "series", "species", "skis", "scissors", "broccoli", "people",
+    # pair nouns, plural in form ("jeans" is no "jean"; "glasses" stays a glass's plural: "two glasses of water")
+    "jeans", "pants", "trousers", "shorts", "tongs", "pliers", "binoculars", "goggles", "sunglasses", "eyeglasses",
+    "spectacles", "tweezers", "leggings", "pajamas", "pyjamas",
 })
 
 _IRREGULAR_PLURALS: Mapping[str, str] = {
@@ -33,6 +36,7 @@ _IRREGULAR_PLURALS: Mapping[str, str] = {
     "lens": "lenses", "gas": "gases", "octopus": "octopuses", "walrus": "walruses", "platypus": "platypuses",
     "virus": "viruses", "campus": "campuses", "circus": "circuses", "iris": "irises", "canvas": "canvases",
     "atlas": "atlases", "bonus": "bonuses", "chorus": "choruses", "hippopotamus": "hippopotamuses",
+    "bias": "biases", "alias": "aliases", "bus": "buses", "plus": "pluses", "cosmos": "cosmoses",
     "crisis": "crises", "oasis": "oases", "thesis": "theses", "analysis": "analyses",
     # -ie words (the -ies rule read "movies" as "movy")
     "movie": "movies", "cookie": "cookies", "brownie": "brownies", "smoothie": "smoothies", "selfie": "selfies",
@@ -40,6 +44,9 @@ _IRREGULAR_PLURALS: Mapping[str, str] = {
     "magpie": "magpies", "birdie": "birdies", "beanie": "beanies", "pixie": "pixies", "calorie": "calories",
 }
 _IRREGULAR_SINGULARS: Mapping[str, str] = {p: s for s, p in _IRREGULAR_PLURALS.items()}
+# Plurals in use besides the ones above ("octopi" read as singular, "busses" as "buss").
+_IRREGULAR_SINGULARS = {**_IRREGULAR_SINGULARS, "octopi": "octopus", "busses": "bus", "hippopotami": "hippopotamus",
+                        "fungi": "fungus", "cacti": "cactus"}
 _VOWELS = frozenset("aeiou")
 
 
@@ -92,6 +99,8 @@ def _singularize_word(word: str) -> str:
         return word
     if word in _IRREGULAR_SINGULARS:
         return _IRREGULAR_SINGULARS[word]
+    if word in _IRREGULAR_PLURALS:  # a singular the rules would cut ("canvas" -> "canva", "lens" -> "len")
+        return word
     if len(word) > 4 and word.endswith("ies"):
         return word[:-3] + "y"
     if word.endswith(("sses", "xes", "zzes", "ches", "shes")):

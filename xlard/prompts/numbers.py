@@ -20,6 +20,7 @@ falls in one of these classes:
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -79,7 +80,14 @@ class _Word(Protocol):
     text: str
 
 
+#: Where a number's value stops growing while it is read: beyond any count, and a 4,301-digit number or "dozen"
+#: x 4,000 became a huge int (Python's own "Exceeds the limit ... for integer string conversion", or seconds).
+_BEYOND = 10 ** 15
+
+
 def _error(phrase: str, prompt: str, why: str) -> ValueError:
+    if len(phrase) > 60:
+        phrase = phrase[:57] + "..."
     return ValueError(
         f"count {phrase!r} in prompt {quote_prompt(prompt)} {why}; write each count as a whole number "
         f"from 0 to {MAX_COUNT} in digits or words (or a vague word such as 'some'), "
@@ -91,7 +99,7 @@ def _small_number(words: Sequence[_Word], pos: int) -> tuple[int, int] | None:
     """(length, value) of a number below 100 in words or digits at ``pos``."""
     text = words[pos].text
     if _INTEGER.fullmatch(text):
-        return 1, int(text)
+        return 1, int(text) if len(text) <= 15 else _BEYOND
     if text in _ONES:
         return 1, _ONES[text]
     if text in _TENS:
@@ -129,6 +137,8 @@ def read_count(words: Sequence[_Word], pos: int, prompt: str) -> tuple[int, str,
     nxt = words[pos + 1].text if pos + 1 < len(words) else None
     if text in _VAGUE_PLURAL_SCALES and nxt == "of":
         return 2, "vague", None
+    if any(unicodedata.category(ch) == "No" and not float(unicodedata.numeric(ch, 0)).is_integer() for ch in text):
+        raise _error(text, prompt, "is a fraction, not a whole count")  # "½ pizza" was read as no count at all
     if text[0].isdigit() or (text[0] == "-" and len(text) > 1 and text[1].isdigit()):
         if _NOT_A_COUNT.fullmatch(text):
             return None
@@ -159,7 +169,7 @@ def read_count(words: Sequence[_Word], pos: int, prompt: str) -> tuple[int, str,
         phrase = " ".join(w.text for w in words[pos:pos + length])
     # Scale words multiply: "two dozen", "three hundred", "a hundred thousand".
     while pos + length < len(words) and words[pos + length].text in _SCALES:
-        value *= _SCALES[words[pos + length].text]
+        value = min(value * _SCALES[words[pos + length].text], _BEYOND)
         length += 1
         phrase = " ".join(w.text for w in words[pos:pos + length])
     # "one hundred and fifty", "a hundred one": the number goes on after hundred or more (it stopped at the scale
@@ -179,6 +189,6 @@ def read_count(words: Sequence[_Word], pos: int, prompt: str) -> tuple[int, str,
         raise _error(" ".join(w.text for w in words[pos:pos + length + 3]), prompt,
                      "is a fraction, not a whole count")
     if value > MAX_COUNT:
-        raise _error(phrase, prompt, f"is {value}, more than MAX_COUNT = {MAX_COUNT}, the largest count "
-                                     "the parser reads")
+        raise _error(phrase, prompt, f"is {value if value < _BEYOND else 'beyond ' + format(_BEYOND, ',')}, more than "
+                                     f"MAX_COUNT = {MAX_COUNT}, the largest count the parser reads")
     return length, "number", value

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from xlard.prompts.numbers import NUMBER_PATTERN, read_count
 from xlard.prompts.vocabulary import ARRANGEMENT_NOUNS, COLLECTIVE_NOUNS, KNOWN_NOUNS, SCENE_NOUNS
 from xlard.vocab import COLOR_ALIASES, COLOR_MODIFIER_WORDS, COLORS, COMPOUND_COLORS, normalize_relation
 
-__all__ = ["parse", "from_geneval"]
+__all__ = ["parse", "from_geneval", "MAX_PROMPT_CHARS"]
 
 # ---------------------------------------------------------------------------
 # The parser's lexicon
@@ -33,15 +34,21 @@ _BOUNDS = frozenset({("more", "than"), ("fewer", "than"), ("less", "than"), ("at
 _MAX_BOUND = max(len(k) for k in _BOUNDS)
 #: Nouns that name one pair: "a pair of scissors" is one of them, "a pair of shoes" two shoes.
 _PAIR_NOUNS = frozenset({"scissors", "skis", "glasses", "jeans", "pants", "trousers", "shorts", "tongs", "pliers",
-                         "binoculars", "goggles", "sunglasses", "spectacles", "tweezers", "leggings", "pajamas"})
+                         "binoculars", "goggles", "sunglasses", "eyeglasses", "spectacles", "tweezers", "leggings",
+                         "pajamas", "pyjamas"})
 #: A second number after these makes a range ("3 or 4 apples", "three to four", "between three and five").
-_RANGE_WORDS = frozenset({"or", "to", "and"})
+_RANGE_WORDS = frozenset({"or", "to", "and", "-", "\u2010", "\u2011", "\u2012", "\u2013", "\u2014", "\u2015", "~",
+                          "\u301c", "\uff5e"})  # "3 or 4", "3–4", "3~4" (a dash or tilde gave the upper number)
 
 _TEMPLATE_WORDS = frozenset({
     "photo", "photograph", "picture", "image", "painting", "drawing", "rendering",
     "render", "illustration", "sketch", "pic", "snapshot", "shot", "closeup", "close-up",
     "scene", "view", "portrait", "depiction", "artwork", "watercolor", "photorealistic",
 })
+
+# What joins a leading "a photo" to its objects ("a photo showing two dogs" had an entity "photo").
+_TEMPLATE_LINKS = frozenset({"of", "showing", "featuring", "containing", "depicting", "with", "shows", "features",
+                             "contains", "depicts"})
 
 # Words that are never an entity's noun (a piece made only of these is no entity).
 _STOPWORDS = frozenset({
@@ -56,6 +63,10 @@ _STOPWORDS = frozenset({
     "top", "bottom", "edge", "middle", "center", "centre", "front", "corner",
     # adverbs and conjunctions after a noun became the head ("a cat alone" -> "alone", "a dog but no cat" -> "but")
     "alone", "asleep", "awake", "nearby", "not", "but", "instead", "rather", "too", "either", "neither",
+    # the one who asks and what they ask for ("show me three cats" had an entity "me", "I want two dogs" "want")
+    "i", "me", "we", "us", "you", "please", "want", "wants", "show", "draw", "create", "generate", "make", "give",
+    # places and ranks, not objects ("a dog on its left", "the first two dogs")
+    "left", "right", "first", "second", "third", "last", "next",
 })
 # Size words, stopwords in noun phrases, may still modify a scene ("on a small stage").
 _SIZE_WORDS = frozenset({"small", "big", "large", "tiny", "huge", "lone", "single"})
@@ -238,7 +249,15 @@ _MAX_PHRASE = max(len(k) for k in _PHRASES)
 _MAX_QUANTIFIER = max(len(k) for k in _QUANTIFIERS)
 _MAX_COLOR = max(len(k) for k in _COLOR_PHRASES)
 
-_WORD_RE = re.compile(NUMBER_PATTERN + r"|[^\W\d_]+(?:['\-][^\W\d_]+)*|[^\w\s]")
+# Combining marks (an accent written as its own character: "pin\u0303ata") and zero-width characters join the letters
+# around them (they split words: "pin~ata" read as "ata", "d\u200bogs" as "ogs"); alone they are skipped.
+_JOINERS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f\u200b-\u200d\u2060\ufeff"
+_WORD_RE = re.compile(NUMBER_PATTERN + rf"|[^\W\d_](?:[^\W\d_]|[{_JOINERS}])*(?:['\-][^\W\d_](?:[^\W\d_]|[{_JOINERS}])*)*"
+                      rf"|[^\w\s{_JOINERS}]")
+_ZERO_WIDTH = re.compile("[\u200b-\u200d\u2060\ufeff]")
+_FULLWIDTH = {0xFF01 + i: 0x21 + i for i in range(94)}  # U+FF01..U+FF5E: the fullwidth forms of ASCII ! .. ~
+#: Longest prompt parsed (characters): T2I prompts are a few hundred; 100,000 took seconds per parse.
+MAX_PROMPT_CHARS = 20_000
 
 
 @dataclass(frozen=True)
@@ -249,7 +268,10 @@ class _Word:
 
 
 def _scan(prompt: str) -> list[_Word]:
-    return [_Word(m.group().lower(), m.start(), m.end()) for m in _WORD_RE.finditer(prompt)]
+    # A word's text is read composed (NFC: "n" + a combining tilde is "ñ"), fullwidth letters and digits as ASCII
+    # ("ＤＯＧＳ" is "dogs") and zero-width characters dropped; its span stays on the prompt as written.
+    return [_Word(_ZERO_WIDTH.sub("", unicodedata.normalize("NFC", m.group()).translate(_FULLWIDTH)).lower(),
+                  m.start(), m.end()) for m in _WORD_RE.finditer(prompt)]
 
 
 def _match(
@@ -348,7 +370,7 @@ def _setting_length(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> int:
 def _template_end(words: Sequence[_Word], lexicon: _Lexicon) -> int:
     """Index just past a leading "a photo of" (or similar), else 0."""
     for i in range(min(len(words) - 1, 6)):
-        if words[i].text in _TEMPLATE_WORDS and words[i + 1].text == "of":
+        if words[i].text in _TEMPLATE_WORDS and words[i + 1].text in _TEMPLATE_LINKS:
             before = words[:i]
             # Only determiners and plain adjectives ("a realistic photo of") may precede.
             if all(
@@ -366,6 +388,8 @@ def _template_end(words: Sequence[_Word], lexicon: _Lexicon) -> int:
 @dataclass
 class _Piece:
     quantifier: tuple[str, int | None] | None = None
+    quantifier_text: str = ""  # the words it was read from ("two", "a few", "without")
+    counted: bool = False  # read as a number ("two", "12", "a dozen"), not a determiner ("a") or a phrase
     words: list[_Word] = field(default_factory=list)
     content: int = 0  # words not in _STOPWORDS, counted as they come (a scan per word was quadratic)
 
@@ -462,6 +486,31 @@ def _bounded_count(words, pos: int, prompt: str) -> int:
     return 0 if needs_range else pos - start
 
 
+def _second_quantifier(piece: _Piece, new: tuple[str, int | None], text: str, counted: bool, prompt: str
+                       ) -> tuple[tuple[str, int | None], bool]:
+    """The quantifier of a noun phrase given two before its noun (the second used to replace the first: "a cat
+    without two dogs" asked for 2 dogs, "several dozen eggs" for 12, "1 000 ants" for 0). Returns (quantifier,
+    counted).
+
+    Raises:
+        ValueError: a number after a negation ("no three dogs": how many are *not* there), or two numbers in a row
+            ("two three dogs", "1 000": digit groups are not read).
+    """
+    old = piece.quantifier
+    if old == ("number", 0) and piece.quantifier_text not in ("zero", "0"):
+        if new[0] == "number" and new[1] != 0:
+            raise ValueError(f"count {text!r} after {piece.quantifier_text!r} in prompt {quote_prompt(prompt)} is "
+                             "negated: a negated count cannot be scored; ask for the number that should be there, "
+                             f"or for none ('{piece.quantifier_text} dogs')")
+        return old, piece.counted  # "without the dog", "no such": still none
+    if old[0] == "vague" and new[0] == "number" and piece.quantifier_text in _VAGUE:  # "several dozen", "a few dozen"
+        return old, False  # (after a collective the number is the count: "a stack of five books")
+    if old[0] == "number" and piece.counted and new[0] == "number" and counted:
+        raise ValueError(f"counts {piece.quantifier_text!r} and {text!r} in a row in prompt {quote_prompt(prompt)}: "
+                         "write one whole number (digit groups such as '1 000' are not read)")
+    return new, counted
+
+
 def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) -> _ParsedNP | None:
     words = piece.words
     # Color phrases anywhere in the piece (a color word may also be a noun: "orange").
@@ -543,6 +592,11 @@ def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) ->
                 f"color {prompt[words[s].start:words[e - 1].end]!r} in prompt {quote_prompt(prompt)} "
                 "is not followed by an object noun"
             )
+        if piece.counted and piece.quantifier and piece.quantifier[0] == "number" \
+                and piece.quantifier_text not in ("one", "zero", "0", "no"):  # "a red car and a blue one"
+            # "three 🐶 and a cat": the count was dropped without a word
+            raise ValueError(f"count {piece.quantifier_text!r} in prompt {quote_prompt(prompt)} is not followed by "
+                             "an object noun")
         return None
     colors = [(s, e, c) for s, e, c in color_hits if e <= head[0]]
     distinct = list(dict.fromkeys(c for _, _, c in colors))
@@ -574,6 +628,9 @@ def _check_prompt(prompt: Any) -> str:
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError("prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:  # 100,000 characters took seconds; no text encoder reads that far
+        raise ValueError(f"prompt {prompt[:40]!r}... is {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are "
+                         "parsed (text encoders read the first few hundred)")
     why = not_unicode(prompt)  # a lone surrogate failed in the tokenizer
     if why is not None:
         shown = repr(prompt) if len(prompt) <= 80 else repr(prompt[:80]) + f"... ({len(prompt)} characters)"
@@ -719,14 +776,25 @@ def parse(
         else:
             quantifier = _match(words, pos, _QUANTIFIERS, _MAX_QUANTIFIER)
         if quantifier and quantifier[1] == ("number", 2) and words[pos + quantifier[0] - 1].text == "of" \
-                and words[pos + quantifier[0] - 2].text == "pair" and pos + quantifier[0] < len(words) \
-                and words[pos + quantifier[0]].text in _PAIR_NOUNS:
-            quantifier = (quantifier[0], ("number", 1))  # "a pair of scissors" is one pair (skis: GenEval's class)
+                and words[pos + quantifier[0] - 2].text == "pair":
+            after = pos + quantifier[0]
+            color = _match(words, after, _COLOR_PHRASES, _MAX_COLOR) if after < len(words) else None
+            after += color[0] if color else 0  # "a pair of blue jeans" is one pair too
+            if after < len(words) and words[after].text in _PAIR_NOUNS:
+                quantifier = (quantifier[0], ("number", 1))  # "a pair of scissors" is one pair (skis: GenEval's)
         if quantifier:
             # A quantifier starts a new noun phrase ("a dog wearing a hat").
+            text = " ".join(w.text for w in words[pos:pos + quantifier[0]])
+            counted_here = counted is not None and text not in ("a", "an")
             if piece.has_content():
                 close()
-            piece.quantifier = quantifier[1]
+            elif piece.quantifier is not None:  # a second quantifier before any noun ("two three dogs")
+                piece.quantifier, counted_here = _second_quantifier(piece, quantifier[1], text, counted_here, prompt)
+                if piece.quantifier != quantifier[1]:
+                    pos += quantifier[0]
+                    piece.counted = counted_here
+                    continue
+            piece.quantifier, piece.quantifier_text, piece.counted = quantifier[1], text, counted_here
             pos += quantifier[0]
             continue
         if word.text in _PIECE_BREAKS and piece.has_content():
@@ -802,6 +870,12 @@ def _find_word(prompt: str, phrases: Iterable[str], lo: int, taken: list[tuple[i
     return best
 
 
+def _record_color(color: Any) -> Any:
+    """A record's color as its class is read: lower-cased, spaces collapsed ("Red", " red" were refused by Entity
+    while the class "Dog" was lower-cased silently); anything else is left for Entity to name."""
+    return " ".join(color.lower().split()) or None if isinstance(color, str) else color
+
+
 def from_geneval(
     record: Mapping[str, Any],
     tokenizer: Any = None,
@@ -850,7 +924,7 @@ def from_geneval(
     matched: list[int | None] = []
     used: set[int] = set()
     for cls, item in zip(classes, include):
-        color = item.get("color")
+        color = _record_color(item.get("color"))
         choice = None
         if parsed is not None:
             candidates = [k for k, e in enumerate(parsed.entities) if k not in used and e.noun == cls]
@@ -874,20 +948,18 @@ def from_geneval(
             noun_span = _find_word(prompt, (cls, pluralize(cls)), 0, taken)
             if noun_span is not None:
                 taken.append(noun_span)
-        if color_span is None and noun_span is not None and item.get("color"):
-            color_span = _find_color_before(prompt, item["color"], noun_span[0], taken)
+        if color_span is None and noun_span is not None and _record_color(item.get("color")):
+            color_span = _find_color_before(prompt, _record_color(item["color"]), noun_span[0], taken)
         spans[i] = (noun_span, color_span)
 
-    entities = tuple(
-        Entity(
-            noun=cls,
-            count=item["count"],
-            color=item.get("color") or None,
-            word_span=noun_span,
-            color_span=color_span,
-        )
-        for cls, item, (noun_span, color_span) in zip(classes, include, spans)
-    )
+    entities = []
+    for i, (cls, item, (noun_span, color_span)) in enumerate(zip(classes, include, spans)):
+        try:
+            entities.append(Entity(noun=cls, count=item["count"], color=_record_color(item.get("color")),
+                                   word_span=noun_span, color_span=color_span))
+        except ValueError as exc:  # named by the record's field, not Entity's ("Entity.color must be ...")
+            raise ValueError(f"GenEval record include[{i}]: {exc}") from None
+    entities = tuple(entities)
     relations = []
     for i, item in enumerate(include):
         if item.get("position") is None:
