@@ -222,6 +222,32 @@ def test_faithfulness_table_by_hand():
     md = ev.format_markdown(ev.build_report(two, settings={"faithfulness_fraction": 0.2}, num_resamples=200))
     assert "| colors | +100.0 | [+100.0, +100.0] | +100.0 | +0.0 | 100% / 0% |" in md
     assert "| position | +0.0 | [+0.0, +0.0] | +0.0 | +0.0 | n/a / n/a |" in md
+    assert "| base (no correction) | " in md and "| 100% |" in md  # overall gain +50 excludes 0: all of it lost
+    # no gain: the base row said 100% beside the other rows' "n/a (no gain ...)"
+    md = ev.format_markdown(ev.build_report(mixed, settings={"faithfulness_fraction": 0.2}, num_resamples=200))
+    base_row = [line for line in md.splitlines() if line.startswith("| base (no correction)")][0]
+    assert base_row.endswith("| n/a (no gain: its interval includes 0) |") and "100%" not in base_row
+
+
+def test_the_lam_and_actions_are_of_the_change_applied():
+    """A corrector of alpha 0 changed no pixel, while its actions said "removed 1 circle(s)" and its LAM (of Delta,
+    not of alpha * Delta) was as bright as at alpha 1."""
+    lam = torch.tensor([[[1.0, 2.0], [0.0, 4.0]]])
+    out, acts = ev.applied_change(lam, [["removed 1 circle(s)"]], 0.0)
+    assert torch.equal(out, torch.zeros_like(lam)) and acts == [["nothing applied (alpha 0)"]]
+    out, acts = ev.applied_change(lam, [["removed 1 circle(s)"]], -0.5)
+    assert torch.equal(out, lam * 0.5) and acts == [["removed 1 circle(s)"]]
+    assert ev.applied_change(lam, [[]], 1.0)[0] is lam
+
+
+@needs_shapes
+def test_a_corrector_of_alpha_zero_reports_nothing_applied(shapes, records, tmp_path):
+    corrector = _corrector(head_std=0.5)
+    report = ev.run_evaluation(shapes, corrector, _meta(alpha=0.0), records[:2], seeds=[0], out=tmp_path / "run",
+                               quiet=True, num_resamples=10, faithfulness_fraction=None)
+    pairs = [json.loads(line) for line in (tmp_path / "run" / "pairs.jsonl").read_text().splitlines()]
+    assert all(p["lam_mass"] == 0 and p["actions"] == ["nothing applied (alpha 0)"] for p in pairs)
+    assert report["lam_mass"] == 0
 
 
 # ---------------------------------------------------------------------------

@@ -762,3 +762,24 @@ def test_faithfulness_at_alpha_0_is_defined_not_an_error():
         assert res.gain.tolist() == [0.0, 0.0] and res.relative_drop.tolist() == [0.0, 0.0]
         assert torch.isnan(res.gain_lost).all() and torch.isnan(res.gain_lost_random).all()
         assert "n/a of it lost" in res.summary()
+
+
+def test_overlay_refuses_a_transposed_or_diverged_lam():
+    """A transposed LAM (4x8 given as 8x4 over a 32x64 image) was stretched over the image, its hot cell drawn at
+    the bottom left instead of the top right; one infinite cell was drawn as "no change"."""
+    from xlard.explain import ReportItem, overlay, render_html_report
+
+    image = torch.full((3, 32, 64), 0.5)
+    lam = torch.zeros(4, 8)
+    lam[0, 7] = 1.0
+    out = overlay(image, lam)
+    assert (out[:, :8, 56:] - image[:, :8, 56:]).abs().sum() > (out[:, 24:, :8] - image[:, 24:, :8]).abs().sum()
+    with pytest.raises(ValueError, match=r"overlay: lam 8x4 \(rows x columns\) does not have the image's shape "
+                                         r"32x64 up to a scale; a transposed LAM"):
+        overlay(image, lam.T.contiguous())
+    broken = torch.rand(4, 8) * 0.1
+    broken[2, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"overlay: lam has 1 NaN or infinite cell\(s\) of 32: a diverged"):
+        overlay(image, broken)
+    with pytest.raises(ValueError, match=r"item 0: lam has 1 NaN or infinite cell\(s\) of 32"):
+        render_html_report([ReportItem("p", after=image, lam=broken)])

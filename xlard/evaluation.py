@@ -890,6 +890,7 @@ def evaluate_pairs(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
         with torch.no_grad():
             delta, actions = corrector.actions(state.z0, **inputs)
             zc, lam = ops.residual_correction(state.z0, delta, alpha)
+            lam, actions = applied_change(lam, actions, alpha)
             base_img = backbone.decode(state).images
             corr_img = backbone.decode(state, zc).images
         base_v = _verdicts(base_img, recs, evaluator_config)
@@ -1092,7 +1093,7 @@ def format_markdown(report: Mapping[str, Any]) -> str:
                  f"({report['bootstrap']['num_resamples']} resamples, seed {report['bootstrap']['seed']}), "
                  "conditional on the records' prompts: they measure how the gain varies with the images, not with "
                  "the choice of prompts (a tag with few distinct prompts repeats them over its records).")
-    lines.append(f"mean LAM (sum_c |Delta| per latent cell): {report['lam_mass']:.4g}")
+    lines.append(f"mean LAM (|alpha| sum_c |Delta| per latent cell): {report['lam_mass']:.4g}")
     faith = report.get("faithfulness")
     if faith:
         frac = report["settings"].get("faithfulness_fraction")
@@ -1110,7 +1111,10 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"| {name} | {_pts(r['masked'])} | {_signed(r['diff'])} | "
                          f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | "
                          f"{'n/a (no gain: its interval includes 0)' if not _is_real(s) else f'{s:.0%}'} |")
-        lines.append(f"| base (no correction) | {_pts(g['base'])} | {_signed(g['corrected'] - g['base'])} | | 100% |")
+        # the whole gain lost, where there is a gain to lose (it read 100% beside "n/a (no gain ...)")
+        base_share = "100%" if _is_real(faith["share_lost_top"]) else "n/a (no gain: its interval includes 0)"
+        lines.append(f"| base (no correction) | {_pts(g['base'])} | {_signed(g['corrected'] - g['base'])} | | "
+                     f"{base_share} |")
         by_tag = faith.get("tags") or {}
         if by_tag:
             lines += ["", "Per tag (points; a share only where the tag's gain excludes 0):", "",
@@ -1224,6 +1228,15 @@ def _mark_image_folders(out: Path, complete: bool) -> None:
         _io.atomic_write_json(out / "images" / kind / _io.MANIFEST_NAME,
                               {"command": "eval (with a corrector)", "settings": {"paired_run": str(out)},
                                "complete": complete}, owner="xlard.evaluation", make_parents=True)
+
+
+def applied_change(lam, actions: list[list[str]], alpha: float):
+    """The LAM and the actions of the change ``zc = z0 + alpha * Delta`` applies: ``|alpha| * sum_c |Delta|``, and
+    for ``alpha`` 0 no action but "nothing applied (alpha 0)" (a corrector of alpha 0 left every image as it was,
+    while its actions said "removed 1 circle(s)" and its LAM was bright)."""
+    if alpha == 0:
+        return lam * 0.0, [["nothing applied (alpha 0)"] for _ in actions]
+    return (lam if alpha == 1 else lam * abs(alpha)), actions
 
 
 def _save_images(out: Path, records, rows, base, corrected, lam) -> None:
@@ -1622,6 +1635,7 @@ def _generate_batch(backbone, corrector, meta, out: Path, rows: list[int], promp
         delta, actions = corrector.actions(state.z0, **corrector_inputs(corrector, state.prompt_embedding,
                                                                         state.specs))
         zc, lam = ops.residual_correction(state.z0, delta, float(meta.alpha))
+        lam, actions = applied_change(lam, actions, float(meta.alpha))
         base = backbone.decode(state).images.float().clamp(0, 1).cpu()
         corrected = backbone.decode(state, zc).images.float().clamp(0, 1).cpu()
     for k, i in enumerate(rows):

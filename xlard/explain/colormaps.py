@@ -153,6 +153,15 @@ def overlay(
         raise ValueError(_err(fn, f"alpha must be in [0, 1], got {alpha!r}"))
     if not isinstance(normalize, bool):  # 'no' is truthy
         raise ValueError(_err(fn, f"normalize must be a bool, got {normalize!r}"))
+    (h, w), (height, width) = lam.shape[-2:], img.shape[-2:]
+    if h * width != w * height:  # a transposed LAM was stretched over the image: its hot cell drawn elsewhere
+        raise ValueError(_err(fn, f"lam {h}x{w} (rows x columns) does not have the image's shape {height}x{width} "
+                                  "up to a scale; a transposed LAM? (lam.T)"))
+    if not lam.is_meta and lam.numel():
+        bad = ~torch.isfinite(lam.detach())
+        if bool(bad.any()):  # normalize_lam maps them to 0: drawn as "no change", where the correction diverged
+            raise ValueError(_err(fn, f"lam has {int(bad.sum())} NaN or infinite cell(s) of {lam.numel()}: a "
+                                      "diverged correction, which would be drawn as no change"))
     if normalize:
         values = normalize_lam(lam, quantile)
     else:

@@ -299,6 +299,10 @@ def _check_numbers(fn: str, i: int, item: ReportItem) -> None:
         if lam.is_meta or not bool(torch.isfinite(lam.detach()).any()):
             raise ValueError(_err(fn, f"item {i}: lam has no finite value (shape {tuple(lam.shape)}): a diverged "
                                       f"correction, not an empty one"))
+        bad = int((~torch.isfinite(lam.detach())).sum())
+        if bad:  # one inf cell was drawn as "no change" under a caption of the finite cells' maximum
+            raise ValueError(_err(fn, f"item {i}: lam has {bad} NaN or infinite cell(s) of {lam.numel()} (shape "
+                                      f"{tuple(lam.shape)}): a diverged correction, drawn as no change there"))
 
 
 def render_html_report(items: Sequence[ReportItem | Mapping[str, Any]], title: str = "xLARD report",
