@@ -1037,3 +1037,20 @@ def test_a_corrector_is_refused_on_another_pipeline_size_or_text_length():
         other = ev.CorrectorMeta("x", STEP, 1.0, STEPS, GUIDANCE, sampler={**recorded, **change})
         with pytest.raises(ValueError, match=pattern):
             ev.check_corrector_fits(_corrector(), other, backbone)
+
+
+@needs_shapes
+def test_the_demo_report_shows_the_change_applied(shapes, records, tmp_path):
+    """The demo's report cards took the LAM of Delta and the corrector's actions as they were: at alpha 0 a bright LAM
+    and "removed ..." over an image that did not change."""
+    import types
+
+    from xlard import demo
+    from xlard.train.rewarding import build_reward_fn
+
+    cfg = demo.demo_config(tmp_path / "train", 0, 1)
+    reward_fn = build_reward_fn(cfg.reward, shapes)
+    row = types.SimpleNamespace(index=0, seed=0, tag=records[0]["tag"], base_correct=False, corrected_correct=False)
+    items = demo._report_items(shapes, _corrector(head_std=0.5), _meta(alpha=0.0), reward_fn, records[:1], [row])
+    assert torch.equal(items[0].before, items[0].after) and float(items[0].lam.abs().max()) == 0.0
+    assert "nothing applied (alpha 0)" in items[0].label

@@ -130,6 +130,29 @@ def test_shipped_corrector_uses_the_latent_eyes():
     assert isinstance(corrector._count_eyes(), LE.LatentCountEyes)
 
 
+@needs_weights
+def test_the_shipped_corrector_adds_objects_in_the_asked_color(tmp_path, capsys):
+    """"ten green diamonds" (image 4: no diamond found to copy a color from) got seven red diamonds: the count edit
+    was given the noun and the count, not the color."""
+    import numpy as np
+    from PIL import Image
+
+    from xlard import cli
+    from xlard.shapes.world import PALETTE
+
+    out = tmp_path / "g"
+    assert cli.main(["generate", "--backbone", "shapes", "--correct", "a photo of ten green diamonds",
+                     "--per-prompt", "6", "--out", str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in (out / "corrections.jsonl").read_text().splitlines()]
+    assert rows[4]["actions"][0].startswith("added ")  # nothing redrawn: every diamond is new
+    pixels = np.asarray(Image.open(out / rows[4]["image"]).convert("RGB")).reshape(-1, 3).astype(int)
+
+    def share(color):
+        return int((np.abs(pixels - np.array(PALETTE[color])).sum(1) < 60).sum())
+
+    assert share("green") > 300 and share("red") < 20, (share("green"), share("red"))
+
+
 def _backbone_latents(prompts, seeds):
     from xlard.backbones import DiffusersBackbone
 

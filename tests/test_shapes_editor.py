@@ -473,3 +473,29 @@ def test_touched_cells_checks_its_arguments():
         touched_cells(changed[0], 4)
     with pytest.raises(ValueError, match="grow must be an int >= 0"):
         touched_cells(changed, 4, grow=-1)
+
+
+def test_a_count_edit_with_nothing_to_copy_draws_the_asked_color():
+    """count_edit (redraw + fix_count, no fix_color) drew objects where none of the noun was found in the vocabulary's
+    first color: "ten green diamonds" got red diamonds. The asked color now, where there is no found one to copy."""
+    empty = Scene(64, (SceneObject("circle", "blue", (4, 4, 18, 18)),))
+    img, _, actions = edit(empty, "three green diamonds", redraw=True, fix_count=True, fix_color=False,
+                           fix_position=False)
+    assert actions == ["added 3 diamond(s)"] and len(blobs(img, "green")) == 3 and not blobs(img, "red")
+    img, _, _ = edit(empty, "three diamonds", redraw=True, fix_count=True, fix_color=False, fix_position=False)
+    assert len(blobs(img, "red")) == 3  # no color asked: the first, as before
+    one = Scene(64, (SceneObject("diamond", "yellow", (4, 4, 18, 18)),))  # a found one's color is copied, as before
+    img, _, _ = edit(one, "three green diamonds", redraw=True, fix_count=True, fix_color=False, fix_position=False)
+    assert len(blobs(img, "yellow")) == 3 and not blobs(img, "green")
+
+
+def test_count_eyes_take_the_asked_colors_and_check_them():
+    from xlard.shapes import understanding as U
+
+    if not U.is_available():
+        pytest.skip("understanding model absent")
+    eyes = U.CountEyes(CFG.shapes)
+    with pytest.raises(ValueError, match=r"colors must give one color word \(or None\) per latent \(1\)"):
+        eyes.edit_counts(torch.zeros(1, 8, 16, 16), ["circle"], [2], colors=["red", "blue"])
+    with pytest.raises(ValueError, match=r"colors must be None or a list"):
+        eyes.edit_counts(torch.zeros(1, 8, 16, 16), ["circle"], [2], colors="red")

@@ -182,7 +182,7 @@ def _report_items(backbone, corrector, meta, reward_fn, records, rows) -> list:
     import torch
 
     from xlard import ops
-    from xlard.evaluation import image_seed
+    from xlard.evaluation import applied_change, image_seed
     from xlard.explain import report_items
     from xlard.models import corrector_inputs
 
@@ -194,6 +194,7 @@ def _report_items(backbone, corrector, meta, reward_fn, records, rows) -> list:
         delta, actions = corrector.actions(state.z0, **corrector_inputs(corrector, state.prompt_embedding,
                                                                          state.specs))
         zc, lam = ops.residual_correction(state.z0, delta, float(meta.alpha))
+        lam, actions = applied_change(lam, actions, float(meta.alpha))  # the change applied, as eval reports it
         base = backbone.decode(state)
         corrected = backbone.decode(state, zc)
     before, after = reward_fn(base, explain=True), reward_fn(corrected, explain=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import numbers
 import operator
@@ -1885,8 +1886,12 @@ class ResidualCorrector(_Pretrained, nn.Module):
             raise TypeError(f"ResidualCorrector: count_edit needs eyes with an edit_counts(z, nouns, counts) method "
                             f"(as xlard.shapes.understanding.CountEyes has), got {type(eyes).__name__}")
         words = [self.config.reader_nouns[int(i)] for i in nouns[rows, 0]]
+        kwargs = {}
+        if "colors" in inspect.signature(eyes.edit_counts).parameters:  # the asked color, for objects drawn anew
+            colors = slot_fields(self.config, text_tokens, text_mask)[1]
+            kwargs["colors"] = [self.config.reader_colors[int(k)] if int(k) >= 0 else None for k in colors[rows, 0]]
         with torch.no_grad():
-            out = eyes.edit_counts((z + delta)[r].detach(), words, [int(c) for c in counts[rows, 0]])
+            out = eyes.edit_counts((z + delta)[r].detach(), words, [int(c) for c in counts[rows, 0]], **kwargs)
         # (encoded, touched, actions); a bare tensor or a short tuple leaves the rest None, named below
         encoded, touched, acts = ((*out, None, None) if isinstance(out, (tuple, list)) else (out, None, None))[:3]
         want = (len(rows), *z.shape[1:])

@@ -59,6 +59,8 @@ UNIT_WORDS: frozenset[str] = frozenset({
     "hour", "hours", "minute", "minutes", "second", "seconds", "story", "stories",
     "storey", "storeys", "floor", "floors", "percent", "%", "degree", "degrees",
     "o'clock", "am", "pm", "mph", "kph", "carat", "karat", "volt", "watt", "times",
+    # what a number before another noun describes ("two 20 dollar bills", "a 5 star hotel", "two 3 legged stools")
+    "dollar", "dollars", "euro", "euros", "cent", "cents", "star", "legged", "wheeled", "seater", "pack",
 })
 
 # Words before "of" that make the amount vague ("dozens of birds").
@@ -138,6 +140,8 @@ def read_count(words: Sequence[_Word], pos: int, prompt: str) -> tuple[int, str,
     if text in _VAGUE_PLURAL_SCALES and nxt == "of":
         return 2, "vague", None
     if any(unicodedata.category(ch) == "No" and not float(unicodedata.numeric(ch, 0)).is_integer() for ch in text):
+        if nxt in UNIT_WORDS:  # "a ¼ pound burger", "a 1½ liter bottle": a measurement, as "2.5 liter"
+            return 2, "measure", None
         raise _error(text, prompt, "is a fraction, not a whole count")  # "½ pizza" was read as no count at all
     if text[0].isdigit() or (text[0] == "-" and len(text) > 1 and text[1].isdigit()):
         if _NOT_A_COUNT.fullmatch(text):

@@ -47,7 +47,8 @@ _TEMPLATE_WORDS = frozenset({
 })
 
 # What joins a leading "a photo" to its objects ("a photo showing two dogs" had an entity "photo").
-_TEMPLATE_LINKS = frozenset({"of", "showing", "featuring", "containing", "depicting", "with", "shows", "features",
+# (not "with": "a painting with a gold frame" is a painting)
+_TEMPLATE_LINKS = frozenset({"of", "showing", "featuring", "containing", "depicting", "shows", "features",
                              "contains", "depicts"})
 
 # Words that are never an entity's noun (a piece made only of these is no entity).
@@ -64,7 +65,7 @@ _STOPWORDS = frozenset({
     # adverbs and conjunctions after a noun became the head ("a cat alone" -> "alone", "a dog but no cat" -> "but")
     "alone", "asleep", "awake", "nearby", "not", "but", "instead", "rather", "too", "either", "neither",
     # the one who asks and what they ask for ("show me three cats" had an entity "me", "I want two dogs" "want")
-    "i", "me", "we", "us", "you", "please", "want", "wants", "show", "draw", "create", "generate", "make", "give",
+    "i", "me", "we", "us", "you", "please", "want", "wants",
     # places and ranks, not objects ("a dog on its left", "the first two dogs")
     "left", "right", "first", "second", "third", "last", "next",
 })
@@ -251,9 +252,10 @@ _MAX_COLOR = max(len(k) for k in _COLOR_PHRASES)
 
 # Combining marks (an accent written as its own character: "pin\u0303ata") and zero-width characters join the letters
 # around them (they split words: "pin~ata" read as "ata", "d\u200bogs" as "ogs"); alone they are skipped.
-_JOINERS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f\u200b-\u200d\u2060\ufeff"
-_WORD_RE = re.compile(NUMBER_PATTERN + rf"|[^\W\d_](?:[^\W\d_]|[{_JOINERS}])*(?:['\-][^\W\d_](?:[^\W\d_]|[{_JOINERS}])*)*"
-                      rf"|[^\w\s{_JOINERS}]")
+_MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+_ZW = "\u200b-\u200d\u2060\ufeff"
+_LETTERS = rf"[^\W\d_](?:[^\W\d_]|[{_MARKS}]|[{_ZW}]+(?=[^\W\d_]))*"  # a zero-width character only inside a word
+_WORD_RE = re.compile(NUMBER_PATTERN + rf"|{_LETTERS}(?:['\-]{_LETTERS})*|[^\w\s{_MARKS}{_ZW}]")
 _ZERO_WIDTH = re.compile("[\u200b-\u200d\u2060\ufeff]")
 _FULLWIDTH = {0xFF01 + i: 0x21 + i for i in range(94)}  # U+FF01..U+FF5E: the fullwidth forms of ASCII ! .. ~
 #: Longest prompt parsed (characters): T2I prompts are a few hundred; 100,000 took seconds per parse.
@@ -367,7 +369,23 @@ def _setting_length(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> int:
     return 0
 
 
+#: A request before the objects ("please draw", "show me", "I want", "generate"): skipped at the start of a prompt
+#: only ("a car show", "a make of car" keep their words).
+_REQUEST_WORDS = frozenset({"please", "i", "we", "want", "wants", "would", "like", "to", "can", "could", "you",
+                            "show", "draw", "create", "generate", "make", "give", "paint", "render", "me", "us"})
+
+
 def _template_end(words: Sequence[_Word], lexicon: _Lexicon) -> int:
+    """Index just past a leading request ("please draw") and "a photo of" (or similar), else 0."""
+    start = 0
+    while start < len(words) and words[start].text in _REQUEST_WORDS:
+        start += 1
+    if start and (start == len(words) or words[start - 1].text in ("to", "like", "would", "can", "could")):
+        start = 0  # not a request before objects ("to the left of ..." as a whole prompt is the parser's to refuse)
+    return start + _template_at(words[start:], lexicon)
+
+
+def _template_at(words: Sequence[_Word], lexicon: _Lexicon) -> int:
     """Index just past a leading "a photo of" (or similar), else 0."""
     for i in range(min(len(words) - 1, 6)):
         if words[i].text in _TEMPLATE_WORDS and words[i + 1].text in _TEMPLATE_LINKS:
@@ -390,6 +408,7 @@ class _Piece:
     quantifier: tuple[str, int | None] | None = None
     quantifier_text: str = ""  # the words it was read from ("two", "a few", "without")
     counted: bool = False  # read as a number ("two", "12", "a dozen"), not a determiner ("a") or a phrase
+    negated: str = ""  # "'two' after 'without'": refused if the phrase ends in an object with that count
     words: list[_Word] = field(default_factory=list)
     content: int = 0  # words not in _STOPWORDS, counted as they come (a scan per word was quadratic)
 
@@ -497,15 +516,22 @@ def _second_quantifier(piece: _Piece, new: tuple[str, int | None], text: str, co
             ("two three dogs", "1 000": digit groups are not read).
     """
     old = piece.quantifier
+    between = [w.text for w in piece.words]
+    if "but" in between:  # "not one but two cats", "not two but three cats": the second is the count
+        piece.negated = ""
+        return new, counted
     if old == ("number", 0) and piece.quantifier_text not in ("zero", "0"):
-        if new[0] == "number" and new[1] != 0:
-            raise ValueError(f"count {text!r} after {piece.quantifier_text!r} in prompt {quote_prompt(prompt)} is "
-                             "negated: a negated count cannot be scored; ask for the number that should be there, "
-                             f"or for none ('{piece.quantifier_text} dogs')")
+        if text in ("one", "body"):
+            return old, piece.counted  # "no one around", "nobody": no object
+        if piece.quantifier_text == "no" and text.isdigit():
+            return None, False  # "a chanel no 5 perfume bottle": a name, no count
+        if new[0] == "number" and new[1] != 0:  # refused if the phrase ends in an object ("a cat without two dogs")
+            piece.negated = f"count {text!r} after {piece.quantifier_text!r}"
+            return new, counted
         return old, piece.counted  # "without the dog", "no such": still none
     if old[0] == "vague" and new[0] == "number" and piece.quantifier_text in _VAGUE:  # "several dozen", "a few dozen"
         return old, False  # (after a collective the number is the count: "a stack of five books")
-    if old[0] == "number" and piece.counted and new[0] == "number" and counted:
+    if old[0] == "number" and piece.counted and new[0] == "number" and counted and not between:
         raise ValueError(f"counts {piece.quantifier_text!r} and {text!r} in a row in prompt {quote_prompt(prompt)}: "
                          "write one whole number (digit groups such as '1 000' are not read)")
     return new, counted
@@ -592,12 +618,16 @@ def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) ->
                 f"color {prompt[words[s].start:words[e - 1].end]!r} in prompt {quote_prompt(prompt)} "
                 "is not followed by an object noun"
             )
-        if piece.counted and piece.quantifier and piece.quantifier[0] == "number" \
-                and piece.quantifier_text not in ("one", "zero", "0", "no"):  # "a red car and a blue one"
-            # "three 🐶 and a cat": the count was dropped without a word
+        if piece.counted and piece.quantifier and piece.quantifier[0] == "number" and words \
+                and not any(w.text[0].isalpha() for w in words):
+            # "three 🐶 and a cat": the count was dropped without a word (a number with no words after it is a
+            # label, a time or an age: "wearing number 10", "a clock at 5")
             raise ValueError(f"count {piece.quantifier_text!r} in prompt {quote_prompt(prompt)} is not followed by "
                              "an object noun")
         return None
+    if piece.negated:
+        raise ValueError(f"{piece.negated} in prompt {quote_prompt(prompt)} is negated: a negated count cannot be "
+                         "scored; ask for the number that should be there, or for none ('no dogs')")
     colors = [(s, e, c) for s, e, c in color_hits if e <= head[0]]
     distinct = list(dict.fromkeys(c for _, _, c in colors))
     if len(distinct) > 1:
@@ -789,10 +819,10 @@ def parse(
             if piece.has_content():
                 close()
             elif piece.quantifier is not None:  # a second quantifier before any noun ("two three dogs")
-                piece.quantifier, counted_here = _second_quantifier(piece, quantifier[1], text, counted_here, prompt)
-                if piece.quantifier != quantifier[1]:
+                chosen, counted_here = _second_quantifier(piece, quantifier[1], text, counted_here, prompt)
+                if chosen != quantifier[1]:
+                    piece.quantifier, piece.counted = chosen, counted_here
                     pos += quantifier[0]
-                    piece.counted = counted_here
                     continue
             piece.quantifier, piece.quantifier_text, piece.counted = quantifier[1], text, counted_here
             pos += quantifier[0]

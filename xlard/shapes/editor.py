@@ -496,7 +496,10 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
             actions.append(f"colored {recolored} {noun}(s) {want_color}")
         if config.fix_count and len(objs) < asked:
             size = config.draw_size or (int(np.median(sizes)) if sizes else config.default_size)
-            color = want_color or (placed[-1][0][3] if placed[-1] else colors[0])
+            # nothing found to copy a color from: the asked one, else the vocabulary's first ("ten green diamonds"
+            # got seven red ones)
+            asked_color = entity.color if entity.color in colors and entity.color in PALETTE else colors[0]
+            color = want_color or (placed[-1][0][3] if placed[-1] else asked_color)
             added = 0
             for _ in range(asked - len(objs)):
                 free = _dilate(colored, 2)

@@ -330,7 +330,8 @@ class LatentCountEyes(CountEyes):
         return flat_canvas(maps.color_probs, self._model(z.device).config.colors)
 
     @torch.no_grad()
-    def edit_counts(self, z: torch.Tensor, nouns, counts) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
+    def edit_counts(self, z: torch.Tensor, nouns, counts, colors=None
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
         """``count_edit`` as :meth:`CountEyes.edit_counts`, on the latent maps and their flat canvas.
 
         Returns:
@@ -341,6 +342,7 @@ class LatentCountEyes(CountEyes):
         """
         owner = "LatentCountEyes.edit_counts"
         nouns, counts = self._check_counts(owner, z, nouns, counts)
+        colors = self._check_colors(owner, colors, len(nouns))
         config = self._model(z.device).config
         side = [int(n) * config.factor for n in z.shape[-2:]]
         if side != [EDIT_IMAGE_SIZE] * 2:  # the eyes were distilled, and the editor draws, at this size
@@ -350,7 +352,7 @@ class LatentCountEyes(CountEyes):
                              f"{EDIT_IMAGE_SIZE}, or use a corrector without count_edit")
         maps = self._maps(z, owner)
         return self._edit_and_encode(owner, z, flat_canvas(maps.color_probs, config.colors), maps, config, nouns,
-                                     counts, config.factor)
+                                     counts, config.factor, colors)
 
     def _read(self, z: torch.Tensor) -> tuple[UnderstandingOutput, LatentEyesConfig]:
         """``(maps of z, the latent eyes' config)``: the latent read directly, no VAE decode."""

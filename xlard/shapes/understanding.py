@@ -466,7 +466,8 @@ class CountEyes:
         return (out / 2 + 0.5).clamp(0.0, 1.0).contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
-    def edit_counts(self, z: torch.Tensor, nouns, counts) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
+    def edit_counts(self, z: torch.Tensor, nouns, counts, colors=None
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
         """``count_edit``: redraw each latent's image so that it holds ``counts[i]`` clean ``nouns[i]`` shapes.
 
         The latent is decoded and read by the understanding model; :func:`xlard.shapes.editor.edit_image`
@@ -478,6 +479,8 @@ class CountEyes:
             z (Tensor[B, C, h, w]): final latents of the shapes backbone.
             nouns: one noun per latent (a world shape; any other word leaves its latent alone).
             counts: one asked count per latent (ints >= 1).
+            colors: optional, one asked color (or None) per latent: the color of objects drawn where none of the
+                noun is found to copy one from (they were drawn in the vocabulary's first color, red).
 
         Returns:
             ``(encoded [B, C, h, w], touched [B, 1, h, w] bool, actions)``: the edited images' encodings, the
@@ -489,6 +492,7 @@ class CountEyes:
         """
         owner = f"{type(self).__name__}.edit_counts"
         nouns, counts = self._check_counts(owner, z, nouns, counts)
+        colors = self._check_colors(owner, colors, len(nouns))
         images = self.images(z)
         model = self._model(z.device)
         size = model.config.image_size
@@ -497,7 +501,20 @@ class CountEyes:
                              f"model's size), and z {list(z.shape)} decodes to {images.shape[-2]}x{images.shape[-1]}: "
                              f"generate at {size}x{size}, or use a corrector without count_edit")
         return self._edit_and_encode(owner, z, images, model.predict(images), model.config, nouns, counts,
-                                     images.shape[-1] // z.shape[-1])
+                                     images.shape[-1] // z.shape[-1], colors)
+
+    @staticmethod
+    def _check_colors(owner: str, colors, n: int) -> list:
+        """``colors`` as a list of one color word or None per latent (None: no color asked for any)."""
+        if colors is None:
+            return [None] * n
+        if isinstance(colors, (str, bytes)) or not isinstance(colors, Iterable):
+            raise ValueError(f"{owner}: colors must be None or a list with one color (or None) per latent ({n}), "
+                             f"got {type(colors).__name__} {colors!r:.40}")
+        colors = list(colors)
+        if len(colors) != n or not all(c is None or isinstance(c, str) for c in colors):
+            raise ValueError(f"{owner}: colors must give one color word (or None) per latent ({n}), got {colors!r:.80}")
+        return colors
 
     @staticmethod
     def _check_counts(owner: str, z, nouns, counts) -> tuple[list, list[int]]:
@@ -519,7 +536,7 @@ class CountEyes:
         return nouns, [int(c) for c in counts]
 
     def _edit_and_encode(self, owner: str, z: torch.Tensor, images: torch.Tensor, maps: UnderstandingOutput,
-                         vocab, nouns: list, counts: list[int], factor: int
+                         vocab, nouns: list, counts: list[int], factor: int, colors: list | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
         """The count edit on ``images`` read as ``maps`` (vocabulary ``vocab.shapes`` / ``vocab.colors``):
         :func:`xlard.shapes.editor.edit_image` per latent (``redraw`` and ``fix_count`` only), the edited
@@ -535,7 +552,8 @@ class CountEyes:
         config = EditConfig(redraw=True, fix_count=True, fix_color=False, fix_position=False)
         edited, changed, actions = [], [], []
         for i, (noun, count) in enumerate(zip(nouns, counts)):
-            spec = PromptSpec(prompt=f"{count} {noun}", entities=(Entity(noun, count=count),))
+            color = colors[i] if colors is not None and colors[i] in vocab.colors else None
+            spec = PromptSpec(prompt=f"{count} {noun}", entities=(Entity(noun, count=count, color=color),))
             image, mask, acts = edit_image(src[i], shape_probs[i], color_probs[i], spec, vocab.shapes, vocab.colors,
                                            config)
             edited.append(torch.from_numpy(image))
