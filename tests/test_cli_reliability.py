@@ -1186,7 +1186,7 @@ def test_records_no_image_can_pass_are_refused_up_front(tmp_path, capsys, prompt
                  ["eval", "--prompts", bad, "--images", tmp_path, "--quiet"]):
         code, _, err = run(argv, capsys)
         assert code == 2, argv
-        one_line_error(err, f"--prompts: {bad} record 12: record 'x' cannot be satisfied")
+        one_line_error(err, f"--prompts: {bad}:13: record 'x' cannot be satisfied")
     assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
 
 
@@ -1350,3 +1350,91 @@ def test_render_without_pillow_says_so_before_any_work(tmp_path, capsys, prompt_
     assert code == 2
     one_line_error(err, "xlard render needs pillow: pip install 'xlard[method]'")
     assert not out.exists()
+
+
+def test_a_geneval_folder_is_scored_whole_or_refused(tmp_path, capsys, prompt_file):
+    """eval --folder skipped a prompt folder whose metadata.jsonl was gone (22/22 for 12 prompts, a tag dropped),
+    scored a non-index "junk" folder, said nothing of missing indices or of a manifest's count, wrote --results
+    over a record it read, scored an unsatisfiable record as a failure and showed no progress."""
+    import shutil
+
+    full = tmp_path / "r1"
+    assert run(["render", full, "--prompts", prompt_file, "--per-prompt", 2, "--quiet"], capsys)[0] == 0
+
+    def copy(name, keep_manifest=False):
+        folder = tmp_path / name
+        shutil.copytree(full, folder)
+        if not keep_manifest:
+            (folder / "xlard-run.json").unlink()
+        return folder
+
+    a = copy("a")
+    (a / "00003" / "metadata.jsonl").unlink()
+    code, _, err = run(["eval", "--folder", a, "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "--folder: ", "00003: a prompt folder without a metadata.jsonl file")
+    b = copy("b")
+    shutil.copytree(full / "00000", b / "junk")  # not GenEval's: left alone
+    code, out, err = run(["eval", "--folder", b, "--quiet"], capsys)
+    assert code == 0 and "24" in out and "25" not in out
+    gap = copy("gap")
+    shutil.rmtree(gap / "00004")
+    shutil.rmtree(gap / "00007")
+    code, out, err = run(["eval", "--folder", gap, "--quiet"], capsys)
+    assert code == 0 and "note: --folder: 2 prompt folder(s) missing between 0 and 11 (4, 7): the score covers the " \
+                         "10 present" in err
+    kept = copy("kept", keep_manifest=True)
+    shutil.rmtree(kept / "00005")
+    code, _, err = run(["eval", "--folder", kept, "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "holds 11 of the 12 prompt folders its `xlard render` run wrote; rerun that command with "
+                        "--resume")
+    ow = copy("ow")
+    before = (ow / "00000" / "metadata.jsonl").read_text()
+    code, _, err = run(["eval", "--folder", ow, "--results", ow / "00000" / "metadata.jsonl", "--quiet"], capsys)
+    assert code == 2 and (ow / "00000" / "metadata.jsonl").read_text() == before
+    one_line_error(err, "--results: ", "lies inside --folder", "which is being read")
+    code, _, err = run(["eval", "--prompts", prompt_file, "--images", ow / "00000" / "samples", "--json",
+                        ow / "00000" / "samples" / "0000.png", "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "--json: ", "lies inside --images")
+    unsat = copy("unsat")
+    (unsat / "00000" / "metadata.jsonl").write_text(json.dumps(
+        {"tag": "counting", "include": [{"class": "square", "count": 1}], "exclude": [{"class": "square", "count": 1}],
+         "prompt": "a photo of a square"}) + "\n")
+    code, _, err = run(["eval", "--folder", unsat, "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "00000/metadata.jsonl: record 'a photo of a square' cannot be satisfied")
+    code, _, err = run(["eval", "--folder", copy("shown")], capsys)  # progress, as --images shows it
+    assert code == 0 and "12/12" in err
+
+
+def test_resume_remakes_incomplete_prompt_folders(tmp_path, capsys, prompt_file):
+    """--resume reused any prompt folder that existed: one with a sample deleted stayed short, an emptied one was
+    scored as nothing (22/22)."""
+    import shutil
+
+    out = tmp_path / "m"
+    assert run(["render", out, "--prompts", prompt_file, "--per-prompt", 2, "--quiet"], capsys)[0] == 0
+    (out / "00005" / "samples" / "0001.png").unlink()
+    for child in (out / "00006").iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    code, out_text, err = run(["render", out, "--prompts", prompt_file, "--per-prompt", 2, "--quiet", "--resume"],
+                              capsys)
+    assert code == 0 and "wrote 2 prompt folders" in out_text and "(10 reused)" in out_text
+    assert (out / "00005" / "samples" / "0001.png").is_file() and (out / "00006" / "metadata.jsonl").is_file()
+    code, out_text, _ = run(["eval", "--folder", out, "--quiet"], capsys)
+    assert code == 0 and "24" in out_text
+
+
+def test_prompt_file_errors_name_the_line_the_reader_counts(tmp_path, capsys):
+    """A BOM, CRLF line ends and a blank line before a bad record: the error said line 2 for line 3."""
+    good = json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}], "exclude": [],
+                       "prompt": "a photo of a circle"})
+    bad = json.dumps({"tag": "single_object", "include": [{"class": "dog", "count": 1}], "exclude": [],
+                      "prompt": "a photo of a dog"})
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff\r\n".encode() + good.encode() + b"\r\n" + "\u00a0\n".encode() + bad.encode() + b"\r\n")
+    code, _, err = run(["render", tmp_path / "x", "--prompts", path, "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, f"{path}:4: ")

@@ -231,8 +231,9 @@ def _read_records(path: str, flag: str = "--prompts") -> list[dict]:
     from xlard.shapes.world import WorldConfig
 
     _input_file(path, flag)
+    lines: list[int] = []
     try:
-        records = P.read_records(path, WorldConfig())
+        records = P.read_records(path, WorldConfig(), line_numbers=lines)
     except ValueError as exc:
         raise UsageError(f"{flag}: {_one_line(exc)}") from None
     if not records:
@@ -244,9 +245,32 @@ def _read_records(path: str, flag: str = "--prompts") -> list[dict]:
     for i, record in enumerate(records):  # no image can pass such a record: refused, not scored as a failure
         try:
             P.check_satisfiable(record, world)
-        except ValueError as exc:
-            raise UsageError(f"{flag}: {path} record {i}: {_one_line(exc)}") from None
+        except ValueError as exc:  # by its line, as every other error of the file (it said "record 0")
+            raise UsageError(f"{flag}: {path}:{lines[i]}: {_one_line(exc)}") from None
     return records
+
+
+def _inside_inputs(outputs: dict[str, str | None], folder, in_flag: str) -> None:
+    """No output file may lie inside a folder the command reads (``--results F/00000/metadata.jsonl`` replaced a
+    record by 24 result lines; ``--json IMAGES/3.png`` a sample by JSON)."""
+    root = os.path.realpath(folder)
+    for flag, value in outputs.items():
+        if value is not None and os.path.commonpath([root, os.path.realpath(value)]) == root:
+            raise UsageError(f"{flag}: {value} lies inside {in_flag} {folder}, which is being read; writing there "
+                             "would change what is scored (give a path outside it)")
+
+
+def _complete_unit(folder: Path, samples: int) -> bool:
+    """Whether a prompt folder of GenEval's layout is whole: its metadata.jsonl and ``samples`` PNGs (``--resume``
+    reused any folder that existed: one with a sample deleted stayed short, an emptied one was scored as nothing)."""
+    from xlard.shapes import evaluator as E
+
+    if not (folder / "metadata.jsonl").is_file() or not (folder / "samples").is_dir():
+        return False
+    try:
+        return len(E.png_files(folder / "samples")) >= samples
+    except OSError:
+        return False
 
 
 def _check_image_count(count: int, what: str) -> None:
@@ -602,7 +626,8 @@ def _write_geneval_folder(out: Path, index: int, record: dict, images) -> None:
     """
     from xlard.shapes import prompts as P
 
-    with _io.atomic_folder(out / f"{index:05d}", owner="xlard") as tmp:
+    # replace: only an incomplete folder --resume remakes is there (--overwrite cleared the rest, a plain run refused)
+    with _io.atomic_folder(out / f"{index:05d}", owner="xlard", existing="replace") as tmp:
         (tmp / "samples").mkdir()
         P.write_jsonl(tmp / "metadata.jsonl", [record])
         for k, image in enumerate(images):
@@ -765,7 +790,7 @@ def _cmd_render(args) -> int:
                 "seed": args.seed}
     owned = _owned(out, _UNIT_NAME, folders=True)
     resuming = _check_output_folder(args, out, "OUT", settings, owned)
-    todo = [i for i in range(len(records)) if not (resuming and (out / f"{i:05d}").is_dir())]
+    todo = [i for i in range(len(records)) if not (resuming and _complete_unit(out / f"{i:05d}", args.per_prompt))]
     scenes = {}  # every scene laid out before anything is written: a record no layout fits fails up front
     for i in todo:
         try:
@@ -795,6 +820,17 @@ def _check_finished_folder(folder: Path) -> None:
     if isinstance(data, dict) and data.get("complete") is False:
         raise UsageError(f"--folder: {folder} holds an unfinished `xlard {data.get('command')}` run; finish it by "
                          "rerunning that command with --resume")
+    count = data.get("settings", {}).get("count") if isinstance(data, dict) else None
+    if isinstance(count, int) and not isinstance(count, bool):  # a prompt folder removed after the run
+        from xlard.shapes import evaluator as E
+
+        try:
+            have = sum(1 for p in E.prompt_folders(folder) if int(p.name) < count)
+        except (OSError, ValueError):
+            return  # named by the scoring itself
+        if have != count:
+            raise UsageError(f"--folder: {folder} holds {have} of the {count} prompt folders its `xlard "
+                             f"{data.get('command')}` run wrote; rerun that command with --resume to make the others")
 
 
 _EVAL_DEFAULTS = {"steps": 0, "batch": 8, "seed": 0}
@@ -875,9 +911,18 @@ def _cmd_eval(args) -> int:
         if args.backbone or args.prompts or args.images:
             raise UsageError("--folder: give --folder alone, or --prompts with --images or --backbone")
         folder = _input_folder(args.folder, "--folder")
+        _inside_inputs({"--results": args.results, "--json": args.json}, folder, "--folder")
         _check_finished_folder(folder)
         try:
-            results = E.evaluate_folder(folder)
+            units = E.prompt_folders(folder)
+            indices = [int(p.name) for p in units]
+            missing = sorted(set(range(max(indices) + 1)) - set(indices)) if indices else []
+            if missing:  # a note, shown under --quiet too: GenEval numbers its prompts from 0
+                shown = ", ".join(str(i) for i in missing[:8]) + (" ..." if len(missing) > 8 else "")
+                print(f"note: --folder: {len(missing)} prompt folder(s) missing between 0 and {max(indices)} ({shown}): "
+                      f"the score covers the {len(units)} present", file=sys.stderr)
+            results = E.evaluate_folder(folder, progress=lambda it, n: _progress(it, n, "eval", args.quiet,
+                                                                                  unit="prompt"))
         except (OSError, ValueError) as exc:  # OSError: an unreadable metadata.jsonl or image inside
             raise UsageError(f"--folder: {_one_line(exc)}") from None
     elif args.backbone:
@@ -898,7 +943,7 @@ def _cmd_eval(args) -> int:
         _check_backbone(args.backbone)
         owned = _owned(out, _UNIT_NAME, folders=True)
         resuming = _check_output_folder(args, out, "--out", settings, owned)
-        todo = [i for i in range(len(records)) if not (resuming and (out / f"{i:05d}").is_dir())]
+        todo = [i for i in range(len(records)) if not (resuming and _complete_unit(out / f"{i:05d}", 1))]
         backbone = _load_backbone(args) if todo else None  # before anything is deleted: it may fail
         if backbone is not None:
             backbone.check_prompts([records[i]["prompt"] for i in todo],
@@ -923,6 +968,9 @@ def _cmd_eval(args) -> int:
         # Only this run's prompt folders are scored, whatever else the folder holds.
         results = []
         for i, record in enumerate(records):
+            if not _complete_unit(out / f"{i:05d}", 1):  # changed under the run: refused, not dropped from the score
+                raise UsageError(f"--out: {out / f'{i:05d}'} lacks its metadata.jsonl or samples/*.png (removed "
+                                 "while the run went on?); rerun with --resume to make it again")
             pngs = E.png_files(out / f"{i:05d}" / "samples")
             results.extend(E.evaluate([str(p) for p in pngs], record))
         print(f"images and per-prompt metadata in {out}")
@@ -931,6 +979,7 @@ def _cmd_eval(args) -> int:
             raise UsageError("give --folder DIR, or both --prompts FILE and --images DIR, or --prompts with --backbone, "
                              "or --prompts with --corrector DIR or --correct (base vs corrected)")
         records = _read_records(args.prompts)
+        _inside_inputs({"--results": args.results, "--json": args.json}, args.images, "--images")
         images = E.png_files(_input_folder(args.images, "--images"))
         if len(images) != len(records):
             raise UsageError(f"--images: {args.images} holds {len(images)} PNG files for {len(records)} records "

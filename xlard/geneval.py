@@ -213,7 +213,8 @@ def validate_record(
     return record
 
 
-def read_jsonl(path: str | os.PathLike[str], *, validate: bool = True) -> list[dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike[str], *, validate: bool = True, line_numbers: list[int] | None = None
+               ) -> list[dict[str, Any]]:
     """Read a GenEval metadata file: one JSON object per line.
 
     Blank lines are skipped. Line numbers in errors are 1-based.
@@ -265,6 +266,8 @@ def read_jsonl(path: str | os.PathLike[str], *, validate: bool = True) -> list[d
                 except ValueError as exc:
                     raise ValueError(f"{path}:{lineno}: {exc}") from None
             records.append(record)
+            if line_numbers is not None:  # the file's line of each record, as the reader counts them
+                line_numbers.append(lineno)
     return records
 
 

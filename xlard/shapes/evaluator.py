@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 import sys
 import warnings
 from collections import Counter
@@ -620,41 +621,70 @@ def png_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == ".png" and not p.name.startswith("."))
 
 
-def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = None) -> list[RecordResult]:
-    """Judge a folder in GenEval's output layout.
-
-    Layout: ``<folder>/<index>/metadata.jsonl`` (the record, one line) and
-    ``<folder>/<index>/samples/*.png``; ``<index>`` folders are read in sorted order.
+def prompt_folders(folder: str | os.PathLike) -> list[Path]:
+    """The prompt folders of a GenEval output folder: its entries named by digits alone (GenEval's ``00000``,
+    ``00001``, ...; other entries are not GenEval's and are left alone), in the order of their numbers.
 
     Raises:
-        FileNotFoundError: no such folder, or no prompt folders in it.
-        ValueError: a prompt folder has no samples (scoring the others would
-            report a score over a subset of the prompts as if it were all).
+        FileNotFoundError: no such folder.
+        ValueError: a digit-named entry that is not a folder holding ``metadata.jsonl`` (a broken link, a removed
+            metadata file: it was skipped without a word, its prompt missing from the score).
     """
-    config = _config("evaluate_folder", config)
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
-    results: list[RecordResult] = []
-    subdirs = sorted(p for p in folder.iterdir() if (p / "metadata.jsonl").is_file())
+    units = sorted((p for p in folder.iterdir() if re.fullmatch(r"[0-9]+", p.name)), key=lambda p: (int(p.name), p.name))
+    for p in units:
+        if not (p / "metadata.jsonl").is_file():
+            raise ValueError(f"{p}: a prompt folder without a metadata.jsonl file (a broken link, or a file removed?); "
+                             "restore it or remove the folder")
+    return units
+
+
+def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = None, progress=None
+                    ) -> list[RecordResult]:
+    """Judge a folder in GenEval's output layout.
+
+    Layout: ``<folder>/<index>/metadata.jsonl`` (the record, one line) and
+    ``<folder>/<index>/samples/*.png``; ``<index>`` folders (digits alone, see :func:`prompt_folders`) are read in
+    the order of their numbers. Every record is read and checked before any image is judged. ``progress``, when
+    given, wraps the prompt folders as they are judged (``progress(iterable, total)``).
+
+    Raises:
+        FileNotFoundError: no such folder, or no prompt folders in it.
+        ValueError: a prompt folder has no samples or no metadata (scoring the others would report a score over
+            a subset of the prompts as if it were all), or a record no image can satisfy.
+    """
+    from xlard.shapes.prompts import check_satisfiable
+
+    config = _config("evaluate_folder", config)
+    folder = Path(folder)
+    subdirs = prompt_folders(folder)
     if not subdirs:
         raise FileNotFoundError(f"{folder}: no <index>/metadata.jsonl folders (GenEval layout)")
+
     def samples(sub: Path) -> list[Path]:
-        return png_files(sub / "samples")
+        return png_files(sub / "samples") if (sub / "samples").is_dir() else []
 
     empty = [sub.name for sub in subdirs if not samples(sub)]
     if empty:
         raise ValueError(f"{folder}: {len(empty)} of {len(subdirs)} prompt folders have no samples/*.png "
                          f"(first: {empty[0]}); generate their images or remove those folders")
-    for sub in subdirs:
+    records = []
+    for sub in subdirs:  # all of them first: a bad record in the last folder was named after the others were judged
         rows = read_jsonl(sub / "metadata.jsonl")
         if len(rows) != 1:
             raise ValueError(f"{sub / 'metadata.jsonl'}: expected one record, got {len(rows)}")
         try:  # named with its file here: evaluate() would say only "record 0"
             validate_record(rows[0], classes=config.world.shapes, colors=config.world.colors)
+            check_satisfiable(rows[0], config.world)  # refused as --prompts refuses it, not scored as a failure
         except ValueError as e:
             raise ValueError(f"{sub / 'metadata.jsonl'}: {e}") from None
-        results.extend(evaluate([str(p) for p in samples(sub)], rows[0], config))
+        records.append(rows[0])
+    results: list[RecordResult] = []
+    pairs = list(zip(subdirs, records))
+    for sub, record in (progress(pairs, len(pairs)) if progress is not None else pairs):
+        results.extend(evaluate([str(p) for p in samples(sub)], record, config))
     return results
 
 

@@ -370,13 +370,16 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
     return geneval.read_jsonl(path, validate=False)
 
 
-def read_records(path: str | os.PathLike, world: WorldConfig | None = None) -> list[dict]:
-    """Read and validate a GenEval JSONL prompt file (against ``world``'s vocabulary when given)."""
-    rows = read_jsonl(path)
-    # the file's line of each record (blank lines are skipped by the reader): errors name it, as read_jsonl's do
-    # (they named a 0-based record index, off by one and more after blank lines)
-    with open(path, "rb") as f:
-        lines = [n for n, raw in enumerate(f, start=1) if raw.strip()]
+def read_records(path: str | os.PathLike, world: WorldConfig | None = None,
+                 line_numbers: list[int] | None = None) -> list[dict]:
+    """Read and validate a GenEval JSONL prompt file (against ``world``'s vocabulary when given); ``line_numbers``,
+    when given, receives the file's line of each record."""
+    # the file's line of each record, counted by the reader itself (blank lines skipped): errors name it (a
+    # second count of its own skipped other lines than the reader: a BOM or a no-break space line shifted it)
+    lines: list[int] = []
+    rows = geneval.read_jsonl(path, validate=False, line_numbers=lines)
+    if line_numbers is not None:
+        line_numbers.extend(lines)
     for i, r in enumerate(rows):
         try:
             validate_record(r, classes=world.shapes if world else None, colors=world.colors if world else None)
