@@ -1438,3 +1438,19 @@ def test_prompt_file_errors_name_the_line_the_reader_counts(tmp_path, capsys):
     code, _, err = run(["render", tmp_path / "x", "--prompts", path, "--quiet"], capsys)
     assert code == 2
     one_line_error(err, f"{path}:4: ")
+
+
+def test_resume_never_remakes_a_linked_prompt_folder(tmp_path, capsys, prompt_file):
+    """A prompt folder linked in from elsewhere, incomplete: --resume replaced (and deleted) the folder the link
+    pointed at, outside OUT, with a note kept there."""
+    out = tmp_path / "R"
+    assert run(["render", out, "--prompts", prompt_file, "--per-prompt", 2, "--quiet"], capsys)[0] == 0
+    outside = tmp_path / "ext"
+    outside.mkdir()
+    (out / "00001").rename(outside / "00001")
+    (out / "00001").symlink_to(outside / "00001", target_is_directory=True)
+    (outside / "00001" / "samples" / "0001.png").unlink()
+    (outside / "00001" / "samples" / "mynote.txt").write_text("keep")
+    code, _, err = run(["render", out, "--prompts", prompt_file, "--per-prompt", 2, "--quiet", "--resume"], capsys)
+    assert code == 2 and (outside / "00001" / "samples" / "mynote.txt").read_text() == "keep"
+    one_line_error(err, "--resume: ", "00001 is incomplete and a link", "complete or remove it by hand")

@@ -260,6 +260,21 @@ def _inside_inputs(outputs: dict[str, str | None], folder, in_flag: str) -> None
                              "would change what is scored (give a path outside it)")
 
 
+def _units_to_make(out: Path, count: int, samples: int, resuming: bool) -> list[int]:
+    """The prompt folders a run makes: all, or under ``--resume`` the incomplete ones (see :func:`_complete_unit`).
+    An incomplete one that is a link is refused: remaking it replaced the folder the link points at, outside OUT."""
+    todo = []
+    for i in range(count):
+        unit = out / f"{i:05d}"
+        if resuming and _complete_unit(unit, samples):
+            continue
+        if resuming and unit.is_symlink():
+            raise UsageError(f"--resume: {unit} is incomplete and a link (to {os.readlink(unit)}); remaking it would "
+                             "replace what the link points at: complete or remove it by hand")
+        todo.append(i)
+    return todo
+
+
 def _complete_unit(folder: Path, samples: int) -> bool:
     """Whether a prompt folder of GenEval's layout is whole: its metadata.jsonl and ``samples`` PNGs (``--resume``
     reused any folder that existed: one with a sample deleted stayed short, an emptied one was scored as nothing)."""
@@ -790,7 +805,7 @@ def _cmd_render(args) -> int:
                 "seed": args.seed}
     owned = _owned(out, _UNIT_NAME, folders=True)
     resuming = _check_output_folder(args, out, "OUT", settings, owned)
-    todo = [i for i in range(len(records)) if not (resuming and _complete_unit(out / f"{i:05d}", args.per_prompt))]
+    todo = _units_to_make(out, len(records), args.per_prompt, resuming)
     scenes = {}  # every scene laid out before anything is written: a record no layout fits fails up front
     for i in todo:
         try:
@@ -943,7 +958,7 @@ def _cmd_eval(args) -> int:
         _check_backbone(args.backbone)
         owned = _owned(out, _UNIT_NAME, folders=True)
         resuming = _check_output_folder(args, out, "--out", settings, owned)
-        todo = [i for i in range(len(records)) if not (resuming and _complete_unit(out / f"{i:05d}", 1))]
+        todo = _units_to_make(out, len(records), 1, resuming)
         backbone = _load_backbone(args) if todo else None  # before anything is deleted: it may fail
         if backbone is not None:
             backbone.check_prompts([records[i]["prompt"] for i in todo],

@@ -59,8 +59,6 @@ UNIT_WORDS: frozenset[str] = frozenset({
     "hour", "hours", "minute", "minutes", "second", "seconds", "story", "stories",
     "storey", "storeys", "floor", "floors", "percent", "%", "degree", "degrees",
     "o'clock", "am", "pm", "mph", "kph", "carat", "karat", "volt", "watt", "times",
-    # what a number before another noun describes ("two 20 dollar bills", "a 5 star hotel", "two 3 legged stools")
-    "dollar", "dollars", "euro", "euros", "cent", "cents", "star", "legged", "wheeled", "seater", "pack",
 })
 
 # Words before "of" that make the amount vague ("dozens of birds").

@@ -46,10 +46,17 @@ _TEMPLATE_WORDS = frozenset({
     "scene", "view", "portrait", "depiction", "artwork", "watercolor", "photorealistic",
 })
 
-# What joins a leading "a photo" to its objects ("a photo showing two dogs" had an entity "photo").
-# (not "with": "a painting with a gold frame" is a painting)
+# What joins a leading "a photo" to its objects ("a photo showing two dogs" had an entity "photo"); "with" after a
+# photograph's words only ("a painting with a gold frame" is a painting).
 _TEMPLATE_LINKS = frozenset({"of", "showing", "featuring", "containing", "depicting", "shows", "features",
                              "contains", "depicts"})
+_PHOTO_WORDS = frozenset({"photo", "photograph", "picture", "image", "pic", "snapshot", "shot", "closeup", "close-up"})
+# Numbers a count may precede that describe its object, not count it ("two 20 dollar bills", "two 3 legged stools").
+_DESCRIPTOR_UNITS = frozenset({"dollar", "euro", "cent", "star", "legged", "wheeled", "seater", "pack", "piece",
+                               "person", "door", "speed", "story", "storey", "inch", "foot", "meter", "liter"})
+# Verbs of a request ("show them playing", "draw them"): no object when bare (no article or count before them;
+# "a car show", "a draw" keep theirs).
+_REQUEST_VERBS = frozenset({"show", "draw", "create", "generate", "make", "give"})
 
 # Words that are never an entity's noun (a piece made only of these is no entity).
 _STOPWORDS = frozenset({
@@ -372,7 +379,7 @@ def _setting_length(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> int:
 #: A request before the objects ("please draw", "show me", "I want", "generate"): skipped at the start of a prompt
 #: only ("a car show", "a make of car" keep their words).
 _REQUEST_WORDS = frozenset({"please", "i", "we", "want", "wants", "would", "like", "to", "can", "could", "you",
-                            "show", "draw", "create", "generate", "make", "give", "paint", "render", "me", "us"})
+                            "show", "draw", "create", "generate", "make", "give", "me", "us"})
 
 
 def _template_end(words: Sequence[_Word], lexicon: _Lexicon) -> int:
@@ -388,7 +395,8 @@ def _template_end(words: Sequence[_Word], lexicon: _Lexicon) -> int:
 def _template_at(words: Sequence[_Word], lexicon: _Lexicon) -> int:
     """Index just past a leading "a photo of" (or similar), else 0."""
     for i in range(min(len(words) - 1, 6)):
-        if words[i].text in _TEMPLATE_WORDS and words[i + 1].text in _TEMPLATE_LINKS:
+        if words[i].text in _TEMPLATE_WORDS and (words[i + 1].text in _TEMPLATE_LINKS or (
+                words[i + 1].text == "with" and words[i].text in _PHOTO_WORDS)):
             before = words[:i]
             # Only determiners and plain adjectives ("a realistic photo of") may precede.
             if all(
@@ -409,6 +417,8 @@ class _Piece:
     quantifier_text: str = ""  # the words it was read from ("two", "a few", "without")
     counted: bool = False  # read as a number ("two", "12", "a dozen"), not a determiner ("a") or a phrase
     negated: str = ""  # "'two' after 'without'": refused if the phrase ends in an object with that count
+    quantifier_at: int = 0  # len(words) when the quantifier was read: the words after it are "between"
+    quantifier_raw: str = ""  # the quantifier as the prompt writes it ("No", "no")
     words: list[_Word] = field(default_factory=list)
     content: int = 0  # words not in _STOPWORDS, counted as they come (a scan per word was quadratic)
 
@@ -516,15 +526,15 @@ def _second_quantifier(piece: _Piece, new: tuple[str, int | None], text: str, co
             ("two three dogs", "1 000": digit groups are not read).
     """
     old = piece.quantifier
-    between = [w.text for w in piece.words]
+    between = [w.text for w in piece.words[piece.quantifier_at:]]  # after the first quantifier only
     if "but" in between:  # "not one but two cats", "not two but three cats": the second is the count
         piece.negated = ""
         return new, counted
     if old == ("number", 0) and piece.quantifier_text not in ("zero", "0"):
-        if text in ("one", "body"):
-            return old, piece.counted  # "no one around", "nobody": no object
-        if piece.quantifier_text == "no" and text.isdigit():
-            return None, False  # "a chanel no 5 perfume bottle": a name, no count
+        if piece.quantifier_text == "no" and text == "one":
+            return old, piece.counted  # "no one around": no object
+        if piece.quantifier_raw in ("No", "NO") and text.isdigit():
+            return None, False  # "a Chanel No 5 perfume bottle": a name, no count
         if new[0] == "number" and new[1] != 0:  # refused if the phrase ends in an object ("a cat without two dogs")
             piece.negated = f"count {text!r} after {piece.quantifier_text!r}"
             return new, counted
@@ -578,6 +588,8 @@ def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) ->
             for k in range(hi - 1, lo - 1, -1):
                 w = words[k].text
                 if k in covered_by_color or w in _STOPWORDS or not w[0].isalpha():
+                    continue
+                if w in _REQUEST_VERBS and piece.quantifier is None:  # "show them playing": a verb, no object
                     continue
                 if not allow_verbs and _looks_like_verb_or_adverb(w):
                     continue
@@ -796,6 +808,10 @@ def parse(
         couple = _couple_without_of(words, pos, lexicon)
         if couple is not None:
             counted = (couple[0], *couple[1])
+        if counted is not None and counted[1] == "number" and piece.counted and not piece.has_content() \
+                and pos + counted[0] < len(words) and words[pos + counted[0]].text in _DESCRIPTOR_UNITS:
+            pos += counted[0] + 1  # "two 20 dollar bills", "one 5 star hotel": after a count, a description
+            continue
         if counted is not None:
             length, kind, value = counted
             if kind == "measure":
@@ -825,6 +841,8 @@ def parse(
                     pos += quantifier[0]
                     continue
             piece.quantifier, piece.quantifier_text, piece.counted = quantifier[1], text, counted_here
+            piece.quantifier_at = len(piece.words)
+            piece.quantifier_raw = prompt[words[pos].start:words[pos + quantifier[0] - 1].end]
             pos += quantifier[0]
             continue
         if word.text in _PIECE_BREAKS and piece.has_content():
