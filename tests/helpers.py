@@ -176,3 +176,31 @@ def record_progress_bars(monkeypatch) -> list:
 def raise_keyboard_interrupt(*args, **kwargs):
     """A stand-in for any function: Ctrl-C at that point."""
     raise KeyboardInterrupt
+
+
+def sigterm_once(cmd, ready, env=None, timeout: float = 120.0) -> tuple[int, str]:
+    """Start ``cmd``, send it SIGTERM as soon as ``ready()`` is true, and return (exit code, stderr)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, "the script ended before it was stopped"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
+def fake_corrector_folder(path):
+    """A folder that looks like an exported corrector (its three files, empty JSON), for folder-claim checks."""
+    path.mkdir()
+    for name in ("xlard_corrector.json", "config.json", "model.safetensors"):
+        (path / name).write_text("{}")
+    return path

@@ -260,10 +260,9 @@ def test_training_script_writes_loadable_eyes_and_reuses_its_data(tmp_path):
     assert "data.pt: cannot be read (" in damaged.stderr and "sampling again" in damaged.stderr
     assert not list((tmp_path / "work").glob(".tmp*"))
     # a corrector's folder as --out, a training run's as --work: refused before any work (their files were replaced)
-    corrector = tmp_path / "corrector"
-    corrector.mkdir()
-    for name in ("xlard_corrector.json", "config.json", "model.safetensors"):
-        (corrector / name).write_text("{}")
+    from helpers import fake_corrector_folder
+
+    corrector = fake_corrector_folder(tmp_path / "corrector")
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
@@ -292,27 +291,15 @@ def test_training_script_writes_loadable_eyes_and_reuses_its_data(tmp_path):
                     reason="the understanding model or the shapes backbone is absent")
 def test_training_script_ends_in_one_line_on_sigterm(tmp_path):
     """The script had no signal handling: Ctrl-C printed an 80-line traceback, SIGTERM ended it without a word."""
-    import signal
-    import time
-
     if not (ROOT / "xlard" / "data" / "shapes_corrector" / "config.json").is_file():
         pytest.skip("shipped corrector absent")
+    from helpers import sigterm_once
+
     work = tmp_path / "work"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_shapes_latent_eyes.py"), "--out",
-                             str(tmp_path / "eyes"), "--work", str(work)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
-    try:
-        deadline = time.monotonic() + 120
-        while not work.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the script ended before it was stopped"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err
+    code, err = sigterm_once([sys.executable, str(ROOT / "scripts" / "train_shapes_latent_eyes.py"), "--out",
+                              str(tmp_path / "eyes"), "--work", str(work)], work.exists,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert code == 143, err
     assert err.strip().splitlines()[-1] == ("train_shapes_latent_eyes.py: terminated (SIGTERM); every file written is "
                                             "complete (rerun the same command: the sampled data, once written, is "
                                             "reused)")

@@ -1262,10 +1262,9 @@ def test_a_run_never_takes_a_corrector_model_or_script_folder(tmp_path, monkeypa
     from xlard.train import train, trainer
 
     monkeypatch.setattr(trainer, "load_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
-    corrector = tmp_path / "corrector"
-    corrector.mkdir()
-    for name in ("xlard_corrector.json", "config.json", "model.safetensors"):
-        (corrector / name).write_text("{}")
+    from helpers import fake_corrector_folder
+
+    corrector = fake_corrector_folder(tmp_path / "corrector")
     understanding_work = tmp_path / "und_work"
     understanding_work.mkdir()
     (understanding_work / "checkpoint.pt").write_bytes(b"x")

@@ -170,26 +170,13 @@ def test_tiny_run_exports_weights_and_resumes(tmp_path, capsys):
 def test_sigterm_ends_the_script_in_one_line(tmp_path):
     """SIGTERM (a scheduler stopping the job) killed the script silently; now it ends like Ctrl-C, with the way
     to continue."""
-    import signal
-    import subprocess
-    import time
+    from helpers import sigterm_once
 
     work = tmp_path / "work"
-    proc = subprocess.Popen([sys.executable, T.__file__, "--out", str(tmp_path / "out"), "--work-dir",
-                             str(work), "--minutes", "5", "--log-every", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 120
-        while not (work / "metrics.jsonl").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the script ended before it was stopped"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err
+    code, err = sigterm_once([sys.executable, T.__file__, "--out", str(tmp_path / "out"), "--work-dir", str(work),
+                              "--minutes", "5", "--log-every", "1"], (work / "metrics.jsonl").exists,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert code == 143, err
     assert err.strip().splitlines()[-1] == ("train_shapes_understanding.py: terminated (SIGTERM); every file written "
                                             "is complete (rerun the same command to continue from the last checkpoint)")
     assert "Traceback" not in err and not list(tmp_path.rglob(".tmp-*"))
@@ -198,10 +185,9 @@ def test_sigterm_ends_the_script_in_one_line(tmp_path):
 def test_folders_of_other_tools_are_refused_and_a_damaged_checkpoint_is_named(tmp_path, capsys):
     """--out given a corrector's folder replaced its weights and config (a broken corrector); --work-dir given a
     training run's folder appended to its metrics; a damaged checkpoint.pt was a traceback."""
-    corrector = tmp_path / "corrector"
-    corrector.mkdir()
-    for name in ("xlard_corrector.json", "config.json", "model.safetensors"):
-        (corrector / name).write_text("{}")
+    from helpers import fake_corrector_folder
+
+    corrector = fake_corrector_folder(tmp_path / "corrector")
     run = tmp_path / "run"
     run.mkdir()
     (run / "ckpt-00000001.pt").write_bytes(b"x")
