@@ -80,7 +80,8 @@ def _cuda_arch_list() -> str:
     the GPUs then, and a build machine may have none)."""
     value = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if not value:
-        value = os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        value = "8.0;9.0"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = value  # what torch reads: " 8.0;9.0 " was refused as "Unknown CUDA arch ()"
     expected = ("expected compute capabilities separated by ';' (e.g. \"8.0;9.0\", \"9.0a\", \"8.6+PTX\"), "
                 "architecture names (Ampere, Hopper, ...) or native")
     if value == "native":  # torch detects the GPUs of this machine

@@ -1454,3 +1454,25 @@ def test_resume_never_remakes_a_linked_prompt_folder(tmp_path, capsys, prompt_fi
     code, _, err = run(["render", out, "--prompts", prompt_file, "--per-prompt", 2, "--quiet", "--resume"], capsys)
     assert code == 2 and (outside / "00001" / "samples" / "mynote.txt").read_text() == "keep"
     one_line_error(err, "--resume: ", "00001 is incomplete and a link", "complete or remove it by hand")
+
+
+def test_folder_gaps_are_counted_without_the_range_and_unnumbered_folders_named(tmp_path, capsys, prompt_file):
+    """The gap note built range(max + 1): a prompt folder named 30000000 took 3.3 GB; folders not named by numbers
+    (scored before) got "no <index>/metadata.jsonl folders" although they hold one."""
+    import shutil
+
+    full = tmp_path / "r1"
+    assert run(["render", full, "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    far = tmp_path / "far"
+    far.mkdir()
+    shutil.copytree(full / "00000", far / "0")
+    shutil.copytree(full / "00001", far / "30000000")
+    code, _, err = run(["eval", "--folder", far, "--quiet"], capsys)
+    assert code == 0 and "note: --folder: 29999999 prompt folder(s) missing between 0 and 30000000 (1, 2, 3, 4, 5, " \
+                         "6, 7, 8 ...)" in err
+    named = tmp_path / "named"
+    named.mkdir()
+    shutil.copytree(full / "00000", named / "prompt_a")
+    code, _, err = run(["eval", "--folder", named, "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "its prompt folders are not named by numbers (e.g. 'prompt_a')")

@@ -109,6 +109,7 @@ def test_a_missing_compiler_is_one_line(tmp_path):
     ("Hopper+PTX", "Unknown CUDA arch (9.0+PTX+PTX)"),  # torch expands the name with its own +PTX
     ("native", "native builds for this machine's GPUs, and it has none"),
     ("", "8.0;9.0"),  # set but empty: the default (torch read it as "detect the GPU" and failed: IndexError)
+    (" 8.0;9.0 ", "8.0;9.0"),  # spaces around: torch read them and refused "Unknown CUDA arch ()"
     ("8.6+PTX 9.0a", "8.6+PTX 9.0a"),
     ("Hopper", "Hopper"),
 ])

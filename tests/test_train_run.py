@@ -1324,3 +1324,18 @@ def test_the_model_fingerprint_follows_linked_component_folders(tmp_path):
     (pipe / "unet").unlink()
     (pipe / "unet").symlink_to(shared_a, target_is_directory=True)
     assert _folder_fingerprint(pipe) == first
+    # a checkpoint from before links were followed stored the digest without the linked files: still resumes
+    import types
+
+    from xlard.train.trainer import Trainer, _legacy_folder_fingerprint
+
+    legacy = _legacy_folder_fingerprint(pipe)
+    assert legacy != first
+    fake = types.SimpleNamespace(cfg=types.SimpleNamespace(data=types.SimpleNamespace(prompts="p", monitor_prompts="m")),
+                                 inputs={"records_sha256": "r", "monitor_records_sha256": "m", "models": {"backbone": first}},
+                                 _model_dirs={"backbone": pipe})
+    stored = {"inputs": {"records_sha256": "r", "monitor_records_sha256": "m", "models": {"backbone": legacy}}}
+    Trainer._check_inputs(fake, tmp_path / "ckpt.pt", stored)  # accepted
+    stored["inputs"]["models"]["backbone"] = "another"
+    with pytest.raises(ValueError, match=r"the backbone model's files .* changed since the run started"):
+        Trainer._check_inputs(fake, tmp_path / "ckpt.pt", stored)

@@ -930,11 +930,15 @@ def _cmd_eval(args) -> int:
         _check_finished_folder(folder)
         try:
             units = E.prompt_folders(folder)
-            indices = [int(p.name) for p in units]
-            missing = sorted(set(range(max(indices) + 1)) - set(indices)) if indices else []
+            indices = sorted(set(int(p.name) for p in units))
+            missing, shown, previous = 0, [], -1
+            for index in indices:  # the gaps, counted without building the range (a folder "20240601" took 2 GB)
+                missing += index - previous - 1
+                shown += list(range(previous + 1, min(index, previous + 1 + 8 - len(shown))))
+                previous = index
             if missing:  # a note, shown under --quiet too: GenEval numbers its prompts from 0
-                shown = ", ".join(str(i) for i in missing[:8]) + (" ..." if len(missing) > 8 else "")
-                print(f"note: --folder: {len(missing)} prompt folder(s) missing between 0 and {max(indices)} ({shown}): "
+                listed = ", ".join(map(str, shown)) + (" ..." if missing > len(shown) else "")
+                print(f"note: --folder: {missing} prompt folder(s) missing between 0 and {indices[-1]} ({listed}): "
                       f"the score covers the {len(units)} present", file=sys.stderr)
             results = E.evaluate_folder(folder, progress=lambda it, n: _progress(it, n, "eval", args.quiet,
                                                                                   unit="prompt"))

@@ -168,7 +168,6 @@ def overlay(
         values = lam.detach().float()
         if bool(((values < 0) | (values > 1)).any()):
             raise ValueError(_err(fn, "with normalize=False, lam must be in [0, 1]"))
-        values = values.nan_to_num(0.0)
     values = upsample_lam(values.to(img.device), (img.shape[-2], img.shape[-1])).clamp(0.0, 1.0)
     color = apply_colormap(values, colormap)                  # [..., 3, H, W]
     weight = (float(alpha) * values).unsqueeze(-3)

@@ -419,6 +419,7 @@ class _Piece:
     negated: str = ""  # "'two' after 'without'": refused if the phrase ends in an object with that count
     quantifier_at: int = 0  # len(words) when the quantifier was read: the words after it are "between"
     quantifier_raw: str = ""  # the quantifier as the prompt writes it ("No", "no")
+    quantifier_mid: bool = False  # a letter comes before it in its sentence (a capital there is a name's)
     words: list[_Word] = field(default_factory=list)
     content: int = 0  # words not in _STOPWORDS, counted as they come (a scan per word was quadratic)
 
@@ -533,8 +534,8 @@ def _second_quantifier(piece: _Piece, new: tuple[str, int | None], text: str, co
     if old == ("number", 0) and piece.quantifier_text not in ("zero", "0"):
         if piece.quantifier_text == "no" and text == "one":
             return old, piece.counted  # "no one around": no object
-        if piece.quantifier_raw in ("No", "NO") and text.isdigit():
-            return None, False  # "a Chanel No 5 perfume bottle": a name, no count
+        if piece.quantifier_raw in ("No", "NO") and text.isdigit() and piece.quantifier_mid:
+            return None, False  # "a Chanel No 5 perfume bottle": a name, no count ("No 3 dogs" opens a sentence)
         if new[0] == "number" and new[1] != 0:  # refused if the phrase ends in an object ("a cat without two dogs")
             piece.negated = f"count {text!r} after {piece.quantifier_text!r}"
             return new, counted
@@ -780,7 +781,14 @@ def parse(
         if bounded:  # "more than two dogs", "3 or 4 apples": how many is not said exactly (before the phrases: "at")
             if piece.has_content():
                 close()
-            piece.quantifier = ("vague", None)
+            text = " ".join(w.text for w in words[pos:pos + bounded])
+            if "but" in [w.text for w in piece.words[piece.quantifier_at:]]:
+                piece.negated = ""  # "not two but 3 or 4 cats"
+            elif piece.quantifier == ("number", 0) and piece.quantifier_text not in ("zero", "0"):
+                # "a cat without 3 or 4 dogs": negated, as a single number after "without" is
+                piece.negated = f"count {text!r} after {piece.quantifier_text!r}"
+            piece.quantifier, piece.quantifier_text, piece.counted = ("vague", None), text, False
+            piece.quantifier_at = len(piece.words)
             pos += bounded
             continue
         hit = _match(words, pos, _PHRASES, _MAX_PHRASE)
@@ -843,6 +851,7 @@ def parse(
             piece.quantifier, piece.quantifier_text, piece.counted = quantifier[1], text, counted_here
             piece.quantifier_at = len(piece.words)
             piece.quantifier_raw = prompt[words[pos].start:words[pos + quantifier[0] - 1].end]
+            piece.quantifier_mid = prompt[:words[pos].start].rstrip()[-1:].isalpha()
             pos += quantifier[0]
             continue
         if word.text in _PIECE_BREAKS and piece.has_content():

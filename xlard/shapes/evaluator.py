@@ -661,6 +661,11 @@ def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = 
     folder = Path(folder)
     subdirs = prompt_folders(folder)
     if not subdirs:
+        others = sorted(p.name for p in folder.iterdir() if (p / "metadata.jsonl").is_file())
+        if others:  # read before 2026-12-07 (stop 50), when any folder holding a metadata.jsonl was a prompt folder
+            raise FileNotFoundError(f"{folder}: its prompt folders are not named by numbers (e.g. {others[0]!r}); "
+                                    "GenEval numbers them 00000, 00001, ... (the order of the prompt file): rename "
+                                    "them so")
         raise FileNotFoundError(f"{folder}: no <index>/metadata.jsonl folders (GenEval layout)")
 
     def samples(sub: Path) -> list[Path]:

@@ -319,6 +319,36 @@ _MODEL_FILE_NAMES = ("config.json", "model_index.json", "tokenizer.json", "token
                      "generation_config.json", "scheduler_config.json", "preprocessor_config.json")
 
 
+def _digest_model_files(folder: Path, found) -> str:
+    """sha256 over the model files among ``found`` (paths relative to ``folder``), in sorted order: names, sizes
+    and, for files up to 64 MiB, contents (a real model's gigabytes are named by size alone)."""
+    h = hashlib.sha256()
+    for rel in sorted(found):
+        path, parts = folder / rel, rel.parts
+        if any(p.startswith(".") or p == "__pycache__" for p in parts) or not (
+                path.name in _MODEL_FILE_NAMES or path.suffix in _MODEL_FILE_SUFFIXES):
+            continue
+        try:
+            if not path.is_file():
+                continue
+            size = path.stat().st_size
+            h.update(f"{'/'.join(parts)}\0{size}\0".encode())
+            if size <= 64 << 20:
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+        except OSError:  # unreadable: named as such (the loader will say why, if it needs the file)
+            h.update(f"{'/'.join(parts)}\0unreadable\0".encode())
+    return h.hexdigest()
+
+
+def _legacy_folder_fingerprint(folder) -> str | None:
+    """:func:`_folder_fingerprint` as checkpoints before 2026-12-07 (stop 50) stored it: linked folders not
+    followed. A resume accepts either, so that a run started before links were followed still resumes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    return _digest_model_files(folder, [p.relative_to(folder) for p in folder.rglob("*")])
+
+
 def _folder_fingerprint(folder) -> str | None:
     """A digest of a model folder's model files (:data:`_MODEL_FILE_NAMES`, :data:`_MODEL_FILE_SUFFIXES`; none under
     a hidden folder or ``__pycache__``; linked folders followed): names, sizes and, for files up to 64 MiB,
@@ -327,7 +357,6 @@ def _folder_fingerprint(folder) -> str | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    h = hashlib.sha256()
     found, seen = [], set()
     # os.walk with followlinks: a component folder linked in (rglob does not follow folder links) is read too, so
     # swapping it is noticed; a link back up the tree is walked once
@@ -340,20 +369,7 @@ def _folder_fingerprint(folder) -> str | None:
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
         rel = Path(root).relative_to(folder)
         found += [rel / n for n in names if not n.startswith(".")]
-    for rel in sorted(found):
-        path, parts = folder / rel, rel.parts
-        if not (path.name in _MODEL_FILE_NAMES or path.suffix in _MODEL_FILE_SUFFIXES):
-            continue
-        try:
-            if not path.is_file():
-                continue
-            size = path.stat().st_size
-            h.update(f"{'/'.join(parts)}\0{size}\0".encode())
-            if size <= 64 << 20:
-                h.update(hashlib.sha256(path.read_bytes()).digest())
-        except OSError:  # unreadable: named as such (the loader will say why, if it needs the file)
-            h.update(f"{'/'.join(parts)}\0unreadable\0".encode())
-    return h.hexdigest()
+    return _digest_model_files(folder, found)
 
 
 class Trainer:
@@ -1320,7 +1336,8 @@ class Trainer:
         variables = {"backbone": "XLARD_SHAPES_BACKBONE", "reward": "XLARD_SHAPES_UNDERSTANDING",
                      "latent_eyes": "XLARD_SHAPES_LATENT_EYES"}
         models = [key for key, digest in self.inputs["models"].items()
-                  if key in old_models and old_models[key] != digest]
+                  if key in old_models and old_models[key] != digest
+                  and old_models[key] != _legacy_folder_fingerprint(self._model_dirs[key])]
         changed += [f"the {key.replace('_', ' ')} model's files ({self._model_dirs[key]})" for key in models]
         if changed:
             hint = "; ".join(f"${variables[key]} names another {key.replace('_', ' ')} model" for key in models
