@@ -539,6 +539,11 @@ _RUN_MARKERS = ((MANIFEST_NAME, None), ("pairs.jsonl", "eval (with a corrector)"
                 ("ckpt-*.pt", "train"), ("metrics.jsonl", "train"))
 
 
+def _holds(folder: Path, name: str) -> bool:
+    """Whether ``folder`` holds a file ``name`` (a glob pattern when it has a ``*``)."""
+    return any(folder.glob(name)) if "*" in name else (folder / name).is_file()
+
+
 def other_run(folder: str | os.PathLike[str], mine: str | tuple[str, ...]) -> str | None:
     """The xlard command whose outputs ``folder`` holds, when it is not ``mine`` (None: none, or mine).
 
@@ -553,8 +558,7 @@ def other_run(folder: str | os.PathLike[str], mine: str | tuple[str, ...]) -> st
     if not folder.is_dir():
         return None
     for name, command in _RUN_MARKERS:
-        present = any(folder.glob(name)) if "*" in name else (folder / name).is_file()
-        if not present:
+        if not _holds(folder, name):
             continue
         if command is None:  # the manifest of generate, render and eval --backbone names its command
             try:
@@ -601,8 +605,7 @@ def claim_folder(folder: str | os.PathLike[str], flag: str, own: tuple[str, ...]
     if not folder.is_dir():
         return
     for name, what in _KNOWN_FILES:
-        present = any(folder.glob(name)) if "*" in name else (folder / name).is_file()
-        if not present:
+        if not _holds(folder, name):
             continue
         if name == "config.json" and name in own and config_keys is not None:
             try:
@@ -620,12 +623,17 @@ def claim_folder(folder: str | os.PathLike[str], flag: str, own: tuple[str, ...]
                          "its files: choose another folder")
 
 
+def short_json(value: Any, limit: int = 60) -> str:
+    """``value`` as JSON for a message (keys sorted, a path's own letters rather than \\uXXXX), cut at ``limit``."""
+    text = json.dumps(json_safe(value), sort_keys=True, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def changed_setting(name: str, old: Any, new: Any, limit: int = 60) -> str:
     """``name old -> new`` for a message that refuses a resume with other settings, each value as JSON cut at
     ``limit`` characters ("differ: seed" said which setting, not what it was)."""
     def shown(value: Any) -> str:
-        text = "(absent)" if value is None else json.dumps(json_safe(value), sort_keys=True, ensure_ascii=False)
-        return text if len(text) <= limit else text[:limit - 3] + "..."
+        return "(absent)" if value is None else short_json(value, limit)
 
     return f"{name} {shown(old)} -> {shown(new)}"
 

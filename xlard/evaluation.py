@@ -1352,8 +1352,7 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
                         and not (k == "backbone_source" and k not in previous))  # a folder from before 2026-12-07
         if differ:
             def shown(value) -> str:
-                text = json.dumps(value, sort_keys=True, ensure_ascii=False)  # a path's own letters, not \uXXXX
-                return text if len(text) <= 90 else text[:87] + "..."
+                return _io.short_json(value, 90)
 
             def difference(key) -> str:
                 old, new = previous.get(key), current.get(key)

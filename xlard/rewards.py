@@ -531,12 +531,12 @@ def count_scores(found: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"count_scores: target must have found's shape {list(found.shape)}, got "
                          f"{list(target.shape)}")
     for name, t, what in (("found", found, "counted objects"), ("target", target, "asked counts")):
-        if not t.numel():
-            continue
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # a NaN target slipped past "< 0"
-            raise ValueError(f"count_scores: {name} must be finite and >= 0 ({what}), got NaN or inf")
-        if bool((t < 0).any()):  # found -1 scored e (2.72), outside (0, 1]
-            raise ValueError(f"count_scores: {name} must be >= 0 ({what}), got a negative one "
+        # one host read per tensor (a hot path: every reward call); the reason is looked up only on a failure.
+        # "not >= 0" is true for NaN too (a NaN target slipped past "< 0"); inf is caught apart
+        if t.numel() and not bool(((t >= 0) & (t < float("inf"))).all()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"count_scores: {name} must be finite and >= 0 ({what}), got NaN or inf")
+            raise ValueError(f"count_scores: {name} must be >= 0 ({what}), got a negative one "  # -1 scored 2.72
                              f"({_args.show(float(t.min()))})")
     found = found.to(torch.float32)
     target = target.to(torch.float32)

@@ -418,8 +418,7 @@ class _Piece:
     counted: bool = False  # read as a number ("two", "12", "a dozen"), not a determiner ("a") or a phrase
     negated: str = ""  # "'two' after 'without'": refused if the phrase ends in an object with that count
     quantifier_at: int = 0  # len(words) when the quantifier was read: the words after it are "between"
-    quantifier_raw: str = ""  # the quantifier as the prompt writes it ("No", "no")
-    quantifier_mid: bool = False  # a letter comes before it in its sentence (a capital there is a name's)
+    quantifier_span: tuple[int, int] = (0, 0)  # where the prompt writes it ("No" or "no", and what comes before)
     words: list[_Word] = field(default_factory=list)
     content: int = 0  # words not in _STOPWORDS, counted as they come (a scan per word was quadratic)
 
@@ -429,6 +428,19 @@ class _Piece:
 
     def has_content(self) -> bool:
         return self.content > 0
+
+    def set_quantifier(self, quantifier, text: str, counted: bool, span: tuple[int, int]) -> None:
+        """The phrase's quantifier, with what is read back about it (every path that sets one sets all of it)."""
+        self.quantifier, self.quantifier_text, self.counted = quantifier, text, counted
+        self.quantifier_at, self.quantifier_span = len(self.words), span
+
+    def lifted(self) -> bool:
+        """A "but" after the quantifier ("not two but three cats"): the next count stands."""
+        return any(w.text == "but" for w in self.words[self.quantifier_at:])
+
+    def negating(self) -> bool:
+        """The quantifier asks the object absent ("no", "without", "not"; "zero" and "0" are a count)."""
+        return self.quantifier == ("number", 0) and self.quantifier_text not in ("zero", "0")
 
 
 @dataclass(frozen=True)
@@ -527,14 +539,14 @@ def _second_quantifier(piece: _Piece, new: tuple[str, int | None], text: str, co
             ("two three dogs", "1 000": digit groups are not read).
     """
     old = piece.quantifier
-    between = [w.text for w in piece.words[piece.quantifier_at:]]  # after the first quantifier only
-    if "but" in between:  # "not one but two cats", "not two but three cats": the second is the count
+    if piece.lifted():  # "not one but two cats", "not two but three cats": the second is the count
         piece.negated = ""
         return new, counted
-    if old == ("number", 0) and piece.quantifier_text not in ("zero", "0"):
+    if piece.negating():
         if piece.quantifier_text == "no" and text == "one":
             return old, piece.counted  # "no one around": no object
-        if piece.quantifier_raw in ("No", "NO") and text.isdigit() and piece.quantifier_mid:
+        start, end = piece.quantifier_span
+        if prompt[start:end] in ("No", "NO") and text.isdigit() and prompt[:start].rstrip()[-1:].isalpha():
             return None, False  # "a Chanel No 5 perfume bottle": a name, no count ("No 3 dogs" opens a sentence)
         if new[0] == "number" and new[1] != 0:  # refused if the phrase ends in an object ("a cat without two dogs")
             piece.negated = f"count {text!r} after {piece.quantifier_text!r}"
@@ -542,7 +554,8 @@ def _second_quantifier(piece: _Piece, new: tuple[str, int | None], text: str, co
         return old, piece.counted  # "without the dog", "no such": still none
     if old[0] == "vague" and new[0] == "number" and piece.quantifier_text in _VAGUE:  # "several dozen", "a few dozen"
         return old, False  # (after a collective the number is the count: "a stack of five books")
-    if old[0] == "number" and piece.counted and new[0] == "number" and counted and not between:
+    if old[0] == "number" and piece.counted and new[0] == "number" and counted \
+            and len(piece.words) == piece.quantifier_at:  # nothing between: "two three dogs", not "1 in 3 dogs"
         raise ValueError(f"counts {piece.quantifier_text!r} and {text!r} in a row in prompt {quote_prompt(prompt)}: "
                          "write one whole number (digit groups such as '1 000' are not read)")
     return new, counted
@@ -782,13 +795,11 @@ def parse(
             if piece.has_content():
                 close()
             text = " ".join(w.text for w in words[pos:pos + bounded])
-            if "but" in [w.text for w in piece.words[piece.quantifier_at:]]:
+            if piece.lifted():
                 piece.negated = ""  # "not two but 3 or 4 cats"
-            elif piece.quantifier == ("number", 0) and piece.quantifier_text not in ("zero", "0"):
-                # "a cat without 3 or 4 dogs": negated, as a single number after "without" is
+            elif piece.negating():  # "a cat without 3 or 4 dogs": negated, as a single number after "without" is
                 piece.negated = f"count {text!r} after {piece.quantifier_text!r}"
-            piece.quantifier, piece.quantifier_text, piece.counted = ("vague", None), text, False
-            piece.quantifier_at = len(piece.words)
+            piece.set_quantifier(("vague", None), text, False, _span(words[pos:pos + bounded]))
             pos += bounded
             continue
         hit = _match(words, pos, _PHRASES, _MAX_PHRASE)
@@ -848,10 +859,7 @@ def parse(
                     piece.quantifier, piece.counted = chosen, counted_here
                     pos += quantifier[0]
                     continue
-            piece.quantifier, piece.quantifier_text, piece.counted = quantifier[1], text, counted_here
-            piece.quantifier_at = len(piece.words)
-            piece.quantifier_raw = prompt[words[pos].start:words[pos + quantifier[0] - 1].end]
-            piece.quantifier_mid = prompt[:words[pos].start].rstrip()[-1:].isalpha()
+            piece.set_quantifier(quantifier[1], text, counted_here, _span(words[pos:pos + quantifier[0]]))
             pos += quantifier[0]
             continue
         if word.text in _PIECE_BREAKS and piece.has_content():

@@ -668,10 +668,8 @@ def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = 
                                     "them so")
         raise FileNotFoundError(f"{folder}: no <index>/metadata.jsonl folders (GenEval layout)")
 
-    def samples(sub: Path) -> list[Path]:
-        return png_files(sub / "samples") if (sub / "samples").is_dir() else []
-
-    empty = [sub.name for sub in subdirs if not samples(sub)]
+    samples = {sub: png_files(sub / "samples") if (sub / "samples").is_dir() else [] for sub in subdirs}
+    empty = [sub.name for sub in subdirs if not samples[sub]]
     if empty:
         raise ValueError(f"{folder}: {len(empty)} of {len(subdirs)} prompt folders have no samples/*.png "
                          f"(first: {empty[0]}); generate their images or remove those folders")
@@ -689,7 +687,7 @@ def evaluate_folder(folder: str | os.PathLike, config: EvaluatorConfig | None = 
     results: list[RecordResult] = []
     pairs = list(zip(subdirs, records))
     for sub, record in (progress(pairs, len(pairs)) if progress is not None else pairs):
-        results.extend(evaluate([str(p) for p in samples(sub)], record, config))
+        results.extend(evaluate([str(p) for p in samples[sub]], record, config))
     return results
 
 
