@@ -189,7 +189,8 @@ setup(
     package_dir={"xlard._kernels": "kernels"},
     # The embedded shapes-world backbone (a diffusers pipeline folder) ships as package data.
     # So does the shapes world's understanding model (the default reward source there).
-    package_data={"xlard": ["data/shapes_backbone/*.json", "data/shapes_backbone/*.md", "data/shapes_backbone/*/*",
+    package_data={"xlard": ["py.typed",  # PEP 561: users' type checkers read xlard's annotations
+                            "data/shapes_backbone/*.json", "data/shapes_backbone/*.md", "data/shapes_backbone/*/*",
                             "data/shapes_understanding/*.json", "data/shapes_understanding/*.safetensors",
                             "data/shapes_understanding/*.md",
                             # The latent eyes distilled from it (scripts/train_shapes_latent_eyes.py).

@@ -16,7 +16,10 @@ Example:
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from torch import Tensor
 
 from xlard import _args, _backends, _extension, _registration, _triton_ops
 from xlard._backends import provider  # noqa: F401  (public: xlard.ops.provider)
@@ -30,6 +33,9 @@ __all__ = [
 
 # Relation codes of position_scores: "token a is <code> of token b" (y grows downward).
 from xlard.vocab import ABOVE, BELOW, LEFT_OF, RIGHT_OF  # noqa: E402  (public: xlard.ops.LEFT_OF ...)
+
+# How a map is cut (see label_components).
+Mode = Literal["absolute", "relative"]
 
 
 def _op(name: str, device: torch.device):
@@ -87,7 +93,8 @@ def _refuse_grad_transform(op: str, **tensors) -> None:
 # Connected components
 
 
-def label_components(maps, threshold=0.5, mode="relative", min_area=1, connectivity=8):
+def label_components(maps: Tensor, threshold: float = 0.5, mode: Mode = "relative", min_area: int = 1,
+                     connectivity: int = 8) -> tuple[Tensor, Tensor]:
     """Label the connected components of thresholded maps.
 
     Args:
@@ -119,7 +126,8 @@ def label_components(maps, threshold=0.5, mode="relative", min_area=1, connectiv
     return _op("label_components", maps.device)(maps, float(threshold), mode, int(min_area), int(connectivity))
 
 
-def count_components(maps, threshold=0.5, mode="relative", min_area=1, connectivity=8):
+def count_components(maps: Tensor, threshold: float = 0.5, mode: Mode = "relative", min_area: int = 1,
+                     connectivity: int = 8) -> Tensor:
     """Count connected components per map without materialising labels.
 
     Args: as :func:`label_components`.
@@ -137,7 +145,8 @@ def count_components(maps, threshold=0.5, mode="relative", min_area=1, connectiv
     return _op("count_components", maps.device)(maps, float(threshold), mode, int(min_area), int(connectivity))
 
 
-def component_stats(maps, threshold=0.5, mode="relative", min_area=1, connectivity=8, max_components=16):
+def component_stats(maps: Tensor, threshold: float = 0.5, mode: Mode = "relative", min_area: int = 1,
+                    connectivity: int = 8, max_components: int = 16) -> tuple[Tensor, Tensor, Tensor]:
     """Counts, areas and centroids of the largest connected components per map.
 
     Args: as :func:`label_components`, plus
@@ -165,7 +174,7 @@ def component_stats(maps, threshold=0.5, mode="relative", min_area=1, connectivi
 # Centroids and position scores
 
 
-def attention_centroids(maps):
+def attention_centroids(maps: Tensor) -> Tensor:
     """Attention-weighted centroid of each map.
 
     Args:
@@ -189,7 +198,7 @@ def attention_centroids(maps):
     return _op("attention_centroids", maps.device)(maps)
 
 
-def position_scores(centroids, relations, tau=10.0):
+def position_scores(centroids: Tensor, relations: Tensor, tau: float = 10.0) -> Tensor:
     """Soft scores of spatial relations between token centroids.
 
     Args:
@@ -227,7 +236,8 @@ def position_scores(centroids, relations, tau=10.0):
 # Color scores
 
 
-def color_scores(patch_features, color_embeddings, patch_mask=None):
+def color_scores(patch_features: Tensor, color_embeddings: Tensor,
+                 patch_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Best-matching patch per color word: max cosine similarity and its argmax.
 
     Args:
@@ -259,7 +269,8 @@ def color_scores(patch_features, color_embeddings, patch_mask=None):
 # PPO-side latent ops
 
 
-def residual_correction(z0, delta, alpha=1.0, *, out=None):
+def residual_correction(z0: Tensor, delta: Tensor, alpha: float | Tensor = 1.0, *,
+                        out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Apply the residual correction and compute its Latent Activation Map.
 
     Args:
@@ -289,7 +300,7 @@ def residual_correction(z0, delta, alpha=1.0, *, out=None):
     return _op(op, z0.device)(z0, delta, alpha_t, alpha_s)
 
 
-def gaussian_log_prob(x, mean, log_std):
+def gaussian_log_prob(x: Tensor, mean: Tensor, log_std: float | Tensor) -> Tensor:
     """Diagonal Gaussian log-density, summed over all non-batch dimensions.
 
     Args:
@@ -314,7 +325,10 @@ def gaussian_log_prob(x, mean, log_std):
     return _op(op, x.device)(x, mean, log_std)
 
 
-def sample_correction(z0, mean, log_std, noise, alpha=1.0, *, out=None):
+def sample_correction(z0: Tensor, mean: Tensor, log_std: float | Tensor, noise: Tensor,
+                      alpha: float | Tensor = 1.0, *,
+                      out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The fused PPO rollout step: sample a correction and apply it.
 
     ``delta = mean + exp(log_std) * noise``, then ``zc = z0 + alpha * delta``,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from xlard import _args
 from xlard.vocab import ABOVE, BELOW, LEFT_OF, RIGHT_OF  # noqa: F401  (xlard.reference.LEFT_OF ...)
@@ -116,7 +117,8 @@ def _check_cc_args(op, maps, threshold, mode, min_area, connectivity, max_compon
     _args.check_components_args(f"reference.{op}", maps, threshold, mode, min_area, connectivity, max_components)
 
 
-def label_components(maps, threshold=0.5, mode="relative", min_area=1, connectivity=8):
+def label_components(maps: Tensor, threshold: float = 0.5, mode: str = "relative", min_area: int = 1,
+                     connectivity: int = 8) -> tuple[Tensor, Tensor]:
     """Reference of :func:`xlard.ops.label_components`."""
     _check_cc_args("label_components", maps, threshold, mode, min_area, connectivity)
     return _label(maps, threshold, mode, min_area, connectivity)
@@ -129,13 +131,15 @@ def _label(maps, threshold, mode, min_area, connectivity):
     return labels.to(torch.int32).view(maps.shape), counts.to(torch.int32).view(batch)
 
 
-def count_components(maps, threshold=0.5, mode="relative", min_area=1, connectivity=8):
+def count_components(maps: Tensor, threshold: float = 0.5, mode: str = "relative", min_area: int = 1,
+                     connectivity: int = 8) -> Tensor:
     """Reference of :func:`xlard.ops.count_components`."""
     _check_cc_args("count_components", maps, threshold, mode, min_area, connectivity)
     return _label(maps, threshold, mode, min_area, connectivity)[1]
 
 
-def component_stats(maps, threshold=0.5, mode="relative", min_area=1, connectivity=8, max_components=16):
+def component_stats(maps: Tensor, threshold: float = 0.5, mode: str = "relative", min_area: int = 1,
+                    connectivity: int = 8, max_components: int = 16) -> tuple[Tensor, Tensor, Tensor]:
     """Reference of :func:`xlard.ops.component_stats`."""
     _args.require_max_components("reference.component_stats", max_components)
     _check_cc_args("component_stats", maps, threshold, mode, min_area, connectivity, max_components)
@@ -173,7 +177,7 @@ def _scale_of(top: torch.Tensor) -> torch.Tensor:
     return torch.where(top > 0, top, torch.ones_like(top))
 
 
-def attention_centroids(maps):
+def attention_centroids(maps: Tensor) -> Tensor:
     """Reference of :func:`xlard.ops.attention_centroids`."""
     _args.check_tensor("reference.attention_centroids", "maps", maps, _args.FLOAT_DTYPES, min_dim=2)
     acc = _acc_dtype(maps.dtype)
@@ -195,7 +199,7 @@ def attention_centroids(maps):
     return torch.stack([torch.where(empty, half, cx), torch.where(empty, half, cy)], -1)
 
 
-def position_scores(centroids, relations, tau=10.0):
+def position_scores(centroids: Tensor, relations: Tensor, tau: float = 10.0) -> Tensor:
     """Reference of :func:`xlard.ops.position_scores`."""
     _args.check_position_args("reference.position_scores", centroids, relations, tau)
     _args.check_relation_values("reference.position_scores", relations, centroids.shape[1])
@@ -210,7 +214,8 @@ def position_scores(centroids, relations, tau=10.0):
     return torch.sigmoid(tau * ((pa - pb) * v).sum(-1))
 
 
-def color_scores(patch_features, color_embeddings, patch_mask=None):
+def color_scores(patch_features: Tensor, color_embeddings: Tensor,
+                 patch_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Reference of :func:`xlard.ops.color_scores`."""
     _args.check_color_args("reference.color_scores", patch_features, color_embeddings, patch_mask)
     acc = torch.float64 if torch.float64 in (patch_features.dtype, color_embeddings.dtype) else torch.float32
@@ -237,7 +242,7 @@ def color_scores(patch_features, color_embeddings, patch_mask=None):
     return torch.where(none, torch.zeros_like(best), best), torch.where(none, torch.full_like(index, -1), index)
 
 
-def residual_correction(z0, delta, alpha=1.0):
+def residual_correction(z0: Tensor, delta: Tensor, alpha: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
     """Reference of :func:`xlard.ops.residual_correction`."""
     _args.check_latents("reference.residual_correction", z0=z0, delta=delta)
     _args.split_alpha("reference.residual_correction", alpha, z0)
@@ -247,7 +252,7 @@ def residual_correction(z0, delta, alpha=1.0):
     return zc, delta.to(acc).abs().sum(1)
 
 
-def gaussian_log_prob(x, mean, log_std):
+def gaussian_log_prob(x: Tensor, mean: Tensor, log_std: float | Tensor) -> Tensor:
     """Reference of :func:`xlard.ops.gaussian_log_prob`."""
     _args.check_latents("reference.gaussian_log_prob", min_dim=1, x=x, mean=mean)
     acc = _acc_dtype(x.dtype)
@@ -257,7 +262,8 @@ def gaussian_log_prob(x, mean, log_std):
     return dens.flatten(1).sum(1) if dens.dim() > 1 else dens
 
 
-def sample_correction(z0, mean, log_std, noise, alpha=1.0):
+def sample_correction(z0: Tensor, mean: Tensor, log_std: float | Tensor, noise: Tensor,
+                      alpha: float | Tensor = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reference of :func:`xlard.ops.sample_correction`."""
     op = "reference.sample_correction"
     _args.check_latents(op, z0=z0, mean=mean, noise=noise)
