@@ -79,27 +79,64 @@ def test_a_wheel_carries_the_package_data_and_the_triton_kernels_without_warning
     assert "xlard/py.typed" in built, "a wheel would lack the PEP 561 marker: users' type checkers ignore xlard"
 
 
-@pytest.mark.parametrize("module", ["xlard.ops", "xlard.reference"])
-def test_the_public_ops_are_annotated_for_type_checkers(module):
-    """xlard ships ``py.typed``, so a user's mypy/pyright reads these signatures: every argument and the
-    result of each public op carries an annotation, and every annotation resolves (a misspelt name would
-    only show as an error in the user's checker)."""
+def _annotated_api():
+    """(name, function) of what a user calls from their own typed code: the ops and their references, the
+    corrector's and projector's public methods, the corrector folder's load/save."""
     import importlib
+    import inspect
+
+    ops = importlib.import_module("xlard.ops")
+    out = []
+    for module in ("xlard.ops", "xlard.reference"):
+        mod = importlib.import_module(module)
+        out += [(f"{module}.{n}", getattr(mod, n)) for n in ops.__all__
+                if inspect.isfunction(getattr(mod, n, None)) and n != "provider"]
+    from xlard import evaluation, models
+
+    for cls in (models.ResidualCorrector, models.LatentRewardProjector):
+        out += [(f"{cls.__name__}.{n}", f) for n, f in vars(cls).items()
+                if inspect.isfunction(f) and not n.startswith("_")]
+    out += [(f"xlard.evaluation.{n}", getattr(evaluation, n))
+            for n in ("save_corrector_dir", "load_corrector_dir", "load_backbone_for")]
+    return out
+
+
+def test_the_public_api_is_annotated_for_type_checkers():
+    """xlard ships ``py.typed``, so a user's mypy/pyright reads these signatures: every argument and the
+    result carries an annotation, and every annotation resolves (a misspelt or unimported name would only
+    show as an error in the user's checker)."""
     import inspect
     import typing
 
-    mod = importlib.import_module(module)
-    names = [n for n in importlib.import_module("xlard.ops").__all__
-             if inspect.isfunction(getattr(mod, n, None)) and n != "provider"]
-    assert len(names) >= 9, names
-    for name in names:
-        fn = getattr(mod, name)
+    api = _annotated_api()
+    assert len(api) >= 35, [name for name, _ in api]
+    for name, fn in api:
         sig = inspect.signature(fn)
-        bare = [p for p in sig.parameters if sig.parameters[p].annotation is inspect.Parameter.empty]
-        assert not bare, f"{module}.{name}: arguments {bare} have no annotation"
-        assert sig.return_annotation is not inspect.Signature.empty, f"{module}.{name}: no return annotation"
-        hints = typing.get_type_hints(fn)
-        assert "return" in hints and set(sig.parameters) <= set(hints), (module, name, hints)
+        bare = [p for p, v in sig.parameters.items() if p != "self" and v.annotation is inspect.Parameter.empty]
+        assert not bare, f"{name}: arguments {bare} have no annotation"
+        assert sig.return_annotation is not inspect.Signature.empty, f"{name}: no return annotation"
+        module = sys.modules[fn.__module__]
+        hints = typing.get_type_hints(fn, vars(module) | _checking_names(module))
+        assert "return" in hints and set(sig.parameters) - {"self"} <= set(hints), (name, hints)
+
+
+def _checking_names(module) -> dict:
+    """The names a module imports only under ``typing.TYPE_CHECKING`` (annotations may use them)."""
+    import ast
+    import importlib
+
+    names = {}
+    tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for stmt in node.body:
+                if isinstance(stmt, ast.ImportFrom):
+                    src = importlib.import_module(stmt.module)
+                    names.update({a.asname or a.name: getattr(src, a.name) for a in stmt.names})
+                elif isinstance(stmt, ast.Import):
+                    names.update({a.asname or a.name.split(".")[0]: importlib.import_module(a.name.split(".")[0])
+                                  for a in stmt.names})
+    return names
 
 
 def test_setup_sh_names_a_python_that_is_too_old(tmp_path):

@@ -57,6 +57,9 @@ import numpy as np
 if TYPE_CHECKING:  # for the annotations
     import torch
 
+    from xlard.backbones import DiffusersBackbone
+    from xlard.models import ResidualCorrector
+
 from xlard import _io
 from xlard.models import corrector_inputs
 
@@ -239,7 +242,7 @@ class CorrectorMeta:
             raise ValueError(f"{source}: {e}") from None
 
 
-def save_corrector_dir(path: str | os.PathLike, corrector, meta: CorrectorMeta) -> Path:
+def save_corrector_dir(path: str | os.PathLike, corrector: ResidualCorrector, meta: CorrectorMeta) -> Path:
     """Write a corrector folder: ``save_pretrained`` output plus ``xlard_corrector.json``.
 
     The three files are written into a temporary folder beside ``path`` first;
@@ -280,7 +283,8 @@ def save_corrector_dir(path: str | os.PathLike, corrector, meta: CorrectorMeta) 
     return path
 
 
-def load_corrector_dir(path: str | os.PathLike, *, device=None):
+def load_corrector_dir(path: str | os.PathLike, *, device: str | torch.device | None = None
+                       ) -> tuple[ResidualCorrector, CorrectorMeta]:
     """Load a corrector folder written by :func:`save_corrector_dir`.
 
     Args:
@@ -437,9 +441,10 @@ def shipped_corrector_path(backbone: str = "shapes") -> Path:
     return path
 
 
-def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, device=None, corrector=None,
+def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, device: str | torch.device | None = None,
+                      corrector: ResidualCorrector | None = None,
                       num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                      dtype: torch.dtype | str | None = None):
+                      dtype: torch.dtype | str | None = None) -> DiffusersBackbone:
     """Load the diffusers backbone a corrector was trained for, at its ``correction_step``.
 
     Args:

@@ -32,7 +32,7 @@ import numbers
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -1774,7 +1774,9 @@ class ResidualCorrector(_Pretrained, nn.Module):
         # add latents in the parameters' dtype, so that z0's own cells are never rounded (a no-op otherwise).
         return _blockwise(delta, cfg.action_block, 1.0).to(self._param.dtype)
 
-    def distill_outputs(self, z0, text_tokens, pooled, text_mask=None):
+    def distill_outputs(self, z0: torch.Tensor, text_tokens: torch.Tensor, pooled: torch.Tensor,
+                        text_mask: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
         """What the warm start fits: ``(residual [B, C, H, W], move)``.
 
         The residual is the correction without the move (the move head's copy, or ``reader_move``'s, which
@@ -1786,7 +1788,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
         logits = self._move_scores(tokens, z0) if self.config.move else None
         return self._residual(tokens, z0), logits
 
-    def sources(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:
+    def sources(self, z0: torch.Tensor, text_tokens: torch.Tensor, pooled: torch.Tensor,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The move's choice (the move head's, or ``reader_move``'s then ``count_move``'s): for every latent cell,
         the flat index of the cell of z0 copied there.
 
@@ -1834,7 +1837,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
         return _reader_evidence(noun_p, color_p, nouns, colors).to(z.dtype), (noun_p, nouns)
 
     @torch.no_grad()
-    def read(self, z0, text_tokens, text_mask=None) -> torch.Tensor:
+    def read(self, z0: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The reader's evidence for the trunk, ``[B, READER_CHANNELS, H, W]`` in z0's dtype (no gradient):
         the prompt's first two entities' noun and color maps over the latent cells (``CorrectorConfig.reader``).
 
@@ -1922,7 +1925,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
                 sources = counted if sources is None else sources.gather(1, counted.to(sources.device))
         return sources
 
-    def attach_eyes(self, eyes) -> "ResidualCorrector":
+    def attach_eyes(self, eyes: Callable[..., Any] | None) -> "ResidualCorrector":
         """Set what ``count_move`` counts with: ``eyes(z) -> (noun_probs [B, len(reader_nouns), H, W], foreground
         [B, H, W])`` for latents ``z [B, C, h, w]`` (the decoded image's maps, on a whole multiple of the latent
         grid); for ``count_edit`` the eyes also need ``eyes.edit_counts(z, nouns, counts) -> (encoded [B, C, h,
@@ -2011,7 +2014,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
             features = features.detach()
         return self.value_head(features).squeeze(-1).float()
 
-    def forward(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:
+    def forward(self, z0: torch.Tensor, text_tokens: torch.Tensor, pooled: torch.Tensor,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The correction ``Delta_theta(z0, e_p)`` (the policy mean).
 
         Returns:
@@ -2030,7 +2034,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
         return self._delta(tokens, z0, reading, text_tokens, text_mask, log).to(z0.dtype)
 
     @torch.no_grad()
-    def actions(self, z0, text_tokens, pooled, text_mask=None) -> tuple[torch.Tensor, list[list[str]]]:
+    def actions(self, z0: torch.Tensor, text_tokens: torch.Tensor, pooled: torch.Tensor,
+                text_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[list[str]]]:
         """The correction (as :meth:`forward`, without gradient) and, per latent, what the corrector's rules
         did, in words: the relation or count move's moved cells ("moved 24 latent cells"), ``count_edit``'s
         edits as its eyes report them ("redrew 4 circle(s)", "added 1 circle(s)"). An empty list: only the
@@ -2065,7 +2070,9 @@ class ResidualCorrector(_Pretrained, nn.Module):
         self.config = self.config.replace(autocast=dtype)
         return self
 
-    def correct(self, z0, text_tokens, pooled, text_mask=None, alpha=None):
+    def correct(self, z0: torch.Tensor, text_tokens: torch.Tensor, pooled: torch.Tensor,
+                text_mask: torch.Tensor | None = None, alpha: float | torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference: apply the mean correction, ``zc = z0 + alpha * Delta``, via :func:`xlard.ops.residual_correction`.
 
         With ``config.autocast`` set, Delta is computed under ``torch.autocast`` with that dtype (see
@@ -2092,7 +2099,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
         _refuse_overflow("ResidualCorrector.correct", z0, zc, step)
         return zc, lam
 
-    def distribution(self, z0, text_tokens, pooled, text_mask=None) -> GaussianPolicy:
+    def distribution(self, z0: torch.Tensor, text_tokens: torch.Tensor, pooled: torch.Tensor,
+                     text_mask: torch.Tensor | None = None) -> GaussianPolicy:
         """The policy ``N(Delta_theta(z0, e_p), exp(log_std)^2)`` with a float32 mean (float64 for float64 z0).
 
         Raises:
@@ -2108,7 +2116,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
         dt = torch.float64 if z0.dtype == torch.float64 else torch.float32
         return GaussianPolicy(self._delta(tokens, z0, reading, text_tokens, text_mask).to(dt), self.log_std)
 
-    def policy_and_value(self, z0, text_tokens, pooled, text_mask=None) -> tuple[GaussianPolicy, torch.Tensor]:
+    def policy_and_value(self, z0: torch.Tensor, text_tokens: torch.Tensor, pooled: torch.Tensor,
+                         text_mask: torch.Tensor | None = None) -> tuple[GaussianPolicy, torch.Tensor]:
         """One trunk pass for the PPO update: ``(distribution, value [B] float32)``.
 
         Raises:
@@ -2121,7 +2130,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
         _refuse_overflow("ResidualCorrector.policy_and_value", z0, mean, stepped=False)
         return GaussianPolicy(mean, self.log_std), self._value(tokens, cond)
 
-    def value(self, z0, text_tokens, pooled, text_mask=None) -> torch.Tensor:
+    def value(self, z0: torch.Tensor, text_tokens: torch.Tensor, pooled: torch.Tensor,
+              text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The baseline ``b(z0, e_p)``: trunk tokens mean-pooled, with ``W e_p``, through an MLP. ``[B]`` float32.
 
         Raises:
@@ -2131,7 +2141,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
         tokens, cond, _ = self._features(z0, text_tokens, pooled, text_mask)
         return self._value(tokens, cond)
 
-    def log_prob(self, delta, mean) -> torch.Tensor:
+    def log_prob(self, delta: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """``log N(delta; mean, exp(log_std)^2)`` summed over C*H*W, computed in float32.
 
         Args:
@@ -2152,7 +2162,10 @@ class ResidualCorrector(_Pretrained, nn.Module):
         return xops.gaussian_log_prob(delta.to(dt), mean.to(dt), self.log_std.to(dt))
 
     @torch.no_grad()
-    def sample(self, z0, text_tokens, pooled, text_mask=None, *, alpha=None, generator=None, noise=None):
+    def sample(self, z0: torch.Tensor, text_tokens: torch.Tensor, pooled: torch.Tensor,
+               text_mask: torch.Tensor | None = None, *, alpha: float | torch.Tensor | None = None,
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The PPO rollout step: sample ``delta ~ N(mean, std^2)`` and apply it, via :func:`xlard.ops.sample_correction`.
 
         Runs under ``torch.no_grad()``; call ``eval()`` first for a rollout without dropout.
@@ -2346,7 +2359,8 @@ class LatentRewardProjector(_Pretrained, nn.Module):
         cfg = self.config
         return self.confidence_head(pooled).clamp(cfg.log_var_min, cfg.log_var_max)
 
-    def forward(self, zc, text_tokens, pooled, text_mask=None, aspect_mask=None) -> ProjectorOutput:
+    def forward(self, zc: torch.Tensor, text_tokens: torch.Tensor, pooled: torch.Tensor,
+                text_mask: torch.Tensor | None = None, aspect_mask: torch.Tensor | None = None) -> ProjectorOutput:
         """Predict the sub-rewards of ``zc`` and the prompt's aspect weights.
 
         Args:
@@ -2393,7 +2407,7 @@ class LatentRewardProjector(_Pretrained, nn.Module):
         _refuse_bad_weights(owner, pooled, weights)
         return ProjectorOutput(scores, log_var, weights)
 
-    def confidence(self, pooled, aspect_mask=None) -> torch.Tensor:
+    def confidence(self, pooled: torch.Tensor, aspect_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The joint-reward weights lambda ``[B, 3]`` from the prompt alone (no latent needed).
 
         Args:
@@ -2414,7 +2428,7 @@ class LatentRewardProjector(_Pretrained, nn.Module):
         _refuse_bad_weights(owner, pooled, weights)
         return weights
 
-    def loss(self, pred: ProjectorOutput, target, aspect_mask) -> ProjectorLoss:
+    def loss(self, pred: ProjectorOutput, target: torch.Tensor, aspect_mask: torch.Tensor) -> ProjectorLoss:
         """Uncertainty-weighted regression loss of the projector and its confidence head.
 
         Per present (prompt b, aspect k), with ``s = pred.log_var``:
