@@ -104,9 +104,10 @@ def _attention_centroids_bwd_kernel(
         v = tl.load(map_ptr + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w, mask=inside, other=0).to(ACC)
         active = ((v - v) == 0) & (v > 0)
         g = gx * ((j.to(ACC) + 0.5) / W - cx) + gy * ((i.to(ACC) + 0.5) / H - cy)
-        # d / (scale * sum_w) in two divisions, so the product cannot overflow. An active
-        # pixel implies mass (the largest weight divided by the scale is 1).
-        g = tl.where(active, g / scale / safe_sum, 0.0)
+        # d / (scale * sum_w) in two divisions, so the product cannot overflow, by the sum first (>= 1 where a
+        # pixel is active: the largest weight divided by the scale is 1); a subnormal scale first would overflow
+        # where the gradient itself is finite.
+        g = tl.where(active, g / safe_sum / scale, 0.0)
         tl.store(out + p, g.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -229,10 +230,12 @@ def _position_scores_bwd_kernel(
             stride_rb, stride_rr, stride_rc, tau, ACC)
         g = tl.load(grad_ptr + b * R + r, mask=active, other=0).to(ACC)
         coef = tl.where(active, g * score * (1.0 - score) * tau, 0.0)
-        # d score / d p_a = coef * v and d score / d p_b = -coef * v, summed per token.
+        # d score / d p_a = coef * v and d score / d p_b = -coef * v, summed per token. A row adds nothing to
+        # the tokens it does not name (a where, not 0 * term: an infinite or NaN term of one row would make
+        # 0 * inf = NaN in every token of the item, where the other providers leave them untouched).
         sign = (a[:, None] == tokens[None, :]).to(ACC) - (t[:, None] == tokens[None, :]).to(ACC)
-        gx += tl.sum(sign * (coef * dx)[:, None], 0)
-        gy += tl.sum(sign * (coef * dy)[:, None], 0)
+        gx += tl.sum(tl.where(sign != 0, sign * (coef * dx)[:, None], 0.0), 0)
+        gy += tl.sum(tl.where(sign != 0, sign * (coef * dy)[:, None], 0.0), 0)
     inside = tokens < T
     out = out_ptr + b * T * 2 + tokens * 2
     tl.store(out, gx.to(out_ptr.dtype.element_ty), mask=inside)

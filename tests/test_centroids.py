@@ -270,6 +270,22 @@ def test_centroids_of_maps_near_the_float_range_are_finite_and_right(top):
         assert torch.allclose(grad.double(), want_grad, rtol=1e-3, atol=1e-44), (grad, want_grad)
 
 
+@pytest.mark.parametrize("dtype,top", [(torch.float32, 1e-40), (torch.bfloat16, 1e-39), (torch.float64, 1e-310)])
+def test_a_subnormal_largest_weight_keeps_a_finite_gradient_finite(dtype, top):
+    """200 equal subnormal weights: the gradient d / (top * 200) fits the dtype, but d / top alone does not; the
+    CPU kernel and the double-backward composite divided by the max first and gave -inf / +inf (the CUDA kernel
+    divided by the sum first)."""
+    maps = torch.full((1, 200), top, dtype=dtype)
+    g = torch.tensor([1.0, 0.0], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    want = torch.tensor([(j + 0.5) / 200 - 0.5 for j in range(200)], dtype=torch.float64)
+    want = want / (maps[0, 0].double() * 200)
+    for create_graph in (False, True):
+        m = maps.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(ops.attention_centroids(m), m, g, create_graph=create_graph)
+        assert torch.isfinite(grad).all(), (create_graph, grad[0, :2])
+        assert torch.allclose(grad[0].double(), want, rtol=1e-2), (create_graph, grad[0, :2], want[:2])
+
+
 def test_fake_kernels_check_like_the_cpu_kernels():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

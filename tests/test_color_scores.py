@@ -60,6 +60,24 @@ def test_zero_norms_and_ties():
     assert s.item() == pytest.approx(-1.0) and i.item() == 0  # max can be negative
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identical_patches_tie_exactly_and_the_first_wins(dtype):
+    """A batched GEMM rounds a row by where it sits in its tiles: a patch identical to an earlier one scored a
+    last bit higher on the CPU and in the reference (and won) on most seeds, where Triton and CUDA pick the
+    first (the GEMM's tail rows: 5 patches, the copy last; the old code failed on 28 / 36 of 50 seeds)."""
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        f = torch.randn(3, 5, 130, generator=g, dtype=dtype)
+        f[:, 4] = f[:, 3]
+        e = torch.randn(3, 4, 130, generator=g, dtype=dtype)
+        e[:, 0] = f[:, 3]                      # color 0 is the patch: cosine 1 at patches 3 and 4
+        e[:, 1] = f[:, 3] + 0.01 * e[:, 1]     # near it, still best at 3 and 4
+        for fn in (ops.color_scores, ref.color_scores):
+            scores, index = fn(f, e)
+            assert index[:, :2].eq(3).all(), (seed, fn.__module__, index)
+            assert_close(scores, ref.color_scores(f, e)[0], dtype=dtype)
+
+
 def test_non_contiguous():
     f = torch.randn(2, 16, 30)[:, :, ::2]  # strided features, D = 15
     assert not f.is_contiguous()

@@ -482,6 +482,17 @@ def test_attention_centroids_gradcheck(top):
     assert torch.autograd.gradcheck(Centroids.apply, (maps.requires_grad_(),))
 
 
+def test_attention_centroids_backward_of_a_subnormal_map(top):
+    """200 equal subnormal weights: a finite gradient (the kernel divided by the max first: -inf / +inf)."""
+    maps = torch.full((1, 200), 1e-40)
+    grad = torch.tensor([[1.0, 0.0]])
+    out = top("attention_centroids", maps)
+    got = top("_attention_centroids_backward", grad, maps, out)
+    want = (torch.tensor([(j + 0.5) / 200 - 0.5 for j in range(200)], dtype=torch.float64)
+            / (maps[0, 0].double() * 200))
+    assert torch.isfinite(got).all() and torch.allclose(got[0].double(), want, rtol=1e-3)
+
+
 # --------------------------------------------------------------------------- position_scores
 
 DIRECTIONS = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]], dtype=torch.float64)
@@ -521,6 +532,21 @@ def test_position_scores(top, dtype, shared):
     close(got, c.grad.to(dtype), OUT_TOL[dtype], "position_scores backward")
     for name, judge in judges("_position_scores_backward"):
         close(got, judge(grad, centroids, relations, tau), OUT_TOL[dtype], f"position backward vs {name}")
+
+
+def test_position_scores_backward_leaves_tokens_no_relation_names(top):
+    """One relation whose term is infinite (tau 3e38) or NaN (float16 centroids at inf): tokens 2 and 3, in no
+    relation, get 0 as on the CPU (0 * inf made every token of the item NaN)."""
+    rel = torch.tensor([[0, 1, 0]])
+    cases = [(torch.tensor([[[.5, .5], [.5, .5], [.1, .2], [.9, .8]]]), 3e38, torch.tensor([[10.0]])),
+             (torch.tensor([[[math.inf, .5], [math.inf, .5], [.1, .2], [.9, .8]]], dtype=torch.float16), 1.0,
+              torch.tensor([[1.0]]))]
+    for centroids, tau, grad in cases:
+        got = top("_position_scores_backward", grad, centroids, rel, tau)
+        assert torch.equal(got[0, 2:], torch.zeros(2, 2, dtype=got.dtype)), got
+        if _has_c():  # the C++ CPU kernel agrees
+            assert torch.equal(torch.ops.xlard._position_scores_backward(grad, centroids, rel, tau)[0, 2:],
+                               torch.zeros(2, 2, dtype=got.dtype))
 
 
 def test_position_scores_edges(top):
@@ -591,6 +617,18 @@ def test_color_scores_ties_and_shapes(top):
     f = torch.randn(3, 40, 6).transpose(0, 1)[:3].transpose(0, 1)   # non-contiguous [3, 3, 6]
     e = torch.randn(6, 2).t()
     close(top("color_scores", f, e, None)[0], oracle_color_scores(f, e, None)[0], ACC_TOL[torch.float32], "strided")
+    # identical patches tie exactly, on every provider: the first of them wins
+    from xlard import reference as ref
+
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(0)
+        f = torch.randn(3, 5, 130, generator=g, dtype=dtype)
+        f[:, 4] = f[:, 3]
+        e = torch.randn(3, 2, 130, generator=g, dtype=dtype)
+        e[:, 0] = f[:, 3]
+        cpu = [torch.ops.xlard.color_scores(f, e, None)] if _has_c() else []
+        for scores_index in [top("color_scores", f, e, None), ref.color_scores(f, e)] + cpu:
+            assert scores_index[1][:, 0].tolist() == [3, 3, 3], (dtype, scores_index)
 
 
 # --------------------------------------------------------------------------- residual / gaussian / sample
@@ -1022,3 +1060,18 @@ def test_triton_launchers_refuse_what_the_cpp_providers_refuse(kernels):
     big = torch.zeros(1).expand(2**27 + 1, 1)  # one pixel past the cap, no memory
     with pytest.raises(RuntimeError, match=r"mode 'otsu' takes maps of at most 2\^27 pixels"):
         kernels["components"].count_components_fwd(big, 0.5, "otsu", 1, 4)
+
+
+def test_triton_launchers_refuse_tensors_on_two_devices(kernels):
+    """A raw xlard_triton call (or an xlard:: CUDA op served by Triton) with tensors on two devices is refused as
+    the C++ ops refuse it, before a kernel reads one of them through a pointer of the wrong device."""
+    if not _has_c():
+        pytest.skip("the schemas (argument names) come from xlard._C")
+    from xlard import _triton_ops
+
+    served = _triton_ops._serve("color_scores", lambda *args: pytest.fail("launched"))
+    with pytest.raises(RuntimeError, match=r"color_scores: color_embeddings must be on the device of "
+                                           r"patch_features \(cpu\), got meta"):
+        served(torch.rand(1, 2, 3), torch.rand(2, 3, device="meta"), None)
+    with pytest.raises(RuntimeError, match=r"patch_mask must be on the device of patch_features"):
+        served(torch.rand(1, 2, 3), torch.rand(2, 3), torch.ones(1, 2, 2, dtype=torch.bool, device="meta"))

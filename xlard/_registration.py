@@ -193,7 +193,7 @@ def centroids_backward_composite(grad, maps):
     cy = (wgt * ys).sum((-2, -1), keepdim=True) / safe
     g = grad.to(acc)
     gx, gy = g[..., 0, None, None], g[..., 1, None, None]
-    d = (gx * (xs - cx) + gy * (ys - cy)) / scale / safe
+    d = (gx * (xs - cx) + gy * (ys - cy)) / safe / scale  # by the sum (>= 1) first: a subnormal scale overflows
     return torch.where(pos & has_mass, d, torch.zeros_like(d)).to(maps.dtype)
 
 

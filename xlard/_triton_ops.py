@@ -91,11 +91,24 @@ def _first_tensor(args) -> torch.Tensor | None:
     return None
 
 
+def _check_one_device(op: str, args) -> None:
+    """Every tensor argument on the first one's device, as the C++ ops check (a launch sees raw pointers: a
+    tensor on another GPU or on the host would be read through a pointer that is not the kernel's device's)."""
+    tensors = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    first_i, first = tensors[0] if tensors else (0, None)
+    for i, t in tensors[1:]:
+        if t.device != first.device:
+            names = [arg.name for arg in getattr(torch.ops.xlard, op).default._schema.arguments]
+            raise RuntimeError(f"xlard.{op}: {names[i]} must be on the device of {names[first_i]} "
+                               f"({first.device}), got {t.device}")
+
+
 def _serve(op: str, launcher):
     """Wraps a launcher: CUDA work runs on the inputs' device; CPU tensors need the interpreter."""
 
     @functools.wraps(launcher)
     def run(*args):
+        _check_one_device(op, args)
         tensor = _first_tensor(args)
         if tensor is not None and tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise RuntimeError(f"{NAMESPACE}::{op} got CPU tensors: Triton kernels run on CPU tensors only under "

@@ -237,6 +237,18 @@ def color_scores(patch_features: Tensor, color_embeddings: Tensor,
     b, c = sim.shape[:2]
     if sim.shape[-1] == 0:
         return torch.zeros(b, c, dtype=acc, device=f.device), torch.full((b, c), -1, dtype=torch.int64, device=f.device)
+    # A matmul rounds a row by where it sits in its tiles (two identical patches can score a last bit apart):
+    # every patch within `tol` of the best (a bound on both computations' rounding for entries in [-1, 1]) is
+    # scored again by one elementwise product and sum, the same for every patch, so identical patches tie
+    # exactly and the first wins (max returns the first index of the max).
+    top = sim.max(-1, keepdim=True).values
+    tol = 8 * (f.shape[-1] + 2) * torch.finfo(acc).eps
+    near = (sim >= top - tol) & ~torch.isneginf(top)
+    bi, ci, ni = near.nonzero(as_tuple=True)
+    d = denom[bi, ci, ni]
+    exact = (e[bi, ci] * f[bi, ni]).sum(-1)
+    exact = torch.where(d > 0, exact / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(exact))
+    sim = torch.full_like(sim, -math.inf).index_put((bi, ci, ni), exact)
     best, index = sim.max(-1)
     none = torch.isneginf(best)
     return torch.where(none, torch.zeros_like(best), best), torch.where(none, torch.full_like(index, -1), index)

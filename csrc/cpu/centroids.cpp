@@ -130,8 +130,9 @@ at::Tensor attention_centroids_backward_cpu(const at::Tensor& grad_in, const at:
           for (int64_t j = 0; j < w; ++j) {
             A v = static_cast<A>(map[i * w + j]);
             A d = gx * ((static_cast<A>(j) + A(0.5)) / static_cast<A>(w) - cx) + row_term;
-            // d / (scale * s), divided in two steps so the product cannot overflow.
-            om[i * w + j] = static_cast<scalar_t>((v > A(0) && v < inf && s > A(0)) ? d / scale / s : A(0));
+            // d / (scale * s), divided in two steps so the product cannot overflow, by s first (s >= 1): a
+            // subnormal scale would overflow d / scale where the gradient itself is finite (as the CUDA kernel).
+            om[i * w + j] = static_cast<scalar_t>((v > A(0) && v < inf && s > A(0)) ? d / s / scale : A(0));
           }
         }
       }

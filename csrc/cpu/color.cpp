@@ -1,6 +1,7 @@
 // CPU kernel of color_scores: each vector divided by its own max-abs, one batched GEMM
 // of dot products, then a fused pass that divides by the norms, applies the patch mask
-// and keeps the running max and its first argmax. Semantics: docs/ops.md.
+// and finds the max; the patches near it are scored again in one fixed order (identical
+// patches score identically) and the first reaching the max wins. Semantics: docs/ops.md.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -82,9 +83,16 @@ std::tuple<at::Tensor, at::Tensor> color_scores_cpu(const at::Tensor& features_i
     const scalar_t* dp = dots.const_data_ptr<scalar_t>();
     const scalar_t* fn = fnorm.const_data_ptr<scalar_t>();
     const scalar_t* en = enorm.const_data_ptr<scalar_t>();
+    const scalar_t* fp = f.const_data_ptr<scalar_t>();
+    const scalar_t* ep = e.const_data_ptr<scalar_t>();
     const bool* mp = has_mask ? mask.const_data_ptr<bool>() : nullptr;
     scalar_t* sp = scores.data_ptr<scalar_t>();
     int64_t* ip = index.data_ptr<int64_t>();
+    // The GEMM's rounding depends on where a row sits in its tiles, so two identical patches can come out a
+    // last bit apart and the later one win. Every patch within `tol` of the GEMM's best (a bound on the two
+    // computations' rounding: entries in [-1, 1], cosines in [-1, 1]) is scored again by one fixed-order dot
+    // product, the same for every patch, and the first patch reaching the max of those wins.
+    const scalar_t tol = scalar_t(8) * static_cast<scalar_t>(d + 2) * std::numeric_limits<scalar_t>::epsilon();
     at::parallel_for(0, b * c, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const int64_t bi = k / c;
@@ -92,15 +100,33 @@ std::tuple<at::Tensor, at::Tensor> color_scores_cpu(const at::Tensor& features_i
         const scalar_t* fnb = fn + bi * n;
         const bool* allowed = mp ? mp + k * n : nullptr;
         const scalar_t ek = en[k];
-        scalar_t best = -std::numeric_limits<scalar_t>::infinity();
-        int64_t arg = -1;
+        const scalar_t* ev = ep + k * d;
+        scalar_t top = -std::numeric_limits<scalar_t>::infinity();
         for (int64_t j = 0; j < n; ++j) {
           if (allowed && !allowed[j]) continue;
           const scalar_t denom = ek * fnb[j];
           const scalar_t s = denom > scalar_t(0) ? row[j] / denom : scalar_t(0);
-          if (s > best) {  // strict: the first patch reaching the max wins
-            best = s;
-            arg = j;
+          if (s > top) top = s;  // NaN never is
+        }
+        scalar_t best = -std::numeric_limits<scalar_t>::infinity();
+        int64_t arg = -1;
+        if (top > -std::numeric_limits<scalar_t>::infinity()) {
+          for (int64_t j = 0; j < n; ++j) {
+            if (allowed && !allowed[j]) continue;
+            const scalar_t denom = ek * fnb[j];
+            const scalar_t s = denom > scalar_t(0) ? row[j] / denom : scalar_t(0);
+            if (!(s >= top - tol)) continue;
+            scalar_t exact = scalar_t(0);
+            if (denom > scalar_t(0)) {
+              const scalar_t* fv = fp + (bi * n + j) * d;
+              scalar_t dot = scalar_t(0);
+              for (int64_t q = 0; q < d; ++q) dot += ev[q] * fv[q];
+              exact = dot / denom;
+            }
+            if (exact > best) {  // strict: the first patch reaching the max wins
+              best = exact;
+              arg = j;
+            }
           }
         }
         sp[k] = arg >= 0 ? best : scalar_t(0);
