@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from xlard.shapes.prompts import PromptConfig, make_splits, render_record
 from xlard.shapes.world import Scene, SceneObject, mirror_scene
 from xlard.sources import (SOURCES, AttentionSource, ClipSource, RewardSource, ShapesSource, default_source_for,
                            get_source, score)
+from xlard.vocab import GENEVAL_COLORS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = U.is_available()
@@ -594,10 +596,19 @@ def test_clip_source_weighs_one_noun_by_each_entity_color(tiny_clip, word_tokeni
     alone = source(Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
                            specs=(parse("a photo of a dog"),), segment_offsets={}))["entity_maps"][0, 0]
     feats = torch.nn.functional.normalize(source.encoder.encode_images(images).features[0], dim=-1)
-    shades = torch.nn.functional.normalize(source.encoder.embed_colors(["blue", "red"]), dim=-1)
-    gate = (tiny_clip.logit_scale.exp() * feats @ shades.T).softmax(-1)  # per patch: blue vs red
-    torch.testing.assert_close(maps[0, 0].flatten(), alone.flatten() * gate[:, 1], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(maps[0, 1].flatten(), alone.flatten() * gate[:, 0], atol=1e-5, rtol=1e-4)
+    names = sorted(GENEVAL_COLORS)  # the prompt's colors and GenEval's ten
+    shades = torch.nn.functional.normalize(source.encoder.embed_colors(names), dim=-1)
+    gate = (tiny_clip.logit_scale.exp() * feats @ shades.T).softmax(-1)  # per patch, over the colors
+    red, blue = names.index("red"), names.index("blue")
+    torch.testing.assert_close(maps[0, 0].flatten(), alone.flatten() * gate[:, red], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(maps[0, 1].flatten(), alone.flatten() * gate[:, blue], atol=1e-5, rtol=1e-4)
+    # one entity colored: a softmax over the prompt's one color was 1 everywhere, so both dogs read one map and the
+    # relation scored 0.5 on any image
+    one = source(Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
+                         specs=(parse("a photo of a red dog left of a dog"),), segment_offsets={}))["entity_maps"]
+    torch.testing.assert_close(one[0, 0].flatten(), alone.flatten() * gate[:, red], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(one[0, 1], alone, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(one[0, 0], one[0, 1])
 
 
 def test_a_damaged_clip_folder_or_bad_clip_settings_are_named(tiny_clip, word_tokenizer, tmp_path):
@@ -629,6 +640,64 @@ def test_a_damaged_clip_folder_or_bad_clip_settings_are_named(tiny_clip, word_to
     decoded = Decoded(images=torch.rand(1, 3, 32, 32), latents=torch.zeros(0), token_maps=None, patch_features=None,
                       specs=(parse("a photo of a red cat"),), segment_offsets={})
     assert not ClipSource(tiny_clip, word_tokenizer)(decoded)["entity_maps"].requires_grad
+
+
+def test_clip_source_settings_users_get_wrong_are_taken_or_named(tiny_clip, word_tokenizer, tmp_path):
+    """A CLIPProcessor passed as tokenizer= read the background prompt as an image URL at scoring time; a tokenizer
+    with tokens the model lacks was a bare IndexError on the prompt using one; dtype 'fp16' failed inside
+    transformers (in a run: after the backbone loaded); a processor config without normalization or with one
+    number per statistic was ignored or refused under an argument the user never passed; from_pretrained's
+    documented image_mean= was a raw TypeError."""
+    from transformers import CLIPImageProcessor
+
+    from xlard.color_features import ClipColorEncoder
+    from xlard.train.rewarding import check_reward_settings
+
+    decoded = Decoded(images=torch.rand(1, 3, 32, 32), latents=torch.zeros(0), token_maps=None, patch_features=None,
+                      specs=(parse("a photo of a red cat"),), segment_offsets={})
+
+    class Processor:  # what a processor holds: a tokenizer and an image processor
+        tokenizer, image_processor = word_tokenizer, CLIPImageProcessor()
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("the processor itself was called")
+
+    want = ClipSource(tiny_clip, word_tokenizer)(decoded)["entity_maps"]
+    assert torch.equal(ClipSource(tiny_clip, Processor())(decoded)["entity_maps"], want)
+
+    class Longer:  # the model's tokenizer with one token added
+        def __call__(self, *args, **kwargs):
+            return word_tokenizer(*args, **kwargs)
+
+        def __len__(self):
+            return len(word_tokenizer) + 1
+
+    with pytest.raises(ValueError, match=r"the tokenizer holds \d+ tokens but the model's text embedding \d+"):
+        ClipColorEncoder(tiny_clip, Longer())
+    folder = tmp_path / "clip"
+    tiny_clip.save_pretrained(folder)
+    word_tokenizer.save_pretrained(folder)
+    for dtype in ("fp16", torch.int8, "half"):
+        with pytest.raises(ValueError, match=r"dtype must be float32, float16 or bfloat16 .*got"):
+            get_source("clip", model=str(folder), dtype=dtype)
+        settings = types.SimpleNamespace(source="clip", options={"model": str(folder), "dtype": dtype}, bind_color=None)
+        with pytest.raises(ValueError, match=r"train config reward.options.dtype: dtype must be"):
+            check_reward_settings(settings, "some/backbone")
+    assert get_source("clip", model=str(folder), dtype="bfloat16").encoder.dtype == torch.bfloat16
+    CLIPImageProcessor(do_normalize=False).save_pretrained(folder)
+    plain = get_source("clip", model=str(folder)).encoder
+    assert (plain.image_mean, plain.image_std) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    CLIPImageProcessor(image_mean=0.5, image_std=0.25).save_pretrained(folder)
+    scalar = get_source("clip", model=str(folder)).encoder
+    assert (scalar.image_mean, scalar.image_std) == ((0.5,) * 3, (0.25,) * 3)
+    CLIPImageProcessor(image_std=[0.0, 0.0, 0.0]).save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"image processor config \(preprocessor_config.json\): .*image_std"):
+        get_source("clip", model=str(folder))
+    CLIPImageProcessor().save_pretrained(folder)
+    given = ClipSource.from_pretrained(folder, image_mean=(0.1, 0.2, 0.3), image_std=(1, 1, 1)).encoder
+    assert (given.image_mean, given.image_std) == ((0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="tokenizer= goes with a loaded CLIPModel"):
+        ClipSource.from_pretrained(folder, tokenizer=word_tokenizer)
 
 
 def test_shapes_source_weighed_count():

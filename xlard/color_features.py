@@ -642,6 +642,38 @@ def _normalization(name: str, values, default, *, positive: bool) -> tuple[float
     return out
 
 
+_CLIP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def clip_dtype(where: str, dtype: Any) -> torch.dtype | None:
+    """``dtype`` of a CLIP model to load: None, or float32 / float16 / bfloat16 as a torch dtype or its name
+    ("fp16" from a YAML config failed inside transformers, after a run's backbone had loaded, without a name)."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in _CLIP_DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.strip() in _CLIP_DTYPES:
+        return _CLIP_DTYPES[dtype.strip()]
+    raise ValueError(f"{where}: dtype must be float32, float16 or bfloat16 (a torch dtype or its name), got {dtype!r}")
+
+
+def _processor_normalization(where: str, processor: Any) -> tuple[Any, Any]:
+    """(image_mean, image_std) an image processor config asks for: none (0 and 1) with ``do_normalize: false``,
+    a single number for all three channels; a value that is no normalization is named as the config's."""
+    if getattr(processor, "do_normalize", True) is False:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    values = []
+    for name in ("image_mean", "image_std"):
+        value = getattr(processor, name, None)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value = (value,) * 3  # transformers takes one number for every channel
+        try:
+            _normalization(name, value, _CLIP_MEAN if name == "image_mean" else _CLIP_STD,
+                           positive=name == "image_std")
+        except ValueError as exc:
+            raise ValueError(f"{where}'s image processor config (preprocessor_config.json): {exc}") from None
+        values.append(value)
+    return values[0], values[1]
+
+
 class ClipColorEncoder:
     """Dense CLIP color features: projected patch tokens vs color-prompt text embeddings.
 
@@ -696,9 +728,18 @@ class ClipColorEncoder:
         if text_dim is not None and vision_dim is not None and text_dim != vision_dim:
             raise ValueError(f"ClipColorEncoder: the model's text_projection gives {text_dim} dims and its "
                              f"visual_projection {vision_dim}: they must share the joint space")
+        if hasattr(tokenizer, "tokenizer") and hasattr(tokenizer, "image_processor"):
+            tokenizer = tokenizer.tokenizer  # a CLIPProcessor: its tokenizer (called with texts, it read them as URLs)
         if not callable(tokenizer):
             raise TypeError(f"ClipColorEncoder: tokenizer must be the CLIP model's tokenizer (e.g. "
                             f"transformers.AutoTokenizer.from_pretrained(...)), got {type(tokenizer).__name__}")
+        vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+        rows = getattr(getattr(model.config, "text_config", None), "vocab_size", None)
+        if isinstance(vocab, int) and isinstance(rows, int) and vocab > rows:
+            # tokens added to the tokenizer without resizing the model: a prompt using one was a bare IndexError
+            raise ValueError(f"ClipColorEncoder: the tokenizer holds {vocab} tokens but the model's text embedding "
+                             f"{rows} (tokens added without model.resize_token_embeddings?): use the model's own "
+                             "tokenizer")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template
@@ -721,6 +762,7 @@ class ClipColorEncoder:
         """
         transformers = require("transformers", "xlard.color_features.ClipColorEncoder.from_pretrained")
         device = as_device(device, "ClipColorEncoder.from_pretrained")
+        dtype = clip_dtype("ClipColorEncoder.from_pretrained", dtype)
         # the folder or hub id checked (and a hub id's config read) before the weights load
         model_id_or_path = check_clip_model("ClipColorEncoder.from_pretrained: model_id_or_path", model_id_or_path)
         AutoTokenizer, CLIPModel = transformers.AutoTokenizer, transformers.CLIPModel
@@ -748,14 +790,14 @@ class ClipColorEncoder:
                              f"vocabulary holds {vocab} tokens, the model {want}): save the tokenizer beside the "
                              "model (tokenizer.json or vocab.json + merges.txt)")
         mean = std = None
-        mean = std = None
         try:
             from transformers import AutoImageProcessor
 
             processor = AutoImageProcessor.from_pretrained(model_id_or_path)
-            mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
         except (OSError, ValueError, ImportError):
-            pass  # no preprocessor_config.json: OpenAI CLIP's normalization is the documented default
+            processor = None  # no preprocessor_config.json: OpenAI CLIP's normalization is the documented default
+        if processor is not None:
+            mean, std = _processor_normalization(str(model_id_or_path), processor)
         return cls(model, tokenizer, template=template, image_mean=mean, image_std=std, dense=dense)
 
     @property

@@ -66,6 +66,7 @@ from xlard.color_features import (ClipColorEncoder, ColorFeatureEncoder, Embeddi
                                    PixelColorEncoder, check_template, check_text_length)
 from xlard.prompts import PromptSpec, singularize
 from xlard.rewards import ExplainableRewards, RewardConfig, RewardResult, component_means
+from xlard.vocab import GENEVAL_COLORS
 
 __all__ = ["RewardSource", "AttentionSource", "ShapesSource", "ClipSource", "SOURCES", "get_source",
            "default_source_for", "source_options", "score"]
@@ -520,17 +521,22 @@ class ClipSource(RewardSource):
             raise ValueError(f"ClipSource: background must be a non-empty text, got {background!r}")
         self.encoder = ClipColorEncoder(model, tokenizer, template=color_template, image_mean=image_mean,
                                         image_std=image_std, dense="values")
-        self.model, self.tokenizer = self.encoder.model, tokenizer
+        self.model, self.tokenizer = self.encoder.model, self.encoder.tokenizer  # a CLIPProcessor's tokenizer
         self.noun_template, self.background = noun_template, background
         self._text_cache = EmbeddingCache()
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, device: Any = None, dtype: torch.dtype | None = None,
                         **kwargs: Any) -> ClipSource:
-        """Load a CLIP checkpoint (hub id or local folder) and its tokenizer; ``kwargs`` go to :class:`ClipSource`."""
+        """Load a CLIP checkpoint (hub id or local folder) and its tokenizer; ``kwargs`` go to :class:`ClipSource`
+        (``image_mean``/``image_std`` given there replace the checkpoint's image processor config)."""
+        if "tokenizer" in kwargs:  # was a raw "got multiple values for keyword argument"
+            raise ValueError("ClipSource.from_pretrained: the checkpoint's own tokenizer is loaded; tokenizer= goes "
+                             "with a loaded CLIPModel (ClipSource(model, tokenizer))")
         encoder = ClipColorEncoder.from_pretrained(str(model), dense="values", device=device, dtype=dtype)
-        return cls(encoder.model, encoder.tokenizer, image_mean=encoder.image_mean, image_std=encoder.image_std,
-                   **kwargs)
+        kwargs.setdefault("image_mean", encoder.image_mean)
+        kwargs.setdefault("image_std", encoder.image_std)
+        return cls(encoder.model, encoder.tokenizer, **kwargs)
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -570,7 +576,9 @@ class ClipSource(RewardSource):
                 apart = _told_apart_by_color(spec)
                 gate = None
                 if any(c is not None for c in apart):  # entities of one noun: weighed by their colors
-                    shades = sorted({e.color for e in spec.entities if e.color is not None})
+                    # over GenEval's ten colors too: a softmax over the prompt's one color ("a red cat left of a
+                    # cat") was 1 everywhere, so both cats read one map and the relation scored 0.5 on any image
+                    shades = sorted({e.color for e in spec.entities if e.color is not None} | set(GENEVAL_COLORS))
                     shade_text = F.normalize(self.encoder.embed_colors(shades).to(features.device).float(), dim=-1)
                     gate = (scale * F.normalize(features[i].float(), dim=-1) @ shade_text.T).softmax(-1)  # [N, C]
                 for j, entity in enumerate(spec.entities):

@@ -69,9 +69,10 @@ def check_reward_settings(settings, backbone: Any) -> str:
         if model is None:
             raise ValueError("train config reward.options.model: the 'clip' source reads a CLIP model; give its hub "
                              "id or folder (e.g. reward.options: {model: openai/clip-vit-base-patch16})")
-        if isinstance(model, (str, os.PathLike)):  # its config only: a missing or uncached model fails now
-            from xlard.color_features import check_clip_model
+        from xlard.color_features import check_clip_model, clip_dtype
 
+        clip_dtype("train config reward.options.dtype", settings.options.get("dtype"))  # before the backbone loads
+        if isinstance(model, (str, os.PathLike)):  # its config only: a missing or uncached model fails now
             check_clip_model("train config reward.options.model", model)
     return name
 
