@@ -74,14 +74,13 @@ def test_eval_errors_are_clear(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
-def test_version(capsys):
-    import pytest
-
+def test_version_and_help_return_their_exit_code(capsys):
+    """main() "returns the exit code": --version and --help raised argparse's SystemExit(0) instead."""
     import xlard
 
-    with pytest.raises(SystemExit) as e:
-        cli.main(["--version"])
-    assert e.value.code == 0 and capsys.readouterr().out == f"xlard {xlard.__version__}\n"
+    assert cli.main(["--version"]) == 0 and capsys.readouterr().out == f"xlard {xlard.__version__}\n"
+    assert cli.main(["info", "--help"]) == 0 and "usage: xlard info" in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0 and "usage: xlard" in capsys.readouterr().out
 
 
 def test_info_json(capsys):

@@ -1069,6 +1069,26 @@ def test_a_paired_eval_that_judged_nothing_does_not_block_the_rerun(tmp_path, ca
     assert code == 2 and "holds an earlier run" in err
 
 
+def test_the_two_evals_have_their_own_default_folders(tmp_path, capsys, prompt_file, monkeypatch):
+    """`eval --backbone` then the paired `eval --correct`, both without --out as the docs show them, shared the
+    default folder xlard-eval: the second was refused as "the outputs of `xlard eval`" (the user had run `xlard
+    eval` both times) and --overwrite did not help."""
+    monkeypatch.chdir(tmp_path)
+    assert run(["eval", "--backbone", "shapes", "--prompts", prompt_file, "--quiet"], capsys)[0] == 0
+    assert (tmp_path / "xlard-eval" / "xlard-run.json").is_file()
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(prompt_file.read_text().splitlines(keepends=True)[:2]))
+    code, _, err = run(["eval", "--correct", "--prompts", few, "--seeds", "0", "--no-faithfulness", "--bootstrap",
+                        "100", "--quiet"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "xlard-eval-paired" / "pairs.jsonl").is_file()
+    assert not (tmp_path / "xlard-eval" / "pairs.jsonl").exists()
+    # where a user points both at one folder, the message names the command that wrote it as they typed it
+    code, _, err = run(["eval", "--correct", "--prompts", prompt_file, "--out", tmp_path / "xlard-eval"], capsys)
+    assert code == 2
+    one_line_error(err, "holds the outputs of `xlard eval --backbone`")
+
+
 def test_a_folder_holding_another_commands_run_is_refused(tmp_path, capsys, prompt_file):
     """generate into a render folder wrote its images beside the render's and replaced its manifest (neither
     run could be resumed); train and demo mixed their files in too."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -438,9 +439,21 @@ def test_the_run_digest_covers_the_default_latent_eyes(tmp_path, monkeypatch):
     assert ev._corrector_digest(decoded) == digest  # the decoded eyes do not read the latent eyes
 
 
-def test_no_shipped_corrector_for_other_backbones():
+def test_no_shipped_corrector_for_other_backbones(tmp_path):
     with pytest.raises(ValueError, match="no corrector ships for backbone 'sd'"):
         ev.shipped_corrector_path("sd")
+    with pytest.raises(ValueError, match="no corrector ships for backbone"):
+        ev.shipped_corrector_path(str(tmp_path))
+
+
+def test_the_shipped_corrector_of_the_shapes_backbone_given_by_its_folder():
+    """`--backbone <the shapes backbone's folder> --correct` said "no corrector ships" though the same folder with
+    --corrector worked and the sources took it for the shapes backbone."""
+    if not shapes_backbone.is_available(shapes_backbone.backbone_path()):
+        pytest.skip("the shapes backbone is not installed")
+    folder = shapes_backbone.backbone_path()
+    for given in (str(folder), folder, os.path.relpath(folder)):
+        assert ev.shipped_corrector_path(given) == ev.shipped_corrector_path("shapes")
 
 
 # ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,15 @@ def test_json_and_yaml_give_the_same_config(tmp_path):
     (tmp_path / "c.yaml").write_text("steps: 3\nppo:\n  epochs: 2\n  clip: 0.1\noptim:\n  lr: 1\n")
     a, b = load_config(tmp_path / "c.json"), load_config(tmp_path / "c.yaml")
     assert a == b and a.optim.lr == 1.0 and isinstance(a.optim.lr, float)
+
+
+def test_a_yaml_config_without_pyyaml_names_the_extra(tmp_path, monkeypatch):
+    """Every missing optional dependency names its extra; PyYAML's message said "pip install pyyaml" only."""
+    (tmp_path / "c.yaml").write_text("steps: 3\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml -> ImportError
+    with pytest.raises(ValueError, match=r"c\.yaml is YAML: .*needs pyyaml: pip install 'xlard\[method\]' \(or "
+                                         r"write the config as JSON\)"):
+        load_config(tmp_path / "c.yaml")
 
 
 @pytest.mark.parametrize("data, match", [

@@ -535,6 +535,10 @@ def trim_jsonl(path: str | os.PathLike[str], upto: Callable[[dict], bool], *, ow
 MANIFEST_NAME = "xlard-run.json"
 
 #: The files that mark each kind of xlard output folder (the first present names the run).
+#: The paired evaluation's default folder (``xlard eval --corrector/--correct``); ``eval --backbone``'s images go
+#: to ``xlard-eval``: two defaults, so that running both as documented does not mix them in one folder.
+PAIRED_EVAL_OUT = "xlard-eval-paired"
+
 _RUN_MARKERS = ((MANIFEST_NAME, None), ("pairs.jsonl", "eval (with a corrector)"), ("demo.json", "demo"),
                 ("ckpt-*.pt", "train"), ("metrics.jsonl", "train"))
 
@@ -570,6 +574,13 @@ def other_run(folder: str | os.PathLike[str], mine: str | tuple[str, ...]) -> st
                 return None
         return None if command in mine else command
     return None
+
+
+def run_label(command: str) -> str:
+    """How a message names a command :func:`other_run` returns: ``eval`` is the images of ``eval --backbone``
+    (the paired evaluation is ``eval (with a corrector)``), where a user who ran both would read "xlard eval"
+    as either."""
+    return "eval --backbone" if command == "eval" else command
 
 
 #: Files that say what a folder belongs to (glob patterns allowed), for :func:`claim_folder`.

@@ -566,7 +566,8 @@ def _start_output_folder(args, out: Path, flag: str, settings: dict, owned: list
 def _refuse_other_run(out: Path, flag: str, mine: str | tuple[str, ...]) -> None:
     other = _io.other_run(out, mine)
     if other is not None:
-        raise UsageError(f"{flag}: {out} holds the outputs of `xlard {other}`; writing this command's outputs there "
+        raise UsageError(f"{flag}: {out} holds the outputs of `xlard {_io.run_label(other)}`; writing this command's "
+                         "outputs there "
                          "would mix the two runs (neither could be resumed or read): choose another folder")
 
 
@@ -874,7 +875,7 @@ def _cmd_eval(args) -> int:
                              "OUT/pairs.jsonl; drop --results")
         if args.seeds is not None and "--seed" in generation:  # --seed was ignored without a word
             raise UsageError("--seed: give the evaluation seeds once, either --seeds 0,1 or --seed S (one seed)")
-        out = Path(args.out or "xlard-eval")
+        out = Path(args.out or _io.PAIRED_EVAL_OUT)
         _output_folder(out, "--out")
         for value, flag in ((args.json, "--json"), (args.markdown, "--markdown")):
             _output_file(value, flag)
@@ -1106,7 +1107,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(2.png before 10.png; with --prompts)")
     p.add_argument("--results", help="write per-image results (JSONL) here")
     p.add_argument("--json", help="write the summary table (JSON) here")
-    p.add_argument("--out", help="with --backbone: where generated images go (GenEval layout; default xlard-eval)")
+    p.add_argument("--out", help="with --backbone: where generated images go (GenEval layout; default xlard-eval); "
+                                 f"with a corrector: the paired evaluation's folder (default {_io.PAIRED_EVAL_OUT})")
     p.add_argument("--quiet", action="store_true", help="no progress bars (results and errors are still printed)")
     backbone_options(p, required=False, seed_help="with --backbone: image i uses seed + i; with a corrector: the "
                                                    "evaluation seed (record i: generator seed seed*1000000+i), as "
@@ -1223,7 +1225,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_interrupts(), _hub_logging_restored():
             parser = build_parser()
-            args = parser.parse_args(argv)
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit as exc:  # --help and --version print, then argparse exits: returned, as documented
+                return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
             prog = f"xlard {args.command}"
             _refuse_empty_paths(args)
             parsed = True

@@ -425,12 +425,18 @@ def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
 
 
 def shipped_corrector_path(backbone: str = "shapes") -> Path:
-    """The folder of the corrector shipped in package data for ``backbone``.
+    """The folder of the corrector shipped in package data for ``backbone`` (a name such as ``"shapes"``, or the
+    shipped backbone's own folder by path).
 
     Raises:
         ValueError: no corrector is shipped for that backbone.
         FileNotFoundError: the folder is absent (not trained/installed yet).
     """
+    if isinstance(backbone, (str, os.PathLike)) and str(backbone) not in _SHIPPED:
+        from xlard.sources import default_source_for
+
+        if default_source_for(backbone) == "shapes":  # the shapes backbone given by its folder
+            return shipped_corrector_path("shapes")
     if not isinstance(backbone, str) or backbone not in _SHIPPED:
         raise ValueError(f"no corrector ships for backbone {backbone!r} (shipped: {sorted(_SHIPPED)}); pass "
                          "--corrector DIR")
@@ -1538,7 +1544,7 @@ def run_eval_cli(args) -> int:
                   "a corrector trained on the shapes world has seen them, so this is no held-out measurement "
                   "(`xlard prompts --split heldout` writes held-out records)", file=sys.stderr)
     fraction = None if getattr(args, "no_faithfulness", False) else _given(args, "mask_fraction", 0.2)
-    out = Path(getattr(args, "out", None) or "xlard-eval")
+    out = Path(getattr(args, "out", None) or _io.PAIRED_EVAL_OUT)
     report = run_evaluation(backbone, corrector, meta, records, seeds, out=out, batch_size=args.batch,
                             faithfulness_fraction=fraction, num_resamples=_given(args, "bootstrap", 2000),
                             save_images=bool(getattr(args, "save_images", False)), quiet=args.quiet,

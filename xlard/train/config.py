@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from xlard._optional import missing_message
+
 __all__ = [
     "BackboneSettings", "DataSettings", "RewardSettings", "ModelSettings", "PPOSettings", "OptimSettings",
     "ProjectorSettings", "LogSettings", "ExportSettings", "DistillSettings", "TrainConfig", "load_config", "config_from_dict", "describe",
@@ -877,9 +879,9 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
-        except ImportError:
-            raise ValueError(f"train config: {path} is YAML but PyYAML is not installed "
-                             "(pip install pyyaml, or write the config as JSON)") from None
+        except ImportError as exc:  # the extra by name, as every missing optional dependency is named
+            raise ValueError(f"train config: {path} is YAML: {missing_message('yaml', 'reading it', exc)} (or "
+                             "write the config as JSON)") from None
         try:
             data = yaml_load(text)
         except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int of 5000 digits
