@@ -27,10 +27,14 @@ Images are accepted as a float tensor ``[B, 3, H, W]`` in [0, 1] (diffusers'
 see :func:`as_image_batch`.
 
 Example:
+    >>> import torch, xlard.ops
+    >>> from xlard.color_features import PixelColorEncoder
     >>> enc = PixelColorEncoder(grid=(8, 8))
     >>> img = torch.full((1, 3, 64, 64), 0.5); img[:, 0, 16:48, 16:48] = 0.85; img[:, 1:, 16:48, 16:48] = 0.1
     >>> pf = enc.encode_images(img)
     >>> scores, index = xlard.ops.color_scores(pf.features, enc.embed_colors(["red", "blue"]))
+    >>> round(scores[0, 0].item(), 3), divmod(index[0, 0].item(), 8)   # red: a patch (row, column) in the square
+    (1.0, (2, 2))
 """
 from __future__ import annotations
 
@@ -185,7 +189,8 @@ def srgb_to_lab(rgb: torch.Tensor, dim: int = -1) -> torch.Tensor:
         Tensor, same shape: (L, a, b) on ``dim``.
 
     Example:
-        >>> srgb_to_lab(torch.tensor([1.0, 0.0, 0.0]))   # about (53.24, 80.09, 67.20)
+        >>> srgb_to_lab(torch.tensor([1.0, 0.0, 0.0])).round(decimals=1)
+        tensor([53.2000, 80.1000, 67.2000])
     """
     _check_rgb("srgb_to_lab", rgb, dim)
     if rgb.numel():
@@ -456,8 +461,11 @@ class PixelColorEncoder:
 
     Example:
         >>> enc = PixelColorEncoder(grid=(16, 16))
-        >>> feats = enc.encode_images(images)          # PatchFeatures, features [B, 256, K]
-        >>> emb = enc.embed_colors(["red", "light blue"])   # [2, K]
+        >>> feats = enc.encode_images(torch.rand(2, 3, 64, 64))   # PatchFeatures
+        >>> feats.features.shape, feats.grid                      # [B, 256 patches, K]
+        (torch.Size([2, 256, 27]), (16, 16))
+        >>> enc.embed_colors(["red", "light blue"]).shape         # [2, K]
+        torch.Size([2, 27])
     """
 
     def __init__(
@@ -695,7 +703,7 @@ class ClipColorEncoder:
     Args:
         model: a ``transformers.CLIPModel`` (any size; eval mode is set).
         tokenizer: its tokenizer (called as ``tokenizer(texts, padding=True,
-            return_tensors="pt")``).
+            return_tensors="pt")``), or a ``CLIPProcessor`` (its tokenizer is used).
         template: text for a color, with ``{}`` for the color name.
         image_mean, image_std: per-channel normalization (default OpenAI
             CLIP's, or the checkpoint's image processor's via from_pretrained).
@@ -703,7 +711,7 @@ class ClipColorEncoder:
 
     Example:
         >>> enc = ClipColorEncoder.from_pretrained("openai/clip-vit-base-patch16")   # doctest: +SKIP
-        >>> pf = enc.encode_images(images)            # features [B, 196, 512], grid (14, 14)
+        >>> pf = enc.encode_images(images)            # features [B, 196, 512], grid (14, 14)   # doctest: +SKIP
     """
 
     def __init__(

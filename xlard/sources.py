@@ -45,7 +45,7 @@ Example:
     >>> source = get_source(default_source_for(backbone), backbone)        # doctest: +SKIP
     >>> rewards = ExplainableRewards(source.reward_config())               # doctest: +SKIP
     >>> result = score(backbone.generate(prompts, seed=0).decoded, source, rewards)   # doctest: +SKIP
-    >>> print(result.explanations[0].text())    # '"a photo of ..." (judged by the shapes source)' ...
+    >>> print(result.explanations[0].text())    # '"a photo of ..." (judged by the shapes source)' ...  # doctest: +SKIP
 """
 from __future__ import annotations
 
