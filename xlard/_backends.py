@@ -71,8 +71,14 @@ def provider(name: str) -> Iterator[None]:
         ValueError: for an unknown provider name.
 
     Example:
-        >>> with xlard.ops.provider("triton"):
+        >>> import torch, xlard.ops
+        >>> maps = torch.rand(2, 77, 32, 32)
+        >>> with xlard.ops.provider("cpu"):
         ...     counts = xlard.ops.count_components(maps)
+        >>> counts.shape
+        torch.Size([2, 77])
+        >>> with xlard.ops.provider("triton"):   # the Triton kernels, on a CUDA GPU  # doctest: +SKIP
+        ...     counts = xlard.ops.count_components(maps.cuda())
     """
     if name not in PROVIDERS:
         raise ValueError(f"provider: expected one of {PROVIDERS}, got {name!r}")

@@ -17,9 +17,14 @@ The latent-side arithmetic (applying the correction, the LAM, the Gaussian
 log-density, the fused rollout step) goes through :mod:`xlard.ops`.
 
 Example:
+    >>> import torch
+    >>> from xlard.models import CorrectorConfig, ResidualCorrector
     >>> cfg = CorrectorConfig.tiny(latent_channels=4, text_dim=32, pooled_dim=32)
     >>> corrector = ResidualCorrector(cfg)
-    >>> zc, lam = corrector.correct(z0, text_tokens, pooled)   # zc == z0 at init
+    >>> z0, text_tokens, pooled = torch.randn(2, 4, 16, 16), torch.randn(2, 8, 32), torch.randn(2, 32)
+    >>> zc, lam = corrector.correct(z0, text_tokens, pooled)
+    >>> torch.equal(zc, z0), lam.shape   # zc == z0 at init
+    (True, torch.Size([2, 16, 16]))
 """
 from __future__ import annotations
 
@@ -327,6 +332,7 @@ class CorrectorConfig(_ConfigBase):
             (``ResidualCorrector.set_autocast(None)``).
 
     Example:
+        >>> from xlard.models import CorrectorConfig
         >>> CorrectorConfig.paper().width
         384
     """
@@ -447,6 +453,7 @@ class ProjectorConfig(_ConfigBase):
             perfectly.
 
     Example:
+        >>> from xlard.models import ProjectorConfig
         >>> ProjectorConfig.paper().depth
         4
     """
@@ -842,7 +849,12 @@ class _Pretrained:
             Path: ``directory``.
 
         Example:
-            >>> corrector.save_pretrained("runs/corrector")
+            >>> import os, tempfile
+            >>> from xlard.models import CorrectorConfig, ResidualCorrector
+            >>> corrector = ResidualCorrector(CorrectorConfig.tiny())
+            >>> folder = corrector.save_pretrained(os.path.join(tempfile.mkdtemp(), "corrector"))
+            >>> sorted(path.name for path in folder.iterdir())
+            ['config.json', 'model.safetensors']
         """
         _safetensors()  # a clear ImportError before any work
         directory = Path(directory)
@@ -882,7 +894,15 @@ class _Pretrained:
                 fields, or weights that do not match the config.
 
         Example:
-            >>> corrector = ResidualCorrector.from_pretrained("runs/corrector", device="cuda")
+            >>> import os, tempfile, torch
+            >>> from xlard.models import CorrectorConfig, ResidualCorrector
+            >>> saved = ResidualCorrector(CorrectorConfig.tiny())
+            >>> folder = saved.save_pretrained(os.path.join(tempfile.mkdtemp(), "corrector"))
+            >>> corrector = ResidualCorrector.from_pretrained(folder)
+            >>> corrector.training, all(torch.equal(a, b) for a, b in
+            ...                         zip(saved.state_dict().values(), corrector.state_dict().values()))
+            (False, True)
+            >>> corrector = ResidualCorrector.from_pretrained("runs/corrector", device="cuda")  # doctest: +SKIP
         """
         st = _safetensors()
         owner = f"{cls.__name__}.from_pretrained"
@@ -1029,7 +1049,9 @@ def count_parameters(config) -> int:
     """Trainable parameters of the model a config describes, built on the meta device (no memory, no init cost).
 
     Example:
+        >>> from xlard.models import CorrectorConfig, count_parameters
         >>> count_parameters(CorrectorConfig.paper())
+        16165089
     """
     model_cls = {CorrectorConfig: ResidualCorrector, ProjectorConfig: LatentRewardProjector}.get(type(config))
     if model_cls is None:
@@ -1360,6 +1382,7 @@ def relation_targets(relation: str, centre_subject, centre_object, h: int, w: in
     go to 0.27 and 0.73 of the relation's axis (0: rows, 1: columns), in the asked order.
 
     Example:
+        >>> from xlard.models import relation_targets
         >>> relation_targets("left_of", (8, 40), (8, 20), 64, 64, 6)
         (1, (17.28, 46.72))
     """
@@ -1700,9 +1723,15 @@ class ResidualCorrector(_Pretrained, nn.Module):
             real token gets no cross-attention update.
 
     Example:
-        >>> corrector = ResidualCorrector(CorrectorConfig.tiny())
+        >>> import torch
+        >>> from xlard.models import CorrectorConfig, ResidualCorrector
+        >>> corrector = ResidualCorrector(CorrectorConfig.tiny())   # 4 latent channels, text_dim = pooled_dim = 32
+        >>> z0, text_tokens, pooled = torch.randn(2, 4, 16, 16), torch.randn(2, 8, 32), torch.randn(2, 32)
+        >>> g = torch.Generator().manual_seed(0)
         >>> with torch.no_grad():
         ...     zc, delta, log_prob, lam = corrector.sample(z0, text_tokens, pooled, generator=g)
+        >>> zc.shape, log_prob.shape, lam.shape
+        (torch.Size([2, 4, 16, 16]), torch.Size([2]), torch.Size([2, 16, 16]))
     """
 
     config_class = CorrectorConfig
@@ -2065,7 +2094,11 @@ class ResidualCorrector(_Pretrained, nn.Module):
         """Change ``config.autocast`` (None, ``"bfloat16"`` or ``"float16"``) in place; returns self.
 
         Example:
-            >>> corrector.set_autocast(None)   # full precision, e.g. on a CPU without native bfloat16  # doctest: +SKIP
+            >>> from xlard.models import CorrectorConfig, ResidualCorrector
+            >>> corrector = ResidualCorrector(CorrectorConfig.tiny(autocast="bfloat16"))
+            >>> corrector = corrector.set_autocast(None)   # full precision, e.g. on a CPU without native bfloat16
+            >>> corrector.config.autocast is None
+            True
         """
         self.config = self.config.replace(autocast=dtype)
         return self
@@ -2322,8 +2355,15 @@ class LatentRewardProjector(_Pretrained, nn.Module):
         config (ProjectorConfig): architecture.
 
     Example:
-        >>> projector = LatentRewardProjector(ProjectorConfig.tiny())
+        >>> import torch
+        >>> from xlard.models import LatentRewardProjector, ProjectorConfig
+        >>> projector = LatentRewardProjector(ProjectorConfig.tiny())   # 4 latent channels, text_dim = pooled_dim = 32
+        >>> zc, text_tokens, pooled = torch.randn(2, 4, 16, 16), torch.randn(2, 8, 32), torch.randn(2, 32)
+        >>> mask = torch.tensor([[True, True, False], [True, False, True]])   # aspects (count, color, position)
+        >>> true_rewards = torch.tensor([[1.0, 0.8, 0.0], [0.5, 0.0, 0.9]])   # 0 where absent (a NaN stays in r_task)
         >>> out = projector(zc, text_tokens, pooled, aspect_mask=mask)
+        >>> out.scores.shape, out.weights.shape
+        (torch.Size([2, 3]), torch.Size([2, 3]))
         >>> r_task = (out.weights.detach() * true_rewards).sum(-1)
         >>> projector.loss(out, true_rewards, mask).loss.backward()
     """

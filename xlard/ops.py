@@ -118,7 +118,10 @@ def label_components(maps: Tensor, threshold: float = 0.5, mode: Mode = "relativ
         TypeError, ValueError: for a bad argument, naming it.
 
     Example:
+        >>> import torch, xlard.ops
         >>> labels, counts = xlard.ops.label_components(torch.rand(4, 16, 16), 0.7)
+        >>> labels.shape, labels.dtype, counts.shape
+        (torch.Size([4, 16, 16]), torch.int32, torch.Size([4]))
     """
     _args.check_components_args("label_components", maps, threshold, mode, min_area, connectivity)
     _args.check_host_memory("label_components", maps.numel() * 4, maps=maps)
@@ -136,6 +139,7 @@ def count_components(maps: Tensor, threshold: float = 0.5, mode: Mode = "relativ
         counts (Tensor[...], int32): equal to ``label_components(...)[1]``.
 
     Example:
+        >>> import torch, xlard.ops
         >>> xlard.ops.count_components(torch.rand(2, 77, 64, 64), min_area=4).shape
         torch.Size([2, 77])
     """
@@ -159,7 +163,11 @@ def component_stats(maps: Tensor, threshold: float = 0.5, mode: Mode = "relative
         ((j + 0.5) / W, (i + 0.5) / H). Unused slots: area 0, centroid NaN.
 
     Example:
+        >>> import torch, xlard.ops
+        >>> maps = torch.rand(2, 77, 32, 32)
         >>> counts, areas, centroids = xlard.ops.component_stats(maps, max_components=8)
+        >>> counts.shape, areas.shape, centroids.shape
+        (torch.Size([2, 77]), torch.Size([2, 77, 8]), torch.Size([2, 77, 8, 2]))
     """
     _args.require_max_components("component_stats", max_components)  # int(None) raised
     _args.check_components_args("component_stats", maps, threshold, mode, min_area, connectivity, max_components)
@@ -190,6 +198,7 @@ def attention_centroids(maps: Tensor) -> Tensor:
         work, forward mode does not).
 
     Example:
+        >>> import torch, xlard.ops
         >>> xlard.ops.attention_centroids(torch.rand(8, 77, 64, 64)).shape
         torch.Size([8, 77, 2])
     """
@@ -218,6 +227,7 @@ def position_scores(centroids: Tensor, relations: Tensor, tau: float = 10.0) -> 
             ``tau`` not a finite number > 0.
 
     Example:
+        >>> import torch, xlard.ops
         >>> rel = torch.tensor([[0, 1, xlard.ops.LEFT_OF]])
         >>> xlard.ops.position_scores(torch.tensor([[[0.2, 0.5], [0.8, 0.5]]]), rel)
         tensor([[0.9975]])
@@ -254,7 +264,10 @@ def color_scores(patch_features: Tensor, color_embeddings: Tensor,
         finite input (1e30 in float32 included) scores its true cosine.
 
     Example:
+        >>> import torch, xlard.ops
         >>> s, i = xlard.ops.color_scores(torch.randn(2, 196, 512), torch.randn(10, 512))
+        >>> s.shape, s.dtype, i.dtype
+        (torch.Size([2, 10]), torch.float32, torch.int64)
     """
     op = "color_scores"
     _args.check_color_args(op, patch_features, color_embeddings, patch_mask)
@@ -289,7 +302,13 @@ def residual_correction(z0: Tensor, delta: Tensor, alpha: float | Tensor = 1.0, 
             differentiable (refused when an input requires grad under grad mode).
 
     Example:
+        >>> import torch, xlard.ops
+        >>> z0, delta = torch.randn(2, 4, 64, 64), torch.randn(2, 4, 64, 64)
         >>> zc, lam = xlard.ops.residual_correction(z0, delta, 0.5)
+        >>> zc.shape, lam.shape
+        (torch.Size([2, 4, 64, 64]), torch.Size([2, 64, 64]))
+        >>> torch.allclose(zc, z0 + 0.5 * delta), torch.allclose(lam, delta.abs().sum(dim=1))
+        (True, True)
     """
     op = "residual_correction"
     _args.check_latents(op, z0=z0, delta=delta)
@@ -314,7 +333,11 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, log_std: float | Tensor) -> Tenso
         float32 or better. Differentiable in ``x``, ``mean`` and ``log_std``.
 
     Example:
-        >>> lp = xlard.ops.gaussian_log_prob(x, mu, torch.zeros(16))
+        >>> import torch, xlard.ops
+        >>> x, mu = torch.randn(2, 16, 8, 8), torch.zeros(2, 16, 8, 8)
+        >>> lp = xlard.ops.gaussian_log_prob(x, mu, torch.zeros(16))   # log_std per channel
+        >>> lp.shape
+        torch.Size([2])
     """
     op = "gaussian_log_prob"
     _args.check_latents(op, min_dim=1, x=x, mean=mean)
@@ -351,8 +374,12 @@ def sample_correction(z0: Tensor, mean: Tensor, log_std: float | Tensor, noise: 
             it in torch.no_grad()).
 
     Example:
+        >>> import torch, xlard.ops
+        >>> z0, mu, log_std = torch.randn(2, 4, 64, 64), torch.zeros(2, 4, 64, 64), torch.full((4,), -1.0)
         >>> with torch.no_grad():
         ...     zc, delta, logp, lam = xlard.ops.sample_correction(z0, mu, log_std, torch.randn_like(z0), 0.5)
+        >>> delta.shape, logp.shape, lam.shape
+        (torch.Size([2, 4, 64, 64]), torch.Size([2]), torch.Size([2, 64, 64]))
     """
     op = "sample_correction"
     _args.check_latents(op, z0=z0, mean=mean, noise=noise)
@@ -379,11 +406,13 @@ def cpu_buffer_cache_bytes() -> int:
     ``XLARD_CPU_BUFFER_CACHE_MB`` MiB (default 256; 0 turns it off).
 
     Example:
-        >>> xlard.ops.cpu_buffer_cache_bytes()   # 0 in a fresh process  # doctest: +SKIP
+        >>> import torch, xlard.ops
+        >>> _ = xlard.ops.empty_cpu_buffer_cache()   # start empty (as a fresh process does)
+        >>> xlard.ops.cpu_buffer_cache_bytes()
         0
         >>> zc, lam = xlard.ops.residual_correction(torch.zeros(4, 4, 256, 256), torch.ones(4, 4, 256, 256), 0.5)
-        >>> del zc, lam   # their buffers go back to the cache  # doctest: +SKIP
-        >>> xlard.ops.cpu_buffer_cache_bytes()  # doctest: +SKIP
+        >>> del zc, lam   # their buffers (4 MiB and 1 MiB) go back to the cache
+        >>> xlard.ops.cpu_buffer_cache_bytes()
         5242880
     """
     _extension.require_ops()
@@ -407,7 +436,8 @@ def cpu_isa() -> str:
         ValueError: ``XLARD_CPU_ISA`` holds something else than a level.
 
     Example:
-        >>> xlard.ops.cpu_isa()  # doctest: +SKIP
+        >>> import xlard.ops
+        >>> xlard.ops.cpu_isa()   # on a CPU with AVX-512  # doctest: +SKIP
         'avx512'
     """
     _extension.require_ops()

@@ -48,15 +48,28 @@ Edge cases, defined once here and pinned by ``tests/test_rewards.py``:
   explanation says so.
 
 Example (``token_maps`` are maps of the prompt's tokens, so the specs carry token indices: parse with the
-tokenizer that made the maps):
-    >>> from xlard.prompts import parse
+tokenizer that made the maps, ``parse("two red circles", tokenizer=pipe.tokenizer)``; here the spec is
+written by hand, "circles" being token 3 of "<bos> two red circles <eos>", with a red image and maps
+that show two blobs):
+    >>> import torch
+    >>> from xlard.prompts import Entity, PromptSpec
     >>> from xlard.rewards import ExplainableRewards
     >>> from xlard.color_features import PixelColorEncoder
-    >>> specs = [parse("a photo of two red circles", tokenizer=pipe.tokenizer)]  # doctest: +SKIP
+    >>> specs = [PromptSpec("two red circles", (Entity("circle", 2, "red", token_indices=(3,)),))]
+    >>> token_maps = torch.zeros(1, 8, 32, 32)   # [B, T, H, W]
+    >>> token_maps[0, 3, 4:12, 4:12] = token_maps[0, 3, 20:28, 20:28] = 1.0
+    >>> images = torch.full((1, 3, 32, 32), 0.5)   # gray, with the two blobs red
+    >>> images[0, :, 4:12, 4:12] = images[0, :, 20:28, 20:28] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
     >>> cmd = ExplainableRewards(color_encoder=PixelColorEncoder())
-    >>> result = cmd(specs, token_maps, images=images)  # token_maps [B, T, H, W]  # doctest: +SKIP
-    >>> result.scores, result.present, result.joint  # doctest: +SKIP
-    >>> print(result.explanations[0].text())  # doctest: +SKIP
+    >>> result = cmd(specs, token_maps, images=images)
+    >>> result.scores, result.present, result.joint
+    (tensor([[1.0000, 0.99..., nan]]), tensor([[ True,  True, False]]), tensor([0.99...]))
+    >>> print(result.explanations[0].text())
+    "two red circles"
+      count 1.00: asked for 2 circles, found 2 (at (0.25, 0.25), (0.75, 0.75))
+      color 0.99: red circle: red scores 0.99 at patch ...
+      position: absent
+      joint 1.00 (weights count 0.50, color 0.50)
 """
 from __future__ import annotations
 
@@ -392,7 +405,14 @@ def gather_entity_maps(
             no token indices or an index >= T, naming the prompt and the entity.
 
     Example:
-        >>> maps, available = gather_entity_maps(torch.rand(2, 77, 32, 32), batch_specs(specs))
+        >>> import torch
+        >>> from xlard.prompts import Entity, PromptSpec
+        >>> from xlard.rewards import batch_specs, gather_entity_maps
+        >>> cat, dog = Entity("cat", 1, token_indices=(2,)), Entity("dog", 1, token_indices=(5,))
+        >>> spec = PromptSpec("a cat and a dog", (cat, dog))   # "<bos> a cat and a dog <eos>"
+        >>> maps, available = gather_entity_maps(torch.rand(2, 77, 32, 32), batch_specs([spec, spec]))
+        >>> maps.shape, available
+        (torch.Size([2, 2, 32, 32]), tensor([[True, True], [True, True]]))
     """
     if not isinstance(token_maps, torch.Tensor) or token_maps.dim() != 4 or not token_maps.is_floating_point() \
             or token_maps.shape[-2] < 1 or token_maps.shape[-1] < 1:  # a 0 x 0 map was scored "found 0"
@@ -520,6 +540,8 @@ def count_scores(found: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         float32 Tensor[...] in (0, 1].
 
     Example:
+        >>> import torch
+        >>> from xlard.rewards import count_scores
         >>> count_scores(torch.tensor([2, 0, 3]), torch.tensor([3, 0, 0]))
         tensor([0.7165, 1.0000, 0.0498])
     """
@@ -626,6 +648,8 @@ def weakest_component_confidence(entity_maps: torch.Tensor, config: RewardConfig
         is found (nothing found is judged by the count alone).
 
     Example:
+        >>> import torch
+        >>> from xlard.rewards import RewardConfig, weakest_component_confidence
         >>> maps = torch.zeros(1, 1, 8, 8); maps[0, 0, :2, :2] = 0.9; maps[0, 0, 5:, 5:] = 0.6
         >>> weakest_component_confidence(maps, RewardConfig(threshold_mode="absolute", min_area=1))
         tensor([[0.6000]])
@@ -1106,10 +1130,20 @@ class ExplainableRewards:
             aspect weights (the models' confidence head); None: uniform over
             the present aspects.
 
-    Example:
+    Example (``specs``, ``token_maps`` and ``images`` as in the example of :mod:`xlard.rewards`):
+        >>> import torch
+        >>> from xlard.color_features import PixelColorEncoder
+        >>> from xlard.prompts import Entity, PromptSpec
+        >>> from xlard.rewards import ExplainableRewards, RewardConfig
+        >>> specs = [PromptSpec("two red circles", (Entity("circle", 2, "red", token_indices=(3,)),))]
+        >>> token_maps = torch.zeros(1, 8, 32, 32)
+        >>> token_maps[0, 3, 4:12, 4:12] = token_maps[0, 3, 20:28, 20:28] = 1.0
+        >>> images = torch.full((1, 3, 32, 32), 0.5)
+        >>> images[0, :, 4:12, 4:12] = images[0, :, 20:28, 20:28] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
         >>> cmd = ExplainableRewards(RewardConfig(bind_color=True), color_encoder=PixelColorEncoder())
         >>> result = cmd(specs, token_maps, images=images)
         >>> result.joint, result.explanations[0].counts[0].text()
+        (tensor([0.99...]), 'asked for 2 circles, found 2 (at (0.25, 0.25), (0.75, 0.75))')
     """
 
     def __init__(

@@ -25,12 +25,28 @@ One concern per module; every public name is importable from ``xlard.explain``:
 Files are written atomically (a temporary file in the same folder, then
 ``os.replace``): a reader never sees half a file.
 
-Example:
+Example (a tiny untrained corrector, and random images and entity maps standing in for a backbone's
+decoded images and a reward source's maps):
+    >>> import os, tempfile, torch
+    >>> from xlard.explain import overlay, report_items, save_png, write_html_report
+    >>> from xlard.models import CorrectorConfig, ResidualCorrector
+    >>> from xlard.prompts import parse
+    >>> from xlard.rewards import ExplainableRewards
+    >>> corrector = ResidualCorrector(CorrectorConfig.tiny())   # or ResidualCorrector.from_pretrained(folder)
+    >>> z0, tokens, pooled = torch.randn(2, 4, 16, 16), torch.randn(2, 8, 32), torch.randn(2, 32)
     >>> zc, delta, log_prob, lam = corrector.sample(z0, tokens, pooled)
-    >>> save_png("overlay.png", overlay(images_after[0], lam[0]))
+    >>> images_before, images_after = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)   # z0, zc decoded
+    >>> prompts = ["two circles", "a square above a circle"]
+    >>> specs, cmd = [parse(p) for p in prompts], ExplainableRewards()
+    >>> rewards_before = cmd(specs, entity_maps=torch.rand(2, 2, 64, 64))
+    >>> rewards_after = cmd(specs, entity_maps=torch.rand(2, 2, 64, 64))
+    >>> out = tempfile.mkdtemp()
+    >>> save_png(os.path.join(out, "overlay.png"), overlay(images_after[0], lam[0]))
     >>> items = report_items(prompts, rewards_after, before=images_before,
     ...                      after=images_after, lam=lam, rewards_before=rewards_before)
-    >>> write_html_report("report.html", items, title="xLARD on my prompts")
+    >>> write_html_report(os.path.join(out, "report.html"), items, title="xLARD on my prompts")
+    >>> sorted(os.listdir(out))
+    ['overlay.png', 'report.html']
 """
 from __future__ import annotations
 

@@ -55,7 +55,11 @@ def colormap_table(colormap: str | torch.Tensor = "ember", size: int = _TABLE_SI
         ValueError: unknown name, malformed anchors, or ``size`` outside [2, 65536].
 
     Example:
+        >>> from xlard.explain import colormap_table
+        >>> colormap_table("ember").shape
+        torch.Size([256, 3])
         >>> colormap_table("ember")[-1]     # the brightest color
+        tensor([0.9900, 0.9800, 0.6600])
     """
     fn = "colormap_table"
     if isinstance(colormap, str):
@@ -92,7 +96,11 @@ def apply_colormap(values: torch.Tensor, colormap: str | torch.Tensor = "ember")
         Tensor[..., 3, H, W], float32 sRGB in [0, 1], on ``values``' device.
 
     Example:
-        >>> apply_colormap(normalize_lam(lam[0]))      # [3, h, w]
+        >>> import torch
+        >>> from xlard.explain import apply_colormap, normalize_lam
+        >>> lam = torch.rand(2, 16, 16)
+        >>> apply_colormap(normalize_lam(lam[0])).shape      # [3, h, w]
+        torch.Size([3, 16, 16])
     """
     _check_tensor("apply_colormap", "values", values, tuple(range(2, 9)))
     table = colormap_table(colormap).to(values.device)
@@ -139,7 +147,12 @@ def overlay(
         ``normalize=False``) a LAM outside [0, 1].
 
     Example:
-        >>> save_png("overlay.png", overlay(image, lam))
+        >>> import os, tempfile, torch
+        >>> from xlard.explain import overlay, save_png
+        >>> image, lam = torch.rand(3, 128, 128), torch.rand(16, 16)   # an image and its 16x16 latent grid's LAM
+        >>> overlay(image, lam).shape
+        torch.Size([3, 128, 128])
+        >>> save_png(os.path.join(tempfile.mkdtemp(), "overlay.png"), overlay(image, lam))
     """
     fn = "overlay"
     img = _as_image(fn, "image", image)

@@ -138,9 +138,19 @@ def faithfulness(
         ``fraction`` outside [0, 1], a ``random_control`` that is not a bool, or a ``reward_fn`` that does not
         return a Tensor[B] of finite rewards (NaN rows, rows without a reward, are kept; all-NaN is refused).
 
-    Example:
-        >>> res = faithfulness(lambda z: cmd_reward(backbone.finish(z)), z0, delta, fraction=0.2)
+    Example (with a backbone and a reward source, ``reward_fn`` decodes and judges:
+    ``lambda z: xlard.sources.score(backbone.decode(state, z), source).joint``; here a toy reward, the mean of
+    the latent's top-left 4x4 cells, where ``delta`` acts):
+        >>> import torch
+        >>> from xlard.explain import faithfulness
+        >>> z0, delta = torch.zeros(2, 4, 16, 16), torch.zeros(2, 4, 16, 16)
+        >>> delta[:, :, :4, :4] = 1.0
+        >>> reward_fn = lambda z: z[:, :, :4, :4].mean(dim=(1, 2, 3))
+        >>> res = faithfulness(reward_fn, z0, delta, fraction=0.2, generator=torch.Generator().manual_seed(0))
         >>> print(res.summary())
+        top 20% LAM cells masked: reward 1.0000 -> 0.0000 (-100.0%), gain +1.0000, 100% of it lost (random cells: ...)
+        >>> res.gain_lost
+        tensor([1., 1.])
     """
     fn = "faithfulness"
     if not callable(reward_fn):

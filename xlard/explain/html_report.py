@@ -371,8 +371,15 @@ def write_html_report(path: str | os.PathLike, items: Sequence[ReportItem | Mapp
         TypeError, ValueError: malformed items (the message names the item).
 
     Example:
-        >>> write_html_report("report.html", [ReportItem("two red apples", before=x0, after=xc,
+        >>> import os, tempfile, torch
+        >>> from xlard.explain import ReportItem, write_html_report
+        >>> x0, xc, lam = torch.rand(3, 64, 64), torch.rand(3, 64, 64), torch.rand(16, 16)   # images, LAM
+        >>> path = os.path.join(tempfile.mkdtemp(), "report.html")
+        >>> write_html_report(path, [ReportItem("two red apples", before=x0, after=xc,
         ...     lam=lam, scores={"count": 0.9, "color": 0.8}, explanations={"count": ["asked for 2 apples, found 2"]})])
+        >>> with open(path) as f:
+        ...     f.read(15)
+        '<!DOCTYPE html>'
     """
     # errors="replace": a lone surrogate (from a surrogate-escaped file name or argv) becomes "?", not a crash
     _atomic_write(path, render_html_report(items, title, colormap, sections).encode("utf-8", errors="replace"))

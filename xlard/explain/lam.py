@@ -37,7 +37,12 @@ def latent_activation_map(delta: torch.Tensor) -> torch.Tensor:
         ValueError: ``delta`` has neither 3 nor 4 dimensions.
 
     Example:
-        >>> lam = latent_activation_map(corrector(z0, tokens, pooled))   # [B, h, w]
+        >>> import torch
+        >>> from xlard.explain import latent_activation_map
+        >>> delta = torch.randn(2, 4, 16, 16)   # the corrector's output: corrector(z0, tokens, pooled)
+        >>> lam = latent_activation_map(delta)   # [B, h, w]
+        >>> lam.shape, torch.allclose(lam, delta.abs().sum(dim=1))
+        (torch.Size([2, 16, 16]), True)
     """
     fn = "latent_activation_map"
     _check_tensor(fn, "delta", delta, (3, 4))
@@ -72,7 +77,12 @@ def normalize_lam(lam: torch.Tensor, quantile: float = 1.0) -> torch.Tensor:
             negative cell (a signed map is not a LAM; pass ``x.abs()``).
 
     Example:
-        >>> shown = normalize_lam(lam, quantile=0.99)
+        >>> import torch
+        >>> from xlard.explain import normalize_lam
+        >>> normalize_lam(torch.tensor([[0.0, 1.0], [2.0, 4.0]]))
+        tensor([[0.0000, 0.2500],
+                [0.5000, 1.0000]])
+        >>> shown = normalize_lam(torch.rand(2, 16, 16), quantile=0.99)   # the top 1% of cells clip to 1
     """
     fn = "normalize_lam"
     _check_tensor(fn, "lam", lam, (2, 3))
@@ -135,7 +145,10 @@ def upsample_lam(lam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         smeared over its neighbours' pixels without a word).
 
     Example:
-        >>> upsample_lam(lam, (512, 512))
+        >>> import torch
+        >>> from xlard.explain import upsample_lam
+        >>> upsample_lam(torch.rand(2, 64, 64), (512, 512)).shape
+        torch.Size([2, 512, 512])
     """
     fn = "upsample_lam"
     _check_tensor(fn, "lam", lam, (2, 3))
@@ -170,7 +183,13 @@ def top_lam_mask(lam: torch.Tensor, fraction: float) -> torch.Tensor:
         (lowest first), so the mask is deterministic.
 
     Example:
-        >>> mask = top_lam_mask(lam, 0.1)
+        >>> import torch
+        >>> from xlard.explain import top_lam_mask
+        >>> top_lam_mask(torch.tensor([[[0.0, 1.0], [2.0, 4.0]]]), 0.5)
+        tensor([[[False, False],
+                 [ True,  True]]])
+        >>> top_lam_mask(torch.rand(2, 16, 16), 0.1).sum(dim=(1, 2))   # ceil(0.1 * 256) cells each
+        tensor([26, 26])
     """
     fn = "top_lam_mask"
     _check_tensor(fn, "lam", lam, (3,))

@@ -37,7 +37,11 @@ def png_bytes(image) -> bytes:
         TypeError, ValueError: not an image in [0, 1] / uint8.
 
     Example:
-        >>> data = png_bytes(overlay(image, lam))
+        >>> import torch
+        >>> from xlard.explain import overlay, png_bytes
+        >>> data = png_bytes(overlay(torch.rand(3, 64, 64), torch.rand(8, 8)))
+        >>> data[1:4]   # the PNG signature
+        b'PNG'
     """
     image_cls = _pillow("png_bytes")
     arr = _to_uint8_hwc("png_bytes", image)
@@ -60,7 +64,11 @@ def save_png(path: str | os.PathLike, image) -> None:
         TypeError, ValueError: not an image.
 
     Example:
-        >>> save_png("out/lam_0.png", overlay(images[0], lam[0]))
+        >>> import os, tempfile, torch
+        >>> from xlard.explain import overlay, save_png
+        >>> images, lam = torch.rand(2, 3, 64, 64), torch.rand(2, 8, 8)
+        >>> out = tempfile.mkdtemp()
+        >>> save_png(os.path.join(out, "lam_0.png"), overlay(images[0], lam[0]))
     """
     _atomic_write(path, png_bytes(image))
 
@@ -75,7 +83,13 @@ def read_png(path: str | os.PathLike) -> torch.Tensor:
             (the RGB under them is whatever the writer left).
 
     Example:
-        >>> read_png("out/lam_0.png").shape
+        >>> import os, tempfile, torch
+        >>> from xlard.explain import read_png, save_png
+        >>> path = os.path.join(tempfile.mkdtemp(), "lam_0.png")
+        >>> save_png(path, torch.rand(3, 48, 64))
+        >>> image = read_png(path)
+        >>> image.shape, image.dtype
+        (torch.Size([3, 48, 64]), torch.uint8)
     """
     image_cls = _pillow("read_png")
 

@@ -115,8 +115,20 @@ def report_items(
     Returns:
         list[ReportItem], one per prompt.
 
-    Example:
-        >>> write_html_report("r.html", report_items(prompts, res, before=x0, after=xc, lam=lam))
+    Example (entity maps given directly to the CMD; a reward source makes them from the images):
+        >>> import os, tempfile, torch
+        >>> from xlard.explain import report_items, write_html_report
+        >>> from xlard.prompts import parse
+        >>> from xlard.rewards import ExplainableRewards
+        >>> prompts = ["two circles"]
+        >>> maps = torch.zeros(1, 1, 32, 32)
+        >>> maps[0, 0, 4:12, 4:12] = maps[0, 0, 20:28, 20:28] = 1.0   # two blobs: two circles found
+        >>> res = ExplainableRewards()([parse(p) for p in prompts], entity_maps=maps)
+        >>> x0, xc, lam = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64), torch.rand(1, 16, 16)
+        >>> items = report_items(prompts, res, before=x0, after=xc, lam=lam)
+        >>> items[0].scores, items[0].joint
+        ({'count': 1.0, 'color': nan, 'position': nan}, 1.0)
+        >>> write_html_report(os.path.join(tempfile.mkdtemp(), "r.html"), items)
     """
     fn = "report_items"
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) \

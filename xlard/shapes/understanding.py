@@ -23,9 +23,13 @@ data (``xlard/data/shapes_understanding/``: ``config.json`` and
 ``model.safetensors``) and load offline.
 
 Example:
-    >>> model = load_model()                                   # doctest: +SKIP
-    >>> out = model.predict(images)                            # images [B, 3, H, W] in [0, 1]
-    >>> out.shape_probs.shape, out.color_probs.shape           # [B, 4, 64, 64], [B, 11, 64, 64]
+    >>> import torch
+    >>> from xlard.shapes.understanding import load_model
+    >>> model = load_model()                                   # the shipped weights
+    >>> images = torch.rand(2, 3, 64, 64)                      # images [B, 3, H, W] in [0, 1]
+    >>> out = model.predict(images)
+    >>> out.shape_probs.shape, out.color_probs.shape           # [B, 4 shapes, 64, 64], [B, 1 + 10 colors, 64, 64]
+    (torch.Size([2, 4, 64, 64]), torch.Size([2, 11, 64, 64]))
 """
 from __future__ import annotations
 
@@ -139,6 +143,8 @@ class ShapesUnderstanding(nn.Module):
         config: an :class:`UnderstandingConfig`.
 
     Example:
+        >>> import torch
+        >>> from xlard.shapes.understanding import ShapesUnderstanding, UnderstandingConfig
         >>> model = ShapesUnderstanding(UnderstandingConfig(channels=(4, 4, 4, 4)))
         >>> shape_logits, color_logits = model(torch.rand(2, 3, 64, 64))
         >>> tuple(shape_logits.shape), tuple(color_logits.shape)
@@ -355,7 +361,8 @@ def scene_targets(scene: Scene, config: UnderstandingConfig | None = None) -> tu
         background, ``1 + colors.index(color)`` on each object's pixels).
 
     Example:
-        >>> from xlard.shapes.world import SceneObject
+        >>> from xlard.shapes.understanding import scene_targets
+        >>> from xlard.shapes.world import Scene, SceneObject
         >>> s, c = scene_targets(Scene(16, (SceneObject("square", "red", (2, 2, 8, 8)),)))
         >>> int(s[5, 5]), int(s[2, 2]), int(c[2, 2])
         (2, 0, 1)
@@ -417,9 +424,10 @@ class CountEyes:
         nouns: the noun order of the maps (a corrector's ``reader_nouns``).
         backbone_folder, model_folder: other weights (default: the installed ones).
 
-    Example:
-        >>> eyes = CountEyes(("circle", "square", "triangle", "diamond"))        # doctest: +SKIP
-        >>> probs, foreground = eyes(z)                                           # doctest: +SKIP
+    Example (the call loads the backbone's VAE through diffusers, a few seconds):
+        >>> from xlard.shapes.understanding import CountEyes
+        >>> eyes = CountEyes(("circle", "square", "triangle", "diamond"))   # loads nothing yet
+        >>> probs, foreground = eyes(z)   # z [B, 8, 16, 16] -> [B, 4, 64, 64], [B, 64, 64]  # doctest: +SKIP
     """
 
     def __init__(self, nouns, backbone_folder: str | os.PathLike | None = None,

@@ -6,9 +6,23 @@ known keys), checks every value's type and domain, and returns a
 :class:`TrainConfig`. :func:`describe` renders the resolved config with the batch
 arithmetic, printed at the start of a run and saved beside it as ``config.json``.
 
-Example:
-    >>> cfg = load_config("configs/shapes.yaml", overrides={"steps": 5})
+Example (the repository's ``configs/`` hold full configs: ``load_config("configs/shapes.yaml")``; here a
+small JSON file, every field it leaves out at its default):
+    >>> import json, os, tempfile
+    >>> from xlard.train.config import describe, load_config
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.json")
+    >>> with open(path, "w") as f:
+    ...     json.dump({"steps": 20, "backbone": {"name": "shapes"}, "model": {"corrector": "tiny"}}, f)
+    >>> cfg = load_config(path, overrides={"steps": 5, "ppo.epochs": 2})
+    >>> cfg.steps, cfg.ppo.epochs, cfg.backbone.name
+    (5, 2, 'shapes')
     >>> print(describe(cfg, world_size=1))
+    {
+      "steps": 5,
+    ...
+    batch arithmetic:
+      8 (prompt, seed) items x 4 samples = 32 rollouts per step; 1 process(es) x 32
+    ...
 """
 from __future__ import annotations
 

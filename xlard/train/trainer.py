@@ -1578,7 +1578,9 @@ def train(cfg: TrainConfig, resume: bool = False, backbone=None) -> dict:
 
     Example:
         >>> from xlard.train import load_config, train
-        >>> summary = train(load_config("configs/shapes.yaml", overrides={"steps": 20, "out": "runs/try"}))
+        >>> # configs/ of the repository's checkout
+        >>> cfg = load_config("configs/shapes.yaml", overrides={"steps": 20, "out": "runs/try"})  # doctest: +SKIP
+        >>> summary = train(cfg)   # minutes on a CPU; writes the run folder runs/try  # doctest: +SKIP
     """
     cfg = check_train_config("train", cfg)
     ours = not dist.is_initialized()  # the trainer starts the process group of a torchrun launch: it ends it
