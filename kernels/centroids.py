@@ -104,10 +104,10 @@ def _attention_centroids_bwd_kernel(
         v = tl.load(map_ptr + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w, mask=inside, other=0).to(ACC)
         active = ((v - v) == 0) & (v > 0)
         g = gx * ((j.to(ACC) + 0.5) / W - cx) + gy * ((i.to(ACC) + 0.5) / H - cy)
-        # d / (scale * sum_w) in two divisions, so the product cannot overflow, by the sum first (>= 1 where a
-        # pixel is active: the largest weight divided by the scale is 1); a subnormal scale first would overflow
-        # where the gradient itself is finite.
-        g = tl.where(active, g / safe_sum / scale, 0.0)
+        # d / (scale * sum_w) (sum_w >= 1 where a pixel is active: the largest weight divided by the scale is 1):
+        # one division by the product where scale < 1 (no overflow; d / scale alone overflowed for a subnormal
+        # scale, d / sum alone lost a tiny d), two where scale >= 1 (the product could overflow). As every provider.
+        g = tl.where(active, tl.where(scale < 1.0, g / (safe_sum * scale), g / scale / safe_sum), 0.0)
         tl.store(out + p, g.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -232,10 +232,14 @@ def _position_scores_bwd_kernel(
         coef = tl.where(active, g * score * (1.0 - score) * tau, 0.0)
         # d score / d p_a = coef * v and d score / d p_b = -coef * v, summed per token. A row adds nothing to
         # the tokens it does not name (a where, not 0 * term: an infinite or NaN term of one row would make
-        # 0 * inf = NaN in every token of the item, where the other providers leave them untouched).
-        sign = (a[:, None] == tokens[None, :]).to(ACC) - (t[:, None] == tokens[None, :]).to(ACC)
-        gx += tl.sum(tl.where(sign != 0, sign * (coef * dx)[:, None], 0.0), 0)
-        gy += tl.sum(tl.where(sign != 0, sign * (coef * dy)[:, None], 0.0), 0)
+        # 0 * inf = NaN in every token of the item, where the other providers leave them untouched); a row
+        # naming one token twice adds its term and takes it away, as the other providers do.
+        is_a = a[:, None] == tokens[None, :]
+        is_t = t[:, None] == tokens[None, :]
+        sign = is_a.to(ACC) - is_t.to(ACC)
+        named = is_a | is_t
+        gx += tl.sum(tl.where(named, sign * (coef * dx)[:, None], 0.0), 0)
+        gy += tl.sum(tl.where(named, sign * (coef * dy)[:, None], 0.0), 0)
     inside = tokens < T
     out = out_ptr + b * T * 2 + tokens * 2
     tl.store(out, gx.to(out_ptr.dtype.element_ty), mask=inside)

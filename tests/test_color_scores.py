@@ -78,6 +78,23 @@ def test_identical_patches_tie_exactly_and_the_first_wins(dtype):
             assert_close(scores, ref.color_scores(f, e)[0], dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_near_ties_pick_the_same_patch_as_the_reference(dtype):
+    """Patches within a few ulps of each other (a flat region): the CPU op and the reference score the near-best
+    ones by the same fixed-order dot product, so they agree to the bit (a reference summing in another order
+    disagreed on the index in most such rows)."""
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(3, 37, 96, generator=g, dtype=dtype)
+        base = noise[:, :1].clone()
+        f = base + 1e-6 * noise
+        e = torch.randn(3, 4, 96, generator=g, dtype=dtype)
+        e[:, 0] = base[:, 0]
+        mask = torch.rand(3, 4, 37, generator=g) > 0.2
+        got, want = ops.color_scores(f, e, mask), ref.color_scores(f, e, mask)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), seed
+
+
 def test_non_contiguous():
     f = torch.randn(2, 16, 30)[:, :, ::2]  # strided features, D = 15
     assert not f.is_contiguous()

@@ -110,6 +110,9 @@ def test_the_public_api_is_annotated_for_type_checkers():
 
     api = _annotated_api()
     assert len(api) >= 35, [name for name, _ in api]
+    from xlard import _args, ops
+
+    assert set(typing.get_args(ops.Mode)) == set(_args.MODES)  # every mode the ops take (otsu was left out)
     for name, fn in api:
         sig = inspect.signature(fn)
         bare = [p for p, v in sig.parameters.items() if p != "self" and v.annotation is inspect.Parameter.empty]

@@ -678,12 +678,13 @@ def test_clip_source_settings_users_get_wrong_are_taken_or_named(tiny_clip, word
     tiny_clip.save_pretrained(folder)
     word_tokenizer.save_pretrained(folder)
     for dtype in ("fp16", torch.int8, "half"):
-        with pytest.raises(ValueError, match=r"dtype must be float32, float16 or bfloat16 .*got"):
+        with pytest.raises(ValueError, match=r"dtype must be float32, float16, bfloat16 or float64 .*got"):
             get_source("clip", model=str(folder), dtype=dtype)
         settings = types.SimpleNamespace(source="clip", options={"model": str(folder), "dtype": dtype}, bind_color=None)
         with pytest.raises(ValueError, match=r"train config reward.options.dtype: dtype must be"):
             check_reward_settings(settings, "some/backbone")
     assert get_source("clip", model=str(folder), dtype="bfloat16").encoder.dtype == torch.bfloat16
+    assert get_source("clip", model=str(folder), dtype=torch.float64).encoder.dtype == torch.float64  # as before
     CLIPImageProcessor(do_normalize=False).save_pretrained(folder)
     plain = get_source("clip", model=str(folder)).encoder
     assert (plain.image_mean, plain.image_std) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))

@@ -547,6 +547,10 @@ def test_position_scores_backward_leaves_tokens_no_relation_names(top):
         if _has_c():  # the C++ CPU kernel agrees
             assert torch.equal(torch.ops.xlard._position_scores_backward(grad, centroids, rel, tau)[0, 2:],
                                torch.zeros(2, 2, dtype=got.dtype))
+    # a relation naming one token twice adds its term and takes it away: NaN where the term is infinite, as on
+    # the CPU and in the reference (not 0)
+    same = top("_position_scores_backward", torch.tensor([[10.0]]), cases[0][0], torch.tensor([[0, 0, 0]]), 3e38)
+    assert torch.isnan(same[0, 0]).all() and torch.equal(same[0, 1:], torch.zeros(3, 2))
 
 
 def test_position_scores_edges(top):

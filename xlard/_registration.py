@@ -193,7 +193,10 @@ def centroids_backward_composite(grad, maps):
     cy = (wgt * ys).sum((-2, -1), keepdim=True) / safe
     g = grad.to(acc)
     gx, gy = g[..., 0, None, None], g[..., 1, None, None]
-    d = (gx * (xs - cx) + gy * (ys - cy)) / safe / scale  # by the sum (>= 1) first: a subnormal scale overflows
+    d = gx * (xs - cx) + gy * (ys - cy)
+    # d / (scale * sum): by the product where scale < 1 (d / scale alone overflows for a subnormal scale), in two
+    # steps where scale >= 1 (the product could overflow); as every provider
+    d = torch.where(scale < 1, d / (safe * scale), d / scale / safe)
     return torch.where(pos & has_mass, d, torch.zeros_like(d)).to(maps.dtype)
 
 

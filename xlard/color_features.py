@@ -650,17 +650,18 @@ def _normalization(name: str, values, default, *, positive: bool) -> tuple[float
     return out
 
 
-_CLIP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CLIP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def clip_dtype(where: str, dtype: Any) -> torch.dtype | None:
-    """``dtype`` of a CLIP model to load: None, or float32 / float16 / bfloat16 as a torch dtype or its name
+    """``dtype`` of a CLIP model to load: None, or float32 / float16 / bfloat16 / float64 as a torch dtype or its name
     ("fp16" from a YAML config failed inside transformers, after a run's backbone had loaded, without a name)."""
     if dtype is None or (isinstance(dtype, torch.dtype) and dtype in _CLIP_DTYPES.values()):
         return dtype
     if isinstance(dtype, str) and dtype.strip() in _CLIP_DTYPES:
         return _CLIP_DTYPES[dtype.strip()]
-    raise ValueError(f"{where}: dtype must be float32, float16 or bfloat16 (a torch dtype or its name), got {dtype!r}")
+    raise ValueError(f"{where}: dtype must be float32, float16, bfloat16 or float64 (a torch dtype or its name), "
+                     f"got {dtype!r}")
 
 
 def _processor_normalization(where: str, processor: Any) -> tuple[Any, Any]:

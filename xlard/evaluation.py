@@ -424,7 +424,7 @@ def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
                          + "; ".join(problems))
 
 
-def shipped_corrector_path(backbone: str = "shapes") -> Path:
+def shipped_corrector_path(backbone: str | os.PathLike = "shapes") -> Path:
     """The folder of the corrector shipped in package data for ``backbone`` (a name such as ``"shapes"``, or the
     shipped backbone's own folder by path).
 

@@ -35,7 +35,7 @@ __all__ = [
 from xlard.vocab import ABOVE, BELOW, LEFT_OF, RIGHT_OF  # noqa: E402  (public: xlard.ops.LEFT_OF ...)
 
 # How a map is cut (see label_components).
-Mode = Literal["absolute", "relative"]
+Mode = Literal["absolute", "relative", "otsu"]
 
 
 def _op(name: str, device: torch.device):

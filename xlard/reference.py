@@ -239,14 +239,17 @@ def color_scores(patch_features: Tensor, color_embeddings: Tensor,
         return torch.zeros(b, c, dtype=acc, device=f.device), torch.full((b, c), -1, dtype=torch.int64, device=f.device)
     # A matmul rounds a row by where it sits in its tiles (two identical patches can score a last bit apart):
     # every patch within `tol` of the best (a bound on both computations' rounding for entries in [-1, 1]) is
-    # scored again by one elementwise product and sum, the same for every patch, so identical patches tie
-    # exactly and the first wins (max returns the first index of the max).
+    # scored again by one dot product summed in feature order, the same for every patch and as the CPU kernel
+    # sums it, so identical patches tie exactly and the first wins (max returns the first index of the max).
+    # One feature at a time over all candidates: memory of one value per candidate, whatever their number.
     top = sim.max(-1, keepdim=True).values
     tol = 8 * (f.shape[-1] + 2) * torch.finfo(acc).eps
     near = (sim >= top - tol) & ~torch.isneginf(top)
     bi, ci, ni = near.nonzero(as_tuple=True)
     d = denom[bi, ci, ni]
-    exact = (e[bi, ci] * f[bi, ni]).sum(-1)
+    exact = torch.zeros(bi.shape, dtype=acc, device=f.device)
+    for q in range(f.shape[-1]):
+        exact = exact + e[bi, ci, q] * f[bi, ni, q]
     exact = torch.where(d > 0, exact / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(exact))
     sim = torch.full_like(sim, -math.inf).index_put((bi, ci, ni), exact)
     best, index = sim.max(-1)

@@ -130,9 +130,11 @@ at::Tensor attention_centroids_backward_cpu(const at::Tensor& grad_in, const at:
           for (int64_t j = 0; j < w; ++j) {
             A v = static_cast<A>(map[i * w + j]);
             A d = gx * ((static_cast<A>(j) + A(0.5)) / static_cast<A>(w) - cx) + row_term;
-            // d / (scale * s), divided in two steps so the product cannot overflow, by s first (s >= 1): a
-            // subnormal scale would overflow d / scale where the gradient itself is finite (as the CUDA kernel).
-            om[i * w + j] = static_cast<scalar_t>((v > A(0) && v < inf && s > A(0)) ? d / s / scale : A(0));
+            // d / (scale * s) (s >= 1): one division by the product where scale < 1 (the product cannot overflow;
+            // d / scale alone overflowed for a subnormal scale, d / s alone lost a tiny d to the subnormals), two
+            // where scale >= 1 (the product could overflow; both steps shrink). As every provider.
+            const A q = scale < A(1) ? d / (s * scale) : d / scale / s;
+            om[i * w + j] = static_cast<scalar_t>((v > A(0) && v < inf && s > A(0)) ? q : A(0));
           }
         }
       }

@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* src = maps + map * n;
   T* dst = grad_maps + map * n;
   // d x / d v = ((j + 0.5) / W - x) / sum w, with sum w = mx * sum (w / mx) (as in the
-  // forward: no overflow, subnormal weights kept), divided in that order.
+  // forward: no overflow, subnormal weights kept); see the division below.
   const A mx = max_weight<T, VEC>(src, n, buf);
   A sw = A(0);
   if (mx > A(0)) {  // block-uniform branch
@@ -120,7 +120,9 @@ __global__ void __launch_bounds__(kThreads)
       const A val = to_acc(pk.v[v]);
       const bool live = !empty && is_finite_bits(val) && val > A(0);
       const A dx = gx * ((static_cast<A>(c0 + v) + A(0.5)) * inv_w - x);
-      out.v[v] = from_acc<T>(live ? (dx + dy) / sw / mx : A(0));
+      // (dx + dy) / (sw * mx), sw >= 1: by the product where mx < 1 (no overflow, and a tiny gradient is not lost
+      // to the subnormals as (dx + dy) / sw alone would), in two steps where mx >= 1 (the product could overflow)
+      out.v[v] = from_acc<T>(live ? (mx < A(1) ? (dx + dy) / (sw * mx) : (dx + dy) / mx / sw) : A(0));
     }
     store_pack<T, VEC>(dst + i0, out);
   }
