@@ -239,17 +239,22 @@ def color_scores(patch_features: Tensor, color_embeddings: Tensor,
         return torch.zeros(b, c, dtype=acc, device=f.device), torch.full((b, c), -1, dtype=torch.int64, device=f.device)
     # A matmul rounds a row by where it sits in its tiles (two identical patches can score a last bit apart):
     # every patch within `tol` of the best (a bound on both computations' rounding for entries in [-1, 1]) is
-    # scored again by one dot product summed in feature order, the same for every patch and as the CPU kernel
-    # sums it, so identical patches tie exactly and the first wins (max returns the first index of the max).
-    # One feature at a time over all candidates: memory of one value per candidate, whatever their number.
+    # scored again by one dot product in a fixed order, the same for every patch and as the CPU kernel sums it
+    # (feature q into running sum q % 8, in feature order, then the eight sums in order), so identical patches
+    # tie exactly and the first wins (max returns the first index of the max). Eight features at a time over all
+    # candidates: memory of eight values per candidate, whatever their number.
     top = sim.max(-1, keepdim=True).values
     tol = 8 * (f.shape[-1] + 2) * torch.finfo(acc).eps
     near = (sim >= top - tol) & ~torch.isneginf(top)
     bi, ci, ni = near.nonzero(as_tuple=True)
     d = denom[bi, ci, ni]
-    exact = torch.zeros(bi.shape, dtype=acc, device=f.device)
-    for q in range(f.shape[-1]):
-        exact = exact + e[bi, ci, q] * f[bi, ni, q]
+    lanes = torch.zeros(bi.shape[0], 8, dtype=acc, device=f.device)
+    for q in range(0, f.shape[-1], 8):
+        w = min(8, f.shape[-1] - q)
+        lanes[:, :w] = lanes[:, :w] + e[bi, ci, q:q + w] * f[bi, ni, q:q + w]
+    exact = lanes[:, 0]
+    for lane in range(1, 8):
+        exact = exact + lanes[:, lane]
     exact = torch.where(d > 0, exact / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(exact))
     sim = torch.full_like(sim, -math.inf).index_put((bi, ci, ni), exact)
     best, index = sim.max(-1)

@@ -21,6 +21,9 @@
 namespace xlard {
 namespace {
 
+// Running sums of the fixed-order dot product that re-scores near-best patches (see color_scores_cpu).
+constexpr int64_t kDotLanes = 8;
+
 // A contiguous `acc`-typed copy of t [..., D] with every row divided by its own max-abs
 // (rows of zeros kept; NaN is skipped by the max, and an inf max turns the row into
 // NaN and 0, which score as before). The cosine does not depend on a vector's scale,
@@ -118,9 +121,17 @@ std::tuple<at::Tensor, at::Tensor> color_scores_cpu(const at::Tensor& features_i
             if (!(s >= top - tol)) continue;
             scalar_t exact = scalar_t(0);
             if (denom > scalar_t(0)) {
+              // Eight running sums (feature q into sum q % 8, in feature order), then the eight in order: the
+              // order xlard.reference uses too (no FMA: the build has -ffp-contract=off).
               const scalar_t* fv = fp + (bi * n + j) * d;
-              scalar_t dot = scalar_t(0);
-              for (int64_t q = 0; q < d; ++q) dot += ev[q] * fv[q];
+              scalar_t lanes[kDotLanes] = {};
+              const int64_t full = d - d % kDotLanes;
+              for (int64_t q = 0; q < full; q += kDotLanes) {
+                for (int64_t l = 0; l < kDotLanes; ++l) lanes[l] += ev[q + l] * fv[q + l];
+              }
+              for (int64_t q = full; q < d; ++q) lanes[q - full] += ev[q] * fv[q];
+              scalar_t dot = lanes[0];
+              for (int64_t l = 1; l < kDotLanes; ++l) dot += lanes[l];
               exact = dot / denom;
             }
             if (exact > best) {  // strict: the first patch reaching the max wins
