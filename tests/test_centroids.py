@@ -286,6 +286,22 @@ def test_a_subnormal_largest_weight_keeps_a_finite_gradient_finite(dtype, top):
         assert torch.allclose(grad[0].double(), want, rtol=1e-2), (create_graph, grad[0, :2], want[:2])
 
 
+def test_a_second_derivative_of_a_small_map_under_a_large_gradient_is_finite():
+    """The double-backward composite chose between two quotients with a where: the unused d / scale overflowed and
+    its 0 * inf came back as NaN in every cell of the Hessian-vector product (the float64 one is finite)."""
+    g = torch.Generator().manual_seed(0)
+    maps = 0.005 + 0.005 * torch.rand(1, 32, 32, generator=g)   # largest weight about 0.01
+    up, u = torch.tensor([[1e37, 0.0]]), torch.full((1, 32, 32), 1e-3)
+    hvps = []
+    for dtype in (torch.float32, torch.float64):
+        m = maps.to(dtype).requires_grad_()
+        (gm,) = torch.autograd.grad(ops.attention_centroids(m), m, up.to(dtype), create_graph=True)
+        (h,) = torch.autograd.grad((gm * u.to(dtype)).sum(), m)
+        hvps.append(h)
+    assert torch.isfinite(hvps[1]).all() and torch.isfinite(hvps[0]).all()
+    assert ((hvps[0].double() - hvps[1]).abs() / hvps[1].abs()).max() < 1e-3
+
+
 def test_a_tiny_gradient_of_a_small_map_keeps_its_digits():
     """d / (scale * sum): dividing d by the sum first (the first fix of the subnormal case above) sent a tiny
     upstream gradient into the subnormals (relative error 0.16 for a gradient of 1e-37 on a map of 1e-25)."""

@@ -9,12 +9,15 @@ import math
 import numbers
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_DTYPES = (torch.bool, torch.uint8)
 MODES = ("absolute", "relative", "otsu")
+#: How the component ops cut a map (:data:`MODES`), for type checkers.
+Mode = Literal["absolute", "relative", "otsu"]
 _INT32_MAX = 2**31 - 1
 
 

@@ -534,11 +534,11 @@ def trim_jsonl(path: str | os.PathLike[str], upto: Callable[[dict], bool], *, ow
 #: whether it finished (``xlard eval --folder`` refuses an unfinished one).
 MANIFEST_NAME = "xlard-run.json"
 
-#: The files that mark each kind of xlard output folder (the first present names the run).
 #: The paired evaluation's default folder (``xlard eval --corrector/--correct``); ``eval --backbone``'s images go
 #: to ``xlard-eval``: two defaults, so that running both as documented does not mix them in one folder.
 PAIRED_EVAL_OUT = "xlard-eval-paired"
 
+#: The files that mark each kind of xlard output folder (the first present names the run).
 _RUN_MARKERS = ((MANIFEST_NAME, None), ("pairs.jsonl", "eval (with a corrector)"), ("demo.json", "demo"),
                 ("ckpt-*.pt", "train"), ("metrics.jsonl", "train"))
 
@@ -576,10 +576,10 @@ def other_run(folder: str | os.PathLike[str], mine: str | tuple[str, ...]) -> st
     return None
 
 
-def run_label(command: str) -> str:
-    """How a message names a command :func:`other_run` returns: ``eval`` is the images of ``eval --backbone``
-    (the paired evaluation is ``eval (with a corrector)``), where a user who ran both would read "xlard eval"
-    as either."""
+def run_label(command: Any) -> Any:
+    """How a message names a command :func:`other_run` returns or a manifest records: ``eval`` is the images of
+    ``eval --backbone`` (the paired evaluation is ``eval (with a corrector)``), where a user who ran both would
+    read "xlard eval" as either; anything else (another command, a manifest's None) as it is."""
     return "eval --backbone" if command == "eval" else command
 
 

@@ -195,8 +195,11 @@ def centroids_backward_composite(grad, maps):
     gx, gy = g[..., 0, None, None], g[..., 1, None, None]
     d = gx * (xs - cx) + gy * (ys - cy)
     # d / (scale * sum): by the product where scale < 1 (d / scale alone overflows for a subnormal scale), in two
-    # steps where scale >= 1 (the product could overflow); as every provider
-    d = torch.where(scale < 1, d / (safe * scale), d / scale / safe)
+    # steps where scale >= 1 (the product could overflow); as every provider. The divisors are chosen, not the
+    # quotients: a where over both quotients computed the unused one, whose overflow put 0 * inf = NaN into the
+    # second derivative.
+    small = scale < 1
+    d = d / torch.where(small, safe * scale, scale) / torch.where(small, torch.ones_like(safe), safe)
     return torch.where(pos & has_mass, d, torch.zeros_like(d)).to(maps.dtype)
 
 

@@ -534,8 +534,7 @@ def _check_output_folder(args, out: Path, flag: str, settings: dict, owned: list
     if not isinstance(earlier, dict) or earlier.get("command") != args.command or before != settings:
         diff = [_io.changed_setting(k, before.get(k), settings.get(k))
                 for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
-        command = earlier.get("command") if isinstance(earlier, dict) else None
-        command = _io.run_label(command) if isinstance(command, str) else command
+        command = _io.run_label(earlier.get("command") if isinstance(earlier, dict) else None)
         raise UsageError(f"--resume: {out} was written by `xlard {command}` with other settings "
                          f"(differ: {'; '.join(diff) or 'command'}); rerun with the same settings, or use "
                          "--overwrite or another folder")
@@ -835,10 +834,8 @@ def _check_finished_folder(folder: Path) -> None:
     except (OSError, ValueError):
         raise UsageError(f"--folder: {manifest} is unreadable; remove it if {folder} is complete") from None
     if isinstance(data, dict) and data.get("complete") is False:
-        command = data.get("command")
-        command = _io.run_label(command) if isinstance(command, str) else command
-        raise UsageError(f"--folder: {folder} holds an unfinished `xlard {command}` run; finish it by "
-                         "rerunning that command with --resume")
+        raise UsageError(f"--folder: {folder} holds an unfinished `xlard {_io.run_label(data.get('command'))}` run; "
+                         "finish it by rerunning that command with --resume")
     count = data.get("settings", {}).get("count") if isinstance(data, dict) else None
     if isinstance(count, int) and not isinstance(count, bool):  # a prompt folder removed after the run
         from xlard.shapes import evaluator as E

@@ -16,12 +16,11 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from xlard import _args, _backends, _extension, _registration, _triton_ops
+from xlard._args import Mode  # noqa: F401  (how a map is cut, for type checkers: xlard.ops.Mode)
 from xlard._backends import provider  # noqa: F401  (public: xlard.ops.provider)
 
 __all__ = [
@@ -33,9 +32,6 @@ __all__ = [
 
 # Relation codes of position_scores: "token a is <code> of token b" (y grows downward).
 from xlard.vocab import ABOVE, BELOW, LEFT_OF, RIGHT_OF  # noqa: E402  (public: xlard.ops.LEFT_OF ...)
-
-# How a map is cut (see label_components).
-Mode = Literal["absolute", "relative", "otsu"]
 
 
 def _op(name: str, device: torch.device):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from xlard import _args
+from xlard._args import Mode
 from xlard.vocab import ABOVE, BELOW, LEFT_OF, RIGHT_OF  # noqa: F401  (xlard.reference.LEFT_OF ...)
 
 _DIRECTIONS = ((-1.0, 0.0), (1.0, 0.0), (0.0, -1.0), (0.0, 1.0))
@@ -22,7 +23,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def foreground(maps: torch.Tensor, threshold: float = 0.5, mode: str = "relative") -> torch.Tensor:
+def foreground(maps: torch.Tensor, threshold: float = 0.5, mode: Mode = "relative") -> torch.Tensor:
     """Foreground mask (bool, same shape) of ``maps`` by the rules of docs/ops.md."""
     _args.check_components_args("reference.foreground", maps, threshold, mode, 1, 8)
     if maps.dtype in (torch.bool, torch.uint8):
@@ -117,7 +118,7 @@ def _check_cc_args(op, maps, threshold, mode, min_area, connectivity, max_compon
     _args.check_components_args(f"reference.{op}", maps, threshold, mode, min_area, connectivity, max_components)
 
 
-def label_components(maps: Tensor, threshold: float = 0.5, mode: str = "relative", min_area: int = 1,
+def label_components(maps: Tensor, threshold: float = 0.5, mode: Mode = "relative", min_area: int = 1,
                      connectivity: int = 8) -> tuple[Tensor, Tensor]:
     """Reference of :func:`xlard.ops.label_components`."""
     _check_cc_args("label_components", maps, threshold, mode, min_area, connectivity)
@@ -131,14 +132,14 @@ def _label(maps, threshold, mode, min_area, connectivity):
     return labels.to(torch.int32).view(maps.shape), counts.to(torch.int32).view(batch)
 
 
-def count_components(maps: Tensor, threshold: float = 0.5, mode: str = "relative", min_area: int = 1,
+def count_components(maps: Tensor, threshold: float = 0.5, mode: Mode = "relative", min_area: int = 1,
                      connectivity: int = 8) -> Tensor:
     """Reference of :func:`xlard.ops.count_components`."""
     _check_cc_args("count_components", maps, threshold, mode, min_area, connectivity)
     return _label(maps, threshold, mode, min_area, connectivity)[1]
 
 
-def component_stats(maps: Tensor, threshold: float = 0.5, mode: str = "relative", min_area: int = 1,
+def component_stats(maps: Tensor, threshold: float = 0.5, mode: Mode = "relative", min_area: int = 1,
                     connectivity: int = 8, max_components: int = 16) -> tuple[Tensor, Tensor, Tensor]:
     """Reference of :func:`xlard.ops.component_stats`."""
     _args.require_max_components("reference.component_stats", max_components)

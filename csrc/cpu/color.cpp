@@ -104,11 +104,14 @@ std::tuple<at::Tensor, at::Tensor> color_scores_cpu(const at::Tensor& features_i
         const bool* allowed = mp ? mp + k * n : nullptr;
         const scalar_t ek = en[k];
         const scalar_t* ev = ep + k * d;
+        // the GEMM's cosine of patch j (0 for a zero-norm vector): both passes below read it the same way
+        const auto gemm_score = [&](int64_t j, scalar_t denom) {
+          return denom > scalar_t(0) ? row[j] / denom : scalar_t(0);
+        };
         scalar_t top = -std::numeric_limits<scalar_t>::infinity();
         for (int64_t j = 0; j < n; ++j) {
           if (allowed && !allowed[j]) continue;
-          const scalar_t denom = ek * fnb[j];
-          const scalar_t s = denom > scalar_t(0) ? row[j] / denom : scalar_t(0);
+          const scalar_t s = gemm_score(j, ek * fnb[j]);
           if (s > top) top = s;  // NaN never is
         }
         scalar_t best = -std::numeric_limits<scalar_t>::infinity();
@@ -117,8 +120,7 @@ std::tuple<at::Tensor, at::Tensor> color_scores_cpu(const at::Tensor& features_i
           for (int64_t j = 0; j < n; ++j) {
             if (allowed && !allowed[j]) continue;
             const scalar_t denom = ek * fnb[j];
-            const scalar_t s = denom > scalar_t(0) ? row[j] / denom : scalar_t(0);
-            if (!(s >= top - tol)) continue;
+            if (!(gemm_score(j, denom) >= top - tol)) continue;
             scalar_t exact = scalar_t(0);
             if (denom > scalar_t(0)) {
               // Eight running sums (feature q into sum q % 8, in feature order), then the eight in order: the
