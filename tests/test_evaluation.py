@@ -344,6 +344,22 @@ def test_bad_corrector_dirs_give_clear_errors(tmp_path):
         ev.save_corrector_dir(tmp_path / "x", _corrector(), {"backbone": "shapes"})
 
 
+def test_a_corrector_that_does_not_fit_is_named_as_the_corrector_argument(monkeypatch):
+    """The command line's one line names the argument; a corrector for another backbone said only "the corrector
+    (trained for backbone ...) does not fit this backbone" under `xlard generate: error:`."""
+    backbone = SimpleNamespace(latent_channels=8, text_dim=64, pooled_dim=64, correction_step=STEP,
+                               num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64,
+                               family=SimpleNamespace(vae_scale_factor=4))
+
+    def mismatch(*args, **kwargs):
+        ev.check_corrector_fits(_corrector(channels=4, text_dim=32), _meta(), backbone)
+
+    monkeypatch.setattr(ev, "load_backbone_for", mismatch)
+    with pytest.raises(ev.CorrectorMismatch, match=r"^--corrector: the corrector \(trained for backbone .*\) does "
+                                                   r"not fit this backbone: latent channels"):
+        ev._backbone_from_args(SimpleNamespace(), None, _meta())
+
+
 def test_corrector_fit_names_every_mismatch():
     backbone = SimpleNamespace(latent_channels=8, text_dim=64, pooled_dim=64, correction_step=STEP,
                                num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64,

@@ -120,8 +120,8 @@ def test_reward_factory_refuses_what_it_cannot_honour():
 
     with pytest.raises(ValueError, match="never a training reward"):
         build_reward_fn(RewardSettings(source="evaluator"), backbone=None)
-    with pytest.raises(ValueError, match="unknown source"):
-        build_reward_fn(RewardSettings(source="ears"), backbone=None)
+    with pytest.raises(ValueError, match=r"train config reward.source: unknown source 'ears'; expected 'auto' or"):
+        build_reward_fn(RewardSettings(source="ears"), backbone=None)  # named get_source, not the config's key
     with pytest.raises(ValueError, match=r"train config reward.options: \['x'\] are not options of the 'attention' "
                                          r"source; it takes \['color_encoder'\]"):
         build_reward_fn(RewardSettings(source="attention", options={"x": 1}), backbone=None)
@@ -132,6 +132,14 @@ def test_reward_factory_refuses_what_it_cannot_honour():
         build_reward_fn(RewardSettings(source="clip"), backbone=None)
     with pytest.raises(FileNotFoundError, match=r"train config reward.options.model: no folder at"):
         build_reward_fn(RewardSettings(source="clip", options={"model": "./no/such/clip"}), backbone=None)
+    # a clip recipe's model kept after `--set reward.source=shapes`: named before the backbone loads (it was
+    # "ShapesSource: model must be a ShapesUnderstanding, got str" after the load)
+    from xlard.train.rewarding import check_reward_settings
+
+    with pytest.raises(ValueError, match=r"train config reward.options.model: the 'shapes' source takes a loaded "
+                                         r"model there, got 'models/clip'; give a weights folder as "
+                                         r"reward.options.path"):
+        check_reward_settings(RewardSettings(source="shapes", options={"model": "models/clip"}), "shapes")
     with pytest.raises(ValueError, match="unknown source"):
         source_backbone_options(RewardSettings(source="ears"), "shapes")
 

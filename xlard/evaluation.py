@@ -343,8 +343,13 @@ def sampler_of(backbone) -> dict[str, Any]:
             "negative_prompt": getattr(backbone, "negative_prompt", None)}
 
 
+class CorrectorMismatch(ValueError):
+    """A corrector that does not fit a backbone (:func:`check_corrector_fits`): the command line names it as the
+    ``--corrector``'s error."""
+
+
 def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
-    """Raise a ValueError naming every way ``corrector`` does not fit ``backbone``.
+    """Raise a ValueError (:class:`CorrectorMismatch`) naming every way ``corrector`` does not fit ``backbone``.
 
     Checked: latent channels, prompt token width, pooled width (the corrector's
     config vs the backbone's properties); ``correction_step``,
@@ -420,7 +425,7 @@ def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
                                 f"images (its understanding model's size); this backbone makes {height}x{width} "
                                 f"images")
     if problems:
-        raise ValueError(f"the corrector (trained for backbone {meta.backbone!r}) does not fit this backbone: "
+        raise CorrectorMismatch(f"the corrector (trained for backbone {meta.backbone!r}) does not fit this backbone: "
                          + "; ".join(problems))
 
 
@@ -1478,6 +1483,8 @@ def _backbone_from_args(args, corrector, meta):
                                  guidance_scale=getattr(args, "guidance", None), dtype=getattr(args, "dtype", None))
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:  # the flag, not the API's argument name
         text = str(exc)
+        if isinstance(exc, CorrectorMismatch):  # one line naming the argument, as every usage error
+            raise CorrectorMismatch(f"--corrector: {text}") from None
         if text.startswith("backbone: "):
             raise type(exc)("--backbone: " + text[len("backbone: "):]) from None
         raise

@@ -36,6 +36,9 @@ def resolve_source_name(settings, backbone: Any) -> str:
     if any(word in name for word in _FORBIDDEN):
         raise ValueError(f"reward.source {settings.source!r}: the exact evaluator is never a training reward "
                          "(it is logged as a metric only)")
+    if name != "auto" and name not in sources.SOURCES:  # named as the config's key, not get_source's argument
+        raise ValueError(f"train config reward.source: unknown source {settings.source!r}; expected 'auto' or one "
+                         f"of {sources.SOURCES}")
     return sources.default_source_for(backbone) if name == "auto" else name
 
 
@@ -43,9 +46,6 @@ def source_backbone_options(settings, backbone_name: str) -> dict[str, Any]:
     """``DiffusersBackbone.from_pretrained`` options the run's source wants (capture off when it reads images only)."""
     name = resolve_source_name(settings, backbone_name)
     classes = {"attention": sources.AttentionSource, "shapes": sources.ShapesSource, "clip": sources.ClipSource}
-    if name not in classes:
-        raise ValueError(f"reward.source {settings.source!r}: unknown source; expected 'auto' or one of "
-                         f"{sources.SOURCES}")
     return {} if classes[name].needs_attention else {"capture": False}
 
 
@@ -64,6 +64,11 @@ def check_reward_settings(settings, backbone: Any) -> str:
     if unknown:
         raise ValueError(f"train config reward.options: {unknown} are not options of the {name!r} source; it takes "
                          f"{sorted(sources.source_options(name))}")
+    shapes_model = settings.options.get("model") if name == "shapes" else None
+    if isinstance(shapes_model, (str, os.PathLike)):  # a clip recipe's model left in after --set reward.source=shapes
+        raise ValueError(f"train config reward.options.model: the 'shapes' source takes a loaded model there, got "
+                         f"{str(shapes_model)!r}; give a weights folder as reward.options.path (model: is the "
+                         "'clip' source's CLIP checkpoint)")
     if name == "clip":
         model = settings.options.get("model")
         if model is None:
