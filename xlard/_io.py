@@ -549,7 +549,8 @@ def _holds(folder: Path, name: str) -> bool:
 
 
 def other_run(folder: str | os.PathLike[str], mine: str | tuple[str, ...]) -> str | None:
-    """The xlard command whose outputs ``folder`` holds, when it is not ``mine`` (None: none, or mine).
+    """The xlard command whose outputs ``folder`` holds, when it is not ``mine`` (None: none, or mine), as
+    messages name it (:func:`run_label`).
 
     ``mine``: ``"generate"``, ``"render"``, ``"eval"`` (the images of ``eval --backbone``), ``"eval (with a
     corrector)"``, ``"demo"`` or ``"train"``, or a tuple of commands whose outputs are the same kind (render
@@ -572,7 +573,7 @@ def other_run(folder: str | os.PathLike[str], mine: str | tuple[str, ...]) -> st
             command = data.get("command") if isinstance(data, dict) else None
             if not isinstance(command, str):
                 return None
-        return None if command in mine else command
+        return None if command in mine else run_label(command)
     return None
 
 

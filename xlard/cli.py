@@ -566,8 +566,7 @@ def _start_output_folder(args, out: Path, flag: str, settings: dict, owned: list
 def _refuse_other_run(out: Path, flag: str, mine: str | tuple[str, ...]) -> None:
     other = _io.other_run(out, mine)
     if other is not None:
-        raise UsageError(f"{flag}: {out} holds the outputs of `xlard {_io.run_label(other)}`; writing this command's "
-                         "outputs there "
+        raise UsageError(f"{flag}: {out} holds the outputs of `xlard {other}`; writing this command's outputs there "
                          "would mix the two runs (neither could be resumed or read): choose another folder")
 
 
@@ -846,7 +845,8 @@ def _check_finished_folder(folder: Path) -> None:
             return  # named by the scoring itself
         if have != count:
             raise UsageError(f"--folder: {folder} holds {have} of the {count} prompt folders its `xlard "
-                             f"{data.get('command')}` run wrote; rerun that command with --resume to make the others")
+                             f"{_io.run_label(data.get('command'))}` run wrote; rerun that command with --resume to "
+                             "make the others")
 
 
 _EVAL_DEFAULTS = {"steps": 0, "batch": 8, "seed": 0}

@@ -650,7 +650,8 @@ def _normalization(name: str, values, default, *, positive: bool) -> tuple[float
     return out
 
 
-_CLIP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_CLIP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
 
 
 def clip_dtype(where: str, dtype: Any) -> torch.dtype | None:
@@ -664,7 +665,7 @@ def clip_dtype(where: str, dtype: Any) -> torch.dtype | None:
                      f"got {dtype!r}")
 
 
-def _processor_normalization(where: str, processor: Any) -> tuple[Any, Any]:
+def _processor_normalization(where: str, processor: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(image_mean, image_std) an image processor config asks for: none (0 and 1) with ``do_normalize: false``,
     a single number for all three channels; a value that is no normalization is named as the config's."""
     if getattr(processor, "do_normalize", True) is False:
@@ -675,11 +676,10 @@ def _processor_normalization(where: str, processor: Any) -> tuple[Any, Any]:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             value = (value,) * 3  # transformers takes one number for every channel
         try:
-            _normalization(name, value, _CLIP_MEAN if name == "image_mean" else _CLIP_STD,
-                           positive=name == "image_std")
+            values.append(_normalization(name, value, _CLIP_MEAN if name == "image_mean" else _CLIP_STD,
+                                         positive=name == "image_std"))
         except ValueError as exc:
             raise ValueError(f"{where}'s image processor config (preprocessor_config.json): {exc}") from None
-        values.append(value)
     return values[0], values[1]
 
 

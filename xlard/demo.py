@@ -130,8 +130,7 @@ def _check_folder(out: Path, overwrite: bool, resume: bool) -> list[Path]:
         raise ValueError(f"--out: {out} exists and is not a folder; give a folder path")
     other = _io.other_run(out, "demo")
     if other is not None:
-        raise ValueError(f"--out: {out} holds the outputs of `xlard {_io.run_label(other)}`; the demo's would mix "
-                         "with them: "
+        raise ValueError(f"--out: {out} holds the outputs of `xlard {other}`; the demo's would mix with them: "
                          "choose another folder")
     owned = _owned(out)
     if owned and not (overwrite or resume):

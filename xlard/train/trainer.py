@@ -557,8 +557,7 @@ class Trainer:
         self._newest = None  # (path, state) of the newest checkpoint a resume continues from
         other = _io.other_run(self.out, "train")
         if other is not None:
-            raise ValueError(f"--out: {self.out} holds the outputs of `xlard {_io.run_label(other)}`; a training run "
-                             "there would "
+            raise ValueError(f"--out: {self.out} holds the outputs of `xlard {other}`; a training run there would "
                              "mix its checkpoints with them: choose another --out")
         # a corrector's or a model's folder, or a training script's work folder (whose metrics.jsonl a run with
         # --resume replaced, and whose config.json was read as a run's "differing" config)
