@@ -98,3 +98,120 @@ def test_position_scores_under_fake_tensors_and_make_fx():
     torch.testing.assert_close(graph(c, rel), ops.position_scores(c, rel))
     with pytest.raises(ValueError, match=r"xlard\.position_scores: relations name token indices outside"):
         ops.position_scores(torch.rand(2, 4, 2), torch.tensor([[0, 9, 0]]))  # real tensors: still checked
+
+
+def _every_op_once(maps, feats, emb, z, d, noise):
+    """Each public op once (no grad), as a codebase under autocast would call them."""
+    rel = torch.tensor([[0, 1, 0], [1, 0, 2]])
+    with torch.no_grad():
+        return {
+            "label_components": ops.label_components(maps, 0.5),
+            "count_components": ops.count_components(maps, 0.5),
+            "component_stats": ops.component_stats(maps, 0.5, max_components=3),
+            "attention_centroids": ops.attention_centroids(maps),
+            "position_scores": ops.position_scores(ops.attention_centroids(maps), rel),
+            "color_scores": ops.color_scores(feats, emb),
+            "color_scores, mask": ops.color_scores(feats, emb, torch.arange(feats.shape[1]).expand(2, 3, -1) % 2 == 0),
+            "residual_correction": ops.residual_correction(z, d, 0.5),
+            "gaussian_log_prob": ops.gaussian_log_prob(z, d, torch.zeros(z.shape[1])),
+            "sample_correction": ops.sample_correction(z, d, -0.5, noise, 0.5),
+        }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_ops_compute_alike_under_the_callers_autocast(dtype):
+    """A training step under torch.autocast("cpu") calling xlard.ops: color_scores' kernel ran its GEMM under the
+    caller's autocast, got bfloat16/float16 back and failed ("expected scalar type Float but found BFloat16"); the
+    reference's matmul was cast too. Every op (and the color reference) must give what it gives without autocast."""
+    import xlard.reference as reference
+
+    g = torch.Generator().manual_seed(0)
+    maps, feats, emb = torch.rand(2, 2, 7, 8, generator=g), torch.randn(2, 9, 16, generator=g), torch.randn(3, 16)
+    z, d, noise = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    want = _every_op_once(maps, feats, emb, z, d, noise)
+    with torch.autocast("cpu", dtype=dtype):
+        got = _every_op_once(maps, feats, emb, z, d, noise)
+        ref = reference.color_scores(feats, emb)
+        # a case where a bfloat16 GEMM ranks another patch first (found by search over seeds; the reference
+        # re-scores near-best patches exactly, so most cases came out right even when its matmul was cast)
+        g11 = torch.Generator().manual_seed(11)
+        hard = torch.randn(2, 300, 64, generator=g11), torch.randn(3, 64, generator=g11)
+        hard_ref = reference.color_scores(*hard)
+        # features straight from an autocast Linear (low dtype) beside float32 embeddings: scored in float32
+        low = torch.nn.Linear(16, 16)(feats)
+        assert low.dtype == dtype
+        mixed = ops.color_scores(low, emb)
+    for name in want:
+        for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (got[name], want[name]))):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)  # dtype included
+    for a, b in zip((*ref, *hard_ref), (*reference.color_scores(feats, emb), *reference.color_scores(*hard))):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for a, b in zip(mixed, ops.color_scores(low, emb)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_the_out_forms_under_fake_tensors_and_make_fx():
+    """The out= forms' eager buffer-overlap check read data_ptr(): 0 for every fake tensor (a false "shares memory"
+    under FakeTensorMode), refused under make_fx. Fake tensors hold no memory to compare; real ones are still
+    checked."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    z0, d = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    mode = FakeTensorMode()
+    fz0, fd, fzc, flam = (mode.from_tensor(t) for t in (z0, d, torch.empty_like(z0), torch.empty(2, 4, 5)))
+    outs = tuple(mode.from_tensor(t) for t in (torch.empty_like(z0), torch.empty_like(z0), torch.empty(2),
+                                                 torch.empty(2, 4, 5)))
+    with mode:
+        zc, lam = ops.residual_correction(fz0, fd, 0.3, out=(fzc, flam))
+        assert zc is fzc and lam.shape == (2, 4, 5)
+        with torch.no_grad():
+            assert ops.sample_correction(fz0, fd, -0.5, fd, 0.5, out=outs)[2].shape == (2,)
+
+    def step(z0, d, zc, lam):
+        ops.residual_correction(z0, d, 0.3, out=(zc, lam))
+        return zc, lam
+
+    graph = make_fx(step, tracing_mode="fake")(z0, d, torch.empty_like(z0), torch.empty(2, 4, 5))
+    got = graph(z0, d, torch.empty_like(z0), torch.empty(2, 4, 5))
+    for a, b in zip(got, ops.residual_correction(z0, d, 0.3)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="shares memory"):  # real tensors: still checked
+        ops.residual_correction(z0, d, 0.3, out=(z0, torch.empty(2, 4, 5)))
+
+
+def test_a_frozen_delta_from_inference_mode_with_only_z0_requiring_grad():
+    """residual_correction saved delta for backward whatever needed a gradient: a delta made under
+    torch.inference_mode() (a frozen corrector's output) with z0 requiring grad was refused ("Inference tensors
+    cannot be saved for backward"), where torch's z0 + alpha * delta works."""
+    with torch.inference_mode():
+        delta, alpha = torch.randn(2, 4, 3, 3), torch.rand(2)
+    for a in (0.5, alpha):
+        z0 = torch.randn(2, 4, 3, 3, requires_grad=True)
+        zc, lam = ops.residual_correction(z0, delta, a)
+        zc.sum().backward()
+        assert torch.equal(z0.grad, torch.ones_like(z0))
+    # the gradients that do read delta and alpha still get them
+    d = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    al = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    for inputs in ((z, d, al), (z.detach(), d, al), (z.detach(), d.detach(), al), (z.detach(), d, al.detach())):
+        assert torch.autograd.gradcheck(lambda *t: ops.residual_correction(*t), inputs)
+
+
+def test_no_graph_inside_inference_mode_even_with_enable_grad():
+    """inference_mode() records no graph even where enable_grad() turns grad mode on: sample_correction and the
+    out= forms refused grad-requiring inputs there ("not differentiable"), as if a graph were being recorded."""
+    z0 = torch.randn(2, 3, 4, 5, requires_grad=True)
+    d, noise = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    with torch.inference_mode(), torch.enable_grad():
+        assert torch.is_grad_enabled()
+        zc, delta, logp, lam = ops.sample_correction(z0, d, -0.5, noise, 0.5)
+        out = (torch.empty(2, 3, 4, 5), torch.empty(2, 4, 5))
+        ops.residual_correction(z0, d, 0.5, out=out)
+    with torch.no_grad():
+        want = ops.sample_correction(z0, d, -0.5, noise, 0.5)
+    for a, b in zip((zc, delta, logp, lam), want):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="not differentiable"):  # outside inference mode: still refused
+        ops.sample_correction(z0, d, -0.5, noise, 0.5)

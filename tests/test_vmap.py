@@ -39,6 +39,13 @@ CASES = {
                                             (_r(N, 2, 3, 2), torch.stack([REL, REL.flip(0)])), (0, None)),
     "position_scores, only relations vmapped": (lambda c, r: ops.position_scores(c, r),
                                                 (_r(2, 3, 2), torch.stack([REL, REL.flip(0), REL])), (None, 0)),
+    # the value check of the relations reads their (a, b, code) columns wherever in_dims put vmap's dimension
+    "position_scores, relations vmapped on their last dim": (lambda c, r: ops.position_scores(c, r),
+                                                             (_r(N, 2, 3, 2), torch.stack([REL, REL.flip(0), REL], -1)),
+                                                             (0, 2)),
+    "position_scores, per-item relations vmapped on their last dim": (
+        lambda c, r: ops.position_scores(c, r),
+        (_r(N, 2, 3, 2), torch.stack([torch.stack([REL, REL.flip(0)])] * N, -1)), (0, 3)),
     "color_scores, shared embeddings": (lambda p, e: ops.color_scores(p, e), (_n(N, 2, 7, 4), _n(5, 4)), (0, None)),
     "color_scores, vmapped embeddings": (lambda p, e: ops.color_scores(p, e), (_n(N, 2, 7, 4), _n(N, 5, 4)), (0, 0)),
     "color_scores, per-item embeddings": (lambda p, e: ops.color_scores(p, e), (_n(N, 2, 7, 4), _n(2, 5, 4)),
@@ -86,7 +93,8 @@ class _KernelCalls(TorchDispatchMode):
         self.calls: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).startswith("xlard"):
+        # xlard._set_cpu_env: the CPU settings passed to _C on a process's first CPU call, no kernel of the op
+        if str(func).startswith("xlard") and not str(func).startswith("xlard._set_cpu_env"):
             self.calls.append(str(func))
         return func(*args, **(kwargs or {}))
 
@@ -116,3 +124,29 @@ def test_vmap_of_gradients():
     for i in range(N):
         torch.testing.assert_close(grads[i], torch.func.grad(lambda c: ops.position_scores(c, REL).sum())(cen[i]))
         torch.testing.assert_close(jac[i], torch.func.jacrev(ops.attention_centroids)(maps[i]))
+
+
+def test_nested_vmap_checks_the_relations_wherever_their_dims_are():
+    # [R, 3] relations under two vmaps, their dimensions at 2 (outer) and 1 (inner): the columns stay the columns
+    base = torch.stack([torch.stack([[REL, REL.flip(0)][(i + j) % 2] for j in range(2)]) for i in range(N)])
+    rel = base.permute(2, 1, 3, 0).contiguous()  # [R, 2 (inner), 3, N (outer)]
+    cen = _r(N, 2, 4, 3, 2)
+    got = vmap(vmap(lambda c, r: ops.position_scores(c, r), in_dims=(0, 1)), in_dims=(0, 3))(cen, rel)
+    for i in range(N):
+        for j in range(2):
+            torch.testing.assert_close(got[i, j], ops.position_scores(cen[i, j], rel[:, j, :, i]))
+    bad = rel.clone()
+    bad[0, 1, 1, 2] = 3  # token 3 of 3 tokens, in the inner sample 1 of the outer sample 2
+    with pytest.raises(ValueError, match="outside"):
+        vmap(vmap(lambda c, r: ops.position_scores(c, r), in_dims=(0, 1)), in_dims=(0, 3))(cen, bad)
+
+
+def test_vmap_over_the_raw_op_runs_the_batching_rule():
+    # docs/ops.md: the raw torch.ops.xlard.<op> refuses grad-like transforms but vmaps like the wrapper
+    maps = _r(N, 2, 5, 6)
+    with _KernelCalls() as kernels:
+        got = vmap(lambda m: torch.ops.xlard.count_components(m, 0.5, "absolute", 1, 8))(maps)
+    assert len(kernels.calls) == 1, kernels.calls
+    assert torch.equal(got, torch.stack([ops.count_components(m, 0.5, "absolute") for m in maps]))
+    with pytest.raises(RuntimeError, match="through xlard.ops.attention_centroids"):
+        torch.func.grad(lambda m: torch.ops.xlard.attention_centroids(m).sum())(maps[0])

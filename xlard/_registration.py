@@ -576,8 +576,13 @@ def _register_autograd(ns: str, ops, lib: torch.library.Library) -> None:
     # residual_correction
     def residual_setup(ctx, inputs, output):
         z0, delta, alpha, alpha_scalar = inputs
-        ctx.save_for_backward(delta, alpha)
+        # Saved only for the gradients that read them (delta's and alpha's read both): with
+        # only z0 requiring grad nothing latent-sized is kept alive, and a delta made under inference_mode() is
+        # accepted as by torch's z0 + alpha * delta.
+        wants_delta, wants_alpha = ctx.needs_input_grad[1], alpha is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(*((delta, alpha) if wants_delta or wants_alpha else (None, None)))
         ctx.alpha_scalar = alpha_scalar
+        ctx.wants_alpha = wants_alpha
 
     def residual_backward(ctx, grad_zc, grad_lam):
         delta, alpha = ctx.saved_tensors
@@ -588,7 +593,7 @@ def _register_autograd(ns: str, ops, lib: torch.library.Library) -> None:
             else:
                 grad_delta = ops._residual_correction_backward(grad_zc, grad_lam, delta, alpha, ctx.alpha_scalar)
         grad_alpha = None
-        if alpha is not None and ctx.needs_input_grad[2]:
+        if ctx.wants_alpha:
             a = _acc(delta.dtype)
             grad_alpha = (grad_zc.to(a) * delta.to(a)).flatten(1).sum(1).to(alpha.dtype)
         return grad_zc, grad_delta, grad_alpha, None

@@ -55,11 +55,16 @@ def _op(name: str, device: torch.device):
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """``t`` unwrapped from torch.func transforms (vmap's batched tensors hold every batch's values): host-side
-    value checks read it, since a check on the wrapper is data-dependent control flow vmap refuses."""
+    value checks read it, since a check on the wrapper is data-dependent control flow vmap refuses. Each vmap
+    dimension is moved to the front, so the result reads as ``[*vmap sizes, *t.shape]`` wherever ``in_dims``
+    put it (a check reading the last dimension reads ``t``'s last dimension)."""
     if torch._C._are_functorch_transforms_active():
         functorch = torch._C._functorch
         while functorch.is_functorch_wrapped_tensor(t):
+            bdim = functorch.maybe_get_bdim(t) if functorch.is_batchedtensor(t) else -1
             t = functorch.get_unwrapped(t)
+            if bdim > 0:
+                t = t.movedim(bdim, 0)
     return t
 
 
@@ -383,7 +388,7 @@ def sample_correction(z0: Tensor, mean: Tensor, log_std: float | Tensor, noise: 
     alpha_t, alpha_s = _args.split_alpha(op, alpha, z0)
     _args.check_host_memory(op, 0 if out is not None else _latent_bytes(z0, "zc", "delta", "log_prob", "lam"),
                             z0=z0, mean=mean, noise=noise)  # log_std: read per channel or as given, not copied
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z0, mean, noise, log_std, alpha_t)):
+    if _records_graph() and any(t is not None and t.requires_grad for t in (z0, mean, noise, log_std, alpha_t)):
         raise RuntimeError(f"xlard.{op}: a rollout step is not differentiable; call it under torch.no_grad() "
                            "(use residual_correction and gaussian_log_prob for gradients)")
     if out is not None:
@@ -460,6 +465,12 @@ def _latent_bytes(z0: torch.Tensor, *names: str) -> int:
     return total
 
 
+def _records_graph() -> bool:
+    """Whether autograd would record a graph here: grad mode on, and not inside ``torch.inference_mode()``
+    (where ``torch.enable_grad()`` turns grad mode on but nothing is recorded)."""
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
 def _run_out(op: str, out, specs: tuple, inputs: tuple, args: tuple):
     """Run ``op`` into the caller's buffers ``out`` (``specs``: name, shape, dtype each); returns them as a tuple.
 
@@ -472,7 +483,7 @@ def _run_out(op: str, out, specs: tuple, inputs: tuple, args: tuple):
             isinstance(t, torch.Tensor) for t in out):
         got = type(out).__name__ if not isinstance(out, (tuple, list)) else f"{len(out)} items"
         raise TypeError(f"xlard.{op}: out must be a tuple of {len(names)} tensors ({', '.join(names)}), got {got}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *out)):
+    if _records_graph() and any(t is not None and t.requires_grad for t in (*inputs, *out)):
         raise RuntimeError(f"xlard.{op}: out= is not differentiable; call it under torch.no_grad() "
                            "or drop out= to get autograd")
     z0 = inputs[0]
@@ -505,8 +516,12 @@ def _byte_span(t: torch.Tensor):
     """(device, first byte, end byte) of the memory a tensor can touch (conservative for
     strided views); None when it is empty. Live allocations never overlap, so two tensors
     share memory exactly when their spans on one device intersect."""
+    from torch._subclasses.fake_tensor import is_fake
+
     n = t.numel()
-    if n == 0 or t.device.type == "meta":  # meta tensors hold no memory (every data_ptr() is 0)
+    # meta and fake tensors (FakeTensorMode, make_fx, torch.export) hold no memory: every data_ptr() is 0; a
+    # functional tensor's is refused
+    if n == 0 or t.device.type == "meta" or is_fake(t) or torch._is_functional_tensor(t):
         return None
     lo, size = t.data_ptr(), t.element_size()
     if t.is_contiguous():

@@ -7,6 +7,7 @@ over speed. They take the same public arguments as :mod:`xlard.ops`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -215,6 +216,13 @@ def position_scores(centroids: Tensor, relations: Tensor, tau: float = 10.0) -> 
     return torch.sigmoid(tau * ((pa - pb) * v).sum(-1))
 
 
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device``: the references compute in their accumulation type, as the ops do."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def color_scores(patch_features: Tensor, color_embeddings: Tensor,
                  patch_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Reference of :func:`xlard.ops.color_scores`."""
@@ -230,7 +238,8 @@ def color_scores(patch_features: Tensor, color_embeddings: Tensor,
         e = e / _scale_of(e.abs().amax(-1, keepdim=True))
     if e.dim() == 2:
         e = e.unsqueeze(0).expand(f.shape[0], -1, -1)
-    dots = e @ f.transpose(1, 2)  # [B, C, N]
+    with _no_autocast(f.device):  # under torch.autocast a matmul would come back in bfloat16/float16
+        dots = e @ f.transpose(1, 2)  # [B, C, N]
     denom = e.norm(dim=-1)[..., None] * f.norm(dim=-1)[:, None, :]
     sim = torch.where(denom > 0, dots / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(dots))
     allowed = torch.ones_like(sim, dtype=torch.bool) if patch_mask is None else patch_mask

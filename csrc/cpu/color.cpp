@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <torch/library.h>
 
@@ -67,6 +68,10 @@ at::Tensor scaled_rows(const at::Tensor& t_in, at::ScalarType acc) {
 std::tuple<at::Tensor, at::Tensor> color_scores_cpu(const at::Tensor& features_in, const at::Tensor& colors_in,
                                                     const std::optional<at::Tensor>& mask_in) {
   const checks::ColorLayout L = checks::check_color_inputs(features_in, colors_in, mask_in);
+  // Under torch.autocast the Autocast keys stay in the thread's dispatch set inside this kernel: the bmm below
+  // would come back in bfloat16/float16 and the scores would be read as the wrong type. This kernel computes in
+  // its accumulation type whatever the caller's autocast says (as the CUDA and Triton kernels do).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t b = L.batch, n = L.patches, d = L.dim, c = L.colors;
   const bool has_mask = L.has_mask;
   const auto acc = L.acc;
