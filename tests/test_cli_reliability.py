@@ -149,10 +149,12 @@ def test_a_record_asking_for_a_billion_objects_fails_before_work(tmp_path, capsy
     prompts = write_records(tmp_path / "p.jsonl", [COUNTING, {**COUNTING, "include": [{"class": "circle",
                                                                                        "count": 10**9}],
                                                             "exclude": []}])
+    prompts.write_text(prompts.read_text().replace("\n", "\n\n", 1))  # a blank line: the record is on line 3
     start = time.perf_counter()
     code, _, err = run(["render", tmp_path / "r", "--prompts", prompts, "--quiet"], capsys)
     assert code == 2 and time.perf_counter() - start < 30
-    one_line_error(err, "--prompts", "record 1 asks for 1000000000 objects", "at most 25")
+    # by its line, as every other error of the file (it said "record 1", counting from 0 without blank lines)
+    one_line_error(err, f"--prompts: {prompts}:3: the record asks for 1000000000 objects", "at most 25")
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="holds at most 25"):
         P.render_record({**COUNTING, "include": [{"class": "circle", "count": 10**9}], "exclude": []})
@@ -1016,7 +1018,7 @@ def test_render_names_a_record_no_layout_fits(tmp_path, capsys):
     prompts = write_records(tmp_path / "p.jsonl", [COUNTING, crowded])
     code, _, err = run(["render", tmp_path / "r", "--prompts", prompts, "--quiet"], capsys)
     assert code == 2
-    one_line_error(err, "--prompts: record 1: could not lay out 24 objects", "use fewer or smaller objects")
+    one_line_error(err, f"--prompts: {prompts}:2: could not lay out 24 objects", "use fewer or smaller objects")
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -1219,7 +1221,7 @@ def test_render_lays_out_every_record_before_writing_any(tmp_path, capsys, promp
     bad = write_records(tmp_path / "bad.jsonl", records + [crowded])
     code, _, err = run(["render", tmp_path / "r", "--prompts", bad, "--quiet"], capsys)
     assert code == 2
-    one_line_error(err, "--prompts: record 12: ")
+    one_line_error(err, f"--prompts: {bad}:13: ")
     assert not (tmp_path / "r").exists() or units(tmp_path / "r") == []
 
 

@@ -1203,3 +1203,63 @@ def test_a_zero_width_character_after_a_word_stays_out_of_its_span():
     assert prompt[slice(*spec.entities[1].color_span)] == "red"
     combining = "a cafe\u0301 table"  # a combining mark at a word's end stays in it
     assert parse(combining).entities[0].word_span == (8, 13)
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    # possessives (it gave nouns "woman'", "chef'", "dog'")
+    ("a woman's two cats", [("cat", 2, None)]), ("the boy's three red balloons", [("balloon", 3, "red")]),
+    ("a cat left of a dog's", [("cat", 1, None), ("dog", 1, None)]), ("a dog's bowl", [("bowl", 1, None)]),
+    ("two children's bikes", [("bike", 2, None)]), ("a dog's red widget", [("widget", 1, "red")]),
+    ("let's draw two cats", [("cat", 2, None)]), ("here's a dog", [("dog", 1, None)]),  # no nouns "let'", "here'"
+    ("a teddy bear on a bed in a child's bedroom", [("teddy bear", 1, None), ("bed", 1, None)]),  # still a setting
+    # typographic apostrophes read as "'" (a time gave 5 clocks; "children’s" the head)
+    ("a clock at 5 o\u2019clock", [("clock", 1, None)]), ("two children\u2019s bikes", [("bike", 2, None)]),
+    # Unicode and fullwidth hyphens as "-" (a range "twenty to one"; "blue" alone)
+    ("twenty\u2010one dogs", [("dog", 21, None)]), ("twenty\u2011one dogs", [("dog", 21, None)]),
+    ("a light\u2010blue car", [("car", 1, "light blue")]),
+    ("\uff34\uff37\uff25\uff2e\uff34\uff39\uff0d\uff2f\uff2e\uff25 \uff24\uff2f\uff27\uff33", [("dog", 21, None)]),
+    # zero-width characters dropped inside numbers and beside hyphens (refused as two counts; 21 read as a range)
+    ("1\u200b0 dogs", [("dog", 10, None)]), ("twenty-\u200bone dogs", [("dog", 21, None)]),
+    ("twenty\u200b-one dogs", [("dog", 21, None)]), ("a light-\u200bblue car", [("car", 1, "light blue")]),
+    # a digit range with an ASCII hyphen (refused as a malformed number), a bound after the noun (kept the number)
+    ("3-4 apples", [("apple", None, None)]), ("10-12 eggs", [("egg", None, None)]),
+    ("three dogs or more", [("dog", None, None)]), ("three dogs or fewer", [("dog", None, None)]),
+    ("three dogs at least", [("dog", None, None)]), ("a photo of five apples or more", [("apple", None, None)]),
+    ("three dogs and at least two cats", [("dog", 3, None), ("cat", None, None)]),  # the bound is the next phrase's
+    ("a 5-year-old boy", [("boy", 1, None)]),  # a compound adjective stays one word
+])
+def test_a_fuzz_of_the_parser_reads_these_as_written(prompt, expected):
+    """A robustness fuzz of the prompt layer: each of these parsed into a wrong noun, count or color, or was refused."""
+    assert [(e.noun, e.count, e.color) for e in parse(prompt).entities] == expected
+
+
+def test_spans_stay_on_the_prompt_as_written_through_the_character_mapping():
+    prompt = "a dog\u2019s two 1\u200b0-1\u200b2 cats and a light\u2010blue car"
+    spec = parse(prompt)
+    assert [(e.noun, e.count, prompt[slice(*e.word_span)]) for e in spec.entities] == [
+        ("cat", None, "cats"), ("car", 1, "car")]
+    assert prompt[slice(*spec.entities[1].color_span)] == "light\u2010blue"
+    spec = parse("a cat left of a dog\u2019s")
+    assert spec.prompt[slice(*spec.entities[1].word_span)] == "dog\u2019s"
+
+
+def test_contradicting_relations_are_named_by_the_prompts_words():
+    """"a dog left of right of a cat" raised PromptSpec's own message (indices, no prompt)."""
+    with pytest.raises(ValueError, match=r"^relations 'left of' and 'right of' in prompt 'a dog left of right of a "
+                                         r"cat' contradict each other \('dog' left of 'cat', and 'dog' right of "
+                                         r"'cat'\); ask for one of them$"):
+        parse("a dog left of right of a cat")
+    with pytest.raises(ValueError, match=r"'dog' left of 'cat', and 'cat' left of 'dog'"):
+        parse("a dog left of a cat and the cat left of the dog")
+
+
+def test_write_jsonl_refuses_keys_that_json_writes_as_one(tmp_path):
+    """{1: "a", "1": "b"} was written with two "1" keys and read back as {"1": "b"}: a value lost without a word."""
+    record = {**RECORDS[0], "meta": {"inner": {1: "a", "1": "b"}}}
+    path = tmp_path / "p.jsonl"
+    with pytest.raises(ValueError, match=r"record 1: not JSON-serializable \(two keys are written as '1'"):
+        geneval.write_jsonl(path, [RECORDS[0], record])
+    assert not path.exists()
+    kept = {**RECORDS[0], "meta": {1: "a", "2": "b"}}  # distinct once written: kept, as strings
+    geneval.write_jsonl(path, [kept])
+    assert geneval.read_jsonl(path)[0]["meta"] == {"1": "a", "2": "b"}

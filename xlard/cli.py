@@ -223,15 +223,18 @@ def _outside_run_outputs(outputs: dict[str, str | None], out: Path, out_flag: st
                              f"({first}); writing it there would destroy them (give a path outside them)")
 
 
-def _read_records(path: str, flag: str = "--prompts") -> list[dict]:
+def _read_records(path: str, flag: str = "--prompts", lines: list[int] | None = None) -> list[dict]:
     """A GenEval prompt file: exists, valid (known tags included), 1..MAX_RECORDS records, every class and
     color one of the shapes world's (what ``render`` draws and the exact evaluator judges: a record of
-    another world fails up front, not after its images were generated)."""
+    another world fails up front, not after its images were generated). ``lines`` (if given) receives each
+    record's line number, for messages about a record found later."""
     from xlard.shapes import prompts as P
     from xlard.shapes.world import WorldConfig
 
     _input_file(path, flag)
-    lines: list[int] = []
+    if lines is None:
+        lines = []
+    del lines[:]
     try:
         records = P.read_records(path, WorldConfig(), line_numbers=lines)
     except ValueError as exc:
@@ -780,16 +783,17 @@ def _keep_other_prompts(args, records: list[dict]) -> None:
                          f"give another file")
 
 
-def _check_renderable(records: Sequence[dict], flag: str) -> None:
-    """Every record's objects fit one shapes-world image (else rendering could not end)."""
+def _check_renderable(records: Sequence[dict], flag: str, path: str, lines: Sequence[int]) -> None:
+    """Every record's objects fit one shapes-world image (else rendering could not end); a record named by its
+    line, as every other error of the file."""
     from xlard.shapes.world import WorldConfig
 
     capacity = WorldConfig().capacity()
     for i, r in enumerate(records):
         n = sum(item["count"] for item in r["include"])
         if n > capacity:
-            raise UsageError(f"{flag}: record {i} asks for {n} objects; a shapes-world image holds at most "
-                             f"{capacity} (fix the record's counts)")
+            raise UsageError(f"{flag}: {path}:{lines[i]}: the record asks for {n} objects; a shapes-world image "
+                             f"holds at most {capacity} (fix the record's counts)")
 
 
 def _cmd_render(args) -> int:
@@ -797,8 +801,9 @@ def _cmd_render(args) -> int:
     from xlard.shapes import prompts as P
 
     _optional.require("PIL.Image", "xlard render")  # before the folder is made (it wrote xlard-run.json first)
-    records = _read_records(args.prompts)
-    _check_renderable(records, "--prompts")
+    lines: list[int] = []
+    records = _read_records(args.prompts, lines=lines)
+    _check_renderable(records, "--prompts", args.prompts, lines)
     _check_image_count(len(records) * args.per_prompt, "--prompts and --per-prompt")
     out = Path(args.out)
     settings = {"records": _records_digest(records), "count": len(records), "per_prompt": args.per_prompt,
@@ -811,7 +816,7 @@ def _cmd_render(args) -> int:
         try:
             scenes[i] = [P.render_record(records[i], seed=args.seed + 1000 * i + k) for k in range(args.per_prompt)]
         except RuntimeError as exc:  # no layout found: too many objects for the record's relation
-            raise UsageError(f"--prompts: record {i}: {_one_line(exc)}") from None
+            raise UsageError(f"--prompts: {args.prompts}:{lines[i]}: {_one_line(exc)}") from None
     _start_output_folder(args, out, "OUT", settings, owned)
     if resuming:
         print(f"resuming: reusing {len(records) - len(todo)} of {len(records)} prompt folders in {out}",

@@ -275,6 +275,17 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON (a number must be finite; write null)")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a key written twice (``{1: "a", "1": "b"}`` is dumped as two
+    ``"1"`` keys, and reading it back kept only the last)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"two keys are written as {key!r} (JSON keys are strings: 1 and '1' are one key)")
+        seen.add(key)
+    return dict(pairs)
+
+
 def write_jsonl(
     path: str | os.PathLike[str],
     records: Iterable[Mapping[str, Any]],
@@ -322,6 +333,7 @@ def write_jsonl(
                 line.encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate (a file name of non-UTF-8 bytes): escaped as \\udcff
                 line = json.dumps(dict(record), allow_nan=False)
+            json.loads(line, object_pairs_hook=_unique_keys)  # keys JSON writes as one string: one would be lost
             lines.append(line)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"record {i}: not JSON-serializable ({exc})") from None

@@ -11,7 +11,7 @@ from typing import Any
 from xlard.geneval import not_unicode, validate_record
 from xlard.prompts.alignment import align
 from xlard.prompts.inflection import _singularize_word, noun_forms, pluralize
-from xlard.prompts.spec import Entity, PromptSpec, Relation, quote_prompt
+from xlard.prompts.spec import Entity, PromptSpec, Relation, contradicting_relations, quote_prompt
 from xlard.prompts.numbers import NUMBER_PATTERN, read_count
 from xlard.prompts.vocabulary import ARRANGEMENT_NOUNS, COLLECTIVE_NOUNS, KNOWN_NOUNS, SCENE_NOUNS
 from xlard.vocab import COLOR_ALIASES, COLOR_MODIFIER_WORDS, COLORS, COMPOUND_COLORS, normalize_relation
@@ -37,8 +37,9 @@ _PAIR_NOUNS = frozenset({"scissors", "skis", "glasses", "jeans", "pants", "trous
                          "binoculars", "goggles", "sunglasses", "eyeglasses", "spectacles", "tweezers", "leggings",
                          "pajamas", "pyjamas"})
 #: A second number after these makes a range ("3 or 4 apples", "three to four", "between three and five").
-_RANGE_WORDS = frozenset({"or", "to", "and", "-", "\u2010", "\u2011", "\u2012", "\u2013", "\u2014", "\u2015", "~",
+_RANGE_WORDS = frozenset({"or", "to", "and", "-", "\u2012", "\u2013", "\u2014", "\u2015", "~",
                           "\u301c", "\uff5e"})  # "3 or 4", "3–4", "3~4" (a dash or tilde gave the upper number)
+# (U+2010 and U+2011 are hyphens, read as "-" before words are split: see _AS_ASCII)
 
 _TEMPLATE_WORDS = frozenset({
     "photo", "photograph", "picture", "image", "painting", "drawing", "rendering",
@@ -73,6 +74,8 @@ _STOPWORDS = frozenset({
     "alone", "asleep", "awake", "nearby", "not", "but", "instead", "rather", "too", "either", "neither",
     # the one who asks and what they ask for ("show me three cats" had an entity "me", "I want two dogs" "want")
     "i", "me", "we", "us", "you", "please", "want", "wants",
+    # what "let's", "what's", "he's" read as (a possessive or contraction reads as its first word)
+    "let", "what", "he", "she",
     # places and ranks, not objects ("a dog on its left", "the first two dogs")
     "left", "right", "first", "second", "third", "last", "next",
 })
@@ -265,6 +268,11 @@ _LETTERS = rf"[^\W\d_](?:[^\W\d_]|[{_MARKS}]|[{_ZW}]+(?=[^\W\d_]))*"  # a zero-w
 _WORD_RE = re.compile(NUMBER_PATTERN + rf"|{_LETTERS}(?:['\-]{_LETTERS})*|[^\w\s{_MARKS}{_ZW}]")
 _ZERO_WIDTH = re.compile("[\u200b-\u200d\u2060\ufeff]")
 _FULLWIDTH = {0xFF01 + i: 0x21 + i for i in range(94)}  # U+FF01..U+FF5E: the fullwidth forms of ASCII ! .. ~
+# Read as ASCII before words are split (one character for one, so spans stay on the prompt): fullwidth forms, the
+# typographic apostrophes phones and word processors type ("o’clock", "children’s") and the Unicode hyphens
+# ("twenty‐one", "light‑blue"; a dash, U+2012-U+2015, stays a range mark: "3–4").
+_AS_ASCII = {**_FULLWIDTH, 0x2018: 0x27, 0x2019: 0x27, 0x02BC: 0x27, 0x2010: 0x2D, 0x2011: 0x2D}
+_DIGIT_RANGE = re.compile(r"(\d+)-(\d+)")  # "3-4 apples": a range, as "3 - 4" and "3–4" are
 #: Longest prompt parsed (characters): T2I prompts are a few hundred; 100,000 took seconds per parse.
 MAX_PROMPT_CHARS = 20_000
 
@@ -274,13 +282,37 @@ class _Word:
     text: str  # lower-cased
     start: int
     end: int
+    possessive: bool = False  # written with "'s" (text without it): a noun before its head ("a dog's bowl")
 
 
 def _scan(prompt: str) -> list[_Word]:
-    # A word's text is read composed (NFC: "n" + a combining tilde is "ñ"), fullwidth letters and digits as ASCII
-    # ("ＤＯＧＳ" is "dogs") and zero-width characters dropped; its span stays on the prompt as written.
-    return [_Word(_ZERO_WIDTH.sub("", unicodedata.normalize("NFC", m.group()).translate(_FULLWIDTH)).lower(),
-                  m.start(), m.end()) for m in _WORD_RE.finditer(prompt)]
+    # Words are split after zero-width characters are dropped ("1\u200b0" is "10", "light-\u200bblue" one word) and
+    # the characters of _AS_ASCII are read as ASCII; a word's text is read composed (NFC: "n" + a combining tilde is
+    # "ñ") and lower-cased; its span stays on the prompt as written.
+    text = prompt.translate(_AS_ASCII)
+    where: list[int] | None = None  # index in the prompt of each character of ``text`` (None: the same)
+    if _ZERO_WIDTH.search(text):
+        where = [i for i, ch in enumerate(text) if not _ZERO_WIDTH.match(ch)]
+        where.append(len(prompt))
+        text = _ZERO_WIDTH.sub("", text)
+    words = []
+    for m in _WORD_RE.finditer(text):
+        start, end = (m.start(), m.end()) if where is None else (where[m.start()], where[m.end() - 1] + 1)
+        word = unicodedata.normalize("NFC", m.group()).lower()
+        digits = _DIGIT_RANGE.fullmatch(word)
+        if digits:  # "3-4": the two numbers and the hyphen between them, each a word
+            hyphen = m.start() + len(digits.group(1))
+            cut = hyphen if where is None else where[hyphen]
+            after = hyphen + 1 if where is None else where[hyphen + 1]
+            words += [_Word(digits.group(1), start, cut), _Word("-", cut, cut + 1), _Word(digits.group(2), after, end)]
+            continue
+        if len(word) > 2 and word.endswith("'s"):
+            # a possessive reads as its noun ("a woman's two cats", "a cat left of a dog's": it gave a noun "woman'"),
+            # a contraction as its first word ("let's", "here's": stop words); the span keeps the "'s"
+            words.append(_Word(word[:-2], start, end, possessive=True))
+            continue
+        words.append(_Word(word, start, end))
+    return words
 
 
 def _match(
@@ -365,6 +397,9 @@ def _setting_length(words: Sequence[_Word], pos: int, lexicon: _Lexicon) -> int:
                 break
             if not (text[0].isalpha() or (arrangement and text.isdigit())):
                 break
+            if words[j].possessive and not arrangement:  # "in a child's bedroom": an owner modifies the scene noun
+                j += 1
+                continue
             if ((text in _STOPWORDS and text not in _SIZE_WORDS) or _match(words, j, lexicon.nouns, lexicon.max_noun_len)
                     or _match(words, j, _PHRASES, _MAX_PHRASE)):
                 break
@@ -528,6 +563,21 @@ def _bounded_count(words, pos: int, prompt: str) -> int:
     return 0 if needs_range else pos - start
 
 
+_TRAILING_BOUNDS = frozenset({("or", "more"), ("or", "fewer"), ("or", "less"), ("or", "so"), ("at", "least"),
+                              ("at", "most")})
+
+
+def _trailing_bound(words, pos: int, piece: _Piece, prompt: str) -> int:
+    """Length of a bound after a counted noun phrase ("three dogs or more", "five apples at least"), 0 when there is
+    none (also when a number follows: "... at least two cats" bounds the next phrase)."""
+    if piece.quantifier is None or piece.quantifier[0] != "number" or not piece.has_content() \
+            or pos + 1 >= len(words) or (words[pos].text, words[pos + 1].text) not in _TRAILING_BOUNDS:
+        return 0
+    if pos + 2 < len(words) and read_count(words, pos + 2, prompt) is not None:
+        return 0
+    return 2
+
+
 def _second_quantifier(piece: _Piece, new: tuple[str, int | None], text: str, counted: bool, prompt: str
                        ) -> tuple[tuple[str, int | None], bool]:
     """The quantifier of a noun phrase given two before its noun (the second used to replace the first: "a cat
@@ -620,7 +670,10 @@ def _parse_piece(piece: _Piece, lexicon: _Lexicon, strict: bool, prompt: str) ->
         head = noun_hits[-1]
         is_color_word = any(s == head[0] and e == head[1] for s, e, _ in color_hits)
         rest = [k for k in range(head[1], hi) if words[k].text not in _STOPWORDS]
-        if is_color_word:
+        if words[head[1] - 1].possessive:
+            # "two children's bikes", "a dog's red widget": the owner's noun is no head when a word follows it
+            head = fallback(head[1]) or head
+        elif is_color_word:
             # "an orange submarine": the color-noun is a color when a head follows.
             later = fallback(head[1])
             if later is not None:
@@ -784,6 +837,11 @@ def parse(
         piece = _Piece()
 
     while pos < len(words):
+        trailing = _trailing_bound(words, pos, piece, prompt)
+        if trailing:  # "three dogs or more", "five apples at least": a bound, not the number (it kept the number)
+            piece.quantifier, piece.counted = ("vague", None), False
+            pos += trailing
+            continue
         setting = _setting_length(words, pos, lexicon)
         if setting:
             close()
@@ -851,7 +909,9 @@ def parse(
             # A quantifier starts a new noun phrase ("a dog wearing a hat").
             text = " ".join(w.text for w in words[pos:pos + quantifier[0]])
             counted_here = counted is not None and text not in ("a", "an")
-            if piece.has_content():
+            if piece.has_content() and piece.words[-1].possessive:
+                piece = _Piece()  # "a woman's two cats": the owner determines the phrase after it, no object of its own
+            elif piece.has_content():
                 close()
             elif piece.quantifier is not None:  # a second quantifier before any noun ("two three dogs")
                 chosen, counted_here = _second_quantifier(piece, quantifier[1], text, counted_here, prompt)
@@ -915,6 +975,14 @@ def parse(
 
     if not entities:
         raise ValueError(f"no object noun found in prompt {quote_prompt(prompt)}")
+    clash = contradicting_relations(relations)
+    if clash is not None:  # named by the prompt's words, as the other errors (it was PromptSpec's indices)
+        first, second = (relations[k] for k in clash)
+        said = [f"{entities[r.subject].noun!r} {r.relation.replace('_', ' ')} {entities[r.object].noun!r}"
+                for r in (first, second)]
+        raise ValueError(f"relations {prompt[first.span[0]:first.span[1]]!r} and "
+                         f"{prompt[second.span[0]:second.span[1]]!r} in prompt {quote_prompt(prompt)} contradict "
+                         f"each other ({said[0]}, and {said[1]}); ask for one of them")
     spec = PromptSpec(prompt=prompt, entities=tuple(entities), relations=tuple(relations))
     if tokenizer is not None:
         spec = align(spec, tokenizer, max_length=max_length)

@@ -7,7 +7,7 @@ to and from GenEval metadata records (:meth:`PromptSpec.to_geneval`,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +192,21 @@ class TokenAlignment:
         object.__setattr__(self, "color_tokens", colors)
 
 
+def contradicting_relations(relations: Sequence[Relation]) -> tuple[int, int] | None:
+    """The first pair ``(j, i)``, ``j < i``, of relations that contradict each other ("a dog left of right of a
+    cat": the same two entities, opposite directions), or None."""
+    said: dict[tuple[int, int, int], int] = {}
+    for i, relation in enumerate(relations):
+        a, b, code = relation.subject, relation.object, relation.code
+        if a > b:  # "b right of a" says "a left of b": one form per pair (codes pair up as c, c ^ 1)
+            a, b, code = b, a, code ^ 1
+        j = said.get((a, b, code ^ 1))
+        if j is not None:
+            return j, i
+        said.setdefault((a, b, code), i)
+    return None
+
+
 @dataclass(frozen=True)
 class PromptSpec:
     """Everything a prompt asks for: entities, relations, token alignment.
@@ -249,17 +264,13 @@ class PromptSpec:
                     f"relations[{i}] refers to entity {max(relation.subject, relation.object)} "
                     f"but the spec has {len(entities)} entities"
                 )
-        said: dict[tuple[int, int, int], int] = {}
-        for i, relation in enumerate(relations):  # "a dog left of right of a cat" asked for both
-            a, b, code = relation.subject, relation.object, relation.code
-            if a > b:  # "b right of a" says "a left of b": one form per pair (codes pair up as c, c ^ 1)
-                a, b, code = b, a, code ^ 1
-            j = said.get((a, b, code ^ 1))
-            if j is not None:
-                raise ValueError(f"PromptSpec.relations[{j}] and relations[{i}] contradict each other: entity "
-                                 f"{relations[j].subject} {relations[j].relation} entity {relations[j].object}, and "
-                                 f"entity {relation.subject} {relation.relation} entity {relation.object}")
-            said.setdefault((a, b, code), i)
+        clash = contradicting_relations(relations)
+        if clash is not None:
+            j, i = clash
+            relation = relations[i]
+            raise ValueError(f"PromptSpec.relations[{j}] and relations[{i}] contradict each other: entity "
+                             f"{relations[j].subject} {relations[j].relation} entity {relations[j].object}, and "
+                             f"entity {relation.subject} {relation.relation} entity {relation.object}")
         if self.tag is not None and self.tag not in GENEVAL_TAGS:
             raise ValueError(f"PromptSpec.tag must be None or one of {list(GENEVAL_TAGS)}, got {self.tag!r}")
         names = [a.encoder for a in alignments]
