@@ -5,6 +5,7 @@ import ast
 import contextlib
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -383,3 +384,29 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not a disk problem"):  # another error of a writer passes through as it is
         with _io.atomic_path(tmp_path / "x.json"):
             raise ValueError("not a disk problem")
+
+
+def test_a_file_size_limit_while_torch_save_writes_is_named_in_one_line(tmp_path):
+    """A real limit (RLIMIT_FSIZE, as `ulimit -f`): torch's zip writer said "unexpected pos" and xlard train ended in
+    a traceback, since the disk was not full; a full disk looked "not full" once the partial checkpoint (over 1 MiB)
+    had been deleted. The writer's file is now probed while it still holds its space."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys, torch\n"
+        "from xlard.train.checkpoint import save_atomic\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "try:\n"
+        "    save_atomic({'w': torch.zeros(1 << 20)}, sys.argv[1])\n"
+        "except OSError as e:\n"
+        "    print(e.errno, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt.pt")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    import errno
+    code, _, message = out.stdout.strip().partition(" ")
+    assert int(code) == errno.EFBIG, out.stdout
+    assert re.search(r"checkpoint: cannot write .*ckpt\.pt: File too large \(RuntimeError", message), message
+    assert list(tmp_path.iterdir()) == []  # no partial file left

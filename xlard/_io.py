@@ -169,6 +169,19 @@ def _full_disk(exc: BaseException, folder: Path) -> bool:
         return False
 
 
+def _write_limit(tmp: Path) -> OSError | None:
+    """After a writer failed with its own error: the OSError writing 1 MiB more to its file meets when a full disk,
+    a quota or a file-size limit stopped it (None when writing goes on)."""
+    try:
+        with open(tmp, "ab") as f:
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as probe:
+        return probe if probe.errno in _WRITE_ERRNOS else None
+    return None
+
+
 def _reraise(exc: OSError, message: str, fix: str = "") -> OSError:
     """``exc`` as the same OSError subclass with ``message`` (which names the destination, not a temporary
     name), the system's reason and ``fix`` appended; the errno is kept, so a full disk stays a system error."""
@@ -455,16 +468,22 @@ def atomic_path(path: str | os.PathLike[str], *, owner: str = "xlard",
         check_output_path(target, owner)
         os.replace(tmp, target)
     except BaseException as exc:
+        # torch.save's zip writer ("[enforce fail at inline_container.cc] unexpected pos", "basic_ios::clear:
+        # iostream error") and safetensors ("IoError ... StorageFull") report a full disk, a quota or a file-size
+        # limit as their own errors (a traceback without the word). Asked while the partial file still holds its
+        # space (deleting it first freed the disk of a checkpoint over 1 MiB, which then looked "not full").
+        limit = None
+        if isinstance(exc, Exception) and not isinstance(exc, OSError):
+            limit = _write_limit(tmp)
+            if limit is None and _full_disk(exc, folder):
+                limit = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:  # a bare "[Errno 28]" named no file
             raise _reraise(exc, f"{owner}: cannot write {path}") from None
-        if isinstance(exc, Exception) and not isinstance(exc, OSError) and _full_disk(exc, folder):
-            # torch.save's zip writer ("[enforce fail at inline_container.cc] unexpected pos") and safetensors
-            # ("IoError ... StorageFull") report a full disk as their own errors: a traceback without the word
-            full = OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({type(exc).__name__}: "
-                                         f"{' '.join(str(exc).split())[:160]})")
-            raise _reraise(full, f"{owner}: cannot write {path}") from None
+        if limit is not None:
+            raise _reraise(limit, f"{owner}: cannot write {path}",
+                           f" ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
         raise
     _fsync_folder(folder)
 
