@@ -674,6 +674,22 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
     (out / "pairs.jsonl").write_text("\n".join([*lines[:2], *lines[3:]]) + "\n")
     again = ev.run_evaluation(shapes, corrector, _meta(), records, **kwargs)
     assert again["table"] == report["table"]
+    # Well-formed rows that are no pair of this run, or a pair judged twice, are named (a duplicate weighed its
+    # pair twice in the table, a foreign seed failed with a KeyError after the whole evaluation had run).
+    lines = (out / "pairs.jsonl").read_text().splitlines()
+    third = json.loads(lines[2])
+    for edit, match in (({}, rf"line {len(lines) + 1} is the pair \(record {third['index']}, seed {third['seed']}\) "
+                              r"judged again \(line 3\)"),
+                        ({"index": 99}, rf"line {len(lines) + 1} is a pair of record 99, but the prompts hold "
+                                        rf"{len(records)} records"),
+                        ({"seed": 7}, r"line \d+ is a pair of seed 7, which is not among --seeds \[0, 1\]"),
+                        ({"prompt": "a photo of a cat"},
+                         r"line \d+ is a pair of prompt 'a photo of a cat', but record"),
+                        ({"index": "2"}, rf"line {len(lines) + 1} is not a pair row")):
+        (out / "pairs.jsonl").write_text("\n".join([*lines, json.dumps({**third, **edit})]) + "\n")
+        with pytest.raises(ValueError, match=r"pairs.jsonl: " + match + ".*delete that line and rerun"):
+            ev.run_evaluation(shapes, corrector, _meta(), records, **kwargs)
+    (out / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     # The same folder with other settings is refused, not mixed.
     with pytest.raises(ValueError, match=r"holds another evaluation \(different seeds: seeds: the folder's \[0, 1\], "
                                          r"now \[0\]\)"):
@@ -968,6 +984,33 @@ def test_the_run_records_which_model_it_ran(tmp_path, monkeypatch):
         shutil.copytree(shapes_backbone.DEFAULT_PATH, copy)
         monkeypatch.setenv("XLARD_SHAPES_BACKBONE", str(copy))
         assert ev._backbone_source(ev.load_backbone_for(_meta())) == str(copy.resolve())
+
+
+def test_a_paired_run_that_cannot_append_its_pairs_names_the_file(shapes, records, tmp_path, monkeypatch):
+    """A full disk or size limit at the pairs.jsonl append was "[Errno 27] File too large", naming no file (and a
+    buffered file raised it again when closed). The pairs judged before stay; --resume finishes the run."""
+    import errno
+
+    kwargs = dict(seeds=[0], out=tmp_path / "e", quiet=True, faithfulness_fraction=None, num_resamples=10,
+                  batch_size=1)
+    real_write, appends = os.write, []
+
+    def limited_write(fd, data):
+        if b'"base_correct"' in bytes(data):
+            appends.append(fd)
+            if len(appends) == 2:
+                raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", limited_write)
+    with pytest.raises(OSError, match=r"^--out: cannot write .*pairs\.jsonl: File too large \(the pairs judged "
+                                      r"before are kept: rerun with --resume") as e:
+        ev.run_evaluation(shapes, _corrector(), _meta(), records[:2], **kwargs)
+    assert e.value.errno == errno.EFBIG
+    monkeypatch.undo()
+    assert len((tmp_path / "e" / "pairs.jsonl").read_text().splitlines()) == 1
+    done = ev.run_evaluation(shapes, _corrector(), _meta(), records[:2], **kwargs)
+    assert done["table"]["overall"]["images"] == 2
 
 
 def test_a_paired_run_resumes_only_on_the_model_it_ran(shapes, records, tmp_path):

@@ -1217,22 +1217,50 @@ def _hash_state(h, state: dict) -> None:
         h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
 
 
-def _read_rows(path: Path) -> list[PairRow]:
-    rows = []
+def _read_rows(path: Path, records: Sequence[dict] | None = None, seeds: Sequence[int] | None = None
+               ) -> list[PairRow]:
+    """The judged pairs of ``pairs.jsonl`` (a last line cut by an interrupted write is left out: its pair is judged
+    again). With ``records`` and ``seeds`` (a resumed run's), a row that is not one of this run's pairs, or a pair
+    judged twice, is refused: well-formed, it was counted as it stood (a duplicated row weighed its pair twice, a
+    foreign seed failed after the whole evaluation)."""
+    rows: list[PairRow] = []
     if not path.is_file():
         return rows
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
+    fix = "(the file was edited or damaged); delete that line and rerun with --resume to judge its pair again, or " \
+          "pick another --out"
+    seen: dict[tuple[int, int], int] = {}
     for n, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            rows.append(PairRow.from_dict(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError):
+            data = json.loads(line)
+        except json.JSONDecodeError:
             if n >= len(lines) - 2:  # a line cut by an interrupted write: redo that pair
                 break
-            raise ValueError(f"{path}: line {n + 1} is not a pair row (the file was edited or damaged); delete "
-                             "that line and rerun with --resume to judge its pair again, or pick another --out")
+            raise ValueError(f"{path}: line {n + 1} is not a pair row {fix}") from None
+        try:
+            row = PairRow.from_dict(data)
+            if type(row.index) is not int or type(row.seed) is not int:
+                raise TypeError("index and seed must be integers")
+        except (KeyError, TypeError):  # well-formed JSON, even on the last line: no cut write
+            raise ValueError(f"{path}: line {n + 1} is not a pair row {fix}") from None
+        if records is not None and seeds is not None:
+            why = None
+            if not 0 <= row.index < len(records):
+                why = f"a pair of record {row.index}, but the prompts hold {len(records)} records"
+            elif row.seed not in seeds:
+                why = f"a pair of seed {row.seed}, which is not among --seeds {list(seeds)}"
+            elif (row.tag, row.prompt) != (records[row.index].get("tag"), records[row.index].get("prompt")):
+                why = (f"a pair of prompt {row.prompt!r}, but record {row.index} is "
+                       f"{records[row.index].get('prompt')!r}")
+            elif (row.index, row.seed) in seen:
+                why = f"the pair (record {row.index}, seed {row.seed}) judged again (line {seen[row.index, row.seed]})"
+            if why is not None:
+                raise ValueError(f"{path}: line {n + 1} is {why} {fix}")
+            seen[row.index, row.seed] = n + 1
+        rows.append(row)
     return rows
 
 
@@ -1394,7 +1422,7 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
             raise ValueError(f"--out: {out} has pairs.jsonl but no run.json; pick another --out, or start afresh "
                              "there (xlard eval --overwrite)")
         _write_json(run_path, settings)
-    done = _read_rows(pairs_path)
+    done = _read_rows(pairs_path, records, seeds)
     done_keys = {(r.index, r.seed) for r in done}
     todo = [(i, s) for s in seeds for i in range(len(records)) if (i, s) not in done_keys]
     if done:
@@ -1415,14 +1443,33 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
     if save_images:  # `xlard eval --folder images/base` refuses them until every pair is in
         _mark_image_folders(out, complete=False)
     rows = list(done)
-    with open(pairs_path, "a", encoding="utf-8") as f:
+
+    def append(fd: int, batch: list[PairRow]) -> None:
+        # unbuffered: a failed write is reported here, not again when a buffered file is closed
+        view = memoryview("".join(_io.dumps(r.to_dict()) + "\n" for r in batch).encode("utf-8"))
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as exc:  # a full disk or a size limit said "[Errno 28]" naming no file
+            if exc.errno not in _io._WRITE_ERRNOS:
+                raise
+            raise _io._reraise(exc, f"--out: cannot write {pairs_path}",
+                               " (the pairs judged before are kept: rerun with --resume once it can be written)"
+                               ) from None
+
+    try:
+        fd = os.open(pairs_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise _io._reraise(exc, f"--out: cannot write {pairs_path}") from None
+    try:
         for batch in evaluate_pairs(backbone, corrector, meta, records, todo, batch_size=batch_size,
                                     faithfulness_fraction=faithfulness_fraction, on_images=on_images,
                                     progress=progress):
-            f.writelines(_io.dumps(r.to_dict()) + "\n" for r in batch)
-            f.flush()
-            os.fsync(f.fileno())
+            append(fd, batch)
             rows.extend(batch)
+    finally:
+        os.close(fd)
     order = {seed: k for k, seed in enumerate(seeds)}  # seeds.index per row: pairs x seeds
     rows.sort(key=lambda r: (order[r.seed], r.index))
     if save_images:
