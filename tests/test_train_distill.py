@@ -233,6 +233,21 @@ def test_dataset_build_resumes_at_the_first_missing_shard(tmp_path, shapes_final
     assert all(sh["seconds"] > 0 for sh in shards)
     assert data["build_seconds"] == pytest.approx(sum(sh["seconds"] for sh in shards))
     assert shards[0]["seconds"] == first_0["seconds"]  # the kept shard is the first build's
+    # A damaged shard (empty, cut, overwritten) or manifest is named with the fix; the fix works (they were a
+    # traceback: EOFError, "PytorchStreamReader failed", UnpicklingError; the manifest "Expecting value").
+    shard1 = (tmp_path / "d" / "data-0001.pt").read_bytes()
+    for damage in (b"", shard1[:2000], bytes(range(256)) * 8):
+        (tmp_path / "d" / "data-0001.pt").write_bytes(damage)
+        with pytest.raises(ValueError, match=r"distill: .*data-0001\.pt cannot be read \(\w+: .*\); the file is "
+                                             r"damaged: delete it and rerun with --resume"):
+            dl.load_dataset(tmp_path / "d", 5, 2)
+    (tmp_path / "d" / "data-0001.pt").unlink()
+    dl.build_dataset(shapes_final, model, items, tmp_path / "d", chunk=2, progress=False)
+    assert torch.equal(dl.load_dataset(tmp_path / "d", 5, 2)["target"], data["target"])
+    (tmp_path / "d" / "manifest.json").write_text('{"items": [')
+    with pytest.raises(ValueError, match=r"distill: .*manifest\.json is damaged \(Expecting value.*\); delete "
+                                         r".*d \(its edit targets are built again\)"):
+        dl.build_dataset(shapes_final, model, items, tmp_path / "d", chunk=2, progress=False)
     del shards[2]["seconds"]  # a shard from before the record: no total
     torch.save(shards[2], tmp_path / "d" / "data-0002.pt")
     assert dl.load_dataset(tmp_path / "d", 5, 2)["build_seconds"] is None

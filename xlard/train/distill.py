@@ -121,6 +121,24 @@ def _shard_path(folder: Path, k: int) -> Path:
     return folder / f"data-{k:04d}.pt"
 
 
+def _load_shard(folder: Path, k: int) -> dict[str, Any]:
+    """Shard ``k``; a damaged one (empty, cut short, overwritten) is named with the fix: it was a traceback
+    (EOFError, "PytorchStreamReader failed", UnpicklingError) from ``--resume``."""
+    path = _shard_path(folder, k)
+    try:
+        shard = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        why = " ".join(str(exc).split())[:160]
+        raise ValueError(f"distill: {path} cannot be read ({type(exc).__name__}: {why}); the file is damaged: "
+                         "delete it and rerun with --resume (its targets are built again)") from None
+    if not isinstance(shard, dict) or not {"z0", "target", "prompts"} <= set(shard):
+        raise ValueError(f"distill: {path} holds no edit targets ({type(shard).__name__}); delete it and rerun with "
+                         "--resume (its targets are built again)")
+    return shard
+
+
 def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk: int = 32, edit_config=None,
                   progress: bool = True, replace: bool = False, move_margin: int | None = None,
                   cells: bool = False) -> Path:
@@ -179,10 +197,17 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
     if move_margin is not None:
         manifest["move_margin"] = int(move_margin)
     if manifest_path.is_file():
-        saved = json.loads(manifest_path.read_text())
+        try:
+            saved = json.loads(manifest_path.read_text())
+            if not isinstance(saved, dict):
+                raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as exc:  # it was "Expecting value: line 2 column 1", no file named
+            raise ValueError(f"distill: {manifest_path} is damaged ({' '.join(str(exc).split())[:120]}); delete "
+                             f"{folder} (its edit targets are built again) or choose another run folder") from None
         saved.setdefault("correction_step", 1.0)  # manifests written before the field existed were all at 1.0
         for key, default in (("relayout", False), ("relayout_color", "found")):  # ... and before relayout existed
-            saved.get("edits", {}).setdefault(key, default)
+            if isinstance(saved.get("edits"), dict):
+                saved["edits"].setdefault(key, default)
         if move_margin is not None and "move_margin" not in saved:  # move targets are added to the shards below
             saved["move_margin"] = int(move_margin)
             _io.atomic_write_text(manifest_path, _io.dumps(saved) + "\n", owner="xlard train distill")
@@ -283,7 +308,7 @@ def _upgrade_shards(backbone, model, folder: Path, n_shards: int, margin: int | 
         return margin is not None and "move_nouns" not in shard, cells and "cell_nouns" not in shard
 
     todo = [k for k in range(n_shards)
-            if any(missing(torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)))]
+            if any(missing(_load_shard(folder, k)))]
     if not todo:
         return
     decode = vae_decoder(backbone)
@@ -294,7 +319,7 @@ def _upgrade_shards(backbone, model, folder: Path, n_shards: int, margin: int | 
     try:  # the bar is closed on Ctrl-C too: the interrupt line is then the last line
         for k in todo:
             t_shard = time.perf_counter()
-            shard = torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)
+            shard = _load_shard(folder, k)
             with torch.no_grad():
                 images = decode(shard["z0"].float()).float().cpu()
             need_move, need_cells = missing(shard)
@@ -316,8 +341,7 @@ def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]
     (across interrupted and resumed builds; ``None`` when a shard predates the record).
     """
     folder = Path(folder)
-    shards = [torch.load(_shard_path(folder, k), map_location="cpu", weights_only=False)
-              for k in range(math.ceil(n_items / chunk))]
+    shards = [_load_shard(folder, k) for k in range(math.ceil(n_items / chunk))]
     t = max(s["tokens"].shape[1] for s in shards)
 
     def pad(x: torch.Tensor) -> torch.Tensor:
