@@ -189,6 +189,43 @@ def load_backbone(backbone_name: str, steps: int = 0, capture: bool = True):
                                              capture=None if capture else False, **kwargs)
 
 
+# What to do about a damaged file: a chunk or the labels are made again from what the cache holds; the records and
+# settings say which samples the chunks are, so without them the chunks cannot be trusted.
+_REMAKE = "delete it and rerun with the same options (it is made again)"
+_RESTART = "delete the folder (its samples are generated again) or use another --cache"
+
+
+def _damaged(path: Path, exc: BaseException, fix: str) -> ValueError:
+    """A damaged cache file named with the fix (it was a traceback, or "Expecting value" naming no file)."""
+    why = " ".join(str(exc).split())[:160]
+    return ValueError(f"--cache: {path} is damaged ({type(exc).__name__}: {why}); {fix}")
+
+
+def _read_json(path: Path, kind: type, fix: str):
+    try:
+        value = json.loads(path.read_text())
+        if not isinstance(value, kind):
+            raise ValueError(f"a JSON {type(value).__name__}, not a {kind.__name__}")
+        return value
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _damaged(path, exc, fix) from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as exc:
+        raise _damaged(path, exc, _RESTART) from None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except ValueError as exc:
+                raise _damaged(path, ValueError(f"line {n}: {exc}"), _RESTART) from None
+    return out
+
+
 def _save_atomic(obj, path: Path) -> None:
     import torch
 
@@ -214,8 +251,10 @@ def generate_cache(folder: str | os.PathLike, backbone_name: str, records: list[
     meta = {"backbone": backbone_name, "steps": steps, "batch": batch, "n": len(records)}
     rec_path, meta_path = folder / "records.jsonl", folder / "meta.json"
     if rec_path.exists():
-        old = [json.loads(line) for line in rec_path.read_text().splitlines() if line.strip()]
-        old_meta = json.loads(meta_path.read_text())
+        old = _read_jsonl(rec_path)
+        if not meta_path.exists():
+            raise _damaged(meta_path, FileNotFoundError("missing beside records.jsonl"), _RESTART)
+        old_meta = _read_json(meta_path, dict, _RESTART)
         if old != records or old_meta != meta:
             what = [w for w, differs in (("records (--split, --per-tag, --seeds-per-prompt or --seed)", old != records),
                                          (f"settings ({old_meta} here, {meta} asked)", old_meta != meta)) if differs]
@@ -255,15 +294,20 @@ def load_cache(folder: str | os.PathLike):
     rec_path = folder / "records.jsonl"
     if not rec_path.exists():
         raise FileNotFoundError(f"no cache at {folder} (records.jsonl missing)")
-    records = [json.loads(line) for line in rec_path.read_text().splitlines() if line.strip()]
-    meta = json.loads((folder / "meta.json").read_text())
+    records = _read_jsonl(rec_path)
+    meta = _read_json(folder / "meta.json", dict, _RESTART)
     images, maps, offsets = [], [], None
     for start in range(0, len(records), meta["batch"]):
         path = folder / f"chunk_{start:05d}.pt"
         if not path.exists():
             raise FileNotFoundError(f"cache {folder} is incomplete ({path.name} missing); rerun with the same "
                                     "options to finish it")
-        chunk = torch.load(path)
+        try:
+            chunk = torch.load(path)
+            if not isinstance(chunk, dict) or not {"images", "token_maps", "segment_offsets"} <= set(chunk):
+                raise ValueError(f"holds no samples ({type(chunk).__name__})")
+        except Exception as exc:  # empty, cut short, overwritten: EOFError, PytorchStreamReader, UnpicklingError
+            raise _damaged(path, exc, _REMAKE) from None
         images.append(chunk["images"])
         maps.append(chunk["token_maps"])
         offsets = chunk["segment_offsets"]
@@ -282,7 +326,7 @@ def evaluator_labels(folder: str | os.PathLike, records: list[dict], images) -> 
 
     path = Path(folder) / "labels.json"
     if path.exists():
-        labels = json.loads(path.read_text())
+        labels = _read_json(path, list, _REMAKE)
         if len(labels) == len(records):
             return labels
     labels = [bool(r.correct) for r in E.evaluate(images, records)]

@@ -205,6 +205,29 @@ def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
     report = RA.run_cached(folder, "attention", resamples=10)
     assert report["n"] == 8 and report["source"] == "attention"
     assert json.loads((folder / "labels.json").read_text()) == [r["correct"] for r in report["rows"]]
+    # Damaged files are named with the fix, which works (a chunk was a traceback: EOFError, PytorchStreamReader,
+    # UnpicklingError; meta.json, labels.json, records.jsonl "Expecting value" naming no file).
+    remake = r"is damaged \(\w+: .*\); delete it and rerun with the same options \(it is made again\)"
+    restart = r"is damaged \(\w+: .*\); delete the folder \(its samples are generated again\) or use another --cache"
+    chunk = (folder / "chunk_00003.pt").read_bytes()
+    for damage in (b"", chunk[:3000], bytes(range(256)) * 8):
+        (folder / "chunk_00003.pt").write_bytes(damage)
+        with pytest.raises(ValueError, match=r"--cache: .*chunk_00003\.pt " + remake):
+            RA.load_cache(folder)
+    (folder / "chunk_00003.pt").unlink()
+    (folder / "labels.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match=r"--cache: .*labels\.json " + remake):
+        RA.evaluator_labels(folder, records, images)
+    (folder / "labels.json").unlink()
+    RA.generate_cache(folder, pipe, records, batch=3, steps=2, quiet=True)  # the chunk is made again
+    again = RA.load_cache(folder)
+    assert again[0] == records and again[1].equal(images)
+    for name, damage in (("meta.json", '{"a":'), ("records.jsonl", '{"tag": '), ("meta.json", None)):
+        good = (folder / name).read_text()
+        (folder / name).write_text(damage) if damage is not None else (folder / name).unlink()
+        with pytest.raises(ValueError, match=rf"--cache: .*{re.escape(name)} " + restart):
+            RA.generate_cache(folder, pipe, records, batch=3, steps=2, quiet=True)
+        (folder / name).write_text(good)
 
 
 def test_a_cache_of_other_samples_says_what_differs(tmp_path):
