@@ -529,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     from xlard import _io
 
     with _io.folder_lock(cfg.work_dir, "--work-dir"):  # one run per work dir (two interleaved their metrics)
+        # a checkpoint write killed mid-way (SIGKILL) left its temporary behind for good, one per kill
+        _io.remove_temporaries(cfg.work_dir)
         train(cfg)
     return 0
 

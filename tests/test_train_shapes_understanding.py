@@ -130,8 +130,13 @@ def test_tiny_run_exports_weights_and_resumes(tmp_path, capsys):
     # rows logged after the checkpoint (an interrupted run's last steps) are replayed: they were logged twice
     with open(tmp_path / "work" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + '{"step": 5, "lo')
+    # the temporaries of checkpoint writes killed mid-way (SIGKILL) stayed behind for good, one per kill
+    leftovers = [tmp_path / "work" / ".tmp-0badc0de-checkpoint.pt", tmp_path / "work" / ".tmp-12345678-x"]
+    leftovers[0].write_bytes(b"x" * 1000)
+    leftovers[1].mkdir()
     assert T.main(args) == 0  # the finished checkpoint is picked up, not retrained
     assert "resumed at step 3" in capsys.readouterr().err
+    assert not any(p.exists() for p in leftovers)
     rows = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     # where it writes, logging, threads and the budget may change on a resume; anything else is named

@@ -397,6 +397,20 @@ def current_umask() -> int:
     return mask
 
 
+def remove_temporaries(folder: str | os.PathLike[str]) -> int:
+    """Delete the ``.tmp-*`` files and folders the atomic writes left in ``folder`` when a run was killed
+    mid-write (SIGKILL): never complete, each as large as what it was writing. Call it only while holding the
+    folder (:func:`folder_lock`), so that no other writer's temporaries go. Returns how many went."""
+    folder = Path(folder)
+    gone = 0
+    if folder.is_dir():
+        for tmp in folder.glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(
+                missing_ok=True)
+            gone += 1
+    return gone
+
+
 def _new_temp_file(folder: Path, name: str) -> Path:
     # The temporary name keeps the destination's suffix: writers such as cv2.imwrite pick the
     # format from it. Mode 0o666 goes through the umask (mkstemp would force 0o600).

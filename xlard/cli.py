@@ -558,9 +558,7 @@ def _start_output_folder(args, out: Path, flag: str, settings: dict, owned: list
                                                     "complete": False}, owner=flag)
         _remove_outputs(owned, flag)
         print(f"overwrite: removed {len(owned)} outputs of the earlier run from {out}", file=sys.stderr)
-    if out.is_dir():  # leftovers of a run killed mid-write (SIGKILL): never complete
-        for tmp in out.glob(".tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    _io.remove_temporaries(out)  # leftovers of a run killed mid-write (SIGKILL): never complete
     _io.make_folder(out, flag)
     _io.atomic_write_json(out / MANIFEST_NAME, {"command": args.command, "settings": settings, "complete": False},
                           owner=flag)

@@ -35,7 +35,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -414,8 +413,7 @@ class Trainer:
             self._held.enter_context(_io.folder_lock(self.out, "--out"))
             # leftovers of a checkpoint or file write killed mid-way (SIGKILL): never complete, each as large as
             # a checkpoint; the lock above says no other writer is in the folder
-            for tmp in self.out.glob(".tmp-*"):
-                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            _io.remove_temporaries(self.out)
         try:
             self._setup(cfg, resume, backbone)
         except BaseException:
