@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1301,6 +1302,24 @@ def test_damaged_metrics_rows_are_named_not_dropped(tmp_path):
     with pytest.raises(ValueError, match=r"line 2 is not a metrics row"):
         MetricsLog(tmp_path, tensorboard="off", resume_step=3)
     assert path.read_text() == '{"step": 1}\n[2]\n{"step": 3}\n'  # left as it was
+
+
+def test_a_torn_row_up_to_the_checkpoint_is_said_on_resume(tmp_path, capsys):
+    """Every step's row is fsynced before that step's checkpoint, so a cut last line at or below the checkpoint is
+    damage, not a crash: its step was dropped without a word (metrics.jsonl held steps 1-4, 6-8)."""
+    from xlard.train.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    log = MetricsLog(tmp_path, tensorboard="off", resume_step=3)
+    log.close()
+    assert log.lost_steps == [3] and [r["step"] for r in MetricsLog.read(path)] == [1, 2]
+    assert re.search(r"note: .*metrics\.jsonl lacks the rows of step 3, up to the checkpoint resumed from \(a "
+                     r"damaged line\); the run goes on", capsys.readouterr().err)
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # a crash after step 2's checkpoint: silent
+    log = MetricsLog(tmp_path, tensorboard="off", resume_step=2)
+    log.close()
+    assert log.lost_steps == [] and capsys.readouterr().err == ""
 
 
 def test_the_model_fingerprint_follows_linked_component_folders(tmp_path):

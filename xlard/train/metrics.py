@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -39,8 +40,19 @@ class MetricsLog:
         self.path = Path(folder) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
+        self.lost_steps: list[int] = []  # steps up to ``resume_step`` whose rows a damaged line lost
         if resume_step is not None and self.path.exists():
             rows = [r for r in self.read(self.path) if r.get("step", -1) <= resume_step]
+            # Every step's row is on disk before that step's checkpoint, so a step up to the checkpoint without
+            # its row lost it to damage (a cut last line), not to a crash: said, not dropped without a word.
+            steps = {r["step"] for r in rows if isinstance(r.get("step"), int)}
+            lost = sorted(set(range(min(steps, default=1), resume_step + 1)) - steps)
+            if lost:
+                shown = ", ".join(map(str, lost[:10])) + (f" and {len(lost) - 10} more" if len(lost) > 10 else "")
+                print(f"note: {self.path} lacks the rows of step {shown}, up to the checkpoint resumed from (a "
+                      "damaged line); the run goes on without them (metrics.jsonl and the curve skip them)",
+                      file=sys.stderr, flush=True)
+            self.lost_steps = lost
         _io.atomic_write_text(self.path, "".join(_io.dumps(r) + "\n" for r in rows), owner="xlard train metrics")
         # Only the columns the training curve draws stay in memory (a full row is about 5 KB: 500 MB over a
         # 100,000-step run); metrics.jsonl holds every row whole.
