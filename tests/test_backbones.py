@@ -11,6 +11,7 @@ explainable rewards end to end; determinism; argument errors.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -705,6 +706,28 @@ def test_a_pipeline_missing_a_component_or_a_tokenizer_is_refused_at_load(sd_pat
         tokenizer.model_max_length = limit
 
 
+@pytest.mark.parametrize("family, component, keep", [("sd", "tokenizer", True), ("pixart", "tokenizer", False),
+                                                      ("pixart", "tokenizer", True)])
+def test_a_tokenizer_folder_without_its_vocabulary_is_refused(tmp_path, sd_path, family, component, keep):
+    """An interrupted download (tokenizer_config.json kept, the vocabulary gone) or an empty T5 tokenizer folder
+    loaded as a tokenizer of a few special tokens, with a length limit from the config or max_sequence_length:
+    every prompt became unknown tokens, and images were made and rewarded on no text without a word."""
+    import shutil
+
+    source = Path(sd_path) if family == "sd" else tiny_pipelines.tiny_pixart_pipeline(tmp_path / "pipe")
+    folder = tmp_path / "broken"
+    shutil.copytree(source, folder)
+    kept = (folder / component / "tokenizer_config.json").read_bytes()
+    shutil.rmtree(folder / component)
+    (folder / component).mkdir()
+    if keep:
+        (folder / component / "tokenizer_config.json").write_bytes(kept)
+    with pytest.raises(ValueError, match=rf"pipeline.{component} knows \d+ tokens \(pipeline.text_encoder reads "
+                                         r"\d+\) and reads \d+% of .* as unknown tokens: its files are missing or "
+                                         rf"incomplete \(the pipeline folder's {component}/ subfolder\)"):
+        DiffusersBackbone.from_pretrained(str(folder), num_inference_steps=STEPS)
+
+
 def test_pndm_split_after_its_first_step_is_refused(sd_path):
     """PNDM keeps the sample of its first step and uses it in the second: a split there (correction_step <=
     1/(n+1)) dropped the corrected latent without a word; refused now, other splits run."""
@@ -722,6 +745,35 @@ def test_pndm_split_after_its_first_step_is_refused(sd_path):
         pipe.scheduler = PNDMScheduler.from_config(original.config, skip_prk_steps=False)
         with pytest.raises(ValueError, match=r"PNDMScheduler\(skip_prk_steps=False\): the split would fall inside"):
             DiffusersBackbone(pipe, correction_step=0.6, num_inference_steps=4)
+    finally:
+        pipe.scheduler = original
+
+
+def test_splits_a_scheduler_steps_past_are_refused(sd_path):
+    """UniPC's corrector rebuilds each step from the sample before it (about a tenth of the correction survived) and
+    DPM-Solver singlestep's second sub-step of a group steps from the group's first sample (none survived): both
+    report order 1 and were accepted without a word. Where the corrected latent is what sampling goes on from, the
+    split runs."""
+    from diffusers import DDIMScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler
+
+    pipe = DiffusersBackbone.from_pretrained(sd_path, num_inference_steps=10).pipeline
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = UniPCMultistepScheduler.from_config(original.config)
+        with pytest.raises(ValueError, match=r"correction_step=0.5 < 1 with UniPCMultistepScheduler: its corrector "
+                                             r"rebuilds the next step from the sample before the split"):
+            DiffusersBackbone(pipe, correction_step=0.5, num_inference_steps=10)
+        DiffusersBackbone(pipe, correction_step=1.0, num_inference_steps=10)
+        pipe.scheduler = DPMSolverSinglestepScheduler.from_config(original.config, lower_order_final=True)
+        for step in (0.5, 0.7):  # k = 5, 7: the second sub-step of an order-2 group
+            with pytest.raises(ValueError, match=rf"correction_step={step} with 10 steps splits "
+                                                 r"DPMSolverSinglestepScheduler inside an order-2 step.*one of "
+                                                 r"\[0.2, 0.4, 0.6, 0.8, 0.9\]"):
+                DiffusersBackbone(pipe, correction_step=step, num_inference_steps=10)
+        for step in (0.6, 0.9, 1.0):
+            DiffusersBackbone(pipe, correction_step=step, num_inference_steps=10)
+        pipe.scheduler = DDIMScheduler.from_config(original.config)
+        DiffusersBackbone(pipe, correction_step=0.5, num_inference_steps=10)
     finally:
         pipe.scheduler = original
 

@@ -727,6 +727,9 @@ def _flow_step_kwargs(scheduler, generator) -> dict[str, Any]:
     return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
+_PROBE_PROMPT = "a photo of a red cat and two dogs"
+
+
 def _check_components(pipeline, family: _Family) -> None:
     """The components the family runs on must be there, and a tokenizer must know its length limit: a folder
     without its VAE (or loaded with ``vae=None``) failed after all the denoising; one whose tokenizer files are
@@ -741,13 +744,62 @@ def _check_components(pipeline, family: _Family) -> None:
         if not 0 < int(length) <= 1_000_000:
             raise ValueError(f"pipeline.{name} has no usable length limit (model_max_length {length}): its files "
                              f"are missing or incomplete (the pipeline folder's {name}/ subfolder)")
+    # A tokenizer whose vocabulary files are gone but whose config is there (an interrupted download), or a T5
+    # tokenizer folder left empty, loads as a tokenizer of a few special tokens: every prompt became unknown tokens,
+    # and images were made, trained and rewarded on no text without a word. Its text encoder says how many tokens
+    # it reads (T5 pads its table a little: 32100 tokens, 32128 rows).
+    for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"),
+                               ("tokenizer_3", "text_encoder_3")):
+        tokenizer, encoder = getattr(pipeline, tok_name, None), getattr(pipeline, enc_name, None)
+        rows = getattr(getattr(encoder, "config", None), "vocab_size", None)
+        if tokenizer is None or not isinstance(rows, int) or rows <= 0:
+            continue
+        try:
+            known = len(tokenizer)
+        except TypeError:
+            continue
+        unknown = 0.0
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is not None:  # T5's tokenizer built without its files still has 104 tokens: a prompt tells
+            try:
+                ids = tokenizer(_PROBE_PROMPT, add_special_tokens=False)["input_ids"]
+                unknown = sum(i == unk for i in ids) / max(len(ids), 1)
+            except Exception:  # a tokenizer that cannot read plain English is refused below, by its own error later
+                unknown = 0.0
+        if known < 0.9 * rows or unknown >= 0.5:
+            raise ValueError(f"pipeline.{tok_name} knows {known} tokens (pipeline.{enc_name} reads {rows}) and reads "
+                             f"{unknown:.0%} of {_PROBE_PROMPT!r} as unknown tokens: its files are missing or "
+                             f"incomplete (the pipeline folder's {tok_name}/ subfolder); every prompt would be read "
+                             "as unknown tokens")
 
 
 def _check_split(scheduler, correction_step: float, num_steps: int) -> None:
-    """PNDM (SD 1.x's default scheduler) keeps the sample of its first step and uses it in the second: a split
-    after the first step dropped the corrected latent without a word; its Runge-Kutta steps, when not skipped,
-    are several model calls per step."""
-    if not any(c.__name__ == "PNDMScheduler" for c in type(scheduler).__mro__) or correction_step >= 1.0:
+    """Schedulers that keep a sample from before the split and step from it drop the corrected latent without a
+    word: PNDM (SD 1.x's default) keeps the sample of its first step and uses it in the second (and its Runge-Kutta
+    steps, when not skipped, are several model calls per step); UniPC's corrector rebuilds each step from the
+    sample of the step before (about a tenth of the correction survived); DPM-Solver singlestep's second sub-step of
+    a group steps from the group's first sample (none of it survived)."""
+    if correction_step >= 1.0:
+        return
+    names = {c.__name__ for c in type(scheduler).__mro__}
+    others = "Use e.g. DDIMScheduler, EulerDiscreteScheduler or DPMSolverMultistepScheduler, or correction_step=1.0"
+    if "UniPCMultistepScheduler" in names:
+        raise ValueError(f"correction_step={correction_step} < 1 with UniPCMultistepScheduler: its corrector rebuilds "
+                         f"the next step from the sample before the split, so most of the correction would be "
+                         f"dropped. {others}")
+    if "DPMSolverSinglestepScheduler" in names:
+        probe = copy.deepcopy(scheduler)
+        probe.set_timesteps(num_steps)
+        k = correction_index(correction_step, len(probe.timesteps))
+        orders = list(getattr(probe, "order_list", []) or [])
+        if k < len(orders) and orders[k] != 1:
+            fits = [round(j / len(orders), 3) for j in range(1, len(orders)) if orders[j] == 1]
+            raise ValueError(f"correction_step={correction_step} with {num_steps} steps splits "
+                             f"DPMSolverSinglestepScheduler inside an order-{orders[k]} step, which steps from the "
+                             f"sample before the split: the correction would be dropped. Use a correction_step at "
+                             f"the start of one (one of {fits}), or {others[0].lower()}{others[1:]}")
+        return
+    if "PNDMScheduler" not in names:
         return
     if not getattr(scheduler.config, "skip_prk_steps", False):
         raise ValueError(f"correction_step={correction_step} < 1 with PNDMScheduler(skip_prk_steps=False): the "
