@@ -749,6 +749,39 @@ def test_pndm_split_after_its_first_step_is_refused(sd_path):
         pipe.scheduler = original
 
 
+def test_flux_reads_a_word_past_clips_77_tokens_through_t5(tmp_path):
+    """FLUX's denoiser reads the prompt through T5 (what its maps index); CLIP gives only the pooled vector,
+    truncated. A noun past CLIP's 77 tokens was refused ("raise max_length", which CLIP cannot), FluxPipeline not."""
+    folder = tiny_pipelines.tiny_flux_pipeline(tmp_path / "flux")
+    bb = DiffusersBackbone.from_pretrained(folder, num_inference_steps=1, height=32, width=32, max_sequence_length=128)
+    prompt = "a photo of " + "the " * 40 + "two cats"
+    assert len(bb.pipeline.tokenizer(prompt)["input_ids"]) > 77
+    spec = bb.parse(prompt)
+    assert tuple(spec.encoders) == ("tokenizer_2",) and spec.entities[0].count == 2
+    tokens = bb.pipeline.tokenizer_2.convert_ids_to_tokens(bb.pipeline.tokenizer_2(prompt)["input_ids"])
+    assert "cat" in "".join(tokens[i] for i in spec.alignments[0].noun_tokens[0])
+    assert bb.generate([prompt], seed=0).images.shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_settings_the_pipeline_refuses_or_ignores_are_refused(tmp_path, family):
+    """max_sequence_length above 512 was sampled with (SD3's and FLUX's pipelines refuse it), and FLUX ignored a
+    negative prompt without a word (and a trained corrector recorded it)."""
+    build, settings, _, _, _ = _FAMILIES[family]
+    folder = build(tmp_path / family)
+    kwargs = {k: v for k, v in settings.items() if k in ("height", "width")}
+    with pytest.raises(ValueError, match=r"max_sequence_length: \w+Pipeline reads at most 512 T5 tokens \(its "
+                                         r"pipeline refuses more\), got 513"):
+        DiffusersBackbone.from_pretrained(folder, num_inference_steps=1, max_sequence_length=513, **kwargs)
+    DiffusersBackbone.from_pretrained(folder, num_inference_steps=1, max_sequence_length=512, **kwargs)
+    if family == "flux":
+        with pytest.raises(ValueError, match=r"negative_prompt: FluxPipeline samples without classifier-free "
+                                             r"guidance .* leave it unset"):
+            DiffusersBackbone.from_pretrained(folder, num_inference_steps=1, negative_prompt="blurry", **kwargs)
+    else:
+        DiffusersBackbone.from_pretrained(folder, num_inference_steps=1, negative_prompt="blurry", **kwargs)
+
+
 def test_splits_a_scheduler_steps_past_are_refused(sd_path):
     """UniPC's corrector rebuilds each step from the sample before it (about a tenth of the correction survived) and
     DPM-Solver singlestep's second sub-step of a group steps from the group's first sample (none survived): both

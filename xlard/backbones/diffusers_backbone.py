@@ -162,6 +162,10 @@ class _Family:
     timesteps_first = True
     #: Text sequence length for families with a T5-style encoder (None: the tokenizer's own).
     default_max_sequence_length: int | None = None
+    #: the most T5 tokens the family's pipeline takes (None: no limit of its own)
+    longest_sequence: int | None = None
+    #: whether a negative prompt changes the sampling (classifier-free guidance)
+    takes_negative_prompt: bool = True
     #: The pipeline's components this family cannot run without (checked when the backbone is made).
     required_components: tuple[str, ...] = ("vae", "transformer", "tokenizer", "text_encoder")
 
@@ -431,6 +435,7 @@ class _StableDiffusion3(_Family):
     default_guidance = 7.0
     timesteps_first = False
     default_max_sequence_length = 256
+    longest_sequence = 512  # StableDiffusion3Pipeline refuses more
 
     @property
     def size_multiple(self):
@@ -528,6 +533,8 @@ class _Flux(_Family):
     default_guidance = 3.5
     timesteps_first = False
     default_max_sequence_length = 512
+    longest_sequence = 512  # FluxPipeline refuses more
+    takes_negative_prompt = False  # guidance is distilled into the transformer: no unconditional pass
 
     @property
     def size_multiple(self):
@@ -546,11 +553,12 @@ class _Flux(_Family):
         return int(self.pipe.transformer.config.pooled_projection_dim)
 
     def tokenizers(self):
-        # T5 first: the denoiser's text sequence (what the maps index) is T5's.
-        return {"tokenizer_2": self.pipe.tokenizer_2, "tokenizer": self.pipe.tokenizer}
+        # T5 alone: the denoiser's text sequence (what the maps index) is T5's; CLIP gives only the pooled vector,
+        # truncated at its 77 tokens, so a word past them is still read (it refused such prompts, FluxPipeline not).
+        return {"tokenizer_2": self.pipe.tokenizer_2}
 
     def max_lengths(self):
-        return {"tokenizer_2": self.max_sequence_length, "tokenizer": int(self.pipe.tokenizer_max_length)}
+        return {"tokenizer_2": self.max_sequence_length}
 
     def segment_offsets(self):
         return {"tokenizer_2": 0}
@@ -1079,7 +1087,16 @@ class DiffusersBackbone(Backbone):
             if self.family.max_sequence_length is None:
                 raise ValueError(f"max_sequence_length applies to T5-based pipelines (SD3, FLUX, PixArt), not "
                                  f"{type(pipeline).__name__}")
+            longest = self.family.longest_sequence
+            if longest is not None and max_sequence_length > longest:  # sampled with, where the pipeline refuses it
+                raise ValueError(f"max_sequence_length: {type(pipeline).__name__} reads at most {longest} T5 tokens "
+                                 f"(its pipeline refuses more), got {max_sequence_length}")
             self.family.max_sequence_length = max_sequence_length
+        if self.negative_prompt is not None and not self.family.takes_negative_prompt:
+            # it was ignored without a word, and recorded in a trained corrector's sampler settings
+            raise ValueError(f"negative_prompt: {type(pipeline).__name__} samples without classifier-free guidance "
+                             "(guidance is distilled into its transformer), so a negative prompt changes nothing; "
+                             "leave it unset")
         self.num_inference_steps = steps or self.family.default_steps
         if not self.family.uses_guidance:
             if guidance not in (None, 0.0):  # it was taken and changed nothing (and went into run records)
