@@ -10,6 +10,7 @@ explainable rewards end to end; determinism; argument errors.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -780,6 +781,29 @@ def test_settings_the_pipeline_refuses_or_ignores_are_refused(tmp_path, family):
             DiffusersBackbone.from_pretrained(folder, num_inference_steps=1, negative_prompt="blurry", **kwargs)
     else:
         DiffusersBackbone.from_pretrained(folder, num_inference_steps=1, negative_prompt="blurry", **kwargs)
+
+
+def test_a_folders_own_unknown_keys_are_not_taken_for_the_callers(tmp_path):
+    """diffusers warns of keys it ignores, the caller's and model_index.json's alike; all were named as misspelt
+    keyword arguments the user had never passed. Now: another pipeline's components are named as the folder's,
+    a newer diffusers' setting is ignored (as diffusers does), and a caller's misspelt option is still refused."""
+    import shutil
+
+    folder = tiny_pipelines.tiny_sdxl_pipeline(tmp_path / "sdxl")
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(folder, relabelled)
+    index = json.loads((folder / "model_index.json").read_text())
+    (relabelled / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match=r"model_id_or_path: .*relabelled: its model_index.json names components "
+                                         r"\['text_encoder_2', 'tokenizer_2'\] that StableDiffusionPipeline \(its "
+                                         r"_class_name\) does not take"):
+        DiffusersBackbone.from_pretrained(str(relabelled), num_inference_steps=1)
+    (relabelled / "model_index.json").write_text(json.dumps({**index, "add_new_feature": True}))
+    assert type(DiffusersBackbone.from_pretrained(str(relabelled), num_inference_steps=1).pipeline).__name__ == \
+        "StableDiffusionXLPipeline"
+    with pytest.raises(ValueError, match=r"keyword arguments \{'safty_checker': None\} are not expected by "
+                                         r"StableDiffusionXLPipeline; check their spelling"):
+        DiffusersBackbone.from_pretrained(str(folder), num_inference_steps=1, safty_checker=None)
 
 
 def test_splits_a_scheduler_steps_past_are_refused(sd_path):

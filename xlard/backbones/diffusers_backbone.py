@@ -72,6 +72,7 @@ import copy
 import importlib.util
 import inspect
 import json
+import re
 import numbers
 import os
 from collections.abc import Sequence
@@ -1208,11 +1209,28 @@ class DiffusersBackbone(Backbone):
             except (KeyError, AttributeError, TypeError, json.JSONDecodeError) as exc:  # a malformed folder
                 raise ValueError(f"model_id_or_path: {model_id_or_path} could not be loaded as a diffusers "
                                  f"pipeline ({type(exc).__name__}: {short_reason(exc)})") from exc
-        if unexpected:  # diffusers ignores them with a warning (hidden at our log level): a misspelt option
-            raise ValueError(f"DiffusersBackbone.from_pretrained: {unexpected[0]}; check their spelling (this "
+        # diffusers ignores them with a warning (hidden at our log level): the caller's are a misspelt option; the
+        # folder's own (model_index.json) are components of another pipeline, or a newer diffusers' config keys
+        named = set(re.findall(r"'([^']+)':", " ".join(unexpected)))
+        mine = sorted(named & set(pipeline_kwargs))
+        if mine:
+            raise ValueError(f"DiffusersBackbone.from_pretrained: keyword arguments "
+                             f"{ {k: pipeline_kwargs[k] for k in mine} } are not expected by "
+                             f"{type(pipe).__name__}; check their spelling (this "
                              "backbone's own options: correction_step, num_inference_steps, guidance_scale, "
                              "torch_dtype, device, height, width, negative_prompt, max_sequence_length, capture, "
                              "capture_encode, color_encoder; the rest go to DiffusionPipeline.from_pretrained)")
+        if named:
+            try:
+                index = DiffusionPipeline.load_config(model_id_or_path)
+            except Exception:  # read above by the load itself; a failure here leaves the check to the components
+                index = {}
+            parts = sorted(k for k in named if isinstance(index.get(k), (list, tuple)))
+            if parts:  # an SDXL folder labelled StableDiffusionPipeline: loaded without its second text encoder
+                raise ValueError(f"model_id_or_path: {model_id_or_path}: its model_index.json names components "
+                                 f"{parts} that {type(pipe).__name__} (its _class_name) does not take: the folder "
+                                 "is another pipeline's, or its _class_name is wrong")
+            # other keys: a newer diffusers' settings, ignored as diffusers ignores them
         # diffusers 0.42 loads an SD3 transformer in float32 whatever dtype it is given, beside text encoders in
         # that dtype; the denoiser is cast (the text encoders keep what transformers chose, e.g. T5's fp32 layers)
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
