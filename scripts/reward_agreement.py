@@ -197,8 +197,9 @@ _RESTART = "delete the folder (its samples are generated again) or use another -
 
 def _damaged(path: Path, exc: BaseException, fix: str) -> ValueError:
     """A damaged cache file named with the fix (it was a traceback, or "Expecting value" naming no file)."""
-    why = " ".join(str(exc).split())[:160]
-    return ValueError(f"--cache: {path} is damaged ({type(exc).__name__}: {why}); {fix}")
+    from xlard import _io
+
+    return ValueError(f"--cache: {path} is damaged ({_io.describe_load_error(exc)}); {fix}")
 
 
 def _read_json(path: Path, kind: type, fix: str):
@@ -295,6 +296,8 @@ def load_cache(folder: str | os.PathLike):
     if not rec_path.exists():
         raise FileNotFoundError(f"no cache at {folder} (records.jsonl missing)")
     records = _read_jsonl(rec_path)
+    if not (folder / "meta.json").exists():
+        raise _damaged(folder / "meta.json", FileNotFoundError("missing beside records.jsonl"), _RESTART)
     meta = _read_json(folder / "meta.json", dict, _RESTART)
     images, maps, offsets = [], [], None
     for start in range(0, len(records), meta["batch"]):
@@ -306,6 +309,8 @@ def load_cache(folder: str | os.PathLike):
             chunk = torch.load(path)
             if not isinstance(chunk, dict) or not {"images", "token_maps", "segment_offsets"} <= set(chunk):
                 raise ValueError(f"holds no samples ({type(chunk).__name__})")
+        except (OSError, MemoryError):  # not the file's content: a permission, the disk, the machine
+            raise
         except Exception as exc:  # empty, cut short, overwritten: EOFError, PytorchStreamReader, UnpicklingError
             raise _damaged(path, exc, _REMAKE) from None
         images.append(chunk["images"])

@@ -401,6 +401,13 @@ def test_a_file_size_limit_while_torch_save_writes_is_named_in_one_line(tmp_path
         "    save_atomic({'w': torch.zeros(1 << 20)}, sys.argv[1])\n"
         "except OSError as e:\n"
         "    print(e.errno, e)\n"
+        "from xlard import _io\n"
+        "try:\n"  # another error of a writer near the limit passes through as it is (the probe would hit the limit)
+        "    with _io.atomic_path(sys.argv[1] + '.x') as tmp:\n"
+        "        open(tmp, 'wb').write(bytes(1000))\n"
+        "        raise ValueError('not a disk problem')\n"
+        "except ValueError as e:\n"
+        "    print('passed through:', e, file=sys.stderr)\n"
     )
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt.pt")], capture_output=True, text=True,
                          timeout=120)
@@ -410,3 +417,4 @@ def test_a_file_size_limit_while_torch_save_writes_is_named_in_one_line(tmp_path
     assert int(code) == errno.EFBIG, out.stdout
     assert re.search(r"checkpoint: cannot write .*ckpt\.pt: File too large \(RuntimeError", message), message
     assert list(tmp_path.iterdir()) == []  # no partial file left
+    assert "passed through: not a disk problem" in out.stderr

@@ -1227,6 +1227,13 @@ def test_a_zero_width_character_after_a_word_stays_out_of_its_span():
     ("three dogs at least", [("dog", None, None)]), ("a photo of five apples or more", [("apple", None, None)]),
     ("three dogs and at least two cats", [("dog", 3, None), ("cat", None, None)]),  # the bound is the next phrase's
     ("a 5-year-old boy", [("boy", 1, None)]),  # a compound adjective stays one word
+    # the review of the fixes: a range before a unit measures (it became a count), an owner before a template's
+    # words keeps the template ("painting" became an object), "one's" is no count
+    ("a 3-4 year old boy", [("boy", 1, None)]), ("two 3-4 year old boys", [("boy", 2, None)]),
+    ("10-12 year old boys", [("boy", None, None)]), ("a 5-10 minute walk", [("walk", 1, None)]),
+    ("a child's painting of two cats", [("cat", 2, None)]), ("a woman's portrait of a cat", [("cat", 1, None)]),
+    ("a child's drawing of a house and a tree", [("house", 1, None), ("tree", 1, None)]),
+    ("one's own dog", [("dog", None, None)]),
 ])
 def test_a_fuzz_of_the_parser_reads_these_as_written(prompt, expected):
     """A robustness fuzz of the prompt layer: each of these parsed into a wrong noun, count or color, or was refused."""

@@ -169,6 +169,26 @@ def _full_disk(exc: BaseException, folder: Path) -> bool:
         return False
 
 
+def _looks_like_a_write_error(exc: BaseException) -> bool:
+    """A writer's own error that may stand for a full disk, quota or size limit (torch's zip writer: "unexpected
+    pos", "basic_ios::clear: iostream error"; safetensors: "StorageFull"); other errors pass through as they are."""
+    text = str(exc).lower()
+    return any(word in text for word in ("inline_container", "unexpected pos", "iostream", "basic_ios",
+                                         "storagefull", "no space", "os error", "write", "i/o"))
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """One line on why a saved file could not be read (for "X is damaged (...)" messages): its type and the first
+    line of its text, cut at 160 characters; a file that is no torch.save output (weights_only's unpickling error,
+    whose text goes on to suggest weights_only=False) says so."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return "UnpicklingError: not a file torch.save wrote"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {' '.join(first.split())[:160]}"
+
+
 def _write_limit(tmp: Path) -> OSError | None:
     """After a writer failed with its own error: the OSError writing 1 MiB more to its file meets when a full disk,
     a quota or a file-size limit stopped it (None when writing goes on)."""
@@ -487,7 +507,7 @@ def atomic_path(path: str | os.PathLike[str], *, owner: str = "xlard",
         # limit as their own errors (a traceback without the word). Asked while the partial file still holds its
         # space (deleting it first freed the disk of a checkpoint over 1 MiB, which then looked "not full").
         limit = None
-        if isinstance(exc, Exception) and not isinstance(exc, OSError):
+        if isinstance(exc, Exception) and not isinstance(exc, OSError) and _looks_like_a_write_error(exc):
             limit = _write_limit(tmp)
             if limit is None and _full_disk(exc, folder):
                 limit = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

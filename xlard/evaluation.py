@@ -1427,8 +1427,10 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
     todo = [(i, s) for s in seeds for i in range(len(records)) if (i, s) not in done_keys]
     if done:
         log(f"resuming {out}: {len(done)} of {len(records) * len(seeds)} pairs already judged")
+    if done or (pairs_path.is_file() and pairs_path.stat().st_size):
         # Drop a line cut by an interruption before appending to the file (atomically: an interruption
-        # now keeps every judged pair).
+        # now keeps every judged pair); also when it was the only line (appending after it made the file
+        # unreadable at the next resume).
         _io.atomic_write_text(pairs_path, "".join(_io.dumps(r.to_dict()) + "\n" for r in done),
                               owner="xlard.evaluation")
     progress = None

@@ -12,7 +12,7 @@ from xlard.geneval import not_unicode, validate_record
 from xlard.prompts.alignment import align
 from xlard.prompts.inflection import _singularize_word, noun_forms, pluralize
 from xlard.prompts.spec import Entity, PromptSpec, Relation, contradicting_relations, quote_prompt
-from xlard.prompts.numbers import NUMBER_PATTERN, read_count
+from xlard.prompts.numbers import NUMBER_PATTERN, UNIT_WORDS, read_count
 from xlard.prompts.vocabulary import ARRANGEMENT_NOUNS, COLLECTIVE_NOUNS, KNOWN_NOUNS, SCENE_NOUNS
 from xlard.vocab import COLOR_ALIASES, COLOR_MODIFIER_WORDS, COLORS, COMPOUND_COLORS, normalize_relation
 
@@ -75,7 +75,7 @@ _STOPWORDS = frozenset({
     # the one who asks and what they ask for ("show me three cats" had an entity "me", "I want two dogs" "want")
     "i", "me", "we", "us", "you", "please", "want", "wants",
     # what "let's", "what's", "he's" read as (a possessive or contraction reads as its first word)
-    "let", "what", "he", "she",
+    "let", "what", "he", "she", "one's",
     # places and ranks, not objects ("a dog on its left", "the first two dogs")
     "left", "right", "first", "second", "third", "last", "next",
 })
@@ -272,6 +272,7 @@ _FULLWIDTH = {0xFF01 + i: 0x21 + i for i in range(94)}  # U+FF01..U+FF5E: the fu
 # typographic apostrophes phones and word processors type ("o’clock", "children’s") and the Unicode hyphens
 # ("twenty‐one", "light‑blue"; a dash, U+2012-U+2015, stays a range mark: "3–4").
 _AS_ASCII = {**_FULLWIDTH, 0x2018: 0x27, 0x2019: 0x27, 0x02BC: 0x27, 0x2010: 0x2D, 0x2011: 0x2D}
+_RANGE_UNITS = UNIT_WORDS | _DESCRIPTOR_UNITS  # a range before these measures or describes: "a 3-4 year old boy"
 _DIGIT_RANGE = re.compile(r"(\d+)-(\d+)")  # "3-4 apples": a range, as "3 - 4" and "3–4" are
 #: Longest prompt parsed (characters): T2I prompts are a few hundred; 100,000 took seconds per parse.
 MAX_PROMPT_CHARS = 20_000
@@ -296,17 +297,20 @@ def _scan(prompt: str) -> list[_Word]:
         where.append(len(prompt))
         text = _ZERO_WIDTH.sub("", text)
     words = []
-    for m in _WORD_RE.finditer(text):
+    matches = list(_WORD_RE.finditer(text))
+    for k, m in enumerate(matches):
         start, end = (m.start(), m.end()) if where is None else (where[m.start()], where[m.end() - 1] + 1)
         word = unicodedata.normalize("NFC", m.group()).lower()
         digits = _DIGIT_RANGE.fullmatch(word)
+        if digits and k + 1 < len(matches) and matches[k + 1].group().lower() in _RANGE_UNITS:
+            digits = None  # "a 3-4 year old boy", "a 5-10 minute walk": a measurement, one word as before
         if digits:  # "3-4": the two numbers and the hyphen between them, each a word
             hyphen = m.start() + len(digits.group(1))
             cut = hyphen if where is None else where[hyphen]
             after = hyphen + 1 if where is None else where[hyphen + 1]
             words += [_Word(digits.group(1), start, cut), _Word("-", cut, cut + 1), _Word(digits.group(2), after, end)]
             continue
-        if len(word) > 2 and word.endswith("'s"):
+        if len(word) > 2 and word.endswith("'s") and word != "one's":  # "one's own dog": a pronoun, no count
             # a possessive reads as its noun ("a woman's two cats", "a cat left of a dog's": it gave a noun "woman'"),
             # a contraction as its first word ("let's", "here's": stop words); the span keeps the "'s"
             words.append(_Word(word[:-2], start, end, possessive=True))
@@ -435,7 +439,7 @@ def _template_at(words: Sequence[_Word], lexicon: _Lexicon) -> int:
             before = words[:i]
             # Only determiners and plain adjectives ("a realistic photo of") may precede.
             if all(
-                w.text in ("a", "an", "the") or (
+                w.text in ("a", "an", "the") or w.possessive or (  # "a child's painting of": an owner
                     (w.text,) not in lexicon.nouns and (w.text,) not in _COLOR_PHRASES
                     and (w.text,) not in _QUANTIFIERS and (w.text,) not in _PHRASES
                 )

@@ -127,11 +127,10 @@ def _load_shard(folder: Path, k: int) -> dict[str, Any]:
     path = _shard_path(folder, k)
     try:
         shard = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
+    except (OSError, MemoryError):  # not the file's content: a permission, the disk, the machine
         raise
-    except Exception as exc:
-        why = " ".join(str(exc).split())[:160]
-        raise ValueError(f"distill: {path} cannot be read ({type(exc).__name__}: {why}); the file is damaged: "
+    except Exception as exc:  # empty, cut short, overwritten: EOFError, PytorchStreamReader, UnpicklingError
+        raise ValueError(f"distill: {path} cannot be read ({_io.describe_load_error(exc)}); the file is damaged: "
                          "delete it and rerun with --resume (its targets are built again)") from None
     if not isinstance(shard, dict) or not {"z0", "target", "prompts"} <= set(shard):
         raise ValueError(f"distill: {path} holds no edit targets ({type(shard).__name__}); delete it and rerun with "
