@@ -1498,3 +1498,16 @@ def test_folder_gaps_are_counted_without_the_range_and_unnumbered_folders_named(
     code, _, err = run(["eval", "--folder", named, "--quiet"], capsys)
     assert code == 2
     one_line_error(err, "its prompt folders are not named by numbers (e.g. 'prompt_a')")
+
+
+def test_a_setting_the_backbone_refuses_is_named_by_its_flag(tmp_path, capsys):
+    """--guidance 3 on a schnell-kind FLUX folder was blamed on --backbone ("could not be loaded: guidance_scale:
+    ...")."""
+    from tiny_pipelines import tiny_flux_pipeline
+
+    folder = tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)
+    capsys.readouterr()  # the tiny pipeline's own build output
+    code, _, err = run(["generate", "a photo of two cats", "--backbone", folder, "--guidance", 3, "--steps", 1,
+                        "--out", tmp_path / "g", "--quiet"], capsys)
+    assert code == 2
+    one_line_error(err, "xlard generate: error: --guidance: this FluxPipeline has no guidance embedding", "got 3.0")

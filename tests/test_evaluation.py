@@ -1132,3 +1132,22 @@ def test_the_demo_report_shows_the_change_applied(shapes, records, tmp_path):
     items = demo._report_items(shapes, _corrector(head_std=0.5), _meta(alpha=0.0), reward_fn, records[:1], [row])
     assert torch.equal(items[0].before, items[0].after) and float(items[0].lam.abs().max()) == 0.0
     assert "nothing applied (alpha 0)" in items[0].label
+
+
+def test_a_schnell_folder_names_whose_guidance_it_cannot_take(tmp_path):
+    """A FLUX-dev corrector's guidance 5.0 on a schnell-kind folder read "guidance_scale: ... got 5.0", as if the
+    caller had given it; it is the corrector's (a CorrectorMismatch, which the command line names --corrector).
+    A FLUX corrector that recorded a negative prompt (ignored then; refused now) still loads."""
+    import tiny_pipelines
+
+    folder = str(tiny_pipelines.tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False))
+    meta = _meta(backbone=folder, guidance_scale=5.0, num_inference_steps=1, sampler={"height": 32, "width": 32})
+    with pytest.raises(ev.CorrectorMismatch, match=r"^the corrector was sampled with guidance_scale 5.0, which this "
+                                                   r"backbone cannot take: this FluxPipeline has no guidance"):
+        ev.load_backbone_for(meta)
+    with pytest.raises(ValueError, match=r"^guidance_scale: this FluxPipeline") as e:  # the caller's own: as it is
+        ev.load_backbone_for(meta, guidance_scale=3.0)
+    assert not isinstance(e.value, ev.CorrectorMismatch)
+    meta = _meta(backbone=folder, guidance_scale=0.0, num_inference_steps=1,
+                 sampler={"height": 32, "width": 32, "negative_prompt": "blurry"})
+    assert ev.load_backbone_for(meta).negative_prompt is None

@@ -423,3 +423,25 @@ def test_torchrun_variables_are_read_when_in_range(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert _dist_info() == (3, 4, 1)
+
+
+def test_a_backbones_own_error_is_named_by_its_config_key():
+    """xlard train printed DiffusersBackbone's parameter names ("guidance_scale: ...", "pipeline: ...",
+    "height must be ...") where the user wrote backbone.guidance_scale, backbone.name, backbone.options.height."""
+    from xlard.train.config import BackboneSettings
+    from xlard.train.trainer import _backbone_config_error
+
+    settings = BackboneSettings(name="/x", options={"height": 33, "max_sequence_length": 32})
+    cases = {
+        "guidance_scale: this FluxPipeline has no guidance embedding": "train config backbone.guidance_scale: this "
+                                                                         "FluxPipeline has no guidance embedding",
+        "pipeline: X is not supported": "train config backbone.name: X is not supported",
+        "model_id_or_path: /x has no vae/": "train config backbone.name: /x has no vae/",
+        "height must be a multiple of 2": "train config backbone.options.height: height must be a multiple of 2",
+        "max_sequence_length applies to T5": "train config backbone.options.max_sequence_length: max_sequence_length "
+                                             "applies to T5",
+        "correction_step=0.5 < 1 with UniPC": "train config backbone.correction_step: correction_step=0.5 < 1 with "
+                                              "UniPC",
+    }
+    for text, want in cases.items():
+        assert _backbone_config_error(text, settings) == want

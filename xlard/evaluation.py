@@ -506,7 +506,8 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
     sampler = getattr(meta, "sampler", None) or {}
     # the image size and negative prompt any pipeline takes; the T5 length only where the pipeline has one (set
     # on the loaded family, as from_pretrained does: another family is then named by check_corrector_fits)
-    geometry = {k: sampler[k] for k in ("height", "width", "negative_prompt") if sampler.get(k) is not None}
+    # (the negative prompt is set on the loaded family where it takes one: FLUX correctors recorded one it ignored)
+    geometry = {k: sampler[k] for k in ("height", "width") if sampler.get(k) is not None}
     try:
         loaded = DiffusersBackbone.from_pretrained(
             name, correction_step=meta.correction_step,
@@ -514,11 +515,17 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
             guidance_scale=meta.guidance_scale if guidance_scale is None else guidance_scale,
             capture=False, device=device, torch_dtype=torch_dtype, **geometry)
     except (OSError, ValueError) as exc:  # not a local folder: the hub could not give it (offline, unknown id, gated)
+        if guidance_scale is None and str(exc).startswith("guidance_scale:"):
+            # the corrector's own sampler setting, not the caller's (it read "guidance_scale: ... got 5.0")
+            raise CorrectorMismatch(f"the corrector was sampled with guidance_scale {meta.guidance_scale}, which "
+                                    f"this backbone cannot take: {str(exc)[len('guidance_scale: '):]}") from None
         if os.path.isdir(name) or not (isinstance(exc, OSError) or type(exc).__name__ == "HFValidationError"):
             raise  # a local folder's own failure, or a setting's, says what it is
         raise ValueError(f"{origin}: {hub_load_failure(name, exc)}{relative}") from None
     if sampler.get("max_sequence_length") is not None and loaded.family.max_sequence_length is not None:
         loaded.family.max_sequence_length = int(sampler["max_sequence_length"])
+    if sampler.get("negative_prompt") is not None and loaded.family.takes_negative_prompt:
+        loaded.negative_prompt = sampler["negative_prompt"]
     if corrector is not None:
         check_corrector_fits(corrector, meta, loaded)
     return loaded

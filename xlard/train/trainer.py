@@ -137,10 +137,29 @@ def load_backbone(settings, device: torch.device, reward=None):
             raise ValueError(f"backbone.name 'shapes': it could not be loaded ({reason}); "
                              f"{shapes_backbone.not_installed()}") from None
         if Path(path).expanduser().is_dir():
+            if isinstance(exc, (ValueError, FileNotFoundError)):  # named as the config key (it said "pipeline:")
+                raise type(exc)(_backbone_config_error(str(exc), settings)) from None
             raise
         from xlard.backbones.diffusers_backbone import unloadable_hub_model
 
         raise ValueError(f"train config backbone.name: {unloadable_hub_model(settings.name, exc)}") from None
+
+
+def _backbone_config_error(text: str, settings) -> str:
+    """A backbone's own error, named by the train config key it came from: ``guidance_scale`` is
+    ``backbone.guidance_scale``, an option ``backbone.options.<name>``, the folder's faults ``backbone.name``."""
+    import re
+
+    keys = {"guidance_scale": "backbone.guidance_scale", "num_inference_steps": "backbone.num_inference_steps",
+            "correction_step": "backbone.correction_step", "torch_dtype": "backbone.dtype",
+            "device": "backbone.device"}
+    keys.update({name: f"backbone.options.{name}" for name in settings.options})
+    m = re.match(r"(\w+)", text)
+    word = m.group(1) if m else ""
+    key = keys.get(word, "backbone.name")
+    named = word in keys or word in ("model_id_or_path", "pipeline")  # the folder's own: backbone.name
+    rest = text[len(word) + 1:].strip() if named and text[len(word):].startswith(":") else text
+    return f"train config {key}: {rest}"
 
 
 #: Phases that run the trainer's own (small) models; the others run the backbone and the reward source.
