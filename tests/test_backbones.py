@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -798,9 +799,13 @@ def test_a_folders_own_unknown_keys_are_not_taken_for_the_callers(tmp_path):
                                          r"\['text_encoder_2', 'tokenizer_2'\] that StableDiffusionPipeline \(its "
                                          r"_class_name\) does not take"):
         DiffusersBackbone.from_pretrained(str(relabelled), num_inference_steps=1)
-    (relabelled / "model_index.json").write_text(json.dumps({**index, "add_new_feature": True}))
-    assert type(DiffusersBackbone.from_pretrained(str(relabelled), num_inference_steps=1).pipeline).__name__ == \
-        "StableDiffusionXLPipeline"
+    # a newer diffusers' settings: a flag, an absent optional component ([null, null]), a setting whose value names
+    # components: ignored as diffusers ignores them
+    for extra in ({"add_new_feature": True}, {"image_encoder_2": [None, None]},
+                  {"new_offload_setting": {"text_encoder": "cpu"}}):
+        (relabelled / "model_index.json").write_text(json.dumps({**index, **extra}))
+        loaded = DiffusersBackbone.from_pretrained(str(relabelled), num_inference_steps=1)
+        assert type(loaded.pipeline).__name__ == "StableDiffusionXLPipeline"
     with pytest.raises(ValueError, match=r"keyword arguments \{'safty_checker': None\} are not expected by "
                                          r"StableDiffusionXLPipeline; check their spelling"):
         DiffusersBackbone.from_pretrained(str(folder), num_inference_steps=1, safty_checker=None)
@@ -829,6 +834,15 @@ def test_splits_a_scheduler_steps_past_are_refused(sd_path):
                 DiffusersBackbone(pipe, correction_step=step, num_inference_steps=10)
         for step in (0.6, 0.9, 1.0):
             DiffusersBackbone(pipe, correction_step=step, num_inference_steps=10)
+        # the values a refusal suggests are accepted (rounded up, 2/7 became 0.286: one step later, refused again)
+        with pytest.raises(ValueError, match=r"one of \[([\d., ]+)\]") as e:
+            DiffusersBackbone(pipe, correction_step=0.3, num_inference_steps=7)
+        for step in re.search(r"one of \[([\d., ]+)\]", str(e.value)).group(1).split(", "):
+            DiffusersBackbone(pipe, correction_step=float(step), num_inference_steps=7)
+        pipe.scheduler = UniPCMultistepScheduler.from_config(original.config)
+        DiffusersBackbone(pipe, correction_step=0.95, num_inference_steps=10)  # no step after the split
+        pipe.scheduler = UniPCMultistepScheduler.from_config(original.config, disable_corrector=[4])
+        DiffusersBackbone(pipe, correction_step=0.5, num_inference_steps=10)  # no corrector on the step after it
         pipe.scheduler = DDIMScheduler.from_config(original.config)
         DiffusersBackbone(pipe, correction_step=0.5, num_inference_steps=10)
     finally:

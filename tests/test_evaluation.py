@@ -1148,6 +1148,14 @@ def test_a_schnell_folder_names_whose_guidance_it_cannot_take(tmp_path):
     with pytest.raises(ValueError, match=r"^guidance_scale: this FluxPipeline") as e:  # the caller's own: as it is
         ev.load_backbone_for(meta, guidance_scale=3.0)
     assert not isinstance(e.value, ev.CorrectorMismatch)
+    import argparse
+
+    args = argparse.Namespace(backbone=None, device=None, steps=None, guidance=3.0, dtype=None)
+    with pytest.raises(ValueError, match=r"^--guidance: this FluxPipeline has no guidance embedding"):
+        ev._backbone_from_args(args, None, meta)  # xlard eval/demo --guidance 3 (it said "guidance_scale:")
     meta = _meta(backbone=folder, guidance_scale=0.0, num_inference_steps=1,
                  sampler={"height": 32, "width": 32, "negative_prompt": "blurry"})
-    assert ev.load_backbone_for(meta).negative_prompt is None
+    loaded = ev.load_backbone_for(meta)
+    assert loaded.negative_prompt is None
+    corrector = ResidualCorrector(loaded.corrector_config("tiny"))
+    ev.check_corrector_fits(corrector, meta, loaded)  # the ignored negative prompt is no mismatch

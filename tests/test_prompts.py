@@ -1234,6 +1234,7 @@ def test_a_zero_width_character_after_a_word_stays_out_of_its_span():
     ("a child's painting of two cats", [("cat", 2, None)]), ("a woman's portrait of a cat", [("cat", 1, None)]),
     ("a child's drawing of a house and a tree", [("house", 1, None), ("tree", 1, None)]),
     ("one's own dog", [("dog", None, None)]),
+    ("a 3-4 star hotel", [("hotel", None, None)]), ("a 2-3 person tent", [("tent", None, None)]),  # a range
 ])
 def test_a_fuzz_of_the_parser_reads_these_as_written(prompt, expected):
     """A robustness fuzz of the prompt layer: each of these parsed into a wrong noun, count or color, or was refused."""

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from xlard.train.config import TrainConfig, batch_arithmetic, config_from_dict, describe, load_config
 
@@ -445,3 +446,22 @@ def test_a_backbones_own_error_is_named_by_its_config_key():
     }
     for text, want in cases.items():
         assert _backbone_config_error(text, settings) == want
+    # a folder's own error of a type that takes other arguments (a tokenizer file of non-UTF-8 bytes) is still
+    # named, not turned into "function takes exactly 5 arguments"
+    import tempfile
+
+    import xlard.backbones as backbones
+    from xlard.train import trainer as tr
+
+    def undecodable(*args, **kwargs):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "model_index.json").write_text("{}")
+        original = backbones.DiffusersBackbone.from_pretrained
+        backbones.DiffusersBackbone.from_pretrained = undecodable
+        try:
+            with pytest.raises(ValueError, match=r"^train config backbone.name: 'utf-8' codec can't decode"):
+                tr.load_backbone(BackboneSettings(name=folder, dtype="float32"), torch.device("cpu"))
+        finally:
+            backbones.DiffusersBackbone.from_pretrained = original

@@ -446,10 +446,8 @@ def _load_backbone(args):
             return DiffusersBackbone.from_pretrained(target, device=args.device, **kwargs)
     except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing model as either
         text = _one_line(exc)
-        flag = next((f for name, f in (("guidance_scale", "--guidance"), ("num_inference_steps", "--steps"))
-                     if text.startswith(f"{name}:")), None)
-        if flag is not None:  # a setting the command line gave (it was blamed on --backbone)
-            raise UsageError(f"{flag}: {text.split(':', 1)[1].strip()}") from None
+        if text.startswith("guidance_scale:"):  # the --guidance given (it was blamed on --backbone)
+            raise UsageError(f"--guidance: {text.split(':', 1)[1].strip()}") from None
         if Path(target).is_dir():
             raise UsageError(f"--backbone: {args.backbone} could not be loaded: {text}") from None
         from xlard.backbones.diffusers_backbone import hub_load_failure

@@ -394,6 +394,9 @@ def check_corrector_fits(corrector, meta: CorrectorMeta, backbone) -> None:
                       ("negative_prompt", "negative prompt")):
         if key not in sampler or (key != "negative_prompt" and have_sampler[key] is None):
             continue  # not recorded (an older folder), or a backbone that does not say
+        family = getattr(backbone, "family", None)
+        if key == "negative_prompt" and family is not None and not getattr(family, "takes_negative_prompt", True):
+            continue  # a FLUX corrector recorded the negative prompt its sampling ignored
         if sampler[key] != have_sampler[key]:
             problems.append(f"{what}: corrector trained with {sampler[key]!r}, backbone runs {have_sampler[key]!r}")
     for name, does in (("count_move", "counts"), ("count_edit", "edits")):
@@ -1543,6 +1546,8 @@ def _backbone_from_args(args, corrector, meta):
             raise CorrectorMismatch(f"--corrector: {text}") from None
         if text.startswith("backbone: "):
             raise type(exc)("--backbone: " + text[len("backbone: "):]) from None
+        if text.startswith("guidance_scale: ") and getattr(args, "guidance", None) is not None:
+            raise type(exc)("--guidance: " + text[len("guidance_scale: "):]) from None  # the flag's own value
         raise
 
 

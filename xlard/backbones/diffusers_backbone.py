@@ -72,9 +72,10 @@ import copy
 import importlib.util
 import inspect
 import json
-import re
+import math
 import numbers
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -785,14 +786,22 @@ def _check_components(pipeline, family: _Family) -> None:
 def _check_split(scheduler, correction_step: float, num_steps: int) -> None:
     """Schedulers that keep a sample from before the split and step from it drop the corrected latent without a
     word: PNDM (SD 1.x's default) keeps the sample of its first step and uses it in the second (and its Runge-Kutta
-    steps, when not skipped, are several model calls per step); UniPC's corrector rebuilds each step from the
-    sample of the step before (about a tenth of the correction survived); DPM-Solver singlestep's second sub-step of
-    a group steps from the group's first sample (none of it survived)."""
+    steps, when not skipped, are several model calls per step); UniPC's corrector rebuilds the first step after the
+    split from the sample before it (unless ``disable_corrector`` holds that step); DPM-Solver singlestep's second
+    sub-step of a group steps from the group's first sample. Measured on a tiny SDXL pipeline: the sample the next
+    step starts from held 11.5% (UniPC) and 0% (singlestep) of the correction, and the images answered it about 0.6
+    times as much as under DDIM."""
     if correction_step >= 1.0:
         return
     names = {c.__name__ for c in type(scheduler).__mro__}
     others = "Use e.g. DDIMScheduler, EulerDiscreteScheduler or DPMSolverMultistepScheduler, or correction_step=1.0"
     if "UniPCMultistepScheduler" in names:
+        probe = copy.deepcopy(scheduler)
+        probe.set_timesteps(num_steps)
+        k = correction_index(correction_step, len(probe.timesteps))
+        off = set(getattr(probe.config, "disable_corrector", None) or ())
+        if k >= len(probe.timesteps) or k - 1 in off:  # no step after the split, or no corrector on the first
+            return
         raise ValueError(f"correction_step={correction_step} < 1 with UniPCMultistepScheduler: its corrector rebuilds "
                          f"the next step from the sample before the split, so most of the correction would be "
                          f"dropped. {others}")
@@ -802,7 +811,8 @@ def _check_split(scheduler, correction_step: float, num_steps: int) -> None:
         k = correction_index(correction_step, len(probe.timesteps))
         orders = list(getattr(probe, "order_list", []) or [])
         if k < len(orders) and orders[k] != 1:
-            fits = [round(j / len(orders), 3) for j in range(1, len(orders)) if orders[j] == 1]
+            # rounded down: a value rounded up could fall one step later, inside the group again
+            fits = [math.floor(j / len(orders) * 1000) / 1000 for j in range(1, len(orders)) if orders[j] == 1]
             raise ValueError(f"correction_step={correction_step} with {num_steps} steps splits "
                              f"DPMSolverSinglestepScheduler inside an order-{orders[k]} step, which steps from the "
                              f"sample before the split: the correction would be dropped. Use a correction_step at "
@@ -1206,7 +1216,7 @@ class DiffusersBackbone(Backbone):
         with _unexpected_load_kwargs() as unexpected:
             try:
                 pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **pipeline_kwargs)
-            except (KeyError, AttributeError, TypeError, json.JSONDecodeError) as exc:  # a malformed folder
+            except (KeyError, AttributeError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:  # malformed
                 raise ValueError(f"model_id_or_path: {model_id_or_path} could not be loaded as a diffusers "
                                  f"pipeline ({type(exc).__name__}: {short_reason(exc)})") from exc
         # diffusers ignores them with a warning (hidden at our log level): the caller's are a misspelt option; the
@@ -1225,7 +1235,11 @@ class DiffusersBackbone(Backbone):
                 index = DiffusionPipeline.load_config(model_id_or_path)
             except Exception:  # read above by the load itself; a failure here leaves the check to the components
                 index = {}
-            parts = sorted(k for k in named if isinstance(index.get(k), (list, tuple)))
+            # a component: a top-level [library, class] entry (a newer diffusers' absent optional one is [null,
+            # null]) that this pipeline class does not take (a key inside a setting's value is no component)
+            takes = set(inspect.signature(type(pipe).__init__).parameters)
+            parts = sorted(k for k in named if k not in takes and isinstance(index.get(k), (list, tuple))
+                           and len(index[k]) == 2 and all(index[k]))
             if parts:  # an SDXL folder labelled StableDiffusionPipeline: loaded without its second text encoder
                 raise ValueError(f"model_id_or_path: {model_id_or_path}: its model_index.json names components "
                                  f"{parts} that {type(pipe).__name__} (its _class_name) does not take: the folder "

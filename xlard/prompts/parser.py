@@ -272,7 +272,7 @@ _FULLWIDTH = {0xFF01 + i: 0x21 + i for i in range(94)}  # U+FF01..U+FF5E: the fu
 # typographic apostrophes phones and word processors type ("o’clock", "children’s") and the Unicode hyphens
 # ("twenty‐one", "light‑blue"; a dash, U+2012-U+2015, stays a range mark: "3–4").
 _AS_ASCII = {**_FULLWIDTH, 0x2018: 0x27, 0x2019: 0x27, 0x02BC: 0x27, 0x2010: 0x2D, 0x2011: 0x2D}
-_RANGE_UNITS = UNIT_WORDS | _DESCRIPTOR_UNITS  # a range before these measures or describes: "a 3-4 year old boy"
+_RANGE_UNITS = UNIT_WORDS  # a range before a unit measures: "a 3-4 year old boy" (before "star", "person": a range)
 _DIGIT_RANGE = re.compile(r"(\d+)-(\d+)")  # "3-4 apples": a range, as "3 - 4" and "3–4" are
 #: Longest prompt parsed (characters): T2I prompts are a few hundred; 100,000 took seconds per parse.
 MAX_PROMPT_CHARS = 20_000

@@ -138,7 +138,8 @@ def load_backbone(settings, device: torch.device, reward=None):
                              f"{shapes_backbone.not_installed()}") from None
         if Path(path).expanduser().is_dir():
             if isinstance(exc, (ValueError, FileNotFoundError)):  # named as the config key (it said "pipeline:")
-                raise type(exc)(_backbone_config_error(str(exc), settings)) from None
+                kind = FileNotFoundError if isinstance(exc, FileNotFoundError) else ValueError
+                raise kind(_backbone_config_error(str(exc), settings)) from None
             raise
         from xlard.backbones.diffusers_backbone import unloadable_hub_model
 
