@@ -630,9 +630,9 @@ def test_prompt_specs_refuse_contradictions_and_malformed_parts():
     from xlard.prompts import PromptSpec
     from xlard.prompts.spec import Relation, TokenAlignment, infer_geneval_tag
 
-    with pytest.raises(ValueError, match=r"relations\[0\] and relations\[1\] contradict each other: entity 0 "
-                                         r"left_of entity 1, and entity 0 right_of entity 1"):
-        parse("a dog left of right of a cat")
+    with pytest.raises(ValueError, match=r"relations 'left of' and 'right of' in prompt 'a dog left of right of a "
+                                         r"cat' contradict each other \('dog' left of 'cat', and 'dog' right of"):
+        parse("a dog left of right of a cat")  # named by the prompt's words (PromptSpec's indices before)
     spec = parse("a photo of a dog left of a cat")
     entity = spec.entities
     # the same relation said twice, or from the other side, is no contradiction; another axis neither
