@@ -208,7 +208,7 @@ def _read_json(path: Path, kind: type, fix: str):
         if not isinstance(value, kind):
             raise ValueError(f"a JSON {type(value).__name__}, not a {kind.__name__}")
         return value
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, FileNotFoundError) as exc:  # (meta.json gone beside records.jsonl)
         raise _damaged(path, exc, fix) from None
 
 
@@ -253,8 +253,6 @@ def generate_cache(folder: str | os.PathLike, backbone_name: str, records: list[
     rec_path, meta_path = folder / "records.jsonl", folder / "meta.json"
     if rec_path.exists():
         old = _read_jsonl(rec_path)
-        if not meta_path.exists():
-            raise _damaged(meta_path, FileNotFoundError("missing beside records.jsonl"), _RESTART)
         old_meta = _read_json(meta_path, dict, _RESTART)
         if old != records or old_meta != meta:
             what = [w for w, differs in (("records (--split, --per-tag, --seeds-per-prompt or --seed)", old != records),
@@ -296,8 +294,6 @@ def load_cache(folder: str | os.PathLike):
     if not rec_path.exists():
         raise FileNotFoundError(f"no cache at {folder} (records.jsonl missing)")
     records = _read_jsonl(rec_path)
-    if not (folder / "meta.json").exists():
-        raise _damaged(folder / "meta.json", FileNotFoundError("missing beside records.jsonl"), _RESTART)
     meta = _read_json(folder / "meta.json", dict, _RESTART)
     images, maps, offsets = [], [], None
     for start in range(0, len(records), meta["batch"]):

@@ -185,8 +185,9 @@ def describe_load_error(exc: BaseException) -> str:
 
     if isinstance(exc, pickle.UnpicklingError):
         return "UnpicklingError: not a file torch.save wrote"
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {' '.join(first.split())[:160]}"
+    from xlard._args import short_reason
+
+    return f"{type(exc).__name__}: {short_reason((str(exc).strip().splitlines() or [''])[0], 160)}"
 
 
 def _write_limit(tmp: Path) -> OSError | None:
@@ -417,18 +418,15 @@ def current_umask() -> int:
     return mask
 
 
-def remove_temporaries(folder: str | os.PathLike[str]) -> int:
+def remove_temporaries(folder: str | os.PathLike[str]) -> None:
     """Delete the ``.tmp-*`` files and folders the atomic writes left in ``folder`` when a run was killed
     mid-write (SIGKILL): never complete, each as large as what it was writing. Call it only while holding the
-    folder (:func:`folder_lock`), so that no other writer's temporaries go. Returns how many went."""
-    folder = Path(folder)
-    gone = 0
-    if folder.is_dir():
-        for tmp in folder.glob(".tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(
-                missing_ok=True)
-            gone += 1
-    return gone
+    folder (:func:`folder_lock`), so that no other writer's temporaries go."""
+    for tmp in Path(folder).glob(".tmp-*"):  # (a missing folder globs nothing)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def _new_temp_file(folder: Path, name: str) -> Path:
@@ -516,8 +514,10 @@ def atomic_path(path: str | os.PathLike[str], *, owner: str = "xlard",
         if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:  # a bare "[Errno 28]" named no file
             raise _reraise(exc, f"{owner}: cannot write {path}") from None
         if limit is not None:
+            from xlard._args import short_reason  # (torch, which _args imports, only on this error)
+
             raise _reraise(limit, f"{owner}: cannot write {path}",
-                           f" ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+                           f" ({type(exc).__name__}: {short_reason(exc, 160)})") from None
         raise
     _fsync_folder(folder)
 

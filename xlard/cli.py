@@ -223,18 +223,20 @@ def _outside_run_outputs(outputs: dict[str, str | None], out: Path, out_flag: st
                              f"({first}); writing it there would destroy them (give a path outside them)")
 
 
-def _read_records(path: str, flag: str = "--prompts", lines: list[int] | None = None) -> list[dict]:
+def _read_records(path: str, flag: str = "--prompts") -> list[dict]:
     """A GenEval prompt file: exists, valid (known tags included), 1..MAX_RECORDS records, every class and
     color one of the shapes world's (what ``render`` draws and the exact evaluator judges: a record of
-    another world fails up front, not after its images were generated). ``lines`` (if given) receives each
-    record's line number, for messages about a record found later."""
+    another world fails up front, not after its images were generated)."""
+    return _read_records_with_lines(path, flag)[0]
+
+
+def _read_records_with_lines(path: str, flag: str = "--prompts") -> tuple[list[dict], list[int]]:
+    """:func:`_read_records`, and each record's line number (for messages about a record found later)."""
     from xlard.shapes import prompts as P
     from xlard.shapes.world import WorldConfig
 
     _input_file(path, flag)
-    if lines is None:
-        lines = []
-    del lines[:]
+    lines: list[int] = []
     try:
         records = P.read_records(path, WorldConfig(), line_numbers=lines)
     except ValueError as exc:
@@ -250,7 +252,7 @@ def _read_records(path: str, flag: str = "--prompts", lines: list[int] | None = 
             P.check_satisfiable(record, world)
         except ValueError as exc:  # by its line, as every other error of the file (it said "record 0")
             raise UsageError(f"{flag}: {path}:{lines[i]}: {_one_line(exc)}") from None
-    return records
+    return records, lines
 
 
 def _inside_inputs(outputs: dict[str, str | None], folder, in_flag: str) -> None:
@@ -802,8 +804,7 @@ def _cmd_render(args) -> int:
     from xlard.shapes import prompts as P
 
     _optional.require("PIL.Image", "xlard render")  # before the folder is made (it wrote xlard-run.json first)
-    lines: list[int] = []
-    records = _read_records(args.prompts, lines=lines)
+    records, lines = _read_records_with_lines(args.prompts)
     _check_renderable(records, "--prompts", args.prompts, lines)
     _check_image_count(len(records) * args.per_prompt, "--prompts and --per-prompt")
     out = Path(args.out)

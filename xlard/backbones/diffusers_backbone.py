@@ -794,21 +794,26 @@ def _check_split(scheduler, correction_step: float, num_steps: int) -> None:
     if correction_step >= 1.0:
         return
     names = {c.__name__ for c in type(scheduler).__mro__}
+    kind = next((n for n in ("UniPCMultistepScheduler", "DPMSolverSinglestepScheduler", "PNDMScheduler")
+                 if n in names), None)
+    if kind is None:
+        return
     others = "Use e.g. DDIMScheduler, EulerDiscreteScheduler or DPMSolverMultistepScheduler, or correction_step=1.0"
-    if "UniPCMultistepScheduler" in names:
-        probe = copy.deepcopy(scheduler)
-        probe.set_timesteps(num_steps)
-        k = correction_index(correction_step, len(probe.timesteps))
+    if kind == "PNDMScheduler" and not getattr(scheduler.config, "skip_prk_steps", False):
+        raise ValueError(f"correction_step={correction_step} < 1 with PNDMScheduler(skip_prk_steps=False): the "
+                         f"split would fall inside a Runge-Kutta step. Use e.g. DDIMScheduler or "
+                         f"DPMSolverMultistepScheduler, or correction_step=1.0")
+    probe = copy.deepcopy(scheduler)  # the steps this sampling runs, without touching the pipeline's scheduler
+    probe.set_timesteps(num_steps)
+    steps = len(probe.timesteps)
+    k = correction_index(correction_step, steps)  # the first step after the split
+    if kind == "UniPCMultistepScheduler":
         off = set(getattr(probe.config, "disable_corrector", None) or ())
-        if k >= len(probe.timesteps) or k - 1 in off:  # no step after the split, or no corrector on the first
-            return
-        raise ValueError(f"correction_step={correction_step} < 1 with UniPCMultistepScheduler: its corrector rebuilds "
-                         f"the next step from the sample before the split, so most of the correction would be "
-                         f"dropped. {others}")
-    if "DPMSolverSinglestepScheduler" in names:
-        probe = copy.deepcopy(scheduler)
-        probe.set_timesteps(num_steps)
-        k = correction_index(correction_step, len(probe.timesteps))
+        if k < steps and k - 1 not in off:  # a step follows the split, with its corrector on
+            raise ValueError(f"correction_step={correction_step} < 1 with UniPCMultistepScheduler: its corrector "
+                             f"rebuilds the next step from the sample before the split, so most of the correction "
+                             f"would be dropped. {others}")
+    elif kind == "DPMSolverSinglestepScheduler":
         orders = list(getattr(probe, "order_list", []) or [])
         if k < len(orders) and orders[k] != 1:
             # rounded down: a value rounded up could fall one step later, inside the group again
@@ -817,16 +822,7 @@ def _check_split(scheduler, correction_step: float, num_steps: int) -> None:
                              f"DPMSolverSinglestepScheduler inside an order-{orders[k]} step, which steps from the "
                              f"sample before the split: the correction would be dropped. Use a correction_step at "
                              f"the start of one (one of {fits}), or {others[0].lower()}{others[1:]}")
-        return
-    if "PNDMScheduler" not in names:
-        return
-    if not getattr(scheduler.config, "skip_prk_steps", False):
-        raise ValueError(f"correction_step={correction_step} < 1 with PNDMScheduler(skip_prk_steps=False): the "
-                         f"split would fall inside a Runge-Kutta step. Use e.g. DDIMScheduler or "
-                         f"DPMSolverMultistepScheduler, or correction_step=1.0")
-    probe = copy.deepcopy(scheduler)
-    probe.set_timesteps(num_steps)
-    if correction_index(correction_step, len(probe.timesteps)) == 1:
+    elif k == 1:
         raise ValueError(f"correction_step={correction_step} with {num_steps} steps splits PNDMScheduler after its "
                          f"first step, whose sample PNDM keeps and uses in the second: the correction would be "
                          f"dropped. Use a larger correction_step, or e.g. DDIMScheduler or "

@@ -272,7 +272,6 @@ _FULLWIDTH = {0xFF01 + i: 0x21 + i for i in range(94)}  # U+FF01..U+FF5E: the fu
 # typographic apostrophes phones and word processors type ("o’clock", "children’s") and the Unicode hyphens
 # ("twenty‐one", "light‑blue"; a dash, U+2012-U+2015, stays a range mark: "3–4").
 _AS_ASCII = {**_FULLWIDTH, 0x2018: 0x27, 0x2019: 0x27, 0x02BC: 0x27, 0x2010: 0x2D, 0x2011: 0x2D}
-_RANGE_UNITS = UNIT_WORDS  # a range before a unit measures: "a 3-4 year old boy" (before "star", "person": a range)
 _DIGIT_RANGE = re.compile(r"(\d+)-(\d+)")  # "3-4 apples": a range, as "3 - 4" and "3–4" are
 #: Longest prompt parsed (characters): T2I prompts are a few hundred; 100,000 took seconds per parse.
 MAX_PROMPT_CHARS = 20_000
@@ -302,8 +301,9 @@ def _scan(prompt: str) -> list[_Word]:
         start, end = (m.start(), m.end()) if where is None else (where[m.start()], where[m.end() - 1] + 1)
         word = unicodedata.normalize("NFC", m.group()).lower()
         digits = _DIGIT_RANGE.fullmatch(word)
-        if digits and k + 1 < len(matches) and matches[k + 1].group().lower() in _RANGE_UNITS:
-            digits = None  # "a 3-4 year old boy", "a 5-10 minute walk": a measurement, one word as before
+        if digits and k + 1 < len(matches) and matches[k + 1].group().lower() in UNIT_WORDS:
+            digits = None  # "a 3-4 year old boy", "a 5-10 minute walk": a measurement, one word as before (before
+            # "star", "person": a range, "a 3-4 star hotel")
         if digits:  # "3-4": the two numbers and the hyphen between them, each a word
             hyphen = m.start() + len(digits.group(1))
             cut = hyphen if where is None else where[hyphen]

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from xlard import _io
+from xlard._args import short_reason
 from xlard.train import checkpoint as ckpt
 from xlard.train.rollout import derived_generator, encode_items, prompt_inputs
 
@@ -201,7 +202,7 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
             if not isinstance(saved, dict):
                 raise ValueError(f"a JSON {type(saved).__name__}, not an object")
         except (ValueError, UnicodeDecodeError) as exc:  # it was "Expecting value: line 2 column 1", no file named
-            raise ValueError(f"distill: {manifest_path} is damaged ({' '.join(str(exc).split())[:120]}); delete "
+            raise ValueError(f"distill: {manifest_path} is damaged ({short_reason(exc, 120)}); delete "
                              f"{folder} (its edit targets are built again) or choose another run folder") from None
         saved.setdefault("correction_step", 1.0)  # manifests written before the field existed were all at 1.0
         for key, default in (("relayout", False), ("relayout_color", "found")):  # ... and before relayout existed
