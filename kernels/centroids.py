@@ -180,7 +180,9 @@ def _relation_terms(centroids_ptr, relations_ptr, b, r, active, T, stride_cb, st
     a = tl.load(rel, mask=active, other=0)
     t = tl.load(rel + stride_rc, mask=active, other=0)
     code = tl.load(rel + 2 * stride_rc, mask=active, other=0)
-    # The host checked the ranges; clamping only keeps masked or graph-captured rows in bounds.
+    # The host checks the ranges, except under CUDA-graph capture (no host read there): a bad row is read
+    # clamped in bounds and scores NaN, never a plausible number.
+    bad = (a < 0) | (a >= T) | (t < 0) | (t >= T) | (code < 0) | (code > 3)
     a = tl.minimum(tl.maximum(a, 0), T - 1)
     t = tl.minimum(tl.maximum(t, 0), T - 1)
     dx = tl.where(code == 0, -1.0, tl.where(code == 1, 1.0, 0.0)).to(ACC)
@@ -191,7 +193,7 @@ def _relation_terms(centroids_ptr, relations_ptr, b, r, active, T, stride_cb, st
     xb = tl.load(cen + t * stride_ct, mask=active, other=0).to(ACC)
     yb = tl.load(cen + t * stride_ct + stride_cc, mask=active, other=0).to(ACC)
     z = tau * ((xa - xb) * dx + (ya - yb) * dy)
-    score = 1.0 / (1.0 + tl.exp(-z))
+    score = tl.where(bad, float("nan"), 1.0 / (1.0 + tl.exp(-z)))
     return a, t, dx, dy, score
 
 
@@ -246,6 +248,11 @@ def _position_scores_bwd_kernel(
     tl.store(out + 1, gy.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s stream is being captured into a CUDA graph (no host read of its values is allowed)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _check_position(op: str, centroids: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
     if centroids.dim() != 3 or centroids.shape[2] != 2:
         raise RuntimeError(f"xlard.{op}: centroids must be [B, T, 2], got {tuple(centroids.shape)}")
@@ -258,8 +265,7 @@ def _check_position(op: str, centroids: torch.Tensor, relations: torch.Tensor) -
     if relations.dim() != 3 or relations.shape[2] != 3 or relations.shape[0] != centroids.shape[0]:
         raise RuntimeError(f"xlard.{op}: relations must be [B, R, 3] or [R, 3] with B = {centroids.shape[0]}, "
                            f"got {tuple(relations.shape)}")
-    capturing = relations.is_cuda and torch.cuda.is_current_stream_capturing()
-    if relations.numel() > 0 and not capturing:
+    if relations.numel() > 0 and not _capturing(relations):
         tokens = relations[..., :2]
         codes = relations[..., 2]
         num_tokens = centroids.shape[1]

@@ -349,7 +349,7 @@ def component_stats_fwd(maps: torch.Tensor, threshold: float, mode: str, min_are
         cx = sum_x.gather(1, order) / safe / width
         cy = sum_y.gather(1, order) / safe / height
         areas[:, :taken] = top_area.to(torch.int32)
-        nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
-        centroids[:, :taken, 0] = torch.where(used, cx, nan).to(torch.float32)
-        centroids[:, :taken, 1] = torch.where(used, cy, nan).to(torch.float32)
+        # NaN as a Python scalar: a tensor made from it on the GPU would be a blocking host copy (no CUDA graphs)
+        centroids[:, :taken, 0] = torch.where(used, cx, float("nan")).to(torch.float32)
+        centroids[:, :taken, 1] = torch.where(used, cy, float("nan")).to(torch.float32)
     return counts.view(lead), areas.view(*lead, k), centroids.view(*lead, k, 2)

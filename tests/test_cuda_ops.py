@@ -324,6 +324,28 @@ def test_position_scores(dtype, per_batch):
     assert_close(got_grad.cpu(), want_grad, dtype)
 
 
+
+def test_position_scores_cuda_graph():
+    """Captured through xlard.ops (its eager check reads the relations on the host: skipped while capturing)."""
+    import xlard.ops as ops
+
+    centroids = torch.rand(3, 7, 2).cuda()
+    relations = _relations(3, 7, 9, True, seed=6).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.position_scores(centroids, relations, 4.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.position_scores(centroids, relations, 4.0)
+    for seed in (1, 2):
+        centroids.copy_(torch.rand(3, 7, 2, generator=torch.Generator().manual_seed(seed)))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out.cpu(), torch.ops.xlard.position_scores(centroids.cpu(), relations.cpu(), 4.0),
+                     **ACC_TOL[torch.float32])
+
 def test_position_scores_empty():
     centroids = torch.rand(2, 4, 2)
     relations = torch.zeros(0, 3, dtype=torch.long)

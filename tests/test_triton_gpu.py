@@ -6,7 +6,8 @@ Triton for the GPU. Judges: the C++ CPU op ``torch.ops.xlard.<op>`` on CPU copie
 (always) and the CUDA C++ op (when ``_C`` was built with CUDA). Labels and counts
 must match bit for bit, component centroids exactly, floats within the per-dtype
 table of tests/helpers.py. Also: the public API under ``xlard.ops.provider("triton")``
-and CUDA-graph capture and replay of ``count_components`` and ``sample_correction``.
+and CUDA-graph capture and replay through the public API (``count_components``, ``sample_correction``,
+``position_scores``, ``component_stats``, a float ``log_std``).
 
 Every test is marked ``cuda`` (tests/conftest.py skips them without a GPU); nothing
 here touches CUDA or imports Triton at import or collection time. Run this file in
@@ -357,6 +358,37 @@ def test_sample_correction_cuda_graph():
         for what, a, b in zip(("zc", "delta", "log_prob", "lam"), outs, want):
             tol = TOLERANCES[b.dtype] if what in ("zc", "delta") else ACC_TOL[b.dtype]
             assert_close(a.cpu(), b, msg=what, **tol)
+
+
+
+def test_more_ops_cuda_graph():
+    """CUDA-graph capture through the public API of the ops that read a value on the host or made a tensor from a
+    Python number: position_scores (its relations check), component_stats (its NaN fill), a float log_std."""
+    import xlard.ops as ops
+
+    g = torch.Generator().manual_seed(8)
+    maps = blobs(6, 24, 24, seed=9).reshape(2, 3, 24, 24).cuda()
+    cen = torch.rand(2, 5, 2, generator=g).cuda()
+    rel = torch.stack([torch.randint(0, 5, (7,), generator=g), torch.randint(0, 5, (7,), generator=g),
+                       torch.randint(0, 4, (7,), generator=g)], -1).cuda()
+    z0, mean, _, noise = (t.cuda() for t in _sample_inputs((2, 4, 8, 8), torch.float32, seed=4))
+
+    def run():
+        with torch.no_grad(), ops.provider("triton"):
+            return (ops.position_scores(cen, rel, 5.0), *ops.component_stats(maps, 0.5, max_components=4),
+                    *ops.sample_correction(z0, mean, -1.0, noise, 0.5))
+
+    graph, outs = _capture(run)
+    for seed in (10, 11):
+        cen.copy_(torch.rand(2, 5, 2))
+        maps.copy_(blobs(6, 24, 24, seed=seed).reshape(2, 3, 24, 24))
+        graph.replay()
+        torch.cuda.synchronize()
+        with ops.provider("triton"):
+            want = run()
+        for i, (a, b) in enumerate(zip(outs, want)):
+            assert torch.equal(a.cpu().isnan(), b.cpu().isnan()), i
+            assert torch.equal(a.nan_to_num().cpu(), b.nan_to_num().cpu()), i
 
 
 # ---------------------------------------------------------------- compiled graphs on CUDA

@@ -564,6 +564,21 @@ def test_position_scores_edges(top):
             top("position_scores", centroids, torch.tensor(bad), 1.0)
 
 
+def test_position_scores_bad_rows_score_nan_when_unchecked(kernels, monkeypatch):
+    """Under CUDA-graph capture the launcher cannot read the relations on the host: the kernel scores a bad row
+    NaN (it was clamped to a real token and scored like a valid relation) and good rows as usual."""
+    mod = kernels["centroids"]
+    monkeypatch.setattr(mod, "_capturing", lambda t: True)
+    centroids = torch.tensor([[[0.2, 0.5], [0.8, 0.5], [0.5, 0.1]]])
+    rel = torch.tensor([[0, 1, 0], [0, 3, 0], [-1, 1, 0], [0, 1, 4], [2, 0, 2], [0, 1, -1]])
+    out = mod.position_scores_fwd(centroids, rel, 10.0)
+    want = oracle_position_scores(centroids, rel[[0, 4]], 10.0).float()
+    assert torch.isnan(out[0, [1, 2, 3, 5]]).all(), out
+    close(out[:, [0, 4]], want, ACC_TOL[torch.float32], "good rows beside bad ones")
+    grad = mod.position_scores_bwd(torch.ones(1, 2), centroids, rel[[0, 4]], 10.0)
+    assert torch.isfinite(grad).all()
+
+
 # --------------------------------------------------------------------------- color_scores
 
 def oracle_color_scores(features, embeddings, mask):

@@ -294,8 +294,9 @@ def broadcast_log_std(log_std, x: torch.Tensor, op: str = "gaussian_log_prob") -
             raise ValueError(f"xlard.{op}: log_std must be a finite number, got {show(log_std)}")
         check_scalar_fits(op, "log_std", log_std, x.dtype)
         # in x's accumulation type: float64 inputs keep a float64 log_std (0.1 is not rounded to float32)
-        log_std = torch.tensor(float(log_std), device=x.device,
-                               dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        # torch.full, not torch.tensor: a fill on the GPU, no blocking host copy (CUDA graphs capture it)
+        log_std = torch.full((), float(log_std), device=x.device,
+                             dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     check_tensor(op, "log_std", log_std, FLOAT_DTYPES)
     if log_std.device != x.device:
         raise ValueError(f"xlard.{op}: log_std must be on {x.device}, got {log_std.device}")

@@ -31,7 +31,6 @@ _SCALAR_NAMES = {
     torch.bool: "Bool", torch.uint8: "Byte", torch.int32: "Int", torch.int64: "Long",
 }
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_DIRECTIONS = ((-1.0, 0.0), (1.0, 0.0), (0.0, -1.0), (0.0, 1.0))  # LEFT_OF, RIGHT_OF, ABOVE, BELOW
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 # Which (namespace, op) pairs already carry these registrations (a Library may hold one of each).
@@ -211,7 +210,9 @@ def position_backward_composite(grad, centroids, relations, tau):
     rel = relations if relations.dim() == 3 else relations.unsqueeze(0).expand(b, -1, -1)
     a_idx = rel[..., 0, None].expand(-1, -1, 2)
     b_idx = rel[..., 1, None].expand(-1, -1, 2)
-    v = torch.tensor(_DIRECTIONS, dtype=acc, device=c.device)[rel[..., 2]]
+    code = rel[..., 2]
+    # (dx, dy) of LEFT_OF, RIGHT_OF, ABOVE, BELOW from the codes on the device (a table made there is a host copy)
+    v = torch.stack(((code == 1).to(acc) - (code == 0).to(acc), (code == 3).to(acc) - (code == 2).to(acc)), -1)
     pa, pb = torch.gather(c, 1, a_idx), torch.gather(c, 1, b_idx)
     s = torch.sigmoid(tau * ((pa - pb) * v).sum(-1))
     k = (grad.to(acc) * s * (1 - s) * tau)[..., None] * v

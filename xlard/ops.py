@@ -224,7 +224,9 @@ def position_scores(centroids: Tensor, relations: Tensor, tau: float = 10.0) -> 
 
     Raises:
         ValueError: an out-of-range token index or code (checked on the host
-            for CPU tensors; on CUDA the check reads the relations once), or
+            for CPU tensors; on CUDA the check reads the relations once, except
+            under CUDA-graph capture, where the CUDA kernel traps with a
+            device-side assertion and the Triton kernel scores the row NaN), or
             ``tau`` not a finite number > 0.
 
     Example:
@@ -238,7 +240,8 @@ def position_scores(centroids: Tensor, relations: Tensor, tau: float = 10.0) -> 
     out_size = 8 if centroids.dtype == torch.float64 else 4
     _args.check_host_memory(op, centroids.shape[0] * relations.shape[-2] * out_size, centroids=centroids,
                             relations=relations)
-    if not torch.compiler.is_compiling() and relations.numel() and _has_values(relations):
+    if (not torch.compiler.is_compiling() and relations.numel() and _has_values(relations)
+            and not (relations.is_cuda and torch.cuda.is_current_stream_capturing())):
         _args.check_relation_values(op, _plain(relations), centroids.shape[1])
     return _op(op, centroids.device)(centroids, relations, float(tau))
 

@@ -125,7 +125,8 @@ void run(const char* op, Checked& c) {
   bytes = cuda::components_shared_bytes(p.height, p.width, p.max_components, true);
   TORCH_CHECK(static_cast<int64_t>(bytes) <= limit, "xlard.", op, ": max_components = ", p.max_components, " needs ",
               bytes, " bytes of shared memory per block, more than this GPU's ", limit,
-              "; ask for fewer components");
+              "; ask for fewer components (about limit / 24), or use the CPU or Triton provider, which take any K "
+              "(with xlard.ops.provider(\"triton\"): ...)");
   const auto opts = c.maps.options().dtype(at::kInt);
   const int64_t pixels = static_cast<int64_t>(p.height) * p.width;
   const int64_t words = static_cast<int64_t>(p.height) * cuda::components_words_per_row(p.width);
