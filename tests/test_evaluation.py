@@ -807,6 +807,8 @@ def test_generate_with_a_corrector_appends_each_batchs_lines_and_resumes(tmp_pat
     kept = (out / "corrections.jsonl").read_text().splitlines()
     assert [json.loads(line)["image"] for line in kept] == ["0000_seed0.png"]
     monkeypatch.setattr(xlard.explain, "save_png", saved)
+    with open(out / "corrections.jsonl", "a") as f:  # damaged rows naming no file: skipped (a list was a TypeError)
+        f.write('{"image": ["0001_seed1.png"]}\n{"image": {"a": 1}}\n{"image": null}\n')
     assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
     assert (out / "corrections.jsonl").read_text() == whole
     capsys.readouterr()

@@ -1731,7 +1731,7 @@ def _generate_batch(backbone, corrector, meta, out: Path, rows: list[int], promp
 
 def _read_action_lines(path: Path) -> list[dict]:
     """The complete JSON lines of a ``corrections.jsonl`` (a line cut by an interruption, or damaged, is skipped:
-    its image is made again)."""
+    its image is made again; so is a row whose ``image`` is no file name)."""
     if not path.is_file():
         return []
     rows = []
@@ -1740,6 +1740,6 @@ def _read_action_lines(path: Path) -> list[dict]:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict):
+        if isinstance(row, dict) and isinstance(row.get("image"), str):
             rows.append(row)
     return rows
