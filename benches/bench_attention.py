@@ -2,11 +2,11 @@
 model; DDIM; classifier-free guidance on; latents returned) with and without
 ``xlard.attention.AttentionCapture`` recording two entity tokens on every cross-attention
 layer. Providers: "plain" (no capture) and "xlard" (capture, including installing the
-processors and reading ``maps()``), in the same group, so the report's ratio
-plain / xlard is the capture's overhead measured in one run (target: xlard within 15%,
-i.e. a ratio >= 0.87). A paired variant interleaves the two calls and records the
-median per-round ratio (extra_info "overhead_ratio"), robust to load drifting on a shared
-machine. Work unit: denoiser calls (steps) per pipeline call."""
+processors and reading ``maps()``), in the same group, so the report prints the ratio
+plain / xlard measured in one run (information only). The target (capture costs at most
+1.15x an uncaptured call) is judged on the paired variant, which interleaves the two calls
+and records the median per-round ratio (extra_info "overhead_ratio"), robust to load
+drifting on a shared machine. Work unit: denoiser calls (steps) per pipeline call."""
 from __future__ import annotations
 
 import statistics

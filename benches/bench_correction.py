@@ -6,8 +6,8 @@ flushed runs below).
 The paired tests interleave xlard and torch.add in every round and record the median
 per-round time ratio (extra_info "paired"), robust to the memory bandwidth of a shared
 machine drifting between tests. They run twice: "warm", repeated calls over the same
-buffers (as a loop does; torch.add's 48 MiB then partly stays in a 32 MiB L3, xlard's
-80 MiB cannot), and "flushed", each call after reading a 256 MiB buffer so both start
+buffers (as a loop does; torch.add's 48 MiB then partly stays in a 32 MiB L3, as may
+residual_correction's 49 MiB; sample_correction's 80 MiB cannot), and "flushed", each call after reading a 256 MiB buffer so both start
 from memory (the convention of triton.testing.do_bench for memory-bound kernels). The
 report judges the target ("within 2x of one torch.add pass") on the flushed runs, where
 both ops move their bytes through memory, and prints the warm ratios beside them: in a

@@ -165,3 +165,85 @@ def test_the_machine_line_names_the_cpu_and_its_kernel_level():
     assert machine_line({}) == ("Machine: unknown (unknown), unknown cores, CPU kernels at unknown, torch unknown "
                                 "(unknown threads), python unknown")
     assert "None" not in to_markdown([], [], {})
+
+
+# --------------------------------------------------------------------------- the GPU report (benches/gpu/report.py)
+
+def _gpu_bench(group, provider, median, **info):
+    return {"group": group, "name": f"test_{provider}", "stats": {"median": median, "rounds": 5},
+            "extra_info": {"provider": provider, "calls_per_round": 1, **info}}
+
+
+def test_gpu_report_gives_no_ratio_across_runs_and_survives_a_broken_file(tmp_path, capsys):
+    """A compiled_reference row timed in another pytest process than its group's cuda row got a speed-up (a ratio
+    across runs); one unreadable JSON raised and lost the whole report (tests and sanitizer results too)."""
+    import json
+
+    import pytest
+
+    from benches.gpu import report
+
+    group = "residual_correction float32 16x16x128x128"
+    (tmp_path / "main.json").write_text(json.dumps({"benchmarks": [
+        _gpu_bench(group, "cuda", 1e-4, bytes=10**8, device_ms=0.09), _gpu_bench(group, "reference", 4e-4)],
+        "machine_info": {"gpu": {"name": "X"}}}))
+    (tmp_path / "compiled.json").write_text(json.dumps({"benchmarks": [_gpu_bench(group, "compiled_reference",
+                                                                                  2e-4)]}))
+    (tmp_path / "cut.json").write_text('{"benchmarks": [')
+    summary = report.summarise([str(tmp_path / n) for n in ("main.json", "compiled.json", "cut.json")])
+    rows = {r["provider"]: r for r in summary["rows"]}
+    assert rows["reference"]["speedup_of_base"] == pytest.approx(4.0)  # same run: a ratio
+    assert rows["compiled_reference"]["speedup_of_base"] is None      # another run: none
+    assert summary["sources"] == ["main.json", "compiled.json"]
+    assert len(summary["unreadable"]) == 1 and summary["unreadable"][0].startswith("cut.json: JSONDecodeError")
+    assert "Left out, unreadable: cut.json" in summary["markdown"]
+    assert "| compiled_reference | 200.00 |" in summary["markdown"]
+    # a named input that does not exist is a usage error (it was dropped without a word)
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(tmp_path / "main.json"), str(tmp_path / "typo.json")])
+    assert exc.value.code == 2 and "no such benchmark JSON file" in capsys.readouterr().err
+    # an unreadable input fails the report's exit code, the readable rows are still printed
+    assert report.main([str(tmp_path / "main.json"), str(tmp_path / "cut.json")]) == 2
+    assert "| reference |" in capsys.readouterr().out
+
+
+def test_gpu_check_report_names_an_unreadable_bench_json_as_a_failure(tmp_path):
+    import json
+
+    from benches.gpu import check
+
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "main.json").write_text('{"benchmarks": [')
+    (tmp_path / "steps.jsonl").write_text("")
+    r = check.build_report(str(tmp_path))
+    assert any("benchmark JSON left out (main.json" in s for s in r["failed_steps"]) and r["exit_code"] == 1
+    json.dumps(r)
+
+
+def test_gpu_device_time_is_none_for_a_call_that_waits_on_the_gpu(monkeypatch):
+    """CUDA-event time of a call that reads a value back includes its host overhead (device > wall in the GPU
+    table for position_scores, CuPy): such calls are detected behind a device sleep and get no device time."""
+    import time
+
+    import torch
+
+    bench = pytest_import_gpu_bench()
+    busy_until = [0.0]
+
+    def fake_sleep(cycles):  # the "GPU" is busy for the asked time
+        busy_until[0] = time.perf_counter() + cycles / bench.SLEEP_CYCLES_PER_S
+
+    def wait():
+        time.sleep(max(0.0, busy_until[0] - time.perf_counter()))
+
+    monkeypatch.setattr(torch.cuda, "_sleep", fake_sleep, raising=False)
+    monkeypatch.setattr(bench, "_sync", wait)
+    assert bench._waits_on_device(wait, 1e-4)                # reads back: waits for the sleep
+    assert not bench._waits_on_device(lambda: None, 1e-4)    # only enqueues work
+
+
+def pytest_import_gpu_bench():
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "tests"))  # bench_gpu_ops imports tests/helpers.py
+    return importlib.import_module("benches.gpu.bench_gpu_ops")

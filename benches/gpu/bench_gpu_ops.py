@@ -16,9 +16,14 @@ How a benchmark is timed (``measure``):
   the per-call wall time is the round's median / ``calls_per_round``;
 - ``device_ms``: the per-call time between CUDA events around the same burst,
   enqueued behind a ``torch.cuda._sleep`` so that host overhead is hidden: the
-  device's own time, used for the bandwidth targets;
-- inputs rotate over enough copies to exceed the L2 cache three times, so
-  bandwidth is measured from memory, not from L2;
+  device's own time, used for the bandwidth targets; none for a call that waits on
+  the GPU (reads a value back, e.g. a host-side check or a CuPy peer's count), whose
+  host overhead would land between the events (``device_ms_note`` says so);
+- the benches with a bandwidth target rotate their inputs over enough copies to exceed
+  the L2 cache three times (at most 8 copies; enough for their shapes), so bandwidth is
+  measured from memory, not from L2; the others (graph, component_stats,
+  position_scores, gaussian_log_prob, issue-14 shapes) do not rotate: their GB/s may be
+  L2 numbers;
 - ``extra_info`` records ``bytes`` (read + written, compulsory traffic),
   ``bytes_read``, ``bytes_written`` and ``pixels``, so GB/s is derived.
 
@@ -97,6 +102,23 @@ def _device_time(fn, calls: int, host_s: float) -> float:
     return best
 
 
+def _waits_on_device(fn, host_s: float) -> bool:
+    """Whether one call blocks on the GPU (it reads a value back, as a host-side check or a CuPy peer's count
+    does): enqueued behind a device sleep, such a call lasts as long as the sleep. CUDA-event time of such calls
+    is no device time (the host's overhead lands between the events), so they get none."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is None:
+        return False
+    pause = min(1.0, 0.05 + 4.0 * host_s)
+    _sync()
+    sleep(int(pause * SLEEP_CYCLES_PER_S))
+    start = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - start
+    _sync()
+    return elapsed >= 0.5 * pause
+
+
 def measure(benchmark, fn, *, group: str, provider: str, op: str, dtype: torch.dtype, shape, bytes_read: int,
             bytes_written: int, pixels: int | None = None, **extra) -> None:
     """Times ``fn`` (already checked for correctness) with pytest-benchmark; see the module docstring."""
@@ -108,7 +130,10 @@ def measure(benchmark, fn, *, group: str, provider: str, op: str, dtype: torch.d
         single = min(single, _host_time(fn, 3))
     calls = max(1, min(MAX_CALLS_PER_ROUND, round(ROUND_S / single)))
     rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(BENCH_S / (calls * single))))
-    device_ms = _device_time(fn, calls, single) * 1e3 if single < SLOW_S else None
+    waits = single < SLOW_S and _waits_on_device(fn, single)
+    device_ms = _device_time(fn, calls, single) * 1e3 if single < SLOW_S and not waits else None
+    if waits:
+        benchmark.extra_info["device_ms_note"] = "the call waits on the GPU (reads a value back): no device time"
     benchmark.extra_info.update(
         provider=provider, op=op, dtype=dtype_name(dtype), shape="x".join(map(str, shape)),
         bytes=bytes_read + bytes_written, bytes_read=bytes_read, bytes_written=bytes_written,

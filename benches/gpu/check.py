@@ -266,6 +266,7 @@ def build_report(out_dir: str) -> dict:
         if notes:
             report["bench_notes"][os.path.basename(path)[:-4]] = notes
     failed_steps = [s["name"] for s in steps if s.get("counts_as_failure")]
+    failed_steps += [f"benchmark JSON left out ({u})" for u in (report["benchmarks"] or {}).get("unreadable", [])]
     for suite, t in report["tests"].items():  # a suite where nothing ran verified nothing
         if t["counts"] is not None and t["counts"]["passed"] == 0 and f"tests-{suite}" not in failed_steps:
             failed_steps.append(f"tests-{suite} (no test passed)")
