@@ -304,3 +304,15 @@ def test_training_script_ends_in_one_line_on_sigterm(tmp_path):
                                             "complete (rerun the same command: the sampled data, once written, is "
                                             "reused)")
     assert "Traceback" not in err and not list(tmp_path.rglob(".tmp*"))
+
+
+@needs_weights
+def test_loading_the_shapes_models_leaves_the_callers_rng_alone():
+    """Building a module initialises its weights randomly before the saved ones replace them: the first
+    get_source("shapes") or corrected generate moved a caller's torch.manual_seed stream."""
+    torch.manual_seed(0)
+    want = torch.randn(3)
+    torch.manual_seed(0)
+    U.ShapesUnderstanding.from_pretrained()
+    LE.LatentUnderstanding.from_pretrained()
+    assert torch.equal(torch.randn(3), want)

@@ -212,7 +212,8 @@ class LatentUnderstanding(nn.Module):
         owner, fix = "LatentUnderstanding.from_pretrained", f"reinstall xlard or retrain them with: {TRAIN_COMMAND}"
         saved = _io.read_json(folder / CONFIG_NAME, owner=owner, what="a model config")
         try:
-            model = cls(LatentEyesConfig.from_dict(saved["model"]))
+            with torch.random.fork_rng(devices=[]):  # its random initialisation is overwritten: the caller's RNG
+                model = cls(LatentEyesConfig.from_dict(saved["model"]))  # stays as it was
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{owner}: {folder / CONFIG_NAME} is not a latent eyes config "
                              f"({type(e).__name__}: {e}); {fix}") from None

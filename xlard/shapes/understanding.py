@@ -250,7 +250,8 @@ class ShapesUnderstanding(nn.Module):
         saved = _io.read_json(folder / CONFIG_NAME, owner=owner, what="a model config")
         try:
             config = UnderstandingConfig.from_dict(saved["model"])
-            model = cls(config)
+            with torch.random.fork_rng(devices=[]):  # its random initialisation is overwritten: the caller's RNG
+                model = cls(config)                  # stays as it was
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{owner}: {folder / CONFIG_NAME} is not a shapes understanding model's config "
                              f"({type(e).__name__}: {e}); {fix}") from None
