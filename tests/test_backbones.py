@@ -146,6 +146,25 @@ def test_prompt_specs_are_accepted_and_aligned(backbone):
     assert state.prompts == ("a photo of three yellow birds",)
 
 
+def test_a_spec_aligned_by_another_backbones_tokenizer_is_aligned_again(backbone):
+    """A spec aligned by another backbone whose tokenizer has the same name ("tokenizer") kept that tokenizer's
+    indices: the rewards read other tokens' maps. Now specs with word spans are aligned to this backbone."""
+    import dataclasses
+
+    from xlard.prompts import TokenAlignment
+
+    prompt = "a photo of a diamond left of a yellow triangle"
+    want = backbone.parse(prompt)
+    other = TokenAlignment("tokenizer", 12, ((5,), (10,)), ((), (9,)))  # another vocabulary's positions
+    stale = dataclasses.replace(want, alignments=(other,), entities=tuple(
+        dataclasses.replace(e, token_indices=other.noun_tokens[i], color_token_indices=other.color_tokens[i])
+        for i, e in enumerate(want.entities)))
+    assert stale.entities[0].token_indices != want.entities[0].token_indices
+    got = backbone.encode([stale], seed=0).specs[0]
+    assert got.alignments == want.alignments
+    assert [e.token_indices for e in got.entities] == [e.token_indices for e in want.entities]
+
+
 # ---------------------------------------------------------------------------
 # Correction: parity with the plain pipeline, end to end with rewards
 # ---------------------------------------------------------------------------

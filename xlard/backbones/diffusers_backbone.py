@@ -1297,13 +1297,18 @@ class DiffusersBackbone(Backbone):
     def parse(self, prompt: str | PromptSpec) -> PromptSpec:
         """A prompt's :class:`PromptSpec` aligned to this backbone's tokenizer(s).
 
+        A spec whose entities all carry word spans is aligned again to this backbone's tokenizers (an
+        alignment made by another backbone, whose tokenizers may share these names, is replaced); a spec
+        without them is used with the alignments it brings, which must name this backbone's tokenizers.
+
         Raises:
             ValueError: the prompt cannot be parsed (pass a PromptSpec built
                 with ``xlard.prompts`` instead) or aligned.
         """
         tokenizers, lengths = self.family.tokenizers(), self.family.max_lengths()
         if isinstance(prompt, PromptSpec):
-            if tuple(prompt.encoders) == tuple(tokenizers):
+            spans = all(e.word_span is not None for e in prompt.entities)
+            if not spans and tuple(prompt.encoders) == tuple(tokenizers):
                 return prompt
             return align(prompt, tokenizers, max_length=lengths)
         try:
