@@ -400,8 +400,13 @@ def test_image_inputs_agree():
 
     enc = PixelColorEncoder(grid=(4, 4))
     want = enc.encode_images(uint8).features
-    for other in (hwc, hwc[None], [Image.fromarray(hwc)], Image.fromarray(hwc), uint8.float() / 255):
+    for other in (hwc, hwc[None], [Image.fromarray(hwc)], Image.fromarray(hwc), uint8.float() / 255, [uint8[0]],
+                  [hwc]):  # a list of [C, H, W] tensors was read as [H, W, C] arrays ("got 64 channels")
         torch.testing.assert_close(enc.encode_images(other).features, want)
+    with pytest.raises(ValueError, match=r"one shape, dtype and device"):
+        as_image_batch([uint8[0], uint8[0].float()])
+    with pytest.raises(ValueError, match=r"\[C, H, W\] images, got shape \(1, 3"):
+        as_image_batch([uint8])
     with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
         as_image_batch(img * 2 - 1)
     with pytest.raises(ValueError, match="channels"):
@@ -503,7 +508,19 @@ def test_clip_encoder_shapes_cache_and_reward(tiny_clip, word_tokenizer):
     emb = enc.embed_colors(["red", "Blue", "red"])
     assert emb.shape == (3, 16)
     torch.testing.assert_close(emb[0], emb[2])
-    assert {text for _, text in enc._cache._items} == {"red", "blue"}
+    assert {text for _, text in enc._cache._items} == {enc.template.format("red"), enc.template.format("blue")}
+    # the template is part of the key (changing it later returned the old template's embeddings), and so are the
+    # model's dtype and device (after .double() the float32 embeddings came back)
+    enc.template = "a {} thing"
+    fresh = ClipColorEncoder(tiny_clip, word_tokenizer, template="a {} thing").embed_colors(["red"])
+    torch.testing.assert_close(enc.embed_colors(["red"]), fresh)
+    assert not torch.allclose(fresh, emb[:1])
+    tiny_clip.double()
+    try:
+        want = ClipColorEncoder(tiny_clip, word_tokenizer, template="a {} thing").embed_colors(["red"])
+        assert torch.equal(enc.embed_colors(["red"]), want)
+    finally:
+        tiny_clip.float()
     # The patch features are the same projection as CLIP's pooled image embedding, applied per token.
     with torch.no_grad():
         pixel = enc._pixel_values(images)

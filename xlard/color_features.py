@@ -265,7 +265,8 @@ def as_image_batch(images: Any) -> torch.Tensor:
             uint8 0-255; C = 1, 3 or 4, a fully opaque alpha dropped); a numpy array
             ``[B, H, W, C]`` or ``[H, W, C]`` (float in [0, 1] or uint8); a PIL
             image or a list of same-size PIL images (read as :func:`xlard.explain.read_png`
-            reads files: EXIF orientation applied, gray/palette/CMYK converted).
+            reads files: EXIF orientation applied, gray/palette/CMYK converted); a list of
+            same-size ``[C, H, W]`` tensors (stacked) or of ``[H, W, C]`` numpy arrays.
 
     Returns:
         Tensor[B, 3, H, W], float32, on the input tensor's device (CPU otherwise).
@@ -276,6 +277,14 @@ def as_image_batch(images: Any) -> torch.Tensor:
             transparent pixels, PIL images of different sizes, animated or with
             16-bit / float pixels.
     """
+    if isinstance(images, (list, tuple)) and images and all(isinstance(im, torch.Tensor) for im in images):
+        if len({(tuple(im.shape), im.dtype, im.device) for im in images}) != 1:
+            raise ValueError("as_image_batch: a list of tensors must share one shape, dtype and device ([C, H, W] "
+                             f"each), got {sorted({(tuple(im.shape), str(im.dtype), str(im.device)) for im in images})}")
+        if images[0].dim() != 3:
+            raise ValueError(f"as_image_batch: a list of tensors holds [C, H, W] images, got shape "
+                             f"{tuple(images[0].shape)}")
+        images = torch.stack(list(images))
     if isinstance(images, torch.Tensor):
         if images.is_meta:
             raise ValueError("as_image_batch: images are meta tensors (shapes only, no pixels); pass the decoded "
@@ -387,11 +396,14 @@ class PatchFeatures:
 
 
 class EmbeddingCache:
-    """Text embeddings kept per (device, text), least recently used dropped past ``capacity`` entries.
+    """Text embeddings kept per (model's device and dtype, text), least recently used dropped past ``capacity``
+    entries.
 
     A long-lived process (a server, a training run over an open vocabulary) meets new words without end: an
-    unbounded dict grew with every one. Keyed by the device too, so that a model moved after a call does not
-    get tensors of its old device back.
+    unbounded dict grew with every one. Keyed by the model's device and dtype too, so that a model moved or cast
+    after a call (``.half()``) does not get tensors of its old device or precision back. The text is the one the
+    model read (a template applied), so a changed template is a new key. Weights changed in place are not seen:
+    ``clear()`` after training the text tower.
     """
 
     def __init__(self, capacity: int = 4096) -> None:
@@ -403,15 +415,24 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def missing(self, device: torch.device, texts: Sequence[str]) -> list[str]:
-        """The distinct texts of ``texts`` not held for ``device``, in first-seen order."""
-        return [t for t in dict.fromkeys(texts) if (str(device), t) not in self._items]
+    def clear(self) -> None:
+        self._items.clear()
 
-    def stack(self, device: torch.device, texts: Sequence[str], new: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def _where(model: torch.nn.Module) -> str:
+        p = next(model.parameters(), None)
+        return "cpu/none" if p is None else f"{p.device}/{p.dtype}"
+
+    def missing(self, model: torch.nn.Module, texts: Sequence[str]) -> list[str]:
+        """The distinct texts of ``texts`` not held for ``model``'s device and dtype, in first-seen order."""
+        where = self._where(model)
+        return [t for t in dict.fromkeys(texts) if (where, t) not in self._items]
+
+    def stack(self, model: torch.nn.Module, texts: Sequence[str], new: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``[len(texts), D]``: the embeddings of ``texts``, from ``new`` (just computed, then kept) or the cache."""
-        out = []
+        out, where = [], self._where(model)
         for t in texts:
-            key = (str(device), t)
+            key = (where, t)
             if t in new:
                 self._items[key] = new[t]
             self._items.move_to_end(key)
@@ -845,18 +866,18 @@ class ClipColorEncoder:
 
     @torch.no_grad()
     def embed_colors(self, names: Sequence[str]) -> torch.Tensor:
-        """Projected text embeddings ``[C, projection_dim]`` (float32) of the color prompts; cached per name."""
+        """Projected text embeddings ``[C, projection_dim]`` (float32) of the color prompts (``template`` filled
+        with each name); cached per prompt text and the model's device and dtype."""
         if isinstance(names, str):
             raise ValueError("embed_colors takes a sequence of names, not one string")
-        keys = [_canonical_color(n) for n in names]
-        todo, embedded = self._cache.missing(self.device, keys), None
+        texts = [self.template.format(_canonical_color(n)) for n in names]
+        todo, embedded = self._cache.missing(self.model, texts), None
         if todo:
-            texts = [self.template.format(k) for k in todo]
-            tokens = self.tokenizer(texts, padding=True, return_tensors="pt")
-            check_text_length(self.model, texts, tokens, "ClipColorEncoder", "template")
+            tokens = self.tokenizer(todo, padding=True, return_tensors="pt")
+            check_text_length(self.model, todo, tokens, "ClipColorEncoder", "template")
             tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
             pooled = self.model.text_model(**tokens).pooler_output
             embedded = self.model.text_projection(pooled).float()
-        if not keys:
+        if not texts:
             return torch.zeros(0, self.model.config.projection_dim, device=self.device)
-        return self._cache.stack(self.device, keys, {} if embedded is None else dict(zip(todo, embedded)))
+        return self._cache.stack(self.model, texts, {} if embedded is None else dict(zip(todo, embedded)))

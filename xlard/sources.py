@@ -540,16 +540,16 @@ class ClipSource(RewardSource):
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Projected text embeddings ``[K, D]`` (float32), cached per text."""
+        """Projected text embeddings ``[K, D]`` (float32), cached per text and the model's device and dtype."""
         device = self.encoder.device
-        todo, new = self._text_cache.missing(device, texts), {}
+        todo, new = self._text_cache.missing(self.model, texts), {}
         if todo:
             tokens = self.tokenizer(todo, padding=True, return_tensors="pt")
             check_text_length(self.model, todo, tokens, "ClipSource", "noun_template or background")
             tokens = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
             pooled = self.model.text_model(**tokens).pooler_output
             new = dict(zip(todo, self.model.text_projection(pooled).float()))
-        return self._text_cache.stack(device, texts, new)
+        return self._text_cache.stack(self.model, texts, new)
 
     @torch.no_grad()  # maps, not a graph: logit_scale is a parameter that requires grad
     def __call__(self, decoded: Any) -> dict[str, Any]:
