@@ -465,3 +465,27 @@ def test_a_backbones_own_error_is_named_by_its_config_key():
                 tr.load_backbone(BackboneSettings(name=folder, dtype="float32"), torch.device("cpu"))
         finally:
             backbones.DiffusersBackbone.from_pretrained = original
+
+
+def test_loading_a_backbone_leaves_the_diffusers_logger_level_alone(monkeypatch, tmp_path):
+    """load_backbone (train(), the demo) set the 'diffusers' logger to ERROR for good: a program calling train()
+    lost diffusers' warnings afterwards. Quiet while loading only, on success and on failure."""
+    import logging
+
+    import xlard.backbones as backbones
+    from xlard.train import trainer as tr
+    from xlard.train.config import BackboneSettings
+
+    seen = []
+
+    def loading(*args, **kwargs):
+        seen.append(logging.getLogger("diffusers").level)
+        raise ValueError("no such pipeline")
+
+    (tmp_path / "model_index.json").write_text("{}")
+    monkeypatch.setattr(backbones.DiffusersBackbone, "from_pretrained", loading)
+    logger = logging.getLogger("diffusers")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    with pytest.raises(ValueError):
+        tr.load_backbone(BackboneSettings(name=str(tmp_path), dtype="float32"), torch.device("cpu"))
+    assert seen == [logging.ERROR] and logger.level == logging.INFO

@@ -119,12 +119,16 @@ def load_backbone(settings, device: torch.device, reward=None):
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
     import logging
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
+
     from xlard._args import model_location
 
     # A path that does not exist is named as one ("no folder at ..."), not as a hub model to download.
     path = model_location("train config backbone.name", path, "model_index.json",
                           "a diffusers pipeline folder", ", 'shapes'")
+    # diffusers' loading notices are quiet while loading only: a program calling train() keeps its own level
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         return DiffusersBackbone.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing hub model as either
@@ -144,6 +148,8 @@ def load_backbone(settings, device: torch.device, reward=None):
         from xlard.backbones.diffusers_backbone import unloadable_hub_model
 
         raise ValueError(f"train config backbone.name: {unloadable_hub_model(settings.name, exc)}") from None
+    finally:
+        logger.setLevel(level)
 
 
 def _backbone_config_error(text: str, settings) -> str:
