@@ -2115,7 +2115,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
             alpha (float or Tensor[B], optional): step size; default ``config.alpha``.
 
         Returns:
-            (zc [B, C, H, W] in z0's dtype, lam [B, H, W] float32): the corrected
+            (zc [B, C, H, W] in z0's dtype, lam [B, H, W] float32, float64 for a float64 z0): the corrected
             latent and the Latent Activation Map ``sum_c |Delta|``.
 
         Raises:

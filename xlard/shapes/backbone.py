@@ -169,8 +169,10 @@ def generate(prompts: str | Sequence[str], seed: int = 0, steps: int = DEFAULT_S
              progress: bool = False) -> np.ndarray:
     """Generate one 64x64 image per prompt.
 
-    Image ``i`` uses its own ``torch.Generator`` seeded ``seed + i``, so it
-    depends only on its prompt and that seed, not on the batching.
+    Image ``i`` uses its own ``torch.Generator`` seeded ``seed + i``, so its noise
+    depends only on its prompt and that seed, not on the batching (the networks'
+    matrix products may round differently per batch size: a pixel now and then one
+    uint8 level apart).
 
     Args:
         prompts: a prompt or a list of prompts.
