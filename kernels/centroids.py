@@ -175,26 +175,24 @@ def attention_centroids_bwd(grad: torch.Tensor, maps: torch.Tensor, centroids: t
 @triton.jit
 def _relation_terms(centroids_ptr, relations_ptr, b, r, active, T, stride_cb, stride_ct, stride_cc,
                     stride_rb, stride_rr, stride_rc, tau, ACC: tl.constexpr):
-    """Per relation row: (token a, token b, direction dx, dy, score)."""
+    """Per relation row: (token a, token b, direction dx, dy, score, whether the row is active and valid)."""
     rel = relations_ptr + b * stride_rb + r * stride_rr
     a = tl.load(rel, mask=active, other=0)
     t = tl.load(rel + stride_rc, mask=active, other=0)
     code = tl.load(rel + 2 * stride_rc, mask=active, other=0)
-    # The host checks the ranges, except under CUDA-graph capture (no host read there): a bad row is read
-    # clamped in bounds and scores NaN, never a plausible number.
-    bad = (a < 0) | (a >= T) | (t < 0) | (t >= T) | (code < 0) | (code > 3)
-    a = tl.minimum(tl.maximum(a, 0), T - 1)
-    t = tl.minimum(tl.maximum(t, 0), T - 1)
+    # The host checks the ranges, except under CUDA-graph capture (no host read there): a bad row reads no
+    # centroid, scores NaN (never a plausible number) and adds nothing to any token's gradient.
+    ok = active & (a >= 0) & (a < T) & (t >= 0) & (t < T) & (code >= 0) & (code <= 3)
     dx = tl.where(code == 0, -1.0, tl.where(code == 1, 1.0, 0.0)).to(ACC)
     dy = tl.where(code == 2, -1.0, tl.where(code == 3, 1.0, 0.0)).to(ACC)
     cen = centroids_ptr + b * stride_cb
-    xa = tl.load(cen + a * stride_ct, mask=active, other=0).to(ACC)
-    ya = tl.load(cen + a * stride_ct + stride_cc, mask=active, other=0).to(ACC)
-    xb = tl.load(cen + t * stride_ct, mask=active, other=0).to(ACC)
-    yb = tl.load(cen + t * stride_ct + stride_cc, mask=active, other=0).to(ACC)
+    xa = tl.load(cen + a * stride_ct, mask=ok, other=0).to(ACC)
+    ya = tl.load(cen + a * stride_ct + stride_cc, mask=ok, other=0).to(ACC)
+    xb = tl.load(cen + t * stride_ct, mask=ok, other=0).to(ACC)
+    yb = tl.load(cen + t * stride_ct + stride_cc, mask=ok, other=0).to(ACC)
     z = tau * ((xa - xb) * dx + (ya - yb) * dy)
-    score = tl.where(bad, float("nan"), 1.0 / (1.0 + tl.exp(-z)))
-    return a, t, dx, dy, score
+    score = tl.where(ok | ~active, 1.0 / (1.0 + tl.exp(-z)), float("nan"))
+    return a, t, dx, dy, score, ok
 
 
 @triton.jit
@@ -207,7 +205,7 @@ def _position_scores_fwd_kernel(
     r = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     active = r < R
     tau = tl.load(tau_ptr)
-    _a, _t, _dx, _dy, score = _relation_terms(
+    _a, _t, _dx, _dy, score, _ok = _relation_terms(
         centroids_ptr, relations_ptr, b, r, active, T, stride_cb, stride_ct, stride_cc,
         stride_rb, stride_rr, stride_rc, tau, ACC)
     tl.store(out_ptr + b * R + r, score, mask=active)
@@ -227,11 +225,11 @@ def _position_scores_bwd_kernel(
     for start in range(0, R, BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
         active = r < R
-        a, t, dx, dy, score = _relation_terms(
+        a, t, dx, dy, score, ok = _relation_terms(
             centroids_ptr, relations_ptr, b, r, active, T, stride_cb, stride_ct, stride_cc,
             stride_rb, stride_rr, stride_rc, tau, ACC)
-        g = tl.load(grad_ptr + b * R + r, mask=active, other=0).to(ACC)
-        coef = tl.where(active, g * score * (1.0 - score) * tau, 0.0)
+        g = tl.load(grad_ptr + b * R + r, mask=ok, other=0).to(ACC)
+        coef = tl.where(ok, g * score * (1.0 - score) * tau, 0.0)
         # d score / d p_a = coef * v and d score / d p_b = -coef * v, summed per token. A row adds nothing to
         # the tokens it does not name (a where, not 0 * term: an infinite or NaN term of one row would make
         # 0 * inf = NaN in every token of the item, where the other providers leave them untouched); a row

@@ -575,8 +575,13 @@ def test_position_scores_bad_rows_score_nan_when_unchecked(kernels, monkeypatch)
     want = oracle_position_scores(centroids, rel[[0, 4]], 10.0).float()
     assert torch.isnan(out[0, [1, 2, 3, 5]]).all(), out
     close(out[:, [0, 4]], want, ACC_TOL[torch.float32], "good rows beside bad ones")
-    grad = mod.position_scores_bwd(torch.ones(1, 2), centroids, rel[[0, 4]], 10.0)
-    assert torch.isfinite(grad).all()
+    # the backward: a bad row adds nothing (its NaN score made every token's gradient NaN); the good rows' as usual
+    grad = mod.position_scores_bwd(torch.ones(1, 6), centroids, rel, 10.0)
+    want = mod.position_scores_bwd(torch.ones(1, 2), centroids, rel[[0, 4]], 10.0)
+    assert torch.equal(grad, want) and torch.isfinite(want).all() and want.abs().sum() > 0
+    # no token at all (T == 0): nothing is read (a clamp to T - 1 = -1 read before the tensor)
+    empty = mod.position_scores_fwd(torch.zeros(1, 0, 2), torch.tensor([[0, 1, 0]]), 10.0)
+    assert empty.shape == (1, 1) and torch.isnan(empty).all()
 
 
 # --------------------------------------------------------------------------- color_scores

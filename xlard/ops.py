@@ -226,7 +226,8 @@ def position_scores(centroids: Tensor, relations: Tensor, tau: float = 10.0) -> 
         ValueError: an out-of-range token index or code (checked on the host
             for CPU tensors; on CUDA the check reads the relations once, except
             under CUDA-graph capture, where the CUDA kernel traps with a
-            device-side assertion and the Triton kernel scores the row NaN), or
+            device-side assertion and the Triton kernel scores the row NaN and
+            gives it no gradient), or
             ``tau`` not a finite number > 0.
 
     Example:
