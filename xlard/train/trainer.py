@@ -118,17 +118,17 @@ def load_backbone(settings, device: torch.device, reward=None):
         kwargs["num_inference_steps"] = steps
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
-    import logging
-
     from xlard._args import model_location
 
     # A path that does not exist is named as one ("no folder at ..."), not as a hub model to download.
     path = model_location("train config backbone.name", path, "model_index.json",
                           "a diffusers pipeline folder", ", 'shapes'")
-    # diffusers' loading notices are quiet while loading only: a program calling train() keeps its own level
-    logger = logging.getLogger("diffusers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # diffusers' loading notices are quiet while loading only: a program calling train() keeps diffusers' verbosity
+    # (imported first: its import sets the level from DIFFUSERS_VERBOSITY, which a level saved before would undo)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
     try:
         return DiffusersBackbone.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing hub model as either
@@ -149,7 +149,7 @@ def load_backbone(settings, device: torch.device, reward=None):
 
         raise ValueError(f"train config backbone.name: {unloadable_hub_model(settings.name, exc)}") from None
     finally:
-        logger.setLevel(level)
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def _backbone_config_error(text: str, settings) -> str:
