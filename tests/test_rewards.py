@@ -401,11 +401,11 @@ def test_image_inputs_agree():
     enc = PixelColorEncoder(grid=(4, 4))
     want = enc.encode_images(uint8).features
     for other in (hwc, hwc[None], [Image.fromarray(hwc)], Image.fromarray(hwc), uint8.float() / 255, [uint8[0]],
-                  [hwc]):  # a list of [C, H, W] tensors was read as [H, W, C] arrays ("got 64 channels")
+                  [hwc], [torch.from_numpy(hwc)]):  # a list of [C, H, W] tensors was read as [H, W, C] arrays
         torch.testing.assert_close(enc.encode_images(other).features, want)
     with pytest.raises(ValueError, match=r"one shape, dtype and device"):
         as_image_batch([uint8[0], uint8[0].float()])
-    with pytest.raises(ValueError, match=r"\[C, H, W\] images, got shape \(1, 3"):
+    with pytest.raises(ValueError, match=r"\[C, H, W\] \(or \[H, W, C\]\) images, got shape \(1, 3"):
         as_image_batch([uint8])
     with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
         as_image_batch(img * 2 - 1)

@@ -266,7 +266,8 @@ def as_image_batch(images: Any) -> torch.Tensor:
             ``[B, H, W, C]`` or ``[H, W, C]`` (float in [0, 1] or uint8); a PIL
             image or a list of same-size PIL images (read as :func:`xlard.explain.read_png`
             reads files: EXIF orientation applied, gray/palette/CMYK converted); a list of
-            same-size ``[C, H, W]`` tensors (stacked) or of ``[H, W, C]`` numpy arrays.
+            same-size ``[C, H, W]`` tensors (or ``[H, W, C]`` ones, told apart by where the
+            1, 3 or 4 channels are; ``[C, H, W]`` when both could be) or ``[H, W, C]`` arrays.
 
     Returns:
         Tensor[B, 3, H, W], float32, on the input tensor's device (CPU otherwise).
@@ -281,16 +282,20 @@ def as_image_batch(images: Any) -> torch.Tensor:
         if len({(tuple(im.shape), im.dtype, im.device) for im in images}) != 1:
             raise ValueError("as_image_batch: a list of tensors must share one shape, dtype and device ([C, H, W] "
                              f"each), got {sorted({(tuple(im.shape), str(im.dtype), str(im.device)) for im in images})}")
-        if images[0].dim() != 3:
-            raise ValueError(f"as_image_batch: a list of tensors holds [C, H, W] images, got shape "
-                             f"{tuple(images[0].shape)}")
+        shape = tuple(images[0].shape)
+        if len(shape) != 3:
+            raise ValueError(f"as_image_batch: a list of tensors holds [C, H, W] (or [H, W, C]) images, got shape "
+                             f"{shape}")
+        hwc = shape[0] not in (1, 3, 4) and shape[2] in (1, 3, 4)
         images = torch.stack(list(images))
+    else:
+        hwc = False
     if isinstance(images, torch.Tensor):
         if images.is_meta:
             raise ValueError("as_image_batch: images are meta tensors (shapes only, no pixels); pass the decoded "
                              "images")
         x = images
-        channel_dim = -3
+        channel_dim = -1 if hwc else -3
     else:
         import numpy as np
 
