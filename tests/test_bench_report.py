@@ -174,7 +174,7 @@ def _gpu_bench(group, provider, median, **info):
             "extra_info": {"provider": provider, "calls_per_round": 1, **info}}
 
 
-def test_gpu_report_gives_no_ratio_across_runs_and_survives_a_broken_file(tmp_path, capsys):
+def test_gpu_report_gives_no_ratio_across_runs_and_survives_a_broken_file(tmp_path, capsys, monkeypatch):
     """A compiled_reference row timed in another pytest process than its group's cuda row got a speed-up (a ratio
     across runs); one unreadable JSON raised and lost the whole report (tests and sanitizer results too)."""
     import json
@@ -202,9 +202,15 @@ def test_gpu_report_gives_no_ratio_across_runs_and_survives_a_broken_file(tmp_pa
     with pytest.raises(SystemExit) as exc:
         report.main([str(tmp_path / "main.json"), str(tmp_path / "typo.json")])
     assert exc.value.code == 2 and "no such benchmark JSON file" in capsys.readouterr().err
-    # an unreadable input fails the report's exit code, the readable rows are still printed
-    assert report.main([str(tmp_path / "main.json"), str(tmp_path / "cut.json")]) == 2
+    # an unreadable input is a failure (1), not a missed target (2); the readable rows are still printed
+    assert report.main([str(tmp_path / "main.json")]) == 2  # targets without rows: not measured
+    capsys.readouterr()
+    assert report.main([str(tmp_path / "main.json"), str(tmp_path / "cut.json")]) == 1
     assert "| reference |" in capsys.readouterr().out
+    # a failed benchmark of --run is a failure too, whatever the targets say
+    monkeypatch.setattr(report, "run_benchmarks", lambda path: (Path(path).write_text(
+        (tmp_path / "main.json").read_text()), 1)[1])
+    assert report.main(["--run"]) == 1
 
 
 def test_gpu_check_report_names_an_unreadable_bench_json_as_a_failure(tmp_path):
@@ -227,7 +233,7 @@ def test_gpu_device_time_is_none_for_a_call_that_waits_on_the_gpu(monkeypatch):
 
     import torch
 
-    bench = pytest_import_gpu_bench()
+    bench = _gpu_bench_module(monkeypatch)
     busy_until = [0.0]
 
     def fake_sleep(cycles):  # the "GPU" is busy for the asked time
@@ -242,8 +248,8 @@ def test_gpu_device_time_is_none_for_a_call_that_waits_on_the_gpu(monkeypatch):
     assert not bench._waits_on_device(lambda: None, 1e-4)    # only enqueues work
 
 
-def pytest_import_gpu_bench():
+def _gpu_bench_module(monkeypatch):
     import importlib
 
-    sys.path.insert(0, str(ROOT / "tests"))  # bench_gpu_ops imports tests/helpers.py
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))  # bench_gpu_ops imports tests/helpers.py
     return importlib.import_module("benches.gpu.bench_gpu_ops")

@@ -21,9 +21,9 @@ How a benchmark is timed (``measure``):
   host overhead would land between the events (``device_ms_note`` says so);
 - the benches with a bandwidth target rotate their inputs over enough copies to exceed
   the L2 cache three times (at most 8 copies; enough for their shapes), so bandwidth is
-  measured from memory, not from L2; the others (graph, component_stats,
-  position_scores, gaussian_log_prob, issue-14 shapes) do not rotate: their GB/s may be
-  L2 numbers;
+  measured from memory, not from L2; the graph, component_stats, position_scores,
+  gaussian_log_prob and some issue-14 benches do not rotate: their GB/s may be L2
+  numbers;
 - ``extra_info`` records ``bytes`` (read + written, compulsory traffic),
   ``bytes_read``, ``bytes_written`` and ``pixels``, so GB/s is derived.
 

@@ -4,6 +4,9 @@ the speed targets of issue 3 marked met or MISS.
     python -m benches.gpu.report BENCH.json [MORE.json ...] [--json OUT.json] [--markdown OUT.md]
     python -m benches.gpu.report --run [--json ...] [--markdown ...]   # run benches/gpu first
 
+Exit status: 0 every speed target met, 2 a target missed or not measured (or a usage mistake), 1 a benchmark
+failed (--run) or a JSON file could not be read (its rows are left out, the rest is reported).
+
 Times per call: ``wall`` = the median timed round / ``calls_per_round`` (public API,
 host overhead included, device synchronized); ``device`` = CUDA-event time of the same
 burst with host overhead hidden (see benches/gpu/bench_gpu_ops.py). GB/s = ``bytes``
@@ -227,11 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no such benchmark JSON file: {', '.join(missing)}")
     with tempfile.TemporaryDirectory() as tmp:
         paths = list(args.inputs)
+        code = 0
         if args.run:
             paths.append(os.path.join(tmp, "gpu-bench.json"))
             code = run_benchmarks(paths[-1])
             if not os.path.isfile(paths[-1]):
-                parser.error(f"the benchmark run (pytest exit code {code}) wrote no JSON")
+                print(f"error: the benchmark run (pytest exit code {code}) wrote no JSON", file=sys.stderr)
+                return 1
         if not paths:
             parser.error("no benchmark JSON to summarise (give files or --run)")
         summary = summarise(paths)
@@ -242,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({k: v for k, v in summary.items() if k != "markdown"}, fh, indent=2)
-    return 0 if all(v["status"] == "met" for v in summary["verdicts"]) and not summary["unreadable"] else 2
+    if summary["unreadable"] or code not in (0, 5):  # a failed benchmark or a lost file: 1, as benches/report.py
+        return 1
+    return 0 if all(v["status"] == "met" for v in summary["verdicts"]) else 2
 
 
 if __name__ == "__main__":

@@ -123,10 +123,11 @@ void run(const char* op, Checked& c) {
     return;
   }
   bytes = cuda::components_shared_bytes(p.height, p.width, p.max_components, true);
+  // 24 bytes a slot above a fixed part: the most slots that fit, for the message
+  const int64_t most = (limit - static_cast<int64_t>(cuda::components_shared_bytes(p.height, p.width, 0, true))) / 24;
   TORCH_CHECK(static_cast<int64_t>(bytes) <= limit, "xlard.", op, ": max_components = ", p.max_components, " needs ",
-              bytes, " bytes of shared memory per block, more than this GPU's ", limit,
-              "; ask for fewer components (about limit / 24), or use the CPU or Triton provider, which take any K "
-              "(with xlard.ops.provider(\"triton\"): ...)");
+              bytes, " bytes of shared memory per block, more than this GPU's ", limit, "; ask for at most ", most,
+              " components, or use the CPU or Triton provider, which take any K (with xlard.ops.provider(\"triton\"))");
   const auto opts = c.maps.options().dtype(at::kInt);
   const int64_t pixels = static_cast<int64_t>(p.height) * p.width;
   const int64_t words = static_cast<int64_t>(p.height) * cuda::components_words_per_row(p.width);
