@@ -496,6 +496,14 @@ def test_dtype_loads_the_backbone_in_half_precision_and_is_part_of_the_settings(
     code, _, err = run(argv + ["--resume"], capsys)  # float32 now: other settings
     assert code == 2
     one_line_error(err, "--resume", "differ: dtype")
+    # the default given explicitly is the run made without it (it was refused as "dtype (absent) -> float32")
+    plain = tmp_path / "plain"
+    plain_argv = [a if a != out else plain for a in argv] + ["--per-prompt", 2]
+    assert run(plain_argv, capsys)[0] == 0
+    (plain / "0000_seed0.png").unlink()  # 0001 stays: the folder holds this run's results
+    code, _, err = run(plain_argv + ["--resume", "--dtype", "float32"], capsys)
+    assert code == 0, err
+    assert (plain / "0000_seed0.png").is_file()
     with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
         evaluation.load_backbone_for(evaluation.CorrectorMeta("shapes", 1.0, 1.0, 2, 5.0), dtype="float64")
 
@@ -1511,3 +1519,13 @@ def test_a_setting_the_backbone_refuses_is_named_by_its_flag(tmp_path, capsys):
                         "--out", tmp_path / "g", "--quiet"], capsys)
     assert code == 2
     one_line_error(err, "xlard generate: error: --guidance: this FluxPipeline has no guidance embedding", "got 3.0")
+
+
+def test_abbreviated_options_are_refused(capsys):
+    """argparse took `demo --seed 1` as `--seeds 1` and started a full default demo (minutes of work no one asked
+    for); every command refuses an abbreviation now, naming it."""
+    for argv, word in ((["demo", "--seed", 1], "--seed 1"), (["eval", "--fold", "x"], "--fold x"),
+                       (["generate", "a cat", "--backbone", "shapes", "--per", 2], "--per 2")):
+        code, _, err = run(argv, capsys)
+        assert code == 2
+        one_line_error(err, f"unrecognized arguments: {word}")

@@ -82,7 +82,12 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors turned into one-line :class:`UsageError` (exit 2, no usage dump)."""
+    """argparse with its errors turned into one-line :class:`UsageError` (exit 2, no usage dump), and no
+    abbreviated options (``demo --seed 1`` was taken as ``--seeds 1`` and started a full demo)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # the subcommands' parsers are made by this class too
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see `{self.prog} --help`)", prog=self.prog)
@@ -423,6 +428,14 @@ def _dtype_setting(args) -> dict:
     return {"dtype": args.dtype} if getattr(args, "dtype", None) else {}
 
 
+# Settings recorded only when their flag is given: the default given explicitly is the same run as none given.
+_SETTING_DEFAULTS = {"dtype": "float32"}
+
+
+def _without_defaults(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in _SETTING_DEFAULTS or _SETTING_DEFAULTS[k] != v}
+
+
 def _load_backbone(args):
     import torch
 
@@ -538,7 +551,8 @@ def _check_output_folder(args, out: Path, flag: str, settings: dict, owned: list
         raise UsageError(f"--resume: {out} holds results but no readable {MANIFEST_NAME}, so the run that made "
                          "them is unknown; use --overwrite or another folder") from None
     before = earlier.get("settings", {}) if isinstance(earlier, dict) else {}
-    before = before if isinstance(before, dict) else {}
+    before = _without_defaults(before if isinstance(before, dict) else {})
+    settings = _without_defaults(settings)
     if not isinstance(earlier, dict) or earlier.get("command") != args.command or before != settings:
         diff = [_io.changed_setting(k, before.get(k), settings.get(k))
                 for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
