@@ -512,3 +512,18 @@ def test_loading_a_backbone_leaves_the_diffusers_verbosity_alone(monkeypatch, tm
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == str(diffusers_logging.WARNING), out.stdout
+
+
+def test_load_backbone_without_diffusers_names_the_extra(monkeypatch):
+    """Quieting diffusers' logging imported it bare before DiffusersBackbone could name the extra: `xlard train`
+    and `xlard demo` said only "No module named 'diffusers'"."""
+    import sys
+
+    from xlard.train import trainer as tr
+    from xlard.train.config import BackboneSettings
+
+    for name in [m for m in sys.modules if m == "diffusers" or m.startswith("diffusers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    with pytest.raises(ImportError, match=r"needs diffusers: pip install 'xlard\[method\]'"):
+        tr.load_backbone(BackboneSettings(name="shapes"), torch.device("cpu"))

@@ -125,8 +125,9 @@ def load_backbone(settings, device: torch.device, reward=None):
                           "a diffusers pipeline folder", ", 'shapes'")
     # diffusers' loading notices are quiet while loading only: a program calling train() keeps diffusers' verbosity
     # (imported first: its import sets the level from DIFFUSERS_VERBOSITY, which a level saved before would undo)
-    from diffusers.utils import logging as diffusers_logging
+    from xlard._optional import require
 
+    diffusers_logging = require("diffusers.utils.logging", "xlard.backbones.DiffusersBackbone")
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
