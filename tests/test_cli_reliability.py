@@ -504,6 +504,9 @@ def test_dtype_loads_the_backbone_in_half_precision_and_is_part_of_the_settings(
     code, _, err = run(plain_argv + ["--resume", "--dtype", "float32"], capsys)
     assert code == 0, err
     assert (plain / "0000_seed0.png").is_file()
+    code, _, err = run(plain_argv + ["--resume", "--dtype", "bfloat16"], capsys)  # named as what each run had
+    assert code == 2
+    one_line_error(err, '--resume', 'differ: dtype "float32" -> "bfloat16"')
     with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
         evaluation.load_backbone_for(evaluation.CorrectorMeta("shapes", 1.0, 1.0, 2, 5.0), dtype="float64")
 

@@ -432,8 +432,9 @@ def _dtype_setting(args) -> dict:
 _SETTING_DEFAULTS = {"dtype": "float32"}
 
 
-def _without_defaults(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in _SETTING_DEFAULTS or _SETTING_DEFAULTS[k] != v}
+def _with_defaults(settings: dict) -> dict:
+    """``settings`` with the defaults of :data:`_SETTING_DEFAULTS` filled in (compared and named as themselves)."""
+    return {**_SETTING_DEFAULTS, **settings}
 
 
 def _load_backbone(args):
@@ -551,8 +552,8 @@ def _check_output_folder(args, out: Path, flag: str, settings: dict, owned: list
         raise UsageError(f"--resume: {out} holds results but no readable {MANIFEST_NAME}, so the run that made "
                          "them is unknown; use --overwrite or another folder") from None
     before = earlier.get("settings", {}) if isinstance(earlier, dict) else {}
-    before = _without_defaults(before if isinstance(before, dict) else {})
-    settings = _without_defaults(settings)
+    before = _with_defaults(before if isinstance(before, dict) else {})
+    settings = _with_defaults(settings)
     if not isinstance(earlier, dict) or earlier.get("command") != args.command or before != settings:
         diff = [_io.changed_setting(k, before.get(k), settings.get(k))
                 for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
