@@ -187,7 +187,7 @@ def to_markdown(rows: list[dict], verdicts: list[str], machine: dict, note: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benches.report", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benches.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--json", help="write the summary rows and verdicts as JSON here")

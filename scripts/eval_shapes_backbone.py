@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 def parse_args(argv=None) -> argparse.Namespace:
     from xlard.shapes.backbone import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--n", type=int, default=504, help="images (records drawn balanced over tags)")
     p.add_argument("--record-seed", type=int, default=2024, help="seed of the record draw")

@@ -33,7 +33,7 @@ import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--per-tag", type=int, default=16, help="items per GenEval tag (default 16)")
     p.add_argument("--seed-base", type=int, default=100, help="image seed = seed-base + seed index (default 100)")
     p.add_argument("--batch", type=int, default=32)

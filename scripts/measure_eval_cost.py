@@ -23,7 +23,8 @@ import torch
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=48, help="held-out records measured (balanced over tags; default 48)")
     parser.add_argument("--seeds", default="0,1", help="evaluation seeds, e.g. 0,1 (default 0,1)")
     parser.add_argument("--steps", default="1.0,0.6,0.3", help="correction steps to measure (default 1.0,0.6,0.3)")

@@ -619,7 +619,8 @@ def to_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="shapes")
     parser.add_argument("--source", default=None, choices=("attention", "shapes", "clip"),
                         help="reward source (default: the backbone's default, xlard.sources.default_source_for)")

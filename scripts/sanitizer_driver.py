@@ -121,7 +121,8 @@ def run(providers: list[str], quick: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--providers", default="cuda,triton", help="comma-separated: cuda, triton")
     parser.add_argument("--quick", action="store_true", help="fewer cases (for racecheck, the slower tool)")
     args = parser.parse_args(argv)

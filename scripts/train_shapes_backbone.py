@@ -55,7 +55,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
@@ -738,7 +737,7 @@ assert set(HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
 
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         value = getattr(defaults, f.name)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -117,7 +116,8 @@ def config_differences(run: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "runs" / "shapes_shipped"), help="the run folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--no-install", action="store_true", help="train only; leave package data alone")

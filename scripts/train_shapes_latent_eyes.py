@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False,
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for config.json and model.safetensors")
     p.add_argument("--work", default="runs/shapes_latent_eyes_data",
                    help="folder for the sampled data, reused by a rerun (default: runs/shapes_latent_eyes_data)")

@@ -490,7 +490,8 @@ assert set(HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         value = getattr(defaults, f.name)

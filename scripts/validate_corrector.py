@@ -55,7 +55,8 @@ def _multipliers(text: str) -> list[float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--corrector", help="a corrector folder (xlard train's OUT/corrector)")
     which.add_argument("--correct", action="store_true", help="the corrector shipped for the shapes backbone")

@@ -153,3 +153,12 @@ def test_prompts_to_stdout(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "-").exists()
     assert cli.main(["prompts", str(tmp_path / "p.jsonl"), "-n", "3", "--split", "train"]) == 0
     assert [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()] == records
+
+
+def test_python_m_xlard_info_refuses_unknown_arguments(capsys):
+    """`python -m xlard.info --js` (or any typo) printed the text report as if nothing had been asked."""
+    from xlard import info
+
+    assert info.main(["--js"]) == 2
+    assert "unrecognized arguments: --js (it takes only --json)" in capsys.readouterr().err
+    assert info.main(["--json"]) == 0 and capsys.readouterr().out.lstrip().startswith("{")

@@ -45,6 +45,7 @@ def test_eval_shapes_backbone_takes_its_defaults():
     (["--steps", "1.5"], "--steps: expected comma-separated correction steps in (0, 1]"),
     (["--seeds", "a"], "--seeds: must be non-negative integers"),
     (["--out", "/proc/no/such/cost.json"], "--out"),
+    (["--seed", "1"], "unrecognized arguments: --seed 1"),  # was taken as --seeds 1: no abbreviations
 ])
 def test_measure_eval_cost_refuses_bad_options_before_loading(bad, text, capsys, monkeypatch):
     from xlard import evaluation

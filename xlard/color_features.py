@@ -281,7 +281,7 @@ def as_image_batch(images: Any) -> torch.Tensor:
     if isinstance(images, (list, tuple)) and images and all(isinstance(im, torch.Tensor) for im in images):
         if len({(tuple(im.shape), im.dtype, im.device) for im in images}) != 1:
             raise ValueError("as_image_batch: a list of tensors must share one shape, dtype and device ([C, H, W] "
-                             f"each), got {sorted({(tuple(im.shape), str(im.dtype), str(im.device)) for im in images})}")
+                             f"or [H, W, C] each), got {sorted({(tuple(im.shape), str(im.dtype), str(im.device)) for im in images})}")
         shape = tuple(images[0].shape)
         if len(shape) != 3:
             raise ValueError(f"as_image_batch: a list of tensors holds [C, H, W] (or [H, W, C]) images, got shape "

@@ -78,6 +78,11 @@ def format_report(info: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    unknown = [a for a in argv if a != "--json"]
+    if unknown:  # `--js` or a typo printed the text report as if nothing was asked
+        print(f"python -m xlard.info: error: unrecognized arguments: {' '.join(unknown)} (it takes only --json)",
+              file=sys.stderr)
+        return 2
     info = collect()
     try:
         print(json.dumps(info, indent=2) if "--json" in argv else format_report(info))

@@ -358,19 +358,20 @@ def cmd_report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("env")
+    p = sub.add_parser("env", allow_abbrev=False)
     p.add_argument("--out", required=True)
     p.add_argument("--allow-cpu", action="store_true")
     p.set_defaults(fn=cmd_env)
-    p = sub.add_parser("imports")
+    p = sub.add_parser("imports", allow_abbrev=False)
     p.add_argument("files", nargs="+")
     p.set_defaults(fn=cmd_imports)
-    p = sub.add_parser("build-info")
+    p = sub.add_parser("build-info", allow_abbrev=False)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_build_info)
-    p = sub.add_parser("report")
+    p = sub.add_parser("report", allow_abbrev=False)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)

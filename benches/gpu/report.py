@@ -219,7 +219,8 @@ def run_benchmarks(json_path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", help="pytest-benchmark JSON files of benches/gpu")
     parser.add_argument("--run", action="store_true", help="run benches/gpu first (in one pytest process)")
     parser.add_argument("--json", help="write rows and verdicts as JSON here")
