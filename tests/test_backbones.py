@@ -889,3 +889,106 @@ def test_a_stochastic_flow_matching_scheduler_follows_the_seed(tmp_path, family)
     b = bb.decode(first).images
     assert torch.equal(a, b)
     assert not torch.equal(a, bb.decode(bb.encode(PROMPTS[:1], seed=[4])).images)
+
+
+# ---------------------------------------------------------------------------
+# Hub ids read from the local Hugging Face cache (offline), as a real user's models are
+# ---------------------------------------------------------------------------
+
+
+def _cache_model(hub: Path, repo: str, folder: Path, commit: str = "a" * 40) -> Path:
+    """Copy a saved model folder into the hub cache layout huggingface_hub reads: models--org--name/refs/main
+    naming a commit, snapshots/<commit>/ holding the files."""
+    import shutil
+
+    root = hub / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    return snapshot
+
+
+def test_hub_ids_in_the_cache_are_checked_as_folders_are(sd_path, tmp_path):
+    """A cached but damaged or unsupported hub model was reported as "not in the local cache ... download it
+    first", and the pipeline folder checks (model_index.json, its components' subfolders) never ran for hub ids:
+    diffusers failed naming the snapshot's config.json or a KeyError."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from xlard._args import cached_snapshot
+
+    hub = tmp_path / "hf" / "hub"
+    good = _cache_model(hub, "org/tiny-sd", sd_path)
+    assert cached_snapshot("org/tiny-sd", "model_index.json", cache_dir=hub) == str(good)
+    assert cached_snapshot("org/tiny-sd", "config.json", cache_dir=hub) is None  # no such file at its top
+    assert cached_snapshot("org/tiny-sd", None, cache_dir=hub) == str(good)
+    assert cached_snapshot("org/absent", None, cache_dir=hub) is None and cached_snapshot("bad id!!", None) is None
+    empty = _cache_model(hub, "org/empty-index", sd_path)
+    (empty / "model_index.json").write_text("{}")
+    shutil.rmtree(_cache_model(hub, "org/no-unet", sd_path) / "unet")
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+
+    def generate(repo: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "xlard", "generate", "a red circle", "--backbone", repo,
+                              "--steps", "2", "--out", str(tmp_path / repo.replace("/", "_")), "--quiet"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        return f"{out.returncode}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}"
+
+    assert generate("org/tiny-sd").startswith("0:")
+    got = generate("org/empty-index")
+    assert got.startswith("2:") and 'must be a JSON object with a "_class_name"' in got
+    assert "not in the local cache" not in got
+    got = generate("org/no-unet")
+    assert got.startswith("2:") and "names the component(s) unet" in got and str(hub) in got
+    got = generate("org/absent")
+    assert got.startswith("2:") and "it is not in the local cache and HF_HUB_OFFLINE is set" in got
+
+
+def test_a_cached_hub_model_that_is_no_clip_model_is_named_as_such(sd_path, tmp_path):
+    """The CLIP source's model given a cached hub id of another kind (a diffusers pipeline, no config.json at its
+    top) was told it is "not in the local cache ... download it first"."""
+    import os
+    import subprocess
+    import sys
+
+    _cache_model(tmp_path / "hf" / "hub", "org/tiny-sd", sd_path)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    code = ("from xlard.color_features import check_clip_model\n"
+            "for name in ('org/tiny-sd', 'org/absent'):\n"
+            "    try:\n        check_clip_model('model', name)\n"
+            "    except (OSError, ValueError) as e:\n        print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2, out.stderr[-2000:]
+    assert "the hub model 'org/tiny-sd', cached at" in lines[0] and "has no config.json, so it is not a CLIP model" \
+        in lines[0]
+    assert "'org/absent' is not a local folder and not a loadable hub model; it is not in the local cache" in lines[1]
+
+
+def test_a_training_run_fingerprints_a_hub_backbone_by_its_cached_snapshot(sd_path, tmp_path):
+    """A run on a hub id recorded no fingerprint of its backbone (only local folders were), so a resume on a newer
+    download of the same id mixed two models without a word."""
+    from types import SimpleNamespace
+
+    from xlard.train.trainer import Trainer, _folder_fingerprint
+
+    hub = tmp_path / "hub"
+    snapshot = _cache_model(hub, "org/tiny-sd", sd_path)
+    run = SimpleNamespace(
+        backbone=SimpleNamespace(pipeline=SimpleNamespace(name_or_path="org/tiny-sd")),
+        cfg=SimpleNamespace(backbone=SimpleNamespace(options={"cache_dir": str(hub)}),
+                            reward=SimpleNamespace(options={})),
+        reward_fn=SimpleNamespace(source_name="attention"),
+        corrector=SimpleNamespace(config=SimpleNamespace(count_edit=False, count_move=False)))
+    folders = Trainer._model_folders(run)
+    assert folders == {"backbone": str(snapshot)}
+    before = _folder_fingerprint(folders["backbone"])
+    newer = _cache_model(hub, "org/tiny-sd-2", sd_path, commit="b" * 40)  # a re-download: another snapshot
+    (newer / "unet" / "config.json").write_text((newer / "unet" / "config.json").read_text() + " ")
+    assert _folder_fingerprint(newer) != before

@@ -1532,3 +1532,21 @@ def test_abbreviated_options_are_refused(capsys):
         code, _, err = run(argv, capsys)
         assert code == 2
         one_line_error(err, f"unrecognized arguments: {word}")
+
+
+def test_a_missing_weights_file_is_one_line_on_stderr(tmp_path):
+    """diffusers logged "An error occurred while trying to fetch ..." on a line of its own before xlard's error."""
+    import subprocess
+    import sys
+
+    from tiny_pipelines import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(tmp_path / "pipe")
+    for weights in (pipe / "unet").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    out = subprocess.run([sys.executable, "-m", "xlard", "generate", "a red circle", "--backbone", str(pipe),
+                          "--steps", "2", "--out", str(tmp_path / "g"), "--quiet"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("xlard generate: error: --backbone:"), out.stderr

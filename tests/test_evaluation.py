@@ -1092,9 +1092,28 @@ def test_corrector_meta_records_the_sampler_and_reads_folders_without_it():
                                                                         "negative_prompt": None})
     assert ev.CorrectorMeta.from_dict(json.loads(json.dumps(full.to_dict()))) == full
     for bad, pattern in (({"heigth": 32}, "unknown keys"), ({"height": 0}, "sampler.height must be a positive"),
-                         ({"pipeline": 3}, "sampler.pipeline must be a string"), ([], "sampler must be a dict")):
+                         ({"pipeline": 3}, "sampler.pipeline must be a string"), ([], "sampler must be a dict"),
+                         ({"revision": 3}, "sampler.revision must be a string")):
         with pytest.raises(ValueError, match=pattern):
             ev.CorrectorMeta("f", STEP, 1.0, STEPS, GUIDANCE, sampler=bad)
+
+
+def test_a_corrector_trained_on_a_hub_revision_loads_that_revision(monkeypatch):
+    """backbone.options.revision was lost at export: eval and generate --corrector ran on the id's main branch."""
+    from xlard.backbones import DiffusersBackbone
+
+    seen = []
+
+    def loading(name, **kwargs):
+        seen.append((name, kwargs.get("revision")))
+        raise OSError("stop here")
+
+    monkeypatch.setattr(DiffusersBackbone, "from_pretrained", loading)
+    meta = ev.CorrectorMeta("org/model", STEP, 1.0, STEPS, GUIDANCE, sampler={"revision": "v2"})
+    assert ev.CorrectorMeta.from_dict(json.loads(json.dumps(meta.to_dict()))) == meta
+    with pytest.raises(ValueError, match=r"at revision v2.*hf download org/model --revision v2"):
+        ev.load_backbone_for(meta)
+    assert seen == [("org/model", "v2")]
 
 
 def test_a_corrector_is_refused_on_another_pipeline_size_or_text_length():

@@ -629,6 +629,10 @@ def test_a_damaged_clip_folder_or_bad_clip_settings_are_named(tiny_clip, word_to
     save_file(weights, str(no_proj / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks weights of the model \\(visual_projection.weight\\)"):
         get_source("clip", model=str(no_proj))
+    (no_proj / "model.safetensors").unlink()  # an interrupted copy: transformers' own text named no argument
+    with pytest.raises(ValueError, match=r"model_id_or_path .*no_proj: its weights could not be loaded \(.*\); "
+                                         r"restore the file$"):
+        get_source("clip", model=str(no_proj))
     with pytest.raises(ValueError, match="dtype= goes with a checkpoint id or folder"):
         get_source("clip", model=tiny_clip, tokenizer=word_tokenizer, dtype=torch.float16)
     for kwargs, pattern in (({"image_std": (0, 0, 0)}, "image_std must be 3 finite numbers"),

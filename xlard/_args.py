@@ -333,6 +333,28 @@ def short_reason(exc_or_text, limit: int = 300) -> str:
     return text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
+def cached_snapshot(name: str, marker: str | None, revision: str | None = None, cache_dir=None) -> str | None:
+    """The folder of hub model ``name``'s snapshot in the local Hugging Face cache when it holds ``marker``
+    (``model_index.json`` for a pipeline, ``config.json`` for a transformers model; None: any snapshot), at
+    ``revision`` (default the cached ``main``); None when it is not cached there, or ``name`` is no hub id.
+    Never touches the network."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        if marker is not None:
+            found = try_to_load_from_cache(str(name), marker, cache_dir=cache_dir, revision=revision)
+            return os.path.dirname(found) if isinstance(found, str) and os.path.isfile(found) else None
+        repo = os.path.join(str(cache_dir or constants.HF_HUB_CACHE), "models--" + str(name).replace("/", "--"))
+        ref = os.path.join(repo, "refs", revision or "main")
+        commit = open(ref, encoding="utf-8").read().strip() if os.path.isfile(ref) else revision
+        snapshot = os.path.join(repo, "snapshots", commit) if commit else None
+        return snapshot if snapshot and os.path.isdir(snapshot) else None
+    except Exception:  # an invalid id (HFValidationError), an unreadable cache folder: nothing cached to read
+        return None
+
+
 def model_location(who: str, name, marker: str, kind: str, others: str = "") -> str:
     """What to load for a "hub id or local folder" argument, checked before any loading.
 
@@ -355,7 +377,10 @@ def model_location(who: str, name, marker: str, kind: str, others: str = "") -> 
         if not path.is_dir():
             raise NotADirectoryError(f"{who}: {text} is a file; give {kind}{others} or a hub model id")
         if not (path / marker).is_file():
-            raise FileNotFoundError(f"{who}: {text} has no {marker}, so it is not {kind}")
+            also = (f" (a local folder is read before the hub id {text!r}: run elsewhere, or give the id's "
+                    "cached snapshot folder)" if not text.startswith((".", "/", "~")) and text.count("/") == 1
+                    and cached_snapshot(text, marker) is not None else "")
+            raise FileNotFoundError(f"{who}: {text} has no {marker}, so it is not {kind}{also}")
         return str(path)
     if looks_like_path(text):
         raise FileNotFoundError(f"{who}: no folder at {text}; check the path (a hub model id reads 'name' "

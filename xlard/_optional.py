@@ -21,6 +21,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "tqdm": ("tqdm", "method"),
     "PIL": ("pillow", "method"),
     "yaml": ("pyyaml", "method"),  # xlard train's YAML configs
+    "huggingface_hub": ("huggingface_hub", "method"),  # the local cache of hub models (diffusers' own dependency)
     "triton": ("triton", "triton"),
 }
 

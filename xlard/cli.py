@@ -348,12 +348,13 @@ def _check_backbone(name: str, flag: str = "--backbone") -> str:
 
 
 def _quiet_hub_logging(progress_bars: bool = True) -> None:
-    """diffusers/transformers log multi-line notices while loading; the CLI reports errors itself, in one line.
-    ``progress_bars=False`` (``--quiet``) also hides their loading and download bars."""
+    """diffusers/transformers log multi-line notices while loading; the CLI reports errors itself, in one line
+    (their own error records too: diffusers logged "An error occurred while trying to fetch ..." before the
+    error xlard names). ``progress_bars=False`` (``--quiet``) also hides their loading and download bars."""
     for name in ("diffusers", "transformers", "huggingface_hub"):
         try:
             module = __import__(f"{name}.utils", fromlist=["logging"])
-            module.logging.set_verbosity_error()
+            module.logging.set_verbosity(module.logging.CRITICAL)
             if not progress_bars:
                 if name == "huggingface_hub":
                     module.disable_progress_bars()

@@ -49,7 +49,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from xlard._args import as_device, is_finite_real, model_location
+from xlard._args import as_device, is_finite_real, model_location, short_reason
 from xlard._images import rgb_array
 from xlard._optional import require
 from xlard.vocab import COLOR_ALIASES
@@ -625,7 +625,8 @@ def check_clip_model(who: str, model_id_or_path) -> str:
             raise
         from xlard.backbones.diffusers_backbone import unloadable_hub_model
 
-        raise FileNotFoundError(f"{who}: {unloadable_hub_model(where, exc, 'a CLIP model folder')}") from None
+        why = unloadable_hub_model(where, exc, "a CLIP model folder", "config.json", kind="a CLIP model")
+        raise FileNotFoundError(f"{who}: {why}") from None
     except ValueError as exc:  # a config.json without (or with an unknown) model_type
         reason = " ".join(str(exc).split())[:200]
         raise ValueError(f"{who}: {model_id_or_path} is not a CLIP model (its config.json: {reason})") from None
@@ -802,8 +803,14 @@ class ClipColorEncoder:
         model_id_or_path = check_clip_model("ClipColorEncoder.from_pretrained: model_id_or_path", model_id_or_path)
         AutoTokenizer, CLIPModel = transformers.AutoTokenizer, transformers.CLIPModel
 
-        model, info = CLIPModel.from_pretrained(model_id_or_path, **({"dtype": dtype} if dtype else {}),
-                                                output_loading_info=True, **kwargs)
+        owner = f"ClipColorEncoder.from_pretrained: model_id_or_path {model_id_or_path}"
+        fix = ("restore the file" + ("" if Path(str(model_id_or_path)).is_dir() else
+                                     f" (a hub model: download it again, `hf download {model_id_or_path}`)"))
+        try:
+            model, info = CLIPModel.from_pretrained(model_id_or_path, **({"dtype": dtype} if dtype else {}),
+                                                    output_loading_info=True, **kwargs)
+        except (OSError, ValueError) as exc:  # a missing or cut weights file: transformers' text named no argument
+            raise ValueError(f"{owner}: its weights could not be loaded ({short_reason(exc)}); {fix}") from None
         # weights the checkpoint lacks come back randomly initialised, with only a log line: a folder without its
         # projections gave maps that meant nothing
         missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith(("visual_projection",
@@ -815,7 +822,11 @@ class ClipColorEncoder:
                              "partial checkpoint")
         if device is not None:
             model = model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(model_id_or_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_id_or_path)
+        except (OSError, ValueError) as exc:  # no tokenizer files: transformers advised installing sentencepiece
+            raise ValueError(f"{owner}: its tokenizer could not be loaded ({short_reason(exc)}); save the tokenizer "
+                             "beside the model (tokenizer.json or vocab.json + merges.txt), or " + fix) from None
         vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
         want = getattr(getattr(model.config, "text_config", None), "vocab_size", None)
         if vocab is not None and want and vocab < min(want, 1000) // 2:

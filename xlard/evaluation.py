@@ -144,10 +144,11 @@ class CorrectorMeta:
             (written by ``xlard train``; empty in folders written before it):
             ``pipeline`` (the diffusers pipeline class), ``height`` and ``width``
             (pixels), ``max_sequence_length`` (the T5 text length, None for
-            CLIP-only pipelines) and ``negative_prompt``. :func:`load_backbone_for`
-            samples with them and :func:`check_corrector_fits` refuses a backbone
-            that differs (a FLUX corrector trained at 32 x 32 with 32 text tokens
-            was applied at 256 x 256 with 512).
+            CLIP-only pipelines), ``negative_prompt`` and ``revision`` (a hub id's
+            branch, tag or commit, when training named one). :func:`load_backbone_for`
+            samples with them (and loads that revision) and :func:`check_corrector_fits`
+            refuses a backbone that differs (a FLUX corrector trained at 32 x 32 with 32
+            text tokens was applied at 256 x 256 with 512).
 
     Raises:
         ValueError: a field out of its domain, naming it.
@@ -192,7 +193,7 @@ class CorrectorMeta:
             raise ValueError(f"CorrectorMeta: training must be JSON-serialisable ({e})") from None
         self._check_sampler()
 
-    _SAMPLER_KEYS = ("pipeline", "height", "width", "max_sequence_length", "negative_prompt")
+    _SAMPLER_KEYS = ("pipeline", "height", "width", "max_sequence_length", "negative_prompt", "revision")
 
     def _check_sampler(self) -> None:
         if not isinstance(self.sampler, dict):
@@ -204,7 +205,7 @@ class CorrectorMeta:
             value = self.sampler.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
                 raise ValueError(f"CorrectorMeta: sampler.{key} must be a positive integer or null, got {value!r}")
-        for key in ("pipeline", "negative_prompt"):
+        for key in ("pipeline", "negative_prompt", "revision"):
             value = self.sampler.get(key)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"CorrectorMeta: sampler.{key} must be a string or null, got {value!r}")
@@ -511,6 +512,8 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
     # on the loaded family, as from_pretrained does: another family is then named by check_corrector_fits)
     # (the negative prompt is set on the loaded family where it takes one: FLUX correctors recorded one it ignored)
     geometry = {k: sampler[k] for k in ("height", "width") if sampler.get(k) is not None}
+    if sampler.get("revision") is not None and not os.path.isdir(name):  # the hub revision it was trained on
+        geometry["revision"] = sampler["revision"]
     try:
         loaded = DiffusersBackbone.from_pretrained(
             name, correction_step=meta.correction_step,
@@ -524,7 +527,8 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
                                     f"this backbone cannot take: {str(exc)[len('guidance_scale: '):]}") from None
         if os.path.isdir(name) or not (isinstance(exc, OSError) or type(exc).__name__ == "HFValidationError"):
             raise  # a local folder's own failure, or a setting's, says what it is
-        raise ValueError(f"{origin}: {hub_load_failure(name, exc)}{relative}") from None
+        raise ValueError(f"{origin}: {hub_load_failure(name, exc, revision=sampler.get('revision'))}{relative}") \
+            from None
     if sampler.get("max_sequence_length") is not None and loaded.family.max_sequence_length is not None:
         loaded.family.max_sequence_length = int(sampler["max_sequence_length"])
     if sampler.get("negative_prompt") is not None and loaded.family.takes_negative_prompt:

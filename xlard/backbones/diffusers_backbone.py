@@ -81,7 +81,7 @@ from typing import Any
 
 import torch
 
-from xlard._args import as_device, is_finite_real, model_location, short_reason
+from xlard._args import as_device, cached_snapshot, is_finite_real, model_location, short_reason
 from xlard._optional import require
 from xlard.backbones.base import (Backbone, BackboneState, Decoded, PromptEmbedding, Seed, _as_prompt_list,
                                   check_correction_step, correction_index, generator_states, make_generators,
@@ -868,33 +868,53 @@ def diffusers_load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
     return kwargs
 
 
-def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeline folder or 'shapes'") -> str:
+def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeline folder or 'shapes'",
+                         marker: str = "model_index.json", revision: str | None = None,
+                         kind: str = "a diffusers pipeline") -> str:
     """Why ``name`` (not a local folder) could not be loaded, and the fix: what the CLI's ``--backbone``, a
     training config's ``backbone.name`` and a CLIP source's model all say (after naming the argument);
-    ``instead`` names what else the argument takes."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    fix = ("it is not in the local cache and HF_HUB_OFFLINE is set: download it first "
-           f"(`hf download {name}` with network access; `huggingface-cli download` before huggingface_hub 1.0)"
-           if offline else "check the id, your network and `hf auth login` for gated models")
+    ``instead`` names what else the argument takes. A model whose snapshot is in the local cache (``marker``
+    found there) failed for a reason of its own (a damaged download, an unsupported class), named as such: only
+    one that is not cached is told to download it."""
     reason = short_reason(exc) or type(exc).__name__
+    if type(exc).__name__ == "HFValidationError":
+        return f"{name!r} is neither a local folder nor a valid hub id (org/name); give {instead} or a hub id"
+    rev = f" --revision {revision}" if revision else ""
+    at = f" at revision {revision}" if revision else ""
+    snapshot = cached_snapshot(name, marker, revision)
+    if snapshot is not None:
+        return (f"the hub model {name!r}{at}, cached at {snapshot}, could not be loaded: {reason} (if its download "
+                f"was cut short, download it again: `hf download {name}{rev}`)")
+    snapshot = cached_snapshot(name, None, revision)
+    if snapshot is not None:
+        return f"the hub model {name!r}{at}, cached at {snapshot}, has no {marker}, so it is not {kind}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    what = f"it is not in the local cache{f' at revision {revision}' if revision else ''}"
+    fix = (f"{what} and HF_HUB_OFFLINE is set: download it first (`hf download {name}{rev}` with network access; "
+           "`huggingface-cli download` before huggingface_hub 1.0)"
+           if offline else "check the id, your network and `hf auth login` for gated models")
     return f"{name!r} is not a local folder and not a loadable hub model; {fix}; or give {instead} ({reason})"
 
 
-def hub_load_failure(name: str, exc: BaseException, instead: str = "a pipeline folder or 'shapes'") -> str:
+def hub_load_failure(name: str, exc: BaseException, instead: str = "a pipeline folder or 'shapes'",
+                     revision: str | None = None) -> str:
     """Why a name that is no local folder failed to load, for the CLI's ``--backbone`` and a corrector's backbone
-    (after they name the argument): a name the hub refuses outright (``HFValidationError``), else
-    :func:`unloadable_hub_model`."""
-    if type(exc).__name__ == "HFValidationError":
-        return f"{name!r} is neither a local folder nor a valid hub id (org/name); give {instead} or a hub id"
-    return unloadable_hub_model(name, exc, instead)
+    (after they name the argument): :func:`unloadable_hub_model` (a name the hub refuses outright included)."""
+    return unloadable_hub_model(name, exc, instead, revision=revision)
 
 
 def _check_model_index(location: str, early_class_check: bool = True, given: Any = ()) -> None:
-    """A local pipeline folder's ``model_index.json`` must be a JSON object naming its pipeline class (``{}``, a
-    list or an unknown class failed deep in diffusers with a KeyError or an AttributeError)."""
+    """A pipeline folder's ``model_index.json`` must be a JSON object naming its pipeline class (``{}``, a
+    list or an unknown class failed deep in diffusers with a KeyError or an AttributeError). A hub id is checked
+    in its snapshot of the local cache (``given``'s ``revision`` and ``cache_dir``); one not cached is left to
+    diffusers (it downloads it, or says why not)."""
     index = os.path.join(location, "model_index.json")
     if not os.path.isfile(index):
-        return  # a hub id: diffusers reads it
+        options = given if isinstance(given, dict) else {}
+        location = cached_snapshot(location, "model_index.json", options.get("revision"), options.get("cache_dir"))
+        if location is None:
+            return
+        index = os.path.join(location, "model_index.json")
     try:
         with open(index, encoding="utf-8") as f:
             data = json.load(f)

@@ -148,7 +148,9 @@ def load_backbone(settings, device: torch.device, reward=None):
             raise
         from xlard.backbones.diffusers_backbone import unloadable_hub_model
 
-        raise ValueError(f"train config backbone.name: {unloadable_hub_model(settings.name, exc)}") from None
+        revision = settings.options.get("revision")
+        raise ValueError(f"train config backbone.name: "
+                         f"{unloadable_hub_model(settings.name, exc, revision=revision)}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
 
@@ -1328,10 +1330,17 @@ class Trainer:
     def _model_folders(self) -> dict[str, str]:
         """The local folders of the models the run reads: the backbone, the reward source's model (the shapes
         understanding model, a CLIP folder) and the latent eyes of a count rule that reads the latent."""
+        from xlard._args import cached_snapshot
+
         folders: dict[str, str] = {}
         where = getattr(getattr(self.backbone, "pipeline", None), "name_or_path", None)
         if isinstance(where, str) and os.path.isdir(where):
             folders["backbone"] = where
+        elif isinstance(where, str):  # a hub id: its snapshot in the local cache (a newer download is noticed)
+            options = self.cfg.backbone.options
+            snapshot = cached_snapshot(where, "model_index.json", options.get("revision"), options.get("cache_dir"))
+            if snapshot is not None:
+                folders["backbone"] = snapshot
         options = dict(self.cfg.reward.options)
         name = getattr(self.reward_fn, "source_name", None)
         if name == "shapes" and not isinstance(options.get("model"), torch.nn.Module):
@@ -1340,6 +1349,8 @@ class Trainer:
             folders["reward"] = str(model_path(options.get("path")))
         elif isinstance(options.get("model"), str) and os.path.isdir(os.path.expanduser(options["model"])):
             folders["reward"] = os.path.expanduser(options["model"])
+        elif isinstance(options.get("model"), str) and cached_snapshot(options["model"], "config.json") is not None:
+            folders["reward"] = cached_snapshot(options["model"], "config.json")  # a CLIP model's hub id
         config = self.corrector.config
         if (config.count_edit or config.count_move) and getattr(config, "count_eyes", "decoded") == "latent":
             from xlard.shapes.latent_eyes import latent_model_path
@@ -1460,8 +1471,11 @@ class Trainer:
             alpha=alpha, num_inference_steps=int(bb.num_inference_steps),
             guidance_scale=float(bb.guidance_scale),
             # what the backbone says (None for a T5 length or negative prompt is a setting; not for the rest)
-            sampler={k: v for k, v in sampler_of(bb).items()
-                     if v is not None or k in ("max_sequence_length", "negative_prompt")},
+            sampler={**{k: v for k, v in sampler_of(bb).items()
+                        if v is not None or k in ("max_sequence_length", "negative_prompt")},
+                     # a hub revision: without it the corrector's backbone was loaded from main
+                     **({"revision": str(self.cfg.backbone.options["revision"])}
+                        if self.cfg.backbone.options.get("revision") is not None else {})},
             training={"run": os.path.realpath(self.out), "step": int(self.step), "ema": self.ema is not None,
                       "reward_source": getattr(self.reward_fn, "source_name", None),
                       "reward_options": {k: _absolute_folder(v) if k in ("model", "path", "tokenizer") else v
