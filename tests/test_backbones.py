@@ -992,3 +992,23 @@ def test_a_training_run_fingerprints_a_hub_backbone_by_its_cached_snapshot(sd_pa
     newer = _cache_model(hub, "org/tiny-sd-2", sd_path, commit="b" * 40)  # a re-download: another snapshot
     (newer / "unet" / "config.json").write_text((newer / "unet" / "config.json").read_text() + " ")
     assert _folder_fingerprint(newer) != before
+
+
+def test_a_folder_that_shadows_a_cached_hub_id_says_so(sd_path, tmp_path, monkeypatch):
+    """Run from a folder holding org/tiny-sd/ (no model_index.json), --backbone org/tiny-sd read that folder and
+    said only that it is no pipeline folder, though the id is cached."""
+    import huggingface_hub.constants
+
+    from xlard._args import model_location
+
+    hub = tmp_path / "hub"
+    _cache_model(hub, "org/tiny-sd", sd_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    work = tmp_path / "work"
+    (work / "org" / "tiny-sd").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    with pytest.raises(FileNotFoundError, match=r"a local folder is read before the hub id 'org/tiny-sd'"):
+        model_location("--backbone", "org/tiny-sd", "model_index.json", "a diffusers pipeline folder")
+    (work / "org" / "other").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"so it is not a diffusers pipeline folder$"):  # not cached: as before
+        model_location("--backbone", "org/other", "model_index.json", "a diffusers pipeline folder")
