@@ -929,6 +929,9 @@ def test_hub_ids_in_the_cache_are_checked_as_folders_are(sd_path, tmp_path):
     empty = _cache_model(hub, "org/empty-index", sd_path)
     (empty / "model_index.json").write_text("{}")
     shutil.rmtree(_cache_model(hub, "org/no-unet", sd_path) / "unet")
+    img2img = _cache_model(hub, "org/img2img", sd_path)
+    index = json.loads((img2img / "model_index.json").read_text())
+    (img2img / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionImg2ImgPipeline"}))
 
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
@@ -945,6 +948,9 @@ def test_hub_ids_in_the_cache_are_checked_as_folders_are(sd_path, tmp_path):
     assert "not in the local cache" not in got
     got = generate("org/no-unet")
     assert got.startswith("2:") and "names the component(s) unet" in got and str(hub) in got
+    got = generate("org/img2img")  # what the model is: no advice to download it again; every class named
+    assert got.startswith("2:") and "StableDiffusionImg2ImgPipeline" in got and "is not supported" in got
+    assert "download" not in got and "PixArtSigmaPipeline" in got
     got = generate("org/absent")
     assert got.startswith("2:") and "it is not in the local cache and HF_HUB_OFFLINE is set" in got
 
@@ -966,8 +972,8 @@ def test_a_cached_hub_model_that_is_no_clip_model_is_named_as_such(sd_path, tmp_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2, out.stderr[-2000:]
-    assert "the hub model 'org/tiny-sd', cached at" in lines[0] and "has no config.json, so it is not a CLIP model" \
-        in lines[0]
+    assert "the hub model 'org/tiny-sd', cached at" in lines[0] and "holds no config.json: it is not a CLIP model, " \
+        "or only part of it was downloaded (`hf download org/tiny-sd`)" in lines[0]
     assert "'org/absent' is not a local folder and not a loadable hub model; it is not in the local cache" in lines[1]
 
 
@@ -989,8 +995,9 @@ def test_a_training_run_fingerprints_a_hub_backbone_by_its_cached_snapshot(sd_pa
     folders = Trainer._model_folders(run)
     assert folders == {"backbone": str(snapshot)}
     before = _folder_fingerprint(folders["backbone"])
-    newer = _cache_model(hub, "org/tiny-sd-2", sd_path, commit="b" * 40)  # a re-download: another snapshot
+    newer = _cache_model(hub, "org/tiny-sd", sd_path, commit="b" * 40)  # a re-download: main moves to a new commit
     (newer / "unet" / "config.json").write_text((newer / "unet" / "config.json").read_text() + " ")
+    assert Trainer._model_folders(run) == {"backbone": str(newer)}
     assert _folder_fingerprint(newer) != before
 
 

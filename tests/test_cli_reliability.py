@@ -909,7 +909,7 @@ def test_main_in_process_gives_the_hub_libraries_their_logging_back(tmp_path, ca
 
     def state():
         return d.get_verbosity(), d.is_progress_bar_enabled(), t.get_verbosity(), t.is_progress_bar_enabled(), \
-            h.are_progress_bars_disabled()
+            h.are_progress_bars_disabled(), h.logging.get_verbosity()  # the hub's level stayed at the command's
 
     before = state()
     try:
@@ -1550,3 +1550,10 @@ def test_a_missing_weights_file_is_one_line_on_stderr(tmp_path):
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("xlard generate: error: --backbone:"), out.stderr
+    # xlard train too (its loader quieted diffusers to ERROR over the CLI's setting)
+    out = subprocess.run([sys.executable, "-m", "xlard", "train", "configs/shapes.yaml", "--set",
+                          f"backbone.name={pipe}", "--out", str(tmp_path / "run"), "--quiet"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode != 0 and len(lines) == 1 and lines[0].startswith("xlard train: error:"), out.stderr

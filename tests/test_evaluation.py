@@ -1113,7 +1113,9 @@ def test_a_corrector_trained_on_a_hub_revision_loads_that_revision(monkeypatch):
     assert ev.CorrectorMeta.from_dict(json.loads(json.dumps(meta.to_dict()))) == meta
     with pytest.raises(ValueError, match=r"at revision v2.*hf download org/model --revision v2"):
         ev.load_backbone_for(meta)
-    assert seen == [("org/model", "v2")]
+    with pytest.raises(ValueError):  # another id given as the backbone: its own main, not the corrector's revision
+        ev.load_backbone_for(meta, backbone="other/finetune")
+    assert seen == [("org/model", "v2"), ("other/finetune", None)]
 
 
 def test_a_corrector_is_refused_on_another_pipeline_size_or_text_length():

@@ -383,30 +383,30 @@ def _hub_logging_restored():
                 continue
             try:
                 verbosity, bars_off = saved[name] if name in saved else _hub_logging_default(name, module)
+                module.logging.set_verbosity(verbosity)  # the hub's too: it stayed at the command's level
                 if name == "huggingface_hub":
                     if bars_off != module.are_progress_bars_disabled():
                         (module.disable_progress_bars if bars_off else module.enable_progress_bars)()
                     continue
-                module.logging.set_verbosity(verbosity)
                 if bars_off == module.logging.is_progress_bar_enabled():
                     (module.logging.disable_progress_bar if bars_off else module.logging.enable_progress_bar)()
             except AttributeError:  # another release's API: left as the command set it
                 pass
 
 
-def _hub_logging_state(name: str, module) -> tuple[int | None, bool]:
+def _hub_logging_state(name: str, module) -> tuple[int, bool]:
     """(verbosity, progress bars off) of one of the hub libraries now."""
     if name == "huggingface_hub":
-        return None, module.are_progress_bars_disabled()
+        return module.logging.get_verbosity(), module.are_progress_bars_disabled()
     return module.logging.get_verbosity(), not module.logging.is_progress_bar_enabled()
 
 
-def _hub_logging_default(name: str, module) -> tuple[int | None, bool]:
+def _hub_logging_default(name: str, module) -> tuple[int, bool]:
     """What a fresh import of the library starts with (its own environment variables read as it reads them)."""
     hub_bars_off = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-    if name == "huggingface_hub":
-        return None, hub_bars_off
     default = getattr(module.logging, "_get_default_logging_level", lambda: module.logging.WARNING)
+    if name == "huggingface_hub":
+        return default(), hub_bars_off
     return default(), hub_bars_off if name == "transformers" else False  # transformers follows the hub's switch
 
 

@@ -810,6 +810,8 @@ class ClipColorEncoder:
             model, info = CLIPModel.from_pretrained(model_id_or_path, **({"dtype": dtype} if dtype else {}),
                                                     output_loading_info=True, **kwargs)
         except (OSError, ValueError) as exc:  # a missing or cut weights file: transformers' text named no argument
+            if kwargs and not isinstance(exc, OSError):
+                raise  # a keyword argument of the caller's that transformers refused: its own words
             raise ValueError(f"{owner}: its weights could not be loaded ({short_reason(exc)}); {fix}") from None
         # weights the checkpoint lacks come back randomly initialised, with only a log line: a folder without its
         # projections gave maps that meant nothing

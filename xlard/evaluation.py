@@ -512,7 +512,8 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
     # on the loaded family, as from_pretrained does: another family is then named by check_corrector_fits)
     # (the negative prompt is set on the loaded family where it takes one: FLUX correctors recorded one it ignored)
     geometry = {k: sampler[k] for k in ("height", "width") if sampler.get(k) is not None}
-    if sampler.get("revision") is not None and not os.path.isdir(name):  # the hub revision it was trained on
+    # the hub revision it was trained on: for that id only (another id or a folder given as backbone= has its own)
+    if sampler.get("revision") is not None and name == meta.backbone and not os.path.isdir(name):
         geometry["revision"] = sampler["revision"]
     try:
         loaded = DiffusersBackbone.from_pretrained(
@@ -527,7 +528,7 @@ def load_backbone_for(meta: CorrectorMeta, *, backbone: str | None = None, devic
                                     f"this backbone cannot take: {str(exc)[len('guidance_scale: '):]}") from None
         if os.path.isdir(name) or not (isinstance(exc, OSError) or type(exc).__name__ == "HFValidationError"):
             raise  # a local folder's own failure, or a setting's, says what it is
-        raise ValueError(f"{origin}: {hub_load_failure(name, exc, revision=sampler.get('revision'))}{relative}") \
+        raise ValueError(f"{origin}: {hub_load_failure(name, exc, revision=geometry.get('revision'))}{relative}") \
             from None
     if sampler.get("max_sequence_length") is not None and loaded.family.max_sequence_length is not None:
         loaded.family.max_sequence_length = int(sampler["max_sequence_length"])

@@ -870,7 +870,7 @@ def diffusers_load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
 
 def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeline folder or 'shapes'",
                          marker: str = "model_index.json", revision: str | None = None,
-                         kind: str = "a diffusers pipeline") -> str:
+                         kind: str = "a diffusers pipeline", cache_dir: Any = None) -> str:
     """Why ``name`` (not a local folder) could not be loaded, and the fix: what the CLI's ``--backbone``, a
     training config's ``backbone.name`` and a CLIP source's model all say (after naming the argument);
     ``instead`` names what else the argument takes. A model whose snapshot is in the local cache (``marker``
@@ -879,16 +879,22 @@ def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeli
     reason = short_reason(exc) or type(exc).__name__
     if type(exc).__name__ == "HFValidationError":
         return f"{name!r} is neither a local folder nor a valid hub id (org/name); give {instead} or a hub id"
-    rev = f" --revision {revision}" if revision else ""
+    rev = (f" --revision {revision}" if revision else "") + (f" --cache-dir {cache_dir}" if cache_dir else "")
     at = f" at revision {revision}" if revision else ""
-    snapshot = cached_snapshot(name, marker, revision)
+    snapshot = cached_snapshot(name, marker, revision, cache_dir)
     if snapshot is not None:
-        return (f"the hub model {name!r}{at}, cached at {snapshot}, could not be loaded: {reason} (if its download "
-                f"was cut short, download it again: `hf download {name}{rev}`)")
-    snapshot = cached_snapshot(name, None, revision)
+        # a file missing or cut short is fixed by downloading again; a refusal of what the model is (an unsupported
+        # pipeline class, a malformed model_index.json) is not
+        again = (f" (if its download was cut short, download it again: `hf download {name}{rev}`)"
+                 if isinstance(exc, OSError) else "")
+        # the model's own reason at more length: it names the snapshot's files (the supported classes were cut)
+        return (f"the hub model {name!r}{at}, cached at {snapshot}, could not be loaded: "
+                f"{short_reason(exc, 800) or type(exc).__name__}{again}")
+    snapshot = cached_snapshot(name, None, revision, cache_dir)
     if snapshot is not None:
-        return f"the hub model {name!r}{at}, cached at {snapshot}, has no {marker}, so it is not {kind}"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        return (f"the hub model {name!r}{at}, cached at {snapshot}, holds no {marker}: it is not {kind}, or only "
+                f"part of it was downloaded (`hf download {name}{rev}`) ({reason})")
+    offline = _hub_offline()
     what = f"it is not in the local cache{f' at revision {revision}' if revision else ''}"
     fix = (f"{what} and HF_HUB_OFFLINE is set: download it first (`hf download {name}{rev}` with network access; "
            "`huggingface-cli download` before huggingface_hub 1.0)"
@@ -897,10 +903,20 @@ def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeli
 
 
 def hub_load_failure(name: str, exc: BaseException, instead: str = "a pipeline folder or 'shapes'",
-                     revision: str | None = None) -> str:
+                     revision: str | None = None, cache_dir: Any = None) -> str:
     """Why a name that is no local folder failed to load, for the CLI's ``--backbone`` and a corrector's backbone
     (after they name the argument): :func:`unloadable_hub_model` (a name the hub refuses outright included)."""
-    return unloadable_hub_model(name, exc, instead, revision=revision)
+    return unloadable_hub_model(name, exc, instead, revision=revision, cache_dir=cache_dir)
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE set, as huggingface_hub reads it (at its import: its constant, else the environment)."""
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _check_model_index(location: str, early_class_check: bool = True, given: Any = ()) -> None:
@@ -910,7 +926,11 @@ def _check_model_index(location: str, early_class_check: bool = True, given: Any
     diffusers (it downloads it, or says why not)."""
     index = os.path.join(location, "model_index.json")
     if not os.path.isfile(index):
+        # offline only: online, diffusers completes a partial download (a cache holding model_index.json alone,
+        # as DiffusionPipeline.load_config leaves it) or fetches a newer index, which this check would refuse
         options = given if isinstance(given, dict) else {}
+        if not (_hub_offline() or options.get("local_files_only")):
+            return
         location = cached_snapshot(location, "model_index.json", options.get("revision"), options.get("cache_dir"))
         if location is None:
             return

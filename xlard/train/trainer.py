@@ -129,7 +129,7 @@ def load_backbone(settings, device: torch.device, reward=None):
 
     diffusers_logging = require("diffusers.utils.logging", "xlard.backbones.DiffusersBackbone")
     verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity(max(verbosity, diffusers_logging.ERROR))  # quieter already (the CLI's): kept
     try:
         return DiffusersBackbone.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing hub model as either
@@ -148,9 +148,9 @@ def load_backbone(settings, device: torch.device, reward=None):
             raise
         from xlard.backbones.diffusers_backbone import unloadable_hub_model
 
-        revision = settings.options.get("revision")
-        raise ValueError(f"train config backbone.name: "
-                         f"{unloadable_hub_model(settings.name, exc, revision=revision)}") from None
+        why = unloadable_hub_model(settings.name, exc, revision=settings.options.get("revision"),
+                                   cache_dir=settings.options.get("cache_dir"))
+        raise ValueError(f"train config backbone.name: {why}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
 
@@ -1475,7 +1475,8 @@ class Trainer:
                         if v is not None or k in ("max_sequence_length", "negative_prompt")},
                      # a hub revision: without it the corrector's backbone was loaded from main
                      **({"revision": str(self.cfg.backbone.options["revision"])}
-                        if self.cfg.backbone.options.get("revision") is not None else {})},
+                        if self.cfg.backbone.options.get("revision") is not None
+                        and not os.path.isdir(os.path.expanduser(self.cfg.backbone.name)) else {})},
             training={"run": os.path.realpath(self.out), "step": int(self.step), "ema": self.ema is not None,
                       "reward_source": getattr(self.reward_fn, "source_name", None),
                       "reward_options": {k: _absolute_folder(v) if k in ("model", "path", "tokenizer") else v
