@@ -405,9 +405,7 @@ def _hub_logging_default(name: str, module) -> tuple[int, bool]:
     """What a fresh import of the library starts with (its own environment variables read as it reads them)."""
     hub_bars_off = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     default = getattr(module.logging, "_get_default_logging_level", lambda: module.logging.WARNING)
-    if name == "huggingface_hub":
-        return default(), hub_bars_off
-    return default(), hub_bars_off if name == "transformers" else False  # transformers follows the hub's switch
+    return default(), hub_bars_off if name != "diffusers" else False  # transformers follows the hub's switch
 
 
 def _loads_models(args) -> bool:

@@ -874,8 +874,9 @@ def unloadable_hub_model(name: str, exc: BaseException, instead: str = "a pipeli
     """Why ``name`` (not a local folder) could not be loaded, and the fix: what the CLI's ``--backbone``, a
     training config's ``backbone.name`` and a CLIP source's model all say (after naming the argument);
     ``instead`` names what else the argument takes. A model whose snapshot is in the local cache (``marker``
-    found there) failed for a reason of its own (a damaged download, an unsupported class), named as such: only
-    one that is not cached is told to download it."""
+    found there) failed for a reason of its own, named as such: a missing or cut file (an ``OSError``) is fixed
+    by downloading it again, what the model is (an unsupported class) is not; a snapshot without ``marker`` is
+    another kind of model or a partial download; only a model that is not cached is told to download it first."""
     reason = short_reason(exc) or type(exc).__name__
     if type(exc).__name__ == "HFValidationError":
         return f"{name!r} is neither a local folder nor a valid hub id (org/name); give {instead} or a hub id"

@@ -1349,8 +1349,8 @@ class Trainer:
             folders["reward"] = str(model_path(options.get("path")))
         elif isinstance(options.get("model"), str) and os.path.isdir(os.path.expanduser(options["model"])):
             folders["reward"] = os.path.expanduser(options["model"])
-        elif isinstance(options.get("model"), str) and cached_snapshot(options["model"], "config.json") is not None:
-            folders["reward"] = cached_snapshot(options["model"], "config.json")  # a CLIP model's hub id
+        elif isinstance(options.get("model"), str) and (clip := cached_snapshot(options["model"], "config.json")):
+            folders["reward"] = clip  # a CLIP model's hub id: its snapshot in the local cache
         config = self.corrector.config
         if (config.count_edit or config.count_move) and getattr(config, "count_eyes", "decoded") == "latent":
             from xlard.shapes.latent_eyes import latent_model_path
