@@ -982,7 +982,7 @@ def test_a_training_run_fingerprints_a_hub_backbone_by_its_cached_snapshot(sd_pa
     download of the same id mixed two models without a word."""
     from types import SimpleNamespace
 
-    from xlard.train.trainer import Trainer, _folder_fingerprint
+    from xlard.train.trainer import Trainer, _model_fingerprint
 
     hub = tmp_path / "hub"
     snapshot = _cache_model(hub, "org/tiny-sd", sd_path)
@@ -994,11 +994,14 @@ def test_a_training_run_fingerprints_a_hub_backbone_by_its_cached_snapshot(sd_pa
         corrector=SimpleNamespace(config=SimpleNamespace(count_edit=False, count_move=False)))
     folders = Trainer._model_folders(run)
     assert folders == {"backbone": str(snapshot)}
-    before = _folder_fingerprint(folders["backbone"])
+    before = _model_fingerprint(folders["backbone"])
+    assert before == f"hub snapshot org/tiny-sd@{'a' * 40}"
+    (snapshot / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"x")  # another variant, later
+    assert _model_fingerprint(Trainer._model_folders(run)["backbone"]) == before  # the same model: no refusal
     newer = _cache_model(hub, "org/tiny-sd", sd_path, commit="b" * 40)  # a re-download: main moves to a new commit
-    (newer / "unet" / "config.json").write_text((newer / "unet" / "config.json").read_text() + " ")
     assert Trainer._model_folders(run) == {"backbone": str(newer)}
-    assert _folder_fingerprint(newer) != before
+    assert _model_fingerprint(newer) != before
+    assert _model_fingerprint(sd_path) is not None and not _model_fingerprint(sd_path).startswith("hub")
 
 
 def test_a_folder_that_shadows_a_cached_hub_id_says_so(sd_path, tmp_path, monkeypatch):

@@ -377,6 +377,16 @@ def _legacy_folder_fingerprint(folder) -> str | None:
     return _digest_model_files(folder, [p.relative_to(folder) for p in folder.rglob("*")])
 
 
+def _model_fingerprint(folder) -> str | None:
+    """What a resume compares for a model the run reads: a hub snapshot in the local cache by its commit (files
+    added to it later, such as another variant's weights, are the same model), any other folder by
+    :func:`_folder_fingerprint`."""
+    path = Path(folder)
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return f"hub snapshot {path.parent.parent.name[len('models--'):].replace('--', '/')}@{path.name}"
+    return _folder_fingerprint(folder)
+
+
 def _folder_fingerprint(folder) -> str | None:
     """A digest of a model folder's model files (:data:`_MODEL_FILE_NAMES`, :data:`_MODEL_FILE_SUFFIXES`; none under
     a hidden folder or ``__pycache__``; linked folders followed): names, sizes and, for files up to 64 MiB,
@@ -567,7 +577,7 @@ class Trainer:
         self.resume_requested = bool(resume)
         self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
         self._model_dirs = self._model_folders()
-        self.inputs["models"] = {k: _folder_fingerprint(v) for k, v in self._model_dirs.items()}
+        self.inputs["models"] = {k: _model_fingerprint(v) for k, v in self._model_dirs.items()}
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.log = None
