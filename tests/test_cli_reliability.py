@@ -1528,7 +1528,9 @@ def test_abbreviated_options_are_refused(capsys):
     """argparse took `demo --seed 1` as `--seeds 1` and started a full default demo (minutes of work no one asked
     for); every command refuses an abbreviation now, naming it."""
     for argv, word in ((["demo", "--seed", 1], "--seed 1"), (["eval", "--fold", "x"], "--fold x"),
-                       (["generate", "a cat", "--backbone", "shapes", "--per", 2], "--per 2")):
+                       (["generate", "a cat", "--backbone", "shapes", "--per", 2], "--per 2"),
+                       # no command: the unknown option is named, not just "required: command"
+                       (["--vers"], "--vers"), (["-q=3", "--x"], "-q=3 --x")):
         code, _, err = run(argv, capsys)
         assert code == 2
         one_line_error(err, f"unrecognized arguments: {word}")

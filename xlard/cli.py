@@ -90,9 +90,17 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
+        # `xlard --vers` (an unknown option and no command) was told only "the following arguments are required:
+        # command": the option it did not know is the mistake to name
+        argv = getattr(self, "_argv", None)
+        if argv is not None and message.endswith("required: command"):
+            unknown = [a for a in argv if a.startswith("-") and a.split("=", 1)[0] not in self._option_string_actions]
+            if unknown:
+                message = f"unrecognized arguments: {' '.join(unknown)}"
         raise UsageError(f"{message} (see `{self.prog} --help`)", prog=self.prog)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
         # argparse reports a subcommand's unknown option from the top parser ("xlard: error: ... see `xlard
         # --help`", which does not list the command's options): named with the command instead
         parsed, extras = self.parse_known_args(args, namespace)
