@@ -611,6 +611,46 @@ def test_clip_source_weighs_one_noun_by_each_entity_color(tiny_clip, word_tokeni
     assert not torch.allclose(one[0, 0], one[0, 1])
 
 
+def test_clip_source_reads_its_maps_with_an_absolute_cut_and_colors_bound_to_each_entity(tiny_clip, word_tokenizer):
+    """It inherited the base reward config: a cut relative to each map's own peak (an object found however unlikely
+    the noun, so 'found 0' never came) and colors looked for anywhere in the image ('a red cat and a blue dog'
+    scored a blue cat beside a red dog exactly as the right image)."""
+    source = get_source("clip", model=tiny_clip, tokenizer=word_tokenizer)
+    config = source.reward_config()
+    assert (config.threshold, config.threshold_mode, config.bind_color) == (0.5, "absolute", True)
+    assert source.reward_config(bind_color=False, threshold=0.7).bind_color is False
+    assert get_source("clip", model=tiny_clip, tokenizer=word_tokenizer, threshold=0.3).reward_config().threshold == 0.3
+    for bad in (0, 1.0, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match=r"ClipSource: threshold must be a number in \(0, 1\)"):
+            ClipSource(tiny_clip, word_tokenizer, threshold=bad)
+    rewards = ExplainableRewards(config)
+    decoded = Decoded(images=torch.rand(1, 3, 32, 32), latents=torch.zeros(0), token_maps=None, patch_features=None,
+                      specs=(parse("a photo of a dog"),), segment_offsets={})
+    inputs = source(decoded)
+    high = torch.zeros_like(inputs["entity_maps"])
+    high[0, 0, 1:3, 1:3] = 0.9
+    assert rewards(**dict(inputs, entity_maps=high)).count.tolist() == [1.0]
+    faint = rewards(**dict(inputs, entity_maps=high * 1e-3), explain=True)  # relative: 1 object, count reward 1.0
+    assert faint.count.tolist() == pytest.approx([math.exp(-1.0)])
+    assert "found 0" in faint.explanations[0].text()
+    # two entities, each's region painted with its own color's text embedding
+    right, swapped = parse("a photo of a red cat and a blue dog"), parse("a photo of a blue cat and a red dog")
+    inputs = source(Decoded(images=torch.rand(2, 3, 32, 32), latents=torch.zeros(0), token_maps=None,
+                            patch_features=None, specs=(right, swapped), segment_offsets={}))
+    maps = torch.zeros_like(inputs["entity_maps"])
+    maps[:, 0, :, :2] = 0.9  # the cat on the left half, the dog on the right
+    maps[:, 1, :, 2:] = 0.9
+    red, blue = torch.eye(inputs["patch_features"].features.shape[-1])[:2]  # a tiny CLIP's color texts are ~alike
+    grid = maps.shape[-2:]
+    left = (torch.arange(grid[0] * grid[1]) % grid[1] < 2)[None, :, None]
+    features = torch.where(left, red, blue).expand(2, -1, -1).contiguous()
+    inputs = dict(inputs, entity_maps=maps, patch_features=PatchFeatures(features, tuple(grid)),
+                  color_embeddings={"red": red, "blue": blue})
+    assert rewards(**inputs).color.tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    unbound = ExplainableRewards(source.reward_config(bind_color=False))(**inputs).color
+    assert unbound.tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
 def test_a_damaged_clip_folder_or_bad_clip_settings_are_named(tiny_clip, word_tokenizer, tmp_path):
     """A folder without tokenizer files loaded a 2-token tokenizer (every map flat); one without visual_projection
     loaded a random one; dtype= beside a loaded model was dropped; image_std 0 gave NaN maps; the maps carried an

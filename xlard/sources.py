@@ -505,6 +505,8 @@ class ClipSource(RewardSource):
         color_template: text for a color, with ``{}``.
         background: the text of the background class.
         image_mean, image_std: normalization (default OpenAI CLIP's).
+        threshold: the cut on an entity's map (a probability) that makes
+            a patch part of an object; read with :meth:`reward_config`.
 
     Example:
         >>> source = ClipSource.from_pretrained("openai/clip-vit-base-patch16")   # doctest: +SKIP
@@ -515,8 +517,13 @@ class ClipSource(RewardSource):
 
     def __init__(self, model: Any, tokenizer: Any, *, noun_template: str = "a photo of a {}.",
                  color_template: str = "a photo of a {} object", background: str = "a photo of the background.",
-                 image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None) -> None:
+                 image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
+                 threshold: float = 0.5) -> None:
         check_template("ClipSource", "noun_template", noun_template, "noun")
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold < 1.0:
+            raise ValueError(f"ClipSource: threshold must be a number in (0, 1) (a cut on the maps' probabilities), "
+                             f"got {threshold!r}")
+        self.threshold = float(threshold)
         if not isinstance(background, str) or not background.strip():
             raise ValueError(f"ClipSource: background must be a non-empty text, got {background!r}")
         self.encoder = ClipColorEncoder(model, tokenizer, template=color_template, image_mean=image_mean,
@@ -537,6 +544,21 @@ class ClipSource(RewardSource):
         kwargs.setdefault("image_mean", encoder.image_mean)
         kwargs.setdefault("image_std", encoder.image_std)
         return cls(encoder.model, encoder.tokenizer, **kwargs)
+
+    def reward_config(self, **overrides: Any) -> RewardConfig:
+        """An absolute cut at ``threshold`` and colors bound to the entity's own region.
+
+        The maps are probabilities (this noun against the prompt's other nouns
+        and the background), so a patch is part of an object when its
+        probability passes the cut, whatever the rest of the map holds: a map
+        with no such patch counts 0 objects. (The base setting, a cut relative
+        to the map's own peak, always found an object, however unlikely.) Each
+        entity's color is looked for inside its objects only, so "a red cat
+        and a blue dog" does not score a blue cat beside a red dog as right.
+        """
+        settings = dict(threshold=self.threshold, threshold_mode="absolute", bind_color=True, bind_min_coverage=0.5)
+        settings.update(overrides)
+        return RewardConfig(**settings)
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -680,7 +702,7 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
             ``threshold``, ``min_area``, ``count_confidence``, ``soft_count``. clip:
             ``model`` (hub id, local folder, or a loaded ``CLIPModel`` with
             ``tokenizer=``), ``device``, ``dtype``, ``noun_template``,
-            ``color_template``, ``background``.
+            ``color_template``, ``background``, ``threshold``.
 
     Returns:
         A :class:`RewardSource`.
@@ -733,7 +755,8 @@ def source_options(name: str) -> frozenset[str]:
         raise ValueError(f"get_source: a source name must be a string, one of {SOURCES}, got {type(name).__name__}")
     allowed = {"attention": {"color_encoder"},
                "shapes": {"path", "model", "device", *_SHAPES_SETTINGS},
-               "clip": {"model", "tokenizer", "device", "dtype", "noun_template", "color_template", "background"}}
+               "clip": {"model", "tokenizer", "device", "dtype", "noun_template", "color_template", "background",
+                        "threshold"}}
     if name not in allowed:
         raise ValueError(f"get_source: unknown source {name!r}; expected one of {SOURCES}")
     return frozenset(allowed[name])
