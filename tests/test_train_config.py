@@ -50,6 +50,8 @@ def test_a_yaml_config_without_pyyaml_names_the_extra(tmp_path, monkeypatch):
     ({"anchor": "image"}, r"train config: anchor must be one of"),
     ({"steps": 1e9}, r"train config: steps must be an integer >= 0, got 1000000000.0"),
     ({"rl": "pathwise", "reward_model": "image"}, r"pathwise.*needs reward_model='projector'"),
+    # the aspect weights came from R_phi's confidence head, which reward_model image never fits: random lambdas
+    ({"reward_model": "image"}, r"reward_model='image' needs confidence='uniform'"),
     # the pathwise update walks the same minibatches: it failed after the warm start
     ({"rl": "pathwise", "ppo": {"prompts_per_step": 2, "group_size": 2, "minibatches": 3}},
      r"ppo.minibatches \(3\) must divide the rollouts per step"),
@@ -309,7 +311,7 @@ def test_describe_plans_only_the_work_that_runs():
     steps per PPO step, 64 decodes per step and an R_phi warm start of 4 batches, none of which runs."""
     from xlard.train.config import describe
 
-    text = describe(config_from_dict({"steps": 0, "reward_model": "image", "rl": "ppo",
+    text = describe(config_from_dict({"steps": 0, "reward_model": "image", "confidence": "uniform", "rl": "ppo",
                                       "distill": {"items_per_tag": 4}})).split("batch arithmetic:")[1]
     assert "steps: 0: no PPO step runs" in text and "warm start: none (reward_model=image" in text
     assert "optimiser steps" not in text and "decodes per step" not in text and "perturbed latents" not in text

@@ -286,3 +286,58 @@ def test_sample_rollouts_refuses_a_layout_that_leaves_rows_out():
     finally:
         handle.remove()
     assert [m for m in c.modules() if not m.training] == [c.head]
+
+
+def test_group_advantages_of_tied_groups_are_exactly_zero():
+    """A float32 mean of G equal rewards was one ulp off (G = 6, 8): whitened, a batch of tied groups (no signal)
+    got advantages of unit size and the policy stepped toward its own noise."""
+    for g in (2, 4, 6, 8, 16):
+        for value in (math.exp(-1.0), math.exp(-0.5), 0.1, 0.7, 1.0 / 3.0):
+            rewards = torch.full((4 * g,), value, dtype=torch.float32)
+            adv = ppo.group_advantages(rewards, g)
+            assert adv.dtype == torch.float32 and torch.equal(adv, torch.zeros(4 * g)), (g, value)
+    adv = ppo.group_advantages(torch.tensor([0.1, 0.3, 0.2, 0.2], dtype=torch.float16), 2)
+    assert adv.dtype == torch.float16
+
+
+def test_clipped_surrogate_gradient_stays_finite_for_a_huge_log_ratio():
+    """exp(90) overflowed float32: the clipped row's infinite ratio made the minibatch's gradient NaN (inf for a
+    negative advantage), and one such row stopped the run."""
+    for advantage in (1.0, -1.0):
+        new = torch.tensor([90.0, 0.1], requires_grad=True)
+        loss, ratio, stats = ppo.clipped_surrogate(new, torch.zeros(2), torch.tensor([advantage, 1.0]), 0.2)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(new.grad).all(), (advantage, loss, new.grad)
+        assert new.grad[0] == 0 and new.grad[1] != 0
+        assert float(stats.log_ratio_abs_max) == 90.0 and torch.isfinite(ratio).all()
+    # inside the hold nothing changed: PPO's gradient for a negative advantage outside the clip range
+    new = torch.tensor([3.0], requires_grad=True)
+    loss, _, _ = ppo.clipped_surrogate(new, torch.zeros(1), torch.tensor([-1.0]), 0.2)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(math.exp(3.0)) and float(new.grad) == pytest.approx(math.exp(3.0))
+
+
+def test_rollout_lam_is_the_corrector_s_own_delta_not_the_sampled_noise():
+    """lam/* metrics read sum_c |delta| of the sampled action: a zero corrector logged lam/mean 1.3."""
+    from xlard.explain import latent_activation_map
+    from xlard.models import CorrectorConfig, ResidualCorrector
+    from xlard.train.rollout import PolicyStep, PromptInputs, sample_rollouts
+
+    torch.manual_seed(0)
+    c = ResidualCorrector(CorrectorConfig.tiny(latent_channels=4, text_dim=8, pooled_dim=8, patch=2))
+    n = 4
+    tok, pooled, mask = torch.randn(n, 5, 8), torch.randn(n, 8), torch.ones(n, 5, dtype=torch.bool)
+    inp = PromptInputs(torch.randn(n, 4, 8, 8), tok, pooled, mask, torch.ones(n, 3, dtype=torch.bool), tok, pooled,
+                       mask)
+    noise = torch.randn(n, 4, 8, 8)
+    policy = PolicyStep(c)
+    r = sample_rollouts(policy, inp, noise, [torch.arange(n)])
+    with torch.no_grad():
+        mean = policy(inp.z0, *inp.for_corrector(torch.arange(n)))[0]
+    assert float(r.delta.abs().max()) > 0
+    torch.testing.assert_close(r.lam, latent_activation_map(mean))
+    with torch.no_grad():
+        for p in c.head.parameters():
+            p.zero_()
+    r = sample_rollouts(policy, inp, noise, [torch.arange(n)])
+    assert float(r.delta.abs().max()) > 0.1 and torch.equal(r.lam, torch.zeros_like(r.lam))

@@ -257,11 +257,11 @@ def test_first_minibatch_ratio_check_catches_a_changed_policy(tmp_path, shapes, 
 @needs_shapes
 @pytest.mark.parametrize("changes", [
     {"rl": "pathwise"},
-    {"reward_model": "image", "projector": {"warmup_batches": 0}},
+    {"reward_model": "image", "confidence": "uniform", "projector": {"warmup_batches": 0}},
     {"confidence": "uniform", "anchor": "ref", "anchor_ref_min_reward": 0.0, "optim": {"ema": 0.9},
      "ppo": {"advantage": "value", "logprob_reduction": "sum", "reward_norm": True, "epochs": 1}},
     {"anchor": "none", "projector": {"refresh_every": 2}},
-    {"reward_model": "image", "projector": {"warmup_batches": 0},
+    {"reward_model": "image", "confidence": "uniform", "projector": {"warmup_batches": 0},
      "model": {"corrector_overrides": {"action_block": 4}}},
 ], ids=["pathwise", "image-reward", "uniform-ref-value-ema", "no-anchor-sparse-refresh", "action-block"])
 def test_ablations_run(tmp_path, shapes, changes):

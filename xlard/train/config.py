@@ -622,7 +622,8 @@ class TrainConfig:
             ``"image"`` (PPO straight on the decoded image rewards, every
             rollout decoded; the reference without R_phi).
         confidence: ``"head"`` (lambda from the confidence head) or
-            ``"uniform"`` (uniform over the prompt's aspects; ablation).
+            ``"uniform"`` (uniform over the prompt's aspects; ablation; the
+            only choice with ``reward_model: image``, which fits no head).
         anchor: ``"none"``, ``"z0"`` (``beta * mean (zc - z0)^2``) or ``"ref"``
             (pull toward the best verified latent seen for the item: a decoded
             sample whose image joint reward reached ``anchor_ref_min_reward``;
@@ -682,6 +683,11 @@ class TrainConfig:
         if self.rl == "pathwise" and self.reward_model == "image":
             raise ValueError("train config: rl='pathwise' needs reward_model='projector' (the pathwise gradient "
                              "flows through R_phi; image rewards are not differentiable)")
+        if self.reward_model == "image" and self.confidence == "head":
+            # the weights came from R_phi's confidence head, which reward_model='image' never fits: random lambdas
+            raise ValueError("train config: reward_model='image' needs confidence='uniform': confidence='head' reads "
+                             "the aspect weights from R_phi's confidence head, which is fitted only with "
+                             "reward_model='projector' (set confidence: uniform)")
         if self.reward_model == "image" and self.projector.refresh_every != 1:
             raise ValueError("train config: reward_model='image' decodes every rollout, so projector.refresh_every "
                              f"must be 1, got {self.projector.refresh_every}")

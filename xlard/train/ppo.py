@@ -104,8 +104,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"group_advantages: rewards must be [N] with N a multiple of group_size={group_size}, "
                          f"got {tuple(rewards.shape)}")
+    # in float64: a float32 mean of G equal rewards is often one ulp off (G = 6, 8), and whitening a batch of
+    # tied groups then turned that rounding noise into advantages of unit size
     r = rewards.view(-1, group_size)
-    return (r - r.mean(dim=1, keepdim=True)).reshape(-1)
+    r64 = r.double()
+    return (r64 - r64.mean(dim=1, keepdim=True)).to(rewards.dtype).reshape(-1)
 
 
 def whiten(values: torch.Tensor, total: torch.Tensor, total_sq: torch.Tensor, count: torch.Tensor | float,
@@ -135,6 +138,10 @@ def whiten(values: torch.Tensor, total: torch.Tensor, total_sq: torch.Tensor, co
     return (values - mean) / (math.sqrt(var) + eps)
 
 
+#: The log ratio :func:`clipped_surrogate` holds a row at before ``exp`` (float32's exp overflows near 88.7).
+MAX_LOG_RATIO = 20.0
+
+
 class SurrogateStats(NamedTuple):
     """Diagnostics of one clipped-surrogate evaluation (all detached scalars).
 
@@ -159,7 +166,11 @@ def clipped_surrogate(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, ad
     """PPO's clipped policy loss.
 
     ``loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps)))`` with
-    ``r = exp(new - old)``, computed in float32 or better.
+    ``r = exp(min(new - old, 20))``, computed in float32 or better. The log
+    ratio is held at 20 (a ratio of 4.9e8, far outside any clip range) before
+    ``exp``: beyond about 88 it overflowed float32, and the row's infinite
+    ratio made the whole minibatch's gradient NaN. A row held there gets no
+    gradient; the statistics report the true log ratio.
 
     Args:
         new_log_prob (Tensor[N]): differentiable, already reduced (:func:`reduce_log_prob`).
@@ -181,7 +192,7 @@ def clipped_surrogate(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, ad
         raise ValueError("clipped_surrogate: no rows (new_log_prob, old_log_prob and advantages are empty)")
     dt = torch.promote_types(new_log_prob.dtype, torch.float32)
     log_ratio = new_log_prob.to(dt) - old_log_prob.to(dt).detach()
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_ratio.clamp(max=MAX_LOG_RATIO))
     adv = advantages.to(dt).detach()
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)

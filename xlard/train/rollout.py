@@ -145,7 +145,8 @@ class Rollouts(NamedTuple):
         log_prob (Tensor[n] float32): the action's log-density summed over C*H*W,
             computed by :meth:`ResidualCorrector.log_prob` (the update's function).
         value (Tensor[n] float32): the value head's baseline.
-        lam (Tensor[n, H, W] float32): the Latent Activation Maps ``sum_c |delta|``.
+        lam (Tensor[n, H, W] float32): the Latent Activation Maps ``sum_c |Delta|`` of the corrector's mean
+            (not of the sampled action: its noise is exploration, not where the corrector acts).
     """
 
     zc: torch.Tensor
@@ -204,8 +205,11 @@ def sample_rollouts(policy: PolicyStep, inputs: PromptInputs, noise: torch.Tenso
         for rows in layout:
             mean, v, _ = policy(inputs.z0[rows], *inputs.for_corrector(rows))
             eps = corrector.action_noise(noise[rows].to(mean.device))
-            z, d, _, l = xops.sample_correction(inputs.z0[rows], mean, log_std, eps, alpha)
-            zc[rows], delta[rows], value[rows], lam[rows] = z, d, v, l
+            z, d, _, _ = xops.sample_correction(inputs.z0[rows], mean, log_std, eps, alpha)
+            # the LAM of the corrector's Delta (the mean), the op xlard.explain draws it with: the sampled
+            # action's map is mostly exploration noise (a zero corrector's logged lam/mean was 1.3, not 0)
+            zc[rows], delta[rows], value[rows] = z, d, v
+            lam[rows] = xops.residual_correction(inputs.z0[rows], mean, 0.0)[1]
             # The update recomputes log-probs with gaussian_log_prob; the fused op's own sum
             # differs in the last bits, so the rollout stores the update's function's value.
             log_prob[rows] = corrector.log_prob(d, mean)
