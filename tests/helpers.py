@@ -140,6 +140,20 @@ def tiny_clip_model(vocab_size: int):
     return transformers.CLIPModel(config).eval()
 
 
+def tiny_siglip_model(vocab_size: int, **vision):
+    """A randomly initialised SiglipModel small enough for unit tests (32x32 images, 8x8 patches, 16 text tokens)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.SiglipConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, **vision))
+    return transformers.SiglipModel(config).eval()
+
+
 def hold_folder_in_subprocess(folder):
     """A second process that holds ``folder``'s lock until its stdin closes (stands in for another run)."""
     import os

@@ -651,6 +651,126 @@ def test_clip_source_reads_its_maps_with_an_absolute_cut_and_colors_bound_to_eac
     assert unbound.tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
 
 
+@pytest.fixture(scope="module")
+def tiny_siglip(word_tokenizer):
+    pytest.importorskip("transformers")
+    from helpers import tiny_siglip_model
+
+    return tiny_siglip_model(len(word_tokenizer))
+
+
+def test_siglip_head_read_at_each_patch_is_the_pooled_head_where_patches_agree(tiny_siglip):
+    from xlard.color_features import siglip_head_per_patch
+
+    head = tiny_siglip.vision_model.head
+    torch.manual_seed(1)
+    same = torch.randn(2, 1, 32).expand(2, 4, 32)
+    with torch.no_grad():
+        pooled = head(same)  # the image embedding: the probe attends over four equal patches
+        each = siglip_head_per_patch(head, same)
+        torch.testing.assert_close(each, pooled[:, None].expand(2, 4, 32), atol=1e-5, rtol=1e-5)
+        x = torch.randn(1, 4, 32)  # distinct patches: each one's reading is its own, whatever the others
+        torch.testing.assert_close(siglip_head_per_patch(head, x)[:, 2:3], siglip_head_per_patch(head, x[:, 2:3]))
+
+
+def _siglip_by_hand(model, tokenizer, images, texts):
+    """SigLIP patch features (last layer's value path, post-norm, the head read at each patch) and text embeddings
+    (padded to max_position_embeddings, no mask), written out with the modules' own weights."""
+    with torch.no_grad():
+        vision = model.vision_model
+        pixels = ((images - 0.5) / 0.5)
+        hidden = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # no class token
+        last = vision.encoder.layers[-1]
+        v = vision.post_layernorm(last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(hidden))))
+        attention, d = vision.head.attention, v.shape[-1]
+        v = attention.out_proj(v @ attention.in_proj_weight[2 * d:].T + attention.in_proj_bias[2 * d:])
+        features = v + vision.head.mlp(vision.head.layernorm(v))
+        ids = tokenizer(texts, padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
+        text = model.text_model(input_ids=ids).pooler_output
+    return features, text
+
+
+def test_siglip_source_maps_are_noun_softmax_over_the_head_read_at_each_patch(tiny_siglip, word_tokenizer):
+    """SigLIP was refused ('has no visual_projection'); it has no class token and pools with an attention head."""
+    source = get_source("clip", model=tiny_siglip, tokenizer=word_tokenizer)
+    assert source.encoder.kind == "siglip" and source.encoder.image_mean == source.encoder.image_std == (0.5,) * 3
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 32)
+    decoded = Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
+                      specs=(parse("a photo of two circles left of a dog"), parse("a photo of a red cat")),
+                      segment_offsets={})
+    inputs = source(decoded)
+    maps = inputs["entity_maps"]
+    assert maps.shape == (2, 2, 4, 4) and inputs["entity_available"].tolist() == [[True, True], [True, False]]
+    texts = ["a photo of the background.", "a photo of a circle.", "a photo of a dog."]
+    feats, text = _siglip_by_hand(tiny_siglip, word_tokenizer, images, texts)
+    torch.testing.assert_close(inputs["patch_features"].features, feats, atol=1e-5, rtol=1e-4)
+    cos = torch.nn.functional.normalize(feats[0], dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+    probs = (tiny_siglip.logit_scale.exp() * cos).softmax(-1)
+    torch.testing.assert_close(maps[0, 0].flatten(), probs[:, 1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(maps[0, 1].flatten(), probs[:, 2], atol=1e-5, rtol=1e-4)
+    # a text's embedding does not depend on the batch it is embedded in (SigLIP pools the last token)
+    alone = source.encoder.embed_texts(["a photo of a dog."])
+    beside = source.encoder.embed_texts(["a photo of two dogs left of the red circle object", "a photo of a dog."])
+    torch.testing.assert_close(beside[1:], alone)
+    torch.testing.assert_close(source.encoder.embed_colors(["red"])[0], _siglip_by_hand(
+        tiny_siglip, word_tokenizer, images[:1], ["a photo of a red object"])[1][0], atol=1e-5, rtol=1e-4)
+    result = score(decoded, source)
+    assert result.count.shape == (2,) and torch.isfinite(result.joint).all()
+
+
+def test_siglip_from_a_folder_with_its_sentencepiece_tokenizer(tmp_path, monkeypatch):
+    """A SigLIP checkpoint as a user has it: SiglipModel, a sentencepiece tokenizer, SigLIP's image processor."""
+    spm = pytest.importorskip("sentencepiece")
+    transformers = pytest.importorskip("transformers")
+    import io
+
+    from helpers import tiny_siglip_model
+
+    from xlard.color_features import check_clip_model
+
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([" ".join(_WORDS)] * 8), model_writer=model_file,
+                                   vocab_size=len(_WORDS) + 3, model_type="word", pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    (tmp_path / "spiece.model").write_bytes(model_file.getvalue())
+    tokenizer = transformers.SiglipTokenizer(vocab_file=str(tmp_path / "spiece.model"))
+    folder = tmp_path / "siglip"
+    model = tiny_siglip_model(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    transformers.SiglipImageProcessor(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4]).save_pretrained(folder)
+    assert check_clip_model("x", str(folder)) == str(folder)
+    source = get_source("clip", model=str(folder))
+    assert source.encoder.kind == "siglip" and (source.encoder.image_mean, source.encoder.image_std) == (
+        (0.4, 0.5, 0.6), (0.2, 0.3, 0.4))
+    decoded = Decoded(images=torch.rand(1, 3, 32, 32), latents=torch.zeros(0), token_maps=None, patch_features=None,
+                      specs=(parse("a photo of a red dog"),), segment_offsets={})
+    direct = ClipSource(model, tokenizer, image_mean=(0.4, 0.5, 0.6), image_std=(0.2, 0.3, 0.4))
+    torch.testing.assert_close(source(decoded)["entity_maps"], direct(decoded)["entity_maps"])
+    ids = tokenizer(["a photo of a dog."], padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model.text_model(input_ids=ids).pooler_output
+    torch.testing.assert_close(source.embed_texts(["a photo of a dog."]), want)
+
+    def no_sentencepiece(*args, **kwargs):
+        raise ImportError("SiglipTokenizer requires the SentencePiece library but it was not found")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_sentencepiece)
+    with pytest.raises(ImportError, match=r"its tokenizer could not be loaded \(SiglipTokenizer requires the "
+                                          r"SentencePiece .*\); a SigLIP tokenizer needs sentencepiece: "
+                                          r"pip install 'xlard\[method\]'$"):
+        get_source("clip", model=str(folder))
+
+
+def test_a_siglip_tower_without_its_pooling_head_is_refused(word_tokenizer):
+    from helpers import tiny_siglip_model
+
+    headless = tiny_siglip_model(len(word_tokenizer), vision_use_head=False)
+    with pytest.raises(ValueError, match=r"SigLIP model's vision tower has no attention-pooling head"):
+        get_source("clip", model=headless, tokenizer=word_tokenizer)
+
+
 def test_a_damaged_clip_folder_or_bad_clip_settings_are_named(tiny_clip, word_tokenizer, tmp_path):
     """A folder without tokenizer files loaded a 2-token tokenizer (every map flat); one without visual_projection
     loaded a random one; dtype= beside a loaded model was dropped; image_std 0 gave NaN maps; the maps carried an

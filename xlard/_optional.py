@@ -22,6 +22,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "PIL": ("pillow", "method"),
     "yaml": ("pyyaml", "method"),  # xlard train's YAML configs
     "huggingface_hub": ("huggingface_hub", "method"),  # the local cache of hub models (diffusers' own dependency)
+    "sentencepiece": ("sentencepiece", "method"),  # a SigLIP checkpoint's tokenizer (the clip source)
     "triton": ("triton", "triton"),
 }
 

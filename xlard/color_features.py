@@ -601,20 +601,29 @@ def _map_nested(values: Any, names: Sequence[str]) -> Any:
 # CLIP
 # ---------------------------------------------------------------------------
 
-# OpenAI CLIP's image normalization (used when the checkpoint has no image processor config).
+# OpenAI CLIP's image normalization (used when the checkpoint has no image processor config); SigLIP's is 0.5 / 0.5.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_SIGLIP_MEAN = _SIGLIP_STD = (0.5, 0.5, 0.5)
+
+#: The ``model_type`` values :class:`ClipColorEncoder` reads: a CLIP model or a SigLIP model.
+CLIP_MODEL_TYPES = ("clip", "siglip")
 
 
 def check_clip_model(who: str, model_id_or_path) -> str:
-    """Check that a CLIP checkpoint (hub id or local folder) can be loaded, reading only its config; returns
-    what to load. Cheap enough to run before any long work (the CLIP source's scripts do).
+    """Check that a CLIP or SigLIP checkpoint (hub id or local folder) can be loaded, reading only its config;
+    returns what to load. Cheap enough to run before any long work (the CLIP source's scripts do).
 
     Raises:
-        ValueError: not a name or path, or its config is not a CLIP model's.
+        ValueError: not a name or path, or its config is not a CLIP or SigLIP model's.
         FileNotFoundError: a missing folder, a folder without ``config.json``, or a hub id that cannot be
             loaded (not cached while offline, a typo, no network), with the fix.
     """
+    return _clip_checkpoint(who, model_id_or_path)[0]
+
+
+def _clip_checkpoint(who: str, model_id_or_path) -> tuple[str, str]:
+    """``(what to load, its model_type)`` of a CLIP or SigLIP checkpoint: :func:`check_clip_model`'s checks."""
     transformers = require("transformers", who)
     where = model_location(who, model_id_or_path, "config.json", "a CLIP model folder (written by "
                                                                   "CLIPModel.save_pretrained)")
@@ -630,10 +639,11 @@ def check_clip_model(who: str, model_id_or_path) -> str:
     except ValueError as exc:  # a config.json without (or with an unknown) model_type
         reason = " ".join(str(exc).split())[:200]
         raise ValueError(f"{who}: {model_id_or_path} is not a CLIP model (its config.json: {reason})") from None
-    if getattr(config, "model_type", None) != "clip":
-        raise ValueError(f"{who}: {model_id_or_path} is a {getattr(config, 'model_type', 'non-CLIP')!r} model, "
-                         f"not a CLIP model (model_type 'clip')")
-    return where
+    kind = getattr(config, "model_type", None)
+    if kind not in CLIP_MODEL_TYPES:
+        raise ValueError(f"{who}: {model_id_or_path} is a {kind if kind is not None else 'non-CLIP'!r} model, "
+                         f"not a CLIP model (model_type 'clip', or a SigLIP model: 'siglip')")
+    return where, kind
 
 
 def check_template(owner: str, name: str, template: Any, word: str) -> None:
@@ -692,9 +702,13 @@ def clip_dtype(where: str, dtype: Any) -> torch.dtype | None:
                      f"got {dtype!r}")
 
 
-def _processor_normalization(where: str, processor: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _processor_normalization(where: str, processor: Any,
+                             defaults: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+                             ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(image_mean, image_std) an image processor config asks for: none (0 and 1) with ``do_normalize: false``,
-    a single number for all three channels; a value that is no normalization is named as the config's."""
+    a single number for all three channels; a value that is no normalization is named as the config's; a value
+    the config lacks is ``defaults``' (OpenAI CLIP's by default)."""
+    defaults = defaults or (_CLIP_MEAN, _CLIP_STD)
     if getattr(processor, "do_normalize", True) is False:
         return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     values = []
@@ -703,15 +717,41 @@ def _processor_normalization(where: str, processor: Any) -> tuple[tuple[float, .
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             value = (value,) * 3  # transformers takes one number for every channel
         try:
-            values.append(_normalization(name, value, _CLIP_MEAN if name == "image_mean" else _CLIP_STD,
+            values.append(_normalization(name, value, defaults[0] if name == "image_mean" else defaults[1],
                                          positive=name == "image_std"))
         except ValueError as exc:
             raise ValueError(f"{where}'s image processor config (preprocessor_config.json): {exc}") from None
     return values[0], values[1]
 
 
+def siglip_head_per_patch(head: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A SigLIP attention-pooling head read at every patch: ``[B, N, D] -> [B, N, D]``.
+
+    The head pools the patches with one learned probe (``attention(probe, x, x)``),
+    then adds an MLP of its normalized output. Here each patch goes through
+    the head as if the probe attended to it alone: the attention's value
+    projection and ``out_proj`` on that patch, then the residual MLP. When
+    every patch is the same token, the attention is uniform over equal
+    values, so each patch's output equals the head's pooled output.
+
+    Args:
+        head: a ``transformers`` ``SiglipMultiheadAttentionPoolingHead``
+            (``attention``: a ``torch.nn.MultiheadAttention``, ``layernorm``, ``mlp``).
+        tokens (Tensor[B, N, D]): the vision tower's post-normalized tokens.
+    """
+    attention = head.attention
+    d = tokens.shape[-1]
+    if attention.in_proj_weight is not None:
+        weight = attention.in_proj_weight[2 * d:]
+    else:  # key and value sizes differ from the query's: separate projections
+        weight = attention.v_proj_weight
+    bias = attention.in_proj_bias[2 * d:] if attention.in_proj_bias is not None else None
+    values = attention.out_proj(F.linear(tokens, weight, bias))
+    return values + head.mlp(head.layernorm(values))
+
+
 class ClipColorEncoder:
-    """Dense CLIP color features: projected patch tokens vs color-prompt text embeddings.
+    """Dense CLIP (or SigLIP) color features: projected patch tokens vs color-prompt text embeddings.
 
     Patch features are the vision tower's last-layer patch tokens (the class
     token dropped) passed through the same ``post_layernorm`` and
@@ -728,13 +768,24 @@ class ClipColorEncoder:
     patch's own content and usually localizes better than the last-layer
     tokens, whose global attention spreads the image's content over all patches.
 
+    A SigLIP model (``transformers.SiglipModel``) has no class token and no
+    ``visual_projection``: its image embedding is an attention-pooling head
+    (a learned probe attending over the patches, then a residual MLP) on the
+    post-normalized tokens. Each patch is read through that head as if the
+    probe attended to it alone (the head's value path, ``out_proj``, then its
+    residual MLP: :func:`siglip_head_per_patch`, the same MaskCLIP reading of
+    the head's attention); texts are padded to the text model's
+    ``max_position_embeddings`` without an attention mask, as SigLIP was
+    trained, and embedded by its own head.
+
     Args:
-        model: a ``transformers.CLIPModel`` (any size; eval mode is set).
+        model: a ``transformers.CLIPModel`` or ``SiglipModel`` (any size; eval mode is set).
         tokenizer: its tokenizer (called as ``tokenizer(texts, padding=True,
             return_tensors="pt")``), or a ``CLIPProcessor`` (its tokenizer is used).
         template: text for a color, with ``{}`` for the color name.
         image_mean, image_std: per-channel normalization (default OpenAI
-            CLIP's, or the checkpoint's image processor's via from_pretrained).
+            CLIP's, 0.5 / 0.5 for SigLIP, or the checkpoint's image processor's
+            via from_pretrained).
         dense: "tokens" (default) or "values" (see above).
 
     Example:
@@ -754,16 +805,32 @@ class ClipColorEncoder:
     ) -> None:
         if dense not in ("tokens", "values"):
             raise ValueError(f"ClipColorEncoder: dense must be 'tokens' or 'values', got {dense!r}")
-        for attr in ("vision_model", "text_model", "visual_projection", "text_projection"):
+        self.kind = "siglip" if getattr(getattr(model, "config", None), "model_type", None) == "siglip" else "clip"
+        needs = ("vision_model", "text_model") + (() if self.kind == "siglip" else ("visual_projection",
+                                                                                    "text_projection"))
+        for attr in needs:
             if not hasattr(model, attr):
-                raise ValueError(f"ClipColorEncoder needs a transformers CLIPModel; {type(model).__name__} "
-                                 f"has no {attr!r}")
+                raise ValueError(f"ClipColorEncoder needs a transformers CLIPModel (or SiglipModel); "
+                                 f"{type(model).__name__} has no {attr!r}")
         check_template("ClipColorEncoder", "template", template, "color")
-        text_dim = getattr(model.text_projection, "out_features", None)
-        vision_dim = getattr(model.visual_projection, "out_features", None)
+        if self.kind == "siglip":
+            head = getattr(model.vision_model, "head", None)
+            if head is None or not hasattr(getattr(head, "attention", None), "out_proj"):
+                # vision_use_head false (a tower made for a language model): its tokens are not in the text's space
+                raise ValueError(f"ClipColorEncoder: this SigLIP model's vision tower has no attention-pooling head "
+                                 f"(vision_use_head {getattr(model.config.vision_config, 'vision_use_head', None)}), "
+                                 "so its patches have no place in the text's embedding space")
+            text_dim = getattr(getattr(model.text_model, "head", None), "out_features", None)
+            vision_dim = int(model.config.vision_config.hidden_size)
+            names = ("text head", "vision tower")
+        else:
+            text_dim = getattr(model.text_projection, "out_features", None)
+            vision_dim = getattr(model.visual_projection, "out_features", None)
+            names = ("text_projection", "visual_projection")
         if text_dim is not None and vision_dim is not None and text_dim != vision_dim:
-            raise ValueError(f"ClipColorEncoder: the model's text_projection gives {text_dim} dims and its "
-                             f"visual_projection {vision_dim}: they must share the joint space")
+            raise ValueError(f"ClipColorEncoder: the model's {names[0]} gives {text_dim} dims and its "
+                             f"{names[1]} {vision_dim}: they must share the joint space")
+        self.joint_dim = int(vision_dim if vision_dim is not None else text_dim)
         if hasattr(tokenizer, "tokenizer") and hasattr(tokenizer, "image_processor"):
             tokenizer = tokenizer.tokenizer  # a CLIPProcessor: its tokenizer (called with texts, it read them as URLs)
         if not callable(tokenizer):
@@ -780,8 +847,10 @@ class ClipColorEncoder:
         self.tokenizer = tokenizer
         self.template = template
         self.dense = dense
-        self.image_mean = _normalization("image_mean", image_mean, _CLIP_MEAN, positive=False)
-        self.image_std = _normalization("image_std", image_std, _CLIP_STD, positive=True)
+        siglip = self.kind == "siglip"
+        self.image_mean = _normalization("image_mean", image_mean, _SIGLIP_MEAN if siglip else _CLIP_MEAN,
+                                         positive=False)
+        self.image_std = _normalization("image_std", image_std, _SIGLIP_STD if siglip else _CLIP_STD, positive=True)
         vision = model.config.vision_config
         self.image_size = int(vision.image_size)
         self.grid = (self.image_size // int(vision.patch_size),) * 2
@@ -791,24 +860,27 @@ class ClipColorEncoder:
     def from_pretrained(cls, model_id_or_path: str, *, template: str = "a photo of a {} object",
                         dense: str = "tokens", device: torch.device | str | None = None,
                         dtype: torch.dtype | None = None, **kwargs: Any) -> ClipColorEncoder:
-        """Load a CLIP checkpoint (hub id or local folder) with its tokenizer.
+        """Load a CLIP or SigLIP checkpoint (hub id or local folder) with its tokenizer.
 
         The image processor config, when the checkpoint has one, supplies the
-        normalization; ``kwargs`` go to ``CLIPModel.from_pretrained``.
+        normalization; ``kwargs`` go to ``CLIPModel.from_pretrained`` (``SiglipModel``'s
+        for a SigLIP checkpoint; its tokenizer needs ``sentencepiece``).
         """
         transformers = require("transformers", "xlard.color_features.ClipColorEncoder.from_pretrained")
         device = as_device(device, "ClipColorEncoder.from_pretrained")
         dtype = clip_dtype("ClipColorEncoder.from_pretrained", dtype)
         # the folder or hub id checked (and a hub id's config read) before the weights load
-        model_id_or_path = check_clip_model("ClipColorEncoder.from_pretrained: model_id_or_path", model_id_or_path)
-        AutoTokenizer, CLIPModel = transformers.AutoTokenizer, transformers.CLIPModel
+        model_id_or_path, kind = _clip_checkpoint("ClipColorEncoder.from_pretrained: model_id_or_path",
+                                                  model_id_or_path)
+        AutoTokenizer = transformers.AutoTokenizer
+        model_class = transformers.SiglipModel if kind == "siglip" else transformers.CLIPModel
 
         owner = f"ClipColorEncoder.from_pretrained: model_id_or_path {model_id_or_path}"
         fix = ("restore the file" + ("" if Path(str(model_id_or_path)).is_dir() else
                                      f" (a hub model: download it again, `hf download {model_id_or_path}`)"))
         try:
-            model, info = CLIPModel.from_pretrained(model_id_or_path, **({"dtype": dtype} if dtype else {}),
-                                                    output_loading_info=True, **kwargs)
+            model, info = model_class.from_pretrained(model_id_or_path, **({"dtype": dtype} if dtype else {}),
+                                                      output_loading_info=True, **kwargs)
         except (OSError, ValueError) as exc:  # a missing or cut weights file: transformers' text named no argument
             if kwargs and not isinstance(exc, OSError):
                 raise  # a keyword argument of the caller's that transformers refused: its own words
@@ -817,7 +889,8 @@ class ClipColorEncoder:
         # projections gave maps that meant nothing
         missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith(("visual_projection",
                                                                                      "text_projection", "logit_scale",
-                                                                                     "vision_model", "text_model")))
+                                                                                     "logit_bias", "vision_model",
+                                                                                     "text_model")))
         if missing:
             raise ValueError(f"ClipColorEncoder.from_pretrained: {model_id_or_path} lacks weights of the model "
                              f"({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}): a damaged or "
@@ -826,6 +899,9 @@ class ClipColorEncoder:
             model = model.to(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_id_or_path)
+        except ImportError as exc:  # SigLIP's sentencepiece tokenizer without the sentencepiece package
+            raise ImportError(f"{owner}: its tokenizer could not be loaded ({short_reason(exc)}); a SigLIP "
+                              "tokenizer needs sentencepiece: pip install 'xlard[method]'") from None
         except (OSError, ValueError) as exc:  # no tokenizer files: transformers advised installing sentencepiece
             raise ValueError(f"{owner}: its tokenizer could not be loaded ({short_reason(exc)}); save the tokenizer "
                              "beside the model (tokenizer.json or vocab.json + merges.txt), or " + fix) from None
@@ -845,7 +921,8 @@ class ClipColorEncoder:
         except (OSError, ValueError, ImportError):
             processor = None  # no preprocessor_config.json: OpenAI CLIP's normalization is the documented default
         if processor is not None:
-            mean, std = _processor_normalization(str(model_id_or_path), processor)
+            mean, std = _processor_normalization(str(model_id_or_path), processor,
+                                                 (_SIGLIP_MEAN, _SIGLIP_STD) if kind == "siglip" else None)
         return cls(model, tokenizer, template=template, image_mean=mean, image_std=std, dense=dense)
 
     @property
@@ -871,16 +948,41 @@ class ClipColorEncoder:
         pixels = self._pixel_values(images)
         if pixels.shape[0] == 0:  # an empty batch: empty features, as PixelColorEncoder gives (the tower failed)
             n = self.grid[0] * self.grid[1]
-            return PatchFeatures(torch.zeros(0, n, self.model.config.projection_dim, device=pixels.device), self.grid)
+            return PatchFeatures(torch.zeros(0, n, self.joint_dim, device=pixels.device), self.grid)
         out = vision(pixel_values=pixels, output_hidden_states=self.dense == "values")
+        first = 0 if self.kind == "siglip" else 1  # CLIP's class token is dropped; SigLIP has none
         if self.dense == "values":
             last = vision.encoder.layers[-1]
-            tokens = last.layer_norm1(out.hidden_states[-2][:, 1:])
+            tokens = last.layer_norm1(out.hidden_states[-2][:, first:])
             tokens = last.self_attn.out_proj(last.self_attn.v_proj(tokens))
         else:
-            tokens = out.last_hidden_state[:, 1:]
-        patches = self.model.visual_projection(vision.post_layernorm(tokens))
+            tokens = out.last_hidden_state[:, first:]
+        if self.kind == "siglip":
+            patches = siglip_head_per_patch(vision.head, vision.post_layernorm(tokens))
+        else:
+            patches = self.model.visual_projection(vision.post_layernorm(tokens))
         return PatchFeatures(patches.float(), self.grid)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], owner: str = "ClipColorEncoder",
+                    setting: str = "template") -> torch.Tensor:
+        """Joint-space text embeddings ``[K, D]`` (float32) of ``texts``, not cached: CLIP's projected pooled
+        output (padded to the batch's longest, with the attention mask); SigLIP's text head on texts padded to
+        its ``max_position_embeddings`` with no mask, as it was trained (its pooled token is the last one, so
+        padding to the batch's longest would make a text's embedding depend on the rest of the batch).
+        ``owner`` and ``setting`` name the caller and the setting to shorten in the error for a text longer
+        than the text model takes."""
+        if not texts:
+            return torch.zeros(0, self.joint_dim, device=self.device)
+        if self.kind == "siglip":
+            limit = int(self.model.config.text_config.max_position_embeddings)
+            tokens = self.tokenizer(list(texts), padding="max_length", max_length=limit, return_tensors="pt")
+            check_text_length(self.model, texts, tokens, owner, setting)
+            return self.model.text_model(input_ids=tokens["input_ids"].to(self.device)).pooler_output.float()
+        tokens = self.tokenizer(list(texts), padding=True, return_tensors="pt")
+        check_text_length(self.model, texts, tokens, owner, setting)
+        tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+        return self.model.text_projection(self.model.text_model(**tokens).pooler_output).float()
 
     @torch.no_grad()
     def embed_colors(self, names: Sequence[str]) -> torch.Tensor:
@@ -891,11 +993,7 @@ class ClipColorEncoder:
         texts = [self.template.format(_canonical_color(n)) for n in names]
         todo, embedded = self._cache.missing(self.model, texts), None
         if todo:
-            tokens = self.tokenizer(todo, padding=True, return_tensors="pt")
-            check_text_length(self.model, todo, tokens, "ClipColorEncoder", "template")
-            tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
-            pooled = self.model.text_model(**tokens).pooler_output
-            embedded = self.model.text_projection(pooled).float()
+            embedded = self.embed_texts(todo)
         if not texts:
-            return torch.zeros(0, self.model.config.projection_dim, device=self.device)
+            return torch.zeros(0, self.joint_dim, device=self.device)
         return self._cache.stack(self.model, texts, {} if embedded is None else dict(zip(todo, embedded)))

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from xlard._args import as_device
 from xlard.color_features import (ClipColorEncoder, ColorFeatureEncoder, EmbeddingCache, PatchFeatures,
-                                   PixelColorEncoder, check_template, check_text_length)
+                                   PixelColorEncoder, check_template)
 from xlard.prompts import PromptSpec, singularize
 from xlard.rewards import ExplainableRewards, RewardConfig, RewardResult, component_means
 from xlard.vocab import GENEVAL_COLORS
@@ -487,19 +487,21 @@ class ShapesSource(RewardSource):
 
 
 class ClipSource(RewardSource):
-    """Dense CLIP maps (MaskCLIP reading) for real backbones.
+    """Dense CLIP (or SigLIP) maps (MaskCLIP reading) for real backbones.
 
     Patch features: each patch token's last-layer value path (``v_proj`` then
     ``out_proj`` on the normalized input, no attention mixing), through
     ``post_layernorm`` and ``visual_projection`` into the joint space
-    (:class:`xlard.color_features.ClipColorEncoder` with ``dense="values"``).
+    (:class:`xlard.color_features.ClipColorEncoder` with ``dense="values"``;
+    a SigLIP model's attention-pooling head, read at each patch, in place of
+    ``visual_projection``).
     An entity's map is, per patch, the softmax over the batch prompt's nouns
     and a background prompt of ``logit_scale * cos(patch, text)``; colors
     are scored by the rewards as cosines between patch features and the
     color prompts' text embeddings.
 
     Args:
-        model: a ``transformers.CLIPModel``.
+        model: a ``transformers.CLIPModel`` or ``SiglipModel``.
         tokenizer: its tokenizer.
         noun_template: text for a noun, with ``{}``.
         color_template: text for a color, with ``{}``.
@@ -535,8 +537,9 @@ class ClipSource(RewardSource):
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, device: Any = None, dtype: torch.dtype | None = None,
                         **kwargs: Any) -> ClipSource:
-        """Load a CLIP checkpoint (hub id or local folder) and its tokenizer; ``kwargs`` go to :class:`ClipSource`
-        (``image_mean``/``image_std`` given there replace the checkpoint's image processor config)."""
+        """Load a CLIP or SigLIP checkpoint (hub id or local folder) and its tokenizer; ``kwargs`` go to
+        :class:`ClipSource` (``image_mean``/``image_std`` given there replace the checkpoint's image processor
+        config)."""
         if "tokenizer" in kwargs:  # was a raw "got multiple values for keyword argument"
             raise ValueError("ClipSource.from_pretrained: the checkpoint's own tokenizer is loaded; tokenizer= goes "
                              "with a loaded CLIPModel (ClipSource(model, tokenizer))")
@@ -563,14 +566,9 @@ class ClipSource(RewardSource):
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Projected text embeddings ``[K, D]`` (float32), cached per text and the model's device and dtype."""
-        device = self.encoder.device
         todo, new = self._text_cache.missing(self.model, texts), {}
         if todo:
-            tokens = self.tokenizer(todo, padding=True, return_tensors="pt")
-            check_text_length(self.model, todo, tokens, "ClipSource", "noun_template or background")
-            tokens = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
-            pooled = self.model.text_model(**tokens).pooler_output
-            new = dict(zip(todo, self.model.text_projection(pooled).float()))
+            new = dict(zip(todo, self.encoder.embed_texts(todo, "ClipSource", "noun_template or background")))
         return self._text_cache.stack(self.model, texts, new)
 
     @torch.no_grad()  # maps, not a graph: logit_scale is a parameter that requires grad
