@@ -96,8 +96,11 @@ def training_reward_settings(meta) -> dict:
     count reward became the weighed count (``soft_count``) on 2026-12-06:
     options recorded before then that do not say ``soft_count`` get the count
     of that time (``soft_count: false``, ``count_confidence: true`` unless they
-    say otherwise); correctors exported since record both.
+    say otherwise); correctors exported since record both. The clip source's reading
+    changed on 2026-12-07 in a way no option restores: such a corrector gets a ``note``.
     """
+    from xlard.sources import clip_reading_predates
+
     training = meta.training
     reward = {"source": training.get("reward_source") or "auto"}
     recorded = "reward_options" in training
@@ -112,6 +115,10 @@ def training_reward_settings(meta) -> dict:
                                      count_confidence=options.get("count_confidence", True))
         if training.get("reward_bind_color") is not None:
             reward["bind_color"] = training["reward_bind_color"]
+        if reward["source"] == "clip" and clip_reading_predates(options):
+            reward["note"] = ("recorded before 2026-12-07: the clip source then cut each map relative to its own "
+                              "peak and looked for colors anywhere in the image; no option gives that reading back, "
+                              "so the training reward below is today's")
     return {**reward, "recorded": recorded}
 
 
@@ -167,7 +174,7 @@ def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base:
         "backbone": {"name": "shapes", "correction_step": meta.correction_step,
                      "num_inference_steps": meta.num_inference_steps, "guidance_scale": meta.guidance_scale,
                      "device": "cpu"},
-        "reward": {k: v for k, v in reward.items() if k != "recorded"}})
+        "reward": {k: v for k, v in reward.items() if k not in ("recorded", "note")}})
     backbone = load_backbone(cfg.backbone, torch.device("cpu"), cfg.reward)
     reward_fn = build_reward_fn(cfg.reward, backbone)
     records, _ = load_records("shapes:train")
@@ -252,7 +259,8 @@ def _main(argv: list[str] | None) -> int:
     reward = report["reward"]
     print(f"training reward: source {reward['source']}, options "
           + (json.dumps(reward.get("options", {})) if reward["recorded"]
-             else "not recorded in the corrector's metadata (the source's current defaults)"))
+             else "not recorded in the corrector's metadata (the source's current defaults)")
+          + (f" ({reward['note']})" if reward.get("note") else ""))
     for row in report["rows"]:
         print(f"x{row['multiplier']:g}: training reward {row['joint']:.4f}  evaluator (mean of tags) "
               f"{row['overall']:.4f}  gain {100 * row['gain']:+.1f} points [{100 * row['gain_ci'][0]:+.1f}, "

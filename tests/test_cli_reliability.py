@@ -1534,6 +1534,13 @@ def test_abbreviated_options_are_refused(capsys):
         code, _, err = run(argv, capsys)
         assert code == 2
         one_line_error(err, f"unrecognized arguments: {word}")
+    code, _, err = run(["--"], capsys)  # no option there: the missing command is the mistake
+    assert code == 2 and "unrecognized" not in one_line_error(err, "the following arguments are required: command")
+    parser = cli.build_parser()  # one parser, two parses: the first one's words are not the second's
+    with pytest.raises(cli.UsageError, match="unrecognized arguments: --vers"):
+        parser.parse_args(["--vers"])
+    with pytest.raises(cli.UsageError, match="the following arguments are required: command"):
+        parser.parse_known_args([])
 
 
 def test_a_missing_weights_file_is_one_line_on_stderr(tmp_path):

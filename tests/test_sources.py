@@ -623,6 +623,15 @@ def test_clip_source_reads_its_maps_with_an_absolute_cut_and_colors_bound_to_eac
     for bad in (0, 1.0, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match=r"ClipSource: threshold must be a number in \(0, 1\)"):
             ClipSource(tiny_clip, word_tokenizer, threshold=bad)
+    # before anything loads: a run's config check, and from_pretrained before the model is read
+    from xlard.train.rewarding import check_reward_settings
+
+    settings = types.SimpleNamespace(source="clip", options={"model": "org/not-cached", "threshold": 2.0},
+                                     bind_color=None)
+    with pytest.raises(ValueError, match=r"train config reward.options: threshold must be a number in \(0, 1\)"):
+        check_reward_settings(settings, "some/backbone")
+    with pytest.raises(ValueError, match=r"ClipSource: threshold must be a number in \(0, 1\) .*got 2.0"):
+        get_source("clip", model="/no/such/clip/folder", threshold=2.0)
     rewards = ExplainableRewards(config)
     decoded = Decoded(images=torch.rand(1, 3, 32, 32), latents=torch.zeros(0), token_maps=None, patch_features=None,
                       specs=(parse("a photo of a dog"),), segment_offsets={})

@@ -212,6 +212,51 @@ def test_resume_with_another_process_count_is_refused_before_the_backbone_loads(
         train(tiny_config(out, steps=1), resume=True)
 
 
+@needs_shapes
+def test_resume_refuses_runs_whose_reward_this_version_cannot_rebuild(tmp_path, shapes, monkeypatch):
+    """A clip run from before the clip source's absolute reading (2026-12-07) resumed under the new reading without
+    a word (both recorded just {model}); a reward_model image + confidence head run (random aspect weights from an
+    unfitted head) was told to set confidence uniform, then refused for the changed config."""
+    pytest.importorskip("transformers")
+    from helpers import tiny_clip_model, word_level_tokenizer
+
+    from xlard.train import checkpoint as ckpt
+    from xlard.train import train, trainer
+
+    tokenizer = word_level_tokenizer("a photo of the background object circle square triangle diamond red blue "
+                                     "green two three left right".split())
+    folder = tmp_path / "clip"
+    tiny_clip_model(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "run"
+    clip = {"reward": {"source": "clip", "options": {"model": str(folder)}}}
+    train(tiny_config(out, steps=1, **clip), backbone=shapes)
+    path = ckpt.list_checkpoints(out)[-1][1]
+    state = ckpt.load_checkpoint(path)
+    assert state["reward_options"]["threshold"] == 0.5  # recorded since
+    monkeypatch.setattr(trainer, "load_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    with pytest.raises(AssertionError, match="loaded"):  # the checks pass: the run would go on
+        train(tiny_config(out, steps=1, **clip), resume=True)
+    state["reward_options"].pop("threshold")  # as a run of before recorded it
+    ckpt.save_atomic(state, path)
+    with pytest.raises(ValueError, match=r"--resume: the run was trained with the clip source's reading of before "
+                                         r"2026-12-07 .*no option gives the old reading back: start a new run"):
+        train(tiny_config(out, steps=1, **clip), resume=True)
+    monkeypatch.undo()
+
+    out = tmp_path / "image"
+    image = {"reward_model": "image", "confidence": "uniform", "projector": {"warmup_batches": 0}}
+    train(tiny_config(out, steps=1, **image), backbone=shapes)
+    path = ckpt.list_checkpoints(out)[-1][1]
+    state = ckpt.load_checkpoint(path)
+    state["config"]["confidence"] = "head"  # as an earlier version let it be
+    ckpt.save_atomic(state, path)
+    monkeypatch.setattr(trainer, "load_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    with pytest.raises(ValueError, match=r"--resume: the run was trained with reward_model 'image' and confidence "
+                                         r"'head' .*cannot be resumed: start a new run with confidence: uniform"):
+        train(tiny_config(out, steps=1, **image), resume=True)
+
+
 def test_resume_keeps_the_reward_a_run_was_trained_with_when_a_default_changes(tmp_path, shapes, monkeypatch):
     """A run started before the shapes source's count default changed (its checkpoint records the options it was
     trained with) resumed with the same config silently switched reward; now that is refused with the options to

@@ -52,6 +52,12 @@ def test_the_training_reward_comes_from_the_corrector_metadata():
     # another source: nothing added
     got = V.training_reward_settings(meta({"reward_source": "attention", "reward_options": {}}))
     assert got == {"source": "attention", "options": {}, "recorded": True}
+    # the clip source's reading changed on 2026-12-07 in a way no option restores: said, not hidden
+    got = V.training_reward_settings(meta({"reward_source": "clip", "reward_options": {"model": "m"}}))
+    assert got["options"] == {"model": "m"} and "recorded before 2026-12-07" in got["note"]
+    got = V.training_reward_settings(meta({"reward_source": "clip",
+                                           "reward_options": {"model": "m", "threshold": 0.5}}))
+    assert "note" not in got
     # older correctors: the source's defaults, and the report says they were not recorded
     assert V.training_reward_settings(meta({"reward_source": "shapes"})) == {"source": "shapes", "recorded": False}
     with pytest.raises(ValueError, match="reward_options"):

@@ -94,7 +94,8 @@ class _Parser(argparse.ArgumentParser):
         # command": the option it did not know is the mistake to name
         argv = getattr(self, "_argv", None)
         if argv is not None and message.endswith("required: command"):
-            unknown = [a for a in argv if a.startswith("-") and a.split("=", 1)[0] not in self._option_string_actions]
+            unknown = [a for a in argv if a.startswith("-") and a != "--"
+                       and a.split("=", 1)[0] not in self._option_string_actions]
             if unknown:
                 message = f"unrecognized arguments: {' '.join(unknown)}"
         raise UsageError(f"{message} (see `{self.prog} --help`)", prog=self.prog)
@@ -103,7 +104,10 @@ class _Parser(argparse.ArgumentParser):
         self._argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
         # argparse reports a subcommand's unknown option from the top parser ("xlard: error: ... see `xlard
         # --help`", which does not list the command's options): named with the command instead
-        parsed, extras = self.parse_known_args(args, namespace)
+        try:
+            parsed, extras = self.parse_known_args(args, namespace)
+        finally:  # only this call's words: a later parse_known_args on the same parser must not see them
+            self._argv = None
         if extras:
             command = getattr(parsed, "command", None)
             prog = f"{self.prog} {command}" if command else self.prog

@@ -522,10 +522,7 @@ class ClipSource(RewardSource):
                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
                  threshold: float = 0.5) -> None:
         check_template("ClipSource", "noun_template", noun_template, "noun")
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold < 1.0:
-            raise ValueError(f"ClipSource: threshold must be a number in (0, 1) (a cut on the maps' probabilities), "
-                             f"got {threshold!r}")
-        self.threshold = float(threshold)
+        self.threshold = check_clip_threshold("ClipSource", threshold)
         if not isinstance(background, str) or not background.strip():
             raise ValueError(f"ClipSource: background must be a non-empty text, got {background!r}")
         self.encoder = ClipColorEncoder(model, tokenizer, template=color_template, image_mean=image_mean,
@@ -543,6 +540,8 @@ class ClipSource(RewardSource):
         if "tokenizer" in kwargs:  # was a raw "got multiple values for keyword argument"
             raise ValueError("ClipSource.from_pretrained: the checkpoint's own tokenizer is loaded; tokenizer= goes "
                              "with a loaded CLIPModel (ClipSource(model, tokenizer))")
+        if "threshold" in kwargs:  # before the model loads
+            check_clip_threshold("ClipSource", kwargs["threshold"])
         encoder = ClipColorEncoder.from_pretrained(str(model), dense="values", device=device, dtype=dtype)
         kwargs.setdefault("image_mean", encoder.image_mean)
         kwargs.setdefault("image_std", encoder.image_std)
@@ -662,17 +661,35 @@ _SHAPES_SETTINGS = ("purity", "confidence", "paint_purity", "threshold", "min_ar
 
 
 #: Settings whose defaults have changed between releases, per source: a run's record writes them out.
-_CHANGED_DEFAULTS = {"shapes": ("soft_count", "count_confidence")}
+_CHANGED_DEFAULTS = {"shapes": ("soft_count", "count_confidence"), "clip": ("threshold",)}
+
+
+def clip_reading_predates(options: Any) -> bool:
+    """Whether ``reward.options`` a run or corrector recorded for the ``clip`` source predate its absolute reading
+    (2026-12-07: the maps cut at ``threshold``, colors bound to each entity; before, a cut relative to each map's
+    peak and colors from anywhere in the image). Recorded options name ``threshold`` since then; the reading of
+    before cannot be rebuilt by any option."""
+    return isinstance(options, Mapping) and "threshold" not in options
+
+
+def check_clip_threshold(who: str, threshold: Any) -> float:
+    """The clip source's ``threshold``: a number in (0, 1), a cut on its maps' probabilities."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold < 1.0:
+        raise ValueError(f"{who}: threshold must be a number in (0, 1) (a cut on the maps' probabilities), "
+                         f"got {threshold!r}")
+    return float(threshold)
 
 
 def resolved_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` with the settings whose defaults have changed between releases written out (the shapes source's
-    ``soft_count`` and ``count_confidence``): what a run records, so that the reward it optimised can be rebuilt, and
-    a resumed run notices, after those defaults change.
+    ``soft_count`` and ``count_confidence``, the clip source's ``threshold``): what a run records, so that the reward
+    it optimised can be rebuilt, and a resumed run notices, after those defaults change.
 
     Example:
         >>> resolved_options("shapes", {"count_confidence": True})
         {'count_confidence': True, 'soft_count': True}
+        >>> resolved_options("clip", {"model": "openai/clip-vit-base-patch16"})
+        {'model': 'openai/clip-vit-base-patch16', 'threshold': 0.5}
         >>> resolved_options("attention", {})
         {}
     """
@@ -681,7 +698,8 @@ def resolved_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"resolved_options: options must be a mapping of {name!r} source options, got "
                          f"{type(options).__name__}")
     out = dict(options)
-    parameters = inspect.signature(ShapesSource.__init__).parameters
+    parameters = inspect.signature({"shapes": ShapesSource, "clip": ClipSource}.get(name, RewardSource).__init__
+                                   ).parameters
     for key in _CHANGED_DEFAULTS.get(name, ()):
         out.setdefault(key, parameters[key].default)
     return out

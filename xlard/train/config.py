@@ -687,7 +687,8 @@ class TrainConfig:
             # the weights came from R_phi's confidence head, which reward_model='image' never fits: random lambdas
             raise ValueError("train config: reward_model='image' needs confidence='uniform': confidence='head' reads "
                              "the aspect weights from R_phi's confidence head, which is fitted only with "
-                             "reward_model='projector' (set confidence: uniform)")
+                             "reward_model='projector' (set confidence: uniform; a run folder trained with both "
+                             "cannot be resumed: start a new run)")
         if self.reward_model == "image" and self.projector.refresh_every != 1:
             raise ValueError("train config: reward_model='image' decodes every rollout, so projector.refresh_every "
                              f"must be 1, got {self.projector.refresh_every}")

@@ -77,6 +77,8 @@ def check_reward_settings(settings, backbone: Any) -> str:
         from xlard.color_features import check_clip_model, clip_dtype
 
         clip_dtype("train config reward.options.dtype", settings.options.get("dtype"))  # before the backbone loads
+        if "threshold" in settings.options:
+            sources.check_clip_threshold("train config reward.options", settings.options["threshold"])
         if isinstance(model, (str, os.PathLike)):  # its config only: a missing or uncached model fails now
             check_clip_model("train config reward.options.model", model)
     return name

@@ -644,10 +644,17 @@ class Trainer:
             # source's count, 2026-12-06) would otherwise switch the reward it optimises without a word
             trained = newest.get("reward_options") if newest is not None else None
             raw_old = old.get("reward", {}).get("options") if isinstance(old.get("reward"), dict) else None
+            source_name = resolve_source_name(self.cfg.reward, self.cfg.backbone.name)
+            if source_name == "clip" and newest is not None and (trained is None
+                                                                 or sources.clip_reading_predates(trained)):
+                raise ValueError(
+                    f"--resume: the run was trained with the clip source's reading of before 2026-12-07 (each map "
+                    f"cut relative to its own peak, colors looked for anywhere in the image; its checkpoint records "
+                    f"reward.options {trained}); this version reads the maps with an absolute cut and colors bound "
+                    f"to each entity, and no option gives the old reading back: start a new run")
             if isinstance(raw_old, dict):
                 old["reward"]["options"] = json.loads(json.dumps(
-                    trained if isinstance(trained, dict) else
-                    sources.resolved_options(resolve_source_name(self.cfg.reward, self.cfg.backbone.name), raw_old),
+                    trained if isinstance(trained, dict) else sources.resolved_options(source_name, raw_old),
                     default=list))
                 new["reward"]["options"] = json.loads(json.dumps(self._reward_options(), default=list))
                 if old["reward"]["options"] != new["reward"]["options"] and raw_old == dict(self.cfg.reward.options):
@@ -659,6 +666,11 @@ class Trainer:
             for cfg_dict in (old, new):  # the progress bar (xlard train --quiet) is no part of the run
                 if isinstance(cfg_dict.get("log"), dict):
                     cfg_dict["log"].pop("progress", None)
+            if old.get("reward_model") == "image" and old.get("confidence", "head") == "head":
+                raise ValueError(f"--resume: the run was trained with reward_model 'image' and confidence 'head' "
+                                 f"(saved in {saved}), whose aspect weights came from a confidence head that mode "
+                                 f"never fits (random weights); this version refuses that pair, so the run cannot "
+                                 f"be resumed: start a new run with confidence: uniform")
             if old != new:
                 diff = _config_differences(old, new)
                 shown = "; ".join(f"{key}: {a} -> {b}" for key, a, b in diff[:5]) + (
