@@ -151,7 +151,13 @@ def tiny_siglip_model(vocab_size: int, **vision):
                          eos_token_id=2),
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                            num_attention_heads=4, **vision))
-    return transformers.SiglipModel(config).eval()
+    model = transformers.SiglipModel(config).eval()
+    with torch.no_grad():  # norms other than the identity of a fresh init: a norm applied twice shows
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 2.0)
+                module.bias.normal_(0.0, 0.2)
+    return model
 
 
 def hold_folder_in_subprocess(folder):

@@ -440,7 +440,7 @@ def test_clip_source_from_a_local_folder(tiny_clip, word_tokenizer, tmp_path):
     # texts longer than the text model's positions failed inside transformers ("Sequence length must be less")
     limit = tiny_clip.config.text_config.max_position_embeddings
     long = ClipSource(tiny_clip, word_tokenizer, noun_template="a photo of a {} " + "cat " * limit)
-    with pytest.raises(ValueError, match=rf"ClipSource: the text 'a photo of a cat cat .* tokens, and the CLIP text "
+    with pytest.raises(ValueError, match=rf"ClipSource: the text 'a photo of a cat cat .* tokens, and the text "
                                          rf"model takes at most {limit}; shorten the noun_template or background"):
         long(decoded)
     long_color = ClipSource(tiny_clip, word_tokenizer, color_template="a photo of a {} " + "cat " * limit)
@@ -680,6 +680,59 @@ def test_siglip_head_read_at_each_patch_is_the_pooled_head_where_patches_agree(t
         torch.testing.assert_close(each, pooled[:, None].expand(2, 4, 32), atol=1e-5, rtol=1e-5)
         x = torch.randn(1, 4, 32)  # distinct patches: each one's reading is its own, whatever the others
         torch.testing.assert_close(siglip_head_per_patch(head, x)[:, 2:3], siglip_head_per_patch(head, x[:, 2:3]))
+
+
+def test_siglip_head_per_patch_is_the_head_attending_to_that_patch_alone():
+    """Checked against torch's MultiheadAttention with the one patch as key and value, packed projections and
+    separate ones (key/value sizes other than the query's: the bias was sliced at the value size and failed)."""
+    from xlard.color_features import siglip_head_per_patch
+
+    torch.manual_seed(0)
+    for kwargs in ({}, {"kdim": 24, "vdim": 24}):
+        d = 24 if kwargs else 32
+        head = types.SimpleNamespace(attention=torch.nn.MultiheadAttention(32, 4, batch_first=True, **kwargs),
+                                     layernorm=torch.nn.LayerNorm(32), mlp=torch.nn.Linear(32, 32))
+        probe, x = torch.randn(2, 1, 32), torch.randn(2, 5, d)
+        with torch.no_grad():
+            got = siglip_head_per_patch(head, x)
+            for i in range(5):
+                alone = head.attention(probe, x[:, i:i + 1], x[:, i:i + 1])[0][:, 0]
+                torch.testing.assert_close(got[:, i], alone + head.mlp(head.layernorm(alone)))
+
+
+def test_siglip_patches_where_they_agree_are_the_image_embedding_on_the_tokens_reading(word_tokenizer):
+    """The 'tokens' reading applied SigLIP's post_layernorm twice (its last_hidden_state is normalized already):
+    invisible with a fresh model's identity norms, 1.17 off the image embedding with trained ones."""
+    from helpers import tiny_siglip_model
+
+    from xlard.color_features import ClipColorEncoder
+
+    model = tiny_siglip_model(len(word_tokenizer))  # its norms are not the identity
+    # every token the same after the encoder: the head's probe then attends over equal values
+    hook = model.vision_model.encoder.register_forward_hook(
+        lambda module, args, out: type(out)(last_hidden_state=out.last_hidden_state.mean(1, keepdim=True).expand_as(
+            out.last_hidden_state).contiguous(), hidden_states=out.hidden_states))
+    try:
+        encoder = ClipColorEncoder(model, word_tokenizer, dense="tokens")
+        images = torch.rand(2, 3, 32, 32)
+        patches = encoder.encode_images(images).features
+        with torch.no_grad():
+            pooled = model.vision_model(pixel_values=encoder._pixel_values(images)).pooler_output
+    finally:
+        hook.remove()
+    torch.testing.assert_close(patches, pooled[:, None].expand_as(patches), atol=1e-5, rtol=1e-4)
+
+
+def test_an_over_long_siglip_text_in_a_batch_is_named(tiny_siglip, word_tokenizer):
+    """Padded to max_length, one over-long text made the batch uneven: the tokenizer's own 'Unable to create
+    tensor' came before the length check."""
+    limit = tiny_siglip.config.text_config.max_position_embeddings
+    source = ClipSource(tiny_siglip, word_tokenizer, background="a photo of the " + "background " * limit)
+    decoded = Decoded(images=torch.rand(1, 3, 32, 32), latents=torch.zeros(0), token_maps=None, patch_features=None,
+                      specs=(parse("a photo of a dog"),), segment_offsets={})
+    with pytest.raises(ValueError, match=rf"ClipSource: the text 'a photo of the background .* tokens, and the text "
+                                         rf"model takes at most {limit}; shorten the noun_template or background"):
+        source(decoded)
 
 
 def _siglip_by_hand(model, tokenizer, images, texts):

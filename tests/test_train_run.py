@@ -243,6 +243,11 @@ def test_resume_refuses_runs_whose_reward_this_version_cannot_rebuild(tmp_path, 
                                          r"2026-12-07 .*no option gives the old reading back: start a new run"):
         train(tiny_config(out, steps=1, **clip), resume=True)
     monkeypatch.undo()
+    # a run of another source resumed with a clip config: the difference is the source, not the clip reading
+    plain = tmp_path / "plain"
+    train(tiny_config(plain, steps=1), backbone=shapes)
+    with pytest.raises(ValueError, match=r"--resume: the config differs .*reward.source: \"auto\" -> \"clip\""):
+        train(tiny_config(plain, steps=1, **clip), resume=True)
 
     out = tmp_path / "image"
     image = {"reward_model": "image", "confidence": "uniform", "projector": {"warmup_batches": 0}}

@@ -626,7 +626,7 @@ def _clip_checkpoint(who: str, model_id_or_path) -> tuple[str, str]:
     """``(what to load, its model_type)`` of a CLIP or SigLIP checkpoint: :func:`check_clip_model`'s checks."""
     transformers = require("transformers", who)
     where = model_location(who, model_id_or_path, "config.json", "a CLIP model folder (written by "
-                                                                  "CLIPModel.save_pretrained)")
+                                                                  "CLIPModel or SiglipModel.save_pretrained)")
     try:
         config = transformers.AutoConfig.from_pretrained(where)
     except OSError as exc:
@@ -661,7 +661,7 @@ def check_template(owner: str, name: str, template: Any, word: str) -> None:
 
 
 def check_text_length(model: Any, texts: Sequence[str], tokens: Mapping[str, Any], owner: str, template: str) -> None:
-    """The CLIP text model takes at most ``max_position_embeddings`` tokens; a longer text (a long template
+    """The CLIP (or SigLIP) text model takes at most ``max_position_embeddings`` tokens; a longer text (a long template
     or noun) failed deep inside transformers ("Sequence length must be less than ...")."""
     limit = getattr(getattr(getattr(model, "config", None), "text_config", None), "max_position_embeddings", None)
     ids = tokens["input_ids"]
@@ -670,7 +670,7 @@ def check_text_length(model: Any, texts: Sequence[str], tokens: Mapping[str, Any
     mask = tokens.get("attention_mask")
     lengths = (mask.sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[-1])).tolist()
     longest = max(range(len(texts)), key=lambda i: lengths[i])
-    raise ValueError(f"{owner}: the text {texts[longest]!r} is {int(lengths[longest])} tokens, and the CLIP text "
+    raise ValueError(f"{owner}: the text {texts[longest]!r} is {int(lengths[longest])} tokens, and the text "
                      f"model takes at most {int(limit)}; shorten the {template} (or the word put into it)")
 
 
@@ -740,12 +740,12 @@ def siglip_head_per_patch(head: torch.nn.Module, tokens: torch.Tensor) -> torch.
         tokens (Tensor[B, N, D]): the vision tower's post-normalized tokens.
     """
     attention = head.attention
-    d = tokens.shape[-1]
+    e = attention.embed_dim  # the packed projections are q, k, v rows of embed_dim each
     if attention.in_proj_weight is not None:
-        weight = attention.in_proj_weight[2 * d:]
+        weight = attention.in_proj_weight[2 * e:]
     else:  # key and value sizes differ from the query's: separate projections
         weight = attention.v_proj_weight
-    bias = attention.in_proj_bias[2 * d:] if attention.in_proj_bias is not None else None
+    bias = attention.in_proj_bias[2 * e:] if attention.in_proj_bias is not None else None
     values = attention.out_proj(F.linear(tokens, weight, bias))
     return values + head.mlp(head.layernorm(values))
 
@@ -876,6 +876,7 @@ class ClipColorEncoder:
         model_class = transformers.SiglipModel if kind == "siglip" else transformers.CLIPModel
 
         owner = f"ClipColorEncoder.from_pretrained: model_id_or_path {model_id_or_path}"
+        files = "spiece.model" if kind == "siglip" else "tokenizer.json or vocab.json + merges.txt"
         fix = ("restore the file" + ("" if Path(str(model_id_or_path)).is_dir() else
                                      f" (a hub model: download it again, `hf download {model_id_or_path}`)"))
         try:
@@ -904,7 +905,7 @@ class ClipColorEncoder:
                               "tokenizer needs sentencepiece: pip install 'xlard[method]'") from None
         except (OSError, ValueError) as exc:  # no tokenizer files: transformers advised installing sentencepiece
             raise ValueError(f"{owner}: its tokenizer could not be loaded ({short_reason(exc)}); save the tokenizer "
-                             "beside the model (tokenizer.json or vocab.json + merges.txt), or " + fix) from None
+                             f"beside the model ({files}), or " + fix) from None
         vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
         want = getattr(getattr(model.config, "text_config", None), "vocab_size", None)
         if vocab is not None and want and vocab < min(want, 1000) // 2:
@@ -912,7 +913,7 @@ class ClipColorEncoder:
             # every map is flat
             raise ValueError(f"ClipColorEncoder.from_pretrained: {model_id_or_path} has no usable tokenizer (its "
                              f"vocabulary holds {vocab} tokens, the model {want}): save the tokenizer beside the "
-                             "model (tokenizer.json or vocab.json + merges.txt)")
+                             f"model ({files})")
         mean = std = None
         try:
             from transformers import AutoImageProcessor
@@ -950,17 +951,19 @@ class ClipColorEncoder:
             n = self.grid[0] * self.grid[1]
             return PatchFeatures(torch.zeros(0, n, self.joint_dim, device=pixels.device), self.grid)
         out = vision(pixel_values=pixels, output_hidden_states=self.dense == "values")
-        first = 0 if self.kind == "siglip" else 1  # CLIP's class token is dropped; SigLIP has none
+        siglip = self.kind == "siglip"
+        first = 0 if siglip else 1  # CLIP's class token is dropped; SigLIP has none
         if self.dense == "values":
             last = vision.encoder.layers[-1]
             tokens = last.layer_norm1(out.hidden_states[-2][:, first:])
-            tokens = last.self_attn.out_proj(last.self_attn.v_proj(tokens))
-        else:
+            tokens = vision.post_layernorm(last.self_attn.out_proj(last.self_attn.v_proj(tokens)))
+        else:  # SigLIP's last_hidden_state is post_layernorm's output already, CLIP's is not
             tokens = out.last_hidden_state[:, first:]
-        if self.kind == "siglip":
-            patches = siglip_head_per_patch(vision.head, vision.post_layernorm(tokens))
+            tokens = tokens if siglip else vision.post_layernorm(tokens)
+        if siglip:
+            patches = siglip_head_per_patch(vision.head, tokens)
         else:
-            patches = self.model.visual_projection(vision.post_layernorm(tokens))
+            patches = self.model.visual_projection(tokens)
         return PatchFeatures(patches.float(), self.grid)
 
     @torch.no_grad()
@@ -974,13 +977,12 @@ class ClipColorEncoder:
         than the text model takes."""
         if not texts:
             return torch.zeros(0, self.joint_dim, device=self.device)
-        if self.kind == "siglip":
+        tokens = self.tokenizer(list(texts), padding=True, return_tensors="pt")
+        check_text_length(self.model, texts, tokens, owner, setting)  # before max_length padding: one over-long
+        if self.kind == "siglip":                                     # text made the batch uneven (a raw error)
             limit = int(self.model.config.text_config.max_position_embeddings)
             tokens = self.tokenizer(list(texts), padding="max_length", max_length=limit, return_tensors="pt")
-            check_text_length(self.model, texts, tokens, owner, setting)
             return self.model.text_model(input_ids=tokens["input_ids"].to(self.device)).pooler_output.float()
-        tokens = self.tokenizer(list(texts), padding=True, return_tensors="pt")
-        check_text_length(self.model, texts, tokens, owner, setting)
         tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
         return self.model.text_projection(self.model.text_model(**tokens).pooler_output).float()
 

@@ -506,7 +506,8 @@ class ClipSource(RewardSource):
         noun_template: text for a noun, with ``{}``.
         color_template: text for a color, with ``{}``.
         background: the text of the background class.
-        image_mean, image_std: normalization (default OpenAI CLIP's).
+        image_mean, image_std: normalization (default OpenAI CLIP's; SigLIP's
+            0.5 / 0.5 for a SigLIP model).
         threshold: the cut on an entity's map (a probability) that makes
             a patch part of an object; read with :meth:`reward_config`.
 
@@ -539,7 +540,7 @@ class ClipSource(RewardSource):
         config)."""
         if "tokenizer" in kwargs:  # was a raw "got multiple values for keyword argument"
             raise ValueError("ClipSource.from_pretrained: the checkpoint's own tokenizer is loaded; tokenizer= goes "
-                             "with a loaded CLIPModel (ClipSource(model, tokenizer))")
+                             "with a loaded CLIPModel or SiglipModel (ClipSource(model, tokenizer))")
         if "threshold" in kwargs:  # before the model loads
             check_clip_threshold("ClipSource", kwargs["threshold"])
         encoder = ClipColorEncoder.from_pretrained(str(model), dense="values", device=device, dtype=dtype)
@@ -748,13 +749,14 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
     tokenizer = options.pop("tokenizer", None)
     if isinstance(model, (str, os.PathLike)):
         if tokenizer is not None:
-            raise ValueError("get_source('clip'): tokenizer= goes with a loaded CLIPModel, not a checkpoint id")
+            raise ValueError("get_source('clip'): tokenizer= goes with a loaded CLIPModel or SiglipModel, not a "
+                             "checkpoint id")
         return ClipSource.from_pretrained(model, device=device, dtype=options.pop("dtype", None), **options)
     if tokenizer is None:
-        raise ValueError("get_source('clip'): a loaded CLIPModel needs tokenizer=")
+        raise ValueError("get_source('clip'): a loaded CLIPModel or SiglipModel needs tokenizer=")
     dtype = options.pop("dtype", None)
     if dtype is not None:  # it was dropped without a word
-        raise ValueError("get_source('clip'): dtype= goes with a checkpoint id or folder; convert a loaded CLIPModel "
+        raise ValueError("get_source('clip'): dtype= goes with a checkpoint id or folder; convert a loaded model "
                          "yourself (model.to(dtype))")
     if device is not None:
         model = model.to(device)

@@ -645,8 +645,10 @@ class Trainer:
             trained = newest.get("reward_options") if newest is not None else None
             raw_old = old.get("reward", {}).get("options") if isinstance(old.get("reward"), dict) else None
             source_name = resolve_source_name(self.cfg.reward, self.cfg.backbone.name)
-            if source_name == "clip" and newest is not None and (trained is None
-                                                                 or sources.clip_reading_predates(trained)):
+            old_source = old.get("reward", {}).get("source") if isinstance(old.get("reward"), dict) else None
+            # both on clip (a run of another source resumed with a clip config differs in reward.source: said below)
+            if source_name == "clip" and old_source == "clip" and newest is not None and (
+                    trained is None or sources.clip_reading_predates(trained)):
                 raise ValueError(
                     f"--resume: the run was trained with the clip source's reading of before 2026-12-07 (each map "
                     f"cut relative to its own peak, colors looked for anywhere in the image; its checkpoint records "
