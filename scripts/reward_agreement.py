@@ -97,10 +97,15 @@ def bootstrap_ci(scores: list[float], labels: list[bool], groups: list[str], sta
 
     Groups (prompts) are drawn with replacement; a group drawn twice enters
     twice under distinct names, so within-group pairs never cross copies.
-    Resamples where the statistic is NaN (one class missing) are dropped.
+    Resamples where the statistic is NaN (one class missing) are dropped, as
+    long as they are few: the ones kept are those that drew the groups the
+    statistic rests on, so with many dropped (one mixed prompt among twenty:
+    a third) the interval only says how the statistic varies given those
+    groups, and looked certain (``[1.0, 1.0]`` on four pairs of one prompt).
 
     Returns:
-        (low, high); NaN, NaN when no resample gave a number.
+        (low, high); NaN, NaN (no interval) for a single group, or when more
+        than 10% of the resamples gave no number.
     """
     by_group: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
@@ -119,7 +124,7 @@ def bootstrap_ci(scores: list[float], labels: list[bool], groups: list[str], sta
         v = statistic(s, y, g)
         if not math.isnan(v):
             values.append(v)
-    if not values:
+    if len(names) < 2 or not values or len(values) < 0.9 * resamples:
         return math.nan, math.nan
     values.sort()
     alpha = (1.0 - level) / 2.0

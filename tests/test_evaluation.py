@@ -89,6 +89,36 @@ def test_bootstrap_is_reproducible_and_contains_the_estimate():
     assert (c.ci_low, c.ci_high) != (a.ci_low, a.ci_high) or c.ci_low == c.ci_high
 
 
+def _same(a, b) -> bool:
+    """Equal reports, NaN (no interval) equal to NaN: compared as the strict JSON eval.json holds."""
+    from xlard import _io
+
+    return _io.dumps(a, sort_keys=True) == _io.dumps(b, sort_keys=True)
+
+
+def test_a_single_cluster_has_no_interval_and_neither_has_the_overall_row():
+    """Resampling one cluster draws it every time: a tag of one record (or one prompt) got the interval [d, d] and
+    the table called a one-image gain significant; the overall row took no variance from that tag."""
+    from xlard.evaluation import format_markdown, interval_text, paired_bootstrap, paired_table
+
+    t = paired_table(["counting"] + ["colors"] * 40, [0] + [0] * 40, [1] + [1] * 30 + [0] * 10, num_resamples=500)
+    assert t["counting"].diff == 1.0 and math.isnan(t["counting"].ci_low) and math.isnan(t["counting"].ci_high)
+    assert not t["counting"].excludes_zero
+    assert t["colors"].ci_low > 0 and t["colors"].excludes_zero
+    assert math.isnan(t["overall"].ci_low) and not t["overall"].excludes_zero
+    one = paired_bootstrap([0, 0, 0], [1, 1, 0], clusters=["p", "p", "p"])  # one prompt's images
+    assert math.isnan(one.ci_low) and math.isnan(one.ci_high) and one.diff == pytest.approx(2 / 3)
+    assert interval_text(float("nan"), 0.1) == interval_text(None, None) == "n/a"
+    assert interval_text(-0.01, 0.125) == "[-1.0, +12.5]"
+    rows = {tag: {"base": d.base, "corrected": d.corrected, "diff": d.diff, "ci_low": d.ci_low, "ci_high": d.ci_high,
+                  "records": d.records, "images": d.images} for tag, d in t.items()}
+    text = format_markdown({"table": rows, "bootstrap": {"confidence": 0.95, "num_resamples": 500, "seed": 0},
+                            "lam_mass": 0.0})
+    assert "| counting | 1 |" in text and "| +100.0 | n/a | n/a |" in text
+    assert [line for line in text.splitlines() if line.startswith("| **overall**")][0].endswith("| n/a | n/a |")
+    assert "| colors |" in text and "| yes |" in text
+
+
 def test_paired_table_overall_is_the_mean_of_tag_means():
     tags = ["counting"] * 4 + ["colors"] * 2 + ["position"] * 2
     base = [0, 0, 0, 1, 1, 1, 0, 0]
@@ -227,7 +257,8 @@ def test_faithfulness_table_by_hand():
     # no gain: the base row said 100% beside the other rows' "n/a (no gain ...)"
     md = ev.format_markdown(ev.build_report(mixed, settings={"faithfulness_fraction": 0.2}, num_resamples=200))
     base_row = [line for line in md.splitlines() if line.startswith("| base (no correction)")][0]
-    assert base_row.endswith("| n/a (no gain: its interval includes 0) |") and "100%" not in base_row
+    assert base_row.endswith("| n/a (no gain shown: its interval includes 0 or has too few records) |")
+    assert "100%" not in base_row
 
 
 def test_the_lam_and_actions_are_of_the_change_applied():
@@ -506,7 +537,8 @@ def test_zero_head_gives_corrected_equal_to_base(shapes, records, tmp_path):
     assert ev.PairRow.from_dict({k: v for k, v in rows[0].to_dict().items() if k != "actions"}).actions == []
     report = ev.build_report(rows, num_resamples=200)
     table = report["table"]
-    assert all(v["diff"] == 0 and v["ci_low"] == v["ci_high"] == 0 for v in table.values())
+    # one record per tag: no interval (a single cluster), and so none for the overall row
+    assert all(v["diff"] == 0 and math.isnan(v["ci_low"]) and math.isnan(v["ci_high"]) for v in table.values())
     # no gain: the shares of it lost are undefined (NaN), written to eval.json as null (strict JSON)
     assert math.isnan(report["faithfulness"]["share_lost_top"])
     ev._write_json(tmp_path / "eval.json", report)
@@ -609,13 +641,13 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
     for tag, row in table.items():
         assert row["records"] == (6 if tag == "overall" else 1) and row["images"] == (12 if tag == "overall" else 2)
         assert row["prompts"] == (6 if tag == "overall" else 1)
-        assert row["ci_low"] <= row["diff"] <= row["ci_high"]
+        assert math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])  # one record per tag: no interval
         assert math.isclose(row["diff"], row["corrected"] - row["base"])
     assert report["lam_mass"] > 0
     assert report["faithfulness"] is not None
     rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and {(r["index"], r["seed"]) for r in rows} == {(i, s) for i in range(6) for s in (0, 1)}
-    assert json.loads((out / "eval.json").read_text())["table"] == json.loads(json.dumps(table))
+    assert _same(json.loads((out / "eval.json").read_text())["table"], table)  # NaN written as null
 
     def strict(name):  # JSON has no NaN: an undefined share (no gain) was written as a bare NaN
         raise ValueError(f"not strict JSON: {name}")
@@ -661,7 +693,7 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
         del shapes.encode
     assert calls == [1]
     # (compared as JSON text: a share with no gain to divide is NaN, and NaN != NaN)
-    assert again["table"] == report["table"]
+    assert _same(again["table"], report["table"])
     assert json.dumps(again["faithfulness"], sort_keys=True) == json.dumps(report["faithfulness"], sort_keys=True)
     # A damaged line in the middle is named with the fix: delete it and resume (that pair is judged again).
     lines = (out / "pairs.jsonl").read_text().splitlines()
@@ -673,7 +705,7 @@ def test_paired_run_with_a_nonzero_head(shapes, records, tmp_path):
         ev.run_evaluation(shapes, corrector, _meta(), records, **kwargs)
     (out / "pairs.jsonl").write_text("\n".join([*lines[:2], *lines[3:]]) + "\n")
     again = ev.run_evaluation(shapes, corrector, _meta(), records, **kwargs)
-    assert again["table"] == report["table"]
+    assert _same(again["table"], report["table"])
     # Well-formed rows that are no pair of this run, or a pair judged twice, are named (a duplicate weighed its
     # pair twice in the table, a foreign seed failed with a KeyError after the whole evaluation had run).
     lines = (out / "pairs.jsonl").read_text().splitlines()
@@ -954,7 +986,7 @@ def test_a_run_of_a_user_backbone_resumes_with_another_instance_of_it(shapes, re
     kwargs = dict(seeds=[0], out=tmp_path / "e", quiet=True, faithfulness_fraction=None, num_resamples=10)
     first = ev.run_evaluation(Mine(), _corrector(), _meta(), records[:2], **kwargs)
     again = ev.run_evaluation(Mine(), _corrector(), _meta(), records[:2], **kwargs)
-    assert again["table"] == first["table"]
+    assert _same(again["table"], first["table"])
     stored = json.loads((tmp_path / "e" / "run.json").read_text())["backbone"]
     assert stored.endswith("Mine") and "0x" not in stored
     assert ev._backbone_identity(shapes) == repr(shapes)  # a backbone with its own repr keeps it
@@ -1018,7 +1050,7 @@ def test_a_paired_run_that_cannot_append_its_pairs_names_the_file(shapes, record
     done = ev.run_evaluation(shapes, _corrector(), _meta(), records[:2], **kwargs)
     assert done["table"]["overall"]["images"] == 2
     again = ev.run_evaluation(shapes, _corrector(), _meta(), records[:2], **kwargs)
-    assert again["table"] == done["table"] and len(pairs.read_text().splitlines()) == 2
+    assert _same(again["table"], done["table"]) and len(pairs.read_text().splitlines()) == 2
 
 
 def test_a_paired_run_resumes_only_on_the_model_it_ran(shapes, records, tmp_path):
@@ -1034,7 +1066,7 @@ def test_a_paired_run_resumes_only_on_the_model_it_ran(shapes, records, tmp_path
         ev.run_evaluation(shapes, _corrector(), _meta(), records[:2], **kwargs)
     del stored["backbone_source"]  # written before the key existed
     run.write_text(json.dumps(stored))
-    assert ev.run_evaluation(shapes, _corrector(), _meta(), records[:2], **kwargs)["table"] == first["table"]
+    assert _same(ev.run_evaluation(shapes, _corrector(), _meta(), records[:2], **kwargs)["table"], first["table"])
 
 
 def test_saved_images_of_an_unfinished_paired_run_are_refused_by_eval_folder(shapes, records, tmp_path, monkeypatch,

@@ -77,6 +77,19 @@ def test_bootstrap_interval_brackets_the_estimate():
     assert RA.bootstrap_ci(perfect, labels, groups, RA._pooled, resamples=50) == (1.0, 1.0)
     assert RA.bootstrap_ci([1 - s for s in perfect], labels, groups, RA.within_group_auroc, resamples=50) == (0.0, 0.0)
     assert all(math.isnan(v) for v in RA.bootstrap_ci([0.1], [True], ["a"], RA._pooled, resamples=5))
+    # one mixed prompt among twenty: the resamples kept were those that drew it, and the interval read [1.0, 1.0]
+    scores, labels, groups = [], [], []
+    for g in range(20):
+        for k in range(4):
+            y = k % 2 == 0 if g == 0 else g % 2 == 0
+            scores.append(float(y) if g == 0 else 0.5)
+            labels.append(y)
+            groups.append(f"p{g}")
+    assert RA.within_group_auroc(scores, labels, groups) == 1.0
+    assert all(math.isnan(v) for v in RA.bootstrap_ci(scores, labels, groups, RA.within_group_auroc, resamples=200))
+    # one prompt, resampled: always itself, so no interval
+    assert all(math.isnan(v) for v in RA.bootstrap_ci(scores[:4], labels[:4], groups[:4], RA.within_group_auroc,
+                                                      resamples=50))
 
 
 def test_summarize_values():

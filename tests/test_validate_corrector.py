@@ -142,7 +142,8 @@ def test_small_run_matches_direct_scoring(tmp_path, capsys):
     assert base["tags"] == by_tag
     assert corrected["overall"] == pytest.approx(sum(corrected["tags"].values()) / 6)
     assert corrected["gain"] == pytest.approx(corrected["overall"] - base["overall"])
-    # (a degenerate interval can equal the gain up to rounding: 6 items, one of them changed)
-    assert corrected["gain_ci"][0] - 1e-9 <= corrected["gain"] <= corrected["gain_ci"][1] + 1e-9
+    # one prompt per tag: no interval (a single cluster per tag), and the printout says which tags
+    assert corrected["gain_ci"] == [None, None] and corrected["one_prompt_tags"] == list(V.TAGS)
+    assert "points n/a" in printed and "rest(s) on one prompt" in printed
     assert base["gain"] == 0.0 and "gain +0.0 points" in printed
     assert torch.isfinite(torch.tensor(corrected["joint"]))

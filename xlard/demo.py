@@ -144,7 +144,7 @@ def _png_data_uri(path: Path) -> str:
 
 
 def _table_html(report: dict) -> str:
-    from xlard.evaluation import table_rows
+    from xlard.evaluation import interval_text, table_rows
 
     conf = report["bootstrap"]["confidence"]
     rows = ["<table><tr><th>tag</th><th>images</th><th>base</th><th>corrected</th><th>gain (points)</th>"
@@ -153,7 +153,7 @@ def _table_html(report: dict) -> str:
         name = f"<b>{html.escape(tag)}</b>" if tag == "overall" else html.escape(tag)
         rows.append(f"<tr><td>{name}</td><td>{r['images']}</td><td>{100 * r['base']:.1f}</td>"
                     f"<td>{100 * r['corrected']:.1f}</td><td>{100 * r['diff']:+.1f}</td>"
-                    f"<td>[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]</td></tr>")
+                    f"<td>{interval_text(r['ci_low'], r['ci_high'])}</td></tr>")
     rows.append("</table><p>Exact evaluator on held-out prompts; paired (same records, same seeds); overall = mean "
                 "of the six tags; intervals: paired bootstrap over records.</p>")
     return "".join(rows)

@@ -676,7 +676,11 @@ def _resampled_means(sum_b, sum_c, count, num_resamples: int, rng: np.random.Gen
     return means_b, means_c
 
 
-def _interval(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
+def _interval(replicates: np.ndarray, confidence: float, clusters: int = 2) -> tuple[float, float]:
+    """The percentile interval; NaN for fewer than two clusters (resampling one cluster draws it every time, so the
+    interval was that cluster's own value, a certainty the data cannot give)."""
+    if clusters < 2:
+        return float("nan"), float("nan")
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(replicates, [tail, 1.0 - tail])
     return float(low), float(high)
@@ -700,7 +704,8 @@ def paired_bootstrap(base: Sequence[float], corrected: Sequence[float], clusters
         seed (int): the resampling RNG's seed (same inputs + seed -> same interval).
 
     Returns:
-        PairedDifference.
+        PairedDifference; its interval is NaN (no interval) when the items form
+        a single cluster.
 
     Raises:
         ValueError: lengths differ, empty or non-finite inputs, bad settings.
@@ -714,7 +719,7 @@ def paired_bootstrap(base: Sequence[float], corrected: Sequence[float], clusters
     _check_bootstrap_args(fn, num_resamples, confidence, seed)
     sum_b, sum_c, count = _clusters(fn, base, corrected, clusters)
     rb, rc = _resampled_means(sum_b, sum_c, count, int(num_resamples), np.random.default_rng(int(seed)))
-    low, high = _interval(rc - rb, confidence)
+    low, high = _interval(rc - rb, confidence, count.size)
     mb, mc = sum_b.sum() / count.sum(), sum_c.sum() / count.sum()
     return PairedDifference(float(mb), float(mc), float(mc - mb), low, high, int(count.size), int(count.sum()),
                             float(confidence))
@@ -742,7 +747,9 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
 
     Returns:
         ``{tag: PairedDifference, ..., "overall": PairedDifference}``, tags in
-        GenEval's order then any other tags sorted.
+        GenEval's order then any other tags sorted. A tag of a single cluster
+        has no interval (NaN), and then neither has the overall row: that
+        tag's share of the overall variance cannot be estimated.
 
     Raises:
         ValueError: bad lengths or settings, no items, or a cluster in two tags.
@@ -785,12 +792,12 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
     order = [t for t in TAGS if t in present] + sorted(present - set(TAGS))
     table: dict[str, PairedDifference] = {}
     rep_diff, points_b, points_c = [], [], []
-    n_records = 0
+    n_records, fewest = 0, b.size
     for tag in order:
         sel = [i for i, t in enumerate(tags) if t == tag]
         sum_b, sum_c, count = _clusters(fn, b[sel], c[sel], [keys[i] for i in sel])
         rb, rc = _resampled_means(sum_b, sum_c, count, int(num_resamples), _tag_rng(seed, tag))
-        low, high = _interval(rc - rb, confidence)
+        low, high = _interval(rc - rb, confidence, count.size)
         mb, mc = sum_b.sum() / count.sum(), sum_c.sum() / count.sum()
         table[tag] = PairedDifference(float(mb), float(mc), float(mc - mb), low, high, int(count.size),
                                       int(count.sum()), float(confidence))
@@ -798,8 +805,10 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
         points_b.append(mb)
         points_c.append(mc)
         n_records += int(count.size)
+        fewest = min(fewest, int(count.size))
     overall_b, overall_c = float(np.mean(points_b)), float(np.mean(points_c))
-    low, high = _interval(np.mean(np.stack(rep_diff), axis=0), confidence)
+    # a one-cluster tag adds no variance to the replicates: the overall interval would be too narrow by its share
+    low, high = _interval(np.mean(np.stack(rep_diff), axis=0), confidence, fewest)
     table["overall"] = PairedDifference(overall_b, overall_c, overall_c - overall_b, low, high, n_records,
                                         int(b.size), float(confidence))
     return table
@@ -1088,6 +1097,20 @@ def _signed(x: float) -> str:
     return f"{100.0 * x:+.1f}"
 
 
+#: The share of the gain lost, where there is no gain to lose (or no interval to show one).
+_NO_GAIN = "n/a (no gain shown: its interval includes 0 or has too few records)"
+
+
+def _has_interval(low: Any, high: Any) -> bool:
+    """An interval was estimated (a report read back from JSON holds null where it was NaN)."""
+    return low is not None and high is not None and math.isfinite(low) and math.isfinite(high)
+
+
+def interval_text(low: Any, high: Any) -> str:
+    """``[+a, +b]`` in points, or ``n/a`` where no interval could be estimated (a single cluster)."""
+    return f"[{_signed(low)}, {_signed(high)}]" if _has_interval(low, high) else "n/a"
+
+
 def table_rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     """The report's table rows in GenEval's tag order, other tags sorted, ``overall`` last.
 
@@ -1115,10 +1138,13 @@ def format_markdown(report: Mapping[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for tag, r in table_rows(report):
         name = "**overall**" if tag == "overall" else _cell(tag)
-        excludes = "yes" if r["ci_low"] > 0 or r["ci_high"] < 0 else "no"
+        if not _has_interval(r["ci_low"], r["ci_high"]):
+            excludes = "n/a"
+        else:
+            excludes = "yes" if r["ci_low"] > 0 or r["ci_high"] < 0 else "no"
         lines.append(f"| {name} | {r['records']} | {r.get('prompts', '')} | {r['images']} | {_pts(r['base'])} | "
-                     f"{_pts(r['corrected'])} | {_signed(r['diff'])} | [{_signed(r['ci_low'])}, "
-                     f"{_signed(r['ci_high'])}] | {excludes} |")
+                     f"{_pts(r['corrected'])} | {_signed(r['diff'])} | {interval_text(r['ci_low'], r['ci_high'])} | "
+                     f"{excludes} |")
     lines.append("")
     lines.append("overall = mean of the tag scores (GenEval); intervals: paired percentile bootstrap over records "
                  f"({report['bootstrap']['num_resamples']} resamples, seed {report['bootstrap']['seed']}), "
@@ -1140,10 +1166,10 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             r = faith[key]
             s = faith[share]
             lines.append(f"| {name} | {_pts(r['masked'])} | {_signed(r['diff'])} | "
-                         f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | "
-                         f"{'n/a (no gain: its interval includes 0)' if not _is_real(s) else f'{s:.0%}'} |")
+                         f"{interval_text(r['ci_low'], r['ci_high'])} | "
+                         f"{_NO_GAIN if not _is_real(s) else f'{s:.0%}'} |")
         # the whole gain lost, where there is a gain to lose (it read 100% beside "n/a (no gain ...)")
-        base_share = "100%" if _is_real(faith["share_lost_top"]) else "n/a (no gain: its interval includes 0)"
+        base_share = "100%" if _is_real(faith["share_lost_top"]) else _NO_GAIN
         lines.append(f"| base (no correction) | {_pts(g['base'])} | {_signed(g['corrected'] - g['base'])} | | "
                      f"{base_share} |")
         by_tag = faith.get("tags") or {}
@@ -1155,8 +1181,9 @@ def format_markdown(report: Mapping[str, Any]) -> str:
                 return f"{x:.0%}" if _is_real(x) else "n/a"
 
             for tag, t in table_rows({"table": by_tag}):
-                lines.append(f"| {_cell(tag)} | {_signed(t['gain']['diff'])} | [{_signed(t['gain']['ci_low'])}, "
-                             f"{_signed(t['gain']['ci_high'])}] | {_signed(t['lost_top']['diff'])} | "
+                lines.append(f"| {_cell(tag)} | {_signed(t['gain']['diff'])} | "
+                             f"{interval_text(t['gain']['ci_low'], t['gain']['ci_high'])} | "
+                             f"{_signed(t['lost_top']['diff'])} | "
                              f"{_signed(t['lost_random']['diff'])} | {pct(t['share_lost_top'])} / "
                              f"{pct(t['share_lost_random'])} |")
     acted = report.get("actions")
