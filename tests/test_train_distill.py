@@ -348,6 +348,13 @@ def test_targets_before_the_final_step_are_scaled_by_the_signal_level(tmp_path):
     shard = torch.load(tmp_path / "d" / "data-0000.pt", weights_only=False)
     assert shard["signal_scale"] == pytest.approx(expected, rel=1e-6)
     assert shard["z0"].shape == shard["target"].shape and torch.isfinite(shard["target"]).all()
+    # reader targets added to these shards afterwards would read the VAE decoding of the intermediate z0, not the
+    # image the backbone makes of it (29 vs 38 object cells, colors 83% alike): refused, nothing rewritten
+    before = (tmp_path / "d" / "data-0000.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"distill: reader \(cell\) targets can be added to shards built without "
+                                         r"them only at correction_step 1.0, got 0.5"):
+        dl.build_dataset(backbone, model, items, tmp_path / "d", chunk=3, progress=False, cells=True)
+    assert (tmp_path / "d" / "data-0000.pt").read_bytes() == before
     # the same items at correction_step 1.0: a separate folder (the manifest records the step) ...
     final = load_backbone(config(tmp_path / "b").backbone, torch.device("cpu"), cfg.reward)
     with pytest.raises(ValueError, match="other items or edits"):

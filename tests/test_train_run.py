@@ -1127,6 +1127,9 @@ def test_config_only_problems_are_named_before_the_backbone_loads(tmp_path, monk
         ({"data": {"max_prompts": 1, "seeds_per_prompt": 1}}, r"1 items, fewer than ppo.prompts_per_step=2"),
         ({"backbone": {"correction_step": 0.5}, "distill": {"items_per_tag": 2, "replace": True}},
          r"distill.replace: needs backbone.correction_step 1.0"),
+        # the residual was fitted to the whole edit, then applied alpha times: 4x the edits at alpha 4
+        ({"model": {"corrector_overrides": {"alpha": 4.0}}, "distill": {"items_per_tag": 2}},
+         r"distill: .*model.corrector_overrides.alpha must be 1 with it, got 4.0"),
     ]
     for k, (changes, words) in enumerate(cases):
         with pytest.raises(ValueError, match=words):

@@ -311,6 +311,12 @@ def _upgrade_shards(backbone, model, folder: Path, n_shards: int, margin: int | 
             if any(missing(_load_shard(folder, k)))]
     if not todo:
         return
+    if cells and float(backbone.correction_step) != 1.0:
+        # the VAE decoding of an intermediate z0 is not the image the backbone makes of it: a reader fitted on it
+        # would learn to read noise (cell targets built with the shards decode the backbone's way)
+        raise ValueError(f"distill: reader (cell) targets can be added to shards built without them only at "
+                         f"correction_step 1.0, got {backbone.correction_step}; build the targets into a new folder "
+                         f"with cells=True ({folder} holds {len(todo)} shard(s) without them)")
     decode = vae_decoder(backbone)
     bar = None
     if progress:

@@ -774,6 +774,12 @@ class Trainer:
                 raise ValueError("distill: the edit-target warm start draws with the shapes world's primitives; it "
                                  f"needs backbone.name 'shapes' and shapes prompts, got {self.cfg.backbone.name!r} "
                                  f"and {self.cfg.data.prompts!r}")
+            alpha = overrides.get("alpha", fields["alpha"])
+            if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha != 1:
+                # the residual was fitted to the whole edit and then applied alpha times (4x the edits at alpha 4)
+                raise ValueError(f"distill: the edit-target warm start fits the corrector's output to the whole edit, "
+                                 f"which the corrector applies alpha times; model.corrector_overrides.alpha must be 1 "
+                                 f"with it, got {alpha} (export.alpha_grid scales the exported step)")
             for name, on in (("replace", d.replace), ("move", d.move), ("decoder_epochs", d.decoder_epochs > 0)):
                 if on and step != 1.0:
                     raise ValueError(f"distill.{name}: needs backbone.correction_step 1.0 (the corrected latent must "
