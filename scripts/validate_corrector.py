@@ -223,7 +223,7 @@ def validate(corrector, meta, per_tag: int, multipliers: list[float], seed_base:
         rows.append({"multiplier": m, "alpha": m * meta.alpha, "joint": float(torch.cat(joint[m]).mean()),
                      "overall": sum(per_tag_score.values()) / len(per_tag_score), "tags": per_tag_score,
                      "gain": table["overall"].diff, "gain_ci": [table["overall"].ci_low, table["overall"].ci_high],
-                     # a tag of one prompt has no interval, and then the overall row has none (evaluation.paired_table)
+                     # a tag of one prompt has no interval; the overall one is conditional on it (paired_table)
                      "one_prompt_tags": [t for t, d in table.items() if t != "overall" and d.records < 2],
                      "fixed": int(((c > 0) & (base == 0)).sum()), "broken": int(((c == 0) & (base > 0)).sum())})
     return {"items": len(items), "per_tag": per_tag, "seed_base": seed_base, "prompts": prompts,
@@ -268,8 +268,8 @@ def _main(argv: list[str] | None) -> int:
               f"{row['overall']:.4f}  gain {100 * row['gain']:+.1f} points {interval_text(*row['gain_ci'])}  "
               f"fixed {row['fixed']} broken {row['broken']} | "
               + " ".join(f"{t} {v:.3f}" for t, v in row["tags"].items())
-              + (f" (no interval: {', '.join(row['one_prompt_tags'])} rest(s) on one prompt)"
-                 if row["one_prompt_tags"] else ""))
+              + (f" ({', '.join(row['one_prompt_tags'])} rest(s) on one prompt: no interval of its own, and the "
+                 "overall one takes no spread from it)" if row["one_prompt_tags"] else ""))
     if args.out:
         _io.atomic_write_text(Path(args.out), _io.dumps(report, indent=2) + "\n", owner="validate_corrector")
     return 0

@@ -96,16 +96,20 @@ def _same(a, b) -> bool:
     return _io.dumps(a, sort_keys=True) == _io.dumps(b, sort_keys=True)
 
 
-def test_a_single_cluster_has_no_interval_and_neither_has_the_overall_row():
+def test_a_single_cluster_has_no_interval_and_the_table_says_the_overall_one_is_conditional_on_it():
     """Resampling one cluster draws it every time: a tag of one record (or one prompt) got the interval [d, d] and
-    the table called a one-image gain significant; the overall row took no variance from that tag."""
+    the table called a one-image gain significant; the overall row takes no spread from that tag, which the table
+    now says (and with every tag a single cluster there is no overall interval at all)."""
     from xlard.evaluation import format_markdown, interval_text, paired_bootstrap, paired_table
 
     t = paired_table(["counting"] + ["colors"] * 40, [0] + [0] * 40, [1] + [1] * 30 + [0] * 10, num_resamples=500)
     assert t["counting"].diff == 1.0 and math.isnan(t["counting"].ci_low) and math.isnan(t["counting"].ci_high)
     assert not t["counting"].excludes_zero
     assert t["colors"].ci_low > 0 and t["colors"].excludes_zero
-    assert math.isnan(t["overall"].ci_low) and not t["overall"].excludes_zero
+    # the overall replicates: counting's fixed +1 beside colors' resampled gain, halved
+    assert t["overall"].ci_low == pytest.approx((1 + t["colors"].ci_low) / 2)
+    alone = paired_table(["counting", "colors"], [0, 0], [1, 0])
+    assert all(math.isnan(alone[k].ci_low) for k in ("counting", "colors", "overall"))
     one = paired_bootstrap([0, 0, 0], [1, 1, 0], clusters=["p", "p", "p"])  # one prompt's images
     assert math.isnan(one.ci_low) and math.isnan(one.ci_high) and one.diff == pytest.approx(2 / 3)
     assert interval_text(float("nan"), 0.1) == interval_text(None, None) == "n/a"
@@ -115,8 +119,9 @@ def test_a_single_cluster_has_no_interval_and_neither_has_the_overall_row():
     text = format_markdown({"table": rows, "bootstrap": {"confidence": 0.95, "num_resamples": 500, "seed": 0},
                             "lam_mass": 0.0})
     assert "| counting | 1 |" in text and "| +100.0 | n/a | n/a |" in text
-    assert [line for line in text.splitlines() if line.startswith("| **overall**")][0].endswith("| n/a | n/a |")
-    assert "| colors |" in text and "| yes |" in text
+    assert [line for line in text.splitlines() if line.startswith("| **overall**")][0].endswith("| yes |")
+    assert "n/a: counting rest(s) on one record, which resampling draws every time; the overall interval takes no " \
+           "spread from it (conditional on it)" in text
 
 
 def test_paired_table_overall_is_the_mean_of_tag_means():

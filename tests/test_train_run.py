@@ -229,7 +229,7 @@ def test_resume_refuses_runs_whose_reward_this_version_cannot_rebuild(tmp_path, 
     tiny_clip_model(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     out = tmp_path / "run"
-    clip = {"reward": {"source": "clip", "options": {"model": str(folder)}}}
+    clip = {"reward": {"source": "CLIP", "options": {"model": str(folder)}}}  # spelled as a user may: read as clip
     train(tiny_config(out, steps=1, **clip), backbone=shapes)
     path = ckpt.list_checkpoints(out)[-1][1]
     state = ckpt.load_checkpoint(path)
@@ -246,7 +246,7 @@ def test_resume_refuses_runs_whose_reward_this_version_cannot_rebuild(tmp_path, 
     # a run of another source resumed with a clip config: the difference is the source, not the clip reading
     plain = tmp_path / "plain"
     train(tiny_config(plain, steps=1), backbone=shapes)
-    with pytest.raises(ValueError, match=r"--resume: the config differs .*reward.source: \"auto\" -> \"clip\""):
+    with pytest.raises(ValueError, match=r"--resume: the config differs .*reward.source: \"auto\" -> \"CLIP\""):
         train(tiny_config(plain, steps=1, **clip), resume=True)
 
     out = tmp_path / "image"

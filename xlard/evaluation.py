@@ -748,8 +748,9 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
     Returns:
         ``{tag: PairedDifference, ..., "overall": PairedDifference}``, tags in
         GenEval's order then any other tags sorted. A tag of a single cluster
-        has no interval (NaN), and then neither has the overall row: that
-        tag's share of the overall variance cannot be estimated.
+        has no interval (NaN); the overall row's interval then takes no spread
+        from that tag (it is conditional on it), and is NaN only when every tag
+        is a single cluster.
 
     Raises:
         ValueError: bad lengths or settings, no items, or a cluster in two tags.
@@ -792,7 +793,7 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
     order = [t for t in TAGS if t in present] + sorted(present - set(TAGS))
     table: dict[str, PairedDifference] = {}
     rep_diff, points_b, points_c = [], [], []
-    n_records, fewest = 0, b.size
+    n_records, widest = 0, 0
     for tag in order:
         sel = [i for i, t in enumerate(tags) if t == tag]
         sum_b, sum_c, count = _clusters(fn, b[sel], c[sel], [keys[i] for i in sel])
@@ -805,10 +806,11 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
         points_b.append(mb)
         points_c.append(mc)
         n_records += int(count.size)
-        fewest = min(fewest, int(count.size))
+        widest = max(widest, int(count.size))
     overall_b, overall_c = float(np.mean(points_b)), float(np.mean(points_c))
-    # a one-cluster tag adds no variance to the replicates: the overall interval would be too narrow by its share
-    low, high = _interval(np.mean(np.stack(rep_diff), axis=0), confidence, fewest)
+    # a one-cluster tag adds no spread to the replicates (the overall interval is conditional on it; format_markdown
+    # says so); with every tag of one cluster there is no spread at all: no interval
+    low, high = _interval(np.mean(np.stack(rep_diff), axis=0), confidence, widest)
     table["overall"] = PairedDifference(overall_b, overall_c, overall_c - overall_b, low, high, n_records,
                                         int(b.size), float(confidence))
     return table
@@ -1150,6 +1152,11 @@ def format_markdown(report: Mapping[str, Any]) -> str:
                  f"({report['bootstrap']['num_resamples']} resamples, seed {report['bootstrap']['seed']}), "
                  "conditional on the records' prompts: they measure how the gain varies with the images, not with "
                  "the choice of prompts (a tag with few distinct prompts repeats them over its records).")
+    single = [tag for tag, r in table_rows(report)
+              if tag != "overall" and not _has_interval(r["ci_low"], r["ci_high"])]
+    if single:
+        lines.append(f"n/a: {', '.join(single)} rest(s) on one record, which resampling draws every time; the "
+                     "overall interval takes no spread from it (conditional on it)")
     lines.append(f"mean LAM (|alpha| sum_c |Delta| per latent cell): {report['lam_mass']:.4g}")
     faith = report.get("faithfulness")
     if faith:

@@ -647,7 +647,7 @@ class Trainer:
             source_name = resolve_source_name(self.cfg.reward, self.cfg.backbone.name)
             old_source = old.get("reward", {}).get("source") if isinstance(old.get("reward"), dict) else None
             # both on clip (a run of another source resumed with a clip config differs in reward.source: said below)
-            if source_name == "clip" and old_source == "clip" and newest is not None and (
+            if source_name == "clip" and str(old_source).strip().lower() == "clip" and newest is not None and (
                     trained is None or sources.clip_reading_predates(trained)):
                 raise ValueError(
                     f"--resume: the run was trained with the clip source's reading of before 2026-12-07 (each map "
