@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="shapes")
     parser.add_argument("--source", default=None, choices=("attention", "shapes", "clip"),
                         help="reward source (default: the backbone's default, xlard.sources.default_source_for)")
-    parser.add_argument("--clip-model", help="CLIP checkpoint id or folder for --source clip")
+    parser.add_argument("--clip-model", help="CLIP or SigLIP checkpoint id or folder for --source clip")
     parser.add_argument("--cache", help="generate the samples into this folder once, then reuse them")
     # None: not given (the --cache options are refused without --cache, -n with it); filled in below
     parser.add_argument("--split", default=None, choices=("train", "heldout"),
