@@ -702,3 +702,24 @@ def test_evaluator_inputs_of_the_wrong_kind_are_named():
         for bad in (None, "1", True):
             with pytest.raises(ValueError, match=f"{name} must be a number, got"):
                 E.EvaluatorConfig(**{name: bad})
+
+
+def test_a_frame_filled_with_a_palette_color_is_background_not_a_square():
+    """A blank white (or black, or red) image was 'found 1 white square' (box = the whole frame, IoU 1.0) and passed
+    'a photo of a square'; on a white background the background itself was a square beside the objects."""
+    from xlard.shapes.world import PALETTE, Scene, SceneObject
+
+    square = {"tag": "single_object", "include": [{"class": "square", "count": 1}], "exclude": [],
+              "prompt": "a photo of a square"}
+    for rgb in (PALETTE["white"], PALETTE["black"], PALETTE["red"], (255, 255, 255)):
+        blank = np.full((64, 64, 3), rgb, np.uint8)
+        verdict = E.evaluate(blank, square)[0]
+        assert not verdict.correct and "found 0" in verdict.reason, (rgb, verdict.reason)
+    img = Scene(64, (SceneObject("circle", "red", (20, 20, 32, 32)),), background=PALETTE["white"]).render()
+    both = {"tag": "two_object", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}],
+            "exclude": [], "prompt": "a photo of a circle and a square"}
+    assert not E.evaluate(img, both)[0].correct
+    assert [(d.shape, d.color) for d in E.detect_objects(img) if d.shape] == [("circle", "red")]
+    # an object as large as the world draws them is still an object
+    big = Scene(64, (SceneObject("square", "blue", (1, 1, 63, 63)),)).render()
+    assert [(d.shape, d.color) for d in E.detect_objects(big)] == [("square", "blue")]
