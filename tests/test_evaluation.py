@@ -122,6 +122,12 @@ def test_a_single_cluster_has_no_interval_and_the_table_says_the_overall_one_is_
     assert [line for line in text.splitlines() if line.startswith("| **overall**")][0].endswith("| yes |")
     assert "n/a: counting rest(s) on one record, which resampling draws every time; the overall interval takes no " \
            "spread from it (conditional on it)" in text
+    rows = {tag: {"base": d.base, "corrected": d.corrected, "diff": d.diff, "ci_low": d.ci_low, "ci_high": d.ci_high,
+                  "records": d.records, "images": d.images} for tag, d in alone.items()}
+    text = format_markdown({"table": rows, "bootstrap": {"confidence": 0.95, "num_resamples": 500, "seed": 0},
+                            "lam_mass": 0.0})
+    assert "n/a: counting, colors rest(s) on one record, which resampling draws every time; so no interval is " \
+           "estimated at all" in text
 
 
 def test_paired_table_overall_is_the_mean_of_tag_means():

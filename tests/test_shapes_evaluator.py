@@ -720,6 +720,8 @@ def test_a_frame_filled_with_a_palette_color_is_background_not_a_square():
             "exclude": [], "prompt": "a photo of a circle and a square"}
     assert not E.evaluate(img, both)[0].correct
     assert [(d.shape, d.color) for d in E.detect_objects(img) if d.shape] == [("circle", "red")]
-    # an object as large as the world draws them is still an object
+    # objects far larger than the world draws them (16 px at most) are still objects, a circle spanning the frame too
     big = Scene(64, (SceneObject("square", "blue", (1, 1, 63, 63)),)).render()
     assert [(d.shape, d.color) for d in E.detect_objects(big)] == [("square", "blue")]
+    whole = Scene(64, (SceneObject("circle", "red", (0, 0, 64, 64)),)).render()
+    assert [(d.shape, d.color, d.bbox) for d in E.detect_objects(whole)] == [("circle", "red", (0, 0, 64, 64))]

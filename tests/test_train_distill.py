@@ -351,10 +351,18 @@ def test_targets_before_the_final_step_are_scaled_by_the_signal_level(tmp_path):
     # reader targets added to these shards afterwards would read the VAE decoding of the intermediate z0, not the
     # image the backbone makes of it (29 vs 38 object cells, colors 83% alike): refused, nothing rewritten
     before = (tmp_path / "d" / "data-0000.pt").read_bytes()
-    with pytest.raises(ValueError, match=r"distill: reader \(cell\) targets can be added to shards built without "
-                                         r"them only at correction_step 1.0, got 0.5"):
+    with pytest.raises(ValueError, match=r"distill: reader \(cell\) targets can be added to edit-target shards "
+                                         r"built without them only at correction_step 1.0, got 0.5; .* delete that "
+                                         r"folder"):
         dl.build_dataset(backbone, model, items, tmp_path / "d", chunk=3, progress=False, cells=True)
     assert (tmp_path / "d" / "data-0000.pt").read_bytes() == before
+    # ... also with a shard missing (an interrupted build): refused before that shard is built with them
+    more = items + [Item(records[3], dl.DISTILL_SEED_BASE + 3, 3)]
+    dl.build_dataset(backbone, model, more, tmp_path / "f", chunk=3, progress=False)
+    (tmp_path / "f" / "data-0001.pt").unlink()
+    with pytest.raises(ValueError, match=r"reader \(cell\) targets .* only at correction_step 1.0"):
+        dl.build_dataset(backbone, model, more, tmp_path / "f", chunk=3, progress=False, cells=True)
+    assert not (tmp_path / "f" / "data-0001.pt").exists()
     # the same items at correction_step 1.0: a separate folder (the manifest records the step) ...
     final = load_backbone(config(tmp_path / "b").backbone, torch.device("cpu"), cfg.reward)
     with pytest.raises(ValueError, match="other items or edits"):

@@ -1155,8 +1155,10 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     single = [tag for tag, r in table_rows(report)
               if tag != "overall" and not _has_interval(r["ci_low"], r["ci_high"])]
     if single:
-        lines.append(f"n/a: {', '.join(single)} rest(s) on one record, which resampling draws every time; the "
-                     "overall interval takes no spread from it (conditional on it)")
+        every = len(single) == len(table_rows(report)) - 1
+        lines.append(f"n/a: {', '.join(single)} rest(s) on one record, which resampling draws every time; "
+                     + ("so no interval is estimated at all" if every
+                        else "the overall interval takes no spread from it (conditional on it)"))
     lines.append(f"mean LAM (|alpha| sum_c |Delta| per latent cell): {report['lam_mass']:.4g}")
     faith = report.get("faithfulness")
     if faith:

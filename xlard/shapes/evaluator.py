@@ -7,8 +7,8 @@ from every prototype are ignored), each color's pixels are split into
 dropped as specks, and each remaining component is classified by comparing its
 pixels with every shape of the world drawn in the component's own box (best
 IoU wins; below ``min_shape_iou``, or with a box longer than ``max_aspect``
-times its width, or spanning the whole image (a background of a palette
-color), the blob has no class and is never counted).
+times its width, or a "square" spanning the whole image: a background of a
+palette color), the blob has no class and is never counted).
 On the world's own renders this recovers every object's class, color and box
 exactly.
 
@@ -391,7 +391,9 @@ def detect_objects(image: np.ndarray, config: EvaluatorConfig | None = None) -> 
                     best_shape, best_iou = shape, iou
             if best_iou < config.min_shape_iou or max(bw, bh) > config.max_aspect * min(bw, bh):
                 best_shape = None
-            if (bh, bw) == (h, w):  # the whole frame: the picture's background (a blank white image held a square)
+            if (bh, bw) == (h, w) and best_shape == "square":
+                # a region filling the whole frame is the picture's background (a blank white image held a square);
+                # a circle or diamond spanning the frame leaves its corners out and stays an object
                 best_shape = None
             box = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
             found.append(Detection(best_shape, color, box, int(areas[idx]), best_iou))
