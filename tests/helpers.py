@@ -125,18 +125,21 @@ def word_level_tokenizer(words):
                                    unk_token="<unk>", model_max_length=16)
 
 
+#: The tiny CLIP/SigLIP towers of the tests: 2 layers of width 32, 16 text tokens, 32x32 images in 8x8 patches.
+_TINY_TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=16)
+_TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4)
+
+
 def tiny_clip_model(vocab_size: int):
     """A randomly initialised CLIPModel small enough for unit tests (32x32 images, 8x8 patches)."""
     import transformers
 
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4),
-        projection_dim=16)
+        text_config=dict(vocab_size=vocab_size, **_TINY_TEXT, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision_config=dict(_TINY_VISION), projection_dim=16)
     return transformers.CLIPModel(config).eval()
 
 
@@ -146,11 +149,8 @@ def tiny_siglip_model(vocab_size: int, **vision):
 
     torch.manual_seed(0)
     config = transformers.SiglipConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, **vision))
+        text_config=dict(vocab_size=vocab_size, **_TINY_TEXT, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(_TINY_VISION, **vision))
     model = transformers.SiglipModel(config).eval()
     with torch.no_grad():  # norms other than the identity of a fresh init: a norm applied twice shows
         for module in model.modules():

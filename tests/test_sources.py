@@ -386,16 +386,23 @@ def _hand_text(model, tokenizer, text):
                                                       attention_mask=ids["attention_mask"]).pooler_output)[0]
 
 
-def test_clip_source_maps_are_noun_softmax_over_dense_patches(tiny_clip, word_tokenizer):
-    source = get_source("clip", model=tiny_clip, tokenizer=word_tokenizer)
-    assert isinstance(source, ClipSource) and not source.needs_attention
-    images = torch.rand(2, 3, 32, 32)
+def _two_prompts(source, images):
+    """``(decoded, source inputs)`` of 'two circles left of a dog' (two entities) and 'a red cat' (one), checked."""
     decoded = Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
                       specs=(parse("a photo of two circles left of a dog"), parse("a photo of a red cat")),
                       segment_offsets={})
     inputs = source(decoded)
+    assert inputs["entity_maps"].shape == (2, 2, 4, 4)
+    assert inputs["entity_available"].tolist() == [[True, True], [True, False]]
+    return decoded, inputs
+
+
+def test_clip_source_maps_are_noun_softmax_over_dense_patches(tiny_clip, word_tokenizer):
+    source = get_source("clip", model=tiny_clip, tokenizer=word_tokenizer)
+    assert isinstance(source, ClipSource) and not source.needs_attention
+    images = torch.rand(2, 3, 32, 32)
+    decoded, inputs = _two_prompts(source, images)
     maps = inputs["entity_maps"]
-    assert maps.shape == (2, 2, 4, 4) and inputs["entity_available"].tolist() == [[True, True], [True, False]]
     # By hand: MaskCLIP patch features, cosine with each text, softmax over background + the prompt's nouns.
     with torch.no_grad():
         pixel = source.encoder._pixel_values(images)
@@ -758,12 +765,8 @@ def test_siglip_source_maps_are_noun_softmax_over_the_head_read_at_each_patch(ti
     assert source.encoder.kind == "siglip" and source.encoder.image_mean == source.encoder.image_std == (0.5,) * 3
     torch.manual_seed(0)
     images = torch.rand(2, 3, 32, 32)
-    decoded = Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
-                      specs=(parse("a photo of two circles left of a dog"), parse("a photo of a red cat")),
-                      segment_offsets={})
-    inputs = source(decoded)
+    decoded, inputs = _two_prompts(source, images)
     maps = inputs["entity_maps"]
-    assert maps.shape == (2, 2, 4, 4) and inputs["entity_available"].tolist() == [[True, True], [True, False]]
     texts = ["a photo of the background.", "a photo of a circle.", "a photo of a dog."]
     feats, text = _siglip_by_hand(tiny_siglip, word_tokenizer, images, texts)
     torch.testing.assert_close(inputs["patch_features"].features, feats, atol=1e-5, rtol=1e-4)
