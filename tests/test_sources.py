@@ -846,6 +846,13 @@ def test_a_damaged_clip_folder_or_bad_clip_settings_are_named(tiny_clip, word_to
     tiny_clip.save_pretrained(no_tok)
     with pytest.raises(ValueError, match="has no usable tokenizer"):
         get_source("clip", model=str(no_tok))
+    # named as the run's setting by the config-only check (it came after the backbone had loaded, named as
+    # ClipColorEncoder.from_pretrained)
+    from xlard.color_features import check_clip_model
+
+    with pytest.raises(ValueError, match=r"^train config reward.options.model: .*no_tok has no usable tokenizer: no "
+                                         r"tokenizer.json, or vocab.json \+ merges.txt beside its config.json"):
+        check_clip_model("train config reward.options.model", str(no_tok))
     no_proj = tmp_path / "no_proj"
     tiny_clip.save_pretrained(no_proj)
     word_tokenizer.save_pretrained(no_proj)

@@ -529,3 +529,13 @@ def test_load_backbone_without_diffusers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
     with pytest.raises(ImportError, match=r"needs diffusers: pip install 'xlard\[method\]'"):
         tr.load_backbone(BackboneSettings(name="shapes"), torch.device("cpu"))
+
+
+def test_warm_start_errors_of_an_aspect_no_prompt_asks_read_n_a():
+    """The console printed 'mse count/color/position 0.0185/nan/0.0001' (metrics.jsonl: null), which reads as a run
+    that diverged."""
+    from xlard.train.trainer import _aspect_mse_text
+
+    assert _aspect_mse_text({"mse_count": 0.0185, "mse_color": float("nan"), "mse_position": 1e-4}) == \
+        "0.0185/n/a/0.0001"
+    assert _aspect_mse_text({"mse_count": 0.5, "mse_color": 0.25, "mse_position": 0.125}) == "0.5000/0.2500/0.1250"

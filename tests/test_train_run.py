@@ -904,7 +904,12 @@ def test_held_out_records_are_refused_as_training_or_monitor_prompts(tmp_path, s
     mixed = tmp_path / "mixed.jsonl"
     P.write_jsonl(mixed, P.sample_records(splits["train"], 6, seed=0) + held[:1])
     with pytest.raises(ValueError, match=r"data.prompts: .*mixed.jsonl: 1 of 7 records ask what held-out records "
-                                         r"of the shapes world ask \(record 6: .*xlard prompts --split train"):
+                                         r"of the shapes world ask \(line 7: .*xlard prompts --split train"):
+        load_records(str(mixed))
+    # named by its line in the file (1-based, blank lines counted), as the file's other errors are; it read
+    # "record 6" (0-based), and a user opened line 6
+    mixed.write_text("\n" + mixed.read_text())
+    with pytest.raises(ValueError, match=r"held-out records of the shapes world ask \(line 8: "):
         load_records(str(mixed))
     # one record of another world beside held-out ones turned the check off for the whole file
     cat = {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "exclude": [],

@@ -643,6 +643,16 @@ def _clip_checkpoint(who: str, model_id_or_path) -> tuple[str, str]:
     if kind not in CLIP_MODEL_TYPES:
         raise ValueError(f"{who}: {model_id_or_path} is a {kind if kind is not None else 'non-CLIP'!r} model, "
                          f"not a CLIP model (model_type 'clip', or a SigLIP model: 'siglip')")
+    folder = Path(where)
+    if folder.is_dir():  # named as the caller's setting now, not after a run's backbone has loaded
+        has = {name for name in ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model")
+               if (folder / name).is_file()}
+        ok = "tokenizer.json" in has or ("spiece.model" in has if kind == "siglip"
+                                         else {"vocab.json", "merges.txt"} <= has)
+        if not ok:
+            files = "spiece.model" if kind == "siglip" else "tokenizer.json, or vocab.json + merges.txt"
+            raise ValueError(f"{who}: {model_id_or_path} has no usable tokenizer: no {files} beside its "
+                             f"config.json; save the model's tokenizer there (tokenizer.save_pretrained)")
     return where, kind
 
 

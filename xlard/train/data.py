@@ -67,7 +67,8 @@ def load_records(source: str) -> tuple[list[dict], bool]:
         return P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)["train"], True
     from xlard import geneval
 
-    records = geneval.read_jsonl(text)
+    lines: list[int] = []
+    records = geneval.read_jsonl(text, line_numbers=lines)
     if not records:
         raise ValueError(f"data.prompts: {source} holds no records")
     from xlard.shapes.world import WorldConfig
@@ -78,16 +79,22 @@ def load_records(source: str) -> tuple[list[dict], bool]:
                     for r in records for it in r["include"])
     # Every record is checked, whatever the others are: one record of another world beside held-out shapes
     # records turned the check off for the whole file, and the held-out ones were trained on.
-    refuse_heldout(records, f"data.prompts: {source}")
+    refuse_heldout(records, f"data.prompts: {source}", lines)
     return records, is_shapes
 
 
-def refuse_heldout(records: Sequence[dict], where: str) -> None:
+def refuse_heldout(records: Sequence[dict], where: str, line_numbers: Sequence[int] | None = None) -> None:
     """Shapes-world records must not ask what a held-out record asks (its meaning, as the split groups them).
 
     Every reported number is measured on the held-out split: a run that trained on such a record would be
     measured on what it saw, and one that watched it (the monitor logs the exact evaluator's verdicts) invites
     choices made on it.
+
+    Args:
+        records: the records.
+        where: what they came from, for the message.
+        line_numbers: each record's line in its file (1-based), to name the first one by its line; else it is
+            named by its index (0-based).
 
     Raises:
         ValueError: naming how many records, the first one, and the fix.
@@ -97,8 +104,10 @@ def refuse_heldout(records: Sequence[dict], where: str) -> None:
     leaked = [i for i, split in enumerate(P.split_membership(records)) if split == "heldout"]
     if leaked:
         first = records[leaked[0]]["prompt"]
+        at = (f"line {line_numbers[leaked[0]]}" if line_numbers is not None and len(line_numbers) == len(records)
+              else f"record {leaked[0]}")
         raise ValueError(f"{where}: {len(leaked)} of {len(records)} records ask what held-out records of the shapes "
-                         f"world ask (record {leaked[0]}: {first!r}); xlard measures correctors on the held-out "
+                         f"world ask ({at}: {first!r}); xlard measures correctors on the held-out "
                          f"split, so a run never sees it: remove them, or write the prompts with "
                          f"`xlard prompts --split train`")
 

@@ -410,6 +410,13 @@ def _folder_fingerprint(folder) -> str | None:
     return _digest_model_files(folder, found)
 
 
+def _aspect_mse_text(fit: dict) -> str:
+    """R_phi's per-aspect errors for the console, ``n/a`` for an aspect no prompt of the batch asks (``metrics.jsonl``
+    holds null there; the console said "nan", which reads as a diverged run)."""
+    return "/".join(f"{fit[f'mse_{k}']:.4f}" if math.isfinite(fit[f"mse_{k}"]) else "n/a"
+                    for k in ("count", "color", "position"))
+
+
 class Trainer:
     """Owns a run: models, optimisers, data, buffer, logging and checkpoints.
 
@@ -724,7 +731,8 @@ class Trainer:
             return records
         from xlard import geneval
 
-        records = geneval.read_jsonl(source)
+        lines: list[int] = []
+        records = geneval.read_jsonl(source, line_numbers=lines)
         if not records:  # a modulo by zero when the monitor batch was drawn
             raise ValueError(f"{where} holds no records")
         if self.is_shapes:  # the exact evaluator judges the monitor: it knows the shapes world only
@@ -737,7 +745,7 @@ class Trainer:
                 except ValueError as e:
                     raise ValueError(f"{where}: {e} (the run trains on shapes-world prompts, and the exact "
                                      "evaluator judges its monitor)") from None
-        refuse_heldout(records, where)  # whatever the world
+        refuse_heldout(records, where, lines)  # whatever the world
         return records
 
     def _check_config_only(self) -> None:
@@ -968,8 +976,7 @@ class Trainer:
             fit = self._fit(p.warmup_epochs, "warm")
         self.warm = True
         self._say(f"R_phi warm start: {p.warmup_batches} batches, fit loss {fit['loss']:.4f}, "
-                  f"mse count/color/position {fit['mse_count']:.4f}/{fit['mse_color']:.4f}/{fit['mse_position']:.4f}"
-                  f" ({sum(timer.seconds.values()):.1f}s)")
+                  f"mse count/color/position {_aspect_mse_text(fit)} ({sum(timer.seconds.values()):.1f}s)")
         return fit
 
     def _advantages(self, rewards: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
