@@ -110,6 +110,10 @@ def test_generate_and_eval_with_a_diffusers_backbone(tmp_path, capsys):
     assert "overall" in captured.out  # a random tiny model draws nothing: the table still prints
     # ... with a note that the exact evaluator judges the shapes world only (a table of zeros read as a verdict)
     assert "note: the exact evaluator judges images of the shapes world" in captured.err
+    # ... and when that folder is scored again (it printed the table alone: the run's backbone is in its manifest)
+    assert cli.main(["eval", "--folder", str(tmp_path / "eval"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "overall" in captured.out and "note: the exact evaluator judges images of the shapes world" in captured.err
     from xlard.evaluation import other_world_note
 
     assert other_world_note("shapes") is None and other_world_note(shapes_backbone.backbone_path()) is None

@@ -856,11 +856,12 @@ def _cmd_render(args) -> int:
     return 0
 
 
-def _check_finished_folder(folder: Path) -> None:
-    """``eval --folder``: refuse a folder whose run stopped half-way (its score would cover a subset)."""
+def _check_finished_folder(folder: Path) -> dict | None:
+    """``eval --folder``: refuse a folder whose run stopped half-way (its score would cover a subset); returns the
+    run's manifest (None for a GenEval folder from elsewhere)."""
     manifest = folder / MANIFEST_NAME
     if not manifest.is_file():
-        return  # a GenEval folder from elsewhere
+        return None  # a GenEval folder from elsewhere
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -875,11 +876,12 @@ def _check_finished_folder(folder: Path) -> None:
         try:
             have = sum(1 for p in E.prompt_folders(folder) if int(p.name) < count)
         except (OSError, ValueError):
-            return  # named by the scoring itself
+            return data  # named by the scoring itself
         if have != count:
             raise UsageError(f"--folder: {folder} holds {have} of the {count} prompt folders its `xlard "
                              f"{_io.run_label(data.get('command'))}` run wrote; rerun that command with --resume to "
                              "make the others")
+    return data if isinstance(data, dict) else None
 
 
 _EVAL_DEFAULTS = {"steps": 0, "batch": 8, "seed": 0}
@@ -961,7 +963,14 @@ def _cmd_eval(args) -> int:
             raise UsageError("--folder: give --folder alone, or --prompts with --images or --backbone")
         folder = _input_folder(args.folder, "--folder")
         _inside_inputs({"--results": args.results, "--json": args.json}, folder, "--folder")
-        _check_finished_folder(folder)
+        made = _check_finished_folder(folder)
+        backbone = (made.get("settings") or {}).get("backbone") if made else None
+        if isinstance(backbone, str) and backbone:  # images an xlard run made with another model: said, as there
+            from xlard.evaluation import other_world_note
+
+            note = other_world_note(backbone)
+            if note:  # shown under --quiet too
+                print(note, file=sys.stderr)
         try:
             units = E.prompt_folders(folder)
             indices = sorted(set(int(p.name) for p in units))
