@@ -609,6 +609,9 @@ _SIGLIP_MEAN = _SIGLIP_STD = (0.5, 0.5, 0.5)
 #: The ``model_type`` values :class:`ClipColorEncoder` reads: a CLIP model or a SigLIP model.
 CLIP_MODEL_TYPES = ("clip", "siglip")
 
+#: The tokenizer files a checkpoint of each kind is read with, for the messages.
+_TOKENIZER_FILES = {"clip": "tokenizer.json, or vocab.json + merges.txt", "siglip": "spiece.model"}
+
 
 def check_clip_model(who: str, model_id_or_path) -> str:
     """Check that a CLIP or SigLIP checkpoint (hub id or local folder) can be loaded, reading only its config;
@@ -650,9 +653,8 @@ def _clip_checkpoint(who: str, model_id_or_path) -> tuple[str, str]:
         ok = "tokenizer.json" in has or ("spiece.model" in has if kind == "siglip"
                                          else {"vocab.json", "merges.txt"} <= has)
         if not ok:
-            files = "spiece.model" if kind == "siglip" else "tokenizer.json, or vocab.json + merges.txt"
-            raise ValueError(f"{who}: {model_id_or_path} has no usable tokenizer: no {files} beside its "
-                             f"config.json; save the model's tokenizer there (tokenizer.save_pretrained)")
+            raise ValueError(f"{who}: {model_id_or_path} has no usable tokenizer: no {_TOKENIZER_FILES[kind]} beside "
+                             f"its config.json; save the model's tokenizer there (tokenizer.save_pretrained)")
     return where, kind
 
 
@@ -886,7 +888,7 @@ class ClipColorEncoder:
         model_class = transformers.SiglipModel if kind == "siglip" else transformers.CLIPModel
 
         owner = f"ClipColorEncoder.from_pretrained: model_id_or_path {model_id_or_path}"
-        files = "spiece.model" if kind == "siglip" else "tokenizer.json or vocab.json + merges.txt"
+        files = _TOKENIZER_FILES[kind]
         fix = ("restore the file" + ("" if Path(str(model_id_or_path)).is_dir() else
                                      f" (a hub model: download it again, `hf download {model_id_or_path}`)"))
         try:

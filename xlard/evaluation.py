@@ -1138,7 +1138,8 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"| tag | records | prompts | images | base | corrected | gain (points) | {conf:.0%} interval | "
              "excludes 0 |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
-    for tag, r in table_rows(report):
+    rows = table_rows(report)
+    for tag, r in rows:
         name = "**overall**" if tag == "overall" else _cell(tag)
         if not _has_interval(r["ci_low"], r["ci_high"]):
             excludes = "n/a"
@@ -1152,10 +1153,9 @@ def format_markdown(report: Mapping[str, Any]) -> str:
                  f"({report['bootstrap']['num_resamples']} resamples, seed {report['bootstrap']['seed']}), "
                  "conditional on the records' prompts: they measure how the gain varies with the images, not with "
                  "the choice of prompts (a tag with few distinct prompts repeats them over its records).")
-    single = [tag for tag, r in table_rows(report)
-              if tag != "overall" and not _has_interval(r["ci_low"], r["ci_high"])]
+    single = [tag for tag, r in rows if tag != "overall" and not _has_interval(r["ci_low"], r["ci_high"])]
     if single:
-        every = len(single) == len(table_rows(report)) - 1
+        every = len(single) == len(rows) - 1
         lines.append(f"n/a: {', '.join(single)} rest(s) on one record, which resampling draws every time; "
                      + ("so no interval is estimated at all" if every
                         else "the overall interval takes no spread from it (conditional on it)"))

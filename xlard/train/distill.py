@@ -221,9 +221,17 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
         _io.atomic_write_text(manifest_path, _io.dumps(manifest) + "\n", owner="xlard train distill")
     encode = vae_encoder(backbone)
     n_shards = math.ceil(len(items) / chunk)
-    if cells and float(backbone.correction_step) != 1.0:  # before any shard is built: no half-upgraded folder
-        _refuse_cell_upgrade(backbone, folder, [k for k in range(n_shards) if _shard_path(folder, k).is_file()
-                                                and "cell_nouns" not in _load_shard(folder, k)])
+    if cells and float(backbone.correction_step) != 1.0:
+        # Reader (cell) targets are not added to finished shards before the final step: the VAE decoding of an
+        # intermediate z0 is not the image the backbone makes of it (shards built here decode the backbone's way).
+        # Checked before any shard is built, so no folder is left half upgraded.
+        without = [k for k in range(n_shards)
+                   if _shard_path(folder, k).is_file() and "cell_nouns" not in _load_shard(folder, k)]
+        if without:
+            raise ValueError(f"distill: reader (cell) targets can be added to edit-target shards built without them "
+                             f"only at correction_step 1.0, got {backbone.correction_step}; {folder} holds "
+                             f"{len(without)} such shard(s): delete that folder (its targets are built again, with "
+                             f"the reader's) or choose another run folder")
     todo = [k for k in range(n_shards) if not _shard_path(folder, k).is_file()]
     bar = None
     if progress and todo:
@@ -301,17 +309,6 @@ def _add_move_targets(shard: dict, maps, cell_nouns: torch.Tensor, specs: Sequen
     shard["move_margin"] = int(margin)
 
 
-def _refuse_cell_upgrade(backbone, folder: Path, without: list[int]) -> None:
-    """Reader (cell) targets are not added to finished shards before the final step: the VAE decoding of an
-    intermediate z0 is not the image the backbone makes of it, and a reader fitted on it would learn to read noise
-    (cell targets built with the shards decode the backbone's way)."""
-    if without:
-        raise ValueError(f"distill: reader (cell) targets can be added to edit-target shards built without them only "
-                         f"at correction_step 1.0, got {backbone.correction_step}; {folder} holds {len(without)} "
-                         f"such shard(s): delete that folder (its targets are built again, with the reader's) or "
-                         f"choose another run folder")
-
-
 def _upgrade_shards(backbone, model, folder: Path, n_shards: int, margin: int | None, progress: bool,
                     cells: bool = False) -> None:
     """Add move targets (``margin`` not None) and cell targets (``cells``) to shards built without them
@@ -325,8 +322,6 @@ def _upgrade_shards(backbone, model, folder: Path, n_shards: int, margin: int | 
             if any(missing(_load_shard(folder, k)))]
     if not todo:
         return
-    if cells and float(backbone.correction_step) != 1.0:
-        _refuse_cell_upgrade(backbone, folder, todo)
     decode = vae_decoder(backbone)
     bar = None
     if progress:
