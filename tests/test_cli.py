@@ -67,6 +67,21 @@ def test_prompts_keeps_an_edited_prompt_file(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"  # e.g. made by mktemp: nothing to lose
     empty.write_text("")
     assert cli.main(["prompts", str(empty), "-n", "6"]) == 0 and empty.read_text() == path.read_text()
+    bom = tmp_path / "bom.jsonl"  # the same records saved by an editor that writes a BOM: a rerun, not "other"
+    bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    assert cli.main(["prompts", str(bom), "-n", "6"]) == 0, capsys.readouterr().err
+
+
+def test_eval_folder_with_an_odd_manifest_scores_the_images(tmp_path, capsys):
+    """A manifest whose settings are not an object (hand-edited, another tool's) crashed `eval --folder` with an
+    AttributeError traceback."""
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "r"
+    assert cli.main(["prompts", str(prompts), "-n", "2"]) == 0
+    assert cli.main(["render", str(out), "--prompts", str(prompts), "--quiet"]) == 0
+    for settings in ("null", "[1]", '"x"', '{"backbone": 5, "count": "2"}'):
+        (out / cli.MANIFEST_NAME).write_text(f'{{"command": "render", "settings": {settings}, "complete": true}}')
+        capsys.readouterr()
+        assert cli.main(["eval", "--folder", str(out), "--quiet"]) == 0, (settings, capsys.readouterr().err)
 
 
 def test_eval_errors_are_clear(tmp_path, capsys):

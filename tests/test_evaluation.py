@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -1225,3 +1226,38 @@ def test_a_schnell_folder_names_whose_guidance_it_cannot_take(tmp_path):
     assert loaded.negative_prompt is None
     corrector = ResidualCorrector(loaded.corrector_config("tiny"))
     ev.check_corrector_fits(corrector, meta, loaded)  # the ignored negative prompt is no mismatch
+
+
+def test_pair_rows_of_the_wrong_type_are_named_before_any_pair_is_judged(tmp_path):
+    """Only index and seed were type-checked: a hand-edited "lam_mass": "0.5", "actions": null or
+    "base_correct": "no" crashed (or failed naming no file) in the report, after the remaining pairs had been
+    judged; a byte that is not UTF-8 named neither file nor line."""
+    good = ev.PairRow(index=0, seed=0, tag="counting", prompt="a photo of two circles", base_correct=True,
+                      corrected_correct=False, base_reason="ok", corrected_reason="found 1", lam_mass=0.25,
+                      masked_correct=None, random_correct=None, actions=["added 1 circle(s)"]).to_dict()
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(good) + "\n")
+    assert ev._read_rows(path)[0].to_dict() == good
+    nan = dict(good, lam_mass=None)  # a NaN mass is written as null
+    path.write_text(json.dumps(nan) + "\n")
+    assert math.isnan(ev._read_rows(path)[0].lam_mass)
+    for key, value, why in (("lam_mass", "0.5", "lam_mass must be a number"),
+                            ("lam_mass", True, "lam_mass must be a number"),
+                            ("actions", None, "actions must be a list of strings"),
+                            ("actions", [1], "actions must be a list of strings"),
+                            ("base_correct", "no", "base_correct must be true or false"),
+                            ("corrected_correct", 1, "corrected_correct must be true or false"),
+                            ("masked_correct", [], "masked_correct must be true or false"),
+                            ("tag", 3, "tag must be a string"),
+                            ("seed", 1.0, "seed must be an integer")):
+        path.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, **{key: value})) + "\n" + json.dumps(good)
+                        + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"line 2 is not a pair row ({why}) (the file was edited")):
+            ev._read_rows(path)
+    path.write_bytes(json.dumps(good).encode() + b"\n" + json.dumps(good).encode().replace(b"circles", b"\xffx")
+                     + b"\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: line 2 is not UTF-8 text")):
+        ev._read_rows(path)
+    path.write_text(json.dumps(good) + "\n[1, 2]\n" + json.dumps(good) + "\n")
+    with pytest.raises(ValueError, match="line 2 is not a pair row"):
+        ev._read_rows(path)

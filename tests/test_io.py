@@ -418,3 +418,82 @@ def test_a_file_size_limit_while_torch_save_writes_is_named_in_one_line(tmp_path
     assert re.search(r"checkpoint: cannot write .*ckpt\.pt: File too large \(RuntimeError", message), message
     assert list(tmp_path.iterdir()) == []  # no partial file left
     assert "passed through: not a disk problem" in out.stderr
+
+
+@pytest.mark.parametrize("existing", ["merge", "replace"])
+def test_atomic_folder_keeps_the_modes_of_what_it_replaces(tmp_path, existing):
+    """merge and replace swapped in a folder made with the umask's mode: a chmod 700 model folder came back
+    0755 and a 0600 weights file 0644 (atomic_path keeps a file's mode)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_text("old")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "part.bin").write_text("old")
+    os.chmod(folder, 0o700)
+    os.chmod(folder / "weights.bin", 0o600)
+    os.chmod(folder / "sub" / "part.bin", 0o640)
+    with _io.atomic_folder(folder, existing=existing) as tmp:
+        (tmp / "weights.bin").write_text("new")
+        if existing == "replace":  # (merge takes files at the top level only)
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "part.bin").write_text("new")
+        (tmp / "fresh.json").write_text("{}")
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(folder / "weights.bin").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(folder / "sub" / "part.bin").st_mode) == 0o640
+    assert (folder / "sub" / "part.bin").read_text() == ("new" if existing == "replace" else "old")
+    assert stat.S_IMODE(os.stat(folder / "fresh.json").st_mode) == 0o666 & ~_io.current_umask()
+    assert (folder / "weights.bin").read_text() == "new"
+
+
+def test_remove_temporaries_leaves_a_users_own_dot_tmp_files(tmp_path):
+    """Every render/generate/eval start deleted any ``.tmp-*`` entry: a user's .tmp-notes.txt and .tmp-scratch/."""
+    (tmp_path / ".tmp-notes.txt").write_text("mine")
+    (tmp_path / ".tmp-scratch").mkdir()
+    (tmp_path / ".tmp-scratch" / "x").write_text("mine")
+    _io.atomic_write_text(tmp_path / "a.png", "done")
+    ours = _io._new_temp_file(tmp_path, "b.png")  # ours, as a killed write leaves them
+    _io._new_temp_folder(tmp_path, "model")
+    assert _io.is_temporary(ours.name) and not _io.is_temporary(".tmp-notes.txt")
+    _io.remove_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-notes.txt", ".tmp-scratch", "a.png"]
+    assert (tmp_path / ".tmp-scratch" / "x").read_text() == "mine"
+
+
+def test_trim_jsonl_keeps_a_row_holding_a_line_separator(tmp_path):
+    """splitlines() also broke at U+2028 (legal inside a JSON string): the row kept was rewritten in two pieces."""
+    path = tmp_path / "m.jsonl"
+    rows = [{"step": 1, "note": "a\u2028b\u0085c"}, {"step": 2}, {"step": 3}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert _io.trim_jsonl(path, lambda row: row["step"] <= 2) == 1
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line] == rows[:2]
+
+
+def test_standard_streams_and_dot_names_are_refused_as_outputs(tmp_path):
+    """--json /dev/stdout either failed with "cannot write into /proc/123/fd" (a pipe) or replaced the file the
+    shell redirected stdout to (the printed table lost); "new/." became a file named "new"."""
+    for name in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
+        with pytest.raises(ValueError, match=f"{name} is a process's open stream .*give the path of a file"):
+            _io.check_output_path(name, "--json")
+    link = tmp_path / "out.json"
+    link.symlink_to("/dev/stdout")
+    with pytest.raises(ValueError, match="open stream"):
+        _io.check_output_path(link, "--json")
+    for name in ("new/.", "new/..", "."):  # (as strings: pathlib drops a trailing ".")
+        with pytest.raises(IsADirectoryError, match="folder"):
+            _io.check_output_path(f"{tmp_path}/{name}" if name != "." else name, "OUT")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_write_protected_file_is_refused_not_replaced(tmp_path, monkeypatch):
+    """A chmod 444 output was replaced by the rename (a shell's `>` refuses it). The tests may run as root, for
+    whom every file is writable: the protection is simulated at os.access."""
+    path = tmp_path / "keep.json"
+    path.write_text("precious")
+    real = os.access
+    monkeypatch.setattr(_io.os, "access", lambda p, mode, **kw: False if Path(p) == path.resolve() and mode == os.W_OK
+                        else real(p, mode, **kw))
+    with pytest.raises(PermissionError, match="keep.json is write-protected; make it writable"):
+        _io.atomic_write_text(path, "new")
+    assert path.read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]

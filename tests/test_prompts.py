@@ -583,6 +583,11 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path):
     assert len(geneval.read_jsonl(path, validate=False)) == 2
     with pytest.raises(FileNotFoundError):
         geneval.read_jsonl(tmp_path / "nope.jsonl")
+    # a key given twice was read as its last value ({"count": 1, "count": 3}: three circles), unlike the writer
+    path.write_text(good + "\n" + good[:-1] + ', "tag": "colors"}\n')
+    for validate in (True, False):
+        with pytest.raises(ValueError, match=re.escape(f"{path}:2: invalid JSON (the key 'tag' is given twice")):
+            geneval.read_jsonl(path, validate=validate)
     path.write_bytes(good.encode() + b"\n\xff\xfe" + good.encode() + b"\n")  # not UTF-8 on line 2
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: not UTF-8 text (byte 0xff at column 1)")):
         geneval.read_jsonl(path)

@@ -94,13 +94,19 @@ def check_output_path(path: str | os.PathLike[str], owner: str = "xlard") -> Pat
     """
     _check_path(owner, path)
     text = os.fspath(path)
+    if _opened_stream(text):  # /dev/stdout: a pipe ("cannot write into /proc/123/fd") or the file the shell
+        # redirected it to, which the rename replaced (the command's printed table lost)
+        raise ValueError(f"{owner}: {path} is a process's open stream (like /dev/stdout), not a file to write; "
+                         "give the path of a file (or -, where a command writes to standard output)")
     target = Path(os.path.realpath(text))
     try:
         st = os.stat(target)
     except FileNotFoundError:
-        if text.endswith(("/", os.sep)) or (os.altsep and text.endswith(os.altsep)):
-            # realpath drops the slash: "out/new/" would have become a file named "new"
-            raise IsADirectoryError(f"{owner}: {path} ends with a path separator (a folder); give the path of "
+        slash = text.endswith(("/", os.sep)) or bool(os.altsep and text.endswith(os.altsep))
+        if slash or os.path.basename(text) in (".", ".."):
+            # realpath drops the slash: "out/new/" (or "out/new/.") would have become a file named "new"
+            end = "a path separator" if slash else repr(os.path.basename(text))
+            raise IsADirectoryError(f"{owner}: {path} ends with {end} (a folder); give the path of "
                                     "a file to write") from None
         return target
     except NotADirectoryError:
@@ -109,11 +115,32 @@ def check_output_path(path: str | os.PathLike[str], owner: str = "xlard") -> Pat
     except OSError as exc:  # a name too long, a loop of links, ...: named, not a bare "[Errno 36]"
         raise _reraise(exc, f"{owner}: cannot write {path}") from None
     if stat.S_ISREG(st.st_mode):
+        if not os.access(target, os.W_OK):  # the rename would replace it all the same: refused as `>` is
+            raise PermissionError(f"{owner}: {path} is write-protected; make it writable "
+                                  "(chmod u+w) or give another path")
         return target
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(f"{owner}: {path} is a folder; give the path of a file to write")
     raise ValueError(f"{owner}: {path} is {_kind(st.st_mode)}, not a regular file; refusing to replace it "
                      "(give the path of a regular file or of a new one)")
+
+
+def _opened_stream(text: str) -> bool:
+    """Whether ``text`` names one of this process's open descriptors (``/dev/stdout``, ``/dev/fd/1``,
+    ``/proc/self/fd/1``), directly or through links."""
+    where = os.path.abspath(text)
+    for _ in range(40):  # the kernel's own limit on a chain of links
+        if _FD_PATH.match(where) or where in ("/dev/stdin", "/dev/stdout", "/dev/stderr"):
+            return True
+        try:
+            link = os.readlink(where)
+        except OSError:  # not a link (or gone): the chain ends here
+            return _FD_PATH.match(os.path.realpath(text)) is not None
+        where = os.path.normpath(os.path.join(os.path.dirname(where), link))
+    return False
+
+
+_FD_PATH = re.compile(r"/dev/fd/|/proc/(self|thread-self|\d+)(/task/\d+)?/fd/")
 
 
 def check_output_file(path: str | os.PathLike[str], owner: str = "xlard") -> Path:
@@ -418,11 +445,21 @@ def current_umask() -> int:
     return mask
 
 
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}-")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file or folder name is one of the atomic writes' temporaries (``.tmp-<8 hex digits>-<name>``)."""
+    return _TEMPORARY.match(name) is not None
+
+
 def remove_temporaries(folder: str | os.PathLike[str]) -> None:
     """Delete the ``.tmp-*`` files and folders the atomic writes left in ``folder`` when a run was killed
     mid-write (SIGKILL): never complete, each as large as what it was writing. Call it only while holding the
     folder (:func:`folder_lock`), so that no other writer's temporaries go."""
     for tmp in Path(folder).glob(".tmp-*"):  # (a missing folder globs nothing)
+        if not is_temporary(tmp.name):  # a user's own ".tmp-notes.txt" is not ours
+            continue
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -568,7 +605,10 @@ def trim_jsonl(path: str | os.PathLike[str], upto: Callable[[dict], bool], *, ow
     path = Path(path)
     if not path.is_file():
         return 0
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 may stand inside a string
+    if lines and not lines[-1]:
+        lines.pop()
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
     last = -1
     for i, line in enumerate(lines):
         try:
@@ -780,6 +820,18 @@ def _new_temp_folder(parent: Path, name: str) -> Path:
     raise FileExistsError(f"could not create a temporary folder in {parent}")
 
 
+def _keep_modes(new: Path, old: Path) -> None:
+    """Give every file under ``new`` that replaces a file of ``old`` (same relative path) the old file's mode."""
+    for folder, _, files in os.walk(new):
+        for name in files:
+            path = Path(folder, name)
+            before = old / path.relative_to(new)
+            with contextlib.suppress(OSError):
+                st = os.lstat(before)
+                if stat.S_ISREG(st.st_mode) and not path.is_symlink():
+                    os.chmod(path, stat.S_IMODE(st.st_mode))
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
                   existing: str = "refuse") -> Iterator[Path]:
@@ -838,6 +890,8 @@ def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
                 if existing == "merge":
                     for name in sorted(new_names):  # every destination checked before anything moves
                         check_output_path(target / name, owner)
+                folder_mode = stat.S_IMODE(os.stat(target).st_mode)
+                _keep_modes(tmp, target)  # a replaced file keeps its mode, as atomic_path keeps it
                 # The whole folder is swapped (two renames), never replaced file by file: an interruption or a
                 # failing write between two files left a new config.json beside the old weights, a folder that
                 # no longer loaded. "merge" then moves the old folder's other entries into the new one.
@@ -858,6 +912,8 @@ def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
                         if child.name not in new_names:
                             os.rename(child, target / child.name)
                     _fsync_folder(target)
+                with contextlib.suppress(OSError):  # a chmod 700 model folder stays private
+                    os.chmod(target, folder_mode)
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
             if exc.errno is None:  # ours (FileExistsError, IsADirectoryError above): already says what and where

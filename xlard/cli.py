@@ -803,7 +803,7 @@ def _keep_other_prompts(args, records: list[dict]) -> None:
     if args.overwrite or not path.is_file():
         return
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM, as read_jsonl accepts one
         same = not text.strip() or [json.loads(line) for line in text.splitlines() if line.strip()] == records
     except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON lines: not these records
         same = False  # (an empty file, e.g. made by mktemp, holds nothing to lose)
@@ -869,7 +869,8 @@ def _check_finished_folder(folder: Path) -> dict | None:
     if isinstance(data, dict) and data.get("complete") is False:
         raise UsageError(f"--folder: {folder} holds an unfinished `xlard {_io.run_label(data.get('command'))}` run; "
                          "finish it by rerunning that command with --resume")
-    count = data.get("settings", {}).get("count") if isinstance(data, dict) else None
+    settings = data.get("settings") if isinstance(data, dict) else None
+    count = settings.get("count") if isinstance(settings, dict) else None
     if isinstance(count, int) and not isinstance(count, bool):  # a prompt folder removed after the run
         from xlard.shapes import evaluator as E
 
@@ -964,7 +965,8 @@ def _cmd_eval(args) -> int:
         folder = _input_folder(args.folder, "--folder")
         _inside_inputs({"--results": args.results, "--json": args.json}, folder, "--folder")
         made = _check_finished_folder(folder)
-        backbone = (made.get("settings") or {}).get("backbone") if made else None
+        settings = made.get("settings") if isinstance(made, dict) else None
+        backbone = settings.get("backbone") if isinstance(settings, dict) else None
         if isinstance(backbone, str) and backbone:  # images an xlard run made with another model: said, as there
             from xlard.evaluation import other_world_note
 

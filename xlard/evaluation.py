@@ -1268,6 +1268,26 @@ def _hash_state(h, state: dict) -> None:
         h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
 
 
+def _wrong_row_field(row: PairRow) -> str | None:
+    """Which field of a pair row read from ``pairs.jsonl`` has the wrong type (None: all fine); a hand-edited
+    ``"lam_mass": "0.1"`` failed only in the report, after every remaining pair had been judged."""
+    for name in ("index", "seed"):
+        if type(getattr(row, name)) is not int:
+            return f"{name} must be an integer"
+    for name in ("tag", "prompt", "base_reason", "corrected_reason"):
+        if not isinstance(getattr(row, name), str):
+            return f"{name} must be a string"
+    for name in ("base_correct", "corrected_correct", "masked_correct", "random_correct"):
+        value = getattr(row, name)
+        if not isinstance(value, bool) and not (value is None and name in ("masked_correct", "random_correct")):
+            return f"{name} must be true or false"
+    if row.lam_mass is not None and (isinstance(row.lam_mass, bool) or not isinstance(row.lam_mass, (int, float))):
+        return "lam_mass must be a number"
+    if not isinstance(row.actions, list) or not all(isinstance(a, str) for a in row.actions):
+        return "actions must be a list of strings"
+    return None
+
+
 def _read_rows(path: Path, records: Sequence[dict] | None = None, seeds: Sequence[int] | None = None
                ) -> list[PairRow]:
     """The judged pairs of ``pairs.jsonl`` (a last line cut by an interrupted write is left out: its pair is judged
@@ -1277,8 +1297,13 @@ def _read_rows(path: Path, records: Sequence[dict] | None = None, seeds: Sequenc
     rows: list[PairRow] = []
     if not path.is_file():
         return rows
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text (the file was edited or damaged); delete that "
+                         "line and rerun with --resume to judge its pair again, or pick another --out") from None
     fix = "(the file was edited or damaged); delete that line and rerun with --resume to judge its pair again, or " \
           "pick another --out"
     seen: dict[tuple[int, int], int] = {}
@@ -1292,11 +1317,17 @@ def _read_rows(path: Path, records: Sequence[dict] | None = None, seeds: Sequenc
                 break
             raise ValueError(f"{path}: line {n + 1} is not a pair row {fix}") from None
         try:
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
             row = PairRow.from_dict(data)
-            if type(row.index) is not int or type(row.seed) is not int:
-                raise TypeError("index and seed must be integers")
-        except (KeyError, TypeError):  # well-formed JSON, even on the last line: no cut write
-            raise ValueError(f"{path}: line {n + 1} is not a pair row {fix}") from None
+            wrong = _wrong_row_field(row)
+            if wrong:
+                raise TypeError(wrong)
+        except (KeyError, TypeError) as exc:  # well-formed JSON, even on the last line: no cut write
+            what = f" ({exc})" if isinstance(exc, TypeError) and str(exc) else ""
+            raise ValueError(f"{path}: line {n + 1} is not a pair row{what} {fix}") from None
+        if row.lam_mass is None:  # a NaN mass is written as null
+            row.lam_mass = float("nan")
         if records is not None and seeds is not None:
             why = None
             if not 0 <= row.index < len(records):
@@ -1430,7 +1461,7 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
     out.mkdir(parents=True, exist_ok=True)
     if (out / "images").is_dir():  # a killed image write's temporaries (.tmp-*.png): never complete, never scored
         for tmp in (out / "images").rglob(".tmp-*"):
-            if tmp.is_file() or tmp.is_symlink():
+            if _io.is_temporary(tmp.name) and (tmp.is_file() or tmp.is_symlink()):
                 tmp.unlink(missing_ok=True)
     run_path, pairs_path = out / "run.json", out / "pairs.jsonl"
     if run_path.is_file():

@@ -255,7 +255,8 @@ def read_jsonl(path: str | os.PathLike[str], *, validate: bool = True, line_numb
                 continue
             try:  # without its line break (an error at the end was "column 1" of the next line); NaN and
                 # Infinity are not JSON: every file xlard wrote with such a record was invalid JSON
-                record = json.loads(line.rstrip("\r\n"), parse_constant=_refuse_constant)
+                record = json.loads(line.rstrip("\r\n"), parse_constant=_refuse_constant,
+                                    object_pairs_hook=_no_repeated_keys)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
             except (ValueError, RecursionError) as exc:  # a number of 5000 digits, arrays nested 100000 deep
@@ -273,6 +274,17 @@ def read_jsonl(path: str | os.PathLike[str], *, validate: bool = True, line_numb
 
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON (a number must be finite; write null)")
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a key given twice: ``{"count": 1, "count": 3}`` was read as 3
+    without a word (the writer and the training config refuse such objects too)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} is given twice in one object; keep one")
+        seen.add(key)
+    return dict(pairs)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
