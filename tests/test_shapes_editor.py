@@ -1,5 +1,7 @@
 """xlard.shapes.editor: redraws scenes the way their prompts ask, from ground-truth maps and from the model."""
 import ast
+import copy
+import re
 import pathlib
 
 import numpy as np
@@ -358,20 +360,22 @@ def test_dilate_and_emptiest_match_their_plain_references():
     filter (torch's max_pool2d) and a brute-force search over every occupied pixel's distance."""
     from xlard.shapes.editor import _dilate, _emptiest
 
-    def emptiest_reference(occupied, size):
+    def emptiest_reference(occupied, size):  # of the boxes holding no occupied pixel, the farthest centre
         h, w = occupied.shape
         half = size // 2
         ys, xs = np.nonzero(occupied)
         best, spot = -1.0, None
         for cy in range(half, h - size + half + 1):
             for cx in range(half, w - size + half + 1):
+                if occupied[cy - half:cy - half + size, cx - half:cx - half + size].any():
+                    continue
                 if len(ys):
                     d = float(np.sqrt(((ys - cy) ** 2 + (xs - cx) ** 2).min()))
                 else:
                     d = float(min(cy - half, cx - half, h - cy - half, w - cx - half))
                 if d > best:
                     best, spot = d, (cy - half, cx - half)
-        return None if spot is None or best < half + 1 else spot
+        return spot
 
     rng = np.random.default_rng(0)
     for trial in range(40):
@@ -384,6 +388,12 @@ def test_dilate_and_emptiest_match_their_plain_references():
         for size in (5, 9):
             assert _emptiest(occupied, size) == emptiest_reference(occupied, size)
     assert _emptiest(np.ones((16, 16), bool), 5) is None and _emptiest(np.zeros((4, 4), bool), 9) is None
+    # a free disk of radius 9: a 14 px box centred there has its corners (at about 1.41 x 7 px) in the objects
+    yy, xx = np.mgrid[:32, :32]
+    ring = (yy - 16) ** 2 + (xx - 16) ** 2 > 81
+    spot = _emptiest(ring, 14)
+    assert spot is None or not ring[spot[0]:spot[0] + 14, spot[1]:spot[1] + 14].any()
+    assert _emptiest(ring, 12) is not None
 
 
 def test_edit_image_checks_its_maps_and_image_and_clamps_draw_sizes():
@@ -499,3 +509,227 @@ def test_count_eyes_take_the_asked_colors_and_check_them():
         eyes.edit_counts(torch.zeros(1, 8, 16, 16), ["circle"], [2], colors=["red", "blue"])
     with pytest.raises(ValueError, match=r"colors must be None or a list"):
         eyes.edit_counts(torch.zeros(1, 8, 16, 16), ["circle"], [2], colors="red")
+    # a misspelt color was dropped without a word (objects drawn in the first color, red)
+    with pytest.raises(ValueError, match=r"colors holds 'gren', not a color of the world \(red, orange"):
+        eyes.edit_counts(torch.zeros(1, 8, 16, 16), ["circle"], [2], colors=["gren"])
+    # a 3-D z was reported as wrong nouns and counts "per latent of z (-1)"
+    with pytest.raises(ValueError, match=r"z must be a float latent tensor \[B, C, h, w\], got torch.float32 of "
+                                         r"shape \[8, 16, 16\]"):
+        eyes.edit_counts(torch.zeros(8, 16, 16), ["circle"], [2])
+
+
+# --- from a read-only walk of the editor (2026-12-07) ------------------------------------------------------------------
+
+def _px(img: np.ndarray, color: str) -> np.ndarray:
+    rgb = (np.asarray(PALETTE[color], np.float32) / 255.0)[:, None, None]
+    return np.abs(img - rgb).max(0) < 1e-3
+
+
+@pytest.mark.parametrize("redraw", [True, False])
+def test_entities_of_one_noun_share_its_objects(redraw):
+    """Each entity took every object of its noun: on a right image of "a red circle and a blue circle" both removed
+    the other's circle as surplus and the second recolored the survivor (one blue circle left)."""
+    scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)), SceneObject("circle", "blue", (40, 40, 54, 54))))
+    img, _, actions = edit(scene, "a red circle and a blue circle", redraw=redraw)
+    assert len(blobs(img, "red")) == 1 and len(blobs(img, "blue")) == 1, actions
+    assert not any(a.startswith(("removed", "colored")) for a in actions), actions
+    # a surplus circle goes to the entity of its color, which removes it; the other entity's circle stays
+    scene = Scene(64, objs := (*scene.objects, SceneObject("circle", "blue", (40, 4, 54, 18))))
+    img, _, actions = edit(scene, "a red circle and a blue circle", redraw=redraw)
+    assert len(blobs(img, "red")) == 1 and len(blobs(img, "blue")) == 1, actions
+    assert "removed 1 circle(s)" in actions
+    # a circle of neither color goes to the entity still short of one (and is recolored)
+    scene = Scene(64, (objs[0], SceneObject("circle", "green", (40, 40, 54, 54))))
+    img, _, actions = edit(scene, "a red circle and a blue circle", redraw=redraw)
+    assert len(blobs(img, "red")) == 1 and len(blobs(img, "blue")) == 1 and not blobs(img, "green"), actions
+
+
+def test_surplus_objects_of_another_color_go_first():
+    """count_edit's edit (fix_color off) removed the least confident circles whatever their color: "two red circles"
+    on a blue and two red circles kept the blue one and one red."""
+    from xlard.prompts.spec import Entity, PromptSpec
+
+    scene = Scene(64, (SceneObject("circle", "blue", (4, 4, 18, 18)), SceneObject("circle", "red", (40, 10, 54, 24)),
+                       SceneObject("circle", "red", (20, 44, 34, 58))))
+    s, c = maps_of(scene)
+    k = CFG.shapes.index("circle")
+    s[k][s[k] > 0] = 0.9
+    s[k, 4:19, 4:19][s[k, 4:19, 4:19] > 0] = 0.99  # the blue one the most confident
+    spec = PromptSpec("two red circles", (Entity("circle", count=2, color="red"),))
+    img, _, actions = edit_image(image_of(scene), s, c, spec, CFG.shapes, CFG.colors,
+                                 EditConfig(redraw=True, fix_count=True, fix_color=False, fix_position=False))
+    assert "removed 1 circle(s)" in actions
+    assert len(blobs(img, "red")) == 2 and not blobs(img, "blue")
+
+
+def test_a_relation_move_never_paints_over_another_object():
+    """The two objects were drawn at a quarter and three quarters of the axis whatever lay there: a green triangle
+    at the circle's target was painted red (84 of its 112 pixels) and merged with it."""
+    scene = Scene(64, (SceneObject("circle", "red", (44, 30, 58, 44)), SceneObject("square", "blue", (4, 4, 18, 18)),
+                       SceneObject("triangle", "green", (10, 30, 24, 44))))
+    src = image_of(scene)
+    img, _, actions = edit(scene, "a red circle left of a blue square")
+    assert "moved circle left of square" in actions
+    assert _px(img, "green").sum() == _px(src, "green").sum()
+    assert not (_dilate_px(_px(img, "red")) & _px(src, "green")).any()  # not even touching
+    (red,), (blue,) = blobs(img, "red"), blobs(img, "blue")
+    assert centre(red)[1] + 6 < centre(blue)[1]  # the relation holds
+    # no free place at all: nothing is moved, and it is said in words changed_something() does not count
+    from xlard.shapes.editor import changed_something
+
+    crowd = tuple(SceneObject("triangle", "green", (x, y, x + 8, y + 8)) for x in range(0, 56, 10)
+                  for y in range(0, 56, 10) if not (x in (0, 50) and y == 20))
+    scene = Scene(64, (SceneObject("circle", "red", (50, 20, 58, 28)), SceneObject("square", "blue", (0, 20, 8, 28)),
+                       *crowd))
+    img, _, actions = edit(scene, "a red circle left of a blue square", redraw=False)
+    assert actions == ["unplaced circle left of square: no free place to move them to"], actions
+    assert not changed_something(actions) and np.array_equal(img, image_of(scene))
+
+
+def _dilate_px(mask):
+    from xlard.shapes.editor import _dilate
+
+    return _dilate(mask, 1)
+
+
+@pytest.mark.parametrize("gap", [0, 1])
+def test_recoloring_leaves_a_touching_neighbour_alone(gap):
+    """With redraw off the recolor painted the object's mask grown by 2 px: a green neighbour touching a red square
+    asked blue lost pixels (the redraw path's rim already left it alone)."""
+    for noun in ("circle", "triangle", "diamond"):
+        scene = Scene(64, (SceneObject("square", "red", (10, 10, 24, 24)),
+                           SceneObject(noun, "green", (24 + gap, 10, 38 + gap, 24))))
+        img, _, actions = edit(scene, "a blue square", redraw=False)
+        assert actions == ["colored 1 square(s) blue"]
+        assert _px(img, "green").sum() == _px(image_of(scene), "green").sum(), noun
+        assert not _px(img, "red").any()
+
+
+@pytest.mark.parametrize("gap", [0, 1, 2])
+def test_a_removal_leaves_same_colored_neighbours_and_drawn_shapes_alone(gap):
+    """The removal's rim (its own color up to 3 px out) took pixels off a same-colored circle the prompt does not
+    name, and off another entity's square redrawn a moment before."""
+    red = "red"
+    scene = Scene(64, (SceneObject("square", red, (40, 2, 56, 18)), SceneObject("square", red, (10, 20, 24, 34)),
+                       SceneObject("circle", red, (24 + gap, 20, 38 + gap, 34))))
+    s, c = maps_of(scene)
+    k = CFG.shapes.index("square")
+    s[k, 18:36, 8:26][s[k, 18:36, 8:26] > 0] = 0.8  # the square beside the circle is the surplus one
+    img, _, actions = edit_image(image_of(scene), s, c, parse("a red square"), CFG.shapes, CFG.colors,
+                                 EditConfig(redraw=False))
+    assert actions == ["removed 1 square(s)"]
+    circle = (slice(20, 34), slice(24 + gap, 38 + gap))
+    assert _px(img, red)[circle].sum() == _px(image_of(scene), red)[circle].sum()
+    # another entity's freshly redrawn square keeps every pixel when a surplus circle beside it is removed
+    scene = Scene(64, (SceneObject("square", red, (10, 20, 24, 34)), SceneObject("circle", red, (24 + gap, 20, 38 + gap, 34)),
+                       SceneObject("circle", red, (40, 48, 54, 62))))
+    s, c = maps_of(scene)
+    k = CFG.shapes.index("circle")
+    s[k, 18:36, 22:42][s[k, 18:36, 22:42] > 0] = 0.8
+    img, _, actions = edit_image(image_of(scene), s, c, parse("a red square and a red circle"), CFG.shapes, CFG.colors)
+    assert "removed 1 circle(s)" in actions
+    alone, _, _ = edit(Scene(64, (SceneObject("square", red, (10, 20, 24, 34)),)), "a red square")
+    assert (_px(alone, red) & ~_px(img, red)).sum() == 0
+
+
+def test_move_plan_gives_entities_of_one_noun_their_own_objects():
+    """Both entities of "a red circle left of a blue circle" took the most confident circle: "moved" was said
+    and no cell moved."""
+    scene = Scene(64, (SceneObject("circle", "blue", (4, 24, 18, 38)), SceneObject("circle", "red", (44, 24, 58, 38))))
+    s, c = maps_of(scene)
+    z0 = torch.randn(1, 4, 16, 16)
+    plan = move_plan(z0, torch.from_numpy(s)[None], torch.from_numpy(c)[None],
+                     [parse("a red circle left of a blue circle")], CFG.shapes)
+    assert plan.actions == [["moved circle left of circle in the latent"]]
+    moved = plan.sources[0] != torch.arange(16 * 16)
+    assert moved.any() and not torch.equal(plan.latents, z0)
+    assert set(plan.labels[0].tolist()) == {0, 1, 2}
+    # an entity without a color takes what the colored ones leave: "a circle above a red circle" with the red one
+    # on top (the first found) is reversed (the colorless entity took the red circle: nothing moved)
+    top = Scene(64, (SceneObject("circle", "red", (24, 4, 38, 18)), SceneObject("circle", "blue", (24, 44, 38, 58))))
+    s, c = maps_of(top)
+    plan = move_plan(z0, torch.from_numpy(s)[None], torch.from_numpy(c)[None], [parse("a circle above a red circle")],
+                     CFG.shapes)
+    assert plan.actions == [["moved circle above circle in the latent"]]
+    # one circle only: no second object to move, nothing said
+    one = Scene(64, scene.objects[1:])
+    s, c = maps_of(one)
+    plan = move_plan(z0, torch.from_numpy(s)[None], torch.from_numpy(c)[None],
+                     [parse("a red circle left of a blue circle")], CFG.shapes)
+    assert plan.actions == [[]] and torch.equal(plan.latents, z0)
+
+
+def test_edit_image_and_edit_images_refuse_images_outside_0_1():
+    """A 0..255 image was edited into a mix of 0..1 drawn colors and 0..255 pixels, a [-1, 1] one read as [0, 1]."""
+    scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),))
+    s, c = maps_of(scene)
+    for scale, hint in ((255.0, "divide by 255"), (None, "(x + 1) / 2")):
+        image = image_of(scene) * 255.0 if scale else image_of(scene) * 2 - 1
+        with pytest.raises(ValueError, match=r"edit_image: image must hold values in \[0, 1\].*" + re.escape(hint)):
+            edit_image(image, s, c, parse("two circles"), CFG.shapes, CFG.colors)
+
+    class Model:  # never reached: the range is checked first
+        config = CFG
+
+        def predict(self, images):
+            raise AssertionError("predict ran")
+
+    with pytest.raises(ValueError, match=r"edit_images: images must hold values in \[0, 1\]"):
+        edit_images(Model(), torch.from_numpy(image_of(scene) * 255.0)[None], [parse("two circles")])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the encoder on another device than the edits")
+def test_edit_targets_with_an_encoder_on_the_gpu():
+    """The mask is made on the CPU (the editor's device) and z0 was moved to the images' device: with the VAE on
+    the GPU both forms failed with a device mismatch."""
+    from xlard.shapes.editor import EditedBatch
+
+    scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),))
+    images = torch.from_numpy(image_of(scene))[None]
+    s, c = maps_of(scene)
+    img, ch, act = edit_image(images[0].numpy(), s, c, parse("two red circles"), CFG.shapes, CFG.colors)
+    edited = EditedBatch(torch.from_numpy(img)[None], torch.from_numpy(ch)[None], [act])
+    conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+    on_gpu = copy.deepcopy(conv).cuda()
+    for z0 in (None, torch.zeros(1, 8, 16, 16)):
+        t = edit_targets(lambda x: on_gpu(x.cuda()).float(), images, edited, (8, 16, 16), z0=z0)
+        want = edit_targets(lambda x: conv(x).float(), images, edited, (8, 16, 16), z0=z0)
+        assert t.is_cuda and torch.allclose(t.cpu(), want, atol=1e-4)
+
+
+def test_nearest_labels_match_a_brute_force_search():
+    """The editor keeps the pixels nearer to another object's core than to the edited one's: the nearest label and
+    its 8-neighbour (Chebyshev) distance, against every labelled pixel."""
+    from xlard.shapes.editor import _nearest_labels
+
+    rng = np.random.default_rng(1)
+    for trial in range(30):
+        labels = np.where(rng.random((17, 13)) < (0.01, 0.05, 0.2)[trial % 3], rng.integers(1, 5, (17, 13)), 0)
+        near, dist = _nearest_labels(labels, 3)
+        ys, xs = np.nonzero(labels)
+        for y in range(17):
+            for x in range(13):
+                d = np.maximum(np.abs(ys - y), np.abs(xs - x)) if len(ys) else np.array([99])
+                best = int(d.min()) if len(ys) else 99
+                if best > 3:
+                    assert near[y, x] == 0 and dist[y, x] == 4
+                else:
+                    assert dist[y, x] == best and near[y, x] == labels[ys[d == best], xs[d == best]].max()
+
+
+def test_a_removed_object_leaves_no_ghost_beside_a_sloppy_neighbour():
+    """Keeping a 1 px band around every other core left pixels of the removed object where a neighbour's core (as
+    the model draws it, a pixel too wide) came within a pixel of it: a pixel as near to the removed core as to the
+    neighbour's belongs to the removed object."""
+    red = "red"
+    scene = Scene(64, (SceneObject("square", red, (40, 2, 56, 18)), SceneObject("square", red, (10, 20, 24, 34)),
+                       SceneObject("circle", red, (25, 20, 39, 34))))
+    s, c = maps_of(scene)
+    k, circle = CFG.shapes.index("square"), CFG.shapes.index("circle")
+    s[k, 18:36, 8:26][s[k, 18:36, 8:26] > 0] = 0.8  # the square beside the circle is the surplus one
+    rows = s[circle, :, 26] > 0
+    s[circle, rows, 24:26] = 1.0  # the circle's core reaches into the 1 px gap
+    img, _, actions = edit_image(image_of(scene), s, c, parse("a red square"), CFG.shapes, CFG.colors,
+                                 EditConfig(redraw=False))
+    assert actions == ["removed 1 square(s)"]
+    assert not _px(img, red)[20:34, 10:24].any()  # nothing of the removed square stays

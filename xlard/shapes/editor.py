@@ -12,11 +12,19 @@ renderer primitives (:func:`xlard.shapes.world.shape_mask`, the palette):
   entity's noun at the same place and size (the backbone draws rounded,
   smeared outlines that are neither one shape nor another), in the asked color
   or, with none asked, its own dominant color;
-- **surplus** objects (beyond the asked count; the least confident ones) are
-  painted over with the background; **missing** ones are drawn at the
-  emptiest free place, at the size of the entity's other objects;
+- **surplus** objects (beyond the asked count; those of another color than
+  the asked one first, then the least confident ones) are painted over with
+  the background; **missing** ones are drawn at the emptiest free place, at
+  the size of the entity's other objects;
 - a **reversed or too-weak relation** ("left of", "above", ...) moves the two
-  objects apart along its axis, to a quarter and three quarters of the image.
+  objects apart along its axis, to a quarter and three quarters of the image
+  (the nearest free place there: never onto another object; with none, nothing
+  moves and an ``unplaced ...`` action says so).
+
+Entities of one noun ("a red circle and a blue circle") share its objects: each
+object goes to the entity of its color first, then to one still short of its
+count. What is erased around an object never reaches into another found object
+or a shape this edit drew.
 
 :func:`edit_targets` then turns the edited images into latent corrections:
 the VAE encodes both the decoded and the edited image, and the difference is
@@ -32,7 +40,7 @@ Example:
     >>> from xlard.shapes.understanding import load_model                 # doctest: +SKIP
     >>> edits = edit_images(load_model(), images, specs)                  # doctest: +SKIP
     >>> edits.images.shape, edits.changed.shape, edits.actions[0]         # doctest: +SKIP
-    (torch.Size([B, 3, 64, 64]), torch.Size([B, 64, 64]), ['redrew 2 circles', 'added 1 circle'])
+    (torch.Size([B, 3, 64, 64]), torch.Size([B, 64, 64]), ['redrew 2 circle(s)', 'added 1 circle(s)'])
 """
 from __future__ import annotations
 
@@ -276,7 +284,14 @@ def _emptiest(occupied: np.ndarray, size: int) -> tuple[int, int] | None:
         g = np.minimum(rows - above, below - rows)[ys][:, used]                                  # [ny, w']
         dx = xs.astype(dt)[:, None] - np.arange(w, dtype=dt)[used][None, :]                       # [nx, w']
         d = (dx * dx + (g * g)[:, None, :]).min(axis=2)                                          # [ny, nx] squared
-        if d.max() < (half + 1) ** 2:  # every box would touch an object
+        # Only a box that holds no occupied pixel: the distance above is round, a box is not (the corner of a
+        # box whose centre was far enough reached into an object, and the drawn shape merged with it).
+        s = np.zeros((h + 1, w + 1), np.int64)
+        s[1:, 1:] = occupied.cumsum(0).cumsum(1)
+        t, l0 = ys - half, xs - half
+        inside = s[t + size][:, l0 + size] - s[t][:, l0 + size] - s[t + size][:, l0] + s[t][:, l0]
+        d = np.where(inside == 0, d, -1)
+        if d.max() < 0:  # every box would touch an object
             return None
     i, j = divmod(int(np.argmax(d)), len(xs))
     return int(ys[i]) - half, int(xs[j]) - half
@@ -299,6 +314,102 @@ def _grid_spot(occupied: np.ndarray, size: int) -> tuple[int, int] | None:
 RELAYOUT_ORDER = (0, 8, 2, 6, 4, 1, 7, 3, 5)
 
 
+def _core_labels(shape_probs: np.ndarray, threshold: float, min_area: int) -> np.ndarray:
+    """Connected components (8-neighbourhood, at least ``min_area`` pixels) of the pixels where any shape's
+    probability is above ``threshold``, as an int label image (0: none): every object's core, cores of two shapes
+    that touch as one."""
+    from xlard import ops
+
+    cores = torch.from_numpy(np.ascontiguousarray(shape_probs.max(0) if len(shape_probs) else
+                                                  np.zeros(shape_probs.shape[1:]), dtype=np.float32))
+    labels, _ = ops.label_components(cores[None, None], threshold=threshold, mode="absolute", min_area=min_area,
+                                     connectivity=8)
+    return labels[0, 0].numpy()
+
+
+def _nearest_labels(labels: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every pixel, a nearest labelled pixel's label (0: none within ``steps``) and its distance in
+    8-neighbour steps (``steps + 1``: none within ``steps``); of equally near labels, the largest."""
+    h, w = labels.shape
+    near = np.asarray(labels, dtype=np.int32)
+    dist = np.where(near > 0, 0, steps + 1).astype(np.int32)
+    pad = np.zeros((h + 2, w + 2), np.int32)
+    for k in range(1, steps + 1):
+        pad[1:-1, 1:-1] = near  # a max filter over the 3 x 3 neighbourhood: rows, then columns
+        rows = np.maximum(np.maximum(pad[:-2], pad[1:-1]), pad[2:])
+        grown = np.maximum(np.maximum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
+        new = (near == 0) & (grown > 0)
+        near = np.where(new, grown, near)
+        dist[new] = k
+    return near, dist
+
+
+def _placed_box(h: int, w: int, spot: tuple[int, int], size: int) -> np.ndarray:
+    """The pixels of a ``size`` box at ``spot`` (top, left), as :func:`edit_image`'s ``draw`` clips it."""
+    size = min(size, h, w)
+    top, left = max(0, min(spot[0], h - size)), max(0, min(spot[1], w - size))
+    box = np.zeros((h, w), bool)
+    box[top:top + size, left:left + size] = True
+    return box
+
+
+def _free_spot(blocked: np.ndarray, spot: tuple[int, int], size: int, axis: int, along: int = 6
+               ) -> tuple[int, int] | None:
+    """The place (top, left) nearest ``spot`` for a ``size`` box holding no ``blocked`` pixel: moved across the
+    relation's ``axis`` (0: rows, 1: columns) anywhere, along it by at most ``along`` pixels (the relation still
+    holds by far); None when there is none. Boxes are clipped into the image as ``draw`` clips them."""
+    h, w = blocked.shape
+    size = min(size, h, w)
+    top, left = max(0, min(spot[0], h - size)), max(0, min(spot[1], w - size))
+    s = np.zeros((h + 1, w + 1), np.int64)
+    s[1:, 1:] = blocked.cumsum(0).cumsum(1)
+    tops = np.arange(h - size + 1)[:, None]
+    lefts = np.arange(w - size + 1)[None, :]
+    inside = s[tops + size, lefts + size] - s[tops, lefts + size] - s[tops + size, lefts] + s[tops, lefts]
+    d_rows, d_cols = np.abs(tops - top), np.abs(lefts - left)
+    d_along = d_cols if axis else d_rows
+    cost = (d_rows + d_cols).astype(np.float64)
+    cost = np.where((inside == 0) & (d_along <= along), cost, np.inf)
+    if not np.isfinite(cost).any():
+        return None
+    i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
+    return int(i), int(j)
+
+
+def _share_objects(entities, found: dict, colors: Sequence[str], dominant) -> list[list]:
+    """Each entity's found objects. Entities of one noun ("a red circle and a blue circle") share that noun's
+    objects instead of each taking all of them (each removed the other's circle as surplus, then recolored the
+    survivor): an object goes to an entity asking for its color first, then to the first entity still short of its
+    count, in confidence order; objects beyond every count go to the entity of their color (else the first), whose
+    surplus removal takes them."""
+    shares: list[list] = [[] for _ in entities]
+    groups: dict[str, list[int]] = {}
+    for k, e in enumerate(entities):
+        if e.noun in found:
+            groups.setdefault(e.noun, []).append(k)
+    for noun, ks in groups.items():
+        objs = found[noun]
+        if len(ks) == 1:
+            shares[ks[0]] = list(objs)
+            continue
+        need = {k: entities[k].count if entities[k].count is not None else 1 for k in ks}
+        rest = []
+        for obj in objs:  # most confident first
+            color = colors[dominant(obj[1])]
+            match = [k for k in ks if entities[k].color == color and len(shares[k]) < need[k]]
+            if match:
+                shares[match[0]].append(obj)
+            else:
+                rest.append((obj, color))
+        for obj, color in rest:
+            short = [k for k in ks if len(shares[k]) < need[k]]
+            same = [k for k in ks if entities[k].color == color]
+            shares[(short or same or ks)[0]].append(obj)
+        for k in ks:  # most confident first again (the removal keeps the first)
+            shares[k].sort(key=lambda o: -o[0])
+    return shares
+
+
 def _relayout_spots(h: int, w: int, size: int, n: int) -> list[tuple[int, int]]:
     """Top-left corners of the first ``n`` cells of :data:`RELAYOUT_ORDER` for ``size`` boxes."""
     spots = []
@@ -314,6 +425,14 @@ def _shape(noun: str, size: int) -> np.ndarray:
     mask = shape_mask(noun, size)
     mask.setflags(write=False)
     return mask
+
+
+def _check_range(owner: str, what: str, lo: float, hi: float) -> None:
+    """Refuse images outside [0, 1] (a little slack for a decoder's overshoot), naming the likely scale."""
+    if lo < -0.05 or hi > 1.05:
+        hint = " (0..255? divide by 255)" if lo >= 0 else " ([-1, 1]? map it with (x + 1) / 2)" if lo >= -1.05 \
+            and hi <= 1.05 else ""
+        raise ValueError(f"{owner}: {what} must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}]{hint}")
 
 
 def _rgb(color: str) -> np.ndarray:
@@ -360,23 +479,56 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
                              f"[{float(maps.min()):.4g}, {float(maps.max()):.4g}]")
     if not bool(np.isfinite(img).all()):
         raise ValueError("edit_image: image holds NaN or infinite values")
+    if img.size:  # a 0..255 image came back mixing 0..1 drawn colors into 0..255 pixels
+        _check_range("edit_image", "image", float(img.min()), float(img.max()))
     background = np.asarray(BACKGROUND, dtype=np.float32) / 255.0
     changed = np.zeros((h, w), bool)
+    drawn = np.zeros((h, w), bool)  # the shapes this edit drew: never erased by a later object's rim
     colored = color_probs[0] < 0.5
+    found = {noun: find_objects(shape_probs[shapes.index(noun)], config.threshold, config.min_area)
+             for noun in dict.fromkeys(e.noun for e in spec.entities) if noun in shapes and noun in SHAPES}
+    # every object's core (1 px inside the object), the prompt's nouns or not, labelled once: what a rim leaves alone
+    core_labels = _core_labels(shape_probs, config.threshold, config.min_area)
+    # (one blob or none: no other object to keep)
+    near_label, near_dist = _nearest_labels(core_labels, 3) if core_labels.max() > 1 else (None, None)
+
+    def dominant(m: np.ndarray) -> int:
+        """The index (in ``colors``) of object ``m``'s most likely color over its pixels."""
+        t0, b0, l0, r0 = _box(m, 0)
+        return int(color_probs[1:, t0:b0, l0:r0][:, m[t0:b0, l0:r0]].sum(1).argmax())
     # Per object, the work below runs on the object's box grown by the widest reach used on it (3 pixels),
     # not on the whole image: the same pixels and values, a few times faster (count_edit runs it at inference).
 
-    def own_rim(m: np.ndarray, color: int, with_extent: bool = False) -> tuple[int, int, np.ndarray]:
+    def own_rim(m: np.ndarray, color: int, with_extent: bool = False, reach: int = 3
+                ) -> tuple[int, int, np.ndarray]:
         """The colored pixels of object ``m`` (a core): those of its extent (the core grown by one pixel) and
-        those of its own color (each pixel's most likely color) up to 3 pixels out (its blurred rim); a
+        those of its own color (each pixel's most likely color) up to ``reach`` pixels out (its blurred rim); a
         neighbour of another color is left alone (the rim once took 2 pixels off it). With ``with_extent``
-        the whole extent too. As ``(top, left, mask)`` of a window of the image."""
+        the whole extent too. Never a pixel nearer (in 8-neighbour steps) to another object's core than to
+        ``m`` (a same-colored neighbour 1 px away lost 6 pixels), nor one of a shape drawn in this edit
+        (another entity's redrawn square lost 10). As ``(top, left, mask)`` of a window of the image."""
         top, bottom, left, right = _box(m, 3)
-        sub = m[top:bottom, left:right]
-        extent = _dilate(sub, 1)
-        own = color_probs[1:, top:bottom, left:right].argmax(0) == color
-        rim = _dilate(sub, 3) & colored[top:bottom, left:right] & (extent | own)
-        return top, left, (rim | extent) if with_extent else rim
+        win = (slice(top, bottom), slice(left, right))
+        sub = m[win]
+        rings = [sub, _dilate(sub, 1)]  # the core grown by 0, 1, 2, 3 pixels
+        rings += [_dilate(rings[1], 1)]
+        rings += [_dilate(rings[2], 1)]
+        extent = rings[1]
+        own = color_probs[(slice(1, None), *win)].argmax(0) == color
+        rim = rings[reach] & colored[win] & (extent | own)
+        rim = (rim | extent) if with_extent else rim
+        keep = drawn[win]
+        if near_label is not None:
+            # Another object's pixels: strictly nearer to a core of another component of the cores map (cores of
+            # two shapes that touch are one blob; m, connected, lies in one) than to m's core.
+            label = core_labels[win][sub]
+            label = int(label[0]) if label.size else 0
+            d_own = np.full(sub.shape, len(rings), np.int32)
+            for k in range(len(rings) - 1, -1, -1):
+                d_own[rings[k]] = k
+            near = near_label[win]
+            keep = keep | ((near != 0) & (near != label) & (near_dist[win] < d_own))
+        return top, left, rim & ~keep
     actions: list[str] = []
     placed: list[list[list]] = []  # per entity: [top, left, size, color] of the objects it ends with
 
@@ -397,6 +549,7 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
         window[top - t0:top - t0 + size, left - l0:left - l0 + size] = shape
         changed[t0:t0 + window.shape[0], l0:l0 + window.shape[1]] |= _dilate(window, 1)
         colored[top:top + size, left:left + size] |= shape
+        drawn[top:top + size, left:left + size] |= shape
         return top, left
 
     counted = [e for e in spec.entities if e.count is not None]
@@ -445,12 +598,13 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
         return img, changed, [f"relaid out {spec.entities[rel.subject].noun} {rel.relation.replace('_', ' ')} "
                               f"{spec.entities[rel.object].noun}"]
 
-    for entity in spec.entities:
+    shares = _share_objects(spec.entities, found, colors, dominant)
+    for k, entity in enumerate(spec.entities):
         placed.append([])
         noun = entity.noun if entity.noun in shapes else None
         if noun is None or noun not in SHAPES:
             continue
-        objs = find_objects(shape_probs[shapes.index(noun)], config.threshold, config.min_area)
+        objs = shares[k]
         asked = entity.count if entity.count is not None else max(1, len(objs))
         want_color = entity.color if (config.fix_color and entity.color in colors and entity.color in PALETTE) \
             else None
@@ -460,10 +614,10 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
                     ys, xs = np.nonzero(obj[1])
                     return (round(ys.mean() / 8), xs.mean())
                 objs = sorted(objs, key=reading)
+            if entity.color in colors:  # objects of the asked color are kept first ("two red circles" on one
+                objs = sorted(objs, key=lambda o: colors[dominant(o[1])] != entity.color)  # blue, two red)
             for _, m in objs[asked:]:
-                t0, b0, l0, r0 = _box(m, 0)
-                own_index = int(color_probs[1:, t0:b0, l0:r0][:, m[t0:b0, l0:r0]].sum(1).argmax())
-                rim_top, rim_left, rim = own_rim(m, own_index, with_extent=True)
+                rim_top, rim_left, rim = own_rim(m, dominant(m), with_extent=True)
                 erase(rim, rim_top, rim_left)
             actions.append(f"removed {len(objs) - asked} {noun}(s)")
             objs = objs[:asked]
@@ -485,9 +639,12 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
                 erase(rim, rim_top, rim_left)
                 top, left = draw(noun, top, left, size, color)
             elif want_color is not None and own != want_color:
-                region = _dilate(m, 2) & colored
-                img[:, region] = _rgb(want_color)[:, None]
-                changed[region] = True
+                # its own pixels only (the extent and its own color's rim 2 px out): a touching neighbour of
+                # another color lost pixels to a 2 px grown mask
+                rim_top, rim_left, rim = own_rim(m, own_index, with_extent=True, reach=2)
+                window = (slice(rim_top, rim_top + rim.shape[0]), slice(rim_left, rim_left + rim.shape[1]))
+                img[(slice(None), *window)][:, rim] = _rgb(want_color)[:, None]
+                changed[window] |= rim
                 recolored += 1
             placed[-1].append([top, left, size, color])
         if config.redraw and objs:
@@ -525,19 +682,32 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
             if move is None:
                 continue
             axis, targets = move
+            boxes = []
             for obj in (a, b):
                 top, left, size, _ = obj
                 box = np.zeros((h, w), bool)
                 box[max(0, top - 2):top + size + 2, max(0, left - 2):left + size + 2] = True
-                erase(box & colored)
-            for obj, centre, k in ((a, targets[0], rel.subject), (b, targets[1], rel.object)):
-                top, left, size, color = obj
+                boxes.append(box)
+            # The two targets keep one pixel from every other object (a green triangle at the circle's target
+            # was painted red and merged with it): the nearest free place, across the relation's axis first.
+            blocked = _dilate(colored & ~boxes[0] & ~boxes[1], 1)
+            spots = []
+            for obj, centre in ((a, targets[0]), (b, targets[1])):
+                top, left, size, _ = obj
                 start = int(round(centre - size / 2))
-                if axis:
-                    left = start
-                else:
-                    top = start
-                obj[0], obj[1] = draw(spec.entities[k].noun, top, left, size, color)
+                spot = _free_spot(blocked, (start, left) if not axis else (top, start), size, axis)
+                if spot is None:
+                    break
+                spots.append(spot)
+                blocked = blocked | _dilate(_placed_box(h, w, spot, size), 1)
+            if len(spots) < 2:
+                actions.append(f"unplaced {spec.entities[rel.subject].noun} {rel.relation.replace('_', ' ')} "
+                               f"{spec.entities[rel.object].noun}: no free place to move them to")
+                continue
+            for box in boxes:
+                erase(box & colored)
+            for obj, spot, k in ((a, spots[0], rel.subject), (b, spots[1], rel.object)):
+                obj[0], obj[1] = draw(spec.entities[k].noun, spot[0], spot[1], obj[2], obj[3])
             actions.append(f"moved {spec.entities[rel.subject].noun} {rel.relation.replace('_', ' ')} "
                            f"{spec.entities[rel.object].noun}")
     return img, changed, actions
@@ -573,6 +743,10 @@ def edit_images(model: Any, images: torch.Tensor, specs: Sequence[Any], config: 
     if tuple(images.shape[-2:]) != (size, size):
         raise ValueError(f"edit_images: images must be {size}x{size} (the understanding model's size), "
                          f"got {tuple(images.shape[-2:])}")
+    lo, hi = (float(v) for v in torch.aminmax(images.detach().float()))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("edit_images: images hold NaN or infinite values")
+    _check_range("edit_images", "images", lo, hi)
     with torch.no_grad():
         out = model.predict(images.float())
     src = images.detach().float().cpu().numpy()
@@ -664,15 +838,17 @@ def edit_targets(encode: Any, images: torch.Tensor, edited: EditedBatch, latent_
         raise ValueError(f"edit_targets: z0 must be a tensor of shape {(images.shape[0], c, lh, lw)}, got "
                          f"{tuple(z0.shape) if isinstance(z0, torch.Tensor) else type(z0).__name__}")
     with torch.no_grad():
-        before = encode(images) if z0 is None else z0.to(images.device, torch.float32)
-        diff = encode(edited.images.to(images.dtype)) - before
+        after = encode(edited.images.to(images.device, images.dtype))
+        # (the encoder's device, whatever the images' and z0's: the mask is made on the CPU, where the editor works)
+        before = encode(images) if z0 is None else z0
+        diff = after - before.to(after.device, after.dtype)
     if tuple(diff.shape) != (images.shape[0], c, lh, lw):
         raise ValueError(f"edit_targets: encode gave latents of shape {tuple(diff.shape)}, expected "
                          f"{(images.shape[0], c, lh, lw)}")
     if not bool(torch.isfinite(diff).all()):  # NaN targets would go straight into the corrector's training
         what = "encode gave NaN or infinite latents" + ("" if z0 is None else " (or z0 holds them)")
         raise ValueError(f"edit_targets: {what}; the targets would not be finite")
-    return (mask.to(diff.dtype) * diff).float()
+    return (mask.to(diff.device, diff.dtype) * diff).float()
 
 
 @dataclass
@@ -774,15 +950,32 @@ def _move_plan(owner: str, z0, shape_probs, color_probs, specs, shapes, margin) 
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 1:
         raise ValueError(f"{owner}: margin must be an int >= 1, got {margin!r}")
     sp = shape_probs.detach().float().cpu().numpy()
+    # the world's colors, when the color maps are the understanding model's (background first)
+    palette = tuple(PALETTE) if color_probs.shape[1] == 1 + len(PALETTE) else None
+    cp = color_probs.detach().float().cpu().numpy() if palette else None
     labels = torch.zeros(b, lh * lw, dtype=torch.int64)
     shifts = torch.zeros(b, 2, 2, dtype=torch.int64)
     actions: list[list[str]] = []
     for i, spec in enumerate(specs):
         acts: list[str] = []
-        found = []
+        # Entities of one noun ("a red circle left of a blue circle") take different objects (both took the most
+        # confident one: "moved" was said and nothing moved): first every entity with a color the most confident
+        # object of its color, then the others the most confident ones left, in the prompt's order.
+        found: list[np.ndarray | None] = [None] * len(spec.entities)
+        by_noun: dict[str, list] = {}
         for entity in spec.entities:
-            objs = find_objects(sp[i, list(shapes).index(entity.noun)]) if entity.noun in shapes else []
-            found.append(objs[0][1] if objs else None)
+            if entity.noun in shapes and entity.noun not in by_noun:
+                objs = find_objects(sp[i, list(shapes).index(entity.noun)])
+                by_noun[entity.noun] = [(m, palette[int(cp[i][1:, m].sum(1).argmax())] if palette else None)
+                                        for _, m in objs]
+        for first in (True, False):
+            for k, entity in enumerate(spec.entities):
+                objs = by_noun.get(entity.noun)
+                if not objs or found[k] is not None or (first and (palette is None or entity.color not in palette)):
+                    continue
+                pick = next((j for j, (_, c) in enumerate(objs) if c == entity.color), None) if first else 0
+                if pick is not None:
+                    found[k] = objs.pop(pick)[0]
         for rel in getattr(spec, "relations", ()):
             if rel.subject >= len(found) or rel.object >= len(found):
                 continue

@@ -37,7 +37,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -513,8 +513,9 @@ class CountEyes:
                                      images.shape[-1] // z.shape[-1], colors)
 
     @staticmethod
-    def _check_colors(owner: str, colors, n: int) -> list:
-        """``colors`` as a list of one color word or None per latent (None: no color asked for any)."""
+    def _check_colors(owner: str, colors, n: int, known: Sequence[str] = tuple(PALETTE)) -> list:
+        """``colors`` as a list of one color word of ``known`` or None per latent (None: no color asked for any);
+        a word outside ``known`` ("gren") was dropped without a word."""
         if colors is None:
             return [None] * n
         if isinstance(colors, (str, bytes)) or not isinstance(colors, Iterable):
@@ -523,15 +524,21 @@ class CountEyes:
         colors = list(colors)
         if len(colors) != n or not all(c is None or isinstance(c, str) for c in colors):
             raise ValueError(f"{owner}: colors must give one color word (or None) per latent ({n}), got {colors!r:.80}")
+        unknown = sorted({c for c in colors if c is not None and c not in known})
+        if unknown:
+            raise ValueError(f"{owner}: colors holds {', '.join(map(repr, unknown))}, not a color of the world "
+                             f"({', '.join(known)}); give one of those or None")
         return colors
 
     @staticmethod
     def _check_counts(owner: str, z, nouns, counts) -> tuple[list, list[int]]:
         """``(nouns, counts)`` as lists, one of each per latent of ``z``, the counts whole numbers >= 1 (a count
         "x" raised a bare int() error, 1.7 was read as 1)."""
-        if not isinstance(z, torch.Tensor):
-            raise ValueError(f"{owner}: z must be a float latent tensor [B, C, h, w], got {type(z).__name__}")
-        b = int(z.shape[0]) if z.dim() == 4 else -1
+        if not isinstance(z, torch.Tensor) or z.dim() != 4 or not z.is_floating_point():
+            # (a 3-D z was reported as wrong nouns and counts "per latent of z (-1)")
+            raise ValueError(f"{owner}: z must be a float latent tensor [B, C, h, w], got "
+                             f"{f'{z.dtype} of shape {list(z.shape)}' if isinstance(z, torch.Tensor) else type(z).__name__}")
+        b = int(z.shape[0])
         for name, value in (("nouns", nouns), ("counts", counts)):  # None failed as "not iterable", a string
             if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):  # was read letter by letter
                 raise ValueError(f"{owner}: {name} must be a list with one entry per latent of z ({b}), got "
