@@ -733,3 +733,53 @@ def test_a_removed_object_leaves_no_ghost_beside_a_sloppy_neighbour():
                                  EditConfig(redraw=False))
     assert actions == ["removed 1 square(s)"]
     assert not _px(img, red)[20:34, 10:24].any()  # nothing of the removed square stays
+
+
+def test_recoloring_paints_only_pixels_the_model_calls_colored():
+    """The recolor (redraw off) painted the object's whole 1 px ring, background pixels included, when its core
+    reached the object's edge."""
+    scene = Scene(64, (SceneObject("square", "red", (20, 20, 30, 30)),))
+    s, c = maps_of(scene)
+    k = CFG.shapes.index("square")
+    s[k] = _px(image_of(scene), "red")  # a core reaching the object's edge (the model's cores are sloppy)
+    img, _, actions = edit_image(image_of(scene), s, c, parse("a blue square"), CFG.shapes, CFG.colors,
+                                 EditConfig(redraw=False))
+    assert actions == ["colored 1 square(s) blue"]
+    assert np.array_equal(_px(img, "blue"), _px(image_of(scene), "red"))
+
+
+def test_a_relation_move_that_cannot_hold_by_the_margin_is_not_said_to_be_done():
+    """Giving way up to 6 px along the axis let a 32 px image's move end with the relation still failing, while the
+    action said "moved"."""
+    from xlard.models import relation_targets
+
+    h = 32
+    sp = np.zeros((len(CFG.shapes), h, h), np.float32)
+    cp = np.zeros((1 + len(CFG.colors), h, h), np.float32)
+    sp[CFG.shapes.index("circle"), 3:10, 15:22] = 1.0
+    sp[CFG.shapes.index("square"), 21:28, 13:20] = 1.0
+    walls = np.ones((h, h), bool)  # something colored everywhere but the two objects' boxes and a hole 6 px off
+    walls[0:14, 12:26] = walls[18:32, 10:24] = walls[0:10, 9:12] = False
+    objs = np.zeros((h, h), bool)
+    objs[2:11, 14:23] = objs[20:29, 12:21] = True
+    cp[1 + CFG.colors.index("red")] = objs & ~walls
+    cp[1 + CFG.colors.index("blue")] = walls
+    cp[0] = ~(objs | walls)
+    img = np.stack([cp[0] * 0.9 + cp[1 + CFG.colors.index("red")], cp[0] * 0.9, cp[0] * 0.9 + walls]).clip(0, 1)
+    out, _, actions = edit_image(img.astype(np.float32), sp, cp, parse("a circle left of a square"), CFG.shapes,
+                                 CFG.colors, EditConfig(fix_count=False, fix_color=False, margin=6))
+    if "moved circle left of square" in actions:  # then it must hold
+        red = [centre(m) for m in blobs(out, "red")]
+        assert len(red) == 2 and relation_targets("left_of", *sorted(red, key=lambda c: c[0]), h, h, 6) is None
+    else:
+        assert "unplaced circle left of square: no free place to move them to" in actions
+
+
+def test_move_plan_refuses_non_finite_color_maps():
+    """NaN color maps read as the first color: objects went to the wrong entity and nothing moved, silently."""
+    scene = Scene(64, (SceneObject("circle", "blue", (4, 24, 18, 38)), SceneObject("circle", "red", (44, 24, 58, 38))))
+    s, c = maps_of(scene)
+    c[:, 20:40, 0:20] = np.nan
+    with pytest.raises(ValueError, match="move_plan: color_probs holds NaN or infinite values"):
+        move_plan(torch.zeros(1, 4, 16, 16), torch.from_numpy(s)[None], torch.from_numpy(c)[None],
+                  [parse("a red circle right of a blue circle")], CFG.shapes)

@@ -353,7 +353,7 @@ def _placed_box(h: int, w: int, spot: tuple[int, int], size: int) -> np.ndarray:
     return box
 
 
-def _free_spot(blocked: np.ndarray, spot: tuple[int, int], size: int, axis: int, along: int = 6
+def _free_spot(blocked: np.ndarray, spot: tuple[int, int], size: int, axis: int, along: int
                ) -> tuple[int, int] | None:
     """The place (top, left) nearest ``spot`` for a ``size`` box holding no ``blocked`` pixel: moved across the
     relation's ``axis`` (0: rows, 1: columns) anywhere, along it by at most ``along`` pixels (the relation still
@@ -641,7 +641,7 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
             elif want_color is not None and own != want_color:
                 # its own pixels only (the extent and its own color's rim 2 px out): a touching neighbour of
                 # another color lost pixels to a 2 px grown mask
-                rim_top, rim_left, rim = own_rim(m, own_index, with_extent=True, reach=2)
+                rim_top, rim_left, rim = own_rim(m, own_index, reach=2)  # (colored pixels only, as before)
                 window = (slice(rim_top, rim_top + rim.shape[0]), slice(rim_left, rim_left + rim.shape[1]))
                 img[(slice(None), *window)][:, rim] = _rgb(want_color)[:, None]
                 changed[window] |= rim
@@ -692,10 +692,12 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
             # was painted red and merged with it): the nearest free place, across the relation's axis first.
             blocked = _dilate(colored & ~boxes[0] & ~boxes[1], 1)
             spots = []
+            # along the axis each may give way only so far that the relation still holds by the margin
+            along = max(0, int((abs(targets[0] - targets[1]) - config.margin - 1) // 2))
             for obj, centre in ((a, targets[0]), (b, targets[1])):
                 top, left, size, _ = obj
                 start = int(round(centre - size / 2))
-                spot = _free_spot(blocked, (start, left) if not axis else (top, start), size, axis)
+                spot = _free_spot(blocked, (start, left) if not axis else (top, start), size, axis, along)
                 if spot is None:
                     break
                 spots.append(spot)
@@ -937,8 +939,8 @@ def _move_plan(owner: str, z0, shape_probs, color_probs, specs, shapes, margin) 
             or not all(isinstance(v, str) for v in shapes):
         raise ValueError(f"{owner}: shapes must name the {shape_probs.shape[1]} maps of shape_probs in order "
                          f"(the model's config.shapes), got {shapes!r:.80}")
-    for name, t in (("z0", z0), ("shape_probs", shape_probs)):
-        if not bool(torch.isfinite(t).all()):  # NaN maps found no objects: "nothing to move", without a word
+    for name, t in (("z0", z0), ("shape_probs", shape_probs), ("color_probs", color_probs)):
+        if not bool(torch.isfinite(t).all()):  # (NaN colors read as the first color: objects to the wrong entity)  # NaN maps found no objects: "nothing to move", without a word
             raise ValueError(f"{owner}: {name} holds NaN or infinite values")
     if shape_probs.shape[0] != b or color_probs.shape[0] != b or len(specs) != b:
         raise ValueError(f"{owner}: {b} latents, {shape_probs.shape[0]} shape maps, {color_probs.shape[0]} "
