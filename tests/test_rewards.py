@@ -244,7 +244,7 @@ def test_min_area_drops_specks_and_connectivity():
 def test_target_count_zero():
     s = spec("no dogs and a cat", [("dog", 0, None), ("cat", 1, None)])
     cat = blobs([(0.5, 0.5)])
-    cmd = ExplainableRewards()
+    cmd = ExplainableRewards(RewardConfig(threshold_mode="absolute"))
     # Nothing where the dog's map is (all zero): dog reward 1, cat reward 1.
     result = cmd([s], entity_maps=torch.stack([torch.zeros(H, W), cat])[None])
     assert result.scores[0, 0].item() == pytest.approx(1.0)
@@ -252,6 +252,39 @@ def test_target_count_zero():
     # Two dogs found although none was asked for: exp(-2) for the dog, mean with the cat's 1.
     result = cmd([s], entity_maps=torch.stack([blobs(grid_points(2)), cat])[None])
     assert result.scores[0, 0].item() == pytest.approx((math.exp(-2) + 1) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["relative", "otsu"])
+def test_absence_is_not_judged_on_maps_cut_relative_to_their_peak(mode):
+    """A relative (or Otsu) cut finds a component in any map with mass, and attention maps always have some: "no
+    dogs" scored e^-1 on every image, a flat reward. Such an entity is left unscored and says why."""
+    s = spec("no dogs and a cat", [("dog", 0, None), ("cat", 1, None)])
+    cat = blobs([(0.5, 0.5)])
+    cmd = ExplainableRewards(RewardConfig(threshold_mode=mode))
+    for dog in (torch.full((H, W), 1e-3), blobs(grid_points(2)), torch.zeros(H, W)):
+        result = cmd([s], entity_maps=torch.stack([dog, cat])[None])
+        assert result.scores[0, 0].item() == pytest.approx(1.0)  # the cat alone
+        assert result.explanations[0].counts[0].text().startswith("asked for no dogs: absence not judged")
+    only = spec("no dogs", [("dog", 0, None)])
+    result = cmd([only], entity_maps=blobs(grid_points(2))[None, None])
+    assert result.present[0].tolist() == [False, False, False] and math.isnan(result.joint[0].item())
+    # a source's own counts (the shapes source's weighed count) judge it on any cut
+    result = cmd([only], entity_maps=blobs(grid_points(2))[None, None], entity_counts=torch.zeros(1, 1))
+    assert result.scores[0, 0].item() == pytest.approx(1.0)
+
+
+def test_an_entity_asked_absent_has_no_color_and_no_place():
+    """"a red circle and no blue squares" looked for blue on the (absent) square and scored its relations: the image
+    holding a blue square scored better than the one without."""
+    s = spec("a dog and no red cats", [("dog", 1, None), ("cat", 0, "red")])
+    batch = batch_specs([s])
+    assert batch.color_slot.tolist() == [[-1, -1]] and batch.color_vocab == ()
+    assert batch.aspect_mask.tolist() == [[True, False, False]]
+    s = spec("a red dog left of no cats", [("dog", 1, "red"), ("cat", 0, None)], [(0, "left_of", 1)])
+    batch = batch_specs([s])
+    assert batch.relation_mask.tolist() == [[False]] and batch.aspect_mask.tolist() == [[True, True, False]]
+    assert batch.relations.tolist() == [[[0, 1, s.relation_rows()[0][2]]]]  # row r stays relation r
+    assert batch.color_slot.tolist() == [[0, -1]] and batch.color_vocab == ("red",)
 
 
 # ---------------------------------------------------------------------------
@@ -614,7 +647,7 @@ def test_explanation_sentences():
     assert count.text() == "asked for 3 dogs, found 2 (at (0.21, 0.40), (0.70, 0.38))"
     assert str(count) == count.text()
     assert CountExplanation(0, "mouse", 1, 0, math.exp(-1), status="nonfinite").text() == \
-        "asked for 1 mouse, found 0 (map has no finite value)"
+        "asked for 1 mouse, found 0 (map has no positive finite value and holds NaN or inf)"
     assert CountExplanation(1, "cat", 2, None, None, status="missing").text() == \
         "cat: the reward source gives no map for it, count not scored"
     rel = RelationExplanation(0, 0, 1, "dog", "cat", "left_of", 0.99, (0.25, 0.5), (0.75, 0.5))
@@ -1108,3 +1141,36 @@ def test_sample_records_refuses_a_count_it_would_loop_on_for_good():
     with pytest.raises(ValueError, match=r"sample_records: n must be a non-negative integer, got "
                                          r"9223372036854775808 \(at most 10000000\)"):
         P.sample_records(pool, 2**63)
+
+
+def test_images_beside_patch_features_and_a_disagreeing_grid_are_refused():
+    """Both images= and patch_features= scored the features and ignored the images (a red image with blue
+    features scored blue); a patch_grid beside PatchFeatures of another grid was ignored."""
+    red = spec("a red dog", [("dog", None, "red")])
+    cmd = ExplainableRewards(RewardConfig(aspects=("color",)), color_encoder=PixelColorEncoder(grid=(2, 2)))
+    feats = PatchFeatures(torch.rand(1, 4, 3), (2, 2))
+    with pytest.raises(ValueError, match="pass images .* or patch_features, not both"):
+        cmd([red], images=torch.rand(1, 3, 8, 8), patch_features=feats, color_embeddings={"red": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"patch_grid \(1, 4\) disagrees with the PatchFeatures' own grid \(2, 2\)"):
+        cmd([red], patch_features=feats, patch_grid=(1, 4), color_embeddings={"red": torch.ones(3)})
+    assert cmd([red], patch_features=feats, patch_grid=(2, 2), color_embeddings={"red": torch.ones(3)}).present[0, 1]
+
+
+def test_non_finite_status_says_what_the_map_holds():
+    """"map has no finite value" was said of a zero map with one NaN pixel (255 of 256 finite)."""
+    maps = torch.zeros(1, 1, 16, 16)
+    maps[0, 0, 3, 3] = float("nan")
+    text = ExplainableRewards()([spec("two dogs", [("dog", 2, None)])], entity_maps=maps).explanations[0].text()
+    assert "found 0 (map has no positive finite value and holds NaN or inf)" in text
+
+
+def test_a_weighed_count_of_objects_the_checks_dropped_is_explained_as_such():
+    """The shapes source drops an object that fails its per-object checks from the maps the explanations read, while
+    its weighed count still counts it: the text said "no region of the map passes the cut"."""
+    from xlard.rewards import CountExplanation
+
+    dropped = CountExplanation(0, "circle", 1, 0, 1.0, status="no_object", weighed=1.0)
+    assert dropped.text() == ("asked for 1 circle, found 0 (the objects the map holds fail the source's per-object "
+                              "checks); weighed count 1.00")
+    nothing = CountExplanation(0, "circle", 1, 0, 0.37, status="no_object", weighed=0.0)
+    assert "(no region of the map passes the cut)" in nothing.text()

@@ -519,9 +519,12 @@ def test_shapes_source_threshold_and_min_area_reach_the_filter_and_the_rewards()
     # At the default 0.5 cut the two halves are one object of mean 0.725 (kept at 0.7, dropped at 0.75).
     assert ShapesSource(OracleUnderstanding([SCENE]), purity=0.0, confidence=0.75).drop_mixed_objects(
         maps, color).eq(0).all()
-    for bad in (dict(threshold=1.5), dict(min_area=0), dict(min_area=2.5)):
-        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
+    for bad in (dict(threshold=1.5), dict(min_area=0), dict(min_area=2.5),
+                dict(threshold=0.0), dict(threshold=1.0)):  # a cut at 0 or 1 found nothing in any image
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must"):
             ShapesSource(OracleUnderstanding([SCENE]), **bad)
+    with pytest.raises(ValueError, match="give model or path, not both"):  # the path was dropped without a word
+        get_source("shapes", model=OracleUnderstanding([SCENE]), path="/no/such/folder")
     assert get_source("shapes", model=OracleUnderstanding([SCENE]), threshold=0.6, min_area=12).min_area == 12
 
 

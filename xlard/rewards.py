@@ -262,7 +262,10 @@ class SpecBatch:
         color_slot (int64 [B, E]): index into ``color_vocab``, -1 for none.
         relations (int64 [B, R, 3]): rows (subject, object, code), padding (0, 0, 0).
         relation_mask (bool [B, R]): which rows are real.
-        aspect_mask (bool [B, 3]): each spec's :meth:`PromptSpec.aspect_mask`.
+        aspect_mask (bool [B, 3]): each spec's :meth:`PromptSpec.aspect_mask`, where an entity asked absent
+            (count 0: "no red squares") has no color and takes part in no relation: an absent object can have
+            neither a wrong color nor a wrong place (the image holding a blue square scored better on
+            "a red circle and no blue squares" than the one without).
     """
 
     specs: tuple[PromptSpec, ...]
@@ -340,7 +343,7 @@ def batch_specs(
     token_mask = torch.zeros(b, e_max, l_max, dtype=torch.bool)
     entity_mask = torch.zeros(b, e_max, dtype=torch.bool)
     count_target = torch.full((b, e_max), -1, dtype=torch.int64)
-    color_vocab = tuple(sorted({e.color for s in specs for e in s.entities if e.color is not None}))
+    color_vocab = tuple(sorted({e.color for s in specs for e in s.entities if e.color is not None and e.count != 0}))
     color_code = {c: k for k, c in enumerate(color_vocab)}
     color_slot = torch.full((b, e_max), -1, dtype=torch.int64)
     relations = torch.zeros(b, r_max, 3, dtype=torch.int64)
@@ -355,15 +358,20 @@ def batch_specs(
                 token_mask[i, j, : len(idx)] = True
             if entity.count is not None:
                 count_target[i, j] = entity.count
-            if entity.color is not None:
+            if entity.color is not None and entity.count != 0:
                 color_slot[i, j] = color_code[entity.color]
         rows = spec.relation_rows()
-        if rows:
+        if rows:  # (every row, so that row r stays the spec's relation r; one with an absent entity is masked)
             relations[i, : len(rows)] = torch.tensor(rows, dtype=torch.int64)
-            relation_mask[i, : len(rows)] = True
-        aspect_mask[i] = torch.tensor(spec.aspect_mask())
+            relation_mask[i, : len(rows)] = torch.tensor([not _asked_absent(spec, row) for row in rows])
+        aspect_mask[i] = torch.tensor((spec.has_count, bool((color_slot[i] >= 0).any()), bool(relation_mask[i].any())))
     return SpecBatch(specs, token_index, token_mask, entity_mask, count_target, color_vocab, color_slot,
                      relations, relation_mask, aspect_mask)
+
+
+def _asked_absent(spec: PromptSpec, row: Sequence[int]) -> bool:
+    """Whether relation ``row`` (subject, object, code) of ``spec`` involves an entity asked absent (count 0)."""
+    return spec.entities[row[0]].count == 0 or spec.entities[row[1]].count == 0
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -589,8 +597,12 @@ def count_reward(
         (reward float32 [B] (NaN where no entity is counted), details) with
         details ``found`` int32 [B, E], ``areas`` int32 [B, E, K],
         ``centroids`` float32 [B, E, K, 2] (largest components first),
-        ``entity_reward`` float32 [B, E] and ``counted`` bool [B, E]
-        (``weighed`` float32 [B, E] too when ``counts`` are given).
+        ``entity_reward`` float32 [B, E], ``counted`` bool [B, E] and
+        ``unjudged`` bool [B, E] (``weighed`` float32 [B, E] too when ``counts``
+        are given). An entity asked absent (target 0) is judged only with
+        ``threshold_mode="absolute"`` or ``counts``: a relative or Otsu cut finds
+        a component in any map with mass, so there it is ``unjudged`` and not
+        counted.
     """
     config = _config_arg("count_reward", config)
     _maps_arg("count_reward", entity_maps)
@@ -606,7 +618,13 @@ def count_reward(
     counted = targets >= 0
     if mask is not None:
         counted = counted & mask
-    details = dict(found=found, areas=areas, centroids=centroids, counted=counted)
+    # A map cut relative to its own peak (or by Otsu) always yields a component where it has any mass, and
+    # attention maps always have some: "no circles" scored e^-1 on every image, whatever it held. Absence is
+    # judged only on an absolute cut (or on a source's own counts); elsewhere such an entity is left unscored.
+    unjudged = counted & (targets == 0) if counts is None and config.threshold_mode != "absolute" \
+        else torch.zeros_like(counted)
+    counted = counted & ~unjudged
+    details = dict(found=found, areas=areas, centroids=centroids, counted=counted, unjudged=unjudged)
     if counts is not None:
         weighed = counts.detach().to(device=found.device, dtype=torch.float32)
         entity_reward = count_scores(weighed, targets.clamp(min=0))
@@ -853,7 +871,7 @@ def _noun_form(noun: str, count: int | None) -> str:
     return noun if count == 1 else pluralize(noun)
 
 
-_STATUS_TEXT = {"empty": "empty map", "nonfinite": "map has no finite value",
+_STATUS_TEXT = {"empty": "empty map", "nonfinite": "map has no positive finite value and holds NaN or inf",
                 "no_object": "no region of the map passes the cut"}
 _MAX_LISTED = 6
 
@@ -871,7 +889,8 @@ class CountExplanation:
         centroids: (x, y) of the largest components (up to ``max_components``),
             largest first, x right and y down in [0, 1].
         areas: their areas as fractions of the map.
-        status: "ok", "empty", "nonfinite", "missing" (see :func:`entity_status`) or "no_object" (mass, but no
+        status: "ok", "empty", "nonfinite", "missing" (see :func:`entity_status`), "unjudged" (asked absent, on
+            maps cut relative to their peak: see :func:`count_reward`) or "no_object" (mass, but no
             component passes the cut).
         confidence: the mean map value of the weakest counted component, when
             the reward weighs the count by it (``RewardConfig.count_confidence``).
@@ -893,6 +912,9 @@ class CountExplanation:
 
     def text(self) -> str:
         """One sentence: "asked for 3 dogs, found 2 (at (0.21, 0.40), (0.70, 0.38))"."""
+        if self.found is None and self.status == "unjudged":
+            return (f"asked for no {_noun_form(self.noun, 0)}: absence not judged (maps cut relative to their own "
+                    "peak always find something; an absolute cut judges it), count not scored")
         if self.found is None:
             return f"{self.noun}: the reward source gives no map for it, count not scored"
         sentence = f"asked for {self.asked} {_noun_form(self.noun, self.asked)}, found {self.found}"
@@ -900,6 +922,8 @@ class CountExplanation:
             listed = ", ".join(_pt(p) for p in self.centroids[:_MAX_LISTED])
             more = ", ..." if self.found > min(len(self.centroids), _MAX_LISTED) else ""
             sentence += f" (at {listed}{more})"
+        elif self.status == "no_object" and self.weighed:  # the source's per-object checks dropped them
+            sentence += " (the objects the map holds fail the source's per-object checks)"
         elif self.status in _STATUS_TEXT:
             sentence += f" ({_STATUS_TEXT[self.status]})"
         if self.weighed is not None:
@@ -1234,6 +1258,12 @@ class ExplainableRewards:
         cfg = self.config
         if not isinstance(explain, bool):  # 'no' is truthy: explanations were built when asked not to
             raise ValueError(f"ExplainableRewards: explain must be a bool, got {explain!r}")
+        if images is not None and patch_features is not None:  # the images were ignored without a word
+            raise ValueError("ExplainableRewards: pass images (read by the color_encoder) or patch_features, not both")
+        if patch_grid is not None and isinstance(patch_features, PatchFeatures) \
+                and tuple(patch_grid) != tuple(patch_features.grid):
+            raise ValueError(f"ExplainableRewards: patch_grid {tuple(patch_grid)} disagrees with the PatchFeatures' "
+                             f"own grid {tuple(patch_features.grid)}; drop patch_grid (PatchFeatures carry theirs)")
         if isinstance(specs, PromptSpec) or isinstance(specs, (str, bytes)) or not isinstance(specs, Iterable):
             hint = " (one prompt? pass [spec])" if isinstance(specs, PromptSpec) else ""
             raise TypeError(f"ExplainableRewards: specs must be a sequence of PromptSpec, one per image, got "
@@ -1447,6 +1477,7 @@ def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok,
         scores=result.scores, weights=result.weights, joint=result.joint, status=result.entity_status,
         target=result.count_target, found=result.count_found, areas=count_details["areas"],
         comp_centroids=count_details["centroids"], counted=count_details["counted"],
+        unjudged=count_details["unjudged"],
         entity_reward=count_details["entity_reward"],
         confidence=count_details.get("confidence", torch.full_like(count_details["entity_reward"], float("nan"))),
         weighed=count_details.get("weighed", torch.full_like(count_details["entity_reward"], float("nan"))),
@@ -1464,7 +1495,8 @@ def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok,
             if entity.count is None or "count" not in shown:
                 continue
             if not t["counted"][i][j]:
-                counts.append(CountExplanation(j, entity.noun, entity.count, None, None, status=status[j]))
+                counts.append(CountExplanation(j, entity.noun, entity.count, None, None,
+                                               status="unjudged" if t["unjudged"][i][j] else status[j]))
                 continue
             kept = [(tuple(c), a / pixels) for c, a in zip(t["comp_centroids"][i][j], t["areas"][i][j]) if a > 0]
             counts.append(CountExplanation(
@@ -1473,7 +1505,7 @@ def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok,
                 None if math.isnan(t["confidence"][i][j]) else t["confidence"][i][j],
                 None if math.isnan(t["weighed"][i][j]) else t["weighed"][i][j]))
         for j, entity in enumerate(spec.entities):
-            if entity.color is None or "color" not in shown:
+            if entity.color is None or entity.count == 0 or "color" not in shown:  # (an absent one has no color)
                 continue
             score = t["color_scores"][i][j]
             score = None if math.isnan(score) else score
@@ -1483,6 +1515,8 @@ def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok,
             colors.append(ColorExplanation(j, entity.noun, entity.color, score, patch, position, cfg.bind_color,
                                            status[j] if cfg.bind_color else "ok"))
         for r, rel in enumerate(spec.relations if "position" in shown else ()):
+            if not t["relation_mask"][i][r]:  # an entity asked absent: no place to judge
+                continue
             ok = t["relation_ok"][i][r]
             a, o = rel.subject, rel.object
             relations.append(RelationExplanation(

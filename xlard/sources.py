@@ -295,10 +295,15 @@ class ShapesSource(RewardSource):
             # numbers.Real: a numpy scalar too, as RewardConfig takes
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"ShapesSource: {label} must be a number in [0, 1], got {value!r}")
+        if not 0.0 < threshold < 1.0:  # a cut at 0 or 1 found nothing in any image: one count reward for all
+            raise ValueError(f"ShapesSource: threshold must lie strictly between 0 and 1 (a cut on the maps' "
+                             f"probabilities), got {threshold!r}")
         if isinstance(min_area, bool) or not isinstance(min_area, numbers.Integral) or min_area < 1:
             raise ValueError(f"ShapesSource: min_area must be an int >= 1, got {min_area!r}")
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"ShapesSource: path must be a weights folder (str or path), got {type(path).__name__}")
+        if path is not None and model is not None:  # the path was dropped without a word
+            raise ValueError("ShapesSource: give model or path, not both (path loads a model)")
         for label, value in (("count_confidence", count_confidence), ("soft_count", soft_count)):
             if not isinstance(value, bool):
                 raise ValueError(f"ShapesSource: {label} must be a bool, got {value!r}")
