@@ -1151,9 +1151,29 @@ def test_images_beside_patch_features_and_a_disagreeing_grid_are_refused():
     feats = PatchFeatures(torch.rand(1, 4, 3), (2, 2))
     with pytest.raises(ValueError, match="pass images .* or patch_features, not both"):
         cmd([red], images=torch.rand(1, 3, 8, 8), patch_features=feats, color_embeddings={"red": torch.ones(3)})
-    with pytest.raises(ValueError, match=r"patch_grid \(1, 4\) disagrees with the PatchFeatures' own grid \(2, 2\)"):
-        cmd([red], patch_features=feats, patch_grid=(1, 4), color_embeddings={"red": torch.ones(3)})
-    assert cmd([red], patch_features=feats, patch_grid=(2, 2), color_embeddings={"red": torch.ones(3)}).present[0, 1]
+    for kwargs in (dict(patch_features=feats), dict(patch_features=feats, patch_grid=(2, 2)),  # (2, 2): a no-op
+                   dict(images=torch.rand(1, 3, 8, 8)), dict(patch_features=feats, patch_grid=4)):
+        grid = kwargs.pop("patch_grid", (1, 4))
+        with pytest.raises(ValueError, match="patch_grid goes only with a tensor patch_features"):
+            cmd([red], patch_grid=grid, color_embeddings={"red": torch.ones(3)}, **kwargs)
+    assert cmd([red], patch_features=feats, color_embeddings={"red": torch.ones(3)}).present[0, 1]
+    assert cmd([red], patch_features=feats.features, patch_grid=(2, 2),
+               color_embeddings={"red": torch.ones(3)}).present[0, 1]
+
+
+def test_a_colored_entity_asked_absent_counts_only_objects_of_its_color():
+    """"a red circle and no blue squares": the absent entity's color was dropped, so a red square (allowed) was
+    penalised exactly as the blue one (forbidden). The sources count only objects of its color."""
+    from xlard.sources import _told_apart_by_color
+
+    s = parse("a red circle and no blue squares")
+    assert [e.count for e in s.entities] == [1, 0]
+    assert _told_apart_by_color(s) == [None, "blue"]
+    assert _told_apart_by_color(parse("a red circle and no squares")) == [None, None]
+    text = CountExplanation(1, "square", 0, 1, math.exp(-1), color="blue").text()
+    assert text == "asked for 0 blue squares, found 1"
+    assert CountExplanation(1, "dog", 0, None, None, status="unjudged", color="red").text().startswith(
+        "asked for no red dogs: absence not judged")
 
 
 def test_non_finite_status_says_what_the_map_holds():
@@ -1167,8 +1187,6 @@ def test_non_finite_status_says_what_the_map_holds():
 def test_a_weighed_count_of_objects_the_checks_dropped_is_explained_as_such():
     """The shapes source drops an object that fails its per-object checks from the maps the explanations read, while
     its weighed count still counts it: the text said "no region of the map passes the cut"."""
-    from xlard.rewards import CountExplanation
-
     dropped = CountExplanation(0, "circle", 1, 0, 1.0, status="no_object", weighed=1.0)
     assert dropped.text() == ("asked for 1 circle, found 0 (the objects the map holds fail the source's per-object "
                               "checks); weighed count 1.00")

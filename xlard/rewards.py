@@ -11,7 +11,10 @@ metadata only), and the maps are never touched by a per-prompt loop.
   threshold the map (relative 0.5 of its max by default, or Otsu / absolute),
   label 8-connected components, drop those under ``min_area`` (1% of the map
   by default), count ``n_hat``; ``r = exp(-|n_hat - n| / n)``. A target of
-  zero gives ``r = 1`` when nothing is found, else ``exp(-n_hat)``. With
+  zero (an entity asked absent) gives ``r = 1`` when nothing is found, else
+  ``exp(-n_hat)``, on an absolute cut or a source's own counts only (a cut
+  relative to a map's own peak finds something in any map with mass: there
+  such an entity is not scored). With
   ``count_confidence`` (maps of probabilities), ``r`` is multiplied by the
   mean value of the weakest counted component, so that of two images with the
   same count the one whose objects are all clearly the noun scores higher.
@@ -41,6 +44,9 @@ Edge cases, defined once here and pinned by ``tests/test_rewards.py``:
   value (all NaN) means the object was *not found*: it has 0 components, its
   bound color scores 0, and every relation involving it scores 0. Non-finite
   pixels of an otherwise finite map are ignored (background), as in the ops.
+- An entity asked absent (count 0: "no blue squares") is judged by its count
+  alone: it has no color slot and its relations are masked (not scored); a
+  source that reads colors counts only objects of its color.
 - An entity whose noun has no token in the maps (a spec without alignment, or
   token indices beyond the maps' T) raises ``ValueError`` by default
   (``missing_entity="error"``); with ``missing_entity="skip"`` its count,
@@ -261,7 +267,7 @@ class SpecBatch:
         color_vocab: the distinct color names of the batch, sorted.
         color_slot (int64 [B, E]): index into ``color_vocab``, -1 for none.
         relations (int64 [B, R, 3]): rows (subject, object, code), padding (0, 0, 0).
-        relation_mask (bool [B, R]): which rows are real.
+        relation_mask (bool [B, R]): which rows are real and scored (a row with an entity asked absent is not).
         aspect_mask (bool [B, 3]): each spec's :meth:`PromptSpec.aspect_mask`, where an entity asked absent
             (count 0: "no red squares") has no color and takes part in no relation: an absent object can have
             neither a wrong color nor a wrong place (the image holding a blue square scored better on
@@ -897,6 +903,8 @@ class CountExplanation:
         weighed: the number the reward scored when the source handed over its
             own counts (``entity_counts``: each object weighed by how sure the
             source is of it), else None.
+        color: for an entity asked absent with a color ("no blue squares"), that
+            color (a source that reads colors counts only objects of it), else None.
     """
 
     entity: int
@@ -909,15 +917,19 @@ class CountExplanation:
     status: str = "ok"
     confidence: float | None = None
     weighed: float | None = None
+    color: str | None = None
 
     def text(self) -> str:
         """One sentence: "asked for 3 dogs, found 2 (at (0.21, 0.40), (0.70, 0.38))"."""
+        what = _noun_form(self.noun, self.asked)
+        if self.color:
+            what = f"{self.color} {what}"
         if self.found is None and self.status == "unjudged":
-            return (f"asked for no {_noun_form(self.noun, 0)}: absence not judged (maps cut relative to their own "
+            return (f"asked for no {what}: absence not judged (maps cut relative to their own "
                     "peak always find something; an absolute cut judges it), count not scored")
         if self.found is None:
             return f"{self.noun}: the reward source gives no map for it, count not scored"
-        sentence = f"asked for {self.asked} {_noun_form(self.noun, self.asked)}, found {self.found}"
+        sentence = f"asked for {self.asked} {what}, found {self.found}"
         if self.centroids:
             listed = ", ".join(_pt(p) for p in self.centroids[:_MAX_LISTED])
             more = ", ..." if self.found > min(len(self.centroids), _MAX_LISTED) else ""
@@ -1260,10 +1272,10 @@ class ExplainableRewards:
             raise ValueError(f"ExplainableRewards: explain must be a bool, got {explain!r}")
         if images is not None and patch_features is not None:  # the images were ignored without a word
             raise ValueError("ExplainableRewards: pass images (read by the color_encoder) or patch_features, not both")
-        if patch_grid is not None and isinstance(patch_features, PatchFeatures) \
-                and tuple(patch_grid) != tuple(patch_features.grid):
-            raise ValueError(f"ExplainableRewards: patch_grid {tuple(patch_grid)} disagrees with the PatchFeatures' "
-                             f"own grid {tuple(patch_features.grid)}; drop patch_grid (PatchFeatures carry theirs)")
+        if patch_grid is not None and not isinstance(patch_features, torch.Tensor):
+            # PatchFeatures and a color_encoder's features carry their own grid: another one was ignored
+            raise ValueError("ExplainableRewards: patch_grid goes only with a tensor patch_features (PatchFeatures "
+                             "and images read by the color_encoder carry their own grid)")
         if isinstance(specs, PromptSpec) or isinstance(specs, (str, bytes)) or not isinstance(specs, Iterable):
             hint = " (one prompt? pass [spec])" if isinstance(specs, PromptSpec) else ""
             raise TypeError(f"ExplainableRewards: specs must be a sequence of PromptSpec, one per image, got "
@@ -1494,16 +1506,18 @@ def _explain(batch: SpecBatch, result: RewardResult, count_details, relation_ok,
         for j, entity in enumerate(spec.entities):
             if entity.count is None or "count" not in shown:
                 continue
+            absent_color = entity.color if entity.count == 0 else None
             if not t["counted"][i][j]:
                 counts.append(CountExplanation(j, entity.noun, entity.count, None, None,
-                                               status="unjudged" if t["unjudged"][i][j] else status[j]))
+                                               status="unjudged" if t["unjudged"][i][j] else status[j],
+                                               color=absent_color))
                 continue
             kept = [(tuple(c), a / pixels) for c, a in zip(t["comp_centroids"][i][j], t["areas"][i][j]) if a > 0]
             counts.append(CountExplanation(
                 j, entity.noun, entity.count, t["found"][i][j], t["entity_reward"][i][j],
                 tuple(c for c, _ in kept), tuple(a for _, a in kept), status[j],
                 None if math.isnan(t["confidence"][i][j]) else t["confidence"][i][j],
-                None if math.isnan(t["weighed"][i][j]) else t["weighed"][i][j]))
+                None if math.isnan(t["weighed"][i][j]) else t["weighed"][i][j], absent_color))
         for j, entity in enumerate(spec.entities):
             if entity.color is None or entity.count == 0 or "color" not in shown:  # (an absent one has no color)
                 continue

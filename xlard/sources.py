@@ -117,11 +117,13 @@ def _batch_colors(specs: Sequence[PromptSpec]) -> list[str]:
 
 def _told_apart_by_color(spec: PromptSpec) -> list[str | None]:
     """Per entity: its color when another entity of the prompt has the same noun ("a red circle left of a blue
-    circle"), else None. A per-noun map cannot tell such entities apart (each counted both objects, and the
-    relation compared one centroid with itself: 0.5 whatever the image), so the sources weigh their maps by
-    the entity's color."""
+    circle"), or when it is asked absent ("no blue squares": a red square is allowed), else None. A per-noun map
+    cannot tell such entities apart (each counted both objects, and the relation compared one centroid with
+    itself: 0.5 whatever the image), and an absent entity's color is judged by its count alone, so the sources
+    weigh these maps by the entity's color."""
     nouns = [e.noun for e in spec.entities]
-    return [e.color if e.color is not None and nouns.count(e.noun) > 1 else None for e in spec.entities]
+    return [e.color if e.color is not None and (nouns.count(e.noun) > 1 or e.count == 0) else None
+            for e in spec.entities]
 
 
 class RewardSource(abc.ABC):
