@@ -783,3 +783,55 @@ def test_overlay_refuses_a_transposed_or_diverged_lam():
         overlay(image, broken)
     with pytest.raises(ValueError, match=r"item 0: lam has 1 NaN or infinite cell\(s\) of 32"):
         render_html_report([ReportItem("p", after=image, lam=broken)])
+
+
+# --- from a read-only walk of xlard/explain (2026-12-07) -------------------------------------------------------------
+
+def test_a_sparse_lam_normalized_by_a_quantile_keeps_its_active_cells():
+    """With fewer active cells than 1 - quantile the quantile is 0, and the map came out all zero: an overlay at
+    quantile 0.99 showed nothing of 32 active cells of 4096."""
+    lam = torch.zeros(64, 64)
+    lam[10:14, 20:28] = torch.linspace(0.5, 2.0, 32).reshape(4, 8)
+    shown = normalize_lam(lam, quantile=0.99)
+    assert shown.max().item() == pytest.approx(1.0) and int((shown > 0).sum()) == 32
+    torch.testing.assert_close(shown, normalize_lam(lam))
+    assert normalize_lam(torch.zeros(8, 8), quantile=0.5).eq(0).all()  # nothing active stays nothing
+
+
+def test_a_lam_shown_on_fewer_pixels_than_cells_keeps_every_active_cell():
+    """Bilinear sampling onto a 16 x 16 thumbnail read every third cell of a 48 x 48 map: hot cells between the
+    sampled ones vanished (the overlay equalled the image)."""
+    for cell in ((0, 0), (30, 30), (1, 1), (47, 47)):
+        lam = torch.zeros(48, 48)
+        lam[cell] = 1.0
+        small = upsample_lam(lam, (16, 16))
+        assert small.max().item() == 1.0 and small[cell[0] // 3, cell[1] // 3].item() == 1.0
+    big = torch.rand(4, 4)
+    torch.testing.assert_close(upsample_lam(big, (4, 4)), big)  # same size: unchanged
+    torch.testing.assert_close(upsample_lam(big, (8, 8)),
+                               F.interpolate(big[None, None], size=(8, 8), mode="bilinear", align_corners=False)[0, 0])
+
+
+def test_faithfulness_summary_says_n_a_for_a_gain_of_rounding():
+    """Gains of +0.4 and -0.4 have a float32 mean of -3e-8: "-335544300% of it lost" was printed."""
+    calls = iter([torch.tensor([0.1, 0.7]), torch.tensor([0.5, 0.3]), torch.tensor([0.4, 0.1]),
+                  torch.tensor([0.4, 0.1])])  # gains 0.40000001 and -0.39999998: a mean of 1.5e-8
+    res = faithfulness(lambda z: next(calls), torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2), fraction=0.25)
+    assert 0 < abs(res.gain.double().mean().item()) < 1e-6
+    line = res.summary()
+    assert "n/a of it lost" in line and "%" not in line.split("gain")[1].split("lost")[0], line
+
+
+def test_report_caption_and_title_are_true_to_float64_maps_and_nul_free():
+    """The LAM caption took the maximum in float32 ("all zero" for a float64 cell of 1e-50, "max inf" for 1e300);
+    a NUL in the title or a section heading went into the page raw."""
+    from xlard.explain import ReportItem, render_html_report
+
+    for value, text in ((1e-50, "max 1e-50"), (1e300, "max 1e+300")):
+        lam = torch.zeros(4, 4, dtype=torch.float64)
+        lam[1, 2] = value
+        page = render_html_report([ReportItem("p", after=torch.rand(3, 16, 16), lam=lam)])
+        assert text in page and "all zero" not in page
+    page = render_html_report([ReportItem("p", after=torch.rand(3, 16, 16))], title="a\x00b",
+                              sections=[("head\x00ing", "<p>x</p>")])
+    assert "\x00" not in page and "a\ufffdb" in page and "head\ufffding" in page

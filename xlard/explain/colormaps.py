@@ -139,7 +139,8 @@ def overlay(
         quantile (float): passed to :func:`normalize_lam`.
 
     Returns:
-        Tensor shaped like ``image``, float32 in [0, 1].
+        Tensor float32 in [0, 1], channels first: ``[3, H, W]`` or ``[B, 3, H, W]`` (a numpy HWC image
+        comes back CHW, and a gray image with three channels: the colormap adds color).
 
     Raises:
         TypeError, ValueError: wrong types or shapes, mismatched batch sizes,

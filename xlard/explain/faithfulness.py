@@ -38,6 +38,7 @@ class FaithfulnessResult:
             paper's "CLIPScore -6.3%" figure; NaN where ``reward_after`` is 0.
         mask (Tensor[B, h, w] bool): the masked cells.
         fraction: the masked fraction asked for.
+        min_gain: the smallest gain whose share is defined (the per-item ratios' and the summary's).
     """
 
     reward_before: torch.Tensor
@@ -50,19 +51,21 @@ class FaithfulnessResult:
     relative_drop: torch.Tensor
     mask: torch.Tensor
     fraction: float
+    min_gain: float = 1e-6
 
     def summary(self) -> str:
         """One line over the batch, every figure from the batch means (as :func:`xlard.evaluation.
         faithfulness_table` reports shares): the mean reward after correction and with the top cells masked, its
-        relative change, the mean gain and the share of it the masking takes back (n/a when the mean gain is 0),
+        relative change, the mean gain and the share of it the masking takes back (n/a when the mean gain is
+        below ``min_gain``),
         and the random control's share. (The per-item ratios stay in ``gain_lost`` and ``relative_drop``; their
         means could contradict the means beside them: "-50%" for a mean reward falling from 0.55 to 0.50.)"""
         def mean(x):
             x = x[torch.isfinite(x)]
             return float("nan") if x.numel() == 0 else x.double().mean().item()
 
-        def share(part: float, whole: float) -> str:
-            return "n/a" if not whole or whole != whole else f"{part / whole:.0%}"
+        def share(part: float, whole: float) -> str:  # (a mean gain of float32 rounding, -3e-8: "-335544300%")
+            return "n/a" if whole != whole or abs(whole) < max(self.min_gain, 1e-12) else f"{part / whole:.0%}"
 
         after, masked, gain = mean(self.reward_after), mean(self.reward_masked), mean(self.gain)
         change = "n/a" if not after or after != after else f"{(masked - after) / abs(after):+.1%}"
@@ -214,4 +217,4 @@ def faithfulness(
             random_reward = _reward_vector(fn, reward_fn, zr, "randomly masked")
             random_lost = torch.where(ok, (after - random_reward) / safe_gain, nan)
     return FaithfulnessResult(before, after, masked, random_reward, gain, lost, random_lost, relative,
-                              mask, float(fraction))
+                              mask, float(fraction), float(min_gain))

@@ -150,7 +150,9 @@ def _item_html(index: int, item: ReportItem, colormap) -> str:
         lam = item.lam
         _check_tensor("write_html_report", "lam", lam, (2,))
         base = item.after if item.after is not None else item.before
-        finite = lam.detach().float()[torch.isfinite(lam.detach())]
+        # (in float64 for a float64 map, as normalize_lam scales it: 1e-50 read "all zero", 1e300 "max inf")
+        finite = lam.detach().to(torch.float64 if lam.dtype == torch.float64 else torch.float32)
+        finite = finite[torch.isfinite(finite)]
         peak = finite.max().item() if finite.numel() else 0.0
         if base is not None:
             img = _as_image("write_html_report", "image", base, batched_ok=False)
@@ -243,7 +245,8 @@ def _sections_html(fn: str, sections) -> str:
         if not (isinstance(pair, Sequence) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise TypeError(_err(fn, f"sections[{i}] must be a (heading, html) pair of strings, got {pair!r:.80}"))
         heading, body = pair
-        parts.append(f'<section class="extra"><h2>{html.escape(heading)}</h2>{body}</section>')
+        parts.append(f'<section class="extra"><h2>{html.escape(heading).replace(chr(0), chr(0xFFFD))}</h2>{body}'
+                     '</section>')  # (a NUL is invalid in HTML, as in the items)
     return "".join(parts)
 
 
@@ -324,7 +327,7 @@ def render_html_report(items: Sequence[ReportItem | Mapping[str, Any]], title: s
                                      f"{type(it).__name__}"))
         _check_numbers(fn, i, it)
         normal.append(it)
-    esc_title = html.escape(str(title))
+    esc_title = html.escape(str(title)).replace("\x00", "\ufffd")  # (a NUL is invalid in HTML, as in the items)
     cards = []
     for i, it in enumerate(normal):
         try:

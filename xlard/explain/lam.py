@@ -104,6 +104,9 @@ def normalize_lam(lam: torch.Tensor, quantile: float = 1.0) -> torch.Tensor:
     else:
         scale = _nan_quantile_rows(torch.where(finite.reshape(flat.shape), flat, torch.full_like(flat, float("nan"))),
                                    float(quantile)).nan_to_num(0.0)
+    # A sparse map (fewer active cells than 1 - quantile) has a quantile of 0: its maximum scales it instead (it
+    # came out all zero, the corrector's activity erased)
+    scale = torch.where(scale > 0, scale, flat.amax(dim=1, keepdim=True))
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     out = torch.where(scale > 0, (flat / safe).clamp(0.0, 1.0), torch.zeros_like(flat))
     return out.reshape(x.shape).float()
@@ -130,7 +133,9 @@ def upsample_lam(lam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     Bilinear with ``align_corners=False``: latent cell ``(i, j)`` is centred on
     the image block it covers (rows ``[i H/h, (i+1) H/h)``), which is how a VAE
     latent cell relates to its pixels. ``align_corners=True`` would shift
-    every cell towards the image's centre.
+    every cell towards the image's centre. Onto fewer pixels than cells (a
+    thumbnail), each pixel shows the strongest cell it covers, so that no
+    active cell disappears.
 
     Args:
         lam (Tensor[h, w] or Tensor[B, h, w]): floating dtype, finite (pass a map through
@@ -166,7 +171,15 @@ def upsample_lam(lam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
                                       "(normalize_lam(lam) maps them to 0)"))
     x = lam.detach().to(torch.float64 if lam.dtype == torch.float64 else torch.float32)  # 1e300 stays finite
     x4 = x.reshape(-1, 1, x.shape[-2], x.shape[-1])
-    out = F.interpolate(x4, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
+    # Onto fewer pixels than cells, bilinear sampling read every third cell of a 48 x 48 map on 16 x 16 pixels: a
+    # hot cell between the sampled ones vanished. Each pixel shows the strongest cell under it instead (averaged
+    # where one side grows and the other shrinks).
+    out_h, out_w = int(size[0]), int(size[1])
+    if out_h <= x.shape[-2] and out_w <= x.shape[-1] and (out_h, out_w) != tuple(x.shape[-2:]):
+        out = F.adaptive_max_pool2d(x4, (out_h, out_w))
+    else:
+        out = F.interpolate(x4, size=(out_h, out_w), mode="bilinear", align_corners=False,
+                            antialias=out_h < x.shape[-2] or out_w < x.shape[-1])
     return out.reshape(*x.shape[:-2], int(size[0]), int(size[1]))
 
 
