@@ -1142,6 +1142,64 @@ def test_count_fields_read_each_entitys_count():
     mask = inputs["text_mask"].clone()
     mask[0] = False  # padding matches nothing
     assert count_fields(cfg, inputs["text_tokens"], mask)[0].tolist() == [-1, -1]
+    # an entity asked absent reads 0 (it read -1, "no entity": the count edit then depended on word order)
+    inputs = field_inputs(cfg, [parse("a photo of three circles and no squares"),
+                                parse("a photo of no squares and three circles")])
+    assert count_fields(cfg, inputs["text_tokens"], inputs["text_mask"]).tolist() == [[3, 0], [0, 3]]
+
+
+def test_counting_rows_take_the_counted_entity_beside_one_asked_absent_in_either_order():
+    """"three circles and no squares" was a counting row, "no squares and three circles" was not."""
+    from xlard.models import field_inputs
+    from xlard.prompts import parse
+
+    corrector = ResidualCorrector(_reader_config())
+    prompts = ["a photo of three circles and no squares", "a photo of no squares and three circles",
+               "a photo of three circles", "a photo of three circles and twenty squares",
+               "a photo of twenty squares and three circles", "a photo of a square and two triangles",
+               "a photo of no circles"]
+    inputs = field_inputs(corrector.config, [parse(p) for p in prompts])
+    rows, nouns, counts, second = corrector._counting_rows(None, inputs["text_tokens"], inputs["text_mask"])
+    assert rows.tolist() == [0, 1, 2, 3, 4]
+    circle = SHAPES_NOUNS.index("circle")
+    assert nouns[:5, 0].tolist() == [circle] * 5 and counts[:5, 0].tolist() == [3] * 5
+    assert second.tolist() == [False, True, False, False, True, False, False]
+
+
+def test_relation_cells_never_give_the_subjects_own_cells_to_the_object():
+    """Each object's cells were grown by a latent cell and the object labelled last: where the two were close its
+    ring took the subject's own cells, and part of the subject moved with the object."""
+    from xlard.models import relation_cells
+
+    subject = torch.zeros(64, 64, dtype=torch.bool)
+    object_ = torch.zeros(64, 64, dtype=torch.bool)
+    subject[24:36, 38:50] = True  # the subject right of the object, 3 px apart: "left of" is reversed
+    object_[24:36, 23:35] = True
+    labels, shifts = relation_cells(subject, object_, "left_of", (16, 16), 6)
+    under = torch.nn.functional.max_pool2d(subject.float()[None, None], 4)[0, 0] > 0
+    assert (labels[under] == 1).all()  # every cell under the subject moves with the subject
+    under_object = torch.nn.functional.max_pool2d(object_.float()[None, None], 4)[0, 0] > 0
+    assert (labels[under_object & ~under] == 2).all()
+    assert shifts[0, 1] < 0 < shifts[1, 1]
+
+
+def test_reader_move_leaves_a_relation_with_an_entity_asked_absent():
+    """"a circle left of no squares" moved the forbidden square to the right ("moved 76 latent cells")."""
+    from xlard.models import field_inputs
+    from xlard.prompts import parse
+
+    corrector = ResidualCorrector(_reader_config(reader_move=True))
+    probs = torch.zeros(2, 4, 16, 16)
+    _blob(probs[0, SHAPES_NOUNS.index("circle")], slice(6, 9), slice(11, 14))
+    _blob(probs[0, SHAPES_NOUNS.index("square")], slice(6, 9), slice(2, 5))
+    probs[1] = probs[0]
+    colors = torch.full((2, 11, 16, 16), 1 / 11)
+    corrector.reader.maps = lambda z, p=probs, q=colors: (p[:z.shape[0]], q[:z.shape[0]])
+    inputs = field_inputs(corrector.config, [parse("a photo of a circle left of no squares"),
+                                             parse("a photo of a circle left of a square")])
+    src = corrector.sources(torch.randn(2, 8, 16, 16), **inputs)
+    assert torch.equal(src[0], torch.arange(256))
+    assert not torch.equal(src[1], torch.arange(256))
 
 
 def _scene_maps(objects, size=64, nouns=4):

@@ -295,7 +295,7 @@ class CorrectorConfig(_ConfigBase):
             margin of 6 / 64: docs/training.md, "Relations moved by the reader").
 
         count_move (bool): False (default). True (needs ``reader``, excludes ``move``): a prompt of one entity asked
-            ``n`` times, ``2 <= n <= MAX_FIELD_COUNT`` (16; :func:`count_fields` reads no larger count, so above it no edit), is counted on the corrected latent by eyes (default, ``count_eyes``: the shapes
+            ``n`` times (beside no other, or one asked absent or of a count it cannot read, in either order), ``2 <= n <= MAX_FIELD_COUNT`` (16; :func:`count_fields` reads no larger count, so above it no edit), is counted on the corrected latent by eyes (default, ``count_eyes``: the shapes
             understanding model on the shapes backbone's VAE decoding, :class:`xlard.shapes.understanding.
             CountEyes`, or the latent eyes distilled from it; any other with :meth:`ResidualCorrector.attach_eyes`), and when the objects of
             its noun do not number ``n``, latent cells are copied (:func:`count_move_sources`): objects of
@@ -306,7 +306,8 @@ class CorrectorConfig(_ConfigBase):
         count_move_share (float): the share of a found object's shape probability that its noun must
             hold for it to count as that noun, in ``[0, 1]`` (default 0.7).
         count_edit (bool): False (default). True (needs ``reader``, excludes ``move`` and ``count_move``): a
-            prompt of one entity asked ``n`` times, ``2 <= n <= MAX_FIELD_COUNT`` (16), is *redrawn*: the eyes (as for ``count_move``; they
+            prompt of one entity asked ``n`` times, ``2 <= n <= MAX_FIELD_COUNT`` (16; beside another as for
+            ``count_move``), is *redrawn*: the eyes (as for ``count_move``; they
             must also have ``edit_counts``, as :class:`xlard.shapes.understanding.CountEyes` has) decode the
             corrected latent, draw every found object of the noun again as a clean shape at its place, size
             and color, paint surplus ones with the background, draw missing ones at the emptiest free
@@ -1415,8 +1416,9 @@ def relation_cells(subject: torch.Tensor, object_: torch.Tensor, relation: str, 
     Returns:
         ``None`` when the relation holds, else ``(labels [h, w] int64, shifts [2, 2] int64)`` for
         :func:`move_sources`: each object's latent cells (those under its mask grown by one cell of
-        the mask's grid, then by one latent cell; 1 subject, 2 object, the object drawn last) and its
-        whole-cell shift in (rows, columns).
+        the mask's grid, then by one latent cell; 1 subject, 2 object; a cell under one object's mask is
+        that object's even where the other's ring reaches it, and a cell under both goes to the object) and
+        its whole-cell shift in (rows, columns).
     """
     lh, lw = latent_hw
     h, w = subject.shape
@@ -1433,11 +1435,17 @@ def relation_cells(subject: torch.Tensor, object_: torch.Tensor, relation: str, 
     axis, targets = move
     labels = torch.zeros(lh, lw, dtype=torch.int64)
     shifts = torch.zeros(2, 2, dtype=torch.int64)
+    cores = []
     for k, (mask, centre, target) in enumerate(((subject, cs, targets[0]), (object_, co, targets[1]))):
         t = mask.detach().float().cpu()[None, None]
-        cells = F.max_pool2d(F.max_pool2d(F.max_pool2d(t, 3, 1, 1), factor), 3, 1, 1)[0, 0] > 0
-        labels[cells] = k + 1
+        core = F.max_pool2d(F.max_pool2d(t, 3, 1, 1), factor)  # the cells under the object (grown by a pixel)
+        labels[F.max_pool2d(core, 3, 1, 1)[0, 0] > 0] = k + 1  # and a ring of one cell around them
+        cores.append(core[0, 0] > 0)
         shifts[k, axis] = int(round((target - centre[axis]) / factor))
+    # Cores over rings: the object's ring took the subject's own cells where the two were close, and a part of the
+    # subject moved with the object (a circle 3 px from a square lost 40 of its 100 pixels to the square's side).
+    for k, core in enumerate(cores):
+        labels[core] = k + 1
     return labels, shifts
 
 
@@ -1524,7 +1532,7 @@ def reader_move_sources(noun_probs: torch.Tensor, nouns: torch.Tensor, relations
     return move_sources(labels.to(noun_probs.device), shifts.to(noun_probs.device), lh, lw)
 
 
-#: :func:`count_fields` recognises counts 1 .. MAX_FIELD_COUNT in the field tokens.
+#: :func:`count_fields` recognises counts 0 .. MAX_FIELD_COUNT in the field tokens.
 MAX_FIELD_COUNT = 16
 
 #: :func:`count_move_sources`: an object is a connected part of the eyes' foreground (> 0.5, 8-connected)
@@ -1538,14 +1546,15 @@ def count_fields(cfg: "CorrectorConfig", text_tokens: torch.Tensor, text_mask: t
     """The first two entities' counts, read back from ``"fields"`` tokens.
 
     Returns:
-        Tensor[B, 2] int64: entity slot k's count (1 .. :data:`MAX_FIELD_COUNT`), -1 for no entity there.
+        Tensor[B, 2] int64: entity slot k's count (0 .. :data:`MAX_FIELD_COUNT`; 0: asked absent, "no
+        squares"), -1 for no entity there or a count it cannot read (above :data:`MAX_FIELD_COUNT`).
     """
     dim = cfg.text_dim
-    keys = [("count", n, f"{k}:count") for k in range(2) for n in range(1, MAX_FIELD_COUNT + 1)]
+    n_values = MAX_FIELD_COUNT + 1
+    keys = [("count", n, f"{k}:count") for k in range(2) for n in range(n_values)]
     hit = _field_hits(text_tokens, text_mask, keys, dim)
-    # per slot, the largest count that hits (as a loop over the keys in order would leave it); counts start at 1
-    last = torch.stack([_last_hit(hit[:, k * MAX_FIELD_COUNT:(k + 1) * MAX_FIELD_COUNT]) for k in range(2)], 1)
-    return torch.where(last >= 0, last + 1, -1)
+    # per slot, the largest count that hits (as a loop over the keys in order would leave it); counts start at 0
+    return torch.stack([_last_hit(hit[:, k * n_values:(k + 1) * n_values]) for k in range(2)], 1)
 
 
 def _object_cells(box: tuple[int, int, int, int], f: int, h: int, w: int, grow: int = 0) -> tuple[int, int, int, int]:
@@ -1908,7 +1917,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
     def _count_edit(self, z0, delta, reading, text_tokens, text_mask, log=None) -> torch.Tensor:
         """``count_edit``: ``delta`` with the counting rows' touched cells set to the edited encoding minus z0
         (and, given ``log``, one list per row, what the eyes say they did appended to the counting rows')."""
-        rows, nouns, counts = self._counting_rows(reading, text_tokens, text_mask)
+        rows, nouns, counts, second = self._counting_rows(reading, text_tokens, text_mask)
         if not len(rows):
             return delta
         z = z0.to(delta.dtype)
@@ -1921,6 +1930,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
         kwargs = {}
         if "colors" in inspect.signature(eyes.edit_counts).parameters:  # the asked color, for objects drawn anew
             colors = slot_fields(self.config, text_tokens, text_mask)[1]
+            colors = torch.where(second.to(colors.device)[:, None], colors.flip(1), colors)  # the counted slot first
             kwargs["colors"] = [self.config.reader_colors[int(k)] if int(k) >= 0 else None for k in colors[rows, 0]]
         with torch.no_grad():
             out = eyes.edit_counts((z + delta)[r].detach(), words, [int(c) for c in counts[rows, 0]], **kwargs)
@@ -1993,18 +2003,25 @@ class ResidualCorrector(_Pretrained, nn.Module):
         return default
 
     def _counting_rows(self, reading, text_tokens, text_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rows, nouns [B, 2], counts [B, 2])``: the rows whose prompt is one entity of a known noun asked
-        ``2 <= n <= MAX_FIELD_COUNT`` times (what ``count_move`` and ``count_edit`` act on: larger counts have no
-        field token), the field tokens' nouns and counts."""
+        """``(rows, nouns [B, 2], counts [B, 2], second [B])``: the rows whose prompt is one entity of a known
+        noun asked ``2 <= n <= MAX_FIELD_COUNT`` times, beside no other, one asked absent or one whose count the
+        field tokens do not hold (what ``count_move`` and ``count_edit`` act on: larger counts have no field
+        token), in either order, and the field tokens' nouns and counts with that entity's slot first
+        (``second``: it is the prompt's second entity, "no squares and three circles"; only "three circles and
+        no squares" was edited)."""
         counts = count_fields(self.config, text_tokens, text_mask)
         nouns = reading[1] if reading is not None else slot_fields(self.config, text_tokens, text_mask)[0]
-        rows = torch.nonzero((counts[:, 0] >= 2) & (counts[:, 1] < 0) & (nouns[:, 0] >= 0)).flatten()
-        return rows, nouns, counts
+        first = (counts[:, 0] >= 2) & (counts[:, 1] <= 0) & (nouns[:, 0] >= 0)
+        second = (counts[:, 1] >= 2) & (counts[:, 0] <= 0) & (nouns[:, 1] >= 0)
+        rows = torch.nonzero(first | second).flatten()
+        swap = second.to(nouns.device)[:, None]
+        return rows, torch.where(swap, nouns.flip(1), nouns), torch.where(second[:, None], counts.flip(1), counts), \
+            second
 
     @torch.no_grad()
     def _count_sources(self, z, reading, text_tokens, text_mask) -> torch.Tensor | None:
         """``count_move``: the source of every cell of the corrected latent ``z`` (None when no row counts)."""
-        rows, nouns, counts = self._counting_rows(reading, text_tokens, text_mask)
+        rows, nouns, counts, _ = self._counting_rows(reading, text_tokens, text_mask)
         if not len(rows):
             return None
         noun_probs, foreground = self._count_eyes()(z[rows])
@@ -2021,6 +2038,12 @@ class ResidualCorrector(_Pretrained, nn.Module):
         prompt's relation."""
         noun_probs, nouns = reading
         relations = relation_fields(self.config, text_tokens, text_mask)
+        # a relation with an entity asked absent ("a circle left of no squares") has nothing to move (the forbidden
+        # square was moved to the right, "moved 76 latent cells")
+        counts = count_fields(self.config, text_tokens, text_mask).to(relations.device)
+        slots = relations[:, 1:].clamp(0, 1)
+        absent = (relations[:, 0] >= 0) & (counts.gather(1, slots) == 0).any(1)
+        relations = torch.where(absent[:, None], torch.full_like(relations, -1), relations)
         return reader_move_sources(noun_probs, nouns, relations, self.config.reader_move_margin)
 
     def action_noise(self, noise: torch.Tensor) -> torch.Tensor:
