@@ -295,7 +295,9 @@ class CorrectorConfig(_ConfigBase):
             margin of 6 / 64: docs/training.md, "Relations moved by the reader").
 
         count_move (bool): False (default). True (needs ``reader``, excludes ``move``): a prompt of one entity asked
-            ``n`` times (beside no other, or one asked absent or of a count it cannot read, in either order), ``2 <= n <= MAX_FIELD_COUNT`` (16; :func:`count_fields` reads no larger count, so above it no edit), is counted on the corrected latent by eyes (default, ``count_eyes``: the shapes
+            ``n`` times (beside no other, or one asked absent or of a count it cannot read, in either order),
+            ``2 <= n <= MAX_FIELD_COUNT`` (16; :func:`count_fields` reads no larger count, so above it no edit),
+            is counted on the corrected latent by eyes (default, ``count_eyes``: the shapes
             understanding model on the shapes backbone's VAE decoding, :class:`xlard.shapes.understanding.
             CountEyes`, or the latent eyes distilled from it; any other with :meth:`ResidualCorrector.attach_eyes`), and when the objects of
             its noun do not number ``n``, latent cells are copied (:func:`count_move_sources`): objects of
