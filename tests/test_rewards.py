@@ -284,6 +284,11 @@ def test_an_entity_asked_absent_has_no_color_and_no_place():
     batch = batch_specs([s])
     assert batch.relation_mask.tolist() == [[False]] and batch.aspect_mask.tolist() == [[True, True, False]]
     assert batch.relations.tolist() == [[[0, 1, s.relation_rows()[0][2]]]]  # row r stays relation r
+    # the prompt's own aspect mask (the projector's and the confidence head's) agrees with the rewards'
+    for prompt in ("no blue squares", "a circle left of no squares", "a red circle and no blue squares",
+                   "a red circle left of a square"):
+        parsed = parse(prompt)
+        assert tuple(batch_specs([parsed]).aspect_mask[0].tolist()) == parsed.aspect_mask(), prompt
     assert batch.color_slot.tolist() == [[0, -1]] and batch.color_vocab == ("red",)
 
 

@@ -518,7 +518,7 @@ def test_count_eyes_take_the_asked_colors_and_check_them():
         eyes.edit_counts(torch.zeros(8, 16, 16), ["circle"], [2])
 
 
-# --- from a read-only walk of the editor (2026-12-07) ------------------------------------------------------------------
+# --- from a read-only walk of the editor (2026-12-07) -----------------------------------------------------------------
 
 def _px(img: np.ndarray, color: str) -> np.ndarray:
     rgb = (np.asarray(PALETTE[color], np.float32) / 255.0)[:, None, None]
@@ -621,8 +621,8 @@ def test_a_removal_leaves_same_colored_neighbours_and_drawn_shapes_alone(gap):
     circle = (slice(20, 34), slice(24 + gap, 38 + gap))
     assert _px(img, red)[circle].sum() == _px(image_of(scene), red)[circle].sum()
     # another entity's freshly redrawn square keeps every pixel when a surplus circle beside it is removed
-    scene = Scene(64, (SceneObject("square", red, (10, 20, 24, 34)), SceneObject("circle", red, (24 + gap, 20, 38 + gap, 34)),
-                       SceneObject("circle", red, (40, 48, 54, 62))))
+    scene = Scene(64, (SceneObject("square", red, (10, 20, 24, 34)),
+                       SceneObject("circle", red, (24 + gap, 20, 38 + gap, 34)), SceneObject("circle", red, (40, 48, 54, 62))))
     s, c = maps_of(scene)
     k = CFG.shapes.index("circle")
     s[k, 18:36, 22:42][s[k, 18:36, 22:42] > 0] = 0.8
@@ -783,3 +783,45 @@ def test_move_plan_refuses_non_finite_color_maps():
     with pytest.raises(ValueError, match="move_plan: color_probs holds NaN or infinite values"):
         move_plan(torch.zeros(1, 4, 16, 16), torch.from_numpy(s)[None], torch.from_numpy(c)[None],
                   [parse("a red circle right of a blue circle")], CFG.shapes)
+
+
+def test_an_entity_asked_absent_with_a_color_leaves_objects_of_other_colors():
+    """"a red circle and no blue squares" erased a red square (allowed), and "no blue circles" a red circle: the
+    rewards count only objects of the absent entity's color, the editor now removes only those."""
+    scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)), SceneObject("square", "red", (40, 40, 54, 54))))
+    img, _, actions = edit(scene, "a red circle and no blue squares")
+    assert not any(a.startswith("removed") for a in actions) and len(blobs(img, "red")) == 2, actions
+    scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)), SceneObject("square", "blue", (40, 40, 54, 54))))
+    img, _, actions = edit(scene, "a red circle and no blue squares")
+    assert "removed 1 square(s)" in actions and not blobs(img, "blue")
+    img, _, actions = edit(Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),)), "no blue circles")
+    assert actions == [] and len(blobs(img, "red")) == 1
+
+
+def test_a_relation_with_an_entity_asked_absent_is_not_moved():
+    """move_plan (the move head's targets) moved "a circle left of no squares" while inference's reader_move now
+    leaves it alone: training taught the move inference refuses."""
+    scene = Scene(64, (SceneObject("circle", "red", (44, 24, 58, 38)), SceneObject("square", "blue", (4, 24, 18, 38))))
+    s, c = maps_of(scene)
+    z0 = torch.randn(1, 4, 16, 16)
+    for prompt, moved in (("a circle left of no squares", False), ("a circle left of a square", True)):
+        plan = move_plan(z0, torch.from_numpy(s)[None], torch.from_numpy(c)[None], [parse(prompt)], CFG.shapes)
+        assert bool(plan.actions[0]) is moved, (prompt, plan.actions)
+    _, _, actions = edit(scene, "a circle left of no squares", fix_count=False)
+    assert not any(a.startswith("moved") for a in actions), actions
+
+
+def test_edit_targets_subtract_in_float32_whatever_the_encoders_dtype():
+    """A bfloat16 encoder's output minus a float32 z0 rounded to bfloat16 lost up to 0.02 on touched cells."""
+    from xlard.shapes.editor import EditedBatch
+
+    scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),))
+    images = torch.from_numpy(image_of(scene))[None]
+    s, c = maps_of(scene)
+    img, ch, act = edit_image(images[0].numpy(), s, c, parse("two red circles"), CFG.shapes, CFG.colors)
+    edited = EditedBatch(torch.from_numpy(img)[None], torch.from_numpy(ch)[None], [act])
+    z0 = torch.randn(1, 8, 16, 16) * 3 + 0.123
+    got = edit_targets(lambda x: torch.zeros(x.shape[0], 8, 16, 16, dtype=torch.bfloat16), images, edited,
+                       (8, 16, 16), z0=z0)
+    mask = got != 0
+    assert mask.any() and torch.equal(got[mask], -z0[mask])

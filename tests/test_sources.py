@@ -975,3 +975,17 @@ def test_shapes_source_weighed_count():
     two = score(Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
                         specs=(parse("a photo of two circles"),), segment_offsets={}), source)
     assert two.scores[0, 0].item() == pytest.approx(math.exp(-1 / 2))
+
+
+def test_the_shapes_source_counts_only_objects_of_an_absent_entitys_color():
+    """"a red circle and no blue squares": a red square (allowed) was penalised exactly as the blue one (the absent
+    entity's color was dropped), and before that the blue square's image scored better than the right one."""
+    circle = SceneObject("circle", "red", (4, 4, 18, 18))
+    scenes = [Scene(64, (circle,)), Scene(64, (circle, SceneObject("square", "red", (40, 40, 54, 54)))),
+              Scene(64, (circle, SceneObject("square", "blue", (40, 40, 54, 54))))]
+    prompt = "a photo of a red circle and no blue squares"
+    result = score(decoded_of(scenes, [prompt] * 3), ShapesSource(OracleUnderstanding(scenes), purity=0.0))
+    joint = result.joint.tolist()
+    assert joint[0] == pytest.approx(1.0) and joint[1] == pytest.approx(1.0) and joint[2] < 0.9
+    assert result.present[:, 1].all()  # the red circle's color is judged; the absent square's is not
+    assert "asked for 0 blue squares, found 1" in result.explanations[2].text()

@@ -2004,7 +2004,8 @@ class ResidualCorrector(_Pretrained, nn.Module):
             object.__setattr__(self, "_default_eyes", default)  # not a submodule either
         return default
 
-    def _counting_rows(self, reading, text_tokens, text_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _counting_rows(self, reading, text_tokens, text_mask
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rows, nouns [B, 2], counts [B, 2], second [B])``: the rows whose prompt is one entity of a known
         noun asked ``2 <= n <= MAX_FIELD_COUNT`` times, beside no other, one asked absent or one whose count the
         field tokens do not hold (what ``count_move`` and ``count_edit`` act on: larger counts have no field

@@ -306,13 +306,16 @@ class PromptSpec:
 
     @property
     def has_color(self) -> bool:
-        """Whether any entity has a color."""
-        return any(e.color is not None for e in self.entities)
+        """Whether any entity that must be in the image has a color (an entity asked absent, "no blue squares",
+        is judged by its count alone)."""
+        return any(e.color is not None and e.count != 0 for e in self.entities)
 
     @property
     def has_position(self) -> bool:
-        """Whether the prompt has at least one spatial relation."""
-        return bool(self.relations)
+        """Whether the prompt has at least one spatial relation between entities that must be in the image ("a
+        circle left of no squares" places nothing)."""
+        return any(self.entities[r.subject].count != 0 and self.entities[r.object].count != 0
+                   for r in self.relations)
 
     @property
     def aspects(self) -> tuple[str, ...]:

@@ -376,12 +376,19 @@ def _free_spot(blocked: np.ndarray, spot: tuple[int, int], size: int, axis: int,
     return int(i), int(j)
 
 
+def _asked_absent(spec: Any, rel: Any) -> bool:
+    """Whether relation ``rel`` of ``spec`` involves an entity asked absent ("a circle left of no squares"):
+    there is nothing to place (the latent move and inference's ``reader_move`` leave it alone)."""
+    return spec.entities[rel.subject].count == 0 or spec.entities[rel.object].count == 0
+
+
 def _share_objects(entities, found: dict, colors: Sequence[str], dominant) -> list[list]:
     """Each entity's found objects. Entities of one noun ("a red circle and a blue circle") share that noun's
     objects instead of each taking all of them (each removed the other's circle as surplus, then recolored the
     survivor): an object goes to an entity asking for its color first, then to the first entity still short of its
     count, in confidence order; objects beyond every count go to the entity of their color (else the first), whose
-    surplus removal takes them."""
+    surplus removal takes them. An entity asked absent with a color ("no blue squares") takes only objects of that
+    color (a red square is allowed: it was erased); others go to no entity and stay."""
     shares: list[list] = [[] for _ in entities]
     groups: dict[str, list[int]] = {}
     for k, e in enumerate(entities):
@@ -389,8 +396,12 @@ def _share_objects(entities, found: dict, colors: Sequence[str], dominant) -> li
             groups.setdefault(e.noun, []).append(k)
     for noun, ks in groups.items():
         objs = found[noun]
+
+        def allowed(k: int, color: str) -> bool:
+            e = entities[k]
+            return not (e.count == 0 and e.color is not None and e.color != color)
         if len(ks) == 1:
-            shares[ks[0]] = list(objs)
+            shares[ks[0]] = [o for o in objs if allowed(ks[0], colors[dominant(o[1])])]
             continue
         need = {k: entities[k].count if entities[k].count is not None else 1 for k in ks}
         rest = []
@@ -404,7 +415,9 @@ def _share_objects(entities, found: dict, colors: Sequence[str], dominant) -> li
         for obj, color in rest:
             short = [k for k in ks if len(shares[k]) < need[k]]
             same = [k for k in ks if entities[k].color == color]
-            shares[(short or same or ks)[0]].append(obj)
+            anyone = [k for k in ks if allowed(k, color)]
+            if short or same or anyone:
+                shares[(short or same or anyone)[0]].append(obj)
         for k in ks:  # most confident first again (the removal keeps the first)
             shares[k].sort(key=lambda o: -o[0])
     return shares
@@ -674,7 +687,7 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
     if config.fix_position:
         for rel in getattr(spec, "relations", ()):
             if rel.subject >= len(placed) or rel.object >= len(placed) or not placed[rel.subject] \
-                    or not placed[rel.object]:
+                    or not placed[rel.object] or _asked_absent(spec, rel):
                 continue
             a, b = placed[rel.subject][0], placed[rel.object][0]
             move = relation_targets(rel.relation, (a[0] + a[2] / 2, a[1] + a[2] / 2),
@@ -689,7 +702,7 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
                 box[max(0, top - 2):top + size + 2, max(0, left - 2):left + size + 2] = True
                 boxes.append(box)
             # The two targets keep one pixel from every other object (a green triangle at the circle's target
-            # was painted red and merged with it): the nearest free place, across the relation's axis first.
+            # was painted red and merged with it): the nearest free place (fewest pixels away, rows plus columns).
             blocked = _dilate(colored & ~boxes[0] & ~boxes[1], 1)
             spots = []
             # along the axis each may give way only so far that the relation still holds by the margin
@@ -841,9 +854,10 @@ def edit_targets(encode: Any, images: torch.Tensor, edited: EditedBatch, latent_
                          f"{tuple(z0.shape) if isinstance(z0, torch.Tensor) else type(z0).__name__}")
     with torch.no_grad():
         after = encode(edited.images.to(images.device, images.dtype))
-        # (the encoder's device, whatever the images' and z0's: the mask is made on the CPU, where the editor works)
+        # (the encoder's device, whatever the images' and z0's: the mask is made on the CPU, where the editor works;
+        # in float32, as before: a bfloat16 encoder's output minus a float32 z0 rounded to bfloat16 lost 0.02)
         before = encode(images) if z0 is None else z0
-        diff = after - before.to(after.device, after.dtype)
+        diff = after.float() - before.to(after.device, torch.float32)
     if tuple(diff.shape) != (images.shape[0], c, lh, lw):
         raise ValueError(f"edit_targets: encode gave latents of shape {tuple(diff.shape)}, expected "
                          f"{(images.shape[0], c, lh, lw)}")
@@ -940,7 +954,8 @@ def _move_plan(owner: str, z0, shape_probs, color_probs, specs, shapes, margin) 
         raise ValueError(f"{owner}: shapes must name the {shape_probs.shape[1]} maps of shape_probs in order "
                          f"(the model's config.shapes), got {shapes!r:.80}")
     for name, t in (("z0", z0), ("shape_probs", shape_probs), ("color_probs", color_probs)):
-        if not bool(torch.isfinite(t).all()):  # (NaN colors read as the first color: objects to the wrong entity)  # NaN maps found no objects: "nothing to move", without a word
+        # NaN maps found no objects ("nothing to move", without a word); NaN colors read as the first color
+        if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{owner}: {name} holds NaN or infinite values")
     if shape_probs.shape[0] != b or color_probs.shape[0] != b or len(specs) != b:
         raise ValueError(f"{owner}: {b} latents, {shape_probs.shape[0]} shape maps, {color_probs.shape[0]} "
@@ -979,7 +994,7 @@ def _move_plan(owner: str, z0, shape_probs, color_probs, specs, shapes, margin) 
                 if pick is not None:
                     found[k] = objs.pop(pick)[0]
         for rel in getattr(spec, "relations", ()):
-            if rel.subject >= len(found) or rel.object >= len(found):
+            if rel.subject >= len(found) or rel.object >= len(found) or _asked_absent(spec, rel):
                 continue
             a, o = found[rel.subject], found[rel.object]
             if a is None or o is None:

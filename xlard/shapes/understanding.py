@@ -536,8 +536,8 @@ class CountEyes:
         "x" raised a bare int() error, 1.7 was read as 1)."""
         if not isinstance(z, torch.Tensor) or z.dim() != 4 or not z.is_floating_point():
             # (a 3-D z was reported as wrong nouns and counts "per latent of z (-1)")
-            raise ValueError(f"{owner}: z must be a float latent tensor [B, C, h, w], got "
-                             f"{f'{z.dtype} of shape {list(z.shape)}' if isinstance(z, torch.Tensor) else type(z).__name__}")
+            got = f"{z.dtype} of shape {list(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"{owner}: z must be a float latent tensor [B, C, h, w], got {got}")
         b = int(z.shape[0])
         for name, value in (("nouns", nouns), ("counts", counts)):  # None failed as "not iterable", a string
             if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):  # was read letter by letter
