@@ -622,7 +622,8 @@ def test_a_removal_leaves_same_colored_neighbours_and_drawn_shapes_alone(gap):
     assert _px(img, red)[circle].sum() == _px(image_of(scene), red)[circle].sum()
     # another entity's freshly redrawn square keeps every pixel when a surplus circle beside it is removed
     scene = Scene(64, (SceneObject("square", red, (10, 20, 24, 34)),
-                       SceneObject("circle", red, (24 + gap, 20, 38 + gap, 34)), SceneObject("circle", red, (40, 48, 54, 62))))
+                       SceneObject("circle", red, (24 + gap, 20, 38 + gap, 34)),
+                       SceneObject("circle", red, (40, 48, 54, 62))))
     s, c = maps_of(scene)
     k = CFG.shapes.index("circle")
     s[k, 18:36, 22:42][s[k, 18:36, 22:42] > 0] = 0.8
@@ -796,6 +797,14 @@ def test_an_entity_asked_absent_with_a_color_leaves_objects_of_other_colors():
     assert "removed 1 square(s)" in actions and not blobs(img, "blue")
     img, _, actions = edit(Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)),)), "no blue circles")
     assert actions == [] and len(blobs(img, "red")) == 1
+    # beside an entity of the same noun: a circle of a third color counts for neither (as the rewards read it) and
+    # stays; it went to the red entity and was removed as surplus
+    for prompt in ("a red circle and no blue circles", "a red circle and a blue circle"):
+        scene = Scene(64, (SceneObject("circle", "red", (4, 4, 18, 18)), SceneObject("circle", "blue", (40, 4, 54, 18)),
+                           SceneObject("circle", "green", (40, 40, 54, 54))))
+        img, _, actions = edit(scene, prompt, redraw=False)
+        assert len(blobs(img, "green")) == 1, (prompt, actions)
+        assert len(blobs(img, "blue")) == (0 if "no blue" in prompt else 1), (prompt, actions)
 
 
 def test_a_relation_with_an_entity_asked_absent_is_not_moved():

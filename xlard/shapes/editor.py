@@ -386,9 +386,10 @@ def _share_objects(entities, found: dict, colors: Sequence[str], dominant) -> li
     """Each entity's found objects. Entities of one noun ("a red circle and a blue circle") share that noun's
     objects instead of each taking all of them (each removed the other's circle as surplus, then recolored the
     survivor): an object goes to an entity asking for its color first, then to the first entity still short of its
-    count, in confidence order; objects beyond every count go to the entity of their color (else the first), whose
-    surplus removal takes them. An entity asked absent with a color ("no blue squares") takes only objects of that
-    color (a red square is allowed: it was erased); others go to no entity and stay."""
+    count, in confidence order; objects beyond every count go to the entity of their color (else to one that asks
+    no color), whose surplus removal takes them, and otherwise to no entity: they stay, as the rewards count them
+    for none. An entity asked absent with a color ("no blue squares") takes only objects of that color (a red
+    square is allowed: it was erased)."""
     shares: list[list] = [[] for _ in entities]
     groups: dict[str, list[int]] = {}
     for k, e in enumerate(entities):
@@ -415,9 +416,11 @@ def _share_objects(entities, found: dict, colors: Sequence[str], dominant) -> li
         for obj, color in rest:
             short = [k for k in ks if len(shares[k]) < need[k]]
             same = [k for k in ks if entities[k].color == color]
-            anyone = [k for k in ks if allowed(k, color)]
-            if short or same or anyone:
-                shares[(short or same or anyone)[0]].append(obj)
+            # beyond every count: to the entity of its color, or one that asks no color, whose removal takes it;
+            # an object of another color counts for no entity (as the rewards read it) and stays
+            free = [k for k in ks if entities[k].color is None and entities[k].count != 0]
+            if short or same or free:
+                shares[(short or same or free)[0]].append(obj)
         for k in ks:  # most confident first again (the removal keeps the first)
             shares[k].sort(key=lambda o: -o[0])
     return shares
