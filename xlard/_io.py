@@ -445,6 +445,17 @@ def current_umask() -> int:
     return mask
 
 
+def pairs_once(pairs: list[tuple[str, Any]], message: str = "duplicate key {key}") -> dict[str, Any]:
+    """A JSON object's pairs as a dict, for ``json.loads(..., object_pairs_hook=...)``: a key given twice raises
+    ``ValueError(message.format(key=repr(key)))`` (``json.loads`` alone keeps the last one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(message.format(key=repr(key)))
+        out[key] = value
+    return out
+
+
 _TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}-")
 
 

@@ -276,25 +276,15 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON (a number must be finite; write null)")
 
 
-def _keys_once(pairs: list[tuple[str, Any]], message: str) -> dict[str, Any]:
-    """A JSON object's pairs as a dict; a key given twice raises ``ValueError(message.format(key=...))``."""
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise ValueError(message.format(key=repr(key)))
-        seen.add(key)
-    return dict(pairs)
-
-
 def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """Reading: ``{"count": 1, "count": 3}`` was read as 3 without a word (the writer and the training config
     refuse such objects too)."""
-    return _keys_once(pairs, "the key {key} is given twice in one object; keep one")
+    return _io.pairs_once(pairs, "the key {key} is given twice in one object; keep one")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """Writing: ``{1: "a", "1": "b"}`` is dumped as two ``"1"`` keys, and reading it back kept only the last."""
-    return _keys_once(pairs, "two keys are written as {key} (JSON keys are strings: 1 and '1' are one key)")
+    return _io.pairs_once(pairs, "two keys are written as {key} (JSON keys are strings: 1 and '1' are one key)")
 
 
 def write_jsonl(

@@ -268,9 +268,9 @@ class SpecBatch:
         color_slot (int64 [B, E]): index into ``color_vocab``, -1 for none.
         relations (int64 [B, R, 3]): rows (subject, object, code), padding (0, 0, 0).
         relation_mask (bool [B, R]): which rows are real and scored (a row with an entity asked absent is not).
-        aspect_mask (bool [B, 3]): each spec's :meth:`PromptSpec.aspect_mask`, where an entity asked absent
-            (count 0: "no red squares") has no color and takes part in no relation: an absent object can have
-            neither a wrong color nor a wrong place (the image holding a blue square scored better on
+        aspect_mask (bool [B, 3]): each spec's :meth:`PromptSpec.aspect_mask`; an entity asked absent
+            (count 0: "no red squares") has no color slot and takes part in no scored relation: an absent object
+            can have neither a wrong color nor a wrong place (the image holding a blue square scored better on
             "a red circle and no blue squares" than the one without).
     """
 
@@ -369,15 +369,10 @@ def batch_specs(
         rows = spec.relation_rows()
         if rows:  # (every row, so that row r stays the spec's relation r; one with an absent entity is masked)
             relations[i, : len(rows)] = torch.tensor(rows, dtype=torch.int64)
-            relation_mask[i, : len(rows)] = torch.tensor([not _asked_absent(spec, row) for row in rows])
-        aspect_mask[i] = torch.tensor((spec.has_count, bool((color_slot[i] >= 0).any()), bool(relation_mask[i].any())))
+            relation_mask[i, : len(rows)] = torch.tensor([spec.places(r) for r in spec.relations])
+        aspect_mask[i] = torch.tensor(spec.aspect_mask())
     return SpecBatch(specs, token_index, token_mask, entity_mask, count_target, color_vocab, color_slot,
                      relations, relation_mask, aspect_mask)
-
-
-def _asked_absent(spec: PromptSpec, row: Sequence[int]) -> bool:
-    """Whether relation ``row`` (subject, object, code) of ``spec`` involves an entity asked absent (count 0)."""
-    return spec.entities[row[0]].count == 0 or spec.entities[row[1]].count == 0
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -314,8 +314,12 @@ class PromptSpec:
     def has_position(self) -> bool:
         """Whether the prompt has at least one spatial relation between entities that must be in the image ("a
         circle left of no squares" places nothing)."""
-        return any(self.entities[r.subject].count != 0 and self.entities[r.object].count != 0
-                   for r in self.relations)
+        return any(self.places(r) for r in self.relations)
+
+    def places(self, relation: Relation) -> bool:
+        """Whether ``relation`` (one of :attr:`relations`) is between two entities that must be in the image: none
+        asked absent (count 0; "a circle left of no squares" has nothing to place)."""
+        return self.entities[relation.subject].count != 0 and self.entities[relation.object].count != 0
 
     @property
     def aspects(self) -> tuple[str, ...]:

@@ -286,11 +286,7 @@ def _emptiest(occupied: np.ndarray, size: int) -> tuple[int, int] | None:
         d = (dx * dx + (g * g)[:, None, :]).min(axis=2)                                          # [ny, nx] squared
         # Only a box that holds no occupied pixel: the distance above is round, a box is not (the corner of a
         # box whose centre was far enough reached into an object, and the drawn shape merged with it).
-        s = np.zeros((h + 1, w + 1), np.int64)
-        s[1:, 1:] = occupied.cumsum(0).cumsum(1)
-        t, l0 = ys - half, xs - half
-        inside = s[t + size][:, l0 + size] - s[t][:, l0 + size] - s[t + size][:, l0] + s[t][:, l0]
-        d = np.where(inside == 0, d, -1)
+        d = np.where(_box_sums(occupied, size) == 0, d, -1)  # (boxes at the centres ys, xs: every box that fits)
         if d.max() < 0:  # every box would touch an object
             return None
     i, j = divmod(int(np.argmax(d)), len(xs))
@@ -344,10 +340,25 @@ def _nearest_labels(labels: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndar
     return near, dist
 
 
+def _clip_box(h: int, w: int, top: int, left: int, size: int) -> tuple[int, int, int]:
+    """``(top, left, size)`` of a ``size`` box at ``(top, left)`` moved (and shrunk) into an ``h x w`` image, as
+    the editor draws it (a draw size past the image, draw_size 100 on 64 px, failed to broadcast)."""
+    size = min(size, h, w)
+    return max(0, min(top, h - size)), max(0, min(left, w - size)), size
+
+
+def _box_sums(mask: np.ndarray, size: int) -> np.ndarray:
+    """How many pixels of ``mask`` every ``size`` box that fits holds, ``[H - size + 1, W - size + 1]`` by its
+    top-left corner (an integral image)."""
+    h, w = mask.shape
+    s = np.zeros((h + 1, w + 1), np.int64)
+    s[1:, 1:] = np.asarray(mask, bool).cumsum(0).cumsum(1)
+    return s[size:, size:] - s[:h - size + 1, size:] - s[size:, :w - size + 1] + s[:h - size + 1, :w - size + 1]
+
+
 def _placed_box(h: int, w: int, spot: tuple[int, int], size: int) -> np.ndarray:
     """The pixels of a ``size`` box at ``spot`` (top, left), as :func:`edit_image`'s ``draw`` clips it."""
-    size = min(size, h, w)
-    top, left = max(0, min(spot[0], h - size)), max(0, min(spot[1], w - size))
+    top, left, size = _clip_box(h, w, spot[0], spot[1], size)
     box = np.zeros((h, w), bool)
     box[top:top + size, left:left + size] = True
     return box
@@ -359,13 +370,10 @@ def _free_spot(blocked: np.ndarray, spot: tuple[int, int], size: int, axis: int,
     relation's ``axis`` (0: rows, 1: columns) anywhere, along it by at most ``along`` pixels (the relation still
     holds by far); None when there is none. Boxes are clipped into the image as ``draw`` clips them."""
     h, w = blocked.shape
-    size = min(size, h, w)
-    top, left = max(0, min(spot[0], h - size)), max(0, min(spot[1], w - size))
-    s = np.zeros((h + 1, w + 1), np.int64)
-    s[1:, 1:] = blocked.cumsum(0).cumsum(1)
+    top, left, size = _clip_box(h, w, spot[0], spot[1], size)
+    inside = _box_sums(blocked, size)
     tops = np.arange(h - size + 1)[:, None]
     lefts = np.arange(w - size + 1)[None, :]
-    inside = s[tops + size, lefts + size] - s[tops, lefts + size] - s[tops + size, lefts] + s[tops, lefts]
     d_rows, d_cols = np.abs(tops - top), np.abs(lefts - left)
     d_along = d_cols if axis else d_rows
     cost = (d_rows + d_cols).astype(np.float64)
@@ -374,12 +382,6 @@ def _free_spot(blocked: np.ndarray, spot: tuple[int, int], size: int, axis: int,
         return None
     i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
     return int(i), int(j)
-
-
-def _asked_absent(spec: Any, rel: Any) -> bool:
-    """Whether relation ``rel`` of ``spec`` involves an entity asked absent ("a circle left of no squares"):
-    there is nothing to place (the latent move and inference's ``reader_move`` leave it alone)."""
-    return spec.entities[rel.subject].count == 0 or spec.entities[rel.object].count == 0
 
 
 def _share_objects(entities, found: dict, colors: Sequence[str], dominant) -> list[list]:
@@ -402,7 +404,9 @@ def _share_objects(entities, found: dict, colors: Sequence[str], dominant) -> li
             e = entities[k]
             return not (e.count == 0 and e.color is not None and e.color != color)
         if len(ks) == 1:
-            shares[ks[0]] = [o for o in objs if allowed(ks[0], colors[dominant(o[1])])]
+            e = entities[ks[0]]
+            shares[ks[0]] = [o for o in objs if allowed(ks[0], colors[dominant(o[1])])] \
+                if e.count == 0 and e.color is not None else list(objs)  # (colors read only where they matter)
             continue
         need = {k: entities[k].count if entities[k].count is not None else 1 for k in ks}
         rest = []
@@ -508,10 +512,14 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
     # (one blob or none: no other object to keep)
     near_label, near_dist = _nearest_labels(core_labels, 3) if core_labels.max() > 1 else (None, None)
 
+    dominant_of: dict[int, int] = {}  # by the object's mask (alive for the whole call): asked up to four times
+
     def dominant(m: np.ndarray) -> int:
         """The index (in ``colors``) of object ``m``'s most likely color over its pixels."""
-        t0, b0, l0, r0 = _box(m, 0)
-        return int(color_probs[1:, t0:b0, l0:r0][:, m[t0:b0, l0:r0]].sum(1).argmax())
+        if id(m) not in dominant_of:
+            t0, b0, l0, r0 = _box(m, 0)
+            dominant_of[id(m)] = int(color_probs[1:, t0:b0, l0:r0][:, m[t0:b0, l0:r0]].sum(1).argmax())
+        return dominant_of[id(m)]
     # Per object, the work below runs on the object's box grown by the widest reach used on it (3 pixels),
     # not on the whole image: the same pixels and values, a few times faster (count_edit runs it at inference).
 
@@ -556,8 +564,7 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
         colored[window] &= ~region
 
     def draw(noun: str, top: int, left: int, size: int, color: str) -> tuple[int, int]:
-        size = min(size, h, w)  # a draw size past the image (draw_size 100 on 64 px) failed to broadcast
-        top, left = max(0, min(top, h - size)), max(0, min(left, w - size))
+        top, left, size = _clip_box(h, w, top, left, size)
         shape = _shape(noun, size)
         img[:, top:top + size, left:left + size][:, shape] = _rgb(color)[:, None]
         t0, l0 = max(0, top - 1), max(0, left - 1)  # the changed pixels: the shape grown by one
@@ -646,7 +653,7 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
             size = int(max(ys.max() - ys.min(), xs.max() - xs.min())) + 1
             size = max(config.min_size, min(size, config.max_size))
             sizes.append(size)
-            own_index = int(color_probs[1:, t0:b0, l0:r0][:, m[t0:b0, l0:r0]].sum(1).argmax())
+            own_index = dominant(m)
             own = colors[own_index]
             color = want_color or own
             top, left = int(round(ys.mean())) - size // 2, int(round(xs.mean())) - size // 2
@@ -690,7 +697,7 @@ def edit_image(image: np.ndarray, shape_probs: np.ndarray, color_probs: np.ndarr
     if config.fix_position:
         for rel in getattr(spec, "relations", ()):
             if rel.subject >= len(placed) or rel.object >= len(placed) or not placed[rel.subject] \
-                    or not placed[rel.object] or _asked_absent(spec, rel):
+                    or not placed[rel.object] or not spec.places(rel):  # (an entity asked absent: as reader_move)
                 continue
             a, b = placed[rel.subject][0], placed[rel.object][0]
             move = relation_targets(rel.relation, (a[0] + a[2] / 2, a[1] + a[2] / 2),
@@ -997,7 +1004,7 @@ def _move_plan(owner: str, z0, shape_probs, color_probs, specs, shapes, margin) 
                 if pick is not None:
                     found[k] = objs.pop(pick)[0]
         for rel in getattr(spec, "relations", ()):
-            if rel.subject >= len(found) or rel.object >= len(found) or _asked_absent(spec, rel):
+            if rel.subject >= len(found) or rel.object >= len(found) or not spec.places(rel):
                 continue
             a, o = found[rel.subject], found[rel.object]
             if a is None or o is None:

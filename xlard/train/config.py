@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from xlard import _io
 from xlard._optional import missing_message
 
 __all__ = [
@@ -857,16 +858,6 @@ def _construct_int_1_2(loader, node) -> int:
     return int(text)  # "010" is ten
 
 
-def _json_pairs(pairs):
-    """``object_pairs_hook`` refusing a key given twice (``json.loads`` keeps the last one silently)."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def yaml_load(text: str) -> Any:
     """``yaml.safe_load`` that also reads ``1e-3`` and ``3E+2`` as floats (YAML 1.2; PyYAML reads them as strings).
 
@@ -909,7 +900,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
             raise ValueError(f"train config: {path} is not valid YAML: {_parse_failure(e)}") from None
     elif path.suffix.lower() == ".json":
         try:
-            data = json.loads(text, object_pairs_hook=_json_pairs)
+            data = json.loads(text, object_pairs_hook=_io.pairs_once)
         except (ValueError, RecursionError) as e:  # JSONDecodeError too
             raise ValueError(f"train config: {path} is not valid JSON: {_parse_failure(e)}") from None
     else:
