@@ -412,10 +412,19 @@ def test_unsupported_processor_is_refused_by_name():
     name = "mid_block.attentions.0.transformer_blocks.0.attn2"
     dict(model.named_modules())[name].set_processor(AttnProcessor())
     before = dict(model.attn_processors)
-    with pytest.raises(ValueError, match="uses AttnProcessor;.*AttnProcessor2_0"):
+    with pytest.raises(ValueError, match=r"uses AttnProcessor;.*AttnProcessor2_0: install it "
+                                         r"\(denoiser.set_attn_processor\(AttnProcessor2_0\(\)\), from "
+                                         r"diffusers.models.attention_processor"):
         with AttentionCapture(model):
             pass
     assert all(model.attn_processors[k] is before[k] for k in before)  # the layers installed first came back
+    # the advice works (set_default_attn_processor(), advised before, installs the refused AttnProcessor again)
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model.set_attn_processor(AttnProcessor2_0())
+    with AttentionCapture(model, CaptureConfig(tokens=(1,))) as advised:
+        _forward(model, _unet_inputs(model, 900.0, 0))
+    assert advised.num_records > 0
     with AttentionCapture(model, CaptureConfig(layers=("up_blocks.*",), tokens=(1,))) as capture:
         _forward(model, _unet_inputs(model, 900.0, 0))
     assert capture.layers and all(n.startswith("up_blocks.") for n in capture.layers)
@@ -719,3 +728,97 @@ def test_a_scheduler_whose_steps_cannot_be_counted_is_named_for_a_window(sd_pipe
         assert every.num_records > 0
     finally:
         sd_pipe.scheduler = original
+
+
+@pytest.mark.parametrize("dtype, records", [(torch.bfloat16, 1600), (torch.float16, 1600)])
+def test_a_low_precision_running_mean_keeps_moving(dtype, records):
+    """A float16/bfloat16 mean stopped moving once (value - mean) / count fell below half its last place: values
+    rising from 0.02 to 0.2 gave a bfloat16 mean of 0.031 over 1600 records, the truth 0.110."""
+    from xlard.attention import _RunningMean
+
+    values = torch.linspace(0.02, 0.2, records)
+    slot = _RunningMean(torch.zeros(2, 3, dtype=dtype))
+    for v in values:
+        slot.add(torch.full((2, 3), float(v)))
+    assert slot.count == records
+    assert_close(slot.mean.float(), torch.full((2, 3), float(values.mean())), rtol=0.02, atol=0.0)
+
+
+def test_calls_under_inference_mode_and_outside_it_share_one_capture(models):
+    """The running means created under torch.inference_mode() were inference tensors, and the next call made
+    outside it crashed mid-pipeline ("Inplace update to inference tensor outside InferenceMode")."""
+    model = models(FAMILIES["unet"])
+    first, second = _unet_inputs(model, 900.0, 0), _unet_inputs(model, 800.0, 1)
+    with AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=True) as mixed:
+        with torch.inference_mode():
+            _forward(model, first)
+        _forward(model, second)
+    with AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=True) as plain:
+        _forward(model, first)
+        _forward(model, second)
+    assert torch.equal(mixed.maps(), plain.maps())
+
+
+def test_a_one_step_readout_in_a_second_block_is_recorded(models):
+    """A capture entered again: the new block's call at the timestep the last block ended on was taken for a
+    repeat within that step and dropped, and maps() returned the first block's maps."""
+    model = models(FAMILIES["unet"])
+    first, second = _unet_inputs(model, 900.0, 0), _unet_inputs(model, 900.0, 1)
+    capture = AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=True, num_steps=1)
+    with capture:
+        _forward(model, first)
+    once = capture.num_records
+    with capture:
+        _forward(model, second)
+    assert once > 0 and capture.num_records == 2 * once
+    with AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=True, num_steps=1) as alone:
+        _forward(model, second)
+    with AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=True, num_steps=1) as alone_first:
+        _forward(model, first)
+    assert_close(capture.maps(), (alone.maps() + alone_first.maps()) / 2)
+    # one block per step (lower timesteps) still continues the run: a step window sees steps 0 and 1
+    stepwise = AttentionCapture(model, CaptureConfig(tokens=(1,), step_indices=(1,)), cfg=True, num_steps=2)
+    with stepwise:
+        _forward(model, first)
+    with stepwise:
+        _forward(model, _unet_inputs(model, 400.0, 1))
+    assert stepwise.recorded_steps == (1,)
+
+
+def test_guided_capture_of_an_odd_batch_is_refused(models):
+    """cfg=True on a 3-row call kept rows 1-2 as the "conditional half", one of them unconditional."""
+    model = models(FAMILIES["unet"])
+    odd = {k: (v[:3] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 2 * BATCH else v)
+           for k, v in _unet_inputs(model, 900.0, 0).items()}
+    with pytest.raises(ValueError, match=r"cfg=True .* needs an even batch, got a denoiser call of 3 rows"):
+        with AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=True):
+            _forward(model, odd)
+    with AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=False) as whole:
+        _forward(model, odd)
+    assert whole.maps().shape[0] == 3
+
+
+def test_an_integer_keep_mask_is_refused():
+    """A 0/1 integer keep-mask was added to the logits as a bias of 0 or 1: masked keys kept their probability."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 6, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g)
+    keep = torch.tensor([[1, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match=r"mask must be bool .* got int64: for a 0/1 keep-mask pass mask.bool\(\)"):
+        text_attention_probs(q, k, torch.tensor([3, 4]), mask=keep)
+    probs = text_attention_probs(q, k, torch.tensor([3, 4]), mask=keep.bool())
+    assert torch.equal(probs, torch.zeros_like(probs))  # both kept tokens are masked keys
+
+
+def test_perturbed_attention_guidance_is_refused():
+    """A PAG pipeline batches [uncond; cond; perturbed]: the "conditional half" of 6 rows held 3 maps for 2 prompts,
+    one prompt's conditional row and the perturbed copies."""
+    from diffusers import StableDiffusionPAGPipeline
+
+    pipe = StableDiffusionPAGPipeline(**tiny_sd_pipeline().components, pag_applied_layers=["mid"])
+    pipe.set_progress_bar_config(disable=True)
+    with AttentionCapture(pipe, CaptureConfig(tokens=(1,))) as capture:  # first: diffusers leaves its PAG
+        _run(pipe, steps=1, prompt=["a red cat", "a blue dog"], pag_scale=0.0)  # processors in after an error
+    assert capture.maps().shape[0] == 2
+    with pytest.raises(ValueError, match=r"StableDiffusionPAGPipeline runs perturbed-attention guidance .*pag_scale=0"):
+        with AttentionCapture(pipe, CaptureConfig(tokens=(1,))):
+            _run(pipe, steps=1, prompt=["a red cat", "a blue dog"], pag_scale=3.0)

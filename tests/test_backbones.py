@@ -582,6 +582,19 @@ def test_a_capture_window_that_keeps_no_step_is_named_before_the_denoising(backb
     assert CaptureConfig(step_indices=(-1,)).kept_steps(4) == [3] and CaptureConfig(step_indices=(5,)).kept_steps(4) == []
 
 
+def test_a_capture_of_some_tokens_is_refused_by_the_backbone(backbone):
+    """CaptureConfig(tokens=...) gave token_maps of the kept tokens only, which the rewards read at sequence
+    positions: an entity read another token's map, with no error."""
+    from xlard.attention import CaptureConfig
+
+    with pytest.raises(ValueError, match=r"capture: CaptureConfig\(tokens=\(1, 2\)\) keeps only some text tokens.*"
+                                         r"leave tokens=None"):
+        _with(backbone, capture=CaptureConfig(tokens=(1, 2)))
+    full = _with(backbone, capture=CaptureConfig())
+    maps = full.decode(full.encode(PROMPTS[:1], seed=0)).token_maps
+    assert maps.shape[1] == backbone.pipeline.tokenizer.model_max_length
+
+
 def test_a_capture_factory_returning_no_context_manager_is_named(backbone):
     odd = _with(backbone, capture=lambda denoiser, **kw: 5)
     with pytest.raises(TypeError, match="capture: the factory must return a context manager"):

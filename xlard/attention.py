@@ -191,6 +191,9 @@ class CaptureConfig:
         resize_mode: ``torch.nn.functional.interpolate`` mode for that resize.
         accumulate_dtype: dtype of the running means ("float32" or
             "float16"/"bfloat16"); probabilities are computed in float32.
+            A low-precision mean holds only its first records (16 per
+            resolution or layer in bfloat16, 128 in float16: beyond them its
+            updates round away), then goes on in float32.
         per_layer: also keep one running mean per layer (native resolution),
             returned by :meth:`AttentionCapture.layer_maps`.
         chunk_elements: at most this many attention logits (kept batch x heads
@@ -328,6 +331,10 @@ def _additive_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -math.inf)
+    if not mask.is_floating_point():  # a 0/1 keep-mask added as a bias of 0 or 1 masked nothing (SDPA refuses it)
+        raise ValueError(f"mask must be bool (True attends) or a float bias added to the logits, as "
+                         f"scaled_dot_product_attention takes it, got {str(mask.dtype).removeprefix('torch.')}: "
+                         "for a 0/1 keep-mask pass mask.bool()")
     return mask.float()
 
 
@@ -548,11 +555,20 @@ class _Call:
 
 
 class _RunningMean:
-    __slots__ = ("mean", "count")
+    """A running mean in ``mean``'s dtype. A float16/bfloat16 mean stops moving once a step ``(value - mean) /
+    count`` falls below half a unit of its last place (a bfloat16 mean of values rising from 0.02 to 0.2 stayed at
+    0.03 over 1600 records, the truth 0.11), so a low-precision mean is kept only while ``count`` stays small enough
+    for its steps to register, then carried on in float32."""
+
+    __slots__ = ("mean", "count", "_limit")
 
     def __init__(self, mean: torch.Tensor):
-        self.mean = mean
+        # a normal tensor even when the first call runs under torch.inference_mode(): an inference tensor refused
+        # the in-place update of a later call made outside it ("Inplace update to inference tensor ...")
+        with torch.inference_mode(False):
+            self.mean = mean.clone() if mean.is_inference() else mean
         self.count = 0
+        self._limit = None if mean.dtype == torch.float32 else max(1, round(0.125 / torch.finfo(mean.dtype).eps))
 
     def add(self, value: torch.Tensor) -> None:
         if value.shape != self.mean.shape:
@@ -560,6 +576,10 @@ class _RunningMean:
                 f"captured map shape changed from {tuple(self.mean.shape)} to {tuple(value.shape)} "
                 "(batch or token count differs between calls); call AttentionCapture.reset() between them"
             )
+        if self._limit is not None and self.count >= self._limit:
+            with torch.inference_mode(False):
+                self.mean = self.mean.float()
+            self._limit = None
         self.count += 1
         self.mean.lerp_(value.to(self.mean.dtype), 1.0 / self.count)
 
@@ -858,6 +878,12 @@ class _FluxProcessor(_CaptureProcessor):
         return out, text_out
 
 
+_PROCESSOR_HOME = {  # where a user imports the processor a capture expects
+    "AttnProcessor2_0": "diffusers.models.attention_processor",
+    "JointAttnProcessor2_0": "diffusers.models.attention_processor",
+    "FluxAttnProcessor": "diffusers.models.transformers.transformer_flux",
+}
+
 _PROCESSOR_FOR_KIND = {
     _CROSS: _CrossAttentionProcessor,
     _JOINT_IMAGE_FIRST: _JointImageFirstProcessor,
@@ -895,6 +921,12 @@ class AttentionCapture:
         cfg: whether calls batch classifier-free guidance (unconditional half
             first); None: the pipeline's ``do_classifier_free_guidance``, else
             detected from identical latent halves.
+
+    Entering the capture again adds to the maps recorded so far (``reset()``
+    forgets them); the first denoiser call of a ``with`` block at the
+    timestep the previous block ended on starts a new run (a one-step
+    readout in each of two blocks counts twice), a lower one continues the
+    run (one block per denoising step).
 
     Raises:
         ValueError: a bad target or config; a selected layer whose processor
@@ -957,8 +989,11 @@ class AttentionCapture:
                 if type(original).__name__ != expected:
                     raise ValueError(
                         f"layer {name!r} uses {type(original).__name__}; xlard captures {kind} layers only with "
-                        f"diffusers' {expected} (reset with set_default_attn_processor(), or leave the layer out "
-                        "through CaptureConfig.layers)"
+                        f"diffusers' {expected}: install it (denoiser.set_attn_processor({expected}()), from "
+                        f"{_PROCESSOR_HOME[expected]}; set_default_attn_processor() installs the classic "
+                        "AttnProcessor, and attention slicing or xformers replace it too: "
+                        "pipe.disable_attention_slicing(), pipe.disable_xformers_memory_efficient_attention()), "
+                        "or leave the layer out through CaptureConfig.layers"
                     )
                 self._originals[name] = (module, original)
                 module.set_processor(_PROCESSOR_FOR_KIND[kind](self._state, name, original))
@@ -967,6 +1002,7 @@ class AttentionCapture:
             self._restore()
             raise
         self._active = True
+        self._run["new_block"] = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -1063,6 +1099,21 @@ class AttentionCapture:
         batch = sample.shape[0]
         return batch % 2 == 0 and torch.equal(sample[: batch // 2], sample[batch // 2:]), True
 
+    def _refuse_perturbed_guidance(self) -> None:
+        """Perturbed-attention guidance (diffusers' *PAG* pipelines) batches a third, perturbed copy of the
+        prompts' rows ([uncond; cond; perturbed]): the "conditional half" of that batch mixed a prompt's
+        conditional row with the perturbed rows of others (3 maps for 2 prompts)."""
+        pipe = self.pipeline
+        try:
+            pag = pipe is not None and getattr(pipe, "do_perturbed_attention_guidance", False) is True
+        except AttributeError:  # the property reads state that __call__ sets
+            pag = False
+        if pag:
+            raise ValueError(f"AttentionCapture: {type(pipe).__name__} runs perturbed-attention guidance "
+                             "(pag_scale > 0), which batches a perturbed copy of the prompts' rows beside the "
+                             "guidance halves; xlard cannot tell those rows apart: pass pag_scale=0.0, or capture "
+                             "with the pipeline's non-PAG counterpart")
+
     def _new_pipeline_call(self) -> bool:
         """A pipeline given: its scheduler's timesteps are set anew by every pipeline call, so a new tensor there
         starts a new run even when the timestep does not grow (a one-step run repeats the same timestep, and its
@@ -1080,7 +1131,10 @@ class AttentionCapture:
         timestep = _scalar(self._argument("timestep", args, kwargs))
         last = run["last_t"]
         new_call = self._new_pipeline_call()
-        if last is None or new_call or (timestep is not None and timestep > last):
+        # the block's first call at the timestep the last block ended on is a new run, not a repeat within a step
+        # (a one-step readout in a second block was dropped as the first's repeat, its maps never recorded)
+        new_block = run.pop("new_block", False) and timestep is not None and timestep == last
+        if last is None or new_call or new_block or (timestep is not None and timestep > last):
             run.update(step=0, call_in_step=0, num_steps=self._total_steps(), cfg=None)
         elif timestep == last:
             run["call_in_step"] += 1
@@ -1099,8 +1153,13 @@ class AttentionCapture:
         batch = sample.shape[0]
         rows = slice(0, batch)
         if run.get("cfg") is None:  # decided once per run, at its first call (it flipped mid-run, then crashed)
+            self._refuse_perturbed_guidance()
             run["cfg"], run["cfg_detected"] = self._batched_cfg(sample)
             run["cfg_batch"] = batch
+            if run["cfg"] and batch % 2:  # the "halves" of 3 rows were rows 1-2, one of them unconditional
+                raise ValueError(f"AttentionCapture: cfg=True (batched classifier-free guidance: unconditional "
+                                 f"rows, then as many conditional ones) needs an even batch, got a denoiser call "
+                                 f"of {batch} rows; pass cfg=False if this run does not batch guidance")
         # A call of another batch size in a guided run (SD3's skip-layer guidance: the conditional half alone)
         # is not batched guidance: all its rows are the prompts'.
         batched = run["cfg"] and batch == run["cfg_batch"]

@@ -1048,6 +1048,12 @@ def _capture_factory(capture: Any):
     if capture is None or capture is True:
         return _default_capture_factory(CaptureConfig())
     if isinstance(capture, CaptureConfig):
+        if capture.tokens is not None:  # maps of the kept tokens only, read by the rewards at sequence positions
+            raise ValueError(
+                f"capture: CaptureConfig(tokens={capture.tokens!r:.80}) keeps only some text tokens, but a backbone's "
+                "Decoded.token_maps holds one map per token of the text sequence, indexed by position (the rewards "
+                "read an entity's map at its token index: with a subset they read another token's map); leave "
+                "tokens=None here (select tokens with xlard.attention.AttentionCapture used directly)")
         return _default_capture_factory(capture)
     if callable(capture):
         def checked(denoiser, *, num_steps: int, cfg: bool):
