@@ -21,13 +21,18 @@ Two phases share one wall-clock budget (``--minutes``):
    with fresh seeds, so held-out prompts are never seen.
 
 ``--max-steps`` / ``--vae-max-steps`` make a phase step-driven instead: it runs
-exactly that many steps (its learning-rate schedule follows the steps) and the
-minutes budget is not applied to it.
+exactly that many steps (its learning-rate schedule follows the steps; the VAE
+phase does not end early at ``--vae-target``) and the minutes budget is not
+applied to it.
+
+A loss that stops being finite (a learning rate too large) ends the run with an
+error naming the flag, before any checkpoint or export of such weights.
 
 Checkpoints are written atomically every ``--checkpoint-minutes`` into
 ``--work-dir`` and ``--resume`` continues from the last one (the budget counts
 the time already spent; budgets, threads and sampling may change on resume,
-any other setting is refused). A resumed run continues from the checkpoint's
+any other setting is refused; a damaged checkpoint is named; with no checkpoint yet, the run starts over and
+the earlier run's metrics move to ``metrics.before-resume.jsonl``). A resumed run continues from the checkpoint's
 weights, optimiser and random state; it is not bit-identical to an
 uninterrupted run (with step budgets its losses match the uninterrupted run's
 to about 1e-3, as two fresh runs match each other, since threaded reductions
@@ -133,11 +138,12 @@ class TrainConfig:
 
         number("minutes", 0, low_open=True)
         number("vae_minutes", 0)
-        if self.vae_minutes >= self.minutes:
+        if not self.vae_max_steps and self.vae_minutes >= self.minutes:  # a step-limited VAE phase has no minutes
             raise ValueError(f"--vae-minutes must be below --minutes (the VAE phase is part of the budget), "
                              f"got {self.vae_minutes} and {self.minutes}")
-        for name in ("vae_lr", "lr", "min_snr_gamma"):
-            number(name, 0, low_open=True)
+        for name in ("vae_lr", "lr"):  # AdamW steps of 1e30 gave NaN weights, exported with exit status 0
+            number(name, 0, 1, low_open=True)
+        number("min_snr_gamma", 0, low_open=True)
         # vae_check_minutes and sample_minutes 0: never; checkpoint_minutes 0: at every step
         for name in ("kl_weight", "object_weight", "guidance", "vae_check_minutes", "checkpoint_minutes",
                      "sample_minutes"):
@@ -412,17 +418,55 @@ class Trainer:
                 "opt": self.opt.state_dict(), "scaling_factor": self.vae.config.scaling_factor,
                 "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
 
+    def _check_finite(self, loss: torch.Tensor, flag: str, where: str) -> None:
+        """A loss that is no longer finite stops the run before the step (its weights would be NaN from here, and
+        were checkpointed and exported as if trained, with exit status 0)."""
+        if not bool(torch.isfinite(loss)):
+            raise ValueError(f"{flag}: the training loss became {float(loss.detach())} at {where}: a learning rate too large "
+                             "for these weights (or another setting that diverges); nothing was exported, and the "
+                             f"checkpoint in {self.work} holds the last finite weights: rerun with a smaller "
+                             f"{flag} in another --work-dir")
+
     def checkpoint(self) -> None:
+        bad = [name for name in ("vae", "unet", "text_encoder", "ema_unet", "ema_text")
+               if not all(bool(torch.isfinite(p).all()) for p in getattr(self, name).parameters())]
+        if bad:  # a step made the weights non-finite although its loss was finite: keep the last good checkpoint
+            raise ValueError(f"--lr/--vae-lr: the {', '.join(bad)} weights are no longer finite (step {self.step}, "
+                             f"VAE step {self.vae_step}); the checkpoint in {self.work} was kept and nothing was "
+                             "exported: rerun with a smaller learning rate in another --work-dir")
         atomic_save(self.state(), self.ckpt_path)
         self.last_ckpt = time.time()
         self.log.write(event="checkpoint", phase=self.phase, step=self.step, vae_step=self.vae_step,
                        elapsed=round(self.now(), 1))
 
+    _CHECKPOINT_KEYS = ("config", "phase", "step", "vae_step", "elapsed", "vae_seconds", "vae_check", "samples_done",
+                        "vae", "unet", "text_encoder", "ema_unet", "ema_text", "vae_opt", "opt", "scaling_factor",
+                        "numpy_rng", "torch_rng")
+
     def resume(self) -> bool:
         if not self.ckpt_path.is_file():
-            print(f"[resume] no checkpoint at {self.ckpt_path}; starting fresh", flush=True)
+            note = ""
+            if self.log.path.is_file() and self.log.path.stat().st_size:
+                # a run stopped before its first checkpoint: its rows went on in the new run's log, two runs mixed
+                aside, k = self.log.path.with_name("metrics.before-resume.jsonl"), 1
+                while aside.exists():
+                    aside, k = self.log.path.with_name(f"metrics.before-resume.{k}.jsonl"), k + 1
+                os.replace(self.log.path, aside)
+                note = f" (the earlier run wrote no checkpoint; its metrics moved to {aside.name})"
+            print(f"[resume] no checkpoint at {self.ckpt_path}; starting fresh{note}", flush=True)
             return False
-        st = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        try:
+            st = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - torch's zip reader and unpickler raise many kinds
+            from xlard._args import short_reason
+
+            raise ValueError(f"--resume: {self.ckpt_path} cannot be read ({short_reason(exc, 160)}): it is damaged; "
+                             "delete it to start the run over, or give another --work-dir") from None
+        missing = [k for k in self._CHECKPOINT_KEYS if k not in st] if isinstance(st, dict) else None
+        if missing is None or missing or not isinstance(st.get("config"), dict):
+            what = f"it has no {', '.join(missing)}" if missing else "it holds no settings of this script"
+            raise ValueError(f"--resume: {self.ckpt_path} is not a complete checkpoint of this script ({what}); "
+                             "delete it to start the run over, or give another --work-dir")
         # Budgets, bookkeeping and the export may change on --resume; anything else would train another model
         # on top of this one (another architecture failed in load_state_dict; another --lr or --seed was taken
         # silently and recorded as if the whole run had used it).
@@ -491,6 +535,7 @@ class Trainer:
             rec_loss = (weight * (err.abs() + err.pow(2))).mean() / weight.mean()
             kl = posterior.kl().mean() / x[0].numel()
             loss = rec_loss + cfg.kl_weight * kl
+            self._check_finite(loss, "--vae-lr", f"VAE step {self.vae_step + 1}")
             frac = self.vae_step / cfg.vae_max_steps if cfg.vae_max_steps else self.vae_seconds / max(budget, 1.0)
             for group in self.vae_opt.param_groups:
                 # Cosine decay to 10%: a large step size keeps edges and colors from settling.
@@ -515,7 +560,7 @@ class Trainer:
                 last_check = time.time()
                 self.log.write(event="vae_check", step=self.vae_step, elapsed=round(self.now(), 1), **quick)
                 print(f"\n[vae] step {self.vae_step}: {quick}", flush=True)
-                if quick["recon_accuracy"] >= cfg.vae_target:
+                if quick["recon_accuracy"] >= cfg.vae_target and not cfg.vae_max_steps:  # a step limit runs them all
                     break
         bar.close()
         self.vae.eval().requires_grad_(False)
@@ -603,6 +648,7 @@ class Trainer:
             snr = snr_all[t]
             weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)  # min-SNR for v-prediction
             loss = (weight * per_sample).mean()
+            self._check_finite(loss, "--lr", f"UNet step {self.step + 1}")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             grad = torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()),
@@ -694,8 +740,8 @@ class Trainer:
 
 #: What each option means (``--help``).
 HELP = {
-    "out": "where the trained pipeline goes (a folder, replaced whole; required: xlard/data/shapes_backbone installs "
-           "it as the shipped backbone)",
+    "out": "where the trained pipeline goes (a new or empty folder, or a pipeline folder, replaced whole; a folder "
+           "of other files is refused; required: xlard/data/shapes_backbone installs it as the shipped backbone)",
     "work_dir": "checkpoints, metrics.jsonl and sample grids (--resume continues the run there)",
     "seed": "random seed of the data, the initial weights and the noise",
     "minutes": "wall-clock budget of the whole run (VAE phase included)",
@@ -708,17 +754,18 @@ HELP = {
     "latent_channels": "channels of the latent",
     "vae_batch_size": "images per VAE step",
     "vae_crop": "square crops the VAE trains on (16, 32, 48 or 64)",
-    "vae_lr": "the VAE's learning rate",
+    "vae_lr": "the VAE's learning rate, in (0, 1]",
     "kl_weight": "weight of the VAE's KL term",
     "object_weight": "extra reconstruction weight on object pixels",
-    "vae_target": "the VAE phase ends once its quick check reconstructs this share of objects right, in (0, 1]",
+    "vae_target": "a minutes-budgeted VAE phase ends once its quick check reconstructs this share of objects right, "
+                  "in (0, 1] (--vae-max-steps runs all its steps)",
     "vae_check_minutes": "minutes between the VAE's quick checks (0: never)",
     "text_dim": "the text encoder's width (a multiple of 4)",
     "text_layers": "the text encoder's layers",
     "unet_channels": "the UNet's three widths (multiples of 8 and of --unet-heads)",
     "unet_heads": "attention heads of the UNet",
     "batch_size": "prompts per text-encoder + UNet step",
-    "lr": "the text encoder's and UNet's peak learning rate",
+    "lr": "the text encoder's and UNet's peak learning rate, in (0, 1]",
     "warmup_steps": "linear warmup steps",
     "final_lr_fraction": "the cosine's end, as a share of --lr",
     "cfg_dropout": "share of prompts dropped to the empty one (classifier-free guidance), in [0, 1)",
@@ -768,6 +815,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
         # the export replaces --out as a whole: the checkpoint in --work-dir went with it
         p.error(f"--out ({cfg.out}) and --work-dir ({cfg.work_dir}) must be separate folders, neither inside the "
                 "other: the export replaces --out as a whole")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        # the export replaces --out whole: a folder of the user's (--out ~/project) lost every file in it
+        p.error(f"--out: {cfg.out} holds files but no diffusers pipeline (model_index.json), and the export "
+                "replaces --out as a whole; give a new or empty folder, or a pipeline folder to replace")
     if not resume and ((work / "checkpoint.pt").exists() or (work / "metrics.jsonl").exists()):
         p.error(f"--work-dir: {cfg.work_dir} holds an earlier run (checkpoint.pt / metrics.jsonl); pass --resume to "
                 "continue it, or choose another --work-dir (a new run there overwrote its checkpoint and appended "

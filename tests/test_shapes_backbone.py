@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from xlard.shapes import backbone
 
@@ -226,7 +227,8 @@ def test_training_config_is_validated(capsys):
                       (["--unet-channels", "8", "16"], "--unet-channels must have 3 levels"),
                       (["--minutes", "0"], "--minutes must be in (0, inf)"),
                       (["--vae-max-steps", "-2"], "--vae-max-steps must be >= 0"),
-                      (["--lr", "nan"], "--lr must be in (0, inf)"),
+                      (["--lr", "nan"], "--lr must be in (0, 1]"),
+                      (["--vae-lr", "1e30"], "--vae-lr must be in (0, 1]"),  # trained to NaN, exported, status 0
                       (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
                       (["--vae-channels", "12", "32", "64"], "--vae-channels must be multiples of 8"),
                       (["--unet-channels", "24", "48", "96", "--unet-heads", "5"], "multiples of --unet-heads"),
@@ -248,3 +250,79 @@ def test_training_config_is_validated(capsys):
     with pytest.raises(SystemExit):  # no default --out: a plain run replaced the shipped weights
         train.parse_args(["--max-steps", "2"])
     assert "required: --out" in capsys.readouterr().err
+    # with a step-limited VAE phase the minutes rule for it does not apply (the docstring says so; it was refused)
+    assert train.parse_args(["--out", "o", "--minutes", "1", "--vae-max-steps", "2", "--max-steps", "2"])[0].minutes == 1
+
+
+def test_the_export_does_not_replace_a_folder_of_the_users(tmp_path, capsys):
+    """--out ~/project: the export replaced the folder whole and every file of the user's in it was gone."""
+    train = _train_module()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(TINY + ["--out", str(mine), "--work-dir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--out: " in err and "holds files but no diffusers pipeline (model_index.json)" in err
+    assert (mine / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    pipeline = tmp_path / "pipe"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    for ok in (tmp_path / "empty", pipeline, tmp_path / "new"):  # a pipeline folder is replaced, as documented
+        assert train.parse_args(TINY + ["--out", str(ok), "--work-dir", str(tmp_path / "w")])[0].out == str(ok)
+
+
+def test_a_diverging_run_stops_before_any_checkpoint_or_export_of_nan_weights(tmp_path, monkeypatch):
+    """--lr 1e30 trained to NaN, wrote NaN checkpoints and exported an all-NaN pipeline with exit status 0."""
+    train = _train_module()
+    real_crops = train.random_crops
+    monkeypatch.setattr(train, "random_crops", lambda *a: real_crops(*a) * float("nan"))
+    work, out = tmp_path / "work", tmp_path / "out"
+    with pytest.raises(ValueError, match=r"--vae-lr: the training loss became nan at VAE step 1: .*nothing was "
+                                         r"exported"):
+        train.main(TINY + ["--max-steps", "2", "--work-dir", str(work), "--out", str(out)])
+    assert not out.exists() and not (work / "checkpoint.pt").exists()
+    monkeypatch.setattr(train, "random_crops", real_crops)
+    assert train.main(TINY + ["--max-steps", "1", "--work-dir", str(work), "--out", str(out), "--resume"]) == 0
+    before = (work / "checkpoint.pt").read_bytes()
+    trainer = train.Trainer(train.parse_args(TINY + ["--work-dir", str(work), "--out", str(out), "--resume"])[0])
+    with torch.no_grad():
+        next(trainer.unet.parameters()).fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"the unet weights are no longer finite .* checkpoint in .* was kept"):
+        trainer.checkpoint()
+    assert (work / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, capsys):
+    """A cut checkpoint, a list, a dict without the optimiser: tracebacks (PytorchStreamReader, AttributeError,
+    KeyError 'opt')."""
+    train = _train_module()
+    work, out = tmp_path / "work", tmp_path / "out"
+    common = TINY + ["--work-dir", str(work), "--out", str(out)]
+    assert train.main(common + ["--max-steps", "1"]) == 0
+    good = (work / "checkpoint.pt").read_bytes()
+    state = torch.load(work / "checkpoint.pt", weights_only=False)
+    del state["opt"]
+    for damage, text in ((lambda: (work / "checkpoint.pt").write_bytes(good[:len(good) // 2]), "cannot be read"),
+                         (lambda: torch.save([1, 2], work / "checkpoint.pt"), "holds no settings of this script"),
+                         (lambda: torch.save(state, work / "checkpoint.pt"), "it has no opt")):
+        damage()
+        with pytest.raises(ValueError, match=rf"--resume: .*checkpoint.pt {'' if 'read' in text else 'is not'}.*"
+                                             rf"{text}.*give another --work-dir"):
+            train.main(common + ["--max-steps", "2", "--resume"])
+
+
+def test_resume_without_a_checkpoint_keeps_the_earlier_rows_apart(tmp_path, capsys):
+    """A run stopped before its first checkpoint, rerun with --resume as the interrupt line says: it started over
+    and appended to the earlier run's metrics (two runs, other settings even, in one log)."""
+    train = _train_module()
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    (work / "metrics.jsonl").write_text('{"phase": "vae", "step": 1, "rec_loss": 0.5}\n')
+    assert train.main(TINY + ["--max-steps", "1", "--work-dir", str(work), "--out", str(out), "--resume"]) == 0
+    assert "its metrics moved to metrics.before-resume.jsonl" in capsys.readouterr().out
+    assert (work / "metrics.before-resume.jsonl").read_text() == '{"phase": "vae", "step": 1, "rec_loss": 0.5}\n'
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("phase") == "vae"] == [1, 2] and "rec_loss" in rows[0]
+    assert rows[0]["rec_loss"] != 0.5
