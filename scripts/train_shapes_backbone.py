@@ -422,9 +422,9 @@ class Trainer:
         """A loss that is no longer finite stops the run before the step (its weights would be NaN from here, and
         were checkpointed and exported as if trained, with exit status 0)."""
         if not bool(torch.isfinite(loss)):
-            raise ValueError(f"{flag}: the training loss became {float(loss.detach())} at {where}: a learning rate too large "
-                             "for these weights (or another setting that diverges); nothing was exported, and the "
-                             f"checkpoint in {self.work} holds the last finite weights: rerun with a smaller "
+            raise ValueError(f"{flag}: the training loss became {float(loss.detach())} at {where}: a learning rate "
+                             "too large for these weights (or another setting that diverges); nothing was exported, "
+                             f"and the checkpoint in {self.work} holds the last finite weights: rerun with a smaller "
                              f"{flag} in another --work-dir")
 
     def checkpoint(self) -> None:

@@ -251,7 +251,8 @@ def test_training_config_is_validated(capsys):
         train.parse_args(["--max-steps", "2"])
     assert "required: --out" in capsys.readouterr().err
     # with a step-limited VAE phase the minutes rule for it does not apply (the docstring says so; it was refused)
-    assert train.parse_args(["--out", "o", "--minutes", "1", "--vae-max-steps", "2", "--max-steps", "2"])[0].minutes == 1
+    args = ["--out", "o", "--minutes", "1", "--vae-max-steps", "2", "--max-steps", "2"]
+    assert train.parse_args(args)[0].minutes == 1
 
 
 def test_the_export_does_not_replace_a_folder_of_the_users(tmp_path, capsys):
