@@ -33,7 +33,8 @@ def main(argv=None) -> int:
                         help="records of the evaluation whose cost is extrapolated (default 500)")
     parser.add_argument("--target-seeds", type=int, default=2,
                         help="seeds of the evaluation whose cost is extrapolated (default 2)")
-    parser.add_argument("--out", help="write the measurements (JSON) here")
+    parser.add_argument("--out", help="write the measurements (JSON) here, atomically: a failed write leaves the "
+                                      "file as it was")
     args = parser.parse_args(argv)
     for flag, value, high in (("--records", args.records, 100_000), ("--batch", args.batch, 4096),
                               ("--target-records", args.target_records, 10**6),
@@ -122,9 +123,8 @@ def main(argv=None) -> int:
         results["settings"].append(row)
         print(json.dumps(row), flush=True)
     results["load_average_end"] = os.getloadavg()
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+    if args.out:  # atomically: a failed write (a full disk, a file-size limit) keeps the earlier file whole
+        _io.atomic_write_json(args.out, results, owner="measure_eval_cost --out")
     return 0
 
 

@@ -8,7 +8,9 @@ The run is an ordinary ``xlard train configs/shapes_shipped.yaml`` run (checkpoi
 resumable, seeded); its budget is at most 90 minutes on two CPU cores. Installing
 copies the run's ``corrector/`` folder to ``xlard/data/shapes_corrector/`` (the folder
 ``xlard generate --backbone shapes --correct`` and ``xlard eval --correct`` read) and
-writes a model card (``README.md``) there with the run's settings and timings. The
+writes a model card (``README.md``) there with the run's settings and timings; a run
+whose summary.json, config.json or metrics.jsonl is damaged is refused (the error names
+the file and what to do) and the package data stays as it was. The
 held-out split is never touched here: evaluate the installed corrector with
 
     xlard eval --prompts heldout.jsonl --correct --seeds 0,1 --out runs/shipped_eval
@@ -37,10 +39,8 @@ def install(run: Path, seconds: float | None) -> Path:
     size = sum(p.stat().st_size for p in source.iterdir() if p.is_file())
     if size > MAX_BYTES:
         raise SystemExit(f"the corrector folder is {size / 2**20:.1f} MiB, above the 20 MiB package-data budget")
-    summary = json.loads((run / "summary.json").read_text())
-    config = json.loads((run / "config.json").read_text())
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train_seconds = sum(r.get("time/step", 0.0) + r.get("time/last_checkpoint", 0.0) for r in rows)
+    summary, config, rows = read_run(run)
+    train_seconds = sum(_seconds(r.get("time/step")) + _seconds(r.get("time/last_checkpoint")) for r in rows)
     distill = (meta.training or {}).get("distill") or {}
     build_seconds = float(distill.get("build_seconds") or 0.0)
     fit_seconds = (float(distill.get("seconds") or 0.0) + float(distill.get("decoder_seconds") or 0.0)
@@ -87,6 +87,64 @@ def install(run: Path, seconds: float | None) -> Path:
         meta_file.write_text(_io.dumps(meta_data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return TARGET
+
+
+def read_run(run: Path, owner: str = "train_shapes_corrector") -> tuple[dict, dict, list[dict]]:
+    """The files of a finished run the model card reads: ``summary.json``, ``config.json`` and the rows of
+    ``metrics.jsonl`` (``owner`` begins the messages).
+
+    Raises:
+        FileNotFoundError: one is missing.
+        ValueError: one is damaged (not JSON, cut short, a summary without its step count, a line of the metrics
+            that is no JSON object), naming the file and what to do; a KeyError or a JSON error naming no file
+            before.
+    """
+    from xlard import _io
+
+    resume = "rerun with --resume (not --install-only): it writes it again from the run's last checkpoint"
+    try:
+        summary = _io.read_json(run / "summary.json", owner=owner, what="a run's summary")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {resume}") from None
+    if not isinstance(summary, dict) or not _is_count(summary.get("steps")):
+        raise ValueError(f"{owner}: {run / 'summary.json'} is not the summary of a finished run (no step count "
+                         f"\"steps\"); {resume}")
+    try:
+        config = _io.read_json(run / "config.json", owner=owner, what="a run's config")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; the run's config is damaged: train the run again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{owner}: {run / 'config.json'} is not a run config (a JSON object); the run's config is "
+                         "damaged: train the run again")
+    path = run / "metrics.jsonl"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{owner}: {path} is not text (UTF-8); the model card sums the run's step times from it: "
+                         "restore it, or train the run again") from None
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise ValueError(f"{owner}: {path} line {number} is not a metrics row ({line[:60]!r}: damaged or cut "
+                             "short); the model card sums the run's step times from it: repair or delete that line "
+                             "and rerun")
+        rows.append(row)
+    return summary, config, rows
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _seconds(value) -> float:
+    """A metrics row's time in seconds; absent or null (a NaN written as null) counts as 0."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def config_differences(run: Path) -> list[str]:
@@ -137,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--install-only: {args.out} was not trained with {CONFIG.relative_to(REPO)} (its "
                          f"config.json differs in {shown}); only the shipped config's run is installed (its "
                          "model card names that config)")
+        try:  # a damaged summary.json or metrics.jsonl: now, naming the file (a KeyError or "Unterminated string")
+            read_run(Path(args.out), "--install-only")
+        except (OSError, ValueError) as exc:
+            parser.error(" ".join(str(exc).split()))
     from xlard import _io
 
     # The package data's folder is replaced whole, so its parent must take a new folder.

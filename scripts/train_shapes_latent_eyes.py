@@ -20,7 +20,8 @@ on stderr. The weights (float32 safetensors, about 0.6 MB) and a config.json wit
     python scripts/train_shapes_latent_eyes.py --out xlard/data/shapes_latent_eyes
 
 About 3 minutes of sampling and 3 of training on two CPU cores (the shipped weights' numbers are in the
-config.json's ``training`` entry).
+config.json's ``training`` entry). A fit that diverges (a training or held-back loss that is not finite: ``--lr``
+too high) ends with an error and writes nothing to ``--out``; the sampled data stays for the rerun.
 """
 from __future__ import annotations
 
@@ -46,18 +47,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=300, help="sampling batches of 8 prompts (default 300)")
     p.add_argument("--epochs", type=int, default=25, help="passes over the sampled latents (default 25)")
     p.add_argument("--batch-size", type=int, default=32, help="latents per optimiser step (default 32)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (default 3e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the prompts, image seeds and the fit (default 0)")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="peak learning rate of the one-cycle schedule, in (0, 1] (default 3e-3); a fit whose loss "
+                        "stops being finite ends with an error and saves nothing")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the prompts, image seeds and the fit, in [0, 2**64) (default 0)")
     args = p.parse_args(argv)
     for name in ("batches", "epochs", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.seed < 0:  # numpy's generator refused it after the backbone had loaded, with a traceback
-        p.error(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2 ** 64:  # numpy's generator (a negative seed) and torch.manual_seed (2**64: "Overflow
+        # when unpacking long long") refused it after the backbone had loaded, naming no flag
+        p.error(f"--seed must be in [0, 2**64), got {args.seed}")
     if args.corrector is not None and not (Path(args.corrector) / "config.json").is_file():
         p.error(f"--corrector: {args.corrector} is not a corrector folder (no config.json there)")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        p.error(f"--lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.lr) and 0 < args.lr <= 1):  # 1e30 trained to NaN and saved the NaN weights
+        p.error(f"--lr must be a number in (0, 1], got {args.lr}")
     from xlard import _io
 
     for name in ("out", "work"):  # before minutes of sampling and training, not at the save
@@ -201,6 +206,10 @@ def main(argv=None) -> int:
         order = train[torch.randperm(len(train))]
         for i in range(0, len(order), args.batch_size):
             loss = loss_of(order[i:i + args.batch_size])
+            if not torch.isfinite(loss):  # diverged: every step after it (and the saved weights) would be NaN
+                raise ValueError(f"training diverged in epoch {epoch + 1} (training loss {loss.item()}); lower --lr "
+                                 f"(now {args.lr:g}) and rerun (the sampled data in {work} is reused); nothing was "
+                                 f"written to --out {out}")
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -210,6 +219,10 @@ def main(argv=None) -> int:
             held_loss = float(loss_of(held))
         print(f"epoch {epoch + 1}/{args.epochs}: held-back loss {held_loss:.4f} ({time.time() - t1:.0f} s)",
               file=sys.stderr, flush=True)
+        if not math.isfinite(held_loss):  # the weights are NaN or infinite: not worth saving (a NaN model was)
+            raise ValueError(f"training diverged in epoch {epoch + 1} (held-back loss {held_loss}); lower --lr "
+                             f"(now {args.lr:g}) and rerun (the sampled data in {work} is reused); nothing was "
+                             f"written to --out {out}")
     info = {"training": {"latents": n, "held_back": len(held), "held_back_loss": round(held_loss, 5),
                          "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                          "sampling_batches": args.batches, "corrector": args.corrector or "shipped",

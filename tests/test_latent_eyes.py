@@ -276,7 +276,7 @@ def test_training_script_writes_loadable_eyes_and_reuses_its_data(tmp_path):
     bad = subprocess.run(cmd[:2] + ["--out", str(tmp_path / "x"), "--epochs", "0"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--epochs must be >= 1, got 0" in bad.stderr
-    for extra, words in ((["--seed", "-1"], "--seed must be >= 0, got -1"), (["--out", ""], "--out"),
+    for extra, words in ((["--seed", "-1"], "--seed must be in [0, 2**64), got -1"), (["--out", ""], "--out"),
                          (["--corrector", str(tmp_path / "nowhere")], "is not a corrector folder")):
         bad = subprocess.run(cmd[:2] + ["--out", str(tmp_path / "x"), *extra], env=env, capture_output=True,
                              text=True, timeout=120)
@@ -285,6 +285,63 @@ def test_training_script_writes_loadable_eyes_and_reuses_its_data(tmp_path):
     bad = subprocess.run(cmd[:2] + ["--out", str(tmp_path / "a-file")], env=env, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "a-file" in bad.stderr and "sampling" not in bad.stderr, bad.stderr[-2000:]
+
+
+def _latent_eyes_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_shapes_latent_eyes",
+                                                  ROOT / "scripts" / "train_shapes_latent_eyes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_training_script_bounds_lr_and_seed_before_any_work(tmp_path, capsys):
+    """--lr 1e30 trained to NaN and saved the NaN weights; --seed 2**64 failed after the backbone had loaded with
+    "Overflow when unpacking long long", naming no flag."""
+    script = _latent_eyes_script()
+    base = ["--out", str(tmp_path / "eyes"), "--work", str(tmp_path / "work")]
+    for extra, words in ((["--lr", "1e30"], "--lr must be a number in (0, 1], got 1e+30"),
+                         (["--lr", "0"], "--lr must be a number in (0, 1], got 0.0"),
+                         (["--seed", str(2 ** 64)], f"--seed must be in [0, 2**64), got {2 ** 64}"),
+                         (["--seed", "-1"], "--seed must be in [0, 2**64), got -1")):
+        with pytest.raises(SystemExit) as e:
+            script.parse_args(base + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and "Traceback" not in err, err
+    args = script.parse_args(base + ["--lr", "1", "--seed", str(2 ** 64 - 1)])
+    assert (args.lr, args.seed) == (1.0, 2 ** 64 - 1)
+    assert not (tmp_path / "eyes").exists() and not (tmp_path / "work").exists()
+
+
+@pytest.mark.skipif(not U.is_available(), reason="the understanding model (the teacher's config) is absent")
+@pytest.mark.parametrize("epochs, batch, loss", [(1, 16, "held-back loss"), (2, 4, "training loss")])
+def test_training_script_stops_on_a_diverging_fit_and_keeps_the_saved_eyes(tmp_path, monkeypatch, epochs, batch,
+                                                                           loss):
+    """A learning rate past any sense (1e30, which --lr now refuses) trained to NaN, printed "held-back loss nan",
+    exited 0 and replaced the eyes in --out with NaN weights: a loss that is not finite ends the fit, naming --lr,
+    and --out keeps what it held."""
+    script = _latent_eyes_script()
+    out, work = tmp_path / "eyes", tmp_path / "work"
+    LE.LatentUnderstanding(TINY).save_pretrained(out, extra={"training": {"note": "the earlier eyes"}})
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    gen = torch.Generator().manual_seed(0)
+    shape = torch.rand(12, 5, 64, 64, generator=gen).softmax(1)[:, 1:]
+    color = torch.rand(12, 11, 64, 64, generator=gen).softmax(1)
+    work.mkdir()
+    torch.save({"key": repr({"test": 1}), "z": torch.randn(12, 8, 16, 16, generator=gen), "shape": shape.half(),
+                "color": color.half()}, work / "data.pt")  # the sampled data, as a rerun reuses it
+    monkeypatch.setattr(script, "_data_key", lambda args: {"test": 1})
+    args = script.parse_args(["--out", str(out), "--work", str(work), "--epochs", str(epochs),
+                              "--batch-size", str(batch)])
+    args.lr = 1e30  # past the bound parse_args now sets: the fit's own check is tested
+    monkeypatch.setattr(script, "parse_args", lambda argv=None: args)
+    with pytest.raises(ValueError, match=f"training diverged in epoch .*{loss} (nan|inf).*; lower --lr "
+                                         r"\(now 1e\+30\) and rerun .*nothing was written to --out"):
+        script.main([])
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert (work / "data.pt").is_file()
 
 
 @pytest.mark.skipif(not (U.is_available() and shapes_backbone.is_available()),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -662,3 +663,52 @@ def test_a_reader_move_corrector_fits_its_residual_only():
     for (name, a), (_, b) in zip(plain.state_dict().items(), moving.state_dict().items()):
         assert torch.equal(a, b), name
     assert float(plain.head.weight.detach().abs().sum()) > 0  # the fits did train
+
+
+def test_install_only_names_a_damaged_run_file(tmp_path, capsys):
+    """--install-only of a run whose summary.json was {} ended in a KeyError traceback; a summary.json cut short or a
+    cut last line of metrics.jsonl in "error: Unterminated string ..." naming no file. Each is one usage line naming
+    the file and what to do, and the package data is left as it was."""
+    import importlib.util
+
+    from xlard.evaluation import CorrectorMeta, save_corrector_dir
+    from xlard.models import CorrectorConfig, ResidualCorrector
+    from xlard.train import load_config
+
+    spec = importlib.util.spec_from_file_location(
+        "train_shapes_corrector", Path(__file__).resolve().parents[1] / "scripts" / "train_shapes_corrector.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.TARGET = tmp_path / "installed"
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    save_corrector_dir(run / "corrector", ResidualCorrector(CorrectorConfig.tiny(latent_channels=8)),
+                       CorrectorMeta("shapes", 1.0, 1.0, 20, 5.0, training={"note": "test"}))
+    shipped = load_config(script.CONFIG, overrides={"out": str(run)})
+    (run / "config.json").write_text(json.dumps(shipped.to_dict(), default=list))
+    good = {"summary.json": '{"steps": 2}\n', "metrics.jsonl": '{"step": 1, "time/step": 1.5}\n{"step": 2, '
+                                                                 '"time/step": null}\n'}
+    for name, text in good.items():
+        (run / name).write_text(text)
+    assert script.main(["--install-only", "--out", str(run)]) == 0
+    assert "PPO steps: 2" in (script.TARGET / "README.md").read_text()
+    installed = {p.name: p.read_bytes() for p in script.TARGET.iterdir()}
+    capsys.readouterr()
+    for name, text, words in (
+            ("summary.json", "{}", "summary.json is not the summary of a finished run (no step count \"steps\"); "
+                                   "rerun with --resume (not --install-only)"),
+            ("summary.json", '{"steps": 2, "out": "ru', "summary.json is not valid JSON (Unterminated string"),
+            ("metrics.jsonl", good["metrics.jsonl"] + '{"step": 3, "time/st', "metrics.jsonl line 3 is not a metrics "
+                                                                              "row"),
+            ("metrics.jsonl", good["metrics.jsonl"] + "[1, 2]\n", "metrics.jsonl line 3 is not a metrics row")):
+        (run / name).write_text(text)
+        with pytest.raises(SystemExit) as e:
+            script.main(["--install-only", "--out", str(run)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--install-only: {run / name}" in err, err
+        assert words in err and "Traceback" not in err, err
+        # install() after a training run reads them the same way
+        with pytest.raises(ValueError, match="^" + re.escape(f"train_shapes_corrector: {run / name}")):
+            script.install(run, seconds=1.0)
+        (run / name).write_text(good[name])
+    assert {p.name: p.read_bytes() for p in script.TARGET.iterdir()} == installed
