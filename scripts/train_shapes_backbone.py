@@ -423,17 +423,20 @@ class Trainer:
         were checkpointed and exported as if trained, with exit status 0)."""
         if not bool(torch.isfinite(loss)):
             raise ValueError(f"{flag}: the training loss became {float(loss.detach())} at {where}: a learning rate "
-                             "too large for these weights (or another setting that diverges); nothing was exported, "
-                             f"and the checkpoint in {self.work} holds the last finite weights: rerun with a smaller "
-                             f"{flag} in another --work-dir")
+                             "too large for these weights (or another setting that diverges); nothing was exported"
+                             f"{self._kept()}: rerun with a smaller {flag} in another --work-dir")
+
+    def _kept(self) -> str:
+        return (f", and the checkpoint in {self.work} holds the last finite weights" if self.ckpt_path.is_file()
+                else ", and no checkpoint was written")
 
     def checkpoint(self) -> None:
         bad = [name for name in ("vae", "unet", "text_encoder", "ema_unet", "ema_text")
                if not all(bool(torch.isfinite(p).all()) for p in getattr(self, name).parameters())]
         if bad:  # a step made the weights non-finite although its loss was finite: keep the last good checkpoint
             raise ValueError(f"--lr/--vae-lr: the {', '.join(bad)} weights are no longer finite (step {self.step}, "
-                             f"VAE step {self.vae_step}); the checkpoint in {self.work} was kept and nothing was "
-                             "exported: rerun with a smaller learning rate in another --work-dir")
+                             f"VAE step {self.vae_step}); nothing was exported{self._kept()}: rerun with a smaller "
+                             "learning rate in another --work-dir")
         atomic_save(self.state(), self.ckpt_path)
         self.last_ckpt = time.time()
         self.log.write(event="checkpoint", phase=self.phase, step=self.step, vae_step=self.vae_step,
@@ -817,8 +820,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
                 "other: the export replaces --out as a whole")
     if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
         # the export replaces --out whole: a folder of the user's (--out ~/project) lost every file in it
-        p.error(f"--out: {cfg.out} holds files but no diffusers pipeline (model_index.json), and the export "
-                "replaces --out as a whole; give a new or empty folder, or a pipeline folder to replace")
+        held = sorted(entry.name for entry in out.iterdir())
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        p.error(f"--out: {cfg.out} holds files ({shown}) but no diffusers pipeline (model_index.json), and the "
+                "export replaces --out as a whole; give a new or empty folder, or a pipeline folder to replace")
     if not resume and ((work / "checkpoint.pt").exists() or (work / "metrics.jsonl").exists()):
         p.error(f"--work-dir: {cfg.work_dir} holds an earlier run (checkpoint.pt / metrics.jsonl); pass --resume to "
                 "continue it, or choose another --work-dir (a new run there overwrote its checkpoint and appended "

@@ -785,17 +785,63 @@ def test_a_one_step_readout_in_a_second_block_is_recorded(models):
     assert stepwise.recorded_steps == (1,)
 
 
-def test_guided_capture_of_an_odd_batch_is_refused(models):
-    """cfg=True on a 3-row call kept rows 1-2 as the "conditional half", one of them unconditional."""
+def test_one_block_per_denoiser_call_counts_steps_as_one_block_does(models):
+    """A loop with one block per call and repeated timesteps (Heun's second evaluation, true CFG's second call):
+    the first version of the one-step rule above started a new run at every repeat (28 records for 8, steps
+    numbered 0, 1, 0, 1, ...)."""
     model = models(FAMILIES["unet"])
+    calls = [_unet_inputs(model, t, seed) for seed, t in enumerate((900.0, 900.0, 600.0, 600.0, 300.0))]
+    config = CaptureConfig(tokens=(1,), steps=(0.0, 0.5))
+    per_call = AttentionCapture(model, config, cfg=True, num_steps=3)
+    for inputs in calls:
+        with per_call:
+            _forward(model, inputs)
+    with AttentionCapture(model, config, cfg=True, num_steps=3) as whole:
+        for inputs in calls:
+            _forward(model, inputs)
+    assert per_call.num_records == whole.num_records > 0 and per_call.recorded_steps == whole.recorded_steps == (0, 1)
+    assert torch.equal(per_call.maps(), whole.maps())
+
+
+def test_guided_capture_of_rows_that_are_not_two_halves_is_refused(models):
+    """cfg=True on a 3-row call kept rows 1-2 as the "conditional half", one of them unconditional; rows of another
+    layout ([x; y; y], as InstructPix2Pix batches them) were split in two "halves" as well."""
+    model = models(FAMILIES["unet"])
+    guided = _unet_inputs(model, 900.0, 0)
     odd = {k: (v[:3] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 2 * BATCH else v)
-           for k, v in _unet_inputs(model, 900.0, 0).items()}
-    with pytest.raises(ValueError, match=r"cfg=True .* needs an even batch, got a denoiser call of 3 rows"):
-        with AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=True):
-            _forward(model, odd)
-    with AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=False) as whole:
-        _forward(model, odd)
-    assert whole.maps().shape[0] == 3
+           for k, v in guided.items()}
+    x = guided["sample"]
+    other = dict(guided, sample=torch.cat([x[:1], x[1:2], x[1:2], x[1:2]]))
+    for inputs, rows in ((odd, 3), (other, 4)):
+        with pytest.raises(ValueError, match=rf"cfg=True .* the first denoiser call's {rows} rows are not two equal "
+                                             r"halves of latents; pass cfg=False"):
+            with AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=True):
+                _forward(model, inputs)
+        with AttentionCapture(model, CaptureConfig(tokens=(1,)), cfg=False) as whole:
+            _forward(model, inputs)
+        assert whole.maps().shape[0] == rows
+
+
+def test_a_pipeline_that_batches_other_rows_under_its_guidance_flag_is_refused():
+    """InstructPix2Pix batches [cond; uncond; uncond] with do_classifier_free_guidance True: 2 prompts gave 3 maps,
+    all of unconditional rows, and 1 prompt was refused as "cfg=True ... pass cfg=False", a flag nobody passed."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    base = tiny_sd_pipeline()
+    parts = dict(base.components)
+    parts["unet"] = UNet2DConditionModel.from_config(base.unet.config, in_channels=8).eval()
+    pipe = StableDiffusionInstructPix2PixPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32)
+    call = dict(num_inference_steps=1, output_type="latent", generator=torch.Generator().manual_seed(0))
+    for prompts in (["a red cat"], ["a red cat", "a blue dog"]):
+        with pytest.raises(ValueError, match=r"StableDiffusionInstructPix2PixPipeline.do_classifier_free_guidance "
+                                             r"says this run batches guidance, but .* not two equal halves"):
+            with AttentionCapture(pipe, CaptureConfig(tokens=(1,))):
+                pipe(prompts, image=image.expand(len(prompts), -1, -1, -1), **call)
+    with AttentionCapture(pipe, CaptureConfig(tokens=(1,))) as plain:  # without guidance, as the message says
+        pipe(["a red cat", "a blue dog"], image=image.expand(2, -1, -1, -1), guidance_scale=1.0, **call)
+    assert plain.maps().shape[0] == 2
 
 
 def test_an_integer_keep_mask_is_refused():
@@ -816,9 +862,18 @@ def test_perturbed_attention_guidance_is_refused():
 
     pipe = StableDiffusionPAGPipeline(**tiny_sd_pipeline().components, pag_applied_layers=["mid"])
     pipe.set_progress_bar_config(disable=True)
-    with AttentionCapture(pipe, CaptureConfig(tokens=(1,))) as capture:  # first: diffusers leaves its PAG
-        _run(pipe, steps=1, prompt=["a red cat", "a blue dog"], pag_scale=0.0)  # processors in after an error
-    assert capture.maps().shape[0] == 2
+    before = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
     with pytest.raises(ValueError, match=r"StableDiffusionPAGPipeline runs perturbed-attention guidance .*pag_scale=0"):
         with AttentionCapture(pipe, CaptureConfig(tokens=(1,))):
             _run(pipe, steps=1, prompt=["a red cat", "a blue dog"], pag_scale=3.0)
+    # diffusers leaves its PAG processors in after an error: they were, and the advised pag_scale=0 call then
+    # failed inside diffusers ("not enough values to unpack")
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == before
+    with AttentionCapture(pipe, CaptureConfig(tokens=(1,))) as capture:
+        _run(pipe, steps=1, prompt=["a red cat", "a blue dog"], pag_scale=0.0)
+    assert capture.maps().shape[0] == 2
+    # a capture of the denoiser alone sees the PAG processors the pipeline installs (it gave 6 maps for 2 prompts)
+    with pytest.raises(ValueError, match=r"the denoiser \(PAG.*\) runs perturbed-attention guidance"):
+        with AttentionCapture(pipe.unet, CaptureConfig(tokens=(1,))):
+            _run(pipe, steps=1, prompt=["a red cat", "a blue dog"], pag_scale=3.0)
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == before

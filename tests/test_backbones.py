@@ -590,6 +590,11 @@ def test_a_capture_of_some_tokens_is_refused_by_the_backbone(backbone):
     with pytest.raises(ValueError, match=r"capture: CaptureConfig\(tokens=\(1, 2\)\) keeps only some text tokens.*"
                                          r"leave tokens=None"):
         _with(backbone, capture=CaptureConfig(tokens=(1, 2)))
+    from xlard.attention import AttentionCapture
+
+    factory = _with(backbone, capture=lambda d, **kw: AttentionCapture(d, CaptureConfig(tokens=(2, 3)), **kw))
+    with pytest.raises(ValueError, match=r"capture: CaptureConfig\(tokens=\(2, 3\)\) keeps only some text tokens"):
+        factory.decode(factory.encode(PROMPTS[:1], seed=0))  # through a factory too (14 maps for 16 tokens)
     full = _with(backbone, capture=CaptureConfig())
     maps = full.decode(full.encode(PROMPTS[:1], seed=0)).token_maps
     assert maps.shape[1] == backbone.pipeline.tokenizer.model_max_length

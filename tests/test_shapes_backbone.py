@@ -264,7 +264,7 @@ def test_the_export_does_not_replace_a_folder_of_the_users(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(TINY + ["--out", str(mine), "--work-dir", str(tmp_path / "w")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--out: " in err and "holds files but no diffusers pipeline (model_index.json)" in err
+    assert e.value.code == 2 and "holds files (notes.txt) but no diffusers pipeline (model_index.json)" in err
     assert (mine / "notes.txt").read_text() == "keep me"
     (tmp_path / "empty").mkdir()
     pipeline = tmp_path / "pipe"
@@ -281,7 +281,7 @@ def test_a_diverging_run_stops_before_any_checkpoint_or_export_of_nan_weights(tm
     monkeypatch.setattr(train, "random_crops", lambda *a: real_crops(*a) * float("nan"))
     work, out = tmp_path / "work", tmp_path / "out"
     with pytest.raises(ValueError, match=r"--vae-lr: the training loss became nan at VAE step 1: .*nothing was "
-                                         r"exported"):
+                                         r"exported, and no checkpoint was written: rerun"):
         train.main(TINY + ["--max-steps", "2", "--work-dir", str(work), "--out", str(out)])
     assert not out.exists() and not (work / "checkpoint.pt").exists()
     monkeypatch.setattr(train, "random_crops", real_crops)
@@ -290,7 +290,8 @@ def test_a_diverging_run_stops_before_any_checkpoint_or_export_of_nan_weights(tm
     trainer = train.Trainer(train.parse_args(TINY + ["--work-dir", str(work), "--out", str(out), "--resume"])[0])
     with torch.no_grad():
         next(trainer.unet.parameters()).fill_(float("inf"))
-    with pytest.raises(ValueError, match=r"the unet weights are no longer finite .* checkpoint in .* was kept"):
+    with pytest.raises(ValueError, match=r"the unet weights are no longer finite .* nothing was exported, and the "
+                                         r"checkpoint in .* holds the last finite weights"):
         trainer.checkpoint()
     assert (work / "checkpoint.pt").read_bytes() == before
 

@@ -193,7 +193,8 @@ class CaptureConfig:
             "float16"/"bfloat16"); probabilities are computed in float32.
             A low-precision mean holds only its first records (16 per
             resolution or layer in bfloat16, 128 in float16: beyond them its
-            updates round away), then goes on in float32.
+            updates round away), then goes on in float32: a memory saving for
+            short captures only.
         per_layer: also keep one running mean per layer (native resolution),
             returned by :meth:`AttentionCapture.layer_maps`.
         chunk_elements: at most this many attention logits (kept batch x heads
@@ -923,10 +924,12 @@ class AttentionCapture:
             detected from identical latent halves.
 
     Entering the capture again adds to the maps recorded so far (``reset()``
-    forgets them); the first denoiser call of a ``with`` block at the
-    timestep the previous block ended on starts a new run (a one-step
-    readout in each of two blocks counts twice), a lower one continues the
-    run (one block per denoising step).
+    forgets them) and continues the run: a lower timestep is the next step,
+    the same one another call of the step (one block per denoiser call
+    counts steps as one block around the loop does). In a one-step run
+    (``num_steps=1``, or a pipeline's one step) a block's first call at the
+    same timestep starts a new run instead (a one-step readout in each of
+    two blocks counts twice).
 
     Raises:
         ValueError: a bad target or config; a selected layer whose processor
@@ -965,6 +968,8 @@ class AttentionCapture:
         self._state = _CaptureState(config)
         self._originals: dict[str, Any] = {}
         self._hook = None
+        self._block_processors: dict[str, Any] = {}
+        self._put_back_all = False
         self._active = False
         params = list(inspect.signature(self.denoiser.forward).parameters)
         wanted = ("sample", "hidden_states", "timestep", "encoder_hidden_states", "img_ids")
@@ -982,6 +987,8 @@ class AttentionCapture:
     def __enter__(self) -> AttentionCapture:
         if self._active:
             raise RuntimeError("this AttentionCapture is already active")
+        self._block_processors = self._processors()  # what a refused PAG call's processors go back to
+        self._put_back_all = False
         try:
             for name, kind, module in self._selected:
                 original = module.processor
@@ -1013,6 +1020,9 @@ class AttentionCapture:
         for module, original in self._originals.values():
             module.set_processor(original)
         self._originals.clear()
+        if self._put_back_all and self._block_processors:
+            self.denoiser.set_attn_processor(self._block_processors)
+            self._put_back_all = False
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -1102,17 +1112,30 @@ class AttentionCapture:
     def _refuse_perturbed_guidance(self) -> None:
         """Perturbed-attention guidance (diffusers' *PAG* pipelines) batches a third, perturbed copy of the
         prompts' rows ([uncond; cond; perturbed]): the "conditional half" of that batch mixed a prompt's
-        conditional row with the perturbed rows of others (3 maps for 2 prompts)."""
+        conditional row with the perturbed rows of others (3 maps for 2 prompts). Seen from the pipeline's flag or,
+        for a denoiser target, from the PAG processors the pipeline installs for the call. The pipeline leaves
+        those in after an error (its next call, PAG off, failed inside diffusers), so the processors of the whole
+        denoiser are put back as they were when the block began."""
         pipe = self.pipeline
         try:
             pag = pipe is not None and getattr(pipe, "do_perturbed_attention_guidance", False) is True
         except AttributeError:  # the property reads state that __call__ sets
             pag = False
-        if pag:
-            raise ValueError(f"AttentionCapture: {type(pipe).__name__} runs perturbed-attention guidance "
-                             "(pag_scale > 0), which batches a perturbed copy of the prompts' rows beside the "
-                             "guidance halves; xlard cannot tell those rows apart: pass pag_scale=0.0, or capture "
-                             "with the pipeline's non-PAG counterpart")
+        installed = sorted({type(p).__name__ for p in self._processors().values()
+                            if type(p).__name__.startswith("PAG")})
+        if pag or installed:
+            self._put_back_all = True
+            who = type(pipe).__name__ if pipe is not None else f"the denoiser ({', '.join(installed)})"
+            raise ValueError(f"AttentionCapture: {who} runs perturbed-attention guidance (pag_scale > 0), which "
+                             "batches a perturbed copy of the prompts' rows beside the guidance halves; xlard "
+                             "cannot tell those rows apart: pass pag_scale=0.0, or capture with the pipeline's "
+                             "non-PAG counterpart")
+
+    def _processors(self) -> dict[str, Any]:
+        try:
+            return dict(self.denoiser.attn_processors)
+        except (AttributeError, RuntimeError):  # a denoiser without diffusers' processor registry
+            return {}
 
     def _new_pipeline_call(self) -> bool:
         """A pipeline given: its scheduler's timesteps are set anew by every pipeline call, so a new tensor there
@@ -1131,9 +1154,11 @@ class AttentionCapture:
         timestep = _scalar(self._argument("timestep", args, kwargs))
         last = run["last_t"]
         new_call = self._new_pipeline_call()
-        # the block's first call at the timestep the last block ended on is a new run, not a repeat within a step
-        # (a one-step readout in a second block was dropped as the first's repeat, its maps never recorded)
-        new_block = run.pop("new_block", False) and timestep is not None and timestep == last
+        # in a one-step run, the block's first call at the timestep the last block ended on is a new run, not a
+        # repeat within the step (a one-step readout in a second block was dropped as the first's repeat); in longer
+        # runs a repeated timestep in a new block is the step's next call (Heun, true CFG in one block per call)
+        new_block = run.pop("new_block", False) and timestep is not None and timestep == last \
+            and run.get("num_steps") == 1
         if last is None or new_call or new_block or (timestep is not None and timestep > last):
             run.update(step=0, call_in_step=0, num_steps=self._total_steps(), cfg=None)
         elif timestep == last:
@@ -1156,10 +1181,20 @@ class AttentionCapture:
             self._refuse_perturbed_guidance()
             run["cfg"], run["cfg_detected"] = self._batched_cfg(sample)
             run["cfg_batch"] = batch
-            if run["cfg"] and batch % 2:  # the "halves" of 3 rows were rows 1-2, one of them unconditional
-                raise ValueError(f"AttentionCapture: cfg=True (batched classifier-free guidance: unconditional "
-                                 f"rows, then as many conditional ones) needs an even batch, got a denoiser call "
-                                 f"of {batch} rows; pass cfg=False if this run does not batch guidance")
+            if run["cfg"] and not run["cfg_detected"] and (
+                    batch % 2 or not torch.equal(sample[: batch // 2], sample[batch // 2:])):
+                # batched guidance repeats the latents: [x; x]. Rows of another layout were split in two "halves"
+                # all the same (3 rows: rows 1-2; InstructPix2Pix's [cond; uncond; uncond]: unconditional rows)
+                if self.cfg is None:
+                    raise ValueError(
+                        f"AttentionCapture: {type(self.pipeline).__name__}.do_classifier_free_guidance says this "
+                        f"run batches guidance, but its first denoiser call's {batch} rows are not two equal halves "
+                        "of latents (a pipeline that batches other rows, as InstructPix2Pix's [cond; uncond; "
+                        "uncond]); xlard cannot tell its rows apart: run it without guidance (guidance_scale 1)")
+                raise ValueError(
+                    f"AttentionCapture: cfg=True (batched classifier-free guidance: the latents twice, unconditional "
+                    f"rows first) but the first denoiser call's {batch} rows are not two equal halves of latents; "
+                    "pass cfg=False if this run does not batch guidance")
         # A call of another batch size in a guided run (SD3's skip-layer guidance: the conditional half alone)
         # is not batched guidance: all its rows are the prompts'.
         batched = run["cfg"] and batch == run["cfg_batch"]
@@ -1221,7 +1256,8 @@ class AttentionCapture:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the stored running means (independent of the number of steps)."""
+        """Bytes held by the stored running means (independent of the number of steps in float32; a float16 or
+        bfloat16 mean doubles once it goes on in float32)."""
         slots = list(self._state.by_resolution.values()) + list(self._state.by_layer.values())
         return sum(slot.mean.numel() * slot.mean.element_size() for slot in slots)
 

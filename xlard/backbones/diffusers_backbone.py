@@ -1039,21 +1039,26 @@ def _default_capture_factory(config):
     return factory
 
 
+def _refuse_some_tokens(config: Any) -> None:
+    """Maps of some tokens only, read by the rewards at sequence positions: an entity read another token's map."""
+    if config.tokens is not None:
+        raise ValueError(
+            f"capture: CaptureConfig(tokens={config.tokens!r:.80}) keeps only some text tokens, but a backbone's "
+            "Decoded.token_maps holds one map per token of the text sequence, indexed by position (the rewards "
+            "read an entity's map at its token index: with a subset they read another token's map); leave "
+            "tokens=None here (select tokens with xlard.attention.AttentionCapture used directly)")
+
+
 def _capture_factory(capture: Any):
     """``capture=``: None/True (default CaptureConfig), False (off), a CaptureConfig, or a factory callable."""
-    from xlard.attention import CaptureConfig
+    from xlard.attention import AttentionCapture, CaptureConfig
 
     if capture is False:
         return None
     if capture is None or capture is True:
         return _default_capture_factory(CaptureConfig())
     if isinstance(capture, CaptureConfig):
-        if capture.tokens is not None:  # maps of the kept tokens only, read by the rewards at sequence positions
-            raise ValueError(
-                f"capture: CaptureConfig(tokens={capture.tokens!r:.80}) keeps only some text tokens, but a backbone's "
-                "Decoded.token_maps holds one map per token of the text sequence, indexed by position (the rewards "
-                "read an entity's map at its token index: with a subset they read another token's map); leave "
-                "tokens=None here (select tokens with xlard.attention.AttentionCapture used directly)")
+        _refuse_some_tokens(capture)
         return _default_capture_factory(capture)
     if callable(capture):
         def checked(denoiser, *, num_steps: int, cfg: bool):
@@ -1061,6 +1066,8 @@ def _capture_factory(capture: Any):
             if not (hasattr(made, "__enter__") and hasattr(made, "__exit__") and callable(getattr(made, "maps", None))):
                 raise TypeError(f"capture: the factory must return a context manager with .maps() (as "
                                 f"xlard.attention.AttentionCapture), got {type(made).__name__}")
+            if isinstance(made, AttentionCapture):
+                _refuse_some_tokens(made.config)
             return made
 
         return checked
