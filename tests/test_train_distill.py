@@ -625,6 +625,42 @@ def test_a_reader_run_fits_the_reader_first_and_exports_it(tmp_path, shapes_fina
     assert evidence.shape == (1, 4, 16, 16) and 0.0 <= float(evidence.min()) and float(evidence.max()) <= 1.0
 
 
+@needs_shapes
+def test_ppo_after_a_reader_fit_clips_the_policy_gradients_only(tmp_path, shapes_final, monkeypatch):
+    """The reader's fit left its last gradients on the frozen reader, and PPO's clip counted every parameter with a
+    gradient: each policy step's norm held the stale reader's too (about twice the policy's own, so real updates
+    were clipped), and a resumed run, whose reader came from a file, had none: it trained another corrector."""
+    from xlard.train import train
+    from xlard.train.trainer import Trainer
+
+    heads = {"corrector_overrides": {"patch": 2, "width": 16, "depth": 1, "conditioning": "fields", "reader": True,
+                                     "reader_width": 8},
+             "projector_overrides": {"patch": 2, "width": 16, "depth": 1}}
+    seen = []
+    real_clip = Trainer._clip
+
+    def clip_spy(self):
+        stale = [n for n, p in self.corrector.reader.named_parameters() if p.grad is not None]
+        value = {id(p) for p in self.corrector.value_head.parameters()} \
+            if getattr(self.corrector, "value_head", None) is not None else set()
+        stepped = [p for g in self.policy_opt.param_groups for p in g["params"]
+                   if p.grad is not None and id(p) not in value]
+        want = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in stepped])))
+        weight = next(self.corrector.reader.parameters())
+        weight.grad = torch.full_like(weight, 100.0)  # a frozen part's gradient must not enter the norm
+        got = real_clip(self)
+        weight.grad = None
+        seen.append((stale, want, got))
+        return got
+
+    monkeypatch.setattr(Trainer, "_clip", clip_spy)
+    train(config(tmp_path / "run", model=heads, steps=1, distill={"reader_epochs": 1, "reader_batch_size": 2}),
+          backbone=shapes_final)
+    assert seen, "no PPO minibatch ran"
+    for stale, want, got in seen:
+        assert stale == [] and got == pytest.approx(want, rel=1e-5)
+
+
 def test_a_reader_move_corrector_fits_its_residual_only():
     """The warm start fits the residual of a reader_move corrector exactly as without the move (which has no
     parameters and is not in the edit targets): both fits give the same weights, though the move acts."""

@@ -639,6 +639,9 @@ def fit_reader(corrector, data: dict[str, Any], *, epochs: int, lr: float = 2e-3
                                          "color": f"{r['reader_val_color_acc']:.3f}"})
     finally:
         reader.requires_grad_(False)
+        # its last gradients stayed on the frozen reader: PPO's clipping counted them in every policy step's norm
+        # (about twice the policy's own), and a resumed run, whose reader came from a file, had none
+        reader.zero_grad(set_to_none=True)
     out = {k: v for k, v in row.items() if k != "reader_epoch"}
     return {**out, "reader_epochs": epochs}
 

@@ -1135,7 +1135,11 @@ class Trainer:
         value = getattr(self.corrector, "value_head", None)
         head = [p for p in value.parameters() if p.grad is not None] if value is not None else []
         value_ids = {id(p) for p in head}
-        policy = [p for p in self.corrector.parameters() if p.grad is not None and id(p) not in value_ids]
+        # only what the optimiser steps: a frozen part's stale gradient (the latent reader's, left by its fit)
+        # entered the norm and clipped the real update
+        stepped = {id(p) for group in self.policy_opt.param_groups for p in group["params"]}
+        policy = [p for p in self.corrector.parameters()
+                  if p.grad is not None and id(p) not in value_ids and id(p) in stepped]
         if self.cfg.optim.max_grad_norm:
             if head:
                 torch.nn.utils.clip_grad_norm_(head, self.cfg.optim.max_grad_norm)
