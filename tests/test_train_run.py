@@ -917,8 +917,27 @@ def test_held_out_records_are_refused_as_training_or_monitor_prompts(tmp_path, s
     P.write_jsonl(mixed, held[:2] + [cat])
     with pytest.raises(ValueError, match=r"data.prompts: .*mixed.jsonl: 2 of 3 records ask what held-out records"):
         load_records(str(mixed))
+    # reworded or relabelled, a held-out record passed (the split's key is its exact text and tag for most tags)
+    counting = next(r for r in splits["heldout"] if r["tag"] == "counting")
+    position = next(r for r in splits["heldout"] if r["tag"] == "position")
+    flipped = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    mirror = dict(position, prompt="a different wording", include=[
+        dict(position["include"][1], position=None), dict(position["include"][0],
+                                                          position=[flipped[position["include"][1]["position"][0]],
+                                                                    0])])
+    del mirror["include"][0]["position"]
+    for variant in (dict(counting, prompt=counting["prompt"].capitalize() + " "),
+                    dict(counting, prompt=counting["prompt"].removeprefix("a photo of ") + "."),
+                    dict(counting, tag="single_object"),
+                    dict(counting, prompt="a picture of the same thing", tag="colors"),
+                    mirror):
+        P.write_jsonl(mixed, P.sample_records(splits["train"], 2, seed=0) + [variant])
+        with pytest.raises(ValueError, match=r"1 of 3 records ask what held-out records of the shapes world ask"):
+            load_records(str(mixed))
     P.write_jsonl(mixed, P.sample_records(splits["train"], 2, seed=0) + [cat])
     assert load_records(str(mixed))[1] is False  # a file of two worlds without held-out records loads
+    P.write_jsonl(mixed, splits["train"])  # no training record asks what a held-out one asks
+    assert len(load_records(str(mixed))[0]) == len(splits["train"])
     clean = tmp_path / "train.jsonl"
     P.write_jsonl(clean, P.sample_records(splits["train"], 6, seed=0))
     assert load_records(str(clean)) == (P.sample_records(splits["train"], 6, seed=0), True)  # training records load

@@ -19,6 +19,7 @@ import json
 import numbers
 from collections import OrderedDict
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import numpy as np
@@ -101,7 +102,9 @@ def refuse_heldout(records: Sequence[dict], where: str, line_numbers: Sequence[i
     """
     from xlard.shapes import prompts as P
 
-    leaked = [i for i, split in enumerate(P.split_membership(records)) if split == "heldout"]
+    held = _heldout_asks()
+    leaked = [i for i, (split, record) in enumerate(zip(P.split_membership(records), records))
+              if split == "heldout" or not held.isdisjoint(_asks(record))]
     if leaked:
         first = records[leaked[0]]["prompt"]
         at = (f"line {line_numbers[leaked[0]]}" if line_numbers is not None and len(line_numbers) == len(records)
@@ -110,6 +113,53 @@ def refuse_heldout(records: Sequence[dict], where: str, line_numbers: Sequence[i
                          f"world ask ({at}: {first!r}); xlard measures correctors on the held-out "
                          f"split, so a run never sees it: remove them, or write the prompts with "
                          f"`xlard prompts --split train`")
+
+
+_PHOTO_LEADS = ("a photo of ", "an image of ", "a picture of ")
+
+
+def _asks(record: Mapping) -> set[str]:
+    """Keys of what a record asks, whatever its wording and tag: its prompt text case-folded, its spaces collapsed,
+    a final period and a leading "a photo of" dropped, and what its include/exclude clauses ask (a relation read
+    left of / above). The split's own key (:func:`xlard.shapes.prompts.meaning_key`) is the exact prompt text
+    and the tag for most tags: "A photo of eight squares " or the same record under another tag passed it."""
+    text = " ".join(str(record.get("prompt", "")).casefold().split()).rstrip(" .")
+    for lead in _PHOTO_LEADS:
+        if text.startswith(lead):
+            text = text[len(lead):]
+            break
+    keys = {"text:" + text}
+    include = record.get("include")
+    if isinstance(include, list) and all(isinstance(it, Mapping) for it in include):
+        def item(it):
+            return (str(it.get("class")), str(it.get("color") or ""), it.get("count"))
+
+        relations = []
+        for it in include:
+            position = it.get("position")
+            if isinstance(position, (list, tuple)) and len(position) == 2 and isinstance(position[1], int) \
+                    and 0 <= position[1] < len(include):
+                subject, rel, target = item(it), str(position[0]), item(include[position[1]])
+                if rel in ("right of", "below"):
+                    subject, target, rel = target, subject, {"right of": "left of", "below": "above"}[rel]
+                relations.append([subject, rel, target])
+        exclude = record.get("exclude") if isinstance(record.get("exclude"), list) else []
+        asked = [sorted(map(item, include)), sorted(relations),
+                 sorted(item(it) for it in exclude if isinstance(it, Mapping))]
+        keys.add("ask:" + json.dumps(asked, default=str))
+    return keys
+
+
+_HELDOUT_ASKS: set[str] | None = None
+
+
+def _heldout_asks() -> set[str]:
+    global _HELDOUT_ASKS
+    if _HELDOUT_ASKS is None:
+        from xlard.shapes import prompts as P
+
+        _HELDOUT_ASKS = set().union(*(_asks(r) for r in P.make_splits(P.PromptConfig(), seed=P.SPLIT_SEED)["heldout"]))
+    return _HELDOUT_ASKS
 
 
 def balanced_pairs(records: Sequence[dict], items_per_tag: int, seed: int) -> list[tuple[int, int]]:
