@@ -8,7 +8,6 @@ behaviour (files, table, report, folder rules), not learning.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -113,7 +112,7 @@ def test_demo_resume_names_the_training_fields_that_differ(tiny_demo, tmp_path, 
     assert "the training config (--set, or another xlard version's recipe): distill.epochs 2 -> 1 differ" in err, err
     (out / "demo.json").write_text("[]")
     assert cli_main(["demo", "--out", str(out), "--resume"] + ARGS) == 2
-    assert "demo.json holds no demo settings (damaged, or not a demo's); use --overwrite" in capsys.readouterr().err
+    assert "demo.json holds no demo settings: not a demo's (or damaged)" in capsys.readouterr().err
 
 
 def test_demo_resume_reuses_the_finished_run(tiny_demo, capsys):
@@ -128,6 +127,28 @@ def test_demo_resume_reuses_the_finished_run(tiny_demo, capsys):
     rows = [line.split("|")[1].strip() for line in captured.out.splitlines() if line.startswith("| ")][1:]
     assert rows[:7] == list(P.TAGS) + ["**overall**"]
     assert {p.name: p.stat().st_mtime_ns for p in (tiny_demo / "train" / "corrector").glob("*.safetensors")} == stamp
+
+
+def test_demo_names_its_own_remedy_for_a_damaged_eval_folder(tiny_demo, tmp_path, capsys):
+    """A damaged eval/run.json read as "holds another evaluation (different alpha, backbone, ...)", and both it and a
+    missing run.json advised `xlard eval --overwrite`, a command for another folder (and `xlard demo --overwrite`
+    would throw the finished training away)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_demo, copy)
+    for damage in (lambda p: p.write_text("{}"), lambda p: p.write_text("{cut"), lambda p: p.unlink()):
+        run_json = copy / "eval" / "run.json"
+        saved = run_json.read_bytes()
+        damage(run_json)
+        assert cli_main(["demo", "--out", str(copy), "--resume"] + ARGS) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"delete {copy / 'eval'} and rerun `xlard demo --resume` with the same options" in err, err
+        assert "xlard eval --overwrite" not in err and "holds another evaluation" not in err
+        run_json.write_bytes(saved)
+    shutil.rmtree(copy / "eval")  # the advice works
+    assert cli_main(["demo", "--out", str(copy), "--resume"] + ARGS) == 0
+    assert "reusing the finished run" in capsys.readouterr().err
 
 
 def test_demo_pick_cards_puts_fixed_pairs_first():
@@ -232,6 +253,17 @@ def test_demo_leaves_a_folder_without_demo_json_alone(tmp_path, capsys):
         assert cli_main(["demo", "--out", str(out)] + ARGS + extra) == 2
         assert "no demo.json: not a demo's outputs" in capsys.readouterr().err
     assert (out / "train" / "mydata" / "x.txt").read_text() == "precious"
+    # any demo.json claimed the folder: --resume said "not a demo's ... use --overwrite", and --overwrite deleted
+    # the user's train/ and report.html
+    (out / "report.html").write_text("my page")
+    for marker in ('{"name": "my web demo"}', "[1, 2]", "{cut"):
+        (out / "demo.json").write_text(marker)
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            assert cli_main(["demo", "--out", str(out)] + ARGS + extra) == 2
+            err = capsys.readouterr().err
+            assert "demo.json holds no demo settings: not a demo's (or damaged)" in err and "--overwrite" not in err
+    assert (out / "train" / "mydata" / "x.txt").read_text() == "precious"
+    assert (out / "report.html").read_text() == "my page"
 
 
 def test_demo_resumes_a_run_killed_right_after_its_config(tmp_path):

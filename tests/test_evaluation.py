@@ -632,9 +632,11 @@ def test_run_evaluation_checks_its_seeds_before_the_folder_is_made(shapes, recor
                                num_resamples=10, faithfulness_fraction=None)
     assert json.loads((out / "run.json").read_text())["seeds"] == [0] and report["table"]
     # a damaged run.json is named (it was "Expecting value: line 1 column 1 (char 0)", or an AttributeError)
-    for text, match in (("", r"out: .*run.json is not valid JSON"), ("[]", r"run.json is not the run.json of a "
-                                                                            r"paired evaluation \(a JSON object "
-                                                                            r"expected, got list\)")):
+    for text, match in (("", r"out: .*run.json is not valid JSON"),
+                        ("[]", r"run.json is not the run.json of a paired evaluation \(damaged or another's: list\)"),
+                        # {} read as "holds another evaluation (different alpha, backbone, ...)"
+                        ("{}", r"run.json is not the run.json of a paired evaluation \(damaged or another's: a JSON "
+                               r"object without corrector_sha256, records_sha256, seeds\); remove the folder's")):
         (out / "run.json").write_text(text)
         with pytest.raises(ValueError, match=match):
             ev.run_evaluation(shapes, _corrector(), _meta(), records[:1], seeds=[0], out=out, quiet=True,

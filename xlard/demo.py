@@ -122,6 +122,14 @@ def _owned(out: Path) -> list[Path]:
     if found and not (out / "demo.json").is_file():
         raise ValueError(f"--out: {out} holds {', '.join(p.name for p in found)} but no demo.json: not a demo's "
                          "outputs (they are left alone); choose another folder")
+    if found:  # any file named demo.json claimed the folder, and --overwrite deleted a user's train/ and report
+        try:
+            marker = _io.read_json(out / "demo.json", what="demo.json")
+        except (OSError, ValueError):
+            marker = None
+        if not (isinstance(marker, dict) and isinstance(marker.get("settings"), dict)):
+            raise ValueError(f"--out: {out / 'demo.json'} holds no demo settings: not a demo's (or damaged), so "
+                             f"{', '.join(p.name for p in found)} there are left alone; choose another folder")
     return found
 
 
@@ -289,8 +297,8 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
         earlier = summary.get("settings") if isinstance(summary, dict) else None
         now = json.loads(_io.dumps(settings))
         if not isinstance(earlier, dict):  # a damaged or foreign demo.json: nothing to compare setting by setting
-            raise ValueError(f"--resume: {summary_path} holds no demo settings (damaged, or not a demo's); use "
-                             "--overwrite or another --out")
+            raise ValueError(f"--resume: {summary_path} holds no demo settings (damaged, or not a demo's); choose "
+                             "another --out")
         if earlier != now:
             keys = [k for k in now if earlier.get(k) != now[k]]
             if len(keys) > 1 and "training" in keys:  # the resolved config follows the options: name those
@@ -369,7 +377,9 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
             f"{out / 'eval'}")
         report = evaluation.run_evaluation(backbone, corrector, meta, records, seeds, out=out / "eval",
                                            faithfulness_fraction=0.2, quiet=quiet, corrector_source=str(corrector_dir),
-                                           log=log)
+                                           log=log, restart_hint=f"delete {out / 'eval'} and rerun `xlard demo "
+                                                                 "--resume` with the same options (the training is "
+                                                                 "reused)")
 
     # 3. Report.
     with phase("report"):

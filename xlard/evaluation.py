@@ -1385,7 +1385,7 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
                    out: str | os.PathLike, batch_size: int = 8, faithfulness_fraction: float | None = 0.2,
                    num_resamples: int = 2000, confidence: float = 0.95, bootstrap_seed: int = 0,
                    save_images: bool = False, quiet: bool = False, corrector_source: str | None = None,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] | None = None, restart_hint: str | None = None) -> dict[str, Any]:
     """Run (or resume) a paired evaluation into ``out`` and return the report.
 
     ``out/run.json`` records what is asked (records digest, seeds, corrector
@@ -1405,6 +1405,9 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
         quiet (bool): no progress bar.
         corrector_source (str, optional): where the corrector came from (reported).
         log (callable, optional): where status lines go (default stderr).
+        restart_hint (str, optional): what the messages about an ``out`` that holds another or a damaged run
+            advise (default: another --out, or ``xlard eval --overwrite``; the demo, whose folder this is a part
+            of, says how to redo its evaluation alone).
 
     Returns:
         The report (:func:`build_report`), also written to ``out/eval.json`` and ``out/eval.md``.
@@ -1466,11 +1469,20 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
     run_path, pairs_path = out / "run.json", out / "pairs.jsonl"
     if run_path.is_file():
         # damaged (emptied, cut, replaced): named, not "Expecting value: line 1 column 1" or an AttributeError
-        previous = _io.read_json(run_path, owner=_err(fn, "out"), what="the run.json of a paired evaluation")
-        if not isinstance(previous, dict):
-            raise ValueError(_err(fn, f"out: {run_path} is not the run.json of a paired evaluation (a JSON object "
-                                      f"expected, got {type(previous).__name__}); remove the folder's files or "
-                                      "choose another out"))
+        try:
+            previous = _io.read_json(run_path, owner=_err(fn, "out"), what="the run.json of a paired evaluation")
+        except ValueError as exc:
+            if restart_hint is None:
+                raise
+            raise ValueError(f"{exc}; {restart_hint}") from None
+        if not isinstance(previous, dict) or not {"records_sha256", "seeds", "corrector_sha256"} <= previous.keys():
+            # {} (a damaged or hand-made file) read as "another evaluation (different alpha, backbone, ...)"
+            needed = {"records_sha256", "seeds", "corrector_sha256"}
+            got = (f"a JSON object without {', '.join(sorted(needed - set(previous)))}"
+                   if isinstance(previous, dict) else type(previous).__name__)
+            raise ValueError(_err(fn, f"out: {run_path} is not the run.json of a paired evaluation (damaged or "
+                                      f"another's: {got}); "
+                                      + (restart_hint or "remove the folder's files or choose another out")))
         # The corrector's path is informational: the same weights (digest) under another path may resume.
         current = _io.json_safe(settings)  # as written: NaN is stored as null
         differ = sorted(k for k in set(previous) | set(current)
@@ -1496,13 +1508,13 @@ def run_evaluation(backbone, corrector, meta: CorrectorMeta, records: Sequence[M
             # the values too: the backbone is recorded as one line (pipeline, size, device, dtype), and a --dtype
             # change read "different backbone" without saying what differed
             what = "; ".join(difference(k) for k in differ)
-            raise ValueError(f"--out: {out} holds another evaluation (different {', '.join(differ)}: {what}); rerun "
-                             "with the folder's settings, pick another --out, or start afresh there (xlard eval "
-                             "--overwrite)")
+            raise ValueError(f"--out: {out} holds another evaluation (different {', '.join(differ)}: {what}); "
+                             + (restart_hint or "rerun with the folder's settings, pick another --out, or start "
+                                                "afresh there (xlard eval --overwrite)"))
     else:
         if pairs_path.exists():
-            raise ValueError(f"--out: {out} has pairs.jsonl but no run.json; pick another --out, or start afresh "
-                             "there (xlard eval --overwrite)")
+            raise ValueError(f"--out: {out} has pairs.jsonl but no run.json; "
+                             + (restart_hint or "pick another --out, or start afresh there (xlard eval --overwrite)"))
         _write_json(run_path, settings)
     done = _read_rows(pairs_path, records, seeds)
     done_keys = {(r.index, r.seed) for r in done}

@@ -12,6 +12,14 @@ import torch
 
 from xlard.explain._files import _atomic_write
 from xlard.explain._validate import _as_image, _check_tensor, _err
+
+#: Control characters HTML calls parse errors (C0 but tab, line feed, carriage return; DEL; C1): shown as U+FFFD.
+_CONTROLS = {c: "\ufffd" for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)]}
+
+
+def _esc(text: str) -> str:
+    """Escaped text for the page; a NUL went in raw (invalid in HTML), and other control characters still did."""
+    return html.escape(str(text)).translate(_CONTROLS)
 from xlard.explain.colormaps import apply_colormap, colormap_table, overlay
 from xlard.explain.lam import normalize_lam, upsample_lam
 from xlard.explain.png import png_bytes
@@ -31,6 +39,7 @@ header.top p { margin:0; color:var(--muted); }
 .stat { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:10px 14px; min-width:130px; }
 .stat .k { font-size:12px; text-transform:uppercase; letter-spacing:.06em; color:var(--muted); }
 .stat .v { font-size:20px; font-weight:600; font-variant-numeric:tabular-nums; }
+.summary-note { margin:0 0 10px; font-size:12px; color:var(--muted); }
 .legend { display:flex; align-items:center; gap:10px; color:var(--muted); font-size:13px; margin:10px 0 20px; }
 .legend .bar { width:220px; height:12px; border-radius:6px; border:1px solid var(--line); }
 article.item { background:var(--card); border:1px solid var(--line); border-radius:14px;
@@ -39,7 +48,8 @@ article.item { background:var(--card); border:1px solid var(--line); border-radi
 .item-head .num { flex:none; font-weight:600; color:var(--muted); font-variant-numeric:tabular-nums; padding-top:2px; }
 .item-head .prompt { flex:1; font-size:18px; font-weight:600; overflow-wrap:anywhere; }
 .item-head .tag { display:inline-block; margin-left:8px; font-size:12px; font-weight:500; color:var(--muted);
-                  background:var(--bg); border-radius:6px; padding:1px 7px; vertical-align:middle; }
+                  background:var(--bg); border-radius:6px; padding:1px 7px; vertical-align:middle;
+                  overflow-wrap:anywhere; }
 .joint { flex:none; text-align:right; }
 .joint .k { font-size:12px; text-transform:uppercase; letter-spacing:.06em; color:var(--muted); }
 .joint .v { font-size:24px; font-weight:700; font-variant-numeric:tabular-nums; }
@@ -63,7 +73,7 @@ td.score { width:210px; font-variant-numeric:tabular-nums; white-space:nowrap; }
 .meter { display:inline-block; width:90px; height:8px; background:#eef0f4; border-radius:4px;
          overflow:hidden; vertical-align:middle; margin-right:8px; }
 .meter span { display:block; height:100%; background:var(--accent); border-radius:4px; }
-td.why ul { margin:0; padding-left:18px; } td.why li { margin:1px 0; }
+td.why { overflow-wrap:anywhere; } td.why ul { margin:0; padding-left:18px; } td.why li { margin:1px 0; }
 td.why .was { color:var(--muted); margin-top:3px; } td.why .was ul { margin:0; }
 tr.absent td { color:var(--muted); } tr.absent td.aspect { font-weight:500; }
 .weight { color:var(--muted); font-size:12px; margin-left:4px; }
@@ -126,8 +136,7 @@ def _item_html(index: int, item: ReportItem, colormap) -> str:
     if not isinstance(item, ReportItem):
         raise TypeError(_err("write_html_report", f"items must be ReportItem (or dicts of its fields), "
                                                   f"got {type(item).__name__} at index {index}"))
-    def esc(text: str) -> str:  # a NUL went into the page raw (invalid in HTML)
-        return html.escape(text).replace("\x00", "\ufffd")
+    esc = _esc
 
     parts = ['<article class="item">']
     # the joint reward is a weighted sum: in [0, 1] with normalized weights, not always
@@ -224,15 +233,18 @@ def _legend(colormap) -> str:
 
 
 def _summary(items: Sequence[ReportItem]) -> str:
-    stats = [("prompts", str(len(items)))]
+    """Counts and means of the cards shown (not of a whole run: the demo shows a dozen of its pairs, picked fixed
+    first, and "prompts 12" beside 996 images read as the run's), as the rewards scored them."""
+    stats = [("cards", str(len(items)))]
     for key in ("joint",) + ASPECT_NAMES:
         values = [_score(it.joint, unit=False) if key == "joint" else _score(it.scores.get(key)) for it in items]
         values = [v for v in values if v is not None]
         if values:
             stats.append((f"mean {key}", f"{sum(values) / len(values):.3f}"))
-    return '<div class="summary">' + "".join(
+    return ('<div class="summary">' + "".join(
         f'<div class="stat"><div class="k">{html.escape(k)}</div><div class="v">{v}</div></div>'
-        for k, v in stats) + "</div>"
+        for k, v in stats) + "</div>" + '<p class="summary-note">Means over the cards below, as the rewards scored '
+            "them (the corrected images), not over a whole run.</p>")
 
 
 def _sections_html(fn: str, sections) -> str:
@@ -245,8 +257,7 @@ def _sections_html(fn: str, sections) -> str:
         if not (isinstance(pair, Sequence) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise TypeError(_err(fn, f"sections[{i}] must be a (heading, html) pair of strings, got {pair!r:.80}"))
         heading, body = pair
-        parts.append(f'<section class="extra"><h2>{html.escape(heading).replace(chr(0), chr(0xFFFD))}</h2>{body}'
-                     '</section>')  # (a NUL is invalid in HTML, as in the items)
+        parts.append(f'<section class="extra"><h2>{_esc(heading)}</h2>{body}</section>')
     return "".join(parts)
 
 
@@ -327,7 +338,7 @@ def render_html_report(items: Sequence[ReportItem | Mapping[str, Any]], title: s
                                      f"{type(it).__name__}"))
         _check_numbers(fn, i, it)
         normal.append(it)
-    esc_title = html.escape(str(title)).replace("\x00", "\ufffd")  # (a NUL is invalid in HTML, as in the items)
+    esc_title = _esc(title)
     cards = []
     for i, it in enumerate(normal):
         try:
