@@ -454,7 +454,8 @@ class Trainer:
                 aside, k = self.log.path.with_name("metrics.before-resume.jsonl"), 1
                 while aside.exists():
                     aside, k = self.log.path.with_name(f"metrics.before-resume.{k}.jsonl"), k + 1
-                os.replace(self.log.path, aside)
+                _io.atomic_write_bytes(aside, self.log.path.read_bytes(), owner="--work-dir")
+                self.log.path.unlink()
                 note = f" (the earlier run wrote no checkpoint; its metrics moved to {aside.name})"
             print(f"[resume] no checkpoint at {self.ckpt_path}; starting fresh{note}", flush=True)
             return False
