@@ -838,19 +838,19 @@ def test_report_caption_and_title_are_true_to_float64_maps_and_nul_free():
 
 
 def test_report_pages_hold_no_control_characters_and_say_what_their_means_cover():
-    """Only NUL was replaced: other control characters (form feed, \\x01, DEL, C1) went into the page raw, which
+    """Only NUL was replaced: other control characters (\\x01, vertical tab, DEL, C1) went into the page raw, which
     HTML calls parse errors; a long word in an explanation widened its table past the card; the header's
     "prompts 12, mean joint ..." read as a whole run's numbers beside the demo's 996 images."""
     import re
 
     from xlard.explain import ReportItem, render_html_report
 
-    odd = "a\x01b\x0cc\x7fd\x85e\tf"
+    odd = "a\x01b\x0bc\x7fd\x85e\tf\x0cg"  # (tab and form feed are whitespace to HTML: kept)
     item = ReportItem("cat" + odd, label="seed" + odd, scores={"count": 0.5},
                       explanations={"count": ["found " + "x" * 300 + odd]}, after=torch.rand(3, 16, 16))
     page = render_html_report([item], title="t" + odd, sections=[("h" + odd, "<p>x</p>")])
-    assert not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", page)
+    assert not re.search("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]", page)
     # prompt, label, explanation, title twice, section heading
-    assert page.count("a\ufffdb\ufffdc\ufffdd\ufffde\tf") == 6 and "ha\ufffdb" in page
+    assert page.count("a\ufffdb\ufffdc\ufffdd\ufffde\tf\x0cg") == 6 and "ha\ufffdb" in page
     assert "td.why { overflow-wrap:anywhere; }" in page
     assert ">cards<" in page and ">prompts<" not in page and "Means over the cards below" in page

@@ -930,6 +930,7 @@ def test_held_out_records_are_refused_as_training_or_monitor_prompts(tmp_path, s
                     dict(counting, prompt=counting["prompt"].removeprefix("a photo of ") + "."),
                     dict(counting, tag="single_object"),
                     dict(counting, prompt="a picture of the same thing", tag="colors"),
+                    dict(counting, prompt="reworded, without the exclude", exclude=[]),
                     mirror):
         P.write_jsonl(mixed, P.sample_records(splits["train"], 2, seed=0) + [variant])
         with pytest.raises(ValueError, match=r"1 of 3 records ask what held-out records of the shapes world ask"):

@@ -13,8 +13,9 @@ import torch
 from xlard.explain._files import _atomic_write
 from xlard.explain._validate import _as_image, _check_tensor, _err
 
-#: Control characters HTML calls parse errors (C0 but tab, line feed, carriage return; DEL; C1): shown as U+FFFD.
-_CONTROLS = {c: "\ufffd" for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)]}
+#: Control characters HTML calls parse errors (C0 but tab, line feed, form feed, carriage return; DEL; C1): shown
+#: as U+FFFD.
+_CONTROLS = {c: "\ufffd" for c in [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), *range(0x7F, 0xA0)]}
 
 
 def _esc(text: str) -> str:
