@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Train xlard's tiny shapes-world text-to-image backbone from scratch on a CPU.
 
-The result is a genuine diffusers ``StableDiffusionPipeline`` (word-level
-CLIP tokenizer, a small ``CLIPTextModel``, an ``AutoencoderKL`` with
+The result is a genuine diffusers ``StableDiffusionPipeline`` (a CLIP
+byte-level BPE tokenizer trained on the world's prompts, every world word one
+token; a small ``CLIPTextModel``, an ``AutoencoderKL`` with
 downsampling x4, a ``UNet2DConditionModel`` with cross-attention and a
 DPM-Solver scheduler) saved with ``save_pretrained``, so the backbone adapter
 that serves Stable Diffusion serves it too.

@@ -63,6 +63,39 @@ def test_unknown_words_are_the_words_the_tokenizer_spells_out(pipe, tmp_path):
     assert backbone.unknown_words("a dragon", tmp_path) == []  # no tokenizer there: nothing to tell
 
 
+_TOKENIZER = backbone.DEFAULT_PATH / "tokenizer" / "tokenizer.json"
+
+
+@pytest.mark.skipif(not _TOKENIZER.is_file(), reason="the shipped tokenizer is absent")
+def test_unknown_words_reads_a_tokenizer_installed_or_retrained_later(tmp_path):
+    """The vocabulary was cached per folder for good, "no tokenizer" included: a tokenizer copied in later, or
+    retrained, was never read in that process."""
+    import shutil
+
+    prompt = "a photo of two red dragons"
+    assert backbone.unknown_words(prompt, tmp_path) == []  # nothing to tell yet
+    (tmp_path / "tokenizer").mkdir()
+    shutil.copy(_TOKENIZER, tmp_path / "tokenizer" / "tokenizer.json")
+    assert backbone.unknown_words(prompt, tmp_path) == ["dragons"]
+    data = json.loads(_TOKENIZER.read_text(encoding="utf-8"))
+    data["model"]["vocab"]["dragons</w>"] = len(data["model"]["vocab"])  # retrained: now a whole word
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    assert backbone.unknown_words(prompt, tmp_path) == []
+
+
+@pytest.mark.skipif(not (backbone.DEFAULT_PATH / "unet" / "config.json").is_file() or not _TOKENIZER.is_file(),
+                    reason="the shipped backbone's configs are absent")
+def test_the_module_docstring_describes_the_shipped_latents_and_tokenizer():
+    """It said 16x16x4 latents (the UNet takes 8 channels) and a word-level tokenizer (a BPE one, with merges)."""
+    unet = json.loads((backbone.DEFAULT_PATH / "unet" / "config.json").read_text(encoding="utf-8"))
+    side, channels = unet["sample_size"], unet["in_channels"]
+    doc = " ".join(backbone.__doc__.split())
+    assert f"{side}x{side}x{channels} latents" in doc
+    tokenizer = json.loads(_TOKENIZER.read_text(encoding="utf-8"))["model"]
+    assert tokenizer["type"] == "BPE" and tokenizer["merges"] and "BPE tokenizer" in doc
+    assert f"{len(tokenizer['vocab'])} tokens" in doc and "word-level" not in doc
+
+
 @needs_weights
 def test_generate_shapes_and_determinism(pipe):
     prompts = ["a photo of three red circles", "a photo of a blue square left of a green triangle"]

@@ -2,11 +2,13 @@
 
 The weights live in package data (``xlard/data/shapes_backbone/``), written by
 ``scripts/train_shapes_backbone.py`` with ``save_pretrained``: a genuine
-diffusers ``StableDiffusionPipeline`` (word-level CLIP tokenizer, small
-``CLIPTextModel``, ``AutoencoderKL`` with downsampling x4, a
-``UNet2DConditionModel`` with cross-attention on 16x16x4 latents, a
-DPM-Solver scheduler) that makes 64x64 images of the world. It loads offline
-and runs on a CPU; any adapter that serves Stable Diffusion serves it.
+diffusers ``StableDiffusionPipeline`` (a CLIP byte-level BPE tokenizer trained
+on the world's prompts, 374 tokens, in which every word of the world is one
+token and other words are spelled in pieces; a small ``CLIPTextModel``; an
+``AutoencoderKL`` with downsampling x4; a ``UNet2DConditionModel`` with
+cross-attention on 16x16x8 latents; a DPM-Solver scheduler) that makes 64x64
+images of the world. It loads offline and runs on a CPU; any adapter that
+serves Stable Diffusion serves it.
 
 Imports diffusers lazily, so ``import xlard.shapes`` stays light.
 """
@@ -61,7 +63,9 @@ def is_available(path: str | os.PathLike | None = None) -> bool:
             and (folder / "tokenizer").is_dir() and any((folder / "tokenizer").iterdir()))
 
 
-_VOCABULARIES: dict[str, frozenset[str]] = {}
+#: The whole-word tokens of each tokenizer file read, by (path, mtime_ns, size): a file copied in or retrained
+#: later is read again, and a folder without a readable one is looked at again on the next call.
+_VOCABULARIES: dict[tuple[str, int, int], frozenset[str]] = {}
 
 
 def unknown_words(prompt: str, path: str | os.PathLike | None = None) -> list[str]:
@@ -74,7 +78,8 @@ def unknown_words(prompt: str, path: str | os.PathLike | None = None) -> list[st
 
     Returns:
         The unknown words, lower case, in order, each once ([] when the folder has no readable
-        ``tokenizer/tokenizer.json``: nothing to tell).
+        ``tokenizer/tokenizer.json``: nothing to tell). The file's vocabulary is kept by its path, modification
+        time and size, so a tokenizer installed or retrained later is read on the next call.
 
     Example:
         >>> unknown_words("a photo of two red dragons")                      # doctest: +SKIP
@@ -82,21 +87,34 @@ def unknown_words(prompt: str, path: str | os.PathLike | None = None) -> list[st
     """
     if not isinstance(prompt, str):  # was "'NoneType' object has no attribute 'lower'"
         raise ValueError(f"unknown_words: prompt must be a string, got {type(prompt).__name__}")
-    folder = backbone_path(path)
-    key = str(folder.resolve())
-    if key not in _VOCABULARIES:
-        try:
-            vocab = json.loads((folder / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
-            _VOCABULARIES[key] = frozenset(token[:-4] for token in vocab if token.endswith("</w>"))
-        except (OSError, ValueError, KeyError, TypeError):
-            _VOCABULARIES[key] = frozenset()
-    known = _VOCABULARIES[key]
+    known = _vocabulary(backbone_path(path) / "tokenizer" / "tokenizer.json")
     if not known:
         return []
     # words of any script ("café", "一只红色的圆") and runs of non-ASCII symbols (emoji); ASCII punctuation is
     # no word. [a-z0-9]+ cut "café" to "caf" and missed other scripts entirely.
     words = re.findall(r"[^\W_]+|[^\x00-\x7f\s\w]+", prompt.lower())
     return list(dict.fromkeys(w for w in words if w not in known))
+
+
+def _vocabulary(file: Path) -> frozenset[str]:
+    """The whole words (tokens ending in ``</w>``) of a tokenizer.json, cached by the file's path, mtime and size;
+    empty when the file is missing or unreadable (then not cached: "no tokenizer" was kept for good, and a
+    tokenizer copied in later was never read)."""
+    try:
+        stat = file.resolve().stat()
+    except (OSError, RuntimeError):  # missing, or a symlink loop
+        return frozenset()
+    key = (str(file.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _VOCABULARIES:
+        try:
+            vocab = json.loads(file.read_text(encoding="utf-8"))["model"]["vocab"]
+            words = frozenset(token[:-4] for token in vocab if token.endswith("</w>"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # (AttributeError: a vocab of non-strings)
+            return frozenset()
+        for old in [k for k in _VOCABULARIES if k[0] == key[0]]:  # an earlier version of this file
+            del _VOCABULARIES[old]
+        _VOCABULARIES[key] = words
+    return _VOCABULARIES[key]
 
 
 def load_pipeline(device: Any = "cpu", path: str | os.PathLike | None = None, dtype: Any = None):

@@ -27,11 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numbers
+
 import numpy as np
 
 from .. import geneval
 from .rules import OPPOSITE_RELATION, RELATIONS, TAGS, validate_record
-from .world import (ObjectGroup, Relation, Scene, WorldConfig, as_rng, compose_scene)
+from .world import (ObjectGroup, Relation, Scene, WorldConfig, _config_of, _is_int, _type, _world, as_rng,
+                    compose_scene)
 
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
                 9: "nine", 10: "ten"}
@@ -42,11 +45,16 @@ class PromptConfig:
     """What the prompt generator may ask for.
 
     Attributes:
-        world: the world whose shapes and colors the prompts name.
-        count_range: inclusive range of n in counting prompts, within 2..8 (one object is single_object's).
+        world: the world whose shapes and colors the prompts name (None: ``WorldConfig()``).
+        count_range: inclusive range ``(lo, hi)`` of n in counting prompts, within 2..8 (one object is
+            single_object's), and ``hi`` at most what the world holds (:meth:`WorldConfig.capacity`).
         counting_colors: also emit colored counting prompts ("three red circles");
             GenEval's own counting prompts have no color, so this is off by default.
-        heldout_fraction: share of each tag's prompt groups kept for the held-out split.
+        heldout_fraction: share of each tag's prompt groups kept for the held-out split, in (0, 1).
+
+    Raises:
+        TypeError: ``world`` is not a :class:`WorldConfig` (or None).
+        ValueError: any other field of the wrong kind or out of range (each named).
     """
 
     world: WorldConfig = WorldConfig()
@@ -55,14 +63,39 @@ class PromptConfig:
     heldout_fraction: float = 0.2
 
     def __post_init__(self) -> None:
-        lo, hi = self.count_range
+        # None raised a bare AttributeError deep inside enumerate_records, {} and an evaluator's config the same
+        object.__setattr__(self, "world", _world("PromptConfig", self.world, "world"))
+        pair = self.count_range
+        if isinstance(pair, (str, bytes, Mapping)) or not isinstance(pair, Sequence) or len(pair) != 2 \
+                or not all(_is_int(v) for v in pair):
+            # 5 raised "cannot unpack non-iterable int object", (2, 3, 4) "too many values to unpack"
+            raise ValueError(f"PromptConfig: count_range must be two integers (lo, hi), got {pair!r:.80}")
+        lo, hi = int(pair[0]), int(pair[1])
         # a counting prompt of 1 reads exactly as a single_object (or colors) prompt: the splits, grouped by
         # tag, then shared prompt strings ("a photo of a triangle" in both)
-        if not (isinstance(lo, int) and isinstance(hi, int) and 2 <= lo <= hi <= 8):
+        if not 2 <= lo <= hi <= 8:
             raise ValueError(f"count_range must satisfy 2 <= lo <= hi <= 8 (a count of 1 is a single_object "
                              f"prompt), got {self.count_range}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if hi > self.world.capacity():  # its splits held counting records that render_record refused
+            raise ValueError(f"PromptConfig: count_range {(lo, hi)} asks for up to {hi} objects but the world holds "
+                             f"at most {self.world.capacity()} (WorldConfig.capacity()); pass count_range=(2, "
+                             f"{self.world.capacity()}) or a roomier world")
+        object.__setattr__(self, "count_range", (lo, hi))
+        if not isinstance(self.counting_colors, (bool, np.bool_)):  # "no" was taken as True
+            raise ValueError(f"PromptConfig: counting_colors must be True or False, got {self.counting_colors!r:.80}")
+        object.__setattr__(self, "counting_colors", bool(self.counting_colors))
+        frac = self.heldout_fraction
+        if isinstance(frac, (bool, np.bool_)) or not isinstance(frac, numbers.Real) or not 0.0 < frac < 1.0:
+            # '0.2' raised "'<' not supported between instances of 'float' and 'str'"
+            raise ValueError(f"PromptConfig: heldout_fraction must be a number in (0, 1), got {frac!r:.80}")
+
+
+def _prompt_config(fn: str, config) -> PromptConfig:
+    """``config`` checked to be a :class:`PromptConfig` (None: ``PromptConfig()``); a world's config, a mapping
+    or the class itself is refused with a hint (a WorldConfig failed with "has no attribute 'world'", and a falsy
+    wrong value such as {} silently became the default)."""
+    return _config_of(fn, config, PromptConfig,
+                      (lambda c: isinstance(c, WorldConfig), "; a world's config? wrap it: PromptConfig(world=...)"))
 
 
 def _article(word: str) -> str:
@@ -118,15 +151,16 @@ def enumerate_records(tag: str, config: PromptConfig | None = None) -> list[dict
 
     Args:
         tag: one of :data:`xlard.shapes.rules.TAGS`.
-        config: prompt configuration.
+        config: prompt configuration (None: ``PromptConfig()``).
 
     Returns:
         Records, in a fixed order.
 
     Raises:
+        TypeError: ``config`` is not a :class:`PromptConfig` (or None).
         ValueError: unknown tag.
     """
-    config = config or PromptConfig()
+    config = _prompt_config("enumerate_records", config)
     shapes, colors = config.world.shapes, config.world.colors
     pairs = [(a, b) for a in shapes for b in shapes if a != b]
     one = lambda cls, **kw: {"class": cls, "count": 1, **kw}  # noqa: E731
@@ -181,30 +215,62 @@ def make_splits(config: PromptConfig | None = None, seed: int = SPLIT_SEED,
                 tags: Sequence[str] = TAGS) -> dict[str, list[dict]]:
     """Split every tag's prompts into ``train`` and ``heldout``, sharing no prompt.
 
-    Per tag, meaning groups (see :func:`meaning_key`) are shuffled with ``seed``
-    and ``round(heldout_fraction * groups)`` of them (at least one, and never
-    all) go to ``heldout``.
+    Per tag, in :data:`TAGS` order, meaning groups (see :func:`meaning_key`) are
+    shuffled by one generator seeded with ``seed``, and ``round(heldout_fraction
+    * groups)`` of them (at least one, and never all) go to ``heldout``. Every
+    tag is always shuffled, and ``tags`` only chooses which tags are returned,
+    so a tag's split is the same whichever ``tags`` are asked for.
+
+    A split is a function of ``(config, seed)``: another config (other
+    ``counting_colors``, ``count_range`` or world shapes and colors) enumerates
+    other prompts, and since one generator shuffles the tags in turn, even a tag
+    whose prompts did not change can split differently. Train and evaluate with
+    splits made from one config (the project's: ``PromptConfig()`` and
+    :data:`SPLIT_SEED`).
+
+    Args:
+        config: prompt configuration (None: ``PromptConfig()``).
+        seed: a non-negative integer.
+        tags: which tags to return (a list or tuple of distinct names from :data:`TAGS`).
 
     Returns:
         ``{"train": [...], "heldout": [...]}``, records grouped by tag in
         :data:`TAGS` order.
+
+    Raises:
+        TypeError: ``config`` is not a :class:`PromptConfig` (or None).
+        ValueError: a ``seed`` that is not a non-negative integer; ``tags`` that is a single string, names a tag
+            twice or names an unknown tag.
 
     Example:
         >>> s = make_splits(seed=0)
         >>> not {r["prompt"] for r in s["train"]} & {r["prompt"] for r in s["heldout"]}
         True
     """
-    config = config or PromptConfig()
-    rng = np.random.default_rng(seed)
+    fn = "make_splits"
+    config = _prompt_config(fn, config)
+    if not _is_int(seed) or seed < 0:  # 1.5 and "0" failed inside numpy, -1 with "expected non-negative integer"
+        raise ValueError(f"{fn}: seed must be a non-negative integer (the project's split is SPLIT_SEED = "
+                         f"{SPLIT_SEED}), got {seed!r:.80}")
+    wanted = _tag_list(fn, tags)
+    unknown = [t for t in wanted if t not in TAGS]
+    if unknown:
+        raise ValueError(f"{fn}: unknown tag(s) {unknown} in tags; expected names from {TAGS}")
+    # One generator shuffles every tag, always in TAGS order: shuffling only the asked tags, in the asked order,
+    # gave a tag another split for other `tags` (tags=("position",) put 4 of the 5 held-out meanings of the
+    # project's split on the training side), and a tag named twice was split twice, into both halves.
+    rng = np.random.default_rng(int(seed))
     train: list[dict] = []
     held: list[dict] = []
-    for tag in tags:
+    for tag in TAGS:
         records = enumerate_records(tag, config)
         groups: dict[str, list[dict]] = {}
         for r in records:
             groups.setdefault(meaning_key(r), []).append(r)
         keys = sorted(groups)
         rng.shuffle(keys)
+        if tag not in wanted:
+            continue
         if len(keys) < 2:
             n_held = 0
         else:
@@ -213,6 +279,22 @@ def make_splits(config: PromptConfig | None = None, seed: int = SPLIT_SEED,
         for key in sorted(groups):
             (held if key in held_keys else train).extend(groups[key])
     return {"train": train, "heldout": held}
+
+
+def _tag_list(fn: str, tags) -> list[str]:
+    """``tags`` as a list of distinct strings: a list or tuple (any iterable but a string or a mapping)."""
+    if isinstance(tags, (str, bytes, Mapping)) or not isinstance(tags, Iterable):
+        # "position" was read letter by letter
+        wrap = f"; wrap one tag in a list: [{tags!r}]" if isinstance(tags, str) else ""
+        raise ValueError(f"{fn}: tags must be a list of tag names, got {_type(tags)} {tags!r:.80}{wrap}")
+    out = list(tags)
+    bad = [t for t in out if not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"{fn}: tags must be a list of tag names, got {bad[0]!r:.80} among them")
+    twice = sorted({t for t in out if out.count(t) > 1})
+    if twice:
+        raise ValueError(f"{fn}: tags names {twice} more than once; name each tag once")
+    return out
 
 
 def split_membership(records: Sequence[Mapping], seed: int = SPLIT_SEED) -> list[str | None]:
@@ -240,25 +322,37 @@ def sample_records(records: Sequence[Mapping], n: int, seed: int | np.random.Gen
     drawn, so small pools (single_object) repeat and large ones (color_attr) do not.
 
     Args:
-        records: the pool (e.g. a split).
+        records: the pool (e.g. a split: ``make_splits(...)["train"]``), a list of GenEval records.
         n: how many to draw.
         seed: int seed or numpy Generator.
-        tags: tags to draw from (default: those present, in :data:`TAGS` order).
+        tags: tags to draw from, each once, in the order they take turns (default: those present, in
+            :data:`TAGS` order).
 
     Returns:
         ``n`` records (copies), tags interleaved round-robin.
 
     Raises:
-        ValueError: ``n`` is negative or not an integer; a tag has no records.
+        TypeError: ``records`` is not a list of records (a whole ``make_splits`` result, a string, None).
+        ValueError: ``n`` is negative or not an integer; a record without a ``tag``; ``tags`` that is a single
+            string or names a tag twice; a tag has no records.
     """
+    fn = "sample_records"
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 or n > MAX_SAMPLE:
         # (2**63 looped for good, building the list)
         raise ValueError(f"sample_records: n must be a non-negative integer, got {n!r} (at most {MAX_SAMPLE})")
+    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
+        # a make_splits() result raised "string indices must be integers", None "not iterable"
+        hint = "; a make_splits() result? pass its ['train'] or ['heldout']" \
+            if isinstance(records, Mapping) and {"train", "heldout"} & set(records) else ""
+        raise TypeError(f"{fn}: records must be a list of GenEval records, got {_type(records)}{hint}")
     rng = as_rng(seed)
     by_tag: dict[str, list[Mapping]] = {}
-    for r in records:
+    for i, r in enumerate(records):
+        if not isinstance(r, Mapping) or not isinstance(r.get("tag"), str):
+            raise ValueError(f"{fn}: records[{i}] must be a GenEval record (a mapping with a 'tag'), got "
+                             f"{_type(r)} {r!r:.80}")
         by_tag.setdefault(r["tag"], []).append(r)
-    tags = [t for t in TAGS if t in by_tag] if tags is None else list(tags)
+    tags = [t for t in TAGS if t in by_tag] if tags is None else _tag_list(fn, tags)
     missing = [t for t in tags if t not in by_tag]
     if missing or not tags:
         raise ValueError(f"no records for tags {missing or tags}")
@@ -278,9 +372,10 @@ def check_satisfiable(record: dict, world: WorldConfig | None = None) -> None:
     exclude clause ("a circle" and "no circle"), or an uncolored include whose every color is excluded.
 
     Raises:
+        TypeError: ``world`` is not a :class:`WorldConfig` (or None).
         ValueError: naming the record's prompt and the clause.
     """
-    world = world or WorldConfig()
+    world = _world("check_satisfiable", world, "world")  # a PromptConfig raised a bare AttributeError
     include = record["include"]
     banned: dict[str, set[str]] = {}
     for e in record.get("exclude", []):
@@ -310,18 +405,25 @@ def render_record(record: Mapping, seed: int | np.random.Generator | None = 0,
     Args:
         record: a GenEval record.
         seed: int seed or numpy Generator.
-        world: the world (default :class:`WorldConfig()`).
+        world: the world (None: ``WorldConfig()``).
         distractors: extra objects of unmentioned classes (skipped when every
-            class is mentioned).
+            class is mentioned): at most :meth:`WorldConfig.max_objects` (the
+            world's capacity) less the record's own objects, with or without
+            relations (a layout with relations that random placement misses
+            puts the smallest objects in grid cells that keep the relations).
 
     Returns:
         A :class:`Scene`.
 
     Raises:
+        TypeError: ``world`` is not a :class:`WorldConfig` (or None).
         ValueError: malformed record, or one no scene can satisfy (an include
-            count that meets its own exclude clause).
+            count that meets its own exclude clause); ``distractors`` not an
+            integer in that range.
+        RuntimeError: no layout keeps the record's relations (only relations
+            between several objects of a class can fail so).
     """
-    world = world or WorldConfig()
+    world = _world("render_record", world, "world")  # {} silently became the default world, a PromptConfig failed
     validate_record(record, classes=world.shapes, colors=world.colors)
     check_satisfiable(record, world)
     rng = as_rng(seed)
@@ -348,10 +450,12 @@ def render_record(record: Mapping, seed: int | np.random.Generator | None = 0,
                  for s in pieces[i] for t in pieces[it["position"][1]]]
     mentioned = {it["class"] for it in include} | {e["class"] for e in record.get("exclude", [])}
     free = [s for s in world.shapes if s not in mentioned]
+    # what the world fits beside the record's own objects (distractors are skipped when no class is free)
+    most = max(0, world.max_objects() - sum(it["count"] for it in include)) if free else world.max_objects()
     if isinstance(distractors, bool) or not isinstance(distractors, (int, np.integer)) \
-            or not 0 <= distractors <= world.capacity():  # 10**9 hung, -3 was ignored, 2.5 a TypeError
-        raise ValueError(f"distractors must be an integer in [0, {world.capacity()}] (what the world fits), got "
-                         f"{distractors!r}")
+            or not 0 <= distractors <= most:  # 10**9 hung, -3 was ignored, 2.5 a TypeError
+        raise ValueError(f"distractors must be an integer in [0, {most}] (what the world fits beside the record's "
+                         f"objects), got {distractors!r}")
     if distractors and free:
         for _ in range(distractors):
             groups.append(ObjectGroup(free[int(rng.integers(len(free)))], 1))
@@ -376,6 +480,8 @@ def read_records(path: str | os.PathLike, world: WorldConfig | None = None,
     when given, receives the file's line of each record."""
     # the file's line of each record, counted by the reader itself (blank lines skipped): errors name it (a
     # second count of its own skipped other lines than the reader: a BOM or a no-break space line shifted it)
+    if world is not None:  # {} was taken as no world, without a word
+        world = _world("read_records", world, "world")
     lines: list[int] = []
     rows = geneval.read_jsonl(path, validate=False, line_numbers=lines)
     if line_numbers is not None:

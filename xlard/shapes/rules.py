@@ -127,15 +127,35 @@ def normalized_offset(box_a: Sequence[float], box_b: Sequence[float],
     ax0, ay0, ax1, ay1 = _box("box_a", box_a)
     bx0, by0, bx1, by1 = _box("box_b", box_b)
     threshold = _threshold(threshold)
+    d = _offset(ax0, ay0, ax1, ay1, bx0, by0, bx1, by1, threshold, 1e-3)
+    if d is _OVERFLOW:
+        # Corners near the float limit (1e308) overflowed the centres and gave (nan, nan). The rule is scale-free
+        # but for its 1e-3 px cutoff, so it is worked out on the boxes scaled by 1/8 (exact: a power of two), the
+        # cutoff scaled alike; then nothing overflows.
+        d = _offset(ax0 / 8, ay0 / 8, ax1 / 8, ay1 / 8, bx0 / 8, by0 / 8, bx1 / 8, by1 / 8, threshold, 1e-3 / 8)
+    return d
+
+
+_OVERFLOW = object()
+
+
+def _offset(ax0: float, ay0: float, ax1: float, ay1: float, bx0: float, by0: float, bx1: float, by1: float,
+            threshold: float, cutoff: float):
+    """:func:`normalized_offset` of two checked boxes with a shrunk offset below ``cutoff`` (both axes) counting
+    as none; :data:`_OVERFLOW` when a step overflowed the float range."""
     off_x = (ax0 + ax1) / 2.0 - (bx0 + bx1) / 2.0
     off_y = (ay0 + ay1) / 2.0 - (by0 + by1) / 2.0
     shrink_x = threshold * ((ax1 - ax0) + (bx1 - bx0))
     shrink_y = threshold * ((ay1 - ay0) + (by1 - by0))
+    if not math.isfinite(off_x + off_y + shrink_x + shrink_y):  # (a sum of finite ones may overflow too: no harm)
+        return _OVERFLOW
     rev_x = math.copysign(max(abs(off_x) - shrink_x, 0.0), off_x)
     rev_y = math.copysign(max(abs(off_y) - shrink_y, 0.0), off_y)
-    if abs(rev_x) < 1e-3 and abs(rev_y) < 1e-3:
+    if abs(rev_x) < cutoff and abs(rev_y) < cutoff:
         return None
     norm = math.hypot(off_x, off_y)
+    if norm == math.inf:
+        return _OVERFLOW
     return rev_x / norm, rev_y / norm
 
 

@@ -13,6 +13,10 @@ Layout: objects never overlap; boxes keep ``gap`` empty pixels between them
 edge. Relations ("A left of B") are placed with GenEval's own rule
 (:func:`xlard.shapes.rules.relative_position`) at a safety margin, and with
 no perpendicular relation holding (a "left of" scene is never also "above").
+Objects are placed at random; a scene that random placement does not find
+puts the smallest objects in cells of the grid that
+:meth:`WorldConfig.capacity` counts (related ones in cells that keep their
+relations). A scene holds at most :data:`MAX_OBJECTS` objects.
 
 Box convention: ``(x0, y0, x1, y1)``, pixel edges, ``x1``/``y1`` exclusive; x
 right, y down (see :mod:`xlard.shapes.rules`).
@@ -54,6 +58,14 @@ assert tuple(PALETTE) == GENEVAL_COLORS
 
 Rng = np.random.Generator
 
+MAX_OBJECTS = 128
+"""Most objects :func:`compose_scene` (and so :func:`random_scene` and
+:func:`xlard.shapes.prompts.render_record`) lays out in one scene, whatever
+:meth:`WorldConfig.capacity` says: a tiny ``min_size`` in a 4096 px world holds
+342,225 objects, and a random layout of that many took hours (the worst case up
+to this bound, a world just too small for random placement of 128 objects,
+takes 1 to 2 s on one CPU core)."""
+
 
 def as_rng(seed: int | Rng | None) -> Rng:
     """A numpy Generator from a seed (int), an existing Generator, or None (seed 0)."""
@@ -74,10 +86,10 @@ def _type(value) -> str:
     return "the class itself" if isinstance(value, type) else type(value).__name__
 
 
-def _config_of(fn: str, config, cls: type, other=None):
+def _config_of(fn: str, config, cls: type, other=None, arg: str = "config"):
     """``config`` checked to be a ``cls`` instance (None: ``cls()``), else a TypeError with a hint: a mapping to
     build it from, the class itself to call, or ``other``: ``(is_other(config), hint)`` for a config of the other
-    kind and what to pass instead.
+    kind and what to pass instead. ``arg`` is the argument's name in the message.
 
     A dict, the other config or the class itself failed later with a bare AttributeError, and a falsy wrong
     value (``{}``, ``0``) silently became the default config."""
@@ -93,15 +105,19 @@ def _config_of(fn: str, config, cls: type, other=None):
         elif config is cls:
             hint = f"; call it: {name}()"
         article = "an" if name[0] in "AEIOU" else "a"
-        raise TypeError(f"{fn}: config must be {article} {name} or None, got {_type(config)}{hint}")
+        raise TypeError(f"{fn}: {arg} must be {article} {name} or None, got {_type(config)}{hint}")
     return config
 
 
-def _world(fn: str, config) -> "WorldConfig":
-    """``config`` checked to be a :class:`WorldConfig` (None: ``WorldConfig()``)."""
-    # an evaluator's config is told by its .world (this module must not import the evaluator)
-    return _config_of(fn, config, WorldConfig, (lambda c: isinstance(getattr(c, "world", None), WorldConfig),
-                                                "; an evaluator's config? pass its .world"))
+def _world(fn: str, config, arg: str = "config") -> "WorldConfig":
+    """``config`` checked to be a :class:`WorldConfig` (None: ``WorldConfig()``); a config that holds one in its
+    ``.world`` (an evaluator's, the prompts') is named in the hint."""
+    # told by its .world (this module must not import the evaluator or the prompts)
+    kind = type(config).__name__
+    hint = ("; an evaluator's config? pass its .world" if kind == "EvaluatorConfig"
+            else f"; a {kind} holds its world in .world: pass that")
+    return _config_of(fn, config, WorldConfig,
+                      (lambda c: isinstance(getattr(c, "world", None), WorldConfig), hint), arg)
 
 
 def _scene(fn: str, scene) -> "Scene":
@@ -136,10 +152,16 @@ def _index(fn: str, scene: "Scene", index) -> int:
 def shape_mask(shape: str, width: int, height: int | None = None) -> np.ndarray:
     """Rasterize one shape filling a ``width`` x ``height`` frame (no anti-aliasing).
 
-    Pixels are sampled at their centres in normalized frame coordinates; every
-    shape touches all four sides of the frame, so the tight box of the mask is
-    the whole frame. Non-square frames stretch the shape (the evaluator uses
-    this to compare a found blob with each shape in the blob's own box).
+    Pixels are sampled at their centres in normalized frame coordinates. In a
+    square frame (the only frame the world draws in) every shape touches all
+    four sides of the frame, so the tight box of the mask is the whole frame.
+    Non-square frames stretch the shape (the evaluator uses this to compare a
+    found blob with each shape in the blob's own box); there the outline can
+    pass between two pixel centres, and a frame whose even side is the shorter
+    one leaves a triangle's apex row or a diamond's extreme rows or columns
+    empty (a 6 wide, 7 high triangle or diamond has an empty top row). These
+    templates are kept as they are: the evaluator's reported scores were
+    measured with them.
 
     Args:
         shape: one of :data:`SHAPES`.
@@ -186,7 +208,8 @@ class SceneObject:
     Attributes:
         shape: one of :data:`SHAPES`.
         color: one of :data:`PALETTE`.
-        bbox: ``(x0, y0, x1, y1)``, pixel edges, exclusive ends; also the tight
+        bbox: ``(x0, y0, x1, y1)``, pixel edges, exclusive ends, square
+            (``x1 - x0 == y1 - y0``; other boxes are refused); also the tight
             box of the object's pixels.
     """
 
@@ -205,6 +228,10 @@ class SceneObject:
         box = tuple(int(v) for v in self.bbox)
         if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
             raise ValueError(f"bbox must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {self.bbox!r}")
+        if box[2] - box[0] != box[3] - box[1]:
+            # a 6 wide, 7 high triangle left its top row empty: its box was not the tight box of its pixels
+            raise ValueError(f"bbox must be square (the world draws every shape in a square frame, which it fills), "
+                             f"got {box[2] - box[0]}x{box[3] - box[1]} {self.bbox!r}")
         object.__setattr__(self, "bbox", box)
 
     @property
@@ -266,6 +293,29 @@ def _boxes_clear(a: Sequence[int], b: Sequence[int], gap: int) -> bool:
     return (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
+def _first_overlap(boxes: Sequence[Sequence[int]]) -> tuple[int, int] | None:
+    """The first pair ``(i, j)``, ``j < i``, of boxes that share a pixel (smallest ``i``, then smallest ``j``), or
+    None. Small lists are checked pair by pair; longer ones with numpy, a block of rows at a time (a Python double
+    loop took seconds for a thousand objects)."""
+    n = len(boxes)
+    if n <= 32:
+        for i in range(n):
+            for j in range(i):
+                if not _boxes_clear(boxes[i], boxes[j], 0):
+                    return i, j
+        return None
+    arr = np.asarray(boxes, dtype=np.int64)
+    for start in range(0, n, 256):
+        stop = min(n, start + 256)
+        a, b = arr[start:stop, None, :], arr[None, :stop, :]
+        hit = (a[..., 0] < b[..., 2]) & (b[..., 0] < a[..., 2]) & (a[..., 1] < b[..., 3]) & (b[..., 1] < a[..., 3])
+        hit &= np.arange(start, stop)[:, None] > np.arange(stop)[None, :]
+        if hit.any():
+            i, j = np.argwhere(hit)[0]  # row-major: the smallest i, then its smallest j
+            return start + int(i), int(j)
+    return None
+
+
 @dataclass(frozen=True)
 class Scene:
     """A scene: image size, background and objects, all exact.
@@ -289,6 +339,7 @@ class Scene:
         object.__setattr__(self, "objects", tuple(self.objects))
         if not _is_int(self.image_size) or self.image_size < 1:
             raise ValueError(f"Scene.image_size must be an integer >= 1, got {self.image_size!r}")
+        object.__setattr__(self, "image_size", int(self.image_size))  # np.int64 made to_dict() unfit for JSON
         bg = tuple(self.background) if isinstance(self.background, (tuple, list)) else None
         if bg is None or len(bg) != 3 or not all(_is_int(c) and 0 <= c <= 255 for c in bg):
             raise ValueError(f"Scene.background must be three integers in [0, 255] (RGB), got {self.background!r}")
@@ -300,11 +351,10 @@ class Scene:
             x0, y0, x1, y1 = obj.bbox
             if x0 < 0 or y0 < 0 or x1 > size or y1 > size:
                 raise ValueError(f"objects[{i}] box {obj.bbox} leaves the {size}x{size} image")
-        for i in range(len(self.objects)):
-            for j in range(i):
-                if not _boxes_clear(self.objects[i].bbox, self.objects[j].bbox, 0):
-                    raise ValueError(f"objects[{i}] {self.objects[i].bbox} overlaps objects[{j}] "
-                                     f"{self.objects[j].bbox}")
+        pair = _first_overlap([o.bbox for o in self.objects])
+        if pair is not None:
+            i, j = pair
+            raise ValueError(f"objects[{i}] {self.objects[i].bbox} overlaps objects[{j}] {self.objects[j].bbox}")
 
     def render(self) -> np.ndarray:
         """The image: ``uint8 [image_size, image_size, 3]`` RGB.
@@ -378,6 +428,11 @@ class WorldConfig:
             along a relation's axis in placed relations; must exceed 0.5, the
             rule's own cutoff, so that rendered relations are unambiguous.
         max_attempts: layout restarts before giving up.
+
+    Integer fields are stored as Python ints (a numpy int is accepted and
+    converted, so scenes stay JSON-ready). A world must have room for at least
+    two objects (:meth:`capacity`), else a ValueError names ``border``, ``gap``
+    and ``min_size``.
     """
 
     image_size: int = 64
@@ -402,6 +457,7 @@ class WorldConfig:
         if not _is_int(self.image_size) or not 32 <= self.image_size <= 4096:
             # (the exact evaluator reads images up to 4096 x 4096)
             raise ValueError(f"image_size must be an int in [32, 4096], got {self.image_size!r}")
+        object.__setattr__(self, "image_size", int(self.image_size))  # np.int64 went on into every Scene
         bad = [s for s in self.shapes if not isinstance(s, str) or s not in SHAPES]
         if bad or len(set(self.shapes)) < 2 or len(set(self.shapes)) != len(self.shapes):
             raise ValueError(f"shapes must be >= 2 distinct names from {SHAPES}, got {self.shapes!r}")
@@ -415,6 +471,7 @@ class WorldConfig:
         for name, low in (("gap", 1), ("border", 0), ("max_attempts", 1)):
             if not _is_int(getattr(self, name)) or getattr(self, name) < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, int(getattr(self, name)))
         if not 0.0 < self.min_size <= self.max_size <= 0.5:
             raise ValueError(f"need 0 < min_size <= max_size <= 0.5, got {self.min_size}, {self.max_size}")
         if self.min_px < 5:
@@ -426,6 +483,12 @@ class WorldConfig:
             raise ValueError(f"position_margin must be in (0.5, 1), got {self.position_margin}")
         if not 0.0 < self.fill <= 1.0:
             raise ValueError(f"fill must be in (0, 1], got {self.fill}")
+        if self.capacity() < 2:
+            # border=40 left no room at all, and min_size=0.5 room for one object: every scene of two failed later,
+            # with errors that never named border, gap or min_size
+            raise ValueError(f"this world holds {self.capacity()} object(s): a {self.image_size}px image with "
+                             f"border={self.border}, gap={self.gap} and objects of min_size={self.min_size} "
+                             f"({self.min_px}px); it must hold at least 2 (lower border, gap or min_size)")
 
     @property
     def min_px(self) -> int:
@@ -440,9 +503,16 @@ class WorldConfig:
 
         A layout of more objects cannot exist, so :func:`compose_scene` refuses
         it at once instead of searching (or building a list of a billion objects).
+        A square number, at least 4 (a world with room for fewer than 2 objects is
+        refused when it is made). A scene is further limited to :data:`MAX_OBJECTS`
+        objects (:meth:`max_objects`).
         """
         per_axis = (self.image_size - 2 * self.border + self.gap) // (self.min_px + self.gap)
         return max(per_axis, 0) ** 2
+
+    def max_objects(self) -> int:
+        """Most objects :func:`compose_scene` lays out in one scene: :meth:`capacity`, at most :data:`MAX_OBJECTS`."""
+        return min(self.capacity(), MAX_OBJECTS)
 
     def size_cap(self, n_objects: int) -> int:
         """Largest object side when ``n_objects`` share the image."""
@@ -478,6 +548,8 @@ def _relation_clear(subject_box, target_box, relation: str, margin: float) -> bo
 
 def _relations_ok(box, group: int, placed: list[tuple[int, tuple]], relations: Sequence[Relation],
                   margin: float) -> bool:
+    if not any(rel.subject == group or rel.target == group for rel in relations):
+        return True  # (the same answer as the loops below, without visiting every placed object)
     for rel in relations:
         for other_group, other_box in placed:
             if rel.subject == group and rel.target == other_group:
@@ -489,12 +561,22 @@ def _relations_ok(box, group: int, placed: list[tuple[int, tuple]], relations: S
     return True
 
 
+#: From this many placed objects on, :func:`_try_place` checks its tries with numpy (the same draws, the same
+#: answer; below it a Python loop is faster).
+_BATCH_FROM = 24
+
+
 def _try_place(size: int, group: int, placed: list[tuple[int, tuple]], relations: Sequence[Relation],
-               config: WorldConfig, rng: Rng, tries: int) -> tuple[int, int, int, int] | None:
+               config: WorldConfig, rng: Rng, tries: int,
+               boxes: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
+    """A random ``size`` box clear of ``placed`` (``boxes``: their boxes as an ``int64 [len(placed), 4]`` array,
+    when the caller keeps one) and keeping ``relations``, from up to ``tries`` random corners; None if none."""
     lo = config.border
     hi = config.image_size - config.border - size
     if hi < lo:
         return None
+    if boxes is not None and len(placed) >= _BATCH_FROM:
+        return _try_place_batch(size, group, placed, relations, config, rng, tries, boxes, lo, hi)
     for _ in range(tries):
         x0 = int(rng.integers(lo, hi + 1))
         y0 = int(rng.integers(lo, hi + 1))
@@ -502,6 +584,66 @@ def _try_place(size: int, group: int, placed: list[tuple[int, tuple]], relations
         if all(_boxes_clear(box, b, config.gap) for _, b in placed) and \
                 _relations_ok(box, group, placed, relations, config.position_margin):
             return box
+    return None
+
+
+def _try_place_batch(size: int, group: int, placed: list[tuple[int, tuple]], relations: Sequence[Relation],
+                     config: WorldConfig, rng: Rng, tries: int, boxes: np.ndarray, lo: int,
+                     hi: int) -> tuple[int, int, int, int] | None:
+    """:func:`_try_place`'s loop, all tries at once: the corners are drawn as one array (numpy gives the same
+    numbers as one draw at a time), checked against every placed box with numpy, and the generator is then set
+    back and moved on by exactly the draws the loop would have made, so the result and the generator's state are
+    the loop's."""
+    bitgen = rng.bit_generator
+    state = bitgen.state
+    corners = rng.integers(lo, hi + 1, size=2 * tries).reshape(tries, 2)  # x0, y0 per try, in the loop's order
+    b = boxes[:len(placed)].T
+    # a try is clear of a box when it lies gap or more from it on some axis
+    left, right, top, bottom = b[0] - (size + config.gap), b[2] + config.gap, b[1] - (size + config.gap), \
+        b[3] + config.gap
+    for first, stop in ((0, min(4, tries)), (min(4, tries), tries)):  # most objects find room within 4 tries
+        x0, y0 = corners[first:stop, :1], corners[first:stop, 1:]
+        clear = ((x0 <= left) | (x0 >= right) | (y0 <= top) | (y0 >= bottom)).all(axis=1)
+        for t in (first + np.flatnonzero(clear)).tolist():
+            box = (int(corners[t, 0]), int(corners[t, 1]), int(corners[t, 0]) + size, int(corners[t, 1]) + size)
+            if _relations_ok(box, group, placed, relations, config.position_margin):
+                bitgen.state = state
+                rng.integers(lo, hi + 1, size=2 * (t + 1))  # the draws of tries 0..t, no more
+                return box
+    return None
+
+
+def _grid_with_relations(groups: Sequence[ObjectGroup], order: list[int], colors: list[str],
+                         relations: Sequence[Relation], config: WorldConfig, rng: Rng) -> Scene | None:
+    """The smallest objects in cells of :meth:`WorldConfig.capacity`'s grid, the objects of related groups in
+    cells that keep the relations (at ``position_margin``, none perpendicular), found by random draws; None when
+    ``max_attempts`` draws find none. Two cells of one row (column) always keep a left/right (above/below) relation
+    at the default margin, so a relation between single objects is found at once whatever the other objects."""
+    step, per_axis = config.min_px + config.gap, math.isqrt(config.capacity())
+    n_cells = per_axis * per_axis
+
+    def cell_box(cell: int) -> tuple[int, int, int, int]:
+        x0, y0 = config.border + (cell % per_axis) * step, config.border + (cell // per_axis) * step
+        return (x0, y0, x0 + config.min_px, y0 + config.min_px)
+
+    related = {g for r in relations for g in (r.subject, r.target)}
+    bound = [i for i, gi in enumerate(order) if gi in related]
+    for _ in range(config.max_attempts):
+        cells = rng.choice(n_cells, size=len(bound), replace=False).tolist()
+        placed: list[tuple[int, tuple]] = []
+        for i, cell in zip(bound, cells):
+            box = cell_box(cell)
+            if not _relations_ok(box, order[i], placed, relations, config.position_margin):
+                break
+            placed.append((order[i], box))
+        else:
+            used = set(cells)
+            rest = [c for c in rng.permutation(n_cells).tolist() if c not in used][:len(order) - len(bound)]
+            where = dict(zip(bound, cells))
+            free = iter(rest)
+            objects = tuple(SceneObject(groups[gi].shape, c, cell_box(where[i] if i in where else next(free)))
+                            for i, (gi, c) in enumerate(zip(order, colors)))
+            return Scene(config.image_size, objects)
     return None
 
 
@@ -525,10 +667,13 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
         TypeError: ``groups``/``relations`` are not lists of :class:`ObjectGroup`/:class:`Relation`, or
             ``config`` is not a :class:`WorldConfig` (or None).
         ValueError: a group names an unknown shape/color or a bad relation, or
-            more objects are asked than the image can hold (:meth:`WorldConfig.capacity`).
-        RuntimeError: no layout found for groups with relations (too many or too large objects);
-            relation-free groups up to :meth:`WorldConfig.capacity` objects always get one (random
-            placement first, then the smallest objects in random cells of the capacity grid).
+            more objects are asked than the image can hold (:meth:`WorldConfig.capacity`) or than a
+            scene may hold (:data:`MAX_OBJECTS`).
+        RuntimeError: no layout found for groups with relations. Random placement comes first; when it
+            fails, the smallest objects go to random cells of the capacity grid, so relation-free groups
+            up to :meth:`WorldConfig.max_objects` objects always get a layout, and so do relations between
+            single objects (two cells of a row or column keep them at the default margin), whatever the
+            other objects; relations between groups of several objects can fail.
 
     Example:
         >>> s = compose_scene([ObjectGroup("square", 1, "blue"), ObjectGroup("circle", 3, "red")],
@@ -558,20 +703,25 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
             raise ValueError(f"bad relation {r}; groups 0..{len(groups) - 1}, relations {RELATIONS}")
     n = sum(g.count for g in groups)
     if n > config.capacity():
-        raise ValueError(f"{n} objects asked ({[dataclasses.astuple(g) for g in groups]}); a "
+        raise ValueError(f"{n} objects asked ({[dataclasses.astuple(g) for g in groups]!s:.300}); a "
                          f"{config.image_size}px image of this world holds at most {config.capacity()}")
+    if n > MAX_OBJECTS:  # a random layout of 342,225 objects (min_size 0.0013 at 4096 px) took hours
+        raise ValueError(f"{n} objects asked ({[dataclasses.astuple(g) for g in groups]!s:.300}); a scene holds at "
+                         f"most MAX_OBJECTS = {MAX_OBJECTS} objects (this world's capacity is {config.capacity()})")
     order = [gi for gi, g in enumerate(groups) for _ in range(g.count)]
     colors = [groups[gi].color or config.colors[int(rng.integers(len(config.colors)))] for gi in order]
     cap = config.size_cap(n)
+    boxes = np.empty((n, 4), dtype=np.int64)  # the placed boxes, for _try_place's numpy check of many objects
     for attempt in range(config.max_attempts):
         # Shrink the objects as restarts pile up: dense scenes still converge.
         cap_now = max(config.min_px, cap - attempt // 40)
         sizes = rng.integers(config.min_px, cap_now + 1, size=n)
         placed: list[tuple[int, tuple]] = []
         for gi, size in zip(order, sizes):
-            box = _try_place(int(size), gi, placed, relations, config, rng, tries=60)
+            box = _try_place(int(size), gi, placed, relations, config, rng, tries=60, boxes=boxes)
             if box is None:
                 break
+            boxes[len(placed)] = box
             placed.append((gi, box))
         else:
             objects = tuple(SceneObject(groups[gi].shape, c, box) for (gi, box), c in zip(placed, colors))
@@ -586,9 +736,14 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
             x0, y0 = config.border + (cell % per_axis) * step, config.border + (cell // per_axis) * step
             objects.append(SceneObject(groups[gi].shape, c, (x0, y0, x0 + config.min_px, y0 + config.min_px)))
         return Scene(config.image_size, tuple(objects))
-    raise RuntimeError(f"could not lay out {n} objects ({[dataclasses.astuple(g) for g in groups]}) with "
-                       f"relations {list(relations)} in a {config.image_size}px image after "
-                       f"{config.max_attempts} attempts; use fewer or smaller objects")
+    # Random placement found no layout with these relations (20 objects with a relation in a 64px image failed
+    # for some seeds): the smallest objects in cells of the same grid, related ones in cells that keep the relations.
+    scene = _grid_with_relations(groups, order, colors, relations, config, rng)
+    if scene is not None:
+        return scene
+    raise RuntimeError(f"could not lay out {n} objects ({[dataclasses.astuple(g) for g in groups]!s:.300}) with "
+                       f"relations {list(relations)!s:.300} in a {config.image_size}px image after "
+                       f"{config.max_attempts} attempts, nor in cells of its grid; use fewer or smaller objects")
 
 
 def random_scene(seed: int | Rng | None = 0, config: WorldConfig | None = None,
@@ -598,16 +753,23 @@ def random_scene(seed: int | Rng | None = 0, config: WorldConfig | None = None,
     Args:
         seed: int seed or numpy Generator.
         config: the world.
-        n_objects: how many objects (default: uniform in 1..8).
+        n_objects: how many objects (default: uniform in 1..8); at most :meth:`WorldConfig.max_objects` (the
+            world's capacity, at most :data:`MAX_OBJECTS`).
 
     Returns:
         A :class:`Scene`.
+
+    Raises:
+        ValueError: ``n_objects`` is not an integer in ``[1, config.max_objects()]``.
     """
     config = _world("random_scene", config)
-    if n_objects is not None and (not _is_int(n_objects) or not 1 <= n_objects <= config.capacity()):
-        # 10**9 built a billion groups before the capacity check (a hang); 1.7 drew one object
-        raise ValueError(f"n_objects must be an integer in [1, {config.capacity()}] (what the world fits), got "
-                         f"{n_objects!r}")
+    most = config.max_objects()
+    if n_objects is not None and (not _is_int(n_objects) or not 1 <= n_objects <= most):
+        # 10**9 built a billion groups before the capacity check (a hang); 1.7 drew one object; 342,225 (the
+        # capacity of a 4096px world of 5px objects) was laid out for hours
+        limit = "what the world fits" if most == config.capacity() else \
+            f"MAX_OBJECTS; the world's capacity is {config.capacity()}"
+        raise ValueError(f"n_objects must be an integer in [1, {most}] ({limit}), got {n_objects!r}")
     rng = as_rng(seed)
     n = int(rng.integers(1, 9)) if n_objects is None else int(n_objects)
     groups = [ObjectGroup(config.shapes[int(rng.integers(len(config.shapes)))], 1) for _ in range(n)]
@@ -618,12 +780,21 @@ def add_object(scene: Scene, shape: str, color: str, seed: int | Rng | None = 0,
                config: WorldConfig | None = None) -> Scene:
     """The scene plus one more object, placed in free space (keeps ``gap``/``border``).
 
-    Tries random sizes and places first, then scans every position at the
-    smallest size, so it fails only when the image is genuinely full.
+    Tries random sizes and places first, then takes the first free position at
+    the smallest size (top to bottom, left to right), so it fails only when the
+    image is genuinely full; a full image is told at once, from a map of the
+    positions the scene's objects block, before any random try.
+
+    Args:
+        scene: the scene.
+        shape: one of ``config.shapes``.
+        color: one of ``config.colors``.
+        seed: int seed or numpy Generator.
+        config: the world (default: :class:`WorldConfig` of the scene's image size).
 
     Raises:
         TypeError: ``scene`` is not a :class:`Scene` or ``config`` not a :class:`WorldConfig` (or None).
-        ValueError: an unknown shape or color, or a config of another image size.
+        ValueError: a shape or color this world does not draw, or a config of another image size.
         RuntimeError: no free place for even the smallest object.
     """
     fn = "add_object"
@@ -636,25 +807,53 @@ def add_object(scene: Scene, shape: str, color: str, seed: int | Rng | None = 0,
                              "config=") from None
     config = _world(fn, config)
     SceneObject(shape, color, (0, 0, 1, 1))  # names checked before the search, not after it
+    # as compose_scene does: a name of the palette that this world does not draw was added without a word
+    if shape not in config.shapes:
+        raise ValueError(f"{fn}: shape {shape!r} is not in this world's shapes {config.shapes}")
+    if color not in config.colors:
+        raise ValueError(f"{fn}: color {color!r} is not in this world's colors {config.colors}")
     if config.image_size != scene.image_size:
         raise ValueError(f"add_object: config.image_size {config.image_size} is not the scene's {scene.image_size}")
+    size = config.min_px
+    free = _first_free_corner(scene, config, size)
+    if free is None:  # (the random tries and a Python scan of every position took 28 s to tell a full 4096px image)
+        raise RuntimeError(f"no room for another {size}px object in this {scene.image_size}px scene "
+                           f"of {len(scene.objects)} objects")
     rng = as_rng(seed)
     placed = [(-1, o.bbox) for o in scene.objects]
+    boxes = np.asarray([b for _, b in placed], dtype=np.int64).reshape(len(placed), 4)
     cap = config.size_cap(len(scene.objects) + 1)
     for size in range(cap, config.min_px - 1, -1):
-        box = _try_place(size, -2, placed, (), config, rng, tries=200)
+        box = _try_place(size, -2, placed, (), config, rng, tries=200, boxes=boxes)
         if box is not None:
             return Scene(scene.image_size, scene.objects + (SceneObject(shape, color, box),), scene.background)
-    size = config.min_px
+    x0, y0 = free
+    box = (x0, y0, x0 + config.min_px, y0 + config.min_px)
+    return Scene(scene.image_size, scene.objects + (SceneObject(shape, color, box),), scene.background)
+
+
+def _first_free_corner(scene: Scene, config: WorldConfig, size: int) -> tuple[int, int] | None:
+    """The first corner ``(x0, y0)`` (rows top to bottom, each left to right) inside the border where a ``size``
+    box keeps ``gap`` from every object of ``scene``; None when there is none.
+
+    A map of the corners each object blocks (its box grown by ``size + gap - 1`` up and left and ``gap - 1`` down
+    and right) replaces a Python scan of every corner against every object."""
     lo, hi = config.border, config.image_size - config.border - size
-    for y0 in range(lo, hi + 1):
-        for x0 in range(lo, hi + 1):
-            box = (x0, y0, x0 + size, y0 + size)
-            if all(_boxes_clear(box, b, config.gap) for _, b in placed):
-                return Scene(scene.image_size, scene.objects + (SceneObject(shape, color, box),),
-                             scene.background)
-    raise RuntimeError(f"no room for another {size}px object in this {scene.image_size}px scene "
-                       f"of {len(scene.objects)} objects")
+    if hi < lo:
+        return None
+    gap, span = config.gap, hi - lo + 1
+    blocked = np.zeros((span, span), dtype=bool)  # [y0 - lo, x0 - lo]
+    for o in scene.objects:
+        bx0, by0, bx1, by1 = o.bbox
+        # a corner x0 is blocked iff bx0 - size - gap < x0 < bx1 + gap (and the same for y0)
+        xa, xb = max(bx0 - size - gap + 1, lo) - lo, min(bx1 + gap - 1, hi) - lo + 1
+        ya, yb = max(by0 - size - gap + 1, lo) - lo, min(by1 + gap - 1, hi) - lo + 1
+        if xa < xb and ya < yb:
+            blocked[ya:yb, xa:xb] = True
+    first = int(blocked.argmin())  # the first False in row order (0 when every corner is blocked)
+    if blocked.flat[first]:
+        return None
+    return lo + first % span, lo + first // span
 
 
 def remove_object(scene: Scene, index: int) -> Scene:
@@ -692,5 +891,5 @@ def mirror_scene(scene: Scene, axis: str) -> Scene:
 __all__ = [
     "SHAPES", "PALETTE", "BACKGROUND", "SceneObject", "Scene", "WorldConfig", "ObjectGroup", "Relation",
     "shape_mask", "compose_scene", "random_scene", "add_object", "remove_object", "replace_object",
-    "mirror_scene", "as_rng",
+    "mirror_scene", "as_rng", "MAX_OBJECTS",
 ]
