@@ -539,3 +539,151 @@ def test_warm_start_errors_of_an_aspect_no_prompt_asks_read_n_a():
     assert _aspect_mse_text({"mse_count": 0.0185, "mse_color": float("nan"), "mse_position": 1e-4}) == \
         "0.0185/n/a/0.0001"
     assert _aspect_mse_text({"mse_count": 0.5, "mse_color": 0.25, "mse_position": 0.125}) == "0.5000/0.2500/0.1250"
+
+
+# ---------------------------------------------------------------- config fixes (override values, bounds, --set, YAML)
+
+@pytest.mark.parametrize("section, overrides, key", [
+    ("corrector_overrides", {"width": "16"}, "model.corrector_overrides.width"),
+    ("corrector_overrides", {"dropout": "0.1"}, "model.corrector_overrides.dropout"),
+    ("corrector_overrides", {"action_block": 0}, "model.corrector_overrides.action_block"),
+    ("corrector_overrides", {"width": 30}, "model.corrector_overrides.width"),
+    ("projector_overrides", {"depth": "2"}, "model.projector_overrides.depth"),
+])
+def test_override_values_are_checked_by_their_config_class_at_load(section, overrides, key):
+    """A bad override value failed only when the trainer built the corrector, after the backbone had loaded."""
+    section_key, field = key.rsplit(".", 1)
+    with pytest.raises(ValueError, match=rf"^train config: {section_key}: \w+Config: .*{field}.*\(the key {key}\)$"):
+        config_from_dict({"model": {section: overrides}})
+
+
+def test_reader_with_text_conditioning_is_refused_at_load():
+    data = {"distill": {"items_per_tag": 1}, "backbone": {"correction_step": 1.0},
+            "model": {"corrector_overrides": {"reader": True, "conditioning": "text"}}}
+    with pytest.raises(ValueError, match=r"CorrectorConfig: reader needs conditioning 'fields'.*"
+                                         r"\(the key model.corrector_overrides.reader\)"):
+        config_from_dict(data)
+    data["model"]["corrector_overrides"]["conditioning"] = "fields"  # reader_nouns come from the trainer: fine
+    assert config_from_dict(data).model.corrector_overrides["reader"] is True
+
+
+def test_backbone_sampler_settings_are_bounded_by_the_backbones_own_bounds():
+    from xlard.backbones import diffusers_backbone
+    from xlard.train import config
+
+    assert (config.MAX_INFERENCE_STEPS, config.MAX_GUIDANCE) == (diffusers_backbone.MAX_STEPS,
+                                                                  diffusers_backbone.MAX_GUIDANCE)
+    with pytest.raises(ValueError, match=r"backbone.num_inference_steps must be an integer in \[1, 10000\]"):
+        config_from_dict({"backbone": {"num_inference_steps": 10001}})
+    with pytest.raises(ValueError, match=r"backbone.guidance_scale must be a finite number in \[0.0, 1000.0\]"):
+        config_from_dict({"backbone": {"guidance_scale": 1e308}})
+    assert config_from_dict({"backbone": {"num_inference_steps": 10000, "guidance_scale": 1000}}).backbone \
+        .guidance_scale == 1000.0
+
+
+def test_set_of_a_section_as_a_mapping_keeps_its_other_keys():
+    """--set 'ppo={epochs: 3}' reset the file's prompts_per_step and group_size to their defaults."""
+    from xlard.train import parse_overrides
+
+    data = {"ppo": {"prompts_per_step": 4, "group_size": 8, "minibatches": 4}, "reward": {"options": {"a": 1}}}
+    ppo = config_from_dict(data, parse_overrides(["ppo={epochs: 3}"])).ppo
+    assert (ppo.prompts_per_step, ppo.group_size, ppo.minibatches, ppo.epochs) == (4, 8, 4, 3)
+    for items, epochs, whiten in ((["ppo={epochs: 3}", "ppo={whiten: false}"], 3, False),  # the earlier one kept
+                                  (["ppo.epochs=2", "ppo={whiten: false}"], 2, False),
+                                  (["ppo={epochs: 3}", "ppo.epochs=2", "ppo={whiten: false}"], 2, False),
+                                  (["ppo.epochs=2", "ppo={epochs: 5}"], 5, True),
+                                  (["ppo={epochs: 5}", "ppo.epochs=2"], 2, True)):
+        ppo = config_from_dict(data, parse_overrides(items)).ppo
+        assert (ppo.epochs, ppo.whiten, ppo.group_size) == (epochs, whiten, 8), items
+    # a free-form mapping field is replaced as a whole, as documented
+    assert config_from_dict(data, parse_overrides(["reward={options: {b: 2}}"])).reward.options == {"b": 2}
+    assert config_from_dict(data, {"ppo": {"epochs": 3}}).ppo.group_size == 8  # the API's overrides too
+
+
+def test_seeds_per_prompt_times_prompts_is_bounded_before_the_pairs_are_built():
+    from xlard.train.config import MAX_ITEMS
+    from xlard.train.data import PromptData
+
+    # (969 prompts x 10**6 seeds exhausted the memory; just over the bound here, so that the old code fails cleanly)
+    records = [{"prompt": f"a photo of {i} cats", "tag": "counting"} for i in range(3)]
+    with pytest.raises(ValueError, match=rf"3 prompts x data.seeds_per_prompt=400000 = 1200000 items, more "
+                                         rf"than the bound of {MAX_ITEMS}"):
+        PromptData(records, 400_000, 8, 0)
+    assert PromptData(records[:1], MAX_ITEMS, 8, 0).num_batches == MAX_ITEMS // 8
+
+
+def test_rollouts_per_step_are_bounded():
+    """ppo.group_size 10**8 died with a raw allocator error after the backbone loaded."""
+    with pytest.raises(ValueError, match=r"ppo.group_size must be an integer in \[1, 1000000\]"):
+        config_from_dict({"ppo": {"group_size": 10**8, "minibatches": 1}})
+    with pytest.raises(ValueError, match=r"ppo.prompts_per_step \* ppo.group_size \(the rollouts per step\) must be "
+                                         r"at most 1000000, got 1000 \* 2000 = 2000000"):
+        config_from_dict({"ppo": {"prompts_per_step": 1000, "group_size": 2000, "minibatches": 1}})
+
+
+@pytest.mark.parametrize("item", ["out=my run #1", "out=&a x", "out=*a", "out=!!str 5", "out=#1",
+                                  "data.prompts=p.jsonl # the prompts"])
+def test_set_values_that_yaml_would_cut_are_refused_with_the_quoting(item):
+    """--set "out=my run #1" gave 'my run', --set "out=&a x" gave 'x'."""
+    from xlard.train import parse_overrides
+
+    with pytest.raises(ValueError, match=r"not a valid value \(YAML reads .*; to set the text, quote it: --set "):
+        parse_overrides([item])
+
+
+def test_set_values_with_a_kept_hash_or_quotes_pass():
+    from xlard.train import parse_overrides
+
+    assert parse_overrides(["out=runs/#1", "data.prompts=a#b.jsonl"]) == {"out": "runs/#1",
+                                                                         "data.prompts": "a#b.jsonl"}
+    assert parse_overrides(["out='my run #1'"]) == {"out": "my run #1"}
+    assert parse_overrides(["out='&a x'"]) == {"out": "&a x"}
+    assert parse_overrides(['reward.options={a: "x #1"}']) == {"reward.options": {"a": "x #1"}}
+
+
+def test_yaml_merge_keys_are_read(tmp_path):
+    """`<<: *base` failed with "could not determine a constructor for the tag 'tag:yaml.org,2002:merge'"."""
+    import yaml
+
+    from xlard.train.config import yaml_load
+
+    path = tmp_path / "c.yaml"
+
+    text = "a: &a {epochs: 3, minibatches: 4}\nppo:\n  <<: *a\n  epochs: 2\n  group_size: 8\n"
+    assert yaml_load(text)["ppo"] == {"epochs": 2, "minibatches": 4, "group_size": 8}  # explicit keys win
+    assert yaml_load("a: &a {x: 1}\nb: &b {y: 2}\nc:\n  <<: [*a, *b]\n")["c"] == {"x": 1, "y": 2}
+    path.write_text("ppo: &p\n  prompts_per_step: 4\n  group_size: 8\n  minibatches: 4\nprojector:\n"
+                    "  <<: *p\n", encoding="utf-8")  # a merged key the section lacks is named as unknown
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['group_size', 'prompts_per_step'\] in projector"):
+        load_config(path)
+    path.write_text("ppo:\n  <<: 5\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"not valid YAML: .*line 2.*expected a mapping or list of mappings"):
+        load_config(path)
+    with pytest.raises(yaml.YAMLError, match=r"duplicate key 'epochs'"):  # a key given twice is still an error
+        yaml_load("a: &a {x: 1}\nppo:\n  <<: *a\n  epochs: 2\n  epochs: 3\n")
+
+
+def test_numpy_numbers_become_plain_numbers():
+    """A numpy int passed the checks and then broke writing config.json after the backbone had loaded."""
+    import dataclasses
+
+    import numpy as np
+
+    cfg = config_from_dict({})
+    cfg = dataclasses.replace(cfg, steps=np.int64(2), ppo=dataclasses.replace(cfg.ppo, epochs=np.int32(3)),
+                              optim=dataclasses.replace(cfg.optim, lr=np.float32(0.5)))
+    assert (type(cfg.steps), type(cfg.ppo.epochs), type(cfg.optim.lr)) == (int, int, float)
+    assert json.loads(json.dumps(cfg.to_dict()))["steps"] == 2
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_alpha_grid_takes_a_list_refuses_duplicates_and_is_bounded():
+    from xlard.train.config import ExportSettings
+
+    assert ExportSettings(alpha_grid=[1.0, 2.0]).alpha_grid == (1.0, 2.0)
+    with pytest.raises(ValueError, match=r"export.alpha_grid must be distinct multipliers \(\[1.0\] given more than "
+                                         r"once\)"):
+        config_from_dict({"export": {"alpha_grid": [1.0, 1, 2]}})
+    with pytest.raises(ValueError, match=r"export.alpha_grid must list at most 64 multipliers .*got 100000"):
+        config_from_dict({"export": {"alpha_grid": [1.0] * 100000}})
+    assert len(config_from_dict({"export": {"alpha_grid": [1 + i / 10 for i in range(64)]}}).export.alpha_grid) == 64

@@ -1436,3 +1436,41 @@ def test_the_model_fingerprint_follows_linked_component_folders(tmp_path):
     stored["inputs"]["models"]["backbone"] = "another"
     with pytest.raises(ValueError, match=r"the backbone model's files .* changed since the run started"):
         Trainer._check_inputs(fake, tmp_path / "ckpt.pt", stored)
+
+
+@needs_shapes
+def test_an_action_block_that_does_not_divide_the_latent_is_refused_before_anything_is_written(tmp_path, shapes):
+    """It failed at the first PPO step, after a step-0 checkpoint: the fixed config was then refused in that folder
+    ("already holds checkpoints") and --resume too ("config differs")."""
+    from xlard.train import train
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"train config: model.corrector_overrides.action_block: 3 must divide the "
+                                         r"backbone's latent size 16 x 16"):
+        train(tiny_config(out, model={"corrector_overrides": {"action_block": 3}}), backbone=shapes)
+    assert not list_checkpoints(out) and not (out / "config.json").exists()
+
+
+def test_a_backbone_device_this_machine_lacks_is_named_before_the_backbone_loads(tmp_path, monkeypatch):
+    """backbone.device 'meta' (or a cuda:N past the machine's) was reported as "the shapes backbone is not
+    installed ... train it with scripts/train_shapes_backbone.py"."""
+    from xlard.train import trainer
+
+    monkeypatch.setattr(trainer, "load_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    with pytest.raises(ValueError, match=r"train config: backbone.device: meta holds shapes only.*; use 'auto', "
+                                         r"'cpu' or 'cuda\[:N\]'"):
+        trainer.Trainer(tiny_config(tmp_path / "run", backbone={"device": "meta"}))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"train config: backbone.device: cuda:3 asked, but "):
+            trainer._resolve_device("cuda:3", 0)
+    assert trainer._resolve_device("cpu", 0) == torch.device("cpu")
+
+
+@needs_shapes
+def test_a_backbone_setting_the_backbone_refuses_is_named_not_called_not_installed():
+    from xlard.train.trainer import load_backbone
+
+    cfg = tiny_config(Path("unused"), backbone={"options": {"height": 10**9}})
+    with pytest.raises(ValueError, match=r"^train config backbone.options.height: height must be an integer >= 1 "
+                                         r"and <= 16384, got 1000000000$"):
+        load_backbone(cfg.backbone, torch.device("cpu"))

@@ -90,7 +90,10 @@ def _check_real(owner: str, name: str, value, low: float = -math.inf, high: floa
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        if math.isinf(low) and math.isinf(high):  # "a finite number in [-inf, inf]" contradicted itself
+            raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
+        lo = "(" if low_open or math.isinf(low) else "["
+        hi = ")" if high_open or math.isinf(high) else "]"
         raise ValueError(f"{owner}: {name} must be a finite number in {lo}{low}, {high}{hi}, got {value!r}")
 
 

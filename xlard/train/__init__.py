@@ -26,10 +26,13 @@ def train(cfg, resume: bool = False, backbone=None) -> dict:
 def parse_overrides(items: list[str] | None) -> dict:
     """``--set KEY=VALUE`` arguments -> ``{dotted key: value}``, values parsed as YAML scalars.
 
-    ``ppo.epochs=2`` gives an int, ``optim.lr=3e-3`` a float (YAML 1.2 floats, as in config files).
+    ``ppo.epochs=2`` gives an int, ``optim.lr=3e-3`` a float (YAML 1.2 floats, as in config files). A value YAML
+    would read with text dropped is refused: `` #`` starts a comment (``out=my run #1`` would be 'my run'), a
+    leading ``&``, ``*`` or ``!`` is an anchor, an alias or a tag; quoted (``out='my run #1'``) it is kept.
+    ``ppo={epochs: 3}`` changes only the keys it names (see :func:`_add_override`).
 
     Raises:
-        ValueError: an item without ``=``, or a value that is not valid YAML.
+        ValueError: an item without ``=``, a value that is not valid YAML, or one YAML would cut.
     """
     from xlard.train.config import yaml_load
 
@@ -42,12 +45,75 @@ def parse_overrides(items: list[str] | None) -> dict:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
+        key = key.strip()
+        _check_text_kept(item, key, value)
         try:
-            changes[key.strip()] = yaml_load(value)
+            parsed = yaml_load(value)
         except Exception as exc:  # noqa: BLE001 - yaml.YAMLError, and a constructor's own errors
             reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise ValueError(f"--set {item}: not a valid value ({reason})") from None
+        _check_text_kept(item, key, value, parsed)
+        _add_override(changes, key, parsed)
     return changes
+
+
+_UNPARSED = object()
+
+
+def _check_text_kept(item: str, key: str, raw: str, parsed=_UNPARSED) -> None:
+    """Refuse a value YAML would read with some of its text dropped: ``out=my run #1`` gave 'my run' (a comment),
+    ``out=&a x`` gave 'x' (an anchor), ``out=!!str 5`` '5' (a tag), ``out=*a`` an alias.
+
+    Raises:
+        ValueError: naming the item and how to quote it.
+    """
+    import json
+    import re
+
+    text = raw.strip()
+    why = None
+    if parsed is _UNPARSED:  # before parsing: an alias is an error there, named without the fix
+        if text[:1] in ("&", "*", "!"):
+            why = {"&": "an anchor", "*": "an alias", "!": "a tag"}[text[0]]
+            why = f"YAML reads a value starting with {text[0]!r} as {why}, not as text"
+    elif re.search(r"(?:^|\s)#", text) and "#" not in json.dumps(parsed, default=str):
+        why = "YAML reads ' #' and what follows it as a comment, dropped from the value"
+    if why:
+        inner = text.replace("'", "''")
+        raise ValueError(f"--set {item}: not a valid value ({why}); to set the text, quote it: "
+                         f"--set \"{key}='{inner}'\"")
+
+
+def _add_override(changes: dict, key: str, value) -> None:
+    """Set ``key`` in ``changes`` as the last of them (a key given again is applied in its new place). A section
+    given as a mapping (``ppo={epochs: 3}``) is merged into the section by :func:`config_from_dict`; given again,
+    the earlier ``--set`` of that section (the mapping, and ``ppo.epochs=2`` items) are folded into it first, so
+    none of their keys is dropped and the later value of a key wins."""
+    import dataclasses
+    import typing
+
+    from xlard.train.config import TrainConfig
+
+    section = isinstance(value, dict) and dataclasses.is_dataclass(typing.get_type_hints(TrainConfig).get(key))
+    if section:
+        earlier = changes.pop(key, None)
+        merged = dict(earlier) if isinstance(earlier, dict) else {}
+        for dotted in [k for k in changes if k.startswith(key + ".")]:  # set after the earlier mapping: they win
+            parts = dotted.split(".")[1:]
+            if len(parts) == 1:
+                merged[parts[0]] = changes.pop(dotted)
+            elif isinstance(merged.get(parts[0]), dict):  # inside a field the earlier mapping replaced
+                node = merged[parts[0]] = dict(merged[parts[0]])
+                for p in parts[1:-1]:
+                    node = node.setdefault(p, {})
+                    if not isinstance(node, dict):
+                        break
+                else:
+                    node[parts[-1]] = changes.pop(dotted)
+        value = {**merged, **value} if earlier is not None or merged else value
+    else:
+        changes.pop(key, None)
+    changes[key] = value
 
 
 def main(config: str, resume: bool = False, out: str | None = None, overrides: list[str] | None = None,

@@ -47,6 +47,19 @@ __all__ = [
 ]
 
 
+def _plain_numbers(obj) -> None:
+    """Every number field of ``obj`` as a plain int or float: a numpy integer passed the checks
+    (``numbers.Integral``) and then broke the writing of ``config.json`` after the backbone had loaded."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or type(value) in (int, float):
+            continue
+        if isinstance(value, numbers.Integral):
+            object.__setattr__(obj, f.name, int(value))
+        elif isinstance(value, numbers.Real):
+            object.__setattr__(obj, f.name, float(value))
+
+
 def _fail(owner: str, name: str, expected: str, value: Any) -> None:
     key = f"{owner}.{name}" if owner else name  # top-level keys ("steps", "seed") have no section
     raise ValueError(f"train config: {key} must be {expected}, got {value!r}")
@@ -64,10 +77,16 @@ def _int(owner, name, value, minimum=None, optional=False, maximum=None):
         _fail(owner, name, want, value)
 
 
+#: The backbone's own bounds (``xlard.backbones.diffusers_backbone.MAX_STEPS`` and ``MAX_GUIDANCE``, not imported:
+#: that module imports diffusers), checked here before the backbone loads.
+MAX_INFERENCE_STEPS = 10_000
+MAX_GUIDANCE = 1000.0
+
 #: Bounds on the sizes of a run's item lists (past them a list of 10**9 items ran out of memory after the
 #: backbone loaded) and on the trainer's threads (libgomp aborted the process allocating 100000000 of them).
 MAX_ITEMS = 1_000_000
 MAX_THREADS = 1024
+MAX_ALPHA_GRID = 64  # export.alpha_grid's length: each multiplier decodes and scores the calibration batch
 
 
 def _real(owner, name, value, low=-math.inf, high=math.inf, low_open=False, high_open=False):
@@ -141,6 +160,7 @@ class BackboneSettings:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        _plain_numbers(self)
         o = "backbone"
         _mapping(o, "options", self.options)
         bad = sorted({"correction_step", "num_inference_steps", "guidance_scale", "device", "torch_dtype", "capture"}
@@ -150,9 +170,9 @@ class BackboneSettings:
                              "by the trainer)")
         _str(o, "name", self.name)
         _real(o, "correction_step", self.correction_step, 0.0, 1.0, low_open=True)
-        _int(o, "num_inference_steps", self.num_inference_steps, 1, optional=True)
+        _int(o, "num_inference_steps", self.num_inference_steps, 1, optional=True, maximum=MAX_INFERENCE_STEPS)
         if self.guidance_scale is not None:
-            _real(o, "guidance_scale", self.guidance_scale, 0.0)
+            _real(o, "guidance_scale", self.guidance_scale, 0.0, MAX_GUIDANCE)
         _str(o, "device", self.device)
         _choice(o, "dtype", self.dtype, ("float32", "float16", "bfloat16"))
 
@@ -197,6 +217,7 @@ class DataSettings:
     leave_out: float = 0.0
 
     def __post_init__(self):
+        _plain_numbers(self)
         o = "data"
         _str(o, "prompts", self.prompts)
         _str(o, "monitor_prompts", self.monitor_prompts, optional=True)
@@ -232,6 +253,7 @@ class RewardSettings:
     bind_color: bool | None = None
 
     def __post_init__(self):
+        _plain_numbers(self)
         _str("reward", "source", self.source)
         _mapping("reward", "options", self.options)
         if self.bind_color is not None:
@@ -254,6 +276,7 @@ class ModelSettings:
     projector_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        _plain_numbers(self)
         _choice("model", "corrector", self.corrector, ("tiny", "paper"))
         _choice("model", "projector", self.projector, ("tiny", "paper"))
         _mapping("model", "corrector_overrides", self.corrector_overrides)
@@ -268,6 +291,41 @@ class ModelSettings:
             raise ValueError(f"train config: model.corrector_overrides.dropout must be 0 for training, got {dropout}: "
                              "the policy update compares the corrector's forward pass with the rollout's, and "
                              "dropout makes that pass random")
+
+
+def _check_model_overrides(model: "ModelSettings") -> None:
+    """The override values checked by :class:`xlard.models.CorrectorConfig` / ``ProjectorConfig`` themselves, built
+    now with the preset's placeholder dimensions (the backbone's come later): ``width: "16"`` or ``reader: true`` with
+    ``conditioning: text`` failed only after the backbone had loaded. Unknown names are left to the trainer's check
+    (which lists the known ones); what needs the backbone's latent size (``patch``, ``action_block`` dividing it)
+    is checked when the backbone is loaded, before the warm start."""
+    if not model.corrector_overrides and not model.projector_overrides:
+        return  # (xlard.models imports torch: only when there is something to check)
+    import re
+
+    from xlard.models import CorrectorConfig, ProjectorConfig
+
+    for name, cls, preset in (("corrector_overrides", CorrectorConfig, model.corrector),
+                              ("projector_overrides", ProjectorConfig, model.projector)):
+        given = getattr(model, name)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in given.items() if k in known}
+        if not values:
+            continue
+        for key, value in values.items():  # a switch given as 1 or "true" (as the trainer's own check words it)
+            if isinstance(getattr(cls, key, None), bool) and not isinstance(value, bool):
+                raise ValueError(f"train config: model.{name} {key} must be true or false, got {value!r}")
+        if values.get("reader") is True and not values.get("reader_nouns"):
+            values["reader_nouns"] = ("placeholder",)  # the trainer fills them from the understanding model
+        try:
+            cls.preset(preset, **values)
+        except (TypeError, ValueError) as e:
+            text = str(e)
+            words = re.findall(r"\w+", text.split(": ", 1)[1] if text.startswith(cls.__name__) else text)
+            key = next((w for w in words if w in given), None)  # the field the message is about, when overridden
+            where = f" (the key model.{name}.{key})" if key else ""
+            # worded as the trainer's own check was, which built the config only after the backbone had loaded
+            raise ValueError(f"train config: model.{name}: {text}{where}") from None
 
 
 @dataclass(frozen=True)
@@ -308,9 +366,14 @@ class PPOSettings:
     log_std_lr_scale: float = 1.0
 
     def __post_init__(self):
+        _plain_numbers(self)
         o = "ppo"
-        _int(o, "prompts_per_step", self.prompts_per_step, 1)
-        _int(o, "group_size", self.group_size, 1)
+        _int(o, "prompts_per_step", self.prompts_per_step, 1, maximum=MAX_ITEMS)
+        _int(o, "group_size", self.group_size, 1, maximum=MAX_ITEMS)
+        if self.prompts_per_step * self.group_size > MAX_ITEMS:  # 10**8 died in the allocator after the backbone
+            raise ValueError(f"train config: ppo.prompts_per_step * ppo.group_size (the rollouts per step) must be "
+                             f"at most {MAX_ITEMS}, got {self.prompts_per_step} * {self.group_size} = "
+                             f"{self.prompts_per_step * self.group_size}")
         _int(o, "epochs", self.epochs, 1)
         _int(o, "minibatches", self.minibatches, 1)
         _real(o, "clip", self.clip, 0.0, low_open=True)
@@ -349,6 +412,7 @@ class OptimSettings:
     ema: float = 0.0
 
     def __post_init__(self):
+        _plain_numbers(self)
         o = "optim"
         _real(o, "lr", self.lr, 0.0, low_open=True)
         _real(o, "weight_decay", self.weight_decay, 0.0)
@@ -395,6 +459,7 @@ class ProjectorSettings:
     buffer_batches: int = 16
 
     def __post_init__(self):
+        _plain_numbers(self)
         o = "projector"
         _real(o, "lr", self.lr, 0.0, low_open=True)
         _real(o, "weight_decay", self.weight_decay, 0.0)
@@ -433,6 +498,7 @@ class LogSettings:
     curve: bool = True
 
     def __post_init__(self):
+        _plain_numbers(self)
         o = "log"
         for name in ("monitor_every", "evaluate_every"):
             _int(o, name, getattr(self, name), 0)
@@ -473,12 +539,23 @@ class ExportSettings:
     min_gain_se: float = 2.0
 
     def __post_init__(self):
+        _plain_numbers(self)
         o = "export"
         grid = self.alpha_grid
+        if isinstance(grid, list):  # ExportSettings(alpha_grid=[1.0, 2.0]), as a config file gives it
+            grid = tuple(grid)
         if not isinstance(grid, tuple) or not grid:
             _fail(o, "alpha_grid", "a non-empty list of positive numbers", grid)
+        if len(grid) > MAX_ALPHA_GRID:
+            raise ValueError(f"train config: export.alpha_grid must list at most {MAX_ALPHA_GRID} multipliers (each "
+                             f"one decodes and scores the calibration batch), got {len(grid)}")
         for value in grid:  # far past the trained step size the decode gives non-finite images and the export failed
             _real(o, "alpha_grid entry", value, 0.0, 100.0, low_open=True)
+        grid = tuple(int(v) if isinstance(v, numbers.Integral) else float(v) for v in grid)  # numpy numbers too
+        if len(set(grid)) != len(grid):  # each multiplier is scored on the calibration batch: twice is wasted work
+            twice = sorted({v for v in grid if grid.count(v) > 1})
+            _fail(o, "alpha_grid", f"distinct multipliers ({twice} given more than once)", list(grid))
+        object.__setattr__(self, "alpha_grid", grid)
         _int(o, "calibration_size", self.calibration_size, 1, maximum=MAX_ITEMS)
         _real(o, "min_gain_se", self.min_gain_se, 0.0, 100.0)
 
@@ -569,6 +646,7 @@ class DistillSettings:
     reader_batch_size: int = 64
 
     def __post_init__(self):
+        _plain_numbers(self)
         o = "distill"
         _int(o, "reader_epochs", self.reader_epochs, 1)
         _int(o, "reader_batch_size", self.reader_batch_size, 1)
@@ -660,6 +738,7 @@ class TrainConfig:
     distill: DistillSettings = field(default_factory=DistillSettings)
 
     def __post_init__(self):
+        _plain_numbers(self)
         o = ""  # the top level of the config
         _int(o, "steps", self.steps, 0)
         if self.steps == 0 and self.distill.items_per_tag == 0:
@@ -669,6 +748,7 @@ class TrainConfig:
             # Checked here, at load time, as well as by the trainer: else it fails only after the backbone loads.
             raise ValueError("train config: model.corrector_overrides reader: true needs the edit-target warm start "
                              "(distill.items_per_tag > 0): the reader is fitted there, before the corrector")
+        _check_model_overrides(self.model)
         _int(o, "seed", self.seed, 0)
         if self.seed > 2**64 - 1:  # torch.manual_seed's range; above it torch's "Overflow when unpacking long long"
             _fail(o, "seed", "an integer in 0..18446744073709551615 (2**64 - 1)", self.seed)
@@ -740,7 +820,15 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ValueError(f"train config: override {key!r}: {p} is not a section")
-    node[parts[-1]] = value
+    last = parts[-1]
+    if node is data and isinstance(value, Mapping) and isinstance(node.get(last), dict) \
+            and dataclasses.is_dataclass(typing.get_type_hints(TrainConfig).get(last)):
+        # a section given as a mapping (--set 'ppo={epochs: 3}') changes the keys it names and keeps the others
+        # (it reset the file's prompts_per_step and group_size to their defaults); a free-form mapping field
+        # (reward.options, backbone.options, model.corrector_overrides) is still replaced as a whole
+        node[last] = {**node[last], **value}
+    else:
+        node[last] = value
 
 
 def _short(value: Any) -> str:
@@ -830,12 +918,17 @@ def _yaml_loader() -> type:
         def construct_mapping(self, node, deep=False):
             seen = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged below, not a key given twice
+                    continue
                 key = self.construct_object(key_node, deep=deep)
                 if isinstance(key, (str, int, float, bool)) and key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
                 if isinstance(key, (str, int, float, bool)):
                     seen[key] = key_node.start_mark.line
+            # YAML merge keys (`<<: *base`, `<<: [*a, *b]`): the merged mappings' keys first, the mapping's own
+            # keys override them (they failed with "could not determine a constructor for the tag ...merge")
+            self.flatten_mapping(node)
             return super().construct_mapping(node, deep=deep)
 
     Loader.yaml_implicit_resolvers = {

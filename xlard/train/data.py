@@ -263,6 +263,13 @@ class PromptData:
                 raise ValueError(f"data.items_per_tag must be >= 1 with balance 'tag', got {items_per_tag!r}")
             pairs = balanced_pairs(self.records, items_per_tag, seed)
         else:
+            from xlard.train.config import MAX_ITEMS
+
+            total = len(self.records) * seeds_per_prompt
+            if total > MAX_ITEMS:  # 969 prompts x 10**6 seeds exhausted the memory building the pairs
+                raise ValueError(f"data: {len(self.records)} prompts x data.seeds_per_prompt={seeds_per_prompt} = "
+                                 f"{total} items, more than the bound of {MAX_ITEMS} items; lower "
+                                 f"data.seeds_per_prompt (or data.max_prompts)")
             pairs = [(r, s) for r in range(len(self.records)) for s in range(seeds_per_prompt)]
         n = len(pairs)
         if n < items_per_step:

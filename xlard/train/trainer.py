@@ -135,7 +135,11 @@ def load_backbone(settings, device: torch.device, reward=None):
     except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing hub model as either
         if "are not expected by" in str(exc):  # a misspelt backbone.options key (diffusers ignored it, silently)
             raise ValueError(f"train config backbone.options: {exc}") from None
-        if settings.name == "shapes":  # damaged weights: diffusers' own text, exit 1, no advice
+        if isinstance(exc, ValueError) and (_names_backbone_setting(str(exc), settings) or settings.name == "shapes"):
+            # a setting's value the backbone refused (guidance_scale above its bound, a bad option): named by its
+            # config key (backbone.name when it names none), not reported as weights that are not installed
+            raise ValueError(_backbone_config_error(str(exc), settings)) from None
+        if settings.name == "shapes":  # missing or unreadable weights (an OSError): the advice to install them
             from xlard.shapes import backbone as shapes_backbone
 
             reason = short_reason(exc)
@@ -155,15 +159,29 @@ def load_backbone(settings, device: torch.device, reward=None):
         diffusers_logging.set_verbosity(verbosity)
 
 
+def _backbone_setting_keys(settings) -> dict[str, str]:
+    """The backbone's argument names -> the train config keys they come from."""
+    keys = {"guidance_scale": "backbone.guidance_scale", "num_inference_steps": "backbone.num_inference_steps",
+            "correction_step": "backbone.correction_step", "torch_dtype": "backbone.dtype",
+            "device": "backbone.device"}
+    keys.update({name: f"backbone.options.{name}" for name in settings.options})
+    return keys
+
+
+def _names_backbone_setting(text: str, settings) -> bool:
+    """Whether a backbone's error ``text`` is about one of its settings (it starts with the setting's name)."""
+    import re
+
+    m = re.match(r"(\w+)", text)
+    return bool(m) and m.group(1) in _backbone_setting_keys(settings)
+
+
 def _backbone_config_error(text: str, settings) -> str:
     """A backbone's own error, named by the train config key it came from: ``guidance_scale`` is
     ``backbone.guidance_scale``, an option ``backbone.options.<name>``, the folder's faults ``backbone.name``."""
     import re
 
-    keys = {"guidance_scale": "backbone.guidance_scale", "num_inference_steps": "backbone.num_inference_steps",
-            "correction_step": "backbone.correction_step", "torch_dtype": "backbone.dtype",
-            "device": "backbone.device"}
-    keys.update({name: f"backbone.options.{name}" for name in settings.options})
+    keys = _backbone_setting_keys(settings)
     m = re.match(r"(\w+)", text)
     word = m.group(1) if m else ""
     key = keys.get(word, "backbone.name")
@@ -255,11 +273,13 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise ValueError(f"train config: backbone.device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train config: backbone.device is cuda but CUDA is not available")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device(f"cuda:{local_rank}")
+    from xlard._args import missing_device
+
+    why = missing_device(device)  # "meta" or a missing cuda:N was reported as a backbone not installed
+    if why is not None:
+        raise ValueError(f"train config: backbone.device: {why}; use 'auto', 'cpu' or 'cuda[:N]'")
     return device
 
 
@@ -530,6 +550,10 @@ class Trainer:
         if size is not None and (size[0] % ccfg.patch or size[1] % ccfg.patch):  # else: inside the first step
             raise ValueError(f"train config: model.corrector_overrides: patch={ccfg.patch} must divide the "
                              f"backbone's latent size {size[0]} x {size[1]}")
+        if size is not None and (size[0] % ccfg.action_block or size[1] % ccfg.action_block):
+            # it failed at the first PPO step, after the step-0 checkpoint: the folder could not be used again
+            raise ValueError(f"train config: model.corrector_overrides.action_block: {ccfg.action_block} must divide "
+                             f"the backbone's latent size {size[0]} x {size[1]}")
         try:
             pcfg = ProjectorConfig.preset(cfg.model.projector, latent_channels=bb.latent_channels,
                                           text_dim=bb.text_dim, pooled_dim=bb.pooled_dim,
