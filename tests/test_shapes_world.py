@@ -1,6 +1,7 @@
 """Tests for the shapes world: rasterization, layout, determinism, GenEval rules, prompts, splits, JSONL."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -881,6 +882,31 @@ def test_records_with_relations_take_distractors_up_to_what_the_world_holds():
         P.render_record(records[0], distractors=24)
 
 
+def test_a_record_over_the_worlds_capacity_is_named_not_its_distractors():
+    """A record asking more objects than the world holds was blamed on distractors ('an integer in [0, 0]')."""
+    small = W.WorldConfig(image_size=32, min_size=0.2, max_size=0.3)
+    record = P.make_record("counting", [{"class": "circle", "count": small.capacity() + 1}])
+    for distractors in (0, 2):
+        with pytest.raises(ValueError, match=rf"record '.*' asks for {small.capacity() + 1} objects; a 32px image "
+                                             rf"of this world holds at most {small.capacity()}"):
+            P.render_record(record, world=small, distractors=distractors)
+
+
+def test_add_object_on_a_full_image_leaves_the_generator_alone():
+    """A full image is told before any random draw (documented): the caller's Generator is where it was."""
+    config = W.WorldConfig(image_size=32, min_size=0.3, max_size=0.3)
+    scene = W.Scene(32, ())
+    while True:
+        try:
+            scene = W.add_object(scene, "circle", "red", len(scene.objects), config)
+        except RuntimeError:
+            break
+    rng = np.random.default_rng(5)
+    with pytest.raises(RuntimeError):
+        W.add_object(scene, "square", "blue", rng, config)
+    assert rng.integers(1 << 30) == np.random.default_rng(5).integers(1 << 30)
+
+
 def test_add_object_draws_only_what_its_world_draws():
     """compose_scene refused names outside config.shapes/colors, add_object checked the whole palette."""
     config = W.WorldConfig(shapes=("circle", "square"), colors=("red", "blue"))
@@ -921,3 +947,42 @@ def test_numpy_checked_tries_place_exactly_as_the_loop(monkeypatch):
         looped = [run(call, seed) for seed in range(3)]
         monkeypatch.undo()
         assert batched == looped
+
+
+# What the shapes world makes with its defaults, as of the measurements in docs/ (the held-out split, its records'
+# renders, the backbone's training data): fingerprints taken with this code and checked equal against the code of
+# 42ca2c6 (before the world's placement was vectorised). A change that moves any of them moves every number measured
+# on the split or the shipped models' training data, and must say so (and re-measure) instead of updating the hash.
+_GOLDEN = {"splits": "dc9ead02489deb03", "renders": "b76f626ac8811773", "pixels": "3a3dd20dca7c75b0",
+           "sample": "22da17d75c8a9f6d", "random": "f4728dee3bb580ca", "dense": "d8d807cadcd1a859",
+           "shared_rng": "fd89ba38c86f1975", "add": "c29bc47e69f96a92"}
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_default_splits_records_and_renders_are_pinned():
+    splits = P.make_splits()
+    got = {"splits": _fingerprint(splits)}
+    records = splits["train"][:40] + splits["heldout"][:40]
+    scenes = [P.render_record(r, seed=i, distractors=d) for i, r in enumerate(records) for d in (0, 2, 6)]
+    got["renders"] = _fingerprint([s.to_dict() for s in scenes])
+    got["pixels"] = hashlib.sha256(b"".join(s.render().tobytes() for s in scenes[::7])).hexdigest()[:16]
+    got["sample"] = _fingerprint([P.sample_records(splits[k], 50, seed=s) for k in ("train", "heldout")
+                                  for s in (0, 1)])
+    got["random"] = _fingerprint([W.random_scene(s).to_dict() for s in range(100)])
+    small = W.WorldConfig(min_size=0.08, max_size=0.14, gap=1)  # dense scenes: the vectorised placement tries
+    got["dense"] = _fingerprint([W.random_scene(s, small, n_objects=25).to_dict() for s in range(10)]
+                                + [W.random_scene(s, small, n_objects=60).to_dict() for s in range(4)]
+                                + [W.random_scene(s, n_objects=25).to_dict() for s in range(4)])
+    rng = np.random.default_rng(3)  # one generator through many scenes: its state after them is pinned too
+    got["shared_rng"] = _fingerprint([W.random_scene(rng).to_dict() for _ in range(20)] + [int(rng.integers(1 << 60))])
+    adds = []
+    for s in range(30):
+        try:
+            adds.append(W.add_object(W.random_scene(s, n_objects=4), "circle", "red", seed=s).to_dict())
+        except RuntimeError:
+            adds.append("full")
+    got["add"] = _fingerprint(adds)
+    assert got == _GOLDEN, {k: (got[k], _GOLDEN[k]) for k in got if got[k] != _GOLDEN[k]}

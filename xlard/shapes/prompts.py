@@ -418,8 +418,8 @@ def render_record(record: Mapping, seed: int | np.random.Generator | None = 0,
     Raises:
         TypeError: ``world`` is not a :class:`WorldConfig` (or None).
         ValueError: malformed record, or one no scene can satisfy (an include
-            count that meets its own exclude clause); ``distractors`` not an
-            integer in that range.
+            count that meets its own exclude clause, more objects than the
+            world holds); ``distractors`` not an integer in that range.
         RuntimeError: no layout keeps the record's relations (only relations
             between several objects of a class can fail so).
     """
@@ -450,8 +450,12 @@ def render_record(record: Mapping, seed: int | np.random.Generator | None = 0,
                  for s in pieces[i] for t in pieces[it["position"][1]]]
     mentioned = {it["class"] for it in include} | {e["class"] for e in record.get("exclude", [])}
     free = [s for s in world.shapes if s not in mentioned]
+    own = sum(it["count"] for it in include)
+    if own > world.max_objects():  # it was blamed on distractors ("an integer in [0, 0]") when they were given
+        raise ValueError(f"record {record['prompt']!r} asks for {own} objects; a {world.image_size}px image of this "
+                         f"world holds at most {world.max_objects()}")
     # what the world fits beside the record's own objects (distractors are skipped when no class is free)
-    most = max(0, world.max_objects() - sum(it["count"] for it in include)) if free else world.max_objects()
+    most = max(0, world.max_objects() - own) if free else world.max_objects()
     if isinstance(distractors, bool) or not isinstance(distractors, (int, np.integer)) \
             or not 0 <= distractors <= most:  # 10**9 hung, -3 was ignored, 2.5 a TypeError
         raise ValueError(f"distractors must be an integer in [0, {most}] (what the world fits beside the record's "

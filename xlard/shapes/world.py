@@ -795,7 +795,8 @@ def add_object(scene: Scene, shape: str, color: str, seed: int | Rng | None = 0,
     Raises:
         TypeError: ``scene`` is not a :class:`Scene` or ``config`` not a :class:`WorldConfig` (or None).
         ValueError: a shape or color this world does not draw, or a config of another image size.
-        RuntimeError: no free place for even the smallest object.
+        RuntimeError: no free place for even the smallest object (told before
+            any random draw, so a Generator passed as ``seed`` is left as it was).
     """
     fn = "add_object"
     scene = _scene(fn, scene)
