@@ -116,7 +116,8 @@ def earlier_outputs(out: Path, images: int) -> list[Path]:
             raise ValueError(f"--out-dir: {img_dir} exists and is not a folder; --save-images writes the images "
                              "there: move it or choose another folder")
         named += [img_dir / name for name in sorted(os.listdir(img_dir))
-                  if IMAGE_NAME.fullmatch(name) and int(name[:-4]) < images]
+                  if IMAGE_NAME.fullmatch(name) and int(name[:-4]) < images
+                  and name == f"{int(name[:-4]):04d}.png"]  # 00001.png is no name this script writes
     found = []
     for path in named:
         if os.path.lexists(path):

@@ -136,8 +136,8 @@ def sample_scene(rng: np.random.Generator, records: list[dict], record_share: fl
         record = records[int(rng.integers(len(records)))]
         try:
             return render_record(record, rng, distractors=int(rng.integers(0, 3)))
-        except RuntimeError:  # no layout keeps the record's relations (render_record raises so only for relations
-            pass              # between several objects of one class): a random scene instead
+        except RuntimeError:  # no layout keeps the record's relations (at the default margin render_record raises
+            pass              # so only for relations between several objects of one class): a random scene instead
     world = WORLDS[int(rng.integers(len(WORLDS)))]
     return random_scene(rng, world)
 

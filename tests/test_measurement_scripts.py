@@ -61,6 +61,10 @@ def test_eval_shapes_backbone_refuses_an_out_dir_with_earlier_outputs(tmp_path, 
     (images / "0001.png").write_bytes(b"mine")
     EB.parse_args(["--n", "1", "--out-dir", str(images.parent), "--save-images"])  # 0001.png is not written
     EB.parse_args(["--n", "2", "--out-dir", str(images.parent)])  # no images written
+    (images / "00000.png").write_bytes(b"mine")  # no name the script writes (it writes 0000.png)
+    (images / "0001.png").rename(images / "mine-0001.png")
+    EB.parse_args(["--n", "2", "--out-dir", str(images.parent), "--save-images"])
+    (images / "mine-0001.png").rename(images / "0001.png")
     for argv, text in ((["--n", "2", "--out-dir", str(images.parent), "--save-images"],
                         "already holds outputs of an earlier run (images/0001.png)"),
                        (["--overwrite"], "--overwrite needs --out-dir")):

@@ -935,7 +935,10 @@ def test_numpy_checked_tries_place_exactly_as_the_loop(monkeypatch):
     dense = W.WorldConfig(image_size=128, min_size=5.4 / 128)
     calls = [lambda rng: W.random_scene(rng, dense, n_objects=60),
              lambda rng: W.compose_scene([W.ObjectGroup("circle", 1), W.ObjectGroup("square", 1),
-                                          W.ObjectGroup("triangle", 40)], [W.Relation(0, "left of", 1)], rng, dense)]
+                                          W.ObjectGroup("triangle", 40)], [W.Relation(0, "left of", 1)], rng, dense),
+             # related groups placed after _BATCH_FROM objects: the numpy tries' relation check
+             lambda rng: W.compose_scene([W.ObjectGroup("circle", 1), W.ObjectGroup("square", 40),
+                                          W.ObjectGroup("diamond", 2)], [W.Relation(2, "right of", 0)], rng, dense)]
 
     def run(call, seed):
         rng = np.random.default_rng(seed)
@@ -986,3 +989,21 @@ def test_default_splits_records_and_renders_are_pinned():
             adds.append("full")
     got["add"] = _fingerprint(adds)
     assert got == _GOLDEN, {k: (got[k], _GOLDEN[k]) for k in got if got[k] != _GOLDEN[k]}
+
+
+def test_random_scene_of_a_small_world_draws_what_it_holds():
+    """The default draw was 1..8 objects whatever the world: a world holding 4 failed for most seeds."""
+    small = W.WorldConfig(min_size=0.35, max_size=0.4)
+    assert small.max_objects() == 4
+    counts = {len(W.random_scene(s, small).objects) for s in range(40)}
+    assert counts == {1, 2, 3, 4}
+
+
+def test_add_object_does_not_grow_a_scene_past_max_objects():
+    roomy = W.WorldConfig(image_size=512, min_size=0.02, max_size=0.03, gap=1)
+    assert roomy.capacity() > W.MAX_OBJECTS
+    scene = W.random_scene(0, roomy, n_objects=W.MAX_OBJECTS)
+    with pytest.raises(ValueError, match=r"add_object: the scene holds 128 objects; a scene holds at most "
+                                         r"MAX_OBJECTS = 128"):
+        W.add_object(scene, "circle", "red", 0, roomy)
+    assert len(W.add_object(W.Scene(512, scene.objects[:-1]), "circle", "red", 0, roomy).objects) == W.MAX_OBJECTS

@@ -420,8 +420,9 @@ def render_record(record: Mapping, seed: int | np.random.Generator | None = 0,
         ValueError: malformed record, or one no scene can satisfy (an include
             count that meets its own exclude clause, more objects than the
             world holds); ``distractors`` not an integer in that range.
-        RuntimeError: no layout keeps the record's relations (only relations
-            between several objects of a class can fail so).
+        RuntimeError: no layout keeps the record's relations (at the default
+            ``position_margin`` only relations between several objects of a
+            class can fail so; a larger margin can make any relation fail).
     """
     world = _world("render_record", world, "world")  # {} silently became the default world, a PromptConfig failed
     validate_record(record, classes=world.shapes, colors=world.colors)

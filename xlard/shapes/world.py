@@ -16,7 +16,9 @@ no perpendicular relation holding (a "left of" scene is never also "above").
 Objects are placed at random; a scene that random placement does not find
 puts the smallest objects in cells of the grid that
 :meth:`WorldConfig.capacity` counts (related ones in cells that keep their
-relations). A scene holds at most :data:`MAX_OBJECTS` objects.
+relations). :func:`compose_scene` (and so :func:`random_scene` and
+:func:`xlard.shapes.prompts.render_record`) lays out at most :data:`MAX_OBJECTS`
+objects; :func:`add_object` refuses to add to a scene that holds that many.
 
 Box convention: ``(x0, y0, x1, y1)``, pixel edges, ``x1``/``y1`` exclusive; x
 right, y down (see :mod:`xlard.shapes.rules`).
@@ -673,7 +675,8 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
             fails, the smallest objects go to random cells of the capacity grid, so relation-free groups
             up to :meth:`WorldConfig.max_objects` objects always get a layout, and so do relations between
             single objects (two cells of a row or column keep them at the default margin), whatever the
-            other objects; relations between groups of several objects can fail.
+            other objects; relations between groups of several objects can fail, and so can any relation
+            at a ``position_margin`` larger than the default.
 
     Example:
         >>> s = compose_scene([ObjectGroup("square", 1, "blue"), ObjectGroup("circle", 3, "red")],
@@ -748,12 +751,13 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
 
 def random_scene(seed: int | Rng | None = 0, config: WorldConfig | None = None,
                  n_objects: int | None = None) -> Scene:
-    """A scene of 1 to 8 objects with random shapes and colors.
+    """A scene of 1 to 8 objects (at most what the world holds) with random shapes and colors.
 
     Args:
         seed: int seed or numpy Generator.
         config: the world.
-        n_objects: how many objects (default: uniform in 1..8); at most :meth:`WorldConfig.max_objects` (the
+        n_objects: how many objects (default: uniform in 1..8, or in 1..``config.max_objects()`` for a
+            world that holds fewer); at most :meth:`WorldConfig.max_objects` (the
             world's capacity, at most :data:`MAX_OBJECTS`).
 
     Returns:
@@ -771,7 +775,9 @@ def random_scene(seed: int | Rng | None = 0, config: WorldConfig | None = None,
             f"MAX_OBJECTS; the world's capacity is {config.capacity()}"
         raise ValueError(f"n_objects must be an integer in [1, {most}] ({limit}), got {n_objects!r}")
     rng = as_rng(seed)
-    n = int(rng.integers(1, 9)) if n_objects is None else int(n_objects)
+    # (a world holding 4 objects was asked for up to 8 and failed for most seeds; worlds holding 8 or more draw
+    # exactly as before)
+    n = int(rng.integers(1, min(8, most) + 1)) if n_objects is None else int(n_objects)
     groups = [ObjectGroup(config.shapes[int(rng.integers(len(config.shapes)))], 1) for _ in range(n)]
     return compose_scene(groups, (), rng, config)
 
@@ -794,7 +800,8 @@ def add_object(scene: Scene, shape: str, color: str, seed: int | Rng | None = 0,
 
     Raises:
         TypeError: ``scene`` is not a :class:`Scene` or ``config`` not a :class:`WorldConfig` (or None).
-        ValueError: a shape or color this world does not draw, or a config of another image size.
+        ValueError: a shape or color this world does not draw, a config of another image size, or a scene
+            that holds :data:`MAX_OBJECTS` objects already.
         RuntimeError: no free place for even the smallest object (told before
             any random draw, so a Generator passed as ``seed`` is left as it was).
     """
@@ -815,6 +822,9 @@ def add_object(scene: Scene, shape: str, color: str, seed: int | Rng | None = 0,
         raise ValueError(f"{fn}: color {color!r} is not in this world's colors {config.colors}")
     if config.image_size != scene.image_size:
         raise ValueError(f"add_object: config.image_size {config.image_size} is not the scene's {scene.image_size}")
+    if len(scene.objects) >= MAX_OBJECTS:  # it grew a scene of 128 objects to 129, past what compose_scene lays out
+        raise ValueError(f"{fn}: the scene holds {len(scene.objects)} objects; a scene holds at most MAX_OBJECTS = "
+                         f"{MAX_OBJECTS}")
     size = config.min_px
     free = _first_free_corner(scene, config, size)
     if free is None:  # (the random tries and a Python scan of every position took 28 s to tell a full 4096px image)
