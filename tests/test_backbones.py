@@ -600,6 +600,20 @@ def test_a_capture_of_some_tokens_is_refused_by_the_backbone(backbone):
     assert maps.shape[1] == backbone.pipeline.tokenizer.model_max_length
 
 
+@pytest.mark.parametrize("half,what", [("uncond", "unconditional"), ("all", "both")])
+def test_a_capture_of_another_guidance_half_is_refused_by_the_backbone(backbone, half, what):
+    """CaptureConfig(guidance_half='uncond') gave the empty prompt's maps as token_maps, read by the rewards as the
+    prompts' own; 'all' gave 2B rows for B prompts."""
+    from xlard.attention import AttentionCapture, CaptureConfig
+
+    with pytest.raises(ValueError, match=rf"capture: CaptureConfig\(guidance_half='{half}'\) records the {what} "
+                                         r"half of the guided batch.*leave guidance_half='cond'"):
+        _with(backbone, capture=CaptureConfig(guidance_half=half))
+    factory = _with(backbone, capture=lambda d, **kw: AttentionCapture(d, CaptureConfig(guidance_half=half), **kw))
+    with pytest.raises(ValueError, match=rf"CaptureConfig\(guidance_half='{half}'\) records the {what} half"):
+        factory.decode(factory.encode(PROMPTS[:1], seed=0))
+
+
 def test_a_capture_factory_returning_no_context_manager_is_named(backbone):
     odd = _with(backbone, capture=lambda denoiser, **kw: 5)
     with pytest.raises(TypeError, match="capture: the factory must return a context manager"):

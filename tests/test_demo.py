@@ -176,6 +176,16 @@ def test_demo_rejects_bad_arguments(tmp_path):
         demo.run_demo(tmp_path / "x", steps=1, items_per_tag=0)  # before anything loads
     with pytest.raises(ValueError, match="--items-per-tag"):
         demo.run_demo(tmp_path / "x", overrides={"distill.items_per_tag": 3})
+    # inside a section's mapping too (it was accepted and then replaced by the demo's value without a word)
+    with pytest.raises(ValueError, match=r"--set distill.items_per_tag: use the demo's own --items-per-tag"):
+        demo.run_demo(tmp_path / "x", overrides={"distill": {"items_per_tag": 3, "epochs": 2}})
+    with pytest.raises(ValueError, match="--items-per-tag 0: the demo's corrector has a latent reader"):
+        demo.run_demo(tmp_path / "x", steps=1, items_per_tag=0, overrides={"model.corrector_overrides": {"width": 8}})
+    assert demo._override({"model": {"corrector_overrides": {"reader": False}}},
+                          "model.corrector_overrides.reader") == (True, False)
+    assert demo._override({"model.corrector_overrides": {"reader": False}, "model.corrector_overrides.reader": 1},
+                          "model.corrector_overrides.reader") == (True, 1)
+    assert demo._override({"model": {"corrector_overrides": {}}}, "model.corrector_overrides.reader") == (False, None)
     with pytest.raises(ValueError, match="exclude"):
         demo.run_demo(tmp_path / "x", overwrite=True, resume=True)
     with pytest.raises(ValueError, match="--set steps"):

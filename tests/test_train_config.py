@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -610,6 +611,12 @@ def test_seeds_per_prompt_times_prompts_is_bounded_before_the_pairs_are_built():
                                          rf"than the bound of {MAX_ITEMS}"):
         PromptData(records, 400_000, 8, 0)
     assert PromptData(records[:1], MAX_ITEMS, 8, 0).num_batches == MAX_ITEMS // 8
+    # balance 'tag': tags x items_per_tag (each factor alone was bounded)
+    tagged = [{"prompt": f"a photo of {i} cats", "tag": f"t{i}"} for i in range(3)]
+    with pytest.raises(ValueError, match=rf"data: 3 tags x data.items_per_tag=400000 = 1200000 items, more than the "
+                                         rf"bound of {MAX_ITEMS} items; lower data.items_per_tag"):
+        PromptData(tagged, 1, 8, 0, balance="tag", items_per_tag=400_000)
+    assert len(PromptData(tagged, 1, 8, 0, balance="tag", items_per_tag=4)._pairs) == 12
 
 
 def test_rollouts_per_step_are_bounded():
@@ -627,8 +634,27 @@ def test_set_values_that_yaml_would_cut_are_refused_with_the_quoting(item):
     """--set "out=my run #1" gave 'my run', --set "out=&a x" gave 'x'."""
     from xlard.train import parse_overrides
 
-    with pytest.raises(ValueError, match=r"not a valid value \(YAML reads .*; to set the text, quote it: --set "):
+    with pytest.raises(ValueError, match=r"not a valid value \(YAML reads .*; to set the text, quote it: --set ") \
+            as e:
         parse_overrides([item])
+    # the advice, as a shell reads it, sets the text
+    advised = shlex.split(str(e.value).split("quote it: --set ", 1)[1])
+    key, text = item.split("=", 1)
+    assert len(advised) == 1 and parse_overrides(advised) == {key: text.strip()}
+
+
+@pytest.mark.parametrize("item", ["out=runs/#1 #2", "reward.options={a: 'x #1'} # note", "out=it's #1",
+                                  "out=!!str $HOME \"x\""])
+def test_set_values_losing_a_comment_beside_a_kept_hash_are_refused(item):
+    """'out=runs/#1 #2' kept a '#' and lost ' #2' without a word; the advice is safe in an interactive shell."""
+    from xlard.train import parse_overrides
+
+    with pytest.raises(ValueError, match=r"not a valid value \(YAML reads ") as e:
+        parse_overrides([item])
+    advice = str(e.value).split("quote it: --set ", 1)[1]
+    assert advice.startswith("'")  # shell single quotes: no history or variable expansion
+    key, text = item.split("=", 1)
+    assert parse_overrides(shlex.split(advice)) == {key: text.strip()}
 
 
 def test_set_values_with_a_kept_hash_or_quotes_pass():
@@ -675,6 +701,13 @@ def test_numpy_numbers_become_plain_numbers():
     assert (type(cfg.steps), type(cfg.ppo.epochs), type(cfg.optim.lr)) == (int, int, float)
     assert json.loads(json.dumps(cfg.to_dict()))["steps"] == 2
     assert config_from_dict(cfg.to_dict()) == cfg
+    # inside the mapping fields too (they broke config.json after the backbone had loaded)
+    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, options={"height": np.int64(64)}),
+                              model=dataclasses.replace(cfg.model, corrector_overrides={"depth": np.int64(1)}),
+                              reward=dataclasses.replace(cfg.reward, options={"t": [np.float32(0.5), np.bool_(True)]}))
+    assert type(cfg.backbone.options["height"]) is int and type(cfg.model.corrector_overrides["depth"]) is int
+    assert [type(v) for v in cfg.reward.options["t"]] == [float, bool]
+    assert json.loads(json.dumps(cfg.to_dict()))["model"]["corrector_overrides"] == {"depth": 1}
 
 
 def test_alpha_grid_takes_a_list_refuses_duplicates_and_is_bounded():

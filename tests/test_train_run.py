@@ -920,6 +920,7 @@ def test_held_out_records_are_refused_as_training_or_monitor_prompts(tmp_path, s
     # reworded or relabelled, a held-out record passed (the split's key is its exact text and tag for most tags)
     counting = next(r for r in splits["heldout"] if r["tag"] == "counting")
     position = next(r for r in splits["heldout"] if r["tag"] == "position")
+    colors = next(r for r in splits["heldout"] if r["tag"] == "colors")
     flipped = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
     mirror = dict(position, prompt="a different wording", include=[
         dict(position["include"][1], position=None), dict(position["include"][0],
@@ -931,6 +932,11 @@ def test_held_out_records_are_refused_as_training_or_monitor_prompts(tmp_path, s
                     dict(counting, tag="single_object"),
                     dict(counting, prompt="a picture of the same thing", tag="colors"),
                     dict(counting, prompt="reworded, without the exclude", exclude=[]),
+                    # a class or color capitalised in the include clause (the guard compared them as written)
+                    dict(counting, prompt="reworded, capitalised", exclude=[],
+                         include=[dict(counting["include"][0], **{"class": counting["include"][0]["class"].title()})]),
+                    dict(colors, prompt="reworded, capitalised color",
+                         include=[dict(colors["include"][0], color=colors["include"][0]["color"].upper())]),
                     mirror):
         P.write_jsonl(mixed, P.sample_records(splits["train"], 2, seed=0) + [variant])
         with pytest.raises(ValueError, match=r"1 of 3 records ask what held-out records of the shapes world ask"):
@@ -1473,4 +1479,23 @@ def test_a_backbone_setting_the_backbone_refuses_is_named_not_called_not_install
     cfg = tiny_config(Path("unused"), backbone={"options": {"height": 10**9}})
     with pytest.raises(ValueError, match=r"^train config backbone.options.height: height must be an integer >= 1 "
                                          r"and <= 16384, got 1000000000$"):
+        load_backbone(cfg.backbone, torch.device("cpu"))
+
+
+@needs_shapes
+def test_a_damaged_shapes_install_keeps_its_reinstall_advice(tmp_path, monkeypatch):
+    """Every ValueError of the shapes backbone was named as a backbone.name setting, without the advice to reinstall
+    (a cut tokenizer.json, a bad unet/config.json)."""
+    import shutil
+
+    from xlard.train.trainer import load_backbone
+
+    damaged = tmp_path / "shapes_backbone"
+    shutil.copytree(shapes_backbone.DEFAULT_PATH, damaged)
+    tok = damaged / "tokenizer" / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[:200])
+    monkeypatch.setenv("XLARD_SHAPES_BACKBONE", str(damaged))
+    cfg = tiny_config(Path("unused"))
+    with pytest.raises(ValueError, match=r"^backbone.name 'shapes': it could not be loaded \(.*JSONDecodeError.*\); "
+                                         r"the shapes backbone is not installed at "):
         load_backbone(cfg.backbone, torch.device("cpu"))

@@ -99,6 +99,27 @@ def demo_config(out: Path, steps: int = 0, items_per_tag: int = DEMO_ITEMS_PER_T
                                                       "log.progress": bool(progress)})
 
 
+def _override(overrides: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    """Whether ``--set`` gives the dotted key ``dotted``, and its value: as that key, or inside a mapping given for
+    one of its sections (``distill={items_per_tag: 5}``, ``model.corrector_overrides={reader: false}``); the last
+    given wins, as config_from_dict applies them."""
+    parts = dotted.split(".")
+    found: tuple[bool, Any] = (False, None)
+    for key, value in overrides.items():  # in the order given
+        head = key.split(".")
+        if head == parts:
+            found = (True, value)
+        elif parts[:len(head)] == head:
+            node = value
+            for part in parts[len(head):]:
+                if not isinstance(node, Mapping) or part not in node:
+                    break
+                node = node[part]
+            else:
+                found = (True, node)
+    return found
+
+
 def demo_records(per_tag: int, seed: int = 0) -> list[dict]:
     """``per_tag`` held-out records of each of the six GenEval tags (the held-out split, balanced).
 
@@ -272,9 +293,11 @@ def run_demo(out: str | Path = "xlard-demo", *, steps: int = 0, items_per_tag: i
     owned = _check_folder(out, overwrite, resume)
     overrides = dict(overrides or {})
     for key, option in (("steps", "--steps"), ("out", "--out"), ("distill.items_per_tag", "--items-per-tag")):
-        if key in overrides:
+        if _override(overrides, key)[0]:  # also given inside a section (--set 'distill={items_per_tag: 5}')
             raise ValueError(f"--set {key}: use the demo's own {option}")
-    reader = overrides.get("model.corrector_overrides.reader", DEMO_TRAINING["model"]["corrector_overrides"]["reader"])
+    given, reader = _override(overrides, "model.corrector_overrides.reader")
+    if not given:
+        reader = DEMO_TRAINING["model"]["corrector_overrides"]["reader"]
     if items_per_tag == 0 and reader is True:
         raise ValueError("--items-per-tag 0: the demo's corrector has a latent reader, which is fitted on the edit "
                          "targets; give --items-per-tag >= 1, or turn the reader and its rules off with --set "

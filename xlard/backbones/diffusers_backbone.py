@@ -1040,13 +1040,21 @@ def _default_capture_factory(config):
 
 
 def _refuse_some_tokens(config: Any) -> None:
-    """Maps of some tokens only, read by the rewards at sequence positions: an entity read another token's map."""
+    """Maps of some tokens only, read by the rewards at sequence positions: an entity read another token's map; and
+    maps of the unconditional half (or both halves), read by the rewards as the prompts' own."""
     if config.tokens is not None:
         raise ValueError(
             f"capture: CaptureConfig(tokens={config.tokens!r:.80}) keeps only some text tokens, but a backbone's "
             "Decoded.token_maps holds one map per token of the text sequence, indexed by position (the rewards "
             "read an entity's map at its token index: with a subset they read another token's map); leave "
             "tokens=None here (select tokens with xlard.attention.AttentionCapture used directly)")
+    if config.guidance_half != "cond":  # 'uncond': the rewards judged the empty prompt's maps; 'all': 2B rows for B
+        raise ValueError(
+            f"capture: CaptureConfig(guidance_half={config.guidance_half!r}) records the "
+            f"{'unconditional' if config.guidance_half == 'uncond' else 'both'} half of the guided batch, but a "
+            "backbone's Decoded.token_maps must be the prompts' own (conditional) maps, one row per prompt (the "
+            "rewards read them so); leave guidance_half='cond' here (record the other half with "
+            "xlard.attention.AttentionCapture used directly)")
 
 
 def _capture_factory(capture: Any):

@@ -58,6 +58,21 @@ def parse_overrides(items: list[str] | None) -> dict:
 
 
 _UNPARSED = object()
+_COMMENT_MARK = r"(?:^|\s)#"  # where YAML starts a comment: '#' first or after whitespace
+
+
+def _comment_marks(value) -> int:
+    """How many ``#`` the parsed ``value``'s strings (keys included) hold first or after whitespace: a value whose
+    text holds more of them lost a comment to YAML (quoted text keeps each of its own)."""
+    import re
+
+    if isinstance(value, str):
+        return len(re.findall(_COMMENT_MARK, value))
+    if isinstance(value, dict):
+        return sum(_comment_marks(k) + _comment_marks(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_comment_marks(v) for v in value)
+    return 0
 
 
 def _check_text_kept(item: str, key: str, raw: str, parsed=_UNPARSED) -> None:
@@ -69,6 +84,7 @@ def _check_text_kept(item: str, key: str, raw: str, parsed=_UNPARSED) -> None:
     """
     import json
     import re
+    import shlex
 
     text = raw.strip()
     why = None
@@ -76,12 +92,18 @@ def _check_text_kept(item: str, key: str, raw: str, parsed=_UNPARSED) -> None:
         if text[:1] in ("&", "*", "!"):
             why = {"&": "an anchor", "*": "an alias", "!": "a tag"}[text[0]]
             why = f"YAML reads a value starting with {text[0]!r} as {why}, not as text"
-    elif re.search(r"(?:^|\s)#", text) and "#" not in json.dumps(parsed, default=str):
+    elif len(re.findall(_COMMENT_MARK, text)) > _comment_marks(parsed):
+        # (counted, not looked for: 'out=runs/#1 #2' kept a '#' and lost ' #2' without a word)
         why = "YAML reads ' #' and what follows it as a comment, dropped from the value"
     if why:
-        inner = text.replace("'", "''")
-        raise ValueError(f"--set {item}: not a valid value ({why}); to set the text, quote it: "
-                         f"--set \"{key}='{inner}'\"")
+        # the advice in shell single quotes, which expand nothing (in double quotes an interactive bash expands
+        # the '!!' of a tag, and '$' or '"' in the text broke it): the text as a YAML (JSON) double-quoted string
+        # inside them, or, when the text holds a "'", the whole argument quoted for the shell
+        if "'" not in text:
+            advice = f"'{key}={json.dumps(text, ensure_ascii=False)}'"
+        else:
+            advice = shlex.quote(f"{key}='{text.replace(chr(39), chr(39) * 2)}'")
+        raise ValueError(f"--set {item}: not a valid value ({why}); to set the text, quote it: --set {advice}")
 
 
 def _add_override(changes: dict, key: str, value) -> None:

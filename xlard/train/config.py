@@ -47,17 +47,32 @@ __all__ = [
 ]
 
 
+def _plain_number(value, depth: int = 0):
+    """``value`` with every number in it (inside mappings, lists and tuples too) a plain bool, int or float."""
+    if value is None or isinstance(value, (str, bool)) or type(value) in (int, float):
+        return value
+    if getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "shape", None) == ():
+        return bool(value)  # numpy's bool is no numbers.Integral
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if depth < _MAX_DEPTH and isinstance(value, Mapping):
+        return {_plain_number(k, depth + 1): _plain_number(v, depth + 1) for k, v in value.items()}
+    if depth < _MAX_DEPTH and isinstance(value, (list, tuple)):
+        return type(value)(_plain_number(v, depth + 1) for v in value) if type(value) in (list, tuple) else value
+    return value
+
+
 def _plain_numbers(obj) -> None:
-    """Every number field of ``obj`` as a plain int or float: a numpy integer passed the checks
-    (``numbers.Integral``) and then broke the writing of ``config.json`` after the backbone had loaded."""
+    """Every number of ``obj``'s fields as a plain int or float, in mappings and lists too: a numpy integer passed
+    the checks (``numbers.Integral``) and then broke the writing of ``config.json`` after the backbone had loaded
+    (as a field, or inside ``backbone.options`` or ``model.corrector_overrides``)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if isinstance(value, bool) or type(value) in (int, float):
-            continue
-        if isinstance(value, numbers.Integral):
-            object.__setattr__(obj, f.name, int(value))
-        elif isinstance(value, numbers.Real):
-            object.__setattr__(obj, f.name, float(value))
+        plain = _plain_number(value)
+        if plain is not value:
+            object.__setattr__(obj, f.name, plain)
 
 
 def _fail(owner: str, name: str, expected: str, value: Any) -> None:

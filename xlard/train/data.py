@@ -133,7 +133,7 @@ def _asks(record: Mapping) -> set[str]:
     include = record.get("include")
     if isinstance(include, list) and all(isinstance(it, Mapping) for it in include):
         def item(it):
-            return (str(it.get("class")), str(it.get("color") or ""), it.get("count"))
+            return (str(it.get("class")).casefold(), str(it.get("color") or "").casefold(), it.get("count"))
 
         relations = []
         for it in include:
@@ -261,6 +261,12 @@ class PromptData:
         if balance == "tag":
             if items_per_tag < 1:
                 raise ValueError(f"data.items_per_tag must be >= 1 with balance 'tag', got {items_per_tag!r}")
+            from xlard.train.config import MAX_ITEMS
+
+            tags = len({str(record.get("tag", "")) for record in self.records})
+            if tags * items_per_tag > MAX_ITEMS:  # bounded per factor only: 969 tags x 10**6 exhausted the memory
+                raise ValueError(f"data: {tags} tags x data.items_per_tag={items_per_tag} = {tags * items_per_tag} "
+                                 f"items, more than the bound of {MAX_ITEMS} items; lower data.items_per_tag")
             pairs = balanced_pairs(self.records, items_per_tag, seed)
         else:
             from xlard.train.config import MAX_ITEMS

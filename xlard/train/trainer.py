@@ -135,9 +135,10 @@ def load_backbone(settings, device: torch.device, reward=None):
     except (OSError, ValueError) as exc:  # diffusers/huggingface_hub report a missing hub model as either
         if "are not expected by" in str(exc):  # a misspelt backbone.options key (diffusers ignored it, silently)
             raise ValueError(f"train config backbone.options: {exc}") from None
-        if isinstance(exc, ValueError) and (_names_backbone_setting(str(exc), settings) or settings.name == "shapes"):
+        if isinstance(exc, ValueError) and _names_backbone_setting(str(exc), settings):
             # a setting's value the backbone refused (guidance_scale above its bound, a bad option): named by its
-            # config key (backbone.name when it names none), not reported as weights that are not installed
+            # config key, not reported as weights that are not installed (any other error of the shapes backbone
+            # is its damaged install, below: the advice to reinstall it)
             raise ValueError(_backbone_config_error(str(exc), settings)) from None
         if settings.name == "shapes":  # missing or unreadable weights (an OSError): the advice to install them
             from xlard.shapes import backbone as shapes_backbone
