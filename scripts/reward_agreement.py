@@ -48,8 +48,18 @@ ASPECT_INDEX = {"count": 0, "color": 1, "position": 2}
 AGREEMENT_TAGS = ("counting", "colors", "position", "color_attr")
 
 
+def _same_length(fn: str, **columns) -> None:
+    """zip() cut the longer of scores / labels / groups without a word (an AUROC of 1.0 from half the samples)."""
+    sizes = {name: len(v) for name, v in columns.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"{fn}: {', '.join(sizes)} must have one entry per sample, got lengths "
+                         f"{', '.join(str(n) for n in sizes.values())}")
+
+
 def auroc(scores: list[float], labels: list[bool]) -> float:
-    """Area under the ROC curve by the rank-sum formula (ties count half); NaN without both classes."""
+    """Area under the ROC curve by the rank-sum formula (ties count half); NaN without both classes. A NaN score
+    (no judgement) leaves its sample out."""
+    _same_length("auroc", scores=scores, labels=labels)
     wins, pairs = _pair_wins(scores, labels)
     return wins / pairs if pairs else math.nan
 
@@ -62,23 +72,24 @@ def _pair_wins(scores: list[float], labels: list[bool]) -> tuple[float, int]:
     1000 bootstrap resamples, against 6 ms per AUROC now). The sum is of halves and wholes, exact in float, so it
     equals the pair loop's exactly.
     """
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    ordered = sorted(n for n in neg if not math.isnan(n))  # a NaN wins and ties no pair, as in the pair loop
+    # a NaN score is no judgement: its sample is left out of the pairs (it stayed in them and lost every one: a
+    # NaN-scored wrong sample beat every correct one, auroc([0.5, 0.9, nan], [T, T, F]) was 0.0)
+    pos = [s for s, y in zip(scores, labels) if y and not math.isnan(s)]
+    ordered = sorted(s for s, y in zip(scores, labels) if not y and not math.isnan(s))
     wins = 0.0
     for p in pos:
-        if not math.isnan(p):
-            below, upto = bisect.bisect_left(ordered, p), bisect.bisect_right(ordered, p)
-            wins += below + 0.5 * (upto - below)
-    return wins, len(pos) * len(neg)
+        below, upto = bisect.bisect_left(ordered, p), bisect.bisect_right(ordered, p)
+        wins += below + 0.5 * (upto - below)
+    return wins, len(pos) * len(ordered)
 
 
 def within_group_auroc(scores: list[float], labels: list[bool], groups: list[str]) -> float:
     """AUROC over the (correct, wrong) pairs that share a group (a prompt); NaN when no such pair exists.
 
     Equals the pooled AUROC when there is one group. Every pair weighs the
-    same, so a prompt with many mixed samples weighs more than one with few.
+    same, so a prompt with many mixed samples weighs more than one with few. A NaN score leaves its sample out.
     """
+    _same_length("within_group_auroc", scores=scores, labels=labels, groups=groups)
     by_group: dict[str, tuple[list[float], list[bool]]] = {}
     for s, y, g in zip(scores, labels, groups):
         by_group.setdefault(g, ([], []))
@@ -674,8 +685,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.render_checks < 0:
         parser.error(f"--render-checks must be >= 0, got {args.render_checks}")
-    if max(args.n, args.per_tag * args.seeds_per_prompt) > 100_000:
-        parser.error("-n and --per-tag x --seeds-per-prompt must be at most 100000 samples")
+    # --per-tag samples of each agreement tag (--seeds-per-prompt spreads them over prompts; it was the factor here,
+    # so --per-tag 100000 made 400000 samples and --per-tag 12501 --seeds-per-prompt 8 was refused at 50004)
+    if max(args.n, len(AGREEMENT_TAGS) * args.per_tag) > 100_000:
+        parser.error(f"-n and --per-tag x {len(AGREEMENT_TAGS)} tags must be at most 100000 samples, got "
+                     f"{max(args.n, len(AGREEMENT_TAGS) * args.per_tag)}")
     from xlard import _io
 
     # Outputs first: a bad path fails now, not after minutes of sampling.

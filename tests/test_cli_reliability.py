@@ -86,6 +86,8 @@ def temporaries(folder: Path) -> list[str]:
     (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--mask-fraction", "2"], "argument --mask-fraction"),
     (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--mask-fraction", "0"], "argument --mask-fraction"),
     (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--bootstrap", "0"], "argument --bootstrap"),
+    (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--bootstrap", "39"],
+     "argument --bootstrap: must be in 40..100000"),
     (["eval", "--correct", "--prompts", "{tmp}/p.jsonl", "--bootstrap", "10000000"], "argument --bootstrap"),
     (["frobnicate"], "invalid choice"),
     # --correct skipped the seed bound: it wrote 0001_seed2147483648.png
@@ -828,7 +830,7 @@ def test_the_paired_eval_and_generate_check_their_arguments_before_loading(tmp_p
         (["eval", "--backbone", "shapes", "--prompts", prompt_file, "--seeds", "3,4", "--out", out],
          ("--seeds: only with --corrector DIR or --correct",)),
         (["eval", "--folder", tmp_path, "--save-images"], ("--save-images: only with --corrector",)),
-        (["eval", "--prompts", prompt_file, "--images", tmp_path, "--bootstrap", "10"], ("--bootstrap: only with",)),
+        (["eval", "--prompts", prompt_file, "--images", tmp_path, "--bootstrap", "100"], ("--bootstrap: only with",)),
         (["eval", "--prompts", prompt_file, "--images", tmp_path, "--mask-fraction", "0.3"],
          ("--mask-fraction: only with",)),
         (["eval", "--prompts", prompt_file, "--images", tmp_path, "--markdown", tmp_path / "m.md"],

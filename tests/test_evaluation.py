@@ -288,7 +288,7 @@ def test_the_lam_and_actions_are_of_the_change_applied():
 def test_a_corrector_of_alpha_zero_reports_nothing_applied(shapes, records, tmp_path):
     corrector = _corrector(head_std=0.5)
     report = ev.run_evaluation(shapes, corrector, _meta(alpha=0.0), records[:2], seeds=[0], out=tmp_path / "run",
-                               quiet=True, num_resamples=10, faithfulness_fraction=None)
+                               quiet=True, num_resamples=40, faithfulness_fraction=None)
     pairs = [json.loads(line) for line in (tmp_path / "run" / "pairs.jsonl").read_text().splitlines()]
     assert all(p["lam_mass"] == 0 and p["actions"] == ["nothing applied (alpha 0)"] for p in pairs)
     assert report["lam_mass"] == 0
@@ -629,7 +629,7 @@ def test_run_evaluation_checks_its_seeds_before_the_folder_is_made(shapes, recor
             ev.run_evaluation(shapes, _corrector(), _meta(), records[:1], seeds=seeds, out=out, quiet=True)
         assert not out.exists(), seeds
     report = ev.run_evaluation(shapes, _corrector(), _meta(), records[:1], seeds=np.arange(1), out=out, quiet=True,
-                               num_resamples=10, faithfulness_fraction=None)
+                               num_resamples=40, faithfulness_fraction=None)
     assert json.loads((out / "run.json").read_text())["seeds"] == [0] and report["table"]
     # a damaged run.json is named (it was "Expecting value: line 1 column 1 (char 0)", or an AttributeError)
     for text, match in (("", r"out: .*run.json is not valid JSON"),
@@ -640,7 +640,7 @@ def test_run_evaluation_checks_its_seeds_before_the_folder_is_made(shapes, recor
         (out / "run.json").write_text(text)
         with pytest.raises(ValueError, match=match):
             ev.run_evaluation(shapes, _corrector(), _meta(), records[:1], seeds=[0], out=out, quiet=True,
-                              num_resamples=10, faithfulness_fraction=None)
+                              num_resamples=40, faithfulness_fraction=None)
 
 
 @needs_shapes
@@ -997,7 +997,7 @@ def test_a_run_of_a_user_backbone_resumes_with_another_instance_of_it(shapes, re
         def decode(self, state, z=None):
             return shapes.decode(state, z)
 
-    kwargs = dict(seeds=[0], out=tmp_path / "e", quiet=True, faithfulness_fraction=None, num_resamples=10)
+    kwargs = dict(seeds=[0], out=tmp_path / "e", quiet=True, faithfulness_fraction=None, num_resamples=40)
     first = ev.run_evaluation(Mine(), _corrector(), _meta(), records[:2], **kwargs)
     again = ev.run_evaluation(Mine(), _corrector(), _meta(), records[:2], **kwargs)
     assert _same(again["table"], first["table"])
@@ -1039,7 +1039,7 @@ def test_a_paired_run_that_cannot_append_its_pairs_names_the_file(shapes, record
     buffered file raised it again when closed). The pairs judged before stay; --resume finishes the run."""
     import errno
 
-    kwargs = dict(seeds=[0], out=tmp_path / "e", quiet=True, faithfulness_fraction=None, num_resamples=10,
+    kwargs = dict(seeds=[0], out=tmp_path / "e", quiet=True, faithfulness_fraction=None, num_resamples=40,
                   batch_size=1)
     real_write, appends = os.write, []
 
@@ -1068,7 +1068,7 @@ def test_a_paired_run_that_cannot_append_its_pairs_names_the_file(shapes, record
 
 
 def test_a_paired_run_resumes_only_on_the_model_it_ran(shapes, records, tmp_path):
-    kwargs = dict(seeds=[0], out=tmp_path / "e", quiet=True, faithfulness_fraction=None, num_resamples=10)
+    kwargs = dict(seeds=[0], out=tmp_path / "e", quiet=True, faithfulness_fraction=None, num_resamples=40)
     first = ev.run_evaluation(shapes, _corrector(), _meta(), records[:2], **kwargs)
     run = tmp_path / "e" / "run.json"
     stored = json.loads(run.read_text())
@@ -1098,7 +1098,7 @@ def test_saved_images_of_an_unfinished_paired_run_are_refused_by_eval_folder(sha
             yield batch
 
     out = tmp_path / "e"
-    kwargs = dict(seeds=[0], out=out, batch_size=1, quiet=True, faithfulness_fraction=None, num_resamples=10,
+    kwargs = dict(seeds=[0], out=out, batch_size=1, quiet=True, faithfulness_fraction=None, num_resamples=40,
                   save_images=True)
     monkeypatch.setattr(ev, "evaluate_pairs", stop_after_first_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -1263,3 +1263,64 @@ def test_pair_rows_of_the_wrong_type_are_named_before_any_pair_is_judged(tmp_pat
     path.write_text(json.dumps(good) + "\n[1, 2]\n" + json.dumps(good) + "\n")
     with pytest.raises(ValueError, match="line 2 is not a pair row"):
         ev._read_rows(path)
+
+
+def test_an_overall_bound_of_rounding_noise_is_zero():
+    """Overall replicates are means over tags of differences of fractions: one that is 0 in exact arithmetic came out
+    as -1.8e-17 or 2.8e-17, and '[+0.0, +64.3] | yes' called a gain significant whose interval touches 0."""
+    rng = np.random.default_rng(0)
+    noisy = 0
+    for _ in range(400):
+        n1, n2 = rng.integers(2, 12, 2)
+        tags = ["colors"] * n1 + ["counting"] * n2
+        b = rng.integers(0, 2, n1 + n2).astype(float)
+        c = np.where(rng.random(n1 + n2) < 0.5, 1 - b, b)
+        o = ev.paired_table(tags, b, c, num_resamples=200)["overall"]
+        assert not (0 < abs(o.ci_low) < 1e-12 or 0 < abs(o.ci_high) < 1e-12), (o.ci_low, o.ci_high)
+        noisy += o.ci_low == 0.0 or o.ci_high == 0.0
+    assert noisy  # bounds of exactly 0 happen here: the snapped ones
+    # a case the code before gave as [-2.8e-17, 0.667]
+    o = ev.paired_table(["colors"] * 3 + ["counting"] * 6, [0, 0, 0, 0, 0, 0, 1, 1, 0], [1, 0, 1, 1, 0, 0, 1, 0, 0],
+                        num_resamples=2000)["overall"]
+    assert o.ci_low == 0.0 and o.ci_high == pytest.approx(2 / 3) and not o.excludes_zero
+    # a real difference far below 1 (in a large score's units) is kept
+    big = ev.paired_bootstrap([1e6] * 4 + [0.0] * 4, [1e6] * 4 + [1e-3] * 4, num_resamples=200)
+    assert big.ci_high > 0
+
+
+def test_too_few_resamples_for_the_interval_are_refused():
+    """--bootstrap 1 gave one replicate as the '95% interval' (not even around the estimate), labelled excludes 0."""
+    assert ev.min_resamples(0.95) == 40 and ev.min_resamples(0.9) == 20 and ev.min_resamples(0.99) == 200
+    with pytest.raises(ValueError, match=r"num_resamples must be at least 40 for a 95% interval \(one replicate in "
+                                         r"each tail\), got 5"):
+        ev.paired_bootstrap([0, 0, 1], [1, 1, 1], num_resamples=5)
+    with pytest.raises(ValueError, match=r"at least 200 for a 99% interval"):
+        ev.paired_table(["colors"] * 3, [0, 0, 1], [1, 1, 1], num_resamples=100, confidence=0.99)
+    assert ev.paired_bootstrap([0, 0, 1], [1, 1, 1], num_resamples=40).ci_low <= 1
+    assert cli.MIN_BOOTSTRAP == ev.min_resamples(0.95)
+
+
+def test_percentages_in_reports_keep_what_was_given():
+    """A 0.975 interval was headed '98% interval', 0.999 '100%'; a mask fraction of 0.004 read 'top 0%'."""
+    assert [ev.percent(x) for x in (0.95, 0.975, 0.999, 0.004, 0.125, 0.2)] == \
+        ["95%", "97.5%", "99.9%", "0.4%", "12.5%", "20%"]
+    rows = [ev.PairRow(i, 0, "colors", f"p{i}", i % 2 == 0, True, "", "", 1.0) for i in range(6)]
+    text = ev.format_markdown(ev.build_report(rows, num_resamples=80, confidence=0.975))
+    assert "| 97.5% interval |" in text
+
+
+def test_build_report_refuses_a_pair_twice_and_a_record_of_two_prompts():
+    """A pair judged twice weighed twice in its record's cluster (pairs.jsonl is checked, build_report was not)."""
+    rows = [ev.PairRow(i, 0, "colors", f"p{i}", False, i < 2, "", "", 0.0) for i in range(10)]
+    with pytest.raises(ValueError, match=r"build_report: rows 0 and 10 are the same pair \(record 0, seed 0\)"):
+        ev.build_report(rows + [rows[0]])
+    with pytest.raises(ValueError, match=r"build_report: rows 0 and 10 give record 0 two prompts \('p0' and "
+                                         r"'another'\)"):
+        ev.build_report(rows + [ev.PairRow(0, 1, "colors", "another", True, True, "", "", 0.0)])
+    assert ev.build_report(rows + [ev.PairRow(0, 1, "colors", "p0", True, True, "", "", 0.0)])["pairs"] == 11
+
+
+def test_paired_table_takes_tags_from_a_generator():
+    """The type check consumed a generator: the lengths then read 'got 0, 2 and 2'."""
+    t = ev.paired_table((tag for tag in ["colors", "colors"]), [0, 1], [1, 1], num_resamples=100)
+    assert t["colors"].diff == 0.5

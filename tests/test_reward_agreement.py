@@ -25,21 +25,39 @@ def test_auroc_rank_formula():
 
 def test_auroc_equals_the_pair_loop_exactly():
     """The pair count is by bisection now (the pair loop took hours in the bootstrap of a few thousand samples):
-    equal to the brute-force loop exactly, ties and NaN scores included."""
+    equal to the brute-force loop exactly, ties included; a NaN score leaves its sample out of the pairs."""
     import random
 
     def loop(scores, labels):
-        pos = [s for s, y in zip(scores, labels) if y]
-        neg = [s for s, y in zip(scores, labels) if not y]
-        return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+        pos = [s for s, y in zip(scores, labels) if y and not math.isnan(s)]
+        neg = [s for s, y in zip(scores, labels) if not y and not math.isnan(s)]
+        pairs = len(pos) * len(neg)
+        return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / pairs if pairs else "none"
 
     rng = random.Random(0)
     for trial in range(200):
         n = rng.randint(2, 40)
         scores = [rng.choice([0.0, 0.25, 0.5, 1.0, float("nan"), rng.random()]) for _ in range(n)]
         labels = [rng.random() < 0.5 for _ in range(n)]
-        if any(labels) and not all(labels):
-            assert RA.auroc(scores, labels) == loop(scores, labels), (scores, labels)
+        expected = loop(scores, labels)
+        if expected != "none":
+            assert RA.auroc(scores, labels) == expected, (scores, labels)
+        else:
+            assert math.isnan(RA.auroc(scores, labels))
+
+
+def test_auroc_leaves_nan_scores_out_and_refuses_unequal_lengths():
+    """A NaN-scored sample stayed in the pair count and lost every pair: a NaN wrong sample beat every correct one;
+    zip() cut unequal inputs without a word."""
+    nan = float("nan")
+    assert math.isnan(RA.auroc([0.5, 0.9, nan], [True, True, False]))  # no valid pair (it was 0.0)
+    assert RA.auroc([nan, 0.2, 0.9, 0.1], [True, True, False, False]) == 0.5  # as without the NaN sample (0.25)
+    assert math.isnan(RA.within_group_auroc([0.9, nan], [True, False], ["a", "a"]))
+    with pytest.raises(ValueError, match=r"auroc: scores, labels must have one entry per sample, got lengths 4, 2"):
+        RA.auroc([0.9, 0.1, 0.8, 0.7], [True, False])
+    with pytest.raises(ValueError, match=r"within_group_auroc: scores, labels, groups must have one entry per "
+                                         r"sample, got lengths 2, 2, 1"):
+        RA.within_group_auroc([0.9, 0.1], [True, False], ["a"])
 
 
 def test_within_prompt_auroc_compares_only_pairs_of_one_prompt():
@@ -153,11 +171,22 @@ def test_cli_checks_its_numbers_before_making_the_cache(tmp_path, capsys):
     refused ("holds other samples"); --seed -5 and --render-checks -2 were tracebacks."""
     for bad, words in ((["--steps", "-3"], "--steps must be in [0, 10000]"), (["--seed", "-5"], "--seed must be in"),
                        (["--render-checks", "-2"], "--render-checks must be >= 0"),
-                       (["--per-tag", "100000", "--seeds-per-prompt", "2"], "at most 100000 samples")):
+                       (["--per-tag", "25001"], "at most 100000 samples, got 100004")):
         with pytest.raises(SystemExit) as e:
             RA.main(bad + ["--cache", str(tmp_path / "c")])
         assert e.value.code == 2 and words in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_cli_bounds_the_samples_it_makes_not_the_prompts_they_spread_over(tmp_path, monkeypatch):
+    """The bound multiplied --per-tag by --seeds-per-prompt: --per-tag 100000 (400000 samples) passed and
+    --per-tag 12501 --seeds-per-prompt 8 (50004 samples) was refused."""
+    def made(*args, **kwargs):
+        raise RuntimeError("checked")
+
+    monkeypatch.setattr(RA, "plan_records", made)
+    with pytest.raises(RuntimeError, match="checked"):
+        RA.main(["--per-tag", "12501", "--seeds-per-prompt", "8", "--cache", str(tmp_path / "c")])
 
 
 def test_cli_checks_its_outputs_before_sampling(tmp_path, capsys, monkeypatch):

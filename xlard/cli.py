@@ -55,6 +55,7 @@ MAX_BATCH = 4096
 MAX_STEPS = 10_000
 MAX_SEED = 2**31 - 1
 MAX_BOOTSTRAP = 100_000
+MIN_BOOTSTRAP = 40  # evaluation.min_resamples(0.95): --bootstrap 1 gave one replicate as the interval
 """Most bootstrap resamples (``eval --bootstrap``): each draws an index per record, so memory grows with both."""
 
 MANIFEST_NAME = _io.MANIFEST_NAME
@@ -1163,8 +1164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-fraction", type=_open_fraction, default=None,
                    help="with a corrector: LAM faithfulness, share of cells masked (0..1, exclusive; default 0.2)")
     p.add_argument("--no-faithfulness", action="store_true", help="with a corrector: skip the LAM faithfulness check")
-    p.add_argument("--bootstrap", type=_int_in(1, MAX_BOOTSTRAP), default=None,
-                   help="with a corrector: bootstrap resamples for the intervals (default 2000)")
+    p.add_argument("--bootstrap", type=_int_in(MIN_BOOTSTRAP, MAX_BOOTSTRAP), default=None,
+                   help=f"with a corrector: bootstrap resamples for the 95%% intervals (default 2000; at least "
+                        f"{MIN_BOOTSTRAP}, one replicate in each tail)")
     p.add_argument("--save-images", action="store_true", help="with a corrector: keep base/corrected images")
     p.add_argument("--markdown", help="with a corrector: also write the markdown table here")
     # None: not given (the forms that score existing images refuse them); _cmd_eval fills in 0 / 8 / 0

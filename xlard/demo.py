@@ -173,11 +173,11 @@ def _png_data_uri(path: Path) -> str:
 
 
 def _table_html(report: dict) -> str:
-    from xlard.evaluation import interval_text, table_rows
+    from xlard.evaluation import interval_text, percent, table_rows
 
     conf = report["bootstrap"]["confidence"]
     rows = ["<table><tr><th>tag</th><th>images</th><th>base</th><th>corrected</th><th>gain (points)</th>"
-            f"<th>{conf:.0%} interval</th></tr>"]
+            f"<th>{percent(conf)} interval</th></tr>"]
     for tag, r in table_rows(report):
         name = f"<b>{html.escape(tag)}</b>" if tag == "overall" else html.escape(tag)
         rows.append(f"<tr><td>{name}</td><td>{r['images']}</td><td>{100 * r['base']:.1f}</td>"

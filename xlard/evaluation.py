@@ -603,6 +603,10 @@ def _check_bootstrap_args(fn: str, num_resamples, confidence, seed) -> None:
         raise ValueError(_err(fn, f"num_resamples must be an integer in [1, {_MAX_RESAMPLES}], got {num_resamples!r}"))
     if not _is_real(confidence) or not 0.0 < confidence < 1.0:
         raise ValueError(_err(fn, f"confidence must be a number in (0, 1), got {confidence!r}"))
+    need = min_resamples(confidence)
+    if num_resamples < need:  # 1 resample gave a single replicate as the "95% interval", labelled "excludes 0"
+        raise ValueError(_err(fn, f"num_resamples must be at least {need} for a {percent(confidence)} interval (one "
+                                  f"replicate in each tail), got {num_resamples}"))
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
         raise ValueError(_err(fn, f"seed must be a non-negative integer, got {seed!r}"))
 
@@ -676,14 +680,31 @@ def _resampled_means(sum_b, sum_c, count, num_resamples: int, rng: np.random.Gen
     return means_b, means_c
 
 
-def _interval(replicates: np.ndarray, confidence: float, clusters: int = 2) -> tuple[float, float]:
+def _interval(replicates: np.ndarray, confidence: float, clusters: int = 2,
+              scale: float = 1.0) -> tuple[float, float]:
     """The percentile interval; NaN for fewer than two clusters (resampling one cluster draws it every time, so the
-    interval was that cluster's own value, a certainty the data cannot give)."""
+    interval was that cluster's own value, a certainty the data cannot give).
+
+    A bound within rounding of 0 (``1e-12 * scale``, ``scale`` the size of the means the replicates are differences
+    of) is 0: a replicate that is 0 in exact arithmetic, a mean over tags of differences of fractions, came out as
+    -1.8e-17 and labelled an interval [-1.2, -0.0] as excluding 0."""
     if clusters < 2:
         return float("nan"), float("nan")
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(replicates, [tail, 1.0 - tail])
-    return float(low), float(high)
+    tol = 1e-12 * max(float(scale), 1e-300)
+    return (0.0 if abs(low) <= tol else float(low)), (0.0 if abs(high) <= tol else float(high))
+
+
+def _scale(*means: np.ndarray) -> float:
+    """The size of the bootstrap means (what rounding in their differences is relative to)."""
+    return max((float(np.abs(m).max()) for m in means if np.size(m)), default=1.0)
+
+
+def min_resamples(confidence: float) -> int:
+    """The fewest bootstrap resamples a percentile interval at ``confidence`` can rest on: one replicate in each
+    tail (40 at 0.95); with fewer, a bound is the most extreme replicate interpolated, or a single replicate."""
+    return max(2, math.ceil(round(2.0 / (1.0 - float(confidence)), 9)))
 
 
 def paired_bootstrap(base: Sequence[float], corrected: Sequence[float], clusters: Sequence | None = None, *,
@@ -719,7 +740,7 @@ def paired_bootstrap(base: Sequence[float], corrected: Sequence[float], clusters
     _check_bootstrap_args(fn, num_resamples, confidence, seed)
     sum_b, sum_c, count = _clusters(fn, base, corrected, clusters)
     rb, rc = _resampled_means(sum_b, sum_c, count, int(num_resamples), np.random.default_rng(int(seed)))
-    low, high = _interval(rc - rb, confidence, count.size)
+    low, high = _interval(rc - rb, confidence, count.size, _scale(rb, rc))
     mb, mc = sum_b.sum() / count.sum(), sum_c.sum() / count.sum()
     return PairedDifference(float(mb), float(mc), float(mc - mb), low, high, int(count.size), int(count.sum()),
                             float(confidence))
@@ -764,7 +785,9 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
 
     fn = "paired_table"
     _check_bootstrap_args(fn, num_resamples, confidence, seed)
-    if tags is None or isinstance(tags, (str, bytes)) or not all(isinstance(x, str) for x in tags):
+    if isinstance(tags, Iterable) and not isinstance(tags, (str, bytes, Sequence)):
+        tags = list(tags)  # a generator: the check below consumed it and the lengths read "got 0, 2 and 2"
+    if not isinstance(tags, Iterable) or isinstance(tags, (str, bytes)) or not all(isinstance(x, str) for x in tags):
         # a string was split into one-letter tags, and 1 and "1" merged into one tag
         raise ValueError(_err(fn, f"tags must be a sequence of tag strings (one per item), got {repr(tags)[:80]}"))
     tags = list(tags)
@@ -793,12 +816,13 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
     order = [t for t in TAGS if t in present] + sorted(present - set(TAGS))
     table: dict[str, PairedDifference] = {}
     rep_diff, points_b, points_c = [], [], []
-    n_records, widest = 0, 0
+    n_records, widest, scale = 0, 0, 0.0
     for tag in order:
         sel = [i for i, t in enumerate(tags) if t == tag]
         sum_b, sum_c, count = _clusters(fn, b[sel], c[sel], [keys[i] for i in sel])
         rb, rc = _resampled_means(sum_b, sum_c, count, int(num_resamples), _tag_rng(seed, tag))
-        low, high = _interval(rc - rb, confidence, count.size)
+        low, high = _interval(rc - rb, confidence, count.size, _scale(rb, rc))
+        scale = max(scale, _scale(rb, rc))
         mb, mc = sum_b.sum() / count.sum(), sum_c.sum() / count.sum()
         table[tag] = PairedDifference(float(mb), float(mc), float(mc - mb), low, high, int(count.size),
                                       int(count.sum()), float(confidence))
@@ -810,7 +834,7 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
     overall_b, overall_c = float(np.mean(points_b)), float(np.mean(points_c))
     # a one-cluster tag adds no spread to the replicates (the overall interval is conditional on it; format_markdown
     # says so); with every tag of one cluster there is no spread at all: no interval
-    low, high = _interval(np.mean(np.stack(rep_diff), axis=0), confidence, widest)
+    low, high = _interval(np.mean(np.stack(rep_diff), axis=0), confidence, widest, scale)
     table["overall"] = PairedDifference(overall_b, overall_c, overall_c - overall_b, low, high, n_records,
                                         int(b.size), float(confidence))
     return table
@@ -1069,6 +1093,17 @@ def build_report(rows: Sequence[PairRow], *, settings: Mapping[str, Any] | None 
     """
     if not rows:
         raise ValueError(_err("build_report", "no rows to report"))
+    seen: dict[tuple, int] = {}
+    prompt_of: dict[Any, tuple[int, str]] = {}
+    for i, r in enumerate(rows):  # as pairs.jsonl is read: a pair judged twice weighed twice in its record's cluster
+        first = seen.setdefault((r.index, r.seed), i)
+        if first != i:
+            raise ValueError(_err("build_report", f"rows {first} and {i} are the same pair (record {r.index}, seed "
+                                                  f"{r.seed}): each pair is judged once"))
+        j, prompt = prompt_of.setdefault(r.index, (i, r.prompt))
+        if prompt != r.prompt:  # two prompt files' rows mixed: one record's cluster held two prompts
+            raise ValueError(_err("build_report", f"rows {j} and {i} give record {r.index} two prompts "
+                                                  f"({prompt!r:.60} and {r.prompt!r:.60})"))
     table = paired_table([r.tag for r in rows], [float(r.base_correct) for r in rows],
                          [float(r.corrected_correct) for r in rows], [r.index for r in rows],
                          num_resamples=num_resamples, confidence=confidence, seed=seed)
@@ -1132,10 +1167,15 @@ def _cell(text: Any) -> str:
     return re.sub(r"([\\|`*<>\[\]])", r"\\\1", text)  # not "_": single_object stays as it reads
 
 
+def percent(fraction: float) -> str:
+    """``fraction`` in percent, as exact as it was given: 0.975 is '97.5%' (it read '98%'), 0.004 '0.4%' ('0%')."""
+    return f"{round(100.0 * float(fraction), 6):g}%"
+
+
 def format_markdown(report: Mapping[str, Any]) -> str:
     """The report as markdown: the paired table in points, the faithfulness check, what the rules did."""
     conf = report["bootstrap"]["confidence"]
-    lines = [f"| tag | records | prompts | images | base | corrected | gain (points) | {conf:.0%} interval | "
+    lines = [f"| tag | records | prompts | images | base | corrected | gain (points) | {percent(conf)} interval | "
              "excludes 0 |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     rows = table_rows(report)
@@ -1163,7 +1203,7 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     faith = report.get("faithfulness")
     if faith:
         frac = report["settings"].get("faithfulness_fraction")
-        what = f"{frac:.0%}" if isinstance(frac, float) else "a share"
+        what = percent(frac) if isinstance(frac, float) else "a share"
         lines += ["", f"LAM faithfulness: Delta zeroed on the top {what} of LAM cells vs {what} random cells "
                       "(overall, points)", "",
                   "| mask | score | lost vs corrected | interval | share of the gain lost |",

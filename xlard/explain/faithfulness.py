@@ -69,7 +69,8 @@ class FaithfulnessResult:
 
         after, masked, gain = mean(self.reward_after), mean(self.reward_masked), mean(self.gain)
         change = "n/a" if not after or after != after else f"{(masked - after) / abs(after):+.1%}"
-        line = (f"top {self.fraction:.0%} LAM cells masked: reward {after:.4f} -> {masked:.4f} ({change}), "
+        top = f"{round(100 * self.fraction, 6):g}%"  # 0.125 read '12%', 0.004 '0%'
+        line = (f"top {top} LAM cells masked: reward {after:.4f} -> {masked:.4f} ({change}), "
                 f"gain {gain:+.4f}, {share(after - masked, gain)} of it lost")
         if self.reward_random is not None:
             line += f" (random cells: {share(after - mean(self.reward_random), gain)})"
