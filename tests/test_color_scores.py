@@ -163,3 +163,45 @@ def test_torch_func_grad_is_refused_not_zero():
     scores, index = torch.func.vmap(lambda x: ops.color_scores(x[None], e))(f)
     want = ops.color_scores(f, e)
     assert torch.allclose(scores[:, 0], want[0]) and torch.equal(index[:, 0], want[1])
+
+
+# ---------------------------------------------------------------------------
+# The images the color encoders read (xlard.color_features.as_image_batch)
+# ---------------------------------------------------------------------------
+
+
+def test_as_image_batch_names_the_range_and_the_shape_that_came():
+    """0..255 float images got the VAE's [-1, 1] hint; a channels-first numpy array or a channels-last tensor was
+    reported by a reshaped shape the caller never passed."""
+    from xlard.color_features import as_image_batch
+
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\], got values in \[.*, 255\]; 0..255 "
+                                         r"values\? divide by 255"):
+        as_image_batch(torch.linspace(0, 255, 3 * 64).view(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"got values in \[-1, 1\]; map a VAE's \[-1, 1\] output with \(x \+ 1\) / 2"):
+        as_image_batch(torch.linspace(-1, 1, 3 * 64).view(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"expected 1, 3 or 4 channels, got 40 \(a numpy array of shape "
+                                         r"\(3, 40, 40\)\); numpy arrays are read channels-last"):
+        as_image_batch(np.random.rand(3, 40, 40).astype(np.float32))
+    with pytest.raises(ValueError, match=r"expected 1, 3 or 4 channels, got 40 \(shape \(40, 40, 3\)\); tensors are "
+                                         r"read channels-first .*permute\(2, 0, 1\)"):
+        as_image_batch(torch.rand(40, 40, 3))
+    with pytest.raises(ValueError, match=r"got 5 \(a list of 2 tensors of shape \(5, 8, 8\)\)$"):
+        as_image_batch([torch.rand(5, 8, 8)] * 2)
+
+
+def test_as_image_batch_reads_images_that_require_grad_without_a_warning():
+    """float(x.amin()) of a tensor in a graph warned ("Converting a tensor with requires_grad=True to a scalar")."""
+    import warnings
+
+    from xlard.color_features import as_image_batch
+
+    images = torch.rand(1, 3, 8, 8, requires_grad=True)
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch warns once a process: the test must not depend on what ran before it
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.testing.assert_close(as_image_batch(images), images.detach())
+    finally:
+        torch.set_warn_always(always)

@@ -373,3 +373,42 @@ def test_loading_the_shapes_models_leaves_the_callers_rng_alone():
     U.ShapesUnderstanding.from_pretrained()
     LE.LatentUnderstanding.from_pretrained()
     assert torch.equal(torch.randn(3), want)
+
+
+def test_config_refuses_one_string_for_a_vocabulary():
+    """shapes="square" was split into the shapes 's', 'q', 'u', ... (and up_widths=b"ab" into widths 97, 98)."""
+    for bad, field in ((dict(shapes="square"), "shapes"), (dict(colors="red"), "colors"),
+                       (dict(shapes=b"square"), "shapes"), (dict(up_widths=b"ab"), "up_widths")):
+        with pytest.raises(ValueError, match=f"LatentEyesConfig.{field} must"):
+            LE.LatentEyesConfig(**bad)
+    assert LE.LatentEyesConfig(shapes=["circle"], colors=["red"]).shapes == ("circle",)
+
+
+@needs_weights
+def test_the_shipped_latent_eyes_still_load_their_config():
+    assert LE.LatentUnderstanding.from_pretrained().config.shapes == U.load_model().config.shapes
+
+
+@needs_weights
+def test_count_eyes_name_z_and_take_an_integer_tensor_of_counts():
+    """A NaN latent was blamed on "images" (the VAE's decoding of it) by CountEyes; a numpy z was reported by its
+    shape alone; counts=torch.tensor([2, 1]) was "not whole numbers"."""
+    nouns = ("circle", "square", "triangle", "diamond")
+    z = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    nan = z.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    for eyes, owner in ((U.CountEyes(nouns), "CountEyes"), (LE.LatentCountEyes(nouns), "LatentUnderstanding.predict")):
+        with pytest.raises(ValueError, match=f"{owner}: z holds NaN or infinite values"):
+            eyes(nan)
+        with pytest.raises(ValueError, match=f"{owner}: z holds NaN or infinite values"):
+            eyes.edit_counts(nan, ["circle", "square"], [2, 1])
+    with pytest.raises(ValueError, match=r"CountEyes: z must be a float latent \[B, C, h, w\], got a numpy.ndarray "
+                                         r"\(float32, shape \[2, 8, 16, 16\]"):
+        U.CountEyes(nouns)(z.numpy())
+    eyes = LE.LatentCountEyes(nouns)
+    want = eyes.edit_counts(z, ["circle", "square"], [2, 1])
+    got = eyes.edit_counts(z, ["circle", "square"], torch.tensor([2, 1]))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
+    for counts in (torch.tensor([True, True]), torch.tensor([1.5, 2.0]), torch.tensor([[2, 1]])):
+        with pytest.raises(ValueError, match="counts whole numbers"):
+            eyes.edit_counts(z, ["circle", "square"], counts)

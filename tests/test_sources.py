@@ -69,7 +69,7 @@ def test_get_source_names_and_errors():
         get_source("attention", threshold=0.5)
     with pytest.raises(ValueError, match="pass model="):
         get_source("clip")
-    with pytest.raises(ValueError, match="tokenizer"):
+    with pytest.raises(ValueError, match=r"model must be a CLIP checkpoint id, .* got Linear"):
         get_source("clip", model=torch.nn.Linear(1, 1))
 
 
@@ -442,8 +442,10 @@ def test_clip_source_from_a_local_folder(tiny_clip, word_tokenizer, tmp_path):
     torch.testing.assert_close(source(decoded)["entity_maps"], direct(decoded)["entity_maps"])
     with pytest.raises(ValueError, match="noun_template"):
         ClipSource(tiny_clip, word_tokenizer, noun_template="a photo")
-    with pytest.raises(TypeError, match="ClipColorEncoder: tokenizer must be the CLIP model's tokenizer .*got str"):
-        get_source("clip", model=tiny_clip, tokenizer="x")  # accepted before; score() failed: 'str' not callable
+    # accepted before; score() failed: 'str' not callable (then a TypeError, where get_source promises ValueError)
+    with pytest.raises(ValueError, match=r"get_source\('clip'\): tokenizer must be the loaded model's tokenizer .*"
+                                         r"got str"):
+        get_source("clip", model=tiny_clip, tokenizer="x")
     # texts longer than the text model's positions failed inside transformers ("Sequence length must be less")
     limit = tiny_clip.config.text_config.max_position_embeddings
     long = ClipSource(tiny_clip, word_tokenizer, noun_template="a photo of a {} " + "cat " * limit)
@@ -989,3 +991,287 @@ def test_the_shapes_source_counts_only_objects_of_an_absent_entitys_color():
     assert joint[0] == pytest.approx(1.0) and joint[1] == pytest.approx(1.0) and joint[2] < 0.9
     assert result.present[:, 1].all()  # the red circle's color is judged; the absent square's is not
     assert "asked for 0 blue squares, found 1" in result.explanations[2].text()
+
+
+# ---------------------------------------------------------------------------
+# Found by the read-only walk of the sources (each failed before its fix)
+# ---------------------------------------------------------------------------
+
+
+def test_attention_source_without_segment_offsets_reads_the_specs_own_alignment():
+    """A backbone that recorded no offsets ({} or None) made the source pass {} to the rewards, which looked every
+    entity up in that empty table and blamed the spec ("has no token indices") though it was aligned."""
+    from helpers import word_level_tokenizer
+
+    spec = parse("a photo of two red circles", tokenizer=word_level_tokenizer([".", *_WORDS]))
+    noun = spec.entities[0].token_indices[0]
+    maps = torch.zeros(1, 16, 8, 8)
+    maps[0, noun, 1:3, 1:3] = maps[0, noun, 5:7, 5:7] = 1.0
+    images = torch.rand(1, 3, 64, 64)
+    for offsets in ({"tokenizer": 0}, {}, None):
+        decoded = Decoded(images=images, latents=torch.zeros(0), token_maps=maps, patch_features=None, specs=(spec,),
+                          segment_offsets=offsets)
+        assert score(decoded, get_source("attention")).count_found.tolist() == [[2]], offsets
+
+
+def test_shapes_source_hands_out_copies_of_its_color_embeddings():
+    """``.to(device)`` on the same device returned the source's own tensor: a caller smoothing "its" embedding in
+    place changed every later color score of the source."""
+    source = ShapesSource(OracleUnderstanding([SCENE]))
+    decoded = decoded_of([SCENE], ["a photo of a red circle"])
+    before = score(decoded, source).color.tolist()
+    source(decoded)["color_embeddings"]["red"].mul_(0.5).add_(0.5)
+    assert score(decoded, source).color.tolist() == before
+
+
+def test_drop_mixed_objects_refuses_images_outside_0_1():
+    """0..255 images were all nearest to the palette's lightest colors: the paint check passed a two-tone blob."""
+    source = ShapesSource(OracleUnderstanding([SCENE]), purity=0.0, confidence=0.0)
+    maps = torch.zeros(1, 1, 64, 64)
+    maps[0, 0, 10:30, 10:30] = 0.99
+    color = torch.zeros(1, 11, 64, 64)
+    color[:, 0] = 1.0
+    images = torch.full((1, 3, 64, 64), 0.9)
+    images[0, :, 10:30, 10:20] = torch.tensor([210.0, 35, 35]).view(3, 1, 1) / 255  # a red half ...
+    images[0, :, 10:30, 20:30] = torch.tensor([35.0, 75, 215]).view(3, 1, 1) / 255  # ... and a blue one
+    assert source.drop_mixed_objects(maps, color, images).sum() == 0
+    with pytest.raises(ValueError, match=r"drop_mixed_objects: images must lie in \[0, 1\], got values in "
+                                         r"\[35, 230\] \(0..255 values\? divide by 255\)"):
+        source.drop_mixed_objects(maps, color, images * 255)
+    with pytest.raises(ValueError, match=r"images must lie in \[0, 1\].*images / 2 \+ 0.5"):
+        source.drop_mixed_objects(maps, color, images * 2 - 1)
+
+
+def test_unknown_nouns_are_named_by_the_shapes_source_and_skip_still_leaves_them_out():
+    """An unknown noun fell through to the rewards' "has no map (entity_available is False)"; unknown colors were
+    named up front. missing_entity='skip' stays the way to score such prompts."""
+    source = ShapesSource(OracleUnderstanding([SCENE]))
+    decoded = decoded_of([SCENE], ["a photo of a red dog and a circle"])
+    with pytest.raises(ValueError, match=r"shapes source: nouns \['dog'\] are not in the shapes world's shapes "
+                                         r"\('circle', 'square', 'triangle', 'diamond'\); .*missing_entity='skip'"):
+        score(decoded, source)
+    assert source.unknown_nouns(decoded.specs) == ["dog"]
+    result = score(decoded, source, ExplainableRewards(source.reward_config(missing_entity="skip")))
+    assert result.count_found[0, 1].item() == 3  # the circles are still scored
+    assert source(decoded)["entity_available"].tolist() == [[False, True]]
+
+
+def test_messages_name_the_type_dtype_and_shape_that_came():
+    """A shape alone read like a fitting one: a numpy array, a uint8 or int64 tensor of the right shape."""
+    source = ShapesSource(OracleUnderstanding([SCENE]))
+    image = decoded_of([SCENE], ["a photo of a circle"]).images
+    with pytest.raises(ValueError, match=r"decoded.images must be a float tensor .* got a numpy.ndarray \(float32, "
+                                         r"shape \[1, 3, 64, 64\]; torch.from_numpy"):
+        source(Decoded(images=image.numpy(), latents=torch.zeros(0), token_maps=None, patch_features=None,
+                       specs=(parse("a photo of a circle"),), segment_offsets={}))
+    maps, color = torch.rand(1, 2, 8, 8), torch.rand(1, 11, 8, 8)
+    with pytest.raises(ValueError, match=r"weighed_counts: color_probs must be a tensor .* got a numpy.ndarray "
+                                         r"\(float32, shape \[1, 11, 8, 8\]"):
+        source.weighed_counts(maps, color.numpy())
+    with pytest.raises(ValueError, match=r"weighed_counts: maps must be a float tensor \[B, E, H, W\], got a "
+                                         r"torch.Tensor \(int64, shape \[1, 2, 8, 8\]\)"):
+        source.weighed_counts((maps > 0.5).long(), color)
+    model = U.ShapesUnderstanding(U.UnderstandingConfig(channels=(4, 4, 4, 4))).eval()
+    with pytest.raises(ValueError, match=r"predict: images must be a float tensor .* got a torch.Tensor \(uint8, "
+                                         r"shape \[1, 3, 64, 64\]\) \(8-bit images: images.float\(\) / 255\)"):
+        model.predict((image * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"predict: images must be a float tensor .* got a numpy.ndarray"):
+        model.predict(image.numpy())
+
+
+def test_predict_refuses_empty_images():
+    """0 x W images failed in F.interpolate ("Input and output sizes should be greater than 0")."""
+    model = U.ShapesUnderstanding(U.UnderstandingConfig(channels=(4, 4, 4, 4))).eval()
+    for h, w in ((0, 0), (0, 64), (48, 0)):
+        with pytest.raises(ValueError, match=rf"ShapesUnderstanding.predict: images are empty \({h} x {w} pixels\)"):
+            model.predict(torch.zeros(1, 3, h, w))
+
+
+def test_understanding_config_refuses_strings_and_non_integral_widths():
+    """shapes="square" made a model of the shapes 's', 'q', 'u', ...; widths 8.9 were cut to 8 and core_radius=True
+    read as 1, without a word."""
+    for bad, field in ((dict(shapes="square"), "shapes"), (dict(colors="red"), "colors"),
+                       (dict(shapes=b"ab"), "shapes"), (dict(shapes=(1, 2)), "shapes"),
+                       (dict(colors=("red", "")), "colors"),
+                       (dict(channels=(8.9, 24, 32, 48.5)), "channels"), (dict(channels="8888"), "channels"),
+                       (dict(channels=(True, 4, 4, 4)), "channels"), (dict(core_radius=True), "core_radius")):
+        with pytest.raises(ValueError, match=f"UnderstandingConfig.{field} must"):
+            U.UnderstandingConfig(**bad)
+    config = U.UnderstandingConfig(shapes=["square"], channels=(np.int64(4), 4, 4, 4))
+    assert config.shapes == ("square",) and config.channels == (4, 4, 4, 4) and type(config.channels[0]) is int
+    assert U.UnderstandingConfig.from_dict(config.to_dict()) == config
+
+
+@needs_weights
+def test_shipped_understanding_model_still_loads_its_config():
+    model = U.ShapesUnderstanding.from_pretrained()
+    assert model.config.shapes == ("circle", "square", "triangle", "diamond")
+    assert model.config.channels == (8, 24, 32, 48)
+
+
+class _Gated(torch.nn.Module):
+    """Records its BatchNorm's mode in each pass; a pass named in ``gates`` waits there (to interleave threads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(1)
+        self.modes = {}
+        self.gates = {}
+
+    def forward(self, x, name):
+        before, after = self.gates.get(name, (None, None))
+        if before is not None:
+            before()
+        if after is not None:
+            after()
+        self.modes[name] = self.bn.training
+        return self.bn(x)
+
+
+def test_eval_pass_is_thread_safe_on_a_model_in_training_mode():
+    """Scoring from threads with a model in training mode: a pass that began while another had put the model in
+    eval mode found nothing to toggle, ran on, and had training mode set back under it (BatchNorm statistics
+    moved by scoring)."""
+    import threading
+
+    model = _Gated().train()
+    a_inside, release_a, a_done, b_inside = (threading.Event() for _ in range(4))
+    model.gates["a"] = (a_inside.set, lambda: release_a.wait(10))
+    model.gates["b"] = (b_inside.set, lambda: a_done.wait(10))
+    x = torch.randn(4, 1)
+
+    def run_a():
+        U._eval_pass(model, x, "a")
+        a_done.set()
+
+    first = threading.Thread(target=run_a)
+    first.start()
+    assert a_inside.wait(10)
+    second = threading.Thread(target=U._eval_pass, args=(model, x, "b"))
+    second.start()
+    b_inside.wait(0.5)  # before the fix "b" ran now, beside "a"; now it waits for "a"
+    release_a.set()
+    first.join(10)
+    second.join(10)
+    assert model.modes == {"a": False, "b": False}
+    assert model.training and model.bn.training
+    assert model.bn.num_batches_tracked.item() == 0 and model.bn.running_mean.abs().sum() == 0
+
+
+def test_eval_passes_of_a_model_in_eval_mode_still_run_side_by_side():
+    import threading
+
+    model = _Gated().eval()
+    both = threading.Barrier(2, timeout=10)  # broken (an error) if one pass waited for the other
+    model.gates["a"] = model.gates["b"] = (both.wait, None)
+    threads = [threading.Thread(target=U._eval_pass, args=(model, torch.randn(4, 1), n)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert model.modes == {"a": False, "b": False} and not both.broken
+
+
+def test_clip_from_pretrained_checks_its_texts_before_loading_weights(tiny_clip, word_tokenizer, tmp_path,
+                                                                      monkeypatch):
+    """threshold was checked before the weights loaded, noun_template, color_template and background after."""
+    from xlard import color_features
+
+    tiny_clip.save_pretrained(tmp_path)
+    word_tokenizer.save_pretrained(tmp_path)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the settings were checked")
+
+    monkeypatch.setattr(color_features.ClipColorEncoder, "from_pretrained", no_loading)
+    for option, words in ((dict(noun_template="a {x}"), "noun_template must contain"),
+                          (dict(color_template="no braces"), "ClipSource: color_template must contain"),
+                          (dict(background=" "), "background must be a non-empty text")):
+        with pytest.raises(ValueError, match=words):
+            get_source("clip", model=str(tmp_path), **option)
+
+
+def test_score_names_a_custom_source_that_returns_the_wrong_thing():
+    """A RewardSource returning a list, or setting 'source', failed as a raw TypeError holding the rewards' whole
+    repr; a name that is not a str gave a result whose source was None."""
+    decoded = decoded_of([SCENE], ["a photo of two circles"])
+    maps = torch.zeros(1, 1, 8, 8)
+
+    class Listing(RewardSource):
+        name = "mine"
+
+        def __call__(self, decoded):
+            return [decoded.specs, maps]
+
+    class SetsSource(RewardSource):
+        name = "mine"
+
+        def __call__(self, decoded):
+            return {"specs": decoded.specs, "entity_maps": maps, "source": "mine"}
+
+    class Nameless(SetsSource):
+        name = None
+
+    with pytest.raises(ValueError, match=r"score: Listing.__call__ must return a mapping of ExplainableRewards "
+                                         r"keyword arguments .* got list"):
+        score(decoded, Listing())
+    with pytest.raises(ValueError, match=r"score: SetsSource.__call__ returned keys \['source'\], not "
+                                         r"ExplainableRewards inputs"):
+        score(decoded, SetsSource())
+    with pytest.raises(ValueError, match=r"score: Nameless.name must be a non-empty str .* got None"):
+        score(decoded, Nameless())
+
+
+def test_get_source_clip_checks_the_model_before_the_tokenizer(tiny_clip):
+    with pytest.raises(ValueError, match=r"get_source\('clip'\): model must be a CLIP checkpoint id, a local folder, "
+                                         r"or a loaded CLIPModel or SiglipModel, got int"):
+        get_source("clip", model=3)
+    with pytest.raises(ValueError, match="needs tokenizer="):
+        get_source("clip", model=tiny_clip)
+    with pytest.raises(ValueError, match=r"tokenizer must be the loaded model's tokenizer .* got str 'openai/clip'; "
+                                         r"a checkpoint id goes in model="):
+        get_source("clip", model=tiny_clip, tokenizer="openai/clip")
+
+
+def test_clip_source_embeddings_do_not_depend_on_what_it_embedded_before(tiny_clip, word_tokenizer):
+    """Texts embedded in one batch differ at 1e-7 from each embedded alone: a source that had scored other prompts
+    gave other maps for the same input than a fresh one."""
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 32)
+
+    def decoded(prompts):
+        return Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
+                       specs=tuple(parse(p) for p in prompts), segment_offsets={})
+
+    used = ClipSource(tiny_clip, word_tokenizer)
+    score(decoded(["a photo of two red circles", "a photo of a blue square left of a green dog"]), used)
+    fresh = ClipSource(tiny_clip, word_tokenizer)
+    later = decoded(["a photo of a cat left of a dog", "a photo of two circles"])
+    assert torch.equal(used(later)["entity_maps"], fresh(later)["entity_maps"])
+    alone = ClipSource(tiny_clip, word_tokenizer).embed_texts(["a photo of a dog."])
+    assert torch.equal(used.embed_texts(["a photo of a dog."]), alone)
+    colors = ClipSource(tiny_clip, word_tokenizer).encoder
+    colors.embed_colors(["red", "blue", "green"])
+    assert torch.equal(colors.embed_colors(["green"]), ClipSource(tiny_clip, word_tokenizer).encoder.embed_colors(
+        ["green"]))
+
+
+def test_images_that_require_grad_are_checked_without_a_warning():
+    """float(x.amin()) of a tensor in a graph warned ("Converting a tensor with requires_grad=True to a scalar")."""
+    import warnings
+
+    from xlard import sources as source_module
+
+    images = decoded_of([SCENE], ["a photo of a circle"]).images.clone().requires_grad_()
+    decoded = Decoded(images=images, latents=torch.zeros(0), token_maps=None, patch_features=None,
+                      specs=(parse("a photo of a circle"),), segment_offsets={})
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch warns once a process: the test must not depend on what ran before it
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            source_module._decoded_parts(decoded, "shapes source")
+            ShapesSource(OracleUnderstanding([SCENE])).drop_mixed_objects(torch.rand(1, 1, 64, 64),
+                                                                          torch.rand(1, 11, 64, 64), images)
+    finally:
+        torch.set_warn_always(always)

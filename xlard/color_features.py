@@ -257,6 +257,16 @@ def color_prototype_lab(name: str, prototypes: Mapping[str, tuple[int, int, int]
 # ---------------------------------------------------------------------------
 
 
+def _described(value: Any) -> str:
+    """A refused array argument in an error: its type, dtype and shape (a numpy array's or an integer tensor's
+    shape alone read like a fitting float tensor's), or its type."""
+    if isinstance(value, torch.Tensor):
+        return f"a torch.Tensor ({str(value.dtype).replace('torch.', '')}, shape {list(value.shape)})"
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
+        return f"a numpy.ndarray ({value.dtype}, shape {list(value.shape)}; torch.from_numpy makes it a tensor)"
+    return type(value).__name__
+
+
 def as_image_batch(images: Any) -> torch.Tensor:
     """Bring a batch of images to a float32 tensor ``[B, 3, H, W]`` in [0, 1].
 
@@ -283,6 +293,7 @@ def as_image_batch(images: Any) -> torch.Tensor:
             raise ValueError("as_image_batch: a list of tensors must share one shape, dtype and device ([C, H, W] "
                              f"or [H, W, C] each), got {sorted({(tuple(im.shape), str(im.dtype), str(im.device)) for im in images})}")
         shape = tuple(images[0].shape)
+        given = f"a list of {len(images)} tensors of shape {shape}"
         if len(shape) != 3:
             raise ValueError(f"as_image_batch: a list of tensors holds [C, H, W] (or [H, W, C]) images, got shape "
                              f"{shape}")
@@ -290,6 +301,7 @@ def as_image_batch(images: Any) -> torch.Tensor:
         images = torch.stack(list(images))
     else:
         hwc = False
+        given = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else None
     if isinstance(images, torch.Tensor):
         if images.is_meta:
             raise ValueError("as_image_batch: images are meta tensors (shapes only, no pixels); pass the decoded "
@@ -308,8 +320,10 @@ def as_image_batch(images: Any) -> torch.Tensor:
             if len({a.shape for a in arrays}) != 1:
                 raise ValueError(f"as_image_batch: images must share one size, got {sorted({a.shape for a in arrays})}")
             images = np.stack(arrays)
+            given = f"a list of {len(arrays)} images of shape {arrays[0].shape}"
         if not isinstance(images, np.ndarray):
             raise ValueError(f"as_image_batch: unsupported image type {type(images).__name__}")
+        given = given or f"a numpy array of shape {images.shape}"
         x = torch.from_numpy(np.ascontiguousarray(images))
         channel_dim = -1
     if x.dim() == 3:
@@ -322,8 +336,14 @@ def as_image_batch(images: Any) -> torch.Tensor:
     channels = x.shape[1]
     if x.shape[0] and (x.shape[2] == 0 or x.shape[3] == 0):
         raise ValueError(f"as_image_batch: images are empty ({x.shape[2]} x {x.shape[3]} pixels)")
-    if channels not in (1, 3, 4):
-        raise ValueError(f"as_image_batch: expected 1, 3 or 4 channels, got {channels} (shape {tuple(x.shape)})")
+    if channels not in (1, 3, 4):  # the shape as given: the one reshaped here was never passed
+        if channel_dim == -1 and x.shape[2] in (1, 3, 4):
+            hint = "; numpy arrays are read channels-last [(B,) H, W, C]: move the channels last (np.moveaxis)"
+        elif channel_dim == -3 and x.shape[3] in (1, 3, 4):
+            hint = "; tensors are read channels-first [(B,) C, H, W]: pass images.permute(2, 0, 1) for [H, W, C]"
+        else:
+            hint = ""
+        raise ValueError(f"as_image_batch: expected 1, 3 or 4 channels, got {channels} ({given}){hint}")
     if channels == 1:
         x = x.expand(-1, 3, -1, -1)
     elif channels == 4:  # an alpha channel: dropped only when fully opaque (the RGB under a transparent pixel
@@ -344,10 +364,14 @@ def as_image_batch(images: Any) -> torch.Tensor:
         finite = torch.isfinite(x)
         if not bool(finite.all()):  # NaN passed the range check below and scored colors 0 without a word
             raise ValueError(f"as_image_batch: images hold {int((~finite).sum())} NaN or infinite value(s)")
-        lo, hi = float(x.amin()), float(x.amax())
-        if lo < -1e-3 or hi > 1.0 + 1e-3:
+        pixels = x.detach()  # a scalar read off a graph warned
+        lo, hi = float(pixels.amin()), float(pixels.amax())
+        if lo < -1e-3 or hi > 1.0 + 1e-3:  # the hint for the range the values are in (0..255 got the VAE's)
+            hint = ("0..255 values? divide by 255" if lo >= -1e-3 else
+                    "map a VAE's [-1, 1] output with (x + 1) / 2" if hi <= 1.0 + 1e-3 else
+                    "map them to [0, 1]")
             raise ValueError(f"as_image_batch: float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; "
-                             "map a VAE's [-1, 1] output with (x + 1) / 2")
+                             f"{hint}")
     return x.clamp(0.0, 1.0)
 
 
@@ -1005,9 +1029,9 @@ class ClipColorEncoder:
         if isinstance(names, str):
             raise ValueError("embed_colors takes a sequence of names, not one string")
         texts = [self.template.format(_canonical_color(n)) for n in names]
-        todo, embedded = self._cache.missing(self.model, texts), None
-        if todo:
-            embedded = self.embed_texts(todo)
         if not texts:
             return torch.zeros(0, self.joint_dim, device=self.device)
-        return self._cache.stack(self.model, texts, {} if embedded is None else dict(zip(todo, embedded)))
+        # one text a pass: a batch is padded to its longest text, which moved CLIP's embeddings at 1e-7, so a
+        # cached color (and the scores) depended on the colors embedded before it
+        new = {t: self.embed_texts([t])[0] for t in self._cache.missing(self.model, texts)}
+        return self._cache.stack(self.model, texts, new)

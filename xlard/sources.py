@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from xlard._args import as_device
 from xlard.color_features import (ClipColorEncoder, ColorFeatureEncoder, EmbeddingCache, PatchFeatures,
-                                   PixelColorEncoder, check_template)
+                                   PixelColorEncoder, _described, check_template)
 from xlard.prompts import PromptSpec, singularize
 from xlard.rewards import ExplainableRewards, RewardConfig, RewardResult, component_means
 from xlard.vocab import GENEVAL_COLORS
@@ -86,8 +86,9 @@ def _decoded_parts(decoded: Any, who: str) -> tuple[torch.Tensor, tuple[PromptSp
     images = getattr(decoded, "images", None)
     specs = getattr(decoded, "specs", None)
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        # (a numpy array's shape alone read like a fitting tensor's)
         raise ValueError(f"{who}: decoded.images must be a float tensor [B, 3, H, W] in [0, 1] (a "
-                         f"xlard.backbones.Decoded), got {getattr(images, 'shape', type(images).__name__)}")
+                         f"xlard.backbones.Decoded), got {_described(images)}")
     if specs is None or len(specs) != images.shape[0] or not all(isinstance(s, PromptSpec) for s in specs):
         raise ValueError(f"{who}: decoded.specs must hold one PromptSpec per image ({images.shape[0]}), got "
                          f"{type(specs).__name__} of {len(specs) if specs is not None else 0}")
@@ -100,15 +101,21 @@ def _decoded_parts(decoded: Any, who: str) -> tuple[torch.Tensor, tuple[PromptSp
         raise ValueError(f"{who}: decoded holds no images (an empty batch): nothing to score")
     if images.shape[2] == 0 or images.shape[3] == 0:  # was F.interpolate's "sizes should be greater than 0"
         raise ValueError(f"{who}: decoded.images are empty ({images.shape[2]} x {images.shape[3]} pixels)")
-    if images.numel():
-        lo, hi = float(images.amin()), float(images.amax())
-        # A little past the range is rounding (the model clamps); far past it is another convention, which
-        # clamping would turn into white or black images judged without a word.
-        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -0.05 or hi > 1.05:
-            hint = (" (a VAE's raw output in [-1, 1]? use images / 2 + 0.5)" if lo < -0.05 and hi <= 1.05 else
-                    " (0..255 values? divide by 255)" if hi > 1.05 and lo >= -0.05 else "")
-            raise ValueError(f"{who}: decoded.images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
+    _check_unit_range(who, "decoded.images", images)
     return images.float(), tuple(specs)
+
+
+def _check_unit_range(who: str, name: str, images: torch.Tensor) -> None:
+    """Float images must lie in [0, 1]: a little past it is rounding (the model clamps); far past it is another
+    convention, which clamping would turn into white or black images judged without a word."""
+    if not images.numel():
+        return
+    pixels = images.detach()  # a scalar read off a graph warned
+    lo, hi = float(pixels.amin()), float(pixels.amax())
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -0.05 or hi > 1.05:
+        hint = (" (a VAE's raw output in [-1, 1]? use images / 2 + 0.5)" if lo < -0.05 and hi <= 1.05 else
+                " (0..255 values? divide by 255)" if hi > 1.05 and lo >= -0.05 else "")
+        raise ValueError(f"{who}: {name} must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
 
 
 def _batch_colors(specs: Sequence[PromptSpec]) -> list[str]:
@@ -198,8 +205,11 @@ class AttentionSource(RewardSource):
         if maps is None:
             raise ValueError("attention source: decoded.token_maps is None (the backbone was built with "
                              "capture=False); build it with attention capture, or use the 'shapes'/'clip' source")
+        # None when the backbone recorded no offsets: the rewards then read the specs' own alignment
+        # (Entity.token_indices); {} made them look every entity up in an empty table and blame the specs
+        offsets = getattr(decoded, "segment_offsets", None)
         inputs: dict[str, Any] = {"specs": specs, "token_maps": maps,
-                                  "segment_offsets": dict(getattr(decoded, "segment_offsets", None) or {})}
+                                  "segment_offsets": dict(offsets) if offsets else None}
         features = getattr(decoded, "patch_features", None) if self._reuse_features else None
         inputs["patch_features"] = features if features is not None else self.color_encoder.encode_images(images)
         colors = _batch_colors(specs)
@@ -370,13 +380,17 @@ class ShapesSource(RewardSource):
         Returns:
             The maps with every component (8-connected, > ``threshold``) whose main
             color covers less than ``purity`` of its colored pixels zeroed.
+
+        Raises:
+            ValueError: tensors of other shapes, or images outside [0, 1] (0..255 values).
         """
         b, e, h, w = _check_maps_and_colors("ShapesSource.drop_mixed_objects", maps, color_probs)
         if images is not None and (not isinstance(images, torch.Tensor) or not images.is_floating_point()
                                    or tuple(images.shape) != (b, 3, h, w)):
             raise ValueError(f"ShapesSource.drop_mixed_objects: images must be a float tensor [B={b}, 3, H={h}, "
-                             f"W={w}] in [0, 1] (the maps' size) or None, got "
-                             f"{getattr(images, 'shape', type(images).__name__)}")
+                             f"W={w}] in [0, 1] (the maps' size) or None, got {_described(images)}")
+        if images is not None:  # 0..255 pixels were all nearest to white: the paint check passed every object
+            _check_unit_range("ShapesSource.drop_mixed_objects", "images", images)
         if maps.numel() == 0:
             return maps
         labels, slot, top, total = _components or self._components(maps, color_probs)
@@ -451,6 +465,11 @@ class ShapesSource(RewardSource):
         real[..., 0] = False  # background
         return torch.where(real, weight, torch.zeros_like(weight)).sum(-1)
 
+    def unknown_nouns(self, specs: Sequence[PromptSpec]) -> list[str]:
+        """The nouns of ``specs`` (sorted, distinct) that are none of the model's shapes: their entities get no
+        map (``entity_available`` False)."""
+        return sorted({e.noun for s in specs for e in s.entities if self.noun_index(e.noun) is None})
+
     def __call__(self, decoded: Any) -> dict[str, Any]:
         images, specs = _decoded_parts(decoded, "shapes source")
         unknown = [c for c in _batch_colors(specs) if c not in self._color_embeddings]
@@ -487,7 +506,10 @@ class ShapesSource(RewardSource):
         colors = _batch_colors(specs)
         inputs = {"specs": specs, "entity_maps": maps, "entity_available": available,
                   "patch_features": PatchFeatures(features, (h, w)),
-                  "color_embeddings": {c: self._color_embeddings[c].to(features.device) for c in colors}}
+                  # copies: .to() of the same device returned the source's own tensor, and a caller's in-place
+                  # edit of it changed every later color score
+                  "color_embeddings": {c: self._color_embeddings[c].to(features.device, copy=True)
+                                       for c in colors}}
         if counts is not None:
             inputs["entity_counts"] = counts
         return inputs
@@ -529,10 +551,8 @@ class ClipSource(RewardSource):
                  color_template: str = "a photo of a {} object", background: str = "a photo of the background.",
                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
                  threshold: float = 0.5) -> None:
-        check_template("ClipSource", "noun_template", noun_template, "noun")
+        _check_clip_texts(noun_template, color_template, background)
         self.threshold = check_clip_threshold("ClipSource", threshold)
-        if not isinstance(background, str) or not background.strip():
-            raise ValueError(f"ClipSource: background must be a non-empty text, got {background!r}")
         self.encoder = ClipColorEncoder(model, tokenizer, template=color_template, image_mean=image_mean,
                                         image_std=image_std, dense="values")
         self.model, self.tokenizer = self.encoder.model, self.encoder.tokenizer  # a CLIPProcessor's tokenizer
@@ -550,6 +570,10 @@ class ClipSource(RewardSource):
                              "with a loaded CLIPModel or SiglipModel (ClipSource(model, tokenizer))")
         if "threshold" in kwargs:  # before the model loads
             check_clip_threshold("ClipSource", kwargs["threshold"])
+        # the texts too: a bad template was found only once the weights (hundreds of MB) had loaded
+        defaults = inspect.signature(ClipSource.__init__).parameters
+        _check_clip_texts(*(kwargs.get(k, defaults[k].default) for k in ("noun_template", "color_template",
+                                                                           "background")))
         encoder = ClipColorEncoder.from_pretrained(str(model), dense="values", device=device, dtype=dtype)
         kwargs.setdefault("image_mean", encoder.image_mean)
         kwargs.setdefault("image_std", encoder.image_std)
@@ -573,9 +597,10 @@ class ClipSource(RewardSource):
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Projected text embeddings ``[K, D]`` (float32), cached per text and the model's device and dtype."""
-        todo, new = self._text_cache.missing(self.model, texts), {}
-        if todo:
-            new = dict(zip(todo, self.encoder.embed_texts(todo, "ClipSource", "noun_template or background")))
+        # one text a pass: a batch is padded to its longest text, which moved CLIP's embeddings at 1e-7, so a
+        # cached text (and the maps) depended on what the source had embedded before
+        new = {t: self.encoder.embed_texts([t], "ClipSource", "noun_template or background")[0]
+               for t in self._text_cache.missing(self.model, texts)}
         return self._text_cache.stack(self.model, texts, new)
 
     @torch.no_grad()  # maps, not a graph: logit_scale is a parameter that requires grad
@@ -621,16 +646,24 @@ class ClipSource(RewardSource):
         return inputs
 
 
+def _check_clip_texts(noun_template: Any, color_template: Any, background: Any) -> None:
+    """The clip source's texts: templates with one ``{}`` each, a non-empty background."""
+    check_template("ClipSource", "noun_template", noun_template, "noun")
+    check_template("ClipSource", "color_template", color_template, "color")
+    if not isinstance(background, str) or not background.strip():
+        raise ValueError(f"ClipSource: background must be a non-empty text, got {background!r}")
+
+
 def _check_maps_and_colors(who: str, maps: Any, color_probs: Any) -> tuple[int, int, int, int]:
     """``(B, E, H, W)`` of entity maps and the color head's ``[B, 1 + C, H, W]`` distributions that fit them."""
+    # the type and dtype in the messages: an integer mask's or a numpy array's shape alone read like a fitting one
     if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or not maps.is_floating_point():
-        raise ValueError(f"{who}: maps must be a float tensor [B, E, H, W], got "
-                         f"{getattr(maps, 'shape', type(maps).__name__)}")
+        raise ValueError(f"{who}: maps must be a float tensor [B, E, H, W], got {_described(maps)}")
     b, e, h, w = maps.shape
     if not isinstance(color_probs, torch.Tensor) or color_probs.dim() != 4 or color_probs.shape[1] < 2 \
             or (color_probs.shape[0], *color_probs.shape[2:]) != (b, h, w):
         raise ValueError(f"{who}: color_probs must be a tensor [B={b}, 1 + C, H={h}, W={w}], "
-                         f"got {getattr(color_probs, 'shape', type(color_probs).__name__)}")
+                         f"got {_described(color_probs)}")
     return b, e, h, w
 
 
@@ -759,8 +792,15 @@ def get_source(name: str, backbone: Any = None, **options: Any) -> RewardSource:
             raise ValueError("get_source('clip'): tokenizer= goes with a loaded CLIPModel or SiglipModel, not a "
                              "checkpoint id")
         return ClipSource.from_pretrained(model, device=device, dtype=options.pop("dtype", None), **options)
+    if not hasattr(model, "vision_model"):  # model=3 was told it "needs tokenizer="
+        raise ValueError(f"get_source('clip'): model must be a CLIP checkpoint id, a local folder, or a loaded "
+                         f"CLIPModel or SiglipModel, got {type(model).__name__}")
     if tokenizer is None:
         raise ValueError("get_source('clip'): a loaded CLIPModel or SiglipModel needs tokenizer=")
+    if isinstance(tokenizer, (str, os.PathLike)) or not callable(tokenizer):  # was a TypeError (ValueError promised)
+        raise ValueError(f"get_source('clip'): tokenizer must be the loaded model's tokenizer (e.g. "
+                         f"transformers.AutoTokenizer.from_pretrained(...)), got {type(tokenizer).__name__} "
+                         f"{tokenizer!r:.60}; a checkpoint id goes in model= (its own tokenizer loads with it)")
     dtype = options.pop("dtype", None)
     if dtype is not None:  # it was dropped without a word
         raise ValueError("get_source('clip'): dtype= goes with a checkpoint id or folder; convert a loaded model "
@@ -803,18 +843,46 @@ def score(decoded: Any, source: RewardSource, rewards: ExplainableRewards | None
         explanation's ``source``).
 
     Raises:
-        ValueError: a non-source, or what the source or the rewards raise.
+        ValueError: a non-source, a source whose ``name`` is not a str or whose output is not a mapping of the
+            rewards' inputs, a shapes source's prompt noun that is none of its model's shapes (unless the
+            rewards' ``missing_entity`` is ``"skip"``), or what the source or the rewards raise.
     """
     if not isinstance(source, RewardSource):
         raise ValueError(f"score: source must be a RewardSource (xlard.sources.get_source), got "
                          f"{type(source).__name__}")
     if not isinstance(explain, bool):
         raise ValueError(f"score: explain must be a bool, got {explain!r}")
+    who = type(source).__name__
+    if not isinstance(source.name, str) or not source.name:  # the result's source was None without a word
+        raise ValueError(f"score: {who}.name must be a non-empty str (it names the source in the result), got "
+                         f"{source.name!r:.60}")
     if rewards is None:
         rewards = ExplainableRewards(source.reward_config())
     elif not isinstance(rewards, ExplainableRewards):
         raise ValueError(f"score: rewards must be an ExplainableRewards, got {type(rewards).__name__}")
     with torch.no_grad():
         inputs = source(decoded)
+        _check_source_inputs(who, inputs, rewards)
+        if isinstance(source, ShapesSource) and rewards.config.missing_entity == "error":
+            unknown = source.unknown_nouns(inputs.get("specs", ()))
+            if unknown:  # named here as unknown colors are (the rewards named only entity_available)
+                raise ValueError(f"shapes source: nouns {unknown} are not in the shapes world's shapes "
+                                 f"{tuple(source.model.config.shapes)}; to score the prompts without them, pass "
+                                 f"rewards=ExplainableRewards(source.reward_config(missing_entity='skip'))")
         return rewards(**inputs, explain=explain, source=source.name)
+
+
+def _check_source_inputs(who: str, inputs: Any, rewards: ExplainableRewards) -> None:
+    """A source's output must be keyword arguments of the rewards that ``score`` does not set itself (a list, or a
+    'source' key, failed as a raw TypeError holding the rewards' whole repr)."""
+    if not isinstance(inputs, Mapping):
+        raise ValueError(f"score: {who}.__call__ must return a mapping of ExplainableRewards keyword arguments "
+                         f"(specs, entity_maps or token_maps, ...), got {type(inputs).__name__}")
+    parameters = inspect.signature(rewards.__call__).parameters  # a subclass's own, **kwargs taking any key
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    allowed = set(parameters) - {"explain", "source"}
+    bad = sorted((k for k in inputs if k in ("explain", "source") or not (takes_any or k in allowed)), key=repr)
+    if bad:
+        raise ValueError(f"score: {who}.__call__ returned keys {bad}, not ExplainableRewards inputs it may set "
+                         f"(score sets explain and source itself); expected some of {sorted(allowed)}")
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .understanding import (CONFIG_NAME, EDIT_IMAGE_SIZE, WEIGHTS_NAME, CountEyes, UnderstandingOutput, _eval_pass,
-                            _has_weights, _load_weights, _reader_for, _weights_folder, _config_from_dict)
+                            _has_weights, _load_weights, _reader_for, _weights_folder, _config_from_dict, _words)
 from .world import BACKGROUND, PALETTE, SHAPES
 
 __all__ = ["LatentEyesConfig", "LatentUnderstanding", "LatentCountEyes", "flat_canvas", "latent_model_path",
@@ -71,9 +71,11 @@ class LatentEyesConfig:
     up_widths: tuple[int, ...] = (32, 16)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shapes", tuple(self.shapes))
-        object.__setattr__(self, "colors", tuple(self.colors))
-        object.__setattr__(self, "up_widths", tuple(self.up_widths))
+        # (one string was split into its letters: shapes="square" made the shapes 's', 'q', ...)
+        object.__setattr__(self, "shapes", _words("LatentEyesConfig", "shapes", self.shapes))
+        object.__setattr__(self, "colors", _words("LatentEyesConfig", "colors", self.colors))
+        up = self.up_widths  # bytes read as a tuple of ints
+        object.__setattr__(self, "up_widths", (up,) if isinstance(up, (str, bytes)) else tuple(up))
         for name in ("latent_channels", "width", "low_width"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -34,7 +34,10 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import threading
+import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from collections.abc import Iterable, Mapping, Sequence
@@ -78,18 +81,19 @@ class UnderstandingConfig:
     core_radius: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shapes", tuple(self.shapes))
-        object.__setattr__(self, "colors", tuple(self.colors))
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        if len(self.shapes) < 1 or len(set(self.shapes)) != len(self.shapes):
-            raise ValueError(f"UnderstandingConfig.shapes must be distinct names, got {self.shapes!r}")
-        if len(self.colors) < 1 or len(set(self.colors)) != len(self.colors):
-            raise ValueError(f"UnderstandingConfig.colors must be distinct names, got {self.colors!r}")
+        object.__setattr__(self, "shapes", _words("UnderstandingConfig", "shapes", self.shapes))
+        object.__setattr__(self, "colors", _words("UnderstandingConfig", "colors", self.colors))
+        channels = self.channels
+        # integral widths only: int() made (8.9, ...) a model of width 8 without a word
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Iterable) or not all(
+                isinstance(c, numbers.Integral) and not isinstance(c, (bool, np.bool_)) for c in channels):
+            raise ValueError(f"UnderstandingConfig.channels must be 4 positive integer widths, got {channels!r}")
+        object.__setattr__(self, "channels", tuple(int(c) for c in channels))
         if len(self.channels) != 4 or min(self.channels) < 1:
             raise ValueError(f"UnderstandingConfig.channels must be 4 positive widths, got {self.channels!r}")
         if not isinstance(self.image_size, int) or self.image_size < 32 or self.image_size % 8:
             raise ValueError(f"UnderstandingConfig.image_size must be a multiple of 8 >= 32, got {self.image_size!r}")
-        if not isinstance(self.core_radius, int) or self.core_radius < 0:
+        if isinstance(self.core_radius, bool) or not isinstance(self.core_radius, int) or self.core_radius < 0:
             raise ValueError(f"UnderstandingConfig.core_radius must be an int >= 0, got {self.core_radius!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,6 +102,18 @@ class UnderstandingConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UnderstandingConfig:
         return _config_from_dict(cls, d)
+
+
+def _words(owner: str, name: str, words: Any) -> tuple[str, ...]:
+    """``words`` as a tuple of distinct non-empty strings (a model config's vocabulary): one string was split into
+    its letters (shapes="square" made a model of the shapes 's', 'q', ...)."""
+    if isinstance(words, (str, bytes)) or not isinstance(words, Iterable):
+        raise ValueError(f"{owner}.{name} must be a list of distinct non-empty words, got {type(words).__name__} "
+                         f"{words!r:.60}")
+    words = tuple(words)
+    if not words or len(set(words)) != len(words) or not all(isinstance(w, str) and w for w in words):
+        raise ValueError(f"{owner}.{name} must be distinct non-empty words, got {words!r}")
+    return words
 
 
 def _config_from_dict(cls, d: Any):
@@ -198,8 +214,15 @@ class ShapesUnderstanding(nn.Module):
         """
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 \
                 or not images.is_floating_point():
+            from xlard.color_features import _described
+
+            eight_bit = isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+            hint = " (8-bit images: images.float() / 255)" if eight_bit else ""
             raise ValueError(f"ShapesUnderstanding.predict: images must be a float tensor [B, 3, H, W] in [0, 1], "
-                             f"got {getattr(images, 'shape', type(images).__name__)}")
+                             f"got {_described(images)}{hint}")
+        if images.shape[2] == 0 or images.shape[3] == 0:  # was F.interpolate's "sizes should be greater than 0"
+            raise ValueError(f"ShapesUnderstanding.predict: images are empty ({images.shape[2]} x "
+                             f"{images.shape[3]} pixels)")
         if images.numel():
             lo, hi = (float(v) for v in torch.aminmax(images))
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -0.05 or hi > 1.05:
@@ -280,18 +303,78 @@ def _load_weights(model: nn.Module, weights: Path, config: Path, owner: str, fix
         raise ValueError(f"{owner}: {weights} does not fit the model {config} describes ({first}); {fix}") from None
 
 
+class _ModeLock:
+    """One model's eval passes: passes of a model in eval mode share it (they run side by side); a pass that
+    puts the model's training submodules in eval mode holds it alone, so no other thread runs a pass while the
+    modes are toggled, nor reads the toggled modes as the model's own."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._sharing = 0
+        self._alone = False
+
+    def share(self) -> None:
+        with self._changed:
+            while self._alone:
+                self._changed.wait()
+            self._sharing += 1
+
+    def unshare(self) -> None:
+        with self._changed:
+            self._sharing -= 1
+            self._changed.notify_all()
+
+    def hold(self) -> None:
+        with self._changed:
+            while self._alone or self._sharing:
+                self._changed.wait()
+            self._alone = True
+
+    def release(self) -> None:
+        with self._changed:
+            self._alone = False
+            self._changed.notify_all()
+
+
+_MODE_LOCKS: weakref.WeakKeyDictionary[nn.Module, _ModeLock] = weakref.WeakKeyDictionary()
+_MODE_LOCKS_GUARD = threading.Lock()
+
+
+def _mode_lock(model: nn.Module) -> _ModeLock:
+    with _MODE_LOCKS_GUARD:
+        lock = _MODE_LOCKS.get(model)
+        if lock is None:
+            lock = _MODE_LOCKS[model] = _ModeLock()
+        return lock
+
+
 def _eval_pass(model: nn.Module, *inputs):
     """``model(*inputs)`` with every submodule in eval mode, then each back to its own mode, also when the pass
     raises (a model put back with train(was_training) lost a submodule's own mode, and an interrupt left it in
-    eval); nothing is toggled when no submodule is in training mode."""
-    training = [module for module in model.modules() if module.training]
-    for module in training:
-        module.training = False
-    try:
-        return model(*inputs)
+    eval); nothing is toggled when no submodule is in training mode.
+
+    Thread-safe: passes from several threads on one model in training mode (a source scoring from threads) ran
+    while another pass had set the modes back, in training mode, and moved the BatchNorm running statistics.
+    A model in eval mode runs its passes side by side; one with a submodule in training mode one at a time."""
+    lock = _mode_lock(model)
+    lock.share()
+    try:  # while shared, no pass toggles the modes: eval mode seen here is the model's own
+        if not any(module.training for module in model.modules()):
+            return model(*inputs)
     finally:
+        lock.unshare()
+    lock.hold()
+    try:
+        training = [module for module in model.modules() if module.training]
         for module in training:
-            module.training = True
+            module.training = False
+        try:
+            return model(*inputs)
+        finally:
+            for module in training:
+                module.training = True
+    finally:
+        lock.release()
 
 
 def _weights_folder(path: str | os.PathLike | None, env_var: str, default: Path) -> Path:
@@ -401,7 +484,9 @@ def _reader_for(z, owner: str, load, reader: str):
     to be a float ``[B, C, h, w]`` tensor with that many channels; else a ValueError naming ``owner`` and
     ``reader``. The count eyes' shared check (decoded and latent)."""
     if not isinstance(z, torch.Tensor) or z.dim() != 4 or not z.is_floating_point():
-        raise ValueError(f"{owner}: z must be a float latent [B, C, h, w], got {getattr(z, 'shape', type(z).__name__)}")
+        from xlard.color_features import _described
+
+        raise ValueError(f"{owner}: z must be a float latent [B, C, h, w], got {_described(z)}")
     loaded = load(z.device)
     if z.shape[1] != loaded.config.latent_channels:
         raise ValueError(f"{owner}: z has {z.shape[1]} channels, {reader} {loaded.config.latent_channels}")
@@ -469,6 +554,8 @@ class CountEyes:
     def images(self, z: torch.Tensor) -> torch.Tensor:
         """The decoded images, float ``[B, 3, H, W]`` in [0, 1]."""
         vae = _reader_for(z, "CountEyes", self._vae, "the shapes backbone's VAE")
+        if z.numel() and not bool(torch.isfinite(z).all()):  # decoded to NaN images, and "images" were blamed
+            raise ValueError("CountEyes: z holds NaN or infinite values")
         scale, shift = _latent_scale(vae)
         latents = (z.float() / scale + shift).contiguous(memory_format=torch.channels_last)
         out = vae.decode(latents, return_dict=False)[0].float()  # float32 under a corrector's autocast too
@@ -487,7 +574,7 @@ class CountEyes:
         Args:
             z (Tensor[B, C, h, w]): final latents of the shapes backbone.
             nouns: one noun per latent (a world shape; any other word leaves its latent alone).
-            counts: one asked count per latent (ints >= 1).
+            counts: one asked count per latent (ints >= 1; a list, or an integer tensor).
             colors: optional, one asked color (or None) per latent: the color of objects drawn where none of the
                 noun is found to copy one from (they were drawn in the vocabulary's first color, red).
 
@@ -543,7 +630,9 @@ class CountEyes:
             if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):  # was read letter by letter
                 raise ValueError(f"{owner}: {name} must be a list with one entry per latent of z ({b}), got "
                                  f"{type(value).__name__} {value!r:.40}")
-        nouns, counts = list(nouns), list(counts)
+        # 0-d tensors as numbers: list(torch.tensor([2, 1])) holds tensors, which were "not whole numbers"
+        nouns = list(nouns)
+        counts = [c.item() if isinstance(c, torch.Tensor) and c.dim() == 0 else c for c in counts]
         whole = all(isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)) or
                     (isinstance(c, (float, np.floating)) and float(c).is_integer()) for c in counts)
         if len(nouns) != b or len(counts) != b or not whole or any(c < 1 for c in counts):
