@@ -497,3 +497,18 @@ def test_a_write_protected_file_is_refused_not_replaced(tmp_path, monkeypatch):
         _io.atomic_write_text(path, "new")
     assert path.read_text() == "precious"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]
+
+
+@pytest.mark.parametrize("where", [".", "sub"])
+def test_saving_over_the_working_folder_moves_the_process_into_the_new_one(tmp_path, monkeypatch, where):
+    """save_pretrained(".") swapped the folder and left the process in the deleted old one: os.getcwd() failed and
+    from_pretrained(".") found no files."""
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    monkeypatch.chdir(folder / where)
+    with _io.atomic_folder(folder, existing="merge") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert os.path.samefile(os.getcwd(), folder / where)
+    assert (folder / "config.json").read_text() == "{}" and (folder / "notes.txt").read_text() == "mine"
+    assert Path("config.json" if where == "." else "../config.json").is_file()

@@ -843,6 +843,17 @@ def _keep_modes(new: Path, old: Path) -> None:
                     os.chmod(path, stat.S_IMODE(st.st_mode))
 
 
+def _cwd_inside(folder: Path) -> str | None:
+    """The process's working folder when it is ``folder`` or inside it (else None): after the folder is swapped,
+    the same path names the new folder, and the process moves there (it stayed in the deleted old one)."""
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return None
+    here, there = os.path.realpath(cwd), os.fspath(folder)
+    return cwd if here == there or here.startswith(there.rstrip(os.sep) + os.sep) else None
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
                   existing: str = "refuse") -> Iterator[Path]:
@@ -856,7 +867,11 @@ def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
     the same and then moves the old folder's entries that the new one does not
     hold into it (kept; the new folder's top-level names must be file paths
     there), so a model is never left half old, half new. On an exception
-    the temporary folder is removed and ``path`` is untouched.
+    the temporary folder is removed and ``path`` is untouched. The folder
+    written is a new one at the same path: this process, when it works inside
+    it, is moved into the new one; another process (a shell) inside it must
+    enter it again. The temporary folder lies beside ``path``, so its parent
+    folder must be writable.
 
     Args:
         path: the destination folder; its parents are created.
@@ -903,6 +918,7 @@ def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
                         check_output_path(target / name, owner)
                 folder_mode = stat.S_IMODE(os.stat(target).st_mode)
                 _keep_modes(tmp, target)  # a replaced file keeps its mode, as atomic_path keeps it
+                inside = _cwd_inside(target)  # this process's working folder, in the folder being swapped
                 # The whole folder is swapped (two renames), never replaced file by file: an interruption or a
                 # failing write between two files left a new config.json beside the old weights, a folder that
                 # no longer loaded. "merge" then moves the old folder's other entries into the new one.
@@ -925,6 +941,9 @@ def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
                     _fsync_folder(target)
                 with contextlib.suppress(OSError):  # a chmod 700 model folder stays private
                     os.chmod(target, folder_mode)
+                if inside is not None:  # save_pretrained(".") left the process in the deleted old folder
+                    with contextlib.suppress(OSError):
+                        os.chdir(inside)
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
             if exc.errno is None:  # ours (FileExistsError, IsADirectoryError above): already says what and where

@@ -294,7 +294,10 @@ def load_corrector_dir(path: str | os.PathLike, *, device: str | torch.device | 
 
     Returns:
         ``(corrector, meta)``: an :class:`xlard.models.ResidualCorrector` in eval
-        mode and its :class:`CorrectorMeta`.
+        mode and its :class:`CorrectorMeta`. Apply it with ``alpha=meta.alpha`` (the
+        folder's calibrated step, what ``xlard eval``/``generate`` apply):
+        ``corrector.correct`` and ``Backbone.generate`` otherwise take
+        ``corrector.config.alpha``, the step it was trained with.
 
     Raises:
         FileNotFoundError: no such folder, or one of its three files is missing

@@ -409,7 +409,9 @@ class Backbone(abc.ABC):
                 with ``correct(z0, text_tokens, pooled, text_mask, alpha) -> (zc, lam)``),
                 on the backbone's device; None decodes z0 unchanged.
             alpha: step size of ``zc = z0 + alpha * Delta``; default the
-                corrector's ``config.alpha``.
+                corrector's ``config.alpha`` (its training step: for a folder read
+                with :func:`xlard.evaluation.load_corrector_dir` pass ``meta.alpha``,
+                the step ``xlard eval`` and ``xlard generate`` apply).
 
         Returns:
             A :class:`Generation`.
