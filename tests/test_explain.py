@@ -854,3 +854,15 @@ def test_report_pages_hold_no_control_characters_and_say_what_their_means_cover(
     assert page.count("a\ufffdb\ufffdc\ufffdd\ufffde\tf\x0cg") == 6 and "ha\ufffdb" in page
     assert "td.why { overflow-wrap:anywhere; }" in page
     assert ">cards<" in page and ">prompts<" not in page and "Means over the cards below" in page
+
+
+def test_top_lam_mask_refuses_a_negative_lam_as_normalize_lam_does():
+    """A signed map was ranked (its most negative cells last) where normalize_lam refused it as no LAM."""
+    signed = torch.tensor([[[0.5, -2.0], [1.0, 3.0]]])
+    for call in (lambda: normalize_lam(signed), lambda: top_lam_mask(signed, 0.5)):
+        with pytest.raises(ValueError, match=r"lam must be non-negative \(sum_c \|delta\|\), got min -2; pass a "
+                                             r"magnitude such as x.abs\(\)"):
+            call()
+    assert top_lam_mask(signed.abs(), 0.5).tolist() == [[[False, True], [False, True]]]
+    assert top_lam_mask(torch.tensor([[[-0.0, 0.0], [1.0, 0.0]]]), 0.25).tolist() == [[[False, False], [True, False]]]
+    assert top_lam_mask(torch.zeros(0, 2, 2), 0.5).shape == (0, 2, 2)

@@ -1532,3 +1532,165 @@ def test_cell_move_helpers_name_bad_arguments():
                                   ((eyes, fg, [0, 1], c, (4, 4)), {}, r"nouns must be an integer tensor \[B\]")):
         with pytest.raises(ValueError, match=pattern):
             count_move_sources(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- numpy config fields, NaN latents, sample's log_prob
+
+
+def test_configs_store_numpy_numbers_as_python_numbers_and_save(tmp_path):
+    """np.int64 widths and np.float32 steps passed every check, built the model, then failed save_pretrained
+    ("not JSON-serializable"); a numpy bool was refused where a bool was asked."""
+    import numpy as np
+
+    cfg = corrector_config(width=np.int64(64), alpha=np.float32(0.5), log_std_init=np.float32(-1.0),
+                           dropout=np.float64(0.25), value_shares_trunk=np.True_)
+    assert (type(cfg.width), type(cfg.alpha), type(cfg.log_std_init), type(cfg.dropout),
+            type(cfg.value_shares_trunk)) == (int, float, float, float, bool)
+    assert (cfg.width, cfg.alpha, cfg.log_std_init, cfg.value_shares_trunk) == (64, 0.5, -1.0, True)
+    assert type(corrector_config(alpha=1).alpha) is int  # a Python int is kept as given (saved as before)
+    ResidualCorrector(cfg).save_pretrained(tmp_path / "c")
+    assert ResidualCorrector.from_pretrained(tmp_path / "c").config == cfg
+    projector = LatentRewardProjector(projector_config(log_var_max=np.float32(5.0), confidence_hidden=np.int32(8)))
+    assert type(projector.config.log_var_max) is float and type(projector.config.confidence_hidden) is int
+    projector.save_pretrained(tmp_path / "p")
+    assert LatentRewardProjector.from_pretrained(tmp_path / "p").config == projector.config
+    with pytest.raises(ValueError, match=r"width must be an integer in 1\.\.16384, got np\.float64\(64\.0\)"):
+        corrector_config(width=np.float64(64.0))  # a float is still no width
+    with pytest.raises(ValueError, match=r"move must be a bool, got np\.int64\(1\)"):
+        corrector_config(move=np.int64(1))
+    with pytest.raises(ValueError, match="alpha must be a finite number, got nan"):
+        corrector_config(alpha=np.float32("nan"))
+
+
+def test_reader_sources_distill_outputs_and_policy_log_prob_refuse_non_finite_latents():
+    """read, sources and distill_outputs gave NaN evidence, NaN residuals and cells "moved" by NaN scores, and
+    GaussianPolicy.log_prob a NaN log-probability, without a word, where correct() refused the same inputs."""
+    from xlard.models import field_inputs
+    from xlard.prompts import parse
+
+    torch.manual_seed(0)
+    reader = ResidualCorrector(_reader_config(reader_move=True)).eval()
+    fields = field_inputs(reader.config, [parse("a photo of a red circle left of a blue square"),
+                                          parse("a photo of three circles")])
+    z0 = torch.randn(2, 8, 16, 16)
+    bad = z0.clone()
+    bad[0, :, 3, 3] = float("nan")
+    calls = {"read": lambda z: reader.read(z, fields["text_tokens"], fields["text_mask"]),
+             "sources": lambda z: reader.sources(z, **fields),
+             "distill_outputs": lambda z: reader.distill_outputs(z, **fields)}
+    for name, call in calls.items():
+        call(z0)  # finite latents still run
+        with pytest.raises(ValueError, match=rf"ResidualCorrector.{name}: z0 holds 8 NaN or infinite value"):
+            call(bad)
+    tokens = fields["text_tokens"].clone()
+    tokens[1, 0, 0] = float("inf")  # a real token of row 1
+    with pytest.raises(ValueError, match=r"ResidualCorrector.read: text_tokens holds 1 NaN or infinite"):
+        reader.read(z0, tokens, fields["text_mask"])
+    mover = make_corrector(nonzero_head=True, move=True).eval()  # the move head's sources
+    z0, text, pooled, mask = inputs()
+    with torch.no_grad():
+        mover.move_label.weight.normal_(0, 1)
+    bad = z0.clone()
+    bad[1, 0, 2, 2] = float("-inf")
+    for call in (mover.sources, mover.distill_outputs):
+        call(z0, text, pooled, mask)
+        with pytest.raises(ValueError, match=rf"ResidualCorrector.{call.__name__}: z0 holds 1 NaN or infinite"):
+            call(bad, text, pooled, mask)
+    dist = mover.distribution(z0, text, pooled, mask)
+    delta = dist.mean.detach().clone()
+    delta[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="GaussianPolicy.log_prob: delta holds 1 NaN or infinite value"):
+        dist.log_prob(delta)
+    assert torch.isfinite(dist.log_prob(dist.mean.detach())).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kw, size", [({}, 16), ({"patch": 2, "action_block": 2}, 32)])
+def test_sample_log_prob_is_the_policys_own(dtype, kw, size):
+    """sample() returned the fused op's log-density, summed in another order: it differed from log_prob() and
+    distribution().log_prob(), which the PPO update recomputes (0.03 at 16x128x128, a ratio of 1.03)."""
+    model = make_corrector(nonzero_head=True, log_std_init=-1.0, **kw).eval()
+    z0, text, pooled, mask = inputs(h=size, w=size, dtype=dtype)
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    zc, delta, log_prob, lam = model.sample(z0, text, pooled, mask, noise=noise, alpha=0.5)
+    dist = model.distribution(z0, text, pooled, mask)
+    with torch.no_grad():
+        assert torch.equal(log_prob, model.log_prob(delta, dist.mean))
+        assert torch.equal(log_prob, dist.log_prob(delta))
+    assert log_prob.dtype == delta.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert not log_prob.requires_grad
+    # zc, delta and lam are the fused op's, as before
+    want = xlard.ops.sample_correction(z0, dist.mean.detach(), model.log_std.detach().to(dtype),
+                                       model.action_noise(noise), 0.5)
+    for got, expected in zip((zc, delta, lam), (want[0], want[1], want[3])):
+        assert torch.equal(got, expected)
+
+
+def test_sample_refuses_noise_with_a_generator_and_an_integer_alpha_as_correct_does():
+    """The generator was silently ignored beside noise; an int64 alpha tensor was cast to float by sample() where
+    correct() refused it with a TypeError."""
+    model = make_corrector(nonzero_head=True).eval()
+    z0, text, pooled, mask = inputs()
+    with pytest.raises(ValueError, match="ResidualCorrector.sample: pass noise or generator, not both"):
+        model.sample(z0, text, pooled, mask, noise=torch.randn_like(z0), generator=torch.Generator())
+    for call in (model.sample, model.correct):
+        for bad in (torch.tensor([1, 2]), torch.tensor([True, False])):
+            with pytest.raises(TypeError, match=r"alpha must have dtype float16, bfloat16, float32, float64; "
+                                                rf"got {str(bad.dtype).replace('torch.', '')}"):
+                call(z0, text, pooled, mask, alpha=bad)
+        call(z0, text, pooled, mask, alpha=torch.tensor([1.0, 2.0], dtype=torch.float64))
+
+
+def test_aspect_weights_refuse_infinite_log_variances_on_present_aspects():
+    """All present aspects at log_var = +inf gave NaN weights, where the docstring promises no NaN."""
+    inf = float("inf")
+    for log_var, present in ((torch.tensor([[inf, inf, inf]]), None),
+                             (torch.tensor([[inf, 0.0, inf]]), torch.tensor([[True, False, True]])),
+                             (torch.tensor([[inf, 0.0, 0.0]]), None)):
+        with pytest.raises(ValueError, match=r"aspect_weights: log_var holds \+inf on [123] present aspect"):
+            aspect_weights(log_var, present)
+    # +inf on an absent aspect is no weight anyway
+    w = aspect_weights(torch.tensor([[inf, 0.0, 0.0]]), torch.tensor([[False, True, True]]))
+    assert torch.equal(w, torch.tensor([[0.0, 0.5, 0.5]]))
+    with pytest.raises(ValueError, match=r"aspect_mask must have shape \[B, 3\] = \[1, 3\]"):
+        aspect_weights(torch.tensor([[inf, 0.0, 0.0]]), torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_a_damaged_weights_file_is_not_called_only_a_diverged_run(tmp_path):
+    """Bytes overwritten at the end of model.safetensors parse as NaN weights: the message said only "weights of
+    a diverged run", never that the file itself may be damaged."""
+    make_corrector().save_pretrained(tmp_path / "c")
+    path = tmp_path / "c" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-100:] = b"\xff" * 100
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"holds non-finite values in 3 tensor\(s\) .*: weights of a diverged run, "
+                                         r"or a damaged file .*copy the file again"):
+        ResidualCorrector.from_pretrained(tmp_path / "c")
+
+
+def test_the_docs_say_what_autocast_and_torch_compile_do_to_the_checks():
+    """The autocast docstring said "a float64 z0 stays float64 throughout": a float32 corrector computes a
+    float64 z0 in bfloat16 under autocast. correct() did not say that under torch.compile it returns NaN for NaN
+    inputs (its value checks are skipped while tracing)."""
+    doc = " ".join(CorrectorConfig.__doc__.split())
+    assert "a float64 z0 stays float64 throughout" not in doc
+    assert "z0 is cast to the parameters' dtype first" in doc and "a float64 corrector" in doc
+    model = make_corrector(nonzero_head=True).eval()
+    z0, text, pooled, mask = inputs(dtype=torch.float64)
+    full = model.correct(z0, text, pooled, mask)[0]
+    model.set_autocast("bfloat16")
+    low = model.correct(z0, text, pooled, mask)[0]  # a float32 corrector: computed in bfloat16, float64 out
+    assert low.dtype == torch.float64 and not torch.equal(low, full)
+    double = model.double()  # a float64 corrector is left in float64
+    assert torch.equal(double.correct(z0, text.double(), pooled.double(), mask)[0],
+                       double.set_autocast(None).correct(z0, text.double(), pooled.double(), mask)[0])
+    raises = " ".join(ResidualCorrector.correct.__doc__.split("Raises:")[1].split())
+    assert "torch.compile" in raises and "returns NaN for NaN inputs instead of raising" in raises
+    model = make_corrector(nonzero_head=True).eval()
+    z0, text, pooled, mask = inputs()
+    z0[0, 0, 0, 0] = float("nan")
+    compiled = torch.compile(lambda: model.correct(z0, text, pooled, mask)[0], fullgraph=True, backend="eager")
+    assert torch.isnan(compiled()).any()  # as documented: no error while compiled
+    with pytest.raises(ValueError, match="z0 holds 1 NaN"):
+        model.correct(z0, text, pooled, mask)

@@ -247,8 +247,10 @@ def save_corrector_dir(path: str | os.PathLike, corrector: ResidualCorrector, me
     """Write a corrector folder: ``save_pretrained`` output plus ``xlard_corrector.json``.
 
     The three files are written into a temporary folder beside ``path`` first;
-    a new ``path`` appears with one atomic rename (all files or none), an
-    existing folder gets each file replaced atomically, the metadata last.
+    a new ``path`` appears with one atomic rename (all files or none); an
+    existing folder is swapped for a new one at the same path holding the new
+    files and its other entries (a reader may briefly find no folder, never a
+    mixed one).
 
     Args:
         path: the folder to write (parents are created).
@@ -277,7 +279,7 @@ def save_corrector_dir(path: str | os.PathLike, corrector: ResidualCorrector, me
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(_err("save_corrector_dir", f"{path} exists and is not a folder"))
-    # A new (or empty) folder gets all three files at once; an existing one has each file replaced atomically.
+    # A new (or empty) folder gets all three files at once; an existing one is swapped for a new one whole.
     with _io.atomic_folder(path, owner="save_corrector_dir", existing="merge") as tmp:
         corrector.save_pretrained(tmp)
         _write_json(tmp / CORRECTOR_META_NAME, meta.to_dict())

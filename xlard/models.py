@@ -35,6 +35,7 @@ import inspect
 import math
 import numbers
 import operator
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, NamedTuple
@@ -111,6 +112,28 @@ class _ConfigBase:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    def _plain_numbers(self) -> None:
+        """numpy (or other) numbers in the int, float and bool fields become Python's own, before the checks: a
+        width of ``np.int64(64)`` or an alpha of ``np.float32(0.5)`` passed every check, built the model, and then
+        failed ``save_pretrained`` ("not JSON-serializable"). A Python int in a float field is kept as given."""
+        np = sys.modules.get("numpy")  # a numpy bool exists only once numpy is loaded
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            if type(value) in (int, float, bool):
+                continue
+            try:
+                if field.type == "bool" and np is not None and isinstance(value, np.bool_):
+                    value = bool(value)
+                elif field.type == "int" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                    value = int(value)
+                elif field.type == "float" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                    value = float(value)
+                else:
+                    continue
+            except (OverflowError, TypeError, ValueError):  # left as given: the field's check names it
+                continue
+            object.__setattr__(self, field.name, value)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -333,8 +356,10 @@ class CorrectorConfig(_ConfigBase):
             ``xlard generate --correct``, ``xlard eval`` and the demo call) run the trunk, the reader and the count
             rule's eyes under ``torch.autocast`` with that dtype on z0's device; the correction comes back in z0's
             dtype. Training (:meth:`ResidualCorrector.forward`, :meth:`ResidualCorrector.sample`, the PPO
-            passes) is unaffected, and a float64 z0 stays float64 throughout. On a CPU without native bfloat16
-            (AVX512-BF16 or AMX) bfloat16 is emulated and slower: set it to None there
+            passes) is unaffected. z0 is cast to the parameters' dtype first, so a float64 z0 given to a float32
+            corrector is computed in the autocast dtype like any other and only comes back as float64; a float64
+            corrector (``corrector.double()``) is left in float64, as autocast leaves float64 tensors. On a CPU
+            without native bfloat16 (AVX512-BF16 or AMX) bfloat16 is emulated and slower: set it to None there
             (``ResidualCorrector.set_autocast(None)``).
 
     Example:
@@ -376,6 +401,7 @@ class CorrectorConfig(_ConfigBase):
 
     def __post_init__(self):
         owner = "CorrectorConfig"
+        self._plain_numbers()
         _check_transformer_fields(owner, self)
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"{owner}: autocast must be None or one of {list(AUTOCAST_DTYPES)}, "
@@ -480,6 +506,7 @@ class ProjectorConfig(_ConfigBase):
 
     def __post_init__(self):
         owner = "ProjectorConfig"
+        self._plain_numbers()
         _check_transformer_fields(owner, self)
         _check_int(owner, "confidence_hidden", self.confidence_hidden, maximum=_FIELD_LIMITS["confidence_hidden"])
         _check_real(owner, "log_var_min", self.log_var_min)
@@ -845,8 +872,10 @@ class _Pretrained:
 
         Both files are written to a temporary folder beside ``directory`` first.
         A new ``directory`` appears with one atomic rename (both files or none);
-        an existing one gets each file replaced atomically (a reader never sees
-        a half-written file).
+        an existing one is swapped for a new folder at the same path holding
+        the new files and its other entries (a reader may briefly find no
+        folder, never a half-written or half-old one; a shell inside it must
+        enter it again; :func:`xlard._io.atomic_folder`).
 
         Args:
             directory (str or PathLike): the target folder; parents are created.
@@ -980,9 +1009,11 @@ class _Pretrained:
             raise ValueError(f"{owner}: {weights_path} is not a readable safetensors file ({e})") from None
         bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:  # else NaN scores or latents later, blamed on the inputs
+            # the file parsed, so a damaged one (bytes overwritten in a copy) reads the same as a diverged run's
             raise ValueError(f"{owner}: {weights_path} holds non-finite values in {len(bad)} tensor(s) (e.g. "
-                             f"{', '.join(repr(k) for k in bad[:3])}): weights of a diverged run; use an earlier "
-                             "checkpoint")
+                             f"{', '.join(repr(k) for k in bad[:3])}): weights of a diverged run, or a damaged file "
+                             "(overwritten bytes in a copy or download); use an earlier checkpoint, or copy the "
+                             "file again")
         model.load_state_dict(state, strict=True, assign=True)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
@@ -1086,6 +1117,9 @@ class GaussianPolicy:
     def log_prob(self, delta: torch.Tensor) -> torch.Tensor:
         """``log N(delta; mean, std^2)`` summed over C*H*W, ``[B]`` float32, via :func:`xlard.ops.gaussian_log_prob`."""
         _args.check_tensor("GaussianPolicy.log_prob", "delta", delta, _args.FLOAT_DTYPES)  # a list: AttributeError
+        # a NaN action came back as a NaN log-probability without a word (ResidualCorrector.log_prob refused it)
+        _refuse_non_finite_tensor("GaussianPolicy.log_prob", "delta", delta,
+                                  "a log-probability of it would be NaN (a rollout's action?)")
         return xops.gaussian_log_prob(delta.to(self.mean.dtype), self.mean, self.log_std.to(self.mean.dtype))
 
     def entropy(self) -> torch.Tensor:
@@ -1826,7 +1860,12 @@ class ResidualCorrector(_Pretrained, nn.Module):
         has nothing to fit); ``move`` is
         ``(cell label scores [B, H*W, 3], shift-class scores [B, 2, 2, 2 * move_range + 1],
         noun scores [B, H*W, move_nouns + 1] or None)``, or ``None`` for a corrector without a move head.
+
+        Raises:
+            TypeError, ValueError: a bad input, naming it; NaN or infinite values as :meth:`correct` says.
         """
+        # NaN latents came back as NaN residuals and reader evidence without a word, where correct() refused them
+        _refuse_non_finite("ResidualCorrector.distill_outputs", z0, text_tokens, pooled, text_mask)
         tokens, _, _ = self._features(z0, text_tokens, pooled, text_mask)
         logits = self._move_scores(tokens, z0) if self.config.move else None
         return self._residual(tokens, z0), logits
@@ -1838,7 +1877,12 @@ class ResidualCorrector(_Pretrained, nn.Module):
 
         Returns:
             Tensor[B, H*W] int64 (``arange(H*W)`` everywhere for a corrector that moves nothing).
+
+        Raises:
+            TypeError, ValueError: a bad input, naming it; NaN or infinite values as :meth:`correct` says.
         """
+        # NaN latents gave NaN scores, and "moved" cells chosen from them, without a word
+        _refuse_non_finite("ResidualCorrector.sources", z0, text_tokens, pooled, text_mask)
         if self.config.reader_move or self.config.count_move:
             tokens, _, reading = self._features(z0, text_tokens, pooled, text_mask)
             sources = self._move_sources(tokens, z0, reading, text_tokens, text_mask)
@@ -1886,10 +1930,14 @@ class ResidualCorrector(_Pretrained, nn.Module):
 
         Raises:
             ValueError: the corrector has no reader.
+            TypeError, ValueError: a bad input, naming it; NaN or infinite values in ``z0`` or a real (unmasked)
+                token of ``text_tokens``.
         """
         cfg = self.config
         if not cfg.reader:
             raise ValueError("ResidualCorrector.read: this corrector has no reader (CorrectorConfig.reader is False)")
+        # NaN latents came back as NaN evidence without a word (read() takes no pooled input: None is skipped)
+        _refuse_non_finite("ResidualCorrector.read", z0, text_tokens, None, text_mask)
         _check_latent("ResidualCorrector.read", "z0", z0, cfg.latent_channels, 1, self._param.device)
         if isinstance(text_tokens, torch.Tensor) and text_tokens.dim() == 3:
             pooled = text_tokens.new_zeros(text_tokens.shape[0], cfg.pooled_dim)  # read() takes no pooled input
@@ -2150,6 +2198,10 @@ class ResidualCorrector(_Pretrained, nn.Module):
         Raises:
             TypeError, ValueError: a bad input, naming it; NaN or infinite values in ``z0``, ``pooled`` or a
             real (unmasked) token of ``text_tokens`` (they would come out as a NaN image without a word).
+            These value checks (non-finite inputs, an overflowing correction) are data-dependent and are skipped
+            while ``torch.compile`` traces the call (they would break the graph): a compiled ``correct`` returns
+            NaN for NaN inputs instead of raising, so check the inputs (``torch.isfinite(z0).all()``) before a
+            compiled call.
         """
         _refuse_non_finite("ResidualCorrector.correct", z0, text_tokens, pooled, text_mask)
         _refuse_non_finite_tensor("ResidualCorrector.correct", "alpha", alpha,
@@ -2235,20 +2287,29 @@ class ResidualCorrector(_Pretrained, nn.Module):
         Args:
             alpha (float or Tensor[B], optional): step size; default ``config.alpha``.
             generator (torch.Generator, optional): source of the noise (on z0's device).
-            noise (Tensor[B, C, H, W], optional): standard normal noise to use instead.
+            noise (Tensor[B, C, H, W], optional): standard normal noise to use instead (not with ``generator``).
 
         Returns:
             (zc [B, C, H, W] in z0's dtype, delta float32 [B, C, H, W], log_prob
-            float32 [B], lam float32 [B, H, W]); float64 throughout for float64 z0.
+            float32 [B], lam float32 [B, H, W]); float64 throughout for float64 z0. ``log_prob`` is
+            :meth:`log_prob` of ``delta`` under the policy mean, the value ``distribution(...).log_prob`` and the
+            PPO update compute (the fused op's own float32 sum, in another order, differed from it: by 0.03 at
+            16 x 128 x 128, a PPO ratio of 1.03 under ``logprob_reduction: sum``).
 
         Raises:
             TypeError, ValueError: a bad input, naming it; NaN or infinite values in ``z0``, ``pooled``, a real
-            token of ``text_tokens``, ``noise`` or a tensor ``alpha``; a correction that overflows.
+            token of ``text_tokens``, ``noise`` or a tensor ``alpha``; a tensor ``alpha`` of a non-float dtype
+            (as :meth:`correct` refuses it); both ``noise`` and ``generator``; a correction that overflows.
         """
         _refuse_non_finite("ResidualCorrector.sample", z0, text_tokens, pooled, text_mask)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"xlard.ResidualCorrector.sample: generator must be a torch.Generator or None, got "
                             f"{type(generator).__name__}")
+        if generator is not None and noise is not None:  # the generator was silently ignored
+            raise ValueError("xlard.ResidualCorrector.sample: pass noise or generator, not both (the generator "
+                             "draws the noise; given noise it would be ignored)")
+        if isinstance(alpha, torch.Tensor):  # an int tensor was cast to float here, where correct() refused it
+            _args.check_tensor("sample_correction", "alpha", alpha, _args.FLOAT_DTYPES)
         _refuse_non_finite_tensor("ResidualCorrector.sample", "alpha", alpha,
                                   "each row's step size must be a finite number")
         dist = self._distribution(z0, text_tokens, pooled, text_mask)
@@ -2266,11 +2327,12 @@ class ResidualCorrector(_Pretrained, nn.Module):
         noise = self.action_noise(noise)
         if isinstance(alpha, torch.Tensor):
             alpha = alpha.to(dt)
-        zc, delta, log_prob, lam = xops.sample_correction(
+        zc, delta, _, lam = xops.sample_correction(
             z0.to(dt), dist.mean, self.log_std.detach().to(dt), noise, self.config.alpha if alpha is None else alpha)
         zc = zc.to(z0.dtype)
         _refuse_overflow("ResidualCorrector.sample", z0, zc, self.config.alpha if alpha is None else alpha)
-        return zc, delta, log_prob, lam
+        # the policy's own log-density, as xlard.train.rollout records it: the fused op's sum differed (see Returns)
+        return zc, delta, self.log_prob(delta, dist.mean), lam
 
 
 # ----------------------------------------------------------------------------------
@@ -2339,7 +2401,9 @@ def aspect_weights(log_var: torch.Tensor, aspect_mask: torch.Tensor | None = Non
 
     Raises:
         TypeError: ``log_var`` is not a floating tensor, or ``aspect_mask`` not a bool tensor.
-        ValueError: ``log_var`` is not ``[B, 3]``, or ``aspect_mask`` not ``[B, 3]`` on log_var's device.
+        ValueError: ``log_var`` is not ``[B, 3]``, or ``aspect_mask`` not ``[B, 3]`` on log_var's device;
+            ``log_var`` holds NaN or -inf anywhere, or +inf on a present aspect (an infinite variance leaves
+            that aspect no weight, and a row of them no weights to sum to 1).
     """
     _args.check_tensor("models.aspect_weights", "log_var", log_var, _args.FLOAT_DTYPES)
     if log_var.dim() != 2 or log_var.shape[1] != len(ASPECTS):
@@ -2347,6 +2411,14 @@ def aspect_weights(log_var: torch.Tensor, aspect_mask: torch.Tensor | None = Non
                          f"{tuple(log_var.shape)}")
     if torch.isnan(log_var).any() or torch.isneginf(log_var).any():  # gave NaN weights without a word
         raise ValueError("xlard.models.aspect_weights: log_var holds NaN or -inf (a diverged confidence head?)")
+    if aspect_mask is not None:
+        _check_aspect_mask("models.aspect_weights", aspect_mask, log_var.shape[0], log_var.device)
+    inf = torch.isposinf(log_var) if aspect_mask is None else torch.isposinf(log_var) & aspect_mask
+    if inf.any():  # a row whose present aspects were all +inf gave NaN weights, where the docstring promised none
+        raise ValueError(f"xlard.models.aspect_weights: log_var holds +inf on {int(inf.sum())} present aspect(s) "
+                         "(an infinite variance gives an aspect no weight, and a row of them weights that cannot "
+                         "sum to 1; a diverged confidence head? the projector clamps its log-variances to "
+                         "[log_var_min, log_var_max])")
     return _aspect_weights(log_var, aspect_mask)
 
 

@@ -187,13 +187,18 @@ def top_lam_mask(lam: torch.Tensor, fraction: float) -> torch.Tensor:
     """The top ``fraction`` of each image's LAM cells.
 
     Args:
-        lam (Tensor[B, h, w]): finite LAM values.
+        lam (Tensor[B, h, w]): finite, non-negative LAM values.
         fraction (float): in [0, 1]; ``ceil(fraction * h * w)`` cells per image
             are selected (0 selects none).
 
     Returns:
         Tensor[B, h, w] bool. Ties are broken by the row-major cell index
         (lowest first), so the mask is deterministic.
+
+    Raises:
+        TypeError: ``lam`` is not a floating-point tensor.
+        ValueError: wrong rank, ``fraction`` outside [0, 1], a NaN or infinite
+            cell, or a negative cell (a signed map is not a LAM; pass ``x.abs()``).
 
     Example:
         >>> import torch
@@ -211,6 +216,10 @@ def top_lam_mask(lam: torch.Tensor, fraction: float) -> torch.Tensor:
     if lam.is_meta or not bool(torch.isfinite(lam.detach()).all()):
         raise ValueError(_err(fn, "lam must be finite (a NaN cell would rank first)"
                               + (", got a meta tensor" if lam.is_meta else "")))
+    # a signed map ranked its most negative cells last, where normalize_lam refused it: refused alike
+    if lam.numel() and bool((lam.detach() < 0).any()):
+        raise ValueError(_err(fn, f"lam must be non-negative (sum_c |delta|), got min {lam.detach().min().item():.4g}; "
+                                  "pass a magnitude such as x.abs()"))
     b, h, w = lam.shape
     # ceil(fraction * h * w); the 1e-9 keeps 0.2 * 25 = 5.000000000000001 at 5, and any fraction > 0 selects a cell
     k = min(h * w, max(math.ceil(float(fraction) * h * w - 1e-9), 1 if float(fraction) > 0 else 0))
