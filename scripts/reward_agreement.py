@@ -383,7 +383,10 @@ def summarize(rows: list[dict], *, resamples: int = 1000, seed: int = 0) -> dict
     """Per aspect: pooled and within-prompt AUROC with bootstrap 95% intervals, mean rewards."""
     summary = {}
     for aspect, tags in ASPECT_TAGS.items():
-        sel = [r for r in rows if r["tag"] in tags and r["scores"][ASPECT_INDEX[aspect]] is not None]
+        # a sample without a score (None, or NaN from a caller's rows) is left out of every statistic at once: NaN
+        # was out of the AUROCs but in the mean rewards (NaN) and the mixed-prompt count
+        sel = [r for r in rows if r["tag"] in tags and r["scores"][ASPECT_INDEX[aspect]] is not None
+               and not math.isnan(r["scores"][ASPECT_INDEX[aspect]])]
         scores = [r["scores"][ASPECT_INDEX[aspect]] for r in sel]
         labels = [r["correct"] for r in sel]
         groups = [r["prompt"] for r in sel]

@@ -600,18 +600,31 @@ def test_a_capture_of_some_tokens_is_refused_by_the_backbone(backbone):
     assert maps.shape[1] == backbone.pipeline.tokenizer.model_max_length
 
 
-@pytest.mark.parametrize("half,what", [("uncond", "unconditional"), ("all", "both")])
+@pytest.mark.parametrize("half,what", [("uncond", "the unconditional half"), ("all", "both halves")])
 def test_a_capture_of_another_guidance_half_is_refused_by_the_backbone(backbone, half, what):
     """CaptureConfig(guidance_half='uncond') gave the empty prompt's maps as token_maps, read by the rewards as the
-    prompts' own; 'all' gave 2B rows for B prompts."""
+    prompts' own; 'all' gave 2B rows for B prompts under guidance (without guidance it records the prompts' rows:
+    allowed, as before)."""
     from xlard.attention import AttentionCapture, CaptureConfig
 
-    with pytest.raises(ValueError, match=rf"capture: CaptureConfig\(guidance_half='{half}'\) records the {what} "
-                                         r"half of the guided batch.*leave guidance_half='cond'"):
-        _with(backbone, capture=CaptureConfig(guidance_half=half))
-    factory = _with(backbone, capture=lambda d, **kw: AttentionCapture(d, CaptureConfig(guidance_half=half), **kw))
-    with pytest.raises(ValueError, match=rf"CaptureConfig\(guidance_half='{half}'\) records the {what} half"):
-        factory.decode(factory.encode(PROMPTS[:1], seed=0))
+    refused = rf"capture: CaptureConfig\(guidance_half='{half}'\) records {what} of the guided batch.*leave " \
+              r"guidance_half='cond'"
+    if half == "uncond":  # never the prompts' maps: refused when the backbone is built
+        with pytest.raises(ValueError, match=refused):
+            _with(backbone, capture=CaptureConfig(guidance_half=half))
+        backbones = []
+    else:  # refused once the run is known to be guided
+        backbones = [_with(backbone, capture=CaptureConfig(guidance_half=half))]
+    backbones.append(_with(backbone, capture=lambda d, **kw: AttentionCapture(d, CaptureConfig(guidance_half=half),
+                                                                             **kw)))
+    for b in backbones:
+        with pytest.raises(ValueError, match=refused):
+            b.decode(b.encode(PROMPTS[:1], seed=0))
+    if half == "all":  # unguided: the prompts' own maps, as 'cond' records them
+        plain = _with(backbone, guidance_scale=1.0, capture=CaptureConfig(guidance_half="all"))
+        cond = _with(backbone, guidance_scale=1.0, capture=CaptureConfig())
+        maps = plain.decode(plain.encode(PROMPTS[:2], seed=0)).token_maps
+        assert torch.equal(maps, cond.decode(cond.encode(PROMPTS[:2], seed=0)).token_maps)
 
 
 def test_a_capture_factory_returning_no_context_manager_is_named(backbone):

@@ -1,6 +1,8 @@
 """color_scores: reference parity, semantics (mask, zero norms, ties), bad input, opcheck, compile."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -205,3 +207,14 @@ def test_as_image_batch_reads_images_that_require_grad_without_a_warning():
             torch.testing.assert_close(as_image_batch(images), images.detach())
     finally:
         torch.set_warn_always(always)
+
+
+def test_as_image_batch_advises_the_permute_that_fits_a_channels_last_batch():
+    """A [B, H, W, C] tensor was told to permute(2, 0, 1), which raises on a 4-D tensor."""
+    from xlard.color_features import as_image_batch
+
+    for images, fix, back in ((torch.rand(2, 16, 16, 3), "permute(0, 3, 1, 2) for [B, H, W, C]", (0, 3, 1, 2)),
+                              (torch.rand(16, 16, 3), "permute(2, 0, 1) for [H, W, C]", (2, 0, 1))):
+        with pytest.raises(ValueError, match=re.escape(f"pass images.{fix}")):
+            as_image_batch(images)
+        assert as_image_batch(images.permute(*back)).shape[1] == 3

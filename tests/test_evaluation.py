@@ -1291,6 +1291,9 @@ def test_an_overall_bound_of_rounding_noise_is_zero():
 def test_too_few_resamples_for_the_interval_are_refused():
     """--bootstrap 1 gave one replicate as the '95% interval' (not even around the estimate), labelled excludes 0."""
     assert ev.min_resamples(0.95) == 40 and ev.min_resamples(0.9) == 20 and ev.min_resamples(0.99) == 200
+    # float error in 2 / (1 - c) gave one more for some confidences
+    assert [ev.min_resamples(c) for c in (0.9996, 0.9998, 0.9999, 0.8, 0.999)] == [5000, 10000, 20000, 10, 2000]
+    assert ev.min_resamples(0.97) == 67  # 66.67: one in each tail needs 67
     with pytest.raises(ValueError, match=r"num_resamples must be at least 40 for a 95% interval \(one replicate in "
                                          r"each tail\), got 5"):
         ev.paired_bootstrap([0, 0, 1], [1, 1, 1], num_resamples=5)

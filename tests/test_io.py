@@ -512,3 +512,14 @@ def test_saving_over_the_working_folder_moves_the_process_into_the_new_one(tmp_p
     assert os.path.samefile(os.getcwd(), folder / where)
     assert (folder / "config.json").read_text() == "{}" and (folder / "notes.txt").read_text() == "mine"
     assert Path("config.json" if where == "." else "../config.json").is_file()
+
+
+def test_replacing_a_folder_holding_the_working_subfolder_moves_the_process_to_the_folder(tmp_path, monkeypatch):
+    """'replace' drops the old subfolders: the process was left in a deleted one."""
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "old.txt").write_text("x")
+    monkeypatch.chdir(folder / "sub")
+    with _io.atomic_folder(folder, existing="replace") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert os.path.samefile(os.getcwd(), folder) and not (folder / "sub").exists()

@@ -1645,13 +1645,15 @@ def test_aspect_weights_refuse_infinite_log_variances_on_present_aspects():
     """All present aspects at log_var = +inf gave NaN weights, where the docstring promises no NaN."""
     inf = float("inf")
     for log_var, present in ((torch.tensor([[inf, inf, inf]]), None),
-                             (torch.tensor([[inf, 0.0, inf]]), torch.tensor([[True, False, True]])),
-                             (torch.tensor([[inf, 0.0, 0.0]]), None)):
-        with pytest.raises(ValueError, match=r"aspect_weights: log_var holds \+inf on [123] present aspect"):
+                             (torch.tensor([[0.0, 0.0, 0.0], [inf, 0.0, inf]]),
+                              torch.tensor([[True, True, True], [True, False, True]]))):
+        with pytest.raises(ValueError, match=r"aspect_weights: log_var is \+inf on every present aspect of 1 "
+                                             r"row\(s\) \(rows \[\d\]\)"):
             aspect_weights(log_var, present)
-    # +inf on an absent aspect is no weight anyway
+    # +inf on an absent aspect, or beside a finite present one, is no weight (as before)
     w = aspect_weights(torch.tensor([[inf, 0.0, 0.0]]), torch.tensor([[False, True, True]]))
     assert torch.equal(w, torch.tensor([[0.0, 0.5, 0.5]]))
+    assert torch.equal(aspect_weights(torch.tensor([[inf, 0.0, 0.0]])), torch.tensor([[0.0, 0.5, 0.5]]))
     with pytest.raises(ValueError, match=r"aspect_mask must have shape \[B, 3\] = \[1, 3\]"):
         aspect_weights(torch.tensor([[inf, 0.0, 0.0]]), torch.ones(2, 3, dtype=torch.bool))
 

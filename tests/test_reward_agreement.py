@@ -367,3 +367,13 @@ def test_evaluator_stability_counts_the_verdicts_a_change_flips(monkeypatch):
         assert entry["verdicts_changed_per_draw"] == 3
         assert entry["summary"]["count"]["verdicts_changed_per_draw"] == 3
         assert entry["summary"]["count"]["auroc"] == 0.5
+
+
+def test_summarize_leaves_a_nan_score_out_of_every_statistic():
+    """A NaN score was out of the AUROCs but in the mean rewards (NaN) and the mixed-prompt count."""
+    rows = [{"tag": "counting", "prompt": p, "correct": y, "scores": [s, None, None]}
+            for p, y, s in [("a", True, 0.9), ("a", False, 0.2), ("b", True, 0.8), ("b", False, float("nan")),
+                            ("c", True, 0.7), ("c", False, 0.1)]]
+    s = RA.summarize(rows, resamples=50)["count"]
+    assert (s["records"], s["mixed_prompts"], s["within_pairs"]) == (5, 2, 2)
+    assert s["mean_reward_wrong"] == pytest.approx(0.15) and s["mean_reward_correct"] == pytest.approx(0.8)

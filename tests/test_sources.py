@@ -1275,3 +1275,28 @@ def test_images_that_require_grad_are_checked_without_a_warning():
                                                                           torch.rand(1, 11, 64, 64), images)
     finally:
         torch.set_warn_always(always)
+
+
+def test_an_eval_pass_inside_a_pass_of_the_same_thread_goes_through():
+    """A forward hook predicting again with the model (left in training mode) waited for the lock its own thread
+    held: the pass hung for good."""
+    import threading
+
+    from xlard.shapes.understanding import ShapesUnderstanding, UnderstandingConfig
+
+    model = ShapesUnderstanding(UnderstandingConfig(channels=(4, 4, 4, 4), image_size=32))
+    model.train()
+    x = torch.rand(2, 3, 32, 32)
+    inner, started = [], []
+
+    def hook(module, inputs, output):
+        if not started:
+            started.append(True)
+            inner.append(model.predict(x))
+
+    model.shape_head.register_forward_hook(hook)
+    worker = threading.Thread(target=lambda: model.predict(x), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive() and len(inner) == 1
+    assert all(module.training for module in model.modules())  # every mode back

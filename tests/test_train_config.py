@@ -644,7 +644,7 @@ def test_set_values_that_yaml_would_cut_are_refused_with_the_quoting(item):
 
 
 @pytest.mark.parametrize("item", ["out=runs/#1 #2", "reward.options={a: 'x #1'} # note", "out=it's #1",
-                                  "out=!!str $HOME \"x\""])
+                                  "out=!!str $HOME \"x\"", 'out="a\\t#1" #note', "out=[&a 'p #q', *a] #lost"])
 def test_set_values_losing_a_comment_beside_a_kept_hash_are_refused(item):
     """'out=runs/#1 #2' kept a '#' and lost ' #2' without a word; the advice is safe in an interactive shell."""
     from xlard.train import parse_overrides
@@ -663,6 +663,7 @@ def test_set_values_with_a_kept_hash_or_quotes_pass():
     assert parse_overrides(["out=runs/#1", "data.prompts=a#b.jsonl"]) == {"out": "runs/#1",
                                                                          "data.prompts": "a#b.jsonl"}
     assert parse_overrides(["out='my run #1'"]) == {"out": "my run #1"}
+    assert parse_overrides(['out="a\\\n#b"']) == {"out": "a#b"}  # an escaped line break before a '#'
     assert parse_overrides(["out='&a x'"]) == {"out": "&a x"}
     assert parse_overrides(['reward.options={a: "x #1"}']) == {"reward.options": {"a": "x #1"}}
 

@@ -1499,3 +1499,24 @@ def test_a_damaged_shapes_install_keeps_its_reinstall_advice(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"^backbone.name 'shapes': it could not be loaded \(.*JSONDecodeError.*\); "
                                          r"the shapes backbone is not installed at "):
         load_backbone(cfg.backbone, torch.device("cpu"))
+
+
+@needs_shapes
+def test_a_shapes_backbone_option_diffusers_refuses_is_named_not_called_not_installed():
+    """backbone.options {'variant': 'fp16'} read 'the shapes backbone is not installed ... reinstall'."""
+    from xlard.train.trainer import load_backbone
+
+    cfg = tiny_config(Path("unused"), backbone={"options": {"variant": "fp16"}})
+    with pytest.raises(ValueError, match=r"^train config backbone.options.variant: .*variant=fp16"):
+        load_backbone(cfg.backbone, torch.device("cpu"))
+
+
+def test_distill_items_are_bounded_as_tags_times_items_per_tag(tmp_path):
+    """distill.items_per_tag was bounded alone: tags x items_per_tag pairs were built after the backbone loaded
+    (969 tags x 10**6 exhausted the memory); refused before anything loads, as data.items_per_tag is."""
+    from xlard.train import train
+
+    cfg = tiny_config(tmp_path / "run", distill={"items_per_tag": 400_000})
+    with pytest.raises(ValueError, match=r"distill: \d+ tags x distill.items_per_tag=400000 = \d+ items, more than "
+                                         r"the bound of 1000000 items; lower distill.items_per_tag"):
+        train(cfg)

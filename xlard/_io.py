@@ -869,8 +869,9 @@ def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
     there), so a model is never left half old, half new. On an exception
     the temporary folder is removed and ``path`` is untouched. The folder
     written is a new one at the same path: this process, when it works inside
-    it, is moved into the new one; another process (a shell) inside it must
-    enter it again. The temporary folder lies beside ``path``, so its parent
+    it, is moved into the new one (into the same subfolder when the new one
+    holds it, else into the folder itself); another process (a shell) inside
+    it must enter it again. The temporary folder lies beside ``path``, so its parent
     folder must be writable.
 
     Args:
@@ -942,8 +943,11 @@ def atomic_folder(path: str | os.PathLike[str], *, owner: str = "xlard",
                 with contextlib.suppress(OSError):  # a chmod 700 model folder stays private
                     os.chmod(target, folder_mode)
                 if inside is not None:  # save_pretrained(".") left the process in the deleted old folder
-                    with contextlib.suppress(OSError):
+                    try:
                         os.chdir(inside)
+                    except OSError:  # a subfolder the new folder does not hold ("replace"): the folder itself
+                        with contextlib.suppress(OSError):
+                            os.chdir(target)
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
             if exc.errno is None:  # ours (FileExistsError, IsADirectoryError above): already says what and where

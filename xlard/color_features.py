@@ -326,6 +326,7 @@ def as_image_batch(images: Any) -> torch.Tensor:
         given = given or f"a numpy array of shape {images.shape}"
         x = torch.from_numpy(np.ascontiguousarray(images))
         channel_dim = -1
+    batched = x.dim() == 4  # as given (one image is read as a batch of one below)
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4:
@@ -340,7 +341,9 @@ def as_image_batch(images: Any) -> torch.Tensor:
         if channel_dim == -1 and x.shape[2] in (1, 3, 4):
             hint = "; numpy arrays are read channels-last [(B,) H, W, C]: move the channels last (np.moveaxis)"
         elif channel_dim == -3 and x.shape[3] in (1, 3, 4):
-            hint = "; tensors are read channels-first [(B,) C, H, W]: pass images.permute(2, 0, 1) for [H, W, C]"
+            # the permute that fits what came: a [B, H, W, C] batch's was given as [H, W, C]'s, which raised
+            fix = "images.permute(0, 3, 1, 2) for [B, H, W, C]" if batched else "images.permute(2, 0, 1) for [H, W, C]"
+            hint = f"; tensors are read channels-first [(B,) C, H, W]: pass {fix}"
         else:
             hint = ""
         raise ValueError(f"as_image_batch: expected 1, 3 or 4 channels, got {channels} ({given}){hint}")

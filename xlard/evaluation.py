@@ -709,7 +709,10 @@ def _scale(*means: np.ndarray) -> float:
 def min_resamples(confidence: float) -> int:
     """The fewest bootstrap resamples a percentile interval at ``confidence`` can rest on: one replicate in each
     tail (40 at 0.95); with fewer, a bound is the most extreme replicate interpolated, or a single replicate."""
-    return max(2, math.ceil(round(2.0 / (1.0 - float(confidence)), 9)))
+    from fractions import Fraction
+
+    # exactly, from the number as written: 2 / (1 - 0.9999) in floats is 20000.0000000002, and ceil gave 20001
+    return max(2, math.ceil(2 / (1 - Fraction(repr(float(confidence))))))
 
 
 def paired_bootstrap(base: Sequence[float], corrected: Sequence[float], clusters: Sequence | None = None, *,

@@ -2309,7 +2309,7 @@ class ResidualCorrector(_Pretrained, nn.Module):
             raise ValueError("xlard.ResidualCorrector.sample: pass noise or generator, not both (the generator "
                              "draws the noise; given noise it would be ignored)")
         if isinstance(alpha, torch.Tensor):  # an int tensor was cast to float here, where correct() refused it
-            _args.check_tensor("sample_correction", "alpha", alpha, _args.FLOAT_DTYPES)
+            _args.check_tensor("ResidualCorrector.sample", "alpha", alpha, _args.FLOAT_DTYPES)
         _refuse_non_finite_tensor("ResidualCorrector.sample", "alpha", alpha,
                                   "each row's step size must be a finite number")
         dist = self._distribution(z0, text_tokens, pooled, text_mask)
@@ -2402,8 +2402,8 @@ def aspect_weights(log_var: torch.Tensor, aspect_mask: torch.Tensor | None = Non
     Raises:
         TypeError: ``log_var`` is not a floating tensor, or ``aspect_mask`` not a bool tensor.
         ValueError: ``log_var`` is not ``[B, 3]``, or ``aspect_mask`` not ``[B, 3]`` on log_var's device;
-            ``log_var`` holds NaN or -inf anywhere, or +inf on a present aspect (an infinite variance leaves
-            that aspect no weight, and a row of them no weights to sum to 1).
+            ``log_var`` holds NaN or -inf anywhere, or +inf on every present aspect of a row (an infinite
+            variance leaves an aspect no weight, and such a row no weights to sum to 1).
     """
     _args.check_tensor("models.aspect_weights", "log_var", log_var, _args.FLOAT_DTYPES)
     if log_var.dim() != 2 or log_var.shape[1] != len(ASPECTS):
@@ -2413,11 +2413,14 @@ def aspect_weights(log_var: torch.Tensor, aspect_mask: torch.Tensor | None = Non
         raise ValueError("xlard.models.aspect_weights: log_var holds NaN or -inf (a diverged confidence head?)")
     if aspect_mask is not None:
         _check_aspect_mask("models.aspect_weights", aspect_mask, log_var.shape[0], log_var.device)
-    inf = torch.isposinf(log_var) if aspect_mask is None else torch.isposinf(log_var) & aspect_mask
-    if inf.any():  # a row whose present aspects were all +inf gave NaN weights, where the docstring promised none
-        raise ValueError(f"xlard.models.aspect_weights: log_var holds +inf on {int(inf.sum())} present aspect(s) "
-                         "(an infinite variance gives an aspect no weight, and a row of them weights that cannot "
-                         "sum to 1; a diverged confidence head? the projector clamps its log-variances to "
+    present = torch.ones_like(log_var, dtype=torch.bool) if aspect_mask is None else aspect_mask
+    # a row whose present aspects are all +inf gave NaN weights, where the docstring promised none (one +inf aspect
+    # beside finite ones is well defined: it gets no weight)
+    dead = (torch.isposinf(log_var) | ~present).all(dim=1) & present.any(dim=1)
+    if dead.any():
+        raise ValueError(f"xlard.models.aspect_weights: log_var is +inf on every present aspect of "
+                         f"{int(dead.sum())} row(s) (rows {dead.nonzero().flatten().tolist()[:5]}): their weights "
+                         "cannot sum to 1 (a diverged confidence head? the projector clamps its log-variances to "
                          "[log_var_min, log_var_max])")
     return _aspect_weights(log_var, aspect_mask)
 

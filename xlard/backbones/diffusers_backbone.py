@@ -1027,6 +1027,7 @@ def _default_capture_factory(config):
     from xlard.attention import AttentionCapture
 
     def factory(denoiser, *, num_steps: int, cfg: bool):
+        _refuse_some_tokens(config, cfg)  # 'all' is refused once the run is known to be guided
         if not config.kept_steps(num_steps):  # else "no attention map was recorded", after all the denoising
             what = (f"step_indices={config.step_indices}" if config.step_indices is not None
                     else f"steps={config.steps}")
@@ -1039,21 +1040,23 @@ def _default_capture_factory(config):
     return factory
 
 
-def _refuse_some_tokens(config: Any) -> None:
+def _refuse_some_tokens(config: Any, cfg: bool | None = None) -> None:
     """Maps of some tokens only, read by the rewards at sequence positions: an entity read another token's map; and
-    maps of the unconditional half (or both halves), read by the rewards as the prompts' own."""
+    maps of the unconditional half (or, with guidance, ``cfg`` True, both halves), read by the rewards as the
+    prompts' own. Without guidance (``cfg`` False) 'all' records the prompts' rows only: allowed."""
     if config.tokens is not None:
         raise ValueError(
             f"capture: CaptureConfig(tokens={config.tokens!r:.80}) keeps only some text tokens, but a backbone's "
             "Decoded.token_maps holds one map per token of the text sequence, indexed by position (the rewards "
             "read an entity's map at its token index: with a subset they read another token's map); leave "
             "tokens=None here (select tokens with xlard.attention.AttentionCapture used directly)")
-    if config.guidance_half != "cond":  # 'uncond': the rewards judged the empty prompt's maps; 'all': 2B rows for B
+    # 'uncond': the rewards judged the empty prompt's maps; 'all' under guidance: 2B rows for B prompts
+    if config.guidance_half == "uncond" or (config.guidance_half == "all" and cfg):
+        what = "the unconditional half" if config.guidance_half == "uncond" else "both halves"
         raise ValueError(
-            f"capture: CaptureConfig(guidance_half={config.guidance_half!r}) records the "
-            f"{'unconditional' if config.guidance_half == 'uncond' else 'both'} half of the guided batch, but a "
-            "backbone's Decoded.token_maps must be the prompts' own (conditional) maps, one row per prompt (the "
-            "rewards read them so); leave guidance_half='cond' here (record the other half with "
+            f"capture: CaptureConfig(guidance_half={config.guidance_half!r}) records {what} of the guided batch, "
+            "but a backbone's Decoded.token_maps must be the prompts' own (conditional) maps, one row per prompt "
+            "(the rewards read them so); leave guidance_half='cond' here (record the other half with "
             "xlard.attention.AttentionCapture used directly)")
 
 
@@ -1075,7 +1078,7 @@ def _capture_factory(capture: Any):
                 raise TypeError(f"capture: the factory must return a context manager with .maps() (as "
                                 f"xlard.attention.AttentionCapture), got {type(made).__name__}")
             if isinstance(made, AttentionCapture):
-                _refuse_some_tokens(made.config)
+                _refuse_some_tokens(made.config, cfg)
             return made
 
         return checked

@@ -312,6 +312,7 @@ class _ModeLock:
         self._changed = threading.Condition()
         self._sharing = 0
         self._alone = False
+        self.holder: int | None = None  # the thread holding it alone (its own nested passes go straight through)
 
     def share(self) -> None:
         with self._changed:
@@ -329,10 +330,12 @@ class _ModeLock:
             while self._alone or self._sharing:
                 self._changed.wait()
             self._alone = True
+            self.holder = threading.get_ident()
 
     def release(self) -> None:
         with self._changed:
             self._alone = False
+            self.holder = None
             self._changed.notify_all()
 
 
@@ -357,6 +360,8 @@ def _eval_pass(model: nn.Module, *inputs):
     while another pass had set the modes back, in training mode, and moved the BatchNorm running statistics.
     A model in eval mode runs its passes side by side; one with a submodule in training mode one at a time."""
     lock = _mode_lock(model)
+    if lock.holder == threading.get_ident():  # a pass inside this thread's own pass (a forward hook predicting
+        return model(*inputs)                 # again): the modes are set already; waiting on itself hung for good
     lock.share()
     try:  # while shared, no pass toggles the modes: eval mode seen here is the model's own
         if not any(module.training for module in model.modules()):

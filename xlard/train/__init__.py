@@ -58,21 +58,19 @@ def parse_overrides(items: list[str] | None) -> dict:
 
 
 _UNPARSED = object()
-_COMMENT_MARK = r"(?:^|\s)#"  # where YAML starts a comment: '#' first or after whitespace
 
 
-def _comment_marks(value) -> int:
-    """How many ``#`` the parsed ``value``'s strings (keys included) hold first or after whitespace: a value whose
-    text holds more of them lost a comment to YAML (quoted text keeps each of its own)."""
-    import re
+def _after_the_value(text: str) -> str:
+    """What of ``text`` lies after the YAML value it holds (a comment YAML dropped), stripped; "" when nothing."""
+    import yaml
 
-    if isinstance(value, str):
-        return len(re.findall(_COMMENT_MARK, value))
-    if isinstance(value, dict):
-        return sum(_comment_marks(k) + _comment_marks(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return sum(_comment_marks(v) for v in value)
-    return 0
+    from xlard.train.config import _yaml_loader
+
+    try:
+        node = yaml.compose(text, Loader=_yaml_loader())
+    except yaml.YAMLError:  # the parse itself reports it
+        return ""
+    return (text if node is None else text[node.end_mark.index:]).strip()
 
 
 def _check_text_kept(item: str, key: str, raw: str, parsed=_UNPARSED) -> None:
@@ -83,7 +81,6 @@ def _check_text_kept(item: str, key: str, raw: str, parsed=_UNPARSED) -> None:
         ValueError: naming the item and how to quote it.
     """
     import json
-    import re
     import shlex
 
     text = raw.strip()
@@ -92,8 +89,9 @@ def _check_text_kept(item: str, key: str, raw: str, parsed=_UNPARSED) -> None:
         if text[:1] in ("&", "*", "!"):
             why = {"&": "an anchor", "*": "an alias", "!": "a tag"}[text[0]]
             why = f"YAML reads a value starting with {text[0]!r} as {why}, not as text"
-    elif len(re.findall(_COMMENT_MARK, text)) > _comment_marks(parsed):
-        # (counted, not looked for: 'out=runs/#1 #2' kept a '#' and lost ' #2' without a word)
+    elif "#" in text and _after_the_value(text):
+        # read where YAML's value ends, not looked for in the value: 'out=runs/#1 #2' kept a '#' and lost ' #2'
+        # without a word, and a quoted '\t#' or an alias repeating a '#' hid a comment from a count of them
         why = "YAML reads ' #' and what follows it as a comment, dropped from the value"
     if why:
         # the advice in shell single quotes, which expand nothing (in double quotes an interactive bash expands
