@@ -748,3 +748,80 @@ def test_install_only_names_a_damaged_run_file(tmp_path, capsys):
             script.install(run, seconds=1.0)
         (run / name).write_text(good[name])
     assert {p.name: p.read_bytes() for p in script.TARGET.iterdir()} == installed
+
+
+def _toy_data(n: int = 20):
+    g = torch.Generator().manual_seed(1)
+    z0 = torch.randn(n, 4, 8, 8, generator=g)
+    return {"z0": z0, "target": 0.1 * z0.flip(1), "tokens": torch.randn(n, 3, 8, generator=g),
+            "mask": torch.ones(n, 3, dtype=torch.bool), "pooled": torch.randn(n, 8, generator=g)}
+
+
+def test_fits_refuse_bad_arguments_and_data_by_name():
+    """epochs 0 was a ZeroDivisionError and -1 returned untrained; batch_size -4 trained on order[0:-4]; a
+    val_fraction of -0.1 held back 90%; a [N, 4, 1, 8] target broadcast; a NaN target left NaN weights."""
+    from xlard.models import CorrectorConfig, ResidualCorrector
+    from xlard.train import distill as dl
+
+    corrector = ResidualCorrector(CorrectorConfig.tiny(latent_channels=4, text_dim=8, pooled_dim=8, patch=2, width=16,
+                                                       depth=1, heads=2, cond_dim=8))
+    common = dict(epochs=1, lr=1e-3, batch_size=4, weight_decay=0.0, val_fraction=0.2, seed=0, progress=False)
+    data = _toy_data()
+    short, broad, nan = dict(data), dict(data), dict(data)
+    short["target"] = data["target"][:10]
+    broad["target"] = data["target"][:, :, :1]
+    nan["target"] = data["target"].clone()
+    nan["target"][3, 0, 0, 0] = float("nan")
+    for change, words in (({"epochs": 0}, "epochs must be an int >= 1, got 0"),
+                          ({"epochs": -1}, "epochs must be an int >= 1, got -1"),
+                          ({"batch_size": -4}, "batch_size must be an int >= 1, got -4"),
+                          ({"val_fraction": -0.1}, r"val_fraction must be a number in \[0, 1\), got -0.1"),
+                          ({"data": short}, r"one row per item \(20, as z0\), got \{'target': 10\}"),
+                          ({"data": broad}, r"target must have z0's shape \(20, 4, 8, 8\), got \(20, 4, 1, 8\)"),
+                          ({"data": nan}, r"target holds NaN or infinite values in 1 item\(s\) \(rows \[3\]\)")):
+        kwargs = {**common, **change}
+        with pytest.raises(ValueError, match=r"distill.fit_corrector: .*" + words):
+            dl.fit_corrector(corrector, kwargs.pop("data", data), **kwargs)
+    assert dl.fit_corrector(corrector, data, **common)["epochs"] == 1
+
+
+def test_load_dataset_refuses_another_chunk_or_item_count(tmp_path):
+    """Shards of 5 items in chunks of 2 read as 4 rows for (5, 4), 4 rows for 3 items; 0 was a bare error."""
+    from xlard.train import distill as dl
+
+    for k, n in enumerate([2, 2, 1]):
+        part = {key: value[:n] for key, value in _toy_data(n).items()}
+        torch.save({**part, "prompts": ["p"] * n, "tags": ["t"] * n, "actions": [[]] * n, "seconds": 1.0},
+                   tmp_path / f"data-{k:04d}.pt")
+    assert dl.load_dataset(tmp_path, 5, 2)["z0"].shape[0] == 5
+    for n_items, chunk, words in ((5, 4, "hold 4 rows"), (3, 2, "hold 4 rows"), (0, 2, "n_items must be an int >= 1"),
+                                  (5, 0, "chunk must be an int >= 1")):
+        with pytest.raises(ValueError, match=f"distill.load_dataset: .*{words}"):
+            dl.load_dataset(tmp_path, n_items, chunk)
+
+
+def test_a_refused_build_leaves_the_manifest_as_it_was(tmp_path, monkeypatch):
+    """A call with other items and move_margin wrote move_margin into the saved manifest before it was refused:
+    the folder was then refused for the settings it was built with. Bad items/chunk are refused before any write."""
+    import types
+
+    from xlard.train import distill as dl
+    from xlard.train.data import Item
+
+    monkeypatch.setattr(dl, "vae_encoder", lambda backbone: (lambda images: images))
+    backbone = types.SimpleNamespace(correction_step=1.0)  # no encode(): the builds stop after the manifest
+    a = [Item({"prompt": "a red circle", "tag": "single_object"}, dl.DISTILL_SEED_BASE + i, i) for i in range(3)]
+    b = [Item({"prompt": "a blue square", "tag": "single_object"}, dl.DISTILL_SEED_BASE + i, i) for i in range(3)]
+    folder = tmp_path / "d"
+    with pytest.raises(AttributeError):
+        dl.build_dataset(backbone, None, a, folder, chunk=2, progress=False)
+    before = (folder / "manifest.json").read_text()
+    with pytest.raises(ValueError, match="holds edit targets built for other items or edits"):
+        dl.build_dataset(backbone, None, b, folder, chunk=2, progress=False, move_margin=8)
+    assert (folder / "manifest.json").read_text() == before
+    with pytest.raises(AttributeError):  # the first settings are accepted again (it was "other items")
+        dl.build_dataset(backbone, None, a, folder, chunk=2, progress=False)
+    for items, chunk, words in (([], 2, "no items"), (a, 0, "chunk"), (a, 2.5, "chunk")):
+        with pytest.raises(ValueError, match=words):
+            dl.build_dataset(backbone, None, items, tmp_path / "e", chunk=chunk, progress=False)
+    assert not (tmp_path / "e").exists()

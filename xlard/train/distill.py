@@ -30,7 +30,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +178,11 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
     from xlard.shapes.editor import edit_images, edit_targets
 
     folder = Path(folder)
+    items = list(items)
+    if not items:  # it returned a folder of no shards, which load_dataset then failed on ("max() arg is empty")
+        raise ValueError("distill: no items to build edit targets for")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:  # 0: ZeroDivisionError; -2: no shards
+        raise ValueError(f"distill: chunk (items per shard) must be an int >= 1, got {chunk!r}")
     if move_margin is not None and (float(backbone.correction_step) != 1.0 or isinstance(move_margin, bool)
                                     or not isinstance(move_margin, int) or move_margin < 1):
         raise ValueError(f"distill: move targets need correction_step 1.0 and an int move_margin >= 1, got "
@@ -185,6 +190,7 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
     if replace and float(backbone.correction_step) != 1.0:
         raise ValueError(f"distill: replace targets need correction_step 1.0 (z0 must be the latent the VAE decodes), "
                          f"got {backbone.correction_step}")
+    encode = vae_encoder(backbone)  # a backbone without a VAE is refused before the folder is touched
     folder.mkdir(parents=True, exist_ok=True)
     # Shards are reused on resume only if they were built for the same items and edits.
     from xlard.shapes.editor import EditConfig
@@ -208,18 +214,19 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
         for key, default in (("relayout", False), ("relayout_color", "found")):  # ... and before relayout existed
             if isinstance(saved.get("edits"), dict):
                 saved["edits"].setdefault(key, default)
-        if move_margin is not None and "move_margin" not in saved:  # move targets are added to the shards below
+        upgrade = move_margin is not None and "move_margin" not in saved  # move targets are added to the shards
+        if upgrade:
             saved["move_margin"] = int(move_margin)
-            _io.atomic_write_text(manifest_path, _io.dumps(saved) + "\n", owner="xlard train distill")
         if saved != json.loads(_io.dumps(manifest)):
             raise ValueError(f"distill: {folder} holds edit targets built for other items or edits"
                              f"{' or move targets' if 'move_margin' in saved or move_margin is not None else ''}; "
                              "delete it or choose another run folder")
+        if upgrade:  # written once the rest matched: a refused call wrote it and the folder was refused for good
+            _io.atomic_write_text(manifest_path, _io.dumps(saved) + "\n", owner="xlard train distill")
     else:
         if any(folder.glob("data-*.pt")):
             raise ValueError(f"distill: {folder} holds edit-target shards without a manifest; delete them")
         _io.atomic_write_text(manifest_path, _io.dumps(manifest) + "\n", owner="xlard train distill")
-    encode = vae_encoder(backbone)
     n_shards = math.ceil(len(items) / chunk)
     if cells and float(backbone.correction_step) != 1.0:
         # Reader (cell) targets are not added to finished shards before the final step: the VAE decoding of an
@@ -352,6 +359,19 @@ def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]
     (across interrupted and resumed builds; ``None`` when a shard predates the record).
     """
     folder = Path(folder)
+    for name, value in (("n_items", n_items), ("chunk", chunk)):  # 0 was "max() arg is empty" / ZeroDivisionError
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"distill.load_dataset: {name} must be an int >= 1, got {value!r}")
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():  # another n_items or chunk read other shards' rows (4 rows for 5 items)
+        try:
+            built = json.loads(manifest_path.read_text())
+            made = (len(built["items"]), int(built["chunk"]))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            made = None  # build_dataset names a damaged manifest
+        if made is not None and made != (n_items, chunk):
+            raise ValueError(f"distill.load_dataset: {folder} holds {made[0]} items in shards of {made[1]}, asked "
+                             f"for {n_items} in shards of {chunk}")
     shards = [_load_shard(folder, k) for k in range(math.ceil(n_items / chunk))]
     t = max(s["tokens"].shape[1] for s in shards)
 
@@ -371,6 +391,9 @@ def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]
     data["prompts"] = [p for s in shards for p in s.get("prompts", [None] * len(s["tags"]))]
     data["build_seconds"] = (sum(float(s["seconds"]) for s in shards) if all("seconds" in s for s in shards)
                              else None)
+    if data["z0"].shape[0] != n_items:  # shards of another chunk: rows of other items, or too few
+        raise ValueError(f"distill.load_dataset: the shards of {folder} for {n_items} items in shards of {chunk} "
+                         f"hold {data['z0'].shape[0]} rows; they were built with another chunk or item count")
     return data
 
 
@@ -456,6 +479,35 @@ def _move_accuracy(move: tuple, labels: torch.Tensor, shifts: torch.Tensor,
             int(shift_right.sum()), int(shift_right.numel()))
 
 
+def _check_fit(owner: str, data: Any, epochs: Any, batch_size: Any, val_fraction: Any) -> None:
+    """The arguments every fit shares, named: epochs 0 was a ZeroDivisionError and -1 returned untrained; a batch
+    size of -4 trained on order[0:-4]; a val_fraction of -0.1 held back 90%; a [N, 4, 1, 8] target broadcast
+    against [N, 4, 8, 8] latents, and a NaN target left NaN weights."""
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        raise ValueError(f"{owner}: val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    z0 = data.get("z0") if isinstance(data, Mapping) else None
+    if not isinstance(z0, torch.Tensor) or z0.dim() != 4:
+        raise ValueError(f"{owner}: data must hold the edit targets' z0 [N, C, H, W] (load_dataset), got "
+                         f"{type(z0).__name__ if not isinstance(z0, torch.Tensor) else tuple(z0.shape)}")
+    n = z0.shape[0]
+    rows = {k: v.shape[0] for k, v in data.items() if isinstance(v, torch.Tensor) and v.dim() >= 1}
+    bad = {k: r for k, r in rows.items() if r != n}
+    if bad:
+        raise ValueError(f"{owner}: every field of data must hold one row per item ({n}, as z0), got {bad}")
+    target = data.get("target")
+    if isinstance(target, torch.Tensor) and target.shape != z0.shape:
+        raise ValueError(f"{owner}: data's target must have z0's shape {tuple(z0.shape)}, got {tuple(target.shape)}")
+    for key in ("z0", "target"):
+        value = data.get(key)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad_rows = (~torch.isfinite(value.flatten(1))).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"{owner}: data's {key} holds NaN or infinite values in {len(bad_rows)} item(s) (rows "
+                             f"{bad_rows[:5]}): damaged edit targets; build them again")
+
+
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(held-back rows, fitted rows): the same seeded split for every stage of the fit."""
     perm = torch.randperm(n, generator=derived_generator(seed, "distill", "split"))
@@ -494,6 +546,7 @@ def fit_corrector(corrector, data: dict[str, Any], *, epochs: int, lr: float, ba
         ``{"train_mse", "val_mse", "val_zero_mse", "val_r2", "epochs", "seconds"}``
         (and the three accuracies with a move head).
     """
+    _check_fit("distill.fit_corrector", data, epochs, batch_size, val_fraction)
     data = corrector_data(corrector, data)
     move = _move_check(corrector, data)
     n = data["z0"].shape[0]
@@ -572,6 +625,7 @@ def fit_reader(corrector, data: dict[str, Any], *, epochs: int, lr: float = 2e-3
     cfg = getattr(corrector, "config", None)
     if not getattr(cfg, "reader", False):
         raise ValueError("distill.fit_reader: the corrector has no reader (CorrectorConfig.reader is False)")
+    _check_fit("distill.fit_reader", data, epochs, batch_size, val_fraction)
     if "cell_nouns" not in data or "cell_colors" not in data:
         raise ValueError("distill.fit_reader: the edit targets have no cell targets (cell_nouns, cell_colors); "
                          "build them with build_dataset(cells=True)")
@@ -716,6 +770,7 @@ def fit_corrector_decoded(corrector, data: dict[str, Any], decode: Callable[[tor
     if pixel_weight <= 0 or latent_weight < 0:
         raise ValueError(f"distill: pixel_weight must be > 0 and latent_weight >= 0, got {pixel_weight} and "
                          f"{latent_weight}")
+    _check_fit("distill.fit_corrector_decoded", data, epochs, batch_size, val_fraction)
     from xlard.models import copy_cells
 
     data = corrector_data(corrector, data)
