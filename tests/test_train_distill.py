@@ -783,6 +783,10 @@ def test_fits_refuse_bad_arguments_and_data_by_name():
         with pytest.raises(ValueError, match=r"distill.fit_corrector: .*" + words):
             dl.fit_corrector(corrector, kwargs.pop("data", data), **kwargs)
     assert dl.fit_corrector(corrector, data, **common)["epochs"] == 1
+    import numpy as np  # numpy numbers, as before the checks
+
+    numpy_args = {**common, "epochs": np.int64(1), "batch_size": np.int32(4), "val_fraction": np.float32(0.2)}
+    assert dl.fit_corrector(corrector, data, **numpy_args)["epochs"] == 1
 
 
 def test_load_dataset_refuses_another_chunk_or_item_count(tmp_path):
@@ -794,6 +798,9 @@ def test_load_dataset_refuses_another_chunk_or_item_count(tmp_path):
         torch.save({**part, "prompts": ["p"] * n, "tags": ["t"] * n, "actions": [[]] * n, "seconds": 1.0},
                    tmp_path / f"data-{k:04d}.pt")
     assert dl.load_dataset(tmp_path, 5, 2)["z0"].shape[0] == 5
+    import numpy as np
+
+    assert dl.load_dataset(tmp_path, np.int64(5), np.int64(2))["z0"].shape[0] == 5
     for n_items, chunk, words in ((5, 4, "hold 4 rows"), (3, 2, "hold 4 rows"), (0, 2, "n_items must be an int >= 1"),
                                   (5, 0, "chunk must be an int >= 1")):
         with pytest.raises(ValueError, match=f"distill.load_dataset: .*{words}"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import sys
 import time
 from pathlib import Path
@@ -181,8 +182,9 @@ def build_dataset(backbone, model, items: Sequence, folder: str | Path, *, chunk
     items = list(items)
     if not items:  # it returned a folder of no shards, which load_dataset then failed on ("max() arg is empty")
         raise ValueError("distill: no items to build edit targets for")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:  # 0: ZeroDivisionError; -2: no shards
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:  # 0: a ZeroDivisionError
         raise ValueError(f"distill: chunk (items per shard) must be an int >= 1, got {chunk!r}")
+    chunk = int(chunk)
     if move_margin is not None and (float(backbone.correction_step) != 1.0 or isinstance(move_margin, bool)
                                     or not isinstance(move_margin, int) or move_margin < 1):
         raise ValueError(f"distill: move targets need correction_step 1.0 and an int move_margin >= 1, got "
@@ -357,11 +359,16 @@ def load_dataset(folder: str | Path, n_items: int, chunk: int) -> dict[str, Any]
 
     ``build_seconds`` is the time the shards took to build, summed over them
     (across interrupted and resumed builds; ``None`` when a shard predates the record).
+    ``n_items`` and ``chunk`` are the build's own (its ``manifest.json``): the whole set is loaded.
+
+    Raises:
+        ValueError: ``n_items`` or ``chunk`` below 1 or not the build's, or shards of other row counts.
     """
     folder = Path(folder)
     for name, value in (("n_items", n_items), ("chunk", chunk)):  # 0 was "max() arg is empty" / ZeroDivisionError
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"distill.load_dataset: {name} must be an int >= 1, got {value!r}")
+    n_items, chunk = int(n_items), int(chunk)
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():  # another n_items or chunk read other shards' rows (4 rows for 5 items)
         try:
@@ -483,10 +490,10 @@ def _check_fit(owner: str, data: Any, epochs: Any, batch_size: Any, val_fraction
     """The arguments every fit shares, named: epochs 0 was a ZeroDivisionError and -1 returned untrained; a batch
     size of -4 trained on order[0:-4]; a val_fraction of -0.1 held back 90%; a [N, 4, 1, 8] target broadcast
     against [N, 4, 8, 8] latents, and a NaN target left NaN weights."""
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):  # numpy ints as before
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 <= val_fraction < 1:
         raise ValueError(f"{owner}: val_fraction must be a number in [0, 1), got {val_fraction!r}")
     z0 = data.get("z0") if isinstance(data, Mapping) else None
     if not isinstance(z0, torch.Tensor) or z0.dim() != 4:
