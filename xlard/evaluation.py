@@ -829,8 +829,9 @@ def paired_table(tags: Sequence[str], base: Sequence[float], corrected: Sequence
         sel = [i for i, t in enumerate(tags) if t == tag]
         sum_b, sum_c, count = _clusters(fn, b[sel], c[sel], [keys[i] for i in sel])
         rb, rc = _resampled_means(sum_b, sum_c, count, int(num_resamples), _tag_rng(seed, tag))
-        low, high = _interval(rc - rb, confidence, count.size, _scale(rb, rc))
-        scale = max(scale, _scale(rb, rc))
+        size = _scale(rb, rc)
+        low, high = _interval(rc - rb, confidence, count.size, size)
+        scale = max(scale, size)
         mb, mc = sum_b.sum() / count.sum(), sum_c.sum() / count.sum()
         table[tag] = PairedDifference(float(mb), float(mc), float(mc - mb), low, high, int(count.size),
                                       int(count.sum()), float(confidence))

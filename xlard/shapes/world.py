@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -615,19 +615,25 @@ def _try_place_batch(size: int, group: int, placed: list[tuple[int, tuple]], rel
     return None
 
 
+def _grid_cells(config: WorldConfig) -> tuple[int, Callable[[int], tuple[int, int, int, int]]]:
+    """The cells of :meth:`WorldConfig.capacity`'s grid: their number and each cell's box (the smallest objects,
+    ``gap`` apart inside the border), cells counted row by row."""
+    step, per_axis = config.min_px + config.gap, math.isqrt(config.capacity())
+
+    def cell_box(cell: int) -> tuple[int, int, int, int]:
+        x0, y0 = config.border + (cell % per_axis) * step, config.border + (cell // per_axis) * step
+        return (x0, y0, x0 + config.min_px, y0 + config.min_px)
+
+    return per_axis * per_axis, cell_box
+
+
 def _grid_with_relations(groups: Sequence[ObjectGroup], order: list[int], colors: list[str],
                          relations: Sequence[Relation], config: WorldConfig, rng: Rng) -> Scene | None:
     """The smallest objects in cells of :meth:`WorldConfig.capacity`'s grid, the objects of related groups in
     cells that keep the relations (at ``position_margin``, none perpendicular), found by random draws; None when
     ``max_attempts`` draws find none. Two cells of one row (column) always keep a left/right (above/below) relation
     at the default margin, so a relation between single objects is found at once whatever the other objects."""
-    step, per_axis = config.min_px + config.gap, math.isqrt(config.capacity())
-    n_cells = per_axis * per_axis
-
-    def cell_box(cell: int) -> tuple[int, int, int, int]:
-        x0, y0 = config.border + (cell % per_axis) * step, config.border + (cell // per_axis) * step
-        return (x0, y0, x0 + config.min_px, y0 + config.min_px)
-
+    n_cells, cell_box = _grid_cells(config)
     related = {g for r in relations for g in (r.subject, r.target)}
     bound = [i for i, gi in enumerate(order) if gi in related]
     for _ in range(config.max_attempts):
@@ -732,13 +738,10 @@ def compose_scene(groups: Sequence[ObjectGroup], relations: Sequence[Relation] =
     if not relations:
         # A dense scene random placement did not find (25 objects fit a 64px image, as capacity() counts, but
         # are rarely hit at random): the smallest objects in random cells of capacity()'s grid.
-        step, per_axis = config.min_px + config.gap, math.isqrt(config.capacity())
-        cells = rng.permutation(per_axis * per_axis)[:n]
-        objects = []
-        for gi, c, cell in zip(order, colors, cells.tolist()):
-            x0, y0 = config.border + (cell % per_axis) * step, config.border + (cell // per_axis) * step
-            objects.append(SceneObject(groups[gi].shape, c, (x0, y0, x0 + config.min_px, y0 + config.min_px)))
-        return Scene(config.image_size, tuple(objects))
+        n_cells, cell_box = _grid_cells(config)
+        cells = rng.permutation(n_cells)[:n]
+        return Scene(config.image_size, tuple(SceneObject(groups[gi].shape, c, cell_box(cell))
+                                              for gi, c, cell in zip(order, colors, cells.tolist())))
     # Random placement found no layout with these relations (20 objects with a relation in a 64px image failed
     # for some seeds): the smallest objects in cells of the same grid, related ones in cells that keep the relations.
     scene = _grid_with_relations(groups, order, colors, relations, config, rng)

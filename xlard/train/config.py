@@ -566,7 +566,6 @@ class ExportSettings:
                              f"one decodes and scores the calibration batch), got {len(grid)}")
         for value in grid:  # far past the trained step size the decode gives non-finite images and the export failed
             _real(o, "alpha_grid entry", value, 0.0, 100.0, low_open=True)
-        grid = tuple(int(v) if isinstance(v, numbers.Integral) else float(v) for v in grid)  # numpy numbers too
         if len(set(grid)) != len(grid):  # each multiplier is scored on the calibration batch: twice is wasted work
             twice = sorted({v for v in grid if grid.count(v) > 1})
             _fail(o, "alpha_grid", f"distinct multipliers ({twice} given more than once)", list(grid))

@@ -162,6 +162,17 @@ def _heldout_asks() -> set[str]:
     return _HELDOUT_ASKS
 
 
+def check_items_per_tag(records: Sequence[dict], items_per_tag: int, section: str) -> None:
+    """Refuse more than ``MAX_ITEMS`` pairs from :func:`balanced_pairs`: tags x ``items_per_tag`` (each factor was
+    bounded alone, and 969 tags x 10**6 exhausted the memory); ``section`` names the config key's section."""
+    from xlard.train.config import MAX_ITEMS
+
+    tags = len({str(record.get("tag", "")) for record in records})
+    if tags * items_per_tag > MAX_ITEMS:
+        raise ValueError(f"{section}: {tags} tags x {section}.items_per_tag={items_per_tag} = {tags * items_per_tag} "
+                         f"items, more than the bound of {MAX_ITEMS} items; lower {section}.items_per_tag")
+
+
 def balanced_pairs(records: Sequence[dict], items_per_tag: int, seed: int) -> list[tuple[int, int]]:
     """``items_per_tag`` (record index, seed) pairs per GenEval tag, seeds as low as possible.
 
@@ -261,12 +272,7 @@ class PromptData:
         if balance == "tag":
             if items_per_tag < 1:
                 raise ValueError(f"data.items_per_tag must be >= 1 with balance 'tag', got {items_per_tag!r}")
-            from xlard.train.config import MAX_ITEMS
-
-            tags = len({str(record.get("tag", "")) for record in self.records})
-            if tags * items_per_tag > MAX_ITEMS:  # bounded per factor only: 969 tags x 10**6 exhausted the memory
-                raise ValueError(f"data: {tags} tags x data.items_per_tag={items_per_tag} = {tags * items_per_tag} "
-                                 f"items, more than the bound of {MAX_ITEMS} items; lower data.items_per_tag")
+            check_items_per_tag(self.records, items_per_tag, "data")
             pairs = balanced_pairs(self.records, items_per_tag, seed)
         else:
             from xlard.train.config import MAX_ITEMS

@@ -50,9 +50,9 @@ from xlard.models import LatentRewardProjector, ResidualCorrector, aspect_weight
 from xlard.prompts import from_geneval
 from xlard.train import checkpoint as ckpt
 from xlard.train import ppo
-from xlard.train.config import MAX_ITEMS, TrainConfig, batch_arithmetic, check_train_config, config_from_dict, describe
+from xlard.train.config import TrainConfig, batch_arithmetic, check_train_config, config_from_dict, describe
 from xlard.train.data import (CALIBRATION_SEED_BASE, MONITOR_SEED_BASE, EncodeCache, Item, PromptData,
-                              leave_out_prompts, load_records, refuse_heldout)
+                              check_items_per_tag, leave_out_prompts, load_records, refuse_heldout)
 from xlard.train.metrics import MetricsLog, draw_curves, draw_distill_curves
 from xlard.train.projector import ProjectorBuffer, Slot, fit_projector
 from xlard.train.rewarding import build_reward_fn, resolve_source_name, source_backbone_options
@@ -142,10 +142,11 @@ def load_backbone(settings, device: torch.device, reward=None):
             # config key, not reported as weights that are not installed (any other error of the shapes backbone
             # is its damaged install, below: the advice to reinstall it)
             raise ValueError(_backbone_config_error(str(exc), settings)) from None
-        named = [k for k in settings.options if re.search(rf"\b{re.escape(k)}\b", str(exc))]
-        if settings.name == "shapes" and named:  # an option diffusers refused in its own words ("variant=fp16")
-            raise ValueError(f"train config backbone.options.{named[0]}: {short_reason(exc)}") from None
-        if settings.name == "shapes":  # missing or unreadable weights (an OSError): the advice to install them
+        if settings.name == "shapes":
+            named = [k for k in settings.options if re.search(rf"\b{re.escape(k)}\b", str(exc))]
+            if named:  # an option diffusers refused in its own words ("variant=fp16")
+                raise ValueError(f"train config backbone.options.{named[0]}: {short_reason(exc)}") from None
+            # missing or unreadable weights (an OSError): the advice to install them
             from xlard.shapes import backbone as shapes_backbone
 
             reason = short_reason(exc)
@@ -513,11 +514,7 @@ class Trainer:
         records, self.left_out_records = leave_out_prompts(records, cfg.data.leave_out, cfg.seed)
         self.data = PromptData(records, cfg.data.seeds_per_prompt, cfg.ppo.prompts_per_step, cfg.seed,
                                balance=cfg.data.balance, items_per_tag=cfg.data.items_per_tag)
-        tags = len({str(record.get("tag", "")) for record in records})
-        if tags * cfg.distill.items_per_tag > MAX_ITEMS:  # the warm start's pairs, as PromptData bounds its own
-            raise ValueError(f"distill: {tags} tags x distill.items_per_tag={cfg.distill.items_per_tag} = "
-                             f"{tags * cfg.distill.items_per_tag} items, more than the bound of {MAX_ITEMS} items; "
-                             "lower distill.items_per_tag")
+        check_items_per_tag(records, cfg.distill.items_per_tag, "distill")  # the warm start's pairs, as data's
         monitor_records = self._monitor_records()
         self._check_config_only()
         # what the run reads besides its config (a resume on other prompts or other models went on without a
